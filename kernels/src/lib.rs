@@ -1,0 +1,4 @@
+//! mana's numerics, with no networking: FP8 number formats, fine-grained (tile and block) scaling, GEMM in
+//! f32 and FP8, and — built on them — the Mixture-of-Experts model, its hand-written backward pass and its
+//! optimizer. Every op has a plain CPU path; a CUDA backend will sit behind the same API.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]

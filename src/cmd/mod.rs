@@ -1,0 +1,20 @@
+//! The subcommands of `mana`, one file each. Every subcommand is a clap `Args` struct whose doc comments
+//! are its help text, and a `run` function that calls into a library crate.
+
+mod info;
+
+use clap::Subcommand;
+
+/// The subcommands of `mana`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the version, the compute backends available on this machine and their settings.
+    Info(info::InfoArgs),
+}
+
+/// Runs one subcommand to completion.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Info(args) => info::run(args),
+    }
+}
