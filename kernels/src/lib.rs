@@ -2,3 +2,6 @@
 //! f32 and FP8, and — built on them — the Mixture-of-Experts model, its hand-written backward pass and its
 //! optimizer. Every op has a plain CPU path; a CUDA backend will sit behind the same API.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+/// Training data: batches, the byte-level text dataset and the built-in corpus.
+pub mod data;
