@@ -1,4 +1,45 @@
 //! Everything that crosses mana's wire between nodes, coordinators and clients: message types, their
 //! canonical encoding, signed envelopes, the FP8 gradient-delta codec and the validation of decoded messages
 //! against their context. This crate does no I/O: no sockets, no clock, no files.
+//!
+//! Receiving a gossip message:
+//!
+//! ```
+//! # use mana_protocol::*;
+//! # fn demo(bytes: &[u8], ctx: &validation::ValidationContext<'_>) -> Result<(), Box<dyn std::error::Error>> {
+//! let envelope = decode_envelope(bytes)?;                            // bounded, canonical, right version
+//! let message = validation::validate_envelope(ctx, &envelope)?;      // signature, then run/round/signer rules
+//! # let _ = message; Ok(()) }
+//! ```
+//!
+//! The layout of every message is specified in `docs/protocol.md`, with test vectors.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod bytes;
+pub mod codec;
+pub mod envelope;
+pub mod error;
+pub mod identity;
+pub mod ids;
+pub mod limits;
+pub mod messages;
+pub mod reqresp;
+pub mod topics;
+pub mod validation;
+pub mod wire;
+
+pub use bytes::Bytes;
+pub use codec::{CodecError, CodecOptions, DeltaEncoder, ScaleFormat, decode_delta, encode_delta};
+pub use envelope::{SIGNING_DOMAIN, SignedEnvelope, decode_envelope};
+pub use error::ProtocolError;
+pub use identity::{Keypair, PeerId, PublicKey, Signature};
+pub use ids::{ContentHash, RunId, ShardId, Text};
+pub use limits::PROTOCOL_VERSION;
+pub use messages::{
+    AcceptedDeltas, Capacity, CheckpointManifest, DeltaAnnouncement, Deadlines, DeviceKind, Heartbeat, HyperParams,
+    Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, ShardEntry, TrainingStats, UpdateRule,
+};
+pub use reqresp::{ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, Tensor, TensorDtype};
+pub use topics::{EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic};
+pub use validation::{RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope, validate_message};

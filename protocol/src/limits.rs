@@ -1,0 +1,68 @@
+//! Every size bound of the protocol, in one place, so that the decoder, the validator and a compatible
+//! implementation in another language enforce the same numbers. Bounds are checked before anything is
+//! allocated from untrusted input.
+
+/// The wire version this build speaks; the first field of every envelope and request/response frame.
+/// A receiver rejects any other value, so a new incompatible layout must bump it.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest encoded signed envelope (gossip message) accepted. Gossipsub's `max_transmit_size` must be at
+/// least this.
+pub const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
+
+/// Largest encoded message inside an envelope: the envelope less its fixed fields.
+pub const MAX_MESSAGE_BYTES: usize = MAX_ENVELOPE_BYTES - 128;
+
+/// Largest encoded request frame on a request/response protocol.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest encoded response frame on a request/response protocol.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest chunk of a blob (delta payload or checkpoint shard) served in one fetch response.
+pub const MAX_FETCH_CHUNK_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Largest run id, in bytes.
+pub const MAX_RUN_ID_LEN: usize = 64;
+
+/// Largest software-version string, in bytes.
+pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
+
+/// Largest free-text field (such as an error detail), in bytes.
+pub const MAX_TEXT_LEN: usize = 256;
+
+/// Number of transformer layers a shard id may name (`expert/<layer>/<index>` has `layer` below this).
+pub const MAX_LAYERS: u16 = 1024;
+
+/// Number of experts per layer a shard id may name (`index` below this).
+pub const MAX_EXPERTS_PER_LAYER: u16 = 4096;
+
+/// Most participants in one round announcement.
+pub const MAX_PARTICIPANTS: usize = 1024;
+
+/// Most shards one node may host or be assigned in one round.
+pub const MAX_SHARDS_PER_NODE: usize = 1024;
+
+/// Most data-shard seeds assigned to one node in one round.
+pub const MAX_DATA_SEEDS_PER_NODE: usize = 256;
+
+/// Most shard entries in a checkpoint manifest.
+pub const MAX_MANIFEST_SHARDS: usize = 8192;
+
+/// Most accepted plus rejected delta entries in one round commit.
+pub const MAX_COMMIT_DELTAS: usize = 8192;
+
+/// Most values in one gradient delta (one shard): 2^28 f32, 1 GiB dense.
+pub const MAX_DELTA_VALUES: usize = 1 << 28;
+
+/// Largest encoded delta payload, in bytes: a dense FP8 encoding of [`MAX_DELTA_VALUES`] plus scales.
+pub const MAX_DELTA_PAYLOAD_BYTES: u64 = (MAX_DELTA_VALUES as u64) * 2;
+
+/// Largest checkpoint shard, in bytes (f32 parameters of the biggest shard, with headroom).
+pub const MAX_SHARD_BYTES: u64 = 1 << 32;
+
+/// Most dimensions of a tensor in an expert call.
+pub const MAX_TENSOR_RANK: usize = 4;
+
+/// Most elements in one tensor of an expert call.
+pub const MAX_TENSOR_ELEMENTS: u64 = 4 * 1024 * 1024;

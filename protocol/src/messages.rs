@@ -1,0 +1,343 @@
+//! The gossiped messages: what coordinators and nodes tell each other about a round. Each travels inside a
+//! [`crate::SignedEnvelope`]. Bulk data (delta payloads, checkpoint shards) never rides on gossip: messages
+//! carry its blake3 hash and size, and peers fetch it with [`crate::reqresp`].
+//!
+//! Times are unix milliseconds chosen by the sender; this crate never reads a clock.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::CodecOptions;
+use crate::error::ProtocolError;
+use crate::identity::PublicKey;
+use crate::ids::{ContentHash, RunId, ShardId, Text};
+use crate::limits::{
+    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARDS_PER_NODE,
+};
+use crate::validation::RejectCode;
+
+/// How the aggregator turns a round's deltas into the next checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateRule {
+    /// Plain averaging of the deltas, applied with the outer learning rate (synchronous data parallelism when
+    /// `inner_steps` is 1).
+    Sync,
+    /// DiLoCo: the averaged delta is an outer gradient for Nesterov momentum.
+    Diloco,
+}
+
+/// The training settings of one round, chosen by the coordinator so that every node trains alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HyperParams {
+    /// How deltas are combined.
+    pub update_rule: UpdateRule,
+    /// AdamW learning rate of the inner steps.
+    pub inner_lr: f32,
+    /// AdamW weight decay of the inner steps.
+    pub weight_decay: f32,
+    /// Outer learning rate (DiLoCo uses 0.7).
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum (DiLoCo uses 0.9; ignored by `Sync`).
+    pub outer_momentum: f32,
+    /// Tokens per inner step on each node.
+    pub batch_tokens: u32,
+    /// Sequence length of the training samples.
+    pub seq_len: u32,
+    /// How nodes must encode their deltas.
+    pub codec: CodecOptions,
+}
+
+/// One node's part in a round: which shards it trains and which data it reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Participant {
+    /// The node, by its signing key (its PeerId derives from it).
+    pub node: PublicKey,
+    /// The shards it hosts and must send deltas for (at most [`MAX_SHARDS_PER_NODE`]).
+    pub shards: Vec<ShardId>,
+    /// Seeds of the data shards it trains on (at most [`MAX_DATA_SEEDS_PER_NODE`]).
+    pub data_seeds: Vec<u64>,
+}
+
+/// When a round's phases end, in unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deadlines {
+    /// Delta announcements signed after this are late and refused.
+    pub deltas_by_ms: u64,
+    /// The coordinator commits the round by this time.
+    pub commit_by_ms: u64,
+}
+
+/// From the coordinator: round `round` of run `run` starts from checkpoint `base_checkpoint`, with these
+/// participants and settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundAnnouncement {
+    /// The run.
+    pub run: RunId,
+    /// The round number; strictly increasing within a run.
+    pub round: u64,
+    /// Hash of the [`CheckpointManifest`] every participant starts from.
+    pub base_checkpoint: ContentHash,
+    /// Who trains what (at most [`MAX_PARTICIPANTS`]).
+    pub participants: Vec<Participant>,
+    /// Inner (local) optimizer steps before sending a delta.
+    pub inner_steps: u32,
+    /// Training settings.
+    pub hyper: HyperParams,
+    /// A delta whose L2 norm exceeds this many times the round's median norm (per shard) is refused.
+    pub max_norm_ratio: f32,
+    /// Phase deadlines.
+    pub deadlines: Deadlines,
+}
+
+impl RoundAnnouncement {
+    /// The participant entry of `node`, if it takes part in this round.
+    pub fn participant(&self, node: &PublicKey) -> Option<&Participant> {
+        self.participants.iter().find(|p| &p.node == node)
+    }
+}
+
+/// Statistics a node reports with its delta, for monitoring and sanity checks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingStats {
+    /// Tokens trained on this round.
+    pub tokens: u64,
+    /// Mean training loss over the first inner step.
+    pub loss_before: f32,
+    /// Mean training loss over the last inner step.
+    pub loss_after: f32,
+    /// L2 norm of the delta the node computed (before compression).
+    pub delta_norm: f32,
+}
+
+/// From a node: my delta for `shard` in `round`, computed from `base_checkpoint`, is the blob with
+/// `payload_hash` and `payload_size` bytes (an encoded [`crate::codec`] payload).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeltaAnnouncement {
+    /// The run.
+    pub run: RunId,
+    /// The round the delta belongs to.
+    pub round: u64,
+    /// The shard the delta updates.
+    pub shard: ShardId,
+    /// The checkpoint the node started from; must be the round's.
+    pub base_checkpoint: ContentHash,
+    /// blake3 of the encoded delta payload.
+    pub payload_hash: ContentHash,
+    /// Length of the encoded delta payload in bytes.
+    pub payload_size: u64,
+    /// Training statistics.
+    pub stats: TrainingStats,
+}
+
+/// The deltas accepted for one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedDeltas {
+    /// The shard.
+    pub shard: ShardId,
+    /// Payload hashes of the accepted deltas, in the order they were applied.
+    pub deltas: Vec<ContentHash>,
+}
+
+/// A delta the coordinator refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedDelta {
+    /// The shard.
+    pub shard: ShardId,
+    /// The node that sent it.
+    pub node: PublicKey,
+    /// Its payload hash.
+    pub payload_hash: ContentHash,
+    /// The reason, as a stable code.
+    pub reason: RejectCode,
+}
+
+/// From the coordinator: round `round` is closed; these deltas were applied, these refused, and the result
+/// is `checkpoint`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundCommit {
+    /// The run.
+    pub run: RunId,
+    /// The round being closed.
+    pub round: u64,
+    /// Accepted deltas, per shard.
+    pub accepted: Vec<AcceptedDeltas>,
+    /// Refused deltas.
+    pub rejected: Vec<RejectedDelta>,
+    /// The checkpoint that results from applying the accepted deltas.
+    pub checkpoint: CheckpointManifest,
+}
+
+/// One shard of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// The shard.
+    pub shard: ShardId,
+    /// blake3 of the stored shard blob.
+    pub hash: ContentHash,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// The round that last changed this shard.
+    pub round: u64,
+}
+
+/// A whole checkpoint: the blobs that make it up. Addressed by [`CheckpointManifest::hash`], the blake3 of
+/// its canonical encoding, so a manifest is itself a content-addressed blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointManifest {
+    /// The run.
+    pub run: RunId,
+    /// The round this checkpoint ends.
+    pub round: u64,
+    /// Its shards, sorted by shard id, each at most once (at most [`MAX_MANIFEST_SHARDS`]).
+    pub shards: Vec<ShardEntry>,
+}
+
+impl CheckpointManifest {
+    /// The canonical encoding (bincode standard, no version tag), which is also the manifest blob's content.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        crate::wire::encode::<_, { crate::limits::MAX_MESSAGE_BYTES }>(self, "checkpoint manifest")
+    }
+
+    /// Decodes a manifest blob fetched by hash.
+    pub fn from_bytes(bytes: &[u8]) -> Result<CheckpointManifest, ProtocolError> {
+        let manifest: CheckpointManifest =
+            crate::wire::decode::<_, { crate::limits::MAX_MESSAGE_BYTES }>(bytes, "checkpoint manifest")?;
+        manifest.check_limits()?;
+        Ok(manifest)
+    }
+
+    /// blake3 of [`CheckpointManifest::to_bytes`]: the id of this checkpoint.
+    pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
+        Ok(ContentHash::of(&self.to_bytes()?))
+    }
+
+    /// The entry of `shard`, if the checkpoint has it.
+    pub fn shard(&self, shard: &ShardId) -> Option<&ShardEntry> {
+        self.shards.iter().find(|e| &e.shard == shard)
+    }
+
+    fn check_limits(&self) -> Result<(), ProtocolError> {
+        count("manifest shards", self.shards.len(), MAX_MANIFEST_SHARDS)?;
+        if !self.shards.windows(2).all(|w| w[0].shard < w[1].shard) {
+            return Err(ProtocolError::InvalidField {
+                what: "manifest shards",
+                detail: "not sorted by shard id, or a shard appears twice".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The kind of compute a node offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    /// CPU only.
+    Cpu,
+    /// An NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+/// What a node can take on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Its compute device.
+    pub device: DeviceKind,
+    /// Memory available for model shards, in bytes.
+    pub memory_bytes: u64,
+    /// Measured training throughput, in tokens per second.
+    pub tokens_per_second: f32,
+    /// Most shards it is willing to host.
+    pub max_shards: u32,
+}
+
+/// From any node, every few seconds: I am alive, I host these shards, I can do this much.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The run the node serves.
+    pub run: RunId,
+    /// Increases with every heartbeat from this node, so a stale one can be spotted.
+    pub seq: u64,
+    /// The shards (experts, trunk) it holds and serves.
+    pub hosted: Vec<ShardId>,
+    /// Its capacity.
+    pub capacity: Capacity,
+    /// Its software version (`mana --version`).
+    pub software_version: Text,
+}
+
+/// Any gossiped message. The bincode variant index (a varint) is the message type tag on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Variant 0: a round starts.
+    RoundAnnouncement(RoundAnnouncement),
+    /// Variant 1: a node's delta is ready.
+    DeltaAnnouncement(DeltaAnnouncement),
+    /// Variant 2: a round is closed.
+    RoundCommit(RoundCommit),
+    /// Variant 3: a checkpoint exists.
+    CheckpointManifest(CheckpointManifest),
+    /// Variant 4: a node is alive.
+    Heartbeat(Heartbeat),
+}
+
+impl Message {
+    /// The run the message belongs to.
+    pub fn run(&self) -> &RunId {
+        match self {
+            Message::RoundAnnouncement(m) => &m.run,
+            Message::DeltaAnnouncement(m) => &m.run,
+            Message::RoundCommit(m) => &m.run,
+            Message::CheckpointManifest(m) => &m.run,
+            Message::Heartbeat(m) => &m.run,
+        }
+    }
+
+    /// The gossip topic the message is published on.
+    pub fn topic(&self) -> crate::topics::TopicKind {
+        use crate::topics::TopicKind;
+        match self {
+            Message::RoundAnnouncement(_) | Message::RoundCommit(_) | Message::CheckpointManifest(_) => TopicKind::Rounds,
+            Message::DeltaAnnouncement(_) => TopicKind::Deltas,
+            Message::Heartbeat(_) => TopicKind::Heartbeats,
+        }
+    }
+
+    /// A short name of the message type, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::RoundAnnouncement(_) => "round-announcement",
+            Message::DeltaAnnouncement(_) => "delta-announcement",
+            Message::RoundCommit(_) => "round-commit",
+            Message::CheckpointManifest(_) => "checkpoint-manifest",
+            Message::Heartbeat(_) => "heartbeat",
+        }
+    }
+
+    /// Checks the count bounds that the byte limit alone does not imply; run on every decoded message.
+    pub fn check_limits(&self) -> Result<(), ProtocolError> {
+        match self {
+            Message::RoundAnnouncement(m) => {
+                count("participants", m.participants.len(), MAX_PARTICIPANTS)?;
+                for p in &m.participants {
+                    count("participant shards", p.shards.len(), MAX_SHARDS_PER_NODE)?;
+                    count("participant data seeds", p.data_seeds.len(), MAX_DATA_SEEDS_PER_NODE)?;
+                }
+                m.hyper.codec.check()
+            }
+            Message::DeltaAnnouncement(_) => Ok(()),
+            Message::RoundCommit(m) => {
+                let accepted: usize = m.accepted.iter().map(|a| a.deltas.len()).sum();
+                count("commit deltas", accepted.saturating_add(m.rejected.len()), MAX_COMMIT_DELTAS)?;
+                m.checkpoint.check_limits()
+            }
+            Message::CheckpointManifest(m) => m.check_limits(),
+            Message::Heartbeat(m) => count("hosted shards", m.hosted.len(), MAX_SHARDS_PER_NODE),
+        }
+    }
+}
+
+fn count(what: &'static str, n: usize, max: usize) -> Result<(), ProtocolError> {
+    if n > max {
+        return Err(ProtocolError::InvalidField { what, detail: format!("{n} entries, over the limit of {max}") });
+    }
+    Ok(())
+}

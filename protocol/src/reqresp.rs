@@ -1,0 +1,221 @@
+//! Request/response pairs, sent on libp2p request-response streams (already authenticated by the
+//! connection, so not enveloped): fetching a blob by hash in chunks ([`crate::topics::FETCH_PROTOCOL`]) and
+//! calling an expert ([`crate::topics::EXPERT_PROTOCOL`]). Every frame starts with the version tag and is
+//! decoded under [`MAX_REQUEST_BYTES`] or [`MAX_RESPONSE_BYTES`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::bytes::Bytes;
+use crate::error::ProtocolError;
+use crate::ids::{ContentHash, RunId, ShardId, Text};
+use crate::limits::{MAX_FETCH_CHUNK_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK};
+use crate::wire;
+
+/// Ask for bytes `offset..offset + max_len` of the blob with blake3 `hash` (a delta payload, a checkpoint
+/// shard or a manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// The blob.
+    pub hash: ContentHash,
+    /// First byte wanted.
+    pub offset: u64,
+    /// Most bytes wanted; the server sends at most [`MAX_FETCH_CHUNK_BYTES`].
+    pub max_len: u32,
+}
+
+/// The answer to a [`FetchRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchResponse {
+    /// Variant 0: bytes `offset..offset + data.len()` of a blob of `total_size` bytes. An empty chunk at
+    /// `offset == total_size` marks the end.
+    Chunk {
+        /// The blob.
+        hash: ContentHash,
+        /// Position of `data` in the blob.
+        offset: u64,
+        /// Length of the whole blob.
+        total_size: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Variant 1: this peer does not have the blob.
+    NotFound {
+        /// The blob asked for.
+        hash: ContentHash,
+    },
+    /// Variant 2: the peer refuses (busy, bad range); the text says why.
+    Refused {
+        /// Why.
+        reason: Text,
+    },
+}
+
+impl FetchRequest {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        wire::encode_frame::<_, MAX_REQUEST_BYTES>(self, "fetch request")
+    }
+    /// Decodes a frame.
+    pub fn decode(bytes: &[u8]) -> Result<FetchRequest, ProtocolError> {
+        wire::decode_frame::<_, MAX_REQUEST_BYTES>(bytes, "fetch request")
+    }
+}
+
+impl FetchResponse {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.check()?;
+        wire::encode_frame::<_, MAX_RESPONSE_BYTES>(self, "fetch response")
+    }
+    /// Decodes a frame; a chunk over [`MAX_FETCH_CHUNK_BYTES`] or past the blob's end is refused.
+    pub fn decode(bytes: &[u8]) -> Result<FetchResponse, ProtocolError> {
+        let response: FetchResponse = wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "fetch response")?;
+        response.check()?;
+        Ok(response)
+    }
+
+    fn check(&self) -> Result<(), ProtocolError> {
+        if let FetchResponse::Chunk { offset, total_size, data, .. } = self {
+            let len = data.0.len() as u64;
+            if len > u64::from(MAX_FETCH_CHUNK_BYTES) || offset.checked_add(len).is_none_or(|end| end > *total_size) {
+                return Err(ProtocolError::InvalidField {
+                    what: "fetch chunk",
+                    detail: format!("{len} bytes at {offset} of a {total_size}-byte blob"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Element type of a [`Tensor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TensorDtype {
+    /// Variant 0: IEEE f32, little-endian.
+    F32,
+    /// Variant 1: bfloat16 (the top 16 bits of an f32), little-endian.
+    Bf16,
+}
+
+impl TensorDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            TensorDtype::F32 => 4,
+            TensorDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// A dense row-major tensor: hidden states going to an expert, or its outputs coming back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tensor {
+    /// Element type.
+    pub dtype: TensorDtype,
+    /// Dimensions, outermost first (at most [`MAX_TENSOR_RANK`]; at most [`MAX_TENSOR_ELEMENTS`] elements).
+    pub shape: Vec<u32>,
+    /// The elements, little-endian; exactly `product(shape) * dtype.size()` bytes.
+    pub data: Bytes,
+}
+
+impl Tensor {
+    /// An f32 tensor of `shape` holding `values`.
+    pub fn from_f32(shape: Vec<u32>, values: &[f32]) -> Result<Tensor, ProtocolError> {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensor = Tensor { dtype: TensorDtype::F32, shape, data: Bytes(data) };
+        tensor.check()?;
+        Ok(tensor)
+    }
+
+    /// The elements as f32 (bf16 is widened exactly).
+    pub fn to_f32(&self) -> Result<Vec<f32>, ProtocolError> {
+        self.check()?;
+        Ok(match self.dtype {
+            TensorDtype::F32 => self.data.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            TensorDtype::Bf16 => self.data.0.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect(),
+        })
+    }
+
+    /// Number of elements, if the shape is within bounds.
+    pub fn elements(&self) -> Result<u64, ProtocolError> {
+        let bad = |detail: String| ProtocolError::InvalidField { what: "tensor", detail };
+        if self.shape.len() > MAX_TENSOR_RANK {
+            return Err(bad(format!("rank {} over the limit of {MAX_TENSOR_RANK}", self.shape.len())));
+        }
+        let n = self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)).filter(|&n| n <= MAX_TENSOR_ELEMENTS));
+        n.ok_or_else(|| bad(format!("shape {:?} has over {MAX_TENSOR_ELEMENTS} elements", self.shape)))
+    }
+
+    /// Checks the shape bounds and that the data length matches the shape.
+    pub fn check(&self) -> Result<(), ProtocolError> {
+        let n = self.elements()?;
+        let want = n * self.dtype.size() as u64;
+        if self.data.0.len() as u64 != want {
+            return Err(ProtocolError::InvalidField {
+                what: "tensor",
+                detail: format!("shape {:?} needs {want} bytes, got {}", self.shape, self.data.0.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Run expert `shard` of checkpoint `checkpoint` on `input` (hidden states, `[tokens, d_model]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpertRequest {
+    /// The run.
+    pub run: RunId,
+    /// Which expert.
+    pub shard: ShardId,
+    /// Hash of the checkpoint manifest whose weights to use.
+    pub checkpoint: ContentHash,
+    /// The hidden states.
+    pub input: Tensor,
+}
+
+/// The answer to an [`ExpertRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpertResponse {
+    /// Variant 0: the expert's outputs, same shape as the input.
+    Output {
+        /// The outputs.
+        output: Tensor,
+    },
+    /// Variant 1: this peer cannot serve the call (does not host the expert or checkpoint, overloaded).
+    Unavailable {
+        /// Why.
+        reason: Text,
+    },
+}
+
+impl ExpertRequest {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.input.check()?;
+        wire::encode_frame::<_, MAX_REQUEST_BYTES>(self, "expert request")
+    }
+    /// Decodes a frame and checks the tensor.
+    pub fn decode(bytes: &[u8]) -> Result<ExpertRequest, ProtocolError> {
+        let request: ExpertRequest = wire::decode_frame::<_, MAX_REQUEST_BYTES>(bytes, "expert request")?;
+        request.input.check()?;
+        Ok(request)
+    }
+}
+
+impl ExpertResponse {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        if let ExpertResponse::Output { output } = self {
+            output.check()?;
+        }
+        wire::encode_frame::<_, MAX_RESPONSE_BYTES>(self, "expert response")
+    }
+    /// Decodes a frame and checks the tensor.
+    pub fn decode(bytes: &[u8]) -> Result<ExpertResponse, ProtocolError> {
+        let response: ExpertResponse = wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "expert response")?;
+        if let ExpertResponse::Output { output } = &response {
+            output.check()?;
+        }
+        Ok(response)
+    }
+}

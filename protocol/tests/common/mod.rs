@@ -1,0 +1,161 @@
+//! Fixed sample messages and keys shared by the integration tests (and the test vectors): everything is
+//! built from constant seeds, so the bytes never change unless the format does.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use mana_protocol::*;
+
+/// The coordinator's key in every fixture.
+pub fn coordinator() -> Keypair {
+    Keypair::from_seed(&[0x11; 32])
+}
+
+/// A node's key in every fixture.
+pub fn node() -> Keypair {
+    Keypair::from_seed(&[0x22; 32])
+}
+
+/// Another node, which takes no part in the sample round.
+pub fn outsider() -> Keypair {
+    Keypair::from_seed(&[0x33; 32])
+}
+
+/// The run of every fixture.
+pub fn run() -> RunId {
+    RunId::new("demo-run").unwrap()
+}
+
+/// Time of the sample round's start, unix ms.
+pub const T0: u64 = 1_800_000_000_000;
+
+pub fn manifest(round: u64) -> CheckpointManifest {
+    CheckpointManifest {
+        run: run(),
+        round,
+        shards: vec![
+            ShardEntry { shard: ShardId::Trunk, hash: ContentHash::of(b"trunk"), size: 1 << 20, round },
+            ShardEntry { shard: ShardId::expert(1, 0).unwrap(), hash: ContentHash::of(b"e1.0"), size: 4096, round: round.saturating_sub(1) },
+            ShardEntry { shard: ShardId::expert(1, 1).unwrap(), hash: ContentHash::of(b"e1.1"), size: 4096, round },
+        ],
+    }
+}
+
+pub fn round_announcement() -> RoundAnnouncement {
+    RoundAnnouncement {
+        run: run(),
+        round: 7,
+        base_checkpoint: manifest(6).hash().unwrap(),
+        participants: vec![
+            Participant { node: node().public(), shards: vec![ShardId::Trunk, ShardId::expert(1, 0).unwrap()], data_seeds: vec![1, 2] },
+            Participant { node: coordinator().public(), shards: vec![ShardId::expert(1, 1).unwrap()], data_seeds: vec![3] },
+        ],
+        inner_steps: 100,
+        hyper: HyperParams {
+            update_rule: UpdateRule::Diloco,
+            inner_lr: 3e-4,
+            weight_decay: 0.1,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            batch_tokens: 8192,
+            seq_len: 1024,
+            codec: CodecOptions { block_size: 128, scale: ScaleFormat::F32, top_k_density: Some(0.02) },
+        },
+        max_norm_ratio: 3.0,
+        deadlines: Deadlines { deltas_by_ms: T0 + 600_000, commit_by_ms: T0 + 660_000 },
+    }
+}
+
+pub fn delta_announcement() -> DeltaAnnouncement {
+    let payload = sample_payload();
+    DeltaAnnouncement {
+        run: run(),
+        round: 7,
+        shard: ShardId::expert(1, 0).unwrap(),
+        base_checkpoint: manifest(6).hash().unwrap(),
+        payload_hash: ContentHash::of(&payload),
+        payload_size: payload.len() as u64,
+        stats: TrainingStats { tokens: 819_200, loss_before: 3.25, loss_after: 3.125, delta_norm: 0.5 },
+    }
+}
+
+/// The delta sent in the fixtures: 300 values of a fixed pattern, dense FP8.
+pub fn sample_delta() -> Vec<f32> {
+    (0..300).map(|i| ((i as f32) * 0.37).sin() * 0.01).collect()
+}
+
+pub fn sample_payload() -> Vec<u8> {
+    encode_delta(&sample_delta(), &CodecOptions::default()).unwrap()
+}
+
+pub fn round_commit() -> RoundCommit {
+    RoundCommit {
+        run: run(),
+        round: 7,
+        accepted: vec![AcceptedDeltas { shard: ShardId::expert(1, 0).unwrap(), deltas: vec![ContentHash::of(&sample_payload())] }],
+        rejected: vec![RejectedDelta {
+            shard: ShardId::Trunk,
+            node: outsider().public(),
+            payload_hash: ContentHash::of(b"bad"),
+            reason: RejectCode::NotParticipant,
+        }],
+        checkpoint: manifest(7),
+    }
+}
+
+pub fn heartbeat() -> Heartbeat {
+    Heartbeat {
+        run: run(),
+        seq: 42,
+        hosted: vec![ShardId::Trunk, ShardId::expert(1, 0).unwrap()],
+        capacity: Capacity { device: DeviceKind::Cuda, memory_bytes: 80 << 30, tokens_per_second: 12_500.0, max_shards: 16 },
+        software_version: Text::new("mana 0.1.0").unwrap(),
+    }
+}
+
+/// One of each message type, with a name.
+pub fn all_messages() -> Vec<(&'static str, Message)> {
+    vec![
+        ("round_announcement", Message::RoundAnnouncement(round_announcement())),
+        ("delta_announcement", Message::DeltaAnnouncement(delta_announcement())),
+        ("round_commit", Message::RoundCommit(round_commit())),
+        ("checkpoint_manifest", Message::CheckpointManifest(manifest(7))),
+        ("heartbeat", Message::Heartbeat(heartbeat())),
+    ]
+}
+
+/// The signer of each sample message: the coordinator, except for node messages.
+pub fn signer_of(message: &Message) -> Keypair {
+    match message {
+        Message::DeltaAnnouncement(_) | Message::Heartbeat(_) => node(),
+        _ => coordinator(),
+    }
+}
+
+/// Each sample message, signed by its signer at T0 + 1000, encoded.
+pub fn all_envelopes() -> Vec<(&'static str, Vec<u8>)> {
+    all_messages()
+        .into_iter()
+        .map(|(name, m)| (name, SignedEnvelope::sign(&signer_of(&m), &m, T0 + 1000).unwrap().encode().unwrap()))
+        .collect()
+}
+
+pub fn fetch_request() -> FetchRequest {
+    FetchRequest { hash: ContentHash::of(&sample_payload()), offset: 0, max_len: 1 << 20 }
+}
+
+pub fn fetch_response() -> FetchResponse {
+    let payload = sample_payload();
+    FetchResponse::Chunk { hash: ContentHash::of(&payload), offset: 0, total_size: payload.len() as u64, data: Bytes(payload[..32].to_vec()) }
+}
+
+pub fn expert_request() -> ExpertRequest {
+    ExpertRequest {
+        run: run(),
+        shard: ShardId::expert(1, 0).unwrap(),
+        checkpoint: manifest(7).hash().unwrap(),
+        input: Tensor::from_f32(vec![2, 4], &[0.5, -1.0, 2.0, 0.0, 1.5, -0.25, 3.0, 4.0]).unwrap(),
+    }
+}
+
+pub fn expert_response() -> ExpertResponse {
+    ExpertResponse::Output { output: Tensor::from_f32(vec![2, 4], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap() }
+}

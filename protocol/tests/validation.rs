@@ -1,0 +1,160 @@
+//! The validator refuses each kind of bad contribution with its own reason and code, and accepts the good
+//! ones. The context (current round, clock) is passed in.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
+
+mod common;
+
+use common::*;
+use mana_protocol::validation::{l2_norm, median_norm, validate_delta_payload};
+use mana_protocol::*;
+
+const NOW: u64 = T0 + 1000;
+
+fn check(current: Option<&RoundAnnouncement>, signer: &Keypair, timestamp: u64, message: &Message) -> Result<Message, Rejection> {
+    let run = run();
+    let coord = coordinator().public();
+    let ctx = ValidationContext { run: &run, coordinator: &coord, current, now_ms: NOW, limits: ValidationLimits::default() };
+    let envelope = SignedEnvelope::sign(signer, message, timestamp).unwrap();
+    validate_envelope(&ctx, &decode_envelope(&envelope.encode().unwrap()).unwrap())
+}
+
+fn code(r: Result<Message, Rejection>) -> RejectCode {
+    r.expect_err("should be refused").code()
+}
+
+#[test]
+fn good_messages_pass() {
+    let round = round_announcement();
+    let mut previous = round.clone();
+    previous.round -= 1;
+    assert!(check(Some(&previous), &coordinator(), NOW, &Message::RoundAnnouncement(round.clone())).is_ok());
+    assert!(check(None, &coordinator(), NOW, &Message::RoundAnnouncement(round.clone())).is_ok());
+    assert!(check(Some(&round), &node(), NOW, &Message::DeltaAnnouncement(delta_announcement())).is_ok());
+    assert!(check(Some(&round), &coordinator(), NOW, &Message::RoundCommit(round_commit())).is_ok());
+    assert!(check(Some(&round), &coordinator(), NOW, &Message::CheckpointManifest(manifest(6))).is_ok());
+    assert!(check(Some(&round), &outsider(), NOW, &Message::Heartbeat(heartbeat())).is_ok());
+}
+
+#[test]
+fn each_refusal_has_its_reason() {
+    let round = round_announcement();
+    let cur = Some(&round);
+    let delta = |f: &dyn Fn(&mut DeltaAnnouncement)| {
+        let mut d = delta_announcement();
+        f(&mut d);
+        Message::DeltaAnnouncement(d)
+    };
+
+    let mut other_run = heartbeat();
+    other_run.run = RunId::new("other").unwrap();
+    assert_eq!(code(check(cur, &node(), NOW, &Message::Heartbeat(other_run))), RejectCode::UnknownRun);
+    assert_eq!(code(check(cur, &node(), NOW + 31_000, &Message::Heartbeat(heartbeat()))), RejectCode::ClockSkew);
+    assert_eq!(code(check(cur, &node(), NOW - 31_000, &Message::Heartbeat(heartbeat()))), RejectCode::ClockSkew);
+
+    // Round window: replays of old rounds and far-future rounds.
+    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(round.clone()))), RejectCode::StaleRound);
+    let mut far = round.clone();
+    far.round += 2;
+    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(far))), RejectCode::FutureRound);
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.round -= 1))), RejectCode::StaleRound);
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.round += 1))), RejectCode::FutureRound);
+    assert_eq!(code(check(None, &node(), NOW, &delta(&|_| {}))), RejectCode::NoRound);
+
+    // Who may sign what.
+    let mut next = round.clone();
+    next.round += 1;
+    assert_eq!(code(check(cur, &node(), NOW, &Message::RoundAnnouncement(next))), RejectCode::NotCoordinator);
+    assert_eq!(code(check(cur, &node(), NOW, &Message::RoundCommit(round_commit()))), RejectCode::NotCoordinator);
+    assert_eq!(code(check(cur, &outsider(), NOW, &Message::CheckpointManifest(manifest(6)))), RejectCode::NotCoordinator);
+    assert_eq!(code(check(cur, &outsider(), NOW, &delta(&|_| {}))), RejectCode::NotParticipant);
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.shard = ShardId::expert(1, 1).unwrap()))), RejectCode::ShardNotAssigned);
+
+    // Contents.
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.base_checkpoint = ContentHash::of(b"old")))), RejectCode::WrongBase);
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.payload_size = u64::MAX))), RejectCode::TooLarge);
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.stats.loss_after = f32::NAN))), RejectCode::NonFinite);
+    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.stats.delta_norm = f32::INFINITY))), RejectCode::NonFinite);
+    let mut late_round = round.clone();
+    late_round.deadlines.deltas_by_ms = NOW - 1;
+    assert_eq!(code(check(Some(&late_round), &node(), NOW, &delta(&|_| {}))), RejectCode::Late);
+
+    let mut next = round.clone();
+    next.round += 1;
+    next.hyper.outer_lr = f32::NAN;
+    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(next.clone()))), RejectCode::NonFinite);
+    next.hyper.outer_lr = 0.7;
+    next.participants.push(next.participants[0].clone());
+    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(next))), RejectCode::Inconsistent);
+    let mut commit = round_commit();
+    commit.checkpoint.round = 3;
+    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundCommit(commit))), RejectCode::Inconsistent);
+    let mut hb = heartbeat();
+    hb.capacity.tokens_per_second = f32::NAN;
+    assert_eq!(code(check(cur, &node(), NOW, &Message::Heartbeat(hb))), RejectCode::NonFinite);
+}
+
+#[test]
+fn tampered_envelopes_are_refused_as_bad_envelopes() {
+    let round = round_announcement();
+    let run = run();
+    let coord = coordinator().public();
+    let ctx = ValidationContext { run: &run, coordinator: &coord, current: Some(&round), now_ms: NOW, limits: ValidationLimits::default() };
+    let mut env = SignedEnvelope::sign(&node(), &Message::Heartbeat(heartbeat()), NOW).unwrap();
+    env.signer = coordinator().public();
+    let r = validate_envelope(&ctx, &env).unwrap_err();
+    assert_eq!(r.code(), RejectCode::BadEnvelope);
+    assert!(r.to_string().starts_with("bad-envelope"), "{r}");
+}
+
+#[test]
+fn delta_payloads_are_checked_against_their_announcement() {
+    let ann = delta_announcement();
+    let payload = sample_payload();
+    let n = sample_delta().len();
+    let delta = validate_delta_payload(&ann, &payload, n, None, 3.0).unwrap();
+    let norm = l2_norm(&delta);
+    assert!(validate_delta_payload(&ann, &payload, n, Some(norm), 3.0).is_ok());
+
+    let r = validate_delta_payload(&ann, &payload, n, Some(norm / 4.0), 3.0).unwrap_err();
+    assert_eq!(r.code(), RejectCode::NormTooLarge);
+    assert!(r.to_string().starts_with("norm-too-large"), "{r}");
+
+    let mut tampered = payload.clone();
+    tampered[20] ^= 1;
+    assert_eq!(validate_delta_payload(&ann, &tampered, n, None, 3.0).unwrap_err().code(), RejectCode::HashMismatch);
+    assert_eq!(validate_delta_payload(&ann, &payload[..payload.len() - 1], n, None, 3.0).unwrap_err().code(), RejectCode::SizeMismatch);
+    assert_eq!(validate_delta_payload(&ann, &payload, n + 1, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+
+    // A payload whose hash matches but which does not decode.
+    let junk = vec![0u8; 40];
+    let mut junk_ann = ann.clone();
+    junk_ann.payload_hash = ContentHash::of(&junk);
+    junk_ann.payload_size = junk.len() as u64;
+    assert_eq!(validate_delta_payload(&junk_ann, &junk, n, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+}
+
+#[test]
+fn codes_are_stable_and_distinct() {
+    let all = [
+        RejectCode::BadEnvelope, RejectCode::UnknownRun, RejectCode::ClockSkew, RejectCode::NoRound, RejectCode::StaleRound,
+        RejectCode::FutureRound, RejectCode::NotCoordinator, RejectCode::NotParticipant, RejectCode::ShardNotAssigned,
+        RejectCode::WrongBase, RejectCode::Late, RejectCode::TooLarge, RejectCode::NonFinite, RejectCode::Inconsistent,
+        RejectCode::NormTooLarge, RejectCode::HashMismatch, RejectCode::SizeMismatch, RejectCode::BadPayload,
+    ];
+    let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
+    assert_eq!(strings.len(), all.len());
+    assert_eq!(RejectCode::NormTooLarge.to_string(), "norm-too-large");
+    // The wire index of each code is its position: appending is fine, reordering breaks peers.
+    for (i, c) in all.iter().enumerate() {
+        let bytes = wire::encode::<_, 64>(c, "code").unwrap();
+        assert_eq!(bytes, vec![i as u8], "{c}");
+    }
+}
+
+#[test]
+fn median_norm_is_the_median() {
+    assert_eq!(median_norm(&[]), None);
+    assert_eq!(median_norm(&[3.0, 1.0, 2.0]), Some(2.0));
+    assert_eq!(median_norm(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    assert_eq!(median_norm(&[1.0, f32::NAN]), None);
+}
