@@ -5,3 +5,12 @@
 
 /// Training data: batches, the byte-level text dataset and the built-in corpus.
 pub mod data;
+
+pub mod backend;
+pub mod error;
+pub mod fp8;
+pub mod gemm;
+pub mod quant;
+
+pub use backend::{Backend, CpuBackend};
+pub use error::KernelError;

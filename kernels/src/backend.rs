@@ -1,0 +1,119 @@
+//! One op API over CPU now and CUDA later (candle style): the model calls [`Backend::matmul`] and does not
+//! care where or how the product is computed. [`CpuBackend`] is the CPU implementation; a CUDA backend will
+//! implement the same trait.
+
+use std::sync::Arc;
+
+use crate::error::KernelError;
+use crate::gemm::cpu::{Fp8Workspace, gemm_f32_checked, matmul_fp8};
+use crate::gemm::{Dims, Form, Precision, check_operands};
+use crate::quant::ScaleMode;
+
+/// One op API over CPU now and CUDA later (candle style).
+pub trait Backend: Send {
+    /// Short name for logs and reports (`"cpu"`, later `"cuda:0"`).
+    fn name(&self) -> &str;
+
+    /// c = op(a)·op(b) (accumulate=false) or c += op(a)·op(b) (accumulate=true). FP8 quantizes a and b
+    /// internally (1×128 tiles along K for activations/gradients, 128×128 blocks for the B operand of
+    /// AB/ABt = weights; 128×1 tiles along K for both operands of AtB). Shapes follow [`Form`]; a length
+    /// that does not match `dims` is a [`KernelError::ShapeMismatch`], and on any error `c` is untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &mut self,
+        precision: Precision,
+        form: Form,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        dims: Dims,
+        accumulate: bool,
+    ) -> Result<(), KernelError>;
+}
+
+/// The CPU backend: f32 GEMM from the `gemm` crate on all cores, FP8 by fine-grained quantization into
+/// reused workspaces followed by that GEMM (see [`crate::gemm::cpu`]). Once warm it allocates nothing per
+/// call.
+#[derive(Debug)]
+pub struct CpuBackend {
+    /// A private rayon pool when a thread count was asked for; `None` runs on the global pool.
+    pool: Option<Arc<rayon::ThreadPool>>,
+    /// Threads the GEMM may use (0 = all of the pool's).
+    threads: usize,
+    /// Dequantized FP8 operands and their scales, reused across calls.
+    fp8: Fp8Workspace,
+    /// How FP8 tile scales are chosen.
+    scale_mode: ScaleMode,
+    /// Name reported by [`Backend::name`].
+    name: String,
+}
+
+impl CpuBackend {
+    /// A backend on rayon's global pool (all cores, or `RAYON_NUM_THREADS`).
+    pub fn new() -> Self {
+        Self { pool: None, threads: 0, fp8: Fp8Workspace::default(), scale_mode: ScaleMode::Amax, name: "cpu".into() }
+    }
+
+    /// A backend with its own pool of `n` threads (`0` = as many as cores). If the OS refuses to start the
+    /// threads, it falls back to the global pool, capped at `n` threads for the GEMM.
+    pub fn with_threads(n: usize) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().ok().map(Arc::new);
+        let threads = pool.as_ref().map_or(n, |p| p.current_num_threads());
+        Self { pool, threads, name: format!("cpu({threads} threads)"), ..Self::new() }
+    }
+
+    /// Chooses how FP8 scales are computed (default [`ScaleMode::Amax`]).
+    pub fn with_scale_mode(mut self, mode: ScaleMode) -> Self {
+        self.scale_mode = mode;
+        self
+    }
+
+    /// The FP8 scale mode in use.
+    pub fn scale_mode(&self) -> ScaleMode {
+        self.scale_mode
+    }
+
+    /// Bytes held by the FP8 workspace (grows to the largest operands seen, then stays).
+    pub fn workspace_bytes(&self) -> usize {
+        self.fp8.bytes()
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn matmul(
+        &mut self,
+        precision: Precision,
+        form: Form,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        dims: Dims,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        let threads = self.threads;
+        let mode = self.scale_mode;
+        let ws = &mut self.fp8;
+        let mut run = move || match precision {
+            Precision::F32 => {
+                check_operands("matmul", form, dims, a.len(), b.len(), c.len())?;
+                gemm_f32_checked(form, a, b, c, dims, accumulate, threads);
+                Ok(())
+            }
+            Precision::Fp8 => matmul_fp8(ws, mode, form, a, b, c, dims, accumulate, threads),
+        };
+        match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }
+    }
+}

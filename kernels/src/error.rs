@@ -1,0 +1,65 @@
+//! The one error type of mana's numerics: every kernel entry point validates its input and returns a
+//! [`KernelError`] instead of panicking, because shapes and data may come from untrusted peers.
+
+/// Why a kernel refused its input. Every variant names the operation (`op`) that rejected it, so a caller
+/// several layers up can still tell which call went wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KernelError {
+    /// A buffer's length does not match the shape the caller declared.
+    #[error("{op}: {what} has {actual} elements, expected {expected}")]
+    ShapeMismatch {
+        /// The operation that checked the shape (e.g. `"matmul"`).
+        op: &'static str,
+        /// Which operand or buffer is wrong (e.g. `"a"`, `"c"`, `"codes"`).
+        what: &'static str,
+        /// The element count implied by the declared shape.
+        expected: usize,
+        /// The element count actually passed.
+        actual: usize,
+    },
+    /// The declared shape's element count does not fit in `usize`.
+    #[error("{op}: shape {rows}x{cols} overflows usize")]
+    SizeOverflow {
+        /// The operation that computed the size.
+        op: &'static str,
+        /// Declared rows (or first dimension).
+        rows: usize,
+        /// Declared columns (or second dimension).
+        cols: usize,
+    },
+    /// A quantization tile holds NaN or ±infinity, so no finite scale exists for it. FP8 training must stop
+    /// or skip the step here rather than silently saturate garbage.
+    #[error("{op}: non-finite value (NaN or infinity) at row {row}, column {col}")]
+    NonFinite {
+        /// The operation that scanned the data.
+        op: &'static str,
+        /// Row of the first tile found to hold a non-finite value (the tile's first row).
+        row: usize,
+        /// Column of that tile's first element.
+        col: usize,
+    },
+    /// A stored scale is NaN, infinite or not positive, so the codes it belongs to cannot be dequantized.
+    #[error("{op}: scale {index} is {value}, expected a finite positive number")]
+    InvalidScale {
+        /// The operation that checked the scales.
+        op: &'static str,
+        /// Index of the bad scale in the scale buffer.
+        index: usize,
+        /// The bad value.
+        value: f32,
+    },
+    /// A string did not name a known precision (expected `"f32"` or `"fp8"`).
+    #[error("unknown precision {given:?}: expected \"f32\" or \"fp8\"")]
+    UnknownPrecision {
+        /// The string that was given.
+        given: String,
+    },
+    /// The requested backend or feature is not available in this build or on this machine.
+    #[error("{op}: unavailable: {reason}")]
+    Unavailable {
+        /// The operation that was asked for.
+        op: &'static str,
+        /// Why it cannot run (e.g. "not compiled with CUDA").
+        reason: String,
+    },
+}

@@ -1,0 +1,156 @@
+//! Matrix products in f32 and FP8, in the three forms a Linear layer needs.
+//!
+//! Dimension letters: C is M×N, the contraction runs over K. Storage is row-major everywhere.
+//!
+//! | [`Form`] | A stored | B stored | computes          | Linear use (W stored [out, in]) |
+//! |----------|----------|----------|-------------------|---------------------------------|
+//! | `AB`     | M×K      | K×N      | C = A·B           | dx = dy·W                       |
+//! | `ABt`    | M×K      | N×K      | C = A·Bᵀ          | y = x·Wᵀ                        |
+//! | `AtB`    | K×M      | K×N      | C = Aᵀ·B          | dW += dyᵀ·x                     |
+//!
+//! FP8 numerics (DeepSeek-V3 §3.3), see [`cpu`] for how the CPU realises them: both operands are quantized
+//! to E4M3 along K — A in 1×128 tiles; B of `AB`/`ABt` (a weight) in 128×128 blocks; for `AtB` (weight
+//! gradient) both operands are activations/gradients stored K-major, quantized in 128×1 tiles — and the
+//! products are accumulated in f32 with the scales applied per 128-group of K.
+//!
+//! Entry points: [`crate::backend::Backend::matmul`] (the op API the model uses), [`matmul_f32`] (a free
+//! function for code without a backend), and [`reference`] (slow, obvious oracles for tests).
+
+pub mod cpu;
+pub mod reference;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::KernelError;
+use crate::quant::Granularity;
+
+pub use cpu::matmul_f32;
+
+/// Numeric precision of a GEMM's inputs. Accumulation and output are always f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Plain f32 inputs.
+    #[default]
+    F32,
+    /// Inputs quantized to E4M3 with fine-grained scales.
+    Fp8,
+}
+
+impl Precision {
+    /// The lowercase name used in config files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Fp8 => "fp8",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = KernelError;
+
+    /// Parses `"f32"` or `"fp8"` (ASCII case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("f32") {
+            Ok(Precision::F32)
+        } else if s.eq_ignore_ascii_case("fp8") {
+            Ok(Precision::Fp8)
+        } else {
+            Err(KernelError::UnknownPrecision { given: s.to_owned() })
+        }
+    }
+}
+
+/// Which operands are transposed; see the table in the module doc. C is always M×N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Form {
+    /// C = A·B; A is M×K, B is K×N.
+    AB,
+    /// C = A·Bᵀ; A is M×K, B is N×K.
+    ABt,
+    /// C = Aᵀ·B; A is K×M, B is K×N.
+    AtB,
+}
+
+/// GEMM sizes: C is `m`×`n`, the contraction length is `k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Dims {
+    /// Rows of C.
+    pub m: usize,
+    /// Contraction length.
+    pub k: usize,
+    /// Columns of C.
+    pub n: usize,
+}
+
+impl Dims {
+    /// Shorthand constructor.
+    pub fn new(m: usize, k: usize, n: usize) -> Self {
+        Self { m, k, n }
+    }
+}
+
+impl Form {
+    /// Stored shape (rows, cols) of A.
+    pub fn a_shape(self, d: Dims) -> (usize, usize) {
+        match self {
+            Form::AB | Form::ABt => (d.m, d.k),
+            Form::AtB => (d.k, d.m),
+        }
+    }
+
+    /// Stored shape (rows, cols) of B.
+    pub fn b_shape(self, d: Dims) -> (usize, usize) {
+        match self {
+            Form::AB | Form::AtB => (d.k, d.n),
+            Form::ABt => (d.n, d.k),
+        }
+    }
+
+    /// How FP8 quantizes the stored A: along K, in 1×128 tiles (K is A's column dimension) or 128×1 tiles
+    /// (`AtB`, K is A's row dimension).
+    pub fn a_granularity(self) -> Granularity {
+        match self {
+            Form::AB | Form::ABt => Granularity::Tile1x128,
+            Form::AtB => Granularity::Tile128x1,
+        }
+    }
+
+    /// How FP8 quantizes the stored B: 128×128 blocks for weights (`AB`, `ABt`); 128×1 tiles along K for the
+    /// weight-gradient form `AtB`, whose B is an activation.
+    pub fn b_granularity(self) -> Granularity {
+        match self {
+            Form::AB | Form::ABt => Granularity::Block128x128,
+            Form::AtB => Granularity::Tile128x1,
+        }
+    }
+}
+
+/// Element count `rows·cols`, or a typed overflow error.
+pub(crate) fn elems(op: &'static str, rows: usize, cols: usize) -> Result<usize, KernelError> {
+    rows.checked_mul(cols).ok_or(KernelError::SizeOverflow { op, rows, cols })
+}
+
+/// Checks that `a`, `b` and `c` have the lengths `form` and `dims` imply.
+pub fn check_operands(op: &'static str, form: Form, dims: Dims, a: usize, b: usize, c: usize) -> Result<(), KernelError> {
+    let (ar, ac) = form.a_shape(dims);
+    let (br, bc) = form.b_shape(dims);
+    for (what, expected, actual) in
+        [("a", elems(op, ar, ac)?, a), ("b", elems(op, br, bc)?, b), ("c", elems(op, dims.m, dims.n)?, c)]
+    {
+        if expected != actual {
+            return Err(KernelError::ShapeMismatch { op, what, expected, actual });
+        }
+    }
+    Ok(())
+}
