@@ -14,3 +14,11 @@ pub mod quant;
 
 pub use backend::{Backend, CpuBackend};
 pub use error::KernelError;
+/// Checkpoints: a directory of per-shard files with magic, version and checksum.
+pub mod checkpoint;
+/// The MoE language model: config, parameter layout by shard, ops with forward and backward.
+pub mod model;
+/// AdamW, gradient clipping and the learning-rate schedule.
+pub mod optim;
+/// The trainer: one step = forward, backward, clip, AdamW, router-bias update; checkpoints.
+pub mod train;

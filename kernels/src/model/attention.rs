@@ -1,0 +1,103 @@
+//! Causal multi-head self-attention on a fused, already rotated QKV activation; softmax in f32.
+//!
+//! Shapes: B sequences, T positions, N = B·T, C width, NH heads of HS = C / NH channels.
+//! - `qkv`, `dqkv`: [N, 3C] (q, k, v of width C each; head h at channels [h·HS, (h+1)·HS) of each part)
+//! - `att`: [N, NH, T] attention probabilities, saved by the forward (row (n, h) holds the T weights of
+//!   query n in head h; entries past the query's position are zero)
+//! - `out`, `dout`: [N, C], heads side by side
+//!
+//! The forward runs one rayon task per query token, the backward one per sequence (a query's gradient
+//! flows to the keys and values of earlier tokens of the same sequence only).
+
+use rayon::prelude::*;
+
+/// out[n, h] = Σ_{t2 ≤ t} softmax_t2(q·k / √HS) · v. Overwrites `out` and `att`.
+pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize, nh: usize) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    out.par_chunks_exact_mut(c).zip(att.par_chunks_exact_mut(nh * t)).enumerate().for_each(|(n, (o, a))| {
+        let ti = n % t;
+        let base = n - ti;
+        for h in 0..nh {
+            let q = &qkv[n * c3 + h * hs..n * c3 + (h + 1) * hs];
+            let arow = &mut a[h * t..(h + 1) * t];
+            let mut max = f32::NEG_INFINITY;
+            for t2 in 0..=ti {
+                let k0 = (base + t2) * c3 + c + h * hs;
+                let k = &qkv[k0..k0 + hs];
+                let s: f32 = q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale;
+                arow[t2] = s;
+                max = max.max(s);
+            }
+            let mut sum = 0.0f32;
+            for x in &mut arow[..=ti] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in &mut arow[..=ti] {
+                *x *= inv;
+            }
+            arow[ti + 1..].fill(0.0);
+            let oh = &mut o[h * hs..(h + 1) * hs];
+            oh.fill(0.0);
+            for t2 in 0..=ti {
+                let v0 = (base + t2) * c3 + 2 * c + h * hs;
+                let w = arow[t2];
+                for (ov, &vv) in oh.iter_mut().zip(&qkv[v0..v0 + hs]) {
+                    *ov += w * vv;
+                }
+            }
+        }
+    });
+}
+
+/// Gradients of q, k and v from `dout`. Overwrites `dqkv`. `scratch` must hold at least N floats (one row
+/// of attention-weight gradients per sequence).
+pub fn backward(dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], att: &[f32], qkv: &[f32], t: usize, c: usize, nh: usize) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    let n_total = dout.len() / c;
+    dqkv.par_chunks_exact_mut(t * c3).zip(scratch[..n_total].par_chunks_exact_mut(t)).enumerate().for_each(
+        |(bi, (dq, datt))| {
+            dq.fill(0.0);
+            let base = bi * t;
+            for h in 0..nh {
+                for ti in 0..t {
+                    let n = base + ti;
+                    let arow = &att[(n * nh + h) * t..(n * nh + h + 1) * t];
+                    let dor = &dout[n * c + h * hs..n * c + (h + 1) * hs];
+                    // Through out = Σ a·v: the weights' gradient and the values' gradient.
+                    for t2 in 0..=ti {
+                        let v0 = (base + t2) * c3 + 2 * c + h * hs;
+                        let v = &qkv[v0..v0 + hs];
+                        datt[t2] = dor.iter().zip(v).map(|(x, y)| x * y).sum();
+                        let dv0 = t2 * c3 + 2 * c + h * hs;
+                        let w = arow[t2];
+                        for (dvv, &g) in dq[dv0..dv0 + hs].iter_mut().zip(dor) {
+                            *dvv += w * g;
+                        }
+                    }
+                    // Through the softmax: dpre = a ⊙ (datt − Σ a·datt).
+                    let dotp: f32 = arow[..=ti].iter().zip(&datt[..=ti]).map(|(a, d)| a * d).sum();
+                    let q0 = n * c3 + h * hs;
+                    for t2 in 0..=ti {
+                        let dpre = arow[t2] * (datt[t2] - dotp) * scale;
+                        if dpre == 0.0 {
+                            continue;
+                        }
+                        let k0 = (base + t2) * c3 + c + h * hs;
+                        let dq0 = ti * c3 + h * hs;
+                        let dk0 = t2 * c3 + c + h * hs;
+                        for j in 0..hs {
+                            dq[dq0 + j] += dpre * qkv[k0 + j];
+                            dq[dk0 + j] += dpre * qkv[q0 + j];
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
