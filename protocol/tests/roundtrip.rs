@@ -146,3 +146,56 @@ fn oversized_inputs_are_refused_before_decoding() {
     let huge = Tensor { dtype: TensorDtype::F32, shape: vec![u32::MAX, u32::MAX, 2], data: Bytes(vec![]) };
     assert!(huge.check().is_err());
 }
+
+mod generated {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shard() -> impl Strategy<Value = ShardId> {
+        prop_oneof![Just(ShardId::Trunk), (0u16..1024, 0u16..4096).prop_map(|(l, i)| ShardId::expert(l, i).unwrap())]
+    }
+
+    fn hash() -> impl Strategy<Value = ContentHash> {
+        any::<[u8; 32]>().prop_map(ContentHash)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_messages_round_trip(
+            round in any::<u64>(), seq in any::<u64>(), ts in any::<u64>(), size in any::<u64>(),
+            shards in proptest::collection::vec(shard(), 0..40), one in shard(), h1 in hash(), h2 in hash(),
+            floats in any::<[f32; 4]>(), version in "[a-zA-Z0-9 .+-]{0,60}", seed in any::<[u8; 32]>(),
+        ) {
+            let kp = Keypair::from_seed(&seed);
+            let messages = [
+                Message::Heartbeat(Heartbeat {
+                    run: run(), seq, hosted: shards.clone(),
+                    capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: size, tokens_per_second: floats[0], max_shards: 3 },
+                    software_version: Text::new(version).unwrap(),
+                }),
+                Message::DeltaAnnouncement(DeltaAnnouncement {
+                    run: run(), round, shard: one, base_checkpoint: h1, payload_hash: h2, payload_size: size,
+                    stats: TrainingStats { tokens: seq, loss_before: floats[1], loss_after: floats[2], delta_norm: floats[3] },
+                }),
+                Message::CheckpointManifest(CheckpointManifest {
+                    run: run(), round,
+                    shards: {
+                        let mut s = shards.clone();
+                        s.sort();
+                        s.dedup();
+                        s.into_iter().map(|shard| ShardEntry { shard, hash: h1, size, round }).collect()
+                    },
+                }),
+            ];
+            for message in messages {
+                let bytes = SignedEnvelope::sign(&kp, &message, ts).unwrap().encode().unwrap();
+                let back = decode_envelope(&bytes).unwrap().verify().unwrap();
+                // Compare encodings: NaN floats are equal bit for bit but not by PartialEq.
+                let again = SignedEnvelope::sign(&kp, &back, ts).unwrap().encode().unwrap();
+                prop_assert_eq!(again, bytes);
+            }
+        }
+    }
+}
