@@ -22,3 +22,5 @@ pub mod model;
 pub mod optim;
 /// The trainer: one step = forward, backward, clip, AdamW, router-bias update; checkpoints.
 pub mod train;
+/// Text generation: greedy and top-p sampling, and self-speculative decoding with the MTP head.
+pub mod generate;

@@ -1,0 +1,249 @@
+//! Text generation from a trained model: greedy decoding or sampling with a temperature and nucleus
+//! (top-p) cut, optionally sped up by self-speculative decoding with the multi-token-prediction head.
+//!
+//! Speculation (DeepSeek-V3 §2.2 used at inference): a forward pass over the sequence gives the main head's
+//! next token and, from the MTP head, a draft of the token after it. The next pass runs over the sequence
+//! plus that draft. Its second-to-last position tells what the main model would have produced in place of
+//! the draft: that token is always committed, and when it equals the draft, the last position's main
+//! prediction is exact too and is committed in the same pass (two tokens for one pass). Each committed
+//! token is chosen by the main head alone, with one random draw per token in both modes, so the output is
+//! identical with and without speculation, for greedy decoding and for sampling with the same seed.
+//!
+//! The model has no KV cache: each pass recomputes the window (the last `context` tokens). Speculation is
+//! used only while the sequence plus its draft fits in the context; past that the window would differ
+//! between the two positions, so passes fall back to plain decoding and stay exact.
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+
+use crate::model::{Model, ModelError};
+
+/// What generation needs from a model: logits of the main head and (optionally) of the MTP head. The
+/// local [`Model`] implements it; a model served over the network can too.
+pub trait LanguageModel {
+    /// V: the vocabulary size.
+    fn vocab_size(&self) -> usize;
+    /// The longest window a pass may cover.
+    fn context(&self) -> usize;
+    /// Whether the model has an MTP head (speculation needs one).
+    fn has_mtp(&self) -> bool;
+    /// One forward pass over `tokens` (T ≤ context): main logits [T, V] (row t predicts token t + 1) and,
+    /// when asked, MTP logits [T, V] (row t predicts token t + 2; the last row assumes token T is the main
+    /// head's argmax at row T − 1).
+    fn logits(&mut self, tokens: &[u32], main_out: &mut [f32], mtp_out: Option<&mut [f32]>) -> Result<(), ModelError>;
+}
+
+impl LanguageModel for Model {
+    fn vocab_size(&self) -> usize {
+        self.config().vocab_size
+    }
+
+    fn context(&self) -> usize {
+        self.config().context
+    }
+
+    fn has_mtp(&self) -> bool {
+        self.config().mtp
+    }
+
+    fn logits(&mut self, tokens: &[u32], main_out: &mut [f32], mtp_out: Option<&mut [f32]>) -> Result<(), ModelError> {
+        Model::logits(self, tokens, main_out, mtp_out)
+    }
+}
+
+/// How the next token is chosen from the main head's logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (the lowest id among ties).
+    Greedy,
+    /// A draw from softmax(logits / temperature), restricted to the smallest set of most likely tokens
+    /// whose probabilities add up to at least `top_p`.
+    Sample {
+        /// Softmax temperature, > 0.
+        temperature: f32,
+        /// Nucleus mass, in (0, 1].
+        top_p: f32,
+    },
+}
+
+/// Settings of one generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateConfig {
+    /// How many tokens to generate after the prompt.
+    pub max_tokens: usize,
+    /// How each token is chosen.
+    pub sampling: Sampling,
+    /// Seed of the sampling draws (unused by greedy decoding).
+    pub seed: u64,
+    /// Whether to draft with the MTP head and verify with the main head.
+    pub speculative: bool,
+}
+
+/// Why generation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GenerateError {
+    /// The prompt holds no tokens (the model needs at least one position to predict from).
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// A sampling setting is out of range.
+    #[error("invalid sampling setting: {0}")]
+    InvalidSampling(String),
+    /// Speculation was asked of a model without an MTP head.
+    #[error("speculative decoding needs a model with an MTP head")]
+    NoMtp,
+    /// The model refused a forward pass.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The result of one generation, with counters that measure speculation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Generation {
+    /// The generated tokens (the prompt excluded).
+    pub tokens: Vec<u32>,
+    /// Forward passes run.
+    pub forward_passes: usize,
+    /// Drafts that were verified.
+    pub drafts: usize,
+    /// Drafts the main model agreed with.
+    pub accepted: usize,
+}
+
+impl Generation {
+    /// Accepted drafts over verified drafts (0 when none was verified).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafts == 0 { 0.0 } else { self.accepted as f64 / self.drafts as f64 }
+    }
+
+    /// Generated tokens per forward pass (1 without speculation, up to 2 with it).
+    pub fn tokens_per_pass(&self) -> f64 {
+        if self.forward_passes == 0 { 0.0 } else { self.tokens.len() as f64 / self.forward_passes as f64 }
+    }
+}
+
+/// Generates up to `config.max_tokens` tokens after `prompt`.
+pub fn generate(model: &mut dyn LanguageModel, prompt: &[u32], config: &GenerateConfig) -> Result<Generation, GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    check_sampling(config.sampling)?;
+    if config.speculative && !model.has_mtp() {
+        return Err(GenerateError::NoMtp);
+    }
+    let v = model.vocab_size();
+    let ctx = model.context().max(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let mut seq = prompt.to_vec();
+    let mut out = Generation::default();
+    let mut draft: Option<u32> = None;
+    let mut main = Vec::new();
+    let mut mtp = Vec::new();
+    let mut scratch = Vec::new();
+    while out.tokens.len() < config.max_tokens {
+        // A draft is verified only while the sequence plus the draft fits the context (see module doc), and
+        // only when two tokens are still wanted (verifying the last one would gain nothing).
+        let verify = draft.filter(|_| seq.len() < ctx && config.max_tokens - out.tokens.len() >= 2);
+        let window: Vec<u32> = match verify {
+            Some(d) => seq.iter().copied().chain(std::iter::once(d)).collect(),
+            None => seq[seq.len().saturating_sub(ctx)..].to_vec(),
+        };
+        let t = window.len();
+        main.resize(t * v, 0.0);
+        let want_mtp = config.speculative;
+        if want_mtp {
+            mtp.resize(t * v, 0.0);
+        }
+        model.logits(&window, &mut main, if want_mtp { Some(&mut mtp[..]) } else { None })?;
+        out.forward_passes += 1;
+        let row = |i: usize| i * v..(i + 1) * v;
+        // `last` is the row whose main prediction decides the next draft.
+        let last = t - 1;
+        if let Some(d) = verify {
+            out.drafts += 1;
+            let c = choose(&main[row(t - 2)], config.sampling, &mut rng, &mut scratch);
+            seq.push(c);
+            out.tokens.push(c);
+            if c != d {
+                draft = None;
+                continue;
+            }
+            out.accepted += 1;
+        }
+        let logits = &main[row(last)];
+        let next = choose(logits, config.sampling, &mut rng, &mut scratch);
+        seq.push(next);
+        out.tokens.push(next);
+        // The MTP row assumed the main head's argmax as its input token: its draft is only worth verifying
+        // when that is the token we committed.
+        draft = (config.speculative && next == argmax(logits)).then(|| argmax(&mtp[row(last)]));
+    }
+    Ok(out)
+}
+
+fn check_sampling(sampling: Sampling) -> Result<(), GenerateError> {
+    if let Sampling::Sample { temperature, top_p } = sampling {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(GenerateError::InvalidSampling(format!("temperature {temperature} must be finite and > 0")));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(GenerateError::InvalidSampling(format!("top_p {top_p} must be in (0, 1]")));
+        }
+    }
+    Ok(())
+}
+
+/// The index of the largest logit (the lowest among ties; NaNs are never chosen over a number).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Chooses one token from `logits` according to `sampling`; `scratch` is reused between calls.
+pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut impl Rng, scratch: &mut Vec<(f32, u32)>) -> u32 {
+    match sampling {
+        Sampling::Greedy => argmax(logits),
+        Sampling::Sample { temperature, top_p } => sample_top_p(logits, temperature, top_p, rng, scratch),
+    }
+}
+
+/// A draw from the nucleus of softmax(logits / temperature): the most likely tokens (sorted by probability,
+/// ties by id) whose mass first reaches `top_p`. Uses exactly one 64-bit random draw.
+fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng, probs: &mut Vec<(f32, u32)>) -> u32 {
+    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let max = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return argmax(logits);
+    }
+    probs.clear();
+    let mut total = 0.0f64;
+    for (i, &x) in logits.iter().enumerate() {
+        let p = if x.is_nan() { 0.0 } else { ((x - max) / temperature).exp() };
+        total += f64::from(p);
+        probs.push((p, i as u32));
+    }
+    probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut nucleus = 0.0f64;
+    let mut keep = probs.len();
+    for (k, &(p, _)) in probs.iter().enumerate() {
+        nucleus += f64::from(p);
+        if nucleus >= f64::from(top_p) * total {
+            keep = k + 1;
+            break;
+        }
+    }
+    let kept = &probs[..keep];
+    let mass: f64 = kept.iter().map(|&(p, _)| f64::from(p)).sum();
+    let mut target = u * mass;
+    for &(p, id) in kept {
+        target -= f64::from(p);
+        if target < 0.0 {
+            return id;
+        }
+    }
+    kept.last().map_or(0, |&(_, id)| id)
+}
