@@ -4,6 +4,7 @@
 //! The objective is the model's total loss (main + λ·MTP + balance). For every parameter tensor a spread
 //! of coordinates is perturbed; the error of a tensor is ‖analytic − numeric‖₂ / max(‖analytic‖₂,
 //! ‖numeric‖₂) over its checked coordinates.
+#![allow(clippy::unwrap_used)]
 
 mod model_support;
 

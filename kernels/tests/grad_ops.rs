@@ -4,6 +4,7 @@
 //! output y, runs the backward with dy = w, and compares every input and parameter gradient with central
 //! differences. The error measure is ‖analytic − numeric‖₂ / max(‖analytic‖₂, ‖numeric‖₂) over the checked
 //! coordinates, which must stay under [`MAX_REL_ERR`].
+#![allow(clippy::unwrap_used)]
 
 mod model_support;
 

@@ -1,5 +1,6 @@
 //! Checkpoints: a save/load round trip resumes bit-identically, shard by shard, and damaged or foreign
 //! files are refused with typed errors.
+#![allow(clippy::unwrap_used)]
 
 mod model_support;
 

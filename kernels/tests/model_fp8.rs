@@ -1,5 +1,6 @@
 //! FP8 against f32: the same model and tokens, with the Linear GEMMs in FP8 (1×128 / 128×128 scaling)
 //! and then in f32. Bounds on the forward's relative error, and FP8 training still learns.
+#![allow(clippy::unwrap_used)]
 
 mod model_support;
 

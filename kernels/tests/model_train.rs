@@ -1,5 +1,6 @@
 //! Training behaviour of the model: it learns, it is deterministic, the router bias balances the load,
 //! a subset of experts trains and its shards round-trip.
+#![allow(clippy::unwrap_used)]
 
 mod model_support;
 

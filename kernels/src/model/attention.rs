@@ -11,6 +11,8 @@
 
 use rayon::prelude::*;
 
+// Index loops mirror the math (t2 walks keys and values of the same sequence in several arrays).
+#[allow(clippy::needless_range_loop)]
 /// out[n, h] = Σ_{t2 ≤ t} softmax_t2(q·k / √HS) · v. Overwrites `out` and `att`.
 pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize, nh: usize) {
     let hs = c / nh;
@@ -53,6 +55,7 @@ pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize
     });
 }
 
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 /// Gradients of q, k and v from `dout`. Overwrites `dqkv`. `scratch` must hold at least N floats (one row
 /// of attention-weight gradients per sequence).
 pub fn backward(dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], att: &[f32], qkv: &[f32], t: usize, c: usize, nh: usize) {

@@ -18,8 +18,9 @@ use super::params::{BlockParams, FfnParams};
 use super::rope::RopeTable;
 use super::{attention, linear, rmsnorm, rope};
 
-/// Activations of one FFN.
+/// Activations of one FFN. (The MoE variant is larger, but there are only L of these, allocated once.)
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum FfnActs {
     /// Dense SwiGLU: `h13` [N, 2H], `act` [N, H].
     Dense {

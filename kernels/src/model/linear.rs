@@ -9,6 +9,7 @@ use crate::error::KernelError;
 use crate::gemm::{Dims, Form, Precision};
 
 /// out = x·Wᵀ. Overwrites `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     backend: &mut dyn Backend,
     precision: Precision,

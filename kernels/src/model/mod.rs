@@ -90,6 +90,9 @@ pub enum ModelError {
         /// The given length.
         actual: usize,
     },
+    /// The expert set was built for another configuration (other layer or expert counts).
+    #[error("the expert set does not match the model config")]
+    ExpertSetMismatch,
     /// The layer has no router (it is dense or out of range).
     #[error("layer {0} is not a MoE layer")]
     NotMoeLayer(usize),
@@ -191,7 +194,7 @@ impl Model {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         if experts != ExpertSet::from_shards(&config, &experts.shards()).map_err(ModelError::UnknownShard)? {
-            return Err(ModelError::BatchShape { reason: "expert set does not match the config".into() });
+            return Err(ModelError::ExpertSetMismatch);
         }
         let layout = ParamLayout::new(&config, &experts);
         let mut params = vec![0.0f32; layout.total];

@@ -180,6 +180,7 @@ pub fn route(acts: &mut MoeActs, present: &[bool], bias: &[f32], n: usize, d: Mo
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn swiglu_forward(
     backend: &mut dyn Backend,
     precision: Precision,
