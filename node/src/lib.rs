@@ -2,3 +2,4 @@
 //! that drive training rounds, and the crash-safe store of checkpoint shards.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 pub mod keyfile;
+pub mod store;
