@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::KernelError;
 use crate::fp8::{E4M3, E4M3_MAX, round_to_e4m3};
+use crate::simd::multiversion;
 
 /// Tile edge length along the quantized dimension (128, as in DeepSeek-V3).
 pub const TILE: usize = 128;
@@ -76,7 +77,7 @@ pub enum ScaleMode {
 }
 
 /// The scale of a tile with the given amax (finite, ≥ 0).
-#[inline]
+#[inline(always)]
 pub fn tile_scale(amax: f32, mode: ScaleMode) -> f32 {
     if amax == 0.0 {
         return 1.0;
@@ -138,11 +139,11 @@ fn rows_per_task(cols: usize) -> usize {
     (ELEMS_PER_TASK / cols.max(1)).max(1)
 }
 
-/// Finds the first tile (in row-major order of tile origins) with a non-finite value, for a deterministic
-/// error after a parallel pass has seen one somewhere.
+/// Names the tile holding the first non-finite element (in row-major element order), for an error that does
+/// not depend on which rayon task noticed first.
 fn first_non_finite(op: &'static str, src: &[f32], cols: usize, g: Granularity) -> KernelError {
     let pos = src.iter().position(|x| !x.is_finite()).unwrap_or(0);
-    let (row, col) = if cols == 0 { (0, 0) } else { (pos / cols, pos % cols) };
+    let (row, col) = (pos.checked_div(cols).unwrap_or(0), pos.checked_rem(cols).unwrap_or(0));
     let (row, col) = match g {
         Granularity::Tile1x128 => (row, col - col % TILE),
         Granularity::Tile128x1 => (row - row % TILE, col),
@@ -152,7 +153,8 @@ fn first_non_finite(op: &'static str, src: &[f32], cols: usize, g: Granularity) 
 }
 
 /// The shared quantizing pass: fills `dst` (codes or fused f32) and `scales` from `src` (R×C row-major).
-/// Lengths were checked by the caller.
+/// Lengths were checked by the caller. Each rayon task runs a multiversioned kernel (see [`crate::simd`]).
+#[allow(clippy::too_many_arguments)]
 fn quantize_generic<T: QuantSink>(
     op: &'static str,
     src: &[f32],
@@ -173,67 +175,123 @@ fn quantize_generic<T: QuantSink>(
             src.par_chunks(rpt * cols)
                 .zip(dst.par_chunks_mut(rpt * cols))
                 .zip(scales.par_chunks_mut(rpt * tiles))
-                .all(|((s, d), sc)| {
-                    let mut bad = 0u32;
-                    for ((srow, drow), scrow) in s.chunks(cols).zip(d.chunks_mut(cols)).zip(sc.chunks_mut(tiles)) {
-                        for ((st, dt), scale) in srow.chunks(TILE).zip(drow.chunks_mut(TILE)).zip(scrow.iter_mut()) {
-                            let a = amax_bits(st);
-                            bad = bad.max(a);
-                            *scale = tile_scale(f32::from_bits(a.min(INF_BITS - 1)), mode);
-                            store_tile(st, dt, *scale);
-                        }
-                    }
-                    bad < INF_BITS
-                })
+                .all(|((s, d), sc)| row_tiles(s, d, sc, cols, mode))
         }
-        Granularity::Tile128x1 => {
-            src.par_chunks(TILE * cols).zip(dst.par_chunks_mut(TILE * cols)).zip(scales.par_chunks_mut(cols)).all(
-                |((s, d), sc)| {
-                    // Column amax over this 128-row band, kept as bit patterns in the scale slots.
-                    sc.fill(0.0);
-                    for srow in s.chunks(cols) {
-                        for (m, x) in sc.iter_mut().zip(srow) {
-                            *m = f32::from_bits(m.to_bits().max(x.to_bits() & 0x7FFF_FFFF));
-                        }
-                    }
-                    let bad = sc.iter().fold(0u32, |b, m| b.max(m.to_bits()));
-                    if bad >= INF_BITS {
-                        return false;
-                    }
-                    for m in sc.iter_mut() {
-                        *m = tile_scale(*m, mode);
-                    }
-                    for (srow, drow) in s.chunks(cols).zip(d.chunks_mut(cols)) {
-                        for ((o, &x), &scale) in drow.iter_mut().zip(srow).zip(sc.iter()) {
-                            *o = T::store(x, scale);
-                        }
-                    }
-                    true
-                },
-            )
-        }
+        Granularity::Tile128x1 => src
+            .par_chunks(TILE * cols)
+            .zip(dst.par_chunks_mut(TILE * cols))
+            .zip(scales.par_chunks_mut(cols))
+            .all(|((s, d), sc)| column_tiles(s, d, sc, cols, mode)),
         Granularity::Block128x128 => {
             let blocks = cols.div_ceil(TILE);
-            src.par_chunks(TILE * cols).zip(dst.par_chunks_mut(TILE * cols)).zip(scales.par_chunks_mut(blocks)).all(
-                |((s, d), sc)| {
-                    for (jb, scale) in sc.iter_mut().enumerate() {
-                        let c0 = jb * TILE;
-                        let c1 = (c0 + TILE).min(cols);
-                        let a = s.chunks(cols).fold(0u32, |m, srow| m.max(amax_bits(&srow[c0..c1])));
-                        if a >= INF_BITS {
-                            return false;
-                        }
-                        *scale = tile_scale(f32::from_bits(a), mode);
-                        for (srow, drow) in s.chunks(cols).zip(d.chunks_mut(cols)) {
-                            store_tile(&srow[c0..c1], &mut drow[c0..c1], *scale);
-                        }
-                    }
-                    true
-                },
-            )
+            src.par_chunks(TILE * cols)
+                .zip(dst.par_chunks_mut(TILE * cols))
+                .zip(scales.par_chunks_mut(blocks))
+                .all(|((s, d), sc)| blocks_of_band(s, d, sc, cols, mode))
         }
     };
     if ok { Ok(()) } else { Err(first_non_finite(op, src, cols, g)) }
+}
+
+multiversion! {
+    /// [`row_tiles_kernel`] for the running CPU.
+    fn row_tiles<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool = row_tiles_kernel;
+}
+multiversion! {
+    /// [`column_tiles_kernel`] for the running CPU.
+    fn column_tiles<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool = column_tiles_kernel;
+}
+multiversion! {
+    /// [`blocks_of_band_kernel`] for the running CPU.
+    fn blocks_of_band<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool = blocks_of_band_kernel;
+}
+
+multiversion! {
+    /// [`dequantize_rows_kernel`] for the running CPU.
+    fn dequantize_rows<>(codes: &[E4M3], out: &mut [f32], scales: &[f32], g: Granularity, cols: usize, row0: usize) -> () = dequantize_rows_kernel;
+}
+
+/// Dequantizes whole rows `row0..` of a tensor: `out = code · scale`.
+#[inline(always)]
+fn dequantize_rows_kernel(codes: &[E4M3], out: &mut [f32], scales: &[f32], g: Granularity, cols: usize, row0: usize) {
+    let scale_cols = g.scale_shape(1, cols).1;
+    for (i, (orow, crow)) in out.chunks_mut(cols).zip(codes.chunks(cols)).enumerate() {
+        let r = row0 + i;
+        let srow_index = match g {
+            Granularity::Tile1x128 => r,
+            Granularity::Tile128x1 | Granularity::Block128x128 => r / TILE,
+        };
+        let srow = &scales[srow_index * scale_cols..(srow_index + 1) * scale_cols];
+        if g == Granularity::Tile128x1 {
+            for ((o, c), &s) in orow.iter_mut().zip(crow).zip(srow) {
+                *o = c.to_f32() * s;
+            }
+        } else {
+            for ((ot, ct), &s) in orow.chunks_mut(TILE).zip(crow.chunks(TILE)).zip(srow) {
+                for (o, c) in ot.iter_mut().zip(ct) {
+                    *o = c.to_f32() * s;
+                }
+            }
+        }
+    }
+}
+
+/// 1×128 tiles of whole rows `s` (row-major, `cols` wide). Returns false if a tile is non-finite.
+#[inline(always)]
+fn row_tiles_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool {
+    let tiles = cols.div_ceil(TILE);
+    let mut worst = 0u32;
+    for ((srow, drow), scrow) in s.chunks(cols).zip(d.chunks_mut(cols)).zip(sc.chunks_mut(tiles)) {
+        for ((st, dt), scale) in srow.chunks(TILE).zip(drow.chunks_mut(TILE)).zip(scrow.iter_mut()) {
+            let a = amax_bits(st);
+            worst = worst.max(a);
+            *scale = tile_scale(f32::from_bits(a.min(INF_BITS - 1)), mode);
+            store_tile(st, dt, *scale);
+        }
+    }
+    worst < INF_BITS
+}
+
+/// 128×1 tiles of one band of up to 128 rows: one scale per column. The column amax is accumulated in the
+/// band's scale slots (as bit patterns), then turned into scales in place.
+#[inline(always)]
+fn column_tiles_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool {
+    sc.fill(0.0);
+    for srow in s.chunks(cols) {
+        for (m, x) in sc.iter_mut().zip(srow) {
+            *m = f32::from_bits(m.to_bits().max(x.to_bits() & 0x7FFF_FFFF));
+        }
+    }
+    if sc.iter().fold(0u32, |b, m| b.max(m.to_bits())) >= INF_BITS {
+        return false;
+    }
+    for m in sc.iter_mut() {
+        *m = tile_scale(*m, mode);
+    }
+    for (srow, drow) in s.chunks(cols).zip(d.chunks_mut(cols)) {
+        for ((o, &x), &scale) in drow.iter_mut().zip(srow).zip(sc.iter()) {
+            *o = T::store(x, scale);
+        }
+    }
+    true
+}
+
+/// 128×128 blocks of one band of up to 128 rows.
+#[inline(always)]
+fn blocks_of_band_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool {
+    for (jb, scale) in sc.iter_mut().enumerate() {
+        let c0 = jb * TILE;
+        let c1 = (c0 + TILE).min(cols);
+        let a = s.chunks(cols).fold(0u32, |m, srow| m.max(amax_bits(&srow[c0..c1])));
+        if a >= INF_BITS {
+            return false;
+        }
+        *scale = tile_scale(f32::from_bits(a), mode);
+        for (srow, drow) in s.chunks(cols).zip(d.chunks_mut(cols)) {
+            store_tile(&srow[c0..c1], &mut drow[c0..c1], *scale);
+        }
+    }
+    true
 }
 
 /// Quantizes `src` (R×C row-major) and immediately dequantizes it into `dst`: `dst = code(x/s) · s` per
@@ -385,41 +443,45 @@ impl QuantizedTensor {
         if rows == 0 || cols == 0 {
             return;
         }
-        let codes = &self.codes;
         let scales = &self.scales;
-        match g {
-            Granularity::Tile1x128 => {
-                let tiles = cols.div_ceil(TILE);
-                out.par_chunks_mut(cols).zip(codes.par_chunks(cols)).enumerate().with_min_len(rows_per_task(cols)).for_each(
-                    |(r, (orow, crow))| {
-                        let srow = &scales[r * tiles..(r + 1) * tiles];
-                        for ((ot, ct), &s) in orow.chunks_mut(TILE).zip(crow.chunks(TILE)).zip(srow) {
-                            for (o, c) in ot.iter_mut().zip(ct) {
-                                *o = c.to_f32() * s;
-                            }
-                        }
-                    },
-                );
-            }
-            Granularity::Tile128x1 | Granularity::Block128x128 => {
-                let scale_cols = g.scale_shape(rows, cols).1;
-                out.par_chunks_mut(cols).zip(codes.par_chunks(cols)).enumerate().with_min_len(rows_per_task(cols)).for_each(
-                    |(r, (orow, crow))| {
-                        let srow = &scales[(r / TILE) * scale_cols..(r / TILE + 1) * scale_cols];
-                        if g == Granularity::Tile128x1 {
-                            for ((o, c), &s) in orow.iter_mut().zip(crow).zip(srow) {
-                                *o = c.to_f32() * s;
-                            }
-                        } else {
-                            for ((ot, ct), &s) in orow.chunks_mut(TILE).zip(crow.chunks(TILE)).zip(srow) {
-                                for (o, c) in ot.iter_mut().zip(ct) {
-                                    *o = c.to_f32() * s;
-                                }
-                            }
-                        }
-                    },
-                );
-            }
+        let rpt = rows_per_task(cols);
+        out.par_chunks_mut(rpt * cols)
+            .zip(self.codes.par_chunks(rpt * cols))
+            .enumerate()
+            .for_each(|(task, (o, c))| dequantize_rows(c, o, scales, g, cols, task * rpt));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SIMD copies chosen at run time must give bit-identical results to the plain (baseline) kernels.
+    #[test]
+    fn dispatched_kernels_equal_baseline_kernels() {
+        let (rows, cols) = (130, 300);
+        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 170.0).collect();
+        for mode in [ScaleMode::Amax, ScaleMode::PowerOfTwo] {
+            let (mut d1, mut d2) = (vec![E4M3::ZERO; x.len()], vec![E4M3::ZERO; x.len()]);
+            let (mut f1, mut f2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            let (mut s1, mut s2) = (vec![0.0; 2 * cols * 3], vec![0.0; 2 * cols * 3]);
+            assert!(row_tiles(&x, &mut d1, &mut s1[..rows * 3], cols, mode));
+            assert!(row_tiles_kernel(&x, &mut d2, &mut s2[..rows * 3], cols, mode));
+            assert!(row_tiles(&x, &mut f1, &mut s1[..rows * 3], cols, mode));
+            assert!(row_tiles_kernel(&x, &mut f2, &mut s2[..rows * 3], cols, mode));
+            assert_eq!((&d1, &s1), (&d2, &s2));
+            assert_eq!(f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            let band = &x[..TILE * cols];
+            assert!(column_tiles(band, &mut d1[..TILE * cols], &mut s1[..cols], cols, mode));
+            assert!(column_tiles_kernel(band, &mut d2[..TILE * cols], &mut s2[..cols], cols, mode));
+            assert!(blocks_of_band(band, &mut f1[..TILE * cols], &mut s1[cols..cols + 3], cols, mode));
+            assert!(blocks_of_band_kernel(band, &mut f2[..TILE * cols], &mut s2[cols..cols + 3], cols, mode));
+            assert_eq!((&d1, &s1), (&d2, &s2));
+            assert_eq!(f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            let (mut o1, mut o2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+            dequantize_rows(&d1, &mut o1, &s1[..rows * 3], Granularity::Tile1x128, cols, 0);
+            dequantize_rows_kernel(&d1, &mut o2, &s1[..rows * 3], Granularity::Tile1x128, cols, 0);
+            assert_eq!(o1, o2);
         }
     }
 }

@@ -204,20 +204,20 @@ fn bad_shapes_are_typed_errors_and_leave_c_alone() {
     for precision in [Precision::F32, Precision::Fp8] {
         for form in FORMS {
             let mut c = vec![3.0; 24];
-            let err = backend.matmul(precision, form, &a[..19], &b, &mut c, d, false).unwrap_err();
+            let err = backend.matmul(precision, form, &a[..19], &b, &mut c, d, false).expect_err("must be rejected");
             assert!(matches!(err, KernelError::ShapeMismatch { what: "a", expected: 20, actual: 19, .. }), "{err}");
-            let err = backend.matmul(precision, form, &a, &b[..29], &mut c, d, false).unwrap_err();
+            let err = backend.matmul(precision, form, &a, &b[..29], &mut c, d, false).expect_err("must be rejected");
             assert!(matches!(err, KernelError::ShapeMismatch { what: "b", .. }), "{err}");
-            let err = backend.matmul(precision, form, &a, &b, &mut c[..23], d, false).unwrap_err();
+            let err = backend.matmul(precision, form, &a, &b, &mut c[..23], d, false).expect_err("must be rejected");
             assert!(matches!(err, KernelError::ShapeMismatch { what: "c", .. }), "{err}");
             assert!(c.iter().all(|&x| x == 3.0));
         }
         let huge = Dims::new(usize::MAX, 3, 2);
-        let err = backend.matmul(precision, Form::AB, &a, &b, &mut [0.0; 4], huge, false).unwrap_err();
+        let err = backend.matmul(precision, Form::AB, &a, &b, &mut [0.0; 4], huge, false).expect_err("must be rejected");
         assert!(matches!(err, KernelError::SizeOverflow { .. }), "{err}");
     }
     let mut c = vec![3.0; 24];
-    let err = matmul_f32(Form::AB, &a, &b[..1], &mut c, d, false).unwrap_err();
+    let err = matmul_f32(Form::AB, &a, &b[..1], &mut c, d, false).expect_err("must be rejected");
     assert!(matches!(err, KernelError::ShapeMismatch { op: "matmul_f32", .. }));
 }
 
@@ -230,11 +230,11 @@ fn fp8_rejects_non_finite_operands() {
             let (mut a, mut b) = operands(form, d, 1);
             let mut c = vec![3.0; 24];
             a[150] = bad;
-            let err = backend.matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).unwrap_err();
+            let err = backend.matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).expect_err("must be rejected");
             assert!(matches!(err, KernelError::NonFinite { .. }), "{err}");
             a[150] = 1.0;
             b[7] = bad;
-            let err = backend.matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).unwrap_err();
+            let err = backend.matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).expect_err("must be rejected");
             assert!(matches!(err, KernelError::NonFinite { .. }), "{err}");
             assert!(c.iter().all(|&x| x == 3.0));
         }
