@@ -100,9 +100,10 @@ impl OptimConfig {
     }
 }
 
-/// L2 norm of all gradients, accumulated in f64.
+/// L2 norm of all gradients, accumulated in f64 in a fixed order (a parallel reduction could associate
+/// differently from run to run and break bit-identical replays; this pass is cheap next to the step).
 pub fn grad_norm(grads: &[f32]) -> f32 {
-    let sq: f64 = grads.par_chunks(1 << 14).map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).sum();
+    let sq: f64 = grads.iter().map(|&g| (g as f64) * (g as f64)).sum();
     sq.sqrt() as f32
 }
 

@@ -144,3 +144,50 @@ fn shards_agree_across_instances_and_round_trip_losslessly() {
     tr.apply_update().unwrap();
     assert_eq!(tr.model().params(), tr2.model().params());
 }
+
+#[test]
+fn bad_batches_and_buffers_are_typed_errors() {
+    use mana_kernels::data::Batch;
+    use mana_kernels::model::ModelError;
+    let mut model = Model::new(tiny_config(), 1, Box::new(CpuBackend::new())).unwrap();
+    let bad = [
+        Batch { tokens: vec![1; 9], batch_size: 1, seq_len: 9 },
+        Batch { tokens: vec![1; 8], batch_size: 1, seq_len: 8 },
+        Batch { tokens: vec![], batch_size: 0, seq_len: 8 },
+        Batch { tokens: vec![1; 100], batch_size: usize::MAX / 2, seq_len: 8 },
+    ];
+    for b in &bad {
+        assert!(matches!(model.forward_backward(b), Err(ModelError::BatchShape { .. } | ModelError::SequenceTooLong { .. })), "{b:?}");
+    }
+    let oov = Batch { tokens: vec![32; 9], batch_size: 1, seq_len: 8 };
+    assert!(matches!(model.evaluate(&oov), Err(ModelError::TokenOutOfRange { token: 32, vocab: 32 })));
+    let mut out = vec![0.0; 3 * 32];
+    assert!(matches!(model.logits(&[1, 2, 3], &mut out[..10], None), Err(ModelError::Length { .. })));
+    assert!(matches!(model.logits(&[1; 9], &mut vec![0.0; 9 * 32], None), Err(ModelError::SequenceTooLong { .. })));
+    assert!(matches!(model.logits(&[], &mut [], None), Err(ModelError::BatchShape { .. })));
+    model.logits(&[1, 2, 3], &mut out, None).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
+    assert!(matches!(model.router_bias(0), Err(ModelError::NotMoeLayer(0))));
+    assert!(matches!(model.set_router_bias(1, &[0.0; 3]), Err(ModelError::Length { .. })));
+}
+
+#[test]
+fn logits_match_the_training_forward() {
+    // The inference path and the training path compute the same function: the loss recomputed from
+    // `logits` equals `evaluate`'s.
+    let mut model = Model::new(tiny_config(), 2, Box::new(CpuBackend::new())).unwrap();
+    let batch = random_batch(4, 1, 8, 32);
+    let eval = model.evaluate(&batch).unwrap();
+    let mut main = vec![0.0f32; 8 * 32];
+    let mut mtp = vec![0.0f32; 8 * 32];
+    model.logits(&batch.tokens[..8], &mut main, Some(&mut mtp)).unwrap();
+    let ce = |logits: &[f32], target: u32| {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+        lse - logits[target as usize] as f64
+    };
+    let main_loss: f64 = (0..8).map(|t| ce(&main[t * 32..(t + 1) * 32], batch.tokens[t + 1])).sum::<f64>() / 8.0;
+    let mtp_loss: f64 = (0..7).map(|t| ce(&mtp[t * 32..(t + 1) * 32], batch.tokens[t + 2])).sum::<f64>() / 7.0;
+    assert!((main_loss - eval.loss as f64).abs() < 1e-5, "{main_loss} vs {}", eval.loss);
+    assert!((mtp_loss - eval.mtp_loss as f64).abs() < 1e-5, "{mtp_loss} vs {}", eval.mtp_loss);
+}

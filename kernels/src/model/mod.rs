@@ -45,6 +45,8 @@ use rope::RopeTable;
 
 /// Largest B·T a single call may ask for (bounds the activation buffers an untrusted batch can cause).
 pub const MAX_BATCH_TOKENS: usize = 1 << 20;
+/// Largest attention-probability buffer (B·T × NH × context floats, per block) a batch may cause: 1 GiB.
+pub const MAX_ATTENTION_FLOATS: usize = 1 << 28;
 
 /// Why a model operation was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -438,6 +440,7 @@ impl Model {
         let n = b.checked_mul(t).filter(|&n| n <= MAX_BATCH_TOKENS).ok_or_else(|| ModelError::BatchShape {
             reason: format!("B·T must stay under {MAX_BATCH_TOKENS}"),
         })?;
+        self.check_attention_size(n)?;
         let expected = b * (t + 1);
         if batch.tokens.len() != expected {
             return Err(ModelError::BatchShape {
@@ -459,6 +462,17 @@ impl Model {
         }
         debug_assert_eq!(n, b * t);
         Ok((b, t))
+    }
+
+    /// Refuses token counts whose attention buffers would exceed [`MAX_ATTENTION_FLOATS`].
+    fn check_attention_size(&self, n: usize) -> Result<(), ModelError> {
+        let att = n.checked_mul(self.config.n_heads).and_then(|x| x.checked_mul(self.config.context));
+        if att.is_none_or(|x| x > MAX_ATTENTION_FLOATS) {
+            return Err(ModelError::BatchShape {
+                reason: format!("B·T·heads·context must stay under {MAX_ATTENTION_FLOATS} (attention buffer)"),
+            });
+        }
+        Ok(())
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
@@ -628,6 +642,7 @@ impl Model {
             return Err(ModelError::SequenceTooLong { seq_len: t, context: self.config.context });
         }
         self.check_tokens(tokens)?;
+        self.check_attention_size(t)?;
         check_len("main logits", t * v, main_out.len())?;
         if let Some(m) = &mtp_out {
             check_len("mtp logits", t * v, m.len())?;

@@ -102,8 +102,8 @@ impl ExpertSet {
         Self { present }
     }
 
-    /// The experts named by `shards` (the trunk and unknown experts are ignored by design: a trunk id says
-    /// nothing about experts); returns the expert ids that do not exist in this config as an error.
+    /// The experts named by `shards`. A trunk id is skipped (it says nothing about experts); the first
+    /// expert id that does not exist in this config is returned as the error.
     pub fn from_shards(config: &ModelConfig, shards: &[ShardId]) -> Result<Self, ShardId> {
         let mut set = Self::none(config);
         for &shard in shards {
