@@ -11,6 +11,34 @@
 
 use rayon::prelude::*;
 
+/// Dot product with eight independent partial sums, so the compiler can keep it in SIMD registers (a
+/// single running sum is a serial dependency chain it may not reorder). The order is fixed, so the result
+/// is still deterministic.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// y += a·x.
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
 // Index loops mirror the math (t2 walks keys and values of the same sequence in several arrays).
 #[allow(clippy::needless_range_loop)]
 /// out[n, h] = Σ_{t2 ≤ t} softmax_t2(q·k / √HS) · v. Overwrites `out` and `att`.
@@ -28,7 +56,7 @@ pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize
             for t2 in 0..=ti {
                 let k0 = (base + t2) * c3 + c + h * hs;
                 let k = &qkv[k0..k0 + hs];
-                let s: f32 = q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale;
+                let s = dot(q, k) * scale;
                 arow[t2] = s;
                 max = max.max(s);
             }
@@ -46,10 +74,7 @@ pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize
             oh.fill(0.0);
             for t2 in 0..=ti {
                 let v0 = (base + t2) * c3 + 2 * c + h * hs;
-                let w = arow[t2];
-                for (ov, &vv) in oh.iter_mut().zip(&qkv[v0..v0 + hs]) {
-                    *ov += w * vv;
-                }
+                axpy(oh, arow[t2], &qkv[v0..v0 + hs]);
             }
         }
     });
@@ -76,28 +101,31 @@ pub fn backward(dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], att: &[f32]
                     for t2 in 0..=ti {
                         let v0 = (base + t2) * c3 + 2 * c + h * hs;
                         let v = &qkv[v0..v0 + hs];
-                        datt[t2] = dor.iter().zip(v).map(|(x, y)| x * y).sum();
+                        datt[t2] = dot(dor, v);
                         let dv0 = t2 * c3 + 2 * c + h * hs;
-                        let w = arow[t2];
-                        for (dvv, &g) in dq[dv0..dv0 + hs].iter_mut().zip(dor) {
-                            *dvv += w * g;
-                        }
+                        axpy(&mut dq[dv0..dv0 + hs], arow[t2], dor);
                     }
                     // Through the softmax: dpre = a ⊙ (datt − Σ a·datt).
                     let dotp: f32 = arow[..=ti].iter().zip(&datt[..=ti]).map(|(a, d)| a * d).sum();
-                    let q0 = n * c3 + h * hs;
+                    let q = &qkv[n * c3 + h * hs..n * c3 + (h + 1) * hs];
+                    // Split the sequence's gradient rows so that dq of row ti and dk of rows t2 ≤ ti are
+                    // disjoint borrows: rows before ti, then row ti's q part, then the rest of row ti.
+                    let (before, row) = dq.split_at_mut(ti * c3);
+                    let (q_part, after_q) = row.split_at_mut(c);
+                    let dqh = &mut q_part[h * hs..(h + 1) * hs];
                     for t2 in 0..=ti {
                         let dpre = arow[t2] * (datt[t2] - dotp) * scale;
                         if dpre == 0.0 {
                             continue;
                         }
                         let k0 = (base + t2) * c3 + c + h * hs;
-                        let dq0 = ti * c3 + h * hs;
-                        let dk0 = t2 * c3 + c + h * hs;
-                        for j in 0..hs {
-                            dq[dq0 + j] += dpre * qkv[k0 + j];
-                            dq[dk0 + j] += dpre * qkv[q0 + j];
-                        }
+                        axpy(dqh, dpre, &qkv[k0..k0 + hs]);
+                        let dk = if t2 < ti {
+                            &mut before[t2 * c3 + c + h * hs..t2 * c3 + c + (h + 1) * hs]
+                        } else {
+                            &mut after_q[h * hs..(h + 1) * hs]
+                        };
+                        axpy(dk, dpre, q);
                     }
                 }
             }
