@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use crate::error::KernelError;
-use crate::gemm::cpu::{Fp8Workspace, gemm_f32_checked, matmul_fp8};
-use crate::gemm::{Dims, Form, Precision, check_operands};
-use crate::quant::ScaleMode;
+use crate::gemm::cpu::{Fp8Workspace, gemm_f32_checked, matmul_fp8, matmul_fp8_quantized_b};
+use crate::gemm::{Dims, Form, Precision, check_operands, check_quantized_b};
+use crate::quant::{QuantizedTensor, ScaleMode, quantize_dequantize};
 
 /// One op API over CPU now and CUDA later (candle style).
 pub trait Backend: Send {
@@ -29,6 +29,30 @@ pub trait Backend: Send {
         dims: Dims,
         accumulate: bool,
     ) -> Result<(), KernelError>;
+
+    /// FP8 GEMM with a weight already held in FP8 (`b`: codes + scales, tiled as `form.b_granularity()`,
+    /// i.e. 128×128 blocks for `AB`/`ABt`): only `a` is quantized. Same result as [`Backend::matmul`] with
+    /// `Precision::Fp8` on the f32 weight `b` came from. This default works for any backend by dequantizing
+    /// into fresh buffers and running the f32 product; backends override it to reuse workspaces or feed the
+    /// codes to FP8 hardware directly.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_quantized_b(
+        &mut self,
+        form: Form,
+        a: &[f32],
+        b: &QuantizedTensor,
+        c: &mut [f32],
+        dims: Dims,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        check_quantized_b("matmul_quantized_b", form, dims, a.len(), b, c.len())?;
+        let (ar, ac) = form.a_shape(dims);
+        let ga = form.a_granularity();
+        let mut qa = vec![0.0f32; a.len()];
+        let mut sa = vec![0.0f32; ga.scale_count(ar, ac)];
+        quantize_dequantize(a, ar, ac, ga, ScaleMode::Amax, &mut qa, &mut sa)?;
+        self.matmul(Precision::F32, form, &qa, &b.dequantize(), c, dims, accumulate)
+    }
 }
 
 /// The CPU backend: f32 GEMM from the `gemm` crate on all cores, FP8 by fine-grained quantization into
@@ -111,6 +135,23 @@ impl Backend for CpuBackend {
             }
             Precision::Fp8 => matmul_fp8(ws, mode, form, a, b, c, dims, accumulate, threads),
         };
+        match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }
+    }
+
+    fn matmul_quantized_b(
+        &mut self,
+        form: Form,
+        a: &[f32],
+        b: &QuantizedTensor,
+        c: &mut [f32],
+        dims: Dims,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        let (threads, mode, ws) = (self.threads, self.scale_mode, &mut self.fp8);
+        let mut run = move || matmul_fp8_quantized_b(ws, mode, form, a, b, c, dims, accumulate, threads);
         match &self.pool {
             Some(pool) => pool.install(run),
             None => run(),

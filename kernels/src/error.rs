@@ -48,6 +48,17 @@ pub enum KernelError {
         /// The bad value.
         value: f32,
     },
+    /// A pre-quantized operand uses a tiling the operation does not accept (e.g. a weight for `Form::ABt`
+    /// must be in 128×128 blocks).
+    #[error("{op}: operand quantized as {actual:?}, expected {expected:?}")]
+    GranularityMismatch {
+        /// The operation that checked the operand.
+        op: &'static str,
+        /// The tiling the operation needs.
+        expected: crate::quant::Granularity,
+        /// The operand's tiling (`None` for an empty tensor).
+        actual: Option<crate::quant::Granularity>,
+    },
     /// A string did not name a known precision (expected `"f32"` or `"fp8"`).
     #[error("unknown precision {given:?}: expected \"f32\" or \"fp8\"")]
     UnknownPrecision {

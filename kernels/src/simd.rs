@@ -1,5 +1,5 @@
 //! Runtime SIMD dispatch for hand-written loops. The crate is built for the baseline x86-64 target (SSE2),
-//! where LLVM cannot vectorise our integer-min/max and float-to-byte loops well. [`multiversion!`] wraps an
+//! where LLVM cannot vectorise our integer-min/max and float-to-byte loops well. `multiversion!` wraps an
 //! `#[inline(always)]` kernel in copies compiled for AVX-512 and AVX2 and picks one at run time from
 //! [`simd_level`]. Results are identical at every level — the kernels use only exact integer operations and
 //! correctly rounded IEEE arithmetic — only speed differs.

@@ -267,3 +267,51 @@ fn backend_is_usable_as_a_trait_object() {
         assert_eq!(c[0], 6.0);
     }
 }
+
+/// A backend that only implements `matmul`, to exercise the trait's default `matmul_quantized_b`.
+struct OnlyMatmul(CpuBackend);
+
+impl Backend for OnlyMatmul {
+    fn name(&self) -> &str {
+        "only-matmul"
+    }
+    fn matmul(&mut self, p: Precision, f: Form, a: &[f32], b: &[f32], c: &mut [f32], d: Dims, acc: bool) -> Result<(), KernelError> {
+        self.0.matmul(p, f, a, b, c, d, acc)
+    }
+}
+
+#[test]
+fn weight_held_in_fp8_gives_the_same_product() {
+    use mana_kernels::quant::{Granularity, QuantizedTensor};
+    for form in FORMS {
+        for &(m, k, n) in &[(1, 1, 1), (127, 129, 130), (300, 77, 65)] {
+            let d = Dims::new(m, k, n);
+            let (a, b) = operands(form, d, 300);
+            let (br, bc) = form.b_shape(d);
+            let qb = QuantizedTensor::quantize(&b, br, bc, form.b_granularity(), ScaleMode::Amax).expect("finite");
+            let mut want = vec![0.0; m * n];
+            CpuBackend::new().matmul(Precision::Fp8, form, &a, &b, &mut want, d, false).expect("valid");
+            let mut got = vec![f32::NAN; m * n];
+            CpuBackend::new().matmul_quantized_b(form, &a, &qb, &mut got, d, false).expect("valid");
+            assert_eq!(got, want, "{form:?} {m}x{k}x{n}");
+            let mut via_default = vec![f32::NAN; m * n];
+            OnlyMatmul(CpuBackend::new()).matmul_quantized_b(form, &a, &qb, &mut via_default, d, false).expect("valid");
+            assert_eq!(via_default, want, "{form:?} {m}x{k}x{n} (default impl)");
+        }
+    }
+    // Wrong tiling, wrong shape, wrong lengths: typed errors.
+    let d = Dims::new(4, 130, 6);
+    let a = vec![1.0; 4 * 130];
+    let w = vec![0.5; 6 * 130];
+    let tiles = QuantizedTensor::quantize(&w, 6, 130, Granularity::Tile1x128, ScaleMode::Amax).expect("finite");
+    let mut c = vec![0.0; 24];
+    let err = CpuBackend::new().matmul_quantized_b(Form::ABt, &a, &tiles, &mut c, d, false).expect_err("must be rejected");
+    assert!(matches!(err, KernelError::GranularityMismatch { .. }), "{err}");
+    let transposed = QuantizedTensor::quantize(&w, 130, 6, Granularity::Block128x128, ScaleMode::Amax).expect("finite");
+    let err = CpuBackend::new().matmul_quantized_b(Form::ABt, &a, &transposed, &mut c, d, false).expect_err("must be rejected");
+    assert!(matches!(err, KernelError::ShapeMismatch { .. }), "{err}");
+    let blocks = QuantizedTensor::quantize(&w, 6, 130, Granularity::Block128x128, ScaleMode::Amax).expect("finite");
+    let err = CpuBackend::new().matmul_quantized_b(Form::ABt, &a[1..], &blocks, &mut c, d, false).expect_err("must be rejected");
+    assert!(matches!(err, KernelError::ShapeMismatch { what: "a", .. }), "{err}");
+    CpuBackend::new().matmul_quantized_b(Form::ABt, &a, &blocks, &mut c, d, false).expect("valid");
+}

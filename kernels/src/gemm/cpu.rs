@@ -17,9 +17,9 @@
 
 use gemm::Parallelism;
 
-use super::{Dims, Form, check_operands};
+use super::{Dims, Form, check_operands, check_quantized_b};
 use crate::error::KernelError;
-use crate::quant::{ScaleMode, quantize_dequantize};
+use crate::quant::{QuantizedTensor, ScaleMode, quantize_dequantize};
 
 /// c = op(a)·op(b), or c += op(a)·op(b) when `accumulate`, in f32 on the current rayon pool.
 /// Lengths are checked against `form` and `dims`; a mismatch is a [`KernelError::ShapeMismatch`].
@@ -132,5 +132,32 @@ pub fn matmul_fp8(
     let sb = take(&mut ws.b_scales, gb.scale_count(br, bc));
     quantize_dequantize(b, br, bc, gb, mode, qb, sb)?;
     gemm_f32_checked(form, &ws.a[..a.len()], &ws.b[..b.len()], c, dims, accumulate, threads);
+    Ok(())
+}
+
+/// FP8 GEMM whose B is already quantized (a weight held in FP8): quantizes only `a`, dequantizes `b`'s codes
+/// with its own scales into the workspace, then multiplies as [`matmul_fp8`] does. Bit-identical to
+/// [`matmul_fp8`] on the f32 weight `b` was quantized from (same scale mode).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fp8_quantized_b(
+    ws: &mut Fp8Workspace,
+    mode: ScaleMode,
+    form: Form,
+    a: &[f32],
+    b: &QuantizedTensor,
+    c: &mut [f32],
+    dims: Dims,
+    accumulate: bool,
+    threads: usize,
+) -> Result<(), KernelError> {
+    check_quantized_b("matmul_fp8_quantized_b", form, dims, a.len(), b, c.len())?;
+    let (ar, ac) = form.a_shape(dims);
+    let ga = form.a_granularity();
+    let qa = take(&mut ws.a, a.len());
+    let sa = take(&mut ws.a_scales, ga.scale_count(ar, ac));
+    quantize_dequantize(a, ar, ac, ga, mode, qa, sa)?;
+    let bn = b.codes().len();
+    b.dequantize_into(take(&mut ws.b, bn))?;
+    gemm_f32_checked(form, &ws.a[..a.len()], &ws.b[..bn], c, dims, accumulate, threads);
     Ok(())
 }

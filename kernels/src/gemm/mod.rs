@@ -14,7 +14,7 @@
 //! products are accumulated in f32 with the scales applied per 128-group of K.
 //!
 //! Entry points: [`crate::backend::Backend::matmul`] (the op API the model uses), [`matmul_f32`] (a free
-//! function for code without a backend), and [`reference`] (slow, obvious oracles for tests).
+//! function for code without a backend), and [`reference`](mod@reference) (slow, obvious oracles for tests).
 
 pub mod cpu;
 pub mod reference;
@@ -25,7 +25,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::KernelError;
-use crate::quant::Granularity;
+use crate::quant::{Granularity, QuantizedTensor};
 
 pub use cpu::matmul_f32;
 
@@ -151,6 +151,29 @@ pub fn check_operands(op: &'static str, form: Form, dims: Dims, a: usize, b: usi
         if expected != actual {
             return Err(KernelError::ShapeMismatch { op, what, expected, actual });
         }
+    }
+    Ok(())
+}
+
+/// Checks a pre-quantized B operand: its shape must be `form.b_shape(dims)` and its tiling
+/// `form.b_granularity()`, and `a`/`c` must fit `dims`.
+pub fn check_quantized_b(
+    op: &'static str,
+    form: Form,
+    dims: Dims,
+    a: usize,
+    b: &QuantizedTensor,
+    c: usize,
+) -> Result<(), KernelError> {
+    let (br, bc) = form.b_shape(dims);
+    check_operands(op, form, dims, a, b.rows().saturating_mul(b.cols()), c)?;
+    if (b.rows(), b.cols()) != (br, bc) {
+        // Same element count, different shape (e.g. transposed): report the row count.
+        return Err(KernelError::ShapeMismatch { op, what: "b rows", expected: br, actual: b.rows() });
+    }
+    let expected = form.b_granularity();
+    if b.granularity() != Some(expected) {
+        return Err(KernelError::GranularityMismatch { op, expected, actual: b.granularity() });
     }
     Ok(())
 }
