@@ -158,11 +158,7 @@ impl Store {
         }
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .cache_capacity(config.index_cache_bytes)
-            .mode(sled::Mode::LowSpace)
-            .open()?;
+        let db = open_index(&dir.join("index"), config.index_cache_bytes)?;
         let rounds = db.open_tree("rounds")?;
         let refs = db.open_tree("refs")?;
         let rejections = db.open_tree("rejections")?;
@@ -700,5 +696,32 @@ impl Store {
             }
         }
         Ok(usage)
+    }
+}
+
+/// How long [`open_index`] keeps retrying while sled's lock on the index is still held.
+const INDEX_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens the sled index. sled takes an exclusive lock on its file; after a store is dropped, sled releases
+/// its file handle only once its epoch-based reclamation runs, which can lag behind the drop within one
+/// process (a reopen right after a close then fails with "could not acquire lock"). So a lock failure is
+/// retried for up to [`INDEX_LOCK_WAIT`]; another process that really holds the store still gets the error.
+fn open_index(path: &Path, cache_bytes: u64) -> StoreResult<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        let result = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::LowSpace)
+            .open();
+        match result {
+            Err(sled::Error::Io(err))
+                if err.to_string().contains("could not acquire lock")
+                    && started.elapsed() < INDEX_LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
     }
 }
