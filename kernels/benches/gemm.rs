@@ -1,6 +1,7 @@
-//! GEMM throughput: f32 against FP8 (FP8 times INCLUDE quantizing both inputs), at cubes and at the small
-//! model's Linear shapes. Throughput is reported in elements = floating-point operations (2·M·K·N), so
-//! criterion's "Gelem/s" reads as GFLOP/s. Run: `cargo bench -p mana-kernels --bench gemm`.
+//! GEMM throughput: f32 against FP8 (FP8 times INCLUDE quantizing both inputs; `fp8_weight` times a weight
+//! already held in FP8, quantizing only the activation), at cubes and at the small model's Linear shapes.
+//! Throughput is reported in elements = floating-point operations (2·M·K·N), so criterion's "Gelem/s" reads
+//! as GFLOP/s. Run: `cargo bench -p mana-kernels --bench gemm`.
 //! Sample counts are small: the reference machine has 2 cores shared with other work.
 
 use std::hint::black_box;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mana_kernels::gemm::{Dims, Form, Precision};
+use mana_kernels::quant::{QuantizedTensor, ScaleMode};
 use mana_kernels::{Backend, CpuBackend};
 
 fn data(len: usize, seed: u32) -> Vec<f32> {
@@ -38,6 +40,17 @@ fn bench_case(c: &mut Criterion, group: &str, form: Form, d: Dims) {
             bench.iter(|| {
                 backend
                     .matmul(p, form, black_box(&a), black_box(&b), &mut out, d, false)
+                    .expect("benchmark shapes are consistent");
+            })
+        });
+    }
+    // The weight already held in FP8 (codes + 128×128-block scales): only the activation is quantized.
+    if form != Form::AtB {
+        let qb = QuantizedTensor::quantize(&b, br, bc, form.b_granularity(), ScaleMode::Amax).expect("finite data");
+        g.bench_function(BenchmarkId::new("fp8_weight", &label), |bench| {
+            bench.iter(|| {
+                backend
+                    .matmul_quantized_b(form, black_box(&a), &qb, &mut out, d, false)
                     .expect("benchmark shapes are consistent");
             })
         });

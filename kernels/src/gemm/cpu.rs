@@ -127,10 +127,15 @@ pub fn matmul_fp8(
     let (ga, gb) = (form.a_granularity(), form.b_granularity());
     let qa = take(&mut ws.a, a.len());
     let sa = take(&mut ws.a_scales, ga.scale_count(ar, ac));
-    quantize_dequantize(a, ar, ac, ga, mode, qa, sa)?;
     let qb = take(&mut ws.b, b.len());
     let sb = take(&mut ws.b_scales, gb.scale_count(br, bc));
-    quantize_dequantize(b, br, bc, gb, mode, qb, sb)?;
+    // Both operands at once: a small operand (a weight of a few blocks) then does not leave cores idle.
+    let (ra, rb) = rayon::join(
+        || quantize_dequantize(a, ar, ac, ga, mode, qa, sa),
+        || quantize_dequantize(b, br, bc, gb, mode, qb, sb),
+    );
+    ra?;
+    rb?;
     gemm_f32_checked(form, &ws.a[..a.len()], &ws.b[..b.len()], c, dims, accumulate, threads);
     Ok(())
 }
