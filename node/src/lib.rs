@@ -3,3 +3,5 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 pub mod keyfile;
 pub mod store;
+pub mod net;
+pub mod daemon;

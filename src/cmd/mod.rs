@@ -1,8 +1,11 @@
 //! The subcommands of `mana`, one file each. Every subcommand is a clap `Args` struct whose doc comments
 //! are its help text, and a `run` function that calls into a library crate.
 
+mod bootstrap;
 mod info;
 mod keygen;
+mod node;
+mod status;
 
 use clap::Subcommand;
 
@@ -13,6 +16,12 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Create a node identity key file (mode 0600) and print its PeerId.
     Keygen(keygen::KeygenArgs),
+    /// Run a node: join the network, validate gossip, serve and sync shards (or check its store).
+    Node(node::NodeArgs),
+    /// Run a bootstrap node: a long-lived DHT server and relay with a persistent identity.
+    Bootstrap(bootstrap::BootstrapArgs),
+    /// Show what a running node reports: peers, experts, rounds, shards, rejected messages.
+    Status(status::StatusArgs),
 }
 
 /// Runs one subcommand to completion.
@@ -20,5 +29,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Info(args) => info::run(args),
         Command::Keygen(args) => keygen::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Bootstrap(args) => bootstrap::run(args),
+        Command::Status(args) => status::run(args),
     }
 }

@@ -1,0 +1,376 @@
+//! The `mana node` runtime: ties the network layer, the store and the protocol's validation together.
+//!
+//! [`start`] loads (or creates) the node's key, opens the store, builds the swarm, subscribes to the run's
+//! topics and spawns one task that handles network events:
+//! - every gossip message is decoded, its envelope verified and judged by
+//!   [`mana_protocol::validate_envelope`]; replays are caught by a window of seen message hashes; the verdict
+//!   goes back to gossipsub (Accept forwards; Reject scores the forwarder down) and rejections are logged in
+//!   the store with their reason;
+//! - fetch requests are served from the store (hash-verified reads, cached for chunked serving);
+//! - an accepted checkpoint manifest starts shard sync ([`sync`]): missing shards are found in the DHT,
+//!   fetched, hash-checked, stored, announced, and the round is committed;
+//! - every few seconds a signed heartbeat goes out and `status.json` is rewritten atomically in the data
+//!   directory, which is how `mana status` reads a running node ([`status`]).
+//!
+//! [`NodeHandle`] is what callers (the CLI, tests, later the trainer) hold: publish, host and fetch blobs,
+//! read the status, shut down.
+
+pub mod config;
+pub mod serve;
+pub mod status;
+pub mod sync;
+mod validate;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use libp2p::PeerId;
+use mana_protocol::{
+    Capacity, CheckpointManifest, ContentHash, DeviceKind, Heartbeat, Keypair, Message, SignedEnvelope, Text, topic,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::keyfile;
+use crate::net::{self, Client, NetEvent};
+use crate::store::{BlobHash, Store, StoreConfig};
+
+pub use config::NodeConfig;
+pub use status::NodeStatus;
+
+/// Why the node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The key file could not be loaded or created.
+    #[error(transparent)]
+    Key(#[from] keyfile::KeyFileError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    /// A fetch failed (no provider, hash mismatch...).
+    #[error(transparent)]
+    Fetch(#[from] net::fetch::FetchError),
+    /// Encoding or signing a message failed.
+    #[error(transparent)]
+    Protocol(#[from] mana_protocol::ProtocolError),
+    /// The configuration is unusable.
+    #[error("config: {0}")]
+    Config(String),
+    /// `--verify-store` found damage.
+    #[error("store verification failed: {0}")]
+    Verify(String),
+    /// A blocking task panicked or was cancelled.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// A message that passed validation, as delivered to local subscribers (tests, the trainer).
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The peer that forwarded it to us.
+    pub source: PeerId,
+    /// The signer's public key.
+    pub signer: mana_protocol::PublicKey,
+    /// The message.
+    pub message: Message,
+}
+
+/// The mutable state shared by the handle and the event task. A std mutex: it is never held across an
+/// `.await`.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    /// Current round, from the last accepted round announcement.
+    pub current: Option<mana_protocol::RoundAnnouncement>,
+    /// The last accepted checkpoint manifest (the target of shard sync).
+    pub manifest: Option<CheckpointManifest>,
+    /// Messages judged, by verdict, since start.
+    pub accepted: u64,
+    /// Messages rejected since start.
+    pub rejected: u64,
+    /// Messages ignored since start.
+    pub ignored: u64,
+    /// Shard sync in progress or last error.
+    pub sync_state: String,
+}
+
+/// Everything the handle and the tasks share.
+pub(crate) struct Shared {
+    pub config: NodeConfig,
+    pub keypair: Keypair,
+    pub store: Store,
+    pub client: Client,
+    pub state: Mutex<State>,
+    pub accepted_tx: broadcast::Sender<Accepted>,
+    pub serve_cache: serve::BlobCache,
+    /// Pins of blobs hosted or fetched but not yet in a committed round.
+    pub pins: Mutex<std::collections::HashMap<[u8; 32], crate::store::BlobPin>>,
+}
+
+impl Shared {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere while holding it; the counters are still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Unix time in milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Runs a blocking store call off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| NodeError::Task(e.to_string()))?
+}
+
+/// A running node.
+pub struct NodeHandle {
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    net_task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle").field("peer_id", &self.peer_id()).finish()
+    }
+}
+
+/// Starts a node: key, store, swarm, event task. Returns once the swarm listens.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| NodeError::Config(format!("data dir {}: {e}", config.data_dir.display())))?;
+    let key_path = config.key_path();
+    let keypair = blocking(move || Ok(keyfile::load_or_generate(&key_path)?)).await?;
+    let store_dir = config.data_dir.join("store");
+    let store = blocking(move || Ok(Store::open(store_dir, StoreConfig::default())?)).await?;
+    if config.verify_store {
+        let s = store.clone();
+        let report = blocking(move || Ok(s.verify()?)).await?;
+        if !report.is_ok() {
+            return Err(NodeError::Verify(format!(
+                "{} corrupt, {} missing blobs, {} unreadable manifests",
+                report.corrupt_blobs.len(),
+                report.missing_blobs.len(),
+                report.unreadable_manifests.len()
+            )));
+        }
+        tracing::info!(blobs = report.blobs_checked, bytes = report.bytes_checked, "store verified");
+    }
+
+    let (client, events, event_loop) = net::new(keypair.to_libp2p(), config.net.clone())?;
+    let net_task = tokio::spawn(event_loop.run());
+    for kind in mana_protocol::TopicKind::ALL {
+        client.subscribe(topic(&config.net.run_id, kind)).await?;
+    }
+    let addrs = client.listen_addrs(Duration::from_secs(10)).await?;
+    for addr in &addrs {
+        tracing::info!(%addr, "node listening");
+    }
+    let (accepted_tx, _) = broadcast::channel(1024);
+    let shared = Arc::new(Shared {
+        config,
+        keypair,
+        store,
+        client,
+        state: Mutex::new(State::default()),
+        accepted_tx,
+        serve_cache: serve::BlobCache::new(512 * 1024 * 1024),
+        pins: Mutex::new(std::collections::HashMap::new()),
+    });
+    // Announce what we already hold (a restarted node serves its shards again).
+    sync::provide_stored(&shared).await;
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let task = tokio::spawn(run_events(shared.clone(), events, stop_rx));
+    Ok(NodeHandle { shared, stop: Some(stop_tx), task: Some(task), net_task: Some(net_task) })
+}
+
+/// Runs a node until `shutdown` completes (the CLI passes ctrl-c).
+pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    let handle = start(config).await?;
+    for addr in handle.listen_addrs().await? {
+        println!("{addr}");
+    }
+    shutdown.await;
+    handle.shutdown().await
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.client.local_peer_id()
+    }
+
+    /// This node's signing key (its public half is what peers see as the signer).
+    pub fn public_key(&self) -> mana_protocol::PublicKey {
+        self.shared.keypair.public()
+    }
+
+    /// The network handle, for lower-level calls.
+    pub fn net(&self) -> &Client {
+        &self.shared.client
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Listen addresses, with `/p2p/<peer id>`.
+    pub async fn listen_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, NodeError> {
+        Ok(self.shared.client.listen_addrs(Duration::from_secs(10)).await?)
+    }
+
+    /// Receives every message that passes validation from now on.
+    pub fn accepted(&self) -> broadcast::Receiver<Accepted> {
+        self.shared.accepted_tx.subscribe()
+    }
+
+    /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
+    pub async fn publish(&self, message: &Message) -> Result<(), NodeError> {
+        let envelope = SignedEnvelope::sign(&self.shared.keypair, message, now_ms())?;
+        let topic = topic(&self.shared.config.net.run_id, message.topic());
+        self.shared.client.publish(topic, envelope.encode()?).await?;
+        Ok(())
+    }
+
+    /// Stores `bytes` as a blob and announces it in the DHT. Returns its hash.
+    pub async fn host_blob(&self, bytes: Vec<u8>) -> Result<ContentHash, NodeError> {
+        let store = self.shared.store.clone();
+        let pin = blocking(move || Ok(store.put_blob(&bytes)?)).await?;
+        let hash = ContentHash(pin.hash().0);
+        // The blob must outlive this call even before a round refers to it: keep its pin.
+        sync::keep_pin(&self.shared, pin);
+        self.shared.client.start_providing(hash.0.to_vec()).await?;
+        Ok(hash)
+    }
+
+    /// Fetches blob `hash` from its providers (found in the DHT), checks its hash, stores it and announces
+    /// it. Returns its length.
+    pub async fn fetch_blob(&self, hash: ContentHash) -> Result<u64, NodeError> {
+        sync::fetch_and_store(&self.shared, hash, u64::MAX).await
+    }
+
+    /// The node's status (also written to `status.json`).
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        status::collect(&self.shared).await
+    }
+
+    /// Stops the node: final status write, store flush, swarm closed.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.map_err(|e| NodeError::Task(e.to_string()))?;
+        }
+        let store = self.shared.store.clone();
+        blocking(move || Ok(store.flush()?)).await?;
+        let net_task = self.net_task.take();
+        drop(self);
+        if let Some(mut net_task) = net_task {
+            // The loop ends once every client clone is gone; a clone held by a task still serving a request
+            // must not keep the swarm alive, so it is stopped after a grace period.
+            if tokio::time::timeout(Duration::from_secs(2), &mut net_task).await.is_err() {
+                net_task.abort();
+                let _ = net_task.await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if let Some(task) = self.net_task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The event task: network events, heartbeat and status timers, until `stop`.
+async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, mut stop: oneshot::Receiver<()>) {
+    let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
+    let mut status_tick = tokio::time::interval(shared.config.status_interval);
+    let mut guard = validate::ReplayGuard::new(Duration::from_millis(
+        2 * mana_protocol::validation::ValidationLimits::default().max_clock_skew_ms,
+    ));
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            event = events.recv() => match event {
+                Some(event) => handle_event(&shared, &mut guard, event).await,
+                None => break,
+            },
+            _ = heartbeat.tick() => {
+                seq += 1;
+                if let Err(e) = publish_heartbeat(&shared, seq).await {
+                    tracing::debug!(error = %e, "heartbeat not published");
+                }
+            }
+            _ = status_tick.tick() => {
+                if let Err(e) = status::write(&shared).await {
+                    tracing::warn!(error = %e, "status file not written");
+                }
+            }
+        }
+    }
+    if let Err(e) = status::write(&shared).await {
+        tracing::warn!(error = %e, "final status file not written");
+    }
+}
+
+async fn publish_heartbeat(shared: &Shared, seq: u64) -> Result<(), NodeError> {
+    let hosted = sync::hosted_shards(shared).await?;
+    let message = Message::Heartbeat(Heartbeat {
+        run: shared.config.net.run_id.clone(),
+        seq,
+        hosted,
+        capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 0, tokens_per_second: 0.0, max_shards: 0 },
+        software_version: Text::new(net::agent_version())?,
+    });
+    let envelope = SignedEnvelope::sign(&shared.keypair, &message, now_ms())?;
+    let topic = topic(&shared.config.net.run_id, message.topic());
+    shared.client.publish(topic, envelope.encode()?).await?;
+    Ok(())
+}
+
+async fn handle_event(shared: &Arc<Shared>, guard: &mut validate::ReplayGuard, event: NetEvent) {
+    match event {
+        NetEvent::Gossip { source, id, topic, data, .. } => {
+            let verdict = validate::judge(shared, guard, source, &topic, &data);
+            if let Err(e) = shared.client.report(id, source, verdict.verdict()).await {
+                tracing::debug!(error = %e, "verdict not reported");
+            }
+            validate::record(shared, source, verdict).await;
+        }
+        NetEvent::InboundRequest { peer, request, channel } => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let response = serve::answer(&shared, &request).await;
+                if let Err(e) = shared.client.respond(channel, response).await {
+                    tracing::debug!(%peer, error = %e, "fetch response not sent");
+                }
+            });
+        }
+        NetEvent::PeerConnected(peer) => tracing::debug!(%peer, "peer connected"),
+        NetEvent::PeerDisconnected(peer) => tracing::debug!(%peer, "peer disconnected"),
+        NetEvent::Subscribed { peer, topic } => tracing::debug!(%peer, %topic, "peer subscribed"),
+    }
+}
+
+/// The blob hash type of the store, from the protocol's.
+pub(crate) fn blob_hash(hash: &ContentHash) -> BlobHash {
+    BlobHash(hash.0)
+}

@@ -1,0 +1,143 @@
+//! How `mana status` reaches a running node: the node rewrites `<data dir>/status.json` every
+//! `status_interval` (2 s by default), atomically (temporary file, then rename), so a reader never sees a
+//! half-written file. A reader judges freshness by `updated_unix_ms`. No socket is opened for this.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{NodeError, Shared, blocking, now_ms};
+use crate::net::PeerSummary;
+use crate::store::RejectionSummary;
+
+/// The file name of the status file in the data directory.
+pub const STATUS_FILE: &str = "status.json";
+
+/// One stored shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredShard {
+    /// Shard name (`trunk`, `expert/<layer>/<index>`).
+    pub shard: String,
+    /// blake3 of its bytes, hex.
+    pub hash: String,
+    /// Its length in bytes.
+    pub bytes: u64,
+}
+
+/// What a node reports about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// `mana/<version>`.
+    pub agent: String,
+    /// Process id of the node.
+    pub pid: u32,
+    /// When this status was collected, unix milliseconds.
+    pub updated_unix_ms: u64,
+    /// The node's peer id.
+    pub peer_id: String,
+    /// The run followed.
+    pub run: String,
+    /// Listen addresses, with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers with round trip and gossip score.
+    pub peers: Vec<PeerSummary>,
+    /// Peers in the DHT routing table.
+    pub routing_table_size: usize,
+    /// Experts this node hosts (from its latest stored round).
+    pub hosted_experts: Vec<String>,
+    /// The round in progress (last accepted announcement), if any.
+    pub current_round: Option<u64>,
+    /// The latest round committed to the store.
+    pub stored_round: Option<u64>,
+    /// The shards of the stored round.
+    pub stored_shards: Vec<StoredShard>,
+    /// Shard sync progress or last outcome.
+    pub sync: String,
+    /// Gossip messages accepted, rejected and ignored since start.
+    pub accepted_messages: u64,
+    /// Rejected since start.
+    pub rejected_messages: u64,
+    /// Ignored since start.
+    pub ignored_messages: u64,
+    /// Gossip ignored because its forwarder exceeded the rate limit.
+    pub rate_limited_messages: u64,
+    /// The store's rejection log: counts by reason and by peer.
+    pub rejections: RejectionSummary,
+}
+
+/// Collects the status now.
+pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
+    let snap = shared.client.snapshot().await?;
+    let store = shared.store.clone();
+    let (latest, rejections) = blocking(move || Ok((store.latest()?, store.rejection_summary()?))).await?;
+    let (stored_round, stored_shards) = match latest {
+        Some((round, manifest)) => (
+            Some(round),
+            manifest
+                .entries
+                .iter()
+                .map(|e| StoredShard { shard: e.shard.clone(), hash: e.hash.to_hex(), bytes: e.len })
+                .collect(),
+        ),
+        None => (None, Vec::new()),
+    };
+    let hosted_experts =
+        stored_shards.iter().filter(|s: &&StoredShard| s.shard.starts_with("expert/")).map(|s| s.shard.clone()).collect();
+    let state = shared.state();
+    let peer_id = snap.peer_id.clone();
+    Ok(NodeStatus {
+        agent: crate::net::agent_version(),
+        pid: std::process::id(),
+        updated_unix_ms: now_ms(),
+        run: shared.config.net.run_id.to_string(),
+        listen_addrs: snap.listen_addrs.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect(),
+        peer_id,
+        peers: snap.peers,
+        routing_table_size: snap.routing_table.len(),
+        hosted_experts,
+        current_round: state.current.as_ref().map(|a| a.round),
+        stored_round,
+        stored_shards,
+        sync: state.sync_state.clone(),
+        accepted_messages: state.accepted,
+        rejected_messages: state.rejected,
+        ignored_messages: state.ignored,
+        rate_limited_messages: snap.gossip_rate_limited,
+        rejections,
+    })
+}
+
+/// The status file's path in `data_dir`.
+pub fn status_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(STATUS_FILE)
+}
+
+/// Collects the status and writes it atomically.
+pub(crate) async fn write(shared: &Shared) -> Result<(), NodeError> {
+    let status = collect(shared).await?;
+    let path = status_path(&shared.config.data_dir);
+    blocking(move || {
+        let json = serde_json::to_vec_pretty(&status).map_err(|e| NodeError::Task(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        let io = |e: std::io::Error| NodeError::Config(format!("{}: {e}", tmp.display()));
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    })
+    .await
+}
+
+/// Largest status file read.
+const MAX_STATUS_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads the status file of the node whose data directory is `data_dir`.
+pub fn read(data_dir: &Path) -> Result<NodeStatus, NodeError> {
+    let path = status_path(data_dir);
+    let err = |e: String| NodeError::Config(format!("{}: {e} (is a node running with this data dir?)", path.display()));
+    let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
+    if meta.len() > MAX_STATUS_BYTES {
+        return Err(err("too large".into()));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
+}

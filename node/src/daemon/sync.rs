@@ -1,0 +1,149 @@
+//! Shard sync and blob hosting: finding providers in the DHT, fetching with the hash checked before the blob
+//! is installed, announcing what we hold, and committing a checkpoint's round once all its shards are here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
+
+use super::{NodeError, Shared, blob_hash, blocking};
+use crate::net::fetch::{BlobSink, fetch_blob};
+use crate::store::{BlobPin, BlobWriter, ManifestEntry, RoundManifest};
+
+/// How long to keep asking the DHT for providers before giving up.
+const PROVIDER_WAIT: Duration = Duration::from_secs(20);
+
+struct WriterSink(BlobWriter);
+
+impl BlobSink for WriterSink {
+    fn write_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
+        std::io::Write::write_all(&mut self.0, data)
+    }
+}
+
+/// Keeps a blob alive (against the store's collector) for as long as the node runs, or until a round that
+/// refers to it is committed.
+pub(crate) fn keep_pin(shared: &Shared, pin: BlobPin) {
+    shared.pins.lock().unwrap_or_else(|p| p.into_inner()).insert(pin.hash().0, pin);
+}
+
+/// Fetches blob `hash` unless the store has it, installs it only if its blake3 matches, and announces it.
+pub(crate) async fn fetch_and_store(shared: &Arc<Shared>, hash: ContentHash, max_len: u64) -> Result<u64, NodeError> {
+    let store = shared.store.clone();
+    if let Some(len) = blocking(move || Ok(store.blob_len(&blob_hash(&hash))?)).await? {
+        return Ok(len);
+    }
+    let deadline = tokio::time::Instant::now() + PROVIDER_WAIT;
+    let providers = loop {
+        let found = shared.client.get_providers(hash.0.to_vec()).await?;
+        let found: Vec<_> = found.into_iter().filter(|p| *p != shared.client.local_peer_id()).collect();
+        if !found.is_empty() {
+            break found;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(crate::net::fetch::FetchError::NoProvider(format!("no provider of {hash} in the DHT")).into());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let store = shared.store.clone();
+    let writer = blocking(move || Ok(store.blob_writer(max_len)?)).await?;
+    let mut sink = WriterSink(writer);
+    let mut options = shared.config.fetch.clone();
+    options.progress = options.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let len = fetch_blob(&shared.client, hash, providers, &mut sink, &options).await?;
+    // fetch_blob checked the hash; the store checks it again as it installs the file.
+    let writer = sink.0;
+    let pin = blocking(move || Ok(writer.finish_expecting(&blob_hash(&hash))?)).await?;
+    keep_pin(shared, pin);
+    if let Err(e) = shared.client.start_providing(hash.0.to_vec()).await {
+        tracing::warn!(%hash, error = %e, "fetched blob not announced");
+    }
+    tracing::info!(%hash, bytes = len, "blob fetched and stored");
+    Ok(len)
+}
+
+/// Brings the store to `manifest`: fetches missing shards (a few at a time), then commits the round.
+pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointManifest) {
+    let round = manifest.round;
+    let set_state = |s: String| shared.state().sync_state = s;
+    let store = shared.store.clone();
+    if let Ok(Some(current)) = blocking(move || Ok(store.current_round()?)).await {
+        if current >= round {
+            return;
+        }
+    }
+    set_state(format!("syncing round {round}: {} shards", manifest.shards.len()));
+    let mut failures = Vec::new();
+    for chunk in manifest.shards.chunks(4) {
+        let fetches = chunk.iter().map(|entry| {
+            let shared = shared.clone();
+            let entry = *entry;
+            async move { (entry, fetch_and_store(&shared, entry.hash, entry.size).await) }
+        });
+        for (entry, result) in futures::future::join_all(fetches).await {
+            match result {
+                Ok(len) if len == entry.size => {}
+                Ok(len) => failures.push(format!("{}: {len} bytes, manifest says {}", entry.shard, entry.size)),
+                Err(e) => failures.push(format!("{}: {e}", entry.shard)),
+            }
+        }
+    }
+    if !failures.is_empty() {
+        tracing::warn!(round, failures = ?failures, "shard sync incomplete");
+        set_state(format!("round {round} incomplete: {}", failures.join("; ")));
+        return;
+    }
+    let meta = match manifest.to_bytes() {
+        Ok(meta) => meta,
+        Err(e) => {
+            set_state(format!("round {round}: manifest not encodable: {e}"));
+            return;
+        }
+    };
+    let entries: Vec<ManifestEntry> = manifest
+        .shards
+        .iter()
+        .map(|e| ManifestEntry { shard: e.shard.to_string(), hash: blob_hash(&e.hash), len: e.size })
+        .collect();
+    let store = shared.store.clone();
+    let result = blocking(move || Ok(store.commit_round(round, &RoundManifest { entries, meta })?)).await;
+    match result {
+        Ok(_) => {
+            set_state(format!("round {round} complete"));
+            tracing::info!(round, shards = manifest.shards.len(), "checkpoint synced and committed");
+        }
+        Err(e) => set_state(format!("round {round}: commit failed: {e}")),
+    }
+}
+
+/// Announces in the DHT every shard of the latest stored round (after a restart, the node serves again).
+pub(crate) async fn provide_stored(shared: &Arc<Shared>) {
+    let store = shared.store.clone();
+    let latest = match blocking(move || Ok(store.latest()?)).await {
+        Ok(latest) => latest,
+        Err(e) => {
+            tracing::warn!(error = %e, "store not readable for announcements");
+            return;
+        }
+    };
+    let Some((_, manifest)) = latest else { return };
+    for entry in manifest.entries {
+        let client = shared.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.start_providing(entry.hash.0.to_vec()).await {
+                tracing::debug!(error = %e, "stored shard not announced");
+            }
+        });
+    }
+}
+
+/// The shards of the latest stored round, as protocol shard ids (for heartbeats and status).
+pub(crate) async fn hosted_shards(shared: &Shared) -> Result<Vec<ShardId>, NodeError> {
+    let store = shared.store.clone();
+    let latest = blocking(move || Ok(store.latest()?)).await?;
+    let mut shards: Vec<ShardId> = latest
+        .map(|(_, m)| m.entries.iter().filter_map(|e| e.shard.parse().ok()).collect())
+        .unwrap_or_default();
+    shards.truncate(mana_protocol::limits::MAX_SHARDS_PER_NODE);
+    Ok(shards)
+}

@@ -1,0 +1,186 @@
+//! Judging gossip: topic, size, envelope, replay window, then the protocol crate's rules. The verdict goes
+//! back to gossipsub; rejections are logged in the store with their reason code.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use mana_protocol::limits::MAX_ENVELOPE_BYTES;
+use mana_protocol::validation::{ValidationContext, ValidationLimits};
+use mana_protocol::{Message, PublicKey, RejectCode, Rejection, TopicKind, decode_envelope, topic, validate_envelope};
+
+use super::{Accepted, Shared, blocking, now_ms, sync};
+use crate::net::Verdict;
+
+/// The reason code of a replayed message (not a protocol code: replays are caught here, by hash).
+pub const REPLAYED: &str = "replayed";
+/// The reason code of a message on a topic that is not its own.
+pub const WRONG_TOPIC: &str = "wrong-topic";
+
+/// Remembers the hashes of envelopes seen within a window (twice the allowed clock skew: older envelopes
+/// fail the clock check anyway), so a replay is caught even after gossipsub's duplicate cache forgot it.
+pub(crate) struct ReplayGuard {
+    window: Duration,
+    seen: HashMap<[u8; 32], Instant>,
+    order: VecDeque<([u8; 32], Instant)>,
+}
+
+/// Most hashes remembered; beyond it the oldest go first.
+const MAX_SEEN: usize = 200_000;
+
+impl ReplayGuard {
+    pub fn new(window: Duration) -> Self {
+        Self { window, seen: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// True if `hash` was seen within the window; records it otherwise.
+    fn check_and_insert(&mut self, hash: [u8; 32], now: Instant) -> bool {
+        while let Some(&(old, at)) = self.order.front() {
+            if now.saturating_duration_since(at) > self.window || self.order.len() > MAX_SEEN {
+                self.order.pop_front();
+                if self.seen.get(&old) == Some(&at) {
+                    self.seen.remove(&old);
+                }
+            } else {
+                break;
+            }
+        }
+        if self.seen.contains_key(&hash) {
+            return true;
+        }
+        self.seen.insert(hash, now);
+        self.order.push_back((hash, now));
+        false
+    }
+}
+
+/// The outcome of judging one message.
+pub(crate) enum Judgement {
+    Accept(Accepted),
+    Reject { reason: String, detail: String },
+    Ignore { reason: String },
+}
+
+impl Judgement {
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Judgement::Accept(_) => Verdict::Accept,
+            Judgement::Reject { .. } => Verdict::Reject,
+            Judgement::Ignore { .. } => Verdict::Ignore,
+        }
+    }
+}
+
+fn reject(code: &str, detail: impl ToString) -> Judgement {
+    Judgement::Reject { reason: code.to_owned(), detail: detail.to_string() }
+}
+
+/// Judges one gossip message forwarded by `source` on `topic_name`.
+pub(crate) fn judge(
+    shared: &Shared,
+    guard: &mut ReplayGuard,
+    source: PeerId,
+    topic_name: &str,
+    data: &[u8],
+) -> Judgement {
+    let run = &shared.config.net.run_id;
+    let Some(kind) = TopicKind::ALL.into_iter().find(|k| topic(run, *k) == topic_name) else {
+        return Judgement::Ignore { reason: "unknown-topic".into() };
+    };
+    if data.len() > MAX_ENVELOPE_BYTES {
+        return reject(RejectCode::TooLarge.as_str(), format!("{} bytes", data.len()));
+    }
+    let envelope = match decode_envelope(data) {
+        Ok(envelope) => envelope,
+        Err(e) => return reject(RejectCode::BadEnvelope.as_str(), e),
+    };
+    let hash = *blake3::hash(data).as_bytes();
+    if guard.check_and_insert(hash, Instant::now()) {
+        return reject(REPLAYED, format!("envelope {} seen before", hex::encode(&hash[..8])));
+    }
+    let no_coordinator = PublicKey([0; 32]);
+    let coordinator = shared.config.coordinator.as_ref().unwrap_or(&no_coordinator);
+    let current = shared.state().current.clone();
+    let ctx = ValidationContext {
+        run,
+        coordinator,
+        current: current.as_ref(),
+        now_ms: now_ms(),
+        limits: ValidationLimits::default(),
+    };
+    match validate_envelope(&ctx, &envelope) {
+        Ok(message) if message.topic() != kind => reject(WRONG_TOPIC, message.kind()),
+        Ok(message) => Judgement::Accept(Accepted { source, signer: envelope.signer, message }),
+        Err(rejection) => judge_rejection(shared, rejection),
+    }
+}
+
+/// Which rejections penalise the forwarder. Stale rounds and clock skew may come from honest but slow or
+/// badly clocked peers, and coordinator messages are not ours to judge without a configured coordinator.
+fn judge_rejection(shared: &Shared, rejection: Rejection) -> Judgement {
+    let code = rejection.code();
+    match code {
+        RejectCode::ClockSkew | RejectCode::StaleRound => Judgement::Ignore { reason: code.as_str().into() },
+        RejectCode::NotCoordinator if shared.config.coordinator.is_none() => {
+            Judgement::Ignore { reason: "no-coordinator-configured".into() }
+        }
+        _ => reject(code.as_str(), rejection),
+    }
+}
+
+/// Applies a judgement: counters, the store's rejection log, local subscribers, shard sync.
+pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judgement) {
+    match judgement {
+        Judgement::Accept(accepted) => {
+            {
+                let mut state = shared.state();
+                state.accepted += 1;
+                match &accepted.message {
+                    Message::RoundAnnouncement(a) => state.current = Some(a.clone()),
+                    Message::CheckpointManifest(m) => state.manifest = Some(m.clone()),
+                    Message::RoundCommit(c) => state.manifest = Some(c.checkpoint.clone()),
+                    _ => {}
+                }
+            }
+            let manifest = match &accepted.message {
+                Message::CheckpointManifest(m) => Some(m.clone()),
+                Message::RoundCommit(c) => Some(c.checkpoint.clone()),
+                _ => None,
+            };
+            if let (Some(manifest), true) = (manifest, shared.config.sync_shards) {
+                let shared = shared.clone();
+                tokio::spawn(async move { sync::sync_manifest(&shared, manifest).await });
+            }
+            let _ = shared.accepted_tx.send(accepted);
+        }
+        Judgement::Reject { reason, detail } => {
+            shared.state().rejected += 1;
+            tracing::info!(peer = %source, %reason, %detail, "gossip message rejected");
+            let store = shared.store.clone();
+            let peer = source.to_string();
+            if let Err(e) = blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await {
+                tracing::warn!(error = %e, "rejection not logged");
+            }
+        }
+        Judgement::Ignore { reason } => {
+            shared.state().ignored += 1;
+            tracing::debug!(peer = %source, %reason, "gossip message ignored");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_guard_catches_repeats_within_window_only() {
+        let mut guard = ReplayGuard::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert!(!guard.check_and_insert([1; 32], t0));
+        assert!(guard.check_and_insert([1; 32], t0 + Duration::from_secs(1)));
+        assert!(!guard.check_and_insert([2; 32], t0 + Duration::from_secs(1)));
+        assert!(!guard.check_and_insert([1; 32], t0 + Duration::from_secs(11)), "forgotten after the window");
+    }
+}

@@ -1,0 +1,213 @@
+//! The composed libp2p behaviour of a mana node, and the one `SwarmBuilder` chain that builds the swarm:
+//! TCP and QUIC transports with noise and yamux, a relay client transport, then identify, ping, Kademlia,
+//! gossipsub (signed, strictly validated, scored), the transfer protocol, relay server (optional), dcutr,
+//! autonat and connection limits.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, noise, ping, relay,
+    request_response, tcp, yamux,
+};
+
+use super::codec::{TRANSFER_PROTOCOL, TransferCodec};
+use super::config::NetConfig;
+use mana_protocol::{TopicKind, topic};
+
+/// The Kademlia protocol id of mana's DHT (separate from the public IPFS DHT).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mana/kad/1.0.0");
+
+/// The identify protocol version string: names the network, not the implementation.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mana/1.0.0";
+
+/// The agent version sent in identify: `mana/<crate version>`.
+pub fn agent_version() -> String {
+    format!("mana/{}", env!("CARGO_PKG_VERSION"))
+}
+
+pub use composed::{Behaviour, BehaviourEvent};
+
+/// Holds the derived behaviour, so the undocumented variants the derive generates (`BehaviourEvent`) can be
+/// allowed in one place.
+mod composed {
+    #![allow(missing_docs)]
+
+    use libp2p::swarm::NetworkBehaviour;
+    use libp2p::swarm::behaviour::toggle::Toggle;
+    use libp2p::{autonat, connection_limits, dcutr, gossipsub, identify, kad, ping, relay, request_response};
+
+    use super::TransferCodec;
+
+    /// Every sub-behaviour of a node. The derive generates `BehaviourEvent` with one variant per field.
+    #[derive(NetworkBehaviour)]
+    pub struct Behaviour {
+        /// Refuses connections beyond the configured limits (first, so it vetoes before others do work).
+        pub limits: connection_limits::Behaviour,
+        /// Exchanges agent, listen addresses and protocols with every peer.
+        pub identify: identify::Behaviour,
+        /// Measures round-trip times (used to try the fastest providers first) and keeps connections alive.
+        pub ping: ping::Behaviour,
+        /// The DHT: peer discovery and provider records (who hosts expert X, who holds blob H).
+        pub kad: kad::Behaviour<kad::store::MemoryStore>,
+        /// Gossip of signed announcements.
+        pub gossipsub: gossipsub::Behaviour,
+        /// Chunked transfers of content-addressed bytes.
+        pub transfer: request_response::Behaviour<TransferCodec>,
+        /// Lets this node be reached through a relay when it is behind NAT.
+        pub relay_client: relay::client::Behaviour,
+        /// Serves as a relay for others (bootstrap nodes only).
+        pub relay_server: Toggle<relay::Behaviour>,
+        /// Upgrades relayed connections to direct ones by hole punching.
+        pub dcutr: dcutr::Behaviour,
+        /// Asks peers whether our addresses are reachable, to learn if we can be a DHT server.
+        pub autonat: autonat::Behaviour,
+    }
+}
+
+/// Why the swarm could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A limit in the config is unusable.
+    #[error(transparent)]
+    Limits(#[from] super::limits::LimitError),
+    /// The transport (noise, TCP, relay) could not be set up.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// Gossipsub refused its configuration.
+    #[error("gossipsub: {0}")]
+    Gossipsub(String),
+}
+
+/// Gossipsub message id: the blake3 hash of the message data, so the same announcement relayed by many
+/// peers is one message, whoever forwards it.
+fn content_message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
+    gossipsub::MessageId::from(blake3::hash(&message.data).as_bytes().to_vec())
+}
+
+/// Peer-score parameters for one of our topics: invalid messages (P4) weigh heavily, so a peer that sends a
+/// few bad messages drops below the gossip and graylist thresholds. Mesh-delivery deficits (P3) are off:
+/// our topics are quiet, and an honest peer with nothing to say must not be penalised.
+fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -20.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..gossipsub::TopicScoreParams::default()
+    }
+}
+
+fn gossipsub_behaviour(keypair: &Keypair, config: &NetConfig) -> Result<gossipsub::Behaviour, BuildError> {
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(config.gossip_heartbeat)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(content_message_id)
+        .max_transmit_size(config.limits.max_gossip_bytes)
+        .duplicate_cache_time(config.duplicate_cache_time)
+        // outbound_min <= mesh_n_low <= mesh_n <= mesh_n_high (small nets have few peers).
+        .mesh_outbound_min(1)
+        .mesh_n_low(2)
+        .mesh_n(4)
+        .mesh_n_high(8)
+        .build()
+        .map_err(|e| BuildError::Gossipsub(e.to_string()))?;
+    let mut behaviour =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(keypair.clone()), gossip_config)
+            .map_err(|e| BuildError::Gossipsub(e.to_owned()))?;
+    let mut params = gossipsub::PeerScoreParams::default();
+    for kind in TopicKind::ALL {
+        params.topics.insert(gossipsub::IdentTopic::new(topic(&config.run_id, kind)).hash(), topic_score_params());
+    }
+    if config.trust_colocated_ips {
+        params.ip_colocation_factor_whitelist =
+            HashSet::from([IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)]);
+    }
+    let thresholds = gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 5.0,
+    };
+    behaviour.with_peer_score(params, thresholds).map_err(BuildError::Gossipsub)?;
+    Ok(behaviour)
+}
+
+fn kad_behaviour(keypair: &Keypair, config: &NetConfig) -> kad::Behaviour<kad::store::MemoryStore> {
+    let peer_id = keypair.public().to_peer_id();
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    // Providers re-announce themselves; stale records expire.
+    kad_config.set_provider_record_ttl(Some(Duration::from_secs(3600)));
+    kad_config.set_provider_publication_interval(Some(Duration::from_secs(600)));
+    let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    if config.kad_server {
+        kad.set_mode(Some(kad::Mode::Server));
+    }
+    kad
+}
+
+/// Builds the swarm: identity, tokio, TCP (noise, yamux), QUIC, relay client, behaviour, swarm settings.
+pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behaviour>, BuildError> {
+    config.limits.validate()?;
+    let limits = config.limits.clone();
+    let gossipsub = gossipsub_behaviour(&keypair, config)?;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| BuildError::Transport(e.to_string()))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| BuildError::Transport(e.to_string()))?
+        .with_behaviour(|keypair, relay_client| {
+            let peer_id = keypair.public().to_peer_id();
+            let connection_limits = connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(limits.max_connections))
+                .with_max_established_per_peer(Some(limits.max_connections_per_peer))
+                .with_max_pending_incoming(Some(limits.max_pending_connections))
+                .with_max_pending_outgoing(Some(limits.max_pending_connections));
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), keypair.public())
+                    .with_agent_version(agent_version())
+                    .with_push_listen_addr_updates(true),
+            );
+            let transfer = request_response::Behaviour::with_codec(
+                TransferCodec::new(limits.max_chunk_bytes),
+                [(TRANSFER_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(config.request_timeout)
+                    .with_max_concurrent_streams(limits.max_concurrent_transfers.max(1) * 4),
+            );
+            let relay_server = config
+                .relay_server
+                .then(|| relay::Behaviour::new(peer_id, relay::Config::default()));
+            Behaviour {
+                limits: connection_limits::Behaviour::new(connection_limits),
+                identify,
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                kad: kad_behaviour(keypair, config),
+                gossipsub,
+                transfer,
+                relay_client,
+                relay_server: Toggle::from(relay_server),
+                dcutr: dcutr::Behaviour::new(peer_id),
+                autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+            }
+        })
+        .map_err(|e| BuildError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,118 @@
+//! The cloneable handle to the network. Each method sends a [`Command`] on a bounded channel with a oneshot
+//! for the reply, and awaits it; the [`EventLoop`](super::EventLoop) does the work. Dropping every clone stops
+//! the loop.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use libp2p::gossipsub::MessageId;
+use libp2p::request_response::ResponseChannel;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use mana_protocol::{FetchRequest, FetchResponse};
+use super::event_loop::{Command, Verdict};
+use super::{NetError, NetSnapshot};
+
+/// A handle to one node's swarm. Cheap to clone; every clone talks to the same event loop.
+#[derive(Debug, Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+}
+
+impl Client {
+    pub(super) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId) -> Self {
+        Self { commands, local_peer_id }
+    }
+
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    /// Dials an address (`/p2p/<id>` suffix recommended: it also seeds the DHT).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.call(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Subscribes to a topic by its full name.
+    pub async fn subscribe(&self, topic: String) -> Result<(), NetError> {
+        self.call(|reply| Command::Subscribe { topic, reply }).await?
+    }
+
+    /// Publishes bytes on a topic. Fails with [`NetError::Publish`] while no peer is subscribed yet.
+    pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<MessageId, NetError> {
+        self.call(|reply| Command::Publish { topic, data, reply }).await?
+    }
+
+    /// Reports the verdict on a received gossip message; gossipsub forwards it (Accept) or scores its
+    /// sender down (Reject).
+    pub async fn report(&self, id: MessageId, source: PeerId, verdict: Verdict) -> Result<(), NetError> {
+        self.commands
+            .send(Command::ReportValidation { id, source, verdict })
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+
+    /// Announces in the DHT that this node provides `key` (a blob hash, an expert id).
+    pub async fn start_providing(&self, key: Vec<u8>) -> Result<(), NetError> {
+        self.call(|reply| Command::StartProviding { key, reply }).await?
+    }
+
+    /// Stops announcing `key`.
+    pub async fn stop_providing(&self, key: Vec<u8>) -> Result<(), NetError> {
+        self.commands.send(Command::StopProviding { key }).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Finds the providers of `key` in the DHT.
+    pub async fn get_providers(&self, key: Vec<u8>) -> Result<HashSet<PeerId>, NetError> {
+        self.call(|reply| Command::GetProviders { key, reply }).await
+    }
+
+    /// Sends one transfer request and awaits the response.
+    pub async fn request(&self, peer: PeerId, request: FetchRequest) -> Result<FetchResponse, NetError> {
+        self.call(|reply| Command::Request { peer, request, reply }).await?
+    }
+
+    /// Answers an inbound transfer request.
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel<FetchResponse>,
+        response: FetchResponse,
+    ) -> Result<(), NetError> {
+        self.commands.send(Command::Respond { channel, response }).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Peers, addresses and scores, as the event loop sees them now.
+    pub async fn snapshot(&self) -> Result<NetSnapshot, NetError> {
+        self.call(|reply| Command::Snapshot { reply }).await
+    }
+
+    /// Waits until the swarm listens on at least one address, and returns them (with `/p2p/<id>`).
+    pub async fn listen_addrs(&self, timeout: Duration) -> Result<Vec<Multiaddr>, NetError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let snap = self.snapshot().await?;
+            let addrs: Vec<Multiaddr> = snap
+                .listen_addrs
+                .iter()
+                .filter_map(|a| a.parse::<Multiaddr>().ok())
+                .map(|a| a.with_p2p(self.local_peer_id).unwrap_or_else(|a| a))
+                .collect();
+            if !addrs.is_empty() {
+                return Ok(addrs);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NetError::NotListening);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

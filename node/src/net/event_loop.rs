@@ -1,0 +1,558 @@
+//! The event loop: the one task that owns the `Swarm`. It runs a single `select!` over swarm events, commands
+//! from [`Client`](super::Client) handles and two timers (reconnect/back-off and DHT refresh). Replies to
+//! commands wait in `pending_*` maps keyed by query or request id until the swarm reports the outcome. When
+//! every `Client` is dropped the command channel closes and the loop returns: shutdown needs no extra flag.
+//!
+//! Unexpected swarm events are logged, never fatal.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::kad;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
+use tokio::sync::{mpsc, oneshot};
+
+use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use mana_protocol::{FetchRequest, FetchResponse, Text};
+use super::config::NetConfig;
+use super::limits::RateLimiter;
+use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
+
+/// What a verdict on a gossip message means for its sender. Mirrors gossipsub's `MessageAcceptance`, so the
+/// daemon does not depend on libp2p types to judge a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid: deliver and forward.
+    Accept,
+    /// Invalid: drop, do not forward, and lower the sender's score.
+    Reject,
+    /// Not for us (stale, unknown run): drop without penalty.
+    Ignore,
+}
+
+impl From<Verdict> for MessageAcceptance {
+    fn from(v: Verdict) -> Self {
+        match v {
+            Verdict::Accept => MessageAcceptance::Accept,
+            Verdict::Reject => MessageAcceptance::Reject,
+            Verdict::Ignore => MessageAcceptance::Ignore,
+        }
+    }
+}
+
+/// A request to the event loop, with a oneshot for its reply where one is expected.
+#[derive(Debug)]
+pub enum Command {
+    /// Dial an address (with or without `/p2p/`).
+    Dial {
+        /// Where to dial.
+        addr: Multiaddr,
+        /// Whether the dial could be started.
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Subscribe to a topic by full name.
+    Subscribe {
+        /// Topic name.
+        topic: String,
+        /// Whether gossipsub accepted the subscription.
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Publish bytes on a topic by full name.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// The message (a signed envelope, for our topics).
+        data: Vec<u8>,
+        /// The message id, or why it could not be published (e.g. no peer subscribed yet).
+        reply: oneshot::Sender<Result<MessageId, NetError>>,
+    },
+    /// Report the verdict on a received gossip message (validate_messages mode).
+    ReportValidation {
+        /// Gossipsub id of the message.
+        id: MessageId,
+        /// The peer that forwarded it to us.
+        source: PeerId,
+        /// The verdict.
+        verdict: Verdict,
+    },
+    /// Announce in the DHT that we provide `key`.
+    StartProviding {
+        /// DHT key (e.g. a blob hash).
+        key: Vec<u8>,
+        /// When the announcement query finished.
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    /// Stop announcing `key`.
+    StopProviding {
+        /// DHT key.
+        key: Vec<u8>,
+    },
+    /// Find providers of `key` in the DHT.
+    GetProviders {
+        /// DHT key.
+        key: Vec<u8>,
+        /// The providers found (possibly none).
+        reply: oneshot::Sender<HashSet<PeerId>>,
+    },
+    /// Send a transfer request to a peer.
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// The request.
+        request: FetchRequest,
+        /// Its response, or the failure.
+        reply: oneshot::Sender<Result<FetchResponse, NetError>>,
+    },
+    /// Answer an inbound transfer request.
+    Respond {
+        /// The channel from [`NetEvent::InboundRequest`].
+        channel: ResponseChannel<FetchResponse>,
+        /// The answer.
+        response: FetchResponse,
+    },
+    /// A snapshot of peers, addresses and scores.
+    Snapshot {
+        /// The snapshot.
+        reply: oneshot::Sender<NetSnapshot>,
+    },
+}
+
+/// The loop itself. Build it with [`super::new`] and `tokio::spawn(event_loop.run())`.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    config: NetConfig,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    pending_providing: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
+    pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
+    pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<FetchResponse, NetError>>>,
+    listen_addrs: Vec<Multiaddr>,
+    rtt: HashMap<PeerId, Duration>,
+    agents: HashMap<PeerId, String>,
+    request_limiter: RateLimiter,
+    gossip_limiter: RateLimiter,
+    /// When to dial the bootstrap nodes next (set while we have no peers).
+    next_bootstrap_dial: Option<Instant>,
+    /// Current reconnect back-off (doubles on each empty attempt, reset on a connection).
+    backoff: Duration,
+    gossip_rate_limited: u64,
+    /// Whether relay reservations were requested (once autonat says we are private).
+    relayed: bool,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        swarm: Swarm<Behaviour>,
+        config: NetConfig,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<NetEvent>,
+    ) -> Self {
+        let limits = config.limits.clone();
+        let backoff = config.reconnect_backoff;
+        let next_bootstrap_dial = (!config.bootstrap.is_empty()).then(Instant::now);
+        Self {
+            swarm,
+            config,
+            commands,
+            events,
+            pending_providing: HashMap::new(),
+            pending_providers: HashMap::new(),
+            pending_requests: HashMap::new(),
+            listen_addrs: Vec::new(),
+            rtt: HashMap::new(),
+            agents: HashMap::new(),
+            request_limiter: RateLimiter::new(limits.requests_per_second, limits.request_burst),
+            gossip_limiter: RateLimiter::new(limits.gossip_per_second, limits.gossip_burst),
+            next_bootstrap_dial,
+            backoff,
+            gossip_rate_limited: 0,
+            relayed: false,
+        }
+    }
+
+    /// Runs until every [`Client`](super::Client) is dropped.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut discovery = tokio::time::interval(self.config.discovery_interval);
+        discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => {
+                        tracing::debug!("every client dropped; network event loop stops");
+                        return;
+                    }
+                },
+                _ = tick.tick() => self.maybe_redial_bootstrap(),
+                _ = discovery.tick() => self.refresh_dht(),
+            }
+        }
+    }
+
+    fn maybe_redial_bootstrap(&mut self) {
+        let Some(when) = self.next_bootstrap_dial else { return };
+        let now = Instant::now();
+        if now < when {
+            return;
+        }
+        if self.swarm.connected_peers().next().is_some() {
+            self.next_bootstrap_dial = None;
+            return;
+        }
+        tracing::info!(backoff_ms = self.backoff.as_millis() as u64, "no peers: dialling bootstrap nodes");
+        for addr in self.config.bootstrap.clone() {
+            if let Err(e) = self.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "bootstrap dial failed to start");
+            }
+        }
+        self.next_bootstrap_dial = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.config.max_reconnect_backoff);
+        self.request_limiter.prune(now, Duration::from_secs(600));
+        self.gossip_limiter.prune(now, Duration::from_secs(600));
+    }
+
+    fn refresh_dht(&mut self) {
+        if self.swarm.connected_peers().next().is_some() {
+            // NoKnownPeers is normal while the routing table is still empty.
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    /// Dials `addr`; when it names a peer, the address also goes into the DHT's routing table.
+    fn dial(&mut self, addr: Multiaddr) -> Result<(), NetError> {
+        if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+            let mut bare = addr.clone();
+            bare.pop();
+            self.swarm.behaviour_mut().kad.add_address(&peer, bare);
+        }
+        self.swarm.dial(addr).map_err(|e| NetError::Dial(e.to_string()))
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Dial { addr, reply } => {
+                let _ = reply.send(self.dial(addr));
+            }
+            Command::Subscribe { topic, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&IdentTopic::new(topic))
+                    .map(|_| ())
+                    .map_err(|e| NetError::Subscribe(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::Publish { topic, data, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(IdentTopic::new(topic), data)
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::ReportValidation { id, source, verdict } => {
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &id,
+                    &source,
+                    verdict.into(),
+                );
+            }
+            Command::StartProviding { key, reply } => {
+                match self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&key)) {
+                    Ok(id) => {
+                        self.pending_providing.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Provide(e.to_string())));
+                    }
+                }
+            }
+            Command::StopProviding { key } => {
+                self.swarm.behaviour_mut().kad.stop_providing(&kad::RecordKey::new(&key));
+            }
+            Command::GetProviders { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
+                self.pending_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::Request { peer, request, reply } => {
+                let id = self.swarm.behaviour_mut().transfer.send_request(&peer, request);
+                self.pending_requests.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                if self.swarm.behaviour_mut().transfer.send_response(channel, response).is_err() {
+                    tracing::debug!("transfer response not sent: the requester is gone");
+                }
+            }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> NetSnapshot {
+        let mut routing_table: Vec<String> = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                routing_table.push(entry.node.key.preimage().to_string());
+            }
+        }
+        routing_table.sort();
+        let gossip = &self.swarm.behaviour().gossipsub;
+        let mut peers: Vec<PeerSummary> = self
+            .swarm
+            .connected_peers()
+            .map(|peer| PeerSummary {
+                peer_id: peer.to_string(),
+                rtt_ms: self.rtt.get(peer).map(|d| d.as_secs_f64() * 1000.0),
+                gossip_score: gossip.peer_score(peer),
+                agent: self.agents.get(peer).cloned(),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        NetSnapshot {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            external_addrs: self.swarm.external_addresses().map(|a| a.to_string()).collect(),
+            peers,
+            routing_table,
+            gossip_rate_limited: self.gossip_rate_limited,
+        }
+    }
+
+    fn emit(&self, event: NetEvent) -> Result<(), NetEvent> {
+        self.events.try_send(event).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => ev,
+        })
+    }
+
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.backoff = self.config.reconnect_backoff;
+                self.next_bootstrap_dial = None;
+                if num_established.get() == 1 {
+                    let _ = self.emit(NetEvent::PeerConnected(peer_id));
+                }
+                if let ConnectedPoint::Dialer { address, .. } = endpoint {
+                    if self.config.bootstrap.iter().any(|b| b.iter().last() == Some(Protocol::P2p(peer_id))) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, address);
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+                tracing::debug!(%peer_id, ?cause, "connection closed");
+                if num_established == 0 {
+                    self.rtt.remove(&peer_id);
+                    self.request_limiter.remove(&peer_id);
+                    self.gossip_limiter.remove(&peer_id);
+                    let _ = self.emit(NetEvent::PeerDisconnected(peer_id));
+                    self.schedule_reconnect_if_alone();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                self.schedule_reconnect_if_alone();
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection failed");
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+            }
+            other => tracing::trace!(?other, "swarm event"),
+        }
+    }
+
+    /// Behind NAT: reserve a slot on each bootstrap node's relay, so peers can reach us through it (and
+    /// dcutr can then upgrade the relayed connection to a direct one).
+    fn listen_via_relays(&mut self) {
+        if self.relayed {
+            return;
+        }
+        self.relayed = true;
+        for addr in self.config.bootstrap.clone() {
+            let circuit = addr.with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => tracing::info!(%circuit, "listening through relay"),
+                Err(e) => tracing::warn!(%circuit, error = %e, "relay listen failed"),
+            }
+        }
+    }
+
+    fn schedule_reconnect_if_alone(&mut self) {
+        if self.config.bootstrap.is_empty() || self.swarm.connected_peers().next().is_some() {
+            return;
+        }
+        if self.next_bootstrap_dial.is_none() {
+            self.next_bootstrap_dial = Some(Instant::now() + self.backoff);
+        }
+    }
+
+    fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(event) => self.handle_gossip(event),
+            BehaviourEvent::Kad(event) => self.handle_kad(event),
+            BehaviourEvent::Transfer(event) => self.handle_transfer(event),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                self.agents.insert(peer_id, info.agent_version);
+            }
+            BehaviourEvent::Identify(other) => tracing::trace!(?other, "identify"),
+            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+                self.rtt.insert(peer, rtt);
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. }) => {
+                tracing::debug!(%peer, error = %e, "ping failed");
+            }
+            BehaviourEvent::Autonat(libp2p::autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(?old, ?new, "reachability changed");
+                if matches!(new, libp2p::autonat::NatStatus::Private) {
+                    self.listen_via_relays();
+                }
+            }
+            BehaviourEvent::Autonat(event) => tracing::debug!(?event, "autonat"),
+            BehaviourEvent::RelayClient(event) => tracing::debug!(?event, "relay client"),
+            BehaviourEvent::RelayServer(event) => tracing::debug!(?event, "relay server"),
+            BehaviourEvent::Dcutr(event) => tracing::debug!(?event, "dcutr"),
+            BehaviourEvent::Limits(never) => match never {},
+        }
+    }
+
+    fn handle_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message { propagation_source, message_id, message } => {
+                if !self.gossip_limiter.allow(propagation_source, Instant::now()) {
+                    self.gossip_rate_limited += 1;
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Ignore,
+                    );
+                    return;
+                }
+                let event = NetEvent::Gossip {
+                    source: propagation_source,
+                    author: message.source,
+                    id: message_id.clone(),
+                    topic: message.topic.into_string(),
+                    data: message.data,
+                };
+                if self.emit(event).is_err() {
+                    // The daemon is behind: drop without penalising the sender.
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Ignore,
+                    );
+                }
+            }
+            gossipsub::Event::Subscribed { peer_id, topic } => {
+                let _ = self.emit(NetEvent::Subscribed { peer: peer_id, topic: topic.into_string() });
+            }
+            other => tracing::debug!(?other, "gossipsub"),
+        }
+    }
+
+    fn handle_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+                kad::QueryResult::StartProviding(result) => {
+                    if let Some(reply) = self.pending_providing.remove(&id) {
+                        // With few peers the put may reach none; the local record still stands.
+                        let _ = reply.send(result.map(|_| ()).or_else(|e| match e {
+                            kad::AddProviderError::Timeout { .. } => Ok(()),
+                        }));
+                    }
+                }
+                kad::QueryResult::GetProviders(result) => {
+                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                        if let Some((found, _)) = self.pending_providers.get_mut(&id) {
+                            found.extend(providers);
+                        }
+                    }
+                    if step.last {
+                        if let Some((found, reply)) = self.pending_providers.remove(&id) {
+                            let _ = reply.send(found);
+                        }
+                    }
+                }
+                kad::QueryResult::Bootstrap(result) => tracing::trace!(?result, "dht refresh"),
+                other => tracing::trace!(?other, "kad query"),
+            },
+            kad::Event::RoutingUpdated { peer, addresses, is_new_peer, .. } => {
+                let connected = self.swarm.connected_peers().count();
+                if is_new_peer && !self.swarm.is_connected(&peer) && connected < self.config.target_peers {
+                    let opts = DialOpts::peer_id(peer).addresses(addresses.into_vec()).build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "dial of discovered peer failed");
+                    }
+                }
+            }
+            other => tracing::trace!(?other, "kad"),
+        }
+    }
+
+    fn handle_transfer(&mut self, event: request_response::Event<FetchRequest, FetchResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    if !self.request_limiter.allow(peer, Instant::now()) {
+                        let _ = self.swarm.behaviour_mut().transfer.send_response(channel, busy());
+                        return;
+                    }
+                    if let Err(NetEvent::InboundRequest { channel, .. }) =
+                        self.emit(NetEvent::InboundRequest { peer, request, channel })
+                    {
+                        let _ = self.swarm.behaviour_mut().transfer.send_response(channel, busy());
+                    }
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.pending_requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::debug!(%peer, %error, "transfer request failed");
+                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request(error.to_string())));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound transfer failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// The answer to a peer over its request rate (or when the node is too far behind to serve it).
+fn busy() -> FetchResponse {
+    FetchResponse::Refused { reason: Text::new("busy").expect("a short constant text") }
+}

@@ -1,0 +1,153 @@
+//! The network layer of a mana node: libp2p 0.57 on tokio.
+//!
+//! Usage: [`new`] builds the swarm and returns a cloneable [`Client`], a receiver of [`NetEvent`]s and the
+//! [`EventLoop`] that owns the swarm; spawn the loop, subscribe to topics through the client, and handle the
+//! events (gossip to validate, transfer requests to serve). See `docs/operator-guide.md` for the protocols,
+//! topics and ports.
+
+pub mod behaviour;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod event_loop;
+pub mod fetch;
+pub mod limits;
+
+use libp2p::gossipsub::MessageId;
+use libp2p::identity::Keypair;
+use libp2p::request_response::ResponseChannel;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// libp2p itself, so callers (tests, the CLI) use the same version without depending on it.
+pub use libp2p;
+pub use behaviour::{BuildError, KAD_PROTOCOL, agent_version};
+pub use client::Client;
+pub use codec::TRANSFER_PROTOCOL;
+pub use mana_protocol::{FetchRequest, FetchResponse};
+pub use config::NetConfig;
+pub use event_loop::{EventLoop, Verdict};
+pub use limits::Limits;
+
+/// Capacity of the command channel: callers wait (back-pressure) when the loop is this far behind.
+const COMMAND_CAPACITY: usize = 256;
+/// Capacity of the event channel: when the consumer is this far behind, gossip is ignored and requests get
+/// `Busy`, so the swarm never blocks on a slow consumer.
+const EVENT_CAPACITY: usize = 1024;
+
+/// What the network reports to the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A gossip message waiting for a verdict ([`Client::report`]). Until then it is neither forwarded nor
+    /// scored.
+    Gossip {
+        /// The peer that forwarded it to us (the one whose score the verdict changes).
+        source: PeerId,
+        /// The peer that signed the gossipsub message, if any.
+        author: Option<PeerId>,
+        /// Gossipsub message id (the blake3 hash of `data`).
+        id: MessageId,
+        /// Topic name.
+        topic: String,
+        /// The message bytes.
+        data: Vec<u8>,
+    },
+    /// A peer asks for bytes; answer with [`Client::respond`].
+    InboundRequest {
+        /// Who asks.
+        peer: PeerId,
+        /// What is asked.
+        request: FetchRequest,
+        /// Where the answer goes.
+        channel: ResponseChannel<FetchResponse>,
+    },
+    /// The first connection to a peer was established.
+    PeerConnected(PeerId),
+    /// The last connection to a peer closed.
+    PeerDisconnected(PeerId),
+    /// A peer subscribed to a topic.
+    Subscribed {
+        /// The peer.
+        peer: PeerId,
+        /// Topic name.
+        topic: String,
+    },
+}
+
+/// Why a network operation failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum NetError {
+    /// The event loop has stopped.
+    #[error("the network event loop has stopped")]
+    Closed,
+    /// A dial could not be started (bad address, limits).
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// Subscription refused.
+    #[error("subscribe failed: {0}")]
+    Subscribe(String),
+    /// Publish refused (often: no peer subscribed to the topic yet).
+    #[error("publish failed: {0}")]
+    Publish(String),
+    /// A DHT provider announcement failed.
+    #[error("provide failed: {0}")]
+    Provide(String),
+    /// A transfer request failed (timeout, connection lost, protocol not supported). After a timeout the
+    /// peer may or may not have served it.
+    #[error("transfer request failed: {0}")]
+    Request(String),
+    /// The swarm did not start listening in time.
+    #[error("the swarm is not listening on any address")]
+    NotListening,
+    /// The swarm could not be built.
+    #[error("{0}")]
+    Build(String),
+}
+
+/// One connected peer, as shown by `mana status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    /// Peer id.
+    pub peer_id: String,
+    /// Last ping round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Gossipsub score (negative: misbehaving).
+    pub gossip_score: Option<f64>,
+    /// Agent string from identify (e.g. `mana/0.1.0`).
+    pub agent: Option<String>,
+}
+
+/// The network as the event loop sees it at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetSnapshot {
+    /// This node's peer id.
+    pub peer_id: String,
+    /// Addresses the swarm listens on.
+    pub listen_addrs: Vec<String>,
+    /// Addresses confirmed reachable from outside.
+    pub external_addrs: Vec<String>,
+    /// Connected peers.
+    pub peers: Vec<PeerSummary>,
+    /// Peer ids in the DHT routing table.
+    pub routing_table: Vec<String>,
+    /// Gossip messages ignored because their forwarder exceeded its rate.
+    pub gossip_rate_limited: u64,
+}
+
+/// Builds a swarm, starts listening on `config.listen`, and returns the client handle, the event receiver
+/// and the event loop (which the caller spawns).
+pub fn new(
+    keypair: Keypair,
+    config: NetConfig,
+) -> Result<(Client, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
+    let local_peer_id = keypair.public().to_peer_id();
+    let mut swarm = behaviour::build_swarm(keypair, &config).map_err(|e| NetError::Build(e.to_string()))?;
+    for addr in &config.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| NetError::Build(format!("listen on {addr}: {e}")))?;
+    }
+    let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
+    let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+    let event_loop = EventLoop::new(swarm, config, command_rx, event_tx);
+    Ok((Client::new(command_tx, local_peer_id), event_rx, event_loop))
+}

@@ -1,0 +1,78 @@
+//! `mana status`: what a running node reports about itself: peers, hosted experts, rounds, stored shards and
+//! rejected messages. It reads `<data dir>/status.json`, which the node rewrites atomically every 2 seconds.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use mana_node::daemon::config::FileConfig;
+use mana_node::daemon::status;
+
+/// A status older than this means the node is probably not running.
+const STALE_MS: u64 = 10_000;
+
+/// Arguments of `mana status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// TOML config file of the node (for its data_dir).
+    #[arg(long, env = "MANA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The node's data directory.
+    #[arg(long, env = "MANA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `mana status`.
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| super::node::DEFAULT_DATA_DIR.into());
+    let s = status::read(&data_dir)?;
+    let age_ms = mana_node::daemon::now_ms().saturating_sub(s.updated_unix_ms);
+    if args.json {
+        let mut value = serde_json::to_value(&s)?;
+        value["age_ms"] = serde_json::json!(age_ms);
+        value["stale"] = serde_json::json!(age_ms > STALE_MS);
+        println!("{value}");
+        return Ok(());
+    }
+    if age_ms > STALE_MS {
+        println!("warning: status is {} s old; the node may not be running", age_ms / 1000);
+    }
+    println!("node {} ({}, pid {}), run {}", s.peer_id, s.agent, s.pid, s.run);
+    for addr in &s.listen_addrs {
+        println!("  listening on {addr}");
+    }
+    println!("peers: {} connected, {} in the DHT routing table", s.peers.len(), s.routing_table_size);
+    for p in &s.peers {
+        let rtt = p.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into());
+        let score = p.gossip_score.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+        println!("  {}  rtt {rtt}  score {score}  {}", p.peer_id, p.agent.as_deref().unwrap_or(""));
+    }
+    println!("hosted experts: {}", if s.hosted_experts.is_empty() { "none".into() } else { s.hosted_experts.join(", ") });
+    let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
+    println!("current round: {}, stored round: {}", round(s.current_round), round(s.stored_round));
+    println!("stored shards: {}", s.stored_shards.len());
+    for shard in &s.stored_shards {
+        println!("  {}  {} bytes  {}", shard.shard, shard.bytes, &shard.hash[..16.min(shard.hash.len())]);
+    }
+    if !s.sync.is_empty() {
+        println!("sync: {}", s.sync);
+    }
+    println!(
+        "gossip since start: {} accepted, {} rejected, {} ignored, {} rate-limited",
+        s.accepted_messages, s.rejected_messages, s.ignored_messages, s.rate_limited_messages
+    );
+    println!("rejected messages (all time): {}", s.rejections.total);
+    for (reason, count) in &s.rejections.by_reason {
+        println!("  {reason}: {count}");
+    }
+    for peer in s.rejections.by_peer.iter().take(10) {
+        println!("  from {}: {}", peer.peer, peer.total);
+    }
+    Ok(())
+}
