@@ -2,10 +2,12 @@
 //! are its help text, and a `run` function that calls into a library crate.
 
 mod bootstrap;
+mod generate;
 mod info;
 mod keygen;
 mod node;
 mod status;
+mod train;
 
 use clap::Subcommand;
 
@@ -22,6 +24,10 @@ pub enum Command {
     Bootstrap(bootstrap::BootstrapArgs),
     /// Show what a running node reports: peers, experts, rounds, shards, rejected messages.
     Status(status::StatusArgs),
+    /// Train the model on one machine, on a text corpus or the built-in one.
+    Train(train::TrainArgs),
+    /// Sample text from a checkpoint (greedy, or temperature and top-p; optionally speculative with MTP).
+    Generate(generate::GenerateArgs),
 }
 
 /// Runs one subcommand to completion.
@@ -32,5 +38,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Node(args) => node::run(args),
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Status(args) => status::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
     }
 }

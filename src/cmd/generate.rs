@@ -1,0 +1,166 @@
+//! `mana generate`: samples text from a checkpoint written by `mana train`: greedy by default, or with a
+//! temperature and nucleus (top-p) cut; `--speculative` drafts with the MTP head and verifies with the main
+//! head (the output does not change), and `--compare` runs both ways and reports the speed-up.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use mana_kernels::CpuBackend;
+use mana_kernels::generate::{self, GenerateConfig, Generation, Sampling};
+use mana_kernels::gemm::Precision;
+use mana_kernels::model::Model;
+use mana_kernels::train::Trainer;
+
+/// The most tokens one command may generate.
+const MAX_TOKENS_LIMIT: usize = 1 << 20;
+
+/// Arguments of `mana generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory written by `mana train --save`.
+    #[arg(long, env = "MANA_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Text to continue (byte tokens; must not be empty).
+    #[arg(long)]
+    prompt: String,
+    /// Bytes to generate after the prompt.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampling draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Draft the token after next with the MTP head and verify it with the main head in the next pass.
+    #[arg(long)]
+    speculative: bool,
+    /// Generate both without and with speculation, check that the outputs are identical, and report the
+    /// speed-up.
+    #[arg(long, conflicts_with = "speculative")]
+    compare: bool,
+    /// Override the checkpoint's GEMM precision (fp8 or f32).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Print one JSON object (text and counters) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// CPU threads for the GEMMs (default: all).
+    #[arg(long, env = "MANA_THREADS")]
+    threads: Option<usize>,
+}
+
+/// One timed generation.
+struct Timed {
+    generation: Generation,
+    seconds: f64,
+}
+
+impl Timed {
+    fn json(&self) -> serde_json::Value {
+        let g = &self.generation;
+        serde_json::json!({
+            "tokens": g.tokens.len(),
+            "forward_passes": g.forward_passes,
+            "drafts": g.drafts,
+            "accepted": g.accepted,
+            "acceptance_rate": g.acceptance_rate(),
+            "tokens_per_pass": g.tokens_per_pass(),
+            "seconds": self.seconds,
+            "tokens_per_s": g.tokens.len() as f64 / self.seconds.max(1e-9),
+        })
+    }
+}
+
+fn timed(model: &mut Model, prompt: &[u32], config: &GenerateConfig) -> anyhow::Result<Timed> {
+    let started = Instant::now();
+    let generation = generate::generate(model, prompt, config)?;
+    Ok(Timed { generation, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Generates and prints the text (and, with speculation, its counters).
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.prompt.is_empty() {
+        bail!("--prompt must not be empty");
+    }
+    if args.max_tokens > MAX_TOKENS_LIMIT {
+        bail!("--max-tokens is limited to {MAX_TOKENS_LIMIT}");
+    }
+    let sampling = if args.temperature == 0.0 {
+        Sampling::Greedy
+    } else {
+        Sampling::Sample { temperature: args.temperature, top_p: args.top_p }
+    };
+    let backend = match args.threads {
+        Some(n) if n > 0 => CpuBackend::with_threads(n),
+        _ => CpuBackend::new(),
+    };
+    let mut trainer = Trainer::load(&args.checkpoint, Box::new(backend))
+        .with_context(|| format!("loading the checkpoint {}", args.checkpoint.display()))?;
+    let model = trainer.model_mut();
+    if let Some(p) = args.precision {
+        model.set_precision(p);
+    }
+    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let config = GenerateConfig { max_tokens: args.max_tokens, sampling, seed: args.seed, speculative: args.speculative };
+    if args.compare {
+        let plain = timed(model, &prompt, &GenerateConfig { speculative: false, ..config })?;
+        let spec = timed(model, &prompt, &GenerateConfig { speculative: true, ..config })?;
+        if plain.generation.tokens != spec.generation.tokens {
+            bail!("speculative decoding changed the output (a bug): please report it");
+        }
+        let speedup = plain.seconds / spec.seconds.max(1e-9);
+        let text = decode(&prompt, &spec.generation.tokens);
+        if args.json {
+            let out = serde_json::json!({ "text": text, "plain": plain.json(), "speculative": spec.json(), "speedup": speedup });
+            println!("{out}");
+        } else {
+            println!("{text}");
+            eprintln!(
+                "plain: {} tokens in {:.2} s; speculative: {} passes, acceptance {:.1}%, {:.2} tokens/pass, {:.2} s; \
+                 speed-up {speedup:.2}x (identical output)",
+                plain.generation.tokens.len(),
+                plain.seconds,
+                spec.generation.forward_passes,
+                100.0 * spec.generation.acceptance_rate(),
+                spec.generation.tokens_per_pass(),
+                spec.seconds,
+            );
+        }
+        return Ok(());
+    }
+    let run = timed(model, &prompt, &config)?;
+    let text = decode(&prompt, &run.generation.tokens);
+    if args.json {
+        let mut out = run.json();
+        out["text"] = serde_json::Value::String(text);
+        println!("{out}");
+    } else {
+        println!("{text}");
+        let g = &run.generation;
+        if args.speculative {
+            eprintln!(
+                "{} tokens in {} forward passes ({:.2} tokens/pass), draft acceptance {:.1}%, {:.1} tokens/s",
+                g.tokens.len(),
+                g.forward_passes,
+                g.tokens_per_pass(),
+                100.0 * g.acceptance_rate(),
+                g.tokens.len() as f64 / run.seconds.max(1e-9)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The prompt and the generated bytes as text (invalid UTF-8 shows as U+FFFD).
+fn decode(prompt: &[u32], tokens: &[u32]) -> String {
+    // Byte-level tokens are below 256, which the model's vocabulary check guarantees for a byte model;
+    // anything else is shown as U+FFFD rather than truncated.
+    let bytes: Vec<u8> = prompt.iter().chain(tokens).map(|&t| u8::try_from(t).unwrap_or(0xFF)).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
