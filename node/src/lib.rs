@@ -5,3 +5,5 @@ pub mod keyfile;
 pub mod store;
 pub mod net;
 pub mod daemon;
+pub mod coordinator;
+pub mod aggregate;

@@ -1,0 +1,104 @@
+//! The coordinator's settings: the run, the experts to host, replication, phase durations and the training
+//! hyper-parameters it announces. Readable from TOML (the operator's coordinator section).
+
+use mana_protocol::{HyperParams, RunId, ShardId};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why a coordinator configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("coordinator config: {field} {reason}")]
+pub struct ConfigError {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// How the coordinator runs rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorConfig {
+    /// The run coordinated.
+    pub run: RunId,
+    /// Every routed expert of the model (`expert/<layer>/<index>`); each is hosted by `replication` nodes.
+    pub experts: Vec<ShardId>,
+    /// Hosts per routed expert (2 by default), so one departure never loses an expert's training.
+    pub replication: usize,
+    /// Members needed before a round starts (at least `replication`).
+    pub min_members: usize,
+    /// Whether every participant also trains the trunk (the dense part). It takes one of its shard slots.
+    pub trunk_everywhere: bool,
+    /// Time from a round's announcement to its delta deadline, in ms.
+    pub train_ms: u64,
+    /// Time from the delta deadline to the commit deadline (verification and aggregation), in ms.
+    pub verify_ms: u64,
+    /// Pause between a commit and the next announcement, in ms (lets nodes fetch the new checkpoint).
+    pub cooldown_ms: u64,
+    /// A member silent for longer than this has left (INTELLECT-1 uses 10 s with 2 s heartbeats).
+    pub member_timeout_ms: u64,
+    /// Inner optimizer steps per round.
+    pub inner_steps: u32,
+    /// Data-shard seeds given to each participant per round.
+    pub data_seeds_per_node: u32,
+    /// Deltas over this many times the shard's median norm are refused.
+    pub max_norm_ratio: f32,
+    /// Training settings announced with every round.
+    pub hyper: HyperParams,
+}
+
+impl CoordinatorConfig {
+    /// A configuration with the defaults (replication 2, 10 s member timeout) for `run`, `experts` and `hyper`.
+    pub fn new(run: RunId, experts: Vec<ShardId>, hyper: HyperParams) -> CoordinatorConfig {
+        CoordinatorConfig {
+            run,
+            experts,
+            replication: 2,
+            min_members: 2,
+            trunk_everywhere: true,
+            train_ms: 60_000,
+            verify_ms: 30_000,
+            cooldown_ms: 5_000,
+            member_timeout_ms: 10_000,
+            inner_steps: 100,
+            data_seeds_per_node: 1,
+            max_norm_ratio: 10.0,
+            hyper,
+        }
+    }
+
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: &str| Err(ConfigError { field, reason: reason.to_string() });
+        if self.replication == 0 {
+            return bad("replication", "must be at least 1");
+        }
+        if self.min_members < self.replication {
+            return bad("min_members", "must be at least `replication`");
+        }
+        if self.experts.contains(&ShardId::Trunk) {
+            return bad("experts", "must list routed experts only (the trunk is `trunk_everywhere`)");
+        }
+        if self.experts.is_empty() && !self.trunk_everywhere {
+            return bad("experts", "is empty and the trunk is not trained: a round would train nothing");
+        }
+        if self.train_ms == 0 || self.verify_ms == 0 {
+            return bad("train_ms/verify_ms", "must be positive");
+        }
+        if self.member_timeout_ms == 0 {
+            return bad("member_timeout_ms", "must be positive");
+        }
+        if !self.max_norm_ratio.is_finite() || self.max_norm_ratio <= 0.0 {
+            return bad("max_norm_ratio", "must be finite and positive");
+        }
+        let h = &self.hyper;
+        for (field, v) in [("hyper.inner_lr", h.inner_lr), ("hyper.outer_lr", h.outer_lr), ("hyper.weight_decay", h.weight_decay)] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(field, "must be finite and >= 0");
+            }
+        }
+        if !(0.0..1.0).contains(&h.outer_momentum) {
+            return bad("hyper.outer_momentum", "must be in [0, 1)");
+        }
+        Ok(())
+    }
+}

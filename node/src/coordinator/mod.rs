@@ -1,0 +1,561 @@
+//! The coordinator of a training run as a pure state machine (after Psyche's coordinator): no clock, no
+//! randomness, no I/O. The daemon feeds it events (heartbeats, departures, delta announcements, verification
+//! verdicts, aggregation results) and calls [`Coordinator::tick`] with the time and a seed; it answers with
+//! [`Action`]s (protocol messages to publish, work to start) for the daemon to carry out. The whole state is
+//! serde-serializable, so a restarted coordinator resumes where it stopped ([`Coordinator::to_bytes`]).
+//!
+//! Phases ([`RunState`]):
+//!
+//! ```text
+//! WaitingForMembers --(>= min_members)--> RoundTrain --(all deltas in, or deltas_by_ms)--> RoundVerify
+//!   --(all verdicts in, or commit_by_ms)--> RoundAggregate --(all shard results in, or commit_by_ms)-->
+//!   Cooldown --(cooldown over)--> RoundTrain (or WaitingForMembers if too few remain)
+//! ```
+//!
+//! A participant that has sent nothing for some assigned shard by the delta deadline is dropped from the round;
+//! the round completes with the others. A member whose heartbeats stop for `member_timeout_ms` leaves; experts
+//! it hosted are reassigned at the next round.
+
+pub mod assign;
+pub mod config;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mana_protocol::{
+    AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, Deadlines, Heartbeat, Participant,
+    PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardEntry, ShardId,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
+pub use config::{ConfigError, CoordinatorConfig};
+
+/// Why the coordinator could not be built, saved or restored.
+#[derive(Debug, Error)]
+pub enum CoordinatorError {
+    /// The configuration is inconsistent.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The base checkpoint manifest could not be encoded or hashed, or a saved state could not be encoded.
+    #[error("encoding coordinator state: {0}")]
+    Encode(String),
+    /// A saved state does not decode.
+    #[error("decoding coordinator state: {0}")]
+    Decode(String),
+}
+
+/// Most phase changes one [`Coordinator::tick`] makes.
+const MAX_STEPS_PER_TICK: usize = 8;
+
+/// What a member last told us about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its declared capacity.
+    pub capacity: Capacity,
+    /// When its last heartbeat arrived (coordinator time, unix ms).
+    pub last_seen_ms: u64,
+    /// The highest heartbeat sequence number seen, to ignore stale (reordered) heartbeats.
+    pub last_seq: u64,
+}
+
+/// The verification outcome of one delta, from whoever fetched and checked its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The payload is valid and goes into the aggregate.
+    Accept,
+    /// The payload was refused, for this reason.
+    Reject(RejectCode),
+}
+
+/// The round in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActiveRound {
+    /// What was announced.
+    pub announcement: RoundAnnouncement,
+    /// Deltas received, by (shard, node).
+    pub deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
+    /// Verdicts received, by payload hash.
+    pub verdicts: BTreeMap<ContentHash, Verdict>,
+    /// Participants dropped from the round (left, or missed the delta deadline).
+    pub dropped: BTreeSet<PublicKey>,
+    /// Refusals decided by the coordinator itself (late or unverified deltas).
+    pub refused: Vec<RejectedDelta>,
+    /// New shard entries reported by the aggregators, by shard.
+    pub results: BTreeMap<ShardId, ShardEntry>,
+}
+
+/// The phase of the run (Psyche's `RunState`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RunState {
+    /// Not enough members to start a round.
+    WaitingForMembers,
+    /// Participants train; deltas are collected until the delta deadline.
+    RoundTrain(ActiveRound),
+    /// Delta payloads are being fetched and checked; verdicts collected until the commit deadline.
+    RoundVerify(ActiveRound),
+    /// Shard holders aggregate the accepted deltas and report the new shard hashes.
+    RoundAggregate(ActiveRound),
+    /// The round is committed; the next starts at `until_ms`.
+    Cooldown {
+        /// When the next round may start.
+        until_ms: u64,
+    },
+}
+
+impl RunState {
+    /// A short name, for logs and status.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunState::WaitingForMembers => "waiting-for-members",
+            RunState::RoundTrain(_) => "round-train",
+            RunState::RoundVerify(_) => "round-verify",
+            RunState::RoundAggregate(_) => "round-aggregate",
+            RunState::Cooldown { .. } => "cooldown",
+        }
+    }
+
+    fn round_mut(&mut self) -> Option<&mut ActiveRound> {
+        match self {
+            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The round in progress, if any.
+    pub fn round(&self) -> Option<&ActiveRound> {
+        match self {
+            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// What the daemon must do on the coordinator's behalf.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Publish this announcement on the rounds topic: a round starts.
+    AnnounceRound(RoundAnnouncement),
+    /// Fetch and check these deltas' payloads, then report each with [`Coordinator::verification_verdict`].
+    Verify {
+        /// The round.
+        round: u64,
+        /// The deltas to check, with their senders.
+        deltas: Vec<(PublicKey, DeltaAnnouncement)>,
+    },
+    /// Ask the shards' holders to aggregate the accepted deltas and report the new shard entries with
+    /// [`Coordinator::shard_aggregated`].
+    Aggregate {
+        /// The round.
+        round: u64,
+        /// Accepted deltas per shard, each list sorted by payload hash (the aggregation order).
+        accepted: Vec<AcceptedDeltas>,
+    },
+    /// Publish this commit on the rounds topic (and store its manifest): the round is closed.
+    CommitRound(RoundCommit),
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EventError {
+    /// The event does not fit the current phase or round.
+    #[error("{0}")]
+    Refused(RejectCode),
+}
+
+/// The coordinator: configuration, members, the last committed checkpoint and the current phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    members: BTreeMap<PublicKey, Member>,
+    /// The last committed checkpoint: the base of the next round.
+    checkpoint: CheckpointManifest,
+    /// The number of the next round to announce.
+    next_round: u64,
+    /// Expert hosts of the last announced round, kept so surviving hosts keep their experts.
+    hosts: ExpertHosts,
+    state: RunState,
+}
+
+impl Coordinator {
+    /// A new coordinator for `config.run`, whose first round starts from `checkpoint`.
+    pub fn new(config: CoordinatorConfig, checkpoint: CheckpointManifest) -> Result<Coordinator, CoordinatorError> {
+        config.validate()?;
+        let next_round = checkpoint.round + 1;
+        Ok(Coordinator {
+            config,
+            members: BTreeMap::new(),
+            checkpoint,
+            next_round,
+            hosts: ExpertHosts::new(),
+            state: RunState::WaitingForMembers,
+        })
+    }
+
+    /// The current phase.
+    pub fn state(&self) -> &RunState {
+        &self.state
+    }
+
+    /// The members, by key.
+    pub fn members(&self) -> &BTreeMap<PublicKey, Member> {
+        &self.members
+    }
+
+    /// The last committed checkpoint.
+    pub fn checkpoint(&self) -> &CheckpointManifest {
+        &self.checkpoint
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// Saves the whole state (bincode, standard config), to be restored with [`Coordinator::from_bytes`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CoordinatorError> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard()).map_err(|e| CoordinatorError::Encode(e.to_string()))
+    }
+
+    /// Restores a state saved by [`Coordinator::to_bytes`] (a local file the coordinator wrote; still bounded and
+    /// checked, as a truncated or corrupted file must give an error).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
+        let cfg = bincode::config::standard().with_limit::<{ 64 * 1024 * 1024 }>();
+        let (c, used): (Coordinator, usize) =
+            bincode::serde::decode_from_slice(bytes, cfg).map_err(|e| CoordinatorError::Decode(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(CoordinatorError::Decode(format!("{} trailing bytes", bytes.len() - used)));
+        }
+        c.config.validate()?;
+        Ok(c)
+    }
+
+    /// A heartbeat from `node` at `now_ms`: a new node joins (it takes part from the next round), a known one
+    /// stays alive. Heartbeats for another run or older than the last seen are ignored.
+    pub fn node_heartbeat(&mut self, now_ms: u64, node: PublicKey, heartbeat: &Heartbeat) {
+        if heartbeat.run != self.config.run {
+            return;
+        }
+        match self.members.get_mut(&node) {
+            Some(m) if heartbeat.seq <= m.last_seq => {}
+            Some(m) => {
+                m.capacity = heartbeat.capacity;
+                m.last_seen_ms = now_ms;
+                m.last_seq = heartbeat.seq;
+            }
+            None => {
+                self.members.insert(node, Member { capacity: heartbeat.capacity, last_seen_ms: now_ms, last_seq: heartbeat.seq });
+            }
+        }
+    }
+
+    /// `node` left (said goodbye, or the network lost it): it is no member any more and is dropped from the
+    /// round in progress.
+    pub fn node_left(&mut self, node: &PublicKey) {
+        self.members.remove(node);
+        if let Some(round) = self.state.round_mut()
+            && round.announcement.participant(node).is_some()
+        {
+            round.dropped.insert(*node);
+        }
+    }
+
+    /// A delta announcement from `node` (signature already checked). Refused unless it is for the round in
+    /// training, from a participant still in it, for a shard assigned to it, from the round's base, on time,
+    /// and the first for that (shard, node).
+    pub fn delta_announced(&mut self, now_ms: u64, node: PublicKey, delta: DeltaAnnouncement) -> Result<(), EventError> {
+        let refuse = |c| Err(EventError::Refused(c));
+        if delta.run != self.config.run {
+            return refuse(RejectCode::UnknownRun);
+        }
+        let RunState::RoundTrain(round) = &mut self.state else {
+            return refuse(RejectCode::StaleRound);
+        };
+        let ann = &round.announcement;
+        if delta.round < ann.round {
+            return refuse(RejectCode::StaleRound);
+        }
+        if delta.round > ann.round {
+            return refuse(RejectCode::FutureRound);
+        }
+        let Some(p) = ann.participant(&node) else { return refuse(RejectCode::NotParticipant) };
+        if round.dropped.contains(&node) {
+            return refuse(RejectCode::NotParticipant);
+        }
+        if !p.shards.contains(&delta.shard) {
+            return refuse(RejectCode::ShardNotAssigned);
+        }
+        if delta.base_checkpoint != ann.base_checkpoint {
+            return refuse(RejectCode::WrongBase);
+        }
+        if now_ms > ann.deadlines.deltas_by_ms {
+            return refuse(RejectCode::Late);
+        }
+        if round.deltas.contains_key(&(delta.shard, node)) {
+            return refuse(RejectCode::Inconsistent);
+        }
+        round.deltas.insert((delta.shard, node), delta);
+        Ok(())
+    }
+
+    /// The verification outcome of the delta with `payload_hash` in round `round`.
+    pub fn verification_verdict(&mut self, round: u64, payload_hash: ContentHash, verdict: Verdict) -> Result<(), EventError> {
+        let RunState::RoundVerify(r) = &mut self.state else { return Err(EventError::Refused(RejectCode::StaleRound)) };
+        if r.announcement.round != round {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        }
+        if !r.deltas.values().any(|d| d.payload_hash == payload_hash) {
+            return Err(EventError::Refused(RejectCode::Inconsistent));
+        }
+        r.verdicts.entry(payload_hash).or_insert(verdict);
+        Ok(())
+    }
+
+    /// A shard holder reports the shard that results from aggregating round `round`'s accepted deltas.
+    pub fn shard_aggregated(&mut self, round: u64, entry: ShardEntry) -> Result<(), EventError> {
+        let RunState::RoundAggregate(r) = &mut self.state else { return Err(EventError::Refused(RejectCode::StaleRound)) };
+        if r.announcement.round != round || entry.round != round {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        }
+        if !accepted_shards(r).contains(&entry.shard) {
+            return Err(EventError::Refused(RejectCode::ShardNotAssigned));
+        }
+        r.results.entry(entry.shard).or_insert(entry);
+        Ok(())
+    }
+
+    /// Advances the state machine to time `now_ms`; `seed` drives this tick's random choices (the next
+    /// round's assignment and data seeds). Returns what the daemon must do.
+    pub fn tick(&mut self, now_ms: u64, seed: u64) -> Result<Vec<Action>, CoordinatorError> {
+        self.expire_members(now_ms);
+        let mut actions = Vec::new();
+        // Phases may complete back to back (e.g. a round where everyone left); step until nothing moves. A full
+        // cycle is five phases, so the bound only guards against a zero cooldown spinning through empty rounds.
+        for _ in 0..MAX_STEPS_PER_TICK {
+            let before = self.state.name();
+            let step = self.step(now_ms, seed)?;
+            let moved = step.is_some() || self.state.name() != before;
+            actions.extend(step);
+            if !moved {
+                break;
+            }
+        }
+        Ok(actions)
+    }
+
+    fn expire_members(&mut self, now_ms: u64) {
+        let timeout = self.config.member_timeout_ms;
+        let gone: Vec<PublicKey> =
+            self.members.iter().filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > timeout).map(|(k, _)| *k).collect();
+        for node in gone {
+            self.node_left(&node);
+        }
+    }
+
+    fn step(&mut self, now_ms: u64, seed: u64) -> Result<Option<Action>, CoordinatorError> {
+        let state = std::mem::replace(&mut self.state, RunState::WaitingForMembers);
+        let (next, action) = match state {
+            RunState::WaitingForMembers => match self.start_round(now_ms, seed)? {
+                Some(round) => {
+                    let ann = round.announcement.clone();
+                    (RunState::RoundTrain(round), Some(Action::AnnounceRound(ann)))
+                }
+                None => (RunState::WaitingForMembers, None),
+            },
+            RunState::Cooldown { until_ms } if now_ms >= until_ms => (RunState::WaitingForMembers, None),
+            cooldown @ RunState::Cooldown { .. } => (cooldown, None),
+            RunState::RoundTrain(mut round) => {
+                let deadline = now_ms > round.announcement.deadlines.deltas_by_ms;
+                if deadline || all_deltas_in(&round) {
+                    drop_missing(&mut round);
+                    let deltas: Vec<(PublicKey, DeltaAnnouncement)> =
+                        round.deltas.iter().map(|((_, n), d)| (*n, d.clone())).collect();
+                    let r = round.announcement.round;
+                    (RunState::RoundVerify(round), Some(Action::Verify { round: r, deltas }))
+                } else {
+                    (RunState::RoundTrain(round), None)
+                }
+            }
+            RunState::RoundVerify(mut round) => {
+                let all_in = round.deltas.values().all(|d| round.verdicts.contains_key(&d.payload_hash));
+                if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
+                    refuse_unverified(&mut round);
+                    let r = round.announcement.round;
+                    let accepted = accepted_lists(&round);
+                    (RunState::RoundAggregate(round), Some(Action::Aggregate { round: r, accepted }))
+                } else {
+                    (RunState::RoundVerify(round), None)
+                }
+            }
+            RunState::RoundAggregate(round) => {
+                let shards = accepted_shards(&round);
+                let all_in = shards.iter().all(|s| round.results.contains_key(s));
+                if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
+                    let commit = self.commit(round)?;
+                    (RunState::Cooldown { until_ms: now_ms.saturating_add(self.config.cooldown_ms) }, Some(Action::CommitRound(commit)))
+                } else {
+                    (RunState::RoundAggregate(round), None)
+                }
+            }
+        };
+        self.state = next;
+        Ok(action)
+    }
+
+    /// Builds the next round from the current members, or `None` if they cannot carry one.
+    fn start_round(&mut self, now_ms: u64, seed: u64) -> Result<Option<ActiveRound>, CoordinatorError> {
+        if self.members.len() < self.config.min_members {
+            return Ok(None);
+        }
+        let trunk_slot = u32::from(self.config.trunk_everywhere);
+        let candidates: Vec<Candidate> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.capacity.max_shards >= trunk_slot)
+            .map(|(k, m)| Candidate { node: *k, capacity: m.capacity, reserved_slots: trunk_slot })
+            .collect();
+        let hosts = match assign_experts(&candidates, &self.config.experts, self.config.replication, &self.hosts, seed) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(error = %e, "not starting a round yet");
+                return Ok(None);
+            }
+        };
+        let by_node = experts_by_node(&hosts);
+        let round = self.next_round;
+        let participants: Vec<Participant> = candidates
+            .iter()
+            .map(|c| {
+                let mut shards = Vec::new();
+                if self.config.trunk_everywhere {
+                    shards.push(ShardId::Trunk);
+                }
+                shards.extend(by_node.get(&c.node).into_iter().flatten().copied());
+                let data_seeds = (0..self.config.data_seeds_per_node)
+                    .map(|i| {
+                        let mut tag = round.to_le_bytes().to_vec();
+                        tag.extend_from_slice(&i.to_le_bytes());
+                        assign::mix(seed, &tag, &c.node.0)
+                    })
+                    .collect();
+                Participant { node: c.node, shards, data_seeds }
+            })
+            .filter(|p| !p.shards.is_empty())
+            .collect();
+        if participants.is_empty() {
+            return Ok(None);
+        }
+        let base_checkpoint = self.checkpoint.hash().map_err(|e| CoordinatorError::Encode(e.to_string()))?;
+        let deltas_by_ms = now_ms.saturating_add(self.config.train_ms);
+        let announcement = RoundAnnouncement {
+            run: self.config.run.clone(),
+            round,
+            base_checkpoint,
+            participants,
+            inner_steps: self.config.inner_steps,
+            hyper: self.config.hyper.clone(),
+            max_norm_ratio: self.config.max_norm_ratio,
+            deadlines: Deadlines { deltas_by_ms, commit_by_ms: deltas_by_ms.saturating_add(self.config.verify_ms) },
+        };
+        self.hosts = hosts;
+        self.next_round = round + 1;
+        Ok(Some(ActiveRound {
+            announcement,
+            deltas: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            dropped: BTreeSet::new(),
+            refused: Vec::new(),
+            results: BTreeMap::new(),
+        }))
+    }
+
+    /// Closes `round`: shards with a reported result take it; every other shard keeps its entry. Accepted deltas
+    /// of a shard whose result never came are listed as refused (`late`), so the commit says what was applied.
+    fn commit(&mut self, mut round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
+        let r = round.announcement.round;
+        let mut accepted = Vec::new();
+        for a in accepted_lists(&round) {
+            if round.results.contains_key(&a.shard) {
+                accepted.push(a);
+            } else {
+                for ((shard, node), d) in &round.deltas {
+                    if *shard == a.shard && a.deltas.contains(&d.payload_hash) {
+                        round.refused.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: RejectCode::Late });
+                    }
+                }
+            }
+        }
+        let mut shards: BTreeMap<ShardId, ShardEntry> = self.checkpoint.shards.iter().map(|e| (e.shard, *e)).collect();
+        for (shard, entry) in &round.results {
+            shards.insert(*shard, *entry);
+        }
+        let checkpoint = CheckpointManifest { run: self.config.run.clone(), round: r, shards: shards.into_values().collect() };
+        let mut rejected = round.refused;
+        for ((shard, node), d) in &round.deltas {
+            if let Some(Verdict::Reject(reason)) = round.verdicts.get(&d.payload_hash) {
+                rejected.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: *reason });
+            }
+        }
+        rejected.sort_by_key(|d| (d.shard, d.node, d.payload_hash));
+        self.checkpoint = checkpoint.clone();
+        Ok(RoundCommit { run: self.config.run.clone(), round: r, accepted, rejected, checkpoint })
+    }
+}
+
+/// Every (participant, shard) pair still in the round has delivered.
+fn all_deltas_in(round: &ActiveRound) -> bool {
+    round
+        .announcement
+        .participants
+        .iter()
+        .filter(|p| !round.dropped.contains(&p.node))
+        .all(|p| p.shards.iter().all(|s| round.deltas.contains_key(&(*s, p.node))))
+}
+
+/// At the delta deadline: a participant missing any assigned delta is dropped, and its deltas go too (a
+/// partial contribution is not worth waiting for nor half-applying). Deltas of participants who left are
+/// dropped as well.
+fn drop_missing(round: &mut ActiveRound) {
+    for p in &round.announcement.participants {
+        if !p.shards.iter().all(|s| round.deltas.contains_key(&(*s, p.node))) {
+            round.dropped.insert(p.node);
+        }
+    }
+    let dropped = round.dropped.clone();
+    round.deltas.retain(|(_, node), _| !dropped.contains(node));
+}
+
+/// At the commit deadline: deltas nobody verified are refused.
+fn refuse_unverified(round: &mut ActiveRound) {
+    for ((shard, node), d) in &round.deltas {
+        if !round.verdicts.contains_key(&d.payload_hash) {
+            round.refused.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: RejectCode::Late });
+        }
+    }
+}
+
+/// Accepted deltas per shard, each list sorted by payload hash: the order in which every aggregator must
+/// combine them.
+fn accepted_lists(round: &ActiveRound) -> Vec<AcceptedDeltas> {
+    let mut by_shard: BTreeMap<ShardId, Vec<ContentHash>> = BTreeMap::new();
+    for ((shard, _), d) in &round.deltas {
+        if round.verdicts.get(&d.payload_hash) == Some(&Verdict::Accept) {
+            by_shard.entry(*shard).or_default().push(d.payload_hash);
+        }
+    }
+    by_shard
+        .into_iter()
+        .map(|(shard, mut deltas)| {
+            deltas.sort();
+            AcceptedDeltas { shard, deltas }
+        })
+        .collect()
+}
+
+fn accepted_shards(round: &ActiveRound) -> BTreeSet<ShardId> {
+    accepted_lists(round).into_iter().map(|a| a.shard).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -1,0 +1,318 @@
+//! Replays of the coordinator with explicit times and seeds.
+
+use super::*;
+use mana_protocol::{
+    Capacity, CodecOptions, DeviceKind, HyperParams, Message, RunId, Text, TrainingStats, UpdateRule,
+};
+
+fn key(i: u8) -> PublicKey {
+    PublicKey([i; 32])
+}
+
+fn run() -> RunId {
+    RunId::new("test-run").unwrap()
+}
+
+fn hyper() -> HyperParams {
+    HyperParams {
+        update_rule: UpdateRule::Diloco,
+        inner_lr: 1e-3,
+        weight_decay: 0.1,
+        outer_lr: 0.7,
+        outer_momentum: 0.9,
+        batch_tokens: 1024,
+        seq_len: 128,
+        codec: CodecOptions::default(),
+    }
+}
+
+fn experts() -> Vec<ShardId> {
+    (0..2u16).flat_map(|l| (0..4u16).map(move |i| ShardId::Expert { layer: l, index: i })).collect()
+}
+
+fn base_manifest() -> CheckpointManifest {
+    let mut shards = vec![ShardEntry { shard: ShardId::Trunk, hash: ContentHash::of(b"trunk"), size: 5, round: 0 }];
+    for e in experts() {
+        shards.push(ShardEntry { shard: e, hash: ContentHash::of(e.to_string().as_bytes()), size: 9, round: 0 });
+    }
+    shards.sort_by_key(|e| e.shard);
+    CheckpointManifest { run: run(), round: 0, shards }
+}
+
+fn coordinator() -> Coordinator {
+    coordinator_with(10_000)
+}
+
+fn coordinator_with(member_timeout_ms: u64) -> Coordinator {
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.min_members = 3;
+    cfg.train_ms = 1_000;
+    cfg.verify_ms = 1_000;
+    cfg.cooldown_ms = 100;
+    cfg.member_timeout_ms = member_timeout_ms;
+    Coordinator::new(cfg, base_manifest()).unwrap()
+}
+
+fn heartbeat(seq: u64, tps: f32) -> Heartbeat {
+    Heartbeat {
+        run: run(),
+        seq,
+        hosted: vec![],
+        capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 1 << 30, tokens_per_second: tps, max_shards: 64 },
+        software_version: Text::new("test").unwrap(),
+    }
+}
+
+fn delta(ann: &RoundAnnouncement, shard: ShardId, node: PublicKey) -> DeltaAnnouncement {
+    let mut tag = node.0.to_vec();
+    tag.extend_from_slice(shard.to_string().as_bytes());
+    tag.extend_from_slice(&ann.round.to_le_bytes());
+    DeltaAnnouncement {
+        run: run(),
+        round: ann.round,
+        shard,
+        base_checkpoint: ann.base_checkpoint,
+        payload_hash: ContentHash::of(&tag),
+        payload_size: 100,
+        stats: TrainingStats { tokens: 10, loss_before: 2.0, loss_after: 1.9, delta_norm: 0.1 },
+    }
+}
+
+fn announced(actions: &[Action]) -> RoundAnnouncement {
+    match actions {
+        [Action::AnnounceRound(a)] => a.clone(),
+        other => panic!("expected one announcement, got {other:?}"),
+    }
+}
+
+/// Joins nodes 1..=n at t=0 and returns the announcement of round 1.
+fn start(c: &mut Coordinator, n: u8) -> RoundAnnouncement {
+    for i in 1..=n {
+        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
+    }
+    announced(&c.tick(0, 11).unwrap())
+}
+
+/// Sends every assigned delta of `nodes`.
+fn send_all(c: &mut Coordinator, ann: &RoundAnnouncement, nodes: &[PublicKey], now: u64) {
+    for p in ann.participants.iter().filter(|p| nodes.contains(&p.node)) {
+        for s in &p.shards {
+            c.delta_announced(now, p.node, delta(ann, *s, p.node)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn waits_for_members_then_announces_a_covering_round() {
+    let mut c = coordinator();
+    c.node_heartbeat(0, key(1), &heartbeat(1, 100.0));
+    c.node_heartbeat(0, key(2), &heartbeat(1, 100.0));
+    assert!(c.tick(0, 1).unwrap().is_empty());
+    assert_eq!(c.state().name(), "waiting-for-members");
+    c.node_heartbeat(5, key(3), &heartbeat(1, 100.0));
+    let ann = announced(&c.tick(5, 1).unwrap());
+    assert_eq!(ann.round, 1);
+    assert_eq!(ann.base_checkpoint, base_manifest().hash().unwrap());
+    assert_eq!(ann.deadlines, Deadlines { deltas_by_ms: 1_005, commit_by_ms: 2_005 });
+    for e in experts() {
+        let hosts = ann.participants.iter().filter(|p| p.shards.contains(&e)).count();
+        assert_eq!(hosts, 2, "{e}");
+    }
+    assert!(ann.participants.iter().all(|p| p.shards.contains(&ShardId::Trunk) && p.data_seeds.len() == 1));
+    // The announcement is a valid protocol message.
+    Message::RoundAnnouncement(ann).check_limits().unwrap();
+}
+
+#[test]
+fn full_round_commits_and_round_trips_through_the_protocol() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &nodes, 10);
+    let verify = c.tick(20, 12).unwrap();
+    let [Action::Verify { round: 1, deltas }] = verify.as_slice() else { panic!("{verify:?}") };
+    let first_bad = deltas[0].1.payload_hash;
+    for (_, d) in deltas {
+        let v = if d.payload_hash == first_bad { Verdict::Reject(RejectCode::NormTooLarge) } else { Verdict::Accept };
+        c.verification_verdict(1, d.payload_hash, v).unwrap();
+    }
+    let agg = c.tick(30, 13).unwrap();
+    let [Action::Aggregate { round: 1, accepted }] = agg.as_slice() else { panic!("{agg:?}") };
+    for a in accepted {
+        assert!(a.deltas.windows(2).all(|w| w[0] < w[1]), "aggregation order is by payload hash");
+        let hash = ContentHash::of(format!("new {}", a.shard).as_bytes());
+        c.shard_aggregated(1, ShardEntry { shard: a.shard, hash, size: 9, round: 1 }).unwrap();
+    }
+    let done = c.tick(40, 14).unwrap();
+    let [Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
+    assert_eq!(commit.round, 1);
+    assert_eq!(commit.rejected.len(), 1);
+    assert_eq!(commit.rejected[0].reason, RejectCode::NormTooLarge);
+    assert_eq!(commit.checkpoint.round, 1);
+    assert_eq!(commit.checkpoint.shards.len(), base_manifest().shards.len());
+    assert!(commit.checkpoint.shards.iter().all(|e| e.round == 1), "every shard got deltas, so every shard changed");
+    // Round trip through the wire encoding: the commit is a valid message and the manifest decodes to itself.
+    let msg = Message::RoundCommit(commit.clone());
+    msg.check_limits().unwrap();
+    assert_eq!(CheckpointManifest::from_bytes(&commit.checkpoint.to_bytes().unwrap()).unwrap(), commit.checkpoint);
+    assert_eq!(c.checkpoint(), &commit.checkpoint);
+    // Cooldown, then round 2 from the new checkpoint.
+    assert_eq!(c.state().name(), "cooldown");
+    assert!(c.tick(100, 15).unwrap().is_empty());
+    for i in 1..=3 {
+        c.node_heartbeat(140, key(i), &heartbeat(2, 100.0));
+    }
+    let ann2 = announced(&c.tick(140, 16).unwrap());
+    assert_eq!(ann2.round, 2);
+    assert_eq!(ann2.base_checkpoint, commit.checkpoint.hash().unwrap());
+}
+
+#[test]
+fn nodes_missing_the_deadline_are_dropped_and_the_round_completes() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 4);
+    let late_p = ann.participants.iter().max_by_key(|p| p.shards.len()).unwrap().clone();
+    assert!(late_p.shards.len() >= 2);
+    let late = late_p.node;
+    let on_time: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).filter(|n| *n != late).collect();
+    send_all(&mut c, &ann, &on_time, 10);
+    // The late node sends only part of its work before the deadline.
+    let first = late_p.shards[0];
+    c.delta_announced(10, late, delta(&ann, first, late)).unwrap();
+    assert!(c.tick(500, 1).unwrap().is_empty(), "waits for the missing deltas until the deadline");
+    let after = c.tick(1_001, 1).unwrap();
+    let [Action::Verify { deltas, .. }] = after.as_slice() else { panic!("{after:?}") };
+    assert!(deltas.iter().all(|(n, _)| *n != late), "the late node's partial work is not verified");
+    let r = c.state().round().unwrap();
+    assert!(r.dropped.contains(&late));
+    // Its late delta is refused.
+    let rest = late_p.shards[1];
+    assert_eq!(c.delta_announced(1_002, late, delta(&ann, rest, late)), Err(EventError::Refused(RejectCode::StaleRound)));
+    // Nobody verifies: at the commit deadline everything is refused as late and the round still commits.
+    // With nothing accepted there is nothing to aggregate, so the commit follows in the same tick.
+    let done = c.tick(2_002, 1).unwrap();
+    let [Action::Aggregate { accepted, .. }, Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
+    assert!(accepted.is_empty() && commit.accepted.is_empty());
+    assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late && d.node != late));
+    assert_eq!(c.state().name(), "cooldown");
+    assert_eq!(c.checkpoint().shards, base_manifest().shards, "nothing applied, every shard unchanged");
+}
+
+#[test]
+fn refuses_deltas_that_do_not_fit_the_round() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let p = &ann.participants[0];
+    let not_mine = experts().into_iter().find(|e| !p.shards.contains(e)).unwrap();
+    let mut d = delta(&ann, p.shards[0], p.node);
+    assert_eq!(c.delta_announced(1, key(99), d.clone()), Err(EventError::Refused(RejectCode::NotParticipant)));
+    assert_eq!(
+        c.delta_announced(1, p.node, delta(&ann, not_mine, p.node)),
+        Err(EventError::Refused(RejectCode::ShardNotAssigned))
+    );
+    d.base_checkpoint = ContentHash::of(b"other");
+    assert_eq!(c.delta_announced(1, p.node, d), Err(EventError::Refused(RejectCode::WrongBase)));
+    let good = delta(&ann, p.shards[0], p.node);
+    assert_eq!(c.delta_announced(2_000, p.node, good.clone()), Err(EventError::Refused(RejectCode::Late)));
+    c.delta_announced(1, p.node, good.clone()).unwrap();
+    assert_eq!(c.delta_announced(1, p.node, good), Err(EventError::Refused(RejectCode::Inconsistent)));
+}
+
+#[test]
+fn experts_of_departed_nodes_are_reassigned_next_round() {
+    let mut c = coordinator_with(500);
+    let ann = start(&mut c, 4);
+    // Find an expert and make both its hosts leave mid-round (one says goodbye, one times out).
+    let e = experts()[0];
+    let hosts: Vec<PublicKey> = ann.participants.iter().filter(|p| p.shards.contains(&e)).map(|p| p.node).collect();
+    assert_eq!(hosts.len(), 2);
+    c.node_left(&hosts[0]);
+    let stay: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).filter(|n| !hosts.contains(n)).collect();
+    send_all(&mut c, &ann, &stay, 10);
+    for n in &stay {
+        c.node_heartbeat(600, *n, &heartbeat(2, 100.0));
+    }
+    // At 600 the second host has been silent > 500 ms: it leaves, and since everyone still in the round has
+    // delivered, verification starts before the delta deadline.
+    let actions = c.tick(600, 2).unwrap();
+    assert!(matches!(actions.as_slice(), [Action::Verify { .. }]), "{actions:?}");
+    assert_eq!(c.members().len(), 2);
+    assert!(c.state().round().unwrap().dropped.contains(&hosts[1]));
+    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    assert!(r.deltas.keys().all(|(_, n)| stay.contains(n)));
+    for d in r.deltas.values() {
+        c.verification_verdict(1, d.payload_hash, Verdict::Accept).unwrap();
+    }
+    assert!(matches!(c.tick(700, 3).unwrap().as_slice(), [Action::Aggregate { .. }]));
+    // Nobody reports aggregation results: at the commit deadline the accepted deltas are listed as late.
+    let done = c.tick(2_001, 3).unwrap();
+    let [Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
+    assert!(commit.accepted.is_empty() && !commit.rejected.is_empty());
+    assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late));
+    // Two newcomers join; round 2 gives the orphaned expert two live hosts.
+    for n in [key(50), key(51)].iter().chain(&stay) {
+        c.node_heartbeat(2_200, *n, &heartbeat(3, 100.0));
+    }
+    let ann2 = announced(&c.tick(2_200, 4).unwrap());
+    let new_hosts: Vec<PublicKey> = ann2.participants.iter().filter(|p| p.shards.contains(&e)).map(|p| p.node).collect();
+    assert_eq!(new_hosts.len(), 2);
+    assert!(new_hosts.iter().all(|n| !hosts.contains(n)));
+}
+
+#[test]
+fn resumes_from_serialized_state_and_behaves_identically() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &nodes[..2], 10);
+    let saved = c.to_bytes().unwrap();
+    let mut restored = Coordinator::from_bytes(&saved).unwrap();
+    assert_eq!(restored, c);
+    // Both continue the same way.
+    send_all(&mut c, &ann, &nodes[2..], 20);
+    send_all(&mut restored, &ann, &nodes[2..], 20);
+    assert_eq!(c.tick(30, 5).unwrap(), restored.tick(30, 5).unwrap());
+    assert_eq!(c, restored);
+    // Corrupted or truncated state is an error, not a panic.
+    assert!(Coordinator::from_bytes(&saved[..saved.len() / 2]).is_err());
+    assert!(Coordinator::from_bytes(&[0xff; 16]).is_err());
+    let mut extra = saved.clone();
+    extra.push(0);
+    assert!(Coordinator::from_bytes(&extra).is_err());
+}
+
+#[test]
+fn same_events_same_seed_same_announcement() {
+    let (mut a, mut b) = (coordinator(), coordinator());
+    assert_eq!(start(&mut a, 5), start(&mut b, 5));
+    let mut c = coordinator();
+    for i in (1..=5).rev() {
+        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
+    }
+    assert_eq!(announced(&c.tick(0, 11).unwrap()), start(&mut coordinator(), 5), "join order does not matter");
+}
+
+#[test]
+fn stale_heartbeats_and_other_runs_are_ignored() {
+    let mut c = coordinator();
+    c.node_heartbeat(0, key(1), &heartbeat(5, 100.0));
+    c.node_heartbeat(100, key(1), &heartbeat(4, 999.0));
+    assert_eq!(c.members()[&key(1)].last_seen_ms, 0);
+    let mut other = heartbeat(9, 1.0);
+    other.run = RunId::new("other").unwrap();
+    c.node_heartbeat(0, key(2), &other);
+    assert_eq!(c.members().len(), 1);
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.min_members = 1;
+    assert!(Coordinator::new(cfg.clone(), base_manifest()).is_err());
+    cfg.min_members = 2;
+    cfg.experts.push(ShardId::Trunk);
+    assert!(Coordinator::new(cfg.clone(), base_manifest()).is_err());
+    cfg.experts.pop();
+    cfg.hyper.outer_momentum = 1.0;
+    assert!(Coordinator::new(cfg, base_manifest()).is_err());
+}
