@@ -21,6 +21,15 @@ fn split_interleaves_blocks_and_keeps_every_byte() {
 }
 
 #[test]
+fn a_short_text_still_gets_a_validation_part() {
+    let t = text(17_000);
+    let ds = TextDataset::new(&t, Split { block_bytes: 4096, validation_fraction: 0.05 }).expect("valid split");
+    assert!(ds.validation_bytes().len() >= 800, "validation holds {} bytes", ds.validation_bytes().len());
+    assert_eq!(ds.train_bytes().len() + ds.validation_bytes().len(), t.len());
+    assert!(ds.validation_batch(0, 2, 16).is_ok());
+}
+
+#[test]
 fn zero_validation_fraction_keeps_everything_for_training() {
     let t = text(5000);
     let ds = TextDataset::new(&t, Split { block_bytes: 64, validation_fraction: 0.0 }).expect("valid split");

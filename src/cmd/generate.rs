@@ -109,6 +109,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
     let config = GenerateConfig { max_tokens: args.max_tokens, sampling, seed: args.seed, speculative: args.speculative };
     if args.compare {
+        warm_up(model, prompt.len() + args.max_tokens + 1)?;
         let plain = timed(model, &prompt, &GenerateConfig { speculative: false, ..config })?;
         let spec = timed(model, &prompt, &GenerateConfig { speculative: true, ..config })?;
         if plain.generation.tokens != spec.generation.tokens {
@@ -154,6 +155,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Runs one forward pass (with MTP) over the longest window the timed runs will use, so that neither of
+/// them pays for growing the model's activation buffers and the comparison is fair.
+fn warm_up(model: &mut Model, len: usize) -> anyhow::Result<()> {
+    let t = len.clamp(1, model.config().context);
+    let v = model.config().vocab_size;
+    let mut main = vec![0.0; t * v];
+    let mut mtp = vec![0.0; t * v];
+    let mtp_out = if model.config().mtp { Some(&mut mtp[..]) } else { None };
+    model.logits(&vec![0; t], &mut main, mtp_out)?;
     Ok(())
 }
 

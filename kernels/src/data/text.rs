@@ -21,7 +21,8 @@ pub const MAX_BATCH_TOKENS: usize = 1 << 24;
 /// How the bytes are divided between training and validation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Split {
-    /// Size of the blocks the text is cut into before they are dealt to either part.
+    /// Size of the blocks the text is cut into before they are dealt to either part (smaller for a text
+    /// of fewer than 1 / `validation_fraction` blocks, so that validation is never left empty).
     pub block_bytes: usize,
     /// Fraction of the blocks (spread evenly) that go to validation; in [0, 0.5].
     pub validation_fraction: f64,
@@ -84,7 +85,15 @@ impl TextDataset {
         }
         let mut train = Vec::with_capacity(text.len());
         let mut validation = Vec::with_capacity((text.len() as f64 * f) as usize + split.block_bytes);
-        for (i, block) in text.chunks(split.block_bytes).enumerate() {
+        // A text shorter than 1/f blocks would get no validation block at all: shrink the blocks so that
+        // there are at least 1/f of them.
+        let block_bytes = if f > 0.0 {
+            let min_blocks = (1.0 / f).ceil() as usize;
+            split.block_bytes.min((text.len() / min_blocks).max(1))
+        } else {
+            split.block_bytes
+        };
+        for (i, block) in text.chunks(block_bytes).enumerate() {
             // Block i goes to validation when the running count of validation blocks, floor((i + 1)·f),
             // steps up at i: this spreads them evenly, and f = 0 sends none.
             let before = (i as f64 * f).floor();
