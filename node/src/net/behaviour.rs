@@ -88,8 +88,8 @@ fn content_message_id(message: &gossipsub::Message) -> gossipsub::MessageId {
     gossipsub::MessageId::from(blake3::hash(&message.data).as_bytes().to_vec())
 }
 
-/// Peer-score parameters for one of our topics: invalid messages (P4) weigh heavily, so a peer that sends a
-/// few bad messages drops below the gossip and graylist thresholds. Mesh-delivery deficits (P3) are off:
+/// Peer-score parameters for one of our topics: invalid messages (P4, -5 x count²) weigh heavily, so a peer
+/// that sends two bad messages drops below the gossip threshold (-10) and five below the graylist one (-80). Mesh-delivery deficits (P3) are off:
 /// our topics are quiet, and an honest peer with nothing to say must not be penalised.
 fn topic_score_params() -> gossipsub::TopicScoreParams {
     gossipsub::TopicScoreParams {
@@ -102,7 +102,7 @@ fn topic_score_params() -> gossipsub::TopicScoreParams {
         first_message_deliveries_cap: 10.0,
         mesh_message_deliveries_weight: 0.0,
         mesh_failure_penalty_weight: 0.0,
-        invalid_message_deliveries_weight: -20.0,
+        invalid_message_deliveries_weight: -5.0,
         invalid_message_deliveries_decay: 0.99,
         ..gossipsub::TopicScoreParams::default()
     }

@@ -1,0 +1,149 @@
+//! A peer that sends invalid gossip (garbage, a bad signature, an oversized envelope, a replay) has every
+//! such message rejected with its reason logged, loses gossipsub score (below the publish threshold), while
+//! honest traffic between the other nodes goes on.
+
+mod net_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
+use mana_node::net::{self, NetConfig, NetEvent, Verdict};
+use mana_protocol::{Capacity, DeviceKind, Heartbeat, Keypair, Message, SignedEnvelope, Text, TopicKind, decode_envelope, topic};
+use net_support::*;
+use tokio::sync::mpsc;
+
+/// gossipsub's publish threshold in mana's scoring (see node/src/net/behaviour.rs): below it a peer gets no
+/// gossip and no published messages from us, and a negative score prunes it from our mesh.
+const PUBLISH_THRESHOLD: f64 = -50.0;
+
+fn heartbeat(run: &mana_protocol::RunId) -> Message {
+    Message::Heartbeat(Heartbeat {
+        run: run.clone(),
+        seq: 1,
+        hosted: Vec::new(),
+        capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 0, tokens_per_second: 0.0, max_shards: 0 },
+        software_version: Text::new("attacker").expect("short text"),
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_gossip_is_rejected_and_costs_the_sender_score() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let a = start_node(node_config(&dir.path().join("a"), &boot)).await;
+    let b = start_node(node_config(&dir.path().join("b"), &boot)).await;
+    let run = NetConfig::for_tests().run_id;
+    let heartbeats = topic(&run, TopicKind::Heartbeats);
+
+    // The attacker: a bare swarm that may publish up to 1 MiB, subscribed to the heartbeat topic.
+    let mut config = NetConfig::for_tests();
+    config.bootstrap = boot.clone();
+    config.limits.max_gossip_bytes = 1024 * 1024;
+    let (mallory, mut events, event_loop) = net::new(Libp2pKeypair::generate_ed25519(), config).expect("swarm");
+    let mallory_id = mallory.local_peer_id().to_string();
+    tokio::spawn(event_loop.run());
+    mallory.subscribe(heartbeats.clone()).await.expect("subscribe");
+    // Mallory passes on what it hears (like an honest peer) and keeps copies for replaying.
+    let (heard_tx, mut heard) = mpsc::channel::<Vec<u8>>(64);
+    let reporter = mallory.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let NetEvent::Gossip { id, source, data, .. } = event {
+                let _ = reporter.report(id, source, Verdict::Accept).await;
+                let _ = heard_tx.try_send(data);
+            }
+        }
+    });
+
+    // Mallory connects to A directly, and A's subscription must have reached it before it publishes.
+    for addr in a.listen_addrs().await.expect("addrs") {
+        mallory.dial(addr).await.expect("dial A");
+    }
+    wait_for(Duration::from_secs(20), "A to see mallory", || async {
+        let snap = a.net().snapshot().await.ok()?;
+        snap.peers.iter().any(|p| p.peer_id == mallory_id).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 1. Garbage.
+    wait_for(Duration::from_secs(30), "mallory to publish garbage", || async {
+        mallory.publish(heartbeats.clone(), b"definitely not an envelope".to_vec()).await.ok()
+    })
+    .await;
+    // 2. A replay of an honest heartbeat, once the gossip duplicate caches (2 s in tests) forgot it. It goes
+    // early, while A still listens to Mallory: a graylisted peer is not even heard.
+    // (B's: a replay of A's own message would be dropped by gossipsub as self-origin before validation.)
+    let b_key = b.public_key();
+    let honest = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let data = heard.recv().await.expect("channel open");
+            if decode_envelope(&data).map(|e| e.signer == b_key).unwrap_or(false) {
+                break data;
+            }
+        }
+    })
+    .await
+    .expect("mallory hears an honest heartbeat of B");
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    mallory.publish(heartbeats.clone(), honest).await.expect("publish replay");
+
+    // 3. A well-formed envelope with a broken signature.
+    let key = Keypair::generate().expect("key");
+    let mut forged = SignedEnvelope::sign(&key, &heartbeat(&run), now_ms()).expect("sign");
+    forged.signature.0[0] ^= 0x01;
+    mallory.publish(heartbeats.clone(), forged.encode().expect("encode")).await.expect("publish forged");
+    // 4. An envelope-sized blob over the 256 KiB envelope cap.
+    mallory.publish(heartbeats.clone(), vec![0x01; 300 * 1024]).await.expect("publish oversized");
+    // 5. More garbage.
+    mallory.publish(heartbeats.clone(), b"more garbage".to_vec()).await.expect("publish garbage");
+    // A rejected each of them, blaming Mallory, with the right reasons.
+    let reasons = wait_for(Duration::from_secs(20), "A to log every rejection", || async {
+        let status = a.status().await.ok()?;
+        println!("A: {} rejected; by peer {:?}", status.rejected_messages, status.rejections.by_peer.iter().map(|p| (&p.peer, p.total)).collect::<Vec<_>>());
+        let from_mallory = status.rejections.by_peer.iter().find(|p| p.peer == mallory_id)?;
+        let reasons: BTreeMap<String, u64> =
+            from_mallory.reasons.iter().map(|r| (r.reason.clone(), r.entry.count)).collect();
+        let enough = reasons.get("bad-envelope").copied().unwrap_or(0) >= 2
+            && reasons.contains_key("too-large")
+            && reasons.contains_key("replayed");
+        enough.then_some(reasons)
+    })
+    .await;
+    println!("rejections of mallory at A: {reasons:?}");
+
+    // Mallory's score at A fell below the publish threshold; B's did not go negative.
+    let b_id = b.peer_id().to_string();
+    wait_for(Duration::from_secs(10), "mallory's score to fall", || async {
+        let snap = a.net().snapshot().await.ok()?;
+        let score = |id: &str| snap.peers.iter().find(|p| p.peer_id == id).and_then(|p| p.gossip_score);
+        let (m, b) = (score(&mallory_id)?, score(&b_id)?);
+        println!("scores at A: mallory {m:.1}, b {b:.1}");
+        (m < PUBLISH_THRESHOLD && b >= 0.0).then_some(())
+    })
+    .await;
+
+    // Honest traffic goes on: A still accepts B's heartbeats.
+    let mut accepted = a.accepted();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(msg) = accepted.recv().await {
+                if msg.signer == b_key {
+                    break;
+                }
+            }
+        }
+    })
+    .await
+    .expect("A accepts B's heartbeats after the attack");
+
+    a.shutdown().await.expect("shutdown");
+    b.shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
