@@ -18,8 +18,9 @@ use crate::validation::RejectCode;
 /// How the aggregator turns a round's deltas into the next checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UpdateRule {
-    /// Plain averaging of the deltas, applied with the outer learning rate (synchronous data parallelism when
-    /// `inner_steps` is 1).
+    /// Synchronous data parallelism: each node sends the gradient it accumulated over `inner_steps`
+    /// micro-batches at the round's fixed weights, and every holder of a shard applies one AdamW step to the
+    /// robust mean of the accepted gradients (the optimizer state travels with the shard).
     Sync,
     /// DiLoCo: the averaged delta is an outer gradient for Nesterov momentum.
     Diloco,
