@@ -176,7 +176,7 @@ pub fn forward(ctx: BlockContext<'_>, x: &[f32], out: &mut [f32], acts: &mut Blo
     let balance = match (&p.ffn, &mut acts.ffn) {
         (FfnParams::Dense(sw), FfnActs::Dense { h13, act }) => {
             let h = sw.hidden;
-            moe::dense_forward(backend, precision, params, sw, ln2, &mut h13[..n * 2 * h], &mut act[..n * h], out, n, c)?;
+            moe::swiglu_ffn_forward(backend, precision, params, sw, ln2, &mut h13[..n * 2 * h], &mut act[..n * h], out, n, c)?;
             0.0
         }
         (FfnParams::Moe(mp), FfnActs::Moe(ma)) => {

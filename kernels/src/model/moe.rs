@@ -180,8 +180,10 @@ pub fn route(acts: &mut MoeActs, present: &[bool], bias: &[f32], n: usize, d: Mo
     }
 }
 
+/// A SwiGLU FFN forward (dense block, shared expert or routed expert): out = (silu(x·W1ᵀ) ⊙ x·W3ᵀ)·W2ᵀ,
+/// saving `h13` [N, 2H] and `act` [N, H] for [`swiglu_ffn_backward`].
 #[allow(clippy::too_many_arguments)]
-fn swiglu_forward(
+pub(crate) fn swiglu_ffn_forward(
     backend: &mut dyn Backend,
     precision: Precision,
     params: &[f32],
@@ -222,23 +224,6 @@ pub(crate) fn swiglu_ffn_backward(
     linear::backward(backend, precision, dact, false, p.w2.of_mut(grads), dout, act, p.w2.of(params), rows, h, c)?;
     swiglu::backward(dh13, dact, h13, h);
     linear::backward(backend, precision, dx, accumulate_dx, p.w13.of_mut(grads), dh13, x, p.w13.of(params), rows, c, 2 * h)
-}
-
-/// A dense SwiGLU FFN forward: out = (silu(x·W1ᵀ) ⊙ x·W3ᵀ)·W2ᵀ, saving `h13` [N, 2H] and `act` [N, H].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dense_forward(
-    backend: &mut dyn Backend,
-    precision: Precision,
-    params: &[f32],
-    p: &SwigluParams,
-    x: &[f32],
-    h13: &mut [f32],
-    act: &mut [f32],
-    out: &mut [f32],
-    rows: usize,
-    c: usize,
-) -> Result<(), KernelError> {
-    swiglu_forward(backend, precision, params, p, x, h13, act, out, rows, c)
 }
 
 /// Everything the MoE forward reads besides its input and activations.
@@ -291,7 +276,7 @@ pub fn forward(ctx: MoeContext<'_>, bias: &[f32], x: &[f32], out: &mut [f32], ac
             continue;
         }
         let f = ep.hidden;
-        swiglu_forward(
+        swiglu_ffn_forward(
             backend,
             precision,
             params,
@@ -306,7 +291,7 @@ pub fn forward(ctx: MoeContext<'_>, bias: &[f32], x: &[f32], out: &mut [f32], ac
     }
     // Shared expert writes `out`, then the gated routed outputs are added.
     let sh = p.shared.hidden;
-    swiglu_forward(
+    swiglu_ffn_forward(
         backend,
         precision,
         params,
