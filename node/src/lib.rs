@@ -7,3 +7,4 @@ pub mod daemon;
 pub mod keyfile;
 pub mod net;
 pub mod store;
+pub mod round;

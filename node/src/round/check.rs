@@ -1,0 +1,93 @@
+//! The loss check (the Gauntlet idea, Templar): a contribution is applied, alone, to the round's base model,
+//! and the loss on a held-out validation batch must not rise beyond a tolerance.
+//!
+//! How a delta is applied for the check:
+//! - `diloco`: exactly as the round would apply it if it were the only contribution (the outer Nesterov
+//!   step from the shard's stored buffer), so a scaled or random pseudo-gradient moves the weights by its
+//!   own size and direction.
+//! - `sync`: an AdamW step would hide the delta's scale (AdamW is scale-invariant in one step: a gradient
+//!   ×100 still moves each weight by about lr, while it would poison the second moments for many rounds),
+//!   so the check takes a plain gradient step sized by the run's history instead:
+//!   `θ' = θ − lr · g / rms_ref`, where `rms_ref = sqrt(mean(v) / (1 − β2^step))` is the root-mean-square
+//!   aggregate gradient recorded in the shard's AdamW second moments. An honest gradient then moves each
+//!   weight by about lr (like an AdamW step) downhill; a ×100 one by about 100·lr; a random one sideways. At
+//!   the first update of a shard there is no history (`v = 0`) and `rms_ref` is the delta's own RMS, which
+//!   makes the probe scale-free: that round relies on the norm check against the round's median.
+//!
+//! `tolerance` is in nats: the check passes when `after <= before + tolerance` and `after` is finite. A
+//! negative tolerance demands an improvement.
+
+use mana_kernels::data::Batch;
+use mana_kernels::model::ShardId;
+use mana_protocol::{ContentHash, HyperParams, UpdateRule};
+
+use super::apply::apply_round;
+use super::error::RoundError;
+use super::spec::RunSpec;
+use super::state::{ShardState, build_trainer};
+
+/// The outcome of one loss check.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossCheck {
+    /// Validation loss of the base model.
+    pub before: f32,
+    /// Validation loss with the delta applied.
+    pub after: f32,
+    /// Whether the delta passed (`after` finite and at most `before + tolerance`).
+    pub passed: bool,
+}
+
+/// Checks one delta for `shard` against the full base model `base` (every shard) on `validation` (see the
+/// module doc). Wrong-length or non-finite deltas are errors, not failed checks.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_check(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    round: u64,
+    base: &[ShardState],
+    shard: ShardId,
+    delta: &[f32],
+    validation: &Batch,
+    tolerance: f32,
+) -> Result<LossCheck, RoundError> {
+    if !tolerance.is_finite() {
+        return Err(RoundError::settings("tolerance", "must be finite"));
+    }
+    let target = base.iter().find(|s| s.shard == shard).ok_or_else(|| RoundError::MissingShard { shard: shard.to_string() })?;
+    if delta.len() != target.params.len() {
+        return Err(RoundError::WrongLength { what: "delta", shard: shard.to_string(), expected: target.params.len(), got: delta.len() });
+    }
+    if delta.iter().any(|x| !x.is_finite()) {
+        return Err(RoundError::NonFinite { what: "delta", shard: shard.to_string() });
+    }
+    let mut trainer = build_trainer(spec, hyper, base)?;
+    let before = trainer.evaluate(validation)?.loss;
+    let probe = match hyper.update_rule {
+        UpdateRule::Diloco => apply_round(spec, hyper, round, target, &[(ContentHash::of(b"loss-check"), delta.to_vec())])?.params,
+        UpdateRule::Sync => sync_probe(spec, hyper, target, delta),
+    };
+    trainer.model_mut().import_shard(shard, &probe)?;
+    let after = match trainer.evaluate(validation) {
+        Ok(s) => s.loss,
+        Err(_) => f32::INFINITY,
+    };
+    let passed = after.is_finite() && f64::from(after) <= f64::from(before) + f64::from(tolerance);
+    Ok(LossCheck { before, after, passed })
+}
+
+/// `θ − lr · g / rms_ref` (see the module doc).
+fn sync_probe(spec: &RunSpec, hyper: &HyperParams, target: &ShardState, g: &[f32]) -> Vec<f32> {
+    let cfg = spec.optim_config(hyper);
+    let lr = f64::from(cfg.lr_at(target.step));
+    let rms = |x: &[f32]| (x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / x.len().max(1) as f64).sqrt();
+    let history = if target.step > 0 {
+        let bc2 = 1.0 - f64::from(cfg.beta2).powi(i32::try_from(target.step).unwrap_or(i32::MAX));
+        let mean_v = target.opt_v.iter().map(|&v| f64::from(v)).sum::<f64>() / target.opt_v.len().max(1) as f64;
+        (mean_v / bc2).sqrt()
+    } else {
+        0.0
+    };
+    let rms_ref = if history.is_finite() && history > 0.0 { history } else { rms(g) };
+    let scale = if rms_ref > 0.0 { lr / rms_ref } else { 0.0 };
+    target.params.iter().zip(g).map(|(&p, &d)| (f64::from(p) - scale * f64::from(d)) as f32).collect()
+}

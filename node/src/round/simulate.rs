@@ -1,0 +1,389 @@
+//! N simulated nodes in one process, on the same engine the network runs ([`train_local`],
+//! [`apply_round`]) but with no network: each round every node trains its part, encodes each delta with the
+//! protocol's codec (one [`DeltaEncoder`] per node and shard, error feedback kept across rounds, exactly as
+//! the trainer role does), the payloads are decoded and hashed, and each shard is updated from the decoded
+//! deltas of its holders. Used by the engine's tests (convergence, equivalence, determinism) and by
+//! `mana simulate` to measure the trade-off between traffic and loss.
+//!
+//! Two single-node baselines train the full model (every expert, router-bias balancing on, the same
+//! warm-up-then-constant AdamW without clipping) on the very same micro-batches:
+//! - **full**: the same total tokens at the same global batch. `sync`: one step per round over all nodes'
+//!   micro-batches (nodes · H · B sequences); `diloco`: one step per inner step over all nodes' micro-batch
+//!   of that step (nodes · B sequences), i.e. data parallelism with an all-reduce at every step.
+//! - **alone**: one node (node 0's data) training by itself for the same number of its own optimizer steps
+//!   and micro-batches (`sync`: one step of H micro-batches per round; `diloco`: H steps per round).
+//!
+//! ## What the traffic figures count
+//! - `payload_bytes`: the sum of the encoded delta payloads, each counted once (what nodes upload).
+//! - `wire_bytes`: each payload times the peers that fetch it: the coordinator (to verify it) and every other
+//!   holder of its shard (to apply it), i.e. `holders(shard)` fetches. Holders compute the new shards
+//!   themselves, so no shard download is counted; gossip messages (a few hundred bytes per delta) are not
+//!   counted.
+//! - `allreduce_bytes`: the reference, a ring all-reduce of the full model's f32 gradient (P parameters) at
+//!   every optimizer step of the **full** baseline, in which each of the N nodes sends `2 (N-1) / N · 4P`
+//!   bytes per step: `8 (N-1) P` bytes per step in all.
+//!
+//! Per token means divided by the tokens the nodes trained on (nodes · H · B · T per round).
+
+use std::collections::BTreeMap;
+
+use mana_kernels::data::TextDataset;
+use mana_kernels::model::ShardId;
+use mana_kernels::train::Trainer;
+use mana_protocol::{
+    Capacity, ContentHash, Deadlines, DeltaEncoder, DeviceKind, HyperParams, Participant, PublicKey, RoundAnnouncement,
+    RunId, UpdateRule, decode_delta,
+};
+use serde::Serialize;
+
+use super::apply::apply_round;
+use super::error::RoundError;
+use super::ids::to_wire;
+use super::local::{micro_batch_key, train_local};
+use super::spec::RunSpec;
+use super::state::{ShardState, build_trainer, build_trainer_with, initial_shards};
+use crate::coordinator::{Candidate, ExpertHosts, assign_experts, experts_by_node};
+
+/// One simulation's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Simulated nodes (each holds the trunk and a share of the experts).
+    pub nodes: usize,
+    /// Holders per expert (r); `replication == nodes` gives every node every expert.
+    pub replication: usize,
+    /// The round settings (rule, rates, batch shape, codec).
+    pub hyper: HyperParams,
+    /// H: micro-batches (sync) or inner steps (diloco) per round.
+    pub inner_steps: u32,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Seed of the data assignment (each node's data seed per round derives from it).
+    pub data_seed: u64,
+    /// Encode deltas with the codec (FP8, top-k if configured, error feedback); false sends raw f32.
+    pub compress: bool,
+    /// Validation batches per evaluation.
+    pub eval_batches: u64,
+    /// Sequences per validation batch.
+    pub eval_batch_size: usize,
+    /// Evaluate the network after every `eval_every` rounds (0: only at the end).
+    pub eval_every: u64,
+    /// Train the two single-node baselines too.
+    pub baselines: bool,
+}
+
+impl SimConfig {
+    /// 4 nodes, r = 2, the spec's default hyper-parameters for `rule`, compressed deltas, baselines on.
+    pub fn new(spec: &RunSpec, rule: UpdateRule, inner_steps: u32, rounds: u64) -> SimConfig {
+        SimConfig {
+            nodes: 4,
+            replication: 2,
+            hyper: spec.hyper(rule),
+            inner_steps,
+            rounds,
+            data_seed: 7,
+            compress: true,
+            eval_batches: 8,
+            eval_batch_size: 16,
+            eval_every: 1,
+            baselines: true,
+        }
+    }
+}
+
+/// One round of the simulated network.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundReport {
+    /// The round (0-based).
+    pub round: u64,
+    /// Mean over nodes of the first micro-batch's training loss.
+    pub train_loss: f32,
+    /// Validation loss of the model after the round (NaN when not evaluated this round).
+    pub val_loss: f32,
+    /// Tokens trained on by all nodes so far.
+    pub tokens: u64,
+    /// Encoded payload bytes of this round, each counted once.
+    pub payload_bytes: u64,
+    /// Bytes fetched this round (each payload times its fetchers).
+    pub wire_bytes: u64,
+}
+
+/// A single-node baseline's result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BaselineReport {
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch_sequences: u64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Final validation loss.
+    pub val_loss: f32,
+}
+
+/// What a simulation measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimReport {
+    /// The update rule.
+    pub rule: String,
+    /// Nodes.
+    pub nodes: usize,
+    /// Holders per expert.
+    pub replication: usize,
+    /// H.
+    pub inner_steps: u32,
+    /// Parameters of the full model (P).
+    pub params: u64,
+    /// Per round.
+    pub rounds: Vec<RoundReport>,
+    /// Final validation loss of the network's model.
+    pub val_loss: f32,
+    /// Tokens trained on by all nodes.
+    pub tokens: u64,
+    /// Payload bytes, each payload once.
+    pub payload_bytes: u64,
+    /// Bytes fetched (see the module doc).
+    pub wire_bytes: u64,
+    /// Bytes the f32 ring all-reduce reference would send (see the module doc).
+    pub allreduce_bytes: u64,
+    /// The full model at the same total tokens and global batch.
+    pub full: Option<BaselineReport>,
+    /// One node alone, same number of its own steps.
+    pub alone: Option<BaselineReport>,
+    /// The final checkpoint: every shard's hash, in shard order.
+    pub shard_hashes: Vec<(String, String)>,
+    /// The final checkpoint itself (every shard's state), for callers that go on from it.
+    #[serde(skip)]
+    pub state: Vec<ShardState>,
+}
+
+impl SimReport {
+    /// Wire bytes per trained token.
+    pub fn wire_bytes_per_token(&self) -> f64 {
+        self.wire_bytes as f64 / self.tokens.max(1) as f64
+    }
+    /// Payload bytes per trained token.
+    pub fn payload_bytes_per_token(&self) -> f64 {
+        self.payload_bytes as f64 / self.tokens.max(1) as f64
+    }
+    /// All-reduce reference bytes per trained token.
+    pub fn allreduce_bytes_per_token(&self) -> f64 {
+        self.allreduce_bytes as f64 / self.tokens.max(1) as f64
+    }
+    /// How many times less the network fetches than the all-reduce would send.
+    pub fn traffic_ratio(&self) -> f64 {
+        self.allreduce_bytes as f64 / self.wire_bytes.max(1) as f64
+    }
+}
+
+/// The synthetic identity of simulated node `n`.
+fn node_key(n: usize) -> PublicKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&(n as u64 + 1).to_le_bytes());
+    PublicKey(k)
+}
+
+/// Node `n`'s data seed in `round` (splitmix64 of the run's seed, node and round).
+pub fn node_data_seed(data_seed: u64, n: usize, round: u64) -> u64 {
+    let mut z = data_seed ^ (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Mean validation loss of the model held by `trainer` over `cfg.eval_batches` fixed validation batches.
+fn evaluate(trainer: &mut Trainer, data: &TextDataset, cfg: &SimConfig, t: usize) -> Result<f32, RoundError> {
+    let mut sum = 0f64;
+    for i in 0..cfg.eval_batches {
+        let batch = data.validation_batch(i, cfg.eval_batch_size, t)?;
+        sum += f64::from(trainer.evaluate(&batch)?.loss);
+    }
+    Ok((sum / cfg.eval_batches.max(1) as f64) as f32)
+}
+
+/// Runs the simulation (see the module doc).
+pub fn simulate(spec: &RunSpec, data: &TextDataset, cfg: &SimConfig) -> Result<SimReport, RoundError> {
+    simulate_with(spec, data, cfg, &mut |_| {})
+}
+
+/// [`simulate`], calling `on_round` after every round (for progress output).
+pub fn simulate_with(
+    spec: &RunSpec,
+    data: &TextDataset,
+    cfg: &SimConfig,
+    on_round: &mut dyn FnMut(&RoundReport),
+) -> Result<SimReport, RoundError> {
+    if cfg.nodes == 0 || cfg.replication == 0 || cfg.replication > cfg.nodes {
+        return Err(RoundError::settings("replication", format!("{} holders among {} nodes", cfg.replication, cfg.nodes)));
+    }
+    if cfg.inner_steps == 0 || cfg.eval_batches == 0 || cfg.eval_batch_size == 0 {
+        return Err(RoundError::settings("inner_steps/eval", "must be at least 1"));
+    }
+    let (b, t) = spec.batch_shape(&cfg.hyper)?;
+    let h = u64::from(cfg.inner_steps);
+
+    // The expert assignment: the coordinator's own, computed once and kept.
+    let experts: Vec<mana_protocol::ShardId> = spec.experts().into_iter().map(to_wire).collect::<Result<_, _>>()?;
+    let candidates: Vec<Candidate> = (0..cfg.nodes)
+        .map(|n| Candidate {
+            node: node_key(n),
+            capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 1 << 40, tokens_per_second: 1.0, max_shards: 1 + experts.len() as u32 },
+            reserved_slots: 1,
+        })
+        .collect();
+    let hosts = assign_experts(&candidates, &experts, cfg.replication, &ExpertHosts::new(), cfg.data_seed)
+        .map_err(|e| RoundError::settings("replication", e.to_string()))?;
+    let by_node = experts_by_node(&hosts);
+    let assignment: Vec<Vec<mana_protocol::ShardId>> = (0..cfg.nodes)
+        .map(|n| {
+            let mut s = vec![mana_protocol::ShardId::Trunk];
+            s.extend(by_node.get(&node_key(n)).into_iter().flatten().copied());
+            s
+        })
+        .collect();
+    let mut holders: BTreeMap<ShardId, u64> = BTreeMap::new();
+    for shards in &assignment {
+        for &s in shards {
+            *holders.entry(super::ids::from_wire(s)).or_default() += 1;
+        }
+    }
+
+    let mut state: Vec<ShardState> = initial_shards(spec)?;
+    let params: u64 = state.iter().map(|s| s.params.len() as u64).sum();
+    let mut encoders: BTreeMap<(usize, ShardId), DeltaEncoder> = BTreeMap::new();
+    let mut rounds = Vec::new();
+    let (mut tokens, mut payload_bytes, mut wire_bytes) = (0u64, 0u64, 0u64);
+    let run = RunId::new("sim").map_err(|e| RoundError::settings("run", e.to_string()))?;
+    for round in 0..cfg.rounds {
+        let participants: Vec<Participant> = (0..cfg.nodes)
+            .map(|n| Participant {
+                node: node_key(n),
+                shards: assignment[n].clone(),
+                data_seeds: vec![node_data_seed(cfg.data_seed, n, round)],
+            })
+            .collect();
+        let ann = RoundAnnouncement {
+            run: run.clone(),
+            round,
+            base_checkpoint: ContentHash::of(&round.to_le_bytes()),
+            participants: participants.clone(),
+            inner_steps: cfg.inner_steps,
+            hyper: cfg.hyper.clone(),
+            max_norm_ratio: 10.0,
+            deadlines: Deadlines { deltas_by_ms: 0, commit_by_ms: 0 },
+        };
+        let mut received: BTreeMap<ShardId, Vec<(ContentHash, Vec<f32>)>> = BTreeMap::new();
+        let (mut round_payload, mut round_wire) = (0u64, 0u64);
+        let mut loss_sum = 0f64;
+        for (n, me) in participants.iter().enumerate() {
+            let local = train_local(spec, &ann, me, &state, data)?;
+            loss_sum += f64::from(local.stats.loss_before);
+            tokens += local.stats.tokens;
+            for (shard, delta) in local.deltas {
+                let (payload, decoded) = if cfg.compress {
+                    let enc = match encoders.entry((n, shard)) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => e.insert(DeltaEncoder::new(cfg.hyper.codec)?),
+                    };
+                    let payload = enc.encode(&delta)?;
+                    let decoded = decode_delta(&payload, delta.len())?;
+                    (payload, decoded)
+                } else {
+                    (delta.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(), delta)
+                };
+                let size = payload.len() as u64;
+                round_payload += size;
+                round_wire += size * holders.get(&shard).copied().unwrap_or(1);
+                received.entry(shard).or_default().push((ContentHash::of(&payload), decoded));
+            }
+        }
+        let mut next = Vec::with_capacity(state.len());
+        for s in &state {
+            let deltas = received.get(&s.shard).map(|v| v.as_slice()).unwrap_or(&[]);
+            next.push(apply_round(spec, &cfg.hyper, round, s, deltas)?);
+        }
+        state = next;
+        payload_bytes += round_payload;
+        wire_bytes += round_wire;
+        let last = round + 1 == cfg.rounds;
+        let val_loss = if last || (cfg.eval_every > 0 && (round + 1) % cfg.eval_every == 0) {
+            evaluate(&mut build_trainer(spec, &cfg.hyper, &state)?, data, cfg, t)?
+        } else {
+            f32::NAN
+        };
+        let report = RoundReport {
+            round,
+            train_loss: (loss_sum / cfg.nodes as f64) as f32,
+            val_loss,
+            tokens,
+            payload_bytes: round_payload,
+            wire_bytes: round_wire,
+        };
+        on_round(&report);
+        rounds.push(report);
+    }
+
+    let full_steps = match cfg.hyper.update_rule {
+        UpdateRule::Sync => cfg.rounds,
+        UpdateRule::Diloco => cfg.rounds * h,
+    };
+    let n = cfg.nodes as u64;
+    let allreduce_bytes = full_steps * 8 * (n - 1) * params;
+    let (full, alone) = if cfg.baselines {
+        (Some(baseline(spec, data, cfg, (b, t), false)?), Some(baseline(spec, data, cfg, (b, t), true)?))
+    } else {
+        (None, None)
+    };
+    Ok(SimReport {
+        rule: format!("{:?}", cfg.hyper.update_rule).to_lowercase(),
+        nodes: cfg.nodes,
+        replication: cfg.replication,
+        inner_steps: cfg.inner_steps,
+        params,
+        val_loss: rounds.last().map(|r| r.val_loss).unwrap_or(f32::NAN),
+        rounds,
+        tokens,
+        payload_bytes,
+        wire_bytes,
+        allreduce_bytes,
+        full,
+        alone,
+        shard_hashes: state.iter().map(|s| (s.shard.to_string(), s.hash().to_string())).collect(),
+        state,
+    })
+}
+
+/// Trains one single-node baseline on the full model (see the module doc): `alone` uses node 0's data only.
+fn baseline(spec: &RunSpec, data: &TextDataset, cfg: &SimConfig, (b, t): (usize, usize), alone: bool) -> Result<BaselineReport, RoundError> {
+    let init = initial_shards(spec)?;
+    let mut trainer = build_trainer_with(spec, spec.optim_config(&cfg.hyper), true, &init)?;
+    let nodes = if alone { 1 } else { cfg.nodes };
+    let h = u64::from(cfg.inner_steps);
+    // Per optimizer step: the (node, round, micro-batch) triples it accumulates.
+    let mut steps: Vec<Vec<(usize, u64, u64)>> = Vec::new();
+    for round in 0..cfg.rounds {
+        match cfg.hyper.update_rule {
+            UpdateRule::Sync => steps.push((0..nodes).flat_map(|n| (0..h).map(move |i| (n, round, i))).collect()),
+            UpdateRule::Diloco => {
+                for i in 0..h {
+                    steps.push((0..nodes).map(|n| (n, round, i)).collect());
+                }
+            }
+        }
+    }
+    let mut tokens = 0u64;
+    let batch_sequences = steps.first().map(|s| s.len() * b).unwrap_or(0) as u64;
+    for micro in &steps {
+        trainer.model_mut().zero_grads();
+        for &(n, round, i) in micro {
+            let (seed, shard, step) = micro_batch_key(&[node_data_seed(cfg.data_seed, n, round)], round, i)?;
+            trainer.accumulate(&data.batch(seed, shard, step, b, t)?)?;
+            tokens += (b * t) as u64;
+        }
+        let k = micro.len() as f32;
+        trainer.model_mut().grads_mut().iter_mut().for_each(|g| *g /= k);
+        trainer.apply_update()?;
+        trainer.model_mut().update_router_bias();
+    }
+    let val_loss = evaluate(&mut trainer, data, cfg, t)?;
+    Ok(BaselineReport { steps: steps.len() as u64, batch_sequences, tokens, val_loss })
+}

@@ -1,0 +1,144 @@
+//! What every member of a run must agree on beyond the protocol messages: the model's shape, the seed its
+//! weights start from and the warm-up of the learning rate, plus the settings derived from them (shard
+//! sizes, batch shape, the inner AdamW settings of a round).
+//!
+//! ## The tiny preset
+//! [`RunSpec::tiny`] is the test and demo model: d_model 64, 4 heads, 2 blocks (the first dense with a
+//! hidden width of 128, the second MoE with 8 routed experts of hidden width 64, top-2, and a shared expert of
+//! width 64), context 64, MTP on, FP8 GEMMs. Its trunk has about 150k parameters and each expert 12k, so a
+//! micro-batch of 8 × 32 tokens trains in a few milliseconds and 4 nodes plus a coordinator run tens of
+//! rounds in seconds on two cores.
+//!
+//! ## The inner optimizer ([`RunSpec::optim_config`])
+//! AdamW with the round's `inner_lr` and `weight_decay`, betas (0.9, 0.95), eps 1e-8, and a learning rate
+//! that warms up linearly over [`RunSpec::warmup_steps`] optimizer steps and then stays constant. A cosine
+//! decay would need the run's length, which no round announcement carries (runs are open-ended), so the
+//! schedule is warmup-then-constant; the single-node baselines of [`super::simulate`] use the same one.
+//! The step that indexes the schedule is the shard's update count in `sync` mode and the global inner step
+//! (`round · H + h`) in `diloco` mode.
+//!
+//! ## No gradient clipping (`grad_clip = 0`)
+//! Global-norm clipping needs the norm of the whole model's gradient, which no shard holder sees, and
+//! clipping each shard by its own norm would change the relative step sizes of the shards, i.e. train a
+//! different model than the single-node one. AdamW is nearly invariant to the gradient's scale anyway, so
+//! clipping mostly guards against outliers, and in the network that is the job of the norm check, the loss
+//! check and the centered-clipping robust mean. The single-node baselines train without clipping too, so the
+//! comparison is of the same mathematics.
+
+use mana_kernels::gemm::Precision;
+use mana_kernels::model::{ExpertSet, ModelConfig, ParamLayout, ShardId};
+use mana_kernels::optim::OptimConfig;
+use mana_protocol::{CodecOptions, HyperParams, UpdateRule};
+
+use super::error::RoundError;
+
+/// What every member of a run agrees on, outside the protocol messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSpec {
+    /// The model's shape (and precision).
+    pub model: ModelConfig,
+    /// Seed of the initial weights (round 0's checkpoint is a pure function of `model` and this).
+    pub init_seed: u64,
+    /// Optimizer steps of linear learning-rate warm-up (then constant); see the module doc.
+    pub warmup_steps: u64,
+}
+
+impl RunSpec {
+    /// The test/demo preset (see the module doc): small enough for 4 nodes and a coordinator on 2 cores.
+    pub fn tiny() -> RunSpec {
+        let model = ModelConfig {
+            vocab_size: 256,
+            d_model: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_dense_layers: 1,
+            dense_hidden: 128,
+            n_routed_experts: 8,
+            top_k: 2,
+            expert_hidden: 64,
+            shared_hidden: 64,
+            context: 64,
+            mtp: true,
+            precision: Precision::Fp8,
+            ..ModelConfig::default()
+        };
+        RunSpec { model, init_seed: 1, warmup_steps: 10 }
+    }
+
+    /// The default hyper-parameters for this run and `rule` (what a coordinator announces unless told
+    /// otherwise): inner lr 3e-3, weight decay 0.1, outer lr 1 and momentum 0 (plain averaging, the better
+    /// choice at these H in our measurements, see docs/training.md), 8 sequences of 32 tokens per inner step,
+    /// dense FP8 deltas with 128-value blocks.
+    pub fn hyper(&self, rule: UpdateRule) -> HyperParams {
+        HyperParams {
+            update_rule: rule,
+            inner_lr: 3e-3,
+            weight_decay: 0.1,
+            outer_lr: 1.0,
+            outer_momentum: 0.0,
+            batch_tokens: 256,
+            seq_len: 32,
+            codec: CodecOptions::default(),
+        }
+    }
+
+    /// The inner AdamW settings of a round (see the module doc: warm-up then constant, no clipping).
+    pub fn optim_config(&self, hyper: &HyperParams) -> OptimConfig {
+        let warmup = usize::try_from(self.warmup_steps).unwrap_or(usize::MAX);
+        OptimConfig {
+            lr: hyper.inner_lr,
+            min_lr: hyper.inner_lr,
+            warmup_steps: warmup,
+            // total <= warmup: after the warm-up lr_at() returns min_lr (= lr), i.e. a constant rate.
+            total_steps: warmup,
+            weight_decay: hyper.weight_decay,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 0.0,
+        }
+    }
+
+    /// Every shard of the model: the trunk, then each routed expert in (layer, index) order.
+    pub fn shards(&self) -> Vec<ShardId> {
+        let mut out = vec![ShardId::Trunk];
+        out.extend(ExpertSet::all(&self.model).shards());
+        out
+    }
+
+    /// The routed experts of the model, in (layer, index) order.
+    pub fn experts(&self) -> Vec<ShardId> {
+        ExpertSet::all(&self.model).shards()
+    }
+
+    /// The number of parameters of `shard` (also the length of its delta and of each optimizer moment).
+    pub fn shard_len(&self, shard: ShardId) -> Result<usize, RoundError> {
+        let unknown = || RoundError::UnknownShard { shard: shard.to_string() };
+        let experts = ExpertSet::from_shards(&self.model, &[shard]).map_err(|_| unknown())?;
+        ParamLayout::new(&self.model, &experts).shard_span(shard).map(|s| s.len).ok_or_else(unknown)
+    }
+
+    /// The number of router biases the trunk carries (E per MoE layer); 0 for an expert.
+    pub fn router_bias_len(&self, shard: ShardId) -> usize {
+        match shard {
+            ShardId::Trunk => {
+                (0..self.model.n_layers).filter(|&l| self.model.is_moe_layer(l)).count() * self.model.n_routed_experts
+            }
+            ShardId::Expert { .. } => 0,
+        }
+    }
+
+    /// Sequences per inner step and positions per sequence of a round: (batch_tokens / seq_len, seq_len).
+    /// Refused unless seq_len divides batch_tokens and fits the model's context.
+    pub fn batch_shape(&self, hyper: &HyperParams) -> Result<(usize, usize), RoundError> {
+        let t = hyper.seq_len as usize;
+        let tokens = hyper.batch_tokens as usize;
+        if t == 0 || t > self.model.context {
+            return Err(RoundError::settings("seq_len", format!("{t} is not in 1..={}", self.model.context)));
+        }
+        if tokens == 0 || tokens % t != 0 {
+            return Err(RoundError::settings("batch_tokens", format!("{tokens} is not a positive multiple of seq_len {t}")));
+        }
+        Ok((tokens / t, t))
+    }
+}
