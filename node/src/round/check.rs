@@ -16,6 +16,13 @@
 //!
 //! `tolerance` is in nats: the check passes when `after <= before + tolerance` and `after` is finite. A
 //! negative tolerance demands an improvement.
+//!
+//! What it catches, measured in `node/tests/round_engine.rs`: deltas scaled ×100 and random vectors raise the
+//! loss by nats (rejected at tolerance 0), an honest delta lowers it. A random vector scaled to the honest norm
+//! (so that it passes the norm check) is nearly harmless in one step in `sync` mode (a step of about lr per
+//! weight in a random direction changes the loss by ~1e-4 nats), so it passes a tolerance of 0; it gains
+//! nothing, though, so a verifier that demands part of the gain of the round's other contributions (a
+//! negative tolerance, [`LossCheck::gain`]) rejects it, as the Gauntlet does by scoring improvements.
 
 use mana_kernels::data::Batch;
 use mana_kernels::model::ShardId;
@@ -35,6 +42,13 @@ pub struct LossCheck {
     pub after: f32,
     /// Whether the delta passed (`after` finite and at most `before + tolerance`).
     pub passed: bool,
+}
+
+impl LossCheck {
+    /// How much the delta lowered the validation loss (negative: it raised it).
+    pub fn gain(&self) -> f32 {
+        self.before - self.after
+    }
 }
 
 /// Checks one delta for `shard` against the full base model `base` (every shard) on `validation` (see the

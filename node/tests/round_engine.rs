@@ -1,0 +1,284 @@
+//! The round engine's unit-level guarantees, in-process: shard states survive the round trip and bad blobs
+//! are typed errors; `apply_round` is bit-identical whatever the order of the deltas and however they were
+//! decoded; one node holding every expert is exactly the single-node trainer; bad deltas are refused; the
+//! loss check tells honest deltas from scaled and random ones.
+
+use mana_kernels::data::builtin;
+use mana_kernels::data::{Split, TextDataset};
+use mana_kernels::model::ShardId;
+use mana_node::round::{
+    RoundError, RunSpec, ShardState, SimConfig, apply_round, build_trainer, initial_shards, loss_check, simulate, to_wire,
+    train_local,
+};
+use mana_protocol::{
+    ContentHash, Deadlines, DeltaEncoder, HyperParams, Participant, PublicKey, RoundAnnouncement, RunId, UpdateRule,
+    decode_delta,
+};
+
+fn dataset() -> TextDataset {
+    TextDataset::new(&builtin::generate(3, 300_000), Split::default()).unwrap()
+}
+
+fn announcement(spec: &RunSpec, hyper: &HyperParams, round: u64, inner_steps: u32, participants: Vec<Participant>) -> RoundAnnouncement {
+    let _ = spec;
+    RoundAnnouncement {
+        run: RunId::new("test").unwrap(),
+        round,
+        base_checkpoint: ContentHash::of(b"base"),
+        participants,
+        inner_steps,
+        hyper: hyper.clone(),
+        max_norm_ratio: 10.0,
+        deadlines: Deadlines { deltas_by_ms: 0, commit_by_ms: 0 },
+    }
+}
+
+fn participant(n: u8, shards: &[ShardId], seed: u64) -> Participant {
+    Participant {
+        node: PublicKey([n; 32]),
+        shards: shards.iter().map(|&s| to_wire(s).unwrap()).collect(),
+        data_seeds: vec![seed],
+    }
+}
+
+fn bits(s: &ShardState) -> Vec<u8> {
+    s.to_bytes()
+}
+
+/// A small deterministic pseudo-random vector (splitmix64), roughly uniform in [-1, 1).
+fn noise(seed: u64, len: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
+    let spec = RunSpec::tiny();
+    let shards = initial_shards(&spec).unwrap();
+    assert_eq!(shards.len(), 1 + 8, "trunk + 8 experts");
+    assert_eq!(shards[0].shard, ShardId::Trunk);
+    assert_eq!(shards[0].router_bias.len(), 8);
+    for s in &shards {
+        let bytes = s.to_bytes();
+        assert_eq!(bytes, s.to_bytes(), "deterministic encoding");
+        let back = ShardState::from_bytes(&bytes, &spec, s.shard).unwrap();
+        assert_eq!(&back, s);
+        assert_eq!(back.hash(), s.hash());
+    }
+    let trunk = shards[0].to_bytes();
+    let expert = shards[1].to_bytes();
+    // Empty, short, truncated, garbled (checksum), trailing bytes, the wrong shard, another model.
+    let mut garbled = trunk.clone();
+    garbled[200] ^= 0x40;
+    let mut trailing = trunk.clone();
+    trailing.push(0);
+    let mut other = RunSpec::tiny();
+    other.model.d_model = 32;
+    let cases: Vec<(&str, Vec<u8>, RunSpec, ShardId)> = vec![
+        ("empty", Vec::new(), spec.clone(), ShardId::Trunk),
+        ("short", trunk[..20].to_vec(), spec.clone(), ShardId::Trunk),
+        ("truncated", trunk[..trunk.len() - 9].to_vec(), spec.clone(), ShardId::Trunk),
+        ("garbled", garbled, spec.clone(), ShardId::Trunk),
+        ("trailing", trailing, spec.clone(), ShardId::Trunk),
+        ("wrong shard", expert.clone(), spec.clone(), ShardId::Trunk),
+        ("other expert", expert, spec.clone(), ShardId::Expert { layer: 1, index: 5 }),
+        ("other model", trunk.clone(), other, ShardId::Trunk),
+        ("no such expert", trunk.clone(), spec.clone(), ShardId::Expert { layer: 0, index: 0 }),
+    ];
+    for (what, bytes, spec, shard) in cases {
+        match ShardState::from_bytes(&bytes, &spec, shard) {
+            Err(RoundError::Blob(_)) | Err(RoundError::UnknownShard { .. }) => {}
+            other => panic!("{what}: expected a typed blob error, got {other:?}"),
+        }
+    }
+    // A well-formed blob that holds a NaN is refused too.
+    let mut nan = shards[2].clone();
+    nan.params[3] = f32::NAN;
+    assert!(matches!(ShardState::from_bytes(&nan.to_bytes(), &spec, nan.shard), Err(RoundError::NonFinite { .. })));
+    // Every prefix of a blob is an error, never a panic.
+    for cut in (0..trunk.len()).step_by(997) {
+        assert!(ShardState::from_bytes(&trunk[..cut], &spec, ShardId::Trunk).is_err());
+    }
+}
+
+/// One sync round of `nodes` participants, each holding the trunk and every expert, from `base`.
+fn deltas_of_round(spec: &RunSpec, hyper: &HyperParams, base: &[ShardState], nodes: u8, round: u64) -> Vec<Vec<(ShardId, Vec<f32>)>> {
+    let data = dataset();
+    let all = spec.shards();
+    let ps: Vec<Participant> = (0..nodes).map(|n| participant(n + 1, &all, 100 + u64::from(n))).collect();
+    let ann = announcement(spec, hyper, round, 2, ps.clone());
+    ps.iter().map(|p| train_local(spec, &ann, p, base, &data).unwrap().deltas).collect()
+}
+
+#[test]
+fn apply_round_is_bit_identical_across_orders_and_decodings() {
+    let spec = RunSpec::tiny();
+    let base = initial_shards(&spec).unwrap();
+    for rule in [UpdateRule::Sync, UpdateRule::Diloco] {
+        let hyper = spec.hyper(rule);
+        let per_node = deltas_of_round(&spec, &hyper, &base, 4, 0);
+        for (i, shard_base) in base.iter().enumerate().take(3) {
+            // Each holder encodes nothing itself: it decodes the payloads it fetched. Two holders decode
+            // independently (fresh buffers), and see the deltas in different orders.
+            let payloads: Vec<Vec<u8>> = per_node
+                .iter()
+                .map(|d| {
+                    assert_eq!(d[i].0, shard_base.shard);
+                    DeltaEncoder::new(hyper.codec).unwrap().encode(&d[i].1).unwrap()
+                })
+                .collect();
+            let decode_all = |order: &[usize]| -> Vec<(ContentHash, Vec<f32>)> {
+                order.iter().map(|&k| (ContentHash::of(&payloads[k]), decode_delta(&payloads[k], shard_base.params.len()).unwrap())).collect()
+            };
+            let a = apply_round(&spec, &hyper, 0, shard_base, &decode_all(&[0, 1, 2, 3])).unwrap();
+            let b = apply_round(&spec, &hyper, 0, &shard_base.clone(), &decode_all(&[3, 1, 0, 2])).unwrap();
+            let c = apply_round(&spec, &hyper, 0, shard_base, &decode_all(&[2, 3, 1, 0])).unwrap();
+            assert_eq!(bits(&a), bits(&b), "{rule:?} {}", shard_base.shard);
+            assert_eq!(bits(&a), bits(&c));
+            assert_ne!(a.params, shard_base.params, "the round changed the shard");
+            assert_eq!(a.step, 1);
+            // No deltas: unchanged.
+            assert_eq!(apply_round(&spec, &hyper, 0, shard_base, &[]).unwrap(), *shard_base);
+        }
+    }
+}
+
+#[test]
+fn bad_deltas_are_refused_with_typed_errors() {
+    let spec = RunSpec::tiny();
+    let base = initial_shards(&spec).unwrap();
+    let hyper = spec.hyper(UpdateRule::Sync);
+    let trunk = &base[0];
+    let len = trunk.params.len();
+    let good = noise(1, len).iter().map(|x| x * 1e-3).collect::<Vec<f32>>();
+    let mut nan = good.clone();
+    nan[17] = f32::NAN;
+    let mut inf = good.clone();
+    inf[len - 1] = f32::INFINITY;
+    let h = |b: &[u8]| ContentHash::of(b);
+    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good.clone()), (h(b"b"), nan)]);
+    assert!(matches!(r, Err(RoundError::NonFinite { what: "delta", .. })), "{r:?}");
+    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), inf)]);
+    assert!(matches!(r, Err(RoundError::NonFinite { .. })), "{r:?}");
+    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good[..len - 1].to_vec())]);
+    assert!(matches!(r, Err(RoundError::WrongLength { expected, got, .. }) if expected == len && got == len - 1), "{r:?}");
+    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good.clone()), (h(b"a"), good.clone())]);
+    assert!(matches!(r, Err(RoundError::Aggregate(_))), "a payload counted twice: {r:?}");
+    // The loss check refuses them the same way.
+    let data = dataset();
+    let val = data.validation_batch(0, 8, 32).unwrap();
+    let mut bad = good.clone();
+    bad[0] = f32::NAN;
+    assert!(matches!(loss_check(&spec, &hyper, 0, &base, ShardId::Trunk, &bad, &val, 0.0), Err(RoundError::NonFinite { .. })));
+    assert!(matches!(loss_check(&spec, &hyper, 0, &base, ShardId::Trunk, &good[1..], &val, 0.0), Err(RoundError::WrongLength { .. })));
+    // A base state that is not this run's shape is refused, not used.
+    let mut short = trunk.clone();
+    short.opt_v.pop();
+    assert!(matches!(apply_round(&spec, &hyper, 0, &short, &[(h(b"a"), good)]), Err(RoundError::WrongLength { .. })));
+}
+
+#[test]
+fn one_node_holding_every_expert_is_the_single_node_trainer() {
+    // Sync mode, one participant, plain f32 deltas: the round engine must reproduce the kernels' trainer
+    // accumulating the same H micro-batches and taking one AdamW step, round after round.
+    let spec = RunSpec::tiny();
+    let hyper = spec.hyper(UpdateRule::Sync);
+    let data = dataset();
+    let (b, t) = spec.batch_shape(&hyper).unwrap();
+    let h = 3u32;
+    let mut state = initial_shards(&spec).unwrap();
+    let mut reference = build_trainer(&spec, &hyper, &state).unwrap();
+    let me = participant(1, &spec.shards(), 42);
+    for round in 0..4u64 {
+        let ann = announcement(&spec, &hyper, round, h, vec![me.clone()]);
+        let local = train_local(&spec, &ann, &me, &state, &data).unwrap();
+        state = state
+            .iter()
+            .zip(&local.deltas)
+            .map(|(s, (shard, d))| {
+                assert_eq!(s.shard, *shard);
+                apply_round(&spec, &hyper, round, s, &[(ContentHash::of(&round.to_le_bytes()), d.clone())]).unwrap()
+            })
+            .collect();
+
+        reference.model_mut().zero_grads();
+        for i in 0..u64::from(h) {
+            reference.accumulate(&data.batch(42, round, i, b, t).unwrap()).unwrap();
+        }
+        reference.model_mut().grads_mut().iter_mut().for_each(|g| *g /= h as f32);
+        reference.apply_update().unwrap();
+    }
+    let mut worst = 0f32;
+    for s in &state {
+        let r = reference.model().export_shard(s.shard).unwrap();
+        let (m, v) = reference.export_shard_optim(s.shard).unwrap();
+        for (x, y) in s.params.iter().zip(&r).chain(s.opt_m.iter().zip(&m)).chain(s.opt_v.iter().zip(&v)) {
+            worst = worst.max((x - y).abs() / y.abs().max(1e-3));
+        }
+        assert_eq!(s.step, 4);
+    }
+    assert!(worst <= 1e-6, "relative difference {worst}");
+    assert_eq!(reference.step_count(), 4);
+}
+
+#[test]
+fn loss_check_passes_honest_deltas_and_rejects_scaled_and_random_ones() {
+    let spec = RunSpec::tiny();
+    let data = dataset();
+    let val = data.validation_batch(3, 16, 32).unwrap();
+    for rule in [UpdateRule::Sync, UpdateRule::Diloco] {
+        // A few rounds first, so that the check runs against a trained model with optimizer history.
+        let mut cfg = SimConfig::new(&spec, rule, if rule == UpdateRule::Sync { 1 } else { 5 }, 6);
+        cfg.nodes = 2;
+        cfg.replication = 2;
+        cfg.baselines = false;
+        cfg.eval_every = 0;
+        let report = simulate(&spec, &data, &cfg).unwrap();
+        let base = report.state;
+        let hyper = cfg.hyper.clone();
+        let round = cfg.rounds;
+        let me = participant(9, &spec.shards(), 77);
+        let ann = announcement(&spec, &hyper, round, cfg.inner_steps, vec![me.clone()]);
+        let local = train_local(&spec, &ann, &me, &base, &data).unwrap();
+        // The trunk, and the expert that trained most (largest delta): an expert that no validation token is
+        // routed to cannot be judged on this batch, whatever its delta.
+        let norm_of = |d: &[f32]| d.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let busiest = local.deltas[1..].iter().max_by(|a, b| norm_of(&a.1).total_cmp(&norm_of(&b.1))).unwrap();
+        for (shard, honest) in [&local.deltas[0], busiest] {
+            let norm = honest.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let rnd = noise(5, honest.len());
+            let rnd_norm = rnd.iter().map(|x| x * x).sum::<f32>().sqrt();
+            // What an attacker sends without knowing the gradient's scale, and one scaled to the honest norm
+            // (which passes the norm check).
+            let random: Vec<f32> = rnd.clone();
+            let matched: Vec<f32> = rnd.iter().map(|x| x * norm / rnd_norm).collect();
+            let scaled: Vec<f32> = honest.iter().map(|x| x * 100.0).collect();
+            let check = |d: &[f32], tol: f32| loss_check(&spec, &hyper, round, &base, *shard, d, &val, tol).unwrap();
+            let (h, s, r, m) = (check(honest, 0.0), check(&scaled, 0.0), check(&random, 0.0), check(&matched, 0.0));
+            eprintln!(
+                "{rule:?} {shard}: before {:.4} honest {:.4} x100 {:.4} random {:.4} norm-matched random {:.4}",
+                h.before, h.after, s.after, r.after, m.after
+            );
+            assert!(h.passed && h.gain() >= 0.0, "{rule:?} {shard}: honest {h:?}");
+            assert!(!s.passed, "{rule:?} {shard}: x100 {s:?}");
+            assert!(!r.passed, "{rule:?} {shard}: random {r:?}");
+            // A random direction of the honest size gains (next to) nothing on the trunk: it fails as soon as
+            // the check asks for a tenth of the honest gain, which the honest delta itself still passes.
+            if *shard == ShardId::Trunk {
+                assert!(h.gain() > 0.0, "{rule:?}: the honest trunk delta helps: {h:?}");
+                let demand = -0.1 * h.gain();
+                assert!(!check(&matched, demand).passed, "{rule:?} {shard}: norm-matched random {m:?}");
+                assert!(check(honest, demand).passed);
+            }
+        }
+    }
+}
