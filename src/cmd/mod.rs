@@ -2,7 +2,8 @@
 //! are its help text, and a `run` function that calls into a library crate.
 
 mod bootstrap;
-mod generate;
+mod demo;
+pub(crate) mod generate;
 mod info;
 mod keygen;
 mod node;
@@ -28,6 +29,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Sample text from a checkpoint (greedy, or temperature and top-p; optionally speculative with MTP).
     Generate(generate::GenerateArgs),
+    /// Start a whole training network on this machine (bootstrap, coordinator, N nodes), train for a few
+    /// minutes with live progress, and write metrics, a loss plot, final shard hashes and a text sample.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs one subcommand to completion.
@@ -40,5 +44,6 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }

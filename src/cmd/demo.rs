@@ -1,0 +1,85 @@
+//! `mana demo`: starts a whole training network on this machine (a bootstrap node, a coordinator and N
+//! nodes, each its own process on loopback), trains for a few minutes with live progress, then writes the
+//! metrics, a loss plot, every process's final shard hashes and a text sample into `--out`. The work is in
+//! the `demo` module; this file is its command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::demo::{self, DemoConfig, Stop};
+
+/// Rounds run when neither --rounds nor --minutes is given.
+pub const DEFAULT_ROUNDS: u64 = 20;
+
+/// Arguments of `mana demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Training nodes to start (each a separate process).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    nodes: u64,
+    /// Rounds to train (default 20); the coordinator then exports the model and the demo ends.
+    #[arg(long, conflicts_with = "minutes", value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: Option<u64>,
+    /// Train for this many minutes instead of a number of rounds.
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Text to train on: a UTF-8 file, a .gz file, or a directory of them. Default: the built-in corpus.
+    #[arg(long, env = "MANA_CORPUS")]
+    corpus: Option<PathBuf>,
+    /// Update rule: sync (data-parallel: one AdamW step per round on the mean gradient) or diloco (H local
+    /// steps per round, outer Nesterov step on the mean pseudo-gradient).
+    #[arg(long, default_value = "sync", value_parser = ["sync", "diloco"])]
+    rule: String,
+    /// H: micro-batches per node per round (sync) or local steps per round (diloco). Default: the
+    /// coordinator's.
+    #[arg(long)]
+    inner_steps: Option<u64>,
+    /// Output directory (created; a previous demo's output there is replaced).
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Seed of the run (initial weights, batches, built-in corpus). Default: the coordinator's.
+    #[arg(long, env = "MANA_SEED")]
+    seed: Option<u64>,
+    /// Prompt for sample.txt (repeatable). Default: one per kind of line of the built-in corpus, or "The "
+    /// with --corpus.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// Bytes generated per prompt.
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    sample_tokens: u64,
+}
+
+/// Runs `mana demo`.
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let stop = match (args.rounds, args.minutes) {
+        (_, Some(m)) => {
+            anyhow::ensure!(m.is_finite() && m > 0.0 && m <= 24.0 * 60.0, "--minutes must be between 0 and 1440");
+            Stop::Time(Duration::from_secs_f64(m * 60.0))
+        }
+        (Some(r), None) => Stop::Rounds(r),
+        (None, None) => Stop::Rounds(DEFAULT_ROUNDS),
+    };
+    let prompts = if !args.prompt.is_empty() {
+        args.prompt
+    } else if args.corpus.is_some() {
+        vec!["The ".to_owned()]
+    } else {
+        demo::sample::BUILTIN_PROMPTS.iter().map(|p| (*p).to_owned()).collect()
+    };
+    let config = DemoConfig {
+        exe: std::env::current_exe().context("finding the mana executable to start the network's processes")?,
+        out: args.out,
+        nodes: usize::try_from(args.nodes).context("--nodes")?,
+        stop,
+        corpus: args.corpus,
+        rule: args.rule,
+        inner_steps: args.inner_steps,
+        seed: args.seed,
+        prompts,
+        sample_tokens: usize::try_from(args.sample_tokens).context("--sample-tokens")?,
+    };
+    demo::run(config)
+}
