@@ -8,3 +8,4 @@ pub mod keyfile;
 pub mod net;
 pub mod store;
 pub mod round;
+pub mod roles;

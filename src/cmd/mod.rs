@@ -2,6 +2,7 @@
 //! are its help text, and a `run` function that calls into a library crate.
 
 mod bootstrap;
+mod coordinator;
 mod demo;
 pub(crate) mod generate;
 mod info;
@@ -23,6 +24,8 @@ pub enum Command {
     Node(node::NodeArgs),
     /// Run a bootstrap node: a long-lived DHT server and relay with a persistent identity.
     Bootstrap(bootstrap::BootstrapArgs),
+    /// Coordinate a training run: announce rounds, verify and aggregate deltas, commit checkpoints.
+    Coordinator(coordinator::CoordinatorArgs),
     /// Show what a running node reports: peers, experts, rounds, shards, rejected messages.
     Status(status::StatusArgs),
     /// Train the model on one machine, on a text corpus or the built-in one.
@@ -41,6 +44,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Keygen(args) => keygen::run(args),
         Command::Node(args) => node::run(args),
         Command::Bootstrap(args) => bootstrap::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
         Command::Status(args) => status::run(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),

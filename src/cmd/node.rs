@@ -1,13 +1,18 @@
-//! `mana node`: run a node (join the network, validate gossip, serve and sync shards), or with
-//! `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*` environment
+//! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
+//! train the shards the coordinator assigns), or with `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*` environment
 //! variable, else the TOML file given by `--config`, else a default.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 use mana_node::daemon::config::{FileConfig, parse_addrs, parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
+use mana_node::roles::common::{DataSource, load_dataset};
+use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_node::round::RunSpec;
 use mana_node::store::{Store, StoreConfig};
 
 /// Arguments of `mana node`.
@@ -40,7 +45,20 @@ pub struct NodeArgs {
     /// Re-hash every blob of the store, print the report and exit (non-zero if damaged).
     #[arg(long)]
     pub verify_store: bool,
+    /// Most shards (the trunk included) this node will host and train, declared in its heartbeats
+    /// (default 64).
+    #[arg(long, env = "MANA_MAX_SHARDS")]
+    pub max_shards: Option<u32>,
+    /// The run's text, as the coordinator's: a UTF-8 file, a .gz, or a directory; default the built-in corpus.
+    #[arg(long, env = "MANA_CORPUS")]
+    pub corpus: Option<PathBuf>,
+    /// Do not train even with a coordinator: only validate, serve and mirror every committed checkpoint.
+    #[arg(long, env = "MANA_NO_TRAIN")]
+    pub no_train: bool,
 }
+
+/// Default of `--max-shards`.
+pub const DEFAULT_MAX_SHARDS: u32 = 64;
 
 /// The default data directory.
 pub const DEFAULT_DATA_DIR: &str = "mana-data";
@@ -50,12 +68,33 @@ pub fn default_listen() -> Vec<String> {
     vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
 }
 
-/// Merges flags/env (already merged by clap) over the file over defaults.
-fn node_config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
+/// What `mana node` runs besides the daemon.
+struct Training {
+    max_shards: u32,
+    corpus: Option<PathBuf>,
+}
+
+/// Merges flags/env (already merged by clap) over the file over defaults. A node with a coordinator trains
+/// unless told not to: then it syncs only its assigned shards (the trainer owns its store's rounds).
+fn node_config(args: &NodeArgs) -> anyhow::Result<(NodeConfig, Option<Training>)> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let config = base_config(args, &file)?;
+    let trains = config.coordinator.is_some() && !args.no_train && file.train.unwrap_or(true);
+    if !trains {
+        return Ok((config, None));
+    }
+    let max_shards = args.max_shards.or(file.max_shards).unwrap_or(DEFAULT_MAX_SHARDS);
+    anyhow::ensure!(max_shards >= 1, "--max-shards must be at least 1 (the trunk)");
+    let mut config = config;
+    config.sync_shards = false;
+    config.capacity.max_shards = max_shards;
+    Ok((config, Some(Training { max_shards, corpus: args.corpus.clone().or(file.corpus.clone()) })))
+}
+
+fn base_config(args: &NodeArgs, file: &FileConfig) -> anyhow::Result<NodeConfig> {
     let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
     let mut config = NodeConfig::new(data_dir);
     config.key_file = args.key.clone().or(file.key.clone());
@@ -68,7 +107,7 @@ fn node_config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     if let Some(key) = args.coordinator.as_ref().or(file.coordinator.as_ref()) {
         config.coordinator = Some(parse_public_key(key)?);
     }
-    if let Some(limits) = file.limits {
+    if let Some(limits) = file.limits.clone() {
         config.net.limits = limits;
     }
     config.net.kad_server = args.dht_server || all_loopback(&listen);
@@ -89,12 +128,35 @@ pub fn all_loopback(addrs: &[String]) -> bool {
 
 /// Runs `mana node`.
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let config = node_config(&args)?;
+    let (config, training) = node_config(&args)?;
     if args.verify_store {
         return verify_store(&config);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async move { daemon::run(config, shutdown_signal()).await })?;
+    let Some(training) = training else {
+        runtime.block_on(async move { daemon::run(config, shutdown_signal()).await })?;
+        return Ok(());
+    };
+    let data = Arc::new(load_dataset(&DataSource { corpus: training.corpus, ..DataSource::default() })?);
+    let mut trainer = TrainerConfig::new(RunSpec::tiny(), data);
+    trainer.max_shards = training.max_shards;
+    runtime.block_on(async move {
+        let handle = Arc::new(daemon::start(config).await?);
+        {
+            let mut out = std::io::stdout().lock();
+            for addr in handle.listen_addrs().await? {
+                writeln!(out, "{addr}")?;
+            }
+            out.flush()?;
+        }
+        let result = run_trainer(handle.clone(), trainer, shutdown_signal()).await;
+        match Arc::try_unwrap(handle) {
+            Ok(handle) => handle.shutdown().await?,
+            Err(_) => tracing::warn!("node still in use at exit; not shut down cleanly"),
+        }
+        result?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }
 

@@ -32,8 +32,13 @@ pub struct NodeConfig {
     pub verify_store: bool,
     /// How shards are fetched.
     pub fetch: FetchOptions,
-    /// Fetch the shards of every accepted checkpoint manifest that this node lacks.
+    /// Fetch the shards of every accepted checkpoint manifest that this node lacks (a mirror). Must be off
+    /// when a role ([`crate::roles`]) owns the store's rounds: a trainer fetches only the shards it is assigned
+    /// and commits its own rounds, a coordinator commits the run's checkpoints.
     pub sync_shards: bool,
+    /// What the node declares in its heartbeats (the coordinator assigns experts by it). `max_shards` 0 (the
+    /// default) means "assign me nothing": a mirror or a coordinator.
+    pub capacity: mana_protocol::Capacity,
 }
 
 impl NodeConfig {
@@ -49,6 +54,12 @@ impl NodeConfig {
             verify_store: false,
             fetch: FetchOptions::default(),
             sync_shards: true,
+            capacity: mana_protocol::Capacity {
+                device: mana_protocol::DeviceKind::Cpu,
+                memory_bytes: 0,
+                tokens_per_second: 0.0,
+                max_shards: 0,
+            },
         }
     }
 
@@ -117,6 +128,12 @@ pub struct FileConfig {
     pub coordinator: Option<String>,
     /// Network limits.
     pub limits: Option<Limits>,
+    /// Most shards (trunk included) a training node hosts.
+    pub max_shards: Option<u32>,
+    /// The run's text (a file, a .gz or a directory); the built-in corpus if absent.
+    pub corpus: Option<PathBuf>,
+    /// Whether a node with a coordinator trains (default true).
+    pub train: Option<bool>,
 }
 
 /// Largest config file read (a real one is a few hundred bytes).

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
 use mana_protocol::{
-    Capacity, CheckpointManifest, ContentHash, DeviceKind, Heartbeat, Keypair, Message, SignedEnvelope, Text, topic,
+    Capacity, CheckpointManifest, ContentHash, Heartbeat, Keypair, Message, SignedEnvelope, Text, topic,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -65,6 +65,9 @@ pub enum NodeError {
     /// A blocking task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// A training role (trainer, coordinator) failed: a round computation, a checkpoint or a metrics file.
+    #[error("role: {0}")]
+    Role(String),
 }
 
 /// A message that passed validation, as delivered to local subscribers (tests, the trainer).
@@ -94,6 +97,12 @@ pub(crate) struct State {
     pub ignored: u64,
     /// Shard sync in progress or last error.
     pub sync_state: String,
+    /// The capacity declared in heartbeats, when a role changed it from the configured one.
+    pub capacity: Option<Capacity>,
+    /// The trainer role's progress, when it runs.
+    pub training: Option<status::TrainingStatus>,
+    /// The coordinator role's progress, when it runs.
+    pub coordinator: Option<status::CoordinatorStatus>,
 }
 
 /// Everything the handle and the tasks share.
@@ -235,6 +244,14 @@ impl NodeHandle {
 
     /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
     pub async fn publish(&self, message: &Message) -> Result<(), NodeError> {
+        // Gossip does not echo our own messages: what we announce is the current round for us too (the
+        // coordinator judges the deltas of the round it announced against it).
+        if let Message::RoundAnnouncement(a) = message {
+            let mut state = self.shared.state();
+            if state.current.as_ref().is_none_or(|c| c.round < a.round) {
+                state.current = Some(a.clone());
+            }
+        }
         let envelope = SignedEnvelope::sign(&self.shared.keypair, message, now_ms())?;
         let topic = topic(&self.shared.config.net.run_id, message.topic());
         self.shared.client.publish(topic, envelope.encode()?).await?;
@@ -258,9 +275,67 @@ impl NodeHandle {
         sync::fetch_and_store(&self.shared, hash, u64::MAX).await
     }
 
+    /// [`NodeHandle::fetch_blob`], asking `providers` (peers known to hold it) before the DHT.
+    pub async fn fetch_blob_from(&self, hash: ContentHash, providers: Vec<PeerId>) -> Result<u64, NodeError> {
+        sync::fetch_and_store_hinted(&self.shared, hash, u64::MAX, providers).await
+    }
+
+    /// [`NodeHandle::host_blob`] without waiting for the DHT announcement (it runs in the background): for
+    /// blobs on a round's critical path, whose fetchers are told who holds them.
+    pub async fn host_blob_now(&self, bytes: Vec<u8>) -> Result<ContentHash, NodeError> {
+        let store = self.shared.store.clone();
+        let pin = blocking(move || Ok(store.put_blob(&bytes)?)).await?;
+        let hash = ContentHash(pin.hash().0);
+        sync::keep_pin(&self.shared, pin);
+        let client = self.shared.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.start_providing(hash.0.to_vec()).await {
+                tracing::debug!(%hash, error = %e, "hosted blob not announced");
+            }
+        });
+        Ok(hash)
+    }
+
     /// The node's status (also written to `status.json`).
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {
         status::collect(&self.shared).await
+    }
+
+    /// The configuration the node was started with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    /// Reads a stored blob, hash-verified (off the async threads).
+    pub async fn read_blob(&self, hash: ContentHash) -> Result<Vec<u8>, NodeError> {
+        let store = self.shared.store.clone();
+        blocking(move || Ok(store.get_blob(&blob_hash(&hash))?)).await
+    }
+
+    /// Releases the in-memory pins [`NodeHandle::host_blob`] and [`NodeHandle::fetch_blob`] took on these
+    /// blobs: once no committed round or blob reference names them either, the store's collector removes
+    /// them (delta payloads of finished rounds, superseded shards).
+    pub fn unpin(&self, hashes: &[ContentHash]) {
+        let mut pins = self.shared.pins.lock().unwrap_or_else(|p| p.into_inner());
+        for hash in hashes {
+            pins.remove(&hash.0);
+        }
+    }
+
+    /// Changes the capacity declared in the next heartbeats (a trainer declares its shard slots and its
+    /// measured throughput).
+    pub fn set_capacity(&self, capacity: Capacity) {
+        self.shared.state().capacity = Some(capacity);
+    }
+
+    /// Updates the trainer role's part of the status (created on first use).
+    pub fn update_training_status(&self, f: impl FnOnce(&mut status::TrainingStatus)) {
+        f(self.shared.state().training.get_or_insert_with(Default::default));
+    }
+
+    /// Updates the coordinator role's part of the status (created on first use).
+    pub fn update_coordinator_status(&self, f: impl FnOnce(&mut status::CoordinatorStatus)) {
+        f(self.shared.state().coordinator.get_or_insert_with(Default::default));
     }
 
     /// Stops the node: final status write, store flush, swarm closed.
@@ -337,7 +412,7 @@ async fn publish_heartbeat(shared: &Shared, seq: u64) -> Result<(), NodeError> {
         run: shared.config.net.run_id.clone(),
         seq,
         hosted,
-        capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 0, tokens_per_second: 0.0, max_shards: 0 },
+        capacity: shared.state().capacity.unwrap_or(shared.config.capacity),
         software_version: Text::new(net::agent_version())?,
     });
     let envelope = SignedEnvelope::sign(&shared.keypair, &message, now_ms())?;

@@ -51,6 +51,10 @@ pub struct NodeStatus {
     pub stored_round: Option<u64>,
     /// The shards of the stored round.
     pub stored_shards: Vec<StoredShard>,
+    /// Hash (hex) of the checkpoint manifest of the stored round, when the round carries one (a trainer's own
+    /// manifest of its held shards, the coordinator's full checkpoint, a mirror's synced checkpoint).
+    #[serde(default)]
+    pub manifest_hash: Option<String>,
     /// Shard sync progress or last outcome.
     pub sync: String,
     /// Gossip messages accepted, rejected and ignored since start.
@@ -63,6 +67,58 @@ pub struct NodeStatus {
     pub rate_limited_messages: u64,
     /// The store's rejection log: counts by reason and by peer.
     pub rejections: RejectionSummary,
+    /// The trainer role's progress (`None` when the node does not train).
+    #[serde(default)]
+    pub training: Option<TrainingStatus>,
+    /// The coordinator role's progress (`None` unless this node coordinates a run).
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorStatus>,
+}
+
+/// What the trainer role reports ([`crate::roles::trainer`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingStatus {
+    /// Rounds in which this node trained and published its deltas.
+    pub rounds_trained: u64,
+    /// Delta announcements published since start.
+    pub deltas_sent: u64,
+    /// Bytes of delta payloads published since start.
+    pub delta_bytes_sent: u64,
+    /// The last round whose commit this node applied.
+    pub applied_round: Option<u64>,
+    /// Hash (hex) of this node's own checkpoint manifest of its held shards after `applied_round`.
+    pub manifest_hash: Option<String>,
+    /// Held shards after `applied_round`: name and hash (hex).
+    pub held_shards: Vec<(String, String)>,
+    /// Shards whose recomputed hash differed from the coordinator's commit (then re-fetched), since start.
+    pub hash_mismatches: u64,
+    /// Shards whose recomputed hash matched the commit, since start.
+    pub hash_matches: u64,
+    /// Training loss of the last local round.
+    pub last_train_loss: Option<f32>,
+    /// What the trainer is doing now, or its last error.
+    pub activity: String,
+}
+
+/// What the coordinator role reports ([`crate::roles::coordinator`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    /// The round in progress or last committed.
+    pub round: Option<u64>,
+    /// The state machine's phase.
+    pub phase: String,
+    /// Members (nodes whose heartbeats arrive).
+    pub members: usize,
+    /// The last committed round.
+    pub committed_round: Option<u64>,
+    /// Hash (hex) of the last committed checkpoint manifest.
+    pub checkpoint: Option<String>,
+    /// Validation loss of the last committed checkpoint.
+    pub val_loss: Option<f32>,
+    /// Deltas accepted and rejected since start.
+    pub accepted_deltas: u64,
+    /// Rejected since start.
+    pub rejected_deltas: u64,
 }
 
 /// Collects the status now.
@@ -70,6 +126,9 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
     let snap = shared.client.snapshot().await?;
     let store = shared.store.clone();
     let (latest, rejections) = blocking(move || Ok((store.latest()?, store.rejection_summary()?))).await?;
+    let manifest_hash = latest.as_ref().and_then(|(_, m)| {
+        mana_protocol::CheckpointManifest::from_bytes(&m.meta).ok().and_then(|c| c.hash().ok()).map(|h| hex::encode(h.0))
+    });
     let (stored_round, stored_shards) = match latest {
         Some((round, manifest)) => (
             Some(round),
@@ -98,12 +157,15 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         current_round: state.current.as_ref().map(|a| a.round),
         stored_round,
         stored_shards,
+        manifest_hash,
         sync: state.sync_state.clone(),
         accepted_messages: state.accepted,
         rejected_messages: state.rejected,
         ignored_messages: state.ignored,
         rate_limited_messages: snap.gossip_rate_limited,
         rejections,
+        training: state.training.clone(),
+        coordinator: state.coordinator.clone(),
     })
 }
 

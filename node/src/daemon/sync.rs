@@ -29,9 +29,28 @@ pub(crate) fn keep_pin(shared: &Shared, pin: BlobPin) {
 
 /// Fetches blob `hash` unless the store has it, installs it only if its blake3 matches, and announces it.
 pub(crate) async fn fetch_and_store(shared: &Arc<Shared>, hash: ContentHash, max_len: u64) -> Result<u64, NodeError> {
+    fetch_and_store_hinted(shared, hash, max_len, Vec::new()).await
+}
+
+/// [`fetch_and_store`], asking `hints` (peers known to hold the blob: a delta's sender, the coordinator)
+/// first; the DHT is asked only if they all fail. Saves a provider lookup on the round's critical path.
+pub(crate) async fn fetch_and_store_hinted(
+    shared: &Arc<Shared>,
+    hash: ContentHash,
+    max_len: u64,
+    hints: Vec<libp2p::PeerId>,
+) -> Result<u64, NodeError> {
     let store = shared.store.clone();
     if let Some(len) = blocking(move || Ok(store.blob_len(&blob_hash(&hash))?)).await? {
         return Ok(len);
+    }
+    let me = shared.client.local_peer_id();
+    let hints: Vec<_> = hints.into_iter().filter(|p| *p != me).collect();
+    if !hints.is_empty() {
+        match fetch_from(shared, hash, max_len, hints).await {
+            Ok(len) => return Ok(len),
+            Err(e) => tracing::debug!(%hash, error = %e, "hinted providers failed; asking the DHT"),
+        }
     }
     let deadline = tokio::time::Instant::now() + PROVIDER_WAIT;
     let providers = loop {
@@ -45,6 +64,16 @@ pub(crate) async fn fetch_and_store(shared: &Arc<Shared>, hash: ContentHash, max
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+    fetch_from(shared, hash, max_len, providers).await
+}
+
+/// Fetches blob `hash` from `providers`, installs it (hash checked) and announces it.
+async fn fetch_from(
+    shared: &Arc<Shared>,
+    hash: ContentHash,
+    max_len: u64,
+    providers: Vec<libp2p::PeerId>,
+) -> Result<u64, NodeError> {
     let store = shared.store.clone();
     let writer = blocking(move || Ok(store.blob_writer(max_len)?)).await?;
     let mut sink = WriterSink(writer);
@@ -55,10 +84,14 @@ pub(crate) async fn fetch_and_store(shared: &Arc<Shared>, hash: ContentHash, max
     let writer = sink.0;
     let pin = blocking(move || Ok(writer.finish_expecting(&blob_hash(&hash))?)).await?;
     keep_pin(shared, pin);
-    if let Err(e) = shared.client.start_providing(hash.0.to_vec()).await {
-        tracing::warn!(%hash, error = %e, "fetched blob not announced");
-    }
-    tracing::info!(%hash, bytes = len, "blob fetched and stored");
+    // Announced in the background: the DHT query must not hold up whoever waits for the blob.
+    let client = shared.client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client.start_providing(hash.0.to_vec()).await {
+            tracing::warn!(%hash, error = %e, "fetched blob not announced");
+        }
+    });
+    tracing::debug!(%hash, bytes = len, "blob fetched and stored");
     Ok(len)
 }
 

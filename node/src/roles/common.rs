@@ -1,0 +1,144 @@
+//! What both roles need: the run's dataset, publishing that waits for gossip subscriptions, fetching a blob's
+//! bytes with a time limit, and the ledger that releases pins of blobs a role no longer needs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
+use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
+use libp2p::PeerId;
+use mana_protocol::{ContentHash, Message, PublicKey};
+
+use crate::daemon::{NodeError, NodeHandle, blocking};
+
+/// Where a run's text comes from. Every member of a run must use the same one (the trainer reads its
+/// batches from it, the coordinator its validation batches), like the same [`crate::round::RunSpec`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSource {
+    /// A corpus file or directory (`--corpus`); `None` for the built-in corpus.
+    pub corpus: Option<std::path::PathBuf>,
+    /// Seed of the built-in corpus.
+    pub seed: u64,
+    /// Bytes of built-in corpus generated.
+    pub builtin_bytes: usize,
+}
+
+impl Default for DataSource {
+    fn default() -> Self {
+        DataSource { corpus: None, seed: 0, builtin_bytes: DEFAULT_BUILTIN_BYTES }
+    }
+}
+
+/// Reads (or generates) the run's text and splits it into training and validation parts, like `mana train`.
+pub fn load_dataset(source: &DataSource) -> Result<TextDataset, NodeError> {
+    let text = match &source.corpus {
+        Some(path) => read_corpus(path, SourceLimits::default())
+            .map_err(|e| NodeError::Config(format!("corpus {}: {e}", path.display())))?,
+        None => builtin::generate(source.seed, source.builtin_bytes),
+    };
+    TextDataset::new(&text, Split::default()).map_err(|e| NodeError::Config(format!("corpus: {e}")))
+}
+
+/// Reads (or generates) the run's text at `corpus`, or the built-in corpus from seed 0.
+pub fn dataset_at(corpus: Option<&Path>) -> Result<TextDataset, NodeError> {
+    load_dataset(&DataSource { corpus: corpus.map(Path::to_path_buf), ..DataSource::default() })
+}
+
+/// Publishes `message`, retrying every 200 ms while gossip has no subscribed peer yet (or a transient
+/// error), for at most `patience`.
+pub async fn publish_patiently(node: &NodeHandle, message: &Message, patience: Duration) -> Result<(), NodeError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match node.publish(message).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!(kind = message.kind(), error = %e, "publish failed, retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Fetches blob `hash` (from the store if there, else from `hints`, else from the providers the DHT knows)
+/// and returns its verified bytes, within `timeout`.
+pub async fn fetch_bytes(
+    node: &NodeHandle,
+    hash: ContentHash,
+    hints: Vec<PeerId>,
+    timeout: Duration,
+) -> Result<Vec<u8>, NodeError> {
+    match tokio::time::timeout(timeout, node.fetch_blob_from(hash, hints)).await {
+        Ok(Ok(_)) => node.read_blob(hash).await,
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(NodeError::Role(format!("fetching {hash} took longer than {timeout:?}"))),
+    }
+}
+
+/// The libp2p peer of a signing key (`None` if the bytes are not a valid key).
+pub fn peer_of(key: &PublicKey) -> Option<PeerId> {
+    key.peer_id().ok()
+}
+
+/// The peer id of a signing key, as text (for the rejection log); the key's hex if it is not a valid key.
+pub fn peer_name(key: &PublicKey) -> String {
+    key.peer_id().map(|p| p.to_string()).unwrap_or_else(|_| hex::encode(key.0))
+}
+
+/// A fresh unpredictable 64-bit seed from the operating system (for choices senders must not foresee).
+pub fn os_seed() -> Result<u64, NodeError> {
+    getrandom::u64().map_err(|e| NodeError::Role(format!("operating system randomness: {e}")))
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    crate::daemon::now_ms()
+}
+
+/// Blobs a role pinned, by the round that needed them. Blobs of rounds older than the last few are released
+/// ([`NodeHandle::unpin`]), so the store's collector can reclaim payloads and superseded shards once no
+/// retained round refers to them.
+#[derive(Debug, Default)]
+pub struct PinLedger {
+    by_round: BTreeMap<u64, Vec<ContentHash>>,
+}
+
+impl PinLedger {
+    /// Notes that round `round` pinned `hash`.
+    pub fn add(&mut self, round: u64, hash: ContentHash) {
+        self.by_round.entry(round).or_default().push(hash);
+    }
+
+    /// Releases the pins of every round before `keep_from`, except blobs named in `keep` (still in use).
+    pub fn release_before(&mut self, node: &NodeHandle, keep_from: u64, keep: &[ContentHash]) {
+        let newer = self.by_round.split_off(&keep_from);
+        let old = std::mem::replace(&mut self.by_round, newer);
+        let release: Vec<ContentHash> =
+            old.into_values().flatten().filter(|h| !keep.contains(h) && !self.holds(h)).collect();
+        node.unpin(&release);
+    }
+
+    fn holds(&self, hash: &ContentHash) -> bool {
+        self.by_round.values().any(|v| v.contains(hash))
+    }
+}
+
+/// Appends one line to a file (the metrics log), creating it if needed.
+pub async fn append_line(path: &Path, line: String) -> Result<(), NodeError> {
+    let path = path.to_path_buf();
+    blocking(move || {
+        use std::io::Write;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| NodeError::Role(format!("{}: {e}", dir.display())))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| NodeError::Role(format!("{}: {e}", path.display())))?;
+        writeln!(file, "{line}").map_err(|e| NodeError::Role(format!("{}: {e}", path.display())))?;
+        Ok(())
+    })
+    .await
+}

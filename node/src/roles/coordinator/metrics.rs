@@ -1,0 +1,60 @@
+//! One JSON line per committed round (`--metrics PATH`), the format `mana demo` and the figures read:
+//!
+//! ```json
+//! {"round":3,"rule":"sync","participants":4,"accepted":15,"rejected":1,
+//!  "rejected_reasons":{"norm-too-large":1},"train_loss":2.9,"val_loss":2.8,"tokens":4096,
+//!  "payload_bytes":123456,"checkpoint":"<manifest hash hex>",
+//!  "ms":{"train":812,"transfer":40,"verify":95,"apply":30},"unix_ms":1764340000000}
+//! ```
+//!
+//! Wall times, measured by the coordinator: `train` from the announcement to the last delta announcement
+//! (the participants' training, encoding and publishing), `transfer` fetching the payloads, `verify` decoding,
+//! norm and loss checks, `apply` computing and hosting the new shards.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Wall time of each part of a round, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseMs {
+    /// Announcement to the last delta announcement.
+    pub train: u64,
+    /// Fetching delta payloads.
+    pub transfer: u64,
+    /// Decoding, norm checks and loss checks.
+    pub verify: u64,
+    /// Computing and hosting the new shards.
+    pub apply: u64,
+}
+
+/// One line of the metrics file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// The committed round.
+    pub round: u64,
+    /// `sync` or `diloco`.
+    pub rule: String,
+    /// Participants announced.
+    pub participants: usize,
+    /// Deltas applied.
+    pub accepted: usize,
+    /// Deltas refused.
+    pub rejected: usize,
+    /// Refusals by reason code.
+    pub rejected_reasons: BTreeMap<String, u64>,
+    /// Mean training loss the participants reported (at the round's base weights).
+    pub train_loss: Option<f32>,
+    /// Validation loss of the committed checkpoint on the run's fixed validation batches.
+    pub val_loss: Option<f32>,
+    /// Tokens the participants trained on.
+    pub tokens: u64,
+    /// Bytes of delta payloads announced in the round.
+    pub payload_bytes: u64,
+    /// Hash (hex) of the committed checkpoint manifest.
+    pub checkpoint: String,
+    /// Wall time per part of the round.
+    pub ms: PhaseMs,
+    /// When the line was written.
+    pub unix_ms: u64,
+}

@@ -1,0 +1,754 @@
+//! The coordinator role: the run's state machine ([`Coordinator`]) driven on a live node.
+//!
+//! The coordinator is itself a peer with its own key (the key nodes trust with `--coordinator`). It:
+//! - creates round 0's checkpoint from [`initial_shards`] and hosts every shard blob and the manifest blob
+//!   (or, restarted, reloads the last committed checkpoint from its store and resumes the saved state);
+//! - feeds the machine the members' heartbeats (never its own) and the delta announcements, and ticks it
+//!   every [`CoordinatorRoleConfig::tick`] with fresh OS randomness as the seed;
+//! - carries out its [`Action`]s: publishes announcements; verifies a round's deltas in a background task
+//!   ([`verify`]); aggregates itself — it holds the full model, so it computes every shard's new state with
+//!   [`apply_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
+//!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
+//!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
+//!   `mana status` shows it) and writes one metrics line ([`metrics`]);
+//! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
+//!   a round being verified is verified again, a round being aggregated is aggregated again.
+//!
+//! Ticks pause while the coordinator aggregates (it is the only aggregator), so a slow aggregation never
+//! turns into a commit without results.
+
+pub mod metrics;
+mod verify;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mana_kernels::data::TextDataset;
+use mana_protocol::{
+    AcceptedDeltas, CheckpointManifest, ContentHash, DeltaAnnouncement, HyperParams, Message, PublicKey,
+    RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule, decode_delta,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+
+pub use metrics::{PhaseMs, RoundMetrics};
+pub use verify::{LOSS_CHECK_FAILED, PAYLOAD_UNAVAILABLE};
+
+use super::common::{PinLedger, append_line, fetch_bytes, now_ms, os_seed, peer_name, publish_patiently};
+use crate::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
+use crate::daemon::{NodeError, NodeHandle, blocking};
+use crate::round::{RunSpec, ShardState, apply_round, build_trainer, from_wire, initial_shards, to_wire};
+use crate::store::{BlobHash, ManifestEntry, RecordKind, RoundManifest};
+
+/// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
+pub const STATE_KEY: &[u8] = b"coordinator/state";
+
+/// How the coordinator role runs. Durations are in milliseconds inside [`CoordinatorConfig`] so that tests
+/// can run rounds of a second.
+#[derive(Debug, Clone)]
+pub struct CoordinatorRoleConfig {
+    /// The state machine's settings: run, experts, replication, phase durations, H, hyper-parameters.
+    pub machine: CoordinatorConfig,
+    /// The run's model and initialisation; every node must use the same.
+    pub spec: RunSpec,
+    /// The run's text (validation batches for the loss check and the metrics); every node must use the same.
+    pub data: Arc<TextDataset>,
+    /// How often the state machine is ticked.
+    pub tick: Duration,
+    /// Share of contributions loss-checked in sync mode, drawn per delta from OS randomness (diloco: all).
+    pub loss_check_share: f64,
+    /// The loss check passes when the validation loss rises by at most this many nats.
+    pub loss_tolerance: f32,
+    /// Accepted norms kept per shard for the median of the norm check.
+    pub norm_history: usize,
+    /// Fixed validation batches (indices 0..n) the metrics' `val_loss` is measured on.
+    pub val_batches: u64,
+    /// Stop after committing this round: export the model (if `export`) and return.
+    pub rounds: Option<u64>,
+    /// Where to append one JSON line per committed round.
+    pub metrics: Option<PathBuf>,
+    /// Where to save the final model (a `mana train`-style checkpoint directory), at `rounds` and on shutdown.
+    pub export: Option<PathBuf>,
+    /// Longest wait for one payload.
+    pub fetch_timeout: Duration,
+    /// Payloads fetched at once.
+    pub fetch_concurrency: usize,
+}
+
+impl CoordinatorRoleConfig {
+    /// Defaults around `machine`: tick 100 ms, loss-check share 0.25 (sync), tolerance 0.05 nats, 8 norms of
+    /// history, 4 validation batches, no round limit, no metrics or export.
+    pub fn new(machine: CoordinatorConfig, spec: RunSpec, data: Arc<TextDataset>) -> CoordinatorRoleConfig {
+        CoordinatorRoleConfig {
+            machine,
+            spec,
+            data,
+            tick: Duration::from_millis(100),
+            loss_check_share: 0.25,
+            loss_tolerance: 0.05,
+            norm_history: 8,
+            val_batches: 4,
+            rounds: None,
+            metrics: None,
+            export: None,
+            fetch_timeout: Duration::from_secs(30),
+            fetch_concurrency: 8,
+        }
+    }
+}
+
+/// The state machine's settings for `run` over every expert of `spec`, with `spec`'s hyper-parameters for
+/// `rule` and `inner_steps` (the rest: [`CoordinatorConfig::new`]'s defaults).
+pub fn machine_config(
+    run: mana_protocol::RunId,
+    spec: &RunSpec,
+    rule: UpdateRule,
+    inner_steps: u32,
+) -> Result<CoordinatorConfig, NodeError> {
+    let experts =
+        spec.experts().into_iter().map(to_wire).collect::<Result<Vec<_>, _>>().map_err(|e| NodeError::Role(e.to_string()))?;
+    let mut cfg = CoordinatorConfig::new(run, experts, spec.hyper(rule));
+    cfg.inner_steps = inner_steps;
+    Ok(cfg)
+}
+
+/// The full model of one checkpoint: every shard's state and blob hash.
+#[derive(Clone)]
+struct Model {
+    states: Arc<Vec<ShardState>>,
+    hashes: BTreeMap<ShardId, ContentHash>,
+}
+
+impl Model {
+    fn state(&self, shard: &ShardId) -> Option<&ShardState> {
+        let k = from_wire(*shard);
+        self.states.iter().find(|s| s.shard == k)
+    }
+}
+
+/// Per-round bookkeeping outside the state machine (lost on restart; only metrics depend on it).
+#[derive(Default)]
+struct RoundClock {
+    announced: Option<Instant>,
+    last_delta: Option<Instant>,
+    transfer_ms: u64,
+    verify_ms: u64,
+    apply_ms: u64,
+}
+
+struct Role {
+    node: Arc<NodeHandle>,
+    cfg: CoordinatorRoleConfig,
+    me: PublicKey,
+    machine: Coordinator,
+    model: Model,
+    /// New shard states computed by the aggregation, not yet committed.
+    pending: BTreeMap<ShardId, (ContentHash, Arc<ShardState>)>,
+    /// Decoded accepted payloads of the round in progress.
+    decoded: HashMap<ContentHash, Arc<Vec<f32>>>,
+    /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
+    reasons: HashMap<ContentHash, (String, String)>,
+    history: BTreeMap<ShardId, VecDeque<f32>>,
+    clock: RoundClock,
+    /// The last announced round (for the commit's metrics).
+    last_announcement: Option<RoundAnnouncement>,
+    /// Delta announcements the machine took in the round in progress.
+    round_deltas: Vec<(PublicKey, DeltaAnnouncement)>,
+    saved: Vec<u8>,
+    pins: PinLedger,
+    verify_tx: mpsc::Sender<verify::VerifyReport>,
+    accepted_total: u64,
+    rejected_total: u64,
+    val_loss: Option<f32>,
+    done: bool,
+}
+
+/// Runs the coordinator on `node` until `shutdown` completes or, with `cfg.rounds`, until that round is
+/// committed and the model exported. The node must not sync checkpoints itself (`sync_shards = false`) and
+/// should declare no capacity (the default), so it is never assigned work.
+pub async fn run_coordinator(
+    node: Arc<NodeHandle>,
+    cfg: CoordinatorRoleConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    if node.config().sync_shards {
+        return Err(NodeError::Config("the coordinator commits its own rounds: start its node with sync_shards = false".into()));
+    }
+    if cfg.machine.run != node.config().net.run_id {
+        return Err(NodeError::Config(format!(
+            "the coordinator runs {} but its node follows {}",
+            cfg.machine.run,
+            node.config().net.run_id
+        )));
+    }
+    let (verify_tx, mut verify_rx) = mpsc::channel(4);
+    let mut role = Role::start(node, cfg, verify_tx).await?;
+    let mut messages = role.node.accepted();
+    let mut ticker = tokio::time::interval(role.cfg.tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                role.save().await;
+                role.export().await?;
+                break;
+            }
+            _ = ticker.tick() => role.tick().await?,
+            m = messages.recv() => match m {
+                Ok(accepted) => role.on_message(accepted.signer, accepted.message).await,
+                Err(RecvError::Lagged(n)) => tracing::warn!(skipped = n, "coordinator fell behind the message stream"),
+                Err(RecvError::Closed) => break,
+            },
+            Some(report) = verify_rx.recv() => role.on_verified(report).await,
+        }
+        role.save().await;
+        role.update_status();
+        if role.done {
+            role.export().await?;
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl Role {
+    /// Resumes the saved state, or starts the run from round 0's checkpoint.
+    async fn start(
+        node: Arc<NodeHandle>,
+        cfg: CoordinatorRoleConfig,
+        verify_tx: mpsc::Sender<verify::VerifyReport>,
+    ) -> Result<Role, NodeError> {
+        let store = node.store().clone();
+        let saved = blocking(move || Ok(store.get_record(RecordKind::RoundState, STATE_KEY)?)).await?;
+        let (machine, model) = match saved {
+            Some(bytes) => {
+                let machine = Coordinator::from_bytes(&bytes).map_err(|e| NodeError::Role(e.to_string()))?;
+                if machine.config().run != cfg.machine.run {
+                    return Err(NodeError::Config(format!(
+                        "this data directory coordinates run {}, not {}",
+                        machine.config().run,
+                        cfg.machine.run
+                    )));
+                }
+                let model = load_model(&node, &cfg.spec, machine.checkpoint()).await?;
+                tracing::info!(round = machine.checkpoint().round, phase = machine.state().name(), "coordinator resumed");
+                (machine, model)
+            }
+            None => {
+                let (checkpoint, model) = create_initial(&node, &cfg).await?;
+                let machine = Coordinator::new(cfg.machine.clone(), checkpoint).map_err(|e| NodeError::Role(e.to_string()))?;
+                (machine, model)
+            }
+        };
+        // The manifest blob is served again (a restart lost its pin; its store reference keeps it).
+        let manifest = machine.checkpoint().to_bytes()?;
+        node.host_blob(manifest).await?;
+        let me = node.public_key();
+        let mut role = Role {
+            node,
+            cfg,
+            me,
+            machine,
+            model,
+            pending: BTreeMap::new(),
+            decoded: HashMap::new(),
+            reasons: HashMap::new(),
+            history: BTreeMap::new(),
+            clock: RoundClock::default(),
+            last_announcement: None,
+            round_deltas: Vec::new(),
+            saved: Vec::new(),
+            pins: PinLedger::default(),
+            verify_tx,
+            accepted_total: 0,
+            rejected_total: 0,
+            val_loss: None,
+            done: false,
+        };
+        if let Some(active) = role.machine.state().round() {
+            role.last_announcement = Some(active.announcement.clone());
+            role.round_deltas = active.deltas.iter().map(|((_, n), d)| (*n, d.clone())).collect();
+        }
+        role.resume_work().await?;
+        role.save().await;
+        role.update_status();
+        Ok(role)
+    }
+
+    /// After a restart mid-round: verification or aggregation that was in flight is started again.
+    async fn resume_work(&mut self) -> Result<(), NodeError> {
+        match self.machine.state().clone() {
+            RunState::RoundVerify(round) => {
+                let deltas: Vec<(PublicKey, DeltaAnnouncement)> = round
+                    .deltas
+                    .iter()
+                    .filter(|(_, d)| !round.verdicts.contains_key(&d.payload_hash))
+                    .map(|((_, n), d)| (*n, d.clone()))
+                    .collect();
+                self.start_verify(round.announcement.clone(), deltas);
+            }
+            RunState::RoundAggregate(round) => {
+                let mut lists: BTreeMap<ShardId, Vec<ContentHash>> = BTreeMap::new();
+                for ((shard, _), d) in &round.deltas {
+                    if round.verdicts.get(&d.payload_hash) == Some(&Verdict::Accept) && !round.results.contains_key(shard) {
+                        lists.entry(*shard).or_default().push(d.payload_hash);
+                    }
+                }
+                let accepted: Vec<AcceptedDeltas> = lists
+                    .into_iter()
+                    .map(|(shard, mut deltas)| {
+                        deltas.sort();
+                        AcceptedDeltas { shard, deltas }
+                    })
+                    .collect();
+                self.aggregate(&round.announcement, accepted).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn tick(&mut self) -> Result<(), NodeError> {
+        let seed = os_seed()?;
+        let actions = self.machine.tick(now_ms(), seed).map_err(|e| NodeError::Role(e.to_string()))?;
+        for action in actions {
+            self.execute(action).await?;
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, action: Action) -> Result<(), NodeError> {
+        match action {
+            Action::AnnounceRound(ann) => {
+                let round = ann.round;
+                self.clock = RoundClock { announced: Some(Instant::now()), ..RoundClock::default() };
+                self.decoded.clear();
+                self.reasons.clear();
+                self.pending.clear();
+                self.round_deltas.clear();
+                self.last_announcement = Some(ann.clone());
+                let patience = Duration::from_millis(ann.deadlines.deltas_by_ms.saturating_sub(now_ms()));
+                let participants = ann.participants.len();
+                // Saved before publishing: a restart must never announce the same round twice.
+                self.save().await;
+                match publish_patiently(&self.node, &Message::RoundAnnouncement(ann), patience).await {
+                    Ok(()) => tracing::info!(round, participants, "round announced"),
+                    Err(e) => tracing::warn!(round, error = %e, "round announcement not published"),
+                }
+            }
+            Action::Verify { round, deltas } => {
+                let Some(active) = self.machine.state().round() else { return Ok(()) };
+                if active.announcement.round != round {
+                    return Ok(());
+                }
+                let ann = active.announcement.clone();
+                self.start_verify(ann, deltas);
+            }
+            Action::Aggregate { round, accepted } => {
+                let Some(active) = self.machine.state().round() else { return Ok(()) };
+                if active.announcement.round != round {
+                    return Ok(());
+                }
+                let ann = active.announcement.clone();
+                self.aggregate(&ann, accepted).await?;
+            }
+            Action::CommitRound(commit) => self.commit(commit).await?,
+        }
+        Ok(())
+    }
+
+    fn start_verify(&mut self, announcement: RoundAnnouncement, deltas: Vec<(PublicKey, DeltaAnnouncement)>) {
+        let history = self.history.iter().map(|(s, v)| (*s, v.iter().copied().collect())).collect();
+        let remaining = announcement.deadlines.commit_by_ms.saturating_sub(now_ms()).max(1000);
+        let input = verify::VerifyInput {
+            announcement,
+            deltas,
+            model: self.model.states.clone(),
+            history,
+            spec: self.cfg.spec.clone(),
+            data: self.cfg.data.clone(),
+            loss_check_share: self.cfg.loss_check_share,
+            loss_tolerance: self.cfg.loss_tolerance,
+            fetch_timeout: self.cfg.fetch_timeout.min(Duration::from_millis(remaining)),
+            concurrency: self.cfg.fetch_concurrency,
+        };
+        let (node, tx) = (self.node.clone(), self.verify_tx.clone());
+        tokio::spawn(async move {
+            let report = verify::verify_round(node, input).await;
+            let _ = tx.send(report).await;
+        });
+    }
+
+    async fn on_verified(&mut self, report: verify::VerifyReport) {
+        self.clock.transfer_ms += report.transfer_ms;
+        self.clock.verify_ms += report.verify_ms;
+        for checked in report.checked {
+            let hash = checked.delta.payload_hash;
+            let verdict = match checked.outcome {
+                verify::Outcome::Accepted { delta, norm, check } => {
+                    if let Some(c) = check {
+                        tracing::debug!(round = report.round, shard = %checked.delta.shard, before = c.before, after = c.after, "loss check passed");
+                    }
+                    self.decoded.insert(hash, delta);
+                    let h = self.history.entry(checked.delta.shard).or_default();
+                    h.push_back(norm);
+                    while h.len() > self.cfg.norm_history {
+                        h.pop_front();
+                    }
+                    Verdict::Accept
+                }
+                verify::Outcome::Rejected { code, reason, detail } => {
+                    tracing::info!(round = report.round, node = %peer_name(&checked.node), shard = %checked.delta.shard, %reason, %detail, "delta rejected");
+                    self.reasons.insert(hash, (reason, detail));
+                    Verdict::Reject(code)
+                }
+            };
+            if let Err(e) = self.machine.verification_verdict(report.round, hash, verdict) {
+                tracing::debug!(round = report.round, error = %e, "verdict not taken");
+            }
+        }
+    }
+
+    /// Computes every shard's new state from its accepted deltas, hosts the blobs, reports them.
+    async fn aggregate(&mut self, ann: &RoundAnnouncement, accepted: Vec<AcceptedDeltas>) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let round = ann.round;
+        let mut jobs = Vec::new();
+        for list in &accepted {
+            let Some(base) = self.model.state(&list.shard).cloned() else {
+                tracing::error!(round, shard = %list.shard, "accepted deltas for a shard the model lacks");
+                continue;
+            };
+            let mut deltas = Vec::new();
+            for hash in &list.deltas {
+                let values = match self.decoded.get(hash) {
+                    Some(v) => v.clone(),
+                    None => {
+                        // After a restart: fetch and decode again (it passed verification already).
+                        let bytes = fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout).await?;
+                        let len = base.params.len();
+                        let v = blocking(move || decode_delta(&bytes, len).map_err(|e| NodeError::Role(e.to_string()))).await?;
+                        let v = Arc::new(v);
+                        self.decoded.insert(*hash, v.clone());
+                        v
+                    }
+                };
+                deltas.push((*hash, (*values).clone()));
+            }
+            jobs.push((list.shard, base, deltas));
+        }
+        let (spec, hyper) = (self.cfg.spec.clone(), ann.hyper.clone());
+        let results = blocking(move || {
+            let mut out = Vec::new();
+            for (shard, base, deltas) in jobs {
+                match apply_round(&spec, &hyper, round, &base, &deltas) {
+                    Ok(state) => out.push((shard, state)),
+                    Err(e) => tracing::error!(round, %shard, error = %e, "shard not aggregated"),
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        for (shard, state) in results {
+            let bytes = state.to_bytes();
+            let size = bytes.len() as u64;
+            let hash = self.node.host_blob_now(bytes).await?;
+            self.pins.add(round, hash);
+            self.pending.insert(shard, (hash, Arc::new(state)));
+            let entry = ShardEntry { shard, hash, size, round };
+            if let Err(e) = self.machine.shard_aggregated(round, entry) {
+                tracing::warn!(round, %shard, error = %e, "aggregation result not taken");
+            }
+        }
+        self.clock.apply_ms += started.elapsed().as_millis() as u64;
+        Ok(())
+    }
+
+    async fn commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
+        let round = commit.round;
+        let checkpoint = commit.checkpoint.clone();
+        let checkpoint_hash = checkpoint.hash()?;
+        // The new model: aggregated shards where the commit took them, the old states elsewhere.
+        let mut states = Vec::new();
+        let mut hashes = BTreeMap::new();
+        for entry in &checkpoint.shards {
+            let state = match self.pending.get(&entry.shard) {
+                Some((hash, state)) if *hash == entry.hash => (**state).clone(),
+                _ => match (self.model.hashes.get(&entry.shard), self.model.state(&entry.shard)) {
+                    (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
+                    _ => return Err(NodeError::Role(format!("round {round}: no state for {} in the commit", entry.shard))),
+                },
+            };
+            states.push(state);
+            hashes.insert(entry.shard, entry.hash);
+        }
+        // Durable first (store round + manifest blob), then announced.
+        let meta = checkpoint.to_bytes()?;
+        let manifest_hash = self.node.host_blob_now(meta.clone()).await?;
+        let entries: Vec<ManifestEntry> = checkpoint
+            .shards
+            .iter()
+            .map(|e| ManifestEntry { shard: e.shard.to_string(), hash: BlobHash(e.hash.0), len: e.size })
+            .collect();
+        let store = self.node.store().clone();
+        blocking(move || {
+            store.commit_round(round, &RoundManifest { entries, meta })?;
+            store.add_blob_refs(round, &[BlobHash(manifest_hash.0)])?;
+            Ok(())
+        })
+        .await?;
+        self.model = Model { states: Arc::new(states), hashes };
+        self.pending.clear();
+        self.save().await;
+        if let Err(e) = publish_patiently(&self.node, &Message::RoundCommit(commit.clone()), Duration::from_secs(5)).await {
+            tracing::warn!(round, error = %e, "round commit not published");
+        }
+
+        // The rejection log, the metrics, the round limit.
+        let mut rejected_reasons: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &commit.rejected {
+            let (reason, detail) = self
+                .reasons
+                .get(&r.payload_hash)
+                .cloned()
+                .unwrap_or_else(|| (r.reason.as_str().to_owned(), format!("round {round}, shard {}", r.shard)));
+            *rejected_reasons.entry(reason.clone()).or_default() += 1;
+            let (store, peer) = (self.node.store().clone(), peer_name(&r.node));
+            if let Err(e) = blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await {
+                tracing::warn!(error = %e, "rejection not logged");
+            }
+        }
+        let accepted: usize = commit.accepted.iter().map(|a| a.deltas.len()).sum();
+        self.accepted_total += accepted as u64;
+        self.rejected_total += commit.rejected.len() as u64;
+        let ann = self.last_announcement.clone().filter(|a| a.round == round);
+        let val_loss = self.validation_loss(ann.as_ref().map(|a| &a.hyper)).await;
+        self.val_loss = val_loss;
+        tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
+        if let Some(path) = self.cfg.metrics.clone() {
+            let line = self.metrics_line(&commit, ann.as_ref(), rejected_reasons, val_loss, checkpoint_hash);
+            match serde_json::to_string(&line) {
+                Ok(json) => append_line(&path, json).await?,
+                Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
+            }
+        }
+        let keep: Vec<ContentHash> = self.model.hashes.values().copied().chain([manifest_hash]).collect();
+        self.pins.release_before(&self.node, round.saturating_sub(1), &keep);
+        self.decoded.clear();
+        if self.cfg.rounds.is_some_and(|n| round >= n) {
+            self.done = true;
+        }
+        Ok(())
+    }
+
+    fn metrics_line(
+        &self,
+        commit: &RoundCommit,
+        ann: Option<&RoundAnnouncement>,
+        rejected_reasons: BTreeMap<String, u64>,
+        val_loss: Option<f32>,
+        checkpoint: ContentHash,
+    ) -> RoundMetrics {
+        let deltas = &self.round_deltas;
+        // Per-node statistics: each node reports the same stats with each of its shards.
+        let mut per_node: BTreeMap<PublicKey, mana_protocol::TrainingStats> = BTreeMap::new();
+        for (node, d) in deltas {
+            per_node.entry(*node).or_insert(d.stats);
+        }
+        let losses: Vec<f32> = per_node.values().map(|s| s.loss_before).collect();
+        let train_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32);
+        let announced = self.clock.announced;
+        let train = match (announced, self.clock.last_delta) {
+            (Some(a), Some(l)) => l.saturating_duration_since(a).as_millis() as u64,
+            _ => 0,
+        };
+        RoundMetrics {
+            round: commit.round,
+            rule: match ann.map(|a| a.hyper.update_rule) {
+                Some(UpdateRule::Diloco) => "diloco".into(),
+                _ => "sync".into(),
+            },
+            participants: ann.map(|a| a.participants.len()).unwrap_or(0),
+            accepted: commit.accepted.iter().map(|a| a.deltas.len()).sum(),
+            rejected: commit.rejected.len(),
+            rejected_reasons,
+            train_loss,
+            val_loss,
+            tokens: per_node.values().map(|s| s.tokens).sum(),
+            payload_bytes: deltas.iter().map(|(_, d)| d.payload_size).sum(),
+            checkpoint: checkpoint.to_string(),
+            ms: PhaseMs { train, transfer: self.clock.transfer_ms, verify: self.clock.verify_ms, apply: self.clock.apply_ms },
+            unix_ms: now_ms(),
+        }
+    }
+
+    /// Mean validation loss of the current model on the run's fixed validation batches.
+    async fn validation_loss(&self, hyper: Option<&HyperParams>) -> Option<f32> {
+        let hyper = hyper.cloned().unwrap_or_else(|| self.machine.config().hyper.clone());
+        let (spec, data, states, n) = (self.cfg.spec.clone(), self.cfg.data.clone(), self.model.states.clone(), self.cfg.val_batches);
+        let result = blocking(move || {
+            let err = |e: String| NodeError::Role(e);
+            let (b, t) = spec.batch_shape(&hyper).map_err(|e| err(e.to_string()))?;
+            let mut trainer = build_trainer(&spec, &hyper, &states).map_err(|e| err(e.to_string()))?;
+            let windows = data.validation_windows(t).max(1) as u64;
+            let mut sum = 0.0f64;
+            for i in 0..n.max(1) {
+                let batch = data.validation_batch(i % windows, b, t).map_err(|e| err(e.to_string()))?;
+                sum += f64::from(trainer.evaluate(&batch).map_err(|e| err(e.to_string()))?.loss);
+            }
+            Ok((sum / n.max(1) as f64) as f32)
+        })
+        .await;
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "validation loss not measured");
+                None
+            }
+        }
+    }
+
+    async fn on_message(&mut self, signer: PublicKey, message: Message) {
+        if signer == self.me {
+            return;
+        }
+        match message {
+            Message::Heartbeat(hb) => self.machine.node_heartbeat(now_ms(), signer, &hb),
+            Message::DeltaAnnouncement(d) => {
+                let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
+                let keep = d.clone();
+                match self.machine.delta_announced(now_ms(), signer, d) {
+                    Ok(()) => {
+                        self.clock.last_delta = Some(Instant::now());
+                        self.round_deltas.push((signer, keep));
+                        tracing::debug!(round, payload = %hash, size, "delta announced");
+                    }
+                    Err(EventError::Refused(code)) => {
+                        let detail = format!("round {round}: delta {hash} refused by the coordinator");
+                        let (store, peer) = (self.node.store().clone(), peer_name(&signer));
+                        let reason = code.as_str().to_owned();
+                        if let Err(e) = blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await {
+                            tracing::warn!(error = %e, "rejection not logged");
+                        }
+                        self.rejected_total += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Saves the state machine in the store if it changed.
+    async fn save(&mut self) {
+        let bytes = match self.machine.to_bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "coordinator state not encodable");
+                return;
+            }
+        };
+        if bytes == self.saved {
+            return;
+        }
+        let store = self.node.store().clone();
+        let value = bytes.clone();
+        match blocking(move || {
+            store.put_record(RecordKind::RoundState, STATE_KEY, &value)?;
+            store.flush()?;
+            Ok(())
+        })
+        .await
+        {
+            Ok(()) => self.saved = bytes,
+            Err(e) => tracing::error!(error = %e, bytes = bytes.len(), "coordinator state not saved"),
+        }
+    }
+
+    fn update_status(&self) {
+        let state = self.machine.state();
+        let round = state.round().map(|r| r.announcement.round).or(Some(self.machine.checkpoint().round));
+        let checkpoint = self.machine.checkpoint();
+        let hash = checkpoint.hash().ok().map(|h| h.to_string());
+        let (members, committed) = (self.machine.members().len(), checkpoint.round);
+        let (accepted, rejected, val_loss) = (self.accepted_total, self.rejected_total, self.val_loss);
+        self.node.update_coordinator_status(|s| {
+            s.round = round;
+            s.phase = state.name().to_owned();
+            s.members = members;
+            s.committed_round = Some(committed);
+            s.checkpoint = hash;
+            s.accepted_deltas = accepted;
+            s.rejected_deltas = rejected;
+            s.val_loss = val_loss;
+        });
+    }
+
+    /// Saves the current model to `cfg.export`, if set.
+    async fn export(&self) -> Result<(), NodeError> {
+        let Some(dir) = self.cfg.export.clone() else { return Ok(()) };
+        let (spec, states) = (self.cfg.spec.clone(), self.model.states.clone());
+        let hyper = self.machine.config().hyper.clone();
+        let round = self.machine.checkpoint().round;
+        blocking(move || {
+            let trainer = build_trainer(&spec, &hyper, &states).map_err(|e| NodeError::Role(e.to_string()))?;
+            trainer.save(&dir).map_err(|e| NodeError::Role(format!("{}: {e}", dir.display())))?;
+            tracing::info!(round, dir = %dir.display(), "model exported");
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Round 0: every shard of the fresh model, hosted, committed to the store, and its manifest.
+async fn create_initial(node: &NodeHandle, cfg: &CoordinatorRoleConfig) -> Result<(CheckpointManifest, Model), NodeError> {
+    let spec = cfg.spec.clone();
+    let states = blocking(move || initial_shards(&spec).map_err(|e| NodeError::Role(e.to_string()))).await?;
+    let mut shards = Vec::new();
+    let mut hashes = BTreeMap::new();
+    for state in &states {
+        let shard = to_wire(state.shard).map_err(|e| NodeError::Role(e.to_string()))?;
+        let bytes = state.to_bytes();
+        let size = bytes.len() as u64;
+        let hash = node.host_blob_now(bytes).await?;
+        shards.push(ShardEntry { shard, hash, size, round: 0 });
+        hashes.insert(shard, hash);
+    }
+    shards.sort_by_key(|e| e.shard);
+    let checkpoint = CheckpointManifest { run: cfg.machine.run.clone(), round: 0, shards };
+    let meta = checkpoint.to_bytes()?;
+    let manifest_hash = node.host_blob_now(meta.clone()).await?;
+    let entries: Vec<ManifestEntry> =
+        checkpoint.shards.iter().map(|e| ManifestEntry { shard: e.shard.to_string(), hash: BlobHash(e.hash.0), len: e.size }).collect();
+    let store = node.store().clone();
+    blocking(move || {
+        if store.current_round()?.is_none() {
+            store.commit_round(0, &RoundManifest { entries, meta })?;
+            store.add_blob_refs(0, &[BlobHash(manifest_hash.0)])?;
+        }
+        Ok(())
+    })
+    .await?;
+    tracing::info!(shards = checkpoint.shards.len(), manifest = %manifest_hash, "round 0 checkpoint created");
+    Ok((checkpoint, Model { states: Arc::new(states), hashes }))
+}
+
+/// The model of `checkpoint`, read from the store (a restarted coordinator).
+async fn load_model(node: &NodeHandle, spec: &RunSpec, checkpoint: &CheckpointManifest) -> Result<Model, NodeError> {
+    let mut states = Vec::new();
+    let mut hashes = BTreeMap::new();
+    for entry in &checkpoint.shards {
+        let bytes = node.read_blob(entry.hash).await?;
+        let spec = spec.clone();
+        let shard = entry.shard;
+        let state = blocking(move || {
+            ShardState::from_bytes(&bytes, &spec, from_wire(shard)).map_err(|e| NodeError::Role(e.to_string()))
+        })
+        .await?;
+        states.push(state);
+        hashes.insert(entry.shard, entry.hash);
+    }
+    Ok(Model { states: Arc::new(states), hashes })
+}

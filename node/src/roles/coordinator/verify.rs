@@ -1,0 +1,210 @@
+//! Verification of a round's contributions before aggregation. For each delta, in order:
+//! 1. **authorization**: the sender is a participant assigned that shard in the announcement;
+//! 2. **fetch** the payload by hash (concurrently, bounded by the commit deadline);
+//! 3. [`validate_delta_payload`]: size, hash, decoding, length, finiteness;
+//! 4. **norm** at most `max_norm_ratio` × the median norm of the shard, the median taken over this round's
+//!    deltas *and* the shard's recently accepted norms (with two holders per expert, a median of this
+//!    round's two deltas alone could never catch a scaled one);
+//! 5. the **loss check** ([`loss_check`]) on a validation batch chosen with OS randomness: every delta in
+//!    diloco mode; in sync mode each delta with probability `loss_check_share`, drawn from OS randomness after
+//!    the deltas are in, so a sender cannot know whether its contribution will be checked.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mana_kernels::data::TextDataset;
+use mana_protocol::validation::{l2_norm, median_norm, validate_delta_payload};
+use mana_protocol::{DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, UpdateRule};
+
+use super::super::common::{fetch_bytes, os_seed};
+use crate::daemon::{NodeError, NodeHandle, blocking};
+use crate::round::{LossCheck, RunSpec, ShardState, from_wire, loss_check};
+
+/// The reason logged for a contribution that failed the loss check (its wire code is `inconsistent`: the
+/// protocol has no dedicated code yet).
+pub const LOSS_CHECK_FAILED: &str = "loss-check-failed";
+/// The reason logged for a payload that could not be fetched in time (its wire code is `late`).
+pub const PAYLOAD_UNAVAILABLE: &str = "payload-unavailable";
+
+/// What the verifier needs, all owned (it runs as its own task).
+pub(crate) struct VerifyInput {
+    pub announcement: RoundAnnouncement,
+    pub deltas: Vec<(PublicKey, DeltaAnnouncement)>,
+    /// The round's base model, every shard.
+    pub model: Arc<Vec<ShardState>>,
+    /// Recently accepted delta norms per shard.
+    pub history: BTreeMap<ShardId, Vec<f32>>,
+    pub spec: RunSpec,
+    pub data: Arc<TextDataset>,
+    pub loss_check_share: f64,
+    pub loss_tolerance: f32,
+    pub fetch_timeout: Duration,
+    pub concurrency: usize,
+}
+
+/// The verdict on one delta.
+pub(crate) enum Outcome {
+    Accepted { delta: Arc<Vec<f32>>, norm: f32, check: Option<LossCheck> },
+    Rejected { code: RejectCode, reason: String, detail: String },
+}
+
+/// One delta and its verdict.
+pub(crate) struct Checked {
+    pub node: PublicKey,
+    pub delta: DeltaAnnouncement,
+    pub outcome: Outcome,
+}
+
+/// The verdicts of a round, with the time spent.
+pub(crate) struct VerifyReport {
+    pub round: u64,
+    pub checked: Vec<Checked>,
+    pub transfer_ms: u64,
+    pub verify_ms: u64,
+}
+
+fn rejected(code: RejectCode, detail: impl ToString) -> Outcome {
+    Outcome::Rejected { code, reason: code.as_str().to_owned(), detail: detail.to_string() }
+}
+
+/// Runs the whole pipeline on `input`.
+pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> VerifyReport {
+    let round = input.announcement.round;
+    let ann = &input.announcement;
+    let started = Instant::now();
+    // 1. authorization, then 2. fetch.
+    let mut pending = Vec::new();
+    let mut checked = Vec::new();
+    for (node_key, delta) in &input.deltas {
+        let authorized = ann.participant(node_key).is_some_and(|p| p.shards.contains(&delta.shard));
+        if !authorized {
+            let detail = format!("{} is not assigned {} in round {round}", super::super::common::peer_name(node_key), delta.shard);
+            checked.push(Checked { node: *node_key, delta: delta.clone(), outcome: rejected(RejectCode::ShardNotAssigned, detail) });
+        } else {
+            pending.push((*node_key, delta.clone()));
+        }
+    }
+    let timeout = input.fetch_timeout;
+    let fetched: Vec<(PublicKey, DeltaAnnouncement, Result<Vec<u8>, NodeError>)> = futures::stream::iter(pending)
+        .map(|(key, delta)| {
+            let node = node.clone();
+            async move {
+                let hints = key.peer_id().ok().into_iter().collect();
+                let bytes = fetch_bytes(&node, delta.payload_hash, hints, timeout).await;
+                (key, delta, bytes)
+            }
+        })
+        .buffer_unordered(input.concurrency.max(1))
+        .collect()
+        .await;
+    let transfer_ms = started.elapsed().as_millis() as u64;
+    let verify_started = Instant::now();
+
+    // 3. payload validation, off the async threads.
+    let spec = input.spec.clone();
+    let ratio = ann.max_norm_ratio;
+    let decoded = blocking(move || {
+        let mut out = Vec::new();
+        for (key, delta, bytes) in fetched {
+            let outcome = match bytes {
+                Err(e) => Err(Outcome::Rejected {
+                    code: RejectCode::Late,
+                    reason: PAYLOAD_UNAVAILABLE.into(),
+                    detail: e.to_string(),
+                }),
+                Ok(bytes) => match spec.shard_len(from_wire(delta.shard)) {
+                    Err(e) => Err(rejected(RejectCode::ShardNotAssigned, e)),
+                    Ok(len) => validate_delta_payload(&delta, &bytes, len, None, ratio)
+                        .map_err(|r| rejected(r.code(), r)),
+                },
+            };
+            out.push((key, delta, outcome));
+        }
+        Ok(out)
+    })
+    .await;
+    let decoded = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(round, error = %e, "payload validation task failed");
+            Vec::new()
+        }
+    };
+
+    // 4. norm against the shard's median.
+    let mut by_shard: BTreeMap<ShardId, Vec<f32>> = BTreeMap::new();
+    let mut survivors = Vec::new();
+    for (key, delta, outcome) in decoded {
+        match outcome {
+            Ok(values) => {
+                let norm = l2_norm(&values);
+                by_shard.entry(delta.shard).or_default().push(norm);
+                survivors.push((key, delta, Arc::new(values), norm));
+            }
+            Err(outcome) => checked.push(Checked { node: key, delta, outcome }),
+        }
+    }
+    let medians: BTreeMap<ShardId, Option<f32>> = by_shard
+        .iter()
+        .map(|(shard, norms)| {
+            let mut all = norms.clone();
+            all.extend(input.history.get(shard).into_iter().flatten().copied());
+            (*shard, median_norm(&all))
+        })
+        .collect();
+    let mut to_check = Vec::new();
+    for (key, delta, values, norm) in survivors {
+        let median = medians.get(&delta.shard).copied().flatten();
+        match median {
+            Some(m) if m > 0.0 && f64::from(norm) > f64::from(ratio) * f64::from(m) => {
+                let detail = format!("delta norm {norm} is over {ratio} x the median {m}");
+                checked.push(Checked { node: key, delta, outcome: rejected(RejectCode::NormTooLarge, detail) });
+            }
+            _ => to_check.push((key, delta, values, norm)),
+        }
+    }
+
+    // 5. the loss check, on an unpredictable share.
+    let share = match ann.hyper.update_rule {
+        UpdateRule::Diloco => 1.0,
+        UpdateRule::Sync => input.loss_check_share.clamp(0.0, 1.0),
+    };
+    for (key, delta, values, norm) in to_check {
+        let picked = share >= 1.0 || (share > 0.0 && unit_random() < share);
+        if !picked {
+            checked.push(Checked { node: key, delta, outcome: Outcome::Accepted { delta: values, norm, check: None } });
+            continue;
+        }
+        let (spec, hyper, model, data) = (input.spec.clone(), ann.hyper.clone(), input.model.clone(), input.data.clone());
+        let (shard, tolerance, vals) = (from_wire(delta.shard), input.loss_tolerance, values.clone());
+        let index = os_seed().unwrap_or(round);
+        let check = blocking(move || {
+            let (b, t) = spec.batch_shape(&hyper).map_err(|e| NodeError::Role(e.to_string()))?;
+            let windows = data.validation_windows(t).max(1) as u64;
+            let batch = data.validation_batch(index % windows, b, t).map_err(|e| NodeError::Role(e.to_string()))?;
+            loss_check(&spec, &hyper, round, &model, shard, &vals, &batch, tolerance).map_err(|e| NodeError::Role(e.to_string()))
+        })
+        .await;
+        let outcome = match check {
+            Ok(c) if c.passed => Outcome::Accepted { delta: values, norm, check: Some(c) },
+            Ok(c) => Outcome::Rejected {
+                code: RejectCode::Inconsistent,
+                reason: LOSS_CHECK_FAILED.into(),
+                detail: format!("validation loss {} -> {} (tolerance {tolerance})", c.before, c.after),
+            },
+            Err(e) => Outcome::Rejected { code: RejectCode::BadPayload, reason: LOSS_CHECK_FAILED.into(), detail: e.to_string() },
+        };
+        checked.push(Checked { node: key, delta, outcome });
+    }
+    VerifyReport { round, checked, transfer_ms, verify_ms: verify_started.elapsed().as_millis() as u64 }
+}
+
+/// A uniform draw in [0, 1) from OS randomness (0.0, i.e. "check it", if the OS cannot provide any).
+fn unit_random() -> f64 {
+    match os_seed() {
+        Ok(x) => (x >> 11) as f64 / (1u64 << 53) as f64,
+        Err(_) => 0.0,
+    }
+}

@@ -1,0 +1,468 @@
+//! The volunteer's role: train what the coordinator assigns, share compressed deltas, apply each commit and
+//! check the result against the commit's hashes.
+//!
+//! For every [`RoundAnnouncement`] naming this node:
+//! 1. the base checkpoint manifest is known from the last commit, or fetched by its hash (the coordinator
+//!    hosts it); each assigned shard (the trunk and the node's experts) is taken from memory if its hash
+//!    matches, else fetched by hash — a node never fetches shards it is not assigned;
+//! 2. [`train_local`] runs off the async threads;
+//! 3. each shard's delta goes through its own [`DeltaEncoder`] (error feedback: what compression dropped is
+//!    added to the next round's delta), is stored and announced as a blob, and a signed
+//!    [`DeltaAnnouncement`] is published — unless the delta deadline has passed (a late delta is refused
+//!    anyway, and publishing it would cost this node gossip score).
+//!
+//! For every [`RoundCommit`] of a round the node was assigned in (trained or not), for each of its shards:
+//! the accepted payloads are fetched and [`apply_round`] computes the new shard; its hash must equal the
+//! commit's entry. A mismatch is logged and counted in the status, and the committed shard is fetched
+//! instead. A shard with no accepted delta is unchanged. The new shards and the node's own
+//! [`CheckpointManifest`] of them (hosted as a blob, its hash in `mana status`) go into the store as one
+//! round; the daemon's heartbeats then report them as hosted.
+//!
+//! A node that was not assigned in a round keeps nothing of it; when it is named again it fetches the shards
+//! it needs from the round's base (this is also how a late joiner starts).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::PeerId;
+use mana_kernels::data::TextDataset;
+use mana_protocol::{
+    Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Message, Participant,
+    PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_delta, validation::l2_norm,
+};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::common::{PinLedger, fetch_bytes, now_ms, peer_of, publish_patiently};
+use crate::daemon::{NodeError, NodeHandle, blocking};
+use crate::round::{RunSpec, ShardState, apply_round, ids::from_wire, train_local};
+use crate::store::{BlobHash, ManifestEntry, RoundManifest};
+
+/// How a trainer runs.
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    /// The run's model and initialisation; must be the coordinator's.
+    pub spec: RunSpec,
+    /// The run's text; must be the coordinator's.
+    pub data: Arc<TextDataset>,
+    /// Most shards (trunk included) this node will host, declared in its heartbeats.
+    pub max_shards: u32,
+    /// Throughput declared before the first round measured one (tokens/s; 0 = unknown).
+    pub tokens_per_second: f32,
+    /// Longest wait for one blob (a base shard, a payload).
+    pub fetch_timeout: Duration,
+    /// Blobs fetched at once.
+    pub fetch_concurrency: usize,
+}
+
+impl TrainerConfig {
+    /// Defaults for `spec` and `data`: 64 shard slots, 60 s per fetch, 8 fetches at once.
+    pub fn new(spec: RunSpec, data: Arc<TextDataset>) -> TrainerConfig {
+        TrainerConfig { spec, data, max_shards: 64, tokens_per_second: 0.0, fetch_timeout: Duration::from_secs(60), fetch_concurrency: 8 }
+    }
+}
+
+/// A shard this node holds: its state and the hash of its blob.
+#[derive(Clone)]
+struct Held {
+    hash: ContentHash,
+    state: Arc<ShardState>,
+}
+
+/// A round this node was assigned in, kept until its commit.
+struct Assigned {
+    announcement: RoundAnnouncement,
+    me: Participant,
+    /// The base state of every assigned shard, in the participant's order.
+    base: BTreeMap<ShardId, Held>,
+}
+
+struct Trainer {
+    node: Arc<NodeHandle>,
+    cfg: TrainerConfig,
+    me: PublicKey,
+    held: BTreeMap<ShardId, Held>,
+    encoders: BTreeMap<ShardId, DeltaEncoder>,
+    /// The last commit's checkpoint and its hash: the base of the next round, without a fetch.
+    last_checkpoint: Option<(ContentHash, CheckpointManifest)>,
+    assigned: Option<Assigned>,
+    pins: PinLedger,
+    /// Who sent each delta payload of the round in progress (asked first when fetching it).
+    senders: HashMap<ContentHash, PeerId>,
+}
+
+/// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
+/// (`NodeConfig::coordinator`) and must not sync every checkpoint (`NodeConfig::sync_shards = false`).
+pub async fn run_trainer(
+    node: Arc<NodeHandle>,
+    cfg: TrainerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    if node.config().coordinator.is_none() {
+        return Err(NodeError::Config("a trainer needs the run's coordinator key".into()));
+    }
+    if node.config().sync_shards {
+        return Err(NodeError::Config(
+            "a trainer fetches only its assigned shards: start the node with sync_shards = false".into(),
+        ));
+    }
+    node.set_capacity(Capacity {
+        device: DeviceKind::Cpu,
+        memory_bytes: 0,
+        tokens_per_second: cfg.tokens_per_second,
+        max_shards: cfg.max_shards,
+    });
+    node.update_training_status(|s| s.activity = "waiting for a round".into());
+    let mut messages = node.accepted();
+    let me = node.public_key();
+    let mut trainer = Trainer {
+        node,
+        cfg,
+        me,
+        held: BTreeMap::new(),
+        encoders: BTreeMap::new(),
+        last_checkpoint: None,
+        assigned: None,
+        pins: PinLedger::default(),
+        senders: HashMap::new(),
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            m = messages.recv() => m,
+        };
+        let (signer, message) = match accepted {
+            Ok(a) => (a.signer, a.message),
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "trainer fell behind the message stream");
+                continue;
+            }
+            Err(RecvError::Closed) => break,
+        };
+        let result = match message {
+            Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
+            Message::RoundCommit(commit) => trainer.on_commit(commit).await,
+            Message::DeltaAnnouncement(d) => {
+                if let Some(peer) = peer_of(&signer) {
+                    trainer.senders.insert(d.payload_hash, peer);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "trainer step failed");
+            trainer.node.update_training_status(|s| s.activity = format!("error: {e}"));
+        }
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// The coordinator's peer: it hosts every checkpoint shard, manifest and accepted payload.
+    fn coordinator_peer(&self) -> Vec<PeerId> {
+        self.node.config().coordinator.as_ref().and_then(peer_of).into_iter().collect()
+    }
+
+    async fn on_announcement(&mut self, ann: RoundAnnouncement) -> Result<(), NodeError> {
+        self.senders.clear();
+        let Some(me) = ann.participant(&self.me).cloned() else {
+            self.assigned = None;
+            return Ok(());
+        };
+        let round = ann.round;
+        self.node.update_training_status(|s| s.activity = format!("round {round}: fetching the base"));
+        let manifest = self.base_manifest(ann.base_checkpoint).await?;
+        let base = self.base_shards(&manifest, &me.shards, round).await?;
+        // What this node no longer hosts is dropped, with its error-feedback residual.
+        self.held.retain(|s, _| me.shards.contains(s));
+        self.encoders.retain(|s, _| me.shards.contains(s));
+        self.assigned = Some(Assigned { announcement: ann.clone(), me: me.clone(), base: base.clone() });
+
+        self.node.update_training_status(|s| s.activity = format!("round {round}: training"));
+        let started = Instant::now();
+        let spec = self.cfg.spec.clone();
+        let data = self.cfg.data.clone();
+        let states: Vec<ShardState> = me.shards.iter().filter_map(|s| base.get(s)).map(|h| (*h.state).clone()).collect();
+        let (ann2, me2) = (ann.clone(), me.clone());
+        let result = blocking(move || {
+            train_local(&spec, &ann2, &me2, &states, &data).map_err(|e| NodeError::Role(e.to_string()))
+        })
+        .await?;
+        let train_s = started.elapsed().as_secs_f64();
+        if now_ms() > ann.deadlines.deltas_by_ms {
+            tracing::warn!(round, train_s, "trained past the delta deadline; deltas not sent");
+            self.node.update_training_status(|s| s.activity = format!("round {round}: too slow for the deadline"));
+            return Ok(());
+        }
+        if train_s > 0.0 && result.stats.tokens > 0 {
+            self.node.set_capacity(Capacity {
+                device: DeviceKind::Cpu,
+                memory_bytes: 0,
+                tokens_per_second: (result.stats.tokens as f64 / train_s) as f32,
+                max_shards: self.cfg.max_shards,
+            });
+        }
+        let mut sent = 0u64;
+        let mut bytes = 0u64;
+        for (kshard, delta) in result.deltas {
+            let shard = crate::round::ids::to_wire(kshard).map_err(|e| NodeError::Role(e.to_string()))?;
+            let encoder = match self.encoders.entry(shard) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(DeltaEncoder::new(ann.hyper.codec).map_err(|e| NodeError::Role(e.to_string()))?)
+                }
+            };
+            if encoder.options() != &ann.hyper.codec {
+                *encoder = DeltaEncoder::new(ann.hyper.codec).map_err(|e| NodeError::Role(e.to_string()))?;
+            }
+            let payload = encoder.encode(&delta).map_err(|e| NodeError::Role(e.to_string()))?;
+            let mut stats = result.stats;
+            stats.delta_norm = l2_norm(&delta);
+            let size = payload.len() as u64;
+            let hash = self.node.host_blob_now(payload).await?;
+            self.pins.add(round, hash);
+            let announcement = DeltaAnnouncement {
+                run: ann.run.clone(),
+                round,
+                shard,
+                base_checkpoint: ann.base_checkpoint,
+                payload_hash: hash,
+                payload_size: size,
+                stats,
+            };
+            let patience = Duration::from_millis(ann.deadlines.deltas_by_ms.saturating_sub(now_ms()));
+            publish_patiently(&self.node, &Message::DeltaAnnouncement(announcement), patience).await?;
+            sent += 1;
+            bytes += size;
+        }
+        let loss = result.stats.loss_before;
+        tracing::info!(round, deltas = sent, bytes, loss, train_s, "deltas published");
+        self.node.update_training_status(|s| {
+            s.rounds_trained += 1;
+            s.deltas_sent += sent;
+            s.delta_bytes_sent += bytes;
+            s.last_train_loss = Some(loss);
+            s.activity = format!("round {round}: deltas sent, waiting for the commit");
+        });
+        Ok(())
+    }
+
+    /// The manifest whose hash is `hash`: the last commit's, or fetched.
+    async fn base_manifest(&mut self, hash: ContentHash) -> Result<CheckpointManifest, NodeError> {
+        if let Some((h, m)) = &self.last_checkpoint
+            && *h == hash
+        {
+            return Ok(m.clone());
+        }
+        let bytes = fetch_bytes(&self.node, hash, self.coordinator_peer(), self.cfg.fetch_timeout).await?;
+        let manifest = CheckpointManifest::from_bytes(&bytes)?;
+        self.last_checkpoint = Some((hash, manifest.clone()));
+        Ok(manifest)
+    }
+
+    /// The base state of each of `shards` in `manifest`: held ones whose hash matches, the others fetched.
+    async fn base_shards(
+        &mut self,
+        manifest: &CheckpointManifest,
+        shards: &[ShardId],
+        round: u64,
+    ) -> Result<BTreeMap<ShardId, Held>, NodeError> {
+        let mut out = BTreeMap::new();
+        let mut missing = Vec::new();
+        for shard in shards {
+            let entry = manifest
+                .shard(shard)
+                .ok_or_else(|| NodeError::Role(format!("round {round}: the base checkpoint lacks {shard}")))?;
+            match self.held.get(shard) {
+                Some(h) if h.hash == entry.hash => {
+                    out.insert(*shard, h.clone());
+                }
+                _ => missing.push(*entry),
+            }
+        }
+        let fetched = self.fetch_shards(&missing, round).await?;
+        for (entry, state) in fetched {
+            let held = Held { hash: entry.hash, state: Arc::new(state) };
+            self.held.insert(entry.shard, held.clone());
+            out.insert(entry.shard, held);
+        }
+        Ok(out)
+    }
+
+    /// Fetches and decodes shard blobs, a few at a time.
+    async fn fetch_shards(&mut self, entries: &[ShardEntry], round: u64) -> Result<Vec<(ShardEntry, ShardState)>, NodeError> {
+        let node = self.node.clone();
+        let (timeout, spec) = (self.cfg.fetch_timeout, self.cfg.spec.clone());
+        let hints = self.coordinator_peer();
+        let results: Vec<Result<(ShardEntry, ShardState), NodeError>> = futures::stream::iter(entries.iter().copied())
+            .map(|entry| {
+                let (node, spec, hints) = (node.clone(), spec.clone(), hints.clone());
+                async move {
+                    let bytes = fetch_bytes(&node, entry.hash, hints, timeout).await?;
+                    let state = blocking(move || {
+                        ShardState::from_bytes(&bytes, &spec, from_wire(entry.shard)).map_err(|e| NodeError::Role(e.to_string()))
+                    })
+                    .await?;
+                    Ok((entry, state))
+                }
+            })
+            .buffer_unordered(self.cfg.fetch_concurrency.max(1))
+            .collect()
+            .await;
+        let mut out = Vec::new();
+        for r in results {
+            let (entry, state) = r?;
+            self.pins.add(round, entry.hash);
+            out.push((entry, state));
+        }
+        Ok(out)
+    }
+
+    async fn on_commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
+        let checkpoint_hash = commit.checkpoint.hash()?;
+        self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
+        let Some(assigned) = self.assigned.take() else { return Ok(()) };
+        if assigned.announcement.round != commit.round {
+            return Ok(());
+        }
+        let round = commit.round;
+        self.node.update_training_status(|s| s.activity = format!("round {round}: applying the commit"));
+        let ann = &assigned.announcement;
+        let mut new_held = BTreeMap::new();
+        let (mut matches, mut mismatches) = (0u64, 0u64);
+        let mut to_refetch = Vec::new();
+        for shard in &assigned.me.shards {
+            let Some(base) = assigned.base.get(shard) else { continue };
+            let Some(entry) = commit.checkpoint.shard(shard).copied() else {
+                tracing::warn!(round, %shard, "the commit's checkpoint lacks an assigned shard");
+                continue;
+            };
+            let accepted = commit.accepted.iter().find(|a| a.shard == *shard).map(|a| a.deltas.clone()).unwrap_or_default();
+            if accepted.is_empty() {
+                // Unchanged by the round: the commit keeps the base entry.
+                if entry.hash == base.hash {
+                    new_held.insert(*shard, base.clone());
+                    matches += 1;
+                } else {
+                    mismatches += 1;
+                    to_refetch.push(entry);
+                }
+                continue;
+            }
+            let deltas = self.fetch_deltas(&accepted, base.state.params.len(), round).await;
+            let deltas = match deltas {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(round, %shard, error = %e, "accepted deltas unavailable; fetching the committed shard");
+                    to_refetch.push(entry);
+                    continue;
+                }
+            };
+            let (spec, hyper, state) = (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
+            let new_state = blocking(move || {
+                apply_round(&spec, &hyper, round, &state, &deltas).map_err(|e| NodeError::Role(e.to_string()))
+            })
+            .await?;
+            let bytes = new_state.to_bytes();
+            let hash = ContentHash::of(&bytes);
+            if hash == entry.hash {
+                matches += 1;
+                let hosted = self.node.host_blob_now(bytes).await?;
+                self.pins.add(round, hosted);
+                new_held.insert(*shard, Held { hash, state: Arc::new(new_state) });
+            } else {
+                mismatches += 1;
+                tracing::error!(round, %shard, ours = %hash, committed = %entry.hash, "shard hash mismatch: re-fetching the committed shard");
+                to_refetch.push(entry);
+            }
+        }
+        for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
+            new_held.insert(entry.shard, Held { hash: entry.hash, state: Arc::new(state) });
+        }
+        self.held = new_held;
+        self.commit_store(round, &commit.checkpoint).await?;
+        self.node.update_training_status(|s| {
+            s.hash_matches += matches;
+            s.hash_mismatches += mismatches;
+            s.applied_round = Some(round);
+            s.activity = format!("round {round}: applied");
+        });
+        let keep: Vec<ContentHash> = self.held.values().map(|h| h.hash).collect();
+        self.pins.release_before(&self.node, round.saturating_sub(1), &keep);
+        Ok(())
+    }
+
+    /// The accepted payloads of one shard, decoded, sorted by payload hash (the aggregation order).
+    async fn fetch_deltas(&self, hashes: &[ContentHash], len: usize, _round: u64) -> Result<Vec<(ContentHash, Vec<f32>)>, NodeError> {
+        let node = self.node.clone();
+        let timeout = self.cfg.fetch_timeout;
+        let coordinator = self.coordinator_peer();
+        let results: Vec<Result<(ContentHash, Vec<f32>), NodeError>> = futures::stream::iter(hashes.iter().copied())
+            .map(|hash| {
+                let node = node.clone();
+                let mut hints: Vec<PeerId> = self.senders.get(&hash).copied().into_iter().collect();
+                hints.extend(coordinator.iter().copied());
+                async move {
+                    let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
+                    let delta = blocking(move || decode_delta(&bytes, len).map_err(|e| NodeError::Role(e.to_string()))).await?;
+                    Ok((hash, delta))
+                }
+            })
+            .buffer_unordered(self.cfg.fetch_concurrency.max(1))
+            .collect()
+            .await;
+        let mut deltas = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        deltas.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(deltas)
+    }
+
+    /// Stores the held shards as round `round` with this node's own manifest of them, hosted as a blob.
+    async fn commit_store(&mut self, round: u64, committed: &CheckpointManifest) -> Result<(), NodeError> {
+        let shards: Vec<ShardEntry> = self
+            .held
+            .iter()
+            .map(|(shard, h)| {
+                let entry = committed.shard(shard).copied();
+                ShardEntry {
+                    shard: *shard,
+                    hash: h.hash,
+                    size: entry.map(|e| e.size).unwrap_or(0),
+                    round: entry.map(|e| e.round).unwrap_or(round),
+                }
+            })
+            .collect();
+        let own = CheckpointManifest { run: committed.run.clone(), round, shards };
+        let meta = own.to_bytes()?;
+        let own_hash = self.node.host_blob_now(meta.clone()).await?;
+        self.pins.add(round, own_hash);
+        let entries: Vec<ManifestEntry> = own
+            .shards
+            .iter()
+            .map(|e| ManifestEntry { shard: e.shard.to_string(), hash: BlobHash(e.hash.0), len: e.size })
+            .collect();
+        let store = self.node.store().clone();
+        let manifest = RoundManifest { entries, meta };
+        let stored = blocking(move || {
+            // A restarted node may already hold a later round; its own rounds then simply continue.
+            if store.current_round()?.is_some_and(|c| c >= round) {
+                return Ok(false);
+            }
+            store.commit_round(round, &manifest)?;
+            store.add_blob_refs(round, &[BlobHash(own_hash.0)])?;
+            Ok(true)
+        })
+        .await?;
+        if !stored {
+            tracing::warn!(round, "store already holds this round or a later one; not committed");
+        }
+        let held: Vec<(String, String)> = own.shards.iter().map(|e| (e.shard.to_string(), e.hash.to_string())).collect();
+        self.node.update_training_status(|s| {
+            s.manifest_hash = Some(own_hash.to_string());
+            s.held_shards = held;
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! Training rounds across a real loopback network: a bootstrap, a coordinator and 4 training nodes, each a
+//! libp2p peer in this process, running the real roles (`run_coordinator`, `run_trainer`) on the tiny model
+//! with 8 experts, replication 2, sync rule. Checks that the validation loss falls round after round, that
+//! every commit applied deltas, and that every holder of each shard ends bit-identical to the commit's
+//! manifest (and to the coordinator's stored checkpoint).
+
+mod net_support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mana_node::daemon::NodeHandle;
+use mana_node::roles::common::{DataSource, load_dataset};
+use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
+use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_node::round::RunSpec;
+use mana_protocol::{CheckpointManifest, UpdateRule};
+use net_support::*;
+use tokio::sync::watch;
+
+const NODES: usize = 4;
+const ROUNDS: u64 = 5;
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
+    // RUST_LOG=mana_node=info shows the roles' progress.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let spec = RunSpec::tiny();
+    let data = Arc::new(
+        load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("built-in corpus"),
+    );
+
+    let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
+    coord_cfg.sync_shards = false;
+    let coordinator = Arc::new(start_node(coord_cfg).await);
+    let key = coordinator.public_key();
+
+    let mut nodes: Vec<Arc<NodeHandle>> = Vec::new();
+    for i in 0..NODES {
+        let mut cfg = node_config(&dir.path().join(format!("node-{i}")), &boot);
+        cfg.coordinator = Some(key);
+        cfg.sync_shards = false;
+        // Declared from the first heartbeat on (run_trainer sets it too, a moment later).
+        cfg.capacity.max_shards = 64;
+        nodes.push(Arc::new(start_node(cfg).await));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut trainers = Vec::new();
+    for node in &nodes {
+        let cfg = TrainerConfig::new(spec.clone(), data.clone());
+        trainers.push(tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone()))));
+    }
+
+    let run = coordinator.config().net.run_id.clone();
+    let mut machine = machine_config(run, &spec, UpdateRule::Sync, 2).expect("machine config");
+    machine.min_members = NODES;
+    machine.train_ms = 8_000;
+    machine.verify_ms = 8_000;
+    machine.cooldown_ms = 200;
+    let metrics_path = dir.path().join("metrics.jsonl");
+    let export = dir.path().join("final-model");
+    let mut role = CoordinatorRoleConfig::new(machine, spec.clone(), data.clone());
+    role.rounds = Some(ROUNDS);
+    role.metrics = Some(metrics_path.clone());
+    role.export = Some(export.clone());
+    role.loss_check_share = 1.0;
+    let coordinating = tokio::spawn(run_coordinator(coordinator.clone(), role, stopped(stop_rx.clone())));
+    tokio::time::timeout(Duration::from_secs(150), coordinating)
+        .await
+        .expect("the coordinator finishes its rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+
+    // The metrics: one line per round, deltas accepted in every round, the validation loss falling.
+    let text = std::fs::read_to_string(&metrics_path).expect("metrics file");
+    let lines: Vec<RoundMetrics> = text.lines().map(|l| serde_json::from_str(l).expect("metrics line")).collect();
+    assert_eq!(lines.len() as u64, ROUNDS, "{text}");
+    for (i, m) in lines.iter().enumerate() {
+        assert_eq!(m.round, i as u64 + 1);
+        assert_eq!(m.participants, NODES);
+        assert!(m.accepted > 0, "round {} accepted nothing: {text}", m.round);
+        assert_eq!(m.rejected, 0, "an honest delta was refused: {text}");
+        eprintln!(
+            "round {}: val {:?} train {:?} accepted {} bytes {} ms {:?}",
+            m.round, m.val_loss, m.train_loss, m.accepted, m.payload_bytes, m.ms
+        );
+    }
+    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss measured")).collect();
+    for w in val.windows(2) {
+        assert!(w[1] < w[0], "validation loss did not fall: {val:?}");
+    }
+    assert!(export.join("trainer.toml").exists() || std::fs::read_dir(&export).map(|d| d.count() > 0).unwrap_or(false));
+
+    // Determinism: every node applied the last commit and every held shard matches the checkpoint.
+    let (_, stored) = coordinator.store().latest().expect("store").expect("a committed round");
+    let checkpoint = CheckpointManifest::from_bytes(&stored.meta).expect("the coordinator's checkpoint");
+    assert_eq!(checkpoint.round, ROUNDS);
+    let committed: BTreeMap<String, String> =
+        checkpoint.shards.iter().map(|e| (e.shard.to_string(), e.hash.to_string())).collect();
+    let mut holders: BTreeMap<String, usize> = BTreeMap::new();
+    for node in &nodes {
+        let node = node.clone();
+        let status = wait_for(Duration::from_secs(30), "every node applies the last commit", move || {
+            let node = node.clone();
+            async move {
+            let s = node.status().await.ok()?;
+            let t = s.training.clone()?;
+            (t.applied_round == Some(ROUNDS)).then_some(t)
+            }
+        })
+        .await;
+        assert_eq!(status.hash_mismatches, 0, "a node computed a different shard");
+        assert!(status.rounds_trained >= ROUNDS - 1);
+        for (shard, hash) in &status.held_shards {
+            assert_eq!(committed.get(shard), Some(hash), "{shard} differs from the commit");
+            *holders.entry(shard.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(holders.get("trunk"), Some(&NODES));
+    let experts: Vec<_> = holders.iter().filter(|(s, _)| s.starts_with("expert/")).collect();
+    assert_eq!(experts.len(), 8, "every expert is held: {holders:?}");
+    assert!(experts.iter().all(|(_, n)| **n == 2), "each expert by 2 nodes: {holders:?}");
+
+    let _ = stop_tx.send(true);
+    for t in trainers {
+        t.await.expect("trainer task").expect("trainer ran");
+    }
+    for node in nodes {
+        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+    }
+    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
