@@ -142,3 +142,96 @@ async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
     Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;
 }
+
+/// The coordinator stops after round 2 (its node shut down), then starts again on the same data directory
+/// and key: it resumes from its stored state and checkpoint (no new round 0), and the same trainers carry on
+/// through round 4 with every holder still bit-identical to the commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_coordinator_resumes_the_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let spec = RunSpec::tiny();
+    let data = Arc::new(
+        load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("built-in corpus"),
+    );
+    let coord_dir = dir.path().join("coordinator");
+    let coord_config = || {
+        let mut cfg = node_config(&coord_dir, &boot);
+        cfg.sync_shards = false;
+        cfg
+    };
+    let coordinator = Arc::new(start_node(coord_config()).await);
+    let key = coordinator.public_key();
+    let mut nodes: Vec<Arc<NodeHandle>> = Vec::new();
+    for i in 0..2 {
+        let mut cfg = node_config(&dir.path().join(format!("node-{i}")), &boot);
+        cfg.coordinator = Some(key);
+        cfg.sync_shards = false;
+        cfg.capacity.max_shards = 64;
+        nodes.push(Arc::new(start_node(cfg).await));
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let trainers: Vec<_> = nodes
+        .iter()
+        .map(|n| tokio::spawn(run_trainer(n.clone(), TrainerConfig::new(spec.clone(), data.clone()), stopped(stop_rx.clone()))))
+        .collect();
+    let metrics_path = dir.path().join("metrics.jsonl");
+    let role = |rounds: u64| {
+        let run = coordinator_run();
+        let mut machine = machine_config(run, &spec, UpdateRule::Sync, 1).expect("machine config");
+        machine.min_members = 2;
+        machine.train_ms = 8_000;
+        machine.verify_ms = 8_000;
+        machine.cooldown_ms = 200;
+        let mut role = CoordinatorRoleConfig::new(machine, spec.clone(), data.clone());
+        role.rounds = Some(rounds);
+        role.metrics = Some(metrics_path.clone());
+        role
+    };
+    let first = tokio::spawn(run_coordinator(coordinator.clone(), role(2), stopped(stop_rx.clone())));
+    tokio::time::timeout(Duration::from_secs(90), first).await.expect("rounds 1-2 in time").expect("task").expect("ran");
+    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+
+    let coordinator = Arc::new(start_node(coord_config()).await);
+    assert_eq!(coordinator.public_key(), key, "same key file, same coordinator");
+    let second = tokio::spawn(run_coordinator(coordinator.clone(), role(4), stopped(stop_rx.clone())));
+    tokio::time::timeout(Duration::from_secs(90), second).await.expect("rounds 3-4 in time").expect("task").expect("ran");
+
+    let text = std::fs::read_to_string(&metrics_path).expect("metrics file");
+    let rounds: Vec<u64> = text.lines().map(|l| serde_json::from_str::<RoundMetrics>(l).expect("line").round).collect();
+    assert_eq!(rounds, vec![1, 2, 3, 4], "the restarted coordinator continued the run: {text}");
+    let (_, stored) = coordinator.store().latest().expect("store").expect("a committed round");
+    let checkpoint = CheckpointManifest::from_bytes(&stored.meta).expect("checkpoint");
+    assert_eq!(checkpoint.round, 4);
+    for node in &nodes {
+        let node = node.clone();
+        let t = wait_for(Duration::from_secs(30), "the trainers apply round 4", move || {
+            let node = node.clone();
+            async move {
+                let t = node.status().await.ok()?.training?;
+                (t.applied_round == Some(4)).then_some(t)
+            }
+        })
+        .await;
+        assert_eq!(t.hash_mismatches, 0);
+        for (shard, hash) in &t.held_shards {
+            let entry = checkpoint.shards.iter().find(|e| e.shard.to_string() == *shard).expect("shard in checkpoint");
+            assert_eq!(entry.hash.to_string(), *hash);
+        }
+    }
+    let _ = stop_tx.send(true);
+    for t in trainers {
+        t.await.expect("trainer task").expect("trainer ran");
+    }
+    for node in nodes {
+        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+    }
+    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
+
+/// The run id the test nodes follow (`NodeConfig::for_tests`'s).
+fn coordinator_run() -> mana_protocol::RunId {
+    mana_node::daemon::NodeConfig::for_tests("/unused").net.run_id
+}

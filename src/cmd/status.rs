@@ -1,5 +1,7 @@
-//! `mana status`: what a running node reports about itself: peers, hosted experts, rounds, stored shards and
-//! rejected messages. It reads `<data dir>/status.json`, which the node rewrites atomically every 2 seconds.
+//! `mana status`: what a running node reports about itself: peers, hosted experts, rounds, stored shards,
+//! rejected messages, and the training roles' progress (trainer: rounds trained, deltas sent, hash checks;
+//! coordinator: round, phase, members). It reads `<data dir>/status.json`, which the node rewrites atomically
+//! every 2 seconds.
 
 use std::path::PathBuf;
 
@@ -62,6 +64,38 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     if !s.sync.is_empty() {
         println!("sync: {}", s.sync);
+    }
+    if let Some(hash) = &s.manifest_hash {
+        println!("stored manifest: {hash}");
+    }
+    if let Some(t) = &s.training {
+        let round = t.applied_round.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
+        println!(
+            "training: {} rounds trained, {} deltas sent ({} bytes), applied round {round}, shard hashes {} matched / {} mismatched",
+            t.rounds_trained, t.deltas_sent, t.delta_bytes_sent, t.hash_matches, t.hash_mismatches
+        );
+        if let Some(loss) = t.last_train_loss {
+            println!("  last training loss: {loss:.4}");
+        }
+        println!("  now: {}", t.activity);
+    }
+    if let Some(c) = &s.coordinator {
+        let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
+        println!(
+            "coordinator: round {} ({}), {} members, committed round {}, {} deltas accepted, {} rejected",
+            round(c.round),
+            c.phase,
+            c.members,
+            round(c.committed_round),
+            c.accepted_deltas,
+            c.rejected_deltas
+        );
+        if let Some(loss) = c.val_loss {
+            println!("  validation loss: {loss:.4}");
+        }
+        if let Some(hash) = &c.checkpoint {
+            println!("  checkpoint: {hash}");
+        }
     }
     println!(
         "gossip since start: {} accepted, {} rejected, {} ignored, {} rate-limited",
