@@ -415,7 +415,7 @@ impl Trainer {
             .collect()
             .await;
         let mut deltas = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        deltas.sort_by(|a, b| a.0.cmp(&b.0));
+        deltas.sort_by_key(|d| d.0);
         Ok(deltas)
     }
 

@@ -185,6 +185,11 @@ pub async fn run_coordinator(
     }
     let (verify_tx, mut verify_rx) = mpsc::channel(4);
     let mut role = Role::start(node, cfg, verify_tx).await?;
+    if role.cfg.rounds.is_some_and(|n| role.machine.checkpoint().round >= n) {
+        // Resumed a run that already reached its last round: nothing to train.
+        role.export().await?;
+        return Ok(());
+    }
     let mut messages = role.node.accepted();
     let mut ticker = tokio::time::interval(role.cfg.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
