@@ -3,6 +3,8 @@
 //! modes it ends below one node training alone for the same number of its own steps. Same seed, same
 //! result: a second run gives bit-identical shards.
 
+#![allow(clippy::unwrap_used)]
+
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_node::round::{RunSpec, SimConfig, simulate};

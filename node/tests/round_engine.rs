@@ -3,6 +3,8 @@
 //! decoded; one node holding every expert is exactly the single-node trainer; bad deltas are refused; the
 //! loss check tells honest deltas from scaled and random ones.
 
+#![allow(clippy::unwrap_used)]
+
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;

@@ -8,6 +8,7 @@ pub(crate) mod generate;
 mod info;
 mod keygen;
 mod node;
+mod simulate;
 mod status;
 mod train;
 
@@ -32,6 +33,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Sample text from a checkpoint (greedy, or temperature and top-p; optionally speculative with MTP).
     Generate(generate::GenerateArgs),
+    /// Simulate N training nodes in one process: loss against single-node training, bytes per token.
+    Simulate(simulate::SimulateArgs),
     /// Start a whole training network on this machine (bootstrap, coordinator, N nodes), train for a few
     /// minutes with live progress, and write metrics, a loss plot, final shard hashes and a text sample.
     Demo(demo::DemoArgs),
@@ -48,6 +51,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Simulate(args) => simulate::run(args),
         Command::Demo(args) => demo::run(args),
     }
 }

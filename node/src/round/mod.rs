@@ -11,7 +11,7 @@
 //! - [`check`]: the loss check on a validation batch;
 //! - [`simulate`]: N nodes in one process plus the single-node baselines;
 //! - [`ids`]: kernels shard ids to and from wire shard ids;
-//! - [`error`]: [`RoundError`].
+//! - [`error`]: the engine's one error type, [`RoundError`].
 
 pub mod apply;
 pub mod check;
