@@ -15,6 +15,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BYTES: usize = 64 * 1024 * 1024;
 
+/// CPU time used by this whole process so far (user + system), in seconds: /proc/self/stat fields 14 and 15,
+/// in USER_HZ ticks (100 per second in Linux's ABI). A machine shared with other work slows the wall clock
+/// of a transfer but not the CPU it costs, so both are printed.
+fn process_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// A plain TCP copy of `data` over loopback (tokio, 1 MiB buffers), in MB/s.
 async fn tcp_copy_mb_s(data: &[u8]) -> f64 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -40,27 +52,57 @@ async fn tcp_copy_mb_s(data: &[u8]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints figures"]
 async fn bench_shard_transfer_vs_tcp_copy() {
+    use mana_node::net::fetch::FetchOptions;
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
     let a = start_node(node_config(&dir.path().join("a"), &boot)).await;
-    let b = start_node(node_config(&dir.path().join("b"), &boot)).await;
     let data = pseudo_random_bytes(BYTES, 3);
     let hash = a.host_blob(data.clone()).await.expect("host");
     assert_eq!(hash, ContentHash::of(&data));
-    // Warm the provider's cache and the connection with a small blob first.
     let warm = a.host_blob(pseudo_random_bytes(1 << 20, 4)).await.expect("host");
-    b.fetch_blob(warm).await.expect("warm-up fetch");
 
-    let tcp = tcp_copy_mb_s(&data).await;
-    let start = Instant::now();
-    let len = b.fetch_blob(hash).await.expect("fetch");
-    let secs = start.elapsed().as_secs_f64();
-    let mana = len as f64 / 1e6 / secs;
-    println!("shard transfer: {} MB in {secs:.2} s = {mana:.1} MB/s (hash-checked, fsync'd into the store)", len / 1_000_000);
-    println!("plain TCP copy: {tcp:.1} MB/s; ratio mana/TCP = {:.3}", mana / tcp);
+    // The defaults first, then other chunk sizes and request windows (one fresh fetching node each).
+    let defaults = FetchOptions::default();
+    let variants = [
+        (defaults.chunk_bytes, defaults.per_provider),
+        (1 << 20, 16),
+        (2 << 20, 8),
+        (4 << 20, 8),
+        (4 << 20, 16),
+    ];
+    for (i, (chunk_bytes, per_provider)) in variants.into_iter().enumerate() {
+        let mut config = node_config(&dir.path().join(format!("b{i}")), &boot);
+        config.fetch.chunk_bytes = chunk_bytes;
+        config.fetch.per_provider = per_provider;
+        config.fetch.concurrency = per_provider;
+        let b = start_node(config).await;
+        // Warm the connection (and the provider's open-blob cache for the small blob) first.
+        b.fetch_blob(warm).await.expect("warm-up fetch");
+        let cpu0 = process_cpu_secs();
+        let tcp = tcp_copy_mb_s(&data).await;
+        let tcp_cpu = process_cpu_secs() - cpu0;
+        let before = b.status().await.expect("status").traffic;
+        let cpu0 = process_cpu_secs();
+        let start = Instant::now();
+        let len = b.fetch_blob(hash).await.expect("fetch");
+        let secs = start.elapsed().as_secs_f64();
+        let mana_cpu = process_cpu_secs() - cpu0;
+        let after = b.status().await.expect("status").traffic;
+        let mana = len as f64 / 1e6 / secs;
+        println!(
+            "shard transfer, {} KiB chunks, {per_provider} in flight{}: {} MB in {secs:.2} s = {mana:.1} MB/s \
+             (hash-checked, fsync'd into the store), {mana_cpu:.2} CPU-s both ends; plain TCP copy {tcp:.1} MB/s, \
+             {tcp_cpu:.2} CPU-s; ratio mana/TCP = {:.3}; fetch bytes in {}",
+            chunk_bytes / 1024,
+            if i == 0 { " (defaults)" } else { "" },
+            len / 1_000_000,
+            mana / tcp,
+            after.fetch_in - before.fetch_in,
+        );
+        b.shutdown().await.expect("shutdown");
+    }
     a.shutdown().await.expect("shutdown");
-    b.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;
 }
 

@@ -58,6 +58,14 @@ async fn node_syncs_a_50mb_shard_from_a_peer_and_checks_its_hash() {
     assert_eq!(ContentHash::of(&stored), hash);
     assert_eq!(stored.len(), SHARD_BYTES);
 
+    // The traffic counters saw the shard cross the wire (B read it, A wrote it) and the manifest's gossip.
+    let (a_traffic, b_traffic) = (a.status().await.expect("status").traffic, status.traffic);
+    println!("traffic: A {a_traffic:?}, B {b_traffic:?}");
+    assert!(b_traffic.fetch_in >= SHARD_BYTES as u64, "B read the shard: {b_traffic:?}");
+    assert!(a_traffic.fetch_out >= SHARD_BYTES as u64, "A served the shard: {a_traffic:?}");
+    assert!(b_traffic.fetch_out > 0 && b_traffic.fetch_out < 1 << 20, "B sent only small requests: {b_traffic:?}");
+    assert!(a_traffic.gossip_out > 0 && b_traffic.gossip_in > 0, "gossip counted both ways");
+
     a.shutdown().await.expect("shutdown");
     b.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;

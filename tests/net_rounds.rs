@@ -131,6 +131,10 @@ async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
     let experts: Vec<_> = holders.iter().filter(|(s, _)| s.starts_with("expert/")).collect();
     assert_eq!(experts.len(), 8, "every expert is held: {holders:?}");
     assert!(experts.iter().all(|(_, n)| **n == 2), "each expert by 2 nodes: {holders:?}");
+    // The holders published their shard hashes; the coordinator compared them with its commits.
+    let c = coordinator.status().await.expect("status").coordinator.expect("coordinator status");
+    assert!(c.holder_reports >= NODES as u64, "{c:?}");
+    assert_eq!(c.holder_mismatches, 0, "{c:?}");
 
     let _ = stop_tx.send(true);
     for t in trainers {

@@ -87,9 +87,6 @@ impl NodeConfig {
         if self.fetch.concurrency == 0 || self.fetch.per_provider == 0 || self.fetch.chunk_bytes == 0 {
             return Err(NodeError::Config("fetch concurrency and chunk size must be positive".into()));
         }
-        if self.fetch.chunk_bytes > self.net.limits.max_chunk_bytes {
-            return Err(NodeError::Config("fetch chunk larger than the network's max_chunk_bytes".into()));
-        }
         for addr in &self.net.bootstrap {
             if !matches!(addr.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
                 return Err(NodeError::Config(format!("bootstrap address {addr} lacks /p2p/<peer id>")));

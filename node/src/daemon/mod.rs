@@ -191,7 +191,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         client,
         state: Mutex::new(State::default()),
         accepted_tx,
-        serve_cache: serve::BlobCache::new(512 * 1024 * 1024),
+        serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         pins: Mutex::new(std::collections::HashMap::new()),
     });
     // Announce what we already hold (a restarted node serves its shards again).

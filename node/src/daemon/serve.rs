@@ -1,17 +1,27 @@
-//! Serving fetch requests from the store. A blob is read once through the store's hash-verified read and
-//! then served chunk by chunk from a bounded in-memory cache, so a 50 MB shard fetched in 1 MiB chunks costs
-//! one disk read, not fifty.
+//! Serving fetch requests from the store by range reads. The first request for a blob opens it through the
+//! store's verified open (the whole file is hashed once); the open reader is kept in a small cache of open
+//! blobs, and every chunk after that is a seek and a read of just its bytes. So a shard costs one hash pass
+//! however many chunks it is fetched in, and a blob larger than memory is served without ever being held
+//! whole. Concurrent first requests for one blob wait for a single open instead of each hashing the file.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::Read;
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
 
 use mana_protocol::limits::MAX_FETCH_CHUNK_BYTES;
 use mana_protocol::{Bytes, FetchRequest, FetchResponse, Text};
+use tokio::sync::OnceCell;
 
-use super::{Shared, blob_hash, blocking};
+use super::{NodeError, Shared, blob_hash, blocking};
+use crate::store::{BlobReader, Store, StoreError};
 
-/// Recently served blobs, evicted oldest first beyond `cap` bytes.
+/// How many blobs a node keeps open for serving (least recently used closed first).
+pub const OPEN_BLOBS: usize = 64;
+
+/// A verified, open blob, shared by the requests for its chunks (each seeks, then reads its range).
+type OpenBlob = Arc<Mutex<BlobReader>>;
+
+/// The blobs open for serving, verified once when opened.
 pub struct BlobCache {
     cap: usize,
     inner: Mutex<CacheInner>,
@@ -19,42 +29,79 @@ pub struct BlobCache {
 
 #[derive(Default)]
 struct CacheInner {
-    blobs: HashMap<[u8; 32], Arc<Vec<u8>>>,
-    order: VecDeque<[u8; 32]>,
-    bytes: usize,
+    blobs: HashMap<[u8; 32], Slot>,
+    clock: u64,
+}
+
+struct Slot {
+    /// Filled by the first request's open; later requests wait on it.
+    blob: Arc<OnceCell<OpenBlob>>,
+    last_used: u64,
 }
 
 impl BlobCache {
-    /// A cache of at most `cap` bytes.
+    /// A cache keeping at most `cap` blobs open.
     pub fn new(cap: usize) -> Self {
-        Self { cap, inner: Mutex::new(CacheInner::default()) }
+        Self { cap: cap.max(1), inner: Mutex::new(CacheInner::default()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, hash: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
-        self.lock().blobs.get(hash).cloned()
-    }
-
-    fn insert(&self, hash: [u8; 32], blob: Arc<Vec<u8>>) {
-        if blob.len() > self.cap {
-            return;
-        }
+    /// The slot of `hash`, created if absent; the least recently used slot goes when over the cap.
+    fn slot(&self, hash: [u8; 32]) -> Arc<OnceCell<OpenBlob>> {
         let mut inner = self.lock();
-        if inner.blobs.contains_key(&hash) {
-            return;
-        }
-        while inner.bytes + blob.len() > self.cap {
-            let Some(old) = inner.order.pop_front() else { break };
-            if let Some(b) = inner.blobs.remove(&old) {
-                inner.bytes -= b.len();
+        inner.clock += 1;
+        let now = inner.clock;
+        if !inner.blobs.contains_key(&hash) && inner.blobs.len() >= self.cap {
+            let oldest = inner.blobs.iter().min_by_key(|(_, s)| s.last_used).map(|(h, _)| *h);
+            if let Some(oldest) = oldest {
+                inner.blobs.remove(&oldest);
             }
         }
-        inner.bytes += blob.len();
-        inner.order.push_back(hash);
-        inner.blobs.insert(hash, blob);
+        let slot = inner.blobs.entry(hash).or_insert_with(|| Slot { blob: Arc::default(), last_used: now });
+        slot.last_used = now;
+        slot.blob.clone()
+    }
+
+    /// Forgets `hash` (it left the store, or could not be opened).
+    fn remove(&self, hash: &[u8; 32]) {
+        self.lock().blobs.remove(hash);
+    }
+
+    /// Number of blobs open now.
+    pub fn len(&self) -> usize {
+        self.lock().blobs.values().filter(|s| s.blob.initialized()).count()
+    }
+
+    /// Whether no blob is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The open reader of `hash`, opening (and so verifying) it once. `None` when the store lacks it.
+    async fn open(&self, store: &Store, hash: [u8; 32]) -> Result<Option<OpenBlob>, NodeError> {
+        let slot = self.slot(hash);
+        let opened = slot
+            .get_or_try_init(|| {
+                let store = store.clone();
+                async move {
+                    let reader = blocking(move || Ok(store.open_blob(&blob_hash(&mana_protocol::ContentHash(hash)))?)).await?;
+                    Ok::<_, NodeError>(Arc::new(Mutex::new(reader)))
+                }
+            })
+            .await;
+        match opened {
+            Ok(blob) => Ok(Some(blob.clone())),
+            Err(e) => {
+                self.remove(&hash);
+                match e {
+                    NodeError::Store(StoreError::MissingBlob(_)) => Ok(None),
+                    e => Err(e),
+                }
+            }
+        }
     }
 }
 
@@ -62,53 +109,52 @@ fn refused(reason: &str) -> FetchResponse {
     FetchResponse::Refused { reason: Text::new(reason).expect("reasons are short constants") }
 }
 
+/// Reads `len` bytes at `offset` of an open blob.
+fn read_range(blob: &OpenBlob, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut reader = blob.lock().unwrap_or_else(|p| p.into_inner());
+    reader.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; len];
+    reader.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
 /// Answers one fetch request from the store.
 pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> FetchResponse {
     let hash = request.hash;
     let max = request.max_len.min(shared.config.net.limits.max_chunk_bytes).min(MAX_FETCH_CHUNK_BYTES) as u64;
+    // Still in the store? (A blob pruned since it was opened is no longer served.)
     let store = shared.store.clone();
     let Ok(len) = blocking(move || Ok(store.blob_len(&blob_hash(&hash))?)).await else {
         return refused("store error");
     };
-    let Some(total_size) = len else { return FetchResponse::NotFound { hash } };
+    let Some(total_size) = len else {
+        shared.serve_cache.remove(&hash.0);
+        return FetchResponse::NotFound { hash };
+    };
     if request.offset > total_size {
         return refused("offset past the end");
     }
-    let end = (request.offset + max).min(total_size);
-    let (start, end) = (request.offset as usize, end as usize);
-    if let Some(blob) = shared.serve_cache.get(&hash.0) {
-        return FetchResponse::Chunk { hash, offset: request.offset, total_size, data: Bytes(blob[start..end].to_vec()) };
-    }
-    let store = shared.store.clone();
-    let small_enough = total_size as usize <= shared.serve_cache.cap;
-    let loaded = blocking(move || {
-        if small_enough {
-            // Verified whole read, then cached.
-            Ok(Ok(Arc::new(store.get_blob(&blob_hash(&hash))?)))
-        } else {
-            // Too big to cache: stream to the range (the reader verifies the hash only at the end).
-            let mut reader = store.open_blob(&blob_hash(&hash))?;
-            std::io::copy(&mut (&mut reader).take(start as u64), &mut std::io::sink())
-                .map_err(|e| super::NodeError::Task(e.to_string()))?;
-            let mut buf = vec![0u8; end - start];
-            reader.read_exact(&mut buf).map_err(|e| super::NodeError::Task(e.to_string()))?;
-            Ok(Err(buf))
-        }
-    })
-    .await;
-    match loaded {
-        Ok(Ok(blob)) => {
-            if blob.len() as u64 != total_size {
-                return refused("blob changed");
-            }
-            let data = Bytes(blob[start..end].to_vec());
-            shared.serve_cache.insert(hash.0, blob);
-            FetchResponse::Chunk { hash, offset: request.offset, total_size, data }
-        }
-        Ok(Err(range)) => FetchResponse::Chunk { hash, offset: request.offset, total_size, data: Bytes(range) },
+    let blob = match shared.serve_cache.open(&shared.store, hash.0).await {
+        Ok(Some(blob)) => blob,
+        Ok(None) => return FetchResponse::NotFound { hash },
         Err(e) => {
             tracing::warn!(%hash, error = %e, "blob could not be served");
-            FetchResponse::NotFound { hash }
+            return FetchResponse::NotFound { hash };
+        }
+    };
+    let verified_len = blob.lock().unwrap_or_else(|p| p.into_inner()).len();
+    if verified_len != total_size {
+        shared.serve_cache.remove(&hash.0);
+        return refused("blob changed");
+    }
+    let offset = request.offset;
+    let len = (total_size - offset).min(max) as usize;
+    match blocking(move || read_range(&blob, offset, len).map_err(|e| NodeError::Task(e.to_string()))).await {
+        Ok(data) => FetchResponse::Chunk { hash, offset, total_size, data: Bytes(data) },
+        Err(e) => {
+            tracing::warn!(%hash, error = %e, "blob range could not be read");
+            shared.serve_cache.remove(&hash.0);
+            refused("read error")
         }
     }
 }
@@ -116,15 +162,25 @@ pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> Fetc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreConfig;
 
-    #[test]
-    fn cache_evicts_oldest_beyond_cap() {
-        let cache = BlobCache::new(10);
-        cache.insert([1; 32], Arc::new(vec![0; 6]));
-        cache.insert([2; 32], Arc::new(vec![0; 6]));
-        assert!(cache.get(&[1; 32]).is_none());
-        assert!(cache.get(&[2; 32]).is_some());
-        cache.insert([3; 32], Arc::new(vec![0; 11]));
-        assert!(cache.get(&[3; 32]).is_none(), "bigger than the cache: not kept");
+    #[tokio::test]
+    async fn opens_once_serves_ranges_and_evicts_least_recent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), StoreConfig::default()).expect("store");
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let a = store.put_blob(&bytes).expect("put").hash();
+        let b = store.put_blob(b"other").expect("put").hash();
+        let cache = BlobCache::new(1);
+        let blob = cache.open(&store, a.0).await.expect("open").expect("present");
+        assert_eq!(read_range(&blob, 9_000, 1_000).expect("tail"), bytes[9_000..]);
+        assert_eq!(read_range(&blob, 17, 100).expect("middle"), bytes[17..117]);
+        let again = cache.open(&store, a.0).await.expect("open").expect("present");
+        assert!(Arc::ptr_eq(&blob, &again), "the second request reuses the verified reader");
+        assert_eq!(cache.len(), 1);
+        cache.open(&store, b.0).await.expect("open").expect("present");
+        assert_eq!(cache.len(), 1, "cap of one: the older blob was closed");
+        assert!(cache.open(&store, [9; 32]).await.expect("no error").is_none(), "absent blob");
+        assert!(!cache.lock().blobs.contains_key(&[9; 32]), "a failed open leaves nothing behind");
     }
 }

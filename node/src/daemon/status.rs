@@ -119,6 +119,12 @@ pub struct CoordinatorStatus {
     pub accepted_deltas: u64,
     /// Rejected since start.
     pub rejected_deltas: u64,
+    /// Holders' manifests (their shard hashes after a round) compared with the committed checkpoint.
+    #[serde(default)]
+    pub holder_reports: u64,
+    /// Shard hashes in those reports that differ from the commit (a holder computed different weights).
+    #[serde(default)]
+    pub holder_mismatches: u64,
 }
 
 /// Collects the status now.

@@ -76,12 +76,12 @@ async fn fetch_from(
 ) -> Result<u64, NodeError> {
     let store = shared.store.clone();
     let writer = blocking(move || Ok(store.blob_writer(max_len)?)).await?;
-    let mut sink = WriterSink(writer);
     let mut options = shared.config.fetch.clone();
     options.progress = options.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let len = fetch_blob(&shared.client, hash, providers, &mut sink, &options).await?;
+    // Never ask for more than we accept (an operator may lower `max_chunk_bytes` below the default chunk).
+    options.chunk_bytes = options.chunk_bytes.min(shared.config.net.limits.max_chunk_bytes);
+    let (len, WriterSink(writer)) = fetch_blob(&shared.client, hash, providers, WriterSink(writer), &options).await?;
     // fetch_blob checked the hash; the store checks it again as it installs the file.
-    let writer = sink.0;
     let pin = blocking(move || Ok(writer.finish_expecting(&blob_hash(&hash))?)).await?;
     keep_pin(shared, pin);
     // Announced in the background: the DHT query must not hold up whoever waits for the blob.

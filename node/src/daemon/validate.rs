@@ -112,8 +112,27 @@ pub(crate) fn judge(
     match validate_envelope(&ctx, &envelope) {
         Ok(message) if message.topic() != kind => reject(WRONG_TOPIC, message.kind()),
         Ok(message) => Judgement::Accept(Accepted { source, signer: envelope.signer, message }),
+        Err(rejection) if rejection.code() == RejectCode::NotCoordinator => {
+            match holder_report(&envelope, current.as_ref()) {
+                Some(message) if message.topic() == kind => {
+                    Judgement::Accept(Accepted { source, signer: envelope.signer, message })
+                }
+                _ => judge_rejection(shared, rejection),
+            }
+        }
         Err(rejection) => judge_rejection(shared, rejection),
     }
+}
+
+/// A checkpoint manifest signed by a node rather than the coordinator is that node's report of the shards it
+/// holds after a round (the determinism check: every holder publishes its shard hashes). It is accepted (the
+/// run and the clock were already checked) but never synced from; only the coordinator's manifests are.
+fn holder_report(envelope: &mana_protocol::SignedEnvelope, current: Option<&mana_protocol::RoundAnnouncement>) -> Option<Message> {
+    let Ok(Message::CheckpointManifest(m)) = envelope.verify() else { return None };
+    if current.is_some_and(|c| m.round > c.round) {
+        return None;
+    }
+    Some(Message::CheckpointManifest(m))
 }
 
 /// Which rejections penalise the forwarder. Stale rounds and clock skew may come from honest but slow or
@@ -133,18 +152,20 @@ fn judge_rejection(shared: &Shared, rejection: Rejection) -> Judgement {
 pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judgement) {
     match judgement {
         Judgement::Accept(accepted) => {
+            // Holders' manifests (see `holder_report`) are passed on, never followed.
+            let from_coordinator = shared.config.coordinator == Some(accepted.signer);
             {
                 let mut state = shared.state();
                 state.accepted += 1;
                 match &accepted.message {
                     Message::RoundAnnouncement(a) => state.current = Some(a.clone()),
-                    Message::CheckpointManifest(m) => state.manifest = Some(m.clone()),
+                    Message::CheckpointManifest(m) if from_coordinator => state.manifest = Some(m.clone()),
                     Message::RoundCommit(c) => state.manifest = Some(c.checkpoint.clone()),
                     _ => {}
                 }
             }
             let manifest = match &accepted.message {
-                Message::CheckpointManifest(m) => Some(m.clone()),
+                Message::CheckpointManifest(m) if from_coordinator => Some(m.clone()),
                 Message::RoundCommit(c) => Some(c.checkpoint.clone()),
                 _ => None,
             };

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -16,6 +17,7 @@ use libp2p::{
 
 use super::codec::{TRANSFER_PROTOCOL, TransferCodec};
 use super::config::NetConfig;
+use super::traffic::TrafficCounters;
 use mana_protocol::{TopicKind, topic};
 
 /// The Kademlia protocol id of mana's DHT (separate from the public IPFS DHT).
@@ -160,7 +162,12 @@ fn kad_behaviour(keypair: &Keypair, config: &NetConfig) -> kad::Behaviour<kad::s
 }
 
 /// Builds the swarm: identity, tokio, TCP (noise, yamux), QUIC, relay client, behaviour, swarm settings.
-pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behaviour>, BuildError> {
+/// Fetch frames are counted in `traffic`.
+pub fn build_swarm(
+    keypair: Keypair,
+    config: &NetConfig,
+    traffic: Arc<TrafficCounters>,
+) -> Result<Swarm<Behaviour>, BuildError> {
     config.limits.validate()?;
     let limits = config.limits.clone();
     let gossipsub = gossipsub_behaviour(&keypair, config)?;
@@ -184,7 +191,7 @@ pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behavio
                     .with_push_listen_addr_updates(true),
             );
             let transfer = request_response::Behaviour::with_codec(
-                TransferCodec::new(limits.max_chunk_bytes),
+                TransferCodec::new(limits.max_chunk_bytes, traffic),
                 [(TRANSFER_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(config.request_timeout)

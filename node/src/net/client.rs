@@ -3,6 +3,7 @@
 //! the loop.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::gossipsub::MessageId;
@@ -12,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use mana_protocol::{FetchRequest, FetchResponse};
 use super::event_loop::{Command, Verdict};
+use super::traffic::{Traffic, TrafficCounters};
 use super::{NetError, NetSnapshot};
 
 /// A handle to one node's swarm. Cheap to clone; every clone talks to the same event loop.
@@ -19,11 +21,18 @@ use super::{NetError, NetSnapshot};
 pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
+    traffic: Arc<TrafficCounters>,
 }
 
 impl Client {
-    pub(super) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId) -> Self {
-        Self { commands, local_peer_id }
+    pub(super) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId, traffic: Arc<TrafficCounters>) -> Self {
+        Self { commands, local_peer_id, traffic }
+    }
+
+    /// Application bytes sent and received since the swarm started (read directly, no round trip to the
+    /// event loop; see [`super::traffic`] for what is counted).
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.snapshot()
     }
 
     /// This node's peer id.

@@ -6,6 +6,7 @@
 //! Unexpected swarm events are logged, never fatal.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -23,6 +24,7 @@ use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use mana_protocol::{FetchRequest, FetchResponse, Text};
 use super::config::NetConfig;
 use super::limits::RateLimiter;
+use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
 
 /// What a verdict on a gossip message means for its sender. Mirrors gossipsub's `MessageAcceptance`, so the
@@ -145,6 +147,8 @@ pub struct EventLoop {
     gossip_rate_limited: u64,
     /// Whether relay reservations were requested (once autonat says we are private).
     relayed: bool,
+    /// Gossip bytes are counted here; fetch frames in the codec.
+    traffic: Arc<TrafficCounters>,
 }
 
 impl EventLoop {
@@ -153,6 +157,7 @@ impl EventLoop {
         config: NetConfig,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<NetEvent>,
+        traffic: Arc<TrafficCounters>,
     ) -> Self {
         let limits = config.limits.clone();
         let backoff = config.reconnect_backoff;
@@ -174,6 +179,7 @@ impl EventLoop {
             backoff,
             gossip_rate_limited: 0,
             relayed: false,
+            traffic,
         }
     }
 
@@ -254,12 +260,16 @@ impl EventLoop {
                 let _ = reply.send(result);
             }
             Command::Publish { topic, data, reply } => {
+                let len = data.len();
                 let result = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
                     .publish(IdentTopic::new(topic), data)
                     .map_err(|e| NetError::Publish(e.to_string()));
+                if result.is_ok() {
+                    self.traffic.add_gossip_out(len);
+                }
                 let _ = reply.send(result);
             }
             Command::ReportValidation { id, source, verdict } => {
@@ -447,6 +457,7 @@ impl EventLoop {
     fn handle_gossip(&mut self, event: gossipsub::Event) {
         match event {
             gossipsub::Event::Message { propagation_source, message_id, message } => {
+                self.traffic.add_gossip_in(message.data.len());
                 if !self.gossip_limiter.allow(propagation_source, Instant::now()) {
                     self.gossip_rate_limited += 1;
                     self.swarm.behaviour_mut().gossipsub.report_message_validation_result(

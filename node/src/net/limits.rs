@@ -44,7 +44,8 @@ impl Default for Limits {
             // The transport cap sits above the protocol's 256 KiB envelope cap, so an oversized envelope
             // reaches validation and costs its sender score instead of vanishing silently.
             max_gossip_bytes: 512 * 1024,
-            max_chunk_bytes: 1024 * 1024,
+            // The protocol's largest chunk: fewer, larger requests move a shard fastest.
+            max_chunk_bytes: mana_protocol::limits::MAX_FETCH_CHUNK_BYTES,
             requests_per_second: 400,
             request_burst: 800,
             gossip_per_second: 200,

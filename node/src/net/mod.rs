@@ -12,6 +12,7 @@ pub mod config;
 pub mod event_loop;
 pub mod fetch;
 pub mod limits;
+pub mod traffic;
 
 use libp2p::gossipsub::MessageId;
 use libp2p::identity::Keypair;
@@ -29,6 +30,7 @@ pub use mana_protocol::{FetchRequest, FetchResponse};
 pub use config::NetConfig;
 pub use event_loop::{EventLoop, Verdict};
 pub use limits::Limits;
+pub use traffic::{Traffic, TrafficCounters};
 
 /// Capacity of the command channel: callers wait (back-pressure) when the loop is this far behind.
 const COMMAND_CAPACITY: usize = 256;
@@ -142,12 +144,14 @@ pub fn new(
     config: NetConfig,
 ) -> Result<(Client, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
     let local_peer_id = keypair.public().to_peer_id();
-    let mut swarm = behaviour::build_swarm(keypair, &config).map_err(|e| NetError::Build(e.to_string()))?;
+    let traffic = std::sync::Arc::new(TrafficCounters::default());
+    let mut swarm =
+        behaviour::build_swarm(keypair, &config, traffic.clone()).map_err(|e| NetError::Build(e.to_string()))?;
     for addr in &config.listen {
         swarm.listen_on(addr.clone()).map_err(|e| NetError::Build(format!("listen on {addr}: {e}")))?;
     }
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
-    let event_loop = EventLoop::new(swarm, config, command_rx, event_tx);
-    Ok((Client::new(command_tx, local_peer_id), event_rx, event_loop))
+    let event_loop = EventLoop::new(swarm, config, command_rx, event_tx, traffic.clone());
+    Ok((Client::new(command_tx, local_peer_id, traffic), event_rx, event_loop))
 }

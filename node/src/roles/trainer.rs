@@ -16,7 +16,8 @@
 //! commit's entry. A mismatch is logged and counted in the status, and the committed shard is fetched
 //! instead. A shard with no accepted delta is unchanged. The new shards and the node's own
 //! [`CheckpointManifest`] of them (hosted as a blob, its hash in `mana status`) go into the store as one
-//! round; the daemon's heartbeats then report them as hosted.
+//! round; the daemon's heartbeats then report them as hosted. That manifest is also published on gossip (a
+//! holder's report: peers pass it on but never sync from it), and the coordinator compares it with its commit.
 //!
 //! A node that was not assigned in a round keeps nothing of it; when it is named again it fetches the shards
 //! it needs from the round's base (this is also how a late joiner starts).
@@ -352,7 +353,10 @@ impl Trainer {
                 }
                 continue;
             }
-            let deltas = self.fetch_deltas(&accepted, base.state.params.len(), round).await;
+            let deltas = self.fetch_deltas(&accepted, base.state.params.len()).await;
+            for hash in &accepted {
+                self.pins.add(round, *hash);
+            }
             let deltas = match deltas {
                 Ok(d) => d,
                 Err(e) => {
@@ -396,7 +400,7 @@ impl Trainer {
     }
 
     /// The accepted payloads of one shard, decoded, sorted by payload hash (the aggregation order).
-    async fn fetch_deltas(&self, hashes: &[ContentHash], len: usize, _round: u64) -> Result<Vec<(ContentHash, Vec<f32>)>, NodeError> {
+    async fn fetch_deltas(&self, hashes: &[ContentHash], len: usize) -> Result<Vec<(ContentHash, Vec<f32>)>, NodeError> {
         let node = self.node.clone();
         let timeout = self.cfg.fetch_timeout;
         let coordinator = self.coordinator_peer();
@@ -457,6 +461,10 @@ impl Trainer {
         .await?;
         if !stored {
             tracing::warn!(round, "store already holds this round or a later one; not committed");
+        }
+        // Every holder publishes its shard hashes, so the coordinator (and anyone) can compare them.
+        if let Err(e) = publish_patiently(&self.node, &Message::CheckpointManifest(own.clone()), Duration::from_secs(2)).await {
+            tracing::debug!(round, error = %e, "own manifest not published");
         }
         let held: Vec<(String, String)> = own.shards.iter().map(|e| (e.shard.to_string(), e.hash.to_string())).collect();
         self.node.update_training_status(|s| {

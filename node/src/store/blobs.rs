@@ -344,6 +344,7 @@ impl BlobDir {
             expected: *hash,
             len,
             read: 0,
+            ranged: false,
         })
     }
 
@@ -550,6 +551,9 @@ impl Write for BlobWriter {
 /// Streams a stored blob that was verified when opened. It re-hashes as it reads; if the file changed since
 /// (a disk fault under our feet), the read that reaches the end fails with `InvalidData` instead of
 /// returning end-of-file, so a consumer that reads to the end never accepts bad bytes silently.
+///
+/// It also serves ranges ([`Seek`]), e.g. chunks of a shard for peers: the blob was verified once at open,
+/// and after a seek the reader no longer re-hashes (the bytes read are no longer the whole blob in order).
 #[derive(Debug)]
 pub struct BlobReader {
     file: File,
@@ -557,6 +561,8 @@ pub struct BlobReader {
     expected: BlobHash,
     len: u64,
     read: u64,
+    /// Set by a seek: reads serve ranges, and the end-of-read re-hash check is off.
+    ranged: bool,
 }
 
 impl BlobReader {
@@ -579,6 +585,9 @@ impl BlobReader {
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read(buf)?;
+        if self.ranged {
+            return Ok(n);
+        }
         if n == 0 && !buf.is_empty() {
             let actual: BlobHash = self.hasher.finalize().into();
             if actual != self.expected || self.read != self.len {
@@ -595,5 +604,12 @@ impl Read for BlobReader {
         self.hasher.update(&buf[..n]);
         self.read += n as u64;
         Ok(n)
+    }
+}
+
+impl Seek for BlobReader {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.ranged = true;
+        self.file.seek(pos)
     }
 }

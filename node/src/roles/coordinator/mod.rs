@@ -11,6 +11,8 @@
 //!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
 //!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
 //!   `mana status` shows it) and writes one metrics line ([`metrics`]);
+//! - compares every holder's published manifest (its shard hashes after a round) with the commit, counting
+//!   reports and mismatches in the status;
 //! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
 //!   a round being verified is verified again, a round being aggregated is aggregated again.
 //!
@@ -161,6 +163,8 @@ struct Role {
     verify_tx: mpsc::Sender<verify::VerifyReport>,
     accepted_total: u64,
     rejected_total: u64,
+    holder_reports: u64,
+    holder_mismatches: u64,
     val_loss: Option<f32>,
     done: bool,
 }
@@ -270,6 +274,8 @@ impl Role {
             verify_tx,
             accepted_total: 0,
             rejected_total: 0,
+            holder_reports: 0,
+            holder_mismatches: 0,
             val_loss: None,
             done: false,
         };
@@ -392,6 +398,8 @@ impl Role {
         self.clock.verify_ms += report.verify_ms;
         for checked in report.checked {
             let hash = checked.delta.payload_hash;
+            // Fetched payloads stay pinned until the rounds after this one are committed.
+            self.pins.add(report.round, hash);
             let verdict = match checked.outcome {
                 verify::Outcome::Accepted { delta, norm, check } => {
                     if let Some(c) = check {
@@ -622,6 +630,7 @@ impl Role {
         }
         match message {
             Message::Heartbeat(hb) => self.machine.node_heartbeat(now_ms(), signer, &hb),
+            Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
                 let keep = d.clone();
@@ -643,6 +652,21 @@ impl Role {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A holder's manifest of its shards after a round: each hash must be the committed one.
+    fn on_holder_report(&mut self, signer: PublicKey, report: &CheckpointManifest) {
+        let checkpoint = self.machine.checkpoint();
+        if report.round != checkpoint.round {
+            return;
+        }
+        self.holder_reports += 1;
+        for entry in &report.shards {
+            if checkpoint.shard(&entry.shard).is_some_and(|c| c.hash != entry.hash) {
+                self.holder_mismatches += 1;
+                tracing::warn!(round = report.round, node = %peer_name(&signer), shard = %entry.shard, "a holder's shard differs from the commit");
+            }
         }
     }
 
@@ -679,6 +703,7 @@ impl Role {
         let hash = checkpoint.hash().ok().map(|h| h.to_string());
         let (members, committed) = (self.machine.members().len(), checkpoint.round);
         let (accepted, rejected, val_loss) = (self.accepted_total, self.rejected_total, self.val_loss);
+        let (reports, mismatches) = (self.holder_reports, self.holder_mismatches);
         self.node.update_coordinator_status(|s| {
             s.round = round;
             s.phase = state.name().to_owned();
@@ -688,6 +713,8 @@ impl Role {
             s.accepted_deltas = accepted;
             s.rejected_deltas = rejected;
             s.val_loss = val_loss;
+            s.holder_reports = reports;
+            s.holder_mismatches = mismatches;
         });
     }
 
