@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{NodeError, Shared, blocking, now_ms};
-use crate::net::PeerSummary;
+use crate::net::{PeerSummary, Traffic};
 use crate::store::RejectionSummary;
 
 /// The file name of the status file in the data directory.
@@ -43,6 +43,9 @@ pub struct NodeStatus {
     pub peers: Vec<PeerSummary>,
     /// Peers in the DHT routing table.
     pub routing_table_size: usize,
+    /// Application bytes on the wire since start: gossip published/received, fetch frames written/read.
+    #[serde(default)]
+    pub traffic: Traffic,
     /// Experts this node hosts (from its latest stored round).
     pub hosted_experts: Vec<String>,
     /// The round in progress (last accepted announcement), if any.
@@ -159,6 +162,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         peer_id,
         peers: snap.peers,
         routing_table_size: snap.routing_table.len(),
+        traffic: shared.client.traffic(),
         hosted_experts,
         current_round: state.current.as_ref().map(|a| a.round),
         stored_round,
