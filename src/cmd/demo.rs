@@ -12,7 +12,7 @@ use clap::Args;
 use crate::demo::{self, DemoConfig, Stop};
 
 /// Rounds run when neither --rounds nor --minutes is given.
-pub const DEFAULT_ROUNDS: u64 = 20;
+pub const DEFAULT_ROUNDS: u64 = 100;
 
 /// Arguments of `mana demo`.
 #[derive(Debug, Args)]
@@ -20,7 +20,7 @@ pub struct DemoArgs {
     /// Training nodes to start (each a separate process).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     nodes: u64,
-    /// Rounds to train (default 20); the coordinator then exports the model and the demo ends.
+    /// Rounds to train (default 100); the coordinator then exports the model and the demo ends.
     #[arg(long, conflicts_with = "minutes", value_parser = clap::value_parser!(u64).range(1..))]
     rounds: Option<u64>,
     /// Train for this many minutes instead of a number of rounds.
@@ -35,8 +35,8 @@ pub struct DemoArgs {
     rule: String,
     /// H: micro-batches per node per round (sync) or local steps per round (diloco). Default: the
     /// coordinator's.
-    #[arg(long)]
-    inner_steps: Option<u64>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    inner_steps: Option<u32>,
     /// Output directory (created; a previous demo's output there is replaced).
     #[arg(long, default_value = "demo-out")]
     out: PathBuf,

@@ -48,9 +48,11 @@ pub struct RoundMetrics {
     /// Rejections by reason.
     #[serde(default)]
     pub rejected_reasons: BTreeMap<String, u64>,
-    /// Mean training loss the nodes reported.
+    /// Mean training loss the nodes reported (NaN when the line has none: no accepted delta).
+    #[serde(deserialize_with = "nullable_loss")]
     pub train_loss: f64,
-    /// Validation loss of the committed model.
+    /// Validation loss of the committed model (NaN when the line has none).
+    #[serde(deserialize_with = "nullable_loss")]
     pub val_loss: f64,
     /// Tokens trained on in the round, all nodes together.
     #[serde(default)]
@@ -67,6 +69,12 @@ pub struct RoundMetrics {
     /// When the round was committed, unix milliseconds.
     #[serde(default)]
     pub unix_ms: u64,
+}
+
+/// A loss that the coordinator writes as `null` when it has none: NaN, which the plot skips and the
+/// progress line shows as `-`.
+fn nullable_loss<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// One line of the metrics file: the typed view and the whole object (to pass on unchanged).
@@ -156,6 +164,8 @@ mod tests {
     #[test]
     fn rejects_lines_without_the_losses() {
         assert!(parse_line(r#"{"round":1}"#).is_err());
+        let null = parse_line(r#"{"round":1,"train_loss":null,"val_loss":2.5}"#).expect("null is allowed");
+        assert!(null.metrics.train_loss.is_nan() && null.metrics.val_loss == 2.5);
         assert!(parse_line("[1,2]").is_err());
         assert!(parse_line("{").is_err());
     }

@@ -80,7 +80,7 @@ pub struct DemoConfig {
     /// `sync` or `diloco`.
     pub rule: String,
     /// H: micro-batches per round (sync) or inner steps (diloco); `None`: the coordinator's default.
-    pub inner_steps: Option<u64>,
+    pub inner_steps: Option<u32>,
     /// Seed of the run (weights, data, built-in corpus); `None`: the coordinator's default.
     pub seed: Option<u64>,
     /// Prompts for `sample.txt`.
@@ -214,6 +214,8 @@ fn start_network(cfg: &DemoConfig, out: &OutDir, sup: &mut Supervisor, progress:
     let mut cmd = mana(cfg, "coordinator");
     cmd.args(["--run", RUN, "--listen", LISTEN, "--bootstrap", &boot_addr, "--rule", &cfg.rule])
         .args(["--min-members", &cfg.nodes.to_string()])
+        // Every routed expert on two nodes (one when there is a single node).
+        .args(["--replication", &cfg.nodes.min(2).to_string()])
         .arg("--data-dir")
         .arg(out.data_dir("coordinator"))
         .arg("--metrics")
@@ -486,8 +488,13 @@ fn summary(
         mean(|r| r.ms.apply),
     ));
     s.push_str(&format!(
-        "loss      train {:.3} -> {:.3}, validation {:.3} -> {:.3} (round {} -> {})\n",
-        first.train_loss, last.train_loss, first.val_loss, last.val_loss, first.round, last.round
+        "loss      train {} -> {}, validation {} -> {} (round {} -> {})\n",
+        progress::loss(first.train_loss),
+        progress::loss(last.train_loss),
+        progress::loss(first.val_loss),
+        progress::loss(last.val_loss),
+        first.round,
+        last.round
     ));
     let per_token = if tokens > 0 { format!(", {:.1} bytes per token trained", wire as f64 / tokens as f64) } else { String::new() };
     s.push_str(&format!(

@@ -65,10 +65,10 @@ impl Progress {
         let of = self.rounds.map_or_else(String::new, |r| format!("/{r}"));
         let took = round_secs.map_or_else(String::new, |s| format!("  {s:.1} s"));
         let line = format!(
-            "round {}{of}  loss {:.3}  val {:.3}  deltas {} accepted, {} rejected  wire {} (total {}){took}{nodes}",
+            "round {}{of}  loss {}  val {}  deltas {} accepted, {} rejected  wire {} (total {}){took}{nodes}",
             m.round,
-            m.train_loss,
-            m.val_loss,
+            loss(m.train_loss),
+            loss(m.val_loss),
             m.accepted,
             m.rejected,
             human_bytes(m.payload_bytes),
@@ -80,7 +80,7 @@ impl Progress {
                 if self.rounds.is_some() {
                     bar.set_position(m.round);
                 }
-                bar.set_message(format!("loss {:.3}", m.val_loss));
+                bar.set_message(format!("val loss {}", loss(m.val_loss)));
             }
             None => println!("{line}"),
         }
@@ -92,6 +92,11 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A loss with three decimals, or `-` when there is none.
+pub fn loss(value: f64) -> String {
+    if value.is_finite() { format!("{value:.3}") } else { "-".to_owned() }
 }
 
 /// Bytes in B, KB, MB or GB (powers of 1000, one decimal).

@@ -152,6 +152,7 @@ impl Supervisor {
     }
 
     /// The process ids of the children still running.
+    #[cfg(test)]
     pub fn running_pids(&mut self) -> Vec<u32> {
         self.reap();
         self.children.iter().filter(|c| c.exit.is_none()).map(|c| c.pid).collect()
@@ -253,6 +254,7 @@ impl Supervisor {
     }
 
     /// Waits up to `timeout` for the child to end; true if it has (false also when cancelled).
+    #[cfg(test)]
     pub fn wait_exit(&mut self, id: ChildId, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.exit_status(id).is_none() {
