@@ -379,7 +379,7 @@ fn follow_rounds(
 fn node_json(name: &str, view: Option<&status::StatusView>) -> serde_json::Value {
     let Some(v) = view else { return serde_json::json!({ "name": name }) };
     let t = v.training.clone().unwrap_or_default();
-    serde_json::json!({
+    let mut entry = serde_json::json!({
         "name": name,
         "peers": v.peers.len(),
         "applied_round": t.applied_round.or(v.stored_round),
@@ -387,11 +387,27 @@ fn node_json(name: &str, view: Option<&status::StatusView>) -> serde_json::Value
         "deltas_sent": t.deltas_sent,
         "delta_bytes_sent": t.delta_bytes_sent,
         "hash_mismatches": t.hash_mismatches,
-    })
+    });
+    if let Some(traffic) = v.traffic {
+        entry["traffic"] = serde_json::json!(traffic);
+    }
+    entry
 }
 
-/// The nodes' upload counters for the live line (empty when the nodes do not report them).
+/// The nodes' traffic for the live line: bytes sent/received on the wire when the nodes count them, else
+/// the delta bytes they published (empty when they report neither). Status files are rewritten every 2 s,
+/// so these trail the round by up to that.
 fn node_traffic(views: &[(&String, Option<status::StatusView>)]) -> String {
+    let wire: Vec<String> = views
+        .iter()
+        .filter_map(|(name, v)| {
+            let t = v.as_ref()?.traffic?;
+            Some(format!("{} {}/{}", name.trim_start_matches("node-"), human_bytes(t.sent()), human_bytes(t.received())))
+        })
+        .collect();
+    if !wire.is_empty() {
+        return format!("  node out/in: {}", wire.join(", "));
+    }
     let sent: Vec<String> = views
         .iter()
         .filter_map(|(name, v)| {
@@ -399,7 +415,7 @@ fn node_traffic(views: &[(&String, Option<status::StatusView>)]) -> String {
             Some(format!("{} {}", name.trim_start_matches("node-"), human_bytes(t.delta_bytes_sent)))
         })
         .collect();
-    if sent.is_empty() { String::new() } else { format!("  sent by node: {}", sent.join(", ")) }
+    if sent.is_empty() { String::new() } else { format!("  deltas sent by node: {}", sent.join(", ")) }
 }
 
 /// Waits for the nodes to hold the final round, then compares every process's shard hashes.

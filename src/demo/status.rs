@@ -58,6 +58,32 @@ pub struct CoordinatorView {
     pub checkpoint: Option<String>,
 }
 
+/// Application bytes on the wire since the process started (the network layer's counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrafficView {
+    /// Gossip data received (each distinct message once).
+    pub gossip_in: u64,
+    /// Gossip data published.
+    pub gossip_out: u64,
+    /// Fetch frames read.
+    pub fetch_in: u64,
+    /// Fetch frames written.
+    pub fetch_out: u64,
+}
+
+impl TrafficView {
+    /// Bytes sent: gossip published plus fetch frames written.
+    pub fn sent(&self) -> u64 {
+        self.gossip_out.saturating_add(self.fetch_out)
+    }
+
+    /// Bytes received: gossip received plus fetch frames read.
+    pub fn received(&self) -> u64 {
+        self.gossip_in.saturating_add(self.fetch_in)
+    }
+}
+
 /// The parts of a status file the demo uses.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
@@ -72,6 +98,8 @@ pub struct StatusView {
     pub stored_shards: Vec<ShardView>,
     /// Hash of the checkpoint manifest of that round.
     pub manifest_hash: Option<String>,
+    /// Bytes on the wire, when the node reports them.
+    pub traffic: Option<TrafficView>,
     /// Present on a training node.
     pub training: Option<TrainingView>,
     /// Present on the coordinator.
@@ -112,10 +140,12 @@ mod tests {
     #[test]
     fn reads_a_trainer_status_and_prefers_its_applied_round() {
         let json = r#"{"pid":7,"peers":[{},{}],"stored_round":4,"stored_shards":[{"shard":"trunk","hash":"aa","bytes":3}],
-            "manifest_hash":"m4","unknown":1,
+            "manifest_hash":"m4","unknown":1,"traffic":{"gossip_in":1,"gossip_out":2,"fetch_in":30,"fetch_out":40},
             "training":{"applied_round":5,"held_shards":[["trunk","bb"],["expert/0/1","cc"]],"manifest_hash":"m5","delta_bytes_sent":99}}"#;
         let s: StatusView = serde_json::from_str(json).expect("parses");
         assert_eq!(s.peers.len(), 2);
+        let traffic = s.traffic.expect("traffic");
+        assert_eq!((traffic.sent(), traffic.received()), (42, 31));
         let (round, shards, manifest) = s.holdings();
         assert_eq!(round, Some(5));
         assert_eq!(shards, [("trunk".to_owned(), "bb".to_owned()), ("expert/0/1".to_owned(), "cc".to_owned())]);
