@@ -2,9 +2,10 @@
 //! 1. **authorization**: the sender is a participant assigned that shard in the announcement;
 //! 2. **fetch** the payload by hash (concurrently, bounded by the commit deadline);
 //! 3. [`validate_delta_payload`]: size, hash, decoding, length, finiteness;
-//! 4. **norm** at most `max_norm_ratio` × the median norm of the shard, the median taken over this round's
-//!    deltas *and* the shard's recently accepted norms (with two holders per expert, a median of this
-//!    round's two deltas alone could never catch a scaled one);
+//! 4. **norm** at most `max_norm_ratio` × the median norm of the shard's class ([`norm_class`]: the trunk,
+//!    or all the experts of one layer, which share a shape), the median taken over this round's deltas *and*
+//!    the class's recently accepted norms. With two holders per expert, a median of one expert's deltas
+//!    could never catch a scaled one, not even in the first round, which has no history yet;
 //! 5. the **loss check** ([`loss_check`]) on a validation batch chosen with OS randomness: every delta in
 //!    diloco mode; in sync mode each delta with probability `loss_check_share`, drawn from OS randomness after
 //!    the deltas are in, so a sender cannot know whether its contribution will be checked.
@@ -147,10 +148,12 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         }
     }
     let medians: BTreeMap<ShardId, Option<f32>> = by_shard
-        .iter()
-        .map(|(shard, norms)| {
-            let mut all = norms.clone();
-            all.extend(input.history.get(shard).into_iter().flatten().copied());
+        .keys()
+        .map(|shard| {
+            let class = norm_class(shard);
+            let mut all: Vec<f32> =
+                by_shard.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()).collect();
+            all.extend(input.history.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()));
             (*shard, median_norm(&all))
         })
         .collect();
@@ -206,5 +209,15 @@ fn unit_random() -> f64 {
     match os_seed() {
         Ok(x) => (x >> 11) as f64 / (1u64 << 53) as f64,
         Err(_) => 0.0,
+    }
+}
+
+/// The group of shards whose delta norms are compared with each other: the trunk alone, or every expert of
+/// one MoE layer (same shape, same kind of gradient). An expert has only `replication` holders, too few for a
+/// median to outvote a forged delta; a layer's experts together have many.
+fn norm_class(shard: &ShardId) -> Option<u16> {
+    match shard {
+        ShardId::Trunk => None,
+        ShardId::Expert { layer, .. } => Some(*layer),
     }
 }

@@ -1,0 +1,470 @@
+//! Training rounds under faults, on a real loopback network with the real roles (`run_coordinator`,
+//! `run_trainer`) on the tiny model (8 experts, replication 2, sync rule):
+//! - a malicious member sends, every round it is given work, NaN deltas, honest deltas scaled ×100, random
+//!   deltas, deltas for experts it does not host, deltas with bad signatures and replays of old rounds'
+//!   deltas: every one is refused (with its reason in the coordinator's rejection log), none is ever in a
+//!   commit, and training still converges. (Gossip scoring soon cuts such a member off, so it acts in the
+//!   first rounds only. A random delta forged at the honest norm is not in this list: it passes the norm
+//!   check, and the loss check's tolerance does not reliably catch a step of honest size sideways.)
+//! - a node killed mid-round does not stop the round, its experts get new hosts, a node that joins late
+//!   syncs and contributes, and a restarted coordinator resumes its run where it stopped.
+//!
+//! The tests share the machine's cores, so they run one at a time.
+
+mod net_support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mana_bootstrap::BootstrapHandle;
+use mana_node::daemon::{NodeConfig, NodeHandle};
+use mana_node::net::libp2p::Multiaddr;
+use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
+use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
+use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_node::round::{RunSpec, ShardState, from_wire, train_local};
+use mana_kernels::data::TextDataset;
+use mana_protocol::codec::encode_delta;
+use mana_protocol::{
+    CheckpointManifest, ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement, RoundCommit,
+    ShardId, SignedEnvelope, UpdateRule, decode_envelope, topic,
+};
+use net_support::*;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+/// One test at a time: each runs a whole network on the machine's cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// A bootstrap, a coordinator node and the run's spec and data.
+struct Net {
+    dir: tempfile::TempDir,
+    bootstrap: BootstrapHandle,
+    boot: Vec<Multiaddr>,
+    spec: RunSpec,
+    data: Arc<TextDataset>,
+    coordinator: Arc<NodeHandle>,
+    key: PublicKey,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl Net {
+    async fn start() -> Net {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+        let boot = bootstrap.addrs().to_vec();
+        let spec = RunSpec::tiny();
+        let data = Arc::new(
+            load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("built-in corpus"),
+        );
+        let coordinator = Arc::new(start_node(Net::coordinator_config(dir.path(), &boot)).await);
+        let key = coordinator.public_key();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        Net { dir, bootstrap, boot, spec, data, coordinator, key, stop_tx, stop_rx }
+    }
+
+    fn coordinator_config(dir: &Path, boot: &[Multiaddr]) -> NodeConfig {
+        let mut cfg = node_config(&dir.join("coordinator"), boot);
+        cfg.sync_shards = false;
+        cfg
+    }
+
+    /// A member node's config: follows the coordinator, fetches only what it is assigned.
+    fn member_config(&self, name: &str) -> NodeConfig {
+        let mut cfg = node_config(&self.dir.path().join(name), &self.boot);
+        cfg.coordinator = Some(self.key);
+        cfg.sync_shards = false;
+        cfg.capacity.max_shards = 64;
+        cfg
+    }
+
+    /// Starts an honest training node; its trainer stops on `stop` (or when the task is aborted: a kill).
+    async fn start_trainer(&self, name: &str) -> (Arc<NodeHandle>, JoinHandle<Result<(), mana_node::daemon::NodeError>>) {
+        let node = Arc::new(start_node(self.member_config(name)).await);
+        let cfg = TrainerConfig::new(self.spec.clone(), self.data.clone());
+        let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(self.stop_rx.clone())));
+        (node, task)
+    }
+
+    /// The coordinator role's settings for this network: sync, H = 2, short phases.
+    fn role(&self, min_members: usize, rounds: u64, metrics: &Path) -> CoordinatorRoleConfig {
+        let run = self.coordinator.config().net.run_id.clone();
+        let mut machine = machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
+        machine.min_members = min_members;
+        machine.train_ms = 8_000;
+        machine.verify_ms = 8_000;
+        machine.cooldown_ms = 200;
+        machine.member_timeout_ms = 4_000;
+        let mut role = CoordinatorRoleConfig::new(machine, self.spec.clone(), self.data.clone());
+        role.rounds = Some(rounds);
+        role.metrics = Some(metrics.to_path_buf());
+        role.loss_check_share = 1.0;
+        role
+    }
+}
+
+fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).expect("metrics line parses")).collect()
+}
+
+/// Collects every round announcement and commit an honest node accepts.
+fn collect_rounds(node: &NodeHandle) -> (Arc<Mutex<Vec<RoundAnnouncement>>>, Arc<Mutex<Vec<RoundCommit>>>) {
+    let announcements = Arc::new(Mutex::new(Vec::new()));
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let mut rx = node.accepted();
+    let (a, c) = (announcements.clone(), commits.clone());
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(m) => match m.message {
+                    Message::RoundAnnouncement(x) => a.lock().expect("lock").push(x),
+                    Message::RoundCommit(x) => c.lock().expect("lock").push(x),
+                    _ => {}
+                },
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+    (announcements, commits)
+}
+
+/// What the malicious member sent: payload hashes it announced, and the attacks it carried out.
+#[derive(Default)]
+struct Attacks {
+    payloads: BTreeSet<ContentHash>,
+    kinds: BTreeMap<&'static str, u32>,
+}
+
+/// The malicious member: a real node (it heartbeats, so it is a member and gets experts), whose "trainer"
+/// computes the honest deltas and then sends only poisoned variants of them.
+async fn run_malicious(
+    node: Arc<NodeHandle>,
+    keypair: mana_protocol::Keypair,
+    spec: RunSpec,
+    data: Arc<TextDataset>,
+    attacks: Arc<Mutex<Attacks>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = node.accepted();
+    let me = node.public_key();
+    let run = node.config().net.run_id.clone();
+    let gossip_topic = topic(&run, mana_protocol::TopicKind::Deltas);
+    let mut previous: Option<(Vec<u8>, DeltaAnnouncement)> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            m = rx.recv() => m,
+        };
+        let ann = match accepted {
+            Ok(m) => match m.message {
+                Message::RoundAnnouncement(ann) => ann,
+                _ => continue,
+            },
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(part) = ann.participant(&me).cloned() else { continue };
+        // The honest work, from the round's real base checkpoint.
+        let Ok(manifest_bytes) = fetch_bytes(&node, ann.base_checkpoint, Vec::new(), Duration::from_secs(20)).await else { continue };
+        let manifest = CheckpointManifest::from_bytes(&manifest_bytes).expect("coordinator manifest");
+        let mut base = Vec::new();
+        for shard in &part.shards {
+            let entry = manifest.shard(shard).expect("assigned shard in the manifest");
+            let bytes = fetch_bytes(&node, entry.hash, Vec::new(), Duration::from_secs(20)).await.expect("base shard");
+            base.push(ShardState::from_bytes(&bytes, &spec, from_wire(*shard)).expect("base shard decodes"));
+        }
+        let (spec2, ann2, part2, data2) = (spec.clone(), ann.clone(), part.clone(), data.clone());
+        let local = tokio::task::spawn_blocking(move || train_local(&spec2, &ann2, &part2, &base, &data2))
+            .await
+            .expect("training task")
+            .expect("honest local training");
+        let honest: BTreeMap<ShardId, Vec<f32>> = local
+            .deltas
+            .into_iter()
+            .map(|(s, d)| (mana_node::round::to_wire(s).expect("wire shard"), d))
+            .collect();
+        let codec = ann.hyper.codec;
+        let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
+            run: run.clone(),
+            round: ann.round,
+            shard,
+            base_checkpoint: ann.base_checkpoint,
+            payload_hash,
+            payload_size,
+            stats: local.stats,
+        };
+        let not_hosted: Vec<ShardId> =
+            manifest.shards.iter().map(|e| e.shard).filter(|s| !part.shards.contains(s) && s.to_string().starts_with("expert/")).collect();
+        let mut sent_this_round: Option<(Vec<u8>, DeltaAnnouncement)> = None;
+        // One poisoned delta for every assigned shard (a member missing a shard is dropped from the round
+        // unverified, which would test nothing), then extra messages no honest member sends.
+        let mut sends: Vec<(&'static str, ShardId, Vec<u8>)> = Vec::new();
+        for (i, (shard, delta)) in honest.iter().enumerate() {
+            let kind = ["nan", "scaled-x100", "random"][(i + ann.round as usize) % 3];
+            let payload = match kind {
+                "nan" => {
+                    let mut p = encode_delta(delta, &codec).expect("encode");
+                    // The last byte is an E4M3 code: 0x7f is NaN, which no honest encoder writes.
+                    let last = p.len() - 1;
+                    p[last] = 0x7f;
+                    p
+                }
+                "scaled-x100" => encode_delta(&delta.iter().map(|x| x * 100.0).collect::<Vec<_>>(), &codec).expect("encode"),
+                _ => {
+                    // Random values of the size a careless forger picks; far off the honest norm.
+                    let bytes = pseudo_random_bytes(delta.len() * 4, ann.round * 31 + i as u64);
+                    let r: Vec<f32> =
+                        bytes.chunks_exact(4).map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32) - 0.5).collect();
+                    encode_delta(&r, &codec).expect("encode")
+                }
+            };
+            sends.push((kind, *shard, payload));
+        }
+        if let Some((shard, delta)) = honest.iter().next() {
+            let payload = encode_delta(delta, &codec).expect("encode");
+            sends.push(("bad-signature", *shard, payload.clone()));
+            if let Some(other) = not_hosted.first() {
+                sends.push(("not-hosted", *other, payload));
+            }
+        }
+        for (kind, target, payload) in sends {
+            let Ok(hash) = node.host_blob(payload.clone()).await else { continue };
+            attacks.lock().expect("lock").payloads.insert(hash);
+            let message = announce(target, hash, payload.len() as u64);
+            let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(message.clone()), now_ms()).expect("sign");
+            let mut bytes = envelope.encode().expect("encode envelope");
+            if kind == "bad-signature" {
+                let mut bad = decode_envelope(&bytes).expect("own envelope decodes");
+                bad.signature.0[7] ^= 0x40;
+                bytes = bad.encode().expect("encode envelope");
+            }
+            if node.net().publish(gossip_topic.clone(), bytes.clone()).await.is_ok() {
+                *attacks.lock().expect("lock").kinds.entry(kind).or_default() += 1;
+            }
+            if kind != "bad-signature" && sent_this_round.is_none() {
+                sent_this_round = Some((bytes, message));
+            }
+        }
+        // Replays of the previous round: the same signed bytes again, and the old announcement re-signed now.
+        if let Some((raw, old)) = previous.take() {
+            let _ = node.net().publish(gossip_topic.clone(), raw).await;
+            let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(old), now_ms()).expect("sign");
+            if node.net().publish(gossip_topic.clone(), envelope.encode().expect("encode")).await.is_ok() {
+                *attacks.lock().expect("lock").kinds.entry("replay").or_default() += 1;
+            }
+        }
+        previous = sent_this_round;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_member_is_refused_every_time_and_training_converges() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const HONEST: usize = 4;
+    const ROUNDS: u64 = 5;
+    let net = Net::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..HONEST {
+        nodes.push(net.start_trainer(&format!("node-{i}")).await);
+    }
+    let (_, commits) = collect_rounds(&nodes[0].0);
+    let evil_cfg = net.member_config("evil");
+    let evil_key = mana_node::keyfile::load_or_generate(&evil_cfg.key_path()).expect("evil key");
+    let evil = Arc::new(start_node(evil_cfg).await);
+    let attacks = Arc::new(Mutex::new(Attacks::default()));
+    let evil_task = tokio::spawn(run_malicious(
+        evil.clone(),
+        evil_key,
+        net.spec.clone(),
+        net.data.clone(),
+        attacks.clone(),
+        net.stop_rx.clone(),
+    ));
+
+    let metrics = net.dir.path().join("metrics.jsonl");
+    let role = net.role(HONEST + 1, ROUNDS, &metrics);
+    let coordinating = tokio::spawn(run_coordinator(net.coordinator.clone(), role, stopped(net.stop_rx.clone())));
+    tokio::time::timeout(Duration::from_secs(240), coordinating)
+        .await
+        .expect("the coordinator finishes its rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+
+    let lines = read_metrics(&metrics);
+    assert_eq!(lines.len() as u64, ROUNDS);
+    for m in &lines {
+        eprintln!(
+            "round {}: participants {} val {:?} accepted {} rejected {} {:?}",
+            m.round, m.participants, m.val_loss, m.accepted, m.rejected, m.rejected_reasons
+        );
+    }
+    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss")).collect();
+    assert!(val[val.len() - 1] < val[0] - 0.05, "training did not converge under attack: {val:?}");
+
+    // Every attack was carried out, and no poisoned payload was ever committed.
+    let attacks = attacks.lock().expect("lock");
+    eprintln!("attacks sent: {:?}", attacks.kinds);
+    let log = net.coordinator.store().rejection_summary().expect("rejection log");
+    eprintln!("coordinator rejection log: {:?}", log.by_reason);
+    for kind in ["nan", "scaled-x100", "random", "bad-signature", "not-hosted", "replay"] {
+        assert!(attacks.kinds.get(kind).copied().unwrap_or(0) > 0, "attack {kind} never sent: {:?}", attacks.kinds);
+    }
+    let commits = wait_for(Duration::from_secs(10), "every commit seen by node 0", || {
+        let commits = commits.clone();
+        async move {
+            let c = commits.lock().expect("lock");
+            (c.len() as u64 >= ROUNDS).then(|| c.clone())
+        }
+    })
+    .await;
+    for commit in &commits {
+        for accepted in &commit.accepted {
+            for hash in &accepted.deltas {
+                assert!(!attacks.payloads.contains(hash), "round {}: a poisoned payload {hash} was committed", commit.round);
+            }
+        }
+    }
+    // Each refusal is logged with its reason, by the coordinator (payload checks) or at the gossip layer.
+    let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &lines {
+        for (r, n) in &m.rejected_reasons {
+            *reasons.entry(r.clone()).or_default() += n;
+        }
+    }
+    for (r, n) in &log.by_reason {
+        *reasons.entry(format!("log:{r}")).or_default() += n;
+    }
+    eprintln!("reasons: {reasons:?}");
+    let seen = |needle: &str| reasons.keys().any(|k| k.contains(needle));
+    assert!(seen("non-finite") || seen("bad-payload"), "NaN deltas not refused as such: {reasons:?}");
+    assert!(seen("norm-too-large"), "scaled and random deltas not refused by the norm check: {reasons:?}");
+    assert!(seen("signature") || seen("bad-envelope"), "bad signatures not refused: {reasons:?}");
+    assert!(seen("shard-not-assigned"), "deltas for experts not hosted not refused: {reasons:?}");
+    assert!(seen("stale-round") || seen("replay"), "replays not refused: {reasons:?}");
+
+    let _ = net.stop_tx.send(true);
+    evil_task.await.expect("malicious task");
+    for (node, task) in nodes {
+        task.await.expect("trainer task").expect("trainer ran");
+        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+    }
+    Arc::into_inner(evil).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(net.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    net.bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_survive_a_kill_a_late_joiner_and_a_coordinator_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut net = Net::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        nodes.push(net.start_trainer(&format!("node-{i}")).await);
+    }
+    let (announcements, commits) = collect_rounds(&nodes[0].0);
+    let metrics = net.dir.path().join("metrics.jsonl");
+
+    // Phase 1: two rounds with four nodes, then the coordinator stops (its state is saved in its store).
+    let (coord_stop_tx, coord_stop_rx) = watch::channel(false);
+    let role = net.role(3, 100, &metrics);
+    let coordinating = tokio::spawn(run_coordinator(net.coordinator.clone(), role, stopped(coord_stop_rx)));
+    wait_for(Duration::from_secs(90), "two committed rounds", || {
+        let m = metrics.clone();
+        async move { (read_metrics(&m).len() >= 2).then_some(()) }
+    })
+    .await;
+
+    // Kill node 3 in the middle of round 3: the moment it is announced, before any delta is due.
+    let kill_round = wait_for(Duration::from_secs(60), "round 3 announced", || {
+        let a = announcements.clone();
+        async move { a.lock().expect("lock").iter().find(|x| x.round >= 3).map(|x| x.round) }
+    })
+    .await;
+    let (killed, killed_task) = nodes.pop().expect("four nodes");
+    let killed_key = killed.public_key();
+    killed_task.abort();
+    drop(killed); // the last handle: its swarm and tasks are aborted, like a crash
+    wait_for(Duration::from_secs(60), "the round with the dead node commits", || {
+        let c = commits.clone();
+        async move { c.lock().expect("lock").iter().any(|x| x.round == kill_round).then_some(()) }
+    })
+    .await;
+
+    // A late joiner: it syncs what it is assigned and contributes in a later round.
+    let late = net.start_trainer("node-late").await;
+    let late_key = late.0.public_key();
+    let joined_round = wait_for(Duration::from_secs(90), "the late joiner in a round without the dead node", || {
+        let a = announcements.clone();
+        async move {
+            a.lock().expect("lock").iter().find(|x| x.participant(&late_key).is_some() && x.participant(&killed_key).is_none()).map(|x| x.round)
+        }
+    })
+    .await;
+    // Lost experts are reassigned: every expert has `replication` hosts among the live nodes.
+    let ann = announcements.lock().expect("lock").iter().find(|x| x.round == joined_round).cloned().expect("announcement");
+    let mut hosts: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &ann.participants {
+        for s in &p.shards {
+            *hosts.entry(s.to_string()).or_default() += 1;
+        }
+    }
+    let experts: Vec<_> = hosts.iter().filter(|(s, _)| s.starts_with("expert/")).collect();
+    assert_eq!(experts.len(), 8, "every expert has a host: {hosts:?}");
+    assert!(experts.iter().all(|(_, n)| **n == 2), "each expert has 2 live hosts: {hosts:?}");
+    let late_node = late.0.clone();
+    wait_for(Duration::from_secs(90), "the late joiner applies a round it trained in", move || {
+        let n = late_node.clone();
+        async move {
+            let t = n.status().await.ok()?.training?;
+            (t.rounds_trained >= 1 && t.applied_round.is_some_and(|r| r >= joined_round)).then_some(())
+        }
+    })
+    .await;
+
+    // Coordinator restart: stop it, start a new process-equivalent on the same data dir and key.
+    let _ = coord_stop_tx.send(true);
+    coordinating.await.expect("coordinator task").expect("coordinator stopped cleanly");
+    let before = read_metrics(&metrics).last().map(|m| m.round).expect("rounds committed");
+    Arc::into_inner(net.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    net.coordinator = Arc::new(start_node(Net::coordinator_config(net.dir.path(), &net.boot)).await);
+    assert_eq!(net.coordinator.public_key(), net.key, "the restarted coordinator keeps its key");
+    let mut role = net.role(3, before + 2, &metrics);
+    role.rounds = Some(before + 2);
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::spawn(run_coordinator(net.coordinator.clone(), role, stopped(net.stop_rx.clone()))),
+    )
+    .await
+    .expect("the restarted coordinator finishes in time")
+    .expect("coordinator task")
+    .expect("restarted coordinator ran");
+    let lines = read_metrics(&metrics);
+    let rounds: Vec<u64> = lines.iter().map(|m| m.round).collect();
+    eprintln!("rounds committed: {rounds:?}");
+    assert!(rounds.windows(2).all(|w| w[1] == w[0] + 1), "rounds resume in sequence after the restart: {rounds:?}");
+    assert_eq!(rounds.last().copied(), Some(before + 2));
+    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss")).collect();
+    assert!(val[val.len() - 1] < val[0], "training continued to improve: {val:?}");
+
+    let _ = net.stop_tx.send(true);
+    nodes.push(late);
+    for (node, task) in nodes {
+        task.await.expect("trainer task").expect("trainer ran");
+        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+    }
+    Arc::into_inner(net.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    net.bootstrap.shutdown().await;
+}
