@@ -1,8 +1,8 @@
 //! Training rounds across a real loopback network: a bootstrap, a coordinator and 4 training nodes, each a
 //! libp2p peer in this process, running the real roles (`run_coordinator`, `run_trainer`) on the tiny model
-//! with 8 experts, replication 2, sync rule. Checks that the validation loss falls round after round, that
-//! every commit applied deltas, and that every holder of each shard ends bit-identical to the commit's
-//! manifest (and to the coordinator's stored checkpoint).
+//! with 8 experts, replication 2, under each update rule (sync, diloco). Checks that the validation loss
+//! falls round after round, that every commit applied deltas, and that every holder of each shard ends
+//! bit-identical to the commit's manifest (and to the coordinator's stored checkpoint).
 
 mod net_support;
 
@@ -22,12 +22,27 @@ use tokio::sync::watch;
 const NODES: usize = 4;
 const ROUNDS: u64 = 5;
 
+/// One test at a time: each runs a whole network on the machine's cores, with round deadlines.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
+    four_nodes_train_and_agree(UpdateRule::Sync, 2).await;
+}
+
+/// The same network with the diloco rule: H inner AdamW steps per round, pseudo-gradients averaged and
+/// applied with the outer optimizer by every holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_train_in_diloco_rounds_and_agree_bit_for_bit() {
+    four_nodes_train_and_agree(UpdateRule::Diloco, 5).await;
+}
+
+async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // RUST_LOG=mana_node=info shows the roles' progress.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -63,7 +78,7 @@ async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
     }
 
     let run = coordinator.config().net.run_id.clone();
-    let mut machine = machine_config(run, &spec, UpdateRule::Sync, 2).expect("machine config");
+    let mut machine = machine_config(run, &spec, rule, inner_steps).expect("machine config");
     machine.min_members = NODES;
     machine.train_ms = 8_000;
     machine.verify_ms = 8_000;
@@ -152,6 +167,7 @@ async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
 /// through round 4 with every holder still bit-identical to the commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_coordinator_resumes_the_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
