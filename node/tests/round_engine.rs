@@ -271,7 +271,11 @@ fn loss_check_passes_honest_deltas_and_rejects_scaled_and_random_ones() {
                 h.before, h.after, s.after, r.after, m.after
             );
             assert!(h.passed && h.gain() >= 0.0, "{rule:?} {shard}: honest {h:?}");
-            assert!(!s.passed, "{rule:?} {shard}: x100 {s:?}");
+            // In sync mode the probe bounds each weight's step as AdamW would (at most lr / sqrt(1 - beta2)),
+            // so a gradient x100 is the norm check's to catch; in diloco it moves the weights x100.
+            if rule == UpdateRule::Diloco {
+                assert!(!s.passed, "{rule:?} {shard}: x100 {s:?}");
+            }
             assert!(!r.passed, "{rule:?} {shard}: random {r:?}");
             // A random direction of the honest size gains (next to) nothing on the trunk: it fails as soon as
             // the check asks for a tenth of the honest gain, which the honest delta itself still passes.

@@ -7,20 +7,25 @@
 //!   own size and direction.
 //! - `sync`: an AdamW step would hide the delta's scale (AdamW is scale-invariant in one step: a gradient
 //!   ×100 still moves each weight by about lr, while it would poison the second moments for many rounds),
-//!   so the check takes a plain gradient step sized by the run's history instead:
-//!   `θ' = θ − lr · g / rms_ref`, where `rms_ref = sqrt(mean(v) / (1 − β2^step))` is the root-mean-square
-//!   aggregate gradient recorded in the shard's AdamW second moments. An honest gradient then moves each
-//!   weight by about lr (like an AdamW step) downhill; a ×100 one by about 100·lr; a random one sideways. At
-//!   the first update of a shard there is no history (`v = 0`) and `rms_ref` is the delta's own RMS, which
-//!   makes the probe scale-free: that round relies on the norm check against the round's median.
+//!   so the check takes a gradient step normalised, per weight, by the run's history instead:
+//!   `θ'_i = θ_i − lr · g_i / sqrt(max(v̂_i, (1 − β2) · g_i²))`, where `v̂ = v / (1 − β2^step)` is the
+//!   bias-corrected second moment recorded in the shard's AdamW state. An honest gradient then moves each
+//!   weight by about lr (like an AdamW step) downhill; a ×100 one by up to `lr / sqrt(1 − β2)` (≈ 30·lr); a
+//!   random one sideways. The floor `(1 − β2) · g_i²` bounds the step where the history is empty or tiny
+//!   (a weight that never had a gradient), as AdamW's own update of `v` would. At the shard's first update
+//!   (no history at all) the step is `lr · g / rms(g)`: scale-free, so that round relies on the norm check. (A single scalar reference, the RMS of the whole shard's `v`, was tried first: on the trunk,
+//!   whose tensors' gradients differ by orders of magnitude, it moved some weights by 100·lr and failed a
+//!   quarter of honest deltas in the demo.)
 //!
 //! `tolerance` is in nats: the check passes when `after <= before + tolerance` and `after` is finite. A
 //! negative tolerance demands an improvement.
 //!
-//! What it catches, measured in `node/tests/round_engine.rs`: deltas scaled ×100 and random vectors raise the
-//! loss by nats (rejected at tolerance 0), an honest delta lowers it. A random vector scaled to the honest norm
-//! (so that it passes the norm check) is nearly harmless in one step in `sync` mode (a step of about lr per
-//! weight in a random direction changes the loss by ~1e-4 nats), so it passes a tolerance of 0; it gains
+//! What it catches, measured in `node/tests/round_engine.rs`: random vectors raise the loss (rejected at
+//! tolerance 0), and so do deltas scaled ×100 in `diloco` mode; in `sync` mode the probe bounds a ×100
+//! gradient's step per weight, as AdamW would, and the norm check is what refuses it. An honest delta lowers
+//! the loss. A random vector scaled to the honest norm (so that it passes the norm check) is nearly harmless
+//! in one step in `sync` mode (a step of about lr per weight in a random direction changes the loss by ~1e-4
+//! nats), so it may pass a tolerance of 0; it gains
 //! nothing, though, so a verifier that demands part of the gain of the round's other contributions (a
 //! negative tolerance, [`LossCheck::gain`]) rejects it, as the Gauntlet does by scoring improvements.
 
@@ -89,19 +94,30 @@ pub fn loss_check(
     Ok(LossCheck { before, after, passed })
 }
 
-/// `θ − lr · g / rms_ref` (see the module doc).
+/// `θ_i − lr · g_i / sqrt(max(v̂_i, (1 − β2) · g_i²))` (see the module doc).
 fn sync_probe(spec: &RunSpec, hyper: &HyperParams, target: &ShardState, g: &[f32]) -> Vec<f32> {
     let cfg = spec.optim_config(hyper);
     let lr = f64::from(cfg.lr_at(target.step));
-    let rms = |x: &[f32]| (x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / x.len().max(1) as f64).sqrt();
-    let history = if target.step > 0 {
-        let bc2 = 1.0 - f64::from(cfg.beta2).powi(i32::try_from(target.step).unwrap_or(i32::MAX));
-        let mean_v = target.opt_v.iter().map(|&v| f64::from(v)).sum::<f64>() / target.opt_v.len().max(1) as f64;
-        (mean_v / bc2).sqrt()
-    } else {
-        0.0
-    };
-    let rms_ref = if history.is_finite() && history > 0.0 { history } else { rms(g) };
-    let scale = if rms_ref > 0.0 { lr / rms_ref } else { 0.0 };
-    target.params.iter().zip(g).map(|(&p, &d)| (f64::from(p) - scale * f64::from(d)) as f32).collect()
+    let beta2 = f64::from(cfg.beta2);
+    if target.step == 0 {
+        // No history at all: a scale-free step of about lr per weight (that round relies on the norm check).
+        let rms = (g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / g.len().max(1) as f64).sqrt();
+        let scale = if rms > 0.0 && rms.is_finite() { lr / rms } else { 0.0 };
+        return target.params.iter().zip(g).map(|(&p, &d)| (f64::from(p) - scale * f64::from(d)) as f32).collect();
+    }
+    let correction = 1.0 - beta2.powi(i32::try_from(target.step).unwrap_or(i32::MAX));
+    let floor = 1.0 - beta2;
+    target
+        .params
+        .iter()
+        .zip(g)
+        .enumerate()
+        .map(|(i, (&p, &d))| {
+            let d = f64::from(d);
+            let v_hat = target.opt_v.get(i).map_or(0.0, |&v| f64::from(v) / correction);
+            let denom = v_hat.max(floor * d * d).sqrt();
+            let step = if denom > 0.0 && denom.is_finite() { lr * d / denom } else { 0.0 };
+            (f64::from(p) - step) as f32
+        })
+        .collect()
 }
