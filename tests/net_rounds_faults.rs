@@ -6,8 +6,9 @@
 //!   commit, and training still converges. (Gossip scoring soon cuts such a member off, so it acts in the
 //!   first rounds only. A random delta forged at the honest norm is not in this list: it passes the norm
 //!   check, and the loss check's tolerance does not reliably catch a step of honest size sideways.)
-//! - a node killed mid-round does not stop the round, its experts get new hosts, a node that joins late
-//!   syncs and contributes, and a restarted coordinator resumes its run where it stopped.
+//! - nodes killed mid-round do not stop the round, an expert whose hosts all died is reassigned from the
+//!   last checkpoint and trains again, a node that joins late syncs and contributes, and a restarted
+//!   coordinator resumes its run where it stopped.
 //!
 //! The tests share the machine's cores, so they run one at a time.
 
@@ -367,7 +368,7 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rounds_survive_a_kill_a_late_joiner_and_a_coordinator_restart() {
+async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_restart() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut net = Net::start().await;
     let mut nodes = Vec::new();
@@ -387,17 +388,40 @@ async fn rounds_survive_a_kill_a_late_joiner_and_a_coordinator_restart() {
     })
     .await;
 
-    // Kill node 3 in the middle of round 3: the moment it is announced, before any delta is due.
-    let kill_round = wait_for(Duration::from_secs(60), "round 3 announced", || {
+    // Kill both hosts of one expert in the middle of round 3 (the moment it is announced, before any delta is
+    // due): the round completes without them, and that expert, left with no host, must be reassigned from the
+    // last checkpoint.
+    let kill_ann = wait_for(Duration::from_secs(60), "round 3 announced", || {
         let a = announcements.clone();
-        async move { a.lock().expect("lock").iter().find(|x| x.round >= 3).map(|x| x.round) }
+        async move { a.lock().expect("lock").iter().find(|x| x.round >= 3).cloned() }
     })
     .await;
-    let (killed, killed_task) = nodes.pop().expect("four nodes");
-    let killed_key = killed.public_key();
-    killed_task.abort();
-    drop(killed); // the last handle: its swarm and tasks are aborted, like a crash
-    wait_for(Duration::from_secs(60), "the round with the dead node commits", || {
+    let kill_round = kill_ann.round;
+    let keys: Vec<PublicKey> = nodes.iter().map(|(n, _)| n.public_key()).collect();
+    let orphan = kill_ann
+        .participants
+        .iter()
+        .flat_map(|p| p.shards.iter().copied())
+        .filter(|s| s.to_string().starts_with("expert/"))
+        .find(|s| {
+            let hosts: Vec<&PublicKey> =
+                kill_ann.participants.iter().filter(|p| p.shards.contains(s)).map(|p| &p.node).collect();
+            // Node 0 stays: it collects the rounds.
+            hosts.len() == 2 && !hosts.contains(&&keys[0])
+        })
+        .expect("an expert hosted by two nodes other than node 0");
+    let doomed: Vec<PublicKey> =
+        kill_ann.participants.iter().filter(|p| p.shards.contains(&orphan)).map(|p| p.node).collect();
+    let mut killed_keys = Vec::new();
+    for key in &doomed {
+        let at = nodes.iter().position(|(n, _)| n.public_key() == *key).expect("a host is one of our nodes");
+        let (killed, killed_task) = nodes.remove(at);
+        killed_keys.push(killed.public_key());
+        killed_task.abort();
+        drop(killed); // the last handle: its swarm and tasks are aborted, like a crash
+    }
+    eprintln!("killed both hosts of {orphan} in round {kill_round}");
+    wait_for(Duration::from_secs(60), "the round with the dead nodes commits", || {
         let c = commits.clone();
         async move { c.lock().expect("lock").iter().any(|x| x.round == kill_round).then_some(()) }
     })
@@ -406,10 +430,15 @@ async fn rounds_survive_a_kill_a_late_joiner_and_a_coordinator_restart() {
     // A late joiner: it syncs what it is assigned and contributes in a later round.
     let late = net.start_trainer("node-late").await;
     let late_key = late.0.public_key();
-    let joined_round = wait_for(Duration::from_secs(90), "the late joiner in a round without the dead node", || {
+    let joined_round = wait_for(Duration::from_secs(90), "the late joiner in a round without the dead nodes", || {
         let a = announcements.clone();
+        let killed_keys = killed_keys.clone();
         async move {
-            a.lock().expect("lock").iter().find(|x| x.participant(&late_key).is_some() && x.participant(&killed_key).is_none()).map(|x| x.round)
+            a.lock()
+                .expect("lock")
+                .iter()
+                .find(|x| x.participant(&late_key).is_some() && killed_keys.iter().all(|k| x.participant(k).is_none()))
+                .map(|x| x.round)
         }
     })
     .await;
@@ -433,6 +462,17 @@ async fn rounds_survive_a_kill_a_late_joiner_and_a_coordinator_restart() {
         }
     })
     .await;
+
+    // The orphaned expert trained again: its new hosts started from the last checkpoint and their deltas went
+    // into the commit of that round.
+    let commit = wait_for(Duration::from_secs(60), "the commit of the late joiner's round", || {
+        let c = commits.clone();
+        async move { c.lock().expect("lock").iter().find(|x| x.round == joined_round).cloned() }
+    })
+    .await;
+    let trained = commit.accepted.iter().find(|a| a.shard == orphan).map_or(0, |a| a.deltas.len());
+    assert!(trained > 0, "{orphan} got no accepted delta after its hosts died: {:?}", commit.accepted);
+    assert_eq!(commit.checkpoint.shard(&orphan).map(|e| e.round), Some(joined_round), "{orphan} changed in round {joined_round}");
 
     // Coordinator restart: stop it, start a new process-equivalent on the same data dir and key.
     let _ = coord_stop_tx.send(true);

@@ -2,11 +2,12 @@
 //! 1. **authorization**: the sender is a participant assigned that shard in the announcement;
 //! 2. **fetch** the payload by hash (concurrently, bounded by the commit deadline);
 //! 3. [`validate_delta_payload`]: size, hash, decoding, length, finiteness;
-//! 4. **norm** at most `max_norm_ratio` × a median norm: over this round's deltas of the shard *and* the
-//!    shard's recently accepted norms; while a shard has no accepted delta yet (the first round), over its
-//!    class instead ([`norm_class`]: the trunk, or all the experts of one layer, which share a shape). With
-//!    two holders per expert, a median of one round's deltas alone could never catch a scaled one. Experts
-//!    of one layer are only compared in that first round: their gradient norms drift apart with their loads;
+//! 4. **norm** at most `max_norm_ratio` × a reference norm: the larger of two medians, one over this round's
+//!    deltas of the shard and its recently accepted norms, one over its class ([`norm_class`]: the trunk, or
+//!    all the experts of one layer, which share a shape). With two holders per expert, a median of one
+//!    round's deltas alone could never catch a scaled one (nor in the first round, which has no history); and
+//!    an expert that got no tokens for a while has a history of near-zero norms, which alone would refuse
+//!    every honest delta once it is routed to again;
 //! 5. the **loss check** ([`loss_check`]) on a validation batch chosen with OS randomness: every delta in
 //!    diloco mode; in sync mode each delta with probability `loss_check_share`, drawn from OS randomness after
 //!    the deltas are in, so a sender cannot know whether its contribution will be checked.
@@ -152,17 +153,19 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         .iter()
         .map(|(shard, norms)| {
             let own_history = input.history.get(shard).map_or(&[][..], Vec::as_slice);
-            let all: Vec<f32> = if own_history.is_empty() {
-                // No accepted delta of this shard yet: compare with its class (see `norm_class`).
-                let class = norm_class(shard);
-                let mut all: Vec<f32> =
-                    by_shard.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()).collect();
-                all.extend(input.history.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()));
-                all
-            } else {
-                norms.iter().chain(own_history).copied().collect()
+            let own: Vec<f32> = norms.iter().chain(own_history).copied().collect();
+            let class = norm_class(shard);
+            let mut all: Vec<f32> =
+                by_shard.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()).collect();
+            all.extend(input.history.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()));
+            // The larger of the two: the shard's own median catches a scaled delta where the class is noisy;
+            // the class's keeps an expert that got no tokens for a while (norms near 0) from refusing every
+            // honest delta once it is routed to again.
+            let reference = match (median_norm(&own), median_norm(&all)) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
             };
-            (*shard, median_norm(&all))
+            (*shard, reference)
         })
         .collect();
     let mut to_check = Vec::new();
