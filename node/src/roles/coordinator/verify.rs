@@ -3,8 +3,8 @@
 //! 2. **fetch** the payload by hash (concurrently, bounded by the commit deadline);
 //! 3. [`validate_delta_payload`]: size, hash, decoding, length, finiteness;
 //! 4. **norm** at most `max_norm_ratio` × a reference norm: the larger of two medians, one over this round's
-//!    deltas of the shard and its recently accepted norms, one over its class ([`norm_class`]: the trunk, or
-//!    all the experts of one layer, which share a shape). With two holders per expert, a median of one
+//!    deltas of the shard and its recently accepted norms (once it has some), one over its class
+//!    ([`norm_class`]: the trunk, or all the experts of one layer, which share a shape). With two holders per expert, a median of one
 //!    round's deltas alone could never catch a scaled one (nor in the first round, which has no history); and
 //!    an expert that got no tokens for a while has a history of near-zero norms, which alone would refuse
 //!    every honest delta once it is routed to again;
@@ -161,9 +161,12 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             // The larger of the two: the shard's own median catches a scaled delta where the class is noisy;
             // the class's keeps an expert that got no tokens for a while (norms near 0) from refusing every
             // honest delta once it is routed to again.
-            let reference = match (median_norm(&own), median_norm(&all)) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
+            // Before the shard has any accepted delta, its own median would include the very deltas under test
+            // (with two holders, half of them): only the class counts then.
+            let reference = match (own_history.is_empty(), median_norm(&own), median_norm(&all)) {
+                (true, _, class) => class,
+                (false, Some(a), Some(b)) => Some(a.max(b)),
+                (false, a, b) => a.or(b),
             };
             (*shard, reference)
         })
