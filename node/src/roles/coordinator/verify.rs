@@ -149,24 +149,31 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             Err(outcome) => checked.push(Checked { node: key, delta, outcome }),
         }
     }
+    // One median per class (this round's norms and the accepted history of every shard in it).
+    let mut class_norms: BTreeMap<Option<u16>, Vec<f32>> = BTreeMap::new();
+    for (shard, norms) in by_shard.iter().chain(input.history.iter()) {
+        class_norms.entry(norm_class(shard)).or_default().extend(norms.iter().copied());
+    }
+    let class_medians: BTreeMap<Option<u16>, Option<f32>> =
+        class_norms.iter().map(|(class, norms)| (*class, median_norm(norms))).collect();
     let medians: BTreeMap<ShardId, Option<f32>> = by_shard
         .iter()
         .map(|(shard, norms)| {
+            let class = class_medians.get(&norm_class(shard)).copied().flatten();
             let own_history = input.history.get(shard).map_or(&[][..], Vec::as_slice);
-            let own: Vec<f32> = norms.iter().chain(own_history).copied().collect();
-            let class = norm_class(shard);
-            let mut all: Vec<f32> =
-                by_shard.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()).collect();
-            all.extend(input.history.iter().filter(|(s, _)| norm_class(s) == class).flat_map(|(_, n)| n.iter().copied()));
-            // The larger of the two: the shard's own median catches a scaled delta where the class is noisy;
-            // the class's keeps an expert that got no tokens for a while (norms near 0) from refusing every
-            // honest delta once it is routed to again.
             // Before the shard has any accepted delta, its own median would include the very deltas under test
-            // (with two holders, half of them): only the class counts then.
-            let reference = match (own_history.is_empty(), median_norm(&own), median_norm(&all)) {
-                (true, _, class) => class,
-                (false, Some(a), Some(b)) => Some(a.max(b)),
-                (false, a, b) => a.or(b),
+            // (with two holders, half of them): only the class counts then. Afterwards the larger of the two:
+            // the shard's own median catches a scaled delta where the class is noisy; the class's keeps an
+            // expert that got no tokens for a while (norms near 0) from refusing every honest delta once it is
+            // routed to again.
+            let reference = if own_history.is_empty() {
+                class
+            } else {
+                let own: Vec<f32> = norms.iter().chain(own_history).copied().collect();
+                match (median_norm(&own), class) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }
             };
             (*shard, reference)
         })
