@@ -14,7 +14,7 @@ use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_node::round::RunSpec;
+use mana_engine::round::RunSpec;
 use mana_protocol::{CheckpointManifest, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;

@@ -25,7 +25,7 @@ use mana_node::net::libp2p::Multiaddr;
 use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
 use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_node::round::{RunSpec, ShardState, from_wire, train_local};
+use mana_engine::round::{RunSpec, ShardState, from_wire, train_local};
 use mana_kernels::data::TextDataset;
 use mana_protocol::codec::encode_delta;
 use mana_protocol::{
@@ -191,7 +191,7 @@ async fn run_malicious(
         let honest: BTreeMap<ShardId, Vec<f32>> = local
             .deltas
             .into_iter()
-            .map(|(s, d)| (mana_node::round::to_wire(s).expect("wire shard"), d))
+            .map(|(s, d)| (mana_engine::round::to_wire(s).expect("wire shard"), d))
             .collect();
         let codec = ann.hyper.codec;
         let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {

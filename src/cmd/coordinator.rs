@@ -19,7 +19,7 @@ use mana_node::daemon::{self, NodeConfig};
 use mana_node::net::Limits;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::coordinator::{CoordinatorRoleConfig, machine_config, run_coordinator};
-use mana_node::round::RunSpec;
+use mana_engine::round::RunSpec;
 use mana_protocol::UpdateRule;
 use serde::Deserialize;
 

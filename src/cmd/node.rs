@@ -12,7 +12,7 @@ use mana_node::daemon::config::{FileConfig, parse_addrs, parse_public_key, parse
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_node::round::RunSpec;
+use mana_engine::round::RunSpec;
 use mana_node::store::{Store, StoreConfig};
 
 /// Arguments of `mana node`.

@@ -4,7 +4,7 @@
 //! alone for the same number of its own steps), and the bytes on the wire per token against an f32 ring
 //! all-reduce of the full model at every optimizer step of the data-parallel baseline.
 //!
-//! What the byte counts mean is defined in `mana_node::round::simulate`: wire bytes are the encoded delta
+//! What the byte counts mean is defined in `mana_engine::round::simulate`: wire bytes are the encoded delta
 //! payloads times the peers that fetch each one (the coordinator and the other holders of its shard); the
 //! all-reduce reference sends `2 (N-1)/N · 4P` bytes per node per step.
 
@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
 use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
 use mana_kernels::model::ModelConfig;
-use mana_node::round::{RoundReport, RunSpec, SimConfig, SimReport, simulate_with};
+use mana_engine::round::{RoundReport, RunSpec, SimConfig, SimReport, simulate_with};
 use mana_protocol::{ScaleFormat, UpdateRule};
 
 /// The update rule, as a flag value.

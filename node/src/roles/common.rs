@@ -13,7 +13,7 @@ use mana_protocol::{ContentHash, Message, PublicKey};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 
 /// Where a run's text comes from. Every member of a run must use the same one (the trainer reads its
-/// batches from it, the coordinator its validation batches), like the same [`crate::round::RunSpec`].
+/// batches from it, the coordinator its validation batches), like the same [`mana_engine::round::RunSpec`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataSource {
     /// A corpus file or directory (`--corpus`); `None` for the built-in corpus.

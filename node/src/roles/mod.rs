@@ -1,11 +1,11 @@
 //! The training roles, wired onto a running node ([`crate::daemon::NodeHandle`]):
-//! - [`coordinator`]: drives the run's state machine ([`crate::coordinator::Coordinator`]), verifies every
+//! - [`coordinator`]: drives the run's state machine ([`mana_engine::coordinator::Coordinator`]), verifies every
 //!   contribution, computes and hosts each round's new checkpoint, publishes announcements and commits, writes
 //!   per-round metrics, and resumes from its store after a restart;
 //! - [`trainer`]: a volunteer: trains its assigned shards on each round it is named in, publishes compressed
 //!   deltas, applies each commit to the shards it holds and checks its result against the commit's hashes.
 //!
-//! Both run the same engine ([`crate::round`]) on the same [`RunSpec`] and corpus, so every holder of a shard
+//! Both run the same engine ([`mana_engine::round`]) on the same [`RunSpec`] and corpus, so every holder of a shard
 //! (and the coordinator) computes bit-identical new weights. Neither role lets the daemon's automatic shard
 //! sync run: a role owns its store's rounds (start the node with `sync_shards = false`).
 
@@ -17,4 +17,4 @@ pub use common::{DataSource, load_dataset};
 pub use coordinator::{CoordinatorRoleConfig, run_coordinator};
 pub use trainer::{TrainerConfig, run_trainer};
 
-pub use crate::round::RunSpec;
+pub use mana_engine::round::RunSpec;

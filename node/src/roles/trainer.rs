@@ -37,7 +37,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::common::{PinLedger, fetch_bytes, now_ms, peer_of, publish_patiently};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use crate::round::{RunSpec, ShardState, apply_round, ids::from_wire, train_local};
+use mana_engine::round::{RunSpec, ShardState, apply_round, ids::from_wire, train_local};
 use crate::store::{BlobHash, ManifestEntry, RoundManifest};
 
 /// How a trainer runs.
@@ -209,7 +209,7 @@ impl Trainer {
         let mut sent = 0u64;
         let mut bytes = 0u64;
         for (kshard, delta) in result.deltas {
-            let shard = crate::round::ids::to_wire(kshard).map_err(|e| NodeError::Role(e.to_string()))?;
+            let shard = mana_engine::round::ids::to_wire(kshard).map_err(|e| NodeError::Role(e.to_string()))?;
             let encoder = match self.encoders.entry(shard) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {

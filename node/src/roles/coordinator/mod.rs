@@ -39,9 +39,9 @@ pub use metrics::{PhaseMs, RoundMetrics};
 pub use verify::{LOSS_CHECK_FAILED, PAYLOAD_UNAVAILABLE};
 
 use super::common::{PinLedger, append_line, fetch_bytes, now_ms, os_seed, peer_name, publish_patiently};
-use crate::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
+use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use crate::round::{RunSpec, ShardState, apply_round, build_trainer, from_wire, initial_shards, to_wire};
+use mana_engine::round::{RunSpec, ShardState, apply_round, build_trainer, from_wire, initial_shards, to_wire};
 use crate::store::{BlobHash, ManifestEntry, RecordKind, RoundManifest};
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.

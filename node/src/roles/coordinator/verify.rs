@@ -23,7 +23,7 @@ use mana_protocol::{DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement,
 
 use super::super::common::{fetch_bytes, os_seed};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use crate::round::{LossCheck, RunSpec, ShardState, from_wire, loss_check};
+use mana_engine::round::{LossCheck, RunSpec, ShardState, from_wire, loss_check};
 
 /// The reason logged for a contribution that failed the loss check (its wire code is `inconsistent`: the
 /// protocol has no dedicated code yet).

@@ -7,7 +7,7 @@
 
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
-use mana_node::round::{RunSpec, SimConfig, simulate};
+use mana_engine::round::{RunSpec, SimConfig, simulate};
 use mana_protocol::UpdateRule;
 
 fn dataset() -> TextDataset {

@@ -8,7 +8,7 @@
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;
-use mana_node::round::{
+use mana_engine::round::{
     RoundError, RunSpec, ShardState, SimConfig, apply_round, build_trainer, initial_shards, loss_check, simulate, to_wire,
     train_local,
 };
