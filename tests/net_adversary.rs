@@ -8,7 +8,7 @@
 mod net_support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
 use mana_node::net::{self, NetConfig, NetEvent, Verdict};
@@ -33,9 +33,7 @@ fn heartbeat(run: &mana_protocol::RunId) -> Message {
     })
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use mana_node::daemon::now_ms;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_gossip_is_rejected_and_costs_the_sender_score() {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use mana_node::keyfile;
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
 use mana_node::net::{self, FetchResponse, NetConfig, NetEvent};
-use mana_node::store::BlobHash;
 use mana_protocol::{Bytes, CheckpointManifest, ContentHash, Message, ShardEntry, ShardId};
 use net_support::*;
 
@@ -54,7 +53,7 @@ async fn node_syncs_a_50mb_shard_from_a_peer_and_checks_its_hash() {
     assert_eq!(status.stored_shards.len(), 1);
     assert_eq!(status.stored_shards[0].hash, hash.to_string());
     assert_eq!(status.hosted_experts, vec!["expert/0/3".to_owned()]);
-    let stored = b.store().get_blob(&BlobHash(hash.0)).expect("B's copy reads back verified");
+    let stored = b.store().get_blob(&hash).expect("B's copy reads back verified");
     assert_eq!(ContentHash::of(&stored), hash);
     assert_eq!(stored.len(), SHARD_BYTES);
 
@@ -117,7 +116,7 @@ async fn a_provider_serving_wrong_bytes_is_caught_and_nothing_is_stored() {
     let result = b.fetch_blob(hash).await;
     let err = result.expect_err("a wrong blob must not be accepted");
     assert!(err.to_string().contains("hash mismatch"), "unexpected error: {err}");
-    assert!(!b.store().has_blob(&BlobHash(hash.0)).expect("store readable"), "nothing stored");
+    assert!(!b.store().has_blob(&hash).expect("store readable"), "nothing stored");
 
     b.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;

@@ -5,9 +5,10 @@
 mod net_support;
 
 use std::process::Command;
+use mana_protocol::ShardId;
 use std::time::Duration;
 
-use mana_node::store::{BlobHash, ManifestEntry, RoundManifest};
+use mana_node::store::{ManifestEntry, RoundManifest};
 use mana_protocol::ContentHash;
 use net_support::*;
 
@@ -24,7 +25,7 @@ async fn restarted_node_keeps_identity_and_store_and_serves_again() {
     let first_id = a.peer_id();
     assert_eq!(a.host_blob(shard.clone()).await.expect("host"), hash);
     let manifest = RoundManifest {
-        entries: vec![ManifestEntry { shard: "expert/1/2".into(), hash: BlobHash(hash.0), len: shard.len() as u64 }],
+        entries: vec![ManifestEntry { shard: ShardId::Expert { layer: 1, index: 2 }, hash: hash, len: shard.len() as u64 }],
         meta: Vec::new(),
     };
     a.store().commit_round(1, &manifest).expect("commit round 1");
@@ -43,7 +44,7 @@ async fn restarted_node_keeps_identity_and_store_and_serves_again() {
     let status = a.status().await.expect("status");
     assert_eq!(status.stored_round, Some(1));
     assert_eq!(status.hosted_experts, vec!["expert/1/2".to_owned()]);
-    assert_eq!(a.store().get_blob(&BlobHash(hash.0)).expect("verified read"), shard);
+    assert_eq!(a.store().get_blob(&hash).expect("verified read"), shard);
 
     // A newcomer finds the restarted node as provider of its shard and fetches it.
     let b = start_node(node_config(&dir.path().join("b"), &boot)).await;

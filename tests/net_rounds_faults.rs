@@ -25,7 +25,7 @@ use mana_node::net::libp2p::Multiaddr;
 use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
 use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_engine::round::{RunSpec, ShardState, from_wire, train_local};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, train_local};
 use mana_kernels::data::TextDataset;
 use mana_protocol::codec::encode_delta;
 use mana_protocol::{
@@ -181,7 +181,7 @@ async fn run_malicious(
         for shard in &part.shards {
             let entry = manifest.shard(shard).expect("assigned shard in the manifest");
             let bytes = fetch_bytes(&node, entry.hash, Vec::new(), Duration::from_secs(20)).await.expect("base shard");
-            base.push(ShardState::from_bytes(&bytes, &spec, from_wire(*shard)).expect("base shard decodes"));
+            base.push(ShardRecord::from_bytes(&bytes, &spec, *shard).expect("base shard decodes"));
         }
         let (spec2, ann2, part2, data2) = (spec.clone(), ann.clone(), part.clone(), data.clone());
         let local = tokio::task::spawn_blocking(move || train_local(&spec2, &ann2, &part2, &base, &data2))
@@ -191,7 +191,7 @@ async fn run_malicious(
         let honest: BTreeMap<ShardId, Vec<f32>> = local
             .deltas
             .into_iter()
-            .map(|(s, d)| (mana_engine::round::to_wire(s).expect("wire shard"), d))
+            .map(|(s, d)| (s, d))
             .collect();
         let codec = ann.hyper.codec;
         let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
@@ -267,9 +267,7 @@ async fn run_malicious(
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use mana_node::daemon::now_ms;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_member_is_refused_every_time_and_training_converges() {

@@ -9,7 +9,7 @@ use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;
 use mana_engine::round::{
-    RoundError, RunSpec, ShardState, SimConfig, apply_round, build_trainer, initial_shards, loss_check, simulate, to_wire,
+    RoundError, RunShard, RunSpec, ShardRecord, SimConfig, apply_round, build_trainer, initial_shards, loss_check, simulate,
     train_local,
 };
 use mana_protocol::{
@@ -38,28 +38,19 @@ fn announcement(spec: &RunSpec, hyper: &HyperParams, round: u64, inner_steps: u3
 fn participant(n: u8, shards: &[ShardId], seed: u64) -> Participant {
     Participant {
         node: PublicKey([n; 32]),
-        shards: shards.iter().map(|&s| to_wire(s).unwrap()).collect(),
+        shards: shards.to_vec(),
         data_seeds: vec![seed],
     }
 }
 
-fn bits(s: &ShardState) -> Vec<u8> {
+fn bits(s: &ShardRecord) -> Vec<u8> {
     s.to_bytes()
 }
 
 /// A small deterministic pseudo-random vector (splitmix64), roughly uniform in [-1, 1).
 fn noise(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
+    let mut rng = mana_kernels::rng::SplitMix64(seed);
+    (0..len).map(|_| rng.next_signed_unit()).collect()
 }
 
 #[test]
@@ -72,7 +63,7 @@ fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
     for s in &shards {
         let bytes = s.to_bytes();
         assert_eq!(bytes, s.to_bytes(), "deterministic encoding");
-        let back = ShardState::from_bytes(&bytes, &spec, s.shard).unwrap();
+        let back = ShardRecord::from_bytes(&bytes, &spec, s.shard).unwrap();
         assert_eq!(&back, s);
         assert_eq!(back.hash(), s.hash());
     }
@@ -97,7 +88,7 @@ fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
         ("no such expert", trunk.clone(), spec.clone(), ShardId::Expert { layer: 0, index: 0 }),
     ];
     for (what, bytes, spec, shard) in cases {
-        match ShardState::from_bytes(&bytes, &spec, shard) {
+        match ShardRecord::from_bytes(&bytes, &spec, shard) {
             Err(RoundError::Blob(_)) | Err(RoundError::UnknownShard { .. }) => {}
             other => panic!("{what}: expected a typed blob error, got {other:?}"),
         }
@@ -105,15 +96,15 @@ fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
     // A well-formed blob that holds a NaN is refused too.
     let mut nan = shards[2].clone();
     nan.params[3] = f32::NAN;
-    assert!(matches!(ShardState::from_bytes(&nan.to_bytes(), &spec, nan.shard), Err(RoundError::NonFinite { .. })));
+    assert!(matches!(ShardRecord::from_bytes(&nan.to_bytes(), &spec, nan.shard), Err(RoundError::NonFinite { .. })));
     // Every prefix of a blob is an error, never a panic.
     for cut in (0..trunk.len()).step_by(997) {
-        assert!(ShardState::from_bytes(&trunk[..cut], &spec, ShardId::Trunk).is_err());
+        assert!(ShardRecord::from_bytes(&trunk[..cut], &spec, ShardId::Trunk).is_err());
     }
 }
 
 /// One sync round of `nodes` participants, each holding the trunk and every expert, from `base`.
-fn deltas_of_round(spec: &RunSpec, hyper: &HyperParams, base: &[ShardState], nodes: u8, round: u64) -> Vec<Vec<(ShardId, Vec<f32>)>> {
+fn deltas_of_round(spec: &RunSpec, hyper: &HyperParams, base: &[ShardRecord], nodes: u8, round: u64) -> Vec<Vec<(ShardId, Vec<f32>)>> {
     let data = dataset();
     let all = spec.shards();
     let ps: Vec<Participant> = (0..nodes).map(|n| participant(n + 1, &all, 100 + u64::from(n))).collect();

@@ -99,7 +99,14 @@ pub enum CheckpointError {
     },
 }
 
-/// Everything a shard file stores.
+/// One shard's complete state: everything a shard file stores, and the one shard-state type of the workspace
+/// (the engine's rounds, the network's shard blobs and `mana train`'s checkpoints all use it). Its bytes
+/// ([`ShardRecord::to_bytes`]) are deterministic, so every holder that computes the same state writes the
+/// same blob.
+///
+/// What `opt_m` / `opt_v` hold depends on who updates the shard: AdamW's first and second moments (one
+/// machine, and the network's `sync` rule), or the outer Nesterov buffer and zeros (the network's `diloco`
+/// rule). Both always have the parameters' length, so the layout never depends on the rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShardRecord {
     /// Which shard.
@@ -108,10 +115,10 @@ pub struct ShardRecord {
     pub step: u64,
     /// Its parameters.
     pub params: Vec<f32>,
-    /// Its AdamW first moments (same length).
-    pub adam_m: Vec<f32>,
-    /// Its AdamW second moments (same length).
-    pub adam_v: Vec<f32>,
+    /// The optimizer's first moments (or the outer Nesterov buffer); same length as `params`.
+    pub opt_m: Vec<f32>,
+    /// The optimizer's second moments (or zeros); same length as `params`.
+    pub opt_v: Vec<f32>,
     /// Router biases of every MoE layer, concatenated (trunk only; empty for experts).
     pub router_bias: Vec<f32>,
 }
@@ -133,6 +140,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+impl ShardRecord {
+    /// The deterministic encoding ([`encode_shard`]): what a shard file holds and what a manifest hashes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_shard(self)
+    }
+}
+
 /// Serializes a record (see the module doc for the layout).
 pub fn encode_shard(rec: &ShardRecord) -> Vec<u8> {
     let p = rec.params.len();
@@ -150,7 +164,7 @@ pub fn encode_shard(rec: &ShardRecord) -> Vec<u8> {
     out.extend_from_slice(&rec.step.to_le_bytes());
     out.extend_from_slice(&(p as u64).to_le_bytes());
     out.extend_from_slice(&(r as u64).to_le_bytes());
-    for v in [&rec.params, &rec.adam_m, &rec.adam_v, &rec.router_bias] {
+    for v in [&rec.params, &rec.opt_m, &rec.opt_v, &rec.router_bias] {
         for x in v.iter() {
             out.extend_from_slice(&x.to_le_bytes());
         }
@@ -196,7 +210,7 @@ pub fn decode_shard(
     let (kind, layer, index) = (u32_at(bytes, 12), u32_at(bytes, 16), u32_at(bytes, 20));
     let found = match kind {
         0 if layer == 0 && index == 0 => Some(ShardId::Trunk),
-        1 => Some(ShardId::Expert { layer: layer as usize, index: index as usize }),
+        1 => ShardId::expert(layer, index).ok(),
         _ => None,
     };
     if found != Some(expected) {
@@ -227,10 +241,10 @@ pub fn decode_shard(
         v
     };
     let params = take(p);
-    let adam_m = take(p);
-    let adam_v = take(p);
+    let opt_m = take(p);
+    let opt_v = take(p);
     let router_bias = take(r);
-    Ok(ShardRecord { shard: expected, step, params, adam_m, adam_v, router_bias })
+    Ok(ShardRecord { shard: expected, step, params, opt_m, opt_v, router_bias })
 }
 
 /// Writes a shard file atomically (temporary file, then rename).

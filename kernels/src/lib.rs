@@ -11,6 +11,7 @@ pub mod error;
 pub mod fp8;
 pub mod gemm;
 pub mod quant;
+pub mod rng;
 pub mod simd;
 
 pub use backend::{Backend, CpuBackend};

@@ -239,13 +239,13 @@ impl Trainer {
         let tr_text = toml::to_string(&tr).map_err(|e| text_err(&tr_path, e.to_string()))?;
         checkpoint::write_atomic(&tr_path, tr_text.as_bytes())?;
         for shard in self.model.shards() {
-            let (adam_m, adam_v) = self.export_shard_optim(shard)?;
+            let (opt_m, opt_v) = self.export_shard_optim(shard)?;
             let rec = ShardRecord {
                 shard,
                 step: self.step,
                 params: self.model.export_shard(shard)?,
-                adam_m,
-                adam_v,
+                opt_m,
+                opt_v,
                 router_bias: if shard == ShardId::Trunk { self.all_router_bias() } else { Vec::new() },
             };
             checkpoint::write_shard(&dir.join(checkpoint::shard_file_name(shard)), &rec)?;
@@ -276,7 +276,7 @@ impl Trainer {
                 let mut set = ExpertSet::none(&config);
                 for l in (0..config.n_layers).filter(|&l| config.is_moe_layer(l)) {
                     for i in 0..config.n_routed_experts {
-                        let shard = ShardId::Expert { layer: l, index: i };
+                        let Ok(shard) = ShardId::expert(l, i) else { continue };
                         if dir.join(checkpoint::shard_file_name(shard)).is_file() {
                             set.insert(shard);
                         }
@@ -295,7 +295,7 @@ impl Trainer {
             let path = dir.join(checkpoint::shard_file_name(shard));
             let rec = checkpoint::read_shard(&path, shard, len, bias_len)?;
             trainer.model.import_shard(shard, &rec.params)?;
-            trainer.import_shard_optim(shard, &rec.adam_m, &rec.adam_v)?;
+            trainer.import_shard_optim(shard, &rec.opt_m, &rec.opt_v)?;
             if shard == ShardId::Trunk {
                 trainer.set_all_router_bias(&rec.router_bias)?;
             }

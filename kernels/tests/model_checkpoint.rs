@@ -119,8 +119,8 @@ fn shard_records_round_trip_and_reject_garbage() {
         shard: ShardId::Expert { layer: 2, index: 5 },
         step: 77,
         params: vec![1.0, -2.5, f32::MIN_POSITIVE],
-        adam_m: vec![0.1, 0.2, 0.3],
-        adam_v: vec![1e-8, 2e-8, 3e-8],
+        opt_m: vec![0.1, 0.2, 0.3],
+        opt_v: vec![1e-8, 2e-8, 3e-8],
         router_bias: vec![],
     };
     let bytes = checkpoint::encode_shard(&rec);

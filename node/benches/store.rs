@@ -8,6 +8,7 @@
 //! Run: `cargo bench -p mana-node --bench store`.
 
 use std::fs;
+use mana_protocol::ShardId;
 use std::io::Write;
 use std::path::Path;
 
@@ -32,7 +33,7 @@ fn commit_one(store: &Store, round: u64) {
     for index in 0..SHARDS {
         let pin = store.put_blob(&shard(round, index)).expect("bench: put");
         manifest.entries.push(ManifestEntry {
-            shard: format!("expert/0/{index}"),
+            shard: ShardId::expert(0u16, index as u16).expect("in bounds"),
             hash: pin.hash(),
             len: pin.len(),
         });

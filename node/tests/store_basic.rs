@@ -3,23 +3,20 @@
 //! pins), records and their limits, the rejection log, verification, and a restart that finds it all intact.
 
 use std::fs;
+use mana_protocol::ShardId;
 use std::io::{Read, Write};
 
 use mana_node::store::{
-    BlobHash, MAX_RECORD_KEY_BYTES, MAX_RECORD_VALUE_BYTES, ManifestEntry, RecordKind,
+    ContentHash, MAX_RECORD_KEY_BYTES, MAX_RECORD_VALUE_BYTES, ManifestEntry, RecordKind,
     RoundManifest, Store, StoreConfig, StoreError, round_key,
 };
 
 /// Deterministic filler bytes (splitmix64), so blobs differ by seed.
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut rng = mana_kernels::rng::SplitMix64(seed.wrapping_mul(mana_kernels::rng::GOLDEN) ^ 0xD1B5_4A32_D192_ED03);
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     out.truncate(len);
     out
@@ -51,7 +48,7 @@ fn write_round(
         let data = bytes(round * 1000 + i as u64, 1000 + 37 * i);
         let pin = store.put_blob(&data).expect("blob written");
         manifest.entries.push(ManifestEntry {
-            shard: format!("expert/0/{i}"),
+            shard: ShardId::expert(0u16, i as u16).expect("in bounds"),
             hash: pin.hash(),
             len: pin.len(),
         });
@@ -74,7 +71,7 @@ fn blobs_round_trip_dedupe_and_live_in_fanned_out_files() {
     let a = store.put_blob(&data).expect("put");
     let b = store.put_blob(&data).expect("put again");
     assert_eq!(a.hash(), b.hash());
-    assert_eq!(a.hash(), BlobHash::of(&data));
+    assert_eq!(a.hash(), ContentHash::of(&data));
     assert_eq!(store.get_blob(&a.hash()).expect("get"), data);
     assert!(store.has_blob(&a.hash()).expect("has"));
     assert_eq!(store.blob_len(&a.hash()).expect("len"), Some(5000));
@@ -87,7 +84,7 @@ fn blobs_round_trip_dedupe_and_live_in_fanned_out_files() {
         "deduplicated"
     );
     assert_eq!(tmp_files(dir.path()), 0);
-    let missing = BlobHash::of(b"never stored");
+    let missing = ContentHash::of(b"never stored");
     assert!(matches!(store.get_blob(&missing), Err(StoreError::MissingBlob(h)) if h == missing));
     assert!(!store.has_blob(&missing).expect("has"));
     let empty = store.put_blob(&[]).expect("empty blob");
@@ -108,7 +105,7 @@ fn blob_writer_streams_checks_hash_and_limit_and_cleans_up() {
     }
     assert_eq!(writer.written(), data.len() as u64);
     let pin = writer
-        .finish_expecting(&BlobHash::of(&data))
+        .finish_expecting(&ContentHash::of(&data))
         .expect("finish");
     assert_eq!(store.get_blob(&pin.hash()).expect("get"), data);
 
@@ -122,12 +119,12 @@ fn blob_writer_streams_checks_hash_and_limit_and_cleans_up() {
     // Wrong announced hash: nothing stored, no temp file left.
     let mut writer = store.blob_writer(1 << 20).expect("writer");
     writer.write_all(b"some payload").expect("write");
-    let wrong = BlobHash::of(b"another payload");
+    let wrong = ContentHash::of(b"another payload");
     assert!(matches!(
         writer.finish_expecting(&wrong),
         Err(StoreError::HashMismatch { .. })
     ));
-    assert!(!store.has_blob(&BlobHash::of(b"some payload")).expect("has"));
+    assert!(!store.has_blob(&ContentHash::of(b"some payload")).expect("has"));
     assert_eq!(tmp_files(dir.path()), 0);
 
     // Over the limit: the write fails.
@@ -180,7 +177,7 @@ fn corrupt_blob_is_an_error_never_data_and_verify_reports_it() {
 
     // Re-fetching the good bytes repairs the store.
     let good = bytes(1001, 1037);
-    assert_eq!(BlobHash::of(&good), victim);
+    assert_eq!(ContentHash::of(&good), victim);
     let _pin = store.put_blob(&good).expect("repair");
     assert!(store.verify().expect("verify").is_ok());
 
@@ -203,9 +200,9 @@ fn commit_is_checked_and_rounds_only_go_forward() {
     assert!(store.latest().expect("latest").is_none());
 
     let (mut manifest, _pins) = write_round(&store, 7, 2);
-    let ghost = BlobHash::of(b"not written");
+    let ghost = ContentHash::of(b"not written");
     manifest.entries.push(ManifestEntry {
-        shard: "trunk".into(),
+        shard: ShardId::Trunk,
         hash: ghost,
         len: 11,
     });
@@ -242,18 +239,9 @@ fn commit_is_checked_and_rounds_only_go_forward() {
         Err(StoreError::StaleRound { .. })
     ));
 
-    let long_name = RoundManifest {
-        entries: vec![ManifestEntry {
-            shard: "x".repeat(300),
-            hash: manifest.entries[0].hash,
-            len: 1000,
-        }],
-        meta: Vec::new(),
-    };
-    assert!(matches!(
-        store.commit_round(8, &long_name),
-        Err(StoreError::TooLarge { .. })
-    ));
+    // A shard's name is a typed ShardId now: an over-long name cannot even be built (the bound moved from the
+    // store into the type).
+    assert!("x".repeat(300).parse::<ShardId>().is_err());
 }
 
 #[test]
@@ -266,7 +254,7 @@ fn pruning_keeps_last_k_and_collects_what_nothing_refers_to() {
         let (mut manifest, pins) = write_round(&store, round, 2);
         // The trunk is unchanged across rounds: every manifest lists the same blob.
         manifest.entries.push(ManifestEntry {
-            shard: "trunk".into(),
+            shard: ShardId::Trunk,
             hash: shared.hash(),
             len: shared.len(),
         });
@@ -370,14 +358,14 @@ fn pinned_and_referenced_blobs_survive_collection() {
     store.add_blob_refs(9, &[extra.hash()]).expect("add refs");
     drop(extra);
     store.gc().expect("gc");
-    assert!(store.has_blob(&BlobHash::of(b"extra")).expect("has"));
+    assert!(store.has_blob(&ContentHash::of(b"extra")).expect("has"));
     store
-        .remove_blob_refs(9, &[BlobHash::of(b"extra")])
+        .remove_blob_refs(9, &[ContentHash::of(b"extra")])
         .expect("remove refs");
     store.gc().expect("gc");
-    assert!(!store.has_blob(&BlobHash::of(b"extra")).expect("has"));
+    assert!(!store.has_blob(&ContentHash::of(b"extra")).expect("has"));
     assert!(matches!(
-        store.add_blob_refs(9, &[BlobHash::of(b"absent")]),
+        store.add_blob_refs(9, &[ContentHash::of(b"absent")]),
         Err(StoreError::MissingBlob(_))
     ));
 
@@ -395,7 +383,7 @@ fn pinned_and_referenced_blobs_survive_collection() {
     assert!(store.has_blob(&kept.hash()).expect("has"));
     assert!(
         store
-            .pin_blob(&BlobHash::of(b"absent"))
+            .pin_blob(&ContentHash::of(b"absent"))
             .expect("pin")
             .is_none()
     );
@@ -560,7 +548,7 @@ fn restart_finds_the_store_intact_and_cleans_crash_leftovers() {
     // something that is not a blob at all.
     fs::write(dir.path().join("tmp").join("1234-0.tmp"), b"half").expect("temp leftover");
     let orphan = bytes(4242, 100);
-    let orphan_hash = BlobHash::of(&orphan);
+    let orphan_hash = ContentHash::of(&orphan);
     let hex = orphan_hash.to_hex();
     fs::write(dir.path().join("blobs").join(&hex[..2]).join(&hex), &orphan).expect("orphan blob");
     fs::write(

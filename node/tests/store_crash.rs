@@ -14,13 +14,14 @@
 //! Knobs: `MANA_STORE_KILLS` (default 40) and `MANA_STORE_KILL_SEED` (default: from the clock; printed).
 
 use std::io::{BufRead, BufReader, Write};
+use mana_protocol::ShardId;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mana_node::store::{
-    BlobHash, ManifestEntry, RecordKind, RoundManifest, Store, StoreConfig, round_key,
+    ContentHash, ManifestEntry, RecordKind, RoundManifest, Store, StoreConfig, round_key,
 };
 
 /// Set (to the data directory) in the child: run the writer loop instead of the test.
@@ -29,17 +30,7 @@ const KEEP_ROUNDS: usize = 3;
 const SHARDS_PER_ROUND: u64 = 6;
 
 /// splitmix64: a tiny deterministic generator, so the checker can recompute what the writer wrote.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+use mana_kernels::rng::SplitMix64 as SplitMix;
 
 /// The round in which shard `shard` last changed, as of round `round`: shards 0-1 change every round, the
 /// others every 2nd, 3rd... round, so manifests share blobs and pruning has to keep the shared ones.
@@ -53,12 +44,12 @@ fn version_of(round: u64, shard: u64) -> u64 {
 fn shard_bytes(round: u64, shard: u64) -> Vec<u8> {
     let version = version_of(round, shard);
     let mut rng = SplitMix(version.wrapping_mul(1_000_003) ^ shard.wrapping_mul(7919));
-    let len = 4096 + (rng.next() % (300 << 10)) as usize;
+    let len = 4096 + (rng.next_u64() % (300 << 10)) as usize;
     let mut out = Vec::with_capacity(len + 8);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&shard.to_le_bytes());
     while out.len() < len {
-        out.extend_from_slice(&rng.next().to_le_bytes());
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
     out.truncate(len);
     out
@@ -106,7 +97,7 @@ fn writer_loop(dir: &Path) -> ! {
                     writer.finish()?
                 };
                 manifest.entries.push(ManifestEntry {
-                    shard: format!("expert/0/{shard}"),
+                    shard: ShardId::expert(0u16, shard as u16).expect("in bounds"),
                     hash: pin.hash(),
                     len: pin.len(),
                 });
@@ -177,7 +168,7 @@ fn check_store(dir: &Path, floor: Option<u64>) -> Option<u64> {
             let data = store
                 .get_blob(&entry.hash)
                 .unwrap_or_else(|err| panic!("round {round} shard {shard}: {err}"));
-            assert_eq!(BlobHash::of(&data), entry.hash);
+            assert_eq!(ContentHash::of(&data), entry.hash);
             assert_eq!(
                 data,
                 shard_bytes(round, shard as u64),
@@ -246,7 +237,7 @@ fn kill_nine_at_random_moments_leaves_the_last_complete_round() {
             })
         };
         // Child start-up (exec + open) takes some tens of ms; kill anywhere from during open to a few rounds in.
-        let delay = Duration::from_millis(5 + rng.next() % 400);
+        let delay = Duration::from_millis(5 + rng.next_u64() % 400);
         std::thread::sleep(delay);
         if let Some(status) = child.try_wait().expect("try_wait") {
             let mut err = String::new();

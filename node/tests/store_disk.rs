@@ -7,6 +7,7 @@
 //! Figures (bytes, ratio, and, for information only, time taken) are printed, never asserted on time.
 
 use std::time::Instant;
+use mana_protocol::ShardId;
 
 use mana_node::store::{ManifestEntry, RecordKind, RoundManifest, Store, StoreConfig, round_key};
 
@@ -15,15 +16,10 @@ const SHARDS: u64 = 8;
 const MAX_RATIO: f64 = 1.5;
 
 fn shard_bytes(version: u64, shard: u64) -> Vec<u8> {
-    let mut state =
-        version.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ shard.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = mana_kernels::rng::SplitMix64(
+        version.wrapping_mul(mana_kernels::rng::GOLDEN) ^ shard.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    );
+    let mut next = || rng.next_u64();
     let len = (64 << 10) + (next() % (512 << 10)) as usize;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -78,7 +74,7 @@ fn hundred_rounds_with_pruning_stay_within_one_and_a_half_times_live_data() {
                 let pin = store.put_blob(&data).expect("put shard");
                 written += data.len() as u64;
                 manifest.entries.push(ManifestEntry {
-                    shard: format!("expert/{}/{shard}", round % 3),
+                    shard: ShardId::expert((round % 3) as u16, shard as u16).expect("in bounds"),
                     hash: pin.hash(),
                     len: pin.len(),
                 });

@@ -8,86 +8,18 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProtocolError;
-use crate::limits::{MAX_EXPERTS_PER_LAYER, MAX_LAYERS, MAX_RUN_ID_LEN, MAX_TEXT_LEN};
+use crate::limits::{MAX_RUN_ID_LEN, MAX_TEXT_LEN};
 
-/// One independently trained and stored part of the model: the dense trunk (embeddings, attention, shared
-/// experts, head) or one routed expert. Deltas, checkpoint shards and hosting are all per shard.
-///
-/// Text form: `trunk` or `expert/<layer>/<index>` (decimal, no leading zeros, layer below [`MAX_LAYERS`],
-/// index below [`MAX_EXPERTS_PER_LAYER`]). Wire form: a bincode enum (variant 0 = trunk, 1 = expert with
-/// two varint `u16`s).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "ShardIdWire")]
-pub enum ShardId {
-    /// The dense part of the model, shared by every token.
-    Trunk,
-    /// Routed expert `index` of MoE layer `layer`.
-    Expert {
-        /// The transformer layer.
-        layer: u16,
-        /// The expert's index within the layer.
-        index: u16,
-    },
-}
+/// One independently trained and stored part of the model (the trunk, or one routed expert): the kernels'
+/// type itself, so the model, the wire and the daemon name a shard with one type. Its wire form (a bincode
+/// enum, variant 0 = trunk, 1 = expert with two varint `u16`s) and its bounds check on decoding are defined
+/// with it, in [`mana_kernels::model::shard_id`].
+pub use mana_kernels::model::{ShardId, ShardIdError};
 
-/// The unchecked wire twin of [`ShardId`], so that decoding goes through the bounds check.
-#[derive(Deserialize)]
-enum ShardIdWire {
-    Trunk,
-    Expert { layer: u16, index: u16 },
-}
-
-impl TryFrom<ShardIdWire> for ShardId {
-    type Error = ProtocolError;
-    fn try_from(wire: ShardIdWire) -> Result<Self, Self::Error> {
-        match wire {
-            ShardIdWire::Trunk => Ok(ShardId::Trunk),
-            ShardIdWire::Expert { layer, index } => ShardId::expert(layer, index),
-        }
+impl From<ShardIdError> for ProtocolError {
+    fn from(e: ShardIdError) -> Self {
+        invalid("shard id", e.to_string())
     }
-}
-
-impl ShardId {
-    /// The id of routed expert `index` in `layer`, checked against the bounds.
-    pub fn expert(layer: u16, index: u16) -> Result<ShardId, ProtocolError> {
-        if layer >= MAX_LAYERS || index >= MAX_EXPERTS_PER_LAYER {
-            return Err(invalid(
-                "shard id",
-                format!("expert/{layer}/{index} is out of bounds (layer < {MAX_LAYERS}, index < {MAX_EXPERTS_PER_LAYER})"),
-            ));
-        }
-        Ok(ShardId::Expert { layer, index })
-    }
-}
-
-impl fmt::Display for ShardId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ShardId::Trunk => f.write_str("trunk"),
-            ShardId::Expert { layer, index } => write!(f, "expert/{layer}/{index}"),
-        }
-    }
-}
-
-impl FromStr for ShardId {
-    type Err = ProtocolError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "trunk" {
-            return Ok(ShardId::Trunk);
-        }
-        let bad = || invalid("shard id", format!("{:?} is neither `trunk` nor `expert/<layer>/<index>`", truncate(s)));
-        let rest = s.strip_prefix("expert/").ok_or_else(bad)?;
-        let (layer, index) = rest.split_once('/').ok_or_else(bad)?;
-        ShardId::expert(parse_decimal_u16(layer).ok_or_else(bad)?, parse_decimal_u16(index).ok_or_else(bad)?)
-    }
-}
-
-/// Parses a canonical decimal: digits only, no sign, no leading zero (except "0"), so each id has one text form.
-fn parse_decimal_u16(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 /// Names one training run; it appears in gossip topic names (`mana/<run>/rounds`), so it is limited to
@@ -185,8 +117,8 @@ impl fmt::Display for Text {
     }
 }
 
-/// A blake3 hash: the address of a blob (delta payload, checkpoint shard) and of a checkpoint manifest.
-/// Wire form: 32 raw bytes. Text form: 64 lowercase hex digits.
+/// A blake3 hash: the address of a blob (delta payload, checkpoint shard) and of a checkpoint manifest, on the
+/// wire and in the store alike (a blob's file name is its hash in hex). Wire form: 32 raw bytes. Text form: 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContentHash(pub [u8; 32]);
 
@@ -199,6 +131,27 @@ impl ContentHash {
     /// The raw 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// Lower-case hex, 64 characters (the text form; a stored blob's file name).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses exactly 64 hex characters; `None` for anything else (a file name that is no blob's).
+    pub fn from_hex(text: &str) -> Option<ContentHash> {
+        if text.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text, &mut out).ok()?;
+        Some(ContentHash(out))
+    }
+}
+
+impl From<blake3::Hash> for ContentHash {
+    fn from(hash: blake3::Hash) -> Self {
+        ContentHash(*hash.as_bytes())
     }
 }
 

@@ -31,11 +31,8 @@ pub const MAX_SOFTWARE_VERSION_LEN: usize = 64;
 /// Largest free-text field (such as an error detail), in bytes.
 pub const MAX_TEXT_LEN: usize = 256;
 
-/// Number of transformer layers a shard id may name (`expert/<layer>/<index>` has `layer` below this).
-pub const MAX_LAYERS: u16 = 1024;
-
-/// Number of experts per layer a shard id may name (`index` below this).
-pub const MAX_EXPERTS_PER_LAYER: u16 = 4096;
+/// How many layers and experts per layer a shard id may name: defined with [`crate::ShardId`] in the kernels.
+pub use mana_kernels::model::{MAX_EXPERTS_PER_LAYER, MAX_LAYERS};
 
 /// Most participants in one round announcement.
 pub const MAX_PARTICIPANTS: usize = 1024;

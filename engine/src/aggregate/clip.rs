@@ -172,17 +172,8 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1) (splitmix64), so the tests need no rng crate.
     fn values(seed: u64, len: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-            })
-            .collect()
+        let mut rng = mana_kernels::rng::SplitMix64(seed);
+        (0..len).map(|_| rng.next_signed_unit()).collect()
     }
 
     fn norm(a: &[f32], b: &[f32]) -> f64 {

@@ -26,7 +26,7 @@ use mana_protocol::{ContentHash, HyperParams, UpdateRule};
 
 use super::error::RoundError;
 use super::spec::RunSpec;
-use super::state::ShardState;
+use super::state::{RunShard, ShardRecord};
 use crate::aggregate::{ClipConfig, Contribution, DilocoRule, NesterovState, coordinate_median, robust_mean, sync_step};
 
 /// The centered-clipping radius, as a multiple of the median distance of the deltas to their
@@ -41,9 +41,9 @@ pub fn apply_round(
     spec: &RunSpec,
     hyper: &HyperParams,
     round: u64,
-    base: &ShardState,
+    base: &ShardRecord,
     deltas: &[(ContentHash, Vec<f32>)],
-) -> Result<ShardState, RoundError> {
+) -> Result<ShardRecord, RoundError> {
     base.check(spec)?;
     if deltas.is_empty() {
         return Ok(base.clone());
@@ -103,7 +103,7 @@ pub fn aggregate(deltas: &[(ContentHash, Vec<f32>)]) -> Result<Vec<f32>, RoundEr
 }
 
 /// One AdamW step of `next` (a copy of `base`) with gradient `grad`.
-fn sync_update(spec: &RunSpec, hyper: &HyperParams, next: &mut ShardState, base: &ShardState, grad: &[f32]) -> Result<(), RoundError> {
+fn sync_update(spec: &RunSpec, hyper: &HyperParams, next: &mut ShardRecord, base: &ShardRecord, grad: &[f32]) -> Result<(), RoundError> {
     let shard = base.shard;
     let unknown = || RoundError::UnknownShard { shard: shard.to_string() };
     let experts = ExpertSet::from_shards(&spec.model, &[shard]).map_err(|_| unknown())?;

@@ -29,7 +29,7 @@ use mana_protocol::{ContentHash, HyperParams};
 use super::apply::apply_round;
 use super::error::RoundError;
 use super::spec::RunSpec;
-use super::state::{ShardState, build_trainer};
+use super::state::{ShardRecord, build_trainer};
 
 /// The outcome of one loss check.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,7 +56,7 @@ pub fn loss_check(
     spec: &RunSpec,
     hyper: &HyperParams,
     round: u64,
-    base: &[ShardState],
+    base: &[ShardRecord],
     shard: ShardId,
     delta: &[f32],
     validation: &Batch,

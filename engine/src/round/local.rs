@@ -30,9 +30,8 @@ use mana_kernels::model::ShardId;
 use mana_protocol::{Participant, RoundAnnouncement, TrainingStats, UpdateRule};
 
 use super::error::RoundError;
-use super::ids::from_wire;
 use super::spec::RunSpec;
-use super::state::{ShardState, build_trainer, build_trainer_with};
+use super::state::{ShardRecord, build_trainer, build_trainer_with};
 
 /// What a participant produced in one round.
 #[derive(Debug, Clone)]
@@ -59,7 +58,7 @@ pub fn train_local(
     spec: &RunSpec,
     ann: &RoundAnnouncement,
     me: &Participant,
-    base: &[ShardState],
+    base: &[ShardRecord],
     data: &TextDataset,
 ) -> Result<LocalResult, RoundError> {
     let (b, t) = spec.batch_shape(&ann.hyper)?;
@@ -68,11 +67,11 @@ pub fn train_local(
         return Err(RoundError::settings("inner_steps", "must be at least 1"));
     }
     micro_batch_key(&me.data_seeds, ann.round, 0)?;
-    let assigned: Vec<ShardId> = me.shards.iter().map(|&s| from_wire(s)).collect();
-    let find = |shard: ShardId| -> Result<&ShardState, RoundError> {
+    let assigned: Vec<ShardId> = me.shards.clone();
+    let find = |shard: ShardId| -> Result<&ShardRecord, RoundError> {
         base.iter().find(|s| s.shard == shard).ok_or_else(|| RoundError::MissingShard { shard: shard.to_string() })
     };
-    let mut held: Vec<ShardState> = vec![find(ShardId::Trunk)?.clone()];
+    let mut held: Vec<ShardRecord> = vec![find(ShardId::Trunk)?.clone()];
     for &shard in &assigned {
         if shard != ShardId::Trunk {
             if held.iter().any(|s| s.shard == shard) {

@@ -10,13 +10,11 @@
 //! - [`apply`]: a holder's update from the committed deltas (robust mean, then AdamW or Nesterov);
 //! - [`check`]: the loss check on a validation batch;
 //! - [`simulate`]: N nodes in one process plus the single-node baselines;
-//! - [`ids`]: kernels shard ids to and from wire shard ids;
 //! - [`error`]: the engine's one error type, [`RoundError`].
 
 pub mod apply;
 pub mod check;
 pub mod error;
-pub mod ids;
 pub mod local;
 pub mod simulate;
 pub mod spec;
@@ -25,8 +23,7 @@ pub mod state;
 pub use apply::apply_round;
 pub use check::{LossCheck, loss_check};
 pub use error::RoundError;
-pub use ids::{from_wire, to_wire};
 pub use local::{LocalResult, train_local};
 pub use simulate::{BaselineReport, RoundReport, SimConfig, SimReport, simulate, simulate_with};
 pub use spec::RunSpec;
-pub use state::{ShardState, build_trainer, initial_shards};
+pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};

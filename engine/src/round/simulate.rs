@@ -38,10 +38,9 @@ use serde::Serialize;
 
 use super::apply::apply_round;
 use super::error::RoundError;
-use super::ids::to_wire;
 use super::local::{micro_batch_key, train_local};
 use super::spec::RunSpec;
-use super::state::{ShardState, build_trainer, build_trainer_with, initial_shards};
+use super::state::{RunShard, ShardRecord, build_trainer, build_trainer_with, initial_shards};
 use crate::coordinator::{Candidate, ExpertHosts, assign_experts, experts_by_node};
 
 /// One simulation's settings.
@@ -153,7 +152,7 @@ pub struct SimReport {
     pub shard_hashes: Vec<(String, String)>,
     /// The final checkpoint itself (every shard's state), for callers that go on from it.
     #[serde(skip)]
-    pub state: Vec<ShardState>,
+    pub state: Vec<ShardRecord>,
 }
 
 impl SimReport {
@@ -184,10 +183,8 @@ fn node_key(n: usize) -> PublicKey {
 
 /// Node `n`'s data seed in `round` (splitmix64 of the run's seed, node and round).
 pub fn node_data_seed(data_seed: u64, n: usize, round: u64) -> u64 {
-    let mut z = data_seed ^ (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    use mana_kernels::rng::{GOLDEN, mix64};
+    mix64(data_seed ^ (n as u64 + 1).wrapping_mul(GOLDEN) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03))
 }
 
 /// Mean validation loss of the model held by `trainer` over `cfg.eval_batches` fixed validation batches.
@@ -222,7 +219,7 @@ pub fn simulate_with(
     let h = u64::from(cfg.inner_steps);
 
     // The expert assignment: the coordinator's own, computed once and kept.
-    let experts: Vec<mana_protocol::ShardId> = spec.experts().into_iter().map(to_wire).collect::<Result<_, _>>()?;
+    let experts: Vec<mana_protocol::ShardId> = spec.experts();
     let candidates: Vec<Candidate> = (0..cfg.nodes)
         .map(|n| Candidate {
             node: node_key(n),
@@ -243,11 +240,11 @@ pub fn simulate_with(
     let mut holders: BTreeMap<ShardId, u64> = BTreeMap::new();
     for shards in &assignment {
         for &s in shards {
-            *holders.entry(super::ids::from_wire(s)).or_default() += 1;
+            *holders.entry(s).or_default() += 1;
         }
     }
 
-    let mut state: Vec<ShardState> = initial_shards(spec)?;
+    let mut state: Vec<ShardRecord> = initial_shards(spec)?;
     let params: u64 = state.iter().map(|s| s.params.len() as u64).sum();
     let mut encoders: BTreeMap<(usize, ShardId), DeltaEncoder> = BTreeMap::new();
     let mut rounds = Vec::new();

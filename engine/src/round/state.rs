@@ -1,8 +1,8 @@
 //! A shard's full state as one deterministic blob, and the model instances built from such states.
 //!
-//! [`ShardState`] is what a checkpoint manifest's `ShardEntry` hashes: the parameters, the optimizer state
-//! that lives with the shard, its update count and (for the trunk) the router biases. Its bytes are the
-//! kernels' shard-file format ([`mana_kernels::checkpoint::encode_shard`]: magic, version, shard id, sizes,
+//! A shard's state is the kernels' [`ShardRecord`]: what a checkpoint manifest's `ShardEntry` hashes (the
+//! parameters, the optimizer state that lives with the shard, its update count and, for the trunk, the router
+//! biases). Its bytes are the kernels' shard-file format ([`mana_kernels::checkpoint::encode_shard`]: magic, version, shard id, sizes,
 //! little-endian f32s, checksum), so one blob serves as a network payload, a store record and a checkpoint
 //! file alike, and every holder that computes the same state writes the same bytes.
 //!
@@ -16,7 +16,8 @@
 use std::path::Path;
 
 use mana_kernels::CpuBackend;
-use mana_kernels::checkpoint::{ShardRecord, decode_shard, encode_shard};
+pub use mana_kernels::checkpoint::ShardRecord;
+use mana_kernels::checkpoint::decode_shard;
 use mana_kernels::model::{ExpertSet, Model, ShardId};
 use mana_kernels::train::Trainer;
 use mana_protocol::{ContentHash, HyperParams, UpdateRule};
@@ -24,62 +25,34 @@ use mana_protocol::{ContentHash, HyperParams, UpdateRule};
 use super::error::RoundError;
 use super::spec::RunSpec;
 
-/// One shard's complete state.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ShardState {
-    /// Which shard.
-    pub shard: ShardId,
-    /// Updates applied to this shard so far (AdamW steps in `sync`, outer steps in `diloco`).
-    pub step: u64,
-    /// Its parameters.
-    pub params: Vec<f32>,
-    /// `sync`: AdamW first moments; `diloco`: the outer Nesterov buffer. Same length as `params`.
-    pub opt_m: Vec<f32>,
-    /// `sync`: AdamW second moments; `diloco`: zeros. Same length as `params`.
-    pub opt_v: Vec<f32>,
-    /// Trunk only: the router biases of every MoE layer, concatenated; empty for an expert.
-    pub router_bias: Vec<f32>,
+/// What a run does with a [`ShardRecord`] beyond the kernels' file format: hash it as a manifest entry does,
+/// and decode and check it against the run's model. (A trait, since the record is the kernels' type and the
+/// hash and the run spec are not theirs.)
+pub trait RunShard: Sized {
+    /// blake3 of [`ShardRecord::to_bytes`]: the hash a `ShardEntry` carries.
+    fn hash(&self) -> ContentHash;
+    /// Decodes a blob that must hold `shard` of `spec`'s model: the header, every length and the checksum
+    /// are checked before use, and non-finite values are refused, so any bad input is a typed error.
+    fn from_bytes(bytes: &[u8], spec: &RunSpec, shard: ShardId) -> Result<Self, RoundError>;
+    /// Checks lengths against `spec` and that every value is finite.
+    fn check(&self, spec: &RunSpec) -> Result<(), RoundError>;
 }
 
-impl ShardState {
-    /// The deterministic encoding (the kernels' shard-file format); what manifests hash.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        encode_shard(&ShardRecord {
-            shard: self.shard,
-            step: self.step,
-            params: self.params.clone(),
-            adam_m: self.opt_m.clone(),
-            adam_v: self.opt_v.clone(),
-            router_bias: self.router_bias.clone(),
-        })
-    }
-
-    /// blake3 of [`ShardState::to_bytes`]: the hash a `ShardEntry` carries.
-    pub fn hash(&self) -> ContentHash {
+impl RunShard for ShardRecord {
+    fn hash(&self) -> ContentHash {
         ContentHash::of(&self.to_bytes())
     }
 
-    /// Decodes a blob that must hold `shard` of `spec`'s model: the header, every length and the checksum
-    /// are checked before use, and non-finite values are refused, so any bad input is a typed error.
-    pub fn from_bytes(bytes: &[u8], spec: &RunSpec, shard: ShardId) -> Result<ShardState, RoundError> {
+    fn from_bytes(bytes: &[u8], spec: &RunSpec, shard: ShardId) -> Result<ShardRecord, RoundError> {
         let len = spec.shard_len(shard)?;
         let bias_len = spec.router_bias_len(shard);
         let label = format!("<{shard} blob>");
         let rec = decode_shard(bytes, Path::new(&label), shard, len, bias_len)?;
-        let state = ShardState {
-            shard,
-            step: rec.step,
-            params: rec.params,
-            opt_m: rec.adam_m,
-            opt_v: rec.adam_v,
-            router_bias: rec.router_bias,
-        };
-        state.check(spec)?;
-        Ok(state)
+        rec.check(spec)?;
+        Ok(rec)
     }
 
-    /// Checks lengths against `spec` and that every value is finite.
-    pub fn check(&self, spec: &RunSpec) -> Result<(), RoundError> {
+    fn check(&self, spec: &RunSpec) -> Result<(), RoundError> {
         let len = spec.shard_len(self.shard)?;
         let bias_len = spec.router_bias_len(self.shard);
         let parts: [(&'static str, &[f32], usize); 4] = [
@@ -102,7 +75,7 @@ impl ShardState {
 
 /// Every shard of the fresh model (round 0's checkpoint): parameters from `spec.init_seed`, zero optimizer
 /// state, step 0, zero router biases. The trunk comes first, then the experts in (layer, index) order.
-pub fn initial_shards(spec: &RunSpec) -> Result<Vec<ShardState>, RoundError> {
+pub fn initial_shards(spec: &RunSpec) -> Result<Vec<ShardRecord>, RoundError> {
     let model = Model::new(spec.model.clone(), spec.init_seed, Box::new(CpuBackend::new()))?;
     model
         .shards()
@@ -110,7 +83,7 @@ pub fn initial_shards(spec: &RunSpec) -> Result<Vec<ShardState>, RoundError> {
         .map(|shard| {
             let params = model.export_shard(shard)?;
             let n = params.len();
-            Ok(ShardState {
+            Ok(ShardRecord {
                 shard,
                 step: 0,
                 params,
@@ -123,14 +96,14 @@ pub fn initial_shards(spec: &RunSpec) -> Result<Vec<ShardState>, RoundError> {
 }
 
 /// Checks that `shards` hold the trunk exactly once and each expert at most once; returns the experts.
-pub(crate) fn expert_set(spec: &RunSpec, shards: &[&ShardState]) -> Result<ExpertSet, RoundError> {
+pub(crate) fn expert_set(spec: &RunSpec, shards: &[&ShardRecord]) -> Result<ExpertSet, RoundError> {
     let mut trunk = 0;
     let mut set = ExpertSet::none(&spec.model);
     for s in shards {
         match s.shard {
             ShardId::Trunk => trunk += 1,
             ShardId::Expert { layer, index } => {
-                if set.contains(layer, index) {
+                if set.contains(usize::from(layer), usize::from(index)) {
                     return Err(RoundError::DuplicateShard { shard: s.shard.to_string() });
                 }
                 if !set.insert(s.shard) {
@@ -151,7 +124,7 @@ pub(crate) fn expert_set(spec: &RunSpec, shards: &[&ShardState]) -> Result<Exper
 /// the AdamW moments and step count are imported too (so the trainer is the checkpoint, e.g. to save it);
 /// in `diloco` mode `opt_m` is the outer buffer, not an AdamW moment, so the trainer's AdamW state starts at
 /// zero.
-pub fn build_trainer(spec: &RunSpec, hyper: &HyperParams, shards: &[ShardState]) -> Result<Trainer, RoundError> {
+pub fn build_trainer(spec: &RunSpec, hyper: &HyperParams, shards: &[ShardRecord]) -> Result<Trainer, RoundError> {
     let sync = hyper.update_rule == UpdateRule::Sync;
     build_trainer_with(spec, spec.optim_config(hyper), sync, shards)
 }
@@ -162,9 +135,9 @@ pub(crate) fn build_trainer_with(
     spec: &RunSpec,
     optim: mana_kernels::optim::OptimConfig,
     import_optim: bool,
-    shards: &[ShardState],
+    shards: &[ShardRecord],
 ) -> Result<Trainer, RoundError> {
-    let refs: Vec<&ShardState> = shards.iter().collect();
+    let refs: Vec<&ShardRecord> = shards.iter().collect();
     let experts = expert_set(spec, &refs)?;
     for s in shards {
         s.check(spec)?;

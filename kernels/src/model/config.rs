@@ -13,7 +13,7 @@ use crate::gemm::Precision;
 pub const MAX_PARAMS: usize = 1 << 31;
 /// Largest value accepted for any single dimension (vocab, width, hidden sizes, context).
 pub const MAX_DIM: usize = 1 << 20;
-/// Largest number of layers or routed experts per layer a config may ask for.
+/// Largest number of routed experts per layer a config may ask for (layers: [`super::MAX_LAYERS`]).
 pub const MAX_COUNT: usize = 4096;
 
 /// Shape and hyper-parameters of the DeepSeek-V3-like model: byte vocabulary, RMSNorm pre-norm blocks with
@@ -152,8 +152,9 @@ impl ModelConfig {
         if self.vocab_size > u32::MAX as usize {
             return Err(invalid("vocab_size", self.vocab_size, "token ids are u32"));
         }
-        if self.n_layers == 0 || self.n_layers > MAX_COUNT {
-            return Err(invalid("n_layers", self.n_layers, "must be in 1..=4096"));
+        // Every shard must be nameable by a ShardId (layer below MAX_LAYERS, index below MAX_EXPERTS_PER_LAYER).
+        if self.n_layers == 0 || self.n_layers > usize::from(super::MAX_LAYERS) {
+            return Err(invalid("n_layers", self.n_layers, "must be in 1..=1024"));
         }
         if self.n_dense_layers > self.n_layers {
             return Err(invalid("n_dense_layers", self.n_dense_layers, "must be <= n_layers"));

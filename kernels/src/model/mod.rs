@@ -24,6 +24,7 @@ pub mod mtp;
 pub mod params;
 pub mod rmsnorm;
 pub mod rope;
+pub mod shard_id;
 pub mod swiglu;
 
 use rand_chacha::ChaCha8Rng;
@@ -40,7 +41,8 @@ use head::{HeadActs, HeadSpec};
 use loss::IGNORE;
 use moe::MoeDims;
 use mtp::{MtpActs, MtpContext, MtpScratch};
-pub use params::{ExpertSet, ParamLayout, ShardId, Span, TensorInfo};
+pub use params::{ExpertSet, ParamLayout, Span, TensorInfo};
+pub use shard_id::{MAX_EXPERTS_PER_LAYER, MAX_LAYERS, ShardId, ShardIdError};
 use rope::RopeTable;
 
 /// Largest B·T a single call may ask for (bounds the activation buffers an untrusted batch can cause).

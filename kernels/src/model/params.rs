@@ -7,10 +7,8 @@
 //! parameters, gradients and AdamW moments are therefore one slice each of buffers that share this layout,
 //! and exporting or importing a shard is a copy.
 
-use std::fmt;
-use std::str::FromStr;
-
 use super::config::ModelConfig;
+pub use super::shard_id::ShardId;
 
 /// A contiguous range of a flat buffer: where one tensor (or shard) lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -33,48 +31,6 @@ impl Span {
     /// The span's elements in `buf`, mutably.
     pub fn of_mut<'a>(&self, buf: &'a mut [f32]) -> &'a mut [f32] {
         &mut buf[self.offset..self.end()]
-    }
-}
-
-/// The unit in which parameters are hosted, exported and checkpointed: the trunk, or one routed expert.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ShardId {
-    /// Everything that is not a routed expert: embedding, attention, norms, dense and shared FFNs, routers,
-    /// MTP module, head.
-    Trunk,
-    /// Routed expert `index` of block `layer` (a MoE block).
-    Expert {
-        /// Block index in 0..L.
-        layer: usize,
-        /// Expert index in 0..E.
-        index: usize,
-    },
-}
-
-impl fmt::Display for ShardId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ShardId::Trunk => write!(f, "trunk"),
-            ShardId::Expert { layer, index } => write!(f, "expert/{layer}/{index}"),
-        }
-    }
-}
-
-/// A string that is neither `trunk` nor `expert/<layer>/<index>`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad shard id {0:?}: expected \"trunk\" or \"expert/<layer>/<index>\"")]
-pub struct ParseShardIdError(pub String);
-
-impl FromStr for ShardId {
-    type Err = ParseShardIdError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "trunk" {
-            return Ok(ShardId::Trunk);
-        }
-        let bad = || ParseShardIdError(s.to_string());
-        let rest = s.strip_prefix("expert/").ok_or_else(bad)?;
-        let (layer, index) = rest.split_once('/').ok_or_else(bad)?;
-        Ok(ShardId::Expert { layer: layer.parse().map_err(|_| bad())?, index: index.parse().map_err(|_| bad())? })
     }
 }
 
@@ -120,7 +76,7 @@ impl ExpertSet {
     pub fn insert(&mut self, shard: ShardId) -> bool {
         match shard {
             ShardId::Trunk => false,
-            ShardId::Expert { layer, index } => match self.present.get_mut(layer).and_then(|l| l.get_mut(index)) {
+            ShardId::Expert { layer, index } => match self.present.get_mut(usize::from(layer)).and_then(|l| l.get_mut(usize::from(index))) {
                 Some(slot) => {
                     *slot = true;
                     true
@@ -145,8 +101,9 @@ impl ExpertSet {
         let mut out = Vec::new();
         for (layer, flags) in self.present.iter().enumerate() {
             for (index, &p) in flags.iter().enumerate() {
-                if p {
-                    out.push(ShardId::Expert { layer, index });
+                // In bounds: a validated config has at most MAX_LAYERS layers and MAX_EXPERTS_PER_LAYER experts.
+                if let (true, Ok(shard)) = (p, ShardId::expert(layer, index)) {
+                    out.push(shard);
                 }
             }
         }
@@ -312,7 +269,7 @@ impl ParamLayout {
         });
         let mut shards = vec![(ShardId::Trunk, Span { offset: 0, len: b.offset })];
         for shard in experts.shards() {
-            let ShardId::Expert { layer, index } = shard else { continue };
+            let Some((layer, index)) = shard.expert_position() else { continue };
             let start = b.offset;
             b.shard = shard;
             let p = b.swiglu(&format!("blocks.{layer}.experts.{index}"), c, config.expert_hidden);

@@ -37,11 +37,10 @@ pub struct TestRng(pub u64);
 impl TestRng {
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let mut r = mana_kernels::rng::SplitMix64(self.0);
+        let out = r.next_u64();
+        self.0 = r.0;
+        out
     }
     /// Uniform in [-1, 1).
     pub fn uniform(&mut self) -> f32 {

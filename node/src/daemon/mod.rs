@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::keyfile;
 use crate::net::{self, Client, NetEvent};
-use crate::store::{BlobHash, Store, StoreConfig};
+use crate::store::{Store, StoreConfig};
 
 pub use config::NodeConfig;
 pub use status::NodeStatus;
@@ -309,7 +309,7 @@ impl NodeHandle {
     /// Reads a stored blob, hash-verified (off the async threads).
     pub async fn read_blob(&self, hash: ContentHash) -> Result<Vec<u8>, NodeError> {
         let store = self.shared.store.clone();
-        blocking(move || Ok(store.get_blob(&blob_hash(&hash))?)).await
+        blocking(move || Ok(store.get_blob(&hash)?)).await
     }
 
     /// Releases the in-memory pins [`NodeHandle::host_blob`] and [`NodeHandle::fetch_blob`] took on these
@@ -443,9 +443,4 @@ async fn handle_event(shared: &Arc<Shared>, guard: &mut validate::ReplayGuard, e
         NetEvent::PeerDisconnected(peer) => tracing::debug!(%peer, "peer disconnected"),
         NetEvent::Subscribed { peer, topic } => tracing::debug!(%peer, %topic, "peer subscribed"),
     }
-}
-
-/// The blob hash type of the store, from the protocol's.
-pub(crate) fn blob_hash(hash: &ContentHash) -> BlobHash {
-    BlobHash(hash.0)
 }

@@ -12,7 +12,7 @@ use mana_protocol::limits::MAX_FETCH_CHUNK_BYTES;
 use mana_protocol::{Bytes, FetchRequest, FetchResponse, Text};
 use tokio::sync::OnceCell;
 
-use super::{NodeError, Shared, blob_hash, blocking};
+use super::{NodeError, Shared, blocking};
 use crate::store::{BlobReader, Store, StoreError};
 
 /// How many blobs a node keeps open for serving (least recently used closed first).
@@ -87,7 +87,7 @@ impl BlobCache {
             .get_or_try_init(|| {
                 let store = store.clone();
                 async move {
-                    let reader = blocking(move || Ok(store.open_blob(&blob_hash(&mana_protocol::ContentHash(hash)))?)).await?;
+                    let reader = blocking(move || Ok(store.open_blob(&mana_protocol::ContentHash(hash))?)).await?;
                     Ok::<_, NodeError>(Arc::new(Mutex::new(reader)))
                 }
             })
@@ -124,7 +124,7 @@ pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> Fetc
     let max = request.max_len.min(shared.config.net.limits.max_chunk_bytes).min(MAX_FETCH_CHUNK_BYTES) as u64;
     // Still in the store? (A blob pruned since it was opened is no longer served.)
     let store = shared.store.clone();
-    let Ok(len) = blocking(move || Ok(store.blob_len(&blob_hash(&hash))?)).await else {
+    let Ok(len) = blocking(move || Ok(store.blob_len(&hash)?)).await else {
         return refused("store error");
     };
     let Some(total_size) = len else {

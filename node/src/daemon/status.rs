@@ -144,7 +144,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
             manifest
                 .entries
                 .iter()
-                .map(|e| StoredShard { shard: e.shard.clone(), hash: e.hash.to_hex(), bytes: e.len })
+                .map(|e| StoredShard { shard: e.shard.to_string(), hash: e.hash.to_hex(), bytes: e.len })
                 .collect(),
         ),
         None => (None, Vec::new()),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
 
-use super::{NodeError, Shared, blob_hash, blocking};
+use super::{NodeError, Shared, blocking};
 use crate::net::fetch::{BlobSink, fetch_blob};
 use crate::store::{BlobPin, BlobWriter, ManifestEntry, RoundManifest};
 
@@ -41,7 +41,7 @@ pub(crate) async fn fetch_and_store_hinted(
     hints: Vec<libp2p::PeerId>,
 ) -> Result<u64, NodeError> {
     let store = shared.store.clone();
-    if let Some(len) = blocking(move || Ok(store.blob_len(&blob_hash(&hash))?)).await? {
+    if let Some(len) = blocking(move || Ok(store.blob_len(&hash)?)).await? {
         return Ok(len);
     }
     let me = shared.client.local_peer_id();
@@ -82,7 +82,7 @@ async fn fetch_from(
     options.chunk_bytes = options.chunk_bytes.min(shared.config.net.limits.max_chunk_bytes);
     let (len, WriterSink(writer)) = fetch_blob(&shared.client, hash, providers, WriterSink(writer), &options).await?;
     // fetch_blob checked the hash; the store checks it again as it installs the file.
-    let pin = blocking(move || Ok(writer.finish_expecting(&blob_hash(&hash))?)).await?;
+    let pin = blocking(move || Ok(writer.finish_expecting(&hash)?)).await?;
     keep_pin(shared, pin);
     // Announced in the background: the DHT query must not hold up whoever waits for the blob.
     let client = shared.client.clone();
@@ -136,7 +136,7 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
     let entries: Vec<ManifestEntry> = manifest
         .shards
         .iter()
-        .map(|e| ManifestEntry { shard: e.shard.to_string(), hash: blob_hash(&e.hash), len: e.size })
+        .map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size })
         .collect();
     let store = shared.store.clone();
     let result = blocking(move || Ok(store.commit_round(round, &RoundManifest { entries, meta })?)).await;
@@ -175,7 +175,7 @@ pub(crate) async fn hosted_shards(shared: &Shared) -> Result<Vec<ShardId>, NodeE
     let store = shared.store.clone();
     let latest = blocking(move || Ok(store.latest()?)).await?;
     let mut shards: Vec<ShardId> = latest
-        .map(|(_, m)| m.entries.iter().filter_map(|e| e.shard.parse().ok()).collect())
+        .map(|(_, m)| m.entries.iter().map(|e| e.shard).collect())
         .unwrap_or_default();
     shards.truncate(mana_protocol::limits::MAX_SHARDS_PER_NODE);
     Ok(shards)

@@ -91,11 +91,6 @@ pub fn os_seed() -> Result<u64, NodeError> {
     getrandom::u64().map_err(|e| NodeError::Role(format!("operating system randomness: {e}")))
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    crate::daemon::now_ms()
-}
-
 /// Blobs a role pinned, by the round that needed them. Blobs of rounds older than the last few are released
 /// ([`NodeHandle::unpin`]), so the store's collector can reclaim payloads and superseded shards once no
 /// retained round refers to them.

@@ -35,10 +35,11 @@ use mana_protocol::{
 };
 use tokio::sync::broadcast::error::RecvError;
 
-use super::common::{PinLedger, fetch_bytes, now_ms, peer_of, publish_patiently};
+use super::common::{PinLedger, fetch_bytes, peer_of, publish_patiently};
+use crate::daemon::now_ms;
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{RunSpec, ShardState, apply_round, ids::from_wire, train_local};
-use crate::store::{BlobHash, ManifestEntry, RoundManifest};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, train_local};
+use crate::store::{ManifestEntry, RoundManifest};
 
 /// How a trainer runs.
 #[derive(Debug, Clone)]
@@ -68,7 +69,7 @@ impl TrainerConfig {
 #[derive(Clone)]
 struct Held {
     hash: ContentHash,
-    state: Arc<ShardState>,
+    state: Arc<ShardRecord>,
 }
 
 /// A round this node was assigned in, kept until its commit.
@@ -186,7 +187,7 @@ impl Trainer {
         let started = Instant::now();
         let spec = self.cfg.spec.clone();
         let data = self.cfg.data.clone();
-        let states: Vec<ShardState> = me.shards.iter().filter_map(|s| base.get(s)).map(|h| (*h.state).clone()).collect();
+        let states: Vec<ShardRecord> = me.shards.iter().filter_map(|s| base.get(s)).map(|h| (*h.state).clone()).collect();
         let (ann2, me2) = (ann.clone(), me.clone());
         let result = blocking(move || {
             train_local(&spec, &ann2, &me2, &states, &data).map_err(|e| NodeError::Role(e.to_string()))
@@ -209,7 +210,7 @@ impl Trainer {
         let mut sent = 0u64;
         let mut bytes = 0u64;
         for (kshard, delta) in result.deltas {
-            let shard = mana_engine::round::ids::to_wire(kshard).map_err(|e| NodeError::Role(e.to_string()))?;
+            let shard = kshard;
             let encoder = match self.encoders.entry(shard) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {
@@ -294,17 +295,17 @@ impl Trainer {
     }
 
     /// Fetches and decodes shard blobs, a few at a time.
-    async fn fetch_shards(&mut self, entries: &[ShardEntry], round: u64) -> Result<Vec<(ShardEntry, ShardState)>, NodeError> {
+    async fn fetch_shards(&mut self, entries: &[ShardEntry], round: u64) -> Result<Vec<(ShardEntry, ShardRecord)>, NodeError> {
         let node = self.node.clone();
         let (timeout, spec) = (self.cfg.fetch_timeout, self.cfg.spec.clone());
         let hints = self.coordinator_peer();
-        let results: Vec<Result<(ShardEntry, ShardState), NodeError>> = futures::stream::iter(entries.iter().copied())
+        let results: Vec<Result<(ShardEntry, ShardRecord), NodeError>> = futures::stream::iter(entries.iter().copied())
             .map(|entry| {
                 let (node, spec, hints) = (node.clone(), spec.clone(), hints.clone());
                 async move {
                     let bytes = fetch_bytes(&node, entry.hash, hints, timeout).await?;
                     let state = blocking(move || {
-                        ShardState::from_bytes(&bytes, &spec, from_wire(entry.shard)).map_err(|e| NodeError::Role(e.to_string()))
+                        ShardRecord::from_bytes(&bytes, &spec, entry.shard).map_err(|e| NodeError::Role(e.to_string()))
                     })
                     .await?;
                     Ok((entry, state))
@@ -445,7 +446,7 @@ impl Trainer {
         let entries: Vec<ManifestEntry> = own
             .shards
             .iter()
-            .map(|e| ManifestEntry { shard: e.shard.to_string(), hash: BlobHash(e.hash.0), len: e.size })
+            .map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size })
             .collect();
         let store = self.node.store().clone();
         let manifest = RoundManifest { entries, meta };
@@ -455,7 +456,7 @@ impl Trainer {
                 return Ok(false);
             }
             store.commit_round(round, &manifest)?;
-            store.add_blob_refs(round, &[BlobHash(own_hash.0)])?;
+            store.add_blob_refs(round, &[own_hash])?;
             Ok(true)
         })
         .await?;

@@ -11,85 +11,37 @@
 //! that refers to them.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::{Deserialize, Serialize};
 
 use super::error::{StoreError, StoreResult, io_err};
 
 /// Size of the buffer used to hash or copy files in pieces.
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// The blake3 hash of a blob's bytes, which is also its name in the store.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct BlobHash(pub [u8; 32]);
-
-impl BlobHash {
-    /// Hashes `bytes`: the name a blob with these contents gets.
-    pub fn of(bytes: &[u8]) -> Self {
-        Self(*blake3::hash(bytes).as_bytes())
-    }
-
-    /// The 32 raw bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Lower-case hex, 64 characters: the blob's file name.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// Parses 64 hex characters; `None` for anything else.
-    pub fn from_hex(text: &str) -> Option<Self> {
-        if text.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(text, &mut out).ok()?;
-        Some(Self(out))
-    }
-}
-
-impl From<blake3::Hash> for BlobHash {
-    fn from(hash: blake3::Hash) -> Self {
-        Self(*hash.as_bytes())
-    }
-}
-
-impl fmt::Display for BlobHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for BlobHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BlobHash({})", &self.to_hex()[..16])
-    }
-}
+/// A blob's name in the store is the protocol's content hash of its bytes (one hash type everywhere).
+pub use mana_protocol::ContentHash;
 
 /// The in-memory set of pinned blobs, with a count per blob (several pins may hold one blob).
 #[derive(Debug, Default)]
 pub(crate) struct PinTable {
-    counts: Mutex<HashMap<BlobHash, usize>>,
+    counts: Mutex<HashMap<ContentHash, usize>>,
 }
 
 impl PinTable {
     /// Locks the table. A poisoned lock only means another thread panicked while holding it; the map of counts
     /// is still consistent (every mutation is a single insert or remove), so we keep using it.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<BlobHash, usize>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<ContentHash, usize>> {
         self.counts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn pin(self: &Arc<Self>, hash: BlobHash, len: u64) -> BlobPin {
+    fn pin(self: &Arc<Self>, hash: ContentHash, len: u64) -> BlobPin {
         *self.lock().entry(hash).or_insert(0) += 1;
         BlobPin {
             hash,
@@ -109,14 +61,14 @@ impl PinTable {
 /// an unreferenced, unpinned blob is then removed by the next collection. Clones are independent pins.
 #[derive(Debug)]
 pub struct BlobPin {
-    hash: BlobHash,
+    hash: ContentHash,
     len: u64,
     table: Arc<PinTable>,
 }
 
 impl BlobPin {
     /// The pinned blob's hash (its name).
-    pub fn hash(&self) -> BlobHash {
+    pub fn hash(&self) -> ContentHash {
         self.hash
     }
 
@@ -155,7 +107,7 @@ pub(crate) enum BlobEntry {
     /// A file whose name is a blob hash, in the right fan-out directory.
     Blob {
         /// The hash its name gives.
-        hash: BlobHash,
+        hash: ContentHash,
         /// Its length in bytes.
         len: u64,
     },
@@ -199,7 +151,7 @@ impl BlobDir {
     }
 
     /// The file a blob lives in.
-    pub(crate) fn path_of(&self, hash: &BlobHash) -> PathBuf {
+    pub(crate) fn path_of(&self, hash: &ContentHash) -> PathBuf {
         let name = hash.to_hex();
         self.blobs.join(&name[..2]).join(name)
     }
@@ -222,7 +174,7 @@ impl BlobDir {
     }
 
     /// Pins `hash` for the caller.
-    pub(crate) fn pin(&self, hash: BlobHash, len: u64) -> BlobPin {
+    pub(crate) fn pin(&self, hash: ContentHash, len: u64) -> BlobPin {
         self.pins.pin(hash, len)
     }
 
@@ -232,7 +184,7 @@ impl BlobDir {
     }
 
     /// The length of a stored blob, or `None` if there is no file for it.
-    pub(crate) fn stored_len(&self, hash: &BlobHash) -> StoreResult<Option<u64>> {
+    pub(crate) fn stored_len(&self, hash: &ContentHash) -> StoreResult<Option<u64>> {
         let path = self.path_of(hash);
         match fs::metadata(&path) {
             Ok(meta) => Ok(Some(meta.len())),
@@ -243,7 +195,7 @@ impl BlobDir {
 
     /// Writes `bytes` as a blob (unless an identical one is already stored) and returns a pin on it.
     pub(crate) fn put(&self, bytes: &[u8]) -> StoreResult<BlobPin> {
-        let hash = BlobHash::of(bytes);
+        let hash = ContentHash::of(bytes);
         // Pin before looking: from here on the collector leaves this name alone, so a file we find stays.
         let pin = self.pin(hash, bytes.len() as u64);
         if self.stored_len(&hash)? == Some(bytes.len() as u64) {
@@ -284,7 +236,7 @@ impl BlobDir {
 
     /// Makes a fully written temporary file the blob `hash`: fsync the file, rename it into place, fsync the
     /// fan-out directory. Only after this returns may a sled commit refer to the blob.
-    fn install(&self, tmp_path: &Path, file: File, hash: &BlobHash) -> StoreResult<()> {
+    fn install(&self, tmp_path: &Path, file: File, hash: &ContentHash) -> StoreResult<()> {
         file.sync_all().map_err(io_err(tmp_path))?;
         drop(file);
         let dest = self.path_of(hash);
@@ -294,7 +246,7 @@ impl BlobDir {
     }
 
     /// Reads a whole blob and checks it against its name. A mismatch quarantines the file and is an error.
-    pub(crate) fn read(&self, hash: &BlobHash) -> StoreResult<Vec<u8>> {
+    pub(crate) fn read(&self, hash: &ContentHash) -> StoreResult<Vec<u8>> {
         let path = self.path_of(hash);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -303,7 +255,7 @@ impl BlobDir {
             }
             Err(err) => return Err(io_err(path)(err)),
         };
-        let actual = BlobHash::of(&bytes);
+        let actual = ContentHash::of(&bytes);
         if actual != *hash {
             return Err(self.corrupt(hash, actual));
         }
@@ -311,7 +263,7 @@ impl BlobDir {
     }
 
     /// Hashes a stored file in pieces, without keeping it in memory. `Ok(None)` if there is no such file.
-    pub(crate) fn hash_file(&self, hash: &BlobHash) -> StoreResult<Option<(BlobHash, u64)>> {
+    pub(crate) fn hash_file(&self, hash: &ContentHash) -> StoreResult<Option<(ContentHash, u64)>> {
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
             Ok(file) => file,
@@ -324,7 +276,7 @@ impl BlobDir {
 
     /// Opens a blob for streaming: the whole file is hashed first (so a corrupt file is an error here, before
     /// any byte is handed out), then it is read again through a reader that re-hashes as it goes.
-    pub(crate) fn open_reader(&self, hash: &BlobHash) -> StoreResult<BlobReader> {
+    pub(crate) fn open_reader(&self, hash: &ContentHash) -> StoreResult<BlobReader> {
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
             Ok(file) => file,
@@ -350,7 +302,7 @@ impl BlobDir {
 
     /// Moves a corrupt blob out of `blobs/` (so it reads as missing and can be fetched again), logs it, and
     /// returns the error to hand the caller.
-    fn corrupt(&self, hash: &BlobHash, actual: BlobHash) -> StoreError {
+    fn corrupt(&self, hash: &ContentHash, actual: ContentHash) -> StoreError {
         let path = self.path_of(hash);
         let dest = self.quarantine.join(hash.to_hex());
         match fs::rename(&path, &dest) {
@@ -385,7 +337,7 @@ impl BlobDir {
                 let name = entry.file_name();
                 let hash = name
                     .to_str()
-                    .and_then(BlobHash::from_hex)
+                    .and_then(ContentHash::from_hex)
                     .filter(|h| h.to_hex()[..2] == prefix_hex);
                 match hash {
                     Some(hash) if meta.is_file() => out.push(BlobEntry::Blob {
@@ -401,7 +353,7 @@ impl BlobDir {
 
     /// Removes a blob unless it is pinned. The pin table stays locked across the check and the removal, so a
     /// concurrent `put` of the same bytes either pins first (and the blob stays) or finds no file and writes it.
-    pub(crate) fn remove_unless_pinned(&self, hash: &BlobHash) -> StoreResult<bool> {
+    pub(crate) fn remove_unless_pinned(&self, hash: &ContentHash) -> StoreResult<bool> {
         let pins = self.pins.lock();
         if pins.contains_key(hash) {
             return Ok(false);
@@ -416,7 +368,7 @@ impl BlobDir {
 }
 
 /// Hashes everything `reader` yields; returns the hash and the byte count.
-fn hash_reader(reader: &mut impl Read) -> io::Result<(BlobHash, u64)> {
+fn hash_reader(reader: &mut impl Read) -> io::Result<(ContentHash, u64)> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut len = 0u64;
@@ -484,17 +436,17 @@ impl BlobWriter {
 
     /// Like [`BlobWriter::finish`], but the bytes must hash to `expected` (the hash a peer announced);
     /// otherwise nothing is stored and [`StoreError::HashMismatch`] is returned.
-    pub fn finish_expecting(self, expected: &BlobHash) -> StoreResult<BlobPin> {
+    pub fn finish_expecting(self, expected: &ContentHash) -> StoreResult<BlobPin> {
         self.finish_inner(Some(expected))
     }
 
-    fn finish_inner(mut self, expected: Option<&BlobHash>) -> StoreResult<BlobPin> {
+    fn finish_inner(mut self, expected: Option<&ContentHash>) -> StoreResult<BlobPin> {
         let tmp_path = self
             .tmp
             .0
             .clone()
             .ok_or(StoreError::Config("blob writer already finished"))?;
-        let hash: BlobHash = self.hasher.finalize().into();
+        let hash: ContentHash = self.hasher.finalize().into();
         match expected {
             Some(expected) if *expected != hash => {
                 return Err(StoreError::HashMismatch {
@@ -558,7 +510,7 @@ impl Write for BlobWriter {
 pub struct BlobReader {
     file: File,
     hasher: blake3::Hasher,
-    expected: BlobHash,
+    expected: ContentHash,
     len: u64,
     read: u64,
     /// Set by a seek: reads serve ranges, and the end-of-read re-hash check is off.
@@ -577,7 +529,7 @@ impl BlobReader {
     }
 
     /// The blob's hash.
-    pub fn hash(&self) -> BlobHash {
+    pub fn hash(&self) -> ContentHash {
         self.expected
     }
 }
@@ -589,7 +541,7 @@ impl Read for BlobReader {
             return Ok(n);
         }
         if n == 0 && !buf.is_empty() {
-            let actual: BlobHash = self.hasher.finalize().into();
+            let actual: ContentHash = self.hasher.finalize().into();
             if actual != self.expected || self.read != self.len {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::blobs::BlobHash;
+use super::blobs::ContentHash;
 
 /// Everything a store operation can fail with.
 ///
@@ -29,18 +29,18 @@ pub enum StoreError {
     #[error("blob {hash} is corrupt: its contents hash to {actual}")]
     CorruptBlob {
         /// The name of the blob (the hash its contents should have).
-        hash: BlobHash,
+        hash: ContentHash,
         /// What its contents hash to now.
-        actual: BlobHash,
+        actual: ContentHash,
     },
     /// A blob was asked for, or referred to by a commit, but no file holds it.
     #[error("blob {0} is not in the store")]
-    MissingBlob(BlobHash),
+    MissingBlob(ContentHash),
     /// A manifest entry's length disagrees with the blob file it names.
     #[error("blob {hash} is {actual} bytes but the manifest says {expected}")]
     BlobLength {
         /// The blob.
-        hash: BlobHash,
+        hash: ContentHash,
         /// The length the manifest gives.
         expected: u64,
         /// The length of the file.
@@ -50,9 +50,9 @@ pub enum StoreError {
     #[error("streamed blob hashes to {actual}, expected {expected}")]
     HashMismatch {
         /// The hash the caller expected.
-        expected: BlobHash,
+        expected: ContentHash,
         /// The hash of the bytes written.
-        actual: BlobHash,
+        actual: ContentHash,
     },
     /// A value or key is larger than the store accepts.
     #[error("{what} is {len} bytes (or items), the limit is {limit}")]

@@ -14,7 +14,9 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::blobs::BlobHash;
+use mana_protocol::ShardId;
+
+use super::blobs::ContentHash;
 use super::error::{StoreError, StoreResult};
 
 /// The first byte of every value this module encodes.
@@ -22,8 +24,6 @@ pub(crate) const FORMAT_V1: u8 = 1;
 
 /// Most entries one round manifest may list (shards of a checkpoint).
 pub const MAX_MANIFEST_ENTRIES: usize = 1 << 16;
-/// Longest shard name in a manifest, in bytes (`trunk`, `expert/<layer>/<index>`).
-pub const MAX_SHARD_NAME_BYTES: usize = 256;
 /// Largest opaque metadata a manifest may carry (an encoded checkpoint header).
 pub const MAX_MANIFEST_META_BYTES: usize = 1 << 20;
 /// Largest encoded manifest; bounds decoding too.
@@ -47,10 +47,12 @@ pub const OVERFLOW_PEER: &str = "(other peers)";
 /// One shard of a round: its name, and the blob holding its bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestEntry {
-    /// The shard's name, opaque to the store (the protocol's `ShardId`: `trunk`, `expert/<layer>/<index>`).
-    pub shard: String,
+    /// Which shard. Stored in its text form (`trunk`, `expert/<layer>/<index>`, at most 20 bytes), so a
+    /// record on disk is readable by eye and a bad name in a damaged record fails to decode.
+    #[serde(with = "shard_text")]
+    pub shard: ShardId,
     /// The blob holding the shard's bytes.
-    pub hash: BlobHash,
+    pub hash: ContentHash,
     /// The blob's length in bytes (checked against the file at commit).
     pub len: u64,
 }
@@ -74,9 +76,6 @@ impl RoundManifest {
             self.meta.len(),
             MAX_MANIFEST_META_BYTES,
         )?;
-        for entry in &self.entries {
-            too_large("shard name", entry.shard.len(), MAX_SHARD_NAME_BYTES)?;
-        }
         Ok(())
     }
 
@@ -216,7 +215,7 @@ pub(crate) fn truncate_text(text: &str, max: usize) -> String {
 }
 
 /// Key of a blob reference: round then hash.
-pub(crate) fn ref_key(round: u64, hash: &BlobHash) -> [u8; 40] {
+pub(crate) fn ref_key(round: u64, hash: &ContentHash) -> [u8; 40] {
     let mut key = [0u8; 40];
     key[..8].copy_from_slice(&round.to_be_bytes());
     key[8..].copy_from_slice(hash.as_bytes());
@@ -230,9 +229,9 @@ pub(crate) fn key_round(key: &[u8]) -> Option<u64> {
 }
 
 /// Reads the hash back out of a blob-reference key.
-pub(crate) fn ref_key_hash(key: &[u8]) -> Option<BlobHash> {
+pub(crate) fn ref_key_hash(key: &[u8]) -> Option<ContentHash> {
     let bytes: [u8; 32] = key.get(8..40)?.try_into().ok()?;
-    Some(BlobHash(bytes))
+    Some(ContentHash(bytes))
 }
 
 /// Encodes a value: the format byte, then bincode (standard configuration).
@@ -278,4 +277,19 @@ pub(crate) fn too_large(what: &'static str, len: usize, limit: usize) -> StoreRe
         });
     }
     Ok(())
+}
+
+/// A [`ShardId`] as its text form in a serialized record (the form every store written so far holds).
+mod shard_text {
+    use mana_protocol::ShardId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(shard: &ShardId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(shard)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ShardId, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }

@@ -52,13 +52,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use blobs::{BlobHash, BlobPin, BlobReader, BlobWriter};
+pub use blobs::{ContentHash, BlobPin, BlobReader, BlobWriter};
 pub use error::{StoreError, StoreResult};
 pub use gc::GcReport;
 pub use index::{
     MAX_MANIFEST_ENTRIES, MAX_MANIFEST_META_BYTES, MAX_RECORD_KEY_BYTES, MAX_RECORD_VALUE_BYTES,
     MAX_REJECTION_DETAIL_BYTES, MAX_REJECTION_KEYS, MAX_REJECTION_PEER_BYTES,
-    MAX_REJECTION_REASON_BYTES, MAX_SHARD_NAME_BYTES, ManifestEntry, OVERFLOW_PEER, PeerRejections,
+    MAX_REJECTION_REASON_BYTES, ManifestEntry, OVERFLOW_PEER, PeerRejections,
     ReasonCount, RecordKind, RejectionEntry, RejectionSummary, RoundManifest, round_key,
 };
 pub use verify::{CorruptBlob, MissingBlob, VerifyReport};
@@ -249,28 +249,28 @@ impl Store {
 
     /// Reads a whole blob, verified against its hash. A corrupt file gives [`StoreError::CorruptBlob`] (and is
     /// moved aside); a missing one [`StoreError::MissingBlob`].
-    pub fn get_blob(&self, hash: &BlobHash) -> StoreResult<Vec<u8>> {
+    pub fn get_blob(&self, hash: &ContentHash) -> StoreResult<Vec<u8>> {
         self.inner.blobs.read(hash)
     }
 
     /// Opens a blob for streaming (to a peer, say), verified first; see [`BlobReader`].
-    pub fn open_blob(&self, hash: &BlobHash) -> StoreResult<BlobReader> {
+    pub fn open_blob(&self, hash: &ContentHash) -> StoreResult<BlobReader> {
         self.inner.blobs.open_reader(hash)
     }
 
     /// Whether a file for the blob exists (not verified; reading verifies).
-    pub fn has_blob(&self, hash: &BlobHash) -> StoreResult<bool> {
+    pub fn has_blob(&self, hash: &ContentHash) -> StoreResult<bool> {
         Ok(self.inner.blobs.stored_len(hash)?.is_some())
     }
 
     /// The length of a stored blob, if there is one.
-    pub fn blob_len(&self, hash: &BlobHash) -> StoreResult<Option<u64>> {
+    pub fn blob_len(&self, hash: &ContentHash) -> StoreResult<Option<u64>> {
         self.inner.blobs.stored_len(hash)
     }
 
     /// Pins a blob that is already stored (one the next round reuses unchanged, for instance), so that it
     /// outlives the pruning of the rounds that list it. `None` if it is not stored.
-    pub fn pin_blob(&self, hash: &BlobHash) -> StoreResult<Option<BlobPin>> {
+    pub fn pin_blob(&self, hash: &ContentHash) -> StoreResult<Option<BlobPin>> {
         let _guard = self.lock_refs();
         Ok(self
             .inner
@@ -410,7 +410,7 @@ impl Store {
 
     /// Records that round `round` needs these blobs (delta payloads of a round being assembled, say), so the
     /// collector keeps them until the round is pruned. The blobs must be stored. Flushed before returning.
-    pub fn add_blob_refs(&self, round: u64, hashes: &[BlobHash]) -> StoreResult<()> {
+    pub fn add_blob_refs(&self, round: u64, hashes: &[ContentHash]) -> StoreResult<()> {
         let _guard = self.lock_refs();
         let mut batch = sled::Batch::default();
         for hash in hashes {
@@ -425,7 +425,7 @@ impl Store {
     }
 
     /// Drops references added by [`Store::add_blob_refs`] (a delta that was rejected, say).
-    pub fn remove_blob_refs(&self, round: u64, hashes: &[BlobHash]) -> StoreResult<()> {
+    pub fn remove_blob_refs(&self, round: u64, hashes: &[ContentHash]) -> StoreResult<()> {
         let _guard = self.lock_refs();
         let mut batch = sled::Batch::default();
         for hash in hashes {
@@ -436,7 +436,7 @@ impl Store {
     }
 
     /// The blobs referenced for `round`.
-    pub fn blob_refs(&self, round: u64) -> StoreResult<Vec<BlobHash>> {
+    pub fn blob_refs(&self, round: u64) -> StoreResult<Vec<ContentHash>> {
         let mut out = Vec::new();
         for key in self.inner.refs.scan_prefix(round.to_be_bytes()).keys() {
             let key = key?;
@@ -477,7 +477,7 @@ impl Store {
         key: &[u8],
         value: &[u8],
         round: u64,
-        blobs: &[BlobHash],
+        blobs: &[ContentHash],
     ) -> StoreResult<()> {
         use sled::Transactional;
         Self::check_record(kind, key, value.len())?;
@@ -645,7 +645,7 @@ impl Store {
     // ---- accounting ----
 
     /// Every blob a retained round or a blob reference refers to. Caller holds the lock when it matters.
-    fn referenced(&self) -> StoreResult<HashSet<BlobHash>> {
+    fn referenced(&self) -> StoreResult<HashSet<ContentHash>> {
         let mut live = HashSet::new();
         for item in self.inner.rounds.iter().values() {
             let manifest: RoundManifest = decode("round manifest", &item?)?;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::Store;
-use super::blobs::{BlobEntry, BlobHash};
+use super::blobs::{BlobEntry, ContentHash};
 use super::error::{StoreError, StoreResult};
 use super::index::{RoundManifest, decode, key_round, ref_key_hash};
 
@@ -15,9 +15,9 @@ use super::index::{RoundManifest, decode, key_round, ref_key_hash};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CorruptBlob {
     /// The file's name.
-    pub hash: BlobHash,
+    pub hash: ContentHash,
     /// What its contents hash to.
-    pub actual: BlobHash,
+    pub actual: ContentHash,
 }
 
 /// A blob that a round (or a reference) needs but that is not stored.
@@ -28,7 +28,7 @@ pub struct MissingBlob {
     /// The shard name from the manifest; empty for a blob reference.
     pub shard: String,
     /// The blob.
-    pub hash: BlobHash,
+    pub hash: ContentHash,
 }
 
 /// The outcome of [`Store::verify`].
@@ -73,7 +73,7 @@ impl Store {
         let _guard = self.lock_refs();
         let mut report = VerifyReport::default();
         // hash -> whether the file is sound
-        let mut sound: HashMap<BlobHash, bool> = HashMap::new();
+        let mut sound: HashMap<ContentHash, bool> = HashMap::new();
         for entry in self.inner.blobs.list()? {
             match entry {
                 BlobEntry::Blob { hash, .. } => {
@@ -112,7 +112,7 @@ impl Store {
                 if sound.get(&entry.hash) != Some(&true) {
                     report.missing_blobs.push(MissingBlob {
                         round,
-                        shard: entry.shard,
+                        shard: entry.shard.to_string(),
                         hash: entry.hash,
                     });
                 }

@@ -38,11 +38,12 @@ use tokio::sync::mpsc;
 pub use metrics::{PhaseMs, RoundMetrics};
 pub use verify::{LOSS_CHECK_FAILED, PAYLOAD_UNAVAILABLE};
 
-use super::common::{PinLedger, append_line, fetch_bytes, now_ms, os_seed, peer_name, publish_patiently};
+use super::common::{PinLedger, append_line, fetch_bytes, os_seed, peer_name, publish_patiently};
+use crate::daemon::now_ms;
 use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{RunSpec, ShardState, apply_round, build_trainer, from_wire, initial_shards, to_wire};
-use crate::store::{BlobHash, ManifestEntry, RecordKind, RoundManifest};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, build_trainer, initial_shards};
+use crate::store::{ManifestEntry, RecordKind, RoundManifest};
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
 pub const STATE_KEY: &[u8] = b"coordinator/state";
@@ -109,8 +110,7 @@ pub fn machine_config(
     rule: UpdateRule,
     inner_steps: u32,
 ) -> Result<CoordinatorConfig, NodeError> {
-    let experts =
-        spec.experts().into_iter().map(to_wire).collect::<Result<Vec<_>, _>>().map_err(|e| NodeError::Role(e.to_string()))?;
+    let experts = spec.experts();
     let mut cfg = CoordinatorConfig::new(run, experts, spec.hyper(rule));
     cfg.inner_steps = inner_steps;
     Ok(cfg)
@@ -119,14 +119,13 @@ pub fn machine_config(
 /// The full model of one checkpoint: every shard's state and blob hash.
 #[derive(Clone)]
 struct Model {
-    states: Arc<Vec<ShardState>>,
+    states: Arc<Vec<ShardRecord>>,
     hashes: BTreeMap<ShardId, ContentHash>,
 }
 
 impl Model {
-    fn state(&self, shard: &ShardId) -> Option<&ShardState> {
-        let k = from_wire(*shard);
-        self.states.iter().find(|s| s.shard == k)
+    fn state(&self, shard: &ShardId) -> Option<&ShardRecord> {
+        self.states.iter().find(|s| s.shard == *shard)
     }
 }
 
@@ -147,7 +146,7 @@ struct Role {
     machine: Coordinator,
     model: Model,
     /// New shard states computed by the aggregation, not yet committed.
-    pending: BTreeMap<ShardId, (ContentHash, Arc<ShardState>)>,
+    pending: BTreeMap<ShardId, (ContentHash, Arc<ShardRecord>)>,
     /// Decoded accepted payloads of the round in progress.
     decoded: HashMap<ContentHash, Arc<Vec<f32>>>,
     /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
@@ -504,12 +503,12 @@ impl Role {
         let entries: Vec<ManifestEntry> = checkpoint
             .shards
             .iter()
-            .map(|e| ManifestEntry { shard: e.shard.to_string(), hash: BlobHash(e.hash.0), len: e.size })
+            .map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size })
             .collect();
         let store = self.node.store().clone();
         blocking(move || {
             store.commit_round(round, &RoundManifest { entries, meta })?;
-            store.add_blob_refs(round, &[BlobHash(manifest_hash.0)])?;
+            store.add_blob_refs(round, &[manifest_hash])?;
             Ok(())
         })
         .await?;
@@ -741,7 +740,7 @@ async fn create_initial(node: &NodeHandle, cfg: &CoordinatorRoleConfig) -> Resul
     let mut shards = Vec::new();
     let mut hashes = BTreeMap::new();
     for state in &states {
-        let shard = to_wire(state.shard).map_err(|e| NodeError::Role(e.to_string()))?;
+        let shard = state.shard;
         let bytes = state.to_bytes();
         let size = bytes.len() as u64;
         let hash = node.host_blob_now(bytes).await?;
@@ -753,12 +752,12 @@ async fn create_initial(node: &NodeHandle, cfg: &CoordinatorRoleConfig) -> Resul
     let meta = checkpoint.to_bytes()?;
     let manifest_hash = node.host_blob_now(meta.clone()).await?;
     let entries: Vec<ManifestEntry> =
-        checkpoint.shards.iter().map(|e| ManifestEntry { shard: e.shard.to_string(), hash: BlobHash(e.hash.0), len: e.size }).collect();
+        checkpoint.shards.iter().map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size }).collect();
     let store = node.store().clone();
     blocking(move || {
         if store.current_round()?.is_none() {
             store.commit_round(0, &RoundManifest { entries, meta })?;
-            store.add_blob_refs(0, &[BlobHash(manifest_hash.0)])?;
+            store.add_blob_refs(0, &[manifest_hash])?;
         }
         Ok(())
     })
@@ -776,7 +775,7 @@ async fn load_model(node: &NodeHandle, spec: &RunSpec, checkpoint: &CheckpointMa
         let spec = spec.clone();
         let shard = entry.shard;
         let state = blocking(move || {
-            ShardState::from_bytes(&bytes, &spec, from_wire(shard)).map_err(|e| NodeError::Role(e.to_string()))
+            ShardRecord::from_bytes(&bytes, &spec, shard).map_err(|e| NodeError::Role(e.to_string()))
         })
         .await?;
         states.push(state);

@@ -23,7 +23,7 @@ use mana_protocol::{DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement,
 
 use super::super::common::{fetch_bytes, os_seed};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{LossCheck, RunSpec, ShardState, from_wire, loss_check};
+use mana_engine::round::{LossCheck, RunSpec, ShardRecord, loss_check};
 
 /// The reason logged for a contribution that failed the loss check (its wire code is `inconsistent`: the
 /// protocol has no dedicated code yet).
@@ -36,7 +36,7 @@ pub(crate) struct VerifyInput {
     pub announcement: RoundAnnouncement,
     pub deltas: Vec<(PublicKey, DeltaAnnouncement)>,
     /// The round's base model, every shard.
-    pub model: Arc<Vec<ShardState>>,
+    pub model: Arc<Vec<ShardRecord>>,
     /// Recently accepted delta norms per shard.
     pub history: BTreeMap<ShardId, Vec<f32>>,
     pub spec: RunSpec,
@@ -117,7 +117,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                     reason: PAYLOAD_UNAVAILABLE.into(),
                     detail: e.to_string(),
                 }),
-                Ok(bytes) => match spec.shard_len(from_wire(delta.shard)) {
+                Ok(bytes) => match spec.shard_len(delta.shard) {
                     Err(e) => Err(rejected(RejectCode::ShardNotAssigned, e)),
                     Ok(len) => validate_delta_payload(&delta, &bytes, len, None, ratio)
                         .map_err(|r| rejected(r.code(), r)),
@@ -202,7 +202,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             continue;
         }
         let (spec, hyper, model, data) = (input.spec.clone(), ann.hyper.clone(), input.model.clone(), input.data.clone());
-        let (shard, tolerance, vals) = (from_wire(delta.shard), input.loss_tolerance, values.clone());
+        let (shard, tolerance, vals) = (delta.shard, input.loss_tolerance, values.clone());
         let index = os_seed().unwrap_or(round);
         let check = blocking(move || {
             let (b, t) = spec.batch_shape(&hyper).map_err(|e| NodeError::Role(e.to_string()))?;
