@@ -1,5 +1,5 @@
 //! Training rounds across a real loopback network: a bootstrap, a coordinator and 4 training nodes, each a
-//! libp2p peer in this process, running the real roles (`run_coordinator`, `run_trainer`) on the tiny model
+//! libp2p peer in this process, running the real roles (`run_conductor`, `run_trainer`) on the tiny model
 //! with 8 experts, replication 2, under each update rule (sync, diloco). Checks that the validation loss
 //! falls round after round, that every commit applied deltas, and that every holder of each shard ends
 //! bit-identical to the commit's manifest (and to the coordinator's stored checkpoint).
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
-use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
+use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_engine::round::RunSpec;
 use mana_protocol::{CheckpointManifest, UpdateRule};
@@ -85,12 +85,12 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     machine.cooldown_ms = 200;
     let metrics_path = dir.path().join("metrics.jsonl");
     let export = dir.path().join("final-model");
-    let mut role = CoordinatorRoleConfig::new(machine, spec.clone(), data.clone());
+    let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
     role.rounds = Some(ROUNDS);
     role.metrics = Some(metrics_path.clone());
     role.export = Some(export.clone());
     role.loss_check_share = 1.0;
-    let coordinating = tokio::spawn(run_coordinator(coordinator.clone(), role, stopped(stop_rx.clone())));
+    let coordinating = tokio::spawn(run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())));
     tokio::time::timeout(Duration::from_secs(150), coordinating)
         .await
         .expect("the coordinator finishes its rounds in time")
@@ -204,18 +204,18 @@ async fn restarted_coordinator_resumes_the_run() {
         machine.train_ms = 8_000;
         machine.verify_ms = 8_000;
         machine.cooldown_ms = 200;
-        let mut role = CoordinatorRoleConfig::new(machine, spec.clone(), data.clone());
+        let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
         role.rounds = Some(rounds);
         role.metrics = Some(metrics_path.clone());
         role
     };
-    let first = tokio::spawn(run_coordinator(coordinator.clone(), role(2), stopped(stop_rx.clone())));
+    let first = tokio::spawn(run_conductor(coordinator.clone(), role(2), stopped(stop_rx.clone())));
     tokio::time::timeout(Duration::from_secs(90), first).await.expect("rounds 1-2 in time").expect("task").expect("ran");
     Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
 
     let coordinator = Arc::new(start_node(coord_config()).await);
     assert_eq!(coordinator.public_key(), key, "same key file, same coordinator");
-    let second = tokio::spawn(run_coordinator(coordinator.clone(), role(4), stopped(stop_rx.clone())));
+    let second = tokio::spawn(run_conductor(coordinator.clone(), role(4), stopped(stop_rx.clone())));
     tokio::time::timeout(Duration::from_secs(90), second).await.expect("rounds 3-4 in time").expect("task").expect("ran");
 
     let text = std::fs::read_to_string(&metrics_path).expect("metrics file");

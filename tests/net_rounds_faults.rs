@@ -1,4 +1,4 @@
-//! Training rounds under faults, on a real loopback network with the real roles (`run_coordinator`,
+//! Training rounds under faults, on a real loopback network with the real roles (`run_conductor`,
 //! `run_trainer`) on the tiny model (8 experts, replication 2, sync rule):
 //! - a malicious member sends, every round it is given work, NaN deltas, honest deltas scaled ×100, random
 //!   deltas, deltas for experts it does not host, deltas with bad signatures and replays of old rounds'
@@ -23,7 +23,7 @@ use mana_bootstrap::BootstrapHandle;
 use mana_node::daemon::{NodeConfig, NodeHandle};
 use mana_node::net::libp2p::Multiaddr;
 use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
-use mana_node::roles::coordinator::{CoordinatorRoleConfig, RoundMetrics, machine_config, run_coordinator};
+use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_engine::round::{RunShard, RunSpec, ShardRecord, train_local};
 use mana_kernels::data::TextDataset;
@@ -95,7 +95,7 @@ impl Net {
     }
 
     /// The coordinator role's settings for this network: sync, H = 2, short phases.
-    fn role(&self, min_members: usize, rounds: u64, metrics: &Path) -> CoordinatorRoleConfig {
+    fn role(&self, min_members: usize, rounds: u64, metrics: &Path) -> ConductorConfig {
         let run = self.coordinator.config().net.run_id.clone();
         let mut machine = machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
         machine.min_members = min_members;
@@ -103,7 +103,7 @@ impl Net {
         machine.verify_ms = 8_000;
         machine.cooldown_ms = 200;
         machine.member_timeout_ms = 4_000;
-        let mut role = CoordinatorRoleConfig::new(machine, self.spec.clone(), self.data.clone());
+        let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
         role.rounds = Some(rounds);
         role.metrics = Some(metrics.to_path_buf());
         role.loss_check_share = 1.0;
@@ -295,7 +295,7 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
 
     let metrics = net.dir.path().join("metrics.jsonl");
     let role = net.role(HONEST + 1, ROUNDS, &metrics);
-    let coordinating = tokio::spawn(run_coordinator(net.coordinator.clone(), role, stopped(net.stop_rx.clone())));
+    let coordinating = tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(net.stop_rx.clone())));
     tokio::time::timeout(Duration::from_secs(240), coordinating)
         .await
         .expect("the coordinator finishes its rounds in time")
@@ -379,7 +379,7 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     // Phase 1: two rounds with four nodes, then the coordinator stops (its state is saved in its store).
     let (coord_stop_tx, coord_stop_rx) = watch::channel(false);
     let role = net.role(3, 100, &metrics);
-    let coordinating = tokio::spawn(run_coordinator(net.coordinator.clone(), role, stopped(coord_stop_rx)));
+    let coordinating = tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(coord_stop_rx)));
     wait_for(Duration::from_secs(90), "two committed rounds", || {
         let m = metrics.clone();
         async move { (read_metrics(&m).len() >= 2).then_some(()) }
@@ -483,7 +483,7 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     role.rounds = Some(before + 2);
     tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::spawn(run_coordinator(net.coordinator.clone(), role, stopped(net.stop_rx.clone()))),
+        tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(net.stop_rx.clone()))),
     )
     .await
     .expect("the restarted coordinator finishes in time")

@@ -18,7 +18,7 @@ use mana_node::daemon::config::{parse_addrs, parse_run};
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::net::Limits;
 use mana_node::roles::common::{DataSource, load_dataset};
-use mana_node::roles::coordinator::{CoordinatorRoleConfig, machine_config, run_coordinator};
+use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_engine::round::RunSpec;
 use mana_protocol::UpdateRule;
 use serde::Deserialize;
@@ -200,7 +200,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
 
     let corpus = args.corpus.clone().or(file.corpus.clone());
     let data = Arc::new(load_dataset(&DataSource { corpus, ..DataSource::default() })?);
-    let mut role = CoordinatorRoleConfig::new(machine, spec, data);
+    let mut role = ConductorConfig::new(machine, spec, data);
     role.rounds = args.rounds.or(file.rounds);
     role.metrics = args.metrics.clone().or(file.metrics.clone());
     role.export = args.export.clone().or(file.export.clone());
@@ -220,7 +220,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             writeln!(out, "coordinator-key {}", hex_key(&handle.public_key().0))?;
             out.flush()?;
         }
-        let result = run_coordinator(handle.clone(), role, shutdown_signal()).await;
+        let result = run_conductor(handle.clone(), role, shutdown_signal()).await;
         match Arc::try_unwrap(handle) {
             Ok(handle) => handle.shutdown().await?,
             Err(_) => tracing::warn!("node still in use at exit; not shut down cleanly"),

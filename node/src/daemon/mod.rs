@@ -62,12 +62,60 @@ pub enum NodeError {
     /// `--verify-store` found damage.
     #[error("store verification failed: {0}")]
     Verify(String),
-    /// A blocking task panicked or was cancelled.
+    /// A task of the node panicked or was cancelled.
     #[error("internal task failed: {0}")]
-    Task(String),
-    /// A training role (trainer, coordinator) failed: a round computation, a checkpoint or a metrics file.
-    #[error("role: {0}")]
-    Role(String),
+    Task(#[from] tokio::task::JoinError),
+    /// The node's status could not be encoded, written or read back.
+    #[error("status {}: {detail}", path.display())]
+    Status {
+        /// The status file.
+        path: std::path::PathBuf,
+        /// What failed.
+        detail: String,
+    },
+    /// A round computation of the engine failed (bad shard state, wrong lengths, a model error...).
+    #[error(transparent)]
+    Round(#[from] mana_engine::round::RoundError),
+    /// The coordinator's state machine refused its settings or its saved state.
+    #[error(transparent)]
+    Coordinator(#[from] mana_engine::coordinator::CoordinatorError),
+    /// A delta payload could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] mana_protocol::CodecError),
+    /// A batch of the run's text could not be made.
+    #[error(transparent)]
+    Dataset(#[from] mana_kernels::data::DatasetError),
+    /// The model could not be evaluated or saved.
+    #[error(transparent)]
+    Train(#[from] mana_kernels::train::TrainError),
+    /// Something the role waited for did not come in time (a payload fetch, for instance).
+    #[error("{what} took longer than {after:?}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after: Duration,
+    },
+    /// The operating system's random number generator failed.
+    #[error("operating system randomness: {0}")]
+    Randomness(#[source] getrandom::Error),
+    /// A file the role writes (metrics, export) could not be written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A committed checkpoint lacks a shard that the role needs (or the commit names a state it never saw).
+    #[error("round {round}: no state for {shard}")]
+    MissingShard {
+        /// The round.
+        round: u64,
+        /// The shard.
+        shard: mana_protocol::ShardId,
+    },
 }
 
 /// A message that passed validation, as delivered to local subscribers (tests, the trainer).
@@ -134,7 +182,7 @@ pub fn now_ms() -> u64 {
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
 ) -> Result<T, NodeError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| NodeError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(f).await?
 }
 
 /// A running node.
@@ -344,7 +392,7 @@ impl NodeHandle {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.map_err(|e| NodeError::Task(e.to_string()))?;
+            task.await?;
         }
         let store = self.shared.store.clone();
         blocking(move || Ok(store.flush()?)).await?;

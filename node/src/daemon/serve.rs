@@ -149,7 +149,7 @@ pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> Fetc
     }
     let offset = request.offset;
     let len = (total_size - offset).min(max) as usize;
-    match blocking(move || read_range(&blob, offset, len).map_err(|e| NodeError::Task(e.to_string()))).await {
+    match blocking(move || read_range(&blob, offset, len).map_err(|source| NodeError::File { path: format!("<blob {hash}>").into(), source })).await {
         Ok(data) => FetchResponse::Chunk { hash, offset, total_size, data: Bytes(data) },
         Err(e) => {
             tracing::warn!(%hash, error = %e, "blob range could not be read");

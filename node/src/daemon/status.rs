@@ -103,7 +103,7 @@ pub struct TrainingStatus {
     pub activity: String,
 }
 
-/// What the coordinator role reports ([`crate::roles::coordinator`]).
+/// What the coordinator role reports ([`crate::roles::conductor`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CoordinatorStatus {
     /// The round in progress or last committed.
@@ -189,11 +189,11 @@ pub(crate) async fn write(shared: &Shared) -> Result<(), NodeError> {
     let status = collect(shared).await?;
     let path = status_path(&shared.config.data_dir);
     blocking(move || {
-        let json = serde_json::to_vec_pretty(&status).map_err(|e| NodeError::Task(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&status)
+            .map_err(|e| NodeError::Status { path: path.clone(), detail: e.to_string() })?;
         let tmp = path.with_extension("json.tmp");
-        let io = |e: std::io::Error| NodeError::Config(format!("{}: {e}", tmp.display()));
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::write(&tmp, json).map_err(|source| NodeError::File { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| NodeError::File { path: tmp.clone(), source })?;
         Ok(())
     })
     .await

@@ -72,7 +72,7 @@ pub async fn fetch_bytes(
     match tokio::time::timeout(timeout, node.fetch_blob_from(hash, hints)).await {
         Ok(Ok(_)) => node.read_blob(hash).await,
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(NodeError::Role(format!("fetching {hash} took longer than {timeout:?}"))),
+        Err(_) => Err(NodeError::Timeout { what: format!("fetching {hash}"), after: timeout }),
     }
 }
 
@@ -88,7 +88,7 @@ pub fn peer_name(key: &PublicKey) -> String {
 
 /// A fresh unpredictable 64-bit seed from the operating system (for choices senders must not foresee).
 pub fn os_seed() -> Result<u64, NodeError> {
-    getrandom::u64().map_err(|e| NodeError::Role(format!("operating system randomness: {e}")))
+    getrandom::u64().map_err(NodeError::Randomness)
 }
 
 /// Blobs a role pinned, by the round that needed them. Blobs of rounds older than the last few are released
@@ -125,14 +125,14 @@ pub async fn append_line(path: &Path, line: String) -> Result<(), NodeError> {
     blocking(move || {
         use std::io::Write;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| NodeError::Role(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| NodeError::File { path: dir.to_path_buf(), source })?;
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|e| NodeError::Role(format!("{}: {e}", path.display())))?;
-        writeln!(file, "{line}").map_err(|e| NodeError::Role(format!("{}: {e}", path.display())))?;
+            .map_err(|source| NodeError::File { path: path.to_path_buf(), source })?;
+        writeln!(file, "{line}").map_err(|source| NodeError::File { path: path.to_path_buf(), source })?;
         Ok(())
     })
     .await

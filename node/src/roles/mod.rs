@@ -1,5 +1,5 @@
 //! The training roles, wired onto a running node ([`crate::daemon::NodeHandle`]):
-//! - [`coordinator`]: drives the run's state machine ([`mana_engine::coordinator::Coordinator`]), verifies every
+//! - [`conductor`]: what `mana coordinator` runs: drives the run's state machine ([`mana_engine::coordinator::Coordinator`]), verifies every
 //!   contribution, computes and hosts each round's new checkpoint, publishes announcements and commits, writes
 //!   per-round metrics, and resumes from its store after a restart;
 //! - [`trainer`]: a volunteer: trains its assigned shards on each round it is named in, publishes compressed
@@ -10,11 +10,11 @@
 //! sync run: a role owns its store's rounds (start the node with `sync_shards = false`).
 
 pub mod common;
-pub mod coordinator;
+pub mod conductor;
 pub mod trainer;
 
 pub use common::{DataSource, load_dataset};
-pub use coordinator::{CoordinatorRoleConfig, run_coordinator};
+pub use conductor::{ConductorConfig, run_conductor};
 pub use trainer::{TrainerConfig, run_trainer};
 
 pub use mana_engine::round::RunSpec;

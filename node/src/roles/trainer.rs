@@ -190,7 +190,7 @@ impl Trainer {
         let states: Vec<ShardRecord> = me.shards.iter().filter_map(|s| base.get(s)).map(|h| (*h.state).clone()).collect();
         let (ann2, me2) = (ann.clone(), me.clone());
         let result = blocking(move || {
-            train_local(&spec, &ann2, &me2, &states, &data).map_err(|e| NodeError::Role(e.to_string()))
+            train_local(&spec, &ann2, &me2, &states, &data).map_err(NodeError::from)
         })
         .await?;
         let train_s = started.elapsed().as_secs_f64();
@@ -214,13 +214,13 @@ impl Trainer {
             let encoder = match self.encoders.entry(shard) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(DeltaEncoder::new(ann.hyper.codec).map_err(|e| NodeError::Role(e.to_string()))?)
+                    v.insert(DeltaEncoder::new(ann.hyper.codec).map_err(NodeError::from)?)
                 }
             };
             if encoder.options() != &ann.hyper.codec {
-                *encoder = DeltaEncoder::new(ann.hyper.codec).map_err(|e| NodeError::Role(e.to_string()))?;
+                *encoder = DeltaEncoder::new(ann.hyper.codec).map_err(NodeError::from)?;
             }
-            let payload = encoder.encode(&delta).map_err(|e| NodeError::Role(e.to_string()))?;
+            let payload = encoder.encode(&delta).map_err(NodeError::from)?;
             let mut stats = result.stats;
             stats.delta_norm = l2_norm(&delta);
             let size = payload.len() as u64;
@@ -277,7 +277,7 @@ impl Trainer {
         for shard in shards {
             let entry = manifest
                 .shard(shard)
-                .ok_or_else(|| NodeError::Role(format!("round {round}: the base checkpoint lacks {shard}")))?;
+                .ok_or(NodeError::MissingShard { round, shard: *shard })?;
             match self.held.get(shard) {
                 Some(h) if h.hash == entry.hash => {
                     out.insert(*shard, h.clone());
@@ -305,7 +305,7 @@ impl Trainer {
                 async move {
                     let bytes = fetch_bytes(&node, entry.hash, hints, timeout).await?;
                     let state = blocking(move || {
-                        ShardRecord::from_bytes(&bytes, &spec, entry.shard).map_err(|e| NodeError::Role(e.to_string()))
+                        ShardRecord::from_bytes(&bytes, &spec, entry.shard).map_err(NodeError::from)
                     })
                     .await?;
                     Ok((entry, state))
@@ -368,7 +368,7 @@ impl Trainer {
             };
             let (spec, hyper, state) = (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
             let new_state = blocking(move || {
-                apply_round(&spec, &hyper, round, &state, &deltas).map_err(|e| NodeError::Role(e.to_string()))
+                apply_round(&spec, &hyper, round, &state, &deltas).map_err(NodeError::from)
             })
             .await?;
             let bytes = new_state.to_bytes();
@@ -412,7 +412,7 @@ impl Trainer {
                 hints.extend(coordinator.iter().copied());
                 async move {
                     let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
-                    let delta = blocking(move || decode_delta(&bytes, len).map_err(|e| NodeError::Role(e.to_string()))).await?;
+                    let delta = blocking(move || decode_delta(&bytes, len).map_err(NodeError::from)).await?;
                     Ok((hash, delta))
                 }
             })

@@ -205,10 +205,10 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         let (shard, tolerance, vals) = (delta.shard, input.loss_tolerance, values.clone());
         let index = os_seed().unwrap_or(round);
         let check = blocking(move || {
-            let (b, t) = spec.batch_shape(&hyper).map_err(|e| NodeError::Role(e.to_string()))?;
+            let (b, t) = spec.batch_shape(&hyper).map_err(NodeError::from)?;
             let windows = data.validation_windows(t).max(1) as u64;
-            let batch = data.validation_batch(index % windows, b, t).map_err(|e| NodeError::Role(e.to_string()))?;
-            loss_check(&spec, &hyper, round, &model, shard, &vals, &batch, tolerance).map_err(|e| NodeError::Role(e.to_string()))
+            let batch = data.validation_batch(index % windows, b, t).map_err(NodeError::from)?;
+            loss_check(&spec, &hyper, round, &model, shard, &vals, &batch, tolerance).map_err(NodeError::from)
         })
         .await;
         let outcome = match check {

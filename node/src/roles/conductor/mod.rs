@@ -1,10 +1,12 @@
-//! The coordinator role: the run's state machine ([`Coordinator`]) driven on a live node.
+//! The conductor: the run's coordinator state machine ([`Coordinator`], pure, in the engine) driven on a live
+//! node. It is what `mana coordinator` runs; it has a name of its own so that "coordinator" names one thing in
+//! the code, the state machine, and the conductor is its network driver.
 //!
 //! The coordinator is itself a peer with its own key (the key nodes trust with `--coordinator`). It:
 //! - creates round 0's checkpoint from [`initial_shards`] and hosts every shard blob and the manifest blob
 //!   (or, restarted, reloads the last committed checkpoint from its store and resumes the saved state);
 //! - feeds the machine the members' heartbeats (never its own) and the delta announcements, and ticks it
-//!   every [`CoordinatorRoleConfig::tick`] with fresh OS randomness as the seed;
+//!   every [`ConductorConfig::tick`] with fresh OS randomness as the seed;
 //! - carries out its [`Action`]s: publishes announcements; verifies a round's deltas in a background task
 //!   ([`verify`]); aggregates itself — it holds the full model, so it computes every shard's new state with
 //!   [`apply_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
@@ -51,7 +53,7 @@ pub const STATE_KEY: &[u8] = b"coordinator/state";
 /// How the coordinator role runs. Durations are in milliseconds inside [`CoordinatorConfig`] so that tests
 /// can run rounds of a second.
 #[derive(Debug, Clone)]
-pub struct CoordinatorRoleConfig {
+pub struct ConductorConfig {
     /// The state machine's settings: run, experts, replication, phase durations, H, hyper-parameters.
     pub machine: CoordinatorConfig,
     /// The run's model and initialisation; every node must use the same.
@@ -80,11 +82,11 @@ pub struct CoordinatorRoleConfig {
     pub fetch_concurrency: usize,
 }
 
-impl CoordinatorRoleConfig {
+impl ConductorConfig {
     /// Defaults around `machine`: tick 100 ms, loss-check share 0.25 (sync), tolerance 0.05 nats, 8 norms of
     /// history, 4 validation batches, no round limit, no metrics or export.
-    pub fn new(machine: CoordinatorConfig, spec: RunSpec, data: Arc<TextDataset>) -> CoordinatorRoleConfig {
-        CoordinatorRoleConfig {
+    pub fn new(machine: CoordinatorConfig, spec: RunSpec, data: Arc<TextDataset>) -> ConductorConfig {
+        ConductorConfig {
             machine,
             spec,
             data,
@@ -141,7 +143,7 @@ struct RoundClock {
 
 struct Role {
     node: Arc<NodeHandle>,
-    cfg: CoordinatorRoleConfig,
+    cfg: ConductorConfig,
     me: PublicKey,
     machine: Coordinator,
     model: Model,
@@ -171,9 +173,9 @@ struct Role {
 /// Runs the coordinator on `node` until `shutdown` completes or, with `cfg.rounds`, until that round is
 /// committed and the model exported. The node must not sync checkpoints itself (`sync_shards = false`) and
 /// should declare no capacity (the default), so it is never assigned work.
-pub async fn run_coordinator(
+pub async fn run_conductor(
     node: Arc<NodeHandle>,
-    cfg: CoordinatorRoleConfig,
+    cfg: ConductorConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
     if node.config().sync_shards {
@@ -226,14 +228,14 @@ impl Role {
     /// Resumes the saved state, or starts the run from round 0's checkpoint.
     async fn start(
         node: Arc<NodeHandle>,
-        cfg: CoordinatorRoleConfig,
+        cfg: ConductorConfig,
         verify_tx: mpsc::Sender<verify::VerifyReport>,
     ) -> Result<Role, NodeError> {
         let store = node.store().clone();
         let saved = blocking(move || Ok(store.get_record(RecordKind::RoundState, STATE_KEY)?)).await?;
         let (machine, model) = match saved {
             Some(bytes) => {
-                let machine = Coordinator::from_bytes(&bytes).map_err(|e| NodeError::Role(e.to_string()))?;
+                let machine = Coordinator::from_bytes(&bytes).map_err(NodeError::from)?;
                 if machine.config().run != cfg.machine.run {
                     return Err(NodeError::Config(format!(
                         "this data directory coordinates run {}, not {}",
@@ -247,7 +249,7 @@ impl Role {
             }
             None => {
                 let (checkpoint, model) = create_initial(&node, &cfg).await?;
-                let machine = Coordinator::new(cfg.machine.clone(), checkpoint).map_err(|e| NodeError::Role(e.to_string()))?;
+                let machine = Coordinator::new(cfg.machine.clone(), checkpoint).map_err(NodeError::from)?;
                 (machine, model)
             }
         };
@@ -323,7 +325,7 @@ impl Role {
 
     async fn tick(&mut self) -> Result<(), NodeError> {
         let seed = os_seed()?;
-        let actions = self.machine.tick(now_ms(), seed).map_err(|e| NodeError::Role(e.to_string()))?;
+        let actions = self.machine.tick(now_ms(), seed).map_err(NodeError::from)?;
         for action in actions {
             self.execute(action).await?;
         }
@@ -442,7 +444,7 @@ impl Role {
                         // After a restart: fetch and decode again (it passed verification already).
                         let bytes = fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout).await?;
                         let len = base.params.len();
-                        let v = blocking(move || decode_delta(&bytes, len).map_err(|e| NodeError::Role(e.to_string()))).await?;
+                        let v = blocking(move || decode_delta(&bytes, len).map_err(NodeError::from)).await?;
                         let v = Arc::new(v);
                         self.decoded.insert(*hash, v.clone());
                         v
@@ -491,7 +493,7 @@ impl Role {
                 Some((hash, state)) if *hash == entry.hash => (**state).clone(),
                 _ => match (self.model.hashes.get(&entry.shard), self.model.state(&entry.shard)) {
                     (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
-                    _ => return Err(NodeError::Role(format!("round {round}: no state for {} in the commit", entry.shard))),
+                    _ => return Err(NodeError::MissingShard { round, shard: entry.shard }),
                 },
             };
             states.push(state);
@@ -602,14 +604,13 @@ impl Role {
         let hyper = hyper.cloned().unwrap_or_else(|| self.machine.config().hyper.clone());
         let (spec, data, states, n) = (self.cfg.spec.clone(), self.cfg.data.clone(), self.model.states.clone(), self.cfg.val_batches);
         let result = blocking(move || {
-            let err = |e: String| NodeError::Role(e);
-            let (b, t) = spec.batch_shape(&hyper).map_err(|e| err(e.to_string()))?;
-            let mut trainer = build_trainer(&spec, &hyper, &states).map_err(|e| err(e.to_string()))?;
+            let (b, t) = spec.batch_shape(&hyper)?;
+            let mut trainer = build_trainer(&spec, &hyper, &states)?;
             let windows = data.validation_windows(t).max(1) as u64;
             let mut sum = 0.0f64;
             for i in 0..n.max(1) {
-                let batch = data.validation_batch(i % windows, b, t).map_err(|e| err(e.to_string()))?;
-                sum += f64::from(trainer.evaluate(&batch).map_err(|e| err(e.to_string()))?.loss);
+                let batch = data.validation_batch(i % windows, b, t)?;
+                sum += f64::from(trainer.evaluate(&batch)?.loss);
             }
             Ok((sum / n.max(1) as f64) as f32)
         })
@@ -724,8 +725,8 @@ impl Role {
         let hyper = self.machine.config().hyper.clone();
         let round = self.machine.checkpoint().round;
         blocking(move || {
-            let trainer = build_trainer(&spec, &hyper, &states).map_err(|e| NodeError::Role(e.to_string()))?;
-            trainer.save(&dir).map_err(|e| NodeError::Role(format!("{}: {e}", dir.display())))?;
+            let trainer = build_trainer(&spec, &hyper, &states).map_err(NodeError::from)?;
+            trainer.save(&dir)?;
             tracing::info!(round, dir = %dir.display(), "model exported");
             Ok(())
         })
@@ -734,9 +735,9 @@ impl Role {
 }
 
 /// Round 0: every shard of the fresh model, hosted, committed to the store, and its manifest.
-async fn create_initial(node: &NodeHandle, cfg: &CoordinatorRoleConfig) -> Result<(CheckpointManifest, Model), NodeError> {
+async fn create_initial(node: &NodeHandle, cfg: &ConductorConfig) -> Result<(CheckpointManifest, Model), NodeError> {
     let spec = cfg.spec.clone();
-    let states = blocking(move || initial_shards(&spec).map_err(|e| NodeError::Role(e.to_string()))).await?;
+    let states = blocking(move || initial_shards(&spec).map_err(NodeError::from)).await?;
     let mut shards = Vec::new();
     let mut hashes = BTreeMap::new();
     for state in &states {
@@ -775,7 +776,7 @@ async fn load_model(node: &NodeHandle, spec: &RunSpec, checkpoint: &CheckpointMa
         let spec = spec.clone();
         let shard = entry.shard;
         let state = blocking(move || {
-            ShardRecord::from_bytes(&bytes, &spec, shard).map_err(|e| NodeError::Role(e.to_string()))
+            ShardRecord::from_bytes(&bytes, &spec, shard).map_err(NodeError::from)
         })
         .await?;
         states.push(state);
