@@ -22,12 +22,12 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be opened or read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// What the system said.
-        source: std::io::Error,
+        /// What the system said (in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The file is over [`MAX_CONFIG_BYTES`].
     #[error("{path}: larger than 1 MiB")]
@@ -59,7 +59,7 @@ pub enum ConfigError {
 /// file, so every command has the same bound and the same messages. The keys are checked by whoever reads
 /// the table (see [`FileTable`]).
 pub fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
-    let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
+    let read_err = |error| ConfigError::Read { path: path.to_owned(), error };
     let file = std::fs::File::open(path).map_err(read_err)?;
     let mut text = String::new();
     // One byte past the bound tells "exactly 1 MiB" from "more", without trusting the file's metadata.

@@ -185,3 +185,49 @@ fn hex_key(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `mana coordinator`'s flags alone, as clap parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CoordinatorArgs,
+    }
+
+    fn settings(flags: &[&str], file: &str) -> anyhow::Result<(NodeConfig, CoordinatorConfig)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, file)?;
+        let args = Cli::try_parse_from(std::iter::once("coordinator").chain(flags.iter().copied()))?.args;
+        let s = Layered::load(args, Some(&path))?;
+        let net = Net::resolve(&s.section(|a| &a.net), DEFAULT_DATA_DIR)?;
+        let node = node_config(&s, &net)?;
+        Ok((node.clone(), machine(&s, &node)?.1))
+    }
+
+    #[test]
+    fn file_parses_and_rejects_unknown_keys() {
+        let (node, machine) =
+            settings(&[], "run = \"demo\"\nrule = \"diloco\"\ninner_steps = 5\nround_ms = 800\n").expect("valid");
+        assert_eq!(node.net.run_id.as_str(), "demo");
+        assert_eq!(node.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(machine.inner_steps, 5);
+        assert_eq!(machine.train_ms, 800);
+        let err = settings(&[], "run = \"demo\"\nrounds_ms = 1").expect_err("typo refused").to_string();
+        assert!(err.contains("unknown key `rounds_ms`"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = "run = \"file-run\"\nround_ms = 800\nverify_ms = 900\n";
+        let (node, machine) = settings(&["--run", "flag-run", "--round-ms", "700"], file).expect("valid");
+        assert_eq!(node.net.run_id.as_str(), "flag-run");
+        assert_eq!((machine.train_ms, machine.verify_ms, machine.cooldown_ms), (700, 900, 500));
+        let err = settings(&[], "").expect_err("the run is required").to_string();
+        assert_eq!(err, "--run NAME is required");
+    }
+}

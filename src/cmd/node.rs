@@ -175,3 +175,76 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `mana node`'s flags alone, as clap parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: NodeArgs,
+    }
+
+    fn settings(flags: &[&str], file: &str) -> anyhow::Result<(NodeConfig, Option<Training>)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, file)?;
+        let args = Cli::try_parse_from(std::iter::once("node").chain(flags.iter().copied()))?.args;
+        let s = Layered::load(args, Some(&path))?;
+        let net = Net::resolve(&s.section(|a| &a.net), DEFAULT_DATA_DIR)?;
+        node_config(&s, &net)
+    }
+
+    const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    #[test]
+    fn the_file_parses_and_unknown_keys_are_refused() {
+        let (config, training) =
+            settings(&[], "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nrun = \"demo\"\n[limits]\nmax_connections = 9\n")
+                .expect("valid config");
+        assert_eq!(config.net.run_id.as_str(), "demo");
+        assert_eq!(config.net.limits.max_connections, 9);
+        assert!(config.net.kad_server && config.net.trust_colocated_ips, "loopback only");
+        assert!(training.is_none(), "no coordinator, no training");
+        let err = settings(&[], "lisen = []").expect_err("typo refused").to_string();
+        assert!(err.contains("unknown key `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = format!("listen = [\"/ip4/127.0.0.3/tcp/0\"]\ndata_dir = \"file-dir\"\ncoordinator = \"{KEY}\"\nmax_shards = 5\n");
+        let (config, training) = settings(&[], &file).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("file-dir"));
+        assert_eq!(config.net.listen[0].to_string(), "/ip4/127.0.0.3/tcp/0");
+        assert_eq!(training.expect("trains with a coordinator").max_shards, 5);
+        assert_eq!(config.net.run_id.as_str(), "default");
+
+        let flags = ["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", "flag-dir", "--max-shards", "7"];
+        let (config, training) = settings(&flags, &file).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("flag-dir"));
+        assert_eq!(config.net.listen.len(), 1);
+        assert_eq!(config.net.listen[0].to_string(), "/ip4/127.0.0.1/tcp/0");
+        assert_eq!(training.expect("trains").max_shards, 7);
+
+        let (_, training) = settings(&["--no-train"], &file).expect("valid");
+        assert!(training.is_none());
+        let (_, training) = settings(&[], &format!("{file}train = false\n")).expect("valid");
+        assert!(training.is_none());
+
+        let (config, _) = settings(&[], "").expect("an empty file is every default");
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(config.net.listen.len(), 2);
+        assert!(!config.net.kad_server);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(settings(&[], "max_shards = \"x\"").is_err());
+        assert!(settings(&["--max-shards", "0", "--coordinator", KEY], "").is_err());
+        assert!(settings(&["--listen", "not an addr"], "").is_err());
+        assert!(settings(&["--dht-server=maybe"], "").is_err());
+    }
+}
