@@ -1,6 +1,7 @@
 //! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
-//! train the shards the coordinator assigns), or with `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*` environment
-//! variable, else the TOML file given by `--config`, else a default.
+//! train the shards the coordinator assigns), or with `--verify-store` check its store and exit. Every
+//! setting comes from a flag, else a `MANA_*` environment variable, else the TOML file given by `--config`,
+//! else a default (see `crate::config`).
 
 use std::io::Write;
 use std::path::PathBuf;
