@@ -1,9 +1,12 @@
 //! `mana`: one binary for every role in the network (node, coordinator, bootstrap, client) and for local
 //! work (training on one machine, sampling text). Each subcommand lives in `cmd/` and only calls a library
-//! crate; this file parses the command line, sets up logging and reports errors.
+//! crate; this file parses the command line and reports errors. Settings are layered by `config`, logging
+//! is set up by `logging` (each command picks its log format).
 
 mod cmd;
+mod config;
 mod demo;
+mod logging;
 
 use clap::Parser;
 
@@ -17,18 +20,6 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_tracing();
     let cli = Cli::parse();
     cmd::run(cli.command)
-}
-
-/// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`), so that stdout stays free
-/// for a command's own output (JSON for machines, text for people).
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

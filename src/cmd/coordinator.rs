@@ -9,21 +9,23 @@
 //! `--config`, else a default.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use mana_node::daemon::config::{parse_addrs, parse_run};
+use mana_node::daemon::config::parse_run;
 use mana_node::daemon::{self, NodeConfig};
-use mana_node::net::Limits;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
+use mana_engine::coordinator::CoordinatorConfig;
 use mana_engine::round::RunSpec;
 use mana_protocol::UpdateRule;
 use serde::Deserialize;
 
-use super::node::{all_loopback, default_listen, pick, shutdown_signal};
+use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs};
+use super::node::shutdown_signal;
+use crate::config::{ConfigError, FileTable, FromFile, Layered};
 
 /// The update rule, as a flag value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -35,27 +37,18 @@ pub enum Rule {
     Diloco,
 }
 
-/// Arguments of `mana coordinator`.
-#[derive(Debug, Args)]
+/// Arguments of `mana coordinator`; its TOML file (`--config`) takes the same names.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CoordinatorArgs {
-    /// TOML config file (keys: the flags' names with underscores, plus [limits]).
-    #[arg(long, env = "MANA_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The run to coordinate (names the gossip topics).
-    #[arg(long, env = "MANA_RUN")]
-    pub run: Option<String>,
-    /// Address to listen on (repeatable).
-    #[arg(long, env = "MANA_LISTEN", value_delimiter = ',')]
-    pub listen: Vec<String>,
-    /// Bootstrap node to join through, with /p2p/<peer id> (repeatable).
-    #[arg(long, env = "MANA_BOOTSTRAP", value_delimiter = ',')]
-    pub bootstrap: Vec<String>,
-    /// Directory of the store (the run's checkpoints and saved state), the key and status.json.
-    #[arg(long, env = "MANA_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Key file (created with mode 0600 if absent); default <data dir>/node.key.
-    #[arg(long, env = "MANA_KEY")]
-    pub key: Option<PathBuf>,
+    /// Settings every network process has.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub net: NetArgs,
+    /// Settings of a process in a run (the run is required).
+    #[command(flatten)]
+    #[serde(skip)]
+    pub join: JoinArgs,
     /// Update rule: sync (default) or diloco.
     #[arg(long, env = "MANA_RULE")]
     pub rule: Option<Rule>,
@@ -100,111 +93,30 @@ pub struct CoordinatorArgs {
     pub lr: Option<f32>,
 }
 
-/// The TOML file of `mana coordinator` (every key optional).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CoordinatorFile {
-    /// Run id.
-    pub run: Option<String>,
-    /// Listen addresses.
-    pub listen: Option<Vec<String>>,
-    /// Bootstrap addresses.
-    pub bootstrap: Option<Vec<String>>,
-    /// Data directory.
-    pub data_dir: Option<PathBuf>,
-    /// Key file.
-    pub key: Option<PathBuf>,
-    /// Update rule.
-    pub rule: Option<Rule>,
-    /// Inner steps per round.
-    pub inner_steps: Option<u32>,
-    /// Members needed.
-    pub min_members: Option<usize>,
-    /// Hosts per expert.
-    pub replication: Option<usize>,
-    /// Last round.
-    pub rounds: Option<u64>,
-    /// Training ms per round.
-    pub round_ms: Option<u64>,
-    /// Verification ms per round.
-    pub verify_ms: Option<u64>,
-    /// Cooldown ms.
-    pub cooldown_ms: Option<u64>,
-    /// Metrics file.
-    pub metrics: Option<PathBuf>,
-    /// Export directory.
-    pub export: Option<PathBuf>,
-    /// Corpus.
-    pub corpus: Option<PathBuf>,
-    /// Init seed.
-    pub seed: Option<u64>,
-    /// Loss-check share.
-    pub loss_check_share: Option<f64>,
-    /// Inner learning rate.
-    pub lr: Option<f32>,
-    /// Network limits.
-    pub limits: Option<Limits>,
+impl FromFile for CoordinatorArgs {
+    fn from_file(file: &mut FileTable) -> Result<Self, ConfigError> {
+        Ok(CoordinatorArgs { net: file.take()?, join: file.take()?, ..file.take()? })
+    }
 }
 
-/// Largest config file read.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
-fn load_file(path: &Path) -> anyhow::Result<CoordinatorFile> {
-    let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
-    anyhow::ensure!(meta.len() <= MAX_CONFIG_BYTES, "{}: larger than 1 MiB", path.display());
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    toml::from_str(&text).with_context(|| path.display().to_string())
-}
+/// The default data directory of a coordinator.
+pub const DEFAULT_DATA_DIR: &str = "mana-coordinator-data";
 
 /// Runs `mana coordinator`.
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => load_file(path)?,
-        None => CoordinatorFile::default(),
-    };
-    let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(|| "mana-coordinator-data".into());
-    let mut node = NodeConfig::new(&data_dir);
-    node.key_file = args.key.clone().or(file.key.clone());
-    let listen = pick(&args.listen, file.listen.as_ref()).unwrap_or_else(default_listen);
-    node.net.listen = parse_addrs(&listen)?;
-    node.net.bootstrap = parse_addrs(&pick(&args.bootstrap, file.bootstrap.as_ref()).unwrap_or_default())?;
-    let run_name = args.run.clone().or(file.run.clone()).context("--run NAME is required")?;
-    node.net.run_id = parse_run(&run_name)?;
-    if let Some(limits) = file.limits {
-        node.net.limits = limits;
-    }
-    node.net.kad_server = all_loopback(&listen);
-    node.net.trust_colocated_ips = all_loopback(&listen);
-    node.sync_shards = false;
-
-    let rule = match args.rule.or(file.rule).unwrap_or(Rule::Sync) {
-        Rule::Sync => UpdateRule::Sync,
-        Rule::Diloco => UpdateRule::Diloco,
-    };
-    let mut spec = RunSpec::tiny();
-    if let Some(seed) = args.seed.or(file.seed) {
-        spec.init_seed = seed;
-    }
-    let default_h = if rule == UpdateRule::Sync { 1 } else { 20 };
-    let inner_steps = args.inner_steps.or(file.inner_steps).unwrap_or(default_h);
-    let mut machine = machine_config(node.net.run_id.clone(), &spec, rule, inner_steps)?;
-    machine.replication = args.replication.or(file.replication).unwrap_or(machine.replication);
-    machine.min_members = args.min_members.or(file.min_members).unwrap_or(machine.min_members.max(machine.replication));
-    machine.train_ms = args.round_ms.or(file.round_ms).unwrap_or(10_000);
-    machine.verify_ms = args.verify_ms.or(file.verify_ms).unwrap_or(10_000);
-    machine.cooldown_ms = args.cooldown_ms.or(file.cooldown_ms).unwrap_or(500);
-    if let Some(lr) = args.lr.or(file.lr) {
-        machine.hyper.inner_lr = lr;
-    }
-    machine.validate()?;
-
-    let corpus = args.corpus.clone().or(file.corpus.clone());
+    let path = args.net.config.clone();
+    let s = Layered::load(args, path.as_deref())?;
+    let net = Net::resolve(&s.section(|a| &a.net), DEFAULT_DATA_DIR)?;
+    crate::logging::init(net.log_format);
+    let node = node_config(&s, &net)?;
+    let (spec, machine) = machine(&s, &node)?;
+    let corpus = s.get(|a| &a.corpus);
     let data = Arc::new(load_dataset(&DataSource { corpus, ..DataSource::default() })?);
     let mut role = ConductorConfig::new(machine, spec, data);
-    role.rounds = args.rounds.or(file.rounds);
-    role.metrics = args.metrics.clone().or(file.metrics.clone());
-    role.export = args.export.clone().or(file.export.clone());
-    if let Some(share) = args.loss_check_share.or(file.loss_check_share) {
+    role.rounds = s.get(|a| &a.rounds);
+    role.metrics = s.get(|a| &a.metrics);
+    role.export = s.get(|a| &a.export);
+    if let Some(share) = s.get(|a| &a.loss_check_share) {
         anyhow::ensure!((0.0..=1.0).contains(&share), "--loss-check-share must be in [0, 1]");
         role.loss_check_share = share;
     }
@@ -231,19 +143,91 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The coordinator's node: it joins the run, and never mirrors shards (it commits the run's checkpoints).
+fn node_config(s: &Layered<CoordinatorArgs>, net: &Net) -> anyhow::Result<NodeConfig> {
+    let mut node = NodeConfig::new(&net.data_dir);
+    node.key_file = net.key.clone();
+    net.apply(&mut node.net);
+    node.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
+    let run_name = s.get(|a| &a.join.run).context("--run NAME is required")?;
+    node.net.run_id = parse_run(&run_name)?;
+    node.net.kad_server = net.loopback;
+    node.sync_shards = false;
+    Ok(node)
+}
+
+/// The model preset and the state machine's settings (rule, round lengths, replication...).
+fn machine(s: &Layered<CoordinatorArgs>, node: &NodeConfig) -> anyhow::Result<(RunSpec, CoordinatorConfig)> {
+    let rule = match s.get(|a| &a.rule).unwrap_or(Rule::Sync) {
+        Rule::Sync => UpdateRule::Sync,
+        Rule::Diloco => UpdateRule::Diloco,
+    };
+    let mut spec = RunSpec::tiny();
+    if let Some(seed) = s.get(|a| &a.seed) {
+        spec.init_seed = seed;
+    }
+    let default_h = if rule == UpdateRule::Sync { 1 } else { 20 };
+    let inner_steps = s.get(|a| &a.inner_steps).unwrap_or(default_h);
+    let mut machine = machine_config(node.net.run_id.clone(), &spec, rule, inner_steps)?;
+    machine.replication = s.get(|a| &a.replication).unwrap_or(machine.replication);
+    machine.min_members = s.get(|a| &a.min_members).unwrap_or(machine.min_members.max(machine.replication));
+    machine.train_ms = s.get(|a| &a.round_ms).unwrap_or(10_000);
+    machine.verify_ms = s.get(|a| &a.verify_ms).unwrap_or(10_000);
+    machine.cooldown_ms = s.get(|a| &a.cooldown_ms).unwrap_or(500);
+    if let Some(lr) = s.get(|a| &a.lr) {
+        machine.hyper.inner_lr = lr;
+    }
+    machine.validate()?;
+    Ok((spec, machine))
+}
+
 fn hex_key(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// `mana coordinator`'s flags alone, as clap parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: CoordinatorArgs,
+    }
+
+    fn settings(flags: &[&str], file: &str) -> anyhow::Result<(NodeConfig, CoordinatorConfig)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, file)?;
+        let args = Cli::try_parse_from(std::iter::once("coordinator").chain(flags.iter().copied()))?.args;
+        let s = Layered::load(args, Some(&path))?;
+        let net = Net::resolve(&s.section(|a| &a.net), DEFAULT_DATA_DIR)?;
+        let node = node_config(&s, &net)?;
+        Ok((node.clone(), machine(&s, &node)?.1))
+    }
 
     #[test]
     fn file_parses_and_rejects_unknown_keys() {
-        let f: CoordinatorFile = toml::from_str("run = \"demo\"\nrule = \"diloco\"\ninner_steps = 5\nround_ms = 800\n").expect("valid");
-        assert_eq!(f.rule, Some(Rule::Diloco));
-        assert_eq!(f.inner_steps, Some(5));
-        assert!(toml::from_str::<CoordinatorFile>("rounds_ms = 1").is_err());
+        let (node, machine) =
+            settings(&[], "run = \"demo\"\nrule = \"diloco\"\ninner_steps = 5\nround_ms = 800\n").expect("valid");
+        assert_eq!(node.net.run_id.as_str(), "demo");
+        assert_eq!(node.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(machine.inner_steps, 5);
+        assert_eq!(machine.train_ms, 800);
+        let err = settings(&[], "run = \"demo\"\nrounds_ms = 1").expect_err("typo refused").to_string();
+        assert!(err.contains("unknown key `rounds_ms`"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = "run = \"file-run\"\nround_ms = 800\nverify_ms = 900\n";
+        let (node, machine) = settings(&["--run", "flag-run", "--round-ms", "700"], file).expect("valid");
+        assert_eq!(node.net.run_id.as_str(), "flag-run");
+        assert_eq!((machine.train_ms, machine.verify_ms, machine.cooldown_ms), (700, 900, 500));
+        let err = settings(&[], "").expect_err("the run is required").to_string();
+        assert_eq!(err, "--run NAME is required");
     }
 }

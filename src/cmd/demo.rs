@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::demo::{self, DemoConfig, Stop};
+use crate::logging::LogFormat;
 
 /// Rounds run when neither --rounds nor --minutes is given.
 pub const DEFAULT_ROUNDS: u64 = 100;
@@ -50,10 +51,14 @@ pub struct DemoArgs {
     /// Bytes generated per prompt.
     #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..=4096))]
     sample_tokens: u64,
+    /// Log lines (the demo's on stderr, each child's in its log file): text or json (one object per line).
+    #[arg(long, env = "MANA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Runs `mana demo`.
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    crate::logging::init(args.log_format);
     let stop = match (args.rounds, args.minutes) {
         (_, Some(m)) => {
             anyhow::ensure!(m.is_finite() && m > 0.0 && m <= 24.0 * 60.0, "--minutes must be between 0 and 1440");
@@ -80,6 +85,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         seed: args.seed,
         prompts,
         sample_tokens: usize::try_from(args.sample_tokens).context("--sample-tokens")?,
+        log_format: args.log_format.as_str().to_owned(),
     };
     demo::run(config)
 }

@@ -1,5 +1,8 @@
 //! The subcommands of `mana`, one file each. Every subcommand is a clap `Args` struct whose doc comments
-//! are its help text, and a `run` function that calls into a library crate.
+//! are its help text, and a `run` function that calls into a library crate. The network processes (node,
+//! coordinator, bootstrap) share the settings of `net`, and start logging themselves once their settings
+//! (`--log-format` among them) are layered; the demo starts it with its own `--log-format`; every other
+//! command logs as text.
 
 mod bootstrap;
 mod coordinator;
@@ -7,6 +10,7 @@ mod demo;
 pub(crate) mod generate;
 mod info;
 mod keygen;
+mod net;
 mod node;
 mod simulate;
 mod status;
@@ -42,6 +46,9 @@ pub enum Command {
 
 /// Runs one subcommand to completion.
 pub fn run(command: Command) -> anyhow::Result<()> {
+    if !matches!(command, Command::Node(_) | Command::Bootstrap(_) | Command::Coordinator(_) | Command::Demo(_)) {
+        crate::logging::init(crate::logging::LogFormat::Text);
+    }
     match command {
         Command::Info(args) => info::run(args),
         Command::Keygen(args) => keygen::run(args),

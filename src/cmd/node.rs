@@ -1,6 +1,7 @@
 //! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
-//! train the shards the coordinator assigns), or with `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*` environment
-//! variable, else the TOML file given by `--config`, else a default.
+//! train the shards the coordinator assigns), or with `--verify-store` check its store and exit. Every
+//! setting comes from a flag, else a `MANA_*` environment variable, else the TOML file given by `--config`,
+//! else a default (see `crate::config`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,42 +9,41 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use mana_node::daemon::config::{FileConfig, parse_addrs, parse_public_key, parse_run};
+use mana_node::daemon::config::{parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_engine::round::RunSpec;
 use mana_node::store::{Store, StoreConfig};
+use serde::Deserialize;
 
-/// Arguments of `mana node`.
-#[derive(Debug, Args)]
+use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs};
+use crate::config::{self, ConfigError, FileTable, FromFile, Layered};
+
+/// Arguments of `mana node`; its TOML file (`--config`) takes the same names (with `train = false` for
+/// `--no-train`).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeArgs {
-    /// TOML config file (keys: listen, bootstrap, data_dir, key, run, coordinator, [limits]).
-    #[arg(long, env = "MANA_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1.
-    #[arg(long, env = "MANA_LISTEN", value_delimiter = ',')]
-    pub listen: Vec<String>,
-    /// Bootstrap node to join through, with /p2p/<peer id> (repeatable).
-    #[arg(long, env = "MANA_BOOTSTRAP", value_delimiter = ',')]
-    pub bootstrap: Vec<String>,
-    /// Directory of the store, the key (by default) and status.json.
-    #[arg(long, env = "MANA_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Key file (created with mode 0600 if absent); default <data dir>/node.key.
-    #[arg(long, env = "MANA_KEY")]
-    pub key: Option<PathBuf>,
-    /// The training run to follow (names the gossip topics).
-    #[arg(long, env = "MANA_RUN")]
-    pub run: Option<String>,
+    /// Settings every network process has.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub net: NetArgs,
+    /// Settings of a process in a run.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub join: JoinArgs,
     /// The run coordinator's public key (64 hex digits).
     #[arg(long, env = "MANA_COORDINATOR")]
     pub coordinator: Option<String>,
-    /// Run the DHT in server mode even before an external address is confirmed.
-    #[arg(long, env = "MANA_DHT_SERVER")]
+    /// Run the DHT in server mode even before an external address is confirmed (MANA_DHT_SERVER: 1, true,
+    /// yes, on or 0, false, no, off).
+    #[arg(long, env = "MANA_DHT_SERVER", value_parser = config::parse_bool)]
+    #[serde(skip)]
     pub dht_server: bool,
     /// Re-hash every blob of the store, print the report and exit (non-zero if damaged).
     #[arg(long)]
+    #[serde(skip)]
     pub verify_store: bool,
     /// Most shards (the trunk included) this node will host and train, declared in its heartbeats
     /// (default 64).
@@ -52,9 +52,20 @@ pub struct NodeArgs {
     /// The run's text, as the coordinator's: a UTF-8 file, a .gz, or a directory; default the built-in corpus.
     #[arg(long, env = "MANA_CORPUS")]
     pub corpus: Option<PathBuf>,
-    /// Do not train even with a coordinator: only validate, serve and mirror every committed checkpoint.
-    #[arg(long, env = "MANA_NO_TRAIN")]
+    /// Do not train even with a coordinator: only validate, serve and mirror every committed checkpoint
+    /// (MANA_NO_TRAIN: 1, true, yes, on or 0, false, no, off; in the file, train = false).
+    #[arg(long, env = "MANA_NO_TRAIN", value_parser = config::parse_bool)]
+    #[serde(skip)]
     pub no_train: bool,
+    /// Whether a node with a coordinator trains: only in the file (`train = false`), the flag is --no-train.
+    #[arg(skip)]
+    pub train: Option<bool>,
+}
+
+impl FromFile for NodeArgs {
+    fn from_file(file: &mut FileTable) -> Result<Self, ConfigError> {
+        Ok(NodeArgs { net: file.take()?, join: file.take()?, ..file.take()? })
+    }
 }
 
 /// Default of `--max-shards`.
@@ -63,12 +74,8 @@ pub const DEFAULT_MAX_SHARDS: u32 = 64;
 /// The default data directory.
 pub const DEFAULT_DATA_DIR: &str = "mana-data";
 
-/// The default listen addresses: TCP and QUIC on port 4001, all interfaces.
-pub fn default_listen() -> Vec<String> {
-    vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
-}
-
 /// What `mana node` runs besides the daemon.
+#[derive(Debug)]
 struct Training {
     max_shards: u32,
     corpus: Option<PathBuf>,
@@ -76,60 +83,38 @@ struct Training {
 
 /// Merges flags/env (already merged by clap) over the file over defaults. A node with a coordinator trains
 /// unless told not to: then it syncs only its assigned shards (the trainer owns its store's rounds).
-fn node_config(args: &NodeArgs) -> anyhow::Result<(NodeConfig, Option<Training>)> {
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let config = base_config(args, &file)?;
-    let trains = config.coordinator.is_some() && !args.no_train && file.train.unwrap_or(true);
+fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, Option<Training>)> {
+    let mut config = NodeConfig::new(&net.data_dir);
+    config.key_file = net.key.clone();
+    net.apply(&mut config.net);
+    config.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
+    if let Some(run) = s.get(|a| &a.join.run) {
+        config.net.run_id = parse_run(&run)?;
+    }
+    if let Some(key) = s.get(|a| &a.coordinator) {
+        config.coordinator = Some(parse_public_key(&key)?);
+    }
+    config.net.kad_server = s.flags.dht_server || net.loopback;
+    config.fetch.progress = true;
+    let trains = config.coordinator.is_some() && !s.flags.no_train && s.file.train.unwrap_or(true);
     if !trains {
         return Ok((config, None));
     }
-    let max_shards = args.max_shards.or(file.max_shards).unwrap_or(DEFAULT_MAX_SHARDS);
+    let max_shards = s.get(|a| &a.max_shards).unwrap_or(DEFAULT_MAX_SHARDS);
     anyhow::ensure!(max_shards >= 1, "--max-shards must be at least 1 (the trunk)");
-    let mut config = config;
     config.sync_shards = false;
     config.capacity.max_shards = max_shards;
-    Ok((config, Some(Training { max_shards, corpus: args.corpus.clone().or(file.corpus.clone()) })))
-}
-
-fn base_config(args: &NodeArgs, file: &FileConfig) -> anyhow::Result<NodeConfig> {
-    let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
-    let mut config = NodeConfig::new(data_dir);
-    config.key_file = args.key.clone().or(file.key.clone());
-    let listen = pick(&args.listen, file.listen.as_ref()).unwrap_or_else(default_listen);
-    config.net.listen = parse_addrs(&listen)?;
-    config.net.bootstrap = parse_addrs(&pick(&args.bootstrap, file.bootstrap.as_ref()).unwrap_or_default())?;
-    if let Some(run) = args.run.as_ref().or(file.run.as_ref()) {
-        config.net.run_id = parse_run(run)?;
-    }
-    if let Some(key) = args.coordinator.as_ref().or(file.coordinator.as_ref()) {
-        config.coordinator = Some(parse_public_key(key)?);
-    }
-    if let Some(limits) = file.limits.clone() {
-        config.net.limits = limits;
-    }
-    config.net.kad_server = args.dht_server || all_loopback(&listen);
-    config.net.trust_colocated_ips = all_loopback(&listen);
-    config.fetch.progress = true;
-    Ok(config)
-}
-
-/// The flag/env list if given, else the file's.
-pub fn pick(flag: &[String], file: Option<&Vec<String>>) -> Option<Vec<String>> {
-    if flag.is_empty() { file.cloned() } else { Some(flag.to_vec()) }
-}
-
-/// True when every address is on loopback (a local test net: DHT server mode, no co-location penalty).
-pub fn all_loopback(addrs: &[String]) -> bool {
-    !addrs.is_empty() && addrs.iter().all(|a| a.starts_with("/ip4/127.") || a.starts_with("/ip6/::1/"))
+    Ok((config, Some(Training { max_shards, corpus: s.get(|a| &a.corpus) })))
 }
 
 /// Runs `mana node`.
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let (config, training) = node_config(&args)?;
-    if args.verify_store {
+    let path = args.net.config.clone();
+    let settings = Layered::load(args, path.as_deref())?;
+    let net = Net::resolve(&settings.section(|a| &a.net), DEFAULT_DATA_DIR)?;
+    crate::logging::init(net.log_format);
+    let (config, training) = node_config(&settings, &net)?;
+    if settings.flags.verify_store {
         return verify_store(&config);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -190,4 +175,77 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `mana node`'s flags alone, as clap parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: NodeArgs,
+    }
+
+    fn settings(flags: &[&str], file: &str) -> anyhow::Result<(NodeConfig, Option<Training>)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, file)?;
+        let args = Cli::try_parse_from(std::iter::once("node").chain(flags.iter().copied()))?.args;
+        let s = Layered::load(args, Some(&path))?;
+        let net = Net::resolve(&s.section(|a| &a.net), DEFAULT_DATA_DIR)?;
+        node_config(&s, &net)
+    }
+
+    const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    #[test]
+    fn the_file_parses_and_unknown_keys_are_refused() {
+        let (config, training) =
+            settings(&[], "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nrun = \"demo\"\n[limits]\nmax_connections = 9\n")
+                .expect("valid config");
+        assert_eq!(config.net.run_id.as_str(), "demo");
+        assert_eq!(config.net.limits.max_connections, 9);
+        assert!(config.net.kad_server && config.net.trust_colocated_ips, "loopback only");
+        assert!(training.is_none(), "no coordinator, no training");
+        let err = settings(&[], "lisen = []").expect_err("typo refused").to_string();
+        assert!(err.contains("unknown key `lisen`"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = format!("listen = [\"/ip4/127.0.0.3/tcp/0\"]\ndata_dir = \"file-dir\"\ncoordinator = \"{KEY}\"\nmax_shards = 5\n");
+        let (config, training) = settings(&[], &file).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("file-dir"));
+        assert_eq!(config.net.listen[0].to_string(), "/ip4/127.0.0.3/tcp/0");
+        assert_eq!(training.expect("trains with a coordinator").max_shards, 5);
+        assert_eq!(config.net.run_id.as_str(), "default");
+
+        let flags = ["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", "flag-dir", "--max-shards", "7"];
+        let (config, training) = settings(&flags, &file).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("flag-dir"));
+        assert_eq!(config.net.listen.len(), 1);
+        assert_eq!(config.net.listen[0].to_string(), "/ip4/127.0.0.1/tcp/0");
+        assert_eq!(training.expect("trains").max_shards, 7);
+
+        let (_, training) = settings(&["--no-train"], &file).expect("valid");
+        assert!(training.is_none());
+        let (_, training) = settings(&[], &format!("{file}train = false\n")).expect("valid");
+        assert!(training.is_none());
+
+        let (config, _) = settings(&[], "").expect("an empty file is every default");
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(config.net.listen.len(), 2);
+        assert!(!config.net.kad_server);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(settings(&[], "max_shards = \"x\"").is_err());
+        assert!(settings(&["--max-shards", "0", "--coordinator", KEY], "").is_err());
+        assert!(settings(&["--listen", "not an addr"], "").is_err());
+        assert!(settings(&["--dht-server=maybe"], "").is_err());
+    }
 }

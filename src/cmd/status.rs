@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use mana_node::daemon::config::FileConfig;
 use mana_node::daemon::status;
 
 /// A status older than this means the node is probably not running.
@@ -15,7 +14,7 @@ const STALE_MS: u64 = 10_000;
 /// Arguments of `mana status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// TOML config file of the node (for its data_dir).
+    /// TOML config file of the node (`mana node --config`; for its data_dir).
     #[arg(long, env = "MANA_CONFIG")]
     pub config: Option<PathBuf>,
     /// The node's data directory.
@@ -28,11 +27,8 @@ pub struct StatusArgs {
 
 /// Runs `mana status`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| super::node::DEFAULT_DATA_DIR.into());
+    let file: super::node::NodeArgs = crate::config::load_file(args.config.as_deref())?;
+    let data_dir = args.data_dir.or(file.net.data_dir).unwrap_or_else(|| super::node::DEFAULT_DATA_DIR.into());
     let s = status::read(&data_dir)?;
     let age_ms = mana_node::daemon::now_ms().saturating_sub(s.updated_unix_ms);
     if args.json {

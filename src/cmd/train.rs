@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,9 +21,6 @@ use mana_kernels::model::ModelConfig;
 use mana_kernels::optim::OptimConfig;
 use mana_kernels::train::Trainer;
 use serde::{Deserialize, Serialize};
-
-/// The largest config file read (it is a few lines; anything bigger is a mistake).
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Arguments of `mana train`.
 #[derive(Debug, Args)]
@@ -138,10 +135,9 @@ struct Plan {
 fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     let (mut file, optim_explicit) = match &args.config {
         Some(path) => {
-            let text = read_small(path, MAX_CONFIG_BYTES)?;
-            let file: ConfigFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let raw = crate::config::read_toml(path)?;
+            let file: ConfigFile = raw.clone().try_into().with_context(|| format!("parsing {}", path.display()))?;
             // The schedule follows the step count unless the file pins it.
-            let raw: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
             let optim = raw.get("optim").and_then(|o| o.as_table());
             let pinned = |key: &str| optim.is_some_and(|o| o.contains_key(key));
             (file, (pinned("total_steps"), pinned("warmup_steps")))
@@ -205,18 +201,6 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         bail!("eval_batches must be at least 1");
     }
     Ok(Plan { model: file.model, optim: file.optim, train: file.train })
-}
-
-/// Reads a small text file, refusing one larger than `max` bytes.
-fn read_small(path: &Path, max: u64) -> anyhow::Result<String> {
-    use std::io::Read;
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut text = String::new();
-    file.take(max + 1).read_to_string(&mut text).with_context(|| format!("reading {}", path.display()))?;
-    if text.len() as u64 > max {
-        bail!("{} is larger than {max} bytes", path.display());
-    }
-    Ok(text)
 }
 
 /// Builds the dataset from the corpus, or from the built-in corpus when none is given.

@@ -87,6 +87,8 @@ pub struct DemoConfig {
     pub prompts: Vec<String>,
     /// Bytes generated per prompt.
     pub sample_tokens: usize,
+    /// `--log-format` of every child: `text` or `json`.
+    pub log_format: String,
 }
 
 /// The running network.
@@ -185,7 +187,7 @@ fn drive(
 /// into a child's configuration), logs at `info` unless `RUST_LOG` says otherwise.
 fn mana(cfg: &DemoConfig, role: &str) -> Command {
     let mut cmd = Command::new(&cfg.exe);
-    cmd.arg(role);
+    cmd.args([role, "--log-format", &cfg.log_format]);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("MANA_") {
             cmd.env_remove(key);

@@ -1,16 +1,16 @@
-//! The settings of a node, and the TOML file that can hold them. The CLI merges flags, `MANA_*` environment
-//! variables and this file (in that order of precedence) into a [`NodeConfig`].
+//! The settings of a node, and the parsers of their text forms (addresses, run id, coordinator key). The
+//! CLI layers flags, `MANA_*` environment variables and its TOML file (its `config` module) into a
+//! [`NodeConfig`] with these parsers.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
 use mana_protocol::{PublicKey, RunId};
-use serde::Deserialize;
 
 use super::NodeError;
 use crate::net::fetch::FetchOptions;
-use crate::net::{Limits, NetConfig};
+use crate::net::NetConfig;
 
 /// Everything a running node needs.
 #[derive(Debug, Clone)]
@@ -96,64 +96,6 @@ impl NodeConfig {
     }
 }
 
-/// The TOML config file of `mana node` / `mana bootstrap` (every key optional).
-///
-/// ```toml
-/// listen = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"]
-/// bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
-/// data_dir = "/var/lib/mana"
-/// key = "/var/lib/mana/node.key"
-/// run = "demo"
-/// coordinator = "<64 hex digits>"
-/// [limits]
-/// max_connections = 256
-/// ```
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Listen addresses.
-    pub listen: Option<Vec<String>>,
-    /// Bootstrap addresses.
-    pub bootstrap: Option<Vec<String>>,
-    /// Data directory.
-    pub data_dir: Option<PathBuf>,
-    /// Key file.
-    pub key: Option<PathBuf>,
-    /// Run id.
-    pub run: Option<String>,
-    /// Coordinator public key, hex.
-    pub coordinator: Option<String>,
-    /// Network limits.
-    pub limits: Option<Limits>,
-    /// Most shards (trunk included) a training node hosts.
-    pub max_shards: Option<u32>,
-    /// The run's text (a file, a .gz or a directory); the built-in corpus if absent.
-    pub corpus: Option<PathBuf>,
-    /// Whether a node with a coordinator trains (default true).
-    pub train: Option<bool>,
-}
-
-/// Largest config file read (a real one is a few hundred bytes).
-const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-
-impl FileConfig {
-    /// Reads and parses a TOML config file.
-    pub fn load(path: &Path) -> Result<FileConfig, NodeError> {
-        let meta = std::fs::metadata(path).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(NodeError::Config(format!("{}: larger than 1 MiB", path.display())));
-        }
-        let text =
-            std::fs::read_to_string(path).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
-    }
-
-    /// Parses TOML text.
-    pub fn parse(text: &str) -> Result<FileConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
-    }
-}
-
 /// Parses multiaddrs, naming the bad one.
 pub fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, NodeError> {
     list.iter()
@@ -179,12 +121,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_config_parses_and_rejects_unknown_keys() {
-        let cfg = FileConfig::parse("listen = [\"/ip4/127.0.0.1/tcp/0\"]\nrun = \"demo\"\n[limits]\nmax_connections = 9\n")
-            .expect("valid config");
-        assert_eq!(cfg.run.as_deref(), Some("demo"));
-        assert_eq!(cfg.limits.map(|l| l.max_connections), Some(9));
-        assert!(FileConfig::parse("lisen = []").is_err());
+    fn bad_text_is_refused() {
         assert!(parse_addrs(&["not an addr".into()]).is_err());
         assert!(parse_public_key("abcd").is_err());
     }

@@ -1,0 +1,110 @@
+//! The settings that the network processes (`mana node`, `mana coordinator`, `mana bootstrap`) share, declared
+//! once and flattened into each command (`#[command(flatten)]`, and taken from its TOML file by the same
+//! names): the config file itself, the log format, where to listen, where the data and key live, the
+//! network limits; and for the two that join a run, the bootstrap nodes and the run.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use mana_node::net::libp2p::Multiaddr;
+use mana_node::daemon::config::parse_addrs;
+use mana_node::net::{Limits, NetConfig};
+use serde::Deserialize;
+
+use crate::config::Layered;
+use crate::logging::LogFormat;
+
+/// Settings of every network process.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetArgs {
+    /// TOML file of settings: each flag's name with `_` for `-` (e.g. `data_dir`), and a [limits] table;
+    /// unknown keys are refused. Flags and MANA_* variables win over it.
+    #[arg(long, env = "MANA_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Log lines on stderr: text, or json (one object per line). Default text.
+    #[arg(long, env = "MANA_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1; default
+    /// TCP and QUIC on port 4001.
+    #[arg(long, env = "MANA_LISTEN", value_delimiter = ',')]
+    pub listen: Option<Vec<String>>,
+    /// Data directory (the key by default; the store and status.json for a node or coordinator).
+    #[arg(long, env = "MANA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Key file (created with mode 0600 if absent); default <data dir>/node.key (bootstrap.key for a bootstrap).
+    #[arg(long, env = "MANA_KEY")]
+    pub key: Option<PathBuf>,
+    /// Network size and rate limits: only in the file, as a [limits] table.
+    #[arg(skip)]
+    pub limits: Option<Limits>,
+}
+
+/// Settings of a process that joins a run (a node, a coordinator).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JoinArgs {
+    /// Bootstrap node to join through, with /p2p/<peer id> (repeatable).
+    #[arg(long, env = "MANA_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Option<Vec<String>>,
+    /// The training run (names the gossip topics).
+    #[arg(long, env = "MANA_RUN")]
+    pub run: Option<String>,
+}
+
+/// The default listen addresses: TCP and QUIC on port 4001, all interfaces.
+pub fn default_listen() -> Vec<String> {
+    vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
+}
+
+/// True when every address is on loopback (a local test net: DHT server mode, no co-location penalty).
+pub fn all_loopback(addrs: &[String]) -> bool {
+    !addrs.is_empty() && addrs.iter().all(|a| a.starts_with("/ip4/127.") || a.starts_with("/ip6/::1/"))
+}
+
+/// [`NetArgs`] with every layer applied (flag > environment > file > default).
+#[derive(Debug, Clone)]
+pub struct Net {
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The key file, when not the data directory's default.
+    pub key: Option<PathBuf>,
+    /// The listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// True when they are all on loopback.
+    pub loopback: bool,
+    /// The file's limits, if it has any.
+    pub limits: Option<Limits>,
+}
+
+impl Net {
+    /// Resolves the layers; `default_data_dir` is the command's.
+    pub fn resolve(layers: &Layered<&NetArgs>, default_data_dir: &str) -> anyhow::Result<Net> {
+        let listen = layers.get(|a| &a.listen).unwrap_or_else(default_listen);
+        Ok(Net {
+            log_format: layers.get(|a| &a.log_format).unwrap_or_default(),
+            data_dir: layers.get(|a| &a.data_dir).unwrap_or_else(|| default_data_dir.into()),
+            key: layers.get(|a| &a.key),
+            loopback: all_loopback(&listen),
+            listen: parse_addrs(&listen)?,
+            limits: layers.get(|a| &a.limits),
+        })
+    }
+
+    /// Sets the listen addresses, the limits and, on loopback, trust in co-located peers.
+    pub fn apply(&self, net: &mut NetConfig) {
+        net.listen = self.listen.clone();
+        if let Some(limits) = &self.limits {
+            net.limits = limits.clone();
+        }
+        net.trust_colocated_ips = self.loopback;
+    }
+}
+
+/// The bootstrap addresses of [`JoinArgs`], layered and parsed (none by default).
+pub fn bootstrap_addrs(layers: &Layered<&JoinArgs>) -> anyhow::Result<Vec<Multiaddr>> {
+    Ok(parse_addrs(&layers.get(|a| &a.bootstrap).unwrap_or_default())?)
+}
