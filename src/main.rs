@@ -3,7 +3,6 @@
 //! crate; this file parses the command line, sets up logging and reports errors.
 
 mod cmd;
-mod demo;
 
 use clap::Parser;
 

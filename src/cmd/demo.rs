@@ -1,19 +1,17 @@
 //! `mana demo`: starts a whole training network on this machine (a bootstrap node, a coordinator and N
 //! nodes, each its own process on loopback), trains for a few minutes with live progress, then writes the
 //! metrics, a loss plot, every process's final shard hashes and a text sample into `--out`. The work is in
-//! the `demo` module; this file is its command line.
+//! the `mana-demo` crate; this file is its command line.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-
-use crate::demo::{self, DemoConfig, Stop};
+use mana_demo::{DemoConfig, Stop};
 
 /// Rounds run when neither --rounds nor --minutes is given.
 pub const DEFAULT_ROUNDS: u64 = 100;
-
 /// Arguments of `mana demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -67,7 +65,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else if args.corpus.is_some() {
         vec!["The ".to_owned()]
     } else {
-        demo::sample::BUILTIN_PROMPTS.iter().map(|p| (*p).to_owned()).collect()
+        mana_demo::sample::BUILTIN_PROMPTS.iter().map(|p| (*p).to_owned()).collect()
     };
     let config = DemoConfig {
         exe: std::env::current_exe().context("finding the mana executable to start the network's processes")?,
@@ -81,5 +79,5 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         prompts,
         sample_tokens: usize::try_from(args.sample_tokens).context("--sample-tokens")?,
     };
-    demo::run(config)
+    Ok(mana_demo::run(config)?)
 }
