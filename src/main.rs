@@ -5,7 +5,6 @@
 
 mod cmd;
 mod config;
-mod demo;
 mod logging;
 
 use clap::Parser;

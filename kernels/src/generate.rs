@@ -79,6 +79,14 @@ pub struct GenerateConfig {
     pub speculative: bool,
 }
 
+/// The prompt and the generated tokens as text, for a byte-level model: each token is one byte, and invalid
+/// UTF-8 shows as U+FFFD. A token above 255 (which the model's vocabulary check rules out for a byte model)
+/// shows as U+FFFD too rather than being truncated. `mana generate` and `mana demo`'s samples print this.
+pub fn bytes_to_text(prompt: &[u32], tokens: &[u32]) -> String {
+    let bytes: Vec<u8> = prompt.iter().chain(tokens).map(|&t| u8::try_from(t).unwrap_or(0xFF)).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Why generation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GenerateError {

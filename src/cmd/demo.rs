@@ -1,20 +1,19 @@
 //! `mana demo`: starts a whole training network on this machine (a bootstrap node, a coordinator and N
 //! nodes, each its own process on loopback), trains for a few minutes with live progress, then writes the
 //! metrics, a loss plot, every process's final shard hashes and a text sample into `--out`. The work is in
-//! the `demo` module; this file is its command line.
+//! the `mana-demo` crate; this file is its command line.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use mana_demo::{DemoConfig, Stop};
 
-use crate::demo::{self, DemoConfig, Stop};
 use crate::logging::LogFormat;
 
 /// Rounds run when neither --rounds nor --minutes is given.
 pub const DEFAULT_ROUNDS: u64 = 100;
-
 /// Arguments of `mana demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -72,7 +71,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else if args.corpus.is_some() {
         vec!["The ".to_owned()]
     } else {
-        demo::sample::BUILTIN_PROMPTS.iter().map(|p| (*p).to_owned()).collect()
+        mana_demo::sample::BUILTIN_PROMPTS.iter().map(|p| (*p).to_owned()).collect()
     };
     let config = DemoConfig {
         exe: std::env::current_exe().context("finding the mana executable to start the network's processes")?,
@@ -87,5 +86,5 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         sample_tokens: usize::try_from(args.sample_tokens).context("--sample-tokens")?,
         log_format: args.log_format.as_str().to_owned(),
     };
-    demo::run(config)
+    Ok(mana_demo::run(config)?)
 }

@@ -14,7 +14,8 @@ use crate::store::RejectionSummary;
 pub const STATUS_FILE: &str = "status.json";
 
 /// One stored shard.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StoredShard {
     /// Shard name (`trunk`, `expert/<layer>/<index>`).
     pub shard: String,
@@ -25,7 +26,8 @@ pub struct StoredShard {
 }
 
 /// What a node reports about itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NodeStatus {
     /// `mana/<version>`.
     pub agent: String,
@@ -80,6 +82,7 @@ pub struct NodeStatus {
 
 /// What the trainer role reports ([`crate::roles::trainer`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainingStatus {
     /// Rounds in which this node trained and published its deltas.
     pub rounds_trained: u64,
@@ -105,6 +108,7 @@ pub struct TrainingStatus {
 
 /// What the coordinator role reports ([`crate::roles::conductor`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CoordinatorStatus {
     /// The round in progress or last committed.
     pub round: Option<u64>,

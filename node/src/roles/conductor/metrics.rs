@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Wall time of each part of a round, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PhaseMs {
     /// Announcement to the last delta announcement.
     pub train: u64,
@@ -34,27 +35,37 @@ pub struct RoundMetrics {
     /// The committed round.
     pub round: u64,
     /// `sync` or `diloco`.
+    #[serde(default)]
     pub rule: String,
     /// Participants announced.
+    #[serde(default)]
     pub participants: usize,
     /// Deltas applied.
+    #[serde(default)]
     pub accepted: usize,
     /// Deltas refused.
+    #[serde(default)]
     pub rejected: usize,
     /// Refusals by reason code.
+    #[serde(default)]
     pub rejected_reasons: BTreeMap<String, u64>,
     /// Mean training loss the participants reported (at the round's base weights).
     pub train_loss: Option<f32>,
     /// Validation loss of the committed checkpoint on the run's fixed validation batches.
     pub val_loss: Option<f32>,
     /// Tokens the participants trained on.
+    #[serde(default)]
     pub tokens: u64,
     /// Bytes of delta payloads announced in the round.
+    #[serde(default)]
     pub payload_bytes: u64,
     /// Hash (hex) of the committed checkpoint manifest.
+    #[serde(default)]
     pub checkpoint: String,
     /// Wall time per part of the round.
+    #[serde(default)]
     pub ms: PhaseMs,
     /// When the line was written.
+    #[serde(default)]
     pub unix_ms: u64,
 }

@@ -1,80 +1,38 @@
 //! The coordinator's per-round metrics (one JSON object per committed round, in the file given to
-//! `mana coordinator --metrics`) as the demo reads them: [`RoundMetrics`] is the typed view of the fields it
-//! shows, and [`Tail`] follows the file while the coordinator appends to it, returning only complete lines.
-//! The demo writes each line on to `<out>/metrics.jsonl` unchanged, plus a few keys of its own.
+//! `mana coordinator --metrics`) as the demo reads them: each line is the coordinator's own
+//! [`RoundMetrics`], and [`Tail`] follows the file while the coordinator appends to it, returning only
+//! complete lines. The demo writes each line on to `<out>/metrics.jsonl` unchanged, plus a few keys of its own.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use serde::Deserialize;
+
+/// The coordinator's metrics line, the one type both sides use (the children are this same build).
+pub use mana_node::roles::conductor::{PhaseMs, RoundMetrics};
+
+use crate::DemoError;
 
 /// The most bytes one metrics line may have (a line is a few hundred bytes; this bounds a runaway file).
 const MAX_LINE_BYTES: usize = 1 << 20;
 
-/// Wall time of a round's phases, milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct PhaseMs {
-    /// Local training on the nodes.
-    pub train: u64,
-    /// Moving the delta payloads.
-    pub transfer: u64,
-    /// Verifying them.
-    pub verify: u64,
-    /// Aggregating and applying them.
-    pub apply: u64,
-}
+/// The keys a line must have even though their value may be `null` (no accepted delta, no validation): a
+/// line without them is not a round's metrics.
+const REQUIRED_LOSSES: [&str; 2] = ["train_loss", "val_loss"];
 
-/// One committed round, as the coordinator reports it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct RoundMetrics {
-    /// The round number.
-    pub round: u64,
-    /// `sync` or `diloco`.
-    #[serde(default)]
-    pub rule: String,
-    /// Nodes named in the round's announcement.
-    #[serde(default)]
-    pub participants: u64,
-    /// Delta contributions accepted.
-    #[serde(default)]
-    pub accepted: u64,
-    /// Delta contributions rejected.
-    #[serde(default)]
-    pub rejected: u64,
-    /// Rejections by reason.
-    #[serde(default)]
-    pub rejected_reasons: BTreeMap<String, u64>,
-    /// Mean training loss the nodes reported (NaN when the line has none: no accepted delta).
-    #[serde(deserialize_with = "nullable_loss")]
-    pub train_loss: f64,
-    /// Validation loss of the committed model (NaN when the line has none).
-    #[serde(deserialize_with = "nullable_loss")]
-    pub val_loss: f64,
-    /// Tokens trained on in the round, all nodes together.
-    #[serde(default)]
-    pub tokens: u64,
-    /// Bytes of delta payloads the round moved.
-    #[serde(default)]
-    pub payload_bytes: u64,
-    /// The committed checkpoint manifest's hash (hex).
-    #[serde(default)]
-    pub checkpoint: String,
-    /// Wall time of the round's phases.
-    #[serde(default)]
-    pub ms: PhaseMs,
-    /// When the round was committed, unix milliseconds.
-    #[serde(default)]
-    pub unix_ms: u64,
-}
-
-/// A loss that the coordinator writes as `null` when it has none: NaN, which the plot skips and the
-/// progress line shows as `-`.
-fn nullable_loss<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+/// Why a line is not a round's metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// It is not a JSON object.
+    #[error("not a JSON object")]
+    NotAnObject(#[source] serde_json::Error),
+    /// A field is mistyped, or `round` is missing.
+    #[error("missing or mistyped fields")]
+    Fields(#[source] serde_json::Error),
+    /// One of the losses is missing (they may be `null`, not absent).
+    #[error("missing field `{0}`")]
+    MissingLoss(&'static str),
 }
 
 /// One line of the metrics file: the typed view and the whole object (to pass on unchanged).
@@ -87,10 +45,19 @@ pub struct Line {
 }
 
 /// Parses one line of the coordinator's metrics file.
-pub fn parse_line(text: &str) -> anyhow::Result<Line> {
-    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).context("not a JSON object")?;
-    let metrics = RoundMetrics::deserialize(serde_json::Value::Object(raw.clone())).context("missing or mistyped fields")?;
+pub fn parse_line(text: &str) -> Result<Line, LineError> {
+    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).map_err(LineError::NotAnObject)?;
+    if let Some(key) = REQUIRED_LOSSES.into_iter().find(|key| !raw.contains_key(*key)) {
+        return Err(LineError::MissingLoss(key));
+    }
+    let metrics = RoundMetrics::deserialize(serde_json::Value::Object(raw.clone())).map_err(LineError::Fields)?;
     Ok(Line { metrics, raw })
+}
+
+/// A loss as the plot and the summary use it: NaN when the line has none (the plot skips it, the text
+/// shows `-`).
+pub fn loss_or_nan(loss: Option<f32>) -> f64 {
+    loss.map_or(f64::NAN, f64::from)
 }
 
 /// Follows a file that another process appends lines to.
@@ -116,15 +83,16 @@ impl Tail {
     }
 
     /// The complete lines appended since the last call (none if the file does not exist yet).
-    pub fn poll(&mut self) -> anyhow::Result<Vec<String>> {
+    pub fn poll(&mut self) -> Result<Vec<String>, DemoError> {
         let mut file = match File::open(&self.path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("opening {}", self.path.display())),
+            Err(e) => return Err(DemoError::io(format!("opening {}", self.path.display()), e)),
         };
-        file.seek(SeekFrom::Start(self.offset)).with_context(|| format!("reading {}", self.path.display()))?;
+        let reading = |e| DemoError::io(format!("reading {}", self.path.display()), e);
+        file.seek(SeekFrom::Start(self.offset)).map_err(reading)?;
         let mut fresh = Vec::new();
-        file.read_to_end(&mut fresh).with_context(|| format!("reading {}", self.path.display()))?;
+        file.read_to_end(&mut fresh).map_err(reading)?;
         self.offset += fresh.len() as u64;
         self.partial.extend_from_slice(&fresh);
         let mut lines = Vec::new();
@@ -135,11 +103,9 @@ impl Tail {
                 lines.push(text);
             }
         }
-        anyhow::ensure!(
-            self.partial.len() <= MAX_LINE_BYTES,
-            "{} has a line longer than {MAX_LINE_BYTES} bytes",
-            self.path.display()
-        );
+        if self.partial.len() > MAX_LINE_BYTES {
+            return Err(DemoError::LineTooLong { path: self.path.clone(), max: MAX_LINE_BYTES });
+        }
         Ok(lines)
     }
 }
@@ -165,9 +131,31 @@ mod tests {
     fn rejects_lines_without_the_losses() {
         assert!(parse_line(r#"{"round":1}"#).is_err());
         let null = parse_line(r#"{"round":1,"train_loss":null,"val_loss":2.5}"#).expect("null is allowed");
-        assert!(null.metrics.train_loss.is_nan() && null.metrics.val_loss == 2.5);
+        assert!(loss_or_nan(null.metrics.train_loss).is_nan() && loss_or_nan(null.metrics.val_loss) == 2.5);
         assert!(parse_line("[1,2]").is_err());
         assert!(parse_line("{").is_err());
+    }
+
+    #[test]
+    fn reads_what_the_coordinator_writes() {
+        // The coordinator serializes the same type; a line it writes must read back as itself.
+        let m = RoundMetrics {
+            round: 7,
+            rule: "diloco".into(),
+            participants: 2,
+            accepted: 2,
+            rejected: 0,
+            rejected_reasons: Default::default(),
+            train_loss: None,
+            val_loss: Some(1.25),
+            tokens: 10,
+            payload_bytes: 20,
+            checkpoint: "cc".into(),
+            ms: PhaseMs { train: 1, transfer: 2, verify: 3, apply: 4 },
+            unix_ms: 5,
+        };
+        let text = serde_json::to_string(&m).expect("serializes");
+        assert_eq!(parse_line(&text).expect("parses").metrics, m);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::metrics::RoundMetrics;
+use crate::metrics::RoundMetrics;
 
 /// Where progress goes.
 #[derive(Debug)]
@@ -94,9 +94,12 @@ impl Progress {
     }
 }
 
-/// A loss with three decimals, or `-` when there is none.
-pub fn loss(value: f64) -> String {
-    if value.is_finite() { format!("{value:.3}") } else { "-".to_owned() }
+/// A loss with three decimals, or `-` when there is none (or it is not finite).
+pub fn loss(value: Option<f32>) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{:.3}", f64::from(v)),
+        _ => "-".to_owned(),
+    }
 }
 
 /// Bytes in B, KB, MB or GB (powers of 1000, one decimal).
@@ -122,5 +125,11 @@ mod tests {
         assert_eq!(human_bytes(1234), "1.2 KB");
         assert_eq!(human_bytes(45_600_000), "45.6 MB");
         assert_eq!(human_bytes(7_000_000_000_000), "7000.0 GB");
+    }
+
+    #[test]
+    fn losses_show_three_decimals_or_a_dash() {
+        assert_eq!(loss(Some(2.5)), "2.500");
+        assert_eq!((loss(None), loss(Some(f32::NAN)), loss(Some(f32::INFINITY))), ("-".into(), "-".into(), "-".into()));
     }
 }

@@ -9,10 +9,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
-
-use super::metrics::RoundMetrics;
-use super::plot::{self, Labels, Series};
+use crate::DemoError;
+use crate::metrics::{RoundMetrics, loss_or_nan};
+use crate::plot::{self, Labels, Series};
 
 /// The file that marks a directory as the demo's.
 const MARKER: &str = ".mana-demo";
@@ -30,31 +29,29 @@ pub struct OutDir {
 
 impl OutDir {
     /// Creates the directory, or empties a previous demo's; refuses a non-empty directory that is not one.
-    pub fn prepare(root: &Path) -> anyhow::Result<OutDir> {
+    pub fn prepare(root: &Path) -> Result<OutDir, DemoError> {
+        let reading = |e| DemoError::io(format!("reading {}", root.display()), e);
         if root.exists() {
-            let mut entries = std::fs::read_dir(root).with_context(|| format!("reading {}", root.display()))?;
+            let mut entries = std::fs::read_dir(root).map_err(reading)?;
             let empty = entries.next().is_none();
             if !empty && !root.join(MARKER).exists() {
-                bail!(
-                    "{} is not empty and was not written by `mana demo`; choose another --out directory",
-                    root.display()
-                );
+                return Err(DemoError::ForeignOutDir(root.to_path_buf()));
             }
-            for entry in std::fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
-                let entry = entry?;
+            for entry in std::fs::read_dir(root).map_err(reading)? {
+                let entry = entry.map_err(reading)?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let ours_dir = DIRS.contains(&name.as_str()) || is_node_dir(&name);
                 let path = entry.path();
                 if ours_dir && path.is_dir() {
-                    std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                    std::fs::remove_dir_all(&path).map_err(|e| DemoError::io(format!("removing {}", path.display()), e))?;
                 } else if FILES.contains(&name.as_str()) && name != MARKER {
-                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                    std::fs::remove_file(&path).map_err(|e| DemoError::io(format!("removing {}", path.display()), e))?;
                 }
             }
         }
-        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        std::fs::create_dir_all(root).map_err(|e| DemoError::io(format!("creating {}", root.display()), e))?;
         std::fs::write(root.join(MARKER), "written by `mana demo`; the demo empties this directory on its next run\n")
-            .with_context(|| format!("writing into {}", root.display()))?;
+            .map_err(|e| DemoError::io(format!("writing into {}", root.display()), e))?;
         Ok(OutDir { root: root.to_path_buf() })
     }
 
@@ -85,11 +82,11 @@ impl OutDir {
 
     /// Writes a file at the top of the directory (through a temporary file and a rename, so a reader never
     /// sees half of it).
-    pub fn write(&self, name: &str, contents: &str) -> anyhow::Result<PathBuf> {
+    pub fn write(&self, name: &str, contents: &str) -> Result<PathBuf, DemoError> {
         let path = self.file(name);
         let tmp = self.file(&format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&tmp, contents).map_err(|e| DemoError::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| DemoError::io(format!("writing {}", path.display()), e))?;
         Ok(path)
     }
 }
@@ -102,28 +99,33 @@ fn is_node_dir(name: &str) -> bool {
 /// `metrics.jsonl`, written one line per round as rounds are committed.
 #[derive(Debug)]
 pub struct MetricsFile {
+    /// The file, for messages.
+    path: PathBuf,
+    /// The buffered writer.
     out: BufWriter<File>,
 }
 
 impl MetricsFile {
     /// Creates (truncates) the file.
-    pub fn create(path: &Path) -> anyhow::Result<MetricsFile> {
-        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(MetricsFile { out: BufWriter::new(file) })
+    pub fn create(path: &Path) -> Result<MetricsFile, DemoError> {
+        let file = File::create(path).map_err(|e| DemoError::io(format!("creating {}", path.display()), e))?;
+        Ok(MetricsFile { path: path.to_path_buf(), out: BufWriter::new(file) })
     }
 
     /// Appends one line and flushes it (so the file is useful even if the demo is stopped).
-    pub fn append(&mut self, line: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
-        serde_json::to_writer(&mut self.out, line)?;
-        self.out.write_all(b"\n")?;
-        self.out.flush()?;
+    pub fn append(&mut self, line: &serde_json::Map<String, serde_json::Value>) -> Result<(), DemoError> {
+        serde_json::to_writer(&mut self.out, line)
+            .map_err(|source| DemoError::WriteMetrics { path: self.path.clone(), source })?;
+        let writing = |e| DemoError::io(format!("writing {}", self.path.display()), e);
+        self.out.write_all(b"\n").map_err(writing)?;
+        self.out.flush().map_err(writing)?;
         Ok(())
     }
 }
 
 /// The loss plot of the rounds so far: training and validation loss per round.
 pub fn loss_svg(rounds: &[RoundMetrics], title: &str) -> String {
-    let points = |f: fn(&RoundMetrics) -> f64| rounds.iter().map(|m| (m.round as f64, f(m))).collect();
+    let points = |f: fn(&RoundMetrics) -> Option<f32>| rounds.iter().map(|m| (m.round as f64, loss_or_nan(f(m)))).collect();
     let series = [
         Series { name: "train loss".into(), color: "#1f77b4".into(), points: points(|m| m.train_loss) },
         Series { name: "validation loss".into(), color: "#d62728".into(), points: points(|m| m.val_loss) },

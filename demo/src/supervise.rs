@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use crate::DemoError;
 
 /// How long children get to exit after SIGTERM before they are killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -85,9 +85,9 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor writing child logs into `logs` (created if missing).
-    pub fn new(logs: impl Into<PathBuf>) -> anyhow::Result<Supervisor> {
+    pub fn new(logs: impl Into<PathBuf>) -> Result<Supervisor, DemoError> {
         let logs = logs.into();
-        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        std::fs::create_dir_all(&logs).map_err(|e| DemoError::io(format!("creating {}", logs.display()), e))?;
         Ok(Supervisor { logs, children: Vec::new(), cancel: Arc::new(AtomicBool::new(false)) })
     }
 
@@ -101,30 +101,39 @@ impl Supervisor {
     }
 
     /// Starts `cmd` as the child `name`, its output in `<logs>/<name>.log`.
-    pub fn spawn(&mut self, name: &str, mut cmd: Command) -> anyhow::Result<ChildId> {
+    pub fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<ChildId, DemoError> {
         let log = self.logs.join(format!("{name}.log"));
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&log)
-            .with_context(|| format!("creating {}", log.display()))?;
+            .map_err(|e| DemoError::io(format!("creating {}", log.display()), e))?;
         // Both streams append to the same file; the stdout copy goes through the reader thread.
-        let stderr = file.try_clone().with_context(|| format!("opening {} twice", log.display()))?;
+        let stderr = file.try_clone().map_err(|e| DemoError::io(format!("opening {} twice", log.display()), e))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr));
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
         }
-        let mut child = cmd.spawn().with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        let mut child = cmd.spawn().map_err(|source| DemoError::Spawn {
+            name: name.to_owned(),
+            program: format!("{:?}", cmd.get_program()),
+            source,
+        })?;
         let pid = child.id();
-        let stdout = child.stdout.take().context("the child's stdout is piped")?;
+        let Some(stdout) = child.stdout.take() else {
+            // Cannot happen (it was piped just above); reported rather than unwrapped all the same.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(DemoError::StdoutClosed { name: name.to_owned(), log });
+        };
         let (tx, lines) = mpsc::channel();
         std::thread::Builder::new()
             .name(format!("{name}-stdout"))
             .spawn(move || copy_lines(stdout, file, tx))
-            .context("starting a log thread")?;
+            .map_err(|e| DemoError::io("starting a log thread", e))?;
         self.children.push(Supervised {
             name: name.to_owned(),
             child: Some(child),
@@ -214,20 +223,19 @@ impl Supervisor {
 
     /// Waits for the child to print a stdout line that `pick` accepts, and returns what `pick` made of it.
     /// Fails, naming the child and its log, if it ends first or `timeout` passes.
-    pub fn wait_line<T>(&mut self, id: ChildId, timeout: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> anyhow::Result<T> {
+    pub fn wait_line<T>(&mut self, id: ChildId, timeout: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> Result<T, DemoError> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.cancelled() {
-                bail!("interrupted");
+                return Err(DemoError::Interrupted);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!(
-                    "{} did not print what the demo waits for within {} s; its log is {}",
-                    self.name(id),
-                    timeout.as_secs(),
-                    self.log(id).display()
-                );
+                return Err(DemoError::StartupTimeout {
+                    name: self.name(id).to_owned(),
+                    secs: timeout.as_secs(),
+                    log: self.log(id).to_path_buf(),
+                });
             }
             match self.get(id).lines.recv_timeout(left.min(POLL * 4)) {
                 Ok(line) => {
@@ -243,11 +251,10 @@ impl Supervisor {
                         std::thread::sleep(POLL);
                     }
                     let status = self.exit_status(id);
-                    let death = match status {
-                        Some(status) => self.death(id, status).to_string(),
-                        None => format!("{} closed its stdout; its log is {}", self.name(id), self.log(id).display()),
-                    };
-                    bail!("{death}");
+                    return Err(match status {
+                        Some(status) => DemoError::ChildEnded(Box::new(self.death(id, status))),
+                        None => DemoError::StdoutClosed { name: self.name(id).to_owned(), log: self.log(id).to_path_buf() },
+                    });
                 }
             }
         }
@@ -368,7 +375,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// The last few lines of a log file.
-fn log_tail(path: &Path) -> anyhow::Result<String> {
+fn log_tail(path: &Path) -> std::io::Result<String> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;

@@ -1,0 +1,104 @@
+//! `summary.txt`: the run on one screen (rounds and their phases, the losses, the deltas, the verdict on the
+//! final shards, the first sample), printed at the end and written to the output directory.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::manifests::Comparison;
+use crate::metrics::RoundMetrics;
+use crate::output::OutDir;
+use crate::progress::{self, human_bytes};
+use crate::rounds::Rounds;
+use crate::sample::{self, Sample};
+use crate::DemoConfig;
+
+/// The one-screen summary.
+pub fn summary(
+    cfg: &DemoConfig,
+    out: &OutDir,
+    rounds: &Rounds,
+    comparison: &Comparison,
+    samples: &[Sample],
+    elapsed: Duration,
+) -> String {
+    let m = &rounds.metrics;
+    let (Some(first), Some(last)) = (m.first(), m.last()) else {
+        // The run ends in an error before this when no round was committed.
+        return format!("mana demo: no round was committed (outputs in {})", out.root.display());
+    };
+    let n = m.len() as f64;
+    let mean = |f: fn(&RoundMetrics) -> u64| m.iter().map(f).sum::<u64>() as f64 / n / 1000.0;
+    let wire: u64 = m.iter().map(|r| r.payload_bytes).sum();
+    let tokens: u64 = m.iter().map(|r| r.tokens).sum();
+    let accepted: u64 = m.iter().map(|r| r.accepted as u64).sum();
+    let rejected: u64 = m.iter().map(|r| r.rejected as u64).sum();
+    let timed: Vec<f64> = rounds.secs.iter().copied().skip(1).filter(|s| *s > 0.0).collect();
+    let per_round = if timed.is_empty() {
+        String::new()
+    } else {
+        format!(", {:.1} s per round after the first", timed.iter().sum::<f64>() / timed.len() as f64)
+    };
+    let h = cfg.inner_steps.map_or_else(String::new, |h| format!(", H = {h}"));
+    // Writing to a String cannot fail; `let _ =` keeps the code free of unwraps.
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "mana demo: {} nodes, a coordinator and a bootstrap on loopback, rule {}{h}, finished in {}",
+        cfg.nodes,
+        cfg.rule,
+        clock(elapsed)
+    );
+    let _ = writeln!(
+        s,
+        "rounds    {} committed (first round {:.1} s{per_round}); phases on average: train {:.1} s, transfer {:.1} s, verify {:.1} s, apply {:.1} s",
+        m.len(),
+        rounds.secs.first().copied().unwrap_or(0.0),
+        mean(|r| r.ms.train),
+        mean(|r| r.ms.transfer),
+        mean(|r| r.ms.verify),
+        mean(|r| r.ms.apply),
+    );
+    let _ = writeln!(
+        s,
+        "loss      train {} -> {}, validation {} -> {} (round {} -> {})",
+        progress::loss(first.train_loss),
+        progress::loss(last.train_loss),
+        progress::loss(first.val_loss),
+        progress::loss(last.val_loss),
+        first.round,
+        last.round
+    );
+    let per_token = if tokens > 0 { format!(", {:.1} bytes per token trained", wire as f64 / tokens as f64) } else { String::new() };
+    let _ = writeln!(s, "deltas    {accepted} accepted, {rejected} rejected; {} of payloads on the wire{per_token}", human_bytes(wire));
+    if !rounds.nodes_lost.is_empty() {
+        let _ = writeln!(s, "lost      {} stopped during the run (see their logs)", rounds.nodes_lost.join(", "));
+    }
+    let verdict = comparison.text.lines().find(|l| l.starts_with("verdict:")).unwrap_or("verdict: -");
+    let _ = writeln!(s, "manifests {}", verdict.trim_start_matches("verdict: "));
+    if let Some(sample) = samples.first() {
+        let _ = writeln!(s, "sample    {:?}", sample::first_line(sample));
+    }
+    let _ = write!(
+        s,
+        "outputs   {}: metrics.jsonl loss.svg manifests.txt sample.txt summary.txt, logs/, final-model/",
+        out.root.display()
+    );
+    s
+}
+
+/// `1m 05s` / `42.0 s`.
+fn clock(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 60.0 { format!("{secs:.1} s") } else { format!("{}m {:02}s", d.as_secs() / 60, d.as_secs() % 60) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_reads_naturally() {
+        assert_eq!(clock(Duration::from_millis(42_040)), "42.0 s");
+        assert_eq!(clock(Duration::from_secs(65)), "1m 05s");
+    }
+}
