@@ -1,30 +1,43 @@
 //! Figures for the network layer, printed, never asserted on (ignored by default; run with
-//! `cargo test --test net_bench -- --ignored --nocapture --test-threads 1`):
-//! - shard transfer throughput over loopback against a plain TCP copy of the same bytes in the same run;
+//! `cargo test --release --test net_bench -- --ignored --nocapture --test-threads 1`):
+//! - shard transfer throughput over loopback, against two bounds measured in the same run: a plain TCP copy
+//!   of the same bytes, and the noise cipher's own throughput (ChaCha20-Poly1305 from ring, as libp2p-noise
+//!   uses it through snow, one thread sealing 64 KiB frames and one opening them); with the CPU seconds per
+//!   GB spent at each end (the provider runs in its own process, so the two ends are counted apart);
+//! - the time for a fresh node to join and fetch a 1 GiB checkpoint from 3 providers
+//!   (`cargo test --release --test net_bench bench_join_and_fetch_1gb_from_3_providers -- --ignored
+//!   --nocapture`);
 //! - gossip latency from one node to five peers;
 //! - resident memory (RSS) of idle `mana node` processes.
 
 mod net_support;
 
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mana_node::net::fetch::FetchOptions;
+use mana_node::net::libp2p::{Multiaddr, PeerId};
 use mana_protocol::{Capacity, ContentHash, DeviceKind, Heartbeat, Message, Text};
 use net_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BYTES: usize = 64 * 1024 * 1024;
+const BYTES: usize = 256 * 1024 * 1024;
 
-/// CPU time used by this whole process so far (user + system), in seconds: /proc/self/stat fields 14 and 15,
-/// in USER_HZ ticks (100 per second in Linux's ABI). A machine shared with other work slows the wall clock
-/// of a transfer but not the CPU it costs, so both are printed.
-fn process_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU time used by a process so far (user + system, all its threads), in seconds: /proc/<pid>/stat fields
+/// 14 and 15, in USER_HZ ticks (100 per second in Linux's ABI). A machine shared with other work slows the
+/// wall clock of a transfer but not the CPU it costs, so both are printed.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+fn process_cpu_secs() -> f64 {
+    cpu_secs("self")
 }
 
 /// A plain TCP copy of `data` over loopback (tokio, 1 MiB buffers), in MB/s.
@@ -49,60 +62,228 @@ async fn tcp_copy_mb_s(data: &[u8]) -> f64 {
     len as f64 / 1e6 / start.elapsed().as_secs_f64()
 }
 
+/// The largest plaintext libp2p-noise puts in one noise message (65535 bytes less its 1024 spare).
+const NOISE_FRAME: usize = 65535 - 1024;
+
+/// The cipher's bound on an encrypted transfer: one thread seals `total` bytes in noise-sized frames (with
+/// the copy into the output buffer that snow's ring resolver makes), another opens them, as the two ends
+/// of a connection do. Returns (MB/s through the pair, CPU seconds per GB of both threads together).
+fn cipher_bound(total: usize) -> (f64, f64) {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    let key = || LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"));
+    let nonce = |n: u64| {
+        let mut bytes = [0u8; 12];
+        bytes[4..].copy_from_slice(&n.to_le_bytes()); // noise's ChaChaPoly nonce: 4 zero bytes, 64-bit counter
+        Nonce::assume_unique_for_key(bytes)
+    };
+    let frames = total / NOISE_FRAME;
+    let plain = pseudo_random_bytes(NOISE_FRAME, 9);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+    let start = Instant::now();
+    let sealer = std::thread::spawn(move || {
+        let (key, t0) = (key(), Instant::now());
+        for n in 0..frames as u64 {
+            let mut out = Vec::with_capacity(NOISE_FRAME + 16);
+            out.extend_from_slice(&plain);
+            let tag = key.seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out).expect("seal");
+            out.extend_from_slice(tag.as_ref());
+            tx.send(out).expect("opener alive");
+        }
+        t0.elapsed()
+    });
+    let opener = std::thread::spawn(move || {
+        let (key, mut busy) = (key(), Duration::ZERO);
+        for (n, mut frame) in rx.into_iter().enumerate() {
+            let t0 = Instant::now();
+            let opened = key.open_in_place(nonce(n as u64), Aad::empty(), &mut frame).expect("authentic");
+            assert_eq!(opened.len(), NOISE_FRAME);
+            busy += t0.elapsed();
+        }
+        busy
+    });
+    let seal_busy = sealer.join().expect("sealer");
+    let open_busy = opener.join().expect("opener");
+    let bytes = (frames * NOISE_FRAME) as f64;
+    (bytes / 1e6 / start.elapsed().as_secs_f64(), (seal_busy + open_busy).as_secs_f64() / (bytes / 1e9))
+}
+
+/// A provider node in its own process (this test binary again, running [`provider_process`]), so that its
+/// CPU time is counted apart from the fetcher's.
+struct ProviderProc {
+    child: Child,
+    peer: PeerId,
+    addr: Multiaddr,
+    hash: ContentHash,
+    warm: ContentHash,
+    dir: std::path::PathBuf,
+}
+
+impl ProviderProc {
+    fn spawn(dir: &std::path::Path, boot: &[Multiaddr], bytes: usize, seed: u64) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["provider_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("MANA_BENCH_PROVIDER", format!("{}|{}|{bytes}|{seed}", dir.display(), boot[0]))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("provider process");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let line = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("PROVIDER "))
+            .expect("the provider reports its address");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let hash = |s: &str| s.parse::<ContentHash>().expect("a hash");
+        Self {
+            peer: f[1].parse().expect("peer id"),
+            addr: f[2].parse().expect("address"),
+            hash: hash(f[3]),
+            warm: hash(f[4]),
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs(&self.child.id().to_string())
+    }
+
+    /// Stops the provider (its stdin closes) and returns the bytes it served (`fetch_out` from its final
+    /// status file).
+    fn stop(mut self) -> u64 {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+        let status = std::fs::read_to_string(self.dir.join("status.json")).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        json["traffic"]["fetch_out"].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for ProviderProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Not a test: the provider side of the benchmarks, started by [`ProviderProc::spawn`] (it does nothing
+/// unless `MANA_BENCH_PROVIDER` is set). Hosts a pseudo-random blob and a small warm-up blob, prints its
+/// address and their hashes, and serves until its stdin closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the provider process of the benchmarks"]
+async fn provider_process() {
+    let Ok(spec) = std::env::var("MANA_BENCH_PROVIDER") else { return };
+    let f: Vec<&str> = spec.split('|').collect();
+    let boot: Multiaddr = f[1].parse().expect("bootstrap address");
+    let (bytes, seed): (usize, u64) = (f[2].parse().expect("size"), f[3].parse().expect("seed"));
+    let node = start_node(node_config(std::path::Path::new(f[0]), &[boot])).await;
+    let hash = node.host_blob_now(pseudo_random_bytes(bytes, seed)).await.expect("host");
+    let warm = node.host_blob_now(pseudo_random_bytes(1 << 20, seed + 1)).await.expect("host");
+    let addr = node.listen_addrs().await.expect("addresses").into_iter().next().expect("one address");
+    println!("PROVIDER {} {addr} {hash} {warm}", node.peer_id());
+    std::io::stdout().flush().expect("stdout");
+    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await;
+    node.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints figures"]
 async fn bench_shard_transfer_vs_tcp_copy() {
-    use mana_node::net::fetch::FetchOptions;
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
-    let a = start_node(node_config(&dir.path().join("a"), &boot)).await;
+    let provider = ProviderProc::spawn(&dir.path().join("a"), &boot, BYTES, 3);
     let data = pseudo_random_bytes(BYTES, 3);
-    let hash = a.host_blob(data.clone()).await.expect("host");
-    assert_eq!(hash, ContentHash::of(&data));
-    let warm = a.host_blob(pseudo_random_bytes(1 << 20, 4)).await.expect("host");
+    assert_eq!(provider.hash, ContentHash::of(&data));
+    let (cipher, cipher_cpu) = cipher_bound(BYTES);
+    println!(
+        "cipher bound (ring ChaCha20-Poly1305, {NOISE_FRAME}-byte frames, one thread sealing, one opening): \
+         {cipher:.1} MB/s, {cipher_cpu:.2} CPU-s/GB for both"
+    );
 
-    // The defaults first, then other chunk sizes and request windows (one fresh fetching node each).
-    let defaults = FetchOptions::default();
+    // The defaults first, then other segment sizes and streams per provider, then the request-response
+    // path alone (one fresh fetching node each).
+    let d = FetchOptions::default();
     let variants = [
-        (defaults.chunk_bytes, defaults.per_provider),
-        (1 << 20, 16),
-        (2 << 20, 8),
-        (4 << 20, 8),
-        (4 << 20, 16),
+        ("defaults", FetchOptions { ..d.clone() }),
+        ("16 MiB segments", FetchOptions { segment_bytes: 16 << 20, ..d.clone() }),
+        ("4 MiB segments, 4 streams", FetchOptions { segment_bytes: 4 << 20, streams_per_provider: 4, ..d.clone() }),
+        ("1 stream", FetchOptions { streams_per_provider: 1, ..d.clone() }),
+        ("request-response only", FetchOptions { bulk_streams: false, ..d.clone() }),
     ];
-    for (i, (chunk_bytes, per_provider)) in variants.into_iter().enumerate() {
+    for (i, (name, fetch)) in variants.into_iter().enumerate() {
         let mut config = node_config(&dir.path().join(format!("b{i}")), &boot);
-        config.fetch.chunk_bytes = chunk_bytes;
-        config.fetch.per_provider = per_provider;
-        config.fetch.concurrency = per_provider;
+        config.fetch = fetch;
         let b = start_node(config).await;
+        b.net().dial(provider.addr.clone()).await.expect("dial the provider");
         // Warm the connection (and the provider's open-blob cache for the small blob) first.
-        b.fetch_blob(warm).await.expect("warm-up fetch");
+        b.fetch_blob_from(provider.warm, vec![provider.peer]).await.expect("warm-up fetch");
         let cpu0 = process_cpu_secs();
         let tcp = tcp_copy_mb_s(&data).await;
         let tcp_cpu = process_cpu_secs() - cpu0;
-        let before = b.status().await.expect("status").traffic;
-        let cpu0 = process_cpu_secs();
+        let (cpu0, provider_cpu0) = (process_cpu_secs(), provider.cpu_secs());
         let start = Instant::now();
-        let len = b.fetch_blob(hash).await.expect("fetch");
+        let len = b.fetch_blob_from(provider.hash, vec![provider.peer]).await.expect("fetch");
         let secs = start.elapsed().as_secs_f64();
-        let mana_cpu = process_cpu_secs() - cpu0;
-        let after = b.status().await.expect("status").traffic;
-        let mana = len as f64 / 1e6 / secs;
+        let (fetcher_cpu, provider_cpu) = (process_cpu_secs() - cpu0, provider.cpu_secs() - provider_cpu0);
+        let (mana, gb) = (len as f64 / 1e6 / secs, len as f64 / 1e9);
         println!(
-            "shard transfer, {} KiB chunks, {per_provider} in flight{}: {} MB in {secs:.2} s = {mana:.1} MB/s \
-             (hash-checked, fsync'd into the store), {mana_cpu:.2} CPU-s both ends; plain TCP copy {tcp:.1} MB/s, \
-             {tcp_cpu:.2} CPU-s; ratio mana/TCP = {:.3}; fetch bytes in {}",
-            chunk_bytes / 1024,
-            if i == 0 { " (defaults)" } else { "" },
+            "shard transfer ({name}): {} MB in {secs:.3} s = {mana:.1} MB/s (hash-checked, fsync'd into the \
+             store); CPU-s/GB: fetcher {:.2}, provider {:.2}; TCP copy {tcp:.1} MB/s ({:.2} CPU-s/GB both \
+             ends); mana/TCP = {:.3}, mana/cipher bound = {:.3}",
             len / 1_000_000,
+            fetcher_cpu / gb,
+            provider_cpu / gb,
+            tcp_cpu / gb,
             mana / tcp,
-            after.fetch_in - before.fetch_in,
+            mana / cipher,
         );
         b.shutdown().await.expect("shutdown");
     }
-    a.shutdown().await.expect("shutdown");
+    provider.stop();
+    bootstrap.shutdown().await;
+}
+
+/// A fresh node joins through the bootstrap and fetches a 1 GiB checkpoint shard from 3 providers (each
+/// in its own process) at once: the figure quoted in the operator guide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures (1 GiB on disk four times)"]
+async fn bench_join_and_fetch_1gb_from_3_providers() {
+    const GIB: usize = 1 << 30;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let providers: Vec<ProviderProc> =
+        (0..3).map(|i| ProviderProc::spawn(&dir.path().join(format!("p{i}")), &boot, GIB, 21)).collect();
+    let hash = providers[0].hash;
+    assert!(providers.iter().all(|p| p.hash == hash), "the providers host the same blob");
+    let peers: Vec<PeerId> = providers.iter().map(|p| p.peer).collect();
+    let cpu0: Vec<f64> = providers.iter().map(ProviderProc::cpu_secs).collect();
+    let fetcher_cpu0 = process_cpu_secs();
+
+    let start = Instant::now();
+    let node = start_node(node_config(&dir.path().join("fresh"), &boot)).await;
+    for p in &providers {
+        node.net().dial(p.addr.clone()).await.expect("dial a provider");
+    }
+    let joined = start.elapsed().as_secs_f64();
+    let len = node.fetch_blob_from(hash, peers).await.expect("fetch");
+    let total = start.elapsed().as_secs_f64();
+    assert_eq!(len, GIB as u64);
+    let fetcher_cpu = process_cpu_secs() - fetcher_cpu0;
+    let provider_cpu: Vec<f64> = providers.iter().zip(&cpu0).map(|(p, c)| p.cpu_secs() - c).collect();
+    node.shutdown().await.expect("shutdown");
+    let served: Vec<u64> = providers.into_iter().map(ProviderProc::stop).collect();
+    println!(
+        "fresh node: started and connected to 3 providers in {joined:.2} s, 1 GiB fetched (hash-checked, \
+         fsync'd) in {:.2} s = {:.1} MB/s, {total:.2} s in all; MB served per provider {:?}; CPU-s: fetcher \
+         {fetcher_cpu:.2}, providers {provider_cpu:.2?}",
+        total - joined,
+        GIB as f64 / 1e6 / (total - joined),
+        served.iter().map(|b| b / 1_000_000).collect::<Vec<_>>(),
+    );
     bootstrap.shutdown().await;
 }
 
@@ -180,6 +361,7 @@ async fn bench_gossip_latency_to_five_peers() {
 }
 
 struct Proc(Child);
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();

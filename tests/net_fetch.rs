@@ -1,6 +1,8 @@
 //! Shard transfer: a node lacking a shard listed in a checkpoint manifest finds its provider in the DHT,
 //! fetches it (50 MB, in chunks, several in flight), checks its blake3 hash, stores it and commits the round.
-//! And a provider that serves wrong bytes is caught by the hash check: nothing is stored.
+//! And a provider that serves wrong bytes is caught by the hash check: nothing is stored. One blob comes
+//! from several providers at once, and hostile bulk-stream providers (trickling, oversized) cost only
+//! themselves: their ranges come from an honest provider.
 
 mod net_support;
 
@@ -8,8 +10,9 @@ use std::time::Duration;
 
 use mana_node::keyfile;
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
+use mana_node::net::libp2p::{Multiaddr, PeerId};
 use mana_node::net::{self, FetchResponse, NetConfig, NetEvent};
-use mana_protocol::{Bytes, CheckpointManifest, ContentHash, Message, ShardEntry, ShardId};
+use mana_protocol::{Bytes, CheckpointManifest, ContentHash, Message, RangeRequest, RangeResponse, ShardEntry, ShardId};
 use net_support::*;
 
 const SHARD_BYTES: usize = 50 * 1024 * 1024;
@@ -119,5 +122,140 @@ async fn a_provider_serving_wrong_bytes_is_caught_and_nothing_is_stored() {
     assert!(!b.store().has_blob(&hash).expect("store readable"), "nothing stored");
 
     b.shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_blob_is_fetched_from_three_providers_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let blob = pseudo_random_bytes(24 * 1024 * 1024 + 5, 13);
+    let mut providers = Vec::new();
+    for i in 0..3 {
+        let node = start_node(node_config(&dir.path().join(format!("p{i}")), &boot)).await;
+        node.host_blob_now(blob.clone()).await.expect("host");
+        providers.push(node);
+    }
+    let mut config = node_config(&dir.path().join("b"), &boot);
+    config.fetch.segment_bytes = 1024 * 1024; // 25 segments: enough for every provider to get some
+    let b = start_node(config).await;
+    for p in &providers {
+        for addr in p.listen_addrs().await.expect("addresses") {
+            b.net().dial(addr).await.expect("dial");
+        }
+    }
+    let hash = ContentHash::of(&blob);
+    let peers = providers.iter().map(|p| p.peer_id()).collect();
+    assert_eq!(b.fetch_blob_from(hash, peers).await.expect("fetch"), blob.len() as u64);
+    assert_eq!(b.read_blob(hash).await.expect("stored"), blob);
+    let mut served = Vec::new();
+    for p in &providers {
+        served.push(p.status().await.expect("status").traffic.fetch_out);
+    }
+    assert!(served.iter().all(|&s| s >= 1024 * 1024), "every provider served at least a segment: {served:?}");
+    assert!(served.iter().sum::<u64>() >= blob.len() as u64, "the bytes came from them: {served:?}");
+
+    for node in providers.into_iter().chain([b]) {
+        node.shutdown().await.expect("shutdown");
+    }
+    bootstrap.shutdown().await;
+}
+
+/// How a hostile bulk-stream provider misbehaves once it has told the blob's true size.
+#[derive(Clone, Copy)]
+enum Hostile {
+    /// Sends a correct header, then one byte every 100 ms.
+    Trickle,
+    /// Claims more bytes than were asked for.
+    Oversized,
+}
+
+/// A swarm that announces the blob and answers bulk streams the `Hostile` way. Returns its address.
+async fn hostile_provider(boot: &[Multiaddr], hash: ContentHash, total: u64, how: Hostile) -> (PeerId, Multiaddr) {
+    use mana_node::net::libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    let mut config = NetConfig::for_tests();
+    config.bootstrap = boot.to_vec();
+    let (client, mut events, event_loop) = net::new(Libp2pKeypair::generate_ed25519(), config).expect("swarm");
+    tokio::spawn(event_loop.run());
+    let mut incoming = client.accept_blob_streams().expect("accepting");
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut len = [0u8; 2];
+                    if stream.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut frame = vec![0u8; usize::from(u16::from_le_bytes(len))];
+                    if stream.read_exact(&mut frame).await.is_err() {
+                        return;
+                    }
+                    let Ok(request) = RangeRequest::decode(&frame) else { return };
+                    let (claimed, trickle) = match how {
+                        _ if request.len == 0 => (0, false),
+                        Hostile::Trickle => (request.len, true),
+                        Hostile::Oversized => ((request.len + 1).min(total - request.offset), false),
+                    };
+                    let header = RangeResponse::Range { hash, offset: request.offset, total_size: total, len: claimed };
+                    let frame = header.encode().expect("encodable");
+                    let mut out = (frame.len() as u16).to_le_bytes().to_vec();
+                    out.extend_from_slice(&frame);
+                    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
+                        return;
+                    }
+                    while trickle {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        if stream.write_all(&[0]).await.is_err() || stream.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let addr = client.listen_addrs(Duration::from_secs(10)).await.expect("listening").remove(0);
+    let peer = client.local_peer_id();
+    // The swarm lives as long as a client clone does: keep one in a task that never ends.
+    tokio::spawn(async move {
+        let _client = client;
+        std::future::pending::<()>().await
+    });
+    (peer, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_and_oversized_providers_are_dropped_and_their_ranges_come_from_an_honest_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let blob = pseudo_random_bytes(6 * 1024 * 1024 + 3, 17);
+    let hash = ContentHash::of(&blob);
+    let honest = start_node(node_config(&dir.path().join("honest"), &boot)).await;
+    honest.host_blob_now(blob.clone()).await.expect("host");
+    let trickler = hostile_provider(&boot, hash, blob.len() as u64, Hostile::Trickle).await;
+    let oversized = hostile_provider(&boot, hash, blob.len() as u64, Hostile::Oversized).await;
+
+    let mut config = node_config(&dir.path().join("b"), &boot);
+    config.fetch.segment_bytes = 1024 * 1024;
+    config.fetch.segment_timeout = Duration::from_secs(2); // the trickler never finishes a segment
+    let b = start_node(config).await;
+    let mut peers = Vec::new();
+    for (peer, addr) in [trickler, oversized] {
+        b.net().dial(addr).await.expect("dial");
+        peers.push(peer);
+    }
+    for addr in honest.listen_addrs().await.expect("addresses") {
+        b.net().dial(addr).await.expect("dial");
+    }
+    peers.push(honest.peer_id());
+    assert_eq!(b.fetch_blob_from(hash, peers).await.expect("fetched from the honest provider"), blob.len() as u64);
+    assert_eq!(b.read_blob(hash).await.expect("stored"), blob);
+    let served = honest.status().await.expect("status").traffic.fetch_out;
+    assert!(served >= blob.len() as u64, "every range the hostile ones held came from the honest one: {served}");
+
+    b.shutdown().await.expect("shutdown");
+    honest.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;
 }

@@ -40,6 +40,8 @@ pub use messages::{
     AcceptedDeltas, Capacity, CheckpointManifest, DeltaAnnouncement, Deadlines, DeviceKind, Heartbeat, HyperParams,
     Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, ShardEntry, TrainingStats, UpdateRule,
 };
-pub use reqresp::{ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, Tensor, TensorDtype};
-pub use topics::{EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic};
+pub use reqresp::{
+    ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, RangeRequest, RangeResponse, Tensor, TensorDtype,
+};
+pub use topics::{BLOB_STREAM_PROTOCOL, EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic};
 pub use validation::{RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope, validate_message};

@@ -22,6 +22,14 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// Largest chunk of a blob (delta payload or checkpoint shard) served in one fetch response.
 pub const MAX_FETCH_CHUNK_BYTES: u32 = 4 * 1024 * 1024;
 
+/// Largest range of a blob served for one [`crate::RangeRequest`] on a bulk stream (its bytes follow the
+/// header raw, so this bounds how long one request holds a stream, not a buffer).
+pub const MAX_RANGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Largest header frame on a bulk stream ([`crate::RangeRequest`], [`crate::RangeResponse`]); real ones are
+/// under 300 bytes.
+pub const MAX_RANGE_FRAME_BYTES: usize = 1024;
+
 /// Largest run id, in bytes.
 pub const MAX_RUN_ID_LEN: usize = 64;
 

@@ -2,13 +2,20 @@
 //! connection, so not enveloped): fetching a blob by hash in chunks ([`crate::topics::FETCH_PROTOCOL`]) and
 //! calling an expert ([`crate::topics::EXPERT_PROTOCOL`]). Every frame starts with the version tag and is
 //! decoded under [`MAX_REQUEST_BYTES`] or [`MAX_RESPONSE_BYTES`].
+//!
+//! Bulk blob streams ([`crate::topics::BLOB_STREAM_PROTOCOL`]) carry [`RangeRequest`]/[`RangeResponse`]
+//! headers instead, each a frame under [`MAX_RANGE_FRAME_BYTES`]; the bytes of a range follow its response
+//! header raw, so a receiver never decodes (or re-encodes to check) the bulk of a blob.
 
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::Bytes;
 use crate::error::ProtocolError;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
-use crate::limits::{MAX_FETCH_CHUNK_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK};
+use crate::limits::{
+    MAX_FETCH_CHUNK_BYTES, MAX_RANGE_BYTES, MAX_RANGE_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+    MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK,
+};
 use crate::wire;
 
 /// Ask for bytes `offset..offset + max_len` of the blob with blake3 `hash` (a delta payload, a checkpoint
@@ -80,6 +87,94 @@ impl FetchResponse {
             if len > u64::from(MAX_FETCH_CHUNK_BYTES) || offset.checked_add(len).is_none_or(|end| end > *total_size) {
                 return Err(ProtocolError::InvalidField {
                     what: "fetch chunk",
+                    detail: format!("{len} bytes at {offset} of a {total_size}-byte blob"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// On a bulk stream: ask for bytes `offset..offset + len` of the blob with blake3 `hash`. A `len` of 0 asks
+/// only for the header (how a fetcher learns the blob's size before splitting it among providers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    /// The blob.
+    pub hash: ContentHash,
+    /// First byte wanted.
+    pub offset: u64,
+    /// Bytes wanted, at most [`MAX_RANGE_BYTES`]; the server may send fewer (it says how many).
+    pub len: u64,
+}
+
+/// The header answering a [`RangeRequest`]; after a `Range`, exactly `len` raw bytes follow on the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RangeResponse {
+    /// Variant 0: bytes `offset..offset + len` of a blob of `total_size` bytes follow, raw.
+    Range {
+        /// The blob.
+        hash: ContentHash,
+        /// Position of the bytes that follow.
+        offset: u64,
+        /// Length of the whole blob.
+        total_size: u64,
+        /// How many bytes follow (at most the request's `len` and [`MAX_RANGE_BYTES`]).
+        len: u64,
+    },
+    /// Variant 1: this peer does not have the blob.
+    NotFound {
+        /// The blob asked for.
+        hash: ContentHash,
+    },
+    /// Variant 2: the peer refuses (busy, bad range); the text says why.
+    Refused {
+        /// Why.
+        reason: Text,
+    },
+}
+
+impl RangeRequest {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.check()?;
+        wire::encode_frame::<_, MAX_RANGE_FRAME_BYTES>(self, "range request")
+    }
+    /// Decodes a frame; a range over [`MAX_RANGE_BYTES`] or past `u64::MAX` is refused.
+    pub fn decode(bytes: &[u8]) -> Result<RangeRequest, ProtocolError> {
+        let request: RangeRequest = wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "range request")?;
+        request.check()?;
+        Ok(request)
+    }
+
+    fn check(&self) -> Result<(), ProtocolError> {
+        if self.len > MAX_RANGE_BYTES || self.offset.checked_add(self.len).is_none() {
+            return Err(ProtocolError::InvalidField {
+                what: "range request",
+                detail: format!("{} bytes at {}", self.len, self.offset),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl RangeResponse {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.check()?;
+        wire::encode_frame::<_, MAX_RANGE_FRAME_BYTES>(self, "range response")
+    }
+    /// Decodes a frame; a range over [`MAX_RANGE_BYTES`] or past the blob's end is refused.
+    pub fn decode(bytes: &[u8]) -> Result<RangeResponse, ProtocolError> {
+        let response: RangeResponse = wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "range response")?;
+        response.check()?;
+        Ok(response)
+    }
+
+    fn check(&self) -> Result<(), ProtocolError> {
+        if let RangeResponse::Range { offset, total_size, len, .. } = self {
+            if *len > MAX_RANGE_BYTES || offset.checked_add(*len).is_none_or(|end| end > *total_size) {
+                return Err(ProtocolError::InvalidField {
+                    what: "range response",
                     detail: format!("{len} bytes at {offset} of a {total_size}-byte blob"),
                 });
             }
@@ -217,5 +312,28 @@ impl ExpertResponse {
             output.check()?;
         }
         Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_frames_roundtrip_and_refuse_bad_ranges() {
+        let hash = ContentHash([5; 32]);
+        let req = RangeRequest { hash, offset: 1 << 40, len: MAX_RANGE_BYTES };
+        assert_eq!(RangeRequest::decode(&req.encode().expect("encodable")).ok(), Some(req));
+        assert!(RangeRequest { hash, offset: 0, len: MAX_RANGE_BYTES + 1 }.encode().is_err());
+        assert!(RangeRequest { hash, offset: u64::MAX, len: 1 }.encode().is_err());
+        let res = RangeResponse::Range { hash, offset: 10, total_size: 20, len: 10 };
+        let frame = res.encode().expect("encodable");
+        assert!(frame.len() < MAX_RANGE_FRAME_BYTES);
+        assert_eq!(RangeResponse::decode(&frame).ok(), Some(res));
+        assert!(RangeResponse::Range { hash, offset: 10, total_size: 20, len: 11 }.encode().is_err(), "past the end");
+        for garbage in [vec![], vec![0xff; 10], vec![1u8; MAX_RANGE_FRAME_BYTES + 1]] {
+            assert!(RangeResponse::decode(&garbage).is_err());
+            assert!(RangeRequest::decode(&garbage).is_err());
+        }
     }
 }

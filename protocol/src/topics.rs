@@ -5,6 +5,10 @@ use crate::ids::RunId;
 /// Protocol id of blob fetching (delta payloads, checkpoint shards and manifests, by hash, in chunks).
 pub const FETCH_PROTOCOL: &str = "/mana/fetch/1.0.0";
 
+/// Protocol id of bulk blob streams: many ranges of blobs on one long-lived stream, each range's bytes sent
+/// raw after a small header (the fast path for shards; [`FETCH_PROTOCOL`] stays for peers without it).
+pub const BLOB_STREAM_PROTOCOL: &str = "/mana/blob/1.0.0";
+
 /// Protocol id of remote expert calls (hidden states in, expert outputs out).
 pub const EXPERT_PROTOCOL: &str = "/mana/expert/1.0.0";
 

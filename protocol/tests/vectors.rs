@@ -19,6 +19,8 @@ fn generated() -> Vec<(String, Vec<u8>)> {
         all_envelopes().into_iter().map(|(name, bytes)| (format!("envelope_{name}"), bytes)).collect();
     out.push(("fetch_request".into(), fetch_request().encode().unwrap()));
     out.push(("fetch_response".into(), fetch_response().encode().unwrap()));
+    out.push(("range_request".into(), range_request().encode().unwrap()));
+    out.push(("range_response".into(), range_response().encode().unwrap()));
     out.push(("expert_request".into(), expert_request().encode().unwrap()));
     out.push(("expert_response".into(), expert_response().encode().unwrap()));
     out.push(("checkpoint_manifest_blob".into(), manifest(7).to_bytes().unwrap()));
@@ -115,6 +117,8 @@ fn vectors_decode_to_the_fixtures() {
         assert_eq!(env.signer, signer_of(&message).public());
     }
     assert_eq!(FetchRequest::decode(&get("fetch_request")).unwrap(), fetch_request());
+    assert_eq!(RangeRequest::decode(&get("range_request")).unwrap(), range_request());
+    assert_eq!(RangeResponse::decode(&get("range_response")).unwrap(), range_response());
     assert_eq!(ExpertResponse::decode(&get("expert_response")).unwrap(), expert_response());
     let dense = decode_delta(&get("delta_dense"), 8).unwrap();
     assert_eq!(dense.len(), 8);

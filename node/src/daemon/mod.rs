@@ -6,7 +6,8 @@
 //!   [`mana_protocol::validate_envelope`]; replays are caught by a window of seen message hashes; the verdict
 //!   goes back to gossipsub (Accept forwards; Reject scores the forwarder down) and rejections are logged in
 //!   the store with their reason;
-//! - fetch requests are served from the store (hash-verified reads, cached for chunked serving);
+//! - fetch requests and bulk blob streams are served from the store (hash-verified reads, cached for ranged
+//!   serving);
 //! - an accepted checkpoint manifest starts shard sync ([`sync`]): missing shards are found in the DHT,
 //!   fetched, hash-checked, stored, announced, and the round is committed;
 //! - every few seconds a signed heartbeat goes out and `status.json` is rewritten atomically in the data
@@ -429,6 +430,16 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, m
         2 * mana_protocol::validation::ValidationLimits::default().max_clock_skew_ms,
     ));
     let mut seq = 0u64;
+    // Bulk streams are served for as long as the node handles events (the task holds the shared state, so
+    // it is stopped here rather than left to end with the swarm).
+    let source = Arc::new(serve::StoreBlobs(shared.clone()));
+    let serving = match net::bulk::serve(&shared.client, source, serve::stream_limits(&shared.config.net)) {
+        Ok(serving) => Some(tokio::spawn(serving)),
+        Err(e) => {
+            tracing::warn!(error = %e, "bulk streams not served; peers fall back to chunk requests");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -448,6 +459,9 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, m
                 }
             }
         }
+    }
+    if let Some(serving) = serving {
+        serving.abort();
     }
     if let Err(e) = status::write(&shared).await {
         tracing::warn!(error = %e, "final status file not written");

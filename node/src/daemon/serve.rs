@@ -3,16 +3,20 @@
 //! blobs, and every chunk after that is a seek and a read of just its bytes. So a shard costs one hash pass
 //! however many chunks it is fetched in, and a blob larger than memory is served without ever being held
 //! whole. Concurrent first requests for one blob wait for a single open instead of each hashing the file.
+//!
+//! The same cache backs both protocols: chunk requests ([`answer`]) and bulk streams ([`StoreBlobs`], the
+//! store as a [`BlobSource`] for [`crate::net::bulk::serve`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
 
 use mana_protocol::limits::MAX_FETCH_CHUNK_BYTES;
-use mana_protocol::{Bytes, FetchRequest, FetchResponse, Text};
+use mana_protocol::{Bytes, ContentHash, FetchRequest, FetchResponse, Text};
 use tokio::sync::OnceCell;
 
 use super::{NodeError, Shared, blocking};
+use crate::net::bulk::{BlobSource, RangeRead, ServeLimits};
 use crate::store::{BlobReader, Store, StoreError};
 
 /// How many blobs a node keeps open for serving (least recently used closed first).
@@ -156,6 +160,57 @@ pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> Fetc
             shared.serve_cache.remove(&hash.0);
             refused("read error")
         }
+    }
+}
+
+/// The store as the source of bulk streams: the same verified, cached open blobs as chunk requests, and
+/// the same check that a blob is still in the store before each range.
+pub(crate) struct StoreBlobs(pub(crate) Arc<Shared>);
+
+/// An open blob, as bulk streams read it.
+struct OpenRange {
+    blob: OpenBlob,
+    len: u64,
+}
+
+impl RangeRead for OpenRange {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut reader = self.blob.lock().unwrap_or_else(|p| p.into_inner());
+        reader.seek(SeekFrom::Start(offset))?;
+        reader.read_exact(buf)
+    }
+}
+
+impl BlobSource for StoreBlobs {
+    async fn open(&self, hash: ContentHash) -> std::io::Result<Option<Arc<dyn RangeRead>>> {
+        let shared = &self.0;
+        let store = shared.store.clone();
+        let len = blocking(move || Ok(store.blob_len(&hash)?)).await.map_err(std::io::Error::other)?;
+        let Some(len) = len else {
+            shared.serve_cache.remove(&hash.0);
+            return Ok(None);
+        };
+        let Some(blob) = shared.serve_cache.open(&shared.store, hash.0).await.map_err(std::io::Error::other)? else {
+            return Ok(None);
+        };
+        if blob.lock().unwrap_or_else(|p| p.into_inner()).len() != len {
+            shared.serve_cache.remove(&hash.0);
+            return Err(std::io::Error::other("blob changed since it was opened"));
+        }
+        Ok(Some(Arc::new(OpenRange { blob, len })))
+    }
+}
+
+/// The bulk stream limits of a node's network settings.
+pub(crate) fn stream_limits(net: &crate::net::NetConfig) -> ServeLimits {
+    ServeLimits {
+        max_streams: net.limits.max_blob_streams,
+        max_streams_per_peer: net.limits.max_blob_streams_per_peer,
+        stall_timeout: net.request_timeout,
     }
 }
 

@@ -19,6 +19,16 @@ impl BlobSink for WriterSink {
     fn write_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
         std::io::Write::write_all(&mut self.0, data)
     }
+
+    /// The store's writer hashes as it writes: the fetch checks its hash instead of hashing again.
+    fn hash_so_far(&self) -> Option<blake3::Hash> {
+        Some(blake3::Hash::from_bytes(self.0.hash().0))
+    }
+
+    fn restart(&mut self) -> std::io::Result<bool> {
+        self.0.restart()?;
+        Ok(true)
+    }
 }
 
 /// Keeps a blob alive (against the store's collector) for as long as the node runs, or until a round that
@@ -81,7 +91,8 @@ async fn fetch_from(
     // Never ask for more than we accept (an operator may lower `max_chunk_bytes` below the default chunk).
     options.chunk_bytes = options.chunk_bytes.min(shared.config.net.limits.max_chunk_bytes);
     let (len, WriterSink(writer)) = fetch_blob(&shared.client, hash, providers, WriterSink(writer), &options).await?;
-    // fetch_blob checked the hash; the store checks it again as it installs the file.
+    // fetch_blob checked the writer's hash (each byte hashed once, as it was written); the store checks the
+    // same hash again as it installs the file, without reading the bytes again.
     let pin = blocking(move || Ok(writer.finish_expecting(&hash)?)).await?;
     keep_pin(shared, pin);
     // Announced in the background: the DHT query must not hold up whoever waits for the blob.

@@ -1,6 +1,6 @@
 //! The composed libp2p behaviour of a mana node, and the one `SwarmBuilder` chain that builds the swarm:
 //! TCP and QUIC transports with noise and yamux, a relay client transport, then identify, ping, Kademlia,
-//! gossipsub (signed, strictly validated, scored), the transfer protocol, relay server (optional), dcutr,
+//! gossipsub (signed, strictly validated, scored), the transfer protocol, bulk streams, relay server (optional), dcutr,
 //! autonat and connection limits.
 
 use std::collections::HashSet;
@@ -57,8 +57,10 @@ mod composed {
         pub kad: kad::Behaviour<kad::store::MemoryStore>,
         /// Gossip of signed announcements.
         pub gossipsub: gossipsub::Behaviour,
-        /// Chunked transfers of content-addressed bytes.
+        /// Chunked transfers of content-addressed bytes (the fallback for peers without bulk streams).
         pub transfer: request_response::Behaviour<TransferCodec>,
+        /// Raw streams: bulk blob transfers (`/mana/blob/1.0.0`), opened and accepted through its `Control`.
+        pub streams: libp2p_stream::Behaviour,
         /// Lets this node be reached through a relay when it is behind NAT.
         pub relay_client: relay::client::Behaviour,
         /// Serves as a relay for others (bootstrap nodes only).
@@ -207,6 +209,7 @@ pub fn build_swarm(
                 kad: kad_behaviour(keypair, config),
                 gossipsub,
                 transfer,
+                streams: libp2p_stream::Behaviour::new(),
                 relay_client,
                 relay_server: Toggle::from(relay_server),
                 dcutr: dcutr::Behaviour::new(peer_id),

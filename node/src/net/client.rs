@@ -13,20 +13,59 @@ use tokio::sync::{mpsc, oneshot};
 
 use mana_protocol::{FetchRequest, FetchResponse};
 use super::event_loop::{Command, Verdict};
+use super::bulk::BLOB_STREAM;
 use super::traffic::{Traffic, TrafficCounters};
 use super::{NetError, NetSnapshot};
 
 /// A handle to one node's swarm. Cheap to clone; every clone talks to the same event loop.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     traffic: Arc<TrafficCounters>,
+    /// Opens and accepts bulk streams directly (no round trip through the event loop per stream).
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("local_peer_id", &self.local_peer_id).finish_non_exhaustive()
+    }
 }
 
 impl Client {
-    pub(super) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId, traffic: Arc<TrafficCounters>) -> Self {
-        Self { commands, local_peer_id, traffic }
+    pub(super) fn new(
+        commands: mpsc::Sender<Command>,
+        local_peer_id: PeerId,
+        traffic: Arc<TrafficCounters>,
+        streams: libp2p_stream::Control,
+    ) -> Self {
+        Self { commands, local_peer_id, traffic, streams }
+    }
+
+    /// The shared traffic counters (the bulk stream code counts its frames and bytes there).
+    pub(super) fn traffic_counters(&self) -> &Arc<TrafficCounters> {
+        &self.traffic
+    }
+
+    /// Opens a bulk stream (`/mana/blob/1.0.0`) to `peer`, dialling it if needed.
+    /// [`NetError::StreamUnsupported`] means the peer serves only the request-response fetch protocol.
+    pub async fn open_blob_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
+        let mut control = self.streams.clone();
+        control.open_stream(peer, BLOB_STREAM).await.map_err(|e| match e {
+            libp2p_stream::OpenStreamError::UnsupportedProtocol(protocol) => {
+                NetError::StreamUnsupported { peer, protocol }
+            }
+            libp2p_stream::OpenStreamError::Io(source) => NetError::Stream { peer, source },
+            other => NetError::Stream { peer, source: std::io::Error::other(other.to_string()) },
+        })
+    }
+
+    /// Starts accepting inbound bulk streams (once per swarm: a second call gets
+    /// [`NetError::AlreadyAccepting`]). Until this is called, peers opening one are told the protocol is
+    /// unsupported and fall back to request-response.
+    pub fn accept_blob_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.streams.clone().accept(BLOB_STREAM).map_err(|_| NetError::AlreadyAccepting)
     }
 
     /// Application bytes sent and received since the swarm started (read directly, no round trip to the

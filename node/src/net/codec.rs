@@ -16,6 +16,7 @@ use libp2p::StreamProtocol;
 use libp2p::request_response;
 use mana_protocol::{FetchRequest, FetchResponse};
 
+use super::error::FrameTooLarge;
 use super::traffic::TrafficCounters;
 
 /// The protocol id of fetches.
@@ -61,7 +62,7 @@ async fn read_capped<T: AsyncRead + Unpin + Send>(io: &mut T, cap: usize) -> io:
     loop {
         if filled == buf.len() {
             if filled > cap {
-                return Err(invalid(format!("frame larger than {cap} bytes")));
+                return Err(FrameTooLarge::into_io(cap));
             }
             buf.resize(buf.len().saturating_mul(2).min(cap + 1), 0);
         }
@@ -72,7 +73,7 @@ async fn read_capped<T: AsyncRead + Unpin + Send>(io: &mut T, cap: usize) -> io:
         filled += n;
     }
     if filled > cap {
-        return Err(invalid(format!("frame larger than {cap} bytes")));
+        return Err(FrameTooLarge::into_io(cap));
     }
     buf.truncate(filled);
     Ok(buf)
@@ -101,7 +102,7 @@ impl request_response::Codec for TransferCodec {
         let response = FetchResponse::decode(&buf).map_err(invalid)?;
         if let FetchResponse::Chunk { data, .. } = &response {
             if data.0.len() > self.max_chunk_bytes as usize {
-                return Err(invalid("fetch chunk larger than the limit"));
+                return Err(FrameTooLarge::into_io(self.max_chunk_bytes as usize));
             }
         }
         Ok(response)

@@ -241,7 +241,7 @@ impl EventLoop {
             bare.pop();
             self.swarm.behaviour_mut().kad.add_address(&peer, bare);
         }
-        self.swarm.dial(addr).map_err(|e| NetError::Dial(e.to_string()))
+        Ok(self.swarm.dial(addr)?)
     }
 
     fn handle_command(&mut self, command: Command) {
@@ -256,7 +256,7 @@ impl EventLoop {
                     .gossipsub
                     .subscribe(&IdentTopic::new(topic))
                     .map(|_| ())
-                    .map_err(|e| NetError::Subscribe(e.to_string()));
+                    .map_err(NetError::from);
                 let _ = reply.send(result);
             }
             Command::Publish { topic, data, reply } => {
@@ -266,7 +266,7 @@ impl EventLoop {
                     .behaviour_mut()
                     .gossipsub
                     .publish(IdentTopic::new(topic), data)
-                    .map_err(|e| NetError::Publish(e.to_string()));
+                    .map_err(NetError::from);
                 if result.is_ok() {
                     self.traffic.add_gossip_out(len);
                 }
@@ -285,7 +285,7 @@ impl EventLoop {
                         self.pending_providing.insert(id, reply);
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(NetError::Provide(e.to_string())));
+                        let _ = reply.send(Err(NetError::Provide(e)));
                     }
                 }
             }
@@ -451,6 +451,7 @@ impl EventLoop {
             BehaviourEvent::RelayServer(event) => tracing::debug!(?event, "relay server"),
             BehaviourEvent::Dcutr(event) => tracing::debug!(?event, "dcutr"),
             BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Streams(()) => {}
         }
     }
 
@@ -552,7 +553,7 @@ impl EventLoop {
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "transfer request failed");
                 if let Some(reply) = self.pending_requests.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request(error.to_string())));
+                    let _ = reply.send(Err(NetError::Request { peer, source: error }));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

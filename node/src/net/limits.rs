@@ -33,6 +33,10 @@ pub struct Limits {
     pub gossip_burst: u32,
     /// Outbound transfer requests in flight at once across all fetches.
     pub max_concurrent_transfers: usize,
+    /// Inbound bulk blob streams served at once, from all peers; more are reset.
+    pub max_blob_streams: usize,
+    /// Inbound bulk blob streams served at once to one peer (a fetcher opens two per provider).
+    pub max_blob_streams_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +55,8 @@ impl Default for Limits {
             gossip_per_second: 200,
             gossip_burst: 400,
             max_concurrent_transfers: 16,
+            max_blob_streams: 64,
+            max_blob_streams_per_peer: 8,
         }
     }
 }
@@ -95,6 +101,9 @@ impl Limits {
         }
         if self.max_concurrent_transfers == 0 {
             return err("max_concurrent_transfers", "must be at least 1");
+        }
+        if self.max_blob_streams == 0 || self.max_blob_streams_per_peer == 0 {
+            return err("max_blob_streams", "total and per-peer stream caps must be at least 1");
         }
         Ok(())
     }

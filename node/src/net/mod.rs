@@ -2,13 +2,16 @@
 //!
 //! Usage: [`new`] builds the swarm and returns a cloneable [`Client`], a receiver of [`NetEvent`]s and the
 //! [`EventLoop`] that owns the swarm; spawn the loop, subscribe to topics through the client, and handle the
-//! events (gossip to validate, transfer requests to serve). See `docs/operator-guide.md` for the protocols,
+//! events (gossip to validate, transfer requests to serve); a node holding blobs also serves bulk streams
+//! ([`bulk::serve`]) and fetches through [`fetch::fetch_blob`]. See `docs/operator-guide.md` for the protocols,
 //! topics and ports.
 
 pub mod behaviour;
+pub mod bulk;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod error;
 pub mod event_loop;
 pub mod fetch;
 pub mod limits;
@@ -28,6 +31,8 @@ pub use client::Client;
 pub use codec::TRANSFER_PROTOCOL;
 pub use mana_protocol::{FetchRequest, FetchResponse};
 pub use config::NetConfig;
+pub use error::{FailureKind, FrameTooLarge, NetError};
+pub use bulk::BLOB_STREAM;
 pub use event_loop::{EventLoop, Verdict};
 pub use limits::Limits;
 pub use traffic::{Traffic, TrafficCounters};
@@ -77,36 +82,6 @@ pub enum NetEvent {
     },
 }
 
-/// Why a network operation failed.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum NetError {
-    /// The event loop has stopped.
-    #[error("the network event loop has stopped")]
-    Closed,
-    /// A dial could not be started (bad address, limits).
-    #[error("dial failed: {0}")]
-    Dial(String),
-    /// Subscription refused.
-    #[error("subscribe failed: {0}")]
-    Subscribe(String),
-    /// Publish refused (often: no peer subscribed to the topic yet).
-    #[error("publish failed: {0}")]
-    Publish(String),
-    /// A DHT provider announcement failed.
-    #[error("provide failed: {0}")]
-    Provide(String),
-    /// A transfer request failed (timeout, connection lost, protocol not supported). After a timeout the
-    /// peer may or may not have served it.
-    #[error("transfer request failed: {0}")]
-    Request(String),
-    /// The swarm did not start listening in time.
-    #[error("the swarm is not listening on any address")]
-    NotListening,
-    /// The swarm could not be built.
-    #[error("{0}")]
-    Build(String),
-}
-
 /// One connected peer, as shown by `mana status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerSummary {
@@ -145,13 +120,13 @@ pub fn new(
 ) -> Result<(Client, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
     let local_peer_id = keypair.public().to_peer_id();
     let traffic = std::sync::Arc::new(TrafficCounters::default());
-    let mut swarm =
-        behaviour::build_swarm(keypair, &config, traffic.clone()).map_err(|e| NetError::Build(e.to_string()))?;
+    let mut swarm = behaviour::build_swarm(keypair, &config, traffic.clone())?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| NetError::Build(format!("listen on {addr}: {e}")))?;
+        swarm.listen_on(addr.clone()).map_err(|source| NetError::Listen { addr: addr.clone(), source })?;
     }
+    let streams = swarm.behaviour().streams.new_control();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
     let event_loop = EventLoop::new(swarm, config, command_rx, event_tx, traffic.clone());
-    Ok((Client::new(command_tx, local_peer_id, traffic), event_rx, event_loop))
+    Ok((Client::new(command_tx, local_peer_id, traffic, streams), event_rx, event_loop))
 }

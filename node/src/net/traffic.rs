@@ -6,7 +6,8 @@
 //! What is counted: for gossip, the data of each message this node publishes (once per message, not once per
 //! peer it goes to) and of each distinct message it receives (gossipsub drops duplicates before we see
 //! them); messages forwarded on behalf of others are not counted. For fetches, every request and response
-//! frame as encoded on its stream, both directions. Transport framing (noise, yamux, gossipsub's protobuf
+//! frame as encoded on its stream, and on bulk blob streams every header frame (with its length prefix)
+//! and range byte, both directions. Transport framing (noise, yamux, gossipsub's protobuf
 //! envelope) is not counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};

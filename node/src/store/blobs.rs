@@ -429,6 +429,23 @@ impl BlobWriter {
         self.written
     }
 
+    /// The hash of the bytes written so far (the writer hashes as it writes, so a fetcher checks this one
+    /// instead of hashing the bytes again).
+    pub fn hash(&self) -> ContentHash {
+        self.hasher.finalize().into()
+    }
+
+    /// Forgets everything written so far (the temporary file is emptied), for another attempt at the blob.
+    pub fn restart(&mut self) -> io::Result<()> {
+        let out = self.out.as_mut().ok_or_else(|| io::Error::other("blob writer already finished"))?;
+        out.flush()?;
+        out.get_mut().set_len(0)?;
+        out.get_mut().seek(SeekFrom::Start(0))?;
+        self.hasher.reset();
+        self.written = 0;
+        Ok(())
+    }
+
     /// Completes the blob: flush, fsync, rename into place, fsync the directory. Returns a pin on it.
     pub fn finish(self) -> StoreResult<BlobPin> {
         self.finish_inner(None)

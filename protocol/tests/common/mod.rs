@@ -147,6 +147,15 @@ pub fn fetch_response() -> FetchResponse {
     FetchResponse::Chunk { hash: ContentHash::of(&payload), offset: 0, total_size: payload.len() as u64, data: Bytes(payload[..32].to_vec()) }
 }
 
+pub fn range_request() -> RangeRequest {
+    RangeRequest { hash: ContentHash::of(&sample_payload()), offset: 8 << 20, len: 8 << 20 }
+}
+
+pub fn range_response() -> RangeResponse {
+    let payload = sample_payload();
+    RangeResponse::Range { hash: ContentHash::of(&payload), offset: 0, total_size: payload.len() as u64, len: 32 }
+}
+
 pub fn expert_request() -> ExpertRequest {
     ExpertRequest {
         run: run(),

@@ -1,0 +1,378 @@
+//! Bulk blob streams (`/mana/blob/1.0.0`, [`BLOB_STREAM`]): the fast path of blob transfers. A fetcher opens
+//! one long-lived stream per worker to a provider and asks it for ranges one after another; each answer is
+//! a small header frame followed by the range's bytes, raw. So the bulk of a blob is never framed, decoded,
+//! re-encoded to check canonicity or copied into a message: it goes from the provider's file to the stream,
+//! and from the stream into the fetcher's buffer.
+//!
+//! On the wire, each frame is a 2-byte little-endian length then a protocol frame
+//! ([`RangeRequest`]/[`RangeResponse`], at most [`MAX_RANGE_FRAME_BYTES`]). The fetcher sends a request;
+//! the provider answers with a header and, after `Range`, exactly `len` bytes; the fetcher may then send the
+//! next request on the same stream, or close it. Every frame length is checked before the frame is read.
+//!
+//! Serving ([`serve`]) caps the streams per peer and in all, and gives every wait a deadline (the next
+//! request, each write of a piece), so a peer that opens streams and stalls holds at most its own share.
+//! Bytes are counted in the swarm's [`TrafficCounters`] like fetch frames (`fetch_in`/`fetch_out`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use mana_protocol::limits::{MAX_RANGE_BYTES, MAX_RANGE_FRAME_BYTES};
+use mana_protocol::{ContentHash, RangeRequest, RangeResponse, Text};
+
+use super::client::Client;
+use super::error::{FrameTooLarge, NetError};
+use super::traffic::TrafficCounters;
+
+/// The protocol id of bulk blob streams.
+pub const BLOB_STREAM: StreamProtocol = StreamProtocol::new(mana_protocol::BLOB_STREAM_PROTOCOL);
+
+/// Bytes read from the file and written to the stream at once by a provider, and read from the stream at
+/// once by a fetcher: large enough that per-piece costs vanish, small enough to double-buffer cheaply.
+pub const PIECE_BYTES: usize = 1024 * 1024;
+
+fn invalid(source: mana_protocol::ProtocolError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, source)
+}
+
+/// Writes one length-prefixed frame.
+async fn write_frame<W: futures::AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(frame.len()).map_err(|_| FrameTooLarge::into_io(MAX_RANGE_FRAME_BYTES))?;
+    let mut buf = Vec::with_capacity(2 + frame.len());
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(frame);
+    io.write_all(&buf).await
+}
+
+/// Reads one length-prefixed frame; `None` when the stream ends cleanly before it. A length over
+/// [`MAX_RANGE_FRAME_BYTES`] is refused before anything more is read.
+async fn read_frame<R: futures::AsyncRead + Unpin>(io: &mut R) -> io::Result<Option<Vec<u8>>> {
+    let mut prefix = [0u8; 2];
+    let n = io.read(&mut prefix).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n == 1 {
+        io.read_exact(&mut prefix[1..]).await?;
+    }
+    let len = usize::from(u16::from_le_bytes(prefix));
+    if len > MAX_RANGE_FRAME_BYTES {
+        return Err(FrameTooLarge::into_io(MAX_RANGE_FRAME_BYTES));
+    }
+    let mut frame = vec![0u8; len];
+    io.read_exact(&mut frame).await?;
+    Ok(Some(frame))
+}
+
+/// The fetcher's end of one bulk stream to one provider: ranges are asked one at a time, and each range's
+/// bytes read in pieces before the next is asked.
+pub struct RangeStream {
+    peer: PeerId,
+    io: Stream,
+    traffic: Arc<TrafficCounters>,
+    /// Bytes of the current range not read yet (a new request is refused until it is zero).
+    unread: u64,
+}
+
+impl RangeStream {
+    /// Opens a stream to `peer`. [`NetError::StreamUnsupported`] when the peer lacks the protocol.
+    pub async fn open(client: &Client, peer: PeerId) -> Result<Self, NetError> {
+        let io = client.open_blob_stream(peer).await?;
+        Ok(Self { peer, io, traffic: client.traffic_counters().clone(), unread: 0 })
+    }
+
+    /// The provider at the other end.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    fn failed(&self, source: io::Error) -> NetError {
+        NetError::Stream { peer: self.peer, source }
+    }
+
+    /// Sends `request` and reads the provider's header. After a `Range` header, its `len` bytes must be
+    /// read with [`RangeStream::read_body`] before the next request.
+    pub async fn request(&mut self, request: &RangeRequest) -> Result<RangeResponse, NetError> {
+        if self.unread != 0 {
+            return Err(self.failed(io::Error::other("the previous range was not read to its end")));
+        }
+        let frame = request.encode().map_err(|e| self.failed(invalid(e)))?;
+        write_frame(&mut self.io, &frame).await.map_err(|e| self.failed(e))?;
+        self.io.flush().await.map_err(|e| self.failed(e))?;
+        self.traffic.add_fetch_out(frame.len() + 2);
+        let frame = match read_frame(&mut self.io).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(self.failed(io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => return Err(self.failed(e)),
+        };
+        self.traffic.add_fetch_in(frame.len() + 2);
+        let response = RangeResponse::decode(&frame).map_err(|e| self.failed(invalid(e)))?;
+        if let RangeResponse::Range { len, .. } = response {
+            self.unread = len;
+        }
+        Ok(response)
+    }
+
+    /// Fills `buf` with the next bytes of the current range (at most what is left of it).
+    pub async fn read_body(&mut self, buf: &mut [u8]) -> Result<(), NetError> {
+        if buf.len() as u64 > self.unread {
+            return Err(self.failed(io::Error::other("read past the end of the range")));
+        }
+        self.io.read_exact(buf).await.map_err(|e| self.failed(e))?;
+        self.unread -= buf.len() as u64;
+        self.traffic.add_fetch_in(buf.len());
+        Ok(())
+    }
+}
+
+/// One blob opened for serving ranges. `read_at` is blocking: it runs on a blocking thread.
+pub trait RangeRead: Send + Sync + 'static {
+    /// The blob's length in bytes.
+    fn len(&self) -> u64;
+    /// Whether the blob is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `buf` with the blob's bytes from `offset` (the caller keeps `offset + buf.len()` in bounds).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Where a provider's blobs come from (the node's store); the net layer stays free of storage.
+pub trait BlobSource: Send + Sync + 'static {
+    /// Opens blob `hash` for range reads, or `None` when this node does not hold it.
+    fn open(&self, hash: ContentHash) -> impl Future<Output = io::Result<Option<Arc<dyn RangeRead>>>> + Send;
+}
+
+/// How much a provider lets peers take.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// Inbound bulk streams open at once, from all peers; more are reset at once.
+    pub max_streams: usize,
+    /// Inbound bulk streams open at once from one peer.
+    pub max_streams_per_peer: usize,
+    /// How long a stream may sit between requests, and how long one piece may take to be written (a
+    /// fetcher that stops reading loses its stream).
+    pub stall_timeout: Duration,
+}
+
+/// Counts open inbound streams, in all and per peer.
+#[derive(Default)]
+struct StreamCount {
+    total: usize,
+    per_peer: HashMap<PeerId, usize>,
+}
+
+/// Holds a counted slot; gives it back when the stream ends.
+struct Slot {
+    peer: PeerId,
+    count: Arc<Mutex<StreamCount>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        count.total = count.total.saturating_sub(1);
+        if let Some(n) = count.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                count.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn take_slot(count: &Arc<Mutex<StreamCount>>, peer: PeerId, limits: &ServeLimits) -> Option<Slot> {
+    let mut c = count.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = c.per_peer.get(&peer).copied().unwrap_or(0);
+    if c.total >= limits.max_streams || mine >= limits.max_streams_per_peer {
+        return None;
+    }
+    c.total += 1;
+    c.per_peer.insert(peer, mine + 1);
+    Some(Slot { peer, count: count.clone() })
+}
+
+/// Starts accepting inbound bulk streams on `client`'s swarm and returns the future that serves them from
+/// `source` (spawn it; it runs until the swarm stops, or until it is aborted). Each stream runs in its own
+/// task; one over the limits is dropped at once (the peer sees it reset). Fails if streams are already
+/// accepted on this swarm.
+pub fn serve<S: BlobSource>(
+    client: &Client,
+    source: Arc<S>,
+    limits: ServeLimits,
+) -> Result<impl Future<Output = ()> + Send + 'static, NetError> {
+    let incoming = client.accept_blob_streams()?;
+    Ok(serve_incoming(incoming, source, limits, client.traffic_counters().clone()))
+}
+
+async fn serve_incoming<S: BlobSource>(
+    mut incoming: libp2p_stream::IncomingStreams,
+    source: Arc<S>,
+    limits: ServeLimits,
+    traffic: Arc<TrafficCounters>,
+) {
+    let count = Arc::new(Mutex::new(StreamCount::default()));
+    while let Some((peer, stream)) = incoming.next().await {
+        let Some(slot) = take_slot(&count, peer, &limits) else {
+            tracing::debug!(%peer, "bulk stream refused: over the stream limits");
+            continue;
+        };
+        let (source, limits, traffic) = (source.clone(), limits.clone(), traffic.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = serve_stream(stream, source.as_ref(), &limits, &traffic).await {
+                tracing::debug!(%peer, error = %e, "bulk stream ended with an error");
+            }
+        });
+    }
+}
+
+/// Answers the requests of one stream in turn, until the fetcher closes it or stalls.
+async fn serve_stream<S: BlobSource>(
+    mut io: Stream,
+    source: &S,
+    limits: &ServeLimits,
+    traffic: &TrafficCounters,
+) -> io::Result<()> {
+    let stall = limits.stall_timeout;
+    let timed_out = || io::Error::from(io::ErrorKind::TimedOut);
+    loop {
+        let frame = match tokio::time::timeout(stall, read_frame(&mut io)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Err(e)) => return Err(e),
+        };
+        traffic.add_fetch_in(frame.len() + 2);
+        let request = match RangeRequest::decode(&frame) {
+            Ok(request) => request,
+            Err(e) => {
+                respond(&mut io, &refused("bad request"), traffic).await?;
+                return Err(invalid(e));
+            }
+        };
+        let blob = match source.open(request.hash).await {
+            Ok(Some(blob)) => blob,
+            Ok(None) => {
+                respond(&mut io, &RangeResponse::NotFound { hash: request.hash }, traffic).await?;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(hash = %request.hash, error = %e, "blob could not be opened for a bulk stream");
+                respond(&mut io, &refused("store error"), traffic).await?;
+                continue;
+            }
+        };
+        let total_size = blob.len();
+        if request.offset > total_size {
+            respond(&mut io, &refused("offset past the end"), traffic).await?;
+            continue;
+        }
+        let len = request.len.min(MAX_RANGE_BYTES).min(total_size - request.offset);
+        let header = RangeResponse::Range { hash: request.hash, offset: request.offset, total_size, len };
+        respond(&mut io, &header, traffic).await?;
+        send_range(&mut io, blob, request.offset, len, stall, traffic).await?;
+    }
+}
+
+fn refused(reason: &str) -> RangeResponse {
+    RangeResponse::Refused { reason: Text::new(reason).expect("reasons are short constants") }
+}
+
+async fn respond(io: &mut Stream, response: &RangeResponse, traffic: &TrafficCounters) -> io::Result<()> {
+    let frame = response.encode().map_err(invalid)?;
+    write_frame(io, &frame).await?;
+    traffic.add_fetch_out(frame.len() + 2);
+    io.flush().await
+}
+
+/// Reads one piece on a blocking thread, into `buf` (resized to `len`), and hands the buffer back.
+fn read_piece(
+    blob: Arc<dyn RangeRead>,
+    offset: u64,
+    len: usize,
+    mut buf: Vec<u8>,
+) -> tokio::task::JoinHandle<io::Result<Vec<u8>>> {
+    tokio::task::spawn_blocking(move || {
+        buf.resize(len, 0);
+        blob.read_at(offset, &mut buf)?;
+        Ok(buf)
+    })
+}
+
+/// Streams bytes `offset..offset + len` of `blob`: the next piece is read from the file while the current
+/// one is written to the stream.
+async fn send_range(
+    io: &mut Stream,
+    blob: Arc<dyn RangeRead>,
+    offset: u64,
+    len: u64,
+    stall: Duration,
+    traffic: &TrafficCounters,
+) -> io::Result<()> {
+    let piece = |at: u64| (len - at).min(PIECE_BYTES as u64) as usize;
+    let mut spare = Some(Vec::with_capacity(PIECE_BYTES));
+    let mut sent = 0u64;
+    let mut next =
+        (len > 0).then(|| read_piece(blob.clone(), offset, piece(0), Vec::with_capacity(PIECE_BYTES)));
+    while let Some(reading) = next.take() {
+        let buf = reading.await.map_err(io::Error::other)??;
+        let after = sent + buf.len() as u64;
+        if after < len {
+            let spare = spare.take().unwrap_or_default();
+            next = Some(read_piece(blob.clone(), offset + after, piece(after), spare));
+        }
+        match tokio::time::timeout(stall, io.write_all(&buf)).await {
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            Ok(result) => result?,
+        }
+        traffic.add_fetch_out(buf.len());
+        sent = after;
+        spare = Some(buf);
+    }
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    #[test]
+    fn frames_roundtrip_and_oversized_lengths_are_refused_unread() {
+        let frame = RangeRequest { hash: ContentHash([1; 32]), offset: 5, len: 7 }.encode().expect("encodable");
+        let mut wire = futures::io::Cursor::new(Vec::new());
+        block_on(write_frame(&mut wire, &frame)).expect("written");
+        block_on(write_frame(&mut wire, &frame)).expect("written");
+        let mut rd = futures::io::Cursor::new(wire.into_inner());
+        for _ in 0..2 {
+            let got = block_on(read_frame(&mut rd)).expect("read").expect("a frame");
+            assert_eq!(got, frame);
+        }
+        assert!(block_on(read_frame(&mut rd)).expect("clean end").is_none());
+
+        let over = (MAX_RANGE_FRAME_BYTES as u16 + 1).to_le_bytes();
+        let err = block_on(read_frame(&mut futures::io::Cursor::new(over.to_vec()))).expect_err("too long");
+        assert_eq!(super::super::error::io_kind(&err), super::super::FailureKind::TooLarge);
+        let cut = [4u8, 0, 1, 2];
+        assert!(block_on(read_frame(&mut futures::io::Cursor::new(cut.to_vec()))).is_err(), "truncated frame");
+    }
+
+    #[test]
+    fn slots_are_capped_per_peer_and_in_all_and_given_back() {
+        let limits = ServeLimits { max_streams: 3, max_streams_per_peer: 2, stall_timeout: Duration::from_secs(1) };
+        let count = Arc::new(Mutex::new(StreamCount::default()));
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let a1 = take_slot(&count, a, &limits).expect("first");
+        let _a2 = take_slot(&count, a, &limits).expect("second");
+        assert!(take_slot(&count, a, &limits).is_none(), "two per peer");
+        let _b1 = take_slot(&count, b, &limits).expect("another peer");
+        assert!(take_slot(&count, b, &limits).is_none(), "three in all");
+        drop(a1);
+        assert!(take_slot(&count, b, &limits).is_some(), "a freed slot is reusable");
+    }
+}
