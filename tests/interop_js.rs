@@ -4,8 +4,10 @@
 //! `/meshsub/1.1.0` only, receives a heartbeat gossiped by the node (its bytes are a mana envelope signed by
 //! the node), and publishes a message that the node receives, judges and rejects as a bad envelope.
 //!
-//! Needs Node.js (20 or later) and `npm ci --prefix tests/interop/js` (which `.ci/run` does). Without them
-//! the test fails with a message saying so: it never passes without having talked to js-libp2p.
+//! Needs Node.js (20 or later) with npm. When the pinned js-libp2p packages are missing, the test installs them
+//! itself from the lockfile (`npm ci --prefix tests/interop/js`, the npm registry only), so the one test command
+//! works on a fresh machine. Without Node.js, or when the install fails, the test fails with a message saying
+//! so: it never passes without having talked to js-libp2p.
 
 mod net_support;
 
@@ -25,12 +27,24 @@ fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/js")
 }
 
-/// Fails with instructions unless node and the pinned js-libp2p packages are installed.
+/// Installs the pinned js-libp2p packages from the lockfile when they are missing; fails with instructions
+/// unless node and those packages are then present.
 fn require_js_setup() {
     let modules = js_dir().join("node_modules/libp2p");
+    if !modules.is_dir() {
+        let status = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(js_dir())
+            .status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "installing js-libp2p from tests/interop/js/package-lock.json failed ({status:?}): is npm installed? \
+             Try `npm ci --prefix tests/interop/js` by hand"
+        );
+    }
     assert!(
         modules.is_dir(),
-        "js-libp2p is not installed ({} is missing): run `npm ci --prefix tests/interop/js` (.ci/run does this)",
+        "js-libp2p is not installed ({} is missing): run `npm ci --prefix tests/interop/js`",
         modules.display()
     );
     let version = std::process::Command::new("node").arg("--version").output();

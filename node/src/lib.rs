@@ -1,5 +1,6 @@
-//! The mana daemon: the libp2p network layer, the node/coordinator/client roles, the trainer and aggregator
-//! that drive training rounds, and the crash-safe store of checkpoint shards.
+//! The mana daemon: the libp2p network layer, the node itself, the roles that drive the pure engine
+//! (`mana-engine`) on the network (the conductor that `mana coordinator` runs, the trainer), and the crash-safe
+//! store of checkpoint shards.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 pub mod daemon;
 pub mod keyfile;

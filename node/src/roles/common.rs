@@ -40,11 +40,6 @@ pub fn load_dataset(source: &DataSource) -> Result<TextDataset, NodeError> {
     TextDataset::new(&text, Split::default()).map_err(|e| NodeError::Config(format!("corpus: {e}")))
 }
 
-/// Reads (or generates) the run's text at `corpus`, or the built-in corpus from seed 0.
-pub fn dataset_at(corpus: Option<&Path>) -> Result<TextDataset, NodeError> {
-    load_dataset(&DataSource { corpus: corpus.map(Path::to_path_buf), ..DataSource::default() })
-}
-
 /// Publishes `message`, retrying every 200 ms while gossip has no subscribed peer yet (or a transient
 /// error), for at most `patience`.
 pub async fn publish_patiently(node: &NodeHandle, message: &Message, patience: Duration) -> Result<(), NodeError> {
