@@ -132,8 +132,8 @@ impl ProviderProc {
         let line = BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .find(|l| l.starts_with("PROVIDER "))
-            .expect("the provider reports its address");
+            .find_map(|l| l.split_once("PROVIDER ").map(|(_, rest)| format!("PROVIDER {rest}")))
+            .expect("the provider reports its address"); // after libtest's "test provider_process ... "
         let f: Vec<&str> = line.split_whitespace().collect();
         let hash = |s: &str| s.parse::<ContentHash>().expect("a hash");
         Self {
