@@ -27,15 +27,7 @@ use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs};
 use super::node::shutdown_signal;
 use crate::config::{ConfigError, FileTable, FromFile, Layered};
 
-/// The update rule, as a flag value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Rule {
-    /// Synchronous data parallelism (one AdamW step per round on the mean gradient).
-    Sync,
-    /// DiLoCo (H inner steps per round, outer Nesterov step on the mean pseudo-gradient).
-    Diloco,
-}
+pub use super::rule::Rule;
 
 /// Arguments of `mana coordinator`; its TOML file (`--config`) takes the same names.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -158,10 +150,7 @@ fn node_config(s: &Layered<CoordinatorArgs>, net: &Net) -> anyhow::Result<NodeCo
 
 /// The model preset and the state machine's settings (rule, round lengths, replication...).
 fn machine(s: &Layered<CoordinatorArgs>, node: &NodeConfig) -> anyhow::Result<(RunSpec, CoordinatorConfig)> {
-    let rule = match s.get(|a| &a.rule).unwrap_or(Rule::Sync) {
-        Rule::Sync => UpdateRule::Sync,
-        Rule::Diloco => UpdateRule::Diloco,
-    };
+    let rule = UpdateRule::from(s.get(|a| &a.rule).unwrap_or_default());
     let mut spec = RunSpec::tiny();
     if let Some(seed) = s.get(|a| &a.seed) {
         spec.init_seed = seed;

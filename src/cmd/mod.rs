@@ -12,6 +12,7 @@ mod info;
 mod keygen;
 mod net;
 mod node;
+mod rule;
 mod simulate;
 mod status;
 mod train;

@@ -20,14 +20,7 @@ use mana_kernels::model::ModelConfig;
 use mana_engine::round::{RoundReport, RunSpec, SimConfig, SimReport, simulate_with};
 use mana_protocol::{ScaleFormat, UpdateRule};
 
-/// The update rule, as a flag value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Rule {
-    /// One AdamW step per round on the mean gradient of every node's H micro-batches.
-    Sync,
-    /// H local AdamW steps per round, then an outer Nesterov step on the mean pseudo-gradient.
-    Diloco,
-}
+use super::rule::Rule;
 
 /// Which model to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,10 +116,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     if let Some(w) = args.warmup {
         spec.warmup_steps = w;
     }
-    let rule = match args.rule {
-        Rule::Sync => UpdateRule::Sync,
-        Rule::Diloco => UpdateRule::Diloco,
-    };
+    let rule = UpdateRule::from(args.rule);
     let mut cfg = SimConfig::new(&spec, rule, args.inner_steps, args.rounds);
     cfg.nodes = args.nodes;
     cfg.replication = args.replication;
