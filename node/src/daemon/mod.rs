@@ -16,6 +16,7 @@
 //! [`NodeHandle`] is what callers (the CLI, tests, later the trainer) hold: publish, host and fetch blobs,
 //! read the status, shut down.
 
+pub mod checkpoint;
 pub mod config;
 pub mod serve;
 pub mod status;

@@ -8,7 +8,7 @@ use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
 
 use super::{NodeError, Shared, blocking};
 use crate::net::fetch::{BlobSink, fetch_blob};
-use crate::store::{BlobPin, BlobWriter, ManifestEntry, RoundManifest};
+use crate::store::{BlobPin, BlobWriter};
 
 /// How long to keep asking the DHT for providers before giving up.
 const PROVIDER_WAIT: Duration = Duration::from_secs(20);
@@ -137,21 +137,7 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
         set_state(format!("round {round} incomplete: {}", failures.join("; ")));
         return;
     }
-    let meta = match manifest.to_bytes() {
-        Ok(meta) => meta,
-        Err(e) => {
-            set_state(format!("round {round}: manifest not encodable: {e}"));
-            return;
-        }
-    };
-    let entries: Vec<ManifestEntry> = manifest
-        .shards
-        .iter()
-        .map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size })
-        .collect();
-    let store = shared.store.clone();
-    let result = blocking(move || Ok(store.commit_round(round, &RoundManifest { entries, meta })?)).await;
-    match result {
+    match super::checkpoint::commit_checkpoint(&shared.store, &manifest, None, super::checkpoint::IfPresent::Commit).await {
         Ok(_) => {
             set_state(format!("round {round} complete"));
             tracing::info!(round, shards = manifest.shards.len(), "checkpoint synced and committed");

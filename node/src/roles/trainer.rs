@@ -39,7 +39,7 @@ use super::common::{PinLedger, fetch_bytes, peer_of, publish_patiently};
 use crate::daemon::now_ms;
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, train_local};
-use crate::store::{ManifestEntry, RoundManifest};
+use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 
 /// How a trainer runs.
 #[derive(Debug, Clone)]
@@ -440,26 +440,10 @@ impl Trainer {
             })
             .collect();
         let own = CheckpointManifest { run: committed.run.clone(), round, shards };
-        let meta = own.to_bytes()?;
-        let own_hash = self.node.host_blob_now(meta.clone()).await?;
+        let own_hash = self.node.host_blob_now(own.to_bytes()?).await?;
         self.pins.add(round, own_hash);
-        let entries: Vec<ManifestEntry> = own
-            .shards
-            .iter()
-            .map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size })
-            .collect();
-        let store = self.node.store().clone();
-        let manifest = RoundManifest { entries, meta };
-        let stored = blocking(move || {
-            // A restarted node may already hold a later round; its own rounds then simply continue.
-            if store.current_round()?.is_some_and(|c| c >= round) {
-                return Ok(false);
-            }
-            store.commit_round(round, &manifest)?;
-            store.add_blob_refs(round, &[own_hash])?;
-            Ok(true)
-        })
-        .await?;
+        // A restarted node may already hold a later round; its own rounds then simply continue.
+        let stored = commit_checkpoint(self.node.store(), &own, Some(own_hash), IfPresent::Keep).await?;
         if !stored {
             tracing::warn!(round, "store already holds this round or a later one; not committed");
         }

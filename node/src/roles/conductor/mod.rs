@@ -21,7 +21,10 @@
 //! Ticks pause while the coordinator aggregates (it is the only aggregator), so a slow aggregation never
 //! turns into a commit without results.
 
+mod aggregate;
 pub mod metrics;
+mod reports;
+mod stats;
 mod verify;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -31,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    AcceptedDeltas, CheckpointManifest, ContentHash, DeltaAnnouncement, HyperParams, Message, PublicKey,
-    RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule, decode_delta,
+    AcceptedDeltas, CheckpointManifest, ContentHash, DeltaAnnouncement, Message, PublicKey,
+    RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -40,12 +43,13 @@ use tokio::sync::mpsc;
 pub use metrics::{PhaseMs, RoundMetrics};
 pub use verify::{LOSS_CHECK_FAILED, PAYLOAD_UNAVAILABLE};
 
-use super::common::{PinLedger, append_line, fetch_bytes, os_seed, peer_name, publish_patiently};
+use super::common::{PinLedger, append_line, os_seed, peer_name, publish_patiently};
 use crate::daemon::now_ms;
 use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, build_trainer, initial_shards};
-use crate::store::{ManifestEntry, RecordKind, RoundManifest};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, initial_shards};
+use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
+use crate::store::RecordKind;
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
 pub const STATE_KEY: &[u8] = b"coordinator/state";
@@ -426,60 +430,6 @@ impl Role {
         }
     }
 
-    /// Computes every shard's new state from its accepted deltas, hosts the blobs, reports them.
-    async fn aggregate(&mut self, ann: &RoundAnnouncement, accepted: Vec<AcceptedDeltas>) -> Result<(), NodeError> {
-        let started = Instant::now();
-        let round = ann.round;
-        let mut jobs = Vec::new();
-        for list in &accepted {
-            let Some(base) = self.model.state(&list.shard).cloned() else {
-                tracing::error!(round, shard = %list.shard, "accepted deltas for a shard the model lacks");
-                continue;
-            };
-            let mut deltas = Vec::new();
-            for hash in &list.deltas {
-                let values = match self.decoded.get(hash) {
-                    Some(v) => v.clone(),
-                    None => {
-                        // After a restart: fetch and decode again (it passed verification already).
-                        let bytes = fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout).await?;
-                        let len = base.params.len();
-                        let v = blocking(move || decode_delta(&bytes, len).map_err(NodeError::from)).await?;
-                        let v = Arc::new(v);
-                        self.decoded.insert(*hash, v.clone());
-                        v
-                    }
-                };
-                deltas.push((*hash, (*values).clone()));
-            }
-            jobs.push((list.shard, base, deltas));
-        }
-        let (spec, hyper) = (self.cfg.spec.clone(), ann.hyper.clone());
-        let results = blocking(move || {
-            let mut out = Vec::new();
-            for (shard, base, deltas) in jobs {
-                match apply_round(&spec, &hyper, round, &base, &deltas) {
-                    Ok(state) => out.push((shard, state)),
-                    Err(e) => tracing::error!(round, %shard, error = %e, "shard not aggregated"),
-                }
-            }
-            Ok(out)
-        })
-        .await?;
-        for (shard, state) in results {
-            let bytes = state.to_bytes();
-            let size = bytes.len() as u64;
-            let hash = self.node.host_blob_now(bytes).await?;
-            self.pins.add(round, hash);
-            self.pending.insert(shard, (hash, Arc::new(state)));
-            let entry = ShardEntry { shard, hash, size, round };
-            if let Err(e) = self.machine.shard_aggregated(round, entry) {
-                tracing::warn!(round, %shard, error = %e, "aggregation result not taken");
-            }
-        }
-        self.clock.apply_ms += started.elapsed().as_millis() as u64;
-        Ok(())
-    }
 
     async fn commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
         let round = commit.round;
@@ -500,20 +450,8 @@ impl Role {
             hashes.insert(entry.shard, entry.hash);
         }
         // Durable first (store round + manifest blob), then announced.
-        let meta = checkpoint.to_bytes()?;
-        let manifest_hash = self.node.host_blob_now(meta.clone()).await?;
-        let entries: Vec<ManifestEntry> = checkpoint
-            .shards
-            .iter()
-            .map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size })
-            .collect();
-        let store = self.node.store().clone();
-        blocking(move || {
-            store.commit_round(round, &RoundManifest { entries, meta })?;
-            store.add_blob_refs(round, &[manifest_hash])?;
-            Ok(())
-        })
-        .await?;
+        let manifest_hash = self.node.host_blob_now(checkpoint.to_bytes()?).await?;
+        commit_checkpoint(self.node.store(), &checkpoint, Some(manifest_hash), IfPresent::Commit).await?;
         self.model = Model { states: Arc::new(states), hashes };
         self.pending.clear();
         self.save().await;
@@ -558,71 +496,7 @@ impl Role {
         Ok(())
     }
 
-    fn metrics_line(
-        &self,
-        commit: &RoundCommit,
-        ann: Option<&RoundAnnouncement>,
-        rejected_reasons: BTreeMap<String, u64>,
-        val_loss: Option<f32>,
-        checkpoint: ContentHash,
-    ) -> RoundMetrics {
-        let deltas = &self.round_deltas;
-        // Per-node statistics: each node reports the same stats with each of its shards.
-        let mut per_node: BTreeMap<PublicKey, mana_protocol::TrainingStats> = BTreeMap::new();
-        for (node, d) in deltas {
-            per_node.entry(*node).or_insert(d.stats);
-        }
-        let losses: Vec<f32> = per_node.values().map(|s| s.loss_before).collect();
-        let train_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32);
-        let announced = self.clock.announced;
-        let train = match (announced, self.clock.last_delta) {
-            (Some(a), Some(l)) => l.saturating_duration_since(a).as_millis() as u64,
-            _ => 0,
-        };
-        RoundMetrics {
-            round: commit.round,
-            rule: match ann.map(|a| a.hyper.update_rule) {
-                Some(UpdateRule::Diloco) => "diloco".into(),
-                _ => "sync".into(),
-            },
-            participants: ann.map(|a| a.participants.len()).unwrap_or(0),
-            accepted: commit.accepted.iter().map(|a| a.deltas.len()).sum(),
-            rejected: commit.rejected.len(),
-            rejected_reasons,
-            train_loss,
-            val_loss,
-            tokens: per_node.values().map(|s| s.tokens).sum(),
-            payload_bytes: deltas.iter().map(|(_, d)| d.payload_size).sum(),
-            checkpoint: checkpoint.to_string(),
-            ms: PhaseMs { train, transfer: self.clock.transfer_ms, verify: self.clock.verify_ms, apply: self.clock.apply_ms },
-            unix_ms: now_ms(),
-        }
-    }
 
-    /// Mean validation loss of the current model on the run's fixed validation batches.
-    async fn validation_loss(&self, hyper: Option<&HyperParams>) -> Option<f32> {
-        let hyper = hyper.cloned().unwrap_or_else(|| self.machine.config().hyper.clone());
-        let (spec, data, states, n) = (self.cfg.spec.clone(), self.cfg.data.clone(), self.model.states.clone(), self.cfg.val_batches);
-        let result = blocking(move || {
-            let (b, t) = spec.batch_shape(&hyper)?;
-            let mut trainer = build_trainer(&spec, &hyper, &states)?;
-            let windows = data.validation_windows(t).max(1) as u64;
-            let mut sum = 0.0f64;
-            for i in 0..n.max(1) {
-                let batch = data.validation_batch(i % windows, b, t)?;
-                sum += f64::from(trainer.evaluate(&batch)?.loss);
-            }
-            Ok((sum / n.max(1) as f64) as f32)
-        })
-        .await;
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!(error = %e, "validation loss not measured");
-                None
-            }
-        }
-    }
 
     async fn on_message(&mut self, signer: PublicKey, message: Message) {
         if signer == self.me {
@@ -655,20 +529,6 @@ impl Role {
         }
     }
 
-    /// A holder's manifest of its shards after a round: each hash must be the committed one.
-    fn on_holder_report(&mut self, signer: PublicKey, report: &CheckpointManifest) {
-        let checkpoint = self.machine.checkpoint();
-        if report.round != checkpoint.round {
-            return;
-        }
-        self.holder_reports += 1;
-        for entry in &report.shards {
-            if checkpoint.shard(&entry.shard).is_some_and(|c| c.hash != entry.hash) {
-                self.holder_mismatches += 1;
-                tracing::warn!(round = report.round, node = %peer_name(&signer), shard = %entry.shard, "a holder's shard differs from the commit");
-            }
-        }
-    }
 
     /// Saves the state machine in the store if it changed.
     async fn save(&mut self) {
@@ -750,19 +610,8 @@ async fn create_initial(node: &NodeHandle, cfg: &ConductorConfig) -> Result<(Che
     }
     shards.sort_by_key(|e| e.shard);
     let checkpoint = CheckpointManifest { run: cfg.machine.run.clone(), round: 0, shards };
-    let meta = checkpoint.to_bytes()?;
-    let manifest_hash = node.host_blob_now(meta.clone()).await?;
-    let entries: Vec<ManifestEntry> =
-        checkpoint.shards.iter().map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size }).collect();
-    let store = node.store().clone();
-    blocking(move || {
-        if store.current_round()?.is_none() {
-            store.commit_round(0, &RoundManifest { entries, meta })?;
-            store.add_blob_refs(0, &[manifest_hash])?;
-        }
-        Ok(())
-    })
-    .await?;
+    let manifest_hash = node.host_blob_now(checkpoint.to_bytes()?).await?;
+    commit_checkpoint(node.store(), &checkpoint, Some(manifest_hash), IfPresent::Keep).await?;
     tracing::info!(shards = checkpoint.shards.len(), manifest = %manifest_hash, "round 0 checkpoint created");
     Ok((checkpoint, Model { states: Arc::new(states), hashes }))
 }

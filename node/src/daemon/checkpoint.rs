@@ -1,0 +1,45 @@
+//! A checkpoint manifest becomes a store round: one function for the conductor (every committed round and
+//! round 0), the trainer (its own held shards) and a mirror (every synced checkpoint), so the store holds the
+//! same form whoever commits.
+
+use mana_protocol::{CheckpointManifest, ContentHash};
+
+use super::{NodeError, blocking};
+use crate::store::{ManifestEntry, RoundManifest, Store};
+
+/// When a store already holds this round or a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfPresent {
+    /// Commit anyway (the store refuses a stale round with its typed error).
+    Commit,
+    /// Leave the store as it is (a restarted node whose rounds simply continue).
+    Keep,
+}
+
+/// Commits `checkpoint` as store round `checkpoint.round`: its shard entries are the round's manifest and its
+/// encoding the round's metadata. With `manifest_blob` (the encoding, hosted as a blob by the caller), the
+/// round also refers to that blob, so the store's collector keeps it while the round is kept. Returns whether
+/// the round was committed (false only with [`IfPresent::Keep`] on a store at this round or later).
+pub async fn commit_checkpoint(
+    store: &Store,
+    checkpoint: &CheckpointManifest,
+    manifest_blob: Option<ContentHash>,
+    if_present: IfPresent,
+) -> Result<bool, NodeError> {
+    let round = checkpoint.round;
+    let meta = checkpoint.to_bytes()?;
+    let entries: Vec<ManifestEntry> =
+        checkpoint.shards.iter().map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size }).collect();
+    let store = store.clone();
+    blocking(move || {
+        if if_present == IfPresent::Keep && store.current_round()?.is_some_and(|c| c >= round) {
+            return Ok(false);
+        }
+        store.commit_round(round, &RoundManifest { entries, meta })?;
+        if let Some(blob) = manifest_blob {
+            store.add_blob_refs(round, &[blob])?;
+        }
+        Ok(true)
+    })
+    .await
+}
