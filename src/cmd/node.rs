@@ -135,10 +135,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             out.flush()?;
         }
         let result = run_trainer(handle.clone(), trainer, shutdown_signal()).await;
-        match Arc::try_unwrap(handle) {
-            Ok(handle) => handle.shutdown().await?,
-            Err(_) => tracing::warn!("node still in use at exit; not shut down cleanly"),
-        }
+        // Every task of the node and its role is cancelled and awaited, even while the role still holds
+        // clones of the handle.
+        handle.shutdown().await?;
         result?;
         anyhow::Ok(())
     })?;

@@ -30,8 +30,9 @@ use libp2p::PeerId;
 use mana_protocol::{
     Capacity, CheckpointManifest, ContentHash, Heartbeat, Keypair, Message, SignedEnvelope, Text, topic,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::keyfile;
 use crate::net::{self, Client, NetEvent};
@@ -166,9 +167,29 @@ pub(crate) struct Shared {
     pub serve_cache: serve::BlobCache,
     /// Pins of blobs hosted or fetched but not yet in a committed round.
     pub pins: Mutex<std::collections::HashMap<[u8; 32], crate::store::BlobPin>>,
+    /// Cancelled at shutdown: every task of [`Shared::tasks`] ends when it is.
+    pub cancel: CancellationToken,
+    /// Every task the node (or a role, through [`NodeHandle::spawn`]) starts: shutdown waits for all of them.
+    pub tasks: TaskTracker,
+    /// Cancelled after the tasks have ended and the store is flushed: stops the swarm's event loop.
+    pub net_cancel: CancellationToken,
+    /// The swarm's event loop, tracked apart so that it outlives the tasks that still talk to it.
+    pub net_tasks: TaskTracker,
 }
 
 impl Shared {
+    /// Spawns `task` on the node's tracker: it ends at shutdown (cancelled at its next await point) and
+    /// shutdown waits for it, so no task outlives the node and none is aborted.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
+
     pub fn state(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means a panic elsewhere while holding it; the counters are still usable.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -190,9 +211,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// A running node.
 pub struct NodeHandle {
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-    net_task: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -225,7 +243,16 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     }
 
     let (client, events, event_loop) = net::new(keypair.to_libp2p(), config.net.clone())?;
-    let net_task = tokio::spawn(event_loop.run());
+    let (net_cancel, net_tasks) = (CancellationToken::new(), TaskTracker::new());
+    {
+        let stop = net_cancel.clone();
+        net_tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = event_loop.run() => {}
+            }
+        });
+    }
     for kind in mana_protocol::TopicKind::ALL {
         client.subscribe(topic(&config.net.run_id, kind)).await?;
     }
@@ -243,12 +270,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         accepted_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         pins: Mutex::new(std::collections::HashMap::new()),
+        cancel: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        net_cancel,
+        net_tasks,
     });
     // Announce what we already hold (a restarted node serves its shards again).
     sync::provide_stored(&shared).await;
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(run_events(shared.clone(), events, stop_rx));
-    Ok(NodeHandle { shared, stop: Some(stop_tx), task: Some(task), net_task: Some(net_task) })
+    // The event task ends by itself on cancellation (after its final status write), so it is tracked but not
+    // wrapped by `Shared::spawn`.
+    shared.tasks.spawn(run_events(shared.clone(), events, shared.cancel.clone()));
+    Ok(NodeHandle { shared })
 }
 
 /// Runs a node until `shutdown` completes (the CLI passes ctrl-c).
@@ -338,7 +370,7 @@ impl NodeHandle {
         let hash = ContentHash(pin.hash().0);
         sync::keep_pin(&self.shared, pin);
         let client = self.shared.client.clone();
-        tokio::spawn(async move {
+        self.shared.spawn(async move {
             if let Err(e) = client.start_providing(hash.0.to_vec()).await {
                 tracing::debug!(%hash, error = %e, "hosted blob not announced");
             }
@@ -388,43 +420,40 @@ impl NodeHandle {
         f(self.shared.state().coordinator.get_or_insert_with(Default::default));
     }
 
-    /// Stops the node: final status write, store flush, swarm closed.
-    pub async fn shutdown(mut self) -> Result<(), NodeError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await?;
-        }
-        let store = self.shared.store.clone();
+    /// Spawns a task of a role (a verification, a fetch) on the node's tracker: it is cancelled and awaited at
+    /// shutdown like the node's own tasks.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.shared.spawn(task);
+    }
+
+    /// Stops the node: every task cancelled and awaited (the event task writes the final status), the store
+    /// flushed, then the swarm's event loop stopped and awaited. Nothing is aborted. Callable through a shared
+    /// handle (`Arc<NodeHandle>`); a second call finds everything stopped and returns at once.
+    pub async fn shutdown(&self) -> Result<(), NodeError> {
+        let shared = &self.shared;
+        shared.cancel.cancel();
+        shared.tasks.close();
+        shared.tasks.wait().await;
+        let store = shared.store.clone();
         blocking(move || Ok(store.flush()?)).await?;
-        let net_task = self.net_task.take();
-        drop(self);
-        if let Some(mut net_task) = net_task {
-            // The loop ends once every client clone is gone; a clone held by a task still serving a request
-            // must not keep the swarm alive, so it is stopped after a grace period.
-            if tokio::time::timeout(Duration::from_secs(2), &mut net_task).await.is_err() {
-                net_task.abort();
-                let _ = net_task.await;
-            }
-        }
+        shared.net_cancel.cancel();
+        shared.net_tasks.close();
+        shared.net_tasks.wait().await;
         Ok(())
     }
 }
 
 impl Drop for NodeHandle {
+    /// A handle dropped without [`NodeHandle::shutdown`] still stops its tasks and its swarm (at their next
+    /// await point; nothing waits for them).
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-        if let Some(task) = self.net_task.take() {
-            task.abort();
-        }
+        self.shared.cancel.cancel();
+        self.shared.net_cancel.cancel();
     }
 }
 
 /// The event task: network events, heartbeat and status timers, until `stop`.
-async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, mut stop: oneshot::Receiver<()>) {
+async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, stop: CancellationToken) {
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
     let mut status_tick = tokio::time::interval(shared.config.status_interval);
     let mut guard = validate::ReplayGuard::new(Duration::from_millis(
@@ -435,7 +464,10 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, m
     // it is stopped here rather than left to end with the swarm).
     let source = Arc::new(serve::StoreBlobs(shared.clone()));
     let serving = match net::bulk::serve(&shared.client, source, serve::stream_limits(&shared.config.net)) {
-        Ok(serving) => Some(tokio::spawn(serving)),
+        Ok(serving) => {
+            shared.spawn(serving);
+            Some(())
+        }
         Err(e) => {
             tracing::warn!(error = %e, "bulk streams not served; peers fall back to chunk requests");
             None
@@ -443,7 +475,7 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, m
     };
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = stop.cancelled() => break,
             event = events.recv() => match event {
                 Some(event) => handle_event(&shared, &mut guard, event).await,
                 None => break,
@@ -461,9 +493,8 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, m
             }
         }
     }
-    if let Some(serving) = serving {
-        serving.abort();
-    }
+    // The stream server is a tracked task: it ends on the same cancellation.
+    let _ = serving;
     if let Err(e) = status::write(&shared).await {
         tracing::warn!(error = %e, "final status file not written");
     }
@@ -494,8 +525,9 @@ async fn handle_event(shared: &Arc<Shared>, guard: &mut validate::ReplayGuard, e
             validate::record(shared, source, verdict).await;
         }
         NetEvent::InboundRequest { peer, request, channel } => {
-            let shared = shared.clone();
-            tokio::spawn(async move {
+            let task_shared = shared.clone();
+            shared.spawn(async move {
+                let shared = task_shared;
                 let response = serve::answer(&shared, &request).await;
                 if let Err(e) = shared.client.respond(channel, response).await {
                     tracing::debug!(%peer, error = %e, "fetch response not sent");

@@ -97,7 +97,7 @@ async fn fetch_from(
     keep_pin(shared, pin);
     // Announced in the background: the DHT query must not hold up whoever waits for the blob.
     let client = shared.client.clone();
-    tokio::spawn(async move {
+    shared.spawn(async move {
         if let Err(e) = client.start_providing(hash.0.to_vec()).await {
             tracing::warn!(%hash, error = %e, "fetched blob not announced");
         }
@@ -159,7 +159,7 @@ pub(crate) async fn provide_stored(shared: &Arc<Shared>) {
     let Some((_, manifest)) = latest else { return };
     for entry in manifest.entries {
         let client = shared.client.clone();
-        tokio::spawn(async move {
+        shared.spawn(async move {
             if let Err(e) = client.start_providing(entry.hash.0.to_vec()).await {
                 tracing::debug!(error = %e, "stored shard not announced");
             }

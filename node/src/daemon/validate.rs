@@ -170,8 +170,8 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
                 _ => None,
             };
             if let (Some(manifest), true) = (manifest, shared.config.sync_shards) {
-                let shared = shared.clone();
-                tokio::spawn(async move { sync::sync_manifest(&shared, manifest).await });
+                let task_shared = shared.clone();
+                shared.spawn(async move { sync::sync_manifest(&task_shared, manifest).await });
             }
             let _ = shared.accepted_tx.send(accepted);
         }

@@ -392,7 +392,7 @@ impl Role {
             concurrency: self.cfg.fetch_concurrency,
         };
         let (node, tx) = (self.node.clone(), self.verify_tx.clone());
-        tokio::spawn(async move {
+        self.node.clone().spawn(async move {
             let report = verify::verify_round(node, input).await;
             let _ = tx.send(report).await;
         });
