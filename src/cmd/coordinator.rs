@@ -127,7 +127,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         let result = run_conductor(handle.clone(), role, shutdown_signal()).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
-        handle.shutdown().await?;
+        handle.stop().await?;
         result?;
         anyhow::Ok(())
     })?;

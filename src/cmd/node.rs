@@ -137,7 +137,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         let result = run_trainer(handle.clone(), trainer, shutdown_signal()).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
-        handle.shutdown().await?;
+        handle.stop().await?;
         result?;
         anyhow::Ok(())
     })?;

@@ -426,10 +426,17 @@ impl NodeHandle {
         self.shared.spawn(task);
     }
 
+    /// Stops the node and drops the handle, which releases the store (its lock) once no other clone of an
+    /// `Arc<NodeHandle>` remains: see [`NodeHandle::stop`].
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.stop().await
+    }
+
     /// Stops the node: every task cancelled and awaited (the event task writes the final status), the store
     /// flushed, then the swarm's event loop stopped and awaited. Nothing is aborted. Callable through a shared
-    /// handle (`Arc<NodeHandle>`); a second call finds everything stopped and returns at once.
-    pub async fn shutdown(&self) -> Result<(), NodeError> {
+    /// handle (`Arc<NodeHandle>`, as the roles hold it); a second call finds everything stopped and returns at
+    /// once. The store stays open until the last handle is dropped.
+    pub async fn stop(&self) -> Result<(), NodeError> {
         let shared = &self.shared;
         shared.cancel.cancel();
         shared.tasks.close();
