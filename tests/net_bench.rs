@@ -1,9 +1,12 @@
 //! Figures for the network layer, printed, never asserted on (ignored by default; run with
 //! `cargo test --release --test net_bench -- --ignored --nocapture --test-threads 1`):
-//! - shard transfer throughput over loopback, against two bounds measured in the same run: a plain TCP copy
-//!   of the same bytes, and the noise cipher's own throughput (ChaCha20-Poly1305 from ring, as libp2p-noise
-//!   uses it through snow, one thread sealing 64 KiB frames and one opening them); with the CPU seconds per
-//!   GB spent at each end (the provider runs in its own process, so the two ends are counted apart);
+//! - shard transfer throughput over loopback, over the wire (hash-checked, bytes dropped) and into the
+//!   store (fsync'd), against bounds measured in the same run: a plain TCP copy of the same bytes; the
+//!   noise cipher's own throughput (ChaCha20-Poly1305 from ring, as libp2p-noise uses it through snow, one
+//!   thread sealing 64 KiB frames and one opening them); the encrypted pipeline (sealed frames through a
+//!   loopback TCP socket, opened and hashed: the least work any encrypted, hash-checked transfer does); and
+//!   the store's own write speed. With the CPU seconds per GB spent at each end (the provider runs in its
+//!   own process, so the two ends are counted apart);
 //! - the time for a fresh node to join and fetch a 1 GiB checkpoint from 3 providers
 //!   (`cargo test --release --test net_bench bench_join_and_fetch_1gb_from_3_providers -- --ignored
 //!   --nocapture`);
@@ -16,7 +19,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mana_node::net::fetch::FetchOptions;
+use mana_node::net::fetch::{FetchOptions, fetch_blob};
 use mana_node::net::libp2p::{Multiaddr, PeerId};
 use mana_protocol::{Capacity, ContentHash, DeviceKind, Heartbeat, Message, Text};
 use net_support::*;
@@ -107,6 +110,78 @@ fn cipher_bound(total: usize) -> (f64, f64) {
     (bytes / 1e6 / start.elapsed().as_secs_f64(), (seal_busy + open_busy).as_secs_f64() / (bytes / 1e9))
 }
 
+/// The least work any encrypted, hash-checked transfer does, on this machine: one thread seals noise-sized
+/// frames and writes them to a loopback TCP socket, another reads them, opens them and hashes the
+/// plaintext (blake3, as a fetch does). No multiplexer, no store: the cipher, the kernel's copies and the
+/// hash, sharing the machine's cores as the two ends of a real transfer do. Returns (MB/s, CPU-s/GB of the
+/// whole process, both ends).
+fn encrypted_pipeline_bound(total: usize) -> (f64, f64) {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    use std::io::Read;
+    let key = || LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"));
+    let nonce = |n: u64| {
+        let mut bytes = [0u8; 12];
+        bytes[4..].copy_from_slice(&n.to_le_bytes());
+        Nonce::assume_unique_for_key(bytes)
+    };
+    let frames = total / NOISE_FRAME;
+    let plain = pseudo_random_bytes(NOISE_FRAME, 9);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (cpu0, start) = (process_cpu_secs(), Instant::now());
+    let opener = std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().expect("accept");
+        let (key, mut hasher) = (key(), blake3::Hasher::new());
+        let mut frame = vec![0u8; 2 + NOISE_FRAME + 16];
+        for n in 0..frames as u64 {
+            sock.read_exact(&mut frame).expect("read a frame");
+            let opened = key.open_in_place(nonce(n), Aad::empty(), &mut frame[2..]).expect("authentic");
+            hasher.update(opened);
+        }
+        hasher.finalize()
+    });
+    let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+    sock.set_nodelay(true).expect("nodelay");
+    let key = key();
+    let mut out = Vec::with_capacity(2 + NOISE_FRAME + 16);
+    for n in 0..frames as u64 {
+        out.clear();
+        out.extend_from_slice(&((NOISE_FRAME + 16) as u16).to_be_bytes());
+        out.extend_from_slice(&plain);
+        let tag = key.seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out[2..]).expect("seal");
+        out.extend_from_slice(tag.as_ref());
+        sock.write_all(&out).expect("write a frame");
+    }
+    opener.join().expect("opener");
+    let bytes = (frames * NOISE_FRAME) as f64;
+    (bytes / 1e6 / start.elapsed().as_secs_f64(), (process_cpu_secs() - cpu0) / (bytes / 1e9))
+}
+
+/// A sink that counts the bytes and drops them (the fetch hashes them itself): the transfer alone, without
+/// the store's file write.
+struct Discard(u64);
+
+impl mana_node::net::fetch::BlobSink for Discard {
+    fn write_chunk(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.0 += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// The store's own bound on a fetch: the same bytes written through its blob writer (hashed, written in
+/// 1 MiB pieces, fsync'd, renamed into place) with no network, in MB/s.
+fn store_write_mb_s(node: &mana_node::daemon::NodeHandle, data: &[u8]) -> f64 {
+    let start = Instant::now();
+    let mut writer = node.store().blob_writer(u64::MAX).expect("writer");
+    for piece in data.chunks(1 << 20) {
+        std::io::Write::write_all(&mut writer, piece).expect("write");
+    }
+    let pin = writer.finish().expect("finish");
+    let secs = start.elapsed().as_secs_f64();
+    drop(pin);
+    data.len() as f64 / 1e6 / secs
+}
+
 /// A provider node in its own process (this test binary again, running [`provider_process`]), so that its
 /// CPU time is counted apart from the fetcher's.
 struct ProviderProc {
@@ -115,6 +190,7 @@ struct ProviderProc {
     addr: Multiaddr,
     hash: ContentHash,
     warm: ContentHash,
+    quic: Multiaddr,
     dir: std::path::PathBuf,
 }
 
@@ -141,6 +217,7 @@ impl ProviderProc {
             addr: f[2].parse().expect("address"),
             hash: hash(f[3]),
             warm: hash(f[4]),
+            quic: f[5].parse().expect("QUIC address"),
             child,
             dir: dir.to_path_buf(),
         }
@@ -178,11 +255,16 @@ async fn provider_process() {
     let f: Vec<&str> = spec.split('|').collect();
     let boot: Multiaddr = f[1].parse().expect("bootstrap address");
     let (bytes, seed): (usize, u64) = (f[2].parse().expect("size"), f[3].parse().expect("seed"));
-    let node = start_node(node_config(std::path::Path::new(f[0]), &[boot])).await;
+    let mut config = node_config(std::path::Path::new(f[0]), &[boot]);
+    config.net.listen.push("/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("a QUIC address"));
+    let node = start_node(config).await;
     let hash = node.host_blob_now(pseudo_random_bytes(bytes, seed)).await.expect("host");
     let warm = node.host_blob_now(pseudo_random_bytes(1 << 20, seed + 1)).await.expect("host");
-    let addr = node.listen_addrs().await.expect("addresses").into_iter().next().expect("one address");
-    println!("PROVIDER {} {addr} {hash} {warm}", node.peer_id());
+    let addrs = node.listen_addrs().await.expect("addresses");
+    let is_quic = |a: &Multiaddr| a.to_string().contains("quic");
+    let addr = addrs.iter().find(|a| !is_quic(a)).expect("a TCP address");
+    let quic = addrs.iter().find(|a| is_quic(a)).expect("a QUIC address");
+    println!("PROVIDER {} {addr} {hash} {warm} {quic}", node.peer_id());
     std::io::stdout().flush().expect("stdout");
     let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await;
     node.shutdown().await.expect("shutdown");
@@ -202,9 +284,15 @@ async fn bench_shard_transfer_vs_tcp_copy() {
         "cipher bound (ring ChaCha20-Poly1305, {NOISE_FRAME}-byte frames, one thread sealing, one opening): \
          {cipher:.1} MB/s, {cipher_cpu:.2} CPU-s/GB for both"
     );
+    let (pipeline, pipeline_cpu) = encrypted_pipeline_bound(BYTES);
+    println!(
+        "encrypted pipeline bound (seal, TCP loopback, open, blake3; two threads): {pipeline:.1} MB/s, \
+         {pipeline_cpu:.2} CPU-s/GB for both ends"
+    );
 
-    // The defaults first, then other segment sizes and streams per provider, then the request-response
-    // path alone (one fresh fetching node each).
+    // The defaults first, then other segment sizes and streams per provider, the request-response path
+    // alone, the defaults again (the first fetch of a run is the slowest), and the same fetch over QUIC
+    // (one fresh fetching node each).
     let d = FetchOptions::default();
     let variants = [
         ("defaults", FetchOptions { ..d.clone() }),
@@ -212,33 +300,57 @@ async fn bench_shard_transfer_vs_tcp_copy() {
         ("4 MiB segments, 4 streams", FetchOptions { segment_bytes: 4 << 20, streams_per_provider: 4, ..d.clone() }),
         ("1 stream", FetchOptions { streams_per_provider: 1, ..d.clone() }),
         ("request-response only", FetchOptions { bulk_streams: false, ..d.clone() }),
+        ("defaults, again", FetchOptions { ..d.clone() }),
+        ("over QUIC", FetchOptions { ..d.clone() }),
     ];
+    let other = pseudo_random_bytes(BYTES, 4); // for the store's own bound (a blob the node lacks)
     for (i, (name, fetch)) in variants.into_iter().enumerate() {
         let mut config = node_config(&dir.path().join(format!("b{i}")), &boot);
-        config.fetch = fetch;
+        config.fetch = fetch.clone();
         let b = start_node(config).await;
-        b.net().dial(provider.addr.clone()).await.expect("dial the provider");
+        let addr = if name == "over QUIC" { provider.quic.clone() } else { provider.addr.clone() };
+        b.net().dial(addr).await.expect("dial the provider");
         // Warm the connection (and the provider's open-blob cache for the small blob) first.
         b.fetch_blob_from(provider.warm, vec![provider.peer]).await.expect("warm-up fetch");
         let cpu0 = process_cpu_secs();
         let tcp = tcp_copy_mb_s(&data).await;
         let tcp_cpu = process_cpu_secs() - cpu0;
+
+        // Over the wire only: hash-checked, into a sink that drops the bytes.
+        let (cpu0, provider_cpu0) = (process_cpu_secs(), provider.cpu_secs());
+        let start = Instant::now();
+        let (len, _) = fetch_blob(b.net(), provider.hash, vec![provider.peer], Discard(0), &fetch).await.expect("fetch");
+        let secs = start.elapsed().as_secs_f64();
+        let (fetcher_cpu, provider_cpu) = (process_cpu_secs() - cpu0, provider.cpu_secs() - provider_cpu0);
+        let (wire, gb) = (len as f64 / 1e6 / secs, len as f64 / 1e9);
+        println!(
+            "shard transfer ({name}), over the wire: {} MB in {secs:.3} s = {wire:.1} MB/s (hash-checked); \
+             CPU-s/GB: fetcher {:.2}, provider {:.2}; TCP copy {tcp:.1} MB/s ({:.2} CPU-s/GB both ends); \
+             mana/TCP = {:.3}, mana/cipher bound = {:.3}, mana/encrypted pipeline = {:.3}",
+            len / 1_000_000,
+            fetcher_cpu / gb,
+            provider_cpu / gb,
+            tcp_cpu / gb,
+            wire / tcp,
+            wire / cipher,
+            wire / pipeline,
+        );
+
+        // Into the store, as a node fetches (written, fsync'd, renamed into place), against the store's own
+        // write speed on this disk.
         let (cpu0, provider_cpu0) = (process_cpu_secs(), provider.cpu_secs());
         let start = Instant::now();
         let len = b.fetch_blob_from(provider.hash, vec![provider.peer]).await.expect("fetch");
         let secs = start.elapsed().as_secs_f64();
         let (fetcher_cpu, provider_cpu) = (process_cpu_secs() - cpu0, provider.cpu_secs() - provider_cpu0);
-        let (mana, gb) = (len as f64 / 1e6 / secs, len as f64 / 1e9);
+        let stored = len as f64 / 1e6 / secs;
+        let store_bound = store_write_mb_s(&b, &other);
         println!(
-            "shard transfer ({name}): {} MB in {secs:.3} s = {mana:.1} MB/s (hash-checked, fsync'd into the \
-             store); CPU-s/GB: fetcher {:.2}, provider {:.2}; TCP copy {tcp:.1} MB/s ({:.2} CPU-s/GB both \
-             ends); mana/TCP = {:.3}, mana/cipher bound = {:.3}",
-            len / 1_000_000,
+            "shard transfer ({name}), into the store: {stored:.1} MB/s; CPU-s/GB: fetcher {:.2}, provider {:.2}; \
+             the store alone writes {store_bound:.1} MB/s (same bytes, no network); mana/store = {:.3}",
             fetcher_cpu / gb,
             provider_cpu / gb,
-            tcp_cpu / gb,
-            mana / tcp,
-            mana / cipher,
+            stored / store_bound,
         );
         b.shutdown().await.expect("shutdown");
     }

@@ -3,9 +3,11 @@
 //! - a malicious member sends, every round it is given work, NaN deltas, honest deltas scaled ×100, random
 //!   deltas, deltas for experts it does not host, deltas with bad signatures and replays of old rounds'
 //!   deltas: every one is refused (with its reason in the coordinator's rejection log), none is ever in a
-//!   commit, and training still converges. (Gossip scoring soon cuts such a member off, so it acts in the
-//!   first rounds only. A random delta forged at the honest norm is not in this list: it passes the norm
-//!   check, and the loss check's tolerance does not reliably catch a step of honest size sideways.)
+//!   commit, and training still converges. Gossip scoring soon cuts such a member off, so it acts in the
+//!   first rounds only; a second adversary, which only replays its own signed envelopes a round later, is
+//!   refused as `replayed` by whoever receives it. (A random delta forged at the honest norm is not in this
+//!   list: it passes the norm check, and the loss check's tolerance does not reliably catch a step of
+//!   honest size sideways.)
 //! - nodes killed mid-round do not stop the round, an expert whose hosts all died is reassigned from the
 //!   last checkpoint and trains again, a node that joins late syncs and contributes, and a restarted
 //!   coordinator resumes its run where it stopped.
@@ -269,6 +271,56 @@ async fn run_malicious(
 
 use mana_node::daemon::now_ms;
 
+/// A second adversary that only replays: a member with no slots (never given work, never waited on), so
+/// gossip scoring has not cut it off when it acts. In each round it publishes a delta announcement of its
+/// own (refused: it is not a participant; its receivers remember the envelope) and, when the next round is
+/// announced, the very same signed bytes again, past gossipsub's duplicate cache but within the replay
+/// window. It starts once round 1 is announced, so it never changes who takes part.
+async fn run_replayer(
+    node: Arc<NodeHandle>,
+    keypair: mana_protocol::Keypair,
+    attacks: Arc<Mutex<Attacks>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = node.accepted();
+    let run = node.config().net.run_id.clone();
+    let gossip_topic = topic(&run, mana_protocol::TopicKind::Deltas);
+    let mut previous: Option<Vec<u8>> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            m = rx.recv() => m,
+        };
+        let ann = match accepted {
+            Ok(m) => match m.message {
+                Message::RoundAnnouncement(ann) => ann,
+                _ => continue,
+            },
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if let Some(raw) = previous.take() {
+            if node.net().publish(gossip_topic.clone(), raw).await.is_ok() {
+                *attacks.lock().expect("lock").kinds.entry("replay").or_default() += 1;
+            }
+        }
+        let claim = DeltaAnnouncement {
+            run: run.clone(),
+            round: ann.round,
+            shard: ShardId::expert(0, 0).expect("expert 0 of layer 0"),
+            base_checkpoint: ann.base_checkpoint,
+            payload_hash: ContentHash([0x5a; 32]),
+            payload_size: 1024,
+            stats: mana_protocol::TrainingStats { tokens: 1, loss_before: 1.0, loss_after: 1.0, delta_norm: 1.0 },
+        };
+        let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(claim), now_ms()).expect("sign");
+        let raw = envelope.encode().expect("encode envelope");
+        if node.net().publish(gossip_topic.clone(), raw.clone()).await.is_ok() {
+            previous = Some(raw);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -279,7 +331,7 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     for i in 0..HONEST {
         nodes.push(net.start_trainer(&format!("node-{i}")).await);
     }
-    let (_, commits) = collect_rounds(&nodes[0].0);
+    let (announced, commits) = collect_rounds(&nodes[0].0);
     let evil_cfg = net.member_config("evil");
     let evil_key = mana_node::keyfile::load_or_generate(&evil_cfg.key_path()).expect("evil key");
     let evil = Arc::new(start_node(evil_cfg).await);
@@ -296,6 +348,16 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     let metrics = net.dir.path().join("metrics.jsonl");
     let role = net.role(HONEST + 1, ROUNDS, &metrics);
     let coordinating = tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(net.stop_rx.clone())));
+    wait_for(Duration::from_secs(60), "round 1 announced", || {
+        let announced = announced.clone();
+        async move { (!announced.lock().expect("lock").is_empty()).then_some(()) }
+    })
+    .await;
+    let mut replayer_cfg = net.member_config("replayer");
+    replayer_cfg.capacity.max_shards = 0;
+    let replayer_key = mana_node::keyfile::load_or_generate(&replayer_cfg.key_path()).expect("replayer key");
+    let replayer = Arc::new(start_node(replayer_cfg).await);
+    let replayer_task = tokio::spawn(run_replayer(replayer.clone(), replayer_key, attacks.clone(), net.stop_rx.clone()));
     tokio::time::timeout(Duration::from_secs(240), coordinating)
         .await
         .expect("the coordinator finishes its rounds in time")
@@ -346,16 +408,24 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     for (r, n) in &log.by_reason {
         *reasons.entry(format!("log:{r}")).or_default() += n;
     }
+    // A replay is refused by whichever honest node receives it first (a refused message is not passed on).
+    for (node, _) in &nodes {
+        for (r, n) in node.store().rejection_summary().expect("rejection log").by_reason {
+            *reasons.entry(format!("member-log:{r}")).or_default() += n;
+        }
+    }
     eprintln!("reasons: {reasons:?}");
     let seen = |needle: &str| reasons.keys().any(|k| k.contains(needle));
     assert!(seen("non-finite") || seen("bad-payload"), "NaN deltas not refused as such: {reasons:?}");
     assert!(seen("norm-too-large"), "scaled and random deltas not refused by the norm check: {reasons:?}");
     assert!(seen("signature") || seen("bad-envelope"), "bad signatures not refused: {reasons:?}");
     assert!(seen("shard-not-assigned"), "deltas for experts not hosted not refused: {reasons:?}");
-    assert!(seen("stale-round") || seen("replay"), "replays not refused: {reasons:?}");
+    assert!(seen("replayed"), "replays not refused: {reasons:?}");
 
     let _ = net.stop_tx.send(true);
     evil_task.await.expect("malicious task");
+    replayer_task.await.expect("replayer task");
+    Arc::into_inner(replayer).expect("sole owner").shutdown().await.expect("shutdown");
     for (node, task) in nodes {
         task.await.expect("trainer task").expect("trainer ran");
         Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");

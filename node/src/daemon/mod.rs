@@ -470,7 +470,8 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, s
     // Bulk streams are served for as long as the node handles events (the task holds the shared state, so
     // it is stopped here rather than left to end with the swarm).
     let source = Arc::new(serve::StoreBlobs(shared.clone()));
-    let serving = match net::bulk::serve(&shared.client, source, serve::stream_limits(&shared.config.net)) {
+    let run = net::bulk::ServeTasks { tasks: shared.tasks.clone(), cancel: shared.cancel.clone() };
+    let serving = match net::bulk::serve(&shared.client, source, serve::stream_limits(&shared.config.net), run) {
         Ok(serving) => {
             shared.spawn(serving);
             Some(())

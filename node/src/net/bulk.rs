@@ -23,6 +23,8 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use mana_protocol::limits::{MAX_RANGE_BYTES, MAX_RANGE_FRAME_BYTES};
 use mana_protocol::{ContentHash, RangeRequest, RangeResponse, Text};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::client::Client;
 use super::error::{FrameTooLarge, NetError};
@@ -196,17 +198,28 @@ fn take_slot(count: &Arc<Mutex<StreamCount>>, peer: PeerId, limits: &ServeLimits
     Some(Slot { peer, count: count.clone() })
 }
 
+/// Where the serving tasks run, so that their owner can stop them and wait for them: each stream's task is
+/// spawned on `tasks` and ends when `cancel` is cancelled (the node's shutdown).
+#[derive(Clone)]
+pub struct ServeTasks {
+    /// The tracker every stream task is spawned on.
+    pub tasks: TaskTracker,
+    /// Cancelled to stop every stream task at its next await point.
+    pub cancel: CancellationToken,
+}
+
 /// Starts accepting inbound bulk streams on `client`'s swarm and returns the future that serves them from
-/// `source` (spawn it; it runs until the swarm stops, or until it is aborted). Each stream runs in its own
-/// task; one over the limits is dropped at once (the peer sees it reset). Fails if streams are already
-/// accepted on this swarm.
+/// `source` (spawn it; it runs until the swarm stops). Each stream runs in its own task on `run`; one over
+/// the limits is dropped at once (the peer sees it reset). Fails if streams are already accepted on this
+/// swarm.
 pub fn serve<S: BlobSource>(
     client: &Client,
     source: Arc<S>,
     limits: ServeLimits,
+    run: ServeTasks,
 ) -> Result<impl Future<Output = ()> + Send + 'static, NetError> {
     let incoming = client.accept_blob_streams()?;
-    Ok(serve_incoming(incoming, source, limits, client.traffic_counters().clone()))
+    Ok(serve_incoming(incoming, source, limits, client.traffic_counters().clone(), run))
 }
 
 async fn serve_incoming<S: BlobSource>(
@@ -214,6 +227,7 @@ async fn serve_incoming<S: BlobSource>(
     source: Arc<S>,
     limits: ServeLimits,
     traffic: Arc<TrafficCounters>,
+    run: ServeTasks,
 ) {
     let count = Arc::new(Mutex::new(StreamCount::default()));
     while let Some((peer, stream)) = incoming.next().await {
@@ -221,11 +235,16 @@ async fn serve_incoming<S: BlobSource>(
             tracing::debug!(%peer, "bulk stream refused: over the stream limits");
             continue;
         };
-        let (source, limits, traffic) = (source.clone(), limits.clone(), traffic.clone());
-        tokio::spawn(async move {
+        let (source, limits, traffic, cancel) = (source.clone(), limits.clone(), traffic.clone(), run.cancel.clone());
+        run.tasks.spawn(async move {
             let _slot = slot;
-            if let Err(e) = serve_stream(stream, source.as_ref(), &limits, &traffic).await {
-                tracing::debug!(%peer, error = %e, "bulk stream ended with an error");
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                served = serve_stream(stream, source.as_ref(), &limits, &traffic) => {
+                    if let Err(e) = served {
+                        tracing::debug!(%peer, error = %e, "bulk stream ended with an error");
+                    }
+                }
             }
         });
     }

@@ -21,7 +21,7 @@ use std::io;
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::stream::FuturesOrdered;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
@@ -272,6 +272,40 @@ struct SegmentDone {
     result: Result<Option<RangeStream>, Fault>,
 }
 
+/// Piece buffers handed back by the writer for the segment tasks to fill again, so a fetch neither
+/// allocates nor zeroes a fresh megabyte per piece (page faults and a memset per piece, measured in
+/// `tests/net_bench.rs`). Holds at most the write-ahead window's worth.
+#[derive(Clone)]
+struct PiecePool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    cap: usize,
+}
+
+impl PiecePool {
+    fn new(cap: usize) -> Self {
+        Self { free: Default::default(), cap }
+    }
+
+    /// A buffer of exactly `len` bytes (its contents are about to be overwritten).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buf = reused.unwrap_or_else(|| Vec::with_capacity(PIECE_BYTES));
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Gives a written piece back (dropped when the pool is full or the buffer is not piece-sized).
+    fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() < PIECE_BYTES {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < self.cap {
+            free.push(buf);
+        }
+    }
+}
+
 /// What one segment task needs besides its range.
 #[derive(Clone)]
 struct SegmentJob {
@@ -279,6 +313,7 @@ struct SegmentJob {
     hash: ContentHash,
     total: u64,
     pieces: mpsc::Sender<(u64, Vec<u8>)>,
+    pool: PiecePool,
     chunk_bytes: u64,
     chunk_depth: usize,
     timeout: Duration,
@@ -329,7 +364,7 @@ impl SegmentJob {
         };
         while *delivered < sent {
             let n = (sent - *delivered).min(PIECE_BYTES as u64) as usize;
-            let mut piece = vec![0u8; n];
+            let mut piece = self.pool.take(n);
             stream.read_body(&mut piece).await?;
             self.pieces.send((offset + *delivered, piece)).await.map_err(|_| Fault::Stopped)?;
             *delivered += n as u64;
@@ -380,7 +415,7 @@ struct Writer<S> {
 }
 
 impl<S: BlobSink> Writer<S> {
-    fn spawn(mut sink: S, window: usize) -> Self {
+    fn spawn(mut sink: S, window: usize, pool: PiecePool) -> Self {
         let (chunks, mut rx) = mpsc::channel::<Vec<u8>>(window.max(1));
         let task = tokio::task::spawn_blocking(move || {
             let mut hasher = sink.hash_so_far().is_none().then(blake3::Hasher::new);
@@ -391,6 +426,7 @@ impl<S: BlobSink> Writer<S> {
                 if let Some(hasher) = &mut hasher {
                     hasher.update(&chunk);
                 }
+                pool.give(chunk);
             }
             let hash = hasher.map(|h| h.finalize()).or_else(|| sink.hash_so_far());
             let hash = hash.ok_or_else(|| io::Error::other("the sink stopped hashing"));
@@ -438,7 +474,9 @@ async fn fetch_once<S: BlobSink>(
     let workers = streams * ranked.len();
     // Pieces buffered ahead of the writer stay under this many bytes.
     let window = segment.saturating_mul(workers as u64 + 2);
-    let writer = Writer::spawn(sink, (window / PIECE_BYTES as u64).max(4) as usize);
+    let window_pieces = (window / PIECE_BYTES as u64).max(4) as usize;
+    let pool = PiecePool::new(window_pieces);
+    let writer = Writer::spawn(sink, window_pieces, pool.clone());
     let bar = opts.progress.then(|| progress_bar(total));
 
     let mut pending: BTreeMap<u64, u64> = BTreeMap::new();
@@ -454,12 +492,14 @@ async fn fetch_once<S: BlobSink>(
         hash,
         total,
         pieces: pieces_tx,
+        pool,
         chunk_bytes: u64::from(opts.chunk_bytes.max(1)),
         chunk_depth: opts.per_provider.min(opts.concurrency).max(1),
         timeout: opts.segment_timeout,
     };
     let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut in_flight = FuturesUnordered::new();
+    // Segment tasks belong to this fetch: dropping it (a cancelled caller) aborts them with it.
+    let mut in_flight = tokio::task::JoinSet::new();
     let mut next_to_write = 0u64;
     let mut failure: Option<FetchError> = None;
 
@@ -482,7 +522,7 @@ async fn fetch_once<S: BlobSink>(
             p.active += 1;
             let stream = if p.legacy { None } else { p.idle.pop() };
             let task = job.clone().run(slot, p.peer, p.legacy, stream, offset, len);
-            in_flight.push(tokio::spawn(task));
+            in_flight.spawn(task);
         }
         if in_flight.is_empty() && pending.is_empty() && ready.is_empty() && pieces_rx.is_empty() {
             failure = Some(FetchError::NoProvider("nothing left to fetch before the end".into()));
@@ -502,7 +542,7 @@ async fn fetch_once<S: BlobSink>(
                     }
                 }
             }
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 let done = match done {
                     Ok(done) => done,
                     Err(e) => {
