@@ -240,6 +240,9 @@ async fn run_malicious(
             }
         }
         for (kind, target, payload) in sends {
+            // Bound to this member, round and target shard, as an honest trainer binds its own.
+            let binding = mana_protocol::Binding { run: run.clone(), round: ann.round, shard: target, sender: me };
+            let payload = binding.wrap(&payload).expect("bind");
             let Ok(hash) = node.host_blob(payload.clone()).await else { continue };
             attacks.lock().expect("lock").payloads.insert(hash);
             let message = announce(target, hash, payload.len() as u64);

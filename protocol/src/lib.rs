@@ -18,6 +18,7 @@
 
 pub mod bytes;
 pub mod codec;
+pub mod contribution;
 pub mod envelope;
 pub mod error;
 pub mod identity;
@@ -31,6 +32,7 @@ pub mod wire;
 
 pub use bytes::Bytes;
 pub use codec::{CodecError, CodecOptions, DeltaEncoder, ScaleFormat, decode_delta, encode_delta};
+pub use contribution::{Binding, ContributionError, contribution_len, decode_contribution, split_contribution};
 pub use envelope::{SIGNING_DOMAIN, SignedEnvelope, decode_envelope};
 pub use error::ProtocolError;
 pub use identity::{Keypair, PeerId, PublicKey, Signature};

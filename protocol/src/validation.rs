@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::codec::{CodecError, DeltaHeader, decode_delta};
+use crate::contribution::{Binding, ContributionError, split_contribution};
 use crate::envelope::SignedEnvelope;
 use crate::error::ProtocolError;
 use crate::identity::PublicKey;
@@ -90,6 +91,12 @@ pub enum RejectCode {
     SizeMismatch,
     /// `bad-payload`: the payload does not decode, or has the wrong length for its shard.
     BadPayload,
+    /// `not-bound`: the payload is bound to another sender, round, run or shard than its announcement claims
+    /// (someone else's payload re-announced, or an old one replayed).
+    NotBound,
+    /// `unavailable`: the payload could not be fetched within its budget (withheld, trickled, or its sender
+    /// unreachable).
+    Unavailable,
 }
 
 impl RejectCode {
@@ -114,6 +121,8 @@ impl RejectCode {
             RejectCode::HashMismatch => "hash-mismatch",
             RejectCode::SizeMismatch => "size-mismatch",
             RejectCode::BadPayload => "bad-payload",
+            RejectCode::NotBound => "not-bound",
+            RejectCode::Unavailable => "unavailable",
         }
     }
 }
@@ -274,6 +283,17 @@ pub enum Rejection {
         /// The delta's length.
         got: usize,
     },
+    /// The payload is not a contribution (no binding, or a malformed one).
+    #[error("bad-payload: {0}")]
+    BadContribution(ContributionError),
+    /// The payload's binding is not what its announcement and signer claim.
+    #[error("not-bound: the payload is bound to {bound}, its announcement claims {claimed}")]
+    NotBound {
+        /// What the announcement and its signer claim.
+        claimed: Box<Binding>,
+        /// What the payload is bound to.
+        bound: Box<Binding>,
+    },
 }
 
 impl Rejection {
@@ -297,7 +317,8 @@ impl Rejection {
             Rejection::NormTooLarge { .. } => RejectCode::NormTooLarge,
             Rejection::HashMismatch { .. } => RejectCode::HashMismatch,
             Rejection::SizeMismatch { .. } => RejectCode::SizeMismatch,
-            Rejection::BadPayload(_) | Rejection::WrongLength { .. } => RejectCode::BadPayload,
+            Rejection::BadPayload(_) | Rejection::WrongLength { .. } | Rejection::BadContribution(_) => RejectCode::BadPayload,
+            Rejection::NotBound { .. } => RejectCode::NotBound,
         }
     }
 }
@@ -446,11 +467,13 @@ fn check_heartbeat(m: &Heartbeat) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Checks a fetched delta payload against its (already validated) announcement: size, hash, decoding,
-/// length `shard_len`, finiteness, and — when the round's `median_norm` for the shard is known and positive —
-/// norm at most `max_norm_ratio` times it. Returns the decoded delta.
+/// Checks a fetched contribution payload against its (already validated) announcement, signed by `sender`:
+/// size, hash, the [`Binding`] (this sender, run, round and shard, so nobody can re-announce another's
+/// payload or an old one), decoding, length `shard_len`, finiteness, and, when the round's `median_norm`
+/// for the shard is known and positive, norm at most `max_norm_ratio` times it. Returns the decoded delta.
 pub fn validate_delta_payload(
     announcement: &DeltaAnnouncement,
+    sender: &PublicKey,
     payload: &[u8],
     shard_len: usize,
     median_norm: Option<f32>,
@@ -464,11 +487,16 @@ pub fn validate_delta_payload(
     if got != announcement.payload_hash {
         return Err(Rejection::HashMismatch { expected: announcement.payload_hash, got });
     }
-    let header = DeltaHeader::parse(payload).map_err(Rejection::BadPayload)?;
+    let (bound, encoded) = split_contribution(payload).map_err(Rejection::BadContribution)?;
+    let claimed = Binding::of(announcement, *sender);
+    if bound != claimed {
+        return Err(Rejection::NotBound { claimed: Box::new(claimed), bound: Box::new(bound) });
+    }
+    let header = DeltaHeader::parse(encoded).map_err(Rejection::BadPayload)?;
     if header.len != shard_len {
         return Err(Rejection::WrongLength { expected: shard_len, got: header.len });
     }
-    let delta = decode_delta(payload, shard_len).map_err(Rejection::BadPayload)?;
+    let delta = decode_delta(encoded, shard_len).map_err(Rejection::BadPayload)?;
     if delta.iter().any(|v| !v.is_finite()) {
         return Err(Rejection::NonFinite { field: "delta" });
     }

@@ -106,31 +106,61 @@ fn tampered_envelopes_are_refused_as_bad_envelopes() {
     assert!(r.to_string().starts_with("bad-envelope"), "{r}");
 }
 
+/// The fixture's announcement, for a payload bound to its signer (the fixture node) as a trainer hosts it.
+fn bound_announcement() -> (DeltaAnnouncement, Vec<u8>) {
+    let mut ann = delta_announcement();
+    let payload = Binding::of(&ann, node().public()).wrap(&sample_payload()).unwrap();
+    ann.payload_hash = ContentHash::of(&payload);
+    ann.payload_size = payload.len() as u64;
+    (ann, payload)
+}
+
 #[test]
 fn delta_payloads_are_checked_against_their_announcement() {
-    let ann = delta_announcement();
-    let payload = sample_payload();
+    let (ann, payload) = bound_announcement();
+    let me = node().public();
     let n = sample_delta().len();
-    let delta = validate_delta_payload(&ann, &payload, n, None, 3.0).unwrap();
+    let delta = validate_delta_payload(&ann, &me, &payload, n, None, 3.0).unwrap();
     let norm = l2_norm(&delta);
-    assert!(validate_delta_payload(&ann, &payload, n, Some(norm), 3.0).is_ok());
+    assert!(validate_delta_payload(&ann, &me, &payload, n, Some(norm), 3.0).is_ok());
 
-    let r = validate_delta_payload(&ann, &payload, n, Some(norm / 4.0), 3.0).unwrap_err();
+    let r = validate_delta_payload(&ann, &me, &payload, n, Some(norm / 4.0), 3.0).unwrap_err();
     assert_eq!(r.code(), RejectCode::NormTooLarge);
     assert!(r.to_string().starts_with("norm-too-large"), "{r}");
 
     let mut tampered = payload.clone();
     tampered[20] ^= 1;
-    assert_eq!(validate_delta_payload(&ann, &tampered, n, None, 3.0).unwrap_err().code(), RejectCode::HashMismatch);
-    assert_eq!(validate_delta_payload(&ann, &payload[..payload.len() - 1], n, None, 3.0).unwrap_err().code(), RejectCode::SizeMismatch);
-    assert_eq!(validate_delta_payload(&ann, &payload, n + 1, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+    assert_eq!(validate_delta_payload(&ann, &me, &tampered, n, None, 3.0).unwrap_err().code(), RejectCode::HashMismatch);
+    assert_eq!(
+        validate_delta_payload(&ann, &me, &payload[..payload.len() - 1], n, None, 3.0).unwrap_err().code(),
+        RejectCode::SizeMismatch
+    );
+    assert_eq!(validate_delta_payload(&ann, &me, &payload, n + 1, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
 
-    // A payload whose hash matches but which does not decode.
-    let junk = vec![0u8; 40];
-    let mut junk_ann = ann.clone();
-    junk_ann.payload_hash = ContentHash::of(&junk);
-    junk_ann.payload_size = junk.len() as u64;
-    assert_eq!(validate_delta_payload(&junk_ann, &junk, n, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+    // A payload whose hash matches but which does not decode, and a bare delta with no binding.
+    for junk in [vec![0u8; 40], sample_payload()] {
+        let mut junk_ann = ann.clone();
+        junk_ann.payload_hash = ContentHash::of(&junk);
+        junk_ann.payload_size = junk.len() as u64;
+        assert_eq!(validate_delta_payload(&junk_ann, &me, &junk, n, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+    }
+}
+
+#[test]
+fn a_payload_is_refused_under_any_other_sender_round_or_shard() {
+    let (ann, payload) = bound_announcement();
+    let n = sample_delta().len();
+    // Another key re-announcing the same hash.
+    let r = validate_delta_payload(&ann, &outsider().public(), &payload, n, None, 3.0).unwrap_err();
+    assert_eq!(r.code(), RejectCode::NotBound);
+    assert!(r.to_string().starts_with("not-bound"), "{r}");
+    // The same sender, in a later round or for another shard.
+    let mut later = ann.clone();
+    later.round += 1;
+    assert_eq!(validate_delta_payload(&later, &node().public(), &payload, n, None, 3.0).unwrap_err().code(), RejectCode::NotBound);
+    let mut other = ann.clone();
+    other.shard = ShardId::expert(1, 1).unwrap();
+    assert_eq!(validate_delta_payload(&other, &node().public(), &payload, n, None, 3.0).unwrap_err().code(), RejectCode::NotBound);
 }
 
 #[test]
@@ -140,6 +170,7 @@ fn codes_are_stable_and_distinct() {
         RejectCode::FutureRound, RejectCode::NotCoordinator, RejectCode::NotParticipant, RejectCode::ShardNotAssigned,
         RejectCode::WrongBase, RejectCode::Late, RejectCode::TooLarge, RejectCode::NonFinite, RejectCode::Inconsistent,
         RejectCode::NormTooLarge, RejectCode::HashMismatch, RejectCode::SizeMismatch, RejectCode::BadPayload,
+        RejectCode::NotBound, RejectCode::Unavailable,
     ];
     let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
     assert_eq!(strings.len(), all.len());

@@ -75,8 +75,9 @@ pub struct ActiveRound {
     pub announcement: RoundAnnouncement,
     /// Deltas received, by (shard, node).
     pub deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
-    /// Verdicts received, by payload hash.
-    pub verdicts: BTreeMap<ContentHash, Verdict>,
+    /// Verdicts received, by (shard, node): the same key as the deltas, so nothing another peer announces (a
+    /// copy of an honest delta's hash, say) can reach the verdict on an honest delta.
+    pub verdicts: BTreeMap<(ShardId, PublicKey), Verdict>,
     /// Participants dropped from the round (left, or missed the delta deadline).
     pub dropped: BTreeSet<PublicKey>,
     /// Refusals decided by the coordinator itself (late or unverified deltas).
@@ -298,16 +299,30 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The verification outcome of the delta with `payload_hash` in round `round`.
-    pub fn verification_verdict(&mut self, round: u64, payload_hash: ContentHash, verdict: Verdict) -> Result<(), EventError> {
+    /// The verification outcome of `node`'s delta for `shard` in round `round`, whose payload is
+    /// `payload_hash`. The first verdict on a delta stands. A payload accepted already for another (shard,
+    /// node) is refused here (`not-bound`): one payload is one contribution, and the aggregate must never
+    /// count it twice (a verifier that checks bindings never asks for this).
+    pub fn verification_verdict(
+        &mut self,
+        round: u64,
+        shard: ShardId,
+        node: PublicKey,
+        payload_hash: ContentHash,
+        verdict: Verdict,
+    ) -> Result<(), EventError> {
         let RunState::RoundVerify(r) = &mut self.state else { return Err(EventError::Refused(RejectCode::StaleRound)) };
         if r.announcement.round != round {
             return Err(EventError::Refused(RejectCode::StaleRound));
         }
-        if !r.deltas.values().any(|d| d.payload_hash == payload_hash) {
+        if r.deltas.get(&(shard, node)).map(|d| d.payload_hash) != Some(payload_hash) {
             return Err(EventError::Refused(RejectCode::Inconsistent));
         }
-        r.verdicts.entry(payload_hash).or_insert(verdict);
+        let taken = |k: &(ShardId, PublicKey)| r.deltas.get(k).is_some_and(|d| d.payload_hash == payload_hash);
+        let copy = verdict == Verdict::Accept
+            && r.verdicts.iter().any(|(k, v)| *v == Verdict::Accept && *k != (shard, node) && taken(k));
+        let verdict = if copy { Verdict::Reject(RejectCode::NotBound) } else { verdict };
+        r.verdicts.entry((shard, node)).or_insert(verdict);
         Ok(())
     }
 
@@ -377,7 +392,7 @@ impl Coordinator {
                 }
             }
             RunState::RoundVerify(mut round) => {
-                let all_in = round.deltas.values().all(|d| round.verdicts.contains_key(&d.payload_hash));
+                let all_in = round.deltas.keys().all(|k| round.verdicts.contains_key(k));
                 if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
                     refuse_unverified(&mut round);
                     let r = round.announcement.round;
@@ -479,7 +494,7 @@ impl Coordinator {
                 accepted.push(a);
             } else {
                 for ((shard, node), d) in &round.deltas {
-                    if *shard == a.shard && a.deltas.contains(&d.payload_hash) {
+                    if *shard == a.shard && round.verdicts.get(&(*shard, *node)) == Some(&Verdict::Accept) {
                         round.refused.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: RejectCode::Late });
                     }
                 }
@@ -492,7 +507,7 @@ impl Coordinator {
         let checkpoint = CheckpointManifest { run: self.config.run.clone(), round: r, shards: shards.into_values().collect() };
         let mut rejected = round.refused;
         for ((shard, node), d) in &round.deltas {
-            if let Some(Verdict::Reject(reason)) = round.verdicts.get(&d.payload_hash) {
+            if let Some(Verdict::Reject(reason)) = round.verdicts.get(&(*shard, *node)) {
                 rejected.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: *reason });
             }
         }
@@ -528,18 +543,33 @@ fn drop_missing(round: &mut ActiveRound) {
 /// At the commit deadline: deltas nobody verified are refused.
 fn refuse_unverified(round: &mut ActiveRound) {
     for ((shard, node), d) in &round.deltas {
-        if !round.verdicts.contains_key(&d.payload_hash) {
+        if !round.verdicts.contains_key(&(*shard, *node)) {
             round.refused.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: RejectCode::Late });
         }
     }
 }
 
-/// Accepted deltas per shard, each list sorted by payload hash: the order in which every aggregator must
-/// combine them.
 fn accepted_lists(round: &ActiveRound) -> Vec<AcceptedDeltas> {
+    round.accepted()
+}
+
+impl ActiveRound {
+    /// The deltas still waiting for a verdict, with their senders.
+    pub fn unverified(&self) -> Vec<(PublicKey, DeltaAnnouncement)> {
+        self.deltas.iter().filter(|(k, _)| !self.verdicts.contains_key(k)).map(|((_, n), d)| (*n, d.clone())).collect()
+    }
+
+    /// Accepted deltas per shard, each list sorted by payload hash: the order in which every aggregator must
+    /// combine them.
+    pub fn accepted(&self) -> Vec<AcceptedDeltas> {
+        accepted_in(self)
+    }
+}
+
+fn accepted_in(round: &ActiveRound) -> Vec<AcceptedDeltas> {
     let mut by_shard: BTreeMap<ShardId, Vec<ContentHash>> = BTreeMap::new();
-    for ((shard, _), d) in &round.deltas {
-        if round.verdicts.get(&d.payload_hash) == Some(&Verdict::Accept) {
+    for (key @ (shard, _), d) in &round.deltas {
+        if round.verdicts.get(key) == Some(&Verdict::Accept) {
             by_shard.entry(*shard).or_default().push(d.payload_hash);
         }
     }

@@ -132,9 +132,9 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     let verify = c.tick(20, 12).unwrap();
     let [Action::Verify { round: 1, deltas }] = verify.as_slice() else { panic!("{verify:?}") };
     let first_bad = deltas[0].1.payload_hash;
-    for (_, d) in deltas {
+    for (n, d) in deltas {
         let v = if d.payload_hash == first_bad { Verdict::Reject(RejectCode::NormTooLarge) } else { Verdict::Accept };
-        c.verification_verdict(1, d.payload_hash, v).unwrap();
+        c.verification_verdict(1, d.shard, *n, d.payload_hash, v).unwrap();
     }
     let agg = c.tick(30, 13).unwrap();
     let [Action::Aggregate { round: 1, accepted }] = agg.as_slice() else { panic!("{agg:?}") };
@@ -240,8 +240,8 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     assert!(c.state().round().unwrap().dropped.contains(&hosts[1]));
     let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
     assert!(r.deltas.keys().all(|(_, n)| stay.contains(n)));
-    for d in r.deltas.values() {
-        c.verification_verdict(1, d.payload_hash, Verdict::Accept).unwrap();
+    for ((shard, n), d) in &r.deltas {
+        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept).unwrap();
     }
     assert!(matches!(c.tick(700, 3).unwrap().as_slice(), [Action::Aggregate { .. }]));
     // Nobody reports aggregation results: at the commit deadline the accepted deltas are listed as late.
@@ -315,4 +315,65 @@ fn bad_configs_are_refused() {
     cfg.experts.pop();
     cfg.hyper.outer_momentum = 1.0;
     assert!(Coordinator::new(cfg, base_manifest()).is_err());
+}
+
+#[test]
+fn a_copied_payload_hash_never_changes_the_verdict_on_the_original() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    let (victim, thief) = (nodes[0], nodes[1]);
+    // The thief announces the victim's trunk payload as its own trunk delta, before the victim does.
+    let stolen = delta(&ann, ShardId::Trunk, victim);
+    c.delta_announced(10, thief, stolen.clone()).unwrap();
+    for p in &ann.participants {
+        for s in &p.shards {
+            if (p.node, *s) != (thief, ShardId::Trunk) {
+                c.delta_announced(10, p.node, delta(&ann, *s, p.node)).unwrap();
+            }
+        }
+    }
+    assert!(matches!(c.tick(20, 1).unwrap().as_slice(), [Action::Verify { .. }]));
+    // The thief's verdict comes first; it is its own, not the victim's.
+    c.verification_verdict(1, ShardId::Trunk, thief, stolen.payload_hash, Verdict::Reject(RejectCode::NotBound)).unwrap();
+    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    for ((shard, n), d) in &r.deltas {
+        if (*shard, *n) != (ShardId::Trunk, thief) {
+            c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept).unwrap();
+        }
+    }
+    // A verdict for a (shard, node) whose payload is another never lands.
+    assert!(c.verification_verdict(1, ShardId::Trunk, nodes[2], stolen.payload_hash, Verdict::Accept).is_err());
+    let agg = c.tick(30, 2).unwrap();
+    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else { panic!("{agg:?}") };
+    let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
+    assert_eq!(trunk.deltas.iter().filter(|h| **h == stolen.payload_hash).count(), 1, "the victim's delta counts once");
+    assert_eq!(trunk.deltas.len(), 2, "the victim's and the third node's trunk deltas");
+}
+
+#[test]
+fn one_payload_accepted_twice_counts_once() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    let copy = delta(&ann, ShardId::Trunk, nodes[0]);
+    for p in &ann.participants {
+        for s in &p.shards {
+            let d = if *s == ShardId::Trunk && p.node == nodes[1] { copy.clone() } else { delta(&ann, *s, p.node) };
+            c.delta_announced(10, p.node, d).unwrap();
+        }
+    }
+    c.tick(20, 1).unwrap();
+    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    // A careless verifier accepts both copies: the second is refused by the state machine.
+    for ((shard, n), d) in &r.deltas {
+        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept).unwrap();
+    }
+    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    let refused = r.verdicts.values().filter(|v| **v == Verdict::Reject(RejectCode::NotBound)).count();
+    assert_eq!(refused, 1);
+    let agg = c.tick(30, 2).unwrap();
+    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else { panic!("{agg:?}") };
+    let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
+    assert!(trunk.deltas.windows(2).all(|w| w[0] < w[1]), "no payload twice: {:?}", trunk.deltas);
 }

@@ -85,6 +85,19 @@ pub enum NodeError {
     /// A delta payload could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] mana_protocol::CodecError),
+    /// A contribution payload is not one (no binding, a malformed one, or a bad delta after it).
+    #[error(transparent)]
+    Contribution(#[from] mana_protocol::ContributionError),
+    /// A blob is bigger than the caller accepts (an announced payload size, for instance).
+    #[error("{what} is {len} bytes, over the {max} accepted")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its length.
+        len: u64,
+        /// The most accepted.
+        max: u64,
+    },
     /// A batch of the run's text could not be made.
     #[error(transparent)]
     Dataset(#[from] mana_kernels::data::DatasetError),
@@ -360,6 +373,12 @@ impl NodeHandle {
     /// [`NodeHandle::fetch_blob`], asking `providers` (peers known to hold it) before the DHT.
     pub async fn fetch_blob_from(&self, hash: ContentHash, providers: Vec<PeerId>) -> Result<u64, NodeError> {
         sync::fetch_and_store_hinted(&self.shared, hash, u64::MAX, providers).await
+    }
+
+    /// [`NodeHandle::fetch_blob_from`] for a blob of at most `max_len` bytes (an announced payload size): a
+    /// provider claiming more is refused before the transfer starts, and the store never takes more.
+    pub async fn fetch_blob_within(&self, hash: ContentHash, max_len: u64, providers: Vec<PeerId>) -> Result<u64, NodeError> {
+        sync::fetch_and_store_hinted(&self.shared, hash, max_len, providers).await
     }
 
     /// [`NodeHandle::host_blob`] without waiting for the DHT announcement (it runs in the background): for

@@ -87,6 +87,8 @@ async fn fetch_from(
     let store = shared.store.clone();
     let writer = blocking(move || Ok(store.blob_writer(max_len)?)).await?;
     let mut options = shared.config.fetch.clone();
+    // A provider that claims more than the caller accepts is refused before a byte is asked for.
+    options.max_len = options.max_len.min(max_len);
     options.progress = options.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Never ask for more than we accept (an operator may lower `max_chunk_bytes` below the default chunk).
     options.chunk_bytes = options.chunk_bytes.min(shared.config.net.limits.max_chunk_bytes);

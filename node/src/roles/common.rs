@@ -64,7 +64,20 @@ pub async fn fetch_bytes(
     hints: Vec<PeerId>,
     timeout: Duration,
 ) -> Result<Vec<u8>, NodeError> {
-    match tokio::time::timeout(timeout, node.fetch_blob_from(hash, hints)).await {
+    fetch_bytes_within(node, hash, u64::MAX, hints, timeout).await
+}
+
+/// [`fetch_bytes`] for a blob of at most `max_len` bytes: a bigger one is neither downloaded nor read (a
+/// copy already in the store included).
+pub async fn fetch_bytes_within(
+    node: &NodeHandle,
+    hash: ContentHash,
+    max_len: u64,
+    hints: Vec<PeerId>,
+    timeout: Duration,
+) -> Result<Vec<u8>, NodeError> {
+    match tokio::time::timeout(timeout, node.fetch_blob_within(hash, max_len, hints)).await {
+        Ok(Ok(len)) if len > max_len => Err(NodeError::TooLarge { what: format!("blob {hash}"), len, max: max_len }),
         Ok(Ok(_)) => node.read_blob(hash).await,
         Ok(Err(e)) => Err(e),
         Err(_) => Err(NodeError::Timeout { what: format!("fetching {hash}"), after: timeout }),

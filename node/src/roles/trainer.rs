@@ -31,7 +31,7 @@ use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
     Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Message, Participant,
-    PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_delta, validation::l2_norm,
+    PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution, validation::l2_norm, Binding,
 };
 use tokio::sync::broadcast::error::RecvError;
 
@@ -220,7 +220,8 @@ impl Trainer {
             if encoder.options() != &ann.hyper.codec {
                 *encoder = DeltaEncoder::new(ann.hyper.codec).map_err(NodeError::from)?;
             }
-            let payload = encoder.encode(&delta).map_err(NodeError::from)?;
+            let binding = Binding { run: ann.run.clone(), round, shard, sender: self.node.public_key() };
+            let payload = binding.wrap(&encoder.encode(&delta).map_err(NodeError::from)?)?;
             let mut stats = result.stats;
             stats.delta_norm = l2_norm(&delta);
             let size = payload.len() as u64;
@@ -412,7 +413,7 @@ impl Trainer {
                 hints.extend(coordinator.iter().copied());
                 async move {
                     let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
-                    let delta = blocking(move || decode_delta(&bytes, len).map_err(NodeError::from)).await?;
+                    let delta = blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
                     Ok((hash, delta))
                 }
             })

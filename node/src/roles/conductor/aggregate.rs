@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mana_engine::round::apply_round;
-use mana_protocol::{AcceptedDeltas, RoundAnnouncement, ShardEntry, decode_delta};
+use mana_protocol::{AcceptedDeltas, RoundAnnouncement, ShardEntry, decode_contribution};
 
 use super::Role;
 use crate::daemon::{NodeError, blocking};
@@ -31,7 +31,7 @@ impl Role {
                         // After a restart: fetch and decode again (it passed verification already).
                         let bytes = fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout).await?;
                         let len = base.params.len();
-                        let v = blocking(move || decode_delta(&bytes, len).map_err(NodeError::from)).await?;
+                        let v = blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
                         let v = Arc::new(v);
                         self.decoded.insert(*hash, v.clone());
                         v

@@ -80,7 +80,8 @@ pub struct ConductorConfig {
     pub metrics: Option<PathBuf>,
     /// Where to save the final model (a `mana train`-style checkpoint directory), at `rounds` and on shutdown.
     pub export: Option<PathBuf>,
-    /// Longest wait for one payload.
+    /// Longest wait for one payload (during verification, also at most half of what is left of the verify
+    /// window).
     pub fetch_timeout: Duration,
     /// Payloads fetched at once.
     pub fetch_concurrency: usize,
@@ -156,7 +157,7 @@ struct Role {
     /// Decoded accepted payloads of the round in progress.
     decoded: HashMap<ContentHash, Arc<Vec<f32>>>,
     /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
-    reasons: HashMap<ContentHash, (String, String)>,
+    reasons: HashMap<(ShardId, PublicKey), (String, String)>,
     history: BTreeMap<ShardId, VecDeque<f32>>,
     clock: RoundClock,
     /// The last announced round (for the commit's metrics).
@@ -297,29 +298,10 @@ impl Role {
     /// After a restart mid-round: verification or aggregation that was in flight is started again.
     async fn resume_work(&mut self) -> Result<(), NodeError> {
         match self.machine.state().clone() {
-            RunState::RoundVerify(round) => {
-                let deltas: Vec<(PublicKey, DeltaAnnouncement)> = round
-                    .deltas
-                    .iter()
-                    .filter(|(_, d)| !round.verdicts.contains_key(&d.payload_hash))
-                    .map(|((_, n), d)| (*n, d.clone()))
-                    .collect();
-                self.start_verify(round.announcement.clone(), deltas);
-            }
+            RunState::RoundVerify(round) => self.start_verify(round.announcement.clone(), round.unverified()),
             RunState::RoundAggregate(round) => {
-                let mut lists: BTreeMap<ShardId, Vec<ContentHash>> = BTreeMap::new();
-                for ((shard, _), d) in &round.deltas {
-                    if round.verdicts.get(&d.payload_hash) == Some(&Verdict::Accept) && !round.results.contains_key(shard) {
-                        lists.entry(*shard).or_default().push(d.payload_hash);
-                    }
-                }
-                let accepted: Vec<AcceptedDeltas> = lists
-                    .into_iter()
-                    .map(|(shard, mut deltas)| {
-                        deltas.sort();
-                        AcceptedDeltas { shard, deltas }
-                    })
-                    .collect();
+                let accepted: Vec<AcceptedDeltas> =
+                    round.accepted().into_iter().filter(|a| !round.results.contains_key(&a.shard)).collect();
                 self.aggregate(&round.announcement, accepted).await?;
             }
             _ => {}
@@ -378,6 +360,8 @@ impl Role {
 
     fn start_verify(&mut self, announcement: RoundAnnouncement, deltas: Vec<(PublicKey, DeltaAnnouncement)>) {
         let history = self.history.iter().map(|(s, v)| (*s, v.iter().copied().collect())).collect();
+        // Each payload fetch gets at most half of what is left of the window, so that the norm and loss checks
+        // of the deltas that did arrive still end before the commit deadline.
         let remaining = announcement.deadlines.commit_by_ms.saturating_sub(now_ms()).max(1000);
         let input = verify::VerifyInput {
             announcement,
@@ -388,7 +372,7 @@ impl Role {
             data: self.cfg.data.clone(),
             loss_check_share: self.cfg.loss_check_share,
             loss_tolerance: self.cfg.loss_tolerance,
-            fetch_timeout: self.cfg.fetch_timeout.min(Duration::from_millis(remaining)),
+            fetch_budget: self.cfg.fetch_timeout.min(Duration::from_millis(remaining / 2)),
             concurrency: self.cfg.fetch_concurrency,
         };
         let (node, tx) = (self.node.clone(), self.verify_tx.clone());
@@ -420,11 +404,11 @@ impl Role {
                 }
                 verify::Outcome::Rejected { code, reason, detail } => {
                     tracing::info!(round = report.round, node = %peer_name(&checked.node), shard = %checked.delta.shard, %reason, %detail, "delta rejected");
-                    self.reasons.insert(hash, (reason, detail));
+                    self.reasons.insert((checked.delta.shard, checked.node), (reason, detail));
                     Verdict::Reject(code)
                 }
             };
-            if let Err(e) = self.machine.verification_verdict(report.round, hash, verdict) {
+            if let Err(e) = self.machine.verification_verdict(report.round, checked.delta.shard, checked.node, hash, verdict) {
                 tracing::debug!(round = report.round, error = %e, "verdict not taken");
             }
         }
@@ -464,7 +448,7 @@ impl Role {
         for r in &commit.rejected {
             let (reason, detail) = self
                 .reasons
-                .get(&r.payload_hash)
+                .get(&(r.shard, r.node))
                 .cloned()
                 .unwrap_or_else(|| (r.reason.as_str().to_owned(), format!("round {round}, shard {}", r.shard)));
             *rejected_reasons.entry(reason.clone()).or_default() += 1;

@@ -1,7 +1,15 @@
 //! Verification of a round's contributions before aggregation. For each delta, in order:
-//! 1. **authorization**: the sender is a participant assigned that shard in the announcement;
-//! 2. **fetch** the payload by hash (concurrently, bounded by the commit deadline);
-//! 3. [`validate_delta_payload`]: size, hash, decoding, length, finiteness;
+//! 1. **authorization**: the sender is a participant assigned that shard in the announcement, and the
+//!    announced size is exactly what the round's codec makes of that shard ([`contribution_len`]), so no
+//!    byte is fetched for an oversized claim;
+//! 2. **fetch** the payload by hash from its sender, each delta on its own budget: at most its announced size
+//!    and at most [`VerifyInput::fetch_budget`] of time (a share of the verify window), so one withheld,
+//!    trickled or oversized payload is refused as `unavailable` alone and never delays another's verdict;
+//!    a payload is validated as soon as it arrives and its bytes are dropped, so at most `concurrency`
+//!    payloads are held at once;
+//! 3. [`validate_delta_payload`]: size, hash, the binding (this sender, run, round and shard: another's
+//!    payload or an old one is refused as `not-bound`, for the re-announcer alone), decoding, length,
+//!    finiteness;
 //! 4. **norm** at most `max_norm_ratio` × a reference norm: the larger of two medians, one over this round's
 //!    deltas of the shard and its recently accepted norms (once it has some), one over its class
 //!    ([`norm_class`]: the trunk, or all the experts of one layer, which share a shape). With two holders per expert, a median of one
@@ -19,17 +27,19 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mana_kernels::data::TextDataset;
 use mana_protocol::validation::{l2_norm, median_norm, validate_delta_payload};
-use mana_protocol::{DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, UpdateRule};
+use mana_protocol::{Binding, DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, UpdateRule, contribution_len};
 
-use super::super::common::{fetch_bytes, os_seed};
+use super::super::common::{fetch_bytes_within, os_seed, peer_name};
 use crate::daemon::{NodeError, NodeHandle, blocking};
+use crate::net::fetch::FetchError;
 use mana_engine::round::{LossCheck, RunSpec, ShardRecord, loss_check};
 
 /// The reason logged for a contribution that failed the loss check (its wire code is `inconsistent`: the
 /// protocol has no dedicated code yet).
 pub const LOSS_CHECK_FAILED: &str = "loss-check-failed";
-/// The reason logged for a payload that could not be fetched in time (its wire code is `late`).
-pub const PAYLOAD_UNAVAILABLE: &str = "payload-unavailable";
+/// The reason logged for a payload that could not be fetched within its budget (its wire code is
+/// `unavailable`).
+pub const PAYLOAD_UNAVAILABLE: &str = "unavailable";
 
 /// What the verifier needs, all owned (it runs as its own task).
 pub(crate) struct VerifyInput {
@@ -43,7 +53,9 @@ pub(crate) struct VerifyInput {
     pub data: Arc<TextDataset>,
     pub loss_check_share: f64,
     pub loss_tolerance: f32,
-    pub fetch_timeout: Duration,
+    /// How long one payload's fetch may take, each on its own clock.
+    pub fetch_budget: Duration,
+    /// Payload fetches in flight at once (each holds at most one payload's bytes).
     pub concurrency: usize,
 }
 
@@ -72,31 +84,68 @@ fn rejected(code: RejectCode, detail: impl ToString) -> Outcome {
     Outcome::Rejected { code, reason: code.as_str().to_owned(), detail: detail.to_string() }
 }
 
+/// Step 1 for one delta: `Err` with the refusal if the sender may not send it or its size is not the one
+/// the codec makes; `Ok` with the shard's length otherwise.
+fn authorize(input: &VerifyInput, sender: &PublicKey, delta: &DeltaAnnouncement) -> Result<usize, Outcome> {
+    let ann = &input.announcement;
+    if !ann.participant(sender).is_some_and(|p| p.shards.contains(&delta.shard)) {
+        let detail = format!("{} is not assigned {} in round {}", peer_name(sender), delta.shard, ann.round);
+        return Err(rejected(RejectCode::ShardNotAssigned, detail));
+    }
+    let len = input.spec.shard_len(delta.shard).map_err(|e| rejected(RejectCode::ShardNotAssigned, e))?;
+    let expected = contribution_len(&Binding::of(delta, *sender), len, &ann.hyper.codec).map_err(|e| rejected(RejectCode::BadPayload, e))?;
+    if delta.payload_size != expected {
+        let detail = format!("announced {} bytes, a contribution to {} is {expected}", delta.payload_size, delta.shard);
+        return Err(rejected(RejectCode::SizeMismatch, detail));
+    }
+    Ok(len)
+}
+
+/// Steps 2 and 3 for one delta: fetch within its budget, validate, decode.
+async fn fetch_and_validate(
+    node: &NodeHandle,
+    sender: PublicKey,
+    delta: &DeltaAnnouncement,
+    len: usize,
+    budget: Duration,
+    ratio: f32,
+) -> Result<Vec<f32>, Outcome> {
+    let hints = sender.peer_id().ok().into_iter().collect();
+    let bytes = fetch_bytes_within(node, delta.payload_hash, delta.payload_size, hints, budget).await.map_err(|e| match e {
+        // The provider itself says the blob is bigger than announced.
+        NodeError::Fetch(FetchError::TooLarge(_)) | NodeError::TooLarge { .. } => rejected(RejectCode::SizeMismatch, e),
+        e => Outcome::Rejected { code: RejectCode::Unavailable, reason: PAYLOAD_UNAVAILABLE.into(), detail: e.to_string() },
+    })?;
+    let delta = delta.clone();
+    let checked = blocking(move || Ok(validate_delta_payload(&delta, &sender, &bytes, len, None, ratio))).await;
+    match checked {
+        Ok(Ok(values)) => Ok(values),
+        Ok(Err(r)) => Err(rejected(r.code(), r)),
+        Err(e) => Err(rejected(RejectCode::BadPayload, e)),
+    }
+}
+
 /// Runs the whole pipeline on `input`.
 pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> VerifyReport {
     let round = input.announcement.round;
     let ann = &input.announcement;
     let started = Instant::now();
-    // 1. authorization, then 2. fetch.
+    // 1. authorization, then 2. and 3., each delta on its own budget.
     let mut pending = Vec::new();
     let mut checked = Vec::new();
-    for (node_key, delta) in &input.deltas {
-        let authorized = ann.participant(node_key).is_some_and(|p| p.shards.contains(&delta.shard));
-        if !authorized {
-            let detail = format!("{} is not assigned {} in round {round}", super::super::common::peer_name(node_key), delta.shard);
-            checked.push(Checked { node: *node_key, delta: delta.clone(), outcome: rejected(RejectCode::ShardNotAssigned, detail) });
-        } else {
-            pending.push((*node_key, delta.clone()));
+    for (sender, delta) in &input.deltas {
+        match authorize(&input, sender, delta) {
+            Ok(len) => pending.push((*sender, delta.clone(), len)),
+            Err(outcome) => checked.push(Checked { node: *sender, delta: delta.clone(), outcome }),
         }
     }
-    let timeout = input.fetch_timeout;
-    let fetched: Vec<(PublicKey, DeltaAnnouncement, Result<Vec<u8>, NodeError>)> = futures::stream::iter(pending)
-        .map(|(key, delta)| {
+    let (budget, ratio) = (input.fetch_budget, ann.max_norm_ratio);
+    let decoded: Vec<(PublicKey, DeltaAnnouncement, Result<Vec<f32>, Outcome>)> = futures::stream::iter(pending)
+        .map(|(sender, delta, len)| {
             let node = node.clone();
             async move {
-                let hints = key.peer_id().ok().into_iter().collect();
-                let bytes = fetch_bytes(&node, delta.payload_hash, hints, timeout).await;
-                (key, delta, bytes)
+                let outcome = fetch_and_validate(&node, sender, &delta, len, budget, ratio).await;
+                (sender, delta, outcome)
             }
         })
         .buffer_unordered(input.concurrency.max(1))
@@ -104,37 +153,6 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         .await;
     let transfer_ms = started.elapsed().as_millis() as u64;
     let verify_started = Instant::now();
-
-    // 3. payload validation, off the async threads.
-    let spec = input.spec.clone();
-    let ratio = ann.max_norm_ratio;
-    let decoded = blocking(move || {
-        let mut out = Vec::new();
-        for (key, delta, bytes) in fetched {
-            let outcome = match bytes {
-                Err(e) => Err(Outcome::Rejected {
-                    code: RejectCode::Late,
-                    reason: PAYLOAD_UNAVAILABLE.into(),
-                    detail: e.to_string(),
-                }),
-                Ok(bytes) => match spec.shard_len(delta.shard) {
-                    Err(e) => Err(rejected(RejectCode::ShardNotAssigned, e)),
-                    Ok(len) => validate_delta_payload(&delta, &bytes, len, None, ratio)
-                        .map_err(|r| rejected(r.code(), r)),
-                },
-            };
-            out.push((key, delta, outcome));
-        }
-        Ok(out)
-    })
-    .await;
-    let decoded = match decoded {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(round, error = %e, "payload validation task failed");
-            Vec::new()
-        }
-    };
 
     // 4. norm against the shard's median.
     let mut by_shard: BTreeMap<ShardId, Vec<f32>> = BTreeMap::new();

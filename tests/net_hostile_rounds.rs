@@ -1,0 +1,391 @@
+//! One test per attack on a training round, each on a real loopback network with the real roles: a bootstrap,
+//! the coordinator (`run_conductor`), three honest trainers (`run_trainer`) and one attacker. The attacker is
+//! a member like any other (it heartbeats, is assigned the trunk and experts, and trains honestly on every
+//! shard but one); on one shard, every round, it carries out its attack. Each test shows that every honest
+//! delta is accepted in every round, that the attacker's attacked delta is refused with the right reason (and
+//! nothing else of anyone's is), and that the validation loss falls.
+//!
+//! The attacks: a re-announced payload hash (same size, another size, under another shard), the attacker's
+//! own payload from an earlier round, a withheld payload (announced, never hosted), and an oversized one (the
+//! coordinator's disk must not grow by it).
+//!
+//! The tests share the machine's cores, so they run one at a time.
+
+mod net_support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mana_bootstrap::BootstrapHandle;
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, train_local};
+use mana_kernels::data::TextDataset;
+use mana_node::daemon::{NodeConfig, NodeHandle};
+use mana_node::net::libp2p::Multiaddr;
+use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
+use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
+use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_protocol::{
+    Binding, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaEncoder, Message, PublicKey, RejectCode,
+    RoundAnnouncement, RoundCommit, ShardId, UpdateRule,
+};
+use net_support::*;
+use tokio::sync::{broadcast, watch};
+
+/// One test at a time: each runs a whole network on the machine's cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const HONEST: usize = 3;
+const ROUNDS: u64 = 3;
+
+/// What the attacker does to its attacked shard in each round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attack {
+    /// Announces an honest node's trunk payload (hash and size) as its own trunk delta.
+    ReannounceSameSize,
+    /// The same, with the size one byte more.
+    ReannounceOtherSize,
+    /// Announces an honest node's trunk payload under one of its own experts.
+    ReannounceOtherShard,
+    /// From round 2: announces its own trunk payload of the round before, again.
+    EarlierRound,
+    /// Announces a trunk contribution of the right size whose bytes it never hosts.
+    Withhold,
+    /// Hosts a 16 MiB blob and announces it for its trunk at the honest size.
+    Oversize,
+}
+
+impl Attack {
+    /// The shard the attack is carried out on, among the attacker's assigned shards.
+    fn target(self, mine: &[ShardId]) -> ShardId {
+        match self {
+            Attack::ReannounceOtherShard => *mine.iter().find(|s| **s != ShardId::Trunk).expect("an expert"),
+            _ => ShardId::Trunk,
+        }
+    }
+
+    /// The reason the attacked delta must be refused with, in a round where the attack was made.
+    fn expected(self) -> &'static [RejectCode] {
+        match self {
+            Attack::ReannounceSameSize | Attack::EarlierRound => &[RejectCode::NotBound],
+            Attack::ReannounceOtherSize | Attack::ReannounceOtherShard => &[RejectCode::SizeMismatch, RejectCode::NotBound],
+            Attack::Withhold => &[RejectCode::Unavailable],
+            Attack::Oversize => &[RejectCode::SizeMismatch, RejectCode::Unavailable],
+        }
+    }
+}
+
+const OVERSIZE_BYTES: usize = 16 * 1024 * 1024;
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The attacker's loop: every round it takes part in, trains honestly from the round's base, publishes an
+/// honest, bound delta for every assigned shard but the attacked one, and the attack for that one. Returns
+/// the rounds in which the attack itself was published.
+async fn run_attacker(
+    node: Arc<NodeHandle>,
+    attack: Attack,
+    spec: RunSpec,
+    data: Arc<TextDataset>,
+    attacked: Arc<Mutex<BTreeMap<u64, ShardId>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rx = node.accepted();
+    let me = node.public_key();
+    let mut encoders: BTreeMap<ShardId, DeltaEncoder> = BTreeMap::new();
+    let mut last_trunk: Option<(ContentHash, u64)> = None;
+    // Honest nodes' trunk announcements, by round (the attacker hears the deltas topic like everyone).
+    let mut heard: BTreeMap<u64, DeltaAnnouncement> = BTreeMap::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            m = rx.recv() => m,
+        };
+        let ann = match accepted {
+            Ok(m) => match m.message {
+                Message::RoundAnnouncement(ann) => ann,
+                Message::DeltaAnnouncement(d) if d.shard == ShardId::Trunk && m.signer != me => {
+                    heard.entry(d.round).or_insert(d);
+                    continue;
+                }
+                _ => continue,
+            },
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(part) = ann.participant(&me).cloned() else { continue };
+        let Ok(manifest_bytes) = fetch_bytes(&node, ann.base_checkpoint, Vec::new(), Duration::from_secs(20)).await else { continue };
+        let manifest = CheckpointManifest::from_bytes(&manifest_bytes).expect("coordinator manifest");
+        let mut base = Vec::new();
+        for shard in &part.shards {
+            let entry = manifest.shard(shard).expect("assigned shard in the manifest");
+            let bytes = fetch_bytes(&node, entry.hash, Vec::new(), Duration::from_secs(20)).await.expect("base shard");
+            base.push(ShardRecord::from_bytes(&bytes, &spec, *shard).expect("base shard decodes"));
+        }
+        let (spec2, ann2, part2, data2) = (spec.clone(), ann.clone(), part.clone(), data.clone());
+        let local = tokio::task::spawn_blocking(move || train_local(&spec2, &ann2, &part2, &base, &data2))
+            .await
+            .expect("training task")
+            .expect("honest local training");
+        let target = attack.target(&part.shards);
+        let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
+            run: ann.run.clone(),
+            round: ann.round,
+            shard,
+            base_checkpoint: ann.base_checkpoint,
+            payload_hash,
+            payload_size,
+            stats: local.stats,
+        };
+        let mut honest_trunk = None;
+        for (shard, delta) in &local.deltas {
+            let encoder = encoders.entry(*shard).or_insert_with(|| DeltaEncoder::new(ann.hyper.codec).expect("codec"));
+            let binding = Binding { run: ann.run.clone(), round: ann.round, shard: *shard, sender: me };
+            let payload = binding.wrap(&encoder.encode(delta).expect("encode")).expect("bind");
+            let size = payload.len() as u64;
+            if *shard == ShardId::Trunk {
+                honest_trunk = Some((ContentHash::of(&payload), size, payload.clone()));
+            }
+            if *shard == target {
+                continue;
+            }
+            let hash = node.host_blob_now(payload).await.expect("host");
+            let _ = node.publish(&Message::DeltaAnnouncement(announce(*shard, hash, size))).await;
+        }
+        let (trunk_hash, trunk_size, trunk_payload) = honest_trunk.expect("the trunk is assigned everywhere");
+        // Hosted in every case, so that a later replay of it can be fetched (and is refused for what it is).
+        node.host_blob_now(trunk_payload).await.expect("host");
+        let claim = match attack {
+            Attack::ReannounceSameSize | Attack::ReannounceOtherShard => {
+                victim(&mut rx, &mut heard, ann.round, me).await.map(|v| announce(target, v.payload_hash, v.payload_size))
+            }
+            Attack::ReannounceOtherSize => {
+                victim(&mut rx, &mut heard, ann.round, me).await.map(|v| announce(target, v.payload_hash, v.payload_size + 1))
+            }
+            Attack::EarlierRound => last_trunk.map(|(h, n)| announce(target, h, n)),
+            Attack::Withhold => Some(announce(target, ContentHash::of(&pseudo_random_bytes(64, ann.round)), trunk_size)),
+            Attack::Oversize => {
+                let blob = pseudo_random_bytes(OVERSIZE_BYTES, ann.round);
+                let hash = node.host_blob_now(blob).await.expect("host");
+                Some(announce(target, hash, trunk_size))
+            }
+        };
+        match claim {
+            Some(c) => {
+                if node.publish(&Message::DeltaAnnouncement(c)).await.is_ok() {
+                    attacked.lock().expect("lock").insert(ann.round, target);
+                }
+            }
+            None => {
+                // Nothing to attack with this round (round 1 of a replay): the honest delta.
+                let _ = node.publish(&Message::DeltaAnnouncement(announce(target, trunk_hash, trunk_size))).await;
+            }
+        }
+        if target == ShardId::Trunk {
+            // What a replay of this round would announce: the honest trunk, hosted so the replay can be fetched.
+            last_trunk = Some((trunk_hash, trunk_size));
+        }
+    }
+}
+
+/// An honest node's trunk announcement for `round`, from what was heard or, for up to 6 s, from what comes.
+async fn victim(
+    rx: &mut broadcast::Receiver<mana_node::daemon::Accepted>,
+    heard: &mut BTreeMap<u64, DeltaAnnouncement>,
+    round: u64,
+    me: PublicKey,
+) -> Option<DeltaAnnouncement> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while !heard.contains_key(&round) && tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+            && let Message::DeltaAnnouncement(d) = m.message
+            && d.shard == ShardId::Trunk
+            && m.signer != me
+        {
+            heard.entry(d.round).or_insert(d);
+        }
+    }
+    heard.get(&round).cloned()
+}
+
+/// Bytes under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).expect("metrics line parses")).collect()
+}
+
+fn member_config(dir: &Path, boot: &[Multiaddr], name: &str, coordinator: PublicKey) -> NodeConfig {
+    let mut cfg = node_config(&dir.join(name), boot);
+    cfg.coordinator = Some(coordinator);
+    cfg.sync_shards = false;
+    cfg.capacity.max_shards = 64;
+    cfg
+}
+
+/// Runs the network with `attack` for [`ROUNDS`] rounds and checks every claim of the module doc.
+async fn run_attack(attack: Attack) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap: BootstrapHandle = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let spec = RunSpec::tiny();
+    let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("corpus"));
+    let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
+    coord_cfg.sync_shards = false;
+    let coordinator = Arc::new(start_node(coord_cfg).await);
+    let key = coordinator.public_key();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut honest = Vec::new();
+    for i in 0..HONEST {
+        let node = Arc::new(start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await);
+        let cfg = TrainerConfig::new(spec.clone(), data.clone());
+        let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
+        honest.push((node, task));
+    }
+    let commits: Arc<Mutex<Vec<RoundCommit>>> = Arc::new(Mutex::new(Vec::new()));
+    let announcements: Arc<Mutex<Vec<RoundAnnouncement>>> = Arc::new(Mutex::new(Vec::new()));
+    {
+        let mut rx = honest[0].0.accepted();
+        let (c, a) = (commits.clone(), announcements.clone());
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(m) => match m.message {
+                        Message::RoundCommit(x) => c.lock().expect("lock").push(x),
+                        Message::RoundAnnouncement(x) => a.lock().expect("lock").push(x),
+                        _ => {}
+                    },
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+    let evil = Arc::new(start_node(member_config(dir.path(), &boot, "attacker", key)).await);
+    let evil_key = evil.public_key();
+    let attacked = Arc::new(Mutex::new(BTreeMap::new()));
+    let evil_task =
+        tokio::spawn(run_attacker(evil.clone(), attack, spec.clone(), data.clone(), attacked.clone(), stop_rx.clone()));
+
+    let metrics = dir.path().join("metrics.jsonl");
+    let run = coordinator.config().net.run_id.clone();
+    let mut machine = machine_config(run, &spec, UpdateRule::Sync, 2).expect("machine config");
+    machine.min_members = HONEST + 1;
+    // Room for the first round, in which every node fetches the base model on a debug build and two cores.
+    machine.train_ms = 15_000;
+    machine.verify_ms = 10_000;
+    machine.cooldown_ms = 200;
+    machine.member_timeout_ms = 6_000;
+    let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
+    role.rounds = Some(ROUNDS);
+    role.metrics = Some(metrics.clone());
+    role.loss_check_share = 1.0;
+    let coord_dir = coordinator.config().data_dir.clone();
+    let coordinating = tokio::spawn(run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())));
+    tokio::time::timeout(Duration::from_secs(240), coordinating)
+        .await
+        .expect("the coordinator finishes its rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    let coord_disk = dir_bytes(&coord_dir);
+
+    let lines = read_metrics(&metrics);
+    assert_eq!(lines.len() as u64, ROUNDS);
+    let commits = wait_for(Duration::from_secs(10), "every commit seen by node 0", || {
+        let commits = commits.clone();
+        async move {
+            let c = commits.lock().expect("lock");
+            (c.len() as u64 >= ROUNDS).then(|| c.clone())
+        }
+    })
+    .await;
+    let announcements = announcements.lock().expect("lock").clone();
+    let attacked = attacked.lock().expect("lock").clone();
+    eprintln!("{attack:?}: attacked shard by round {attacked:?}; coordinator data dir {coord_disk} bytes");
+    for m in &lines {
+        eprintln!(
+            "{attack:?} round {}: val {:?} accepted {} rejected {} {:?}",
+            m.round, m.val_loss, m.accepted, m.rejected, m.rejected_reasons
+        );
+    }
+    let mut attacks_refused = 0;
+    for commit in &commits {
+        let ann = announcements.iter().find(|a| a.round == commit.round).expect("the commit's announcement");
+        let pairs: usize = ann.participants.iter().map(|p| p.shards.len()).sum();
+        // Nothing of an honest node's is refused, and only the attacked delta of the attacker.
+        for r in &commit.rejected {
+            assert_eq!(r.node, evil_key, "round {}: an honest delta was refused: {r:?}", commit.round);
+            assert_eq!(attacked.get(&commit.round), Some(&r.shard), "round {}: the attacker's honest delta refused: {r:?}", commit.round);
+            assert!(attack.expected().contains(&r.reason), "round {}: refused as {}, expected {:?}", commit.round, r.reason, attack.expected());
+            attacks_refused += 1;
+        }
+        let accepted: usize = commit.accepted.iter().map(|a| a.deltas.len()).sum();
+        let refused = usize::from(attacked.contains_key(&commit.round));
+        assert_eq!(commit.rejected.len(), refused, "round {}: the attack was not refused", commit.round);
+        assert_eq!(accepted, pairs - refused, "round {}: every other delta is accepted", commit.round);
+    }
+    let expected_attacks = if attack == Attack::EarlierRound { ROUNDS - 1 } else { ROUNDS } as usize;
+    assert_eq!(attacks_refused, expected_attacks, "every attack made and refused: {attacked:?}");
+    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss")).collect();
+    assert!(val[val.len() - 1] < val[0], "validation loss did not fall under attack: {val:?}");
+    if attack == Attack::Oversize {
+        // Not one of the 16 MiB blobs was stored (the whole data dir stays under one of them).
+        assert!(coord_disk < OVERSIZE_BYTES as u64, "coordinator data dir grew to {coord_disk} bytes");
+    }
+
+    let _ = stop_tx.send(true);
+    evil_task.await.expect("attacker task");
+    for (node, task) in honest {
+        task.await.expect("trainer task").expect("trainer ran");
+        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+    }
+    Arc::into_inner(evil).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reannounced_hash_same_size_is_refused_for_the_reannouncer_alone() {
+    run_attack(Attack::ReannounceSameSize).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reannounced_hash_other_size_is_refused_for_the_reannouncer_alone() {
+    run_attack(Attack::ReannounceOtherSize).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reannounced_hash_under_another_shard_is_refused_for_the_reannouncer_alone() {
+    run_attack(Attack::ReannounceOtherShard).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_from_an_earlier_round_is_refused() {
+    run_attack(Attack::EarlierRound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withheld_payload_is_refused_alone_and_delays_nobody() {
+    run_attack(Attack::Withhold).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_payload_is_never_downloaded() {
+    run_attack(Attack::Oversize).await;
+}
