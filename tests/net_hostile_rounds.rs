@@ -19,15 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mana_bootstrap::BootstrapHandle;
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, train_local};
+use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
 use mana_node::daemon::{NodeConfig, NodeHandle};
 use mana_node::net::libp2p::Multiaddr;
-use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
+use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
-    Binding, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaEncoder, Message, PublicKey, RejectCode,
+    Binding, ContentHash, DeltaAnnouncement, DeltaEncoder, Message, PublicKey, RejectCode,
     RoundAnnouncement, RoundCommit, ShardId, UpdateRule,
 };
 use net_support::*;
@@ -117,30 +117,8 @@ async fn run_attacker(
             Err(broadcast::error::RecvError::Closed) => return,
         };
         let Some(part) = ann.participant(&me).cloned() else { continue };
-        let Ok(manifest_bytes) = fetch_bytes(&node, ann.base_checkpoint, Vec::new(), Duration::from_secs(20)).await else { continue };
-        let manifest = CheckpointManifest::from_bytes(&manifest_bytes).expect("coordinator manifest");
-        let mut base = Vec::new();
-        for shard in &part.shards {
-            let entry = manifest.shard(shard).expect("assigned shard in the manifest");
-            // Retried: a fetch can fail on a closed connection in the first round (see the note on drops below).
-            let mut bytes = Err(None);
-            for _ in 0..5 {
-                match fetch_bytes(&node, entry.hash, Vec::new(), Duration::from_secs(20)).await {
-                    Ok(b) => {
-                        bytes = Ok(b);
-                        break;
-                    }
-                    Err(e) => bytes = Err(Some(e)),
-                }
-            }
-            let bytes = bytes.expect("base shard");
-            base.push(ShardRecord::from_bytes(&bytes, &spec, *shard).expect("base shard decodes"));
-        }
-        let (spec2, ann2, part2, data2) = (spec.clone(), ann.clone(), part.clone(), data.clone());
-        let local = tokio::task::spawn_blocking(move || train_local(&spec2, &ann2, &part2, &base, &data2))
-            .await
-            .expect("training task")
-            .expect("honest local training");
+        // The honest work, from the round's real base checkpoint.
+        let Some((_, local)) = honest_local_round(&node, &ann, &part, &spec, &data).await else { continue };
         let target = attack.target(&part.shards);
         let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
             run: ann.run.clone(),

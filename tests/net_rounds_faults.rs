@@ -24,14 +24,14 @@ use std::time::Duration;
 use mana_bootstrap::BootstrapHandle;
 use mana_node::daemon::{NodeConfig, NodeHandle};
 use mana_node::net::libp2p::Multiaddr;
-use mana_node::roles::common::{DataSource, fetch_bytes, load_dataset};
+use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, train_local};
+use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
 use mana_protocol::codec::encode_delta;
 use mana_protocol::{
-    CheckpointManifest, ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement, RoundCommit,
+    ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement, RoundCommit,
     ShardId, SignedEnvelope, UpdateRule, decode_envelope, topic,
 };
 use net_support::*;
@@ -177,19 +177,7 @@ async fn run_malicious(
         };
         let Some(part) = ann.participant(&me).cloned() else { continue };
         // The honest work, from the round's real base checkpoint.
-        let Ok(manifest_bytes) = fetch_bytes(&node, ann.base_checkpoint, Vec::new(), Duration::from_secs(20)).await else { continue };
-        let manifest = CheckpointManifest::from_bytes(&manifest_bytes).expect("coordinator manifest");
-        let mut base = Vec::new();
-        for shard in &part.shards {
-            let entry = manifest.shard(shard).expect("assigned shard in the manifest");
-            let bytes = fetch_bytes(&node, entry.hash, Vec::new(), Duration::from_secs(20)).await.expect("base shard");
-            base.push(ShardRecord::from_bytes(&bytes, &spec, *shard).expect("base shard decodes"));
-        }
-        let (spec2, ann2, part2, data2) = (spec.clone(), ann.clone(), part.clone(), data.clone());
-        let local = tokio::task::spawn_blocking(move || train_local(&spec2, &ann2, &part2, &base, &data2))
-            .await
-            .expect("training task")
-            .expect("honest local training");
+        let Some((manifest, local)) = honest_local_round(&node, &ann, &part, &spec, &data).await else { continue };
         let honest: BTreeMap<ShardId, Vec<f32>> = local
             .deltas
             .into_iter()

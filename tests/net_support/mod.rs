@@ -58,3 +58,42 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// What an honest participant `part` computes in round `ann`: the round's base (its manifest and the assigned
+/// shards, fetched from the network, returned with the result) trained with the trainer's own local step. A shard fetch is retried (in
+/// the first round a fetch can fail on a closed connection); `None` if the base manifest cannot be fetched.
+/// The adversaries of the round tests start from it and send poisoned variants.
+pub async fn honest_local_round(
+    node: &NodeHandle,
+    ann: &mana_protocol::RoundAnnouncement,
+    part: &mana_protocol::Participant,
+    spec: &mana_engine::round::RunSpec,
+    data: &std::sync::Arc<mana_kernels::data::TextDataset>,
+) -> Option<(mana_protocol::CheckpointManifest, mana_engine::round::LocalResult)> {
+    use mana_engine::round::{RunShard, ShardRecord, train_local};
+    use mana_node::roles::common::fetch_bytes;
+    let manifest_bytes = fetch_bytes(node, ann.base_checkpoint, Vec::new(), Duration::from_secs(20)).await.ok()?;
+    let manifest = mana_protocol::CheckpointManifest::from_bytes(&manifest_bytes).expect("coordinator manifest");
+    let mut base = Vec::new();
+    for shard in &part.shards {
+        let entry = manifest.shard(shard).expect("assigned shard in the manifest");
+        let mut bytes = Err(None);
+        for _ in 0..5 {
+            match fetch_bytes(node, entry.hash, Vec::new(), Duration::from_secs(20)).await {
+                Ok(b) => {
+                    bytes = Ok(b);
+                    break;
+                }
+                Err(e) => bytes = Err(Some(e)),
+            }
+        }
+        let bytes = bytes.expect("base shard");
+        base.push(ShardRecord::from_bytes(&bytes, spec, *shard).expect("base shard decodes"));
+    }
+    let (spec, ann, part, data) = (spec.clone(), ann.clone(), part.clone(), data.clone());
+    let local = tokio::task::spawn_blocking(move || train_local(&spec, &ann, &part, &base, &data))
+        .await
+        .expect("training task")
+        .expect("honest local training");
+    Some((manifest, local))
+}
