@@ -43,11 +43,7 @@ async fn four_nodes_train_in_diloco_rounds_and_agree_bit_for_bit() {
 
 async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    // RUST_LOG=mana_node=info shows the roles' progress.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    init_tracing();
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
@@ -89,7 +85,6 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     role.rounds = Some(ROUNDS);
     role.metrics = Some(metrics_path.clone());
     role.export = Some(export.clone());
-    role.loss_check_share = 1.0;
     let coordinating = tokio::spawn(run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())));
     tokio::time::timeout(Duration::from_secs(150), coordinating)
         .await

@@ -108,7 +108,6 @@ impl Net {
         let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
         role.rounds = Some(rounds);
         role.metrics = Some(metrics.to_path_buf());
-        role.loss_check_share = 1.0;
         role
     }
 }
@@ -337,7 +336,10 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     ));
 
     let metrics = net.dir.path().join("metrics.jsonl");
-    let role = net.role(HONEST + 1, ROUNDS, &metrics);
+    let mut role = net.role(HONEST + 1, ROUNDS, &metrics);
+    // This test follows every kind of refusal over several rounds, so the member stays in; with the default
+    // threshold its first round (four faults) bans it, as the check of its standing below shows.
+    role.machine.standing.ban_at = -1_000_000;
     let coordinating = tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(net.stop_rx.clone())));
     wait_for(Duration::from_secs(60), "round 1 announced", || {
         let announced = announced.clone();
@@ -374,6 +376,12 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     for kind in ["nan", "scaled-x100", "random", "bad-signature", "not-hosted", "replay"] {
         assert!(attacks.kinds.get(kind).copied().unwrap_or(0) > 0, "attack {kind} never sent: {:?}", attacks.kinds);
     }
+    // Its record (kept after it left): every refused delta a fault, far past the default ban threshold.
+    let status = net.coordinator.status().await.expect("coordinator status");
+    let standings = status.coordinator.expect("coordinator status").standings;
+    let worst = standings.first().expect("standings");
+    eprintln!("lowest standing: {worst:?}");
+    assert!(worst.faults >= 4 && worst.reputation <= mana_engine::coordinator::StandingPolicy::default().ban_at, "{standings:?}");
     let commits = wait_for(Duration::from_secs(10), "every commit seen by node 0", || {
         let commits = commits.clone();
         async move {

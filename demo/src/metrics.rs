@@ -152,6 +152,8 @@ mod tests {
             payload_bytes: 20,
             checkpoint: "cc".into(),
             ms: PhaseMs { train: 1, transfer: 2, verify: 3, apply: 4 },
+            scored: 2,
+            score_seed: Some("00000000000000ff".into()),
             unix_ms: 5,
         };
         let text = serde_json::to_string(&m).expect("serializes");

@@ -1,7 +1,7 @@
 //! The round engine's unit-level guarantees, in-process: shard states survive the round trip and bad blobs
 //! are typed errors; `apply_round` is bit-identical whatever the order of the deltas and however they were
 //! decoded; one node holding every expert is exactly the single-node trainer; bad deltas are refused; the
-//! loss check tells honest deltas from scaled and random ones.
+//! score ranks honest deltas above zero, random and sign-flipped ones.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,7 +9,8 @@ use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;
 use mana_engine::round::{
-    RoundError, RunShard, RunSpec, ShardRecord, SimConfig, apply_round, build_trainer, initial_shards, loss_check, simulate,
+    RoundError, RunShard, RunSpec, ScorePolicy, ShardRecord, ShardScorer, SimConfig, apply_round, build_trainer, initial_shards,
+    score_batch, simulate,
     train_local,
 };
 use mana_protocol::{
@@ -166,13 +167,14 @@ fn bad_deltas_are_refused_with_typed_errors() {
     assert!(matches!(r, Err(RoundError::WrongLength { expected, got, .. }) if expected == len && got == len - 1), "{r:?}");
     let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good.clone()), (h(b"a"), good.clone())]);
     assert!(matches!(r, Err(RoundError::Aggregate(_))), "a payload counted twice: {r:?}");
-    // The loss check refuses them the same way.
+    // The scorer refuses them the same way (an error, not a low score).
     let data = dataset();
     let val = data.validation_batch(0, 8, 32).unwrap();
+    let mut scorer = ShardScorer::new(&spec, &hyper, 0, &base, ShardId::Trunk, val, 1).unwrap();
     let mut bad = good.clone();
     bad[0] = f32::NAN;
-    assert!(matches!(loss_check(&spec, &hyper, 0, &base, ShardId::Trunk, &bad, &val, 0.0), Err(RoundError::NonFinite { .. })));
-    assert!(matches!(loss_check(&spec, &hyper, 0, &base, ShardId::Trunk, &good[1..], &val, 0.0), Err(RoundError::WrongLength { .. })));
+    assert!(matches!(scorer.score(&bad), Err(RoundError::NonFinite { .. })));
+    assert!(matches!(scorer.score(&good[1..]), Err(RoundError::WrongLength { .. })));
     // A base state that is not this run's shape is refused, not used.
     let mut short = trunk.clone();
     short.opt_v.pop();
@@ -223,66 +225,86 @@ fn one_node_holding_every_expert_is_the_single_node_trainer() {
     assert_eq!(reference.step_count(), 4);
 }
 
+/// The score ([`ShardScorer`]) and its verdict ([`ScorePolicy`]), on batches from 3 round seeds, for 4
+/// participants each holding the trunk and half the experts (as in a network round), early and late in
+/// training: every honest delta counts; on the trunk, a random vector at the honest norm, the sign-flipped
+/// gradient and a zero delta never do; on experts, summed over them, flipped gradients lose what honest ones
+/// gain. The figures it prints are the ones in docs/security.md. (Diloco after 30 rounds is left out: there
+/// one honest trunk delta of four lost 0.029 nats on a batch while the others gained up to 0.036; see
+/// `ScorePolicy`.)
 #[test]
-fn loss_check_passes_honest_deltas_and_rejects_scaled_and_random_ones() {
+fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
     let spec = RunSpec::tiny();
     let data = dataset();
-    let val = data.validation_batch(3, 16, 32).unwrap();
-    for rule in [UpdateRule::Sync, UpdateRule::Diloco] {
-        // A few rounds first, so that the check runs against a trained model with optimizer history.
-        let mut cfg = SimConfig::new(&spec, rule, if rule == UpdateRule::Sync { 1 } else { 5 }, 6);
-        cfg.nodes = 2;
-        cfg.replication = 2;
+    let experts = spec.experts();
+    let policy = ScorePolicy::default();
+    for (rule, inner, warm) in
+        [(UpdateRule::Sync, 1u32, 1u64), (UpdateRule::Sync, 1, 6), (UpdateRule::Sync, 1, 30), (UpdateRule::Diloco, 5, 1), (UpdateRule::Diloco, 5, 6)]
+    {
+        let mut cfg = SimConfig::new(&spec, rule, inner, warm);
         cfg.baselines = false;
         cfg.eval_every = 0;
-        let report = simulate(&spec, &data, &cfg).unwrap();
-        let base = report.state;
+        let base = simulate(&spec, &data, &cfg).unwrap().state;
         let hyper = cfg.hyper.clone();
-        let round = cfg.rounds;
-        let me = participant(9, &spec.shards(), 77);
-        let ann = announcement(&spec, &hyper, round, cfg.inner_steps, vec![me.clone()]);
-        let local = train_local(&spec, &ann, &me, &base, &data).unwrap();
-        // The trunk, and the expert that trained most (largest delta): an expert that no validation token is
-        // routed to cannot be judged on this batch, whatever its delta.
-        let norm_of = |d: &[f32]| d.iter().map(|x| x * x).sum::<f32>().sqrt();
-        let busiest = local.deltas[1..].iter().max_by(|a, b| norm_of(&a.1).total_cmp(&norm_of(&b.1))).unwrap();
-        for (shard, honest) in [&local.deltas[0], busiest] {
-            let norm = honest.iter().map(|x| x * x).sum::<f32>().sqrt();
-            let rnd = noise(5, honest.len());
-            let rnd_norm = rnd.iter().map(|x| x * x).sum::<f32>().sqrt();
-            // What an attacker sends without knowing the gradient's scale, and one scaled to the honest norm
-            // (which passes the norm check).
-            let random: Vec<f32> = rnd.clone();
-            let matched: Vec<f32> = rnd.iter().map(|x| x * norm / rnd_norm).collect();
-            let scaled: Vec<f32> = honest.iter().map(|x| x * 100.0).collect();
-            let check = |d: &[f32], tol: f32| loss_check(&spec, &hyper, round, &base, *shard, d, &val, tol).unwrap();
-            let (h, s, r, m) = (check(honest, 0.0), check(&scaled, 0.0), check(&random, 0.0), check(&matched, 0.0));
-            eprintln!(
-                "{rule:?} {shard}: before {:.4} honest {:.4} x100 {:.4} random {:.4} norm-matched random {:.4}",
-                h.before, h.after, s.after, r.after, m.after
-            );
-            assert!(h.passed && h.gain() >= 0.0, "{rule:?} {shard}: honest {h:?}");
-            if rule == UpdateRule::Diloco {
-                assert!(!s.passed, "{rule:?} {shard}: x100 {s:?}");
-                assert!(!r.passed, "{rule:?} {shard}: random {r:?}");
-            } else {
-                // One AdamW step is nearly scale-invariant: x100 is the norm check's to refuse. A random
-                // gradient still does worse than the honest one.
-                assert!(r.after > h.after, "{rule:?} {shard}: random {r:?} vs honest {h:?}");
-            }
-            // A random direction of the honest size gains (next to) nothing on the trunk: it fails as soon as
-            // the check asks for a tenth of the honest gain, which the honest delta itself still passes.
-            // In sync mode one AdamW step is mostly the stored momentum's, so a delta of the honest size moves
-            // the model about as much whatever its direction: the check can only rank it below the honest one.
-            if rule == UpdateRule::Sync {
-                assert!(m.after > h.after, "{rule:?} {shard}: norm-matched random {m:?} vs honest {h:?}");
-            }
-            if *shard == ShardId::Trunk && rule == UpdateRule::Diloco {
-                assert!(h.gain() > 0.0, "{rule:?}: the honest trunk delta helps: {h:?}");
-                let demand = -0.1 * h.gain();
-                assert!(!check(&matched, demand).passed, "{rule:?} {shard}: norm-matched random {m:?}");
-                assert!(check(honest, demand).passed);
+        let round = warm + 1;
+        let parts: Vec<Participant> = (0..4u8)
+            .map(|n| {
+                let mut shards = vec![ShardId::Trunk];
+                shards.extend(experts.iter().skip(usize::from(n % 2)).step_by(2).copied());
+                participant(n + 1, &shards, 300 + u64::from(n))
+            })
+            .collect();
+        let ann = announcement(&spec, &hyper, round, inner, parts.clone());
+        let locals: Vec<_> = parts.iter().map(|p| train_local(&spec, &ann, p, &base, &data).unwrap()).collect();
+        let (mut trunk_honest, mut trunk_random, mut trunk_flipped) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut expert_honest, mut expert_flipped) = (Vec::new(), Vec::new());
+        for seed in 0..3u64 {
+            for shard in spec.shards() {
+                let batch = score_batch(&spec, &hyper, &data, seed, shard).unwrap();
+                let holders = locals.iter().filter(|l| l.deltas.iter().any(|(s, _)| *s == shard)).count();
+                let mut scorer = ShardScorer::new(&spec, &hyper, round, &base, shard, batch, holders).unwrap();
+                let mut gain = |d: &[f32]| scorer.score(d).unwrap().gain();
+                // (honest, random at its norm, flipped) for every holder of the shard.
+                let mut rows = Vec::new();
+                for local in &locals {
+                    let Some((_, honest)) = local.deltas.iter().find(|(s, _)| *s == shard) else { continue };
+                    let norm = honest.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    let rnd = noise(seed * 31 + rows.len() as u64, honest.len());
+                    let rnd_norm = rnd.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+                    let matched: Vec<f32> = rnd.iter().map(|x| x * norm / rnd_norm).collect();
+                    let flipped: Vec<f32> = honest.iter().map(|x| -x).collect();
+                    assert_eq!(gain(&vec![0.0; honest.len()]), 0.0, "a zero delta scores exactly zero");
+                    rows.push((gain(honest), gain(&matched), gain(&flipped)));
+                }
+                let honest: Vec<f32> = rows.iter().map(|r| r.0).collect();
+                for (i, (h, m, f)) in rows.iter().copied().enumerate() {
+                    let others: Vec<f32> = honest.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, g)| *g).collect();
+                    assert!(policy.accepts(shard, h, &others), "{rule:?} warm {warm} {shard}: honest gain {h}, others {others:?}");
+                    if shard == ShardId::Trunk {
+                        // An attacker's others are the honest senders.
+                        for (what, g) in [("random", m), ("flipped", f), ("zero", 0.0)] {
+                            assert!(!policy.accepts(shard, g, &honest), "{rule:?} warm {warm}: {what} trunk gain {g}, honest {honest:?}");
+                        }
+                        trunk_honest.push(h);
+                        trunk_random.push(m);
+                        trunk_flipped.push(f);
+                    } else {
+                        expert_honest.push(h);
+                        expert_flipped.push(f);
+                    }
+                }
             }
         }
+        let range = |v: &[f32]| (v.iter().copied().fold(f32::INFINITY, f32::min), v.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        eprintln!(
+            "{rule:?} after {warm} rounds: trunk honest {:+.4?} random {:+.4?} flipped {:+.4?}; experts honest {:+.5?} flipped {:+.5?}",
+            range(&trunk_honest),
+            range(&trunk_random),
+            range(&trunk_flipped),
+            range(&expert_honest),
+            range(&expert_flipped)
+        );
+        let sum = |v: &[f32]| v.iter().sum::<f32>();
+        assert!(sum(&expert_flipped) < sum(&expert_honest), "{rule:?} warm {warm}: experts flipped {expert_flipped:?} honest {expert_honest:?}");
     }
 }

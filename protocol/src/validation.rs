@@ -97,6 +97,15 @@ pub enum RejectCode {
     /// `unavailable`: the payload could not be fetched within its budget (withheld, trickled, or its sender
     /// unreachable).
     Unavailable,
+    /// `norm-too-small`: the delta's norm is under a share of the reference norm (a zero or near-zero delta:
+    /// no work done, nothing to credit).
+    NormTooSmall,
+    /// `low-score`: applied alone, the delta does not lower the loss on the round's score batch by more than
+    /// the run's threshold against a zero delta (a random, sign-flipped or useless delta).
+    LowScore,
+    /// `not-admitted`: the signer may not take part in the run (not on the allowlist, banned for its record,
+    /// or the run or its address is full).
+    NotAdmitted,
 }
 
 impl RejectCode {
@@ -123,6 +132,9 @@ impl RejectCode {
             RejectCode::BadPayload => "bad-payload",
             RejectCode::NotBound => "not-bound",
             RejectCode::Unavailable => "unavailable",
+            RejectCode::NormTooSmall => "norm-too-small",
+            RejectCode::LowScore => "low-score",
+            RejectCode::NotAdmitted => "not-admitted",
         }
     }
 }

@@ -170,7 +170,8 @@ fn codes_are_stable_and_distinct() {
         RejectCode::FutureRound, RejectCode::NotCoordinator, RejectCode::NotParticipant, RejectCode::ShardNotAssigned,
         RejectCode::WrongBase, RejectCode::Late, RejectCode::TooLarge, RejectCode::NonFinite, RejectCode::Inconsistent,
         RejectCode::NormTooLarge, RejectCode::HashMismatch, RejectCode::SizeMismatch, RejectCode::BadPayload,
-        RejectCode::NotBound, RejectCode::Unavailable,
+        RejectCode::NotBound, RejectCode::Unavailable, RejectCode::NormTooSmall, RejectCode::LowScore,
+        RejectCode::NotAdmitted,
     ];
     let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
     assert_eq!(strings.len(), all.len());

@@ -77,9 +77,30 @@ pub struct CoordinatorArgs {
     /// Seed of the model's initial weights.
     #[arg(long, env = "MANA_SEED")]
     pub seed: Option<u64>,
-    /// Share of contributions loss-checked in sync mode (diloco checks all), default 0.25.
-    #[arg(long, env = "MANA_LOSS_CHECK_SHARE")]
-    pub loss_check_share: Option<f64>,
+    /// Share of contributions scored, default 1 (every one); the draw is reproducible from the round's deltas.
+    #[arg(long, env = "MANA_SCORE_SHARE")]
+    pub score_share: Option<f64>,
+    /// A scored trunk contribution must lower the score batch's loss by more than this many nats, against a
+    /// zero delta (default 0).
+    #[arg(long, env = "MANA_TRUNK_MIN_GAIN", allow_negative_numbers = true)]
+    pub trunk_min_gain: Option<f32>,
+    /// A scored trunk contribution must also gain more than this share of the other senders' median gain
+    /// (default 0.25).
+    #[arg(long, env = "MANA_TRUNK_SHARE")]
+    pub trunk_share: Option<f32>,
+    /// A scored expert contribution may raise the score batch's loss by at most this many nats (default 0.005).
+    #[arg(long, env = "MANA_EXPERT_TOLERANCE")]
+    pub expert_tolerance: Option<f32>,
+    /// A contribution's norm must be at least this share of its class's reference norm (default 0.01).
+    #[arg(long, env = "MANA_MIN_NORM_RATIO")]
+    pub min_norm_ratio: Option<f32>,
+    /// File of the public keys (64 hex digits a line, `#` comments) that may join; read again when it
+    /// changes. Without it the run is open to any key.
+    #[arg(long, env = "MANA_ALLOWLIST")]
+    pub allowlist: Option<PathBuf>,
+    /// Most members at once (default 1024); new keys beyond it are not admitted.
+    #[arg(long, env = "MANA_MAX_MEMBERS")]
+    pub max_members: Option<usize>,
     /// Inner learning rate announced with every round (default: the run preset's).
     #[arg(long, env = "MANA_LR")]
     pub lr: Option<f32>,
@@ -108,9 +129,26 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     role.rounds = s.get(|a| &a.rounds);
     role.metrics = s.get(|a| &a.metrics);
     role.export = s.get(|a| &a.export);
-    if let Some(share) = s.get(|a| &a.loss_check_share) {
-        anyhow::ensure!((0.0..=1.0).contains(&share), "--loss-check-share must be in [0, 1]");
-        role.loss_check_share = share;
+    role.allowlist = s.get(|a| &a.allowlist);
+    if let Some(share) = s.get(|a| &a.score_share) {
+        anyhow::ensure!((0.0..=1.0).contains(&share), "--score-share must be in [0, 1]");
+        role.score_share = share;
+    }
+    if let Some(gain) = s.get(|a| &a.trunk_min_gain) {
+        anyhow::ensure!(gain.is_finite(), "--trunk-min-gain must be a finite number of nats");
+        role.score_policy.trunk_min_gain = gain;
+    }
+    if let Some(share) = s.get(|a| &a.trunk_share) {
+        anyhow::ensure!(share.is_finite() && (0.0..=1.0).contains(&share), "--trunk-share must be in [0, 1]");
+        role.score_policy.trunk_share = share;
+    }
+    if let Some(tolerance) = s.get(|a| &a.expert_tolerance) {
+        anyhow::ensure!(tolerance.is_finite() && tolerance >= 0.0, "--expert-tolerance must be a finite number of nats, at least 0");
+        role.score_policy.expert_tolerance = tolerance;
+    }
+    if let Some(ratio) = s.get(|a| &a.min_norm_ratio) {
+        anyhow::ensure!(ratio.is_finite() && (0.0..1.0).contains(&ratio), "--min-norm-ratio must be in [0, 1)");
+        role.min_norm_ratio = ratio;
     }
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -162,6 +200,7 @@ fn machine(s: &Layered<CoordinatorArgs>, node: &NodeConfig) -> anyhow::Result<(R
     machine.train_ms = s.get(|a| &a.round_ms).unwrap_or(10_000);
     machine.verify_ms = s.get(|a| &a.verify_ms).unwrap_or(10_000);
     machine.cooldown_ms = s.get(|a| &a.cooldown_ms).unwrap_or(500);
+    machine.standing.max_members = s.get(|a| &a.max_members).unwrap_or(machine.standing.max_members);
     if let Some(lr) = s.get(|a| &a.lr) {
         machine.hyper.inner_lr = lr;
     }

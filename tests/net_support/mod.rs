@@ -97,3 +97,12 @@ pub async fn honest_local_round(
         .expect("honest local training");
     Some((manifest, local))
 }
+
+/// Logs of the roles to the test's output, filtered by `RUST_LOG` (e.g. `RUST_LOG=mana_node=info` shows every
+/// refusal with its detail); once per test binary.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -3,6 +3,8 @@
 
 use mana_protocol::{HyperParams, RunId, ShardId};
 use serde::{Deserialize, Serialize};
+
+use super::standing::StandingPolicy;
 use thiserror::Error;
 
 /// Why a coordinator configuration was refused.
@@ -44,6 +46,8 @@ pub struct CoordinatorConfig {
     pub max_norm_ratio: f32,
     /// Training settings announced with every round.
     pub hyper: HyperParams,
+    /// How members earn and lose standing, and the member cap.
+    pub standing: StandingPolicy,
 }
 
 impl CoordinatorConfig {
@@ -63,6 +67,7 @@ impl CoordinatorConfig {
             data_seeds_per_node: 1,
             max_norm_ratio: 10.0,
             hyper,
+            standing: StandingPolicy::default(),
         }
     }
 
@@ -89,6 +94,13 @@ impl CoordinatorConfig {
         }
         if !self.max_norm_ratio.is_finite() || self.max_norm_ratio <= 0.0 {
             return bad("max_norm_ratio", "must be finite and positive");
+        }
+        let st = &self.standing;
+        if st.fault_cost < 1 || st.ban_at >= 0 || st.max_weight < 0 {
+            return bad("standing", "needs fault_cost >= 1, a negative ban_at and max_weight >= 0");
+        }
+        if st.max_members < self.min_members {
+            return bad("standing.max_members", "must be at least `min_members`");
         }
         let h = &self.hyper;
         for (field, v) in [("hyper.inner_lr", h.inner_lr), ("hyper.outer_lr", h.outer_lr), ("hyper.weight_decay", h.weight_decay)] {

@@ -18,6 +18,7 @@
 
 pub mod assign;
 pub mod config;
+pub mod standing;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,6 +31,7 @@ use thiserror::Error;
 
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
 pub use config::{ConfigError, CoordinatorConfig};
+pub use standing::{Standing, StandingPolicy, Standings};
 
 /// Why the coordinator could not be built, saved or restored.
 #[derive(Debug, Error)]
@@ -175,6 +177,12 @@ pub struct Coordinator {
     next_round: u64,
     /// Expert hosts of the last announced round, kept so surviving hosts keep their experts.
     hosts: ExpertHosts,
+    /// Every member's record, and the banned keys.
+    standings: Standings,
+    /// With an allowlist, only these keys may join (set by the driver, e.g. from a file it reloads; not
+    /// saved: the driver sets it again after a restart).
+    #[serde(skip)]
+    allowlist: Option<BTreeSet<PublicKey>>,
     state: RunState,
 }
 
@@ -189,8 +197,32 @@ impl Coordinator {
             checkpoint,
             next_round,
             hosts: ExpertHosts::new(),
+            standings: Standings::default(),
+            allowlist: None,
             state: RunState::WaitingForMembers,
         })
+    }
+
+    /// Every member's record and the banned keys.
+    pub fn standings(&self) -> &Standings {
+        &self.standings
+    }
+
+    /// Sets the admission policy: `None` admits any key (an open run), `Some(keys)` only those keys; members
+    /// not on a new list leave at once.
+    pub fn set_allowlist(&mut self, allowlist: Option<BTreeSet<PublicKey>>) {
+        if let Some(keys) = &allowlist {
+            let gone: Vec<PublicKey> = self.members.keys().filter(|k| !keys.contains(k)).copied().collect();
+            for node in gone {
+                self.node_left(&node);
+            }
+        }
+        self.allowlist = allowlist;
+    }
+
+    /// Whether `node` may be a member (beside the member cap): not banned, and on the allowlist if there is one.
+    pub fn admits(&self, node: &PublicKey) -> bool {
+        !self.standings.is_banned(node) && self.allowlist.as_ref().is_none_or(|keys| keys.contains(node))
     }
 
     /// The current phase.
@@ -232,11 +264,16 @@ impl Coordinator {
     }
 
     /// A heartbeat from `node` at `now_ms`: a new node joins (it takes part from the next round), a known one
-    /// stays alive. Heartbeats for another run or older than the last seen are ignored.
-    pub fn node_heartbeat(&mut self, now_ms: u64, node: PublicKey, heartbeat: &Heartbeat) {
+    /// stays alive. Heartbeats for another run or older than the last seen are ignored. A key that is banned,
+    /// not on the allowlist, or new while the run has `max_members` is refused (`not-admitted`).
+    pub fn node_heartbeat(&mut self, now_ms: u64, node: PublicKey, heartbeat: &Heartbeat) -> Result<(), EventError> {
         if heartbeat.run != self.config.run {
-            return;
+            return Err(EventError::Refused(RejectCode::UnknownRun));
         }
+        if !self.admits(&node) {
+            return Err(EventError::Refused(RejectCode::NotAdmitted));
+        }
+        let full = self.members.len() >= self.config.standing.max_members;
         match self.members.get_mut(&node) {
             Some(m) if heartbeat.seq <= m.last_seq => {}
             Some(m) => {
@@ -244,10 +281,12 @@ impl Coordinator {
                 m.last_seen_ms = now_ms;
                 m.last_seq = heartbeat.seq;
             }
+            None if full => return Err(EventError::Refused(RejectCode::NotAdmitted)),
             None => {
                 self.members.insert(node, Member { capacity: heartbeat.capacity, last_seen_ms: now_ms, last_seq: heartbeat.seq });
             }
         }
+        Ok(())
     }
 
     /// `node` left (said goodbye, or the network lost it): it is no member any more and is dropped from the
@@ -423,11 +462,17 @@ impl Coordinator {
             return Ok(None);
         }
         let trunk_slot = u32::from(self.config.trunk_everywhere);
+        // Capacity is earned: a member's weight is its standing's, whatever throughput it declares; its own
+        // `max_shards` still caps what it is given.
+        let policy = self.config.standing;
         let candidates: Vec<Candidate> = self
             .members
             .iter()
             .filter(|(_, m)| m.capacity.max_shards >= trunk_slot)
-            .map(|(k, m)| Candidate { node: *k, capacity: m.capacity, reserved_slots: trunk_slot })
+            .map(|(k, m)| {
+                let capacity = Capacity { tokens_per_second: self.standings.get(k).weight(&policy), ..m.capacity };
+                Candidate { node: *k, capacity, reserved_slots: trunk_slot }
+            })
             .collect();
         let hosts = match assign_experts(&candidates, &self.config.experts, self.config.replication, &self.hosts, seed) {
             Ok(h) => h,
@@ -488,6 +533,7 @@ impl Coordinator {
     /// of a shard whose result never came are listed as refused (`late`), so the commit says what was applied.
     fn commit(&mut self, mut round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
         let r = round.announcement.round;
+        self.update_standings(&round);
         let mut accepted = Vec::new();
         for a in accepted_lists(&round) {
             if round.results.contains_key(&a.shard) {
@@ -514,6 +560,33 @@ impl Coordinator {
         rejected.sort_by_key(|d| (d.shard, d.node, d.payload_hash));
         self.checkpoint = checkpoint.clone();
         Ok(RoundCommit { run: self.config.run.clone(), round: r, accepted, rejected, checkpoint })
+    }
+}
+
+impl Coordinator {
+    /// The round's verdicts into the members' standings (before the commit turns the accepted deltas of an
+    /// unaggregated shard into `late`, which is not their senders' doing); then bans whoever fell to the
+    /// threshold (they leave at once) and bounds the records of departed members.
+    fn update_standings(&mut self, round: &ActiveRound) {
+        let policy = self.config.standing;
+        for ((_, node), verdict) in &round.verdicts {
+            match verdict {
+                Verdict::Accept => self.standings.accepted(*node),
+                Verdict::Reject(code) => self.standings.refused(*node, *code, &policy),
+            }
+        }
+        for node in &round.dropped {
+            // Dropped while still a member: it missed the delta deadline (a member that left is not charged).
+            if self.members.contains_key(node) {
+                self.standings.dropped(*node);
+            }
+        }
+        for node in self.standings.ban_faulty(round.announcement.round, &policy) {
+            tracing::warn!(node = %node, round = round.announcement.round, "member banned for its record");
+            self.members.remove(&node);
+        }
+        let members = &self.members;
+        self.standings.forget_departed(|k| members.contains_key(k), policy.max_members);
     }
 }
 
@@ -557,6 +630,13 @@ impl ActiveRound {
     /// The deltas still waiting for a verdict, with their senders.
     pub fn unverified(&self) -> Vec<(PublicKey, DeltaAnnouncement)> {
         self.deltas.iter().filter(|(k, _)| !self.verdicts.contains_key(k)).map(|((_, n), d)| (*n, d.clone())).collect()
+    }
+
+    /// The seed of this round's score batches ([`crate::round::score_seed`]) over every delta under
+    /// verification: the same set the commit lists as accepted or refused, so a holder recomputes it from
+    /// the commit ([`crate::round::commit_score_seed`]), and a verifier restarted mid-round gets it again.
+    pub fn score_seed(&self) -> u64 {
+        crate::round::score_seed(&self.announcement.run, self.announcement.round, self.deltas.values().map(|d| d.payload_hash))
     }
 
     /// Accepted deltas per shard, each list sorted by payload hash: the order in which every aggregator must

@@ -85,11 +85,17 @@ fn announced(actions: &[Action]) -> RoundAnnouncement {
     }
 }
 
+/// Joins nodes 1..=n at t=0 (node i declaring 100·i tokens/s) and returns their keys.
+fn join(c: &mut Coordinator, n: u8) -> Vec<PublicKey> {
+    for i in 1..=n {
+        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i))).unwrap();
+    }
+    (1..=n).map(key).collect()
+}
+
 /// Joins nodes 1..=n at t=0 and returns the announcement of round 1.
 fn start(c: &mut Coordinator, n: u8) -> RoundAnnouncement {
-    for i in 1..=n {
-        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
-    }
+    join(c, n);
     announced(&c.tick(0, 11).unwrap())
 }
 
@@ -105,11 +111,11 @@ fn send_all(c: &mut Coordinator, ann: &RoundAnnouncement, nodes: &[PublicKey], n
 #[test]
 fn waits_for_members_then_announces_a_covering_round() {
     let mut c = coordinator();
-    c.node_heartbeat(0, key(1), &heartbeat(1, 100.0));
-    c.node_heartbeat(0, key(2), &heartbeat(1, 100.0));
+    let _ = c.node_heartbeat(0, key(1), &heartbeat(1, 100.0));
+    let _ = c.node_heartbeat(0, key(2), &heartbeat(1, 100.0));
     assert!(c.tick(0, 1).unwrap().is_empty());
     assert_eq!(c.state().name(), "waiting-for-members");
-    c.node_heartbeat(5, key(3), &heartbeat(1, 100.0));
+    let _ = c.node_heartbeat(5, key(3), &heartbeat(1, 100.0));
     let ann = announced(&c.tick(5, 1).unwrap());
     assert_eq!(ann.round, 1);
     assert_eq!(ann.base_checkpoint, base_manifest().hash().unwrap());
@@ -136,6 +142,7 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
         let v = if d.payload_hash == first_bad { Verdict::Reject(RejectCode::NormTooLarge) } else { Verdict::Accept };
         c.verification_verdict(1, d.shard, *n, d.payload_hash, v).unwrap();
     }
+    let seed = c.state().round().unwrap().score_seed();
     let agg = c.tick(30, 13).unwrap();
     let [Action::Aggregate { round: 1, accepted }] = agg.as_slice() else { panic!("{agg:?}") };
     for a in accepted {
@@ -146,6 +153,7 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     let done = c.tick(40, 14).unwrap();
     let [Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
     assert_eq!(commit.round, 1);
+    assert_eq!(crate::round::commit_score_seed(commit), seed, "the score seed is recomputed from the commit");
     assert_eq!(commit.rejected.len(), 1);
     assert_eq!(commit.rejected[0].reason, RejectCode::NormTooLarge);
     assert_eq!(commit.checkpoint.round, 1);
@@ -160,7 +168,7 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     assert_eq!(c.state().name(), "cooldown");
     assert!(c.tick(100, 15).unwrap().is_empty());
     for i in 1..=3 {
-        c.node_heartbeat(140, key(i), &heartbeat(2, 100.0));
+        let _ = c.node_heartbeat(140, key(i), &heartbeat(2, 100.0));
     }
     let ann2 = announced(&c.tick(140, 16).unwrap());
     assert_eq!(ann2.round, 2);
@@ -230,7 +238,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     let stay: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).filter(|n| !hosts.contains(n)).collect();
     send_all(&mut c, &ann, &stay, 10);
     for n in &stay {
-        c.node_heartbeat(600, *n, &heartbeat(2, 100.0));
+        let _ = c.node_heartbeat(600, *n, &heartbeat(2, 100.0));
     }
     // At 600 the second host has been silent > 500 ms: it leaves, and since everyone still in the round has
     // delivered, verification starts before the delta deadline.
@@ -251,7 +259,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late));
     // Two newcomers join; round 2 gives the orphaned expert two live hosts.
     for n in [key(50), key(51)].iter().chain(&stay) {
-        c.node_heartbeat(2_200, *n, &heartbeat(3, 100.0));
+        let _ = c.node_heartbeat(2_200, *n, &heartbeat(3, 100.0));
     }
     let ann2 = announced(&c.tick(2_200, 4).unwrap());
     let new_hosts: Vec<PublicKey> = ann2.participants.iter().filter(|p| p.shards.contains(&e)).map(|p| p.node).collect();
@@ -287,7 +295,7 @@ fn same_events_same_seed_same_announcement() {
     assert_eq!(start(&mut a, 5), start(&mut b, 5));
     let mut c = coordinator();
     for i in (1..=5).rev() {
-        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
+        let _ = c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
     }
     assert_eq!(announced(&c.tick(0, 11).unwrap()), start(&mut coordinator(), 5), "join order does not matter");
 }
@@ -295,12 +303,12 @@ fn same_events_same_seed_same_announcement() {
 #[test]
 fn stale_heartbeats_and_other_runs_are_ignored() {
     let mut c = coordinator();
-    c.node_heartbeat(0, key(1), &heartbeat(5, 100.0));
-    c.node_heartbeat(100, key(1), &heartbeat(4, 999.0));
+    let _ = c.node_heartbeat(0, key(1), &heartbeat(5, 100.0));
+    let _ = c.node_heartbeat(100, key(1), &heartbeat(4, 999.0));
     assert_eq!(c.members()[&key(1)].last_seen_ms, 0);
     let mut other = heartbeat(9, 1.0);
     other.run = RunId::new("other").unwrap();
-    c.node_heartbeat(0, key(2), &other);
+    let _ = c.node_heartbeat(0, key(2), &other);
     assert_eq!(c.members().len(), 1);
 }
 
@@ -376,4 +384,96 @@ fn one_payload_accepted_twice_counts_once() {
     let [Action::Aggregate { accepted, .. }] = agg.as_slice() else { panic!("{agg:?}") };
     let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
     assert!(trunk.deltas.windows(2).all(|w| w[0] < w[1]), "no payload twice: {:?}", trunk.deltas);
+}
+
+/// Plays one whole round at `t`: every participant in `senders` sends all its deltas; `judge` gives each
+/// delta's verdict; every accepted shard is aggregated. Returns the commit.
+fn play_round(c: &mut Coordinator, t: u64, senders: &[PublicKey], judge: impl Fn(&PublicKey) -> Verdict) -> RoundCommit {
+    for n in c.members().keys().copied().collect::<Vec<_>>() {
+        let seq = c.members()[&n].last_seq + 1;
+        let _ = c.node_heartbeat(t, n, &heartbeat(seq, 100.0));
+    }
+    let ann = announced(&c.tick(t, t).unwrap());
+    send_all(c, &ann, senders, t + 10);
+    let verify = c.tick(t + 20, t).unwrap();
+    let [Action::Verify { deltas, .. }] = verify.as_slice() else { panic!("{verify:?}") };
+    for (n, d) in deltas {
+        c.verification_verdict(ann.round, d.shard, *n, d.payload_hash, judge(n)).unwrap();
+    }
+    let mut actions = c.tick(t + 30, t).unwrap();
+    if let [Action::Aggregate { accepted, .. }] = actions.as_slice() {
+        for a in accepted.clone() {
+            let hash = ContentHash::of(format!("{} {}", a.shard, ann.round).as_bytes());
+            c.shard_aggregated(ann.round, ShardEntry { shard: a.shard, hash, size: 9, round: ann.round }).unwrap();
+        }
+        actions = c.tick(t + 40, t).unwrap();
+    }
+    let Some(Action::CommitRound(commit)) = actions.last() else { panic!("{actions:?}") };
+    commit.clone()
+}
+
+#[test]
+fn a_member_refused_again_and_again_is_banned_and_stays_out() {
+    let mut c = coordinator();
+    let all = join(&mut c, 4);
+    let judge = |n: &PublicKey| if *n == key(4) { Verdict::Reject(RejectCode::LowScore) } else { Verdict::Accept };
+    let mut t = 0;
+    while c.members().contains_key(&key(4)) {
+        play_round(&mut c, t, &all, judge);
+        t += 1_000;
+        assert!(t < 20_000, "never banned: {:?}", c.standings().get(&key(4)));
+    }
+    assert!(c.standings().is_banned(&key(4)));
+    assert!(c.standings().get(&key(1)).reputation > 0);
+    // Its heartbeats are refused from now on, whatever their sequence number.
+    assert_eq!(c.node_heartbeat(t, key(4), &heartbeat(1_000, 1e9)), Err(EventError::Refused(RejectCode::NotAdmitted)));
+    let ann = announced(&c.tick(t, 1).unwrap());
+    assert!(ann.participant(&key(4)).is_none());
+    // The ban survives a save and a restore.
+    let restored = Coordinator::from_bytes(&c.to_bytes().unwrap()).unwrap();
+    assert!(restored.standings().is_banned(&key(4)));
+}
+
+#[test]
+fn the_allowlist_and_the_member_cap_decide_who_joins() {
+    let mut c = coordinator();
+    c.set_allowlist(Some([key(1), key(2), key(3)].into_iter().collect()));
+    for i in 1..=3 {
+        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0)).unwrap();
+    }
+    assert_eq!(c.node_heartbeat(0, key(9), &heartbeat(1, 100.0)), Err(EventError::Refused(RejectCode::NotAdmitted)));
+    // A member taken off the list leaves at once.
+    c.set_allowlist(Some([key(1), key(2)].into_iter().collect()));
+    assert!(!c.members().contains_key(&key(3)));
+    // An open run with a cap of 3 members.
+    let mut cfg = c.config().clone();
+    cfg.standing.max_members = 3;
+    let mut capped = Coordinator::new(cfg, base_manifest()).unwrap();
+    for i in 1..=3 {
+        capped.node_heartbeat(0, key(i), &heartbeat(1, 100.0)).unwrap();
+    }
+    assert_eq!(capped.node_heartbeat(0, key(4), &heartbeat(1, 100.0)), Err(EventError::Refused(RejectCode::NotAdmitted)));
+    // A member already in keeps heartbeating.
+    capped.node_heartbeat(10, key(1), &heartbeat(2, 100.0)).unwrap();
+}
+
+#[test]
+fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_from_members_with_a_record() {
+    let mut c = coordinator();
+    let veterans = join(&mut c, 3);
+    let mut t = 0;
+    for _ in 0..3 {
+        play_round(&mut c, t, &veterans, |_| Verdict::Accept);
+        t += 1_000;
+    }
+    // 20 new keys, each claiming a million tokens per second.
+    for i in 100..120u8 {
+        c.node_heartbeat(t, key(i), &heartbeat(1, 1e6)).unwrap();
+    }
+    let ann = announced(&c.tick(t, 99).unwrap());
+    let experts_of = |n: &PublicKey| ann.participant(n).map_or(0, |p| p.shards.iter().filter(|s| **s != ShardId::Trunk).count());
+    let newcomers: usize = (100..120u8).map(|i| experts_of(&key(i))).sum();
+    let veteran: usize = veterans.iter().map(experts_of).sum();
+    assert_eq!(veteran, experts().len() * 2, "the veterans keep every expert slot");
+    assert_eq!(newcomers, 0, "declared capacity wins nothing");
 }

@@ -8,22 +8,25 @@
 //! - [`local`]: a participant's work in a round (sync: mean gradient of H micro-batches; diloco: H AdamW
 //!   steps, pseudo-gradient);
 //! - [`apply`]: a holder's update from the committed deltas (robust mean, then AdamW or Nesterov);
-//! - [`check`]: the loss check on a validation batch;
+//! - [`norms`]: the lower and upper bounds on a delta's norm, from other senders' norms only;
+//! - [`score`]: a contribution's reproducible score (its gain over a zero delta on a batch fixed after the deltas are in);
 //! - [`simulate`]: N nodes in one process plus the single-node baselines;
 //! - [`error`]: the engine's one error type, [`RoundError`].
 
 pub mod apply;
-pub mod check;
+pub mod score;
 pub mod error;
 pub mod local;
+pub mod norms;
 pub mod simulate;
 pub mod spec;
 pub mod state;
 
 pub use apply::apply_round;
-pub use check::{LossCheck, loss_check};
+pub use score::{Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, score_batch, score_seed};
 pub use error::RoundError;
 pub use local::{LocalResult, train_local};
+pub use norms::{NormHistory, NormSample, NormVerdict, judge_norm, norm_class};
 pub use simulate::{BaselineReport, RoundReport, SimConfig, SimReport, simulate, simulate_with};
 pub use spec::RunSpec;
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};

@@ -110,10 +110,15 @@ pub fn parse_run(s: &str) -> Result<RunId, NodeError> {
 
 /// Parses a public key from 64 hex digits.
 pub fn parse_public_key(s: &str) -> Result<PublicKey, NodeError> {
-    let bytes = hex::decode(s.trim()).map_err(|e| NodeError::Config(format!("bad coordinator key: {e}")))?;
+    let bytes = hex::decode(s.trim()).map_err(|e| NodeError::Config(format!("bad public key {:?}: {e}", truncate(s))))?;
     let bytes: [u8; 32] =
-        bytes.try_into().map_err(|_| NodeError::Config("coordinator key must be 32 bytes (64 hex digits)".into()))?;
+        bytes.try_into().map_err(|_| NodeError::Config("a public key is 32 bytes (64 hex digits)".into()))?;
     Ok(PublicKey(bytes))
+}
+
+/// At most 80 characters of `s`, for an error message about untrusted text.
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
 }
 
 #[cfg(test)]

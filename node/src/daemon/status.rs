@@ -132,6 +132,31 @@ pub struct CoordinatorStatus {
     /// Shard hashes in those reports that differ from the commit (a holder computed different weights).
     #[serde(default)]
     pub holder_mismatches: u64,
+    /// Keys banned for their record.
+    #[serde(default)]
+    pub banned: usize,
+    /// Heartbeats refused since start (banned, not on the allowlist, or the run full).
+    #[serde(default)]
+    pub not_admitted: u64,
+    /// The records the coordinator keeps (its members', and departed keys' in debt or in good standing, up
+    /// to the member cap), lowest reputation first.
+    #[serde(default)]
+    pub standings: Vec<MemberStanding>,
+}
+
+/// One member's record as the coordinator keeps it (its standing: what its deltas earned and cost it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberStanding {
+    /// The member's public key, hex.
+    pub node: String,
+    /// Deltas accepted.
+    pub accepted: u64,
+    /// Deltas refused for its own fault.
+    pub faults: u64,
+    /// Deltas unavailable, and rounds missed.
+    pub missed: u64,
+    /// Its reputation (banned at the run's threshold).
+    pub reputation: i64,
 }
 
 /// Collects the status now.

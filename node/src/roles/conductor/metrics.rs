@@ -4,12 +4,12 @@
 //! {"round":3,"rule":"sync","participants":4,"accepted":15,"rejected":1,
 //!  "rejected_reasons":{"norm-too-large":1},"train_loss":2.9,"val_loss":2.8,"tokens":4096,
 //!  "payload_bytes":123456,"checkpoint":"<manifest hash hex>",
-//!  "ms":{"train":812,"transfer":40,"verify":95,"apply":30},"unix_ms":1764340000000}
+//!  "ms":{"train":812,"transfer":40,"verify":95,"apply":30},"scored":16,"score_seed":"9f1c...","unix_ms":1764340000000}
 //! ```
 //!
 //! Wall times, measured by the coordinator: `train` from the announcement to the last delta announcement
 //! (the participants' training, encoding and publishing), `transfer` fetching the payloads, `verify` decoding,
-//! norm and loss checks, `apply` computing and hosting the new shards.
+//! norm checks and scoring, `apply` computing and hosting the new shards.
 
 use std::collections::BTreeMap;
 
@@ -23,7 +23,7 @@ pub struct PhaseMs {
     pub train: u64,
     /// Fetching delta payloads.
     pub transfer: u64,
-    /// Decoding, norm checks and loss checks.
+    /// Decoding, norm checks and scoring.
     pub verify: u64,
     /// Computing and hosting the new shards.
     pub apply: u64,
@@ -65,6 +65,12 @@ pub struct RoundMetrics {
     /// Wall time per part of the round.
     #[serde(default)]
     pub ms: PhaseMs,
+    /// Deltas scored (`ms.verify / scored` is the verification cost per delta, scoring included).
+    #[serde(default)]
+    pub scored: u64,
+    /// The seed of the round's score batches (hex), which anyone can recompute from the commit.
+    #[serde(default)]
+    pub score_seed: Option<String>,
     /// When the line was written.
     #[serde(default)]
     pub unix_ms: u64,

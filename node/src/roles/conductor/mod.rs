@@ -8,7 +8,7 @@
 //! - feeds the machine the members' heartbeats (never its own) and the delta announcements, and ticks it
 //!   every [`ConductorConfig::tick`] with fresh OS randomness as the seed;
 //! - carries out its [`Action`]s: publishes announcements; verifies a round's deltas in a background task
-//!   ([`verify`]); aggregates itself — it holds the full model, so it computes every shard's new state with
+//!   ([`verify`]: bounds, norms and a reproducible score for every delta); aggregates itself — it holds the full model, so it computes every shard's new state with
 //!   [`apply_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
 //!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
 //!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
@@ -21,13 +21,14 @@
 //! Ticks pause while the coordinator aggregates (it is the only aggregator), so a slow aggregation never
 //! turns into a commit without results.
 
+pub mod admission;
 mod aggregate;
 pub mod metrics;
 mod reports;
 mod stats;
 mod verify;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,14 +42,15 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 pub use metrics::{PhaseMs, RoundMetrics};
-pub use verify::{LOSS_CHECK_FAILED, PAYLOAD_UNAVAILABLE};
+pub use verify::PAYLOAD_UNAVAILABLE;
 
 use super::common::{PinLedger, append_line, os_seed, peer_name, publish_patiently};
 use crate::daemon::now_ms;
 use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, initial_shards};
+use mana_engine::round::{NormHistory, NormSample, RunShard, ScorePolicy, RunSpec, ShardRecord, build_trainer, initial_shards};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
+use crate::daemon::status::MemberStanding;
 use crate::store::RecordKind;
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
@@ -66,11 +68,15 @@ pub struct ConductorConfig {
     pub data: Arc<TextDataset>,
     /// How often the state machine is ticked.
     pub tick: Duration,
-    /// Share of contributions loss-checked in sync mode, drawn per delta from OS randomness (diloco: all).
-    pub loss_check_share: f64,
-    /// The loss check passes when the validation loss rises by at most this many nats.
-    pub loss_tolerance: f32,
-    /// Accepted norms kept per shard for the median of the norm check.
+    /// Share of contributions scored (1: every one, the default); the draw comes from the round's score
+    /// seed, so it is reproducible and unknown to senders before the deltas are in.
+    pub score_share: f64,
+    /// What score a contribution needs ([`ScorePolicy`]: a trunk delta must gain, an expert delta must not
+    /// clearly harm).
+    pub score_policy: ScorePolicy,
+    /// A delta's norm must be at least this share of the reference norm of its class.
+    pub min_norm_ratio: f32,
+    /// Accepted norms kept per shard for the norm bounds' reference.
     pub norm_history: usize,
     /// Fixed validation batches (indices 0..n) the metrics' `val_loss` is measured on.
     pub val_batches: u64,
@@ -85,19 +91,24 @@ pub struct ConductorConfig {
     pub fetch_timeout: Duration,
     /// Payloads fetched at once.
     pub fetch_concurrency: usize,
+    /// Only the keys in this file may join ([`admission`]); the file is read again when it changes. `None`:
+    /// an open run.
+    pub allowlist: Option<PathBuf>,
 }
 
 impl ConductorConfig {
-    /// Defaults around `machine`: tick 100 ms, loss-check share 0.25 (sync), tolerance 0.05 nats, 8 norms of
-    /// history, 4 validation batches, no round limit, no metrics or export.
+    /// Defaults around `machine`: tick 100 ms, every delta scored with the default [`ScorePolicy`], a norm of
+    /// at least 1% of the reference, 8 norms of history per shard, 4 validation batches, no round limit, no
+    /// metrics or export.
     pub fn new(machine: CoordinatorConfig, spec: RunSpec, data: Arc<TextDataset>) -> ConductorConfig {
         ConductorConfig {
             machine,
             spec,
             data,
             tick: Duration::from_millis(100),
-            loss_check_share: 0.25,
-            loss_tolerance: 0.05,
+            score_share: 1.0,
+            score_policy: ScorePolicy::default(),
+            min_norm_ratio: 0.01,
             norm_history: 8,
             val_batches: 4,
             rounds: None,
@@ -105,6 +116,7 @@ impl ConductorConfig {
             export: None,
             fetch_timeout: Duration::from_secs(30),
             fetch_concurrency: 8,
+            allowlist: None,
         }
     }
 }
@@ -144,6 +156,9 @@ struct RoundClock {
     transfer_ms: u64,
     verify_ms: u64,
     apply_ms: u64,
+    /// Deltas scored, and the seed of the score batches (the last verification's).
+    scored: u64,
+    score_seed: Option<u64>,
 }
 
 struct Role {
@@ -158,7 +173,8 @@ struct Role {
     decoded: HashMap<ContentHash, Arc<Vec<f32>>>,
     /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
     reasons: HashMap<(ShardId, PublicKey), (String, String)>,
-    history: BTreeMap<ShardId, VecDeque<f32>>,
+    /// Recently accepted norms with their senders, for the norm bounds.
+    history: NormHistory,
     clock: RoundClock,
     /// The last announced round (for the commit's metrics).
     last_announcement: Option<RoundAnnouncement>,
@@ -171,6 +187,9 @@ struct Role {
     rejected_total: u64,
     holder_reports: u64,
     holder_mismatches: u64,
+    /// Heartbeats refused (`not-admitted`) since start.
+    not_admitted: u64,
+    allowlist: Option<admission::AllowlistFile>,
     val_loss: Option<f32>,
     done: bool,
 }
@@ -262,6 +281,17 @@ impl Role {
         let manifest = machine.checkpoint().to_bytes()?;
         node.host_blob(manifest).await?;
         let me = node.public_key();
+        let history = NormHistory::new(cfg.norm_history);
+        let mut machine = machine;
+        let allowlist = match cfg.allowlist.clone() {
+            Some(path) => {
+                let (file, keys) = admission::AllowlistFile::open(path)?;
+                tracing::info!(keys = keys.len(), "admission: allowlist");
+                machine.set_allowlist(Some(keys));
+                Some(file)
+            }
+            None => None,
+        };
         let mut role = Role {
             node,
             cfg,
@@ -271,7 +301,7 @@ impl Role {
             pending: BTreeMap::new(),
             decoded: HashMap::new(),
             reasons: HashMap::new(),
-            history: BTreeMap::new(),
+            history,
             clock: RoundClock::default(),
             last_announcement: None,
             round_deltas: Vec::new(),
@@ -282,6 +312,8 @@ impl Role {
             rejected_total: 0,
             holder_reports: 0,
             holder_mismatches: 0,
+            not_admitted: 0,
+            allowlist,
             val_loss: None,
             done: false,
         };
@@ -310,6 +342,9 @@ impl Role {
     }
 
     async fn tick(&mut self) -> Result<(), NodeError> {
+        if let Some(keys) = self.allowlist.as_mut().and_then(admission::AllowlistFile::reload_if_changed) {
+            self.machine.set_allowlist(Some(keys));
+        }
         let seed = os_seed()?;
         let actions = self.machine.tick(now_ms(), seed).map_err(NodeError::from)?;
         for action in actions {
@@ -359,19 +394,21 @@ impl Role {
     }
 
     fn start_verify(&mut self, announcement: RoundAnnouncement, deltas: Vec<(PublicKey, DeltaAnnouncement)>) {
-        let history = self.history.iter().map(|(s, v)| (*s, v.iter().copied().collect())).collect();
         // Each payload fetch gets at most half of what is left of the window, so that the norm and loss checks
         // of the deltas that did arrive still end before the commit deadline.
         let remaining = announcement.deadlines.commit_by_ms.saturating_sub(now_ms()).max(1000);
+        let Some(score_seed) = self.machine.state().round().map(|r| r.score_seed()) else { return };
         let input = verify::VerifyInput {
             announcement,
             deltas,
+            score_seed,
             model: self.model.states.clone(),
-            history,
+            history: self.history.samples(),
             spec: self.cfg.spec.clone(),
             data: self.cfg.data.clone(),
-            loss_check_share: self.cfg.loss_check_share,
-            loss_tolerance: self.cfg.loss_tolerance,
+            score_share: self.cfg.score_share,
+            score_policy: self.cfg.score_policy,
+            min_norm_ratio: self.cfg.min_norm_ratio,
             fetch_budget: self.cfg.fetch_timeout.min(Duration::from_millis(remaining / 2)),
             concurrency: self.cfg.fetch_concurrency,
         };
@@ -385,21 +422,19 @@ impl Role {
     async fn on_verified(&mut self, report: verify::VerifyReport) {
         self.clock.transfer_ms += report.transfer_ms;
         self.clock.verify_ms += report.verify_ms;
+        self.clock.scored += report.scored;
+        self.clock.score_seed = Some(report.score_seed);
         for checked in report.checked {
             let hash = checked.delta.payload_hash;
             // Fetched payloads stay pinned until the rounds after this one are committed.
             self.pins.add(report.round, hash);
             let verdict = match checked.outcome {
-                verify::Outcome::Accepted { delta, norm, check } => {
-                    if let Some(c) = check {
-                        tracing::debug!(round = report.round, shard = %checked.delta.shard, before = c.before, after = c.after, "loss check passed");
+                verify::Outcome::Accepted { delta, norm, score } => {
+                    if let Some(s) = score {
+                        tracing::debug!(round = report.round, shard = %checked.delta.shard, gain = s.gain(), seed = report.score_seed, "delta scored");
                     }
                     self.decoded.insert(hash, delta);
-                    let h = self.history.entry(checked.delta.shard).or_default();
-                    h.push_back(norm);
-                    while h.len() > self.cfg.norm_history {
-                        h.pop_front();
-                    }
+                    self.history.push(NormSample { shard: checked.delta.shard, sender: checked.node, norm });
                     Verdict::Accept
                 }
                 verify::Outcome::Rejected { code, reason, detail } => {
@@ -487,7 +522,13 @@ impl Role {
             return;
         }
         match message {
-            Message::Heartbeat(hb) => self.machine.node_heartbeat(now_ms(), signer, &hb),
+            Message::Heartbeat(hb) => {
+                if let Err(EventError::Refused(code)) = self.machine.node_heartbeat(now_ms(), signer, &hb) {
+                    // Not logged in the store: a banned or unlisted key heartbeats every few seconds.
+                    tracing::debug!(node = %peer_name(&signer), %code, "heartbeat refused");
+                    self.not_admitted += 1;
+                }
+            }
             Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
@@ -548,6 +589,21 @@ impl Role {
         let (members, committed) = (self.machine.members().len(), checkpoint.round);
         let (accepted, rejected, val_loss) = (self.accepted_total, self.rejected_total, self.val_loss);
         let (reports, mismatches) = (self.holder_reports, self.holder_mismatches);
+        let standings = self.machine.standings();
+        let banned = standings.banned_count();
+        let not_admitted = self.not_admitted;
+        let mut members_standing: Vec<MemberStanding> = standings
+            .records()
+            .iter()
+            .map(|(k, s)| MemberStanding {
+                node: hex::encode(k.0),
+                accepted: s.accepted,
+                faults: s.faults,
+                missed: s.missed,
+                reputation: s.reputation,
+            })
+            .collect();
+        members_standing.sort_by_key(|m| m.reputation);
         self.node.update_coordinator_status(|s| {
             s.round = round;
             s.phase = state.name().to_owned();
@@ -559,6 +615,9 @@ impl Role {
             s.val_loss = val_loss;
             s.holder_reports = reports;
             s.holder_mismatches = mismatches;
+            s.banned = banned;
+            s.not_admitted = not_admitted;
+            s.standings = members_standing;
         });
     }
 

@@ -48,6 +48,8 @@ impl Role {
             payload_bytes: deltas.iter().map(|(_, d)| d.payload_size).sum(),
             checkpoint: checkpoint.to_string(),
             ms: PhaseMs { train, transfer: self.clock.transfer_ms, verify: self.clock.verify_ms, apply: self.clock.apply_ms },
+            scored: self.clock.scored,
+            score_seed: self.clock.score_seed.map(|s| format!("{s:016x}")),
             unix_ms: now_ms(),
         }
     }

@@ -10,15 +10,15 @@
 //! 3. [`validate_delta_payload`]: size, hash, the binding (this sender, run, round and shard: another's
 //!    payload or an old one is refused as `not-bound`, for the re-announcer alone), decoding, length,
 //!    finiteness;
-//! 4. **norm** at most `max_norm_ratio` × a reference norm: the larger of two medians, one over this round's
-//!    deltas of the shard and its recently accepted norms (once it has some), one over its class
-//!    ([`norm_class`]: the trunk, or all the experts of one layer, which share a shape). With two holders per expert, a median of one
-//!    round's deltas alone could never catch a scaled one (nor in the first round, which has no history); and
-//!    an expert that got no tokens for a while has a history of near-zero norms, which alone would refuse
-//!    every honest delta once it is routed to again;
-//! 5. the **loss check** ([`loss_check`]) on a validation batch chosen with OS randomness: every delta in
-//!    diloco mode; in sync mode each delta with probability `loss_check_share`, drawn from OS randomness after
-//!    the deltas are in, so a sender cannot know whether its contribution will be checked.
+//! 4. **norm** bounds ([`judge_norm`]): at most `max_norm_ratio` and at least `min_norm_ratio` times a
+//!    reference taken from the *other* senders' norms (this round's and the recently accepted ones), so that
+//!    no sender moves its own bounds; a zero delta is always refused (`norm-too-small`);
+//! 5. the **score** ([`ShardScorer`]): the delta applied alone through the round's own update, against the
+//!    same update with a zero delta, on a validation batch fixed by the round's [`mana_engine::round::score_seed`] (a hash of every
+//!    payload under verification, so known only once the deltas are in); a delta the [`ScorePolicy`] does not
+//!    accept is refused (`low-score`). Every delta is scored unless `score_share` < 1, and then the draw
+//!    also comes from the seed. Everything here is reproducible by anyone who holds the base shards, the
+//!    run's text and the commit, which lists every verified delta.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,17 +26,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mana_kernels::data::TextDataset;
-use mana_protocol::validation::{l2_norm, median_norm, validate_delta_payload};
-use mana_protocol::{Binding, DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, UpdateRule, contribution_len};
+use mana_protocol::validation::{l2_norm, validate_delta_payload};
+use mana_protocol::{Binding, DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, contribution_len};
 
-use super::super::common::{fetch_bytes_within, os_seed, peer_name};
+use super::super::common::{fetch_bytes_within, peer_name};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::net::fetch::FetchError;
-use mana_engine::round::{LossCheck, RunSpec, ShardRecord, loss_check};
+use mana_engine::round::{
+    NormSample, NormVerdict, RunSpec, Score, ScorePolicy, ShardRecord, ShardScorer, is_scored, judge_norm, score_batch,
+};
 
-/// The reason logged for a contribution that failed the loss check (its wire code is `inconsistent`: the
-/// protocol has no dedicated code yet).
-pub const LOSS_CHECK_FAILED: &str = "loss-check-failed";
 /// The reason logged for a payload that could not be fetched within its budget (its wire code is
 /// `unavailable`).
 pub const PAYLOAD_UNAVAILABLE: &str = "unavailable";
@@ -45,14 +44,21 @@ pub const PAYLOAD_UNAVAILABLE: &str = "unavailable";
 pub(crate) struct VerifyInput {
     pub announcement: RoundAnnouncement,
     pub deltas: Vec<(PublicKey, DeltaAnnouncement)>,
+    /// The seed of the round's score batches, over every delta of the round (not only those verified here:
+    /// a restarted verifier checks only what is left).
+    pub score_seed: u64,
     /// The round's base model, every shard.
     pub model: Arc<Vec<ShardRecord>>,
-    /// Recently accepted delta norms per shard.
-    pub history: BTreeMap<ShardId, Vec<f32>>,
+    /// Recently accepted delta norms, with their senders.
+    pub history: Vec<NormSample>,
     pub spec: RunSpec,
     pub data: Arc<TextDataset>,
-    pub loss_check_share: f64,
-    pub loss_tolerance: f32,
+    /// Share of the deltas scored (1: every one).
+    pub score_share: f64,
+    /// What score a delta needs.
+    pub score_policy: ScorePolicy,
+    /// A delta's norm must be at least this share of its reference.
+    pub min_norm_ratio: f32,
     /// How long one payload's fetch may take, each on its own clock.
     pub fetch_budget: Duration,
     /// Payload fetches in flight at once (each holds at most one payload's bytes).
@@ -61,7 +67,7 @@ pub(crate) struct VerifyInput {
 
 /// The verdict on one delta.
 pub(crate) enum Outcome {
-    Accepted { delta: Arc<Vec<f32>>, norm: f32, check: Option<LossCheck> },
+    Accepted { delta: Arc<Vec<f32>>, norm: f32, score: Option<Score> },
     Rejected { code: RejectCode, reason: String, detail: String },
 }
 
@@ -75,6 +81,10 @@ pub(crate) struct Checked {
 /// The verdicts of a round, with the time spent.
 pub(crate) struct VerifyReport {
     pub round: u64,
+    /// The seed of the round's score batches.
+    pub score_seed: u64,
+    /// Deltas scored.
+    pub scored: u64,
     pub checked: Vec<Checked>,
     pub transfer_ms: u64,
     pub verify_ms: u64,
@@ -154,109 +164,98 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     let transfer_ms = started.elapsed().as_millis() as u64;
     let verify_started = Instant::now();
 
-    // 4. norm against the shard's median.
-    let mut by_shard: BTreeMap<ShardId, Vec<f32>> = BTreeMap::new();
+    // 4. norm bounds, each delta against the other senders' norms only.
     let mut survivors = Vec::new();
-    for (key, delta, outcome) in decoded {
+    for (sender, delta, outcome) in decoded {
         match outcome {
             Ok(values) => {
                 let norm = l2_norm(&values);
-                by_shard.entry(delta.shard).or_default().push(norm);
-                survivors.push((key, delta, Arc::new(values), norm));
+                survivors.push((sender, delta, Arc::new(values), norm));
             }
-            Err(outcome) => checked.push(Checked { node: key, delta, outcome }),
+            Err(outcome) => checked.push(Checked { node: sender, delta, outcome }),
         }
     }
-    // One median per class (this round's norms and the accepted history of every shard in it).
-    let mut class_norms: BTreeMap<Option<u16>, Vec<f32>> = BTreeMap::new();
-    for (shard, norms) in by_shard.iter().chain(input.history.iter()) {
-        class_norms.entry(norm_class(shard)).or_default().extend(norms.iter().copied());
-    }
-    let class_medians: BTreeMap<Option<u16>, Option<f32>> =
-        class_norms.iter().map(|(class, norms)| (*class, median_norm(norms))).collect();
-    let medians: BTreeMap<ShardId, Option<f32>> = by_shard
-        .iter()
-        .map(|(shard, norms)| {
-            let class = class_medians.get(&norm_class(shard)).copied().flatten();
-            let own_history = input.history.get(shard).map_or(&[][..], Vec::as_slice);
-            // Before the shard has any accepted delta, its own median would include the very deltas under test
-            // (with two holders, half of them): only the class counts then. Afterwards the larger of the two:
-            // the shard's own median catches a scaled delta where the class is noisy; the class's keeps an
-            // expert that got no tokens for a while (norms near 0) from refusing every honest delta once it is
-            // routed to again.
-            let reference = if own_history.is_empty() {
-                class
-            } else {
-                let own: Vec<f32> = norms.iter().chain(own_history).copied().collect();
-                match (median_norm(&own), class) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (a, b) => a.or(b),
-                }
-            };
-            (*shard, reference)
-        })
-        .collect();
-    let mut to_check = Vec::new();
-    for (key, delta, values, norm) in survivors {
-        let median = medians.get(&delta.shard).copied().flatten();
-        match median {
-            Some(m) if m > 0.0 && f64::from(norm) > f64::from(ratio) * f64::from(m) => {
-                let detail = format!("delta norm {norm} is over {ratio} x the median {m}");
-                checked.push(Checked { node: key, delta, outcome: rejected(RejectCode::NormTooLarge, detail) });
-            }
-            _ => to_check.push((key, delta, values, norm)),
-        }
-    }
-
-    // 5. the loss check, on an unpredictable share.
-    let share = match ann.hyper.update_rule {
-        UpdateRule::Diloco => 1.0,
-        UpdateRule::Sync => input.loss_check_share.clamp(0.0, 1.0),
-    };
-    for (key, delta, values, norm) in to_check {
-        let picked = share >= 1.0 || (share > 0.0 && unit_random() < share);
-        if !picked {
-            checked.push(Checked { node: key, delta, outcome: Outcome::Accepted { delta: values, norm, check: None } });
-            continue;
-        }
-        let (spec, hyper, model, data) = (input.spec.clone(), ann.hyper.clone(), input.model.clone(), input.data.clone());
-        let (shard, tolerance, vals) = (delta.shard, input.loss_tolerance, values.clone());
-        let index = os_seed().unwrap_or(round);
-        let check = blocking(move || {
-            let (b, t) = spec.batch_shape(&hyper).map_err(NodeError::from)?;
-            let windows = data.validation_windows(t).max(1) as u64;
-            let batch = data.validation_batch(index % windows, b, t).map_err(NodeError::from)?;
-            loss_check(&spec, &hyper, round, &model, shard, &vals, &batch, tolerance).map_err(NodeError::from)
-        })
-        .await;
-        let outcome = match check {
-            Ok(c) if c.passed => Outcome::Accepted { delta: values, norm, check: Some(c) },
-            Ok(c) => Outcome::Rejected {
-                code: RejectCode::Inconsistent,
-                reason: LOSS_CHECK_FAILED.into(),
-                detail: format!("validation loss {} -> {} (tolerance {tolerance})", c.before, c.after),
-            },
-            Err(e) => Outcome::Rejected { code: RejectCode::BadPayload, reason: LOSS_CHECK_FAILED.into(), detail: e.to_string() },
+    let samples: Vec<NormSample> =
+        survivors.iter().map(|(sender, delta, _, norm)| NormSample { shard: delta.shard, sender: *sender, norm: *norm }).collect();
+    let mut by_shard: BTreeMap<ShardId, Vec<(PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, f32)>> = BTreeMap::new();
+    for (sender, delta, values, norm) in survivors {
+        let verdict = judge_norm(&samples, &input.history, delta.shard, sender, norm, input.min_norm_ratio, ann.max_norm_ratio);
+        let refusal = match verdict {
+            NormVerdict::Within => None,
+            NormVerdict::TooLarge { reference } => Some((
+                RejectCode::NormTooLarge,
+                format!("delta norm {norm} is over {} x the reference {reference}", ann.max_norm_ratio),
+            )),
+            NormVerdict::TooSmall { reference } => Some((
+                RejectCode::NormTooSmall,
+                format!("delta norm {norm} is under {} x the reference {reference}", input.min_norm_ratio),
+            )),
         };
-        checked.push(Checked { node: key, delta, outcome });
+        match refusal {
+            Some((code, detail)) => checked.push(Checked { node: sender, delta, outcome: rejected(code, detail) }),
+            None => by_shard.entry(delta.shard).or_default().push((sender, delta, values, norm)),
+        }
     }
-    VerifyReport { round, checked, transfer_ms, verify_ms: verify_started.elapsed().as_millis() as u64 }
-}
 
-/// A uniform draw in [0, 1) from OS randomness (0.0, i.e. "check it", if the OS cannot provide any).
-fn unit_random() -> f64 {
-    match os_seed() {
-        Ok(x) => (x >> 11) as f64 / (1u64 << 53) as f64,
-        Err(_) => 0.0,
+    // 5. the score, shard by shard, on the batch the round's deltas fixed.
+    let seed = input.score_seed;
+    let mut scored = 0u64;
+    for (shard, deltas) in by_shard {
+        let picked: Vec<bool> = deltas.iter().map(|(sender, _, _, _)| is_scored(seed, shard, sender, input.score_share)).collect();
+        let to_score: Vec<Arc<Vec<f32>>> =
+            deltas.iter().zip(&picked).filter(|(_, p)| **p).map(|((_, _, values, _), _)| values.clone()).collect();
+        let scores = if to_score.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let (spec, hyper, model, data) = (input.spec.clone(), ann.hyper.clone(), input.model.clone(), input.data.clone());
+            blocking(move || {
+                let batch = score_batch(&spec, &hyper, &data, seed, shard).map_err(NodeError::from)?;
+                let mut scorer =
+                    ShardScorer::new(&spec, &hyper, round, &model, shard, batch, to_score.len()).map_err(NodeError::from)?;
+                to_score.iter().map(|d| scorer.score(d).map_err(NodeError::from)).collect::<Result<Vec<Score>, NodeError>>()
+            })
+            .await
+        };
+        let mut scores = match scores {
+            Ok(s) => {
+                scored += s.len() as u64;
+                s.into_iter()
+            }
+            Err(e) => {
+                // The scorer itself failed (the run's data or model is broken): no delta of the shard can be
+                // judged, and none is accepted unjudged.
+                tracing::error!(round, %shard, error = %e, "scoring failed");
+                for (sender, delta, _, _) in deltas {
+                    checked.push(Checked { node: sender, delta, outcome: rejected(RejectCode::LowScore, format!("not scored: {e}")) });
+                }
+                continue;
+            }
+        };
+        let scores: Vec<Option<Score>> = picked.iter().map(|p| if *p { scores.next() } else { None }).collect();
+        for (i, ((sender, delta, values, norm), score)) in deltas.into_iter().zip(scores.iter().copied()).enumerate() {
+            // The other senders' gains on this shard, for the relative threshold.
+            let others: Vec<f32> = scores
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .filter_map(|(_, s)| s.map(|s| s.gain()))
+                .collect();
+            let outcome = match score {
+                Some(s) if !input.score_policy.accepts(shard, s.gain(), &others) => rejected(
+                    RejectCode::LowScore,
+                    format!(
+                        "gain {:+.6} nats against a zero delta (loss {} against {}, score seed {seed:016x}), needed {} {:+.6}",
+                        s.gain(),
+                        s.loss,
+                        s.null_loss,
+                        if shard == ShardId::Trunk { "more than" } else { "at least" },
+                        input.score_policy.threshold(shard, &others)
+                    ),
+                ),
+                score => Outcome::Accepted { delta: values, norm, score },
+            };
+            checked.push(Checked { node: sender, delta, outcome });
+        }
     }
-}
-
-/// The group of shards whose delta norms are compared with each other: the trunk alone, or every expert of
-/// one MoE layer (same shape, same kind of gradient). An expert has only `replication` holders, too few for a
-/// median to outvote a forged delta; a layer's experts together have many.
-fn norm_class(shard: &ShardId) -> Option<u16> {
-    match shard {
-        ShardId::Trunk => None,
-        ShardId::Expert { layer, .. } => Some(*layer),
-    }
+    VerifyReport { round, score_seed: seed, scored, checked, transfer_ms, verify_ms: verify_started.elapsed().as_millis() as u64 }
 }

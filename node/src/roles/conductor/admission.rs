@@ -1,0 +1,129 @@
+//! Who may join the run: the coordinator's allowlist file, read at start and read again whenever it changes
+//! (checked once a second), so an operator admits or removes a key by editing the file. Without a file the
+//! run is open; either way banned keys and the member cap apply (the state machine's
+//! [`mana_engine::coordinator::standing`]).
+//!
+//! The file: one public key per line, 64 hex digits (what `mana keygen` and a node's status print), `#` starts
+//! a comment, blank lines are skipped. At most [`MAX_ALLOWLIST_BYTES`].
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use mana_protocol::PublicKey;
+
+use crate::daemon::NodeError;
+use crate::daemon::config::parse_public_key;
+
+/// Largest allowlist file read (about 15,000 keys).
+pub const MAX_ALLOWLIST_BYTES: u64 = 1 << 20;
+/// How often the file's modification time is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Parses an allowlist file's text; an error names the line.
+pub fn parse_allowlist(text: &str) -> Result<BTreeSet<PublicKey>, NodeError> {
+    let mut keys = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let key = parse_public_key(line).map_err(|e| NodeError::Config(format!("allowlist line {}: {e}", i + 1)))?;
+        keys.insert(key);
+    }
+    Ok(keys)
+}
+
+/// Reads and parses the allowlist at `path` (bounded).
+pub fn read_allowlist(path: &Path) -> Result<BTreeSet<PublicKey>, NodeError> {
+    let file_err = |source| NodeError::File { path: path.to_path_buf(), source };
+    let meta = std::fs::metadata(path).map_err(file_err)?;
+    if meta.len() > MAX_ALLOWLIST_BYTES {
+        return Err(NodeError::Config(format!(
+            "allowlist {} is {} bytes, more than the {MAX_ALLOWLIST_BYTES} allowed",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(file_err)?;
+    parse_allowlist(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+}
+
+/// The allowlist file and when it last changed.
+pub(crate) struct AllowlistFile {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    checked: Instant,
+}
+
+impl AllowlistFile {
+    /// Reads the file for the first time: an unreadable or malformed file stops the coordinator at start.
+    pub(crate) fn open(path: PathBuf) -> Result<(AllowlistFile, BTreeSet<PublicKey>), NodeError> {
+        let keys = read_allowlist(&path)?;
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        Ok((AllowlistFile { path, modified, checked: Instant::now() }, keys))
+    }
+
+    /// The new list if the file changed since the last read, at most once per [`CHECK_EVERY`]. A file that
+    /// became unreadable or malformed keeps the list in force (and is logged), so a half-saved edit never
+    /// opens the run or empties it.
+    pub(crate) fn reload_if_changed(&mut self) -> Option<BTreeSet<PublicKey>> {
+        if self.checked.elapsed() < CHECK_EVERY {
+            return None;
+        }
+        self.checked = Instant::now();
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if modified == self.modified {
+            return None;
+        }
+        self.modified = modified;
+        match read_allowlist(&self.path) {
+            Ok(keys) => {
+                tracing::info!(path = %self.path.display(), keys = keys.len(), "allowlist reloaded");
+                Some(keys)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "allowlist not reloaded; the previous list stays in force");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_comments_and_bad_lines() {
+        let a = "11".repeat(32);
+        let b = "22".repeat(32);
+        let keys = parse_allowlist(&format!("# the run's members\n{a}\n\n  {b}  # alice\n")).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.contains(&PublicKey([0x11; 32])));
+        let err = parse_allowlist(&format!("{a}\nnot-a-key\n")).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(parse_allowlist(&"ab".repeat(31)).is_err(), "a short key");
+    }
+
+    #[test]
+    fn an_edit_is_picked_up_and_a_broken_edit_keeps_the_old_list() {
+        let dir = std::env::temp_dir().join(format!("mana-allowlist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("allow.txt");
+        std::fs::write(&path, "11".repeat(32)).unwrap();
+        let (mut file, keys) = AllowlistFile::open(path.clone()).unwrap();
+        assert_eq!(keys.len(), 1);
+        std::fs::write(&path, format!("{}\n{}\n", "11".repeat(32), "22".repeat(32))).unwrap();
+        // Force the next check and a visible change of the modification time.
+        file.checked -= CHECK_EVERY;
+        file.modified = None;
+        assert_eq!(file.reload_if_changed().unwrap().len(), 2);
+        std::fs::write(&path, "garbage").unwrap();
+        file.checked -= CHECK_EVERY;
+        file.modified = None;
+        assert!(file.reload_if_changed().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
