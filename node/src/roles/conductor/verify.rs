@@ -204,6 +204,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         let picked: Vec<bool> = deltas.iter().map(|(sender, _, _, _)| is_scored(seed, shard, sender, input.score_share)).collect();
         let to_score: Vec<Arc<Vec<f32>>> =
             deltas.iter().zip(&picked).filter(|(_, p)| **p).map(|((_, _, values, _), _)| values.clone()).collect();
+        let in_mean = deltas.len();
         let scores = if to_score.is_empty() {
             Ok(Vec::new())
         } else {
@@ -211,7 +212,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             blocking(move || {
                 let batch = score_batch(&spec, &hyper, &data, seed, shard).map_err(NodeError::from)?;
                 let mut scorer =
-                    ShardScorer::new(&spec, &hyper, round, &model, shard, batch, to_score.len()).map_err(NodeError::from)?;
+                    ShardScorer::new(&spec, &hyper, round, &model, shard, batch, in_mean).map_err(NodeError::from)?;
                 to_score.iter().map(|d| scorer.score(d).map_err(NodeError::from)).collect::<Result<Vec<Score>, NodeError>>()
             })
             .await
@@ -223,10 +224,11 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             }
             Err(e) => {
                 // The scorer itself failed (the run's data or model is broken): no delta of the shard can be
-                // judged, and none is accepted unjudged.
+                // judged, and none is accepted unjudged; refused as not verified in time (`late`), which is the
+                // coordinator's failing and costs the senders nothing.
                 tracing::error!(round, %shard, error = %e, "scoring failed");
                 for (sender, delta, _, _) in deltas {
-                    checked.push(Checked { node: sender, delta, outcome: rejected(RejectCode::LowScore, format!("not scored: {e}")) });
+                    checked.push(Checked { node: sender, delta, outcome: rejected(RejectCode::Late, format!("not scored: {e}")) });
                 }
                 continue;
             }
