@@ -4,7 +4,7 @@
 //! test publishes it through the coordinator's own node (`NodeHandle::publish` signs with that node's key), as
 //! a coordinator that lies would. No trainer code is mocked.
 //!
-//! - A coordinator that commits a wrong shard: after an honest round, the test runs one more round as the
+//! - A coordinator that commits a wrong shard: after two honest rounds, the test runs one more round as the
 //!   coordinator (announcement, then a commit that accepts every trainer's trunk delta but gives the trunk its
 //!   old hash). Every trainer recomputes the trunk, refuses the commit (status, no adoption: its store stays
 //!   at the honest round), publishes a signed dispute (checked here: signature, and that it quotes the commit
@@ -45,6 +45,9 @@ use tokio::sync::{broadcast, watch};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const HONEST: usize = 3;
+/// Honest rounds before the coordinator commits a wrong shard, in the round after them.
+const HONEST_ROUNDS: u64 = 2;
+const LIE: u64 = HONEST_ROUNDS + 1;
 
 async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
@@ -180,45 +183,49 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
 
-    // One honest round, by the real conductor; every trainer applies it.
-    tokio::time::timeout(Duration::from_secs(120), net.conduct(1))
+    // Honest rounds, by the real conductor, until every trainer applied the last one (a trainer may miss the
+    // first round: its first fetch can fail on a connection still being set up; it catches up in the next).
+    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS))
         .await
-        .expect("the honest round in time")
+        .expect("the honest rounds in time")
         .expect("coordinator task")
         .expect("coordinator ran");
-    net.wait_trainers(Duration::from_secs(30), "every trainer applied round 1", |s| training(s).applied_round == Some(1))
+    let before = net
+        .wait_trainers(Duration::from_secs(30), "every trainer applied the last honest round", |s| {
+            training(s).applied_round == Some(HONEST_ROUNDS)
+        })
         .await;
     let honest_ann = seen_by_trainer
         .find(|m| match &m.message {
-            Message::RoundAnnouncement(a) if a.round == 1 => Some(a.clone()),
+            Message::RoundAnnouncement(a) if a.round == HONEST_ROUNDS => Some(a.clone()),
             _ => None,
         })
         .pop()
-        .expect("round 1 announced");
+        .expect("the last honest round announced");
     let honest_commit = seen_by_trainer
         .find(|m| match &m.message {
-            Message::RoundCommit(c) if c.round == 1 => Some(c.clone()),
+            Message::RoundCommit(c) if c.round == HONEST_ROUNDS => Some(c.clone()),
             _ => None,
         })
         .pop()
-        .expect("round 1 committed");
+        .expect("the last honest round committed");
     let honest_s = started.elapsed().as_secs_f64();
 
-    // Round 2, run by the test as the coordinator, from the honest checkpoint.
+    // The next round, run by the test as the coordinator, from the honest checkpoint.
     let base = honest_commit.checkpoint.clone();
     let now = mana_node::daemon::now_ms();
     let ann = RoundAnnouncement {
-        round: 2,
+        round: LIE,
         base_checkpoint: base.hash().expect("manifest hash"),
         deadlines: Deadlines { deltas_by_ms: now + 60_000, commit_by_ms: now + 90_000 },
         ..honest_ann.clone()
     };
     publish_patiently(&net.coordinator, &Message::RoundAnnouncement(ann.clone()), Duration::from_secs(10))
         .await
-        .expect("round 2 announced");
-    let trunk_deltas = wait_for(Duration::from_secs(60), "every trainer's trunk delta of round 2", || async {
+        .expect("the lying round announced");
+    let trunk_deltas = wait_for(Duration::from_secs(60), "every trainer's trunk delta of the lying round", || async {
         let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m.message {
-            Message::DeltaAnnouncement(d) if d.round == 2 && d.shard == ShardId::Trunk => Some((m.signer, d.payload_hash)),
+            Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => Some((m.signer, d.payload_hash)),
             _ => None,
         });
         deltas.sort();
@@ -231,15 +238,16 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let mut payloads: Vec<ContentHash> = trunk_deltas.iter().map(|(_, h)| *h).collect();
     payloads.sort();
     let mut checkpoint = base.clone();
-    checkpoint.round = 2;
+    checkpoint.round = LIE;
     let lied_trunk = base.shard(&ShardId::Trunk).expect("trunk").hash;
     let lie = RoundCommit {
         run: ann.run.clone(),
-        round: 2,
+        round: LIE,
         accepted: vec![AcceptedDeltas { shard: ShardId::Trunk, deltas: payloads.clone() }],
         rejected: Vec::new(),
         checkpoint,
     };
+    assert_eq!(lie.round, LIE);
     let lie_id = lie.hash().expect("commit id");
     let lie_at = Instant::now();
     publish_patiently(&net.coordinator, &Message::RoundCommit(lie.clone()), Duration::from_secs(10))
@@ -257,7 +265,7 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     for s in &refused {
         let t = training(s);
         let r = t.refused_commit.as_ref().expect("refused");
-        assert_eq!(r.round, 2);
+        assert_eq!(r.round, LIE);
         assert_eq!(r.commit, lie_id.to_string());
         assert_eq!(r.shards.len(), 1, "only the trunk is wrong: {r:?}");
         assert_eq!(r.shards[0].shard, "trunk");
@@ -267,8 +275,10 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         assert_eq!(r.disputes_published, 1);
         computed.push(r.shards[0].computed.clone());
         // Not adopted: the node's store and its applied round stay at the honest round.
-        assert_eq!(t.applied_round, Some(1), "{} adopted the wrong commit", s.peer_id);
-        assert_eq!(s.stored_round, Some(1), "{} stored the wrong commit", s.peer_id);
+        assert_eq!(t.applied_round, Some(HONEST_ROUNDS), "{} adopted the wrong commit", s.peer_id);
+        assert_eq!(s.stored_round, Some(HONEST_ROUNDS), "{} stored the wrong commit", s.peer_id);
+        let was = before.iter().find(|b| b.peer_id == s.peer_id).expect("the same trainer before");
+        assert_eq!(training(was).held_shards, t.held_shards, "{} changed its shards", s.peer_id);
         assert_eq!(t.hash_mismatches, 1);
     }
     computed.dedup();
@@ -306,26 +316,28 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     net.coordinator.host_blob_now(wrong_manifest).await.expect("hosted");
     let now = mana_node::daemon::now_ms();
     let next = RoundAnnouncement {
-        round: 3,
+        round: LIE + 1,
         base_checkpoint: lie.checkpoint.hash().expect("hash"),
         deadlines: Deadlines { deltas_by_ms: now + 60_000, commit_by_ms: now + 90_000 },
         ..ann.clone()
     };
     publish_patiently(&net.coordinator, &Message::RoundAnnouncement(next), Duration::from_secs(10))
         .await
-        .expect("round 3 announced");
+        .expect("the round after the lie announced");
     let after = net
-        .wait_trainers(Duration::from_secs(30), "every trainer declined round 3", |s| training(s).rounds_declined >= 1)
+        .wait_trainers(Duration::from_secs(30), "every trainer declined the round after the lie", |s| {
+            training(s).rounds_declined >= 1
+        })
         .await;
     let trained_after: Vec<u64> = after.iter().map(|s| training(s).rounds_trained).collect();
     assert_eq!(trained_before, trained_after, "a trainer trained on the wrong commit");
     let round3_deltas = seen_by_coordinator.find(|m| match &m.message {
-        Message::DeltaAnnouncement(d) if d.round == 3 => Some(()),
+        Message::DeltaAnnouncement(d) if d.round == LIE + 1 => Some(()),
         _ => None,
     });
     assert!(round3_deltas.is_empty(), "deltas were sent for a round built on the wrong commit");
     eprintln!(
-        "wrong shard: honest round done at {honest_s:.1} s; {} of {HONEST} trainers refused the wrong commit within {refuse_s:.1} s, \
+        "wrong shard: honest rounds done at {honest_s:.1} s; {} of {HONEST} trainers refused the wrong commit within {refuse_s:.1} s, \
          {} disputes heard and verified, {} trainers declined the next round; total {:.1} s",
         refused.len(),
         disputes.len(),
