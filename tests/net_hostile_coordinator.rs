@@ -336,6 +336,19 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         _ => None,
     });
     assert!(round3_deltas.is_empty(), "deltas were sent for a round built on the wrong commit");
+    // What `mana status` (and its `--json`) reads: the status file each node rewrites.
+    for (node, _) in &net.trainers {
+        let dir = node.config().data_dir.clone();
+        wait_for(Duration::from_secs(20), "the refusal in the status file", || {
+            let dir = dir.clone();
+            async move {
+                let s = mana_node::daemon::status::read(&dir).ok()?;
+                let t = s.training?;
+                (t.halted.is_some() && t.refused_commit.is_some_and(|r| r.round == LIE)).then_some(())
+            }
+        })
+        .await;
+    }
     eprintln!(
         "wrong shard: honest rounds done at {honest_s:.1} s; {} of {HONEST} trainers refused the wrong commit within {refuse_s:.1} s, \
          {} disputes heard and verified, {} trainers declined the next round; total {:.1} s",
@@ -405,6 +418,18 @@ async fn a_coordinator_that_equivocates_is_caught() {
         assert_eq!(got.keys().collect::<Vec<_>>(), ids.keys().collect::<Vec<_>>(), "{name}: the pair is the two commits");
     }
     let caught_s = lie_at.elapsed().as_secs_f64();
+    // What `mana status --json` shows: the status file each node rewrites.
+    for (name, node) in &nodes {
+        let dir = node.config().data_dir.clone();
+        wait_for(Duration::from_secs(20), &format!("the equivocation in {name}'s status file"), || {
+            let dir = dir.clone();
+            async move {
+                let s = mana_node::daemon::status::read(&dir).ok()?;
+                s.equivocations.iter().any(|e| e.round == 1 && e.evidence.len() == 2).then_some(())
+            }
+        })
+        .await;
+    }
     let halted = net
         .wait_trainers(Duration::from_secs(30), "every trainer stopped building on the run", |s| training(s).halted.is_some())
         .await;
