@@ -29,8 +29,10 @@ use mana_bootstrap::BootstrapHandle;
 use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
 use mana_node::daemon::equivocation::{EVIDENCE_KIND, verify_equivocation};
+use mana_node::daemon::status::RefusedCommit;
 use mana_node::daemon::{Accepted, NodeConfig, NodeHandle, NodeStatus};
 use mana_node::net::libp2p::Multiaddr;
+use mana_node::roles::commit_check::refusal_key;
 use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
@@ -336,6 +338,13 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         _ => None,
     });
     assert!(round3_deltas.is_empty(), "deltas were sent for a round built on the wrong commit");
+    // The refusal is kept in each trainer's store (so a restarted trainer still refuses; see the test below).
+    for (node, _) in &net.trainers {
+        let key = refusal_key(LIE, &lie.run);
+        let blobs = node.store().evidence_piece(&key).expect("evidence read").expect("the refusal kept");
+        let record: RefusedCommit = serde_json::from_slice(&node.read_blob(blobs[0]).await.expect("blob")).expect("json");
+        assert_eq!((record.round, record.commit), (LIE, lie_id.to_string()));
+    }
     // What `mana status` (and its `--json`) reads: the status file each node rewrites.
     for (node, _) in &net.trainers {
         let dir = node.config().data_dir.clone();
@@ -456,4 +465,31 @@ async fn a_coordinator_that_equivocates_is_caught() {
     let _ = net.stop_tx.send(true);
     conducting.await.expect("coordinator task").expect("coordinator ran");
     net.stop().await;
+}
+
+/// A trainer that refused a commit keeps refusing after a restart: the refusal kept in its store (as the test
+/// above shows the trainer writes it) halts a freshly started trainer on the same data directory at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_that_refused_a_commit_still_refuses_after_a_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = mana_protocol::Keypair::from_seed(&[9; 32]).public();
+    let node = Arc::new(start_node(member_config(dir.path(), &[], "node", coordinator)).await);
+    let refused = RefusedCommit { round: 7, commit: ContentHash::of(b"the wrong commit").to_string(), ..RefusedCommit::default() };
+    let key = refusal_key(7, &node.config().net.run_id);
+    let record = serde_json::to_vec(&refused).expect("json");
+    node.store().keep_evidence(&key, &[&record]).expect("kept");
+    let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 64 * 1024, ..DataSource::default() }).expect("corpus"));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_trainer(node.clone(), TrainerConfig::new(RunSpec::tiny(), data), stopped(stop_rx)));
+    let status = wait_for(Duration::from_secs(20), "the restarted trainer halted", || async {
+        let s = node.status().await.expect("status");
+        s.training.clone().filter(|t| t.halted.is_some()).map(|t| (t, s))
+    })
+    .await;
+    assert_eq!(status.0.refused_commit, Some(refused));
+    assert!(status.0.halted.unwrap_or_default().contains("round 7"));
+    let _ = stop_tx.send(true);
+    task.await.expect("trainer task").expect("trainer ran");
+    Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
 }

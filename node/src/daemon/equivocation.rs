@@ -189,9 +189,48 @@ pub(crate) async fn keep(shared: &Arc<Shared>, found: Equivocation) {
         evidence,
     };
     let mut state = shared.state();
-    if state.equivocations.len() < crate::store::evidence::MAX_EVIDENCE {
+    let known = state.equivocations.iter().any(|e| e.round == round);
+    if !known && state.equivocations.len() < crate::store::evidence::MAX_EVIDENCE {
         state.equivocations.push(summary);
     }
+}
+
+/// The equivocations kept in `store` by an earlier run of this node, re-checked against `coordinator` (a
+/// piece that no longer proves anything is skipped with a warning): a restarted node still knows, and its
+/// trainer still refuses to build on the run.
+pub(crate) fn kept(store: &crate::store::Store, coordinator: &PublicKey) -> Vec<EquivocationSummary> {
+    let pieces = match store.evidence() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "kept evidence unreadable");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for (key, blobs) in pieces {
+        if !key.ends_with(EVIDENCE_KIND) || blobs.len() != 2 {
+            continue;
+        }
+        let check = || -> Result<EquivocationSummary, String> {
+            let first = store.get_blob(&blobs[0]).map_err(|e| e.to_string())?;
+            let second = store.get_blob(&blobs[1]).map_err(|e| e.to_string())?;
+            let (a, b) = verify_equivocation(coordinator, &first, &second).map_err(|e| e.to_string())?;
+            Ok(EquivocationSummary {
+                round: a.round,
+                first_commit: a.hash().map_err(|e| e.to_string())?.to_string(),
+                second_commit: b.hash().map_err(|e| e.to_string())?.to_string(),
+                evidence: blobs.iter().map(|h| h.to_string()).collect(),
+            })
+        };
+        match check() {
+            Ok(summary) => {
+                tracing::error!(round = summary.round, "this node holds proof that the coordinator equivocated");
+                out.push(summary);
+            }
+            Err(e) => tracing::warn!(key = %hex::encode(&key), error = %e, "kept evidence does not prove an equivocation"),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -254,6 +293,16 @@ mod tests {
         assert!(matches!(verify_equivocation(&key, &a, &later), Err(EquivocationError::OtherRound(..))));
         let forged = sign(&other, &commit(5, 1), 2);
         assert!(matches!(verify_equivocation(&key, &a, &forged), Err(EquivocationError::NotCoordinator(_))));
+        // Kept in a store, the pair is found again (a restarted node still knows), re-checked.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).expect("store");
+        let mut evidence_key = 5u64.to_be_bytes().to_vec();
+        evidence_key.extend_from_slice(EVIDENCE_KIND);
+        store.keep_evidence(&evidence_key, &[&a, &b]).expect("kept");
+        let found = kept(&store, &key);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].round, 5);
+        assert!(kept(&store, &other.public()).is_empty(), "not proof against another key");
         let mut tampered = b.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;

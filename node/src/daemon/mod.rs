@@ -284,12 +284,16 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         tracing::info!(%addr, "node listening");
     }
     let (accepted_tx, _) = broadcast::channel(1024);
+    // Proof of the coordinator's equivocation kept by an earlier run of this node still stands.
+    let coordinator = config.coordinator.unwrap_or_else(|| keypair.public());
+    let kept_store = store.clone();
+    let equivocations = blocking(move || Ok(equivocation::kept(&kept_store, &coordinator))).await?;
     let shared = Arc::new(Shared {
         config,
         keypair,
         store,
         client,
-        state: Mutex::new(State::default()),
+        state: Mutex::new(State { equivocations, ..State::default() }),
         accepted_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         pins: Mutex::new(std::collections::HashMap::new()),

@@ -4,7 +4,26 @@
 //! accepted payload. A payload it could not fetch proves nothing: then the committed shard is fetched, as
 //! before. The verdict and the dispute a holder publishes are pure and live here; the trainer does the I/O.
 
-use mana_protocol::{CommitDispute, ContentHash, ProtocolError, RoundCommit, ShardId};
+use mana_protocol::{CommitDispute, ContentHash, ProtocolError, RoundCommit, RunId, ShardId};
+
+/// Marks the evidence key under which a trainer keeps the commit it refused (its status record, JSON), so
+/// that it still refuses to take part in that run after a restart: see [`refusal_key`].
+pub const REFUSAL_KIND: &[u8] = b"/refused-commit/";
+
+/// The evidence key of a refusal of round `round` of run `run`: the round (8 bytes big-endian, so the oldest
+/// go first when the evidence store is full), [`REFUSAL_KIND`], the run id.
+pub fn refusal_key(round: u64, run: &RunId) -> Vec<u8> {
+    let mut key = round.to_be_bytes().to_vec();
+    key.extend_from_slice(REFUSAL_KIND);
+    key.extend_from_slice(run.as_str().as_bytes());
+    key
+}
+
+/// Whether evidence key `key` holds a refusal in run `run` (a node that moves to another run is not stopped by
+/// it).
+pub fn is_refusal_in(key: &[u8], run: &RunId) -> bool {
+    key.len() > 8 && key[8..].strip_prefix(REFUSAL_KIND) == Some(run.as_str().as_bytes())
+}
 
 /// What the holder could compute for a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +86,7 @@ pub fn dispute(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mana_protocol::{AcceptedDeltas, CheckpointManifest, RunId, ShardEntry};
+    use mana_protocol::{AcceptedDeltas, CheckpointManifest, ShardEntry};
 
     fn h(s: &str) -> ContentHash {
         ContentHash::of(s.as_bytes())
@@ -83,6 +102,15 @@ mod tests {
         assert_eq!(judge_shard(base, new, Recomputed::NoDeltas), ShardVerdict::Refuted { computed: base });
         // A missing payload proves nothing, whatever the committed hash.
         assert_eq!(judge_shard(base, h("lie"), Recomputed::Unavailable), ShardVerdict::Unverified);
+    }
+
+    #[test]
+    fn a_refusal_is_kept_per_run() {
+        let (run, other) = (RunId::new("r").expect("run"), RunId::new("r2").expect("run"));
+        let key = refusal_key(3, &run);
+        assert!(is_refusal_in(&key, &run));
+        assert!(!is_refusal_in(&key, &other));
+        assert!(!is_refusal_in(b"short", &run));
     }
 
     #[test]

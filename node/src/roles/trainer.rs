@@ -139,6 +139,7 @@ pub async fn run_trainer(
         senders: HashMap::new(),
         halted: None,
     };
+    trainer.resume_refusal().await;
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -190,6 +191,33 @@ impl Trainer {
             s.halted = Some(why);
         });
         self.halted = Some(reason);
+    }
+
+    /// Halts again if an earlier run of this node refused a commit of this run (kept in its store).
+    async fn resume_refusal(&mut self) {
+        let store = self.node.store().clone();
+        let run = self.node.config().net.run_id.clone();
+        let found = blocking(move || {
+            for (key, blobs) in store.evidence()? {
+                if commit_check::is_refusal_in(&key, &run)
+                    && let Some(hash) = blobs.first()
+                    && let Ok(refused) = serde_json::from_slice::<RefusedCommit>(&store.get_blob(hash)?)
+                {
+                    return Ok(Some(refused));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        match found {
+            Ok(Some(refused)) => {
+                let reason = format!("round {}: this node refused the coordinator's commit earlier (kept in its store); not building on this run", refused.round);
+                self.node.update_training_status(|s| s.refused_commit = Some(refused));
+                self.halt(reason);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "kept refusals unreadable"),
+        }
     }
 
     /// Halts if the daemon caught the coordinator equivocating.
@@ -508,6 +536,17 @@ impl Trainer {
             "round {round}: the coordinator's commit is wrong for {} (does not reproduce from its accepted deltas); refused, not building on it",
             shards.join(", ")
         );
+        // Kept, so that a restarted node still refuses to build on the run.
+        let key = commit_check::refusal_key(round, &commit.run);
+        match serde_json::to_vec(&refused) {
+            Ok(record) => {
+                let store = self.node.store().clone();
+                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&record])?)).await {
+                    tracing::warn!(round, error = %e, "refusal not kept in the store");
+                }
+            }
+            Err(e) => tracing::warn!(round, error = %e, "refusal not encoded"),
+        }
         let n = disputes.len() as u64;
         self.node.update_training_status(|s| {
             s.hash_mismatches += n;
