@@ -39,7 +39,7 @@ pub use identity::{Keypair, PeerId, PublicKey, Signature};
 pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
-    AcceptedDeltas, Capacity, CheckpointManifest, DeltaAnnouncement, Deadlines, DeviceKind, Heartbeat, HyperParams,
+    AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, DeltaAnnouncement, DisputeMismatch, Deadlines, DeviceKind, Heartbeat, HyperParams,
     Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, ShardEntry, TrainingStats, UpdateRule,
 };
 pub use reqresp::{

@@ -57,6 +57,11 @@ pub const MAX_MANIFEST_SHARDS: usize = 8192;
 /// Most accepted plus rejected delta entries in one round commit.
 pub const MAX_COMMIT_DELTAS: usize = 8192;
 
+/// Most accepted payload hashes one commit dispute may list: one shard's deltas, at most one per participant.
+pub const MAX_DISPUTE_DELTAS: usize = MAX_PARTICIPANTS;
+/// How many rounds back a commit dispute is still passed on: the one just committed, and the round after it
+/// (the next announcement may overtake the dispute).
+pub const MAX_DISPUTE_AGE_ROUNDS: u64 = 2;
 /// Most values in one gradient delta (one shard): 2^28 f32, 1 GiB dense.
 pub const MAX_DELTA_VALUES: usize = 1 << 28;
 

@@ -11,7 +11,8 @@ use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
-    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARDS_PER_NODE,
+    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS,
+    MAX_SHARDS_PER_NODE,
 };
 use crate::validation::RejectCode;
 
@@ -167,6 +168,99 @@ pub struct RoundCommit {
     pub checkpoint: CheckpointManifest,
 }
 
+impl RoundCommit {
+    /// The commit's own id: blake3 of its canonical encoding (the structure alone, without the message tag).
+    /// Two commits for one round with different ids are an equivocation; a [`CommitDispute`] names the commit
+    /// it refutes by this id.
+    pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
+        Ok(ContentHash::of(&crate::wire::encode::<_, { crate::limits::MAX_MESSAGE_BYTES }>(self, "round commit")?))
+    }
+}
+
+/// From a holder of a shard: the coordinator's commit `commit` of round `round` is wrong for `shard`. Applying
+/// the commit's accepted deltas (`accepted`, in the commit's order) to the shard's base state (`base`, its
+/// blob hash in the round's base checkpoint) gives `computed`, not the commit's `committed`. Every holder of
+/// the shard computes the new state with the same deterministic function, so anyone holding the base blob
+/// and the payloads can redo the computation and see who is right. With no accepted delta, `computed` is
+/// `base` (the shard must be unchanged). Signed by the holder that found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitDispute {
+    /// The run.
+    pub run: RunId,
+    /// The round of the disputed commit.
+    pub round: u64,
+    /// [`RoundCommit::hash`] of the disputed commit.
+    pub commit: ContentHash,
+    /// The shard whose committed hash is wrong.
+    pub shard: ShardId,
+    /// The shard's blob hash in the round's base checkpoint.
+    pub base: ContentHash,
+    /// The hash the commit gives the shard.
+    pub committed: ContentHash,
+    /// The commit's accepted payload hashes for the shard, in the commit's order (at most
+    /// [`MAX_DISPUTE_DELTAS`]).
+    pub accepted: Vec<ContentHash>,
+    /// The hash the holder computed from `base` and `accepted`.
+    pub computed: ContentHash,
+}
+
+/// Why a [`CommitDispute`] does not describe a given [`RoundCommit`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DisputeMismatch {
+    /// The dispute names another run, round or commit id.
+    #[error("the dispute is about commit {disputed} of round {round}, not this one ({actual})")]
+    OtherCommit {
+        /// The commit id the dispute names.
+        disputed: ContentHash,
+        /// The round the dispute names.
+        round: u64,
+        /// This commit's id.
+        actual: ContentHash,
+    },
+    /// The commit has no entry for the disputed shard, or another hash for it.
+    #[error("the commit does not give {shard} the hash the dispute quotes")]
+    OtherEntry {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// The commit accepted other payloads for the shard than the dispute lists.
+    #[error("the commit accepted other payloads for {shard} than the dispute lists")]
+    OtherDeltas {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// The dispute agrees with the commit (nothing is disputed).
+    #[error("the dispute computes the committed hash itself")]
+    NoDisagreement,
+}
+
+impl CommitDispute {
+    /// Checks that the dispute quotes `commit` faithfully: same run, round and id, the committed entry of its
+    /// shard, the accepted payloads of its shard in order, and a computed hash that differs. What remains for
+    /// a checker is to redo the computation from `base` and the payloads.
+    pub fn matches(&self, commit: &RoundCommit) -> Result<(), DisputeMismatch> {
+        let actual = commit.hash().map_err(|_| DisputeMismatch::OtherCommit {
+            disputed: self.commit,
+            round: self.round,
+            actual: ContentHash([0; 32]),
+        })?;
+        if self.run != commit.run || self.round != commit.round || self.commit != actual {
+            return Err(DisputeMismatch::OtherCommit { disputed: self.commit, round: self.round, actual });
+        }
+        if commit.checkpoint.shard(&self.shard).map(|e| e.hash) != Some(self.committed) {
+            return Err(DisputeMismatch::OtherEntry { shard: self.shard });
+        }
+        let accepted = commit.accepted.iter().find(|a| a.shard == self.shard).map(|a| a.deltas.as_slice()).unwrap_or(&[]);
+        if accepted != self.accepted.as_slice() {
+            return Err(DisputeMismatch::OtherDeltas { shard: self.shard });
+        }
+        if self.computed == self.committed {
+            return Err(DisputeMismatch::NoDisagreement);
+        }
+        Ok(())
+    }
+}
+
 /// One shard of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardEntry {
@@ -278,6 +372,8 @@ pub enum Message {
     CheckpointManifest(CheckpointManifest),
     /// Variant 4: a node is alive.
     Heartbeat(Heartbeat),
+    /// Variant 5: a holder shows that a commit is wrong for one of its shards.
+    CommitDispute(CommitDispute),
 }
 
 impl Message {
@@ -289,6 +385,7 @@ impl Message {
             Message::RoundCommit(m) => &m.run,
             Message::CheckpointManifest(m) => &m.run,
             Message::Heartbeat(m) => &m.run,
+            Message::CommitDispute(m) => &m.run,
         }
     }
 
@@ -296,7 +393,10 @@ impl Message {
     pub fn topic(&self) -> crate::topics::TopicKind {
         use crate::topics::TopicKind;
         match self {
-            Message::RoundAnnouncement(_) | Message::RoundCommit(_) | Message::CheckpointManifest(_) => TopicKind::Rounds,
+            Message::RoundAnnouncement(_)
+            | Message::RoundCommit(_)
+            | Message::CheckpointManifest(_)
+            | Message::CommitDispute(_) => TopicKind::Rounds,
             Message::DeltaAnnouncement(_) => TopicKind::Deltas,
             Message::Heartbeat(_) => TopicKind::Heartbeats,
         }
@@ -310,6 +410,7 @@ impl Message {
             Message::RoundCommit(_) => "round-commit",
             Message::CheckpointManifest(_) => "checkpoint-manifest",
             Message::Heartbeat(_) => "heartbeat",
+            Message::CommitDispute(_) => "commit-dispute",
         }
     }
 
@@ -332,6 +433,7 @@ impl Message {
             }
             Message::CheckpointManifest(m) => m.check_limits(),
             Message::Heartbeat(m) => count("hosted shards", m.hosted.len(), MAX_SHARDS_PER_NODE),
+            Message::CommitDispute(m) => count("dispute deltas", m.accepted.len(), MAX_DISPUTE_DELTAS),
         }
     }
 }

@@ -16,8 +16,8 @@ use crate::envelope::SignedEnvelope;
 use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId};
-use crate::limits::MAX_DELTA_PAYLOAD_BYTES;
-use crate::messages::{DeltaAnnouncement, Heartbeat, Message, RoundAnnouncement, RoundCommit};
+use crate::limits::{MAX_DELTA_PAYLOAD_BYTES, MAX_DISPUTE_AGE_ROUNDS};
+use crate::messages::{CommitDispute, DeltaAnnouncement, Heartbeat, Message, RoundAnnouncement, RoundCommit};
 
 /// Tolerances of the validator; the defaults suit nodes with NTP-synchronised clocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,7 +383,28 @@ pub fn validate_message(ctx: &ValidationContext<'_>, signer: &PublicKey, timesta
             Ok(())
         }
         Message::Heartbeat(m) => check_heartbeat(m),
+        Message::CommitDispute(m) => check_dispute(ctx, m),
     }
+}
+
+/// A dispute may come from any node (a holder of the shard); it must be about a round already committed or
+/// being committed (not ahead of the current one), recent, and actually disagree with the commit it quotes.
+fn check_dispute(ctx: &ValidationContext<'_>, m: &CommitDispute) -> Result<(), Rejection> {
+    let kind = "commit-dispute";
+    let current = ctx.current.ok_or(Rejection::NoRound { kind, round: m.round })?.round;
+    if m.round > current {
+        return Err(Rejection::FutureRound { kind, round: m.round, current });
+    }
+    if current - m.round > MAX_DISPUTE_AGE_ROUNDS {
+        return Err(Rejection::StaleRound { kind, round: m.round, current });
+    }
+    if m.computed == m.committed {
+        return Err(Rejection::Inconsistent("the dispute computes the committed hash".into()));
+    }
+    if m.accepted.is_empty() && m.computed != m.base {
+        return Err(Rejection::Inconsistent("with no accepted delta the computed hash must be the base's".into()));
+    }
+    Ok(())
 }
 
 /// The message's round must be the current one.

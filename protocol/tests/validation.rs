@@ -190,3 +190,56 @@ fn median_norm_is_the_median() {
     assert_eq!(median_norm(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
     assert_eq!(median_norm(&[1.0, f32::NAN]), None);
 }
+
+#[test]
+fn commit_disputes_are_judged_by_round_and_consistency() {
+    let round = round_announcement();
+    let dispute = |f: &dyn Fn(&mut CommitDispute)| {
+        let mut d = commit_dispute();
+        f(&mut d);
+        Message::CommitDispute(d)
+    };
+    // Any node may dispute the commit of the current round or of one just before it.
+    assert!(check(Some(&round), &node(), NOW, &dispute(&|_| {})).is_ok());
+    assert!(check(Some(&round), &outsider(), NOW, &dispute(&|d| d.round -= 2)).is_ok());
+    assert_eq!(code(check(None, &node(), NOW, &dispute(&|_| {}))), RejectCode::NoRound);
+    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.round += 1))), RejectCode::FutureRound);
+    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.round -= 3))), RejectCode::StaleRound);
+    // A dispute that agrees with the commit, or that changes a shard without any delta, is nonsense.
+    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.computed = d.committed))), RejectCode::Inconsistent);
+    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.accepted.clear()))), RejectCode::Inconsistent);
+    assert!(check(Some(&round), &node(), NOW, &dispute(&|d| {
+        d.accepted.clear();
+        d.committed = ContentHash::of(b"changed without a delta");
+        d.computed = d.base;
+    }))
+    .is_ok());
+}
+
+#[test]
+fn a_dispute_matches_only_the_commit_it_quotes() {
+    let commit = round_commit();
+    let dispute = commit_dispute();
+    assert_eq!(dispute.matches(&commit), Ok(()));
+    let mut other = commit.clone();
+    other.rejected.clear();
+    assert!(matches!(dispute.matches(&other), Err(DisputeMismatch::OtherCommit { .. })));
+    let mut wrong = dispute.clone();
+    wrong.committed = ContentHash::of(b"another entry");
+    assert_eq!(wrong.matches(&commit), Err(DisputeMismatch::OtherEntry { shard: dispute.shard }));
+    let mut wrong = dispute.clone();
+    wrong.accepted.push(ContentHash::of(b"one more"));
+    assert_eq!(wrong.matches(&commit), Err(DisputeMismatch::OtherDeltas { shard: dispute.shard }));
+    let mut wrong = dispute.clone();
+    wrong.computed = wrong.committed;
+    assert_eq!(wrong.matches(&commit), Err(DisputeMismatch::NoDisagreement));
+}
+
+#[test]
+fn commit_ids_differ_when_contents_differ() {
+    let commit = round_commit();
+    let mut other = commit.clone();
+    other.rejected.clear();
+    assert_eq!(commit.hash().unwrap(), round_commit().hash().unwrap());
+    assert_ne!(commit.hash().unwrap(), other.hash().unwrap());
+}

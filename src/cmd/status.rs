@@ -1,6 +1,7 @@
 //! `mana status`: what a running node reports about itself: peers, hosted experts, rounds, stored shards,
 //! rejected messages, and the training roles' progress (trainer: rounds trained, deltas sent, hash checks;
-//! coordinator: round, phase, members). It reads `<data dir>/status.json`, which the node rewrites atomically
+//! coordinator: round, phase, members), and what a node caught of a dishonest coordinator (a commit the
+//! trainer refused, two different commits of one round, disputes heard). It reads `<data dir>/status.json`, which the node rewrites atomically
 //! every 2 seconds.
 
 use std::path::PathBuf;
@@ -74,6 +75,33 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("  last training loss: {loss:.4}");
         }
         println!("  now: {}", t.activity);
+        if let Some(why) = &t.halted {
+            println!("  STOPPED: {why}");
+        }
+        if let Some(r) = &t.refused_commit {
+            println!("  REFUSED the commit of round {} ({}), {} dispute(s) published:", r.round, r.commit, r.disputes_published);
+            for shard in &r.shards {
+                println!(
+                    "    {}: committed {}, computed {} from {} accepted delta(s)",
+                    shard.shard, shard.committed, shard.computed, shard.accepted
+                );
+            }
+        }
+        if t.rounds_declined > 0 {
+            println!("  rounds declined since stopping: {}", t.rounds_declined);
+        }
+    }
+    for e in &s.equivocations {
+        println!(
+            "COORDINATOR EQUIVOCATED in round {}: commits {} and {} (signed envelopes kept in the store: {})",
+            e.round,
+            e.first_commit,
+            e.second_commit,
+            e.evidence.join(", ")
+        );
+    }
+    if s.disputes_heard > 0 {
+        println!("commit disputes heard: {} (holders say a commit's shard hash is wrong)", s.disputes_heard);
     }
     if let Some(c) = &s.coordinator {
         let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());

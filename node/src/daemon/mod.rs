@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod equivocation;
 pub mod serve;
 pub mod status;
 pub mod sync;
@@ -143,6 +144,9 @@ pub struct Accepted {
     pub signer: mana_protocol::PublicKey,
     /// The message.
     pub message: Message,
+    /// The signed envelope it came in, as received: what a role or a test shows others as proof (a dispute, a
+    /// commit), checkable with the signer's key alone.
+    pub envelope: Arc<SignedEnvelope>,
 }
 
 /// The mutable state shared by the handle and the event task. A std mutex: it is never held across an
@@ -167,6 +171,12 @@ pub(crate) struct State {
     pub training: Option<status::TrainingStatus>,
     /// The coordinator role's progress, when it runs.
     pub coordinator: Option<status::CoordinatorStatus>,
+    /// The first commit seen for each recent round, to catch a coordinator that equivocates.
+    pub commits: equivocation::CommitLedger,
+    /// Equivocations caught (their evidence is in the store).
+    pub equivocations: Vec<equivocation::EquivocationSummary>,
+    /// Commit disputes heard on gossip (holders refuting a commit), since start.
+    pub disputes_heard: u64,
 }
 
 /// Everything the handle and the tasks share.
@@ -274,12 +284,16 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         tracing::info!(%addr, "node listening");
     }
     let (accepted_tx, _) = broadcast::channel(1024);
+    // Proof of the coordinator's equivocation kept by an earlier run of this node still stands.
+    let coordinator = config.coordinator.unwrap_or_else(|| keypair.public());
+    let kept_store = store.clone();
+    let equivocations = blocking(move || Ok(equivocation::kept(&kept_store, &coordinator))).await?;
     let shared = Arc::new(Shared {
         config,
         keypair,
         store,
         client,
-        state: Mutex::new(State::default()),
+        state: Mutex::new(State { equivocations, ..State::default() }),
         accepted_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         pins: Mutex::new(std::collections::HashMap::new()),
@@ -348,9 +362,22 @@ impl NodeHandle {
             }
         }
         let envelope = SignedEnvelope::sign(&self.shared.keypair, message, now_ms())?;
+        let bytes = envelope.encode()?;
+        // What this node signs counts as seen: a coordinator's node catches a second commit of its own key.
+        if let Message::RoundCommit(_) = message
+            && let Some(found) = equivocation::observe(&self.shared, &bytes, &envelope)
+        {
+            equivocation::keep(&self.shared, found).await;
+        }
         let topic = topic(&self.shared.config.net.run_id, message.topic());
-        self.shared.client.publish(topic, envelope.encode()?).await?;
+        self.shared.client.publish(topic, bytes).await?;
         Ok(())
+    }
+
+    /// The coordinator's equivocations this node caught (two different signed commits for one round), with
+    /// the store blobs holding the proof. A trainer stops building on the run once this is not empty.
+    pub fn equivocations(&self) -> Vec<equivocation::EquivocationSummary> {
+        self.shared.state().equivocations.clone()
     }
 
     /// Stores `bytes` as a blob and announces it in the DHT. Returns its hash.

@@ -78,6 +78,13 @@ pub struct NodeStatus {
     /// The coordinator role's progress (`None` unless this node coordinates a run).
     #[serde(default)]
     pub coordinator: Option<CoordinatorStatus>,
+    /// Rounds the coordinator committed twice, differently (proof kept in the store): the run's coordinator
+    /// is not to be trusted. Empty in a healthy run.
+    #[serde(default)]
+    pub equivocations: Vec<super::equivocation::EquivocationSummary>,
+    /// Commit disputes heard (holders showing that a commit's shard hash is wrong), since start.
+    #[serde(default)]
+    pub disputes_heard: u64,
 }
 
 /// What the trainer role reports ([`crate::roles::trainer`]).
@@ -96,7 +103,8 @@ pub struct TrainingStatus {
     pub manifest_hash: Option<String>,
     /// Held shards after `applied_round`: name and hash (hex).
     pub held_shards: Vec<(String, String)>,
-    /// Shards whose recomputed hash differed from the coordinator's commit (then re-fetched), since start.
+    /// Shards whose recomputed hash differed from the coordinator's commit, since start. With every accepted
+    /// payload at hand this refutes the commit (see `refused_commit`); no shard is ever re-fetched for it.
     pub hash_mismatches: u64,
     /// Shards whose recomputed hash matched the commit, since start.
     pub hash_matches: u64,
@@ -104,6 +112,44 @@ pub struct TrainingStatus {
     pub last_train_loss: Option<f32>,
     /// What the trainer is doing now, or its last error.
     pub activity: String,
+    /// Why this node stopped taking part in the run, if it did: a commit it refuted, or the coordinator's
+    /// equivocation. `None` while it trains.
+    #[serde(default)]
+    pub halted: Option<String>,
+    /// The commit this node refused to build on because its shards did not reproduce from its accepted deltas.
+    #[serde(default)]
+    pub refused_commit: Option<RefusedCommit>,
+    /// Rounds that named this node after it stopped, which it did not take part in.
+    #[serde(default)]
+    pub rounds_declined: u64,
+}
+
+/// A commit a trainer refused ([`crate::roles::commit_check`]): the published disputes say the same, signed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefusedCommit {
+    /// The commit's round.
+    pub round: u64,
+    /// The commit's id (`RoundCommit::hash`, hex).
+    pub commit: String,
+    /// Each refuted shard: name, the committed hash, the computed hash (hex), and the accepted payloads used.
+    pub shards: Vec<RefutedShard>,
+    /// Disputes published on gossip (one per refuted shard, when gossip took them).
+    pub disputes_published: u64,
+}
+
+/// One shard of a refused commit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefutedShard {
+    /// The shard (`trunk`, `expert/<layer>/<index>`).
+    pub shard: String,
+    /// The hash the commit gives it (hex).
+    pub committed: String,
+    /// The hash this node computed (hex).
+    pub computed: String,
+    /// How many accepted payloads went into the computation.
+    pub accepted: usize,
 }
 
 /// What the coordinator role reports ([`crate::roles::conductor`]).
@@ -205,6 +251,8 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         rejections,
         training: state.training.clone(),
         coordinator: state.coordinator.clone(),
+        equivocations: state.equivocations.clone(),
+        disputes_heard: state.disputes_heard,
     })
 }
 

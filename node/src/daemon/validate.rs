@@ -10,7 +10,7 @@ use mana_protocol::limits::MAX_ENVELOPE_BYTES;
 use mana_protocol::validation::{ValidationContext, ValidationLimits};
 use mana_protocol::{Message, PublicKey, RejectCode, Rejection, TopicKind, decode_envelope, topic, validate_envelope};
 
-use super::{Accepted, Shared, blocking, now_ms, sync};
+use super::{Accepted, Shared, blocking, equivocation, now_ms, sync};
 use crate::net::Verdict;
 
 /// The reason code of a replayed message (not a protocol code: replays are caught here, by hash).
@@ -58,6 +58,9 @@ impl ReplayGuard {
 /// The outcome of judging one message.
 pub(crate) enum Judgement {
     Accept(Accepted),
+    /// A second, different commit of a round signed by the coordinator: passed on (it is authentic, and lets
+    /// others catch it too) but never delivered or followed; the pair is kept as evidence.
+    Equivocation(Box<equivocation::Equivocation>),
     Reject { reason: String, detail: String },
     Ignore { reason: String },
 }
@@ -65,7 +68,7 @@ pub(crate) enum Judgement {
 impl Judgement {
     pub fn verdict(&self) -> Verdict {
         match self {
-            Judgement::Accept(_) => Verdict::Accept,
+            Judgement::Accept(_) | Judgement::Equivocation(_) => Verdict::Accept,
             Judgement::Reject { .. } => Verdict::Reject,
             Judgement::Ignore { .. } => Verdict::Ignore,
         }
@@ -99,6 +102,10 @@ pub(crate) fn judge(
     if guard.check_and_insert(hash, Instant::now()) {
         return reject(REPLAYED, format!("envelope {} seen before", hex::encode(&hash[..8])));
     }
+    // Before the round window: a second commit of a round must be compared, not dropped as stale.
+    if let Some(found) = equivocation::observe(shared, data, &envelope) {
+        return Judgement::Equivocation(Box::new(found));
+    }
     let no_coordinator = PublicKey([0; 32]);
     let coordinator = shared.config.coordinator.as_ref().unwrap_or(&no_coordinator);
     let current = shared.state().current.clone();
@@ -111,11 +118,11 @@ pub(crate) fn judge(
     };
     match validate_envelope(&ctx, &envelope) {
         Ok(message) if message.topic() != kind => reject(WRONG_TOPIC, message.kind()),
-        Ok(message) => Judgement::Accept(Accepted { source, signer: envelope.signer, message }),
+        Ok(message) => Judgement::Accept(Accepted { source, signer: envelope.signer, message, envelope: Arc::new(envelope) }),
         Err(rejection) if rejection.code() == RejectCode::NotCoordinator => {
             match holder_report(&envelope, current.as_ref()) {
                 Some(message) if message.topic() == kind => {
-                    Judgement::Accept(Accepted { source, signer: envelope.signer, message })
+                    Judgement::Accept(Accepted { source, signer: envelope.signer, message, envelope: Arc::new(envelope) })
                 }
                 _ => judge_rejection(shared, rejection),
             }
@@ -161,6 +168,13 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
                     Message::RoundAnnouncement(a) => state.current = Some(a.clone()),
                     Message::CheckpointManifest(m) if from_coordinator => state.manifest = Some(m.clone()),
                     Message::RoundCommit(c) => state.manifest = Some(c.checkpoint.clone()),
+                    Message::CommitDispute(d) => {
+                        state.disputes_heard += 1;
+                        tracing::warn!(
+                            signer = %accepted.signer, round = d.round, shard = %d.shard, committed = %d.committed,
+                            computed = %d.computed, "a holder disputes the coordinator's commit"
+                        );
+                    }
                     _ => {}
                 }
             }
@@ -175,6 +189,7 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
             }
             let _ = shared.accepted_tx.send(accepted);
         }
+        Judgement::Equivocation(found) => equivocation::keep(shared, *found).await,
         Judgement::Reject { reason, detail } => {
             shared.state().rejected += 1;
             tracing::info!(peer = %source, %reason, %detail, "gossip message rejected");

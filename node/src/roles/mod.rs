@@ -9,6 +9,7 @@
 //! (and the coordinator) computes bit-identical new weights. Neither role lets the daemon's automatic shard
 //! sync run: a role owns its store's rounds (start the node with `sync_shards = false`).
 
+pub mod commit_check;
 pub mod common;
 pub mod conductor;
 pub mod trainer;

@@ -13,8 +13,12 @@
 //!
 //! For every [`RoundCommit`] of a round the node was assigned in (trained or not), for each of its shards:
 //! the accepted payloads are fetched and [`apply_round`] computes the new shard; its hash must equal the
-//! commit's entry. A mismatch is logged and counted in the status, and the committed shard is fetched
-//! instead. A shard with no accepted delta is unchanged. The new shards and the node's own
+//! commit's entry, and a shard with no accepted delta must keep its base hash ([`commit_check`]). If a
+//! payload could not be fetched the committed shard is fetched instead (nothing is proven). If the node had
+//! every payload and the hash differs, the commit is wrong: the node does not adopt it, publishes a signed
+//! [`CommitDispute`] per refuted shard, logs an error, sets `halted` and `refused_commit` in its status and
+//! takes no further part in the run. It also stops when its daemon catches the coordinator equivocating
+//! (two different signed commits of one round, [`crate::daemon::equivocation`]). The new shards and the node's own
 //! [`CheckpointManifest`] of them (hosted as a blob, its hash in `mana status`) go into the store as one
 //! round; the daemon's heartbeats then report them as hosted. That manifest is also published on gossip (a
 //! holder's report: peers pass it on but never sync from it), and the coordinator compares it with its commit.
@@ -32,10 +36,13 @@ use mana_kernels::data::TextDataset;
 use mana_protocol::{
     Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Message, Participant,
     PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution, validation::l2_norm, Binding,
+    CommitDispute,
 };
 use tokio::sync::broadcast::error::RecvError;
 
+use super::commit_check::{self, Recomputed, ShardVerdict};
 use super::common::{PinLedger, fetch_bytes, peer_of, publish_patiently};
+use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::now_ms;
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, train_local};
@@ -92,6 +99,8 @@ struct Trainer {
     pins: PinLedger,
     /// Who sent each delta payload of the round in progress (asked first when fetching it).
     senders: HashMap<ContentHash, PeerId>,
+    /// Why the node stopped taking part in the run (a refuted commit, an equivocation); `None` while it trains.
+    halted: Option<String>,
 }
 
 /// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
@@ -128,7 +137,9 @@ pub async fn run_trainer(
         assigned: None,
         pins: PinLedger::default(),
         senders: HashMap::new(),
+        halted: None,
     };
+    trainer.resume_refusal().await;
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -143,6 +154,13 @@ pub async fn run_trainer(
             }
             Err(RecvError::Closed) => break,
         };
+        trainer.check_equivocation();
+        if trainer.halted.is_some() {
+            if let Message::RoundAnnouncement(ann) = &message {
+                trainer.decline(ann);
+            }
+            continue;
+        }
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
             Message::RoundCommit(commit) => trainer.on_commit(commit).await,
@@ -163,6 +181,71 @@ pub async fn run_trainer(
 }
 
 impl Trainer {
+    /// Stops taking part in the run for `reason` (said in the log and the status); for good.
+    fn halt(&mut self, reason: String) {
+        tracing::error!(%reason, "trainer stops taking part in the run");
+        self.assigned = None;
+        let why = reason.clone();
+        self.node.update_training_status(|s| {
+            s.activity = format!("stopped: {why}");
+            s.halted = Some(why);
+        });
+        self.halted = Some(reason);
+    }
+
+    /// Halts again if an earlier run of this node refused a commit of this run (kept in its store).
+    async fn resume_refusal(&mut self) {
+        let store = self.node.store().clone();
+        let run = self.node.config().net.run_id.clone();
+        let found = blocking(move || {
+            for (key, blobs) in store.evidence()? {
+                if commit_check::is_refusal_in(&key, &run)
+                    && let Some(hash) = blobs.first()
+                    && let Ok(refused) = serde_json::from_slice::<RefusedCommit>(&store.get_blob(hash)?)
+                {
+                    return Ok(Some(refused));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        match found {
+            Ok(Some(refused)) => {
+                let reason = format!("round {}: this node refused the coordinator's commit earlier (kept in its store); not building on this run", refused.round);
+                self.node.update_training_status(|s| s.refused_commit = Some(refused));
+                self.halt(reason);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "kept refusals unreadable"),
+        }
+    }
+
+    /// Halts if the daemon caught the coordinator equivocating.
+    fn check_equivocation(&mut self) {
+        if self.halted.is_some() {
+            return;
+        }
+        if let Some(e) = self.node.equivocations().first() {
+            self.halt(format!(
+                "the coordinator signed two different commits for round {} (evidence in the store); not building on this run",
+                e.round
+            ));
+        }
+    }
+
+    /// A round announced after the node stopped: not taken part in, and said so.
+    fn decline(&mut self, ann: &RoundAnnouncement) {
+        if ann.participant(&self.me).is_none() {
+            return;
+        }
+        let round = ann.round;
+        tracing::warn!(round, reason = ?self.halted, "named in a round after stopping; not taking part");
+        self.node.update_training_status(|s| {
+            s.rounds_declined += 1;
+            s.activity = format!("round {round}: not taking part (stopped)");
+        });
+    }
+
     /// The coordinator's peer: it hosts every checkpoint shard, manifest and accepted payload.
     fn coordinator_peer(&self) -> Vec<PeerId> {
         self.node.config().coordinator.as_ref().and_then(peer_of).into_iter().collect()
@@ -206,6 +289,11 @@ impl Trainer {
                 tokens_per_second: (result.stats.tokens as f64 / train_s) as f32,
                 max_shards: self.cfg.max_shards,
             });
+        }
+        // The daemon may have caught the coordinator equivocating while this node trained.
+        self.check_equivocation();
+        if self.halted.is_some() {
+            return Ok(());
         }
         let mut sent = 0u64;
         let mut bytes = 0u64;
@@ -326,17 +414,21 @@ impl Trainer {
 
     async fn on_commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
         let checkpoint_hash = commit.checkpoint.hash()?;
-        self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
-        let Some(assigned) = self.assigned.take() else { return Ok(()) };
+        let Some(assigned) = self.assigned.take() else {
+            self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
+            return Ok(());
+        };
         if assigned.announcement.round != commit.round {
+            self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
             return Ok(());
         }
         let round = commit.round;
         self.node.update_training_status(|s| s.activity = format!("round {round}: applying the commit"));
         let ann = &assigned.announcement;
         let mut new_held = BTreeMap::new();
-        let (mut matches, mut mismatches) = (0u64, 0u64);
+        let mut matches = 0u64;
         let mut to_refetch = Vec::new();
+        let mut refuted: Vec<CommitDispute> = Vec::new();
         for shard in &assigned.me.shards {
             let Some(base) = assigned.base.get(shard) else { continue };
             let Some(entry) = commit.checkpoint.shard(shard).copied() else {
@@ -344,47 +436,61 @@ impl Trainer {
                 continue;
             };
             let accepted = commit.accepted.iter().find(|a| a.shard == *shard).map(|a| a.deltas.clone()).unwrap_or_default();
-            if accepted.is_empty() {
-                // Unchanged by the round: the commit keeps the base entry.
-                if entry.hash == base.hash {
-                    new_held.insert(*shard, base.clone());
-                    matches += 1;
-                } else {
-                    mismatches += 1;
-                    to_refetch.push(entry);
+            // What this node computes for the shard: unchanged without deltas, else the round's update.
+            let mut computed = None;
+            let recomputed = if accepted.is_empty() {
+                Recomputed::NoDeltas
+            } else {
+                let deltas = self.fetch_deltas(&accepted, base.state.params.len()).await;
+                for hash in &accepted {
+                    self.pins.add(round, *hash);
                 }
-                continue;
-            }
-            let deltas = self.fetch_deltas(&accepted, base.state.params.len()).await;
-            for hash in &accepted {
-                self.pins.add(round, *hash);
-            }
-            let deltas = match deltas {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(round, %shard, error = %e, "accepted deltas unavailable; fetching the committed shard");
-                    to_refetch.push(entry);
-                    continue;
+                match deltas {
+                    Ok(deltas) => {
+                        let (spec, hyper, state) = (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
+                        let new_state = blocking(move || {
+                            apply_round(&spec, &hyper, round, &state, &deltas).map_err(NodeError::from)
+                        })
+                        .await?;
+                        let bytes = new_state.to_bytes();
+                        let hash = ContentHash::of(&bytes);
+                        computed = Some((bytes, new_state));
+                        Recomputed::Computed(hash)
+                    }
+                    Err(e) => {
+                        tracing::warn!(round, %shard, error = %e, "accepted deltas unavailable; fetching the committed shard");
+                        Recomputed::Unavailable
+                    }
                 }
             };
-            let (spec, hyper, state) = (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
-            let new_state = blocking(move || {
-                apply_round(&spec, &hyper, round, &state, &deltas).map_err(NodeError::from)
-            })
-            .await?;
-            let bytes = new_state.to_bytes();
-            let hash = ContentHash::of(&bytes);
-            if hash == entry.hash {
-                matches += 1;
-                let hosted = self.node.host_blob_now(bytes).await?;
-                self.pins.add(round, hosted);
-                new_held.insert(*shard, Held { hash, state: Arc::new(new_state) });
-            } else {
-                mismatches += 1;
-                tracing::error!(round, %shard, ours = %hash, committed = %entry.hash, "shard hash mismatch: re-fetching the committed shard");
-                to_refetch.push(entry);
+            match commit_check::judge_shard(base.hash, entry.hash, recomputed) {
+                ShardVerdict::Reproduced => {
+                    matches += 1;
+                    match computed {
+                        Some((bytes, state)) => {
+                            let hosted = self.node.host_blob_now(bytes).await?;
+                            self.pins.add(round, hosted);
+                            new_held.insert(*shard, Held { hash: entry.hash, state: Arc::new(state) });
+                        }
+                        None => {
+                            new_held.insert(*shard, base.clone());
+                        }
+                    }
+                }
+                ShardVerdict::Refuted { computed } => {
+                    tracing::error!(
+                        round, %shard, ours = %computed, committed = %entry.hash, deltas = accepted.len(),
+                        "the commit's shard does not reproduce from its accepted deltas: the commit is wrong"
+                    );
+                    refuted.push(commit_check::dispute(&commit, *shard, base.hash, entry.hash, computed)?);
+                }
+                ShardVerdict::Unverified => to_refetch.push(entry),
             }
         }
+        if !refuted.is_empty() {
+            return self.refuse(&commit, refuted).await;
+        }
+        self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
         for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
             new_held.insert(entry.shard, Held { hash: entry.hash, state: Arc::new(state) });
         }
@@ -392,12 +498,61 @@ impl Trainer {
         self.commit_store(round, &commit.checkpoint).await?;
         self.node.update_training_status(|s| {
             s.hash_matches += matches;
-            s.hash_mismatches += mismatches;
             s.applied_round = Some(round);
             s.activity = format!("round {round}: applied");
         });
         let keep: Vec<ContentHash> = self.held.values().map(|h| h.hash).collect();
         self.pins.release_before(&self.node, round.saturating_sub(1), &keep);
+        Ok(())
+    }
+
+    /// Refuses a commit that does not reproduce: nothing of it is adopted (the held shards and the store stay
+    /// at the previous round), one signed dispute per refuted shard goes out on gossip, and the node halts.
+    async fn refuse(&mut self, commit: &RoundCommit, disputes: Vec<CommitDispute>) -> Result<(), NodeError> {
+        let round = commit.round;
+        let mut published = 0u64;
+        for dispute in &disputes {
+            match publish_patiently(&self.node, &Message::CommitDispute(dispute.clone()), Duration::from_secs(5)).await {
+                Ok(()) => published += 1,
+                Err(e) => tracing::warn!(round, shard = %dispute.shard, error = %e, "commit dispute not published"),
+            }
+        }
+        let refused = RefusedCommit {
+            round,
+            commit: commit.hash()?.to_string(),
+            shards: disputes
+                .iter()
+                .map(|d| RefutedShard {
+                    shard: d.shard.to_string(),
+                    committed: d.committed.to_string(),
+                    computed: d.computed.to_string(),
+                    accepted: d.accepted.len(),
+                })
+                .collect(),
+            disputes_published: published,
+        };
+        let shards: Vec<&str> = refused.shards.iter().map(|s| s.shard.as_str()).collect();
+        let reason = format!(
+            "round {round}: the coordinator's commit is wrong for {} (does not reproduce from its accepted deltas); refused, not building on it",
+            shards.join(", ")
+        );
+        // Kept, so that a restarted node still refuses to build on the run.
+        let key = commit_check::refusal_key(round, &commit.run);
+        match serde_json::to_vec(&refused) {
+            Ok(record) => {
+                let store = self.node.store().clone();
+                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&record])?)).await {
+                    tracing::warn!(round, error = %e, "refusal not kept in the store");
+                }
+            }
+            Err(e) => tracing::warn!(round, error = %e, "refusal not encoded"),
+        }
+        let n = disputes.len() as u64;
+        self.node.update_training_status(|s| {
+            s.hash_mismatches += n;
+            s.refused_commit = Some(refused);
+        });
+        self.halt(reason);
         Ok(())
     }
 

@@ -24,11 +24,13 @@
 //! 1. a retained round's manifest lists it;
 //! 2. a blob reference `(round, hash)` exists for a round not yet pruned ([`Store::add_blob_refs`],
 //!    [`Store::put_record_with_blobs`]): how delta payloads of a round being assembled are kept;
-//! 3. a [`BlobPin`] is held in this process: every write returns one, so a shard written for a round being
+//! 3. a kept piece of evidence names it ([`Store::keep_evidence`]: signed messages proving misbehaviour, a
+//!    few dozen at most);
+//! 4. a [`BlobPin`] is held in this process: every write returns one, so a shard written for a round being
 //!    assembled survives until the commit that refers to it. Pins live in memory only, so at start-up
 //!    nothing is pinned and blobs written but never committed (a crash mid-round) are collected.
 //!
-//! References (1, 2) are changed, and the collector runs, under one lock, after a sled flush: a file is
+//! References (1, 2, 3) are changed, and the collector runs, under one lock, after a sled flush: a file is
 //! only deleted once no durable index entry can refer to it.
 //!
 //! # Blocking
@@ -37,6 +39,7 @@
 
 pub mod blobs;
 pub mod error;
+pub mod evidence;
 pub mod gc;
 pub mod index;
 pub mod verify;
@@ -137,6 +140,8 @@ struct Inner {
     rounds: sled::Tree,
     refs: sled::Tree,
     rejections: sled::Tree,
+    /// Kept proof of misbehaviour ([`evidence`]): key -> the blobs holding it.
+    evidence: sled::Tree,
     /// One tree per [`RecordKind`], in [`RecordKind::index`] order.
     records: Vec<sled::Tree>,
     blobs: Arc<BlobDir>,
@@ -162,6 +167,7 @@ impl Store {
         let rounds = db.open_tree("rounds")?;
         let refs = db.open_tree("refs")?;
         let rejections = db.open_tree("rejections")?;
+        let evidence = db.open_tree("evidence")?;
         let records = RecordKind::ALL
             .iter()
             .map(|kind| db.open_tree(kind.tree_name()))
@@ -177,6 +183,7 @@ impl Store {
                 rounds,
                 refs,
                 rejections,
+                evidence,
                 records,
                 blobs,
                 refs_lock: Mutex::new(()),
@@ -658,6 +665,7 @@ impl Store {
                     .ok_or(StoreError::InvalidKey("blob reference key is not 40 bytes"))?,
             );
         }
+        live.extend(self.evidence_blobs()?);
         Ok(live)
     }
 

@@ -101,6 +101,22 @@ pub fn round_commit() -> RoundCommit {
     }
 }
 
+/// A holder's dispute of [`round_commit`] for its expert: the accepted payload gives another hash.
+pub fn commit_dispute() -> CommitDispute {
+    let commit = round_commit();
+    let shard = ShardId::expert(1, 0).unwrap();
+    CommitDispute {
+        run: run(),
+        round: 7,
+        commit: commit.hash().unwrap(),
+        shard,
+        base: manifest(6).shard(&shard).unwrap().hash,
+        committed: commit.checkpoint.shard(&shard).unwrap().hash,
+        accepted: vec![ContentHash::of(&sample_payload())],
+        computed: ContentHash::of(b"what the holder computed"),
+    }
+}
+
 pub fn heartbeat() -> Heartbeat {
     Heartbeat {
         run: run(),
@@ -119,13 +135,14 @@ pub fn all_messages() -> Vec<(&'static str, Message)> {
         ("round_commit", Message::RoundCommit(round_commit())),
         ("checkpoint_manifest", Message::CheckpointManifest(manifest(7))),
         ("heartbeat", Message::Heartbeat(heartbeat())),
+        ("commit_dispute", Message::CommitDispute(commit_dispute())),
     ]
 }
 
 /// The signer of each sample message: the coordinator, except for node messages.
 pub fn signer_of(message: &Message) -> Keypair {
     match message {
-        Message::DeltaAnnouncement(_) | Message::Heartbeat(_) => node(),
+        Message::DeltaAnnouncement(_) | Message::Heartbeat(_) | Message::CommitDispute(_) => node(),
         _ => coordinator(),
     }
 }

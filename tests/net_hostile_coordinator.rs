@@ -1,0 +1,494 @@
+//! A dishonest coordinator is caught (issue #12, section 5), on a real loopback network with the real roles: a
+//! bootstrap, the coordinator's node running the real conductor (`run_conductor`) for its honest rounds, and
+//! three honest trainers (`run_trainer`). The lie itself is real traffic signed with the coordinator's key: the
+//! test publishes it through the coordinator's own node (`NodeHandle::publish` signs with that node's key), as
+//! a coordinator that lies would. No trainer code is mocked.
+//!
+//! - A coordinator that commits a wrong shard: after two honest rounds, the test runs one more round as the
+//!   coordinator (announcement, then a commit that accepts every trainer's trunk delta but gives the trunk its
+//!   old hash). Every trainer recomputes the trunk, refuses the commit (status, no adoption: its store stays
+//!   at the honest round), publishes a signed dispute (checked here: signature, and that it quotes the commit
+//!   faithfully, the three trainers agreeing on the computed hash), and declines the next round built on it.
+//! - A coordinator that equivocates: while the conductor runs, the test publishes a second, different commit
+//!   for a round already committed. Every node (the three trainers and the coordinator's own node) keeps both
+//!   signed envelopes in its store (checked here with the coordinator's key alone) and shows it in its status,
+//!   and every trainer stops building on the run.
+//!
+//! The tests share the machine's cores, so they run one at a time.
+// The serialising guard is held across awaits on purpose: it spans a whole test and is never contended
+// within one.
+#![allow(clippy::await_holding_lock)]
+
+mod net_support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mana_bootstrap::BootstrapHandle;
+use mana_engine::round::RunSpec;
+use mana_kernels::data::TextDataset;
+use mana_node::daemon::equivocation::{EVIDENCE_KIND, verify_equivocation};
+use mana_node::daemon::status::RefusedCommit;
+use mana_node::daemon::{Accepted, NodeConfig, NodeHandle, NodeStatus};
+use mana_node::net::libp2p::Multiaddr;
+use mana_node::roles::commit_check::refusal_key;
+use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
+use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
+use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_protocol::{
+    AcceptedDeltas, ContentHash, Deadlines, Message, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement,
+    RoundCommit, ShardId, UpdateRule,
+};
+use net_support::*;
+use tokio::sync::{broadcast, watch};
+
+/// One test at a time: each runs a whole network on the machine's cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const HONEST: usize = 3;
+/// Honest rounds before the coordinator commits a wrong shard, in the round after them.
+const HONEST_ROUNDS: u64 = 2;
+const LIE: u64 = HONEST_ROUNDS + 1;
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn member_config(dir: &std::path::Path, boot: &[Multiaddr], name: &str, coordinator: PublicKey) -> NodeConfig {
+    let mut cfg = node_config(&dir.join(name), boot);
+    cfg.coordinator = Some(coordinator);
+    cfg.sync_shards = false;
+    cfg.capacity.max_shards = 64;
+    cfg
+}
+
+/// Every message a node accepts, kept for the test to look at.
+#[derive(Clone, Default)]
+struct Heard(Arc<Mutex<Vec<Accepted>>>);
+
+impl Heard {
+    fn listen(node: &NodeHandle) -> Heard {
+        let heard = Heard::default();
+        let (mut rx, kept) = (node.accepted(), heard.0.clone());
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(m) => kept.lock().expect("lock").push(m),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        heard
+    }
+
+    fn find<T>(&self, f: impl Fn(&Accepted) -> Option<T>) -> Vec<T> {
+        self.0.lock().expect("lock").iter().filter_map(f).collect()
+    }
+}
+
+/// A role running on a node (the conductor, a trainer).
+type RoleTask = tokio::task::JoinHandle<Result<(), mana_node::daemon::NodeError>>;
+
+/// The network: a bootstrap, the coordinator's node, three trainers.
+struct Net {
+    _dir: tempfile::TempDir,
+    bootstrap: BootstrapHandle,
+    coordinator: Arc<NodeHandle>,
+    trainers: Vec<(Arc<NodeHandle>, RoleTask)>,
+    spec: RunSpec,
+    data: Arc<TextDataset>,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl Net {
+    async fn start() -> Net {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+        let boot = bootstrap.addrs().to_vec();
+        let spec = RunSpec::tiny();
+        let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("corpus"));
+        let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
+        coord_cfg.sync_shards = false;
+        let coordinator = Arc::new(start_node(coord_cfg).await);
+        let key = coordinator.public_key();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut trainers = Vec::new();
+        for i in 0..HONEST {
+            let node = Arc::new(start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await);
+            let cfg = TrainerConfig::new(spec.clone(), data.clone());
+            let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
+            trainers.push((node, task));
+        }
+        Net { _dir: dir, bootstrap, coordinator, trainers, spec, data, stop_tx, stop_rx }
+    }
+
+    /// The real conductor, for `rounds` rounds (or until the test stops it).
+    fn conduct(&self, rounds: u64) -> RoleTask {
+        let run = self.coordinator.config().net.run_id.clone();
+        let mut machine = machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
+        machine.min_members = HONEST;
+        // Room for the first round, in which every node fetches the base model on a debug build and two cores.
+        machine.train_ms = 15_000;
+        machine.verify_ms = 10_000;
+        machine.cooldown_ms = 200;
+        let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
+        role.rounds = Some(rounds);
+        tokio::spawn(run_conductor(self.coordinator.clone(), role, stopped(self.stop_rx.clone())))
+    }
+
+    async fn statuses(&self) -> Vec<NodeStatus> {
+        let mut out = Vec::new();
+        for (node, _) in &self.trainers {
+            out.push(node.status().await.expect("status"));
+        }
+        out
+    }
+
+    /// Waits until every trainer's status satisfies `check`.
+    async fn wait_trainers(&self, timeout: Duration, what: &str, check: impl Fn(&NodeStatus) -> bool) -> Vec<NodeStatus> {
+        wait_for(timeout, what, || async {
+            let all = self.statuses().await;
+            all.iter().all(&check).then_some(all)
+        })
+        .await
+    }
+
+    async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        for (node, task) in self.trainers {
+            task.await.expect("trainer task").expect("trainer ran");
+            Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+        }
+        Arc::into_inner(self.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+        self.bootstrap.shutdown().await;
+    }
+}
+
+fn training(s: &NodeStatus) -> &mana_node::daemon::status::TrainingStatus {
+    s.training.as_ref().expect("a trainer reports its training")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    let net = Net::start().await;
+    let trainer_keys: Vec<PublicKey> = net.trainers.iter().map(|(n, _)| n.public_key()).collect();
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+
+    // Honest rounds, by the real conductor, until every trainer applied the last one (a trainer may miss the
+    // first round: its first fetch can fail on a connection still being set up; it catches up in the next).
+    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS))
+        .await
+        .expect("the honest rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    let before = net
+        .wait_trainers(Duration::from_secs(30), "every trainer applied the last honest round", |s| {
+            training(s).applied_round == Some(HONEST_ROUNDS)
+        })
+        .await;
+    let honest_ann = seen_by_trainer
+        .find(|m| match &m.message {
+            Message::RoundAnnouncement(a) if a.round == HONEST_ROUNDS => Some(a.clone()),
+            _ => None,
+        })
+        .pop()
+        .expect("the last honest round announced");
+    let honest_commit = seen_by_trainer
+        .find(|m| match &m.message {
+            Message::RoundCommit(c) if c.round == HONEST_ROUNDS => Some(c.clone()),
+            _ => None,
+        })
+        .pop()
+        .expect("the last honest round committed");
+    let honest_s = started.elapsed().as_secs_f64();
+
+    // The next round, run by the test as the coordinator, from the honest checkpoint.
+    let base = honest_commit.checkpoint.clone();
+    let now = mana_node::daemon::now_ms();
+    let ann = RoundAnnouncement {
+        round: LIE,
+        base_checkpoint: base.hash().expect("manifest hash"),
+        deadlines: Deadlines { deltas_by_ms: now + 60_000, commit_by_ms: now + 90_000 },
+        ..honest_ann.clone()
+    };
+    publish_patiently(&net.coordinator, &Message::RoundAnnouncement(ann.clone()), Duration::from_secs(10))
+        .await
+        .expect("the lying round announced");
+    let trunk_deltas = wait_for(Duration::from_secs(60), "every trainer's trunk delta of the lying round", || async {
+        let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m.message {
+            Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => Some((m.signer, d.payload_hash)),
+            _ => None,
+        });
+        deltas.sort();
+        deltas.dedup();
+        (deltas.len() == HONEST).then_some(deltas)
+    })
+    .await;
+    // The lie: every trunk delta accepted, the trunk committed unchanged (its old blob, which exists and could
+    // be fetched); the experts honestly unchanged (no expert delta accepted).
+    let mut payloads: Vec<ContentHash> = trunk_deltas.iter().map(|(_, h)| *h).collect();
+    payloads.sort();
+    let mut checkpoint = base.clone();
+    checkpoint.round = LIE;
+    let lied_trunk = base.shard(&ShardId::Trunk).expect("trunk").hash;
+    let lie = RoundCommit {
+        run: ann.run.clone(),
+        round: LIE,
+        accepted: vec![AcceptedDeltas { shard: ShardId::Trunk, deltas: payloads.clone() }],
+        rejected: Vec::new(),
+        checkpoint,
+    };
+    assert_eq!(lie.round, LIE);
+    let lie_id = lie.hash().expect("commit id");
+    let lie_at = Instant::now();
+    publish_patiently(&net.coordinator, &Message::RoundCommit(lie.clone()), Duration::from_secs(10))
+        .await
+        .expect("the wrong commit published");
+
+    // Every trainer refuses it: status, no adoption, stopped.
+    let refused = net
+        .wait_trainers(Duration::from_secs(60), "every trainer refused the wrong commit", |s| {
+            training(s).refused_commit.is_some() && training(s).halted.is_some()
+        })
+        .await;
+    let refuse_s = lie_at.elapsed().as_secs_f64();
+    let mut computed = Vec::new();
+    for s in &refused {
+        let t = training(s);
+        let r = t.refused_commit.as_ref().expect("refused");
+        assert_eq!(r.round, LIE);
+        assert_eq!(r.commit, lie_id.to_string());
+        assert_eq!(r.shards.len(), 1, "only the trunk is wrong: {r:?}");
+        assert_eq!(r.shards[0].shard, "trunk");
+        assert_eq!(r.shards[0].committed, lied_trunk.to_string());
+        assert_eq!(r.shards[0].accepted, HONEST);
+        assert_ne!(r.shards[0].computed, r.shards[0].committed);
+        assert_eq!(r.disputes_published, 1);
+        computed.push(r.shards[0].computed.clone());
+        // Not adopted: the node's store and its applied round stay at the honest round.
+        assert_eq!(t.applied_round, Some(HONEST_ROUNDS), "{} adopted the wrong commit", s.peer_id);
+        assert_eq!(s.stored_round, Some(HONEST_ROUNDS), "{} stored the wrong commit", s.peer_id);
+        let was = before.iter().find(|b| b.peer_id == s.peer_id).expect("the same trainer before");
+        assert_eq!(training(was).held_shards, t.held_shards, "{} changed its shards", s.peer_id);
+        assert_eq!(t.hash_mismatches, 1);
+    }
+    computed.dedup();
+    assert_eq!(computed.len(), 1, "the honest trainers computed the same trunk: {computed:?}");
+
+    // The disputes: signed by each trainer, checkable against the commit, agreeing with each other.
+    let disputes = wait_for(Duration::from_secs(20), "the coordinator heard every dispute", || async {
+        let d: Vec<Accepted> = seen_by_coordinator.find(|m| matches!(m.message, Message::CommitDispute(_)).then(|| m.clone()));
+        (d.len() >= HONEST).then_some(d)
+    })
+    .await;
+    let mut signers = Vec::new();
+    for m in &disputes {
+        let bytes = m.envelope.encode().expect("encode");
+        let envelope = mana_protocol::decode_envelope(&bytes).expect("decodes");
+        let Message::CommitDispute(dispute) = envelope.verify().expect("the dispute's signature verifies") else {
+            panic!("not a dispute")
+        };
+        assert!(trainer_keys.contains(&envelope.signer), "signed by a trainer");
+        signers.push(envelope.signer);
+        assert_eq!(dispute.matches(&lie), Ok(()), "the dispute quotes the wrong commit faithfully");
+        assert_eq!(dispute.accepted, payloads);
+        assert_eq!(dispute.base, lied_trunk);
+        assert_eq!(dispute.computed.to_string(), computed[0]);
+    }
+    signers.sort();
+    signers.dedup();
+    assert_eq!(signers.len(), HONEST, "one dispute from every trainer");
+    let heard = net.coordinator.status().await.expect("status").disputes_heard;
+    assert!(heard >= HONEST as u64, "the coordinator's node counts the disputes: {heard}");
+
+    // A round built on the wrong commit: every trainer declines it.
+    let trained_before: Vec<u64> = refused.iter().map(|s| training(s).rounds_trained).collect();
+    let wrong_manifest = lie.checkpoint.to_bytes().expect("manifest bytes");
+    net.coordinator.host_blob_now(wrong_manifest).await.expect("hosted");
+    let now = mana_node::daemon::now_ms();
+    let next = RoundAnnouncement {
+        round: LIE + 1,
+        base_checkpoint: lie.checkpoint.hash().expect("hash"),
+        deadlines: Deadlines { deltas_by_ms: now + 60_000, commit_by_ms: now + 90_000 },
+        ..ann.clone()
+    };
+    publish_patiently(&net.coordinator, &Message::RoundAnnouncement(next), Duration::from_secs(10))
+        .await
+        .expect("the round after the lie announced");
+    let after = net
+        .wait_trainers(Duration::from_secs(30), "every trainer declined the round after the lie", |s| {
+            training(s).rounds_declined >= 1
+        })
+        .await;
+    let trained_after: Vec<u64> = after.iter().map(|s| training(s).rounds_trained).collect();
+    assert_eq!(trained_before, trained_after, "a trainer trained on the wrong commit");
+    let round3_deltas = seen_by_coordinator.find(|m| match &m.message {
+        Message::DeltaAnnouncement(d) if d.round == LIE + 1 => Some(()),
+        _ => None,
+    });
+    assert!(round3_deltas.is_empty(), "deltas were sent for a round built on the wrong commit");
+    // The refusal is kept in each trainer's store (so a restarted trainer still refuses; see the test below).
+    for (node, _) in &net.trainers {
+        let key = refusal_key(LIE, &lie.run);
+        let blobs = node.store().evidence_piece(&key).expect("evidence read").expect("the refusal kept");
+        let record: RefusedCommit = serde_json::from_slice(&node.read_blob(blobs[0]).await.expect("blob")).expect("json");
+        assert_eq!((record.round, record.commit), (LIE, lie_id.to_string()));
+    }
+    // What `mana status` (and its `--json`) reads: the status file each node rewrites.
+    for (node, _) in &net.trainers {
+        let dir = node.config().data_dir.clone();
+        wait_for(Duration::from_secs(20), "the refusal in the status file", || {
+            let dir = dir.clone();
+            async move {
+                let s = mana_node::daemon::status::read(&dir).ok()?;
+                let t = s.training?;
+                (t.halted.is_some() && t.refused_commit.is_some_and(|r| r.round == LIE)).then_some(())
+            }
+        })
+        .await;
+    }
+    eprintln!(
+        "wrong shard: honest rounds done at {honest_s:.1} s; {} of {HONEST} trainers refused the wrong commit within {refuse_s:.1} s, \
+         {} disputes heard and verified, {} trainers declined the next round; total {:.1} s",
+        refused.len(),
+        disputes.len(),
+        after.len(),
+        started.elapsed().as_secs_f64()
+    );
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_equivocates_is_caught() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    let net = Net::start().await;
+    let key = net.coordinator.public_key();
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let conducting = net.conduct(3);
+
+    // The honest commit of round 1, as the trainers got it.
+    let first = wait_for(Duration::from_secs(120), "the commit of round 1", || async {
+        seen_by_trainer
+            .find(|m| match &m.message {
+                Message::RoundCommit(c) if c.round == 1 => Some(c.clone()),
+                _ => None,
+            })
+            .pop()
+    })
+    .await;
+    // The second story of round 1: the same, but blaming a trainer for a delta it never sent.
+    let mut second = first.clone();
+    second.rejected.push(RejectedDelta {
+        shard: ShardId::Trunk,
+        node: net.trainers[1].0.public_key(),
+        payload_hash: ContentHash::of(b"never sent"),
+        reason: RejectCode::NormTooLarge,
+    });
+    let ids = BTreeMap::from([(first.hash().expect("id"), "first"), (second.hash().expect("id"), "second")]);
+    let lie_at = Instant::now();
+    publish_patiently(&net.coordinator, &Message::RoundCommit(second.clone()), Duration::from_secs(10))
+        .await
+        .expect("the second commit published");
+
+    // Every node keeps the pair and shows it; every trainer stops.
+    let mut nodes: Vec<(&str, Arc<NodeHandle>)> = vec![("coordinator", net.coordinator.clone())];
+    nodes.extend(net.trainers.iter().enumerate().map(|(i, (n, _))| (["node-0", "node-1", "node-2"][i], n.clone())));
+    for (name, node) in &nodes {
+        let status = wait_for(Duration::from_secs(30), &format!("{name} caught the equivocation"), || async {
+            let s = node.status().await.expect("status");
+            (!s.equivocations.is_empty()).then_some(s)
+        })
+        .await;
+        let e = &status.equivocations[0];
+        assert_eq!(e.round, 1, "{name}");
+        assert_eq!(e.evidence.len(), 2, "{name}: both envelopes stored");
+        let mut key_bytes = 1u64.to_be_bytes().to_vec();
+        key_bytes.extend_from_slice(EVIDENCE_KIND);
+        let blobs = node.store().evidence_piece(&key_bytes).expect("evidence read").expect("evidence kept");
+        assert_eq!(blobs.iter().map(|h| h.to_string()).collect::<Vec<_>>(), e.evidence, "{name}");
+        let a = node.read_blob(blobs[0]).await.expect("first envelope");
+        let b = node.read_blob(blobs[1]).await.expect("second envelope");
+        let (ca, cb) = verify_equivocation(&key, &a, &b).expect("the pair proves the equivocation");
+        let mut got = BTreeMap::new();
+        got.insert(ca.hash().expect("id"), "first");
+        got.insert(cb.hash().expect("id"), "second");
+        assert_eq!(got.keys().collect::<Vec<_>>(), ids.keys().collect::<Vec<_>>(), "{name}: the pair is the two commits");
+    }
+    let caught_s = lie_at.elapsed().as_secs_f64();
+    // What `mana status --json` shows: the status file each node rewrites.
+    for (name, node) in &nodes {
+        let dir = node.config().data_dir.clone();
+        wait_for(Duration::from_secs(20), &format!("the equivocation in {name}'s status file"), || {
+            let dir = dir.clone();
+            async move {
+                let s = mana_node::daemon::status::read(&dir).ok()?;
+                s.equivocations.iter().any(|e| e.round == 1 && e.evidence.len() == 2).then_some(())
+            }
+        })
+        .await;
+    }
+    let halted = net
+        .wait_trainers(Duration::from_secs(30), "every trainer stopped building on the run", |s| training(s).halted.is_some())
+        .await;
+    for s in &halted {
+        let why = training(s).halted.clone().unwrap_or_default();
+        assert!(why.contains("two different commits"), "{}: {why}", s.peer_id);
+    }
+    let halt_s = lie_at.elapsed().as_secs_f64();
+    // The conductor goes on announcing rounds; the trainers take no part in them.
+    let declined = net
+        .wait_trainers(Duration::from_secs(90), "every trainer declined a later round", |s| training(s).rounds_declined >= 1)
+        .await;
+    let last_trained: Vec<u64> = declined.iter().map(|s| training(s).rounds_trained).collect();
+    assert!(last_trained.iter().all(|r| *r <= 2), "a trainer went on training: {last_trained:?}");
+    eprintln!(
+        "equivocation: caught by {} nodes (coordinator + {HONEST} trainers) within {caught_s:.1} s, {} trainers stopped within \
+         {halt_s:.1} s, {} declined a later round; total {:.1} s",
+        nodes.len(),
+        halted.len(),
+        declined.len(),
+        started.elapsed().as_secs_f64()
+    );
+    drop(nodes);
+    let _ = net.stop_tx.send(true);
+    conducting.await.expect("coordinator task").expect("coordinator ran");
+    net.stop().await;
+}
+
+/// A trainer that refused a commit keeps refusing after a restart: the refusal kept in its store (as the test
+/// above shows the trainer writes it) halts a freshly started trainer on the same data directory at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_that_refused_a_commit_still_refuses_after_a_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let coordinator = mana_protocol::Keypair::from_seed(&[9; 32]).public();
+    let node = Arc::new(start_node(member_config(dir.path(), &[], "node", coordinator)).await);
+    let refused = RefusedCommit { round: 7, commit: ContentHash::of(b"the wrong commit").to_string(), ..RefusedCommit::default() };
+    let key = refusal_key(7, &node.config().net.run_id);
+    let record = serde_json::to_vec(&refused).expect("json");
+    node.store().keep_evidence(&key, &[&record]).expect("kept");
+    let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 64 * 1024, ..DataSource::default() }).expect("corpus"));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_trainer(node.clone(), TrainerConfig::new(RunSpec::tiny(), data), stopped(stop_rx)));
+    let status = wait_for(Duration::from_secs(20), "the restarted trainer halted", || async {
+        let s = node.status().await.expect("status");
+        s.training.clone().filter(|t| t.halted.is_some()).map(|t| (t, s))
+    })
+    .await;
+    assert_eq!(status.0.refused_commit, Some(refused));
+    assert!(status.0.halted.unwrap_or_default().contains("round 7"));
+    let _ = stop_tx.send(true);
+    task.await.expect("trainer task").expect("trainer ran");
+    Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+}
