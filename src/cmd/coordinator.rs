@@ -85,7 +85,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "MANA_TRUNK_MIN_GAIN", allow_negative_numbers = true)]
     pub trunk_min_gain: Option<f32>,
     /// A scored trunk contribution must also gain more than this share of the other senders' median gain
-    /// (default 0.25).
+    /// (default 0.15).
     #[arg(long, env = "MANA_TRUNK_SHARE")]
     pub trunk_share: Option<f32>,
     /// A scored expert contribution may raise the score batch's loss by at most this many nats (default 0.005).

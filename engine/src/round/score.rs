@@ -103,14 +103,18 @@ pub fn score_batch(spec: &RunSpec, hyper: &HyperParams, data: &TextDataset, seed
 /// the trunk and half the experts, 3 score seeds, after 1, 6 and 30 rounds of sync and 1 and 6 of diloco;
 /// the figures are in docs/security.md):
 /// - **trunk**: every token goes through it, so one batch judges it. Honest deltas always gained (+0.010 to
-///   +0.42 nats); random vectors at the honest norm gained at most +0.004 (late in training a step along
+///   +0.42 nats); random vectors at the honest norm gained at most +0.0047 (late in training a step along
 ///   AdamW's stored moments helps a little whatever its direction), sign-flipped gradients always lost. A
-///   trunk delta must gain more than `trunk_min_gain` (0) and more than `trunk_share` (a quarter) of the
+///   trunk delta must gain more than `trunk_min_gain` (0) and more than `trunk_share` (15%) of the
 ///   median gain of the other senders' trunk deltas in the same round, when that median is positive: the
-///   size of an honest gain shrinks as the model trains, and a random delta's stays a small fraction of it.
+///   size of an honest gain shrinks as the model trains, and a random delta's stays a small part of the
+///   honest median (at most a quarter of its smallest honest gain, after 30 sync rounds). Honest gains spread widely too: in
+///   100-round demos (one micro-batch a round), a bar of a quarter refused 23 of 400 honest trunk deltas
+///   (22 with a score batch four times larger: the spread is the deltas', not the batch's), 15% refused
+///   DEMO15.
 ///   Not covered: diloco after 30 rounds, where one honest trunk delta of four lost 0.029 nats on its batch
-///   (its sender's local model had overfit its own text) while the others gained up to 0.036; such a delta
-///   is refused, and its sender loses standing for it.
+///   (its sender's local model had overfit its own text) while the others gained up to
+///   0.036; such a delta is refused, and its sender loses standing for it.
 /// - **experts**: only the tokens routed to an expert carry its signal, and one batch holds few: honest
 ///   expert deltas scored from −0.0008 to +0.015 nats, flipped ones from −0.006 to +0.0008, so one batch
 ///   cannot tell them apart. An expert delta is refused only when it clearly harms: a loss of more than
@@ -128,7 +132,7 @@ pub struct ScorePolicy {
 
 impl Default for ScorePolicy {
     fn default() -> ScorePolicy {
-        ScorePolicy { trunk_min_gain: 0.0, trunk_share: 0.25, expert_tolerance: 0.005 }
+        ScorePolicy { trunk_min_gain: 0.0, trunk_share: 0.15, expert_tolerance: 0.005 }
     }
 }
 

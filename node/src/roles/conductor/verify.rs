@@ -40,6 +40,9 @@ use mana_engine::round::{
 /// `unavailable`).
 pub const PAYLOAD_UNAVAILABLE: &str = "unavailable";
 
+/// Attempts a payload fetch's budget is split into.
+const FETCH_ATTEMPTS: u32 = 3;
+
 /// What the verifier needs, all owned (it runs as its own task).
 pub(crate) struct VerifyInput {
     pub announcement: RoundAnnouncement,
@@ -120,12 +123,30 @@ async fn fetch_and_validate(
     budget: Duration,
     ratio: f32,
 ) -> Result<Vec<f32>, Outcome> {
-    let hints = sender.peer_id().ok().into_iter().collect();
-    let bytes = fetch_bytes_within(node, delta.payload_hash, delta.payload_size, hints, budget).await.map_err(|e| match e {
-        // The provider itself says the blob is bigger than announced.
-        NodeError::Fetch(FetchError::TooLarge(_)) | NodeError::TooLarge { .. } => rejected(RejectCode::SizeMismatch, e),
-        e => Outcome::Rejected { code: RejectCode::Unavailable, reason: PAYLOAD_UNAVAILABLE.into(), detail: e.to_string() },
-    })?;
+    let hints: Vec<_> = sender.peer_id().ok().into_iter().collect();
+    // The budget in a few attempts: a request that hangs (a connection its peer already closed, say) is given
+    // up and asked again on a fresh one, instead of taking the whole budget with it.
+    let deadline = tokio::time::Instant::now() + budget;
+    let attempt = (budget / FETCH_ATTEMPTS).max(Duration::from_secs(1));
+    let bytes = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = fetch_bytes_within(node, delta.payload_hash, delta.payload_size, hints.clone(), attempt.min(left)).await;
+        match result {
+            Ok(bytes) => break bytes,
+            // The provider itself says the blob is bigger than announced.
+            Err(e @ (NodeError::Fetch(FetchError::TooLarge(_)) | NodeError::TooLarge { .. })) => {
+                return Err(rejected(RejectCode::SizeMismatch, e));
+            }
+            Err(e) if deadline.saturating_duration_since(tokio::time::Instant::now()) < Duration::from_millis(200) => {
+                let detail = format!("within {budget:?}: {e}");
+                return Err(Outcome::Rejected { code: RejectCode::Unavailable, reason: PAYLOAD_UNAVAILABLE.into(), detail });
+            }
+            Err(e) => {
+                tracing::debug!(payload = %delta.payload_hash, error = %e, "payload fetch attempt failed; asking again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
     let delta = delta.clone();
     let checked = blocking(move || Ok(validate_delta_payload(&delta, &sender, &bytes, len, None, ratio))).await;
     match checked {
