@@ -110,8 +110,8 @@ pub fn score_batch(spec: &RunSpec, hyper: &HyperParams, data: &TextDataset, seed
 ///   size of an honest gain shrinks as the model trains, and a random delta's stays a small part of the
 ///   honest median (at most a quarter of its smallest honest gain, after 30 sync rounds). Honest gains spread widely too: in
 ///   100-round demos (one micro-batch a round), a bar of a quarter refused 23 of 400 honest trunk deltas
-///   (22 with a score batch four times larger: the spread is the deltas', not the batch's), 15% refused
-///   DEMO15.
+///   (22 with a score batch four times larger), 15% refused 32, 22 of which had lost on their batch: the
+///   refusals are mostly honest single-batch gradients that do not help, whatever the bar.
 ///   Not covered: diloco after 30 rounds, where one honest trunk delta of four lost 0.029 nats on its batch
 ///   (its sender's local model had overfit its own text) while the others gained up to
 ///   0.036; such a delta is refused, and its sender loses standing for it.
