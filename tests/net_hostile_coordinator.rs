@@ -105,10 +105,7 @@ struct Net {
 
 impl Net {
     async fn start() -> Net {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
         let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
         let boot = bootstrap.addrs().to_vec();

@@ -5,9 +5,10 @@
 //!   deltas: every one is refused (with its reason in the coordinator's rejection log), none is ever in a
 //!   commit, and training still converges. Gossip scoring soon cuts such a member off, so it acts in the
 //!   first rounds only; a second adversary, which only replays its own signed envelopes a round later, is
-//!   refused as `replayed` by whoever receives it. (A random delta forged at the honest norm is not in this
-//!   list: it passes the norm check, and the loss check's tolerance does not reliably catch a step of
-//!   honest size sideways.)
+//!   refused as `replayed` by whoever receives it. (A random delta forged at the honest norm, the sign-flipped
+//!   gradient and a zero delta have their own tests in `net_hostile_rounds.rs`, where the score refuses
+//!   them.) The member's record reaches the ban threshold in its first round; this test lowers the
+//!   threshold to follow every kind of refusal over several rounds.
 //! - nodes killed mid-round do not stop the round, an expert whose hosts all died is reassigned from the
 //!   last checkpoint and trains again, a node that joins late syncs and contributes, and a restarted
 //!   coordinator resumes its run where it stopped.

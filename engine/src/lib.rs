@@ -4,7 +4,7 @@
 //! keeps it free of the network and the store, and `mana simulate` and the engine's tests build without them.
 //!
 //! - [`coordinator`]: the coordinator's state machine (membership, assignment, phases, the commit record);
-//! - [`round`]: the round maths (local training, the loss check, a holder's update, the in-process simulator);
+//! - [`round`]: the round maths (local training, norm bounds, the reproducible score, a holder's update, the in-process simulator);
 //! - [`aggregate`]: the robust mean and the outer update rules.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 pub mod aggregate;

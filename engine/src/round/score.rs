@@ -103,12 +103,12 @@ pub fn score_batch(spec: &RunSpec, hyper: &HyperParams, data: &TextDataset, seed
 /// the trunk and half the experts, 3 score seeds, after 1, 6 and 30 rounds of sync and 1 and 6 of diloco;
 /// the figures are in docs/security.md):
 /// - **trunk**: every token goes through it, so one batch judges it. Honest deltas always gained (+0.010 to
-///   +0.42 nats); random vectors at the honest norm gained at most +0.0047 (late in training a step along
+///   +0.42 nats); random vectors at the honest norm gained at most +0.0037 (late in training a step along
 ///   AdamW's stored moments helps a little whatever its direction), sign-flipped gradients always lost. A
 ///   trunk delta must gain more than `trunk_min_gain` (0) and more than `trunk_share` (15%) of the
 ///   median gain of the other senders' trunk deltas in the same round, when that median is positive: the
 ///   size of an honest gain shrinks as the model trains, and a random delta's stays a small part of the
-///   honest median (at most a quarter of its smallest honest gain, after 30 sync rounds). Honest gains spread widely too: in
+///   honest median (after 30 sync rounds, at most a ninth of the smallest honest gain). Honest gains spread widely too: in
 ///   100-round demos (one micro-batch a round), a bar of a quarter refused 23 of 400 honest trunk deltas
 ///   (22 with a score batch four times larger), 15% refused 32, 22 of which had lost on their batch: the
 ///   refusals are mostly honest single-batch gradients that do not help, whatever the bar.

@@ -68,7 +68,9 @@ pub async fn fetch_bytes(
 }
 
 /// [`fetch_bytes`] for a blob of at most `max_len` bytes: a bigger one is neither downloaded nor read (a
-/// copy already in the store included).
+/// copy already in the store included). A fetch that fails (a connection closed under it, no provider found
+/// yet) is tried again after a short pause while `timeout` lasts: a node that has just joined often finds its
+/// first connections still being set up. A blob bigger than `max_len` is not tried again.
 pub async fn fetch_bytes_within(
     node: &NodeHandle,
     hash: ContentHash,
@@ -76,13 +78,26 @@ pub async fn fetch_bytes_within(
     hints: Vec<PeerId>,
     timeout: Duration,
 ) -> Result<Vec<u8>, NodeError> {
-    match tokio::time::timeout(timeout, node.fetch_blob_within(hash, max_len, hints)).await {
-        Ok(Ok(len)) if len > max_len => Err(NodeError::TooLarge { what: format!("blob {hash}"), len, max: max_len }),
-        Ok(Ok(_)) => node.read_blob(hash).await,
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(NodeError::Timeout { what: format!("fetching {hash}"), after: timeout }),
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match tokio::time::timeout(left, node.fetch_blob_within(hash, max_len, hints.clone())).await {
+            Ok(Ok(len)) if len > max_len => return Err(NodeError::TooLarge { what: format!("blob {hash}"), len, max: max_len }),
+            Ok(Ok(_)) => return node.read_blob(hash).await,
+            Ok(Err(e @ NodeError::Fetch(crate::net::fetch::FetchError::TooLarge(_)))) => return Err(e),
+            Ok(Err(e)) => e,
+            Err(_) => return Err(NodeError::Timeout { what: format!("fetching {hash}"), after: timeout }),
+        };
+        if deadline.saturating_duration_since(tokio::time::Instant::now()) < FETCH_RETRY_PAUSE * 2 {
+            return Err(error);
+        }
+        tracing::debug!(blob = %hash, error = %error, "fetch failed; trying again");
+        tokio::time::sleep(FETCH_RETRY_PAUSE).await;
     }
 }
+
+/// The pause before a failed fetch is tried again.
+const FETCH_RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// The libp2p peer of a signing key (`None` if the bytes are not a valid key).
 pub fn peer_of(key: &PublicKey) -> Option<PeerId> {

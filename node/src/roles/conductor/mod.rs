@@ -64,7 +64,7 @@ pub struct ConductorConfig {
     pub machine: CoordinatorConfig,
     /// The run's model and initialisation; every node must use the same.
     pub spec: RunSpec,
-    /// The run's text (validation batches for the loss check and the metrics); every node must use the same.
+    /// The run's text (the score batches and the metrics' validation batches); every node must use the same.
     pub data: Arc<TextDataset>,
     /// How often the state machine is ticked.
     pub tick: Duration,
@@ -394,7 +394,7 @@ impl Role {
     }
 
     fn start_verify(&mut self, announcement: RoundAnnouncement, deltas: Vec<(PublicKey, DeltaAnnouncement)>) {
-        // Each payload fetch gets at most half of what is left of the window, so that the norm and loss checks
+        // Each payload fetch gets at most half of what is left of the window, so that the norm checks and the scores
         // of the deltas that did arrive still end before the commit deadline.
         let remaining = announcement.deadlines.commit_by_ms.saturating_sub(now_ms()).max(1000);
         let Some(score_seed) = self.machine.state().round().map(|r| r.score_seed()) else { return };

@@ -125,7 +125,8 @@ async fn fetch_and_validate(
 ) -> Result<Vec<f32>, Outcome> {
     let hints: Vec<_> = sender.peer_id().ok().into_iter().collect();
     // The budget in a few attempts: a request that hangs (a connection its peer already closed, say) is given
-    // up and asked again on a fresh one, instead of taking the whole budget with it.
+    // up and asked again on a fresh one, instead of taking the whole budget with it (a fetch that fails
+    // outright is tried again inside each attempt, by `fetch_bytes_within`).
     let deadline = tokio::time::Instant::now() + budget;
     let attempt = (budget / FETCH_ATTEMPTS).max(Duration::from_secs(1));
     let bytes = loop {
@@ -143,7 +144,7 @@ async fn fetch_and_validate(
             }
             Err(e) => {
                 tracing::debug!(payload = %delta.payload_hash, error = %e, "payload fetch attempt failed; asking again");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     };
