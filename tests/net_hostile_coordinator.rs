@@ -25,13 +25,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mana_bootstrap::BootstrapHandle;
 use mana_engine::round::RunSpec;
-use mana_kernels::data::TextDataset;
 use mana_node::daemon::equivocation::{EVIDENCE_KIND, verify_equivocation};
 use mana_node::daemon::status::RefusedCommit;
-use mana_node::daemon::{Accepted, NodeConfig, NodeHandle, NodeStatus};
-use mana_node::net::libp2p::Multiaddr;
+use mana_node::daemon::{Accepted, NodeHandle, NodeStatus};
 use mana_node::roles::commit_check::refusal_key;
 use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
@@ -50,18 +47,6 @@ const HONEST: usize = 3;
 /// Honest rounds before the coordinator commits a wrong shard, in the round after them.
 const HONEST_ROUNDS: u64 = 2;
 const LIE: u64 = HONEST_ROUNDS + 1;
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-fn member_config(dir: &std::path::Path, boot: &[Multiaddr], name: &str, coordinator: PublicKey) -> NodeConfig {
-    let mut cfg = node_config(&dir.join(name), boot);
-    cfg.coordinator = Some(coordinator);
-    cfg.sync_shards = false;
-    cfg.capacity.max_shards = 64;
-    cfg
-}
 
 /// Every message a node accepts, kept for the test to look at.
 #[derive(Clone, Default)]
@@ -89,43 +74,12 @@ impl Heard {
 }
 
 /// A role running on a node (the conductor, a trainer).
-type RoleTask = tokio::task::JoinHandle<Result<(), mana_node::daemon::NodeError>>;
 
 /// The network: a bootstrap, the coordinator's node, three trainers.
-struct Net {
-    _dir: tempfile::TempDir,
-    bootstrap: BootstrapHandle,
-    coordinator: Arc<NodeHandle>,
-    trainers: Vec<(Arc<NodeHandle>, RoleTask)>,
-    spec: RunSpec,
-    data: Arc<TextDataset>,
-    stop_tx: watch::Sender<bool>,
-    stop_rx: watch::Receiver<bool>,
-}
+/// The round network of these tests.
+type Net = RoundNet;
 
 impl Net {
-    async fn start() -> Net {
-        init_tracing();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
-        let boot = bootstrap.addrs().to_vec();
-        let spec = RunSpec::tiny();
-        let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("corpus"));
-        let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
-        coord_cfg.sync_shards = false;
-        let coordinator = Arc::new(start_node(coord_cfg).await);
-        let key = coordinator.public_key();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut trainers = Vec::new();
-        for i in 0..HONEST {
-            let node = Arc::new(start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await);
-            let cfg = TrainerConfig::new(spec.clone(), data.clone());
-            let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
-            trainers.push((node, task));
-        }
-        Net { _dir: dir, bootstrap, coordinator, trainers, spec, data, stop_tx, stop_rx }
-    }
-
     /// The real conductor, for `rounds` rounds (or until the test stops it).
     fn conduct(&self, rounds: u64) -> RoleTask {
         let run = self.coordinator.config().net.run_id.clone();
@@ -176,7 +130,7 @@ fn training(s: &NodeStatus) -> &mana_node::daemon::status::TrainingStatus {
 async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    let net = Net::start().await;
+    let net = Net::start(HONEST).await;
     let trainer_keys: Vec<PublicKey> = net.trainers.iter().map(|(n, _)| n.public_key()).collect();
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
@@ -369,7 +323,7 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
 async fn a_coordinator_that_equivocates_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    let net = Net::start().await;
+    let net = Net::start(HONEST).await;
     let key = net.coordinator.public_key();
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let conducting = net.conduct(3);

@@ -19,14 +19,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mana_bootstrap::BootstrapHandle;
 use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
-use mana_node::daemon::{NodeConfig, NodeHandle};
-use mana_node::net::libp2p::Multiaddr;
-use mana_node::roles::common::{DataSource, load_dataset};
+use mana_node::daemon::NodeHandle;
 use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
-use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::daemon::now_ms;
 use mana_protocol::{
     Binding, Capacity, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Heartbeat, Keypair, Message, PublicKey,
@@ -130,10 +126,6 @@ impl Attack {
 }
 
 const OVERSIZE_BYTES: usize = 16 * 1024 * 1024;
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
 
 /// What the attacker did, for the test to check against the commits.
 #[derive(Debug, Default, Clone)]
@@ -352,36 +344,11 @@ fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
     text.lines().map(|l| serde_json::from_str(l).expect("metrics line parses")).collect()
 }
 
-fn member_config(dir: &Path, boot: &[Multiaddr], name: &str, coordinator: PublicKey) -> NodeConfig {
-    let mut cfg = node_config(&dir.join(name), boot);
-    cfg.coordinator = Some(coordinator);
-    cfg.sync_shards = false;
-    cfg.capacity.max_shards = 64;
-    cfg
-}
-
 /// Runs the network with `attack` for [`ROUNDS`] rounds and checks every claim of the module doc.
 async fn run_attack(attack: Attack) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    init_tracing();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let bootstrap: BootstrapHandle = start_bootstrap(&dir.path().join("bootstrap")).await;
-    let boot = bootstrap.addrs().to_vec();
-    let spec = RunSpec::tiny();
-    let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("corpus"));
-    let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
-    coord_cfg.sync_shards = false;
-    let coordinator = Arc::new(start_node(coord_cfg).await);
+    let RoundNet { dir, bootstrap, boot, coordinator, trainers: honest, spec, data, stop_tx, stop_rx } = RoundNet::start(HONEST).await;
     let key = coordinator.public_key();
-    let (stop_tx, stop_rx) = watch::channel(false);
-
-    let mut honest = Vec::new();
-    for i in 0..HONEST {
-        let node = Arc::new(start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await);
-        let cfg = TrainerConfig::new(spec.clone(), data.clone());
-        let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
-        honest.push((node, task));
-    }
     let commits: Arc<Mutex<Vec<RoundCommit>>> = Arc::new(Mutex::new(Vec::new()));
     let announcements: Arc<Mutex<Vec<RoundAnnouncement>>> = Arc::new(Mutex::new(Vec::new()));
     {

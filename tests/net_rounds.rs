@@ -25,10 +25,6 @@ const ROUNDS: u64 = 5;
 /// One test at a time: each runs a whole network on the machine's cores, with round deadlines.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_nodes_train_in_sync_rounds_and_agree_bit_for_bit() {
     four_nodes_train_and_agree(UpdateRule::Sync, 2).await;

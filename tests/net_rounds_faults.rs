@@ -42,10 +42,6 @@ use tokio::task::JoinHandle;
 /// One test at a time: each runs a whole network on the machine's cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 /// A bootstrap, a coordinator node and the run's spec and data.
 struct Net {
     dir: tempfile::TempDir,
@@ -82,11 +78,7 @@ impl Net {
 
     /// A member node's config: follows the coordinator, fetches only what it is assigned.
     fn member_config(&self, name: &str) -> NodeConfig {
-        let mut cfg = node_config(&self.dir.path().join(name), &self.boot);
-        cfg.coordinator = Some(self.key);
-        cfg.sync_shards = false;
-        cfg.capacity.max_shards = 64;
-        cfg
+        member_config(self.dir.path(), &self.boot, name, self.key)
     }
 
     /// Starts an honest training node; its trainer stops on `stop` (or when the task is aborted: a kill).

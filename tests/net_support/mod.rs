@@ -106,3 +106,66 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Ends when `rx` turns true: the shutdown future a test gives a role.
+pub async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// A member of the run that `coordinator` coordinates: it trains what it is assigned and fetches only that
+/// (no shard sync of its own), and hosts up to 64 shards.
+pub fn member_config(dir: &Path, boot: &[Multiaddr], name: &str, coordinator: mana_protocol::PublicKey) -> NodeConfig {
+    let mut cfg = node_config(&dir.join(name), boot);
+    cfg.coordinator = Some(coordinator);
+    cfg.sync_shards = false;
+    cfg.capacity.max_shards = 64;
+    cfg
+}
+
+/// A role running as a task of the test.
+pub type RoleTask = tokio::task::JoinHandle<Result<(), mana_node::daemon::NodeError>>;
+
+/// The network of the round tests, on loopback: a bootstrap, the coordinator's node (its role is the test's to
+/// start), and honest trainers running [`mana_node::roles::trainer::run_trainer`] until `stop_tx` sends true,
+/// all on the tiny model and 512 KiB of the built-in corpus.
+pub struct RoundNet {
+    /// Every node's data directory.
+    pub dir: tempfile::TempDir,
+    pub bootstrap: BootstrapHandle,
+    /// The bootstrap's addresses.
+    pub boot: Vec<Multiaddr>,
+    pub coordinator: std::sync::Arc<NodeHandle>,
+    pub trainers: Vec<(std::sync::Arc<NodeHandle>, RoleTask)>,
+    pub spec: mana_engine::round::RunSpec,
+    pub data: std::sync::Arc<mana_kernels::data::TextDataset>,
+    pub stop_tx: tokio::sync::watch::Sender<bool>,
+    pub stop_rx: tokio::sync::watch::Receiver<bool>,
+}
+
+impl RoundNet {
+    /// Starts the bootstrap, the coordinator's node and `honest` trainers.
+    pub async fn start(honest: usize) -> RoundNet {
+        use mana_node::roles::common::{DataSource, load_dataset};
+        use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+        use std::sync::Arc;
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+        let boot = bootstrap.addrs().to_vec();
+        let spec = mana_engine::round::RunSpec::tiny();
+        let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("corpus"));
+        let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
+        coord_cfg.sync_shards = false;
+        let coordinator = Arc::new(start_node(coord_cfg).await);
+        let key = coordinator.public_key();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut trainers = Vec::new();
+        for i in 0..honest {
+            let node = Arc::new(start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await);
+            let cfg = TrainerConfig::new(spec.clone(), data.clone());
+            let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
+            trainers.push((node, task));
+        }
+        RoundNet { dir, bootstrap, boot, coordinator, trainers, spec, data, stop_tx, stop_rx }
+    }
+}
