@@ -59,15 +59,25 @@ pub enum ConfigError {
 /// file, so every command has the same bound and the same messages. The keys are checked by whoever reads
 /// the table (see [`FileTable`]).
 pub fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
-    let read_err = |error| ConfigError::Read { path: path.to_owned(), error };
+    let read_err = |error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    };
     let file = std::fs::File::open(path).map_err(read_err)?;
     let mut text = String::new();
     // One byte past the bound tells "exactly 1 MiB" from "more", without trusting the file's metadata.
-    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(read_err)?;
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
     if text.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(ConfigError::TooLarge { path: path.to_owned() });
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+        });
     }
-    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// A command's TOML file, read and being taken apart: each settings struct takes its own keys
@@ -87,7 +97,11 @@ impl FileTable {
 
     /// Wraps a table already read; `path` names it in errors.
     pub fn from_table(path: &Path, table: toml::Table) -> Self {
-        Self { path: path.to_owned(), table, known: Vec::new() }
+        Self {
+            path: path.to_owned(),
+            table,
+            known: Vec::new(),
+        }
     }
 
     /// Takes the keys that `T` (a struct deriving `Deserialize`) reads out of the table and parses them.
@@ -101,10 +115,11 @@ impl FileTable {
                 mine.insert((*key).to_owned(), value);
             }
         }
-        mine.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: self.path.clone(),
-            message: e.to_string().trim_end().replace('\n', " "),
-        })
+        mine.try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: self.path.clone(),
+                message: e.to_string().trim_end().replace('\n', " "),
+            })
     }
 
     /// Refuses the file if a key was taken by no struct (a typo must not be silently ignored).
@@ -114,7 +129,11 @@ impl FileTable {
             Some(key) => {
                 let mut known = self.known;
                 known.sort_unstable();
-                Err(ConfigError::UnknownKey { path: self.path, key: key.clone(), known: known.join(", ") })
+                Err(ConfigError::UnknownKey {
+                    path: self.path,
+                    key: key.clone(),
+                    known: known.join(", "),
+                })
             }
         }
     }
@@ -133,19 +152,27 @@ pub struct Layered<T> {
 impl<T> Layered<T> {
     /// The flags' (or environment's) value of a setting if they set it, else the file's.
     pub fn get<V: Clone>(&self, setting: impl Fn(&T) -> &Option<V>) -> Option<V> {
-        setting(&self.flags).clone().or_else(|| setting(&self.file).clone())
+        setting(&self.flags)
+            .clone()
+            .or_else(|| setting(&self.file).clone())
     }
 
     /// The layers of one part of the settings (a flattened struct), to resolve it on its own.
     pub fn section<S>(&self, part: impl Fn(&T) -> &S) -> Layered<&S> {
-        Layered { flags: part(&self.flags), file: part(&self.file) }
+        Layered {
+            flags: part(&self.flags),
+            file: part(&self.file),
+        }
     }
 }
 
 impl<T: FromFile> Layered<T> {
     /// Puts `flags` (what clap read) over the TOML file at `path` (over nothing without one).
     pub fn load(flags: T, path: Option<&Path>) -> Result<Self, ConfigError> {
-        Ok(Self { flags, file: load_file(path)? })
+        Ok(Self {
+            flags,
+            file: load_file(path)?,
+        })
     }
 }
 
@@ -241,7 +268,10 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<Outer, ConfigError> {
-        let mut file = FileTable::from_table(Path::new("x.toml"), toml::from_str(text).expect("valid TOML"));
+        let mut file = FileTable::from_table(
+            Path::new("x.toml"),
+            toml::from_str(text).expect("valid TOML"),
+        );
         let mut outer: Outer = file.take()?;
         outer.inner = file.take()?;
         file.finish()?;
@@ -256,15 +286,27 @@ mod tests {
         assert_eq!(outer.inner.list, Some(vec!["x".to_owned()]));
         assert_eq!(outer.inner.table, Some(Limits { most: 3 }));
 
-        let err = parse("name = \"a\"\nlsit = []\n").expect_err("typo refused").to_string();
-        assert_eq!(err, "x.toml: unknown key `lsit` (this command's keys: count, list, name, table)");
+        let err = parse("name = \"a\"\nlsit = []\n")
+            .expect_err("typo refused")
+            .to_string();
+        assert_eq!(
+            err,
+            "x.toml: unknown key `lsit` (this command's keys: count, list, name, table)"
+        );
     }
 
     #[test]
     fn a_wrong_value_is_refused_with_its_key() {
-        let err = parse("count = \"many\"").expect_err("a string is not a count").to_string();
-        assert!(err.starts_with("x.toml: ") && err.contains("`count`"), "{err}");
-        let err = parse("[table]\nmost = 1\nleast = 0\n").expect_err("unknown key in a table").to_string();
+        let err = parse("count = \"many\"")
+            .expect_err("a string is not a count")
+            .to_string();
+        assert!(
+            err.starts_with("x.toml: ") && err.contains("`count`"),
+            "{err}"
+        );
+        let err = parse("[table]\nmost = 1\nleast = 0\n")
+            .expect_err("unknown key in a table")
+            .to_string();
         assert!(err.contains("least") && err.contains("table"), "{err}");
         let err = parse("list = 3").expect_err("not a list").to_string();
         assert!(err.contains("`list`"), "{err}");
@@ -272,8 +314,15 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file_which_wins_over_nothing() {
-        let flags = Outer { name: Some("flag".into()), ..Outer::default() };
-        let file = Outer { name: Some("file".into()), count: Some(7), ..Outer::default() };
+        let flags = Outer {
+            name: Some("flag".into()),
+            ..Outer::default()
+        };
+        let file = Outer {
+            name: Some("file".into()),
+            count: Some(7),
+            ..Outer::default()
+        };
         let layered = Layered { flags, file };
         assert_eq!(layered.get(|s| &s.name).as_deref(), Some("flag"));
         assert_eq!(layered.get(|s| &s.count), Some(7));
@@ -293,7 +342,10 @@ mod tests {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "name = ").expect("write");
         assert!(matches!(read_toml(&bad), Err(ConfigError::Parse { .. })));
-        assert!(matches!(read_toml(&dir.path().join("absent.toml")), Err(ConfigError::Read { .. })));
+        assert!(matches!(
+            read_toml(&dir.path().join("absent.toml")),
+            Err(ConfigError::Read { .. })
+        ));
     }
 
     #[test]

@@ -31,7 +31,9 @@ impl LogFormat {
 pub fn init(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // `try_init` fails only when a subscriber is already set: then the first one stays.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -14,7 +14,9 @@ const ROUNDS: u64 = 3;
 
 fn mana() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana"));
-    cmd.env("RUST_LOG", "info").env_remove("MANA_CORPUS").env_remove("MANA_SEED");
+    cmd.env("RUST_LOG", "info")
+        .env_remove("MANA_CORPUS")
+        .env_remove("MANA_SEED");
     cmd
 }
 
@@ -23,10 +25,20 @@ fn mana() -> Command {
 fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
     let needle = needle.to_string_lossy().into_owned();
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains(&needle) {
             found.push((pid, cmdline));
@@ -51,20 +63,38 @@ fn demo_trains_and_writes_its_outputs() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("out");
     let output = mana()
-        .args(["demo", "--nodes", NODES, "--rounds", &ROUNDS.to_string(), "--sample-tokens", "24", "--out"])
+        .args([
+            "demo",
+            "--nodes",
+            NODES,
+            "--rounds",
+            &ROUNDS.to_string(),
+            "--sample-tokens",
+            "24",
+            "--out",
+        ])
         .arg(&out)
         .stdin(Stdio::null())
         .output()
         .expect("mana demo runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "mana demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(processes_mentioning(dir.path()).is_empty(), "left behind: {:?}", processes_mentioning(dir.path()));
+    assert!(
+        output.status.success(),
+        "mana demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        processes_mentioning(dir.path()).is_empty(),
+        "left behind: {:?}",
+        processes_mentioning(dir.path())
+    );
 
     // metrics.jsonl: one line per round, in order, finite losses, and the loss falls.
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics.jsonl");
-    let lines: Vec<serde_json::Value> =
-        metrics.lines().map(|l| serde_json::from_str(l).expect("each metrics line is JSON")).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each metrics line is JSON"))
+        .collect();
     assert_eq!(lines.len() as u64, ROUNDS, "{metrics}");
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["round"].as_u64(), Some(i as u64 + 1), "{line}");
@@ -72,17 +102,38 @@ fn demo_trains_and_writes_its_outputs() {
             let v = line[key].as_f64().expect("a loss");
             assert!(v.is_finite() && v > 0.0, "{key} = {v}");
         }
-        assert!(line["accepted"].as_u64().expect("accepted count") > 0, "{line}");
-        assert!(line["payload_bytes"].as_u64().expect("payload bytes") > 0, "{line}");
-        assert_eq!(line["nodes"].as_array().expect("per-node entries").len().to_string(), NODES);
+        assert!(
+            line["accepted"].as_u64().expect("accepted count") > 0,
+            "{line}"
+        );
+        assert!(
+            line["payload_bytes"].as_u64().expect("payload bytes") > 0,
+            "{line}"
+        );
+        assert_eq!(
+            line["nodes"]
+                .as_array()
+                .expect("per-node entries")
+                .len()
+                .to_string(),
+            NODES
+        );
     }
     let val = |l: &serde_json::Value| l["val_loss"].as_f64().expect("val loss");
     let (first, last) = (&lines[0], &lines[lines.len() - 1]);
-    assert!(val(last) < val(first), "validation loss did not fall: {} -> {}", val(first), val(last));
+    assert!(
+        val(last) < val(first),
+        "validation loss did not fall: {} -> {}",
+        val(first),
+        val(last)
+    );
 
     // loss.svg: an SVG document with the two lines.
     let svg = std::fs::read_to_string(out.join("loss.svg")).expect("loss.svg");
-    assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\"") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\"")
+            && svg.trim_end().ends_with("</svg>")
+    );
     assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
     assert_eq!(svg.matches('<').count(), svg.matches('>').count());
 
@@ -90,17 +141,34 @@ fn demo_trains_and_writes_its_outputs() {
     let manifests = std::fs::read_to_string(out.join("manifests.txt")).expect("manifests.txt");
     assert!(manifests.contains("verdict: AGREE"), "{manifests}");
     assert!(!manifests.contains("MISMATCH"), "{manifests}");
-    assert!(manifests.contains("coordinator") && manifests.contains("node-2") && manifests.contains("trunk"));
+    assert!(
+        manifests.contains("coordinator")
+            && manifests.contains("node-2")
+            && manifests.contains("trunk")
+    );
 
     // sample.txt: each default prompt, continued.
     let sample = std::fs::read_to_string(out.join("sample.txt")).expect("sample.txt");
-    let continuation = sample.split("--- prompt \"the small fox \"\n").nth(1).expect("the English prompt's block");
-    assert!(continuation.starts_with("the small fox ") && continuation.lines().next().expect("a line").len() > 14, "{sample}");
+    let continuation = sample
+        .split("--- prompt \"the small fox \"\n")
+        .nth(1)
+        .expect("the English prompt's block");
+    assert!(
+        continuation.starts_with("the small fox ")
+            && continuation.lines().next().expect("a line").len() > 14,
+        "{sample}"
+    );
 
     // The summary, and the logs of every process.
-    assert!(stdout.contains("manifests AGREE") && stdout.contains("rounds    3 committed"), "{stdout}");
+    assert!(
+        stdout.contains("manifests AGREE") && stdout.contains("rounds    3 committed"),
+        "{stdout}"
+    );
     for name in ["bootstrap", "coordinator", "node-1", "node-2"] {
-        assert!(out.join("logs").join(format!("{name}.log")).exists(), "no log for {name}");
+        assert!(
+            out.join("logs").join(format!("{name}.log")).exists(),
+            "no log for {name}"
+        );
     }
 }
 
@@ -123,28 +191,48 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let want = 2 + NODES.parse::<usize>().expect("a number");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let children = processes_mentioning(dir.path()).into_iter().filter(|(p, _)| *p != pid).count();
+        let children = processes_mentioning(dir.path())
+            .into_iter()
+            .filter(|(p, _)| *p != pid)
+            .count();
         if children >= want && out.join("node-2").join("status.json").exists() {
             break;
         }
-        assert!(demo.0.try_wait().expect("try_wait").is_none(), "the demo ended early");
-        assert!(Instant::now() < deadline, "the network did not start in time");
+        assert!(
+            demo.0.try_wait().expect("try_wait").is_none(),
+            "the demo ended early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the network did not start in time"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let sent = Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill runs");
+    let sent = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill runs");
     assert!(sent.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = demo.0.try_wait().expect("try_wait") {
             break status;
         }
-        assert!(Instant::now() < deadline, "the demo did not stop after Ctrl-C");
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not stop after Ctrl-C"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut stderr = String::new();
-    std::io::Read::read_to_string(demo.0.stderr.as_mut().expect("piped stderr"), &mut stderr).expect("stderr");
+    std::io::Read::read_to_string(demo.0.stderr.as_mut().expect("piped stderr"), &mut stderr)
+        .expect("stderr");
     assert!(!status.success(), "an interrupted demo reports failure");
     assert!(stderr.contains("interrupted"), "{stderr}");
-    assert!(processes_mentioning(dir.path()).is_empty(), "left behind: {:?}", processes_mentioning(dir.path()));
+    assert!(
+        processes_mentioning(dir.path()).is_empty(),
+        "left behind: {:?}",
+        processes_mentioning(dir.path())
+    );
 }

@@ -87,7 +87,9 @@ fn ok(out: Output) -> Output {
 
 fn log_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("the JSON log exists");
-    text.lines().map(|l| serde_json::from_str(l).expect("each log line is JSON")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("each log line is JSON"))
+        .collect()
 }
 
 #[test]
@@ -107,31 +109,68 @@ fn training_on_the_builtin_corpus_learns_and_its_checkpoint_generates() {
         .output()
         .expect("run mana train"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("tokens/s") && stdout.contains("validation loss"), "summary: {stdout}");
+    assert!(
+        stdout.contains("tokens/s") && stdout.contains("validation loss"),
+        "summary: {stdout}"
+    );
 
     let lines = log_lines(&log);
     assert_eq!(lines.len(), 150);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["step"].as_u64(), Some(i as u64));
         for key in ["loss", "mtp_loss", "lr", "tokens_per_s"] {
-            assert!(line[key].as_f64().is_some_and(f64::is_finite), "{key} missing at step {i}: {line}");
+            assert!(
+                line[key].as_f64().is_some_and(f64::is_finite),
+                "{key} missing at step {i}: {line}"
+            );
         }
-        let load = line["expert_load"].as_array().expect("expert_load is an array");
+        let load = line["expert_load"]
+            .as_array()
+            .expect("expert_load is an array");
         assert_eq!(load.len(), 1, "one MoE layer");
-        let shares: f64 = load[0].as_array().expect("per-expert loads").iter().filter_map(Value::as_f64).sum();
-        assert!((shares - 1.0).abs() < 1e-3, "expert loads sum to 1: {shares}");
+        let shares: f64 = load[0]
+            .as_array()
+            .expect("per-expert loads")
+            .iter()
+            .filter_map(Value::as_f64)
+            .sum();
+        assert!(
+            (shares - 1.0).abs() < 1e-3,
+            "expert loads sum to 1: {shares}"
+        );
     }
-    let evaluated: Vec<f64> = lines.iter().filter_map(|l| l["val_loss"].as_f64()).collect();
+    let evaluated: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["val_loss"].as_f64())
+        .collect();
     assert_eq!(evaluated.len(), 3, "steps 50, 100 and 150 are evaluated");
     let first = lines[0]["loss"].as_f64().expect("loss");
     let final_val = *evaluated.last().expect("three evaluations");
-    assert!((first - UNIFORM_LOSS).abs() < 0.5, "an untrained byte model starts near ln 256: {first}");
-    assert!(final_val < 2.2, "validation loss {final_val} is not well below ln 256 = {UNIFORM_LOSS}");
-    assert!(lines[149]["mtp_loss"].as_f64().expect("mtp loss") < 3.0, "the MTP head learns too");
+    assert!(
+        (first - UNIFORM_LOSS).abs() < 0.5,
+        "an untrained byte model starts near ln 256: {first}"
+    );
+    assert!(
+        final_val < 2.2,
+        "validation loss {final_val} is not well below ln 256 = {UNIFORM_LOSS}"
+    );
+    assert!(
+        lines[149]["mtp_loss"].as_f64().expect("mtp loss") < 3.0,
+        "the MTP head learns too"
+    );
 
     // Greedy decoding with and without speculation (--compare fails if the outputs differ).
     let out = ok(mana()
-        .args(["generate", "--prompt", "add 12+3", "--max-tokens", "48", "--compare", "--json", "--checkpoint"])
+        .args([
+            "generate",
+            "--prompt",
+            "add 12+3",
+            "--max-tokens",
+            "48",
+            "--compare",
+            "--json",
+            "--checkpoint",
+        ])
         .arg(&ckpt)
         .output()
         .expect("run mana generate"));
@@ -149,8 +188,17 @@ fn training_on_the_builtin_corpus_learns_and_its_checkpoint_generates() {
     // Sampling with the same seed: speculation does not change the text either.
     let sample = |speculative: bool| {
         let mut cmd = mana();
-        cmd.args(["generate", "--prompt", "kv k1=v2", "--max-tokens", "40", "--temperature", "0.8"]);
-        cmd.args(["--top-p", "0.9", "--seed", "5", "--checkpoint"]).arg(&ckpt);
+        cmd.args([
+            "generate",
+            "--prompt",
+            "kv k1=v2",
+            "--max-tokens",
+            "40",
+            "--temperature",
+            "0.8",
+        ]);
+        cmd.args(["--top-p", "0.9", "--seed", "5", "--checkpoint"])
+            .arg(&ckpt);
         if speculative {
             cmd.arg("--speculative");
         }
@@ -167,7 +215,12 @@ fn flags_override_env_which_overrides_the_file() {
     let log = dir.path().join("log.jsonl");
     let train = |env: &[(&str, &str)], flags: &[&str]| {
         let mut cmd = mana();
-        cmd.arg("train").arg("--config").arg(&config).arg("--log-json").arg(&log).args(flags);
+        cmd.arg("train")
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-json")
+            .arg(&log)
+            .args(flags);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -181,7 +234,10 @@ fn flags_override_env_which_overrides_the_file() {
     let from_env = train(&[("MANA_STEPS", "2"), ("MANA_PRECISION", "f32")], &[]);
     assert_eq!(from_env.len(), 2);
     assert_eq!(from_env[0]["precision"], "f32");
-    let from_flag = train(&[("MANA_STEPS", "2"), ("MANA_PRECISION", "f32")], &["--steps", "1", "--precision", "fp8"]);
+    let from_flag = train(
+        &[("MANA_STEPS", "2"), ("MANA_PRECISION", "f32")],
+        &["--steps", "1", "--precision", "fp8"],
+    );
     assert_eq!(from_flag.len(), 1);
     assert_eq!(from_flag[0]["precision"], "fp8");
     // The last step is always evaluated, even with eval_every = 0.
@@ -211,11 +267,23 @@ fn trains_on_a_user_corpus_directory_with_gz_files() {
     std::fs::write(&config, TINY).expect("write config");
     let corpus = dir.path().join("corpus");
     std::fs::create_dir_all(corpus.join("sub")).expect("mkdir");
-    std::fs::write(corpus.join("a.txt"), "In the beginning was the word.\n".repeat(300)).expect("write");
+    std::fs::write(
+        corpus.join("a.txt"),
+        "In the beginning was the word.\n".repeat(300),
+    )
+    .expect("write");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all("And the word was with mana.\n".repeat(300).as_bytes()).expect("compress");
+    gz.write_all("And the word was with mana.\n".repeat(300).as_bytes())
+        .expect("compress");
     std::fs::write(corpus.join("sub/b.txt.gz"), gz.finish().expect("compress")).expect("write");
-    let out = ok(mana().arg("train").arg("--config").arg(&config).arg("--corpus").arg(&corpus).output().expect("run"));
+    let out = ok(mana()
+        .arg("train")
+        .arg("--config")
+        .arg(&config)
+        .arg("--corpus")
+        .arg(&corpus)
+        .output()
+        .expect("run"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("validation loss"));
 }
 
@@ -225,25 +293,46 @@ fn bad_input_is_refused_with_a_message() {
     let config = dir.path().join("tiny.toml");
     std::fs::write(&config, TINY).expect("write config");
     let fails = |args: &[&str], want: &str| {
-        let out = mana().arg("train").arg("--config").arg(&config).args(args).output().expect("run mana");
+        let out = mana()
+            .arg("train")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("run mana");
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
     };
     let missing = dir.path().join("missing.txt");
-    fails(&["--corpus", missing.to_str().expect("UTF-8 temp path")], "missing.txt");
+    fails(
+        &["--corpus", missing.to_str().expect("UTF-8 temp path")],
+        "missing.txt",
+    );
     let binary = dir.path().join("binary.dat");
     std::fs::write(&binary, [0x66u8, 0x6f, 0xff, 0xfe, 0x00]).expect("write");
-    fails(&["--corpus", binary.to_str().expect("UTF-8 temp path")], "UTF-8");
+    fails(
+        &["--corpus", binary.to_str().expect("UTF-8 temp path")],
+        "UTF-8",
+    );
     fails(&["--seq-len", "33"], "context");
     fails(&["--precision", "fp4"], "fp4");
     fails(&["--steps", "0"], "steps");
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, "[train]\nstepz = 3\n").expect("write");
-    let out = mana().arg("train").arg("--config").arg(&unknown).output().expect("run mana");
+    let out = mana()
+        .arg("train")
+        .arg("--config")
+        .arg(&unknown)
+        .output()
+        .expect("run mana");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("stepz"));
-    let out = mana().args(["generate", "--prompt", "x", "--checkpoint"]).arg(dir.path().join("nope")).output().expect("run");
+    let out = mana()
+        .args(["generate", "--prompt", "x", "--checkpoint"])
+        .arg(dir.path().join("nope"))
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint"));
 }

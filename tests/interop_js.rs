@@ -33,7 +33,13 @@ fn require_js_setup() {
     let modules = js_dir().join("node_modules/libp2p");
     if !modules.is_dir() {
         let status = std::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .args([
+                "ci",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
             .arg(js_dir())
             .status();
         assert!(
@@ -59,7 +65,8 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
     for key in path {
         v = &v[*key];
     }
-    v.as_str().unwrap_or_else(|| panic!("js report lacks the string {}: {value}", path.join(".")))
+    v.as_str()
+        .unwrap_or_else(|| panic!("js report lacks the string {}: {value}", path.join(".")))
 }
 
 fn strings_at(value: &Value, path: &[&str]) -> Vec<String> {
@@ -67,13 +74,20 @@ fn strings_at(value: &Value, path: &[&str]) -> Vec<String> {
     for key in path {
         v = &v[*key];
     }
-    let list = v.as_array().unwrap_or_else(|| panic!("js report lacks the list {}: {value}", path.join(".")));
-    list.iter().map(|s| s.as_str().expect("a list of strings").to_owned()).collect()
+    let list = v
+        .as_array()
+        .unwrap_or_else(|| panic!("js report lacks the list {}: {value}", path.join(".")));
+    list.iter()
+        .map(|s| s.as_str().expect("a list of strings").to_owned())
+        .collect()
 }
 
 fn from_hex(text: &str) -> Vec<u8> {
     assert!(text.len() % 2 == 0, "odd-length hex");
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digits")).collect()
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digits"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +107,12 @@ async fn js_libp2p_peer_identifies_subscribes_and_exchanges_gossip() {
     command
         .arg(js_dir().join("peer.mjs"))
         .args(["--bootstrap", &boot[0].to_string(), "--node", &node_addr])
-        .args(["--listen-topic", &heartbeats, "--publish", "hello from js-libp2p"])
+        .args([
+            "--listen-topic",
+            &heartbeats,
+            "--publish",
+            "hello from js-libp2p",
+        ])
         .args(["--timeout-ms", &JS_TIMEOUT.as_millis().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -103,29 +122,52 @@ async fn js_libp2p_peer_identifies_subscribes_and_exchanges_gossip() {
         command.args(["--topic", t]);
     }
     let child = command.spawn().expect("node starts");
-    let output = tokio::time::timeout(JS_TIMEOUT + Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("the js peer finishes")
-        .expect("the js peer's output");
+    let output = tokio::time::timeout(
+        JS_TIMEOUT + Duration::from_secs(30),
+        child.wait_with_output(),
+    )
+    .await
+    .expect("the js peer finishes")
+    .expect("the js peer's output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("js peer printed no JSON report ({e}); stdout: {stdout}; stderr: {stderr}"));
-    assert!(output.status.success() && report.get("error").is_none(), "js peer failed: {report}; stderr: {stderr}");
+    let report: Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+            panic!("js peer printed no JSON report ({e}); stdout: {stdout}; stderr: {stderr}")
+        });
+    assert!(
+        output.status.success() && report.get("error").is_none(),
+        "js peer failed: {report}; stderr: {stderr}"
+    );
     println!("js-libp2p report: {report}");
 
     // Identify from both, over noise and yamux, with mana's agent and protocol version.
     for role in ["bootstrap", "node"] {
-        assert_eq!(str_at(&report, &[role, "agent"]), agent_version(), "{role} agent");
+        assert_eq!(
+            str_at(&report, &[role, "agent"]),
+            agent_version(),
+            "{role} agent"
+        );
         assert_eq!(str_at(&report, &[role, "protocol_version"]), "/mana/1.0.0");
         assert_eq!(str_at(&report, &[role, "encryption"]), "/noise");
         assert_eq!(str_at(&report, &[role, "multiplexer"]), "/yamux/1.0.0");
         let protocols = strings_at(&report, &[role, "protocols"]);
-        for p in ["/ipfs/id/1.0.0", "/ipfs/ping/1.0.0", "/meshsub/1.1.0", "/mana/kad/1.0.0"] {
-            assert!(protocols.iter().any(|x| x == p), "{role} does not announce {p}: {protocols:?}");
+        for p in [
+            "/ipfs/id/1.0.0",
+            "/ipfs/ping/1.0.0",
+            "/meshsub/1.1.0",
+            "/mana/kad/1.0.0",
+        ] {
+            assert!(
+                protocols.iter().any(|x| x == p),
+                "{role} does not announce {p}: {protocols:?}"
+            );
         }
     }
-    assert_eq!(str_at(&report, &["bootstrap", "peer_id"]), bootstrap.client().local_peer_id().to_string());
+    assert_eq!(
+        str_at(&report, &["bootstrap", "peer_id"]),
+        bootstrap.client().local_peer_id().to_string()
+    );
     assert_eq!(str_at(&report, &["node", "peer_id"]), node_id);
 
     // The js peer saw the node subscribed to every public topic, over gossipsub v1.1.
@@ -135,7 +177,10 @@ async fn js_libp2p_peer_identifies_subscribes_and_exchanges_gossip() {
     expected.sort();
     assert_eq!(subscribed, expected);
     let streams = strings_at(&report, &["node", "gossip_streams"]);
-    assert!(!streams.is_empty() && streams.iter().all(|p| p == "/meshsub/1.1.0"), "gossip streams: {streams:?}");
+    assert!(
+        !streams.is_empty() && streams.iter().all(|p| p == "/meshsub/1.1.0"),
+        "gossip streams: {streams:?}"
+    );
 
     // The gossiped message it received is a heartbeat envelope signed by the node.
     assert_eq!(str_at(&report, &["message", "from"]), node_id);
@@ -143,17 +188,28 @@ async fn js_libp2p_peer_identifies_subscribes_and_exchanges_gossip() {
     let envelope = decode_envelope(&bytes).expect("the js peer received a mana envelope");
     assert_eq!(envelope.signer, node.public_key(), "signed by the node");
     let message = envelope.verify().expect("its signature holds");
-    assert!(matches!(message, Message::Heartbeat(ref h) if h.run == run), "a heartbeat of the run: {message:?}");
+    assert!(
+        matches!(message, Message::Heartbeat(ref h) if h.run == run),
+        "a heartbeat of the run: {message:?}"
+    );
 
     // The node received the js peer's message, judged it and rejected it (it is no envelope), blaming the js
     // peer: gossip flows both ways.
     assert!(strings_at(&report, &["published", "recipients"]).contains(&node_id));
     let js_id = str_at(&report, &["local_peer_id"]).to_owned();
-    wait_for(Duration::from_secs(30), "the node to reject the js peer's message", || async {
-        let status = node.status().await.ok()?;
-        let from_js = status.rejections.by_peer.iter().find(|p| p.peer == js_id)?;
-        from_js.reasons.iter().any(|r| r.reason == "bad-envelope").then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the node to reject the js peer's message",
+        || async {
+            let status = node.status().await.ok()?;
+            let from_js = status.rejections.by_peer.iter().find(|p| p.peer == js_id)?;
+            from_js
+                .reasons
+                .iter()
+                .any(|r| r.reason == "bad-envelope")
+                .then_some(())
+        },
+    )
     .await;
 
     node.shutdown().await.expect("shutdown");

@@ -35,7 +35,12 @@ fn cpu_secs(pid: &str) -> f64 {
     // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -45,7 +50,9 @@ fn process_cpu_secs() -> f64 {
 
 /// A plain TCP copy of `data` over loopback (tokio, 1 MiB buffers), in MB/s.
 async fn tcp_copy_mb_s(data: &[u8]) -> f64 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let len = data.len();
     let reader = tokio::spawn(async move {
@@ -73,7 +80,9 @@ const NOISE_FRAME: usize = 65535 - 1024;
 /// of a connection do. Returns (MB/s through the pair, CPU seconds per GB of both threads together).
 fn cipher_bound(total: usize) -> (f64, f64) {
     use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-    let key = || LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"));
+    let key = || {
+        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"))
+    };
     let nonce = |n: u64| {
         let mut bytes = [0u8; 12];
         bytes[4..].copy_from_slice(&n.to_le_bytes()); // noise's ChaChaPoly nonce: 4 zero bytes, 64-bit counter
@@ -88,7 +97,9 @@ fn cipher_bound(total: usize) -> (f64, f64) {
         for n in 0..frames as u64 {
             let mut out = Vec::with_capacity(NOISE_FRAME + 16);
             out.extend_from_slice(&plain);
-            let tag = key.seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out).expect("seal");
+            let tag = key
+                .seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out)
+                .expect("seal");
             out.extend_from_slice(tag.as_ref());
             tx.send(out).expect("opener alive");
         }
@@ -98,7 +109,9 @@ fn cipher_bound(total: usize) -> (f64, f64) {
         let (key, mut busy) = (key(), Duration::ZERO);
         for (n, mut frame) in rx.into_iter().enumerate() {
             let t0 = Instant::now();
-            let opened = key.open_in_place(nonce(n as u64), Aad::empty(), &mut frame).expect("authentic");
+            let opened = key
+                .open_in_place(nonce(n as u64), Aad::empty(), &mut frame)
+                .expect("authentic");
             assert_eq!(opened.len(), NOISE_FRAME);
             busy += t0.elapsed();
         }
@@ -107,7 +120,10 @@ fn cipher_bound(total: usize) -> (f64, f64) {
     let seal_busy = sealer.join().expect("sealer");
     let open_busy = opener.join().expect("opener");
     let bytes = (frames * NOISE_FRAME) as f64;
-    (bytes / 1e6 / start.elapsed().as_secs_f64(), (seal_busy + open_busy).as_secs_f64() / (bytes / 1e9))
+    (
+        bytes / 1e6 / start.elapsed().as_secs_f64(),
+        (seal_busy + open_busy).as_secs_f64() / (bytes / 1e9),
+    )
 }
 
 /// The least work any encrypted, hash-checked transfer does, on this machine: one thread seals noise-sized
@@ -118,7 +134,9 @@ fn cipher_bound(total: usize) -> (f64, f64) {
 fn encrypted_pipeline_bound(total: usize) -> (f64, f64) {
     use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
     use std::io::Read;
-    let key = || LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"));
+    let key = || {
+        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"))
+    };
     let nonce = |n: u64| {
         let mut bytes = [0u8; 12];
         bytes[4..].copy_from_slice(&n.to_le_bytes());
@@ -135,7 +153,9 @@ fn encrypted_pipeline_bound(total: usize) -> (f64, f64) {
         let mut frame = vec![0u8; 2 + NOISE_FRAME + 16];
         for n in 0..frames as u64 {
             sock.read_exact(&mut frame).expect("read a frame");
-            let opened = key.open_in_place(nonce(n), Aad::empty(), &mut frame[2..]).expect("authentic");
+            let opened = key
+                .open_in_place(nonce(n), Aad::empty(), &mut frame[2..])
+                .expect("authentic");
             hasher.update(opened);
         }
         hasher.finalize()
@@ -148,13 +168,18 @@ fn encrypted_pipeline_bound(total: usize) -> (f64, f64) {
         out.clear();
         out.extend_from_slice(&((NOISE_FRAME + 16) as u16).to_be_bytes());
         out.extend_from_slice(&plain);
-        let tag = key.seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out[2..]).expect("seal");
+        let tag = key
+            .seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out[2..])
+            .expect("seal");
         out.extend_from_slice(tag.as_ref());
         sock.write_all(&out).expect("write a frame");
     }
     opener.join().expect("opener");
     let bytes = (frames * NOISE_FRAME) as f64;
-    (bytes / 1e6 / start.elapsed().as_secs_f64(), (process_cpu_secs() - cpu0) / (bytes / 1e9))
+    (
+        bytes / 1e6 / start.elapsed().as_secs_f64(),
+        (process_cpu_secs() - cpu0) / (bytes / 1e9),
+    )
 }
 
 /// A sink that counts the bytes and drops them (the fetch hashes them itself): the transfer alone, without
@@ -197,8 +222,18 @@ struct ProviderProc {
 impl ProviderProc {
     fn spawn(dir: &std::path::Path, boot: &[Multiaddr], bytes: usize, seed: u64) -> Self {
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["provider_process", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env("MANA_BENCH_PROVIDER", format!("{}|{}|{bytes}|{seed}", dir.display(), boot[0]))
+            .args([
+                "provider_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(
+                "MANA_BENCH_PROVIDER",
+                format!("{}|{}|{bytes}|{seed}", dir.display(), boot[0]),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -208,7 +243,10 @@ impl ProviderProc {
         let line = BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .find_map(|l| l.split_once("PROVIDER ").map(|(_, rest)| format!("PROVIDER {rest}")))
+            .find_map(|l| {
+                l.split_once("PROVIDER ")
+                    .map(|(_, rest)| format!("PROVIDER {rest}"))
+            })
             .expect("the provider reports its address"); // after libtest's "test provider_process ... "
         let f: Vec<&str> = line.split_whitespace().collect();
         let hash = |s: &str| s.parse::<ContentHash>().expect("a hash");
@@ -251,22 +289,36 @@ impl Drop for ProviderProc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the provider process of the benchmarks"]
 async fn provider_process() {
-    let Ok(spec) = std::env::var("MANA_BENCH_PROVIDER") else { return };
+    let Ok(spec) = std::env::var("MANA_BENCH_PROVIDER") else {
+        return;
+    };
     let f: Vec<&str> = spec.split('|').collect();
     let boot: Multiaddr = f[1].parse().expect("bootstrap address");
     let (bytes, seed): (usize, u64) = (f[2].parse().expect("size"), f[3].parse().expect("seed"));
     let mut config = node_config(std::path::Path::new(f[0]), &[boot]);
-    config.net.listen.push("/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("a QUIC address"));
+    config.net.listen.push(
+        "/ip4/127.0.0.1/udp/0/quic-v1"
+            .parse()
+            .expect("a QUIC address"),
+    );
     let node = start_node(config).await;
-    let hash = node.host_blob_now(pseudo_random_bytes(bytes, seed)).await.expect("host");
-    let warm = node.host_blob_now(pseudo_random_bytes(1 << 20, seed + 1)).await.expect("host");
+    let hash = node
+        .host_blob_now(pseudo_random_bytes(bytes, seed))
+        .await
+        .expect("host");
+    let warm = node
+        .host_blob_now(pseudo_random_bytes(1 << 20, seed + 1))
+        .await
+        .expect("host");
     let addrs = node.listen_addrs().await.expect("addresses");
     let is_quic = |a: &Multiaddr| a.to_string().contains("quic");
     let addr = addrs.iter().find(|a| !is_quic(a)).expect("a TCP address");
     let quic = addrs.iter().find(|a| is_quic(a)).expect("a QUIC address");
     println!("PROVIDER {} {addr} {hash} {warm} {quic}", node.peer_id());
     std::io::stdout().flush().expect("stdout");
-    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink())).await;
+    let _ =
+        tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+            .await;
     node.shutdown().await.expect("shutdown");
 }
 
@@ -296,10 +348,35 @@ async fn bench_shard_transfer_vs_tcp_copy() {
     let d = FetchOptions::default();
     let variants = [
         ("defaults", FetchOptions { ..d.clone() }),
-        ("16 MiB segments", FetchOptions { segment_bytes: 16 << 20, ..d.clone() }),
-        ("4 MiB segments, 4 streams", FetchOptions { segment_bytes: 4 << 20, streams_per_provider: 4, ..d.clone() }),
-        ("1 stream", FetchOptions { streams_per_provider: 1, ..d.clone() }),
-        ("request-response only", FetchOptions { bulk_streams: false, ..d.clone() }),
+        (
+            "16 MiB segments",
+            FetchOptions {
+                segment_bytes: 16 << 20,
+                ..d.clone()
+            },
+        ),
+        (
+            "4 MiB segments, 4 streams",
+            FetchOptions {
+                segment_bytes: 4 << 20,
+                streams_per_provider: 4,
+                ..d.clone()
+            },
+        ),
+        (
+            "1 stream",
+            FetchOptions {
+                streams_per_provider: 1,
+                ..d.clone()
+            },
+        ),
+        (
+            "request-response only",
+            FetchOptions {
+                bulk_streams: false,
+                ..d.clone()
+            },
+        ),
         ("defaults, again", FetchOptions { ..d.clone() }),
         ("over QUIC", FetchOptions { ..d.clone() }),
     ];
@@ -308,10 +385,16 @@ async fn bench_shard_transfer_vs_tcp_copy() {
         let mut config = node_config(&dir.path().join(format!("b{i}")), &boot);
         config.fetch = fetch.clone();
         let b = start_node(config).await;
-        let addr = if name == "over QUIC" { provider.quic.clone() } else { provider.addr.clone() };
+        let addr = if name == "over QUIC" {
+            provider.quic.clone()
+        } else {
+            provider.addr.clone()
+        };
         b.net().dial(addr).await.expect("dial the provider");
         // Warm the connection (and the provider's open-blob cache for the small blob) first.
-        b.fetch_blob_from(provider.warm, vec![provider.peer]).await.expect("warm-up fetch");
+        b.fetch_blob_from(provider.warm, vec![provider.peer])
+            .await
+            .expect("warm-up fetch");
         let cpu0 = process_cpu_secs();
         let tcp = tcp_copy_mb_s(&data).await;
         let tcp_cpu = process_cpu_secs() - cpu0;
@@ -319,9 +402,20 @@ async fn bench_shard_transfer_vs_tcp_copy() {
         // Over the wire only: hash-checked, into a sink that drops the bytes.
         let (cpu0, provider_cpu0) = (process_cpu_secs(), provider.cpu_secs());
         let start = Instant::now();
-        let (len, _) = fetch_blob(b.net(), provider.hash, vec![provider.peer], Discard(0), &fetch).await.expect("fetch");
+        let (len, _) = fetch_blob(
+            b.net(),
+            provider.hash,
+            vec![provider.peer],
+            Discard(0),
+            &fetch,
+        )
+        .await
+        .expect("fetch");
         let secs = start.elapsed().as_secs_f64();
-        let (fetcher_cpu, provider_cpu) = (process_cpu_secs() - cpu0, provider.cpu_secs() - provider_cpu0);
+        let (fetcher_cpu, provider_cpu) = (
+            process_cpu_secs() - cpu0,
+            provider.cpu_secs() - provider_cpu0,
+        );
         let (wire, gb) = (len as f64 / 1e6 / secs, len as f64 / 1e9);
         println!(
             "shard transfer ({name}), over the wire: {} MB in {secs:.3} s = {wire:.1} MB/s (hash-checked); \
@@ -340,9 +434,15 @@ async fn bench_shard_transfer_vs_tcp_copy() {
         // write speed on this disk.
         let (cpu0, provider_cpu0) = (process_cpu_secs(), provider.cpu_secs());
         let start = Instant::now();
-        let len = b.fetch_blob_from(provider.hash, vec![provider.peer]).await.expect("fetch");
+        let len = b
+            .fetch_blob_from(provider.hash, vec![provider.peer])
+            .await
+            .expect("fetch");
         let secs = start.elapsed().as_secs_f64();
-        let (fetcher_cpu, provider_cpu) = (process_cpu_secs() - cpu0, provider.cpu_secs() - provider_cpu0);
+        let (fetcher_cpu, provider_cpu) = (
+            process_cpu_secs() - cpu0,
+            provider.cpu_secs() - provider_cpu0,
+        );
         let stored = len as f64 / 1e6 / secs;
         let store_bound = store_write_mb_s(&b, &other);
         println!(
@@ -367,10 +467,14 @@ async fn bench_join_and_fetch_1gb_from_3_providers() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
-    let providers: Vec<ProviderProc> =
-        (0..3).map(|i| ProviderProc::spawn(&dir.path().join(format!("p{i}")), &boot, GIB, 21)).collect();
+    let providers: Vec<ProviderProc> = (0..3)
+        .map(|i| ProviderProc::spawn(&dir.path().join(format!("p{i}")), &boot, GIB, 21))
+        .collect();
     let hash = providers[0].hash;
-    assert!(providers.iter().all(|p| p.hash == hash), "the providers host the same blob");
+    assert!(
+        providers.iter().all(|p| p.hash == hash),
+        "the providers host the same blob"
+    );
     let peers: Vec<PeerId> = providers.iter().map(|p| p.peer).collect();
     let cpu0: Vec<f64> = providers.iter().map(ProviderProc::cpu_secs).collect();
     let fetcher_cpu0 = process_cpu_secs();
@@ -378,14 +482,21 @@ async fn bench_join_and_fetch_1gb_from_3_providers() {
     let start = Instant::now();
     let node = start_node(node_config(&dir.path().join("fresh"), &boot)).await;
     for p in &providers {
-        node.net().dial(p.addr.clone()).await.expect("dial a provider");
+        node.net()
+            .dial(p.addr.clone())
+            .await
+            .expect("dial a provider");
     }
     let joined = start.elapsed().as_secs_f64();
     let len = node.fetch_blob_from(hash, peers).await.expect("fetch");
     let total = start.elapsed().as_secs_f64();
     assert_eq!(len, GIB as u64);
     let fetcher_cpu = process_cpu_secs() - fetcher_cpu0;
-    let provider_cpu: Vec<f64> = providers.iter().zip(&cpu0).map(|(p, c)| p.cpu_secs() - c).collect();
+    let provider_cpu: Vec<f64> = providers
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c)| p.cpu_secs() - c)
+        .collect();
     node.shutdown().await.expect("shutdown");
     let served: Vec<u64> = providers.into_iter().map(ProviderProc::stop).collect();
     println!(
@@ -423,7 +534,12 @@ async fn bench_gossip_latency_to_five_peers() {
             run: run.clone(),
             seq,
             hosted: Vec::new(),
-            capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 0, tokens_per_second: 0.0, max_shards: 0 },
+            capacity: Capacity {
+                device: DeviceKind::Cpu,
+                memory_bytes: 0,
+                tokens_per_second: 0.0,
+                max_shards: 0,
+            },
             software_version: Text::new("probe").expect("short"),
         });
         let start = Instant::now();
@@ -493,20 +609,34 @@ fn bench_idle_node_rss() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("temp dir");
     let mut boot = Command::new(env!("CARGO_BIN_EXE_mana"))
-        .args(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .args([
+            "bootstrap",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
         .arg(dir.path().join("boot"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("bootstrap");
     let mut line = String::new();
-    BufReader::new(boot.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    BufReader::new(boot.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address");
     let boot = Proc(boot);
     let nodes: Vec<Proc> = (0..4)
         .map(|i| {
             Proc(
                 Command::new(env!("CARGO_BIN_EXE_mana"))
-                    .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", line.trim(), "--data-dir"])
+                    .args([
+                        "node",
+                        "--listen",
+                        "/ip4/127.0.0.1/tcp/0",
+                        "--bootstrap",
+                        line.trim(),
+                        "--data-dir",
+                    ])
                     .arg(dir.path().join(format!("n{i}")))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -517,8 +647,14 @@ fn bench_idle_node_rss() {
         .collect();
     std::thread::sleep(Duration::from_secs(15));
     let rss: Vec<u64> = nodes.iter().filter_map(|p| rss_kib(p.0.id())).collect();
-    println!("idle RSS after 15 s, 4 nodes + bootstrap on loopback: nodes {rss:?} KiB, bootstrap {:?} KiB", rss_kib(boot.0.id()));
+    println!(
+        "idle RSS after 15 s, 4 nodes + bootstrap on loopback: nodes {rss:?} KiB, bootstrap {:?} KiB",
+        rss_kib(boot.0.id())
+    );
     if !rss.is_empty() {
-        println!("mean idle node RSS: {:.1} MiB", rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1024.0);
+        println!(
+            "mean idle node RSS: {:.1} MiB",
+            rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1024.0
+        );
     }
 }

@@ -28,7 +28,12 @@ fn mana() -> Command {
 /// Starts `mana bootstrap` and returns it with the first address it prints.
 fn start_bootstrap(data_dir: &Path) -> (Proc, String) {
     let mut child = mana()
-        .args(["bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .args([
+            "bootstrap",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -36,14 +41,23 @@ fn start_bootstrap(data_dir: &Path) -> (Proc, String) {
         .expect("mana bootstrap starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("bootstrap prints its address");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("bootstrap prints its address");
     let addr = line.trim().to_owned();
-    assert!(addr.contains("/p2p/12D3KooW"), "unexpected address line {addr:?}");
+    assert!(
+        addr.contains("/p2p/12D3KooW"),
+        "unexpected address line {addr:?}"
+    );
     (Proc(child), addr)
 }
 
 fn status_json(data_dir: &Path) -> Option<serde_json::Value> {
-    let out = mana().args(["status", "--json", "--data-dir"]).arg(data_dir).output().ok()?;
+    let out = mana()
+        .args(["status", "--json", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -59,7 +73,14 @@ fn binaries_join_through_bootstrap_and_report_status() {
     let mut nodes = Vec::new();
     for name in ["n1", "n2"] {
         let child = mana()
-            .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", &boot_addr, "--data-dir"])
+            .args([
+                "node",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--bootstrap",
+                &boot_addr,
+                "--data-dir",
+            ])
             .arg(dir.path().join(name))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -74,14 +95,23 @@ fn binaries_join_through_bootstrap_and_report_status() {
     for name in ["n1", "n2"] {
         loop {
             if let Some(s) = status_json(&dir.path().join(name)) {
-                let peers: Vec<String> =
-                    s["peers"].as_array().map(|a| a.iter().filter_map(|p| p["peer_id"].as_str().map(String::from)).collect()).unwrap_or_default();
+                let peers: Vec<String> = s["peers"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|p| p["peer_id"].as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if peers.len() >= 2 && peers.contains(&boot_id) && s["stale"] == false {
                     ids.push(s["peer_id"].as_str().expect("peer id").to_owned());
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "node {name} did not join in time");
+            assert!(
+                Instant::now() < deadline,
+                "node {name} did not join in time"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

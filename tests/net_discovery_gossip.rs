@@ -28,12 +28,17 @@ async fn five_nodes_find_each_other_and_gossip_reaches_all() {
     // the bootstrap.
     for (i, node) in nodes.iter().enumerate() {
         let others: HashSet<String> = ids.iter().filter(|id| **id != ids[i]).cloned().collect();
-        wait_for(Duration::from_secs(30), &format!("node {i} to discover the others"), || async {
-            let snap = node.net().snapshot().await.ok()?;
-            let connected: HashSet<String> = snap.peers.iter().map(|p| p.peer_id.clone()).collect();
-            let known: HashSet<String> = snap.routing_table.iter().cloned().collect();
-            (others.is_subset(&connected) && others.is_subset(&known)).then_some(())
-        })
+        wait_for(
+            Duration::from_secs(30),
+            &format!("node {i} to discover the others"),
+            || async {
+                let snap = node.net().snapshot().await.ok()?;
+                let connected: HashSet<String> =
+                    snap.peers.iter().map(|p| p.peer_id.clone()).collect();
+                let known: HashSet<String> = snap.routing_table.iter().cloned().collect();
+                (others.is_subset(&connected) && others.is_subset(&known)).then_some(())
+            },
+        )
         .await;
     }
 
@@ -60,7 +65,11 @@ async fn five_nodes_find_each_other_and_gossip_reaches_all() {
     // No honest message was rejected anywhere.
     for node in &nodes {
         let status = node.status().await.expect("status");
-        assert_eq!(status.rejected_messages, 0, "honest traffic rejected: {:?}", status.rejections);
+        assert_eq!(
+            status.rejected_messages, 0,
+            "honest traffic rejected: {:?}",
+            status.rejections
+        );
         assert!(status.accepted_messages > 0);
     }
 

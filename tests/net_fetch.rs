@@ -12,7 +12,10 @@ use mana_node::keyfile;
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
 use mana_node::net::libp2p::{Multiaddr, PeerId};
 use mana_node::net::{self, FetchResponse, NetConfig, NetEvent};
-use mana_protocol::{Bytes, CheckpointManifest, ContentHash, Message, RangeRequest, RangeResponse, ShardEntry, ShardId};
+use mana_protocol::{
+    Bytes, CheckpointManifest, ContentHash, Message, RangeRequest, RangeResponse, ShardEntry,
+    ShardId,
+};
 use net_support::*;
 
 const SHARD_BYTES: usize = 50 * 1024 * 1024;
@@ -25,7 +28,9 @@ async fn node_syncs_a_50mb_shard_from_a_peer_and_checks_its_hash() {
 
     // Node A is the run's coordinator (its key is made first so both nodes can be told about it).
     let a_dir = dir.path().join("a");
-    let coordinator = keyfile::generate(&a_dir.join("node.key"), false).expect("key").public();
+    let coordinator = keyfile::generate(&a_dir.join("node.key"), false)
+        .expect("key")
+        .public();
     let mut a_config = node_config(&a_dir, &boot);
     a_config.coordinator = Some(coordinator);
     let a = start_node(a_config).await;
@@ -34,18 +39,28 @@ async fn node_syncs_a_50mb_shard_from_a_peer_and_checks_its_hash() {
     let b = start_node(b_config).await;
 
     let shard_bytes = pseudo_random_bytes(SHARD_BYTES, 7);
-    let hash = a.host_blob(shard_bytes.clone()).await.expect("A hosts the shard");
+    let hash = a
+        .host_blob(shard_bytes.clone())
+        .await
+        .expect("A hosts the shard");
     assert_eq!(hash, ContentHash::of(&shard_bytes));
     let shard = ShardId::expert(0, 3).expect("valid shard id");
     let manifest = Message::CheckpointManifest(CheckpointManifest {
         run: a_config_run(),
         round: 1,
-        shards: vec![ShardEntry { shard, hash, size: SHARD_BYTES as u64, round: 1 }],
+        shards: vec![ShardEntry {
+            shard,
+            hash,
+            size: SHARD_BYTES as u64,
+            round: 1,
+        }],
     });
     // Publishing fails until B's subscription has reached A.
-    wait_for(Duration::from_secs(20), "the manifest to be published", || async {
-        a.publish(&manifest).await.ok()
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the manifest to be published",
+        || async { a.publish(&manifest).await.ok() },
+    )
     .await;
 
     let status = wait_for(Duration::from_secs(45), "B to sync round 1", || async {
@@ -56,17 +71,32 @@ async fn node_syncs_a_50mb_shard_from_a_peer_and_checks_its_hash() {
     assert_eq!(status.stored_shards.len(), 1);
     assert_eq!(status.stored_shards[0].hash, hash.to_string());
     assert_eq!(status.hosted_experts, vec!["expert/0/3".to_owned()]);
-    let stored = b.store().get_blob(&hash).expect("B's copy reads back verified");
+    let stored = b
+        .store()
+        .get_blob(&hash)
+        .expect("B's copy reads back verified");
     assert_eq!(ContentHash::of(&stored), hash);
     assert_eq!(stored.len(), SHARD_BYTES);
 
     // The traffic counters saw the shard cross the wire (B read it, A wrote it) and the manifest's gossip.
     let (a_traffic, b_traffic) = (a.status().await.expect("status").traffic, status.traffic);
     println!("traffic: A {a_traffic:?}, B {b_traffic:?}");
-    assert!(b_traffic.fetch_in >= SHARD_BYTES as u64, "B read the shard: {b_traffic:?}");
-    assert!(a_traffic.fetch_out >= SHARD_BYTES as u64, "A served the shard: {a_traffic:?}");
-    assert!(b_traffic.fetch_out > 0 && b_traffic.fetch_out < 1 << 20, "B sent only small requests: {b_traffic:?}");
-    assert!(a_traffic.gossip_out > 0 && b_traffic.gossip_in > 0, "gossip counted both ways");
+    assert!(
+        b_traffic.fetch_in >= SHARD_BYTES as u64,
+        "B read the shard: {b_traffic:?}"
+    );
+    assert!(
+        a_traffic.fetch_out >= SHARD_BYTES as u64,
+        "A served the shard: {a_traffic:?}"
+    );
+    assert!(
+        b_traffic.fetch_out > 0 && b_traffic.fetch_out < 1 << 20,
+        "B sent only small requests: {b_traffic:?}"
+    );
+    assert!(
+        a_traffic.gossip_out > 0 && b_traffic.gossip_in > 0,
+        "gossip counted both ways"
+    );
 
     a.shutdown().await.expect("shutdown");
     b.shutdown().await.expect("shutdown");
@@ -89,12 +119,16 @@ async fn a_provider_serving_wrong_bytes_is_caught_and_nothing_is_stored() {
     let hash = ContentHash::of(&wanted);
     let mut config = NetConfig::for_tests();
     config.bootstrap = boot.clone();
-    let (liar, mut events, event_loop) = net::new(Libp2pKeypair::generate_ed25519(), config).expect("liar swarm");
+    let (liar, mut events, event_loop) =
+        net::new(Libp2pKeypair::generate_ed25519(), config).expect("liar swarm");
     tokio::spawn(event_loop.run());
     let liar_serves = liar.clone();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
-            if let NetEvent::InboundRequest { request, channel, .. } = event {
+            if let NetEvent::InboundRequest {
+                request, channel, ..
+            } = event
+            {
                 let start = request.offset as usize;
                 let end = (start + request.max_len as usize).min(wanted.len());
                 let mut data = wanted[start.min(end)..end].to_vec();
@@ -111,15 +145,23 @@ async fn a_provider_serving_wrong_bytes_is_caught_and_nothing_is_stored() {
             }
         }
     });
-    wait_for(Duration::from_secs(20), "the liar to announce the blob", || async {
-        liar.start_providing(hash.0.to_vec()).await.ok()
-    })
+    wait_for(
+        Duration::from_secs(20),
+        "the liar to announce the blob",
+        || async { liar.start_providing(hash.0.to_vec()).await.ok() },
+    )
     .await;
 
     let result = b.fetch_blob(hash).await;
     let err = result.expect_err("a wrong blob must not be accepted");
-    assert!(err.to_string().contains("hash mismatch"), "unexpected error: {err}");
-    assert!(!b.store().has_blob(&hash).expect("store readable"), "nothing stored");
+    assert!(
+        err.to_string().contains("hash mismatch"),
+        "unexpected error: {err}"
+    );
+    assert!(
+        !b.store().has_blob(&hash).expect("store readable"),
+        "nothing stored"
+    );
 
     b.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;
@@ -147,14 +189,23 @@ async fn one_blob_is_fetched_from_three_providers_at_once() {
     }
     let hash = ContentHash::of(&blob);
     let peers = providers.iter().map(|p| p.peer_id()).collect();
-    assert_eq!(b.fetch_blob_from(hash, peers).await.expect("fetch"), blob.len() as u64);
+    assert_eq!(
+        b.fetch_blob_from(hash, peers).await.expect("fetch"),
+        blob.len() as u64
+    );
     assert_eq!(b.read_blob(hash).await.expect("stored"), blob);
     let mut served = Vec::new();
     for p in &providers {
         served.push(p.status().await.expect("status").traffic.fetch_out);
     }
-    assert!(served.iter().all(|&s| s >= 1024 * 1024), "every provider served at least a segment: {served:?}");
-    assert!(served.iter().sum::<u64>() >= blob.len() as u64, "the bytes came from them: {served:?}");
+    assert!(
+        served.iter().all(|&s| s >= 1024 * 1024),
+        "every provider served at least a segment: {served:?}"
+    );
+    assert!(
+        served.iter().sum::<u64>() >= blob.len() as u64,
+        "the bytes came from them: {served:?}"
+    );
 
     for node in providers.into_iter().chain([b]) {
         node.shutdown().await.expect("shutdown");
@@ -172,11 +223,17 @@ enum Hostile {
 }
 
 /// A swarm that announces the blob and answers bulk streams the `Hostile` way. Returns its address.
-async fn hostile_provider(boot: &[Multiaddr], hash: ContentHash, total: u64, how: Hostile) -> (PeerId, Multiaddr) {
+async fn hostile_provider(
+    boot: &[Multiaddr],
+    hash: ContentHash,
+    total: u64,
+    how: Hostile,
+) -> (PeerId, Multiaddr) {
     use mana_node::net::libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
     let mut config = NetConfig::for_tests();
     config.bootstrap = boot.to_vec();
-    let (client, mut events, event_loop) = net::new(Libp2pKeypair::generate_ed25519(), config).expect("swarm");
+    let (client, mut events, event_loop) =
+        net::new(Libp2pKeypair::generate_ed25519(), config).expect("swarm");
     tokio::spawn(event_loop.run());
     let mut incoming = client.accept_blob_streams().expect("accepting");
     tokio::spawn(async move { while events.recv().await.is_some() {} });
@@ -192,13 +249,22 @@ async fn hostile_provider(boot: &[Multiaddr], hash: ContentHash, total: u64, how
                     if stream.read_exact(&mut frame).await.is_err() {
                         return;
                     }
-                    let Ok(request) = RangeRequest::decode(&frame) else { return };
+                    let Ok(request) = RangeRequest::decode(&frame) else {
+                        return;
+                    };
                     let (claimed, trickle) = match how {
                         _ if request.len == 0 => (0, false),
                         Hostile::Trickle => (request.len, true),
-                        Hostile::Oversized => ((request.len + 1).min(total - request.offset), false),
+                        Hostile::Oversized => {
+                            ((request.len + 1).min(total - request.offset), false)
+                        }
                     };
-                    let header = RangeResponse::Range { hash, offset: request.offset, total_size: total, len: claimed };
+                    let header = RangeResponse::Range {
+                        hash,
+                        offset: request.offset,
+                        total_size: total,
+                        len: claimed,
+                    };
                     let frame = header.encode().expect("encodable");
                     let mut out = (frame.len() as u16).to_le_bytes().to_vec();
                     out.extend_from_slice(&frame);
@@ -215,7 +281,11 @@ async fn hostile_provider(boot: &[Multiaddr], hash: ContentHash, total: u64, how
             });
         }
     });
-    let addr = client.listen_addrs(Duration::from_secs(10)).await.expect("listening").remove(0);
+    let addr = client
+        .listen_addrs(Duration::from_secs(10))
+        .await
+        .expect("listening")
+        .remove(0);
     let peer = client.local_peer_id();
     // The swarm lives as long as a client clone does: keep one in a task that never ends.
     tokio::spawn(async move {
@@ -250,10 +320,18 @@ async fn trickling_and_oversized_providers_are_dropped_and_their_ranges_come_fro
         b.net().dial(addr).await.expect("dial");
     }
     peers.push(honest.peer_id());
-    assert_eq!(b.fetch_blob_from(hash, peers).await.expect("fetched from the honest provider"), blob.len() as u64);
+    assert_eq!(
+        b.fetch_blob_from(hash, peers)
+            .await
+            .expect("fetched from the honest provider"),
+        blob.len() as u64
+    );
     assert_eq!(b.read_blob(hash).await.expect("stored"), blob);
     let served = honest.status().await.expect("status").traffic.fetch_out;
-    assert!(served >= blob.len() as u64, "every range the hostile ones held came from the honest one: {served}");
+    assert!(
+        served >= blob.len() as u64,
+        "every range the hostile ones held came from the honest one: {served}"
+    );
 
     b.shutdown().await.expect("shutdown");
     honest.shutdown().await.expect("shutdown");

@@ -34,8 +34,8 @@ use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
-    AcceptedDeltas, ContentHash, Deadlines, Message, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement,
-    RoundCommit, ShardId, UpdateRule,
+    AcceptedDeltas, ContentHash, Deadlines, Message, PublicKey, RejectCode, RejectedDelta,
+    RoundAnnouncement, RoundCommit, ShardId, UpdateRule,
 };
 use net_support::*;
 use tokio::sync::{broadcast, watch};
@@ -83,7 +83,8 @@ impl Net {
     /// The real conductor, for `rounds` rounds (or until the test stops it).
     fn conduct(&self, rounds: u64) -> RoleTask {
         let run = self.coordinator.config().net.run_id.clone();
-        let mut machine = machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
+        let mut machine =
+            machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
         machine.min_members = HONEST;
         // Room for the first round, in which every node fetches the base model on a debug build and two cores.
         machine.train_ms = 15_000;
@@ -91,7 +92,11 @@ impl Net {
         machine.cooldown_ms = 200;
         let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
         role.rounds = Some(rounds);
-        tokio::spawn(run_conductor(self.coordinator.clone(), role, stopped(self.stop_rx.clone())))
+        tokio::spawn(run_conductor(
+            self.coordinator.clone(),
+            role,
+            stopped(self.stop_rx.clone()),
+        ))
     }
 
     async fn statuses(&self) -> Vec<NodeStatus> {
@@ -103,7 +108,12 @@ impl Net {
     }
 
     /// Waits until every trainer's status satisfies `check`.
-    async fn wait_trainers(&self, timeout: Duration, what: &str, check: impl Fn(&NodeStatus) -> bool) -> Vec<NodeStatus> {
+    async fn wait_trainers(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&NodeStatus) -> bool,
+    ) -> Vec<NodeStatus> {
         wait_for(timeout, what, || async {
             let all = self.statuses().await;
             all.iter().all(&check).then_some(all)
@@ -115,9 +125,17 @@ impl Net {
         let _ = self.stop_tx.send(true);
         for (node, task) in self.trainers {
             task.await.expect("trainer task").expect("trainer ran");
-            Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+            Arc::into_inner(node)
+                .expect("sole owner")
+                .shutdown()
+                .await
+                .expect("shutdown");
         }
-        Arc::into_inner(self.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+        Arc::into_inner(self.coordinator)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
         self.bootstrap.shutdown().await;
     }
 }
@@ -143,9 +161,11 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         .expect("coordinator task")
         .expect("coordinator ran");
     let before = net
-        .wait_trainers(Duration::from_secs(30), "every trainer applied the last honest round", |s| {
-            training(s).applied_round == Some(HONEST_ROUNDS)
-        })
+        .wait_trainers(
+            Duration::from_secs(30),
+            "every trainer applied the last honest round",
+            |s| training(s).applied_round == Some(HONEST_ROUNDS),
+        )
         .await;
     let honest_ann = seen_by_trainer
         .find(|m| match &m.message {
@@ -169,21 +189,36 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let ann = RoundAnnouncement {
         round: LIE,
         base_checkpoint: base.hash().expect("manifest hash"),
-        deadlines: Deadlines { deltas_by_ms: now + 60_000, commit_by_ms: now + 90_000 },
+        deadlines: Deadlines {
+            deltas_by_ms: now + 60_000,
+            commit_by_ms: now + 90_000,
+        },
         ..honest_ann.clone()
     };
-    publish_patiently(&net.coordinator, &Message::RoundAnnouncement(ann.clone()), Duration::from_secs(10))
-        .await
-        .expect("the lying round announced");
-    let trunk_deltas = wait_for(Duration::from_secs(60), "every trainer's trunk delta of the lying round", || async {
-        let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m.message {
-            Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => Some((m.signer, d.payload_hash)),
-            _ => None,
-        });
-        deltas.sort();
-        deltas.dedup();
-        (deltas.len() == HONEST).then_some(deltas)
-    })
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundAnnouncement(ann.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the lying round announced");
+    let trunk_deltas = wait_for(
+        Duration::from_secs(60),
+        "every trainer's trunk delta of the lying round",
+        || async {
+            let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m
+                .message
+            {
+                Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => {
+                    Some((m.signer, d.payload_hash))
+                }
+                _ => None,
+            });
+            deltas.sort();
+            deltas.dedup();
+            (deltas.len() == HONEST).then_some(deltas)
+        },
+    )
     .await;
     // The lie: every trunk delta accepted, the trunk committed unchanged (its old blob, which exists and could
     // be fetched); the experts honestly unchanged (no expert delta accepted).
@@ -195,22 +230,31 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let lie = RoundCommit {
         run: ann.run.clone(),
         round: LIE,
-        accepted: vec![AcceptedDeltas { shard: ShardId::Trunk, deltas: payloads.clone() }],
+        accepted: vec![AcceptedDeltas {
+            shard: ShardId::Trunk,
+            deltas: payloads.clone(),
+        }],
         rejected: Vec::new(),
         checkpoint,
     };
     assert_eq!(lie.round, LIE);
     let lie_id = lie.hash().expect("commit id");
     let lie_at = Instant::now();
-    publish_patiently(&net.coordinator, &Message::RoundCommit(lie.clone()), Duration::from_secs(10))
-        .await
-        .expect("the wrong commit published");
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(lie.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the wrong commit published");
 
     // Every trainer refuses it: status, no adoption, stopped.
     let refused = net
-        .wait_trainers(Duration::from_secs(60), "every trainer refused the wrong commit", |s| {
-            training(s).refused_commit.is_some() && training(s).halted.is_some()
-        })
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer refused the wrong commit",
+            |s| training(s).refused_commit.is_some() && training(s).halted.is_some(),
+        )
         .await;
     let refuse_s = lie_at.elapsed().as_secs_f64();
     let mut computed = Vec::new();
@@ -227,31 +271,67 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         assert_eq!(r.disputes_published, 1);
         computed.push(r.shards[0].computed.clone());
         // Not adopted: the node's store and its applied round stay at the honest round.
-        assert_eq!(t.applied_round, Some(HONEST_ROUNDS), "{} adopted the wrong commit", s.peer_id);
-        assert_eq!(s.stored_round, Some(HONEST_ROUNDS), "{} stored the wrong commit", s.peer_id);
-        let was = before.iter().find(|b| b.peer_id == s.peer_id).expect("the same trainer before");
-        assert_eq!(training(was).held_shards, t.held_shards, "{} changed its shards", s.peer_id);
+        assert_eq!(
+            t.applied_round,
+            Some(HONEST_ROUNDS),
+            "{} adopted the wrong commit",
+            s.peer_id
+        );
+        assert_eq!(
+            s.stored_round,
+            Some(HONEST_ROUNDS),
+            "{} stored the wrong commit",
+            s.peer_id
+        );
+        let was = before
+            .iter()
+            .find(|b| b.peer_id == s.peer_id)
+            .expect("the same trainer before");
+        assert_eq!(
+            training(was).held_shards,
+            t.held_shards,
+            "{} changed its shards",
+            s.peer_id
+        );
         assert_eq!(t.hash_mismatches, 1);
     }
     computed.dedup();
-    assert_eq!(computed.len(), 1, "the honest trainers computed the same trunk: {computed:?}");
+    assert_eq!(
+        computed.len(),
+        1,
+        "the honest trainers computed the same trunk: {computed:?}"
+    );
 
     // The disputes: signed by each trainer, checkable against the commit, agreeing with each other.
-    let disputes = wait_for(Duration::from_secs(20), "the coordinator heard every dispute", || async {
-        let d: Vec<Accepted> = seen_by_coordinator.find(|m| matches!(m.message, Message::CommitDispute(_)).then(|| m.clone()));
-        (d.len() >= HONEST).then_some(d)
-    })
+    let disputes = wait_for(
+        Duration::from_secs(20),
+        "the coordinator heard every dispute",
+        || async {
+            let d: Vec<Accepted> = seen_by_coordinator
+                .find(|m| matches!(m.message, Message::CommitDispute(_)).then(|| m.clone()));
+            (d.len() >= HONEST).then_some(d)
+        },
+    )
     .await;
     let mut signers = Vec::new();
     for m in &disputes {
         let bytes = m.envelope.encode().expect("encode");
         let envelope = mana_protocol::decode_envelope(&bytes).expect("decodes");
-        let Message::CommitDispute(dispute) = envelope.verify().expect("the dispute's signature verifies") else {
+        let Message::CommitDispute(dispute) =
+            envelope.verify().expect("the dispute's signature verifies")
+        else {
             panic!("not a dispute")
         };
-        assert!(trainer_keys.contains(&envelope.signer), "signed by a trainer");
+        assert!(
+            trainer_keys.contains(&envelope.signer),
+            "signed by a trainer"
+        );
         signers.push(envelope.signer);
-        assert_eq!(dispute.matches(&lie), Ok(()), "the dispute quotes the wrong commit faithfully");
+        assert_eq!(
+            dispute.matches(&lie),
+            Ok(()),
+            "the dispute quotes the wrong commit faithfully"
+        );
         assert_eq!(dispute.accepted, payloads);
         assert_eq!(dispute.base, lied_trunk);
         assert_eq!(dispute.computed.to_string(), computed[0]);
@@ -259,53 +339,89 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     signers.sort();
     signers.dedup();
     assert_eq!(signers.len(), HONEST, "one dispute from every trainer");
-    let heard = net.coordinator.status().await.expect("status").disputes_heard;
-    assert!(heard >= HONEST as u64, "the coordinator's node counts the disputes: {heard}");
+    let heard = net
+        .coordinator
+        .status()
+        .await
+        .expect("status")
+        .disputes_heard;
+    assert!(
+        heard >= HONEST as u64,
+        "the coordinator's node counts the disputes: {heard}"
+    );
 
     // A round built on the wrong commit: every trainer declines it.
     let trained_before: Vec<u64> = refused.iter().map(|s| training(s).rounds_trained).collect();
     let wrong_manifest = lie.checkpoint.to_bytes().expect("manifest bytes");
-    net.coordinator.host_blob_now(wrong_manifest).await.expect("hosted");
+    net.coordinator
+        .host_blob_now(wrong_manifest)
+        .await
+        .expect("hosted");
     let now = mana_node::daemon::now_ms();
     let next = RoundAnnouncement {
         round: LIE + 1,
         base_checkpoint: lie.checkpoint.hash().expect("hash"),
-        deadlines: Deadlines { deltas_by_ms: now + 60_000, commit_by_ms: now + 90_000 },
+        deadlines: Deadlines {
+            deltas_by_ms: now + 60_000,
+            commit_by_ms: now + 90_000,
+        },
         ..ann.clone()
     };
-    publish_patiently(&net.coordinator, &Message::RoundAnnouncement(next), Duration::from_secs(10))
-        .await
-        .expect("the round after the lie announced");
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundAnnouncement(next),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the round after the lie announced");
     let after = net
-        .wait_trainers(Duration::from_secs(30), "every trainer declined the round after the lie", |s| {
-            training(s).rounds_declined >= 1
-        })
+        .wait_trainers(
+            Duration::from_secs(30),
+            "every trainer declined the round after the lie",
+            |s| training(s).rounds_declined >= 1,
+        )
         .await;
     let trained_after: Vec<u64> = after.iter().map(|s| training(s).rounds_trained).collect();
-    assert_eq!(trained_before, trained_after, "a trainer trained on the wrong commit");
+    assert_eq!(
+        trained_before, trained_after,
+        "a trainer trained on the wrong commit"
+    );
     let round3_deltas = seen_by_coordinator.find(|m| match &m.message {
         Message::DeltaAnnouncement(d) if d.round == LIE + 1 => Some(()),
         _ => None,
     });
-    assert!(round3_deltas.is_empty(), "deltas were sent for a round built on the wrong commit");
+    assert!(
+        round3_deltas.is_empty(),
+        "deltas were sent for a round built on the wrong commit"
+    );
     // The refusal is kept in each trainer's store (so a restarted trainer still refuses; see the test below).
     for (node, _) in &net.trainers {
         let key = refusal_key(LIE, &lie.run);
-        let blobs = node.store().evidence_piece(&key).expect("evidence read").expect("the refusal kept");
-        let record: RefusedCommit = serde_json::from_slice(&node.read_blob(blobs[0]).await.expect("blob")).expect("json");
+        let blobs = node
+            .store()
+            .evidence_piece(&key)
+            .expect("evidence read")
+            .expect("the refusal kept");
+        let record: RefusedCommit =
+            serde_json::from_slice(&node.read_blob(blobs[0]).await.expect("blob")).expect("json");
         assert_eq!((record.round, record.commit), (LIE, lie_id.to_string()));
     }
     // What `mana status` (and its `--json`) reads: the status file each node rewrites.
     for (node, _) in &net.trainers {
         let dir = node.config().data_dir.clone();
-        wait_for(Duration::from_secs(20), "the refusal in the status file", || {
-            let dir = dir.clone();
-            async move {
-                let s = mana_node::daemon::status::read(&dir).ok()?;
-                let t = s.training?;
-                (t.halted.is_some() && t.refused_commit.is_some_and(|r| r.round == LIE)).then_some(())
-            }
-        })
+        wait_for(
+            Duration::from_secs(20),
+            "the refusal in the status file",
+            || {
+                let dir = dir.clone();
+                async move {
+                    let s = mana_node::daemon::status::read(&dir).ok()?;
+                    let t = s.training?;
+                    (t.halted.is_some() && t.refused_commit.is_some_and(|r| r.round == LIE))
+                        .then_some(())
+                }
+            },
+        )
         .await;
     }
     eprintln!(
@@ -329,14 +445,18 @@ async fn a_coordinator_that_equivocates_is_caught() {
     let conducting = net.conduct(3);
 
     // The honest commit of round 1, as the trainers got it.
-    let first = wait_for(Duration::from_secs(120), "the commit of round 1", || async {
-        seen_by_trainer
-            .find(|m| match &m.message {
-                Message::RoundCommit(c) if c.round == 1 => Some(c.clone()),
-                _ => None,
-            })
-            .pop()
-    })
+    let first = wait_for(
+        Duration::from_secs(120),
+        "the commit of round 1",
+        || async {
+            seen_by_trainer
+                .find(|m| match &m.message {
+                    Message::RoundCommit(c) if c.round == 1 => Some(c.clone()),
+                    _ => None,
+                })
+                .pop()
+        },
+    )
     .await;
     // The second story of round 1: the same, but blaming a trainer for a delta it never sent.
     let mut second = first.clone();
@@ -346,63 +466,116 @@ async fn a_coordinator_that_equivocates_is_caught() {
         payload_hash: ContentHash::of(b"never sent"),
         reason: RejectCode::NormTooLarge,
     });
-    let ids = BTreeMap::from([(first.hash().expect("id"), "first"), (second.hash().expect("id"), "second")]);
+    let ids = BTreeMap::from([
+        (first.hash().expect("id"), "first"),
+        (second.hash().expect("id"), "second"),
+    ]);
     let lie_at = Instant::now();
-    publish_patiently(&net.coordinator, &Message::RoundCommit(second.clone()), Duration::from_secs(10))
-        .await
-        .expect("the second commit published");
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(second.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the second commit published");
 
     // Every node keeps the pair and shows it; every trainer stops.
     let mut nodes: Vec<(&str, Arc<NodeHandle>)> = vec![("coordinator", net.coordinator.clone())];
-    nodes.extend(net.trainers.iter().enumerate().map(|(i, (n, _))| (["node-0", "node-1", "node-2"][i], n.clone())));
+    nodes.extend(
+        net.trainers
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (["node-0", "node-1", "node-2"][i], n.clone())),
+    );
     for (name, node) in &nodes {
-        let status = wait_for(Duration::from_secs(30), &format!("{name} caught the equivocation"), || async {
-            let s = node.status().await.expect("status");
-            (!s.equivocations.is_empty()).then_some(s)
-        })
+        let status = wait_for(
+            Duration::from_secs(30),
+            &format!("{name} caught the equivocation"),
+            || async {
+                let s = node.status().await.expect("status");
+                (!s.equivocations.is_empty()).then_some(s)
+            },
+        )
         .await;
         let e = &status.equivocations[0];
         assert_eq!(e.round, 1, "{name}");
         assert_eq!(e.evidence.len(), 2, "{name}: both envelopes stored");
         let mut key_bytes = 1u64.to_be_bytes().to_vec();
         key_bytes.extend_from_slice(EVIDENCE_KIND);
-        let blobs = node.store().evidence_piece(&key_bytes).expect("evidence read").expect("evidence kept");
-        assert_eq!(blobs.iter().map(|h| h.to_string()).collect::<Vec<_>>(), e.evidence, "{name}");
+        let blobs = node
+            .store()
+            .evidence_piece(&key_bytes)
+            .expect("evidence read")
+            .expect("evidence kept");
+        assert_eq!(
+            blobs.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+            e.evidence,
+            "{name}"
+        );
         let a = node.read_blob(blobs[0]).await.expect("first envelope");
         let b = node.read_blob(blobs[1]).await.expect("second envelope");
         let (ca, cb) = verify_equivocation(&key, &a, &b).expect("the pair proves the equivocation");
         let mut got = BTreeMap::new();
         got.insert(ca.hash().expect("id"), "first");
         got.insert(cb.hash().expect("id"), "second");
-        assert_eq!(got.keys().collect::<Vec<_>>(), ids.keys().collect::<Vec<_>>(), "{name}: the pair is the two commits");
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            ids.keys().collect::<Vec<_>>(),
+            "{name}: the pair is the two commits"
+        );
     }
     let caught_s = lie_at.elapsed().as_secs_f64();
     // What `mana status --json` shows: the status file each node rewrites.
     for (name, node) in &nodes {
         let dir = node.config().data_dir.clone();
-        wait_for(Duration::from_secs(20), &format!("the equivocation in {name}'s status file"), || {
-            let dir = dir.clone();
-            async move {
-                let s = mana_node::daemon::status::read(&dir).ok()?;
-                s.equivocations.iter().any(|e| e.round == 1 && e.evidence.len() == 2).then_some(())
-            }
-        })
+        wait_for(
+            Duration::from_secs(20),
+            &format!("the equivocation in {name}'s status file"),
+            || {
+                let dir = dir.clone();
+                async move {
+                    let s = mana_node::daemon::status::read(&dir).ok()?;
+                    s.equivocations
+                        .iter()
+                        .any(|e| e.round == 1 && e.evidence.len() == 2)
+                        .then_some(())
+                }
+            },
+        )
         .await;
     }
     let halted = net
-        .wait_trainers(Duration::from_secs(30), "every trainer stopped building on the run", |s| training(s).halted.is_some())
+        .wait_trainers(
+            Duration::from_secs(30),
+            "every trainer stopped building on the run",
+            |s| training(s).halted.is_some(),
+        )
         .await;
     for s in &halted {
         let why = training(s).halted.clone().unwrap_or_default();
-        assert!(why.contains("two different commits"), "{}: {why}", s.peer_id);
+        assert!(
+            why.contains("two different commits"),
+            "{}: {why}",
+            s.peer_id
+        );
     }
     let halt_s = lie_at.elapsed().as_secs_f64();
     // The conductor goes on announcing rounds; the trainers take no part in them.
     let declined = net
-        .wait_trainers(Duration::from_secs(90), "every trainer declined a later round", |s| training(s).rounds_declined >= 1)
+        .wait_trainers(
+            Duration::from_secs(90),
+            "every trainer declined a later round",
+            |s| training(s).rounds_declined >= 1,
+        )
         .await;
-    let last_trained: Vec<u64> = declined.iter().map(|s| training(s).rounds_trained).collect();
-    assert!(last_trained.iter().all(|r| *r <= 2), "a trainer went on training: {last_trained:?}");
+    let last_trained: Vec<u64> = declined
+        .iter()
+        .map(|s| training(s).rounds_trained)
+        .collect();
+    assert!(
+        last_trained.iter().all(|r| *r <= 2),
+        "a trainer went on training: {last_trained:?}"
+    );
     eprintln!(
         "equivocation: caught by {} nodes (coordinator + {HONEST} trainers) within {caught_s:.1} s, {} trainers stopped within \
          {halt_s:.1} s, {} declined a later round; total {:.1} s",
@@ -413,7 +586,10 @@ async fn a_coordinator_that_equivocates_is_caught() {
     );
     drop(nodes);
     let _ = net.stop_tx.send(true);
-    conducting.await.expect("coordinator task").expect("coordinator ran");
+    conducting
+        .await
+        .expect("coordinator task")
+        .expect("coordinator ran");
     net.stop().await;
 }
 
@@ -425,21 +601,46 @@ async fn a_trainer_that_refused_a_commit_still_refuses_after_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let coordinator = mana_protocol::Keypair::from_seed(&[9; 32]).public();
     let node = Arc::new(start_node(member_config(dir.path(), &[], "node", coordinator)).await);
-    let refused = RefusedCommit { round: 7, commit: ContentHash::of(b"the wrong commit").to_string(), ..RefusedCommit::default() };
+    let refused = RefusedCommit {
+        round: 7,
+        commit: ContentHash::of(b"the wrong commit").to_string(),
+        ..RefusedCommit::default()
+    };
     let key = refusal_key(7, &node.config().net.run_id);
     let record = serde_json::to_vec(&refused).expect("json");
     node.store().keep_evidence(&key, &[&record]).expect("kept");
-    let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 64 * 1024, ..DataSource::default() }).expect("corpus"));
+    let data = Arc::new(
+        load_dataset(&DataSource {
+            builtin_bytes: 64 * 1024,
+            ..DataSource::default()
+        })
+        .expect("corpus"),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(run_trainer(node.clone(), TrainerConfig::new(RunSpec::tiny(), data), stopped(stop_rx)));
-    let status = wait_for(Duration::from_secs(20), "the restarted trainer halted", || async {
-        let s = node.status().await.expect("status");
-        s.training.clone().filter(|t| t.halted.is_some()).map(|t| (t, s))
-    })
+    let task = tokio::spawn(run_trainer(
+        node.clone(),
+        TrainerConfig::new(RunSpec::tiny(), data),
+        stopped(stop_rx),
+    ));
+    let status = wait_for(
+        Duration::from_secs(20),
+        "the restarted trainer halted",
+        || async {
+            let s = node.status().await.expect("status");
+            s.training
+                .clone()
+                .filter(|t| t.halted.is_some())
+                .map(|t| (t, s))
+        },
+    )
     .await;
     assert_eq!(status.0.refused_commit, Some(refused));
     assert!(status.0.halted.unwrap_or_default().contains("round 7"));
     let _ = stop_tx.send(true);
     task.await.expect("trainer task").expect("trainer ran");
-    Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(node)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
 }

@@ -22,11 +22,12 @@ use std::time::Duration;
 use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
 use mana_node::daemon::NodeHandle;
-use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::daemon::now_ms;
+use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_protocol::{
-    Binding, Capacity, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Heartbeat, Keypair, Message, PublicKey,
-    RejectCode, RoundAnnouncement, RoundCommit, ShardId, SignedEnvelope, Text, TopicKind, UpdateRule, topic,
+    Binding, Capacity, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Heartbeat,
+    Keypair, Message, PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardId,
+    SignedEnvelope, Text, TopicKind, UpdateRule, topic,
 };
 use net_support::*;
 use tokio::sync::{broadcast, watch};
@@ -78,7 +79,10 @@ impl Attack {
     /// The shard the attack is carried out on, among the attacker's assigned shards.
     fn target(self, mine: &[ShardId]) -> ShardId {
         match self {
-            Attack::ReannounceOtherShard | Attack::Ratchet => *mine.iter().find(|s| **s != ShardId::Trunk).expect("an expert"),
+            Attack::ReannounceOtherShard | Attack::Ratchet => *mine
+                .iter()
+                .find(|s| **s != ShardId::Trunk)
+                .expect("an expert"),
             _ => ShardId::Trunk,
         }
     }
@@ -87,7 +91,9 @@ impl Attack {
     fn expected(self) -> &'static [RejectCode] {
         match self {
             Attack::ReannounceSameSize | Attack::EarlierRound => &[RejectCode::NotBound],
-            Attack::ReannounceOtherSize | Attack::ReannounceOtherShard => &[RejectCode::SizeMismatch, RejectCode::NotBound],
+            Attack::ReannounceOtherSize | Attack::ReannounceOtherShard => {
+                &[RejectCode::SizeMismatch, RejectCode::NotBound]
+            }
             Attack::Withhold => &[RejectCode::Unavailable],
             Attack::Oversize => &[RejectCode::SizeMismatch, RejectCode::Unavailable],
             Attack::RandomAtNorm | Attack::SignFlipped => &[RejectCode::LowScore],
@@ -103,7 +109,11 @@ impl Attack {
     /// minutes on two cores in a debug build).
     fn rounds(self) -> u64 {
         match self {
-            Attack::Ratchet => std::env::var("MANA_RATCHET_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(12).max(6),
+            Attack::Ratchet => std::env::var("MANA_RATCHET_ROUNDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(12)
+                .max(6),
             _ => 3,
         }
     }
@@ -113,7 +123,10 @@ impl Attack {
         let norm = |d: &[f32]| d.iter().map(|x| x * x).sum::<f32>().sqrt();
         match self {
             Attack::RandomAtNorm => {
-                let rnd: Vec<f32> = pseudo_random_bytes(honest.len(), round).iter().map(|b| f32::from(*b) - 127.5).collect();
+                let rnd: Vec<f32> = pseudo_random_bytes(honest.len(), round)
+                    .iter()
+                    .map(|b| f32::from(*b) - 127.5)
+                    .collect();
                 let scale = norm(honest) / norm(&rnd).max(f32::MIN_POSITIVE);
                 Some(rnd.iter().map(|x| x * scale).collect())
             }
@@ -140,7 +153,11 @@ struct AttackLog {
 }
 
 /// Heartbeats for `keys`, every second until `stop`, each claiming a billion tokens per second.
-async fn flood_heartbeats(node: Arc<NodeHandle>, keys: Vec<Keypair>, mut stop: watch::Receiver<bool>) {
+async fn flood_heartbeats(
+    node: Arc<NodeHandle>,
+    keys: Vec<Keypair>,
+    mut stop: watch::Receiver<bool>,
+) {
     let topic = topic(&node.config().net.run_id, TopicKind::Heartbeats);
     for seq in 1u64.. {
         for key in &keys {
@@ -148,11 +165,20 @@ async fn flood_heartbeats(node: Arc<NodeHandle>, keys: Vec<Keypair>, mut stop: w
                 run: node.config().net.run_id.clone(),
                 seq,
                 hosted: vec![],
-                capacity: Capacity { device: DeviceKind::Cuda, memory_bytes: 1 << 40, tokens_per_second: 1e9, max_shards: 1000 },
+                capacity: Capacity {
+                    device: DeviceKind::Cuda,
+                    memory_bytes: 1 << 40,
+                    tokens_per_second: 1e9,
+                    max_shards: 1000,
+                },
                 software_version: Text::new("flood").expect("text"),
             };
-            let envelope = SignedEnvelope::sign(key, &Message::Heartbeat(hb), now_ms()).expect("sign");
-            let _ = node.net().publish(topic.clone(), envelope.encode().expect("encode")).await;
+            let envelope =
+                SignedEnvelope::sign(key, &Message::Heartbeat(hb), now_ms()).expect("sign");
+            let _ = node
+                .net()
+                .publish(topic.clone(), envelope.encode().expect("encode"))
+                .await;
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -195,8 +221,13 @@ async fn run_attacker(
                     continue;
                 }
                 Message::RoundCommit(commit) => {
-                    let accepted = |h: &ContentHash| commit.accepted.iter().any(|a| a.deltas.contains(h));
-                    if let Some(sent) = sent_scales.iter().find(|(h, _)| accepted(h)).map(|(_, s)| *s) {
+                    let accepted =
+                        |h: &ContentHash| commit.accepted.iter().any(|a| a.deltas.contains(h));
+                    if let Some(sent) = sent_scales
+                        .iter()
+                        .find(|(h, _)| accepted(h))
+                        .map(|(_, s)| *s)
+                    {
                         last_accepted = sent;
                         scale = sent * 2.0;
                     } else if !sent_scales.is_empty() {
@@ -205,8 +236,10 @@ async fn run_attacker(
                     sent_scales.clear();
                     if attack == Attack::Flood && !flooding {
                         flooding = true;
-                        let keys: Vec<Keypair> = (0..20).map(|_| Keypair::generate().expect("key")).collect();
-                        log.lock().expect("lock").flood = keys.iter().map(Keypair::public).collect();
+                        let keys: Vec<Keypair> =
+                            (0..20).map(|_| Keypair::generate().expect("key")).collect();
+                        log.lock().expect("lock").flood =
+                            keys.iter().map(Keypair::public).collect();
                         tokio::spawn(flood_heartbeats(node.clone(), keys, stop.clone()));
                     }
                     continue;
@@ -216,19 +249,24 @@ async fn run_attacker(
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let Some(part) = ann.participant(&me).cloned() else { continue };
-        // The honest work, from the round's real base checkpoint.
-        let Some((_, local)) = honest_local_round(&node, &ann, &part, &spec, &data).await else { continue };
-        let target = attack.target(&part.shards);
-        let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
-            run: ann.run.clone(),
-            round: ann.round,
-            shard,
-            base_checkpoint: ann.base_checkpoint,
-            payload_hash,
-            payload_size,
-            stats: local.stats,
+        let Some(part) = ann.participant(&me).cloned() else {
+            continue;
         };
+        // The honest work, from the round's real base checkpoint.
+        let Some((_, local)) = honest_local_round(&node, &ann, &part, &spec, &data).await else {
+            continue;
+        };
+        let target = attack.target(&part.shards);
+        let announce =
+            |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
+                run: ann.run.clone(),
+                round: ann.round,
+                shard,
+                base_checkpoint: ann.base_checkpoint,
+                payload_hash,
+                payload_size,
+                stats: local.stats,
+            };
         let mut honest_trunk = None;
         let mut poisoned = None;
         for (shard, delta) in &local.deltas {
@@ -236,13 +274,31 @@ async fn run_attacker(
                 && let Some(bad) = attack.poison(delta, ann.round, scale)
             {
                 // Encoded and bound like an honest delta (a fresh encoder: no error feedback to hide behind).
-                let binding = Binding { run: ann.run.clone(), round: ann.round, shard: *shard, sender: me };
+                let binding = Binding {
+                    run: ann.run.clone(),
+                    round: ann.round,
+                    shard: *shard,
+                    sender: me,
+                };
                 let mut encoder = DeltaEncoder::new(ann.hyper.codec).expect("codec");
-                poisoned = Some(binding.wrap(&encoder.encode(&bad).expect("encode")).expect("bind"));
+                poisoned = Some(
+                    binding
+                        .wrap(&encoder.encode(&bad).expect("encode"))
+                        .expect("bind"),
+                );
             }
-            let encoder = encoders.entry(*shard).or_insert_with(|| DeltaEncoder::new(ann.hyper.codec).expect("codec"));
-            let binding = Binding { run: ann.run.clone(), round: ann.round, shard: *shard, sender: me };
-            let payload = binding.wrap(&encoder.encode(delta).expect("encode")).expect("bind");
+            let encoder = encoders
+                .entry(*shard)
+                .or_insert_with(|| DeltaEncoder::new(ann.hyper.codec).expect("codec"));
+            let binding = Binding {
+                run: ann.run.clone(),
+                round: ann.round,
+                shard: *shard,
+                sender: me,
+            };
+            let payload = binding
+                .wrap(&encoder.encode(delta).expect("encode"))
+                .expect("bind");
             let size = payload.len() as u64;
             if *shard == ShardId::Trunk {
                 honest_trunk = Some((ContentHash::of(&payload), size, payload.clone()));
@@ -251,20 +307,29 @@ async fn run_attacker(
                 continue;
             }
             let hash = node.host_blob_now(payload).await.expect("host");
-            let _ = node.publish(&Message::DeltaAnnouncement(announce(*shard, hash, size))).await;
+            let _ = node
+                .publish(&Message::DeltaAnnouncement(announce(*shard, hash, size)))
+                .await;
         }
-        let (trunk_hash, trunk_size, trunk_payload) = honest_trunk.expect("the trunk is assigned everywhere");
+        let (trunk_hash, trunk_size, trunk_payload) =
+            honest_trunk.expect("the trunk is assigned everywhere");
         // Hosted in every case, so that a later replay of it can be fetched (and is refused for what it is).
         node.host_blob_now(trunk_payload).await.expect("host");
         let claim = match attack {
             Attack::ReannounceSameSize | Attack::ReannounceOtherShard => {
-                victim(&mut rx, &mut heard, ann.round, me).await.map(|v| announce(target, v.payload_hash, v.payload_size))
+                victim(&mut rx, &mut heard, ann.round, me)
+                    .await
+                    .map(|v| announce(target, v.payload_hash, v.payload_size))
             }
-            Attack::ReannounceOtherSize => {
-                victim(&mut rx, &mut heard, ann.round, me).await.map(|v| announce(target, v.payload_hash, v.payload_size + 1))
-            }
+            Attack::ReannounceOtherSize => victim(&mut rx, &mut heard, ann.round, me)
+                .await
+                .map(|v| announce(target, v.payload_hash, v.payload_size + 1)),
             Attack::EarlierRound => last_trunk.map(|(h, n)| announce(target, h, n)),
-            Attack::Withhold => Some(announce(target, ContentHash::of(&pseudo_random_bytes(64, ann.round)), trunk_size)),
+            Attack::Withhold => Some(announce(
+                target,
+                ContentHash::of(&pseudo_random_bytes(64, ann.round)),
+                trunk_size,
+            )),
             Attack::Oversize => {
                 let blob = pseudo_random_bytes(OVERSIZE_BYTES, ann.round);
                 let hash = node.host_blob_now(blob).await.expect("host");
@@ -277,11 +342,23 @@ async fn run_attacker(
                 if attack == Attack::Ratchet {
                     sent_scales.insert(hash, scale);
                     let norm = |d: &[f32]| d.iter().map(|x| x * x).sum::<f32>().sqrt();
-                    let mut experts: Vec<f32> = local.deltas.iter().filter(|(s, _)| *s != ShardId::Trunk).map(|(_, d)| norm(d)).collect();
+                    let mut experts: Vec<f32> = local
+                        .deltas
+                        .iter()
+                        .filter(|(s, _)| *s != ShardId::Trunk)
+                        .map(|(_, d)| norm(d))
+                        .collect();
                     experts.sort_by(f32::total_cmp);
                     let typical = experts.get(experts.len() / 2).copied().unwrap_or(0.0);
-                    let sent = local.deltas.iter().find(|(s, _)| *s == target).map_or(0.0, |(_, d)| norm(d) * scale);
-                    log.lock().expect("lock").scales.insert(ann.round, (scale, sent, typical));
+                    let sent = local
+                        .deltas
+                        .iter()
+                        .find(|(s, _)| *s == target)
+                        .map_or(0.0, |(_, d)| norm(d) * scale);
+                    log.lock()
+                        .expect("lock")
+                        .scales
+                        .insert(ann.round, (scale, sent, typical));
                 }
                 Some(announce(target, hash, size))
             }
@@ -296,7 +373,11 @@ async fn run_attacker(
             }
             None => {
                 // Nothing to attack with this round (round 1 of a replay): the honest delta.
-                let _ = node.publish(&Message::DeltaAnnouncement(announce(target, trunk_hash, trunk_size))).await;
+                let _ = node
+                    .publish(&Message::DeltaAnnouncement(announce(
+                        target, trunk_hash, trunk_size,
+                    )))
+                    .await;
             }
         }
         if target == ShardId::Trunk {
@@ -328,7 +409,9 @@ async fn victim(
 
 /// Bytes under `dir`, recursively.
 fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| match e.metadata() {
@@ -341,13 +424,25 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).expect("metrics line parses")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line parses"))
+        .collect()
 }
 
 /// Runs the network with `attack` for [`ROUNDS`] rounds and checks every claim of the module doc.
 async fn run_attack(attack: Attack) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let RoundNet { dir, bootstrap, boot, coordinator, trainers: honest, spec, data, stop_tx, stop_rx } = RoundNet::start(HONEST).await;
+    let RoundNet {
+        dir,
+        bootstrap,
+        boot,
+        coordinator,
+        trainers: honest,
+        spec,
+        data,
+        stop_tx,
+        stop_rx,
+    } = RoundNet::start(HONEST).await;
     let key = coordinator.public_key();
     let commits: Arc<Mutex<Vec<RoundCommit>>> = Arc::new(Mutex::new(Vec::new()));
     let announcements: Arc<Mutex<Vec<RoundAnnouncement>>> = Arc::new(Mutex::new(Vec::new()));
@@ -371,7 +466,14 @@ async fn run_attack(attack: Attack) {
     let evil = Arc::new(start_node(member_config(dir.path(), &boot, "attacker", key)).await);
     let evil_key = evil.public_key();
     let log = Arc::new(Mutex::new(AttackLog::default()));
-    let evil_task = tokio::spawn(run_attacker(evil.clone(), attack, spec.clone(), data.clone(), log.clone(), stop_rx.clone()));
+    let evil_task = tokio::spawn(run_attacker(
+        evil.clone(),
+        attack,
+        spec.clone(),
+        data.clone(),
+        log.clone(),
+        stop_rx.clone(),
+    ));
 
     let metrics = dir.path().join("metrics.jsonl");
     let run = coordinator.config().net.run_id.clone();
@@ -393,7 +495,11 @@ async fn run_attack(attack: Attack) {
     role.rounds = Some(rounds);
     role.metrics = Some(metrics.clone());
     let coord_dir = coordinator.config().data_dir.clone();
-    let coordinating = tokio::spawn(run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())));
+    let coordinating = tokio::spawn(run_conductor(
+        coordinator.clone(),
+        role,
+        stopped(stop_rx.clone()),
+    ));
     tokio::time::timeout(Duration::from_secs(120 + 40 * rounds), coordinating)
         .await
         .expect("the coordinator finishes its rounds in time")
@@ -404,18 +510,24 @@ async fn run_attack(attack: Attack) {
     let status = coordinator.status().await.expect("coordinator status");
     let lines = read_metrics(&metrics);
     assert_eq!(lines.len() as u64, rounds);
-    let commits = wait_for(Duration::from_secs(10), "every commit seen by node 0", || {
-        let commits = commits.clone();
-        async move {
-            let c = commits.lock().expect("lock");
-            (c.len() as u64 >= rounds).then(|| c.clone())
-        }
-    })
+    let commits = wait_for(
+        Duration::from_secs(10),
+        "every commit seen by node 0",
+        || {
+            let commits = commits.clone();
+            async move {
+                let c = commits.lock().expect("lock");
+                (c.len() as u64 >= rounds).then(|| c.clone())
+            }
+        },
+    )
     .await;
     let announcements = announcements.lock().expect("lock").clone();
     let log = log.lock().expect("lock").clone();
     let attacked = log.attacked.clone();
-    eprintln!("{attack:?}: attacked shard by round {attacked:?}; coordinator data dir {coord_disk} bytes");
+    eprintln!(
+        "{attack:?}: attacked shard by round {attacked:?}; coordinator data dir {coord_disk} bytes"
+    );
     for m in &lines {
         eprintln!(
             "{attack:?} round {}: val {:?} accepted {} rejected {} {:?}",
@@ -426,15 +538,37 @@ async fn run_attack(attack: Attack) {
     let mut drops = 0;
     let mut accepted_scales = Vec::new();
     for commit in &commits {
-        let ann = announcements.iter().find(|a| a.round == commit.round).expect("the commit's announcement");
+        let ann = announcements
+            .iter()
+            .find(|a| a.round == commit.round)
+            .expect("the commit's announcement");
         // Flooding keys admitted as members never train: they are dropped, and are no honest node's loss. They
         // never hold an expert: the members with a record keep every one.
-        let flooders: Vec<&mana_protocol::Participant> = ann.participants.iter().filter(|p| log.flood.contains(&p.node)).collect();
-        assert!(flooders.len() <= FLOOD_ADMITTED, "round {}: {} flooding keys admitted", commit.round, flooders.len());
+        let flooders: Vec<&mana_protocol::Participant> = ann
+            .participants
+            .iter()
+            .filter(|p| log.flood.contains(&p.node))
+            .collect();
+        assert!(
+            flooders.len() <= FLOOD_ADMITTED,
+            "round {}: {} flooding keys admitted",
+            commit.round,
+            flooders.len()
+        );
         for p in &flooders {
-            assert_eq!(p.shards, vec![ShardId::Trunk], "round {}: a flooding key was given experts", commit.round);
+            assert_eq!(
+                p.shards,
+                vec![ShardId::Trunk],
+                "round {}: a flooding key was given experts",
+                commit.round
+            );
         }
-        let pairs: usize = ann.participants.iter().filter(|p| !log.flood.contains(&p.node)).map(|p| p.shards.len()).sum();
+        let pairs: usize = ann
+            .participants
+            .iter()
+            .filter(|p| !log.flood.contains(&p.node))
+            .map(|p| p.shards.len())
+            .sum();
         if let Some(sent) = log.scales.get(&commit.round)
             && !commit.rejected.iter().any(|r| r.node == evil_key)
         {
@@ -442,23 +576,53 @@ async fn run_attack(attack: Attack) {
         }
         // Nothing of an honest node's is refused, and only the attacked delta of the attacker.
         for r in &commit.rejected {
-            assert_eq!(r.node, evil_key, "round {}: an honest delta was refused: {r:?}", commit.round);
-            assert_eq!(attacked.get(&commit.round), Some(&r.shard), "round {}: the attacker's honest delta refused: {r:?}", commit.round);
-            assert!(attack.expected().contains(&r.reason), "round {}: refused as {}, expected {:?}", commit.round, r.reason, attack.expected());
+            assert_eq!(
+                r.node, evil_key,
+                "round {}: an honest delta was refused: {r:?}",
+                commit.round
+            );
+            assert_eq!(
+                attacked.get(&commit.round),
+                Some(&r.shard),
+                "round {}: the attacker's honest delta refused: {r:?}",
+                commit.round
+            );
+            assert!(
+                attack.expected().contains(&r.reason),
+                "round {}: refused as {}, expected {:?}",
+                commit.round,
+                r.reason,
+                attack.expected()
+            );
             attacks_refused += 1;
         }
         let accepted: usize = commit.accepted.iter().map(|a| a.deltas.len()).sum();
         let refused = commit.rejected.len();
-        eprintln!("{attack:?} round {}: accepted {accepted} refused {refused} of {pairs} (+{} flooding participants)", commit.round, flooders.len());
-        assert!(refused <= usize::from(attacked.contains_key(&commit.round)), "round {}: more refused than attacked", commit.round);
+        eprintln!(
+            "{attack:?} round {}: accepted {accepted} refused {refused} of {pairs} (+{} flooding participants)",
+            commit.round,
+            flooders.len()
+        );
+        assert!(
+            refused <= usize::from(attacked.contains_key(&commit.round)),
+            "round {}: more refused than attacked",
+            commit.round
+        );
         // Every other delta is accepted. A participant that missed the delta deadline altogether is dropped
         // from the round unverified (a liveness matter, not a verdict): at most one such drop, of one whole
         // participant, is tolerated, and reported.
         let missing = pairs - refused - accepted;
         if missing > 0 {
-            eprintln!("{attack:?} round {}: one participant dropped ({missing} deltas missing)", commit.round);
+            eprintln!(
+                "{attack:?} round {}: one participant dropped ({missing} deltas missing)",
+                commit.round
+            );
             drops += 1;
-            assert!(ann.participants.iter().any(|p| p.shards.len() == missing), "round {}: {missing} deltas missing", commit.round);
+            assert!(
+                ann.participants.iter().any(|p| p.shards.len() == missing),
+                "round {}: {missing} deltas missing",
+                commit.round
+            );
         }
     }
     assert!(drops <= 1, "{drops} rounds lost a participant");
@@ -467,42 +631,97 @@ async fn run_attack(attack: Attack) {
             // The attacker keeps trying twice its last accepted scale; its own accepted norms never enter its
             // own reference, so what it gets through stays within the bound of the honest norms of the round
             // instead of growing round after round.
-            eprintln!("Ratchet: (scale, norm, typical honest expert norm) sent {:?}; accepted {accepted_scales:?}", log.scales.values().collect::<Vec<_>>());
+            eprintln!(
+                "Ratchet: (scale, norm, typical honest expert norm) sent {:?}; accepted {accepted_scales:?}",
+                log.scales.values().collect::<Vec<_>>()
+            );
             let third = rounds as usize / 3;
-            assert!(accepted_scales.len() >= third, "the ratchet made progress some rounds: {accepted_scales:?}");
+            assert!(
+                accepted_scales.len() >= third,
+                "the ratchet made progress some rounds: {accepted_scales:?}"
+            );
             for (scale, sent, typical) in &accepted_scales {
-                assert!(*sent <= RATCHET_SLACK * typical, "accepted norm {sent} (scale {scale}) over {RATCHET_SLACK} x the honest {typical}");
+                assert!(
+                    *sent <= RATCHET_SLACK * typical,
+                    "accepted norm {sent} (scale {scale}) over {RATCHET_SLACK} x the honest {typical}"
+                );
             }
-            let refusals = commits.iter().flat_map(|c| &c.rejected).filter(|r| r.node == evil_key).count();
+            let refusals = commits
+                .iter()
+                .flat_map(|c| &c.rejected)
+                .filter(|r| r.node == evil_key)
+                .count();
             assert!(refusals >= third / 2, "the bound held {refusals} times");
         }
         Attack::Flood => {
-            assert!(log.flood.len() == 20 && status.coordinator.as_ref().is_some_and(|c| c.not_admitted > 0), "the flood was refused");
-            let admitted = commits.iter().filter_map(|c| announcements.iter().find(|a| a.round == c.round)).map(|a| a.participants.len()).max();
-            eprintln!("Flood: at most {admitted:?} participants; {} heartbeats refused", status.coordinator.as_ref().map_or(0, |c| c.not_admitted));
+            assert!(
+                log.flood.len() == 20
+                    && status
+                        .coordinator
+                        .as_ref()
+                        .is_some_and(|c| c.not_admitted > 0),
+                "the flood was refused"
+            );
+            let admitted = commits
+                .iter()
+                .filter_map(|c| announcements.iter().find(|a| a.round == c.round))
+                .map(|a| a.participants.len())
+                .max();
+            eprintln!(
+                "Flood: at most {admitted:?} participants; {} heartbeats refused",
+                status.coordinator.as_ref().map_or(0, |c| c.not_admitted)
+            );
         }
         _ => {
             // Every attack made is refused, except in the one round where a participant (possibly the
             // attacker itself) may have been dropped unverified.
-            let expected_attacks = if attack == Attack::EarlierRound { rounds - 1 } else { rounds } as usize;
-            assert!(attacks_refused + drops >= expected_attacks, "every attack made and refused: {attacked:?}, {attacks_refused} refused");
+            let expected_attacks = if attack == Attack::EarlierRound {
+                rounds - 1
+            } else {
+                rounds
+            } as usize;
+            assert!(
+                attacks_refused + drops >= expected_attacks,
+                "every attack made and refused: {attacked:?}, {attacks_refused} refused"
+            );
         }
     }
-    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss")).collect();
-    assert!(val[val.len() - 1] < val[0], "validation loss did not fall under attack: {val:?}");
+    let val: Vec<f32> = lines
+        .iter()
+        .map(|m| m.val_loss.expect("val loss"))
+        .collect();
+    assert!(
+        val[val.len() - 1] < val[0],
+        "validation loss did not fall under attack: {val:?}"
+    );
     if attack == Attack::Oversize {
         // Not one of the 16 MiB blobs was stored (the whole data dir stays under one of them).
-        assert!(coord_disk < OVERSIZE_BYTES as u64, "coordinator data dir grew to {coord_disk} bytes");
+        assert!(
+            coord_disk < OVERSIZE_BYTES as u64,
+            "coordinator data dir grew to {coord_disk} bytes"
+        );
     }
 
     let _ = stop_tx.send(true);
     evil_task.await.expect("attacker task");
     for (node, task) in honest {
         task.await.expect("trainer task").expect("trainer ran");
-        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+        Arc::into_inner(node)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
     }
-    Arc::into_inner(evil).expect("sole owner").shutdown().await.expect("shutdown");
-    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(evil)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
+    Arc::into_inner(coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
     bootstrap.shutdown().await;
 }
 

@@ -4,8 +4,8 @@
 
 mod net_support;
 
-use std::process::Command;
 use mana_protocol::ShardId;
+use std::process::Command;
 use std::time::Duration;
 
 use mana_node::store::{ManifestEntry, RoundManifest};
@@ -25,10 +25,16 @@ async fn restarted_node_keeps_identity_and_store_and_serves_again() {
     let first_id = a.peer_id();
     assert_eq!(a.host_blob(shard.clone()).await.expect("host"), hash);
     let manifest = RoundManifest {
-        entries: vec![ManifestEntry { shard: ShardId::Expert { layer: 1, index: 2 }, hash: hash, len: shard.len() as u64 }],
+        entries: vec![ManifestEntry {
+            shard: ShardId::Expert { layer: 1, index: 2 },
+            hash: hash,
+            len: shard.len() as u64,
+        }],
         meta: Vec::new(),
     };
-    a.store().commit_round(1, &manifest).expect("commit round 1");
+    a.store()
+        .commit_round(1, &manifest)
+        .expect("commit round 1");
     a.shutdown().await.expect("clean shutdown");
 
     // The real binary checks the stopped node's store.
@@ -37,7 +43,11 @@ async fn restarted_node_keeps_identity_and_store_and_serves_again() {
         .arg(&a_dir)
         .output()
         .expect("mana runs");
-    assert!(out.status.success(), "verify-store failed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "verify-store failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let a = start_node(node_config(&a_dir, &boot)).await;
     assert_eq!(a.peer_id(), first_id, "the key file keeps the identity");

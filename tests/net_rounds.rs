@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mana_engine::round::RunSpec;
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_engine::round::RunSpec;
 use mana_protocol::{CheckpointManifest, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;
@@ -45,7 +45,11 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let boot = bootstrap.addrs().to_vec();
     let spec = RunSpec::tiny();
     let data = Arc::new(
-        load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("built-in corpus"),
+        load_dataset(&DataSource {
+            builtin_bytes: 512 * 1024,
+            ..DataSource::default()
+        })
+        .expect("built-in corpus"),
     );
 
     let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
@@ -66,7 +70,11 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let mut trainers = Vec::new();
     for node in &nodes {
         let cfg = TrainerConfig::new(spec.clone(), data.clone());
-        trainers.push(tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone()))));
+        trainers.push(tokio::spawn(run_trainer(
+            node.clone(),
+            cfg,
+            stopped(stop_rx.clone()),
+        )));
     }
 
     let run = coordinator.config().net.run_id.clone();
@@ -81,7 +89,11 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     role.rounds = Some(ROUNDS);
     role.metrics = Some(metrics_path.clone());
     role.export = Some(export.clone());
-    let coordinating = tokio::spawn(run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())));
+    let coordinating = tokio::spawn(run_conductor(
+        coordinator.clone(),
+        role,
+        stopped(stop_rx.clone()),
+    ));
     tokio::time::timeout(Duration::from_secs(150), coordinating)
         .await
         .expect("the coordinator finishes its rounds in time")
@@ -90,7 +102,10 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
 
     // The metrics: one line per round, deltas accepted in every round, the validation loss falling.
     let text = std::fs::read_to_string(&metrics_path).expect("metrics file");
-    let lines: Vec<RoundMetrics> = text.lines().map(|l| serde_json::from_str(l).expect("metrics line")).collect();
+    let lines: Vec<RoundMetrics> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line"))
+        .collect();
     assert_eq!(lines.len() as u64, ROUNDS, "{text}");
     for (i, m) in lines.iter().enumerate() {
         assert_eq!(m.round, i as u64 + 1);
@@ -102,43 +117,81 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
             m.round, m.val_loss, m.train_loss, m.accepted, m.payload_bytes, m.ms
         );
     }
-    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss measured")).collect();
+    let val: Vec<f32> = lines
+        .iter()
+        .map(|m| m.val_loss.expect("val loss measured"))
+        .collect();
     for w in val.windows(2) {
         assert!(w[1] < w[0], "validation loss did not fall: {val:?}");
     }
-    assert!(export.join("trainer.toml").exists() || std::fs::read_dir(&export).map(|d| d.count() > 0).unwrap_or(false));
+    assert!(
+        export.join("trainer.toml").exists()
+            || std::fs::read_dir(&export)
+                .map(|d| d.count() > 0)
+                .unwrap_or(false)
+    );
 
     // Determinism: every node applied the last commit and every held shard matches the checkpoint.
-    let (_, stored) = coordinator.store().latest().expect("store").expect("a committed round");
-    let checkpoint = CheckpointManifest::from_bytes(&stored.meta).expect("the coordinator's checkpoint");
+    let (_, stored) = coordinator
+        .store()
+        .latest()
+        .expect("store")
+        .expect("a committed round");
+    let checkpoint =
+        CheckpointManifest::from_bytes(&stored.meta).expect("the coordinator's checkpoint");
     assert_eq!(checkpoint.round, ROUNDS);
-    let committed: BTreeMap<String, String> =
-        checkpoint.shards.iter().map(|e| (e.shard.to_string(), e.hash.to_string())).collect();
+    let committed: BTreeMap<String, String> = checkpoint
+        .shards
+        .iter()
+        .map(|e| (e.shard.to_string(), e.hash.to_string()))
+        .collect();
     let mut holders: BTreeMap<String, usize> = BTreeMap::new();
     for node in &nodes {
         let node = node.clone();
-        let status = wait_for(Duration::from_secs(30), "every node applies the last commit", move || {
-            let node = node.clone();
-            async move {
-            let s = node.status().await.ok()?;
-            let t = s.training.clone()?;
-            (t.applied_round == Some(ROUNDS)).then_some(t)
-            }
-        })
+        let status = wait_for(
+            Duration::from_secs(30),
+            "every node applies the last commit",
+            move || {
+                let node = node.clone();
+                async move {
+                    let s = node.status().await.ok()?;
+                    let t = s.training.clone()?;
+                    (t.applied_round == Some(ROUNDS)).then_some(t)
+                }
+            },
+        )
         .await;
-        assert_eq!(status.hash_mismatches, 0, "a node computed a different shard");
+        assert_eq!(
+            status.hash_mismatches, 0,
+            "a node computed a different shard"
+        );
         assert!(status.rounds_trained >= ROUNDS - 1);
         for (shard, hash) in &status.held_shards {
-            assert_eq!(committed.get(shard), Some(hash), "{shard} differs from the commit");
+            assert_eq!(
+                committed.get(shard),
+                Some(hash),
+                "{shard} differs from the commit"
+            );
             *holders.entry(shard.clone()).or_default() += 1;
         }
     }
     assert_eq!(holders.get("trunk"), Some(&NODES));
-    let experts: Vec<_> = holders.iter().filter(|(s, _)| s.starts_with("expert/")).collect();
+    let experts: Vec<_> = holders
+        .iter()
+        .filter(|(s, _)| s.starts_with("expert/"))
+        .collect();
     assert_eq!(experts.len(), 8, "every expert is held: {holders:?}");
-    assert!(experts.iter().all(|(_, n)| **n == 2), "each expert by 2 nodes: {holders:?}");
+    assert!(
+        experts.iter().all(|(_, n)| **n == 2),
+        "each expert by 2 nodes: {holders:?}"
+    );
     // The holders published their shard hashes; the coordinator compared them with its commits.
-    let c = coordinator.status().await.expect("status").coordinator.expect("coordinator status");
+    let c = coordinator
+        .status()
+        .await
+        .expect("status")
+        .coordinator
+        .expect("coordinator status");
     assert!(c.holder_reports >= NODES as u64, "{c:?}");
     assert_eq!(c.holder_mismatches, 0, "{c:?}");
 
@@ -147,9 +200,17 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         t.await.expect("trainer task").expect("trainer ran");
     }
     for node in nodes {
-        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+        Arc::into_inner(node)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
     }
-    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
     bootstrap.shutdown().await;
 }
 
@@ -164,7 +225,11 @@ async fn restarted_coordinator_resumes_the_run() {
     let boot = bootstrap.addrs().to_vec();
     let spec = RunSpec::tiny();
     let data = Arc::new(
-        load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("built-in corpus"),
+        load_dataset(&DataSource {
+            builtin_bytes: 512 * 1024,
+            ..DataSource::default()
+        })
+        .expect("built-in corpus"),
     );
     let coord_dir = dir.path().join("coordinator");
     let coord_config = || {
@@ -185,7 +250,13 @@ async fn restarted_coordinator_resumes_the_run() {
     let (stop_tx, stop_rx) = watch::channel(false);
     let trainers: Vec<_> = nodes
         .iter()
-        .map(|n| tokio::spawn(run_trainer(n.clone(), TrainerConfig::new(spec.clone(), data.clone()), stopped(stop_rx.clone()))))
+        .map(|n| {
+            tokio::spawn(run_trainer(
+                n.clone(),
+                TrainerConfig::new(spec.clone(), data.clone()),
+                stopped(stop_rx.clone()),
+            ))
+        })
         .collect();
     let metrics_path = dir.path().join("metrics.jsonl");
     let role = |rounds: u64| {
@@ -200,34 +271,77 @@ async fn restarted_coordinator_resumes_the_run() {
         role.metrics = Some(metrics_path.clone());
         role
     };
-    let first = tokio::spawn(run_conductor(coordinator.clone(), role(2), stopped(stop_rx.clone())));
-    tokio::time::timeout(Duration::from_secs(90), first).await.expect("rounds 1-2 in time").expect("task").expect("ran");
-    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    let first = tokio::spawn(run_conductor(
+        coordinator.clone(),
+        role(2),
+        stopped(stop_rx.clone()),
+    ));
+    tokio::time::timeout(Duration::from_secs(90), first)
+        .await
+        .expect("rounds 1-2 in time")
+        .expect("task")
+        .expect("ran");
+    Arc::into_inner(coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
 
     let coordinator = Arc::new(start_node(coord_config()).await);
-    assert_eq!(coordinator.public_key(), key, "same key file, same coordinator");
-    let second = tokio::spawn(run_conductor(coordinator.clone(), role(4), stopped(stop_rx.clone())));
-    tokio::time::timeout(Duration::from_secs(90), second).await.expect("rounds 3-4 in time").expect("task").expect("ran");
+    assert_eq!(
+        coordinator.public_key(),
+        key,
+        "same key file, same coordinator"
+    );
+    let second = tokio::spawn(run_conductor(
+        coordinator.clone(),
+        role(4),
+        stopped(stop_rx.clone()),
+    ));
+    tokio::time::timeout(Duration::from_secs(90), second)
+        .await
+        .expect("rounds 3-4 in time")
+        .expect("task")
+        .expect("ran");
 
     let text = std::fs::read_to_string(&metrics_path).expect("metrics file");
-    let rounds: Vec<u64> = text.lines().map(|l| serde_json::from_str::<RoundMetrics>(l).expect("line").round).collect();
-    assert_eq!(rounds, vec![1, 2, 3, 4], "the restarted coordinator continued the run: {text}");
-    let (_, stored) = coordinator.store().latest().expect("store").expect("a committed round");
+    let rounds: Vec<u64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<RoundMetrics>(l).expect("line").round)
+        .collect();
+    assert_eq!(
+        rounds,
+        vec![1, 2, 3, 4],
+        "the restarted coordinator continued the run: {text}"
+    );
+    let (_, stored) = coordinator
+        .store()
+        .latest()
+        .expect("store")
+        .expect("a committed round");
     let checkpoint = CheckpointManifest::from_bytes(&stored.meta).expect("checkpoint");
     assert_eq!(checkpoint.round, 4);
     for node in &nodes {
         let node = node.clone();
-        let t = wait_for(Duration::from_secs(30), "the trainers apply round 4", move || {
-            let node = node.clone();
-            async move {
-                let t = node.status().await.ok()?.training?;
-                (t.applied_round == Some(4)).then_some(t)
-            }
-        })
+        let t = wait_for(
+            Duration::from_secs(30),
+            "the trainers apply round 4",
+            move || {
+                let node = node.clone();
+                async move {
+                    let t = node.status().await.ok()?.training?;
+                    (t.applied_round == Some(4)).then_some(t)
+                }
+            },
+        )
         .await;
         assert_eq!(t.hash_mismatches, 0);
         for (shard, hash) in &t.held_shards {
-            let entry = checkpoint.shards.iter().find(|e| e.shard.to_string() == *shard).expect("shard in checkpoint");
+            let entry = checkpoint
+                .shards
+                .iter()
+                .find(|e| e.shard.to_string() == *shard)
+                .expect("shard in checkpoint");
             assert_eq!(entry.hash.to_string(), *hash);
         }
     }
@@ -236,13 +350,23 @@ async fn restarted_coordinator_resumes_the_run() {
         t.await.expect("trainer task").expect("trainer ran");
     }
     for node in nodes {
-        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+        Arc::into_inner(node)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
     }
-    Arc::into_inner(coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
     bootstrap.shutdown().await;
 }
 
 /// The run id the test nodes follow (`NodeConfig::for_tests`'s).
 fn coordinator_run() -> mana_protocol::RunId {
-    mana_node::daemon::NodeConfig::for_tests("/unused").net.run_id
+    mana_node::daemon::NodeConfig::for_tests("/unused")
+        .net
+        .run_id
 }

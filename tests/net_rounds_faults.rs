@@ -23,17 +23,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mana_bootstrap::BootstrapHandle;
+use mana_engine::round::RunSpec;
+use mana_kernels::data::TextDataset;
 use mana_node::daemon::{NodeConfig, NodeHandle};
 use mana_node::net::libp2p::Multiaddr;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_engine::round::RunSpec;
-use mana_kernels::data::TextDataset;
 use mana_protocol::codec::encode_delta;
 use mana_protocol::{
-    ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement, RoundCommit,
-    ShardId, SignedEnvelope, UpdateRule, decode_envelope, topic,
+    ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
+    SignedEnvelope, UpdateRule, decode_envelope, topic,
 };
 use net_support::*;
 use tokio::sync::{broadcast, watch};
@@ -62,12 +62,26 @@ impl Net {
         let boot = bootstrap.addrs().to_vec();
         let spec = RunSpec::tiny();
         let data = Arc::new(
-            load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("built-in corpus"),
+            load_dataset(&DataSource {
+                builtin_bytes: 512 * 1024,
+                ..DataSource::default()
+            })
+            .expect("built-in corpus"),
         );
         let coordinator = Arc::new(start_node(Net::coordinator_config(dir.path(), &boot)).await);
         let key = coordinator.public_key();
         let (stop_tx, stop_rx) = watch::channel(false);
-        Net { dir, bootstrap, boot, spec, data, coordinator, key, stop_tx, stop_rx }
+        Net {
+            dir,
+            bootstrap,
+            boot,
+            spec,
+            data,
+            coordinator,
+            key,
+            stop_tx,
+            stop_rx,
+        }
     }
 
     fn coordinator_config(dir: &Path, boot: &[Multiaddr]) -> NodeConfig {
@@ -82,17 +96,28 @@ impl Net {
     }
 
     /// Starts an honest training node; its trainer stops on `stop` (or when the task is aborted: a kill).
-    async fn start_trainer(&self, name: &str) -> (Arc<NodeHandle>, JoinHandle<Result<(), mana_node::daemon::NodeError>>) {
+    async fn start_trainer(
+        &self,
+        name: &str,
+    ) -> (
+        Arc<NodeHandle>,
+        JoinHandle<Result<(), mana_node::daemon::NodeError>>,
+    ) {
         let node = Arc::new(start_node(self.member_config(name)).await);
         let cfg = TrainerConfig::new(self.spec.clone(), self.data.clone());
-        let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(self.stop_rx.clone())));
+        let task = tokio::spawn(run_trainer(
+            node.clone(),
+            cfg,
+            stopped(self.stop_rx.clone()),
+        ));
         (node, task)
     }
 
     /// The coordinator role's settings for this network: sync, H = 2, short phases.
     fn role(&self, min_members: usize, rounds: u64, metrics: &Path) -> ConductorConfig {
         let run = self.coordinator.config().net.run_id.clone();
-        let mut machine = machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
+        let mut machine =
+            machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
         machine.min_members = min_members;
         machine.train_ms = 8_000;
         machine.verify_ms = 8_000;
@@ -107,11 +132,18 @@ impl Net {
 
 fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().map(|l| serde_json::from_str(l).expect("metrics line parses")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line parses"))
+        .collect()
 }
 
 /// Collects every round announcement and commit an honest node accepts.
-fn collect_rounds(node: &NodeHandle) -> (Arc<Mutex<Vec<RoundAnnouncement>>>, Arc<Mutex<Vec<RoundCommit>>>) {
+fn collect_rounds(
+    node: &NodeHandle,
+) -> (
+    Arc<Mutex<Vec<RoundAnnouncement>>>,
+    Arc<Mutex<Vec<RoundCommit>>>,
+) {
     let announcements = Arc::new(Mutex::new(Vec::new()));
     let commits = Arc::new(Mutex::new(Vec::new()));
     let mut rx = node.accepted();
@@ -167,26 +199,33 @@ async fn run_malicious(
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let Some(part) = ann.participant(&me).cloned() else { continue };
-        // The honest work, from the round's real base checkpoint.
-        let Some((manifest, local)) = honest_local_round(&node, &ann, &part, &spec, &data).await else { continue };
-        let honest: BTreeMap<ShardId, Vec<f32>> = local
-            .deltas
-            .into_iter()
-            .map(|(s, d)| (s, d))
-            .collect();
-        let codec = ann.hyper.codec;
-        let announce = |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
-            run: run.clone(),
-            round: ann.round,
-            shard,
-            base_checkpoint: ann.base_checkpoint,
-            payload_hash,
-            payload_size,
-            stats: local.stats,
+        let Some(part) = ann.participant(&me).cloned() else {
+            continue;
         };
-        let not_hosted: Vec<ShardId> =
-            manifest.shards.iter().map(|e| e.shard).filter(|s| !part.shards.contains(s) && s.to_string().starts_with("expert/")).collect();
+        // The honest work, from the round's real base checkpoint.
+        let Some((manifest, local)) = honest_local_round(&node, &ann, &part, &spec, &data).await
+        else {
+            continue;
+        };
+        let honest: BTreeMap<ShardId, Vec<f32>> =
+            local.deltas.into_iter().map(|(s, d)| (s, d)).collect();
+        let codec = ann.hyper.codec;
+        let announce =
+            |shard: ShardId, payload_hash: ContentHash, payload_size: u64| DeltaAnnouncement {
+                run: run.clone(),
+                round: ann.round,
+                shard,
+                base_checkpoint: ann.base_checkpoint,
+                payload_hash,
+                payload_size,
+                stats: local.stats,
+            };
+        let not_hosted: Vec<ShardId> = manifest
+            .shards
+            .iter()
+            .map(|e| e.shard)
+            .filter(|s| !part.shards.contains(s) && s.to_string().starts_with("expert/"))
+            .collect();
         let mut sent_this_round: Option<(Vec<u8>, DeltaAnnouncement)> = None;
         // One poisoned delta for every assigned shard (a member missing a shard is dropped from the round
         // unverified, which would test nothing), then extra messages no honest member sends.
@@ -201,12 +240,20 @@ async fn run_malicious(
                     p[last] = 0x7f;
                     p
                 }
-                "scaled-x100" => encode_delta(&delta.iter().map(|x| x * 100.0).collect::<Vec<_>>(), &codec).expect("encode"),
+                "scaled-x100" => {
+                    encode_delta(&delta.iter().map(|x| x * 100.0).collect::<Vec<_>>(), &codec)
+                        .expect("encode")
+                }
                 _ => {
                     // Random values of the size a careless forger picks; far off the honest norm.
                     let bytes = pseudo_random_bytes(delta.len() * 4, ann.round * 31 + i as u64);
-                    let r: Vec<f32> =
-                        bytes.chunks_exact(4).map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32) - 0.5).collect();
+                    let r: Vec<f32> = bytes
+                        .chunks_exact(4)
+                        .map(|c| {
+                            (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32 / u32::MAX as f32)
+                                - 0.5
+                        })
+                        .collect();
                     encode_delta(&r, &codec).expect("encode")
                 }
             };
@@ -221,19 +268,36 @@ async fn run_malicious(
         }
         for (kind, target, payload) in sends {
             // Bound to this member, round and target shard, as an honest trainer binds its own.
-            let binding = mana_protocol::Binding { run: run.clone(), round: ann.round, shard: target, sender: me };
+            let binding = mana_protocol::Binding {
+                run: run.clone(),
+                round: ann.round,
+                shard: target,
+                sender: me,
+            };
             let payload = binding.wrap(&payload).expect("bind");
-            let Ok(hash) = node.host_blob(payload.clone()).await else { continue };
+            let Ok(hash) = node.host_blob(payload.clone()).await else {
+                continue;
+            };
             attacks.lock().expect("lock").payloads.insert(hash);
             let message = announce(target, hash, payload.len() as u64);
-            let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(message.clone()), now_ms()).expect("sign");
+            let envelope = SignedEnvelope::sign(
+                &keypair,
+                &Message::DeltaAnnouncement(message.clone()),
+                now_ms(),
+            )
+            .expect("sign");
             let mut bytes = envelope.encode().expect("encode envelope");
             if kind == "bad-signature" {
                 let mut bad = decode_envelope(&bytes).expect("own envelope decodes");
                 bad.signature.0[7] ^= 0x40;
                 bytes = bad.encode().expect("encode envelope");
             }
-            if node.net().publish(gossip_topic.clone(), bytes.clone()).await.is_ok() {
+            if node
+                .net()
+                .publish(gossip_topic.clone(), bytes.clone())
+                .await
+                .is_ok()
+            {
                 *attacks.lock().expect("lock").kinds.entry(kind).or_default() += 1;
             }
             if kind != "bad-signature" && sent_this_round.is_none() {
@@ -243,9 +307,21 @@ async fn run_malicious(
         // Replays of the previous round: the same signed bytes again, and the old announcement re-signed now.
         if let Some((raw, old)) = previous.take() {
             let _ = node.net().publish(gossip_topic.clone(), raw).await;
-            let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(old), now_ms()).expect("sign");
-            if node.net().publish(gossip_topic.clone(), envelope.encode().expect("encode")).await.is_ok() {
-                *attacks.lock().expect("lock").kinds.entry("replay").or_default() += 1;
+            let envelope =
+                SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(old), now_ms())
+                    .expect("sign");
+            if node
+                .net()
+                .publish(gossip_topic.clone(), envelope.encode().expect("encode"))
+                .await
+                .is_ok()
+            {
+                *attacks
+                    .lock()
+                    .expect("lock")
+                    .kinds
+                    .entry("replay")
+                    .or_default() += 1;
             }
         }
         previous = sent_this_round;
@@ -284,7 +360,12 @@ async fn run_replayer(
         };
         if let Some(raw) = previous.take() {
             if node.net().publish(gossip_topic.clone(), raw).await.is_ok() {
-                *attacks.lock().expect("lock").kinds.entry("replay").or_default() += 1;
+                *attacks
+                    .lock()
+                    .expect("lock")
+                    .kinds
+                    .entry("replay")
+                    .or_default() += 1;
             }
         }
         let claim = DeltaAnnouncement {
@@ -294,11 +375,22 @@ async fn run_replayer(
             base_checkpoint: ann.base_checkpoint,
             payload_hash: ContentHash([0x5a; 32]),
             payload_size: 1024,
-            stats: mana_protocol::TrainingStats { tokens: 1, loss_before: 1.0, loss_after: 1.0, delta_norm: 1.0 },
+            stats: mana_protocol::TrainingStats {
+                tokens: 1,
+                loss_before: 1.0,
+                loss_after: 1.0,
+                delta_norm: 1.0,
+            },
         };
-        let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(claim), now_ms()).expect("sign");
+        let envelope = SignedEnvelope::sign(&keypair, &Message::DeltaAnnouncement(claim), now_ms())
+            .expect("sign");
         let raw = envelope.encode().expect("encode envelope");
-        if node.net().publish(gossip_topic.clone(), raw.clone()).await.is_ok() {
+        if node
+            .net()
+            .publish(gossip_topic.clone(), raw.clone())
+            .await
+            .is_ok()
+        {
             previous = Some(raw);
         }
     }
@@ -333,7 +425,11 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     // This test follows every kind of refusal over several rounds, so the member stays in; with the default
     // threshold its first round (four faults) bans it, as the check of its standing below shows.
     role.machine.standing.ban_at = -1_000_000;
-    let coordinating = tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(net.stop_rx.clone())));
+    let coordinating = tokio::spawn(run_conductor(
+        net.coordinator.clone(),
+        role,
+        stopped(net.stop_rx.clone()),
+    ));
     wait_for(Duration::from_secs(60), "round 1 announced", || {
         let announced = announced.clone();
         async move { (!announced.lock().expect("lock").is_empty()).then_some(()) }
@@ -341,9 +437,15 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     .await;
     let mut replayer_cfg = net.member_config("replayer");
     replayer_cfg.capacity.max_shards = 0;
-    let replayer_key = mana_node::keyfile::load_or_generate(&replayer_cfg.key_path()).expect("replayer key");
+    let replayer_key =
+        mana_node::keyfile::load_or_generate(&replayer_cfg.key_path()).expect("replayer key");
     let replayer = Arc::new(start_node(replayer_cfg).await);
-    let replayer_task = tokio::spawn(run_replayer(replayer.clone(), replayer_key, attacks.clone(), net.stop_rx.clone()));
+    let replayer_task = tokio::spawn(run_replayer(
+        replayer.clone(),
+        replayer_key,
+        attacks.clone(),
+        net.stop_rx.clone(),
+    ));
     tokio::time::timeout(Duration::from_secs(240), coordinating)
         .await
         .expect("the coordinator finishes its rounds in time")
@@ -358,35 +460,68 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
             m.round, m.participants, m.val_loss, m.accepted, m.rejected, m.rejected_reasons
         );
     }
-    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss")).collect();
-    assert!(val[val.len() - 1] < val[0] - 0.05, "training did not converge under attack: {val:?}");
+    let val: Vec<f32> = lines
+        .iter()
+        .map(|m| m.val_loss.expect("val loss"))
+        .collect();
+    assert!(
+        val[val.len() - 1] < val[0] - 0.05,
+        "training did not converge under attack: {val:?}"
+    );
 
     // Every attack was carried out, and no poisoned payload was ever committed.
     let attacks = attacks.lock().expect("lock");
     eprintln!("attacks sent: {:?}", attacks.kinds);
-    let log = net.coordinator.store().rejection_summary().expect("rejection log");
+    let log = net
+        .coordinator
+        .store()
+        .rejection_summary()
+        .expect("rejection log");
     eprintln!("coordinator rejection log: {:?}", log.by_reason);
-    for kind in ["nan", "scaled-x100", "random", "bad-signature", "not-hosted", "replay"] {
-        assert!(attacks.kinds.get(kind).copied().unwrap_or(0) > 0, "attack {kind} never sent: {:?}", attacks.kinds);
+    for kind in [
+        "nan",
+        "scaled-x100",
+        "random",
+        "bad-signature",
+        "not-hosted",
+        "replay",
+    ] {
+        assert!(
+            attacks.kinds.get(kind).copied().unwrap_or(0) > 0,
+            "attack {kind} never sent: {:?}",
+            attacks.kinds
+        );
     }
     // Its record (kept after it left): every refused delta a fault, far past the default ban threshold.
     let status = net.coordinator.status().await.expect("coordinator status");
     let standings = status.coordinator.expect("coordinator status").standings;
     let worst = standings.first().expect("standings");
     eprintln!("lowest standing: {worst:?}");
-    assert!(worst.faults >= 4 && worst.reputation <= mana_engine::coordinator::StandingPolicy::default().ban_at, "{standings:?}");
-    let commits = wait_for(Duration::from_secs(10), "every commit seen by node 0", || {
-        let commits = commits.clone();
-        async move {
-            let c = commits.lock().expect("lock");
-            (c.len() as u64 >= ROUNDS).then(|| c.clone())
-        }
-    })
+    assert!(
+        worst.faults >= 4
+            && worst.reputation <= mana_engine::coordinator::StandingPolicy::default().ban_at,
+        "{standings:?}"
+    );
+    let commits = wait_for(
+        Duration::from_secs(10),
+        "every commit seen by node 0",
+        || {
+            let commits = commits.clone();
+            async move {
+                let c = commits.lock().expect("lock");
+                (c.len() as u64 >= ROUNDS).then(|| c.clone())
+            }
+        },
+    )
     .await;
     for commit in &commits {
         for accepted in &commit.accepted {
             for hash in &accepted.deltas {
-                assert!(!attacks.payloads.contains(hash), "round {}: a poisoned payload {hash} was committed", commit.round);
+                assert!(
+                    !attacks.payloads.contains(hash),
+                    "round {}: a poisoned payload {hash} was committed",
+                    commit.round
+                );
             }
         }
     }
@@ -402,28 +537,61 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     }
     // A replay is refused by whichever honest node receives it first (a refused message is not passed on).
     for (node, _) in &nodes {
-        for (r, n) in node.store().rejection_summary().expect("rejection log").by_reason {
+        for (r, n) in node
+            .store()
+            .rejection_summary()
+            .expect("rejection log")
+            .by_reason
+        {
             *reasons.entry(format!("member-log:{r}")).or_default() += n;
         }
     }
     eprintln!("reasons: {reasons:?}");
     let seen = |needle: &str| reasons.keys().any(|k| k.contains(needle));
-    assert!(seen("non-finite") || seen("bad-payload"), "NaN deltas not refused as such: {reasons:?}");
-    assert!(seen("norm-too-large"), "scaled and random deltas not refused by the norm check: {reasons:?}");
-    assert!(seen("signature") || seen("bad-envelope"), "bad signatures not refused: {reasons:?}");
-    assert!(seen("shard-not-assigned"), "deltas for experts not hosted not refused: {reasons:?}");
+    assert!(
+        seen("non-finite") || seen("bad-payload"),
+        "NaN deltas not refused as such: {reasons:?}"
+    );
+    assert!(
+        seen("norm-too-large"),
+        "scaled and random deltas not refused by the norm check: {reasons:?}"
+    );
+    assert!(
+        seen("signature") || seen("bad-envelope"),
+        "bad signatures not refused: {reasons:?}"
+    );
+    assert!(
+        seen("shard-not-assigned"),
+        "deltas for experts not hosted not refused: {reasons:?}"
+    );
     assert!(seen("replayed"), "replays not refused: {reasons:?}");
 
     let _ = net.stop_tx.send(true);
     evil_task.await.expect("malicious task");
     replayer_task.await.expect("replayer task");
-    Arc::into_inner(replayer).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(replayer)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
     for (node, task) in nodes {
         task.await.expect("trainer task").expect("trainer ran");
-        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+        Arc::into_inner(node)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
     }
-    Arc::into_inner(evil).expect("sole owner").shutdown().await.expect("shutdown");
-    Arc::into_inner(net.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(evil)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
+    Arc::into_inner(net.coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
     net.bootstrap.shutdown().await;
 }
 
@@ -441,7 +609,11 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     // Phase 1: two rounds with four nodes, then the coordinator stops (its state is saved in its store).
     let (coord_stop_tx, coord_stop_rx) = watch::channel(false);
     let role = net.role(3, 100, &metrics);
-    let coordinating = tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(coord_stop_rx)));
+    let coordinating = tokio::spawn(run_conductor(
+        net.coordinator.clone(),
+        role,
+        stopped(coord_stop_rx),
+    ));
     wait_for(Duration::from_secs(90), "two committed rounds", || {
         let m = metrics.clone();
         async move { (read_metrics(&m).len() >= 2).then_some(()) }
@@ -453,7 +625,13 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     // last checkpoint.
     let kill_ann = wait_for(Duration::from_secs(60), "round 3 announced", || {
         let a = announcements.clone();
-        async move { a.lock().expect("lock").iter().find(|x| x.round >= 3).cloned() }
+        async move {
+            a.lock()
+                .expect("lock")
+                .iter()
+                .find(|x| x.round >= 3)
+                .cloned()
+        }
     })
     .await;
     let kill_round = kill_ann.round;
@@ -464,88 +642,174 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
         .flat_map(|p| p.shards.iter().copied())
         .filter(|s| s.to_string().starts_with("expert/"))
         .find(|s| {
-            let hosts: Vec<&PublicKey> =
-                kill_ann.participants.iter().filter(|p| p.shards.contains(s)).map(|p| &p.node).collect();
+            let hosts: Vec<&PublicKey> = kill_ann
+                .participants
+                .iter()
+                .filter(|p| p.shards.contains(s))
+                .map(|p| &p.node)
+                .collect();
             // Node 0 stays: it collects the rounds.
             hosts.len() == 2 && !hosts.contains(&&keys[0])
         })
         .expect("an expert hosted by two nodes other than node 0");
-    let doomed: Vec<PublicKey> =
-        kill_ann.participants.iter().filter(|p| p.shards.contains(&orphan)).map(|p| p.node).collect();
+    let doomed: Vec<PublicKey> = kill_ann
+        .participants
+        .iter()
+        .filter(|p| p.shards.contains(&orphan))
+        .map(|p| p.node)
+        .collect();
     let mut killed_keys = Vec::new();
     for key in &doomed {
-        let at = nodes.iter().position(|(n, _)| n.public_key() == *key).expect("a host is one of our nodes");
+        let at = nodes
+            .iter()
+            .position(|(n, _)| n.public_key() == *key)
+            .expect("a host is one of our nodes");
         let (killed, killed_task) = nodes.remove(at);
         killed_keys.push(killed.public_key());
         killed_task.abort();
         drop(killed); // the last handle: its swarm and tasks are aborted, like a crash
     }
     eprintln!("killed both hosts of {orphan} in round {kill_round}");
-    wait_for(Duration::from_secs(60), "the round with the dead nodes commits", || {
-        let c = commits.clone();
-        async move { c.lock().expect("lock").iter().any(|x| x.round == kill_round).then_some(()) }
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the round with the dead nodes commits",
+        || {
+            let c = commits.clone();
+            async move {
+                c.lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|x| x.round == kill_round)
+                    .then_some(())
+            }
+        },
+    )
     .await;
 
     // A late joiner: it syncs what it is assigned and contributes in a later round.
     let late = net.start_trainer("node-late").await;
     let late_key = late.0.public_key();
-    let joined_round = wait_for(Duration::from_secs(90), "the late joiner in a round without the dead nodes", || {
-        let a = announcements.clone();
-        let killed_keys = killed_keys.clone();
-        async move {
-            a.lock()
-                .expect("lock")
-                .iter()
-                .find(|x| x.participant(&late_key).is_some() && killed_keys.iter().all(|k| x.participant(k).is_none()))
-                .map(|x| x.round)
-        }
-    })
+    let joined_round = wait_for(
+        Duration::from_secs(90),
+        "the late joiner in a round without the dead nodes",
+        || {
+            let a = announcements.clone();
+            let killed_keys = killed_keys.clone();
+            async move {
+                a.lock()
+                    .expect("lock")
+                    .iter()
+                    .find(|x| {
+                        x.participant(&late_key).is_some()
+                            && killed_keys.iter().all(|k| x.participant(k).is_none())
+                    })
+                    .map(|x| x.round)
+            }
+        },
+    )
     .await;
     // Lost experts are reassigned: every expert has `replication` hosts among the live nodes.
-    let ann = announcements.lock().expect("lock").iter().find(|x| x.round == joined_round).cloned().expect("announcement");
+    let ann = announcements
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|x| x.round == joined_round)
+        .cloned()
+        .expect("announcement");
     let mut hosts: BTreeMap<String, usize> = BTreeMap::new();
     for p in &ann.participants {
         for s in &p.shards {
             *hosts.entry(s.to_string()).or_default() += 1;
         }
     }
-    let experts: Vec<_> = hosts.iter().filter(|(s, _)| s.starts_with("expert/")).collect();
+    let experts: Vec<_> = hosts
+        .iter()
+        .filter(|(s, _)| s.starts_with("expert/"))
+        .collect();
     assert_eq!(experts.len(), 8, "every expert has a host: {hosts:?}");
-    assert!(experts.iter().all(|(_, n)| **n == 2), "each expert has 2 live hosts: {hosts:?}");
+    assert!(
+        experts.iter().all(|(_, n)| **n == 2),
+        "each expert has 2 live hosts: {hosts:?}"
+    );
     let late_node = late.0.clone();
-    wait_for(Duration::from_secs(90), "the late joiner applies a round it trained in", move || {
-        let n = late_node.clone();
-        async move {
-            let t = n.status().await.ok()?.training?;
-            (t.rounds_trained >= 1 && t.applied_round.is_some_and(|r| r >= joined_round)).then_some(())
-        }
-    })
+    wait_for(
+        Duration::from_secs(90),
+        "the late joiner applies a round it trained in",
+        move || {
+            let n = late_node.clone();
+            async move {
+                let t = n.status().await.ok()?.training?;
+                (t.rounds_trained >= 1 && t.applied_round.is_some_and(|r| r >= joined_round))
+                    .then_some(())
+            }
+        },
+    )
     .await;
 
     // The orphaned expert trained again: its new hosts started from the last checkpoint and their deltas went
     // into the commit of that round.
-    let commit = wait_for(Duration::from_secs(60), "the commit of the late joiner's round", || {
-        let c = commits.clone();
-        async move { c.lock().expect("lock").iter().find(|x| x.round == joined_round).cloned() }
-    })
+    let commit = wait_for(
+        Duration::from_secs(60),
+        "the commit of the late joiner's round",
+        || {
+            let c = commits.clone();
+            async move {
+                c.lock()
+                    .expect("lock")
+                    .iter()
+                    .find(|x| x.round == joined_round)
+                    .cloned()
+            }
+        },
+    )
     .await;
-    let trained = commit.accepted.iter().find(|a| a.shard == orphan).map_or(0, |a| a.deltas.len());
-    assert!(trained > 0, "{orphan} got no accepted delta after its hosts died: {:?}", commit.accepted);
-    assert_eq!(commit.checkpoint.shard(&orphan).map(|e| e.round), Some(joined_round), "{orphan} changed in round {joined_round}");
+    let trained = commit
+        .accepted
+        .iter()
+        .find(|a| a.shard == orphan)
+        .map_or(0, |a| a.deltas.len());
+    assert!(
+        trained > 0,
+        "{orphan} got no accepted delta after its hosts died: {:?}",
+        commit.accepted
+    );
+    assert_eq!(
+        commit.checkpoint.shard(&orphan).map(|e| e.round),
+        Some(joined_round),
+        "{orphan} changed in round {joined_round}"
+    );
 
     // Coordinator restart: stop it, start a new process-equivalent on the same data dir and key.
     let _ = coord_stop_tx.send(true);
-    coordinating.await.expect("coordinator task").expect("coordinator stopped cleanly");
-    let before = read_metrics(&metrics).last().map(|m| m.round).expect("rounds committed");
-    Arc::into_inner(net.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
-    net.coordinator = Arc::new(start_node(Net::coordinator_config(net.dir.path(), &net.boot)).await);
-    assert_eq!(net.coordinator.public_key(), net.key, "the restarted coordinator keeps its key");
+    coordinating
+        .await
+        .expect("coordinator task")
+        .expect("coordinator stopped cleanly");
+    let before = read_metrics(&metrics)
+        .last()
+        .map(|m| m.round)
+        .expect("rounds committed");
+    Arc::into_inner(net.coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
+    net.coordinator =
+        Arc::new(start_node(Net::coordinator_config(net.dir.path(), &net.boot)).await);
+    assert_eq!(
+        net.coordinator.public_key(),
+        net.key,
+        "the restarted coordinator keeps its key"
+    );
     let mut role = net.role(3, before + 2, &metrics);
     role.rounds = Some(before + 2);
     tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::spawn(run_conductor(net.coordinator.clone(), role, stopped(net.stop_rx.clone()))),
+        tokio::spawn(run_conductor(
+            net.coordinator.clone(),
+            role,
+            stopped(net.stop_rx.clone()),
+        )),
     )
     .await
     .expect("the restarted coordinator finishes in time")
@@ -554,17 +818,34 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     let lines = read_metrics(&metrics);
     let rounds: Vec<u64> = lines.iter().map(|m| m.round).collect();
     eprintln!("rounds committed: {rounds:?}");
-    assert!(rounds.windows(2).all(|w| w[1] == w[0] + 1), "rounds resume in sequence after the restart: {rounds:?}");
+    assert!(
+        rounds.windows(2).all(|w| w[1] == w[0] + 1),
+        "rounds resume in sequence after the restart: {rounds:?}"
+    );
     assert_eq!(rounds.last().copied(), Some(before + 2));
-    let val: Vec<f32> = lines.iter().map(|m| m.val_loss.expect("val loss")).collect();
-    assert!(val[val.len() - 1] < val[0], "training continued to improve: {val:?}");
+    let val: Vec<f32> = lines
+        .iter()
+        .map(|m| m.val_loss.expect("val loss"))
+        .collect();
+    assert!(
+        val[val.len() - 1] < val[0],
+        "training continued to improve: {val:?}"
+    );
 
     let _ = net.stop_tx.send(true);
     nodes.push(late);
     for (node, task) in nodes {
         task.await.expect("trainer task").expect("trainer ran");
-        Arc::into_inner(node).expect("sole owner").shutdown().await.expect("shutdown");
+        Arc::into_inner(node)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
     }
-    Arc::into_inner(net.coordinator).expect("sole owner").shutdown().await.expect("shutdown");
+    Arc::into_inner(net.coordinator)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
     net.bootstrap.shutdown().await;
 }

@@ -30,18 +30,37 @@ pub struct BootstrapConfig {
 impl BootstrapConfig {
     /// A bootstrap node listening on `listen`, keeping its key in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>, listen: Vec<Multiaddr>) -> Self {
-        let net = NetConfig { listen, relay_server: true, kad_server: true, ..NetConfig::default() };
-        Self { data_dir: data_dir.into(), key_file: None, net }
+        let net = NetConfig {
+            listen,
+            relay_server: true,
+            kad_server: true,
+            ..NetConfig::default()
+        };
+        Self {
+            data_dir: data_dir.into(),
+            key_file: None,
+            net,
+        }
     }
 
     /// A loopback test bootstrap (port 0, short intervals).
     pub fn for_tests(data_dir: impl Into<PathBuf>) -> Self {
-        let net = NetConfig { relay_server: true, kad_server: true, ..NetConfig::for_tests() };
-        Self { data_dir: data_dir.into(), key_file: None, net }
+        let net = NetConfig {
+            relay_server: true,
+            kad_server: true,
+            ..NetConfig::for_tests()
+        };
+        Self {
+            data_dir: data_dir.into(),
+            key_file: None,
+            net,
+        }
     }
 
     fn key_path(&self) -> PathBuf {
-        self.key_file.clone().unwrap_or_else(|| self.data_dir.join("bootstrap.key"))
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("bootstrap.key"))
     }
 }
 
@@ -70,19 +89,28 @@ pub struct BootstrapHandle {
 
 /// Starts a bootstrap node and waits until it listens.
 pub async fn start(config: BootstrapConfig) -> Result<BootstrapHandle, BootstrapError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| BootstrapError::DataDir(config.data_dir.clone(), e))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| BootstrapError::DataDir(config.data_dir.clone(), e))?;
     let key_path = config.key_path();
     let keypair = keyfile::load_or_generate(&key_path)?;
     let (client, events, event_loop) = net::new(keypair.to_libp2p(), config.net)?;
     let net = tokio::spawn(event_loop.run());
     let addrs = client.listen_addrs(Duration::from_secs(10)).await?;
     let events = tokio::spawn(drain_events(client.clone(), events));
-    Ok(BootstrapHandle { client, addrs, events, net })
+    Ok(BootstrapHandle {
+        client,
+        addrs,
+        events,
+        net,
+    })
 }
 
 /// Runs a bootstrap node until `shutdown` completes, printing its addresses (one per line, with
 /// `/p2p/<peer id>`) on stdout first.
-pub async fn run(config: BootstrapConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), BootstrapError> {
+pub async fn run(
+    config: BootstrapConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), BootstrapError> {
     let handle = start(config).await?;
     for addr in handle.addrs() {
         println!("{addr}");
@@ -106,9 +134,14 @@ impl BootstrapHandle {
     /// Stops the node.
     pub async fn shutdown(self) {
         self.events.abort();
-        let BootstrapHandle { client, mut net, .. } = self;
+        let BootstrapHandle {
+            client, mut net, ..
+        } = self;
         drop(client);
-        if tokio::time::timeout(Duration::from_secs(2), &mut net).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut net)
+            .await
+            .is_err()
+        {
             tracing::warn!("bootstrap event loop did not stop in time; aborting it");
             net.abort();
             let _ = net.await;
@@ -121,8 +154,12 @@ async fn drain_events(client: Client, mut events: mpsc::Receiver<NetEvent>) {
     let mut peers = 0usize;
     while let Some(event) = events.recv().await {
         match event {
-            NetEvent::InboundRequest { request, channel, .. } => {
-                let _ = client.respond(channel, FetchResponse::NotFound { hash: request.hash }).await;
+            NetEvent::InboundRequest {
+                request, channel, ..
+            } => {
+                let _ = client
+                    .respond(channel, FetchResponse::NotFound { hash: request.hash })
+                    .await;
             }
             NetEvent::Gossip { id, source, .. } => {
                 let _ = client.report(id, source, net::Verdict::Ignore).await;

@@ -155,6 +155,9 @@ pub enum DemoError {
 impl DemoError {
     /// An I/O error with what the demo was doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> DemoError {
-        DemoError::Io { context: context.into(), source }
+        DemoError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }

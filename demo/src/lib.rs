@@ -105,8 +105,14 @@ pub fn run(cfg: DemoConfig) -> Result<(), DemoError> {
             out.write("summary.txt", &summary)?;
             Ok(())
         }
-        Err(e) if interrupted => Err(DemoError::RunInterrupted { out: out.root.clone(), source: Box::new(e) }),
-        Err(e) => Err(DemoError::RunFailed { logs: out.logs(), source: Box::new(e) }),
+        Err(e) if interrupted => Err(DemoError::RunInterrupted {
+            out: out.root.clone(),
+            source: Box::new(e),
+        }),
+        Err(e) => Err(DemoError::RunFailed {
+            logs: out.logs(),
+            source: Box::new(e),
+        }),
     }
 }
 
@@ -129,7 +135,9 @@ fn drive(
     progress.phase("waiting for the first round (nodes join, fetch the model, train)");
     let rounds = rounds::follow(cfg, out, sup, progress, signals, &net, started)?;
     // `follow` returns only once a round has been committed.
-    let Some(last) = rounds.metrics.last() else { return Err(DemoError::NoRound(sup.log(net.coordinator).to_path_buf())) };
+    let Some(last) = rounds.metrics.last() else {
+        return Err(DemoError::NoRound(sup.log(net.coordinator).to_path_buf()));
+    };
     progress.phase("waiting for the nodes to apply the last commit");
     let comparison = net.compare_holdings(out, sup, &rounds, last, signals)?;
     out.write("manifests.txt", &comparison.text)?;

@@ -35,19 +35,35 @@ pub struct Comparison {
 }
 
 /// Compares the holders against each other and against the final committed round and checkpoint.
-pub fn compare(final_round: Option<u64>, checkpoint: Option<&str>, holders: &[Holder]) -> Comparison {
+pub fn compare(
+    final_round: Option<u64>,
+    checkpoint: Option<&str>,
+    holders: &[Holder],
+) -> Comparison {
     // shard -> hash -> holders
     let mut by_shard: BTreeMap<&str, BTreeMap<&str, Vec<&str>>> = BTreeMap::new();
     for h in holders {
         for (shard, hash) in &h.shards {
-            by_shard.entry(shard).or_default().entry(hash).or_default().push(&h.name);
+            by_shard
+                .entry(shard)
+                .or_default()
+                .entry(hash)
+                .or_default()
+                .push(&h.name);
         }
     }
-    let mismatched_shards: Vec<String> =
-        by_shard.iter().filter(|(_, hashes)| hashes.len() > 1).map(|(shard, _)| (*shard).to_owned()).collect();
+    let mismatched_shards: Vec<String> = by_shard
+        .iter()
+        .filter(|(_, hashes)| hashes.len() > 1)
+        .map(|(shard, _)| (*shard).to_owned())
+        .collect();
     let behind: Vec<String> = holders
         .iter()
-        .filter(|h| h.shards.is_empty() || h.round.is_none() || (final_round.is_some() && h.round != final_round))
+        .filter(|h| {
+            h.shards.is_empty()
+                || h.round.is_none()
+                || (final_round.is_some() && h.round != final_round)
+        })
         .map(|h| h.name.clone())
         .collect();
     let agree = !holders.is_empty() && mismatched_shards.is_empty() && behind.is_empty();
@@ -55,12 +71,27 @@ pub fn compare(final_round: Option<u64>, checkpoint: Option<&str>, holders: &[Ho
     let mut text = String::new();
     let round = final_round.map_or_else(|| "none".to_owned(), |r| r.to_string());
     let _ = writeln!(text, "final committed round: {round}");
-    let _ = writeln!(text, "committed checkpoint manifest: {}", checkpoint.unwrap_or("(not reported)"));
+    let _ = writeln!(
+        text,
+        "committed checkpoint manifest: {}",
+        checkpoint.unwrap_or("(not reported)")
+    );
     let _ = writeln!(text);
-    let _ = writeln!(text, "{:<12} {:>6} {:>7}  manifest hash (of the shards it holds)", "process", "round", "shards");
+    let _ = writeln!(
+        text,
+        "{:<12} {:>6} {:>7}  manifest hash (of the shards it holds)",
+        "process", "round", "shards"
+    );
     for h in holders {
         let r = h.round.map_or_else(|| "-".to_owned(), |r| r.to_string());
-        let _ = writeln!(text, "{:<12} {:>6} {:>7}  {}", h.name, r, h.shards.len(), h.manifest.as_deref().unwrap_or("-"));
+        let _ = writeln!(
+            text,
+            "{:<12} {:>6} {:>7}  {}",
+            h.name,
+            r,
+            h.shards.len(),
+            h.manifest.as_deref().unwrap_or("-")
+        );
     }
     let _ = writeln!(text);
     let _ = writeln!(text, "{:<16} {:<64}  holders", "shard", "hash (blake3)");
@@ -81,13 +112,26 @@ pub fn compare(final_round: Option<u64>, checkpoint: Option<&str>, holders: &[Ho
     } else {
         let _ = writeln!(text, "verdict: DISAGREE");
         if !mismatched_shards.is_empty() {
-            let _ = writeln!(text, "  shards held with different hashes: {}", mismatched_shards.join(", "));
+            let _ = writeln!(
+                text,
+                "  shards held with different hashes: {}",
+                mismatched_shards.join(", ")
+            );
         }
         if !behind.is_empty() {
-            let _ = writeln!(text, "  not at round {round} (or holding nothing): {}", behind.join(", "));
+            let _ = writeln!(
+                text,
+                "  not at round {round} (or holding nothing): {}",
+                behind.join(", ")
+            );
         }
     }
-    Comparison { agree, mismatched_shards, behind, text }
+    Comparison {
+        agree,
+        mismatched_shards,
+        behind,
+        text,
+    }
 }
 
 #[cfg(test)]
@@ -99,35 +143,60 @@ mod tests {
             name: name.into(),
             round: Some(round),
             manifest: Some(format!("m-{name}")),
-            shards: shards.iter().map(|(s, h)| ((*s).to_owned(), (*h).to_owned())).collect(),
+            shards: shards
+                .iter()
+                .map(|(s, h)| ((*s).to_owned(), (*h).to_owned()))
+                .collect(),
         }
     }
 
     #[test]
     fn agreeing_holders_of_different_shards_agree() {
         let holders = [
-            holder("coordinator", 5, &[("trunk", "t"), ("expert/0/0", "a"), ("expert/0/1", "b")]),
+            holder(
+                "coordinator",
+                5,
+                &[("trunk", "t"), ("expert/0/0", "a"), ("expert/0/1", "b")],
+            ),
             holder("node-1", 5, &[("trunk", "t"), ("expert/0/0", "a")]),
             holder("node-2", 5, &[("trunk", "t"), ("expert/0/1", "b")]),
         ];
         let c = compare(Some(5), Some("ck"), &holders);
         assert!(c.agree, "{}", c.text);
-        assert!(c.text.contains("verdict: AGREE") && c.text.contains("node-1 node-2") && c.text.contains("ck"));
+        assert!(
+            c.text.contains("verdict: AGREE")
+                && c.text.contains("node-1 node-2")
+                && c.text.contains("ck")
+        );
     }
 
     #[test]
     fn a_different_hash_or_a_lagging_holder_disagrees() {
-        let holders = [holder("coordinator", 5, &[("trunk", "t")]), holder("node-1", 5, &[("trunk", "x")])];
+        let holders = [
+            holder("coordinator", 5, &[("trunk", "t")]),
+            holder("node-1", 5, &[("trunk", "x")]),
+        ];
         let c = compare(Some(5), None, &holders);
         assert!(!c.agree);
         assert_eq!(c.mismatched_shards, ["trunk"]);
         assert!(c.text.contains("MISMATCH") && c.text.contains("DISAGREE"));
 
-        let holders = [holder("coordinator", 5, &[("trunk", "t")]), holder("node-1", 4, &[("trunk", "t")])];
+        let holders = [
+            holder("coordinator", 5, &[("trunk", "t")]),
+            holder("node-1", 4, &[("trunk", "t")]),
+        ];
         let c = compare(Some(5), None, &holders);
-        assert_eq!((c.agree, c.behind.as_slice()), (false, ["node-1".to_owned()].as_slice()));
+        assert_eq!(
+            (c.agree, c.behind.as_slice()),
+            (false, ["node-1".to_owned()].as_slice())
+        );
 
-        let empty = Holder { name: "node-2".into(), round: None, manifest: None, shards: vec![] };
+        let empty = Holder {
+            name: "node-2".into(),
+            round: None,
+            manifest: None,
+            shards: vec![],
+        };
         assert!(!compare(Some(5), None, &[empty]).agree);
         assert!(!compare(Some(5), None, &[]).agree);
     }

@@ -46,11 +46,16 @@ pub struct Line {
 
 /// Parses one line of the coordinator's metrics file.
 pub fn parse_line(text: &str) -> Result<Line, LineError> {
-    let raw: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text).map_err(LineError::NotAnObject)?;
-    if let Some(key) = REQUIRED_LOSSES.into_iter().find(|key| !raw.contains_key(*key)) {
+    let raw: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(LineError::NotAnObject)?;
+    if let Some(key) = REQUIRED_LOSSES
+        .into_iter()
+        .find(|key| !raw.contains_key(*key))
+    {
         return Err(LineError::MissingLoss(key));
     }
-    let metrics = RoundMetrics::deserialize(serde_json::Value::Object(raw.clone())).map_err(LineError::Fields)?;
+    let metrics = RoundMetrics::deserialize(serde_json::Value::Object(raw.clone()))
+        .map_err(LineError::Fields)?;
     Ok(Line { metrics, raw })
 }
 
@@ -74,7 +79,11 @@ pub struct Tail {
 impl Tail {
     /// Follows `path` from its start (it need not exist yet).
     pub fn new(path: impl Into<PathBuf>) -> Tail {
-        Tail { path: path.into(), offset: 0, partial: Vec::new() }
+        Tail {
+            path: path.into(),
+            offset: 0,
+            partial: Vec::new(),
+        }
     }
 
     /// The file followed.
@@ -104,7 +113,10 @@ impl Tail {
             }
         }
         if self.partial.len() > MAX_LINE_BYTES {
-            return Err(DemoError::LineTooLong { path: self.path.clone(), max: MAX_LINE_BYTES });
+            return Err(DemoError::LineTooLong {
+                path: self.path.clone(),
+                max: MAX_LINE_BYTES,
+            });
         }
         Ok(lines)
     }
@@ -121,17 +133,32 @@ mod tests {
     fn parses_the_contract_line_and_keeps_unknown_keys() {
         let line = parse_line(LINE).expect("parses");
         let m = &line.metrics;
-        assert_eq!((m.round, m.accepted, m.rejected, m.tokens, m.payload_bytes), (3, 15, 1, 4096, 123456));
+        assert_eq!(
+            (m.round, m.accepted, m.rejected, m.tokens, m.payload_bytes),
+            (3, 15, 1, 4096, 123456)
+        );
         assert_eq!(m.rejected_reasons.get("norm-too-large"), Some(&1));
-        assert_eq!(m.ms, PhaseMs { train: 900, transfer: 40, verify: 30, apply: 20 });
+        assert_eq!(
+            m.ms,
+            PhaseMs {
+                train: 900,
+                transfer: 40,
+                verify: 30,
+                apply: 20
+            }
+        );
         assert_eq!(line.raw.get("extra"), Some(&serde_json::Value::Bool(true)));
     }
 
     #[test]
     fn rejects_lines_without_the_losses() {
         assert!(parse_line(r#"{"round":1}"#).is_err());
-        let null = parse_line(r#"{"round":1,"train_loss":null,"val_loss":2.5}"#).expect("null is allowed");
-        assert!(loss_or_nan(null.metrics.train_loss).is_nan() && loss_or_nan(null.metrics.val_loss) == 2.5);
+        let null =
+            parse_line(r#"{"round":1,"train_loss":null,"val_loss":2.5}"#).expect("null is allowed");
+        assert!(
+            loss_or_nan(null.metrics.train_loss).is_nan()
+                && loss_or_nan(null.metrics.val_loss) == 2.5
+        );
         assert!(parse_line("[1,2]").is_err());
         assert!(parse_line("{").is_err());
     }
@@ -151,7 +178,12 @@ mod tests {
             tokens: 10,
             payload_bytes: 20,
             checkpoint: "cc".into(),
-            ms: PhaseMs { train: 1, transfer: 2, verify: 3, apply: 4 },
+            ms: PhaseMs {
+                train: 1,
+                transfer: 2,
+                verify: 3,
+                apply: 4,
+            },
             scored: 2,
             score_seed: Some("00000000000000ff".into()),
             unix_ms: 5,

@@ -54,10 +54,16 @@ fn mana(cfg: &DemoConfig, role: &str) -> Command {
 }
 
 /// Starts the bootstrap, the coordinator and the nodes, each once the previous has printed what it needs.
-pub fn start(cfg: &DemoConfig, out: &OutDir, sup: &mut Supervisor, progress: &Progress) -> Result<Network, DemoError> {
+pub fn start(
+    cfg: &DemoConfig,
+    out: &OutDir,
+    sup: &mut Supervisor,
+    progress: &Progress,
+) -> Result<Network, DemoError> {
     progress.phase("starting the bootstrap node");
     let mut cmd = mana(cfg, "bootstrap");
-    cmd.args(["--listen", LISTEN, "--data-dir"]).arg(out.data_dir("bootstrap"));
+    cmd.args(["--listen", LISTEN, "--data-dir"])
+        .arg(out.data_dir("bootstrap"));
     let bootstrap = sup.spawn("bootstrap", cmd)?;
     let boot_addr = sup.wait_line(bootstrap, STARTUP_TIMEOUT, |l| {
         (l.starts_with("/ip4/127.0.0.1/tcp/") && l.contains("/p2p/")).then(|| l.to_owned())
@@ -65,16 +71,25 @@ pub fn start(cfg: &DemoConfig, out: &OutDir, sup: &mut Supervisor, progress: &Pr
 
     progress.phase("starting the coordinator");
     let mut cmd = mana(cfg, "coordinator");
-    cmd.args(["--run", RUN, "--listen", LISTEN, "--bootstrap", &boot_addr, "--rule", &cfg.rule])
-        .args(["--min-members", &cfg.nodes.to_string()])
-        // Every routed expert on two nodes (one when there is a single node).
-        .args(["--replication", &cfg.nodes.min(2).to_string()])
-        .arg("--data-dir")
-        .arg(out.data_dir("coordinator"))
-        .arg("--metrics")
-        .arg(out.coordinator_metrics())
-        .arg("--export")
-        .arg(out.final_model());
+    cmd.args([
+        "--run",
+        RUN,
+        "--listen",
+        LISTEN,
+        "--bootstrap",
+        &boot_addr,
+        "--rule",
+        &cfg.rule,
+    ])
+    .args(["--min-members", &cfg.nodes.to_string()])
+    // Every routed expert on two nodes (one when there is a single node).
+    .args(["--replication", &cfg.nodes.min(2).to_string()])
+    .arg("--data-dir")
+    .arg(out.data_dir("coordinator"))
+    .arg("--metrics")
+    .arg(out.coordinator_metrics())
+    .arg("--export")
+    .arg(out.final_model());
     if let Stop::Rounds(r) = cfg.stop {
         cmd.args(["--rounds", &r.to_string()]);
     }
@@ -108,9 +123,18 @@ pub fn start(cfg: &DemoConfig, out: &OutDir, sup: &mut Supervisor, progress: &Pr
         let name = format!("node-{i}");
         let data_dir = out.data_dir(&name);
         let mut cmd = mana(cfg, "node");
-        cmd.args(["--run", RUN, "--listen", LISTEN, "--bootstrap", &boot_addr, "--coordinator", &key])
-            .arg("--data-dir")
-            .arg(&data_dir);
+        cmd.args([
+            "--run",
+            RUN,
+            "--listen",
+            LISTEN,
+            "--bootstrap",
+            &boot_addr,
+            "--coordinator",
+            &key,
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir);
         if let Some(corpus) = &cfg.corpus {
             cmd.arg("--corpus").arg(corpus);
         }
@@ -118,9 +142,15 @@ pub fn start(cfg: &DemoConfig, out: &OutDir, sup: &mut Supervisor, progress: &Pr
         nodes.push((id, name, data_dir));
     }
     for (id, _, _) in &nodes {
-        sup.wait_line(*id, STARTUP_TIMEOUT, |l| l.starts_with("/ip4/127.0.0.1/").then_some(()))?;
+        sup.wait_line(*id, STARTUP_TIMEOUT, |l| {
+            l.starts_with("/ip4/127.0.0.1/").then_some(())
+        })?;
     }
-    Ok(Network { coordinator, nodes, coordinator_started_ms })
+    Ok(Network {
+        coordinator,
+        nodes,
+        coordinator_started_ms,
+    })
 }
 
 impl Network {
@@ -139,7 +169,10 @@ impl Network {
         loop {
             let current = self.holders(out, sup);
             let comparison = manifests::compare(final_round, checkpoint, &current);
-            let waiting_for_alive = comparison.behind.iter().any(|name| !rounds.nodes_lost.contains(name));
+            let waiting_for_alive = comparison
+                .behind
+                .iter()
+                .any(|name| !rounds.nodes_lost.contains(name));
             if signals.load(Ordering::SeqCst) {
                 return Err(DemoError::Interrupted);
             }
@@ -152,7 +185,10 @@ impl Network {
 
     /// What the coordinator and each node report holding now.
     fn holders(&self, out: &OutDir, sup: &mut Supervisor) -> Vec<Holder> {
-        let mut all = vec![holder("coordinator", status::read(&out.data_dir("coordinator")))];
+        let mut all = vec![holder(
+            "coordinator",
+            status::read(&out.data_dir("coordinator")),
+        )];
         for (id, name, dir) in &self.nodes {
             // A node that died is reported as it last was, and shows as behind if it missed rounds.
             let _ = sup.exit_status(*id);
@@ -165,5 +201,10 @@ impl Network {
 /// One process's holdings for the comparison (nothing, when it has no readable status).
 fn holder(name: &str, view: Option<mana_node::daemon::NodeStatus>) -> Holder {
     let held = view.as_ref().map(status::holdings).unwrap_or_default();
-    Holder { name: name.to_owned(), round: held.round, manifest: held.manifest, shards: held.shards }
+    Holder {
+        name: name.to_owned(),
+        round: held.round,
+        manifest: held.manifest,
+        shards: held.shards,
+    }
 }

@@ -16,7 +16,14 @@ use crate::plot::{self, Labels, Series};
 /// The file that marks a directory as the demo's.
 const MARKER: &str = ".mana-demo";
 /// The files the demo writes at the top of the directory.
-const FILES: [&str; 6] = ["metrics.jsonl", "loss.svg", "manifests.txt", "sample.txt", "summary.txt", MARKER];
+const FILES: [&str; 6] = [
+    "metrics.jsonl",
+    "loss.svg",
+    "manifests.txt",
+    "sample.txt",
+    "summary.txt",
+    MARKER,
+];
 /// The directories the demo creates (besides `node-<i>`).
 const DIRS: [&str; 4] = ["logs", "bootstrap", "coordinator", "final-model"];
 
@@ -43,16 +50,24 @@ impl OutDir {
                 let ours_dir = DIRS.contains(&name.as_str()) || is_node_dir(&name);
                 let path = entry.path();
                 if ours_dir && path.is_dir() {
-                    std::fs::remove_dir_all(&path).map_err(|e| DemoError::io(format!("removing {}", path.display()), e))?;
+                    std::fs::remove_dir_all(&path)
+                        .map_err(|e| DemoError::io(format!("removing {}", path.display()), e))?;
                 } else if FILES.contains(&name.as_str()) && name != MARKER {
-                    std::fs::remove_file(&path).map_err(|e| DemoError::io(format!("removing {}", path.display()), e))?;
+                    std::fs::remove_file(&path)
+                        .map_err(|e| DemoError::io(format!("removing {}", path.display()), e))?;
                 }
             }
         }
-        std::fs::create_dir_all(root).map_err(|e| DemoError::io(format!("creating {}", root.display()), e))?;
-        std::fs::write(root.join(MARKER), "written by `mana demo`; the demo empties this directory on its next run\n")
-            .map_err(|e| DemoError::io(format!("writing into {}", root.display()), e))?;
-        Ok(OutDir { root: root.to_path_buf() })
+        std::fs::create_dir_all(root)
+            .map_err(|e| DemoError::io(format!("creating {}", root.display()), e))?;
+        std::fs::write(
+            root.join(MARKER),
+            "written by `mana demo`; the demo empties this directory on its next run\n",
+        )
+        .map_err(|e| DemoError::io(format!("writing into {}", root.display()), e))?;
+        Ok(OutDir {
+            root: root.to_path_buf(),
+        })
     }
 
     /// Child logs.
@@ -85,15 +100,18 @@ impl OutDir {
     pub fn write(&self, name: &str, contents: &str) -> Result<PathBuf, DemoError> {
         let path = self.file(name);
         let tmp = self.file(&format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).map_err(|e| DemoError::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| DemoError::io(format!("writing {}", path.display()), e))?;
+        std::fs::write(&tmp, contents)
+            .map_err(|e| DemoError::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| DemoError::io(format!("writing {}", path.display()), e))?;
         Ok(path)
     }
 }
 
 /// `node-<digits>`.
 fn is_node_dir(name: &str) -> bool {
-    name.strip_prefix("node-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    name.strip_prefix("node-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `metrics.jsonl`, written one line per round as rounds are committed.
@@ -108,14 +126,23 @@ pub struct MetricsFile {
 impl MetricsFile {
     /// Creates (truncates) the file.
     pub fn create(path: &Path) -> Result<MetricsFile, DemoError> {
-        let file = File::create(path).map_err(|e| DemoError::io(format!("creating {}", path.display()), e))?;
-        Ok(MetricsFile { path: path.to_path_buf(), out: BufWriter::new(file) })
+        let file = File::create(path)
+            .map_err(|e| DemoError::io(format!("creating {}", path.display()), e))?;
+        Ok(MetricsFile {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
     }
 
     /// Appends one line and flushes it (so the file is useful even if the demo is stopped).
-    pub fn append(&mut self, line: &serde_json::Map<String, serde_json::Value>) -> Result<(), DemoError> {
-        serde_json::to_writer(&mut self.out, line)
-            .map_err(|source| DemoError::WriteMetrics { path: self.path.clone(), source })?;
+    pub fn append(
+        &mut self,
+        line: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DemoError> {
+        serde_json::to_writer(&mut self.out, line).map_err(|source| DemoError::WriteMetrics {
+            path: self.path.clone(),
+            source,
+        })?;
         let writing = |e| DemoError::io(format!("writing {}", self.path.display()), e);
         self.out.write_all(b"\n").map_err(writing)?;
         self.out.flush().map_err(writing)?;
@@ -125,12 +152,29 @@ impl MetricsFile {
 
 /// The loss plot of the rounds so far: training and validation loss per round.
 pub fn loss_svg(rounds: &[RoundMetrics], title: &str) -> String {
-    let points = |f: fn(&RoundMetrics) -> Option<f32>| rounds.iter().map(|m| (m.round as f64, loss_or_nan(f(m)))).collect();
+    let points = |f: fn(&RoundMetrics) -> Option<f32>| {
+        rounds
+            .iter()
+            .map(|m| (m.round as f64, loss_or_nan(f(m))))
+            .collect()
+    };
     let series = [
-        Series { name: "train loss".into(), color: "#1f77b4".into(), points: points(|m| m.train_loss) },
-        Series { name: "validation loss".into(), color: "#d62728".into(), points: points(|m| m.val_loss) },
+        Series {
+            name: "train loss".into(),
+            color: "#1f77b4".into(),
+            points: points(|m| m.train_loss),
+        },
+        Series {
+            name: "validation loss".into(),
+            color: "#d62728".into(),
+            points: points(|m| m.val_loss),
+        },
     ];
-    let labels = Labels { title: title.to_owned(), x: "round".into(), y: "loss (nats per byte)".into() };
+    let labels = Labels {
+        title: title.to_owned(),
+        x: "round".into(),
+        y: "loss (nats per byte)".into(),
+    };
     plot::line_plot(&labels, &series)
 }
 
@@ -149,8 +193,15 @@ mod tests {
         std::fs::write(root.join("notes.txt"), "mine").expect("write");
         std::fs::create_dir_all(root.join("node-x")).expect("mkdir");
         OutDir::prepare(&root).expect("rerun");
-        assert!(!out.data_dir("node-3").exists() && !out.logs().exists() && !out.file("loss.svg").exists());
-        assert!(root.join("notes.txt").exists() && root.join("node-x").exists(), "foreign entries are kept");
+        assert!(
+            !out.data_dir("node-3").exists()
+                && !out.logs().exists()
+                && !out.file("loss.svg").exists()
+        );
+        assert!(
+            root.join("notes.txt").exists() && root.join("node-x").exists(),
+            "foreign entries are kept"
+        );
         assert!(root.join(MARKER).exists());
     }
 

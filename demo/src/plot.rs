@@ -71,7 +71,11 @@ impl Axis {
 
 /// The smallest step of the form {1, 2, 5} × 10^k that is at least `raw`.
 fn nice_step(raw: f64) -> f64 {
-    let raw = if raw.is_finite() && raw > 0.0 { raw } else { 1.0 };
+    let raw = if raw.is_finite() && raw > 0.0 {
+        raw
+    } else {
+        1.0
+    };
     let magnitude = 10f64.powf(raw.log10().floor());
     let normalized = raw / magnitude;
     let nice = if normalized <= 1.0 {
@@ -88,10 +92,22 @@ fn nice_step(raw: f64) -> f64 {
 
 /// A tick label: as few decimals as the axis step needs.
 fn tick_label(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        (-step.log10().floor()) as usize
+    };
     let text = format!("{v:.decimals$}");
     // "-0" and "-0.00" read as a bug.
-    if text.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') { text.trim_start_matches('-').to_owned() } else { text }
+    if text
+        .trim_start_matches('-')
+        .chars()
+        .all(|c| c == '0' || c == '.')
+    {
+        text.trim_start_matches('-').to_owned()
+    } else {
+        text
+    }
 }
 
 /// Escapes text for an SVG text node or attribute.
@@ -112,10 +128,24 @@ fn escape(text: &str) -> String {
 
 /// Renders the series as a standalone SVG document.
 pub fn line_plot(labels: &Labels, series: &[Series]) -> String {
-    let finite = |s: &Series| s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect::<Vec<_>>();
+    let finite = |s: &Series| {
+        s.points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect::<Vec<_>>()
+    };
     let all: Vec<(f64, f64)> = series.iter().flat_map(finite).collect();
-    let (x_min, x_max) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (y_min, y_max) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (x_min, x_max) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0), b.max(p.0))
+        });
+    let (y_min, y_max) = all
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
     let (x_axis, y_axis) = (Axis::covering(x_min, x_max), Axis::covering(y_min, y_max));
     let (left, right, top, bottom) = MARGIN;
     let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
@@ -128,7 +158,10 @@ pub fn line_plot(labels: &Labels, series: &[Series]) -> String {
         svg,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = writeln!(svg, r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
+    );
     let _ = writeln!(
         svg,
         r#"<text x="{:.1}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
@@ -185,10 +218,18 @@ pub fn line_plot(labels: &Labels, series: &[Series]) -> String {
         match points.as_slice() {
             [] => {}
             [(x, y)] => {
-                let _ = writeln!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#, px(*x), py(*y));
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{color}"/>"#,
+                    px(*x),
+                    py(*y)
+                );
             }
             _ => {
-                let coords: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+                let coords: Vec<String> = points
+                    .iter()
+                    .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+                    .collect();
                 let _ = writeln!(
                     svg,
                     r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
@@ -220,11 +261,19 @@ mod tests {
     use super::*;
 
     fn labels() -> Labels {
-        Labels { title: "loss <per> round & \"more\"".into(), x: "round".into(), y: "loss (nats)".into() }
+        Labels {
+            title: "loss <per> round & \"more\"".into(),
+            x: "round".into(),
+            y: "loss (nats)".into(),
+        }
     }
 
     fn series(name: &str, points: &[(f64, f64)]) -> Series {
-        Series { name: name.into(), color: "#1f77b4".into(), points: points.to_vec() }
+        Series {
+            name: name.into(),
+            color: "#1f77b4".into(),
+            points: points.to_vec(),
+        }
     }
 
     /// Checks that every element opens and closes in order (self-closing tags included): the structure an
@@ -237,9 +286,18 @@ mod tests {
             let tag = &rest[start + 1..end];
             assert!(!tag.contains('<'), "nested '<' in tag {tag:?}");
             if let Some(name) = tag.strip_prefix('/') {
-                assert_eq!(stack.pop().as_deref(), Some(name.trim()), "mismatched closing tag");
+                assert_eq!(
+                    stack.pop().as_deref(),
+                    Some(name.trim()),
+                    "mismatched closing tag"
+                );
             } else if !tag.ends_with('/') {
-                stack.push(tag.split_whitespace().next().expect("tag has a name").to_owned());
+                stack.push(
+                    tag.split_whitespace()
+                        .next()
+                        .expect("tag has a name")
+                        .to_owned(),
+                );
             }
             rest = &rest[end + 1..];
         }
@@ -249,7 +307,10 @@ mod tests {
 
     /// The coordinates of the first polyline.
     fn polyline_points(svg: &str) -> Vec<(f64, f64)> {
-        let line = svg.lines().find(|l| l.starts_with("<polyline")).expect("a polyline");
+        let line = svg
+            .lines()
+            .find(|l| l.starts_with("<polyline"))
+            .expect("a polyline");
         let attr = line.split("points=\"").nth(1).expect("points attribute");
         let attr = &attr[..attr.find('"').expect("closing quote")];
         attr.split(' ')
@@ -263,7 +324,11 @@ mod tests {
     #[test]
     fn draws_one_polyline_per_series_inside_the_frame() {
         let train = series("train", &[(1.0, 5.5), (2.0, 4.0), (3.0, 3.1), (4.0, 2.6)]);
-        let val = Series { name: "validation".into(), color: "#d62728".into(), ..series("", &[(1.0, 5.4), (4.0, 2.8)]) };
+        let val = Series {
+            name: "validation".into(),
+            color: "#d62728".into(),
+            ..series("", &[(1.0, 5.4), (4.0, 2.8)])
+        };
         let svg = line_plot(&labels(), &[train, val]);
         assert_well_formed(&svg);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
@@ -272,11 +337,20 @@ mod tests {
         assert_eq!(pts.len(), 4);
         let (left, right, top, bottom) = MARGIN;
         for &(x, y) in &pts {
-            assert!((left..=WIDTH - right).contains(&x), "x {x} outside the frame");
-            assert!((top..=HEIGHT - bottom).contains(&y), "y {y} outside the frame");
+            assert!(
+                (left..=WIDTH - right).contains(&x),
+                "x {x} outside the frame"
+            );
+            assert!(
+                (top..=HEIGHT - bottom).contains(&y),
+                "y {y} outside the frame"
+            );
         }
         // x grows to the right; a falling loss goes down the page as y grows (SVG y points down).
-        assert!(pts.windows(2).all(|w| w[1].0 > w[0].0 && w[1].1 > w[0].1), "{pts:?}");
+        assert!(
+            pts.windows(2).all(|w| w[1].0 > w[0].0 && w[1].1 > w[0].1),
+            "{pts:?}"
+        );
         assert!(svg.contains(">train</text>") && svg.contains(">validation</text>"));
         assert!(svg.contains(">round</text>") && svg.contains(">loss (nats)</text>"));
     }
@@ -291,7 +365,18 @@ mod tests {
 
     #[test]
     fn skips_non_finite_points_and_handles_degenerate_input() {
-        let svg = line_plot(&labels(), &[series("s", &[(1.0, 2.0), (2.0, f64::NAN), (3.0, f64::INFINITY), (4.0, 1.0)])]);
+        let svg = line_plot(
+            &labels(),
+            &[series(
+                "s",
+                &[
+                    (1.0, 2.0),
+                    (2.0, f64::NAN),
+                    (3.0, f64::INFINITY),
+                    (4.0, 1.0),
+                ],
+            )],
+        );
         assert_well_formed(&svg);
         assert_eq!(polyline_points(&svg).len(), 2);
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
@@ -299,7 +384,13 @@ mod tests {
         // One point: a circle, no polyline. Constant values: a widened axis. No points at all: an empty frame.
         let one = line_plot(&labels(), &[series("s", &[(1.0, 3.0)])]);
         assert_well_formed(&one);
-        assert_eq!((one.matches("<circle").count(), one.matches("<polyline").count()), (1, 0));
+        assert_eq!(
+            (
+                one.matches("<circle").count(),
+                one.matches("<polyline").count()
+            ),
+            (1, 0)
+        );
         let flat = line_plot(&labels(), &[series("s", &[(1.0, 3.0), (2.0, 3.0)])]);
         assert_well_formed(&flat);
         assert!(polyline_points(&flat).iter().all(|&(_, y)| y.is_finite()));
@@ -318,7 +409,11 @@ mod tests {
         assert!(axis.lo <= 2.31 && axis.hi >= 5.52);
         assert_eq!(axis.ticks.first(), Some(&axis.lo));
         assert!((axis.ticks.last().expect("ticks") - axis.hi).abs() < 1e-9);
-        assert!(axis.ticks.len() >= 3 && axis.ticks.len() <= 2 * TICKS + 1, "{:?}", axis.ticks);
+        assert!(
+            axis.ticks.len() >= 3 && axis.ticks.len() <= 2 * TICKS + 1,
+            "{:?}",
+            axis.ticks
+        );
         assert_eq!(tick_label(2.5, 0.5), "2.5");
         assert_eq!(tick_label(-0.0001, 0.5), "0.0");
         assert_eq!(tick_label(20.0, 5.0), "20");

@@ -24,7 +24,10 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let (len, template) = match (rounds, duration) {
                 (Some(r), _) => (r, "{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}"),
-                (None, Some(d)) => (d.as_secs().max(1), "{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}"),
+                (None, Some(d)) => (
+                    d.as_secs().max(1),
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}",
+                ),
                 (None, None) => (1, "{elapsed_precise} {msg}"),
             };
             let bar = ProgressBar::new(len);
@@ -111,7 +114,11 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1000.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +137,9 @@ mod tests {
     #[test]
     fn losses_show_three_decimals_or_a_dash() {
         assert_eq!(loss(Some(2.5)), "2.500");
-        assert_eq!((loss(None), loss(Some(f32::NAN)), loss(Some(f32::INFINITY))), ("-".into(), "-".into(), "-".into()));
+        assert_eq!(
+            (loss(None), loss(Some(f32::NAN)), loss(Some(f32::INFINITY))),
+            ("-".into(), "-".into(), "-".into())
+        );
     }
 }

@@ -66,7 +66,13 @@ pub fn follow(
             if death.id == net.coordinator {
                 return Err(DemoError::CoordinatorStopped(Box::new(death)));
             }
-            progress.note(&format!("warning: {} (pid {}) {}; its log is {}", death.name, death.pid, death.status, death.log.display()));
+            progress.note(&format!(
+                "warning: {} (pid {}) {}; its log is {}",
+                death.name,
+                death.pid,
+                death.status,
+                death.log.display()
+            ));
             if net.nodes.iter().any(|(id, _, _)| *id == death.id) {
                 rounds.nodes_lost.push(death.name.clone());
             }
@@ -88,16 +94,29 @@ pub fn follow(
                 slowest = slowest.max(Duration::from_secs_f64(s));
                 last_commit_ms = m.unix_ms;
             }
-            let node_views: Vec<_> = net.nodes.iter().map(|(_, name, dir)| (name.as_str(), status::read(dir))).collect();
+            let node_views: Vec<_> = net
+                .nodes
+                .iter()
+                .map(|(_, name, dir)| (name.as_str(), status::read(dir)))
+                .collect();
             let mut raw = line.raw;
-            raw.insert("elapsed_s".into(), serde_json::json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0));
+            raw.insert(
+                "elapsed_s".into(),
+                serde_json::json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+            );
             raw.insert("round_s".into(), serde_json::json!(secs));
             raw.insert(
                 "nodes".into(),
-                serde_json::Value::Array(node_views.iter().map(|(name, view)| node_json(name, view.as_ref())).collect()),
+                serde_json::Value::Array(
+                    node_views
+                        .iter()
+                        .map(|(name, view)| node_json(name, view.as_ref()))
+                        .collect(),
+                ),
             );
             file.append(&raw)?;
-            let wire_total = rounds.metrics.iter().map(|r| r.payload_bytes).sum::<u64>() + m.payload_bytes;
+            let wire_total =
+                rounds.metrics.iter().map(|r| r.payload_bytes).sum::<u64>() + m.payload_bytes;
             progress.round(&m, wire_total, secs, &node_traffic(&node_views));
             rounds.secs.push(secs.unwrap_or(0.0));
             rounds.metrics.push(m);
@@ -111,7 +130,9 @@ pub fn follow(
         if let Stop::Time(d) = cfg.stop {
             progress.elapsed(started.elapsed());
             if !stop_asked && started.elapsed() >= d {
-                progress.phase("time is up: stopping the coordinator (it exports the last committed model)");
+                progress.phase(
+                    "time is up: stopping the coordinator (it exports the last committed model)",
+                );
                 sup.terminate(net.coordinator);
                 stop_asked = true;
                 last_progress = Instant::now();
@@ -125,7 +146,10 @@ pub fn follow(
             (slowest * STALL_FACTOR).max(MIN_STALL)
         };
         if last_progress.elapsed() > limit {
-            return Err(DemoError::Stalled { secs: limit.as_secs(), log: sup.log(net.coordinator).to_path_buf() });
+            return Err(DemoError::Stalled {
+                secs: limit.as_secs(),
+                log: sup.log(net.coordinator).to_path_buf(),
+            });
         }
         std::thread::sleep(TICK);
     }
@@ -135,7 +159,11 @@ pub fn follow(
     if let Stop::Rounds(planned) = cfg.stop {
         let done = rounds.metrics.len() as u64;
         if done < planned {
-            return Err(DemoError::TooFewRounds { done, planned, log: sup.log(net.coordinator).to_path_buf() });
+            return Err(DemoError::TooFewRounds {
+                done,
+                planned,
+                log: sup.log(net.coordinator).to_path_buf(),
+            });
         }
     }
     Ok(rounds)
@@ -143,7 +171,9 @@ pub fn follow(
 
 /// What `metrics.jsonl` records about one node at a commit.
 fn node_json(name: &str, view: Option<&NodeStatus>) -> serde_json::Value {
-    let Some(v) = view else { return serde_json::json!({ "name": name }) };
+    let Some(v) = view else {
+        return serde_json::json!({ "name": name });
+    };
     let t = v.training.clone().unwrap_or_default();
     serde_json::json!({
         "name": name,
@@ -164,10 +194,19 @@ fn node_traffic(views: &[(&str, Option<NodeStatus>)]) -> String {
         .iter()
         .filter_map(|(name, v)| {
             let t = &v.as_ref()?.traffic;
-            Some(format!("{} {}/{}", name.trim_start_matches("node-"), human_bytes(status::sent(t)), human_bytes(status::received(t))))
+            Some(format!(
+                "{} {}/{}",
+                name.trim_start_matches("node-"),
+                human_bytes(status::sent(t)),
+                human_bytes(status::received(t))
+            ))
         })
         .collect();
-    if wire.is_empty() { String::new() } else { format!("  node out/in: {}", wire.join(", ")) }
+    if wire.is_empty() {
+        String::new()
+    } else {
+        format!("  node out/in: {}", wire.join(", "))
+    }
 }
 
 #[cfg(test)]
@@ -176,13 +215,19 @@ mod tests {
 
     #[test]
     fn node_entries_carry_the_counters_and_the_traffic() {
-        let mut status = NodeStatus { stored_round: Some(4), ..NodeStatus::default() };
+        let mut status = NodeStatus {
+            stored_round: Some(4),
+            ..NodeStatus::default()
+        };
         status.traffic.gossip_out = 1500;
         status.traffic.fetch_in = 20;
         let entry = node_json("node-1", Some(&status));
         assert_eq!(entry["applied_round"], 4);
         assert_eq!(entry["traffic"]["gossip_out"], 1500);
-        assert_eq!(node_json("node-2", None), serde_json::json!({ "name": "node-2" }));
+        assert_eq!(
+            node_json("node-2", None),
+            serde_json::json!({ "name": "node-2" })
+        );
         let line = node_traffic(&[("node-1", Some(status)), ("node-2", None)]);
         assert_eq!(line, "  node out/in: 1 1.5 KB/20 B");
     }

@@ -11,7 +11,8 @@ use mana_kernels::train::Trainer;
 use crate::DemoError;
 
 /// Prompts for the built-in corpus: one per kind of line it has (English, arithmetic, reversal, counting).
-pub const BUILTIN_PROMPTS: [&str; 4] = ["the small fox ", "add 12+30=", "rev lamp>", "count 7 8 9 "];
+pub const BUILTIN_PROMPTS: [&str; 4] =
+    ["the small fox ", "add 12+30=", "rev lamp>", "count 7 8 9 "];
 
 /// One prompt and the model's continuation.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,16 +24,32 @@ pub struct Sample {
 }
 
 /// Loads the checkpoint in `dir` and continues each prompt greedily for `max_tokens` bytes.
-pub fn generate_samples(dir: &Path, prompts: &[String], max_tokens: usize) -> Result<Vec<Sample>, DemoError> {
-    let mut trainer = Trainer::load(dir, Box::new(CpuBackend::new()))
-        .map_err(|source| DemoError::LoadModel { dir: dir.to_path_buf(), source })?;
+pub fn generate_samples(
+    dir: &Path,
+    prompts: &[String],
+    max_tokens: usize,
+) -> Result<Vec<Sample>, DemoError> {
+    let mut trainer =
+        Trainer::load(dir, Box::new(CpuBackend::new())).map_err(|source| DemoError::LoadModel {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     let model = trainer.model_mut();
-    let config = GenerateConfig { max_tokens, sampling: Sampling::Greedy, seed: 0, speculative: false };
+    let config = GenerateConfig {
+        max_tokens,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative: false,
+    };
     let mut samples = Vec::new();
     for prompt in prompts.iter().filter(|p| !p.is_empty()) {
         let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
-        let generation = generate::generate(model, &tokens, &config).map_err(DemoError::Generate)?;
-        samples.push(Sample { prompt: prompt.clone(), text: generate::bytes_to_text(&tokens, &generation.tokens) });
+        let generation =
+            generate::generate(model, &tokens, &config).map_err(DemoError::Generate)?;
+        samples.push(Sample {
+            prompt: prompt.clone(),
+            text: generate::bytes_to_text(&tokens, &generation.tokens),
+        });
     }
     Ok(samples)
 }

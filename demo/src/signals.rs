@@ -52,5 +52,8 @@ pub fn install() -> Result<Signals, DemoError> {
         let _ = tokio::signal::ctrl_c().await;
         set.store(true, Ordering::SeqCst);
     });
-    Ok(Signals { flag, _runtime: runtime })
+    Ok(Signals {
+        flag,
+        _runtime: runtime,
+    })
 }

@@ -29,12 +29,18 @@ pub struct Holdings {
 /// reports them, else its store's latest round.
 pub fn holdings(status: &NodeStatus) -> Holdings {
     match &status.training {
-        Some(t) if t.applied_round.is_some() && !t.held_shards.is_empty() => {
-            Holdings { round: t.applied_round, shards: t.held_shards.clone(), manifest: t.manifest_hash.clone() }
-        }
+        Some(t) if t.applied_round.is_some() && !t.held_shards.is_empty() => Holdings {
+            round: t.applied_round,
+            shards: t.held_shards.clone(),
+            manifest: t.manifest_hash.clone(),
+        },
         _ => Holdings {
             round: status.stored_round,
-            shards: status.stored_shards.iter().map(|s| (s.shard.clone(), s.hash.clone())).collect(),
+            shards: status
+                .stored_shards
+                .iter()
+                .map(|s| (s.shard.clone(), s.hash.clone()))
+                .collect(),
             manifest: status.manifest_hash.clone(),
         },
     }
@@ -64,17 +70,28 @@ mod tests {
         assert_eq!((sent(&s.traffic), received(&s.traffic)), (42, 31));
         let h = holdings(&s);
         assert_eq!(h.round, Some(5));
-        assert_eq!(h.shards, [("trunk".to_owned(), "bb".to_owned()), ("expert/0/1".to_owned(), "cc".to_owned())]);
+        assert_eq!(
+            h.shards,
+            [
+                ("trunk".to_owned(), "bb".to_owned()),
+                ("expert/0/1".to_owned(), "cc".to_owned())
+            ]
+        );
         assert_eq!(h.manifest.as_deref(), Some("m5"));
         assert_eq!(s.training.expect("training").delta_bytes_sent, 99);
     }
 
     #[test]
     fn falls_back_to_the_store_and_tolerates_missing_fields() {
-        let s: NodeStatus =
-            serde_json::from_str(r#"{"stored_round":2,"stored_shards":[{"shard":"trunk","hash":"aa"}]}"#).expect("parses");
+        let s: NodeStatus = serde_json::from_str(
+            r#"{"stored_round":2,"stored_shards":[{"shard":"trunk","hash":"aa"}]}"#,
+        )
+        .expect("parses");
         let h = holdings(&s);
-        assert_eq!((h.round, h.shards, h.manifest), (Some(2), vec![("trunk".to_owned(), "aa".to_owned())], None));
+        assert_eq!(
+            (h.round, h.shards, h.manifest),
+            (Some(2), vec![("trunk".to_owned(), "aa".to_owned())], None)
+        );
         let dir = tempfile::tempdir().expect("temp dir");
         assert!(read(dir.path()).is_none());
         std::fs::write(dir.path().join("status.json"), "{not json").expect("write");
@@ -84,10 +101,18 @@ mod tests {
     #[test]
     fn reads_the_file_a_node_writes() {
         // What a node writes (the full type, serialized) is what the demo reads back.
-        let mut status = NodeStatus { pid: 9, stored_round: Some(3), ..NodeStatus::default() };
+        let mut status = NodeStatus {
+            pid: 9,
+            stored_round: Some(3),
+            ..NodeStatus::default()
+        };
         status.traffic.fetch_out = 5;
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("status.json"), serde_json::to_vec(&status).expect("serializes")).expect("write");
+        std::fs::write(
+            dir.path().join("status.json"),
+            serde_json::to_vec(&status).expect("serializes"),
+        )
+        .expect("write");
         assert_eq!(read(dir.path()), Some(status));
     }
 }

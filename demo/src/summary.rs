@@ -4,13 +4,13 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::DemoConfig;
 use crate::manifests::Comparison;
 use crate::metrics::RoundMetrics;
 use crate::output::OutDir;
 use crate::progress::{self, human_bytes};
 use crate::rounds::Rounds;
 use crate::sample::{self, Sample};
-use crate::DemoConfig;
 
 /// The one-screen summary.
 pub fn summary(
@@ -24,7 +24,10 @@ pub fn summary(
     let m = &rounds.metrics;
     let (Some(first), Some(last)) = (m.first(), m.last()) else {
         // The run ends in an error before this when no round was committed.
-        return format!("mana demo: no round was committed (outputs in {})", out.root.display());
+        return format!(
+            "mana demo: no round was committed (outputs in {})",
+            out.root.display()
+        );
     };
     let n = m.len() as f64;
     let mean = |f: fn(&RoundMetrics) -> u64| m.iter().map(f).sum::<u64>() as f64 / n / 1000.0;
@@ -32,13 +35,24 @@ pub fn summary(
     let tokens: u64 = m.iter().map(|r| r.tokens).sum();
     let accepted: u64 = m.iter().map(|r| r.accepted as u64).sum();
     let rejected: u64 = m.iter().map(|r| r.rejected as u64).sum();
-    let timed: Vec<f64> = rounds.secs.iter().copied().skip(1).filter(|s| *s > 0.0).collect();
+    let timed: Vec<f64> = rounds
+        .secs
+        .iter()
+        .copied()
+        .skip(1)
+        .filter(|s| *s > 0.0)
+        .collect();
     let per_round = if timed.is_empty() {
         String::new()
     } else {
-        format!(", {:.1} s per round after the first", timed.iter().sum::<f64>() / timed.len() as f64)
+        format!(
+            ", {:.1} s per round after the first",
+            timed.iter().sum::<f64>() / timed.len() as f64
+        )
     };
-    let h = cfg.inner_steps.map_or_else(String::new, |h| format!(", H = {h}"));
+    let h = cfg
+        .inner_steps
+        .map_or_else(String::new, |h| format!(", H = {h}"));
     // Writing to a String cannot fail; `let _ =` keeps the code free of unwraps.
     let mut s = String::new();
     let _ = writeln!(
@@ -68,12 +82,31 @@ pub fn summary(
         first.round,
         last.round
     );
-    let per_token = if tokens > 0 { format!(", {:.1} bytes per token trained", wire as f64 / tokens as f64) } else { String::new() };
-    let _ = writeln!(s, "deltas    {accepted} accepted, {rejected} rejected; {} of payloads on the wire{per_token}", human_bytes(wire));
+    let per_token = if tokens > 0 {
+        format!(
+            ", {:.1} bytes per token trained",
+            wire as f64 / tokens as f64
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        "deltas    {accepted} accepted, {rejected} rejected; {} of payloads on the wire{per_token}",
+        human_bytes(wire)
+    );
     if !rounds.nodes_lost.is_empty() {
-        let _ = writeln!(s, "lost      {} stopped during the run (see their logs)", rounds.nodes_lost.join(", "));
+        let _ = writeln!(
+            s,
+            "lost      {} stopped during the run (see their logs)",
+            rounds.nodes_lost.join(", ")
+        );
     }
-    let verdict = comparison.text.lines().find(|l| l.starts_with("verdict:")).unwrap_or("verdict: -");
+    let verdict = comparison
+        .text
+        .lines()
+        .find(|l| l.starts_with("verdict:"))
+        .unwrap_or("verdict: -");
     let _ = writeln!(s, "manifests {}", verdict.trim_start_matches("verdict: "));
     if let Some(sample) = samples.first() {
         let _ = writeln!(s, "sample    {:?}", sample::first_line(sample));
@@ -89,7 +122,11 @@ pub fn summary(
 /// `1m 05s` / `42.0 s`.
 fn clock(d: Duration) -> String {
     let secs = d.as_secs_f64();
-    if secs < 60.0 { format!("{secs:.1} s") } else { format!("{}m {:02}s", d.as_secs() / 60, d.as_secs() % 60) }
+    if secs < 60.0 {
+        format!("{secs:.1} s")
+    } else {
+        format!("{}m {:02}s", d.as_secs() / 60, d.as_secs() % 60)
+    }
 }
 
 #[cfg(test)]

@@ -64,9 +64,21 @@ pub struct Death {
 
 impl std::fmt::Display for Death {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (pid {}) {}; its log is {}", self.name, self.pid, self.status, self.log.display())?;
+        write!(
+            f,
+            "{} (pid {}) {}; its log is {}",
+            self.name,
+            self.pid,
+            self.status,
+            self.log.display()
+        )?;
         if !self.log_tail.is_empty() {
-            write!(f, "\n--- end of {} ---\n{}", self.log.display(), self.log_tail.trim_end())?;
+            write!(
+                f,
+                "\n--- end of {} ---\n{}",
+                self.log.display(),
+                self.log_tail.trim_end()
+            )?;
         }
         Ok(())
     }
@@ -87,8 +99,13 @@ impl Supervisor {
     /// A supervisor writing child logs into `logs` (created if missing).
     pub fn new(logs: impl Into<PathBuf>) -> Result<Supervisor, DemoError> {
         let logs = logs.into();
-        std::fs::create_dir_all(&logs).map_err(|e| DemoError::io(format!("creating {}", logs.display()), e))?;
-        Ok(Supervisor { logs, children: Vec::new(), cancel: Arc::new(AtomicBool::new(false)) })
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| DemoError::io(format!("creating {}", logs.display()), e))?;
+        Ok(Supervisor {
+            logs,
+            children: Vec::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Makes the waits give up as soon as `cancel` is set.
@@ -110,8 +127,12 @@ impl Supervisor {
             .open(&log)
             .map_err(|e| DemoError::io(format!("creating {}", log.display()), e))?;
         // Both streams append to the same file; the stdout copy goes through the reader thread.
-        let stderr = file.try_clone().map_err(|e| DemoError::io(format!("opening {} twice", log.display()), e))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr));
+        let stderr = file
+            .try_clone()
+            .map_err(|e| DemoError::io(format!("opening {} twice", log.display()), e))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;
@@ -127,7 +148,10 @@ impl Supervisor {
             // Cannot happen (it was piped just above); reported rather than unwrapped all the same.
             let _ = child.kill();
             let _ = child.wait();
-            return Err(DemoError::StdoutClosed { name: name.to_owned(), log });
+            return Err(DemoError::StdoutClosed {
+                name: name.to_owned(),
+                log,
+            });
         };
         let (tx, lines) = mpsc::channel();
         std::thread::Builder::new()
@@ -164,7 +188,11 @@ impl Supervisor {
     #[cfg(test)]
     pub fn running_pids(&mut self) -> Vec<u32> {
         self.reap();
-        self.children.iter().filter(|c| c.exit.is_none()).map(|c| c.pid).collect()
+        self.children
+            .iter()
+            .filter(|c| c.exit.is_none())
+            .map(|c| c.pid)
+            .collect()
     }
 
     /// Marks a successful exit of the child as its normal end (the coordinator, after its last round).
@@ -223,7 +251,12 @@ impl Supervisor {
 
     /// Waits for the child to print a stdout line that `pick` accepts, and returns what `pick` made of it.
     /// Fails, naming the child and its log, if it ends first or `timeout` passes.
-    pub fn wait_line<T>(&mut self, id: ChildId, timeout: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> Result<T, DemoError> {
+    pub fn wait_line<T>(
+        &mut self,
+        id: ChildId,
+        timeout: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T, DemoError> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.cancelled() {
@@ -247,13 +280,18 @@ impl Supervisor {
                 Err(RecvTimeoutError::Disconnected) => {
                     // Its stdout closed: it has ended (or is about to).
                     let started = Instant::now();
-                    while started.elapsed() < Duration::from_secs(2) && self.exit_status(id).is_none() {
+                    while started.elapsed() < Duration::from_secs(2)
+                        && self.exit_status(id).is_none()
+                    {
                         std::thread::sleep(POLL);
                     }
                     let status = self.exit_status(id);
                     return Err(match status {
                         Some(status) => DemoError::ChildEnded(Box::new(self.death(id, status))),
-                        None => DemoError::StdoutClosed { name: self.name(id).to_owned(), log: self.log(id).to_path_buf() },
+                        None => DemoError::StdoutClosed {
+                            name: self.name(id).to_owned(),
+                            log: self.log(id).to_path_buf(),
+                        },
                     });
                 }
             }
@@ -329,7 +367,9 @@ fn signal_group(child: &mut Child, signal: Signal) {
             Signal::Term => sig::Signal::SIGTERM,
             Signal::Kill => sig::Signal::SIGKILL,
         };
-        let sent = i32::try_from(child.id()).ok().is_some_and(|pid| killpg(Pid::from_raw(pid), which).is_ok());
+        let sent = i32::try_from(child.id())
+            .ok()
+            .is_some_and(|pid| killpg(Pid::from_raw(pid), which).is_ok());
         if !sent && signal == Signal::Kill {
             let _ = child.kill();
         }
@@ -383,7 +423,13 @@ fn log_tail(path: &Path) -> std::io::Result<String> {
     file.read_to_end(&mut bytes)?;
     let text = String::from_utf8_lossy(&bytes);
     // Drop a partial first line.
-    let text = if len > LOG_TAIL_BYTES { text.split_once('\n').map_or("", |(_, rest)| rest).to_owned() } else { text.into_owned() };
+    let text = if len > LOG_TAIL_BYTES {
+        text.split_once('\n')
+            .map_or("", |(_, rest)| rest)
+            .to_owned()
+    } else {
+        text.into_owned()
+    };
     Ok(text)
 }
 
@@ -406,11 +452,23 @@ mod tests {
     fn reads_printed_lines_and_logs_both_streams() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut sup = Supervisor::new(dir.path().join("logs")).expect("supervisor");
-        let id = sup.spawn("talker", sh("echo hello >&2; echo 'addr /ip4/127.0.0.1/tcp/5'; exec sleep 30")).expect("spawn");
-        let addr = sup.wait_line(id, Duration::from_secs(10), |l| l.strip_prefix("addr ").map(str::to_owned)).expect("addr line");
+        let id = sup
+            .spawn(
+                "talker",
+                sh("echo hello >&2; echo 'addr /ip4/127.0.0.1/tcp/5'; exec sleep 30"),
+            )
+            .expect("spawn");
+        let addr = sup
+            .wait_line(id, Duration::from_secs(10), |l| {
+                l.strip_prefix("addr ").map(str::to_owned)
+            })
+            .expect("addr line");
         assert_eq!(addr, "/ip4/127.0.0.1/tcp/5");
         let log = std::fs::read_to_string(sup.log(id)).expect("log");
-        assert!(log.contains("hello") && log.contains("addr /ip4"), "{log:?}");
+        assert!(
+            log.contains("hello") && log.contains("addr /ip4"),
+            "{log:?}"
+        );
         assert!(sup.deaths(&mut Vec::new()).is_empty());
     }
 
@@ -418,15 +476,27 @@ mod tests {
     fn reports_a_child_that_dies_with_its_log() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut sup = Supervisor::new(dir.path()).expect("supervisor");
-        let id = sup.spawn("crasher", sh("echo 'something broke' >&2; exit 3")).expect("spawn");
-        let err = sup.wait_line(id, Duration::from_secs(10), |_| Some(())).expect_err("it prints nothing");
+        let id = sup
+            .spawn("crasher", sh("echo 'something broke' >&2; exit 3"))
+            .expect("spawn");
+        let err = sup
+            .wait_line(id, Duration::from_secs(10), |_| Some(()))
+            .expect_err("it prints nothing");
         let text = format!("{err:#}");
-        assert!(text.contains("crasher") && text.contains("status 3") && text.contains("something broke"), "{text}");
+        assert!(
+            text.contains("crasher")
+                && text.contains("status 3")
+                && text.contains("something broke"),
+            "{text}"
+        );
         assert!(text.contains(&sup.log(id).display().to_string()), "{text}");
         let mut reported = Vec::new();
         let deaths = sup.deaths(&mut reported);
         assert_eq!(deaths.len(), 1);
-        assert!(sup.deaths(&mut reported).is_empty(), "each death is reported once");
+        assert!(
+            sup.deaths(&mut reported).is_empty(),
+            "each death is reported once"
+        );
     }
 
     #[test]
@@ -437,9 +507,15 @@ mod tests {
         let bad = sup.spawn("failed", sh("exit 2")).expect("spawn");
         sup.allow_exit(ok);
         sup.allow_exit(bad);
-        assert!(sup.wait_exit(ok, Duration::from_secs(10)) && sup.wait_exit(bad, Duration::from_secs(10)));
+        assert!(
+            sup.wait_exit(ok, Duration::from_secs(10))
+                && sup.wait_exit(bad, Duration::from_secs(10))
+        );
         let deaths = sup.deaths(&mut Vec::new());
-        assert_eq!(deaths.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["failed"]);
+        assert_eq!(
+            deaths.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["failed"]
+        );
     }
 
     #[test]
@@ -447,8 +523,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut sup = Supervisor::new(dir.path()).expect("supervisor");
         let a = sup.spawn("polite", sh("exec sleep 60")).expect("spawn");
-        let b = sup.spawn("stubborn", sh("trap '' TERM; echo ready; while true; do sleep 0.1; done")).expect("spawn");
-        sup.wait_line(b, Duration::from_secs(10), |l| (l == "ready").then_some(())).expect("trap installed");
+        let b = sup
+            .spawn(
+                "stubborn",
+                sh("trap '' TERM; echo ready; while true; do sleep 0.1; done"),
+            )
+            .expect("spawn");
+        sup.wait_line(b, Duration::from_secs(10), |l| (l == "ready").then_some(()))
+            .expect("trap installed");
         let pids = sup.running_pids();
         assert_eq!(pids.len(), 2);
         assert!(pids.iter().all(|&p| alive(p)));

@@ -5,9 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mana_engine::round::{RunSpec, SimConfig, simulate};
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
-use mana_engine::round::{RunSpec, SimConfig, simulate};
 use mana_protocol::UpdateRule;
 
 fn dataset() -> TextDataset {
@@ -23,20 +23,46 @@ fn sync_matches_the_full_model_and_beats_a_lone_node() {
     let report = simulate(&spec, &data, &cfg).unwrap();
     let full = report.full.clone().unwrap();
     let alone = report.alone.clone().unwrap();
-    eprintln!("sync: network {:.4}, full {:.4}, alone {:.4}", report.val_loss, full.val_loss, alone.val_loss);
+    eprintln!(
+        "sync: network {:.4}, full {:.4}, alone {:.4}",
+        report.val_loss, full.val_loss, alone.val_loss
+    );
     for r in &report.rounds {
-        eprintln!("  round {} train {:.4} val {:.4}", r.round, r.train_loss, r.val_loss);
+        eprintln!(
+            "  round {} train {:.4} val {:.4}",
+            r.round, r.train_loss, r.val_loss
+        );
     }
     assert_eq!(full.tokens, report.tokens, "same total tokens");
-    assert_eq!(full.steps, cfg.rounds, "one step per round at the global batch");
+    assert_eq!(
+        full.steps, cfg.rounds,
+        "one step per round at the global batch"
+    );
     let first = report.rounds[9].val_loss;
-    assert!(report.rounds[..9].iter().all(|r| r.val_loss.is_nan()), "evaluated every 10 rounds only");
-    assert!(report.val_loss < first, "the loss falls: {first} -> {}", report.val_loss);
+    assert!(
+        report.rounds[..9].iter().all(|r| r.val_loss.is_nan()),
+        "evaluated every 10 rounds only"
+    );
+    assert!(
+        report.val_loss < first,
+        "the loss falls: {first} -> {}",
+        report.val_loss
+    );
     let gap = (report.val_loss - full.val_loss) / full.val_loss;
-    assert!(gap.abs() <= 0.03, "network {} vs full model {}: {:.2}%", report.val_loss, full.val_loss, 100.0 * gap);
-    assert!(report.val_loss < alone.val_loss, "collaboration pays: {} vs alone {}", report.val_loss, alone.val_loss);
+    assert!(
+        gap.abs() <= 0.03,
+        "network {} vs full model {}: {:.2}%",
+        report.val_loss,
+        full.val_loss,
+        100.0 * gap
+    );
+    assert!(
+        report.val_loss < alone.val_loss,
+        "collaboration pays: {} vs alone {}",
+        report.val_loss,
+        alone.val_loss
+    );
     assert!(report.wire_bytes > report.payload_bytes && report.payload_bytes > 0);
-
 }
 
 #[test]
@@ -54,7 +80,10 @@ fn same_seed_same_shards() {
         assert_eq!(a.state, b.state);
         cfg.data_seed += 1;
         let c = simulate(&spec, &data, &cfg).unwrap();
-        assert_ne!(a.shard_hashes[0], c.shard_hashes[0], "another data seed trains another trunk");
+        assert_ne!(
+            a.shard_hashes[0], c.shard_hashes[0],
+            "another data seed trains another trunk"
+        );
     }
 }
 
@@ -67,8 +96,16 @@ fn diloco_beats_a_lone_node() {
     let report = simulate(&spec, &data, &cfg).unwrap();
     let full = report.full.clone().unwrap();
     let alone = report.alone.clone().unwrap();
-    eprintln!("diloco H=5: network {:.4}, full {:.4}, alone {:.4}", report.val_loss, full.val_loss, alone.val_loss);
+    eprintln!(
+        "diloco H=5: network {:.4}, full {:.4}, alone {:.4}",
+        report.val_loss, full.val_loss, alone.val_loss
+    );
     assert_eq!(alone.steps, 30, "a lone node takes H steps per round");
-    assert!(report.val_loss < alone.val_loss, "collaboration pays: {} vs alone {}", report.val_loss, alone.val_loss);
+    assert!(
+        report.val_loss < alone.val_loss,
+        "collaboration pays: {} vs alone {}",
+        report.val_loss,
+        alone.val_loss
+    );
     assert!(report.traffic_ratio() > 1.0);
 }

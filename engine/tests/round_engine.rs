@@ -5,24 +5,29 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mana_engine::round::{
+    RoundError, RunShard, RunSpec, ScorePolicy, ShardRecord, ShardScorer, SimConfig, apply_round,
+    build_trainer, initial_shards, score_batch, simulate, train_local,
+};
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;
-use mana_engine::round::{
-    RoundError, RunShard, RunSpec, ScorePolicy, ShardRecord, ShardScorer, SimConfig, apply_round, build_trainer, initial_shards,
-    score_batch, simulate,
-    train_local,
-};
 use mana_protocol::{
-    ContentHash, Deadlines, DeltaEncoder, HyperParams, Participant, PublicKey, RoundAnnouncement, RunId, UpdateRule,
-    decode_delta,
+    ContentHash, Deadlines, DeltaEncoder, HyperParams, Participant, PublicKey, RoundAnnouncement,
+    RunId, UpdateRule, decode_delta,
 };
 
 fn dataset() -> TextDataset {
     TextDataset::new(&builtin::generate(3, 300_000), Split::default()).unwrap()
 }
 
-fn announcement(spec: &RunSpec, hyper: &HyperParams, round: u64, inner_steps: u32, participants: Vec<Participant>) -> RoundAnnouncement {
+fn announcement(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    round: u64,
+    inner_steps: u32,
+    participants: Vec<Participant>,
+) -> RoundAnnouncement {
     let _ = spec;
     RoundAnnouncement {
         run: RunId::new("test").unwrap(),
@@ -32,7 +37,10 @@ fn announcement(spec: &RunSpec, hyper: &HyperParams, round: u64, inner_steps: u3
         inner_steps,
         hyper: hyper.clone(),
         max_norm_ratio: 10.0,
-        deadlines: Deadlines { deltas_by_ms: 0, commit_by_ms: 0 },
+        deadlines: Deadlines {
+            deltas_by_ms: 0,
+            commit_by_ms: 0,
+        },
     }
 }
 
@@ -80,13 +88,28 @@ fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
     let cases: Vec<(&str, Vec<u8>, RunSpec, ShardId)> = vec![
         ("empty", Vec::new(), spec.clone(), ShardId::Trunk),
         ("short", trunk[..20].to_vec(), spec.clone(), ShardId::Trunk),
-        ("truncated", trunk[..trunk.len() - 9].to_vec(), spec.clone(), ShardId::Trunk),
+        (
+            "truncated",
+            trunk[..trunk.len() - 9].to_vec(),
+            spec.clone(),
+            ShardId::Trunk,
+        ),
         ("garbled", garbled, spec.clone(), ShardId::Trunk),
         ("trailing", trailing, spec.clone(), ShardId::Trunk),
         ("wrong shard", expert.clone(), spec.clone(), ShardId::Trunk),
-        ("other expert", expert, spec.clone(), ShardId::Expert { layer: 1, index: 5 }),
+        (
+            "other expert",
+            expert,
+            spec.clone(),
+            ShardId::Expert { layer: 1, index: 5 },
+        ),
         ("other model", trunk.clone(), other, ShardId::Trunk),
-        ("no such expert", trunk.clone(), spec.clone(), ShardId::Expert { layer: 0, index: 0 }),
+        (
+            "no such expert",
+            trunk.clone(),
+            spec.clone(),
+            ShardId::Expert { layer: 0, index: 0 },
+        ),
     ];
     for (what, bytes, spec, shard) in cases {
         match ShardRecord::from_bytes(&bytes, &spec, shard) {
@@ -97,7 +120,10 @@ fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
     // A well-formed blob that holds a NaN is refused too.
     let mut nan = shards[2].clone();
     nan.params[3] = f32::NAN;
-    assert!(matches!(ShardRecord::from_bytes(&nan.to_bytes(), &spec, nan.shard), Err(RoundError::NonFinite { .. })));
+    assert!(matches!(
+        ShardRecord::from_bytes(&nan.to_bytes(), &spec, nan.shard),
+        Err(RoundError::NonFinite { .. })
+    ));
     // Every prefix of a blob is an error, never a panic.
     for cut in (0..trunk.len()).step_by(997) {
         assert!(ShardRecord::from_bytes(&trunk[..cut], &spec, ShardId::Trunk).is_err());
@@ -105,12 +131,22 @@ fn shard_state_round_trips_and_bad_bytes_are_typed_errors() {
 }
 
 /// One sync round of `nodes` participants, each holding the trunk and every expert, from `base`.
-fn deltas_of_round(spec: &RunSpec, hyper: &HyperParams, base: &[ShardRecord], nodes: u8, round: u64) -> Vec<Vec<(ShardId, Vec<f32>)>> {
+fn deltas_of_round(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    base: &[ShardRecord],
+    nodes: u8,
+    round: u64,
+) -> Vec<Vec<(ShardId, Vec<f32>)>> {
     let data = dataset();
     let all = spec.shards();
-    let ps: Vec<Participant> = (0..nodes).map(|n| participant(n + 1, &all, 100 + u64::from(n))).collect();
+    let ps: Vec<Participant> = (0..nodes)
+        .map(|n| participant(n + 1, &all, 100 + u64::from(n)))
+        .collect();
     let ann = announcement(spec, hyper, round, 2, ps.clone());
-    ps.iter().map(|p| train_local(spec, &ann, p, base, &data).unwrap().deltas).collect()
+    ps.iter()
+        .map(|p| train_local(spec, &ann, p, base, &data).unwrap().deltas)
+        .collect()
 }
 
 #[test]
@@ -127,21 +163,42 @@ fn apply_round_is_bit_identical_across_orders_and_decodings() {
                 .iter()
                 .map(|d| {
                     assert_eq!(d[i].0, shard_base.shard);
-                    DeltaEncoder::new(hyper.codec).unwrap().encode(&d[i].1).unwrap()
+                    DeltaEncoder::new(hyper.codec)
+                        .unwrap()
+                        .encode(&d[i].1)
+                        .unwrap()
                 })
                 .collect();
             let decode_all = |order: &[usize]| -> Vec<(ContentHash, Vec<f32>)> {
-                order.iter().map(|&k| (ContentHash::of(&payloads[k]), decode_delta(&payloads[k], shard_base.params.len()).unwrap())).collect()
+                order
+                    .iter()
+                    .map(|&k| {
+                        (
+                            ContentHash::of(&payloads[k]),
+                            decode_delta(&payloads[k], shard_base.params.len()).unwrap(),
+                        )
+                    })
+                    .collect()
             };
             let a = apply_round(&spec, &hyper, 0, shard_base, &decode_all(&[0, 1, 2, 3])).unwrap();
-            let b = apply_round(&spec, &hyper, 0, &shard_base.clone(), &decode_all(&[3, 1, 0, 2])).unwrap();
+            let b = apply_round(
+                &spec,
+                &hyper,
+                0,
+                &shard_base.clone(),
+                &decode_all(&[3, 1, 0, 2]),
+            )
+            .unwrap();
             let c = apply_round(&spec, &hyper, 0, shard_base, &decode_all(&[2, 3, 1, 0])).unwrap();
             assert_eq!(bits(&a), bits(&b), "{rule:?} {}", shard_base.shard);
             assert_eq!(bits(&a), bits(&c));
             assert_ne!(a.params, shard_base.params, "the round changed the shard");
             assert_eq!(a.step, 1);
             // No deltas: unchanged.
-            assert_eq!(apply_round(&spec, &hyper, 0, shard_base, &[]).unwrap(), *shard_base);
+            assert_eq!(
+                apply_round(&spec, &hyper, 0, shard_base, &[]).unwrap(),
+                *shard_base
+            );
         }
     }
 }
@@ -159,26 +216,62 @@ fn bad_deltas_are_refused_with_typed_errors() {
     let mut inf = good.clone();
     inf[len - 1] = f32::INFINITY;
     let h = |b: &[u8]| ContentHash::of(b);
-    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good.clone()), (h(b"b"), nan)]);
-    assert!(matches!(r, Err(RoundError::NonFinite { what: "delta", .. })), "{r:?}");
+    let r = apply_round(
+        &spec,
+        &hyper,
+        0,
+        trunk,
+        &[(h(b"a"), good.clone()), (h(b"b"), nan)],
+    );
+    assert!(
+        matches!(r, Err(RoundError::NonFinite { what: "delta", .. })),
+        "{r:?}"
+    );
     let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), inf)]);
     assert!(matches!(r, Err(RoundError::NonFinite { .. })), "{r:?}");
-    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good[..len - 1].to_vec())]);
-    assert!(matches!(r, Err(RoundError::WrongLength { expected, got, .. }) if expected == len && got == len - 1), "{r:?}");
-    let r = apply_round(&spec, &hyper, 0, trunk, &[(h(b"a"), good.clone()), (h(b"a"), good.clone())]);
-    assert!(matches!(r, Err(RoundError::Aggregate(_))), "a payload counted twice: {r:?}");
+    let r = apply_round(
+        &spec,
+        &hyper,
+        0,
+        trunk,
+        &[(h(b"a"), good[..len - 1].to_vec())],
+    );
+    assert!(
+        matches!(r, Err(RoundError::WrongLength { expected, got, .. }) if expected == len && got == len - 1),
+        "{r:?}"
+    );
+    let r = apply_round(
+        &spec,
+        &hyper,
+        0,
+        trunk,
+        &[(h(b"a"), good.clone()), (h(b"a"), good.clone())],
+    );
+    assert!(
+        matches!(r, Err(RoundError::Aggregate(_))),
+        "a payload counted twice: {r:?}"
+    );
     // The scorer refuses them the same way (an error, not a low score).
     let data = dataset();
     let val = data.validation_batch(0, 8, 32).unwrap();
     let mut scorer = ShardScorer::new(&spec, &hyper, 0, &base, ShardId::Trunk, val, 1).unwrap();
     let mut bad = good.clone();
     bad[0] = f32::NAN;
-    assert!(matches!(scorer.score(&bad), Err(RoundError::NonFinite { .. })));
-    assert!(matches!(scorer.score(&good[1..]), Err(RoundError::WrongLength { .. })));
+    assert!(matches!(
+        scorer.score(&bad),
+        Err(RoundError::NonFinite { .. })
+    ));
+    assert!(matches!(
+        scorer.score(&good[1..]),
+        Err(RoundError::WrongLength { .. })
+    ));
     // A base state that is not this run's shape is refused, not used.
     let mut short = trunk.clone();
     short.opt_v.pop();
-    assert!(matches!(apply_round(&spec, &hyper, 0, &short, &[(h(b"a"), good)]), Err(RoundError::WrongLength { .. })));
+    assert!(matches!(
+        apply_round(&spec, &hyper, 0, &short, &[(h(b"a"), good)]),
+        Err(RoundError::WrongLength { .. })
+    ));
 }
 
 #[test]
@@ -201,22 +294,41 @@ fn one_node_holding_every_expert_is_the_single_node_trainer() {
             .zip(&local.deltas)
             .map(|(s, (shard, d))| {
                 assert_eq!(s.shard, *shard);
-                apply_round(&spec, &hyper, round, s, &[(ContentHash::of(&round.to_le_bytes()), d.clone())]).unwrap()
+                apply_round(
+                    &spec,
+                    &hyper,
+                    round,
+                    s,
+                    &[(ContentHash::of(&round.to_le_bytes()), d.clone())],
+                )
+                .unwrap()
             })
             .collect();
 
         reference.model_mut().zero_grads();
         for i in 0..u64::from(h) {
-            reference.accumulate(&data.batch(42, round, i, b, t).unwrap()).unwrap();
+            reference
+                .accumulate(&data.batch(42, round, i, b, t).unwrap())
+                .unwrap();
         }
-        reference.model_mut().grads_mut().iter_mut().for_each(|g| *g /= h as f32);
+        reference
+            .model_mut()
+            .grads_mut()
+            .iter_mut()
+            .for_each(|g| *g /= h as f32);
         reference.apply_update().unwrap();
     }
     let mut worst = 0f32;
     for s in &state {
         let r = reference.model().export_shard(s.shard).unwrap();
         let (m, v) = reference.export_shard_optim(s.shard).unwrap();
-        for (x, y) in s.params.iter().zip(&r).chain(s.opt_m.iter().zip(&m)).chain(s.opt_v.iter().zip(&v)) {
+        for (x, y) in s
+            .params
+            .iter()
+            .zip(&r)
+            .chain(s.opt_m.iter().zip(&m))
+            .chain(s.opt_v.iter().zip(&v))
+        {
             worst = worst.max((x - y).abs() / y.abs().max(1e-3));
         }
         assert_eq!(s.step, 4);
@@ -238,9 +350,13 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
     let data = dataset();
     let experts = spec.experts();
     let policy = ScorePolicy::default();
-    for (rule, inner, warm) in
-        [(UpdateRule::Sync, 1u32, 1u64), (UpdateRule::Sync, 1, 6), (UpdateRule::Sync, 1, 30), (UpdateRule::Diloco, 5, 1), (UpdateRule::Diloco, 5, 6)]
-    {
+    for (rule, inner, warm) in [
+        (UpdateRule::Sync, 1u32, 1u64),
+        (UpdateRule::Sync, 1, 6),
+        (UpdateRule::Sync, 1, 30),
+        (UpdateRule::Diloco, 5, 1),
+        (UpdateRule::Diloco, 5, 6),
+    ] {
         let mut cfg = SimConfig::new(&spec, rule, inner, warm);
         cfg.baselines = false;
         cfg.eval_every = 0;
@@ -255,35 +371,65 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
             })
             .collect();
         let ann = announcement(&spec, &hyper, round, inner, parts.clone());
-        let locals: Vec<_> = parts.iter().map(|p| train_local(&spec, &ann, p, &base, &data).unwrap()).collect();
-        let (mut trunk_honest, mut trunk_random, mut trunk_flipped) = (Vec::new(), Vec::new(), Vec::new());
+        let locals: Vec<_> = parts
+            .iter()
+            .map(|p| train_local(&spec, &ann, p, &base, &data).unwrap())
+            .collect();
+        let (mut trunk_honest, mut trunk_random, mut trunk_flipped) =
+            (Vec::new(), Vec::new(), Vec::new());
         let (mut expert_honest, mut expert_flipped) = (Vec::new(), Vec::new());
         for seed in 0..3u64 {
             for shard in spec.shards() {
                 let batch = score_batch(&spec, &hyper, &data, seed, shard).unwrap();
-                let holders = locals.iter().filter(|l| l.deltas.iter().any(|(s, _)| *s == shard)).count();
-                let mut scorer = ShardScorer::new(&spec, &hyper, round, &base, shard, batch, holders).unwrap();
+                let holders = locals
+                    .iter()
+                    .filter(|l| l.deltas.iter().any(|(s, _)| *s == shard))
+                    .count();
+                let mut scorer =
+                    ShardScorer::new(&spec, &hyper, round, &base, shard, batch, holders).unwrap();
                 let mut gain = |d: &[f32]| scorer.score(d).unwrap().gain();
                 // (honest, random at its norm, flipped) for every holder of the shard.
                 let mut rows = Vec::new();
                 for local in &locals {
-                    let Some((_, honest)) = local.deltas.iter().find(|(s, _)| *s == shard) else { continue };
+                    let Some((_, honest)) = local.deltas.iter().find(|(s, _)| *s == shard) else {
+                        continue;
+                    };
                     let norm = honest.iter().map(|x| x * x).sum::<f32>().sqrt();
                     let rnd = noise(seed * 31 + rows.len() as u64, honest.len());
-                    let rnd_norm = rnd.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+                    let rnd_norm = rnd
+                        .iter()
+                        .map(|x| x * x)
+                        .sum::<f32>()
+                        .sqrt()
+                        .max(f32::MIN_POSITIVE);
                     let matched: Vec<f32> = rnd.iter().map(|x| x * norm / rnd_norm).collect();
                     let flipped: Vec<f32> = honest.iter().map(|x| -x).collect();
-                    assert_eq!(gain(&vec![0.0; honest.len()]), 0.0, "a zero delta scores exactly zero");
+                    assert_eq!(
+                        gain(&vec![0.0; honest.len()]),
+                        0.0,
+                        "a zero delta scores exactly zero"
+                    );
                     rows.push((gain(honest), gain(&matched), gain(&flipped)));
                 }
                 let honest: Vec<f32> = rows.iter().map(|r| r.0).collect();
                 for (i, (h, m, f)) in rows.iter().copied().enumerate() {
-                    let others: Vec<f32> = honest.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, g)| *g).collect();
-                    assert!(policy.accepts(shard, h, &others), "{rule:?} warm {warm} {shard}: honest gain {h}, others {others:?}");
+                    let others: Vec<f32> = honest
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, g)| *g)
+                        .collect();
+                    assert!(
+                        policy.accepts(shard, h, &others),
+                        "{rule:?} warm {warm} {shard}: honest gain {h}, others {others:?}"
+                    );
                     if shard == ShardId::Trunk {
                         // An attacker's others are the honest senders.
                         for (what, g) in [("random", m), ("flipped", f), ("zero", 0.0)] {
-                            assert!(!policy.accepts(shard, g, &honest), "{rule:?} warm {warm}: {what} trunk gain {g}, honest {honest:?}");
+                            assert!(
+                                !policy.accepts(shard, g, &honest),
+                                "{rule:?} warm {warm}: {what} trunk gain {g}, honest {honest:?}"
+                            );
                         }
                         trunk_honest.push(h);
                         trunk_random.push(m);
@@ -295,7 +441,12 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
                 }
             }
         }
-        let range = |v: &[f32]| (v.iter().copied().fold(f32::INFINITY, f32::min), v.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        let range = |v: &[f32]| {
+            (
+                v.iter().copied().fold(f32::INFINITY, f32::min),
+                v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            )
+        };
         eprintln!(
             "{rule:?} after {warm} rounds: trunk honest {:+.4?} random {:+.4?} flipped {:+.4?}; experts honest {:+.5?} flipped {:+.5?}",
             range(&trunk_honest),
@@ -305,6 +456,9 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
             range(&expert_flipped)
         );
         let sum = |v: &[f32]| v.iter().sum::<f32>();
-        assert!(sum(&expert_flipped) < sum(&expert_honest), "{rule:?} warm {warm}: experts flipped {expert_flipped:?} honest {expert_honest:?}");
+        assert!(
+            sum(&expert_flipped) < sum(&expert_honest),
+            "{rule:?} warm {warm}: experts flipped {expert_flipped:?} honest {expert_honest:?}"
+        );
     }
 }

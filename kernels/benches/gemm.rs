@@ -26,7 +26,9 @@ fn data(len: usize, seed: u32) -> Vec<f32> {
 
 fn bench_case(c: &mut Criterion, group: &str, form: Form, d: Dims) {
     let mut g = c.benchmark_group(group);
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     g.throughput(Throughput::Elements(2 * (d.m * d.k * d.n) as u64));
     let (ar, ac) = form.a_shape(d);
     let (br, bc) = form.b_shape(d);
@@ -36,17 +38,22 @@ fn bench_case(c: &mut Criterion, group: &str, form: Form, d: Dims) {
     let mut backend = CpuBackend::new();
     let label = format!("{}x{}x{}", d.m, d.k, d.n);
     for precision in [Precision::F32, Precision::Fp8] {
-        g.bench_with_input(BenchmarkId::new(precision.as_str(), &label), &precision, |bench, &p| {
-            bench.iter(|| {
-                backend
-                    .matmul(p, form, black_box(&a), black_box(&b), &mut out, d, false)
-                    .expect("benchmark shapes are consistent");
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new(precision.as_str(), &label),
+            &precision,
+            |bench, &p| {
+                bench.iter(|| {
+                    backend
+                        .matmul(p, form, black_box(&a), black_box(&b), &mut out, d, false)
+                        .expect("benchmark shapes are consistent");
+                })
+            },
+        );
     }
     // The weight already held in FP8 (codes + 128×128-block scales): only the activation is quantized.
     if form != Form::AtB {
-        let qb = QuantizedTensor::quantize(&b, br, bc, form.b_granularity(), ScaleMode::Amax).expect("finite data");
+        let qb = QuantizedTensor::quantize(&b, br, bc, form.b_granularity(), ScaleMode::Amax)
+            .expect("finite data");
         g.bench_function(BenchmarkId::new("fp8_weight", &label), |bench| {
             bench.iter(|| {
                 backend
@@ -71,7 +78,12 @@ fn model_shapes(c: &mut Criterion) {
         bench_case(c, "gemm_linear_fwd_ABt", Form::ABt, Dims::new(tokens, k, n));
     }
     // Weight gradient dW = dyᵀ·x over the tokens.
-    bench_case(c, "gemm_linear_wgrad_AtB", Form::AtB, Dims::new(256, tokens, 128));
+    bench_case(
+        c,
+        "gemm_linear_wgrad_AtB",
+        Form::AtB,
+        Dims::new(256, tokens, 128),
+    );
 }
 
 criterion_group!(benches, cubes, model_shapes);

@@ -23,27 +23,41 @@ fn batch(b: usize, t: usize) -> Batch {
             s % 256
         })
         .collect();
-    Batch { tokens, batch_size: b, seq_len: t }
+    Batch {
+        tokens,
+        batch_size: b,
+        seq_len: t,
+    }
 }
 
 fn train_step(c: &mut Criterion) {
     let (b, t) = (4, 128);
     let data = batch(b, t);
     let mut g = c.benchmark_group("train_step");
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(8));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Elements((b * t) as u64));
     for precision in [Precision::F32, Precision::Fp8] {
-        let cfg = ModelConfig { precision, ..ModelConfig::default() };
-        let mut trainer = match Trainer::new(cfg, OptimConfig::default(), 1, Box::new(CpuBackend::new())) {
-            Ok(t) => t,
-            Err(e) => panic!("default config must build: {e}"),
+        let cfg = ModelConfig {
+            precision,
+            ..ModelConfig::default()
         };
-        g.bench_with_input(BenchmarkId::new(precision.as_str(), format!("B{b}xT{t}")), &precision, |bench, _| {
-            bench.iter(|| match trainer.step(&data) {
-                Ok(s) => s.loss,
-                Err(e) => panic!("training step failed: {e}"),
-            })
-        });
+        let mut trainer =
+            match Trainer::new(cfg, OptimConfig::default(), 1, Box::new(CpuBackend::new())) {
+                Ok(t) => t,
+                Err(e) => panic!("default config must build: {e}"),
+            };
+        g.bench_with_input(
+            BenchmarkId::new(precision.as_str(), format!("B{b}xT{t}")),
+            &precision,
+            |bench, _| {
+                bench.iter(|| match trainer.step(&data) {
+                    Ok(s) => s.loss,
+                    Err(e) => panic!("training step failed: {e}"),
+                })
+            },
+        );
     }
     g.finish();
 }

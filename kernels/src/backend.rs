@@ -51,7 +51,15 @@ pub trait Backend: Send {
         let mut qa = vec![0.0f32; a.len()];
         let mut sa = vec![0.0f32; ga.scale_count(ar, ac)];
         quantize_dequantize(a, ar, ac, ga, ScaleMode::Amax, &mut qa, &mut sa)?;
-        self.matmul(Precision::F32, form, &qa, &b.dequantize(), c, dims, accumulate)
+        self.matmul(
+            Precision::F32,
+            form,
+            &qa,
+            &b.dequantize(),
+            c,
+            dims,
+            accumulate,
+        )
     }
 }
 
@@ -75,15 +83,30 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend on rayon's global pool (all cores, or `RAYON_NUM_THREADS`).
     pub fn new() -> Self {
-        Self { pool: None, threads: 0, fp8: Fp8Workspace::default(), scale_mode: ScaleMode::Amax, name: "cpu".into() }
+        Self {
+            pool: None,
+            threads: 0,
+            fp8: Fp8Workspace::default(),
+            scale_mode: ScaleMode::Amax,
+            name: "cpu".into(),
+        }
     }
 
     /// A backend with its own pool of `n` threads (`0` = as many as cores). If the OS refuses to start the
     /// threads, it falls back to the global pool, capped at `n` threads for the GEMM.
     pub fn with_threads(n: usize) -> Self {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().ok().map(Arc::new);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .ok()
+            .map(Arc::new);
         let threads = pool.as_ref().map_or(n, |p| p.current_num_threads());
-        Self { pool, threads, name: format!("cpu({threads} threads)"), ..Self::new() }
+        Self {
+            pool,
+            threads,
+            name: format!("cpu({threads} threads)"),
+            ..Self::new()
+        }
     }
 
     /// Chooses how FP8 scales are computed (default [`ScaleMode::Amax`]).
@@ -151,7 +174,8 @@ impl Backend for CpuBackend {
         accumulate: bool,
     ) -> Result<(), KernelError> {
         let (threads, mode, ws) = (self.threads, self.scale_mode, &mut self.fp8);
-        let mut run = move || matmul_fp8_quantized_b(ws, mode, form, a, b, c, dims, accumulate, threads);
+        let mut run =
+            move || matmul_fp8_quantized_b(ws, mode, form, a, b, c, dims, accumulate, threads);
         match &self.pool {
             Some(pool) => pool.install(run),
             None => run(),

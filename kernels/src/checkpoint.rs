@@ -187,7 +187,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Parses and validates a shard file's bytes: the shard must be `expected`, with `params_len` parameters
@@ -205,7 +207,10 @@ pub fn decode_shard(
     }
     let version = u32_at(bytes, 8);
     if version != SHARD_VERSION {
-        return Err(CheckpointError::UnsupportedVersion { path: path_buf(), version });
+        return Err(CheckpointError::UnsupportedVersion {
+            path: path_buf(),
+            version,
+        });
     }
     let (kind, layer, index) = (u32_at(bytes, 12), u32_at(bytes, 16), u32_at(bytes, 20));
     let found = match kind {
@@ -214,22 +219,43 @@ pub fn decode_shard(
         _ => None,
     };
     if found != Some(expected) {
-        let found = found.map(|s| s.to_string()).unwrap_or_else(|| format!("<kind {kind}>"));
-        return Err(CheckpointError::WrongShard { path: path_buf(), expected, found });
+        let found = found
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| format!("<kind {kind}>"));
+        return Err(CheckpointError::WrongShard {
+            path: path_buf(),
+            expected,
+            found,
+        });
     }
     let step = u64_at(bytes, 24);
     let (p, r) = (u64_at(bytes, 32), u64_at(bytes, 40));
     if p != params_len as u64 {
-        return Err(CheckpointError::Size { path: path_buf(), what: "parameter count", expected: params_len as u64, actual: p });
+        return Err(CheckpointError::Size {
+            path: path_buf(),
+            what: "parameter count",
+            expected: params_len as u64,
+            actual: p,
+        });
     }
     if r != bias_len as u64 {
-        return Err(CheckpointError::Size { path: path_buf(), what: "router-bias count", expected: bias_len as u64, actual: r });
+        return Err(CheckpointError::Size {
+            path: path_buf(),
+            what: "router-bias count",
+            expected: bias_len as u64,
+            actual: r,
+        });
     }
     // Both counts now equal in-memory sizes, so this arithmetic cannot overflow.
     let (p, r) = (params_len, bias_len);
     let total = HEADER_BYTES + 4 * (3 * p + r) + 8;
     if bytes.len() != total {
-        return Err(CheckpointError::Size { path: path_buf(), what: "file length", expected: total as u64, actual: bytes.len() as u64 });
+        return Err(CheckpointError::Size {
+            path: path_buf(),
+            what: "file length",
+            expected: total as u64,
+            actual: bytes.len() as u64,
+        });
     }
     if fnv1a(&bytes[..total - 8]) != u64_at(bytes, total - 8) {
         return Err(CheckpointError::Checksum { path: path_buf() });
@@ -244,7 +270,14 @@ pub fn decode_shard(
     let opt_m = take(p);
     let opt_v = take(p);
     let router_bias = take(r);
-    Ok(ShardRecord { shard: expected, step, params, opt_m, opt_v, router_bias })
+    Ok(ShardRecord {
+        shard: expected,
+        step,
+        params,
+        opt_m,
+        opt_v,
+        router_bias,
+    })
 }
 
 /// Writes a shard file atomically (temporary file, then rename).
@@ -254,12 +287,25 @@ pub fn write_shard(path: &Path, rec: &ShardRecord) -> Result<(), CheckpointError
 
 /// Reads and validates a shard file (see [`decode_shard`]). The file's length is checked against the
 /// expected sizes before it is read, so a huge foreign file is not loaded.
-pub fn read_shard(path: &Path, expected: ShardId, params_len: usize, bias_len: usize) -> Result<ShardRecord, CheckpointError> {
-    let io_err = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+pub fn read_shard(
+    path: &Path,
+    expected: ShardId,
+    params_len: usize,
+    bias_len: usize,
+) -> Result<ShardRecord, CheckpointError> {
+    let io_err = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let len = fs::metadata(path).map_err(io_err)?.len();
     let total = (HEADER_BYTES + 4 * (3 * params_len + bias_len) + 8) as u64;
     if len != total {
-        return Err(CheckpointError::Size { path: path.to_path_buf(), what: "file length", expected: total, actual: len });
+        return Err(CheckpointError::Size {
+            path: path.to_path_buf(),
+            what: "file length",
+            expected: total,
+            actual: len,
+        });
     }
     let bytes = fs::read(path).map_err(io_err)?;
     decode_shard(&bytes, path, expected, params_len, bias_len)
@@ -279,10 +325,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Reads a small text file (at most [`MAX_TEXT_BYTES`]).
 pub fn read_text(path: &Path) -> Result<String, CheckpointError> {
-    let io_err = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let len = fs::metadata(path).map_err(io_err)?.len();
     if len > MAX_TEXT_BYTES {
-        return Err(CheckpointError::Size { path: path.to_path_buf(), what: "text file length", expected: MAX_TEXT_BYTES, actual: len });
+        return Err(CheckpointError::Size {
+            path: path.to_path_buf(),
+            what: "text file length",
+            expected: MAX_TEXT_BYTES,
+            actual: len,
+        });
     }
     fs::read_to_string(path).map_err(io_err)
 }

@@ -51,7 +51,11 @@ const fn decode_bits(code: u8, mbits: u32, bias: i32, has_inf: bool) -> u32 {
     let mant = (code as u32) & ((1 << mbits) - 1);
     let exp_all_ones = exp == (1 << ebits) - 1;
     if has_inf && exp_all_ones {
-        return if mant == 0 { sign | 0x7F80_0000 } else { sign | 0x7FC0_0000 };
+        return if mant == 0 {
+            sign | 0x7F80_0000
+        } else {
+            sign | 0x7FC0_0000
+        };
     }
     if !has_inf && exp_all_ones && mant == (1 << mbits) - 1 {
         return sign | 0x7FC0_0000;
@@ -300,7 +304,12 @@ fn check_len(op: &'static str, src: usize, dst: usize) -> Result<(), KernelError
     if src == dst {
         Ok(())
     } else {
-        Err(KernelError::ShapeMismatch { op, what: "dst", expected: src, actual: dst })
+        Err(KernelError::ShapeMismatch {
+            op,
+            what: "dst",
+            expected: src,
+            actual: dst,
+        })
     }
 }
 
@@ -326,13 +335,21 @@ mod tests {
         let text = include_str!("../tests/data/fp8/encode_cases.tsv");
         let mut n = 0;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let first = line.split('\t').next().expect("split yields at least one field");
-            let bits = u32::from_str_radix(first.trim_start_matches("0x"), 16).expect("vector inputs are hex");
+            let first = line
+                .split('\t')
+                .next()
+                .expect("split yields at least one field");
+            let bits = u32::from_str_radix(first.trim_start_matches("0x"), 16)
+                .expect("vector inputs are hex");
             let x = f32::from_bits(bits);
             if x.is_nan() {
                 continue;
             }
-            assert_eq!(round_to_e4m3(x).to_bits(), E4M3::from_f32(x).to_f32().to_bits(), "x = {x:e}");
+            assert_eq!(
+                round_to_e4m3(x).to_bits(),
+                E4M3::from_f32(x).to_f32().to_bits(),
+                "x = {x:e}"
+            );
             n += 1;
         }
         assert!(n > 7000);
@@ -346,11 +363,19 @@ mod tests {
             if v.is_nan() {
                 continue;
             }
-            for x in [v, f32::from_bits(v.to_bits().wrapping_add(1)), f32::from_bits(v.to_bits().wrapping_sub(1))] {
+            for x in [
+                v,
+                f32::from_bits(v.to_bits().wrapping_add(1)),
+                f32::from_bits(v.to_bits().wrapping_sub(1)),
+            ] {
                 if x.is_nan() {
                     continue;
                 }
-                assert_eq!(round_to_e4m3(x).to_bits(), E4M3::from_f32(x).to_f32().to_bits(), "x = {x:e}");
+                assert_eq!(
+                    round_to_e4m3(x).to_bits(),
+                    E4M3::from_f32(x).to_f32().to_bits(),
+                    "x = {x:e}"
+                );
             }
         }
     }

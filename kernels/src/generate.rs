@@ -30,7 +30,12 @@ pub trait LanguageModel {
     /// One forward pass over `tokens` (T ≤ context): main logits [T, V] (row t predicts token t + 1) and,
     /// when asked, MTP logits [T, V] (row t predicts token t + 2; the last row assumes token T is the main
     /// head's argmax at row T − 1).
-    fn logits(&mut self, tokens: &[u32], main_out: &mut [f32], mtp_out: Option<&mut [f32]>) -> Result<(), ModelError>;
+    fn logits(
+        &mut self,
+        tokens: &[u32],
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+    ) -> Result<(), ModelError>;
 }
 
 impl LanguageModel for Model {
@@ -46,7 +51,12 @@ impl LanguageModel for Model {
         self.config().mtp
     }
 
-    fn logits(&mut self, tokens: &[u32], main_out: &mut [f32], mtp_out: Option<&mut [f32]>) -> Result<(), ModelError> {
+    fn logits(
+        &mut self,
+        tokens: &[u32],
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+    ) -> Result<(), ModelError> {
         Model::logits(self, tokens, main_out, mtp_out)
     }
 }
@@ -83,7 +93,11 @@ pub struct GenerateConfig {
 /// UTF-8 shows as U+FFFD. A token above 255 (which the model's vocabulary check rules out for a byte model)
 /// shows as U+FFFD too rather than being truncated. `mana generate` and `mana demo`'s samples print this.
 pub fn bytes_to_text(prompt: &[u32], tokens: &[u32]) -> String {
-    let bytes: Vec<u8> = prompt.iter().chain(tokens).map(|&t| u8::try_from(t).unwrap_or(0xFF)).collect();
+    let bytes: Vec<u8> = prompt
+        .iter()
+        .chain(tokens)
+        .map(|&t| u8::try_from(t).unwrap_or(0xFF))
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -120,17 +134,29 @@ pub struct Generation {
 impl Generation {
     /// Accepted drafts over verified drafts (0 when none was verified).
     pub fn acceptance_rate(&self) -> f64 {
-        if self.drafts == 0 { 0.0 } else { self.accepted as f64 / self.drafts as f64 }
+        if self.drafts == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafts as f64
+        }
     }
 
     /// Generated tokens per forward pass (1 without speculation, up to 2 with it).
     pub fn tokens_per_pass(&self) -> f64 {
-        if self.forward_passes == 0 { 0.0 } else { self.tokens.len() as f64 / self.forward_passes as f64 }
+        if self.forward_passes == 0 {
+            0.0
+        } else {
+            self.tokens.len() as f64 / self.forward_passes as f64
+        }
     }
 }
 
 /// Generates up to `config.max_tokens` tokens after `prompt`.
-pub fn generate(model: &mut dyn LanguageModel, prompt: &[u32], config: &GenerateConfig) -> Result<Generation, GenerateError> {
+pub fn generate(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    config: &GenerateConfig,
+) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
@@ -161,7 +187,11 @@ pub fn generate(model: &mut dyn LanguageModel, prompt: &[u32], config: &Generate
         if want_mtp {
             mtp.resize(t * v, 0.0);
         }
-        model.logits(&window, &mut main, if want_mtp { Some(&mut mtp[..]) } else { None })?;
+        model.logits(
+            &window,
+            &mut main,
+            if want_mtp { Some(&mut mtp[..]) } else { None },
+        )?;
         out.forward_passes += 1;
         let row = |i: usize| i * v..(i + 1) * v;
         // `last` is the row whose main prediction decides the next draft.
@@ -191,10 +221,14 @@ pub fn generate(model: &mut dyn LanguageModel, prompt: &[u32], config: &Generate
 fn check_sampling(sampling: Sampling) -> Result<(), GenerateError> {
     if let Sampling::Sample { temperature, top_p } = sampling {
         if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(GenerateError::InvalidSampling(format!("temperature {temperature} must be finite and > 0")));
+            return Err(GenerateError::InvalidSampling(format!(
+                "temperature {temperature} must be finite and > 0"
+            )));
         }
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(GenerateError::InvalidSampling(format!("top_p {top_p} must be in (0, 1]")));
+            return Err(GenerateError::InvalidSampling(format!(
+                "top_p {top_p} must be in (0, 1]"
+            )));
         }
     }
     Ok(())
@@ -212,25 +246,46 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Chooses one token from `logits` according to `sampling`; `scratch` is reused between calls.
-pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut impl Rng, scratch: &mut Vec<(f32, u32)>) -> u32 {
+pub fn choose(
+    logits: &[f32],
+    sampling: Sampling,
+    rng: &mut impl Rng,
+    scratch: &mut Vec<(f32, u32)>,
+) -> u32 {
     match sampling {
         Sampling::Greedy => argmax(logits),
-        Sampling::Sample { temperature, top_p } => sample_top_p(logits, temperature, top_p, rng, scratch),
+        Sampling::Sample { temperature, top_p } => {
+            sample_top_p(logits, temperature, top_p, rng, scratch)
+        }
     }
 }
 
 /// A draw from the nucleus of softmax(logits / temperature): the most likely tokens (sorted by probability,
 /// ties by id) whose mass first reaches `top_p`. Uses exactly one 64-bit random draw.
-fn sample_top_p(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng, probs: &mut Vec<(f32, u32)>) -> u32 {
+fn sample_top_p(
+    logits: &[f32],
+    temperature: f32,
+    top_p: f32,
+    rng: &mut impl Rng,
+    probs: &mut Vec<(f32, u32)>,
+) -> u32 {
     let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let max = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return argmax(logits);
     }
     probs.clear();
     let mut total = 0.0f64;
     for (i, &x) in logits.iter().enumerate() {
-        let p = if x.is_nan() { 0.0 } else { ((x - max) / temperature).exp() };
+        let p = if x.is_nan() {
+            0.0
+        } else {
+            ((x - max) / temperature).exp()
+        };
         total += f64::from(p);
         probs.push((p, i as u32));
     }

@@ -18,11 +18,11 @@ pub use backend::{Backend, CpuBackend};
 pub use error::KernelError;
 /// Checkpoints: a directory of per-shard files with magic, version and checksum.
 pub mod checkpoint;
+/// Text generation: greedy and top-p sampling, and self-speculative decoding with the MTP head.
+pub mod generate;
 /// The MoE language model: config, parameter layout by shard, ops with forward and backward.
 pub mod model;
 /// AdamW, gradient clipping and the learning-rate schedule.
 pub mod optim;
 /// The trainer: one step = forward, backward, clip, AdamW, router-bias update; checkpoints.
 pub mod train;
-/// Text generation: greedy and top-p sampling, and self-speculative decoding with the MTP head.
-pub mod generate;

@@ -65,8 +65,19 @@ pub struct OptimConfigError {
 impl OptimConfig {
     /// Checks the ranges (finite, non-negative rates, betas in [0, 1)).
     pub fn validate(&self) -> Result<(), OptimConfigError> {
-        let bad = |field, value: f32, reason| Err(OptimConfigError { field, value: value.to_string(), reason });
-        for (field, value) in [("lr", self.lr), ("min_lr", self.min_lr), ("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)] {
+        let bad = |field, value: f32, reason| {
+            Err(OptimConfigError {
+                field,
+                value: value.to_string(),
+                reason,
+            })
+        };
+        for (field, value) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+        ] {
             if !value.is_finite() || value < 0.0 {
                 return bad(field, value, "must be finite and >= 0");
             }
@@ -141,13 +152,31 @@ impl AdamW {
 
     /// One AdamW update of every parameter. `step` is the 1-based count of updates so far including this
     /// one (for bias correction).
-    pub fn update(&mut self, cfg: &OptimConfig, params: &mut [f32], grads: &[f32], lr: f32, step: u64) {
-        let all = Span { offset: 0, len: params.len() };
+    pub fn update(
+        &mut self,
+        cfg: &OptimConfig,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        step: u64,
+    ) {
+        let all = Span {
+            offset: 0,
+            len: params.len(),
+        };
         self.update_span(cfg, all, params, grads, lr, step);
     }
 
     /// One AdamW update restricted to `span` (e.g. one shard); tensors that straddle it are clipped to it.
-    pub fn update_span(&mut self, cfg: &OptimConfig, span: Span, params: &mut [f32], grads: &[f32], lr: f32, step: u64) {
+    pub fn update_span(
+        &mut self,
+        cfg: &OptimConfig,
+        span: Span,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        step: u64,
+    ) {
         let step = step.max(1) as i32;
         let bc1 = 1.0 - (cfg.beta1 as f64).powi(step);
         let bc2 = 1.0 - (cfg.beta2 as f64).powi(step);

@@ -88,7 +88,11 @@ pub fn tile_scale(amax: f32, mode: ScaleMode) -> f32 {
         ScaleMode::Amax => s,
         ScaleMode::PowerOfTwo => {
             let bits = s.to_bits();
-            let exp = if bits & 0x7F_FFFF != 0 { (bits >> 23) + 1 } else { bits >> 23 };
+            let exp = if bits & 0x7F_FFFF != 0 {
+                (bits >> 23) + 1
+            } else {
+                bits >> 23
+            };
             f32::from_bits(exp << 23)
         }
     }
@@ -116,7 +120,8 @@ impl QuantSink for f32 {
 /// Largest |x| bit pattern in `xs` (integer max: vectorises, and inf/NaN land at or above [`INF_BITS`]).
 #[inline(always)]
 fn amax_bits(xs: &[f32]) -> u32 {
-    xs.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7FFF_FFFF))
+    xs.iter()
+        .fold(0u32, |m, x| m.max(x.to_bits() & 0x7FFF_FFFF))
 }
 
 #[inline(always)]
@@ -126,10 +131,23 @@ fn store_tile<T: QuantSink>(src: &[f32], dst: &mut [T], scale: f32) {
     }
 }
 
-fn check_shape(op: &'static str, what: &'static str, rows: usize, cols: usize, len: usize) -> Result<usize, KernelError> {
-    let expected = rows.checked_mul(cols).ok_or(KernelError::SizeOverflow { op, rows, cols })?;
+fn check_shape(
+    op: &'static str,
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+    len: usize,
+) -> Result<usize, KernelError> {
+    let expected = rows
+        .checked_mul(cols)
+        .ok_or(KernelError::SizeOverflow { op, rows, cols })?;
     if expected != len {
-        return Err(KernelError::ShapeMismatch { op, what, expected, actual: len });
+        return Err(KernelError::ShapeMismatch {
+            op,
+            what,
+            expected,
+            actual: len,
+        });
     }
     Ok(expected)
 }
@@ -143,7 +161,10 @@ fn rows_per_task(cols: usize) -> usize {
 /// not depend on which rayon task noticed first.
 fn first_non_finite(op: &'static str, src: &[f32], cols: usize, g: Granularity) -> KernelError {
     let pos = src.iter().position(|x| !x.is_finite()).unwrap_or(0);
-    let (row, col) = (pos.checked_div(cols).unwrap_or(0), pos.checked_rem(cols).unwrap_or(0));
+    let (row, col) = (
+        pos.checked_div(cols).unwrap_or(0),
+        pos.checked_rem(cols).unwrap_or(0),
+    );
     let (row, col) = match g {
         Granularity::Tile1x128 => (row, col - col % TILE),
         Granularity::Tile128x1 => (row - row % TILE, col),
@@ -190,7 +211,11 @@ fn quantize_generic<T: QuantSink>(
                 .all(|((s, d), sc)| blocks_of_band(s, d, sc, cols, mode))
         }
     };
-    if ok { Ok(()) } else { Err(first_non_finite(op, src, cols, g)) }
+    if ok {
+        Ok(())
+    } else {
+        Err(first_non_finite(op, src, cols, g))
+    }
 }
 
 multiversion! {
@@ -213,7 +238,14 @@ multiversion! {
 
 /// Dequantizes whole rows `row0..` of a tensor: `out = code · scale`.
 #[inline(always)]
-fn dequantize_rows_kernel(codes: &[E4M3], out: &mut [f32], scales: &[f32], g: Granularity, cols: usize, row0: usize) {
+fn dequantize_rows_kernel(
+    codes: &[E4M3],
+    out: &mut [f32],
+    scales: &[f32],
+    g: Granularity,
+    cols: usize,
+    row0: usize,
+) {
     let scale_cols = g.scale_shape(1, cols).1;
     for (i, (orow, crow)) in out.chunks_mut(cols).zip(codes.chunks(cols)).enumerate() {
         let r = row0 + i;
@@ -238,11 +270,25 @@ fn dequantize_rows_kernel(codes: &[E4M3], out: &mut [f32], scales: &[f32], g: Gr
 
 /// 1×128 tiles of whole rows `s` (row-major, `cols` wide). Returns false if a tile is non-finite.
 #[inline(always)]
-fn row_tiles_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool {
+fn row_tiles_kernel<T: QuantSink>(
+    s: &[f32],
+    d: &mut [T],
+    sc: &mut [f32],
+    cols: usize,
+    mode: ScaleMode,
+) -> bool {
     let tiles = cols.div_ceil(TILE);
     let mut worst = 0u32;
-    for ((srow, drow), scrow) in s.chunks(cols).zip(d.chunks_mut(cols)).zip(sc.chunks_mut(tiles)) {
-        for ((st, dt), scale) in srow.chunks(TILE).zip(drow.chunks_mut(TILE)).zip(scrow.iter_mut()) {
+    for ((srow, drow), scrow) in s
+        .chunks(cols)
+        .zip(d.chunks_mut(cols))
+        .zip(sc.chunks_mut(tiles))
+    {
+        for ((st, dt), scale) in srow
+            .chunks(TILE)
+            .zip(drow.chunks_mut(TILE))
+            .zip(scrow.iter_mut())
+        {
             let a = amax_bits(st);
             worst = worst.max(a);
             *scale = tile_scale(f32::from_bits(a.min(INF_BITS - 1)), mode);
@@ -255,7 +301,13 @@ fn row_tiles_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: 
 /// 128×1 tiles of one band of up to 128 rows: one scale per column. The column amax is accumulated in the
 /// band's scale slots (as bit patterns), then turned into scales in place.
 #[inline(always)]
-fn column_tiles_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool {
+fn column_tiles_kernel<T: QuantSink>(
+    s: &[f32],
+    d: &mut [T],
+    sc: &mut [f32],
+    cols: usize,
+    mode: ScaleMode,
+) -> bool {
     sc.fill(0.0);
     for srow in s.chunks(cols) {
         for (m, x) in sc.iter_mut().zip(srow) {
@@ -278,11 +330,19 @@ fn column_tiles_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], col
 
 /// 128×128 blocks of one band of up to 128 rows.
 #[inline(always)]
-fn blocks_of_band_kernel<T: QuantSink>(s: &[f32], d: &mut [T], sc: &mut [f32], cols: usize, mode: ScaleMode) -> bool {
+fn blocks_of_band_kernel<T: QuantSink>(
+    s: &[f32],
+    d: &mut [T],
+    sc: &mut [f32],
+    cols: usize,
+    mode: ScaleMode,
+) -> bool {
     for (jb, scale) in sc.iter_mut().enumerate() {
         let c0 = jb * TILE;
         let c1 = (c0 + TILE).min(cols);
-        let a = s.chunks(cols).fold(0u32, |m, srow| m.max(amax_bits(&srow[c0..c1])));
+        let a = s
+            .chunks(cols)
+            .fold(0u32, |m, srow| m.max(amax_bits(&srow[c0..c1])));
         if a >= INF_BITS {
             return false;
         }
@@ -356,7 +416,16 @@ impl QuantizedTensor {
         let n = check_shape(OP, "src", rows, cols, src.len())?;
         self.codes.resize(n, E4M3::ZERO);
         self.scales.resize(granularity.scale_count(rows, cols), 0.0);
-        match quantize_generic(OP, src, rows, cols, granularity, mode, &mut self.codes, &mut self.scales) {
+        match quantize_generic(
+            OP,
+            src,
+            rows,
+            cols,
+            granularity,
+            mode,
+            &mut self.codes,
+            &mut self.scales,
+        ) {
             Ok(()) => {
                 self.rows = rows;
                 self.cols = cols;
@@ -387,10 +456,24 @@ impl QuantizedTensor {
         check_shape(OP, "codes", rows, cols, codes.len())?;
         let (sr, sc) = granularity.scale_shape(rows, cols);
         check_shape(OP, "scales", sr, sc, scales.len())?;
-        if let Some((index, &value)) = scales.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
-            return Err(KernelError::InvalidScale { op: OP, index, value });
+        if let Some((index, &value)) = scales
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+        {
+            return Err(KernelError::InvalidScale {
+                op: OP,
+                index,
+                value,
+            });
         }
-        Ok(Self { rows, cols, granularity: Some(granularity), codes, scales })
+        Ok(Self {
+            rows,
+            cols,
+            granularity: Some(granularity),
+            codes,
+            scales,
+        })
     }
 
     /// Number of rows R.
@@ -460,27 +543,85 @@ mod tests {
     #[test]
     fn dispatched_kernels_equal_baseline_kernels() {
         let (rows, cols) = (130, 300);
-        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 170.0).collect();
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.37 - 170.0)
+            .collect();
         for mode in [ScaleMode::Amax, ScaleMode::PowerOfTwo] {
             let (mut d1, mut d2) = (vec![E4M3::ZERO; x.len()], vec![E4M3::ZERO; x.len()]);
             let (mut f1, mut f2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
             let (mut s1, mut s2) = (vec![0.0; 2 * cols * 3], vec![0.0; 2 * cols * 3]);
             assert!(row_tiles(&x, &mut d1, &mut s1[..rows * 3], cols, mode));
-            assert!(row_tiles_kernel(&x, &mut d2, &mut s2[..rows * 3], cols, mode));
+            assert!(row_tiles_kernel(
+                &x,
+                &mut d2,
+                &mut s2[..rows * 3],
+                cols,
+                mode
+            ));
             assert!(row_tiles(&x, &mut f1, &mut s1[..rows * 3], cols, mode));
-            assert!(row_tiles_kernel(&x, &mut f2, &mut s2[..rows * 3], cols, mode));
+            assert!(row_tiles_kernel(
+                &x,
+                &mut f2,
+                &mut s2[..rows * 3],
+                cols,
+                mode
+            ));
             assert_eq!((&d1, &s1), (&d2, &s2));
-            assert_eq!(f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
             let band = &x[..TILE * cols];
-            assert!(column_tiles(band, &mut d1[..TILE * cols], &mut s1[..cols], cols, mode));
-            assert!(column_tiles_kernel(band, &mut d2[..TILE * cols], &mut s2[..cols], cols, mode));
-            assert!(blocks_of_band(band, &mut f1[..TILE * cols], &mut s1[cols..cols + 3], cols, mode));
-            assert!(blocks_of_band_kernel(band, &mut f2[..TILE * cols], &mut s2[cols..cols + 3], cols, mode));
+            assert!(column_tiles(
+                band,
+                &mut d1[..TILE * cols],
+                &mut s1[..cols],
+                cols,
+                mode
+            ));
+            assert!(column_tiles_kernel(
+                band,
+                &mut d2[..TILE * cols],
+                &mut s2[..cols],
+                cols,
+                mode
+            ));
+            assert!(blocks_of_band(
+                band,
+                &mut f1[..TILE * cols],
+                &mut s1[cols..cols + 3],
+                cols,
+                mode
+            ));
+            assert!(blocks_of_band_kernel(
+                band,
+                &mut f2[..TILE * cols],
+                &mut s2[cols..cols + 3],
+                cols,
+                mode
+            ));
             assert_eq!((&d1, &s1), (&d2, &s2));
-            assert_eq!(f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
             let (mut o1, mut o2) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
-            dequantize_rows(&d1, &mut o1, &s1[..rows * 3], Granularity::Tile1x128, cols, 0);
-            dequantize_rows_kernel(&d1, &mut o2, &s1[..rows * 3], Granularity::Tile1x128, cols, 0);
+            dequantize_rows(
+                &d1,
+                &mut o1,
+                &s1[..rows * 3],
+                Granularity::Tile1x128,
+                cols,
+                0,
+            );
+            dequantize_rows_kernel(
+                &d1,
+                &mut o2,
+                &s1[..rows * 3],
+                Granularity::Tile1x128,
+                cols,
+                0,
+            );
             assert_eq!(o1, o2);
         }
     }

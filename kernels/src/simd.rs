@@ -33,7 +33,9 @@ fn detect() -> SimdLevel {
         && std::arch::is_x86_feature_detected!("fma")
     {
         SimdLevel::Avx512
-    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
         SimdLevel::Avx2
     } else {
         SimdLevel::Baseline

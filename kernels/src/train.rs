@@ -88,7 +88,12 @@ pub struct Trainer {
 
 impl Trainer {
     /// A fresh model holding every expert, initialized from `seed`.
-    pub fn new(model: ModelConfig, optim: OptimConfig, seed: u64, backend: Box<dyn Backend>) -> Result<Self, TrainError> {
+    pub fn new(
+        model: ModelConfig,
+        optim: OptimConfig,
+        seed: u64,
+        backend: Box<dyn Backend>,
+    ) -> Result<Self, TrainError> {
         Self::from_model(Model::new(model, seed, backend)?, optim, seed)
     }
 
@@ -96,7 +101,13 @@ impl Trainer {
     pub fn from_model(model: Model, optim: OptimConfig, seed: u64) -> Result<Self, TrainError> {
         optim.validate()?;
         let adam = AdamW::new(model.layout());
-        Ok(Self { model, optim, adam, step: 0, seed })
+        Ok(Self {
+            model,
+            optim,
+            adam,
+            step: 0,
+            seed,
+        })
     }
 
     /// The model.
@@ -147,7 +158,10 @@ impl Trainer {
         let stats = self.model.forward_backward(batch)?;
         if !stats.total.is_finite() {
             self.model.zero_grads();
-            return Err(TrainError::NonFinite { step: self.step, what: "loss" });
+            return Err(TrainError::NonFinite {
+                step: self.step,
+                what: "loss",
+            });
         }
         Ok(stats)
     }
@@ -160,7 +174,10 @@ impl Trainer {
         let norm = optim::clip_grad_norm(self.model.grads_mut(), clip);
         if !norm.is_finite() {
             self.model.zero_grads();
-            return Err(TrainError::NonFinite { step: self.step, what: "gradient norm" });
+            return Err(TrainError::NonFinite {
+                step: self.step,
+                what: "gradient norm",
+            });
         }
         let lr = self.optim.lr_at(self.step);
         let step = self.step + 1;
@@ -177,7 +194,8 @@ impl Trainer {
         let span = self.model.shard_span(shard)?;
         let lr = self.optim.lr_at(step);
         let (params, grads) = self.model.params_and_grads_mut();
-        self.adam.update_span(&self.optim, span, params, grads, lr, step + 1);
+        self.adam
+            .update_span(&self.optim, span, params, grads, lr, step + 1);
         Ok(lr)
     }
 
@@ -189,21 +207,38 @@ impl Trainer {
     /// Losses on `batch` without touching gradients, parameters or expert loads.
     pub fn evaluate(&mut self, batch: &Batch) -> Result<EvalStats, TrainError> {
         let s = self.model.evaluate(batch)?;
-        Ok(EvalStats { loss: s.loss, mtp_loss: s.mtp_loss, tokens: s.tokens })
+        Ok(EvalStats {
+            loss: s.loss,
+            mtp_loss: s.mtp_loss,
+            tokens: s.tokens,
+        })
     }
 
     /// A shard's AdamW moments (m, v).
     pub fn export_shard_optim(&self, shard: ShardId) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
         let span = self.model.shard_span(shard)?;
-        Ok((span.of(&self.adam.m).to_vec(), span.of(&self.adam.v).to_vec()))
+        Ok((
+            span.of(&self.adam.m).to_vec(),
+            span.of(&self.adam.v).to_vec(),
+        ))
     }
 
     /// Overwrites a shard's AdamW moments.
-    pub fn import_shard_optim(&mut self, shard: ShardId, m: &[f32], v: &[f32]) -> Result<(), TrainError> {
+    pub fn import_shard_optim(
+        &mut self,
+        shard: ShardId,
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<(), TrainError> {
         let span = self.model.shard_span(shard)?;
         for (what, x) in [("adam m", m), ("adam v", v)] {
             if x.len() != span.len {
-                return Err(ModelError::Length { what: format!("{what} of {shard}"), expected: span.len, actual: x.len() }.into());
+                return Err(ModelError::Length {
+                    what: format!("{what} of {shard}"),
+                    expected: span.len,
+                    actual: x.len(),
+                }
+                .into());
             }
         }
         span.of_mut(&mut self.adam.m).copy_from_slice(m);
@@ -213,7 +248,11 @@ impl Trainer {
 
     fn all_router_bias(&self) -> Vec<f32> {
         let cfg = self.model.config();
-        (0..cfg.n_layers).filter_map(|l| self.model.router_bias(l).ok()).flatten().copied().collect()
+        (0..cfg.n_layers)
+            .filter_map(|l| self.model.router_bias(l).ok())
+            .flatten()
+            .copied()
+            .collect()
     }
 
     fn set_all_router_bias(&mut self, all: &[f32]) -> Result<(), TrainError> {
@@ -229,13 +268,27 @@ impl Trainer {
 
     /// Writes a checkpoint directory: config.toml, trainer.toml and one file per held shard.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
-        let text_err = |path: &Path, e: String| CheckpointError::Text { path: path.to_path_buf(), reason: e };
+        fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let text_err = |path: &Path, e: String| CheckpointError::Text {
+            path: path.to_path_buf(),
+            reason: e,
+        };
         let cfg_path = dir.join("config.toml");
-        let cfg_text = self.model.config().to_toml_string().map_err(|e| text_err(&cfg_path, e.to_string()))?;
+        let cfg_text = self
+            .model
+            .config()
+            .to_toml_string()
+            .map_err(|e| text_err(&cfg_path, e.to_string()))?;
         checkpoint::write_atomic(&cfg_path, cfg_text.as_bytes())?;
         let tr_path = dir.join("trainer.toml");
-        let tr = TrainerFile { step: self.step, seed: self.seed, optim: self.optim.clone() };
+        let tr = TrainerFile {
+            step: self.step,
+            seed: self.seed,
+            optim: self.optim.clone(),
+        };
         let tr_text = toml::to_string(&tr).map_err(|e| text_err(&tr_path, e.to_string()))?;
         checkpoint::write_atomic(&tr_path, tr_text.as_bytes())?;
         for shard in self.model.shards() {
@@ -246,7 +299,11 @@ impl Trainer {
                 params: self.model.export_shard(shard)?,
                 opt_m,
                 opt_v,
-                router_bias: if shard == ShardId::Trunk { self.all_router_bias() } else { Vec::new() },
+                router_bias: if shard == ShardId::Trunk {
+                    self.all_router_bias()
+                } else {
+                    Vec::new()
+                },
             };
             checkpoint::write_shard(&dir.join(checkpoint::shard_file_name(shard)), &rec)?;
         }
@@ -259,24 +316,43 @@ impl Trainer {
     }
 
     /// Loads a checkpoint directory but holds only the experts in `experts` (each must have its file).
-    pub fn load_with_experts(dir: &Path, backend: Box<dyn Backend>, experts: ExpertSet) -> Result<Self, TrainError> {
+    pub fn load_with_experts(
+        dir: &Path,
+        backend: Box<dyn Backend>,
+        experts: ExpertSet,
+    ) -> Result<Self, TrainError> {
         Self::load_inner(dir, backend, Some(experts))
     }
 
-    fn load_inner(dir: &Path, backend: Box<dyn Backend>, experts: Option<ExpertSet>) -> Result<Self, TrainError> {
+    fn load_inner(
+        dir: &Path,
+        backend: Box<dyn Backend>,
+        experts: Option<ExpertSet>,
+    ) -> Result<Self, TrainError> {
         let cfg_path = dir.join("config.toml");
-        let config = ModelConfig::from_toml_str(&checkpoint::read_text(&cfg_path)?)
-            .map_err(|e| CheckpointError::Text { path: cfg_path.clone(), reason: e.to_string() })?;
+        let config =
+            ModelConfig::from_toml_str(&checkpoint::read_text(&cfg_path)?).map_err(|e| {
+                CheckpointError::Text {
+                    path: cfg_path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         let tr_path = dir.join("trainer.toml");
-        let tr: TrainerFile = toml::from_str(&checkpoint::read_text(&tr_path)?)
-            .map_err(|e| CheckpointError::Text { path: tr_path.clone(), reason: e.to_string() })?;
+        let tr: TrainerFile = toml::from_str(&checkpoint::read_text(&tr_path)?).map_err(|e| {
+            CheckpointError::Text {
+                path: tr_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let experts = match experts {
             Some(set) => set,
             None => {
                 let mut set = ExpertSet::none(&config);
                 for l in (0..config.n_layers).filter(|&l| config.is_moe_layer(l)) {
                     for i in 0..config.n_routed_experts {
-                        let Ok(shard) = ShardId::expert(l, i) else { continue };
+                        let Ok(shard) = ShardId::expert(l, i) else {
+                            continue;
+                        };
                         if dir.join(checkpoint::shard_file_name(shard)).is_file() {
                             set.insert(shard);
                         }
@@ -288,7 +364,10 @@ impl Trainer {
         let model = Model::with_experts(config.clone(), experts, tr.seed, backend)?;
         let mut trainer = Self::from_model(model, tr.optim, tr.seed)?;
         trainer.step = tr.step;
-        let n_bias = (0..config.n_layers).filter(|&l| config.is_moe_layer(l)).count() * config.n_routed_experts;
+        let n_bias = (0..config.n_layers)
+            .filter(|&l| config.is_moe_layer(l))
+            .count()
+            * config.n_routed_experts;
         for shard in trainer.model.shards() {
             let len = trainer.model.shard_len(shard)?;
             let bias_len = if shard == ShardId::Trunk { n_bias } else { 0 };

@@ -19,7 +19,10 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
 #[test]
 fn every_kind_appears_in_fair_shares_and_every_line_is_ascii() {
     let text = builtin::generate(3, 200_000);
-    assert!(text.iter().all(|b| b.is_ascii() && (*b == b'\n' || !b.is_ascii_control())));
+    assert!(
+        text.iter()
+            .all(|b| b.is_ascii() && (*b == b'\n' || !b.is_ascii_control()))
+    );
     let s = std::str::from_utf8(&text).expect("ASCII is UTF-8");
     let mut counts: HashMap<LineKind, usize> = HashMap::new();
     let lines: Vec<&str> = s.lines().collect();
@@ -35,7 +38,10 @@ fn every_kind_appears_in_fair_shares_and_every_line_is_ascii() {
 }
 
 fn check_line(line: &str) {
-    let num = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("bad number {s:?} in {line:?}"));
+    let num = |s: &str| {
+        s.parse::<i64>()
+            .unwrap_or_else(|_| panic!("bad number {s:?} in {line:?}"))
+    };
     let (word, rest) = line.split_once(' ').expect("lines have words");
     match word {
         "add" | "sub" | "mul" => {
@@ -57,8 +63,10 @@ fn check_line(line: &str) {
         "kv" => {
             let parts: Vec<&str> = rest.split(' ').collect();
             let (query, pairs) = parts.split_last().expect("recall has a query");
-            let map: HashMap<&str, &str> =
-                pairs.iter().map(|p| p.split_once('=').expect("pairs have =")).collect();
+            let map: HashMap<&str, &str> = pairs
+                .iter()
+                .map(|p| p.split_once('=').expect("pairs have ="))
+                .collect();
             assert_eq!(map.len(), pairs.len(), "keys are distinct in {line}");
             let (k, v) = query.split_once('?').expect("query has ?");
             assert_eq!(map.get(k), Some(&v), "{line}");
@@ -78,7 +86,10 @@ fn check_line(line: &str) {
             let xs: Vec<i64> = rest.split(' ').map(num).collect();
             assert!(xs.windows(2).all(|w| w[1] == w[0] + 1), "{line}");
         }
-        _ => assert!(line.ends_with('.'), "English lines end with a full stop: {line}"),
+        _ => assert!(
+            line.ends_with('.'),
+            "English lines end with a full stop: {line}"
+        ),
     }
 }
 

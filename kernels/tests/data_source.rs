@@ -19,7 +19,10 @@ fn reads_a_plain_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let p = dir.path().join("a.txt");
     fs::write(&p, "héllo wörld\n").expect("write");
-    assert_eq!(read_corpus(&p, SourceLimits::default()).expect("read"), "héllo wörld\n".as_bytes());
+    assert_eq!(
+        read_corpus(&p, SourceLimits::default()).expect("read"),
+        "héllo wörld\n".as_bytes()
+    );
 }
 
 #[test]
@@ -28,7 +31,10 @@ fn reads_a_gz_file() {
     let p = dir.path().join("a.txt.gz");
     let text = "in the beginning\n".repeat(1000);
     fs::write(&p, gz(text.as_bytes())).expect("write");
-    assert_eq!(read_corpus(&p, SourceLimits::default()).expect("read"), text.as_bytes());
+    assert_eq!(
+        read_corpus(&p, SourceLimits::default()).expect("read"),
+        text.as_bytes()
+    );
 }
 
 #[test]
@@ -58,7 +64,10 @@ fn non_utf8_is_refused_with_the_offset() {
     let p = dir.path().join("bin.dat");
     fs::write(&p, [b'o', b'k', 0xC3, 0x28]).expect("write");
     let err = read_corpus(&p, SourceLimits::default()).expect_err("not UTF-8");
-    assert!(matches!(err, SourceError::NotUtf8 { offset: 2, .. }), "{err}");
+    assert!(
+        matches!(err, SourceError::NotUtf8 { offset: 2, .. }),
+        "{err}"
+    );
     // The same inside a directory names the file.
     fs::write(dir.path().join("good.txt"), "fine").expect("write");
     let err = read_corpus(dir.path(), SourceLimits::default()).expect_err("not UTF-8");
@@ -72,10 +81,16 @@ fn empty_inputs_are_refused() {
     assert!(matches!(err, SourceError::Empty { .. }), "{err}");
     let p = dir.path().join("empty.txt");
     fs::write(&p, "").expect("write");
-    assert!(matches!(read_corpus(&p, SourceLimits::default()), Err(SourceError::Empty { .. })));
+    assert!(matches!(
+        read_corpus(&p, SourceLimits::default()),
+        Err(SourceError::Empty { .. })
+    ));
     let g = dir.path().join("empty.gz");
     fs::write(&g, gz(b"")).expect("write");
-    assert!(matches!(read_corpus(&g, SourceLimits::default()), Err(SourceError::Empty { .. })));
+    assert!(matches!(
+        read_corpus(&g, SourceLimits::default()),
+        Err(SourceError::Empty { .. })
+    ));
 }
 
 #[test]
@@ -85,9 +100,15 @@ fn corrupt_gzip_is_an_io_error() {
     let mut bytes = gz(b"some text that compresses");
     bytes.truncate(bytes.len() / 2);
     fs::write(&p, bytes).expect("write");
-    assert!(matches!(read_corpus(&p, SourceLimits::default()), Err(SourceError::Io { .. })));
+    assert!(matches!(
+        read_corpus(&p, SourceLimits::default()),
+        Err(SourceError::Io { .. })
+    ));
     fs::write(&p, b"not gzip at all").expect("write");
-    assert!(matches!(read_corpus(&p, SourceLimits::default()), Err(SourceError::Io { .. })));
+    assert!(matches!(
+        read_corpus(&p, SourceLimits::default()),
+        Err(SourceError::Io { .. })
+    ));
 }
 
 #[test]
@@ -95,20 +116,44 @@ fn size_and_file_count_limits_hold() {
     let dir = tempfile::tempdir().expect("temp dir");
     let p = dir.path().join("big.txt");
     fs::write(&p, "x".repeat(1000)).expect("write");
-    let limits = SourceLimits { max_bytes: 999, ..SourceLimits::default() };
-    assert!(matches!(read_corpus(&p, limits), Err(SourceError::TooLarge { limit: 999, .. })));
-    let limits = SourceLimits { max_bytes: 1000, ..SourceLimits::default() };
-    assert_eq!(read_corpus(&p, limits).expect("exactly at the limit").len(), 1000);
+    let limits = SourceLimits {
+        max_bytes: 999,
+        ..SourceLimits::default()
+    };
+    assert!(matches!(
+        read_corpus(&p, limits),
+        Err(SourceError::TooLarge { limit: 999, .. })
+    ));
+    let limits = SourceLimits {
+        max_bytes: 1000,
+        ..SourceLimits::default()
+    };
+    assert_eq!(
+        read_corpus(&p, limits).expect("exactly at the limit").len(),
+        1000
+    );
     // A gzip bomb stops at the limit instead of filling memory.
     let bomb = dir.path().join("bomb.gz");
     fs::write(&bomb, gz(&vec![b'a'; 10 << 20])).expect("write");
-    let limits = SourceLimits { max_bytes: 1 << 20, ..SourceLimits::default() };
-    assert!(matches!(read_corpus(&bomb, limits), Err(SourceError::TooLarge { .. })));
+    let limits = SourceLimits {
+        max_bytes: 1 << 20,
+        ..SourceLimits::default()
+    };
+    assert!(matches!(
+        read_corpus(&bomb, limits),
+        Err(SourceError::TooLarge { .. })
+    ));
     let many = dir.path().join("many");
     fs::create_dir(&many).expect("mkdir");
     for i in 0..5 {
         fs::write(many.join(format!("{i}.txt")), "t").expect("write");
     }
-    let limits = SourceLimits { max_files: 4, ..SourceLimits::default() };
-    assert!(matches!(read_corpus(&many, limits), Err(SourceError::TooManyFiles { .. })));
+    let limits = SourceLimits {
+        max_files: 4,
+        ..SourceLimits::default()
+    };
+    assert!(matches!(
+        read_corpus(&many, limits),
+        Err(SourceError::TooManyFiles { .. })
+    ));
 }

@@ -24,7 +24,11 @@ fn rows(text: &str, columns: usize) -> Vec<Vec<u32>> {
 #[test]
 fn decode_all_codes_bit_exact() {
     for (name, text, decode) in [
-        ("e4m3", DECODE_E4M3, (|c: u8| E4M3::from_bits(c).to_f32()) as fn(u8) -> f32),
+        (
+            "e4m3",
+            DECODE_E4M3,
+            (|c: u8| E4M3::from_bits(c).to_f32()) as fn(u8) -> f32,
+        ),
         ("e5m2", DECODE_E5M2, |c: u8| E5M2::from_bits(c).to_f32()),
     ] {
         let rows = rows(text, 2);
@@ -53,7 +57,11 @@ fn decode_slice_equals_scalar_decode() {
 #[test]
 fn encode_reference_cases_scalar_and_slice() {
     let rows = rows(ENCODE, 3);
-    assert!(rows.len() > 7000, "expected the full encode vector set, got {}", rows.len());
+    assert!(
+        rows.len() > 7000,
+        "expected the full encode vector set, got {}",
+        rows.len()
+    );
     let inputs: Vec<f32> = rows.iter().map(|r| f32::from_bits(r[0])).collect();
     let mut e4 = vec![E4M3::ZERO; inputs.len()];
     let mut e5 = vec![E5M2::ZERO; inputs.len()];
@@ -65,8 +73,18 @@ fn encode_reference_cases_scalar_and_slice() {
         assert_eq!(s4, e4[i], "slice and scalar E4M3 differ for {x:e}");
         assert_eq!(s5, e5[i], "slice and scalar E5M2 differ for {x:e}");
         if x.is_nan() {
-            assert!(s4.is_nan(), "E4M3 of NaN {:#x} must be NaN, got {:#04x}", r[0], s4.to_bits());
-            assert!(s5.is_nan(), "E5M2 of NaN {:#x} must be NaN, got {:#04x}", r[0], s5.to_bits());
+            assert!(
+                s4.is_nan(),
+                "E4M3 of NaN {:#x} must be NaN, got {:#04x}",
+                r[0],
+                s4.to_bits()
+            );
+            assert!(
+                s5.is_nan(),
+                "E5M2 of NaN {:#x} must be NaN, got {:#04x}",
+                r[0],
+                s5.to_bits()
+            );
         } else {
             assert_eq!(s4.to_bits() as u32, r[1], "E4M3 of {:#010x} ({x:e})", r[0]);
             assert_eq!(s5.to_bits() as u32, r[2], "E5M2 of {:#010x} ({x:e})", r[0]);
@@ -105,9 +123,15 @@ fn every_finite_code_round_trips() {
 #[test]
 fn slice_length_mismatch_is_an_error() {
     let mut out = [E4M3::ZERO; 3];
-    assert!(matches!(E4M3::encode_slice(&[1.0; 4], &mut out), Err(KernelError::ShapeMismatch { .. })));
+    assert!(matches!(
+        E4M3::encode_slice(&[1.0; 4], &mut out),
+        Err(KernelError::ShapeMismatch { .. })
+    ));
     let mut f = [0.0f32; 2];
-    assert!(matches!(E5M2::decode_slice(&[E5M2::ZERO; 3], &mut f), Err(KernelError::ShapeMismatch { .. })));
+    assert!(matches!(
+        E5M2::decode_slice(&[E5M2::ZERO; 3], &mut f),
+        Err(KernelError::ShapeMismatch { .. })
+    ));
 }
 
 #[test]
@@ -134,7 +158,11 @@ fn reference_encode(x: f32, decode: impl Fn(u8) -> f32, max_code: u8) -> u8 {
         if decode(mid) <= a { lo = mid } else { hi = mid }
     }
     let (below, above) = (a - decode(lo), decode(hi) - a);
-    let code = if below < above || (below == above && lo % 2 == 0) { lo } else { hi };
+    let code = if below < above || (below == above && lo % 2 == 0) {
+        lo
+    } else {
+        hi
+    };
     sign | code
 }
 
@@ -149,8 +177,16 @@ fn encode_matches_an_independent_encoder_on_17_million_inputs() {
         if x.is_nan() {
             continue;
         }
-        assert_eq!(E4M3::from_f32(x).to_bits(), reference_encode(x, dec4, 0x7E), "E4M3 of {bits:#010x}");
-        assert_eq!(E5M2::from_f32(x).to_bits(), reference_encode(x, dec5, 0x7B), "E5M2 of {bits:#010x}");
+        assert_eq!(
+            E4M3::from_f32(x).to_bits(),
+            reference_encode(x, dec4, 0x7E),
+            "E4M3 of {bits:#010x}"
+        );
+        assert_eq!(
+            E5M2::from_f32(x).to_bits(),
+            reference_encode(x, dec5, 0x7B),
+            "E5M2 of {bits:#010x}"
+        );
         checked += 1;
     }
     assert!(checked > 16_000_000);

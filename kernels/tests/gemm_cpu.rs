@@ -9,8 +9,15 @@ use mana_kernels::{Backend, CpuBackend, KernelError};
 const FORMS: [Form; 3] = [Form::AB, Form::ABt, Form::AtB];
 
 /// (m, k, n): 1×1, sizes just off 128, K not a multiple of 128, K shorter than one tile, and a K of 0.
-const SHAPES: [(usize, usize, usize); 7] =
-    [(1, 1, 1), (127, 129, 130), (300, 77, 65), (33, 300, 17), (129, 256, 128), (5, 0, 7), (0, 5, 3)];
+const SHAPES: [(usize, usize, usize); 7] = [
+    (1, 1, 1),
+    (127, 129, 130),
+    (300, 77, 65),
+    (33, 300, 17),
+    (129, 256, 128),
+    (5, 0, 7),
+    (0, 5, 3),
+];
 
 /// Unit roundoff of f32.
 const U32: f64 = 1.0 / (1u64 << 24) as f64;
@@ -53,13 +60,18 @@ fn f32_matches_f64_reference_in_every_form_and_shape() {
             let d = Dims::new(m, k, n);
             let (a, b) = operands(form, d, seed as u64);
             let mut c = vec![f32::NAN; m * n]; // must be overwritten, not read
-            backend.matmul(Precision::F32, form, &a, &b, &mut c, d, false).expect("valid shapes");
+            backend
+                .matmul(Precision::F32, form, &a, &b, &mut c, d, false)
+                .expect("valid shapes");
             let exact = matmul_f64(form, &a, &b, d).expect("valid shapes");
             let scale = abs_product(form, &a, &b, d);
             // Classic dot-product bound: |fl(Σ) − Σ| ≤ γ_K Σ|a||b|, γ_K ≈ K·u; one more u for the output.
             for ((&got, &want), &s) in c.iter().zip(&exact).zip(&scale) {
                 let bound = (k as f64 + 1.0) * U32 * s + 1e-30;
-                assert!((got as f64 - want).abs() <= bound, "{form:?} {m}x{k}x{n}: {got} vs {want} (bound {bound})");
+                assert!(
+                    (got as f64 - want).abs() <= bound,
+                    "{form:?} {m}x{k}x{n}: {got} vs {want} (bound {bound})"
+                );
             }
         }
     }
@@ -73,7 +85,9 @@ fn free_function_equals_backend_and_accumulate_adds() {
         let mut c1 = vec![0.0; d.m * d.n];
         matmul_f32(form, &a, &b, &mut c1, d, false).expect("valid shapes");
         let mut c2 = vec![0.0; d.m * d.n];
-        CpuBackend::with_threads(1).matmul(Precision::F32, form, &a, &b, &mut c2, d, false).expect("valid shapes");
+        CpuBackend::with_threads(1)
+            .matmul(Precision::F32, form, &a, &b, &mut c2, d, false)
+            .expect("valid shapes");
         let exact = matmul_f64(form, &a, &b, d).expect("valid shapes");
         let scale = abs_product(form, &a, &b, d);
         for i in 0..c1.len() {
@@ -84,13 +98,21 @@ fn free_function_equals_backend_and_accumulate_adds() {
         for precision in [Precision::F32, Precision::Fp8] {
             let mut once = vec![0.0; d.m * d.n];
             let mut backend = CpuBackend::new();
-            backend.matmul(precision, form, &a, &b, &mut once, d, false).expect("valid shapes");
+            backend
+                .matmul(precision, form, &a, &b, &mut once, d, false)
+                .expect("valid shapes");
             let start = data(d.m * d.n, 99);
             let mut acc = start.clone();
-            backend.matmul(precision, form, &a, &b, &mut acc, d, true).expect("valid shapes");
+            backend
+                .matmul(precision, form, &a, &b, &mut acc, d, true)
+                .expect("valid shapes");
             for i in 0..acc.len() {
                 let want = start[i] + once[i];
-                assert!((acc[i] - want).abs() <= 4.0 * f32::EPSILON * (start[i].abs() + scale[i] as f32), "{precision} {form:?}");
+                assert!(
+                    (acc[i] - want).abs()
+                        <= 4.0 * f32::EPSILON * (start[i].abs() + scale[i] as f32),
+                    "{precision} {form:?}"
+                );
             }
         }
     }
@@ -100,9 +122,13 @@ fn free_function_equals_backend_and_accumulate_adds() {
 fn k_zero_gives_zero_or_leaves_c() {
     let d = Dims::new(3, 0, 4);
     let mut c = vec![5.0; 12];
-    CpuBackend::new().matmul(Precision::F32, Form::AB, &[], &[], &mut c, d, true).expect("valid");
+    CpuBackend::new()
+        .matmul(Precision::F32, Form::AB, &[], &[], &mut c, d, true)
+        .expect("valid");
     assert!(c.iter().all(|&x| x == 5.0));
-    CpuBackend::new().matmul(Precision::Fp8, Form::AB, &[], &[], &mut c, d, false).expect("valid");
+    CpuBackend::new()
+        .matmul(Precision::Fp8, Form::AB, &[], &[], &mut c, d, false)
+        .expect("valid");
     assert!(c.iter().all(|&x| x == 0.0));
 }
 
@@ -120,18 +146,32 @@ fn k_zero_gives_zero_or_leaves_c() {
 fn fp8_bound(form: Form, a: &[f32], b: &[f32], d: Dims) -> Vec<f64> {
     let amax = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
     let (sa, sb) = (amax(a) / 448.0, amax(b) / 448.0);
-    let ea: Vec<f32> = a.iter().map(|x| (x.abs() as f64 / 16.0 + sa / 1024.0) as f32).collect();
-    let eb: Vec<f32> = b.iter().map(|x| (x.abs() as f64 / 16.0 + sb / 1024.0) as f32).collect();
+    let ea: Vec<f32> = a
+        .iter()
+        .map(|x| (x.abs() as f64 / 16.0 + sa / 1024.0) as f32)
+        .collect();
+    let eb: Vec<f32> = b
+        .iter()
+        .map(|x| (x.abs() as f64 / 16.0 + sb / 1024.0) as f32)
+        .collect();
     let aa: Vec<f32> = a.iter().map(|x| x.abs()).collect();
     let bb: Vec<f32> = b.iter().map(|x| x.abs()).collect();
-    let big_a: Vec<f32> = a.iter().map(|x| (x.abs() as f64 + sa / 1024.0) as f32).collect();
-    let big_b: Vec<f32> = b.iter().map(|x| (x.abs() as f64 + sb / 1024.0) as f32).collect();
+    let big_a: Vec<f32> = a
+        .iter()
+        .map(|x| (x.abs() as f64 + sa / 1024.0) as f32)
+        .collect();
+    let big_b: Vec<f32> = b
+        .iter()
+        .map(|x| (x.abs() as f64 + sb / 1024.0) as f32)
+        .collect();
     let t1 = matmul_f64(form, &ea, &bb, d).expect("shapes");
     let t2 = matmul_f64(form, &aa, &eb, d).expect("shapes");
     let t3 = matmul_f64(form, &ea, &eb, d).expect("shapes");
     let t4 = matmul_f64(form, &big_a, &big_b, d).expect("shapes");
     let acc = (d.k as f64 + 1.0) * U32 * (1.0 + 1.0 / 16.0f64).powi(2);
-    (0..t1.len()).map(|i| 1.001 * (t1[i] + t2[i] + t3[i] + acc * t4[i]) + 1e-30).collect()
+    (0..t1.len())
+        .map(|i| 1.001 * (t1[i] + t2[i] + t3[i] + acc * t4[i]) + 1e-30)
+        .collect()
 }
 
 #[test]
@@ -141,18 +181,29 @@ fn fp8_matches_f64_reference_within_the_quantization_bound() {
             let d = Dims::new(m, k, n);
             let (a, b) = operands(form, d, 100 + seed as u64);
             let mut c = vec![f32::NAN; m * n];
-            CpuBackend::new().matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).expect("valid shapes");
+            CpuBackend::new()
+                .matmul(Precision::Fp8, form, &a, &b, &mut c, d, false)
+                .expect("valid shapes");
             let exact = matmul_f64(form, &a, &b, d).expect("valid shapes");
             let bound = fp8_bound(form, &a, &b, d);
             let mut worst = 0.0f64;
             for i in 0..c.len() {
                 let err = (c[i] as f64 - exact[i]).abs();
-                assert!(err <= bound[i], "{form:?} {m}x{k}x{n} [{i}]: {} vs {} (bound {})", c[i], exact[i], bound[i]);
+                assert!(
+                    err <= bound[i],
+                    "{form:?} {m}x{k}x{n} [{i}]: {} vs {} (bound {})",
+                    c[i],
+                    exact[i],
+                    bound[i]
+                );
                 worst = worst.max(err / bound[i]);
             }
             // The bound is not vacuous: with K ≥ 64 real quantization error uses a visible part of it.
             if k >= 64 && m * n > 0 {
-                assert!(worst > 1e-3, "{form:?} {m}x{k}x{n}: error suspiciously small ({worst})");
+                assert!(
+                    worst > 1e-3,
+                    "{form:?} {m}x{k}x{n}: error suspiciously small ({worst})"
+                );
             }
         }
     }
@@ -166,14 +217,20 @@ fn fp8_agrees_with_the_literal_per_group_kernel() {
                 let d = Dims::new(m, k, n);
                 let (a, b) = operands(form, d, 200 + seed as u64);
                 let mut c = vec![0.0; m * n];
-                CpuBackend::new().with_scale_mode(mode).matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).expect("valid");
+                CpuBackend::new()
+                    .with_scale_mode(mode)
+                    .matmul(Precision::Fp8, form, &a, &b, &mut c, d, false)
+                    .expect("valid");
                 let grouped = matmul_fp8_grouped(form, &a, &b, d, mode).expect("valid");
                 let scale = abs_product(form, &a, &b, d);
                 // Both sum the same dequantized products; only the f32 rounding order and the rounding of
                 // code·s differ: at most ~(K+3)·u·Σ|x̂||ŷ| apart, with Σ|x̂||ŷ| ≤ (1+2^-4)²·Σ|x||y| + slack.
                 for i in 0..c.len() {
                     let bound = 2.0 * (k as f64 + 3.0) * U32 * 1.2 * scale[i] + 1e-30;
-                    assert!(((c[i] - grouped[i]) as f64).abs() <= bound, "{mode:?} {form:?} {m}x{k}x{n}");
+                    assert!(
+                        ((c[i] - grouped[i]) as f64).abs() <= bound,
+                        "{mode:?} {form:?} {m}x{k}x{n}"
+                    );
                 }
             }
         }
@@ -188,9 +245,15 @@ fn fp8_is_deterministic_and_really_quantizes() {
     let mut c1 = vec![0.0; d.m * d.n];
     let mut c2 = vec![0.0; d.m * d.n];
     let mut f = vec![0.0; d.m * d.n];
-    backend.matmul(Precision::Fp8, Form::ABt, &a, &b, &mut c1, d, false).expect("valid");
-    backend.matmul(Precision::Fp8, Form::ABt, &a, &b, &mut c2, d, false).expect("valid");
-    backend.matmul(Precision::F32, Form::ABt, &a, &b, &mut f, d, false).expect("valid");
+    backend
+        .matmul(Precision::Fp8, Form::ABt, &a, &b, &mut c1, d, false)
+        .expect("valid");
+    backend
+        .matmul(Precision::Fp8, Form::ABt, &a, &b, &mut c2, d, false)
+        .expect("valid");
+    backend
+        .matmul(Precision::F32, Form::ABt, &a, &b, &mut f, d, false)
+        .expect("valid");
     assert_eq!(c1, c2);
     assert_ne!(c1, f, "FP8 result equal to f32: inputs were not quantized");
 }
@@ -204,21 +267,52 @@ fn bad_shapes_are_typed_errors_and_leave_c_alone() {
     for precision in [Precision::F32, Precision::Fp8] {
         for form in FORMS {
             let mut c = vec![3.0; 24];
-            let err = backend.matmul(precision, form, &a[..19], &b, &mut c, d, false).expect_err("must be rejected");
-            assert!(matches!(err, KernelError::ShapeMismatch { what: "a", expected: 20, actual: 19, .. }), "{err}");
-            let err = backend.matmul(precision, form, &a, &b[..29], &mut c, d, false).expect_err("must be rejected");
-            assert!(matches!(err, KernelError::ShapeMismatch { what: "b", .. }), "{err}");
-            let err = backend.matmul(precision, form, &a, &b, &mut c[..23], d, false).expect_err("must be rejected");
-            assert!(matches!(err, KernelError::ShapeMismatch { what: "c", .. }), "{err}");
+            let err = backend
+                .matmul(precision, form, &a[..19], &b, &mut c, d, false)
+                .expect_err("must be rejected");
+            assert!(
+                matches!(
+                    err,
+                    KernelError::ShapeMismatch {
+                        what: "a",
+                        expected: 20,
+                        actual: 19,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            let err = backend
+                .matmul(precision, form, &a, &b[..29], &mut c, d, false)
+                .expect_err("must be rejected");
+            assert!(
+                matches!(err, KernelError::ShapeMismatch { what: "b", .. }),
+                "{err}"
+            );
+            let err = backend
+                .matmul(precision, form, &a, &b, &mut c[..23], d, false)
+                .expect_err("must be rejected");
+            assert!(
+                matches!(err, KernelError::ShapeMismatch { what: "c", .. }),
+                "{err}"
+            );
             assert!(c.iter().all(|&x| x == 3.0));
         }
         let huge = Dims::new(usize::MAX, 3, 2);
-        let err = backend.matmul(precision, Form::AB, &a, &b, &mut [0.0; 4], huge, false).expect_err("must be rejected");
+        let err = backend
+            .matmul(precision, Form::AB, &a, &b, &mut [0.0; 4], huge, false)
+            .expect_err("must be rejected");
         assert!(matches!(err, KernelError::SizeOverflow { .. }), "{err}");
     }
     let mut c = vec![3.0; 24];
     let err = matmul_f32(Form::AB, &a, &b[..1], &mut c, d, false).expect_err("must be rejected");
-    assert!(matches!(err, KernelError::ShapeMismatch { op: "matmul_f32", .. }));
+    assert!(matches!(
+        err,
+        KernelError::ShapeMismatch {
+            op: "matmul_f32",
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -230,11 +324,15 @@ fn fp8_rejects_non_finite_operands() {
             let (mut a, mut b) = operands(form, d, 1);
             let mut c = vec![3.0; 24];
             a[150] = bad;
-            let err = backend.matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).expect_err("must be rejected");
+            let err = backend
+                .matmul(Precision::Fp8, form, &a, &b, &mut c, d, false)
+                .expect_err("must be rejected");
             assert!(matches!(err, KernelError::NonFinite { .. }), "{err}");
             a[150] = 1.0;
             b[7] = bad;
-            let err = backend.matmul(Precision::Fp8, form, &a, &b, &mut c, d, false).expect_err("must be rejected");
+            let err = backend
+                .matmul(Precision::Fp8, form, &a, &b, &mut c, d, false)
+                .expect_err("must be rejected");
             assert!(matches!(err, KernelError::NonFinite { .. }), "{err}");
             assert!(c.iter().all(|&x| x == 3.0));
         }
@@ -245,13 +343,19 @@ fn fp8_rejects_non_finite_operands() {
 fn precision_parses_and_serialises_lowercase() {
     assert_eq!("fp8".parse::<Precision>(), Ok(Precision::Fp8));
     assert_eq!("F32".parse::<Precision>(), Ok(Precision::F32));
-    assert!(matches!("bf16".parse::<Precision>(), Err(KernelError::UnknownPrecision { .. })));
+    assert!(matches!(
+        "bf16".parse::<Precision>(),
+        Err(KernelError::UnknownPrecision { .. })
+    ));
     assert_eq!(Precision::Fp8.to_string(), "fp8");
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Cfg {
         precision: Precision,
     }
-    let text = toml::to_string(&Cfg { precision: Precision::Fp8 }).expect("serialises");
+    let text = toml::to_string(&Cfg {
+        precision: Precision::Fp8,
+    })
+    .expect("serialises");
     assert_eq!(text.trim(), "precision = \"fp8\"");
     let back: Cfg = toml::from_str("precision = \"f32\"").expect("parses");
     assert_eq!(back.precision, Precision::F32);
@@ -259,11 +363,23 @@ fn precision_parses_and_serialises_lowercase() {
 
 #[test]
 fn backend_is_usable_as_a_trait_object() {
-    let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(CpuBackend::default()), Box::new(CpuBackend::with_threads(2))];
+    let mut backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(CpuBackend::default()),
+        Box::new(CpuBackend::with_threads(2)),
+    ];
     for be in &mut backends {
         assert!(be.name().starts_with("cpu"));
         let mut c = [0.0f32; 1];
-        be.matmul(Precision::F32, Form::AB, &[2.0], &[3.0], &mut c, Dims::new(1, 1, 1), false).expect("valid");
+        be.matmul(
+            Precision::F32,
+            Form::AB,
+            &[2.0],
+            &[3.0],
+            &mut c,
+            Dims::new(1, 1, 1),
+            false,
+        )
+        .expect("valid");
         assert_eq!(c[0], 6.0);
     }
 }
@@ -275,7 +391,16 @@ impl Backend for OnlyMatmul {
     fn name(&self) -> &str {
         "only-matmul"
     }
-    fn matmul(&mut self, p: Precision, f: Form, a: &[f32], b: &[f32], c: &mut [f32], d: Dims, acc: bool) -> Result<(), KernelError> {
+    fn matmul(
+        &mut self,
+        p: Precision,
+        f: Form,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        d: Dims,
+        acc: bool,
+    ) -> Result<(), KernelError> {
         self.0.matmul(p, f, a, b, c, d, acc)
     }
 }
@@ -288,14 +413,21 @@ fn weight_held_in_fp8_gives_the_same_product() {
             let d = Dims::new(m, k, n);
             let (a, b) = operands(form, d, 300);
             let (br, bc) = form.b_shape(d);
-            let qb = QuantizedTensor::quantize(&b, br, bc, form.b_granularity(), ScaleMode::Amax).expect("finite");
+            let qb = QuantizedTensor::quantize(&b, br, bc, form.b_granularity(), ScaleMode::Amax)
+                .expect("finite");
             let mut want = vec![0.0; m * n];
-            CpuBackend::new().matmul(Precision::Fp8, form, &a, &b, &mut want, d, false).expect("valid");
+            CpuBackend::new()
+                .matmul(Precision::Fp8, form, &a, &b, &mut want, d, false)
+                .expect("valid");
             let mut got = vec![f32::NAN; m * n];
-            CpuBackend::new().matmul_quantized_b(form, &a, &qb, &mut got, d, false).expect("valid");
+            CpuBackend::new()
+                .matmul_quantized_b(form, &a, &qb, &mut got, d, false)
+                .expect("valid");
             assert_eq!(got, want, "{form:?} {m}x{k}x{n}");
             let mut via_default = vec![f32::NAN; m * n];
-            OnlyMatmul(CpuBackend::new()).matmul_quantized_b(form, &a, &qb, &mut via_default, d, false).expect("valid");
+            OnlyMatmul(CpuBackend::new())
+                .matmul_quantized_b(form, &a, &qb, &mut via_default, d, false)
+                .expect("valid");
             assert_eq!(via_default, want, "{form:?} {m}x{k}x{n} (default impl)");
         }
     }
@@ -303,15 +435,33 @@ fn weight_held_in_fp8_gives_the_same_product() {
     let d = Dims::new(4, 130, 6);
     let a = vec![1.0; 4 * 130];
     let w = vec![0.5; 6 * 130];
-    let tiles = QuantizedTensor::quantize(&w, 6, 130, Granularity::Tile1x128, ScaleMode::Amax).expect("finite");
+    let tiles = QuantizedTensor::quantize(&w, 6, 130, Granularity::Tile1x128, ScaleMode::Amax)
+        .expect("finite");
     let mut c = vec![0.0; 24];
-    let err = CpuBackend::new().matmul_quantized_b(Form::ABt, &a, &tiles, &mut c, d, false).expect_err("must be rejected");
-    assert!(matches!(err, KernelError::GranularityMismatch { .. }), "{err}");
-    let transposed = QuantizedTensor::quantize(&w, 130, 6, Granularity::Block128x128, ScaleMode::Amax).expect("finite");
-    let err = CpuBackend::new().matmul_quantized_b(Form::ABt, &a, &transposed, &mut c, d, false).expect_err("must be rejected");
+    let err = CpuBackend::new()
+        .matmul_quantized_b(Form::ABt, &a, &tiles, &mut c, d, false)
+        .expect_err("must be rejected");
+    assert!(
+        matches!(err, KernelError::GranularityMismatch { .. }),
+        "{err}"
+    );
+    let transposed =
+        QuantizedTensor::quantize(&w, 130, 6, Granularity::Block128x128, ScaleMode::Amax)
+            .expect("finite");
+    let err = CpuBackend::new()
+        .matmul_quantized_b(Form::ABt, &a, &transposed, &mut c, d, false)
+        .expect_err("must be rejected");
     assert!(matches!(err, KernelError::ShapeMismatch { .. }), "{err}");
-    let blocks = QuantizedTensor::quantize(&w, 6, 130, Granularity::Block128x128, ScaleMode::Amax).expect("finite");
-    let err = CpuBackend::new().matmul_quantized_b(Form::ABt, &a[1..], &blocks, &mut c, d, false).expect_err("must be rejected");
-    assert!(matches!(err, KernelError::ShapeMismatch { what: "a", .. }), "{err}");
-    CpuBackend::new().matmul_quantized_b(Form::ABt, &a, &blocks, &mut c, d, false).expect("valid");
+    let blocks = QuantizedTensor::quantize(&w, 6, 130, Granularity::Block128x128, ScaleMode::Amax)
+        .expect("finite");
+    let err = CpuBackend::new()
+        .matmul_quantized_b(Form::ABt, &a[1..], &blocks, &mut c, d, false)
+        .expect_err("must be rejected");
+    assert!(
+        matches!(err, KernelError::ShapeMismatch { what: "a", .. }),
+        "{err}"
+    );
+    CpuBackend::new()
+        .matmul_quantized_b(Form::ABt, &a, &blocks, &mut c, d, false)
+        .expect("valid");
 }

@@ -3,7 +3,9 @@
 //! the counters add up, and the samplers honour temperature and top-p.
 
 use mana_kernels::CpuBackend;
-use mana_kernels::generate::{self, GenerateConfig, GenerateError, Generation, LanguageModel, Sampling};
+use mana_kernels::generate::{
+    self, GenerateConfig, GenerateError, Generation, LanguageModel, Sampling,
+};
 use mana_kernels::model::{Model, ModelConfig, ModelError};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -28,8 +30,19 @@ fn small_model(mtp: bool) -> Model {
     Model::new(config, 7, Box::new(CpuBackend::default())).expect("valid small config")
 }
 
-fn run(model: &mut dyn LanguageModel, prompt: &[u32], max_tokens: usize, sampling: Sampling, speculative: bool) -> Generation {
-    let cfg = GenerateConfig { max_tokens, sampling, seed: 42, speculative };
+fn run(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+    speculative: bool,
+) -> Generation {
+    let cfg = GenerateConfig {
+        max_tokens,
+        sampling,
+        seed: 42,
+        speculative,
+    };
     generate::generate(model, prompt, &cfg).expect("generation succeeds")
 }
 
@@ -42,17 +55,33 @@ fn greedy_output_is_identical_with_and_without_speculation_on_the_model() {
     let spec = run(&mut model, &prompt, 40, Sampling::Greedy, true);
     assert_eq!(plain.tokens.len(), 40);
     assert_eq!(plain.tokens, spec.tokens);
-    assert_eq!(plain.forward_passes, 40, "plain decoding is one token per pass");
+    assert_eq!(
+        plain.forward_passes, 40,
+        "plain decoding is one token per pass"
+    );
     assert_eq!(plain.drafts, 0);
     assert!(spec.drafts > 0, "speculation verified no draft");
-    assert_eq!(spec.forward_passes + spec.accepted, 40, "each accepted draft saves one pass");
+    assert_eq!(
+        spec.forward_passes + spec.accepted,
+        40,
+        "each accepted draft saves one pass"
+    );
 }
 
 #[test]
 fn sampled_output_is_identical_with_and_without_speculation_on_the_model() {
     let mut model = small_model(true);
     let prompt = [b'k' as u32, b'v' as u32, b' ' as u32];
-    for sampling in [Sampling::Sample { temperature: 0.7, top_p: 0.9 }, Sampling::Sample { temperature: 1.0, top_p: 1.0 }] {
+    for sampling in [
+        Sampling::Sample {
+            temperature: 0.7,
+            top_p: 0.9,
+        },
+        Sampling::Sample {
+            temperature: 1.0,
+            top_p: 1.0,
+        },
+    ] {
         let plain = run(&mut model, &prompt, 30, sampling, false);
         let spec = run(&mut model, &prompt, 30, sampling, true);
         assert_eq!(plain.tokens, spec.tokens, "{sampling:?}");
@@ -76,7 +105,12 @@ impl LanguageModel for Scripted {
     fn has_mtp(&self) -> bool {
         true
     }
-    fn logits(&mut self, tokens: &[u32], main_out: &mut [f32], mtp_out: Option<&mut [f32]>) -> Result<(), ModelError> {
+    fn logits(
+        &mut self,
+        tokens: &[u32],
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+    ) -> Result<(), ModelError> {
         self.passes += 1;
         main_out.fill(0.0);
         for (t, &tok) in tokens.iter().enumerate() {
@@ -86,7 +120,11 @@ impl LanguageModel for Scripted {
             m.fill(0.0);
             for (t, &tok) in tokens.iter().enumerate() {
                 let right = (tok + 2) % 8;
-                let guess = if (self.mtp_right)(tok) { right } else { (right + 3) % 8 };
+                let guess = if (self.mtp_right)(tok) {
+                    right
+                } else {
+                    (right + 3) % 8
+                };
                 m[t * 8 + guess as usize] = 5.0;
             }
         }
@@ -96,7 +134,10 @@ impl LanguageModel for Scripted {
 
 #[test]
 fn perfect_drafts_give_two_tokens_per_pass() {
-    let mut lm = Scripted { mtp_right: |_| true, passes: 0 };
+    let mut lm = Scripted {
+        mtp_right: |_| true,
+        passes: 0,
+    };
     let plain = run(&mut lm, &[0], 21, Sampling::Greedy, false);
     let want: Vec<u32> = (1..=21).map(|i| i % 8).collect();
     assert_eq!(plain.tokens, want);
@@ -111,7 +152,10 @@ fn perfect_drafts_give_two_tokens_per_pass() {
 
 #[test]
 fn wrong_drafts_never_change_the_output() {
-    let mut lm = Scripted { mtp_right: |_| false, passes: 0 };
+    let mut lm = Scripted {
+        mtp_right: |_| false,
+        passes: 0,
+    };
     let spec = run(&mut lm, &[3], 15, Sampling::Greedy, true);
     let want: Vec<u32> = (4..19).map(|i| i % 8).collect();
     assert_eq!(spec.tokens, want);
@@ -120,7 +164,10 @@ fn wrong_drafts_never_change_the_output() {
     assert_eq!(spec.acceptance_rate(), 0.0);
     assert_eq!(spec.forward_passes, 15);
     // Drafts right after multiples of 3 only: a mix, still exact.
-    let mut lm = Scripted { mtp_right: |t| t % 3 == 0, passes: 0 };
+    let mut lm = Scripted {
+        mtp_right: |t| t % 3 == 0,
+        passes: 0,
+    };
     let spec = run(&mut lm, &[3], 15, Sampling::Greedy, true);
     assert_eq!(spec.tokens, want);
     assert!(spec.accepted > 0 && spec.accepted < spec.drafts);
@@ -130,16 +177,50 @@ fn wrong_drafts_never_change_the_output() {
 #[test]
 fn bad_requests_are_refused() {
     let mut model = small_model(false);
-    let cfg = GenerateConfig { max_tokens: 4, sampling: Sampling::Greedy, seed: 0, speculative: false };
-    assert_eq!(generate::generate(&mut model, &[], &cfg), Err(GenerateError::EmptyPrompt));
-    let spec = GenerateConfig { speculative: true, ..cfg };
-    assert_eq!(generate::generate(&mut model, &[1], &spec), Err(GenerateError::NoMtp));
+    let cfg = GenerateConfig {
+        max_tokens: 4,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative: false,
+    };
+    assert_eq!(
+        generate::generate(&mut model, &[], &cfg),
+        Err(GenerateError::EmptyPrompt)
+    );
+    let spec = GenerateConfig {
+        speculative: true,
+        ..cfg
+    };
+    assert_eq!(
+        generate::generate(&mut model, &[1], &spec),
+        Err(GenerateError::NoMtp)
+    );
     for (temperature, top_p) in [(0.0, 0.9), (f32::NAN, 0.9), (1.0, 0.0), (1.0, 1.5)] {
-        let bad = GenerateConfig { sampling: Sampling::Sample { temperature, top_p }, ..cfg };
-        assert!(matches!(generate::generate(&mut model, &[1], &bad), Err(GenerateError::InvalidSampling(_))));
+        let bad = GenerateConfig {
+            sampling: Sampling::Sample { temperature, top_p },
+            ..cfg
+        };
+        assert!(matches!(
+            generate::generate(&mut model, &[1], &bad),
+            Err(GenerateError::InvalidSampling(_))
+        ));
     }
-    assert!(matches!(generate::generate(&mut model, &[999], &cfg), Err(GenerateError::Model(_))));
-    assert_eq!(generate::generate(&mut model, &[1], &GenerateConfig { max_tokens: 0, ..cfg }).map(|g| g.tokens), Ok(vec![]));
+    assert!(matches!(
+        generate::generate(&mut model, &[999], &cfg),
+        Err(GenerateError::Model(_))
+    ));
+    assert_eq!(
+        generate::generate(
+            &mut model,
+            &[1],
+            &GenerateConfig {
+                max_tokens: 0,
+                ..cfg
+            }
+        )
+        .map(|g| g.tokens),
+        Ok(vec![])
+    );
 }
 
 #[test]
@@ -150,7 +231,12 @@ fn sampler_follows_temperature_and_top_p() {
     let mut draw = |temperature, top_p, rng: &mut ChaCha8Rng| {
         let mut counts = [0usize; 4];
         for _ in 0..20_000 {
-            counts[generate::choose(&logits, Sampling::Sample { temperature, top_p }, rng, &mut scratch) as usize] += 1;
+            counts[generate::choose(
+                &logits,
+                Sampling::Sample { temperature, top_p },
+                rng,
+                &mut scratch,
+            ) as usize] += 1;
         }
         counts.map(|c| c as f64 / 20_000.0)
     };
@@ -164,7 +250,10 @@ fn sampler_follows_temperature_and_top_p() {
     assert_eq!(draw(1.0, 0.5, &mut rng), [1.0, 0.0, 0.0, 0.0]);
     // top_p = 0.8 keeps the top two, renormalised: 0.731 / 0.269.
     let freq = draw(1.0, 0.8, &mut rng);
-    assert!((freq[0] - 0.731).abs() < 0.015 && freq[2] == 0.0 && freq[3] == 0.0, "{freq:?}");
+    assert!(
+        (freq[0] - 0.731).abs() < 0.015 && freq[2] == 0.0 && freq[3] == 0.0,
+        "{freq:?}"
+    );
     // A low temperature is nearly greedy.
     assert!(draw(0.05, 1.0, &mut rng)[0] > 0.999);
     assert_eq!(generate::argmax(&[0.0, 3.0, 3.0, f32::NAN]), 1);

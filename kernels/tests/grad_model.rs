@@ -36,9 +36,16 @@ fn check_model(mut model: Model, label: &str) {
         // smallest relative to the signal), plus a few spread evenly (so small entries are looked at too).
         let mut by_size: Vec<usize> = (t.span.offset..t.span.end()).collect();
         by_size.sort_by(|&a, &b| grads[b].abs().total_cmp(&grads[a].abs()));
-        let mut coords: Vec<usize> = by_size.into_iter().take(COORDS_PER_TENSOR - SPREAD_COORDS).collect();
+        let mut coords: Vec<usize> = by_size
+            .into_iter()
+            .take(COORDS_PER_TENSOR - SPREAD_COORDS)
+            .collect();
         let stride = (t.span.len / SPREAD_COORDS).max(1);
-        coords.extend((t.span.offset..t.span.end()).step_by(stride).take(SPREAD_COORDS));
+        coords.extend(
+            (t.span.offset..t.span.end())
+                .step_by(stride)
+                .take(SPREAD_COORDS),
+        );
         coords.sort_unstable();
         coords.dedup();
         let (mut diff, mut na, mut nn) = (0.0f64, 0.0f64, 0.0f64);
@@ -56,12 +63,23 @@ fn check_model(mut model: Model, label: &str) {
             nn += num * num;
         }
         let rel = diff.sqrt() / na.sqrt().max(nn.sqrt()).max(1e-12);
-        println!("{label} {:<28} rel err {rel:.2e}  |grad| {:.2e}", t.name, na.sqrt());
-        assert!(na > 0.0, "{label} {}: zero gradient, check is vacuous", t.name);
+        println!(
+            "{label} {:<28} rel err {rel:.2e}  |grad| {:.2e}",
+            t.name,
+            na.sqrt()
+        );
+        assert!(
+            na > 0.0,
+            "{label} {}: zero gradient, check is vacuous",
+            t.name
+        );
         worst = worst.max(rel);
     }
     println!("{label}: worst {worst:.2e}");
-    assert!(worst < MAX_REL_ERR, "{label}: worst relative error {worst:.3e}");
+    assert!(
+        worst < MAX_REL_ERR,
+        "{label}: worst relative error {worst:.3e}"
+    );
 }
 
 #[test]
@@ -73,7 +91,15 @@ fn whole_model_backward_matches_finite_differences() {
 #[test]
 fn subset_model_backward_matches_finite_differences() {
     let cfg: ModelConfig = tiny_config();
-    let experts = ExpertSet::from_shards(&cfg, &[ShardId::Expert { layer: 1, index: 0 }, ShardId::Expert { layer: 1, index: 2 }, ShardId::Expert { layer: 1, index: 3 }]).unwrap();
+    let experts = ExpertSet::from_shards(
+        &cfg,
+        &[
+            ShardId::Expert { layer: 1, index: 0 },
+            ShardId::Expert { layer: 1, index: 2 },
+            ShardId::Expert { layer: 1, index: 3 },
+        ],
+    )
+    .unwrap();
     let model = Model::with_experts(cfg, experts, 5, Box::new(CpuBackend::new())).unwrap();
     check_model(model, "subset");
 }

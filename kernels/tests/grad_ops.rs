@@ -8,12 +8,12 @@
 
 mod model_support;
 
+use mana_kernels::CpuBackend;
 use mana_kernels::gemm::Precision;
 use mana_kernels::model::moe::{self, MoeActs, MoeContext, MoeDims, MoeScratch};
 use mana_kernels::model::params::{MoeParams, Span, SwigluParams};
 use mana_kernels::model::rope::RopeTable;
 use mana_kernels::model::{attention, embedding, linear, loss, rmsnorm, rope, swiglu};
-use mana_kernels::CpuBackend;
 use model_support::TestRng;
 
 /// Largest accepted relative error of a backward against central differences.
@@ -27,7 +27,13 @@ fn dot(w: &[f32], y: &[f32]) -> f64 {
 
 /// Compares `analytic` with central differences of `f` around `x` on up to `max_coords` coordinates
 /// (evenly spread). Returns the relative error.
-fn fd_check(name: &str, x: &[f32], analytic: &[f32], max_coords: usize, mut f: impl FnMut(&[f32]) -> Option<f64>) -> f64 {
+fn fd_check(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    max_coords: usize,
+    mut f: impl FnMut(&[f32]) -> Option<f64>,
+) -> f64 {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     let stride = (x.len() / max_coords).max(1);
     let mut xp = x.to_vec();
@@ -52,11 +58,23 @@ fn fd_check(name: &str, x: &[f32], analytic: &[f32], max_coords: usize, mut f: i
         checked += 1;
     }
     assert!(checked > 0, "{name}: no coordinate checked");
-    assert!(skipped * 10 <= checked, "{name}: too many coordinates skipped ({skipped})");
+    assert!(
+        skipped * 10 <= checked,
+        "{name}: too many coordinates skipped ({skipped})"
+    );
     let rel = diff.sqrt() / na.sqrt().max(nn.sqrt()).max(1e-12);
-    println!("{name}: rel err {rel:.2e} over {checked} coords (|grad| {:.3e})", na.sqrt());
-    assert!(rel < MAX_REL_ERR, "{name}: relative error {rel:.3e} >= {MAX_REL_ERR:e}");
-    assert!(na > 0.0, "{name}: gradient is identically zero, check is vacuous");
+    println!(
+        "{name}: rel err {rel:.2e} over {checked} coords (|grad| {:.3e})",
+        na.sqrt()
+    );
+    assert!(
+        rel < MAX_REL_ERR,
+        "{name}: relative error {rel:.3e} >= {MAX_REL_ERR:e}"
+    );
+    assert!(
+        na > 0.0,
+        "{name}: gradient is identically zero, check is vacuous"
+    );
     rel
 }
 
@@ -82,7 +100,11 @@ fn rmsnorm_backward_matches_finite_differences() {
     let (n, c) = (6, 16);
     let mut rng = TestRng(2);
     let x = rng.vec(n * c, 2.0);
-    let g = rng.vec(c, 1.0).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>();
+    let g = rng
+        .vec(c, 1.0)
+        .iter()
+        .map(|v| 1.0 + 0.5 * v)
+        .collect::<Vec<_>>();
     let w = rng.vec(n * c, 1.0);
     let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
     rmsnorm::forward(&mut out, &mut rstd, &x, &g, c, 1e-5);
@@ -140,7 +162,20 @@ fn linear_backward_matches_finite_differences() {
     let wt = rng.vec(oc * ic, 1.0);
     let w = rng.vec(n * oc, 1.0);
     let (mut dx, mut dw) = (vec![0.0; n * ic], vec![0.0; oc * ic]);
-    linear::backward(&mut be, Precision::F32, &mut dx, false, &mut dw, &w, &x, &wt, n, ic, oc).unwrap();
+    linear::backward(
+        &mut be,
+        Precision::F32,
+        &mut dx,
+        false,
+        &mut dw,
+        &w,
+        &x,
+        &wt,
+        n,
+        ic,
+        oc,
+    )
+    .unwrap();
     let mut out = vec![0.0; n * oc];
     fd_check("linear.x", &x, &dx, 1000, |p| {
         linear::forward(&mut be, Precision::F32, &mut out, p, &wt, n, ic, oc).unwrap();
@@ -199,7 +234,13 @@ struct MoeCase {
 
 impl MoeCase {
     fn new(present: Vec<bool>) -> Self {
-        let d = MoeDims { c: 8, e: 4, k: 2, f: 6, s: 5 };
+        let d = MoeDims {
+            c: 8,
+            e: 4,
+            k: 2,
+            f: 6,
+            s: 5,
+        };
         let mut at = 0;
         let mut span = |len: usize| {
             let s = Span { offset: at, len };
@@ -207,16 +248,30 @@ impl MoeCase {
             s
         };
         let router = span(d.e * d.c);
-        let shared = SwigluParams { w13: span(2 * d.s * d.c), w2: span(d.c * d.s), hidden: d.s };
+        let shared = SwigluParams {
+            w13: span(2 * d.s * d.c),
+            w2: span(d.c * d.s),
+            hidden: d.s,
+        };
         let experts = present
             .iter()
-            .map(|&p| p.then(|| SwigluParams { w13: span(2 * d.f * d.c), w2: span(d.c * d.f), hidden: d.f }))
+            .map(|&p| {
+                p.then(|| SwigluParams {
+                    w13: span(2 * d.f * d.c),
+                    w2: span(d.c * d.f),
+                    hidden: d.f,
+                })
+            })
             .collect();
         let total = at;
         let mut rng = TestRng(8);
         Self {
             params: rng.vec(total, 0.8),
-            p: MoeParams { router, shared, experts },
+            p: MoeParams {
+                router,
+                shared,
+                experts,
+            },
             present,
             bias: vec![0.0, 0.05, -0.05, 0.0],
             d,
@@ -226,7 +281,14 @@ impl MoeCase {
         }
     }
 
-    fn forward(&self, be: &mut CpuBackend, params: &[f32], x: &[f32], out: &mut [f32], acts: &mut MoeActs) -> f64 {
+    fn forward(
+        &self,
+        be: &mut CpuBackend,
+        params: &[f32],
+        x: &[f32],
+        out: &mut [f32],
+        acts: &mut MoeActs,
+    ) -> f64 {
         let ctx = MoeContext {
             backend: be,
             precision: Precision::F32,
@@ -255,7 +317,10 @@ fn check_moe(present: Vec<bool>, label: &str) {
     let base_sel = acts.sel[..n * acts.k_eff].to_vec();
     let mut sc = MoeScratch::new(case.d, n);
     let hmax = case.d.f.max(case.d.s);
-    let (mut dact, mut dh13) = (vec![0.0; n * case.d.k * hmax], vec![0.0; n * case.d.k * 2 * hmax]);
+    let (mut dact, mut dh13) = (
+        vec![0.0; n * case.d.k * hmax],
+        vec![0.0; n * case.d.k * 2 * hmax],
+    );
     let mut grads = vec![0.0; case.params.len()];
     let mut dx = vec![0.0; n * c];
     let ctx = MoeContext {
@@ -269,7 +334,10 @@ fn check_moe(present: Vec<bool>, label: &str) {
         t: case.t,
         alpha: case.alpha,
     };
-    moe::backward(ctx, &mut grads, &x, &w, &mut dx, &acts, &mut sc, &mut dact, &mut dh13).unwrap();
+    moe::backward(
+        ctx, &mut grads, &x, &w, &mut dx, &acts, &mut sc, &mut dact, &mut dh13,
+    )
+    .unwrap();
     // The objective includes the balance loss with unit weight, as in the model. A perturbation that
     // changes the selection is a discontinuity, not a gradient: such coordinates are skipped (few).
     let mut objective = |params: &[f32], x: &[f32]| {
@@ -277,16 +345,30 @@ fn check_moe(present: Vec<bool>, label: &str) {
         let bal = case.forward(&mut be, params, x, &mut out, &mut acts);
         (acts.sel[..n * acts.k_eff] == base_sel[..]).then(|| dot(&w, &out) + bal)
     };
-    fd_check(&format!("{label}.x"), &x, &dx, 1000, |p| objective(&case.params, p));
-    fd_check(&format!("{label}.params"), &case.params, &grads, 100_000, |p| objective(p, &x));
+    fd_check(&format!("{label}.x"), &x, &dx, 1000, |p| {
+        objective(&case.params, p)
+    });
+    fd_check(
+        &format!("{label}.params"),
+        &case.params,
+        &grads,
+        100_000,
+        |p| objective(p, &x),
+    );
     // The router gets gradient from the gates and from the balance loss: make sure it is checked alone too.
     let r = case.p.router;
     let router_grad = r.of(&grads).to_vec();
     let mut full = case.params.clone();
-    fd_check(&format!("{label}.router"), r.of(&case.params), &router_grad, 1000, |p| {
-        r.of_mut(&mut full).copy_from_slice(p);
-        objective(&full, &x)
-    });
+    fd_check(
+        &format!("{label}.router"),
+        r.of(&case.params),
+        &router_grad,
+        1000,
+        |p| {
+            r.of_mut(&mut full).copy_from_slice(p);
+            objective(&full, &x)
+        },
+    );
 }
 
 #[test]

@@ -58,7 +58,16 @@ impl Backend for FlaggedBackend {
     fn name(&self) -> &str {
         "flagged-cpu"
     }
-    fn matmul(&mut self, p: Precision, f: Form, a: &[f32], b: &[f32], c: &mut [f32], d: Dims, acc: bool) -> Result<(), KernelError> {
+    fn matmul(
+        &mut self,
+        p: Precision,
+        f: Form,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        d: Dims,
+        acc: bool,
+    ) -> Result<(), KernelError> {
         IN_BACKEND.store(true, Ordering::SeqCst);
         let r = self.0.matmul(p, f, a, b, c, d, acc);
         IN_BACKEND.store(false, Ordering::SeqCst);
@@ -69,7 +78,10 @@ impl Backend for FlaggedBackend {
 #[test]
 fn warm_training_steps_do_not_allocate_outside_the_gemm() {
     for precision in [Precision::F32, Precision::Fp8] {
-        let cfg = ModelConfig { precision, ..tiny_config() };
+        let cfg = ModelConfig {
+            precision,
+            ..tiny_config()
+        };
         let backend = Box::new(FlaggedBackend(CpuBackend::new()));
         let mut tr = Trainer::new(cfg, OptimConfig::default(), 1, backend).unwrap();
         let batches: Vec<_> = (0..8).map(|i| random_batch(i, 2, 8, 32)).collect();

@@ -20,7 +20,15 @@ fn trained(experts: Option<&[ShardId]>) -> Trainer {
         None => ExpertSet::all(&cfg),
     };
     let model = Model::with_experts(cfg, set, 3, Box::new(CpuBackend::new())).unwrap();
-    let mut tr = Trainer::from_model(model, OptimConfig { warmup_steps: 2, ..OptimConfig::default() }, 3).unwrap();
+    let mut tr = Trainer::from_model(
+        model,
+        OptimConfig {
+            warmup_steps: 2,
+            ..OptimConfig::default()
+        },
+        3,
+    )
+    .unwrap();
     for i in 0..3 {
         tr.step(&counting_batch(i, 2, 8, 32)).unwrap();
     }
@@ -35,7 +43,10 @@ fn save_then_load_resumes_bit_identically() {
     let mut b = Trainer::load(dir.path(), Box::new(CpuBackend::new())).unwrap();
     assert_eq!(b.step_count(), 3);
     assert_eq!(a.model().params(), b.model().params());
-    assert_eq!(a.model().router_bias(1).unwrap(), b.model().router_bias(1).unwrap());
+    assert_eq!(
+        a.model().router_bias(1).unwrap(),
+        b.model().router_bias(1).unwrap()
+    );
     for i in 10..13 {
         let batch = counting_batch(i, 2, 8, 32);
         let (sa, sb) = (a.step(&batch).unwrap(), b.step(&batch).unwrap());
@@ -49,16 +60,27 @@ fn a_subset_checkpoint_loads_only_its_experts() {
     let dir = tempfile::tempdir().unwrap();
     let subset = [ShardId::Expert { layer: 1, index: 3 }];
     trained(Some(&subset)).save(dir.path()).unwrap();
-    let names: Vec<String> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-    assert!(names.contains(&"expert-1-3.shard".to_string()) && names.contains(&"trunk.shard".to_string()));
+    let names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"expert-1-3.shard".to_string())
+            && names.contains(&"trunk.shard".to_string())
+    );
     assert!(!names.iter().any(|n| n.ends_with(".tmp")));
     let b = Trainer::load(dir.path(), Box::new(CpuBackend::new())).unwrap();
     assert_eq!(b.model().shards(), vec![ShardId::Trunk, subset[0]]);
     // Asking for an expert whose file is missing is an I/O error, not a panic.
     let cfg = tiny_config();
     let want = ExpertSet::from_shards(&cfg, &[ShardId::Expert { layer: 1, index: 0 }]).unwrap();
-    let err = Trainer::load_with_experts(dir.path(), Box::new(CpuBackend::new()), want).err().unwrap();
-    assert!(matches!(err, TrainError::Checkpoint(CheckpointError::Io { .. })), "{err}");
+    let err = Trainer::load_with_experts(dir.path(), Box::new(CpuBackend::new()), want)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, TrainError::Checkpoint(CheckpointError::Io { .. })),
+        "{err}"
+    );
 }
 
 fn load_err(dir: &std::path::Path) -> CheckpointError {
@@ -79,7 +101,10 @@ fn damaged_files_are_refused_with_typed_errors() {
     let mut bytes = good.clone();
     bytes[100] ^= 0x40;
     fs::write(&trunk, &bytes).unwrap();
-    assert!(matches!(load_err(dir.path()), CheckpointError::Checksum { .. }));
+    assert!(matches!(
+        load_err(dir.path()),
+        CheckpointError::Checksum { .. }
+    ));
 
     fs::write(&trunk, &good[..good.len() - 1]).unwrap();
     assert!(matches!(load_err(dir.path()), CheckpointError::Size { .. }));
@@ -87,23 +112,40 @@ fn damaged_files_are_refused_with_typed_errors() {
     let mut bytes = good.clone();
     bytes[0] = b'X';
     fs::write(&trunk, &bytes).unwrap();
-    assert!(matches!(load_err(dir.path()), CheckpointError::BadMagic { .. }));
+    assert!(matches!(
+        load_err(dir.path()),
+        CheckpointError::BadMagic { .. }
+    ));
 
     let mut bytes = good.clone();
     bytes[8] = 9;
     fs::write(&trunk, &bytes).unwrap();
-    assert!(matches!(load_err(dir.path()), CheckpointError::UnsupportedVersion { version: 9, .. }));
+    assert!(matches!(
+        load_err(dir.path()),
+        CheckpointError::UnsupportedVersion { version: 9, .. }
+    ));
 
     // An expert file renamed to stand in for another expert names the wrong shard in its header.
     fs::write(&trunk, &good).unwrap();
-    fs::copy(dir.path().join("expert-1-0.shard"), dir.path().join("expert-1-1.shard")).unwrap();
-    assert!(matches!(load_err(dir.path()), CheckpointError::WrongShard { .. }));
+    fs::copy(
+        dir.path().join("expert-1-0.shard"),
+        dir.path().join("expert-1-1.shard"),
+    )
+    .unwrap();
+    assert!(matches!(
+        load_err(dir.path()),
+        CheckpointError::WrongShard { .. }
+    ));
     trained(None).save(dir.path()).unwrap();
 
     // A config that does not match the shards' sizes.
     let cfg_path = dir.path().join("config.toml");
     let cfg_text = fs::read_to_string(&cfg_path).unwrap();
-    fs::write(&cfg_path, cfg_text.replace("expert_hidden = 16", "expert_hidden = 17")).unwrap();
+    fs::write(
+        &cfg_path,
+        cfg_text.replace("expert_hidden = 16", "expert_hidden = 17"),
+    )
+    .unwrap();
     assert!(matches!(load_err(dir.path()), CheckpointError::Size { .. }));
     fs::write(&cfg_path, "d_model = \"wide\"").unwrap();
     assert!(matches!(load_err(dir.path()), CheckpointError::Text { .. }));
@@ -125,11 +167,17 @@ fn shard_records_round_trip_and_reject_garbage() {
     };
     let bytes = checkpoint::encode_shard(&rec);
     let path = std::path::Path::new("mem");
-    assert_eq!(checkpoint::decode_shard(&bytes, path, rec.shard, 3, 0).unwrap(), rec);
+    assert_eq!(
+        checkpoint::decode_shard(&bytes, path, rec.shard, 3, 0).unwrap(),
+        rec
+    );
     assert!(checkpoint::decode_shard(&bytes, path, ShardId::Trunk, 3, 0).is_err());
     assert!(checkpoint::decode_shard(&bytes, path, rec.shard, 4, 0).is_err());
     for cut in [0, 7, 47, 48, bytes.len() - 1] {
-        assert!(checkpoint::decode_shard(&bytes[..cut], path, rec.shard, 3, 0).is_err(), "cut at {cut}");
+        assert!(
+            checkpoint::decode_shard(&bytes[..cut], path, rec.shard, 3, 0).is_err(),
+            "cut at {cut}"
+        );
     }
     // Huge declared counts are refused before any allocation.
     let mut huge = bytes.clone();
@@ -142,8 +190,16 @@ fn config_round_trips_through_toml_and_rejects_bad_values() {
     let cfg = tiny_config();
     let text = cfg.to_toml_string().unwrap();
     assert_eq!(ModelConfig::from_toml_str(&text).unwrap(), cfg);
-    assert_eq!(ModelConfig::from_toml_str("").unwrap(), ModelConfig::default());
-    assert_eq!(ModelConfig::from_toml_str("precision = \"f32\"").unwrap().precision, mana_kernels::gemm::Precision::F32);
+    assert_eq!(
+        ModelConfig::from_toml_str("").unwrap(),
+        ModelConfig::default()
+    );
+    assert_eq!(
+        ModelConfig::from_toml_str("precision = \"f32\"")
+            .unwrap()
+            .precision,
+        mana_kernels::gemm::Precision::F32
+    );
     for bad in [
         "d_model = 0",
         "top_k = 9",
@@ -155,6 +211,9 @@ fn config_round_trips_through_toml_and_rejects_bad_values() {
         "d_model = 1048576\nn_heads = 1\nvocab_size = 1048576",
         "precision = \"fp4\"",
     ] {
-        assert!(ModelConfig::from_toml_str(bad).is_err(), "{bad:?} was accepted");
+        assert!(
+            ModelConfig::from_toml_str(bad).is_err(),
+            "{bad:?} was accepted"
+        );
     }
 }

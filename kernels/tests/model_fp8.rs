@@ -64,14 +64,23 @@ fn fp8_vs_f32(cfg: ModelConfig) -> (f64, f64, f64) {
     let loss32 = model.evaluate(&batch).unwrap();
     let (r_main, r_mtp) = (rel(&main8, &main32), rel(&mtp8, &mtp32));
     let r_loss = ((loss8.loss - loss32.loss) / loss32.loss).abs() as f64;
-    println!("fp8 vs f32: main logits {r_main:.3e}, mtp logits {r_mtp:.3e}, loss {} vs {} ({r_loss:.3e})", loss8.loss, loss32.loss);
-    assert!(r_main > 0.0, "FP8 and f32 gave identical logits: the FP8 path did not run");
+    println!(
+        "fp8 vs f32: main logits {r_main:.3e}, mtp logits {r_mtp:.3e}, loss {} vs {} ({r_loss:.3e})",
+        loss8.loss, loss32.loss
+    );
+    assert!(
+        r_main > 0.0,
+        "FP8 and f32 gave identical logits: the FP8 path did not run"
+    );
     (r_main, r_mtp, r_loss)
 }
 
 #[test]
 fn fp8_forward_of_a_dense_model_stays_close_to_f32() {
-    let (r_main, r_mtp, r_loss) = fp8_vs_f32(ModelConfig { n_dense_layers: 2, ..fp8_config() });
+    let (r_main, r_mtp, r_loss) = fp8_vs_f32(ModelConfig {
+        n_dense_layers: 2,
+        ..fp8_config()
+    });
     assert!(r_main < MAX_DENSE_LOGITS_REL_ERR && r_mtp < MAX_DENSE_LOGITS_REL_ERR);
     assert!(r_loss < MAX_LOSS_REL_ERR);
 }
@@ -86,16 +95,31 @@ fn fp8_forward_of_a_moe_model_stays_close_to_f32() {
 #[test]
 fn fp8_training_learns_like_f32() {
     let run = |precision| {
-        let cfg = ModelConfig { precision, ..tiny_config() };
-        let optim = OptimConfig { lr: 1e-2, min_lr: 1e-3, warmup_steps: 5, total_steps: 100, ..OptimConfig::default() };
+        let cfg = ModelConfig {
+            precision,
+            ..tiny_config()
+        };
+        let optim = OptimConfig {
+            lr: 1e-2,
+            min_lr: 1e-3,
+            warmup_steps: 5,
+            total_steps: 100,
+            ..OptimConfig::default()
+        };
         let mut tr = Trainer::new(cfg, optim, 7, Box::new(CpuBackend::new())).unwrap();
         let batch = counting_batch(1, 4, 8, 32);
-        (0..40).map(|_| tr.step(&batch).unwrap().loss).last().unwrap()
+        (0..40)
+            .map(|_| tr.step(&batch).unwrap().loss)
+            .last()
+            .unwrap()
     };
     let (l8, l32) = (run(Precision::Fp8), run(Precision::F32));
     println!("loss after 40 steps: fp8 {l8}, f32 {l32}");
     assert!(l8 < 1.5, "FP8 training did not learn: {l8}");
-    assert!((l8 - l32).abs() < 0.25 * l32.max(0.2), "fp8 {l8} vs f32 {l32}");
+    assert!(
+        (l8 - l32).abs() < 0.25 * l32.max(0.2),
+        "fp8 {l8} vs f32 {l32}"
+    );
 }
 
 #[test]
@@ -106,8 +130,10 @@ fn fp8_linear_error_is_a_few_percent() {
     let w: Vec<f32> = (0..oc * ic).map(|_| rng.normal() * 0.05).collect();
     let mut be = CpuBackend::new();
     let (mut y8, mut y32) = (vec![0.0; n * oc], vec![0.0; n * oc]);
-    mana_kernels::model::linear::forward(&mut be, Precision::Fp8, &mut y8, &x, &w, n, ic, oc).unwrap();
-    mana_kernels::model::linear::forward(&mut be, Precision::F32, &mut y32, &x, &w, n, ic, oc).unwrap();
+    mana_kernels::model::linear::forward(&mut be, Precision::Fp8, &mut y8, &x, &w, n, ic, oc)
+        .unwrap();
+    mana_kernels::model::linear::forward(&mut be, Precision::F32, &mut y32, &x, &w, n, ic, oc)
+        .unwrap();
     let r = rel(&y8, &y32);
     println!("fp8 linear rel err {r:.3e}");
     assert!(r < MAX_LINEAR_REL_ERR && r > 0.0);

@@ -10,7 +10,13 @@ use model_support::tiny_config;
 
 #[test]
 fn schedule_warms_up_linearly_then_follows_a_cosine() {
-    let c = OptimConfig { lr: 1.0, min_lr: 0.1, warmup_steps: 10, total_steps: 110, ..OptimConfig::default() };
+    let c = OptimConfig {
+        lr: 1.0,
+        min_lr: 0.1,
+        warmup_steps: 10,
+        total_steps: 110,
+        ..OptimConfig::default()
+    };
     assert!((c.lr_at(0) - 0.1).abs() < 1e-6);
     assert!((c.lr_at(9) - 1.0).abs() < 1e-6);
     assert!((c.lr_at(10) - 1.0).abs() < 1e-6);
@@ -28,10 +34,15 @@ fn schedule_warms_up_linearly_then_follows_a_cosine() {
 fn adamw_matches_the_formula_and_skips_decay_on_gains() {
     let model = Model::new(tiny_config(), 1, Box::new(CpuBackend::new())).unwrap();
     let layout = model.layout();
-    let cfg = OptimConfig { weight_decay: 0.5, ..OptimConfig::default() };
+    let cfg = OptimConfig {
+        weight_decay: 0.5,
+        ..OptimConfig::default()
+    };
     let mut adam = AdamW::new(layout);
     let mut params = model.params().to_vec();
-    let grads: Vec<f32> = (0..params.len()).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+    let grads: Vec<f32> = (0..params.len())
+        .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+        .collect();
     let before = params.clone();
     let lr = 0.01;
     adam.update(&cfg, &mut params, &grads, lr, 1);
@@ -50,7 +61,12 @@ fn adamw_matches_the_formula_and_skips_decay_on_gains() {
                 let vh = v / (1.0 - 0.95f64.powi(step));
                 p -= lr as f64 * (mh / (vh.sqrt() + 1e-8) + wd * p);
             }
-            assert!((p - params[i] as f64).abs() < 1e-6, "{} [{i}]: {p} vs {}", t.name, params[i]);
+            assert!(
+                (p - params[i] as f64).abs() < 1e-6,
+                "{} [{i}]: {p} vs {}",
+                t.name,
+                params[i]
+            );
         }
     }
 }
@@ -62,6 +78,20 @@ fn clipping_caps_the_global_norm() {
     assert_eq!(g, vec![3.0, 4.0]);
     assert_eq!(optim::clip_grad_norm(&mut g, 1.0), 5.0);
     assert!((optim::grad_norm(&g) - 1.0).abs() < 1e-5);
-    assert!(OptimConfig { beta1: 1.0, ..OptimConfig::default() }.validate().is_err());
-    assert!(OptimConfig { lr: f32::NAN, ..OptimConfig::default() }.validate().is_err());
+    assert!(
+        OptimConfig {
+            beta1: 1.0,
+            ..OptimConfig::default()
+        }
+        .validate()
+        .is_err()
+    );
+    assert!(
+        OptimConfig {
+            lr: f32::NAN,
+            ..OptimConfig::default()
+        }
+        .validate()
+        .is_err()
+    );
 }

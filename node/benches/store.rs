@@ -7,8 +7,8 @@
 //!
 //! Run: `cargo bench -p mana-node --bench store`.
 
-use std::fs;
 use mana_protocol::ShardId;
+use std::fs;
 use std::io::Write;
 use std::path::Path;
 

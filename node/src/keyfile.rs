@@ -36,7 +36,9 @@ pub enum KeyFileError {
         path: PathBuf,
     },
     /// The group or others may access the file.
-    #[error("key file {path} has mode {mode:04o}; it must not be accessible to group or others (run `chmod 600 {path}`)")]
+    #[error(
+        "key file {path} has mode {mode:04o}; it must not be accessible to group or others (run `chmod 600 {path}`)"
+    )]
     InsecurePermissions {
         /// The file.
         path: PathBuf,
@@ -57,7 +59,10 @@ pub enum KeyFileError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyFileError + '_ {
-    move |source| KeyFileError::Io { path: path.to_path_buf(), source }
+    move |source| KeyFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The text of a key file holding `keypair`.
@@ -71,12 +76,18 @@ fn hex_encode(bytes: &[u8]) -> String {
 
 /// Parses the text of a key file.
 fn parse(path: &Path, text: &str) -> Result<Keypair, KeyFileError> {
-    let bad = |reason: &str| KeyFileError::BadFormat { path: path.to_path_buf(), reason: reason.to_string() };
+    let bad = |reason: &str| KeyFileError::BadFormat {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
     let mut lines = text.lines();
     if lines.next() != Some(KEY_FILE_HEADER) {
         return Err(bad(&format!("the first line is not `{KEY_FILE_HEADER}`")));
     }
-    let hex_line = lines.next().ok_or_else(|| bad("the key line is missing"))?.trim();
+    let hex_line = lines
+        .next()
+        .ok_or_else(|| bad("the key line is missing"))?
+        .trim();
     if lines.any(|l| !l.trim().is_empty()) {
         return Err(bad("unexpected lines after the key"));
     }
@@ -85,7 +96,8 @@ fn parse(path: &Path, text: &str) -> Result<Keypair, KeyFileError> {
     }
     let mut seed = [0u8; 32];
     for (i, slot) in seed.iter_mut().enumerate() {
-        *slot = u8::from_str_radix(&hex_line[2 * i..2 * i + 2], 16).map_err(|_| bad("the key line is not hex"))?;
+        *slot = u8::from_str_radix(&hex_line[2 * i..2 * i + 2], 16)
+            .map_err(|_| bad("the key line is not hex"))?;
     }
     Ok(Keypair::from_seed(&seed))
 }
@@ -106,8 +118,12 @@ pub fn write(path: &Path, keypair: &Keypair, force: bool) -> Result<(), KeyFileE
     }
     if !force {
         return write_new(path, keypair).map_err(|e| match e {
-            KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                KeyFileError::AlreadyExists { path: path.to_path_buf() }
+            KeyFileError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                KeyFileError::AlreadyExists {
+                    path: path.to_path_buf(),
+                }
             }
             other => other,
         });
@@ -134,7 +150,8 @@ fn write_new(path: &Path, keypair: &Keypair) -> Result<(), KeyFileError> {
         options.mode(0o600);
     }
     let mut file = options.open(path).map_err(io(path))?;
-    file.write_all(render(keypair).as_bytes()).map_err(io(path))?;
+    file.write_all(render(keypair).as_bytes())
+        .map_err(io(path))?;
     file.sync_all().map_err(io(path))
 }
 
@@ -142,22 +159,33 @@ fn write_new(path: &Path, keypair: &Keypair) -> Result<(), KeyFileError> {
 pub fn load(path: &Path) -> Result<Keypair, KeyFileError> {
     let meta = fs::metadata(path).map_err(io(path))?;
     if !meta.is_file() {
-        return Err(KeyFileError::BadFormat { path: path.to_path_buf(), reason: "not a regular file".into() });
+        return Err(KeyFileError::BadFormat {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
     }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            return Err(KeyFileError::InsecurePermissions { path: path.to_path_buf(), mode });
+            return Err(KeyFileError::InsecurePermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
         }
     }
     if meta.len() > MAX_KEY_FILE_BYTES {
-        return Err(KeyFileError::BadFormat { path: path.to_path_buf(), reason: format!("{} bytes is too big", meta.len()) });
+        return Err(KeyFileError::BadFormat {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes is too big", meta.len()),
+        });
     }
     let bytes = fs::read(path).map_err(io(path))?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| KeyFileError::BadFormat { path: path.to_path_buf(), reason: "not UTF-8 text".into() })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| KeyFileError::BadFormat {
+        path: path.to_path_buf(),
+        reason: "not UTF-8 text".into(),
+    })?;
     parse(path, text)
 }
 
@@ -194,7 +222,9 @@ mod tests {
     fn tempdir() -> TempDir {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!(
             "mana-keyfile-test-{}-{}-{nanos}",
             std::process::id(),
@@ -213,7 +243,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 
@@ -222,8 +255,15 @@ mod tests {
         let dir = tempdir();
         let path = dir.path().join("node.key");
         let first = generate(&path, false).unwrap();
-        assert!(matches!(generate(&path, false), Err(KeyFileError::AlreadyExists { .. })));
-        assert_eq!(load(&path).unwrap().public(), first.public(), "a refused overwrite must keep the key");
+        assert!(matches!(
+            generate(&path, false),
+            Err(KeyFileError::AlreadyExists { .. })
+        ));
+        assert_eq!(
+            load(&path).unwrap().public(),
+            first.public(),
+            "a refused overwrite must keep the key"
+        );
         let second = generate(&path, true).unwrap();
         assert_eq!(load(&path).unwrap().public(), second.public());
         assert_ne!(first.public(), second.public());
@@ -263,7 +303,10 @@ mod tests {
         ] {
             let _ = fs::remove_file(&path);
             write_text(&path, text.as_bytes());
-            assert!(matches!(load(&path), Err(KeyFileError::BadFormat { .. })), "{text:?} should be refused");
+            assert!(
+                matches!(load(&path), Err(KeyFileError::BadFormat { .. })),
+                "{text:?} should be refused"
+            );
         }
         let _ = fs::remove_file(&path);
         write_text(&path, &[0xff, 0xfe, 0x00]);
@@ -271,7 +314,10 @@ mod tests {
         let _ = fs::remove_file(&path);
         write_text(&path, format!("{KEY_FILE_HEADER}\n{good}\n").as_bytes());
         assert!(load(&path).is_ok());
-        assert!(matches!(load(&dir.path().join("missing")), Err(KeyFileError::Io { .. })));
+        assert!(matches!(
+            load(&dir.path().join("missing")),
+            Err(KeyFileError::Io { .. })
+        ));
     }
 
     fn write_text(path: &Path, bytes: &[u8]) {

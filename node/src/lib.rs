@@ -5,5 +5,5 @@
 pub mod daemon;
 pub mod keyfile;
 pub mod net;
-pub mod store;
 pub mod roles;
+pub mod store;

@@ -2,8 +2,8 @@
 //! (atomic commit, keep-last-K pruning), the reference rule the collector follows (manifests, references,
 //! pins), records and their limits, the rejection log, verification, and a restart that finds it all intact.
 
-use std::fs;
 use mana_protocol::ShardId;
+use std::fs;
 use std::io::{Read, Write};
 
 use mana_node::store::{
@@ -13,7 +13,9 @@ use mana_node::store::{
 
 /// Deterministic filler bytes (splitmix64), so blobs differ by seed.
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = mana_kernels::rng::SplitMix64(seed.wrapping_mul(mana_kernels::rng::GOLDEN) ^ 0xD1B5_4A32_D192_ED03);
+    let mut rng = mana_kernels::rng::SplitMix64(
+        seed.wrapping_mul(mana_kernels::rng::GOLDEN) ^ 0xD1B5_4A32_D192_ED03,
+    );
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         out.extend_from_slice(&rng.next_u64().to_le_bytes());
@@ -124,7 +126,11 @@ fn blob_writer_streams_checks_hash_and_limit_and_cleans_up() {
         writer.finish_expecting(&wrong),
         Err(StoreError::HashMismatch { .. })
     ));
-    assert!(!store.has_blob(&ContentHash::of(b"some payload")).expect("has"));
+    assert!(
+        !store
+            .has_blob(&ContentHash::of(b"some payload"))
+            .expect("has")
+    );
     assert_eq!(tmp_files(dir.path()), 0);
 
     // Over the limit: the write fails.

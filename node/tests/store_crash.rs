@@ -13,8 +13,8 @@
 //!
 //! Knobs: `MANA_STORE_KILLS` (default 40) and `MANA_STORE_KILL_SEED` (default: from the clock; printed).
 
-use std::io::{BufRead, BufReader, Write};
 use mana_protocol::ShardId;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};

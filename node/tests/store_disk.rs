@@ -6,8 +6,8 @@
 //! round, so manifests share blobs, pruning must keep the shared ones and collect the rest.
 //! Figures (bytes, ratio, and, for information only, time taken) are printed, never asserted on time.
 
-use std::time::Instant;
 use mana_protocol::ShardId;
+use std::time::Instant;
 
 use mana_node::store::{ManifestEntry, RecordKind, RoundManifest, Store, StoreConfig, round_key};
 

@@ -62,16 +62,26 @@ pub struct CodecOptions {
 
 impl Default for CodecOptions {
     fn default() -> Self {
-        CodecOptions { block_size: 128, scale: ScaleFormat::F32, top_k_density: None }
+        CodecOptions {
+            block_size: 128,
+            scale: ScaleFormat::F32,
+            top_k_density: None,
+        }
     }
 }
 
 impl CodecOptions {
     /// Checks that the options are ones the codec supports.
     pub fn check(&self) -> Result<(), crate::ProtocolError> {
-        let bad = |detail: String| crate::ProtocolError::InvalidField { what: "codec options", detail };
+        let bad = |detail: String| crate::ProtocolError::InvalidField {
+            what: "codec options",
+            detail,
+        };
         if !matches!(self.block_size, 128 | 256) {
-            return Err(bad(format!("block size {} is not 128 or 256", self.block_size)));
+            return Err(bad(format!(
+                "block size {} is not 128 or 256",
+                self.block_size
+            )));
         }
         if let Some(d) = self.top_k_density
             && !(d > 0.0 && d <= 1.0)
@@ -165,7 +175,10 @@ impl DeltaHeader {
     /// Parses and checks the header, and that `bytes` has exactly the length it implies.
     pub fn parse(bytes: &[u8]) -> Result<DeltaHeader, CodecError> {
         if bytes.len() < DELTA_HEADER_LEN {
-            return Err(CodecError::Truncated { needed: DELTA_HEADER_LEN, got: bytes.len() });
+            return Err(CodecError::Truncated {
+                needed: DELTA_HEADER_LEN,
+                got: bytes.len(),
+            });
         }
         if bytes[0..4] != DELTA_MAGIC {
             return Err(CodecError::BadMagic);
@@ -184,22 +197,34 @@ impl DeltaHeader {
         let len = read_u32(bytes, 8) as usize;
         let nnz = read_u32(bytes, 12) as usize;
         if len > MAX_DELTA_VALUES {
-            return Err(CodecError::TooLong { len, max: MAX_DELTA_VALUES });
+            return Err(CodecError::TooLong {
+                len,
+                max: MAX_DELTA_VALUES,
+            });
         }
         let sparse = flags & FLAG_SPARSE != 0;
         if (sparse && nnz > len) || (!sparse && nnz != len) {
-            return Err(CodecError::BadHeader(format!("{nnz} stored values for a delta of {len}")));
+            return Err(CodecError::BadHeader(format!(
+                "{nnz} stored values for a delta of {len}"
+            )));
         }
         let header = DeltaHeader {
             sparse,
-            scale: if flags & FLAG_POW2 != 0 { ScaleFormat::PowerOfTwo } else { ScaleFormat::F32 },
+            scale: if flags & FLAG_POW2 != 0 {
+                ScaleFormat::PowerOfTwo
+            } else {
+                ScaleFormat::F32
+            },
             block_size,
             len,
             nnz,
         };
         let needed = header.encoded_len();
         if bytes.len() < needed {
-            return Err(CodecError::Truncated { needed, got: bytes.len() });
+            return Err(CodecError::Truncated {
+                needed,
+                got: bytes.len(),
+            });
         }
         if bytes.len() > needed {
             return Err(CodecError::TrailingBytes(bytes.len() - needed));
@@ -233,9 +258,14 @@ fn read_u32(bytes: &[u8], at: usize) -> u32 {
 
 /// Encodes `delta` once, without error feedback (top-k drops what it does not keep; see [`DeltaEncoder`]).
 pub fn encode_delta(delta: &[f32], options: &CodecOptions) -> Result<Vec<u8>, CodecError> {
-    options.check().map_err(|e| CodecError::BadOptions(e.to_string()))?;
+    options
+        .check()
+        .map_err(|e| CodecError::BadOptions(e.to_string()))?;
     if delta.len() > MAX_DELTA_VALUES {
-        return Err(CodecError::TooLong { len: delta.len(), max: MAX_DELTA_VALUES });
+        return Err(CodecError::TooLong {
+            len: delta.len(),
+            max: MAX_DELTA_VALUES,
+        });
     }
     if let Some(index) = delta.iter().position(|v| !v.is_finite()) {
         return Err(CodecError::NonFiniteInput { index });
@@ -251,7 +281,14 @@ pub fn encode_delta(delta: &[f32], options: &CodecOptions) -> Result<Vec<u8>, Co
     let mut out = Vec::with_capacity(header.encoded_len());
     out.extend_from_slice(&DELTA_MAGIC);
     out.push(DELTA_VERSION);
-    out.push(if header.sparse { FLAG_SPARSE } else { 0 } | if header.scale == ScaleFormat::PowerOfTwo { FLAG_POW2 } else { 0 });
+    out.push(
+        if header.sparse { FLAG_SPARSE } else { 0 }
+            | if header.scale == ScaleFormat::PowerOfTwo {
+                FLAG_POW2
+            } else {
+                0
+            },
+    );
     out.extend_from_slice(&options.block_size.to_le_bytes());
     // Lengths fit in u32: both are at most MAX_DELTA_VALUES = 2^28.
     out.extend_from_slice(&(header.len as u32).to_le_bytes());
@@ -322,7 +359,10 @@ fn top_k_indices(delta: &[f32], density: f32) -> Vec<u32> {
     let mut idx: Vec<u32> = (0..n as u32).collect();
     if k < n {
         let by_magnitude = |a: &u32, b: &u32| {
-            delta[*b as usize].abs().total_cmp(&delta[*a as usize].abs()).then(a.cmp(b))
+            delta[*b as usize]
+                .abs()
+                .total_cmp(&delta[*a as usize].abs())
+                .then(a.cmp(b))
         };
         idx.select_nth_unstable_by(k - 1, by_magnitude);
         idx.truncate(k);
@@ -336,7 +376,10 @@ fn top_k_indices(delta: &[f32], density: f32) -> Vec<u32> {
 pub fn decode_delta(bytes: &[u8], max_len: usize) -> Result<Vec<f32>, CodecError> {
     let header = DeltaHeader::parse(bytes)?;
     if header.len > max_len {
-        return Err(CodecError::TooLong { len: header.len, max: max_len });
+        return Err(CodecError::TooLong {
+            len: header.len,
+            max: max_len,
+        });
     }
     let mut at = DELTA_HEADER_LEN;
     let indices = if header.sparse {
@@ -362,7 +405,12 @@ pub fn decode_delta(bytes: &[u8], max_len: usize) -> Result<Vec<f32>, CodecError
     let mut stored = Vec::with_capacity(header.nnz);
     for (block, chunk) in codes.chunks(header.block_size).enumerate() {
         let scale = match header.scale {
-            ScaleFormat::F32 => f32::from_le_bytes([scales[4 * block], scales[4 * block + 1], scales[4 * block + 2], scales[4 * block + 3]]),
+            ScaleFormat::F32 => f32::from_le_bytes([
+                scales[4 * block],
+                scales[4 * block + 1],
+                scales[4 * block + 2],
+                scales[4 * block + 3],
+            ]),
             ScaleFormat::PowerOfTwo => {
                 let e = scales[block] as i8;
                 if e < -126 {
@@ -406,8 +454,13 @@ pub struct DeltaEncoder {
 impl DeltaEncoder {
     /// An encoder with no residual yet.
     pub fn new(options: CodecOptions) -> Result<DeltaEncoder, CodecError> {
-        options.check().map_err(|e| CodecError::BadOptions(e.to_string()))?;
-        Ok(DeltaEncoder { options, residual: Vec::new() })
+        options
+            .check()
+            .map_err(|e| CodecError::BadOptions(e.to_string()))?;
+        Ok(DeltaEncoder {
+            options,
+            residual: Vec::new(),
+        })
     }
 
     /// The options in use.
@@ -425,9 +478,16 @@ impl DeltaEncoder {
         if self.residual.is_empty() {
             self.residual = vec![0.0; delta.len()];
         } else if self.residual.len() != delta.len() {
-            return Err(CodecError::LengthChanged { expected: self.residual.len(), got: delta.len() });
+            return Err(CodecError::LengthChanged {
+                expected: self.residual.len(),
+                got: delta.len(),
+            });
         }
-        let corrected: Vec<f32> = delta.iter().zip(&self.residual).map(|(d, r)| d + r).collect();
+        let corrected: Vec<f32> = delta
+            .iter()
+            .zip(&self.residual)
+            .map(|(d, r)| d + r)
+            .collect();
         let payload = encode_delta(&corrected, &self.options)?;
         let sent = decode_delta(&payload, corrected.len())?;
         for ((r, c), s) in self.residual.iter_mut().zip(&corrected).zip(&sent) {

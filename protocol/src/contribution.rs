@@ -49,14 +49,23 @@ pub struct Binding {
 
 impl std::fmt::Display for Binding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} round {} of run {}, sent by {}", self.shard, self.round, self.run, self.sender)
+        write!(
+            f,
+            "{} round {} of run {}, sent by {}",
+            self.shard, self.round, self.run, self.sender
+        )
     }
 }
 
 impl Binding {
     /// The binding an announcement signed by `sender` claims for its payload.
     pub fn of(announcement: &DeltaAnnouncement, sender: PublicKey) -> Binding {
-        Binding { run: announcement.run.clone(), round: announcement.round, shard: announcement.shard, sender }
+        Binding {
+            run: announcement.run.clone(),
+            round: announcement.round,
+            shard: announcement.shard,
+            sender,
+        }
     }
 
     /// The contribution payload: this binding, then `delta_payload` (an encoded delta).
@@ -74,7 +83,8 @@ impl Binding {
 
     /// Bytes this binding adds in front of the delta payload.
     pub fn wrapped_len(&self) -> Result<usize, ContributionError> {
-        Ok(PREFIX_LEN + crate::wire::encode::<_, MAX_BINDING_BYTES>(self, "contribution binding")?.len())
+        Ok(PREFIX_LEN
+            + crate::wire::encode::<_, MAX_BINDING_BYTES>(self, "contribution binding")?.len())
     }
 }
 
@@ -106,7 +116,10 @@ pub enum ContributionError {
 /// Splits a contribution payload into its binding and the encoded delta after it (not decoded here).
 pub fn split_contribution(bytes: &[u8]) -> Result<(Binding, &[u8]), ContributionError> {
     if bytes.len() < PREFIX_LEN {
-        return Err(ContributionError::Truncated { needed: PREFIX_LEN, got: bytes.len() });
+        return Err(ContributionError::Truncated {
+            needed: PREFIX_LEN,
+            got: bytes.len(),
+        });
     }
     if bytes[0..4] != CONTRIBUTION_MAGIC {
         return Err(ContributionError::BadMagic);
@@ -116,19 +129,33 @@ pub fn split_contribution(bytes: &[u8]) -> Result<(Binding, &[u8]), Contribution
     }
     let n = usize::from(u16::from_le_bytes([bytes[5], bytes[6]]));
     if n > MAX_BINDING_BYTES {
-        return Err(ProtocolError::TooLarge { what: "contribution binding", len: n, max: MAX_BINDING_BYTES }.into());
+        return Err(ProtocolError::TooLarge {
+            what: "contribution binding",
+            len: n,
+            max: MAX_BINDING_BYTES,
+        }
+        .into());
     }
     let end = PREFIX_LEN + n;
     if bytes.len() < end {
-        return Err(ContributionError::Truncated { needed: end, got: bytes.len() });
+        return Err(ContributionError::Truncated {
+            needed: end,
+            got: bytes.len(),
+        });
     }
-    let binding = crate::wire::decode::<Binding, MAX_BINDING_BYTES>(&bytes[PREFIX_LEN..end], "contribution binding")?;
+    let binding = crate::wire::decode::<Binding, MAX_BINDING_BYTES>(
+        &bytes[PREFIX_LEN..end],
+        "contribution binding",
+    )?;
     Ok((binding, &bytes[end..]))
 }
 
 /// Splits a contribution and decodes its delta (`max_len` values at most): what an aggregator does with a
 /// payload that verification already accepted.
-pub fn decode_contribution(bytes: &[u8], max_len: usize) -> Result<(Binding, Vec<f32>), ContributionError> {
+pub fn decode_contribution(
+    bytes: &[u8],
+    max_len: usize,
+) -> Result<(Binding, Vec<f32>), ContributionError> {
     let (binding, delta) = split_contribution(bytes)?;
     Ok((binding, crate::codec::decode_delta(delta, max_len)?))
 }
@@ -137,17 +164,31 @@ pub fn decode_contribution(bytes: &[u8], max_len: usize) -> Result<(Binding, Vec
 /// `binding`: the codec's output size is fixed by the length and the options (top-k keeps
 /// `ceil(density · len)` values), so an announced size is checked before a byte is fetched, and a fetch
 /// never reads past it.
-pub fn contribution_len(binding: &Binding, shard_len: usize, options: &CodecOptions) -> Result<u64, ContributionError> {
+pub fn contribution_len(
+    binding: &Binding,
+    shard_len: usize,
+    options: &CodecOptions,
+) -> Result<u64, ContributionError> {
     if shard_len > MAX_DELTA_VALUES {
-        return Err(CodecError::TooLong { len: shard_len, max: MAX_DELTA_VALUES }.into());
+        return Err(CodecError::TooLong {
+            len: shard_len,
+            max: MAX_DELTA_VALUES,
+        }
+        .into());
     }
-    options.check().map_err(|e| CodecError::BadOptions(e.to_string()))?;
+    options
+        .check()
+        .map_err(|e| CodecError::BadOptions(e.to_string()))?;
     let nnz = match options.top_k_density {
         None => shard_len,
         Some(_) if shard_len == 0 => 0,
         Some(d) => ((f64::from(d) * shard_len as f64).ceil() as usize).clamp(1, shard_len),
     };
-    let index_bytes = if options.top_k_density.is_some() { 4 * nnz } else { 0 };
+    let index_bytes = if options.top_k_density.is_some() {
+        4 * nnz
+    } else {
+        0
+    };
     let scale_bytes = nnz.div_ceil(usize::from(options.block_size))
         * match options.scale {
             crate::codec::ScaleFormat::F32 => 4,
@@ -162,7 +203,12 @@ mod tests {
     use crate::codec::{ScaleFormat, encode_delta};
 
     fn binding() -> Binding {
-        Binding { run: RunId::new("run-1").unwrap(), round: 7, shard: ShardId::expert(1, 3).unwrap(), sender: PublicKey([9; 32]) }
+        Binding {
+            run: RunId::new("run-1").unwrap(),
+            round: 7,
+            shard: ShardId::expert(1, 3).unwrap(),
+            sender: PublicKey([9; 32]),
+        }
     }
 
     #[test]
@@ -185,9 +231,17 @@ mod tests {
             for scale in [ScaleFormat::F32, ScaleFormat::PowerOfTwo] {
                 for block_size in [128u16, 256] {
                     for top_k_density in [None, Some(0.01), Some(0.3), Some(1.0)] {
-                        let options = CodecOptions { block_size, scale, top_k_density };
+                        let options = CodecOptions {
+                            block_size,
+                            scale,
+                            top_k_density,
+                        };
                         let c = b.wrap(&encode_delta(&delta, &options).unwrap()).unwrap();
-                        assert_eq!(contribution_len(&b, len, &options).unwrap(), c.len() as u64, "{len} {options:?}");
+                        assert_eq!(
+                            contribution_len(&b, len, &options).unwrap(),
+                            c.len() as u64,
+                            "{len} {options:?}"
+                        );
                     }
                 }
             }
@@ -196,23 +250,35 @@ mod tests {
 
     #[test]
     fn hostile_bytes_are_errors() {
-        let c = binding().wrap(&encode_delta(&[1.0, 2.0], &CodecOptions::default()).unwrap()).unwrap();
+        let c = binding()
+            .wrap(&encode_delta(&[1.0, 2.0], &CodecOptions::default()).unwrap())
+            .unwrap();
         for cut in 0..20 {
             assert!(split_contribution(&c[..cut]).is_err(), "cut at {cut}");
         }
         let mut bad = c.clone();
         bad[0] = b'X';
-        assert_eq!(split_contribution(&bad).unwrap_err(), ContributionError::BadMagic);
+        assert_eq!(
+            split_contribution(&bad).unwrap_err(),
+            ContributionError::BadMagic
+        );
         let mut bad = c.clone();
         bad[4] = 2;
-        assert_eq!(split_contribution(&bad).unwrap_err(), ContributionError::UnsupportedVersion(2));
+        assert_eq!(
+            split_contribution(&bad).unwrap_err(),
+            ContributionError::UnsupportedVersion(2)
+        );
         let mut bad = c.clone();
         bad[5] = 0xff;
         bad[6] = 0xff;
-        assert!(matches!(split_contribution(&bad).unwrap_err(), ContributionError::Binding(ProtocolError::TooLarge { .. })));
+        assert!(matches!(
+            split_contribution(&bad).unwrap_err(),
+            ContributionError::Binding(ProtocolError::TooLarge { .. })
+        ));
         // A raw delta payload (no binding) is not a contribution.
         assert_eq!(
-            split_contribution(&encode_delta(&[1.0], &CodecOptions::default()).unwrap()).unwrap_err(),
+            split_contribution(&encode_delta(&[1.0], &CodecOptions::default()).unwrap())
+                .unwrap_err(),
             ContributionError::BadMagic
         );
     }

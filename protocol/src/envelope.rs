@@ -44,7 +44,11 @@ pub struct SignedEnvelope {
 
 impl SignedEnvelope {
     /// Encodes `message`, signs it with `keypair` at `timestamp_ms`, and returns the envelope.
-    pub fn sign(keypair: &Keypair, message: &Message, timestamp_ms: u64) -> Result<SignedEnvelope, ProtocolError> {
+    pub fn sign(
+        keypair: &Keypair,
+        message: &Message,
+        timestamp_ms: u64,
+    ) -> Result<SignedEnvelope, ProtocolError> {
         message.check_limits()?;
         let payload = Bytes(wire::encode::<_, MAX_MESSAGE_BYTES>(message, "message")?);
         let mut envelope = SignedEnvelope {
@@ -69,7 +73,10 @@ impl SignedEnvelope {
     /// [`crate::validation`]'s job.
     pub fn verify(&self) -> Result<Message, ProtocolError> {
         if self.version != PROTOCOL_VERSION {
-            return Err(ProtocolError::UnsupportedVersion { got: self.version, supported: PROTOCOL_VERSION });
+            return Err(ProtocolError::UnsupportedVersion {
+                got: self.version,
+                supported: PROTOCOL_VERSION,
+            });
         }
         let signed = self.signed_bytes()?;
         self.signer.verify(&signed, &self.signature)?;

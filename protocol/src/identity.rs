@@ -54,8 +54,9 @@ impl Keypair {
     pub fn to_libp2p(&self) -> libp2p_identity::Keypair {
         // The ed25519 "keypair bytes" are secret seed || public key, the form libp2p takes.
         let mut bytes = self.0.to_keypair_bytes();
-        let kp = libp2p_identity::ed25519::Keypair::try_from_bytes(&mut bytes)
-            .expect("invariant: ed25519-dalek's own keypair bytes are a valid ed25519 keypair for libp2p");
+        let kp = libp2p_identity::ed25519::Keypair::try_from_bytes(&mut bytes).expect(
+            "invariant: ed25519-dalek's own keypair bytes are a valid ed25519 keypair for libp2p",
+        );
         libp2p_identity::Keypair::from(kp)
     }
 
@@ -82,7 +83,8 @@ impl PublicKey {
     pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), ProtocolError> {
         let key = VerifyingKey::from_bytes(&self.0).map_err(|_| ProtocolError::BadPublicKey)?;
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
-        key.verify_strict(message, &sig).map_err(|_| ProtocolError::BadSignature)
+        key.verify_strict(message, &sig)
+            .map_err(|_| ProtocolError::BadSignature)
     }
 
     /// The libp2p peer id of the node holding this key, or `BadPublicKey` if the bytes are not a key.
@@ -142,7 +144,9 @@ impl<'de> Deserialize<'de> for Signature {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
                 let mut out = [0u8; SIGNATURE_LEN];
                 for (i, slot) in out.iter_mut().enumerate() {
-                    *slot = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &self))?;
+                    *slot = seq
+                        .next_element()?
+                        .ok_or_else(|| de::Error::invalid_length(i, &self))?;
                 }
                 Ok(Signature(out))
             }
@@ -179,6 +183,9 @@ mod tests {
     fn wrong_message_fails() {
         let kp = Keypair::from_seed(&[1u8; 32]);
         let sig = kp.sign(b"a");
-        assert_eq!(kp.public().verify(b"b", &sig), Err(ProtocolError::BadSignature));
+        assert_eq!(
+            kp.public().verify(b"b", &sig),
+            Err(ProtocolError::BadSignature)
+        );
     }
 }

@@ -33,10 +33,19 @@ impl RunId {
     pub fn new(s: impl Into<String>) -> Result<RunId, ProtocolError> {
         let s = s.into();
         if s.is_empty() || s.len() > MAX_RUN_ID_LEN {
-            return Err(invalid("run id", format!("must be 1..={MAX_RUN_ID_LEN} bytes, got {}", s.len())));
+            return Err(invalid(
+                "run id",
+                format!("must be 1..={MAX_RUN_ID_LEN} bytes, got {}", s.len()),
+            ));
         }
-        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
-            return Err(invalid("run id", format!("{:?} has characters outside [A-Za-z0-9._-]", truncate(&s))));
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        {
+            return Err(invalid(
+                "run id",
+                format!("{:?} has characters outside [A-Za-z0-9._-]", truncate(&s)),
+            ));
         }
         Ok(RunId(s))
     }
@@ -84,7 +93,10 @@ impl Text {
     pub fn new(s: impl Into<String>) -> Result<Text, ProtocolError> {
         let s = s.into();
         if s.len() > MAX_TEXT_LEN {
-            return Err(invalid("text", format!("{} bytes, over the limit of {MAX_TEXT_LEN}", s.len())));
+            return Err(invalid(
+                "text",
+                format!("{} bytes, over the limit of {MAX_TEXT_LEN}", s.len()),
+            ));
         }
         if s.chars().any(char::is_control) {
             return Err(invalid("text", "contains control characters".to_string()));
@@ -200,8 +212,21 @@ mod tests {
             let id: ShardId = s.parse().unwrap();
             assert_eq!(id.to_string(), s);
         }
-        for s in ["", "Trunk", "expert", "expert/", "expert/1", "expert/1/", "expert/01/2", "expert/1/2/3",
-                  "expert/1024/0", "expert/0/4096", "expert/+1/2", "expert/-1/2", "expert/99999999/1"] {
+        for s in [
+            "",
+            "Trunk",
+            "expert",
+            "expert/",
+            "expert/1",
+            "expert/1/",
+            "expert/01/2",
+            "expert/1/2/3",
+            "expert/1024/0",
+            "expert/0/4096",
+            "expert/+1/2",
+            "expert/-1/2",
+            "expert/99999999/1",
+        ] {
             assert!(s.parse::<ShardId>().is_err(), "{s:?} should not parse");
         }
     }

@@ -32,18 +32,24 @@ pub mod wire;
 
 pub use bytes::Bytes;
 pub use codec::{CodecError, CodecOptions, DeltaEncoder, ScaleFormat, decode_delta, encode_delta};
-pub use contribution::{Binding, ContributionError, contribution_len, decode_contribution, split_contribution};
+pub use contribution::{
+    Binding, ContributionError, contribution_len, decode_contribution, split_contribution,
+};
 pub use envelope::{SIGNING_DOMAIN, SignedEnvelope, decode_envelope};
 pub use error::ProtocolError;
 pub use identity::{Keypair, PeerId, PublicKey, Signature};
 pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
-    AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, DeltaAnnouncement, DisputeMismatch, Deadlines, DeviceKind, Heartbeat, HyperParams,
-    Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, ShardEntry, TrainingStats, UpdateRule,
+    AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
+    DeviceKind, DisputeMismatch, Heartbeat, HyperParams, Message, Participant, RejectedDelta,
+    RoundAnnouncement, RoundCommit, ShardEntry, TrainingStats, UpdateRule,
 };
 pub use reqresp::{
-    ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, RangeRequest, RangeResponse, Tensor, TensorDtype,
+    ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, RangeRequest, RangeResponse,
+    Tensor, TensorDtype,
 };
 pub use topics::{BLOB_STREAM_PROTOCOL, EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic};
-pub use validation::{RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope, validate_message};
+pub use validation::{
+    RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope, validate_message,
+};

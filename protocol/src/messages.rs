@@ -11,8 +11,8 @@ use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
-    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS,
-    MAX_SHARDS_PER_NODE,
+    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_MANIFEST_SHARDS,
+    MAX_PARTICIPANTS, MAX_SHARDS_PER_NODE,
 };
 use crate::validation::RejectCode;
 
@@ -173,7 +173,10 @@ impl RoundCommit {
     /// Two commits for one round with different ids are an equivocation; a [`CommitDispute`] names the commit
     /// it refutes by this id.
     pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
-        Ok(ContentHash::of(&crate::wire::encode::<_, { crate::limits::MAX_MESSAGE_BYTES }>(self, "round commit")?))
+        Ok(ContentHash::of(&crate::wire::encode::<
+            _,
+            { crate::limits::MAX_MESSAGE_BYTES },
+        >(self, "round commit")?))
     }
 }
 
@@ -245,12 +248,21 @@ impl CommitDispute {
             actual: ContentHash([0; 32]),
         })?;
         if self.run != commit.run || self.round != commit.round || self.commit != actual {
-            return Err(DisputeMismatch::OtherCommit { disputed: self.commit, round: self.round, actual });
+            return Err(DisputeMismatch::OtherCommit {
+                disputed: self.commit,
+                round: self.round,
+                actual,
+            });
         }
         if commit.checkpoint.shard(&self.shard).map(|e| e.hash) != Some(self.committed) {
             return Err(DisputeMismatch::OtherEntry { shard: self.shard });
         }
-        let accepted = commit.accepted.iter().find(|a| a.shard == self.shard).map(|a| a.deltas.as_slice()).unwrap_or(&[]);
+        let accepted = commit
+            .accepted
+            .iter()
+            .find(|a| a.shard == self.shard)
+            .map(|a| a.deltas.as_slice())
+            .unwrap_or(&[]);
         if accepted != self.accepted.as_slice() {
             return Err(DisputeMismatch::OtherDeltas { shard: self.shard });
         }
@@ -294,8 +306,10 @@ impl CheckpointManifest {
 
     /// Decodes a manifest blob fetched by hash.
     pub fn from_bytes(bytes: &[u8]) -> Result<CheckpointManifest, ProtocolError> {
-        let manifest: CheckpointManifest =
-            crate::wire::decode::<_, { crate::limits::MAX_MESSAGE_BYTES }>(bytes, "checkpoint manifest")?;
+        let manifest: CheckpointManifest = crate::wire::decode::<
+            _,
+            { crate::limits::MAX_MESSAGE_BYTES },
+        >(bytes, "checkpoint manifest")?;
         manifest.check_limits()?;
         Ok(manifest)
     }
@@ -421,26 +435,39 @@ impl Message {
                 count("participants", m.participants.len(), MAX_PARTICIPANTS)?;
                 for p in &m.participants {
                     count("participant shards", p.shards.len(), MAX_SHARDS_PER_NODE)?;
-                    count("participant data seeds", p.data_seeds.len(), MAX_DATA_SEEDS_PER_NODE)?;
+                    count(
+                        "participant data seeds",
+                        p.data_seeds.len(),
+                        MAX_DATA_SEEDS_PER_NODE,
+                    )?;
                 }
                 m.hyper.codec.check()
             }
             Message::DeltaAnnouncement(_) => Ok(()),
             Message::RoundCommit(m) => {
                 let accepted: usize = m.accepted.iter().map(|a| a.deltas.len()).sum();
-                count("commit deltas", accepted.saturating_add(m.rejected.len()), MAX_COMMIT_DELTAS)?;
+                count(
+                    "commit deltas",
+                    accepted.saturating_add(m.rejected.len()),
+                    MAX_COMMIT_DELTAS,
+                )?;
                 m.checkpoint.check_limits()
             }
             Message::CheckpointManifest(m) => m.check_limits(),
             Message::Heartbeat(m) => count("hosted shards", m.hosted.len(), MAX_SHARDS_PER_NODE),
-            Message::CommitDispute(m) => count("dispute deltas", m.accepted.len(), MAX_DISPUTE_DELTAS),
+            Message::CommitDispute(m) => {
+                count("dispute deltas", m.accepted.len(), MAX_DISPUTE_DELTAS)
+            }
         }
     }
 }
 
 fn count(what: &'static str, n: usize, max: usize) -> Result<(), ProtocolError> {
     if n > max {
-        return Err(ProtocolError::InvalidField { what, detail: format!("{n} entries, over the limit of {max}") });
+        return Err(ProtocolError::InvalidField {
+            what,
+            detail: format!("{n} entries, over the limit of {max}"),
+        });
     }
     Ok(())
 }

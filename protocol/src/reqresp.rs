@@ -13,8 +13,8 @@ use crate::bytes::Bytes;
 use crate::error::ProtocolError;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
-    MAX_FETCH_CHUNK_BYTES, MAX_RANGE_BYTES, MAX_RANGE_FRAME_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
-    MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK,
+    MAX_FETCH_CHUNK_BYTES, MAX_RANGE_BYTES, MAX_RANGE_FRAME_BYTES, MAX_REQUEST_BYTES,
+    MAX_RESPONSE_BYTES, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK,
 };
 use crate::wire;
 
@@ -76,15 +76,24 @@ impl FetchResponse {
     }
     /// Decodes a frame; a chunk over [`MAX_FETCH_CHUNK_BYTES`] or past the blob's end is refused.
     pub fn decode(bytes: &[u8]) -> Result<FetchResponse, ProtocolError> {
-        let response: FetchResponse = wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "fetch response")?;
+        let response: FetchResponse =
+            wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "fetch response")?;
         response.check()?;
         Ok(response)
     }
 
     fn check(&self) -> Result<(), ProtocolError> {
-        if let FetchResponse::Chunk { offset, total_size, data, .. } = self {
+        if let FetchResponse::Chunk {
+            offset,
+            total_size,
+            data,
+            ..
+        } = self
+        {
             let len = data.0.len() as u64;
-            if len > u64::from(MAX_FETCH_CHUNK_BYTES) || offset.checked_add(len).is_none_or(|end| end > *total_size) {
+            if len > u64::from(MAX_FETCH_CHUNK_BYTES)
+                || offset.checked_add(len).is_none_or(|end| end > *total_size)
+            {
                 return Err(ProtocolError::InvalidField {
                     what: "fetch chunk",
                     detail: format!("{len} bytes at {offset} of a {total_size}-byte blob"),
@@ -141,7 +150,8 @@ impl RangeRequest {
     }
     /// Decodes a frame; a range over [`MAX_RANGE_BYTES`] or past `u64::MAX` is refused.
     pub fn decode(bytes: &[u8]) -> Result<RangeRequest, ProtocolError> {
-        let request: RangeRequest = wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "range request")?;
+        let request: RangeRequest =
+            wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "range request")?;
         request.check()?;
         Ok(request)
     }
@@ -165,14 +175,23 @@ impl RangeResponse {
     }
     /// Decodes a frame; a range over [`MAX_RANGE_BYTES`] or past the blob's end is refused.
     pub fn decode(bytes: &[u8]) -> Result<RangeResponse, ProtocolError> {
-        let response: RangeResponse = wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "range response")?;
+        let response: RangeResponse =
+            wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "range response")?;
         response.check()?;
         Ok(response)
     }
 
     fn check(&self) -> Result<(), ProtocolError> {
-        if let RangeResponse::Range { offset, total_size, len, .. } = self {
-            if *len > MAX_RANGE_BYTES || offset.checked_add(*len).is_none_or(|end| end > *total_size) {
+        if let RangeResponse::Range {
+            offset,
+            total_size,
+            len,
+            ..
+        } = self
+        {
+            if *len > MAX_RANGE_BYTES
+                || offset.checked_add(*len).is_none_or(|end| end > *total_size)
+            {
                 return Err(ProtocolError::InvalidField {
                     what: "range response",
                     detail: format!("{len} bytes at {offset} of a {total_size}-byte blob"),
@@ -217,7 +236,11 @@ impl Tensor {
     /// An f32 tensor of `shape` holding `values`.
     pub fn from_f32(shape: Vec<u32>, values: &[f32]) -> Result<Tensor, ProtocolError> {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let tensor = Tensor { dtype: TensorDtype::F32, shape, data: Bytes(data) };
+        let tensor = Tensor {
+            dtype: TensorDtype::F32,
+            shape,
+            data: Bytes(data),
+        };
         tensor.check()?;
         Ok(tensor)
     }
@@ -226,19 +249,43 @@ impl Tensor {
     pub fn to_f32(&self) -> Result<Vec<f32>, ProtocolError> {
         self.check()?;
         Ok(match self.dtype {
-            TensorDtype::F32 => self.data.0.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            TensorDtype::Bf16 => self.data.0.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect(),
+            TensorDtype::F32 => self
+                .data
+                .0
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            TensorDtype::Bf16 => self
+                .data
+                .0
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+                .collect(),
         })
     }
 
     /// Number of elements, if the shape is within bounds.
     pub fn elements(&self) -> Result<u64, ProtocolError> {
-        let bad = |detail: String| ProtocolError::InvalidField { what: "tensor", detail };
+        let bad = |detail: String| ProtocolError::InvalidField {
+            what: "tensor",
+            detail,
+        };
         if self.shape.len() > MAX_TENSOR_RANK {
-            return Err(bad(format!("rank {} over the limit of {MAX_TENSOR_RANK}", self.shape.len())));
+            return Err(bad(format!(
+                "rank {} over the limit of {MAX_TENSOR_RANK}",
+                self.shape.len()
+            )));
         }
-        let n = self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)).filter(|&n| n <= MAX_TENSOR_ELEMENTS));
-        n.ok_or_else(|| bad(format!("shape {:?} has over {MAX_TENSOR_ELEMENTS} elements", self.shape)))
+        let n = self.shape.iter().try_fold(1u64, |acc, &d| {
+            acc.checked_mul(u64::from(d))
+                .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+        });
+        n.ok_or_else(|| {
+            bad(format!(
+                "shape {:?} has over {MAX_TENSOR_ELEMENTS} elements",
+                self.shape
+            ))
+        })
     }
 
     /// Checks the shape bounds and that the data length matches the shape.
@@ -248,7 +295,11 @@ impl Tensor {
         if self.data.0.len() as u64 != want {
             return Err(ProtocolError::InvalidField {
                 what: "tensor",
-                detail: format!("shape {:?} needs {want} bytes, got {}", self.shape, self.data.0.len()),
+                detail: format!(
+                    "shape {:?} needs {want} bytes, got {}",
+                    self.shape,
+                    self.data.0.len()
+                ),
             });
         }
         Ok(())
@@ -291,7 +342,8 @@ impl ExpertRequest {
     }
     /// Decodes a frame and checks the tensor.
     pub fn decode(bytes: &[u8]) -> Result<ExpertRequest, ProtocolError> {
-        let request: ExpertRequest = wire::decode_frame::<_, MAX_REQUEST_BYTES>(bytes, "expert request")?;
+        let request: ExpertRequest =
+            wire::decode_frame::<_, MAX_REQUEST_BYTES>(bytes, "expert request")?;
         request.input.check()?;
         Ok(request)
     }
@@ -307,7 +359,8 @@ impl ExpertResponse {
     }
     /// Decodes a frame and checks the tensor.
     pub fn decode(bytes: &[u8]) -> Result<ExpertResponse, ProtocolError> {
-        let response: ExpertResponse = wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "expert response")?;
+        let response: ExpertResponse =
+            wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "expert response")?;
         if let ExpertResponse::Output { output } = &response {
             output.check()?;
         }
@@ -322,15 +375,53 @@ mod tests {
     #[test]
     fn range_frames_roundtrip_and_refuse_bad_ranges() {
         let hash = ContentHash([5; 32]);
-        let req = RangeRequest { hash, offset: 1 << 40, len: MAX_RANGE_BYTES };
-        assert_eq!(RangeRequest::decode(&req.encode().expect("encodable")).ok(), Some(req));
-        assert!(RangeRequest { hash, offset: 0, len: MAX_RANGE_BYTES + 1 }.encode().is_err());
-        assert!(RangeRequest { hash, offset: u64::MAX, len: 1 }.encode().is_err());
-        let res = RangeResponse::Range { hash, offset: 10, total_size: 20, len: 10 };
+        let req = RangeRequest {
+            hash,
+            offset: 1 << 40,
+            len: MAX_RANGE_BYTES,
+        };
+        assert_eq!(
+            RangeRequest::decode(&req.encode().expect("encodable")).ok(),
+            Some(req)
+        );
+        assert!(
+            RangeRequest {
+                hash,
+                offset: 0,
+                len: MAX_RANGE_BYTES + 1
+            }
+            .encode()
+            .is_err()
+        );
+        assert!(
+            RangeRequest {
+                hash,
+                offset: u64::MAX,
+                len: 1
+            }
+            .encode()
+            .is_err()
+        );
+        let res = RangeResponse::Range {
+            hash,
+            offset: 10,
+            total_size: 20,
+            len: 10,
+        };
         let frame = res.encode().expect("encodable");
         assert!(frame.len() < MAX_RANGE_FRAME_BYTES);
         assert_eq!(RangeResponse::decode(&frame).ok(), Some(res));
-        assert!(RangeResponse::Range { hash, offset: 10, total_size: 20, len: 11 }.encode().is_err(), "past the end");
+        assert!(
+            RangeResponse::Range {
+                hash,
+                offset: 10,
+                total_size: 20,
+                len: 11
+            }
+            .encode()
+            .is_err(),
+            "past the end"
+        );
         for garbage in [vec![], vec![0xff; 10], vec![1u8; MAX_RANGE_FRAME_BYTES + 1]] {
             assert!(RangeResponse::decode(&garbage).is_err());
             assert!(RangeRequest::decode(&garbage).is_err());

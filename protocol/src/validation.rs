@@ -17,7 +17,9 @@ use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId};
 use crate::limits::{MAX_DELTA_PAYLOAD_BYTES, MAX_DISPUTE_AGE_ROUNDS};
-use crate::messages::{CommitDispute, DeltaAnnouncement, Heartbeat, Message, RoundAnnouncement, RoundCommit};
+use crate::messages::{
+    CommitDispute, DeltaAnnouncement, Heartbeat, Message, RoundAnnouncement, RoundCommit,
+};
 
 /// Tolerances of the validator; the defaults suit nodes with NTP-synchronised clocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +34,11 @@ pub struct ValidationLimits {
 
 impl Default for ValidationLimits {
     fn default() -> Self {
-        ValidationLimits { max_clock_skew_ms: 30_000, max_rounds_ahead: 1, max_delta_payload_bytes: MAX_DELTA_PAYLOAD_BYTES }
+        ValidationLimits {
+            max_clock_skew_ms: 30_000,
+            max_rounds_ahead: 1,
+            max_delta_payload_bytes: MAX_DELTA_PAYLOAD_BYTES,
+        }
     }
 }
 
@@ -160,7 +166,9 @@ pub enum Rejection {
         expected: RunId,
     },
     /// The timestamp is too far from the receiver's clock.
-    #[error("clock-skew: signed at {timestamp_ms} ms, now is {now_ms} ms, tolerance {max_skew_ms} ms")]
+    #[error(
+        "clock-skew: signed at {timestamp_ms} ms, now is {now_ms} ms, tolerance {max_skew_ms} ms"
+    )]
     ClockSkew {
         /// The envelope's timestamp.
         timestamp_ms: u64,
@@ -329,40 +337,72 @@ impl Rejection {
             Rejection::NormTooLarge { .. } => RejectCode::NormTooLarge,
             Rejection::HashMismatch { .. } => RejectCode::HashMismatch,
             Rejection::SizeMismatch { .. } => RejectCode::SizeMismatch,
-            Rejection::BadPayload(_) | Rejection::WrongLength { .. } | Rejection::BadContribution(_) => RejectCode::BadPayload,
+            Rejection::BadPayload(_)
+            | Rejection::WrongLength { .. }
+            | Rejection::BadContribution(_) => RejectCode::BadPayload,
             Rejection::NotBound { .. } => RejectCode::NotBound,
         }
     }
 }
 
 /// Verifies an envelope and judges its message: the entry point for everything received over gossip.
-pub fn validate_envelope(ctx: &ValidationContext<'_>, envelope: &SignedEnvelope) -> Result<Message, Rejection> {
+pub fn validate_envelope(
+    ctx: &ValidationContext<'_>,
+    envelope: &SignedEnvelope,
+) -> Result<Message, Rejection> {
     let message = envelope.verify().map_err(Rejection::BadEnvelope)?;
     validate_message(ctx, &envelope.signer, envelope.timestamp_ms, &message)?;
     Ok(message)
 }
 
 /// Judges a verified message signed by `signer` at `timestamp_ms` against the context.
-pub fn validate_message(ctx: &ValidationContext<'_>, signer: &PublicKey, timestamp_ms: u64, message: &Message) -> Result<(), Rejection> {
+pub fn validate_message(
+    ctx: &ValidationContext<'_>,
+    signer: &PublicKey,
+    timestamp_ms: u64,
+    message: &Message,
+) -> Result<(), Rejection> {
     if message.run() != ctx.run {
-        return Err(Rejection::UnknownRun { got: message.run().clone(), expected: ctx.run.clone() });
+        return Err(Rejection::UnknownRun {
+            got: message.run().clone(),
+            expected: ctx.run.clone(),
+        });
     }
     if timestamp_ms.abs_diff(ctx.now_ms) > ctx.limits.max_clock_skew_ms {
-        return Err(Rejection::ClockSkew { timestamp_ms, now_ms: ctx.now_ms, max_skew_ms: ctx.limits.max_clock_skew_ms });
+        return Err(Rejection::ClockSkew {
+            timestamp_ms,
+            now_ms: ctx.now_ms,
+            max_skew_ms: ctx.limits.max_clock_skew_ms,
+        });
     }
     let kind = message.kind();
     let from_coordinator = || {
-        if signer == ctx.coordinator { Ok(()) } else { Err(Rejection::NotCoordinator { kind, signer: *signer }) }
+        if signer == ctx.coordinator {
+            Ok(())
+        } else {
+            Err(Rejection::NotCoordinator {
+                kind,
+                signer: *signer,
+            })
+        }
     };
     match message {
         Message::RoundAnnouncement(m) => {
             from_coordinator()?;
             if let Some(current) = ctx.current {
                 if m.round <= current.round {
-                    return Err(Rejection::StaleRound { kind, round: m.round, current: current.round });
+                    return Err(Rejection::StaleRound {
+                        kind,
+                        round: m.round,
+                        current: current.round,
+                    });
                 }
                 if m.round - current.round > ctx.limits.max_rounds_ahead {
-                    return Err(Rejection::FutureRound { kind, round: m.round, current: current.round });
+                    return Err(Rejection::FutureRound {
+                        kind,
+                        round: m.round,
+                        current: current.round,
+                    });
                 }
             }
             check_announcement(m)
@@ -378,7 +418,11 @@ pub fn validate_message(ctx: &ValidationContext<'_>, signer: &PublicKey, timesta
             if let Some(current) = ctx.current
                 && m.round > current.round
             {
-                return Err(Rejection::FutureRound { kind, round: m.round, current: current.round });
+                return Err(Rejection::FutureRound {
+                    kind,
+                    round: m.round,
+                    current: current.round,
+                });
             }
             Ok(())
         }
@@ -391,36 +435,70 @@ pub fn validate_message(ctx: &ValidationContext<'_>, signer: &PublicKey, timesta
 /// being committed (not ahead of the current one), recent, and actually disagree with the commit it quotes.
 fn check_dispute(ctx: &ValidationContext<'_>, m: &CommitDispute) -> Result<(), Rejection> {
     let kind = "commit-dispute";
-    let current = ctx.current.ok_or(Rejection::NoRound { kind, round: m.round })?.round;
+    let current = ctx
+        .current
+        .ok_or(Rejection::NoRound {
+            kind,
+            round: m.round,
+        })?
+        .round;
     if m.round > current {
-        return Err(Rejection::FutureRound { kind, round: m.round, current });
+        return Err(Rejection::FutureRound {
+            kind,
+            round: m.round,
+            current,
+        });
     }
     if current - m.round > MAX_DISPUTE_AGE_ROUNDS {
-        return Err(Rejection::StaleRound { kind, round: m.round, current });
+        return Err(Rejection::StaleRound {
+            kind,
+            round: m.round,
+            current,
+        });
     }
     if m.computed == m.committed {
-        return Err(Rejection::Inconsistent("the dispute computes the committed hash".into()));
+        return Err(Rejection::Inconsistent(
+            "the dispute computes the committed hash".into(),
+        ));
     }
     if m.accepted.is_empty() && m.computed != m.base {
-        return Err(Rejection::Inconsistent("with no accepted delta the computed hash must be the base's".into()));
+        return Err(Rejection::Inconsistent(
+            "with no accepted delta the computed hash must be the base's".into(),
+        ));
     }
     Ok(())
 }
 
 /// The message's round must be the current one.
-fn exact_round(ctx: &ValidationContext<'_>, kind: &'static str, round: u64) -> Result<(), Rejection> {
+fn exact_round(
+    ctx: &ValidationContext<'_>,
+    kind: &'static str,
+    round: u64,
+) -> Result<(), Rejection> {
     let current = ctx.current.ok_or(Rejection::NoRound { kind, round })?.round;
     if round < current {
-        return Err(Rejection::StaleRound { kind, round, current });
+        return Err(Rejection::StaleRound {
+            kind,
+            round,
+            current,
+        });
     }
     if round > current {
-        return Err(Rejection::FutureRound { kind, round, current });
+        return Err(Rejection::FutureRound {
+            kind,
+            round,
+            current,
+        });
     }
     Ok(())
 }
 
 fn finite(field: &'static str, v: f32) -> Result<(), Rejection> {
-    if v.is_finite() { Ok(()) } else { Err(Rejection::NonFinite { field }) }
+    if v.is_finite() {
+        Ok(())
+    } else {
+        Err(Rejection::NonFinite { field })
+    }
 }
 
 fn check_announcement(m: &RoundAnnouncement) -> Result<(), Rejection> {
@@ -437,47 +515,90 @@ fn check_announcement(m: &RoundAnnouncement) -> Result<(), Rejection> {
     if let Some(d) = h.codec.top_k_density {
         finite("top_k_density", d)?;
     }
-    h.codec.check().map_err(|e| Rejection::Inconsistent(e.to_string()))?;
+    h.codec
+        .check()
+        .map_err(|e| Rejection::Inconsistent(e.to_string()))?;
     if m.max_norm_ratio <= 0.0 {
-        return Err(Rejection::Inconsistent(format!("max_norm_ratio {} is not positive", m.max_norm_ratio)));
+        return Err(Rejection::Inconsistent(format!(
+            "max_norm_ratio {} is not positive",
+            m.max_norm_ratio
+        )));
     }
     if m.deadlines.deltas_by_ms > m.deadlines.commit_by_ms {
-        return Err(Rejection::Inconsistent("the delta deadline is after the commit deadline".into()));
+        return Err(Rejection::Inconsistent(
+            "the delta deadline is after the commit deadline".into(),
+        ));
     }
     let mut nodes = HashSet::new();
     for p in &m.participants {
         if !nodes.insert(p.node) {
-            return Err(Rejection::Inconsistent(format!("participant {} is listed twice", p.node)));
+            return Err(Rejection::Inconsistent(format!(
+                "participant {} is listed twice",
+                p.node
+            )));
         }
         let mut shards = HashSet::new();
         if let Some(dup) = p.shards.iter().find(|s| !shards.insert(**s)) {
-            return Err(Rejection::Inconsistent(format!("participant {} is assigned {dup} twice", p.node)));
+            return Err(Rejection::Inconsistent(format!(
+                "participant {} is assigned {dup} twice",
+                p.node
+            )));
         }
     }
     Ok(())
 }
 
-fn check_delta_announcement(ctx: &ValidationContext<'_>, signer: &PublicKey, timestamp_ms: u64, m: &DeltaAnnouncement) -> Result<(), Rejection> {
+fn check_delta_announcement(
+    ctx: &ValidationContext<'_>,
+    signer: &PublicKey,
+    timestamp_ms: u64,
+    m: &DeltaAnnouncement,
+) -> Result<(), Rejection> {
     exact_round(ctx, "delta-announcement", m.round)?;
-    let current = ctx.current.ok_or(Rejection::NoRound { kind: "delta-announcement", round: m.round })?;
-    let participant = current.participant(signer).ok_or(Rejection::NotParticipant { signer: *signer, round: m.round })?;
+    let current = ctx.current.ok_or(Rejection::NoRound {
+        kind: "delta-announcement",
+        round: m.round,
+    })?;
+    let participant = current
+        .participant(signer)
+        .ok_or(Rejection::NotParticipant {
+            signer: *signer,
+            round: m.round,
+        })?;
     if !participant.shards.contains(&m.shard) {
-        return Err(Rejection::ShardNotAssigned { signer: *signer, shard: m.shard, round: m.round });
+        return Err(Rejection::ShardNotAssigned {
+            signer: *signer,
+            shard: m.shard,
+            round: m.round,
+        });
     }
     if m.base_checkpoint != current.base_checkpoint {
-        return Err(Rejection::WrongBase { got: m.base_checkpoint, expected: current.base_checkpoint });
+        return Err(Rejection::WrongBase {
+            got: m.base_checkpoint,
+            expected: current.base_checkpoint,
+        });
     }
     if timestamp_ms > current.deadlines.deltas_by_ms {
-        return Err(Rejection::Late { timestamp_ms, deadline_ms: current.deadlines.deltas_by_ms });
+        return Err(Rejection::Late {
+            timestamp_ms,
+            deadline_ms: current.deadlines.deltas_by_ms,
+        });
     }
     if m.payload_size > ctx.limits.max_delta_payload_bytes {
-        return Err(Rejection::TooLarge { what: "delta payload", size: m.payload_size, max: ctx.limits.max_delta_payload_bytes });
+        return Err(Rejection::TooLarge {
+            what: "delta payload",
+            size: m.payload_size,
+            max: ctx.limits.max_delta_payload_bytes,
+        });
     }
     finite("loss_before", m.stats.loss_before)?;
     finite("loss_after", m.stats.loss_after)?;
     finite("delta_norm", m.stats.delta_norm)?;
     if m.stats.delta_norm < 0.0 {
-        return Err(Rejection::Inconsistent(format!("negative delta norm {}", m.stats.delta_norm)));
+        return Err(Rejection::Inconsistent(format!(
+            "negative delta norm {}",
+            m.stats.delta_norm
+        )));
     }
     Ok(())
 }
@@ -514,20 +635,32 @@ pub fn validate_delta_payload(
 ) -> Result<Vec<f32>, Rejection> {
     let size = payload.len() as u64;
     if size != announcement.payload_size {
-        return Err(Rejection::SizeMismatch { announced: announcement.payload_size, got: size });
+        return Err(Rejection::SizeMismatch {
+            announced: announcement.payload_size,
+            got: size,
+        });
     }
     let got = ContentHash::of(payload);
     if got != announcement.payload_hash {
-        return Err(Rejection::HashMismatch { expected: announcement.payload_hash, got });
+        return Err(Rejection::HashMismatch {
+            expected: announcement.payload_hash,
+            got,
+        });
     }
     let (bound, encoded) = split_contribution(payload).map_err(Rejection::BadContribution)?;
     let claimed = Binding::of(announcement, *sender);
     if bound != claimed {
-        return Err(Rejection::NotBound { claimed: Box::new(claimed), bound: Box::new(bound) });
+        return Err(Rejection::NotBound {
+            claimed: Box::new(claimed),
+            bound: Box::new(bound),
+        });
     }
     let header = DeltaHeader::parse(encoded).map_err(Rejection::BadPayload)?;
     if header.len != shard_len {
-        return Err(Rejection::WrongLength { expected: shard_len, got: header.len });
+        return Err(Rejection::WrongLength {
+            expected: shard_len,
+            got: header.len,
+        });
     }
     let delta = decode_delta(encoded, shard_len).map_err(Rejection::BadPayload)?;
     if delta.iter().any(|v| !v.is_finite()) {
@@ -535,19 +668,29 @@ pub fn validate_delta_payload(
     }
     let norm = l2_norm(&delta);
     if !norm.is_finite() {
-        return Err(Rejection::NonFinite { field: "delta norm" });
+        return Err(Rejection::NonFinite {
+            field: "delta norm",
+        });
     }
     if let Some(median) = median_norm.filter(|m| m.is_finite() && *m > 0.0)
         && f64::from(norm) > f64::from(max_norm_ratio) * f64::from(median)
     {
-        return Err(Rejection::NormTooLarge { norm, median, ratio: max_norm_ratio });
+        return Err(Rejection::NormTooLarge {
+            norm,
+            median,
+            ratio: max_norm_ratio,
+        });
     }
     Ok(delta)
 }
 
 /// The L2 norm of `values`, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f32 {
-    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32
+    values
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt() as f32
 }
 
 /// The median of `norms` (the mean of the middle two for an even count), `None` if empty or not finite.
@@ -558,5 +701,9 @@ pub fn median_norm(norms: &[f32]) -> Option<f32> {
     let mut sorted = norms.to_vec();
     sorted.sort_by(f32::total_cmp);
     let mid = sorted.len() / 2;
-    Some(if sorted.len() % 2 == 1 { sorted[mid] } else { (sorted[mid - 1] + sorted[mid]) / 2.0 })
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    })
 }

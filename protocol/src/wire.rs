@@ -7,7 +7,7 @@
 //! decoding starts) and every length prefix inside, so a short hostile input cannot make the decoder
 //! allocate more than `LIMIT` bytes for one field.
 
-use bincode::config::{Configuration, LittleEndian, Limit, Varint};
+use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -20,28 +20,56 @@ fn config<const LIMIT: usize>() -> Configuration<LittleEndian, Varint, Limit<LIM
 }
 
 /// Encodes `value` in the wire encoding, refusing results over `LIMIT` bytes.
-pub fn encode<T: Serialize, const LIMIT: usize>(value: &T, what: &'static str) -> Result<Vec<u8>, ProtocolError> {
-    let bytes = bincode::serde::encode_to_vec(value, config::<LIMIT>())
-        .map_err(|e| ProtocolError::Encode { what, detail: e.to_string() })?;
+pub fn encode<T: Serialize, const LIMIT: usize>(
+    value: &T,
+    what: &'static str,
+) -> Result<Vec<u8>, ProtocolError> {
+    let bytes = bincode::serde::encode_to_vec(value, config::<LIMIT>()).map_err(|e| {
+        ProtocolError::Encode {
+            what,
+            detail: e.to_string(),
+        }
+    })?;
     if bytes.len() > LIMIT {
-        return Err(ProtocolError::TooLarge { what, len: bytes.len(), max: LIMIT });
+        return Err(ProtocolError::TooLarge {
+            what,
+            len: bytes.len(),
+            max: LIMIT,
+        });
     }
     Ok(bytes)
 }
 
 /// Decodes one `T` that must fill `bytes` exactly and be canonically encoded; inputs over `LIMIT` bytes are
 /// refused before decoding starts.
-pub fn decode<T: Serialize + DeserializeOwned, const LIMIT: usize>(bytes: &[u8], what: &'static str) -> Result<T, ProtocolError> {
+pub fn decode<T: Serialize + DeserializeOwned, const LIMIT: usize>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, ProtocolError> {
     if bytes.len() > LIMIT {
-        return Err(ProtocolError::TooLarge { what, len: bytes.len(), max: LIMIT });
+        return Err(ProtocolError::TooLarge {
+            what,
+            len: bytes.len(),
+            max: LIMIT,
+        });
     }
     let (value, used): (T, usize) = bincode::serde::decode_from_slice(bytes, config::<LIMIT>())
-        .map_err(|e| ProtocolError::Malformed { what, detail: e.to_string() })?;
+        .map_err(|e| ProtocolError::Malformed {
+            what,
+            detail: e.to_string(),
+        })?;
     if used != bytes.len() {
-        return Err(ProtocolError::TrailingBytes { what, extra: bytes.len() - used });
+        return Err(ProtocolError::TrailingBytes {
+            what,
+            extra: bytes.len() - used,
+        });
     }
-    let again = bincode::serde::encode_to_vec(&value, config::<LIMIT>())
-        .map_err(|e| ProtocolError::Encode { what, detail: e.to_string() })?;
+    let again = bincode::serde::encode_to_vec(&value, config::<LIMIT>()).map_err(|e| {
+        ProtocolError::Encode {
+            what,
+            detail: e.to_string(),
+        }
+    })?;
     if again != bytes {
         return Err(ProtocolError::NonCanonical { what });
     }
@@ -49,26 +77,45 @@ pub fn decode<T: Serialize + DeserializeOwned, const LIMIT: usize>(bytes: &[u8],
 }
 
 /// Encodes a request/response frame: the version tag ([`PROTOCOL_VERSION`], varint `u16`) then `value`.
-pub fn encode_frame<T: Serialize, const LIMIT: usize>(value: &T, what: &'static str) -> Result<Vec<u8>, ProtocolError> {
+pub fn encode_frame<T: Serialize, const LIMIT: usize>(
+    value: &T,
+    what: &'static str,
+) -> Result<Vec<u8>, ProtocolError> {
     encode::<_, LIMIT>(&(PROTOCOL_VERSION, value), what)
 }
 
 /// Decodes a frame written by [`encode_frame`], rejecting other versions before looking at the body.
-pub fn decode_frame<T: Serialize + DeserializeOwned, const LIMIT: usize>(bytes: &[u8], what: &'static str) -> Result<T, ProtocolError> {
+pub fn decode_frame<T: Serialize + DeserializeOwned, const LIMIT: usize>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, ProtocolError> {
     check_version::<LIMIT>(bytes, what)?;
     let (_, value): (u16, T) = decode::<_, LIMIT>(bytes, what)?;
     Ok(value)
 }
 
 /// Reads the leading version tag of `bytes` and rejects any version but [`PROTOCOL_VERSION`].
-pub fn check_version<const LIMIT: usize>(bytes: &[u8], what: &'static str) -> Result<(), ProtocolError> {
+pub fn check_version<const LIMIT: usize>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(), ProtocolError> {
     if bytes.len() > LIMIT {
-        return Err(ProtocolError::TooLarge { what, len: bytes.len(), max: LIMIT });
+        return Err(ProtocolError::TooLarge {
+            what,
+            len: bytes.len(),
+            max: LIMIT,
+        });
     }
     let (version, _): (u16, usize) = bincode::serde::decode_from_slice(bytes, config::<LIMIT>())
-        .map_err(|e| ProtocolError::Malformed { what, detail: e.to_string() })?;
+        .map_err(|e| ProtocolError::Malformed {
+            what,
+            detail: e.to_string(),
+        })?;
     if version != PROTOCOL_VERSION {
-        return Err(ProtocolError::UnsupportedVersion { got: version, supported: PROTOCOL_VERSION });
+        return Err(ProtocolError::UnsupportedVersion {
+            got: version,
+            supported: PROTOCOL_VERSION,
+        });
     }
     Ok(())
 }

@@ -32,7 +32,11 @@ fn valid_samples() -> Vec<Vec<u8>> {
     out.push(expert_response().encode().unwrap());
     out.push(manifest(2).to_bytes().unwrap());
     out.push(sample_payload());
-    let sparse = CodecOptions { top_k_density: Some(0.05), scale: ScaleFormat::PowerOfTwo, ..CodecOptions::default() };
+    let sparse = CodecOptions {
+        top_k_density: Some(0.05),
+        scale: ScaleFormat::PowerOfTwo,
+        ..CodecOptions::default()
+    };
     out.push(encode_delta(&sample_delta(), &sparse).unwrap());
     out
 }

@@ -24,18 +24,48 @@ fn every_message_round_trips_through_a_signed_envelope() {
 
 #[test]
 fn request_response_frames_round_trip() {
-    assert_eq!(FetchRequest::decode(&fetch_request().encode().unwrap()).unwrap(), fetch_request());
-    assert_eq!(FetchResponse::decode(&fetch_response().encode().unwrap()).unwrap(), fetch_response());
-    let not_found = FetchResponse::NotFound { hash: ContentHash::of(b"x") };
-    assert_eq!(FetchResponse::decode(&not_found.encode().unwrap()).unwrap(), not_found);
-    let refused = FetchResponse::Refused { reason: Text::new("busy").unwrap() };
-    assert_eq!(FetchResponse::decode(&refused.encode().unwrap()).unwrap(), refused);
-    assert_eq!(ExpertRequest::decode(&expert_request().encode().unwrap()).unwrap(), expert_request());
-    assert_eq!(ExpertResponse::decode(&expert_response().encode().unwrap()).unwrap(), expert_response());
-    let unavailable = ExpertResponse::Unavailable { reason: Text::new("not hosted").unwrap() };
-    assert_eq!(ExpertResponse::decode(&unavailable.encode().unwrap()).unwrap(), unavailable);
+    assert_eq!(
+        FetchRequest::decode(&fetch_request().encode().unwrap()).unwrap(),
+        fetch_request()
+    );
+    assert_eq!(
+        FetchResponse::decode(&fetch_response().encode().unwrap()).unwrap(),
+        fetch_response()
+    );
+    let not_found = FetchResponse::NotFound {
+        hash: ContentHash::of(b"x"),
+    };
+    assert_eq!(
+        FetchResponse::decode(&not_found.encode().unwrap()).unwrap(),
+        not_found
+    );
+    let refused = FetchResponse::Refused {
+        reason: Text::new("busy").unwrap(),
+    };
+    assert_eq!(
+        FetchResponse::decode(&refused.encode().unwrap()).unwrap(),
+        refused
+    );
+    assert_eq!(
+        ExpertRequest::decode(&expert_request().encode().unwrap()).unwrap(),
+        expert_request()
+    );
+    assert_eq!(
+        ExpertResponse::decode(&expert_response().encode().unwrap()).unwrap(),
+        expert_response()
+    );
+    let unavailable = ExpertResponse::Unavailable {
+        reason: Text::new("not hosted").unwrap(),
+    };
+    assert_eq!(
+        ExpertResponse::decode(&unavailable.encode().unwrap()).unwrap(),
+        unavailable
+    );
     let t = expert_request().input;
-    assert_eq!(t.to_f32().unwrap(), vec![0.5, -1.0, 2.0, 0.0, 1.5, -0.25, 3.0, 4.0]);
+    assert_eq!(
+        t.to_f32().unwrap(),
+        vec![0.5, -1.0, 2.0, 0.0, 1.5, -0.25, 3.0, 4.0]
+    );
 }
 
 #[test]
@@ -54,11 +84,17 @@ fn every_single_byte_change_of_an_envelope_is_detected() {
                 let mut tampered = bytes.clone();
                 tampered[pos] ^= delta;
                 let outcome = decode_envelope(&tampered).and_then(|e| e.verify());
-                assert!(outcome.is_err(), "{name}: flipping byte {pos} with {delta:#04x} went unnoticed");
+                assert!(
+                    outcome.is_err(),
+                    "{name}: flipping byte {pos} with {delta:#04x} went unnoticed"
+                );
             }
         }
         // Truncation and extension are detected too.
-        assert!(decode_envelope(&bytes[..bytes.len() - 1]).is_err(), "{name}: truncated");
+        assert!(
+            decode_envelope(&bytes[..bytes.len() - 1]).is_err(),
+            "{name}: truncated"
+        );
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(decode_envelope(&longer).is_err(), "{name}: extended");
@@ -98,10 +134,22 @@ fn other_versions_are_refused_before_anything_else() {
     let mut env = SignedEnvelope::sign(&node(), &message, T0).unwrap();
     env.version = 2;
     let bytes = env.encode().unwrap();
-    assert_eq!(decode_envelope(&bytes), Err(ProtocolError::UnsupportedVersion { got: 2, supported: 1 }));
+    assert_eq!(
+        decode_envelope(&bytes),
+        Err(ProtocolError::UnsupportedVersion {
+            got: 2,
+            supported: 1
+        })
+    );
     let mut frame = fetch_request().encode().unwrap();
     frame[0] = 9;
-    assert_eq!(FetchRequest::decode(&frame), Err(ProtocolError::UnsupportedVersion { got: 9, supported: 1 }));
+    assert_eq!(
+        FetchRequest::decode(&frame),
+        Err(ProtocolError::UnsupportedVersion {
+            got: 9,
+            supported: 1
+        })
+    );
 }
 
 #[test]
@@ -112,7 +160,10 @@ fn non_canonical_encodings_are_refused() {
     let bytes = env.encode().unwrap();
     let mut long_form = vec![251u8, 1, 0];
     long_form.extend_from_slice(&bytes[1..]);
-    assert!(matches!(decode_envelope(&long_form), Err(ProtocolError::NonCanonical { .. })));
+    assert!(matches!(
+        decode_envelope(&long_form),
+        Err(ProtocolError::NonCanonical { .. })
+    ));
 }
 
 #[test]
@@ -120,10 +171,16 @@ fn count_limits_are_enforced_on_sign_and_decode() {
     let mut hb = heartbeat();
     hb.hosted = vec![ShardId::Trunk; limits::MAX_SHARDS_PER_NODE + 1];
     let message = Message::Heartbeat(hb);
-    assert!(matches!(SignedEnvelope::sign(&node(), &message, T0), Err(ProtocolError::InvalidField { .. })));
+    assert!(matches!(
+        SignedEnvelope::sign(&node(), &message, T0),
+        Err(ProtocolError::InvalidField { .. })
+    ));
     let mut manifest = manifest(1);
     manifest.shards.swap(0, 1);
-    assert!(matches!(CheckpointManifest::from_bytes(&bincode_of(&manifest)), Err(ProtocolError::InvalidField { .. })));
+    assert!(matches!(
+        CheckpointManifest::from_bytes(&bincode_of(&manifest)),
+        Err(ProtocolError::InvalidField { .. })
+    ));
 }
 
 fn bincode_of(m: &CheckpointManifest) -> Vec<u8> {
@@ -133,7 +190,10 @@ fn bincode_of(m: &CheckpointManifest) -> Vec<u8> {
 #[test]
 fn oversized_inputs_are_refused_before_decoding() {
     let big = vec![1u8; limits::MAX_ENVELOPE_BYTES + 1];
-    assert!(matches!(decode_envelope(&big), Err(ProtocolError::TooLarge { .. })));
+    assert!(matches!(
+        decode_envelope(&big),
+        Err(ProtocolError::TooLarge { .. })
+    ));
     let chunk = FetchResponse::Chunk {
         hash: ContentHash::of(b""),
         offset: 0,
@@ -141,9 +201,17 @@ fn oversized_inputs_are_refused_before_decoding() {
         data: Bytes(vec![0; limits::MAX_FETCH_CHUNK_BYTES as usize + 1]),
     };
     assert!(chunk.encode().is_err());
-    let bad_tensor = Tensor { dtype: TensorDtype::F32, shape: vec![2, 2], data: Bytes(vec![0; 15]) };
+    let bad_tensor = Tensor {
+        dtype: TensorDtype::F32,
+        shape: vec![2, 2],
+        data: Bytes(vec![0; 15]),
+    };
     assert!(bad_tensor.check().is_err());
-    let huge = Tensor { dtype: TensorDtype::F32, shape: vec![u32::MAX, u32::MAX, 2], data: Bytes(vec![]) };
+    let huge = Tensor {
+        dtype: TensorDtype::F32,
+        shape: vec![u32::MAX, u32::MAX, 2],
+        data: Bytes(vec![]),
+    };
     assert!(huge.check().is_err());
 }
 
@@ -152,7 +220,10 @@ mod generated {
     use proptest::prelude::*;
 
     fn shard() -> impl Strategy<Value = ShardId> {
-        prop_oneof![Just(ShardId::Trunk), (0u16..1024, 0u16..4096).prop_map(|(l, i)| ShardId::expert(l, i).unwrap())]
+        prop_oneof![
+            Just(ShardId::Trunk),
+            (0u16..1024, 0u16..4096).prop_map(|(l, i)| ShardId::expert(l, i).unwrap())
+        ]
     }
 
     fn hash() -> impl Strategy<Value = ContentHash> {

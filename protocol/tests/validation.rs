@@ -10,10 +10,21 @@ use mana_protocol::*;
 
 const NOW: u64 = T0 + 1000;
 
-fn check(current: Option<&RoundAnnouncement>, signer: &Keypair, timestamp: u64, message: &Message) -> Result<Message, Rejection> {
+fn check(
+    current: Option<&RoundAnnouncement>,
+    signer: &Keypair,
+    timestamp: u64,
+    message: &Message,
+) -> Result<Message, Rejection> {
     let run = run();
     let coord = coordinator().public();
-    let ctx = ValidationContext { run: &run, coordinator: &coord, current, now_ms: NOW, limits: ValidationLimits::default() };
+    let ctx = ValidationContext {
+        run: &run,
+        coordinator: &coord,
+        current,
+        now_ms: NOW,
+        limits: ValidationLimits::default(),
+    };
     let envelope = SignedEnvelope::sign(signer, message, timestamp).unwrap();
     validate_envelope(&ctx, &decode_envelope(&envelope.encode().unwrap()).unwrap())
 }
@@ -27,12 +38,60 @@ fn good_messages_pass() {
     let round = round_announcement();
     let mut previous = round.clone();
     previous.round -= 1;
-    assert!(check(Some(&previous), &coordinator(), NOW, &Message::RoundAnnouncement(round.clone())).is_ok());
-    assert!(check(None, &coordinator(), NOW, &Message::RoundAnnouncement(round.clone())).is_ok());
-    assert!(check(Some(&round), &node(), NOW, &Message::DeltaAnnouncement(delta_announcement())).is_ok());
-    assert!(check(Some(&round), &coordinator(), NOW, &Message::RoundCommit(round_commit())).is_ok());
-    assert!(check(Some(&round), &coordinator(), NOW, &Message::CheckpointManifest(manifest(6))).is_ok());
-    assert!(check(Some(&round), &outsider(), NOW, &Message::Heartbeat(heartbeat())).is_ok());
+    assert!(
+        check(
+            Some(&previous),
+            &coordinator(),
+            NOW,
+            &Message::RoundAnnouncement(round.clone())
+        )
+        .is_ok()
+    );
+    assert!(
+        check(
+            None,
+            &coordinator(),
+            NOW,
+            &Message::RoundAnnouncement(round.clone())
+        )
+        .is_ok()
+    );
+    assert!(
+        check(
+            Some(&round),
+            &node(),
+            NOW,
+            &Message::DeltaAnnouncement(delta_announcement())
+        )
+        .is_ok()
+    );
+    assert!(
+        check(
+            Some(&round),
+            &coordinator(),
+            NOW,
+            &Message::RoundCommit(round_commit())
+        )
+        .is_ok()
+    );
+    assert!(
+        check(
+            Some(&round),
+            &coordinator(),
+            NOW,
+            &Message::CheckpointManifest(manifest(6))
+        )
+        .is_ok()
+    );
+    assert!(
+        check(
+            Some(&round),
+            &outsider(),
+            NOW,
+            &Message::Heartbeat(heartbeat())
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -47,50 +106,186 @@ fn each_refusal_has_its_reason() {
 
     let mut other_run = heartbeat();
     other_run.run = RunId::new("other").unwrap();
-    assert_eq!(code(check(cur, &node(), NOW, &Message::Heartbeat(other_run))), RejectCode::UnknownRun);
-    assert_eq!(code(check(cur, &node(), NOW + 31_000, &Message::Heartbeat(heartbeat()))), RejectCode::ClockSkew);
-    assert_eq!(code(check(cur, &node(), NOW - 31_000, &Message::Heartbeat(heartbeat()))), RejectCode::ClockSkew);
+    assert_eq!(
+        code(check(cur, &node(), NOW, &Message::Heartbeat(other_run))),
+        RejectCode::UnknownRun
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW + 31_000,
+            &Message::Heartbeat(heartbeat())
+        )),
+        RejectCode::ClockSkew
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW - 31_000,
+            &Message::Heartbeat(heartbeat())
+        )),
+        RejectCode::ClockSkew
+    );
 
     // Round window: replays of old rounds and far-future rounds.
-    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(round.clone()))), RejectCode::StaleRound);
+    assert_eq!(
+        code(check(
+            cur,
+            &coordinator(),
+            NOW,
+            &Message::RoundAnnouncement(round.clone())
+        )),
+        RejectCode::StaleRound
+    );
     let mut far = round.clone();
     far.round += 2;
-    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(far))), RejectCode::FutureRound);
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.round -= 1))), RejectCode::StaleRound);
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.round += 1))), RejectCode::FutureRound);
-    assert_eq!(code(check(None, &node(), NOW, &delta(&|_| {}))), RejectCode::NoRound);
+    assert_eq!(
+        code(check(
+            cur,
+            &coordinator(),
+            NOW,
+            &Message::RoundAnnouncement(far)
+        )),
+        RejectCode::FutureRound
+    );
+    assert_eq!(
+        code(check(cur, &node(), NOW, &delta(&|d| d.round -= 1))),
+        RejectCode::StaleRound
+    );
+    assert_eq!(
+        code(check(cur, &node(), NOW, &delta(&|d| d.round += 1))),
+        RejectCode::FutureRound
+    );
+    assert_eq!(
+        code(check(None, &node(), NOW, &delta(&|_| {}))),
+        RejectCode::NoRound
+    );
 
     // Who may sign what.
     let mut next = round.clone();
     next.round += 1;
-    assert_eq!(code(check(cur, &node(), NOW, &Message::RoundAnnouncement(next))), RejectCode::NotCoordinator);
-    assert_eq!(code(check(cur, &node(), NOW, &Message::RoundCommit(round_commit()))), RejectCode::NotCoordinator);
-    assert_eq!(code(check(cur, &outsider(), NOW, &Message::CheckpointManifest(manifest(6)))), RejectCode::NotCoordinator);
-    assert_eq!(code(check(cur, &outsider(), NOW, &delta(&|_| {}))), RejectCode::NotParticipant);
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.shard = ShardId::expert(1, 1).unwrap()))), RejectCode::ShardNotAssigned);
+    assert_eq!(
+        code(check(cur, &node(), NOW, &Message::RoundAnnouncement(next))),
+        RejectCode::NotCoordinator
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW,
+            &Message::RoundCommit(round_commit())
+        )),
+        RejectCode::NotCoordinator
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &outsider(),
+            NOW,
+            &Message::CheckpointManifest(manifest(6))
+        )),
+        RejectCode::NotCoordinator
+    );
+    assert_eq!(
+        code(check(cur, &outsider(), NOW, &delta(&|_| {}))),
+        RejectCode::NotParticipant
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW,
+            &delta(&|d| d.shard = ShardId::expert(1, 1).unwrap())
+        )),
+        RejectCode::ShardNotAssigned
+    );
 
     // Contents.
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.base_checkpoint = ContentHash::of(b"old")))), RejectCode::WrongBase);
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.payload_size = u64::MAX))), RejectCode::TooLarge);
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.stats.loss_after = f32::NAN))), RejectCode::NonFinite);
-    assert_eq!(code(check(cur, &node(), NOW, &delta(&|d| d.stats.delta_norm = f32::INFINITY))), RejectCode::NonFinite);
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW,
+            &delta(&|d| d.base_checkpoint = ContentHash::of(b"old"))
+        )),
+        RejectCode::WrongBase
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW,
+            &delta(&|d| d.payload_size = u64::MAX)
+        )),
+        RejectCode::TooLarge
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW,
+            &delta(&|d| d.stats.loss_after = f32::NAN)
+        )),
+        RejectCode::NonFinite
+    );
+    assert_eq!(
+        code(check(
+            cur,
+            &node(),
+            NOW,
+            &delta(&|d| d.stats.delta_norm = f32::INFINITY)
+        )),
+        RejectCode::NonFinite
+    );
     let mut late_round = round.clone();
     late_round.deadlines.deltas_by_ms = NOW - 1;
-    assert_eq!(code(check(Some(&late_round), &node(), NOW, &delta(&|_| {}))), RejectCode::Late);
+    assert_eq!(
+        code(check(Some(&late_round), &node(), NOW, &delta(&|_| {}))),
+        RejectCode::Late
+    );
 
     let mut next = round.clone();
     next.round += 1;
     next.hyper.outer_lr = f32::NAN;
-    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(next.clone()))), RejectCode::NonFinite);
+    assert_eq!(
+        code(check(
+            cur,
+            &coordinator(),
+            NOW,
+            &Message::RoundAnnouncement(next.clone())
+        )),
+        RejectCode::NonFinite
+    );
     next.hyper.outer_lr = 0.7;
     next.participants.push(next.participants[0].clone());
-    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(next))), RejectCode::Inconsistent);
+    assert_eq!(
+        code(check(
+            cur,
+            &coordinator(),
+            NOW,
+            &Message::RoundAnnouncement(next)
+        )),
+        RejectCode::Inconsistent
+    );
     let mut commit = round_commit();
     commit.checkpoint.round = 3;
-    assert_eq!(code(check(cur, &coordinator(), NOW, &Message::RoundCommit(commit))), RejectCode::Inconsistent);
+    assert_eq!(
+        code(check(
+            cur,
+            &coordinator(),
+            NOW,
+            &Message::RoundCommit(commit)
+        )),
+        RejectCode::Inconsistent
+    );
     let mut hb = heartbeat();
     hb.capacity.tokens_per_second = f32::NAN;
-    assert_eq!(code(check(cur, &node(), NOW, &Message::Heartbeat(hb))), RejectCode::NonFinite);
+    assert_eq!(
+        code(check(cur, &node(), NOW, &Message::Heartbeat(hb))),
+        RejectCode::NonFinite
+    );
 }
 
 #[test]
@@ -98,7 +293,13 @@ fn tampered_envelopes_are_refused_as_bad_envelopes() {
     let round = round_announcement();
     let run = run();
     let coord = coordinator().public();
-    let ctx = ValidationContext { run: &run, coordinator: &coord, current: Some(&round), now_ms: NOW, limits: ValidationLimits::default() };
+    let ctx = ValidationContext {
+        run: &run,
+        coordinator: &coord,
+        current: Some(&round),
+        now_ms: NOW,
+        limits: ValidationLimits::default(),
+    };
     let mut env = SignedEnvelope::sign(&node(), &Message::Heartbeat(heartbeat()), NOW).unwrap();
     env.signer = coordinator().public();
     let r = validate_envelope(&ctx, &env).unwrap_err();
@@ -109,7 +310,9 @@ fn tampered_envelopes_are_refused_as_bad_envelopes() {
 /// The fixture's announcement, for a payload bound to its signer (the fixture node) as a trainer hosts it.
 fn bound_announcement() -> (DeltaAnnouncement, Vec<u8>) {
     let mut ann = delta_announcement();
-    let payload = Binding::of(&ann, node().public()).wrap(&sample_payload()).unwrap();
+    let payload = Binding::of(&ann, node().public())
+        .wrap(&sample_payload())
+        .unwrap();
     ann.payload_hash = ContentHash::of(&payload);
     ann.payload_size = payload.len() as u64;
     (ann, payload)
@@ -130,19 +333,36 @@ fn delta_payloads_are_checked_against_their_announcement() {
 
     let mut tampered = payload.clone();
     tampered[20] ^= 1;
-    assert_eq!(validate_delta_payload(&ann, &me, &tampered, n, None, 3.0).unwrap_err().code(), RejectCode::HashMismatch);
     assert_eq!(
-        validate_delta_payload(&ann, &me, &payload[..payload.len() - 1], n, None, 3.0).unwrap_err().code(),
+        validate_delta_payload(&ann, &me, &tampered, n, None, 3.0)
+            .unwrap_err()
+            .code(),
+        RejectCode::HashMismatch
+    );
+    assert_eq!(
+        validate_delta_payload(&ann, &me, &payload[..payload.len() - 1], n, None, 3.0)
+            .unwrap_err()
+            .code(),
         RejectCode::SizeMismatch
     );
-    assert_eq!(validate_delta_payload(&ann, &me, &payload, n + 1, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+    assert_eq!(
+        validate_delta_payload(&ann, &me, &payload, n + 1, None, 3.0)
+            .unwrap_err()
+            .code(),
+        RejectCode::BadPayload
+    );
 
     // A payload whose hash matches but which does not decode, and a bare delta with no binding.
     for junk in [vec![0u8; 40], sample_payload()] {
         let mut junk_ann = ann.clone();
         junk_ann.payload_hash = ContentHash::of(&junk);
         junk_ann.payload_size = junk.len() as u64;
-        assert_eq!(validate_delta_payload(&junk_ann, &me, &junk, n, None, 3.0).unwrap_err().code(), RejectCode::BadPayload);
+        assert_eq!(
+            validate_delta_payload(&junk_ann, &me, &junk, n, None, 3.0)
+                .unwrap_err()
+                .code(),
+            RejectCode::BadPayload
+        );
     }
 }
 
@@ -157,20 +377,47 @@ fn a_payload_is_refused_under_any_other_sender_round_or_shard() {
     // The same sender, in a later round or for another shard.
     let mut later = ann.clone();
     later.round += 1;
-    assert_eq!(validate_delta_payload(&later, &node().public(), &payload, n, None, 3.0).unwrap_err().code(), RejectCode::NotBound);
+    assert_eq!(
+        validate_delta_payload(&later, &node().public(), &payload, n, None, 3.0)
+            .unwrap_err()
+            .code(),
+        RejectCode::NotBound
+    );
     let mut other = ann.clone();
     other.shard = ShardId::expert(1, 1).unwrap();
-    assert_eq!(validate_delta_payload(&other, &node().public(), &payload, n, None, 3.0).unwrap_err().code(), RejectCode::NotBound);
+    assert_eq!(
+        validate_delta_payload(&other, &node().public(), &payload, n, None, 3.0)
+            .unwrap_err()
+            .code(),
+        RejectCode::NotBound
+    );
 }
 
 #[test]
 fn codes_are_stable_and_distinct() {
     let all = [
-        RejectCode::BadEnvelope, RejectCode::UnknownRun, RejectCode::ClockSkew, RejectCode::NoRound, RejectCode::StaleRound,
-        RejectCode::FutureRound, RejectCode::NotCoordinator, RejectCode::NotParticipant, RejectCode::ShardNotAssigned,
-        RejectCode::WrongBase, RejectCode::Late, RejectCode::TooLarge, RejectCode::NonFinite, RejectCode::Inconsistent,
-        RejectCode::NormTooLarge, RejectCode::HashMismatch, RejectCode::SizeMismatch, RejectCode::BadPayload,
-        RejectCode::NotBound, RejectCode::Unavailable, RejectCode::NormTooSmall, RejectCode::LowScore,
+        RejectCode::BadEnvelope,
+        RejectCode::UnknownRun,
+        RejectCode::ClockSkew,
+        RejectCode::NoRound,
+        RejectCode::StaleRound,
+        RejectCode::FutureRound,
+        RejectCode::NotCoordinator,
+        RejectCode::NotParticipant,
+        RejectCode::ShardNotAssigned,
+        RejectCode::WrongBase,
+        RejectCode::Late,
+        RejectCode::TooLarge,
+        RejectCode::NonFinite,
+        RejectCode::Inconsistent,
+        RejectCode::NormTooLarge,
+        RejectCode::HashMismatch,
+        RejectCode::SizeMismatch,
+        RejectCode::BadPayload,
+        RejectCode::NotBound,
+        RejectCode::Unavailable,
+        RejectCode::NormTooSmall,
+        RejectCode::LowScore,
         RejectCode::NotAdmitted,
     ];
     let strings: std::collections::HashSet<_> = all.iter().map(|c| c.as_str()).collect();
@@ -202,18 +449,60 @@ fn commit_disputes_are_judged_by_round_and_consistency() {
     // Any node may dispute the commit of the current round or of one just before it.
     assert!(check(Some(&round), &node(), NOW, &dispute(&|_| {})).is_ok());
     assert!(check(Some(&round), &outsider(), NOW, &dispute(&|d| d.round -= 2)).is_ok());
-    assert_eq!(code(check(None, &node(), NOW, &dispute(&|_| {}))), RejectCode::NoRound);
-    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.round += 1))), RejectCode::FutureRound);
-    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.round -= 3))), RejectCode::StaleRound);
+    assert_eq!(
+        code(check(None, &node(), NOW, &dispute(&|_| {}))),
+        RejectCode::NoRound
+    );
+    assert_eq!(
+        code(check(
+            Some(&round),
+            &node(),
+            NOW,
+            &dispute(&|d| d.round += 1)
+        )),
+        RejectCode::FutureRound
+    );
+    assert_eq!(
+        code(check(
+            Some(&round),
+            &node(),
+            NOW,
+            &dispute(&|d| d.round -= 3)
+        )),
+        RejectCode::StaleRound
+    );
     // A dispute that agrees with the commit, or that changes a shard without any delta, is nonsense.
-    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.computed = d.committed))), RejectCode::Inconsistent);
-    assert_eq!(code(check(Some(&round), &node(), NOW, &dispute(&|d| d.accepted.clear()))), RejectCode::Inconsistent);
-    assert!(check(Some(&round), &node(), NOW, &dispute(&|d| {
-        d.accepted.clear();
-        d.committed = ContentHash::of(b"changed without a delta");
-        d.computed = d.base;
-    }))
-    .is_ok());
+    assert_eq!(
+        code(check(
+            Some(&round),
+            &node(),
+            NOW,
+            &dispute(&|d| d.computed = d.committed)
+        )),
+        RejectCode::Inconsistent
+    );
+    assert_eq!(
+        code(check(
+            Some(&round),
+            &node(),
+            NOW,
+            &dispute(&|d| d.accepted.clear())
+        )),
+        RejectCode::Inconsistent
+    );
+    assert!(
+        check(
+            Some(&round),
+            &node(),
+            NOW,
+            &dispute(&|d| {
+                d.accepted.clear();
+                d.committed = ContentHash::of(b"changed without a delta");
+                d.computed = d.base;
+            })
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -223,13 +512,26 @@ fn a_dispute_matches_only_the_commit_it_quotes() {
     assert_eq!(dispute.matches(&commit), Ok(()));
     let mut other = commit.clone();
     other.rejected.clear();
-    assert!(matches!(dispute.matches(&other), Err(DisputeMismatch::OtherCommit { .. })));
+    assert!(matches!(
+        dispute.matches(&other),
+        Err(DisputeMismatch::OtherCommit { .. })
+    ));
     let mut wrong = dispute.clone();
     wrong.committed = ContentHash::of(b"another entry");
-    assert_eq!(wrong.matches(&commit), Err(DisputeMismatch::OtherEntry { shard: dispute.shard }));
+    assert_eq!(
+        wrong.matches(&commit),
+        Err(DisputeMismatch::OtherEntry {
+            shard: dispute.shard
+        })
+    );
     let mut wrong = dispute.clone();
     wrong.accepted.push(ContentHash::of(b"one more"));
-    assert_eq!(wrong.matches(&commit), Err(DisputeMismatch::OtherDeltas { shard: dispute.shard }));
+    assert_eq!(
+        wrong.matches(&commit),
+        Err(DisputeMismatch::OtherDeltas {
+            shard: dispute.shard
+        })
+    );
     let mut wrong = dispute.clone();
     wrong.computed = wrong.committed;
     assert_eq!(wrong.matches(&commit), Err(DisputeMismatch::NoDisagreement));

@@ -15,18 +15,36 @@ use common::*;
 use mana_protocol::*;
 
 fn generated() -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> =
-        all_envelopes().into_iter().map(|(name, bytes)| (format!("envelope_{name}"), bytes)).collect();
+    let mut out: Vec<(String, Vec<u8>)> = all_envelopes()
+        .into_iter()
+        .map(|(name, bytes)| (format!("envelope_{name}"), bytes))
+        .collect();
     out.push(("fetch_request".into(), fetch_request().encode().unwrap()));
     out.push(("fetch_response".into(), fetch_response().encode().unwrap()));
     out.push(("range_request".into(), range_request().encode().unwrap()));
     out.push(("range_response".into(), range_response().encode().unwrap()));
     out.push(("expert_request".into(), expert_request().encode().unwrap()));
-    out.push(("expert_response".into(), expert_response().encode().unwrap()));
-    out.push(("checkpoint_manifest_blob".into(), manifest(7).to_bytes().unwrap()));
-    out.push(("delta_dense".into(), encode_delta(&sample_delta()[..8], &CodecOptions::default()).unwrap()));
-    let sparse = CodecOptions { block_size: 128, scale: ScaleFormat::PowerOfTwo, top_k_density: Some(0.25) };
-    out.push(("delta_sparse_pow2".into(), encode_delta(&sample_delta()[..8], &sparse).unwrap()));
+    out.push((
+        "expert_response".into(),
+        expert_response().encode().unwrap(),
+    ));
+    out.push((
+        "checkpoint_manifest_blob".into(),
+        manifest(7).to_bytes().unwrap(),
+    ));
+    out.push((
+        "delta_dense".into(),
+        encode_delta(&sample_delta()[..8], &CodecOptions::default()).unwrap(),
+    ));
+    let sparse = CodecOptions {
+        block_size: 128,
+        scale: ScaleFormat::PowerOfTwo,
+        top_k_density: Some(0.25),
+    };
+    out.push((
+        "delta_sparse_pow2".into(),
+        encode_delta(&sample_delta()[..8], &sparse).unwrap(),
+    ));
     out
 }
 
@@ -41,7 +59,11 @@ fn doc_path() -> PathBuf {
 /// Hex in lines of 64 digits (32 bytes), as quoted in the document.
 fn wrap_hex(bytes: &[u8]) -> String {
     let hex = hex::encode(bytes);
-    let lines: Vec<&str> = hex.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    let lines: Vec<&str> = hex
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
     lines.join("\n")
 }
 
@@ -53,9 +75,15 @@ fn doc_vectors(doc: &str) -> Vec<(String, String)> {
         rest = &rest[start + "<!-- vector: ".len()..];
         let end = rest.find(" -->").expect("vector marker closes");
         let name = rest[..end].to_string();
-        let open = rest.find("```hex\n").expect("a ```hex block follows each vector marker") + "```hex\n".len();
+        let open = rest
+            .find("```hex\n")
+            .expect("a ```hex block follows each vector marker")
+            + "```hex\n".len();
         let close = open + rest[open..].find("```").expect("the hex block closes");
-        let hex: String = rest[open..close].chars().filter(|c| !c.is_whitespace()).collect();
+        let hex: String = rest[open..close]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
         out.push((name, hex));
         rest = &rest[close..];
     }
@@ -72,7 +100,11 @@ fn rewrite_doc(doc: &str, vectors: &[(String, Vec<u8>)]) -> String {
         let open = start + rest[start..].find("```hex\n").unwrap() + "```hex\n".len();
         let close = open + rest[open..].find("```").unwrap();
         out.push_str(&rest[..open]);
-        let bytes = &vectors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no vector {name}")).1;
+        let bytes = &vectors
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no vector {name}"))
+            .1;
         out.push_str(&wrap_hex(bytes));
         out.push('\n');
         rest = &rest[close..];
@@ -88,7 +120,11 @@ fn vectors_match_the_code_the_files_and_the_document() {
     let doc = std::fs::read_to_string(doc_path()).expect("docs/protocol.md exists");
     if update {
         for (name, bytes) in &vectors {
-            std::fs::write(root().join(format!("tests/vectors/{name}.hex")), format!("{}\n", wrap_hex(bytes))).unwrap();
+            std::fs::write(
+                root().join(format!("tests/vectors/{name}.hex")),
+                format!("{}\n", wrap_hex(bytes)),
+            )
+            .unwrap();
         }
         std::fs::write(doc_path(), rewrite_doc(&doc, &vectors)).unwrap();
         return;
@@ -98,12 +134,25 @@ fn vectors_match_the_code_the_files_and_the_document() {
         let file = std::fs::read_to_string(root().join(format!("tests/vectors/{name}.hex")))
             .unwrap_or_else(|e| panic!("vector file {name}.hex: {e}"));
         let file_hex: String = file.chars().filter(|c| !c.is_whitespace()).collect();
-        assert_eq!(file_hex, hex::encode(bytes), "tests/vectors/{name}.hex differs from what the code produces");
-        let doc_hex = in_doc.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("docs/protocol.md lacks vector {name}"));
-        assert_eq!(doc_hex.1, file_hex, "docs/protocol.md vector {name} differs from the file");
+        assert_eq!(
+            file_hex,
+            hex::encode(bytes),
+            "tests/vectors/{name}.hex differs from what the code produces"
+        );
+        let doc_hex = in_doc
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("docs/protocol.md lacks vector {name}"));
+        assert_eq!(
+            doc_hex.1, file_hex,
+            "docs/protocol.md vector {name} differs from the file"
+        );
     }
     for (name, _) in &in_doc {
-        assert!(vectors.iter().any(|(n, _)| n == name), "docs/protocol.md has an unknown vector {name}");
+        assert!(
+            vectors.iter().any(|(n, _)| n == name),
+            "docs/protocol.md has an unknown vector {name}"
+        );
     }
 }
 
@@ -116,10 +165,22 @@ fn vectors_decode_to_the_fixtures() {
         assert_eq!(env.verify().unwrap(), message, "{name}");
         assert_eq!(env.signer, signer_of(&message).public());
     }
-    assert_eq!(FetchRequest::decode(&get("fetch_request")).unwrap(), fetch_request());
-    assert_eq!(RangeRequest::decode(&get("range_request")).unwrap(), range_request());
-    assert_eq!(RangeResponse::decode(&get("range_response")).unwrap(), range_response());
-    assert_eq!(ExpertResponse::decode(&get("expert_response")).unwrap(), expert_response());
+    assert_eq!(
+        FetchRequest::decode(&get("fetch_request")).unwrap(),
+        fetch_request()
+    );
+    assert_eq!(
+        RangeRequest::decode(&get("range_request")).unwrap(),
+        range_request()
+    );
+    assert_eq!(
+        RangeResponse::decode(&get("range_response")).unwrap(),
+        range_response()
+    );
+    assert_eq!(
+        ExpertResponse::decode(&get("expert_response")).unwrap(),
+        expert_response()
+    );
     let dense = decode_delta(&get("delta_dense"), 8).unwrap();
     assert_eq!(dense.len(), 8);
 }

@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use mana_engine::coordinator::CoordinatorConfig;
+use mana_engine::round::RunSpec;
 use mana_node::daemon::config::parse_run;
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
-use mana_engine::coordinator::CoordinatorConfig;
-use mana_engine::round::RunSpec;
 use mana_protocol::UpdateRule;
 use serde::Deserialize;
 
@@ -108,7 +108,11 @@ pub struct CoordinatorArgs {
 
 impl FromFile for CoordinatorArgs {
     fn from_file(file: &mut FileTable) -> Result<Self, ConfigError> {
-        Ok(CoordinatorArgs { net: file.take()?, join: file.take()?, ..file.take()? })
+        Ok(CoordinatorArgs {
+            net: file.take()?,
+            join: file.take()?,
+            ..file.take()?
+        })
     }
 }
 
@@ -124,30 +128,48 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let node = node_config(&s, &net)?;
     let (spec, machine) = machine(&s, &node)?;
     let corpus = s.get(|a| &a.corpus);
-    let data = Arc::new(load_dataset(&DataSource { corpus, ..DataSource::default() })?);
+    let data = Arc::new(load_dataset(&DataSource {
+        corpus,
+        ..DataSource::default()
+    })?);
     let mut role = ConductorConfig::new(machine, spec, data);
     role.rounds = s.get(|a| &a.rounds);
     role.metrics = s.get(|a| &a.metrics);
     role.export = s.get(|a| &a.export);
     role.allowlist = s.get(|a| &a.allowlist);
     if let Some(share) = s.get(|a| &a.score_share) {
-        anyhow::ensure!((0.0..=1.0).contains(&share), "--score-share must be in [0, 1]");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "--score-share must be in [0, 1]"
+        );
         role.score_share = share;
     }
     if let Some(gain) = s.get(|a| &a.trunk_min_gain) {
-        anyhow::ensure!(gain.is_finite(), "--trunk-min-gain must be a finite number of nats");
+        anyhow::ensure!(
+            gain.is_finite(),
+            "--trunk-min-gain must be a finite number of nats"
+        );
         role.score_policy.trunk_min_gain = gain;
     }
     if let Some(share) = s.get(|a| &a.trunk_share) {
-        anyhow::ensure!(share.is_finite() && (0.0..=1.0).contains(&share), "--trunk-share must be in [0, 1]");
+        anyhow::ensure!(
+            share.is_finite() && (0.0..=1.0).contains(&share),
+            "--trunk-share must be in [0, 1]"
+        );
         role.score_policy.trunk_share = share;
     }
     if let Some(tolerance) = s.get(|a| &a.expert_tolerance) {
-        anyhow::ensure!(tolerance.is_finite() && tolerance >= 0.0, "--expert-tolerance must be a finite number of nats, at least 0");
+        anyhow::ensure!(
+            tolerance.is_finite() && tolerance >= 0.0,
+            "--expert-tolerance must be a finite number of nats, at least 0"
+        );
         role.score_policy.expert_tolerance = tolerance;
     }
     if let Some(ratio) = s.get(|a| &a.min_norm_ratio) {
-        anyhow::ensure!(ratio.is_finite() && (0.0..1.0).contains(&ratio), "--min-norm-ratio must be in [0, 1)");
+        anyhow::ensure!(
+            ratio.is_finite() && (0.0..1.0).contains(&ratio),
+            "--min-norm-ratio must be in [0, 1)"
+        );
         role.min_norm_ratio = ratio;
     }
 
@@ -186,7 +208,10 @@ fn node_config(s: &Layered<CoordinatorArgs>, net: &Net) -> anyhow::Result<NodeCo
 }
 
 /// The model preset and the state machine's settings (rule, round lengths, replication...).
-fn machine(s: &Layered<CoordinatorArgs>, node: &NodeConfig) -> anyhow::Result<(RunSpec, CoordinatorConfig)> {
+fn machine(
+    s: &Layered<CoordinatorArgs>,
+    node: &NodeConfig,
+) -> anyhow::Result<(RunSpec, CoordinatorConfig)> {
     let rule = UpdateRule::from(s.get(|a| &a.rule).unwrap_or_default());
     let mut spec = RunSpec::tiny();
     if let Some(seed) = s.get(|a| &a.seed) {
@@ -196,11 +221,15 @@ fn machine(s: &Layered<CoordinatorArgs>, node: &NodeConfig) -> anyhow::Result<(R
     let inner_steps = s.get(|a| &a.inner_steps).unwrap_or(default_h);
     let mut machine = machine_config(node.net.run_id.clone(), &spec, rule, inner_steps)?;
     machine.replication = s.get(|a| &a.replication).unwrap_or(machine.replication);
-    machine.min_members = s.get(|a| &a.min_members).unwrap_or(machine.min_members.max(machine.replication));
+    machine.min_members = s
+        .get(|a| &a.min_members)
+        .unwrap_or(machine.min_members.max(machine.replication));
     machine.train_ms = s.get(|a| &a.round_ms).unwrap_or(10_000);
     machine.verify_ms = s.get(|a| &a.verify_ms).unwrap_or(10_000);
     machine.cooldown_ms = s.get(|a| &a.cooldown_ms).unwrap_or(500);
-    machine.standing.max_members = s.get(|a| &a.max_members).unwrap_or(machine.standing.max_members);
+    machine.standing.max_members = s
+        .get(|a| &a.max_members)
+        .unwrap_or(machine.standing.max_members);
     if let Some(lr) = s.get(|a| &a.lr) {
         machine.hyper.inner_lr = lr;
     }
@@ -211,7 +240,6 @@ fn machine(s: &Layered<CoordinatorArgs>, node: &NodeConfig) -> anyhow::Result<(R
 fn hex_key(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -229,7 +257,8 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("coordinator.toml");
         std::fs::write(&path, file)?;
-        let args = Cli::try_parse_from(std::iter::once("coordinator").chain(flags.iter().copied()))?.args;
+        let args =
+            Cli::try_parse_from(std::iter::once("coordinator").chain(flags.iter().copied()))?.args;
         let s = Layered::load(args, Some(&path))?;
         let net = Net::resolve(&s.section(|a| &a.net), DEFAULT_DATA_DIR)?;
         let node = node_config(&s, &net)?;
@@ -238,23 +267,34 @@ mod tests {
 
     #[test]
     fn file_parses_and_rejects_unknown_keys() {
-        let (node, machine) =
-            settings(&[], "run = \"demo\"\nrule = \"diloco\"\ninner_steps = 5\nround_ms = 800\n").expect("valid");
+        let (node, machine) = settings(
+            &[],
+            "run = \"demo\"\nrule = \"diloco\"\ninner_steps = 5\nround_ms = 800\n",
+        )
+        .expect("valid");
         assert_eq!(node.net.run_id.as_str(), "demo");
         assert_eq!(node.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(machine.inner_steps, 5);
         assert_eq!(machine.train_ms, 800);
-        let err = settings(&[], "run = \"demo\"\nrounds_ms = 1").expect_err("typo refused").to_string();
+        let err = settings(&[], "run = \"demo\"\nrounds_ms = 1")
+            .expect_err("typo refused")
+            .to_string();
         assert!(err.contains("unknown key `rounds_ms`"), "{err}");
     }
 
     #[test]
     fn flags_win_over_the_file() {
         let file = "run = \"file-run\"\nround_ms = 800\nverify_ms = 900\n";
-        let (node, machine) = settings(&["--run", "flag-run", "--round-ms", "700"], file).expect("valid");
+        let (node, machine) =
+            settings(&["--run", "flag-run", "--round-ms", "700"], file).expect("valid");
         assert_eq!(node.net.run_id.as_str(), "flag-run");
-        assert_eq!((machine.train_ms, machine.verify_ms, machine.cooldown_ms), (700, 900, 500));
-        let err = settings(&[], "").expect_err("the run is required").to_string();
+        assert_eq!(
+            (machine.train_ms, machine.verify_ms, machine.cooldown_ms),
+            (700, 900, 500)
+        );
+        let err = settings(&[], "")
+            .expect_err("the run is required")
+            .to_string();
         assert_eq!(err, "--run NAME is required");
     }
 }

@@ -60,7 +60,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     crate::logging::init(args.log_format);
     let stop = match (args.rounds, args.minutes) {
         (_, Some(m)) => {
-            anyhow::ensure!(m.is_finite() && m > 0.0 && m <= 24.0 * 60.0, "--minutes must be between 0 and 1440");
+            anyhow::ensure!(
+                m.is_finite() && m > 0.0 && m <= 24.0 * 60.0,
+                "--minutes must be between 0 and 1440"
+            );
             Stop::Time(Duration::from_secs_f64(m * 60.0))
         }
         (Some(r), None) => Stop::Rounds(r),
@@ -71,10 +74,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else if args.corpus.is_some() {
         vec!["The ".to_owned()]
     } else {
-        mana_demo::sample::BUILTIN_PROMPTS.iter().map(|p| (*p).to_owned()).collect()
+        mana_demo::sample::BUILTIN_PROMPTS
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect()
     };
     let config = DemoConfig {
-        exe: std::env::current_exe().context("finding the mana executable to start the network's processes")?,
+        exe: std::env::current_exe()
+            .context("finding the mana executable to start the network's processes")?,
         out: args.out,
         nodes: usize::try_from(args.nodes).context("--nodes")?,
         stop,

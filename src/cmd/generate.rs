@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use mana_kernels::CpuBackend;
-use mana_kernels::generate::{self, GenerateConfig, Generation, Sampling, bytes_to_text};
 use mana_kernels::gemm::Precision;
+use mana_kernels::generate::{self, GenerateConfig, Generation, Sampling, bytes_to_text};
 use mana_kernels::model::Model;
 use mana_kernels::train::Trainer;
 
@@ -80,7 +80,10 @@ impl Timed {
 fn timed(model: &mut Model, prompt: &[u32], config: &GenerateConfig) -> anyhow::Result<Timed> {
     let started = Instant::now();
     let generation = generate::generate(model, prompt, config)?;
-    Ok(Timed { generation, seconds: started.elapsed().as_secs_f64() })
+    Ok(Timed {
+        generation,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Generates and prints the text (and, with speculation, its counters).
@@ -94,7 +97,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let sampling = if args.temperature == 0.0 {
         Sampling::Greedy
     } else {
-        Sampling::Sample { temperature: args.temperature, top_p: args.top_p }
+        Sampling::Sample {
+            temperature: args.temperature,
+            top_p: args.top_p,
+        }
     };
     let backend = match args.threads {
         Some(n) if n > 0 => CpuBackend::with_threads(n),
@@ -107,11 +113,30 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         model.set_precision(p);
     }
     let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-    let config = GenerateConfig { max_tokens: args.max_tokens, sampling, seed: args.seed, speculative: args.speculative };
+    let config = GenerateConfig {
+        max_tokens: args.max_tokens,
+        sampling,
+        seed: args.seed,
+        speculative: args.speculative,
+    };
     if args.compare {
         warm_up(model, prompt.len() + args.max_tokens + 1)?;
-        let plain = timed(model, &prompt, &GenerateConfig { speculative: false, ..config })?;
-        let spec = timed(model, &prompt, &GenerateConfig { speculative: true, ..config })?;
+        let plain = timed(
+            model,
+            &prompt,
+            &GenerateConfig {
+                speculative: false,
+                ..config
+            },
+        )?;
+        let spec = timed(
+            model,
+            &prompt,
+            &GenerateConfig {
+                speculative: true,
+                ..config
+            },
+        )?;
         if plain.generation.tokens != spec.generation.tokens {
             bail!("speculative decoding changed the output (a bug): please report it");
         }
@@ -165,8 +190,11 @@ fn warm_up(model: &mut Model, len: usize) -> anyhow::Result<()> {
     let v = model.config().vocab_size;
     let mut main = vec![0.0; t * v];
     let mut mtp = vec![0.0; t * v];
-    let mtp_out = if model.config().mtp { Some(&mut mtp[..]) } else { None };
+    let mtp_out = if model.config().mtp {
+        Some(&mut mtp[..])
+    } else {
+        None
+    };
     model.logits(&vec![0; t], &mut main, mtp_out)?;
     Ok(())
 }
-

@@ -13,10 +13,13 @@ pub struct InfoArgs {
 
 /// Prints the version and the compute backends.
 pub fn run(args: InfoArgs) -> anyhow::Result<()> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let version = env!("CARGO_PKG_VERSION");
     if args.json {
-        let info = serde_json::json!({ "version": version, "backends": ["cpu"], "cpu_threads": threads });
+        let info =
+            serde_json::json!({ "version": version, "backends": ["cpu"], "cpu_threads": threads });
         println!("{info}");
     } else {
         println!("mana {version}");

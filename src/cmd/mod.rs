@@ -47,7 +47,10 @@ pub enum Command {
 
 /// Runs one subcommand to completion.
 pub fn run(command: Command) -> anyhow::Result<()> {
-    if !matches!(command, Command::Node(_) | Command::Bootstrap(_) | Command::Coordinator(_) | Command::Demo(_)) {
+    if !matches!(
+        command,
+        Command::Node(_) | Command::Bootstrap(_) | Command::Coordinator(_) | Command::Demo(_)
+    ) {
         crate::logging::init(crate::logging::LogFormat::Text);
     }
     match command {

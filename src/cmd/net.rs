@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use mana_node::net::libp2p::Multiaddr;
 use mana_node::daemon::config::parse_addrs;
+use mana_node::net::libp2p::Multiaddr;
 use mana_node::net::{Limits, NetConfig};
 use serde::Deserialize;
 
@@ -55,12 +55,18 @@ pub struct JoinArgs {
 
 /// The default listen addresses: TCP and QUIC on port 4001, all interfaces.
 pub fn default_listen() -> Vec<String> {
-    vec!["/ip4/0.0.0.0/tcp/4001".into(), "/ip4/0.0.0.0/udp/4001/quic-v1".into()]
+    vec![
+        "/ip4/0.0.0.0/tcp/4001".into(),
+        "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+    ]
 }
 
 /// True when every address is on loopback (a local test net: DHT server mode, no co-location penalty).
 pub fn all_loopback(addrs: &[String]) -> bool {
-    !addrs.is_empty() && addrs.iter().all(|a| a.starts_with("/ip4/127.") || a.starts_with("/ip6/::1/"))
+    !addrs.is_empty()
+        && addrs
+            .iter()
+            .all(|a| a.starts_with("/ip4/127.") || a.starts_with("/ip6/::1/"))
 }
 
 /// [`NetArgs`] with every layer applied (flag > environment > file > default).
@@ -86,7 +92,9 @@ impl Net {
         let listen = layers.get(|a| &a.listen).unwrap_or_else(default_listen);
         Ok(Net {
             log_format: layers.get(|a| &a.log_format).unwrap_or_default(),
-            data_dir: layers.get(|a| &a.data_dir).unwrap_or_else(|| default_data_dir.into()),
+            data_dir: layers
+                .get(|a| &a.data_dir)
+                .unwrap_or_else(|| default_data_dir.into()),
             key: layers.get(|a| &a.key),
             loopback: all_loopback(&listen),
             listen: parse_addrs(&listen)?,
@@ -106,5 +114,7 @@ impl Net {
 
 /// The bootstrap addresses of [`JoinArgs`], layered and parsed (none by default).
 pub fn bootstrap_addrs(layers: &Layered<&JoinArgs>) -> anyhow::Result<Vec<Multiaddr>> {
-    Ok(parse_addrs(&layers.get(|a| &a.bootstrap).unwrap_or_default())?)
+    Ok(parse_addrs(
+        &layers.get(|a| &a.bootstrap).unwrap_or_default(),
+    )?)
 }

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use mana_engine::round::RunSpec;
 use mana_node::daemon::config::{parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-use mana_engine::round::RunSpec;
 use mana_node::store::{Store, StoreConfig};
 use serde::Deserialize;
 
@@ -64,7 +64,11 @@ pub struct NodeArgs {
 
 impl FromFile for NodeArgs {
     fn from_file(file: &mut FileTable) -> Result<Self, ConfigError> {
-        Ok(NodeArgs { net: file.take()?, join: file.take()?, ..file.take()? })
+        Ok(NodeArgs {
+            net: file.take()?,
+            join: file.take()?,
+            ..file.take()?
+        })
     }
 }
 
@@ -101,10 +105,19 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
         return Ok((config, None));
     }
     let max_shards = s.get(|a| &a.max_shards).unwrap_or(DEFAULT_MAX_SHARDS);
-    anyhow::ensure!(max_shards >= 1, "--max-shards must be at least 1 (the trunk)");
+    anyhow::ensure!(
+        max_shards >= 1,
+        "--max-shards must be at least 1 (the trunk)"
+    );
     config.sync_shards = false;
     config.capacity.max_shards = max_shards;
-    Ok((config, Some(Training { max_shards, corpus: s.get(|a| &a.corpus) })))
+    Ok((
+        config,
+        Some(Training {
+            max_shards,
+            corpus: s.get(|a| &a.corpus),
+        }),
+    ))
 }
 
 /// Runs `mana node`.
@@ -122,7 +135,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         runtime.block_on(async move { daemon::run(config, shutdown_signal()).await })?;
         return Ok(());
     };
-    let data = Arc::new(load_dataset(&DataSource { corpus: training.corpus, ..DataSource::default() })?);
+    let data = Arc::new(load_dataset(&DataSource {
+        corpus: training.corpus,
+        ..DataSource::default()
+    })?);
     let mut trainer = TrainerConfig::new(RunSpec::tiny(), data);
     trainer.max_shards = training.max_shards;
     runtime.block_on(async move {
@@ -202,27 +218,43 @@ mod tests {
 
     #[test]
     fn the_file_parses_and_unknown_keys_are_refused() {
-        let (config, training) =
-            settings(&[], "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nrun = \"demo\"\n[limits]\nmax_connections = 9\n")
-                .expect("valid config");
+        let (config, training) = settings(
+            &[],
+            "listen = [\"/ip4/127.0.0.1/tcp/0\"]\nrun = \"demo\"\n[limits]\nmax_connections = 9\n",
+        )
+        .expect("valid config");
         assert_eq!(config.net.run_id.as_str(), "demo");
         assert_eq!(config.net.limits.max_connections, 9);
-        assert!(config.net.kad_server && config.net.trust_colocated_ips, "loopback only");
+        assert!(
+            config.net.kad_server && config.net.trust_colocated_ips,
+            "loopback only"
+        );
         assert!(training.is_none(), "no coordinator, no training");
-        let err = settings(&[], "lisen = []").expect_err("typo refused").to_string();
+        let err = settings(&[], "lisen = []")
+            .expect_err("typo refused")
+            .to_string();
         assert!(err.contains("unknown key `lisen`"), "{err}");
     }
 
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {
-        let file = format!("listen = [\"/ip4/127.0.0.3/tcp/0\"]\ndata_dir = \"file-dir\"\ncoordinator = \"{KEY}\"\nmax_shards = 5\n");
+        let file = format!(
+            "listen = [\"/ip4/127.0.0.3/tcp/0\"]\ndata_dir = \"file-dir\"\ncoordinator = \"{KEY}\"\nmax_shards = 5\n"
+        );
         let (config, training) = settings(&[], &file).expect("valid");
         assert_eq!(config.data_dir, PathBuf::from("file-dir"));
         assert_eq!(config.net.listen[0].to_string(), "/ip4/127.0.0.3/tcp/0");
         assert_eq!(training.expect("trains with a coordinator").max_shards, 5);
         assert_eq!(config.net.run_id.as_str(), "default");
 
-        let flags = ["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", "flag-dir", "--max-shards", "7"];
+        let flags = [
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+            "flag-dir",
+            "--max-shards",
+            "7",
+        ];
         let (config, training) = settings(&flags, &file).expect("valid");
         assert_eq!(config.data_dir, PathBuf::from("flag-dir"));
         assert_eq!(config.net.listen.len(), 1);

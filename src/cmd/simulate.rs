@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use mana_engine::round::{RoundReport, RunSpec, SimConfig, SimReport, simulate_with};
 use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
 use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
 use mana_kernels::model::ModelConfig;
-use mana_engine::round::{RoundReport, RunSpec, SimConfig, SimReport, simulate_with};
 use mana_protocol::{ScaleFormat, UpdateRule};
 
 use super::rule::Rule;
@@ -153,7 +153,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         bail!("--nodes and --inner-steps must be at least 1");
     }
     if let Some(budget) = args.tokens {
-        let per_round = args.nodes as u64 * u64::from(args.inner_steps) * u64::from(cfg.hyper.batch_tokens);
+        let per_round =
+            args.nodes as u64 * u64::from(args.inner_steps) * u64::from(cfg.hyper.batch_tokens);
         cfg.rounds = (budget / per_round.max(1)).max(1);
     }
 
@@ -163,14 +164,24 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     };
     let data = TextDataset::new(&text, Split::default())?;
 
-    let bar = if std::io::stderr().is_terminal() && !args.json { ProgressBar::new(cfg.rounds) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} rounds {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let bar = if std::io::stderr().is_terminal() && !args.json {
+        ProgressBar::new(cfg.rounds)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} rounds {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     if !args.json {
         println!(
             "simulating {} nodes, r = {}, {:?}, H = {}, {} rounds of {} tokens per node per step",
             cfg.nodes, cfg.replication, rule, cfg.inner_steps, cfg.rounds, cfg.hyper.batch_tokens
         );
-        println!("{:>6} {:>10} {:>10} {:>12} {:>14}", "round", "train", "val", "tokens", "wire bytes");
+        println!(
+            "{:>6} {:>10} {:>10} {:>12} {:>14}",
+            "round", "train", "val", "tokens", "wire bytes"
+        );
     }
     let json = args.json;
     let mut on_round = |r: &RoundReport| {
@@ -181,7 +192,10 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             }
         } else if !r.val_loss.is_nan() {
             bar.suspend(|| {
-                println!("{:>6} {:>10.4} {:>10.4} {:>12} {:>14}", r.round, r.train_loss, r.val_loss, r.tokens, r.wire_bytes)
+                println!(
+                    "{:>6} {:>10.4} {:>10.4} {:>12} {:>14}",
+                    r.round, r.train_loss, r.val_loss, r.tokens, r.wire_bytes
+                )
             });
         }
     };
@@ -200,12 +214,24 @@ fn summary_json(r: &SimReport) -> serde_json::Value {
     let mut v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
     if let Some(o) = v.as_object_mut() {
         o.remove("rounds");
-        o.insert("wire_bytes_per_token".into(), r.wire_bytes_per_token().into());
-        o.insert("payload_bytes_per_token".into(), r.payload_bytes_per_token().into());
-        o.insert("allreduce_bytes_per_token".into(), r.allreduce_bytes_per_token().into());
+        o.insert(
+            "wire_bytes_per_token".into(),
+            r.wire_bytes_per_token().into(),
+        );
+        o.insert(
+            "payload_bytes_per_token".into(),
+            r.payload_bytes_per_token().into(),
+        );
+        o.insert(
+            "allreduce_bytes_per_token".into(),
+            r.allreduce_bytes_per_token().into(),
+        );
         o.insert("traffic_ratio".into(), r.traffic_ratio().into());
         if let Some(full) = &r.full {
-            o.insert("gap_to_full".into(), ((r.val_loss - full.val_loss) / full.val_loss).into());
+            o.insert(
+                "gap_to_full".into(),
+                ((r.val_loss - full.val_loss) / full.val_loss).into(),
+            );
         }
     }
     v
@@ -213,19 +239,56 @@ fn summary_json(r: &SimReport) -> serde_json::Value {
 
 fn print_summary(r: &SimReport) {
     println!();
-    println!("{:<44} {:>10} {:>8} {:>12}", "", "val loss", "steps", "tokens");
-    println!("{:<44} {:>10.4} {:>8} {:>12}", format!("network ({}, {} nodes, H = {})", r.rule, r.nodes, r.inner_steps), r.val_loss, r.rounds.len(), r.tokens);
+    println!(
+        "{:<44} {:>10} {:>8} {:>12}",
+        "", "val loss", "steps", "tokens"
+    );
+    println!(
+        "{:<44} {:>10.4} {:>8} {:>12}",
+        format!(
+            "network ({}, {} nodes, H = {})",
+            r.rule, r.nodes, r.inner_steps
+        ),
+        r.val_loss,
+        r.rounds.len(),
+        r.tokens
+    );
     if let Some(f) = &r.full {
         let gap = 100.0 * (r.val_loss - f.val_loss) / f.val_loss;
-        println!("{:<44} {:>10.4} {:>8} {:>12}   network {:+.2}%", format!("full model, one node, batch {} seqs", f.batch_sequences), f.val_loss, f.steps, f.tokens, gap);
+        println!(
+            "{:<44} {:>10.4} {:>8} {:>12}   network {:+.2}%",
+            format!("full model, one node, batch {} seqs", f.batch_sequences),
+            f.val_loss,
+            f.steps,
+            f.tokens,
+            gap
+        );
     }
     if let Some(a) = &r.alone {
-        println!("{:<44} {:>10.4} {:>8} {:>12}", format!("one node alone, batch {} seqs", a.batch_sequences), a.val_loss, a.steps, a.tokens);
+        println!(
+            "{:<44} {:>10.4} {:>8} {:>12}",
+            format!("one node alone, batch {} seqs", a.batch_sequences),
+            a.val_loss,
+            a.steps,
+            a.tokens
+        );
     }
     println!();
     println!("parameters P = {}", r.params);
-    println!("payload bytes per token (each payload once):   {:>12.2}", r.payload_bytes_per_token());
-    println!("wire bytes per token (payload x its fetchers): {:>12.2}", r.wire_bytes_per_token());
-    println!("f32 ring all-reduce bytes per token:           {:>12.2}", r.allreduce_bytes_per_token());
-    println!("all-reduce / wire:                             {:>12.1}x", r.traffic_ratio());
+    println!(
+        "payload bytes per token (each payload once):   {:>12.2}",
+        r.payload_bytes_per_token()
+    );
+    println!(
+        "wire bytes per token (payload x its fetchers): {:>12.2}",
+        r.wire_bytes_per_token()
+    );
+    println!(
+        "f32 ring all-reduce bytes per token:           {:>12.2}",
+        r.allreduce_bytes_per_token()
+    );
+    println!(
+        "all-reduce / wire:                             {:>12.1}x",
+        r.traffic_ratio()
+    );
 }

@@ -29,7 +29,10 @@ pub struct StatusArgs {
 /// Runs `mana status`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let file: super::node::NodeArgs = crate::config::load_file(args.config.as_deref())?;
-    let data_dir = args.data_dir.or(file.net.data_dir).unwrap_or_else(|| super::node::DEFAULT_DATA_DIR.into());
+    let data_dir = args
+        .data_dir
+        .or(file.net.data_dir)
+        .unwrap_or_else(|| super::node::DEFAULT_DATA_DIR.into());
     let s = status::read(&data_dir)?;
     let age_ms = mana_node::daemon::now_ms().saturating_sub(s.updated_unix_ms);
     if args.json {
@@ -40,24 +43,60 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if age_ms > STALE_MS {
-        println!("warning: status is {} s old; the node may not be running", age_ms / 1000);
+        println!(
+            "warning: status is {} s old; the node may not be running",
+            age_ms / 1000
+        );
     }
-    println!("node {} ({}, pid {}), run {}", s.peer_id, s.agent, s.pid, s.run);
+    println!(
+        "node {} ({}, pid {}), run {}",
+        s.peer_id, s.agent, s.pid, s.run
+    );
     for addr in &s.listen_addrs {
         println!("  listening on {addr}");
     }
-    println!("peers: {} connected, {} in the DHT routing table", s.peers.len(), s.routing_table_size);
+    println!(
+        "peers: {} connected, {} in the DHT routing table",
+        s.peers.len(),
+        s.routing_table_size
+    );
     for p in &s.peers {
-        let rtt = p.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into());
-        let score = p.gossip_score.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
-        println!("  {}  rtt {rtt}  score {score}  {}", p.peer_id, p.agent.as_deref().unwrap_or(""));
+        let rtt = p
+            .rtt_ms
+            .map(|r| format!("{r:.1} ms"))
+            .unwrap_or_else(|| "-".into());
+        let score = p
+            .gossip_score
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {}  rtt {rtt}  score {score}  {}",
+            p.peer_id,
+            p.agent.as_deref().unwrap_or("")
+        );
     }
-    println!("hosted experts: {}", if s.hosted_experts.is_empty() { "none".into() } else { s.hosted_experts.join(", ") });
+    println!(
+        "hosted experts: {}",
+        if s.hosted_experts.is_empty() {
+            "none".into()
+        } else {
+            s.hosted_experts.join(", ")
+        }
+    );
     let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
-    println!("current round: {}, stored round: {}", round(s.current_round), round(s.stored_round));
+    println!(
+        "current round: {}, stored round: {}",
+        round(s.current_round),
+        round(s.stored_round)
+    );
     println!("stored shards: {}", s.stored_shards.len());
     for shard in &s.stored_shards {
-        println!("  {}  {} bytes  {}", shard.shard, shard.bytes, &shard.hash[..16.min(shard.hash.len())]);
+        println!(
+            "  {}  {} bytes  {}",
+            shard.shard,
+            shard.bytes,
+            &shard.hash[..16.min(shard.hash.len())]
+        );
     }
     if !s.sync.is_empty() {
         println!("sync: {}", s.sync);
@@ -66,7 +105,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         println!("stored manifest: {hash}");
     }
     if let Some(t) = &s.training {
-        let round = t.applied_round.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
+        let round = t
+            .applied_round
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "none".into());
         println!(
             "training: {} rounds trained, {} deltas sent ({} bytes), applied round {round}, shard hashes {} matched / {} mismatched",
             t.rounds_trained, t.deltas_sent, t.delta_bytes_sent, t.hash_matches, t.hash_mismatches
@@ -79,7 +121,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("  STOPPED: {why}");
         }
         if let Some(r) = &t.refused_commit {
-            println!("  REFUSED the commit of round {} ({}), {} dispute(s) published:", r.round, r.commit, r.disputes_published);
+            println!(
+                "  REFUSED the commit of round {} ({}), {} dispute(s) published:",
+                r.round, r.commit, r.disputes_published
+            );
             for shard in &r.shards {
                 println!(
                     "    {}: committed {}, computed {} from {} accepted delta(s)",
@@ -101,7 +146,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     if s.disputes_heard > 0 {
-        println!("commit disputes heard: {} (holders say a commit's shard hash is wrong)", s.disputes_heard);
+        println!(
+            "commit disputes heard: {} (holders say a commit's shard hash is wrong)",
+            s.disputes_heard
+        );
     }
     if let Some(c) = &s.coordinator {
         let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());

@@ -136,7 +136,10 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     let (mut file, optim_explicit) = match &args.config {
         Some(path) => {
             let raw = crate::config::read_toml(path)?;
-            let file: ConfigFile = raw.clone().try_into().with_context(|| format!("parsing {}", path.display()))?;
+            let file: ConfigFile = raw
+                .clone()
+                .try_into()
+                .with_context(|| format!("parsing {}", path.display()))?;
             // The schedule follows the step count unless the file pins it.
             let optim = raw.get("optim").and_then(|o| o.as_table());
             let pinned = |key: &str| optim.is_some_and(|o| o.contains_key(key));
@@ -192,15 +195,26 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         bail!("batch_size and seq_len must be at least 1");
     }
     if t.seq_len > file.model.context {
-        bail!("seq_len {} exceeds the model's context of {}", t.seq_len, file.model.context);
+        bail!(
+            "seq_len {} exceeds the model's context of {}",
+            t.seq_len,
+            file.model.context
+        );
     }
     if file.model.vocab_size < BYTE_VOCAB {
-        bail!("the model's vocab_size {} is below the {BYTE_VOCAB} byte tokens", file.model.vocab_size);
+        bail!(
+            "the model's vocab_size {} is below the {BYTE_VOCAB} byte tokens",
+            file.model.vocab_size
+        );
     }
     if t.eval_batches == 0 {
         bail!("eval_batches must be at least 1");
     }
-    Ok(Plan { model: file.model, optim: file.optim, train: file.train })
+    Ok(Plan {
+        model: file.model,
+        optim: file.optim,
+        train: file.train,
+    })
 }
 
 /// Builds the dataset from the corpus, or from the built-in corpus when none is given.
@@ -209,7 +223,10 @@ fn load_dataset(train: &TrainSettings) -> anyhow::Result<TextDataset> {
         Some(path) => read_corpus(path, SourceLimits::default())?,
         None => builtin::generate(train.seed, train.builtin_bytes),
     };
-    let split = Split { validation_fraction: train.validation_fraction, ..Split::default() };
+    let split = Split {
+        validation_fraction: train.validation_fraction,
+        ..Split::default()
+    };
     Ok(TextDataset::new(&text, split)?)
 }
 
@@ -234,7 +251,11 @@ struct StepLine<'a> {
 }
 
 /// Mean validation losses (main, MTP) over `batches` fixed validation batches.
-fn validate(trainer: &mut Trainer, data: &TextDataset, t: &TrainSettings) -> anyhow::Result<(f32, f32)> {
+fn validate(
+    trainer: &mut Trainer,
+    data: &TextDataset,
+    t: &TrainSettings,
+) -> anyhow::Result<(f32, f32)> {
     let (mut loss, mut mtp, mut n) = (0.0f64, 0.0f64, 0usize);
     for i in 0..t.eval_batches {
         let batch = data.validation_batch(i, t.batch_size, t.seq_len)?;
@@ -249,10 +270,18 @@ fn validate(trainer: &mut Trainer, data: &TextDataset, t: &TrainSettings) -> any
 
 /// Trains and prints a summary.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let Plan { model, optim, train } = plan(&args)?;
+    let Plan {
+        model,
+        optim,
+        train,
+    } = plan(&args)?;
     let data = load_dataset(&train)?;
     let precision = model.precision;
-    let backend = if train.threads == 0 { CpuBackend::new() } else { CpuBackend::with_threads(train.threads) };
+    let backend = if train.threads == 0 {
+        CpuBackend::new()
+    } else {
+        CpuBackend::with_threads(train.threads)
+    };
     let mut trainer = Trainer::new(model, optim, train.seed, Box::new(backend))?;
     tracing::info!(
         steps = train.steps,
@@ -265,10 +294,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "training"
     );
     let mut log = match &args.log_json {
-        Some(path) => Some(BufWriter::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)),
+        Some(path) => Some(BufWriter::new(
+            File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
         None => None,
     };
-    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(train.steps) } else { ProgressBar::hidden() };
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(train.steps)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}")
             .context("progress bar template")?
@@ -279,7 +314,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut last = None;
     let mut last_val = None;
     for step in 0..train.steps {
-        let batch = data.batch(train.seed, train.shard, step, train.batch_size, train.seq_len)?;
+        let batch = data.batch(
+            train.seed,
+            train.shard,
+            step,
+            train.batch_size,
+            train.seq_len,
+        )?;
         let started = Instant::now();
         let stats = trainer.step(&batch)?;
         let took = started.elapsed();
@@ -287,7 +328,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         tokens_total += stats.tokens;
         let final_step = step + 1 == train.steps;
         let eval_due = final_step || (train.eval_every > 0 && (step + 1) % train.eval_every == 0);
-        let val = if eval_due { Some(validate(&mut trainer, &data, &train)?) } else { None };
+        let val = if eval_due {
+            Some(validate(&mut trainer, &data, &train)?)
+        } else {
+            None
+        };
         if val.is_some() {
             last_val = val;
         }
@@ -334,7 +379,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         secs,
         tokens_total as f64 / secs
     );
-    println!("final train loss {:.4} (mtp {:.4}); validation loss {val_loss:.4} (mtp {val_mtp:.4})", last.loss, last.mtp_loss);
+    println!(
+        "final train loss {:.4} (mtp {:.4}); validation loss {val_loss:.4} (mtp {val_mtp:.4})",
+        last.loss, last.mtp_loss
+    );
     if let Some(dir) = &args.save {
         println!("checkpoint saved to {}", dir.display());
     }

@@ -12,7 +12,9 @@ use mana_node::net::libp2p::Multiaddr;
 
 /// Starts a loopback bootstrap node keeping its key in `dir`.
 pub async fn start_bootstrap(dir: &Path) -> BootstrapHandle {
-    mana_bootstrap::start(BootstrapConfig::for_tests(dir)).await.expect("bootstrap starts")
+    mana_bootstrap::start(BootstrapConfig::for_tests(dir))
+        .await
+        .expect("bootstrap starts")
 }
 
 /// A loopback node config in `dir`, joining through `bootstrap`.
@@ -69,14 +71,27 @@ pub async fn honest_local_round(
     part: &mana_protocol::Participant,
     spec: &mana_engine::round::RunSpec,
     data: &std::sync::Arc<mana_kernels::data::TextDataset>,
-) -> Option<(mana_protocol::CheckpointManifest, mana_engine::round::LocalResult)> {
+) -> Option<(
+    mana_protocol::CheckpointManifest,
+    mana_engine::round::LocalResult,
+)> {
     use mana_engine::round::{RunShard, ShardRecord, train_local};
     use mana_node::roles::common::fetch_bytes;
-    let manifest_bytes = fetch_bytes(node, ann.base_checkpoint, Vec::new(), Duration::from_secs(20)).await.ok()?;
-    let manifest = mana_protocol::CheckpointManifest::from_bytes(&manifest_bytes).expect("coordinator manifest");
+    let manifest_bytes = fetch_bytes(
+        node,
+        ann.base_checkpoint,
+        Vec::new(),
+        Duration::from_secs(20),
+    )
+    .await
+    .ok()?;
+    let manifest = mana_protocol::CheckpointManifest::from_bytes(&manifest_bytes)
+        .expect("coordinator manifest");
     let mut base = Vec::new();
     for shard in &part.shards {
-        let entry = manifest.shard(shard).expect("assigned shard in the manifest");
+        let entry = manifest
+            .shard(shard)
+            .expect("assigned shard in the manifest");
         let mut bytes = Err(None);
         for _ in 0..5 {
             match fetch_bytes(node, entry.hash, Vec::new(), Duration::from_secs(20)).await {
@@ -114,7 +129,12 @@ pub async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
 
 /// A member of the run that `coordinator` coordinates: it trains what it is assigned and fetches only that
 /// (no shard sync of its own), and hosts up to 64 shards.
-pub fn member_config(dir: &Path, boot: &[Multiaddr], name: &str, coordinator: mana_protocol::PublicKey) -> NodeConfig {
+pub fn member_config(
+    dir: &Path,
+    boot: &[Multiaddr],
+    name: &str,
+    coordinator: mana_protocol::PublicKey,
+) -> NodeConfig {
     let mut cfg = node_config(&dir.join(name), boot);
     cfg.coordinator = Some(coordinator);
     cfg.sync_shards = false;
@@ -153,7 +173,13 @@ impl RoundNet {
         let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
         let boot = bootstrap.addrs().to_vec();
         let spec = mana_engine::round::RunSpec::tiny();
-        let data = Arc::new(load_dataset(&DataSource { builtin_bytes: 512 * 1024, ..DataSource::default() }).expect("corpus"));
+        let data = Arc::new(
+            load_dataset(&DataSource {
+                builtin_bytes: 512 * 1024,
+                ..DataSource::default()
+            })
+            .expect("corpus"),
+        );
         let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
         coord_cfg.sync_shards = false;
         let coordinator = Arc::new(start_node(coord_cfg).await);
@@ -161,11 +187,23 @@ impl RoundNet {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut trainers = Vec::new();
         for i in 0..honest {
-            let node = Arc::new(start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await);
+            let node = Arc::new(
+                start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await,
+            );
             let cfg = TrainerConfig::new(spec.clone(), data.clone());
             let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
             trainers.push((node, task));
         }
-        RoundNet { dir, bootstrap, boot, coordinator, trainers, spec, data, stop_tx, stop_rx }
+        RoundNet {
+            dir,
+            bootstrap,
+            boot,
+            coordinator,
+            trainers,
+            spec,
+            data,
+            stop_tx,
+            stop_rx,
+        }
     }
 }

@@ -33,7 +33,10 @@ pub struct ClipConfig {
 
 impl Default for ClipConfig {
     fn default() -> Self {
-        ClipConfig { tau: 1.0, iterations: 3 }
+        ClipConfig {
+            tau: 1.0,
+            iterations: 3,
+        }
     }
 }
 
@@ -73,24 +76,38 @@ impl ClipConfig {
     /// Checks the ranges: `tau` positive (infinity allowed), at least one iteration.
     pub fn validate(&self) -> Result<(), AggregateError> {
         if self.tau.is_nan() || self.tau <= 0.0 {
-            return Err(AggregateError::BadConfig { field: "tau", reason: "must be positive" });
+            return Err(AggregateError::BadConfig {
+                field: "tau",
+                reason: "must be positive",
+            });
         }
         if self.iterations == 0 {
-            return Err(AggregateError::BadConfig { field: "iterations", reason: "must be at least 1" });
+            return Err(AggregateError::BadConfig {
+                field: "iterations",
+                reason: "must be at least 1",
+            });
         }
         Ok(())
     }
 }
 
 /// Sorts by payload hash and checks lengths, finiteness and duplicates.
-fn ordered<'a>(contributions: &[Contribution<'a>]) -> Result<(Vec<Contribution<'a>>, usize), AggregateError> {
-    let first = contributions.first().ok_or(AggregateError::NoContributions)?;
+fn ordered<'a>(
+    contributions: &[Contribution<'a>],
+) -> Result<(Vec<Contribution<'a>>, usize), AggregateError> {
+    let first = contributions
+        .first()
+        .ok_or(AggregateError::NoContributions)?;
     let len = first.values.len();
     let mut sorted = contributions.to_vec();
     sorted.sort_by_key(|c| c.payload_hash);
     for (i, c) in sorted.iter().enumerate() {
         if c.values.len() != len {
-            return Err(AggregateError::LengthMismatch { what: "contribution", expected: len, got: c.values.len() });
+            return Err(AggregateError::LengthMismatch {
+                what: "contribution",
+                expected: len,
+                got: c.values.len(),
+            });
         }
         if i > 0 && sorted[i - 1].payload_hash == c.payload_hash {
             return Err(AggregateError::Duplicate(c.payload_hash));
@@ -128,23 +145,43 @@ pub fn coordinate_median(contributions: &[Contribution<'_>]) -> Result<Vec<f32>,
         }
         column.sort_by(f32::total_cmp);
         let mid = n / 2;
-        out.push(if n % 2 == 1 { column[mid] } else { ((f64::from(column[mid - 1]) + f64::from(column[mid])) / 2.0) as f32 });
+        out.push(if n % 2 == 1 {
+            column[mid]
+        } else {
+            ((f64::from(column[mid - 1]) + f64::from(column[mid])) / 2.0) as f32
+        });
     }
     Ok(out)
 }
 
 /// The centered-clipping robust mean of `contributions` (all of one shard), starting from `start` or, when
 /// `None`, from the coordinate-wise median. The result does not depend on the order of `contributions`.
-pub fn robust_mean(contributions: &[Contribution<'_>], cfg: &ClipConfig, start: Option<&[f32]>) -> Result<Vec<f32>, AggregateError> {
+pub fn robust_mean(
+    contributions: &[Contribution<'_>],
+    cfg: &ClipConfig,
+    start: Option<&[f32]>,
+) -> Result<Vec<f32>, AggregateError> {
     cfg.validate()?;
     let (sorted, len) = ordered(contributions)?;
     let mut v = match start {
-        Some(s) if s.len() != len => return Err(AggregateError::LengthMismatch { what: "start", expected: len, got: s.len() }),
+        Some(s) if s.len() != len => {
+            return Err(AggregateError::LengthMismatch {
+                what: "start",
+                expected: len,
+                got: s.len(),
+            });
+        }
         Some(s) if s.iter().any(|x| !x.is_finite()) => {
-            return Err(AggregateError::BadConfig { field: "start", reason: "must be finite" });
+            return Err(AggregateError::BadConfig {
+                field: "start",
+                reason: "must be finite",
+            });
         }
         Some(s) => s.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>(),
-        None => coordinate_median(&sorted)?.into_iter().map(f64::from).collect(),
+        None => coordinate_median(&sorted)?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
     };
     let tau = f64::from(cfg.tau);
     let n = sorted.len() as f64;
@@ -152,7 +189,13 @@ pub fn robust_mean(contributions: &[Contribution<'_>], cfg: &ClipConfig, start: 
     for _ in 0..cfg.iterations {
         acc.iter_mut().for_each(|a| *a = 0.0);
         for c in &sorted {
-            let norm = c.values.iter().zip(&v).map(|(&x, &vj)| (f64::from(x) - vj).powi(2)).sum::<f64>().sqrt();
+            let norm = c
+                .values
+                .iter()
+                .zip(&v)
+                .map(|(&x, &vj)| (f64::from(x) - vj).powi(2))
+                .sum::<f64>()
+                .sqrt();
             let scale = if norm > tau { tau / norm } else { 1.0 };
             for ((a, &x), &vj) in acc.iter_mut().zip(c.values).zip(&v) {
                 *a += scale * (f64::from(x) - vj);
@@ -177,7 +220,11 @@ mod tests {
     }
 
     fn norm(a: &[f32], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>().sqrt()
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+            .sum::<f64>()
+            .sqrt()
     }
 
     fn hash(i: usize) -> ContentHash {
@@ -190,43 +237,99 @@ mod tests {
         let len = 512;
         let center = values(1, len);
         let honest: Vec<Vec<f32>> = (0..6)
-            .map(|i| center.iter().zip(values(10 + i, len)).map(|(c, n)| c + 0.05 * n).collect())
+            .map(|i| {
+                center
+                    .iter()
+                    .zip(values(10 + i, len))
+                    .map(|(c, n)| c + 0.05 * n)
+                    .collect()
+            })
             .collect();
         let outlier: Vec<f32> = honest[0].iter().map(|x| x * 100.0).collect();
-        let honest_c: Vec<Contribution<'_>> =
-            honest.iter().enumerate().map(|(i, v)| Contribution { payload_hash: hash(i), values: v }).collect();
+        let honest_c: Vec<Contribution<'_>> = honest
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Contribution {
+                payload_hash: hash(i),
+                values: v,
+            })
+            .collect();
         let mut all = honest_c.clone();
-        all.push(Contribution { payload_hash: hash(99), values: &outlier });
+        all.push(Contribution {
+            payload_hash: hash(99),
+            values: &outlier,
+        });
 
         let honest_mean = plain_mean(&honest_c).unwrap();
         let naive = plain_mean(&all).unwrap();
         // tau above the honest spread (each honest delta is ~0.05 * sqrt(len/3) ~ 0.65 from the center).
-        let cfg = ClipConfig { tau: 2.0, iterations: 3 };
+        let cfg = ClipConfig {
+            tau: 2.0,
+            iterations: 3,
+        };
         let robust = robust_mean(&all, &cfg, None).unwrap();
 
         let naive_shift = norm(&naive, &honest_mean);
         let robust_shift = norm(&robust, &honest_mean);
         // The outlier may move v by tau/n per iteration: 3 * 2/7 < 0.86; the median start adds a little.
         let bound = f64::from(cfg.iterations) * f64::from(cfg.tau) / all.len() as f64;
-        assert!(naive_shift > 100.0, "the plain mean is dragged far away: {naive_shift}");
-        assert!(robust_shift <= bound, "robust mean moved {robust_shift}, bound {bound}");
+        assert!(
+            naive_shift > 100.0,
+            "the plain mean is dragged far away: {naive_shift}"
+        );
+        assert!(
+            robust_shift <= bound,
+            "robust mean moved {robust_shift}, bound {bound}"
+        );
         assert!(robust_shift < f64::from(cfg.tau));
     }
 
     #[test]
     fn without_outliers_and_with_a_wide_radius_it_is_the_mean() {
         let vs: Vec<Vec<f32>> = (0..5).map(|i| values(i, 64)).collect();
-        let cs: Vec<Contribution<'_>> = vs.iter().enumerate().map(|(i, v)| Contribution { payload_hash: hash(i), values: v }).collect();
+        let cs: Vec<Contribution<'_>> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Contribution {
+                payload_hash: hash(i),
+                values: v,
+            })
+            .collect();
         let mean = plain_mean(&cs).unwrap();
-        let robust = robust_mean(&cs, &ClipConfig { tau: f32::INFINITY, iterations: 1 }, None).unwrap();
+        let robust = robust_mean(
+            &cs,
+            &ClipConfig {
+                tau: f32::INFINITY,
+                iterations: 1,
+            },
+            None,
+        )
+        .unwrap();
         assert!(norm(&mean, &robust) < 1e-6, "{}", norm(&mean, &robust));
     }
 
     #[test]
     fn bit_identical_under_permuted_input_order() {
-        let vs: Vec<Vec<f32>> = (0..9).map(|i| values(100 + i, 1000).iter().map(|x| x * (1.0 + i as f32)).collect()).collect();
-        let cs: Vec<Contribution<'_>> = vs.iter().enumerate().map(|(i, v)| Contribution { payload_hash: hash(i), values: v }).collect();
-        let cfg = ClipConfig { tau: 3.0, iterations: 3 };
+        let vs: Vec<Vec<f32>> = (0..9)
+            .map(|i| {
+                values(100 + i, 1000)
+                    .iter()
+                    .map(|x| x * (1.0 + i as f32))
+                    .collect()
+            })
+            .collect();
+        let cs: Vec<Contribution<'_>> = vs
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Contribution {
+                payload_hash: hash(i),
+                values: v,
+            })
+            .collect();
+        let cfg = ClipConfig {
+            tau: 3.0,
+            iterations: 3,
+        };
         let reference = robust_mean(&cs, &cfg, None).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         for rot in 1..cs.len() {
@@ -235,8 +338,15 @@ mod tests {
             if rot % 2 == 0 {
                 perm.reverse();
             }
-            assert_eq!(bits(&robust_mean(&perm, &cfg, None).unwrap()), bits(&reference), "rotation {rot}");
-            assert_eq!(bits(&plain_mean(&perm).unwrap()), bits(&plain_mean(&cs).unwrap()));
+            assert_eq!(
+                bits(&robust_mean(&perm, &cfg, None).unwrap()),
+                bits(&reference),
+                "rotation {rot}"
+            );
+            assert_eq!(
+                bits(&plain_mean(&perm).unwrap()),
+                bits(&plain_mean(&cs).unwrap())
+            );
         }
     }
 
@@ -247,14 +357,48 @@ mod tests {
         static NAN: [f32; 2] = [f32::NAN, 0.0];
         let (a, b, nan) = (&A, &B, &NAN);
         let cfg = ClipConfig::default();
-        assert_eq!(robust_mean(&[], &cfg, None), Err(AggregateError::NoContributions));
-        let c = |i, v: &'static [f32]| Contribution { payload_hash: hash(i), values: v };
-        assert!(matches!(robust_mean(&[c(0, a), c(1, b)], &cfg, None), Err(AggregateError::LengthMismatch { .. })));
-        assert!(matches!(robust_mean(&[c(0, a), c(1, nan)], &cfg, None), Err(AggregateError::NonFinite(_))));
-        assert!(matches!(robust_mean(&[c(0, a), c(0, a)], &cfg, None), Err(AggregateError::Duplicate(_))));
-        assert!(matches!(robust_mean(&[c(0, a)], &cfg, Some(b)), Err(AggregateError::LengthMismatch { .. })));
-        for bad in [ClipConfig { tau: 0.0, iterations: 1 }, ClipConfig { tau: f32::NAN, iterations: 1 }, ClipConfig { tau: 1.0, iterations: 0 }] {
-            assert!(matches!(robust_mean(&[c(0, a)], &bad, None), Err(AggregateError::BadConfig { .. })));
+        assert_eq!(
+            robust_mean(&[], &cfg, None),
+            Err(AggregateError::NoContributions)
+        );
+        let c = |i, v: &'static [f32]| Contribution {
+            payload_hash: hash(i),
+            values: v,
+        };
+        assert!(matches!(
+            robust_mean(&[c(0, a), c(1, b)], &cfg, None),
+            Err(AggregateError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            robust_mean(&[c(0, a), c(1, nan)], &cfg, None),
+            Err(AggregateError::NonFinite(_))
+        ));
+        assert!(matches!(
+            robust_mean(&[c(0, a), c(0, a)], &cfg, None),
+            Err(AggregateError::Duplicate(_))
+        ));
+        assert!(matches!(
+            robust_mean(&[c(0, a)], &cfg, Some(b)),
+            Err(AggregateError::LengthMismatch { .. })
+        ));
+        for bad in [
+            ClipConfig {
+                tau: 0.0,
+                iterations: 1,
+            },
+            ClipConfig {
+                tau: f32::NAN,
+                iterations: 1,
+            },
+            ClipConfig {
+                tau: 1.0,
+                iterations: 0,
+            },
+        ] {
+            assert!(matches!(
+                robust_mean(&[c(0, a)], &bad, None),
+                Err(AggregateError::BadConfig { .. })
+            ));
         }
     }
 }

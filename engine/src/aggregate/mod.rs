@@ -6,5 +6,7 @@
 pub mod clip;
 pub mod outer;
 
-pub use clip::{AggregateError, ClipConfig, Contribution, coordinate_median, plain_mean, robust_mean};
+pub use clip::{
+    AggregateError, ClipConfig, Contribution, coordinate_median, plain_mean, robust_mean,
+};
 pub use outer::{DilocoRule, NesterovState, sync_step};

@@ -38,25 +38,44 @@ impl DilocoRule {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), AggregateError> {
         if !self.lr.is_finite() || self.lr < 0.0 {
-            return Err(AggregateError::BadConfig { field: "outer lr", reason: "must be finite and >= 0" });
+            return Err(AggregateError::BadConfig {
+                field: "outer lr",
+                reason: "must be finite and >= 0",
+            });
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(AggregateError::BadConfig { field: "outer momentum", reason: "must be in [0, 1)" });
+            return Err(AggregateError::BadConfig {
+                field: "outer momentum",
+                reason: "must be in [0, 1)",
+            });
         }
         Ok(())
     }
 
     /// Applies the outer gradient `grad` (the robust mean of the shard's deltas) to the shard's `params`.
-    pub fn apply(&self, params: &mut [f32], grad: &[f32], state: &mut NesterovState) -> Result<(), AggregateError> {
+    pub fn apply(
+        &self,
+        params: &mut [f32],
+        grad: &[f32],
+        state: &mut NesterovState,
+    ) -> Result<(), AggregateError> {
         self.validate()?;
         if grad.len() != params.len() {
-            return Err(AggregateError::LengthMismatch { what: "outer gradient", expected: params.len(), got: grad.len() });
+            return Err(AggregateError::LengthMismatch {
+                what: "outer gradient",
+                expected: params.len(),
+                got: grad.len(),
+            });
         }
         if state.buffer.is_empty() {
             state.buffer = vec![0.0; params.len()];
         }
         if state.buffer.len() != params.len() {
-            return Err(AggregateError::LengthMismatch { what: "momentum buffer", expected: params.len(), got: state.buffer.len() });
+            return Err(AggregateError::LengthMismatch {
+                what: "momentum buffer",
+                expected: params.len(),
+                got: state.buffer.len(),
+            });
         }
         let (lr, mu) = (self.lr, self.momentum);
         for ((p, &g), b) in params.iter_mut().zip(grad).zip(state.buffer.iter_mut()) {
@@ -84,19 +103,38 @@ pub fn sync_step(
     step: u64,
 ) -> Result<(), AggregateError> {
     if cfg.validate().is_err() || !lr.is_finite() || lr < 0.0 {
-        return Err(AggregateError::BadConfig { field: "sync optimizer", reason: "invalid AdamW settings or learning rate" });
+        return Err(AggregateError::BadConfig {
+            field: "sync optimizer",
+            reason: "invalid AdamW settings or learning rate",
+        });
     }
     let len = params.len();
-    for (what, got) in [("gradient buffer", grads.len()), ("AdamW m", opt.m.len()), ("AdamW v", opt.v.len())] {
+    for (what, got) in [
+        ("gradient buffer", grads.len()),
+        ("AdamW m", opt.m.len()),
+        ("AdamW v", opt.v.len()),
+    ] {
         if got != len {
-            return Err(AggregateError::LengthMismatch { what, expected: len, got });
+            return Err(AggregateError::LengthMismatch {
+                what,
+                expected: len,
+                got,
+            });
         }
     }
     if span.end() > len {
-        return Err(AggregateError::LengthMismatch { what: "shard span end", expected: len, got: span.end() });
+        return Err(AggregateError::LengthMismatch {
+            what: "shard span end",
+            expected: len,
+            got: span.end(),
+        });
     }
     if shard_grad.len() != span.len {
-        return Err(AggregateError::LengthMismatch { what: "shard gradient", expected: span.len, got: shard_grad.len() });
+        return Err(AggregateError::LengthMismatch {
+            what: "shard gradient",
+            expected: span.len,
+            got: shard_grad.len(),
+        });
     }
     span.of_mut(grads).copy_from_slice(shard_grad);
     opt.update_span(cfg, span, params, grads, lr, step);
@@ -112,23 +150,53 @@ mod tests {
     use mana_protocol::ContentHash;
 
     fn ramp(len: usize, k: f32) -> Vec<f32> {
-        (0..len).map(|i| ((i as f32 * 0.37 + k).sin()) * 0.1).collect()
+        (0..len)
+            .map(|i| ((i as f32 * 0.37 + k).sin()) * 0.1)
+            .collect()
     }
 
     #[test]
     fn diloco_with_lr_1_and_momentum_0_is_plain_averaging() {
         let len = 300;
         let base = ramp(len, 0.0);
-        let locals: Vec<Vec<f32>> = (1..=4).map(|k| base.iter().zip(ramp(len, k as f32)).map(|(b, d)| b + d).collect()).collect();
-        let deltas: Vec<Vec<f32>> = locals.iter().map(|l| base.iter().zip(l).map(|(b, x)| b - x).collect()).collect();
-        let cs: Vec<Contribution<'_>> =
-            deltas.iter().enumerate().map(|(i, d)| Contribution { payload_hash: ContentHash::of(&[i as u8]), values: d }).collect();
-        let g = robust_mean(&cs, &ClipConfig { tau: f32::INFINITY, iterations: 1 }, None).unwrap();
+        let locals: Vec<Vec<f32>> = (1..=4)
+            .map(|k| {
+                base.iter()
+                    .zip(ramp(len, k as f32))
+                    .map(|(b, d)| b + d)
+                    .collect()
+            })
+            .collect();
+        let deltas: Vec<Vec<f32>> = locals
+            .iter()
+            .map(|l| base.iter().zip(l).map(|(b, x)| b - x).collect())
+            .collect();
+        let cs: Vec<Contribution<'_>> = deltas
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Contribution {
+                payload_hash: ContentHash::of(&[i as u8]),
+                values: d,
+            })
+            .collect();
+        let g = robust_mean(
+            &cs,
+            &ClipConfig {
+                tau: f32::INFINITY,
+                iterations: 1,
+            },
+            None,
+        )
+        .unwrap();
         let mean_delta = plain_mean(&cs).unwrap();
 
         let mut params = base.clone();
-        let rule = DilocoRule { lr: 1.0, momentum: 0.0 };
-        rule.apply(&mut params, &mean_delta, &mut NesterovState::default()).unwrap();
+        let rule = DilocoRule {
+            lr: 1.0,
+            momentum: 0.0,
+        };
+        rule.apply(&mut params, &mean_delta, &mut NesterovState::default())
+            .unwrap();
         // Exactly base - mean(delta), and (up to rounding) the mean of the local models.
         let expected: Vec<f32> = base.iter().zip(&mean_delta).map(|(b, m)| b - m).collect();
         assert_eq!(params, expected);
@@ -138,13 +206,22 @@ mod tests {
         }
         // The robust mean with an infinite radius agrees with the plain mean.
         let mut via_robust = base.clone();
-        rule.apply(&mut via_robust, &g, &mut NesterovState::default()).unwrap();
-        assert!(via_robust.iter().zip(&params).all(|(a, b)| (a - b).abs() < 1e-6));
+        rule.apply(&mut via_robust, &g, &mut NesterovState::default())
+            .unwrap();
+        assert!(
+            via_robust
+                .iter()
+                .zip(&params)
+                .all(|(a, b)| (a - b).abs() < 1e-6)
+        );
     }
 
     #[test]
     fn nesterov_matches_hand_computed_steps() {
-        let rule = DilocoRule { lr: 0.5, momentum: 0.9 };
+        let rule = DilocoRule {
+            lr: 0.5,
+            momentum: 0.9,
+        };
         let mut p = vec![1.0f32];
         let mut s = NesterovState::default();
         rule.apply(&mut p, &[0.2], &mut s).unwrap();
@@ -154,7 +231,14 @@ mod tests {
         // b = 0.9 * 0.2 + 0.1 = 0.28; p = 0.81 - 0.5 * (0.1 + 0.9 * 0.28) = 0.634
         assert!((p[0] - 0.634).abs() < 1e-6, "{}", p[0]);
         assert!(rule.apply(&mut p, &[0.1, 0.2], &mut s).is_err());
-        assert!(DilocoRule { lr: 1.0, momentum: 1.0 }.apply(&mut p, &[0.1], &mut s).is_err());
+        assert!(
+            DilocoRule {
+                lr: 1.0,
+                momentum: 1.0
+            }
+            .apply(&mut p, &[0.1], &mut s)
+            .is_err()
+        );
     }
 
     #[test]
@@ -169,7 +253,17 @@ mod tests {
         let mut opt = AdamW::new(&layout);
         let mut params = params0.clone();
         let mut scratch = vec![0.0; layout.total];
-        sync_step(&mut opt, &ocfg, span, &mut params, &mut scratch, &shard_grad, 1e-3, 1).unwrap();
+        sync_step(
+            &mut opt,
+            &ocfg,
+            span,
+            &mut params,
+            &mut scratch,
+            &shard_grad,
+            1e-3,
+            1,
+        )
+        .unwrap();
 
         // Reference: a full AdamW update whose gradient is the shard's inside it and zero outside, then only
         // the shard's parameters compared (outside, sync_step must not touch anything).
@@ -179,12 +273,32 @@ mod tests {
         span.of_mut(&mut full).copy_from_slice(&shard_grad);
         ref_opt.update(&ocfg, &mut ref_params, &full, 1e-3, 1);
         assert_eq!(span.of(&params), span.of(&ref_params));
-        assert_ne!(span.of(&params), span.of(&params0), "the step changed the shard");
+        assert_ne!(
+            span.of(&params),
+            span.of(&params0),
+            "the step changed the shard"
+        );
         for (i, (a, b)) in params.iter().zip(&params0).enumerate() {
             if i < span.offset || i >= span.end() {
-                assert_eq!(a.to_bits(), b.to_bits(), "parameter {i} outside the shard changed");
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "parameter {i} outside the shard changed"
+                );
             }
         }
-        assert!(sync_step(&mut opt, &ocfg, span, &mut params, &mut scratch, &shard_grad[1..], 1e-3, 2).is_err());
+        assert!(
+            sync_step(
+                &mut opt,
+                &ocfg,
+                span,
+                &mut params,
+                &mut scratch,
+                &shard_grad[1..],
+                1e-3,
+                2
+            )
+            .is_err()
+        );
     }
 }

@@ -95,7 +95,10 @@ pub fn assign_experts(
         return Ok(ExpertHosts::new());
     }
     if by_node.len() < replication {
-        return Err(AssignError::TooFewMembers { members: by_node.len(), replication });
+        return Err(AssignError::TooFewMembers {
+            members: by_node.len(),
+            replication,
+        });
     }
     let slots: u64 = by_node.values().map(|c| u64::from(c.slots())).sum();
     let needed = (experts.len() as u64).saturating_mul(replication as u64);
@@ -108,7 +111,9 @@ pub fn assign_experts(
 
     // Sticky pass: surviving previous hosts keep their experts while they have room.
     for (expert, old) in previous {
-        let Some(list) = hosts.get_mut(expert) else { continue };
+        let Some(list) = hosts.get_mut(expert) else {
+            continue;
+        };
         let mut old: Vec<PublicKey> = old.clone();
         old.sort();
         old.dedup();
@@ -116,7 +121,9 @@ pub fn assign_experts(
             if list.len() >= replication {
                 break;
             }
-            let (Some(c), Some(l)) = (by_node.get(&node), load.get_mut(&node)) else { continue };
+            let (Some(c), Some(l)) = (by_node.get(&node), load.get_mut(&node)) else {
+                continue;
+            };
             if *l < c.slots() {
                 *l += 1;
                 list.push(node);
@@ -130,13 +137,17 @@ pub fn assign_experts(
     order.sort_by_key(|e| (mix(seed, b"expert-order", &shard_bytes(e)), *e));
     for _ in 0..replication {
         for expert in &order {
-            let list = hosts.get_mut(expert).expect("invariant: hosts has an entry for every expert");
+            let list = hosts
+                .get_mut(expert)
+                .expect("invariant: hosts has an entry for every expert");
             if list.len() >= replication {
                 continue;
             }
             let best = by_node
                 .values()
-                .filter(|c| !list.contains(&c.node) && load.get(&c.node).is_some_and(|l| *l < c.slots()))
+                .filter(|c| {
+                    !list.contains(&c.node) && load.get(&c.node).is_some_and(|l| *l < c.slots())
+                })
                 .min_by(|a, b| {
                     let la = f64::from(load.get(&a.node).copied().unwrap_or(0) + 1) / a.weight();
                     let lb = f64::from(load.get(&b.node).copied().unwrap_or(0) + 1) / b.weight();
@@ -149,9 +160,14 @@ pub fn assign_experts(
             // Enough members and slots were checked above, but slots may sit on nodes that already host this
             // expert; report that as too few members rather than panicking.
             let Some(best) = best else {
-                return Err(AssignError::TooFewMembers { members: by_node.len(), replication });
+                return Err(AssignError::TooFewMembers {
+                    members: by_node.len(),
+                    replication,
+                });
             };
-            *load.get_mut(&best.node).expect("invariant: load has an entry for every candidate") += 1;
+            *load
+                .get_mut(&best.node)
+                .expect("invariant: load has an entry for every candidate") += 1;
             list.push(best.node);
         }
     }
@@ -185,19 +201,31 @@ mod tests {
     fn cand(i: u8, tps: f32, max_shards: u32) -> Candidate {
         Candidate {
             node: key(i),
-            capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 1 << 30, tokens_per_second: tps, max_shards },
+            capacity: Capacity {
+                device: DeviceKind::Cpu,
+                memory_bytes: 1 << 30,
+                tokens_per_second: tps,
+                max_shards,
+            },
             reserved_slots: 0,
         }
     }
 
     fn experts(layers: u16, per_layer: u16) -> Vec<ShardId> {
-        (0..layers).flat_map(|l| (0..per_layer).map(move |i| ShardId::Expert { layer: l, index: i })).collect()
+        (0..layers)
+            .flat_map(|l| (0..per_layer).map(move |i| ShardId::Expert { layer: l, index: i }))
+            .collect()
     }
 
     #[test]
     fn every_expert_gets_r_distinct_hosts_and_load_follows_capacity() {
         // Throughputs 1:1:2:4 over 64 experts x 2 replicas = 128 slots: ideal loads 16, 16, 32, 64.
-        let cands = [cand(1, 100.0, 1000), cand(2, 100.0, 1000), cand(3, 200.0, 1000), cand(4, 400.0, 1000)];
+        let cands = [
+            cand(1, 100.0, 1000),
+            cand(2, 100.0, 1000),
+            cand(3, 200.0, 1000),
+            cand(4, 400.0, 1000),
+        ];
         let ex = experts(2, 32);
         let hosts = assign_experts(&cands, &ex, 2, &ExpertHosts::new(), 7).unwrap();
         assert_eq!(hosts.len(), ex.len());
@@ -206,10 +234,15 @@ mod tests {
             assert_ne!(h[0], h[1], "{e} has the same host twice");
         }
         let by_node = experts_by_node(&hosts);
-        let loads: Vec<usize> = (1..=4).map(|i| by_node.get(&key(i)).map_or(0, Vec::len)).collect();
+        let loads: Vec<usize> = (1..=4)
+            .map(|i| by_node.get(&key(i)).map_or(0, Vec::len))
+            .collect();
         // One replica of an expert cannot go to the node holding the other, so allow a few slots of slack.
         for (load, ideal) in loads.iter().zip([16usize, 16, 32, 64]) {
-            assert!(load.abs_diff(ideal) <= 2, "loads {loads:?} vs ideal 16/16/32/64");
+            assert!(
+                load.abs_diff(ideal) <= 2,
+                "loads {loads:?} vs ideal 16/16/32/64"
+            );
         }
     }
 
@@ -222,7 +255,12 @@ mod tests {
 
     #[test]
     fn same_inputs_same_assignment_regardless_of_order() {
-        let mut cands = vec![cand(1, 10.0, 50), cand(2, 20.0, 50), cand(3, 30.0, 50), cand(9, 5.0, 50)];
+        let mut cands = vec![
+            cand(1, 10.0, 50),
+            cand(2, 20.0, 50),
+            cand(3, 30.0, 50),
+            cand(9, 5.0, 50),
+        ];
         let ex = experts(3, 8);
         let a = assign_experts(&cands, &ex, 2, &ExpertHosts::new(), 42).unwrap();
         cands.reverse();
@@ -234,7 +272,12 @@ mod tests {
 
     #[test]
     fn experts_whose_hosts_left_are_reassigned_and_the_rest_stay() {
-        let cands = [cand(1, 10.0, 100), cand(2, 10.0, 100), cand(3, 10.0, 100), cand(4, 10.0, 100)];
+        let cands = [
+            cand(1, 10.0, 100),
+            cand(2, 10.0, 100),
+            cand(3, 10.0, 100),
+            cand(4, 10.0, 100),
+        ];
         let ex = experts(1, 16);
         let before = assign_experts(&cands, &ex, 2, &ExpertHosts::new(), 3).unwrap();
         // Nodes 1 and 2 leave: experts hosted only by them must move; every other host stays put.
@@ -244,13 +287,19 @@ mod tests {
         for (e, old) in &before {
             let new = &after[e];
             assert_eq!(new.len(), 2, "{e}");
-            assert!(new.iter().all(|n| !left.contains(n)), "{e} still on a departed node");
+            assert!(
+                new.iter().all(|n| !left.contains(n)),
+                "{e} still on a departed node"
+            );
             for survivor in old.iter().filter(|n| !left.contains(n)) {
                 assert!(new.contains(survivor), "{e} moved away from surviving host");
             }
             orphaned += usize::from(old.iter().all(|n| left.contains(n)));
         }
-        assert!(orphaned > 0, "the test should cover experts whose hosts all left");
+        assert!(
+            orphaned > 0,
+            "the test should cover experts whose hosts all left"
+        );
     }
 
     #[test]
@@ -258,11 +307,23 @@ mod tests {
         let ex = experts(1, 4);
         assert_eq!(
             assign_experts(&[cand(1, 1.0, 10)], &ex, 2, &ExpertHosts::new(), 0),
-            Err(AssignError::TooFewMembers { members: 1, replication: 2 })
+            Err(AssignError::TooFewMembers {
+                members: 1,
+                replication: 2
+            })
         );
         assert_eq!(
-            assign_experts(&[cand(1, 1.0, 2), cand(2, 1.0, 2)], &ex, 2, &ExpertHosts::new(), 0),
-            Err(AssignError::NotEnoughSlots { slots: 4, needed: 8 })
+            assign_experts(
+                &[cand(1, 1.0, 2), cand(2, 1.0, 2)],
+                &ex,
+                2,
+                &ExpertHosts::new(),
+                0
+            ),
+            Err(AssignError::NotEnoughSlots {
+                slots: 4,
+                needed: 8
+            })
         );
     }
 }

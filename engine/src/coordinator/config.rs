@@ -73,7 +73,12 @@ impl CoordinatorConfig {
 
     /// Checks that the settings can work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, reason: &str| Err(ConfigError { field, reason: reason.to_string() });
+        let bad = |field, reason: &str| {
+            Err(ConfigError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
         if self.replication == 0 {
             return bad("replication", "must be at least 1");
         }
@@ -81,10 +86,16 @@ impl CoordinatorConfig {
             return bad("min_members", "must be at least `replication`");
         }
         if self.experts.contains(&ShardId::Trunk) {
-            return bad("experts", "must list routed experts only (the trunk is `trunk_everywhere`)");
+            return bad(
+                "experts",
+                "must list routed experts only (the trunk is `trunk_everywhere`)",
+            );
         }
         if self.experts.is_empty() && !self.trunk_everywhere {
-            return bad("experts", "is empty and the trunk is not trained: a round would train nothing");
+            return bad(
+                "experts",
+                "is empty and the trunk is not trained: a round would train nothing",
+            );
         }
         if self.train_ms == 0 || self.verify_ms == 0 {
             return bad("train_ms/verify_ms", "must be positive");
@@ -97,13 +108,20 @@ impl CoordinatorConfig {
         }
         let st = &self.standing;
         if st.fault_cost < 1 || st.ban_at >= 0 || st.max_weight < 0 {
-            return bad("standing", "needs fault_cost >= 1, a negative ban_at and max_weight >= 0");
+            return bad(
+                "standing",
+                "needs fault_cost >= 1, a negative ban_at and max_weight >= 0",
+            );
         }
         if st.max_members < self.min_members {
             return bad("standing.max_members", "must be at least `min_members`");
         }
         let h = &self.hyper;
-        for (field, v) in [("hyper.inner_lr", h.inner_lr), ("hyper.outer_lr", h.outer_lr), ("hyper.weight_decay", h.weight_decay)] {
+        for (field, v) in [
+            ("hyper.inner_lr", h.inner_lr),
+            ("hyper.outer_lr", h.outer_lr),
+            ("hyper.weight_decay", h.weight_decay),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 return bad(field, "must be finite and >= 0");
             }

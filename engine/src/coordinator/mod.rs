@@ -23,8 +23,9 @@ pub mod standing;
 use std::collections::{BTreeMap, BTreeSet};
 
 use mana_protocol::{
-    AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, Deadlines, Heartbeat, Participant,
-    PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardEntry, ShardId,
+    AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, Deadlines, DeltaAnnouncement,
+    Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit,
+    ShardEntry, ShardId,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -120,7 +121,9 @@ impl RunState {
 
     fn round_mut(&mut self) -> Option<&mut ActiveRound> {
         match self {
-            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => Some(r),
+            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => {
+                Some(r)
+            }
             _ => None,
         }
     }
@@ -128,7 +131,9 @@ impl RunState {
     /// The round in progress, if any.
     pub fn round(&self) -> Option<&ActiveRound> {
         match self {
-            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => Some(r),
+            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => {
+                Some(r)
+            }
             _ => None,
         }
     }
@@ -188,7 +193,10 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// A new coordinator for `config.run`, whose first round starts from `checkpoint`.
-    pub fn new(config: CoordinatorConfig, checkpoint: CheckpointManifest) -> Result<Coordinator, CoordinatorError> {
+    pub fn new(
+        config: CoordinatorConfig,
+        checkpoint: CheckpointManifest,
+    ) -> Result<Coordinator, CoordinatorError> {
         config.validate()?;
         let next_round = checkpoint.round + 1;
         Ok(Coordinator {
@@ -212,7 +220,12 @@ impl Coordinator {
     /// not on a new list leave at once.
     pub fn set_allowlist(&mut self, allowlist: Option<BTreeSet<PublicKey>>) {
         if let Some(keys) = &allowlist {
-            let gone: Vec<PublicKey> = self.members.keys().filter(|k| !keys.contains(k)).copied().collect();
+            let gone: Vec<PublicKey> = self
+                .members
+                .keys()
+                .filter(|k| !keys.contains(k))
+                .copied()
+                .collect();
             for node in gone {
                 self.node_left(&node);
             }
@@ -222,7 +235,11 @@ impl Coordinator {
 
     /// Whether `node` may be a member (beside the member cap): not banned, and on the allowlist if there is one.
     pub fn admits(&self, node: &PublicKey) -> bool {
-        !self.standings.is_banned(node) && self.allowlist.as_ref().is_none_or(|keys| keys.contains(node))
+        !self.standings.is_banned(node)
+            && self
+                .allowlist
+                .as_ref()
+                .is_none_or(|keys| keys.contains(node))
     }
 
     /// The current phase.
@@ -247,17 +264,21 @@ impl Coordinator {
 
     /// Saves the whole state (bincode, standard config), to be restored with [`Coordinator::from_bytes`].
     pub fn to_bytes(&self) -> Result<Vec<u8>, CoordinatorError> {
-        bincode::serde::encode_to_vec(self, bincode::config::standard()).map_err(|e| CoordinatorError::Encode(e.to_string()))
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(|e| CoordinatorError::Encode(e.to_string()))
     }
 
     /// Restores a state saved by [`Coordinator::to_bytes`] (a local file the coordinator wrote; still bounded and
     /// checked, as a truncated or corrupted file must give an error).
     pub fn from_bytes(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
         let cfg = bincode::config::standard().with_limit::<{ 64 * 1024 * 1024 }>();
-        let (c, used): (Coordinator, usize) =
-            bincode::serde::decode_from_slice(bytes, cfg).map_err(|e| CoordinatorError::Decode(e.to_string()))?;
+        let (c, used): (Coordinator, usize) = bincode::serde::decode_from_slice(bytes, cfg)
+            .map_err(|e| CoordinatorError::Decode(e.to_string()))?;
         if used != bytes.len() {
-            return Err(CoordinatorError::Decode(format!("{} trailing bytes", bytes.len() - used)));
+            return Err(CoordinatorError::Decode(format!(
+                "{} trailing bytes",
+                bytes.len() - used
+            )));
         }
         c.config.validate()?;
         Ok(c)
@@ -266,7 +287,12 @@ impl Coordinator {
     /// A heartbeat from `node` at `now_ms`: a new node joins (it takes part from the next round), a known one
     /// stays alive. Heartbeats for another run or older than the last seen are ignored. A key that is banned,
     /// not on the allowlist, or new while the run has `max_members` is refused (`not-admitted`).
-    pub fn node_heartbeat(&mut self, now_ms: u64, node: PublicKey, heartbeat: &Heartbeat) -> Result<(), EventError> {
+    pub fn node_heartbeat(
+        &mut self,
+        now_ms: u64,
+        node: PublicKey,
+        heartbeat: &Heartbeat,
+    ) -> Result<(), EventError> {
         if heartbeat.run != self.config.run {
             return Err(EventError::Refused(RejectCode::UnknownRun));
         }
@@ -283,7 +309,14 @@ impl Coordinator {
             }
             None if full => return Err(EventError::Refused(RejectCode::NotAdmitted)),
             None => {
-                self.members.insert(node, Member { capacity: heartbeat.capacity, last_seen_ms: now_ms, last_seq: heartbeat.seq });
+                self.members.insert(
+                    node,
+                    Member {
+                        capacity: heartbeat.capacity,
+                        last_seen_ms: now_ms,
+                        last_seq: heartbeat.seq,
+                    },
+                );
             }
         }
         Ok(())
@@ -303,7 +336,12 @@ impl Coordinator {
     /// A delta announcement from `node` (signature already checked). Refused unless it is for the round in
     /// training, from a participant still in it, for a shard assigned to it, from the round's base, on time,
     /// and the first for that (shard, node).
-    pub fn delta_announced(&mut self, now_ms: u64, node: PublicKey, delta: DeltaAnnouncement) -> Result<(), EventError> {
+    pub fn delta_announced(
+        &mut self,
+        now_ms: u64,
+        node: PublicKey,
+        delta: DeltaAnnouncement,
+    ) -> Result<(), EventError> {
         let refuse = |c| Err(EventError::Refused(c));
         if delta.run != self.config.run {
             return refuse(RejectCode::UnknownRun);
@@ -318,7 +356,9 @@ impl Coordinator {
         if delta.round > ann.round {
             return refuse(RejectCode::FutureRound);
         }
-        let Some(p) = ann.participant(&node) else { return refuse(RejectCode::NotParticipant) };
+        let Some(p) = ann.participant(&node) else {
+            return refuse(RejectCode::NotParticipant);
+        };
         if round.dropped.contains(&node) {
             return refuse(RejectCode::NotParticipant);
         }
@@ -350,24 +390,38 @@ impl Coordinator {
         payload_hash: ContentHash,
         verdict: Verdict,
     ) -> Result<(), EventError> {
-        let RunState::RoundVerify(r) = &mut self.state else { return Err(EventError::Refused(RejectCode::StaleRound)) };
+        let RunState::RoundVerify(r) = &mut self.state else {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        };
         if r.announcement.round != round {
             return Err(EventError::Refused(RejectCode::StaleRound));
         }
         if r.deltas.get(&(shard, node)).map(|d| d.payload_hash) != Some(payload_hash) {
             return Err(EventError::Refused(RejectCode::Inconsistent));
         }
-        let taken = |k: &(ShardId, PublicKey)| r.deltas.get(k).is_some_and(|d| d.payload_hash == payload_hash);
+        let taken = |k: &(ShardId, PublicKey)| {
+            r.deltas
+                .get(k)
+                .is_some_and(|d| d.payload_hash == payload_hash)
+        };
         let copy = verdict == Verdict::Accept
-            && r.verdicts.iter().any(|(k, v)| *v == Verdict::Accept && *k != (shard, node) && taken(k));
-        let verdict = if copy { Verdict::Reject(RejectCode::NotBound) } else { verdict };
+            && r.verdicts
+                .iter()
+                .any(|(k, v)| *v == Verdict::Accept && *k != (shard, node) && taken(k));
+        let verdict = if copy {
+            Verdict::Reject(RejectCode::NotBound)
+        } else {
+            verdict
+        };
         r.verdicts.entry((shard, node)).or_insert(verdict);
         Ok(())
     }
 
     /// A shard holder reports the shard that results from aggregating round `round`'s accepted deltas.
     pub fn shard_aggregated(&mut self, round: u64, entry: ShardEntry) -> Result<(), EventError> {
-        let RunState::RoundAggregate(r) = &mut self.state else { return Err(EventError::Refused(RejectCode::StaleRound)) };
+        let RunState::RoundAggregate(r) = &mut self.state else {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        };
         if r.announcement.round != round || entry.round != round {
             return Err(EventError::Refused(RejectCode::StaleRound));
         }
@@ -399,8 +453,12 @@ impl Coordinator {
 
     fn expire_members(&mut self, now_ms: u64) {
         let timeout = self.config.member_timeout_ms;
-        let gone: Vec<PublicKey> =
-            self.members.iter().filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > timeout).map(|(k, _)| *k).collect();
+        let gone: Vec<PublicKey> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > timeout)
+            .map(|(k, _)| *k)
+            .collect();
         for node in gone {
             self.node_left(&node);
         }
@@ -412,20 +470,31 @@ impl Coordinator {
             RunState::WaitingForMembers => match self.start_round(now_ms, seed)? {
                 Some(round) => {
                     let ann = round.announcement.clone();
-                    (RunState::RoundTrain(round), Some(Action::AnnounceRound(ann)))
+                    (
+                        RunState::RoundTrain(round),
+                        Some(Action::AnnounceRound(ann)),
+                    )
                 }
                 None => (RunState::WaitingForMembers, None),
             },
-            RunState::Cooldown { until_ms } if now_ms >= until_ms => (RunState::WaitingForMembers, None),
+            RunState::Cooldown { until_ms } if now_ms >= until_ms => {
+                (RunState::WaitingForMembers, None)
+            }
             cooldown @ RunState::Cooldown { .. } => (cooldown, None),
             RunState::RoundTrain(mut round) => {
                 let deadline = now_ms > round.announcement.deadlines.deltas_by_ms;
                 if deadline || all_deltas_in(&round) {
                     drop_missing(&mut round);
-                    let deltas: Vec<(PublicKey, DeltaAnnouncement)> =
-                        round.deltas.iter().map(|((_, n), d)| (*n, d.clone())).collect();
+                    let deltas: Vec<(PublicKey, DeltaAnnouncement)> = round
+                        .deltas
+                        .iter()
+                        .map(|((_, n), d)| (*n, d.clone()))
+                        .collect();
                     let r = round.announcement.round;
-                    (RunState::RoundVerify(round), Some(Action::Verify { round: r, deltas }))
+                    (
+                        RunState::RoundVerify(round),
+                        Some(Action::Verify { round: r, deltas }),
+                    )
                 } else {
                     (RunState::RoundTrain(round), None)
                 }
@@ -436,7 +505,10 @@ impl Coordinator {
                     refuse_unverified(&mut round);
                     let r = round.announcement.round;
                     let accepted = accepted_lists(&round);
-                    (RunState::RoundAggregate(round), Some(Action::Aggregate { round: r, accepted }))
+                    (
+                        RunState::RoundAggregate(round),
+                        Some(Action::Aggregate { round: r, accepted }),
+                    )
                 } else {
                     (RunState::RoundVerify(round), None)
                 }
@@ -446,7 +518,12 @@ impl Coordinator {
                 let all_in = shards.iter().all(|s| round.results.contains_key(s));
                 if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
                     let commit = self.commit(round)?;
-                    (RunState::Cooldown { until_ms: now_ms.saturating_add(self.config.cooldown_ms) }, Some(Action::CommitRound(commit)))
+                    (
+                        RunState::Cooldown {
+                            until_ms: now_ms.saturating_add(self.config.cooldown_ms),
+                        },
+                        Some(Action::CommitRound(commit)),
+                    )
                 } else {
                     (RunState::RoundAggregate(round), None)
                 }
@@ -457,7 +534,11 @@ impl Coordinator {
     }
 
     /// Builds the next round from the current members, or `None` if they cannot carry one.
-    fn start_round(&mut self, now_ms: u64, seed: u64) -> Result<Option<ActiveRound>, CoordinatorError> {
+    fn start_round(
+        &mut self,
+        now_ms: u64,
+        seed: u64,
+    ) -> Result<Option<ActiveRound>, CoordinatorError> {
         if self.members.len() < self.config.min_members {
             return Ok(None);
         }
@@ -470,11 +551,24 @@ impl Coordinator {
             .iter()
             .filter(|(_, m)| m.capacity.max_shards >= trunk_slot)
             .map(|(k, m)| {
-                let capacity = Capacity { tokens_per_second: self.standings.get(k).weight(&policy), ..m.capacity };
-                Candidate { node: *k, capacity, reserved_slots: trunk_slot }
+                let capacity = Capacity {
+                    tokens_per_second: self.standings.get(k).weight(&policy),
+                    ..m.capacity
+                };
+                Candidate {
+                    node: *k,
+                    capacity,
+                    reserved_slots: trunk_slot,
+                }
             })
             .collect();
-        let hosts = match assign_experts(&candidates, &self.config.experts, self.config.replication, &self.hosts, seed) {
+        let hosts = match assign_experts(
+            &candidates,
+            &self.config.experts,
+            self.config.replication,
+            &self.hosts,
+            seed,
+        ) {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(error = %e, "not starting a round yet");
@@ -498,14 +592,21 @@ impl Coordinator {
                         assign::mix(seed, &tag, &c.node.0)
                     })
                     .collect();
-                Participant { node: c.node, shards, data_seeds }
+                Participant {
+                    node: c.node,
+                    shards,
+                    data_seeds,
+                }
             })
             .filter(|p| !p.shards.is_empty())
             .collect();
         if participants.is_empty() {
             return Ok(None);
         }
-        let base_checkpoint = self.checkpoint.hash().map_err(|e| CoordinatorError::Encode(e.to_string()))?;
+        let base_checkpoint = self
+            .checkpoint
+            .hash()
+            .map_err(|e| CoordinatorError::Encode(e.to_string()))?;
         let deltas_by_ms = now_ms.saturating_add(self.config.train_ms);
         let announcement = RoundAnnouncement {
             run: self.config.run.clone(),
@@ -515,7 +616,10 @@ impl Coordinator {
             inner_steps: self.config.inner_steps,
             hyper: self.config.hyper.clone(),
             max_norm_ratio: self.config.max_norm_ratio,
-            deadlines: Deadlines { deltas_by_ms, commit_by_ms: deltas_by_ms.saturating_add(self.config.verify_ms) },
+            deadlines: Deadlines {
+                deltas_by_ms,
+                commit_by_ms: deltas_by_ms.saturating_add(self.config.verify_ms),
+            },
         };
         self.hosts = hosts;
         self.next_round = round + 1;
@@ -540,26 +644,53 @@ impl Coordinator {
                 accepted.push(a);
             } else {
                 for ((shard, node), d) in &round.deltas {
-                    if *shard == a.shard && round.verdicts.get(&(*shard, *node)) == Some(&Verdict::Accept) {
-                        round.refused.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: RejectCode::Late });
+                    if *shard == a.shard
+                        && round.verdicts.get(&(*shard, *node)) == Some(&Verdict::Accept)
+                    {
+                        round.refused.push(RejectedDelta {
+                            shard: *shard,
+                            node: *node,
+                            payload_hash: d.payload_hash,
+                            reason: RejectCode::Late,
+                        });
                     }
                 }
             }
         }
-        let mut shards: BTreeMap<ShardId, ShardEntry> = self.checkpoint.shards.iter().map(|e| (e.shard, *e)).collect();
+        let mut shards: BTreeMap<ShardId, ShardEntry> = self
+            .checkpoint
+            .shards
+            .iter()
+            .map(|e| (e.shard, *e))
+            .collect();
         for (shard, entry) in &round.results {
             shards.insert(*shard, *entry);
         }
-        let checkpoint = CheckpointManifest { run: self.config.run.clone(), round: r, shards: shards.into_values().collect() };
+        let checkpoint = CheckpointManifest {
+            run: self.config.run.clone(),
+            round: r,
+            shards: shards.into_values().collect(),
+        };
         let mut rejected = round.refused;
         for ((shard, node), d) in &round.deltas {
             if let Some(Verdict::Reject(reason)) = round.verdicts.get(&(*shard, *node)) {
-                rejected.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: *reason });
+                rejected.push(RejectedDelta {
+                    shard: *shard,
+                    node: *node,
+                    payload_hash: d.payload_hash,
+                    reason: *reason,
+                });
             }
         }
         rejected.sort_by_key(|d| (d.shard, d.node, d.payload_hash));
         self.checkpoint = checkpoint.clone();
-        Ok(RoundCommit { run: self.config.run.clone(), round: r, accepted, rejected, checkpoint })
+        Ok(RoundCommit {
+            run: self.config.run.clone(),
+            round: r,
+            accepted,
+            rejected,
+            checkpoint,
+        })
     }
 }
 
@@ -586,7 +717,8 @@ impl Coordinator {
             self.members.remove(&node);
         }
         let members = &self.members;
-        self.standings.forget_departed(|k| members.contains_key(k), policy.max_members);
+        self.standings
+            .forget_departed(|k| members.contains_key(k), policy.max_members);
     }
 }
 
@@ -597,7 +729,11 @@ fn all_deltas_in(round: &ActiveRound) -> bool {
         .participants
         .iter()
         .filter(|p| !round.dropped.contains(&p.node))
-        .all(|p| p.shards.iter().all(|s| round.deltas.contains_key(&(*s, p.node))))
+        .all(|p| {
+            p.shards
+                .iter()
+                .all(|s| round.deltas.contains_key(&(*s, p.node)))
+        })
 }
 
 /// At the delta deadline: a participant missing any assigned delta is dropped, and its deltas go too (a
@@ -605,7 +741,11 @@ fn all_deltas_in(round: &ActiveRound) -> bool {
 /// dropped as well.
 fn drop_missing(round: &mut ActiveRound) {
     for p in &round.announcement.participants {
-        if !p.shards.iter().all(|s| round.deltas.contains_key(&(*s, p.node))) {
+        if !p
+            .shards
+            .iter()
+            .all(|s| round.deltas.contains_key(&(*s, p.node)))
+        {
             round.dropped.insert(p.node);
         }
     }
@@ -617,7 +757,12 @@ fn drop_missing(round: &mut ActiveRound) {
 fn refuse_unverified(round: &mut ActiveRound) {
     for ((shard, node), d) in &round.deltas {
         if !round.verdicts.contains_key(&(*shard, *node)) {
-            round.refused.push(RejectedDelta { shard: *shard, node: *node, payload_hash: d.payload_hash, reason: RejectCode::Late });
+            round.refused.push(RejectedDelta {
+                shard: *shard,
+                node: *node,
+                payload_hash: d.payload_hash,
+                reason: RejectCode::Late,
+            });
         }
     }
 }
@@ -629,14 +774,22 @@ fn accepted_lists(round: &ActiveRound) -> Vec<AcceptedDeltas> {
 impl ActiveRound {
     /// The deltas still waiting for a verdict, with their senders.
     pub fn unverified(&self) -> Vec<(PublicKey, DeltaAnnouncement)> {
-        self.deltas.iter().filter(|(k, _)| !self.verdicts.contains_key(k)).map(|((_, n), d)| (*n, d.clone())).collect()
+        self.deltas
+            .iter()
+            .filter(|(k, _)| !self.verdicts.contains_key(k))
+            .map(|((_, n), d)| (*n, d.clone()))
+            .collect()
     }
 
     /// The seed of this round's score batches ([`crate::round::score_seed`]) over every delta under
     /// verification: the same set the commit lists as accepted or refused, so a holder recomputes it from
     /// the commit ([`crate::round::commit_score_seed`]), and a verifier restarted mid-round gets it again.
     pub fn score_seed(&self) -> u64 {
-        crate::round::score_seed(&self.announcement.run, self.announcement.round, self.deltas.values().map(|d| d.payload_hash))
+        crate::round::score_seed(
+            &self.announcement.run,
+            self.announcement.round,
+            self.deltas.values().map(|d| d.payload_hash),
+        )
     }
 
     /// Accepted deltas per shard, each list sorted by payload hash: the order in which every aggregator must

@@ -39,7 +39,13 @@ impl Default for StandingPolicy {
     /// members, 1024 remembered bans. (The whole coordinator state is saved as one store record of at most
     /// 64 KiB today, which a few hundred members and bans already fill: the liveness issue moves it to a blob.)
     fn default() -> StandingPolicy {
-        StandingPolicy { fault_cost: 4, ban_at: -16, max_weight: 64, max_members: 1024, max_banned: 1024 }
+        StandingPolicy {
+            fault_cost: 4,
+            ban_at: -16,
+            max_weight: 64,
+            max_members: 1024,
+            max_banned: 1024,
+        }
     }
 }
 
@@ -67,7 +73,11 @@ impl Standing {
 pub fn refusal_cost(code: RejectCode, policy: &StandingPolicy) -> i64 {
     match code {
         // The coordinator's own doing (or not the sender's to answer for).
-        RejectCode::Late | RejectCode::StaleRound | RejectCode::FutureRound | RejectCode::NoRound | RejectCode::ClockSkew => 0,
+        RejectCode::Late
+        | RejectCode::StaleRound
+        | RejectCode::FutureRound
+        | RejectCode::NoRound
+        | RejectCode::ClockSkew => 0,
         // A crash or a slow link looks the same as withholding; an expert that got no tokens in its holder's
         // batches has an honest all-zero delta: no work, no credit, but no fault either.
         RejectCode::Unavailable | RejectCode::NormTooSmall => 1,
@@ -146,7 +156,14 @@ impl Standings {
             self.records.remove(k);
         }
         while self.banned.len() > policy.max_banned {
-            let Some(oldest) = self.banned.iter().min_by_key(|(k, r)| (**r, **k)).map(|(k, _)| *k) else { break };
+            let Some(oldest) = self
+                .banned
+                .iter()
+                .min_by_key(|(k, r)| (**r, **k))
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
             self.banned.remove(&oldest);
         }
         newly
@@ -186,9 +203,17 @@ mod tests {
             s.accepted(good);
         }
         assert_eq!(s.get(&good).weight(&p), 65.0, "capped");
-        assert_eq!(s.get(&bad).weight(&p), 1.0, "a new key starts at the smallest weight");
+        assert_eq!(
+            s.get(&bad).weight(&p),
+            1.0,
+            "a new key starts at the smallest weight"
+        );
         s.refused(bad, RejectCode::Late, &p);
-        assert_eq!(s.get(&bad).reputation, 0, "the coordinator's lateness costs nothing");
+        assert_eq!(
+            s.get(&bad).reputation,
+            0,
+            "the coordinator's lateness costs nothing"
+        );
         s.refused(bad, RejectCode::Unavailable, &p);
         assert_eq!(s.get(&bad).reputation, -1);
         for _ in 0..3 {
@@ -202,7 +227,10 @@ mod tests {
 
     #[test]
     fn debts_survive_departure_and_bans_are_bounded() {
-        let p = StandingPolicy { max_banned: 2, ..StandingPolicy::default() };
+        let p = StandingPolicy {
+            max_banned: 2,
+            ..StandingPolicy::default()
+        };
         let mut s = Standings::default();
         let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
         let c = PublicKey([3; 32]);
@@ -211,7 +239,11 @@ mod tests {
         s.accepted(c);
         s.dropped(b);
         s.forget_departed(|_| false, 2);
-        assert_eq!(s.records().len(), 2, "the debtor and the best departed record are kept");
+        assert_eq!(
+            s.records().len(),
+            2,
+            "the debtor and the best departed record are kept"
+        );
         assert_eq!(s.get(&b).reputation, -1);
         assert_eq!(s.get(&a).reputation, 2);
         assert_eq!(s.get(&c), Standing::default());

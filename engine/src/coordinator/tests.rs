@@ -2,7 +2,8 @@
 
 use super::*;
 use mana_protocol::{
-    Capacity, CodecOptions, DeviceKind, HyperParams, Message, RunId, Text, TrainingStats, UpdateRule,
+    Capacity, CodecOptions, DeviceKind, HyperParams, Message, RunId, Text, TrainingStats,
+    UpdateRule,
 };
 
 fn key(i: u8) -> PublicKey {
@@ -27,16 +28,32 @@ fn hyper() -> HyperParams {
 }
 
 fn experts() -> Vec<ShardId> {
-    (0..2u16).flat_map(|l| (0..4u16).map(move |i| ShardId::Expert { layer: l, index: i })).collect()
+    (0..2u16)
+        .flat_map(|l| (0..4u16).map(move |i| ShardId::Expert { layer: l, index: i }))
+        .collect()
 }
 
 fn base_manifest() -> CheckpointManifest {
-    let mut shards = vec![ShardEntry { shard: ShardId::Trunk, hash: ContentHash::of(b"trunk"), size: 5, round: 0 }];
+    let mut shards = vec![ShardEntry {
+        shard: ShardId::Trunk,
+        hash: ContentHash::of(b"trunk"),
+        size: 5,
+        round: 0,
+    }];
     for e in experts() {
-        shards.push(ShardEntry { shard: e, hash: ContentHash::of(e.to_string().as_bytes()), size: 9, round: 0 });
+        shards.push(ShardEntry {
+            shard: e,
+            hash: ContentHash::of(e.to_string().as_bytes()),
+            size: 9,
+            round: 0,
+        });
     }
     shards.sort_by_key(|e| e.shard);
-    CheckpointManifest { run: run(), round: 0, shards }
+    CheckpointManifest {
+        run: run(),
+        round: 0,
+        shards,
+    }
 }
 
 fn coordinator() -> Coordinator {
@@ -58,7 +75,12 @@ fn heartbeat(seq: u64, tps: f32) -> Heartbeat {
         run: run(),
         seq,
         hosted: vec![],
-        capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 1 << 30, tokens_per_second: tps, max_shards: 64 },
+        capacity: Capacity {
+            device: DeviceKind::Cpu,
+            memory_bytes: 1 << 30,
+            tokens_per_second: tps,
+            max_shards: 64,
+        },
         software_version: Text::new("test").unwrap(),
     }
 }
@@ -74,7 +96,12 @@ fn delta(ann: &RoundAnnouncement, shard: ShardId, node: PublicKey) -> DeltaAnnou
         base_checkpoint: ann.base_checkpoint,
         payload_hash: ContentHash::of(&tag),
         payload_size: 100,
-        stats: TrainingStats { tokens: 10, loss_before: 2.0, loss_after: 1.9, delta_norm: 0.1 },
+        stats: TrainingStats {
+            tokens: 10,
+            loss_before: 2.0,
+            loss_after: 1.9,
+            delta_norm: 0.1,
+        },
     }
 }
 
@@ -88,7 +115,8 @@ fn announced(actions: &[Action]) -> RoundAnnouncement {
 /// Joins nodes 1..=n at t=0 (node i declaring 100·i tokens/s) and returns their keys.
 fn join(c: &mut Coordinator, n: u8) -> Vec<PublicKey> {
     for i in 1..=n {
-        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i))).unwrap();
+        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)))
+            .unwrap();
     }
     (1..=n).map(key).collect()
 }
@@ -103,7 +131,8 @@ fn start(c: &mut Coordinator, n: u8) -> RoundAnnouncement {
 fn send_all(c: &mut Coordinator, ann: &RoundAnnouncement, nodes: &[PublicKey], now: u64) {
     for p in ann.participants.iter().filter(|p| nodes.contains(&p.node)) {
         for s in &p.shards {
-            c.delta_announced(now, p.node, delta(ann, *s, p.node)).unwrap();
+            c.delta_announced(now, p.node, delta(ann, *s, p.node))
+                .unwrap();
         }
     }
 }
@@ -119,12 +148,26 @@ fn waits_for_members_then_announces_a_covering_round() {
     let ann = announced(&c.tick(5, 1).unwrap());
     assert_eq!(ann.round, 1);
     assert_eq!(ann.base_checkpoint, base_manifest().hash().unwrap());
-    assert_eq!(ann.deadlines, Deadlines { deltas_by_ms: 1_005, commit_by_ms: 2_005 });
+    assert_eq!(
+        ann.deadlines,
+        Deadlines {
+            deltas_by_ms: 1_005,
+            commit_by_ms: 2_005
+        }
+    );
     for e in experts() {
-        let hosts = ann.participants.iter().filter(|p| p.shards.contains(&e)).count();
+        let hosts = ann
+            .participants
+            .iter()
+            .filter(|p| p.shards.contains(&e))
+            .count();
         assert_eq!(hosts, 2, "{e}");
     }
-    assert!(ann.participants.iter().all(|p| p.shards.contains(&ShardId::Trunk) && p.data_seeds.len() == 1));
+    assert!(
+        ann.participants
+            .iter()
+            .all(|p| p.shards.contains(&ShardId::Trunk) && p.data_seeds.len() == 1)
+    );
     // The announcement is a valid protocol message.
     Message::RoundAnnouncement(ann).check_limits().unwrap();
 }
@@ -136,33 +179,66 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
     send_all(&mut c, &ann, &nodes, 10);
     let verify = c.tick(20, 12).unwrap();
-    let [Action::Verify { round: 1, deltas }] = verify.as_slice() else { panic!("{verify:?}") };
+    let [Action::Verify { round: 1, deltas }] = verify.as_slice() else {
+        panic!("{verify:?}")
+    };
     let first_bad = deltas[0].1.payload_hash;
     for (n, d) in deltas {
-        let v = if d.payload_hash == first_bad { Verdict::Reject(RejectCode::NormTooLarge) } else { Verdict::Accept };
-        c.verification_verdict(1, d.shard, *n, d.payload_hash, v).unwrap();
+        let v = if d.payload_hash == first_bad {
+            Verdict::Reject(RejectCode::NormTooLarge)
+        } else {
+            Verdict::Accept
+        };
+        c.verification_verdict(1, d.shard, *n, d.payload_hash, v)
+            .unwrap();
     }
     let seed = c.state().round().unwrap().score_seed();
     let agg = c.tick(30, 13).unwrap();
-    let [Action::Aggregate { round: 1, accepted }] = agg.as_slice() else { panic!("{agg:?}") };
+    let [Action::Aggregate { round: 1, accepted }] = agg.as_slice() else {
+        panic!("{agg:?}")
+    };
     for a in accepted {
-        assert!(a.deltas.windows(2).all(|w| w[0] < w[1]), "aggregation order is by payload hash");
+        assert!(
+            a.deltas.windows(2).all(|w| w[0] < w[1]),
+            "aggregation order is by payload hash"
+        );
         let hash = ContentHash::of(format!("new {}", a.shard).as_bytes());
-        c.shard_aggregated(1, ShardEntry { shard: a.shard, hash, size: 9, round: 1 }).unwrap();
+        c.shard_aggregated(
+            1,
+            ShardEntry {
+                shard: a.shard,
+                hash,
+                size: 9,
+                round: 1,
+            },
+        )
+        .unwrap();
     }
     let done = c.tick(40, 14).unwrap();
-    let [Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
+    let [Action::CommitRound(commit)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
     assert_eq!(commit.round, 1);
-    assert_eq!(crate::round::commit_score_seed(commit), seed, "the score seed is recomputed from the commit");
+    assert_eq!(
+        crate::round::commit_score_seed(commit),
+        seed,
+        "the score seed is recomputed from the commit"
+    );
     assert_eq!(commit.rejected.len(), 1);
     assert_eq!(commit.rejected[0].reason, RejectCode::NormTooLarge);
     assert_eq!(commit.checkpoint.round, 1);
     assert_eq!(commit.checkpoint.shards.len(), base_manifest().shards.len());
-    assert!(commit.checkpoint.shards.iter().all(|e| e.round == 1), "every shard got deltas, so every shard changed");
+    assert!(
+        commit.checkpoint.shards.iter().all(|e| e.round == 1),
+        "every shard got deltas, so every shard changed"
+    );
     // Round trip through the wire encoding: the commit is a valid message and the manifest decodes to itself.
     let msg = Message::RoundCommit(commit.clone());
     msg.check_limits().unwrap();
-    assert_eq!(CheckpointManifest::from_bytes(&commit.checkpoint.to_bytes().unwrap()).unwrap(), commit.checkpoint);
+    assert_eq!(
+        CheckpointManifest::from_bytes(&commit.checkpoint.to_bytes().unwrap()).unwrap(),
+        commit.checkpoint
+    );
     assert_eq!(c.checkpoint(), &commit.checkpoint);
     // Cooldown, then round 2 from the new checkpoint.
     assert_eq!(c.state().name(), "cooldown");
@@ -179,31 +255,68 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
 fn nodes_missing_the_deadline_are_dropped_and_the_round_completes() {
     let mut c = coordinator();
     let ann = start(&mut c, 4);
-    let late_p = ann.participants.iter().max_by_key(|p| p.shards.len()).unwrap().clone();
+    let late_p = ann
+        .participants
+        .iter()
+        .max_by_key(|p| p.shards.len())
+        .unwrap()
+        .clone();
     assert!(late_p.shards.len() >= 2);
     let late = late_p.node;
-    let on_time: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).filter(|n| *n != late).collect();
+    let on_time: Vec<PublicKey> = ann
+        .participants
+        .iter()
+        .map(|p| p.node)
+        .filter(|n| *n != late)
+        .collect();
     send_all(&mut c, &ann, &on_time, 10);
     // The late node sends only part of its work before the deadline.
     let first = late_p.shards[0];
-    c.delta_announced(10, late, delta(&ann, first, late)).unwrap();
-    assert!(c.tick(500, 1).unwrap().is_empty(), "waits for the missing deltas until the deadline");
+    c.delta_announced(10, late, delta(&ann, first, late))
+        .unwrap();
+    assert!(
+        c.tick(500, 1).unwrap().is_empty(),
+        "waits for the missing deltas until the deadline"
+    );
     let after = c.tick(1_001, 1).unwrap();
-    let [Action::Verify { deltas, .. }] = after.as_slice() else { panic!("{after:?}") };
-    assert!(deltas.iter().all(|(n, _)| *n != late), "the late node's partial work is not verified");
+    let [Action::Verify { deltas, .. }] = after.as_slice() else {
+        panic!("{after:?}")
+    };
+    assert!(
+        deltas.iter().all(|(n, _)| *n != late),
+        "the late node's partial work is not verified"
+    );
     let r = c.state().round().unwrap();
     assert!(r.dropped.contains(&late));
     // Its late delta is refused.
     let rest = late_p.shards[1];
-    assert_eq!(c.delta_announced(1_002, late, delta(&ann, rest, late)), Err(EventError::Refused(RejectCode::StaleRound)));
+    assert_eq!(
+        c.delta_announced(1_002, late, delta(&ann, rest, late)),
+        Err(EventError::Refused(RejectCode::StaleRound))
+    );
     // Nobody verifies: at the commit deadline everything is refused as late and the round still commits.
     // With nothing accepted there is nothing to aggregate, so the commit follows in the same tick.
     let done = c.tick(2_002, 1).unwrap();
-    let [Action::Aggregate { accepted, .. }, Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
+    let [
+        Action::Aggregate { accepted, .. },
+        Action::CommitRound(commit),
+    ] = done.as_slice()
+    else {
+        panic!("{done:?}")
+    };
     assert!(accepted.is_empty() && commit.accepted.is_empty());
-    assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late && d.node != late));
+    assert!(
+        commit
+            .rejected
+            .iter()
+            .all(|d| d.reason == RejectCode::Late && d.node != late)
+    );
     assert_eq!(c.state().name(), "cooldown");
-    assert_eq!(c.checkpoint().shards, base_manifest().shards, "nothing applied, every shard unchanged");
+    assert_eq!(
+        c.checkpoint().shards,
+        base_manifest().shards,
+        "nothing applied, every shard unchanged"
+    );
 }
 
 #[test]
@@ -211,19 +324,34 @@ fn refuses_deltas_that_do_not_fit_the_round() {
     let mut c = coordinator();
     let ann = start(&mut c, 3);
     let p = &ann.participants[0];
-    let not_mine = experts().into_iter().find(|e| !p.shards.contains(e)).unwrap();
+    let not_mine = experts()
+        .into_iter()
+        .find(|e| !p.shards.contains(e))
+        .unwrap();
     let mut d = delta(&ann, p.shards[0], p.node);
-    assert_eq!(c.delta_announced(1, key(99), d.clone()), Err(EventError::Refused(RejectCode::NotParticipant)));
+    assert_eq!(
+        c.delta_announced(1, key(99), d.clone()),
+        Err(EventError::Refused(RejectCode::NotParticipant))
+    );
     assert_eq!(
         c.delta_announced(1, p.node, delta(&ann, not_mine, p.node)),
         Err(EventError::Refused(RejectCode::ShardNotAssigned))
     );
     d.base_checkpoint = ContentHash::of(b"other");
-    assert_eq!(c.delta_announced(1, p.node, d), Err(EventError::Refused(RejectCode::WrongBase)));
+    assert_eq!(
+        c.delta_announced(1, p.node, d),
+        Err(EventError::Refused(RejectCode::WrongBase))
+    );
     let good = delta(&ann, p.shards[0], p.node);
-    assert_eq!(c.delta_announced(2_000, p.node, good.clone()), Err(EventError::Refused(RejectCode::Late)));
+    assert_eq!(
+        c.delta_announced(2_000, p.node, good.clone()),
+        Err(EventError::Refused(RejectCode::Late))
+    );
     c.delta_announced(1, p.node, good.clone()).unwrap();
-    assert_eq!(c.delta_announced(1, p.node, good), Err(EventError::Refused(RejectCode::Inconsistent)));
+    assert_eq!(
+        c.delta_announced(1, p.node, good),
+        Err(EventError::Refused(RejectCode::Inconsistent))
+    );
 }
 
 #[test]
@@ -232,10 +360,20 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     let ann = start(&mut c, 4);
     // Find an expert and make both its hosts leave mid-round (one says goodbye, one times out).
     let e = experts()[0];
-    let hosts: Vec<PublicKey> = ann.participants.iter().filter(|p| p.shards.contains(&e)).map(|p| p.node).collect();
+    let hosts: Vec<PublicKey> = ann
+        .participants
+        .iter()
+        .filter(|p| p.shards.contains(&e))
+        .map(|p| p.node)
+        .collect();
     assert_eq!(hosts.len(), 2);
     c.node_left(&hosts[0]);
-    let stay: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).filter(|n| !hosts.contains(n)).collect();
+    let stay: Vec<PublicKey> = ann
+        .participants
+        .iter()
+        .map(|p| p.node)
+        .filter(|n| !hosts.contains(n))
+        .collect();
     send_all(&mut c, &ann, &stay, 10);
     for n in &stay {
         let _ = c.node_heartbeat(600, *n, &heartbeat(2, 100.0));
@@ -243,18 +381,29 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     // At 600 the second host has been silent > 500 ms: it leaves, and since everyone still in the round has
     // delivered, verification starts before the delta deadline.
     let actions = c.tick(600, 2).unwrap();
-    assert!(matches!(actions.as_slice(), [Action::Verify { .. }]), "{actions:?}");
+    assert!(
+        matches!(actions.as_slice(), [Action::Verify { .. }]),
+        "{actions:?}"
+    );
     assert_eq!(c.members().len(), 2);
     assert!(c.state().round().unwrap().dropped.contains(&hosts[1]));
-    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    let RunState::RoundVerify(r) = c.state().clone() else {
+        panic!("{:?}", c.state())
+    };
     assert!(r.deltas.keys().all(|(_, n)| stay.contains(n)));
     for ((shard, n), d) in &r.deltas {
-        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept).unwrap();
+        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept)
+            .unwrap();
     }
-    assert!(matches!(c.tick(700, 3).unwrap().as_slice(), [Action::Aggregate { .. }]));
+    assert!(matches!(
+        c.tick(700, 3).unwrap().as_slice(),
+        [Action::Aggregate { .. }]
+    ));
     // Nobody reports aggregation results: at the commit deadline the accepted deltas are listed as late.
     let done = c.tick(2_001, 3).unwrap();
-    let [Action::CommitRound(commit)] = done.as_slice() else { panic!("{done:?}") };
+    let [Action::CommitRound(commit)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
     assert!(commit.accepted.is_empty() && !commit.rejected.is_empty());
     assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late));
     // Two newcomers join; round 2 gives the orphaned expert two live hosts.
@@ -262,7 +411,12 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
         let _ = c.node_heartbeat(2_200, *n, &heartbeat(3, 100.0));
     }
     let ann2 = announced(&c.tick(2_200, 4).unwrap());
-    let new_hosts: Vec<PublicKey> = ann2.participants.iter().filter(|p| p.shards.contains(&e)).map(|p| p.node).collect();
+    let new_hosts: Vec<PublicKey> = ann2
+        .participants
+        .iter()
+        .filter(|p| p.shards.contains(&e))
+        .map(|p| p.node)
+        .collect();
     assert_eq!(new_hosts.len(), 2);
     assert!(new_hosts.iter().all(|n| !hosts.contains(n)));
 }
@@ -297,7 +451,11 @@ fn same_events_same_seed_same_announcement() {
     for i in (1..=5).rev() {
         let _ = c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
     }
-    assert_eq!(announced(&c.tick(0, 11).unwrap()), start(&mut coordinator(), 5), "join order does not matter");
+    assert_eq!(
+        announced(&c.tick(0, 11).unwrap()),
+        start(&mut coordinator(), 5),
+        "join order does not matter"
+    );
 }
 
 #[test]
@@ -337,26 +495,63 @@ fn a_copied_payload_hash_never_changes_the_verdict_on_the_original() {
     for p in &ann.participants {
         for s in &p.shards {
             if (p.node, *s) != (thief, ShardId::Trunk) {
-                c.delta_announced(10, p.node, delta(&ann, *s, p.node)).unwrap();
+                c.delta_announced(10, p.node, delta(&ann, *s, p.node))
+                    .unwrap();
             }
         }
     }
-    assert!(matches!(c.tick(20, 1).unwrap().as_slice(), [Action::Verify { .. }]));
+    assert!(matches!(
+        c.tick(20, 1).unwrap().as_slice(),
+        [Action::Verify { .. }]
+    ));
     // The thief's verdict comes first; it is its own, not the victim's.
-    c.verification_verdict(1, ShardId::Trunk, thief, stolen.payload_hash, Verdict::Reject(RejectCode::NotBound)).unwrap();
-    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    c.verification_verdict(
+        1,
+        ShardId::Trunk,
+        thief,
+        stolen.payload_hash,
+        Verdict::Reject(RejectCode::NotBound),
+    )
+    .unwrap();
+    let RunState::RoundVerify(r) = c.state().clone() else {
+        panic!("{:?}", c.state())
+    };
     for ((shard, n), d) in &r.deltas {
         if (*shard, *n) != (ShardId::Trunk, thief) {
-            c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept).unwrap();
+            c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept)
+                .unwrap();
         }
     }
     // A verdict for a (shard, node) whose payload is another never lands.
-    assert!(c.verification_verdict(1, ShardId::Trunk, nodes[2], stolen.payload_hash, Verdict::Accept).is_err());
+    assert!(
+        c.verification_verdict(
+            1,
+            ShardId::Trunk,
+            nodes[2],
+            stolen.payload_hash,
+            Verdict::Accept
+        )
+        .is_err()
+    );
     let agg = c.tick(30, 2).unwrap();
-    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else { panic!("{agg:?}") };
+    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else {
+        panic!("{agg:?}")
+    };
     let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
-    assert_eq!(trunk.deltas.iter().filter(|h| **h == stolen.payload_hash).count(), 1, "the victim's delta counts once");
-    assert_eq!(trunk.deltas.len(), 2, "the victim's and the third node's trunk deltas");
+    assert_eq!(
+        trunk
+            .deltas
+            .iter()
+            .filter(|h| **h == stolen.payload_hash)
+            .count(),
+        1,
+        "the victim's delta counts once"
+    );
+    assert_eq!(
+        trunk.deltas.len(),
+        2,
+        "the victim's and the third node's trunk deltas"
+    );
 }
 
 #[test]
@@ -367,28 +562,52 @@ fn one_payload_accepted_twice_counts_once() {
     let copy = delta(&ann, ShardId::Trunk, nodes[0]);
     for p in &ann.participants {
         for s in &p.shards {
-            let d = if *s == ShardId::Trunk && p.node == nodes[1] { copy.clone() } else { delta(&ann, *s, p.node) };
+            let d = if *s == ShardId::Trunk && p.node == nodes[1] {
+                copy.clone()
+            } else {
+                delta(&ann, *s, p.node)
+            };
             c.delta_announced(10, p.node, d).unwrap();
         }
     }
     c.tick(20, 1).unwrap();
-    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
+    let RunState::RoundVerify(r) = c.state().clone() else {
+        panic!("{:?}", c.state())
+    };
     // A careless verifier accepts both copies: the second is refused by the state machine.
     for ((shard, n), d) in &r.deltas {
-        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept).unwrap();
+        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept)
+            .unwrap();
     }
-    let RunState::RoundVerify(r) = c.state().clone() else { panic!("{:?}", c.state()) };
-    let refused = r.verdicts.values().filter(|v| **v == Verdict::Reject(RejectCode::NotBound)).count();
+    let RunState::RoundVerify(r) = c.state().clone() else {
+        panic!("{:?}", c.state())
+    };
+    let refused = r
+        .verdicts
+        .values()
+        .filter(|v| **v == Verdict::Reject(RejectCode::NotBound))
+        .count();
     assert_eq!(refused, 1);
     let agg = c.tick(30, 2).unwrap();
-    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else { panic!("{agg:?}") };
+    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else {
+        panic!("{agg:?}")
+    };
     let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
-    assert!(trunk.deltas.windows(2).all(|w| w[0] < w[1]), "no payload twice: {:?}", trunk.deltas);
+    assert!(
+        trunk.deltas.windows(2).all(|w| w[0] < w[1]),
+        "no payload twice: {:?}",
+        trunk.deltas
+    );
 }
 
 /// Plays one whole round at `t`: every participant in `senders` sends all its deltas; `judge` gives each
 /// delta's verdict; every accepted shard is aggregated. Returns the commit.
-fn play_round(c: &mut Coordinator, t: u64, senders: &[PublicKey], judge: impl Fn(&PublicKey) -> Verdict) -> RoundCommit {
+fn play_round(
+    c: &mut Coordinator,
+    t: u64,
+    senders: &[PublicKey],
+    judge: impl Fn(&PublicKey) -> Verdict,
+) -> RoundCommit {
     for n in c.members().keys().copied().collect::<Vec<_>>() {
         let seq = c.members()[&n].last_seq + 1;
         let _ = c.node_heartbeat(t, n, &heartbeat(seq, 100.0));
@@ -396,19 +615,33 @@ fn play_round(c: &mut Coordinator, t: u64, senders: &[PublicKey], judge: impl Fn
     let ann = announced(&c.tick(t, t).unwrap());
     send_all(c, &ann, senders, t + 10);
     let verify = c.tick(t + 20, t).unwrap();
-    let [Action::Verify { deltas, .. }] = verify.as_slice() else { panic!("{verify:?}") };
+    let [Action::Verify { deltas, .. }] = verify.as_slice() else {
+        panic!("{verify:?}")
+    };
     for (n, d) in deltas {
-        c.verification_verdict(ann.round, d.shard, *n, d.payload_hash, judge(n)).unwrap();
+        c.verification_verdict(ann.round, d.shard, *n, d.payload_hash, judge(n))
+            .unwrap();
     }
     let mut actions = c.tick(t + 30, t).unwrap();
     if let [Action::Aggregate { accepted, .. }] = actions.as_slice() {
         for a in accepted.clone() {
             let hash = ContentHash::of(format!("{} {}", a.shard, ann.round).as_bytes());
-            c.shard_aggregated(ann.round, ShardEntry { shard: a.shard, hash, size: 9, round: ann.round }).unwrap();
+            c.shard_aggregated(
+                ann.round,
+                ShardEntry {
+                    shard: a.shard,
+                    hash,
+                    size: 9,
+                    round: ann.round,
+                },
+            )
+            .unwrap();
         }
         actions = c.tick(t + 40, t).unwrap();
     }
-    let Some(Action::CommitRound(commit)) = actions.last() else { panic!("{actions:?}") };
+    let Some(Action::CommitRound(commit)) = actions.last() else {
+        panic!("{actions:?}")
+    };
     commit.clone()
 }
 
@@ -416,7 +649,13 @@ fn play_round(c: &mut Coordinator, t: u64, senders: &[PublicKey], judge: impl Fn
 fn a_member_refused_again_and_again_is_banned_and_stays_out() {
     let mut c = coordinator();
     let all = join(&mut c, 4);
-    let judge = |n: &PublicKey| if *n == key(4) { Verdict::Reject(RejectCode::LowScore) } else { Verdict::Accept };
+    let judge = |n: &PublicKey| {
+        if *n == key(4) {
+            Verdict::Reject(RejectCode::LowScore)
+        } else {
+            Verdict::Accept
+        }
+    };
     let mut t = 0;
     while c.members().contains_key(&key(4)) {
         play_round(&mut c, t, &all, judge);
@@ -426,7 +665,10 @@ fn a_member_refused_again_and_again_is_banned_and_stays_out() {
     assert!(c.standings().is_banned(&key(4)));
     assert!(c.standings().get(&key(1)).reputation > 0);
     // Its heartbeats are refused from now on, whatever their sequence number.
-    assert_eq!(c.node_heartbeat(t, key(4), &heartbeat(1_000, 1e9)), Err(EventError::Refused(RejectCode::NotAdmitted)));
+    assert_eq!(
+        c.node_heartbeat(t, key(4), &heartbeat(1_000, 1e9)),
+        Err(EventError::Refused(RejectCode::NotAdmitted))
+    );
     let ann = announced(&c.tick(t, 1).unwrap());
     assert!(ann.participant(&key(4)).is_none());
     // The ban survives a save and a restore.
@@ -441,7 +683,10 @@ fn the_allowlist_and_the_member_cap_decide_who_joins() {
     for i in 1..=3 {
         c.node_heartbeat(0, key(i), &heartbeat(1, 100.0)).unwrap();
     }
-    assert_eq!(c.node_heartbeat(0, key(9), &heartbeat(1, 100.0)), Err(EventError::Refused(RejectCode::NotAdmitted)));
+    assert_eq!(
+        c.node_heartbeat(0, key(9), &heartbeat(1, 100.0)),
+        Err(EventError::Refused(RejectCode::NotAdmitted))
+    );
     // A member taken off the list leaves at once.
     c.set_allowlist(Some([key(1), key(2)].into_iter().collect()));
     assert!(!c.members().contains_key(&key(3)));
@@ -450,11 +695,18 @@ fn the_allowlist_and_the_member_cap_decide_who_joins() {
     cfg.standing.max_members = 3;
     let mut capped = Coordinator::new(cfg, base_manifest()).unwrap();
     for i in 1..=3 {
-        capped.node_heartbeat(0, key(i), &heartbeat(1, 100.0)).unwrap();
+        capped
+            .node_heartbeat(0, key(i), &heartbeat(1, 100.0))
+            .unwrap();
     }
-    assert_eq!(capped.node_heartbeat(0, key(4), &heartbeat(1, 100.0)), Err(EventError::Refused(RejectCode::NotAdmitted)));
+    assert_eq!(
+        capped.node_heartbeat(0, key(4), &heartbeat(1, 100.0)),
+        Err(EventError::Refused(RejectCode::NotAdmitted))
+    );
     // A member already in keeps heartbeating.
-    capped.node_heartbeat(10, key(1), &heartbeat(2, 100.0)).unwrap();
+    capped
+        .node_heartbeat(10, key(1), &heartbeat(2, 100.0))
+        .unwrap();
 }
 
 #[test]
@@ -471,9 +723,17 @@ fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_from_members_with_a
         c.node_heartbeat(t, key(i), &heartbeat(1, 1e6)).unwrap();
     }
     let ann = announced(&c.tick(t, 99).unwrap());
-    let experts_of = |n: &PublicKey| ann.participant(n).map_or(0, |p| p.shards.iter().filter(|s| **s != ShardId::Trunk).count());
+    let experts_of = |n: &PublicKey| {
+        ann.participant(n).map_or(0, |p| {
+            p.shards.iter().filter(|s| **s != ShardId::Trunk).count()
+        })
+    };
     let newcomers: usize = (100..120u8).map(|i| experts_of(&key(i))).sum();
     let veteran: usize = veterans.iter().map(experts_of).sum();
-    assert_eq!(veteran, experts().len() * 2, "the veterans keep every expert slot");
+    assert_eq!(
+        veteran,
+        experts().len() * 2,
+        "the veterans keep every expert slot"
+    );
     assert_eq!(newcomers, 0, "declared capacity wins nothing");
 }

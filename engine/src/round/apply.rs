@@ -27,7 +27,9 @@ use mana_protocol::{ContentHash, HyperParams, UpdateRule};
 use super::error::RoundError;
 use super::spec::RunSpec;
 use super::state::{RunShard, ShardRecord};
-use crate::aggregate::{ClipConfig, Contribution, DilocoRule, NesterovState, coordinate_median, robust_mean, sync_step};
+use crate::aggregate::{
+    ClipConfig, Contribution, DilocoRule, NesterovState, coordinate_median, robust_mean, sync_step,
+};
 
 /// The centered-clipping radius, as a multiple of the median distance of the deltas to their
 /// coordinate-wise median.
@@ -51,10 +53,18 @@ pub fn apply_round(
     let shard = base.shard;
     for (_, d) in deltas {
         if d.len() != base.params.len() {
-            return Err(RoundError::WrongLength { what: "delta", shard: shard.to_string(), expected: base.params.len(), got: d.len() });
+            return Err(RoundError::WrongLength {
+                what: "delta",
+                shard: shard.to_string(),
+                expected: base.params.len(),
+                got: d.len(),
+            });
         }
         if d.iter().any(|x| !x.is_finite()) {
-            return Err(RoundError::NonFinite { what: "delta", shard: shard.to_string() });
+            return Err(RoundError::NonFinite {
+                what: "delta",
+                shard: shard.to_string(),
+            });
         }
     }
     let mean = aggregate(deltas)?;
@@ -63,23 +73,42 @@ pub fn apply_round(
     match hyper.update_rule {
         UpdateRule::Sync => sync_update(spec, hyper, &mut next, base, &mean)?,
         UpdateRule::Diloco => {
-            let rule = DilocoRule { lr: hyper.outer_lr, momentum: hyper.outer_momentum };
-            let mut state = NesterovState { buffer: std::mem::take(&mut next.opt_m) };
+            let rule = DilocoRule {
+                lr: hyper.outer_lr,
+                momentum: hyper.outer_momentum,
+            };
+            let mut state = NesterovState {
+                buffer: std::mem::take(&mut next.opt_m),
+            };
             rule.apply(&mut next.params, &mean, &mut state)?;
             next.opt_m = state.buffer;
         }
     }
-    if next.params.iter().chain(&next.opt_m).chain(&next.opt_v).any(|x| !x.is_finite()) {
+    if next
+        .params
+        .iter()
+        .chain(&next.opt_m)
+        .chain(&next.opt_v)
+        .any(|x| !x.is_finite())
+    {
         tracing::warn!(%shard, round, "the update produced non-finite values");
-        return Err(RoundError::NonFinite { what: "updated state", shard: shard.to_string() });
+        return Err(RoundError::NonFinite {
+            what: "updated state",
+            shard: shard.to_string(),
+        });
     }
     Ok(next)
 }
 
 /// The robust mean of the deltas (see the module doc).
 pub fn aggregate(deltas: &[(ContentHash, Vec<f32>)]) -> Result<Vec<f32>, RoundError> {
-    let contributions: Vec<Contribution<'_>> =
-        deltas.iter().map(|(h, d)| Contribution { payload_hash: *h, values: d.as_slice() }).collect();
+    let contributions: Vec<Contribution<'_>> = deltas
+        .iter()
+        .map(|(h, d)| Contribution {
+            payload_hash: *h,
+            values: d.as_slice(),
+        })
+        .collect();
     if contributions.len() == 1 {
         // Also validates (finite) through the common path's checks above; one delta is its own mean.
         return Ok(contributions[0].values.to_vec());
@@ -87,25 +116,50 @@ pub fn aggregate(deltas: &[(ContentHash, Vec<f32>)]) -> Result<Vec<f32>, RoundEr
     let median = coordinate_median(&contributions)?;
     let mut distances: Vec<f64> = contributions
         .iter()
-        .map(|c| c.values.iter().zip(&median).map(|(&x, &m)| (f64::from(x) - f64::from(m)).powi(2)).sum::<f64>().sqrt())
+        .map(|c| {
+            c.values
+                .iter()
+                .zip(&median)
+                .map(|(&x, &m)| (f64::from(x) - f64::from(m)).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
     distances.sort_by(f64::total_cmp);
     let mid = distances.len() / 2;
-    let med = if distances.len() % 2 == 1 { distances[mid] } else { (distances[mid - 1] + distances[mid]) / 2.0 };
+    let med = if distances.len() % 2 == 1 {
+        distances[mid]
+    } else {
+        (distances[mid - 1] + distances[mid]) / 2.0
+    };
     let tau = (CLIP_RADIUS_FACTOR * med) as f32;
     let cfg = if tau.is_finite() && tau > 0.0 {
-        ClipConfig { tau, iterations: CLIP_ITERATIONS }
+        ClipConfig {
+            tau,
+            iterations: CLIP_ITERATIONS,
+        }
     } else {
         // All deltas equal the median (e.g. identical): nothing to clip.
-        ClipConfig { tau: f32::INFINITY, iterations: 1 }
+        ClipConfig {
+            tau: f32::INFINITY,
+            iterations: 1,
+        }
     };
     Ok(robust_mean(&contributions, &cfg, Some(&median))?)
 }
 
 /// One AdamW step of `next` (a copy of `base`) with gradient `grad`.
-fn sync_update(spec: &RunSpec, hyper: &HyperParams, next: &mut ShardRecord, base: &ShardRecord, grad: &[f32]) -> Result<(), RoundError> {
+fn sync_update(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    next: &mut ShardRecord,
+    base: &ShardRecord,
+    grad: &[f32],
+) -> Result<(), RoundError> {
     let shard = base.shard;
-    let unknown = || RoundError::UnknownShard { shard: shard.to_string() };
+    let unknown = || RoundError::UnknownShard {
+        shard: shard.to_string(),
+    };
     let experts = ExpertSet::from_shards(&spec.model, &[shard]).map_err(|_| unknown())?;
     let layout = ParamLayout::new(&spec.model, &experts);
     let span = layout.shard_span(shard).ok_or_else(unknown)?;
@@ -117,7 +171,16 @@ fn sync_update(spec: &RunSpec, hyper: &HyperParams, next: &mut ShardRecord, base
     span.of_mut(&mut params).copy_from_slice(&base.params);
     let mut scratch = vec![0.0f32; layout.total];
     let lr = cfg.lr_at(base.step);
-    sync_step(&mut opt, &cfg, span, &mut params, &mut scratch, grad, lr, base.step + 1)?;
+    sync_step(
+        &mut opt,
+        &cfg,
+        span,
+        &mut params,
+        &mut scratch,
+        grad,
+        lr,
+        base.step + 1,
+    )?;
     next.params = span.of(&params).to_vec();
     next.opt_m = span.of(&opt.m).to_vec();
     next.opt_v = span.of(&opt.v).to_vec();

@@ -86,6 +86,9 @@ pub enum RoundError {
 impl RoundError {
     /// A [`RoundError::BadSettings`].
     pub(crate) fn settings(field: &'static str, reason: impl Into<String>) -> RoundError {
-        RoundError::BadSettings { field, reason: reason.into() }
+        RoundError::BadSettings {
+            field,
+            reason: reason.into(),
+        }
     }
 }

@@ -44,9 +44,16 @@ pub struct LocalResult {
 }
 
 /// Which micro-batch `h` of `round` a participant with `data_seeds` trains on: (seed, data shard, step).
-pub fn micro_batch_key(data_seeds: &[u64], round: u64, h: u64) -> Result<(u64, u64, u64), RoundError> {
+pub fn micro_batch_key(
+    data_seeds: &[u64],
+    round: u64,
+    h: u64,
+) -> Result<(u64, u64, u64), RoundError> {
     if data_seeds.is_empty() {
-        return Err(RoundError::settings("data_seeds", "the participant has no data seed"));
+        return Err(RoundError::settings(
+            "data_seeds",
+            "the participant has no data seed",
+        ));
     }
     let seed = data_seeds[(h % data_seeds.len() as u64) as usize];
     Ok((seed, round, h))
@@ -69,13 +76,19 @@ pub fn train_local(
     micro_batch_key(&me.data_seeds, ann.round, 0)?;
     let assigned: Vec<ShardId> = me.shards.clone();
     let find = |shard: ShardId| -> Result<&ShardRecord, RoundError> {
-        base.iter().find(|s| s.shard == shard).ok_or_else(|| RoundError::MissingShard { shard: shard.to_string() })
+        base.iter()
+            .find(|s| s.shard == shard)
+            .ok_or_else(|| RoundError::MissingShard {
+                shard: shard.to_string(),
+            })
     };
     let mut held: Vec<ShardRecord> = vec![find(ShardId::Trunk)?.clone()];
     for &shard in &assigned {
         if shard != ShardId::Trunk {
             if held.iter().any(|s| s.shard == shard) {
-                return Err(RoundError::DuplicateShard { shard: shard.to_string() });
+                return Err(RoundError::DuplicateShard {
+                    shard: shard.to_string(),
+                });
             }
             held.push(find(shard)?.clone());
         }
@@ -138,7 +151,10 @@ pub fn train_local(
     let mut sq = 0f64;
     for (shard, d) in &deltas {
         if d.iter().any(|x| !x.is_finite()) {
-            return Err(RoundError::NonFinite { what: "delta", shard: shard.to_string() });
+            return Err(RoundError::NonFinite {
+                what: "delta",
+                shard: shard.to_string(),
+            });
         }
         sq += d.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
     }

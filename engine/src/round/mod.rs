@@ -14,19 +14,21 @@
 //! - [`error`]: the engine's one error type, [`RoundError`].
 
 pub mod apply;
-pub mod score;
 pub mod error;
 pub mod local;
 pub mod norms;
+pub mod score;
 pub mod simulate;
 pub mod spec;
 pub mod state;
 
 pub use apply::apply_round;
-pub use score::{Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, score_batch, score_seed};
 pub use error::RoundError;
 pub use local::{LocalResult, train_local};
 pub use norms::{NormHistory, NormSample, NormVerdict, judge_norm, norm_class};
+pub use score::{
+    Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, score_batch, score_seed,
+};
 pub use simulate::{BaselineReport, RoundReport, SimConfig, SimReport, simulate, simulate_with};
 pub use spec::RunSpec;
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};

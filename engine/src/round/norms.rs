@@ -75,11 +75,19 @@ pub fn judge_norm(
     max_ratio: f32,
 ) -> NormVerdict {
     let others = || round.iter().chain(history).filter(|s| s.sender != sender);
-    let class: Vec<f32> = others().filter(|s| norm_class(&s.shard) == norm_class(&shard)).map(|s| s.norm).collect();
+    let class: Vec<f32> = others()
+        .filter(|s| norm_class(&s.shard) == norm_class(&shard))
+        .map(|s| s.norm)
+        .collect();
     let class = median_norm(&class);
-    let shard_has_history = history.iter().any(|s| s.shard == shard && s.sender != sender);
+    let shard_has_history = history
+        .iter()
+        .any(|s| s.shard == shard && s.sender != sender);
     let own = if shard_has_history {
-        let own: Vec<f32> = others().filter(|s| s.shard == shard).map(|s| s.norm).collect();
+        let own: Vec<f32> = others()
+            .filter(|s| s.shard == shard)
+            .map(|s| s.norm)
+            .collect();
         median_norm(&own)
     } else {
         None
@@ -103,7 +111,9 @@ pub fn judge_norm(
     }
     // A zero delta is never work, whatever the references say.
     if norm == 0.0 && min_ratio > 0.0 {
-        return NormVerdict::TooSmall { reference: class.unwrap_or(0.0) };
+        return NormVerdict::TooSmall {
+            reference: class.unwrap_or(0.0),
+        };
     }
     NormVerdict::Within
 }
@@ -119,7 +129,10 @@ pub struct NormHistory {
 impl NormHistory {
     /// An empty history keeping `per_shard` samples a shard.
     pub fn new(per_shard: usize) -> NormHistory {
-        NormHistory { per_shard, by_shard: BTreeMap::new() }
+        NormHistory {
+            per_shard,
+            by_shard: BTreeMap::new(),
+        }
     }
 
     /// Records an accepted delta's norm.
@@ -141,7 +154,11 @@ mod tests {
     use super::*;
 
     fn s(shard: ShardId, sender: u8, norm: f32) -> NormSample {
-        NormSample { shard, sender: PublicKey([sender; 32]), norm }
+        NormSample {
+            shard,
+            sender: PublicKey([sender; 32]),
+            norm,
+        }
     }
 
     const E0: ShardId = ShardId::Expert { layer: 0, index: 0 };
@@ -149,15 +166,36 @@ mod tests {
 
     #[test]
     fn bounds_come_from_others_and_a_zero_delta_is_too_small() {
-        let round = [s(ShardId::Trunk, 1, 1.0), s(ShardId::Trunk, 2, 1.2), s(ShardId::Trunk, 3, 0.9), s(ShardId::Trunk, 4, 50.0)];
-        let judge = |sender, norm| judge_norm(&round, &[], ShardId::Trunk, PublicKey([sender; 32]), norm, 0.01, 10.0);
+        let round = [
+            s(ShardId::Trunk, 1, 1.0),
+            s(ShardId::Trunk, 2, 1.2),
+            s(ShardId::Trunk, 3, 0.9),
+            s(ShardId::Trunk, 4, 50.0),
+        ];
+        let judge = |sender, norm| {
+            judge_norm(
+                &round,
+                &[],
+                ShardId::Trunk,
+                PublicKey([sender; 32]),
+                norm,
+                0.01,
+                10.0,
+            )
+        };
         assert_eq!(judge(1, 1.0), NormVerdict::Within);
         assert!(matches!(judge(4, 50.0), NormVerdict::TooLarge { .. }));
         assert!(matches!(judge(4, 0.0), NormVerdict::TooSmall { .. }));
         assert!(matches!(judge(4, 0.001), NormVerdict::TooSmall { .. }));
         // No reference at all: only an exact zero is refused.
-        assert_eq!(judge_norm(&[], &[], E0, PublicKey([1; 32]), 5.0, 0.01, 10.0), NormVerdict::Within);
-        assert!(matches!(judge_norm(&[], &[], E0, PublicKey([1; 32]), 0.0, 0.01, 10.0), NormVerdict::TooSmall { .. }));
+        assert_eq!(
+            judge_norm(&[], &[], E0, PublicKey([1; 32]), 5.0, 0.01, 10.0),
+            NormVerdict::Within
+        );
+        assert!(matches!(
+            judge_norm(&[], &[], E0, PublicKey([1; 32]), 0.0, 0.01, 10.0),
+            NormVerdict::TooSmall { .. }
+        ));
     }
 
     #[test]
@@ -168,21 +206,36 @@ mod tests {
         for _ in 0..50 {
             let round = [s(E0, 1, 1.0), s(E1, 2, 1.1), s(E1, 3, 0.9), s(E0, 9, sent)];
             let next = sent * 1.5;
-            if judge_norm(&round, &history.samples(), E0, PublicKey([9; 32]), next, 0.01, 10.0) == NormVerdict::Within {
+            if judge_norm(
+                &round,
+                &history.samples(),
+                E0,
+                PublicKey([9; 32]),
+                next,
+                0.01,
+                10.0,
+            ) == NormVerdict::Within
+            {
                 sent = next;
             }
             for x in round {
                 history.push(x);
             }
         }
-        assert!(sent <= 10.0 * 1.1, "the attacker's accepted norm grew to {sent}");
+        assert!(
+            sent <= 10.0 * 1.1,
+            "the attacker's accepted norm grew to {sent}"
+        );
     }
 
     #[test]
     fn an_inflated_co_holder_does_not_push_an_honest_delta_under_the_floor() {
         let history = [s(E0, 9, 9.0), s(E1, 2, 1.0), s(E1, 3, 1.0)];
         let round = [s(E0, 9, 9.5), s(E0, 1, 1.0), s(E1, 2, 1.0)];
-        assert_eq!(judge_norm(&round, &history, E0, PublicKey([1; 32]), 1.0, 0.2, 10.0), NormVerdict::Within);
+        assert_eq!(
+            judge_norm(&round, &history, E0, PublicKey([1; 32]), 1.0, 0.2, 10.0),
+            NormVerdict::Within
+        );
     }
 
     #[test]

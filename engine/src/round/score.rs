@@ -32,11 +32,11 @@ use mana_kernels::train::Trainer;
 use mana_protocol::{ContentHash, HyperParams, PublicKey, RoundCommit, RunId};
 
 use super::apply::apply_round;
-use crate::coordinator::assign::mix;
-use mana_protocol::validation::median_norm;
 use super::error::RoundError;
 use super::spec::RunSpec;
 use super::state::{ShardRecord, build_trainer};
+use crate::coordinator::assign::mix;
+use mana_protocol::validation::median_norm;
 
 /// Domain tag of [`score_seed`] (a new scoring rule gets a new tag).
 const SEED_TAG: &[u8] = b"mana/score-seed/v1";
@@ -83,7 +83,10 @@ pub fn score_seed(run: &RunId, round: u64, payloads: impl IntoIterator<Item = Co
 /// The score seed of a committed round, recomputed from its commit: the commit lists every delta that was
 /// under verification, accepted or refused, so any holder can redo every score of the round.
 pub fn commit_score_seed(commit: &RoundCommit) -> u64 {
-    let accepted = commit.accepted.iter().flat_map(|a| a.deltas.iter().copied());
+    let accepted = commit
+        .accepted
+        .iter()
+        .flat_map(|a| a.deltas.iter().copied());
     let refused = commit.rejected.iter().map(|r| r.payload_hash);
     score_seed(&commit.run, commit.round, accepted.chain(refused))
 }
@@ -91,7 +94,13 @@ pub fn commit_score_seed(commit: &RoundCommit) -> u64 {
 /// The validation batch on which every delta of `shard` is scored in the round whose seed is `seed`: the
 /// round's batch shape, at an index mixed from the seed and the shard (so that each shard is judged on its own
 /// batch, and all deltas of one shard on the same one).
-pub fn score_batch(spec: &RunSpec, hyper: &HyperParams, data: &TextDataset, seed: u64, shard: ShardId) -> Result<Batch, RoundError> {
+pub fn score_batch(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    data: &TextDataset,
+    seed: u64,
+    shard: ShardId,
+) -> Result<Batch, RoundError> {
     let (b, t) = spec.batch_shape(hyper)?;
     // Batch indices wrap around the validation windows; any u64 is a valid index.
     let index = mix(seed, SEED_TAG, shard.to_string().as_bytes());
@@ -132,7 +141,11 @@ pub struct ScorePolicy {
 
 impl Default for ScorePolicy {
     fn default() -> ScorePolicy {
-        ScorePolicy { trunk_min_gain: 0.0, trunk_share: 0.15, expert_tolerance: 0.005 }
+        ScorePolicy {
+            trunk_min_gain: 0.0,
+            trunk_share: 0.15,
+            expert_tolerance: 0.005,
+        }
     }
 }
 
@@ -197,10 +210,25 @@ impl ShardScorer {
         batch: Batch,
         deltas: usize,
     ) -> Result<ShardScorer, RoundError> {
-        let target = base.iter().find(|s| s.shard == shard).ok_or_else(|| RoundError::MissingShard { shard: shard.to_string() })?.clone();
+        let target = base
+            .iter()
+            .find(|s| s.shard == shard)
+            .ok_or_else(|| RoundError::MissingShard {
+                shard: shard.to_string(),
+            })?
+            .clone();
         let trainer = build_trainer(spec, hyper, base)?;
         let weight = 1.0 / deltas.max(1) as f32;
-        let mut scorer = ShardScorer { weight, spec: spec.clone(), hyper: hyper.clone(), round, target, trainer, batch, null_loss: 0.0 };
+        let mut scorer = ShardScorer {
+            weight,
+            spec: spec.clone(),
+            hyper: hyper.clone(),
+            round,
+            target,
+            trainer,
+            batch,
+            null_loss: 0.0,
+        };
         let zero = vec![0.0f32; scorer.target.params.len()];
         scorer.null_loss = scorer.loss_with(&zero)?;
         Ok(scorer)
@@ -215,19 +243,33 @@ impl ShardScorer {
     /// error, not a low score.
     pub fn score(&mut self, delta: &[f32]) -> Result<Score, RoundError> {
         let loss = self.loss_with(delta)?;
-        Ok(Score { null_loss: self.null_loss, loss })
+        Ok(Score {
+            null_loss: self.null_loss,
+            loss,
+        })
     }
 
     fn loss_with(&mut self, delta: &[f32]) -> Result<f32, RoundError> {
         let weighted: Vec<f32> = delta.iter().map(|x| x * self.weight).collect();
-        let probe = apply_round(&self.spec, &self.hyper, self.round, &self.target, &[(ContentHash::of(b"score"), weighted)]);
+        let probe = apply_round(
+            &self.spec,
+            &self.hyper,
+            self.round,
+            &self.target,
+            &[(ContentHash::of(b"score"), weighted)],
+        );
         let probe = match probe {
             Ok(p) => p,
             // The update itself overflowed: the delta ruins the model.
-            Err(RoundError::NonFinite { what: "updated state", .. }) => return Ok(f32::INFINITY),
+            Err(RoundError::NonFinite {
+                what: "updated state",
+                ..
+            }) => return Ok(f32::INFINITY),
             Err(e) => return Err(e),
         };
-        self.trainer.model_mut().import_shard(self.target.shard, &probe.params)?;
+        self.trainer
+            .model_mut()
+            .import_shard(self.target.shard, &probe.params)?;
         Ok(match self.trainer.evaluate(&self.batch) {
             Ok(s) if s.loss.is_finite() => s.loss,
             _ => f32::INFINITY,
@@ -243,7 +285,11 @@ mod tests {
     #[test]
     fn the_seed_depends_on_every_payload_but_not_their_order() {
         let run = RunId::new("r").unwrap();
-        let (a, b, c) = (ContentHash::of(b"a"), ContentHash::of(b"b"), ContentHash::of(b"c"));
+        let (a, b, c) = (
+            ContentHash::of(b"a"),
+            ContentHash::of(b"b"),
+            ContentHash::of(b"c"),
+        );
         let s = score_seed(&run, 3, [a, b]);
         assert_eq!(s, score_seed(&run, 3, [b, a]));
         assert_eq!(s, score_seed(&run, 3, [b, a, a]));

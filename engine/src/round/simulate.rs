@@ -31,8 +31,8 @@ use mana_kernels::data::TextDataset;
 use mana_kernels::model::ShardId;
 use mana_kernels::train::Trainer;
 use mana_protocol::{
-    Capacity, ContentHash, Deadlines, DeltaEncoder, DeviceKind, HyperParams, Participant, PublicKey, RoundAnnouncement,
-    RunId, UpdateRule, decode_delta,
+    Capacity, ContentHash, Deadlines, DeltaEncoder, DeviceKind, HyperParams, Participant,
+    PublicKey, RoundAnnouncement, RunId, UpdateRule, decode_delta,
 };
 use serde::Serialize;
 
@@ -184,11 +184,18 @@ fn node_key(n: usize) -> PublicKey {
 /// Node `n`'s data seed in `round` (splitmix64 of the run's seed, node and round).
 pub fn node_data_seed(data_seed: u64, n: usize, round: u64) -> u64 {
     use mana_kernels::rng::{GOLDEN, mix64};
-    mix64(data_seed ^ (n as u64 + 1).wrapping_mul(GOLDEN) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    mix64(
+        data_seed ^ (n as u64 + 1).wrapping_mul(GOLDEN) ^ round.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    )
 }
 
 /// Mean validation loss of the model held by `trainer` over `cfg.eval_batches` fixed validation batches.
-fn evaluate(trainer: &mut Trainer, data: &TextDataset, cfg: &SimConfig, t: usize) -> Result<f32, RoundError> {
+fn evaluate(
+    trainer: &mut Trainer,
+    data: &TextDataset,
+    cfg: &SimConfig,
+    t: usize,
+) -> Result<f32, RoundError> {
     let mut sum = 0f64;
     for i in 0..cfg.eval_batches {
         let batch = data.validation_batch(i, cfg.eval_batch_size, t)?;
@@ -198,7 +205,11 @@ fn evaluate(trainer: &mut Trainer, data: &TextDataset, cfg: &SimConfig, t: usize
 }
 
 /// Runs the simulation (see the module doc).
-pub fn simulate(spec: &RunSpec, data: &TextDataset, cfg: &SimConfig) -> Result<SimReport, RoundError> {
+pub fn simulate(
+    spec: &RunSpec,
+    data: &TextDataset,
+    cfg: &SimConfig,
+) -> Result<SimReport, RoundError> {
     simulate_with(spec, data, cfg, &mut |_| {})
 }
 
@@ -210,10 +221,16 @@ pub fn simulate_with(
     on_round: &mut dyn FnMut(&RoundReport),
 ) -> Result<SimReport, RoundError> {
     if cfg.nodes == 0 || cfg.replication == 0 || cfg.replication > cfg.nodes {
-        return Err(RoundError::settings("replication", format!("{} holders among {} nodes", cfg.replication, cfg.nodes)));
+        return Err(RoundError::settings(
+            "replication",
+            format!("{} holders among {} nodes", cfg.replication, cfg.nodes),
+        ));
     }
     if cfg.inner_steps == 0 || cfg.eval_batches == 0 || cfg.eval_batch_size == 0 {
-        return Err(RoundError::settings("inner_steps/eval", "must be at least 1"));
+        return Err(RoundError::settings(
+            "inner_steps/eval",
+            "must be at least 1",
+        ));
     }
     let (b, t) = spec.batch_shape(&cfg.hyper)?;
     let h = u64::from(cfg.inner_steps);
@@ -223,12 +240,23 @@ pub fn simulate_with(
     let candidates: Vec<Candidate> = (0..cfg.nodes)
         .map(|n| Candidate {
             node: node_key(n),
-            capacity: Capacity { device: DeviceKind::Cpu, memory_bytes: 1 << 40, tokens_per_second: 1.0, max_shards: 1 + experts.len() as u32 },
+            capacity: Capacity {
+                device: DeviceKind::Cpu,
+                memory_bytes: 1 << 40,
+                tokens_per_second: 1.0,
+                max_shards: 1 + experts.len() as u32,
+            },
             reserved_slots: 1,
         })
         .collect();
-    let hosts = assign_experts(&candidates, &experts, cfg.replication, &ExpertHosts::new(), cfg.data_seed)
-        .map_err(|e| RoundError::settings("replication", e.to_string()))?;
+    let hosts = assign_experts(
+        &candidates,
+        &experts,
+        cfg.replication,
+        &ExpertHosts::new(),
+        cfg.data_seed,
+    )
+    .map_err(|e| RoundError::settings("replication", e.to_string()))?;
     let by_node = experts_by_node(&hosts);
     let assignment: Vec<Vec<mana_protocol::ShardId>> = (0..cfg.nodes)
         .map(|n| {
@@ -266,7 +294,10 @@ pub fn simulate_with(
             inner_steps: cfg.inner_steps,
             hyper: cfg.hyper.clone(),
             max_norm_ratio: 10.0,
-            deadlines: Deadlines { deltas_by_ms: 0, commit_by_ms: 0 },
+            deadlines: Deadlines {
+                deltas_by_ms: 0,
+                commit_by_ms: 0,
+            },
         };
         let mut received: BTreeMap<ShardId, Vec<(ContentHash, Vec<f32>)>> = BTreeMap::new();
         let (mut round_payload, mut round_wire) = (0u64, 0u64);
@@ -279,18 +310,29 @@ pub fn simulate_with(
                 let (payload, decoded) = if cfg.compress {
                     let enc = match encoders.entry((n, shard)) {
                         std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::btree_map::Entry::Vacant(e) => e.insert(DeltaEncoder::new(cfg.hyper.codec)?),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(DeltaEncoder::new(cfg.hyper.codec)?)
+                        }
                     };
                     let payload = enc.encode(&delta)?;
                     let decoded = decode_delta(&payload, delta.len())?;
                     (payload, decoded)
                 } else {
-                    (delta.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(), delta)
+                    (
+                        delta
+                            .iter()
+                            .flat_map(|x| x.to_le_bytes())
+                            .collect::<Vec<u8>>(),
+                        delta,
+                    )
                 };
                 let size = payload.len() as u64;
                 round_payload += size;
                 round_wire += size * holders.get(&shard).copied().unwrap_or(1);
-                received.entry(shard).or_default().push((ContentHash::of(&payload), decoded));
+                received
+                    .entry(shard)
+                    .or_default()
+                    .push((ContentHash::of(&payload), decoded));
             }
         }
         let mut next = Vec::with_capacity(state.len());
@@ -326,7 +368,10 @@ pub fn simulate_with(
     let n = cfg.nodes as u64;
     let allreduce_bytes = full_steps * 8 * (n - 1) * params;
     let (full, alone) = if cfg.baselines {
-        (Some(baseline(spec, data, cfg, (b, t), false)?), Some(baseline(spec, data, cfg, (b, t), true)?))
+        (
+            Some(baseline(spec, data, cfg, (b, t), false)?),
+            Some(baseline(spec, data, cfg, (b, t), true)?),
+        )
     } else {
         (None, None)
     };
@@ -344,13 +389,22 @@ pub fn simulate_with(
         allreduce_bytes,
         full,
         alone,
-        shard_hashes: state.iter().map(|s| (s.shard.to_string(), s.hash().to_string())).collect(),
+        shard_hashes: state
+            .iter()
+            .map(|s| (s.shard.to_string(), s.hash().to_string()))
+            .collect(),
         state,
     })
 }
 
 /// Trains one single-node baseline on the full model (see the module doc): `alone` uses node 0's data only.
-fn baseline(spec: &RunSpec, data: &TextDataset, cfg: &SimConfig, (b, t): (usize, usize), alone: bool) -> Result<BaselineReport, RoundError> {
+fn baseline(
+    spec: &RunSpec,
+    data: &TextDataset,
+    cfg: &SimConfig,
+    (b, t): (usize, usize),
+    alone: bool,
+) -> Result<BaselineReport, RoundError> {
     let init = initial_shards(spec)?;
     let mut trainer = build_trainer_with(spec, spec.optim_config(&cfg.hyper), true, &init)?;
     let nodes = if alone { 1 } else { cfg.nodes };
@@ -359,7 +413,11 @@ fn baseline(spec: &RunSpec, data: &TextDataset, cfg: &SimConfig, (b, t): (usize,
     let mut steps: Vec<Vec<(usize, u64, u64)>> = Vec::new();
     for round in 0..cfg.rounds {
         match cfg.hyper.update_rule {
-            UpdateRule::Sync => steps.push((0..nodes).flat_map(|n| (0..h).map(move |i| (n, round, i))).collect()),
+            UpdateRule::Sync => steps.push(
+                (0..nodes)
+                    .flat_map(|n| (0..h).map(move |i| (n, round, i)))
+                    .collect(),
+            ),
             UpdateRule::Diloco => {
                 for i in 0..h {
                     steps.push((0..nodes).map(|n| (n, round, i)).collect());
@@ -372,15 +430,25 @@ fn baseline(spec: &RunSpec, data: &TextDataset, cfg: &SimConfig, (b, t): (usize,
     for micro in &steps {
         trainer.model_mut().zero_grads();
         for &(n, round, i) in micro {
-            let (seed, shard, step) = micro_batch_key(&[node_data_seed(cfg.data_seed, n, round)], round, i)?;
+            let (seed, shard, step) =
+                micro_batch_key(&[node_data_seed(cfg.data_seed, n, round)], round, i)?;
             trainer.accumulate(&data.batch(seed, shard, step, b, t)?)?;
             tokens += (b * t) as u64;
         }
         let k = micro.len() as f32;
-        trainer.model_mut().grads_mut().iter_mut().for_each(|g| *g /= k);
+        trainer
+            .model_mut()
+            .grads_mut()
+            .iter_mut()
+            .for_each(|g| *g /= k);
         trainer.apply_update()?;
         trainer.model_mut().update_router_bias();
     }
     let val_loss = evaluate(&mut trainer, data, cfg, t)?;
-    Ok(BaselineReport { steps: steps.len() as u64, batch_sequences, tokens, val_loss })
+    Ok(BaselineReport {
+        steps: steps.len() as u64,
+        batch_sequences,
+        tokens,
+        val_loss,
+    })
 }

@@ -62,7 +62,11 @@ impl RunSpec {
             precision: Precision::Fp8,
             ..ModelConfig::default()
         };
-        RunSpec { model, init_seed: 1, warmup_steps: 10 }
+        RunSpec {
+            model,
+            init_seed: 1,
+            warmup_steps: 10,
+        }
     }
 
     /// The default hyper-parameters for this run and `rule` (what a coordinator announces unless told
@@ -113,16 +117,24 @@ impl RunSpec {
 
     /// The number of parameters of `shard` (also the length of its delta and of each optimizer moment).
     pub fn shard_len(&self, shard: ShardId) -> Result<usize, RoundError> {
-        let unknown = || RoundError::UnknownShard { shard: shard.to_string() };
+        let unknown = || RoundError::UnknownShard {
+            shard: shard.to_string(),
+        };
         let experts = ExpertSet::from_shards(&self.model, &[shard]).map_err(|_| unknown())?;
-        ParamLayout::new(&self.model, &experts).shard_span(shard).map(|s| s.len).ok_or_else(unknown)
+        ParamLayout::new(&self.model, &experts)
+            .shard_span(shard)
+            .map(|s| s.len)
+            .ok_or_else(unknown)
     }
 
     /// The number of router biases the trunk carries (E per MoE layer); 0 for an expert.
     pub fn router_bias_len(&self, shard: ShardId) -> usize {
         match shard {
             ShardId::Trunk => {
-                (0..self.model.n_layers).filter(|&l| self.model.is_moe_layer(l)).count() * self.model.n_routed_experts
+                (0..self.model.n_layers)
+                    .filter(|&l| self.model.is_moe_layer(l))
+                    .count()
+                    * self.model.n_routed_experts
             }
             ShardId::Expert { .. } => 0,
         }
@@ -134,10 +146,16 @@ impl RunSpec {
         let t = hyper.seq_len as usize;
         let tokens = hyper.batch_tokens as usize;
         if t == 0 || t > self.model.context {
-            return Err(RoundError::settings("seq_len", format!("{t} is not in 1..={}", self.model.context)));
+            return Err(RoundError::settings(
+                "seq_len",
+                format!("{t} is not in 1..={}", self.model.context),
+            ));
         }
         if tokens == 0 || tokens % t != 0 {
-            return Err(RoundError::settings("batch_tokens", format!("{tokens} is not a positive multiple of seq_len {t}")));
+            return Err(RoundError::settings(
+                "batch_tokens",
+                format!("{tokens} is not a positive multiple of seq_len {t}"),
+            ));
         }
         Ok((tokens / t, t))
     }

@@ -63,10 +63,18 @@ impl RunShard for ShardRecord {
         ];
         for (what, values, expected) in parts {
             if values.len() != expected {
-                return Err(RoundError::WrongLength { what, shard: self.shard.to_string(), expected, got: values.len() });
+                return Err(RoundError::WrongLength {
+                    what,
+                    shard: self.shard.to_string(),
+                    expected,
+                    got: values.len(),
+                });
             }
             if values.iter().any(|v| !v.is_finite()) {
-                return Err(RoundError::NonFinite { what, shard: self.shard.to_string() });
+                return Err(RoundError::NonFinite {
+                    what,
+                    shard: self.shard.to_string(),
+                });
             }
         }
         Ok(())
@@ -76,7 +84,11 @@ impl RunShard for ShardRecord {
 /// Every shard of the fresh model (round 0's checkpoint): parameters from `spec.init_seed`, zero optimizer
 /// state, step 0, zero router biases. The trunk comes first, then the experts in (layer, index) order.
 pub fn initial_shards(spec: &RunSpec) -> Result<Vec<ShardRecord>, RoundError> {
-    let model = Model::new(spec.model.clone(), spec.init_seed, Box::new(CpuBackend::new()))?;
+    let model = Model::new(
+        spec.model.clone(),
+        spec.init_seed,
+        Box::new(CpuBackend::new()),
+    )?;
     model
         .shards()
         .into_iter()
@@ -104,10 +116,14 @@ pub(crate) fn expert_set(spec: &RunSpec, shards: &[&ShardRecord]) -> Result<Expe
             ShardId::Trunk => trunk += 1,
             ShardId::Expert { layer, index } => {
                 if set.contains(usize::from(layer), usize::from(index)) {
-                    return Err(RoundError::DuplicateShard { shard: s.shard.to_string() });
+                    return Err(RoundError::DuplicateShard {
+                        shard: s.shard.to_string(),
+                    });
                 }
                 if !set.insert(s.shard) {
-                    return Err(RoundError::UnknownShard { shard: s.shard.to_string() });
+                    return Err(RoundError::UnknownShard {
+                        shard: s.shard.to_string(),
+                    });
                 }
             }
         }
@@ -115,7 +131,9 @@ pub(crate) fn expert_set(spec: &RunSpec, shards: &[&ShardRecord]) -> Result<Expe
     match trunk {
         0 => Err(RoundError::MissingTrunk),
         1 => Ok(set),
-        _ => Err(RoundError::DuplicateShard { shard: ShardId::Trunk.to_string() }),
+        _ => Err(RoundError::DuplicateShard {
+            shard: ShardId::Trunk.to_string(),
+        }),
     }
 }
 
@@ -124,7 +142,11 @@ pub(crate) fn expert_set(spec: &RunSpec, shards: &[&ShardRecord]) -> Result<Expe
 /// the AdamW moments and step count are imported too (so the trainer is the checkpoint, e.g. to save it);
 /// in `diloco` mode `opt_m` is the outer buffer, not an AdamW moment, so the trainer's AdamW state starts at
 /// zero.
-pub fn build_trainer(spec: &RunSpec, hyper: &HyperParams, shards: &[ShardRecord]) -> Result<Trainer, RoundError> {
+pub fn build_trainer(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    shards: &[ShardRecord],
+) -> Result<Trainer, RoundError> {
     let sync = hyper.update_rule == UpdateRule::Sync;
     build_trainer_with(spec, spec.optim_config(hyper), sync, shards)
 }
@@ -142,7 +164,12 @@ pub(crate) fn build_trainer_with(
     for s in shards {
         s.check(spec)?;
     }
-    let model = Model::with_experts(spec.model.clone(), experts, spec.init_seed, Box::new(CpuBackend::new()))?;
+    let model = Model::with_experts(
+        spec.model.clone(),
+        experts,
+        spec.init_seed,
+        Box::new(CpuBackend::new()),
+    )?;
     let mut trainer = Trainer::from_model(model, optim, spec.init_seed)?;
     for s in shards {
         trainer.model_mut().import_shard(s.shard, &s.params)?;

@@ -20,14 +20,25 @@ pub struct Batch {
 
 impl Batch {
     /// Builds a batch from rows laid out as described on [`Batch`], checking that the length matches.
-    pub fn new(tokens: Vec<u32>, batch_size: usize, seq_len: usize) -> Result<Self, BatchShapeError> {
+    pub fn new(
+        tokens: Vec<u32>,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Result<Self, BatchShapeError> {
         let expected = batch_size
             .checked_mul(seq_len.checked_add(1).ok_or(BatchShapeError::Overflow)?)
             .ok_or(BatchShapeError::Overflow)?;
         if tokens.len() != expected {
-            return Err(BatchShapeError::Length { expected, actual: tokens.len() });
+            return Err(BatchShapeError::Length {
+                expected,
+                actual: tokens.len(),
+            });
         }
-        Ok(Self { tokens, batch_size, seq_len })
+        Ok(Self {
+            tokens,
+            batch_size,
+            seq_len,
+        })
     }
 
     /// The T + 1 tokens of row `b`, or `None` when `b >= B` or the buffer is shorter than its shape says.

@@ -35,23 +35,42 @@ pub enum LineKind {
 
 impl LineKind {
     /// Every kind, in the order used to draw them.
-    pub const ALL: [LineKind; 6] =
-        [LineKind::Arithmetic, LineKind::Recall, LineKind::English, LineKind::Sort, LineKind::Reverse, LineKind::Count];
+    pub const ALL: [LineKind; 6] = [
+        LineKind::Arithmetic,
+        LineKind::Recall,
+        LineKind::English,
+        LineKind::Sort,
+        LineKind::Reverse,
+        LineKind::Count,
+    ];
 }
 
 /// The default size of the built-in corpus: enough for short runs to see little repetition.
 pub const DEFAULT_BUILTIN_BYTES: usize = 4 << 20;
 
 const DETERMINERS: [&str; 4] = ["the", "a", "one", "every"];
-const ADJECTIVES: [&str; 10] = ["small", "red", "old", "quick", "quiet", "green", "tall", "brave", "cold", "bright"];
-const NOUNS: [&str; 12] =
-    ["fox", "dog", "bird", "king", "child", "ship", "tree", "river", "box", "farmer", "cat", "star"];
-const VERBS: [&str; 10] = ["sees", "finds", "follows", "likes", "carries", "watches", "helps", "calls", "meets", "holds"];
-const PLACES: [&str; 8] =
-    ["in the house", "by the sea", "at night", "on the hill", "near the road", "in the rain", "at home", "in spring"];
+const ADJECTIVES: [&str; 10] = [
+    "small", "red", "old", "quick", "quiet", "green", "tall", "brave", "cold", "bright",
+];
+const NOUNS: [&str; 12] = [
+    "fox", "dog", "bird", "king", "child", "ship", "tree", "river", "box", "farmer", "cat", "star",
+];
+const VERBS: [&str; 10] = [
+    "sees", "finds", "follows", "likes", "carries", "watches", "helps", "calls", "meets", "holds",
+];
+const PLACES: [&str; 8] = [
+    "in the house",
+    "by the sea",
+    "at night",
+    "on the hill",
+    "near the road",
+    "in the rain",
+    "at home",
+    "in spring",
+];
 const WORDS: [&str; 16] = [
-    "lamp", "stone", "bread", "water", "garden", "window", "silver", "market", "candle", "mirror", "forest", "letter",
-    "harbor", "pocket", "ladder", "thunder",
+    "lamp", "stone", "bread", "water", "garden", "window", "silver", "market", "candle", "mirror",
+    "forest", "letter", "harbor", "pocket", "ladder", "thunder",
 ];
 
 /// Generates `len` bytes of built-in corpus from `seed` (the last line is cut at `len`).

@@ -25,7 +25,11 @@ pub struct SourceLimits {
 
 impl Default for SourceLimits {
     fn default() -> Self {
-        Self { max_bytes: 1 << 30, max_files: 100_000, max_depth: 32 }
+        Self {
+            max_bytes: 1 << 30,
+            max_files: 100_000,
+            max_depth: 32,
+        }
     }
 }
 
@@ -81,7 +85,10 @@ pub enum SourceError {
 /// Reads the corpus at `path` (a file, a `.gz` file, or a directory of them) into one byte string of
 /// UTF-8 text.
 pub fn read_corpus(path: &Path, limits: SourceLimits) -> Result<Vec<u8>, SourceError> {
-    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io { path: path.to_path_buf(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut files = Vec::new();
     if meta.is_dir() {
         collect_files(path, 0, limits, &mut files)?;
@@ -89,7 +96,9 @@ pub fn read_corpus(path: &Path, limits: SourceLimits) -> Result<Vec<u8>, SourceE
     } else if meta.is_file() {
         files.push(path.to_path_buf());
     } else {
-        return Err(SourceError::NotAFile { path: path.to_path_buf() });
+        return Err(SourceError::NotAFile {
+            path: path.to_path_buf(),
+        });
     }
     let mut text = Vec::new();
     for file in &files {
@@ -100,24 +109,37 @@ pub fn read_corpus(path: &Path, limits: SourceLimits) -> Result<Vec<u8>, SourceE
         let start = text.len();
         read_file_into(file, limits.max_bytes, &mut text)?;
         if let Err(e) = std::str::from_utf8(&text[start..]) {
-            return Err(SourceError::NotUtf8 { path: file.clone(), offset: e.valid_up_to() });
+            return Err(SourceError::NotUtf8 {
+                path: file.clone(),
+                offset: e.valid_up_to(),
+            });
         }
         if text.len() == start {
             text.truncate(before);
         }
     }
     if text.is_empty() {
-        return Err(SourceError::Empty { path: path.to_path_buf() });
+        return Err(SourceError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(text)
 }
 
 /// Appends the regular files under `dir` (not sorted) to `out`.
-fn collect_files(dir: &Path, depth: usize, limits: SourceLimits, out: &mut Vec<PathBuf>) -> Result<(), SourceError> {
+fn collect_files(
+    dir: &Path,
+    depth: usize,
+    limits: SourceLimits,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), SourceError> {
     if depth > limits.max_depth {
         return Ok(());
     }
-    let io_err = |source| SourceError::Io { path: dir.to_path_buf(), source };
+    let io_err = |source| SourceError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
         let entry = entry.map_err(io_err)?;
         if entry.file_name().to_string_lossy().starts_with('.') {
@@ -125,12 +147,18 @@ fn collect_files(dir: &Path, depth: usize, limits: SourceLimits, out: &mut Vec<P
         }
         let path = entry.path();
         // file_type() does not follow links: a link to a directory is skipped, a link to a file is read.
-        let kind = entry.file_type().map_err(|source| SourceError::Io { path: path.clone(), source })?;
+        let kind = entry.file_type().map_err(|source| SourceError::Io {
+            path: path.clone(),
+            source,
+        })?;
         if kind.is_dir() {
             collect_files(&path, depth + 1, limits, out)?;
         } else if kind.is_file() || (kind.is_symlink() && path.is_file()) {
             if out.len() >= limits.max_files {
-                return Err(SourceError::TooManyFiles { path: dir.to_path_buf(), limit: limits.max_files });
+                return Err(SourceError::TooManyFiles {
+                    path: dir.to_path_buf(),
+                    limit: limits.max_files,
+                });
             }
             out.push(path);
         }
@@ -140,16 +168,31 @@ fn collect_files(dir: &Path, depth: usize, limits: SourceLimits, out: &mut Vec<P
 
 /// Appends the (decompressed, for `.gz`) bytes of `path` to `text`, refusing to grow it past `max_bytes`.
 fn read_file_into(path: &Path, max_bytes: u64, text: &mut Vec<u8>) -> Result<(), SourceError> {
-    let io_err = |source| SourceError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(io_err)?;
     let room = max_bytes.saturating_sub(text.len() as u64);
-    let gz = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
-    let reader: Box<dyn Read> = if gz { Box::new(MultiGzDecoder::new(file)) } else { Box::new(file) };
+    let gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    let reader: Box<dyn Read> = if gz {
+        Box::new(MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
     // Read one byte past the room left, to tell "exactly full" from "too large" without trusting sizes
     // that the file (or a gzip header) claims.
-    let read = reader.take(room.saturating_add(1)).read_to_end(text).map_err(io_err)?;
+    let read = reader
+        .take(room.saturating_add(1))
+        .read_to_end(text)
+        .map_err(io_err)?;
     if read as u64 > room {
-        return Err(SourceError::TooLarge { path: path.to_path_buf(), limit: max_bytes });
+        return Err(SourceError::TooLarge {
+            path: path.to_path_buf(),
+            limit: max_bytes,
+        });
     }
     Ok(())
 }

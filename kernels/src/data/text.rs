@@ -30,7 +30,10 @@ pub struct Split {
 
 impl Default for Split {
     fn default() -> Self {
-        Self { block_bytes: 4096, validation_fraction: 0.05 }
+        Self {
+            block_bytes: 4096,
+            validation_fraction: 0.05,
+        }
     }
 }
 
@@ -77,14 +80,19 @@ impl TextDataset {
             return Err(DatasetError::Empty);
         }
         if split.block_bytes == 0 {
-            return Err(DatasetError::InvalidSplit("block_bytes must be positive".into()));
+            return Err(DatasetError::InvalidSplit(
+                "block_bytes must be positive".into(),
+            ));
         }
         let f = split.validation_fraction;
         if !(0.0..=0.5).contains(&f) {
-            return Err(DatasetError::InvalidSplit(format!("validation_fraction {f} is outside [0, 0.5]")));
+            return Err(DatasetError::InvalidSplit(format!(
+                "validation_fraction {f} is outside [0, 0.5]"
+            )));
         }
         let mut train = Vec::with_capacity(text.len());
-        let mut validation = Vec::with_capacity((text.len() as f64 * f) as usize + split.block_bytes);
+        let mut validation =
+            Vec::with_capacity((text.len() as f64 * f) as usize + split.block_bytes);
         // A text shorter than 1/f blocks would get no validation block at all: shrink the blocks so that
         // there are at least 1/f of them.
         let block_bytes = if f > 0.0 {
@@ -125,13 +133,25 @@ impl TextDataset {
     /// The training batch of data shard `shard` at optimizer step `step` for run seed `seed`: B rows of
     /// T + 1 consecutive training bytes at start offsets drawn uniformly. The same arguments always give
     /// the same batch; changing any of seed, shard or step gives an independent one.
-    pub fn batch(&self, seed: u64, shard: u64, step: u64, batch_size: usize, seq_len: usize) -> Result<Batch, DatasetError> {
+    pub fn batch(
+        &self,
+        seed: u64,
+        shard: u64,
+        step: u64,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Result<Batch, DatasetError> {
         let width = check_shape(batch_size, seq_len)?;
-        let starts = self.train.len().checked_sub(width).ok_or(DatasetError::TooShort {
-            part: "training",
-            need: width,
-            have: self.train.len(),
-        })? + 1;
+        let starts = self
+            .train
+            .len()
+            .checked_sub(width)
+            .ok_or(DatasetError::TooShort {
+                part: "training",
+                need: width,
+                have: self.train.len(),
+            })?
+            + 1;
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&seed.to_le_bytes());
         key[8..16].copy_from_slice(&shard.to_le_bytes());
@@ -141,9 +161,17 @@ impl TextDataset {
         let mut tokens = Vec::with_capacity(batch_size * width);
         for _ in 0..batch_size {
             let start = uniform_below(&mut rng, starts as u64) as usize;
-            tokens.extend(self.train[start..start + width].iter().map(|&b| u32::from(b)));
+            tokens.extend(
+                self.train[start..start + width]
+                    .iter()
+                    .map(|&b| u32::from(b)),
+            );
         }
-        Ok(Batch { tokens, batch_size, seq_len })
+        Ok(Batch {
+            tokens,
+            batch_size,
+            seq_len,
+        })
     }
 
     /// The number of distinct validation windows of T + 1 bytes (they do not overlap).
@@ -153,25 +181,46 @@ impl TextDataset {
 
     /// Validation batch number `index`: rows are the non-overlapping windows `index·B .. index·B + B` of the
     /// validation bytes (wrapping around), so a fixed index always gives the same batch, whatever the seed.
-    pub fn validation_batch(&self, index: u64, batch_size: usize, seq_len: usize) -> Result<Batch, DatasetError> {
+    pub fn validation_batch(
+        &self,
+        index: u64,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Result<Batch, DatasetError> {
         let width = check_shape(batch_size, seq_len)?;
         let windows = self.validation_windows(seq_len);
         if windows == 0 {
-            return Err(DatasetError::TooShort { part: "validation", need: width, have: self.validation.len() });
+            return Err(DatasetError::TooShort {
+                part: "validation",
+                need: width,
+                have: self.validation.len(),
+            });
         }
         let mut tokens = Vec::with_capacity(batch_size * width);
         for r in 0..batch_size as u64 {
-            let w = (index.wrapping_mul(batch_size as u64).wrapping_add(r) % windows as u64) as usize;
+            let w =
+                (index.wrapping_mul(batch_size as u64).wrapping_add(r) % windows as u64) as usize;
             let start = w * width;
-            tokens.extend(self.validation[start..start + width].iter().map(|&b| u32::from(b)));
+            tokens.extend(
+                self.validation[start..start + width]
+                    .iter()
+                    .map(|&b| u32::from(b)),
+            );
         }
-        Ok(Batch { tokens, batch_size, seq_len })
+        Ok(Batch {
+            tokens,
+            batch_size,
+            seq_len,
+        })
     }
 }
 
 /// Checks B and T and returns T + 1.
 fn check_shape(batch_size: usize, seq_len: usize) -> Result<usize, DatasetError> {
-    let bad = DatasetError::InvalidShape { batch_size, seq_len };
+    let bad = DatasetError::InvalidShape {
+        batch_size,
+        seq_len,
+    };
     if batch_size == 0 || seq_len == 0 {
         return Err(bad);
     }

@@ -23,7 +23,14 @@ use crate::quant::{QuantizedTensor, ScaleMode, quantize_dequantize};
 
 /// c = op(a)·op(b), or c += op(a)·op(b) when `accumulate`, in f32 on the current rayon pool.
 /// Lengths are checked against `form` and `dims`; a mismatch is a [`KernelError::ShapeMismatch`].
-pub fn matmul_f32(form: Form, a: &[f32], b: &[f32], c: &mut [f32], dims: Dims, accumulate: bool) -> Result<(), KernelError> {
+pub fn matmul_f32(
+    form: Form,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    dims: Dims,
+    accumulate: bool,
+) -> Result<(), KernelError> {
     check_operands("matmul_f32", form, dims, a.len(), b.len(), c.len())?;
     gemm_f32_checked(form, a, b, c, dims, accumulate, 0);
     Ok(())
@@ -31,7 +38,15 @@ pub fn matmul_f32(form: Form, a: &[f32], b: &[f32], c: &mut [f32], dims: Dims, a
 
 /// The f32 GEMM proper. The caller has checked the lengths with [`check_operands`]. `threads == 0` means
 /// every thread of the current rayon pool.
-pub(crate) fn gemm_f32_checked(form: Form, a: &[f32], b: &[f32], c: &mut [f32], dims: Dims, accumulate: bool, threads: usize) {
+pub(crate) fn gemm_f32_checked(
+    form: Form,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    dims: Dims,
+    accumulate: bool,
+    threads: usize,
+) {
     let Dims { m, k, n } = dims;
     if m == 0 || n == 0 {
         return;
@@ -101,7 +116,10 @@ fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 impl Fp8Workspace {
     /// Bytes currently held by the workspace.
     pub fn bytes(&self) -> usize {
-        (self.a.capacity() + self.b.capacity() + self.a_scales.capacity() + self.b_scales.capacity())
+        (self.a.capacity()
+            + self.b.capacity()
+            + self.a_scales.capacity()
+            + self.b_scales.capacity())
             * std::mem::size_of::<f32>()
     }
 }
@@ -136,7 +154,15 @@ pub fn matmul_fp8(
     );
     ra?;
     rb?;
-    gemm_f32_checked(form, &ws.a[..a.len()], &ws.b[..b.len()], c, dims, accumulate, threads);
+    gemm_f32_checked(
+        form,
+        &ws.a[..a.len()],
+        &ws.b[..b.len()],
+        c,
+        dims,
+        accumulate,
+        threads,
+    );
     Ok(())
 }
 
@@ -163,6 +189,14 @@ pub fn matmul_fp8_quantized_b(
     quantize_dequantize(a, ar, ac, ga, mode, qa, sa)?;
     let bn = b.codes().len();
     b.dequantize_into(take(&mut ws.b, bn))?;
-    gemm_f32_checked(form, &ws.a[..a.len()], &ws.b[..bn], c, dims, accumulate, threads);
+    gemm_f32_checked(
+        form,
+        &ws.a[..a.len()],
+        &ws.b[..bn],
+        c,
+        dims,
+        accumulate,
+        threads,
+    );
     Ok(())
 }

@@ -66,7 +66,9 @@ impl FromStr for Precision {
         } else if s.eq_ignore_ascii_case("fp8") {
             Ok(Precision::Fp8)
         } else {
-            Err(KernelError::UnknownPrecision { given: s.to_owned() })
+            Err(KernelError::UnknownPrecision {
+                given: s.to_owned(),
+            })
         }
     }
 }
@@ -138,18 +140,33 @@ impl Form {
 
 /// Element count `rows·cols`, or a typed overflow error.
 pub(crate) fn elems(op: &'static str, rows: usize, cols: usize) -> Result<usize, KernelError> {
-    rows.checked_mul(cols).ok_or(KernelError::SizeOverflow { op, rows, cols })
+    rows.checked_mul(cols)
+        .ok_or(KernelError::SizeOverflow { op, rows, cols })
 }
 
 /// Checks that `a`, `b` and `c` have the lengths `form` and `dims` imply.
-pub fn check_operands(op: &'static str, form: Form, dims: Dims, a: usize, b: usize, c: usize) -> Result<(), KernelError> {
+pub fn check_operands(
+    op: &'static str,
+    form: Form,
+    dims: Dims,
+    a: usize,
+    b: usize,
+    c: usize,
+) -> Result<(), KernelError> {
     let (ar, ac) = form.a_shape(dims);
     let (br, bc) = form.b_shape(dims);
-    for (what, expected, actual) in
-        [("a", elems(op, ar, ac)?, a), ("b", elems(op, br, bc)?, b), ("c", elems(op, dims.m, dims.n)?, c)]
-    {
+    for (what, expected, actual) in [
+        ("a", elems(op, ar, ac)?, a),
+        ("b", elems(op, br, bc)?, b),
+        ("c", elems(op, dims.m, dims.n)?, c),
+    ] {
         if expected != actual {
-            return Err(KernelError::ShapeMismatch { op, what, expected, actual });
+            return Err(KernelError::ShapeMismatch {
+                op,
+                what,
+                expected,
+                actual,
+            });
         }
     }
     Ok(())
@@ -169,11 +186,20 @@ pub fn check_quantized_b(
     check_operands(op, form, dims, a, b.rows().saturating_mul(b.cols()), c)?;
     if (b.rows(), b.cols()) != (br, bc) {
         // Same element count, different shape (e.g. transposed): report the row count.
-        return Err(KernelError::ShapeMismatch { op, what: "b rows", expected: br, actual: b.rows() });
+        return Err(KernelError::ShapeMismatch {
+            op,
+            what: "b rows",
+            expected: br,
+            actual: b.rows(),
+        });
     }
     let expected = form.b_granularity();
     if b.granularity() != Some(expected) {
-        return Err(KernelError::GranularityMismatch { op, expected, actual: b.granularity() });
+        return Err(KernelError::GranularityMismatch {
+            op,
+            expected,
+            actual: b.granularity(),
+        });
     }
     Ok(())
 }

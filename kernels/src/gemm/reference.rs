@@ -52,7 +52,14 @@ fn scale_at(q: &QuantizedTensor, r: usize, c: usize) -> f32 {
 /// C = op(A)·op(B) in f64 from the unquantized f32 inputs: the "true" product the FP8 error is measured
 /// against.
 pub fn matmul_f64(form: Form, a: &[f32], b: &[f32], dims: Dims) -> Result<Vec<f64>, KernelError> {
-    check_operands("reference::matmul_f64", form, dims, a.len(), b.len(), dims.m.saturating_mul(dims.n))?;
+    check_operands(
+        "reference::matmul_f64",
+        form,
+        dims,
+        a.len(),
+        b.len(),
+        dims.m.saturating_mul(dims.n),
+    )?;
     let mut c = vec![0.0f64; dims.m * dims.n];
     for i in 0..dims.m {
         for j in 0..dims.n {
@@ -69,8 +76,21 @@ pub fn matmul_f64(form: Form, a: &[f32], b: &[f32], dims: Dims) -> Result<Vec<f6
 /// DeepSeek-V3's FP8 GEMM written out literally: quantize A and B along K (granularities as in
 /// [`Form::a_granularity`] / [`Form::b_granularity`]); for each 128-group g of K form the partial sum of
 /// E4M3 code products in f32, then add `sa·sb·partial` into an f32 accumulator.
-pub fn matmul_fp8_grouped(form: Form, a: &[f32], b: &[f32], dims: Dims, mode: ScaleMode) -> Result<Vec<f32>, KernelError> {
-    check_operands("reference::matmul_fp8_grouped", form, dims, a.len(), b.len(), dims.m.saturating_mul(dims.n))?;
+pub fn matmul_fp8_grouped(
+    form: Form,
+    a: &[f32],
+    b: &[f32],
+    dims: Dims,
+    mode: ScaleMode,
+) -> Result<Vec<f32>, KernelError> {
+    check_operands(
+        "reference::matmul_fp8_grouped",
+        form,
+        dims,
+        a.len(),
+        b.len(),
+        dims.m.saturating_mul(dims.n),
+    )?;
     let (ar, ac) = form.a_shape(dims);
     let (br, bc) = form.b_shape(dims);
     let qa = QuantizedTensor::quantize(a, ar, ac, form.a_granularity(), mode)?;
@@ -82,7 +102,8 @@ pub fn matmul_fp8_grouped(form: Form, a: &[f32], b: &[f32], dims: Dims, mode: Sc
             for g0 in (0..dims.k).step_by(TILE) {
                 let mut partial = 0.0f32;
                 for p in g0..(g0 + TILE).min(dims.k) {
-                    partial += qa.codes()[a_index(form, dims, i, p)].to_f32() * qb.codes()[b_index(form, dims, p, j)].to_f32();
+                    partial += qa.codes()[a_index(form, dims, i, p)].to_f32()
+                        * qb.codes()[b_index(form, dims, p, j)].to_f32();
                 }
                 let (ra, ca) = a_pos(form, i, g0);
                 let (rb, cb) = b_pos(form, g0, j);

@@ -46,50 +46,64 @@ pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let c3 = 3 * c;
-    out.par_chunks_exact_mut(c).zip(att.par_chunks_exact_mut(nh * t)).enumerate().for_each(|(n, (o, a))| {
-        let ti = n % t;
-        let base = n - ti;
-        for h in 0..nh {
-            let q = &qkv[n * c3 + h * hs..n * c3 + (h + 1) * hs];
-            let arow = &mut a[h * t..(h + 1) * t];
-            let mut max = f32::NEG_INFINITY;
-            for t2 in 0..=ti {
-                let k0 = (base + t2) * c3 + c + h * hs;
-                let k = &qkv[k0..k0 + hs];
-                let s = dot(q, k) * scale;
-                arow[t2] = s;
-                max = max.max(s);
+    out.par_chunks_exact_mut(c)
+        .zip(att.par_chunks_exact_mut(nh * t))
+        .enumerate()
+        .for_each(|(n, (o, a))| {
+            let ti = n % t;
+            let base = n - ti;
+            for h in 0..nh {
+                let q = &qkv[n * c3 + h * hs..n * c3 + (h + 1) * hs];
+                let arow = &mut a[h * t..(h + 1) * t];
+                let mut max = f32::NEG_INFINITY;
+                for t2 in 0..=ti {
+                    let k0 = (base + t2) * c3 + c + h * hs;
+                    let k = &qkv[k0..k0 + hs];
+                    let s = dot(q, k) * scale;
+                    arow[t2] = s;
+                    max = max.max(s);
+                }
+                let mut sum = 0.0f32;
+                for x in &mut arow[..=ti] {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                for x in &mut arow[..=ti] {
+                    *x *= inv;
+                }
+                arow[ti + 1..].fill(0.0);
+                let oh = &mut o[h * hs..(h + 1) * hs];
+                oh.fill(0.0);
+                for t2 in 0..=ti {
+                    let v0 = (base + t2) * c3 + 2 * c + h * hs;
+                    axpy(oh, arow[t2], &qkv[v0..v0 + hs]);
+                }
             }
-            let mut sum = 0.0f32;
-            for x in &mut arow[..=ti] {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            for x in &mut arow[..=ti] {
-                *x *= inv;
-            }
-            arow[ti + 1..].fill(0.0);
-            let oh = &mut o[h * hs..(h + 1) * hs];
-            oh.fill(0.0);
-            for t2 in 0..=ti {
-                let v0 = (base + t2) * c3 + 2 * c + h * hs;
-                axpy(oh, arow[t2], &qkv[v0..v0 + hs]);
-            }
-        }
-    });
+        });
 }
 
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 /// Gradients of q, k and v from `dout`. Overwrites `dqkv`. `scratch` must hold at least N floats (one row
 /// of attention-weight gradients per sequence).
-pub fn backward(dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], att: &[f32], qkv: &[f32], t: usize, c: usize, nh: usize) {
+pub fn backward(
+    dqkv: &mut [f32],
+    scratch: &mut [f32],
+    dout: &[f32],
+    att: &[f32],
+    qkv: &[f32],
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let c3 = 3 * c;
     let n_total = dout.len() / c;
-    dqkv.par_chunks_exact_mut(t * c3).zip(scratch[..n_total].par_chunks_exact_mut(t)).enumerate().for_each(
-        |(bi, (dq, datt))| {
+    dqkv.par_chunks_exact_mut(t * c3)
+        .zip(scratch[..n_total].par_chunks_exact_mut(t))
+        .enumerate()
+        .for_each(|(bi, (dq, datt))| {
             dq.fill(0.0);
             let base = bi * t;
             for h in 0..nh {
@@ -106,7 +120,11 @@ pub fn backward(dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], att: &[f32]
                         axpy(&mut dq[dv0..dv0 + hs], arow[t2], dor);
                     }
                     // Through the softmax: dpre = a ⊙ (datt − Σ a·datt).
-                    let dotp: f32 = arow[..=ti].iter().zip(&datt[..=ti]).map(|(a, d)| a * d).sum();
+                    let dotp: f32 = arow[..=ti]
+                        .iter()
+                        .zip(&datt[..=ti])
+                        .map(|(a, d)| a * d)
+                        .sum();
                     let q = &qkv[n * c3 + h * hs..n * c3 + (h + 1) * hs];
                     // Split the sequence's gradient rows so that dq of row ti and dk of rows t2 ≤ ti are
                     // disjoint borrows: rows before ti, then row ti's q part, then the rest of row ti.
@@ -129,6 +147,5 @@ pub fn backward(dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], att: &[f32]
                     }
                 }
             }
-        },
-    );
+        });
 }

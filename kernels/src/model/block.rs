@@ -76,7 +76,10 @@ impl BlockActs {
     pub fn new(p: &BlockParams, d: BlockDims, n: usize, b: usize, t_max: usize) -> Self {
         let c = d.c;
         let ffn = match &p.ffn {
-            FfnParams::Dense(sw) => FfnActs::Dense { h13: vec![0.0; n * 2 * sw.hidden], act: vec![0.0; n * sw.hidden] },
+            FfnParams::Dense(sw) => FfnActs::Dense {
+                h13: vec![0.0; n * 2 * sw.hidden],
+                act: vec![0.0; n * sw.hidden],
+            },
             FfnParams::Moe(_) => FfnActs::Moe(MoeActs::new(d.moe, n, b)),
         };
         Self {
@@ -154,8 +157,24 @@ pub struct BlockContext<'a> {
 
 /// Runs the block on `x`, writing `out` and the saved activations. Returns the block's balance loss
 /// (zero for dense blocks).
-pub fn forward(ctx: BlockContext<'_>, x: &[f32], out: &mut [f32], acts: &mut BlockActs) -> Result<f64, KernelError> {
-    let BlockContext { backend, precision, params, p, dims: d, rope: table, present, bias, b, t } = ctx;
+pub fn forward(
+    ctx: BlockContext<'_>,
+    x: &[f32],
+    out: &mut [f32],
+    acts: &mut BlockActs,
+) -> Result<f64, KernelError> {
+    let BlockContext {
+        backend,
+        precision,
+        params,
+        p,
+        dims: d,
+        rope: table,
+        present,
+        bias,
+        b,
+        t,
+    } = ctx;
     let n = b * t;
     let c = d.c;
     let (ln1, ln1_rstd) = (&mut acts.ln1[..n * c], &mut acts.ln1_rstd[..n]);
@@ -176,11 +195,32 @@ pub fn forward(ctx: BlockContext<'_>, x: &[f32], out: &mut [f32], acts: &mut Blo
     let balance = match (&p.ffn, &mut acts.ffn) {
         (FfnParams::Dense(sw), FfnActs::Dense { h13, act }) => {
             let h = sw.hidden;
-            moe::swiglu_ffn_forward(backend, precision, params, sw, ln2, &mut h13[..n * 2 * h], &mut act[..n * h], out, n, c)?;
+            moe::swiglu_ffn_forward(
+                backend,
+                precision,
+                params,
+                sw,
+                ln2,
+                &mut h13[..n * 2 * h],
+                &mut act[..n * h],
+                out,
+                n,
+                c,
+            )?;
             0.0
         }
         (FfnParams::Moe(mp), FfnActs::Moe(ma)) => {
-            let ctx = MoeContext { backend, precision, params, p: mp, present, dims: d.moe, b, t, alpha: d.alpha };
+            let ctx = MoeContext {
+                backend,
+                precision,
+                params,
+                p: mp,
+                present,
+                dims: d.moe,
+                b,
+                t,
+                alpha: d.alpha,
+            };
             moe::forward(ctx, bias, ln2, out, ma)?
         }
         _ => unreachable!("block activations are built from the same params as the block"),
@@ -201,7 +241,18 @@ pub fn backward(
     acts: &BlockActs,
     sc: &mut BlockScratch,
 ) -> Result<(), KernelError> {
-    let BlockContext { backend, precision, params, p, dims: d, rope: table, present, bias: _, b, t } = ctx;
+    let BlockContext {
+        backend,
+        precision,
+        params,
+        p,
+        dims: d,
+        rope: table,
+        present,
+        bias: _,
+        b,
+        t,
+    } = ctx;
     let n = b * t;
     let c = d.c;
     let dres = &mut dres[..n * c];
@@ -229,21 +280,90 @@ pub fn backward(
             )?;
         }
         (FfnParams::Moe(mp), FfnActs::Moe(ma)) => {
-            let ctx = MoeContext { backend, precision, params, p: mp, present, dims: d.moe, b, t, alpha: d.alpha };
-            moe::backward(ctx, grads, ln2, dres, dln, ma, &mut sc.moe, &mut sc.dact, &mut sc.dh13)?;
+            let ctx = MoeContext {
+                backend,
+                precision,
+                params,
+                p: mp,
+                present,
+                dims: d.moe,
+                b,
+                t,
+                alpha: d.alpha,
+            };
+            moe::backward(
+                ctx,
+                grads,
+                ln2,
+                dres,
+                dln,
+                ma,
+                &mut sc.moe,
+                &mut sc.dact,
+                &mut sc.dh13,
+            )?;
         }
         _ => unreachable!("block activations are built from the same params as the block"),
     }
     let res_mid = &acts.res_mid[..n * c];
-    rmsnorm::backward(dres, p.ln2.of_mut(grads), dln, res_mid, p.ln2.of(params), &acts.ln2_rstd[..n], c);
+    rmsnorm::backward(
+        dres,
+        p.ln2.of_mut(grads),
+        dln,
+        res_mid,
+        p.ln2.of(params),
+        &acts.ln2_rstd[..n],
+        c,
+    );
     let datty = &mut sc.datty[..n * c];
-    linear::backward(backend, precision, datty, false, p.wo.of_mut(grads), dres, &acts.atty[..n * c], p.wo.of(params), n, c, c)?;
+    linear::backward(
+        backend,
+        precision,
+        datty,
+        false,
+        p.wo.of_mut(grads),
+        dres,
+        &acts.atty[..n * c],
+        p.wo.of(params),
+        n,
+        c,
+        c,
+    )?;
     let dqkv = &mut sc.dqkv[..n * 3 * c];
     let qkv = &acts.qkv[..n * 3 * c];
-    attention::backward(dqkv, &mut sc.datt, datty, &acts.att[..n * d.nh * t], qkv, t, c, d.nh);
+    attention::backward(
+        dqkv,
+        &mut sc.datt,
+        datty,
+        &acts.att[..n * d.nh * t],
+        qkv,
+        t,
+        c,
+        d.nh,
+    );
     rope::backward(dqkv, table, t, c, d.nh);
     let ln1 = &acts.ln1[..n * c];
-    linear::backward(backend, precision, dln, false, p.wqkv.of_mut(grads), dqkv, ln1, p.wqkv.of(params), n, c, 3 * c)?;
-    rmsnorm::backward(dres, p.ln1.of_mut(grads), dln, x, p.ln1.of(params), &acts.ln1_rstd[..n], c);
+    linear::backward(
+        backend,
+        precision,
+        dln,
+        false,
+        p.wqkv.of_mut(grads),
+        dqkv,
+        ln1,
+        p.wqkv.of(params),
+        n,
+        c,
+        3 * c,
+    )?;
+    rmsnorm::backward(
+        dres,
+        p.ln1.of_mut(grads),
+        dln,
+        x,
+        p.ln1.of(params),
+        &acts.ln1_rstd[..n],
+        c,
+    );
     Ok(())
 }

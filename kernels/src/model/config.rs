@@ -106,7 +106,11 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, value: impl ToString, reason: &'static str) -> ConfigError {
-    ConfigError::Invalid { field, value: value.to_string(), reason }
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason,
+    }
 }
 
 impl ModelConfig {
@@ -157,16 +161,32 @@ impl ModelConfig {
             return Err(invalid("n_layers", self.n_layers, "must be in 1..=1024"));
         }
         if self.n_dense_layers > self.n_layers {
-            return Err(invalid("n_dense_layers", self.n_dense_layers, "must be <= n_layers"));
+            return Err(invalid(
+                "n_dense_layers",
+                self.n_dense_layers,
+                "must be <= n_layers",
+            ));
         }
         if self.n_routed_experts == 0 || self.n_routed_experts > MAX_COUNT {
-            return Err(invalid("n_routed_experts", self.n_routed_experts, "must be in 1..=4096"));
+            return Err(invalid(
+                "n_routed_experts",
+                self.n_routed_experts,
+                "must be in 1..=4096",
+            ));
         }
         if self.top_k == 0 || self.top_k > self.n_routed_experts {
-            return Err(invalid("top_k", self.top_k, "must be in 1..=n_routed_experts"));
+            return Err(invalid(
+                "top_k",
+                self.top_k,
+                "must be in 1..=n_routed_experts",
+            ));
         }
         if self.d_model % self.n_heads != 0 || self.head_size() % 2 != 0 {
-            return Err(invalid("n_heads", self.n_heads, "d_model / n_heads must be an even integer"));
+            return Err(invalid(
+                "n_heads",
+                self.n_heads,
+                "d_model / n_heads must be an even integer",
+            ));
         }
         let finite_nonneg: [(&'static str, f32); 5] = [
             ("mtp_lambda", self.mtp_lambda),
@@ -181,11 +201,19 @@ impl ModelConfig {
             }
         }
         if !self.rope_theta.is_finite() || self.rope_theta <= 1.0 {
-            return Err(invalid("rope_theta", self.rope_theta, "must be finite and > 1"));
+            return Err(invalid(
+                "rope_theta",
+                self.rope_theta,
+                "must be finite and > 1",
+            ));
         }
         match self.param_count_upper_bound() {
             Some(n) if n <= MAX_PARAMS => Ok(()),
-            _ => Err(invalid("model", "too large", "parameter count must stay under 2^31")),
+            _ => Err(invalid(
+                "model",
+                "too large",
+                "parameter count must stay under 2^31",
+            )),
         }
     }
 
@@ -198,13 +226,26 @@ impl ModelConfig {
         let moe = attn
             .checked_add(swiglu(self.shared_hidden)?)?
             .checked_add(self.n_routed_experts.checked_mul(c)?)?
-            .checked_add(self.n_routed_experts.checked_mul(swiglu(self.expert_hidden)?)?)?;
+            .checked_add(
+                self.n_routed_experts
+                    .checked_mul(swiglu(self.expert_hidden)?)?,
+            )?;
         let n_moe = self.n_layers - self.n_dense_layers.min(self.n_layers);
         let blocks = dense
             .checked_mul(self.n_dense_layers)?
             .checked_add(moe.checked_mul(n_moe)?)?;
-        let io = self.vocab_size.checked_mul(c)?.checked_mul(2)?.checked_add(c)?;
-        let mtp = if self.mtp { dense.checked_add(c.checked_mul(2 * c)?)?.checked_add(3 * c)? } else { 0 };
+        let io = self
+            .vocab_size
+            .checked_mul(c)?
+            .checked_mul(2)?
+            .checked_add(c)?;
+        let mtp = if self.mtp {
+            dense
+                .checked_add(c.checked_mul(2 * c)?)?
+                .checked_add(3 * c)?
+        } else {
+            0
+        };
         blocks.checked_add(io)?.checked_add(mtp)
     }
 }

@@ -27,7 +27,12 @@ pub struct HeadActs {
 impl HeadActs {
     /// Buffers for up to `n` tokens.
     pub fn new(n: usize, c: usize, v: usize) -> Self {
-        Self { ln: vec![0.0; n * c], rstd: vec![0.0; n], logits: vec![0.0; n * v], losses: vec![0.0; n] }
+        Self {
+            ln: vec![0.0; n * c],
+            rstd: vec![0.0; n],
+            logits: vec![0.0; n * v],
+            losses: vec![0.0; n],
+        }
     }
 }
 
@@ -61,7 +66,16 @@ pub fn forward(
     let ln = &mut acts.ln[..n * c];
     rmsnorm::forward(ln, &mut acts.rstd[..n], x, h.norm.of(params), c, h.eps);
     let logits = &mut acts.logits[..n * v];
-    linear::forward(backend, Precision::F32, logits, ln, h.head.of(params), n, c, v)?;
+    linear::forward(
+        backend,
+        Precision::F32,
+        logits,
+        ln,
+        h.head.of(params),
+        n,
+        c,
+        v,
+    )?;
     Ok(match targets {
         Some(tg) => loss::forward(logits, &mut acts.losses[..n], tg, v),
         None => (0.0, 0),
@@ -89,7 +103,27 @@ pub fn backward(
     loss::backward(dlogits, targets, v, scale);
     let dln = &mut dln[..n * c];
     let ln = &acts.ln[..n * c];
-    linear::backward(backend, Precision::F32, dln, false, h.head.of_mut(grads), dlogits, ln, h.head.of(params), n, c, v)?;
-    rmsnorm::backward(&mut dx[..n * c], h.norm.of_mut(grads), dln, x, h.norm.of(params), &acts.rstd[..n], c);
+    linear::backward(
+        backend,
+        Precision::F32,
+        dln,
+        false,
+        h.head.of_mut(grads),
+        dlogits,
+        ln,
+        h.head.of(params),
+        n,
+        c,
+        v,
+    )?;
+    rmsnorm::backward(
+        &mut dx[..n * c],
+        h.norm.of_mut(grads),
+        dln,
+        x,
+        h.norm.of(params),
+        &acts.rstd[..n],
+        c,
+    );
     Ok(())
 }

@@ -23,7 +23,15 @@ pub fn forward(
     if n == 0 {
         return Ok(());
     }
-    backend.matmul(precision, Form::ABt, x, w, out, Dims { m: n, k: ic, n: oc }, false)
+    backend.matmul(
+        precision,
+        Form::ABt,
+        x,
+        w,
+        out,
+        Dims { m: n, k: ic, n: oc },
+        false,
+    )
 }
 
 /// dW += doutᵀ·x (ACCUMULATES, llm.c style) and dx = dout·W, overwriting `dx` unless `accumulate_dx`.
@@ -44,6 +52,22 @@ pub fn backward(
     if n == 0 {
         return Ok(());
     }
-    backend.matmul(precision, Form::AtB, dout, x, dw, Dims { m: oc, k: n, n: ic }, true)?;
-    backend.matmul(precision, Form::AB, dout, w, dx, Dims { m: n, k: oc, n: ic }, accumulate_dx)
+    backend.matmul(
+        precision,
+        Form::AtB,
+        dout,
+        x,
+        dw,
+        Dims { m: oc, k: n, n: ic },
+        true,
+    )?;
+    backend.matmul(
+        precision,
+        Form::AB,
+        dout,
+        w,
+        dx,
+        Dims { m: n, k: oc, n: ic },
+        accumulate_dx,
+    )
 }

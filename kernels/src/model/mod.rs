@@ -42,8 +42,8 @@ use loss::IGNORE;
 use moe::MoeDims;
 use mtp::{MtpActs, MtpContext, MtpScratch};
 pub use params::{ExpertSet, ParamLayout, Span, TensorInfo};
-pub use shard_id::{MAX_EXPERTS_PER_LAYER, MAX_LAYERS, ShardId, ShardIdError};
 use rope::RopeTable;
+pub use shard_id::{MAX_EXPERTS_PER_LAYER, MAX_LAYERS, ShardId, ShardIdError};
 
 /// Largest B·T a single call may ask for (bounds the activation buffers an untrusted batch can cause).
 pub const MAX_BATCH_TOKENS: usize = 1 << 20;
@@ -182,7 +182,11 @@ fn init_normal(out: &mut [f32], seed: u64, name: &str, std: f32) {
 
 impl Model {
     /// A model holding every routed expert, initialized from `seed`.
-    pub fn new(config: ModelConfig, seed: u64, backend: Box<dyn Backend>) -> Result<Self, ModelError> {
+    pub fn new(
+        config: ModelConfig,
+        seed: u64,
+        backend: Box<dyn Backend>,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         let experts = ExpertSet::all(&config);
         Self::with_experts(config, experts, seed, backend)
@@ -197,7 +201,10 @@ impl Model {
         backend: Box<dyn Backend>,
     ) -> Result<Self, ModelError> {
         config.validate()?;
-        if experts != ExpertSet::from_shards(&config, &experts.shards()).map_err(ModelError::UnknownShard)? {
+        if experts
+            != ExpertSet::from_shards(&config, &experts.shards())
+                .map_err(ModelError::UnknownShard)?
+        {
             return Err(ModelError::ExpertSetMismatch);
         }
         let layout = ParamLayout::new(&config, &experts);
@@ -209,17 +216,36 @@ impl Model {
                 dst.fill(1.0);
             } else {
                 let proj_out = t.name.ends_with(".wo") || t.name.ends_with(".w2");
-                let std = if proj_out { config.init_std * resid_scale } else { config.init_std };
+                let std = if proj_out {
+                    config.init_std * resid_scale
+                } else {
+                    config.init_std
+                };
                 init_normal(dst, seed, &t.name, std);
             }
         }
         let grads = vec![0.0f32; layout.total];
         let e = config.n_routed_experts;
         let per_layer = |l: usize| if config.is_moe_layer(l) { e } else { 0 };
-        let router_bias = (0..config.n_layers).map(|l| vec![0.0; per_layer(l)]).collect();
-        let expert_counts = (0..config.n_layers).map(|l| vec![0; per_layer(l)]).collect();
+        let router_bias = (0..config.n_layers)
+            .map(|l| vec![0.0; per_layer(l)])
+            .collect();
+        let expert_counts = (0..config.n_layers)
+            .map(|l| vec![0; per_layer(l)])
+            .collect();
         let rope = RopeTable::new(config.context, config.head_size(), config.rope_theta);
-        Ok(Self { config, experts, layout, params, grads, router_bias, expert_counts, backend, rope, ws: None })
+        Ok(Self {
+            config,
+            experts,
+            layout,
+            params,
+            grads,
+            router_bias,
+            expert_counts,
+            backend,
+            rope,
+            ws: None,
+        })
     }
 
     /// The configuration.
@@ -283,7 +309,9 @@ impl Model {
     }
 
     fn span(&self, shard: ShardId) -> Result<Span, ModelError> {
-        self.layout.shard_span(shard).ok_or(ModelError::UnknownShard(shard))
+        self.layout
+            .shard_span(shard)
+            .ok_or(ModelError::UnknownShard(shard))
     }
 
     /// Number of f32 values in a shard (of its parameters, gradient, or each AdamW moment).
@@ -339,7 +367,11 @@ impl Model {
     pub fn set_router_bias(&mut self, layer: usize, bias: &[f32]) -> Result<(), ModelError> {
         match self.router_bias.get_mut(layer) {
             Some(b) if !b.is_empty() => {
-                check_len(&format!("router bias of layer {layer}"), b.len(), bias.len())?;
+                check_len(
+                    &format!("router bias of layer {layer}"),
+                    b.len(),
+                    bias.len(),
+                )?;
                 b.copy_from_slice(bias);
                 Ok(())
             }
@@ -354,7 +386,15 @@ impl Model {
             .filter(|c| !c.is_empty())
             .map(|c| {
                 let total: u64 = c.iter().sum();
-                c.iter().map(|&x| if total == 0 { 0.0 } else { x as f32 / total as f32 }).collect()
+                c.iter()
+                    .map(|&x| {
+                        if total == 0 {
+                            0.0
+                        } else {
+                            x as f32 / total as f32
+                        }
+                    })
+                    .collect()
             })
             .collect()
     }
@@ -368,7 +408,12 @@ impl Model {
             if self.router_bias[l].is_empty() {
                 continue;
             }
-            moe::update_bias(&mut self.router_bias[l], &self.expert_counts[l], self.experts.layer(l), self.config.bias_gamma);
+            moe::update_bias(
+                &mut self.router_bias[l],
+                &self.expert_counts[l],
+                self.experts.layer(l),
+                self.config.bias_gamma,
+            );
             self.expert_counts[l].fill(0);
         }
         load
@@ -380,7 +425,13 @@ impl Model {
             c: c.d_model,
             nh: c.n_heads,
             eps: c.norm_eps,
-            moe: MoeDims { c: c.d_model, e: c.n_routed_experts, k: c.top_k, f: c.expert_hidden, s: c.shared_hidden },
+            moe: MoeDims {
+                c: c.d_model,
+                e: c.n_routed_experts,
+                k: c.top_k,
+                f: c.expert_hidden,
+                s: c.shared_hidden,
+            },
             alpha: c.balance_alpha,
         }
     }
@@ -410,9 +461,21 @@ impl Model {
         let d = self.block_dims();
         let cfg = &self.config;
         let (c, v, tm) = (cfg.d_model, cfg.vocab_size, cfg.context);
-        let blocks = self.layout.blocks.iter().map(|p| BlockActs::new(p, d, cap_n, cap_b, tm)).collect();
-        let mtp = self.layout.mtp.as_ref().map(|p| MtpActs::new(p, d, v, cap_n, cap_b, tm));
-        let h_max = cfg.dense_hidden.max(cfg.expert_hidden).max(cfg.shared_hidden);
+        let blocks = self
+            .layout
+            .blocks
+            .iter()
+            .map(|p| BlockActs::new(p, d, cap_n, cap_b, tm))
+            .collect();
+        let mtp = self
+            .layout
+            .mtp
+            .as_ref()
+            .map(|p| MtpActs::new(p, d, v, cap_n, cap_b, tm));
+        let h_max = cfg
+            .dense_hidden
+            .max(cfg.expert_hidden)
+            .max(cfg.shared_hidden);
         self.ws = Some(Workspace {
             cap_n,
             cap_b,
@@ -434,24 +497,38 @@ impl Model {
     fn load_batch(&mut self, batch: &Batch) -> Result<(usize, usize), ModelError> {
         let (b, t) = (batch.batch_size, batch.seq_len);
         if b == 0 || t == 0 {
-            return Err(ModelError::BatchShape { reason: format!("B = {b} and T = {t} must both be positive") });
+            return Err(ModelError::BatchShape {
+                reason: format!("B = {b} and T = {t} must both be positive"),
+            });
         }
         if t > self.config.context {
-            return Err(ModelError::SequenceTooLong { seq_len: t, context: self.config.context });
+            return Err(ModelError::SequenceTooLong {
+                seq_len: t,
+                context: self.config.context,
+            });
         }
-        let n = b.checked_mul(t).filter(|&n| n <= MAX_BATCH_TOKENS).ok_or_else(|| ModelError::BatchShape {
-            reason: format!("B·T must stay under {MAX_BATCH_TOKENS}"),
-        })?;
+        let n = b
+            .checked_mul(t)
+            .filter(|&n| n <= MAX_BATCH_TOKENS)
+            .ok_or_else(|| ModelError::BatchShape {
+                reason: format!("B·T must stay under {MAX_BATCH_TOKENS}"),
+            })?;
         self.check_attention_size(n)?;
         let expected = b * (t + 1);
         if batch.tokens.len() != expected {
             return Err(ModelError::BatchShape {
-                reason: format!("{} tokens, expected B·(T+1) = {expected}", batch.tokens.len()),
+                reason: format!(
+                    "{} tokens, expected B·(T+1) = {expected}",
+                    batch.tokens.len()
+                ),
             });
         }
         self.check_tokens(&batch.tokens)?;
         self.ensure_workspace(b, t);
-        let ws = self.ws.as_mut().expect("ensure_workspace just created the workspace");
+        let ws = self
+            .ws
+            .as_mut()
+            .expect("ensure_workspace just created the workspace");
         for bi in 0..b {
             let row = &batch.tokens[bi * (t + 1)..(bi + 1) * (t + 1)];
             for ti in 0..t {
@@ -468,10 +545,14 @@ impl Model {
 
     /// Refuses token counts whose attention buffers would exceed [`MAX_ATTENTION_FLOATS`].
     fn check_attention_size(&self, n: usize) -> Result<(), ModelError> {
-        let att = n.checked_mul(self.config.n_heads).and_then(|x| x.checked_mul(self.config.context));
+        let att = n
+            .checked_mul(self.config.n_heads)
+            .and_then(|x| x.checked_mul(self.config.context));
         if att.is_none_or(|x| x > MAX_ATTENTION_FLOATS) {
             return Err(ModelError::BatchShape {
-                reason: format!("B·T·heads·context must stay under {MAX_ATTENTION_FLOATS} (attention buffer)"),
+                reason: format!(
+                    "B·T·heads·context must stay under {MAX_ATTENTION_FLOATS} (attention buffer)"
+                ),
             });
         }
         Ok(())
@@ -487,16 +568,40 @@ impl Model {
 
     /// Forward pass of the main model over the workspace's tokens. With `with_loss`, the head turns logits
     /// into probabilities. Returns (Σ main loss, labelled rows, balance loss).
-    fn forward_main(&mut self, b: usize, t: usize, with_loss: bool, count_load: bool) -> Result<(f64, usize, f64), ModelError> {
+    fn forward_main(
+        &mut self,
+        b: usize,
+        t: usize,
+        with_loss: bool,
+        count_load: bool,
+    ) -> Result<(f64, usize, f64), ModelError> {
         let n = b * t;
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
         let precision = self.config.precision;
-        let Model { params, layout, backend, rope, ws, router_bias, experts, expert_counts, config, .. } = self;
-        let ws = ws.as_mut().expect("callers run ensure_workspace before forward");
+        let Model {
+            params,
+            layout,
+            backend,
+            rope,
+            ws,
+            router_bias,
+            experts,
+            expert_counts,
+            config,
+            ..
+        } = self;
+        let ws = ws
+            .as_mut()
+            .expect("callers run ensure_workspace before forward");
         let backend: &mut dyn Backend = backend.as_mut();
-        embedding::forward(&mut ws.residual[0][..n * c], &ws.inputs[..n], layout.wte.of(params), c);
+        embedding::forward(
+            &mut ws.residual[0][..n * c],
+            &ws.inputs[..n],
+            layout.wte.of(params),
+            c,
+        );
         let mut balance = 0.0f64;
         for (l, p) in layout.blocks.iter().enumerate() {
             let (left, right) = ws.residual.split_at_mut(l + 1);
@@ -529,17 +634,45 @@ impl Model {
 
     /// Forward pass of the MTP module (after [`Model::forward_main`]). Returns (Σ MTP loss, labelled rows),
     /// zeros without an MTP module.
-    fn forward_mtp(&mut self, b: usize, t: usize, with_loss: bool) -> Result<(f64, usize), ModelError> {
+    fn forward_mtp(
+        &mut self,
+        b: usize,
+        t: usize,
+        with_loss: bool,
+    ) -> Result<(f64, usize), ModelError> {
         let n = b * t;
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
         let precision = self.config.precision;
-        let Model { params, layout, backend, rope, ws, config, .. } = self;
-        let ws = ws.as_mut().expect("callers run ensure_workspace before forward");
-        let (Some(mp), Some(ma)) = (&layout.mtp, &mut ws.mtp) else { return Ok((0.0, 0)) };
+        let Model {
+            params,
+            layout,
+            backend,
+            rope,
+            ws,
+            config,
+            ..
+        } = self;
+        let ws = ws
+            .as_mut()
+            .expect("callers run ensure_workspace before forward");
+        let (Some(mp), Some(ma)) = (&layout.mtp, &mut ws.mtp) else {
+            return Ok((0.0, 0));
+        };
         let last = &ws.residual[config.n_layers][..n * c];
-        let ctx = MtpContext { backend: backend.as_mut(), precision, params, p: mp, wte: layout.wte, head: hspec, dims: d, rope, b, t };
+        let ctx = MtpContext {
+            backend: backend.as_mut(),
+            precision,
+            params,
+            p: mp,
+            wte: layout.wte,
+            head: hspec,
+            dims: d,
+            rope,
+            b,
+            t,
+        };
         let targets = with_loss.then_some(&ws.mtp_targets[..n]);
         Ok(mtp::forward(ctx, last, &ws.next[..n], targets, ma)?)
     }
@@ -548,8 +681,16 @@ impl Model {
     fn forward(&mut self, b: usize, t: usize, count_load: bool) -> Result<LossStats, ModelError> {
         let (main_sum, main_count, balance) = self.forward_main(b, t, true, count_load)?;
         let (mtp_sum, mtp_count) = self.forward_mtp(b, t, true)?;
-        let loss = if main_count > 0 { main_sum / main_count as f64 } else { 0.0 };
-        let mtp_loss = if mtp_count > 0 { mtp_sum / mtp_count as f64 } else { 0.0 };
+        let loss = if main_count > 0 {
+            main_sum / main_count as f64
+        } else {
+            0.0
+        };
+        let mtp_loss = if mtp_count > 0 {
+            mtp_sum / mtp_count as f64
+        } else {
+            0.0
+        };
         Ok(LossStats {
             loss: loss as f32,
             mtp_loss: mtp_loss as f32,
@@ -568,8 +709,21 @@ impl Model {
         let c = self.config.d_model;
         let precision = self.config.precision;
         let lambda = self.config.mtp_lambda;
-        let Model { params, grads, layout, backend, rope, ws, router_bias, experts, config, .. } = self;
-        let ws = ws.as_mut().expect("callers run ensure_workspace before backward");
+        let Model {
+            params,
+            grads,
+            layout,
+            backend,
+            rope,
+            ws,
+            router_bias,
+            experts,
+            config,
+            ..
+        } = self;
+        let ws = ws
+            .as_mut()
+            .expect("callers run ensure_workspace before backward");
         let backend: &mut dyn Backend = backend.as_mut();
         let dres = &mut ws.dres[..n * c];
         dres.fill(0.0);
@@ -590,11 +744,34 @@ impl Model {
                     t,
                 };
                 let scale = lambda / count as f32;
-                mtp::backward(ctx, grads, last, &ws.next[..n], &ws.mtp_targets[..n], scale, ma, dres, &mut ws.msc, &mut ws.bsc)?;
+                mtp::backward(
+                    ctx,
+                    grads,
+                    last,
+                    &ws.next[..n],
+                    &ws.mtp_targets[..n],
+                    scale,
+                    ma,
+                    dres,
+                    &mut ws.msc,
+                    &mut ws.bsc,
+                )?;
             }
         }
         let scale = 1.0 / n as f32;
-        head::backward(&mut *backend, params, grads, hspec, last, &ws.targets[..n], scale, &mut ws.head, dres, &mut ws.bsc.dln, n)?;
+        head::backward(
+            &mut *backend,
+            params,
+            grads,
+            hspec,
+            last,
+            &ws.targets[..n],
+            scale,
+            &mut ws.head,
+            dres,
+            &mut ws.bsc.dln,
+            n,
+        )?;
         for (l, p) in layout.blocks.iter().enumerate().rev() {
             let ctx = BlockContext {
                 backend: &mut *backend,
@@ -608,7 +785,14 @@ impl Model {
                 b,
                 t,
             };
-            block::backward(ctx, grads, &ws.residual[l][..n * c], dres, &ws.blocks[l], &mut ws.bsc)?;
+            block::backward(
+                ctx,
+                grads,
+                &ws.residual[l][..n * c],
+                dres,
+                &ws.blocks[l],
+                &mut ws.bsc,
+            )?;
         }
         embedding::backward(layout.wte.of_mut(grads), dres, &ws.inputs[..n], c);
         Ok(())
@@ -634,14 +818,24 @@ impl Model {
     /// token t + 1) and, when asked and the model has an MTP module, the MTP head's logits [T, V] (position
     /// t predicts token t + 2, using token t + 1 as its input; at the last position that input is the main
     /// head's argmax, as in speculative decoding).
-    pub fn logits(&mut self, tokens: &[u32], main_out: &mut [f32], mtp_out: Option<&mut [f32]>) -> Result<(), ModelError> {
+    pub fn logits(
+        &mut self,
+        tokens: &[u32],
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+    ) -> Result<(), ModelError> {
         let t = tokens.len();
         let v = self.config.vocab_size;
         if t == 0 {
-            return Err(ModelError::BatchShape { reason: "no tokens".into() });
+            return Err(ModelError::BatchShape {
+                reason: "no tokens".into(),
+            });
         }
         if t > self.config.context {
-            return Err(ModelError::SequenceTooLong { seq_len: t, context: self.config.context });
+            return Err(ModelError::SequenceTooLong {
+                seq_len: t,
+                context: self.config.context,
+            });
         }
         self.check_tokens(tokens)?;
         self.check_attention_size(t)?;
@@ -651,13 +845,19 @@ impl Model {
         }
         self.ensure_workspace(1, t);
         {
-            let ws = self.ws.as_mut().expect("ensure_workspace just created the workspace");
+            let ws = self
+                .ws
+                .as_mut()
+                .expect("ensure_workspace just created the workspace");
             ws.inputs[..t].copy_from_slice(tokens);
             ws.next[..t - 1].copy_from_slice(&tokens[1..]);
         }
         self.forward_main(1, t, false, false)?;
         if mtp_out.is_some() && self.layout.mtp.is_some() {
-            let ws = self.ws.as_mut().expect("ensure_workspace just created the workspace");
+            let ws = self
+                .ws
+                .as_mut()
+                .expect("ensure_workspace just created the workspace");
             let last = &ws.head.logits[(t - 1) * v..t * v];
             let mut best = 0;
             for (i, &x) in last.iter().enumerate() {
@@ -668,7 +868,10 @@ impl Model {
             ws.next[t - 1] = best as u32;
             self.forward_mtp(1, t, false)?;
         }
-        let ws = self.ws.as_ref().expect("ensure_workspace just created the workspace");
+        let ws = self
+            .ws
+            .as_ref()
+            .expect("ensure_workspace just created the workspace");
         main_out.copy_from_slice(&ws.head.logits[..t * v]);
         if let (Some(out), Some(ma)) = (mtp_out, &ws.mtp) {
             out.copy_from_slice(&ma.head.logits[..t * v]);
@@ -681,6 +884,10 @@ fn check_len(what: &str, expected: usize, actual: usize) -> Result<(), ModelErro
     if expected == actual {
         Ok(())
     } else {
-        Err(ModelError::Length { what: what.to_string(), expected, actual })
+        Err(ModelError::Length {
+            what: what.to_string(),
+            expected,
+            actual,
+        })
     }
 }

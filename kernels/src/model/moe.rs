@@ -117,7 +117,12 @@ impl MoeScratch {
     /// Buffers for up to `n` tokens.
     pub fn new(d: MoeDims, n: usize) -> Self {
         let r = n * d.k;
-        Self { dyg: vec![0.0; r * d.c], dxg: vec![0.0; r * d.c], dgate: vec![0.0; r], ds: vec![0.0; n * d.e] }
+        Self {
+            dyg: vec![0.0; r * d.c],
+            dxg: vec![0.0; r * d.c],
+            dgate: vec![0.0; r],
+            ds: vec![0.0; n * d.e],
+        }
     }
 }
 
@@ -221,9 +226,33 @@ pub(crate) fn swiglu_ffn_backward(
     c: usize,
 ) -> Result<(), KernelError> {
     let h = p.hidden;
-    linear::backward(backend, precision, dact, false, p.w2.of_mut(grads), dout, act, p.w2.of(params), rows, h, c)?;
+    linear::backward(
+        backend,
+        precision,
+        dact,
+        false,
+        p.w2.of_mut(grads),
+        dout,
+        act,
+        p.w2.of(params),
+        rows,
+        h,
+        c,
+    )?;
     swiglu::backward(dh13, dact, h13, h);
-    linear::backward(backend, precision, dx, accumulate_dx, p.w13.of_mut(grads), dh13, x, p.w13.of(params), rows, c, 2 * h)
+    linear::backward(
+        backend,
+        precision,
+        dx,
+        accumulate_dx,
+        p.w13.of_mut(grads),
+        dh13,
+        x,
+        p.w13.of(params),
+        rows,
+        c,
+        2 * h,
+    )
 }
 
 /// Everything the MoE forward reads besides its input and activations.
@@ -250,8 +279,24 @@ pub struct MoeContext<'a> {
 
 /// out = shared(x) + Σ_k gate_k · expert_k(x). Overwrites `out`. `bias` [E] only affects selection.
 /// Returns the (already α-weighted, batch-averaged) sequence-wise balance loss.
-pub fn forward(ctx: MoeContext<'_>, bias: &[f32], x: &[f32], out: &mut [f32], acts: &mut MoeActs) -> Result<f64, KernelError> {
-    let MoeContext { backend, precision, params, p, present, dims: d, b, t, alpha } = ctx;
+pub fn forward(
+    ctx: MoeContext<'_>,
+    bias: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    acts: &mut MoeActs,
+) -> Result<f64, KernelError> {
+    let MoeContext {
+        backend,
+        precision,
+        params,
+        p,
+        present,
+        dims: d,
+        b,
+        t,
+        alpha,
+    } = ctx;
     let n = b * t;
     let (c, e) = (d.c, d.e);
     // Router in f32, then sigmoid affinities.
@@ -357,7 +402,17 @@ pub fn backward(
     dact: &mut [f32],
     dh13: &mut [f32],
 ) -> Result<(), KernelError> {
-    let MoeContext { backend, precision, params, p, present, dims: d, b, t, alpha } = ctx;
+    let MoeContext {
+        backend,
+        precision,
+        params,
+        p,
+        present,
+        dims: d,
+        b,
+        t,
+        alpha,
+    } = ctx;
     let n = b * t;
     let (c, e) = (d.c, d.e);
     let k = acts.k_eff;
@@ -422,7 +477,10 @@ pub fn backward(
     }
     for row in 0..n * k {
         let tok = acts.slot_token[row] as usize;
-        for (dv, &g) in dx[tok * c..(tok + 1) * c].iter_mut().zip(&sc.dxg[row * c..(row + 1) * c]) {
+        for (dv, &g) in dx[tok * c..(tok + 1) * c]
+            .iter_mut()
+            .zip(&sc.dxg[row * c..(row + 1) * c])
+        {
             *dv += g;
         }
     }
@@ -455,10 +513,26 @@ pub fn backward(
             }
         }
         for i in 0..e {
-            dsr[i] = if present[i] { dsr[i] * s[i] * (1.0 - s[i]) } else { 0.0 };
+            dsr[i] = if present[i] {
+                dsr[i] * s[i] * (1.0 - s[i])
+            } else {
+                0.0
+            };
         }
     }
-    linear::backward(backend, Precision::F32, dx, true, p.router.of_mut(grads), ds, x, p.router.of(params), n, c, e)
+    linear::backward(
+        backend,
+        Precision::F32,
+        dx,
+        true,
+        p.router.of_mut(grads),
+        ds,
+        x,
+        p.router.of(params),
+        n,
+        c,
+        e,
+    )
 }
 
 /// The auxiliary-loss-free balancing rule: each present expert's bias moves by +γ if it got fewer than the
@@ -468,7 +542,12 @@ pub fn update_bias(bias: &mut [f32], counts: &[u64], present: &[bool], gamma: f3
     if n_present == 0 {
         return;
     }
-    let total: u64 = counts.iter().zip(present).filter(|(_, p)| **p).map(|(c, _)| *c).sum();
+    let total: u64 = counts
+        .iter()
+        .zip(present)
+        .filter(|(_, p)| **p)
+        .map(|(c, _)| *c)
+        .sum();
     let mean = total as f64 / n_present as f64;
     for ((b, &c), &p) in bias.iter_mut().zip(counts).zip(present) {
         if !p {

@@ -73,7 +73,11 @@ pub struct MtpScratch {
 impl MtpScratch {
     /// Buffers for up to `n` tokens.
     pub fn new(n: usize, c: usize) -> Self {
-        Self { dm: vec![0.0; n * c], dcat: vec![0.0; n * 2 * c], demb: vec![0.0; n * c] }
+        Self {
+            dm: vec![0.0; n * c],
+            dcat: vec![0.0; n * 2 * c],
+            demb: vec![0.0; n * c],
+        }
     }
 }
 
@@ -110,7 +114,18 @@ pub fn forward(
     targets: Option<&[u32]>,
     acts: &mut MtpActs,
 ) -> Result<(f64, usize), KernelError> {
-    let MtpContext { backend, precision, params, p, wte, head: hs, dims: d, rope, b, t } = ctx;
+    let MtpContext {
+        backend,
+        precision,
+        params,
+        p,
+        wte,
+        head: hs,
+        dims: d,
+        rope,
+        b,
+        t,
+    } = ctx;
     let n = b * t;
     let c = d.c;
     let emb = &mut acts.emb[..n * c];
@@ -118,18 +133,51 @@ pub fn forward(
     let hn = &mut acts.hn[..n * c];
     rmsnorm::forward(hn, &mut acts.hn_rstd[..n], h, p.norm_h.of(params), c, d.eps);
     let en = &mut acts.en[..n * c];
-    rmsnorm::forward(en, &mut acts.en_rstd[..n], emb, p.norm_e.of(params), c, d.eps);
+    rmsnorm::forward(
+        en,
+        &mut acts.en_rstd[..n],
+        emb,
+        p.norm_e.of(params),
+        c,
+        d.eps,
+    );
     let cat = &mut acts.cat[..n * 2 * c];
-    for ((row, a), e) in cat.chunks_exact_mut(2 * c).zip(hn.chunks_exact(c)).zip(en.chunks_exact(c)) {
+    for ((row, a), e) in cat
+        .chunks_exact_mut(2 * c)
+        .zip(hn.chunks_exact(c))
+        .zip(en.chunks_exact(c))
+    {
         row[..c].copy_from_slice(a);
         row[c..].copy_from_slice(e);
     }
     let m0 = &mut acts.m0[..n * c];
     linear::forward(backend, precision, m0, cat, p.proj.of(params), n, 2 * c, c)?;
-    let bctx = BlockContext { backend: &mut *backend, precision, params, p: &p.block, dims: d, rope, present: &[], bias: &[], b, t };
+    let bctx = BlockContext {
+        backend: &mut *backend,
+        precision,
+        params,
+        p: &p.block,
+        dims: d,
+        rope,
+        present: &[],
+        bias: &[],
+        b,
+        t,
+    };
     block::forward(bctx, m0, &mut acts.m1, &mut acts.block)?;
-    let spec = HeadSpec { norm: p.norm_out, ..hs };
-    head::forward(backend, params, spec, &acts.m1[..n * c], targets, &mut acts.head, n)
+    let spec = HeadSpec {
+        norm: p.norm_out,
+        ..hs
+    };
+    head::forward(
+        backend,
+        params,
+        spec,
+        &acts.m1[..n * c],
+        targets,
+        &mut acts.head,
+        n,
+    )
 }
 
 /// Backward of [`forward`] from its loss scaled by `scale`: ADDS d(h) into `dh` and accumulates every
@@ -147,28 +195,93 @@ pub fn backward(
     sc: &mut MtpScratch,
     bsc: &mut BlockScratch,
 ) -> Result<(), KernelError> {
-    let MtpContext { backend, precision, params, p, wte, head: hs, dims: d, rope, b, t } = ctx;
+    let MtpContext {
+        backend,
+        precision,
+        params,
+        p,
+        wte,
+        head: hs,
+        dims: d,
+        rope,
+        b,
+        t,
+    } = ctx;
     let n = b * t;
     let c = d.c;
     let dm = &mut sc.dm[..n * c];
     dm.fill(0.0);
-    let spec = HeadSpec { norm: p.norm_out, ..hs };
-    head::backward(backend, params, grads, spec, &acts.m1[..n * c], targets, scale, &mut acts.head, dm, &mut bsc.dln, n)?;
-    let bctx = BlockContext { backend: &mut *backend, precision, params, p: &p.block, dims: d, rope, present: &[], bias: &[], b, t };
+    let spec = HeadSpec {
+        norm: p.norm_out,
+        ..hs
+    };
+    head::backward(
+        backend,
+        params,
+        grads,
+        spec,
+        &acts.m1[..n * c],
+        targets,
+        scale,
+        &mut acts.head,
+        dm,
+        &mut bsc.dln,
+        n,
+    )?;
+    let bctx = BlockContext {
+        backend: &mut *backend,
+        precision,
+        params,
+        p: &p.block,
+        dims: d,
+        rope,
+        present: &[],
+        bias: &[],
+        b,
+        t,
+    };
     block::backward(bctx, grads, &acts.m0[..n * c], dm, &acts.block, bsc)?;
     let dcat = &mut sc.dcat[..n * 2 * c];
-    linear::backward(backend, precision, dcat, false, p.proj.of_mut(grads), dm, &acts.cat[..n * 2 * c], p.proj.of(params), n, 2 * c, c)?;
+    linear::backward(
+        backend,
+        precision,
+        dcat,
+        false,
+        p.proj.of_mut(grads),
+        dm,
+        &acts.cat[..n * 2 * c],
+        p.proj.of(params),
+        n,
+        2 * c,
+        c,
+    )?;
     let dln = &mut bsc.dln[..n * c];
     for (dst, src) in dln.chunks_exact_mut(c).zip(dcat.chunks_exact(2 * c)) {
         dst.copy_from_slice(&src[..c]);
     }
-    rmsnorm::backward(&mut dh[..n * c], p.norm_h.of_mut(grads), dln, h, p.norm_h.of(params), &acts.hn_rstd[..n], c);
+    rmsnorm::backward(
+        &mut dh[..n * c],
+        p.norm_h.of_mut(grads),
+        dln,
+        h,
+        p.norm_h.of(params),
+        &acts.hn_rstd[..n],
+        c,
+    );
     for (dst, src) in dln.chunks_exact_mut(c).zip(dcat.chunks_exact(2 * c)) {
         dst.copy_from_slice(&src[c..]);
     }
     let demb = &mut sc.demb[..n * c];
     demb.fill(0.0);
-    rmsnorm::backward(demb, p.norm_e.of_mut(grads), dln, &acts.emb[..n * c], p.norm_e.of(params), &acts.en_rstd[..n], c);
+    rmsnorm::backward(
+        demb,
+        p.norm_e.of_mut(grads),
+        dln,
+        &acts.emb[..n * c],
+        p.norm_e.of(params),
+        &acts.en_rstd[..n],
+        c,
+    );
     embedding::backward(wte.of_mut(grads), demb, next, c);
     Ok(())
 }

@@ -45,7 +45,13 @@ impl ExpertSet {
     /// Every routed expert of every MoE layer.
     pub fn all(config: &ModelConfig) -> Self {
         let present = (0..config.n_layers)
-            .map(|l| if config.is_moe_layer(l) { vec![true; config.n_routed_experts] } else { Vec::new() })
+            .map(|l| {
+                if config.is_moe_layer(l) {
+                    vec![true; config.n_routed_experts]
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
         Self { present }
     }
@@ -53,7 +59,13 @@ impl ExpertSet {
     /// No routed expert at all (only the trunk; MoE layers then run their shared expert alone).
     pub fn none(config: &ModelConfig) -> Self {
         let present = (0..config.n_layers)
-            .map(|l| if config.is_moe_layer(l) { vec![false; config.n_routed_experts] } else { Vec::new() })
+            .map(|l| {
+                if config.is_moe_layer(l) {
+                    vec![false; config.n_routed_experts]
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
         Self { present }
     }
@@ -76,7 +88,11 @@ impl ExpertSet {
     pub fn insert(&mut self, shard: ShardId) -> bool {
         match shard {
             ShardId::Trunk => false,
-            ShardId::Expert { layer, index } => match self.present.get_mut(usize::from(layer)).and_then(|l| l.get_mut(usize::from(index))) {
+            ShardId::Expert { layer, index } => match self
+                .present
+                .get_mut(usize::from(layer))
+                .and_then(|l| l.get_mut(usize::from(index)))
+            {
                 Some(slot) => {
                     *slot = true;
                     true
@@ -88,7 +104,11 @@ impl ExpertSet {
 
     /// Whether expert `index` of block `layer` is present.
     pub fn contains(&self, layer: usize, index: usize) -> bool {
-        self.present.get(layer).and_then(|l| l.get(index)).copied().unwrap_or(false)
+        self.present
+            .get(layer)
+            .and_then(|l| l.get(index))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Presence flags of one block's experts (empty for a dense block or an unknown layer).
@@ -218,9 +238,18 @@ struct Builder {
 impl Builder {
     fn push(&mut self, name: String, shape: &[usize]) -> Span {
         let len = shape.iter().product();
-        let span = Span { offset: self.offset, len };
+        let span = Span {
+            offset: self.offset,
+            len,
+        };
         self.offset += len;
-        self.tensors.push(TensorInfo { name, shape: shape.to_vec(), span, shard: self.shard, decay: shape.len() >= 2 });
+        self.tensors.push(TensorInfo {
+            name,
+            shape: shape.to_vec(),
+            span,
+            shard: self.shard,
+            decay: shape.len() >= 2,
+        });
         span
     }
     fn swiglu(&mut self, prefix: &str, c: usize, h: usize) -> SwigluParams {
@@ -228,7 +257,13 @@ impl Builder {
         let w2 = self.push(format!("{prefix}.w2"), &[c, h]);
         SwigluParams { w13, w2, hidden: h }
     }
-    fn block(&mut self, prefix: &str, c: usize, ffn: Option<(usize, usize)>, dense_hidden: usize) -> BlockParams {
+    fn block(
+        &mut self,
+        prefix: &str,
+        c: usize,
+        ffn: Option<(usize, usize)>,
+        dense_hidden: usize,
+    ) -> BlockParams {
         let ln1 = self.push(format!("{prefix}.ln1"), &[c]);
         let wqkv = self.push(format!("{prefix}.attn.wqkv"), &[3 * c, c]);
         let wo = self.push(format!("{prefix}.attn.wo"), &[c, c]);
@@ -238,10 +273,20 @@ impl Builder {
             Some((e, shared_hidden)) => {
                 let router = self.push(format!("{prefix}.router"), &[e, c]);
                 let shared = self.swiglu(&format!("{prefix}.shared"), c, shared_hidden);
-                FfnParams::Moe(MoeParams { router, shared, experts: vec![None; e] })
+                FfnParams::Moe(MoeParams {
+                    router,
+                    shared,
+                    experts: vec![None; e],
+                })
             }
         };
-        BlockParams { ln1, wqkv, wo, ln2, ffn }
+        BlockParams {
+            ln1,
+            wqkv,
+            wo,
+            ln2,
+            ffn,
+        }
     }
 }
 
@@ -250,11 +295,17 @@ impl ParamLayout {
     pub fn new(config: &ModelConfig, experts: &ExpertSet) -> Self {
         let c = config.d_model;
         let v = config.vocab_size;
-        let mut b = Builder { tensors: Vec::new(), offset: 0, shard: ShardId::Trunk };
+        let mut b = Builder {
+            tensors: Vec::new(),
+            offset: 0,
+            shard: ShardId::Trunk,
+        };
         let wte = b.push("wte".into(), &[v, c]);
         let mut blocks = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
-            let moe = config.is_moe_layer(l).then_some((config.n_routed_experts, config.shared_hidden));
+            let moe = config
+                .is_moe_layer(l)
+                .then_some((config.n_routed_experts, config.shared_hidden));
             blocks.push(b.block(&format!("blocks.{l}"), c, moe, config.dense_hidden));
         }
         let lnf = b.push("lnf".into(), &[c]);
@@ -265,27 +316,63 @@ impl ParamLayout {
             let proj = b.push("mtp.proj".into(), &[c, 2 * c]);
             let block = b.block("mtp.block", c, None, config.dense_hidden);
             let norm_out = b.push("mtp.norm_out".into(), &[c]);
-            MtpParams { norm_h, norm_e, proj, block, norm_out }
+            MtpParams {
+                norm_h,
+                norm_e,
+                proj,
+                block,
+                norm_out,
+            }
         });
-        let mut shards = vec![(ShardId::Trunk, Span { offset: 0, len: b.offset })];
+        let mut shards = vec![(
+            ShardId::Trunk,
+            Span {
+                offset: 0,
+                len: b.offset,
+            },
+        )];
         for shard in experts.shards() {
-            let Some((layer, index)) = shard.expert_position() else { continue };
+            let Some((layer, index)) = shard.expert_position() else {
+                continue;
+            };
             let start = b.offset;
             b.shard = shard;
-            let p = b.swiglu(&format!("blocks.{layer}.experts.{index}"), c, config.expert_hidden);
+            let p = b.swiglu(
+                &format!("blocks.{layer}.experts.{index}"),
+                c,
+                config.expert_hidden,
+            );
             if let Some(FfnParams::Moe(moe)) = blocks.get_mut(layer).map(|bl| &mut bl.ffn) {
                 if let Some(slot) = moe.experts.get_mut(index) {
                     *slot = Some(p);
                 }
             }
-            shards.push((shard, Span { offset: start, len: b.offset - start }));
+            shards.push((
+                shard,
+                Span {
+                    offset: start,
+                    len: b.offset - start,
+                },
+            ));
         }
-        ParamLayout { wte, blocks, lnf, head, mtp, total: b.offset, tensors: b.tensors, shards }
+        ParamLayout {
+            wte,
+            blocks,
+            lnf,
+            head,
+            mtp,
+            total: b.offset,
+            tensors: b.tensors,
+            shards,
+        }
     }
 
     /// The span of a present shard.
     pub fn shard_span(&self, shard: ShardId) -> Option<Span> {
-        self.shards.iter().find(|(s, _)| *s == shard).map(|(_, span)| *span)
+        self.shards
+            .iter()
+            .find(|(s, _)| *s == shard)
+            .map(|(_, span)| *span)
     }
 
     /// The tensor named `name`.

@@ -32,7 +32,12 @@ impl RopeTable {
                 sin.push(a.sin() as f32);
             }
         }
-        Self { cos, sin, half, max_t }
+        Self {
+            cos,
+            sin,
+            half,
+            max_t,
+        }
     }
 
     /// Longest sequence this table covers.
@@ -45,20 +50,22 @@ fn rotate(qkv: &mut [f32], table: &RopeTable, t: usize, c: usize, nh: usize, sig
     let hs = c / nh;
     let half = table.half;
     debug_assert!(t <= table.max_t, "rope: sequence longer than the table");
-    qkv.par_chunks_exact_mut(3 * c).enumerate().for_each(|(n, row)| {
-        let pos = n % t;
-        let cs = &table.cos[pos * half..(pos + 1) * half];
-        let sn = &table.sin[pos * half..(pos + 1) * half];
-        // q and k (the first 2C channels); v is not rotated.
-        for head in row[..2 * c].chunks_exact_mut(hs) {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                let (co, si) = (cs[i], sign * sn[i]);
-                pair[0] = x0 * co - x1 * si;
-                pair[1] = x0 * si + x1 * co;
+    qkv.par_chunks_exact_mut(3 * c)
+        .enumerate()
+        .for_each(|(n, row)| {
+            let pos = n % t;
+            let cs = &table.cos[pos * half..(pos + 1) * half];
+            let sn = &table.sin[pos * half..(pos + 1) * half];
+            // q and k (the first 2C channels); v is not rotated.
+            for head in row[..2 * c].chunks_exact_mut(hs) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    let (co, si) = (cs[i], sign * sn[i]);
+                    pair[0] = x0 * co - x1 * si;
+                    pair[1] = x0 * si + x1 * co;
+                }
             }
-        }
-    });
+        });
     let _ = nh;
 }
 

@@ -109,13 +109,20 @@ impl FromStr for ShardId {
         let bad = || ShardIdError::Syntax(truncate(s).to_owned());
         let rest = s.strip_prefix("expert/").ok_or_else(bad)?;
         let (layer, index) = rest.split_once('/').ok_or_else(bad)?;
-        ShardId::expert(parse_decimal_u16(layer).ok_or_else(bad)?, parse_decimal_u16(index).ok_or_else(bad)?)
+        ShardId::expert(
+            parse_decimal_u16(layer).ok_or_else(bad)?,
+            parse_decimal_u16(index).ok_or_else(bad)?,
+        )
     }
 }
 
 /// Parses a canonical decimal: digits only, no sign, no leading zero (except "0"), so each id has one text form.
 fn parse_decimal_u16(s: &str) -> Option<u16> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+    if s.is_empty()
+        || s.len() > 5
+        || !s.bytes().all(|b| b.is_ascii_digit())
+        || (s.len() > 1 && s.starts_with('0'))
+    {
         return None;
     }
     s.parse().ok()
@@ -139,8 +146,14 @@ mod tests {
 
     #[test]
     fn the_checked_constructor_takes_model_and_wire_integers() {
-        assert_eq!(ShardId::expert(3usize, 5usize).unwrap(), ShardId::Expert { layer: 3, index: 5 });
-        assert_eq!(ShardId::expert(3u16, 5u16).unwrap().expert_position(), Some((3, 5)));
+        assert_eq!(
+            ShardId::expert(3usize, 5usize).unwrap(),
+            ShardId::Expert { layer: 3, index: 5 }
+        );
+        assert_eq!(
+            ShardId::expert(3u16, 5u16).unwrap().expert_position(),
+            Some((3, 5))
+        );
         assert!(ShardId::expert(1usize << 20, 0usize).is_err());
         assert!(ShardId::expert(0u16, MAX_EXPERTS_PER_LAYER).is_err());
         assert_eq!(ShardId::Trunk.expert_position(), None);

@@ -11,19 +11,23 @@ fn sigmoid(x: f32) -> f32 {
 
 /// out = silu(g) ⊙ u. Overwrites `out`.
 pub fn forward(out: &mut [f32], h13: &[f32], h: usize) {
-    out.par_chunks_exact_mut(h).zip(h13.par_chunks_exact(2 * h)).for_each(|(o, row)| {
-        let (g, u) = row.split_at(h);
-        for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
-            *o = gv * sigmoid(gv) * uv;
-        }
-    });
+    out.par_chunks_exact_mut(h)
+        .zip(h13.par_chunks_exact(2 * h))
+        .for_each(|(o, row)| {
+            let (g, u) = row.split_at(h);
+            for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+                *o = gv * sigmoid(gv) * uv;
+            }
+        });
 }
 
 /// dg = dout ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), du = dout ⊙ silu(g). Overwrites `dh13` (its only consumer is
 /// the GEMM that produced `h13`).
 pub fn backward(dh13: &mut [f32], dout: &[f32], h13: &[f32], h: usize) {
-    dh13.par_chunks_exact_mut(2 * h).zip(dout.par_chunks_exact(h)).zip(h13.par_chunks_exact(2 * h)).for_each(
-        |((d, dor), row)| {
+    dh13.par_chunks_exact_mut(2 * h)
+        .zip(dout.par_chunks_exact(h))
+        .zip(h13.par_chunks_exact(2 * h))
+        .for_each(|((d, dor), row)| {
             let (g, u) = row.split_at(h);
             let (dg, du) = d.split_at_mut(h);
             for i in 0..h {
@@ -31,6 +35,5 @@ pub fn backward(dh13: &mut [f32], dout: &[f32], h13: &[f32], h: usize) {
                 dg[i] = dor[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 du[i] = dor[i] * g[i] * s;
             }
-        },
-    );
+        });
 }

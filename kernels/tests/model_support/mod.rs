@@ -59,8 +59,14 @@ impl TestRng {
 /// A batch of B random sequences of T + 1 tokens below `vocab`.
 pub fn random_batch(seed: u64, b: usize, t: usize, vocab: usize) -> Batch {
     let mut rng = TestRng(seed);
-    let tokens = (0..b * (t + 1)).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
-    Batch { tokens, batch_size: b, seq_len: t }
+    let tokens = (0..b * (t + 1))
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
+    Batch {
+        tokens,
+        batch_size: b,
+        seq_len: t,
+    }
 }
 
 /// A learnable batch: each row counts up from a random start, modulo `vocab`.
@@ -73,5 +79,9 @@ pub fn counting_batch(seed: u64, b: usize, t: usize, vocab: usize) -> Batch {
             tokens.push(((start + i) % vocab as u64) as u32);
         }
     }
-    Batch { tokens, batch_size: b, seq_len: t }
+    Batch {
+        tokens,
+        batch_size: b,
+        seq_len: t,
+    }
 }

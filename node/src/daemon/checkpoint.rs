@@ -28,8 +28,15 @@ pub async fn commit_checkpoint(
 ) -> Result<bool, NodeError> {
     let round = checkpoint.round;
     let meta = checkpoint.to_bytes()?;
-    let entries: Vec<ManifestEntry> =
-        checkpoint.shards.iter().map(|e| ManifestEntry { shard: e.shard, hash: e.hash, len: e.size }).collect();
+    let entries: Vec<ManifestEntry> = checkpoint
+        .shards
+        .iter()
+        .map(|e| ManifestEntry {
+            shard: e.shard,
+            hash: e.hash,
+            len: e.size,
+        })
+        .collect();
     let store = store.clone();
     blocking(move || {
         if if_present == IfPresent::Keep && store.current_round()?.is_some_and(|c| c >= round) {

@@ -9,8 +9,8 @@ use libp2p::Multiaddr;
 use mana_protocol::{PublicKey, RunId};
 
 use super::NodeError;
-use crate::net::fetch::FetchOptions;
 use crate::net::NetConfig;
+use crate::net::fetch::FetchOptions;
 
 /// Everything a running node needs.
 #[derive(Debug, Clone)]
@@ -75,21 +75,36 @@ impl NodeConfig {
 
     /// The key file's path.
     pub fn key_path(&self) -> PathBuf {
-        self.key_file.clone().unwrap_or_else(|| self.data_dir.join("node.key"))
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("node.key"))
     }
 
     /// Checks the settings that could only fail later.
     pub fn validate(&self) -> Result<(), NodeError> {
-        self.net.limits.validate().map_err(|e| NodeError::Config(e.to_string()))?;
+        self.net
+            .limits
+            .validate()
+            .map_err(|e| NodeError::Config(e.to_string()))?;
         if self.heartbeat_interval.is_zero() || self.status_interval.is_zero() {
             return Err(NodeError::Config("intervals must be positive".into()));
         }
-        if self.fetch.concurrency == 0 || self.fetch.per_provider == 0 || self.fetch.chunk_bytes == 0 {
-            return Err(NodeError::Config("fetch concurrency and chunk size must be positive".into()));
+        if self.fetch.concurrency == 0
+            || self.fetch.per_provider == 0
+            || self.fetch.chunk_bytes == 0
+        {
+            return Err(NodeError::Config(
+                "fetch concurrency and chunk size must be positive".into(),
+            ));
         }
         for addr in &self.net.bootstrap {
-            if !matches!(addr.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
-                return Err(NodeError::Config(format!("bootstrap address {addr} lacks /p2p/<peer id>")));
+            if !matches!(
+                addr.iter().last(),
+                Some(libp2p::multiaddr::Protocol::P2p(_))
+            ) {
+                return Err(NodeError::Config(format!(
+                    "bootstrap address {addr} lacks /p2p/<peer id>"
+                )));
             }
         }
         Ok(())
@@ -99,7 +114,10 @@ impl NodeConfig {
 /// Parses multiaddrs, naming the bad one.
 pub fn parse_addrs(list: &[String]) -> Result<Vec<Multiaddr>, NodeError> {
     list.iter()
-        .map(|s| s.parse::<Multiaddr>().map_err(|e| NodeError::Config(format!("bad multiaddr {s:?}: {e}"))))
+        .map(|s| {
+            s.parse::<Multiaddr>()
+                .map_err(|e| NodeError::Config(format!("bad multiaddr {s:?}: {e}")))
+        })
         .collect()
 }
 
@@ -110,9 +128,11 @@ pub fn parse_run(s: &str) -> Result<RunId, NodeError> {
 
 /// Parses a public key from 64 hex digits.
 pub fn parse_public_key(s: &str) -> Result<PublicKey, NodeError> {
-    let bytes = hex::decode(s.trim()).map_err(|e| NodeError::Config(format!("bad public key {:?}: {e}", truncate(s))))?;
-    let bytes: [u8; 32] =
-        bytes.try_into().map_err(|_| NodeError::Config("a public key is 32 bytes (64 hex digits)".into()))?;
+    let bytes = hex::decode(s.trim())
+        .map_err(|e| NodeError::Config(format!("bad public key {:?}: {e}", truncate(s))))?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| NodeError::Config("a public key is 32 bytes (64 hex digits)".into()))?;
     Ok(PublicKey(bytes))
 }
 

@@ -10,7 +10,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mana_protocol::{ContentHash, Message, ProtocolError, PublicKey, RoundCommit, RunId, SignedEnvelope, decode_envelope};
+use mana_protocol::{
+    ContentHash, Message, ProtocolError, PublicKey, RoundCommit, RunId, SignedEnvelope,
+    decode_envelope,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Shared, blocking};
@@ -54,7 +57,10 @@ pub(crate) enum Observation {
     /// A different commit for a round already proven equivocated: nothing more to keep.
     AlreadyProven,
     /// A different commit: the remembered envelope (bytes, id) is returned with it.
-    Conflict { first: Vec<u8>, first_id: ContentHash },
+    Conflict {
+        first: Vec<u8>,
+        first_id: ContentHash,
+    },
 }
 
 #[derive(Debug)]
@@ -74,7 +80,14 @@ impl CommitLedger {
     /// Compares commit `id` of `round` (signed envelope `envelope`) with the one remembered for the round.
     pub fn observe(&mut self, round: u64, id: ContentHash, envelope: &[u8]) -> Observation {
         let Some(seen) = self.by_round.get_mut(&round) else {
-            self.by_round.insert(round, Seen { id, envelope: envelope.to_vec(), proven: false });
+            self.by_round.insert(
+                round,
+                Seen {
+                    id,
+                    envelope: envelope.to_vec(),
+                    proven: false,
+                },
+            );
             while self.by_round.len() > LEDGER_ROUNDS {
                 self.by_round.pop_first();
             }
@@ -86,7 +99,10 @@ impl CommitLedger {
             Observation::AlreadyProven
         } else {
             seen.proven = true;
-            Observation::Conflict { first: seen.envelope.clone(), first_id: seen.id }
+            Observation::Conflict {
+                first: seen.envelope.clone(),
+                first_id: seen.id,
+            }
         }
     }
 }
@@ -131,7 +147,9 @@ pub fn verify_equivocation(
     };
     let (a, b) = (commit(first)?, commit(second)?);
     if a.run != b.run || a.round != b.round {
-        return Err(EquivocationError::OtherRound(a.run, a.round, b.run, b.round));
+        return Err(EquivocationError::OtherRound(
+            a.run, a.round, b.run, b.round,
+        ));
     }
     if a.hash()? == b.hash()? {
         return Err(EquivocationError::SameCommit);
@@ -142,22 +160,35 @@ pub fn verify_equivocation(
 /// Notes a signed envelope seen on gossip or published by this node (`bytes`, decoded as `envelope`). If it
 /// is a round commit of the run signed by the coordinator that differs from the first one seen for its round,
 /// returns the equivocation. Anything else returns `None` (and is judged as usual).
-pub(crate) fn observe(shared: &Shared, bytes: &[u8], envelope: &SignedEnvelope) -> Option<Equivocation> {
+pub(crate) fn observe(
+    shared: &Shared,
+    bytes: &[u8],
+    envelope: &SignedEnvelope,
+) -> Option<Equivocation> {
     // A node without a configured coordinator (the coordinator's own node) judges its own commits.
-    let coordinator = shared.config.coordinator.unwrap_or_else(|| shared.keypair.public());
+    let coordinator = shared
+        .config
+        .coordinator
+        .unwrap_or_else(|| shared.keypair.public());
     if coordinator != envelope.signer {
         return None;
     }
-    let Ok(Message::RoundCommit(commit)) = envelope.verify() else { return None };
+    let Ok(Message::RoundCommit(commit)) = envelope.verify() else {
+        return None;
+    };
     if commit.run != shared.config.net.run_id {
         return None;
     }
     let id = commit.hash().ok()?;
     let observation = shared.state().commits.observe(commit.round, id, bytes);
     match observation {
-        Observation::Conflict { first, first_id } => {
-            Some(Equivocation { round: commit.round, first_id, second_id: id, first, second: bytes.to_vec() })
-        }
+        Observation::Conflict { first, first_id } => Some(Equivocation {
+            round: commit.round,
+            first_id,
+            second_id: id,
+            first,
+            second: bytes.to_vec(),
+        }),
         Observation::First | Observation::Same | Observation::AlreadyProven => None,
     }
 }
@@ -175,7 +206,8 @@ pub(crate) async fn keep(shared: &Arc<Shared>, found: Equivocation) {
     let mut key = round.to_be_bytes().to_vec();
     key.extend_from_slice(EVIDENCE_KIND);
     let (first, second) = (found.first, found.second);
-    let evidence = match blocking(move || Ok(store.keep_evidence(&key, &[&first, &second])?)).await {
+    let evidence = match blocking(move || Ok(store.keep_evidence(&key, &[&first, &second])?)).await
+    {
         Ok(hashes) => hashes.iter().map(|h| h.to_string()).collect(),
         Err(e) => {
             tracing::error!(round, error = %e, "equivocation evidence not stored");
@@ -198,7 +230,10 @@ pub(crate) async fn keep(shared: &Arc<Shared>, found: Equivocation) {
 /// The equivocations kept in `store` by an earlier run of this node, re-checked against `coordinator` (a
 /// piece that no longer proves anything is skipped with a warning): a restarted node still knows, and its
 /// trainer still refuses to build on the run.
-pub(crate) fn kept(store: &crate::store::Store, coordinator: &PublicKey) -> Vec<EquivocationSummary> {
+pub(crate) fn kept(
+    store: &crate::store::Store,
+    coordinator: &PublicKey,
+) -> Vec<EquivocationSummary> {
     let pieces = match store.evidence() {
         Ok(p) => p,
         Err(e) => {
@@ -214,7 +249,8 @@ pub(crate) fn kept(store: &crate::store::Store, coordinator: &PublicKey) -> Vec<
         let check = || -> Result<EquivocationSummary, String> {
             let first = store.get_blob(&blobs[0]).map_err(|e| e.to_string())?;
             let second = store.get_blob(&blobs[1]).map_err(|e| e.to_string())?;
-            let (a, b) = verify_equivocation(coordinator, &first, &second).map_err(|e| e.to_string())?;
+            let (a, b) =
+                verify_equivocation(coordinator, &first, &second).map_err(|e| e.to_string())?;
             Ok(EquivocationSummary {
                 round: a.round,
                 first_commit: a.hash().map_err(|e| e.to_string())?.to_string(),
@@ -224,10 +260,15 @@ pub(crate) fn kept(store: &crate::store::Store, coordinator: &PublicKey) -> Vec<
         };
         match check() {
             Ok(summary) => {
-                tracing::error!(round = summary.round, "this node holds proof that the coordinator equivocated");
+                tracing::error!(
+                    round = summary.round,
+                    "this node holds proof that the coordinator equivocated"
+                );
                 out.push(summary);
             }
-            Err(e) => tracing::warn!(key = %hex::encode(&key), error = %e, "kept evidence does not prove an equivocation"),
+            Err(e) => {
+                tracing::warn!(key = %hex::encode(&key), error = %e, "kept evidence does not prove an equivocation")
+            }
         }
     }
     out
@@ -240,12 +281,26 @@ mod tests {
     #[test]
     fn the_ledger_flags_a_second_different_commit_once() {
         let mut ledger = CommitLedger::default();
-        let (a, b, c) = (ContentHash::of(b"a"), ContentHash::of(b"b"), ContentHash::of(b"c"));
+        let (a, b, c) = (
+            ContentHash::of(b"a"),
+            ContentHash::of(b"b"),
+            ContentHash::of(b"c"),
+        );
         assert_eq!(ledger.observe(3, a, b"env-a"), Observation::First);
         assert_eq!(ledger.observe(3, a, b"env-a-resigned"), Observation::Same);
-        assert_eq!(ledger.observe(3, b, b"env-b"), Observation::Conflict { first: b"env-a".to_vec(), first_id: a });
+        assert_eq!(
+            ledger.observe(3, b, b"env-b"),
+            Observation::Conflict {
+                first: b"env-a".to_vec(),
+                first_id: a
+            }
+        );
         assert_eq!(ledger.observe(3, c, b"env-c"), Observation::AlreadyProven);
-        assert_eq!(ledger.observe(4, b, b"env-b"), Observation::First, "rounds are apart");
+        assert_eq!(
+            ledger.observe(4, b, b"env-b"),
+            Observation::First,
+            "rounds are apart"
+        );
     }
 
     #[test]
@@ -273,7 +328,11 @@ mod tests {
                     reason: RejectCode::Late,
                 })
                 .collect(),
-            checkpoint: CheckpointManifest { run, round, shards: Vec::new() },
+            checkpoint: CheckpointManifest {
+                run,
+                round,
+                shards: Vec::new(),
+            },
         })
     }
 
@@ -282,30 +341,52 @@ mod tests {
         let coordinator = mana_protocol::Keypair::from_seed(&[7; 32]);
         let other = mana_protocol::Keypair::from_seed(&[8; 32]);
         let sign = |k: &mana_protocol::Keypair, m: &Message, t: u64| {
-            SignedEnvelope::sign(k, m, t).expect("sign").encode().expect("encode")
+            SignedEnvelope::sign(k, m, t)
+                .expect("sign")
+                .encode()
+                .expect("encode")
         };
         let key = coordinator.public();
-        let (a, b) = (sign(&coordinator, &commit(5, 0), 1), sign(&coordinator, &commit(5, 1), 2));
+        let (a, b) = (
+            sign(&coordinator, &commit(5, 0), 1),
+            sign(&coordinator, &commit(5, 1), 2),
+        );
         assert!(verify_equivocation(&key, &a, &b).is_ok());
         let resigned = sign(&coordinator, &commit(5, 0), 3);
-        assert!(matches!(verify_equivocation(&key, &a, &resigned), Err(EquivocationError::SameCommit)));
+        assert!(matches!(
+            verify_equivocation(&key, &a, &resigned),
+            Err(EquivocationError::SameCommit)
+        ));
         let later = sign(&coordinator, &commit(6, 1), 2);
-        assert!(matches!(verify_equivocation(&key, &a, &later), Err(EquivocationError::OtherRound(..))));
+        assert!(matches!(
+            verify_equivocation(&key, &a, &later),
+            Err(EquivocationError::OtherRound(..))
+        ));
         let forged = sign(&other, &commit(5, 1), 2);
-        assert!(matches!(verify_equivocation(&key, &a, &forged), Err(EquivocationError::NotCoordinator(_))));
+        assert!(matches!(
+            verify_equivocation(&key, &a, &forged),
+            Err(EquivocationError::NotCoordinator(_))
+        ));
         // Kept in a store, the pair is found again (a restarted node still knows), re-checked.
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).expect("store");
+        let store = crate::store::Store::open(dir.path(), crate::store::StoreConfig::default())
+            .expect("store");
         let mut evidence_key = 5u64.to_be_bytes().to_vec();
         evidence_key.extend_from_slice(EVIDENCE_KIND);
         store.keep_evidence(&evidence_key, &[&a, &b]).expect("kept");
         let found = kept(&store, &key);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].round, 5);
-        assert!(kept(&store, &other.public()).is_empty(), "not proof against another key");
+        assert!(
+            kept(&store, &other.public()).is_empty(),
+            "not proof against another key"
+        );
         let mut tampered = b.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert!(matches!(verify_equivocation(&key, &a, &tampered), Err(EquivocationError::Envelope(_))));
+        assert!(matches!(
+            verify_equivocation(&key, &a, &tampered),
+            Err(EquivocationError::Envelope(_))
+        ));
     }
 }

@@ -29,7 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
 use mana_protocol::{
-    Capacity, CheckpointManifest, ContentHash, Heartbeat, Keypair, Message, SignedEnvelope, Text, topic,
+    Capacity, CheckpointManifest, ContentHash, Heartbeat, Keypair, Message, SignedEnvelope, Text,
+    topic,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -190,6 +191,9 @@ pub(crate) struct Shared {
     pub serve_cache: serve::BlobCache,
     /// Pins of blobs hosted or fetched but not yet in a committed round.
     pub pins: Mutex<std::collections::HashMap<[u8; 32], crate::store::BlobPin>>,
+    /// Envelopes heard or signed here within the replay window: what this node published counts as seen, so
+    /// a replay of its own message is refused here rather than passed on (and blamed on this node).
+    pub replay: Mutex<validate::ReplayGuard>,
     /// Cancelled at shutdown: every task of [`Shared::tasks`] ends when it is.
     pub cancel: CancellationToken,
     /// Every task the node (or a role, through [`NodeHandle::spawn`]) starts: shutdown waits for all of them.
@@ -215,13 +219,38 @@ impl Shared {
 
     pub fn state(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means a panic elsewhere while holding it; the counters are still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The replay window (poisoning ignored, as for [`Shared::state`]: the guard is only a cache of hashes).
+    pub fn replay(&self) -> MutexGuard<'_, validate::ReplayGuard> {
+        self.replay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes an envelope this node signed on its topic, first noting it as seen (see [`Shared::replay`]).
+    pub async fn publish_signed(
+        &self,
+        kind: mana_protocol::TopicKind,
+        bytes: Vec<u8>,
+    ) -> Result<(), NodeError> {
+        self.replay().note_own(&bytes, std::time::Instant::now());
+        self.client
+            .publish(topic(&self.config.net.run_id, kind), bytes)
+            .await?;
+        Ok(())
     }
 }
 
 /// Unix time in milliseconds (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Runs a blocking store call off the async threads.
@@ -238,7 +267,9 @@ pub struct NodeHandle {
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeHandle").field("peer_id", &self.peer_id()).finish()
+        f.debug_struct("NodeHandle")
+            .field("peer_id", &self.peer_id())
+            .finish()
     }
 }
 
@@ -262,7 +293,11 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
                 report.unreadable_manifests.len()
             )));
         }
-        tracing::info!(blobs = report.blobs_checked, bytes = report.bytes_checked, "store verified");
+        tracing::info!(
+            blobs = report.blobs_checked,
+            bytes = report.bytes_checked,
+            "store verified"
+        );
     }
 
     let (client, events, event_loop) = net::new(keypair.to_libp2p(), config.net.clone())?;
@@ -293,10 +328,14 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         keypair,
         store,
         client,
-        state: Mutex::new(State { equivocations, ..State::default() }),
+        state: Mutex::new(State {
+            equivocations,
+            ..State::default()
+        }),
         accepted_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         pins: Mutex::new(std::collections::HashMap::new()),
+        replay: Mutex::new(validate::ReplayGuard::new(validate::replay_window())),
         cancel: CancellationToken::new(),
         tasks: TaskTracker::new(),
         net_cancel,
@@ -306,12 +345,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     sync::provide_stored(&shared).await;
     // The event task ends by itself on cancellation (after its final status write), so it is tracked but not
     // wrapped by `Shared::spawn`.
-    shared.tasks.spawn(run_events(shared.clone(), events, shared.cancel.clone()));
+    shared
+        .tasks
+        .spawn(run_events(shared.clone(), events, shared.cancel.clone()));
     Ok(NodeHandle { shared })
 }
 
 /// Runs a node until `shutdown` completes (the CLI passes ctrl-c).
-pub async fn run(config: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
     let handle = start(config).await?;
     for addr in handle.listen_addrs().await? {
         println!("{addr}");
@@ -343,7 +387,11 @@ impl NodeHandle {
 
     /// Listen addresses, with `/p2p/<peer id>`.
     pub async fn listen_addrs(&self) -> Result<Vec<libp2p::Multiaddr>, NodeError> {
-        Ok(self.shared.client.listen_addrs(Duration::from_secs(10)).await?)
+        Ok(self
+            .shared
+            .client
+            .listen_addrs(Duration::from_secs(10))
+            .await?)
     }
 
     /// Receives every message that passes validation from now on.
@@ -369,9 +417,7 @@ impl NodeHandle {
         {
             equivocation::keep(&self.shared, found).await;
         }
-        let topic = topic(&self.shared.config.net.run_id, message.topic());
-        self.shared.client.publish(topic, bytes).await?;
-        Ok(())
+        self.shared.publish_signed(message.topic(), bytes).await
     }
 
     /// The coordinator's equivocations this node caught (two different signed commits for one round), with
@@ -398,13 +444,22 @@ impl NodeHandle {
     }
 
     /// [`NodeHandle::fetch_blob`], asking `providers` (peers known to hold it) before the DHT.
-    pub async fn fetch_blob_from(&self, hash: ContentHash, providers: Vec<PeerId>) -> Result<u64, NodeError> {
+    pub async fn fetch_blob_from(
+        &self,
+        hash: ContentHash,
+        providers: Vec<PeerId>,
+    ) -> Result<u64, NodeError> {
         sync::fetch_and_store_hinted(&self.shared, hash, u64::MAX, providers).await
     }
 
     /// [`NodeHandle::fetch_blob_from`] for a blob of at most `max_len` bytes (an announced payload size): a
     /// provider claiming more is refused before the transfer starts, and the store never takes more.
-    pub async fn fetch_blob_within(&self, hash: ContentHash, max_len: u64, providers: Vec<PeerId>) -> Result<u64, NodeError> {
+    pub async fn fetch_blob_within(
+        &self,
+        hash: ContentHash,
+        max_len: u64,
+        providers: Vec<PeerId>,
+    ) -> Result<u64, NodeError> {
         sync::fetch_and_store_hinted(&self.shared, hash, max_len, providers).await
     }
 
@@ -458,12 +513,20 @@ impl NodeHandle {
 
     /// Updates the trainer role's part of the status (created on first use).
     pub fn update_training_status(&self, f: impl FnOnce(&mut status::TrainingStatus)) {
-        f(self.shared.state().training.get_or_insert_with(Default::default));
+        f(self
+            .shared
+            .state()
+            .training
+            .get_or_insert_with(Default::default));
     }
 
     /// Updates the coordinator role's part of the status (created on first use).
     pub fn update_coordinator_status(&self, f: impl FnOnce(&mut status::CoordinatorStatus)) {
-        f(self.shared.state().coordinator.get_or_insert_with(Default::default));
+        f(self
+            .shared
+            .state()
+            .coordinator
+            .get_or_insert_with(Default::default));
     }
 
     /// Spawns a task of a role (a verification, a fetch) on the node's tracker: it is cancelled and awaited at
@@ -506,18 +569,27 @@ impl Drop for NodeHandle {
 }
 
 /// The event task: network events, heartbeat and status timers, until `stop`.
-async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, stop: CancellationToken) {
+async fn run_events(
+    shared: Arc<Shared>,
+    mut events: mpsc::Receiver<NetEvent>,
+    stop: CancellationToken,
+) {
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
     let mut status_tick = tokio::time::interval(shared.config.status_interval);
-    let mut guard = validate::ReplayGuard::new(Duration::from_millis(
-        2 * mana_protocol::validation::ValidationLimits::default().max_clock_skew_ms,
-    ));
     let mut seq = 0u64;
     // Bulk streams are served for as long as the node handles events (the task holds the shared state, so
     // it is stopped here rather than left to end with the swarm).
     let source = Arc::new(serve::StoreBlobs(shared.clone()));
-    let run = net::bulk::ServeTasks { tasks: shared.tasks.clone(), cancel: shared.cancel.clone() };
-    let serving = match net::bulk::serve(&shared.client, source, serve::stream_limits(&shared.config.net), run) {
+    let run = net::bulk::ServeTasks {
+        tasks: shared.tasks.clone(),
+        cancel: shared.cancel.clone(),
+    };
+    let serving = match net::bulk::serve(
+        &shared.client,
+        source,
+        serve::stream_limits(&shared.config.net),
+        run,
+    ) {
         Ok(serving) => {
             shared.spawn(serving);
             Some(())
@@ -531,7 +603,7 @@ async fn run_events(shared: Arc<Shared>, mut events: mpsc::Receiver<NetEvent>, s
         tokio::select! {
             _ = stop.cancelled() => break,
             event = events.recv() => match event {
-                Some(event) => handle_event(&shared, &mut guard, event).await,
+                Some(event) => handle_event(&shared, event).await,
                 None => break,
             },
             _ = heartbeat.tick() => {
@@ -564,21 +636,31 @@ async fn publish_heartbeat(shared: &Shared, seq: u64) -> Result<(), NodeError> {
         software_version: Text::new(net::agent_version())?,
     });
     let envelope = SignedEnvelope::sign(&shared.keypair, &message, now_ms())?;
-    let topic = topic(&shared.config.net.run_id, message.topic());
-    shared.client.publish(topic, envelope.encode()?).await?;
-    Ok(())
+    shared
+        .publish_signed(message.topic(), envelope.encode()?)
+        .await
 }
 
-async fn handle_event(shared: &Arc<Shared>, guard: &mut validate::ReplayGuard, event: NetEvent) {
+async fn handle_event(shared: &Arc<Shared>, event: NetEvent) {
     match event {
-        NetEvent::Gossip { source, id, topic, data, .. } => {
-            let verdict = validate::judge(shared, guard, source, &topic, &data);
+        NetEvent::Gossip {
+            source,
+            id,
+            topic,
+            data,
+            ..
+        } => {
+            let verdict = validate::judge(shared, source, &topic, &data);
             if let Err(e) = shared.client.report(id, source, verdict.verdict()).await {
                 tracing::debug!(error = %e, "verdict not reported");
             }
             validate::record(shared, source, verdict).await;
         }
-        NetEvent::InboundRequest { peer, request, channel } => {
+        NetEvent::InboundRequest {
+            peer,
+            request,
+            channel,
+        } => {
             let task_shared = shared.clone();
             shared.spawn(async move {
                 let shared = task_shared;

@@ -46,7 +46,10 @@ struct Slot {
 impl BlobCache {
     /// A cache keeping at most `cap` blobs open.
     pub fn new(cap: usize) -> Self {
-        Self { cap: cap.max(1), inner: Mutex::new(CacheInner::default()) }
+        Self {
+            cap: cap.max(1),
+            inner: Mutex::new(CacheInner::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
@@ -59,12 +62,19 @@ impl BlobCache {
         inner.clock += 1;
         let now = inner.clock;
         if !inner.blobs.contains_key(&hash) && inner.blobs.len() >= self.cap {
-            let oldest = inner.blobs.iter().min_by_key(|(_, s)| s.last_used).map(|(h, _)| *h);
+            let oldest = inner
+                .blobs
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(h, _)| *h);
             if let Some(oldest) = oldest {
                 inner.blobs.remove(&oldest);
             }
         }
-        let slot = inner.blobs.entry(hash).or_insert_with(|| Slot { blob: Arc::default(), last_used: now });
+        let slot = inner.blobs.entry(hash).or_insert_with(|| Slot {
+            blob: Arc::default(),
+            last_used: now,
+        });
         slot.last_used = now;
         slot.blob.clone()
     }
@@ -76,7 +86,11 @@ impl BlobCache {
 
     /// Number of blobs open now.
     pub fn len(&self) -> usize {
-        self.lock().blobs.values().filter(|s| s.blob.initialized()).count()
+        self.lock()
+            .blobs
+            .values()
+            .filter(|s| s.blob.initialized())
+            .count()
     }
 
     /// Whether no blob is open.
@@ -91,7 +105,9 @@ impl BlobCache {
             .get_or_try_init(|| {
                 let store = store.clone();
                 async move {
-                    let reader = blocking(move || Ok(store.open_blob(&mana_protocol::ContentHash(hash))?)).await?;
+                    let reader =
+                        blocking(move || Ok(store.open_blob(&mana_protocol::ContentHash(hash))?))
+                            .await?;
                     Ok::<_, NodeError>(Arc::new(Mutex::new(reader)))
                 }
             })
@@ -110,7 +126,9 @@ impl BlobCache {
 }
 
 fn refused(reason: &str) -> FetchResponse {
-    FetchResponse::Refused { reason: Text::new(reason).expect("reasons are short constants") }
+    FetchResponse::Refused {
+        reason: Text::new(reason).expect("reasons are short constants"),
+    }
 }
 
 /// Reads `len` bytes at `offset` of an open blob.
@@ -125,7 +143,10 @@ fn read_range(blob: &OpenBlob, offset: u64, len: usize) -> std::io::Result<Vec<u
 /// Answers one fetch request from the store.
 pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> FetchResponse {
     let hash = request.hash;
-    let max = request.max_len.min(shared.config.net.limits.max_chunk_bytes).min(MAX_FETCH_CHUNK_BYTES) as u64;
+    let max = request
+        .max_len
+        .min(shared.config.net.limits.max_chunk_bytes)
+        .min(MAX_FETCH_CHUNK_BYTES) as u64;
     // Still in the store? (A blob pruned since it was opened is no longer served.)
     let store = shared.store.clone();
     let Ok(len) = blocking(move || Ok(store.blob_len(&hash)?)).await else {
@@ -153,8 +174,20 @@ pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> Fetc
     }
     let offset = request.offset;
     let len = (total_size - offset).min(max) as usize;
-    match blocking(move || read_range(&blob, offset, len).map_err(|source| NodeError::File { path: format!("<blob {hash}>").into(), source })).await {
-        Ok(data) => FetchResponse::Chunk { hash, offset, total_size, data: Bytes(data) },
+    match blocking(move || {
+        read_range(&blob, offset, len).map_err(|source| NodeError::File {
+            path: format!("<blob {hash}>").into(),
+            source,
+        })
+    })
+    .await
+    {
+        Ok(data) => FetchResponse::Chunk {
+            hash,
+            offset,
+            total_size,
+            data: Bytes(data),
+        },
         Err(e) => {
             tracing::warn!(%hash, error = %e, "blob range could not be read");
             shared.serve_cache.remove(&hash.0);
@@ -189,12 +222,19 @@ impl BlobSource for StoreBlobs {
     async fn open(&self, hash: ContentHash) -> std::io::Result<Option<Arc<dyn RangeRead>>> {
         let shared = &self.0;
         let store = shared.store.clone();
-        let len = blocking(move || Ok(store.blob_len(&hash)?)).await.map_err(std::io::Error::other)?;
+        let len = blocking(move || Ok(store.blob_len(&hash)?))
+            .await
+            .map_err(std::io::Error::other)?;
         let Some(len) = len else {
             shared.serve_cache.remove(&hash.0);
             return Ok(None);
         };
-        let Some(blob) = shared.serve_cache.open(&shared.store, hash.0).await.map_err(std::io::Error::other)? else {
+        let Some(blob) = shared
+            .serve_cache
+            .open(&shared.store, hash.0)
+            .await
+            .map_err(std::io::Error::other)?
+        else {
             return Ok(None);
         };
         if blob.lock().unwrap_or_else(|p| p.into_inner()).len() != len {
@@ -227,15 +267,43 @@ mod tests {
         let a = store.put_blob(&bytes).expect("put").hash();
         let b = store.put_blob(b"other").expect("put").hash();
         let cache = BlobCache::new(1);
-        let blob = cache.open(&store, a.0).await.expect("open").expect("present");
-        assert_eq!(read_range(&blob, 9_000, 1_000).expect("tail"), bytes[9_000..]);
+        let blob = cache
+            .open(&store, a.0)
+            .await
+            .expect("open")
+            .expect("present");
+        assert_eq!(
+            read_range(&blob, 9_000, 1_000).expect("tail"),
+            bytes[9_000..]
+        );
         assert_eq!(read_range(&blob, 17, 100).expect("middle"), bytes[17..117]);
-        let again = cache.open(&store, a.0).await.expect("open").expect("present");
-        assert!(Arc::ptr_eq(&blob, &again), "the second request reuses the verified reader");
+        let again = cache
+            .open(&store, a.0)
+            .await
+            .expect("open")
+            .expect("present");
+        assert!(
+            Arc::ptr_eq(&blob, &again),
+            "the second request reuses the verified reader"
+        );
         assert_eq!(cache.len(), 1);
-        cache.open(&store, b.0).await.expect("open").expect("present");
+        cache
+            .open(&store, b.0)
+            .await
+            .expect("open")
+            .expect("present");
         assert_eq!(cache.len(), 1, "cap of one: the older blob was closed");
-        assert!(cache.open(&store, [9; 32]).await.expect("no error").is_none(), "absent blob");
-        assert!(!cache.lock().blobs.contains_key(&[9; 32]), "a failed open leaves nothing behind");
+        assert!(
+            cache
+                .open(&store, [9; 32])
+                .await
+                .expect("no error")
+                .is_none(),
+            "absent blob"
+        );
+        assert!(
+            !cache.lock().blobs.contains_key(&[9; 32]),
+            "a failed open leaves nothing behind"
+        );
     }
 }

@@ -209,9 +209,13 @@ pub struct MemberStanding {
 pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
     let snap = shared.client.snapshot().await?;
     let store = shared.store.clone();
-    let (latest, rejections) = blocking(move || Ok((store.latest()?, store.rejection_summary()?))).await?;
+    let (latest, rejections) =
+        blocking(move || Ok((store.latest()?, store.rejection_summary()?))).await?;
     let manifest_hash = latest.as_ref().and_then(|(_, m)| {
-        mana_protocol::CheckpointManifest::from_bytes(&m.meta).ok().and_then(|c| c.hash().ok()).map(|h| hex::encode(h.0))
+        mana_protocol::CheckpointManifest::from_bytes(&m.meta)
+            .ok()
+            .and_then(|c| c.hash().ok())
+            .map(|h| hex::encode(h.0))
     });
     let (stored_round, stored_shards) = match latest {
         Some((round, manifest)) => (
@@ -219,13 +223,20 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
             manifest
                 .entries
                 .iter()
-                .map(|e| StoredShard { shard: e.shard.to_string(), hash: e.hash.to_hex(), bytes: e.len })
+                .map(|e| StoredShard {
+                    shard: e.shard.to_string(),
+                    hash: e.hash.to_hex(),
+                    bytes: e.len,
+                })
                 .collect(),
         ),
         None => (None, Vec::new()),
     };
-    let hosted_experts =
-        stored_shards.iter().filter(|s: &&StoredShard| s.shard.starts_with("expert/")).map(|s| s.shard.clone()).collect();
+    let hosted_experts = stored_shards
+        .iter()
+        .filter(|s: &&StoredShard| s.shard.starts_with("expert/"))
+        .map(|s| s.shard.clone())
+        .collect();
     let state = shared.state();
     let peer_id = snap.peer_id.clone();
     Ok(NodeStatus {
@@ -233,7 +244,11 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         pid: std::process::id(),
         updated_unix_ms: now_ms(),
         run: shared.config.net.run_id.to_string(),
-        listen_addrs: snap.listen_addrs.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect(),
+        listen_addrs: snap
+            .listen_addrs
+            .iter()
+            .map(|a| format!("{a}/p2p/{peer_id}"))
+            .collect(),
         peer_id,
         peers: snap.peers,
         routing_table_size: snap.routing_table.len(),
@@ -266,11 +281,19 @@ pub(crate) async fn write(shared: &Shared) -> Result<(), NodeError> {
     let status = collect(shared).await?;
     let path = status_path(&shared.config.data_dir);
     blocking(move || {
-        let json = serde_json::to_vec_pretty(&status)
-            .map_err(|e| NodeError::Status { path: path.clone(), detail: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(&status).map_err(|e| NodeError::Status {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, json).map_err(|source| NodeError::File { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| NodeError::File { path: tmp.clone(), source })?;
+        std::fs::write(&tmp, json).map_err(|source| NodeError::File {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, &path).map_err(|source| NodeError::File {
+            path: tmp.clone(),
+            source,
+        })?;
         Ok(())
     })
     .await
@@ -282,7 +305,12 @@ const MAX_STATUS_BYTES: u64 = 16 * 1024 * 1024;
 /// Reads the status file of the node whose data directory is `data_dir`.
 pub fn read(data_dir: &Path) -> Result<NodeStatus, NodeError> {
     let path = status_path(data_dir);
-    let err = |e: String| NodeError::Config(format!("{}: {e} (is a node running with this data dir?)", path.display()));
+    let err = |e: String| {
+        NodeError::Config(format!(
+            "{}: {e} (is a node running with this data dir?)",
+            path.display()
+        ))
+    };
     let meta = std::fs::metadata(&path).map_err(|e| err(e.to_string()))?;
     if meta.len() > MAX_STATUS_BYTES {
         return Err(err("too large".into()));

@@ -34,11 +34,19 @@ impl BlobSink for WriterSink {
 /// Keeps a blob alive (against the store's collector) for as long as the node runs, or until a round that
 /// refers to it is committed.
 pub(crate) fn keep_pin(shared: &Shared, pin: BlobPin) {
-    shared.pins.lock().unwrap_or_else(|p| p.into_inner()).insert(pin.hash().0, pin);
+    shared
+        .pins
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(pin.hash().0, pin);
 }
 
 /// Fetches blob `hash` unless the store has it, installs it only if its blake3 matches, and announces it.
-pub(crate) async fn fetch_and_store(shared: &Arc<Shared>, hash: ContentHash, max_len: u64) -> Result<u64, NodeError> {
+pub(crate) async fn fetch_and_store(
+    shared: &Arc<Shared>,
+    hash: ContentHash,
+    max_len: u64,
+) -> Result<u64, NodeError> {
     fetch_and_store_hinted(shared, hash, max_len, Vec::new()).await
 }
 
@@ -65,12 +73,18 @@ pub(crate) async fn fetch_and_store_hinted(
     let deadline = tokio::time::Instant::now() + PROVIDER_WAIT;
     let providers = loop {
         let found = shared.client.get_providers(hash.0.to_vec()).await?;
-        let found: Vec<_> = found.into_iter().filter(|p| *p != shared.client.local_peer_id()).collect();
+        let found: Vec<_> = found
+            .into_iter()
+            .filter(|p| *p != shared.client.local_peer_id())
+            .collect();
         if !found.is_empty() {
             break found;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(crate::net::fetch::FetchError::NoProvider(format!("no provider of {hash} in the DHT")).into());
+            return Err(crate::net::fetch::FetchError::NoProvider(format!(
+                "no provider of {hash} in the DHT"
+            ))
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
@@ -91,8 +105,17 @@ async fn fetch_from(
     options.max_len = options.max_len.min(max_len);
     options.progress = options.progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Never ask for more than we accept (an operator may lower `max_chunk_bytes` below the default chunk).
-    options.chunk_bytes = options.chunk_bytes.min(shared.config.net.limits.max_chunk_bytes);
-    let (len, WriterSink(writer)) = fetch_blob(&shared.client, hash, providers, WriterSink(writer), &options).await?;
+    options.chunk_bytes = options
+        .chunk_bytes
+        .min(shared.config.net.limits.max_chunk_bytes);
+    let (len, WriterSink(writer)) = fetch_blob(
+        &shared.client,
+        hash,
+        providers,
+        WriterSink(writer),
+        &options,
+    )
+    .await?;
     // fetch_blob checked the writer's hash (each byte hashed once, as it was written); the store checks the
     // same hash again as it installs the file, without reading the bytes again.
     let pin = blocking(move || Ok(writer.finish_expecting(&hash)?)).await?;
@@ -118,18 +141,29 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
             return;
         }
     }
-    set_state(format!("syncing round {round}: {} shards", manifest.shards.len()));
+    set_state(format!(
+        "syncing round {round}: {} shards",
+        manifest.shards.len()
+    ));
     let mut failures = Vec::new();
     for chunk in manifest.shards.chunks(4) {
         let fetches = chunk.iter().map(|entry| {
             let shared = shared.clone();
             let entry = *entry;
-            async move { (entry, fetch_and_store(&shared, entry.hash, entry.size).await) }
+            async move {
+                (
+                    entry,
+                    fetch_and_store(&shared, entry.hash, entry.size).await,
+                )
+            }
         });
         for (entry, result) in futures::future::join_all(fetches).await {
             match result {
                 Ok(len) if len == entry.size => {}
-                Ok(len) => failures.push(format!("{}: {len} bytes, manifest says {}", entry.shard, entry.size)),
+                Ok(len) => failures.push(format!(
+                    "{}: {len} bytes, manifest says {}",
+                    entry.shard, entry.size
+                )),
                 Err(e) => failures.push(format!("{}: {e}", entry.shard)),
             }
         }
@@ -139,10 +173,21 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
         set_state(format!("round {round} incomplete: {}", failures.join("; ")));
         return;
     }
-    match super::checkpoint::commit_checkpoint(&shared.store, &manifest, None, super::checkpoint::IfPresent::Commit).await {
+    match super::checkpoint::commit_checkpoint(
+        &shared.store,
+        &manifest,
+        None,
+        super::checkpoint::IfPresent::Commit,
+    )
+    .await
+    {
         Ok(_) => {
             set_state(format!("round {round} complete"));
-            tracing::info!(round, shards = manifest.shards.len(), "checkpoint synced and committed");
+            tracing::info!(
+                round,
+                shards = manifest.shards.len(),
+                "checkpoint synced and committed"
+            );
         }
         Err(e) => set_state(format!("round {round}: commit failed: {e}")),
     }

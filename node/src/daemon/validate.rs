@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use mana_protocol::limits::MAX_ENVELOPE_BYTES;
 use mana_protocol::validation::{ValidationContext, ValidationLimits};
-use mana_protocol::{Message, PublicKey, RejectCode, Rejection, TopicKind, decode_envelope, topic, validate_envelope};
+use mana_protocol::{
+    Message, PublicKey, RejectCode, Rejection, TopicKind, decode_envelope, topic, validate_envelope,
+};
 
 use super::{Accepted, Shared, blocking, equivocation, now_ms, sync};
 use crate::net::Verdict;
@@ -26,12 +28,27 @@ pub(crate) struct ReplayGuard {
     order: VecDeque<([u8; 32], Instant)>,
 }
 
+/// How long an envelope's hash is remembered: twice the allowed clock skew (older envelopes fail the clock check
+/// anyway).
+pub(crate) fn replay_window() -> Duration {
+    Duration::from_millis(2 * ValidationLimits::default().max_clock_skew_ms)
+}
+
 /// Most hashes remembered; beyond it the oldest go first.
 const MAX_SEEN: usize = 200_000;
 
 impl ReplayGuard {
     pub fn new(window: Duration) -> Self {
-        Self { window, seen: HashMap::new(), order: VecDeque::new() }
+        Self {
+            window,
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Records an envelope this node signed and publishes: a copy that comes back is a replay.
+    pub fn note_own(&mut self, data: &[u8], now: Instant) {
+        self.check_and_insert(*blake3::hash(data).as_bytes(), now);
     }
 
     /// True if `hash` was seen within the window; records it otherwise.
@@ -61,8 +78,13 @@ pub(crate) enum Judgement {
     /// A second, different commit of a round signed by the coordinator: passed on (it is authentic, and lets
     /// others catch it too) but never delivered or followed; the pair is kept as evidence.
     Equivocation(Box<equivocation::Equivocation>),
-    Reject { reason: String, detail: String },
-    Ignore { reason: String },
+    Reject {
+        reason: String,
+        detail: String,
+    },
+    Ignore {
+        reason: String,
+    },
 }
 
 impl Judgement {
@@ -76,38 +98,50 @@ impl Judgement {
 }
 
 fn reject(code: &str, detail: impl ToString) -> Judgement {
-    Judgement::Reject { reason: code.to_owned(), detail: detail.to_string() }
+    Judgement::Reject {
+        reason: code.to_owned(),
+        detail: detail.to_string(),
+    }
 }
 
 /// Judges one gossip message forwarded by `source` on `topic_name`.
-pub(crate) fn judge(
-    shared: &Shared,
-    guard: &mut ReplayGuard,
-    source: PeerId,
-    topic_name: &str,
-    data: &[u8],
-) -> Judgement {
+pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u8]) -> Judgement {
     let run = &shared.config.net.run_id;
-    let Some(kind) = TopicKind::ALL.into_iter().find(|k| topic(run, *k) == topic_name) else {
-        return Judgement::Ignore { reason: "unknown-topic".into() };
+    let Some(kind) = TopicKind::ALL
+        .into_iter()
+        .find(|k| topic(run, *k) == topic_name)
+    else {
+        return Judgement::Ignore {
+            reason: "unknown-topic".into(),
+        };
     };
     if data.len() > MAX_ENVELOPE_BYTES {
-        return reject(RejectCode::TooLarge.as_str(), format!("{} bytes", data.len()));
+        return reject(
+            RejectCode::TooLarge.as_str(),
+            format!("{} bytes", data.len()),
+        );
     }
     let envelope = match decode_envelope(data) {
         Ok(envelope) => envelope,
         Err(e) => return reject(RejectCode::BadEnvelope.as_str(), e),
     };
     let hash = *blake3::hash(data).as_bytes();
-    if guard.check_and_insert(hash, Instant::now()) {
-        return reject(REPLAYED, format!("envelope {} seen before", hex::encode(&hash[..8])));
+    if shared.replay().check_and_insert(hash, Instant::now()) {
+        return reject(
+            REPLAYED,
+            format!("envelope {} seen before", hex::encode(&hash[..8])),
+        );
     }
     // Before the round window: a second commit of a round must be compared, not dropped as stale.
     if let Some(found) = equivocation::observe(shared, data, &envelope) {
         return Judgement::Equivocation(Box::new(found));
     }
     let no_coordinator = PublicKey([0; 32]);
-    let coordinator = shared.config.coordinator.as_ref().unwrap_or(&no_coordinator);
+    let coordinator = shared
+        .config
+        .coordinator
+        .as_ref()
+        .unwrap_or(&no_coordinator);
     let current = shared.state().current.clone();
     let ctx = ValidationContext {
         run,
@@ -118,12 +152,20 @@ pub(crate) fn judge(
     };
     match validate_envelope(&ctx, &envelope) {
         Ok(message) if message.topic() != kind => reject(WRONG_TOPIC, message.kind()),
-        Ok(message) => Judgement::Accept(Accepted { source, signer: envelope.signer, message, envelope: Arc::new(envelope) }),
+        Ok(message) => Judgement::Accept(Accepted {
+            source,
+            signer: envelope.signer,
+            message,
+            envelope: Arc::new(envelope),
+        }),
         Err(rejection) if rejection.code() == RejectCode::NotCoordinator => {
             match holder_report(&envelope, current.as_ref()) {
-                Some(message) if message.topic() == kind => {
-                    Judgement::Accept(Accepted { source, signer: envelope.signer, message, envelope: Arc::new(envelope) })
-                }
+                Some(message) if message.topic() == kind => Judgement::Accept(Accepted {
+                    source,
+                    signer: envelope.signer,
+                    message,
+                    envelope: Arc::new(envelope),
+                }),
                 _ => judge_rejection(shared, rejection),
             }
         }
@@ -134,8 +176,13 @@ pub(crate) fn judge(
 /// A checkpoint manifest signed by a node rather than the coordinator is that node's report of the shards it
 /// holds after a round (the determinism check: every holder publishes its shard hashes). It is accepted (the
 /// run and the clock were already checked) but never synced from; only the coordinator's manifests are.
-fn holder_report(envelope: &mana_protocol::SignedEnvelope, current: Option<&mana_protocol::RoundAnnouncement>) -> Option<Message> {
-    let Ok(Message::CheckpointManifest(m)) = envelope.verify() else { return None };
+fn holder_report(
+    envelope: &mana_protocol::SignedEnvelope,
+    current: Option<&mana_protocol::RoundAnnouncement>,
+) -> Option<Message> {
+    let Ok(Message::CheckpointManifest(m)) = envelope.verify() else {
+        return None;
+    };
     if current.is_some_and(|c| m.round > c.round) {
         return None;
     }
@@ -147,10 +194,12 @@ fn holder_report(envelope: &mana_protocol::SignedEnvelope, current: Option<&mana
 fn judge_rejection(shared: &Shared, rejection: Rejection) -> Judgement {
     let code = rejection.code();
     match code {
-        RejectCode::ClockSkew | RejectCode::StaleRound => Judgement::Ignore { reason: code.as_str().into() },
-        RejectCode::NotCoordinator if shared.config.coordinator.is_none() => {
-            Judgement::Ignore { reason: "no-coordinator-configured".into() }
-        }
+        RejectCode::ClockSkew | RejectCode::StaleRound => Judgement::Ignore {
+            reason: code.as_str().into(),
+        },
+        RejectCode::NotCoordinator if shared.config.coordinator.is_none() => Judgement::Ignore {
+            reason: "no-coordinator-configured".into(),
+        },
         _ => reject(code.as_str(), rejection),
     }
 }
@@ -166,7 +215,9 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
                 state.accepted += 1;
                 match &accepted.message {
                     Message::RoundAnnouncement(a) => state.current = Some(a.clone()),
-                    Message::CheckpointManifest(m) if from_coordinator => state.manifest = Some(m.clone()),
+                    Message::CheckpointManifest(m) if from_coordinator => {
+                        state.manifest = Some(m.clone())
+                    }
                     Message::RoundCommit(c) => state.manifest = Some(c.checkpoint.clone()),
                     Message::CommitDispute(d) => {
                         state.disputes_heard += 1;
@@ -195,7 +246,9 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
             tracing::info!(peer = %source, %reason, %detail, "gossip message rejected");
             let store = shared.store.clone();
             let peer = source.to_string();
-            if let Err(e) = blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await {
+            if let Err(e) =
+                blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await
+            {
                 tracing::warn!(error = %e, "rejection not logged");
             }
         }
@@ -217,6 +270,14 @@ mod tests {
         assert!(!guard.check_and_insert([1; 32], t0));
         assert!(guard.check_and_insert([1; 32], t0 + Duration::from_secs(1)));
         assert!(!guard.check_and_insert([2; 32], t0 + Duration::from_secs(1)));
-        assert!(!guard.check_and_insert([1; 32], t0 + Duration::from_secs(11)), "forgotten after the window");
+        assert!(
+            !guard.check_and_insert([1; 32], t0 + Duration::from_secs(11)),
+            "forgotten after the window"
+        );
+        guard.note_own(b"my envelope", t0);
+        assert!(
+            guard.check_and_insert(*blake3::hash(b"my envelope").as_bytes(), t0),
+            "own envelopes count as seen"
+        );
     }
 }

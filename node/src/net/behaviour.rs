@@ -11,8 +11,8 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, noise, ping, relay,
-    request_response, tcp, yamux,
+    StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub, identify, kad, noise,
+    ping, relay, request_response, tcp, yamux,
 };
 
 use super::codec::{TRANSFER_PROTOCOL, TransferCodec};
@@ -40,7 +40,9 @@ mod composed {
 
     use libp2p::swarm::NetworkBehaviour;
     use libp2p::swarm::behaviour::toggle::Toggle;
-    use libp2p::{autonat, connection_limits, dcutr, gossipsub, identify, kad, ping, relay, request_response};
+    use libp2p::{
+        autonat, connection_limits, dcutr, gossipsub, identify, kad, ping, relay, request_response,
+    };
 
     use super::TransferCodec;
 
@@ -112,7 +114,10 @@ fn topic_score_params() -> gossipsub::TopicScoreParams {
     }
 }
 
-fn gossipsub_behaviour(keypair: &Keypair, config: &NetConfig) -> Result<gossipsub::Behaviour, BuildError> {
+fn gossipsub_behaviour(
+    keypair: &Keypair,
+    config: &NetConfig,
+) -> Result<gossipsub::Behaviour, BuildError> {
     let gossip_config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(config.gossip_heartbeat)
         .validation_mode(gossipsub::ValidationMode::Strict)
@@ -127,16 +132,23 @@ fn gossipsub_behaviour(keypair: &Keypair, config: &NetConfig) -> Result<gossipsu
         .mesh_n_high(8)
         .build()
         .map_err(|e| BuildError::Gossipsub(e.to_string()))?;
-    let mut behaviour =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(keypair.clone()), gossip_config)
-            .map_err(|e| BuildError::Gossipsub(e.to_owned()))?;
+    let mut behaviour = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossip_config,
+    )
+    .map_err(|e| BuildError::Gossipsub(e.to_owned()))?;
     let mut params = gossipsub::PeerScoreParams::default();
     for kind in TopicKind::ALL {
-        params.topics.insert(gossipsub::IdentTopic::new(topic(&config.run_id, kind)).hash(), topic_score_params());
+        params.topics.insert(
+            gossipsub::IdentTopic::new(topic(&config.run_id, kind)).hash(),
+            topic_score_params(),
+        );
     }
     if config.trust_colocated_ips {
-        params.ip_colocation_factor_whitelist =
-            HashSet::from([IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)]);
+        params.ip_colocation_factor_whitelist = HashSet::from([
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ]);
     }
     let thresholds = gossipsub::PeerScoreThresholds {
         gossip_threshold: -10.0,
@@ -145,7 +157,9 @@ fn gossipsub_behaviour(keypair: &Keypair, config: &NetConfig) -> Result<gossipsu
         accept_px_threshold: 10.0,
         opportunistic_graft_threshold: 5.0,
     };
-    behaviour.with_peer_score(params, thresholds).map_err(BuildError::Gossipsub)?;
+    behaviour
+        .with_peer_score(params, thresholds)
+        .map_err(BuildError::Gossipsub)?;
     Ok(behaviour)
 }
 
@@ -156,7 +170,8 @@ fn kad_behaviour(keypair: &Keypair, config: &NetConfig) -> kad::Behaviour<kad::s
     // Providers re-announce themselves; stale records expire.
     kad_config.set_provider_record_ttl(Some(Duration::from_secs(3600)));
     kad_config.set_provider_publication_interval(Some(Duration::from_secs(600)));
-    let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     if config.kad_server {
         kad.set_mode(Some(kad::Mode::Server));
     }
@@ -175,7 +190,11 @@ pub fn build_swarm(
     let gossipsub = gossipsub_behaviour(&keypair, config)?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| BuildError::Transport(e.to_string()))?
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -205,7 +224,9 @@ pub fn build_swarm(
             Behaviour {
                 limits: connection_limits::Behaviour::new(connection_limits),
                 identify,
-                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                ping: ping::Behaviour::new(
+                    ping::Config::new().with_interval(Duration::from_secs(5)),
+                ),
                 kad: kad_behaviour(keypair, config),
                 gossipsub,
                 transfer,

@@ -43,7 +43,8 @@ fn invalid(source: mana_protocol::ProtocolError) -> io::Error {
 
 /// Writes one length-prefixed frame.
 async fn write_frame<W: futures::AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
-    let len = u16::try_from(frame.len()).map_err(|_| FrameTooLarge::into_io(MAX_RANGE_FRAME_BYTES))?;
+    let len =
+        u16::try_from(frame.len()).map_err(|_| FrameTooLarge::into_io(MAX_RANGE_FRAME_BYTES))?;
     let mut buf = Vec::with_capacity(2 + frame.len());
     buf.extend_from_slice(&len.to_le_bytes());
     buf.extend_from_slice(frame);
@@ -84,7 +85,12 @@ impl RangeStream {
     /// Opens a stream to `peer`. [`NetError::StreamUnsupported`] when the peer lacks the protocol.
     pub async fn open(client: &Client, peer: PeerId) -> Result<Self, NetError> {
         let io = client.open_blob_stream(peer).await?;
-        Ok(Self { peer, io, traffic: client.traffic_counters().clone(), unread: 0 })
+        Ok(Self {
+            peer,
+            io,
+            traffic: client.traffic_counters().clone(),
+            unread: 0,
+        })
     }
 
     /// The provider at the other end.
@@ -93,17 +99,24 @@ impl RangeStream {
     }
 
     fn failed(&self, source: io::Error) -> NetError {
-        NetError::Stream { peer: self.peer, source }
+        NetError::Stream {
+            peer: self.peer,
+            source,
+        }
     }
 
     /// Sends `request` and reads the provider's header. After a `Range` header, its `len` bytes must be
     /// read with [`RangeStream::read_body`] before the next request.
     pub async fn request(&mut self, request: &RangeRequest) -> Result<RangeResponse, NetError> {
         if self.unread != 0 {
-            return Err(self.failed(io::Error::other("the previous range was not read to its end")));
+            return Err(self.failed(io::Error::other(
+                "the previous range was not read to its end",
+            )));
         }
         let frame = request.encode().map_err(|e| self.failed(invalid(e)))?;
-        write_frame(&mut self.io, &frame).await.map_err(|e| self.failed(e))?;
+        write_frame(&mut self.io, &frame)
+            .await
+            .map_err(|e| self.failed(e))?;
         self.io.flush().await.map_err(|e| self.failed(e))?;
         self.traffic.add_fetch_out(frame.len() + 2);
         let frame = match read_frame(&mut self.io).await {
@@ -146,7 +159,10 @@ pub trait RangeRead: Send + Sync + 'static {
 /// Where a provider's blobs come from (the node's store); the net layer stays free of storage.
 pub trait BlobSource: Send + Sync + 'static {
     /// Opens blob `hash` for range reads, or `None` when this node does not hold it.
-    fn open(&self, hash: ContentHash) -> impl Future<Output = io::Result<Option<Arc<dyn RangeRead>>>> + Send;
+    fn open(
+        &self,
+        hash: ContentHash,
+    ) -> impl Future<Output = io::Result<Option<Arc<dyn RangeRead>>>> + Send;
 }
 
 /// How much a provider lets peers take.
@@ -195,7 +211,10 @@ fn take_slot(count: &Arc<Mutex<StreamCount>>, peer: PeerId, limits: &ServeLimits
     }
     c.total += 1;
     c.per_peer.insert(peer, mine + 1);
-    Some(Slot { peer, count: count.clone() })
+    Some(Slot {
+        peer,
+        count: count.clone(),
+    })
 }
 
 /// Where the serving tasks run, so that their owner can stop them and wait for them: each stream's task is
@@ -219,7 +238,13 @@ pub fn serve<S: BlobSource>(
     run: ServeTasks,
 ) -> Result<impl Future<Output = ()> + Send + 'static, NetError> {
     let incoming = client.accept_blob_streams()?;
-    Ok(serve_incoming(incoming, source, limits, client.traffic_counters().clone(), run))
+    Ok(serve_incoming(
+        incoming,
+        source,
+        limits,
+        client.traffic_counters().clone(),
+        run,
+    ))
 }
 
 async fn serve_incoming<S: BlobSource>(
@@ -235,7 +260,12 @@ async fn serve_incoming<S: BlobSource>(
             tracing::debug!(%peer, "bulk stream refused: over the stream limits");
             continue;
         };
-        let (source, limits, traffic, cancel) = (source.clone(), limits.clone(), traffic.clone(), run.cancel.clone());
+        let (source, limits, traffic, cancel) = (
+            source.clone(),
+            limits.clone(),
+            traffic.clone(),
+            run.cancel.clone(),
+        );
         run.tasks.spawn(async move {
             let _slot = slot;
             tokio::select! {
@@ -277,7 +307,12 @@ async fn serve_stream<S: BlobSource>(
         let blob = match source.open(request.hash).await {
             Ok(Some(blob)) => blob,
             Ok(None) => {
-                respond(&mut io, &RangeResponse::NotFound { hash: request.hash }, traffic).await?;
+                respond(
+                    &mut io,
+                    &RangeResponse::NotFound { hash: request.hash },
+                    traffic,
+                )
+                .await?;
                 continue;
             }
             Err(e) => {
@@ -291,18 +326,32 @@ async fn serve_stream<S: BlobSource>(
             respond(&mut io, &refused("offset past the end"), traffic).await?;
             continue;
         }
-        let len = request.len.min(MAX_RANGE_BYTES).min(total_size - request.offset);
-        let header = RangeResponse::Range { hash: request.hash, offset: request.offset, total_size, len };
+        let len = request
+            .len
+            .min(MAX_RANGE_BYTES)
+            .min(total_size - request.offset);
+        let header = RangeResponse::Range {
+            hash: request.hash,
+            offset: request.offset,
+            total_size,
+            len,
+        };
         respond(&mut io, &header, traffic).await?;
         send_range(&mut io, blob, request.offset, len, stall, traffic).await?;
     }
 }
 
 fn refused(reason: &str) -> RangeResponse {
-    RangeResponse::Refused { reason: Text::new(reason).expect("reasons are short constants") }
+    RangeResponse::Refused {
+        reason: Text::new(reason).expect("reasons are short constants"),
+    }
 }
 
-async fn respond(io: &mut Stream, response: &RangeResponse, traffic: &TrafficCounters) -> io::Result<()> {
+async fn respond(
+    io: &mut Stream,
+    response: &RangeResponse,
+    traffic: &TrafficCounters,
+) -> io::Result<()> {
     let frame = response.encode().map_err(invalid)?;
     write_frame(io, &frame).await?;
     traffic.add_fetch_out(frame.len() + 2);
@@ -336,14 +385,25 @@ async fn send_range(
     let piece = |at: u64| (len - at).min(PIECE_BYTES as u64) as usize;
     let mut spare = Some(Vec::with_capacity(PIECE_BYTES));
     let mut sent = 0u64;
-    let mut next =
-        (len > 0).then(|| read_piece(blob.clone(), offset, piece(0), Vec::with_capacity(PIECE_BYTES)));
+    let mut next = (len > 0).then(|| {
+        read_piece(
+            blob.clone(),
+            offset,
+            piece(0),
+            Vec::with_capacity(PIECE_BYTES),
+        )
+    });
     while let Some(reading) = next.take() {
         let buf = reading.await.map_err(io::Error::other)??;
         let after = sent + buf.len() as u64;
         if after < len {
             let spare = spare.take().unwrap_or_default();
-            next = Some(read_piece(blob.clone(), offset + after, piece(after), spare));
+            next = Some(read_piece(
+                blob.clone(),
+                offset + after,
+                piece(after),
+                spare,
+            ));
         }
         match tokio::time::timeout(stall, io.write_all(&buf)).await {
             Err(_) => return Err(io::ErrorKind::TimedOut.into()),
@@ -363,27 +423,46 @@ mod tests {
 
     #[test]
     fn frames_roundtrip_and_oversized_lengths_are_refused_unread() {
-        let frame = RangeRequest { hash: ContentHash([1; 32]), offset: 5, len: 7 }.encode().expect("encodable");
+        let frame = RangeRequest {
+            hash: ContentHash([1; 32]),
+            offset: 5,
+            len: 7,
+        }
+        .encode()
+        .expect("encodable");
         let mut wire = futures::io::Cursor::new(Vec::new());
         block_on(write_frame(&mut wire, &frame)).expect("written");
         block_on(write_frame(&mut wire, &frame)).expect("written");
         let mut rd = futures::io::Cursor::new(wire.into_inner());
         for _ in 0..2 {
-            let got = block_on(read_frame(&mut rd)).expect("read").expect("a frame");
+            let got = block_on(read_frame(&mut rd))
+                .expect("read")
+                .expect("a frame");
             assert_eq!(got, frame);
         }
         assert!(block_on(read_frame(&mut rd)).expect("clean end").is_none());
 
         let over = (MAX_RANGE_FRAME_BYTES as u16 + 1).to_le_bytes();
-        let err = block_on(read_frame(&mut futures::io::Cursor::new(over.to_vec()))).expect_err("too long");
-        assert_eq!(super::super::error::io_kind(&err), super::super::FailureKind::TooLarge);
+        let err = block_on(read_frame(&mut futures::io::Cursor::new(over.to_vec())))
+            .expect_err("too long");
+        assert_eq!(
+            super::super::error::io_kind(&err),
+            super::super::FailureKind::TooLarge
+        );
         let cut = [4u8, 0, 1, 2];
-        assert!(block_on(read_frame(&mut futures::io::Cursor::new(cut.to_vec()))).is_err(), "truncated frame");
+        assert!(
+            block_on(read_frame(&mut futures::io::Cursor::new(cut.to_vec()))).is_err(),
+            "truncated frame"
+        );
     }
 
     #[test]
     fn slots_are_capped_per_peer_and_in_all_and_given_back() {
-        let limits = ServeLimits { max_streams: 3, max_streams_per_peer: 2, stall_timeout: Duration::from_secs(1) };
+        let limits = ServeLimits {
+            max_streams: 3,
+            max_streams_per_peer: 2,
+            stall_timeout: Duration::from_secs(1),
+        };
         let count = Arc::new(Mutex::new(StreamCount::default()));
         let (a, b) = (PeerId::random(), PeerId::random());
         let a1 = take_slot(&count, a, &limits).expect("first");
@@ -392,6 +471,9 @@ mod tests {
         let _b1 = take_slot(&count, b, &limits).expect("another peer");
         assert!(take_slot(&count, b, &limits).is_none(), "three in all");
         drop(a1);
-        assert!(take_slot(&count, b, &limits).is_some(), "a freed slot is reusable");
+        assert!(
+            take_slot(&count, b, &limits).is_some(),
+            "a freed slot is reusable"
+        );
     }
 }

@@ -11,11 +11,11 @@ use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
-use mana_protocol::{FetchRequest, FetchResponse};
-use super::event_loop::{Command, Verdict};
 use super::bulk::BLOB_STREAM;
+use super::event_loop::{Command, Verdict};
 use super::traffic::{Traffic, TrafficCounters};
 use super::{NetError, NetSnapshot};
+use mana_protocol::{FetchRequest, FetchResponse};
 
 /// A handle to one node's swarm. Cheap to clone; every clone talks to the same event loop.
 #[derive(Clone)]
@@ -29,7 +29,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("local_peer_id", &self.local_peer_id).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("local_peer_id", &self.local_peer_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -40,7 +42,12 @@ impl Client {
         traffic: Arc<TrafficCounters>,
         streams: libp2p_stream::Control,
     ) -> Self {
-        Self { commands, local_peer_id, traffic, streams }
+        Self {
+            commands,
+            local_peer_id,
+            traffic,
+            streams,
+        }
     }
 
     /// The shared traffic counters (the bulk stream code counts its frames and bytes there).
@@ -52,20 +59,29 @@ impl Client {
     /// [`NetError::StreamUnsupported`] means the peer serves only the request-response fetch protocol.
     pub async fn open_blob_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
         let mut control = self.streams.clone();
-        control.open_stream(peer, BLOB_STREAM).await.map_err(|e| match e {
-            libp2p_stream::OpenStreamError::UnsupportedProtocol(protocol) => {
-                NetError::StreamUnsupported { peer, protocol }
-            }
-            libp2p_stream::OpenStreamError::Io(source) => NetError::Stream { peer, source },
-            other => NetError::Stream { peer, source: std::io::Error::other(other.to_string()) },
-        })
+        control
+            .open_stream(peer, BLOB_STREAM)
+            .await
+            .map_err(|e| match e {
+                libp2p_stream::OpenStreamError::UnsupportedProtocol(protocol) => {
+                    NetError::StreamUnsupported { peer, protocol }
+                }
+                libp2p_stream::OpenStreamError::Io(source) => NetError::Stream { peer, source },
+                other => NetError::Stream {
+                    peer,
+                    source: std::io::Error::other(other.to_string()),
+                },
+            })
     }
 
     /// Starts accepting inbound bulk streams (once per swarm: a second call gets
     /// [`NetError::AlreadyAccepting`]). Until this is called, peers opening one are told the protocol is
     /// unsupported and fall back to request-response.
     pub fn accept_blob_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
-        self.streams.clone().accept(BLOB_STREAM).map_err(|_| NetError::AlreadyAccepting)
+        self.streams
+            .clone()
+            .accept(BLOB_STREAM)
+            .map_err(|_| NetError::AlreadyAccepting)
     }
 
     /// Application bytes sent and received since the swarm started (read directly, no round trip to the
@@ -79,9 +95,15 @@ impl Client {
         self.local_peer_id
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| NetError::Closed)?;
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Closed)?;
         rx.await.map_err(|_| NetError::Closed)
     }
 
@@ -92,41 +114,66 @@ impl Client {
 
     /// Subscribes to a topic by its full name.
     pub async fn subscribe(&self, topic: String) -> Result<(), NetError> {
-        self.call(|reply| Command::Subscribe { topic, reply }).await?
+        self.call(|reply| Command::Subscribe { topic, reply })
+            .await?
     }
 
     /// Publishes bytes on a topic. Fails with [`NetError::Publish`] while no peer is subscribed yet.
     pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<MessageId, NetError> {
-        self.call(|reply| Command::Publish { topic, data, reply }).await?
+        self.call(|reply| Command::Publish { topic, data, reply })
+            .await?
     }
 
     /// Reports the verdict on a received gossip message; gossipsub forwards it (Accept) or scores its
     /// sender down (Reject).
-    pub async fn report(&self, id: MessageId, source: PeerId, verdict: Verdict) -> Result<(), NetError> {
+    pub async fn report(
+        &self,
+        id: MessageId,
+        source: PeerId,
+        verdict: Verdict,
+    ) -> Result<(), NetError> {
         self.commands
-            .send(Command::ReportValidation { id, source, verdict })
+            .send(Command::ReportValidation {
+                id,
+                source,
+                verdict,
+            })
             .await
             .map_err(|_| NetError::Closed)
     }
 
     /// Announces in the DHT that this node provides `key` (a blob hash, an expert id).
     pub async fn start_providing(&self, key: Vec<u8>) -> Result<(), NetError> {
-        self.call(|reply| Command::StartProviding { key, reply }).await?
+        self.call(|reply| Command::StartProviding { key, reply })
+            .await?
     }
 
     /// Stops announcing `key`.
     pub async fn stop_providing(&self, key: Vec<u8>) -> Result<(), NetError> {
-        self.commands.send(Command::StopProviding { key }).await.map_err(|_| NetError::Closed)
+        self.commands
+            .send(Command::StopProviding { key })
+            .await
+            .map_err(|_| NetError::Closed)
     }
 
     /// Finds the providers of `key` in the DHT.
     pub async fn get_providers(&self, key: Vec<u8>) -> Result<HashSet<PeerId>, NetError> {
-        self.call(|reply| Command::GetProviders { key, reply }).await
+        self.call(|reply| Command::GetProviders { key, reply })
+            .await
     }
 
     /// Sends one transfer request and awaits the response.
-    pub async fn request(&self, peer: PeerId, request: FetchRequest) -> Result<FetchResponse, NetError> {
-        self.call(|reply| Command::Request { peer, request, reply }).await?
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: FetchRequest,
+    ) -> Result<FetchResponse, NetError> {
+        self.call(|reply| Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?
     }
 
     /// Answers an inbound transfer request.
@@ -135,7 +182,10 @@ impl Client {
         channel: ResponseChannel<FetchResponse>,
         response: FetchResponse,
     ) -> Result<(), NetError> {
-        self.commands.send(Command::Respond { channel, response }).await.map_err(|_| NetError::Closed)
+        self.commands
+            .send(Command::Respond { channel, response })
+            .await
+            .map_err(|_| NetError::Closed)
     }
 
     /// Peers, addresses and scores, as the event loop sees them now.

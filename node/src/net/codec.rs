@@ -40,7 +40,10 @@ pub struct TransferCodec {
 impl TransferCodec {
     /// A codec accepting chunks of at most `max_chunk_bytes`, counting frames in `traffic`.
     pub fn new(max_chunk_bytes: u32, traffic: Arc<TrafficCounters>) -> Self {
-        Self { max_chunk_bytes, traffic }
+        Self {
+            max_chunk_bytes,
+            traffic,
+        }
     }
 }
 
@@ -93,7 +96,11 @@ impl request_response::Codec for TransferCodec {
         FetchRequest::decode(&buf).map_err(invalid)
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<FetchResponse>
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<FetchResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -108,7 +115,12 @@ impl request_response::Codec for TransferCodec {
         Ok(response)
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: FetchRequest) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: FetchRequest,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -118,7 +130,12 @@ impl request_response::Codec for TransferCodec {
         io.close().await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: FetchResponse) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: FetchResponse,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -136,10 +153,15 @@ mod tests {
     use mana_protocol::{Bytes, ContentHash};
     use request_response::Codec;
 
-    fn roundtrip_response(codec: &mut TransferCodec, res: FetchResponse) -> io::Result<FetchResponse> {
+    fn roundtrip_response(
+        codec: &mut TransferCodec,
+        res: FetchResponse,
+    ) -> io::Result<FetchResponse> {
         block_on(async {
             let mut wire = futures::io::Cursor::new(Vec::new());
-            TransferCodec::new(u32::MAX, Arc::default()).write_response(&TRANSFER_PROTOCOL, &mut wire, res).await?;
+            TransferCodec::new(u32::MAX, Arc::default())
+                .write_response(&TRANSFER_PROTOCOL, &mut wire, res)
+                .await?;
             let mut rd = futures::io::Cursor::new(wire.into_inner());
             codec.read_response(&TRANSFER_PROTOCOL, &mut rd).await
         })
@@ -148,17 +170,28 @@ mod tests {
     #[test]
     fn request_roundtrip_and_garbage() {
         let mut codec = TransferCodec::new(1024, Arc::default());
-        let req = FetchRequest { hash: ContentHash([7; 32]), offset: 1 << 40, max_len: 65536 };
+        let req = FetchRequest {
+            hash: ContentHash([7; 32]),
+            offset: 1 << 40,
+            max_len: 65536,
+        };
         let got = block_on(async {
             let mut wire = futures::io::Cursor::new(Vec::new());
-            codec.clone().write_request(&TRANSFER_PROTOCOL, &mut wire, req.clone()).await?;
+            codec
+                .clone()
+                .write_request(&TRANSFER_PROTOCOL, &mut wire, req.clone())
+                .await?;
             let mut rd = futures::io::Cursor::new(wire.into_inner());
             codec.read_request(&TRANSFER_PROTOCOL, &mut rd).await
         });
         assert_eq!(got.ok(), Some(req.clone()));
         let frame = req.encode().expect("encodable").len() as u64;
         let traffic = codec.traffic.snapshot();
-        assert_eq!((traffic.fetch_out, traffic.fetch_in), (frame, frame), "one frame each way, counted");
+        assert_eq!(
+            (traffic.fetch_out, traffic.fetch_in),
+            (frame, frame),
+            "one frame each way, counted"
+        );
         for garbage in [vec![], vec![0xff; 10], vec![1u8; MAX_REQUEST_FRAME + 1]] {
             let got = block_on(async {
                 let mut rd = futures::io::Cursor::new(garbage);
@@ -171,7 +204,12 @@ mod tests {
     #[test]
     fn read_capped_takes_exactly_the_cap_and_refuses_one_more() {
         for cap in [10, FIRST_READ - 1, FIRST_READ, 3 * FIRST_READ + 5] {
-            let read = |len: usize| block_on(read_capped(&mut futures::io::Cursor::new(vec![7u8; len]), cap));
+            let read = |len: usize| {
+                block_on(read_capped(
+                    &mut futures::io::Cursor::new(vec![7u8; len]),
+                    cap,
+                ))
+            };
             assert_eq!(read(cap).expect("a frame of exactly the cap").len(), cap);
             assert_eq!(read(0).expect("an empty frame").len(), 0);
             assert!(read(cap + 1).is_err(), "one byte over the cap of {cap}");
@@ -182,11 +220,24 @@ mod tests {
     fn response_roundtrip_and_cap() {
         let mut codec = TransferCodec::new(1024, Arc::default());
         let hash = ContentHash([3; 32]);
-        let res = FetchResponse::Chunk { hash, offset: 0, total_size: 5000, data: Bytes(vec![3; 1024]) };
+        let res = FetchResponse::Chunk {
+            hash,
+            offset: 0,
+            total_size: 5000,
+            data: Bytes(vec![3; 1024]),
+        };
         assert_eq!(roundtrip_response(&mut codec, res.clone()).ok(), Some(res));
         let nf = FetchResponse::NotFound { hash };
         assert_eq!(roundtrip_response(&mut codec, nf.clone()).ok(), Some(nf));
-        let too_big = FetchResponse::Chunk { hash, offset: 0, total_size: 5000, data: Bytes(vec![3; 1025]) };
-        assert!(roundtrip_response(&mut codec, too_big).is_err(), "a chunk above the cap is refused");
+        let too_big = FetchResponse::Chunk {
+            hash,
+            offset: 0,
+            total_size: 5000,
+            data: Bytes(vec![3; 1025]),
+        };
+        assert!(
+            roundtrip_response(&mut codec, too_big).is_err(),
+            "a chunk above the cap is refused"
+        );
     }
 }

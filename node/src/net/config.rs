@@ -88,10 +88,14 @@ impl NetConfig {
 
 /// `/ip4/127.0.0.1/tcp/0`: a loopback TCP address on a port the OS picks.
 pub fn loopback_tcp() -> Multiaddr {
-    "/ip4/127.0.0.1/tcp/0".parse().expect("a constant, well-formed multiaddr")
+    "/ip4/127.0.0.1/tcp/0"
+        .parse()
+        .expect("a constant, well-formed multiaddr")
 }
 
 /// `/ip4/127.0.0.1/udp/0/quic-v1`: a loopback QUIC address on a port the OS picks.
 pub fn loopback_quic() -> Multiaddr {
-    "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("a constant, well-formed multiaddr")
+    "/ip4/127.0.0.1/udp/0/quic-v1"
+        .parse()
+        .expect("a constant, well-formed multiaddr")
 }

@@ -159,13 +159,32 @@ mod tests {
         let peer = PeerId::random();
         let req = |source| NetError::Request { peer, source };
         assert_eq!(req(OutboundFailure::Timeout).kind(), FailureKind::Timeout);
-        assert_eq!(req(OutboundFailure::ConnectionClosed).kind(), FailureKind::ConnectionClosed);
-        assert_eq!(req(OutboundFailure::UnsupportedProtocols).kind(), FailureKind::Refused);
-        assert_eq!(req(OutboundFailure::Io(FrameTooLarge::into_io(10))).kind(), FailureKind::TooLarge);
+        assert_eq!(
+            req(OutboundFailure::ConnectionClosed).kind(),
+            FailureKind::ConnectionClosed
+        );
+        assert_eq!(
+            req(OutboundFailure::UnsupportedProtocols).kind(),
+            FailureKind::Refused
+        );
+        assert_eq!(
+            req(OutboundFailure::Io(FrameTooLarge::into_io(10))).kind(),
+            FailureKind::TooLarge
+        );
         let garbled = io::Error::new(io::ErrorKind::InvalidData, "bad frame");
-        assert_eq!(req(OutboundFailure::Io(garbled)).kind(), FailureKind::Malformed);
+        assert_eq!(
+            req(OutboundFailure::Io(garbled)).kind(),
+            FailureKind::Malformed
+        );
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
-        assert_eq!(NetError::Stream { peer, source: reset }.kind(), FailureKind::ConnectionClosed);
+        assert_eq!(
+            NetError::Stream {
+                peer,
+                source: reset
+            }
+            .kind(),
+            FailureKind::ConnectionClosed
+        );
         assert_eq!(NetError::Closed.kind(), FailureKind::Stopped);
         // The chain keeps libp2p's error as the source.
         let err = req(OutboundFailure::Timeout);

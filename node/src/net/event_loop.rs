@@ -21,11 +21,11 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
-use mana_protocol::{FetchRequest, FetchResponse, Text};
 use super::config::NetConfig;
 use super::limits::RateLimiter;
 use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
+use mana_protocol::{FetchRequest, FetchResponse, Text};
 
 /// What a verdict on a gossip message means for its sender. Mirrors gossipsub's `MessageAcceptance`, so the
 /// daemon does not depend on libp2p types to judge a message.
@@ -206,7 +206,9 @@ impl EventLoop {
     }
 
     fn maybe_redial_bootstrap(&mut self) {
-        let Some(when) = self.next_bootstrap_dial else { return };
+        let Some(when) = self.next_bootstrap_dial else {
+            return;
+        };
         let now = Instant::now();
         if now < when {
             return;
@@ -215,7 +217,10 @@ impl EventLoop {
             self.next_bootstrap_dial = None;
             return;
         }
-        tracing::info!(backoff_ms = self.backoff.as_millis() as u64, "no peers: dialling bootstrap nodes");
+        tracing::info!(
+            backoff_ms = self.backoff.as_millis() as u64,
+            "no peers: dialling bootstrap nodes"
+        );
         for addr in self.config.bootstrap.clone() {
             if let Err(e) = self.dial(addr.clone()) {
                 tracing::warn!(%addr, error = %e, "bootstrap dial failed to start");
@@ -272,15 +277,23 @@ impl EventLoop {
                 }
                 let _ = reply.send(result);
             }
-            Command::ReportValidation { id, source, verdict } => {
-                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &id,
-                    &source,
-                    verdict.into(),
-                );
+            Command::ReportValidation {
+                id,
+                source,
+                verdict,
+            } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, verdict.into());
             }
             Command::StartProviding { key, reply } => {
-                match self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&key)) {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(kad::RecordKey::new(&key))
+                {
                     Ok(id) => {
                         self.pending_providing.insert(id, reply);
                     }
@@ -290,18 +303,39 @@ impl EventLoop {
                 }
             }
             Command::StopProviding { key } => {
-                self.swarm.behaviour_mut().kad.stop_providing(&kad::RecordKey::new(&key));
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&kad::RecordKey::new(&key));
             }
             Command::GetProviders { key, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(&key));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
-            Command::Request { peer, request, reply } => {
-                let id = self.swarm.behaviour_mut().transfer.send_request(&peer, request);
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .transfer
+                    .send_request(&peer, request);
                 self.pending_requests.insert(id, reply);
             }
             Command::Respond { channel, response } => {
-                if self.swarm.behaviour_mut().transfer.send_response(channel, response).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .transfer
+                    .send_response(channel, response)
+                    .is_err()
+                {
                     tracing::debug!("transfer response not sent: the requester is gone");
                 }
             }
@@ -334,7 +368,11 @@ impl EventLoop {
         NetSnapshot {
             peer_id: self.swarm.local_peer_id().to_string(),
             listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
-            external_addrs: self.swarm.external_addresses().map(|a| a.to_string()).collect(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(|a| a.to_string())
+                .collect(),
             peers,
             routing_table,
             gossip_rate_limited: self.gossip_rate_limited,
@@ -357,7 +395,12 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
                 self.backoff = self.config.reconnect_backoff;
                 self.next_bootstrap_dial = None;
@@ -365,13 +408,26 @@ impl EventLoop {
                     let _ = self.emit(NetEvent::PeerConnected(peer_id));
                 }
                 if let ConnectedPoint::Dialer { address, .. } = endpoint {
-                    if self.config.bootstrap.iter().any(|b| b.iter().last() == Some(Protocol::P2p(peer_id))) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, address);
+                    if self
+                        .config
+                        .bootstrap
+                        .iter()
+                        .any(|b| b.iter().last() == Some(Protocol::P2p(peer_id)))
+                    {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, address);
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     }
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
                 tracing::debug!(%peer_id, ?cause, "connection closed");
                 if num_established == 0 {
                     self.rtt.remove(&peer_id);
@@ -434,10 +490,18 @@ impl EventLoop {
                 self.agents.insert(peer_id, info.agent_version);
             }
             BehaviourEvent::Identify(other) => tracing::trace!(?other, "identify"),
-            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
                 self.rtt.insert(peer, rtt);
             }
-            BehaviourEvent::Ping(ping::Event { peer, result: Err(e), .. }) => {
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Err(e),
+                ..
+            }) => {
                 tracing::debug!(%peer, error = %e, "ping failed");
             }
             BehaviourEvent::Autonat(libp2p::autonat::Event::StatusChanged { old, new }) => {
@@ -457,15 +521,25 @@ impl EventLoop {
 
     fn handle_gossip(&mut self, event: gossipsub::Event) {
         match event {
-            gossipsub::Event::Message { propagation_source, message_id, message } => {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
                 self.traffic.add_gossip_in(message.data.len());
-                if !self.gossip_limiter.allow(propagation_source, Instant::now()) {
+                if !self
+                    .gossip_limiter
+                    .allow(propagation_source, Instant::now())
+                {
                     self.gossip_rate_limited += 1;
-                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                        &message_id,
-                        &propagation_source,
-                        MessageAcceptance::Ignore,
-                    );
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Ignore,
+                        );
                     return;
                 }
                 let event = NetEvent::Gossip {
@@ -477,15 +551,21 @@ impl EventLoop {
                 };
                 if self.emit(event).is_err() {
                     // The daemon is behind: drop without penalising the sender.
-                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                        &message_id,
-                        &propagation_source,
-                        MessageAcceptance::Ignore,
-                    );
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            MessageAcceptance::Ignore,
+                        );
                 }
             }
             gossipsub::Event::Subscribed { peer_id, topic } => {
-                let _ = self.emit(NetEvent::Subscribed { peer: peer_id, topic: topic.into_string() });
+                let _ = self.emit(NetEvent::Subscribed {
+                    peer: peer_id,
+                    topic: topic.into_string(),
+                });
             }
             other => tracing::debug!(?other, "gossipsub"),
         }
@@ -493,7 +573,9 @@ impl EventLoop {
 
     fn handle_kad(&mut self, event: kad::Event) {
         match event {
-            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
                 kad::QueryResult::StartProviding(result) => {
                     if let Some(reply) = self.pending_providing.remove(&id) {
                         // With few peers the put may reach none; the local record still stands.
@@ -517,10 +599,20 @@ impl EventLoop {
                 kad::QueryResult::Bootstrap(result) => tracing::trace!(?result, "dht refresh"),
                 other => tracing::trace!(?other, "kad query"),
             },
-            kad::Event::RoutingUpdated { peer, addresses, is_new_peer, .. } => {
+            kad::Event::RoutingUpdated {
+                peer,
+                addresses,
+                is_new_peer,
+                ..
+            } => {
                 let connected = self.swarm.connected_peers().count();
-                if is_new_peer && !self.swarm.is_connected(&peer) && connected < self.config.target_peers {
-                    let opts = DialOpts::peer_id(peer).addresses(addresses.into_vec()).build();
+                if is_new_peer
+                    && !self.swarm.is_connected(&peer)
+                    && connected < self.config.target_peers
+                {
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addresses.into_vec())
+                        .build();
                     if let Err(e) = self.swarm.dial(opts) {
                         tracing::debug!(%peer, error = %e, "dial of discovered peer failed");
                     }
@@ -533,27 +625,52 @@ impl EventLoop {
     fn handle_transfer(&mut self, event: request_response::Event<FetchRequest, FetchResponse>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
                     if !self.request_limiter.allow(peer, Instant::now()) {
-                        let _ = self.swarm.behaviour_mut().transfer.send_response(channel, busy());
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .transfer
+                            .send_response(channel, busy());
                         return;
                     }
                     if let Err(NetEvent::InboundRequest { channel, .. }) =
-                        self.emit(NetEvent::InboundRequest { peer, request, channel })
+                        self.emit(NetEvent::InboundRequest {
+                            peer,
+                            request,
+                            channel,
+                        })
                     {
-                        let _ = self.swarm.behaviour_mut().transfer.send_response(channel, busy());
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .transfer
+                            .send_response(channel, busy());
                     }
                 }
-                request_response::Message::Response { request_id, response } => {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
                     if let Some(reply) = self.pending_requests.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
             },
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 tracing::debug!(%peer, %error, "transfer request failed");
                 if let Some(reply) = self.pending_requests.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request { peer, source: error }));
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        source: error,
+                    }));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -566,5 +683,7 @@ impl EventLoop {
 
 /// The answer to a peer over its request rate (or when the node is too far behind to serve it).
 fn busy() -> FetchResponse {
-    FetchResponse::Refused { reason: Text::new("busy").expect("a short constant text") }
+    FetchResponse::Refused {
+        reason: Text::new("busy").expect("a short constant text"),
+    }
 }

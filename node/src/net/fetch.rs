@@ -157,7 +157,11 @@ pub async fn fetch_blob<S: BlobSink>(
     if ranked.is_empty() {
         return Err(FetchError::NoProvider("none known".into()));
     }
-    let Failed { error, sink, contributors } = match fetch_once(client, hash, &ranked, sink, opts).await {
+    let Failed {
+        error,
+        sink,
+        contributors,
+    } = match fetch_once(client, hash, &ranked, sink, opts).await {
         Ok(done) => return Ok(done),
         Err(failed) => failed,
     };
@@ -201,7 +205,11 @@ struct Failed<S> {
 
 impl<S> Failed<S> {
     fn before_writing(error: FetchError, sink: S) -> Self {
-        Self { error, sink: Some(sink), contributors: Vec::new() }
+        Self {
+            error,
+            sink: Some(sink),
+            contributors: Vec::new(),
+        }
     }
 }
 
@@ -222,7 +230,15 @@ struct Provider {
 
 impl Provider {
     fn new(peer: PeerId) -> Self {
-        Self { peer, strikes: 0, dropped: false, legacy: false, active: 0, idle: Vec::new(), delivered: 0 }
+        Self {
+            peer,
+            strikes: 0,
+            dropped: false,
+            legacy: false,
+            active: 0,
+            idle: Vec::new(),
+            delivered: 0,
+        }
     }
 }
 
@@ -283,7 +299,10 @@ struct PiecePool {
 
 impl PiecePool {
     fn new(cap: usize) -> Self {
-        Self { free: Default::default(), cap }
+        Self {
+            free: Default::default(),
+            cap,
+        }
     }
 
     /// A buffer of exactly `len` bytes (its contents are about to be overwritten).
@@ -322,20 +341,41 @@ struct SegmentJob {
 impl SegmentJob {
     /// Fetches `offset..offset + len` from `peer`, over `stream` (bulk: an idle one, or `None` to open
     /// one) or by chunk requests (`legacy`), under the segment deadline.
-    async fn run(self, slot: usize, peer: PeerId, legacy: bool, stream: Option<RangeStream>, offset: u64, len: u64) -> SegmentDone {
+    async fn run(
+        self,
+        slot: usize,
+        peer: PeerId,
+        legacy: bool,
+        stream: Option<RangeStream>,
+        offset: u64,
+        len: u64,
+    ) -> SegmentDone {
         let mut delivered = 0u64;
         let work = async {
             if legacy {
-                self.chunks(peer, offset, len, &mut delivered).await.map(|()| None)
+                self.chunks(peer, offset, len, &mut delivered)
+                    .await
+                    .map(|()| None)
             } else {
-                self.range(peer, stream, offset, len, &mut delivered).await.map(Some)
+                self.range(peer, stream, offset, len, &mut delivered)
+                    .await
+                    .map(Some)
             }
         };
         let result = match tokio::time::timeout(self.timeout, work).await {
             Ok(result) => result,
-            Err(_) => Err(Fault::Strike(format!("segment not done in {:?}", self.timeout))),
+            Err(_) => Err(Fault::Strike(format!(
+                "segment not done in {:?}",
+                self.timeout
+            ))),
         };
-        SegmentDone { slot, offset, len, delivered, result }
+        SegmentDone {
+            slot,
+            offset,
+            len,
+            delivered,
+            result,
+        }
     }
 
     /// The bulk path: one range request, its bytes read in pieces.
@@ -351,22 +391,45 @@ impl SegmentJob {
             Some(stream) => stream,
             None => RangeStream::open(&self.client, peer).await?,
         };
-        let header = stream.request(&RangeRequest { hash: self.hash, offset, len }).await?;
+        let header = stream
+            .request(&RangeRequest {
+                hash: self.hash,
+                offset,
+                len,
+            })
+            .await?;
         let sent = match header {
-            RangeResponse::Range { hash, offset: at, total_size, len: sent }
-                if hash == self.hash && at == offset && total_size == self.total && sent > 0 && sent <= len =>
+            RangeResponse::Range {
+                hash,
+                offset: at,
+                total_size,
+                len: sent,
+            } if hash == self.hash
+                && at == offset
+                && total_size == self.total
+                && sent > 0
+                && sent <= len =>
             {
                 sent
             }
-            RangeResponse::Range { .. } => return Err(Fault::Drop("range header does not match the request".into())),
+            RangeResponse::Range { .. } => {
+                return Err(Fault::Drop(
+                    "range header does not match the request".into(),
+                ));
+            }
             RangeResponse::NotFound { .. } => return Err(Fault::Drop("not found".into())),
-            RangeResponse::Refused { reason } => return Err(Fault::Strike(format!("refused: {reason}"))),
+            RangeResponse::Refused { reason } => {
+                return Err(Fault::Strike(format!("refused: {reason}")));
+            }
         };
         while *delivered < sent {
             let n = (sent - *delivered).min(PIECE_BYTES as u64) as usize;
             let mut piece = self.pool.take(n);
             stream.read_body(&mut piece).await?;
-            self.pieces.send((offset + *delivered, piece)).await.map_err(|_| Fault::Stopped)?;
+            self.pieces
+                .send((offset + *delivered, piece))
+                .await
+                .map_err(|_| Fault::Stopped)?;
             *delivered += n as u64;
         }
         Ok(stream)
@@ -374,34 +437,61 @@ impl SegmentJob {
 
     /// The request-response fallback: chunk requests, several in flight, delivered in order. A short
     /// chunk (a provider with a smaller chunk limit) ends the segment early; the rest is asked again.
-    async fn chunks(&self, peer: PeerId, offset: u64, len: u64, delivered: &mut u64) -> Result<(), Fault> {
+    async fn chunks(
+        &self,
+        peer: PeerId,
+        offset: u64,
+        len: u64,
+        delivered: &mut u64,
+    ) -> Result<(), Fault> {
         let end = offset + len;
         let mut next = offset;
         let mut in_flight = FuturesOrdered::new();
         loop {
             while in_flight.len() < self.chunk_depth && next < end {
                 let want = (end - next).min(self.chunk_bytes);
-                let request = FetchRequest { hash: self.hash, offset: next, max_len: want as u32 };
+                let request = FetchRequest {
+                    hash: self.hash,
+                    offset: next,
+                    max_len: want as u32,
+                };
                 let client = self.client.clone();
-                in_flight.push_back(async move { (next, want, client.request(peer, request).await) });
+                in_flight
+                    .push_back(async move { (next, want, client.request(peer, request).await) });
                 next += want;
             }
-            let Some((at, want, result)) = in_flight.next().await else { return Ok(()) };
+            let Some((at, want, result)) = in_flight.next().await else {
+                return Ok(());
+            };
             match result? {
-                FetchResponse::Chunk { hash, offset: got_at, total_size, data }
-                    if hash == self.hash && got_at == at && total_size == self.total && !data.0.is_empty()
-                        && data.0.len() as u64 <= want =>
+                FetchResponse::Chunk {
+                    hash,
+                    offset: got_at,
+                    total_size,
+                    data,
+                } if hash == self.hash
+                    && got_at == at
+                    && total_size == self.total
+                    && !data.0.is_empty()
+                    && data.0.len() as u64 <= want =>
                 {
                     let got = data.0.len() as u64;
-                    self.pieces.send((at, data.0)).await.map_err(|_| Fault::Stopped)?;
+                    self.pieces
+                        .send((at, data.0))
+                        .await
+                        .map_err(|_| Fault::Stopped)?;
                     *delivered += got;
                     if got < want {
                         return Ok(());
                     }
                 }
-                FetchResponse::Chunk { .. } => return Err(Fault::Drop("inconsistent chunk".into())),
+                FetchResponse::Chunk { .. } => {
+                    return Err(Fault::Drop("inconsistent chunk".into()));
+                }
                 FetchResponse::NotFound { .. } => return Err(Fault::Drop("not found".into())),
-                FetchResponse::Refused { reason } => return Err(Fault::Strike(format!("refused: {reason}"))),
+                FetchResponse::Refused { reason } => {
+                    return Err(Fault::Strike(format!("refused: {reason}")));
+                }
             }
         }
     }
@@ -447,7 +537,10 @@ impl<S: BlobSink> Writer<S> {
         drop(self.chunks);
         match self.task.await {
             Ok((sink, result)) => (Some(sink), result),
-            Err(e) => (None, Err(io::Error::other(format!("blob writer failed: {e}")))),
+            Err(e) => (
+                None,
+                Err(io::Error::other(format!("blob writer failed: {e}"))),
+            ),
         }
     }
 }
@@ -525,7 +618,9 @@ async fn fetch_once<S: BlobSink>(
             in_flight.spawn(task);
         }
         if in_flight.is_empty() && pending.is_empty() && ready.is_empty() && pieces_rx.is_empty() {
-            failure = Some(FetchError::NoProvider("nothing left to fetch before the end".into()));
+            failure = Some(FetchError::NoProvider(
+                "nothing left to fetch before the end".into(),
+            ));
             break;
         }
         tokio::select! {
@@ -597,9 +692,17 @@ async fn fetch_once<S: BlobSink>(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let contributors: Vec<PeerId> = ranked.iter().filter(|p| p.delivered > 0).map(|p| p.peer).collect();
+    let contributors: Vec<PeerId> = ranked
+        .iter()
+        .filter(|p| p.delivered > 0)
+        .map(|p| p.peer)
+        .collect();
     let (sink, written) = writer.finish().await;
-    let fail = |error: FetchError, sink: Option<S>| Failed { error, sink, contributors: contributors.clone() };
+    let fail = |error: FetchError, sink: Option<S>| Failed {
+        error,
+        sink,
+        contributors: contributors.clone(),
+    };
     if let Some(error) = failure {
         return Err(fail(error, sink));
     }
@@ -611,11 +714,16 @@ async fn fetch_once<S: BlobSink>(
         return Err(fail(io::Error::other("blob writer lost").into(), None));
     };
     if next_to_write != total {
-        return Err(fail(io::Error::other("blob writer stopped early").into(), Some(sink)));
+        return Err(fail(
+            io::Error::other("blob writer stopped early").into(),
+            Some(sink),
+        ));
     }
     if actual.as_bytes() != hash.as_bytes() {
-        let error =
-            FetchError::HashMismatch { expected: hex::encode(hash.0), actual: actual.to_hex().to_string() };
+        let error = FetchError::HashMismatch {
+            expected: hex::encode(hash.0),
+            actual: actual.to_hex().to_string(),
+        };
         return Err(fail(error, Some(sink)));
     }
     Ok((total, sink))
@@ -674,19 +782,50 @@ async fn probe_stream(
 ) -> Result<(u64, RangeStream), Fault> {
     let work = async {
         let mut stream = RangeStream::open(client, peer).await?;
-        match stream.request(&RangeRequest { hash, offset: 0, len: 0 }).await? {
-            RangeResponse::Range { hash: h, offset: 0, total_size, len: 0 } if h == hash => Ok((total_size, stream)),
-            RangeResponse::Range { .. } => Err(Fault::Drop("range header does not match the request".into())),
+        match stream
+            .request(&RangeRequest {
+                hash,
+                offset: 0,
+                len: 0,
+            })
+            .await?
+        {
+            RangeResponse::Range {
+                hash: h,
+                offset: 0,
+                total_size,
+                len: 0,
+            } if h == hash => Ok((total_size, stream)),
+            RangeResponse::Range { .. } => Err(Fault::Drop(
+                "range header does not match the request".into(),
+            )),
             RangeResponse::NotFound { .. } => Err(Fault::Drop("not found".into())),
             RangeResponse::Refused { reason } => Err(Fault::Strike(format!("refused: {reason}"))),
         }
     };
-    tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| Err(Fault::Strike("no header in time".into())))
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(Fault::Strike("no header in time".into())))
 }
 
 async fn probe_chunk(client: &Client, hash: ContentHash, peer: PeerId) -> Result<u64, Fault> {
-    match client.request(peer, FetchRequest { hash, offset: 0, max_len: 0 }).await? {
-        FetchResponse::Chunk { hash: h, offset: 0, total_size, data } if h == hash && data.0.is_empty() => Ok(total_size),
+    match client
+        .request(
+            peer,
+            FetchRequest {
+                hash,
+                offset: 0,
+                max_len: 0,
+            },
+        )
+        .await?
+    {
+        FetchResponse::Chunk {
+            hash: h,
+            offset: 0,
+            total_size,
+            data,
+        } if h == hash && data.0.is_empty() => Ok(total_size),
         FetchResponse::Chunk { .. } => Err(Fault::Drop("inconsistent chunk".into())),
         FetchResponse::NotFound { .. } => Err(Fault::Drop("not found".into())),
         FetchResponse::Refused { reason } => Err(Fault::Strike(format!("refused: {reason}"))),
@@ -702,8 +841,10 @@ fn joined(errors: &HashMap<PeerId, String>) -> String {
 fn progress_bar(total: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
 }
@@ -711,8 +852,11 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
 /// Orders providers by their last ping round trip, fastest first; unmeasured ones go last.
 async fn rank_by_rtt(client: &Client, providers: Vec<PeerId>) -> Result<Vec<PeerId>, NetError> {
     let snap = client.snapshot().await?;
-    let rtt: HashMap<String, f64> =
-        snap.peers.iter().filter_map(|p| p.rtt_ms.map(|r| (p.peer_id.clone(), r))).collect();
+    let rtt: HashMap<String, f64> = snap
+        .peers
+        .iter()
+        .filter_map(|p| p.rtt_ms.map(|r| (p.peer_id.clone(), r)))
+        .collect();
     let mut ranked: Vec<(f64, PeerId)> = providers
         .into_iter()
         .filter(|p| *p != client.local_peer_id())

@@ -103,7 +103,10 @@ impl Limits {
             return err("max_concurrent_transfers", "must be at least 1");
         }
         if self.max_blob_streams == 0 || self.max_blob_streams_per_peer == 0 {
-            return err("max_blob_streams", "total and per-peer stream caps must be at least 1");
+            return err(
+                "max_blob_streams",
+                "total and per-peer stream caps must be at least 1",
+            );
         }
         Ok(())
     }
@@ -127,13 +130,20 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter allowing `rate` events per second per peer on average, with bursts of `burst`.
     pub fn new(rate: u32, burst: u32) -> Self {
-        Self { rate: f64::from(rate), burst: f64::from(burst.max(1)), buckets: HashMap::new() }
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            buckets: HashMap::new(),
+        }
     }
 
     /// Takes one token for `peer` at time `now`; false when the peer is over its rate.
     pub fn allow(&mut self, peer: PeerId, now: Instant) -> bool {
         let burst = self.burst;
-        let bucket = self.buckets.entry(peer).or_insert(Bucket { tokens: burst, last: now });
+        let bucket = self.buckets.entry(peer).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(burst);
         bucket.last = now;
@@ -147,7 +157,8 @@ impl RateLimiter {
 
     /// Forgets peers whose buckets have been full for a while, so the map does not grow without bound.
     pub fn prune(&mut self, now: Instant, idle: Duration) {
-        self.buckets.retain(|_, b| now.saturating_duration_since(b.last) < idle);
+        self.buckets
+            .retain(|_, b| now.saturating_duration_since(b.last) < idle);
     }
 
     /// Forgets one peer (it disconnected).
@@ -163,9 +174,15 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_zero_is_not() {
         assert_eq!(Limits::default().validate(), Ok(()));
-        let bad = Limits { max_chunk_bytes: 0, ..Limits::default() };
+        let bad = Limits {
+            max_chunk_bytes: 0,
+            ..Limits::default()
+        };
         assert!(bad.validate().is_err());
-        let bad = Limits { max_chunk_bytes: CHUNK_CEILING + 1, ..Limits::default() };
+        let bad = Limits {
+            max_chunk_bytes: CHUNK_CEILING + 1,
+            ..Limits::default()
+        };
         assert!(bad.validate().is_err());
     }
 
@@ -178,7 +195,10 @@ mod tests {
         assert!(limiter.allow(peer, t0));
         assert!(limiter.allow(peer, t0));
         assert!(!limiter.allow(peer, t0), "burst of 3 is spent");
-        assert!(limiter.allow(peer, t0 + Duration::from_millis(150)), "1.5 tokens refilled");
+        assert!(
+            limiter.allow(peer, t0 + Duration::from_millis(150)),
+            "1.5 tokens refilled"
+        );
         let other = PeerId::random();
         assert!(limiter.allow(other, t0), "buckets are per peer");
     }

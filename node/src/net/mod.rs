@@ -17,24 +17,24 @@ pub mod fetch;
 pub mod limits;
 pub mod traffic;
 
+use libp2p::PeerId;
 use libp2p::gossipsub::MessageId;
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
-use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-/// libp2p itself, so callers (tests, the CLI) use the same version without depending on it.
-pub use libp2p;
 pub use behaviour::{BuildError, KAD_PROTOCOL, agent_version};
+pub use bulk::BLOB_STREAM;
 pub use client::Client;
 pub use codec::TRANSFER_PROTOCOL;
-pub use mana_protocol::{FetchRequest, FetchResponse};
 pub use config::NetConfig;
 pub use error::{FailureKind, FrameTooLarge, NetError};
-pub use bulk::BLOB_STREAM;
 pub use event_loop::{EventLoop, Verdict};
+/// libp2p itself, so callers (tests, the CLI) use the same version without depending on it.
+pub use libp2p;
 pub use limits::Limits;
+pub use mana_protocol::{FetchRequest, FetchResponse};
 pub use traffic::{Traffic, TrafficCounters};
 
 /// Capacity of the command channel: callers wait (back-pressure) when the loop is this far behind.
@@ -122,11 +122,20 @@ pub fn new(
     let traffic = std::sync::Arc::new(TrafficCounters::default());
     let mut swarm = behaviour::build_swarm(keypair, &config, traffic.clone())?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|source| NetError::Listen { addr: addr.clone(), source })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|source| NetError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
     }
     let streams = swarm.behaviour().streams.new_control();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
     let event_loop = EventLoop::new(swarm, config, command_rx, event_tx, traffic.clone());
-    Ok((Client::new(command_tx, local_peer_id, traffic, streams), event_rx, event_loop))
+    Ok((
+        Client::new(command_tx, local_peer_id, traffic, streams),
+        event_rx,
+        event_loop,
+    ))
 }

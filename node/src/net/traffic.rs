@@ -81,6 +81,14 @@ mod tests {
         counters.add_gossip_out(7);
         counters.add_fetch_in(1 << 20);
         counters.add_fetch_out(3);
-        assert_eq!(counters.snapshot(), Traffic { gossip_in: 15, gossip_out: 7, fetch_in: 1 << 20, fetch_out: 3 });
+        assert_eq!(
+            counters.snapshot(),
+            Traffic {
+                gossip_in: 15,
+                gossip_out: 7,
+                fetch_in: 1 << 20,
+                fetch_out: 3
+            }
+        );
     }
 }

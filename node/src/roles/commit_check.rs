@@ -52,13 +52,21 @@ pub enum ShardVerdict {
 }
 
 /// Judges the committed hash `committed` of a shard whose base blob is `base`, given what was recomputed.
-pub fn judge_shard(base: ContentHash, committed: ContentHash, recomputed: Recomputed) -> ShardVerdict {
+pub fn judge_shard(
+    base: ContentHash,
+    committed: ContentHash,
+    recomputed: Recomputed,
+) -> ShardVerdict {
     let expected = match recomputed {
         Recomputed::NoDeltas => base,
         Recomputed::Computed(hash) => hash,
         Recomputed::Unavailable => return ShardVerdict::Unverified,
     };
-    if expected == committed { ShardVerdict::Reproduced } else { ShardVerdict::Refuted { computed: expected } }
+    if expected == committed {
+        ShardVerdict::Reproduced
+    } else {
+        ShardVerdict::Refuted { computed: expected }
+    }
 }
 
 /// The signed report (to be) of a refuted shard: the commit's id and entry, the accepted payloads used, the
@@ -70,7 +78,12 @@ pub fn dispute(
     committed: ContentHash,
     computed: ContentHash,
 ) -> Result<CommitDispute, ProtocolError> {
-    let accepted = commit.accepted.iter().find(|a| a.shard == shard).map(|a| a.deltas.clone()).unwrap_or_default();
+    let accepted = commit
+        .accepted
+        .iter()
+        .find(|a| a.shard == shard)
+        .map(|a| a.deltas.clone())
+        .unwrap_or_default();
     Ok(CommitDispute {
         run: commit.run.clone(),
         round: commit.round,
@@ -95,18 +108,36 @@ mod tests {
     #[test]
     fn only_a_complete_recomputation_can_refute() {
         let (base, new) = (h("base"), h("new"));
-        assert_eq!(judge_shard(base, new, Recomputed::Computed(new)), ShardVerdict::Reproduced);
-        assert_eq!(judge_shard(base, h("lie"), Recomputed::Computed(new)), ShardVerdict::Refuted { computed: new });
-        assert_eq!(judge_shard(base, base, Recomputed::NoDeltas), ShardVerdict::Reproduced);
+        assert_eq!(
+            judge_shard(base, new, Recomputed::Computed(new)),
+            ShardVerdict::Reproduced
+        );
+        assert_eq!(
+            judge_shard(base, h("lie"), Recomputed::Computed(new)),
+            ShardVerdict::Refuted { computed: new }
+        );
+        assert_eq!(
+            judge_shard(base, base, Recomputed::NoDeltas),
+            ShardVerdict::Reproduced
+        );
         // No delta accepted, yet the shard changed.
-        assert_eq!(judge_shard(base, new, Recomputed::NoDeltas), ShardVerdict::Refuted { computed: base });
+        assert_eq!(
+            judge_shard(base, new, Recomputed::NoDeltas),
+            ShardVerdict::Refuted { computed: base }
+        );
         // A missing payload proves nothing, whatever the committed hash.
-        assert_eq!(judge_shard(base, h("lie"), Recomputed::Unavailable), ShardVerdict::Unverified);
+        assert_eq!(
+            judge_shard(base, h("lie"), Recomputed::Unavailable),
+            ShardVerdict::Unverified
+        );
     }
 
     #[test]
     fn a_refusal_is_kept_per_run() {
-        let (run, other) = (RunId::new("r").expect("run"), RunId::new("r2").expect("run"));
+        let (run, other) = (
+            RunId::new("r").expect("run"),
+            RunId::new("r2").expect("run"),
+        );
         let key = refusal_key(3, &run);
         assert!(is_refusal_in(&key, &run));
         assert!(!is_refusal_in(&key, &other));
@@ -120,12 +151,20 @@ mod tests {
         let commit = RoundCommit {
             run: run.clone(),
             round: 4,
-            accepted: vec![AcceptedDeltas { shard: ShardId::Trunk, deltas: payloads.clone() }],
+            accepted: vec![AcceptedDeltas {
+                shard: ShardId::Trunk,
+                deltas: payloads.clone(),
+            }],
             rejected: Vec::new(),
             checkpoint: CheckpointManifest {
                 run,
                 round: 4,
-                shards: vec![ShardEntry { shard: ShardId::Trunk, hash: h("lie"), size: 1, round: 4 }],
+                shards: vec![ShardEntry {
+                    shard: ShardId::Trunk,
+                    hash: h("lie"),
+                    size: 1,
+                    round: 4,
+                }],
             },
         };
         let d = dispute(&commit, ShardId::Trunk, h("base"), h("lie"), h("new")).expect("dispute");

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use libp2p::PeerId;
 use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
 use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
-use libp2p::PeerId;
 use mana_protocol::{ContentHash, Message, PublicKey};
 
 use crate::daemon::{NodeError, NodeHandle, blocking};
@@ -26,7 +26,11 @@ pub struct DataSource {
 
 impl Default for DataSource {
     fn default() -> Self {
-        DataSource { corpus: None, seed: 0, builtin_bytes: DEFAULT_BUILTIN_BYTES }
+        DataSource {
+            corpus: None,
+            seed: 0,
+            builtin_bytes: DEFAULT_BUILTIN_BYTES,
+        }
     }
 }
 
@@ -42,7 +46,11 @@ pub fn load_dataset(source: &DataSource) -> Result<TextDataset, NodeError> {
 
 /// Publishes `message`, retrying every 200 ms while gossip has no subscribed peer yet (or a transient
 /// error), for at most `patience`.
-pub async fn publish_patiently(node: &NodeHandle, message: &Message, patience: Duration) -> Result<(), NodeError> {
+pub async fn publish_patiently(
+    node: &NodeHandle,
+    message: &Message,
+    patience: Duration,
+) -> Result<(), NodeError> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         match node.publish(message).await {
@@ -81,13 +89,29 @@ pub async fn fetch_bytes_within(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let error = match tokio::time::timeout(left, node.fetch_blob_within(hash, max_len, hints.clone())).await {
-            Ok(Ok(len)) if len > max_len => return Err(NodeError::TooLarge { what: format!("blob {hash}"), len, max: max_len }),
-            Ok(Ok(_)) => return node.read_blob(hash).await,
-            Ok(Err(e @ NodeError::Fetch(crate::net::fetch::FetchError::TooLarge(_)))) => return Err(e),
-            Ok(Err(e)) => e,
-            Err(_) => return Err(NodeError::Timeout { what: format!("fetching {hash}"), after: timeout }),
-        };
+        let error =
+            match tokio::time::timeout(left, node.fetch_blob_within(hash, max_len, hints.clone()))
+                .await
+            {
+                Ok(Ok(len)) if len > max_len => {
+                    return Err(NodeError::TooLarge {
+                        what: format!("blob {hash}"),
+                        len,
+                        max: max_len,
+                    });
+                }
+                Ok(Ok(_)) => return node.read_blob(hash).await,
+                Ok(Err(e @ NodeError::Fetch(crate::net::fetch::FetchError::TooLarge(_)))) => {
+                    return Err(e);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(NodeError::Timeout {
+                        what: format!("fetching {hash}"),
+                        after: timeout,
+                    });
+                }
+            };
         if deadline.saturating_duration_since(tokio::time::Instant::now()) < FETCH_RETRY_PAUSE * 2 {
             return Err(error);
         }
@@ -106,7 +130,9 @@ pub fn peer_of(key: &PublicKey) -> Option<PeerId> {
 
 /// The peer id of a signing key, as text (for the rejection log); the key's hex if it is not a valid key.
 pub fn peer_name(key: &PublicKey) -> String {
-    key.peer_id().map(|p| p.to_string()).unwrap_or_else(|_| hex::encode(key.0))
+    key.peer_id()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|_| hex::encode(key.0))
 }
 
 /// A fresh unpredictable 64-bit seed from the operating system (for choices senders must not foresee).
@@ -132,8 +158,11 @@ impl PinLedger {
     pub fn release_before(&mut self, node: &NodeHandle, keep_from: u64, keep: &[ContentHash]) {
         let newer = self.by_round.split_off(&keep_from);
         let old = std::mem::replace(&mut self.by_round, newer);
-        let release: Vec<ContentHash> =
-            old.into_values().flatten().filter(|h| !keep.contains(h) && !self.holds(h)).collect();
+        let release: Vec<ContentHash> = old
+            .into_values()
+            .flatten()
+            .filter(|h| !keep.contains(h) && !self.holds(h))
+            .collect();
         node.unpin(&release);
     }
 
@@ -148,14 +177,23 @@ pub async fn append_line(path: &Path, line: String) -> Result<(), NodeError> {
     blocking(move || {
         use std::io::Write;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| NodeError::File { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| NodeError::File {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| NodeError::File { path: path.to_path_buf(), source })?;
-        writeln!(file, "{line}").map_err(|source| NodeError::File { path: path.to_path_buf(), source })?;
+            .map_err(|source| NodeError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        writeln!(file, "{line}").map_err(|source| NodeError::File {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(())
     })
     .await

@@ -34,19 +34,19 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaEncoder, DeviceKind, Message, Participant,
-    PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution, validation::l2_norm, Binding,
-    CommitDispute,
+    Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, DeltaAnnouncement,
+    DeltaEncoder, DeviceKind, Message, Participant, PublicKey, RoundAnnouncement, RoundCommit,
+    ShardEntry, ShardId, decode_contribution, validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
 use super::common::{PinLedger, fetch_bytes, peer_of, publish_patiently};
-use crate::daemon::status::{RefusedCommit, RefutedShard};
+use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
+use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, train_local};
-use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 
 /// How a trainer runs.
 #[derive(Debug, Clone)]
@@ -68,7 +68,14 @@ pub struct TrainerConfig {
 impl TrainerConfig {
     /// Defaults for `spec` and `data`: 64 shard slots, 60 s per fetch, 8 fetches at once.
     pub fn new(spec: RunSpec, data: Arc<TextDataset>) -> TrainerConfig {
-        TrainerConfig { spec, data, max_shards: 64, tokens_per_second: 0.0, fetch_timeout: Duration::from_secs(60), fetch_concurrency: 8 }
+        TrainerConfig {
+            spec,
+            data,
+            max_shards: 64,
+            tokens_per_second: 0.0,
+            fetch_timeout: Duration::from_secs(60),
+            fetch_concurrency: 8,
+        }
     }
 }
 
@@ -111,11 +118,14 @@ pub async fn run_trainer(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
     if node.config().coordinator.is_none() {
-        return Err(NodeError::Config("a trainer needs the run's coordinator key".into()));
+        return Err(NodeError::Config(
+            "a trainer needs the run's coordinator key".into(),
+        ));
     }
     if node.config().sync_shards {
         return Err(NodeError::Config(
-            "a trainer fetches only its assigned shards: start the node with sync_shards = false".into(),
+            "a trainer fetches only its assigned shards: start the node with sync_shards = false"
+                .into(),
         ));
     }
     node.set_capacity(Capacity {
@@ -174,7 +184,9 @@ pub async fn run_trainer(
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "trainer step failed");
-            trainer.node.update_training_status(|s| s.activity = format!("error: {e}"));
+            trainer
+                .node
+                .update_training_status(|s| s.activity = format!("error: {e}"));
         }
     }
     Ok(())
@@ -201,7 +213,8 @@ impl Trainer {
             for (key, blobs) in store.evidence()? {
                 if commit_check::is_refusal_in(&key, &run)
                     && let Some(hash) = blobs.first()
-                    && let Ok(refused) = serde_json::from_slice::<RefusedCommit>(&store.get_blob(hash)?)
+                    && let Ok(refused) =
+                        serde_json::from_slice::<RefusedCommit>(&store.get_blob(hash)?)
                 {
                     return Ok(Some(refused));
                 }
@@ -211,8 +224,12 @@ impl Trainer {
         .await;
         match found {
             Ok(Some(refused)) => {
-                let reason = format!("round {}: this node refused the coordinator's commit earlier (kept in its store); not building on this run", refused.round);
-                self.node.update_training_status(|s| s.refused_commit = Some(refused));
+                let reason = format!(
+                    "round {}: this node refused the coordinator's commit earlier (kept in its store); not building on this run",
+                    refused.round
+                );
+                self.node
+                    .update_training_status(|s| s.refused_commit = Some(refused));
                 self.halt(reason);
             }
             Ok(None) => {}
@@ -248,7 +265,13 @@ impl Trainer {
 
     /// The coordinator's peer: it hosts every checkpoint shard, manifest and accepted payload.
     fn coordinator_peer(&self) -> Vec<PeerId> {
-        self.node.config().coordinator.as_ref().and_then(peer_of).into_iter().collect()
+        self.node
+            .config()
+            .coordinator
+            .as_ref()
+            .and_then(peer_of)
+            .into_iter()
+            .collect()
     }
 
     async fn on_announcement(&mut self, ann: RoundAnnouncement) -> Result<(), NodeError> {
@@ -258,19 +281,30 @@ impl Trainer {
             return Ok(());
         };
         let round = ann.round;
-        self.node.update_training_status(|s| s.activity = format!("round {round}: fetching the base"));
+        self.node
+            .update_training_status(|s| s.activity = format!("round {round}: fetching the base"));
         let manifest = self.base_manifest(ann.base_checkpoint).await?;
         let base = self.base_shards(&manifest, &me.shards, round).await?;
         // What this node no longer hosts is dropped, with its error-feedback residual.
         self.held.retain(|s, _| me.shards.contains(s));
         self.encoders.retain(|s, _| me.shards.contains(s));
-        self.assigned = Some(Assigned { announcement: ann.clone(), me: me.clone(), base: base.clone() });
+        self.assigned = Some(Assigned {
+            announcement: ann.clone(),
+            me: me.clone(),
+            base: base.clone(),
+        });
 
-        self.node.update_training_status(|s| s.activity = format!("round {round}: training"));
+        self.node
+            .update_training_status(|s| s.activity = format!("round {round}: training"));
         let started = Instant::now();
         let spec = self.cfg.spec.clone();
         let data = self.cfg.data.clone();
-        let states: Vec<ShardRecord> = me.shards.iter().filter_map(|s| base.get(s)).map(|h| (*h.state).clone()).collect();
+        let states: Vec<ShardRecord> = me
+            .shards
+            .iter()
+            .filter_map(|s| base.get(s))
+            .map(|h| (*h.state).clone())
+            .collect();
         let (ann2, me2) = (ann.clone(), me.clone());
         let result = blocking(move || {
             train_local(&spec, &ann2, &me2, &states, &data).map_err(NodeError::from)
@@ -278,8 +312,14 @@ impl Trainer {
         .await?;
         let train_s = started.elapsed().as_secs_f64();
         if now_ms() > ann.deadlines.deltas_by_ms {
-            tracing::warn!(round, train_s, "trained past the delta deadline; deltas not sent");
-            self.node.update_training_status(|s| s.activity = format!("round {round}: too slow for the deadline"));
+            tracing::warn!(
+                round,
+                train_s,
+                "trained past the delta deadline; deltas not sent"
+            );
+            self.node.update_training_status(|s| {
+                s.activity = format!("round {round}: too slow for the deadline")
+            });
             return Ok(());
         }
         if train_s > 0.0 && result.stats.tokens > 0 {
@@ -308,7 +348,12 @@ impl Trainer {
             if encoder.options() != &ann.hyper.codec {
                 *encoder = DeltaEncoder::new(ann.hyper.codec).map_err(NodeError::from)?;
             }
-            let binding = Binding { run: ann.run.clone(), round, shard, sender: self.node.public_key() };
+            let binding = Binding {
+                run: ann.run.clone(),
+                round,
+                shard,
+                sender: self.node.public_key(),
+            };
             let payload = binding.wrap(&encoder.encode(&delta).map_err(NodeError::from)?)?;
             let mut stats = result.stats;
             stats.delta_norm = l2_norm(&delta);
@@ -324,13 +369,26 @@ impl Trainer {
                 payload_size: size,
                 stats,
             };
-            let patience = Duration::from_millis(ann.deadlines.deltas_by_ms.saturating_sub(now_ms()));
-            publish_patiently(&self.node, &Message::DeltaAnnouncement(announcement), patience).await?;
+            let patience =
+                Duration::from_millis(ann.deadlines.deltas_by_ms.saturating_sub(now_ms()));
+            publish_patiently(
+                &self.node,
+                &Message::DeltaAnnouncement(announcement),
+                patience,
+            )
+            .await?;
             sent += 1;
             bytes += size;
         }
         let loss = result.stats.loss_before;
-        tracing::info!(round, deltas = sent, bytes, loss, train_s, "deltas published");
+        tracing::info!(
+            round,
+            deltas = sent,
+            bytes,
+            loss,
+            train_s,
+            "deltas published"
+        );
         self.node.update_training_status(|s| {
             s.rounds_trained += 1;
             s.deltas_sent += sent;
@@ -348,7 +406,13 @@ impl Trainer {
         {
             return Ok(m.clone());
         }
-        let bytes = fetch_bytes(&self.node, hash, self.coordinator_peer(), self.cfg.fetch_timeout).await?;
+        let bytes = fetch_bytes(
+            &self.node,
+            hash,
+            self.coordinator_peer(),
+            self.cfg.fetch_timeout,
+        )
+        .await?;
         let manifest = CheckpointManifest::from_bytes(&bytes)?;
         self.last_checkpoint = Some((hash, manifest.clone()));
         Ok(manifest)
@@ -364,9 +428,10 @@ impl Trainer {
         let mut out = BTreeMap::new();
         let mut missing = Vec::new();
         for shard in shards {
-            let entry = manifest
-                .shard(shard)
-                .ok_or(NodeError::MissingShard { round, shard: *shard })?;
+            let entry = manifest.shard(shard).ok_or(NodeError::MissingShard {
+                round,
+                shard: *shard,
+            })?;
             match self.held.get(shard) {
                 Some(h) if h.hash == entry.hash => {
                     out.insert(*shard, h.clone());
@@ -376,7 +441,10 @@ impl Trainer {
         }
         let fetched = self.fetch_shards(&missing, round).await?;
         for (entry, state) in fetched {
-            let held = Held { hash: entry.hash, state: Arc::new(state) };
+            let held = Held {
+                hash: entry.hash,
+                state: Arc::new(state),
+            };
             self.held.insert(entry.shard, held.clone());
             out.insert(entry.shard, held);
         }
@@ -384,25 +452,31 @@ impl Trainer {
     }
 
     /// Fetches and decodes shard blobs, a few at a time.
-    async fn fetch_shards(&mut self, entries: &[ShardEntry], round: u64) -> Result<Vec<(ShardEntry, ShardRecord)>, NodeError> {
+    async fn fetch_shards(
+        &mut self,
+        entries: &[ShardEntry],
+        round: u64,
+    ) -> Result<Vec<(ShardEntry, ShardRecord)>, NodeError> {
         let node = self.node.clone();
         let (timeout, spec) = (self.cfg.fetch_timeout, self.cfg.spec.clone());
         let hints = self.coordinator_peer();
-        let results: Vec<Result<(ShardEntry, ShardRecord), NodeError>> = futures::stream::iter(entries.iter().copied())
-            .map(|entry| {
-                let (node, spec, hints) = (node.clone(), spec.clone(), hints.clone());
-                async move {
-                    let bytes = fetch_bytes(&node, entry.hash, hints, timeout).await?;
-                    let state = blocking(move || {
-                        ShardRecord::from_bytes(&bytes, &spec, entry.shard).map_err(NodeError::from)
-                    })
-                    .await?;
-                    Ok((entry, state))
-                }
-            })
-            .buffer_unordered(self.cfg.fetch_concurrency.max(1))
-            .collect()
-            .await;
+        let results: Vec<Result<(ShardEntry, ShardRecord), NodeError>> =
+            futures::stream::iter(entries.iter().copied())
+                .map(|entry| {
+                    let (node, spec, hints) = (node.clone(), spec.clone(), hints.clone());
+                    async move {
+                        let bytes = fetch_bytes(&node, entry.hash, hints, timeout).await?;
+                        let state = blocking(move || {
+                            ShardRecord::from_bytes(&bytes, &spec, entry.shard)
+                                .map_err(NodeError::from)
+                        })
+                        .await?;
+                        Ok((entry, state))
+                    }
+                })
+                .buffer_unordered(self.cfg.fetch_concurrency.max(1))
+                .collect()
+                .await;
         let mut out = Vec::new();
         for r in results {
             let (entry, state) = r?;
@@ -423,19 +497,27 @@ impl Trainer {
             return Ok(());
         }
         let round = commit.round;
-        self.node.update_training_status(|s| s.activity = format!("round {round}: applying the commit"));
+        self.node
+            .update_training_status(|s| s.activity = format!("round {round}: applying the commit"));
         let ann = &assigned.announcement;
         let mut new_held = BTreeMap::new();
         let mut matches = 0u64;
         let mut to_refetch = Vec::new();
         let mut refuted: Vec<CommitDispute> = Vec::new();
         for shard in &assigned.me.shards {
-            let Some(base) = assigned.base.get(shard) else { continue };
+            let Some(base) = assigned.base.get(shard) else {
+                continue;
+            };
             let Some(entry) = commit.checkpoint.shard(shard).copied() else {
                 tracing::warn!(round, %shard, "the commit's checkpoint lacks an assigned shard");
                 continue;
             };
-            let accepted = commit.accepted.iter().find(|a| a.shard == *shard).map(|a| a.deltas.clone()).unwrap_or_default();
+            let accepted = commit
+                .accepted
+                .iter()
+                .find(|a| a.shard == *shard)
+                .map(|a| a.deltas.clone())
+                .unwrap_or_default();
             // What this node computes for the shard: unchanged without deltas, else the round's update.
             let mut computed = None;
             let recomputed = if accepted.is_empty() {
@@ -447,9 +529,11 @@ impl Trainer {
                 }
                 match deltas {
                     Ok(deltas) => {
-                        let (spec, hyper, state) = (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
+                        let (spec, hyper, state) =
+                            (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
                         let new_state = blocking(move || {
-                            apply_round(&spec, &hyper, round, &state, &deltas).map_err(NodeError::from)
+                            apply_round(&spec, &hyper, round, &state, &deltas)
+                                .map_err(NodeError::from)
                         })
                         .await?;
                         let bytes = new_state.to_bytes();
@@ -470,7 +554,13 @@ impl Trainer {
                         Some((bytes, state)) => {
                             let hosted = self.node.host_blob_now(bytes).await?;
                             self.pins.add(round, hosted);
-                            new_held.insert(*shard, Held { hash: entry.hash, state: Arc::new(state) });
+                            new_held.insert(
+                                *shard,
+                                Held {
+                                    hash: entry.hash,
+                                    state: Arc::new(state),
+                                },
+                            );
                         }
                         None => {
                             new_held.insert(*shard, base.clone());
@@ -482,7 +572,9 @@ impl Trainer {
                         round, %shard, ours = %computed, committed = %entry.hash, deltas = accepted.len(),
                         "the commit's shard does not reproduce from its accepted deltas: the commit is wrong"
                     );
-                    refuted.push(commit_check::dispute(&commit, *shard, base.hash, entry.hash, computed)?);
+                    refuted.push(commit_check::dispute(
+                        &commit, *shard, base.hash, entry.hash, computed,
+                    )?);
                 }
                 ShardVerdict::Unverified => to_refetch.push(entry),
             }
@@ -492,7 +584,13 @@ impl Trainer {
         }
         self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
         for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
-            new_held.insert(entry.shard, Held { hash: entry.hash, state: Arc::new(state) });
+            new_held.insert(
+                entry.shard,
+                Held {
+                    hash: entry.hash,
+                    state: Arc::new(state),
+                },
+            );
         }
         self.held = new_held;
         self.commit_store(round, &commit.checkpoint).await?;
@@ -502,19 +600,32 @@ impl Trainer {
             s.activity = format!("round {round}: applied");
         });
         let keep: Vec<ContentHash> = self.held.values().map(|h| h.hash).collect();
-        self.pins.release_before(&self.node, round.saturating_sub(1), &keep);
+        self.pins
+            .release_before(&self.node, round.saturating_sub(1), &keep);
         Ok(())
     }
 
     /// Refuses a commit that does not reproduce: nothing of it is adopted (the held shards and the store stay
     /// at the previous round), one signed dispute per refuted shard goes out on gossip, and the node halts.
-    async fn refuse(&mut self, commit: &RoundCommit, disputes: Vec<CommitDispute>) -> Result<(), NodeError> {
+    async fn refuse(
+        &mut self,
+        commit: &RoundCommit,
+        disputes: Vec<CommitDispute>,
+    ) -> Result<(), NodeError> {
         let round = commit.round;
         let mut published = 0u64;
         for dispute in &disputes {
-            match publish_patiently(&self.node, &Message::CommitDispute(dispute.clone()), Duration::from_secs(5)).await {
+            match publish_patiently(
+                &self.node,
+                &Message::CommitDispute(dispute.clone()),
+                Duration::from_secs(5),
+            )
+            .await
+            {
                 Ok(()) => published += 1,
-                Err(e) => tracing::warn!(round, shard = %dispute.shard, error = %e, "commit dispute not published"),
+                Err(e) => {
+                    tracing::warn!(round, shard = %dispute.shard, error = %e, "commit dispute not published")
+                }
             }
         }
         let refused = RefusedCommit {
@@ -557,31 +668,42 @@ impl Trainer {
     }
 
     /// The accepted payloads of one shard, decoded, sorted by payload hash (the aggregation order).
-    async fn fetch_deltas(&self, hashes: &[ContentHash], len: usize) -> Result<Vec<(ContentHash, Vec<f32>)>, NodeError> {
+    async fn fetch_deltas(
+        &self,
+        hashes: &[ContentHash],
+        len: usize,
+    ) -> Result<Vec<(ContentHash, Vec<f32>)>, NodeError> {
         let node = self.node.clone();
         let timeout = self.cfg.fetch_timeout;
         let coordinator = self.coordinator_peer();
-        let results: Vec<Result<(ContentHash, Vec<f32>), NodeError>> = futures::stream::iter(hashes.iter().copied())
-            .map(|hash| {
-                let node = node.clone();
-                let mut hints: Vec<PeerId> = self.senders.get(&hash).copied().into_iter().collect();
-                hints.extend(coordinator.iter().copied());
-                async move {
-                    let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
-                    let delta = blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
-                    Ok((hash, delta))
-                }
-            })
-            .buffer_unordered(self.cfg.fetch_concurrency.max(1))
-            .collect()
-            .await;
+        let results: Vec<Result<(ContentHash, Vec<f32>), NodeError>> =
+            futures::stream::iter(hashes.iter().copied())
+                .map(|hash| {
+                    let node = node.clone();
+                    let mut hints: Vec<PeerId> =
+                        self.senders.get(&hash).copied().into_iter().collect();
+                    hints.extend(coordinator.iter().copied());
+                    async move {
+                        let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
+                        let delta =
+                            blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
+                        Ok((hash, delta))
+                    }
+                })
+                .buffer_unordered(self.cfg.fetch_concurrency.max(1))
+                .collect()
+                .await;
         let mut deltas = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         deltas.sort_by_key(|d| d.0);
         Ok(deltas)
     }
 
     /// Stores the held shards as round `round` with this node's own manifest of them, hosted as a blob.
-    async fn commit_store(&mut self, round: u64, committed: &CheckpointManifest) -> Result<(), NodeError> {
+    async fn commit_store(
+        &mut self,
+        round: u64,
+        committed: &CheckpointManifest,
+    ) -> Result<(), NodeError> {
         let shards: Vec<ShardEntry> = self
             .held
             .iter()
@@ -595,19 +717,37 @@ impl Trainer {
                 }
             })
             .collect();
-        let own = CheckpointManifest { run: committed.run.clone(), round, shards };
+        let own = CheckpointManifest {
+            run: committed.run.clone(),
+            round,
+            shards,
+        };
         let own_hash = self.node.host_blob_now(own.to_bytes()?).await?;
         self.pins.add(round, own_hash);
         // A restarted node may already hold a later round; its own rounds then simply continue.
-        let stored = commit_checkpoint(self.node.store(), &own, Some(own_hash), IfPresent::Keep).await?;
+        let stored =
+            commit_checkpoint(self.node.store(), &own, Some(own_hash), IfPresent::Keep).await?;
         if !stored {
-            tracing::warn!(round, "store already holds this round or a later one; not committed");
+            tracing::warn!(
+                round,
+                "store already holds this round or a later one; not committed"
+            );
         }
         // Every holder publishes its shard hashes, so the coordinator (and anyone) can compare them.
-        if let Err(e) = publish_patiently(&self.node, &Message::CheckpointManifest(own.clone()), Duration::from_secs(2)).await {
+        if let Err(e) = publish_patiently(
+            &self.node,
+            &Message::CheckpointManifest(own.clone()),
+            Duration::from_secs(2),
+        )
+        .await
+        {
             tracing::debug!(round, error = %e, "own manifest not published");
         }
-        let held: Vec<(String, String)> = own.shards.iter().map(|e| (e.shard.to_string(), e.hash.to_string())).collect();
+        let held: Vec<(String, String)> = own
+            .shards
+            .iter()
+            .map(|e| (e.shard.to_string(), e.hash.to_string()))
+            .collect();
         self.node.update_training_status(|s| {
             s.manifest_hash = Some(own_hash.to_string());
             s.held_shards = held;

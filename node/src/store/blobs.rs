@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-
 use super::error::{StoreError, StoreResult, io_err};
 
 /// Size of the buffer used to hash or copy files in pieces.
@@ -437,7 +436,10 @@ impl BlobWriter {
 
     /// Forgets everything written so far (the temporary file is emptied), for another attempt at the blob.
     pub fn restart(&mut self) -> io::Result<()> {
-        let out = self.out.as_mut().ok_or_else(|| io::Error::other("blob writer already finished"))?;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already finished"))?;
         out.flush()?;
         out.get_mut().set_len(0)?;
         out.get_mut().seek(SeekFrom::Start(0))?;

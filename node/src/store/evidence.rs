@@ -6,10 +6,10 @@
 
 use std::collections::HashSet;
 
+use super::Store;
 use super::blobs::ContentHash;
 use super::error::{StoreError, StoreResult};
 use super::index::{MAX_RECORD_KEY_BYTES, decode, encode, too_large};
-use super::Store;
 
 /// Most pieces of evidence kept; beyond it the one with the smallest key goes.
 pub const MAX_EVIDENCE: usize = 32;
@@ -27,14 +27,19 @@ impl Store {
             return Ok(kept);
         }
         // Written (and pinned) before the record that refers to them, like a round's blobs.
-        let pins = items.iter().map(|bytes| self.put_blob(bytes)).collect::<StoreResult<Vec<_>>>()?;
+        let pins = items
+            .iter()
+            .map(|bytes| self.put_blob(bytes))
+            .collect::<StoreResult<Vec<_>>>()?;
         let hashes: Vec<ContentHash> = pins.iter().map(|p| p.hash()).collect();
         let _guard = self.lock_refs();
         let tree = &self.inner.evidence;
         tree.insert(key, encode("evidence", &hashes)?)?;
         while tree.len() > MAX_EVIDENCE {
             match tree.pop_min()? {
-                Some((old, _)) => tracing::warn!(key = %hex::encode(&old), "evidence store full: the oldest piece dropped"),
+                Some((old, _)) => {
+                    tracing::warn!(key = %hex::encode(&old), "evidence store full: the oldest piece dropped")
+                }
                 None => break,
             }
         }
@@ -48,7 +53,10 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.evidence.iter() {
             let (key, value) = item?;
-            out.push((key.to_vec(), decode::<Vec<ContentHash>>("evidence", &value)?));
+            out.push((
+                key.to_vec(),
+                decode::<Vec<ContentHash>>("evidence", &value)?,
+            ));
         }
         Ok(out)
     }
@@ -67,7 +75,9 @@ impl Store {
         for value in self.inner.evidence.iter().values() {
             let hashes: Vec<ContentHash> = decode("evidence", &value?)?;
             if hashes.len() > MAX_EVIDENCE_BLOBS {
-                return Err(StoreError::InvalidKey("an evidence record names too many blobs"));
+                return Err(StoreError::InvalidKey(
+                    "an evidence record names too many blobs",
+                ));
             }
             out.extend(hashes);
         }
@@ -84,20 +94,47 @@ mod tests {
     fn evidence_is_kept_through_collection_and_bounded() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
-        let kept = store.keep_evidence(&0u64.to_be_bytes(), &[b"first envelope", b"second envelope"]).expect("keep");
+        let kept = store
+            .keep_evidence(
+                &0u64.to_be_bytes(),
+                &[b"first envelope", b"second envelope"],
+            )
+            .expect("keep");
         assert_eq!(kept.len(), 2);
         // The first proof stands.
-        assert_eq!(store.keep_evidence(&0u64.to_be_bytes(), &[b"another"]).expect("keep"), kept);
+        assert_eq!(
+            store
+                .keep_evidence(&0u64.to_be_bytes(), &[b"another"])
+                .expect("keep"),
+            kept
+        );
         store.gc().expect("gc");
-        assert_eq!(store.get_blob(&kept[0]).expect("kept blob"), b"first envelope");
+        assert_eq!(
+            store.get_blob(&kept[0]).expect("kept blob"),
+            b"first envelope"
+        );
         for round in 1..(MAX_EVIDENCE as u64 + 5) {
-            store.keep_evidence(&round.to_be_bytes(), &[format!("e{round}").as_bytes()]).expect("keep");
+            store
+                .keep_evidence(&round.to_be_bytes(), &[format!("e{round}").as_bytes()])
+                .expect("keep");
         }
         let all = store.evidence().expect("list");
         assert_eq!(all.len(), MAX_EVIDENCE);
-        assert_eq!(all[0].0, 5u64.to_be_bytes().to_vec(), "the oldest pieces went first");
+        assert_eq!(
+            all[0].0,
+            5u64.to_be_bytes().to_vec(),
+            "the oldest pieces went first"
+        );
         store.gc().expect("gc");
-        assert!(!store.has_blob(&kept[0]).expect("has"), "a dropped piece's blobs are collected");
-        assert!(store.keep_evidence(b"k", &[b"1", b"2", b"3", b"4", b"5"]).is_err(), "at most 4 blobs");
+        assert!(
+            !store.has_blob(&kept[0]).expect("has"),
+            "a dropped piece's blobs are collected"
+        );
+        assert!(
+            store
+                .keep_evidence(b"k", &[b"1", b"2", b"3", b"4", b"5"])
+                .is_err(),
+            "at most 4 blobs"
+        );
     }
 }

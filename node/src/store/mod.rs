@@ -55,14 +55,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use blobs::{ContentHash, BlobPin, BlobReader, BlobWriter};
+pub use blobs::{BlobPin, BlobReader, BlobWriter, ContentHash};
 pub use error::{StoreError, StoreResult};
 pub use gc::GcReport;
 pub use index::{
     MAX_MANIFEST_ENTRIES, MAX_MANIFEST_META_BYTES, MAX_RECORD_KEY_BYTES, MAX_RECORD_VALUE_BYTES,
     MAX_REJECTION_DETAIL_BYTES, MAX_REJECTION_KEYS, MAX_REJECTION_PEER_BYTES,
-    MAX_REJECTION_REASON_BYTES, ManifestEntry, OVERFLOW_PEER, PeerRejections,
-    ReasonCount, RecordKind, RejectionEntry, RejectionSummary, RoundManifest, round_key,
+    MAX_REJECTION_REASON_BYTES, ManifestEntry, OVERFLOW_PEER, PeerRejections, ReasonCount,
+    RecordKind, RejectionEntry, RejectionSummary, RoundManifest, round_key,
 };
 pub use verify::{CorruptBlob, MissingBlob, VerifyReport};
 

@@ -32,9 +32,24 @@ pub fn manifest(round: u64) -> CheckpointManifest {
         run: run(),
         round,
         shards: vec![
-            ShardEntry { shard: ShardId::Trunk, hash: ContentHash::of(b"trunk"), size: 1 << 20, round },
-            ShardEntry { shard: ShardId::expert(1, 0).unwrap(), hash: ContentHash::of(b"e1.0"), size: 4096, round: round.saturating_sub(1) },
-            ShardEntry { shard: ShardId::expert(1, 1).unwrap(), hash: ContentHash::of(b"e1.1"), size: 4096, round },
+            ShardEntry {
+                shard: ShardId::Trunk,
+                hash: ContentHash::of(b"trunk"),
+                size: 1 << 20,
+                round,
+            },
+            ShardEntry {
+                shard: ShardId::expert(1, 0).unwrap(),
+                hash: ContentHash::of(b"e1.0"),
+                size: 4096,
+                round: round.saturating_sub(1),
+            },
+            ShardEntry {
+                shard: ShardId::expert(1, 1).unwrap(),
+                hash: ContentHash::of(b"e1.1"),
+                size: 4096,
+                round,
+            },
         ],
     }
 }
@@ -45,8 +60,16 @@ pub fn round_announcement() -> RoundAnnouncement {
         round: 7,
         base_checkpoint: manifest(6).hash().unwrap(),
         participants: vec![
-            Participant { node: node().public(), shards: vec![ShardId::Trunk, ShardId::expert(1, 0).unwrap()], data_seeds: vec![1, 2] },
-            Participant { node: coordinator().public(), shards: vec![ShardId::expert(1, 1).unwrap()], data_seeds: vec![3] },
+            Participant {
+                node: node().public(),
+                shards: vec![ShardId::Trunk, ShardId::expert(1, 0).unwrap()],
+                data_seeds: vec![1, 2],
+            },
+            Participant {
+                node: coordinator().public(),
+                shards: vec![ShardId::expert(1, 1).unwrap()],
+                data_seeds: vec![3],
+            },
         ],
         inner_steps: 100,
         hyper: HyperParams {
@@ -57,10 +80,17 @@ pub fn round_announcement() -> RoundAnnouncement {
             outer_momentum: 0.9,
             batch_tokens: 8192,
             seq_len: 1024,
-            codec: CodecOptions { block_size: 128, scale: ScaleFormat::F32, top_k_density: Some(0.02) },
+            codec: CodecOptions {
+                block_size: 128,
+                scale: ScaleFormat::F32,
+                top_k_density: Some(0.02),
+            },
         },
         max_norm_ratio: 3.0,
-        deadlines: Deadlines { deltas_by_ms: T0 + 600_000, commit_by_ms: T0 + 660_000 },
+        deadlines: Deadlines {
+            deltas_by_ms: T0 + 600_000,
+            commit_by_ms: T0 + 660_000,
+        },
     }
 }
 
@@ -73,7 +103,12 @@ pub fn delta_announcement() -> DeltaAnnouncement {
         base_checkpoint: manifest(6).hash().unwrap(),
         payload_hash: ContentHash::of(&payload),
         payload_size: payload.len() as u64,
-        stats: TrainingStats { tokens: 819_200, loss_before: 3.25, loss_after: 3.125, delta_norm: 0.5 },
+        stats: TrainingStats {
+            tokens: 819_200,
+            loss_before: 3.25,
+            loss_after: 3.125,
+            delta_norm: 0.5,
+        },
     }
 }
 
@@ -90,7 +125,10 @@ pub fn round_commit() -> RoundCommit {
     RoundCommit {
         run: run(),
         round: 7,
-        accepted: vec![AcceptedDeltas { shard: ShardId::expert(1, 0).unwrap(), deltas: vec![ContentHash::of(&sample_payload())] }],
+        accepted: vec![AcceptedDeltas {
+            shard: ShardId::expert(1, 0).unwrap(),
+            deltas: vec![ContentHash::of(&sample_payload())],
+        }],
         rejected: vec![RejectedDelta {
             shard: ShardId::Trunk,
             node: outsider().public(),
@@ -122,7 +160,12 @@ pub fn heartbeat() -> Heartbeat {
         run: run(),
         seq: 42,
         hosted: vec![ShardId::Trunk, ShardId::expert(1, 0).unwrap()],
-        capacity: Capacity { device: DeviceKind::Cuda, memory_bytes: 80 << 30, tokens_per_second: 12_500.0, max_shards: 16 },
+        capacity: Capacity {
+            device: DeviceKind::Cuda,
+            memory_bytes: 80 << 30,
+            tokens_per_second: 12_500.0,
+            max_shards: 16,
+        },
         software_version: Text::new("mana 0.1.0").unwrap(),
     }
 }
@@ -130,10 +173,19 @@ pub fn heartbeat() -> Heartbeat {
 /// One of each message type, with a name.
 pub fn all_messages() -> Vec<(&'static str, Message)> {
     vec![
-        ("round_announcement", Message::RoundAnnouncement(round_announcement())),
-        ("delta_announcement", Message::DeltaAnnouncement(delta_announcement())),
+        (
+            "round_announcement",
+            Message::RoundAnnouncement(round_announcement()),
+        ),
+        (
+            "delta_announcement",
+            Message::DeltaAnnouncement(delta_announcement()),
+        ),
         ("round_commit", Message::RoundCommit(round_commit())),
-        ("checkpoint_manifest", Message::CheckpointManifest(manifest(7))),
+        (
+            "checkpoint_manifest",
+            Message::CheckpointManifest(manifest(7)),
+        ),
         ("heartbeat", Message::Heartbeat(heartbeat())),
         ("commit_dispute", Message::CommitDispute(commit_dispute())),
     ]
@@ -151,26 +203,52 @@ pub fn signer_of(message: &Message) -> Keypair {
 pub fn all_envelopes() -> Vec<(&'static str, Vec<u8>)> {
     all_messages()
         .into_iter()
-        .map(|(name, m)| (name, SignedEnvelope::sign(&signer_of(&m), &m, T0 + 1000).unwrap().encode().unwrap()))
+        .map(|(name, m)| {
+            (
+                name,
+                SignedEnvelope::sign(&signer_of(&m), &m, T0 + 1000)
+                    .unwrap()
+                    .encode()
+                    .unwrap(),
+            )
+        })
         .collect()
 }
 
 pub fn fetch_request() -> FetchRequest {
-    FetchRequest { hash: ContentHash::of(&sample_payload()), offset: 0, max_len: 1 << 20 }
+    FetchRequest {
+        hash: ContentHash::of(&sample_payload()),
+        offset: 0,
+        max_len: 1 << 20,
+    }
 }
 
 pub fn fetch_response() -> FetchResponse {
     let payload = sample_payload();
-    FetchResponse::Chunk { hash: ContentHash::of(&payload), offset: 0, total_size: payload.len() as u64, data: Bytes(payload[..32].to_vec()) }
+    FetchResponse::Chunk {
+        hash: ContentHash::of(&payload),
+        offset: 0,
+        total_size: payload.len() as u64,
+        data: Bytes(payload[..32].to_vec()),
+    }
 }
 
 pub fn range_request() -> RangeRequest {
-    RangeRequest { hash: ContentHash::of(&sample_payload()), offset: 8 << 20, len: 8 << 20 }
+    RangeRequest {
+        hash: ContentHash::of(&sample_payload()),
+        offset: 8 << 20,
+        len: 8 << 20,
+    }
 }
 
 pub fn range_response() -> RangeResponse {
     let payload = sample_payload();
-    RangeResponse::Range { hash: ContentHash::of(&payload), offset: 0, total_size: payload.len() as u64, len: 32 }
+    RangeResponse::Range {
+        hash: ContentHash::of(&payload),
+        offset: 0,
+        total_size: payload.len() as u64,
+        len: 32,
+    }
 }
 
 pub fn expert_request() -> ExpertRequest {
@@ -183,5 +261,7 @@ pub fn expert_request() -> ExpertRequest {
 }
 
 pub fn expert_response() -> ExpertResponse {
-    ExpertResponse::Output { output: Tensor::from_f32(vec![2, 4], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap() }
+    ExpertResponse::Output {
+        output: Tensor::from_f32(vec![2, 4], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap(),
+    }
 }

@@ -28,7 +28,8 @@ pub fn parse_allowlist(text: &str) -> Result<BTreeSet<PublicKey>, NodeError> {
         if line.is_empty() {
             continue;
         }
-        let key = parse_public_key(line).map_err(|e| NodeError::Config(format!("allowlist line {}: {e}", i + 1)))?;
+        let key = parse_public_key(line)
+            .map_err(|e| NodeError::Config(format!("allowlist line {}: {e}", i + 1)))?;
         keys.insert(key);
     }
     Ok(keys)
@@ -36,7 +37,10 @@ pub fn parse_allowlist(text: &str) -> Result<BTreeSet<PublicKey>, NodeError> {
 
 /// Reads and parses the allowlist at `path` (bounded).
 pub fn read_allowlist(path: &Path) -> Result<BTreeSet<PublicKey>, NodeError> {
-    let file_err = |source| NodeError::File { path: path.to_path_buf(), source };
+    let file_err = |source| NodeError::File {
+        path: path.to_path_buf(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(file_err)?;
     if meta.len() > MAX_ALLOWLIST_BYTES {
         return Err(NodeError::Config(format!(
@@ -61,7 +65,14 @@ impl AllowlistFile {
     pub(crate) fn open(path: PathBuf) -> Result<(AllowlistFile, BTreeSet<PublicKey>), NodeError> {
         let keys = read_allowlist(&path)?;
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        Ok((AllowlistFile { path, modified, checked: Instant::now() }, keys))
+        Ok((
+            AllowlistFile {
+                path,
+                modified,
+                checked: Instant::now(),
+            },
+            keys,
+        ))
     }
 
     /// The new list if the file changed since the last read, at most once per [`CHECK_EVERY`]. A file that
@@ -72,7 +83,9 @@ impl AllowlistFile {
             return None;
         }
         self.checked = Instant::now();
-        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         if modified == self.modified {
             return None;
         }
@@ -99,10 +112,13 @@ mod tests {
     fn keys_comments_and_bad_lines() {
         let a = "11".repeat(32);
         let b = "22".repeat(32);
-        let keys = parse_allowlist(&format!("# the run's members\n{a}\n\n  {b}  # alice\n")).unwrap();
+        let keys =
+            parse_allowlist(&format!("# the run's members\n{a}\n\n  {b}  # alice\n")).unwrap();
         assert_eq!(keys.len(), 2);
         assert!(keys.contains(&PublicKey([0x11; 32])));
-        let err = parse_allowlist(&format!("{a}\nnot-a-key\n")).unwrap_err().to_string();
+        let err = parse_allowlist(&format!("{a}\nnot-a-key\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(parse_allowlist(&"ab".repeat(31)).is_err(), "a short key");
     }

@@ -14,7 +14,11 @@ use crate::roles::common::fetch_bytes;
 
 impl Role {
     /// Computes every shard's new state from its accepted deltas, hosts the blobs, reports them.
-    pub(super) async fn aggregate(&mut self, ann: &RoundAnnouncement, accepted: Vec<AcceptedDeltas>) -> Result<(), NodeError> {
+    pub(super) async fn aggregate(
+        &mut self,
+        ann: &RoundAnnouncement,
+        accepted: Vec<AcceptedDeltas>,
+    ) -> Result<(), NodeError> {
         let started = Instant::now();
         let round = ann.round;
         let mut jobs = Vec::new();
@@ -29,7 +33,9 @@ impl Role {
                     Some(v) => v.clone(),
                     None => {
                         // After a restart: fetch and decode again (it passed verification already).
-                        let bytes = fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout).await?;
+                        let bytes =
+                            fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout)
+                                .await?;
                         let len = base.params.len();
                         let v = blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
                         let v = Arc::new(v);
@@ -59,7 +65,12 @@ impl Role {
             let hash = self.node.host_blob_now(bytes).await?;
             self.pins.add(round, hash);
             self.pending.insert(shard, (hash, Arc::new(state)));
-            let entry = ShardEntry { shard, hash, size, round };
+            let entry = ShardEntry {
+                shard,
+                hash,
+                size,
+                round,
+            };
             if let Err(e) = self.machine.shard_aggregated(round, entry) {
                 tracing::warn!(round, %shard, error = %e, "aggregation result not taken");
             }

@@ -45,13 +45,18 @@ pub use metrics::{PhaseMs, RoundMetrics};
 pub use verify::PAYLOAD_UNAVAILABLE;
 
 use super::common::{PinLedger, append_line, os_seed, peer_name, publish_patiently};
-use crate::daemon::now_ms;
-use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict};
-use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{NormHistory, NormSample, RunShard, ScorePolicy, RunSpec, ShardRecord, build_trainer, initial_shards};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
+use crate::daemon::now_ms;
 use crate::daemon::status::MemberStanding;
+use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::store::RecordKind;
+use mana_engine::coordinator::{
+    Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict,
+};
+use mana_engine::round::{
+    NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord, build_trainer,
+    initial_shards,
+};
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
 pub const STATE_KEY: &[u8] = b"coordinator/state";
@@ -100,7 +105,11 @@ impl ConductorConfig {
     /// Defaults around `machine`: tick 100 ms, every delta scored with the default [`ScorePolicy`], a norm of
     /// at least 1% of the reference, 8 norms of history per shard, 4 validation batches, no round limit, no
     /// metrics or export.
-    pub fn new(machine: CoordinatorConfig, spec: RunSpec, data: Arc<TextDataset>) -> ConductorConfig {
+    pub fn new(
+        machine: CoordinatorConfig,
+        spec: RunSpec,
+        data: Arc<TextDataset>,
+    ) -> ConductorConfig {
         ConductorConfig {
             machine,
             spec,
@@ -203,7 +212,10 @@ pub async fn run_conductor(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
     if node.config().sync_shards {
-        return Err(NodeError::Config("the coordinator commits its own rounds: start its node with sync_shards = false".into()));
+        return Err(NodeError::Config(
+            "the coordinator commits its own rounds: start its node with sync_shards = false"
+                .into(),
+        ));
     }
     if cfg.machine.run != node.config().net.run_id {
         return Err(NodeError::Config(format!(
@@ -214,7 +226,11 @@ pub async fn run_conductor(
     }
     let (verify_tx, mut verify_rx) = mpsc::channel(4);
     let mut role = Role::start(node, cfg, verify_tx).await?;
-    if role.cfg.rounds.is_some_and(|n| role.machine.checkpoint().round >= n) {
+    if role
+        .cfg
+        .rounds
+        .is_some_and(|n| role.machine.checkpoint().round >= n)
+    {
         // Resumed a run that already reached its last round: nothing to train.
         role.export().await?;
         return Ok(());
@@ -256,7 +272,8 @@ impl Role {
         verify_tx: mpsc::Sender<verify::VerifyReport>,
     ) -> Result<Role, NodeError> {
         let store = node.store().clone();
-        let saved = blocking(move || Ok(store.get_record(RecordKind::RoundState, STATE_KEY)?)).await?;
+        let saved =
+            blocking(move || Ok(store.get_record(RecordKind::RoundState, STATE_KEY)?)).await?;
         let (machine, model) = match saved {
             Some(bytes) => {
                 let machine = Coordinator::from_bytes(&bytes).map_err(NodeError::from)?;
@@ -268,12 +285,17 @@ impl Role {
                     )));
                 }
                 let model = load_model(&node, &cfg.spec, machine.checkpoint()).await?;
-                tracing::info!(round = machine.checkpoint().round, phase = machine.state().name(), "coordinator resumed");
+                tracing::info!(
+                    round = machine.checkpoint().round,
+                    phase = machine.state().name(),
+                    "coordinator resumed"
+                );
                 (machine, model)
             }
             None => {
                 let (checkpoint, model) = create_initial(&node, &cfg).await?;
-                let machine = Coordinator::new(cfg.machine.clone(), checkpoint).map_err(NodeError::from)?;
+                let machine =
+                    Coordinator::new(cfg.machine.clone(), checkpoint).map_err(NodeError::from)?;
                 (machine, model)
             }
         };
@@ -319,7 +341,11 @@ impl Role {
         };
         if let Some(active) = role.machine.state().round() {
             role.last_announcement = Some(active.announcement.clone());
-            role.round_deltas = active.deltas.iter().map(|((_, n), d)| (*n, d.clone())).collect();
+            role.round_deltas = active
+                .deltas
+                .iter()
+                .map(|((_, n), d)| (*n, d.clone()))
+                .collect();
         }
         role.resume_work().await?;
         role.save().await;
@@ -330,10 +356,15 @@ impl Role {
     /// After a restart mid-round: verification or aggregation that was in flight is started again.
     async fn resume_work(&mut self) -> Result<(), NodeError> {
         match self.machine.state().clone() {
-            RunState::RoundVerify(round) => self.start_verify(round.announcement.clone(), round.unverified()),
+            RunState::RoundVerify(round) => {
+                self.start_verify(round.announcement.clone(), round.unverified())
+            }
             RunState::RoundAggregate(round) => {
-                let accepted: Vec<AcceptedDeltas> =
-                    round.accepted().into_iter().filter(|a| !round.results.contains_key(&a.shard)).collect();
+                let accepted: Vec<AcceptedDeltas> = round
+                    .accepted()
+                    .into_iter()
+                    .filter(|a| !round.results.contains_key(&a.shard))
+                    .collect();
                 self.aggregate(&round.announcement, accepted).await?;
             }
             _ => {}
@@ -342,7 +373,11 @@ impl Role {
     }
 
     async fn tick(&mut self) -> Result<(), NodeError> {
-        if let Some(keys) = self.allowlist.as_mut().and_then(admission::AllowlistFile::reload_if_changed) {
+        if let Some(keys) = self
+            .allowlist
+            .as_mut()
+            .and_then(admission::AllowlistFile::reload_if_changed)
+        {
             self.machine.set_allowlist(Some(keys));
         }
         let seed = os_seed()?;
@@ -357,23 +392,31 @@ impl Role {
         match action {
             Action::AnnounceRound(ann) => {
                 let round = ann.round;
-                self.clock = RoundClock { announced: Some(Instant::now()), ..RoundClock::default() };
+                self.clock = RoundClock {
+                    announced: Some(Instant::now()),
+                    ..RoundClock::default()
+                };
                 self.decoded.clear();
                 self.reasons.clear();
                 self.pending.clear();
                 self.round_deltas.clear();
                 self.last_announcement = Some(ann.clone());
-                let patience = Duration::from_millis(ann.deadlines.deltas_by_ms.saturating_sub(now_ms()));
+                let patience =
+                    Duration::from_millis(ann.deadlines.deltas_by_ms.saturating_sub(now_ms()));
                 let participants = ann.participants.len();
                 // Saved before publishing: a restart must never announce the same round twice.
                 self.save().await;
-                match publish_patiently(&self.node, &Message::RoundAnnouncement(ann), patience).await {
+                match publish_patiently(&self.node, &Message::RoundAnnouncement(ann), patience)
+                    .await
+                {
                     Ok(()) => tracing::info!(round, participants, "round announced"),
                     Err(e) => tracing::warn!(round, error = %e, "round announcement not published"),
                 }
             }
             Action::Verify { round, deltas } => {
-                let Some(active) = self.machine.state().round() else { return Ok(()) };
+                let Some(active) = self.machine.state().round() else {
+                    return Ok(());
+                };
                 if active.announcement.round != round {
                     return Ok(());
                 }
@@ -381,7 +424,9 @@ impl Role {
                 self.start_verify(ann, deltas);
             }
             Action::Aggregate { round, accepted } => {
-                let Some(active) = self.machine.state().round() else { return Ok(()) };
+                let Some(active) = self.machine.state().round() else {
+                    return Ok(());
+                };
                 if active.announcement.round != round {
                     return Ok(());
                 }
@@ -393,11 +438,21 @@ impl Role {
         Ok(())
     }
 
-    fn start_verify(&mut self, announcement: RoundAnnouncement, deltas: Vec<(PublicKey, DeltaAnnouncement)>) {
+    fn start_verify(
+        &mut self,
+        announcement: RoundAnnouncement,
+        deltas: Vec<(PublicKey, DeltaAnnouncement)>,
+    ) {
         // Each payload fetch gets at most half of what is left of the window, so that the norm checks and the scores
         // of the deltas that did arrive still end before the commit deadline.
-        let remaining = announcement.deadlines.commit_by_ms.saturating_sub(now_ms()).max(1000);
-        let Some(score_seed) = self.machine.state().round().map(|r| r.score_seed()) else { return };
+        let remaining = announcement
+            .deadlines
+            .commit_by_ms
+            .saturating_sub(now_ms())
+            .max(1000);
+        let Some(score_seed) = self.machine.state().round().map(|r| r.score_seed()) else {
+            return;
+        };
         let input = verify::VerifyInput {
             announcement,
             deltas,
@@ -409,7 +464,10 @@ impl Role {
             score_share: self.cfg.score_share,
             score_policy: self.cfg.score_policy,
             min_norm_ratio: self.cfg.min_norm_ratio,
-            fetch_budget: self.cfg.fetch_timeout.min(Duration::from_millis(remaining / 2)),
+            fetch_budget: self
+                .cfg
+                .fetch_timeout
+                .min(Duration::from_millis(remaining / 2)),
             concurrency: self.cfg.fetch_concurrency,
         };
         let (node, tx) = (self.node.clone(), self.verify_tx.clone());
@@ -434,21 +492,35 @@ impl Role {
                         tracing::debug!(round = report.round, shard = %checked.delta.shard, gain = s.gain(), seed = report.score_seed, "delta scored");
                     }
                     self.decoded.insert(hash, delta);
-                    self.history.push(NormSample { shard: checked.delta.shard, sender: checked.node, norm });
+                    self.history.push(NormSample {
+                        shard: checked.delta.shard,
+                        sender: checked.node,
+                        norm,
+                    });
                     Verdict::Accept
                 }
-                verify::Outcome::Rejected { code, reason, detail } => {
+                verify::Outcome::Rejected {
+                    code,
+                    reason,
+                    detail,
+                } => {
                     tracing::info!(round = report.round, node = %peer_name(&checked.node), shard = %checked.delta.shard, %reason, %detail, "delta rejected");
-                    self.reasons.insert((checked.delta.shard, checked.node), (reason, detail));
+                    self.reasons
+                        .insert((checked.delta.shard, checked.node), (reason, detail));
                     Verdict::Reject(code)
                 }
             };
-            if let Err(e) = self.machine.verification_verdict(report.round, checked.delta.shard, checked.node, hash, verdict) {
+            if let Err(e) = self.machine.verification_verdict(
+                report.round,
+                checked.delta.shard,
+                checked.node,
+                hash,
+                verdict,
+            ) {
                 tracing::debug!(round = report.round, error = %e, "verdict not taken");
             }
         }
     }
-
 
     async fn commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
         let round = commit.round;
@@ -460,9 +532,17 @@ impl Role {
         for entry in &checkpoint.shards {
             let state = match self.pending.get(&entry.shard) {
                 Some((hash, state)) if *hash == entry.hash => (**state).clone(),
-                _ => match (self.model.hashes.get(&entry.shard), self.model.state(&entry.shard)) {
+                _ => match (
+                    self.model.hashes.get(&entry.shard),
+                    self.model.state(&entry.shard),
+                ) {
                     (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
-                    _ => return Err(NodeError::MissingShard { round, shard: entry.shard }),
+                    _ => {
+                        return Err(NodeError::MissingShard {
+                            round,
+                            shard: entry.shard,
+                        });
+                    }
                 },
             };
             states.push(state);
@@ -470,11 +550,26 @@ impl Role {
         }
         // Durable first (store round + manifest blob), then announced.
         let manifest_hash = self.node.host_blob_now(checkpoint.to_bytes()?).await?;
-        commit_checkpoint(self.node.store(), &checkpoint, Some(manifest_hash), IfPresent::Commit).await?;
-        self.model = Model { states: Arc::new(states), hashes };
+        commit_checkpoint(
+            self.node.store(),
+            &checkpoint,
+            Some(manifest_hash),
+            IfPresent::Commit,
+        )
+        .await?;
+        self.model = Model {
+            states: Arc::new(states),
+            hashes,
+        };
         self.pending.clear();
         self.save().await;
-        if let Err(e) = publish_patiently(&self.node, &Message::RoundCommit(commit.clone()), Duration::from_secs(5)).await {
+        if let Err(e) = publish_patiently(
+            &self.node,
+            &Message::RoundCommit(commit.clone()),
+            Duration::from_secs(5),
+        )
+        .await
+        {
             tracing::warn!(round, error = %e, "round commit not published");
         }
 
@@ -485,10 +580,17 @@ impl Role {
                 .reasons
                 .get(&(r.shard, r.node))
                 .cloned()
-                .unwrap_or_else(|| (r.reason.as_str().to_owned(), format!("round {round}, shard {}", r.shard)));
+                .unwrap_or_else(|| {
+                    (
+                        r.reason.as_str().to_owned(),
+                        format!("round {round}, shard {}", r.shard),
+                    )
+                });
             *rejected_reasons.entry(reason.clone()).or_default() += 1;
             let (store, peer) = (self.node.store().clone(), peer_name(&r.node));
-            if let Err(e) = blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await {
+            if let Err(e) =
+                blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await
+            {
                 tracing::warn!(error = %e, "rejection not logged");
             }
         }
@@ -500,14 +602,27 @@ impl Role {
         self.val_loss = val_loss;
         tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
         if let Some(path) = self.cfg.metrics.clone() {
-            let line = self.metrics_line(&commit, ann.as_ref(), rejected_reasons, val_loss, checkpoint_hash);
+            let line = self.metrics_line(
+                &commit,
+                ann.as_ref(),
+                rejected_reasons,
+                val_loss,
+                checkpoint_hash,
+            );
             match serde_json::to_string(&line) {
                 Ok(json) => append_line(&path, json).await?,
                 Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
             }
         }
-        let keep: Vec<ContentHash> = self.model.hashes.values().copied().chain([manifest_hash]).collect();
-        self.pins.release_before(&self.node, round.saturating_sub(1), &keep);
+        let keep: Vec<ContentHash> = self
+            .model
+            .hashes
+            .values()
+            .copied()
+            .chain([manifest_hash])
+            .collect();
+        self.pins
+            .release_before(&self.node, round.saturating_sub(1), &keep);
         self.decoded.clear();
         if self.cfg.rounds.is_some_and(|n| round >= n) {
             self.done = true;
@@ -515,15 +630,15 @@ impl Role {
         Ok(())
     }
 
-
-
     async fn on_message(&mut self, signer: PublicKey, message: Message) {
         if signer == self.me {
             return;
         }
         match message {
             Message::Heartbeat(hb) => {
-                if let Err(EventError::Refused(code)) = self.machine.node_heartbeat(now_ms(), signer, &hb) {
+                if let Err(EventError::Refused(code)) =
+                    self.machine.node_heartbeat(now_ms(), signer, &hb)
+                {
                     // Not logged in the store: a banned or unlisted key heartbeats every few seconds.
                     tracing::debug!(node = %peer_name(&signer), %code, "heartbeat refused");
                     self.not_admitted += 1;
@@ -540,10 +655,14 @@ impl Role {
                         tracing::debug!(round, payload = %hash, size, "delta announced");
                     }
                     Err(EventError::Refused(code)) => {
-                        let detail = format!("round {round}: delta {hash} refused by the coordinator");
+                        let detail =
+                            format!("round {round}: delta {hash} refused by the coordinator");
                         let (store, peer) = (self.node.store().clone(), peer_name(&signer));
                         let reason = code.as_str().to_owned();
-                        if let Err(e) = blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await {
+                        if let Err(e) =
+                            blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?))
+                                .await
+                        {
                             tracing::warn!(error = %e, "rejection not logged");
                         }
                         self.rejected_total += 1;
@@ -553,7 +672,6 @@ impl Role {
             _ => {}
         }
     }
-
 
     /// Saves the state machine in the store if it changed.
     async fn save(&mut self) {
@@ -577,17 +695,23 @@ impl Role {
         .await
         {
             Ok(()) => self.saved = bytes,
-            Err(e) => tracing::error!(error = %e, bytes = bytes.len(), "coordinator state not saved"),
+            Err(e) => {
+                tracing::error!(error = %e, bytes = bytes.len(), "coordinator state not saved")
+            }
         }
     }
 
     fn update_status(&self) {
         let state = self.machine.state();
-        let round = state.round().map(|r| r.announcement.round).or(Some(self.machine.checkpoint().round));
+        let round = state
+            .round()
+            .map(|r| r.announcement.round)
+            .or(Some(self.machine.checkpoint().round));
         let checkpoint = self.machine.checkpoint();
         let hash = checkpoint.hash().ok().map(|h| h.to_string());
         let (members, committed) = (self.machine.members().len(), checkpoint.round);
-        let (accepted, rejected, val_loss) = (self.accepted_total, self.rejected_total, self.val_loss);
+        let (accepted, rejected, val_loss) =
+            (self.accepted_total, self.rejected_total, self.val_loss);
         let (reports, mismatches) = (self.holder_reports, self.holder_mismatches);
         let standings = self.machine.standings();
         let banned = standings.banned_count();
@@ -623,7 +747,9 @@ impl Role {
 
     /// Saves the current model to `cfg.export`, if set.
     async fn export(&self) -> Result<(), NodeError> {
-        let Some(dir) = self.cfg.export.clone() else { return Ok(()) };
+        let Some(dir) = self.cfg.export.clone() else {
+            return Ok(());
+        };
         let (spec, states) = (self.cfg.spec.clone(), self.model.states.clone());
         let hyper = self.machine.config().hyper.clone();
         let round = self.machine.checkpoint().round;
@@ -638,7 +764,10 @@ impl Role {
 }
 
 /// Round 0: every shard of the fresh model, hosted, committed to the store, and its manifest.
-async fn create_initial(node: &NodeHandle, cfg: &ConductorConfig) -> Result<(CheckpointManifest, Model), NodeError> {
+async fn create_initial(
+    node: &NodeHandle,
+    cfg: &ConductorConfig,
+) -> Result<(CheckpointManifest, Model), NodeError> {
     let spec = cfg.spec.clone();
     let states = blocking(move || initial_shards(&spec).map_err(NodeError::from)).await?;
     let mut shards = Vec::new();
@@ -648,19 +777,44 @@ async fn create_initial(node: &NodeHandle, cfg: &ConductorConfig) -> Result<(Che
         let bytes = state.to_bytes();
         let size = bytes.len() as u64;
         let hash = node.host_blob_now(bytes).await?;
-        shards.push(ShardEntry { shard, hash, size, round: 0 });
+        shards.push(ShardEntry {
+            shard,
+            hash,
+            size,
+            round: 0,
+        });
         hashes.insert(shard, hash);
     }
     shards.sort_by_key(|e| e.shard);
-    let checkpoint = CheckpointManifest { run: cfg.machine.run.clone(), round: 0, shards };
+    let checkpoint = CheckpointManifest {
+        run: cfg.machine.run.clone(),
+        round: 0,
+        shards,
+    };
     let manifest_hash = node.host_blob_now(checkpoint.to_bytes()?).await?;
-    commit_checkpoint(node.store(), &checkpoint, Some(manifest_hash), IfPresent::Keep).await?;
+    commit_checkpoint(
+        node.store(),
+        &checkpoint,
+        Some(manifest_hash),
+        IfPresent::Keep,
+    )
+    .await?;
     tracing::info!(shards = checkpoint.shards.len(), manifest = %manifest_hash, "round 0 checkpoint created");
-    Ok((checkpoint, Model { states: Arc::new(states), hashes }))
+    Ok((
+        checkpoint,
+        Model {
+            states: Arc::new(states),
+            hashes,
+        },
+    ))
 }
 
 /// The model of `checkpoint`, read from the store (a restarted coordinator).
-async fn load_model(node: &NodeHandle, spec: &RunSpec, checkpoint: &CheckpointManifest) -> Result<Model, NodeError> {
+async fn load_model(
+    node: &NodeHandle,
+    spec: &RunSpec,
+    checkpoint: &CheckpointManifest,
+) -> Result<Model, NodeError> {
     let mut states = Vec::new();
     let mut hashes = BTreeMap::new();
     for entry in &checkpoint.shards {
@@ -674,5 +828,8 @@ async fn load_model(node: &NodeHandle, spec: &RunSpec, checkpoint: &CheckpointMa
         states.push(state);
         hashes.insert(entry.shard, entry.hash);
     }
-    Ok(Model { states: Arc::new(states), hashes })
+    Ok(Model {
+        states: Arc::new(states),
+        hashes,
+    })
 }

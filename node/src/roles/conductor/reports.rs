@@ -15,7 +15,10 @@ impl Role {
         }
         self.holder_reports += 1;
         for entry in &report.shards {
-            if checkpoint.shard(&entry.shard).is_some_and(|c| c.hash != entry.hash) {
+            if checkpoint
+                .shard(&entry.shard)
+                .is_some_and(|c| c.hash != entry.hash)
+            {
                 self.holder_mismatches += 1;
                 tracing::warn!(round = report.round, node = %peer_name(&signer), shard = %entry.shard, "a holder's shard differs from the commit");
             }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use mana_engine::round::build_trainer;
-use mana_protocol::{ContentHash, HyperParams, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule};
+use mana_protocol::{
+    ContentHash, HyperParams, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule,
+};
 
 use super::Role;
 use super::metrics::{PhaseMs, RoundMetrics};
@@ -26,7 +28,8 @@ impl Role {
             per_node.entry(*node).or_insert(d.stats);
         }
         let losses: Vec<f32> = per_node.values().map(|s| s.loss_before).collect();
-        let train_loss = (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32);
+        let train_loss =
+            (!losses.is_empty()).then(|| losses.iter().sum::<f32>() / losses.len() as f32);
         let announced = self.clock.announced;
         let train = match (announced, self.clock.last_delta) {
             (Some(a), Some(l)) => l.saturating_duration_since(a).as_millis() as u64,
@@ -47,7 +50,12 @@ impl Role {
             tokens: per_node.values().map(|s| s.tokens).sum(),
             payload_bytes: deltas.iter().map(|(_, d)| d.payload_size).sum(),
             checkpoint: checkpoint.to_string(),
-            ms: PhaseMs { train, transfer: self.clock.transfer_ms, verify: self.clock.verify_ms, apply: self.clock.apply_ms },
+            ms: PhaseMs {
+                train,
+                transfer: self.clock.transfer_ms,
+                verify: self.clock.verify_ms,
+                apply: self.clock.apply_ms,
+            },
             scored: self.clock.scored,
             score_seed: self.clock.score_seed.map(|s| format!("{s:016x}")),
             unix_ms: now_ms(),
@@ -56,8 +64,15 @@ impl Role {
 
     /// Mean validation loss of the current model on the run's fixed validation batches.
     pub(super) async fn validation_loss(&self, hyper: Option<&HyperParams>) -> Option<f32> {
-        let hyper = hyper.cloned().unwrap_or_else(|| self.machine.config().hyper.clone());
-        let (spec, data, states, n) = (self.cfg.spec.clone(), self.cfg.data.clone(), self.model.states.clone(), self.cfg.val_batches);
+        let hyper = hyper
+            .cloned()
+            .unwrap_or_else(|| self.machine.config().hyper.clone());
+        let (spec, data, states, n) = (
+            self.cfg.spec.clone(),
+            self.cfg.data.clone(),
+            self.model.states.clone(),
+            self.cfg.val_batches,
+        );
         let result = blocking(move || {
             let (b, t) = spec.batch_shape(&hyper)?;
             let mut trainer = build_trainer(&spec, &hyper, &states)?;

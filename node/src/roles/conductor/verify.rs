@@ -27,13 +27,16 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mana_kernels::data::TextDataset;
 use mana_protocol::validation::{l2_norm, validate_delta_payload};
-use mana_protocol::{Binding, DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, contribution_len};
+use mana_protocol::{
+    Binding, DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, contribution_len,
+};
 
 use super::super::common::{fetch_bytes_within, peer_name};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::net::fetch::FetchError;
 use mana_engine::round::{
-    NormSample, NormVerdict, RunSpec, Score, ScorePolicy, ShardRecord, ShardScorer, is_scored, judge_norm, score_batch,
+    NormSample, NormVerdict, RunSpec, Score, ScorePolicy, ShardRecord, ShardScorer, is_scored,
+    judge_norm, score_batch,
 };
 
 /// The reason logged for a payload that could not be fetched within its budget (its wire code is
@@ -70,8 +73,16 @@ pub(crate) struct VerifyInput {
 
 /// The verdict on one delta.
 pub(crate) enum Outcome {
-    Accepted { delta: Arc<Vec<f32>>, norm: f32, score: Option<Score> },
-    Rejected { code: RejectCode, reason: String, detail: String },
+    Accepted {
+        delta: Arc<Vec<f32>>,
+        norm: f32,
+        score: Option<Score>,
+    },
+    Rejected {
+        code: RejectCode,
+        reason: String,
+        detail: String,
+    },
 }
 
 /// One delta and its verdict.
@@ -94,21 +105,44 @@ pub(crate) struct VerifyReport {
 }
 
 fn rejected(code: RejectCode, detail: impl ToString) -> Outcome {
-    Outcome::Rejected { code, reason: code.as_str().to_owned(), detail: detail.to_string() }
+    Outcome::Rejected {
+        code,
+        reason: code.as_str().to_owned(),
+        detail: detail.to_string(),
+    }
 }
 
 /// Step 1 for one delta: `Err` with the refusal if the sender may not send it or its size is not the one
 /// the codec makes; `Ok` with the shard's length otherwise.
-fn authorize(input: &VerifyInput, sender: &PublicKey, delta: &DeltaAnnouncement) -> Result<usize, Outcome> {
+fn authorize(
+    input: &VerifyInput,
+    sender: &PublicKey,
+    delta: &DeltaAnnouncement,
+) -> Result<usize, Outcome> {
     let ann = &input.announcement;
-    if !ann.participant(sender).is_some_and(|p| p.shards.contains(&delta.shard)) {
-        let detail = format!("{} is not assigned {} in round {}", peer_name(sender), delta.shard, ann.round);
+    if !ann
+        .participant(sender)
+        .is_some_and(|p| p.shards.contains(&delta.shard))
+    {
+        let detail = format!(
+            "{} is not assigned {} in round {}",
+            peer_name(sender),
+            delta.shard,
+            ann.round
+        );
         return Err(rejected(RejectCode::ShardNotAssigned, detail));
     }
-    let len = input.spec.shard_len(delta.shard).map_err(|e| rejected(RejectCode::ShardNotAssigned, e))?;
-    let expected = contribution_len(&Binding::of(delta, *sender), len, &ann.hyper.codec).map_err(|e| rejected(RejectCode::BadPayload, e))?;
+    let len = input
+        .spec
+        .shard_len(delta.shard)
+        .map_err(|e| rejected(RejectCode::ShardNotAssigned, e))?;
+    let expected = contribution_len(&Binding::of(delta, *sender), len, &ann.hyper.codec)
+        .map_err(|e| rejected(RejectCode::BadPayload, e))?;
     if delta.payload_size != expected {
-        let detail = format!("announced {} bytes, a contribution to {} is {expected}", delta.payload_size, delta.shard);
+        let detail = format!(
+            "announced {} bytes, a contribution to {} is {expected}",
+            delta.payload_size, delta.shard
+        );
         return Err(rejected(RejectCode::SizeMismatch, detail));
     }
     Ok(len)
@@ -131,16 +165,30 @@ async fn fetch_and_validate(
     let attempt = (budget / FETCH_ATTEMPTS).max(Duration::from_secs(1));
     let bytes = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let result = fetch_bytes_within(node, delta.payload_hash, delta.payload_size, hints.clone(), attempt.min(left)).await;
+        let result = fetch_bytes_within(
+            node,
+            delta.payload_hash,
+            delta.payload_size,
+            hints.clone(),
+            attempt.min(left),
+        )
+        .await;
         match result {
             Ok(bytes) => break bytes,
             // The provider itself says the blob is bigger than announced.
             Err(e @ (NodeError::Fetch(FetchError::TooLarge(_)) | NodeError::TooLarge { .. })) => {
                 return Err(rejected(RejectCode::SizeMismatch, e));
             }
-            Err(e) if deadline.saturating_duration_since(tokio::time::Instant::now()) < Duration::from_millis(200) => {
+            Err(e)
+                if deadline.saturating_duration_since(tokio::time::Instant::now())
+                    < Duration::from_millis(200) =>
+            {
                 let detail = format!("within {budget:?}: {e}");
-                return Err(Outcome::Rejected { code: RejectCode::Unavailable, reason: PAYLOAD_UNAVAILABLE.into(), detail });
+                return Err(Outcome::Rejected {
+                    code: RejectCode::Unavailable,
+                    reason: PAYLOAD_UNAVAILABLE.into(),
+                    detail,
+                });
             }
             Err(e) => {
                 tracing::debug!(payload = %delta.payload_hash, error = %e, "payload fetch attempt failed; asking again");
@@ -149,7 +197,12 @@ async fn fetch_and_validate(
         }
     };
     let delta = delta.clone();
-    let checked = blocking(move || Ok(validate_delta_payload(&delta, &sender, &bytes, len, None, ratio))).await;
+    let checked = blocking(move || {
+        Ok(validate_delta_payload(
+            &delta, &sender, &bytes, len, None, ratio,
+        ))
+    })
+    .await;
     match checked {
         Ok(Ok(values)) => Ok(values),
         Ok(Err(r)) => Err(rejected(r.code(), r)),
@@ -168,21 +221,27 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     for (sender, delta) in &input.deltas {
         match authorize(&input, sender, delta) {
             Ok(len) => pending.push((*sender, delta.clone(), len)),
-            Err(outcome) => checked.push(Checked { node: *sender, delta: delta.clone(), outcome }),
+            Err(outcome) => checked.push(Checked {
+                node: *sender,
+                delta: delta.clone(),
+                outcome,
+            }),
         }
     }
     let (budget, ratio) = (input.fetch_budget, ann.max_norm_ratio);
-    let decoded: Vec<(PublicKey, DeltaAnnouncement, Result<Vec<f32>, Outcome>)> = futures::stream::iter(pending)
-        .map(|(sender, delta, len)| {
-            let node = node.clone();
-            async move {
-                let outcome = fetch_and_validate(&node, sender, &delta, len, budget, ratio).await;
-                (sender, delta, outcome)
-            }
-        })
-        .buffer_unordered(input.concurrency.max(1))
-        .collect()
-        .await;
+    let decoded: Vec<(PublicKey, DeltaAnnouncement, Result<Vec<f32>, Outcome>)> =
+        futures::stream::iter(pending)
+            .map(|(sender, delta, len)| {
+                let node = node.clone();
+                async move {
+                    let outcome =
+                        fetch_and_validate(&node, sender, &delta, len, budget, ratio).await;
+                    (sender, delta, outcome)
+                }
+            })
+            .buffer_unordered(input.concurrency.max(1))
+            .collect()
+            .await;
     let transfer_ms = started.elapsed().as_millis() as u64;
     let verify_started = Instant::now();
 
@@ -194,28 +253,60 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 let norm = l2_norm(&values);
                 survivors.push((sender, delta, Arc::new(values), norm));
             }
-            Err(outcome) => checked.push(Checked { node: sender, delta, outcome }),
+            Err(outcome) => checked.push(Checked {
+                node: sender,
+                delta,
+                outcome,
+            }),
         }
     }
-    let samples: Vec<NormSample> =
-        survivors.iter().map(|(sender, delta, _, norm)| NormSample { shard: delta.shard, sender: *sender, norm: *norm }).collect();
-    let mut by_shard: BTreeMap<ShardId, Vec<(PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, f32)>> = BTreeMap::new();
+    let samples: Vec<NormSample> = survivors
+        .iter()
+        .map(|(sender, delta, _, norm)| NormSample {
+            shard: delta.shard,
+            sender: *sender,
+            norm: *norm,
+        })
+        .collect();
+    let mut by_shard: BTreeMap<ShardId, Vec<(PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, f32)>> =
+        BTreeMap::new();
     for (sender, delta, values, norm) in survivors {
-        let verdict = judge_norm(&samples, &input.history, delta.shard, sender, norm, input.min_norm_ratio, ann.max_norm_ratio);
+        let verdict = judge_norm(
+            &samples,
+            &input.history,
+            delta.shard,
+            sender,
+            norm,
+            input.min_norm_ratio,
+            ann.max_norm_ratio,
+        );
         let refusal = match verdict {
             NormVerdict::Within => None,
             NormVerdict::TooLarge { reference } => Some((
                 RejectCode::NormTooLarge,
-                format!("delta norm {norm} is over {} x the reference {reference}", ann.max_norm_ratio),
+                format!(
+                    "delta norm {norm} is over {} x the reference {reference}",
+                    ann.max_norm_ratio
+                ),
             )),
             NormVerdict::TooSmall { reference } => Some((
                 RejectCode::NormTooSmall,
-                format!("delta norm {norm} is under {} x the reference {reference}", input.min_norm_ratio),
+                format!(
+                    "delta norm {norm} is under {} x the reference {reference}",
+                    input.min_norm_ratio
+                ),
             )),
         };
         match refusal {
-            Some((code, detail)) => checked.push(Checked { node: sender, delta, outcome: rejected(code, detail) }),
-            None => by_shard.entry(delta.shard).or_default().push((sender, delta, values, norm)),
+            Some((code, detail)) => checked.push(Checked {
+                node: sender,
+                delta,
+                outcome: rejected(code, detail),
+            }),
+            None => by_shard
+                .entry(delta.shard)
+                .or_default()
+                .push((sender, delta, values, norm)),
         }
     }
 
@@ -223,19 +314,36 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     let seed = input.score_seed;
     let mut scored = 0u64;
     for (shard, deltas) in by_shard {
-        let picked: Vec<bool> = deltas.iter().map(|(sender, _, _, _)| is_scored(seed, shard, sender, input.score_share)).collect();
-        let to_score: Vec<Arc<Vec<f32>>> =
-            deltas.iter().zip(&picked).filter(|(_, p)| **p).map(|((_, _, values, _), _)| values.clone()).collect();
+        let picked: Vec<bool> = deltas
+            .iter()
+            .map(|(sender, _, _, _)| is_scored(seed, shard, sender, input.score_share))
+            .collect();
+        let to_score: Vec<Arc<Vec<f32>>> = deltas
+            .iter()
+            .zip(&picked)
+            .filter(|(_, p)| **p)
+            .map(|((_, _, values, _), _)| values.clone())
+            .collect();
         let in_mean = deltas.len();
         let scores = if to_score.is_empty() {
             Ok(Vec::new())
         } else {
-            let (spec, hyper, model, data) = (input.spec.clone(), ann.hyper.clone(), input.model.clone(), input.data.clone());
+            let (spec, hyper, model, data) = (
+                input.spec.clone(),
+                ann.hyper.clone(),
+                input.model.clone(),
+                input.data.clone(),
+            );
             blocking(move || {
-                let batch = score_batch(&spec, &hyper, &data, seed, shard).map_err(NodeError::from)?;
+                let batch =
+                    score_batch(&spec, &hyper, &data, seed, shard).map_err(NodeError::from)?;
                 let mut scorer =
-                    ShardScorer::new(&spec, &hyper, round, &model, shard, batch, in_mean).map_err(NodeError::from)?;
-                to_score.iter().map(|d| scorer.score(d).map_err(NodeError::from)).collect::<Result<Vec<Score>, NodeError>>()
+                    ShardScorer::new(&spec, &hyper, round, &model, shard, batch, in_mean)
+                        .map_err(NodeError::from)?;
+                to_score
+                    .iter()
+                    .map(|d| scorer.score(d).map_err(NodeError::from))
+                    .collect::<Result<Vec<Score>, NodeError>>()
             })
             .await
         };
@@ -250,13 +358,22 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 // coordinator's failing and costs the senders nothing.
                 tracing::error!(round, %shard, error = %e, "scoring failed");
                 for (sender, delta, _, _) in deltas {
-                    checked.push(Checked { node: sender, delta, outcome: rejected(RejectCode::Late, format!("not scored: {e}")) });
+                    checked.push(Checked {
+                        node: sender,
+                        delta,
+                        outcome: rejected(RejectCode::Late, format!("not scored: {e}")),
+                    });
                 }
                 continue;
             }
         };
-        let scores: Vec<Option<Score>> = picked.iter().map(|p| if *p { scores.next() } else { None }).collect();
-        for (i, ((sender, delta, values, norm), score)) in deltas.into_iter().zip(scores.iter().copied()).enumerate() {
+        let scores: Vec<Option<Score>> = picked
+            .iter()
+            .map(|p| if *p { scores.next() } else { None })
+            .collect();
+        for (i, ((sender, delta, values, norm), score)) in
+            deltas.into_iter().zip(scores.iter().copied()).enumerate()
+        {
             // The other senders' gains on this shard, for the relative threshold.
             let others: Vec<f32> = scores
                 .iter()
@@ -272,14 +389,33 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                         s.gain(),
                         s.loss,
                         s.null_loss,
-                        if shard == ShardId::Trunk { "more than" } else { "at least" },
+                        if shard == ShardId::Trunk {
+                            "more than"
+                        } else {
+                            "at least"
+                        },
                         input.score_policy.threshold(shard, &others)
                     ),
                 ),
-                score => Outcome::Accepted { delta: values, norm, score },
+                score => Outcome::Accepted {
+                    delta: values,
+                    norm,
+                    score,
+                },
             };
-            checked.push(Checked { node: sender, delta, outcome });
+            checked.push(Checked {
+                node: sender,
+                delta,
+                outcome,
+            });
         }
     }
-    VerifyReport { round, score_seed: seed, scored, checked, transfer_ms, verify_ms: verify_started.elapsed().as_millis() as u64 }
+    VerifyReport {
+        round,
+        score_seed: seed,
+        scored,
+        checked,
+        transfer_ms,
+        verify_ms: verify_started.elapsed().as_millis() as u64,
+    }
 }
