@@ -30,9 +30,15 @@ impl LogFormat {
 /// call changes nothing.
 pub fn init(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Without RUST_LOG: info, less the DHT's warning that it has no peer to bootstrap from, which it logs at
+    // every start before the first connection (a bootstrap node's own included) and means nothing then.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,libp2p_kad::behaviour=error"));
+    // Colour only for a person at a terminal: redirected to a file, escape codes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // `try_init` fails only when a subscriber is already set: then the first one stays.
     let _ = match format {

@@ -7,6 +7,8 @@ mod cmd;
 mod config;
 mod logging;
 
+use std::process::ExitCode;
+
 use clap::Parser;
 
 /// Train one Mixture-of-Experts language model on many people's GPUs, over a peer-to-peer network.
@@ -18,7 +20,82 @@ struct Cli {
     command: cmd::Command,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::run(cli.command)
+    if cli.command.only_prints() {
+        end_quietly_on_a_closed_pipe();
+    }
+    match cmd::run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, `outer: cause: cause`, leaving out a cause whose words the line
+/// already holds (many errors quote their source) and any that says nothing.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    if line.is_empty() {
+        "failed, with no reason given".to_owned()
+    } else {
+        line
+    }
+}
+
+/// A command that only prints (`mana status | head -3`) ends as `cat` does when its reader goes away,
+/// instead of panicking in `println!`. The network processes keep Rust's default (SIGPIPE ignored): a peer
+/// that closes a socket must never end them.
+fn end_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        // SAFETY: called before any other thread exists; SIG_DFL installs no handler of ours.
+        let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("")]
+    struct Blank;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("listen on /ip4/127.0.0.1/udp/9/quic-v1 failed")]
+    struct Outer(#[source] Blank);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("store I/O error at /d: {0}")]
+    struct Quoting(#[source] std::io::Error);
+
+    #[test]
+    fn causes_join_on_one_line_without_blanks_or_repeats() {
+        let e = anyhow::Error::new(Outer(Blank));
+        assert_eq!(
+            one_line(&e),
+            "listen on /ip4/127.0.0.1/udp/9/quic-v1 failed"
+        );
+        let e = anyhow::Error::new(Quoting(std::io::Error::other("disk full")))
+            .context("saving round 3");
+        assert_eq!(
+            one_line(&e),
+            "saving round 3: store I/O error at /d: disk full"
+        );
+    }
 }

@@ -6,7 +6,6 @@ use clap::Args;
 use mana_bootstrap::BootstrapConfig;
 
 use super::net::{Net, NetArgs};
-use super::node::shutdown_signal;
 use crate::config::{ConfigError, FileTable, FromFile, Layered};
 
 /// Arguments of `mana bootstrap`; its TOML file (`--config`) takes the same names.
@@ -42,6 +41,9 @@ pub fn run(args: BootstrapArgs) -> anyhow::Result<()> {
     crate::logging::init(net.log_format);
     let config = bootstrap_config(&net);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(mana_bootstrap::run(config, shutdown_signal()))?;
+    runtime.block_on(mana_bootstrap::run(
+        config,
+        super::net::shutdown_signal("bootstrap"),
+    ))?;
     Ok(())
 }

@@ -18,13 +18,12 @@ use mana_engine::coordinator::CoordinatorConfig;
 use mana_engine::round::RunSpec;
 use mana_node::daemon::config::parse_run;
 use mana_node::daemon::{self, NodeConfig};
-use mana_node::roles::common::{DataSource, load_dataset};
+use mana_node::roles::common::{DataSource, check_corpus, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_protocol::UpdateRule;
 use serde::Deserialize;
 
 use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs};
-use super::node::shutdown_signal;
 use crate::config::{ConfigError, FileTable, FromFile, Layered};
 
 pub use super::rule::Rule;
@@ -127,15 +126,26 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     crate::logging::init(net.log_format);
     let node = node_config(&s, &net)?;
     let (spec, machine) = machine(&s, &node)?;
-    let corpus = s.get(|a| &a.corpus);
-    let data = Arc::new(load_dataset(&DataSource {
-        corpus,
+    let source = DataSource {
+        corpus: s.get(|a| &a.corpus),
         ..DataSource::default()
-    })?);
+    };
+    let data = Arc::new(load_dataset(&source)?);
+    check_corpus(&data, &spec, &source)?;
     let mut role = ConductorConfig::new(machine, spec, data);
     role.rounds = s.get(|a| &a.rounds);
+    anyhow::ensure!(
+        role.rounds != Some(0),
+        "--rounds must be at least 1 (round 0 is the initial checkpoint)"
+    );
     role.metrics = s.get(|a| &a.metrics);
+    if let Some(path) = &role.metrics {
+        super::preflight::appendable_file("--metrics", path)?;
+    }
     role.export = s.get(|a| &a.export);
+    if let Some(dir) = &role.export {
+        super::preflight::writable_dir("--export", dir)?;
+    }
     role.allowlist = s.get(|a| &a.allowlist);
     if let Some(share) = s.get(|a| &a.score_share) {
         anyhow::ensure!(
@@ -184,7 +194,12 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             writeln!(out, "coordinator-key {}", hex_key(&handle.public_key().0))?;
             out.flush()?;
         }
-        let result = run_conductor(handle.clone(), role, shutdown_signal()).await;
+        let result = run_conductor(
+            handle.clone(),
+            role,
+            super::net::shutdown_signal("coordinator"),
+        )
+        .await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
         handle.stop().await?;

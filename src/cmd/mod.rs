@@ -12,6 +12,7 @@ mod info;
 mod keygen;
 mod net;
 mod node;
+mod preflight;
 mod rule;
 mod simulate;
 mod status;
@@ -43,6 +44,17 @@ pub enum Command {
     /// Start a whole training network on this machine (bootstrap, coordinator, N nodes), train for a few
     /// minutes with live progress, and write metrics, a loss plot, final shard hashes and a text sample.
     Demo(demo::DemoArgs),
+}
+
+impl Command {
+    /// Whether the command only prints and exits (no network, no files written), so that a closed stdout
+    /// may end it quietly.
+    pub fn only_prints(&self) -> bool {
+        matches!(
+            self,
+            Command::Info(_) | Command::Status(_) | Command::Generate(_)
+        )
+    }
 }
 
 /// Runs one subcommand to completion.

@@ -118,3 +118,27 @@ pub fn bootstrap_addrs(layers: &Layered<&JoinArgs>) -> anyhow::Result<Vec<Multia
         &layers.get(|a| &a.bootstrap).unwrap_or_default(),
     )?)
 }
+
+/// Completes on ctrl-c or SIGTERM, logging that `role` (node, coordinator, bootstrap) is shutting down.
+pub async fn shutdown_signal(role: &'static str) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("{role} shutting down");
+}

@@ -12,12 +12,12 @@ use clap::Args;
 use mana_engine::round::RunSpec;
 use mana_node::daemon::config::{parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
-use mana_node::roles::common::{DataSource, load_dataset};
+use mana_node::roles::common::{DataSource, check_corpus, load_dataset};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::{Store, StoreConfig};
 use serde::Deserialize;
 
-use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs};
+use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs, shutdown_signal};
 use crate::config::{self, ConfigError, FileTable, FromFile, Layered};
 
 /// Arguments of `mana node`; its TOML file (`--config`) takes the same names (with `train = false` for
@@ -100,15 +100,15 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
     }
     config.net.kad_server = s.flags.dht_server || net.loopback;
     config.fetch.progress = true;
-    let trains = config.coordinator.is_some() && !s.flags.no_train && s.file.train.unwrap_or(true);
-    if !trains {
-        return Ok((config, None));
-    }
     let max_shards = s.get(|a| &a.max_shards).unwrap_or(DEFAULT_MAX_SHARDS);
     anyhow::ensure!(
         max_shards >= 1,
         "--max-shards must be at least 1 (the trunk)"
     );
+    let trains = config.coordinator.is_some() && !s.flags.no_train && s.file.train.unwrap_or(true);
+    if !trains {
+        return Ok((config, None));
+    }
     config.sync_shards = false;
     config.capacity.max_shards = max_shards;
     Ok((
@@ -132,14 +132,26 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let Some(training) = training else {
-        runtime.block_on(async move { daemon::run(config, shutdown_signal()).await })?;
+        if config.coordinator.is_none() {
+            tracing::warn!(
+                "no --coordinator given: this node validates, serves and mirrors checkpoints, but will not train"
+            );
+        } else {
+            tracing::info!(
+                "--no-train: this node validates, serves and mirrors checkpoints, but will not train"
+            );
+        }
+        runtime.block_on(async move { daemon::run(config, shutdown_signal("node")).await })?;
         return Ok(());
     };
-    let data = Arc::new(load_dataset(&DataSource {
+    let source = DataSource {
         corpus: training.corpus,
         ..DataSource::default()
-    })?);
-    let mut trainer = TrainerConfig::new(RunSpec::tiny(), data);
+    };
+    let data = Arc::new(load_dataset(&source)?);
+    let spec = RunSpec::tiny();
+    check_corpus(&data, &spec, &source)?;
+    let mut trainer = TrainerConfig::new(spec, data);
     trainer.max_shards = training.max_shards;
     runtime.block_on(async move {
         let handle = Arc::new(daemon::start(config).await?);
@@ -150,7 +162,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             }
             out.flush()?;
         }
-        let result = run_trainer(handle.clone(), trainer, shutdown_signal()).await;
+        let result = run_trainer(handle.clone(), trainer, shutdown_signal("node")).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
         handle.stop().await?;
@@ -166,30 +178,6 @@ fn verify_store(config: &NodeConfig) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&report)?);
     anyhow::ensure!(report.is_ok(), "the store is damaged");
     Ok(())
-}
-
-/// Completes on ctrl-c or SIGTERM.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutting down");
 }
 
 #[cfg(test)]

@@ -17,6 +17,10 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// Most micro-batches (sync) or inner steps (DiLoCo) in one round: DiLoCo runs use hundreds; far more would
+/// leave every trainer computing long past any sensible deadline.
+pub const MAX_INNER_STEPS: u32 = 10_000;
+
 /// How the coordinator runs rounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CoordinatorConfig {
@@ -81,6 +85,14 @@ impl CoordinatorConfig {
         };
         if self.replication == 0 {
             return bad("replication", "must be at least 1");
+        }
+        if !(1..=MAX_INNER_STEPS).contains(&self.inner_steps) {
+            return bad(
+                "inner_steps",
+                &format!(
+                    "must be between 1 and {MAX_INNER_STEPS}: a round of 0 steps trains nothing"
+                ),
+            );
         }
         if self.min_members < self.replication {
             return bad("min_members", "must be at least `replication`");

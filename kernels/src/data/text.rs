@@ -125,6 +125,23 @@ impl TextDataset {
         &self.validation
     }
 
+    /// Checks that both parts hold at least one row of `seq_len + 1` bytes, so that a run with sequences of
+    /// that length can draw training batches and measure validation loss: a command checks it before it
+    /// starts, rather than failing at its first batch.
+    pub fn check_seq_len(&self, seq_len: usize) -> Result<(), DatasetError> {
+        let need = seq_len + 1;
+        for (part, bytes) in [("training", &self.train), ("validation", &self.validation)] {
+            if bytes.len() < need {
+                return Err(DatasetError::TooShort {
+                    part,
+                    need,
+                    have: bytes.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The vocabulary size a model needs for this dataset.
     pub fn vocab_size(&self) -> usize {
         BYTE_VOCAB

@@ -193,7 +193,8 @@ impl Client {
         self.call(|reply| Command::Snapshot { reply }).await
     }
 
-    /// Waits until the swarm listens on at least one address, and returns them (with `/p2p/<id>`).
+    /// Waits until every configured listener reports its address (at least one, by `timeout`), and returns
+    /// them (with `/p2p/<id>`).
     pub async fn listen_addrs(&self, timeout: Duration) -> Result<Vec<Multiaddr>, NetError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -204,11 +205,16 @@ impl Client {
                 .filter_map(|a| a.parse::<Multiaddr>().ok())
                 .map(|a| a.with_p2p(self.local_peer_id).unwrap_or_else(|a| a))
                 .collect();
-            if !addrs.is_empty() {
+            // Every configured listener has reported (or failed): all addresses are known.
+            if !addrs.is_empty() && snap.listeners_pending == 0 {
                 return Ok(addrs);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(NetError::NotListening);
+                return if addrs.is_empty() {
+                    Err(NetError::NotListening)
+                } else {
+                    Ok(addrs)
+                };
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -67,6 +67,17 @@ pub enum NetError {
         #[source]
         source: TransportError<io::Error>,
     },
+    /// A listen address is not free for this process alone (checked before the swarm binds it).
+    #[error("cannot listen on {addr}: {reason}")]
+    ListenUnavailable {
+        /// The address.
+        addr: Multiaddr,
+        /// What it means for the operator.
+        reason: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
     /// The swarm did not start listening in time.
     #[error("the swarm is not listening on any address")]
     NotListening,

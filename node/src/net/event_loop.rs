@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
 use libp2p::kad;
 use libp2p::multiaddr::Protocol;
@@ -136,6 +137,8 @@ pub struct EventLoop {
     pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
     pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<FetchResponse, NetError>>>,
     listen_addrs: Vec<Multiaddr>,
+    /// Listeners of the configured addresses that have not reported an address yet (nor failed).
+    pending_listeners: HashSet<ListenerId>,
     rtt: HashMap<PeerId, Duration>,
     agents: HashMap<PeerId, String>,
     request_limiter: RateLimiter,
@@ -158,6 +161,7 @@ impl EventLoop {
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<NetEvent>,
         traffic: Arc<TrafficCounters>,
+        pending_listeners: HashSet<ListenerId>,
     ) -> Self {
         let limits = config.limits.clone();
         let backoff = config.reconnect_backoff;
@@ -171,6 +175,7 @@ impl EventLoop {
             pending_providers: HashMap::new(),
             pending_requests: HashMap::new(),
             listen_addrs: Vec::new(),
+            pending_listeners,
             rtt: HashMap::new(),
             agents: HashMap::new(),
             request_limiter: RateLimiter::new(limits.requests_per_second, limits.request_burst),
@@ -368,6 +373,7 @@ impl EventLoop {
         NetSnapshot {
             peer_id: self.swarm.local_peer_id().to_string(),
             listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            listeners_pending: self.pending_listeners.len(),
             external_addrs: self
                 .swarm
                 .external_addresses()
@@ -388,9 +394,27 @@ impl EventLoop {
     fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
                 tracing::info!(%address, "listening");
                 self.listen_addrs.push(address);
+                self.pending_listeners.remove(&listener_id);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                addresses,
+            } => {
+                if let Err(e) = reason {
+                    tracing::warn!(?addresses, error = %e, "a listener closed");
+                }
+                self.pending_listeners.remove(&listener_id);
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                tracing::warn!(error = %error, "listener error");
+                self.pending_listeners.remove(&listener_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
@@ -438,7 +462,22 @@ impl EventLoop {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                let to_bootstrap = peer_id.is_some_and(|p| {
+                    self.config
+                        .bootstrap
+                        .iter()
+                        .any(|b| b.iter().last() == Some(Protocol::P2p(p)))
+                });
+                // Alone, or failing to reach a bootstrap node, the operator needs the reason (a wrong port or
+                // peer id would otherwise only show as "no peers" forever).
+                if to_bootstrap || self.swarm.connected_peers().next().is_none() {
+                    let peer = peer_id
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "unknown".into());
+                    tracing::warn!(%peer, reason = %dial_failure_reason(&error), "dial failed");
+                } else {
+                    tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                }
                 self.schedule_reconnect_if_alone();
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -686,4 +725,66 @@ fn busy() -> FetchResponse {
     FetchResponse::Refused {
         reason: Text::new("busy").expect("a short constant text"),
     }
+}
+
+/// Why a dial failed, in the operator's words: refused, timed out, or the address answering as another peer.
+pub(crate) fn dial_failure_reason(error: &libp2p::swarm::DialError) -> String {
+    use libp2p::swarm::DialError;
+    match error {
+        DialError::WrongPeerId { obtained, .. } => {
+            format!("the address answers as peer {obtained}, not as the peer id in the address")
+        }
+        DialError::Transport(attempts) => attempts
+            .iter()
+            .map(|(addr, e)| format!("{addr}: {}", transport_reason(e)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => error_chain(other),
+    }
+}
+
+fn transport_reason(e: &libp2p::TransportError<std::io::Error>) -> String {
+    match e {
+        libp2p::TransportError::MultiaddrNotSupported(_) => {
+            "no transport for this address".to_owned()
+        }
+        libp2p::TransportError::Other(io) => {
+            // The cause is often wrapped (noise, multistream-select...): the innermost i/o kind says most.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(io);
+            while let Some(e) = source {
+                if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                    match io.kind() {
+                        std::io::ErrorKind::ConnectionRefused => {
+                            return "connection refused (nothing listens there)".to_owned();
+                        }
+                        std::io::ErrorKind::TimedOut => return "timed out".to_owned(),
+                        std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable => {
+                            return "unreachable".to_owned();
+                        }
+                        _ => {}
+                    }
+                }
+                source = e.source();
+            }
+            error_chain(io)
+        }
+    }
+}
+
+/// An error and its sources joined by ": ", without empty or repeated parts.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.trim().is_empty() && !line.contains(text.trim()) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(text.trim());
+        }
+        next = e.source();
+    }
+    line
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod event_loop;
 pub mod fetch;
 pub mod limits;
+pub mod listen;
 pub mod traffic;
 
 use libp2p::PeerId;
@@ -102,6 +103,8 @@ pub struct NetSnapshot {
     pub peer_id: String,
     /// Addresses the swarm listens on.
     pub listen_addrs: Vec<String>,
+    /// Listeners of configured addresses still starting (a QUIC listener may report after the TCP one).
+    pub listeners_pending: usize,
     /// Addresses confirmed reachable from outside.
     pub external_addrs: Vec<String>,
     /// Connected peers.
@@ -122,17 +125,29 @@ pub fn new(
     let traffic = std::sync::Arc::new(TrafficCounters::default());
     let mut swarm = behaviour::build_swarm(keypair, &config, traffic.clone())?;
     for addr in &config.listen {
-        swarm
+        listen::check_exclusive(addr)?;
+    }
+    let mut listeners = std::collections::HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
             .listen_on(addr.clone())
             .map_err(|source| NetError::Listen {
                 addr: addr.clone(),
                 source,
             })?;
+        listeners.insert(id);
     }
     let streams = swarm.behaviour().streams.new_control();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
-    let event_loop = EventLoop::new(swarm, config, command_rx, event_tx, traffic.clone());
+    let event_loop = EventLoop::new(
+        swarm,
+        config,
+        command_rx,
+        event_tx,
+        traffic.clone(),
+        listeners,
+    );
     Ok((
         Client::new(command_tx, local_peer_id, traffic, streams),
         event_rx,

@@ -44,6 +44,24 @@ pub fn load_dataset(source: &DataSource) -> Result<TextDataset, NodeError> {
     TextDataset::new(&text, Split::default()).map_err(|e| NodeError::Config(format!("corpus: {e}")))
 }
 
+/// Checks that the run's corpus can feed rounds of `spec`'s sequence length (training and validation
+/// parts alike), with the corpus named in the error.
+pub fn check_corpus(
+    data: &TextDataset,
+    spec: &mana_engine::round::RunSpec,
+    source: &DataSource,
+) -> Result<(), NodeError> {
+    let seq_len = spec.hyper(mana_protocol::UpdateRule::Sync).seq_len as usize;
+    data.check_seq_len(seq_len).map_err(|e| {
+        let name = source
+            .corpus
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in".into());
+        NodeError::Config(format!("corpus {name} is too small for the run: {e}"))
+    })
+}
+
 /// Publishes `message`, retrying every 200 ms while gossip has no subscribed peer yet (or a transient
 /// error), for at most `patience`.
 pub async fn publish_patiently(

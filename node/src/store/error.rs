@@ -18,6 +18,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process (or another open store in this one) holds the store: two writers would corrupt it.
+    #[error("the store {dir} is in use by {}; stop it first, or give this process another --data-dir", holder_text(.pid))]
+    InUse {
+        /// The store's directory.
+        dir: PathBuf,
+        /// The process that holds it, as it wrote in the lock file (absent if unreadable).
+        pid: Option<u32>,
+    },
     /// The sled index failed (I/O or its own corruption check at open).
     #[error("store index (sled) error: {0}")]
     Index(#[from] sled::Error),
@@ -103,4 +111,11 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.into();
     move |source| StoreError::Io { path, source }
+}
+
+fn holder_text(pid: &Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "another process".to_owned(),
+    }
 }

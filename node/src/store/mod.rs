@@ -42,6 +42,7 @@ pub mod error;
 pub mod evidence;
 pub mod gc;
 pub mod index;
+mod lock;
 pub mod verify;
 
 use std::collections::HashSet;
@@ -151,6 +152,8 @@ struct Inner {
     /// Distinct (peer, reason) pairs in the rejection log, to enforce [`MAX_REJECTION_KEYS`].
     rejection_keys: AtomicUsize,
     opened: OpenReport,
+    /// Released when the last handle is dropped, after the index (declared last: dropped last).
+    _lock: lock::StoreLock,
 }
 
 impl Store {
@@ -163,6 +166,7 @@ impl Store {
         }
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock = lock::StoreLock::acquire(&dir)?;
         let db = open_index(&dir.join("index"), config.index_cache_bytes)?;
         let rounds = db.open_tree("rounds")?;
         let refs = db.open_tree("refs")?;
@@ -189,6 +193,7 @@ impl Store {
                 refs_lock: Mutex::new(()),
                 rejection_keys,
                 opened: OpenReport::default(),
+                _lock: lock,
             }),
         };
         let gc = {
