@@ -26,6 +26,12 @@ use mana_kernels::model::ShardId;
 use mana_protocol::PublicKey;
 use mana_protocol::validation::median_norm;
 
+/// Norms below this are not references: a delta of an expert that no token reached is rounding noise (a
+/// 2-node run had expert deltas of 3.7e-14 beside honest ones of 2e-3), and a median over such samples would
+/// put every honest delta of the shard or layer "over 10 x the median". Any real step of a shard moves it by
+/// far more: one parameter moved by 1e-6 already gives 1e-6.
+pub const NEGLIGIBLE_NORM: f32 = 1e-9;
+
 /// One delta's norm, with its shard and sender.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NormSample {
@@ -74,7 +80,12 @@ pub fn judge_norm(
     min_ratio: f32,
     max_ratio: f32,
 ) -> NormVerdict {
-    let others = || round.iter().chain(history).filter(|s| s.sender != sender);
+    let others = || {
+        round
+            .iter()
+            .chain(history)
+            .filter(|s| s.sender != sender && s.norm >= NEGLIGIBLE_NORM)
+    };
     let class: Vec<f32> = others()
         .filter(|s| norm_class(&s.shard) == norm_class(&shard))
         .map(|s| s.norm)
@@ -82,7 +93,7 @@ pub fn judge_norm(
     let class = median_norm(&class);
     let shard_has_history = history
         .iter()
-        .any(|s| s.shard == shard && s.sender != sender);
+        .any(|s| s.shard == shard && s.sender != sender && s.norm >= NEGLIGIBLE_NORM);
     let own = if shard_has_history {
         let own: Vec<f32> = others()
             .filter(|s| s.shard == shard)
@@ -234,6 +245,69 @@ mod tests {
         let round = [s(E0, 9, 9.5), s(E0, 1, 1.0), s(E1, 2, 1.0)];
         assert_eq!(
             judge_norm(&round, &history, E0, PublicKey([1; 32]), 1.0, 0.2, 10.0),
+            NormVerdict::Within
+        );
+    }
+
+    /// The operator review's case: 2 honest nodes, and for dozens of rounds the other node's deltas to most
+    /// experts of a layer were 3.7e-14 (no token routed to them). An honest delta of 2.2e-3 to one of them was
+    /// refused as "over 10 x the median 3.7e-14"; the negligible norms are no reference now.
+    #[test]
+    fn experts_that_got_no_tokens_do_not_refuse_honest_deltas() {
+        let experts: Vec<ShardId> = (0..8)
+            .map(|index| ShardId::Expert { layer: 1, index })
+            .collect();
+        let mut history = NormHistory::new(8);
+        for _ in 0..40 {
+            for (i, e) in experts.iter().enumerate() {
+                // Sender 2 routed tokens to expert 7 only; sender 1 to experts 0 and 7.
+                history.push(s(*e, 2, if i == 7 { 1.9e-3 } else { 3.7e-14 }));
+                if i == 0 || i == 7 {
+                    history.push(s(*e, 1, 2.0e-3));
+                }
+            }
+        }
+        let round: Vec<NormSample> = experts.iter().map(|e| s(*e, 2, 3.7e-14)).collect();
+        for e in &experts {
+            assert_eq!(
+                judge_norm(
+                    &round,
+                    &history.samples(),
+                    *e,
+                    PublicKey([1; 32]),
+                    2.17e-3,
+                    0.01,
+                    10.0
+                ),
+                NormVerdict::Within,
+                "honest delta to {e:?}"
+            );
+        }
+        // A delta 100 x the honest scale is still refused.
+        assert!(matches!(
+            judge_norm(
+                &round,
+                &history.samples(),
+                experts[0],
+                PublicKey([1; 32]),
+                0.2,
+                0.01,
+                10.0
+            ),
+            NormVerdict::TooLarge { .. }
+        ));
+        // With only negligible references, nothing bounds the delta from above (its score judges it).
+        let only_noise: Vec<NormSample> = experts.iter().map(|e| s(*e, 2, 3.7e-14)).collect();
+        assert_eq!(
+            judge_norm(
+                &only_noise,
+                &only_noise,
+                experts[3],
+                PublicKey([1; 32]),
+                2.17e-3,
+                0.01,
+                10.0
+            ),
             NormVerdict::Within
         );
     }
