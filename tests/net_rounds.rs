@@ -112,6 +112,18 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         assert_eq!(m.participants, NODES);
         assert!(m.accepted > 0, "round {} accepted nothing: {text}", m.round);
         assert_eq!(m.rejected, 0, "an honest delta was refused: {text}");
+        // Per member: the counts add up to the round's.
+        let per_member: u64 = m.members.values().map(|x| x.accepted).sum();
+        assert_eq!(
+            per_member, m.accepted as u64,
+            "round {}: {:?}",
+            m.round, m.members
+        );
+        assert!(
+            m.members.values().all(|x| x.refused == 0),
+            "{:?}",
+            m.members
+        );
         eprintln!(
             "round {}: val {:?} train {:?} accepted {} bytes {} ms {:?}",
             m.round, m.val_loss, m.train_loss, m.accepted, m.payload_bytes, m.ms
@@ -145,8 +157,16 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         .iter()
         .map(|e| (e.shard.to_string(), e.hash.to_string()))
         .collect();
+    // Per member in the whole run, from the metrics lines.
+    let mut accepted_by_member: BTreeMap<String, u64> = BTreeMap::new();
+    for m in &lines {
+        for (key, x) in &m.members {
+            *accepted_by_member.entry(key.clone()).or_default() += x.accepted;
+        }
+    }
     let mut holders: BTreeMap<String, usize> = BTreeMap::new();
     for node in &nodes {
+        let key = hex::encode(node.public_key().0);
         let node = node.clone();
         let status = wait_for(
             Duration::from_secs(30),
@@ -166,6 +186,13 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
             "a node computed a different shard"
         );
         assert!(status.rounds_trained >= ROUNDS - 1);
+        // The node saw the fate of its deltas in the commits: all accepted, as the metrics say of it.
+        let c = &status.contributions;
+        assert_eq!((c.refused, c.unaccounted), (0, 0), "{c:?}");
+        assert_eq!(c.accepted, status.deltas_sent, "{c:?}");
+        assert_eq!(Some(&c.accepted), accepted_by_member.get(&key), "{c:?}");
+        let share = c.share().expect("the run accepted deltas");
+        assert!(share > 0.0 && share < 1.0, "{share}");
         for (shard, hash) in &status.held_shards {
             assert_eq!(
                 committed.get(shard),
@@ -193,6 +220,24 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         .coordinator
         .expect("coordinator status");
     assert!(c.holder_reports >= NODES as u64, "{c:?}");
+    assert_eq!(c.min_members, NODES, "{c:?}");
+    assert_eq!(
+        c.settings.get("rule").map(String::as_str),
+        Some(if rule == UpdateRule::Sync {
+            "sync"
+        } else {
+            "diloco"
+        })
+    );
+    assert_eq!(
+        c.recent_commits.last().map(|r| r.round),
+        Some(ROUNDS),
+        "{c:?}"
+    );
+    assert!(
+        c.standings.iter().filter(|m| m.member).count() >= NODES,
+        "{c:?}"
+    );
     assert_eq!(c.holder_mismatches, 0, "{c:?}");
 
     let _ = stop_tx.send(true);

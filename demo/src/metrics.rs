@@ -178,6 +178,7 @@ mod tests {
             tokens: 10,
             payload_bytes: 20,
             checkpoint: "cc".into(),
+            members: Default::default(),
             ms: PhaseMs {
                 train: 1,
                 transfer: 2,

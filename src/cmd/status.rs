@@ -1,7 +1,8 @@
 //! `mana status`: what a running node reports about itself: peers, hosted experts, rounds, stored shards,
 //! rejected messages, and the training roles' progress (trainer: rounds trained, deltas sent, hash checks;
 //! coordinator: round, phase, members), and what a node caught of a dishonest coordinator (a commit the
-//! trainer refused, two different commits of one round, disputes heard). It reads `<data dir>/status.json`, which the node rewrites atomically
+//! trainer refused, two different commits of one round, disputes heard), the fate of a trainer's deltas, and
+//! the coordinator's members, settings and last commits. It reads `<data dir>/status.json`, which the node rewrites atomically
 //! every 2 seconds.
 
 use std::path::PathBuf;
@@ -135,6 +136,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         if t.rounds_declined > 0 {
             println!("  rounds declined since stopping: {}", t.rounds_declined);
         }
+        print_contributions(&t.contributions);
     }
     for e in &s.equivocations {
         println!(
@@ -152,23 +154,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(c) = &s.coordinator {
-        let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
-        println!(
-            "coordinator: round {} ({}), {} members, committed round {}, {} deltas accepted, {} rejected",
-            round(c.round),
-            c.phase,
-            c.members,
-            round(c.committed_round),
-            c.accepted_deltas,
-            c.rejected_deltas
-        );
-        if let Some(loss) = c.val_loss {
-            println!("  validation loss: {loss:.4}");
-        }
-        if let Some(hash) = &c.checkpoint {
-            println!("  checkpoint: {hash}");
-        }
+        print_coordinator(c);
     }
+    println!(
+        "traffic since start: gossip {} in, {} out; transfers {} in, {} out",
+        bytes(s.traffic.gossip_in),
+        bytes(s.traffic.gossip_out),
+        bytes(s.traffic.fetch_in),
+        bytes(s.traffic.fetch_out)
+    );
     println!(
         "gossip since start: {} accepted, {} rejected, {} ignored, {} rate-limited",
         s.accepted_messages, s.rejected_messages, s.ignored_messages, s.rate_limited_messages
@@ -181,4 +175,123 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         println!("  from {}: {}", peer.peer, peer.total);
     }
     Ok(())
+}
+
+/// A byte count for people: B, KB, MB, GB (powers of 1000).
+fn bytes(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+/// What became of a trainer's deltas: totals, refusals by reason, its share, the last rounds.
+fn print_contributions(c: &status::Contributions) {
+    let sent = c.accepted + c.refused + c.unaccounted;
+    if sent == 0 {
+        println!("  contributions: no commit has judged this node's deltas yet");
+        return;
+    }
+    println!(
+        "  contributions: {} accepted, {} refused, {} not in a commit (late or no commit)",
+        c.accepted, c.refused, c.unaccounted
+    );
+    for (reason, n) in &c.refused_by_reason {
+        println!("    refused {reason}: {n}");
+    }
+    if let Some(share) = c.share() {
+        println!(
+            "  share of the run's accepted deltas since start: {:.1}% ({} of {})",
+            100.0 * share,
+            c.accepted,
+            c.run_accepted
+        );
+    }
+    for r in c.recent.iter().rev().take(5) {
+        let refused: Vec<String> = r
+            .refused
+            .iter()
+            .map(|(shard, why)| format!("{shard} {why}"))
+            .collect();
+        let refused = if refused.is_empty() {
+            String::new()
+        } else {
+            format!("; refused: {}", refused.join(", "))
+        };
+        println!(
+            "    round {}: {} sent, {} accepted{refused}",
+            r.round, r.sent, r.accepted
+        );
+    }
+}
+
+/// The coordinator's view: phase, members and their records, settings, last commits.
+fn print_coordinator(c: &status::CoordinatorStatus) {
+    let round = |r: Option<u64>| r.map(|r| r.to_string()).unwrap_or_else(|| "none".into());
+    let phase = if c.phase == "waiting-for-members" {
+        format!("waiting for members: {} of {}", c.members, c.min_members)
+    } else {
+        c.phase.clone()
+    };
+    println!(
+        "coordinator: round {} ({phase}), {} members, committed round {}, {} deltas accepted, {} rejected",
+        round(c.round),
+        c.members,
+        round(c.committed_round),
+        c.accepted_deltas,
+        c.rejected_deltas
+    );
+    if let Some(loss) = c.val_loss {
+        println!("  validation loss: {loss:.4}");
+    }
+    if let Some(hash) = &c.checkpoint {
+        println!("  checkpoint: {hash}");
+    }
+    if !c.settings.is_empty() {
+        let settings: Vec<String> = c.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  settings: {}", settings.join(" "));
+    }
+    if c.banned > 0 || c.not_admitted > 0 {
+        println!(
+            "  banned keys: {}, heartbeats not admitted: {}",
+            c.banned, c.not_admitted
+        );
+    }
+    if !c.standings.is_empty() {
+        println!("  members (accepted / refused for a fault / missed, reputation):");
+        let mut standings: Vec<&status::MemberStanding> = c.standings.iter().collect();
+        standings.sort_by_key(|m| (!m.member, std::cmp::Reverse(m.accepted)));
+        for m in standings {
+            println!(
+                "    {}  {} / {} / {}  rep {}{}",
+                m.node,
+                m.accepted,
+                m.faults,
+                m.missed,
+                m.reputation,
+                if m.member { "" } else { "  (departed)" }
+            );
+        }
+    }
+    for commit in c.recent_commits.iter().rev().take(5) {
+        let loss = commit
+            .val_loss
+            .map(|l| format!(", val loss {l:.4}"))
+            .unwrap_or_default();
+        println!(
+            "  committed round {}: {} accepted, {} refused{loss}, checkpoint {}",
+            commit.round,
+            commit.accepted,
+            commit.refused,
+            &commit.checkpoint[..16.min(commit.checkpoint.len())]
+        );
+    }
 }

@@ -122,6 +122,101 @@ pub struct TrainingStatus {
     /// Rounds that named this node after it stopped, which it did not take part in.
     #[serde(default)]
     pub rounds_declined: u64,
+    /// What became of this node's deltas, as the coordinator's signed commits say.
+    #[serde(default)]
+    pub contributions: Contributions,
+}
+
+/// The fate of a trainer's deltas: each commit lists the accepted payloads per shard and the refused ones with
+/// their reason, so a node sees whether (and why not) its work counted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Contributions {
+    /// Deltas in a commit's accepted lists, since start.
+    pub accepted: u64,
+    /// Deltas in a commit's refused list, since start.
+    pub refused: u64,
+    /// Refused deltas by reason code (`low-score`, `norm-too-large`...).
+    pub refused_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Deltas sent that the round's commit neither accepted nor refused (late, or the commit never came).
+    pub unaccounted: u64,
+    /// Deltas the run accepted in the commits this node saw since start (everyone's): `accepted` over this is
+    /// the node's share of the run's accepted work.
+    pub run_accepted: u64,
+    /// The last rounds this node sent deltas in, newest last (at most [`RECENT_ROUNDS`]).
+    pub recent: Vec<RoundContribution>,
+}
+
+/// How many rounds [`Contributions::recent`] keeps.
+pub const RECENT_ROUNDS: usize = 16;
+
+/// One round's contributions of this node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoundContribution {
+    /// The round.
+    pub round: u64,
+    /// Deltas sent.
+    pub sent: u64,
+    /// Deltas accepted.
+    pub accepted: u64,
+    /// Refused deltas: shard and reason code.
+    pub refused: Vec<(String, String)>,
+}
+
+impl Contributions {
+    /// This node's share of the accepted deltas of the commits it saw, if any were accepted.
+    pub fn share(&self) -> Option<f64> {
+        (self.run_accepted > 0).then(|| self.accepted as f64 / self.run_accepted as f64)
+    }
+
+    /// Records a commit: `sent` are this node's deltas of the commit's round (shard and payload hash), `me` its
+    /// key. Counts everyone's accepted deltas towards the run's total.
+    pub fn record_commit(
+        &mut self,
+        commit: &mana_protocol::RoundCommit,
+        me: &mana_protocol::PublicKey,
+        sent: &[(mana_protocol::ShardId, mana_protocol::ContentHash)],
+    ) {
+        self.run_accepted += commit
+            .accepted
+            .iter()
+            .map(|a| a.deltas.len() as u64)
+            .sum::<u64>();
+        if sent.is_empty() {
+            return;
+        }
+        let mut round = RoundContribution {
+            round: commit.round,
+            sent: sent.len() as u64,
+            ..Default::default()
+        };
+        for (shard, hash) in sent {
+            let accepted = commit
+                .accepted
+                .iter()
+                .any(|a| a.shard == *shard && a.deltas.contains(hash));
+            let refused = commit
+                .rejected
+                .iter()
+                .find(|r| r.shard == *shard && r.payload_hash == *hash && r.node == *me);
+            if accepted {
+                round.accepted += 1;
+            } else if let Some(r) = refused {
+                let reason = r.reason.as_str().to_owned();
+                *self.refused_by_reason.entry(reason.clone()).or_default() += 1;
+                round.refused.push((shard.to_string(), reason));
+            } else {
+                self.unaccounted += 1;
+            }
+        }
+        self.accepted += round.accepted;
+        self.refused += round.refused.len() as u64;
+        self.recent.push(round);
+        if self.recent.len() > RECENT_ROUNDS {
+            self.recent.remove(0);
+        }
+    }
 }
 
 /// A commit a trainer refused ([`crate::roles::commit_check`]): the published disputes say the same, signed.
@@ -188,6 +283,32 @@ pub struct CoordinatorStatus {
     /// to the member cap), lowest reputation first.
     #[serde(default)]
     pub standings: Vec<MemberStanding>,
+    /// Members needed before a round starts (while `phase` is `waiting-for-members`: "waiting for
+    /// `members` of `min_members`").
+    #[serde(default)]
+    pub min_members: usize,
+    /// The run's settings, by name (rule, inner steps, replication, round and verify times, seed...).
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, String>,
+    /// The last commits, newest last (at most [`RECENT_ROUNDS`]).
+    #[serde(default)]
+    pub recent_commits: Vec<CommitSummary>,
+}
+
+/// One committed round, as the coordinator's status lists it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CommitSummary {
+    /// The round.
+    pub round: u64,
+    /// Deltas applied.
+    pub accepted: u64,
+    /// Deltas refused.
+    pub refused: u64,
+    /// Validation loss of the committed checkpoint.
+    pub val_loss: Option<f32>,
+    /// The checkpoint manifest's hash (hex).
+    pub checkpoint: String,
 }
 
 /// One member's record as the coordinator keeps it (its standing: what its deltas earned and cost it).
@@ -203,6 +324,9 @@ pub struct MemberStanding {
     pub missed: u64,
     /// Its reputation (banned at the run's threshold).
     pub reputation: i64,
+    /// Whether it is a member now (its heartbeats arrive), rather than a departed key whose record is kept.
+    #[serde(default)]
+    pub member: bool,
 }
 
 /// Collects the status now.
@@ -317,4 +441,75 @@ pub fn read(data_dir: &Path) -> Result<NodeStatus, NodeError> {
     }
     let bytes = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mana_protocol::{
+        AcceptedDeltas, CheckpointManifest, ContentHash, PublicKey, RejectCode, RejectedDelta,
+        RoundCommit, RunId, ShardId,
+    };
+
+    #[test]
+    fn a_commit_tells_a_trainer_the_fate_of_each_delta() {
+        let (me, other) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let e = |index| ShardId::Expert { layer: 0, index };
+        let commit = RoundCommit {
+            run: RunId::new("fate").expect("run"),
+            round: 4,
+            accepted: vec![
+                AcceptedDeltas {
+                    shard: ShardId::Trunk,
+                    deltas: vec![ContentHash([1; 32]), ContentHash([2; 32])],
+                },
+                AcceptedDeltas {
+                    shard: e(0),
+                    deltas: vec![ContentHash([3; 32])],
+                },
+            ],
+            rejected: vec![
+                RejectedDelta {
+                    shard: e(1),
+                    node: me,
+                    payload_hash: ContentHash([4; 32]),
+                    reason: RejectCode::LowScore,
+                },
+                // Another sender's refusal of a payload with the same hash is not ours.
+                RejectedDelta {
+                    shard: e(2),
+                    node: other,
+                    payload_hash: ContentHash([5; 32]),
+                    reason: RejectCode::LowScore,
+                },
+            ],
+            checkpoint: CheckpointManifest {
+                run: RunId::new("fate").expect("run"),
+                round: 4,
+                shards: Vec::new(),
+            },
+        };
+        let mut c = Contributions::default();
+        // Ours: trunk [1] accepted, expert 1 [4] refused, expert 2 [5] neither (the refusal names another node).
+        let sent = [
+            (ShardId::Trunk, ContentHash([1; 32])),
+            (e(1), ContentHash([4; 32])),
+            (e(2), ContentHash([5; 32])),
+        ];
+        c.record_commit(&commit, &me, &sent);
+        assert_eq!(
+            (c.accepted, c.refused, c.unaccounted, c.run_accepted),
+            (1, 1, 1, 3)
+        );
+        assert_eq!(c.refused_by_reason.get("low-score"), Some(&1));
+        assert_eq!(c.recent.len(), 1);
+        assert_eq!(
+            c.recent[0].refused,
+            vec![("expert/0/1".to_owned(), "low-score".to_owned())]
+        );
+        assert!((c.share().expect("share") - 1.0 / 3.0).abs() < 1e-9);
+        // A commit of a round this node sent nothing in still counts towards the run's total.
+        c.record_commit(&commit, &me, &[]);
+        assert_eq!((c.accepted, c.run_accepted, c.recent.len()), (1, 6, 1));
+    }
 }

@@ -108,6 +108,9 @@ struct Trainer {
     senders: HashMap<ContentHash, PeerId>,
     /// Why the node stopped taking part in the run (a refuted commit, an equivocation); `None` while it trains.
     halted: Option<String>,
+    /// The deltas this node sent in the round in progress (round, shard, payload hash), to read their fate in
+    /// the round's commit.
+    sent: Vec<(u64, ShardId, ContentHash)>,
 }
 
 /// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
@@ -148,6 +151,7 @@ pub async fn run_trainer(
         pins: PinLedger::default(),
         senders: HashMap::new(),
         halted: None,
+        sent: Vec::new(),
     };
     trainer.resume_refusal().await;
     tokio::pin!(shutdown);
@@ -276,6 +280,17 @@ impl Trainer {
 
     async fn on_announcement(&mut self, ann: RoundAnnouncement) -> Result<(), NodeError> {
         self.senders.clear();
+        // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
+        let missed = self
+            .sent
+            .iter()
+            .filter(|(round, ..)| *round < ann.round)
+            .count() as u64;
+        if missed > 0 {
+            self.sent.retain(|(round, ..)| *round >= ann.round);
+            self.node
+                .update_training_status(|s| s.contributions.unaccounted += missed);
+        }
         let Some(me) = ann.participant(&self.me).cloned() else {
             self.assigned = None;
             return Ok(());
@@ -379,6 +394,7 @@ impl Trainer {
             .await?;
             sent += 1;
             bytes += size;
+            self.sent.push((round, shard, hash));
         }
         let loss = result.stats.loss_before;
         tracing::info!(
@@ -487,6 +503,16 @@ impl Trainer {
     }
 
     async fn on_commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
+        let sent: Vec<(ShardId, ContentHash)> = self
+            .sent
+            .iter()
+            .filter(|(round, ..)| *round == commit.round)
+            .map(|(_, shard, hash)| (*shard, *hash))
+            .collect();
+        self.sent.retain(|(round, ..)| *round > commit.round);
+        let me = self.me;
+        self.node
+            .update_training_status(|s| s.contributions.record_commit(&commit, &me, &sent));
         let checkpoint_hash = commit.checkpoint.hash()?;
         let Some(assigned) = self.assigned.take() else {
             self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));

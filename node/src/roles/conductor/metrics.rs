@@ -4,7 +4,9 @@
 //! {"round":3,"rule":"sync","participants":4,"accepted":15,"rejected":1,
 //!  "rejected_reasons":{"norm-too-large":1},"train_loss":2.9,"val_loss":2.8,"tokens":4096,
 //!  "payload_bytes":123456,"checkpoint":"<manifest hash hex>",
-//!  "ms":{"train":812,"transfer":40,"verify":95,"apply":30},"scored":16,"score_seed":"9f1c...","unix_ms":1764340000000}
+//!  "ms":{"train":812,"transfer":40,"verify":95,"apply":30},"scored":16,"score_seed":"9f1c...",
+//!  "members":{"<key hex>":{"accepted":4,"refused":0},"<key hex>":{"accepted":3,"refused":1,
+//!  "refused_reasons":{"norm-too-large":1}}},"unix_ms":1764340000000}
 //! ```
 //!
 //! Wall times, measured by the coordinator: `train` from the announcement to the last delta announcement
@@ -71,7 +73,23 @@ pub struct RoundMetrics {
     /// The seed of the round's score batches (hex), which anyone can recompute from the commit.
     #[serde(default)]
     pub score_seed: Option<String>,
+    /// Each sender's deltas of the round (by public key, hex): accepted and refused, with reasons.
+    #[serde(default)]
+    pub members: BTreeMap<String, MemberRound>,
     /// When the line was written.
     #[serde(default)]
     pub unix_ms: u64,
+}
+
+/// One member's deltas in one round's metrics line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemberRound {
+    /// Deltas applied.
+    pub accepted: u64,
+    /// Deltas refused.
+    pub refused: u64,
+    /// Refusals by reason code (absent when none).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused_reasons: BTreeMap<String, u64>,
 }

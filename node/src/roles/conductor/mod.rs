@@ -47,7 +47,7 @@ pub use verify::PAYLOAD_UNAVAILABLE;
 use super::common::{PinLedger, append_line, os_seed, peer_name, publish_patiently};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
-use crate::daemon::status::MemberStanding;
+use crate::daemon::status::{CommitSummary, MemberStanding};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::store::RecordKind;
 use mana_engine::coordinator::{
@@ -200,6 +200,8 @@ struct Role {
     not_admitted: u64,
     allowlist: Option<admission::AllowlistFile>,
     val_loss: Option<f32>,
+    /// The last commits, for the status.
+    recent_commits: std::collections::VecDeque<CommitSummary>,
     done: bool,
 }
 
@@ -337,6 +339,7 @@ impl Role {
             not_admitted: 0,
             allowlist,
             val_loss: None,
+            recent_commits: std::collections::VecDeque::new(),
             done: false,
         };
         if let Some(active) = role.machine.state().round() {
@@ -600,6 +603,16 @@ impl Role {
         let ann = self.last_announcement.clone().filter(|a| a.round == round);
         let val_loss = self.validation_loss(ann.as_ref().map(|a| &a.hyper)).await;
         self.val_loss = val_loss;
+        self.recent_commits.push_back(CommitSummary {
+            round,
+            accepted: accepted as u64,
+            refused: commit.rejected.len() as u64,
+            val_loss,
+            checkpoint: checkpoint_hash.to_string(),
+        });
+        while self.recent_commits.len() > crate::daemon::status::RECENT_ROUNDS {
+            self.recent_commits.pop_front();
+        }
         tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
         if let Some(path) = self.cfg.metrics.clone() {
             let line = self.metrics_line(
@@ -725,9 +738,37 @@ impl Role {
                 faults: s.faults,
                 missed: s.missed,
                 reputation: s.reputation,
+                member: self.machine.members().contains_key(k),
             })
             .collect();
         members_standing.sort_by_key(|m| m.reputation);
+        let config = self.machine.config();
+        let min_members = config.min_members;
+        let rule = match config.hyper.update_rule {
+            mana_protocol::UpdateRule::Sync => "sync",
+            mana_protocol::UpdateRule::Diloco => "diloco",
+        };
+        let settings: BTreeMap<String, String> = [
+            ("rule", rule.to_owned()),
+            ("inner_steps", config.inner_steps.to_string()),
+            ("replication", config.replication.to_string()),
+            ("min_members", config.min_members.to_string()),
+            ("round_ms", config.train_ms.to_string()),
+            ("verify_ms", config.verify_ms.to_string()),
+            ("inner_lr", config.hyper.inner_lr.to_string()),
+            ("seed", self.cfg.spec.init_seed.to_string()),
+            (
+                "rounds",
+                self.cfg
+                    .rounds
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "unbounded".into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let recent_commits: Vec<CommitSummary> = self.recent_commits.iter().cloned().collect();
         self.node.update_coordinator_status(|s| {
             s.round = round;
             s.phase = state.name().to_owned();
@@ -742,6 +783,9 @@ impl Role {
             s.banned = banned;
             s.not_admitted = not_admitted;
             s.standings = members_standing;
+            s.min_members = min_members;
+            s.settings = settings;
+            s.recent_commits = recent_commits;
         });
     }
 

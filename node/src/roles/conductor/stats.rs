@@ -9,7 +9,7 @@ use mana_protocol::{
 };
 
 use super::Role;
-use super::metrics::{PhaseMs, RoundMetrics};
+use super::metrics::{MemberRound, PhaseMs, RoundMetrics};
 use crate::daemon::{blocking, now_ms};
 
 impl Role {
@@ -35,7 +35,26 @@ impl Role {
             (Some(a), Some(l)) => l.saturating_duration_since(a).as_millis() as u64,
             _ => 0,
         };
+        let mut members: BTreeMap<String, MemberRound> = BTreeMap::new();
+        for (node, d) in deltas {
+            let applied = commit
+                .accepted
+                .iter()
+                .any(|a| a.shard == d.shard && a.deltas.contains(&d.payload_hash));
+            if applied {
+                members.entry(hex::encode(node.0)).or_default().accepted += 1;
+            }
+        }
+        for r in &commit.rejected {
+            let member = members.entry(hex::encode(r.node.0)).or_default();
+            member.refused += 1;
+            *member
+                .refused_reasons
+                .entry(r.reason.as_str().to_owned())
+                .or_default() += 1;
+        }
         RoundMetrics {
+            members,
             round: commit.round,
             rule: match ann.map(|a| a.hyper.update_rule) {
                 Some(UpdateRule::Diloco) => "diloco".into(),
