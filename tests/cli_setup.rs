@@ -449,3 +449,90 @@ fn redirected_logs_have_no_colour_codes_and_no_bootstrap_warning() {
     );
     assert!(!all.contains("Failed to trigger bootstrap"), "{all}");
 }
+
+#[test]
+fn a_changed_rule_or_seed_on_resume_is_refused_unless_meant() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("c");
+    let start = |extra: &[&str]| {
+        let mut cmd = mana();
+        cmd.args([
+            "coordinator",
+            "--run",
+            "setup",
+            "--listen",
+            TCP,
+            "--data-dir",
+        ])
+        .arg(&data)
+        .args(extra);
+        cmd
+    };
+    // A first run, stopped (SIGTERM) once it reports its coordinator status: its settings are stored by then.
+    let child = start(&[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("coordinator");
+    let first = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = std::fs::read_to_string(data.join("status.json")).unwrap_or_default();
+        if status.contains("\"inner_steps\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no coordinator status");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = first.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let mut first = first;
+    first.0.wait().expect("the first coordinator stops");
+
+    let args = [
+        "coordinator",
+        "--run",
+        "setup",
+        "--listen",
+        TCP,
+        "--data-dir",
+        "c",
+        "--rule",
+        "diloco",
+        "--seed",
+        "5",
+    ];
+    let line = refused(&args, dir.path());
+    assert!(
+        line.contains("rule was sync, now diloco") && line.contains("seed was 1, now 5"),
+        "{line}"
+    );
+    assert!(line.contains("--accept-changed-settings"), "{line}");
+    // Meant: it resumes, saying what changed.
+    let mut child = start(&[
+        "--rule",
+        "diloco",
+        "--seed",
+        "5",
+        "--accept-changed-settings",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("coordinator");
+    let rx = lines(child.stderr.take().expect("piped"));
+    let _child = Proc(child);
+    expect_line(
+        &rx,
+        &[
+            "resuming with changed run settings",
+            "rule was sync, now diloco",
+        ],
+    );
+}

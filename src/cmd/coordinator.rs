@@ -103,6 +103,11 @@ pub struct CoordinatorArgs {
     /// Inner learning rate announced with every round (default: the run preset's).
     #[arg(long, env = "MANA_LR")]
     pub lr: Option<f32>,
+    /// Resume the run in this data directory even though its rule, seed, corpus or key changed (refused
+    /// otherwise, naming each change): the saved model goes on under the new ones.
+    #[arg(long, env = "MANA_ACCEPT_CHANGED_SETTINGS", value_parser = crate::config::parse_bool)]
+    #[serde(skip)]
+    pub accept_changed_settings: bool,
 }
 
 impl FromFile for CoordinatorArgs {
@@ -147,6 +152,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         super::preflight::writable_dir("--export", dir)?;
     }
     role.allowlist = s.get(|a| &a.allowlist);
+    role.accept_changed_settings = s.flags.accept_changed_settings;
     if let Some(share) = s.get(|a| &a.score_share) {
         anyhow::ensure!(
             (0.0..=1.0).contains(&share),

@@ -262,6 +262,20 @@ impl Coordinator {
         &self.config
     }
 
+    /// Replaces the configuration for the rounds to come (a resumed run whose operator changed a setting on
+    /// purpose). The run and its experts cannot change: the checkpoint is theirs.
+    pub fn reconfigure(&mut self, config: CoordinatorConfig) -> Result<(), CoordinatorError> {
+        config.validate()?;
+        if config.run != self.config.run || config.experts != self.config.experts {
+            return Err(CoordinatorError::Config(ConfigError {
+                field: "run/experts",
+                reason: "a resumed run keeps its run id and experts".into(),
+            }));
+        }
+        self.config = config;
+        Ok(())
+    }
+
     /// Saves the whole state (bincode, standard config), to be restored with [`Coordinator::from_bytes`].
     pub fn to_bytes(&self) -> Result<Vec<u8>, CoordinatorError> {
         bincode::serde::encode_to_vec(self, bincode::config::standard())

@@ -23,6 +23,7 @@
 
 pub mod admission;
 mod aggregate;
+pub mod identity;
 pub mod metrics;
 mod reports;
 mod stats;
@@ -99,6 +100,9 @@ pub struct ConductorConfig {
     /// Only the keys in this file may join ([`admission`]); the file is read again when it changes. `None`:
     /// an open run.
     pub allowlist: Option<PathBuf>,
+    /// Resume even if the run's fixed settings ([`identity::RunIdentity`]) differ from the saved ones: the
+    /// saved model goes on, under the new rule and corpus (a changed model is refused all the same).
+    pub accept_changed_settings: bool,
 }
 
 impl ConductorConfig {
@@ -126,6 +130,7 @@ impl ConductorConfig {
             fetch_timeout: Duration::from_secs(30),
             fetch_concurrency: 8,
             allowlist: None,
+            accept_changed_settings: false,
         }
     }
 }
@@ -274,17 +279,55 @@ impl Role {
         verify_tx: mpsc::Sender<verify::VerifyReport>,
     ) -> Result<Role, NodeError> {
         let store = node.store().clone();
-        let saved =
-            blocking(move || Ok(store.get_record(RecordKind::RoundState, STATE_KEY)?)).await?;
+        let (saved, saved_identity) = blocking(move || {
+            Ok((
+                store.get_record(RecordKind::RoundState, STATE_KEY)?,
+                store.get_record(RecordKind::RoundState, identity::IDENTITY_KEY)?,
+            ))
+        })
+        .await?;
+        let identity = identity::RunIdentity::of(
+            &cfg.spec,
+            cfg.machine.hyper.update_rule,
+            &cfg.data,
+            &node.public_key(),
+        );
         let (machine, model) = match saved {
             Some(bytes) => {
-                let machine = Coordinator::from_bytes(&bytes).map_err(NodeError::from)?;
+                let mut machine = Coordinator::from_bytes(&bytes).map_err(NodeError::from)?;
                 if machine.config().run != cfg.machine.run {
                     return Err(NodeError::Config(format!(
                         "this data directory coordinates run {}, not {}",
                         machine.config().run,
                         cfg.machine.run
                     )));
+                }
+                // A data directory from before identities were kept: its identity is this one.
+                if let Some(saved) = saved_identity
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<identity::RunIdentity>(b).ok())
+                {
+                    let changes = identity.changes_from(&saved);
+                    if changes.iter().any(|c| c.0 == "model") {
+                        return Err(NodeError::Config(format!(
+                            "cannot resume run {} with another model: {}",
+                            cfg.machine.run,
+                            identity::describe(&changes)
+                        )));
+                    }
+                    if !changes.is_empty() && !cfg.accept_changed_settings {
+                        return Err(NodeError::Config(format!(
+                            "run {} was started with other settings: {} (pass --accept-changed-settings if the change is meant)",
+                            cfg.machine.run,
+                            identity::describe(&changes)
+                        )));
+                    }
+                    if !changes.is_empty() {
+                        tracing::warn!(changes = %identity::describe(&changes), "resuming with changed run settings, as asked");
+                        let mut config = machine.config().clone();
+                        config.hyper.update_rule = cfg.machine.hyper.update_rule;
+                        machine.reconfigure(config).map_err(NodeError::from)?;
+                    }
                 }
                 let model = load_model(&node, &cfg.spec, machine.checkpoint()).await?;
                 tracing::info!(
@@ -301,6 +344,13 @@ impl Role {
                 (machine, model)
             }
         };
+        let value = serde_json::to_vec(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
+        let store = node.store().clone();
+        blocking(move || {
+            store.put_record(RecordKind::RoundState, identity::IDENTITY_KEY, &value)?;
+            Ok(())
+        })
+        .await?;
         // The manifest blob is served again (a restart lost its pin; its store reference keeps it).
         let manifest = machine.checkpoint().to_bytes()?;
         node.host_blob(manifest).await?;
