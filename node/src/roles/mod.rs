@@ -12,6 +12,7 @@
 pub mod commit_check;
 pub mod common;
 pub mod conductor;
+pub mod silence;
 pub mod trainer;
 
 pub use common::{DataSource, load_dataset};

@@ -42,6 +42,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
 use super::common::{PinLedger, fetch_bytes, peer_of, publish_patiently};
+use super::silence::{CoordinatorWatch, Silence};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
@@ -63,6 +64,9 @@ pub struct TrainerConfig {
     pub fetch_timeout: Duration,
     /// Blobs fetched at once.
     pub fetch_concurrency: usize,
+    /// How long without a word from the coordinator (past a round's deadline) before the node says so: a
+    /// wrong `--run` or `--coordinator`, a run that ended, a coordinator that is down.
+    pub coordinator_silence: Duration,
 }
 
 impl TrainerConfig {
@@ -75,6 +79,7 @@ impl TrainerConfig {
             tokens_per_second: 0.0,
             fetch_timeout: Duration::from_secs(60),
             fetch_concurrency: 8,
+            coordinator_silence: Duration::from_secs(60),
         }
     }
 }
@@ -111,6 +116,8 @@ struct Trainer {
     /// The deltas this node sent in the round in progress (round, shard, payload hash), to read their fate in
     /// the round's commit.
     sent: Vec<(u64, ShardId, ContentHash)>,
+    /// What the node's refusals suggest about a silent coordinator (found when the silence begins).
+    silence_hint: String,
 }
 
 /// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
@@ -152,13 +159,23 @@ pub async fn run_trainer(
         senders: HashMap::new(),
         halted: None,
         sent: Vec::new(),
+        silence_hint: String::new(),
     };
     trainer.resume_refusal().await;
+    let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
+    let mut watch_tick = tokio::time::interval(Duration::from_secs(1));
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             m = messages.recv() => m,
+            _ = watch_tick.tick() => {
+                if trainer.halted.is_none() {
+                    trainer.say_silence(&mut watch).await;
+                }
+                continue;
+            }
         };
         let (signer, message) = match accepted {
             Ok(a) => (a.signer, a.message),
@@ -174,6 +191,20 @@ pub async fn run_trainer(
                 trainer.decline(ann);
             }
             continue;
+        }
+        match &message {
+            Message::RoundAnnouncement(ann) => {
+                let quiet =
+                    Duration::from_millis(ann.deadlines.commit_by_ms.saturating_sub(now_ms()));
+                watch.heard(Instant::now(), ann.round, quiet);
+            }
+            Message::RoundCommit(commit) => {
+                watch.heard(Instant::now(), commit.round, Duration::ZERO)
+            }
+            Message::Heartbeat(_) if Some(signer) == trainer.node.config().coordinator => {
+                watch.alive(Instant::now())
+            }
+            _ => {}
         }
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
@@ -197,6 +228,58 @@ pub async fn run_trainer(
 }
 
 impl Trainer {
+    /// Says (in the status, and once in the log) that the coordinator has not been heard, and what may be
+    /// wrong.
+    async fn say_silence(&mut self, watch: &mut CoordinatorWatch) {
+        let text = match watch.check(Instant::now()) {
+            Silence::Heard => return,
+            Silence::NeverHeard(waited) => {
+                let run = self.node.config().net.run_id.clone();
+                let key = self
+                    .node
+                    .config()
+                    .coordinator
+                    .map(|k| hex::encode(k.0))
+                    .unwrap_or_default();
+                format!(
+                    "no round from coordinator {key} on run {run} in {} s: check --run and --coordinator",
+                    waited.as_secs()
+                )
+            }
+            Silence::Waiting(waited) => format!(
+                "the coordinator is up but has announced no round in {} s: it waits for enough members",
+                waited.as_secs()
+            ),
+            Silence::Silent { round, for_ } => format!(
+                "coordinator silent for {} s since round {round}: the run may have ended, or the coordinator is down",
+                for_.as_secs()
+            ),
+        };
+        if watch.first_time() {
+            // What this node refused says more: announcements signed by another key, or for another run.
+            self.silence_hint = match self.node.status().await {
+                Ok(s) => {
+                    let count = |code: &str| s.rejections.by_reason.get(code).copied().unwrap_or(0);
+                    let (key, run) = (count("not-coordinator"), count("unknown-run"));
+                    let mut hint = String::new();
+                    if key > 0 {
+                        hint.push_str(&format!(
+                            " ({key} message(s) signed by another coordinator key were refused)"
+                        ));
+                    }
+                    if run > 0 {
+                        hint.push_str(&format!(" ({run} message(s) of another run were refused)"));
+                    }
+                    hint
+                }
+                Err(_) => String::new(),
+            };
+            tracing::warn!("{text}{}", self.silence_hint);
+        }
+        let activity = format!("{text}{}", self.silence_hint);
+        self.node.update_training_status(|s| s.activity = activity);
+    }
+
     /// Stops taking part in the run for `reason` (said in the log and the status); for good.
     fn halt(&mut self, reason: String) {
         tracing::error!(%reason, "trainer stops taking part in the run");

@@ -1,0 +1,118 @@
+//! A trainer says why no round comes: a coordinator key that matches nothing it hears ("check --run and
+//! --coordinator"), a coordinator that is up but waits for enough members, and a coordinator silent since its
+//! last round (the run ended). Loopback only; the silence wait is 2 s here (60 s by default).
+
+mod net_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mana_engine::round::RunSpec;
+use mana_node::daemon::NodeHandle;
+use mana_node::roles::common::{DataSource, load_dataset};
+use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
+use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_protocol::UpdateRule;
+use net_support::*;
+
+/// Waits until `node`'s trainer activity contains every one of `words`.
+async fn activity_says(node: &Arc<NodeHandle>, words: &[&str]) -> String {
+    let what = format!("the trainer's activity to say {words:?}");
+    wait_for(Duration::from_secs(60), &what, || async {
+        let activity = node.status().await.ok()?.training?.activity;
+        words
+            .iter()
+            .all(|w| activity.contains(w))
+            .then_some(activity)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_says_why_no_round_comes() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let spec = RunSpec::tiny();
+    let data = Arc::new(
+        load_dataset(&DataSource {
+            builtin_bytes: 256 * 1024,
+            ..DataSource::default()
+        })
+        .expect("built-in corpus"),
+    );
+    let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
+    coord_cfg.sync_shards = false;
+    let coordinator = Arc::new(start_node(coord_cfg).await);
+    let key = coordinator.public_key();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let start_trainer = |name: &str, key| {
+        let cfg = member_config(dir.path(), &boot, name, key);
+        let (spec, data, stop_rx) = (spec.clone(), data.clone(), stop_rx.clone());
+        async move {
+            let node = Arc::new(start_node(cfg).await);
+            let mut trainer = TrainerConfig::new(spec, data);
+            trainer.coordinator_silence = Duration::from_secs(2);
+            let task = tokio::spawn(run_trainer(node.clone(), trainer, stopped(stop_rx)));
+            (node, task)
+        }
+    };
+    let (right, right_task) = start_trainer("right", key).await;
+    let (wrong, wrong_task) = start_trainer("wrong", mana_protocol::PublicKey([7; 32])).await;
+
+    // The mistyped key: nothing it hears is from "its" coordinator.
+    let said = activity_says(
+        &wrong,
+        &[
+            "no round from coordinator 0707",
+            "check --run and --coordinator",
+        ],
+    )
+    .await;
+    println!("wrong key: {said}");
+    // The right key, before the run starts: the coordinator's heartbeats arrive, no round yet.
+    let said = activity_says(&right, &["coordinator is up", "waits for enough members"]).await;
+    println!("right key, waiting: {said}");
+
+    // A run of one round with this one member, then the coordinator is done: silent since round 1.
+    let run = coordinator.config().net.run_id.clone();
+    let mut machine = machine_config(run, &spec, UpdateRule::Sync, 1).expect("machine config");
+    machine.min_members = 1;
+    machine.replication = 1;
+    machine.train_ms = 8_000;
+    machine.verify_ms = 8_000;
+    machine.cooldown_ms = 200;
+    let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
+    role.rounds = Some(1);
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())),
+    )
+    .await
+    .expect("the round is committed in time")
+    .expect("coordinator ran");
+    let said = activity_says(&right, &["coordinator silent for", "since round 1"]).await;
+    println!("after the run: {said}");
+    let status = right
+        .status()
+        .await
+        .expect("status")
+        .training
+        .expect("training");
+    assert_eq!(status.applied_round, Some(1), "{status:?}");
+
+    let _ = stop_tx.send(true);
+    for task in [right_task, wrong_task] {
+        task.await.expect("trainer task").expect("trainer ran");
+    }
+    for node in [right, wrong, coordinator] {
+        Arc::try_unwrap(node)
+            .ok()
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
+    }
+    bootstrap.shutdown().await;
+}
