@@ -41,6 +41,7 @@ fn announcement(
             deltas_by_ms: 0,
             commit_by_ms: 0,
         },
+        corpus: ContentHash([0; 32]),
     }
 }
 

@@ -88,6 +88,9 @@ pub struct RoundAnnouncement {
     pub max_norm_ratio: f32,
     /// Phase deadlines.
     pub deadlines: Deadlines,
+    /// blake3 of the run's corpus (its training and validation bytes): a node whose corpus hashes otherwise
+    /// would train on other text, so it refuses to. All zeros: not stated.
+    pub corpus: ContentHash,
 }
 
 impl RoundAnnouncement {

@@ -1,7 +1,7 @@
 //! The coordinator's settings: the run, the experts to host, replication, phase durations and the training
 //! hyper-parameters it announces. Readable from TOML (the operator's coordinator section).
 
-use mana_protocol::{HyperParams, RunId, ShardId};
+use mana_protocol::{ContentHash, HyperParams, RunId, ShardId};
 use serde::{Deserialize, Serialize};
 
 use super::standing::StandingPolicy;
@@ -52,6 +52,8 @@ pub struct CoordinatorConfig {
     pub hyper: HyperParams,
     /// How members earn and lose standing, and the member cap.
     pub standing: StandingPolicy,
+    /// The run's corpus hash, announced with every round (all zeros: not stated).
+    pub corpus: ContentHash,
 }
 
 impl CoordinatorConfig {
@@ -72,6 +74,7 @@ impl CoordinatorConfig {
             max_norm_ratio: 10.0,
             hyper,
             standing: StandingPolicy::default(),
+            corpus: ContentHash([0; 32]),
         }
     }
 

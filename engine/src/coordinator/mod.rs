@@ -634,6 +634,7 @@ impl Coordinator {
                 deltas_by_ms,
                 commit_by_ms: deltas_by_ms.saturating_add(self.config.verify_ms),
             },
+            corpus: self.config.corpus,
         };
         self.hosts = hosts;
         self.next_round = round + 1;

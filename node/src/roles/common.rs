@@ -44,6 +44,16 @@ pub fn load_dataset(source: &DataSource) -> Result<TextDataset, NodeError> {
     TextDataset::new(&text, Split::default()).map_err(|e| NodeError::Config(format!("corpus: {e}")))
 }
 
+/// The hash a run announces its corpus by ([`mana_protocol::RoundAnnouncement::corpus`]): blake3 over the
+/// training part's length, the training bytes and the validation bytes.
+pub fn corpus_hash(data: &TextDataset) -> ContentHash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&(data.train_bytes().len() as u64).to_le_bytes());
+    hasher.update(data.train_bytes());
+    hasher.update(data.validation_bytes());
+    ContentHash(*hasher.finalize().as_bytes())
+}
+
 /// Checks that the run's corpus can feed rounds of `spec`'s sequence length (training and validation
 /// parts alike), with the corpus named in the error.
 pub fn check_corpus(

@@ -41,7 +41,7 @@ use mana_protocol::{
 use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
-use super::common::{PinLedger, fetch_bytes, peer_of, publish_patiently};
+use super::common::{PinLedger, corpus_hash, fetch_bytes, peer_of, publish_patiently};
 use super::silence::{CoordinatorWatch, Silence};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
@@ -118,6 +118,10 @@ struct Trainer {
     sent: Vec<(u64, ShardId, ContentHash)>,
     /// What the node's refusals suggest about a silent coordinator (found when the silence begins).
     silence_hint: String,
+    /// This node's corpus hash, compared with each round's.
+    corpus: ContentHash,
+    /// Whether a corpus mismatch was logged already.
+    said_corpus: bool,
 }
 
 /// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
@@ -147,6 +151,7 @@ pub async fn run_trainer(
     node.update_training_status(|s| s.activity = "waiting for a round".into());
     let mut messages = node.accepted();
     let me = node.public_key();
+    let cfg_data = cfg.data.clone();
     let mut trainer = Trainer {
         node,
         cfg,
@@ -160,6 +165,8 @@ pub async fn run_trainer(
         halted: None,
         sent: Vec::new(),
         silence_hint: String::new(),
+        corpus: corpus_hash(&cfg_data),
+        said_corpus: false,
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -379,6 +386,22 @@ impl Trainer {
             return Ok(());
         };
         let round = ann.round;
+        if ann.corpus != ContentHash([0; 32]) && ann.corpus != self.corpus {
+            // Training on other text would send deltas that pull the model elsewhere (a node given another
+            // corpus contributed at loss 3.09 beside 1.5): say so, and sit the round out.
+            self.assigned = None;
+            let text = format!(
+                "round {round}: not training: this node's corpus (hash {}) is not the run's ({}); start it with the run's --corpus",
+                &self.corpus.to_string()[..16],
+                &ann.corpus.to_string()[..16]
+            );
+            if !self.said_corpus {
+                tracing::error!("{text}");
+                self.said_corpus = true;
+            }
+            self.node.update_training_status(|s| s.activity = text);
+            return Ok(());
+        }
         self.node
             .update_training_status(|s| s.activity = format!("round {round}: fetching the base"));
         let manifest = self.base_manifest(ann.base_checkpoint).await?;

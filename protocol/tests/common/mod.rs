@@ -91,6 +91,7 @@ pub fn round_announcement() -> RoundAnnouncement {
             deltas_by_ms: T0 + 600_000,
             commit_by_ms: T0 + 660_000,
         },
+        corpus: ContentHash([0; 32]),
     }
 }
 

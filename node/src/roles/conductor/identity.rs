@@ -35,10 +35,6 @@ impl RunIdentity {
         data: &TextDataset,
         key: &PublicKey,
     ) -> RunIdentity {
-        let mut corpus = blake3::Hasher::new();
-        corpus.update(&(data.train_bytes().len() as u64).to_le_bytes());
-        corpus.update(data.train_bytes());
-        corpus.update(data.validation_bytes());
         RunIdentity {
             rule: match rule {
                 UpdateRule::Sync => "sync".into(),
@@ -46,7 +42,7 @@ impl RunIdentity {
             },
             seed: spec.init_seed,
             model: format!("{:?}", spec.model),
-            corpus: corpus.finalize().to_hex().to_string(),
+            corpus: crate::roles::common::corpus_hash(data).to_string(),
             coordinator: hex::encode(key.0),
         }
     }

@@ -114,6 +114,9 @@ impl ConductorConfig {
         spec: RunSpec,
         data: Arc<TextDataset>,
     ) -> ConductorConfig {
+        let mut machine = machine;
+        // Every round names the corpus: a node with other text refuses to train on it.
+        machine.corpus = crate::roles::common::corpus_hash(&data);
         ConductorConfig {
             machine,
             spec,

@@ -1,6 +1,7 @@
-//! A trainer says why no round comes: a coordinator key that matches nothing it hears ("check --run and
-//! --coordinator"), a coordinator that is up but waits for enough members, and a coordinator silent since its
-//! last round (the run ended). Loopback only; the silence wait is 2 s here (60 s by default).
+//! A trainer says why it does not train: a coordinator key that matches nothing it hears ("check --run and
+//! --coordinator"), a coordinator that is up but waits for enough members, a corpus other than the run's (it
+//! sits the round out), and a coordinator silent since its last round (the run ended). Loopback only; the
+//! silence wait is 2 s here (60 s by default).
 
 mod net_support;
 
@@ -47,7 +48,15 @@ async fn a_trainer_says_why_no_round_comes() {
     let coordinator = Arc::new(start_node(coord_cfg).await);
     let key = coordinator.public_key();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let start_trainer = |name: &str, key| {
+    let other_text = Arc::new(
+        load_dataset(&DataSource {
+            builtin_bytes: 256 * 1024,
+            seed: 99,
+            ..DataSource::default()
+        })
+        .expect("another built-in corpus"),
+    );
+    let start_trainer = |name: &str, key, data: &Arc<mana_kernels::data::TextDataset>| {
         let cfg = member_config(dir.path(), &boot, name, key);
         let (spec, data, stop_rx) = (spec.clone(), data.clone(), stop_rx.clone());
         async move {
@@ -58,8 +67,10 @@ async fn a_trainer_says_why_no_round_comes() {
             (node, task)
         }
     };
-    let (right, right_task) = start_trainer("right", key).await;
-    let (wrong, wrong_task) = start_trainer("wrong", mana_protocol::PublicKey([7; 32])).await;
+    let (right, right_task) = start_trainer("right", key, &data).await;
+    let (wrong, wrong_task) =
+        start_trainer("wrong", mana_protocol::PublicKey([7; 32]), &data).await;
+    let (other, other_task) = start_trainer("other-text", key, &other_text).await;
 
     // The mistyped key: nothing it hears is from "its" coordinator.
     let said = activity_says(
@@ -75,23 +86,42 @@ async fn a_trainer_says_why_no_round_comes() {
     let said = activity_says(&right, &["coordinator is up", "waits for enough members"]).await;
     println!("right key, waiting: {said}");
 
-    // A run of one round with this one member, then the coordinator is done: silent since round 1.
+    // A run of one round with all three members (the one with the wrong key heartbeats on the run too, so it
+    // is one), then the coordinator is done: silent since round 1. The member with other text sits the round
+    // out.
     let run = coordinator.config().net.run_id.clone();
     let mut machine = machine_config(run, &spec, UpdateRule::Sync, 1).expect("machine config");
-    machine.min_members = 1;
+    machine.min_members = 3;
     machine.replication = 1;
     machine.train_ms = 8_000;
     machine.verify_ms = 8_000;
     machine.cooldown_ms = 200;
     let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
     role.rounds = Some(1);
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        run_conductor(coordinator.clone(), role, stopped(stop_rx.clone())),
+    let coordinating = tokio::spawn(run_conductor(
+        coordinator.clone(),
+        role,
+        stopped(stop_rx.clone()),
+    ));
+    let said = activity_says(
+        &other,
+        &["round 1: not training", "corpus", "is not the run's"],
     )
-    .await
-    .expect("the round is committed in time")
-    .expect("coordinator ran");
+    .await;
+    println!("other text: {said}");
+    tokio::time::timeout(Duration::from_secs(120), coordinating)
+        .await
+        .expect("the round is committed in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    let sent = other
+        .status()
+        .await
+        .expect("status")
+        .training
+        .expect("training")
+        .deltas_sent;
+    assert_eq!(sent, 0, "the node with other text sent deltas");
     let said = activity_says(&right, &["coordinator silent for", "since round 1"]).await;
     println!("after the run: {said}");
     let status = right
@@ -103,10 +133,10 @@ async fn a_trainer_says_why_no_round_comes() {
     assert_eq!(status.applied_round, Some(1), "{status:?}");
 
     let _ = stop_tx.send(true);
-    for task in [right_task, wrong_task] {
+    for task in [right_task, wrong_task, other_task] {
         task.await.expect("trainer task").expect("trainer ran");
     }
-    for node in [right, wrong, coordinator] {
+    for node in [right, wrong, other, coordinator] {
         Arc::try_unwrap(node)
             .ok()
             .expect("sole owner")
