@@ -51,6 +51,21 @@ pub struct JoinArgs {
     /// The training run (names the gossip topics).
     #[arg(long, env = "MANA_RUN")]
     pub run: Option<String>,
+    /// Serve a live web page of this node's state, contributions, loss curve, peers and traffic at this
+    /// address (IP:PORT; keep it on 127.0.0.1: it has no login).
+    #[arg(long, env = "MANA_DASHBOARD")]
+    pub dashboard: Option<String>,
+}
+
+/// The `--dashboard` address of [`JoinArgs`], layered and parsed.
+pub fn dashboard_addr(layers: &Layered<&JoinArgs>) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    layers
+        .get(|a| &a.dashboard)
+        .map(|text| {
+            text.parse()
+                .map_err(|e| anyhow::anyhow!("--dashboard {text}: not an IP:PORT address ({e})"))
+        })
+        .transpose()
 }
 
 /// The default listen addresses: TCP and QUIC on port 4001, all interfaces.

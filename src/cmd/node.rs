@@ -92,6 +92,7 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
     config.key_file = net.key.clone();
     net.apply(&mut config.net);
     config.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
+    config.dashboard = super::net::dashboard_addr(&s.section(|a| &a.join))?;
     if let Some(run) = s.get(|a| &a.join.run) {
         config.net.run_id = parse_run(&run)?;
     }

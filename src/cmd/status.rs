@@ -56,6 +56,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     for addr in &s.listen_addrs {
         println!("  listening on {addr}");
     }
+    if let Some(url) = &s.dashboard {
+        println!("  dashboard: {url}");
+    }
     println!(
         "peers: {} connected, {} in the DHT routing table",
         s.peers.len(),

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     /// What the node declares in its heartbeats (the coordinator assigns experts by it). `max_shards` 0 (the
     /// default) means "assign me nothing": a mirror or a coordinator.
     pub capacity: mana_protocol::Capacity,
+    /// Where to serve the operator's dashboard (`--dashboard`; port 0: any free port), if at all.
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -60,6 +62,7 @@ impl NodeConfig {
                 tokens_per_second: 0.0,
                 max_shards: 0,
             },
+            dashboard: None,
         }
     }
 

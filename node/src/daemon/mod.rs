@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod dashboard;
 pub mod equivocation;
 pub mod serve;
 pub mod status;
@@ -194,6 +195,8 @@ pub(crate) struct Shared {
     /// Envelopes heard or signed here within the replay window: what this node published counts as seen, so
     /// a replay of its own message is refused here rather than passed on (and blamed on this node).
     pub replay: Mutex<validate::ReplayGuard>,
+    /// The dashboard's bound address, once it serves.
+    pub dashboard: std::sync::OnceLock<std::net::SocketAddr>,
     /// Cancelled at shutdown: every task of [`Shared::tasks`] ends when it is.
     pub cancel: CancellationToken,
     /// Every task the node (or a role, through [`NodeHandle::spawn`]) starts: shutdown waits for all of them.
@@ -336,11 +339,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         pins: Mutex::new(std::collections::HashMap::new()),
         replay: Mutex::new(validate::ReplayGuard::new(validate::replay_window())),
+        dashboard: std::sync::OnceLock::new(),
         cancel: CancellationToken::new(),
         tasks: TaskTracker::new(),
         net_cancel,
         net_tasks,
     });
+    if let Some(addr) = shared.config.dashboard {
+        let bound = dashboard::start(shared.clone(), addr).await?;
+        let _ = shared.dashboard.set(bound);
+        tracing::info!(url = %format!("http://{bound}/"), "dashboard");
+    }
     // Announce what we already hold (a restarted node serves its shards again).
     sync::provide_stored(&shared).await;
     // The event task ends by itself on cancellation (after its final status write), so it is tracked but not
@@ -392,6 +401,11 @@ impl NodeHandle {
             .client
             .listen_addrs(Duration::from_secs(10))
             .await?)
+    }
+
+    /// The dashboard's address, when it serves one ([`NodeConfig::dashboard`]).
+    pub fn dashboard_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.dashboard.get().copied()
     }
 
     /// Receives every message that passes validation from now on.

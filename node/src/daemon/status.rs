@@ -41,6 +41,9 @@ pub struct NodeStatus {
     pub run: String,
     /// Listen addresses, with `/p2p/<peer id>`.
     pub listen_addrs: Vec<String>,
+    /// The dashboard's URL, when the node serves one.
+    #[serde(default)]
+    pub dashboard: Option<String>,
     /// Connected peers with round trip and gossip score.
     pub peers: Vec<PeerSummary>,
     /// Peers in the DHT routing table.
@@ -125,6 +128,33 @@ pub struct TrainingStatus {
     /// What became of this node's deltas, as the coordinator's signed commits say.
     #[serde(default)]
     pub contributions: Contributions,
+    /// The training loss of each round this node trained (at most [`MAX_LOSS_POINTS`], newest last).
+    #[serde(default)]
+    pub loss_curve: Vec<LossPoint>,
+}
+
+/// Most points a loss curve keeps (the oldest go first).
+pub const MAX_LOSS_POINTS: usize = 2000;
+
+/// One point of a loss curve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LossPoint {
+    /// The round.
+    pub round: u64,
+    /// Training loss (a trainer's own; the coordinator's: the mean its participants reported).
+    pub train: Option<f32>,
+    /// Validation loss of the committed checkpoint (the coordinator's only).
+    pub val: Option<f32>,
+}
+
+/// Appends `point` to `curve`, keeping at most [`MAX_LOSS_POINTS`].
+pub fn push_loss(curve: &mut Vec<LossPoint>, point: LossPoint) {
+    curve.push(point);
+    if curve.len() > MAX_LOSS_POINTS {
+        let excess = curve.len() - MAX_LOSS_POINTS;
+        curve.drain(..excess);
+    }
 }
 
 /// The fate of a trainer's deltas: each commit lists the accepted payloads per shard and the refused ones with
@@ -293,6 +323,9 @@ pub struct CoordinatorStatus {
     /// The last commits, newest last (at most [`RECENT_ROUNDS`]).
     #[serde(default)]
     pub recent_commits: Vec<CommitSummary>,
+    /// The run's loss per committed round (at most [`MAX_LOSS_POINTS`], newest last).
+    #[serde(default)]
+    pub loss_curve: Vec<LossPoint>,
 }
 
 /// One committed round, as the coordinator's status lists it.
@@ -368,6 +401,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         pid: std::process::id(),
         updated_unix_ms: now_ms(),
         run: shared.config.net.run_id.to_string(),
+        dashboard: shared.dashboard.get().map(|a| format!("http://{a}/")),
         listen_addrs: snap
             .listen_addrs
             .iter()

@@ -516,6 +516,14 @@ impl Trainer {
             s.deltas_sent += sent;
             s.delta_bytes_sent += bytes;
             s.last_train_loss = Some(loss);
+            crate::daemon::status::push_loss(
+                &mut s.loss_curve,
+                crate::daemon::status::LossPoint {
+                    round,
+                    train: Some(loss),
+                    val: None,
+                },
+            );
             s.activity = format!("round {round}: deltas sent, waiting for the commit");
         });
         Ok(())

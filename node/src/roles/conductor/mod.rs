@@ -667,14 +667,22 @@ impl Role {
             self.recent_commits.pop_front();
         }
         tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
+        let line = self.metrics_line(
+            &commit,
+            ann.as_ref(),
+            rejected_reasons,
+            val_loss,
+            checkpoint_hash,
+        );
+        let point = crate::daemon::status::LossPoint {
+            round,
+            train: line.train_loss,
+            val: val_loss,
+        };
+        self.node.update_coordinator_status(|s| {
+            crate::daemon::status::push_loss(&mut s.loss_curve, point)
+        });
         if let Some(path) = self.cfg.metrics.clone() {
-            let line = self.metrics_line(
-                &commit,
-                ann.as_ref(),
-                rejected_reasons,
-                val_loss,
-                checkpoint_hash,
-            );
             match serde_json::to_string(&line) {
                 Ok(json) => append_line(&path, json).await?,
                 Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
