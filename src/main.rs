@@ -84,6 +84,48 @@ mod tests {
     #[error("store I/O error at /d: {0}")]
     struct Quoting(#[source] std::io::Error);
 
+    /// The example unit in the operator guide: its sections and keys are systemd's, and its ExecStart is a
+    /// command line mana accepts.
+    #[test]
+    fn the_systemd_unit_starts_a_valid_command() {
+        let unit = include_str!("../docs/systemd/mana-node.service");
+        let mut section = String::new();
+        let mut keys = Vec::new();
+        for line in unit.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not key=value: {line}"));
+            assert!(!section.is_empty(), "{key} outside a section");
+            keys.push((section.clone(), key.to_owned(), value.to_owned()));
+        }
+        let has = |s: &str, k: &str| keys.iter().any(|(a, b, _)| a == s && b == k);
+        for (s, k) in [
+            ("Unit", "Description"),
+            ("Service", "ExecStart"),
+            ("Service", "User"),
+            ("Install", "WantedBy"),
+        ] {
+            assert!(has(s, k), "[{s}] {k} missing");
+        }
+        let exec = &keys
+            .iter()
+            .find(|(_, k, _)| k == "ExecStart")
+            .expect("ExecStart")
+            .2;
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        assert!(args[0].ends_with("/mana"), "{exec}");
+        let cli = Cli::try_parse_from(std::iter::once("mana").chain(args[1..].iter().copied()))
+            .unwrap_or_else(|e| panic!("ExecStart is not a valid mana command: {e}"));
+        assert!(matches!(cli.command, cmd::Command::Node(_)));
+    }
+
     #[test]
     fn causes_join_on_one_line_without_blanks_or_repeats() {
         let e = anyhow::Error::new(Outer(Blank));

@@ -1,7 +1,7 @@
 //! A trainer says why it does not train: a coordinator key that matches nothing it hears ("check --run and
 //! --coordinator"), a coordinator that is up but waits for enough members, a corpus other than the run's (it
-//! sits the round out), and a coordinator silent since its last round (the run ended). Loopback only; the
-//! silence wait is 2 s here (60 s by default).
+//! sits the round out), and the end of the run, announced by the coordinator after its last round. Loopback
+//! only; the silence wait is 2 s here (60 s by default).
 
 mod net_support;
 
@@ -87,8 +87,7 @@ async fn a_trainer_says_why_no_round_comes() {
     println!("right key, waiting: {said}");
 
     // A run of one round with all three members (the one with the wrong key heartbeats on the run too, so it
-    // is one), then the coordinator is done: silent since round 1. The member with other text sits the round
-    // out.
+    // is one), then the coordinator ends the run. The member with other text sits the round out.
     let run = coordinator.config().net.run_id.clone();
     let mut machine = machine_config(run, &spec, UpdateRule::Sync, 1).expect("machine config");
     machine.min_members = 3;
@@ -122,7 +121,7 @@ async fn a_trainer_says_why_no_round_comes() {
         .expect("training")
         .deltas_sent;
     assert_eq!(sent, 0, "the node with other text sent deltas");
-    let said = activity_says(&right, &["coordinator silent for", "since round 1"]).await;
+    let said = activity_says(&right, &["the run ended after round 1", "final checkpoint"]).await;
     println!("after the run: {said}");
     let status = right
         .status()

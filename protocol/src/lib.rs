@@ -43,7 +43,7 @@ pub use limits::PROTOCOL_VERSION;
 pub use messages::{
     AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
     DeviceKind, DisputeMismatch, Heartbeat, HyperParams, Message, Participant, RejectedDelta,
-    RoundAnnouncement, RoundCommit, ShardEntry, TrainingStats, UpdateRule,
+    RoundAnnouncement, RoundCommit, RunEnd, ShardEntry, TrainingStats, UpdateRule,
 };
 pub use reqresp::{
     ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, RangeRequest, RangeResponse,

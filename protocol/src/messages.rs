@@ -391,6 +391,21 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// Variant 5: a holder shows that a commit is wrong for one of its shards.
     CommitDispute(CommitDispute),
+    /// Variant 6: the coordinator ends the run.
+    RunEnd(RunEnd),
+}
+
+/// From the coordinator: the run is over; `round` was its last, and `checkpoint` (the manifest hash of that
+/// round's commit) is the final model. Nodes stop waiting for rounds and say so, rather than show the last
+/// round as current forever.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunEnd {
+    /// The run.
+    pub run: RunId,
+    /// The last committed round.
+    pub round: u64,
+    /// The final checkpoint's manifest hash.
+    pub checkpoint: ContentHash,
 }
 
 impl Message {
@@ -403,6 +418,7 @@ impl Message {
             Message::CheckpointManifest(m) => &m.run,
             Message::Heartbeat(m) => &m.run,
             Message::CommitDispute(m) => &m.run,
+            Message::RunEnd(m) => &m.run,
         }
     }
 
@@ -413,7 +429,8 @@ impl Message {
             Message::RoundAnnouncement(_)
             | Message::RoundCommit(_)
             | Message::CheckpointManifest(_)
-            | Message::CommitDispute(_) => TopicKind::Rounds,
+            | Message::CommitDispute(_)
+            | Message::RunEnd(_) => TopicKind::Rounds,
             Message::DeltaAnnouncement(_) => TopicKind::Deltas,
             Message::Heartbeat(_) => TopicKind::Heartbeats,
         }
@@ -428,6 +445,7 @@ impl Message {
             Message::CheckpointManifest(_) => "checkpoint-manifest",
             Message::Heartbeat(_) => "heartbeat",
             Message::CommitDispute(_) => "commit-dispute",
+            Message::RunEnd(_) => "run-end",
         }
     }
 
@@ -461,6 +479,7 @@ impl Message {
             Message::CommitDispute(m) => {
                 count("dispute deltas", m.accepted.len(), MAX_DISPUTE_DELTAS)
             }
+            Message::RunEnd(_) => Ok(()),
         }
     }
 }

@@ -428,6 +428,20 @@ pub fn validate_message(
         }
         Message::Heartbeat(m) => check_heartbeat(m),
         Message::CommitDispute(m) => check_dispute(ctx, m),
+        // The end of the run comes after its last round was announced, and never ahead of it.
+        Message::RunEnd(m) => {
+            from_coordinator()?;
+            if let Some(current) = ctx.current
+                && m.round > current.round
+            {
+                return Err(Rejection::FutureRound {
+                    kind,
+                    round: m.round,
+                    current: current.round,
+                });
+            }
+            Ok(())
+        }
     }
 }
 

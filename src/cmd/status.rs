@@ -53,6 +53,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         "node {} ({}, pid {}), run {}",
         s.peer_id, s.agent, s.pid, s.run
     );
+    println!(
+        "  key {}{}",
+        s.public_key,
+        if s.coordinator.is_some() {
+            " (what nodes pass as --coordinator)"
+        } else {
+            ""
+        }
+    );
     for addr in &s.listen_addrs {
         println!("  listening on {addr}");
     }

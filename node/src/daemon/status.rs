@@ -37,6 +37,9 @@ pub struct NodeStatus {
     pub updated_unix_ms: u64,
     /// The node's peer id.
     pub peer_id: String,
+    /// The node's public key (64 hex digits): for a coordinator, what nodes pass as `--coordinator`.
+    #[serde(default)]
+    pub public_key: String,
     /// The run followed.
     pub run: String,
     /// Listen addresses, with `/p2p/<peer id>`.
@@ -131,6 +134,9 @@ pub struct TrainingStatus {
     /// The training loss of each round this node trained (at most [`MAX_LOSS_POINTS`], newest last).
     #[serde(default)]
     pub loss_curve: Vec<LossPoint>,
+    /// The run's last round, once the coordinator announced its end.
+    #[serde(default)]
+    pub run_ended: Option<u64>,
 }
 
 /// Most points a loss curve keeps (the oldest go first).
@@ -408,6 +414,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
             .map(|a| format!("{a}/p2p/{peer_id}"))
             .collect(),
         peer_id,
+        public_key: hex::encode(shared.keypair.public().0),
         peers: snap.peers,
         routing_table_size: snap.routing_table.len(),
         traffic: shared.client.traffic(),

@@ -122,11 +122,26 @@ struct Trainer {
     corpus: ContentHash,
     /// Whether a corpus mismatch was logged already.
     said_corpus: bool,
+    /// The last round, once the coordinator ended the run.
+    ended: Option<u64>,
 }
 
 /// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
 /// (`NodeConfig::coordinator`) and must not sync every checkpoint (`NodeConfig::sync_shards = false`).
 pub async fn run_trainer(
+    node: Arc<NodeHandle>,
+    cfg: TrainerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    // Its log lines say which role wrote them (a span at error level: shown whatever the log level).
+    tracing::Instrument::instrument(
+        trainer_loop(node, cfg, shutdown),
+        tracing::error_span!("trainer"),
+    )
+    .await
+}
+
+async fn trainer_loop(
     node: Arc<NodeHandle>,
     cfg: TrainerConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -167,6 +182,7 @@ pub async fn run_trainer(
         silence_hint: String::new(),
         corpus: corpus_hash(&cfg_data),
         said_corpus: false,
+        ended: None,
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -216,6 +232,10 @@ pub async fn run_trainer(
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
             Message::RoundCommit(commit) => trainer.on_commit(commit).await,
+            Message::RunEnd(end) => {
+                trainer.on_run_end(&end);
+                Ok(())
+            }
             Message::DeltaAnnouncement(d) => {
                 if let Some(peer) = peer_of(&signer) {
                     trainer.senders.insert(d.payload_hash, peer);
@@ -235,9 +255,29 @@ pub async fn run_trainer(
 }
 
 impl Trainer {
+    /// The coordinator ended the run: say so (for good; a new run is another run id).
+    fn on_run_end(&mut self, end: &mana_protocol::RunEnd) {
+        self.assigned = None;
+        self.ended = Some(end.round);
+        let text = format!(
+            "the run ended after round {} (final checkpoint {})",
+            end.round,
+            &end.checkpoint.to_string()[..16]
+        );
+        tracing::info!("{text}");
+        let round = end.round;
+        self.node.update_training_status(|s| {
+            s.activity = text;
+            s.run_ended = Some(round);
+        });
+    }
+
     /// Says (in the status, and once in the log) that the coordinator has not been heard, and what may be
     /// wrong.
     async fn say_silence(&mut self, watch: &mut CoordinatorWatch) {
+        if self.ended.is_some() {
+            return;
+        }
         let text = match watch.check(Instant::now()) {
             Silence::Heard => return,
             Silence::NeverHeard(waited) => {

@@ -141,6 +141,14 @@ pub fn round_commit() -> RoundCommit {
 }
 
 /// A holder's dispute of [`round_commit`] for its expert: the accepted payload gives another hash.
+pub fn run_end() -> RunEnd {
+    RunEnd {
+        run: run(),
+        round: 7,
+        checkpoint: manifest(7).hash().unwrap(),
+    }
+}
+
 pub fn commit_dispute() -> CommitDispute {
     let commit = round_commit();
     let shard = ShardId::expert(1, 0).unwrap();
@@ -189,6 +197,7 @@ pub fn all_messages() -> Vec<(&'static str, Message)> {
         ),
         ("heartbeat", Message::Heartbeat(heartbeat())),
         ("commit_dispute", Message::CommitDispute(commit_dispute())),
+        ("run_end", Message::RunEnd(run_end())),
     ]
 }
 

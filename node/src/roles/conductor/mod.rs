@@ -221,6 +221,19 @@ pub async fn run_conductor(
     cfg: ConductorConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    // Its log lines say which role wrote them (a span at error level: shown whatever the log level).
+    tracing::Instrument::instrument(
+        conductor_loop(node, cfg, shutdown),
+        tracing::error_span!("coordinator"),
+    )
+    .await
+}
+
+async fn conductor_loop(
+    node: Arc<NodeHandle>,
+    cfg: ConductorConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
     if node.config().sync_shards {
         return Err(NodeError::Config(
             "the coordinator commits its own rounds: start its node with sync_shards = false"
@@ -268,6 +281,7 @@ pub async fn run_conductor(
         role.update_status();
         if role.done {
             role.export().await?;
+            role.announce_end().await;
             break;
         }
     }
@@ -851,6 +865,26 @@ impl Role {
     }
 
     /// Saves the current model to `cfg.export`, if set.
+    /// Tells the nodes that the run is over (its last round and final checkpoint), so that they say so instead
+    /// of waiting for a next round. Best effort: a node that misses it sees the coordinator fall silent.
+    async fn announce_end(&self) {
+        let checkpoint = self.machine.checkpoint();
+        let Ok(hash) = checkpoint.hash() else {
+            return;
+        };
+        let end = Message::RunEnd(mana_protocol::RunEnd {
+            run: self.cfg.machine.run.clone(),
+            round: checkpoint.round,
+            checkpoint: hash,
+        });
+        match publish_patiently(&self.node, &end, Duration::from_secs(5)).await {
+            Ok(()) => {
+                tracing::info!(round = checkpoint.round, checkpoint = %hash, "run ended: announced")
+            }
+            Err(e) => tracing::warn!(error = %e, "the end of the run was not announced"),
+        }
+    }
+
     async fn export(&self) -> Result<(), NodeError> {
         let Some(dir) = self.cfg.export.clone() else {
             return Ok(());
