@@ -191,6 +191,17 @@ fn status_into_a_closed_pipe_ends_quietly() {
         assert!(Instant::now() < deadline, "no status file");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Plain text names the node's key and its traffic (the operator guide promises both).
+    let out = mana()
+        .args(["status", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("  key ") && text.contains("traffic since start: gossip"),
+        "{text}"
+    );
     // A reader that is already gone: every write of `mana status` meets a closed pipe.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);

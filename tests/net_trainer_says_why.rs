@@ -71,7 +71,25 @@ async fn a_trainer_says_why_no_round_comes() {
     let (wrong, wrong_task) =
         start_trainer("wrong", mana_protocol::PublicKey([7; 32]), &data).await;
     let (other, other_task) = start_trainer("other-text", key, &other_text).await;
+    // A mistyped run: the right coordinator, but another run's topics.
+    let mut cfg = member_config(dir.path(), &boot, "other-run", key);
+    cfg.net.run_id = mana_protocol::RunId::new("defualt").expect("run id");
+    let typo = Arc::new(start_node(cfg).await);
+    let mut typo_cfg = TrainerConfig::new(spec.clone(), data.clone());
+    typo_cfg.coordinator_silence = Duration::from_secs(2);
+    let typo_task = tokio::spawn(run_trainer(
+        typo.clone(),
+        typo_cfg,
+        stopped(stop_rx.clone()),
+    ));
 
+    // The mistyped run: nothing it hears is of its run.
+    let said = activity_says(
+        &typo,
+        &["no round from coordinator", "on run defualt", "check --run"],
+    )
+    .await;
+    println!("wrong run: {said}");
     // The mistyped key: nothing it hears is from "its" coordinator.
     let said = activity_says(
         &wrong,
@@ -132,10 +150,10 @@ async fn a_trainer_says_why_no_round_comes() {
     assert_eq!(status.applied_round, Some(1), "{status:?}");
 
     let _ = stop_tx.send(true);
-    for task in [right_task, wrong_task, other_task] {
+    for task in [right_task, wrong_task, other_task, typo_task] {
         task.await.expect("trainer task").expect("trainer ran");
     }
-    for node in [right, wrong, other, coordinator] {
+    for node in [right, wrong, other, typo, coordinator] {
         Arc::try_unwrap(node)
             .ok()
             .expect("sole owner")

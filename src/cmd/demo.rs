@@ -35,7 +35,7 @@ pub struct DemoArgs {
     rule: String,
     /// H: micro-batches per node per round (sync) or local steps per round (diloco). Default: the
     /// coordinator's.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=mana_engine::coordinator::MAX_INNER_STEPS as i64))]
     inner_steps: Option<u32>,
     /// Output directory (created; a previous demo's output there is replaced).
     #[arg(long, default_value = "demo-out")]

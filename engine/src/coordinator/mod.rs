@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
-pub use config::{ConfigError, CoordinatorConfig};
+pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS};
 pub use standing::{Standing, StandingPolicy, Standings};
 
 /// Why the coordinator could not be built, saved or restored.
