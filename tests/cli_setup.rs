@@ -480,11 +480,12 @@ fn a_changed_rule_or_seed_on_resume_is_refused_unless_meant() {
         cmd
     };
     // A first run, stopped (SIGTERM) once it reports its coordinator status: its settings are stored by then.
-    let child = start(&[])
+    let mut child = start(&[])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("coordinator");
+    let log = lines(child.stderr.take().expect("piped"));
     let first = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -504,7 +505,26 @@ fn a_changed_rule_or_seed_on_resume_is_refused_unless_meant() {
             .success()
     );
     let mut first = first;
-    first.0.wait().expect("the first coordinator stops");
+    let stopped = first.0.wait().expect("the first coordinator stops");
+    assert!(
+        stopped.success(),
+        "SIGTERM ends a coordinator cleanly: {stopped:?}"
+    );
+    // Its last words name its role (not "mana::cmd::node"), and its role's lines carry the role's span.
+    let said: Vec<String> = log.iter().collect();
+    assert!(
+        said.iter().any(|l| l.contains("coordinator shutting down")),
+        "{said:#?}"
+    );
+    assert!(
+        !said.iter().any(|l| l.contains("mana::cmd::node")),
+        "{said:#?}"
+    );
+    assert!(
+        said.iter()
+            .any(|l| l.contains(" coordinator: mana_node::roles::conductor")),
+        "{said:#?}"
+    );
 
     let args = [
         "coordinator",
