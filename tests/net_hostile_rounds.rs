@@ -536,6 +536,9 @@ async fn run_attack(attack: Attack) {
     }
     let mut attacks_refused = 0;
     let mut drops = 0;
+    // Honest trunk deltas refused as `low-score`: a known cost of scoring every delta (docs/security.md: a
+    // one-micro-batch trunk gradient sometimes does not help on its round's score batch), bounded below.
+    let (mut honest_low_score, mut honest_trunk) = (0usize, 0usize);
     let mut accepted_scales = Vec::new();
     for commit in &commits {
         let ann = announcements
@@ -574,8 +577,28 @@ async fn run_attack(attack: Attack) {
         {
             accepted_scales.push(*sent);
         }
-        // Nothing of an honest node's is refused, and only the attacked delta of the attacker.
+        honest_trunk += ann
+            .participants
+            .iter()
+            .filter(|p| {
+                p.node != evil_key
+                    && !log.flood.contains(&p.node)
+                    && p.shards.contains(&ShardId::Trunk)
+            })
+            .count();
+        // Nothing of an honest node's is refused (but the rare low-score trunk delta, counted), and only the
+        // attacked delta of the attacker.
+        let mut honest_refused_here = 0;
         for r in &commit.rejected {
+            if r.node != evil_key && r.shard == ShardId::Trunk && r.reason == RejectCode::LowScore {
+                eprintln!(
+                    "{attack:?} round {}: an honest trunk delta scored low: {r:?}",
+                    commit.round
+                );
+                honest_low_score += 1;
+                honest_refused_here += 1;
+                continue;
+            }
             assert_eq!(
                 r.node, evil_key,
                 "round {}: an honest delta was refused: {r:?}",
@@ -604,7 +627,7 @@ async fn run_attack(attack: Attack) {
             flooders.len()
         );
         assert!(
-            refused <= usize::from(attacked.contains_key(&commit.round)),
+            refused <= usize::from(attacked.contains_key(&commit.round)) + honest_refused_here,
             "round {}: more refused than attacked",
             commit.round
         );
@@ -626,6 +649,10 @@ async fn run_attack(attack: Attack) {
         }
     }
     assert!(drops <= 1, "{drops} rounds lost a participant");
+    assert!(
+        honest_low_score * 10 <= honest_trunk,
+        "{honest_low_score} of {honest_trunk} honest trunk deltas refused as low-score (over 10%)"
+    );
     match attack {
         Attack::Ratchet => {
             // The attacker keeps trying twice its last accepted scale; its own accepted norms never enter its
