@@ -34,21 +34,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes on one line, `outer: cause: cause`, leaving out a cause whose words the line
-/// already holds (many errors quote their source) and any that says nothing.
+/// An error and its causes on one line (see [`mana_node::net::error_chain`]).
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        let text = text.trim();
-        if text.is_empty() || line.contains(text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(text);
-    }
+    let line = mana_node::net::error_chain(e.as_ref());
     if line.is_empty() {
         "failed, with no reason given".to_owned()
     } else {

@@ -143,6 +143,26 @@ impl NetError {
     }
 }
 
+/// An error and its sources on one line, `outer: cause: cause`, leaving out a cause whose words the line
+/// already holds (many errors quote their source) and any that says nothing: how a failure is shown to an
+/// operator, in a log line or as the CLI's last word.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let text = e.to_string();
+        let text = text.trim();
+        if !text.is_empty() && !line.contains(text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(text);
+        }
+        next = e.source();
+    }
+    line
+}
+
 /// Sorts an i/o error from a stream or codec into a [`FailureKind`].
 pub fn io_kind(e: &io::Error) -> FailureKind {
     if e.get_ref().is_some_and(|inner| inner.is::<FrameTooLarge>()) {

@@ -739,7 +739,7 @@ pub(crate) fn dial_failure_reason(error: &libp2p::swarm::DialError) -> String {
             .map(|(addr, e)| format!("{addr}: {}", transport_reason(e)))
             .collect::<Vec<_>>()
             .join("; "),
-        other => error_chain(other),
+        other => super::error::error_chain(other),
     }
 }
 
@@ -767,24 +767,7 @@ fn transport_reason(e: &libp2p::TransportError<std::io::Error>) -> String {
                 }
                 source = e.source();
             }
-            error_chain(io)
+            super::error::error_chain(io)
         }
     }
-}
-
-/// An error and its sources joined by ": ", without empty or repeated parts.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = String::new();
-    let mut next = Some(e);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !text.trim().is_empty() && !line.contains(text.trim()) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(text.trim());
-        }
-        next = e.source();
-    }
-    line
 }

@@ -30,7 +30,7 @@ pub use bulk::BLOB_STREAM;
 pub use client::Client;
 pub use codec::TRANSFER_PROTOCOL;
 pub use config::NetConfig;
-pub use error::{FailureKind, FrameTooLarge, NetError};
+pub use error::{FailureKind, FrameTooLarge, NetError, error_chain};
 pub use event_loop::{EventLoop, Verdict};
 /// libp2p itself, so callers (tests, the CLI) use the same version without depending on it.
 pub use libp2p;

@@ -5,8 +5,7 @@
 //! silently ignored (the saved state machine kept the old ones, and so did the metrics).
 
 use mana_engine::round::RunSpec;
-use mana_kernels::data::TextDataset;
-use mana_protocol::{PublicKey, UpdateRule};
+use mana_protocol::{ContentHash, PublicKey, UpdateRule};
 use serde::{Deserialize, Serialize};
 
 /// The store record (kind `RoundState`) holding the run's identity.
@@ -28,11 +27,12 @@ pub struct RunIdentity {
 }
 
 impl RunIdentity {
-    /// The identity of a run of `spec` under `rule` on `data`, coordinated by `key`.
+    /// The identity of a run of `spec` under `rule` on the corpus hashing to `corpus`
+    /// ([`crate::roles::common::corpus_hash`], the hash every round announces), coordinated by `key`.
     pub fn of(
         spec: &RunSpec,
         rule: UpdateRule,
-        data: &TextDataset,
+        corpus: ContentHash,
         key: &PublicKey,
     ) -> RunIdentity {
         RunIdentity {
@@ -42,7 +42,7 @@ impl RunIdentity {
             },
             seed: spec.init_seed,
             model: format!("{:?}", spec.model),
-            corpus: crate::roles::common::corpus_hash(data).to_string(),
+            corpus: corpus.to_string(),
             coordinator: hex::encode(key.0),
         }
     }
@@ -84,7 +84,8 @@ pub fn describe(changes: &[(&'static str, String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mana_kernels::data::Split;
+    use crate::roles::common::corpus_hash;
+    use mana_kernels::data::{Split, TextDataset};
 
     #[test]
     fn every_fixed_setting_is_named_when_it_changes() {
@@ -93,7 +94,7 @@ mod tests {
             "a run's corpus, long enough to split into training and validation parts. ".repeat(200);
         let data = TextDataset::new(text.as_bytes(), Split::default()).expect("dataset");
         let key = PublicKey([7; 32]);
-        let base = RunIdentity::of(&spec, UpdateRule::Sync, &data, &key);
+        let base = RunIdentity::of(&spec, UpdateRule::Sync, corpus_hash(&data), &key);
         assert!(base.changes_from(&base).is_empty());
         let mut other_spec = spec.clone();
         other_spec.init_seed += 1;
@@ -103,7 +104,7 @@ mod tests {
         let changed = RunIdentity::of(
             &other_spec,
             UpdateRule::Diloco,
-            &other_data,
+            corpus_hash(&other_data),
             &PublicKey([8; 32]),
         );
         let names: Vec<&str> = changed.changes_from(&base).iter().map(|c| c.0).collect();

@@ -306,7 +306,7 @@ impl Role {
         let identity = identity::RunIdentity::of(
             &cfg.spec,
             cfg.machine.hyper.update_rule,
-            &cfg.data,
+            cfg.machine.corpus,
             &node.public_key(),
         );
         let (machine, model) = match saved {
