@@ -3,7 +3,8 @@
 //! - shard transfer throughput over loopback, over the wire (hash-checked, bytes dropped) and into the
 //!   store (fsync'd), against bounds measured in the same run: a plain TCP copy of the same bytes; the
 //!   noise cipher's own throughput (ChaCha20-Poly1305 from ring, as libp2p-noise uses it through snow, one
-//!   thread sealing 64 KiB frames and one opening them); the encrypted pipeline (sealed frames through a
+//!   thread sealing 64 KiB frames and one opening them) and the blob lanes' (AES-256-GCM, 1 MiB records);
+//!   the encrypted pipeline (sealed frames through a
 //!   loopback TCP socket, opened and hashed: the least work any encrypted, hash-checked transfer does); and
 //!   the store's own write speed. With the CPU seconds per GB spent at each end (the provider runs in its
 //!   own process, so the two ends are counted apart);
@@ -75,27 +76,30 @@ async fn tcp_copy_mb_s(data: &[u8]) -> f64 {
 /// The largest plaintext libp2p-noise puts in one noise message (65535 bytes less its 1024 spare).
 const NOISE_FRAME: usize = 65535 - 1024;
 
-/// The cipher's bound on an encrypted transfer: one thread seals `total` bytes in noise-sized frames (with
-/// the copy into the output buffer that snow's ring resolver makes), another opens them, as the two ends
-/// of a connection do. Returns (MB/s through the pair, CPU seconds per GB of both threads together).
-fn cipher_bound(total: usize) -> (f64, f64) {
-    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-    let key = || {
-        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("a 32-byte key"))
-    };
+/// The cipher's bound on an encrypted transfer: one thread seals `total` bytes in `frame`-byte records
+/// (with the copy into the output buffer that snow's ring resolver makes), another opens them, as the two
+/// ends of a connection do. Returns (MB/s through the pair, CPU seconds per GB of both threads together).
+fn cipher_bound(
+    total: usize,
+    algorithm: &'static ring::aead::Algorithm,
+    frame: usize,
+) -> (f64, f64) {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+    let key =
+        move || LessSafeKey::new(UnboundKey::new(algorithm, &[7u8; 32]).expect("a 32-byte key"));
     let nonce = |n: u64| {
         let mut bytes = [0u8; 12];
         bytes[4..].copy_from_slice(&n.to_le_bytes()); // noise's ChaChaPoly nonce: 4 zero bytes, 64-bit counter
         Nonce::assume_unique_for_key(bytes)
     };
-    let frames = total / NOISE_FRAME;
-    let plain = pseudo_random_bytes(NOISE_FRAME, 9);
+    let frames = total / frame;
+    let plain = pseudo_random_bytes(frame, 9);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
     let start = Instant::now();
     let sealer = std::thread::spawn(move || {
         let (key, t0) = (key(), Instant::now());
         for n in 0..frames as u64 {
-            let mut out = Vec::with_capacity(NOISE_FRAME + 16);
+            let mut out = Vec::with_capacity(frame + 16);
             out.extend_from_slice(&plain);
             let tag = key
                 .seal_in_place_separate_tag(nonce(n), Aad::empty(), &mut out)
@@ -107,19 +111,19 @@ fn cipher_bound(total: usize) -> (f64, f64) {
     });
     let opener = std::thread::spawn(move || {
         let (key, mut busy) = (key(), Duration::ZERO);
-        for (n, mut frame) in rx.into_iter().enumerate() {
+        for (n, mut record) in rx.into_iter().enumerate() {
             let t0 = Instant::now();
             let opened = key
-                .open_in_place(nonce(n as u64), Aad::empty(), &mut frame)
+                .open_in_place(nonce(n as u64), Aad::empty(), &mut record)
                 .expect("authentic");
-            assert_eq!(opened.len(), NOISE_FRAME);
+            assert_eq!(opened.len(), frame);
             busy += t0.elapsed();
         }
         busy
     });
     let seal_busy = sealer.join().expect("sealer");
     let open_busy = opener.join().expect("opener");
-    let bytes = (frames * NOISE_FRAME) as f64;
+    let bytes = (frames * frame) as f64;
     (
         bytes / 1e6 / start.elapsed().as_secs_f64(),
         (seal_busy + open_busy).as_secs_f64() / (bytes / 1e9),
@@ -325,16 +329,26 @@ async fn provider_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints figures"]
 async fn bench_shard_transfer_vs_tcp_copy() {
+    init_tracing();
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
     let provider = ProviderProc::spawn(&dir.path().join("a"), &boot, BYTES, 3);
     let data = pseudo_random_bytes(BYTES, 3);
     assert_eq!(provider.hash, ContentHash::of(&data));
-    let (cipher, cipher_cpu) = cipher_bound(BYTES);
+    let (cipher, cipher_cpu) = cipher_bound(BYTES, &ring::aead::CHACHA20_POLY1305, NOISE_FRAME);
     println!(
-        "cipher bound (ring ChaCha20-Poly1305, {NOISE_FRAME}-byte frames, one thread sealing, one opening): \
-         {cipher:.1} MB/s, {cipher_cpu:.2} CPU-s/GB for both"
+        "cipher bound (ring ChaCha20-Poly1305 as noise uses it, {NOISE_FRAME}-byte frames, one thread sealing, \
+         one opening): {cipher:.1} MB/s, {cipher_cpu:.2} CPU-s/GB for both"
+    );
+    let (lane_cipher, lane_cipher_cpu) = cipher_bound(
+        BYTES,
+        &ring::aead::AES_256_GCM,
+        mana_node::net::lane::MAX_RECORD_PLAINTEXT,
+    );
+    println!(
+        "lane cipher bound (ring AES-256-GCM as blob lanes use it, 1 MiB records, one thread sealing, one \
+         opening): {lane_cipher:.1} MB/s, {lane_cipher_cpu:.2} CPU-s/GB for both"
     );
     let (pipeline, pipeline_cpu) = encrypted_pipeline_bound(BYTES);
     println!(
@@ -342,12 +356,18 @@ async fn bench_shard_transfer_vs_tcp_copy() {
          {pipeline_cpu:.2} CPU-s/GB for both ends"
     );
 
-    // The defaults first, then other segment sizes and streams per provider, the request-response path
-    // alone, the defaults again (the first fetch of a run is the slowest), and the same fetch over QUIC
-    // (one fresh fetching node each).
+    // The defaults first (blob lanes), then bulk streams alone (the connection's noise and yamux), other
+    // segment sizes and streams per provider, the request-response path alone, the defaults again (the
+    // first fetch of a run is the slowest), and bulk streams over a QUIC connection (one fresh fetching node
+    // each).
     let d = FetchOptions::default();
+    let streams_only = FetchOptions {
+        blob_lanes: false,
+        ..d.clone()
+    };
     let variants = [
         ("defaults", FetchOptions { ..d.clone() }),
+        ("bulk streams, no lanes", streams_only.clone()),
         (
             "16 MiB segments",
             FetchOptions {
@@ -378,14 +398,14 @@ async fn bench_shard_transfer_vs_tcp_copy() {
             },
         ),
         ("defaults, again", FetchOptions { ..d.clone() }),
-        ("over QUIC", FetchOptions { ..d.clone() }),
+        ("bulk streams over QUIC", streams_only.clone()),
     ];
     let other = pseudo_random_bytes(BYTES, 4); // for the store's own bound (a blob the node lacks)
     for (i, (name, fetch)) in variants.into_iter().enumerate() {
         let mut config = node_config(&dir.path().join(format!("b{i}")), &boot);
         config.fetch = fetch.clone();
         let b = start_node(config).await;
-        let addr = if name == "over QUIC" {
+        let addr = if name.ends_with("over QUIC") {
             provider.quic.clone()
         } else {
             provider.addr.clone()

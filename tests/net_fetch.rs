@@ -2,7 +2,8 @@
 //! fetches it (50 MB, in chunks, several in flight), checks its blake3 hash, stores it and commits the round.
 //! And a provider that serves wrong bytes is caught by the hash check: nothing is stored. One blob comes
 //! from several providers at once, and hostile bulk-stream providers (trickling, oversized) cost only
-//! themselves: their ranges come from an honest provider.
+//! themselves: their ranges come from an honest provider. Blob lanes (direct, AES-GCM sealed) carry the
+//! ranges where a provider serves them, and bulk streams where it does not.
 
 mod net_support;
 
@@ -208,6 +209,100 @@ async fn one_blob_is_fetched_from_three_providers_at_once() {
     );
 
     for node in providers.into_iter().chain([b]) {
+        node.shutdown().await.expect("shutdown");
+    }
+    bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_lanes_carry_ranges_where_served_and_bulk_streams_elsewhere() {
+    use mana_node::net::bulk::RangeStream;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let blob = pseudo_random_bytes(12 * 1024 * 1024 + 7, 19);
+    let hash = ContentHash::of(&blob);
+    let with_lane = start_node(node_config(&dir.path().join("lane"), &boot)).await;
+    let mut config = node_config(&dir.path().join("streams"), &boot);
+    config.net.blob_lane_port = None;
+    let without_lane = start_node(config).await;
+    let mut config = node_config(&dir.path().join("b"), &boot);
+    config.fetch.segment_bytes = 1024 * 1024;
+    let b = start_node(config).await;
+    for p in [&with_lane, &without_lane] {
+        p.host_blob_now(blob.clone()).await.expect("host");
+        for addr in p.listen_addrs().await.expect("addresses") {
+            b.net().dial(addr).await.expect("dial");
+        }
+    }
+
+    // One range over each, the way a fetch asks for it.
+    for (provider, lane) in [(&with_lane, true), (&without_lane, false)] {
+        let mut stream = RangeStream::open(b.net(), provider.peer_id(), true)
+            .await
+            .expect("a ranged connection");
+        assert_eq!(stream.is_lane(), lane, "a lane exactly where one is served");
+        let header = stream
+            .request(&RangeRequest {
+                hash,
+                offset: 3,
+                len: 2 * 1024 * 1024 + 1,
+            })
+            .await
+            .expect("a header");
+        assert!(
+            matches!(header, RangeResponse::Range { offset: 3, len, .. } if len == 2 * 1024 * 1024 + 1),
+            "{header:?}"
+        );
+        let mut body = vec![0u8; 2 * 1024 * 1024 + 1];
+        let (first, rest) = body.split_at_mut(1000); // reads need not match the provider's records
+        stream.read_body(first).await.expect("body");
+        stream.read_body(rest).await.expect("body");
+        assert_eq!(body, blob[3..3 + body.len()]);
+        let missing = stream
+            .request(&RangeRequest {
+                hash: ContentHash([9; 32]),
+                offset: 0,
+                len: 1,
+            })
+            .await
+            .expect("an answer on the same connection");
+        assert!(
+            matches!(missing, RangeResponse::NotFound { .. }),
+            "{missing:?}"
+        );
+    }
+
+    // A whole fetch from both: each serves part of it.
+    let before = [
+        with_lane.status().await.expect("status").traffic.fetch_out,
+        without_lane
+            .status()
+            .await
+            .expect("status")
+            .traffic
+            .fetch_out,
+    ];
+    let peers = vec![with_lane.peer_id(), without_lane.peer_id()];
+    assert_eq!(
+        b.fetch_blob_from(hash, peers).await.expect("fetch"),
+        blob.len() as u64
+    );
+    assert_eq!(b.read_blob(hash).await.expect("stored"), blob);
+    let lane_served = with_lane.status().await.expect("status").traffic.fetch_out - before[0];
+    let stream_served = without_lane
+        .status()
+        .await
+        .expect("status")
+        .traffic
+        .fetch_out
+        - before[1];
+    assert!(
+        lane_served >= 1024 * 1024 && stream_served >= 1024 * 1024,
+        "both served segments: lane {lane_served}, streams {stream_served}"
+    );
+
+    for node in [b, with_lane, without_lane] {
         node.shutdown().await.expect("shutdown");
     }
     bootstrap.shutdown().await;

@@ -46,10 +46,12 @@ pub use messages::{
     RoundAnnouncement, RoundCommit, RunEnd, ShardEntry, TrainingStats, UpdateRule,
 };
 pub use reqresp::{
-    ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, RangeRequest, RangeResponse,
-    Tensor, TensorDtype,
+    ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, LaneRequest, LaneResponse,
+    RangeRequest, RangeResponse, Tensor, TensorDtype,
 };
-pub use topics::{BLOB_STREAM_PROTOCOL, EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic};
+pub use topics::{
+    BLOB_LANE_PROTOCOL, BLOB_STREAM_PROTOCOL, EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic,
+};
 pub use validation::{
     RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope, validate_message,
 };

@@ -202,6 +202,64 @@ impl RangeResponse {
     }
 }
 
+/// On a blob lane setup stream ([`crate::topics::BLOB_LANE_PROTOCOL`]), the fetcher's half of the lane's
+/// keys: 32 random bytes, secret because the stream is encrypted and both ends authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneRequest {
+    /// The fetcher's random key share.
+    pub share: [u8; 32],
+}
+
+/// The provider's answer to a [`LaneRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LaneResponse {
+    /// Variant 0: connect over TCP to `port` at the address this connection came from, send `ticket`, and
+    /// expect an empty sealed record: the lane is open. The ticket is good once, for a few seconds.
+    Open {
+        /// The provider's lane port.
+        port: u16,
+        /// Names the lane on the TCP connection (sent in clear; useless without the shares).
+        ticket: [u8; 16],
+        /// The provider's random key share.
+        share: [u8; 32],
+    },
+    /// Variant 1: no lane (none configured, or too many open); use a blob stream.
+    Refused {
+        /// Why.
+        reason: Text,
+    },
+}
+
+impl LaneRequest {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        wire::encode_frame::<_, MAX_RANGE_FRAME_BYTES>(self, "lane request")
+    }
+    /// Decodes a frame.
+    pub fn decode(bytes: &[u8]) -> Result<LaneRequest, ProtocolError> {
+        wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "lane request")
+    }
+}
+
+impl LaneResponse {
+    /// The frame's wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        wire::encode_frame::<_, MAX_RANGE_FRAME_BYTES>(self, "lane response")
+    }
+    /// Decodes a frame; an `Open` on port 0 is refused.
+    pub fn decode(bytes: &[u8]) -> Result<LaneResponse, ProtocolError> {
+        let response: LaneResponse =
+            wire::decode_frame::<_, MAX_RANGE_FRAME_BYTES>(bytes, "lane response")?;
+        if let LaneResponse::Open { port: 0, .. } = response {
+            return Err(ProtocolError::InvalidField {
+                what: "lane response",
+                detail: "port 0".into(),
+            });
+        }
+        Ok(response)
+    }
+}
+
 /// Element type of a [`Tensor`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TensorDtype {

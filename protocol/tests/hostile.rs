@@ -19,6 +19,10 @@ fn decode_everything(bytes: &[u8]) {
     let _ = FetchResponse::decode(bytes);
     let _ = ExpertRequest::decode(bytes).map(|r| r.input.to_f32());
     let _ = ExpertResponse::decode(bytes);
+    let _ = RangeRequest::decode(bytes);
+    let _ = RangeResponse::decode(bytes);
+    let _ = LaneRequest::decode(bytes);
+    let _ = LaneResponse::decode(bytes);
     let _ = CheckpointManifest::from_bytes(bytes);
     let _ = DeltaHeader::parse(bytes);
     let _ = decode_delta(bytes, 1 << 16);
@@ -28,6 +32,10 @@ fn valid_samples() -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = all_envelopes().into_iter().map(|(_, b)| b).collect();
     out.push(fetch_request().encode().unwrap());
     out.push(fetch_response().encode().unwrap());
+    out.push(range_request().encode().unwrap());
+    out.push(range_response().encode().unwrap());
+    out.push(lane_request().encode().unwrap());
+    out.push(lane_response().encode().unwrap());
     out.push(expert_request().encode().unwrap());
     out.push(expert_response().encode().unwrap());
     out.push(manifest(2).to_bytes().unwrap());

@@ -47,6 +47,30 @@ fn request_response_frames_round_trip() {
         refused
     );
     assert_eq!(
+        LaneRequest::decode(&lane_request().encode().unwrap()).unwrap(),
+        lane_request()
+    );
+    assert_eq!(
+        LaneResponse::decode(&lane_response().encode().unwrap()).unwrap(),
+        lane_response()
+    );
+    let refused = LaneResponse::Refused {
+        reason: Text::new("busy").unwrap(),
+    };
+    assert_eq!(
+        LaneResponse::decode(&refused.encode().unwrap()).unwrap(),
+        refused
+    );
+    let port_zero = LaneResponse::Open {
+        port: 0,
+        ticket: [1; 16],
+        share: [2; 32],
+    };
+    assert!(
+        LaneResponse::decode(&port_zero.encode().unwrap()).is_err(),
+        "an Open on port 0 is refused"
+    );
+    assert_eq!(
         ExpertRequest::decode(&expert_request().encode().unwrap()).unwrap(),
         expert_request()
     );

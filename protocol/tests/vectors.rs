@@ -23,6 +23,8 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     out.push(("fetch_response".into(), fetch_response().encode().unwrap()));
     out.push(("range_request".into(), range_request().encode().unwrap()));
     out.push(("range_response".into(), range_response().encode().unwrap()));
+    out.push(("lane_request".into(), lane_request().encode().unwrap()));
+    out.push(("lane_response".into(), lane_response().encode().unwrap()));
     out.push(("expert_request".into(), expert_request().encode().unwrap()));
     out.push((
         "expert_response".into(),
@@ -176,6 +178,14 @@ fn vectors_decode_to_the_fixtures() {
     assert_eq!(
         RangeResponse::decode(&get("range_response")).unwrap(),
         range_response()
+    );
+    assert_eq!(
+        LaneRequest::decode(&get("lane_request")).unwrap(),
+        lane_request()
+    );
+    assert_eq!(
+        LaneResponse::decode(&get("lane_response")).unwrap(),
+        lane_response()
     );
     assert_eq!(
         ExpertResponse::decode(&get("expert_response")).unwrap(),

@@ -36,6 +36,10 @@ pub struct NetArgs {
     /// Key file (created with mode 0600 if absent); default <data dir>/node.key (bootstrap.key for a bootstrap).
     #[arg(long, env = "MANA_KEY")]
     pub key: Option<PathBuf>,
+    /// TCP port of blob lanes (direct, AES-sealed transfers of checkpoint shards to peers; see the operator
+    /// guide), or off. Default: the TCP listen port + 1 (4002), any free port when listening on port 0.
+    #[arg(long, env = "MANA_BLOB_LANE_PORT")]
+    pub blob_lane_port: Option<String>,
     /// Network size and rate limits: only in the file, as a [limits] table.
     #[arg(skip)]
     pub limits: Option<Limits>,
@@ -99,6 +103,8 @@ pub struct Net {
     pub loopback: bool,
     /// The file's limits, if it has any.
     pub limits: Option<Limits>,
+    /// The blob lane port (`None`: no lanes).
+    pub blob_lane_port: Option<u16>,
 }
 
 impl Net {
@@ -114,6 +120,10 @@ impl Net {
             loopback: all_loopback(&listen),
             listen: parse_addrs(&listen)?,
             limits: layers.get(|a| &a.limits),
+            blob_lane_port: match layers.get(|a| &a.blob_lane_port) {
+                None => default_lane_port(&parse_addrs(&listen)?),
+                Some(text) => parse_lane_port(&text)?,
+            },
         })
     }
 
@@ -124,7 +134,33 @@ impl Net {
             net.limits = limits.clone();
         }
         net.trust_colocated_ips = self.loopback;
+        net.blob_lane_port = self.blob_lane_port;
     }
+}
+
+/// `--blob-lane-port`: a port, or `off`.
+fn parse_lane_port(text: &str) -> anyhow::Result<Option<u16>> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("--blob-lane-port {text}: not a port (0 to 65535) or off"))
+}
+
+/// The default blob lane port: the first TCP listen port + 1, or 0 (any) when that port is 0 or the last.
+fn default_lane_port(listen: &[Multiaddr]) -> Option<u16> {
+    use mana_node::net::libp2p::multiaddr::Protocol;
+    let tcp = listen.iter().find_map(|addr| {
+        addr.iter().find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+    });
+    Some(
+        tcp.and_then(|port| (port != 0).then(|| port.checked_add(1)).flatten())
+            .unwrap_or(0),
+    )
 }
 
 /// The bootstrap addresses of [`JoinArgs`], layered and parsed (none by default).
@@ -156,4 +192,40 @@ pub async fn shutdown_signal(role: &'static str) {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("{role} shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_port_is_a_port_or_off_and_defaults_next_to_the_listen_port() {
+        assert_eq!(parse_lane_port("4002").expect("a port"), Some(4002));
+        assert_eq!(parse_lane_port("OFF").expect("off"), None);
+        let err = parse_lane_port("70000").expect_err("out of range");
+        assert!(err.to_string().contains("--blob-lane-port 70000"), "{err}");
+        assert!(parse_lane_port("").is_err());
+        let addrs = |list: &[&str]| -> Vec<Multiaddr> {
+            list.iter().map(|a| a.parse().expect("multiaddr")).collect()
+        };
+        assert_eq!(
+            default_lane_port(&addrs(&[
+                "/ip4/0.0.0.0/udp/4001/quic-v1",
+                "/ip4/0.0.0.0/tcp/4001"
+            ])),
+            Some(4002)
+        );
+        assert_eq!(
+            default_lane_port(&addrs(&["/ip4/127.0.0.1/tcp/0"])),
+            Some(0)
+        );
+        assert_eq!(
+            default_lane_port(&addrs(&["/ip4/127.0.0.1/tcp/65535"])),
+            Some(0)
+        );
+        assert_eq!(
+            default_lane_port(&addrs(&["/ip4/127.0.0.1/udp/9/quic-v1"])),
+            Some(0)
+        );
+    }
 }

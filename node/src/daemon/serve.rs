@@ -251,6 +251,7 @@ pub(crate) fn stream_limits(net: &crate::net::NetConfig) -> ServeLimits {
         max_streams: net.limits.max_blob_streams,
         max_streams_per_peer: net.limits.max_blob_streams_per_peer,
         stall_timeout: net.request_timeout,
+        lane: net.blob_lane_addr(),
     }
 }
 

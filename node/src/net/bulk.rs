@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::client::Client;
 use super::error::{FrameTooLarge, NetError};
+use super::lane::{self, SealedConn};
 use super::traffic::TrafficCounters;
 
 /// The protocol id of bulk blob streams.
@@ -42,7 +43,10 @@ fn invalid(source: mana_protocol::ProtocolError) -> io::Error {
 }
 
 /// Writes one length-prefixed frame.
-async fn write_frame<W: futures::AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -> io::Result<()> {
+pub(super) async fn write_frame<W: futures::AsyncWrite + Unpin>(
+    io: &mut W,
+    frame: &[u8],
+) -> io::Result<()> {
     let len =
         u16::try_from(frame.len()).map_err(|_| FrameTooLarge::into_io(MAX_RANGE_FRAME_BYTES))?;
     let mut buf = Vec::with_capacity(2 + frame.len());
@@ -53,7 +57,9 @@ async fn write_frame<W: futures::AsyncWrite + Unpin>(io: &mut W, frame: &[u8]) -
 
 /// Reads one length-prefixed frame; `None` when the stream ends cleanly before it. A length over
 /// [`MAX_RANGE_FRAME_BYTES`] is refused before anything more is read.
-async fn read_frame<R: futures::AsyncRead + Unpin>(io: &mut R) -> io::Result<Option<Vec<u8>>> {
+pub(super) async fn read_frame<R: futures::AsyncRead + Unpin>(
+    io: &mut R,
+) -> io::Result<Option<Vec<u8>>> {
     let mut prefix = [0u8; 2];
     let n = io.read(&mut prefix).await?;
     if n == 0 {
@@ -71,20 +77,44 @@ async fn read_frame<R: futures::AsyncRead + Unpin>(io: &mut R) -> io::Result<Opt
     Ok(Some(frame))
 }
 
-/// The fetcher's end of one bulk stream to one provider: ranges are asked one at a time, and each range's
-/// bytes read in pieces before the next is asked.
+/// How a [`RangeStream`] reaches its provider.
+enum Io {
+    /// A bulk stream on the libp2p connection (noise, yamux): range bytes raw after each header.
+    Muxed(Stream),
+    /// A blob lane (direct TCP, AES-256-GCM records; see [`super::lane`]).
+    Lane(Box<SealedConn>),
+}
+
+/// The fetcher's end of one ranged connection to one provider (a blob lane when one can be set up, a bulk
+/// stream otherwise): ranges are asked one at a time, and each range's bytes read in pieces before the
+/// next is asked.
 pub struct RangeStream {
     peer: PeerId,
-    io: Stream,
+    io: Io,
     traffic: Arc<TrafficCounters>,
     /// Bytes of the current range not read yet (a new request is refused until it is zero).
     unread: u64,
 }
 
 impl RangeStream {
-    /// Opens a stream to `peer`. [`NetError::StreamUnsupported`] when the peer lacks the protocol.
-    pub async fn open(client: &Client, peer: PeerId) -> Result<Self, NetError> {
-        let io = client.open_blob_stream(peer).await?;
+    /// Opens a lane to `peer` when `lanes` is set and the peer can give one, else a bulk stream.
+    /// [`NetError::StreamUnsupported`] when the peer has neither.
+    pub async fn open(client: &Client, peer: PeerId, lanes: bool) -> Result<Self, NetError> {
+        let io = match lanes {
+            true => match lane::open(client, peer).await {
+                Ok(conn) => Some(Io::Lane(Box::new(conn))),
+                Err(NetError::Closed) => return Err(NetError::Closed),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %super::error_chain(&e), "no blob lane; using a bulk stream");
+                    None
+                }
+            },
+            false => None,
+        };
+        let io = match io {
+            Some(io) => io,
+            None => Io::Muxed(client.open_blob_stream(peer).await?),
+        };
         Ok(Self {
             peer,
             io,
@@ -96,6 +126,11 @@ impl RangeStream {
     /// The provider at the other end.
     pub fn peer(&self) -> PeerId {
         self.peer
+    }
+
+    /// Whether this is a blob lane (not a bulk stream).
+    pub fn is_lane(&self) -> bool {
+        matches!(self.io, Io::Lane(_))
     }
 
     fn failed(&self, source: io::Error) -> NetError {
@@ -113,16 +148,31 @@ impl RangeStream {
                 "the previous range was not read to its end",
             )));
         }
-        let frame = request.encode().map_err(|e| self.failed(invalid(e)))?;
-        write_frame(&mut self.io, &frame)
-            .await
-            .map_err(|e| self.failed(e))?;
-        self.io.flush().await.map_err(|e| self.failed(e))?;
+        let mut frame = request.encode().map_err(|e| self.failed(invalid(e)))?;
         self.traffic.add_fetch_out(frame.len() + 2);
-        let frame = match read_frame(&mut self.io).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Err(self.failed(io::ErrorKind::UnexpectedEof.into())),
-            Err(e) => return Err(self.failed(e)),
+        let frame = match &mut self.io {
+            Io::Muxed(io) => {
+                let sent = async {
+                    write_frame(io, &frame).await?;
+                    io.flush().await?;
+                    read_frame(io).await
+                };
+                match sent.await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return Err(self.failed(io::ErrorKind::UnexpectedEof.into())),
+                    Err(e) => return Err(self.failed(e)),
+                }
+            }
+            Io::Lane(conn) => {
+                let sent = async {
+                    conn.send(&mut frame).await?;
+                    conn.receive_frame().await
+                };
+                match sent.await {
+                    Ok(frame) => frame,
+                    Err(e) => return Err(self.failed(e)),
+                }
+            }
         };
         self.traffic.add_fetch_in(frame.len() + 2);
         let response = RangeResponse::decode(&frame).map_err(|e| self.failed(invalid(e)))?;
@@ -137,11 +187,32 @@ impl RangeStream {
         if buf.len() as u64 > self.unread {
             return Err(self.failed(io::Error::other("read past the end of the range")));
         }
-        self.io.read_exact(buf).await.map_err(|e| self.failed(e))?;
+        let read = match &mut self.io {
+            Io::Muxed(io) => io.read_exact(buf).await,
+            Io::Lane(conn) => read_lane_body(conn, buf).await,
+        };
+        read.map_err(|e| self.failed(e))?;
         self.unread -= buf.len() as u64;
         self.traffic.add_fetch_in(buf.len());
         Ok(())
     }
+}
+
+/// Fills `buf` from a lane's body records (a record may end inside `buf`, or hold more than it).
+async fn read_lane_body(conn: &mut SealedConn, buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match conn.receive_into(&mut buf[filled..]).await? {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "an empty record inside a range",
+                ));
+            }
+            n => filled += n,
+        }
+    }
+    Ok(())
 }
 
 /// One blob opened for serving ranges. `read_at` is blocking: it runs on a blocking thread.
@@ -175,6 +246,9 @@ pub struct ServeLimits {
     /// How long a stream may sit between requests, and how long one piece may take to be written (a
     /// fetcher that stops reading loses its stream).
     pub stall_timeout: Duration,
+    /// Where blob lanes are served (port 0: one the OS picks), or `None` for bulk streams only. A lane
+    /// holds one of the stream slots above.
+    pub lane: Option<std::net::SocketAddr>,
 }
 
 /// Counts open inbound streams, in all and per peer.
@@ -238,13 +312,107 @@ pub fn serve<S: BlobSource>(
     run: ServeTasks,
 ) -> Result<impl Future<Output = ()> + Send + 'static, NetError> {
     let incoming = client.accept_blob_streams()?;
-    Ok(serve_incoming(
+    let count = Arc::new(Mutex::new(StreamCount::default()));
+    let traffic = client.traffic_counters().clone();
+    let lanes = match limits.lane {
+        None => None,
+        Some(addr) => match lane::bind(addr) {
+            Ok(listener) => Some((listener, client.accept_lane_streams()?)),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "blob lanes not served: the lane port could not be bound; peers use bulk streams");
+                None
+            }
+        },
+    };
+    let streams = serve_incoming(
         incoming,
-        source,
-        limits,
-        client.traffic_counters().clone(),
-        run,
-    ))
+        source.clone(),
+        limits.clone(),
+        traffic.clone(),
+        run.clone(),
+        count.clone(),
+    );
+    Ok(async move {
+        match lanes {
+            None => streams.await,
+            Some((listener, setups)) => {
+                let lanes = serve_lanes(listener, setups, source, limits, traffic, run, count);
+                futures::join!(streams, lanes);
+            }
+        }
+    })
+}
+
+/// Serves blob lanes: setup streams issue tickets (each holding a stream slot), the lane port redeems them
+/// and serves the lane's ranges like a stream's. Ends when `run` is cancelled.
+async fn serve_lanes<S: BlobSource>(
+    listener: tokio::net::TcpListener,
+    mut setups: libp2p_stream::IncomingStreams,
+    source: Arc<S>,
+    limits: ServeLimits,
+    traffic: Arc<TrafficCounters>,
+    run: ServeTasks,
+    count: Arc<Mutex<StreamCount>>,
+) {
+    let port = match listener.local_addr() {
+        Ok(addr) => addr.port(),
+        Err(e) => {
+            tracing::warn!(error = %e, "blob lanes not served: the lane port is unknown");
+            return;
+        }
+    };
+    tracing::debug!(port, "serving blob lanes");
+    let tickets = Arc::new(lane::Tickets::<Slot>::new(port));
+    let issue = {
+        let (tickets, limits, run) = (tickets.clone(), limits.clone(), run.clone());
+        async move {
+            while let Some((peer, mut stream)) = setups.next().await {
+                let (tickets, count, limits) = (tickets.clone(), count.clone(), limits.clone());
+                let cancel = run.cancel.clone();
+                run.tasks.spawn(async move {
+                    let setup = async {
+                        let frame = read_frame(&mut stream)
+                            .await?
+                            .ok_or(io::ErrorKind::UnexpectedEof)?;
+                        let response = match mana_protocol::LaneRequest::decode(&frame) {
+                            Err(e) => return Err(invalid(e)),
+                            Ok(request) => match take_slot(&count, peer, &limits) {
+                                Some(slot) => tickets.issue(peer, &request, slot),
+                                None => lane::refused("busy"),
+                            },
+                        };
+                        let frame = response.encode().map_err(invalid)?;
+                        write_frame(&mut stream, &frame).await?;
+                        stream.close().await
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        done = tokio::time::timeout(limits.stall_timeout, setup) => match done {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "lane setup failed"),
+                            Err(_) => tracing::debug!(%peer, "lane setup timed out"),
+                        },
+                    }
+                });
+            }
+        }
+    };
+    let stall = limits.stall_timeout;
+    let serve = move |peer: PeerId, conn: SealedConn, slot: Slot| {
+        let (source, limits, traffic) = (source.clone(), limits.clone(), traffic.clone());
+        async move {
+            let _slot = slot;
+            if let Err(e) = serve_ranges(conn, source.as_ref(), &limits, &traffic).await {
+                tracing::debug!(%peer, error = %e, "blob lane ended with an error");
+            }
+        }
+    };
+    let cancel = run.cancel.clone();
+    let accept = lane::accept(listener, tickets, stall, &run.tasks, cancel.clone(), serve);
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = futures::future::join(issue, accept) => {}
+    }
 }
 
 async fn serve_incoming<S: BlobSource>(
@@ -253,8 +421,8 @@ async fn serve_incoming<S: BlobSource>(
     limits: ServeLimits,
     traffic: Arc<TrafficCounters>,
     run: ServeTasks,
+    count: Arc<Mutex<StreamCount>>,
 ) {
-    let count = Arc::new(Mutex::new(StreamCount::default()));
     while let Some((peer, stream)) = incoming.next().await {
         let Some(slot) = take_slot(&count, peer, &limits) else {
             tracing::debug!(%peer, "bulk stream refused: over the stream limits");
@@ -270,7 +438,7 @@ async fn serve_incoming<S: BlobSource>(
             let _slot = slot;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                served = serve_stream(stream, source.as_ref(), &limits, &traffic) => {
+                served = serve_ranges(stream, source.as_ref(), &limits, &traffic) => {
                     if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "bulk stream ended with an error");
                     }
@@ -280,9 +448,59 @@ async fn serve_incoming<S: BlobSource>(
     }
 }
 
-/// Answers the requests of one stream in turn, until the fetcher closes it or stalls.
-async fn serve_stream<S: BlobSource>(
-    mut io: Stream,
+/// The provider's end of a ranged connection: a bulk stream or a blob lane. Both carry the same requests
+/// and answers; they differ in how frames and range bytes are put on the wire.
+trait ServeIo: Send {
+    /// The next request frame; `None` when the fetcher closed the connection cleanly.
+    fn next_request(&mut self) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
+    /// Sends a header frame.
+    fn send_header(&mut self, frame: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sends a piece of a range (the buffer's contents may be overwritten).
+    fn send_piece(&mut self, piece: &mut Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
+    /// Pushes out what is buffered at the end of a range.
+    fn end_range(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ServeIo for Stream {
+    async fn next_request(&mut self) -> io::Result<Option<Vec<u8>>> {
+        read_frame(self).await
+    }
+    async fn send_header(&mut self, frame: Vec<u8>) -> io::Result<()> {
+        write_frame(self, &frame).await?;
+        AsyncWriteExt::flush(self).await
+    }
+    async fn send_piece(&mut self, piece: &mut Vec<u8>) -> io::Result<()> {
+        self.write_all(piece).await
+    }
+    async fn end_range(&mut self) -> io::Result<()> {
+        AsyncWriteExt::flush(self).await
+    }
+}
+
+impl ServeIo for SealedConn {
+    async fn next_request(&mut self) -> io::Result<Option<Vec<u8>>> {
+        match self.receive_frame().await {
+            Ok(frame) => Ok(Some(frame)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && self.pending().is_empty() => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+    async fn send_header(&mut self, mut frame: Vec<u8>) -> io::Result<()> {
+        self.send(&mut frame).await
+    }
+    async fn send_piece(&mut self, piece: &mut Vec<u8>) -> io::Result<()> {
+        self.send(piece).await
+    }
+    async fn end_range(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Answers the requests of one connection in turn, until the fetcher closes it or stalls.
+async fn serve_ranges<S: BlobSource, I: ServeIo>(
+    mut io: I,
     source: &S,
     limits: &ServeLimits,
     traffic: &TrafficCounters,
@@ -290,7 +508,7 @@ async fn serve_stream<S: BlobSource>(
     let stall = limits.stall_timeout;
     let timed_out = || io::Error::from(io::ErrorKind::TimedOut);
     loop {
-        let frame = match tokio::time::timeout(stall, read_frame(&mut io)).await {
+        let frame = match tokio::time::timeout(stall, io.next_request()).await {
             Err(_) => return Err(timed_out()),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(frame))) => frame,
@@ -347,15 +565,14 @@ fn refused(reason: &str) -> RangeResponse {
     }
 }
 
-async fn respond(
-    io: &mut Stream,
+async fn respond<I: ServeIo>(
+    io: &mut I,
     response: &RangeResponse,
     traffic: &TrafficCounters,
 ) -> io::Result<()> {
     let frame = response.encode().map_err(invalid)?;
-    write_frame(io, &frame).await?;
     traffic.add_fetch_out(frame.len() + 2);
-    io.flush().await
+    io.send_header(frame).await
 }
 
 /// Reads one piece on a blocking thread, into `buf` (resized to `len`), and hands the buffer back.
@@ -372,10 +589,10 @@ fn read_piece(
     })
 }
 
-/// Streams bytes `offset..offset + len` of `blob`: the next piece is read from the file while the current
-/// one is written to the stream.
-async fn send_range(
-    io: &mut Stream,
+/// Sends bytes `offset..offset + len` of `blob`: the next piece is read from the file while the current
+/// one is sent.
+async fn send_range<I: ServeIo>(
+    io: &mut I,
     blob: Arc<dyn RangeRead>,
     offset: u64,
     len: u64,
@@ -383,19 +600,20 @@ async fn send_range(
     traffic: &TrafficCounters,
 ) -> io::Result<()> {
     let piece = |at: u64| (len - at).min(PIECE_BYTES as u64) as usize;
-    let mut spare = Some(Vec::with_capacity(PIECE_BYTES));
+    let mut spare = Some(Vec::with_capacity(PIECE_BYTES + 16));
     let mut sent = 0u64;
     let mut next = (len > 0).then(|| {
         read_piece(
             blob.clone(),
             offset,
             piece(0),
-            Vec::with_capacity(PIECE_BYTES),
+            Vec::with_capacity(PIECE_BYTES + 16),
         )
     });
     while let Some(reading) = next.take() {
-        let buf = reading.await.map_err(io::Error::other)??;
-        let after = sent + buf.len() as u64;
+        let mut buf = reading.await.map_err(io::Error::other)??;
+        let n = buf.len();
+        let after = sent + n as u64;
         if after < len {
             let spare = spare.take().unwrap_or_default();
             next = Some(read_piece(
@@ -405,15 +623,15 @@ async fn send_range(
                 spare,
             ));
         }
-        match tokio::time::timeout(stall, io.write_all(&buf)).await {
+        match tokio::time::timeout(stall, io.send_piece(&mut buf)).await {
             Err(_) => return Err(io::ErrorKind::TimedOut.into()),
             Ok(result) => result?,
         }
-        traffic.add_fetch_out(buf.len());
+        traffic.add_fetch_out(n);
         sent = after;
         spare = Some(buf);
     }
-    io.flush().await
+    io.end_range().await
 }
 
 #[cfg(test)]
@@ -462,6 +680,7 @@ mod tests {
             max_streams: 3,
             max_streams_per_peer: 2,
             stall_timeout: Duration::from_secs(1),
+            lane: None,
         };
         let count = Arc::new(Mutex::new(StreamCount::default()));
         let (a, b) = (PeerId::random(), PeerId::random());

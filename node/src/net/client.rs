@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bulk::BLOB_STREAM;
 use super::event_loop::{Command, Verdict};
+use super::lane::{BLOB_LANE, LaneFailures, RemoteIps};
 use super::traffic::{Traffic, TrafficCounters};
 use super::{NetError, NetSnapshot};
 use mana_protocol::{FetchRequest, FetchResponse};
@@ -25,6 +26,10 @@ pub struct Client {
     traffic: Arc<TrafficCounters>,
     /// Opens and accepts bulk streams directly (no round trip through the event loop per stream).
     streams: libp2p_stream::Control,
+    /// Each connected peer's IP (kept by the event loop), where its blob lane is.
+    remote_ips: Arc<RemoteIps>,
+    /// Providers whose lane failed lately.
+    lane_failures: Arc<LaneFailures>,
 }
 
 impl std::fmt::Debug for Client {
@@ -41,13 +46,39 @@ impl Client {
         local_peer_id: PeerId,
         traffic: Arc<TrafficCounters>,
         streams: libp2p_stream::Control,
+        remote_ips: Arc<RemoteIps>,
     ) -> Self {
         Self {
             commands,
             local_peer_id,
             traffic,
             streams,
+            remote_ips,
+            lane_failures: Arc::default(),
         }
+    }
+
+    /// The IP of `peer`'s direct connection, if it has one (relayed connections have none).
+    pub(super) fn remote_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
+        self.remote_ips.get(peer)
+    }
+
+    /// Providers whose blob lane failed lately.
+    pub(super) fn lane_failures(&self) -> &LaneFailures {
+        &self.lane_failures
+    }
+
+    /// Opens a blob lane setup stream to `peer`.
+    pub(super) async fn open_lane_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
+        self.open_stream(peer, BLOB_LANE).await
+    }
+
+    /// Starts accepting blob lane setup streams (once per swarm).
+    pub(super) fn accept_lane_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.streams
+            .clone()
+            .accept(BLOB_LANE)
+            .map_err(|_| NetError::AlreadyAccepting)
     }
 
     /// The shared traffic counters (the bulk stream code counts its frames and bytes there).
@@ -58,9 +89,17 @@ impl Client {
     /// Opens a bulk stream (`/mana/blob/1.0.0`) to `peer`, dialling it if needed.
     /// [`NetError::StreamUnsupported`] means the peer serves only the request-response fetch protocol.
     pub async fn open_blob_stream(&self, peer: PeerId) -> Result<libp2p::Stream, NetError> {
+        self.open_stream(peer, BLOB_STREAM).await
+    }
+
+    async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p::Stream, NetError> {
         let mut control = self.streams.clone();
         control
-            .open_stream(peer, BLOB_STREAM)
+            .open_stream(peer, protocol)
             .await
             .map_err(|e| match e {
                 libp2p_stream::OpenStreamError::UnsupportedProtocol(protocol) => {

@@ -44,6 +44,9 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Accept peers sharing one IP without the gossipsub co-location penalty (loopback test nets, LANs).
     pub trust_colocated_ips: bool,
+    /// The TCP port blob lanes are served on ([`super::lane`]), on the IP of the first TCP listen address;
+    /// 0 lets the OS pick one, `None` serves no lanes (peers then fetch over bulk streams).
+    pub blob_lane_port: Option<u16>,
 }
 
 impl Default for NetConfig {
@@ -64,6 +67,7 @@ impl Default for NetConfig {
             target_peers: 32,
             request_timeout: Duration::from_secs(30),
             trust_colocated_ips: false,
+            blob_lane_port: Some(0),
         }
     }
 }
@@ -83,6 +87,24 @@ impl NetConfig {
             trust_colocated_ips: true,
             ..Self::default()
         }
+    }
+}
+
+impl NetConfig {
+    /// Where blob lanes are served: the lane port on the IP of the first TCP listen address, or `None`
+    /// when lanes are off or there is no TCP listen address.
+    pub fn blob_lane_addr(&self) -> Option<std::net::SocketAddr> {
+        use libp2p::multiaddr::Protocol;
+        let port = self.blob_lane_port?;
+        self.listen.iter().find_map(|addr| {
+            let mut parts = addr.iter();
+            let ip = match parts.next()? {
+                Protocol::Ip4(ip) => std::net::IpAddr::V4(ip),
+                Protocol::Ip6(ip) => std::net::IpAddr::V6(ip),
+                _ => return None,
+            };
+            matches!(parts.next()?, Protocol::Tcp(_)).then_some(std::net::SocketAddr::new(ip, port))
+        })
     }
 }
 

@@ -46,6 +46,15 @@ pub enum NetError {
         /// The protocol it lacks.
         protocol: libp2p::StreamProtocol,
     },
+    /// No blob lane to this peer (it has none, refused, or could not be reached directly); a bulk stream
+    /// serves instead.
+    #[error("no blob lane to {peer}: {why}")]
+    LaneUnavailable {
+        /// The peer asked.
+        peer: PeerId,
+        /// Why.
+        why: String,
+    },
     /// A bulk stream could not be opened, or failed while in use.
     #[error("bulk stream with {peer} failed")]
     Stream {

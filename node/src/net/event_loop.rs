@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::config::NetConfig;
+use super::lane::RemoteIps;
 use super::limits::RateLimiter;
 use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
@@ -152,6 +153,8 @@ pub struct EventLoop {
     relayed: bool,
     /// Gossip bytes are counted here; fetch frames in the codec.
     traffic: Arc<TrafficCounters>,
+    /// Each connected peer's IP, for blob lanes (shared with the clients).
+    remote_ips: Arc<RemoteIps>,
 }
 
 impl EventLoop {
@@ -162,6 +165,7 @@ impl EventLoop {
         events: mpsc::Sender<NetEvent>,
         traffic: Arc<TrafficCounters>,
         pending_listeners: HashSet<ListenerId>,
+        remote_ips: Arc<RemoteIps>,
     ) -> Self {
         let limits = config.limits.clone();
         let backoff = config.reconnect_backoff;
@@ -185,6 +189,7 @@ impl EventLoop {
             gossip_rate_limited: 0,
             relayed: false,
             traffic,
+            remote_ips,
         }
     }
 
@@ -426,6 +431,8 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.remote_ips
+                    .connected(peer_id, endpoint.get_remote_address());
                 self.backoff = self.config.reconnect_backoff;
                 self.next_bootstrap_dial = None;
                 if num_established.get() == 1 {
@@ -454,6 +461,7 @@ impl EventLoop {
             } => {
                 tracing::debug!(%peer_id, ?cause, "connection closed");
                 if num_established == 0 {
+                    self.remote_ips.disconnected(&peer_id);
                     self.rtt.remove(&peer_id);
                     self.request_limiter.remove(&peer_id);
                     self.gossip_limiter.remove(&peer_id);

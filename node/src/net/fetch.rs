@@ -83,6 +83,9 @@ pub struct FetchOptions {
     pub segment_timeout: Duration,
     /// Use bulk streams where the provider has them (false: request-response only, for comparisons).
     pub bulk_streams: bool,
+    /// Use blob lanes ([`super::lane`]) where the provider has them and is directly connected (false: bulk
+    /// streams only).
+    pub blob_lanes: bool,
     /// Refuse blobs longer than this (a provider could claim any length).
     pub max_len: u64,
     /// Failures after which a provider is no longer asked.
@@ -101,6 +104,7 @@ impl Default for FetchOptions {
             streams_per_provider: 2,
             segment_timeout: Duration::from_secs(30),
             bulk_streams: true,
+            blob_lanes: true,
             max_len: 64 * 1024 * 1024 * 1024,
             max_strikes: 3,
             progress: false,
@@ -336,6 +340,7 @@ struct SegmentJob {
     chunk_bytes: u64,
     chunk_depth: usize,
     timeout: Duration,
+    lanes: bool,
 }
 
 impl SegmentJob {
@@ -389,7 +394,7 @@ impl SegmentJob {
     ) -> Result<RangeStream, Fault> {
         let mut stream = match stream {
             Some(stream) => stream,
-            None => RangeStream::open(&self.client, peer).await?,
+            None => RangeStream::open(&self.client, peer, self.lanes).await?,
         };
         let header = stream
             .request(&RangeRequest {
@@ -589,6 +594,7 @@ async fn fetch_once<S: BlobSink>(
         chunk_bytes: u64::from(opts.chunk_bytes.max(1)),
         chunk_depth: opts.per_provider.min(opts.concurrency).max(1),
         timeout: opts.segment_timeout,
+        lanes: opts.blob_lanes,
     };
     let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     // Segment tasks belong to this fetch: dropping it (a cancelled caller) aborts them with it.
@@ -740,7 +746,7 @@ async fn probe(
 ) -> Result<u64, FetchError> {
     for p in ranked.iter_mut() {
         let outcome = if opts.bulk_streams && !p.legacy {
-            probe_stream(client, hash, p.peer, opts.segment_timeout).await
+            probe_stream(client, hash, p.peer, opts).await
         } else {
             Err(Fault::Unsupported)
         };
@@ -778,10 +784,11 @@ async fn probe_stream(
     client: &Client,
     hash: ContentHash,
     peer: PeerId,
-    timeout: Duration,
+    opts: &FetchOptions,
 ) -> Result<(u64, RangeStream), Fault> {
+    let timeout = opts.segment_timeout;
     let work = async {
-        let mut stream = RangeStream::open(client, peer).await?;
+        let mut stream = RangeStream::open(client, peer, opts.blob_lanes).await?;
         match stream
             .request(&RangeRequest {
                 hash,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod event_loop;
 pub mod fetch;
+pub mod lane;
 pub mod limits;
 pub mod listen;
 pub mod traffic;
@@ -140,6 +141,7 @@ pub fn new(
     let streams = swarm.behaviour().streams.new_control();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+    let remote_ips = std::sync::Arc::new(lane::RemoteIps::default());
     let event_loop = EventLoop::new(
         swarm,
         config,
@@ -147,9 +149,10 @@ pub fn new(
         event_tx,
         traffic.clone(),
         listeners,
+        remote_ips.clone(),
     );
     Ok((
-        Client::new(command_tx, local_peer_id, traffic, streams),
+        Client::new(command_tx, local_peer_id, traffic, streams, remote_ips),
         event_rx,
         event_loop,
     ))

@@ -261,6 +261,18 @@ pub fn range_response() -> RangeResponse {
     }
 }
 
+pub fn lane_request() -> LaneRequest {
+    LaneRequest { share: [0x5a; 32] }
+}
+
+pub fn lane_response() -> LaneResponse {
+    LaneResponse::Open {
+        port: 4002,
+        ticket: [0x11; 16],
+        share: [0xa5; 32],
+    }
+}
+
 pub fn expert_request() -> ExpertRequest {
     ExpertRequest {
         run: run(),
