@@ -376,7 +376,10 @@ async fn serve_lanes<S: BlobSource>(
                             .ok_or(io::ErrorKind::UnexpectedEof)?;
                         let response = match mana_protocol::LaneRequest::decode(&frame) {
                             Err(e) => return Err(invalid(e)),
-                            Ok(request) => match take_slot(&count, peer, &limits) {
+                            Ok(request) => match {
+                                tickets.prune();
+                                take_slot(&count, peer, &limits)
+                            } {
                                 Some(slot) => tickets.issue(peer, &request, slot),
                                 None => lane::refused("busy"),
                             },
@@ -408,10 +411,24 @@ async fn serve_lanes<S: BlobSource>(
         }
     };
     let cancel = run.cancel.clone();
-    let accept = lane::accept(listener, tickets, stall, &run.tasks, cancel.clone(), serve);
+    let accept = lane::accept(
+        listener,
+        tickets.clone(),
+        stall,
+        &run.tasks,
+        cancel.clone(),
+        serve,
+    );
+    let prune = async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            tickets.prune();
+        }
+    };
     tokio::select! {
         _ = cancel.cancelled() => {}
-        _ = futures::future::join(issue, accept) => {}
+        _ = futures::future::join3(issue, accept, prune) => {}
     }
 }
 

@@ -57,6 +57,9 @@ pub const LANE_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// Unauthenticated TCP connections (waiting for their ticket) a provider holds at once; more are closed.
 const MAX_PENDING_LANES: usize = 32;
 
+/// How long a provider waits for a new lane connection's ticket (an honest fetcher sends it at once).
+const TICKET_WAIT: Duration = Duration::from_secs(5);
+
 /// Key-derivation contexts (blake3 `derive_key`), one per direction.
 const FETCHER_TO_PROVIDER: &str = "mana 2026-12 blob lane v1 fetcher to provider";
 const PROVIDER_TO_FETCHER: &str = "mana 2026-12 blob lane v1 provider to fetcher";
@@ -371,6 +374,15 @@ impl<S> Tickets<S> {
         }
     }
 
+    /// Drops the tickets that expired unused, and the slots they held. Called before every new ticket and
+    /// once a second, so a peer that asks for tickets and never comes holds slots for [`TICKET_TTL`] at most.
+    pub fn prune(&self) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, t| t.issued.elapsed() < TICKET_TTL);
+    }
+
     /// Answers a setup request from `peer` holding `slot` for the lane: a fresh ticket and share.
     pub fn issue(&self, peer: PeerId, request: &LaneRequest, slot: S) -> LaneResponse {
         let (ticket, share) = (random_bytes::<16>(), random_bytes::<32>());
@@ -429,8 +441,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(listener)
 }
 
-/// Accepts lane connections until cancelled: each must send a good ticket within `stall`, then gets an
-/// empty sealed record and is handed to `serve` with its peer and slot.
+/// Accepts lane connections until cancelled: each must send a good ticket within [`TICKET_WAIT`] (or `stall`
+/// if shorter), then gets an empty sealed record and is handed to `serve` with its peer and slot. At most
+/// [`MAX_PENDING_LANES`] wait for their ticket at once, so idle connections can hold off lanes for seconds
+/// at most, and never bulk streams.
 pub async fn accept<S, F, Fut>(
     listener: TcpListener,
     tickets: Arc<Tickets<S>>,
@@ -461,7 +475,8 @@ pub async fn accept<S, F, Fut>(
         tasks.spawn(async move {
             let lane = async {
                 let mut ticket = [0u8; 16];
-                let read = tokio::time::timeout(stall, tcp.read_exact(&mut ticket)).await;
+                let wait = TICKET_WAIT.min(stall);
+                let read = tokio::time::timeout(wait, tcp.read_exact(&mut ticket)).await;
                 if !matches!(read, Ok(Ok(_))) {
                     return;
                 }
@@ -717,5 +732,31 @@ mod tests {
         assert_eq!(got, peer);
         assert!(tickets.redeem(&ticket, conn().await).is_none(), "not twice");
         assert!(tickets.redeem(&[0; 16], conn().await).is_none(), "unknown");
+    }
+
+    #[test]
+    fn expired_tickets_give_their_slots_back() {
+        let tickets = Tickets::new(9);
+        let slot = Arc::new(());
+        tickets.issue(
+            PeerId::random(),
+            &LaneRequest { share: [5; 32] },
+            slot.clone(),
+        );
+        tickets.prune();
+        assert_eq!(Arc::strong_count(&slot), 2, "a live ticket keeps its slot");
+        tickets
+            .issued
+            .lock()
+            .expect("lock")
+            .values_mut()
+            .for_each(|t| {
+                t.issued = t
+                    .issued
+                    .checked_sub(TICKET_TTL)
+                    .expect("an instant 10 s back")
+            });
+        tickets.prune();
+        assert_eq!(Arc::strong_count(&slot), 1, "an expired one gives it back");
     }
 }
