@@ -343,6 +343,17 @@ pub fn serve<S: BlobSource>(
     })
 }
 
+/// A stream slot for a new lane, after the expired tickets gave theirs back.
+fn take_fresh_slot(
+    tickets: &lane::Tickets<Slot>,
+    count: &Arc<Mutex<StreamCount>>,
+    peer: PeerId,
+    limits: &ServeLimits,
+) -> Option<Slot> {
+    tickets.prune();
+    take_slot(count, peer, limits)
+}
+
 /// Serves blob lanes: setup streams issue tickets (each holding a stream slot), the lane port redeems them
 /// and serves the lane's ranges like a stream's. Ends when `run` is cancelled.
 async fn serve_lanes<S: BlobSource>(
@@ -376,10 +387,7 @@ async fn serve_lanes<S: BlobSource>(
                             .ok_or(io::ErrorKind::UnexpectedEof)?;
                         let response = match mana_protocol::LaneRequest::decode(&frame) {
                             Err(e) => return Err(invalid(e)),
-                            Ok(request) => match {
-                                tickets.prune();
-                                take_slot(&count, peer, &limits)
-                            } {
+                            Ok(request) => match take_fresh_slot(&tickets, &count, peer, &limits) {
                                 Some(slot) => tickets.issue(peer, &request, slot),
                                 None => lane::refused("busy"),
                             },

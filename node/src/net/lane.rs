@@ -706,7 +706,7 @@ mod tests {
         );
         let (seal_p, _) = keys(Side::Provider, &[1; 16], &[2; 32], &[3; 32]);
         let mut other = b"x".to_vec();
-        seal_p
+        let _tag = seal_p
             .seal_in_place_separate_tag(nonce(0), Aad::empty(), &mut other)
             .expect("sealed");
         assert_ne!(other[0], buf[0], "each direction has its own key stream");
