@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use mana_node::keyfile;
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
-use mana_node::net::libp2p::{Multiaddr, PeerId};
 use mana_node::net::{self, FetchResponse, NetConfig, NetEvent};
 use mana_protocol::{
     Bytes, CheckpointManifest, ContentHash, Message, RangeRequest, RangeResponse, ShardEntry,
     ShardId,
 };
+use net_support::hostile_provider::{Hostile, hostile_provider};
 use net_support::*;
 
 const SHARD_BYTES: usize = 50 * 1024 * 1024;
@@ -308,88 +308,6 @@ async fn blob_lanes_carry_ranges_where_served_and_bulk_streams_elsewhere() {
     bootstrap.shutdown().await;
 }
 
-/// How a hostile bulk-stream provider misbehaves once it has told the blob's true size.
-#[derive(Clone, Copy)]
-enum Hostile {
-    /// Sends a correct header, then one byte every 100 ms.
-    Trickle,
-    /// Claims more bytes than were asked for.
-    Oversized,
-}
-
-/// A swarm that announces the blob and answers bulk streams the `Hostile` way. Returns its address.
-async fn hostile_provider(
-    boot: &[Multiaddr],
-    hash: ContentHash,
-    total: u64,
-    how: Hostile,
-) -> (PeerId, Multiaddr) {
-    use mana_node::net::libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-    let mut config = NetConfig::for_tests();
-    config.bootstrap = boot.to_vec();
-    let (client, mut events, event_loop) =
-        net::new(Libp2pKeypair::generate_ed25519(), config).expect("swarm");
-    tokio::spawn(event_loop.run());
-    let mut incoming = client.accept_blob_streams().expect("accepting");
-    tokio::spawn(async move { while events.recv().await.is_some() {} });
-    tokio::spawn(async move {
-        while let Some((_, mut stream)) = incoming.next().await {
-            tokio::spawn(async move {
-                loop {
-                    let mut len = [0u8; 2];
-                    if stream.read_exact(&mut len).await.is_err() {
-                        return;
-                    }
-                    let mut frame = vec![0u8; usize::from(u16::from_le_bytes(len))];
-                    if stream.read_exact(&mut frame).await.is_err() {
-                        return;
-                    }
-                    let Ok(request) = RangeRequest::decode(&frame) else {
-                        return;
-                    };
-                    let (claimed, trickle) = match how {
-                        _ if request.len == 0 => (0, false),
-                        Hostile::Trickle => (request.len, true),
-                        Hostile::Oversized => {
-                            ((request.len + 1).min(total - request.offset), false)
-                        }
-                    };
-                    let header = RangeResponse::Range {
-                        hash,
-                        offset: request.offset,
-                        total_size: total,
-                        len: claimed,
-                    };
-                    let frame = header.encode().expect("encodable");
-                    let mut out = (frame.len() as u16).to_le_bytes().to_vec();
-                    out.extend_from_slice(&frame);
-                    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
-                        return;
-                    }
-                    while trickle {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        if stream.write_all(&[0]).await.is_err() || stream.flush().await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    let addr = client
-        .listen_addrs(Duration::from_secs(10))
-        .await
-        .expect("listening")
-        .remove(0);
-    let peer = client.local_peer_id();
-    // The swarm lives as long as a client clone does: keep one in a task that never ends.
-    tokio::spawn(async move {
-        let _client = client;
-        std::future::pending::<()>().await
-    });
-    (peer, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickling_and_oversized_providers_are_dropped_and_their_ranges_come_from_an_honest_one() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -399,17 +317,20 @@ async fn trickling_and_oversized_providers_are_dropped_and_their_ranges_come_fro
     let hash = ContentHash::of(&blob);
     let honest = start_node(node_config(&dir.path().join("honest"), &boot)).await;
     honest.host_blob_now(blob.clone()).await.expect("host");
-    let trickler = hostile_provider(&boot, hash, blob.len() as u64, Hostile::Trickle).await;
-    let oversized = hostile_provider(&boot, hash, blob.len() as u64, Hostile::Oversized).await;
+    let trickler = hostile_provider(&boot, Hostile::Trickle).await;
+    let oversized = hostile_provider(&boot, Hostile::Oversized).await;
+    for p in [&trickler, &oversized] {
+        p.claim(hash, blob.len() as u64).await;
+    }
 
     let mut config = node_config(&dir.path().join("b"), &boot);
     config.fetch.segment_bytes = 1024 * 1024;
     config.fetch.segment_timeout = Duration::from_secs(2); // the trickler never finishes a segment
     let b = start_node(config).await;
     let mut peers = Vec::new();
-    for (peer, addr) in [trickler, oversized] {
-        b.net().dial(addr).await.expect("dial");
-        peers.push(peer);
+    for p in [&trickler, &oversized] {
+        b.net().dial(p.addr.clone()).await.expect("dial");
+        peers.push(p.peer);
     }
     for addr in honest.listen_addrs().await.expect("addresses") {
         b.net().dial(addr).await.expect("dial");

@@ -6,8 +6,8 @@
 //! nothing else of anyone's is), and that the validation loss falls.
 //!
 //! The attacks: a re-announced payload hash (same size, another size, under another shard), the attacker's
-//! own payload from an earlier round, a withheld payload (announced, never hosted), an oversized one (the
-//! coordinator's disk must not grow by it), and poisoned deltas that are bound, encoded and sized like honest
+//! own payload from an earlier round, a withheld payload (announced, never hosted), a trickled one (served by
+//! a DHT provider one byte at a time), an oversized one (the coordinator's disk must not grow by it), and poisoned deltas that are bound, encoded and sized like honest
 //! ones: a random vector at the honest norm, the sign-flipped gradient, an all-zero delta.
 //!
 //! The tests share the machine's cores, so they run one at a time.
@@ -29,6 +29,7 @@ use mana_protocol::{
     Keypair, Message, PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardId,
     SignedEnvelope, Text, TopicKind, UpdateRule, topic,
 };
+use net_support::hostile_provider::{Hostile, HostileProvider, hostile_provider};
 use net_support::*;
 use tokio::sync::{broadcast, watch};
 
@@ -58,6 +59,9 @@ enum Attack {
     EarlierRound,
     /// Announces a trunk contribution of the right size whose bytes it never hosts.
     Withhold,
+    /// Announces a trunk contribution of the right size whose only provider (a DHT record of another swarm)
+    /// sends a correct header and then one byte every 100 ms.
+    Trickle,
     /// Hosts a 16 MiB blob and announces it for its trunk at the honest size.
     Oversize,
     /// Sends, bound and encoded like an honest delta, a random vector scaled to its honest trunk delta's norm
@@ -94,7 +98,7 @@ impl Attack {
             Attack::ReannounceOtherSize | Attack::ReannounceOtherShard => {
                 &[RejectCode::SizeMismatch, RejectCode::NotBound]
             }
-            Attack::Withhold => &[RejectCode::Unavailable],
+            Attack::Withhold | Attack::Trickle => &[RejectCode::Unavailable],
             Attack::Oversize => &[RejectCode::SizeMismatch, RejectCode::Unavailable],
             Attack::RandomAtNorm | Attack::SignFlipped => &[RejectCode::LowScore],
             Attack::Zero => &[RejectCode::NormTooSmall],
@@ -196,6 +200,7 @@ async fn run_attacker(
     spec: RunSpec,
     data: Arc<TextDataset>,
     log: Arc<Mutex<AttackLog>>,
+    trickler: Option<Arc<HostileProvider>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut rx = node.accepted();
@@ -330,6 +335,13 @@ async fn run_attacker(
                 ContentHash::of(&pseudo_random_bytes(64, ann.round)),
                 trunk_size,
             )),
+            Attack::Trickle => {
+                let blob = pseudo_random_bytes(trunk_size as usize, 1000 + ann.round);
+                let hash = ContentHash::of(&blob);
+                let trickler = trickler.as_ref().expect("a trickling provider");
+                trickler.claim(hash, trunk_size).await;
+                Some(announce(target, hash, trunk_size))
+            }
             Attack::Oversize => {
                 let blob = pseudo_random_bytes(OVERSIZE_BYTES, ann.round);
                 let hash = node.host_blob_now(blob).await.expect("host");
@@ -466,12 +478,17 @@ async fn run_attack(attack: Attack) {
     let evil = Arc::new(start_node(member_config(dir.path(), &boot, "attacker", key)).await);
     let evil_key = evil.public_key();
     let log = Arc::new(Mutex::new(AttackLog::default()));
+    let trickler = match attack {
+        Attack::Trickle => Some(Arc::new(hostile_provider(&boot, Hostile::Trickle).await)),
+        _ => None,
+    };
     let evil_task = tokio::spawn(run_attacker(
         evil.clone(),
         attack,
         spec.clone(),
         data.clone(),
         log.clone(),
+        trickler.clone(),
         stop_rx.clone(),
     ));
 
@@ -522,6 +539,16 @@ async fn run_attack(attack: Attack) {
         },
     )
     .await;
+    if let Some(trickler) = &trickler {
+        let headers = trickler
+            .headers_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{attack:?}: the trickling provider sent {headers} range headers");
+        assert!(
+            headers >= rounds,
+            "the coordinator reached the trickling provider in every round: {headers} headers"
+        );
+    }
     let announcements = announcements.lock().expect("lock").clone();
     let log = log.lock().expect("lock").clone();
     let attacked = log.attacked.clone();
@@ -775,6 +802,11 @@ async fn payload_from_an_earlier_round_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn withheld_payload_is_refused_alone_and_delays_nobody() {
     run_attack(Attack::Withhold).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_payload_is_refused_alone_and_delays_nobody() {
+    run_attack(Attack::Trickle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

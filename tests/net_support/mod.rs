@@ -2,6 +2,8 @@
 //! port 0 and short intervals, and poll for a condition with a deadline.
 #![allow(dead_code)]
 
+pub mod hostile_provider;
+
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
