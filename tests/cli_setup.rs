@@ -567,3 +567,60 @@ fn a_changed_rule_or_seed_on_resume_is_refused_unless_meant() {
         ],
     );
 }
+
+#[test]
+fn a_missing_key_is_created_only_on_a_first_start_or_when_asked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("n");
+    let started = |extra: &[&str]| {
+        let mut child = node(&data, extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("an address");
+        assert!(line.contains("/p2p/"), "an address: {line}");
+        drop(Proc(child));
+    };
+    // A typo in --key is refused, and creates no key.
+    let typo = &[
+        "node",
+        "--run",
+        "setup",
+        "--listen",
+        TCP,
+        "--data-dir",
+        "n",
+        "--key",
+        "n/nod.key",
+    ];
+    let line = refused(typo, dir.path());
+    assert!(
+        line.contains("n/nod.key") && line.contains("does not exist") && line.contains("--new-key"),
+        "{line}"
+    );
+    assert!(!dir.path().join("n/nod.key").exists());
+    // A first start creates the default key; a restart loads it.
+    started(&[]);
+    let key = std::fs::read(data.join("node.key")).expect("created on the first start");
+    started(&[]);
+    assert_eq!(std::fs::read(data.join("node.key")).expect("kept"), key);
+    // The key lost beside an existing store is refused, not replaced; --new-key replaces it.
+    std::fs::remove_file(data.join("node.key")).expect("remove");
+    let line = refused(
+        &["node", "--run", "setup", "--listen", TCP, "--data-dir", "n"],
+        dir.path(),
+    );
+    assert!(
+        line.contains("node.key") && line.contains("does not exist"),
+        "{line}"
+    );
+    started(&["--new-key"]);
+    assert_ne!(
+        std::fs::read(data.join("node.key")).expect("a new key"),
+        key
+    );
+}

@@ -21,8 +21,11 @@ use tokio::task::JoinHandle;
 pub struct BootstrapConfig {
     /// Where the key file lives.
     pub data_dir: PathBuf,
-    /// The key file; `<data_dir>/bootstrap.key` when `None`. Created (mode 0600) if absent.
+    /// The key file; `<data_dir>/bootstrap.key` when `None`. Created (mode 0600) if absent, unless it was
+    /// named explicitly and `new_key` is not set (a typo in a key path must not become a new identity).
     pub key_file: Option<PathBuf>,
+    /// Create an explicitly named key file if it is missing.
+    pub new_key: bool,
     /// Network settings; [`BootstrapConfig::new`] turns on the relay server and DHT server mode.
     pub net: NetConfig,
 }
@@ -39,6 +42,7 @@ impl BootstrapConfig {
         Self {
             data_dir: data_dir.into(),
             key_file: None,
+            new_key: false,
             net,
         }
     }
@@ -53,6 +57,7 @@ impl BootstrapConfig {
         Self {
             data_dir: data_dir.into(),
             key_file: None,
+            new_key: false,
             net,
         }
     }
@@ -92,7 +97,8 @@ pub async fn start(config: BootstrapConfig) -> Result<BootstrapHandle, Bootstrap
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| BootstrapError::DataDir(config.data_dir.clone(), e))?;
     let key_path = config.key_path();
-    let keypair = keyfile::load_or_generate(&key_path)?;
+    let may_create = config.new_key || config.key_file.is_none();
+    let keypair = keyfile::load_or_create(&key_path, may_create)?;
     let (client, events, event_loop) = net::new(keypair.to_libp2p(), config.net)?;
     let net = tokio::spawn(event_loop.run());
     let addrs = client.listen_addrs(Duration::from_secs(10)).await?;

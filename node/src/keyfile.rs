@@ -29,6 +29,16 @@ pub enum KeyFileError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The file does not exist and creating a new identity there was not asked for: a typo in a key path, or
+    /// a key lost from a data directory that already holds a store, must not quietly become a new identity
+    /// (for a coordinator, a new trust root every node would refuse).
+    #[error(
+        "key file {path} does not exist; a new key there would be a new identity. Check the path, or create one with `mana keygen --out {path}` or by passing --new-key"
+    )]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file exists and overwriting was not asked for.
     #[error("key file {path} already exists (pass --force to replace it)")]
     AlreadyExists {
@@ -191,9 +201,18 @@ pub fn load(path: &Path) -> Result<Keypair, KeyFileError> {
 
 /// Loads the key at `path`, or generates one there if the file does not exist.
 pub fn load_or_generate(path: &Path) -> Result<Keypair, KeyFileError> {
+    load_or_create(path, true)
+}
+
+/// Loads the key at `path`; if the file does not exist, generates one there when `may_create`, else
+/// [`KeyFileError::Missing`].
+pub fn load_or_create(path: &Path, may_create: bool) -> Result<Keypair, KeyFileError> {
     match fs::metadata(path) {
         Ok(_) => load(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => generate(path, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => generate(path, false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(KeyFileError::Missing {
+            path: path.to_path_buf(),
+        }),
         Err(e) => Err(io(path)(e)),
     }
 }
@@ -248,6 +267,21 @@ mod tests {
                 0o600
             );
         }
+    }
+
+    #[test]
+    fn a_missing_file_is_created_only_when_allowed() {
+        let dir = tempdir();
+        let path = dir.path().join("node.key");
+        let err = load_or_create(&path, false).unwrap_err();
+        assert!(matches!(err, KeyFileError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("--new-key"), "{err}");
+        assert!(!path.exists(), "nothing created");
+        let created = load_or_create(&path, true).unwrap();
+        assert_eq!(
+            load_or_create(&path, false).unwrap().public(),
+            created.public()
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub const DEFAULT_DATA_DIR: &str = "mana-bootstrap-data";
 fn bootstrap_config(net: &Net) -> BootstrapConfig {
     let mut config = BootstrapConfig::new(&net.data_dir, Vec::new());
     config.key_file = net.key.clone();
+    config.new_key = net.new_key;
     net.apply(&mut config.net);
     config
 }

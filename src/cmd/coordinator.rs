@@ -219,6 +219,7 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
 fn node_config(s: &Layered<CoordinatorArgs>, net: &Net) -> anyhow::Result<NodeConfig> {
     let mut node = NodeConfig::new(&net.data_dir);
     node.key_file = net.key.clone();
+    node.new_key = net.new_key;
     net.apply(&mut node.net);
     node.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
     node.dashboard = super::net::dashboard_addr(&s.section(|a| &a.join))?;

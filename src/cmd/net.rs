@@ -33,9 +33,15 @@ pub struct NetArgs {
     /// Data directory (the key by default; the store and status.json for a node or coordinator).
     #[arg(long, env = "MANA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Key file (created with mode 0600 if absent); default <data dir>/node.key (bootstrap.key for a bootstrap).
+    /// Key file; default <data dir>/node.key (bootstrap.key for a bootstrap). A missing one is created (mode
+    /// 0600) only on a first start with the default file, or with --new-key.
     #[arg(long, env = "MANA_KEY")]
     pub key: Option<PathBuf>,
+    /// Create the key file if it is missing, even one named with --key or missing beside an existing store
+    /// (a new identity; MANA_NEW_KEY: 1, true, yes, on or 0, false, no, off). Never read from the file.
+    #[arg(long, env = "MANA_NEW_KEY", value_parser = crate::config::parse_bool)]
+    #[serde(skip)]
+    pub new_key: bool,
     /// TCP port of blob lanes (direct, AES-sealed transfers of checkpoint shards to peers; see the operator
     /// guide), or off. Default: the TCP listen port + 1 (4002), any free port when listening on port 0.
     #[arg(long, env = "MANA_BLOB_LANE_PORT")]
@@ -97,6 +103,8 @@ pub struct Net {
     pub data_dir: PathBuf,
     /// The key file, when not the data directory's default.
     pub key: Option<PathBuf>,
+    /// Whether a missing key file may be created wherever it is (`--new-key`).
+    pub new_key: bool,
     /// The listen addresses.
     pub listen: Vec<Multiaddr>,
     /// True when they are all on loopback.
@@ -117,6 +125,7 @@ impl Net {
                 .get(|a| &a.data_dir)
                 .unwrap_or_else(|| default_data_dir.into()),
             key: layers.get(|a| &a.key),
+            new_key: layers.flags.new_key,
             loopback: all_loopback(&listen),
             listen: parse_addrs(&listen)?,
             limits: layers.get(|a| &a.limits),

@@ -90,6 +90,7 @@ struct Training {
 fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, Option<Training>)> {
     let mut config = NodeConfig::new(&net.data_dir);
     config.key_file = net.key.clone();
+    config.new_key = net.new_key;
     net.apply(&mut config.net);
     config.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
     config.dashboard = super::net::dashboard_addr(&s.section(|a| &a.join))?;

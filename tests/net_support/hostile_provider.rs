@@ -110,10 +110,15 @@ pub async fn hostile_provider(boot: &[Multiaddr], how: Hostile) -> HostileProvid
                         return;
                     }
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    while trickle {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        if stream.write_all(&[0]).await.is_err() || stream.flush().await.is_err() {
-                            return;
+                    if trickle {
+                        // One byte every 100 ms until the fetcher gives up and closes the stream.
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            if stream.write_all(&[0]).await.is_err()
+                                || stream.flush().await.is_err()
+                            {
+                                return;
+                            }
                         }
                     }
                 }

@@ -17,8 +17,11 @@ use crate::net::fetch::FetchOptions;
 pub struct NodeConfig {
     /// Where the key (by default), the store and `status.json` live.
     pub data_dir: PathBuf,
-    /// The key file; `<data_dir>/node.key` when `None`. Created (mode 0600) if absent.
+    /// The key file; `<data_dir>/node.key` when `None`. Created (mode 0600) if absent only when `new_key`
+    /// is set, or when it is the default file of a data directory that holds no store yet (a first start).
     pub key_file: Option<PathBuf>,
+    /// Create the key file if it is missing, wherever it is.
+    pub new_key: bool,
     /// Network settings (listen addresses, bootstrap nodes, run, limits).
     pub net: NetConfig,
     /// The run coordinator's public key: only it may sign round announcements, commits and manifests.
@@ -49,6 +52,7 @@ impl NodeConfig {
         Self {
             data_dir: data_dir.into(),
             key_file: None,
+            new_key: false,
             net: NetConfig::default(),
             coordinator: None,
             heartbeat_interval: Duration::from_secs(5),
@@ -74,6 +78,13 @@ impl NodeConfig {
             status_interval: Duration::from_millis(500),
             ..Self::new(data_dir)
         }
+    }
+
+    /// Whether a missing key file may be created: asked for, or the default file of a data directory with
+    /// no store yet (a node's first start). An explicit `key_file` that is missing is a typo until told
+    /// otherwise, and so is a default key missing beside an existing store (the key was lost or moved).
+    pub fn may_create_key(&self) -> bool {
+        self.new_key || (self.key_file.is_none() && !self.data_dir.join("store").exists())
     }
 
     /// The key file's path.
@@ -147,6 +158,31 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_created_on_a_first_start_or_when_asked_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = NodeConfig::new(dir.path());
+        assert!(
+            config.may_create_key(),
+            "a first start with the default key"
+        );
+        config.key_file = Some(dir.path().join("other.key"));
+        assert!(
+            !config.may_create_key(),
+            "an explicit key file that is missing"
+        );
+        config.new_key = true;
+        assert!(config.may_create_key(), "unless asked");
+        let mut config = NodeConfig::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("store")).expect("a store");
+        assert!(
+            !config.may_create_key(),
+            "a default key missing beside a store"
+        );
+        config.new_key = true;
+        assert!(config.may_create_key());
+    }
 
     #[test]
     fn bad_text_is_refused() {

@@ -279,10 +279,11 @@ impl std::fmt::Debug for NodeHandle {
 /// Starts a node: key, store, swarm, event task. Returns once the swarm listens.
 pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     config.validate()?;
+    let may_create_key = config.may_create_key();
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| NodeError::Config(format!("data dir {}: {e}", config.data_dir.display())))?;
     let key_path = config.key_path();
-    let keypair = blocking(move || Ok(keyfile::load_or_generate(&key_path)?)).await?;
+    let keypair = blocking(move || Ok(keyfile::load_or_create(&key_path, may_create_key)?)).await?;
     let store_dir = config.data_dir.join("store");
     let store = blocking(move || Ok(Store::open(store_dir, StoreConfig::default())?)).await?;
     if config.verify_store {
