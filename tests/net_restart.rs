@@ -1,6 +1,7 @@
 //! A node restarts and finds its store intact: same identity, the committed round and its shard still
 //! there (hash-verified), announced again in the DHT so a new peer can fetch it, and `mana node
-//! --verify-store` (the real binary) finds nothing wrong.
+//! --verify-store` (the real binary) finds nothing wrong. And its first heartbeat after the restart carries a
+//! higher sequence number than its last before, so a coordinator counts it again at once.
 
 mod net_support;
 
@@ -66,5 +67,64 @@ async fn restarted_node_keeps_identity_and_store_and_serves_again() {
 
     a.shutdown().await.expect("shutdown");
     b.shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
+
+/// Waits for a heartbeat from `node` signed at or after `since_ms`, and returns its sequence number and the
+/// highest sequence number of the earlier ones that came in meanwhile (stragglers from before a restart).
+async fn heartbeat_since(
+    rx: &mut tokio::sync::broadcast::Receiver<mana_node::daemon::Accepted>,
+    node: mana_protocol::PublicKey,
+    since_ms: u64,
+) -> (u64, u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut earlier = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Err(_) => panic!("no heartbeat from the node signed after {since_ms} in 30 s"),
+            Ok(Ok(m)) => {
+                if let mana_protocol::Message::Heartbeat(h) = &m.message
+                    && m.signer == node
+                {
+                    if m.envelope.timestamp_ms >= since_ms {
+                        return (h.seq, earlier);
+                    }
+                    earlier = earlier.max(h.seq);
+                }
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("observer stopped: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_heartbeats_above_its_last_sequence_number() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let observer = start_node(node_config(&dir.path().join("observer"), &boot)).await;
+    let mut rx = observer.accepted();
+    let a_dir = dir.path().join("a");
+    let a = start_node(node_config(&a_dir, &boot)).await;
+    let key = a.public_key();
+    // Two heartbeats before the restart: the last one seen is what a coordinator would hold.
+    let (first, _) = heartbeat_since(&mut rx, key, 0).await;
+    let (second, _) = heartbeat_since(&mut rx, key, mana_node::daemon::now_ms()).await;
+    assert!(second > first, "sequence numbers grow: {first}, {second}");
+    a.shutdown().await.expect("clean shutdown");
+
+    let restarted_at = mana_node::daemon::now_ms();
+    let a = start_node(node_config(&a_dir, &boot)).await;
+    assert_eq!(a.public_key(), key);
+    let (after, stragglers) = heartbeat_since(&mut rx, key, restarted_at).await;
+    let before = second.max(stragglers);
+    assert!(
+        after > before,
+        "the first heartbeat after the restart ({after}) is above the last before it ({before})"
+    );
+    a.shutdown().await.expect("shutdown");
+    observer.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;
 }

@@ -622,7 +622,7 @@ async fn run_events(
                 None => break,
             },
             _ = heartbeat.tick() => {
-                seq += 1;
+                seq = next_heartbeat_seq(seq, now_ms());
                 if let Err(e) = publish_heartbeat(&shared, seq).await {
                     tracing::debug!(error = %e, "heartbeat not published");
                 }
@@ -639,6 +639,14 @@ async fn run_events(
     if let Err(e) = status::write(&shared).await {
         tracing::warn!(error = %e, "final status file not written");
     }
+}
+
+/// The next heartbeat's sequence number: the wall clock in milliseconds, or one more than the last if the
+/// clock is behind it. It grows across restarts (the clock went on while the node was down), so a
+/// coordinator, which ignores a heartbeat not above the last it saw from that key, recognises a restarted
+/// node at its first heartbeat instead of once the old member has timed out.
+fn next_heartbeat_seq(last: u64, now_ms: u64) -> u64 {
+    now_ms.max(last.saturating_add(1))
 }
 
 async fn publish_heartbeat(shared: &Shared, seq: u64) -> Result<(), NodeError> {
@@ -688,5 +696,25 @@ async fn handle_event(shared: &Arc<Shared>, event: NetEvent) {
         NetEvent::PeerConnected(peer) => tracing::debug!(%peer, "peer connected"),
         NetEvent::PeerDisconnected(peer) => tracing::debug!(%peer, "peer disconnected"),
         NetEvent::Subscribed { peer, topic } => tracing::debug!(%peer, %topic, "peer subscribed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_seq_follows_the_clock_and_never_goes_back() {
+        assert_eq!(next_heartbeat_seq(0, 1_700_000_000_000), 1_700_000_000_000);
+        assert_eq!(
+            next_heartbeat_seq(1_700_000_000_000, 1_700_000_000_500),
+            1_700_000_000_500
+        );
+        // A clock stepped back: still above the last.
+        assert_eq!(
+            next_heartbeat_seq(1_700_000_000_500, 1_600_000_000_000),
+            1_700_000_000_501
+        );
+        assert_eq!(next_heartbeat_seq(u64::MAX, 0), u64::MAX);
     }
 }
