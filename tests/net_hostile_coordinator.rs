@@ -28,17 +28,16 @@ use std::time::{Duration, Instant};
 use mana_engine::round::RunSpec;
 use mana_node::daemon::equivocation::{EVIDENCE_KIND, verify_equivocation};
 use mana_node::daemon::status::RefusedCommit;
-use mana_node::daemon::{Accepted, NodeHandle, NodeStatus};
+use mana_node::daemon::{Accepted, NodeHandle};
 use mana_node::roles::commit_check::refusal_key;
 use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
-use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
     AcceptedDeltas, ContentHash, Deadlines, Message, PublicKey, RejectCode, RejectedDelta,
-    RoundAnnouncement, RoundCommit, ShardId, UpdateRule,
+    RoundAnnouncement, RoundCommit, ShardId,
 };
 use net_support::*;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 /// One test at a time: each runs a whole network on the machine's cores.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -48,114 +47,18 @@ const HONEST: usize = 3;
 const HONEST_ROUNDS: u64 = 2;
 const LIE: u64 = HONEST_ROUNDS + 1;
 
-/// Every message a node accepts, kept for the test to look at.
-#[derive(Clone, Default)]
-struct Heard(Arc<Mutex<Vec<Accepted>>>);
-
-impl Heard {
-    fn listen(node: &NodeHandle) -> Heard {
-        let heard = Heard::default();
-        let (mut rx, kept) = (node.accepted(), heard.0.clone());
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(m) => kept.lock().expect("lock").push(m),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-        heard
-    }
-
-    fn find<T>(&self, f: impl Fn(&Accepted) -> Option<T>) -> Vec<T> {
-        self.0.lock().expect("lock").iter().filter_map(f).collect()
-    }
-}
-
-/// A role running on a node (the conductor, a trainer).
-
-/// The network: a bootstrap, the coordinator's node, three trainers.
-/// The round network of these tests.
-type Net = RoundNet;
-
-impl Net {
-    /// The real conductor, for `rounds` rounds (or until the test stops it).
-    fn conduct(&self, rounds: u64) -> RoleTask {
-        let run = self.coordinator.config().net.run_id.clone();
-        let mut machine =
-            machine_config(run, &self.spec, UpdateRule::Sync, 2).expect("machine config");
-        machine.min_members = HONEST;
-        // Room for the first round, in which every node fetches the base model on a debug build and two cores.
-        machine.train_ms = 15_000;
-        machine.verify_ms = 10_000;
-        machine.cooldown_ms = 200;
-        let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
-        role.rounds = Some(rounds);
-        tokio::spawn(run_conductor(
-            self.coordinator.clone(),
-            role,
-            stopped(self.stop_rx.clone()),
-        ))
-    }
-
-    async fn statuses(&self) -> Vec<NodeStatus> {
-        let mut out = Vec::new();
-        for (node, _) in &self.trainers {
-            out.push(node.status().await.expect("status"));
-        }
-        out
-    }
-
-    /// Waits until every trainer's status satisfies `check`.
-    async fn wait_trainers(
-        &self,
-        timeout: Duration,
-        what: &str,
-        check: impl Fn(&NodeStatus) -> bool,
-    ) -> Vec<NodeStatus> {
-        wait_for(timeout, what, || async {
-            let all = self.statuses().await;
-            all.iter().all(&check).then_some(all)
-        })
-        .await
-    }
-
-    async fn stop(self) {
-        let _ = self.stop_tx.send(true);
-        for (node, task) in self.trainers {
-            task.await.expect("trainer task").expect("trainer ran");
-            Arc::into_inner(node)
-                .expect("sole owner")
-                .shutdown()
-                .await
-                .expect("shutdown");
-        }
-        Arc::into_inner(self.coordinator)
-            .expect("sole owner")
-            .shutdown()
-            .await
-            .expect("shutdown");
-        self.bootstrap.shutdown().await;
-    }
-}
-
-fn training(s: &NodeStatus) -> &mana_node::daemon::status::TrainingStatus {
-    s.training.as_ref().expect("a trainer reports its training")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    let net = Net::start(HONEST).await;
+    let net = RoundNet::start(HONEST).await;
     let trainer_keys: Vec<PublicKey> = net.trainers.iter().map(|(n, _)| n.public_key()).collect();
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
 
     // Honest rounds, by the real conductor, until every trainer applied the last one (a trainer may miss the
     // first round: its first fetch can fail on a connection still being set up; it catches up in the next).
-    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS))
+    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS, HONEST))
         .await
         .expect("the honest rounds in time")
         .expect("coordinator task")
@@ -439,10 +342,10 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
 async fn a_coordinator_that_equivocates_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
-    let net = Net::start(HONEST).await;
+    let net = RoundNet::start(HONEST).await;
     let key = net.coordinator.public_key();
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
-    let conducting = net.conduct(3);
+    let conducting = net.conduct(3, HONEST);
 
     // The honest commit of round 1, as the trainers got it.
     let first = wait_for(

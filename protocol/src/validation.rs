@@ -26,8 +26,6 @@ use crate::messages::{
 pub struct ValidationLimits {
     /// Most a message's timestamp may differ from the receiver's clock, either way.
     pub max_clock_skew_ms: u64,
-    /// How many rounds past the current one a round announcement may name.
-    pub max_rounds_ahead: u64,
     /// Largest delta payload accepted, in bytes.
     pub max_delta_payload_bytes: u64,
 }
@@ -36,7 +34,6 @@ impl Default for ValidationLimits {
     fn default() -> Self {
         ValidationLimits {
             max_clock_skew_ms: 30_000,
-            max_rounds_ahead: 1,
             max_delta_payload_bytes: MAX_DELTA_PAYLOAD_BYTES,
         }
     }
@@ -397,20 +394,16 @@ pub fn validate_message(
                         current: current.round,
                     });
                 }
-                if m.round - current.round > ctx.limits.max_rounds_ahead {
-                    return Err(Rejection::FutureRound {
-                        kind,
-                        round: m.round,
-                        current: current.round,
-                    });
-                }
+                // Any later round is taken: a node that missed announcements (asleep, partitioned, its queue
+                // overflowed) catches up from the next one it sees. Only the coordinator signs rounds, and the
+                // clock check above keeps an old announcement from being replayed.
             }
             check_announcement(m)
         }
         Message::DeltaAnnouncement(m) => check_delta_announcement(ctx, signer, timestamp_ms, m),
         Message::RoundCommit(m) => {
             from_coordinator()?;
-            exact_round(ctx, kind, m.round)?;
+            current_or_later(ctx, kind, m.round)?;
             check_commit(m)
         }
         Message::CheckpointManifest(m) => {
@@ -481,6 +474,24 @@ fn check_dispute(ctx: &ValidationContext<'_>, m: &CommitDispute) -> Result<(), R
         ));
     }
     Ok(())
+}
+
+/// A commit is for the current round or a later one: a node that missed a round's announcement still takes
+/// its commit (the checkpoint every holder moves to), and with it catches up. Before any announcement, any
+/// round is later.
+fn current_or_later(
+    ctx: &ValidationContext<'_>,
+    kind: &'static str,
+    round: u64,
+) -> Result<(), Rejection> {
+    match ctx.current {
+        Some(current) if round < current.round => Err(Rejection::StaleRound {
+            kind,
+            round,
+            current: current.round,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The message's round must be the current one.

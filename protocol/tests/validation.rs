@@ -129,7 +129,8 @@ fn each_refusal_has_its_reason() {
         RejectCode::ClockSkew
     );
 
-    // Round window: replays of old rounds and far-future rounds.
+    // Round window: replays of old rounds are stale; a node that missed announcements takes any later round
+    // (it catches up instead of waiting forever for the one it missed).
     assert_eq!(
         code(check(
             cur,
@@ -140,15 +141,33 @@ fn each_refusal_has_its_reason() {
         RejectCode::StaleRound
     );
     let mut far = round.clone();
-    far.round += 2;
+    far.round += 5;
+    assert!(check(cur, &coordinator(), NOW, &Message::RoundAnnouncement(far)).is_ok());
+    // A commit of the current round or a later one (its announcement missed) is taken, an older one is stale,
+    // and one before any announcement is the run's latest checkpoint: taken too.
+    let mut behind = round.clone();
+    behind.round -= 2;
+    for current in [Some(&round), Some(&behind), None] {
+        assert!(
+            check(
+                current,
+                &coordinator(),
+                NOW,
+                &Message::RoundCommit(round_commit())
+            )
+            .is_ok()
+        );
+    }
+    let mut ahead = round.clone();
+    ahead.round += 1;
     assert_eq!(
         code(check(
-            cur,
+            Some(&ahead),
             &coordinator(),
             NOW,
-            &Message::RoundAnnouncement(far)
+            &Message::RoundCommit(round_commit())
         )),
-        RejectCode::FutureRound
+        RejectCode::StaleRound
     );
     assert_eq!(
         code(check(cur, &node(), NOW, &delta(&|d| d.round -= 1))),

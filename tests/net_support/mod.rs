@@ -209,3 +209,100 @@ impl RoundNet {
         }
     }
 }
+
+impl RoundNet {
+    /// The real conductor on the coordinator's node, for `rounds` rounds (or until the test stops it), starting
+    /// a round once `min_members` members heartbeat; sync rule, replication 2.
+    pub fn conduct(&self, rounds: u64, min_members: usize) -> RoleTask {
+        use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
+        let run = self.coordinator.config().net.run_id.clone();
+        let mut machine = machine_config(run, &self.spec, mana_protocol::UpdateRule::Sync, 2)
+            .expect("machine config");
+        machine.min_members = min_members;
+        // Room for the first round, in which every node fetches the base model on a debug build and two cores.
+        machine.train_ms = 15_000;
+        machine.verify_ms = 10_000;
+        machine.cooldown_ms = 200;
+        let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
+        role.rounds = Some(rounds);
+        tokio::spawn(run_conductor(
+            self.coordinator.clone(),
+            role,
+            stopped(self.stop_rx.clone()),
+        ))
+    }
+
+    /// Every trainer's status, in order.
+    pub async fn statuses(&self) -> Vec<mana_node::daemon::NodeStatus> {
+        let mut out = Vec::new();
+        for (node, _) in &self.trainers {
+            out.push(node.status().await.expect("status"));
+        }
+        out
+    }
+
+    /// Waits until every trainer's status satisfies `check`.
+    pub async fn wait_trainers(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&mana_node::daemon::NodeStatus) -> bool,
+    ) -> Vec<mana_node::daemon::NodeStatus> {
+        wait_for(timeout, what, || async {
+            let all = self.statuses().await;
+            all.iter().all(&check).then_some(all)
+        })
+        .await
+    }
+
+    /// Stops the roles (through `stop_tx`), then every node and the bootstrap.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        for (node, task) in self.trainers {
+            task.await.expect("trainer task").expect("trainer ran");
+            std::sync::Arc::into_inner(node)
+                .expect("sole owner")
+                .shutdown()
+                .await
+                .expect("shutdown");
+        }
+        std::sync::Arc::into_inner(self.coordinator)
+            .expect("sole owner")
+            .shutdown()
+            .await
+            .expect("shutdown");
+        self.bootstrap.shutdown().await;
+    }
+}
+
+/// A trainer's part of its status.
+pub fn training(s: &mana_node::daemon::NodeStatus) -> &mana_node::daemon::status::TrainingStatus {
+    s.training.as_ref().expect("a trainer reports its training")
+}
+
+/// Every message a node accepts, kept for the test to look at.
+#[derive(Clone, Default)]
+pub struct Heard(std::sync::Arc<std::sync::Mutex<Vec<mana_node::daemon::Accepted>>>);
+
+impl Heard {
+    /// Starts keeping what `node` accepts from now on.
+    pub fn listen(node: &mana_node::daemon::NodeHandle) -> Heard {
+        let heard = Heard::default();
+        let (mut rx, kept) = (node.accepted(), heard.0.clone());
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(m) => kept.lock().expect("lock").push(m),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        heard
+    }
+
+    /// What `f` picks out of the messages kept so far, in arrival order.
+    pub fn find<T>(&self, f: impl Fn(&mana_node::daemon::Accepted) -> Option<T>) -> Vec<T> {
+        self.0.lock().expect("lock").iter().filter_map(f).collect()
+    }
+}

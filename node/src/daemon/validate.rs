@@ -189,18 +189,29 @@ fn holder_report(
     Some(Message::CheckpointManifest(m))
 }
 
-/// Which rejections penalise the forwarder. Stale rounds and clock skew may come from honest but slow or
-/// badly clocked peers, and coordinator messages are not ours to judge without a configured coordinator.
+/// Turns a rejection into a verdict: rejected (the forwarder is penalised) or ignored.
 fn judge_rejection(shared: &Shared, rejection: Rejection) -> Judgement {
     let code = rejection.code();
+    match ignored_because(code, shared.config.coordinator.is_some()) {
+        Some(reason) => Judgement::Ignore {
+            reason: reason.into(),
+        },
+        None => reject(code.as_str(), rejection),
+    }
+}
+
+/// Why a rejection does not penalise the forwarder, or `None` when it does: only a message that is invalid
+/// whatever this node knows is held against the peer that passed it on. A round that is stale, ahead of ours
+/// or not yet known (this node joined late, slept or missed an announcement) and clock skew say as much about
+/// us as about an honest forwarder, and coordinator messages are not ours to judge without a coordinator key.
+fn ignored_because(code: RejectCode, coordinator_configured: bool) -> Option<&'static str> {
     match code {
-        RejectCode::ClockSkew | RejectCode::StaleRound => Judgement::Ignore {
-            reason: code.as_str().into(),
-        },
-        RejectCode::NotCoordinator if shared.config.coordinator.is_none() => Judgement::Ignore {
-            reason: "no-coordinator-configured".into(),
-        },
-        _ => reject(code.as_str(), rejection),
+        RejectCode::ClockSkew
+        | RejectCode::StaleRound
+        | RejectCode::FutureRound
+        | RejectCode::NoRound => Some(code.as_str()),
+        RejectCode::NotCoordinator if !coordinator_configured => Some("no-coordinator-configured"),
+        _ => None,
     }
 }
 
@@ -262,6 +273,31 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_messages_invalid_whatever_we_know_penalise_the_forwarder() {
+        for code in [
+            RejectCode::ClockSkew,
+            RejectCode::StaleRound,
+            RejectCode::FutureRound,
+            RejectCode::NoRound,
+        ] {
+            assert_eq!(ignored_because(code, true), Some(code.as_str()));
+        }
+        assert_eq!(
+            ignored_because(RejectCode::NotCoordinator, false),
+            Some("no-coordinator-configured")
+        );
+        for code in [
+            RejectCode::NotCoordinator,
+            RejectCode::BadEnvelope,
+            RejectCode::UnknownRun,
+            RejectCode::NotParticipant,
+            RejectCode::Inconsistent,
+        ] {
+            assert_eq!(ignored_because(code, true), None, "{code:?}");
+        }
+    }
 
     #[test]
     fn replay_guard_catches_repeats_within_window_only() {

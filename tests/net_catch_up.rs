@@ -1,0 +1,168 @@
+//! Nothing that is missed is lost (issue #14, section 1), on a real loopback network with the real roles: a
+//! bootstrap, the coordinator's node running the real conductor for two honest rounds, and three trainers.
+//!
+//! Then every trainer misses an announcement: the test, as the coordinator (it publishes through the
+//! coordinator's own node, which signs with the coordinator's key), announces round 4 after round 2, as a
+//! network that slept or lost round 3's announcement would see it. Every trainer takes round 4 and trains it
+//! (before, a round more than one ahead was refused as `future-round` and the trainer was wedged until it
+//! restarted). A commit for a round whose announcement was missed is taken too. Messages for a round ahead of a
+//! node are ignored, never held against the honest peer that passed them on: no trainer rejects a message,
+//! and no peer's gossip score falls below zero.
+
+mod net_support;
+
+use std::time::Duration;
+
+use mana_node::roles::common::publish_patiently;
+use mana_protocol::{Deadlines, Message, RoundAnnouncement, RoundCommit, ShardId};
+use net_support::*;
+
+const HONEST: usize = 3;
+const HONEST_ROUNDS: u64 = 2;
+/// The round the test announces next: round 3's announcement is the one every node missed.
+const SKIPPED_TO: u64 = HONEST_ROUNDS + 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainers_catch_up_after_a_missed_announcement_and_nobody_is_penalised() {
+    let net = RoundNet::start(HONEST).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+
+    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS, HONEST))
+        .await
+        .expect("the honest rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    let before = net
+        .wait_trainers(
+            Duration::from_secs(30),
+            "every trainer applied the last honest round",
+            |s| training(s).applied_round == Some(HONEST_ROUNDS),
+        )
+        .await;
+    let last = |round: u64| {
+        let ann = seen_by_trainer
+            .find(|m| match &m.message {
+                Message::RoundAnnouncement(a) if a.round == round => Some(a.clone()),
+                _ => None,
+            })
+            .pop();
+        let commit = seen_by_trainer
+            .find(|m| match &m.message {
+                Message::RoundCommit(c) if c.round == round => Some(c.clone()),
+                _ => None,
+            })
+            .pop();
+        (ann.expect("announced"), commit.expect("committed"))
+    };
+    let (honest_ann, honest_commit) = last(HONEST_ROUNDS);
+
+    // Round 3 was never heard of: the next announcement every node sees is round 4's.
+    let base = honest_commit.checkpoint.clone();
+    let now = mana_node::daemon::now_ms();
+    let ann = RoundAnnouncement {
+        round: SKIPPED_TO,
+        base_checkpoint: base.hash().expect("manifest hash"),
+        deadlines: Deadlines {
+            deltas_by_ms: now + 60_000,
+            commit_by_ms: now + 90_000,
+        },
+        ..honest_ann.clone()
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundAnnouncement(ann.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("round 4 announced");
+    wait_for(
+        Duration::from_secs(60),
+        "every trainer trained the round after the one it missed",
+        || async {
+            let now = net.statuses().await;
+            now.iter()
+                .zip(&before)
+                .all(|(a, b)| {
+                    a.current_round == Some(SKIPPED_TO)
+                        && training(a).rounds_trained == training(b).rounds_trained + 1
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "every trainer's trunk delta of round 4",
+        || async {
+            let mut signers = seen_by_coordinator.find(|m| match &m.message {
+                Message::DeltaAnnouncement(d)
+                    if d.round == SKIPPED_TO && d.shard == ShardId::Trunk =>
+                {
+                    Some(m.signer)
+                }
+                _ => None,
+            });
+            signers.sort();
+            signers.dedup();
+            (signers.len() == HONEST).then_some(())
+        },
+    )
+    .await;
+
+    // A commit whose announcement was missed (round 6 while the nodes are at round 4) is taken: it names the
+    // checkpoint every holder moves to. Here it changes nothing (no delta accepted), so nobody disputes it.
+    let mut checkpoint = base.clone();
+    checkpoint.round = SKIPPED_TO + 2;
+    let commit = RoundCommit {
+        round: SKIPPED_TO + 2,
+        accepted: Vec::new(),
+        rejected: Vec::new(),
+        checkpoint,
+        ..honest_commit.clone()
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(commit),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("round 6 committed");
+    wait_for(
+        Duration::from_secs(30),
+        "the commit of a round whose announcement was missed",
+        || async {
+            (!seen_by_trainer
+                .find(|m| match &m.message {
+                    Message::RoundCommit(c) if c.round == SKIPPED_TO + 2 => Some(()),
+                    _ => None,
+                })
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+
+    // Nothing of this was held against anyone: no trainer rejected a message, none scores a peer below zero.
+    for s in net.statuses().await {
+        let before = before
+            .iter()
+            .find(|b| b.peer_id == s.peer_id)
+            .expect("same trainer");
+        assert_eq!(
+            s.rejected_messages, before.rejected_messages,
+            "{} rejected a message of a round ahead of it",
+            s.peer_id
+        );
+        for peer in &s.peers {
+            assert!(
+                peer.gossip_score.unwrap_or(0.0) >= 0.0,
+                "{} scores {} at {:?}",
+                s.peer_id,
+                peer.peer_id,
+                peer.gossip_score
+            );
+        }
+    }
+    net.stop().await;
+}
