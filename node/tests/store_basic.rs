@@ -524,6 +524,40 @@ fn rejection_log_counts_per_peer_and_reason() {
     assert!(json.contains("bad_signature"));
 }
 
+/// The summary lists the peers with most rejections and only counts the rest, so `status.json` stays small
+/// however many peers were refused (the log itself holds up to `MAX_REJECTION_KEYS` pairs, tens of MB).
+#[test]
+fn rejection_summary_lists_at_most_its_cap_of_peers() {
+    use mana_node::store::MAX_SUMMARY_PEERS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), 3);
+    let peers = 3 * MAX_SUMMARY_PEERS;
+    let detail = "d".repeat(mana_node::store::MAX_REJECTION_DETAIL_BYTES);
+    for i in 0..peers {
+        // Peer i is refused i + 1 times, so the listed ones are the last MAX_SUMMARY_PEERS.
+        for _ in 0..=i {
+            store
+                .record_rejection(&format!("peer-{i:04}"), "bad-signature", &detail)
+                .expect("record");
+        }
+    }
+    let summary = store.rejection_summary().expect("summary");
+    let every = (peers * (peers + 1) / 2) as u64;
+    assert_eq!(summary.total, every);
+    assert_eq!(summary.by_reason["bad-signature"], every);
+    assert_eq!(summary.by_peer.len(), MAX_SUMMARY_PEERS);
+    assert_eq!(summary.other_peers, (peers - MAX_SUMMARY_PEERS) as u64);
+    assert_eq!(summary.by_peer[0].peer, format!("peer-{:04}", peers - 1));
+    assert_eq!(summary.by_peer[0].total, peers as u64);
+    assert_eq!(
+        summary.by_peer[MAX_SUMMARY_PEERS - 1].total,
+        (peers - MAX_SUMMARY_PEERS + 1) as u64
+    );
+    // A listed peer costs at most its name and a detail per reason.
+    let json = serde_json::to_string(&summary).expect("summary serialises");
+    assert!(json.len() < MAX_SUMMARY_PEERS * 512, "{} bytes", json.len());
+}
+
 #[test]
 fn restart_finds_the_store_intact_and_cleans_crash_leftovers() {
     let dir = tempfile::tempdir().expect("tempdir");

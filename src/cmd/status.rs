@@ -186,6 +186,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     for peer in s.rejections.by_peer.iter().take(10) {
         println!("  from {}: {}", peer.peer, peer.total);
     }
+    let more = s.rejections.by_peer.len().saturating_sub(10) as u64 + s.rejections.other_peers;
+    if more > 0 {
+        println!("  and {more} more peers");
+    }
     Ok(())
 }
 

@@ -31,6 +31,28 @@ pub fn agent_version() -> String {
     format!("mana/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Most characters of a peer's agent string that are kept.
+pub const MAX_AGENT_CHARS: usize = 64;
+
+/// A peer's agent string as it may be kept and shown: at most [`MAX_AGENT_CHARS`] characters, control
+/// characters (terminal escape sequences, new lines) written as escapes. The string is the peer's own text,
+/// up to identify's 4 KiB, and reaches `status.json`, `mana status` and the dashboard.
+pub fn printable_agent(agent: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in agent.chars().enumerate() {
+        if i == MAX_AGENT_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub use composed::{Behaviour, BehaviourEvent};
 
 /// Holds the derived behaviour, so the undocumented variants the derive generates (`BehaviourEvent`) can be
@@ -241,4 +263,22 @@ pub fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
         .build();
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_strings_are_cut_and_lose_their_control_characters() {
+        assert_eq!(printable_agent("mana/0.1.0"), "mana/0.1.0");
+        assert_eq!(
+            printable_agent("evil\x1b[2J\x1b]0;pwned\x07\nline"),
+            "evil\\u{1b}[2J\\u{1b}]0;pwned\\u{7}\\nline"
+        );
+        let long = "a".repeat(5000);
+        let shown = printable_agent(&long);
+        assert_eq!(shown.chars().count(), MAX_AGENT_CHARS + 1);
+        assert!(shown.ends_with('…'));
+    }
 }

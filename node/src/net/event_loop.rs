@@ -29,6 +29,9 @@ use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
 use mana_protocol::{FetchRequest, FetchResponse, Text};
 
+/// Most of a peer's identify listen addresses that go into the DHT routing table.
+const MAX_IDENTIFY_ADDRS: usize = 8;
+
 /// What a verdict on a gossip message means for its sender. Mirrors gossipsub's `MessageAcceptance`, so the
 /// daemon does not depend on libp2p types to judge a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,6 +465,7 @@ impl EventLoop {
                 tracing::debug!(%peer_id, ?cause, "connection closed");
                 if num_established == 0 {
                     self.remote_ips.disconnected(&peer_id);
+                    self.agents.remove(&peer_id);
                     self.rtt.remove(&peer_id);
                     self.request_limiter.remove(&peer_id);
                     self.gossip_limiter.remove(&peer_id);
@@ -530,11 +534,18 @@ impl EventLoop {
             BehaviourEvent::Transfer(event) => self.handle_transfer(event),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
-                    for addr in info.listen_addrs {
+                    // A peer lists its own addresses: a few are enough to reach it, and the DHT keeps them.
+                    for addr in info.listen_addrs.into_iter().take(MAX_IDENTIFY_ADDRS) {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
-                self.agents.insert(peer_id, info.agent_version);
+                // Only for connected peers (dropped on disconnect), and cut: the text is the peer's own.
+                if self.swarm.is_connected(&peer_id) {
+                    self.agents.insert(
+                        peer_id,
+                        super::behaviour::printable_agent(&info.agent_version),
+                    );
+                }
             }
             BehaviourEvent::Identify(other) => tracing::trace!(?other, "identify"),
             BehaviourEvent::Ping(ping::Event {

@@ -184,9 +184,16 @@ pub struct RejectionSummary {
     pub total: u64,
     /// Totals per reason code, sorted by code.
     pub by_reason: std::collections::BTreeMap<String, u64>,
-    /// Per peer, the peer with most rejections first.
+    /// Per peer, the peer with most rejections first: at most [`MAX_SUMMARY_PEERS`] of them, so that the
+    /// summary (written into `status.json` every few seconds) stays small whatever the log holds.
     pub by_peer: Vec<PeerRejections>,
+    /// Peers with rejections beyond those listed in `by_peer`.
+    #[serde(default)]
+    pub other_peers: u64,
 }
+
+/// Most peers a [`RejectionSummary`] lists (the rest are counted in `other_peers`).
+pub const MAX_SUMMARY_PEERS: usize = 32;
 
 /// Key of a rejection-log entry.
 pub(crate) fn rejection_key(peer: &str, reason: &str) -> Vec<u8> {

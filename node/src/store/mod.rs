@@ -62,8 +62,8 @@ pub use gc::GcReport;
 pub use index::{
     MAX_MANIFEST_ENTRIES, MAX_MANIFEST_META_BYTES, MAX_RECORD_KEY_BYTES, MAX_RECORD_VALUE_BYTES,
     MAX_REJECTION_DETAIL_BYTES, MAX_REJECTION_KEYS, MAX_REJECTION_PEER_BYTES,
-    MAX_REJECTION_REASON_BYTES, ManifestEntry, OVERFLOW_PEER, PeerRejections, ReasonCount,
-    RecordKind, RejectionEntry, RejectionSummary, RoundManifest, round_key,
+    MAX_REJECTION_REASON_BYTES, MAX_SUMMARY_PEERS, ManifestEntry, OVERFLOW_PEER, PeerRejections,
+    ReasonCount, RecordKind, RejectionEntry, RejectionSummary, RoundManifest, round_key,
 };
 pub use verify::{CorruptBlob, MissingBlob, VerifyReport};
 
@@ -618,7 +618,8 @@ impl Store {
         Ok(())
     }
 
-    /// The rejection log, summed per reason and per peer.
+    /// The rejection log, summed per reason and per peer (the peers with most rejections first, at most
+    /// [`MAX_SUMMARY_PEERS`] of them).
     pub fn rejection_summary(&self) -> StoreResult<RejectionSummary> {
         let mut summary = RejectionSummary::default();
         let mut peers: std::collections::BTreeMap<String, PeerRejections> = Default::default();
@@ -651,6 +652,9 @@ impl Store {
         summary
             .by_peer
             .sort_by(|a, b| b.total.cmp(&a.total).then(a.peer.cmp(&b.peer)));
+        let listed = summary.by_peer.len().min(index::MAX_SUMMARY_PEERS);
+        summary.other_peers = (summary.by_peer.len() - listed) as u64;
+        summary.by_peer.truncate(listed);
         Ok(summary)
     }
 
