@@ -13,8 +13,11 @@ use std::time::Duration;
 use mana_engine::round::RunSpec;
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
-use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
+use mana_node::roles::conductor::{
+    ConductorConfig, RoundMetrics, STATE_KEY, machine_config, run_conductor,
+};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+use mana_node::store::RecordKind;
 use mana_protocol::{CheckpointManifest, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;
@@ -262,9 +265,16 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
 /// The coordinator stops after round 2 (its node shut down), then starts again on the same data directory
 /// and key: it resumes from its stored state and checkpoint (no new round 0), and the same trainers carry on
 /// through round 4 with every holder still bit-identical to the commits.
+///
+/// The stop is made the worst one: right after round 2's store commit, before the state that says so was
+/// saved. The test keeps the state the coordinator saved with round 2 aggregated and not yet committed, and
+/// puts it back before the restart. The restarted coordinator commits round 2 again: the store holds that very
+/// checkpoint, so the commit is finished (the new shard states read back from the store), not refused as a
+/// stale round, and round 2's metrics line is not written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_coordinator_resumes_the_run() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    init_tracing();
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
@@ -321,11 +331,20 @@ async fn restarted_coordinator_resumes_the_run() {
         role(2),
         stopped(stop_rx.clone()),
     ));
+    let before_commit = tokio::spawn(state_before_commit(coordinator.clone(), 2));
     tokio::time::timeout(Duration::from_secs(90), first)
         .await
         .expect("rounds 1-2 in time")
         .expect("task")
         .expect("ran");
+    let before_commit = tokio::time::timeout(Duration::from_secs(5), before_commit)
+        .await
+        .expect("the watcher ends with the run")
+        .expect("watcher task");
+    coordinator
+        .store()
+        .put_record(RecordKind::RoundState, STATE_KEY, &before_commit)
+        .expect("the crash: the state saved before round 2's commit");
     Arc::into_inner(coordinator)
         .expect("sole owner")
         .shutdown()
@@ -407,6 +426,35 @@ async fn restarted_coordinator_resumes_the_run() {
         .await
         .expect("shutdown");
     bootstrap.shutdown().await;
+}
+
+/// The coordinator's saved state as it was with `round` aggregated and not yet committed: polled from its
+/// store until the store holds `round`'s commit.
+async fn state_before_commit(coordinator: Arc<NodeHandle>, round: u64) -> Vec<u8> {
+    use mana_engine::coordinator::{Coordinator, RunState};
+    let mut kept = None;
+    loop {
+        let store = coordinator.store();
+        if let Some(bytes) = store
+            .get_record(RecordKind::RoundState, STATE_KEY)
+            .expect("state record")
+        {
+            let machine = Coordinator::from_bytes(&bytes).expect("saved state decodes");
+            if let RunState::RoundAggregate(r) = machine.state()
+                && r.announcement.round == round
+                && !r.results.is_empty()
+                && r.results.len() == r.accepted().len()
+            {
+                kept = Some(bytes);
+            }
+        }
+        if store.current_round().expect("store round") >= Some(round)
+            && let Some(bytes) = kept.take()
+        {
+            return bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The run id the test nodes follow (`NodeConfig::for_tests`'s).

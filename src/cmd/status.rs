@@ -281,6 +281,12 @@ fn print_coordinator(c: &status::CoordinatorStatus) {
             c.banned, c.not_admitted
         );
     }
+    if c.failures > 0 {
+        println!(
+            "  round steps failed and retried or left out: {} (see the log)",
+            c.failures
+        );
+    }
     if !c.standings.is_empty() {
         println!("  members (accepted / refused for a fault / missed, reputation):");
         let mut standings: Vec<&status::MemberStanding> = c.standings.iter().collect();

@@ -14,6 +14,10 @@ pub enum IfPresent {
     Commit,
     /// Leave the store as it is (a restarted node whose rounds simply continue).
     Keep,
+    /// Leave the store as it is if it holds this very checkpoint as this round (a commit done again after a
+    /// crash that came before its caller recorded it); refuse another checkpoint for the round, or a store
+    /// already past it, with the store's typed error.
+    SameOnly,
 }
 
 /// Commits `checkpoint` as store round `checkpoint.round`: its shard entries are the round's manifest and its
@@ -39,8 +43,20 @@ pub async fn commit_checkpoint(
         .collect();
     let store = store.clone();
     blocking(move || {
-        if if_present == IfPresent::Keep && store.current_round()?.is_some_and(|c| c >= round) {
-            return Ok(false);
+        match if_present {
+            IfPresent::Keep if store.current_round()?.is_some_and(|c| c >= round) => {
+                return Ok(false);
+            }
+            IfPresent::SameOnly
+                if store.current_round()? == Some(round)
+                    && store.manifest(round)?.is_some_and(|m| m.meta == meta) =>
+            {
+                if let Some(blob) = manifest_blob {
+                    store.add_blob_refs(round, &[blob])?;
+                }
+                return Ok(false);
+            }
+            _ => {}
         }
         store.commit_round(round, &RoundManifest { entries, meta })?;
         if let Some(blob) = manifest_blob {

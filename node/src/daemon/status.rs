@@ -315,6 +315,10 @@ pub struct CoordinatorStatus {
     /// Heartbeats refused since start (banned, not on the allowlist, or the run full).
     #[serde(default)]
     pub not_admitted: u64,
+    /// Round steps that failed since start and were retried (a commit the store refused) or left out (a
+    /// shard not aggregated); each is in the log. The role goes on either way.
+    #[serde(default)]
+    pub failures: u64,
     /// The records the coordinator keeps (its members', and departed keys' in debt or in good standing, up
     /// to the member cap), lowest reputation first.
     #[serde(default)]

@@ -6,48 +6,52 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mana_engine::round::apply_round;
-use mana_protocol::{AcceptedDeltas, RoundAnnouncement, ShardEntry, decode_contribution};
+use mana_protocol::{
+    AcceptedDeltas, ContentHash, RoundAnnouncement, ShardEntry, decode_contribution,
+};
 
 use super::Role;
 use crate::daemon::{NodeError, blocking};
 use crate::roles::common::fetch_bytes;
 
 impl Role {
-    /// Computes every shard's new state from its accepted deltas, hosts the blobs, reports them.
+    /// Computes every shard's new state from its accepted deltas, hosts the blobs, reports them. A shard whose
+    /// payload cannot be read again, whose update fails or whose blob cannot be stored is left out (the commit
+    /// keeps its old state and lists its deltas as `late`); the others go on. Returns how many were left out.
     pub(super) async fn aggregate(
         &mut self,
         ann: &RoundAnnouncement,
         accepted: Vec<AcceptedDeltas>,
-    ) -> Result<(), NodeError> {
+    ) -> u64 {
         let started = Instant::now();
         let round = ann.round;
+        let mut failed = 0;
         let mut jobs = Vec::new();
-        for list in &accepted {
+        'shards: for list in &accepted {
             let Some(base) = self.model.state(&list.shard).cloned() else {
                 tracing::error!(round, shard = %list.shard, "accepted deltas for a shard the model lacks");
+                failed += 1;
                 continue;
             };
             let mut deltas = Vec::new();
             for hash in &list.deltas {
                 let values = match self.decoded.get(hash) {
                     Some(v) => v.clone(),
-                    None => {
-                        // After a restart: fetch and decode again (it passed verification already).
-                        let bytes =
-                            fetch_bytes(&self.node, *hash, Vec::new(), self.cfg.fetch_timeout)
-                                .await?;
-                        let len = base.params.len();
-                        let v = blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
-                        let v = Arc::new(v);
-                        self.decoded.insert(*hash, v.clone());
-                        v
-                    }
+                    None => match self.decode_again(*hash, base.params.len()).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::error!(round, shard = %list.shard, payload = %hash, error = %e, "shard not aggregated: an accepted payload is gone");
+                            failed += 1;
+                            continue 'shards;
+                        }
+                    },
                 };
                 deltas.push((*hash, (*values).clone()));
             }
             jobs.push((list.shard, base, deltas));
         }
         let (spec, hyper) = (self.cfg.spec.clone(), ann.hyper.clone());
+        let jobs_len = jobs.len() as u64;
         let results = blocking(move || {
             let mut out = Vec::new();
             for (shard, base, deltas) in jobs {
@@ -58,11 +62,23 @@ impl Role {
             }
             Ok(out)
         })
-        .await?;
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(round, error = %e, "aggregation failed");
+            Vec::new()
+        });
+        failed += jobs_len - results.len() as u64;
         for (shard, state) in results {
             let bytes = state.to_bytes();
             let size = bytes.len() as u64;
-            let hash = self.node.host_blob_now(bytes).await?;
+            let hash = match self.node.host_blob_now(bytes).await {
+                Ok(hash) => hash,
+                Err(e) => {
+                    tracing::error!(round, %shard, error = %e, "shard not aggregated: its new state was not stored");
+                    failed += 1;
+                    continue;
+                }
+            };
             self.pins.add(round, hash);
             self.pending.insert(shard, (hash, Arc::new(state)));
             let entry = ShardEntry {
@@ -76,6 +92,18 @@ impl Role {
             }
         }
         self.clock.apply_ms += started.elapsed().as_millis() as u64;
-        Ok(())
+        failed
+    }
+
+    /// An accepted payload fetched and decoded again (after a restart: it passed verification already).
+    async fn decode_again(
+        &mut self,
+        hash: ContentHash,
+        len: usize,
+    ) -> Result<Arc<Vec<f32>>, NodeError> {
+        let bytes = fetch_bytes(&self.node, hash, Vec::new(), self.cfg.fetch_timeout).await?;
+        let v = Arc::new(blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?);
+        self.decoded.insert(hash, v.clone());
+        Ok(v)
     }
 }

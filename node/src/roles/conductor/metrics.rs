@@ -93,3 +93,44 @@ pub struct MemberRound {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub refused_reasons: BTreeMap<String, u64>,
 }
+
+/// The round of the last line of the metrics file at `path`, read from its last 64 KiB; `None` when the file
+/// is missing, empty or its last line is not a metrics line. A commit done again after a crash asks it, so
+/// that its round is not written twice.
+pub fn last_round(path: &std::path::Path) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 * 1024;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+    let mut tail = Vec::new();
+    file.take(TAIL).read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    #[derive(Deserialize)]
+    struct Round {
+        round: u64,
+    }
+    serde_json::from_str::<Round>(line).ok().map(|r| r.round)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_round_reads_the_last_line_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metrics.jsonl");
+        assert_eq!(last_round(&path), None, "no file");
+        let filler = "x".repeat(100_000);
+        std::fs::write(
+            &path,
+            format!("{{\"round\":1,\"note\":\"{filler}\"}}\n{{\"round\":2,\"rule\":\"sync\"}}\n"),
+        )
+        .expect("write");
+        assert_eq!(last_round(&path), Some(2));
+        std::fs::write(&path, "{\"round\":3}\nnot json\n").expect("write");
+        assert_eq!(last_round(&path), None, "a broken last line");
+    }
+}

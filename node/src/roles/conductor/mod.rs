@@ -210,6 +210,12 @@ struct Role {
     val_loss: Option<f32>,
     /// The last commits, for the status.
     recent_commits: std::collections::VecDeque<CommitSummary>,
+    /// What the state machine asked for and is not done yet: a commit that failed (a full disk, a store error)
+    /// stays here with every action after it and is retried at each tick; the machine is not ticked and its
+    /// state not saved until it is done, so a restart meanwhile resumes from before the commit.
+    backlog: std::collections::VecDeque<Action>,
+    /// Steps that failed and were retried or skipped since start (a commit, a shard's aggregation).
+    failures: u64,
     done: bool,
 }
 
@@ -269,7 +275,7 @@ async fn conductor_loop(
                 role.export().await?;
                 break;
             }
-            _ = ticker.tick() => role.tick().await?,
+            _ = ticker.tick() => role.tick().await,
             m = messages.recv() => match m {
                 Ok(accepted) => role.on_message(accepted.signer, accepted.message).await,
                 Err(RecvError::Lagged(n)) => tracing::warn!(skipped = n, "coordinator fell behind the message stream"),
@@ -407,6 +413,8 @@ impl Role {
             allowlist,
             val_loss: None,
             recent_commits: std::collections::VecDeque::new(),
+            backlog: std::collections::VecDeque::new(),
+            failures: 0,
             done: false,
         };
         if let Some(active) = role.machine.state().round() {
@@ -417,14 +425,14 @@ impl Role {
                 .map(|((_, n), d)| (*n, d.clone()))
                 .collect();
         }
-        role.resume_work().await?;
+        role.resume_work().await;
         role.save().await;
         role.update_status();
         Ok(role)
     }
 
     /// After a restart mid-round: verification or aggregation that was in flight is started again.
-    async fn resume_work(&mut self) -> Result<(), NodeError> {
+    async fn resume_work(&mut self) {
         match self.machine.state().clone() {
             RunState::RoundVerify(round) => {
                 self.start_verify(round.announcement.clone(), round.unverified())
@@ -435,14 +443,16 @@ impl Role {
                     .into_iter()
                     .filter(|a| !round.results.contains_key(&a.shard))
                     .collect();
-                self.aggregate(&round.announcement, accepted).await?;
+                self.failures += self.aggregate(&round.announcement, accepted).await;
             }
             _ => {}
         }
-        Ok(())
     }
 
-    async fn tick(&mut self) -> Result<(), NodeError> {
+    /// Advances the state machine and does what it asks, in order. A failure that concerns one payload or one
+    /// shard was already dealt with where it happened (the delta unavailable, the shard not aggregated); only a
+    /// commit can fail here, and it is retried at the next tick (see `backlog`). Nothing here ends the role.
+    async fn tick(&mut self) {
         if let Some(keys) = self
             .allowlist
             .as_mut()
@@ -450,14 +460,36 @@ impl Role {
         {
             self.machine.set_allowlist(Some(keys));
         }
-        let seed = os_seed()?;
-        let actions = self.machine.tick(now_ms(), seed).map_err(NodeError::from)?;
-        for action in actions {
-            self.execute(action).await?;
+        if self.backlog.is_empty() {
+            let actions = os_seed().and_then(|seed| Ok(self.machine.tick(now_ms(), seed)?));
+            match actions {
+                Ok(actions) => self.backlog.extend(actions),
+                Err(e) => {
+                    self.failures += 1;
+                    tracing::error!(error = %e, "coordinator tick failed; trying again at the next tick");
+                    return;
+                }
+            }
         }
-        Ok(())
+        while let Some(action) = self.backlog.pop_front() {
+            if let Err(e) = self.execute(action.clone()).await {
+                self.failures += 1;
+                tracing::error!(error = %e, "round step failed; trying again at the next tick");
+                self.backlog.push_front(action);
+                break;
+            }
+        }
     }
 
+    /// True while a commit the machine asked for is not durable yet.
+    fn commit_unfinished(&self) -> bool {
+        self.backlog
+            .iter()
+            .any(|a| matches!(a, Action::CommitRound(_)))
+    }
+
+    /// Does one action. Only a commit returns an error (it is retried); announcing, verifying and aggregating
+    /// deal with their own failures.
     async fn execute(&mut self, action: Action) -> Result<(), NodeError> {
         match action {
             Action::AnnounceRound(ann) => {
@@ -501,7 +533,7 @@ impl Role {
                     return Ok(());
                 }
                 let ann = active.announcement.clone();
-                self.aggregate(&ann, accepted).await?;
+                self.failures += self.aggregate(&ann, accepted).await;
             }
             Action::CommitRound(commit) => self.commit(commit).await?,
         }
@@ -607,12 +639,9 @@ impl Role {
                     self.model.state(&entry.shard),
                 ) {
                     (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
-                    _ => {
-                        return Err(NodeError::MissingShard {
-                            round,
-                            shard: entry.shard,
-                        });
-                    }
+                    // After a restart between the aggregation and the commit: the new state is in the store,
+                    // where the aggregation put it before reporting it.
+                    _ => self.stored_state(round, entry).await?,
                 },
             };
             states.push(state);
@@ -620,13 +649,21 @@ impl Role {
         }
         // Durable first (store round + manifest blob), then announced.
         let manifest_hash = self.node.host_blob_now(checkpoint.to_bytes()?).await?;
-        commit_checkpoint(
+        // A crash may have come after the store commit and before the state was saved: the same checkpoint
+        // already stored is this commit done.
+        let first_time = commit_checkpoint(
             self.node.store(),
             &checkpoint,
             Some(manifest_hash),
-            IfPresent::Commit,
+            IfPresent::SameOnly,
         )
         .await?;
+        if !first_time {
+            tracing::info!(
+                round,
+                "the store already held this commit (a restart after it): finishing it"
+            );
+        }
         self.model = Model {
             states: Arc::new(states),
             hashes,
@@ -696,9 +733,17 @@ impl Role {
         self.node.update_coordinator_status(|s| {
             crate::daemon::status::push_loss(&mut s.loss_curve, point)
         });
-        if let Some(path) = self.cfg.metrics.clone() {
+        let written = |path: &std::path::Path| {
+            !first_time && metrics::last_round(path).is_some_and(|r| r >= round)
+        };
+        if let Some(path) = self.cfg.metrics.clone().filter(|p| !written(p)) {
             match serde_json::to_string(&line) {
-                Ok(json) => append_line(&path, json).await?,
+                Ok(json) => {
+                    if let Err(e) = append_line(&path, json).await {
+                        self.failures += 1;
+                        tracing::warn!(round, path = %path.display(), error = %e, "metrics line not written");
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
             }
         }
@@ -763,6 +808,11 @@ impl Role {
 
     /// Saves the state machine in the store if it changed.
     async fn save(&mut self) {
+        if self.commit_unfinished() {
+            // The machine already counts the round as committed; the store does not hold it yet. A restart must
+            // resume from before the commit, so the state on disk stays the one saved before it.
+            return;
+        }
         let bytes = match self.machine.to_bytes() {
             Ok(b) => b,
             Err(e) => {
@@ -803,7 +853,7 @@ impl Role {
         let (reports, mismatches) = (self.holder_reports, self.holder_mismatches);
         let standings = self.machine.standings();
         let banned = standings.banned_count();
-        let not_admitted = self.not_admitted;
+        let (not_admitted, failures) = (self.not_admitted, self.failures);
         let mut members_standing: Vec<MemberStanding> = standings
             .records()
             .iter()
@@ -857,6 +907,7 @@ impl Role {
             s.holder_mismatches = mismatches;
             s.banned = banned;
             s.not_admitted = not_admitted;
+            s.failures = failures;
             s.standings = members_standing;
             s.min_members = min_members;
             s.settings = settings;
@@ -949,6 +1000,23 @@ async fn create_initial(
 }
 
 /// The model of `checkpoint`, read from the store (a restarted coordinator).
+impl Role {
+    /// The state of `entry` read back from the store (an aggregation result hosted before a restart), or
+    /// [`NodeError::MissingShard`].
+    async fn stored_state(&self, round: u64, entry: &ShardEntry) -> Result<ShardRecord, NodeError> {
+        let missing = NodeError::MissingShard {
+            round,
+            shard: entry.shard,
+        };
+        let Ok(bytes) = self.node.read_blob(entry.hash).await else {
+            return Err(missing);
+        };
+        let (spec, shard) = (self.cfg.spec.clone(), entry.shard);
+        blocking(move || ShardRecord::from_bytes(&bytes, &spec, shard).map_err(NodeError::from))
+            .await
+    }
+}
+
 async fn load_model(
     node: &NodeHandle,
     spec: &RunSpec,
