@@ -343,7 +343,7 @@ async fn restarted_coordinator_resumes_the_run() {
         .expect("watcher task");
     coordinator
         .store()
-        .put_record(RecordKind::RoundState, STATE_KEY, &before_commit)
+        .put_split_record(RecordKind::RoundState, STATE_KEY, &before_commit)
         .expect("the crash: the state saved before round 2's commit");
     Arc::into_inner(coordinator)
         .expect("sole owner")
@@ -436,7 +436,7 @@ async fn state_before_commit(coordinator: Arc<NodeHandle>, round: u64) -> Vec<u8
     loop {
         let store = coordinator.store();
         if let Some(bytes) = store
-            .get_record(RecordKind::RoundState, STATE_KEY)
+            .get_split_record(RecordKind::RoundState, STATE_KEY)
             .expect("state record")
         {
             let machine = Coordinator::from_bytes(&bytes).expect("saved state decodes");

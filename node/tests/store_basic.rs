@@ -524,6 +524,80 @@ fn rejection_log_counts_per_peer_and_reason() {
     assert!(json.contains("bad_signature"));
 }
 
+/// A record larger than one sled record (the coordinator's state with thousands of members) is stored in
+/// parts and read back whole; a shorter value replaces it and its extra parts go; a plain record under the
+/// key (an older store's) reads as it is; the bound holds.
+#[test]
+fn split_records_hold_values_past_one_record() {
+    use mana_node::store::{MAX_RECORD_VALUE_BYTES, MAX_SPLIT_RECORD_BYTES};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = b"coordinator/state";
+    {
+        let store = open(dir.path(), 3);
+        assert_eq!(
+            store
+                .get_split_record(RecordKind::RoundState, key)
+                .expect("read"),
+            None
+        );
+        store
+            .put_record(RecordKind::RoundState, key, b"an older store's plain state")
+            .expect("plain");
+        assert_eq!(
+            store
+                .get_split_record(RecordKind::RoundState, key)
+                .expect("read"),
+            Some(b"an older store's plain state".to_vec())
+        );
+        let big = bytes(7, 5 * MAX_RECORD_VALUE_BYTES + 123);
+        assert!(
+            store.put_record(RecordKind::RoundState, key, &big).is_err(),
+            "one record cannot hold it"
+        );
+        store
+            .put_split_record(RecordKind::RoundState, key, &big)
+            .expect("split");
+        assert_eq!(
+            store
+                .get_split_record(RecordKind::RoundState, key)
+                .expect("read"),
+            Some(big)
+        );
+    }
+    // After a restart, a shorter value replaces it: parts 2..5 are gone.
+    let store = open(dir.path(), 3);
+    let small = bytes(8, MAX_RECORD_VALUE_BYTES + 1);
+    store
+        .put_split_record(RecordKind::RoundState, key, &small)
+        .expect("split");
+    assert_eq!(
+        store
+            .get_split_record(RecordKind::RoundState, key)
+            .expect("read"),
+        Some(small)
+    );
+    assert_eq!(
+        store.records(RecordKind::RoundState).expect("list").len(),
+        3,
+        "the header and two parts, nothing left of the longer value"
+    );
+    let empty: &[u8] = &[];
+    store
+        .put_split_record(RecordKind::RoundState, key, empty)
+        .expect("empty");
+    assert_eq!(
+        store
+            .get_split_record(RecordKind::RoundState, key)
+            .expect("read"),
+        Some(Vec::new())
+    );
+    let too_big = vec![0u8; MAX_SPLIT_RECORD_BYTES + 1];
+    assert!(matches!(
+        store.put_split_record(RecordKind::RoundState, key, &too_big),
+        Err(StoreError::TooLarge { .. })
+    ));
+}
+
 /// The summary lists the peers with most rejections and only counts the rest, so `status.json` stays small
 /// however many peers were refused (the log itself holds up to `MAX_REJECTION_KEYS` pairs, tens of MB).
 #[test]

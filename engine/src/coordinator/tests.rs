@@ -737,3 +737,29 @@ fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_from_members_with_a
     );
     assert_eq!(newcomers, 0, "declared capacity wins nothing");
 }
+
+/// A run of a few thousand members outgrows one 64 KiB store record many times over (the daemon saves the
+/// state as a split record); it still encodes, decodes and behaves the same.
+#[test]
+fn a_few_thousand_members_round_trip_past_one_record() {
+    let members = 3_000u32;
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.standing.max_members = members as usize;
+    let mut c = Coordinator::new(cfg, base_manifest()).unwrap();
+    for i in 0..members {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        k[31] = 0xEE;
+        c.node_heartbeat(0, PublicKey(k), &heartbeat(1, 100.0))
+            .unwrap();
+    }
+    assert_eq!(c.members().len(), members as usize);
+    let bytes = c.to_bytes().unwrap();
+    assert!(
+        bytes.len() > 2 * 64 * 1024,
+        "{} bytes for {members} members",
+        bytes.len()
+    );
+    let back = Coordinator::from_bytes(&bytes).unwrap();
+    assert_eq!(back.to_bytes().unwrap(), bytes);
+}

@@ -192,6 +192,42 @@ pub struct RejectionSummary {
     pub other_peers: u64,
 }
 
+/// Largest value of a split record ([`super::Store::put_split_record`]): 64 MiB, the most the coordinator's
+/// state decoder takes.
+pub const MAX_SPLIT_RECORD_BYTES: usize = 64 << 20;
+
+/// What a split record's header starts with (a plain record never does: the coordinator's state starts with
+/// its bincode-encoded run id).
+const SPLIT_MAGIC: &[u8; 16] = b"mana/split-rec/1";
+
+/// A split record's header: the magic, the number of parts (u32 BE) and the value's length (u64 BE).
+pub(crate) fn encode_split_header(parts: u32, len: u64) -> Vec<u8> {
+    let mut out = SPLIT_MAGIC.to_vec();
+    out.extend_from_slice(&parts.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// (parts, length) of a split record's header; `None` for any other value.
+pub(crate) fn decode_split_header(bytes: &[u8]) -> Option<(u32, u64)> {
+    let rest = bytes.strip_prefix(SPLIT_MAGIC.as_slice())?;
+    if rest.len() != 12 {
+        return None;
+    }
+    let parts = u32::from_be_bytes(rest[..4].try_into().ok()?);
+    let len = u64::from_be_bytes(rest[4..].try_into().ok()?);
+    Some((parts, len))
+}
+
+/// The key of part `i` of the split record under `key`: the key, a zero byte, `i` (u32 BE).
+pub(crate) fn split_part_key(key: &[u8], i: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + 5);
+    out.extend_from_slice(key);
+    out.push(0);
+    out.extend_from_slice(&i.to_be_bytes());
+    out
+}
+
 /// Most peers a [`RejectionSummary`] lists (the rest are counted in `other_peers`).
 pub const MAX_SUMMARY_PEERS: usize = 32;
 

@@ -62,8 +62,9 @@ pub use gc::GcReport;
 pub use index::{
     MAX_MANIFEST_ENTRIES, MAX_MANIFEST_META_BYTES, MAX_RECORD_KEY_BYTES, MAX_RECORD_VALUE_BYTES,
     MAX_REJECTION_DETAIL_BYTES, MAX_REJECTION_KEYS, MAX_REJECTION_PEER_BYTES,
-    MAX_REJECTION_REASON_BYTES, MAX_SUMMARY_PEERS, ManifestEntry, OVERFLOW_PEER, PeerRejections,
-    ReasonCount, RecordKind, RejectionEntry, RejectionSummary, RoundManifest, round_key,
+    MAX_REJECTION_REASON_BYTES, MAX_SPLIT_RECORD_BYTES, MAX_SUMMARY_PEERS, ManifestEntry,
+    OVERFLOW_PEER, PeerRejections, ReasonCount, RecordKind, RejectionEntry, RejectionSummary,
+    RoundManifest, round_key,
 };
 pub use verify::{CorruptBlob, MissingBlob, VerifyReport};
 
@@ -511,6 +512,72 @@ impl Store {
             .map_err(|err| StoreError::Transaction(format!("{err:?}")))?;
         self.inner.db.flush()?;
         Ok(())
+    }
+
+    /// Stores a record of any size up to [`MAX_SPLIT_RECORD_BYTES`] (the coordinator's state, which grows with
+    /// its members), replacing any with the same key: a header under `key` and the value in parts of at most
+    /// [`MAX_RECORD_VALUE_BYTES`] under derived keys, all written (and the parts of a longer old value
+    /// removed) in one sled transaction, then flushed. Read it back with [`Store::get_split_record`].
+    pub fn put_split_record(&self, kind: RecordKind, key: &[u8], value: &[u8]) -> StoreResult<()> {
+        too_large("split record value", value.len(), MAX_SPLIT_RECORD_BYTES)?;
+        Self::check_record(kind, &index::split_part_key(key, 0), 0)?;
+        let tree = &self.inner.records[kind.index()];
+        let old_parts = tree
+            .get(key)?
+            .and_then(|h| index::decode_split_header(&h))
+            .map_or(0, |(parts, _)| parts);
+        let parts: Vec<&[u8]> = value.chunks(MAX_RECORD_VALUE_BYTES).collect();
+        let header = index::encode_split_header(parts.len() as u32, value.len() as u64);
+        tree.transaction(|t| {
+            t.insert(key, header.as_slice())?;
+            for (i, part) in parts.iter().enumerate() {
+                t.insert(index::split_part_key(key, i as u32), *part)?;
+            }
+            for i in parts.len() as u32..old_parts {
+                t.remove(index::split_part_key(key, i))?;
+            }
+            Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+        })
+        .map_err(|err| StoreError::Transaction(format!("{err:?}")))?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    /// Reads a record stored with [`Store::put_split_record`], in one transaction (never half of one value
+    /// and half of the next). A plain record under `key` (written by [`Store::put_record`], as the
+    /// coordinator's state was before it could grow past one record) is returned as it is.
+    pub fn get_split_record(&self, kind: RecordKind, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        let tree = &self.inner.records[kind.index()];
+        tree.transaction(|t| {
+            let Some(head) = t.get(key)? else {
+                return Ok(Ok(None));
+            };
+            let Some((parts, len)) = index::decode_split_header(&head) else {
+                return Ok(Ok(Some(head.to_vec())));
+            };
+            let mut value = Vec::with_capacity(len.min(MAX_SPLIT_RECORD_BYTES as u64) as usize);
+            for i in 0..parts {
+                match t.get(index::split_part_key(key, i))? {
+                    Some(part) => value.extend_from_slice(&part),
+                    None => {
+                        return Ok(Err(StoreError::Decode {
+                            what: "split record",
+                            detail: format!("part {i} of {parts} is missing"),
+                        }));
+                    }
+                }
+            }
+            if value.len() as u64 != len {
+                return Ok(Err(StoreError::Decode {
+                    what: "split record",
+                    detail: format!("{} bytes, the header says {len}", value.len()),
+                }));
+            }
+            Ok(Ok(Some(value)))
+        })
+        .map_err(|err: sled::transaction::TransactionError<()>| {
+            StoreError::Transaction(format!("{err:?}"))
+        })?
     }
 
     /// Reads a record.

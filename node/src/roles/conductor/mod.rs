@@ -304,7 +304,7 @@ impl Role {
         let store = node.store().clone();
         let (saved, saved_identity) = blocking(move || {
             Ok((
-                store.get_record(RecordKind::RoundState, STATE_KEY)?,
+                store.get_split_record(RecordKind::RoundState, STATE_KEY)?,
                 store.get_record(RecordKind::RoundState, identity::IDENTITY_KEY)?,
             ))
         })
@@ -826,8 +826,8 @@ impl Role {
         let store = self.node.store().clone();
         let value = bytes.clone();
         match blocking(move || {
-            store.put_record(RecordKind::RoundState, STATE_KEY, &value)?;
-            store.flush()?;
+            // Flushed by the store before it returns.
+            store.put_split_record(RecordKind::RoundState, STATE_KEY, &value)?;
             Ok(())
         })
         .await
