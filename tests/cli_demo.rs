@@ -172,10 +172,9 @@ fn demo_trains_and_writes_its_outputs() {
     }
 }
 
-#[test]
-fn ctrl_c_stops_every_process_the_demo_started() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("out");
+/// Starts a long demo in `dir` and waits until its whole network runs; returns it and its pid.
+fn start_long_demo(dir: &Path) -> (Demo, u32) {
+    let out = dir.join("out");
     let child = mana()
         .args(["demo", "--nodes", NODES, "--rounds", "1000", "--out"])
         .arg(&out)
@@ -191,7 +190,7 @@ fn ctrl_c_stops_every_process_the_demo_started() {
     let want = 2 + NODES.parse::<usize>().expect("a number");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let children = processes_mentioning(dir.path())
+        let children = processes_mentioning(dir)
             .into_iter()
             .filter(|(p, _)| *p != pid)
             .count();
@@ -208,7 +207,13 @@ fn ctrl_c_stops_every_process_the_demo_started() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    (demo, pid)
+}
 
+#[test]
+fn ctrl_c_stops_every_process_the_demo_started() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut demo, pid) = start_long_demo(dir.path());
     let sent = Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()
@@ -235,4 +240,28 @@ fn ctrl_c_stops_every_process_the_demo_started() {
         "left behind: {:?}",
         processes_mentioning(dir.path())
     );
+}
+
+/// A SIGKILL of the demo runs none of its cleanup; the kernel stops its children all the same (they asked to
+/// be sent SIGTERM when it dies) and they exit cleanly.
+#[cfg(target_os = "linux")]
+#[test]
+fn sigkill_of_the_demo_leaves_no_process_behind() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut demo, pid) = start_long_demo(dir.path());
+    let sent = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    demo.0.wait().expect("the demo is reaped");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = processes_mentioning(dir.path());
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -22,6 +22,28 @@ const POLL: Duration = Duration::from_millis(50);
 /// How many bytes of the end of a log an error message quotes.
 const LOG_TAIL_BYTES: u64 = 1500;
 
+/// Has the kernel send SIGTERM to the child when the demo dies, however it dies: a SIGKILL of the demo runs
+/// no `Drop`, and the children sit in process groups of their own, so nothing else would stop them. The
+/// signal follows the thread that spawned the child, which for the demo is its main thread, alive until it
+/// exits. A child whose demo died before the setting took hold exits at once.
+#[cfg(target_os = "linux")]
+fn die_with_the_demo(cmd: &mut Command) {
+    use nix::sys::signal::Signal;
+    use std::os::unix::process::CommandExt;
+    let demo = nix::unistd::getpid();
+    // SAFETY: the closure runs in the child between fork and exec and only makes two system calls (prctl,
+    // getppid), both async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            if nix::unistd::getppid() != demo {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Names one child of a [`Supervisor`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChildId(usize);
@@ -138,6 +160,8 @@ impl Supervisor {
             use std::os::unix::process::CommandExt;
             cmd.process_group(0);
         }
+        #[cfg(target_os = "linux")]
+        die_with_the_demo(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| DemoError::Spawn {
             name: name.to_owned(),
             program: format!("{:?}", cmd.get_program()),
