@@ -1,7 +1,8 @@
 //! A node restarts and finds its store intact: same identity, the committed round and its shard still
 //! there (hash-verified), announced again in the DHT so a new peer can fetch it, and `mana node
 //! --verify-store` (the real binary) finds nothing wrong. And its first heartbeat after the restart carries a
-//! higher sequence number than its last before, so a coordinator counts it again at once.
+//! higher sequence number than its last before, so a coordinator counts it again at once. And a node that
+//! restarts while the bootstrap is down rejoins through the peers it remembered in its store.
 
 mod net_support;
 
@@ -127,4 +128,43 @@ async fn a_restarted_node_heartbeats_above_its_last_sequence_number() {
     a.shutdown().await.expect("shutdown");
     observer.shutdown().await.expect("shutdown");
     bootstrap.shutdown().await;
+}
+
+/// Y knew X through the bootstrap; the bootstrap goes down and Y restarts with only the bootstrap's (dead)
+/// address configured: Y dials the peers kept in its store and is connected to X again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_while_the_bootstrap_is_down_rejoins_through_remembered_peers() {
+    use mana_node::store::RecordKind;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let x = start_node(node_config(&dir.path().join("x"), &boot)).await;
+    let x_id = x.peer_id().to_string();
+    let y_dir = dir.path().join("y");
+    let y = start_node(node_config(&y_dir, &boot)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "y keeps x in its peer book",
+        || async {
+            y.store()
+                .get_record(RecordKind::Peer, x_id.as_bytes())
+                .expect("store")
+        },
+    )
+    .await;
+    y.shutdown().await.expect("y stops");
+    bootstrap.shutdown().await;
+
+    let y = start_node(node_config(&y_dir, &boot)).await;
+    wait_for(
+        Duration::from_secs(30),
+        "y connected to x without the bootstrap",
+        || async {
+            let status = y.status().await.ok()?;
+            status.peers.iter().any(|p| p.peer_id == x_id).then_some(())
+        },
+    )
+    .await;
+    y.shutdown().await.expect("y stops");
+    x.shutdown().await.expect("x stops");
 }

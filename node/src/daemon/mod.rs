@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 mod dashboard;
 pub mod equivocation;
+pub mod peers;
 pub mod serve;
 pub mod status;
 pub mod sync;
@@ -304,7 +305,18 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         );
     }
 
-    let (client, events, event_loop) = net::new(keypair.to_libp2p(), config.net.clone())?;
+    // Peers met before: with them, a node restarted while every bootstrap is down still rejoins.
+    let mut net_config = config.net.clone();
+    let book = store.clone();
+    let remembered = blocking(move || peers::remembered(&book)).await?;
+    if !remembered.is_empty() {
+        tracing::info!(
+            peers = remembered.len(),
+            "remembered peers to rejoin through"
+        );
+    }
+    net_config.known_peers.extend(remembered);
+    let (client, events, event_loop) = net::new(keypair.to_libp2p(), net_config)?;
     let (net_cancel, net_tasks) = (CancellationToken::new(), TaskTracker::new());
     {
         let stop = net_cancel.clone();
@@ -630,6 +642,11 @@ async fn run_events(
             _ = status_tick.tick() => {
                 if let Err(e) = status::write(&shared).await {
                     tracing::warn!(error = %e, "status file not written");
+                }
+                if let Ok(snap) = shared.client.snapshot().await
+                    && let Err(e) = peers::remember(&shared, &snap.peers).await
+                {
+                    tracing::warn!(error = %e, "peers not remembered");
                 }
             }
         }

@@ -16,6 +16,9 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Bootstrap nodes to join through, each with its `/p2p/<peer id>` suffix.
     pub bootstrap: Vec<Multiaddr>,
+    /// Peers met in earlier runs (each with its `/p2p/<peer id>` suffix), dialled with the bootstrap nodes
+    /// whenever this node has no peer: a node restarted while every bootstrap is down rejoins through them.
+    pub known_peers: Vec<Multiaddr>,
     /// Name of the training run: it namespaces the gossip topics.
     pub run_id: RunId,
     /// Serve as a relay for peers behind NAT (the bootstrap node does).
@@ -54,6 +57,7 @@ impl Default for NetConfig {
         Self {
             listen: Vec::new(),
             bootstrap: Vec::new(),
+            known_peers: Vec::new(),
             run_id: RunId::new("default").expect("a constant, valid run id"),
             relay_server: false,
             kad_server: false,

@@ -145,6 +145,8 @@ pub struct EventLoop {
     pending_listeners: HashSet<ListenerId>,
     rtt: HashMap<PeerId, Duration>,
     agents: HashMap<PeerId, String>,
+    /// An address each connected peer can be dialled at (see [`PeerSummary::dial_addr`]).
+    dial_addrs: HashMap<PeerId, Multiaddr>,
     request_limiter: RateLimiter,
     gossip_limiter: RateLimiter,
     /// When to dial the bootstrap nodes next (set while we have no peers).
@@ -172,7 +174,8 @@ impl EventLoop {
     ) -> Self {
         let limits = config.limits.clone();
         let backoff = config.reconnect_backoff;
-        let next_bootstrap_dial = (!config.bootstrap.is_empty()).then(Instant::now);
+        let next_bootstrap_dial =
+            (!config.bootstrap.is_empty() || !config.known_peers.is_empty()).then(Instant::now);
         Self {
             swarm,
             config,
@@ -185,6 +188,7 @@ impl EventLoop {
             pending_listeners,
             rtt: HashMap::new(),
             agents: HashMap::new(),
+            dial_addrs: HashMap::new(),
             request_limiter: RateLimiter::new(limits.requests_per_second, limits.request_burst),
             gossip_limiter: RateLimiter::new(limits.gossip_per_second, limits.gossip_burst),
             next_bootstrap_dial,
@@ -232,11 +236,19 @@ impl EventLoop {
         }
         tracing::info!(
             backoff_ms = self.backoff.as_millis() as u64,
-            "no peers: dialling bootstrap nodes"
+            known_peers = self.config.known_peers.len(),
+            "no peers: dialling bootstrap nodes and known peers"
         );
-        for addr in self.config.bootstrap.clone() {
+        let entries: Vec<Multiaddr> = self
+            .config
+            .bootstrap
+            .iter()
+            .chain(&self.config.known_peers)
+            .cloned()
+            .collect();
+        for addr in entries {
             if let Err(e) = self.dial(addr.clone()) {
-                tracing::warn!(%addr, error = %e, "bootstrap dial failed to start");
+                tracing::warn!(%addr, error = %e, "dial to rejoin failed to start");
             }
         }
         self.next_bootstrap_dial = Some(now + self.backoff);
@@ -375,6 +387,7 @@ impl EventLoop {
                 rtt_ms: self.rtt.get(peer).map(|d| d.as_secs_f64() * 1000.0),
                 gossip_score: gossip.peer_score(peer),
                 agent: self.agents.get(peer).cloned(),
+                dial_addr: self.dial_addrs.get(peer).map(|a| a.to_string()),
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -442,10 +455,13 @@ impl EventLoop {
                     let _ = self.emit(NetEvent::PeerConnected(peer_id));
                 }
                 if let ConnectedPoint::Dialer { address, .. } = endpoint {
+                    self.dial_addrs
+                        .insert(peer_id, with_peer_id(address.clone(), peer_id));
                     if self
                         .config
                         .bootstrap
                         .iter()
+                        .chain(&self.config.known_peers)
                         .any(|b| b.iter().last() == Some(Protocol::P2p(peer_id)))
                     {
                         self.swarm
@@ -466,6 +482,7 @@ impl EventLoop {
                 if num_established == 0 {
                     self.remote_ips.disconnected(&peer_id);
                     self.agents.remove(&peer_id);
+                    self.dial_addrs.remove(&peer_id);
                     self.rtt.remove(&peer_id);
                     self.request_limiter.remove(&peer_id);
                     self.gossip_limiter.remove(&peer_id);
@@ -519,7 +536,8 @@ impl EventLoop {
     }
 
     fn schedule_reconnect_if_alone(&mut self) {
-        if self.config.bootstrap.is_empty() || self.swarm.connected_peers().next().is_some() {
+        let nobody_to_dial = self.config.bootstrap.is_empty() && self.config.known_peers.is_empty();
+        if nobody_to_dial || self.swarm.connected_peers().next().is_some() {
             return;
         }
         if self.next_bootstrap_dial.is_none() {
@@ -535,12 +553,17 @@ impl EventLoop {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
                     // A peer lists its own addresses: a few are enough to reach it, and the DHT keeps them.
-                    for addr in info.listen_addrs.into_iter().take(MAX_IDENTIFY_ADDRS) {
+                    for addr in info.listen_addrs.iter().take(MAX_IDENTIFY_ADDRS).cloned() {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
                 // Only for connected peers (dropped on disconnect), and cut: the text is the peer's own.
                 if self.swarm.is_connected(&peer_id) {
+                    if let Some(addr) = direct_addr(&info.listen_addrs) {
+                        self.dial_addrs
+                            .entry(peer_id)
+                            .or_insert_with(|| with_peer_id(addr, peer_id));
+                    }
                     self.agents.insert(
                         peer_id,
                         super::behaviour::printable_agent(&info.agent_version),
@@ -789,4 +812,26 @@ fn transport_reason(e: &libp2p::TransportError<std::io::Error>) -> String {
             super::error::error_chain(io)
         }
     }
+}
+
+/// `addr` ending in `/p2p/<peer>`.
+fn with_peer_id(mut addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    if !matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.push(Protocol::P2p(peer));
+    }
+    addr
+}
+
+/// The first address a peer lists that can be dialled directly: not through a relay, not unspecified.
+fn direct_addr(listed: &[Multiaddr]) -> Option<Multiaddr> {
+    listed
+        .iter()
+        .find(|a| {
+            !a.iter().any(|p| {
+                matches!(p, Protocol::P2pCircuit)
+                    || matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())
+                    || matches!(p, Protocol::Ip6(ip) if ip.is_unspecified())
+            })
+        })
+        .cloned()
 }

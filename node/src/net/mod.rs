@@ -95,6 +95,10 @@ pub struct PeerSummary {
     pub gossip_score: Option<f64>,
     /// Agent string from identify (e.g. `mana/0.1.0`).
     pub agent: Option<String>,
+    /// An address it can be dialled at, with its `/p2p/` suffix: the one this node dialled, or the first
+    /// direct address it listed in identify. Kept in the store, so a restarted node can rejoin through it.
+    #[serde(default)]
+    pub dial_addr: Option<String>,
 }
 
 /// The network as the event loop sees it at one instant.
