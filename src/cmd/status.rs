@@ -73,6 +73,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.peers.len(),
         s.routing_table_size
     );
+    println!(
+        "DHT: announcing {} blobs, holding {} provider records of other peers",
+        s.dht_provided, s.dht_provider_records
+    );
     for p in &s.peers {
         let rtt = p
             .rtt_ms

@@ -191,6 +191,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub accepted_tx: broadcast::Sender<Accepted>,
     pub serve_cache: serve::BlobCache,
+    /// Blobs this node announced in the DHT; withdrawn when the store drops them (`sync::withdraw_dropped`).
+    pub provided: Mutex<std::collections::HashSet<ContentHash>>,
     /// Pins of blobs hosted or fetched but not yet in a committed round.
     pub pins: Mutex<std::collections::HashMap<[u8; 32], crate::store::BlobPin>>,
     /// Envelopes heard or signed here within the replay window: what this node published counts as seen, so
@@ -350,6 +352,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }),
         accepted_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
+        provided: Mutex::new(std::collections::HashSet::new()),
         pins: Mutex::new(std::collections::HashMap::new()),
         replay: Mutex::new(validate::ReplayGuard::new(validate::replay_window())),
         dashboard: std::sync::OnceLock::new(),
@@ -460,6 +463,11 @@ impl NodeHandle {
         let hash = ContentHash(pin.hash().0);
         // The blob must outlive this call even before a round refers to it: keep its pin.
         sync::keep_pin(&self.shared, pin);
+        self.shared
+            .provided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash);
         self.shared.client.start_providing(hash.0.to_vec()).await?;
         Ok(hash)
     }
@@ -497,12 +505,7 @@ impl NodeHandle {
         let pin = blocking(move || Ok(store.put_blob(&bytes)?)).await?;
         let hash = ContentHash(pin.hash().0);
         sync::keep_pin(&self.shared, pin);
-        let client = self.shared.client.clone();
-        self.shared.spawn(async move {
-            if let Err(e) = client.start_providing(hash.0.to_vec()).await {
-                tracing::debug!(%hash, error = %e, "hosted blob not announced");
-            }
-        });
+        sync::announce(&self.shared, hash, "hosted blob");
         Ok(hash)
     }
 
@@ -648,6 +651,7 @@ async fn run_events(
                 {
                     tracing::warn!(error = %e, "peers not remembered");
                 }
+                sync::withdraw_dropped(&shared).await;
             }
         }
     }

@@ -51,6 +51,12 @@ pub struct NodeStatus {
     pub peers: Vec<PeerSummary>,
     /// Peers in the DHT routing table.
     pub routing_table_size: usize,
+    /// Blobs this node announces as a provider in the DHT (each a blob its store holds).
+    #[serde(default)]
+    pub dht_provided: usize,
+    /// Other peers' provider records this node holds for the DHT (dropped as they expire).
+    #[serde(default)]
+    pub dht_provider_records: usize,
     /// Application bytes on the wire since start: gossip published/received, fetch frames written/read.
     #[serde(default)]
     pub traffic: Traffic,
@@ -421,6 +427,8 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         public_key: hex::encode(shared.keypair.public().0),
         peers: snap.peers,
         routing_table_size: snap.routing_table.len(),
+        dht_provided: snap.dht_provided,
+        dht_provider_records: snap.dht_provider_records,
         traffic: shared.client.traffic(),
         hosted_experts,
         current_round: state.current.as_ref().map(|a| a.round),

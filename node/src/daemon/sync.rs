@@ -41,6 +41,63 @@ pub(crate) fn keep_pin(shared: &Shared, pin: BlobPin) {
         .insert(pin.hash().0, pin);
 }
 
+/// Announces `hash` in the DHT in the background (it must not hold up whoever waits for the blob), and
+/// remembers it so that it is withdrawn once the store drops the blob ([`withdraw_dropped`]).
+pub(crate) fn announce(shared: &Arc<Shared>, hash: ContentHash, what: &'static str) {
+    shared
+        .provided
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(hash);
+    let client = shared.client.clone();
+    shared.spawn(async move {
+        if let Err(e) = client.start_providing(hash.0.to_vec()).await {
+            tracing::debug!(%hash, error = %e, what, "blob not announced");
+        }
+    });
+}
+
+/// Stops announcing the blobs the store no longer holds (collected after their rounds were pruned or their
+/// pins released), so the DHT points at what this node can serve, and its provider store does not grow
+/// with every round.
+pub(crate) async fn withdraw_dropped(shared: &Arc<Shared>) {
+    let announced: Vec<ContentHash> = shared
+        .provided
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    let store = shared.store.clone();
+    let gone = blocking(move || {
+        let mut gone = Vec::new();
+        for hash in announced {
+            if !store.has_blob(&hash)? {
+                gone.push(hash);
+            }
+        }
+        Ok(gone)
+    })
+    .await;
+    let gone = match gone {
+        Ok(gone) => gone,
+        Err(e) => {
+            tracing::warn!(error = %e, "store not readable to withdraw announcements");
+            return;
+        }
+    };
+    for hash in gone {
+        shared
+            .provided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&hash);
+        if let Err(e) = shared.client.stop_providing(hash.0.to_vec()).await {
+            tracing::debug!(%hash, error = %e, "announcement not withdrawn");
+        }
+    }
+}
+
 /// Fetches blob `hash` unless the store has it, installs it only if its blake3 matches, and announces it.
 pub(crate) async fn fetch_and_store(
     shared: &Arc<Shared>,
@@ -120,13 +177,7 @@ async fn fetch_from(
     // same hash again as it installs the file, without reading the bytes again.
     let pin = blocking(move || Ok(writer.finish_expecting(&hash)?)).await?;
     keep_pin(shared, pin);
-    // Announced in the background: the DHT query must not hold up whoever waits for the blob.
-    let client = shared.client.clone();
-    shared.spawn(async move {
-        if let Err(e) = client.start_providing(hash.0.to_vec()).await {
-            tracing::warn!(%hash, error = %e, "fetched blob not announced");
-        }
-    });
+    announce(shared, hash, "fetched blob");
     tracing::debug!(%hash, bytes = len, "blob fetched and stored");
     Ok(len)
 }
@@ -205,12 +256,7 @@ pub(crate) async fn provide_stored(shared: &Arc<Shared>) {
     };
     let Some((_, manifest)) = latest else { return };
     for entry in manifest.entries {
-        let client = shared.client.clone();
-        shared.spawn(async move {
-            if let Err(e) = client.start_providing(entry.hash.0.to_vec()).await {
-                tracing::debug!(error = %e, "stored shard not announced");
-            }
-        });
+        announce(shared, entry.hash, "stored shard");
     }
 }
 

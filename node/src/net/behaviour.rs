@@ -31,6 +31,16 @@ pub fn agent_version() -> String {
     format!("mana/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Most keys with provider records the DHT store holds, this node's and other peers' together (libp2p's
+/// default, 1,024, filled after about 65 rounds of a 4-node demo and then refused every new blob). A node
+/// announces only blobs its store holds and withdraws each one the store drops, and other peers' records are
+/// dropped when they expire (an hour after their last republication), so the count follows the blobs stored
+/// on the node and its neighbours in the last hour, far below this; each key costs about 200 bytes.
+pub const MAX_PROVIDER_KEYS: usize = 65_536;
+
+/// How long a provider record lives after it was put (providers republish every 10 minutes).
+pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(3600);
+
 /// Most characters of a peer's agent string that are kept.
 pub const MAX_AGENT_CHARS: usize = 64;
 
@@ -190,10 +200,18 @@ fn kad_behaviour(keypair: &Keypair, config: &NetConfig) -> kad::Behaviour<kad::s
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_query_timeout(Duration::from_secs(30));
     // Providers re-announce themselves; stale records expire.
-    kad_config.set_provider_record_ttl(Some(Duration::from_secs(3600)));
+    kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+    // Other peers' records go through the event loop, which keeps their expiry and drops them when it passes.
+    kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
     kad_config.set_provider_publication_interval(Some(Duration::from_secs(600)));
-    let mut kad =
-        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    let store = kad::store::MemoryStore::with_config(
+        peer_id,
+        kad::store::MemoryStoreConfig {
+            max_provided_keys: MAX_PROVIDER_KEYS,
+            ..Default::default()
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
     if config.kad_server {
         kad.set_mode(Some(kad::Mode::Server));
     }

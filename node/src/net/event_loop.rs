@@ -21,13 +21,18 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use tokio::sync::{mpsc, oneshot};
 
-use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use super::behaviour::{
+    Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PROVIDER_KEYS, PROVIDER_RECORD_TTL,
+};
 use super::config::NetConfig;
 use super::lane::RemoteIps;
 use super::limits::RateLimiter;
 use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
 use mana_protocol::{FetchRequest, FetchResponse, Text};
+
+/// Most of other peers' provider records kept (republications of one key by one peer included).
+const MAX_REMOTE_PROVIDER_RECORDS: usize = MAX_PROVIDER_KEYS;
 
 /// Most of a peer's identify listen addresses that go into the DHT routing table.
 const MAX_IDENTIFY_ADDRS: usize = 8;
@@ -145,6 +150,8 @@ pub struct EventLoop {
     pending_listeners: HashSet<ListenerId>,
     rtt: HashMap<PeerId, Duration>,
     agents: HashMap<PeerId, String>,
+    /// Other peers' provider records kept in the DHT store, oldest first, with when they expire.
+    remote_providers: std::collections::VecDeque<(Instant, kad::RecordKey, PeerId)>,
     /// An address each connected peer can be dialled at (see [`PeerSummary::dial_addr`]).
     dial_addrs: HashMap<PeerId, Multiaddr>,
     request_limiter: RateLimiter,
@@ -188,6 +195,7 @@ impl EventLoop {
             pending_listeners,
             rtt: HashMap::new(),
             agents: HashMap::new(),
+            remote_providers: std::collections::VecDeque::new(),
             dial_addrs: HashMap::new(),
             request_limiter: RateLimiter::new(limits.requests_per_second, limits.request_burst),
             gossip_limiter: RateLimiter::new(limits.gossip_per_second, limits.gossip_burst),
@@ -257,7 +265,39 @@ impl EventLoop {
         self.gossip_limiter.prune(now, Duration::from_secs(600));
     }
 
+    /// Drops other peers' provider records that expired (libp2p drops them only when a lookup meets them), so
+    /// that records of blobs nobody asks for again do not fill the store; past [`MAX_REMOTE_PROVIDER_RECORDS`]
+    /// the oldest go first.
+    fn prune_expired_providers(&mut self) {
+        use libp2p::kad::store::RecordStore;
+        let now = Instant::now();
+        let mut dropped = 0usize;
+        while let Some(&(expires, _, _)) = self.remote_providers.front() {
+            let over = self.remote_providers.len() > MAX_REMOTE_PROVIDER_RECORDS;
+            if expires > now && !over {
+                break;
+            }
+            let Some((_, key, provider)) = self.remote_providers.pop_front() else {
+                break;
+            };
+            // A record republished since (a later expiry) is kept, unless the oldest must go past the cap.
+            let store = self.swarm.behaviour_mut().kad.store_mut();
+            let current = store
+                .providers(&key)
+                .into_iter()
+                .find(|r| r.provider == provider);
+            if current.is_some_and(|r| over || r.expires.is_none_or(|e| e <= now)) {
+                store.remove_provider(&key, &provider);
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::debug!(dropped, "expired provider records dropped");
+        }
+    }
+
     fn refresh_dht(&mut self) {
+        self.prune_expired_providers();
         if self.swarm.connected_peers().next().is_some() {
             // NoKnownPeers is normal while the routing table is still empty.
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -391,7 +431,18 @@ impl EventLoop {
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        let dht_provided = {
+            use libp2p::kad::store::RecordStore;
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .store_mut()
+                .provided()
+                .count()
+        };
         NetSnapshot {
+            dht_provided,
+            dht_provider_records: self.remote_providers.len(),
             peer_id: self.swarm.local_peer_id().to_string(),
             listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
             listeners_pending: self.pending_listeners.len(),
@@ -654,6 +705,31 @@ impl EventLoop {
 
     fn handle_kad(&mut self, event: kad::Event) {
         match event {
+            // Other peers' provider records are stored here (record filtering), so their expiry is known.
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
+            } => {
+                use libp2p::kad::store::RecordStore;
+                let expires = Instant::now() + PROVIDER_RECORD_TTL;
+                let (key, provider) = (record.key.clone(), record.provider);
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .store_mut()
+                    .add_provider(record)
+                {
+                    Ok(()) => self.remote_providers.push_back((expires, key, provider)),
+                    Err(e) => tracing::debug!(%provider, error = %e, "provider record not kept"),
+                }
+            }
+            // Value records are not part of mana's protocol: a peer's are not kept.
+            kad::Event::InboundRequest {
+                request: kad::InboundRequest::PutRecord { .. },
+            } => {}
             kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             } => match result {

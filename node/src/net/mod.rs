@@ -118,6 +118,10 @@ pub struct NetSnapshot {
     pub routing_table: Vec<String>,
     /// Gossip messages ignored because their forwarder exceeded its rate.
     pub gossip_rate_limited: u64,
+    /// Keys this node announces as a provider in the DHT (its blobs; see [`behaviour::MAX_PROVIDER_KEYS`]).
+    pub dht_provided: usize,
+    /// Other peers' provider records this node holds for the DHT (each expires an hour after it was put).
+    pub dht_provider_records: usize,
 }
 
 /// Builds a swarm, starts listening on `config.listen`, and returns the client handle, the event receiver
