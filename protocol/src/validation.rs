@@ -386,17 +386,17 @@ pub fn validate_message(
     match message {
         Message::RoundAnnouncement(m) => {
             from_coordinator()?;
-            if let Some(current) = ctx.current {
-                if m.round <= current.round {
-                    return Err(Rejection::StaleRound {
-                        kind,
-                        round: m.round,
-                        current: current.round,
-                    });
-                }
-                // Any later round is taken: a node that missed announcements (asleep, partitioned, its queue
-                // overflowed) catches up from the next one it sees. Only the coordinator signs rounds, and the
-                // clock check above keeps an old announcement from being replayed.
+            // Any later round is taken: a node that missed announcements (asleep, partitioned, its queue
+            // overflowed) catches up from the next one it sees. Only the coordinator signs rounds, and the clock
+            // check above keeps an old announcement from being replayed.
+            if let Some(current) = ctx.current
+                && m.round <= current.round
+            {
+                return Err(Rejection::StaleRound {
+                    kind,
+                    round: m.round,
+                    current: current.round,
+                });
             }
             check_announcement(m)
         }

@@ -31,7 +31,7 @@ struct KnownPeer {
 /// addresses without a peer id are skipped.
 pub fn remembered(store: &Store) -> Result<Vec<Multiaddr>, NodeError> {
     let mut peers = known(store)?;
-    peers.sort_by(|a, b| b.1.seen_ms.cmp(&a.1.seen_ms));
+    peers.sort_by_key(|(_, p)| std::cmp::Reverse(p.seen_ms));
     Ok(peers
         .into_iter()
         .filter_map(|(_, p)| p.addr.parse::<Multiaddr>().ok())
