@@ -161,6 +161,17 @@ fn corrupt_blob_is_an_error_never_data_and_verify_reports_it() {
     raw[17] ^= 0x40;
     fs::write(&path, &raw).expect("flip a bit");
 
+    // Serving opens a blob without hashing it again (it was verified when stored): the ranged reader
+    // hands out the bytes as they are on disk, and the fetcher's hash check is what catches a flipped bit.
+    let mut served = Vec::new();
+    store
+        .open_blob_ranged(&victim)
+        .expect("opened without a hash pass")
+        .read_to_end(&mut served)
+        .expect("read");
+    assert_eq!(served, raw);
+    assert_ne!(ContentHash::of(&served), victim);
+
     let report = store.verify().expect("verify runs");
     assert!(!report.is_ok());
     assert_eq!(report.corrupt_blobs.len(), 1);

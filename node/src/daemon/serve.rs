@@ -1,8 +1,8 @@
-//! Serving fetch requests from the store by range reads. The first request for a blob opens it through the
-//! store's verified open (the whole file is hashed once); the open reader is kept in a small cache of open
-//! blobs, and every chunk after that is a seek and a read of just its bytes. So a shard costs one hash pass
-//! however many chunks it is fetched in, and a blob larger than memory is served without ever being held
-//! whole. Concurrent first requests for one blob wait for a single open instead of each hashing the file.
+//! Serving fetch requests from the store by range reads. A blob was verified once, when it was stored, and is
+//! not hashed again to be served (the fetcher checks the hash of what it receives): the first request opens
+//! the file, the open reader is kept in a small cache of open blobs, and every chunk is a seek and a read of
+//! just its bytes. So serving costs no hash pass, a cache miss costs one `open`, and a blob larger than
+//! memory is served without ever being held whole. Concurrent first requests for one blob share one open.
 //!
 //! The same cache backs both protocols: chunk requests ([`answer`]) and bulk streams ([`StoreBlobs`], the
 //! store as a [`BlobSource`] for [`crate::net::bulk::serve`]).
@@ -25,7 +25,7 @@ pub const OPEN_BLOBS: usize = 64;
 /// A verified, open blob, shared by the requests for its chunks (each seeks, then reads its range).
 type OpenBlob = Arc<Mutex<BlobReader>>;
 
-/// The blobs open for serving, verified once when opened.
+/// The blobs open for serving (verified when they were stored, not when opened).
 pub struct BlobCache {
     cap: usize,
     inner: Mutex<CacheInner>,
@@ -98,16 +98,17 @@ impl BlobCache {
         self.len() == 0
     }
 
-    /// The open reader of `hash`, opening (and so verifying) it once. `None` when the store lacks it.
+    /// The open reader of `hash`, opened once. `None` when the store lacks it.
     async fn open(&self, store: &Store, hash: [u8; 32]) -> Result<Option<OpenBlob>, NodeError> {
         let slot = self.slot(hash);
         let opened = slot
             .get_or_try_init(|| {
                 let store = store.clone();
                 async move {
-                    let reader =
-                        blocking(move || Ok(store.open_blob(&mana_protocol::ContentHash(hash))?))
-                            .await?;
+                    let reader = blocking(move || {
+                        Ok(store.open_blob_ranged(&mana_protocol::ContentHash(hash))?)
+                    })
+                    .await?;
                     Ok::<_, NodeError>(Arc::new(Mutex::new(reader)))
                 }
             })

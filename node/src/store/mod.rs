@@ -271,6 +271,12 @@ impl Store {
         self.inner.blobs.open_reader(hash)
     }
 
+    /// Opens a blob for range reads (serving peers) without hashing the whole file again: blobs are verified
+    /// once, when they are stored; the reader checks nothing, and the fetcher checks the hash of what it gets.
+    pub fn open_blob_ranged(&self, hash: &ContentHash) -> StoreResult<BlobReader> {
+        self.inner.blobs.open_ranged(hash)
+    }
+
     /// Whether a file for the blob exists (not verified; reading verifies).
     pub fn has_blob(&self, hash: &ContentHash) -> StoreResult<bool> {
         Ok(self.inner.blobs.stored_len(hash)?.is_some())
