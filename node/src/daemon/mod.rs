@@ -191,6 +191,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub accepted_tx: broadcast::Sender<Accepted>,
     pub serve_cache: serve::BlobCache,
+    /// Chunk requests being answered (bounded in total and per peer).
+    pub serve_permits: Arc<serve::ServePermits>,
     /// Blobs this node announced in the DHT; withdrawn when the store drops them (`sync::withdraw_dropped`).
     pub provided: Mutex<std::collections::HashSet<ContentHash>>,
     /// Pins of blobs hosted or fetched but not yet in a committed round.
@@ -341,6 +343,10 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let coordinator = config.coordinator.unwrap_or_else(|| keypair.public());
     let kept_store = store.clone();
     let equivocations = blocking(move || Ok(equivocation::kept(&kept_store, &coordinator))).await?;
+    let serve_permits = serve::ServePermits::new(
+        config.net.limits.max_served_requests,
+        config.net.limits.max_served_requests_per_peer,
+    );
     let shared = Arc::new(Shared {
         config,
         keypair,
@@ -352,6 +358,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         }),
         accepted_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
+        serve_permits,
         provided: Mutex::new(std::collections::HashSet::new()),
         pins: Mutex::new(std::collections::HashMap::new()),
         replay: Mutex::new(validate::ReplayGuard::new(validate::replay_window())),
@@ -705,8 +712,18 @@ async fn handle_event(shared: &Arc<Shared>, event: NetEvent) {
             request,
             channel,
         } => {
+            let Some(permit) = shared.serve_permits.try_acquire(peer) else {
+                let busy = mana_protocol::FetchResponse::Refused {
+                    reason: mana_protocol::Text::new("busy").expect("a short constant text"),
+                };
+                if let Err(e) = shared.client.respond(channel, busy).await {
+                    tracing::debug!(%peer, error = %e, "busy response not sent");
+                }
+                return;
+            };
             let task_shared = shared.clone();
             shared.spawn(async move {
+                let _permit = permit;
                 let shared = task_shared;
                 let response = serve::answer(&shared, &request).await;
                 if let Err(e) = shared.client.respond(channel, response).await {

@@ -256,10 +256,97 @@ pub(crate) fn stream_limits(net: &crate::net::NetConfig) -> ServeLimits {
     }
 }
 
+/// Chunk requests being answered, in total and per peer. Each holds up to one chunk (4 MiB by default) until
+/// its response is sent, so these caps bound the memory that requests can pin: a request beyond them is
+/// answered `Refused: busy` at once and the fetcher tries again or elsewhere.
+pub struct ServePermits {
+    max_total: usize,
+    max_per_peer: usize,
+    inner: Mutex<(usize, HashMap<libp2p::PeerId, usize>)>,
+}
+
+/// One request being answered; dropping it (response sent, or the task gone) frees its slot.
+pub struct ServePermit {
+    permits: Arc<ServePermits>,
+    peer: libp2p::PeerId,
+}
+
+impl ServePermits {
+    /// Caps of `max_total` requests at once, `max_per_peer` of them for one peer.
+    pub fn new(max_total: usize, max_per_peer: usize) -> Arc<ServePermits> {
+        Arc::new(ServePermits {
+            max_total,
+            max_per_peer,
+            inner: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A slot for one request of `peer`, or `None` when either cap is reached.
+    pub fn try_acquire(self: &Arc<Self>, peer: libp2p::PeerId) -> Option<ServePermit> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_peer) = &mut *inner;
+        let mine = per_peer.entry(peer).or_insert(0);
+        if *total >= self.max_total || *mine >= self.max_per_peer {
+            if *mine == 0 {
+                per_peer.remove(&peer);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(ServePermit {
+            permits: self.clone(),
+            peer,
+        })
+    }
+
+    /// Requests being answered now, and peers they come from.
+    pub fn in_use(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.0, inner.1.len())
+    }
+}
+
+impl Drop for ServePermit {
+    fn drop(&mut self) {
+        let mut inner = self.permits.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_peer) = &mut *inner;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = per_peer.get_mut(&self.peer) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::StoreConfig;
+
+    #[test]
+    fn serve_permits_cap_requests_per_peer_and_in_total() {
+        let permits = ServePermits::new(5, 2);
+        let (a, b, c) = (
+            libp2p::PeerId::random(),
+            libp2p::PeerId::random(),
+            libp2p::PeerId::random(),
+        );
+        let a1 = permits.try_acquire(a).expect("a 1");
+        let _a2 = permits.try_acquire(a).expect("a 2");
+        assert!(permits.try_acquire(a).is_none(), "a third for one peer");
+        let _b1 = permits.try_acquire(b).expect("b 1");
+        let _b2 = permits.try_acquire(b).expect("b 2");
+        let _c1 = permits.try_acquire(c).expect("c 1");
+        assert!(permits.try_acquire(c).is_none(), "a sixth in total");
+        assert_eq!(permits.in_use(), (5, 3));
+        drop(a1);
+        let _c2 = permits.try_acquire(c).expect("a freed slot is taken");
+        assert!(permits.try_acquire(libp2p::PeerId::random()).is_none());
+        assert_eq!(permits.in_use(), (5, 3), "a refused peer leaves no entry");
+    }
 
     #[tokio::test]
     async fn opens_once_serves_ranges_and_evicts_least_recent() {

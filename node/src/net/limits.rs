@@ -37,6 +37,11 @@ pub struct Limits {
     pub max_blob_streams: usize,
     /// Inbound bulk blob streams served at once to one peer (a fetcher opens two per provider).
     pub max_blob_streams_per_peer: usize,
+    /// Inbound chunk requests answered at once, from all peers (each holds one chunk in memory until its
+    /// response is sent); more are answered `Refused: busy`.
+    pub max_served_requests: usize,
+    /// Inbound chunk requests answered at once for one peer.
+    pub max_served_requests_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +62,8 @@ impl Default for Limits {
             max_concurrent_transfers: 16,
             max_blob_streams: 64,
             max_blob_streams_per_peer: 8,
+            max_served_requests: 32,
+            max_served_requests_per_peer: 4,
         }
     }
 }
@@ -106,6 +113,12 @@ impl Limits {
             return err(
                 "max_blob_streams",
                 "total and per-peer stream caps must be at least 1",
+            );
+        }
+        if self.max_served_requests == 0 || self.max_served_requests_per_peer == 0 {
+            return err(
+                "max_served_requests",
+                "total and per-peer request caps must be at least 1",
             );
         }
         Ok(())
