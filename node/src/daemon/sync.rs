@@ -233,6 +233,14 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
     .await
     {
         Ok(_) => {
+            // The round refers to its shards now: their fetch pins go, so the store's collector reclaims
+            // them once keep_rounds has pruned the round (a mirror's disk stays flat however long it runs).
+            {
+                let mut pins = shared.pins.lock().unwrap_or_else(|p| p.into_inner());
+                for entry in &manifest.shards {
+                    pins.remove(&entry.hash.0);
+                }
+            }
             set_state(format!("round {round} complete"));
             tracing::info!(
                 round,
