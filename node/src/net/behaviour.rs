@@ -83,6 +83,8 @@ mod composed {
     pub struct Behaviour {
         /// Refuses connections beyond the configured limits (first, so it vetoes before others do work).
         pub limits: connection_limits::Behaviour,
+        /// Refuses inbound connections past the cap per remote IP address.
+        pub ip_limits: crate::net::ip_limit::IpLimits,
         /// Exchanges agent, listen addresses and protocols with every peer.
         pub identify: identify::Behaviour,
         /// Measures round-trip times (used to try the fastest providers first) and keeps connections alive.
@@ -244,6 +246,11 @@ pub fn build_swarm(
             let connection_limits = connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(limits.max_connections))
                 .with_max_established_per_peer(Some(limits.max_connections_per_peer))
+                .with_max_established_incoming(Some(
+                    limits
+                        .max_connections
+                        .saturating_sub(limits.outbound_reserve),
+                ))
                 .with_max_pending_incoming(Some(limits.max_pending_connections))
                 .with_max_pending_outgoing(Some(limits.max_pending_connections));
             let identify = identify::Behaviour::new(
@@ -263,6 +270,10 @@ pub fn build_swarm(
                 .then(|| relay::Behaviour::new(peer_id, relay::Config::default()));
             Behaviour {
                 limits: connection_limits::Behaviour::new(connection_limits),
+                ip_limits: super::ip_limit::IpLimits::new(
+                    limits.max_inbound_per_ip as usize,
+                    config.trust_colocated_ips,
+                ),
                 identify,
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_secs(5)),

@@ -17,6 +17,11 @@ pub struct Limits {
     pub max_connections: u32,
     /// Established connections to one peer (a peer needs one; a few more tolerate simultaneous dials).
     pub max_connections_per_peer: u32,
+    /// Of `max_connections`, the slots inbound connections may not take: they stay for this node's own
+    /// dials, so an inbound flood cannot eclipse it.
+    pub outbound_reserve: u32,
+    /// Inbound connections from one remote IP address (loopback exempt when colocated processes are trusted).
+    pub max_inbound_per_ip: u32,
     /// Connections still in their handshake, per direction; caps the cost of a dial flood.
     pub max_pending_connections: u32,
     /// Largest gossip message accepted on the wire, in bytes; bigger ones are dropped by gossipsub itself.
@@ -49,6 +54,8 @@ impl Default for Limits {
         Self {
             max_connections: 256,
             max_connections_per_peer: 4,
+            outbound_reserve: 32,
+            max_inbound_per_ip: 8,
             max_pending_connections: 64,
             // The transport cap sits above the protocol's 256 KiB envelope cap, so an oversized envelope
             // reaches validation and costs its sender score instead of vanishing silently.
@@ -93,6 +100,15 @@ impl Limits {
         }
         if self.max_connections_per_peer == 0 {
             return err("max_connections_per_peer", "must be at least 1");
+        }
+        if self.outbound_reserve >= self.max_connections {
+            return err(
+                "outbound_reserve",
+                "must be below max_connections (inbound connections need a slot)",
+            );
+        }
+        if self.max_inbound_per_ip == 0 {
+            return err("max_inbound_per_ip", "must be at least 1");
         }
         if self.max_chunk_bytes == 0 || self.max_chunk_bytes > CHUNK_CEILING {
             return err("max_chunk_bytes", "must be between 1 and 16 MiB");

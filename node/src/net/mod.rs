@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod event_loop;
 pub mod fetch;
+pub mod ip_limit;
 pub mod lane;
 pub mod limits;
 pub mod listen;
