@@ -3,7 +3,8 @@
 //! And a provider that serves wrong bytes is caught by the hash check: nothing is stored. One blob comes
 //! from several providers at once, and hostile bulk-stream providers (trickling, oversized) cost only
 //! themselves: their ranges come from an honest provider. Blob lanes (direct, AES-GCM sealed) carry the
-//! ranges where a provider serves them, and bulk streams where it does not.
+//! ranges where a provider serves them, and bulk streams where it does not. A node whose store is at its
+//! quota refuses a fetch with a clear error, keeps what it has, and fetches again once room comes back.
 
 mod net_support;
 
@@ -351,5 +352,63 @@ async fn trickling_and_oversized_providers_are_dropped_and_their_ranges_come_fro
 
     b.shutdown().await.expect("shutdown");
     honest.shutdown().await.expect("shutdown");
+    bootstrap.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_at_its_store_quota_refuses_a_fetch_and_recovers_when_room_comes_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let provider = start_node(node_config(&dir.path().join("provider"), &boot)).await;
+    let mut cfg = node_config(&dir.path().join("full"), &boot);
+    cfg.store_quota = Some(100_000);
+    let full = start_node(cfg).await;
+
+    let kept = provider
+        .host_blob(pseudo_random_bytes(60_000, 40))
+        .await
+        .expect("hosted");
+    let next = provider
+        .host_blob(pseudo_random_bytes(60_000, 42))
+        .await
+        .expect("hosted");
+    let fetch = |hash: ContentHash| {
+        let full = &full;
+        let provider = provider.peer_id();
+        async move {
+            wait_for(Duration::from_secs(30), "the fetch ends", || async {
+                match full.fetch_blob_from(hash, vec![provider]).await {
+                    Ok(len) => Some(Ok(len)),
+                    Err(e) if e.to_string().contains("full") => Some(Err(e.to_string())),
+                    // The provider may not be connected yet: try again.
+                    Err(_) => None,
+                }
+            })
+            .await
+        }
+    };
+    assert_eq!(fetch(kept).await, Ok(60_000));
+    let refused = fetch(next).await.expect_err("past the quota");
+    assert!(refused.contains("the store is full"), "{refused}");
+    assert!(refused.contains("--store-quota"), "{refused}");
+    // Nothing it held was touched, and the refusal is visible in its status.
+    assert_eq!(
+        full.store().get_blob(&kept).expect("kept blob intact"),
+        pseudo_random_bytes(60_000, 40)
+    );
+    let status = full.status().await.expect("status");
+    assert_eq!(status.store_quota, Some(100_000));
+    assert_eq!(
+        status.store_bytes, 60_000,
+        "the refused write gave its bytes back"
+    );
+
+    // Room comes back (the kept blob released and collected): the same fetch now succeeds.
+    full.unpin(&[kept]);
+    full.store().gc().expect("gc");
+    assert_eq!(fetch(next).await, Ok(60_000));
+    full.shutdown().await.expect("stops");
+    provider.shutdown().await.expect("stops");
     bootstrap.shutdown().await;
 }

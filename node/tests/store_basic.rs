@@ -724,3 +724,83 @@ fn zero_keep_rounds_is_a_config_error() {
         Err(StoreError::Config(_))
     ));
 }
+
+/// A store with a quota refuses a blob past it (whole, or as it streams in) with a typed "full" error,
+/// loses nothing it holds, and takes the blob once old rounds are collected: room comes back by itself.
+#[test]
+fn a_full_store_refuses_new_blobs_keeps_what_it_has_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(
+        dir.path(),
+        StoreConfig {
+            keep_rounds: 1,
+            max_blob_bytes: Some(100_000),
+            ..StoreConfig::default()
+        },
+    )
+    .expect("store");
+    let shard = ShardId::Expert { layer: 0, index: 0 };
+    let commit = |round: u64, blob: &[u8]| {
+        let pin = store.put_blob(blob).expect("fits");
+        let manifest = RoundManifest {
+            entries: vec![ManifestEntry {
+                shard,
+                hash: pin.hash(),
+                len: blob.len() as u64,
+            }],
+            meta: Vec::new(),
+        };
+        store.commit_round(round, &manifest).expect("commit");
+        pin.hash()
+    };
+    let a = commit(1, &bytes(1, 60_000));
+    assert_eq!(store.blob_bytes(), 60_000);
+
+    let b = bytes(2, 60_000);
+    let err = store.put_blob(&b).expect_err("past the quota");
+    assert!(err.is_full(), "{err}");
+    assert!(matches!(
+        err,
+        StoreError::Full {
+            needed: 60_000,
+            used: 60_000,
+            quota: 100_000
+        }
+    ));
+    assert!(err.to_string().contains("the store is full"), "{err}");
+    let mut writer = store.blob_writer(u64::MAX).expect("writer");
+    let streamed = writer
+        .write_all(&b)
+        .expect_err("past the quota while streaming");
+    assert_eq!(streamed.kind(), std::io::ErrorKind::StorageFull);
+    drop(writer);
+    assert_eq!(
+        store.blob_bytes(),
+        60_000,
+        "an abandoned write gives its bytes back"
+    );
+    assert_eq!(
+        store.get_blob(&a).expect("round 1 intact"),
+        bytes(1, 60_000)
+    );
+
+    // The next round needs little; committing it prunes round 1 and collects its blob: room is back.
+    commit(2, &bytes(3, 10_000));
+    assert!(!store.has_blob(&a).expect("has"));
+    assert_eq!(store.blob_bytes(), 10_000);
+    let _pin = store.put_blob(&b).expect("fits again");
+    assert_eq!(store.blob_bytes(), 70_000);
+    // Reopened, the store counts what it holds again (no pin survives: the unreferenced blob is collected).
+    drop(_pin);
+    drop(store);
+    let store = Store::open(
+        dir.path(),
+        StoreConfig {
+            keep_rounds: 1,
+            max_blob_bytes: Some(100_000),
+            ..StoreConfig::default()
+        },
+    )
+    .expect("reopen");
+    assert_eq!(store.blob_bytes(), 10_000);
+}

@@ -223,6 +223,7 @@ fn node_config(s: &Layered<CoordinatorArgs>, net: &Net) -> anyhow::Result<NodeCo
     net.apply(&mut node.net);
     node.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
     node.dashboard = super::net::dashboard_addr(&s.section(|a| &a.join))?;
+    node.store_quota = s.section(|a| &a.join).get(|a| &a.store_quota);
     let run_name = s.get(|a| &a.join.run).context("--run NAME is required")?;
     node.net.run_id = parse_run(&run_name)?;
     node.net.kad_server = net.loopback;

@@ -65,6 +65,10 @@ pub struct JoinArgs {
     /// address (IP:PORT; keep it on 127.0.0.1: it has no login).
     #[arg(long, env = "MANA_DASHBOARD")]
     pub dashboard: Option<String>,
+    /// Most bytes of blobs (shards, payloads) the store may hold; past it new blobs are refused with a clear
+    /// error until old rounds are collected. Default: as much as the disk holds.
+    #[arg(long, env = "MANA_STORE_QUOTA")]
+    pub store_quota: Option<u64>,
 }
 
 /// The `--dashboard` address of [`JoinArgs`], layered and parsed.

@@ -94,6 +94,7 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
     net.apply(&mut config.net);
     config.net.bootstrap = bootstrap_addrs(&s.section(|a| &a.join))?;
     config.dashboard = super::net::dashboard_addr(&s.section(|a| &a.join))?;
+    config.store_quota = s.section(|a| &a.join).get(|a| &a.store_quota);
     if let Some(run) = s.get(|a| &a.join.run) {
         config.net.run_id = parse_run(&run)?;
     }

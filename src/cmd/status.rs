@@ -73,6 +73,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         s.peers.len(),
         s.routing_table_size
     );
+    match s.store_quota {
+        Some(quota) => println!(
+            "store: {} of blobs, quota {}",
+            bytes(s.store_bytes),
+            bytes(quota)
+        ),
+        None => println!("store: {} of blobs", bytes(s.store_bytes)),
+    }
     println!(
         "DHT: announcing {} blobs, holding {} provider records of other peers",
         s.dht_provided, s.dht_provider_records

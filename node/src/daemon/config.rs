@@ -33,6 +33,10 @@ pub struct NodeConfig {
     pub status_interval: Duration,
     /// Re-hash every blob of the store at start-up and refuse to start if any is damaged.
     pub verify_store: bool,
+    /// Most bytes of blobs the store holds (see [`crate::store::StoreConfig::max_blob_bytes`]); `None`: as much
+    /// as the disk holds. A node at its quota refuses new blobs with a clear error and takes them again once
+    /// old rounds are collected.
+    pub store_quota: Option<u64>,
     /// How shards are fetched.
     pub fetch: FetchOptions,
     /// Fetch the shards of every accepted checkpoint manifest that this node lacks (a mirror). Must be off
@@ -58,6 +62,7 @@ impl NodeConfig {
             heartbeat_interval: Duration::from_secs(5),
             status_interval: Duration::from_secs(2),
             verify_store: false,
+            store_quota: None,
             fetch: FetchOptions::default(),
             sync_shards: true,
             capacity: mana_protocol::Capacity {

@@ -290,7 +290,11 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let key_path = config.key_path();
     let keypair = blocking(move || Ok(keyfile::load_or_create(&key_path, may_create_key)?)).await?;
     let store_dir = config.data_dir.join("store");
-    let store = blocking(move || Ok(Store::open(store_dir, StoreConfig::default())?)).await?;
+    let store_config = StoreConfig {
+        max_blob_bytes: config.store_quota,
+        ..StoreConfig::default()
+    };
+    let store = blocking(move || Ok(Store::open(store_dir, store_config)?)).await?;
     if config.verify_store {
         let s = store.clone();
         let report = blocking(move || Ok(s.verify()?)).await?;

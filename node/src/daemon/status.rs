@@ -66,6 +66,12 @@ pub struct NodeStatus {
     pub current_round: Option<u64>,
     /// The latest round committed to the store.
     pub stored_round: Option<u64>,
+    /// Bytes of blobs in the store (and being written).
+    #[serde(default)]
+    pub store_bytes: u64,
+    /// The store's quota (`--store-quota`), if any.
+    #[serde(default)]
+    pub store_quota: Option<u64>,
     /// The shards of the stored round.
     pub stored_shards: Vec<StoredShard>,
     /// Hash (hex) of the checkpoint manifest of the stored round, when the round carries one (a trainer's own
@@ -433,6 +439,8 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         hosted_experts,
         current_round: state.current.as_ref().map(|a| a.round),
         stored_round,
+        store_bytes: shared.store.blob_bytes(),
+        store_quota: shared.config.store_quota,
         stored_shards,
         manifest_hash,
         sync: state.sync_state.clone(),

@@ -122,12 +122,18 @@ pub(crate) struct BlobDir {
     quarantine: PathBuf,
     pins: Arc<PinTable>,
     next_tmp: AtomicU64,
+    /// Most bytes of blob files, stored and being written (`None`: as much as the disk holds).
+    quota: Option<u64>,
+    /// Bytes of the blob files in `blobs/`.
+    stored: AtomicU64,
+    /// Bytes written so far by writers not yet finished.
+    writing: AtomicU64,
 }
 
 impl BlobDir {
     /// Creates (if needed) `blobs/00`..`blobs/ff`, `tmp/` and `quarantine/` under `root`, and makes the
     /// directory entries durable.
-    pub(crate) fn open(root: &Path) -> StoreResult<Self> {
+    pub(crate) fn open(root: &Path, quota: Option<u64>) -> StoreResult<Self> {
         let blobs = root.join("blobs");
         let tmp = root.join("tmp");
         let quarantine = root.join("quarantine");
@@ -140,13 +146,26 @@ impl BlobDir {
         }
         sync_dir(&blobs)?;
         sync_dir(root)?;
-        Ok(Self {
+        let dir = Self {
             blobs,
             tmp,
             quarantine,
             pins: Arc::default(),
             next_tmp: AtomicU64::new(0),
-        })
+            quota,
+            stored: AtomicU64::new(0),
+            writing: AtomicU64::new(0),
+        };
+        let stored = dir
+            .list()?
+            .iter()
+            .map(|e| match e {
+                BlobEntry::Blob { len, .. } => *len,
+                BlobEntry::Stray(_) => 0,
+            })
+            .sum();
+        dir.stored.store(stored, Ordering::Relaxed);
+        Ok(dir)
     }
 
     /// The file a blob lives in.
@@ -192,6 +211,27 @@ impl BlobDir {
         }
     }
 
+    /// Whether `more` bytes of blob fit under the quota; [`StoreError::Full`] when they do not.
+    pub(crate) fn admit(&self, more: u64) -> StoreResult<()> {
+        let Some(quota) = self.quota else {
+            return Ok(());
+        };
+        let used = self.used();
+        if used.saturating_add(more) > quota {
+            return Err(StoreError::Full {
+                needed: more,
+                used,
+                quota,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of blob files stored and being written.
+    pub(crate) fn used(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed) + self.writing.load(Ordering::Relaxed)
+    }
+
     /// Writes `bytes` as a blob (unless an identical one is already stored) and returns a pin on it.
     pub(crate) fn put(&self, bytes: &[u8]) -> StoreResult<BlobPin> {
         let hash = ContentHash::of(bytes);
@@ -200,11 +240,12 @@ impl BlobDir {
         if self.stored_len(&hash)? == Some(bytes.len() as u64) {
             return Ok(pin);
         }
+        self.admit(bytes.len() as u64)?;
         let (tmp_path, file) = self.create_tmp()?;
         let mut guard = TmpGuard(Some(tmp_path.clone()));
         let mut file = file;
         file.write_all(bytes).map_err(io_err(&tmp_path))?;
-        self.install(&tmp_path, file, &hash)?;
+        self.install(&tmp_path, file, &hash, bytes.len() as u64)?;
         guard.disarm();
         Ok(pin)
     }
@@ -218,6 +259,7 @@ impl BlobDir {
             tmp: TmpGuard(Some(tmp_path)),
             hasher: blake3::Hasher::new(),
             written: 0,
+            counted: 0,
             max_len,
         })
     }
@@ -235,11 +277,20 @@ impl BlobDir {
 
     /// Makes a fully written temporary file the blob `hash`: fsync the file, rename it into place, fsync the
     /// fan-out directory. Only after this returns may a sled commit refer to the blob.
-    fn install(&self, tmp_path: &Path, file: File, hash: &ContentHash) -> StoreResult<()> {
+    fn install(
+        &self,
+        tmp_path: &Path,
+        file: File,
+        hash: &ContentHash,
+        len: u64,
+    ) -> StoreResult<()> {
         file.sync_all().map_err(io_err(tmp_path))?;
         drop(file);
         let dest = self.path_of(hash);
+        let replaced = self.stored_len(hash)?.unwrap_or(0);
         fs::rename(tmp_path, &dest).map_err(io_err(&dest))?;
+        self.stored.fetch_add(len, Ordering::Relaxed);
+        self.forget_bytes(replaced);
         let parent = dest.parent().unwrap_or(&self.blobs);
         sync_dir(parent)
     }
@@ -322,13 +373,24 @@ impl BlobDir {
         })
     }
 
+    /// Takes `len` bytes off the stored count (a file removed or quarantined).
+    fn forget_bytes(&self, len: u64) {
+        let _ = self
+            .stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(len))
+            });
+    }
+
     /// Moves a corrupt blob out of `blobs/` (so it reads as missing and can be fetched again), logs it, and
     /// returns the error to hand the caller.
     fn corrupt(&self, hash: &ContentHash, actual: ContentHash) -> StoreError {
         let path = self.path_of(hash);
         let dest = self.quarantine.join(hash.to_hex());
+        let len = self.stored_len(hash).ok().flatten().unwrap_or(0);
         match fs::rename(&path, &dest) {
             Ok(()) => {
+                self.forget_bytes(len);
                 tracing::error!(blob = %hash, %actual, quarantined = %dest.display(), "corrupt blob")
             }
             Err(err) => {
@@ -381,8 +443,12 @@ impl BlobDir {
             return Ok(false);
         }
         let path = self.path_of(hash);
+        let len = self.stored_len(hash)?.unwrap_or(0);
         match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.forget_bytes(len);
+                Ok(true)
+            }
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(err) => Err(io_err(path)(err)),
         }
@@ -442,6 +508,8 @@ pub struct BlobWriter {
     tmp: TmpGuard,
     hasher: blake3::Hasher,
     written: u64,
+    /// Bytes this writer added to its directory's count of bytes being written.
+    counted: u64,
     max_len: u64,
 }
 
@@ -506,12 +574,33 @@ impl BlobWriter {
             .into_inner()
             .map_err(|err| io_err(&tmp_path)(err.into_error()))?;
         let pin = self.dir.pin(hash, self.written);
+        // From here the bytes count as stored (install) or are dropped with the temporary copy.
+        self.uncount();
         if self.dir.stored_len(&hash)? == Some(self.written) {
             return Ok(pin); // already stored; the guard deletes our temporary copy
         }
-        self.dir.install(&tmp_path, file, &hash)?;
+        self.dir.install(&tmp_path, file, &hash, self.written)?;
         self.tmp.disarm();
         Ok(pin)
+    }
+}
+
+impl BlobWriter {
+    /// Takes this writer's bytes off the count of bytes being written.
+    fn uncount(&mut self) {
+        let counted = std::mem::take(&mut self.counted);
+        let _ = self
+            .dir
+            .writing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_sub(counted))
+            });
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        self.uncount();
     }
 }
 
@@ -524,6 +613,14 @@ impl Write for BlobWriter {
                 format!("blob exceeds its limit of {} bytes", self.max_len),
             ));
         }
+        // The quota counts bytes as they are written, so writers at once cannot overrun it together.
+        self.dir
+            .admit(buf.len() as u64)
+            .map_err(|e| io::Error::new(io::ErrorKind::StorageFull, e))?;
+        self.dir
+            .writing
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counted += buf.len() as u64;
         let out = self
             .out
             .as_mut()

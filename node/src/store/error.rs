@@ -83,6 +83,20 @@ pub enum StoreError {
         /// The newest committed round.
         current: u64,
     },
+    /// The store's quota ([`super::StoreConfig::max_blob_bytes`]) leaves no room for this blob. Old rounds
+    /// are collected as new ones commit, and unpinned blobs at each collection, so room comes back by itself.
+    #[error(
+        "the store is full: {used} of its {quota} bytes in use, {needed} more needed; room comes back as old \
+         rounds are collected, or raise --store-quota"
+    )]
+    Full {
+        /// Bytes the write needed.
+        needed: u64,
+        /// Bytes of blobs stored and being written.
+        used: u64,
+        /// The quota.
+        quota: u64,
+    },
     /// A stored record could not be decoded (the index holds bytes this version does not understand).
     #[error("stored {what} could not be decoded: {detail}")]
     Decode {
@@ -117,5 +131,16 @@ fn holder_text(pid: &Option<u32>) -> String {
     match pid {
         Some(pid) => format!("pid {pid}"),
         None => "another process".to_owned(),
+    }
+}
+
+impl StoreError {
+    /// True when the store cannot take more bytes: its quota is reached, or the disk itself is full.
+    pub fn is_full(&self) -> bool {
+        match self {
+            StoreError::Full { .. } => true,
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
     }
 }

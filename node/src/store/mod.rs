@@ -81,6 +81,9 @@ pub struct StoreConfig {
     pub gc_after_commit: bool,
     /// sled's page cache, in bytes. The index is small, so this can be too.
     pub index_cache_bytes: u64,
+    /// Most bytes of blobs the store holds (and is writing); a write past it is refused with
+    /// [`StoreError::Full`] and nothing already stored is touched. `None`: as much as the disk holds.
+    pub max_blob_bytes: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -89,6 +92,7 @@ impl Default for StoreConfig {
             keep_rounds: 3,
             gc_after_commit: true,
             index_cache_bytes: 64 << 20,
+            max_blob_bytes: None,
         }
     }
 }
@@ -177,7 +181,7 @@ impl Store {
             .iter()
             .map(|kind| db.open_tree(kind.tree_name()))
             .collect::<Result<Vec<_>, _>>()?;
-        let blobs = Arc::new(BlobDir::open(&dir)?);
+        let blobs = Arc::new(BlobDir::open(&dir, config.max_blob_bytes)?);
         let temp_files_removed = blobs.clear_tmp()?;
         let rejection_keys = AtomicUsize::new(rejections.len());
         let mut store = Store {
@@ -275,6 +279,11 @@ impl Store {
     /// once, when they are stored; the reader checks nothing, and the fetcher checks the hash of what it gets.
     pub fn open_blob_ranged(&self, hash: &ContentHash) -> StoreResult<BlobReader> {
         self.inner.blobs.open_ranged(hash)
+    }
+
+    /// Bytes of blobs stored and being written: what [`StoreConfig::max_blob_bytes`] bounds.
+    pub fn blob_bytes(&self) -> u64 {
+        self.inner.blobs.used()
     }
 
     /// Whether a file for the blob exists (not verified; reading verifies).
