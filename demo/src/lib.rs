@@ -14,9 +14,10 @@
 //! - [`supervise`]: the child processes; [`metrics`]: the coordinator's round lines; [`status`]: the
 //!   children's status files; [`progress`]: the live display; [`plot`]: the SVG loss plot;
 //!   [`manifests`]: the final comparison; [`sample`]: generation from the final model; [`output`]: the
-//!   output directory; `network`, `rounds`, `summary`, `signals`: starting the network, following the
-//!   rounds, the summary text and the signal handlers.
+//!   output directory; [`chaos`]: kills and restarts while training; `network`, `rounds`, `summary`,
+//!   `signals`: starting the network, following the rounds, the summary text and the signal handlers.
 
+pub mod chaos;
 mod error;
 pub mod manifests;
 pub mod metrics;
@@ -75,6 +76,8 @@ pub struct DemoConfig {
     pub sample_tokens: usize,
     /// `--log-format` of every child: `text` or `json`.
     pub log_format: String,
+    /// Kill and restart children while training (`--chaos`); `None`: no chaos.
+    pub chaos: Option<chaos::ChaosConfig>,
 }
 
 /// Runs the demo to the end, then stops every child; prints the summary and writes `summary.txt`.

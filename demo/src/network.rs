@@ -29,6 +29,8 @@ const LISTEN: &str = "/ip4/127.0.0.1/tcp/0";
 /// The running network.
 #[derive(Debug)]
 pub struct Network {
+    /// The bootstrap child.
+    pub bootstrap: ChildId,
     /// The coordinator child.
     pub coordinator: ChildId,
     /// (child, name, data dir) of each training node.
@@ -37,20 +39,66 @@ pub struct Network {
     pub coordinator_started_ms: u64,
 }
 
-/// A `mana` command for a child: the demo's settings only (no `MANA_*` variable of the user's shell leaks
-/// into a child's configuration), logs at `info` unless `RUST_LOG` says otherwise.
-fn mana(cfg: &DemoConfig, role: &str) -> Command {
-    let mut cmd = Command::new(&cfg.exe);
-    cmd.args([role, "--log-format", &cfg.log_format]);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("MANA_") {
-            cmd.env_remove(key);
+/// A child's command line, kept so that the child can be started again (chaos restarts it).
+struct Recipe {
+    exe: PathBuf,
+    args: Vec<std::ffi::OsString>,
+}
+
+impl Recipe {
+    /// `mana <role> --log-format <format>`, to which the caller adds the role's arguments.
+    fn new(cfg: &DemoConfig, role: &str) -> Recipe {
+        Recipe {
+            exe: cfg.exe.clone(),
+            args: vec![
+                role.into(),
+                "--log-format".into(),
+                cfg.log_format.clone().into(),
+            ],
         }
     }
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
+
+    fn args<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(
+        &mut self,
+        args: I,
+    ) -> &mut Recipe {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
     }
-    cmd
+
+    fn arg(&mut self, arg: impl AsRef<std::ffi::OsStr>) -> &mut Recipe {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// What builds the command each time it is started: the demo's settings only (no `MANA_*` variable of
+    /// the user's shell leaks into a child's configuration), logs at `info` unless `RUST_LOG` says otherwise.
+    fn into_maker(self) -> impl Fn() -> Command + 'static {
+        move || {
+            let mut cmd = Command::new(&self.exe);
+            cmd.args(&self.args);
+            for (key, _) in std::env::vars_os() {
+                if key.to_string_lossy().starts_with("MANA_") {
+                    cmd.env_remove(key);
+                }
+            }
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "info");
+            }
+            cmd
+        }
+    }
+}
+
+/// A loopback TCP port free now (for a bootstrap that must keep its address across restarts).
+fn free_port() -> Result<u16, DemoError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| DemoError::io("finding a free port", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| DemoError::io("finding a free port", e))
 }
 
 /// Starts the bootstrap, the coordinator and the nodes, each once the previous has printed what it needs.
@@ -61,16 +109,21 @@ pub fn start(
     progress: &Progress,
 ) -> Result<Network, DemoError> {
     progress.phase("starting the bootstrap node");
-    let mut cmd = mana(cfg, "bootstrap");
-    cmd.args(["--listen", LISTEN, "--data-dir"])
+    // Under chaos the bootstrap is restarted: a fixed port keeps its address (its key keeps its peer id).
+    let boot_listen = match cfg.chaos {
+        Some(_) => format!("/ip4/127.0.0.1/tcp/{}", free_port()?),
+        None => LISTEN.to_owned(),
+    };
+    let mut cmd = Recipe::new(cfg, "bootstrap");
+    cmd.args(["--listen", &boot_listen, "--data-dir"])
         .arg(out.data_dir("bootstrap"));
-    let bootstrap = sup.spawn("bootstrap", cmd)?;
+    let bootstrap = sup.spawn_restartable("bootstrap", cmd.into_maker())?;
     let boot_addr = sup.wait_line(bootstrap, STARTUP_TIMEOUT, |l| {
         (l.starts_with("/ip4/127.0.0.1/tcp/") && l.contains("/p2p/")).then(|| l.to_owned())
     })?;
 
     progress.phase("starting the coordinator");
-    let mut cmd = mana(cfg, "coordinator");
+    let mut cmd = Recipe::new(cfg, "coordinator");
     cmd.args([
         "--run",
         RUN,
@@ -103,7 +156,7 @@ pub fn start(
         cmd.arg("--corpus").arg(corpus);
     }
     let coordinator_started_ms = mana_node::daemon::now_ms();
-    let coordinator = sup.spawn("coordinator", cmd)?;
+    let coordinator = sup.spawn_restartable("coordinator", cmd.into_maker())?;
     // It ends by itself after its last round (or on SIGTERM), exporting the model: that is not a failure.
     sup.allow_exit(coordinator);
     let mut addr = None;
@@ -122,7 +175,7 @@ pub fn start(
     for i in 1..=cfg.nodes {
         let name = format!("node-{i}");
         let data_dir = out.data_dir(&name);
-        let mut cmd = mana(cfg, "node");
+        let mut cmd = Recipe::new(cfg, "node");
         cmd.args([
             "--run",
             RUN,
@@ -138,7 +191,7 @@ pub fn start(
         if let Some(corpus) = &cfg.corpus {
             cmd.arg("--corpus").arg(corpus);
         }
-        let id = sup.spawn(&name, cmd)?;
+        let id = sup.spawn_restartable(&name, cmd.into_maker())?;
         nodes.push((id, name, data_dir));
     }
     for (id, _, _) in &nodes {
@@ -147,6 +200,7 @@ pub fn start(
         })?;
     }
     Ok(Network {
+        bootstrap,
         coordinator,
         nodes,
         coordinator_started_ms,

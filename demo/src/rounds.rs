@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use mana_node::daemon::NodeStatus;
 
+use crate::chaos::Chaos;
 use crate::metrics::{self, RoundMetrics, Tail};
 use crate::network::Network;
 use crate::output::{self, MetricsFile, OutDir};
@@ -36,6 +37,8 @@ pub struct Rounds {
     pub secs: Vec<f64>,
     /// Nodes that stopped during the run.
     pub nodes_lost: Vec<String>,
+    /// What chaos did (`--chaos`), for the summary.
+    pub chaos: Option<String>,
 }
 
 /// Follows the coordinator's metrics until the run ends; writes `metrics.jsonl` and `loss.svg` as rounds
@@ -58,9 +61,14 @@ pub fn follow(
     let mut slowest = Duration::ZERO;
     let mut stop_asked = false;
     let title = format!("mana demo: {} nodes, {} rule", cfg.nodes, cfg.rule);
+    let mut chaos = cfg.chaos.map(Chaos::new);
     loop {
         if signals.load(Ordering::SeqCst) {
             return Err(DemoError::Interrupted);
+        }
+        if let Some(chaos) = chaos.as_mut() {
+            let committed = rounds.metrics.len() as u64;
+            chaos.step(sup, net, progress, cfg.stop, committed, started.elapsed())?;
         }
         for death in sup.deaths(&mut reported) {
             if death.id == net.coordinator {
@@ -80,7 +88,8 @@ pub fn follow(
         if rounds.nodes_lost.len() == net.nodes.len() {
             return Err(DemoError::AllNodesStopped(out.logs()));
         }
-        let coordinator_done = sup.exit_status(net.coordinator).is_some();
+        let coordinator_done =
+            sup.exit_status(net.coordinator).is_some() && !sup.is_down(net.coordinator);
         for text in tail.poll()? {
             let line = metrics::parse_line(&text).map_err(|source| DemoError::MetricsLine {
                 path: tail.path().to_path_buf(),
@@ -152,6 +161,10 @@ pub fn follow(
             });
         }
         std::thread::sleep(TICK);
+    }
+    if let Some(mut chaos) = chaos {
+        chaos.restart_all(sup, progress)?;
+        rounds.chaos = Some(chaos.report());
     }
     if rounds.metrics.is_empty() {
         return Err(DemoError::NoRound(sup.log(net.coordinator).to_path_buf()));

@@ -102,6 +102,16 @@ pub fn summary(
             rounds.nodes_lost.join(", ")
         );
     }
+    if let Some(chaos) = &rounds.chaos {
+        let _ = writeln!(s, "{chaos}");
+        let _ = writeln!(
+            s,
+            "          training went on: {} rounds committed, {accepted} deltas accepted, loss {} -> {}",
+            m.len(),
+            progress::loss(first.val_loss.or(first.train_loss)),
+            progress::loss(last.val_loss.or(last.train_loss))
+        );
+    }
     let verdict = comparison
         .text
         .lines()

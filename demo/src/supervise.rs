@@ -65,6 +65,26 @@ struct Supervised {
     exit: Option<ExitStatus>,
     /// Whether exiting (with success) is its normal end, rather than a failure.
     may_exit: bool,
+    /// How to start it again ([`Supervisor::restart`]); `None` for a child started once.
+    recipe: Option<Recipe>,
+    /// Killed on purpose ([`Supervisor::kill`]) and not restarted yet: not a death.
+    down: bool,
+}
+
+/// Builds a child's command again, for a restart.
+struct Recipe(Box<dyn Fn() -> Command>);
+
+impl std::fmt::Debug for Recipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recipe")
+    }
+}
+
+/// A started process: the child, its pid and its stdout lines.
+struct Started {
+    child: Child,
+    pid: u32,
+    lines: Receiver<String>,
 }
 
 /// A child that ended although it should not have, or ended badly.
@@ -140,58 +160,78 @@ impl Supervisor {
     }
 
     /// Starts `cmd` as the child `name`, its output in `<logs>/<name>.log`.
-    pub fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<ChildId, DemoError> {
+    pub fn spawn(&mut self, name: &str, cmd: Command) -> Result<ChildId, DemoError> {
+        self.add(name, cmd, None)
+    }
+
+    /// Starts the child `name` from `make`, which can build its command again: [`Supervisor::restart`] starts
+    /// it anew after a [`Supervisor::kill`], its output appended to the same log.
+    pub fn spawn_restartable(
+        &mut self,
+        name: &str,
+        make: impl Fn() -> Command + 'static,
+    ) -> Result<ChildId, DemoError> {
+        let cmd = make();
+        self.add(name, cmd, Some(Recipe(Box::new(make))))
+    }
+
+    fn add(
+        &mut self,
+        name: &str,
+        cmd: Command,
+        recipe: Option<Recipe>,
+    ) -> Result<ChildId, DemoError> {
         let log = self.logs.join(format!("{name}.log"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&log)
-            .map_err(|e| DemoError::io(format!("creating {}", log.display()), e))?;
-        // Both streams append to the same file; the stdout copy goes through the reader thread.
-        let stderr = file
-            .try_clone()
-            .map_err(|e| DemoError::io(format!("opening {} twice", log.display()), e))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr));
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
-        #[cfg(target_os = "linux")]
-        die_with_the_demo(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| DemoError::Spawn {
-            name: name.to_owned(),
-            program: format!("{:?}", cmd.get_program()),
-            source,
-        })?;
-        let pid = child.id();
-        let Some(stdout) = child.stdout.take() else {
-            // Cannot happen (it was piped just above); reported rather than unwrapped all the same.
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(DemoError::StdoutClosed {
-                name: name.to_owned(),
-                log,
-            });
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("{name}-stdout"))
-            .spawn(move || copy_lines(stdout, file, tx))
-            .map_err(|e| DemoError::io("starting a log thread", e))?;
+        let started = start(name, cmd, &log, false)?;
         self.children.push(Supervised {
             name: name.to_owned(),
-            child: Some(child),
-            pid,
+            child: Some(started.child),
+            pid: started.pid,
             log,
-            lines,
+            lines: started.lines,
             exit: None,
             may_exit: false,
+            recipe,
+            down: false,
         });
         Ok(ChildId(self.children.len() - 1))
+    }
+
+    /// Kills the child at once (SIGKILL to its process group, as a crash would) and reaps it; it is not
+    /// reported as a death, and [`Supervisor::is_down`] says so until [`Supervisor::restart`]. Returns its
+    /// pid, or `None` if it was not running.
+    pub fn kill(&mut self, id: ChildId) -> Option<u32> {
+        let c = &mut self.children[id.0];
+        let mut child = c.child.take()?;
+        signal_group(&mut child, Signal::Kill);
+        c.exit = child.wait().ok();
+        c.down = true;
+        Some(c.pid)
+    }
+
+    /// Whether the child was killed on purpose and not restarted yet.
+    pub fn is_down(&self, id: ChildId) -> bool {
+        self.get(id).down
+    }
+
+    /// Starts a killed (or ended) restartable child again with the same command and log. Returns its new pid.
+    pub fn restart(&mut self, id: ChildId) -> Result<u32, DemoError> {
+        self.reap();
+        let c = &self.children[id.0];
+        if c.child.is_some() {
+            return Ok(c.pid);
+        }
+        let Some(recipe) = &c.recipe else {
+            return Err(DemoError::Config(format!("{} cannot be restarted", c.name)));
+        };
+        let started = start(&c.name, (recipe.0)(), &c.log, true)?;
+        let c = &mut self.children[id.0];
+        c.child = Some(started.child);
+        c.pid = started.pid;
+        c.lines = started.lines;
+        c.exit = None;
+        c.down = false;
+        Ok(c.pid)
     }
 
     fn get(&self, id: ChildId) -> &Supervised {
@@ -252,7 +292,7 @@ impl Supervisor {
         for (i, c) in self.children.iter().enumerate() {
             let id = ChildId(i);
             let Some(status) = c.exit else { continue };
-            if reported.contains(&id) || (c.may_exit && status.success()) {
+            if c.down || reported.contains(&id) || (c.may_exit && status.success()) {
                 continue;
             }
             reported.push(id);
@@ -564,4 +604,52 @@ mod tests {
         assert!(pids.iter().all(|&p| !alive(p)), "children left behind");
         assert!(started.elapsed() < STOP_GRACE + Duration::from_secs(3));
     }
+}
+
+/// Starts `cmd` as the child `name` writing into `log` (appended to when `append`, else truncated): stdin
+/// closed, stdout read line by line (and copied to the log), stderr into the log, in a process group of its
+/// own, and (on Linux) stopped by the kernel if the demo dies.
+fn start(name: &str, mut cmd: Command, log: &Path, append: bool) -> Result<Started, DemoError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(append)
+        .truncate(!append)
+        .write(true)
+        .open(log)
+        .map_err(|e| DemoError::io(format!("creating {}", log.display()), e))?;
+    // Both streams append to the same file; the stdout copy goes through the reader thread.
+    let stderr = file
+        .try_clone()
+        .map_err(|e| DemoError::io(format!("opening {} twice", log.display()), e))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr));
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    #[cfg(target_os = "linux")]
+    die_with_the_demo(&mut cmd);
+    let mut child = cmd.spawn().map_err(|source| DemoError::Spawn {
+        name: name.to_owned(),
+        program: format!("{:?}", cmd.get_program()),
+        source,
+    })?;
+    let pid = child.id();
+    let Some(stdout) = child.stdout.take() else {
+        // Cannot happen (it was piped just above); reported rather than unwrapped all the same.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(DemoError::StdoutClosed {
+            name: name.to_owned(),
+            log: log.to_path_buf(),
+        });
+    };
+    let (tx, lines) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("{name}-stdout"))
+        .spawn(move || copy_lines(stdout, file, tx))
+        .map_err(|e| DemoError::io("starting a log thread", e))?;
+    Ok(Started { child, pid, lines })
 }

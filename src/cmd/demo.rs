@@ -53,6 +53,24 @@ pub struct DemoArgs {
     /// Log lines (the demo's on stderr, each child's in its log file): text or json (one object per line).
     #[arg(long, env = "MANA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Crash children while training (SIGKILL at random moments, then a restart): `all` (the default) kills
+    /// training nodes, the coordinator once and the bootstrap once; `coordinator` kills only the coordinator,
+    /// once per committed round at a random moment of the next. The last 3 rounds run undisturbed, and the
+    /// summary says what was done.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "all")]
+    chaos: Option<ChaosArg>,
+    /// Seed of the chaos (its moments and victims). Default: --seed, or 1.
+    #[arg(long, requires = "chaos")]
+    chaos_seed: Option<u64>,
+}
+
+/// What `--chaos` kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ChaosArg {
+    /// Training nodes, the coordinator once and the bootstrap once.
+    All,
+    /// Only the coordinator, once per round.
+    Coordinator,
 }
 
 /// Runs `mana demo`.
@@ -79,7 +97,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .map(|p| (*p).to_owned())
             .collect()
     };
+    let chaos = args.chaos.map(|mode| mana_demo::chaos::ChaosConfig {
+        mode: match mode {
+            ChaosArg::All => mana_demo::chaos::ChaosMode::Mixed,
+            ChaosArg::Coordinator => mana_demo::chaos::ChaosMode::Coordinator,
+        },
+        seed: args.chaos_seed.or(args.seed).unwrap_or(1),
+    });
     let config = DemoConfig {
+        chaos,
         exe: std::env::current_exe()
             .context("finding the mana executable to start the network's processes")?,
         out: args.out,

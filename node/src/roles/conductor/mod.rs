@@ -669,7 +669,9 @@ impl Role {
             hashes,
         };
         self.pending.clear();
-        self.save().await;
+        // The state is saved last (below), after the commit is stored, published and in the metrics: a crash
+        // anywhere before makes the restarted coordinator do the whole commit again, each step of which is
+        // idempotent (the same checkpoint in the store, the same commit published, no second metrics line).
         if let Err(e) = publish_patiently(
             &self.node,
             &Message::RoundCommit(commit.clone()),
@@ -760,6 +762,7 @@ impl Role {
         if self.cfg.rounds.is_some_and(|n| round >= n) {
             self.done = true;
         }
+        self.save().await;
         Ok(())
     }
 
