@@ -27,7 +27,7 @@ pub mod sync;
 mod validate;
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use libp2p::PeerId;
 use mana_protocol::{
@@ -617,6 +617,7 @@ async fn run_events(
 ) {
     let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
     let mut status_tick = tokio::time::interval(shared.config.status_interval);
+    let mut book = peers::BookSchedule::default();
     let mut seq = 0u64;
     // Bulk streams are served for as long as the node handles events (the task holds the shared state, so
     // it is stopped here rather than left to end with the swarm).
@@ -658,6 +659,7 @@ async fn run_events(
                     tracing::warn!(error = %e, "status file not written");
                 }
                 if let Ok(snap) = shared.client.snapshot().await
+                    && book.due(&snap.peers, Instant::now())
                     && let Err(e) = peers::remember(&shared, &snap.peers).await
                 {
                     tracing::warn!(error = %e, "peers not remembered");

@@ -81,6 +81,32 @@ fn keep_newest(store: &Store, max: usize) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// How often the peer book is written although its peers did not change (their last-seen times move on).
+pub const BOOK_REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When the peer book is written: at once when the set of dialable peers changed, else every
+/// [`BOOK_REFRESH`], so that a node with stable peers does not rewrite the store every few seconds.
+#[derive(Debug, Default)]
+pub struct BookSchedule {
+    last: Option<(std::time::Instant, Vec<String>)>,
+}
+
+impl BookSchedule {
+    /// Whether to write the book now for `peers`; records the write when it says so.
+    pub fn due(&mut self, peers: &[PeerSummary], now: std::time::Instant) -> bool {
+        let mut dialable: Vec<String> = peers.iter().filter_map(|p| p.dial_addr.clone()).collect();
+        dialable.sort();
+        let due = match &self.last {
+            Some((at, seen)) => *seen != dialable || now.duration_since(*at) >= BOOK_REFRESH,
+            None => true,
+        };
+        if due {
+            self.last = Some((now, dialable));
+        }
+        due
+    }
+}
+
 /// Every peer record that decodes, with its key.
 fn known(store: &Store) -> Result<Vec<(Vec<u8>, KnownPeer)>, NodeError> {
     Ok(store
@@ -94,6 +120,33 @@ fn known(store: &Store) -> Result<Vec<(Vec<u8>, KnownPeer)>, NodeError> {
 mod tests {
     use super::*;
     use crate::store::StoreConfig;
+
+    #[test]
+    fn the_book_is_written_when_its_peers_change_or_every_minute() {
+        let peer = |addr: &str| PeerSummary {
+            peer_id: "p".into(),
+            rtt_ms: None,
+            gossip_score: None,
+            agent: None,
+            dial_addr: Some(addr.into()),
+        };
+        let t0 = std::time::Instant::now();
+        let mut book = BookSchedule::default();
+        assert!(book.due(&[peer("/a")], t0), "first time");
+        assert!(!book.due(&[peer("/a")], t0 + std::time::Duration::from_secs(5)));
+        assert!(book.due(
+            &[peer("/a"), peer("/b")],
+            t0 + std::time::Duration::from_secs(6)
+        ));
+        assert!(!book.due(
+            &[peer("/b"), peer("/a")],
+            t0 + std::time::Duration::from_secs(7)
+        ));
+        assert!(book.due(
+            &[peer("/a"), peer("/b")],
+            t0 + BOOK_REFRESH + std::time::Duration::from_secs(6)
+        ));
+    }
 
     #[test]
     fn the_most_recent_dialable_peers_come_first_and_garbage_is_skipped() {

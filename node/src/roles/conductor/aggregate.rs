@@ -79,6 +79,15 @@ impl Role {
                     continue;
                 }
             };
+            // A durable reference for the round keeps the new state through a restart before the commit (pins
+            // live in memory only, and the store collects unreferenced blobs when it opens): the restarted
+            // coordinator's saved state names this result, and its commit reads the state back.
+            let store = self.node.store().clone();
+            if let Err(e) = blocking(move || Ok(store.add_blob_refs(round, &[hash])?)).await {
+                tracing::error!(round, %shard, error = %e, "shard not aggregated: its new state could not be kept");
+                failed += 1;
+                continue;
+            }
             self.pins.add(round, hash);
             self.pending.insert(shard, (hash, Arc::new(state)));
             let entry = ShardEntry {
