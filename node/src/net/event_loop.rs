@@ -31,8 +31,9 @@ use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
 use mana_protocol::{FetchRequest, FetchResponse, Text};
 
-/// Most of other peers' provider records kept (republications of one key by one peer included).
-const MAX_REMOTE_PROVIDER_RECORDS: usize = MAX_PROVIDER_KEYS;
+/// Most of other peers' provider records kept (republications of one key by one peer included): half the
+/// provider store, so that other peers' records never take the room of this node's own announcements.
+const MAX_REMOTE_PROVIDER_RECORDS: usize = MAX_PROVIDER_KEYS / 2;
 
 /// Most of a peer's identify listen addresses that go into the DHT routing table.
 const MAX_IDENTIFY_ADDRS: usize = 8;
