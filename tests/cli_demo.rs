@@ -341,3 +341,98 @@ fn coordinator_kill_loop_resumes_every_time() {
     assert!(kills(&summary) >= 3, "{summary}");
     assert!(summary.contains("coordinator x"), "{summary}");
 }
+
+/// Lines of the demo's `metrics.jsonl` so far (one per committed round).
+fn committed_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (polling) until the demo has committed `rounds` rounds.
+fn wait_rounds(demo: &mut Demo, out: &Path, rounds: usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while committed_lines(out).len() < rounds {
+        assert!(
+            demo.0.try_wait().expect("try_wait").is_none(),
+            "the demo ended early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "round {rounds} not committed in time"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node that sleeps (SIGSTOP) through two rounds rejoins within two rounds of waking (SIGCONT): it applies
+/// a round trained after it woke, and ends holding the final round like every other process. The run goes
+/// on without it meanwhile (`--min-members 2` of 3: with every node required, the coordinator waits for it).
+#[test]
+fn a_node_asleep_for_two_rounds_rejoins_within_two() {
+    const ROUNDS: usize = 12;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("out");
+    let child = mana()
+        .args(["demo", "--nodes", "3", "--min-members", "2"])
+        .args([
+            "--rounds",
+            &ROUNDS.to_string(),
+            "--sample-tokens",
+            "8",
+            "--out",
+        ])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mana demo starts");
+    let mut demo = Demo(child);
+    wait_rounds(&mut demo, &out, 3);
+    let sleeper = processes_mentioning(&out.join("node-2"))
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains(" node "))
+        .expect("node-2 runs")
+        .0;
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([name, &sleeper.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    let asleep_at = committed_lines(&out).len();
+    wait_rounds(&mut demo, &out, asleep_at + 2);
+    signal("-CONT");
+    let woke_at = committed_lines(&out).len();
+
+    let status = demo.0.wait().expect("the demo ends");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(demo.0.stderr.as_mut().expect("piped stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(status.success(), "the demo failed: {stderr}");
+    let lines = committed_lines(&out);
+    assert_eq!(lines.len(), ROUNDS);
+    let applied = |line: &serde_json::Value| {
+        line["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == "node-2")
+            .and_then(|n| n["applied_round"].as_u64())
+    };
+    // Within two rounds of waking (plus one for the status file's 2 s lag), it applied a round after the one
+    // committed when it woke.
+    let check = (woke_at + 3).min(ROUNDS);
+    assert!(
+        applied(&lines[check - 1]).is_some_and(|r| r > woke_at as u64),
+        "node-2 woke after round {woke_at}; at round {check} it had applied {:?}",
+        applied(&lines[check - 1])
+    );
+    let manifests = std::fs::read_to_string(out.join("manifests.txt")).expect("manifests.txt");
+    assert!(manifests.contains("AGREE"), "{manifests}");
+}

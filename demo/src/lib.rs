@@ -60,6 +60,8 @@ pub struct DemoConfig {
     pub out: PathBuf,
     /// Training nodes.
     pub nodes: usize,
+    /// Members the coordinator waits for before a round (`None`: every node, so that each round has them all).
+    pub min_members: Option<usize>,
     /// When to stop.
     pub stop: Stop,
     /// Text to train on (`None`: the built-in corpus).
@@ -84,6 +86,11 @@ pub struct DemoConfig {
 pub fn run(cfg: DemoConfig) -> Result<(), DemoError> {
     if cfg.nodes < 1 {
         return Err(DemoError::Config("--nodes must be at least 1".into()));
+    }
+    if cfg.min_members.is_some_and(|m| m < 1 || m > cfg.nodes) {
+        return Err(DemoError::Config(
+            "--min-members must be between 1 and --nodes".into(),
+        ));
     }
     let started = Instant::now();
     let out = OutDir::prepare(&cfg.out)?;

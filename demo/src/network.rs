@@ -134,7 +134,10 @@ pub fn start(
         "--rule",
         &cfg.rule,
     ])
-    .args(["--min-members", &cfg.nodes.to_string()])
+    .args([
+        "--min-members",
+        &cfg.min_members.unwrap_or(cfg.nodes).to_string(),
+    ])
     // Every routed expert on two nodes (one when there is a single node).
     .args(["--replication", &cfg.nodes.min(2).to_string()])
     .arg("--data-dir")

@@ -20,6 +20,10 @@ pub struct DemoArgs {
     /// Training nodes to start (each a separate process).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     nodes: u64,
+    /// Members the coordinator waits for before a round starts (default: every node). Below --nodes, the run
+    /// goes on while a node is down or asleep.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    min_members: Option<u64>,
     /// Rounds to train (default 100); the coordinator then exports the model and the demo ends.
     #[arg(long, conflicts_with = "minutes", value_parser = clap::value_parser!(u64).range(1..))]
     rounds: Option<u64>,
@@ -110,6 +114,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .context("finding the mana executable to start the network's processes")?,
         out: args.out,
         nodes: usize::try_from(args.nodes).context("--nodes")?,
+        min_members: args
+            .min_members
+            .map(usize::try_from)
+            .transpose()
+            .context("--min-members")?,
         stop,
         corpus: args.corpus,
         rule: args.rule,
