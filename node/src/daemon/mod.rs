@@ -655,14 +655,16 @@ async fn run_events(
                 }
             }
             _ = status_tick.tick() => {
-                if let Err(e) = status::write(&shared).await {
-                    tracing::warn!(error = %e, "status file not written");
-                }
-                if let Ok(snap) = shared.client.snapshot().await
-                    && book.due(&snap.peers, Instant::now())
-                    && let Err(e) = peers::remember(&shared, &snap.peers).await
-                {
-                    tracing::warn!(error = %e, "peers not remembered");
+                // The peer book is kept from the peers the status just listed (one network snapshot a tick).
+                match status::write(&shared).await {
+                    Ok(connected) => {
+                        if book.due(&connected, Instant::now())
+                            && let Err(e) = peers::remember(&shared, &connected).await
+                        {
+                            tracing::warn!(error = %e, "peers not remembered");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "status file not written"),
                 }
                 sync::withdraw_dropped(&shared).await;
             }

@@ -461,9 +461,10 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STATUS_FILE)
 }
 
-/// Collects the status and writes it atomically.
-pub(crate) async fn write(shared: &Shared) -> Result<(), NodeError> {
+/// Collects the status and writes it atomically; returns the connected peers it listed (for the peer book).
+pub(crate) async fn write(shared: &Shared) -> Result<Vec<crate::net::PeerSummary>, NodeError> {
     let status = collect(shared).await?;
+    let peers = status.peers.clone();
     let path = status_path(&shared.config.data_dir);
     blocking(move || {
         let json = serde_json::to_vec_pretty(&status).map_err(|e| NodeError::Status {
@@ -479,7 +480,7 @@ pub(crate) async fn write(shared: &Shared) -> Result<(), NodeError> {
             path: tmp.clone(),
             source,
         })?;
-        Ok(())
+        Ok(peers)
     })
     .await
 }

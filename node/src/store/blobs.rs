@@ -327,50 +327,34 @@ impl BlobDir {
     /// Opens a blob for streaming: the whole file is hashed first (so a corrupt file is an error here, before
     /// any byte is handed out), then it is read again through a reader that re-hashes as it goes.
     pub(crate) fn open_reader(&self, hash: &ContentHash) -> StoreResult<BlobReader> {
-        let path = self.path_of(hash);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::MissingBlob(*hash));
-            }
-            Err(err) => return Err(io_err(path)(err)),
-        };
+        let (path, mut file) = self.open_file(hash)?;
         let (actual, len) = hash_reader(&mut file).map_err(io_err(&path))?;
         if actual != *hash {
             return Err(self.corrupt(hash, actual));
         }
         file.seek(SeekFrom::Start(0)).map_err(io_err(&path))?;
-        Ok(BlobReader {
-            file,
-            hasher: blake3::Hasher::new(),
-            expected: *hash,
-            len,
-            read: 0,
-            ranged: false,
-        })
+        Ok(BlobReader::new(file, *hash, len, false))
     }
 
     /// Opens a stored blob for range reads without hashing it again: it was verified when it was installed
     /// (every install path checks the hash of the bytes it writes), and whoever fetches ranges of it checks
     /// the hash of what it receives. `mana node --verify-store` re-hashes every file.
     pub(crate) fn open_ranged(&self, hash: &ContentHash) -> StoreResult<BlobReader> {
-        let path = self.path_of(hash);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::MissingBlob(*hash));
-            }
-            Err(err) => return Err(io_err(path)(err)),
-        };
+        let (path, file) = self.open_file(hash)?;
         let len = file.metadata().map_err(io_err(&path))?.len();
-        Ok(BlobReader {
-            file,
-            hasher: blake3::Hasher::new(),
-            expected: *hash,
-            len,
-            read: 0,
-            ranged: true,
-        })
+        Ok(BlobReader::new(file, *hash, len, true))
+    }
+
+    /// The blob's file, opened for reading, with its path; [`StoreError::MissingBlob`] when there is none.
+    fn open_file(&self, hash: &ContentHash) -> StoreResult<(PathBuf, File)> {
+        let path = self.path_of(hash);
+        match File::open(&path) {
+            Ok(file) => Ok((path, file)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::MissingBlob(*hash))
+            }
+            Err(err) => Err(io_err(path)(err)),
+        }
     }
 
     /// Takes `len` bytes off the stored count (a file removed or quarantined).
@@ -657,6 +641,19 @@ pub struct BlobReader {
 }
 
 impl BlobReader {
+    /// A reader at the start of `file`, the blob `expected` of `len` bytes; `ranged` turns the end-of-read
+    /// hash check off from the start (a reader for range reads).
+    fn new(file: File, expected: ContentHash, len: u64, ranged: bool) -> BlobReader {
+        BlobReader {
+            file,
+            hasher: blake3::Hasher::new(),
+            expected,
+            len,
+            read: 0,
+            ranged,
+        }
+    }
+
     /// The blob's length in bytes.
     pub fn len(&self) -> u64 {
         self.len
