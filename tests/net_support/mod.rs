@@ -167,6 +167,12 @@ pub struct RoundNet {
 impl RoundNet {
     /// Starts the bootstrap, the coordinator's node and `honest` trainers.
     pub async fn start(honest: usize) -> RoundNet {
+        Self::start_with(honest, |_, _| {}).await
+    }
+
+    /// [`RoundNet::start`], with `tweak(name, config)` applied to each node's config before it starts (names:
+    /// `coordinator`, then `node-0`, `node-1`...).
+    pub async fn start_with(honest: usize, tweak: impl Fn(&str, &mut NodeConfig)) -> RoundNet {
         use mana_node::roles::common::{DataSource, load_dataset};
         use mana_node::roles::trainer::{TrainerConfig, run_trainer};
         use std::sync::Arc;
@@ -184,14 +190,16 @@ impl RoundNet {
         );
         let mut coord_cfg = node_config(&dir.path().join("coordinator"), &boot);
         coord_cfg.sync_shards = false;
+        tweak("coordinator", &mut coord_cfg);
         let coordinator = Arc::new(start_node(coord_cfg).await);
         let key = coordinator.public_key();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut trainers = Vec::new();
         for i in 0..honest {
-            let node = Arc::new(
-                start_node(member_config(dir.path(), &boot, &format!("node-{i}"), key)).await,
-            );
+            let name = format!("node-{i}");
+            let mut config = member_config(dir.path(), &boot, &name, key);
+            tweak(&name, &mut config);
+            let node = Arc::new(start_node(config).await);
             let cfg = TrainerConfig::new(spec.clone(), data.clone());
             let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
             trainers.push((node, task));

@@ -88,6 +88,13 @@ pub struct NodeStatus {
     pub ignored_messages: u64,
     /// Gossip ignored because its forwarder exceeded the rate limit.
     pub rate_limited_messages: u64,
+    /// Network events dropped because the node was a full queue behind (`event_queue`): gossip ignored (the
+    /// node catches up from a later message), requests answered busy.
+    #[serde(default)]
+    pub dropped_events: u64,
+    /// Inbound connections refused by a connection limit since start (a flood from one address shows here).
+    #[serde(default)]
+    pub denied_connections: u64,
     /// The store's rejection log: counts by reason and by peer.
     pub rejections: RejectionSummary,
     /// The trainer role's progress (`None` when the node does not train).
@@ -448,6 +455,8 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         rejected_messages: state.rejected,
         ignored_messages: state.ignored,
         rate_limited_messages: snap.gossip_rate_limited,
+        dropped_events: snap.events_dropped,
+        denied_connections: snap.inbound_denied,
         rejections,
         training: state.training.clone(),
         coordinator: state.coordinator.clone(),

@@ -160,12 +160,19 @@ pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u
         }),
         Err(rejection) if rejection.code() == RejectCode::NotCoordinator => {
             match holder_report(&envelope, current.as_ref()) {
-                Some(message) if message.topic() == kind => Judgement::Accept(Accepted {
-                    source,
-                    signer: envelope.signer,
-                    message,
-                    envelope: Arc::new(envelope),
-                }),
+                HolderReport::Report(message) if message.topic() == kind => {
+                    Judgement::Accept(Accepted {
+                        source,
+                        signer: envelope.signer,
+                        message,
+                        envelope: Arc::new(envelope),
+                    })
+                }
+                // Holders of a round this node has not heard of yet (it missed the announcement): not
+                // theirs to answer for, and not the forwarder's.
+                HolderReport::AheadOfUs => Judgement::Ignore {
+                    reason: RejectCode::FutureRound.as_str().into(),
+                },
                 _ => judge_rejection(shared, rejection),
             }
         }
@@ -173,20 +180,30 @@ pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u
     }
 }
 
-/// A checkpoint manifest signed by a node rather than the coordinator is that node's report of the shards it
-/// holds after a round (the determinism check: every holder publishes its shard hashes). It is accepted (the
-/// run and the clock were already checked) but never synced from; only the coordinator's manifests are.
+/// What a checkpoint manifest signed by a node rather than the coordinator is.
+enum HolderReport {
+    /// That node's report of the shards it holds after a round (the determinism check: every holder
+    /// publishes its shard hashes). Accepted (the run and the clock were already checked), never synced from;
+    /// only the coordinator's manifests are.
+    Report(Message),
+    /// A report of a round after the one this node is in: it missed an announcement, the holders did not.
+    AheadOfUs,
+    /// Not a checkpoint manifest.
+    NotOne,
+}
+
+/// Reads a message that failed as not the coordinator's: a holder's report, or not (see [`HolderReport`]).
 fn holder_report(
     envelope: &mana_protocol::SignedEnvelope,
     current: Option<&mana_protocol::RoundAnnouncement>,
-) -> Option<Message> {
+) -> HolderReport {
     let Ok(Message::CheckpointManifest(m)) = envelope.verify() else {
-        return None;
+        return HolderReport::NotOne;
     };
     if current.is_some_and(|c| m.round > c.round) {
-        return None;
+        return HolderReport::AheadOfUs;
     }
-    Some(Message::CheckpointManifest(m))
+    HolderReport::Report(Message::CheckpointManifest(m))
 }
 
 /// Turns a rejection into a verdict: rejected (the forwarder is penalised) or ignored.

@@ -162,6 +162,8 @@ pub struct EventLoop {
     /// Current reconnect back-off (doubles on each empty attempt, reset on a connection).
     backoff: Duration,
     gossip_rate_limited: u64,
+    events_dropped: u64,
+    inbound_denied: u64,
     /// Whether relay reservations were requested (once autonat says we are private).
     relayed: bool,
     /// Gossip bytes are counted here; fetch frames in the codec.
@@ -203,6 +205,8 @@ impl EventLoop {
             next_bootstrap_dial,
             backoff,
             gossip_rate_limited: 0,
+            events_dropped: 0,
+            inbound_denied: 0,
             relayed: false,
             traffic,
             remote_ips,
@@ -455,12 +459,19 @@ impl EventLoop {
             peers,
             routing_table,
             gossip_rate_limited: self.gossip_rate_limited,
+            events_dropped: self.events_dropped,
+            inbound_denied: self.inbound_denied,
         }
     }
 
-    fn emit(&self, event: NetEvent) -> Result<(), NetEvent> {
+    /// Hands an event to the node without waiting; a full queue gives it back (and is counted).
+    fn emit(&mut self, event: NetEvent) -> Result<(), NetEvent> {
         self.events.try_send(event).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => ev,
+            mpsc::error::TrySendError::Full(ev) => {
+                self.events_dropped += 1;
+                ev
+            }
+            mpsc::error::TrySendError::Closed(ev) => ev,
         })
     }
 
@@ -562,6 +573,9 @@ impl EventLoop {
                 self.schedule_reconnect_if_alone();
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.inbound_denied += 1;
+                }
                 tracing::debug!(%error, "incoming connection failed");
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {

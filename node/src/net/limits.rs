@@ -47,6 +47,10 @@ pub struct Limits {
     pub max_served_requests: usize,
     /// Inbound chunk requests answered at once for one peer.
     pub max_served_requests_per_peer: usize,
+    /// Network events (gossip to judge, requests to answer) waiting for the node. When it is this far behind,
+    /// gossip is ignored (never held against its sender: the node catches up from a later message) and requests
+    /// are answered busy, so a flood costs memory up to this bound and never stalls the swarm.
+    pub event_queue: usize,
 }
 
 impl Default for Limits {
@@ -71,6 +75,7 @@ impl Default for Limits {
             max_blob_streams_per_peer: 8,
             max_served_requests: 32,
             max_served_requests_per_peer: 4,
+            event_queue: 1024,
         }
     }
 }
@@ -137,9 +142,15 @@ impl Limits {
                 "total and per-peer request caps must be at least 1",
             );
         }
+        if self.event_queue == 0 || self.event_queue > EVENT_QUEUE_CEILING {
+            return err("event_queue", "must be between 1 and 65536");
+        }
         Ok(())
     }
 }
+
+/// The hard ceiling of the event queue: each waiting event may hold a gossip message (up to 512 KiB).
+pub const EVENT_QUEUE_CEILING: usize = 65_536;
 
 /// One token bucket: `burst` tokens, refilled at `rate` per second.
 #[derive(Debug, Clone)]

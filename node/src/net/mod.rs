@@ -42,9 +42,6 @@ pub use traffic::{Traffic, TrafficCounters};
 
 /// Capacity of the command channel: callers wait (back-pressure) when the loop is this far behind.
 const COMMAND_CAPACITY: usize = 256;
-/// Capacity of the event channel: when the consumer is this far behind, gossip is ignored and requests get
-/// `Busy`, so the swarm never blocks on a slow consumer.
-const EVENT_CAPACITY: usize = 1024;
 
 /// What the network reports to the node.
 #[derive(Debug)]
@@ -119,6 +116,11 @@ pub struct NetSnapshot {
     pub routing_table: Vec<String>,
     /// Gossip messages ignored because their forwarder exceeded its rate.
     pub gossip_rate_limited: u64,
+    /// Events dropped because the node was [`Limits::event_queue`] events behind: gossip ignored, requests
+    /// answered busy.
+    pub events_dropped: u64,
+    /// Inbound connections refused by a limit (per IP, inbound total, per peer, pending handshakes).
+    pub inbound_denied: u64,
     /// Keys this node announces as a provider in the DHT (its blobs; see [`behaviour::MAX_PROVIDER_KEYS`]).
     pub dht_provided: usize,
     /// Other peers' provider records this node holds for the DHT (each expires an hour after it was put).
@@ -149,7 +151,7 @@ pub fn new(
     }
     let streams = swarm.behaviour().streams.new_control();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
-    let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
+    let (event_tx, event_rx) = mpsc::channel(config.limits.event_queue);
     let remote_ips = std::sync::Arc::new(lane::RemoteIps::default());
     let event_loop = EventLoop::new(
         swarm,
