@@ -26,6 +26,9 @@ const STEP: Duration = Duration::from_secs(60);
 /// gossip and no published messages from us, and a negative score prunes it from our mesh.
 const PUBLISH_THRESHOLD: f64 = -50.0;
 
+/// The duplicate caches of this test's nodes: short, so a replay reaches the replay check.
+const REPLAY_CACHE: Duration = Duration::from_secs(2);
+
 fn heartbeat(run: &mana_protocol::RunId) -> Message {
     Message::Heartbeat(Heartbeat {
         run: run.clone(),
@@ -48,13 +51,21 @@ async fn invalid_gossip_is_rejected_and_costs_the_sender_score() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
-    let a = start_node(node_config(&dir.path().join("a"), &boot)).await;
-    let b = start_node(node_config(&dir.path().join("b"), &boot)).await;
+    // Duplicate caches of 2 s (production keeps 120 s, past the clock window), so that the replay below gets
+    // past them to A's replay check within the test.
+    let short_cache = |name: &str| {
+        let mut config = node_config(&dir.path().join(name), &boot);
+        config.net.duplicate_cache_time = REPLAY_CACHE;
+        config
+    };
+    let a = start_node(short_cache("a")).await;
+    let b = start_node(short_cache("b")).await;
     let run = NetConfig::for_tests().run_id;
     let heartbeats = topic(&run, TopicKind::Heartbeats);
 
     // The attacker: a bare swarm that may publish up to 1 MiB, subscribed to the heartbeat topic.
     let mut config = NetConfig::for_tests();
+    config.duplicate_cache_time = REPLAY_CACHE;
     config.bootstrap = boot.clone();
     config.limits.max_gossip_bytes = 1024 * 1024;
     let (mallory, mut events, event_loop) =

@@ -65,9 +65,6 @@ fn stale_heartbeat(key: &Keypair, run: &mana_protocol::RunId, seq: u64) -> Vec<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_flooded_at_an_announcement_rejoins_within_two_rounds_and_nobody_is_penalised() {
     let net = RoundNet::start_with(HONEST, |name, config| {
-        // Production's duplicate cache (tests shorten it to 2 s): a copy of a message that the flood delays
-        // past a 2 s cache would be judged again, as a replay.
-        config.net.duplicate_cache_time = NetConfig::default().duplicate_cache_time;
         if name == format!("node-{VICTIM}") {
             config.net.limits.event_queue = 1;
             config.net.limits.gossip_per_second = 1_000_000;

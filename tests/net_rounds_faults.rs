@@ -42,6 +42,10 @@ use tokio::task::JoinHandle;
 /// One test at a time: each runs a whole network on the machine's cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Every node's duplicate cache here: 2 s (production keeps 120 s, past the clock window), so that the
+/// replayer's copies a round later get past it to the replay check.
+const REPLAY_CACHE: Duration = Duration::from_secs(2);
+
 /// A bootstrap, a coordinator node and the run's spec and data.
 struct Net {
     dir: tempfile::TempDir,
@@ -87,12 +91,15 @@ impl Net {
     fn coordinator_config(dir: &Path, boot: &[Multiaddr]) -> NodeConfig {
         let mut cfg = node_config(&dir.join("coordinator"), boot);
         cfg.sync_shards = false;
+        cfg.net.duplicate_cache_time = REPLAY_CACHE;
         cfg
     }
 
     /// A member node's config: follows the coordinator, fetches only what it is assigned.
     fn member_config(&self, name: &str) -> NodeConfig {
-        member_config(self.dir.path(), &self.boot, name, self.key)
+        let mut cfg = member_config(self.dir.path(), &self.boot, name, self.key);
+        cfg.net.duplicate_cache_time = REPLAY_CACHE;
+        cfg
     }
 
     /// Starts an honest training node; its trainer stops on `stop` (or when the task is aborted: a kill).

@@ -174,7 +174,6 @@ impl RoundNet {
     /// `coordinator`, then `node-0`, `node-1`...).
     pub async fn start_with(honest: usize, tweak: impl Fn(&str, &mut NodeConfig)) -> RoundNet {
         use mana_node::roles::common::{DataSource, load_dataset};
-        use mana_node::roles::trainer::{TrainerConfig, run_trainer};
         use std::sync::Arc;
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -194,27 +193,38 @@ impl RoundNet {
         let coordinator = Arc::new(start_node(coord_cfg).await);
         let key = coordinator.public_key();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut trainers = Vec::new();
-        for i in 0..honest {
-            let name = format!("node-{i}");
-            let mut config = member_config(dir.path(), &boot, &name, key);
-            tweak(&name, &mut config);
-            let node = Arc::new(start_node(config).await);
-            let cfg = TrainerConfig::new(spec.clone(), data.clone());
-            let task = tokio::spawn(run_trainer(node.clone(), cfg, stopped(stop_rx.clone())));
-            trainers.push((node, task));
-        }
-        RoundNet {
+        let mut net = RoundNet {
             dir,
             bootstrap,
             boot,
             coordinator,
-            trainers,
+            trainers: Vec::new(),
             spec,
             data,
             stop_tx,
             stop_rx,
+        };
+        for i in 0..honest {
+            let name = format!("node-{i}");
+            let mut config = member_config(net.dir.path(), &net.boot, &name, key);
+            tweak(&name, &mut config);
+            net.add_trainer(config).await;
         }
+        net
+    }
+
+    /// Starts one more honest trainer (a member of the run) with `config`, at any time: a late joiner.
+    pub async fn add_trainer(&mut self, config: NodeConfig) -> std::sync::Arc<NodeHandle> {
+        use mana_node::roles::trainer::{TrainerConfig, run_trainer};
+        let node = std::sync::Arc::new(start_node(config).await);
+        let cfg = TrainerConfig::new(self.spec.clone(), self.data.clone());
+        let task = tokio::spawn(run_trainer(
+            node.clone(),
+            cfg,
+            stopped(self.stop_rx.clone()),
+        ));
+        self.trainers.push((node.clone(), task));
+        node
     }
 }
 

@@ -32,7 +32,10 @@ pub struct NetConfig {
     pub idle_connection_timeout: Duration,
     /// Gossipsub heartbeat (mesh maintenance and score decay tick).
     pub gossip_heartbeat: Duration,
-    /// How long gossipsub remembers message ids to drop duplicates.
+    /// How long gossipsub remembers message ids to drop duplicates. Keep it above the protocol's clock
+    /// window (30 s): then a copy forwarded late by an honest but slow peer is dropped here, or is too old
+    /// for the clock check (ignored); below it, such a copy reaches the replay check and is rejected as
+    /// `replayed`, costing that honest peer score.
     pub duplicate_cache_time: Duration,
     /// How often the DHT is refreshed (random walk to find new peers).
     pub discovery_interval: Duration,
@@ -78,13 +81,13 @@ impl Default for NetConfig {
 
 impl NetConfig {
     /// A configuration for loopback tests: listens on `127.0.0.1` port 0 (TCP), DHT server mode, short
-    /// heartbeat, discovery and duplicate-cache intervals so a test converges in seconds.
+    /// heartbeat and discovery intervals so a test converges in seconds. The duplicate cache keeps its
+    /// production length (see [`NetConfig::duplicate_cache_time`]); a test of the replay check shortens it.
     pub fn for_tests() -> Self {
         Self {
             listen: vec![loopback_tcp()],
             kad_server: true,
             gossip_heartbeat: Duration::from_millis(200),
-            duplicate_cache_time: Duration::from_secs(2),
             discovery_interval: Duration::from_millis(500),
             reconnect_backoff: Duration::from_millis(200),
             max_reconnect_backoff: Duration::from_secs(2),
