@@ -1,8 +1,10 @@
-//! The connection limits hold under an inbound flood (issue #14, section 2), on loopback with real swarms:
+//! The connection and serving limits hold under an inbound flood (issue #14, section 2), on loopback with real swarms:
 //! - one address gets at most `max_inbound_per_ip` inbound connections, however many peers dial from it, and
 //!   a closed connection frees its slot;
 //! - inbound connections never take the `outbound_reserve` slots: after an inbound flood the node still dials
-//!   out (an attacker who fills its inbound slots cannot eclipse it).
+//!   out (an attacker who fills its inbound slots cannot eclipse it);
+//! - chunk requests from one peer beyond `max_served_requests_per_peer` at once are answered busy, so what a
+//!   peer's requests can pin in memory is that many chunks.
 //!
 //! Every refusal is counted (`inbound_denied`, `denied_connections` in status.json). Each step waits on a
 //! condition: the dials are settled when the node holds or has refused every dialer.
@@ -156,4 +158,77 @@ async fn an_inbound_flood_leaves_the_node_room_for_its_own_dials() {
         snap.peers.len()
     );
     drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_requests_past_the_per_peer_cap_are_answered_busy() {
+    use mana_protocol::{FetchRequest, FetchResponse};
+    init_tracing();
+    const CAP: usize = 2;
+    const REQUESTS: usize = 24;
+    const CHUNK: u32 = 4 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = node_config(dir.path(), &[]);
+    config.net.limits.max_served_requests_per_peer = CAP;
+    let node = start_node(config).await;
+    let blob = pseudo_random_bytes(4 * CHUNK as usize, 7);
+    let hash = node.store().put_blob(&blob).expect("stored").hash();
+    let node_addr = node
+        .listen_addrs()
+        .await
+        .expect("listening")
+        .into_iter()
+        .next()
+        .expect("an address")
+        .with(Protocol::P2p(node.peer_id()));
+
+    let asker = swarm(NetConfig::for_tests());
+    asker.dial(node_addr).await.expect("dial issued");
+    wait_for(STEP, "connected", || async {
+        let snap = asker.snapshot().await.ok()?;
+        snap.peers
+            .iter()
+            .any(|p| p.peer_id == node.peer_id().to_string())
+            .then_some(())
+    })
+    .await;
+    // Every request at once: each answered one holds a 4 MiB chunk until it is sent.
+    let mut asking = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let (asker, peer) = (asker.clone(), node.peer_id());
+        asking.spawn(async move {
+            asker
+                .request(
+                    peer,
+                    FetchRequest {
+                        hash,
+                        offset: (i % 4) as u64 * u64::from(CHUNK),
+                        max_len: CHUNK,
+                    },
+                )
+                .await
+        });
+    }
+    let (mut served, mut busy) = (0, 0);
+    while let Some(answer) = asking.join_next().await {
+        match answer.expect("request task").expect("an answer") {
+            FetchResponse::Chunk { data, offset, .. } => {
+                let at = offset as usize;
+                assert_eq!(data.0, blob[at..at + CHUNK as usize], "served bytes");
+                served += 1;
+            }
+            FetchResponse::Refused { reason } => {
+                assert!(reason.as_str().contains("busy"), "refused: {reason:?}");
+                busy += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("{REQUESTS} requests at once: {served} served, {busy} answered busy (cap {CAP})");
+    assert!(served >= CAP, "only {served} served");
+    assert!(
+        busy > 0,
+        "{REQUESTS} requests at once, all served: the per-peer cap of {CAP} did not hold"
+    );
+    node.shutdown().await.expect("shutdown");
 }
