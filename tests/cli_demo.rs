@@ -368,7 +368,8 @@ fn wait_rounds(demo: &mut Demo, out: &Path, rounds: usize) {
 }
 
 /// A node that sleeps (SIGSTOP) through two rounds rejoins within two rounds of waking (SIGCONT): it applies
-/// a round trained after it woke, and ends holding the final round like every other process. The run goes
+/// a round trained after it woke, and ends holding the final round like every other process; no process
+/// scores a peer below zero for it. The run goes
 /// on without it meanwhile (`--min-members 2` of 3: with every node required, the coordinator waits for it).
 #[test]
 fn a_node_asleep_for_two_rounds_rejoins_within_two() {
@@ -409,6 +410,26 @@ fn a_node_asleep_for_two_rounds_rejoins_within_two() {
     wait_rounds(&mut demo, &out, asleep_at + 2);
     signal("-CONT");
     let woke_at = committed_lines(&out).len();
+
+    // Once it is back (two rounds on), no process scores an honest peer below zero: the sleeper missed
+    // messages, nobody sent it anything invalid, and it forwarded nothing that was.
+    wait_rounds(&mut demo, &out, woke_at + 2);
+    for name in ["coordinator", "node-1", "node-2", "node-3"] {
+        let path = out.join(name).join("status.json");
+        let status: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("status.json"))
+                .expect("status.json parses");
+        let peers = status["peers"].as_array().expect("peers");
+        assert!(!peers.is_empty(), "{name} has no peer");
+        for peer in peers {
+            let score = peer["gossip_score"].as_f64().unwrap_or(0.0);
+            assert!(
+                score >= 0.0,
+                "{name} scores {} at {score} after node-2 slept",
+                peer["peer_id"]
+            );
+        }
+    }
 
     let status = demo.0.wait().expect("the demo ends");
     let mut stderr = String::new();

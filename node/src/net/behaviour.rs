@@ -34,9 +34,8 @@ pub fn agent_version() -> String {
 /// Most keys with provider records the DHT store holds, this node's and other peers' together (libp2p's
 /// default, 1,024, filled after about 65 rounds of a 4-node demo and then refused every new blob). A node
 /// announces only blobs its store holds and withdraws each one the store drops; other peers' records are
-/// dropped when they expire (an hour after they were put) and take at most half of the keys (the oldest go
-/// first past it), so they never crowd out this node's own announcements. Each key costs about 200 bytes.
-/// Measured: a demo node holds about 87 other peers' records per round (11,344 after 130 rounds of 1.7 s).
+/// dropped when they expire (an hour after they were put) and are capped far below this (8,192, the oldest
+/// first past it), so they never crowd out this node's own announcements.
 pub const MAX_PROVIDER_KEYS: usize = 65_536;
 
 /// How long a provider record lives after it was put (providers republish every 10 minutes).

@@ -21,9 +21,7 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use tokio::sync::{mpsc, oneshot};
 
-use super::behaviour::{
-    Behaviour, BehaviourEvent, KAD_PROTOCOL, MAX_PROVIDER_KEYS, PROVIDER_RECORD_TTL,
-};
+use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, PROVIDER_RECORD_TTL};
 use super::config::NetConfig;
 use super::lane::RemoteIps;
 use super::limits::RateLimiter;
@@ -31,9 +29,13 @@ use super::traffic::TrafficCounters;
 use super::{NetError, NetEvent, NetSnapshot, PeerSummary};
 use mana_protocol::{FetchRequest, FetchResponse, Text};
 
-/// Most of other peers' provider records kept (republications of one key by one peer included): half the
-/// provider store, so that other peers' records never take the room of this node's own announcements.
-const MAX_REMOTE_PROVIDER_RECORDS: usize = MAX_PROVIDER_KEYS / 2;
+/// Most of other peers' provider records kept (republications of one key by one peer included), the oldest
+/// dropped first past it. Far below the provider store's [`super::behaviour::MAX_PROVIDER_KEYS`], so other peers' records never
+/// take the room of this node's own announcements; and small in memory: libp2p's store keeps room for 20
+/// providers inline per key (about 3 KB), so this bounds them to about 25 MB. A demo node receives about 85
+/// records a round, so this holds the last ~95 rounds' (blobs live `keep_rounds`); in a large network a node
+/// holds the records of its share of the keys, so each round adds fewer.
+const MAX_REMOTE_PROVIDER_RECORDS: usize = 8_192;
 
 /// Most of a peer's identify listen addresses that go into the DHT routing table.
 const MAX_IDENTIFY_ADDRS: usize = 8;
@@ -737,7 +739,12 @@ impl EventLoop {
                     .store_mut()
                     .add_provider(record)
                 {
-                    Ok(()) => self.remote_providers.push_back((expires, key, provider)),
+                    Ok(()) => {
+                        self.remote_providers.push_back((expires, key, provider));
+                        if self.remote_providers.len() > MAX_REMOTE_PROVIDER_RECORDS {
+                            self.prune_expired_providers();
+                        }
+                    }
                     Err(e) => tracing::debug!(%provider, error = %e, "provider record not kept"),
                 }
             }
