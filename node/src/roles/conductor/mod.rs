@@ -682,7 +682,9 @@ impl Role {
             tracing::warn!(round, error = %e, "round commit not published");
         }
 
-        // The rejection log, the metrics, the round limit.
+        // The rejection log, the metrics, the round limit. The log counts a commit's refusals at most once: a
+        // commit finished again after a restart logged them the first time (a crash between the store commit
+        // and this loses them from the log; the signed commit, which lists them, is the record).
         let mut rejected_reasons: BTreeMap<String, u64> = BTreeMap::new();
         for r in &commit.rejected {
             let (reason, detail) = self
@@ -696,6 +698,9 @@ impl Role {
                     )
                 });
             *rejected_reasons.entry(reason.clone()).or_default() += 1;
+            if !first_time {
+                continue;
+            }
             let (store, peer) = (self.node.store().clone(), peer_name(&r.node));
             if let Err(e) =
                 blocking(move || Ok(store.record_rejection(&peer, &reason, &detail)?)).await
