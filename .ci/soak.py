@@ -4,7 +4,8 @@
 Outside CI (it runs for as long as asked). Every --interval seconds, for each child of the demo (bootstrap,
 coordinator, node-<i>, found by its data directory on its command line, so a restarted child is followed),
 it records resident memory (VmRSS), open files (/proc/<pid>/fd), the DHT provider records from its
-status.json (its own announcements and other peers' records it holds), its store's blob bytes and the
+status.json (its own announcements and other peers' records it holds), its store's blob bytes, the blobs it
+pins (kept alive for rounds in progress: a count that only grows is a disk leak) and the
 disk use of its data directory. Samples go to <out>/soak.jsonl; at the end a table gives start, middle and
 end per process and says whether each figure stayed flat (end at most --flat times the middle, or within
 a small absolute slack).
@@ -91,6 +92,7 @@ def sample(out, started):
             "dht_provided": st.get("dht_provided"),
             "dht_provider_records": st.get("dht_provider_records"),
             "store_bytes": st.get("store_bytes"),
+            "pinned_blobs": st.get("pinned_blobs"),
             "disk_bytes": du(data_dir),
         }
     return {"t_s": round(time.time() - started, 1), "processes": rows}
@@ -99,7 +101,7 @@ def sample(out, started):
 # Growth allowed from the middle to the end, as a factor, above an absolute slack per figure (small counts
 # and a fresh allocator page move by themselves).
 SLACK = {"rss_kib": 32 * 1024, "open_files": 16, "dht_provided": 64, "dht_provider_records": 256,
-         "store_bytes": 4 << 20, "disk_bytes": 8 << 20}
+         "store_bytes": 4 << 20, "pinned_blobs": 32, "disk_bytes": 8 << 20}
 
 
 def main():

@@ -72,6 +72,10 @@ pub struct NodeStatus {
     /// The store's quota (`--store-quota`), if any.
     #[serde(default)]
     pub store_quota: Option<u64>,
+    /// Blobs kept alive by this process (written or fetched for a round not yet committed and released): a
+    /// few rounds' worth; a number that only grows is a leak of disk.
+    #[serde(default)]
+    pub pinned_blobs: usize,
     /// The shards of the stored round.
     pub stored_shards: Vec<StoredShard>,
     /// Hash (hex) of the checkpoint manifest of the stored round, when the round carries one (a trainer's own
@@ -447,6 +451,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         current_round: state.current.as_ref().map(|a| a.round),
         stored_round,
         store_bytes: shared.store.blob_bytes(),
+        pinned_blobs: shared.store.pinned_blobs(),
         store_quota: shared.config.store_quota,
         stored_shards,
         manifest_hash,

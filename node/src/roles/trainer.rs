@@ -444,7 +444,7 @@ impl Trainer {
         }
         self.node
             .update_training_status(|s| s.activity = format!("round {round}: fetching the base"));
-        let manifest = self.base_manifest(ann.base_checkpoint).await?;
+        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
         let base = self.base_shards(&manifest, &me.shards, round).await?;
         // What this node no longer hosts is dropped, with its error-feedback residual.
         self.held.retain(|s, _| me.shards.contains(s));
@@ -569,8 +569,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// The manifest whose hash is `hash`: the last commit's, or fetched.
-    async fn base_manifest(&mut self, hash: ContentHash) -> Result<CheckpointManifest, NodeError> {
+    /// The manifest whose hash is `hash`: the last commit's, or fetched (and then pinned for `round`).
+    async fn base_manifest(
+        &mut self,
+        hash: ContentHash,
+        round: u64,
+    ) -> Result<CheckpointManifest, NodeError> {
         if let Some((h, m)) = &self.last_checkpoint
             && *h == hash
         {
@@ -583,6 +587,7 @@ impl Trainer {
             self.cfg.fetch_timeout,
         )
         .await?;
+        self.pins.add(round, hash);
         let manifest = CheckpointManifest::from_bytes(&bytes)?;
         self.last_checkpoint = Some((hash, manifest.clone()));
         Ok(manifest)
