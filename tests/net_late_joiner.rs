@@ -94,16 +94,8 @@ async fn a_node_that_joins_after_round_10_trains_within_two_rounds_and_nobody_is
                 s.rejections.by_peer
             );
         }
-        for peer in &s.peers {
-            assert!(
-                peer.gossip_score.unwrap_or(0.0) >= 0.0,
-                "{} scores {} at {:?}",
-                s.peer_id,
-                peer.peer_id,
-                peer.gossip_score
-            );
-        }
     }
+    assert_no_peer_scored_below_zero(&all, &[]);
     drop(late);
     net.stop().await;
 }

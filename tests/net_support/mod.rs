@@ -324,3 +324,22 @@ impl Heard {
         self.0.lock().expect("lock").iter().filter_map(f).collect()
     }
 }
+
+/// Asserts that no node in `statuses` scores a peer below zero, peers in `except` (the test's own attackers)
+/// aside: the honest ones were not penalised.
+pub fn assert_no_peer_scored_below_zero(
+    statuses: &[mana_node::daemon::NodeStatus],
+    except: &[String],
+) {
+    for s in statuses {
+        for peer in s.peers.iter().filter(|p| !except.contains(&p.peer_id)) {
+            assert!(
+                peer.gossip_score.unwrap_or(0.0) >= 0.0,
+                "{} scores {} at {:?}",
+                s.peer_id,
+                peer.peer_id,
+                peer.gossip_score
+            );
+        }
+    }
+}

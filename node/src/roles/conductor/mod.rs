@@ -295,6 +295,16 @@ async fn conductor_loop(
 }
 
 impl Role {
+    /// The blobs the current model needs pinned: its shards and the manifest `manifest_hash` naming them.
+    fn in_use(&self, manifest_hash: ContentHash) -> Vec<ContentHash> {
+        self.model
+            .hashes
+            .values()
+            .copied()
+            .chain([manifest_hash])
+            .collect()
+    }
+
     /// Resumes the saved state, or starts the run from round 0's checkpoint.
     async fn start(
         node: Arc<NodeHandle>,
@@ -420,14 +430,7 @@ impl Role {
         // What the start pinned (the initial shards, or the manifest served again) is released like a round's
         // blobs once later rounds replace it; left out of the ledger it stayed pinned, and on disk, for good.
         let start_round = role.machine.checkpoint().round;
-        let started: Vec<ContentHash> = role
-            .model
-            .hashes
-            .values()
-            .copied()
-            .chain([manifest_hash])
-            .collect();
-        for hash in started {
+        for hash in role.in_use(manifest_hash) {
             role.pins.add(start_round, hash);
         }
         if let Some(active) = role.machine.state().round() {
@@ -770,13 +773,7 @@ impl Role {
                 Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
             }
         }
-        let keep: Vec<ContentHash> = self
-            .model
-            .hashes
-            .values()
-            .copied()
-            .chain([manifest_hash])
-            .collect();
+        let keep = self.in_use(manifest_hash);
         self.pins
             .release_before(&self.node, round.saturating_sub(1), &keep);
         self.decoded.clear();
