@@ -9,6 +9,12 @@
 //!   old hash). Every trainer recomputes the trunk, refuses the commit (status, no adoption: its store stays
 //!   at the honest round), publishes a signed dispute (checked here: signature, and that it quotes the commit
 //!   faithfully, the three trainers agreeing on the computed hash), and declines the next round built on it.
+//! - A coordinator that publishes false scores: after two honest rounds (in which every trainer recomputed the
+//!   published scores of its own deltas and of its shards' accepted deltas, and found them all true), the
+//!   test runs one round as the coordinator and refuses every trunk delta as `low-score`, publishing made-up
+//!   scores. The commit is otherwise right (nothing accepted, every shard unchanged), so only the score check
+//!   can catch it: every trainer recomputes its own delta's score, finds the published one false, and says so
+//!   (error log, `score_mismatches` in its status).
 //! - A coordinator that equivocates: while the conductor runs, the test publishes a second, different commit
 //!   for a round already committed. Every node (the three trainers and the coordinator's own node) keeps both
 //!   signed envelopes in its store (checked here with the coordinator's key alone) and shows it in its status,
@@ -33,8 +39,8 @@ use mana_node::roles::commit_check::refusal_key;
 use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
-    AcceptedDeltas, ContentHash, Deadlines, Message, PublicKey, RejectCode, RejectedDelta,
-    RoundAnnouncement, RoundCommit, ShardId,
+    AcceptedDeltas, ContentHash, Deadlines, DeltaScore, Message, PublicKey, RejectCode,
+    RejectedDelta, RoundAnnouncement, RoundCommit, ShardId, seed_commitment,
 };
 use net_support::*;
 use tokio::sync::watch;
@@ -136,9 +142,13 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         accepted: vec![AcceptedDeltas {
             shard: ShardId::Trunk,
             deltas: payloads.clone(),
+            weights: vec![1; payloads.len()],
         }],
         rejected: Vec::new(),
         checkpoint,
+        scores: Vec::new(),
+        // The announcement is the honest round's but for its number and deadlines: its commitment too.
+        seed_secret: honest_commit.seed_secret,
     };
     assert_eq!(lie.round, LIE);
     let lie_id = lie.hash().expect("commit id");
@@ -335,6 +345,145 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         after.len(),
         started.elapsed().as_secs_f64()
     );
+    net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_publishes_false_scores_is_caught() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = RoundNet::start(HONEST).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS, HONEST))
+        .await
+        .expect("the honest rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    // The honest coordinator's scores are true: every trainer checked some and found none false.
+    let honest = net
+        .wait_trainers(
+            Duration::from_secs(30),
+            "every trainer applied the last honest round",
+            |s| training(s).applied_round == Some(HONEST_ROUNDS),
+        )
+        .await;
+    for s in &honest {
+        let t = training(s);
+        assert!(t.scores_checked > 0, "{} checked no score", s.peer_id);
+        assert_eq!(t.score_mismatches, 0, "{:?}", t.last_score_mismatch);
+    }
+    let checked_before: BTreeMap<String, u64> = honest
+        .iter()
+        .map(|s| (s.peer_id.clone(), training(s).scores_checked))
+        .collect();
+    let honest_ann = seen_by_trainer
+        .find(|m| match &m.message {
+            Message::RoundAnnouncement(a) if a.round == HONEST_ROUNDS => Some(a.clone()),
+            _ => None,
+        })
+        .pop()
+        .expect("the last honest round announced");
+    let base = seen_by_trainer
+        .find(|m| match &m.message {
+            Message::RoundCommit(c) if c.round == HONEST_ROUNDS => Some(c.checkpoint.clone()),
+            _ => None,
+        })
+        .pop()
+        .expect("the last honest round committed");
+
+    // The test's round, with a seed secret it commits to.
+    let secret = [0x5e; 32];
+    let now = mana_node::daemon::now_ms();
+    let ann = RoundAnnouncement {
+        round: LIE,
+        base_checkpoint: base.hash().expect("manifest hash"),
+        deadlines: Deadlines {
+            deltas_by_ms: now + 60_000,
+            commit_by_ms: now + 90_000,
+        },
+        seed_commitment: seed_commitment(&secret),
+        ..honest_ann.clone()
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundAnnouncement(ann.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the round announced");
+    let trunk_deltas = wait_for(
+        Duration::from_secs(60),
+        "every trainer's trunk delta",
+        || async {
+            let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m
+                .message
+            {
+                Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => {
+                    Some((m.signer, d.payload_hash))
+                }
+                _ => None,
+            });
+            deltas.sort();
+            deltas.dedup();
+            (deltas.len() == HONEST).then_some(deltas)
+        },
+    )
+    .await;
+    // The lie: every honest trunk delta refused as `low-score`, with a score saying it raised the loss.
+    let mut checkpoint = base.clone();
+    checkpoint.round = LIE;
+    let mut scores: Vec<DeltaScore> = trunk_deltas
+        .iter()
+        .map(|(_, payload)| DeltaScore {
+            shard: ShardId::Trunk,
+            payload_hash: *payload,
+            in_mean: HONEST as u32,
+            null_loss: 5.0,
+            loss: 5.5,
+        })
+        .collect();
+    scores.sort_by_key(|s| s.payload_hash);
+    let lie = RoundCommit {
+        run: ann.run.clone(),
+        round: LIE,
+        accepted: Vec::new(),
+        rejected: trunk_deltas
+            .iter()
+            .map(|(node, payload)| RejectedDelta {
+                shard: ShardId::Trunk,
+                node: *node,
+                payload_hash: *payload,
+                reason: RejectCode::LowScore,
+            })
+            .collect(),
+        checkpoint,
+        scores,
+        seed_secret: secret,
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(lie),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the commit with false scores published");
+    let caught = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer found its delta's published score false",
+            |s| training(s).score_mismatches >= 1,
+        )
+        .await;
+    for s in &caught {
+        let t = training(s);
+        assert_eq!(t.score_mismatches, 1, "one false score per trainer: its own");
+        let text = t.last_score_mismatch.clone().expect("the mismatch is described");
+        assert!(text.contains("is false") && text.contains("trunk"), "{text}");
+        // The commit itself reproduces (nothing accepted, nothing changed): the node applies it and goes on.
+        assert_eq!(t.applied_round, Some(LIE), "{}", s.peer_id);
+        assert!(t.halted.is_none());
+        assert_eq!(t.scores_checked, checked_before[&s.peer_id]);
+    }
     net.stop().await;
 }
 

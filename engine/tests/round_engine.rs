@@ -7,14 +7,15 @@
 
 use mana_engine::round::{
     RoundError, RunShard, RunSpec, ScorePolicy, ShardRecord, ShardScorer, SimConfig, apply_round,
-    build_trainer, initial_shards, score_batch, simulate, train_local,
+    apply_weighted_round, build_trainer, initial_shards, rescore, score_agrees, score_batch,
+    simulate, train_local,
 };
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;
 use mana_protocol::{
-    ContentHash, Deadlines, DeltaEncoder, HyperParams, Participant, PublicKey, RoundAnnouncement,
-    RunId, UpdateRule, decode_delta,
+    ContentHash, Deadlines, DeltaEncoder, DeltaScore, HyperParams, Participant, PublicKey,
+    RoundAnnouncement, RunId, UpdateRule, decode_delta,
 };
 
 fn dataset() -> TextDataset {
@@ -42,6 +43,7 @@ fn announcement(
             commit_by_ms: 0,
         },
         corpus: ContentHash([0; 32]),
+        seed_commitment: ContentHash([0; 32]),
     }
 }
 
@@ -462,4 +464,132 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
             "{rule:?} warm {warm}: experts flipped {expert_flipped:?} honest {expert_honest:?}"
         );
     }
+}
+
+/// A published score is reproducible: a holder that recomputes it with `rescore` (from the base model, the
+/// seed and the payload) gets the verifier's losses bit for bit on the same machine, and a score the verifier
+/// shaded by more than the tolerance does not agree.
+#[test]
+fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
+    let spec = RunSpec::tiny();
+    let data = dataset();
+    let mut cfg = SimConfig::new(&spec, UpdateRule::Sync, 1, 2);
+    cfg.baselines = false;
+    cfg.eval_every = 0;
+    let base = simulate(&spec, &data, &cfg).unwrap().state;
+    let hyper = cfg.hyper.clone();
+    let round = 3;
+    let experts = spec.experts();
+    let parts: Vec<Participant> = (0..3u8)
+        .map(|n| {
+            participant(
+                n + 1,
+                &[ShardId::Trunk, experts[usize::from(n)]],
+                40 + u64::from(n),
+            )
+        })
+        .collect();
+    let ann = announcement(&spec, &hyper, round, 1, parts.clone());
+    let trunk: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|p| {
+            let local = train_local(&spec, &ann, p, &base, &data).unwrap();
+            local
+                .deltas
+                .into_iter()
+                .find(|(s, _)| *s == ShardId::Trunk)
+                .unwrap()
+                .1
+        })
+        .collect();
+    let seed = 0x5eed;
+    // The verifier's scores, as the coordinator computes and publishes them.
+    let batch = score_batch(&spec, &hyper, &data, seed, ShardId::Trunk).unwrap();
+    let mut scorer = ShardScorer::new(
+        &spec,
+        &hyper,
+        round,
+        &base,
+        ShardId::Trunk,
+        batch,
+        trunk.len(),
+    )
+    .unwrap();
+    let published: Vec<DeltaScore> = trunk
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let s = scorer.score(d).unwrap();
+            DeltaScore {
+                shard: ShardId::Trunk,
+                payload_hash: ContentHash::of(&[i as u8]),
+                in_mean: trunk.len() as u32,
+                null_loss: s.null_loss,
+                loss: s.loss,
+            }
+        })
+        .collect();
+    // A holder with only some of the payloads recomputes those (here the last two, given in reverse).
+    let at_hand: Vec<(DeltaScore, &[f32])> =
+        vec![(published[2], &trunk[2][..]), (published[1], &trunk[1][..])];
+    let again = rescore(&spec, &hyper, &data, round, seed, &base, &at_hand).unwrap();
+    assert_eq!(again.len(), 2);
+    for (p, s) in &again {
+        assert!(score_agrees(p, s), "{p:?} against {s:?}");
+        assert_eq!(
+            (p.null_loss, p.loss),
+            (s.null_loss, s.loss),
+            "bit for bit here"
+        );
+    }
+    assert_eq!(again[0].0, published[2], "in the order given");
+    // A verifier that shades a loss (to pass a delta, or to fail one) is caught.
+    for shade in [2e-4f32, -2e-4, 0.01] {
+        let lie = DeltaScore {
+            loss: published[1].loss + shade,
+            ..published[1]
+        };
+        let checked = rescore(
+            &spec,
+            &hyper,
+            &data,
+            round,
+            seed,
+            &base,
+            &[(lie, &trunk[1][..])],
+        )
+        .unwrap();
+        assert!(!score_agrees(&checked[0].0, &checked[0].1), "shade {shade}");
+    }
+    // Another seed gives another batch: a commit that reveals a different secret than the one it used is caught.
+    let other = rescore(&spec, &hyper, &data, round, seed + 1, &base, &at_hand).unwrap();
+    assert!(other.iter().any(|(p, s)| !score_agrees(p, s)));
+}
+
+/// The commit's weights enter the holders' update: weights that are all equal give `apply_round`'s result bit
+/// for bit, and unequal ones another state, the same whatever the order of the deltas.
+#[test]
+fn weighted_rounds_are_deterministic_and_equal_weights_change_nothing() {
+    let spec = RunSpec::tiny();
+    let hyper = SimConfig::new(&spec, UpdateRule::Sync, 1, 1).hyper;
+    let base = initial_shards(&spec).unwrap();
+    let trunk = base.iter().find(|s| s.shard == ShardId::Trunk).unwrap();
+    let deltas: Vec<(ContentHash, Vec<f32>)> = (0..3u64)
+        .map(|i| {
+            (
+                ContentHash::of(&i.to_le_bytes()),
+                noise(70 + i, trunk.params.len()),
+            )
+        })
+        .collect();
+    let plain = apply_round(&spec, &hyper, 0, trunk, &deltas).unwrap();
+    let equal = apply_weighted_round(&spec, &hyper, 0, trunk, &deltas, &[5, 5, 5]).unwrap();
+    assert_eq!(plain.to_bytes(), equal.to_bytes());
+    let weighted = apply_weighted_round(&spec, &hyper, 0, trunk, &deltas, &[1, 16, 4]).unwrap();
+    assert_ne!(plain.to_bytes(), weighted.to_bytes());
+    let reversed: Vec<_> = deltas.iter().rev().cloned().collect();
+    let again = apply_weighted_round(&spec, &hyper, 0, trunk, &reversed, &[4, 16, 1]).unwrap();
+    assert_eq!(weighted.to_bytes(), again.to_bytes());
+    assert!(apply_weighted_round(&spec, &hyper, 0, trunk, &deltas, &[1, 0, 1]).is_err());
+    assert!(apply_weighted_round(&spec, &hyper, 0, trunk, &deltas, &[1, 1]).is_err());
 }

@@ -42,8 +42,9 @@ pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
     AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
-    DeviceKind, DisputeMismatch, Heartbeat, HyperParams, Message, Participant, RejectedDelta,
-    RoundAnnouncement, RoundCommit, RunEnd, ShardEntry, TrainingStats, UpdateRule,
+    DeltaScore, DeviceKind, DisputeMismatch, Heartbeat, HyperParams, MAX_DELTA_WEIGHT, Message,
+    Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardEntry, TrainingStats,
+    UpdateRule, seed_commitment,
 };
 pub use reqresp::{
     ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, LaneRequest, LaneResponse,

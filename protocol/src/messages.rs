@@ -91,6 +91,11 @@ pub struct RoundAnnouncement {
     /// blake3 of the run's corpus (its training and validation bytes): a node whose corpus hashes otherwise
     /// would train on other text, so it refuses to. All zeros: not stated.
     pub corpus: ContentHash,
+    /// blake3 of the round's seed secret, which the commit reveals ([`RoundCommit::seed_secret`]). The secret
+    /// enters the seed of the round's score batches, so no sender can know the batch its delta is judged
+    /// on, nor steer it by grinding its own payload; committing to it here stops the coordinator from
+    /// choosing it after the deltas are in.
+    pub seed_commitment: ContentHash,
 }
 
 impl RoundAnnouncement {
@@ -140,6 +145,33 @@ pub struct AcceptedDeltas {
     pub shard: ShardId,
     /// Payload hashes of the accepted deltas, in the order they were applied.
     pub deltas: Vec<ContentHash>,
+    /// Each delta's weight in the shard's mean (the same order as `deltas`, each from 1 to
+    /// [`MAX_DELTA_WEIGHT`]): its sender's standing when it was accepted, so that a key with no record of
+    /// useful work moves the model less than one with a long record. Every holder applies these weights,
+    /// so all compute the same shard.
+    pub weights: Vec<u32>,
+}
+
+/// The largest weight a delta can have in its shard's mean.
+pub const MAX_DELTA_WEIGHT: u32 = 1024;
+
+/// One delta's score as its verifier measured it ([`RoundCommit::scores`]): the loss on the shard's score
+/// batch after the round's update with this delta alone, at weight `1 / in_mean`, against the same update
+/// with a zero delta. Anyone who holds the round's base shards and the run's text recomputes it from the
+/// commit (which reveals the seed) and the payload: a verdict is a reproducible record, not the verifier's
+/// word.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DeltaScore {
+    /// The shard.
+    pub shard: ShardId,
+    /// The delta's payload hash.
+    pub payload_hash: ContentHash,
+    /// How many deltas of the shard were scored as parts of one mean (the delta was applied at `1 / in_mean`).
+    pub in_mean: u32,
+    /// The loss after the update with a zero delta.
+    pub null_loss: f32,
+    /// The loss after the update with this delta (infinite if it ruined the model).
+    pub loss: f32,
 }
 
 /// A delta the coordinator refused, and why.
@@ -169,9 +201,26 @@ pub struct RoundCommit {
     pub rejected: Vec<RejectedDelta>,
     /// The checkpoint that results from applying the accepted deltas.
     pub checkpoint: CheckpointManifest,
+    /// The score of every delta that was scored, accepted or refused, sorted by shard and payload hash.
+    pub scores: Vec<DeltaScore>,
+    /// The round's seed secret, whose blake3 the announcement committed to
+    /// ([`RoundAnnouncement::seed_commitment`]).
+    pub seed_secret: [u8; 32],
+}
+
+/// The commitment to a round's seed secret that its announcement carries: blake3 of the secret.
+pub fn seed_commitment(secret: &[u8; 32]) -> ContentHash {
+    ContentHash::of(secret)
 }
 
 impl RoundCommit {
+    /// Whether the commit reveals the secret that `announcement` (of the same round) committed to.
+    pub fn reveals_seed_of(&self, announcement: &RoundAnnouncement) -> bool {
+        announcement.run == self.run
+            && announcement.round == self.round
+            && seed_commitment(&self.seed_secret) == announcement.seed_commitment
+    }
+
     /// The commit's own id: blake3 of its canonical encoding (the structure alone, without the message tag).
     /// Two commits for one round with different ids are an equivocation; a [`CommitDispute`] names the commit
     /// it refutes by this id.
@@ -472,6 +521,24 @@ impl Message {
                     accepted.saturating_add(m.rejected.len()),
                     MAX_COMMIT_DELTAS,
                 )?;
+                count("commit scores", m.scores.len(), MAX_COMMIT_DELTAS)?;
+                for a in &m.accepted {
+                    if a.weights.len() != a.deltas.len()
+                        || a.weights
+                            .iter()
+                            .any(|w| !(1..=MAX_DELTA_WEIGHT).contains(w))
+                    {
+                        return Err(ProtocolError::InvalidField {
+                            what: "accepted weights",
+                            detail: format!(
+                                "{} weights for {} deltas of {}, each must be 1 to {MAX_DELTA_WEIGHT}",
+                                a.weights.len(),
+                                a.deltas.len(),
+                                a.shard
+                            ),
+                        });
+                    }
+                }
                 m.checkpoint.check_limits()
             }
             Message::CheckpointManifest(m) => m.check_limits(),

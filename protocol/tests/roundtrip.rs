@@ -156,13 +156,13 @@ fn a_signature_over_the_bytes_without_the_domain_is_refused() {
 fn other_versions_are_refused_before_anything_else() {
     let message = Message::Heartbeat(heartbeat());
     let mut env = SignedEnvelope::sign(&node(), &message, T0).unwrap();
-    env.version = 2;
+    env.version = 1;
     let bytes = env.encode().unwrap();
     assert_eq!(
         decode_envelope(&bytes),
         Err(ProtocolError::UnsupportedVersion {
-            got: 2,
-            supported: 1
+            got: 1,
+            supported: PROTOCOL_VERSION
         })
     );
     let mut frame = fetch_request().encode().unwrap();
@@ -171,7 +171,7 @@ fn other_versions_are_refused_before_anything_else() {
         FetchRequest::decode(&frame),
         Err(ProtocolError::UnsupportedVersion {
             got: 9,
-            supported: 1
+            supported: PROTOCOL_VERSION
         })
     );
 }
@@ -182,7 +182,8 @@ fn non_canonical_encodings_are_refused() {
     let message = Message::Heartbeat(heartbeat());
     let env = SignedEnvelope::sign(&node(), &message, T0).unwrap();
     let bytes = env.encode().unwrap();
-    let mut long_form = vec![251u8, 1, 0];
+    let version = PROTOCOL_VERSION.to_le_bytes();
+    let mut long_form = vec![251u8, version[0], version[1]];
     long_form.extend_from_slice(&bytes[1..]);
     assert!(matches!(
         decode_envelope(&long_form),

@@ -2,9 +2,11 @@
 //! History for Byzantine Robust Optimization", 2021).
 //!
 //! Starting from a robust guess `v` (the coordinate-wise median, or a caller-given point such as the last
-//! round's aggregate), each iteration does `v <- v + (1/n) * sum_i clip(x_i - v, tau)` with
-//! `clip(d, tau) = d * min(1, tau / ||d||)`. One contribution can therefore move `v` by at most `tau / n` per
-//! iteration however large it is, while honest contributions within `tau` of `v` enter unchanged.
+//! round's aggregate), each iteration does `v <- v + (1/W) * sum_i w_i * clip(x_i - v, tau)` with
+//! `clip(d, tau) = d * min(1, tau / ||d||)`, `w_i` contribution `i`'s weight and `W` their sum (all 1: the
+//! plain `1/n`). One contribution can therefore move `v` by at most `tau * w_i / W` per iteration however
+//! large it is, while honest contributions within `tau` of `v` enter unchanged. The starting median is not
+//! weighted: it is the guess a minority cannot move, whatever weight it has.
 //!
 //! Every holder of a shard must compute bit-identical results, so contributions are processed in payload-hash
 //! order (never arrival order) and every sum runs sequentially in f64.
@@ -20,6 +22,8 @@ pub struct Contribution<'a> {
     pub payload_hash: ContentHash,
     /// The decoded delta.
     pub values: &'a [f32],
+    /// Its weight in the mean (positive; 1 for all gives the plain mean).
+    pub weight: f64,
 }
 
 /// Settings of centered clipping.
@@ -115,21 +119,32 @@ fn ordered<'a>(
         if c.values.iter().any(|v| !v.is_finite()) {
             return Err(AggregateError::NonFinite(c.payload_hash));
         }
+        if !(c.weight.is_finite() && c.weight > 0.0) {
+            return Err(AggregateError::BadConfig {
+                field: "weight",
+                reason: "must be positive and finite",
+            });
+        }
     }
     Ok((sorted, len))
 }
 
-/// The plain arithmetic mean, in payload-hash order with f64 sums: the non-robust reference.
+/// The plain weighted arithmetic mean, in payload-hash order with f64 sums: the non-robust reference.
 pub fn plain_mean(contributions: &[Contribution<'_>]) -> Result<Vec<f32>, AggregateError> {
     let (sorted, len) = ordered(contributions)?;
     let mut acc = vec![0f64; len];
     for c in &sorted {
         for (a, &x) in acc.iter_mut().zip(c.values) {
-            *a += f64::from(x);
+            *a += c.weight * f64::from(x);
         }
     }
-    let n = sorted.len() as f64;
+    let n = total_weight(&sorted);
     Ok(acc.into_iter().map(|a| (a / n) as f32).collect())
+}
+
+/// The sum of the weights, in payload-hash order (so every holder adds them alike).
+fn total_weight(sorted: &[Contribution<'_>]) -> f64 {
+    sorted.iter().map(|c| c.weight).sum()
 }
 
 /// The coordinate-wise median (mean of the middle two for an even count): the default starting point, itself
@@ -184,7 +199,7 @@ pub fn robust_mean(
             .collect(),
     };
     let tau = f64::from(cfg.tau);
-    let n = sorted.len() as f64;
+    let n = total_weight(&sorted);
     let mut acc = vec![0f64; len];
     for _ in 0..cfg.iterations {
         acc.iter_mut().for_each(|a| *a = 0.0);
@@ -196,7 +211,7 @@ pub fn robust_mean(
                 .map(|(&x, &vj)| (f64::from(x) - vj).powi(2))
                 .sum::<f64>()
                 .sqrt();
-            let scale = if norm > tau { tau / norm } else { 1.0 };
+            let scale = c.weight * if norm > tau { tau / norm } else { 1.0 };
             for ((a, &x), &vj) in acc.iter_mut().zip(c.values).zip(&v) {
                 *a += scale * (f64::from(x) - vj);
             }
@@ -252,12 +267,14 @@ mod tests {
             .map(|(i, v)| Contribution {
                 payload_hash: hash(i),
                 values: v,
+                weight: 1.0,
             })
             .collect();
         let mut all = honest_c.clone();
         all.push(Contribution {
             payload_hash: hash(99),
             values: &outlier,
+            weight: 1.0,
         });
 
         let honest_mean = plain_mean(&honest_c).unwrap();
@@ -293,6 +310,7 @@ mod tests {
             .map(|(i, v)| Contribution {
                 payload_hash: hash(i),
                 values: v,
+                weight: 1.0,
             })
             .collect();
         let mean = plain_mean(&cs).unwrap();
@@ -324,6 +342,7 @@ mod tests {
             .map(|(i, v)| Contribution {
                 payload_hash: hash(i),
                 values: v,
+                weight: 1.0,
             })
             .collect();
         let cfg = ClipConfig {
@@ -351,6 +370,62 @@ mod tests {
     }
 
     #[test]
+    fn weights_scale_each_contributions_share() {
+        static A: [f32; 3] = [1.0, 0.0, 2.0];
+        static B: [f32; 3] = [3.0, 4.0, -2.0];
+        let c = |i, v: &'static [f32], w| Contribution {
+            payload_hash: hash(i),
+            values: v,
+            weight: w,
+        };
+        // Weights 1 and 3: a quarter of A and three quarters of B.
+        let plain = plain_mean(&[c(0, &A, 1.0), c(1, &B, 3.0)]).unwrap();
+        assert_eq!(plain, vec![2.5, 3.0, -1.0]);
+        // Without clipping the robust mean is the weighted mean, from any start.
+        let unclipped = ClipConfig {
+            tau: f32::INFINITY,
+            iterations: 1,
+        };
+        let robust = robust_mean(&[c(0, &A, 1.0), c(1, &B, 3.0)], &unclipped, None).unwrap();
+        assert_eq!(robust, plain);
+        // Equal weights of any size are the plain mean, bit for bit.
+        let ones = robust_mean(
+            &[c(0, &A, 1.0), c(1, &B, 1.0)],
+            &ClipConfig::default(),
+            None,
+        );
+        let sevens = robust_mean(
+            &[c(0, &A, 7.0), c(1, &B, 7.0)],
+            &ClipConfig::default(),
+            None,
+        );
+        assert_eq!(ones, sevens);
+        // A clipped outlier of weight w moves the result by at most tau * w / W.
+        static FAR: [f32; 3] = [1000.0, 0.0, 0.0];
+        let tight = ClipConfig {
+            tau: 1.0,
+            iterations: 1,
+        };
+        let start = [0.0f32; 3];
+        let moved = robust_mean(
+            &[c(0, &[0.0; 3], 3.0), c(1, &FAR, 1.0)],
+            &tight,
+            Some(&start),
+        )
+        .unwrap();
+        assert!((moved[0] - 0.25).abs() < 1e-6, "{moved:?}");
+        for w in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                plain_mean(&[c(0, &A, w)]),
+                Err(AggregateError::BadConfig {
+                    field: "weight",
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
     fn bad_inputs_are_errors() {
         static A: [f32; 2] = [1.0, 2.0];
         static B: [f32; 1] = [1.0];
@@ -364,6 +439,7 @@ mod tests {
         let c = |i, v: &'static [f32]| Contribution {
             payload_hash: hash(i),
             values: v,
+            weight: 1.0,
         };
         assert!(matches!(
             robust_mean(&[c(0, a), c(1, b)], &cfg, None),

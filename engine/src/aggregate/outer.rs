@@ -177,6 +177,7 @@ mod tests {
             .map(|(i, d)| Contribution {
                 payload_hash: ContentHash::of(&[i as u8]),
                 values: d,
+                weight: 1.0,
             })
             .collect();
         let g = robust_mean(

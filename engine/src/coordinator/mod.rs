@@ -24,8 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use mana_protocol::{
     AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, Deadlines, DeltaAnnouncement,
-    Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit,
-    ShardEntry, ShardId,
+    DeltaScore, Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement,
+    RoundCommit, ShardEntry, ShardId, seed_commitment,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -87,6 +87,15 @@ pub struct ActiveRound {
     pub refused: Vec<RejectedDelta>,
     /// New shard entries reported by the aggregators, by shard.
     pub results: BTreeMap<ShardId, ShardEntry>,
+    /// The round's seed secret: its blake3 is in the announcement, the commit reveals it, and it enters the
+    /// score seed ([`ActiveRound::score_seed`]). Drawn from the tick's seed when the round opens; kept with
+    /// the state, so a restarted coordinator reveals the secret it committed to.
+    pub seed_secret: [u8; 32],
+    /// The verifier's score of each scored delta, by (shard, node): published in the commit.
+    pub scores: BTreeMap<(ShardId, PublicKey), DeltaScore>,
+    /// Each accepted delta's weight in its shard's mean, by (shard, node): its sender's standing when the
+    /// delta was accepted ([`Standing::delta_weight`]).
+    pub weights: BTreeMap<(ShardId, PublicKey), u32>,
 }
 
 /// The phase of the run (Psyche's `RunState`).
@@ -404,6 +413,7 @@ impl Coordinator {
         payload_hash: ContentHash,
         verdict: Verdict,
     ) -> Result<(), EventError> {
+        let weight = self.standings.get(&node).delta_weight();
         let RunState::RoundVerify(r) = &mut self.state else {
             return Err(EventError::Refused(RejectCode::StaleRound));
         };
@@ -427,7 +437,32 @@ impl Coordinator {
         } else {
             verdict
         };
-        r.verdicts.entry((shard, node)).or_insert(verdict);
+        let verdict = *r.verdicts.entry((shard, node)).or_insert(verdict);
+        if verdict == Verdict::Accept {
+            r.weights.entry((shard, node)).or_insert(weight);
+        }
+        Ok(())
+    }
+
+    /// The verifier's score of `node`'s delta for `score.shard` in round `round` (reported before its
+    /// verdict, for the deltas it scored). The first score of a delta stands; a score for a payload the
+    /// node did not announce is refused.
+    pub fn delta_scored(
+        &mut self,
+        round: u64,
+        node: PublicKey,
+        score: DeltaScore,
+    ) -> Result<(), EventError> {
+        let RunState::RoundVerify(r) = &mut self.state else {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        };
+        if r.announcement.round != round {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        }
+        if r.deltas.get(&(score.shard, node)).map(|d| d.payload_hash) != Some(score.payload_hash) {
+            return Err(EventError::Refused(RejectCode::Inconsistent));
+        }
+        r.scores.entry((score.shard, node)).or_insert(score);
         Ok(())
     }
 
@@ -622,6 +657,7 @@ impl Coordinator {
             .hash()
             .map_err(|e| CoordinatorError::Encode(e.to_string()))?;
         let deltas_by_ms = now_ms.saturating_add(self.config.train_ms);
+        let seed_secret = round_secret(seed, round);
         let announcement = RoundAnnouncement {
             run: self.config.run.clone(),
             round,
@@ -635,6 +671,7 @@ impl Coordinator {
                 commit_by_ms: deltas_by_ms.saturating_add(self.config.verify_ms),
             },
             corpus: self.config.corpus,
+            seed_commitment: seed_commitment(&seed_secret),
         };
         self.hosts = hosts;
         self.next_round = round + 1;
@@ -645,6 +682,9 @@ impl Coordinator {
             dropped: BTreeSet::new(),
             refused: Vec::new(),
             results: BTreeMap::new(),
+            seed_secret,
+            scores: BTreeMap::new(),
+            weights: BTreeMap::new(),
         }))
     }
 
@@ -698,6 +738,13 @@ impl Coordinator {
             }
         }
         rejected.sort_by_key(|d| (d.shard, d.node, d.payload_hash));
+        let mut scores: Vec<DeltaScore> = round
+            .scores
+            .iter()
+            .filter(|(k, _)| round.verdicts.contains_key(k))
+            .map(|(_, s)| *s)
+            .collect();
+        scores.sort_by_key(|s| (s.shard, s.payload_hash));
         self.checkpoint = checkpoint.clone();
         Ok(RoundCommit {
             run: self.config.run.clone(),
@@ -705,6 +752,8 @@ impl Coordinator {
             accepted,
             rejected,
             checkpoint,
+            scores,
+            seed_secret: round.seed_secret,
         })
     }
 }
@@ -803,6 +852,7 @@ impl ActiveRound {
         crate::round::score_seed(
             &self.announcement.run,
             self.announcement.round,
+            &self.seed_secret,
             self.deltas.values().map(|d| d.payload_hash),
         )
     }
@@ -815,19 +865,41 @@ impl ActiveRound {
 }
 
 fn accepted_in(round: &ActiveRound) -> Vec<AcceptedDeltas> {
-    let mut by_shard: BTreeMap<ShardId, Vec<ContentHash>> = BTreeMap::new();
+    let mut by_shard: BTreeMap<ShardId, Vec<(ContentHash, u32)>> = BTreeMap::new();
     for (key @ (shard, _), d) in &round.deltas {
         if round.verdicts.get(key) == Some(&Verdict::Accept) {
-            by_shard.entry(*shard).or_default().push(d.payload_hash);
+            let weight = round.weights.get(key).copied().unwrap_or(1);
+            by_shard
+                .entry(*shard)
+                .or_default()
+                .push((d.payload_hash, weight));
         }
     }
     by_shard
         .into_iter()
         .map(|(shard, mut deltas)| {
             deltas.sort();
-            AcceptedDeltas { shard, deltas }
+            let (deltas, weights) = deltas.into_iter().unzip();
+            AcceptedDeltas {
+                shard,
+                deltas,
+                weights,
+            }
         })
         .collect()
+}
+
+/// Domain tag of [`round_secret`].
+const SECRET_TAG: &[u8] = b"mana/seed-secret/v1";
+
+/// Round `round`'s seed secret, drawn from the seed of the tick that opens it (the daemon's randomness: the
+/// state machine itself has none).
+fn round_secret(seed: u64, round: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(SECRET_TAG);
+    h.update(&seed.to_le_bytes());
+    h.update(&round.to_le_bytes());
+    *h.finalize().as_bytes()
 }
 
 fn accepted_shards(round: &ActiveRound) -> BTreeSet<ShardId> {

@@ -62,10 +62,22 @@ pub struct Standing {
     pub reputation: i64,
 }
 
+/// The largest weight one accepted delta has in its shard's mean ([`Standing::delta_weight`]).
+pub const DELTA_WEIGHT_CAP: u32 = 16;
+
 impl Standing {
     /// The member's weight in the expert assignment: 1 for a new or faulty member, up to `1 + max_weight`.
     pub fn weight(&self, policy: &StandingPolicy) -> f32 {
         1.0 + self.reputation.clamp(0, policy.max_weight) as f32
+    }
+
+    /// The weight of the member's accepted delta in its shard's mean: `1 + reputation`, from 1 (a new or
+    /// faulty member) to [`DELTA_WEIGHT_CAP`] (reached after 15 accepted deltas with no fault). A flood of
+    /// fresh keys, each passing the checks with a delta that is harmful but not refused, moves a shard a
+    /// sixteenth as much as the same number of members with a record; an honest newcomer's share grows with
+    /// each round of useful work. The cap is low so that a long record cannot buy a monopoly either.
+    pub fn delta_weight(&self) -> u32 {
+        1 + self.reputation.clamp(0, i64::from(DELTA_WEIGHT_CAP) - 1) as u32
     }
 }
 

@@ -183,12 +183,26 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
         panic!("{verify:?}")
     };
     let first_bad = deltas[0].1.payload_hash;
-    for (n, d) in deltas {
+    for (i, (n, d)) in deltas.iter().enumerate() {
         let v = if d.payload_hash == first_bad {
             Verdict::Reject(RejectCode::NormTooLarge)
         } else {
             Verdict::Accept
         };
+        let score = DeltaScore {
+            shard: d.shard,
+            payload_hash: d.payload_hash,
+            in_mean: 2,
+            null_loss: 5.0,
+            loss: 5.0 - i as f32 / 100.0,
+        };
+        c.delta_scored(1, *n, score).unwrap();
+        // A score for a payload the node did not announce is refused.
+        let other = DeltaScore {
+            payload_hash: ContentHash::of(b"not announced"),
+            ..score
+        };
+        assert!(c.delta_scored(1, *n, other).is_err());
         c.verification_verdict(1, d.shard, *n, d.payload_hash, v)
             .unwrap();
     }
@@ -224,6 +238,25 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
         seed,
         "the score seed is recomputed from the commit"
     );
+    assert!(
+        commit.reveals_seed_of(&ann),
+        "the commit reveals the secret the announcement committed to"
+    );
+    assert_eq!(
+        commit.scores.len(),
+        deltas.len(),
+        "every score is published"
+    );
+    assert!(
+        commit
+            .scores
+            .windows(2)
+            .all(|w| (w[0].shard, w[0].payload_hash) < (w[1].shard, w[1].payload_hash)),
+        "scores sorted by shard and payload"
+    );
+    for a in &commit.accepted {
+        assert_eq!(a.weights, vec![1; a.deltas.len()], "new members weigh 1");
+    }
     assert_eq!(commit.rejected.len(), 1);
     assert_eq!(commit.rejected[0].reason, RejectCode::NormTooLarge);
     assert_eq!(commit.checkpoint.round, 1);
@@ -674,6 +707,53 @@ fn a_member_refused_again_and_again_is_banned_and_stays_out() {
     // The ban survives a save and a restore.
     let restored = Coordinator::from_bytes(&c.to_bytes().unwrap()).unwrap();
     assert!(restored.standings().is_banned(&key(4)));
+}
+
+#[test]
+fn an_accepted_delta_weighs_its_senders_standing_up_to_the_cap() {
+    let mut c = coordinator();
+    let all = join(&mut c, 3);
+    let accept = |_: &PublicKey| Verdict::Accept;
+    let first = play_round(&mut c, 0, &all, accept);
+    for a in &first.accepted {
+        assert_eq!(
+            a.weights,
+            vec![1; a.deltas.len()],
+            "no record yet: weight 1"
+        );
+    }
+    let mut t = 1_000;
+    for _ in 0..12 {
+        play_round(&mut c, t, &all, accept);
+        t += 1_000;
+    }
+    // A newcomer joins a run whose members have a record.
+    let newcomer = key(9);
+    c.node_heartbeat(t, newcomer, &heartbeat(1, 1e9)).unwrap();
+    let mut with_new = all.clone();
+    with_new.push(newcomer);
+    let commit = play_round(&mut c, t, &with_new, accept);
+    let ann_participants: Vec<PublicKey> = with_new.clone();
+    let trunk = commit
+        .accepted
+        .iter()
+        .find(|a| a.shard == ShardId::Trunk)
+        .expect("trunk deltas accepted");
+    assert_eq!(trunk.deltas.len(), ann_participants.len());
+    let mut weights = trunk.weights.clone();
+    weights.sort();
+    // The newcomer weighs 1; every member with 13 rounds of accepted work is at the cap.
+    assert_eq!(weights[0], 1, "{weights:?}");
+    assert!(
+        weights[1..]
+            .iter()
+            .all(|w| *w == standing::DELTA_WEIGHT_CAP),
+        "{weights:?}"
+    );
+    for a in &commit.accepted {
+        assert_eq!(a.weights.len(), a.deltas.len());
+    }
+    Message::RoundCommit(commit).check_limits().unwrap();
 }
 
 #[test]

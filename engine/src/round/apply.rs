@@ -11,6 +11,10 @@
 //! result by at most `tau / n` per iteration. A single delta is used as it is; two are averaged (their
 //! distances to the median are equal, so neither is clipped).
 //!
+//! Each delta enters the mean at its weight (the commit's [`mana_protocol::AcceptedDeltas::weights`]: its
+//! sender's standing, from 1 for a key with no record to 16), so a key that has done no useful work yet moves
+//! the shard least; the median and the radius are not weighted.
+//!
 //! ## The update
 //! - `sync`: one AdamW step ([`crate::aggregate::sync_step`], i.e. the kernels' AdamW restricted to the
 //!   shard, with the same per-tensor weight-decay mask as full-model training) on the robust-mean gradient,
@@ -38,7 +42,9 @@ pub const CLIP_RADIUS_FACTOR: f64 = 2.0;
 pub const CLIP_ITERATIONS: u32 = 3;
 
 /// Applies round `round`'s accepted deltas of one shard (each with its payload hash) to `base`, with the
-/// run's update rule (see the module doc). The result does not depend on the order of `deltas`.
+/// run's update rule (see the module doc), every delta at the same weight (the scorer and the simulator:
+/// the network applies a commit's weights with [`apply_weighted_round`]). The result does not depend on the
+/// order of `deltas`.
 pub fn apply_round(
     spec: &RunSpec,
     hyper: &HyperParams,
@@ -46,7 +52,29 @@ pub fn apply_round(
     base: &ShardRecord,
     deltas: &[(ContentHash, Vec<f32>)],
 ) -> Result<ShardRecord, RoundError> {
+    apply_weighted_round(spec, hyper, round, base, deltas, &vec![1; deltas.len()])
+}
+
+/// [`apply_round`] with each delta at its weight in the mean (`weights[i]` for `deltas[i]`, each at least
+/// 1: a commit's [`mana_protocol::AcceptedDeltas::weights`]). The result does not depend on the order of
+/// `deltas` as long as each keeps its weight.
+pub fn apply_weighted_round(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    round: u64,
+    base: &ShardRecord,
+    deltas: &[(ContentHash, Vec<f32>)],
+    weights: &[u32],
+) -> Result<ShardRecord, RoundError> {
     base.check(spec)?;
+    if weights.len() != deltas.len() || weights.contains(&0) {
+        return Err(RoundError::WrongLength {
+            what: "weights (one of at least 1 per delta)",
+            shard: base.shard.to_string(),
+            expected: deltas.len(),
+            got: weights.iter().filter(|w| **w > 0).count(),
+        });
+    }
     if deltas.is_empty() {
         return Ok(base.clone());
     }
@@ -67,7 +95,7 @@ pub fn apply_round(
             });
         }
     }
-    let mean = aggregate(deltas)?;
+    let mean = aggregate(deltas, weights)?;
     let mut next = base.clone();
     next.step = base.step + 1;
     match hyper.update_rule {
@@ -100,13 +128,18 @@ pub fn apply_round(
     Ok(next)
 }
 
-/// The robust mean of the deltas (see the module doc).
-pub fn aggregate(deltas: &[(ContentHash, Vec<f32>)]) -> Result<Vec<f32>, RoundError> {
+/// The robust mean of the deltas, each at its weight (see the module doc).
+pub fn aggregate(
+    deltas: &[(ContentHash, Vec<f32>)],
+    weights: &[u32],
+) -> Result<Vec<f32>, RoundError> {
     let contributions: Vec<Contribution<'_>> = deltas
         .iter()
-        .map(|(h, d)| Contribution {
+        .zip(weights)
+        .map(|((h, d), w)| Contribution {
             payload_hash: *h,
             values: d.as_slice(),
+            weight: f64::from(*w),
         })
         .collect();
     if contributions.len() == 1 {

@@ -22,12 +22,13 @@ pub mod simulate;
 pub mod spec;
 pub mod state;
 
-pub use apply::apply_round;
+pub use apply::{apply_round, apply_weighted_round};
 pub use error::RoundError;
 pub use local::{LocalResult, train_local};
 pub use norms::{NormHistory, NormSample, NormVerdict, judge_norm, norm_class};
 pub use score::{
-    Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, score_batch, score_seed,
+    SCORE_TOLERANCE, Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, rescore,
+    score_agrees, score_batch, score_seed,
 };
 pub use simulate::{BaselineReport, RoundReport, SimConfig, SimReport, simulate, simulate_with};
 pub use spec::RunSpec;

@@ -13,14 +13,14 @@
 //!   a few rounds overfits its own text (after 30 rounds every honest local model lost 0.05 to 0.33 nats on
 //!   held-out text, while the mean of four gains): the delta is judged as the part of the mean it is.
 //!
-//! **The batch.** [`score_seed`] hashes the run, the round and the payload hashes of every delta under
-//! verification: it is fixed only once the deltas are in (after the delta deadline), so no sender can pick a
-//! delta that suits a batch it knows. [`score_batch`] turns it into one validation batch per shard. The
-//! commit lists every verified delta (accepted or refused), so a holder recomputes the seed from the commit
-//! ([`commit_score_seed`]). A last sender could still grind its own payload's bytes to steer the seed among
-//! the run's validation batches; every batch is honest text, so what it can win is a batch on which its
-//! delta looks less bad, never one on which a random or sign-flipped trunk delta scores like an honest one
-//! (docs/security.md).
+//! **The batch.** [`score_seed`] hashes the run, the round, the round's seed secret and the payload hashes
+//! of every delta under verification: it is fixed only once the deltas are in (after the delta deadline), so
+//! no sender can pick a delta that suits a batch it knows. The secret is the coordinator's, committed to in
+//! the announcement (its blake3) and revealed in the commit: a sender that grinds its own payload's bytes
+//! cannot compute the seed they lead to, and the coordinator cannot pick the secret after seeing the deltas.
+//! [`score_batch`] turns the seed into one validation batch per shard. The commit lists every verified delta
+//! (accepted or refused) and reveals the secret, so a holder recomputes the seed from the commit
+//! ([`commit_score_seed`]).
 //!
 //! **The verdict** ([`ScorePolicy`]) compares a trunk delta's gain with the other senders' gains on the same
 //! shard in the same round (the Gauntlet's idea: contributions are scored against each other), since the
@@ -29,7 +29,7 @@
 use mana_kernels::data::{Batch, TextDataset};
 use mana_kernels::model::ShardId;
 use mana_kernels::train::Trainer;
-use mana_protocol::{ContentHash, HyperParams, PublicKey, RoundCommit, RunId};
+use mana_protocol::{ContentHash, DeltaScore, HyperParams, PublicKey, RoundCommit, RunId};
 
 use super::apply::apply_round;
 use super::error::RoundError;
@@ -39,7 +39,7 @@ use crate::coordinator::assign::mix;
 use mana_protocol::validation::median_norm;
 
 /// Domain tag of [`score_seed`] (a new scoring rule gets a new tag).
-const SEED_TAG: &[u8] = b"mana/score-seed/v1";
+const SEED_TAG: &[u8] = b"mana/score-seed/v2";
 
 /// One contribution's score.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,9 +59,14 @@ impl Score {
     }
 }
 
-/// The seed of round `round`'s score batches: blake3 of the run, the round and the sorted, distinct payload
-/// hashes of every delta under verification (see the module doc).
-pub fn score_seed(run: &RunId, round: u64, payloads: impl IntoIterator<Item = ContentHash>) -> u64 {
+/// The seed of round `round`'s score batches: blake3 of the run, the round, the round's seed `secret` and the
+/// sorted, distinct payload hashes of every delta under verification (see the module doc).
+pub fn score_seed(
+    run: &RunId,
+    round: u64,
+    secret: &[u8; 32],
+    payloads: impl IntoIterator<Item = ContentHash>,
+) -> u64 {
     let mut payloads: Vec<ContentHash> = payloads.into_iter().collect();
     payloads.sort();
     payloads.dedup();
@@ -71,6 +76,7 @@ pub fn score_seed(run: &RunId, round: u64, payloads: impl IntoIterator<Item = Co
     h.update(&(run.len() as u64).to_le_bytes());
     h.update(run);
     h.update(&round.to_le_bytes());
+    h.update(secret);
     for p in &payloads {
         h.update(&p.0);
     }
@@ -81,14 +87,20 @@ pub fn score_seed(run: &RunId, round: u64, payloads: impl IntoIterator<Item = Co
 }
 
 /// The score seed of a committed round, recomputed from its commit: the commit lists every delta that was
-/// under verification, accepted or refused, so any holder can redo every score of the round.
+/// under verification, accepted or refused, and reveals the seed secret, so any holder can redo every score
+/// of the round (after checking the secret against the announcement: [`RoundCommit::reveals_seed_of`]).
 pub fn commit_score_seed(commit: &RoundCommit) -> u64 {
     let accepted = commit
         .accepted
         .iter()
         .flat_map(|a| a.deltas.iter().copied());
     let refused = commit.rejected.iter().map(|r| r.payload_hash);
-    score_seed(&commit.run, commit.round, accepted.chain(refused))
+    score_seed(
+        &commit.run,
+        commit.round,
+        &commit.seed_secret,
+        accepted.chain(refused),
+    )
 }
 
 /// The validation batch on which every delta of `shard` is scored in the round whose seed is `seed`: the
@@ -277,6 +289,68 @@ impl ShardScorer {
     }
 }
 
+/// How far a recomputed loss may lie from a published one and still agree (nats): the model's f32 kernels
+/// may sum in another order on another CPU (AVX2 against AVX-512), which moves a loss near 5 by about 1e-6,
+/// while the gains that decide a verdict are 1e-4 to 1e-1.
+pub const SCORE_TOLERANCE: f32 = 1e-4;
+
+/// Whether a recomputed score agrees with the one a commit published (both losses within
+/// [`SCORE_TOLERANCE`]; an infinite loss only matches an infinite loss).
+pub fn score_agrees(published: &DeltaScore, computed: &Score) -> bool {
+    let close = |a: f32, b: f32| {
+        if a.is_finite() && b.is_finite() {
+            (a - b).abs() <= SCORE_TOLERANCE
+        } else {
+            a.is_infinite() && b.is_infinite() && a.signum() == b.signum()
+        }
+    };
+    close(published.null_loss, computed.null_loss) && close(published.loss, computed.loss)
+}
+
+/// Recomputes the published scores of the deltas at hand, the way the verifier computed them: the round's
+/// base model `base` (every shard), the batch of each shard from the round's `seed` (the commit's
+/// [`commit_score_seed`]), each delta applied at `1 / in_mean`. Returns each published score with the one
+/// computed here, in the order given. This is how any holder of the shards checks a verdict, so it is the
+/// verifier's own code path ([`ShardScorer`]), not a copy.
+pub fn rescore(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    data: &TextDataset,
+    round: u64,
+    seed: u64,
+    base: &[ShardRecord],
+    deltas: &[(DeltaScore, &[f32])],
+) -> Result<Vec<(DeltaScore, Score)>, RoundError> {
+    let mut out: Vec<Option<Score>> = vec![None; deltas.len()];
+    let mut groups: std::collections::BTreeMap<(ShardId, u32), Vec<usize>> = Default::default();
+    for (i, (published, _)) in deltas.iter().enumerate() {
+        groups
+            .entry((published.shard, published.in_mean))
+            .or_default()
+            .push(i);
+    }
+    for ((shard, in_mean), members) in groups {
+        let batch = score_batch(spec, hyper, data, seed, shard)?;
+        let mut scorer = ShardScorer::new(
+            spec,
+            hyper,
+            round,
+            base,
+            shard,
+            batch,
+            in_mean.max(1) as usize,
+        )?;
+        for i in members {
+            out[i] = Some(scorer.score(deltas[i].1)?);
+        }
+    }
+    Ok(deltas
+        .iter()
+        .zip(out)
+        .filter_map(|((published, _), s)| s.map(|s| (*published, s)))
+        .collect())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -290,11 +364,13 @@ mod tests {
             ContentHash::of(b"b"),
             ContentHash::of(b"c"),
         );
-        let s = score_seed(&run, 3, [a, b]);
-        assert_eq!(s, score_seed(&run, 3, [b, a]));
-        assert_eq!(s, score_seed(&run, 3, [b, a, a]));
-        assert_ne!(s, score_seed(&run, 3, [a, b, c]));
-        assert_ne!(s, score_seed(&run, 4, [a, b]));
-        assert_ne!(s, score_seed(&RunId::new("q").unwrap(), 3, [a, b]));
+        let k = [1u8; 32];
+        let s = score_seed(&run, 3, &k, [a, b]);
+        assert_eq!(s, score_seed(&run, 3, &k, [b, a]));
+        assert_eq!(s, score_seed(&run, 3, &k, [b, a, a]));
+        assert_ne!(s, score_seed(&run, 3, &k, [a, b, c]));
+        assert_ne!(s, score_seed(&run, 4, &k, [a, b]));
+        assert_ne!(s, score_seed(&RunId::new("q").unwrap(), 3, &k, [a, b]));
+        assert_ne!(s, score_seed(&run, 3, &[2u8; 32], [a, b]));
     }
 }

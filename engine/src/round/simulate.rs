@@ -299,6 +299,8 @@ pub fn simulate_with(
                 commit_by_ms: 0,
             },
             corpus: ContentHash([0; 32]),
+            // Nothing is scored in a simulation.
+            seed_commitment: ContentHash([0; 32]),
         };
         let mut received: BTreeMap<ShardId, Vec<(ContentHash, Vec<f32>)>> = BTreeMap::new();
         let (mut round_payload, mut round_wire) = (0u64, 0u64);

@@ -333,6 +333,8 @@ mod tests {
                 round,
                 shards: Vec::new(),
             },
+            scores: Vec::new(),
+            seed_secret: [0; 32],
         })
     }
 

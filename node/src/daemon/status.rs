@@ -137,6 +137,14 @@ pub struct TrainingStatus {
     pub hash_mismatches: u64,
     /// Shards whose recomputed hash matched the commit, since start.
     pub hash_matches: u64,
+    /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)
+    /// and found to agree, since start.
+    pub scores_checked: u64,
+    /// Published scores (or seed reveals) this node found false, since start: the verifier's verdicts do
+    /// not follow from public data. Never expected; see `last_score_mismatch`.
+    pub score_mismatches: u64,
+    /// The last false score found: round, shard, payload, published and recomputed losses.
+    pub last_score_mismatch: Option<String>,
     /// Training loss of the last local round.
     pub last_train_loss: Option<f32>,
     /// What the trainer is doing now, or its last error.
@@ -538,10 +546,12 @@ mod tests {
                 AcceptedDeltas {
                     shard: ShardId::Trunk,
                     deltas: vec![ContentHash([1; 32]), ContentHash([2; 32])],
+                    weights: vec![1, 1],
                 },
                 AcceptedDeltas {
                     shard: e(0),
                     deltas: vec![ContentHash([3; 32])],
+                    weights: vec![1],
                 },
             ],
             rejected: vec![
@@ -564,6 +574,8 @@ mod tests {
                 round: 4,
                 shards: Vec::new(),
             },
+            scores: Vec::new(),
+            seed_secret: [0; 32],
         };
         let mut c = Contributions::default();
         // Ours: trunk [1] accepted, expert 1 [4] refused, expert 2 [5] neither (the refusal names another node).

@@ -1,6 +1,6 @@
 //! A holder's verdict on one shard of a coordinator's commit. Every holder recomputes its shards from the
 //! round's base and the commit's accepted payloads with the same deterministic function the coordinator uses
-//! (`apply_round`), so a differing hash is proof that the commit is wrong — but only when the holder had every
+//! (`apply_weighted_round`, at the commit's weights), so a differing hash is proof that the commit is wrong — but only when the holder had every
 //! accepted payload. A payload it could not fetch proves nothing: then the committed shard is fetched, as
 //! before. The verdict and the dispute a holder publishes are pure and live here; the trainer does the I/O.
 
@@ -154,6 +154,7 @@ mod tests {
             accepted: vec![AcceptedDeltas {
                 shard: ShardId::Trunk,
                 deltas: payloads.clone(),
+                weights: vec![1; payloads.len()],
             }],
             rejected: Vec::new(),
             checkpoint: CheckpointManifest {
@@ -166,6 +167,8 @@ mod tests {
                     round: 4,
                 }],
             },
+            scores: Vec::new(),
+            seed_secret: [0; 32],
         };
         let d = dispute(&commit, ShardId::Trunk, h("base"), h("lie"), h("new")).expect("dispute");
         assert_eq!(d.accepted, payloads);

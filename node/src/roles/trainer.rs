@@ -12,7 +12,7 @@
 //!    anyway, and publishing it would cost this node gossip score).
 //!
 //! For every [`RoundCommit`] of a round the node was assigned in (trained or not), for each of its shards:
-//! the accepted payloads are fetched and [`apply_round`] computes the new shard; its hash must equal the
+//! the accepted payloads are fetched and [`apply_weighted_round`] (at the commit's weights) computes the new shard; its hash must equal the
 //! commit's entry, and a shard with no accepted delta must keep its base hash ([`commit_check`]). If a
 //! payload could not be fetched the committed shard is fetched instead (nothing is proven). If the node had
 //! every payload and the hash differs, the commit is wrong: the node does not adopt it, publishes a signed
@@ -35,8 +35,8 @@ use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
     Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, DeltaAnnouncement,
-    DeltaEncoder, DeviceKind, Message, Participant, PublicKey, RoundAnnouncement, RoundCommit,
-    ShardEntry, ShardId, decode_contribution, validation::l2_norm,
+    DeltaEncoder, DeltaScore, DeviceKind, Message, Participant, PublicKey, RejectCode,
+    RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution, validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
 
@@ -47,7 +47,10 @@ use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, apply_round, train_local};
+use mana_engine::round::{
+    RunShard, RunSpec, ShardRecord, apply_weighted_round, commit_score_seed, rescore, score_agrees,
+    train_local,
+};
 
 /// How a trainer runs.
 #[derive(Debug, Clone)]
@@ -689,6 +692,8 @@ impl Trainer {
         let mut matches = 0u64;
         let mut to_refetch = Vec::new();
         let mut refuted: Vec<CommitDispute> = Vec::new();
+        // Decoded payloads at hand, for checking the commit's published scores afterwards.
+        let mut at_hand: BTreeMap<ContentHash, Arc<Vec<f32>>> = BTreeMap::new();
         for shard in &assigned.me.shards {
             let Some(base) = assigned.base.get(shard) else {
                 continue;
@@ -697,11 +702,11 @@ impl Trainer {
                 tracing::warn!(round, %shard, "the commit's checkpoint lacks an assigned shard");
                 continue;
             };
-            let accepted = commit
+            let (accepted, weights) = commit
                 .accepted
                 .iter()
                 .find(|a| a.shard == *shard)
-                .map(|a| a.deltas.clone())
+                .map(|a| (a.deltas.clone(), a.weights.clone()))
                 .unwrap_or_default();
             // What this node computes for the shard: unchanged without deltas, else the round's update.
             let mut computed = None;
@@ -716,8 +721,22 @@ impl Trainer {
                     Ok(deltas) => {
                         let (spec, hyper, state) =
                             (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
+                        // Each payload keeps the weight the commit lists beside it, whatever order the
+                        // fetch returns them in.
+                        let weight_of: BTreeMap<ContentHash, u32> = accepted
+                            .iter()
+                            .copied()
+                            .zip(weights.iter().copied())
+                            .collect();
+                        let weights: Vec<u32> = deltas
+                            .iter()
+                            .map(|(h, _)| weight_of.get(h).copied().unwrap_or(0))
+                            .collect();
+                        for (h, d) in &deltas {
+                            at_hand.insert(*h, Arc::new(d.clone()));
+                        }
                         let new_state = blocking(move || {
-                            apply_round(&spec, &hyper, round, &state, &deltas)
+                            apply_weighted_round(&spec, &hyper, round, &state, &deltas, &weights)
                                 .map_err(NodeError::from)
                         })
                         .await?;
@@ -767,6 +786,7 @@ impl Trainer {
         if !refuted.is_empty() {
             return self.refuse(&commit, refuted).await;
         }
+        self.check_scores(&commit, &assigned, &sent, at_hand).await;
         self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
         for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
             new_held.insert(
@@ -788,6 +808,136 @@ impl Trainer {
         self.pins
             .release_before(&self.node, round.saturating_sub(1), &keep);
         Ok(())
+    }
+
+    /// Checks the verifier's published verdicts that this node can reproduce (section "Every verdict can be
+    /// re-checked" of docs/security.md): the commit must reveal the seed secret the announcement committed to,
+    /// each of this node's own deltas refused as `low-score` must have a published score, and every published
+    /// score of a delta at hand (its own, and the accepted deltas of its shards) must come out the same when
+    /// recomputed from the round's base model. A false one is logged as an error and counted in the status
+    /// (`score_mismatches`); the node does not stop for it (unlike a shard hash that does not reproduce,
+    /// which is proof), as another CPU may sum a loss in another order, within [`mana_engine::round::SCORE_TOLERANCE`].
+    async fn check_scores(
+        &mut self,
+        commit: &RoundCommit,
+        assigned: &Assigned,
+        sent: &[(ShardId, ContentHash)],
+        mut at_hand: BTreeMap<ContentHash, Arc<Vec<f32>>>,
+    ) {
+        let ann = &assigned.announcement;
+        let round = commit.round;
+        let mut false_ones: Vec<String> = Vec::new();
+        if !commit.reveals_seed_of(ann) {
+            false_ones.push(format!(
+                "round {round}: the commit's seed secret is not the one the announcement committed to"
+            ));
+        }
+        let published = |hash: &ContentHash| commit.scores.iter().find(|s| s.payload_hash == *hash);
+        for (shard, hash) in sent {
+            let low = commit.rejected.iter().any(|r| {
+                r.payload_hash == *hash && r.node == self.me && r.reason == RejectCode::LowScore
+            });
+            if low && published(hash).is_none() {
+                false_ones.push(format!(
+                    "round {round}: this node's delta {hash} to {shard} was refused as low-score with no published score"
+                ));
+            }
+            if !at_hand.contains_key(hash)
+                && published(hash).is_some()
+                && let Some(len) = self.cfg.spec.shard_len(*shard).ok()
+            {
+                match self.fetch_deltas(&[*hash], len).await {
+                    Ok(mut d) if d.len() == 1 => {
+                        let (h, v) = d.remove(0);
+                        at_hand.insert(h, Arc::new(v));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(round, payload = %hash, error = %e, "own payload not read back for the score check")
+                    }
+                }
+            }
+        }
+        let items: Vec<(DeltaScore, Arc<Vec<f32>>)> = if false_ones.is_empty() {
+            commit
+                .scores
+                .iter()
+                .filter_map(|s| at_hand.get(&s.payload_hash).map(|d| (*s, d.clone())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut checked = 0u64;
+        if !items.is_empty() {
+            match self.rescore(commit, assigned, items).await {
+                Ok(results) => {
+                    for (p, s) in results {
+                        if score_agrees(&p, &s) {
+                            checked += 1;
+                        } else {
+                            false_ones.push(format!(
+                                "round {round}: the published score of {} on {} is false: loss {} against {} published, {} against {} recomputed",
+                                p.payload_hash, p.shard, p.loss, p.null_loss, s.loss, s.null_loss
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(round, error = %e, "the commit's scores could not be recomputed")
+                }
+            }
+        }
+        for text in &false_ones {
+            tracing::error!("{text}: the coordinator's verdicts do not follow from public data");
+        }
+        let last = false_ones.last().cloned();
+        let found = false_ones.len() as u64;
+        self.node.update_training_status(|s| {
+            s.scores_checked += checked;
+            s.score_mismatches += found;
+            if last.is_some() {
+                s.last_score_mismatch = last;
+            }
+        });
+    }
+
+    /// Recomputes published scores from the round's whole base model (the shards this node holds, the
+    /// others from the store or from peers: a node's shard sync keeps every committed checkpoint).
+    async fn rescore(
+        &mut self,
+        commit: &RoundCommit,
+        assigned: &Assigned,
+        items: Vec<(DeltaScore, Arc<Vec<f32>>)>,
+    ) -> Result<Vec<(DeltaScore, mana_engine::round::Score)>, NodeError> {
+        let ann = &assigned.announcement;
+        let round = ann.round;
+        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
+        let missing: Vec<ShardEntry> = manifest
+            .shards
+            .iter()
+            .filter(|e| !assigned.base.contains_key(&e.shard))
+            .copied()
+            .collect();
+        let mut model: Vec<ShardRecord> =
+            assigned.base.values().map(|h| (*h.state).clone()).collect();
+        model.extend(
+            self.fetch_shards(&missing, round)
+                .await?
+                .into_iter()
+                .map(|(_, s)| s),
+        );
+        let (spec, hyper, data) = (
+            self.cfg.spec.clone(),
+            ann.hyper.clone(),
+            self.cfg.data.clone(),
+        );
+        let seed = commit_score_seed(commit);
+        blocking(move || {
+            let deltas: Vec<(DeltaScore, &[f32])> =
+                items.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+            Ok(rescore(&spec, &hyper, &data, round, seed, &model, &deltas)?)
+        })
+        .await
     }
 
     /// Refuses a commit that does not reproduce: nothing of it is adopted (the held shards and the store stay

@@ -92,8 +92,12 @@ pub fn round_announcement() -> RoundAnnouncement {
             commit_by_ms: T0 + 660_000,
         },
         corpus: ContentHash([0; 32]),
+        seed_commitment: seed_commitment(&SEED_SECRET),
     }
 }
+
+/// The seed secret of round 7 in the fixtures.
+pub const SEED_SECRET: [u8; 32] = [7; 32];
 
 pub fn delta_announcement() -> DeltaAnnouncement {
     let payload = sample_payload();
@@ -129,6 +133,7 @@ pub fn round_commit() -> RoundCommit {
         accepted: vec![AcceptedDeltas {
             shard: ShardId::expert(1, 0).unwrap(),
             deltas: vec![ContentHash::of(&sample_payload())],
+            weights: vec![3],
         }],
         rejected: vec![RejectedDelta {
             shard: ShardId::Trunk,
@@ -137,6 +142,14 @@ pub fn round_commit() -> RoundCommit {
             reason: RejectCode::NotParticipant,
         }],
         checkpoint: manifest(7),
+        scores: vec![DeltaScore {
+            shard: ShardId::expert(1, 0).unwrap(),
+            payload_hash: ContentHash::of(&sample_payload()),
+            in_mean: 1,
+            null_loss: 5.25,
+            loss: 5.125,
+        }],
+        seed_secret: SEED_SECRET,
     }
 }
 

@@ -1,11 +1,11 @@
 //! Aggregation by the conductor: it holds the full model, so it computes every shard's new state from the
-//! round's accepted deltas ([`apply_round`], payload-hash order), hosts the new blobs and reports them to the
+//! round's accepted deltas ([`apply_weighted_round`], payload-hash order, each at the commit's weight), hosts the new blobs and reports them to the
 //! state machine.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use mana_engine::round::apply_round;
+use mana_engine::round::apply_weighted_round;
 use mana_protocol::{
     AcceptedDeltas, ContentHash, RoundAnnouncement, ShardEntry, decode_contribution,
 };
@@ -48,14 +48,14 @@ impl Role {
                 };
                 deltas.push((*hash, (*values).clone()));
             }
-            jobs.push((list.shard, base, deltas));
+            jobs.push((list.shard, base, deltas, list.weights.clone()));
         }
         let (spec, hyper) = (self.cfg.spec.clone(), ann.hyper.clone());
         let jobs_len = jobs.len() as u64;
         let results = blocking(move || {
             let mut out = Vec::new();
-            for (shard, base, deltas) in jobs {
-                match apply_round(&spec, &hyper, round, &base, &deltas) {
+            for (shard, base, deltas, weights) in jobs {
+                match apply_weighted_round(&spec, &hyper, round, &base, &deltas, &weights) {
                     Ok(state) => out.push((shard, state)),
                     Err(e) => tracing::error!(round, %shard, error = %e, "shard not aggregated"),
                 }

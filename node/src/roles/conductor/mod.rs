@@ -604,11 +604,14 @@ impl Role {
             let hash = checked.delta.payload_hash;
             // Fetched payloads stay pinned until the rounds after this one are committed.
             self.pins.add(report.round, hash);
+            if let Some(score) = checked.score {
+                tracing::debug!(round = report.round, shard = %checked.delta.shard, gain = score.null_loss - score.loss, seed = report.score_seed, "delta scored");
+                if let Err(e) = self.machine.delta_scored(report.round, checked.node, score) {
+                    tracing::debug!(round = report.round, error = %e, "score not taken");
+                }
+            }
             let verdict = match checked.outcome {
-                verify::Outcome::Accepted { delta, norm, score } => {
-                    if let Some(s) = score {
-                        tracing::debug!(round = report.round, shard = %checked.delta.shard, gain = s.gain(), seed = report.score_seed, "delta scored");
-                    }
+                verify::Outcome::Accepted { delta, norm } => {
                     self.decoded.insert(hash, delta);
                     self.history.push(NormSample {
                         shard: checked.delta.shard,

@@ -28,7 +28,8 @@ use futures::StreamExt;
 use mana_kernels::data::TextDataset;
 use mana_protocol::validation::{l2_norm, validate_delta_payload};
 use mana_protocol::{
-    Binding, DeltaAnnouncement, PublicKey, RejectCode, RoundAnnouncement, ShardId, contribution_len,
+    Binding, DeltaAnnouncement, DeltaScore, PublicKey, RejectCode, RoundAnnouncement, ShardId,
+    contribution_len,
 };
 
 use super::super::common::{fetch_bytes_within, peer_name};
@@ -76,7 +77,6 @@ pub(crate) enum Outcome {
     Accepted {
         delta: Arc<Vec<f32>>,
         norm: f32,
-        score: Option<Score>,
     },
     Rejected {
         code: RejectCode,
@@ -90,6 +90,8 @@ pub(crate) struct Checked {
     pub node: PublicKey,
     pub delta: DeltaAnnouncement,
     pub outcome: Outcome,
+    /// Its score, if it was scored (accepted or refused `low-score`), as the commit publishes it.
+    pub score: Option<DeltaScore>,
 }
 
 /// The verdicts of a round, with the time spent.
@@ -225,6 +227,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 node: *sender,
                 delta: delta.clone(),
                 outcome,
+                score: None,
             }),
         }
     }
@@ -257,6 +260,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 node: sender,
                 delta,
                 outcome,
+                score: None,
             }),
         }
     }
@@ -302,6 +306,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 node: sender,
                 delta,
                 outcome: rejected(code, detail),
+                score: None,
             }),
             None => by_shard
                 .entry(delta.shard)
@@ -362,6 +367,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                         node: sender,
                         delta,
                         outcome: rejected(RejectCode::Late, format!("not scored: {e}")),
+                        score: None,
                     });
                 }
                 continue;
@@ -397,16 +403,23 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                         input.score_policy.threshold(shard, &others)
                     ),
                 ),
-                score => Outcome::Accepted {
+                _ => Outcome::Accepted {
                     delta: values,
                     norm,
-                    score,
                 },
             };
+            let score = score.map(|s| DeltaScore {
+                shard,
+                payload_hash: delta.payload_hash,
+                in_mean: in_mean as u32,
+                null_loss: s.null_loss,
+                loss: s.loss,
+            });
             checked.push(Checked {
                 node: sender,
                 delta,
                 outcome,
+                score,
             });
         }
     }
