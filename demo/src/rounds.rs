@@ -196,6 +196,7 @@ fn node_json(name: &str, view: Option<&NodeStatus>) -> serde_json::Value {
         "deltas_sent": t.deltas_sent,
         "delta_bytes_sent": t.delta_bytes_sent,
         "hash_mismatches": t.hash_mismatches,
+        "score_mismatches": t.score_mismatches,
         "traffic": v.traffic,
     })
 }

@@ -142,6 +142,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("  last training loss: {loss:.4}");
         }
         println!("  now: {}", t.activity);
+        println!(
+            "  published scores recomputed: {} true / {} false",
+            t.scores_checked, t.score_mismatches
+        );
+        if let Some(last) = &t.last_score_mismatch {
+            println!("  FALSE SCORE: {last}");
+        }
         if let Some(why) = &t.halted {
             println!("  STOPPED: {why}");
         }

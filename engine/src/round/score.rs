@@ -12,6 +12,8 @@
 //! - At its weight: in `diloco` one sender's whole pseudo-gradient is a jump to its local model, which after
 //!   a few rounds overfits its own text (after 30 rounds every honest local model lost 0.05 to 0.33 nats on
 //!   held-out text, while the mean of four gains): the delta is judged as the part of the mean it is.
+//!   The share is the equal one, `1/k`, whatever the sender's standing (its weight in the aggregate, 1 to 16):
+//!   a delta is judged on what it does, not on who sent it, and a newcomer meets the same bar as a veteran.
 //!
 //! **The batch.** [`score_seed`] hashes the run, the round, the round's seed secret and the payload hashes
 //! of every delta under verification: it is fixed only once the deltas are in (after the delta deadline), so
