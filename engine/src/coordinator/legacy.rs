@@ -184,7 +184,7 @@ pub(super) fn encode_v1(c: &Coordinator) -> Vec<u8> {
             .iter()
             .map(|(k, m)| {
                 let old = MemberV1 {
-                    capacity: m.capacity.clone(),
+                    capacity: m.capacity,
                     last_seen_ms: m.last_seen_ms,
                     last_seq: m.last_seq,
                 };

@@ -406,7 +406,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
         .collect();
     send_all(&mut c, &ann, &stay, 10);
     for n in &stay {
-        let _ = c.node_heartbeat(600, *n, own_ip(&*n), &heartbeat(2, 100.0));
+        let _ = c.node_heartbeat(600, *n, own_ip(n), &heartbeat(2, 100.0));
     }
     // At 600 the second host has been silent > 500 ms: it leaves, and since everyone still in the round has
     // delivered, verification starts before the delta deadline.
@@ -438,7 +438,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late));
     // Two newcomers join; round 2 gives the orphaned expert two live hosts.
     for n in [key(50), key(51)].iter().chain(&stay) {
-        let _ = c.node_heartbeat(2_200, *n, own_ip(&*n), &heartbeat(3, 100.0));
+        let _ = c.node_heartbeat(2_200, *n, own_ip(n), &heartbeat(3, 100.0));
     }
     let ann2 = announced(&c.tick(2_200, 4).unwrap());
     let new_hosts: Vec<PublicKey> = ann2
