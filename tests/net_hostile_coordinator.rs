@@ -476,9 +476,18 @@ async fn a_coordinator_that_publishes_false_scores_is_caught() {
         .await;
     for s in &caught {
         let t = training(s);
-        assert_eq!(t.score_mismatches, 1, "one false score per trainer: its own");
-        let text = t.last_score_mismatch.clone().expect("the mismatch is described");
-        assert!(text.contains("is false") && text.contains("trunk"), "{text}");
+        assert_eq!(
+            t.score_mismatches, 1,
+            "one false score per trainer: its own"
+        );
+        let text = t
+            .last_score_mismatch
+            .clone()
+            .expect("the mismatch is described");
+        assert!(
+            text.contains("is false") && text.contains("trunk"),
+            "{text}"
+        );
         // The commit itself reproduces (nothing accepted, nothing changed): the node applies it and goes on.
         assert_eq!(t.applied_round, Some(LIE), "{}", s.peer_id);
         assert!(t.halted.is_none());

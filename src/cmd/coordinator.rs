@@ -100,6 +100,10 @@ pub struct CoordinatorArgs {
     /// Most members at once (default 1024); new keys beyond it are not admitted.
     #[arg(long, env = "MANA_MAX_MEMBERS")]
     pub max_members: Option<usize>,
+    /// Most members seen from one IP address (default 4); new keys from an address that has them are not
+    /// admitted. Loopback is not counted on a loopback-only coordinator.
+    #[arg(long, env = "MANA_MAX_MEMBERS_PER_IP")]
+    pub max_members_per_ip: Option<usize>,
     /// Inner learning rate announced with every round (default: the run preset's).
     #[arg(long, env = "MANA_LR")]
     pub lr: Option<f32>,
@@ -254,6 +258,9 @@ fn machine(
     machine.standing.max_members = s
         .get(|a| &a.max_members)
         .unwrap_or(machine.standing.max_members);
+    machine.standing.max_members_per_ip = s
+        .get(|a| &a.max_members_per_ip)
+        .unwrap_or(machine.standing.max_members_per_ip);
     if let Some(lr) = s.get(|a| &a.lr) {
         machine.hyper.inner_lr = lr;
     }
@@ -320,5 +327,20 @@ mod tests {
             .expect_err("the run is required")
             .to_string();
         assert_eq!(err, "--run NAME is required");
+    }
+
+    #[test]
+    fn the_member_cap_per_ip_comes_from_the_flag_or_the_file() {
+        let (_, machine) = settings(&[], "run = \"demo\"\n").expect("valid");
+        assert_eq!(machine.standing.max_members_per_ip, 4);
+        let file = "run = \"demo\"\nmax_members_per_ip = 2\n";
+        let (_, machine) = settings(&[], file).expect("valid");
+        assert_eq!(machine.standing.max_members_per_ip, 2);
+        let (_, machine) = settings(&["--max-members-per-ip", "8"], file).expect("valid");
+        assert_eq!(machine.standing.max_members_per_ip, 8);
+        let err = settings(&["--max-members-per-ip", "0"], file)
+            .expect_err("0 refused")
+            .to_string();
+        assert!(err.contains("max_members_per_ip"), "{err}");
     }
 }

@@ -232,6 +232,16 @@ impl RoundNet {
     /// The real conductor on the coordinator's node, for `rounds` rounds (or until the test stops it), starting
     /// a round once `min_members` members heartbeat; sync rule, replication 2.
     pub fn conduct(&self, rounds: u64, min_members: usize) -> RoleTask {
+        self.conduct_with(rounds, min_members, |_| {})
+    }
+
+    /// [`RoundNet::conduct`], with `tweak` applied to the state machine's settings.
+    pub fn conduct_with(
+        &self,
+        rounds: u64,
+        min_members: usize,
+        tweak: impl FnOnce(&mut mana_engine::coordinator::CoordinatorConfig),
+    ) -> RoleTask {
         use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
         let run = self.coordinator.config().net.run_id.clone();
         let mut machine = machine_config(run, &self.spec, mana_protocol::UpdateRule::Sync, 2)
@@ -241,6 +251,7 @@ impl RoundNet {
         machine.train_ms = 15_000;
         machine.verify_ms = 10_000;
         machine.cooldown_ms = 200;
+        tweak(&mut machine);
         let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
         role.rounds = Some(rounds);
         tokio::spawn(run_conductor(

@@ -131,6 +131,9 @@ impl CoordinatorConfig {
         if st.max_members < self.min_members {
             return bad("standing.max_members", "must be at least `min_members`");
         }
+        if st.max_members_per_ip == 0 {
+            return bad("standing.max_members_per_ip", "must be at least 1");
+        }
         let h = &self.hyper;
         for (field, v) in [
             ("hyper.inner_lr", h.inner_lr),

@@ -18,9 +18,11 @@
 
 pub mod assign;
 pub mod config;
+mod legacy;
 pub mod standing;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use mana_protocol::{
     AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, Deadlines, DeltaAnnouncement,
@@ -60,6 +62,21 @@ pub struct Member {
     pub last_seen_ms: u64,
     /// The highest heartbeat sequence number seen, to ignore stale (reordered) heartbeats.
     pub last_seq: u64,
+    /// Where it was last seen from, counted against [`StandingPolicy::max_members_per_ip`].
+    pub origin: Origin,
+}
+
+/// Where a heartbeat's signer is, as the coordinator's own direct connection to it shows. Heartbeats are
+/// gossip (any peer forwards them), so only the driver, which holds the connections, can tell; the state
+/// machine counts members per address with it, so that a flood of keys from one host cannot fill the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    /// Not known (yet): the coordinator has no direct connection to the signer (the heartbeat came through
+    /// other peers, or over a relay, which shows no address).
+    #[default]
+    Unknown,
+    /// The remote IP address of the coordinator's direct connection to the signer.
+    Ip(IpAddr),
 }
 
 /// The verification outcome of one delta, from whoever fetched and checked its payload.
@@ -197,6 +214,10 @@ pub struct Coordinator {
     /// saved: the driver sets it again after a restart).
     #[serde(skip)]
     allowlist: Option<BTreeSet<PublicKey>>,
+    /// Whether loopback addresses, and signers whose address is unknown, escape the per-IP member cap: set
+    /// by the driver of a loopback-only node (every peer it can hear runs on its own host); not saved.
+    #[serde(skip)]
+    trust_colocated: bool,
     state: RunState,
 }
 
@@ -216,6 +237,7 @@ impl Coordinator {
             hosts: ExpertHosts::new(),
             standings: Standings::default(),
             allowlist: None,
+            trust_colocated: false,
             state: RunState::WaitingForMembers,
         })
     }
@@ -242,7 +264,14 @@ impl Coordinator {
         self.allowlist = allowlist;
     }
 
-    /// Whether `node` may be a member (beside the member cap): not banned, and on the allowlist if there is one.
+    /// Trusts co-located peers (the driver of a loopback-only node sets it, like the network's
+    /// `trust_colocated_ips`): loopback addresses are not counted against the per-IP member cap, and a key
+    /// whose address is not known yet may join. Off by default; not saved (the driver sets it again).
+    pub fn set_trust_colocated(&mut self, trust: bool) {
+        self.trust_colocated = trust;
+    }
+
+    /// Whether `node` may be a member (beside the member caps): not banned, and on the allowlist if there is one.
     pub fn admits(&self, node: &PublicKey) -> bool {
         !self.standings.is_banned(node)
             && self
@@ -285,35 +314,38 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Saves the whole state (bincode, standard config), to be restored with [`Coordinator::from_bytes`].
+    /// Saves the whole state (a format header, then bincode with the standard config), to be restored with
+    /// [`Coordinator::from_bytes`].
     pub fn to_bytes(&self) -> Result<Vec<u8>, CoordinatorError> {
-        bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .map_err(|e| CoordinatorError::Encode(e.to_string()))
+        let mut bytes = legacy::STATE_HEADER.to_vec();
+        bincode::serde::encode_into_std_write(self, &mut bytes, bincode::config::standard())
+            .map_err(|e| CoordinatorError::Encode(e.to_string()))?;
+        Ok(bytes)
     }
 
     /// Restores a state saved by [`Coordinator::to_bytes`] (a local file the coordinator wrote; still bounded and
     /// checked, as a truncated or corrupted file must give an error).
     pub fn from_bytes(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
-        let cfg = bincode::config::standard().with_limit::<{ 64 * 1024 * 1024 }>();
-        let (c, used): (Coordinator, usize) = bincode::serde::decode_from_slice(bytes, cfg)
-            .map_err(|e| CoordinatorError::Decode(e.to_string()))?;
-        if used != bytes.len() {
-            return Err(CoordinatorError::Decode(format!(
-                "{} trailing bytes",
-                bytes.len() - used
-            )));
-        }
+        let c = match bytes.strip_prefix(legacy::STATE_HEADER.as_slice()) {
+            Some(body) => legacy::decode_whole::<Coordinator>(body)?,
+            // Saved before the format header (and the per-IP member cap) existed.
+            None => legacy::decode_v1(bytes)?,
+        };
         c.config.validate()?;
         Ok(c)
     }
 
     /// A heartbeat from `node` at `now_ms`: a new node joins (it takes part from the next round), a known one
     /// stays alive. Heartbeats for another run or older than the last seen are ignored. A key that is banned,
-    /// not on the allowlist, or new while the run has `max_members` is refused (`not-admitted`).
+    /// not on the allowlist, or new while the run has `max_members`, or while its `origin` already has
+    /// `max_members_per_ip` members, or whose origin is unknown (see [`Coordinator::set_trust_colocated`]), is
+    /// refused (`not-admitted`). A member already in keeps its place whatever its origin; a known origin
+    /// replaces the one it had.
     pub fn node_heartbeat(
         &mut self,
         now_ms: u64,
         node: PublicKey,
+        origin: Origin,
         heartbeat: &Heartbeat,
     ) -> Result<(), EventError> {
         if heartbeat.run != self.config.run {
@@ -322,27 +354,52 @@ impl Coordinator {
         if !self.admits(&node) {
             return Err(EventError::Refused(RejectCode::NotAdmitted));
         }
-        let full = self.members.len() >= self.config.standing.max_members;
-        match self.members.get_mut(&node) {
-            Some(m) if heartbeat.seq <= m.last_seq => {}
-            Some(m) => {
+        if let Some(m) = self.members.get_mut(&node) {
+            if heartbeat.seq > m.last_seq {
                 m.capacity = heartbeat.capacity;
                 m.last_seen_ms = now_ms;
                 m.last_seq = heartbeat.seq;
+                if origin != Origin::Unknown {
+                    m.origin = origin;
+                }
             }
-            None if full => return Err(EventError::Refused(RejectCode::NotAdmitted)),
-            None => {
-                self.members.insert(
-                    node,
-                    Member {
-                        capacity: heartbeat.capacity,
-                        last_seen_ms: now_ms,
-                        last_seq: heartbeat.seq,
-                    },
-                );
-            }
+            return Ok(());
         }
+        if !self.has_room_for(origin) {
+            return Err(EventError::Refused(RejectCode::NotAdmitted));
+        }
+        self.members.insert(
+            node,
+            Member {
+                capacity: heartbeat.capacity,
+                last_seen_ms: now_ms,
+                last_seq: heartbeat.seq,
+                origin,
+            },
+        );
         Ok(())
+    }
+
+    /// Whether a new key seen from `origin` fits under the member cap and the per-IP cap. A key whose address
+    /// is unknown waits (the driver learns it within a heartbeat or two), unless co-located peers are trusted.
+    fn has_room_for(&self, origin: Origin) -> bool {
+        let policy = &self.config.standing;
+        if self.members.len() >= policy.max_members {
+            return false;
+        }
+        match origin {
+            Origin::Unknown => self.trust_colocated,
+            Origin::Ip(ip) if self.trust_colocated && ip.is_loopback() => true,
+            Origin::Ip(ip) => self.members_at(ip) < policy.max_members_per_ip,
+        }
+    }
+
+    /// Members last seen from `ip`.
+    pub fn members_at(&self, ip: IpAddr) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.origin == Origin::Ip(ip))
+            .count()
     }
 
     /// `node` left (said goodbye, or the network lost it): it is no member any more and is dropped from the

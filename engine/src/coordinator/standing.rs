@@ -30,13 +30,17 @@ pub struct StandingPolicy {
     pub max_weight: i64,
     /// Most members at once; a new key beyond it is not admitted.
     pub max_members: usize,
+    /// Most members seen from one IP address at once; a new key from an address that has them is not
+    /// admitted, so that a flood of keys from one host cannot fill the run.
+    pub max_members_per_ip: usize,
     /// Most banned keys remembered (the oldest bans are forgotten first).
     pub max_banned: usize,
 }
 
 impl Default for StandingPolicy {
     /// Fault cost 4, ban at −16 (four faults with nothing useful between them), weight capped at 64, 1024
-    /// members, 1024 remembered bans. (The whole coordinator state is saved as one store record of at most
+    /// members, 4 per IP address (a host with a few GPUs, or a few users behind one NAT), 1024 remembered
+    /// bans. (The whole coordinator state is saved as one store record of at most
     /// 64 KiB today, which a few hundred members and bans already fill: the liveness issue moves it to a blob.)
     fn default() -> StandingPolicy {
         StandingPolicy {
@@ -44,6 +48,7 @@ impl Default for StandingPolicy {
             ban_at: -16,
             max_weight: 64,
             max_members: 1024,
+            max_members_per_ip: 4,
             max_banned: 1024,
         }
     }

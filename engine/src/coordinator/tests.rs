@@ -10,6 +10,31 @@ fn key(i: u8) -> PublicKey {
     PublicKey([i; 32])
 }
 
+/// An address of its own for each key (the first 16 bytes as an IPv6 address), so the per-IP cap stays out
+/// of the tests that are not about it.
+fn own_ip(node: &PublicKey) -> Origin {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&node.0[..16]);
+    Origin::Ip(std::net::IpAddr::from(b))
+}
+
+/// `10.0.0.<i>`.
+fn ip(i: u8) -> Origin {
+    Origin::Ip(std::net::IpAddr::from([10, 0, 0, i]))
+}
+
+/// `127.0.0.1`.
+fn loopback() -> Origin {
+    Origin::Ip(std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
+/// A coordinator of an open run with at most `per_ip` members per address.
+fn capped_per_ip(per_ip: usize) -> Coordinator {
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.standing.max_members_per_ip = per_ip;
+    Coordinator::new(cfg, base_manifest()).unwrap()
+}
+
 fn run() -> RunId {
     RunId::new("test-run").unwrap()
 }
@@ -115,8 +140,13 @@ fn announced(actions: &[Action]) -> RoundAnnouncement {
 /// Joins nodes 1..=n at t=0 (node i declaring 100·i tokens/s) and returns their keys.
 fn join(c: &mut Coordinator, n: u8) -> Vec<PublicKey> {
     for i in 1..=n {
-        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)))
-            .unwrap();
+        c.node_heartbeat(
+            0,
+            key(i),
+            own_ip(&key(i)),
+            &heartbeat(1, 100.0 * f32::from(i)),
+        )
+        .unwrap();
     }
     (1..=n).map(key).collect()
 }
@@ -140,11 +170,11 @@ fn send_all(c: &mut Coordinator, ann: &RoundAnnouncement, nodes: &[PublicKey], n
 #[test]
 fn waits_for_members_then_announces_a_covering_round() {
     let mut c = coordinator();
-    let _ = c.node_heartbeat(0, key(1), &heartbeat(1, 100.0));
-    let _ = c.node_heartbeat(0, key(2), &heartbeat(1, 100.0));
+    let _ = c.node_heartbeat(0, key(1), own_ip(&key(1)), &heartbeat(1, 100.0));
+    let _ = c.node_heartbeat(0, key(2), own_ip(&key(2)), &heartbeat(1, 100.0));
     assert!(c.tick(0, 1).unwrap().is_empty());
     assert_eq!(c.state().name(), "waiting-for-members");
-    let _ = c.node_heartbeat(5, key(3), &heartbeat(1, 100.0));
+    let _ = c.node_heartbeat(5, key(3), own_ip(&key(3)), &heartbeat(1, 100.0));
     let ann = announced(&c.tick(5, 1).unwrap());
     assert_eq!(ann.round, 1);
     assert_eq!(ann.base_checkpoint, base_manifest().hash().unwrap());
@@ -277,7 +307,7 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     assert_eq!(c.state().name(), "cooldown");
     assert!(c.tick(100, 15).unwrap().is_empty());
     for i in 1..=3 {
-        let _ = c.node_heartbeat(140, key(i), &heartbeat(2, 100.0));
+        let _ = c.node_heartbeat(140, key(i), own_ip(&key(i)), &heartbeat(2, 100.0));
     }
     let ann2 = announced(&c.tick(140, 16).unwrap());
     assert_eq!(ann2.round, 2);
@@ -409,7 +439,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
         .collect();
     send_all(&mut c, &ann, &stay, 10);
     for n in &stay {
-        let _ = c.node_heartbeat(600, *n, &heartbeat(2, 100.0));
+        let _ = c.node_heartbeat(600, *n, own_ip(n), &heartbeat(2, 100.0));
     }
     // At 600 the second host has been silent > 500 ms: it leaves, and since everyone still in the round has
     // delivered, verification starts before the delta deadline.
@@ -441,7 +471,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late));
     // Two newcomers join; round 2 gives the orphaned expert two live hosts.
     for n in [key(50), key(51)].iter().chain(&stay) {
-        let _ = c.node_heartbeat(2_200, *n, &heartbeat(3, 100.0));
+        let _ = c.node_heartbeat(2_200, *n, own_ip(n), &heartbeat(3, 100.0));
     }
     let ann2 = announced(&c.tick(2_200, 4).unwrap());
     let new_hosts: Vec<PublicKey> = ann2
@@ -482,7 +512,12 @@ fn same_events_same_seed_same_announcement() {
     assert_eq!(start(&mut a, 5), start(&mut b, 5));
     let mut c = coordinator();
     for i in (1..=5).rev() {
-        let _ = c.node_heartbeat(0, key(i), &heartbeat(1, 100.0 * f32::from(i)));
+        let _ = c.node_heartbeat(
+            0,
+            key(i),
+            own_ip(&key(i)),
+            &heartbeat(1, 100.0 * f32::from(i)),
+        );
     }
     assert_eq!(
         announced(&c.tick(0, 11).unwrap()),
@@ -494,12 +529,12 @@ fn same_events_same_seed_same_announcement() {
 #[test]
 fn stale_heartbeats_and_other_runs_are_ignored() {
     let mut c = coordinator();
-    let _ = c.node_heartbeat(0, key(1), &heartbeat(5, 100.0));
-    let _ = c.node_heartbeat(100, key(1), &heartbeat(4, 999.0));
+    let _ = c.node_heartbeat(0, key(1), own_ip(&key(1)), &heartbeat(5, 100.0));
+    let _ = c.node_heartbeat(100, key(1), own_ip(&key(1)), &heartbeat(4, 999.0));
     assert_eq!(c.members()[&key(1)].last_seen_ms, 0);
     let mut other = heartbeat(9, 1.0);
     other.run = RunId::new("other").unwrap();
-    let _ = c.node_heartbeat(0, key(2), &other);
+    let _ = c.node_heartbeat(0, key(2), own_ip(&key(2)), &other);
     assert_eq!(c.members().len(), 1);
 }
 
@@ -643,7 +678,7 @@ fn play_round(
 ) -> RoundCommit {
     for n in c.members().keys().copied().collect::<Vec<_>>() {
         let seq = c.members()[&n].last_seq + 1;
-        let _ = c.node_heartbeat(t, n, &heartbeat(seq, 100.0));
+        let _ = c.node_heartbeat(t, n, own_ip(&n), &heartbeat(seq, 100.0));
     }
     let ann = announced(&c.tick(t, t).unwrap());
     send_all(c, &ann, senders, t + 10);
@@ -699,7 +734,7 @@ fn a_member_refused_again_and_again_is_banned_and_stays_out() {
     assert!(c.standings().get(&key(1)).reputation > 0);
     // Its heartbeats are refused from now on, whatever their sequence number.
     assert_eq!(
-        c.node_heartbeat(t, key(4), &heartbeat(1_000, 1e9)),
+        c.node_heartbeat(t, key(4), own_ip(&key(4)), &heartbeat(1_000, 1e9)),
         Err(EventError::Refused(RejectCode::NotAdmitted))
     );
     let ann = announced(&c.tick(t, 1).unwrap());
@@ -729,7 +764,8 @@ fn an_accepted_delta_weighs_its_senders_standing_up_to_the_cap() {
     }
     // A newcomer joins a run whose members have a record.
     let newcomer = key(9);
-    c.node_heartbeat(t, newcomer, &heartbeat(1, 1e9)).unwrap();
+    c.node_heartbeat(t, newcomer, own_ip(&newcomer), &heartbeat(1, 1e9))
+        .unwrap();
     let mut with_new = all.clone();
     with_new.push(newcomer);
     let commit = play_round(&mut c, t, &with_new, accept);
@@ -761,10 +797,11 @@ fn the_allowlist_and_the_member_cap_decide_who_joins() {
     let mut c = coordinator();
     c.set_allowlist(Some([key(1), key(2), key(3)].into_iter().collect()));
     for i in 1..=3 {
-        c.node_heartbeat(0, key(i), &heartbeat(1, 100.0)).unwrap();
+        c.node_heartbeat(0, key(i), own_ip(&key(i)), &heartbeat(1, 100.0))
+            .unwrap();
     }
     assert_eq!(
-        c.node_heartbeat(0, key(9), &heartbeat(1, 100.0)),
+        c.node_heartbeat(0, key(9), own_ip(&key(9)), &heartbeat(1, 100.0)),
         Err(EventError::Refused(RejectCode::NotAdmitted))
     );
     // A member taken off the list leaves at once.
@@ -776,16 +813,16 @@ fn the_allowlist_and_the_member_cap_decide_who_joins() {
     let mut capped = Coordinator::new(cfg, base_manifest()).unwrap();
     for i in 1..=3 {
         capped
-            .node_heartbeat(0, key(i), &heartbeat(1, 100.0))
+            .node_heartbeat(0, key(i), own_ip(&key(i)), &heartbeat(1, 100.0))
             .unwrap();
     }
     assert_eq!(
-        capped.node_heartbeat(0, key(4), &heartbeat(1, 100.0)),
+        capped.node_heartbeat(0, key(4), own_ip(&key(4)), &heartbeat(1, 100.0)),
         Err(EventError::Refused(RejectCode::NotAdmitted))
     );
     // A member already in keeps heartbeating.
     capped
-        .node_heartbeat(10, key(1), &heartbeat(2, 100.0))
+        .node_heartbeat(10, key(1), own_ip(&key(1)), &heartbeat(2, 100.0))
         .unwrap();
 }
 
@@ -800,7 +837,8 @@ fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_from_members_with_a
     }
     // 20 new keys, each claiming a million tokens per second.
     for i in 100..120u8 {
-        c.node_heartbeat(t, key(i), &heartbeat(1, 1e6)).unwrap();
+        c.node_heartbeat(t, key(i), own_ip(&key(i)), &heartbeat(1, 1e6))
+            .unwrap();
     }
     let ann = announced(&c.tick(t, 99).unwrap());
     let experts_of = |n: &PublicKey| {
@@ -830,7 +868,7 @@ fn a_few_thousand_members_round_trip_past_one_record() {
         let mut k = [0u8; 32];
         k[..4].copy_from_slice(&i.to_le_bytes());
         k[31] = 0xEE;
-        c.node_heartbeat(0, PublicKey(k), &heartbeat(1, 100.0))
+        c.node_heartbeat(0, PublicKey(k), own_ip(&PublicKey(k)), &heartbeat(1, 100.0))
             .unwrap();
     }
     assert_eq!(c.members().len(), members as usize);
@@ -842,4 +880,147 @@ fn a_few_thousand_members_round_trip_past_one_record() {
     );
     let back = Coordinator::from_bytes(&bytes).unwrap();
     assert_eq!(back.to_bytes().unwrap(), bytes);
+}
+
+const NOT_ADMITTED: Result<(), EventError> = Err(EventError::Refused(RejectCode::NotAdmitted));
+
+#[test]
+fn a_new_key_from_an_address_at_its_cap_is_refused_and_other_addresses_still_join() {
+    let mut c = capped_per_ip(2);
+    for i in 1..=2 {
+        c.node_heartbeat(0, key(i), ip(1), &heartbeat(1, 100.0))
+            .unwrap();
+    }
+    assert_eq!(
+        c.node_heartbeat(0, key(3), ip(1), &heartbeat(1, 100.0)),
+        NOT_ADMITTED
+    );
+    assert!(!c.members().contains_key(&key(3)));
+    c.node_heartbeat(0, key(4), ip(2), &heartbeat(1, 100.0))
+        .unwrap();
+    assert_eq!((c.members_at(ip_addr(1)), c.members_at(ip_addr(2))), (2, 1));
+    // The members in keep heartbeating from there.
+    c.node_heartbeat(10, key(1), ip(1), &heartbeat(2, 100.0))
+        .unwrap();
+    assert_eq!(c.members()[&key(1)].last_seen_ms, 10);
+    // A place freed is taken by the next key.
+    c.node_left(&key(1));
+    c.node_heartbeat(20, key(3), ip(1), &heartbeat(2, 100.0))
+        .unwrap();
+    assert_eq!(c.members_at(ip_addr(1)), 2);
+}
+
+fn ip_addr(i: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([10, 0, 0, i])
+}
+
+#[test]
+fn a_member_is_never_evicted_by_the_per_ip_cap() {
+    let mut c = capped_per_ip(1);
+    c.node_heartbeat(0, key(1), ip(1), &heartbeat(1, 100.0))
+        .unwrap();
+    c.node_heartbeat(0, key(2), ip(2), &heartbeat(1, 100.0))
+        .unwrap();
+    // key 2 now shows up from address 1, which is at its cap: it stays, and is counted there.
+    c.node_heartbeat(10, key(2), ip(1), &heartbeat(2, 100.0))
+        .unwrap();
+    assert!(c.members().contains_key(&key(1)) && c.members().contains_key(&key(2)));
+    assert_eq!(c.members()[&key(2)].origin, ip(1));
+    assert_eq!(c.members_at(ip_addr(1)), 2);
+    // A heartbeat whose origin is not known leaves the one known in place.
+    c.node_heartbeat(20, key(2), Origin::Unknown, &heartbeat(3, 100.0))
+        .unwrap();
+    assert_eq!(c.members()[&key(2)].origin, ip(1));
+    assert_eq!(c.members()[&key(2)].last_seen_ms, 20);
+}
+
+#[test]
+fn a_key_whose_address_is_unknown_waits_until_it_is_known() {
+    let mut c = capped_per_ip(4);
+    assert_eq!(
+        c.node_heartbeat(0, key(1), Origin::Unknown, &heartbeat(1, 100.0)),
+        NOT_ADMITTED
+    );
+    assert!(c.members().is_empty());
+    // The next heartbeat, once the driver has a direct connection to it.
+    c.node_heartbeat(10, key(1), ip(1), &heartbeat(2, 100.0))
+        .unwrap();
+    assert_eq!(c.members()[&key(1)].origin, ip(1));
+}
+
+#[test]
+fn loopback_is_counted_unless_colocated_peers_are_trusted() {
+    let mut c = capped_per_ip(2);
+    for i in 1..=2 {
+        c.node_heartbeat(0, key(i), loopback(), &heartbeat(1, 100.0))
+            .unwrap();
+    }
+    assert_eq!(
+        c.node_heartbeat(0, key(3), loopback(), &heartbeat(1, 100.0)),
+        NOT_ADMITTED
+    );
+    c.set_trust_colocated(true);
+    c.node_heartbeat(0, key(3), loopback(), &heartbeat(1, 100.0))
+        .unwrap();
+    c.node_heartbeat(0, key(4), Origin::Unknown, &heartbeat(1, 100.0))
+        .unwrap();
+    // Other addresses are still counted.
+    for i in 5..=6 {
+        c.node_heartbeat(0, key(i), ip(1), &heartbeat(1, 100.0))
+            .unwrap();
+    }
+    assert_eq!(
+        c.node_heartbeat(0, key(7), ip(1), &heartbeat(1, 100.0)),
+        NOT_ADMITTED
+    );
+    assert_eq!(c.members().len(), 6);
+}
+
+#[test]
+fn the_per_ip_cap_must_be_at_least_one() {
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.standing.max_members_per_ip = 0;
+    assert!(Coordinator::new(cfg, base_manifest()).is_err());
+}
+
+#[test]
+fn a_state_saved_before_the_per_ip_cap_still_resumes() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &nodes[..2], 10);
+    let old = legacy::encode_v1(&c);
+    let restored = Coordinator::from_bytes(&old).unwrap();
+    // The same state, but where its members are is not known until they heartbeat again, and the round in
+    // progress (protocol 1's) is abandoned: the next round starts from the committed checkpoint.
+    assert!(matches!(c.state(), RunState::RoundTrain(_)));
+    assert_eq!(restored.state(), &RunState::WaitingForMembers);
+    assert_eq!(restored.checkpoint(), c.checkpoint());
+    assert_eq!(restored.config(), c.config());
+    assert_eq!(
+        restored.members().keys().collect::<Vec<_>>(),
+        c.members().keys().collect::<Vec<_>>()
+    );
+    assert!(
+        restored
+            .members()
+            .values()
+            .all(|m| m.origin == Origin::Unknown)
+    );
+    // Saved again, it is in the current format.
+    let again = restored.to_bytes().unwrap();
+    assert_eq!(Coordinator::from_bytes(&again).unwrap(), restored);
+    // Between rounds nothing is lost.
+    let mut idle = coordinator();
+    join(&mut idle, 3);
+    let waiting = Coordinator::from_bytes(&legacy::encode_v1(&idle)).unwrap();
+    assert_eq!(waiting.state(), idle.state());
+    let cooling = Coordinator {
+        state: RunState::Cooldown { until_ms: 1234 },
+        ..idle.clone()
+    };
+    let cooled = Coordinator::from_bytes(&legacy::encode_v1(&cooling)).unwrap();
+    assert_eq!(cooled.state(), &RunState::Cooldown { until_ms: 1234 });
+    let cooled_bytes = legacy::encode_v1(&cooling);
+    assert!(Coordinator::from_bytes(&cooled_bytes[..cooled_bytes.len() - 1]).is_err());
 }

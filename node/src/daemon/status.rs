@@ -343,7 +343,9 @@ pub struct CoordinatorStatus {
     /// Keys banned for their record.
     #[serde(default)]
     pub banned: usize,
-    /// Heartbeats refused since start (banned, not on the allowlist, or the run full).
+    /// Heartbeats refused since start (banned, not on the allowlist, the run full, its address at its cap of
+    /// members, or its address not known yet: a new key heard only through other peers waits for a direct
+    /// connection, usually one heartbeat).
     #[serde(default)]
     pub not_admitted: u64,
     /// Round steps that failed since start and were retried (a commit the store refused) or left out (a

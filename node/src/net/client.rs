@@ -58,8 +58,9 @@ impl Client {
         }
     }
 
-    /// The IP of `peer`'s direct connection, if it has one (relayed connections have none).
-    pub(super) fn remote_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
+    /// The IP of `peer`'s direct connection, if it has one (relayed connections have none): where its blob
+    /// lane is, and the address the coordinator counts its key against (the per-IP member cap).
+    pub fn remote_ip(&self, peer: &PeerId) -> Option<std::net::IpAddr> {
         self.remote_ips.get(peer)
     }
 
@@ -149,6 +150,13 @@ impl Client {
     /// Dials an address (`/p2p/<id>` suffix recommended: it also seeds the DHT).
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.call(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Dials `peer` by id at the addresses the swarm knows for it (the DHT's), unless it is connected or being
+    /// dialled already; succeeds once the dial has started. The coordinator uses it to learn the address of a
+    /// key it only heard through gossip.
+    pub async fn dial_peer(&self, peer: PeerId) -> Result<(), NetError> {
+        self.call(|reply| Command::DialPeer { peer, reply }).await?
     }
 
     /// Subscribes to a topic by its full name.

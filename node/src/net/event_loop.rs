@@ -17,7 +17,7 @@ use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
 use tokio::sync::{mpsc, oneshot};
 
@@ -65,6 +65,14 @@ impl From<Verdict> for MessageAcceptance {
 /// A request to the event loop, with a oneshot for its reply where one is expected.
 #[derive(Debug)]
 pub enum Command {
+    /// Dial a peer by id, at the addresses the swarm knows for it (the DHT's), unless it is connected or
+    /// being dialled already.
+    DialPeer {
+        /// The peer.
+        peer: PeerId,
+        /// Whether the dial could be started.
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
     /// Dial an address (with or without `/p2p/`).
     Dial {
         /// Where to dial.
@@ -325,6 +333,12 @@ impl EventLoop {
         match command {
             Command::Dial { addr, reply } => {
                 let _ = reply.send(self.dial(addr));
+            }
+            Command::DialPeer { peer, reply } => {
+                let opts = DialOpts::peer_id(peer)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                let _ = reply.send(self.swarm.dial(opts).map_err(NetError::from));
             }
             Command::Subscribe { topic, reply } => {
                 let result = self

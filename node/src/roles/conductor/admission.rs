@@ -5,15 +5,23 @@
 //!
 //! The file: one public key per line, 64 hex digits (what `mana keygen` and a node's status print), `#` starts
 //! a comment, blank lines are skipped. At most [`MAX_ALLOWLIST_BYTES`].
+//!
+//! Members per IP address: heartbeats are gossip, forwarded by any peer, so the address a key is counted
+//! against is the one of the coordinator's own direct connection to it ([`origin_of`]; its libp2p peer id is
+//! derived from the same ed25519 key). A key heard only through others is dialled ([`learn_address`]) and
+//! waits: its next heartbeat, seconds later, finds the connection. A peer reachable only over a relay
+//! (`/p2p-circuit`, which shows no address) waits until hole punching (dcutr) gives it a direct connection.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use libp2p::PeerId;
+use mana_engine::coordinator::Origin;
 use mana_protocol::PublicKey;
 
-use crate::daemon::NodeError;
 use crate::daemon::config::parse_public_key;
+use crate::daemon::{NodeError, NodeHandle};
 
 /// Largest allowlist file read (about 15,000 keys).
 pub const MAX_ALLOWLIST_BYTES: u64 = 1 << 20;
@@ -100,6 +108,27 @@ impl AllowlistFile {
                 None
             }
         }
+    }
+}
+
+/// Where `signer` is, as this node's direct connection to it shows, and its peer id (none if the key is not
+/// an ed25519 point, which a verified signer always is).
+pub(crate) fn origin_of(node: &NodeHandle, signer: &PublicKey) -> (Origin, Option<PeerId>) {
+    let Ok(peer) = signer.peer_id() else {
+        return (Origin::Unknown, None);
+    };
+    let origin = node
+        .net()
+        .remote_ip(&peer)
+        .map_or(Origin::Unknown, Origin::Ip);
+    (origin, Some(peer))
+}
+
+/// Dials `peer` (at the addresses the DHT knows) so that its next heartbeat shows where it is; a peer that is
+/// connected already (over a relay) or being dialled is left alone.
+pub(crate) async fn learn_address(node: &NodeHandle, peer: PeerId) {
+    if let Err(e) = node.net().dial_peer(peer).await {
+        tracing::debug!(%peer, error = %e, "no direct connection to a heartbeat's signer yet");
     }
 }
 

@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    AcceptedDeltas, CheckpointManifest, ContentHash, DeltaAnnouncement, Message, PublicKey,
-    RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule,
+    AcceptedDeltas, CheckpointManifest, ContentHash, DeltaAnnouncement, Heartbeat, Message,
+    PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
@@ -52,7 +52,7 @@ use crate::daemon::status::{CommitSummary, MemberStanding};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::store::RecordKind;
 use mana_engine::coordinator::{
-    Action, Coordinator, CoordinatorConfig, EventError, RunState, Verdict,
+    Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, Verdict,
 };
 use mana_engine::round::{
     NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord, build_trainer,
@@ -390,6 +390,9 @@ impl Role {
         let me = node.public_key();
         let history = NormHistory::new(cfg.norm_history);
         let mut machine = machine;
+        // A loopback-only node hears only processes on its own host (the demo, the tests): like the network's
+        // per-IP limits, the member cap per address does not count them.
+        machine.set_trust_colocated(node.config().net.trust_colocated_ips);
         let allowlist = match cfg.allowlist.clone() {
             Some(path) => {
                 let (file, keys) = admission::AllowlistFile::open(path)?;
@@ -787,20 +790,32 @@ impl Role {
         Ok(())
     }
 
+    /// A heartbeat, counted against the IP address of this node's direct connection to its signer; without
+    /// one, the signer is dialled so that its next heartbeat finds it (see [`admission`]).
+    async fn on_heartbeat(&mut self, signer: PublicKey, hb: &Heartbeat) {
+        let (origin, peer) = admission::origin_of(&self.node, &signer);
+        if let Err(EventError::Refused(code)) =
+            self.machine.node_heartbeat(now_ms(), signer, origin, hb)
+        {
+            // Not logged in the store: a banned or unlisted key heartbeats every few seconds.
+            tracing::debug!(node = %peer_name(&signer), %code, ?origin, "heartbeat refused");
+            self.not_admitted += 1;
+        }
+        if origin == Origin::Unknown
+            && !self.node.config().net.trust_colocated_ips
+            && self.machine.admits(&signer)
+            && let Some(peer) = peer
+        {
+            admission::learn_address(&self.node, peer).await;
+        }
+    }
+
     async fn on_message(&mut self, signer: PublicKey, message: Message) {
         if signer == self.me {
             return;
         }
         match message {
-            Message::Heartbeat(hb) => {
-                if let Err(EventError::Refused(code)) =
-                    self.machine.node_heartbeat(now_ms(), signer, &hb)
-                {
-                    // Not logged in the store: a banned or unlisted key heartbeats every few seconds.
-                    tracing::debug!(node = %peer_name(&signer), %code, "heartbeat refused");
-                    self.not_admitted += 1;
-                }
-            }
+            Message::Heartbeat(hb) => self.on_heartbeat(signer, &hb).await,
             Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);

@@ -1,0 +1,241 @@
+//! The saved-state format, and the state saved before it had a header. bincode is not self-describing: a
+//! field added to a saved struct changes the layout, so an old state would no longer decode (and
+//! `#[serde(default)]` does not help). A state now starts with [`STATE_HEADER`]; one without it is the first
+//! format (before the per-IP member cap, the published scores and the weighted aggregate, which came with
+//! wire protocol 2), decoded here into the current structs: its members' origins are unknown until their next
+//! heartbeat, and its policy gets the default `max_members_per_ip`. A round that was in progress when the
+//! old coordinator saved is abandoned (its announcement was protocol 1's, which no node of this version reads,
+//! and it had no seed secret): the coordinator resumes waiting for members and opens the next round from its
+//! last committed checkpoint; members, standings, bans and the checkpoint are kept.
+//!
+//! The next change to a saved struct bumps the header's version byte and moves the current layout here.
+
+use std::collections::BTreeMap;
+
+use mana_protocol::{
+    Capacity, CheckpointManifest, ContentHash, HyperParams, PublicKey, RunId, ShardId,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Coordinator, CoordinatorConfig, CoordinatorError, ExpertHosts, Member, Origin, RunState,
+    StandingPolicy, Standings,
+};
+
+/// The first bytes of a saved state: a byte no bincode varint starts with (so no header-less state can
+/// begin with it), `MC` (mana coordinator), and the format version.
+pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 2];
+
+/// Most bytes a saved state may take.
+const MAX_STATE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Decodes one `T` that must take all of `bytes` (bounded: a truncated or corrupted file gives an error).
+pub(super) fn decode_whole<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CoordinatorError> {
+    let cfg = bincode::config::standard().with_limit::<MAX_STATE_BYTES>();
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(bytes, cfg)
+        .map_err(|e| CoordinatorError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CoordinatorError::Decode(format!(
+            "{} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// Decodes a state saved in the first format (no header).
+pub(super) fn decode_v1(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
+    let cfg = bincode::config::standard().with_limit::<MAX_STATE_BYTES>();
+    let (head, used): (CoordinatorV1, usize) = bincode::serde::decode_from_slice(bytes, cfg)
+        .map_err(|e| CoordinatorError::Decode(e.to_string()))?;
+    let rest = &bytes[used..];
+    let (phase, used): (u32, usize) = bincode::serde::decode_from_slice(rest, cfg)
+        .map_err(|e| CoordinatorError::Decode(e.to_string()))?;
+    let state = match phase {
+        0 if used == rest.len() => RunState::WaitingForMembers,
+        4 => RunState::Cooldown {
+            until_ms: decode_whole(&rest[used..])?,
+        },
+        1..=3 => {
+            tracing::warn!(
+                round = head.next_round.saturating_sub(1),
+                "the saved state is from before protocol 2: the round it was running is abandoned"
+            );
+            RunState::WaitingForMembers
+        }
+        _ => {
+            return Err(CoordinatorError::Decode(format!(
+                "unknown run phase {phase} in a first-format state"
+            )));
+        }
+    };
+    let mut c = Coordinator::from(head);
+    c.state = state;
+    Ok(c)
+}
+
+/// [`StandingPolicy`] before `max_members_per_ip`.
+#[derive(Serialize, Deserialize)]
+struct StandingPolicyV1 {
+    fault_cost: i64,
+    ban_at: i64,
+    max_weight: i64,
+    max_members: usize,
+    max_banned: usize,
+}
+
+/// [`Member`] before `origin`.
+#[derive(Serialize, Deserialize)]
+struct MemberV1 {
+    capacity: Capacity,
+    last_seen_ms: u64,
+    last_seq: u64,
+}
+
+/// [`CoordinatorConfig`] with a [`StandingPolicyV1`].
+#[derive(Serialize, Deserialize)]
+struct ConfigV1 {
+    run: RunId,
+    experts: Vec<ShardId>,
+    replication: usize,
+    min_members: usize,
+    trunk_everywhere: bool,
+    train_ms: u64,
+    verify_ms: u64,
+    cooldown_ms: u64,
+    member_timeout_ms: u64,
+    inner_steps: u32,
+    data_seeds_per_node: u32,
+    max_norm_ratio: f32,
+    hyper: HyperParams,
+    standing: StandingPolicyV1,
+    corpus: ContentHash,
+}
+
+/// [`Coordinator`] in the first format (its skipped fields were never saved), but for its last field, the
+/// run state, which [`decode_v1`] reads by hand.
+#[derive(Serialize, Deserialize)]
+struct CoordinatorV1 {
+    config: ConfigV1,
+    members: BTreeMap<PublicKey, MemberV1>,
+    checkpoint: CheckpointManifest,
+    next_round: u64,
+    hosts: ExpertHosts,
+    standings: Standings,
+}
+
+impl From<CoordinatorV1> for Coordinator {
+    fn from(old: CoordinatorV1) -> Coordinator {
+        let c = old.config;
+        let s = c.standing;
+        let config = CoordinatorConfig {
+            run: c.run,
+            experts: c.experts,
+            replication: c.replication,
+            min_members: c.min_members,
+            trunk_everywhere: c.trunk_everywhere,
+            train_ms: c.train_ms,
+            verify_ms: c.verify_ms,
+            cooldown_ms: c.cooldown_ms,
+            member_timeout_ms: c.member_timeout_ms,
+            inner_steps: c.inner_steps,
+            data_seeds_per_node: c.data_seeds_per_node,
+            max_norm_ratio: c.max_norm_ratio,
+            hyper: c.hyper,
+            standing: StandingPolicy {
+                fault_cost: s.fault_cost,
+                ban_at: s.ban_at,
+                max_weight: s.max_weight,
+                max_members: s.max_members,
+                max_banned: s.max_banned,
+                ..StandingPolicy::default()
+            },
+            corpus: c.corpus,
+        };
+        let members = old
+            .members
+            .into_iter()
+            .map(|(k, m)| {
+                let member = Member {
+                    capacity: m.capacity,
+                    last_seen_ms: m.last_seen_ms,
+                    last_seq: m.last_seq,
+                    origin: Origin::Unknown,
+                };
+                (k, member)
+            })
+            .collect();
+        Coordinator {
+            config,
+            members,
+            checkpoint: old.checkpoint,
+            next_round: old.next_round,
+            hosts: old.hosts,
+            standings: old.standings,
+            allowlist: None,
+            trust_colocated: false,
+            state: RunState::WaitingForMembers,
+        }
+    }
+}
+
+/// A state in the first format, as a coordinator from before the header saved it (for the tests).
+#[cfg(test)]
+pub(super) fn encode_v1(c: &Coordinator) -> Vec<u8> {
+    let cfg = c.config.clone();
+    let s = cfg.standing;
+    let old = CoordinatorV1 {
+        config: ConfigV1 {
+            run: cfg.run,
+            experts: cfg.experts,
+            replication: cfg.replication,
+            min_members: cfg.min_members,
+            trunk_everywhere: cfg.trunk_everywhere,
+            train_ms: cfg.train_ms,
+            verify_ms: cfg.verify_ms,
+            cooldown_ms: cfg.cooldown_ms,
+            member_timeout_ms: cfg.member_timeout_ms,
+            inner_steps: cfg.inner_steps,
+            data_seeds_per_node: cfg.data_seeds_per_node,
+            max_norm_ratio: cfg.max_norm_ratio,
+            hyper: cfg.hyper,
+            standing: StandingPolicyV1 {
+                fault_cost: s.fault_cost,
+                ban_at: s.ban_at,
+                max_weight: s.max_weight,
+                max_members: s.max_members,
+                max_banned: s.max_banned,
+            },
+            corpus: cfg.corpus,
+        },
+        members: c
+            .members
+            .iter()
+            .map(|(k, m)| {
+                let old = MemberV1 {
+                    capacity: m.capacity,
+                    last_seen_ms: m.last_seen_ms,
+                    last_seq: m.last_seq,
+                };
+                (*k, old)
+            })
+            .collect(),
+        checkpoint: c.checkpoint.clone(),
+        next_round: c.next_round,
+        hosts: c.hosts.clone(),
+        standings: c.standings.clone(),
+    };
+    let cfg = bincode::config::standard();
+    let mut bytes = bincode::serde::encode_to_vec(&old, cfg).expect("test states encode");
+    // The run state: the current layout of the phases whose layout did not change; a round in progress as
+    // its phase number and some bytes (its old layout, which is not read).
+    let state = match &c.state {
+        RunState::RoundTrain(_) => [vec![1u8], vec![7; 40]].concat(),
+        RunState::RoundVerify(_) => [vec![2u8], vec![7; 40]].concat(),
+        RunState::RoundAggregate(_) => [vec![3u8], vec![7; 40]].concat(),
+        s => bincode::serde::encode_to_vec(s, cfg).expect("test states encode"),
+    };
+    bytes.extend(state);
+    bytes
+}
