@@ -94,6 +94,10 @@ struct Held {
     state: Arc<ShardRecord>,
 }
 
+/// Longest the check of a commit's published scores may take (fetching the base shards this node does not
+/// hold, then one evaluation per delta); past it the check is given up for that commit, with a warning.
+const RESCORE_BUDGET: Duration = Duration::from_secs(30);
+
 /// A round this node was assigned in, kept until its commit.
 struct Assigned {
     announcement: RoundAnnouncement,
@@ -869,7 +873,15 @@ impl Trainer {
         };
         let mut checked = 0u64;
         if !items.is_empty() {
-            match self.rescore(commit, assigned, items).await {
+            // Bounded, so a base shard slow to come never holds up the next round.
+            match tokio::time::timeout(RESCORE_BUDGET, self.rescore(commit, assigned, items))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(NodeError::Timeout {
+                        what: "recomputing the published scores".into(),
+                        after: RESCORE_BUDGET,
+                    })
+                }) {
                 Ok(results) => {
                     for (p, s) in results {
                         if score_agrees(&p, &s) {
