@@ -71,8 +71,8 @@ enum Attack {
     SignFlipped,
     /// Sends an all-zero trunk delta (free-riding: credit for no work).
     Zero,
-    /// Scales its honest delta to one of its experts, doubling the scale after every accepted round and going
-    /// back to the last accepted scale after a refusal, to ratchet the norm reference up.
+    /// Scales its honest delta to one of its experts, doubling the scale after every accepted round and
+    /// halving the refused one after a refusal (never below 1), to ratchet the norm reference up.
     Ratchet,
     /// Trains honestly, and from round 2 on heartbeats for 20 fresh keys that each claim a billion tokens
     /// per second.
@@ -205,8 +205,8 @@ async fn run_attacker(
 ) {
     let mut rx = node.accepted();
     let me = node.public_key();
-    // Ratchet: the scale to send next, the last accepted one, and what was sent, by payload hash.
-    let (mut scale, mut last_accepted) = (2.0f32, 1.0f32);
+    // Ratchet: the scale to send next, and what was sent, by payload hash.
+    let mut scale = 2.0f32;
     let mut sent_scales: BTreeMap<ContentHash, f32> = BTreeMap::new();
     let mut flooding = false;
     let mut encoders: BTreeMap<ShardId, DeltaEncoder> = BTreeMap::new();
@@ -233,10 +233,11 @@ async fn run_attacker(
                         .find(|(h, _)| accepted(h))
                         .map(|(_, s)| *s)
                     {
-                        last_accepted = sent;
                         scale = sent * 2.0;
-                    } else if !sent_scales.is_empty() {
-                        scale = last_accepted;
+                    } else if let Some(refused) = sent_scales.values().next().copied() {
+                        // Refused: back off to half of it (never below the honest scale) and climb again,
+                        // so the attacker keeps probing the bound however the honest norms move.
+                        scale = (refused / 2.0).max(1.0);
                     }
                     sent_scales.clear();
                     if attack == Attack::Flood && !flooding {
@@ -604,20 +605,26 @@ async fn run_attack(attack: Attack) {
         {
             accepted_scales.push(*sent);
         }
+        // The attacker trains honestly on every shard but the attacked one: its trunk delta is an honest one
+        // in a round whose attack is on an expert.
+        let trunk_attacked = attacked.get(&commit.round) == Some(&ShardId::Trunk);
         honest_trunk += ann
             .participants
             .iter()
             .filter(|p| {
-                p.node != evil_key
+                (p.node != evil_key || !trunk_attacked)
                     && !log.flood.contains(&p.node)
                     && p.shards.contains(&ShardId::Trunk)
             })
             .count();
-        // Nothing of an honest node's is refused (but the rare low-score trunk delta, counted), and only the
-        // attacked delta of the attacker.
+        // Nothing honest is refused (but the rare low-score trunk delta, counted), and only the attacked delta
+        // of the attacker.
         let mut honest_refused_here = 0;
         for r in &commit.rejected {
-            if r.node != evil_key && r.shard == ShardId::Trunk && r.reason == RejectCode::LowScore {
+            if (r.node != evil_key || !trunk_attacked)
+                && r.shard == ShardId::Trunk
+                && r.reason == RejectCode::LowScore
+            {
                 eprintln!(
                     "{attack:?} round {}: an honest trunk delta scored low: {r:?}",
                     commit.round
