@@ -39,6 +39,14 @@ async fn a_third_key_from_one_address_is_refused_and_the_two_admitted_train() {
     assert_eq!(coord.members, PER_IP, "{coord:?}");
     // The third key heartbeats every 500 ms through the whole run (a few seconds), and is refused each time.
     assert!(coord.not_admitted >= 1, "{} refusals", coord.not_admitted);
+    // The status says where each member is counted.
+    let placed: Vec<&str> = coord
+        .standings
+        .iter()
+        .filter(|m| m.member)
+        .filter_map(|m| m.address.as_deref())
+        .collect();
+    assert_eq!(placed, vec!["127.0.0.1"; PER_IP], "{:?}", coord.standings);
 
     let trained: Vec<u64> = net
         .statuses()

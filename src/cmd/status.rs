@@ -312,12 +312,16 @@ fn print_coordinator(c: &status::CoordinatorStatus) {
         standings.sort_by_key(|m| (!m.member, std::cmp::Reverse(m.accepted)));
         for m in standings {
             println!(
-                "    {}  {} / {} / {}  rep {}{}",
+                "    {}  {} / {} / {}  rep {}{}{}",
                 m.node,
                 m.accepted,
                 m.faults,
                 m.missed,
                 m.reputation,
+                m.address
+                    .as_ref()
+                    .map(|a| format!("  from {a}"))
+                    .unwrap_or_default(),
                 if m.member { "" } else { "  (departed)" }
             );
         }

@@ -79,6 +79,22 @@ pub enum Origin {
     Ip(IpAddr),
 }
 
+/// The block of addresses one host is counted under for the per-IP member cap: an IPv4 address (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address), or an IPv6 address's /64 prefix, since a host (a home
+/// router, a cloud machine) is usually given a whole /64 and can use any address in it.
+pub fn address_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// The verification outcome of one delta, from whoever fetched and checked its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
@@ -389,16 +405,18 @@ impl Coordinator {
         }
         match origin {
             Origin::Unknown => self.trust_colocated,
-            Origin::Ip(ip) if self.trust_colocated && ip.is_loopback() => true,
+            Origin::Ip(ip) if self.trust_colocated && address_block(ip).is_loopback() => true,
             Origin::Ip(ip) => self.members_at(ip) < policy.max_members_per_ip,
         }
     }
 
-    /// Members last seen from `ip`.
+    /// Members last seen from `ip`'s address block ([`address_block`]: the address itself for IPv4, its /64
+    /// for IPv6).
     pub fn members_at(&self, ip: IpAddr) -> usize {
+        let block = address_block(ip);
         self.members
             .values()
-            .filter(|m| m.origin == Origin::Ip(ip))
+            .filter(|m| matches!(m.origin, Origin::Ip(o) if address_block(o) == block))
             .count()
     }
 

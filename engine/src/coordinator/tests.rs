@@ -915,6 +915,42 @@ fn ip_addr(i: u8) -> std::net::IpAddr {
 }
 
 #[test]
+fn one_ipv6_slash_64_counts_as_one_address() {
+    let v6 = |last: u16, prefix: u16| {
+        Origin::Ip(std::net::IpAddr::from(std::net::Ipv6Addr::new(
+            0x2001, 0xdb8, prefix, 1, 0, 0, 0, last,
+        )))
+    };
+    let mut c = capped_per_ip(2);
+    c.node_heartbeat(0, key(1), v6(1, 7), &heartbeat(1, 100.0))
+        .unwrap();
+    c.node_heartbeat(0, key(2), v6(2, 7), &heartbeat(1, 100.0))
+        .unwrap();
+    // A third key from another address of the same /64 is refused; one from another /64 joins.
+    assert_eq!(
+        c.node_heartbeat(0, key(3), v6(0xffff, 7), &heartbeat(1, 100.0)),
+        Err(EventError::Refused(RejectCode::NotAdmitted))
+    );
+    c.node_heartbeat(0, key(4), v6(1, 8), &heartbeat(1, 100.0))
+        .unwrap();
+    // An IPv4-mapped IPv6 address is its IPv4 address.
+    let mapped = |i: u8| {
+        Origin::Ip(std::net::IpAddr::V6(
+            std::net::Ipv4Addr::new(10, 0, 0, i).to_ipv6_mapped(),
+        ))
+    };
+    c.node_heartbeat(0, key(5), ip(9), &heartbeat(1, 100.0))
+        .unwrap();
+    c.node_heartbeat(0, key(6), mapped(9), &heartbeat(1, 100.0))
+        .unwrap();
+    assert_eq!(c.members_at(ip_addr(9)), 2);
+    assert_eq!(
+        c.node_heartbeat(0, key(7), mapped(9), &heartbeat(1, 100.0)),
+        Err(EventError::Refused(RejectCode::NotAdmitted))
+    );
+}
+
+#[test]
 fn a_member_is_never_evicted_by_the_per_ip_cap() {
     let mut c = capped_per_ip(1);
     c.node_heartbeat(0, key(1), ip(1), &heartbeat(1, 100.0))

@@ -403,6 +403,10 @@ pub struct MemberStanding {
     /// Whether it is a member now (its heartbeats arrive), rather than a departed key whose record is kept.
     #[serde(default)]
     pub member: bool,
+    /// The address block it is counted under for the per-IP member cap (an IPv4 address or an IPv6 /64), if
+    /// known.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 /// Collects the status now.

@@ -124,6 +124,41 @@ pub(crate) fn origin_of(node: &NodeHandle, signer: &PublicKey) -> (Origin, Optio
     (origin, Some(peer))
 }
 
+/// How often one peer is dialled to learn its address.
+const DIAL_EVERY: Duration = Duration::from_secs(30);
+/// Most peers dialled per [`DIAL_EVERY`]: a flood of keys heard only through gossip costs the coordinator at
+/// most this many dials per period, never one per heartbeat.
+const MAX_DIALS_PER_PERIOD: usize = 1024;
+
+/// Which heartbeat signers were dialled lately, so each is dialled at most once per [`DIAL_EVERY`] and all of
+/// them together at most [`MAX_DIALS_PER_PERIOD`] times per period.
+#[derive(Default)]
+pub(crate) struct DialBudget {
+    dialled: std::collections::HashMap<PeerId, Instant>,
+}
+
+impl DialBudget {
+    /// Whether `peer` may be dialled at `now` (and, if so, counts the dial).
+    pub(crate) fn take(&mut self, peer: PeerId, now: Instant) -> bool {
+        if self
+            .dialled
+            .get(&peer)
+            .is_some_and(|at| now.saturating_duration_since(*at) < DIAL_EVERY)
+        {
+            return false;
+        }
+        if self.dialled.len() >= MAX_DIALS_PER_PERIOD {
+            self.dialled
+                .retain(|_, at| now.saturating_duration_since(*at) < DIAL_EVERY);
+            if self.dialled.len() >= MAX_DIALS_PER_PERIOD {
+                return false;
+            }
+        }
+        self.dialled.insert(peer, now);
+        true
+    }
+}
+
 /// Dials `peer` (at the addresses the DHT knows) so that its next heartbeat shows where it is; a peer that is
 /// connected already (over a relay) or being dialled is left alone.
 pub(crate) async fn learn_address(node: &NodeHandle, peer: PeerId) {
@@ -135,6 +170,29 @@ pub(crate) async fn learn_address(node: &NodeHandle, peer: PeerId) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn a_signer_is_dialled_once_per_period_and_a_flood_is_capped() {
+        let mut budget = super::DialBudget::default();
+        let start = std::time::Instant::now();
+        let one = libp2p::PeerId::random();
+        assert!(budget.take(one, start));
+        assert!(!budget.take(one, start + super::Duration::from_secs(5)));
+        assert!(budget.take(one, start + super::DIAL_EVERY));
+        let mut granted = 0;
+        for _ in 0..3 * super::MAX_DIALS_PER_PERIOD {
+            if budget.take(libp2p::PeerId::random(), start + super::DIAL_EVERY) {
+                granted += 1;
+            }
+        }
+        assert_eq!(
+            granted,
+            super::MAX_DIALS_PER_PERIOD - 1,
+            "the flood is capped per period"
+        );
+        // A period later the budget is back.
+        assert!(budget.take(libp2p::PeerId::random(), start + 3 * super::DIAL_EVERY));
+    }
+
     use super::*;
 
     #[test]

@@ -52,7 +52,7 @@ use crate::daemon::status::{CommitSummary, MemberStanding};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::store::RecordKind;
 use mana_engine::coordinator::{
-    Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, Verdict,
+    Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, Verdict, address_block,
 };
 use mana_engine::round::{
     NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord, build_trainer,
@@ -206,6 +206,8 @@ struct Role {
     holder_mismatches: u64,
     /// Heartbeats refused (`not-admitted`) since start.
     not_admitted: u64,
+    /// Heartbeat signers dialled lately to learn their address (bounded).
+    dials: admission::DialBudget,
     allowlist: Option<admission::AllowlistFile>,
     val_loss: Option<f32>,
     /// The last commits, for the status.
@@ -423,6 +425,7 @@ impl Role {
             holder_reports: 0,
             holder_mismatches: 0,
             not_admitted: 0,
+            dials: admission::DialBudget::default(),
             allowlist,
             val_loss: None,
             recent_commits: std::collections::VecDeque::new(),
@@ -805,6 +808,7 @@ impl Role {
             && !self.node.config().net.trust_colocated_ips
             && self.machine.admits(&signer)
             && let Some(peer) = peer
+            && self.dials.take(peer, Instant::now())
         {
             admission::learn_address(&self.node, peer).await;
         }
@@ -903,6 +907,10 @@ impl Role {
                 missed: s.missed,
                 reputation: s.reputation,
                 member: self.machine.members().contains_key(k),
+                address: self.machine.members().get(k).and_then(|m| match m.origin {
+                    Origin::Ip(ip) => Some(address_block(ip).to_string()),
+                    Origin::Unknown => None,
+                }),
             })
             .collect();
         members_standing.sort_by_key(|m| m.reputation);
