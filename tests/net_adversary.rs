@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
 use mana_node::net::{self, NetConfig, NetEvent, Verdict};
-use mana_protocol::{
-    Capacity, DeviceKind, Heartbeat, Keypair, Message, SignedEnvelope, Text, TopicKind,
-    decode_envelope, topic,
-};
+use mana_protocol::{Keypair, Message, SignedEnvelope, TopicKind, decode_envelope, topic};
 use net_support::*;
 use tokio::sync::mpsc;
 
@@ -30,18 +27,7 @@ const PUBLISH_THRESHOLD: f64 = -50.0;
 const REPLAY_CACHE: Duration = Duration::from_secs(2);
 
 fn heartbeat(run: &mana_protocol::RunId) -> Message {
-    Message::Heartbeat(Heartbeat {
-        run: run.clone(),
-        seq: 1,
-        hosted: Vec::new(),
-        capacity: Capacity {
-            device: DeviceKind::Cpu,
-            memory_bytes: 0,
-            tokens_per_second: 0.0,
-            max_shards: 0,
-        },
-        software_version: Text::new("attacker").expect("short text"),
-    })
+    idle_heartbeat(run, 1, "attacker")
 }
 
 use mana_node::daemon::now_ms;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use mana_node::net::fetch::{FetchOptions, fetch_blob};
 use mana_node::net::libp2p::{Multiaddr, PeerId};
-use mana_protocol::{Capacity, ContentHash, DeviceKind, Heartbeat, Message, Text};
+use mana_protocol::{ContentHash, Message};
 use net_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -550,18 +550,7 @@ async fn bench_gossip_latency_to_five_peers() {
     for round in 0..25 {
         seq += 1;
         let mut receivers: Vec<_> = nodes[1..].iter().map(|n| n.accepted()).collect();
-        let probe = Message::Heartbeat(Heartbeat {
-            run: run.clone(),
-            seq,
-            hosted: Vec::new(),
-            capacity: Capacity {
-                device: DeviceKind::Cpu,
-                memory_bytes: 0,
-                tokens_per_second: 0.0,
-                max_shards: 0,
-            },
-            software_version: Text::new("probe").expect("short"),
-        });
+        let probe = idle_heartbeat(&run, seq, "probe");
         let start = Instant::now();
         if nodes[0].publish(&probe).await.is_err() {
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -24,9 +24,7 @@ use std::time::Duration;
 use mana_node::daemon::now_ms;
 use mana_node::net::libp2p::identity::Keypair as Libp2pKeypair;
 use mana_node::net::{self, NetConfig};
-use mana_protocol::{
-    Capacity, DeviceKind, Heartbeat, Keypair, Message, SignedEnvelope, Text, TopicKind, topic,
-};
+use mana_protocol::{Keypair, SignedEnvelope, TopicKind, topic};
 use net_support::*;
 
 const HONEST: usize = 3;
@@ -44,18 +42,7 @@ const BURST: u64 = 200;
 
 /// A heartbeat signed two minutes ago by `key`: every node ignores it (clock skew), after judging it.
 fn stale_heartbeat(key: &Keypair, run: &mana_protocol::RunId, seq: u64) -> Vec<u8> {
-    let message = Message::Heartbeat(Heartbeat {
-        run: run.clone(),
-        seq,
-        hosted: Vec::new(),
-        capacity: Capacity {
-            device: DeviceKind::Cpu,
-            memory_bytes: 0,
-            tokens_per_second: 0.0,
-            max_shards: 0,
-        },
-        software_version: Text::new("flood").expect("short text"),
-    });
+    let message = idle_heartbeat(run, seq, "flood");
     SignedEnvelope::sign(key, &message, now_ms() - 120_000)
         .expect("sign")
         .encode()

@@ -117,6 +117,28 @@ pub async fn honest_local_round(
 
 /// Logs of the roles to the test's output, filtered by `RUST_LOG` (e.g. `RUST_LOG=mana_node=info` shows every
 /// refusal with its detail); once per test binary.
+/// A heartbeat of a node that hosts nothing and offers nothing (`software_version` names the test's role in
+/// it): what the flood, adversary and bench tests publish, since every node judges it and no coordinator
+/// gives it work.
+pub fn idle_heartbeat(
+    run: &mana_protocol::RunId,
+    seq: u64,
+    software_version: &str,
+) -> mana_protocol::Message {
+    mana_protocol::Message::Heartbeat(mana_protocol::Heartbeat {
+        run: run.clone(),
+        seq,
+        hosted: Vec::new(),
+        capacity: mana_protocol::Capacity {
+            device: mana_protocol::DeviceKind::Cpu,
+            memory_bytes: 0,
+            tokens_per_second: 0.0,
+            max_shards: 0,
+        },
+        software_version: mana_protocol::Text::new(software_version).expect("a short version text"),
+    })
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
