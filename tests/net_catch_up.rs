@@ -14,7 +14,7 @@ mod net_support;
 use std::time::Duration;
 
 use mana_node::roles::common::publish_patiently;
-use mana_protocol::{Deadlines, Message, RoundAnnouncement, RoundCommit, ShardId};
+use mana_protocol::{Message, RoundCommit, ShardId};
 use net_support::*;
 
 const HONEST: usize = 3;
@@ -28,54 +28,13 @@ async fn trainers_catch_up_after_a_missed_announcement_and_nobody_is_penalised()
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
 
-    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS, HONEST))
-        .await
-        .expect("the honest rounds in time")
-        .expect("coordinator task")
-        .expect("coordinator ran");
-    let before = net
-        .wait_trainers(
-            Duration::from_secs(30),
-            "every trainer applied the last honest round",
-            |s| training(s).applied_round == Some(HONEST_ROUNDS),
-        )
-        .await;
-    let last = |round: u64| {
-        let ann = seen_by_trainer
-            .find(|m| match &m.message {
-                Message::RoundAnnouncement(a) if a.round == round => Some(a.clone()),
-                _ => None,
-            })
-            .pop();
-        let commit = seen_by_trainer
-            .find(|m| match &m.message {
-                Message::RoundCommit(c) if c.round == round => Some(c.clone()),
-                _ => None,
-            })
-            .pop();
-        (ann.expect("announced"), commit.expect("committed"))
-    };
-    let (honest_ann, honest_commit) = last(HONEST_ROUNDS);
+    let before = net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
 
     // Round 3 was never heard of: the next announcement every node sees is round 4's.
     let base = honest_commit.checkpoint.clone();
-    let now = mana_node::daemon::now_ms();
-    let ann = RoundAnnouncement {
-        round: SKIPPED_TO,
-        base_checkpoint: base.hash().expect("manifest hash"),
-        deadlines: Deadlines {
-            deltas_by_ms: now + 60_000,
-            commit_by_ms: now + 90_000,
-        },
-        ..honest_ann.clone()
-    };
-    publish_patiently(
-        &net.coordinator,
-        &Message::RoundAnnouncement(ann.clone()),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("round 4 announced");
+    let ann = next_announcement(&honest_ann, SKIPPED_TO, &base);
+    net.announce(&ann).await;
     wait_for(
         Duration::from_secs(60),
         "every trainer trained the round after the one it missed",

@@ -39,8 +39,8 @@ use mana_node::roles::commit_check::refusal_key;
 use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
-    AcceptedDeltas, ContentHash, Deadlines, DeltaScore, Message, PublicKey, RejectCode,
-    RejectedDelta, RoundAnnouncement, RoundCommit, ShardId, seed_commitment,
+    AcceptedDeltas, ContentHash, DeltaScore, Message, PublicKey, RejectCode, RejectedDelta,
+    RoundAnnouncement, RoundCommit, ShardId, seed_commitment,
 };
 use net_support::*;
 use tokio::sync::watch;
@@ -62,73 +62,16 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
 
-    // Honest rounds, by the real conductor, until every trainer applied the last one (a trainer may miss the
-    // first round: its first fetch can fail on a connection still being set up; it catches up in the next).
-    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS, HONEST))
-        .await
-        .expect("the honest rounds in time")
-        .expect("coordinator task")
-        .expect("coordinator ran");
-    let before = net
-        .wait_trainers(
-            Duration::from_secs(30),
-            "every trainer applied the last honest round",
-            |s| training(s).applied_round == Some(HONEST_ROUNDS),
-        )
-        .await;
-    let honest_ann = seen_by_trainer
-        .find(|m| match &m.message {
-            Message::RoundAnnouncement(a) if a.round == HONEST_ROUNDS => Some(a.clone()),
-            _ => None,
-        })
-        .pop()
-        .expect("the last honest round announced");
-    let honest_commit = seen_by_trainer
-        .find(|m| match &m.message {
-            Message::RoundCommit(c) if c.round == HONEST_ROUNDS => Some(c.clone()),
-            _ => None,
-        })
-        .pop()
-        .expect("the last honest round committed");
+    // Honest rounds, by the real conductor, until every trainer applied the last one.
+    let before = net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
     let honest_s = started.elapsed().as_secs_f64();
 
     // The next round, run by the test as the coordinator, from the honest checkpoint.
     let base = honest_commit.checkpoint.clone();
-    let now = mana_node::daemon::now_ms();
-    let ann = RoundAnnouncement {
-        round: LIE,
-        base_checkpoint: base.hash().expect("manifest hash"),
-        deadlines: Deadlines {
-            deltas_by_ms: now + 60_000,
-            commit_by_ms: now + 90_000,
-        },
-        ..honest_ann.clone()
-    };
-    publish_patiently(
-        &net.coordinator,
-        &Message::RoundAnnouncement(ann.clone()),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the lying round announced");
-    let trunk_deltas = wait_for(
-        Duration::from_secs(60),
-        "every trainer's trunk delta of the lying round",
-        || async {
-            let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m
-                .message
-            {
-                Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => {
-                    Some((m.signer, d.payload_hash))
-                }
-                _ => None,
-            });
-            deltas.sort();
-            deltas.dedup();
-            (deltas.len() == HONEST).then_some(deltas)
-        },
-    )
-    .await;
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    net.announce(&ann).await;
+    let trunk_deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
     // The lie: every trunk delta accepted, the trunk committed unchanged (its old blob, which exists and could
     // be fetched); the experts honestly unchanged (no expert delta accepted).
     let mut payloads: Vec<ContentHash> = trunk_deltas.iter().map(|(_, h)| *h).collect();
@@ -270,23 +213,8 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         .host_blob_now(wrong_manifest)
         .await
         .expect("hosted");
-    let now = mana_node::daemon::now_ms();
-    let next = RoundAnnouncement {
-        round: LIE + 1,
-        base_checkpoint: lie.checkpoint.hash().expect("hash"),
-        deadlines: Deadlines {
-            deltas_by_ms: now + 60_000,
-            commit_by_ms: now + 90_000,
-        },
-        ..ann.clone()
-    };
-    publish_patiently(
-        &net.coordinator,
-        &Message::RoundAnnouncement(next),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the round after the lie announced");
+    net.announce(&next_announcement(&ann, LIE + 1, &lie.checkpoint))
+        .await;
     let after = net
         .wait_trainers(
             Duration::from_secs(30),
@@ -354,19 +282,8 @@ async fn a_coordinator_that_publishes_false_scores_is_caught() {
     let net = RoundNet::start(HONEST).await;
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
-    tokio::time::timeout(Duration::from_secs(180), net.conduct(HONEST_ROUNDS, HONEST))
-        .await
-        .expect("the honest rounds in time")
-        .expect("coordinator task")
-        .expect("coordinator ran");
+    let honest = net.honest_rounds(HONEST_ROUNDS, HONEST).await;
     // The honest coordinator's scores are true: every trainer checked some and found none false.
-    let honest = net
-        .wait_trainers(
-            Duration::from_secs(30),
-            "every trainer applied the last honest round",
-            |s| training(s).applied_round == Some(HONEST_ROUNDS),
-        )
-        .await;
     for s in &honest {
         let t = training(s);
         assert!(t.scores_checked > 0, "{} checked no score", s.peer_id);
@@ -376,59 +293,17 @@ async fn a_coordinator_that_publishes_false_scores_is_caught() {
         .iter()
         .map(|s| (s.peer_id.clone(), training(s).scores_checked))
         .collect();
-    let honest_ann = seen_by_trainer
-        .find(|m| match &m.message {
-            Message::RoundAnnouncement(a) if a.round == HONEST_ROUNDS => Some(a.clone()),
-            _ => None,
-        })
-        .pop()
-        .expect("the last honest round announced");
-    let base = seen_by_trainer
-        .find(|m| match &m.message {
-            Message::RoundCommit(c) if c.round == HONEST_ROUNDS => Some(c.checkpoint.clone()),
-            _ => None,
-        })
-        .pop()
-        .expect("the last honest round committed");
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let base = honest_commit.checkpoint;
 
     // The test's round, with a seed secret it commits to.
     let secret = [0x5e; 32];
-    let now = mana_node::daemon::now_ms();
     let ann = RoundAnnouncement {
-        round: LIE,
-        base_checkpoint: base.hash().expect("manifest hash"),
-        deadlines: Deadlines {
-            deltas_by_ms: now + 60_000,
-            commit_by_ms: now + 90_000,
-        },
         seed_commitment: seed_commitment(&secret),
-        ..honest_ann.clone()
+        ..next_announcement(&honest_ann, LIE, &base)
     };
-    publish_patiently(
-        &net.coordinator,
-        &Message::RoundAnnouncement(ann.clone()),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the round announced");
-    let trunk_deltas = wait_for(
-        Duration::from_secs(60),
-        "every trainer's trunk delta",
-        || async {
-            let mut deltas: Vec<(PublicKey, ContentHash)> = seen_by_coordinator.find(|m| match &m
-                .message
-            {
-                Message::DeltaAnnouncement(d) if d.round == LIE && d.shard == ShardId::Trunk => {
-                    Some((m.signer, d.payload_hash))
-                }
-                _ => None,
-            });
-            deltas.sort();
-            deltas.dedup();
-            (deltas.len() == HONEST).then_some(deltas)
-        },
-    )
-    .await;
+    net.announce(&ann).await;
+    let trunk_deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
     // The lie: every honest trunk delta refused as `low-score`, with a score saying it raised the loss.
     let mut checkpoint = base.clone();
     checkpoint.round = LIE;

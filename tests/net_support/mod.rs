@@ -283,6 +283,38 @@ impl RoundNet {
         ))
     }
 
+    /// `rounds` honest rounds by the real conductor (each started once `min_members` members heartbeat), then
+    /// waits until every trainer applied the last one (a trainer may miss the first round: its first fetch can
+    /// fail on a connection still being set up; it catches up in the next). Returns the trainers' statuses.
+    pub async fn honest_rounds(
+        &self,
+        rounds: u64,
+        min_members: usize,
+    ) -> Vec<mana_node::daemon::NodeStatus> {
+        tokio::time::timeout(Duration::from_secs(180), self.conduct(rounds, min_members))
+            .await
+            .expect("the honest rounds in time")
+            .expect("coordinator task")
+            .expect("coordinator ran");
+        self.wait_trainers(
+            Duration::from_secs(30),
+            "every trainer applied the last honest round",
+            |s| training(s).applied_round == Some(rounds),
+        )
+        .await
+    }
+
+    /// Publishes `ann` as the coordinator, as a test that plays the coordinator does.
+    pub async fn announce(&self, ann: &mana_protocol::RoundAnnouncement) {
+        mana_node::roles::common::publish_patiently(
+            &self.coordinator,
+            &mana_protocol::Message::RoundAnnouncement(ann.clone()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the round announced");
+    }
+
     /// Every trainer's status, in order.
     pub async fn statuses(&self) -> Vec<mana_node::daemon::NodeStatus> {
         let mut out = Vec::new();
@@ -355,6 +387,76 @@ impl Heard {
     /// What `f` picks out of the messages kept so far, in arrival order.
     pub fn find<T>(&self, f: impl Fn(&mana_node::daemon::Accepted) -> Option<T>) -> Vec<T> {
         self.0.lock().expect("lock").iter().filter_map(f).collect()
+    }
+
+    /// The announcement and the commit of `round`, as heard.
+    pub fn round(
+        &self,
+        round: u64,
+    ) -> (mana_protocol::RoundAnnouncement, mana_protocol::RoundCommit) {
+        use mana_protocol::Message;
+        let ann = self
+            .find(|m| match &m.message {
+                Message::RoundAnnouncement(a) if a.round == round => Some(a.clone()),
+                _ => None,
+            })
+            .pop()
+            .expect("the round announced");
+        let commit = self
+            .find(|m| match &m.message {
+                Message::RoundCommit(c) if c.round == round => Some(c.clone()),
+                _ => None,
+            })
+            .pop()
+            .expect("the round committed");
+        (ann, commit)
+    }
+
+    /// Waits until `senders` distinct keys announced a trunk delta for `round`; returns them with their
+    /// payload hashes, sorted.
+    pub async fn trunk_deltas(
+        &self,
+        round: u64,
+        senders: usize,
+    ) -> Vec<(mana_protocol::PublicKey, mana_protocol::ContentHash)> {
+        use mana_protocol::{Message, ShardId};
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{senders} trunk deltas of round {round}"),
+            || async {
+                let mut deltas = self.find(|m| match &m.message {
+                    Message::DeltaAnnouncement(d)
+                        if d.round == round && d.shard == ShardId::Trunk =>
+                    {
+                        Some((m.signer, d.payload_hash))
+                    }
+                    _ => None,
+                });
+                deltas.sort();
+                deltas.dedup();
+                (deltas.len() == senders).then_some(deltas)
+            },
+        )
+        .await
+    }
+}
+
+/// Round `round` as a test playing the coordinator announces it after `prev`: the same participants and
+/// settings, starting from checkpoint `base`, with deadlines a minute and a half away.
+pub fn next_announcement(
+    prev: &mana_protocol::RoundAnnouncement,
+    round: u64,
+    base: &mana_protocol::CheckpointManifest,
+) -> mana_protocol::RoundAnnouncement {
+    let now = daemon::now_ms();
+    mana_protocol::RoundAnnouncement {
+        round,
+        base_checkpoint: base.hash().expect("manifest hash"),
+        deadlines: mana_protocol::Deadlines {
+            deltas_by_ms: now + 60_000,
+            commit_by_ms: now + 90_000,
+        },
+        ..prev.clone()
     }
 }
 

@@ -736,14 +736,15 @@ impl Trainer {
                             .iter()
                             .map(|(h, _)| weight_of.get(h).copied().unwrap_or(0))
                             .collect();
-                        for (h, d) in &deltas {
-                            at_hand.insert(*h, Arc::new(d.clone()));
-                        }
-                        let new_state = blocking(move || {
-                            apply_weighted_round(&spec, &hyper, round, &state, &deltas, &weights)
-                                .map_err(NodeError::from)
+                        // The payloads come back from the update, kept for the score check (no copy).
+                        let (new_state, deltas) = blocking(move || {
+                            let next = apply_weighted_round(
+                                &spec, &hyper, round, &state, &deltas, &weights,
+                            )?;
+                            Ok((next, deltas))
                         })
                         .await?;
+                        at_hand.extend(deltas.into_iter().map(|(h, d)| (h, Arc::new(d))));
                         let bytes = new_state.to_bytes();
                         let hash = ContentHash::of(&bytes);
                         computed = Some((bytes, new_state));
