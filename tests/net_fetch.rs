@@ -215,6 +215,43 @@ async fn one_blob_is_fetched_from_three_providers_at_once() {
     bootstrap.shutdown().await;
 }
 
+/// A fetcher asking more chunks at once than the provider answers for one peer (the provider's cap is 1,
+/// the fetcher keeps 8 in flight) gets `busy` for the rest: those are asked again after a pause, never
+/// counted as the provider's failures, and the blob arrives whole. (Counted as failures, three busy answers
+/// dropped the only provider and the fetch failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_answered_busy_are_asked_again_and_the_fetch_completes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    let blob = pseudo_random_bytes(6 * 1024 * 1024 + 3, 23);
+    let mut config = node_config(&dir.path().join("p"), &boot);
+    config.net.limits.max_served_requests_per_peer = 1;
+    let provider = start_node(config).await;
+    provider.host_blob_now(blob.clone()).await.expect("host");
+    let mut config = node_config(&dir.path().join("b"), &boot);
+    config.fetch.bulk_streams = false; // request-response only: chunk requests, several in flight
+    config.fetch.chunk_bytes = 256 * 1024;
+    config.fetch.per_provider = 8;
+    config.fetch.concurrency = 8;
+    let b = start_node(config).await;
+    for addr in provider.listen_addrs().await.expect("addresses") {
+        b.net().dial(addr).await.expect("dial");
+    }
+    let hash = ContentHash::of(&blob);
+    assert_eq!(
+        b.fetch_blob_from(hash, vec![provider.peer_id()])
+            .await
+            .expect("fetch"),
+        blob.len() as u64
+    );
+    assert_eq!(b.read_blob(hash).await.expect("stored"), blob);
+    for node in [b, provider] {
+        node.shutdown().await.expect("shutdown");
+    }
+    bootstrap.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_lanes_carry_ranges_where_served_and_bulk_streams_elsewhere() {
     use mana_node::net::bulk::RangeStream;

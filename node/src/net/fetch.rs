@@ -71,7 +71,8 @@ pub struct FetchOptions {
     /// Request-response fallback: chunk requests in flight at once for one segment (with `per_provider`,
     /// the smaller counts).
     pub concurrency: usize,
-    /// Request-response fallback: chunk requests in flight at once to one provider.
+    /// Request-response fallback: chunk requests in flight at once to one provider (at most the providers'
+    /// `max_served_requests_per_peer`, or the rest are answered busy and asked again).
     pub per_provider: usize,
     /// Bytes per segment, the unit handed to one provider at a time (and asked again elsewhere if it
     /// fails).
@@ -99,7 +100,7 @@ impl Default for FetchOptions {
         Self {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             concurrency: 16,
-            per_provider: 8,
+            per_provider: 4,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             streams_per_provider: 2,
             segment_timeout: Duration::from_secs(30),
@@ -112,7 +113,7 @@ impl Default for FetchOptions {
     }
 }
 
-/// The default chunk of the request-response fallback: 1 MiB, with 8 requests in flight per provider.
+/// The default chunk of the request-response fallback: 1 MiB, with 4 requests in flight per provider.
 /// Measured with `tests/net_bench.rs` against 2 and 4 MiB chunks and 16 per provider, it was the fastest on
 /// loopback (each stream starts with yamux's 256 KiB window). Providers accept up to the protocol's 4 MiB
 /// ([`mana_protocol::limits::MAX_FETCH_CHUNK_BYTES`]).
@@ -442,6 +443,9 @@ impl SegmentJob {
 
     /// The request-response fallback: chunk requests, several in flight, delivered in order. A short
     /// chunk (a provider with a smaller chunk limit) ends the segment early; the rest is asked again.
+    /// A provider answering `busy` is over its per-peer cap (other fetches of ours at once, or a smaller
+    /// cap than our depth): that chunk is asked again after a pause, with one request fewer in flight,
+    /// and only [`MAX_BUSY_IN_A_ROW`] busy answers without a chunk between them cost a strike.
     async fn chunks(
         &self,
         peer: PeerId,
@@ -451,18 +455,13 @@ impl SegmentJob {
     ) -> Result<(), Fault> {
         let end = offset + len;
         let mut next = offset;
+        let mut depth = self.chunk_depth;
+        let mut busy_in_a_row = 0u32;
         let mut in_flight = FuturesOrdered::new();
         loop {
-            while in_flight.len() < self.chunk_depth && next < end {
+            while in_flight.len() < depth && next < end {
                 let want = (end - next).min(self.chunk_bytes);
-                let request = FetchRequest {
-                    hash: self.hash,
-                    offset: next,
-                    max_len: want as u32,
-                };
-                let client = self.client.clone();
-                in_flight
-                    .push_back(async move { (next, want, client.request(peer, request).await) });
+                in_flight.push_back(self.ask_chunk(peer, next, want, Duration::ZERO));
                 next += want;
             }
             let Some((at, want, result)) = in_flight.next().await else {
@@ -480,6 +479,7 @@ impl SegmentJob {
                     && !data.0.is_empty()
                     && data.0.len() as u64 <= want =>
                 {
+                    busy_in_a_row = 0;
                     let got = data.0.len() as u64;
                     self.pieces
                         .send((at, data.0))
@@ -494,13 +494,58 @@ impl SegmentJob {
                     return Err(Fault::Drop("inconsistent chunk".into()));
                 }
                 FetchResponse::NotFound { .. } => return Err(Fault::Drop("not found".into())),
+                FetchResponse::Refused { reason }
+                    if reason.as_str() == BUSY && busy_in_a_row < MAX_BUSY_IN_A_ROW =>
+                {
+                    // The head of the queue again, so chunks are still delivered in order.
+                    busy_in_a_row += 1;
+                    depth = depth.saturating_sub(1).max(1);
+                    in_flight.push_front(self.ask_chunk(
+                        peer,
+                        at,
+                        want,
+                        BUSY_PAUSE * busy_in_a_row,
+                    ));
+                }
                 FetchResponse::Refused { reason } => {
                     return Err(Fault::Strike(format!("refused: {reason}")));
                 }
             }
         }
     }
+
+    /// One chunk request, sent after `pause`; answers with the range it asked for.
+    fn ask_chunk(
+        &self,
+        peer: PeerId,
+        at: u64,
+        want: u64,
+        pause: Duration,
+    ) -> impl Future<Output = (u64, u64, Result<FetchResponse, NetError>)> + use<> {
+        let client = self.client.clone();
+        let request = FetchRequest {
+            hash: self.hash,
+            offset: at,
+            max_len: want as u32,
+        };
+        async move {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            (at, want, client.request(peer, request).await)
+        }
+    }
 }
+
+/// The reason a provider gives when it is over its cap of requests answered at once.
+const BUSY: &str = "busy";
+
+/// Busy answers one chunk path takes in a row (a pause growing by [`BUSY_PAUSE`] each) before its provider
+/// is struck: about 4 s of waiting in all, well inside a segment's deadline.
+const MAX_BUSY_IN_A_ROW: u32 = 12;
+
+/// The pause before a chunk answered busy is asked again, times the busy answers in a row.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// The writer stage: a blocking task that writes pieces to the sink in order, hashing them unless the
 /// sink hashes them itself.
