@@ -18,6 +18,7 @@
 
 pub mod assign;
 pub mod config;
+pub mod judges;
 mod legacy;
 pub mod standing;
 
@@ -34,6 +35,7 @@ use thiserror::Error;
 
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
 pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS};
+pub use judges::{Judges, JudgingRule, Tally, draw_judges, tally};
 pub use standing::{Standing, StandingPolicy, Standings};
 
 /// Why the coordinator could not be built, saved or restored.
