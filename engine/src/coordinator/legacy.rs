@@ -175,6 +175,8 @@ impl From<CoordinatorV1> for Coordinator {
             standings: old.standings,
             allowlist: None,
             trust_colocated: false,
+            payloads: Default::default(),
+            blocks: Default::default(),
             state: RunState::WaitingForMembers,
         }
     }

@@ -25,6 +25,7 @@ pub mod standing;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use mana_protocol::limits::MAX_PARTICIPANTS;
 use mana_protocol::{
     AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, Deadlines, DeltaAnnouncement,
     DeltaScore, Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement,
@@ -237,6 +238,104 @@ pub struct Coordinator {
     #[serde(skip)]
     trust_colocated: bool,
     state: RunState,
+    /// The round's deltas by payload (derived from the state; not saved).
+    #[serde(skip)]
+    payloads: PayloadIndex,
+    /// Members per address block (derived from the members; not saved).
+    #[serde(skip)]
+    blocks: BlockCounts,
+}
+
+/// How many members were last seen from each address block ([`address_block`]), kept up to date as members
+/// join, move and leave, so that admitting a new key costs a lookup instead of a pass over every member
+/// (the pass made a flood of joins quadratic: `engine/benches/coordinator_scale.rs`). Derived from the
+/// members, built on first use (also after a restore) and not part of the state's equality.
+#[derive(Debug, Clone, Default)]
+struct BlockCounts {
+    built: bool,
+    counts: BTreeMap<IpAddr, usize>,
+}
+
+impl PartialEq for BlockCounts {
+    fn eq(&self, _: &BlockCounts) -> bool {
+        true
+    }
+}
+
+impl BlockCounts {
+    /// Members seen from `ip`'s block.
+    fn at(&mut self, members: &BTreeMap<PublicKey, Member>, ip: IpAddr) -> usize {
+        if !self.built {
+            self.counts.clear();
+            for m in members.values() {
+                if let Origin::Ip(o) = m.origin {
+                    *self.counts.entry(address_block(o)).or_default() += 1;
+                }
+            }
+            self.built = true;
+        }
+        self.counts.get(&address_block(ip)).copied().unwrap_or(0)
+    }
+
+    /// A member is now seen from `origin`.
+    fn add(&mut self, origin: Origin) {
+        if let (true, Origin::Ip(ip)) = (self.built, origin) {
+            *self.counts.entry(address_block(ip)).or_default() += 1;
+        }
+    }
+
+    /// A member is no longer seen from `origin`.
+    fn remove(&mut self, origin: Origin) {
+        if let (true, Origin::Ip(ip)) = (self.built, origin) {
+            let block = address_block(ip);
+            if let Some(n) = self.counts.get_mut(&block) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.counts.remove(&block);
+                }
+            }
+        }
+    }
+}
+
+/// Which deltas of the round in progress carry each payload hash, so that a verdict's copy check costs a
+/// lookup instead of a pass over every verdict (with thousands of deltas a round, the pass made the
+/// verdicts quadratic: `engine/benches/coordinator_scale.rs`). Derived from the round's deltas and rebuilt
+/// when they change; not saved (a restored coordinator rebuilds it on first use) and not part of the
+/// state's equality.
+#[derive(Debug, Clone, Default)]
+struct PayloadIndex {
+    /// The round and the number of deltas it was built from.
+    built_for: Option<(u64, usize)>,
+    by_payload: BTreeMap<ContentHash, Vec<(ShardId, PublicKey)>>,
+}
+
+impl PartialEq for PayloadIndex {
+    fn eq(&self, _: &PayloadIndex) -> bool {
+        true
+    }
+}
+
+impl PayloadIndex {
+    /// The index for `round`, rebuilt if it was built for another round or another set of deltas (deltas
+    /// are only ever added or dropped, never replaced, within a round).
+    fn refresh(
+        &mut self,
+        round: &ActiveRound,
+    ) -> &BTreeMap<ContentHash, Vec<(ShardId, PublicKey)>> {
+        let wanted = (round.announcement.round, round.deltas.len());
+        if self.built_for != Some(wanted) {
+            self.by_payload.clear();
+            for (key, d) in &round.deltas {
+                self.by_payload
+                    .entry(d.payload_hash)
+                    .or_default()
+                    .push(*key);
+            }
+            self.built_for = Some(wanted);
+        }
+        &self.by_payload
+    }
 }
 
 impl Coordinator {
@@ -257,6 +356,8 @@ impl Coordinator {
             allowlist: None,
             trust_colocated: false,
             state: RunState::WaitingForMembers,
+            payloads: PayloadIndex::default(),
+            blocks: BlockCounts::default(),
         })
     }
 
@@ -377,7 +478,9 @@ impl Coordinator {
                 m.capacity = heartbeat.capacity;
                 m.last_seen_ms = now_ms;
                 m.last_seq = heartbeat.seq;
-                if origin != Origin::Unknown {
+                if origin != Origin::Unknown && origin != m.origin {
+                    self.blocks.remove(m.origin);
+                    self.blocks.add(origin);
                     m.origin = origin;
                 }
             }
@@ -386,6 +489,7 @@ impl Coordinator {
         if !self.has_room_for(origin) {
             return Err(EventError::Refused(RejectCode::NotAdmitted));
         }
+        self.blocks.add(origin);
         self.members.insert(
             node,
             Member {
@@ -400,7 +504,7 @@ impl Coordinator {
 
     /// Whether a new key seen from `origin` fits under the member cap and the per-IP cap. A key whose address
     /// is unknown waits (the driver learns it within a heartbeat or two), unless co-located peers are trusted.
-    fn has_room_for(&self, origin: Origin) -> bool {
+    fn has_room_for(&mut self, origin: Origin) -> bool {
         let policy = &self.config.standing;
         if self.members.len() >= policy.max_members {
             return false;
@@ -408,7 +512,7 @@ impl Coordinator {
         match origin {
             Origin::Unknown => self.trust_colocated,
             Origin::Ip(ip) if self.trust_colocated && address_block(ip).is_loopback() => true,
-            Origin::Ip(ip) => self.members_at(ip) < policy.max_members_per_ip,
+            Origin::Ip(ip) => self.blocks.at(&self.members, ip) < policy.max_members_per_ip,
         }
     }
 
@@ -425,7 +529,9 @@ impl Coordinator {
     /// `node` left (said goodbye, or the network lost it): it is no member any more and is dropped from the
     /// round in progress.
     pub fn node_left(&mut self, node: &PublicKey) {
-        self.members.remove(node);
+        if let Some(m) = self.members.remove(node) {
+            self.blocks.remove(m.origin);
+        }
         if let Some(round) = self.state.round_mut()
             && round.announcement.participant(node).is_some()
         {
@@ -500,15 +606,12 @@ impl Coordinator {
         if r.deltas.get(&(shard, node)).map(|d| d.payload_hash) != Some(payload_hash) {
             return Err(EventError::Refused(RejectCode::Inconsistent));
         }
-        let taken = |k: &(ShardId, PublicKey)| {
-            r.deltas
-                .get(k)
-                .is_some_and(|d| d.payload_hash == payload_hash)
-        };
+        let same_payload = self.payloads.refresh(r).get(&payload_hash);
         let copy = verdict == Verdict::Accept
-            && r.verdicts
-                .iter()
-                .any(|(k, v)| *v == Verdict::Accept && *k != (shard, node) && taken(k));
+            && same_payload
+                .into_iter()
+                .flatten()
+                .any(|k| *k != (shard, node) && r.verdicts.get(k) == Some(&Verdict::Accept));
         let verdict = if copy {
             Verdict::Reject(RejectCode::NotBound)
         } else {
@@ -551,7 +654,14 @@ impl Coordinator {
         if r.announcement.round != round || entry.round != round {
             return Err(EventError::Refused(RejectCode::StaleRound));
         }
-        if !accepted_shards(r).contains(&entry.shard) {
+        // A lookup over the shard's verdicts alone (keys sort by shard first), not a pass over the round.
+        let first = (entry.shard, PublicKey([0; 32]));
+        let last = (entry.shard, PublicKey([u8::MAX; 32]));
+        if !r
+            .verdicts
+            .range(first..=last)
+            .any(|(_, v)| *v == Verdict::Accept)
+        {
             return Err(EventError::Refused(RejectCode::ShardNotAssigned));
         }
         r.results.entry(entry.shard).or_insert(entry);
@@ -688,6 +798,7 @@ impl Coordinator {
                 }
             })
             .collect();
+        let candidates = self.within_participant_cap(candidates, seed);
         let hosts = match assign_experts(
             &candidates,
             &self.config.experts,
@@ -763,6 +874,27 @@ impl Coordinator {
             scores: BTreeMap::new(),
             weights: BTreeMap::new(),
         }))
+    }
+
+    /// At most [`MAX_PARTICIPANTS`] of `candidates` (what one announcement may carry): members that hosted
+    /// experts last round first (their shards stay where they are), then by standing, then in an order
+    /// drawn from `seed`. The others stay members and wait for a place (a participant leaving, or one
+    /// banned). Below the cap, every candidate takes part.
+    fn within_participant_cap(&self, mut candidates: Vec<Candidate>, seed: u64) -> Vec<Candidate> {
+        if candidates.len() <= MAX_PARTICIPANTS {
+            return candidates;
+        }
+        let hosted: BTreeSet<PublicKey> = self.hosts.values().flatten().copied().collect();
+        let policy = self.config.standing;
+        candidates.sort_by_cached_key(|c| {
+            (
+                !hosted.contains(&c.node),
+                std::cmp::Reverse(self.standings.get(&c.node).weight(&policy) as u32),
+                assign::mix(seed, b"mana/participant-cap", &c.node.0),
+            )
+        });
+        candidates.truncate(MAX_PARTICIPANTS);
+        candidates
     }
 
     /// Closes `round`: shards with a reported result take it; every other shard keeps its entry. Accepted deltas
@@ -855,7 +987,9 @@ impl Coordinator {
         }
         for node in self.standings.ban_faulty(round.announcement.round, &policy) {
             tracing::warn!(node = %node, round = round.announcement.round, "member banned for its record");
-            self.members.remove(&node);
+            if let Some(m) = self.members.remove(&node) {
+                self.blocks.remove(m.origin);
+            }
         }
         let members = &self.members;
         self.standings

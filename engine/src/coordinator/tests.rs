@@ -1060,3 +1060,87 @@ fn a_state_saved_before_the_per_ip_cap_still_resumes() {
     let cooled_bytes = legacy::encode_v1(&cooling);
     assert!(Coordinator::from_bytes(&cooled_bytes[..cooled_bytes.len() - 1]).is_err());
 }
+
+/// A key of its own for member `i` of a large run.
+fn wide_key(i: u32) -> PublicKey {
+    let mut k = [0u8; 32];
+    k[..4].copy_from_slice(&i.to_le_bytes());
+    k[31] = 0x77;
+    PublicKey(k)
+}
+
+#[test]
+fn a_round_takes_at_most_what_one_announcement_carries_and_keeps_its_hosts() {
+    use mana_protocol::limits::MAX_PARTICIPANTS;
+    let members = MAX_PARTICIPANTS as u32 + 200;
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.standing.max_members = members as usize;
+    let mut c = Coordinator::new(cfg, base_manifest()).unwrap();
+    for i in 0..members {
+        let k = wide_key(i);
+        c.node_heartbeat(0, k, own_ip(&k), &heartbeat(1, 100.0))
+            .unwrap();
+    }
+    let first = announced(&c.tick(0, 3).unwrap());
+    assert_eq!(first.participants.len(), MAX_PARTICIPANTS);
+    Message::RoundAnnouncement(first.clone())
+        .check_limits()
+        .unwrap();
+    let hosts = |ann: &RoundAnnouncement| -> BTreeSet<PublicKey> {
+        ann.participants
+            .iter()
+            .filter(|p| p.shards.iter().any(|s| *s != ShardId::Trunk))
+            .map(|p| p.node)
+            .collect()
+    };
+    // Every participant leaves the round without a delta; the next round, drawn with another seed, keeps
+    // the experts where they were.
+    let next = first.deadlines.deltas_by_ms + 1;
+    let mut actions = c.tick(next, 4).unwrap();
+    let mut now = next;
+    while !matches!(actions.last(), Some(Action::AnnounceRound(_))) {
+        now += 1_000;
+        for i in 0..members {
+            let k = wide_key(i);
+            c.node_heartbeat(now, k, own_ip(&k), &heartbeat(2 + now, 100.0))
+                .unwrap();
+        }
+        actions = c.tick(now, 5).unwrap();
+        assert!(now < next + 60_000, "no second round");
+    }
+    let Some(Action::AnnounceRound(second)) = actions.last() else {
+        unreachable!()
+    };
+    assert_eq!(second.participants.len(), MAX_PARTICIPANTS);
+    assert_eq!(hosts(second), hosts(&first));
+}
+
+#[test]
+fn the_per_address_counts_follow_moves_departures_and_a_restore() {
+    let mut c = capped_per_ip(2);
+    for i in 1..=2 {
+        c.node_heartbeat(0, key(i), ip(1), &heartbeat(1, 100.0))
+            .unwrap();
+    }
+    assert_eq!(
+        c.node_heartbeat(0, key(3), ip(1), &heartbeat(1, 100.0)),
+        NOT_ADMITTED
+    );
+    // key 2 moves to address 2: address 1 has room again.
+    c.node_heartbeat(10, key(2), ip(2), &heartbeat(2, 100.0))
+        .unwrap();
+    c.node_heartbeat(10, key(3), ip(1), &heartbeat(2, 100.0))
+        .unwrap();
+    // key 1 leaves: room again; a restored coordinator counts the same.
+    c.node_left(&key(1));
+    let mut back = Coordinator::from_bytes(&c.to_bytes().unwrap()).unwrap();
+    for d in [&mut c, &mut back] {
+        d.node_heartbeat(20, key(4), ip(1), &heartbeat(1, 100.0))
+            .unwrap();
+        assert_eq!(
+            d.node_heartbeat(20, key(5), ip(1), &heartbeat(1, 100.0)),
+            NOT_ADMITTED
+        );
+        assert_eq!(d.members_at(ip_addr(1)), 2);
+    }
+}
