@@ -188,8 +188,9 @@ fn start_long_demo(dir: &Path) -> (Demo, u32) {
     let mut demo = Demo(child);
     let pid = demo.0.id();
 
-    // Wait until the whole network runs: bootstrap, coordinator and the nodes (besides the demo itself).
-    let want = 2 + NODES.parse::<usize>().expect("a number");
+    // Wait until the whole network runs: bootstrap, coordinator, evaluator and the nodes (besides the demo
+    // itself).
+    let want = 3 + NODES.parse::<usize>().expect("a number");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let children = processes_mentioning(dir)

@@ -165,6 +165,7 @@ async fn the_dashboard_shows_a_trainers_contributions_and_the_runs_loss_in_a_bro
     let coordinator = Arc::new(start_node(coord_cfg).await);
     let key = coordinator.public_key();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _evaluator = start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
     let mut trainers = Vec::new();
     for i in 0..2 {
         let mut cfg = member_config(dir.path(), &boot, &format!("node-{i}"), key);

@@ -455,8 +455,10 @@ async fn run_attack(attack: Attack) {
         data,
         stop_tx,
         stop_rx,
+        ..
     } = RoundNet::start(HONEST).await;
     let key = coordinator.public_key();
+    let _evaluator = start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
     let commits: Arc<Mutex<Vec<RoundCommit>>> = Arc::new(Mutex::new(Vec::new()));
     let announcements: Arc<Mutex<Vec<RoundAnnouncement>>> = Arc::new(Mutex::new(Vec::new()));
     {

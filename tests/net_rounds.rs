@@ -70,6 +70,7 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         nodes.push(Arc::new(start_node(cfg).await));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let _evaluator = start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
     let mut trainers = Vec::new();
     for node in &nodes {
         let cfg = TrainerConfig::new(spec.clone(), data.clone());
@@ -324,6 +325,7 @@ async fn restarted_coordinator_resumes_the_run() {
         let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
         role.rounds = Some(rounds);
         role.metrics = Some(metrics_path.clone());
+        role.evaluation_wait = Duration::ZERO; // nobody evaluates here
         role
     };
     let first = tokio::spawn(run_conductor(

@@ -57,6 +57,8 @@ struct Net {
     key: PublicKey,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
+    /// Publishes each checkpoint's validation loss for the metrics.
+    _evaluator: (Arc<NodeHandle>, RoleTask),
 }
 
 impl Net {
@@ -75,7 +77,10 @@ impl Net {
         let coordinator = Arc::new(start_node(Net::coordinator_config(dir.path(), &boot)).await);
         let key = coordinator.public_key();
         let (stop_tx, stop_rx) = watch::channel(false);
+        let _evaluator =
+            start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
         Net {
+            _evaluator,
             dir,
             bootstrap,
             boot,

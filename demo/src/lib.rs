@@ -1,5 +1,6 @@
-//! `mana demo`: a whole training network on this machine, on loopback: a bootstrap node, a coordinator and
-//! N training nodes, each a separate `mana` process (the executable given in [`DemoConfig::exe`]) with its
+//! `mana demo`: a whole training network on this machine, on loopback: a bootstrap node, a coordinator, an
+//! evaluator (a node that mirrors every checkpoint and publishes its validation loss) and N training nodes,
+//! each a separate `mana` process (the executable given in [`DemoConfig::exe`]) with its
 //! own data directory and log under the output directory. The demo follows the coordinator's per-round
 //! metrics and shows them live, and at the end writes `metrics.jsonl`, `loss.svg`, `manifests.txt` (does
 //! every holder of each shard hold the same bytes?), `sample.txt` (text from the final model) and
@@ -137,7 +138,7 @@ fn drive(
 ) -> Result<String, DemoError> {
     let net = network::start(cfg, out, sup, progress)?;
     progress.note(&format!(
-        "network up in {:.1} s: bootstrap, coordinator and {} nodes on 127.0.0.1 (logs in {})",
+        "network up in {:.1} s: bootstrap, coordinator, evaluator and {} nodes on 127.0.0.1 (logs in {})",
         started.elapsed().as_secs_f64(),
         cfg.nodes,
         out.logs().display()

@@ -35,6 +35,9 @@ pub struct Network {
     pub coordinator: ChildId,
     /// (child, name, data dir) of each training node.
     pub nodes: Vec<(ChildId, String, PathBuf)>,
+    /// The evaluator child: a node that mirrors every checkpoint and publishes its validation loss (the
+    /// coordinator does not hold the model to measure it).
+    pub evaluator: ChildId,
     /// When the coordinator was started, unix ms (the first round's start).
     pub coordinator_started_ms: u64,
 }
@@ -173,6 +176,30 @@ pub fn start(
         addr.as_ref().and(key.clone())
     })?;
 
+    progress.phase("starting the evaluator");
+    let mut cmd = Recipe::new(cfg, "node");
+    cmd.args([
+        "--run",
+        RUN,
+        "--listen",
+        LISTEN,
+        "--bootstrap",
+        &boot_addr,
+        "--coordinator",
+        &key,
+        "--no-train",
+        "--evaluate",
+    ])
+    .arg("--data-dir")
+    .arg(out.data_dir("evaluator"));
+    if let Some(corpus) = &cfg.corpus {
+        cmd.arg("--corpus").arg(corpus);
+    }
+    let evaluator = sup.spawn_restartable("evaluator", cmd.into_maker())?;
+    sup.wait_line(evaluator, STARTUP_TIMEOUT, |l| {
+        l.starts_with("/ip4/127.0.0.1/").then_some(())
+    })?;
+
     progress.phase(&format!("starting {} nodes", cfg.nodes));
     let mut nodes = Vec::new();
     for i in 1..=cfg.nodes {
@@ -206,6 +233,7 @@ pub fn start(
         bootstrap,
         coordinator,
         nodes,
+        evaluator,
         coordinator_started_ms,
     })
 }
@@ -242,10 +270,11 @@ impl Network {
 
     /// What the coordinator and each node report holding now.
     fn holders(&self, out: &OutDir, sup: &mut Supervisor) -> Vec<Holder> {
-        let mut all = vec![holder(
-            "coordinator",
-            status::read(&out.data_dir("coordinator")),
-        )];
+        let mut all = vec![
+            holder("coordinator", status::read(&out.data_dir("coordinator"))),
+            // The evaluator mirrors every checkpoint: it must hold the same bytes.
+            holder("evaluator", status::read(&out.data_dir("evaluator"))),
+        ];
         for (id, name, dir) in &self.nodes {
             // A node that died is reported as it last was, and shows as behind if it missed rounds.
             let _ = sup.exit_status(*id);

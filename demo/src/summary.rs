@@ -57,7 +57,7 @@ pub fn summary(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "mana demo: {} nodes, a coordinator and a bootstrap on loopback, rule {}{h}, finished in {}",
+        "mana demo: {} nodes, a coordinator, an evaluator and a bootstrap on loopback, rule {}{h}, finished in {}",
         cfg.nodes,
         cfg.rule,
         clock(elapsed)

@@ -42,9 +42,9 @@ pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
     AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
-    DeltaScore, DeviceKind, DisputeMismatch, Heartbeat, HyperParams, MAX_DELTA_WEIGHT, Message,
-    Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardEntry, TrainingStats,
-    UpdateRule, seed_commitment,
+    DeltaScore, DeviceKind, DisputeMismatch, Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT,
+    Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardEntry,
+    TrainingStats, UpdateRule, seed_commitment,
 };
 pub use reqresp::{
     ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, LaneRequest, LaneResponse,

@@ -4,7 +4,7 @@
 
 /// The wire version this build speaks; the first field of every envelope and request/response frame.
 /// A receiver rejects any other value, so a new incompatible layout must bump it.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest encoded signed envelope (gossip message) accepted. Gossipsub's `max_transmit_size` must be at
 /// least this.
@@ -59,6 +59,8 @@ pub const MAX_COMMIT_DELTAS: usize = 8192;
 
 /// Most accepted payload hashes one commit dispute may list: one shard's deltas, at most one per participant.
 pub const MAX_DISPUTE_DELTAS: usize = MAX_PARTICIPANTS;
+/// Most validation batches one [`crate::Evaluation`] may average over.
+pub const MAX_EVALUATION_BATCHES: u32 = 1024;
 /// How many rounds back a commit dispute is still passed on: the one just committed, and the round after it
 /// (the next announcement may overtake the dispute).
 pub const MAX_DISPUTE_AGE_ROUNDS: u64 = 2;

@@ -11,8 +11,8 @@ use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
-    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_MANIFEST_SHARDS,
-    MAX_PARTICIPANTS, MAX_SHARDS_PER_NODE,
+    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_EVALUATION_BATCHES,
+    MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARDS_PER_NODE,
 };
 use crate::validation::RejectCode;
 
@@ -442,6 +442,28 @@ pub enum Message {
     CommitDispute(CommitDispute),
     /// Variant 6: the coordinator ends the run.
     RunEnd(RunEnd),
+    /// Variant 7: a node that holds a whole committed checkpoint reports its validation loss.
+    Evaluation(Evaluation),
+}
+
+/// From any node that holds the whole committed checkpoint `checkpoint` of round `round` (a mirror): the mean
+/// loss of that model on the run's fixed validation batches `0..batches`, each of the round's batch shape.
+/// Metrics that need the whole model come from whoever mirrors it, not from the coordinator (which need not
+/// hold the model); anyone with the checkpoint and the run's text recomputes the figure, and the signature says
+/// who measured it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The run.
+    pub run: RunId,
+    /// The committed round whose checkpoint was evaluated.
+    pub round: u64,
+    /// That checkpoint's manifest hash.
+    pub checkpoint: ContentHash,
+    /// How many validation batches (indices `0..batches`) the loss is the mean of (1 to
+    /// [`MAX_EVALUATION_BATCHES`]).
+    pub batches: u32,
+    /// The mean validation loss (finite, not negative).
+    pub val_loss: f32,
 }
 
 /// From the coordinator: the run is over; `round` was its last, and `checkpoint` (the manifest hash of that
@@ -468,6 +490,7 @@ impl Message {
             Message::Heartbeat(m) => &m.run,
             Message::CommitDispute(m) => &m.run,
             Message::RunEnd(m) => &m.run,
+            Message::Evaluation(m) => &m.run,
         }
     }
 
@@ -479,7 +502,8 @@ impl Message {
             | Message::RoundCommit(_)
             | Message::CheckpointManifest(_)
             | Message::CommitDispute(_)
-            | Message::RunEnd(_) => TopicKind::Rounds,
+            | Message::RunEnd(_)
+            | Message::Evaluation(_) => TopicKind::Rounds,
             Message::DeltaAnnouncement(_) => TopicKind::Deltas,
             Message::Heartbeat(_) => TopicKind::Heartbeats,
         }
@@ -495,6 +519,7 @@ impl Message {
             Message::Heartbeat(_) => "heartbeat",
             Message::CommitDispute(_) => "commit-dispute",
             Message::RunEnd(_) => "run-end",
+            Message::Evaluation(_) => "evaluation",
         }
     }
 
@@ -547,6 +572,21 @@ impl Message {
                 count("dispute deltas", m.accepted.len(), MAX_DISPUTE_DELTAS)
             }
             Message::RunEnd(_) => Ok(()),
+            Message::Evaluation(m) => {
+                if !(1..=MAX_EVALUATION_BATCHES).contains(&m.batches) {
+                    return Err(ProtocolError::InvalidField {
+                        what: "evaluation batches",
+                        detail: format!("{}, must be 1 to {MAX_EVALUATION_BATCHES}", m.batches),
+                    });
+                }
+                if !m.val_loss.is_finite() || m.val_loss < 0.0 {
+                    return Err(ProtocolError::InvalidField {
+                        what: "evaluation loss",
+                        detail: format!("{} is not a finite loss", m.val_loss),
+                    });
+                }
+                Ok(())
+            }
         }
     }
 }

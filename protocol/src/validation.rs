@@ -18,7 +18,8 @@ use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId};
 use crate::limits::{MAX_DELTA_PAYLOAD_BYTES, MAX_DISPUTE_AGE_ROUNDS};
 use crate::messages::{
-    CommitDispute, DeltaAnnouncement, Heartbeat, Message, RoundAnnouncement, RoundCommit,
+    CommitDispute, DeltaAnnouncement, Evaluation, Heartbeat, Message, RoundAnnouncement,
+    RoundCommit,
 };
 
 /// Tolerances of the validator; the defaults suit nodes with NTP-synchronised clocks.
@@ -421,6 +422,7 @@ pub fn validate_message(
         }
         Message::Heartbeat(m) => check_heartbeat(m),
         Message::CommitDispute(m) => check_dispute(ctx, m),
+        Message::Evaluation(m) => check_evaluation(ctx, m),
         // The end of the run comes after its last round was announced, and never ahead of it.
         Message::RunEnd(m) => {
             from_coordinator()?;
@@ -436,6 +438,35 @@ pub fn validate_message(
             Ok(())
         }
     }
+}
+
+/// An evaluation may come from any node (whoever mirrors the checkpoint; a reader decides whose figures it
+/// trusts): about a committed round, so never ahead of the current one, and recent (an old figure has
+/// nothing left to tell).
+fn check_evaluation(ctx: &ValidationContext<'_>, m: &Evaluation) -> Result<(), Rejection> {
+    let kind = "evaluation";
+    let current = ctx
+        .current
+        .ok_or(Rejection::NoRound {
+            kind,
+            round: m.round,
+        })?
+        .round;
+    if m.round > current {
+        return Err(Rejection::FutureRound {
+            kind,
+            round: m.round,
+            current,
+        });
+    }
+    if current - m.round > MAX_DISPUTE_AGE_ROUNDS {
+        return Err(Rejection::StaleRound {
+            kind,
+            round: m.round,
+            current,
+        });
+    }
+    Ok(())
 }
 
 /// A dispute may come from any node (a holder of the shard); it must be about a round already committed or

@@ -564,3 +564,56 @@ fn commit_ids_differ_when_contents_differ() {
     assert_eq!(commit.hash().unwrap(), round_commit().hash().unwrap());
     assert_ne!(commit.hash().unwrap(), other.hash().unwrap());
 }
+
+#[test]
+fn evaluations_are_judged_by_round_and_their_figures() {
+    let round = round_announcement();
+    let evaluation = |f: &dyn Fn(&mut Evaluation)| {
+        let mut e = evaluation();
+        f(&mut e);
+        Message::Evaluation(e)
+    };
+    // Any node may report the loss of a recent committed checkpoint.
+    assert!(check(Some(&round), &node(), NOW, &evaluation(&|_| {})).is_ok());
+    assert!(
+        check(
+            Some(&round),
+            &outsider(),
+            NOW,
+            &evaluation(&|e| e.round -= 2)
+        )
+        .is_ok()
+    );
+    assert_eq!(
+        code(check(None, &node(), NOW, &evaluation(&|_| {}))),
+        RejectCode::NoRound
+    );
+    assert_eq!(
+        code(check(
+            Some(&round),
+            &node(),
+            NOW,
+            &evaluation(&|e| e.round += 1)
+        )),
+        RejectCode::FutureRound
+    );
+    assert_eq!(
+        code(check(
+            Some(&round),
+            &node(),
+            NOW,
+            &evaluation(&|e| e.round -= 3)
+        )),
+        RejectCode::StaleRound
+    );
+    // A loss that is no loss, or an average over no batch (or too many), does not decode.
+    for bad in [
+        evaluation(&|e| e.val_loss = f32::NAN),
+        evaluation(&|e| e.val_loss = f32::INFINITY),
+        evaluation(&|e| e.val_loss = -0.5),
+        evaluation(&|e| e.batches = 0),
+        evaluation(&|e| e.batches = limits::MAX_EVALUATION_BATCHES + 1),
+    ] {
+        assert!(bad.check_limits().is_err(), "{bad:?}");
+    }
+}

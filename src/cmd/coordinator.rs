@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use mana_engine::coordinator::CoordinatorConfig;
 use mana_engine::round::RunSpec;
-use mana_node::daemon::config::parse_run;
+use mana_node::daemon::config::{parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::roles::common::{DataSource, check_corpus, load_dataset};
 use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
@@ -97,6 +97,11 @@ pub struct CoordinatorArgs {
     /// changes. Without it the run is open to any key.
     #[arg(long, env = "MANA_ALLOWLIST")]
     pub allowlist: Option<PathBuf>,
+    /// Public keys (64 hex digits each, comma-separated) of the evaluators whose validation losses the
+    /// metrics take; default: any node's, the first for each round (each line names who measured it). The
+    /// coordinator does not evaluate the model itself: start a `mana node --no-train --evaluate`.
+    #[arg(long, env = "MANA_EVALUATORS")]
+    pub evaluators: Option<String>,
     /// Most members at once (default 1024); new keys beyond it are not admitted.
     #[arg(long, env = "MANA_MAX_MEMBERS")]
     pub max_members: Option<usize>,
@@ -156,6 +161,16 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         super::preflight::writable_dir("--export", dir)?;
     }
     role.allowlist = s.get(|a| &a.allowlist);
+    if let Some(keys) = s.get(|a| &a.evaluators) {
+        let keys = keys
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| parse_public_key(k).with_context(|| format!("--evaluators: {k}")))
+            .collect::<anyhow::Result<std::collections::BTreeSet<_>>>()?;
+        anyhow::ensure!(!keys.is_empty(), "--evaluators names no key");
+        role.evaluators = Some(keys);
+    }
     role.accept_changed_settings = s.flags.accept_changed_settings;
     if let Some(share) = s.get(|a| &a.score_share) {
         anyhow::ensure!(

@@ -13,6 +13,7 @@ use mana_engine::round::RunSpec;
 use mana_node::daemon::config::{parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::roles::common::{DataSource, check_corpus, load_dataset};
+use mana_node::roles::evaluator::{EvaluatorConfig, run_evaluator};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::{Store, StoreConfig};
 use serde::Deserialize;
@@ -60,6 +61,14 @@ pub struct NodeArgs {
     /// Whether a node with a coordinator trains: only in the file (`train = false`), the flag is --no-train.
     #[arg(skip)]
     pub train: Option<bool>,
+    /// With --no-train: measure each committed checkpoint's validation loss on the run's text (--corpus) and
+    /// publish it, signed, for the coordinator's metrics (MANA_EVALUATE; in the file, evaluate = true).
+    #[arg(long = "evaluate", env = "MANA_EVALUATE", value_parser = config::parse_bool)]
+    #[serde(skip)]
+    pub evaluate_flag: bool,
+    /// Whether the node evaluates: only in the file (`evaluate = true`), the flag is --evaluate.
+    #[arg(skip)]
+    pub evaluate: Option<bool>,
 }
 
 impl FromFile for NodeArgs {
@@ -80,6 +89,17 @@ pub const DEFAULT_DATA_DIR: &str = "mana-data";
 
 /// What `mana node` runs besides the daemon.
 #[derive(Debug)]
+enum Work {
+    /// Nothing: it validates, serves and mirrors checkpoints.
+    Mirror,
+    /// The trainer role.
+    Train(Training),
+    /// The evaluator role (on a mirror), on the run's text from this corpus (default the built-in one).
+    Evaluate { corpus: Option<PathBuf> },
+}
+
+/// The trainer's settings.
+#[derive(Debug)]
 struct Training {
     max_shards: u32,
     corpus: Option<PathBuf>,
@@ -87,7 +107,7 @@ struct Training {
 
 /// Merges flags/env (already merged by clap) over the file over defaults. A node with a coordinator trains
 /// unless told not to: then it syncs only its assigned shards (the trainer owns its store's rounds).
-fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, Option<Training>)> {
+fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, Work)> {
     let mut config = NodeConfig::new(&net.data_dir);
     config.key_file = net.key.clone();
     config.new_key = net.new_key;
@@ -109,14 +129,31 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
         "--max-shards must be at least 1 (the trunk)"
     );
     let trains = config.coordinator.is_some() && !s.flags.no_train && s.file.train.unwrap_or(true);
+    let evaluates = s.flags.evaluate_flag || s.file.evaluate.unwrap_or(false);
+    if evaluates {
+        anyhow::ensure!(
+            config.coordinator.is_some(),
+            "--evaluate follows a run: give the run's --coordinator key"
+        );
+        anyhow::ensure!(
+            !trains,
+            "--evaluate needs --no-train: an evaluator mirrors every checkpoint, a trainer holds only its shards"
+        );
+        return Ok((
+            config,
+            Work::Evaluate {
+                corpus: s.get(|a| &a.corpus),
+            },
+        ));
+    }
     if !trains {
-        return Ok((config, None));
+        return Ok((config, Work::Mirror));
     }
     config.sync_shards = false;
     config.capacity.max_shards = max_shards;
     Ok((
         config,
-        Some(Training {
+        Work::Train(Training {
             max_shards,
             corpus: s.get(|a| &a.corpus),
         }),
@@ -129,23 +166,48 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let settings = Layered::load(args, path.as_deref())?;
     let net = Net::resolve(&settings.section(|a| &a.net), DEFAULT_DATA_DIR)?;
     crate::logging::init(net.log_format);
-    let (config, training) = node_config(&settings, &net)?;
+    let (config, work) = node_config(&settings, &net)?;
     if settings.flags.verify_store {
         return verify_store(&config);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let Some(training) = training else {
-        if config.coordinator.is_none() {
-            tracing::warn!(
-                "no --coordinator given: this node validates, serves and mirrors checkpoints, but will not train"
-            );
-        } else {
-            tracing::info!(
-                "--no-train: this node validates, serves and mirrors checkpoints, but will not train"
-            );
+    let training = match work {
+        Work::Train(training) => training,
+        Work::Mirror => {
+            if config.coordinator.is_none() {
+                tracing::warn!(
+                    "no --coordinator given: this node validates, serves and mirrors checkpoints, but will not train"
+                );
+            } else {
+                tracing::info!(
+                    "--no-train: this node validates, serves and mirrors checkpoints, but will not train"
+                );
+            }
+            runtime.block_on(async move { daemon::run(config, shutdown_signal("node")).await })?;
+            return Ok(());
         }
-        runtime.block_on(async move { daemon::run(config, shutdown_signal("node")).await })?;
-        return Ok(());
+        Work::Evaluate { corpus } => {
+            let source = DataSource {
+                corpus,
+                ..DataSource::default()
+            };
+            let data = Arc::new(load_dataset(&source)?);
+            let spec = RunSpec::tiny();
+            check_corpus(&data, &spec, &source)?;
+            let evaluator = EvaluatorConfig::new(spec, data);
+            tracing::info!(
+                "--evaluate: this node mirrors every committed checkpoint and publishes its validation loss"
+            );
+            return runtime.block_on(async move {
+                let handle = Arc::new(daemon::start(config).await?);
+                print_listen_addrs(&handle).await?;
+                let result =
+                    run_evaluator(handle.clone(), evaluator, shutdown_signal("node")).await;
+                handle.stop().await?;
+                result?;
+                anyhow::Ok(())
+            });
+        }
     };
     let source = DataSource {
         corpus: training.corpus,
@@ -158,13 +220,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     trainer.max_shards = training.max_shards;
     runtime.block_on(async move {
         let handle = Arc::new(daemon::start(config).await?);
-        {
-            let mut out = std::io::stdout().lock();
-            for addr in handle.listen_addrs().await? {
-                writeln!(out, "{addr}")?;
-            }
-            out.flush()?;
-        }
+        print_listen_addrs(&handle).await?;
         let result = run_trainer(handle.clone(), trainer, shutdown_signal("node")).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
@@ -172,6 +228,17 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         result?;
         anyhow::Ok(())
     })?;
+    Ok(())
+}
+
+/// Prints the node's listen addresses on stdout, one a line (what scripts and the demo read).
+async fn print_listen_addrs(handle: &daemon::NodeHandle) -> anyhow::Result<()> {
+    let addrs = handle.listen_addrs().await?;
+    let mut out = std::io::stdout().lock();
+    for addr in addrs {
+        writeln!(out, "{addr}")?;
+    }
+    out.flush()?;
     Ok(())
 }
 
@@ -196,6 +263,13 @@ mod tests {
     }
 
     fn settings(flags: &[&str], file: &str) -> anyhow::Result<(NodeConfig, Option<Training>)> {
+        settings_work(flags, file).map(|(c, w)| match w {
+            Work::Train(t) => (c, Some(t)),
+            _ => (c, None),
+        })
+    }
+
+    fn settings_work(flags: &[&str], file: &str) -> anyhow::Result<(NodeConfig, Work)> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("node.toml");
         std::fs::write(&path, file)?;
@@ -261,6 +335,25 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(config.net.listen.len(), 2);
         assert!(!config.net.kad_server);
+    }
+
+    #[test]
+    fn an_evaluator_is_a_mirror_of_a_run() {
+        let with_coordinator = ["--coordinator", KEY, "--no-train", "--evaluate"];
+        let (config, work) = settings_work(&with_coordinator, "").expect("valid");
+        assert!(matches!(work, Work::Evaluate { corpus: None }));
+        assert!(config.sync_shards, "an evaluator syncs every shard");
+        let (_, work) = settings_work(&["--coordinator", KEY], "train = false\nevaluate = true\n")
+            .expect("valid");
+        assert!(matches!(work, Work::Evaluate { .. }));
+        let err = settings_work(&["--coordinator", KEY, "--evaluate"], "")
+            .expect_err("a trainer does not evaluate")
+            .to_string();
+        assert!(err.contains("--no-train"), "{err}");
+        let err = settings_work(&["--no-train", "--evaluate"], "")
+            .expect_err("no run to follow")
+            .to_string();
+        assert!(err.contains("--coordinator"), "{err}");
     }
 
     #[test]

@@ -169,6 +169,30 @@ pub fn member_config(
 /// A role running as a task of the test.
 pub type RoleTask = tokio::task::JoinHandle<Result<(), mana_node::daemon::NodeError>>;
 
+/// An evaluator of the run that `coordinator` coordinates, in `dir/evaluator`: a mirror (it syncs every
+/// committed checkpoint) running [`mana_node::roles::evaluator::run_evaluator`] until `stop` turns true, so
+/// that the coordinator's metrics get their validation loss.
+pub async fn start_evaluator(
+    dir: &Path,
+    boot: &[Multiaddr],
+    coordinator: mana_protocol::PublicKey,
+    spec: &mana_engine::round::RunSpec,
+    data: &std::sync::Arc<mana_kernels::data::TextDataset>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (std::sync::Arc<NodeHandle>, RoleTask) {
+    use mana_node::roles::evaluator::{EvaluatorConfig, run_evaluator};
+    let mut cfg = node_config(&dir.join("evaluator"), boot);
+    cfg.coordinator = Some(coordinator);
+    cfg.sync_shards = true;
+    let node = std::sync::Arc::new(start_node(cfg).await);
+    let task = tokio::spawn(run_evaluator(
+        node.clone(),
+        EvaluatorConfig::new(spec.clone(), data.clone()),
+        stopped(stop),
+    ));
+    (node, task)
+}
+
 /// The network of the round tests, on loopback: a bootstrap, the coordinator's node (its role is the test's to
 /// start), and honest trainers running [`mana_node::roles::trainer::run_trainer`] until `stop_tx` sends true,
 /// all on the tiny model and 512 KiB of the built-in corpus.
@@ -184,6 +208,8 @@ pub struct RoundNet {
     pub data: std::sync::Arc<mana_kernels::data::TextDataset>,
     pub stop_tx: tokio::sync::watch::Sender<bool>,
     pub stop_rx: tokio::sync::watch::Receiver<bool>,
+    /// The evaluator, once [`RoundNet::add_evaluator`] started it.
+    pub evaluator: Option<(std::sync::Arc<NodeHandle>, RoleTask)>,
 }
 
 impl RoundNet {
@@ -225,6 +251,7 @@ impl RoundNet {
             data,
             stop_tx,
             stop_rx,
+            evaluator: None,
         };
         for i in 0..honest {
             let name = format!("node-{i}");
@@ -233,6 +260,20 @@ impl RoundNet {
             net.add_trainer(config).await;
         }
         net
+    }
+
+    /// Starts an evaluator of the run (see [`start_evaluator`]), so that the metrics get their validation loss.
+    pub async fn add_evaluator(&mut self) {
+        let evaluator = start_evaluator(
+            self.dir.path(),
+            &self.boot,
+            self.coordinator.public_key(),
+            &self.spec,
+            &self.data,
+            self.stop_rx.clone(),
+        )
+        .await;
+        self.evaluator = Some(evaluator);
     }
 
     /// Starts one more honest trainer (a member of the run) with `config`, at any time: a late joiner.
@@ -276,6 +317,10 @@ impl RoundNet {
         tweak(&mut machine);
         let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
         role.rounds = Some(rounds);
+        if self.evaluator.is_none() {
+            // Nobody evaluates: the metrics lines do not wait for a validation loss.
+            role.evaluation_wait = Duration::ZERO;
+        }
         tokio::spawn(run_conductor(
             self.coordinator.clone(),
             role,

@@ -30,7 +30,8 @@ pub struct CoordinatorConfig {
     pub experts: Vec<ShardId>,
     /// Hosts per routed expert (2 by default), so one departure never loses an expert's training.
     pub replication: usize,
-    /// Members needed before a round starts (at least `replication`).
+    /// Members that can take shards needed before a round starts (at least `replication`); members that
+    /// declare no shard capacity (mirrors, evaluators) do not count.
     pub min_members: usize,
     /// Whether every participant also trains the trunk (the dense part). It takes one of its shard slots.
     pub trunk_everywhere: bool,

@@ -379,6 +379,32 @@ mod tests {
         ));
     }
 
+    /// The table in docs/security.md: `cargo test -p mana-engine --lib print_the_odds -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "prints the odds table of docs/security.md"]
+    fn print_the_odds() {
+        let shares = [0.05, 0.10, 0.20, 1.0 / 3.0];
+        for (r, v) in [(2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (3, 2), (3, 3)] {
+            let q = (r + v) / 2 + 1;
+            let cells: Vec<String> = shares
+                .iter()
+                .map(|&p| {
+                    format!(
+                        "{:.1e} / {:.2}",
+                        capture_probability(r, v, p),
+                        stall_probability(r, v, p)
+                    )
+                })
+                .collect();
+            println!(
+                "| r = {r}, v = {v} ({q} of {}) | {} |",
+                r + v,
+                cells.join(" | ")
+            );
+        }
+    }
+
     #[test]
     fn sybil_odds_follow_the_binomial() {
         // No Sybils: no capture, no stall; all Sybils: always.

@@ -775,9 +775,6 @@ impl Coordinator {
         now_ms: u64,
         seed: u64,
     ) -> Result<Option<ActiveRound>, CoordinatorError> {
-        if self.members.len() < self.config.min_members {
-            return Ok(None);
-        }
         let trunk_slot = u32::from(self.config.trunk_everywhere);
         // Capacity is earned: a member's weight is its standing's, whatever throughput it declares; its own
         // `max_shards` still caps what it is given.
@@ -798,6 +795,10 @@ impl Coordinator {
                 }
             })
             .collect();
+        // Members that can take no shard (mirrors, evaluators) do not count towards the members a round needs.
+        if candidates.len() < self.config.min_members {
+            return Ok(None);
+        }
         let candidates = self.within_participant_cap(candidates, seed);
         let hosts = match assign_experts(
             &candidates,

@@ -1144,3 +1144,25 @@ fn the_per_address_counts_follow_moves_departures_and_a_restore() {
         assert_eq!(d.members_at(ip_addr(1)), 2);
     }
 }
+
+#[test]
+fn members_that_take_no_shard_do_not_start_a_round() {
+    let mut c = coordinator();
+    let mirror = |seq| Heartbeat {
+        capacity: Capacity {
+            max_shards: 0,
+            ..heartbeat(seq, 0.0).capacity
+        },
+        ..heartbeat(seq, 0.0)
+    };
+    // Two trainers and a mirror (an evaluator): three members, two of which can train.
+    join(&mut c, 2);
+    c.node_heartbeat(0, key(9), own_ip(&key(9)), &mirror(1))
+        .unwrap();
+    assert_eq!(c.members().len(), 3);
+    assert!(c.tick(0, 1).unwrap().is_empty(), "min_members is 3");
+    let _ = c.node_heartbeat(5, key(3), own_ip(&key(3)), &heartbeat(1, 100.0));
+    let ann = announced(&c.tick(5, 1).unwrap());
+    assert_eq!(ann.participants.len(), 3);
+    assert!(ann.participant(&key(9)).is_none());
+}

@@ -10,11 +10,13 @@
 //! - [`apply`]: a holder's update from the committed deltas (robust mean, then AdamW or Nesterov);
 //! - [`norms`]: the lower and upper bounds on a delta's norm, from other senders' norms only;
 //! - [`score`]: a contribution's reproducible score (its gain over a zero delta on a batch fixed after the deltas are in);
+//! - [`evaluate`]: the validation loss of a whole checkpoint (what an evaluator publishes);
 //! - [`simulate`]: N nodes in one process plus the single-node baselines;
 //! - [`error`]: the engine's one error type, [`RoundError`].
 
 pub mod apply;
 pub mod error;
+pub mod evaluate;
 pub mod local;
 pub mod norms;
 pub mod score;
@@ -24,6 +26,7 @@ pub mod state;
 
 pub use apply::{apply_round, apply_weighted_round};
 pub use error::RoundError;
+pub use evaluate::validation_loss;
 pub use local::{LocalResult, train_local};
 pub use norms::{NormHistory, NormSample, NormVerdict, judge_norm, norm_class};
 pub use score::{

@@ -128,6 +128,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// No round announcement was heard yet, so the round's settings (its batch shape) are unknown.
+    #[error("round {round}: no round announcement heard yet, so its settings are unknown")]
+    NoAnnouncement {
+        /// The round.
+        round: u64,
+    },
     /// A committed checkpoint lacks a shard that the role needs (or the commit names a state it never saw).
     #[error("round {round}: no state for {shard}")]
     MissingShard {
@@ -174,6 +180,8 @@ pub(crate) struct State {
     pub training: Option<status::TrainingStatus>,
     /// The coordinator role's progress, when it runs.
     pub coordinator: Option<status::CoordinatorStatus>,
+    /// The evaluator role's progress, when it runs.
+    pub evaluator: Option<status::EvaluatorStatus>,
     /// The first commit seen for each recent round, to catch a coordinator that equivocates.
     pub commits: equivocation::CommitLedger,
     /// Equivocations caught (their evidence is in the store).
@@ -567,6 +575,15 @@ impl NodeHandle {
             .shared
             .state()
             .coordinator
+            .get_or_insert_with(Default::default));
+    }
+
+    /// Updates the evaluator role's part of the status (created on first use).
+    pub fn update_evaluator_status(&self, f: impl FnOnce(&mut status::EvaluatorStatus)) {
+        f(self
+            .shared
+            .state()
+            .evaluator
             .get_or_insert_with(Default::default));
     }
 

@@ -107,6 +107,9 @@ pub struct NodeStatus {
     /// The coordinator role's progress (`None` unless this node coordinates a run).
     #[serde(default)]
     pub coordinator: Option<CoordinatorStatus>,
+    /// The evaluator role's progress (`None` unless this node evaluates checkpoints).
+    #[serde(default)]
+    pub evaluator: Option<EvaluatorStatus>,
     /// Rounds the coordinator committed twice, differently (proof kept in the store): the run's coordinator
     /// is not to be trusted. Empty in a healthy run.
     #[serde(default)]
@@ -114,6 +117,20 @@ pub struct NodeStatus {
     /// Commit disputes heard (holders showing that a commit's shard hash is wrong), since start.
     #[serde(default)]
     pub disputes_heard: u64,
+}
+
+/// What the evaluator role reports ([`crate::roles::evaluator`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvaluatorStatus {
+    /// Checkpoints evaluated and published since start.
+    pub evaluated: u64,
+    /// The last round evaluated.
+    pub last_round: Option<u64>,
+    /// Its validation loss.
+    pub last_val_loss: Option<f32>,
+    /// The last checkpoint that could not be evaluated, and why (cleared by the next success).
+    pub last_error: Option<String>,
 }
 
 /// What the trainer role reports ([`crate::roles::trainer`]).
@@ -479,6 +496,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         rejections,
         training: state.training.clone(),
         coordinator: state.coordinator.clone(),
+        evaluator: state.evaluator.clone(),
         equivocations: state.equivocations.clone(),
         disputes_heard: state.disputes_heard,
     })

@@ -153,7 +153,18 @@ pub fn round_commit() -> RoundCommit {
     }
 }
 
-/// A holder's dispute of [`round_commit`] for its expert: the accepted payload gives another hash.
+/// A mirror's evaluation of round 7's checkpoint.
+pub fn evaluation() -> Evaluation {
+    Evaluation {
+        run: run(),
+        round: 7,
+        checkpoint: manifest(7).hash().unwrap(),
+        batches: 4,
+        val_loss: 3.25,
+    }
+}
+
+/// The coordinator's end of the run after round 7.
 pub fn run_end() -> RunEnd {
     RunEnd {
         run: run(),
@@ -162,6 +173,7 @@ pub fn run_end() -> RunEnd {
     }
 }
 
+/// A holder's dispute of [`round_commit`] for its expert: the accepted payload gives another hash.
 pub fn commit_dispute() -> CommitDispute {
     let commit = round_commit();
     let shard = ShardId::expert(1, 0).unwrap();
@@ -211,13 +223,17 @@ pub fn all_messages() -> Vec<(&'static str, Message)> {
         ("heartbeat", Message::Heartbeat(heartbeat())),
         ("commit_dispute", Message::CommitDispute(commit_dispute())),
         ("run_end", Message::RunEnd(run_end())),
+        ("evaluation", Message::Evaluation(evaluation())),
     ]
 }
 
 /// The signer of each sample message: the coordinator, except for node messages.
 pub fn signer_of(message: &Message) -> Keypair {
     match message {
-        Message::DeltaAnnouncement(_) | Message::Heartbeat(_) | Message::CommitDispute(_) => node(),
+        Message::DeltaAnnouncement(_)
+        | Message::Heartbeat(_)
+        | Message::CommitDispute(_)
+        | Message::Evaluation(_) => node(),
         _ => coordinator(),
     }
 }

@@ -12,7 +12,8 @@
 //!   [`apply_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
 //!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
 //!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
-//!   `mana status` shows it) and writes one metrics line ([`metrics`]);
+//!   `mana status` shows it) and writes one metrics line ([`metrics`]), whose validation loss comes from an
+//!   evaluator's signed [`mana_protocol::Evaluation`] (the line waits for it, up to `evaluation_wait`);
 //! - compares every holder's published manifest (its shard hashes after a round) with the commit, counting
 //!   reports and mismatches in the status;
 //! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
@@ -84,8 +85,13 @@ pub struct ConductorConfig {
     pub min_norm_ratio: f32,
     /// Accepted norms kept per shard for the norm bounds' reference.
     pub norm_history: usize,
-    /// Fixed validation batches (indices 0..n) the metrics' `val_loss` is measured on.
-    pub val_batches: u64,
+    /// Whose [`mana_protocol::Evaluation`]s the metrics take their `val_loss` from (`None`: any node's, the
+    /// first for each round; the line names who measured it). The coordinator does not evaluate the model
+    /// itself: an evaluator (a node that mirrors every checkpoint) does.
+    pub evaluators: Option<std::collections::BTreeSet<PublicKey>>,
+    /// How long a round's metrics line waits for its evaluation before it is written without one (lines are
+    /// written in round order, so a late evaluation holds the next lines back at most this long).
+    pub evaluation_wait: Duration,
     /// Stop after committing this round: export the model (if `export`) and return.
     pub rounds: Option<u64>,
     /// Where to append one JSON line per committed round.
@@ -126,7 +132,8 @@ impl ConductorConfig {
             score_policy: ScorePolicy::default(),
             min_norm_ratio: 0.01,
             norm_history: 8,
-            val_batches: 4,
+            evaluators: None,
+            evaluation_wait: Duration::from_secs(30),
             rounds: None,
             metrics: None,
             export: None,
@@ -209,7 +216,15 @@ struct Role {
     /// Heartbeat signers dialled lately to learn their address (bounded).
     dials: admission::DialBudget,
     allowlist: Option<admission::AllowlistFile>,
+    /// The last validation loss an evaluator published.
     val_loss: Option<f32>,
+    /// Metrics lines of committed rounds waiting for their evaluation, in round order.
+    unwritten: std::collections::VecDeque<(RoundMetrics, Instant)>,
+    /// Evaluations heard for rounds whose line is not written yet (by round; bounded).
+    evaluations: BTreeMap<u64, (PublicKey, f32)>,
+    /// The latest round an evaluation was heard for: evaluators go in round order, so an earlier line
+    /// still without one will not get it and need not wait.
+    latest_evaluated: u64,
     /// The last commits, for the status.
     recent_commits: std::collections::VecDeque<CommitSummary>,
     /// What the state machine asked for and is not done yet: a commit that failed (a full disk, a store error)
@@ -274,6 +289,7 @@ async fn conductor_loop(
         tokio::select! {
             _ = &mut shutdown => {
                 role.save().await;
+                role.write_metrics(true).await;
                 role.export().await?;
                 break;
             }
@@ -287,7 +303,8 @@ async fn conductor_loop(
         }
         role.save().await;
         role.update_status();
-        if role.done {
+        // After the last round, the run ends once its metrics lines have their evaluations (or waited).
+        if role.done && role.unwritten.is_empty() {
             role.export().await?;
             role.announce_end().await;
             break;
@@ -428,6 +445,9 @@ impl Role {
             dials: admission::DialBudget::default(),
             allowlist,
             val_loss: None,
+            unwritten: std::collections::VecDeque::new(),
+            evaluations: BTreeMap::new(),
+            latest_evaluated: 0,
             recent_commits: std::collections::VecDeque::new(),
             backlog: std::collections::VecDeque::new(),
             failures: 0,
@@ -475,6 +495,11 @@ impl Role {
     /// shard was already dealt with where it happened (the delta unavailable, the shard not aggregated); only a
     /// commit can fail here, and it is retried at the next tick (see `backlog`). Nothing here ends the role.
     async fn tick(&mut self) {
+        self.write_metrics(false).await;
+        if self.done {
+            // The last round is committed: no round after it, only its metrics line still to write.
+            return;
+        }
         if let Some(keys) = self
             .allowlist
             .as_mut()
@@ -740,47 +765,37 @@ impl Role {
         self.accepted_total += accepted as u64;
         self.rejected_total += commit.rejected.len() as u64;
         let ann = self.last_announcement.clone().filter(|a| a.round == round);
-        let val_loss = self.validation_loss(ann.as_ref().map(|a| &a.hyper)).await;
-        self.val_loss = val_loss;
         self.recent_commits.push_back(CommitSummary {
             round,
             accepted: accepted as u64,
             refused: commit.rejected.len() as u64,
-            val_loss,
+            val_loss: None,
             checkpoint: checkpoint_hash.to_string(),
         });
         while self.recent_commits.len() > crate::daemon::status::RECENT_ROUNDS {
             self.recent_commits.pop_front();
         }
-        tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
-        let line = self.metrics_line(
-            &commit,
-            ann.as_ref(),
-            rejected_reasons,
-            val_loss,
-            checkpoint_hash,
-        );
+        tracing::info!(round, accepted, rejected = commit.rejected.len(), checkpoint = %checkpoint_hash, "round committed");
+        let line = self.metrics_line(&commit, ann.as_ref(), rejected_reasons, checkpoint_hash);
         let point = crate::daemon::status::LossPoint {
             round,
             train: line.train_loss,
-            val: val_loss,
+            val: None,
         };
         self.node.update_coordinator_status(|s| {
             crate::daemon::status::push_loss(&mut s.loss_curve, point)
         });
+        // The line waits for the round's evaluation (a commit finished again after a restart wrote it the
+        // first time, unless the crash came before).
         let written = |path: &std::path::Path| {
             !first_time && metrics::last_round(path).is_some_and(|r| r >= round)
         };
-        if let Some(path) = self.cfg.metrics.clone().filter(|p| !written(p)) {
-            match serde_json::to_string(&line) {
-                Ok(json) => {
-                    if let Err(e) = append_line(&path, json).await {
-                        self.failures += 1;
-                        tracing::warn!(round, path = %path.display(), error = %e, "metrics line not written");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
+        if !self.cfg.metrics.as_deref().is_some_and(written) {
+            self.unwritten.push_back((line, Instant::now()));
+            if let Some((signer, loss)) = self.evaluations.remove(&round) {
+                self.evaluated(round, signer, loss);
             }
+            self.write_metrics(false).await;
         }
         let keep = self.in_use(manifest_hash);
         self.pins
@@ -821,6 +836,7 @@ impl Role {
         match message {
             Message::Heartbeat(hb) => self.on_heartbeat(signer, &hb).await,
             Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
+            Message::Evaluation(e) => self.on_evaluation(signer, &e).await,
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
                 let keep = d.clone();
@@ -846,6 +862,102 @@ impl Role {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// An evaluator's figure for a committed round: taken (from an accepted evaluator, the first for its
+    /// round, for the checkpoint this coordinator committed) into that round's metrics line and the status.
+    async fn on_evaluation(&mut self, signer: PublicKey, e: &mana_protocol::Evaluation) {
+        if self
+            .cfg
+            .evaluators
+            .as_ref()
+            .is_some_and(|keys| !keys.contains(&signer))
+        {
+            return;
+        }
+        self.latest_evaluated = self.latest_evaluated.max(e.round);
+        let ours = self
+            .unwritten
+            .iter()
+            .find(|(line, _)| line.round == e.round)
+            .map(|(line, _)| line.checkpoint == e.checkpoint.to_string());
+        match ours {
+            Some(true) => self.evaluated(e.round, signer, e.val_loss),
+            // Another checkpoint than the one committed: not a figure of this run's model.
+            Some(false) => {
+                tracing::warn!(round = e.round, evaluator = %peer_name(&signer), "an evaluation of another checkpoint than the committed one is ignored");
+                return;
+            }
+            // The commit may not be finished here yet: kept for it (a few rounds at most).
+            None if e.round >= self.machine.checkpoint().round => {
+                self.evaluations
+                    .entry(e.round)
+                    .or_insert((signer, e.val_loss));
+                while self.evaluations.len() > 4 {
+                    self.evaluations.pop_first();
+                }
+                return;
+            }
+            None => return,
+        }
+        self.write_metrics(false).await;
+    }
+
+    /// Puts `round`'s evaluation in its waiting metrics line, the loss curve and the recent commits (the first
+    /// figure for a round stands).
+    fn evaluated(&mut self, round: u64, signer: PublicKey, val_loss: f32) {
+        let Some((line, _)) = self
+            .unwritten
+            .iter_mut()
+            .find(|(l, _)| l.round == round && l.val_loss.is_none())
+        else {
+            return;
+        };
+        line.val_loss = Some(val_loss);
+        line.evaluator = Some(hex::encode(signer.0));
+        tracing::info!(round, val_loss, evaluator = %peer_name(&signer), "round evaluated");
+        self.val_loss = Some(val_loss);
+        if let Some(c) = self.recent_commits.iter_mut().find(|c| c.round == round) {
+            c.val_loss = Some(val_loss);
+        }
+        self.node.update_coordinator_status(|s| {
+            if let Some(p) = s.loss_curve.iter_mut().find(|p| p.round == round) {
+                p.val = Some(val_loss);
+            }
+        });
+    }
+
+    /// Writes the waiting metrics lines, in round order, that have their evaluation or waited long enough
+    /// (all of them with `all`, at the end of the run).
+    async fn write_metrics(&mut self, all: bool) {
+        let wait = self.cfg.evaluation_wait;
+        while self.unwritten.front().is_some_and(|(line, since)| {
+            all || line.val_loss.is_some()
+                || line.round < self.latest_evaluated
+                || since.elapsed() >= wait
+        }) {
+            let Some((line, _)) = self.unwritten.pop_front() else {
+                break;
+            };
+            if line.val_loss.is_none() {
+                tracing::info!(
+                    round = line.round,
+                    "no evaluation of the round came: its metrics line has no val_loss"
+                );
+            }
+            let Some(path) = self.cfg.metrics.clone() else {
+                continue;
+            };
+            match serde_json::to_string(&line) {
+                Ok(json) => {
+                    if let Err(e) = append_line(&path, json).await {
+                        self.failures += 1;
+                        tracing::warn!(round = line.round, path = %path.display(), error = %e, "metrics line not written");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
+            }
         }
     }
 
