@@ -13,6 +13,12 @@ use crate::store::{BlobPin, BlobWriter};
 /// How long to keep asking the DHT for providers before giving up.
 const PROVIDER_WAIT: Duration = Duration::from_secs(20);
 
+/// Tries at a checkpoint's shards before its round is left incomplete.
+const SYNC_ATTEMPTS: u32 = 3;
+
+/// The pause before the shards that failed are asked again.
+const SYNC_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 struct WriterSink(BlobWriter);
 
 impl BlobSink for WriterSink {
@@ -196,28 +202,47 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
         "syncing round {round}: {} shards",
         manifest.shards.len()
     ));
+    // Shards whose fetch failed are asked again (a connection closed under a fetch is common while peers
+    // come and go), up to SYNC_ATTEMPTS times in all, before the round is left incomplete.
+    let mut todo: Vec<mana_protocol::ShardEntry> = manifest.shards.clone();
     let mut failures = Vec::new();
-    for chunk in manifest.shards.chunks(4) {
-        let fetches = chunk.iter().map(|entry| {
-            let shared = shared.clone();
-            let entry = *entry;
-            async move {
-                (
-                    entry,
-                    fetch_and_store(&shared, entry.hash, entry.size).await,
-                )
-            }
-        });
-        for (entry, result) in futures::future::join_all(fetches).await {
-            match result {
-                Ok(len) if len == entry.size => {}
-                Ok(len) => failures.push(format!(
-                    "{}: {len} bytes, manifest says {}",
-                    entry.shard, entry.size
-                )),
-                Err(e) => failures.push(format!("{}: {e}", entry.shard)),
+    for attempt in 1..=SYNC_ATTEMPTS {
+        if attempt > 1 {
+            tokio::time::sleep(SYNC_RETRY_PAUSE).await;
+        }
+        failures.clear();
+        let mut failed = Vec::new();
+        for chunk in todo.chunks(4) {
+            let fetches = chunk.iter().map(|entry| {
+                let shared = shared.clone();
+                let entry = *entry;
+                async move {
+                    (
+                        entry,
+                        fetch_and_store(&shared, entry.hash, entry.size).await,
+                    )
+                }
+            });
+            for (entry, result) in futures::future::join_all(fetches).await {
+                match result {
+                    Ok(len) if len == entry.size => {}
+                    Ok(len) => failures.push(format!(
+                        "{}: {len} bytes, manifest says {}",
+                        entry.shard, entry.size
+                    )),
+                    Err(e) => {
+                        failures.push(format!("{}: {e}", entry.shard));
+                        failed.push(entry);
+                    }
+                }
             }
         }
+        if failures.is_empty() || failed.len() < failures.len() {
+            // Done, or a blob of the wrong size: asking again would get the same bytes.
+            break;
+        }
+        tracing::debug!(round, attempt, failures = ?failures, "shard sync: asking again");
+        todo = failed;
     }
     if !failures.is_empty() {
         tracing::warn!(round, failures = ?failures, "shard sync incomplete");

@@ -30,18 +30,19 @@ pub struct EvaluatorConfig {
     pub data: Arc<TextDataset>,
     /// Validation batches per evaluation (indices `0..batches`); the coordinator's metrics used 4.
     pub batches: u32,
-    /// Longest wait for the shard sync to store a committed round before that round is skipped.
+    /// Longest wait for the shard sync to store a committed round before that round is skipped (it is
+    /// skipped at once when a later round is stored first).
     pub sync_wait: Duration,
 }
 
 impl EvaluatorConfig {
-    /// Defaults around the run's `spec` and `data`: 4 batches, 2 minutes for a round's sync.
+    /// Defaults around the run's `spec` and `data`: 4 batches, a minute for a round's sync.
     pub fn new(spec: RunSpec, data: Arc<TextDataset>) -> EvaluatorConfig {
         EvaluatorConfig {
             spec,
             data,
             batches: 4,
-            sync_wait: Duration::from_secs(120),
+            sync_wait: Duration::from_secs(60),
         }
     }
 }
@@ -110,7 +111,11 @@ async fn evaluator_loop(
             tokio::select! {
                 _ = &mut shutdown => break,
                 result = work => match result {
-                    Ok(e) => {
+                    Ok(None) => {
+                        tracing::info!(round, "round not evaluated: the shard sync moved past it");
+                        node.update_evaluator_status(|s| s.last_error = Some(format!("round {round}: never stored here (its sync failed), skipped")));
+                    }
+                    Ok(Some(e)) => {
                         tracing::info!(round, val_loss = e.val_loss, "checkpoint evaluated");
                         node.update_evaluator_status(|s| {
                             s.evaluated += 1;
@@ -165,13 +170,14 @@ fn take(
     }
 }
 
-/// Waits for the commit's round in the store, evaluates its checkpoint and publishes the figure.
+/// Waits for the commit's round in the store, evaluates its checkpoint and publishes the figure. `None` when
+/// the store moved past the round without it (its sync failed and a later round's succeeded): it will not come.
 async fn evaluate(
     node: &Arc<NodeHandle>,
     cfg: &EvaluatorConfig,
     commit: RoundCommit,
     hyper: Option<HyperParams>,
-) -> Result<Evaluation, NodeError> {
+) -> Result<Option<Evaluation>, NodeError> {
     let round = commit.round;
     let manifest = commit.checkpoint;
     let checkpoint = manifest.hash()?;
@@ -179,18 +185,22 @@ async fn evaluate(
     let stored = tokio::time::timeout(cfg.sync_wait, async {
         loop {
             let store = node.store().clone();
-            if blocking(move || Ok(store.manifest(round)?))
-                .await?
-                .is_some()
-            {
-                return Ok::<(), NodeError>(());
+            let (this, current) =
+                blocking(move || Ok((store.manifest(round)?, store.current_round()?))).await?;
+            if this.is_some() {
+                return Ok::<bool, NodeError>(true);
+            }
+            if current.is_some_and(|c| c > round) {
+                return Ok(false);
             }
             tokio::time::sleep(SYNC_POLL).await;
         }
     })
     .await;
     match stored {
-        Ok(result) => result?,
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Ok(None),
+        Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(NodeError::Timeout {
                 what: format!("the shard sync of round {round}"),
@@ -226,5 +236,5 @@ async fn evaluate(
         Duration::from_secs(5),
     )
     .await?;
-    Ok(evaluation)
+    Ok(Some(evaluation))
 }
