@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::error::KernelError;
 use crate::gemm::cpu::{Fp8Workspace, gemm_f32_checked, matmul_fp8, matmul_fp8_quantized_b};
+use crate::gemm::rows::{matmul_rows_f32, matmul_rows_fp8};
 use crate::gemm::{Dims, Form, Precision, check_operands, check_quantized_b};
 use crate::quant::{QuantizedTensor, ScaleMode, quantize_dequantize};
 
@@ -29,6 +30,32 @@ pub trait Backend: Send {
         dims: Dims,
         accumulate: bool,
     ) -> Result<(), KernelError>;
+
+    /// c = a·bᵀ ([`Form::ABt`], the Linear forward y = x·Wᵀ; `c` overwritten) where each row of `c` depends
+    /// only on the same row of `a` and on `b`, bit for bit, whatever the number of rows. Inference uses it
+    /// so that a KV-cached decoder, which runs one or two new positions per pass, and a recomputation of
+    /// the whole window give identical logits (see [`crate::gemm::rows`]). This default runs
+    /// [`Backend::matmul`] on one row at a time, which is row-invariant for any deterministic backend;
+    /// backends override it with something faster.
+    fn matmul_rows(
+        &mut self,
+        precision: Precision,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        dims: Dims,
+    ) -> Result<(), KernelError> {
+        check_operands("matmul_rows", Form::ABt, dims, a.len(), b.len(), c.len())?;
+        if dims.k == 0 || dims.n == 0 {
+            c.fill(0.0);
+            return Ok(());
+        }
+        let one = Dims { m: 1, ..dims };
+        for (crow, arow) in c.chunks_exact_mut(dims.n).zip(a.chunks_exact(dims.k)) {
+            self.matmul(precision, Form::ABt, arow, b, crow, one, false)?;
+        }
+        Ok(())
+    }
 
     /// FP8 GEMM with a weight already held in FP8 (`b`: codes + scales, tiled as `form.b_granularity()`,
     /// i.e. 128×128 blocks for `AB`/`ABt`): only `a` is quantized. Same result as [`Backend::matmul`] with
@@ -164,6 +191,26 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn matmul_rows(
+        &mut self,
+        precision: Precision,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        dims: Dims,
+    ) -> Result<(), KernelError> {
+        let mode = self.scale_mode;
+        let ws = &mut self.fp8;
+        let mut run = move || match precision {
+            Precision::F32 => matmul_rows_f32(a, b, c, dims),
+            Precision::Fp8 => matmul_rows_fp8(ws, mode, a, b, c, dims),
+        };
+        match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }
+    }
+
     fn matmul_quantized_b(
         &mut self,
         form: Form,
@@ -180,5 +227,44 @@ impl Backend for CpuBackend {
             Some(pool) => pool.install(run),
             None => run(),
         }
+    }
+}
+
+/// A view of a backend for inference whose Linear forwards ([`Form::ABt`] without accumulation) go through
+/// [`Backend::matmul_rows`]: the model's forward code runs unchanged on it, and every row it computes is
+/// independent of how many rows the pass holds. The KV-cached decoder and the window recomputation it is
+/// checked against both run on this view; training never does.
+pub struct RowInvariant<'a>(pub &'a mut dyn Backend);
+
+impl Backend for RowInvariant<'_> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn matmul(
+        &mut self,
+        precision: Precision,
+        form: Form,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        dims: Dims,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        match (form, accumulate) {
+            (Form::ABt, false) => self.0.matmul_rows(precision, a, b, c, dims),
+            _ => self.0.matmul(precision, form, a, b, c, dims, accumulate),
+        }
+    }
+
+    fn matmul_rows(
+        &mut self,
+        precision: Precision,
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        dims: Dims,
+    ) -> Result<(), KernelError> {
+        self.0.matmul_rows(precision, a, b, c, dims)
     }
 }
