@@ -15,8 +15,10 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+mod decode;
 pub mod embedding;
 pub mod head;
+pub mod kv_cache;
 pub mod linear;
 pub mod loss;
 pub mod moe;
@@ -38,6 +40,7 @@ use crate::gemm::Precision;
 use block::{BlockActs, BlockContext, BlockDims, BlockScratch};
 pub use config::{ConfigError, ModelConfig};
 use head::{HeadActs, HeadSpec};
+pub use kv_cache::{CacheError, KvCache};
 use loss::IGNORE;
 use moe::MoeDims;
 use mtp::{MtpActs, MtpContext, MtpScratch};
@@ -100,6 +103,9 @@ pub enum ModelError {
     /// The layer has no router (it is dense or out of range).
     #[error("layer {0} is not a MoE layer")]
     NotMoeLayer(usize),
+    /// A KV-cached step was refused (see [`Model::decode`]).
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 /// Losses of one forward pass.
@@ -858,14 +864,7 @@ impl Model {
                 .ws
                 .as_mut()
                 .expect("ensure_workspace just created the workspace");
-            let last = &ws.head.logits[(t - 1) * v..t * v];
-            let mut best = 0;
-            for (i, &x) in last.iter().enumerate() {
-                if x > last[best] {
-                    best = i;
-                }
-            }
-            ws.next[t - 1] = best as u32;
+            ws.next[t - 1] = decode::argmax_row(&ws.head.logits[(t - 1) * v..t * v]);
             self.forward_mtp(1, t, false)?;
         }
         let ws = self
