@@ -10,8 +10,9 @@
 //!
 //! The model is the default shape (d_model 128, 4 layers, 8 experts top-2, context 128, FP8) with random
 //! weights, or the checkpoint in `MANA_BENCH_CHECKPOINT` (a `mana train --save` directory; a trained model
-//! accepts far more drafts). Each figure is the best of `MANA_BENCH_REPS` runs (default 3 at 64 tokens, 1
-//! at 512). A plain harness rather than criterion: one configuration takes up to a minute, and the point
+//! accepts far more drafts), with the prompt `MANA_BENCH_PROMPT` (default "And God said, Let there be") and
+//! the precision `MANA_BENCH_PRECISION` (fp8 or f32; default the model's). Each figure is the best of
+//! `MANA_BENCH_REPS` runs (default 3 at 64 tokens, 1 at 512). A plain harness rather than criterion: one configuration takes up to a minute, and the point
 //! is the ratio of ways measured side by side. Run: `cargo bench -p mana-kernels --bench generate`.
 
 use std::path::Path;
@@ -110,12 +111,16 @@ fn load() -> Trainer {
 fn main() {
     let mut trainer = load();
     let model = trainer.model_mut();
+    if let Ok(p) = std::env::var("MANA_BENCH_PRECISION") {
+        model.set_precision(p.parse().expect("MANA_BENCH_PRECISION is fp8 or f32"));
+    }
     let reps_env = std::env::var("MANA_BENCH_REPS")
         .ok()
         .and_then(|s| s.parse().ok());
-    let prompt: Vec<u32> = b"And God said, Let there be"
-        .iter()
-        .map(|&b| u32::from(b))
+    let prompt: Vec<u32> = std::env::var("MANA_BENCH_PROMPT")
+        .unwrap_or_else(|_| "And God said, Let there be".into())
+        .bytes()
+        .map(u32::from)
         .collect();
     println!(
         "model: d_model {}, {} layers, context {}, {}; {} threads",
