@@ -581,3 +581,43 @@ fn row_invariant_product_refuses_bad_shapes_and_non_finite_operands() {
     ));
     assert_eq!(c, [7.0; 8], "c is left alone on an error");
 }
+
+/// Inference rounds each weight to FP8 once (`round_weight_fp8`) and then quantizes only the activations
+/// (`matmul_rows_rounded_b`): the same bits as quantizing both at every product, for both scale modes and
+/// for the trait's defaults.
+#[test]
+fn a_weight_rounded_once_gives_the_same_row_product() {
+    use mana_kernels::quant::ScaleMode;
+    let mut backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(CpuBackend::new()),
+        Box::new(CpuBackend::new().with_scale_mode(ScaleMode::PowerOfTwo)),
+        Box::new(OnlyMatmul(CpuBackend::new())),
+    ];
+    for backend in &mut backends {
+        for &(m, k, n) in &[(1usize, 129usize, 130usize), (9, 300, 67), (3, 128, 384)] {
+            let d = Dims::new(m, k, n);
+            let (a, b) = operands(Form::ABt, d, 900 + k as u64);
+            let mut rounded = vec![0.0; b.len()];
+            backend
+                .round_weight_fp8(&b, n, k, &mut rounded)
+                .expect("finite weight");
+            assert_ne!(rounded, b, "rounding to FP8 changes a weight");
+            for precision in [Precision::Fp8, Precision::F32] {
+                let mut want = vec![0.0; m * n];
+                let weight = if precision == Precision::Fp8 {
+                    &b
+                } else {
+                    &rounded
+                };
+                backend
+                    .matmul_rows(precision, &a, weight, &mut want, d)
+                    .expect("valid shapes");
+                let mut got = vec![0.0; m * n];
+                backend
+                    .matmul_rows_rounded_b(precision, &a, &rounded, &mut got, d)
+                    .expect("valid shapes");
+                assert_eq!(got, want, "{precision} {m}x{k}x{n} on {}", backend.name());
+            }
+        }
+    }
+}

@@ -234,3 +234,25 @@ fn bad_steps_are_typed_errors_and_leave_the_cache_alone() {
     m.decode_attention(0, &mut cache, &mut x)
         .expect("one row at position 30");
 }
+
+#[test]
+fn decode_steps_follow_changes_to_the_parameters_and_the_precision() {
+    // The FP8 weights a decode step multiplies are rounded once; any change must be seen by the next step.
+    let mut m = model(Precision::Fp8);
+    let toks = tokens(10);
+    let (before, _) = prefill(&mut m, &toks);
+    for p in m.params_mut() {
+        *p *= 1.01;
+    }
+    let (after, _) = prefill(&mut m, &toks);
+    let mut fresh = model(Precision::Fp8);
+    fresh.params_mut().copy_from_slice(m.params());
+    let (want, _) = prefill(&mut fresh, &toks);
+    assert_ne!(bits(&after), bits(&before));
+    assert_eq!(bits(&after), bits(&want), "the step saw the new parameters");
+    m.set_precision(Precision::F32);
+    fresh.set_precision(Precision::F32);
+    let (f32_logits, _) = prefill(&mut m, &toks);
+    assert_ne!(bits(&f32_logits), bits(&after));
+    assert_eq!(bits(&f32_logits), bits(&prefill(&mut fresh, &toks).0));
+}

@@ -185,3 +185,33 @@ pub fn matmul_rows_fp8(
     rows_f32_checked(qa, qb, c, dims);
     Ok(())
 }
+
+/// FP8 c = a·bᵀ where `b` already holds a weight rounded to FP8 (dequantized values, as
+/// [`quantize_dequantize`] in 128×128 blocks leaves them): only `a` is quantized, in 1×128 tiles. Bit-identical
+/// to [`matmul_rows_fp8`] on the weight `b` was rounded from with the same scale mode; inference rounds
+/// each weight once instead of at every product.
+pub fn matmul_rows_fp8_rounded_b(
+    ws: &mut Fp8Workspace,
+    mode: ScaleMode,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    dims: Dims,
+) -> Result<(), KernelError> {
+    check_operands(
+        "matmul_rows_fp8_rounded_b",
+        Form::ABt,
+        dims,
+        a.len(),
+        b.len(),
+        c.len(),
+    )?;
+    let form = Form::ABt;
+    let (ar, ac) = form.a_shape(dims);
+    let a_scales = form.a_granularity().scale_count(ar, ac);
+    let (qa, sa, _, _) = ws.buffers(a.len(), a_scales, 0, 0);
+    quantize_dequantize(a, ar, ac, form.a_granularity(), mode, qa, sa)?;
+    let (qa, _) = ws.operands(a.len(), 0);
+    rows_f32_checked(qa, b, c, dims);
+    Ok(())
+}

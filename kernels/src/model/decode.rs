@@ -17,8 +17,56 @@
 use super::block::{self, BlockActs, BlockContext};
 use super::head::{self, HeadSpec};
 use super::kv_cache::{CacheError, KvCache};
+use super::params::{BlockParams, FfnParams, ParamLayout, Span, SwigluParams};
 use super::{Model, ModelError, check_len, embedding, mtp};
 use crate::backend::{Backend, RowInvariant};
+use crate::gemm::Precision;
+
+/// Every weight a Linear layer multiplies in the model's precision (attention, FFNs, experts, the MTP
+/// projection and block), as (span, out, in). The router and the head always run in f32 and are not
+/// listed.
+fn precision_weights(layout: &ParamLayout, c: usize) -> Vec<(Span, usize, usize)> {
+    let mut out = Vec::new();
+    let swiglu = |sw: &SwigluParams, out: &mut Vec<(Span, usize, usize)>| {
+        out.push((sw.w13, 2 * sw.hidden, c));
+        out.push((sw.w2, c, sw.hidden));
+    };
+    let block = |b: &BlockParams, out: &mut Vec<(Span, usize, usize)>| {
+        out.push((b.wqkv, 3 * c, c));
+        out.push((b.wo, c, c));
+        match &b.ffn {
+            FfnParams::Dense(sw) => swiglu(sw, out),
+            FfnParams::Moe(m) => {
+                swiglu(&m.shared, out);
+                for sw in m.experts.iter().flatten() {
+                    swiglu(sw, out);
+                }
+            }
+        }
+    };
+    for b in &layout.blocks {
+        block(b, &mut out);
+    }
+    if let Some(m) = &layout.mtp {
+        out.push((m.proj, c, 2 * c));
+        block(&m.block, &mut out);
+    }
+    out
+}
+
+/// The parameters a decode step reads and the backend view it multiplies with: at FP8, the copy whose
+/// weights are rounded once ([`Model::round_decode_weights`]); otherwise the parameters themselves.
+macro_rules! decode_view {
+    ($params:expr, $decode_params:expr, $backend:expr, $precision:expr) => {
+        match ($decode_params.as_deref(), $precision) {
+            (Some(rounded), Precision::Fp8) => (
+                rounded,
+                RowInvariant::with_rounded_weights($backend.as_mut()),
+            ),
+            _ => (&$params[..], RowInvariant::new($backend.as_mut())),
+        }
+    };
+}
 
 /// The index of the largest value, the lowest among ties: the token the MTP module assumes at the last
 /// position. [`Model::logits`] picks it the same way.
@@ -78,6 +126,7 @@ impl Model {
             0
         };
         self.check_attention_size(k.max(mtp_rows))?;
+        self.round_decode_weights()?;
         self.ensure_workspace(1, k.max(mtp_rows));
         let ws = self
             .ws
@@ -125,6 +174,7 @@ impl Model {
         let k = self.check_step_rows(layer, x)?;
         cache.check_room(k)?;
         self.check_attention_size(k)?;
+        self.round_decode_weights()?;
         self.ensure_workspace(1, k);
         self.attention_step(layer, cache, x)
     }
@@ -135,8 +185,30 @@ impl Model {
     pub fn decode_ffn(&mut self, layer: usize, x: &mut [f32]) -> Result<(), ModelError> {
         let k = self.check_step_rows(layer, x)?;
         self.check_attention_size(k)?;
+        self.round_decode_weights()?;
         self.ensure_workspace(1, k);
         self.ffn_step(layer, x)
+    }
+
+    /// At FP8, makes the copy of the parameters whose weights are rounded to FP8 once, as every FP8
+    /// product would round them ([`crate::Backend::round_weight_fp8`]), unless it is already there: a
+    /// decode step then quantizes only its activations, which is the same arithmetic for a fraction of
+    /// the work (one new row against a whole weight). Costs one more copy of the parameters.
+    fn round_decode_weights(&mut self) -> Result<(), ModelError> {
+        if self.config.precision != Precision::Fp8 || self.decode_params.is_some() {
+            return Ok(());
+        }
+        let mut rounded = self.params.clone();
+        for (span, rows, cols) in precision_weights(&self.layout, self.config.d_model) {
+            self.backend.round_weight_fp8(
+                span.of(&self.params),
+                rows,
+                cols,
+                span.of_mut(&mut rounded),
+            )?;
+        }
+        self.decode_params = Some(rounded);
+        Ok(())
     }
 
     /// Checks a per-block step's layer and residual; returns T'.
@@ -165,6 +237,7 @@ impl Model {
         let precision = self.config.precision;
         let Model {
             params,
+            decode_params,
             layout,
             backend,
             rope,
@@ -174,7 +247,7 @@ impl Model {
             ..
         } = self;
         let ws = ws.as_mut().expect("callers run ensure_workspace first");
-        let mut rows = RowInvariant(backend.as_mut());
+        let (params, mut rows) = decode_view!(params, decode_params, backend, precision);
         let mut ctx = BlockContext {
             backend: &mut rows,
             precision,
@@ -202,6 +275,7 @@ impl Model {
         let precision = self.config.precision;
         let Model {
             params,
+            decode_params,
             layout,
             backend,
             rope,
@@ -211,7 +285,7 @@ impl Model {
             ..
         } = self;
         let ws = ws.as_mut().expect("callers run ensure_workspace first");
-        let mut rows = RowInvariant(backend.as_mut());
+        let (params, mut rows) = decode_view!(params, decode_params, backend, precision);
         let mut ctx = BlockContext {
             backend: &mut rows,
             precision,
@@ -240,14 +314,16 @@ impl Model {
     fn head_step(&mut self, h: &[f32], rows: usize, out: &mut [f32]) -> Result<(), ModelError> {
         let v = self.config.vocab_size;
         let spec = self.head_spec();
+        let precision = self.config.precision;
         let Model {
             params,
+            decode_params,
             backend,
             ws,
             ..
         } = self;
         let ws = ws.as_mut().expect("callers run ensure_workspace first");
-        let mut view = RowInvariant(backend.as_mut());
+        let (params, mut view) = decode_view!(params, decode_params, backend, precision);
         head::forward(&mut view, params, spec, h, None, &mut ws.head, rows)?;
         out.copy_from_slice(&ws.head.logits[..rows * v]);
         Ok(())
@@ -270,12 +346,14 @@ impl Model {
         let precision = self.config.precision;
         let Model {
             params,
+            decode_params,
             layout,
             backend,
             rope,
             ws,
             ..
         } = self;
+        let (params, mut view) = decode_view!(params, decode_params, backend, precision);
         let (Some(mp), Some(kv)) = (&layout.mtp, cache.mtp.as_mut()) else {
             return Ok(());
         };
@@ -288,7 +366,6 @@ impl Model {
         let next = &mut ws.next[..m];
         next[..m - 1].copy_from_slice(&cache.tokens[first + 1..end]);
         next[m - 1] = guess;
-        let mut view = RowInvariant(backend.as_mut());
         let backend: &mut dyn Backend = &mut view;
         let h = &cache.hidden[first * c..end * c];
         mtp::input_forward(

@@ -159,6 +159,10 @@ pub struct Model {
     backend: Box<dyn Backend>,
     rope: RopeTable,
     ws: Option<Workspace>,
+    /// The parameters with every weight an FP8 product takes rounded to FP8 once, for KV-cached decode
+    /// steps (see `decode.rs`). Built by the first FP8 decode step; dropped by anything that can change the
+    /// parameters or the precision.
+    decode_params: Option<Vec<f32>>,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -251,6 +255,7 @@ impl Model {
             backend,
             rope,
             ws: None,
+            decode_params: None,
         })
     }
 
@@ -276,6 +281,7 @@ impl Model {
 
     /// Changes the precision of the Linear GEMMs (e.g. to compare FP8 against f32).
     pub fn set_precision(&mut self, precision: Precision) {
+        self.decode_params = None;
         self.config.precision = precision;
     }
 
@@ -286,6 +292,7 @@ impl Model {
 
     /// All parameters, mutably (the optimizer and tests write here).
     pub fn params_mut(&mut self) -> &mut [f32] {
+        self.decode_params = None;
         &mut self.params
     }
 
@@ -301,6 +308,7 @@ impl Model {
 
     /// Parameters and gradients at once (the optimizer needs both).
     pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        self.decode_params = None;
         (&mut self.params, &mut self.grads)
     }
 
@@ -344,6 +352,7 @@ impl Model {
     pub fn import_shard(&mut self, shard: ShardId, values: &[f32]) -> Result<(), ModelError> {
         let span = self.span(shard)?;
         check_len(&format!("parameters of {shard}"), span.len, values.len())?;
+        self.decode_params = None;
         span.of_mut(&mut self.params).copy_from_slice(values);
         Ok(())
     }
