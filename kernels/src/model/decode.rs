@@ -105,7 +105,7 @@ impl Model {
         mtp_out: Option<&mut [f32]>,
     ) -> Result<(), ModelError> {
         let k = tokens.len();
-        let (c, v) = (self.config.d_model, self.config.vocab_size);
+        let v = self.config.vocab_size;
         cache.check_shape(&self.config)?;
         cache.check_room(k)?;
         if rows == 0 || rows > k {
@@ -128,6 +128,26 @@ impl Model {
         self.check_attention_size(k.max(mtp_rows))?;
         self.round_decode_weights()?;
         self.ensure_workspace(1, k.max(mtp_rows));
+        // A step is many small parallel ops. Called from outside the rayon pool, each would hand its work
+        // to the pool and sleep until it is done (two thread switches per op, which measured as much as
+        // the arithmetic); run from inside a worker, small ones run inline. Where it runs does not change
+        // any result.
+        rayon::scope(|_| self.decode_checked(cache, tokens, rows, main_out, mtp_out))
+    }
+
+    /// [`Model::decode`] after its checks, on a rayon worker.
+    fn decode_checked(
+        &mut self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: usize,
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+    ) -> Result<(), ModelError> {
+        let k = tokens.len();
+        let (c, v) = (self.config.d_model, self.config.vocab_size);
+        let pos0 = cache.len();
+        let end = pos0 + k;
         let ws = self
             .ws
             .as_mut()
