@@ -17,9 +17,9 @@
 //! window's start stays put, and this rule lets it do so for half a context at a time, at the price of one
 //! prefill of half a context per re-base. Both ways of running a pass follow the rule, so they see the
 //! same windows: [`CachedModel`] keeps a [`KvCache`] and runs only the new positions; [`UncachedModel`]
-//! recomputes the whole window every pass (the reference, and the "before" of the benchmark). Their logits
-//! are bit-identical (the model's inference products are row-invariant, see [`Model::decode`]), so the
-//! output is identical with and without the cache, greedy or sampled.
+//! recomputes the whole window every pass (the reference the cache is tested against, and
+//! `--no-kv-cache`). Their logits are bit-identical (the model's inference products are row-invariant, see
+//! [`Model::decode`]), so the output is identical with and without the cache, greedy or sampled.
 //!
 //! A draft is verified only when the window would not re-base with it (see [`generate`]): the verified
 //! positions then see exactly the windows plain decoding gives them, and speculation stays exact past the
