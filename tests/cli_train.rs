@@ -205,6 +205,19 @@ fn training_on_the_builtin_corpus_learns_and_its_checkpoint_generates() {
         ok(cmd.output().expect("run mana generate")).stdout
     };
     assert_eq!(sample(false), sample(true));
+
+    // The KV cache changes nothing but the speed, past the context too (greedy and speculative).
+    let greedy = |extra: &[&str]| {
+        let mut cmd = mana();
+        cmd.args(["generate", "--prompt", "add 7+", "--max-tokens", "300"])
+            .args(extra)
+            .arg("--checkpoint")
+            .arg(&ckpt);
+        ok(cmd.output().expect("run mana generate")).stdout
+    };
+    let cached = greedy(&[]);
+    assert_eq!(cached, greedy(&["--no-kv-cache"]));
+    assert_eq!(cached, greedy(&["--no-kv-cache", "--speculative"]));
 }
 
 #[test]

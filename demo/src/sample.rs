@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use mana_kernels::CpuBackend;
-use mana_kernels::generate::{self, GenerateConfig, Sampling};
+use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
 use mana_kernels::train::Trainer;
 
 use crate::DemoError;
@@ -34,7 +34,7 @@ pub fn generate_samples(
             dir: dir.to_path_buf(),
             source,
         })?;
-    let model = trainer.model_mut();
+    let mut model = CachedModel::new(trainer.model_mut());
     let config = GenerateConfig {
         max_tokens,
         sampling: Sampling::Greedy,
@@ -45,7 +45,7 @@ pub fn generate_samples(
     for prompt in prompts.iter().filter(|p| !p.is_empty()) {
         let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
         let generation =
-            generate::generate(model, &tokens, &config).map_err(DemoError::Generate)?;
+            generate::generate(&mut model, &tokens, &config).map_err(DemoError::Generate)?;
         samples.push(Sample {
             prompt: prompt.clone(),
             text: generate::bytes_to_text(&tokens, &generation.tokens),

@@ -1,25 +1,38 @@
 //! Text generation from a trained model: greedy decoding or sampling with a temperature and nucleus
 //! (top-p) cut, optionally sped up by self-speculative decoding with the multi-token-prediction head.
 //!
-//! Speculation (DeepSeek-V3 §2.2 used at inference): a forward pass over the sequence gives the main head's
-//! next token and, from the MTP head, a draft of the token after it. The next pass runs over the sequence
-//! plus that draft. Its second-to-last position tells what the main model would have produced in place of
-//! the draft: that token is always committed, and when it equals the draft, the last position's main
-//! prediction is exact too and is committed in the same pass (two tokens for one pass). Each committed
-//! token is chosen by the main head alone, with one random draw per token in both modes, so the output is
-//! identical with and without speculation, for greedy decoding and for sampling with the same seed.
+//! Speculation (DeepSeek-V3 §2.2 used at inference): a forward pass gives the main head's next token and,
+//! from the MTP head, a draft of the token after it. The next pass runs over the sequence plus that draft.
+//! Its second-to-last position tells what the main model would have produced in place of the draft: that
+//! token is always committed, and when it equals the draft, the last position's main prediction is exact
+//! too and is committed in the same pass (two tokens for one pass). Each committed token is chosen by the
+//! main head alone, with one random draw per token in both modes, so the output is identical with and
+//! without speculation, for greedy decoding and for sampling with the same seed.
 //!
-//! The model has no KV cache: each pass recomputes the window (the last `context` tokens). Speculation is
-//! used only while the sequence plus its draft fits in the context; past that the window would differ
-//! between the two positions, so passes fall back to plain decoding and stay exact.
+//! **The window.** A pass sees at most the model's context. While the sequence fits, the window is all of
+//! it; once it would overflow, the window keeps the newest half of the context (`ctx − ⌊ctx/2⌋` tokens)
+//! and grows again from there until it is full: [`window_start`] is that rule, a function of the sequence
+//! length alone. Positions (RoPE) count from the window's start, so they re-base once per half window, not
+//! at every token as a window sliding by one would: a KV cache keeps its keys across passes only while the
+//! window's start stays put, and this rule lets it do so for half a context at a time, at the price of one
+//! prefill of half a context per re-base. Both ways of running a pass follow the rule, so they see the
+//! same windows: [`CachedModel`] keeps a [`KvCache`] and runs only the new positions; [`UncachedModel`]
+//! recomputes the whole window every pass (the reference the cache is tested against, and
+//! `--no-kv-cache`). Their logits are bit-identical (the model's inference products are row-invariant, see
+//! [`Model::decode`]), so the output is identical with and without the cache, greedy or sampled.
+//!
+//! A draft is verified only when the window would not re-base with it (see [`generate`]): the verified
+//! positions then see exactly the windows plain decoding gives them, and speculation stays exact past the
+//! context too.
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
-use crate::model::{Model, ModelError};
+use crate::model::{CacheError, KvCache, Model, ModelError};
 
-/// What generation needs from a model: logits of the main head and (optionally) of the MTP head. The
-/// local [`Model`] implements it; a model served over the network can too.
+/// What generation needs from a model: logits of the main head and (optionally) of the MTP head for the
+/// last positions of a window. [`CachedModel`] and [`UncachedModel`] run the local [`Model`]; a model served
+/// over the network can implement it too.
 pub trait LanguageModel {
     /// V: the vocabulary size.
     fn vocab_size(&self) -> usize;
@@ -27,38 +40,136 @@ pub trait LanguageModel {
     fn context(&self) -> usize;
     /// Whether the model has an MTP head (speculation needs one).
     fn has_mtp(&self) -> bool;
-    /// One forward pass over `tokens` (T ≤ context): main logits [T, V] (row t predicts token t + 1) and,
-    /// when asked, MTP logits [T, V] (row t predicts token t + 2; the last row assumes token T is the main
-    /// head's argmax at row T − 1).
+    /// One forward pass over `window` (T ≤ context positions, position 0 first), giving the logits of its
+    /// last R = `rows` positions: main logits [R, V] (row i predicts the token after window[T − R + i])
+    /// and, when asked, MTP logits [R, V] (row i predicts the token after that; the last row assumes the
+    /// main head's argmax as its next token).
     fn logits(
         &mut self,
-        tokens: &[u32],
+        window: &[u32],
+        rows: usize,
         main_out: &mut [f32],
         mtp_out: Option<&mut [f32]>,
     ) -> Result<(), ModelError>;
 }
 
-impl LanguageModel for Model {
+/// The local model run through a [`KvCache`]: each pass keeps the cached positions its window shares with
+/// the previous one and runs only the rest (one or two positions while decoding; the whole window after a
+/// re-base or a new prompt).
+pub struct CachedModel<'m> {
+    model: &'m mut Model,
+    cache: KvCache,
+}
+
+impl<'m> CachedModel<'m> {
+    /// Wraps `model` with an empty cache shaped for it.
+    pub fn new(model: &'m mut Model) -> Self {
+        let cache = model.new_cache();
+        Self { model, cache }
+    }
+
+    /// The cache (its length, its size in bytes).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+}
+
+impl LanguageModel for CachedModel<'_> {
     fn vocab_size(&self) -> usize {
-        self.config().vocab_size
+        self.model.config().vocab_size
     }
 
     fn context(&self) -> usize {
-        self.config().context
+        self.model.config().context
     }
 
     fn has_mtp(&self) -> bool {
-        self.config().mtp
+        self.model.config().mtp
     }
 
     fn logits(
         &mut self,
-        tokens: &[u32],
+        window: &[u32],
+        rows: usize,
         main_out: &mut [f32],
         mtp_out: Option<&mut [f32]>,
     ) -> Result<(), ModelError> {
-        Model::logits(self, tokens, main_out, mtp_out)
+        let t = window.len();
+        if rows == 0 || rows > t {
+            return Err(CacheError::Rows { rows, tokens: t }.into());
+        }
+        // Keep the longest cached prefix of the window, but run at least the rows asked for.
+        let shared = self
+            .cache
+            .tokens()
+            .iter()
+            .zip(window)
+            .take_while(|(a, b)| a == b)
+            .count();
+        self.cache.truncate(shared.min(t - rows));
+        let fresh = &window[self.cache.len()..];
+        self.model
+            .decode(&mut self.cache, fresh, rows, main_out, mtp_out)
     }
+}
+
+/// The local model recomputing the whole window every pass, through the same code as [`CachedModel`] from
+/// an empty cache: the exact reference the cached path is tested against, and the "without cache" figure.
+pub struct UncachedModel<'m> {
+    model: &'m mut Model,
+    cache: KvCache,
+}
+
+impl<'m> UncachedModel<'m> {
+    /// Wraps `model`.
+    pub fn new(model: &'m mut Model) -> Self {
+        let cache = model.new_cache();
+        Self { model, cache }
+    }
+}
+
+impl LanguageModel for UncachedModel<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn context(&self) -> usize {
+        self.model.config().context
+    }
+
+    fn has_mtp(&self) -> bool {
+        self.model.config().mtp
+    }
+
+    fn logits(
+        &mut self,
+        window: &[u32],
+        rows: usize,
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+    ) -> Result<(), ModelError> {
+        self.cache.clear();
+        self.model
+            .decode(&mut self.cache, window, rows, main_out, mtp_out)
+    }
+}
+
+/// Where the window of a sequence of `len` tokens starts, for a model whose context is `ctx` (see the
+/// module doc): 0 while the sequence fits; past that, the window re-bases when it would exceed `ctx`, to
+/// its newest `ctx − ⌊ctx/2⌋` tokens, so it always holds between that many and `ctx` tokens. A function of
+/// `len` alone, so every way of reaching a length (one token a pass, two, a long prompt) sees the same
+/// window.
+pub fn window_start(len: usize, ctx: usize) -> usize {
+    let ctx = ctx.max(1);
+    if len <= ctx {
+        return 0;
+    }
+    let keep = ctx - ctx / 2;
+    // A re-base happens at lengths ctx + 1, ctx + 1 + period, ...: each time the window would reach ctx + 1.
+    let period = ctx + 1 - keep;
+    let first = ctx + 1;
+    let last_rebase = first + (len - first) / period * period;
+    last_rebase - keep
 }
 
 /// How the next token is chosen from the main head's logits.
@@ -170,35 +281,40 @@ pub fn generate(
     let mut seq = prompt.to_vec();
     let mut out = Generation::default();
     let mut draft: Option<u32> = None;
+    let mut window = Vec::with_capacity(ctx);
     let mut main = Vec::new();
     let mut mtp = Vec::new();
     let mut scratch = Vec::new();
     while out.tokens.len() < config.max_tokens {
-        // A draft is verified only while the sequence plus the draft fits the context (see module doc), and
-        // only when two tokens are still wanted (verifying the last one would gain nothing).
-        let verify = draft.filter(|_| seq.len() < ctx && config.max_tokens - out.tokens.len() >= 2);
-        let window: Vec<u32> = match verify {
-            Some(d) => seq.iter().copied().chain(std::iter::once(d)).collect(),
-            None => seq[seq.len().saturating_sub(ctx)..].to_vec(),
-        };
-        let t = window.len();
-        main.resize(t * v, 0.0);
+        let start = window_start(seq.len(), ctx);
+        // A draft is verified only when adding it would not re-base the window (so the verified rows see
+        // the windows plain decoding gives them, see the module doc), and only when two tokens are still
+        // wanted (verifying the last one would gain nothing).
+        let verify = draft.filter(|_| {
+            window_start(seq.len() + 1, ctx) == start && config.max_tokens - out.tokens.len() >= 2
+        });
+        window.clear();
+        window.extend_from_slice(&seq[start..]);
+        window.extend(verify);
+        let rows = if verify.is_some() { 2 } else { 1 };
+        main.resize(rows * v, 0.0);
         let want_mtp = config.speculative;
         if want_mtp {
-            mtp.resize(t * v, 0.0);
+            mtp.resize(rows * v, 0.0);
         }
         model.logits(
             &window,
+            rows,
             &mut main,
             if want_mtp { Some(&mut mtp[..]) } else { None },
         )?;
         out.forward_passes += 1;
         let row = |i: usize| i * v..(i + 1) * v;
         // `last` is the row whose main prediction decides the next draft.
-        let last = t - 1;
+        let last = rows - 1;
         if let Some(d) = verify {
             out.drafts += 1;
-            let c = choose(&main[row(t - 2)], config.sampling, &mut rng, &mut scratch);
+            let c = choose(&main[row(0)], config.sampling, &mut rng, &mut scratch);
             seq.push(c);
             out.tokens.push(c);
             if c != d {

@@ -465,3 +465,159 @@ fn weight_held_in_fp8_gives_the_same_product() {
         .matmul_quantized_b(Form::ABt, &a, &blocks, &mut c, d, false)
         .expect("valid");
 }
+
+/// Shapes of the row-invariant product (Form::ABt): K below, at and past one 16-lane chunk with tails, N
+/// not a multiple of the 4-column block nor of one task's 64 columns, and the empty cases.
+const ROW_SHAPES: [(usize, usize, usize); 7] = [
+    (1, 1, 1),
+    (7, 15, 3),
+    (40, 129, 130),
+    (65, 300, 67),
+    (3, 17, 256),
+    (5, 0, 7),
+    (0, 5, 3),
+];
+
+#[test]
+fn row_invariant_product_matches_the_f64_reference() {
+    let mut backend = CpuBackend::new();
+    for (seed, &(m, k, n)) in ROW_SHAPES.iter().enumerate() {
+        let d = Dims::new(m, k, n);
+        let (a, b) = operands(Form::ABt, d, 500 + seed as u64);
+        let mut c = vec![f32::NAN; m * n];
+        backend
+            .matmul_rows(Precision::F32, &a, &b, &mut c, d)
+            .expect("valid shapes");
+        let exact = matmul_f64(Form::ABt, &a, &b, d).expect("valid shapes");
+        let scale = abs_product(Form::ABt, &a, &b, d);
+        for ((&got, &want), &s) in c.iter().zip(&exact).zip(&scale) {
+            let bound = (k as f64 + 1.0) * U32 * s + 1e-30;
+            assert!(
+                (got as f64 - want).abs() <= bound,
+                "{m}x{k}x{n}: {got} vs {want} (bound {bound})"
+            );
+        }
+        let mut c8 = vec![f32::NAN; m * n];
+        backend
+            .matmul_rows(Precision::Fp8, &a, &b, &mut c8, d)
+            .expect("valid shapes");
+        let bound = fp8_bound(Form::ABt, &a, &b, d);
+        for i in 0..c8.len() {
+            assert!(
+                (c8[i] as f64 - exact[i]).abs() <= bound[i],
+                "fp8 {m}x{k}x{n} [{i}]: {} vs {}",
+                c8[i],
+                exact[i]
+            );
+        }
+    }
+}
+
+/// The property inference relies on: a row's bits do not depend on the other rows of the call (how many,
+/// which) nor on the thread count, in f32 and FP8, on the backend and on the trait's one-row default.
+#[test]
+fn row_invariant_product_gives_each_row_the_same_bits_in_any_batch() {
+    for precision in [Precision::F32, Precision::Fp8] {
+        for &(m, k, n) in &[(40usize, 129usize, 130usize), (9, 300, 67), (70, 128, 384)] {
+            let d = Dims::new(m, k, n);
+            let (a, b) = operands(Form::ABt, d, 700 + m as u64);
+            let mut reference = vec![0.0; m * n];
+            CpuBackend::new()
+                .matmul_rows(precision, &a, &b, &mut reference, d)
+                .expect("valid shapes");
+            let mut backends: Vec<Box<dyn Backend>> = vec![
+                Box::new(CpuBackend::with_threads(1)),
+                Box::new(CpuBackend::with_threads(3)),
+                Box::new(OnlyMatmul(CpuBackend::new())),
+            ];
+            for backend in &mut backends {
+                let mut all = vec![0.0; m * n];
+                backend
+                    .matmul_rows(precision, &a, &b, &mut all, d)
+                    .expect("valid shapes");
+                if backend.name() != "only-matmul" {
+                    // The CPU kernel does not depend on the thread count. (The trait's default runs the
+                    // `gemm` crate one row at a time, whose rounding differs; it is only row-invariant.)
+                    assert_eq!(
+                        all,
+                        reference,
+                        "{precision} {m}x{k}x{n} on {}",
+                        backend.name()
+                    );
+                }
+                // One row alone, the last alone, and a slice of two from the middle.
+                for (lo, hi) in [(0, 1), (m - 1, m), (m / 3, m / 3 + 2)] {
+                    let part = Dims::new(hi - lo, k, n);
+                    let mut c = vec![0.0; (hi - lo) * n];
+                    backend
+                        .matmul_rows(precision, &a[lo * k..hi * k], &b, &mut c, part)
+                        .expect("valid shapes");
+                    assert_eq!(
+                        c,
+                        all[lo * n..hi * n],
+                        "{precision} {m}x{k}x{n}: rows {lo}..{hi} on {}",
+                        backend.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn row_invariant_product_refuses_bad_shapes_and_non_finite_operands() {
+    let mut backend = CpuBackend::new();
+    let d = Dims::new(2, 3, 4);
+    let mut c = vec![7.0; 8];
+    assert!(matches!(
+        backend.matmul_rows(Precision::F32, &[0.0; 5], &[0.0; 12], &mut c, d),
+        Err(KernelError::ShapeMismatch { .. })
+    ));
+    let mut a = vec![1.0; 6];
+    a[4] = f32::INFINITY;
+    assert!(matches!(
+        backend.matmul_rows(Precision::Fp8, &a, &[1.0; 12], &mut c, d),
+        Err(KernelError::NonFinite { .. })
+    ));
+    assert_eq!(c, [7.0; 8], "c is left alone on an error");
+}
+
+/// Inference rounds each weight to FP8 once (`round_weight_fp8`) and then quantizes only the activations
+/// (`matmul_rows_rounded_b`): the same bits as quantizing both at every product, for both scale modes and
+/// for the trait's defaults.
+#[test]
+fn a_weight_rounded_once_gives_the_same_row_product() {
+    use mana_kernels::quant::ScaleMode;
+    let mut backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(CpuBackend::new()),
+        Box::new(CpuBackend::new().with_scale_mode(ScaleMode::PowerOfTwo)),
+        Box::new(OnlyMatmul(CpuBackend::new())),
+    ];
+    for backend in &mut backends {
+        for &(m, k, n) in &[(1usize, 129usize, 130usize), (9, 300, 67), (3, 128, 384)] {
+            let d = Dims::new(m, k, n);
+            let (a, b) = operands(Form::ABt, d, 900 + k as u64);
+            let mut rounded = vec![0.0; b.len()];
+            backend
+                .round_weight_fp8(&b, n, k, &mut rounded)
+                .expect("finite weight");
+            assert_ne!(rounded, b, "rounding to FP8 changes a weight");
+            for precision in [Precision::Fp8, Precision::F32] {
+                let mut want = vec![0.0; m * n];
+                let weight = if precision == Precision::Fp8 {
+                    &b
+                } else {
+                    &rounded
+                };
+                backend
+                    .matmul_rows(precision, &a, weight, &mut want, d)
+                    .expect("valid shapes");
+                let mut got = vec![0.0; m * n];
+                backend
+                    .matmul_rows_rounded_b(precision, &a, &rounded, &mut got, d)
+                    .expect("valid shapes");
+                assert_eq!(got, want, "{precision} {m}x{k}x{n} on {}", backend.name());
+            }
+        }
+    }
+}

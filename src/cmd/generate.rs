@@ -1,6 +1,8 @@
 //! `mana generate`: samples text from a checkpoint written by `mana train`: greedy by default, or with a
 //! temperature and nucleus (top-p) cut; `--speculative` drafts with the MTP head and verifies with the main
-//! head (the output does not change), and `--compare` runs both ways and reports the speed-up.
+//! head (the output does not change), and `--compare` runs both ways and reports the speed-up. Passes run
+//! through a KV cache unless `--no-kv-cache` asks for the whole window to be recomputed every pass (same
+//! output, bit for bit; kept to measure what the cache gains).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,7 +11,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use mana_kernels::CpuBackend;
 use mana_kernels::gemm::Precision;
-use mana_kernels::generate::{self, GenerateConfig, Generation, Sampling, bytes_to_text};
+use mana_kernels::generate::{
+    self, CachedModel, GenerateConfig, Generation, LanguageModel, Sampling, UncachedModel,
+    bytes_to_text,
+};
 use mana_kernels::model::Model;
 use mana_kernels::train::Trainer;
 
@@ -44,6 +49,10 @@ pub struct GenerateArgs {
     /// speed-up.
     #[arg(long, conflicts_with = "speculative")]
     compare: bool,
+    /// Recompute the whole window at every forward pass instead of keeping a KV cache (same output; slower;
+    /// for measuring the cache).
+    #[arg(long)]
+    no_kv_cache: bool,
     /// Override the checkpoint's GEMM precision (fp8 or f32).
     #[arg(long)]
     precision: Option<Precision>,
@@ -77,7 +86,11 @@ impl Timed {
     }
 }
 
-fn timed(model: &mut Model, prompt: &[u32], config: &GenerateConfig) -> anyhow::Result<Timed> {
+fn timed(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    config: &GenerateConfig,
+) -> anyhow::Result<Timed> {
     let started = Instant::now();
     let generation = generate::generate(model, prompt, config)?;
     Ok(Timed {
@@ -119,8 +132,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         speculative: args.speculative,
     };
+    warm_up(model)?;
+    let mut cached;
+    let mut uncached;
+    let model: &mut dyn LanguageModel = if args.no_kv_cache {
+        uncached = UncachedModel::new(model);
+        &mut uncached
+    } else {
+        cached = CachedModel::new(model);
+        &mut cached
+    };
     if args.compare {
-        warm_up(model, prompt.len() + args.max_tokens + 1)?;
         let plain = timed(
             model,
             &prompt,
@@ -169,32 +191,43 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         println!("{text}");
         let g = &run.generation;
-        if args.speculative {
-            eprintln!(
-                "{} tokens in {} forward passes ({:.2} tokens/pass), draft acceptance {:.1}%, {:.1} tokens/s",
-                g.tokens.len(),
-                g.forward_passes,
+        let cache = if args.no_kv_cache {
+            "window recomputed every pass"
+        } else {
+            "KV cache"
+        };
+        let draft = if args.speculative {
+            format!(
+                " ({:.2} tokens/pass, draft acceptance {:.1}%)",
                 g.tokens_per_pass(),
-                100.0 * g.acceptance_rate(),
-                g.tokens.len() as f64 / run.seconds.max(1e-9)
-            );
-        }
+                100.0 * g.acceptance_rate()
+            )
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "{} tokens in {} forward passes{draft}, {:.1} tokens/s ({cache})",
+            g.tokens.len(),
+            g.forward_passes,
+            g.tokens.len() as f64 / run.seconds.max(1e-9)
+        );
     }
     Ok(())
 }
 
-/// Runs one forward pass (with MTP) over the longest window the timed runs will use, so that neither of
-/// them pays for growing the model's activation buffers and the comparison is fair.
-fn warm_up(model: &mut Model, len: usize) -> anyhow::Result<()> {
-    let t = len.clamp(1, model.config().context);
+/// Runs one cached step (with MTP) over a whole context, the longest step any pass takes, so that no timed
+/// run pays for growing the model's activation buffers and comparisons are fair.
+fn warm_up(model: &mut Model) -> anyhow::Result<()> {
+    let t = model.config().context.max(1);
     let v = model.config().vocab_size;
-    let mut main = vec![0.0; t * v];
-    let mut mtp = vec![0.0; t * v];
+    let mut cache = model.new_cache();
+    let mut main = vec![0.0; v];
+    let mut mtp = vec![0.0; v];
     let mtp_out = if model.config().mtp {
         Some(&mut mtp[..])
     } else {
         None
     };
-    model.logits(&vec![0; t], &mut main, mtp_out)?;
+    model.decode(&mut cache, &vec![0; t], 1, &mut main, mtp_out)?;
     Ok(())
 }

@@ -114,6 +114,28 @@ fn take(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 impl Fp8Workspace {
+    /// The four buffers grown to (A values, A scales, B values, B scales) lengths, for a quantizing product
+    /// defined outside this module ([`super::rows`]).
+    pub(crate) fn buffers(
+        &mut self,
+        a: usize,
+        a_scales: usize,
+        b: usize,
+        b_scales: usize,
+    ) -> (&mut [f32], &mut [f32], &mut [f32], &mut [f32]) {
+        (
+            take(&mut self.a, a),
+            take(&mut self.a_scales, a_scales),
+            take(&mut self.b, b),
+            take(&mut self.b_scales, b_scales),
+        )
+    }
+
+    /// The first `a` and `b` values of the dequantized operands written through [`Fp8Workspace::buffers`].
+    pub(crate) fn operands(&self, a: usize, b: usize) -> (&[f32], &[f32]) {
+        (&self.a[..a], &self.b[..b])
+    }
+
     /// Bytes currently held by the workspace.
     pub fn bytes(&self) -> usize {
         (self.a.capacity()

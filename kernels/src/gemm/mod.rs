@@ -14,10 +14,12 @@
 //! products are accumulated in f32 with the scales applied per 128-group of K.
 //!
 //! Entry points: [`crate::backend::Backend::matmul`] (the op API the model uses), [`matmul_f32`] (a free
-//! function for code without a backend), and [`reference`](mod@reference) (slow, obvious oracles for tests).
+//! function for code without a backend), [`rows`] (row-invariant products for inference, where a row's bits
+//! must not depend on the batch) and [`reference`](mod@reference) (slow, obvious oracles for tests).
 
 pub mod cpu;
 pub mod reference;
+pub mod rows;
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,6 +30,7 @@ use crate::error::KernelError;
 use crate::quant::{Granularity, QuantizedTensor};
 
 pub use cpu::matmul_f32;
+pub use rows::matmul_rows_f32;
 
 /// Numeric precision of a GEMM's inputs. Accumulation and output are always f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]

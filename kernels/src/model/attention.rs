@@ -39,8 +39,43 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-// Index loops mirror the math (t2 walks keys and values of the same sequence in several arrays).
-#[allow(clippy::needless_range_loop)]
+// Index loops mirror the math (t2 walks the weights of one query and the keys and values they weigh).
+/// One query of one head: `arow[t2]` = softmax over t2 ≤ `ti` of q·k(t2)·`scale` (zero past `ti`), and
+/// `oh` = Σ arow[t2]·v(t2). The full-window forward and the KV-cached forward both call this, so a
+/// position's output is the same bits in either, given the same keys and values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn attend<'a>(
+    q: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    ti: usize,
+    scale: f32,
+    arow: &mut [f32],
+    oh: &mut [f32],
+) {
+    let mut max = f32::NEG_INFINITY;
+    for t2 in 0..=ti {
+        let s = dot(q, key(t2)) * scale;
+        arow[t2] = s;
+        max = max.max(s);
+    }
+    let mut sum = 0.0f32;
+    for x in &mut arow[..=ti] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in &mut arow[..=ti] {
+        *x *= inv;
+    }
+    arow[ti + 1..].fill(0.0);
+    oh.fill(0.0);
+    for t2 in 0..=ti {
+        axpy(oh, arow[t2], value(t2));
+    }
+}
+
 /// out[n, h] = Σ_{t2 ≤ t} softmax_t2(q·k / √HS) · v. Overwrites `out` and `att`.
 pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize, nh: usize) {
     let hs = c / nh;
@@ -54,31 +89,59 @@ pub fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t: usize, c: usize
             let base = n - ti;
             for h in 0..nh {
                 let q = &qkv[n * c3 + h * hs..n * c3 + (h + 1) * hs];
-                let arow = &mut a[h * t..(h + 1) * t];
-                let mut max = f32::NEG_INFINITY;
-                for t2 in 0..=ti {
+                let key = |t2: usize| {
                     let k0 = (base + t2) * c3 + c + h * hs;
-                    let k = &qkv[k0..k0 + hs];
-                    let s = dot(q, k) * scale;
-                    arow[t2] = s;
-                    max = max.max(s);
-                }
-                let mut sum = 0.0f32;
-                for x in &mut arow[..=ti] {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                for x in &mut arow[..=ti] {
-                    *x *= inv;
-                }
-                arow[ti + 1..].fill(0.0);
-                let oh = &mut o[h * hs..(h + 1) * hs];
-                oh.fill(0.0);
-                for t2 in 0..=ti {
+                    &qkv[k0..k0 + hs]
+                };
+                let value = |t2: usize| {
                     let v0 = (base + t2) * c3 + 2 * c + h * hs;
-                    axpy(oh, arow[t2], &qkv[v0..v0 + hs]);
-                }
+                    &qkv[v0..v0 + hs]
+                };
+                let arow = &mut a[h * t..(h + 1) * t];
+                attend(q, key, value, ti, scale, arow, &mut o[h * hs..(h + 1) * hs]);
+            }
+        });
+}
+
+/// The KV-cached forward: T' new queries of one sequence, at positions `pos0..pos0 + T'`, attend to the
+/// cached keys and values of positions `0..=` their own. Shapes: `qkv` [T', 3C] (only q is read; its k
+/// and v must already be in the cache), `keys`, `values` [P, C] with P ≥ pos0 + T' (rotated keys, as the
+/// full-window forward has them), `out` [T', C], `att` [T', NH, pos0 + T'] (scratch). Overwrites `out`
+/// and `att`. Row i equals row pos0 + i of [`forward`] over the whole sequence, bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_cached(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    pos0: usize,
+    c: usize,
+    nh: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let c3 = 3 * c;
+    let rows = out.len() / c;
+    let p = pos0 + rows;
+    out.par_chunks_exact_mut(c)
+        .zip(att[..rows * nh * p].par_chunks_exact_mut(nh * p))
+        .enumerate()
+        .for_each(|(i, (o, a))| {
+            for h in 0..nh {
+                let q = &qkv[i * c3 + h * hs..i * c3 + (h + 1) * hs];
+                let key = |t2: usize| &keys[t2 * c + h * hs..t2 * c + (h + 1) * hs];
+                let value = |t2: usize| &values[t2 * c + h * hs..t2 * c + (h + 1) * hs];
+                let arow = &mut a[h * p..(h + 1) * p];
+                attend(
+                    q,
+                    key,
+                    value,
+                    pos0 + i,
+                    scale,
+                    arow,
+                    &mut o[h * hs..(h + 1) * hs],
+                );
             }
         });
 }

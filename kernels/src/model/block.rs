@@ -158,45 +158,78 @@ pub struct BlockContext<'a> {
 /// Runs the block on `x`, writing `out` and the saved activations. Returns the block's balance loss
 /// (zero for dense blocks).
 pub fn forward(
-    ctx: BlockContext<'_>,
+    mut ctx: BlockContext<'_>,
     x: &[f32],
     out: &mut [f32],
     acts: &mut BlockActs,
 ) -> Result<f64, KernelError> {
-    let BlockContext {
-        backend,
-        precision,
-        params,
-        p,
-        dims: d,
-        rope: table,
-        present,
-        bias,
-        b,
-        t,
-    } = ctx;
-    let n = b * t;
+    let (d, t, precision, params, p) = (ctx.dims, ctx.t, ctx.precision, ctx.params, ctx.p);
+    let n = ctx.b * t;
     let c = d.c;
     let (ln1, ln1_rstd) = (&mut acts.ln1[..n * c], &mut acts.ln1_rstd[..n]);
     rmsnorm::forward(ln1, ln1_rstd, x, p.ln1.of(params), c, d.eps);
     let qkv = &mut acts.qkv[..n * 3 * c];
-    linear::forward(backend, precision, qkv, ln1, p.wqkv.of(params), n, c, 3 * c)?;
-    rope::forward(qkv, table, t, c, d.nh);
+    linear::forward(
+        ctx.backend,
+        precision,
+        qkv,
+        ln1,
+        p.wqkv.of(params),
+        n,
+        c,
+        3 * c,
+    )?;
+    rope::forward(qkv, ctx.rope, t, c, d.nh);
     let atty = &mut acts.atty[..n * c];
     attention::forward(atty, &mut acts.att[..n * d.nh * t], qkv, t, c, d.nh);
     let res_mid = &mut acts.res_mid[..n * c];
-    linear::forward(backend, precision, res_mid, atty, p.wo.of(params), n, c, c)?;
+    linear::forward(
+        ctx.backend,
+        precision,
+        res_mid,
+        atty,
+        p.wo.of(params),
+        n,
+        c,
+        c,
+    )?;
     for (r, &xv) in res_mid.iter_mut().zip(x) {
         *r += xv;
     }
-    let (ln2, ln2_rstd) = (&mut acts.ln2[..n * c], &mut acts.ln2_rstd[..n]);
+    let BlockActs {
+        res_mid,
+        ln2,
+        ln2_rstd,
+        ffn,
+        ..
+    } = acts;
+    ffn_forward(&mut ctx, &res_mid[..n * c], out, ln2, ln2_rstd, ffn)
+}
+
+/// The FFN half of a block: out = FFN(RMSNorm(res_mid)) + res_mid over the context's B·T rows, saving `ln2`,
+/// `ln2_rstd` and the FFN's activations. Returns the balance loss (zero for dense blocks). The training
+/// forward and the cached decode step share it; it is also the unit a client that keeps the trunk could
+/// hand to the holders of a MoE layer's experts.
+pub fn ffn_forward(
+    ctx: &mut BlockContext<'_>,
+    res_mid: &[f32],
+    out: &mut [f32],
+    ln2: &mut [f32],
+    ln2_rstd: &mut [f32],
+    ffn: &mut FfnActs,
+) -> Result<f64, KernelError> {
+    let (d, b, t, precision, params, p) =
+        (ctx.dims, ctx.b, ctx.t, ctx.precision, ctx.params, ctx.p);
+    let n = b * t;
+    let c = d.c;
+    let (ln2, ln2_rstd) = (&mut ln2[..n * c], &mut ln2_rstd[..n]);
     rmsnorm::forward(ln2, ln2_rstd, res_mid, p.ln2.of(params), c, d.eps);
     let out = &mut out[..n * c];
-    let balance = match (&p.ffn, &mut acts.ffn) {
+    let balance = match (&p.ffn, ffn) {
         (FfnParams::Dense(sw), FfnActs::Dense { h13, act }) => {
             let h = sw.hidden;
             moe::swiglu_ffn_forward(
-                backend,
+                ctx.backend,
                 precision,
                 params,
                 sw,
@@ -210,18 +243,18 @@ pub fn forward(
             0.0
         }
         (FfnParams::Moe(mp), FfnActs::Moe(ma)) => {
-            let ctx = MoeContext {
-                backend,
+            let mctx = MoeContext {
+                backend: &mut *ctx.backend,
                 precision,
                 params,
                 p: mp,
-                present,
+                present: ctx.present,
                 dims: d.moe,
                 b,
                 t,
                 alpha: d.alpha,
             };
-            moe::forward(ctx, bias, ln2, out, ma)?
+            moe::forward(mctx, ctx.bias, ln2, out, ma)?
         }
         _ => unreachable!("block activations are built from the same params as the block"),
     };
@@ -229,6 +262,71 @@ pub fn forward(
         *o += r;
     }
     Ok(balance)
+}
+
+/// The attention half of a block for a KV-cached decode step over T' = `ctx.t` new rows of one sequence
+/// (`ctx.b` = 1) at positions `pos0..pos0 + T'`: writes their rotated keys and values into rows `pos0..` of
+/// `keys` and `values` [P, C], attends over rows `0..pos0 + T'`, and leaves x + Attn(RMSNorm(x)) in
+/// `acts.res_mid` (the input of [`ffn_forward`]). The same operations as [`forward`], in the same order,
+/// so each row matches the full-window forward bit for bit when the backend's products are row-invariant.
+/// The caller keeps `pos0 + T'` within P and the RoPE table.
+pub fn attention_cached(
+    ctx: &mut BlockContext<'_>,
+    x: &[f32],
+    keys: &mut [f32],
+    values: &mut [f32],
+    pos0: usize,
+    acts: &mut BlockActs,
+) -> Result<(), KernelError> {
+    let (d, precision, params, p) = (ctx.dims, ctx.precision, ctx.params, ctx.p);
+    let n = ctx.t;
+    let c = d.c;
+    let (ln1, ln1_rstd) = (&mut acts.ln1[..n * c], &mut acts.ln1_rstd[..n]);
+    rmsnorm::forward(ln1, ln1_rstd, x, p.ln1.of(params), c, d.eps);
+    let qkv = &mut acts.qkv[..n * 3 * c];
+    linear::forward(
+        ctx.backend,
+        precision,
+        qkv,
+        ln1,
+        p.wqkv.of(params),
+        n,
+        c,
+        3 * c,
+    )?;
+    rope::forward_at(qkv, ctx.rope, pos0, c, d.nh);
+    for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
+        let pos = pos0 + i;
+        keys[pos * c..(pos + 1) * c].copy_from_slice(&row[c..2 * c]);
+        values[pos * c..(pos + 1) * c].copy_from_slice(&row[2 * c..]);
+    }
+    let end = pos0 + n;
+    let atty = &mut acts.atty[..n * c];
+    attention::forward_cached(
+        atty,
+        &mut acts.att,
+        qkv,
+        &keys[..end * c],
+        &values[..end * c],
+        pos0,
+        c,
+        d.nh,
+    );
+    let res_mid = &mut acts.res_mid[..n * c];
+    linear::forward(
+        ctx.backend,
+        precision,
+        res_mid,
+        atty,
+        p.wo.of(params),
+        n,
+        c,
+        c,
+    )?;
+    for (r, &xv) in res_mid.iter_mut().zip(x) {
+        *r += xv;
+    }
+    Ok(())
 }
 
 /// Backward of [`forward`]: on entry `dres` [N, C] holds d(out); on exit it holds d(x). Parameter

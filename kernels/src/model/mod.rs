@@ -15,8 +15,10 @@
 pub mod attention;
 pub mod block;
 pub mod config;
+mod decode;
 pub mod embedding;
 pub mod head;
+pub mod kv_cache;
 pub mod linear;
 pub mod loss;
 pub mod moe;
@@ -38,6 +40,7 @@ use crate::gemm::Precision;
 use block::{BlockActs, BlockContext, BlockDims, BlockScratch};
 pub use config::{ConfigError, ModelConfig};
 use head::{HeadActs, HeadSpec};
+pub use kv_cache::{CacheError, KvCache};
 use loss::IGNORE;
 use moe::MoeDims;
 use mtp::{MtpActs, MtpContext, MtpScratch};
@@ -100,6 +103,9 @@ pub enum ModelError {
     /// The layer has no router (it is dense or out of range).
     #[error("layer {0} is not a MoE layer")]
     NotMoeLayer(usize),
+    /// A KV-cached step was refused (see [`Model::decode`]).
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 /// Losses of one forward pass.
@@ -153,6 +159,10 @@ pub struct Model {
     backend: Box<dyn Backend>,
     rope: RopeTable,
     ws: Option<Workspace>,
+    /// The parameters with every weight an FP8 product takes rounded to FP8 once, for KV-cached decode
+    /// steps (see `decode.rs`). Built by the first FP8 decode step; dropped by anything that can change the
+    /// parameters or the precision.
+    decode_params: Option<Vec<f32>>,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -245,6 +255,7 @@ impl Model {
             backend,
             rope,
             ws: None,
+            decode_params: None,
         })
     }
 
@@ -270,6 +281,7 @@ impl Model {
 
     /// Changes the precision of the Linear GEMMs (e.g. to compare FP8 against f32).
     pub fn set_precision(&mut self, precision: Precision) {
+        self.decode_params = None;
         self.config.precision = precision;
     }
 
@@ -280,6 +292,7 @@ impl Model {
 
     /// All parameters, mutably (the optimizer and tests write here).
     pub fn params_mut(&mut self) -> &mut [f32] {
+        self.decode_params = None;
         &mut self.params
     }
 
@@ -295,6 +308,7 @@ impl Model {
 
     /// Parameters and gradients at once (the optimizer needs both).
     pub fn params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        self.decode_params = None;
         (&mut self.params, &mut self.grads)
     }
 
@@ -338,6 +352,7 @@ impl Model {
     pub fn import_shard(&mut self, shard: ShardId, values: &[f32]) -> Result<(), ModelError> {
         let span = self.span(shard)?;
         check_len(&format!("parameters of {shard}"), span.len, values.len())?;
+        self.decode_params = None;
         span.of_mut(&mut self.params).copy_from_slice(values);
         Ok(())
     }
@@ -858,14 +873,7 @@ impl Model {
                 .ws
                 .as_mut()
                 .expect("ensure_workspace just created the workspace");
-            let last = &ws.head.logits[(t - 1) * v..t * v];
-            let mut best = 0;
-            for (i, &x) in last.iter().enumerate() {
-                if x > last[best] {
-                    best = i;
-                }
-            }
-            ws.next[t - 1] = best as u32;
+            ws.next[t - 1] = decode::argmax_row(&ws.head.logits[(t - 1) * v..t * v]);
             self.forward_mtp(1, t, false)?;
         }
         let ws = self

@@ -128,6 +128,52 @@ pub fn forward(
     } = ctx;
     let n = b * t;
     let c = d.c;
+    input_forward(backend, precision, params, p, wte, d, h, next, acts, n)?;
+    let bctx = BlockContext {
+        backend: &mut *backend,
+        precision,
+        params,
+        p: &p.block,
+        dims: d,
+        rope,
+        present: &[],
+        bias: &[],
+        b,
+        t,
+    };
+    block::forward(bctx, &acts.m0[..n * c], &mut acts.m1, &mut acts.block)?;
+    let spec = HeadSpec {
+        norm: p.norm_out,
+        ..hs
+    };
+    head::forward(
+        backend,
+        params,
+        spec,
+        &acts.m1[..n * c],
+        targets,
+        &mut acts.head,
+        n,
+    )
+}
+
+/// The module's input for N rows: m0 = Proj([RMSNorm(h); RMSNorm(Emb(next))]) into `acts.m0` [N, C],
+/// saving the norms and the concatenation. Shared by [`forward`] and the KV-cached decode step, which runs
+/// it on the new rows only.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn input_forward(
+    backend: &mut dyn Backend,
+    precision: Precision,
+    params: &[f32],
+    p: &MtpParams,
+    wte: Span,
+    d: BlockDims,
+    h: &[f32],
+    next: &[u32],
+    acts: &mut MtpActs,
+    n: usize,
+) -> Result<(), KernelError> {
+    let c = d.c;
     let emb = &mut acts.emb[..n * c];
     embedding::forward(emb, next, wte.of(params), c);
     let hn = &mut acts.hn[..n * c];
@@ -151,33 +197,7 @@ pub fn forward(
         row[c..].copy_from_slice(e);
     }
     let m0 = &mut acts.m0[..n * c];
-    linear::forward(backend, precision, m0, cat, p.proj.of(params), n, 2 * c, c)?;
-    let bctx = BlockContext {
-        backend: &mut *backend,
-        precision,
-        params,
-        p: &p.block,
-        dims: d,
-        rope,
-        present: &[],
-        bias: &[],
-        b,
-        t,
-    };
-    block::forward(bctx, m0, &mut acts.m1, &mut acts.block)?;
-    let spec = HeadSpec {
-        norm: p.norm_out,
-        ..hs
-    };
-    head::forward(
-        backend,
-        params,
-        spec,
-        &acts.m1[..n * c],
-        targets,
-        &mut acts.head,
-        n,
-    )
+    linear::forward(backend, precision, m0, cat, p.proj.of(params), n, 2 * c, c)
 }
 
 /// Backward of [`forward`] from its loss scaled by `scale`: ADDS d(h) into `dh` and accumulates every

@@ -46,14 +46,25 @@ impl RopeTable {
     }
 }
 
-fn rotate(qkv: &mut [f32], table: &RopeTable, t: usize, c: usize, nh: usize, sign: f32) {
+/// Rotates every row of `qkv` by its position: `pos0 + n mod t` for row n (the training forward has
+/// `pos0 = 0`; a cached decode step runs one sequence of new rows starting at `pos0`).
+#[allow(clippy::too_many_arguments)]
+fn rotate(
+    qkv: &mut [f32],
+    table: &RopeTable,
+    pos0: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    sign: f32,
+) {
     let hs = c / nh;
     let half = table.half;
-    debug_assert!(t <= table.max_t, "rope: sequence longer than the table");
+    debug_assert!(pos0 + t <= table.max_t, "rope: position past the table");
     qkv.par_chunks_exact_mut(3 * c)
         .enumerate()
         .for_each(|(n, row)| {
-            let pos = n % t;
+            let pos = pos0 + n % t;
             let cs = &table.cos[pos * half..(pos + 1) * half];
             let sn = &table.sin[pos * half..(pos + 1) * half];
             // q and k (the first 2C channels); v is not rotated.
@@ -71,10 +82,17 @@ fn rotate(qkv: &mut [f32], table: &RopeTable, t: usize, c: usize, nh: usize, sig
 
 /// Rotates q and k of `qkv` [B, T, 3C] in place by their positions (n mod T).
 pub fn forward(qkv: &mut [f32], table: &RopeTable, t: usize, c: usize, nh: usize) {
-    rotate(qkv, table, t, c, nh, 1.0);
+    rotate(qkv, table, 0, t, c, nh, 1.0);
+}
+
+/// Rotates q and k of `qkv` [T', 3C], the rows of one sequence at positions `pos0..pos0 + T'` (a KV-cached
+/// decode step). The caller keeps `pos0 + T'` within [`RopeTable::max_t`].
+pub fn forward_at(qkv: &mut [f32], table: &RopeTable, pos0: usize, c: usize, nh: usize) {
+    let rows = qkv.len() / (3 * c);
+    rotate(qkv, table, pos0, rows.max(1), c, nh, 1.0);
 }
 
 /// Rotates dq and dk of `dqkv` [B, T, 3C] back in place (the transpose of the forward rotation).
 pub fn backward(dqkv: &mut [f32], table: &RopeTable, t: usize, c: usize, nh: usize) {
-    rotate(dqkv, table, t, c, nh, -1.0);
+    rotate(dqkv, table, 0, t, c, nh, -1.0);
 }
