@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mana_engine::round::RunSpec;
+use mana_engine::round::{RunShard, RunSpec, ShardRecord};
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{
@@ -89,6 +89,7 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     machine.cooldown_ms = 200;
     let metrics_path = dir.path().join("metrics.jsonl");
     let export = dir.path().join("final-model");
+    let hyper = machine.hyper.clone();
     let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
     role.rounds = Some(ROUNDS);
     role.metrics = Some(metrics_path.clone());
@@ -156,6 +157,18 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let checkpoint =
         CheckpointManifest::from_bytes(&stored.meta).expect("the coordinator's checkpoint");
     assert_eq!(checkpoint.round, ROUNDS);
+    // The evaluator's figure is reproducible: the committed shards give the same loss bit for bit.
+    let mut shards = Vec::new();
+    for entry in &checkpoint.shards {
+        let bytes = coordinator
+            .read_blob(entry.hash)
+            .await
+            .expect("a committed shard");
+        shards.push(ShardRecord::from_bytes(&bytes, &spec, entry.shard).expect("a shard state"));
+    }
+    let recomputed = mana_engine::round::validation_loss(&spec, &hyper, &data, &shards, 4)
+        .expect("the loss recomputed");
+    assert_eq!(lines.last().and_then(|m| m.val_loss), Some(recomputed));
     let committed: BTreeMap<String, String> = checkpoint
         .shards
         .iter()

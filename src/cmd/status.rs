@@ -1,9 +1,9 @@
 //! `mana status`: what a running node reports about itself: peers, hosted experts, rounds, stored shards,
-//! rejected messages, and the training roles' progress (trainer: rounds trained, deltas sent, hash checks;
-//! coordinator: round, phase, members), and what a node caught of a dishonest coordinator (a commit the
-//! trainer refused, two different commits of one round, disputes heard), the fate of a trainer's deltas, and
-//! the coordinator's members, settings and last commits. It reads `<data dir>/status.json`, which the node rewrites atomically
-//! every 2 seconds.
+//! rejected messages, and the roles' progress (trainer: rounds trained, deltas sent, hash checks;
+//! coordinator: round, phase, members; evaluator: checkpoints evaluated, the last loss), and what a node
+//! caught of a dishonest coordinator (a commit the trainer refused, two different commits of one round,
+//! disputes heard), the fate of a trainer's deltas, and the coordinator's members, settings and last commits.
+//! It reads `<data dir>/status.json`, which the node rewrites atomically every 2 seconds.
 
 use std::path::PathBuf;
 
@@ -186,6 +186,16 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(c) = &s.coordinator {
         print_coordinator(c);
+    }
+    if let Some(e) = &s.evaluator {
+        let last = match (e.last_round, e.last_val_loss) {
+            (Some(r), Some(v)) => format!(", last round {r}: validation loss {v:.4}"),
+            _ => String::new(),
+        };
+        println!("evaluator: {} checkpoints evaluated{last}", e.evaluated);
+        if let Some(err) = &e.last_error {
+            println!("  last not evaluated: {err}");
+        }
     }
     println!(
         "traffic since start: gossip {} in, {} out; transfers {} in, {} out",
