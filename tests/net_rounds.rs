@@ -70,7 +70,8 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         nodes.push(Arc::new(start_node(cfg).await));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let _evaluator = start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
+    let (evaluator, _evaluating) =
+        start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
     let mut trainers = Vec::new();
     for node in &nodes {
         let cfg = TrainerConfig::new(spec.clone(), data.clone());
@@ -169,6 +170,26 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let recomputed = mana_engine::round::validation_loss(&spec, &hyper, &data, &shards, 4)
         .expect("the loss recomputed");
     assert_eq!(lines.last().and_then(|m| m.val_loss), Some(recomputed));
+    // The evaluator, which mirrors the checkpoints, published the same figure, and the coordinator found
+    // every evaluation it could check in agreement with its own.
+    let published = wait_for(
+        Duration::from_secs(60),
+        "the evaluator evaluates the last round",
+        || async {
+            let e = evaluator.status().await.ok()?.evaluator?;
+            (e.last_round == Some(ROUNDS)).then_some(e.last_val_loss)
+        },
+    )
+    .await;
+    assert_eq!(published, Some(recomputed));
+    let c = coordinator
+        .status()
+        .await
+        .expect("status")
+        .coordinator
+        .expect("coordinator status");
+    assert!(c.evaluations_agreed > 0, "{c:?}");
+    assert_eq!(c.evaluations_disagreed, 0, "{c:?}");
     let committed: BTreeMap<String, String> = checkpoint
         .shards
         .iter()
@@ -338,7 +359,6 @@ async fn restarted_coordinator_resumes_the_run() {
         let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
         role.rounds = Some(rounds);
         role.metrics = Some(metrics_path.clone());
-        role.evaluation_wait = Duration::ZERO; // nobody evaluates here
         role
     };
     let first = tokio::spawn(run_conductor(

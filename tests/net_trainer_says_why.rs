@@ -115,7 +115,6 @@ async fn a_trainer_says_why_no_round_comes() {
     machine.cooldown_ms = 200;
     let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
     role.rounds = Some(1);
-    role.evaluation_wait = Duration::ZERO; // nobody evaluates here
     let coordinating = tokio::spawn(run_conductor(
         coordinator.clone(),
         role,

@@ -1,8 +1,8 @@
-//! `manifests.txt`: after the last round, every process (the coordinator, the evaluator and each node)
-//! reports the round it holds, the hash of its checkpoint manifest and the hash of every shard it holds.
-//! Nodes hold different shards (the trunk and their assigned experts), so their manifests differ by design;
-//! what must agree is each shard: every holder of a shard must hold the same bytes, at the same final round.
-//! This module compares them and writes the table.
+//! `manifests.txt`: after the last round, every process (the coordinator and each node) reports the round it
+//! holds, the hash of its checkpoint manifest and the hash of every shard it holds. Nodes hold different
+//! shards (the trunk and their assigned experts), so their manifests differ by design; what must agree is
+//! each shard: every holder of a shard must hold the same bytes, at the same final round. This module
+//! compares them and writes the table.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

@@ -175,7 +175,6 @@ mod tests {
             rejected_reasons: Default::default(),
             train_loss: None,
             val_loss: Some(1.25),
-            evaluator: Some("ee".into()),
             tokens: 10,
             payload_bytes: 20,
             checkpoint: "cc".into(),

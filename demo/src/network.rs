@@ -270,11 +270,10 @@ impl Network {
 
     /// What the coordinator and each node report holding now.
     fn holders(&self, out: &OutDir, sup: &mut Supervisor) -> Vec<Holder> {
-        let mut all = vec![
-            holder("coordinator", status::read(&out.data_dir("coordinator"))),
-            // The evaluator mirrors every checkpoint: it must hold the same bytes.
-            holder("evaluator", status::read(&out.data_dir("evaluator"))),
-        ];
+        let mut all = vec![holder(
+            "coordinator",
+            status::read(&out.data_dir("coordinator")),
+        )];
         for (id, name, dir) in &self.nodes {
             // A node that died is reported as it last was, and shows as behind if it missed rounds.
             let _ = sup.exit_status(*id);

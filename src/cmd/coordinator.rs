@@ -97,9 +97,9 @@ pub struct CoordinatorArgs {
     /// changes. Without it the run is open to any key.
     #[arg(long, env = "MANA_ALLOWLIST")]
     pub allowlist: Option<PathBuf>,
-    /// Public keys (64 hex digits each, comma-separated) of the evaluators whose validation losses the
-    /// metrics take; default: any node's, the first for each round (each line names who measured it). The
-    /// coordinator does not evaluate the model itself: start a `mana node --no-train --evaluate`.
+    /// Public keys (64 hex digits each, comma-separated) of the evaluators whose published validation losses
+    /// are checked against the coordinator's own (default: any node's); a figure that differs is logged and
+    /// counted in the status.
     #[arg(long, env = "MANA_EVALUATORS")]
     pub evaluators: Option<String>,
     /// Most members at once (default 1024); new keys beyond it are not admitted.

@@ -317,10 +317,6 @@ impl RoundNet {
         tweak(&mut machine);
         let mut role = ConductorConfig::new(machine, self.spec.clone(), self.data.clone());
         role.rounds = Some(rounds);
-        if self.evaluator.is_none() {
-            // Nobody evaluates: the metrics lines do not wait for a validation loss.
-            role.evaluation_wait = Duration::ZERO;
-        }
         tokio::spawn(run_conductor(
             self.coordinator.clone(),
             role,

@@ -347,6 +347,10 @@ pub struct CoordinatorStatus {
     pub checkpoint: Option<String>,
     /// Validation loss of the last committed checkpoint.
     pub val_loss: Option<f32>,
+    /// Evaluators' figures that matched the coordinator's own validation loss, since start.
+    pub evaluations_agreed: u64,
+    /// Evaluators' figures that did not (each logged as a warning), since start.
+    pub evaluations_disagreed: u64,
     /// Deltas accepted and rejected since start.
     pub accepted_deltas: u64,
     /// Rejected since start.

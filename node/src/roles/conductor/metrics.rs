@@ -53,12 +53,8 @@ pub struct RoundMetrics {
     pub rejected_reasons: BTreeMap<String, u64>,
     /// Mean training loss the participants reported (at the round's base weights).
     pub train_loss: Option<f32>,
-    /// Validation loss of the committed checkpoint on the run's fixed validation batches, as an evaluator
-    /// measured and published it (`None` when no evaluation came within the wait).
+    /// Validation loss of the committed checkpoint on the run's fixed validation batches.
     pub val_loss: Option<f32>,
-    /// Who measured `val_loss` (public key, hex).
-    #[serde(default)]
-    pub evaluator: Option<String>,
     /// Tokens the participants trained on.
     #[serde(default)]
     pub tokens: u64,

@@ -12,8 +12,7 @@
 //!   [`apply_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
 //!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
 //!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
-//!   `mana status` shows it) and writes one metrics line ([`metrics`]), whose validation loss comes from an
-//!   evaluator's signed [`mana_protocol::Evaluation`] (the line waits for it, up to `evaluation_wait`);
+//!   `mana status` shows it) and writes one metrics line ([`metrics`]);
 //! - compares every holder's published manifest (its shard hashes after a round) with the commit, counting
 //!   reports and mismatches in the status;
 //! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
@@ -85,13 +84,12 @@ pub struct ConductorConfig {
     pub min_norm_ratio: f32,
     /// Accepted norms kept per shard for the norm bounds' reference.
     pub norm_history: usize,
-    /// Whose [`mana_protocol::Evaluation`]s the metrics take their `val_loss` from (`None`: any node's, the
-    /// first for each round; the line names who measured it). The coordinator does not evaluate the model
-    /// itself: an evaluator (a node that mirrors every checkpoint) does.
+    /// Fixed validation batches (indices 0..n) the metrics' `val_loss` is measured on.
+    pub val_batches: u64,
+    /// Whose [`mana_protocol::Evaluation`]s are checked against the coordinator's own validation loss
+    /// (`None`: any node's). An evaluator that publishes another figure for a round than the coordinator
+    /// measured is logged and counted (`evaluations_disagreed` in the status).
     pub evaluators: Option<std::collections::BTreeSet<PublicKey>>,
-    /// How long a round's metrics line waits for its evaluation before it is written without one (lines are
-    /// written in round order, so a late evaluation holds the next lines back at most this long).
-    pub evaluation_wait: Duration,
     /// Stop after committing this round: export the model (if `export`) and return.
     pub rounds: Option<u64>,
     /// Where to append one JSON line per committed round.
@@ -132,8 +130,8 @@ impl ConductorConfig {
             score_policy: ScorePolicy::default(),
             min_norm_ratio: 0.01,
             norm_history: 8,
+            val_batches: 4,
             evaluators: None,
-            evaluation_wait: Duration::from_secs(30),
             rounds: None,
             metrics: None,
             export: None,
@@ -216,15 +214,12 @@ struct Role {
     /// Heartbeat signers dialled lately to learn their address (bounded).
     dials: admission::DialBudget,
     allowlist: Option<admission::AllowlistFile>,
-    /// The last validation loss an evaluator published.
     val_loss: Option<f32>,
-    /// Metrics lines of committed rounds waiting for their evaluation, in round order.
-    unwritten: std::collections::VecDeque<(RoundMetrics, Instant)>,
-    /// Evaluations heard for rounds whose line is not written yet (by round; bounded).
-    evaluations: BTreeMap<u64, (PublicKey, f32)>,
-    /// The latest round an evaluation was heard for: evaluators go in round order, so an earlier line
-    /// still without one will not get it and need not wait.
-    latest_evaluated: u64,
+    /// This coordinator's validation loss of its recent commits (by round), to check evaluators' figures.
+    own_val: BTreeMap<u64, f32>,
+    /// Evaluations that matched this coordinator's figure, and those that did not.
+    evaluations_agreed: u64,
+    evaluations_disagreed: u64,
     /// The last commits, for the status.
     recent_commits: std::collections::VecDeque<CommitSummary>,
     /// What the state machine asked for and is not done yet: a commit that failed (a full disk, a store error)
@@ -289,7 +284,6 @@ async fn conductor_loop(
         tokio::select! {
             _ = &mut shutdown => {
                 role.save().await;
-                role.write_metrics(true).await;
                 role.export().await?;
                 break;
             }
@@ -303,8 +297,7 @@ async fn conductor_loop(
         }
         role.save().await;
         role.update_status();
-        // After the last round, the run ends once its metrics lines have their evaluations (or waited).
-        if role.done && role.unwritten.is_empty() {
+        if role.done {
             role.export().await?;
             role.announce_end().await;
             break;
@@ -445,9 +438,9 @@ impl Role {
             dials: admission::DialBudget::default(),
             allowlist,
             val_loss: None,
-            unwritten: std::collections::VecDeque::new(),
-            evaluations: BTreeMap::new(),
-            latest_evaluated: 0,
+            own_val: BTreeMap::new(),
+            evaluations_agreed: 0,
+            evaluations_disagreed: 0,
             recent_commits: std::collections::VecDeque::new(),
             backlog: std::collections::VecDeque::new(),
             failures: 0,
@@ -495,11 +488,6 @@ impl Role {
     /// shard was already dealt with where it happened (the delta unavailable, the shard not aggregated); only a
     /// commit can fail here, and it is retried at the next tick (see `backlog`). Nothing here ends the role.
     async fn tick(&mut self) {
-        self.write_metrics(false).await;
-        if self.done {
-            // The last round is committed: no round after it, only its metrics line still to write.
-            return;
-        }
         if let Some(keys) = self
             .allowlist
             .as_mut()
@@ -765,37 +753,53 @@ impl Role {
         self.accepted_total += accepted as u64;
         self.rejected_total += commit.rejected.len() as u64;
         let ann = self.last_announcement.clone().filter(|a| a.round == round);
+        let val_loss = self.validation_loss(ann.as_ref().map(|a| &a.hyper)).await;
+        self.val_loss = val_loss;
+        if let Some(v) = val_loss {
+            self.own_val.insert(round, v);
+            while self.own_val.len() > 8 {
+                self.own_val.pop_first();
+            }
+        }
         self.recent_commits.push_back(CommitSummary {
             round,
             accepted: accepted as u64,
             refused: commit.rejected.len() as u64,
-            val_loss: None,
+            val_loss,
             checkpoint: checkpoint_hash.to_string(),
         });
         while self.recent_commits.len() > crate::daemon::status::RECENT_ROUNDS {
             self.recent_commits.pop_front();
         }
-        tracing::info!(round, accepted, rejected = commit.rejected.len(), checkpoint = %checkpoint_hash, "round committed");
-        let line = self.metrics_line(&commit, ann.as_ref(), rejected_reasons, checkpoint_hash);
+        tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
+        let line = self.metrics_line(
+            &commit,
+            ann.as_ref(),
+            rejected_reasons,
+            val_loss,
+            checkpoint_hash,
+        );
         let point = crate::daemon::status::LossPoint {
             round,
             train: line.train_loss,
-            val: None,
+            val: val_loss,
         };
         self.node.update_coordinator_status(|s| {
             crate::daemon::status::push_loss(&mut s.loss_curve, point)
         });
-        // The line waits for the round's evaluation (a commit finished again after a restart wrote it the
-        // first time, unless the crash came before).
         let written = |path: &std::path::Path| {
             !first_time && metrics::last_round(path).is_some_and(|r| r >= round)
         };
-        if !self.cfg.metrics.as_deref().is_some_and(written) {
-            self.unwritten.push_back((line, Instant::now()));
-            if let Some((signer, loss)) = self.evaluations.remove(&round) {
-                self.evaluated(round, signer, loss);
+        if let Some(path) = self.cfg.metrics.clone().filter(|p| !written(p)) {
+            match serde_json::to_string(&line) {
+                Ok(json) => {
+                    if let Err(e) = append_line(&path, json).await {
+                        self.failures += 1;
+                        tracing::warn!(round, path = %path.display(), error = %e, "metrics line not written");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
             }
-            self.write_metrics(false).await;
         }
         let keep = self.in_use(manifest_hash);
         self.pins
@@ -836,7 +840,7 @@ impl Role {
         match message {
             Message::Heartbeat(hb) => self.on_heartbeat(signer, &hb).await,
             Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
-            Message::Evaluation(e) => self.on_evaluation(signer, &e).await,
+            Message::Evaluation(e) => self.on_evaluation(signer, &e),
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
                 let keep = d.clone();
@@ -865,9 +869,11 @@ impl Role {
         }
     }
 
-    /// An evaluator's figure for a committed round: taken (from an accepted evaluator, the first for its
-    /// round, for the checkpoint this coordinator committed) into that round's metrics line and the status.
-    async fn on_evaluation(&mut self, signer: PublicKey, e: &mana_protocol::Evaluation) {
+    /// An evaluator's figure for a recent commit, checked against the loss this coordinator measured on the
+    /// same batches (the two must agree within [`mana_engine::round::SCORE_TOLERANCE`]: another CPU may sum
+    /// in another order). While the coordinator still holds the model, this is how an evaluator earns trust
+    /// before the metrics come from evaluators alone.
+    fn on_evaluation(&mut self, signer: PublicKey, e: &mana_protocol::Evaluation) {
         if self
             .cfg
             .evaluators
@@ -876,88 +882,16 @@ impl Role {
         {
             return;
         }
-        self.latest_evaluated = self.latest_evaluated.max(e.round);
-        let ours = self
-            .unwritten
-            .iter()
-            .find(|(line, _)| line.round == e.round)
-            .map(|(line, _)| line.checkpoint == e.checkpoint.to_string());
-        match ours {
-            Some(true) => self.evaluated(e.round, signer, e.val_loss),
-            // Another checkpoint than the one committed: not a figure of this run's model.
-            Some(false) => {
-                tracing::warn!(round = e.round, evaluator = %peer_name(&signer), "an evaluation of another checkpoint than the committed one is ignored");
-                return;
-            }
-            // The commit may not be finished here yet: kept for it (a few rounds at most).
-            None if e.round >= self.machine.checkpoint().round => {
-                self.evaluations
-                    .entry(e.round)
-                    .or_insert((signer, e.val_loss));
-                while self.evaluations.len() > 4 {
-                    self.evaluations.pop_first();
-                }
-                return;
-            }
-            None => return,
-        }
-        self.write_metrics(false).await;
-    }
-
-    /// Puts `round`'s evaluation in its waiting metrics line, the loss curve and the recent commits (the first
-    /// figure for a round stands).
-    fn evaluated(&mut self, round: u64, signer: PublicKey, val_loss: f32) {
-        let Some((line, _)) = self
-            .unwritten
-            .iter_mut()
-            .find(|(l, _)| l.round == round && l.val_loss.is_none())
-        else {
+        let Some(&own) = self.own_val.get(&e.round) else {
             return;
         };
-        line.val_loss = Some(val_loss);
-        line.evaluator = Some(hex::encode(signer.0));
-        tracing::info!(round, val_loss, evaluator = %peer_name(&signer), "round evaluated");
-        self.val_loss = Some(val_loss);
-        if let Some(c) = self.recent_commits.iter_mut().find(|c| c.round == round) {
-            c.val_loss = Some(val_loss);
-        }
-        self.node.update_coordinator_status(|s| {
-            if let Some(p) = s.loss_curve.iter_mut().find(|p| p.round == round) {
-                p.val = Some(val_loss);
-            }
-        });
-    }
-
-    /// Writes the waiting metrics lines, in round order, that have their evaluation or waited long enough
-    /// (all of them with `all`, at the end of the run).
-    async fn write_metrics(&mut self, all: bool) {
-        let wait = self.cfg.evaluation_wait;
-        while self.unwritten.front().is_some_and(|(line, since)| {
-            all || line.val_loss.is_some()
-                || line.round < self.latest_evaluated
-                || since.elapsed() >= wait
-        }) {
-            let Some((line, _)) = self.unwritten.pop_front() else {
-                break;
-            };
-            if line.val_loss.is_none() {
-                tracing::info!(
-                    round = line.round,
-                    "no evaluation of the round came: its metrics line has no val_loss"
-                );
-            }
-            let Some(path) = self.cfg.metrics.clone() else {
-                continue;
-            };
-            match serde_json::to_string(&line) {
-                Ok(json) => {
-                    if let Err(e) = append_line(&path, json).await {
-                        self.failures += 1;
-                        tracing::warn!(round = line.round, path = %path.display(), error = %e, "metrics line not written");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
-            }
+        if e.batches as u64 == self.cfg.val_batches
+            && (own - e.val_loss).abs() <= mana_engine::round::SCORE_TOLERANCE
+        {
+            self.evaluations_agreed += 1;
+        } else {
+            self.evaluations_disagreed += 1;
+            tracing::warn!(round = e.round, evaluator = %peer_name(&signer), published = e.val_loss, measured = own, batches = e.batches, "an evaluator's validation loss differs from the coordinator's");
         }
     }
 
@@ -1005,6 +939,8 @@ impl Role {
         let (members, committed) = (self.machine.members().len(), checkpoint.round);
         let (accepted, rejected, val_loss) =
             (self.accepted_total, self.rejected_total, self.val_loss);
+        let (evaluations_agreed, evaluations_disagreed) =
+            (self.evaluations_agreed, self.evaluations_disagreed);
         let (reports, mismatches) = (self.holder_reports, self.holder_mismatches);
         let standings = self.machine.standings();
         let banned = standings.banned_count();
@@ -1062,6 +998,8 @@ impl Role {
             s.accepted_deltas = accepted;
             s.rejected_deltas = rejected;
             s.val_loss = val_loss;
+            s.evaluations_agreed = evaluations_agreed;
+            s.evaluations_disagreed = evaluations_disagreed;
             s.holder_reports = reports;
             s.holder_mismatches = mismatches;
             s.banned = banned;

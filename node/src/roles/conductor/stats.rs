@@ -1,13 +1,16 @@
-//! Round statistics of the conductor: the metrics line of a committed round (its validation loss comes later,
-//! from an evaluator: [`crate::roles::evaluator`]).
+//! Round statistics of the conductor: the metrics line of a committed round and the validation loss of the
+//! model it holds.
 
 use std::collections::BTreeMap;
 
-use mana_protocol::{ContentHash, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule};
+use mana_engine::round::build_trainer;
+use mana_protocol::{
+    ContentHash, HyperParams, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule,
+};
 
 use super::Role;
 use super::metrics::{MemberRound, PhaseMs, RoundMetrics};
-use crate::daemon::now_ms;
+use crate::daemon::{blocking, now_ms};
 
 impl Role {
     pub(super) fn metrics_line(
@@ -15,6 +18,7 @@ impl Role {
         commit: &RoundCommit,
         ann: Option<&RoundAnnouncement>,
         rejected_reasons: BTreeMap<String, u64>,
+        val_loss: Option<f32>,
         checkpoint: ContentHash,
     ) -> RoundMetrics {
         let deltas = &self.round_deltas;
@@ -61,8 +65,7 @@ impl Role {
             rejected: commit.rejected.len(),
             rejected_reasons,
             train_loss,
-            val_loss: None,
-            evaluator: None,
+            val_loss,
             tokens: per_node.values().map(|s| s.tokens).sum(),
             payload_bytes: deltas.iter().map(|(_, d)| d.payload_size).sum(),
             checkpoint: checkpoint.to_string(),
@@ -75,6 +78,38 @@ impl Role {
             scored: self.clock.scored,
             score_seed: self.clock.score_seed.map(|s| format!("{s:016x}")),
             unix_ms: now_ms(),
+        }
+    }
+
+    /// Mean validation loss of the current model on the run's fixed validation batches.
+    pub(super) async fn validation_loss(&self, hyper: Option<&HyperParams>) -> Option<f32> {
+        let hyper = hyper
+            .cloned()
+            .unwrap_or_else(|| self.machine.config().hyper.clone());
+        let (spec, data, states, n) = (
+            self.cfg.spec.clone(),
+            self.cfg.data.clone(),
+            self.model.states.clone(),
+            self.cfg.val_batches,
+        );
+        let result = blocking(move || {
+            let (b, t) = spec.batch_shape(&hyper)?;
+            let mut trainer = build_trainer(&spec, &hyper, &states)?;
+            let windows = data.validation_windows(t).max(1) as u64;
+            let mut sum = 0.0f64;
+            for i in 0..n.max(1) {
+                let batch = data.validation_batch(i % windows, b, t)?;
+                sum += f64::from(trainer.evaluate(&batch)?.loss);
+            }
+            Ok((sum / n.max(1) as f64) as f32)
+        })
+        .await;
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "validation loss not measured");
+                None
+            }
         }
     }
 }
