@@ -200,6 +200,15 @@ impl CpuBackend {
     }
 }
 
+/// Runs `run` on `pool` when the backend has a pool of its own, on the calling thread (rayon's global
+/// pool) otherwise: every product of [`CpuBackend`] goes through here.
+fn on_pool<R: Send>(pool: &Option<Arc<rayon::ThreadPool>>, run: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(pool) => pool.install(run),
+        None => run(),
+    }
+}
+
 impl Default for CpuBackend {
     fn default() -> Self {
         Self::new()
@@ -224,7 +233,7 @@ impl Backend for CpuBackend {
         let threads = self.threads;
         let mode = self.scale_mode;
         let ws = &mut self.fp8;
-        let mut run = move || match precision {
+        let run = move || match precision {
             Precision::F32 => {
                 check_operands("matmul", form, dims, a.len(), b.len(), c.len())?;
                 gemm_f32_checked(form, a, b, c, dims, accumulate, threads);
@@ -232,10 +241,7 @@ impl Backend for CpuBackend {
             }
             Precision::Fp8 => matmul_fp8(ws, mode, form, a, b, c, dims, accumulate, threads),
         };
-        match &self.pool {
-            Some(pool) => pool.install(run),
-            None => run(),
-        }
+        on_pool(&self.pool, run)
     }
 
     fn matmul_rows(
@@ -248,14 +254,11 @@ impl Backend for CpuBackend {
     ) -> Result<(), KernelError> {
         let mode = self.scale_mode;
         let ws = &mut self.fp8;
-        let mut run = move || match precision {
+        let run = move || match precision {
             Precision::F32 => matmul_rows_f32(a, b, c, dims),
             Precision::Fp8 => matmul_rows_fp8(ws, mode, a, b, c, dims),
         };
-        match &self.pool {
-            Some(pool) => pool.install(run),
-            None => run(),
-        }
+        on_pool(&self.pool, run)
     }
 
     fn round_weight_fp8(
@@ -280,14 +283,11 @@ impl Backend for CpuBackend {
     ) -> Result<(), KernelError> {
         let mode = self.scale_mode;
         let ws = &mut self.fp8;
-        let mut run = move || match precision {
+        let run = move || match precision {
             Precision::F32 => matmul_rows_f32(a, b, c, dims),
             Precision::Fp8 => matmul_rows_fp8_rounded_b(ws, mode, a, b, c, dims),
         };
-        match &self.pool {
-            Some(pool) => pool.install(run),
-            None => run(),
-        }
+        on_pool(&self.pool, run)
     }
 
     fn matmul_quantized_b(
@@ -300,12 +300,9 @@ impl Backend for CpuBackend {
         accumulate: bool,
     ) -> Result<(), KernelError> {
         let (threads, mode, ws) = (self.threads, self.scale_mode, &mut self.fp8);
-        let mut run =
+        let run =
             move || matmul_fp8_quantized_b(ws, mode, form, a, b, c, dims, accumulate, threads);
-        match &self.pool {
-            Some(pool) => pool.install(run),
-            None => run(),
-        }
+        on_pool(&self.pool, run)
     }
 }
 

@@ -163,39 +163,21 @@ pub fn forward(
     out: &mut [f32],
     acts: &mut BlockActs,
 ) -> Result<f64, KernelError> {
-    let (d, t, precision, params, p) = (ctx.dims, ctx.t, ctx.precision, ctx.params, ctx.p);
+    let (d, t) = (ctx.dims, ctx.t);
     let n = ctx.b * t;
     let c = d.c;
-    let (ln1, ln1_rstd) = (&mut acts.ln1[..n * c], &mut acts.ln1_rstd[..n]);
-    rmsnorm::forward(ln1, ln1_rstd, x, p.ln1.of(params), c, d.eps);
+    qkv_forward(&mut ctx, x, acts, n)?;
     let qkv = &mut acts.qkv[..n * 3 * c];
-    linear::forward(
-        ctx.backend,
-        precision,
-        qkv,
-        ln1,
-        p.wqkv.of(params),
-        n,
-        c,
-        3 * c,
-    )?;
     rope::forward(qkv, ctx.rope, t, c, d.nh);
-    let atty = &mut acts.atty[..n * c];
-    attention::forward(atty, &mut acts.att[..n * d.nh * t], qkv, t, c, d.nh);
-    let res_mid = &mut acts.res_mid[..n * c];
-    linear::forward(
-        ctx.backend,
-        precision,
-        res_mid,
-        atty,
-        p.wo.of(params),
-        n,
+    attention::forward(
+        &mut acts.atty[..n * c],
+        &mut acts.att[..n * d.nh * t],
+        qkv,
+        t,
         c,
-        c,
-    )?;
-    for (r, &xv) in res_mid.iter_mut().zip(x) {
-        *r += xv;
-    }
+        d.nh,
+    );
+    attention_out(&mut ctx, x, acts, n)?;
     let BlockActs {
         res_mid,
         ln2,
@@ -278,22 +260,11 @@ pub fn attention_cached(
     pos0: usize,
     acts: &mut BlockActs,
 ) -> Result<(), KernelError> {
-    let (d, precision, params, p) = (ctx.dims, ctx.precision, ctx.params, ctx.p);
+    let d = ctx.dims;
     let n = ctx.t;
     let c = d.c;
-    let (ln1, ln1_rstd) = (&mut acts.ln1[..n * c], &mut acts.ln1_rstd[..n]);
-    rmsnorm::forward(ln1, ln1_rstd, x, p.ln1.of(params), c, d.eps);
+    qkv_forward(ctx, x, acts, n)?;
     let qkv = &mut acts.qkv[..n * 3 * c];
-    linear::forward(
-        ctx.backend,
-        precision,
-        qkv,
-        ln1,
-        p.wqkv.of(params),
-        n,
-        c,
-        3 * c,
-    )?;
     rope::forward_at(qkv, ctx.rope, pos0, c, d.nh);
     for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
         let pos = pos0 + i;
@@ -301,9 +272,8 @@ pub fn attention_cached(
         values[pos * c..(pos + 1) * c].copy_from_slice(&row[2 * c..]);
     }
     let end = pos0 + n;
-    let atty = &mut acts.atty[..n * c];
     attention::forward_cached(
-        atty,
+        &mut acts.atty[..n * c],
         &mut acts.att,
         qkv,
         &keys[..end * c],
@@ -312,13 +282,49 @@ pub fn attention_cached(
         c,
         d.nh,
     );
+    attention_out(ctx, x, acts, n)
+}
+
+/// The attention half's input, shared by [`forward`] and [`attention_cached`]: RMSNorm of `x` [N, C] into
+/// `acts.ln1` and its Q, K, V projection into `acts.qkv` [N, 3C].
+fn qkv_forward(
+    ctx: &mut BlockContext<'_>,
+    x: &[f32],
+    acts: &mut BlockActs,
+    n: usize,
+) -> Result<(), KernelError> {
+    let (d, params, p) = (ctx.dims, ctx.params, ctx.p);
+    let c = d.c;
+    let (ln1, ln1_rstd) = (&mut acts.ln1[..n * c], &mut acts.ln1_rstd[..n]);
+    rmsnorm::forward(ln1, ln1_rstd, x, p.ln1.of(params), c, d.eps);
+    linear::forward(
+        ctx.backend,
+        ctx.precision,
+        &mut acts.qkv[..n * 3 * c],
+        ln1,
+        p.wqkv.of(params),
+        n,
+        c,
+        3 * c,
+    )
+}
+
+/// The attention half's output, shared by [`forward`] and [`attention_cached`]: the projection of
+/// `acts.atty` [N, C] plus the residual `x`, into `acts.res_mid`.
+fn attention_out(
+    ctx: &mut BlockContext<'_>,
+    x: &[f32],
+    acts: &mut BlockActs,
+    n: usize,
+) -> Result<(), KernelError> {
+    let c = ctx.dims.c;
     let res_mid = &mut acts.res_mid[..n * c];
     linear::forward(
         ctx.backend,
-        precision,
+        ctx.precision,
         res_mid,
-        atty,
-        p.wo.of(params),
+        &acts.atty[..n * c],
+        ctx.p.wo.of(ctx.params),
         n,
         c,
         c,

@@ -250,47 +250,42 @@ impl Model {
         cache: &mut KvCache,
         x: &mut [f32],
     ) -> Result<(), ModelError> {
-        let c = self.config.d_model;
-        let k = x.len() / c;
+        let k = x.len() / self.config.d_model;
         let pos0 = cache.len();
-        let dims = self.block_dims();
-        let precision = self.config.precision;
-        let Model {
-            params,
-            decode_params,
-            layout,
-            backend,
-            rope,
-            ws,
-            router_bias,
-            experts,
-            ..
-        } = self;
-        let ws = ws.as_mut().expect("callers run ensure_workspace first");
-        let (params, mut rows) = decode_view!(params, decode_params, backend, precision);
-        let mut ctx = BlockContext {
-            backend: &mut rows,
-            precision,
-            params,
-            p: &layout.blocks[layer],
-            dims,
-            rope,
-            present: experts.layer(layer),
-            bias: &router_bias[layer],
-            b: 1,
-            t: k,
-        };
-        let acts = &mut ws.blocks[layer];
-        let kv = &mut cache.layers[layer];
-        block::attention_cached(&mut ctx, x, &mut kv.keys, &mut kv.values, pos0, acts)?;
-        x.copy_from_slice(&acts.res_mid[..k * c]);
-        Ok(())
+        self.block_step(layer, k, |ctx, acts| {
+            let kv = &mut cache.layers[layer];
+            block::attention_cached(ctx, x, &mut kv.keys, &mut kv.values, pos0, acts)?;
+            x.copy_from_slice(&acts.res_mid[..x.len()]);
+            Ok(())
+        })
     }
 
     /// [`Model::decode_ffn`] after its checks.
     fn ffn_step(&mut self, layer: usize, x: &mut [f32]) -> Result<(), ModelError> {
-        let c = self.config.d_model;
-        let k = x.len() / c;
+        let k = x.len() / self.config.d_model;
+        self.block_step(layer, k, |ctx, acts| {
+            let BlockActs {
+                res_mid,
+                ln2,
+                ln2_rstd,
+                ffn,
+                ..
+            } = acts;
+            let n = x.len();
+            res_mid[..n].copy_from_slice(x);
+            block::ffn_forward(ctx, &res_mid[..n], x, ln2, ln2_rstd, ffn)?;
+            Ok(())
+        })
+    }
+
+    /// Runs `step` with block `layer`'s context for `k` new positions of one sequence, on the decode view
+    /// of the parameters and backend ([`decode_view!`]), and the block's saved activations.
+    fn block_step<R>(
+        &mut self,
+        layer: usize,
+        k: usize,
+        step: impl FnOnce(&mut BlockContext<'_>, &mut BlockActs) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
         let dims = self.block_dims();
         let precision = self.config.precision;
         let Model {
@@ -318,16 +313,7 @@ impl Model {
             b: 1,
             t: k,
         };
-        let BlockActs {
-            res_mid,
-            ln2,
-            ln2_rstd,
-            ffn,
-            ..
-        } = &mut ws.blocks[layer];
-        res_mid[..k * c].copy_from_slice(x);
-        block::ffn_forward(&mut ctx, &res_mid[..k * c], x, ln2, ln2_rstd, ffn)?;
-        Ok(())
+        step(&mut ctx, &mut ws.blocks[layer])
     }
 
     /// The main head on the last hidden states `h` [R, C] of a step, into `out` [R, V].
