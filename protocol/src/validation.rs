@@ -444,56 +444,13 @@ pub fn validate_message(
 /// trusts): about a committed round, so never ahead of the current one, and recent (an old figure has
 /// nothing left to tell).
 fn check_evaluation(ctx: &ValidationContext<'_>, m: &Evaluation) -> Result<(), Rejection> {
-    let kind = "evaluation";
-    let current = ctx
-        .current
-        .ok_or(Rejection::NoRound {
-            kind,
-            round: m.round,
-        })?
-        .round;
-    if m.round > current {
-        return Err(Rejection::FutureRound {
-            kind,
-            round: m.round,
-            current,
-        });
-    }
-    if current - m.round > MAX_DISPUTE_AGE_ROUNDS {
-        return Err(Rejection::StaleRound {
-            kind,
-            round: m.round,
-            current,
-        });
-    }
-    Ok(())
+    recent_round(ctx, "evaluation", m.round)
 }
 
 /// A dispute may come from any node (a holder of the shard); it must be about a round already committed or
 /// being committed (not ahead of the current one), recent, and actually disagree with the commit it quotes.
 fn check_dispute(ctx: &ValidationContext<'_>, m: &CommitDispute) -> Result<(), Rejection> {
-    let kind = "commit-dispute";
-    let current = ctx
-        .current
-        .ok_or(Rejection::NoRound {
-            kind,
-            round: m.round,
-        })?
-        .round;
-    if m.round > current {
-        return Err(Rejection::FutureRound {
-            kind,
-            round: m.round,
-            current,
-        });
-    }
-    if current - m.round > MAX_DISPUTE_AGE_ROUNDS {
-        return Err(Rejection::StaleRound {
-            kind,
-            round: m.round,
-            current,
-        });
-    }
+    recent_round(ctx, "commit-dispute", m.round)?;
     if m.computed == m.committed {
         return Err(Rejection::Inconsistent(
             "the dispute computes the committed hash".into(),
@@ -503,6 +460,32 @@ fn check_dispute(ctx: &ValidationContext<'_>, m: &CommitDispute) -> Result<(), R
         return Err(Rejection::Inconsistent(
             "with no accepted delta the computed hash must be the base's".into(),
         ));
+    }
+    Ok(())
+}
+
+/// The message's round must be a recent committed one: not ahead of the current round, and at most
+/// [`MAX_DISPUTE_AGE_ROUNDS`] behind it (a current round must exist). Disputes and evaluations speak of
+/// rounds just committed.
+fn recent_round(
+    ctx: &ValidationContext<'_>,
+    kind: &'static str,
+    round: u64,
+) -> Result<(), Rejection> {
+    let current = ctx.current.ok_or(Rejection::NoRound { kind, round })?.round;
+    if round > current {
+        return Err(Rejection::FutureRound {
+            kind,
+            round,
+            current,
+        });
+    }
+    if current - round > MAX_DISPUTE_AGE_ROUNDS {
+        return Err(Rejection::StaleRound {
+            kind,
+            round,
+            current,
+        });
     }
     Ok(())
 }

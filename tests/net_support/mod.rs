@@ -208,8 +208,6 @@ pub struct RoundNet {
     pub data: std::sync::Arc<mana_kernels::data::TextDataset>,
     pub stop_tx: tokio::sync::watch::Sender<bool>,
     pub stop_rx: tokio::sync::watch::Receiver<bool>,
-    /// The evaluator, once [`RoundNet::add_evaluator`] started it.
-    pub evaluator: Option<(std::sync::Arc<NodeHandle>, RoleTask)>,
 }
 
 impl RoundNet {
@@ -251,7 +249,6 @@ impl RoundNet {
             data,
             stop_tx,
             stop_rx,
-            evaluator: None,
         };
         for i in 0..honest {
             let name = format!("node-{i}");
@@ -260,20 +257,6 @@ impl RoundNet {
             net.add_trainer(config).await;
         }
         net
-    }
-
-    /// Starts an evaluator of the run (see [`start_evaluator`]), so that the metrics get their validation loss.
-    pub async fn add_evaluator(&mut self) {
-        let evaluator = start_evaluator(
-            self.dir.path(),
-            &self.boot,
-            self.coordinator.public_key(),
-            &self.spec,
-            &self.data,
-            self.stop_rx.clone(),
-        )
-        .await;
-        self.evaluator = Some(evaluator);
     }
 
     /// Starts one more honest trainer (a member of the run) with `config`, at any time: a late joiner.

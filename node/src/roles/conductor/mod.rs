@@ -215,8 +215,6 @@ struct Role {
     dials: admission::DialBudget,
     allowlist: Option<admission::AllowlistFile>,
     val_loss: Option<f32>,
-    /// This coordinator's validation loss of its recent commits (by round), to check evaluators' figures.
-    own_val: BTreeMap<u64, f32>,
     /// Evaluations that matched this coordinator's figure, and those that did not.
     evaluations_agreed: u64,
     evaluations_disagreed: u64,
@@ -438,7 +436,6 @@ impl Role {
             dials: admission::DialBudget::default(),
             allowlist,
             val_loss: None,
-            own_val: BTreeMap::new(),
             evaluations_agreed: 0,
             evaluations_disagreed: 0,
             recent_commits: std::collections::VecDeque::new(),
@@ -755,12 +752,6 @@ impl Role {
         let ann = self.last_announcement.clone().filter(|a| a.round == round);
         let val_loss = self.validation_loss(ann.as_ref().map(|a| &a.hyper)).await;
         self.val_loss = val_loss;
-        if let Some(v) = val_loss {
-            self.own_val.insert(round, v);
-            while self.own_val.len() > 8 {
-                self.own_val.pop_first();
-            }
-        }
         self.recent_commits.push_back(CommitSummary {
             round,
             accepted: accepted as u64,
@@ -882,7 +873,13 @@ impl Role {
         {
             return;
         }
-        let Some(&own) = self.own_val.get(&e.round) else {
+        // The coordinator's own figure for the round, while it is among the recent commits.
+        let Some(own) = self
+            .recent_commits
+            .iter()
+            .find(|c| c.round == e.round)
+            .and_then(|c| c.val_loss)
+        else {
             return;
         };
         if e.batches as u64 == self.cfg.val_batches
