@@ -466,9 +466,9 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
     }
 }
 
-/// A published score is reproducible: a holder that recomputes it with `rescore` (from the base states of
-/// the shards it holds, the seed and the payload) gets the verifier's losses bit for bit on the same machine,
-/// and a score the verifier shaded by more than the tolerance does not agree.
+/// A published score is reproducible: a holder that recomputes it with `rescore` (from the base model, the
+/// seed and the payload) gets the verifier's losses bit for bit on the same machine, and a score the verifier
+/// shaded by more than the tolerance does not agree.
 #[test]
 fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
     let spec = RunSpec::tiny();
@@ -529,16 +529,10 @@ fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
             }
         })
         .collect();
-    // A holder with only some of the payloads recomputes those (here the last two, given in reverse), from
-    // the shards it holds (the trunk and one expert), not the whole model the verifier held.
-    let held: Vec<ShardRecord> = base
-        .iter()
-        .filter(|s| s.shard == ShardId::Trunk || s.shard == experts[2])
-        .cloned()
-        .collect();
+    // A holder with only some of the payloads recomputes those (here the last two, given in reverse).
     let at_hand: Vec<(DeltaScore, &[f32])> =
         vec![(published[2], &trunk[2][..]), (published[1], &trunk[1][..])];
-    let again = rescore(&spec, &hyper, &data, round, seed, &held, &at_hand).unwrap();
+    let again = rescore(&spec, &hyper, &data, round, seed, &base, &at_hand).unwrap();
     assert_eq!(again.len(), 2);
     for (p, s) in &again {
         assert!(score_agrees(p, s), "{p:?} against {s:?}");
@@ -570,52 +564,6 @@ fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
     // Another seed gives another batch: a commit that reveals a different secret than the one it used is caught.
     let other = rescore(&spec, &hyper, &data, round, seed + 1, &base, &at_hand).unwrap();
     assert!(other.iter().any(|(p, s)| !score_agrees(p, s)));
-}
-
-/// A score needs only the round's base trunk and the scored shard: an expert delta scores bit for bit the
-/// same from the whole model, from the trunk and the expert, and from those with another expert beside them;
-/// without the trunk (or the shard) there is no score, only a typed error.
-#[test]
-fn an_expert_score_needs_only_the_trunk_and_the_expert() {
-    let spec = RunSpec::tiny();
-    let data = dataset();
-    let mut cfg = SimConfig::new(&spec, UpdateRule::Sync, 1, 2);
-    cfg.baselines = false;
-    cfg.eval_every = 0;
-    let base = simulate(&spec, &data, &cfg).unwrap().state;
-    let hyper = cfg.hyper.clone();
-    let round = 3;
-    let experts = spec.experts();
-    let (shard, other) = (experts[1], experts[4]);
-    let part = participant(1, &[ShardId::Trunk, shard], 77);
-    let ann = announcement(&spec, &hyper, round, 1, vec![part.clone()]);
-    let local = train_local(&spec, &ann, &part, &base, &data).unwrap();
-    let delta = local
-        .deltas
-        .into_iter()
-        .find(|(s, _)| *s == shard)
-        .unwrap()
-        .1;
-    let batch = score_batch(&spec, &hyper, &data, 9, shard).unwrap();
-    let with = |shards: &[ShardId]| -> Result<(f32, f32), RoundError> {
-        let held: Vec<ShardRecord> = base
-            .iter()
-            .filter(|s| shards.contains(&s.shard))
-            .cloned()
-            .collect();
-        let mut scorer = ShardScorer::new(&spec, &hyper, round, &held, shard, batch.clone(), 2)?;
-        let s = scorer.score(&delta)?;
-        Ok((s.null_loss, s.loss))
-    };
-    let whole = with(&spec.shards()).unwrap();
-    assert!(whole.0 != whole.1, "the delta changes the loss");
-    assert_eq!(with(&[ShardId::Trunk, shard]).unwrap(), whole);
-    assert_eq!(with(&[ShardId::Trunk, other, shard]).unwrap(), whole);
-    assert!(matches!(with(&[shard]), Err(RoundError::MissingTrunk)));
-    assert!(matches!(
-        with(&[ShardId::Trunk, other]),
-        Err(RoundError::MissingShard { .. })
-    ));
 }
 
 /// The commit's weights enter the holders' update: weights that are all equal give `apply_round`'s result bit

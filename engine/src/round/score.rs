@@ -1,15 +1,7 @@
 //! The score of a contribution: what one delta does to the loss on a batch that its sender could not know in
-//! advance, against a zero delta. Anyone who holds the shard's base state, the round's base trunk, the run's
-//! text and the round's public record can recompute every score bit for bit, so a verdict is a reproducible
-//! record, not the verifier's word.
-//!
-//! **The model it is measured on** is the round's base trunk and the scored shard alone, whatever else the
-//! scorer holds: the trunk by itself for a trunk delta (its shared experts, no routed one), the trunk and the
-//! one expert for an expert delta (routing chooses among the experts present, so every token goes through
-//! it). So any holder of the shard, or anyone who fetches its base blob and the trunk's, produces the same
-//! score; nobody needs the whole model to judge a shard, and an expert's delta is judged on every token of
-//! the batch instead of the few the full model routes to it (measured in `engine/tests/round_engine.rs`:
-//! this separates honest expert deltas from sign-flipped ones more widely than the whole model did).
+//! advance, against a zero delta. Anyone who holds the base shards, the run's text and the round's public
+//! record can recompute every score bit for bit, so a verdict is a reproducible record, not the verifier's
+//! word.
 //!
 //! **What is compared** (measured in `engine/tests/round_engine.rs`): the round's own update (AdamW from the
 //! shard's stored moments in `sync`, the outer step from its buffer in `diloco`) with this delta alone, at its
@@ -49,7 +41,7 @@ use crate::coordinator::assign::mix;
 use mana_protocol::validation::median_norm;
 
 /// Domain tag of [`score_seed`] (a new scoring rule gets a new tag).
-const SEED_TAG: &[u8] = b"mana/score-seed/v3";
+const SEED_TAG: &[u8] = b"mana/score-seed/v2";
 
 /// One contribution's score.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,28 +123,26 @@ pub fn score_batch(
 
 /// What score a contribution needs, by the kind of shard it updates. Measured in `engine/tests/round_engine.rs`
 /// (`score_ranks_honest_deltas_above_zero_random_and_flipped_ones`: tiny model, 4 participants each holding
-/// the trunk and half the experts, after 1, 6 and 30 rounds of sync and 1 and 6 of diloco, each delta scored
-/// on the base trunk and its shard alone; 3 score seeds in the test, 12 for the figures here, which are in
-/// docs/security.md):
-/// - **trunk**: every token goes through it, so one batch judges it. Honest deltas always gained (+0.0035 to
-///   +0.43 nats); random vectors at the honest norm gained at most +0.0057 (late in training a step along
+/// the trunk and half the experts, 3 score seeds, after 1, 6 and 30 rounds of sync and 1 and 6 of diloco;
+/// the figures are in docs/security.md):
+/// - **trunk**: every token goes through it, so one batch judges it. Honest deltas always gained (+0.010 to
+///   +0.42 nats); random vectors at the honest norm gained at most +0.0037 (late in training a step along
 ///   AdamW's stored moments helps a little whatever its direction), sign-flipped gradients always lost. A
-///   trunk delta must gain more than `trunk_min_gain` (0) and more than `trunk_share` (15%) of the median
-///   gain of the other senders' trunk deltas in the same round, when that median is positive: the size of an
-///   honest gain shrinks as the model trains, and a random delta's stays a small part of the honest median
-///   (one random delta of 240 passed, after 30 sync rounds, at 0.00102 against a bar of 0.00101). Honest gains
-///   spread widely too: in 100-round demos (one micro-batch a round), a bar of a quarter refused 23 of 400
-///   honest trunk deltas (22 with a score batch four times larger), 15% refused 32, 22 of which had lost on
-///   their batch: the refusals are mostly honest single-batch gradients that do not help, whatever the bar.
+///   trunk delta must gain more than `trunk_min_gain` (0) and more than `trunk_share` (15%) of the
+///   median gain of the other senders' trunk deltas in the same round, when that median is positive: the
+///   size of an honest gain shrinks as the model trains, and a random delta's stays a small part of the
+///   honest median (after 30 sync rounds, at most a ninth of the smallest honest gain). Honest gains spread widely too: in
+///   100-round demos (one micro-batch a round), a bar of a quarter refused 23 of 400 honest trunk deltas
+///   (22 with a score batch four times larger), 15% refused 32, 22 of which had lost on their batch: the
+///   refusals are mostly honest single-batch gradients that do not help, whatever the bar.
 ///   Not covered: diloco after 30 rounds, where one honest trunk delta of four lost 0.029 nats on its batch
-///   (its sender's local model had overfit its own text) while the others gained up to 0.036; such a delta
-///   is refused, and its sender loses standing for it.
-/// - **experts**: scored with the trunk and the expert alone, every token of the batch goes through the
-///   expert. Honest expert deltas scored from −0.0061 to +0.041 nats, sign-flipped ones from −0.022 to
-///   +0.0017: more apart than on the whole model (where few tokens reach one expert: −0.0008 to +0.015 against
-///   −0.006 to +0.0008), but not apart enough for a bar at zero. An expert delta is refused only when it
-///   clearly harms: a loss of more than `expert_tolerance` (0.01 nats; the worst honest one lost 0.0061).
-///   What slips under it is bounded by the norm bounds and the robust mean (docs/security.md).
+///   (its sender's local model had overfit its own text) while the others gained up to
+///   0.036; such a delta is refused, and its sender loses standing for it.
+/// - **experts**: only the tokens routed to an expert carry its signal, and one batch holds few: honest
+///   expert deltas scored from −0.0008 to +0.015 nats, flipped ones from −0.006 to +0.0008, so one batch
+///   cannot tell them apart. An expert delta is refused only when it clearly harms: a loss of more than
+///   `expert_tolerance` (0.005 nats). What slips under it is bounded by the norm bounds and the robust mean
+///   (docs/security.md).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScorePolicy {
     /// A trunk delta must gain more than this (nats).
@@ -168,7 +158,7 @@ impl Default for ScorePolicy {
         ScorePolicy {
             trunk_min_gain: 0.0,
             trunk_share: 0.15,
-            expert_tolerance: 0.01,
+            expert_tolerance: 0.005,
         }
     }
 }
@@ -223,10 +213,8 @@ pub struct ShardScorer {
 }
 
 impl ShardScorer {
-    /// A scorer for `shard` in round `round`, on `batch`, for a round in which `deltas` deltas to the shard
-    /// are scored (each is applied at weight `1/deltas`). `base` holds the round's base states of at least
-    /// the trunk and `shard`; any other shard in it is left out (see the module doc), so the score is the
-    /// same whoever computes it.
+    /// A scorer for `shard` of `base` (every shard of the round's base model) in round `round`, on `batch`,
+    /// for a round in which `deltas` deltas to the shard are scored (each is applied at weight `1/deltas`).
     pub fn new(
         spec: &RunSpec,
         hyper: &HyperParams,
@@ -243,16 +231,7 @@ impl ShardScorer {
                 shard: shard.to_string(),
             })?
             .clone();
-        let trunk = base
-            .iter()
-            .find(|s| s.shard == ShardId::Trunk)
-            .ok_or(RoundError::MissingTrunk)?;
-        let judged: Vec<ShardRecord> = if shard == ShardId::Trunk {
-            vec![target.clone()]
-        } else {
-            vec![trunk.clone(), target.clone()]
-        };
-        let trainer = build_trainer(spec, hyper, &judged)?;
+        let trainer = build_trainer(spec, hyper, base)?;
         let weight = 1.0 / deltas.max(1) as f32;
         let mut scorer = ShardScorer {
             weight,
@@ -330,8 +309,8 @@ pub fn score_agrees(published: &DeltaScore, computed: &Score) -> bool {
     close(published.null_loss, computed.null_loss) && close(published.loss, computed.loss)
 }
 
-/// Recomputes the published scores of the deltas at hand, the way the verifier computed them: from `base`
-/// (the round's base states of the trunk and of every shard scored here; other shards are not needed), the batch of each shard from the round's `seed` (the commit's
+/// Recomputes the published scores of the deltas at hand, the way the verifier computed them: the round's
+/// base model `base` (every shard), the batch of each shard from the round's `seed` (the commit's
 /// [`commit_score_seed`]), each delta applied at `1 / in_mean`. Returns each published score with the one
 /// computed here, in the order given. This is how any holder of the shards checks a verdict, so it is the
 /// verifier's own code path ([`ShardScorer`]), not a copy.

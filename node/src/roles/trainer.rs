@@ -819,8 +819,8 @@ impl Trainer {
     /// re-checked" of docs/security.md): the commit must reveal the seed secret the announcement committed to,
     /// each of this node's own deltas refused as `low-score` must have a published score, and every published
     /// score of a delta at hand (its own, and the accepted deltas of its shards) must come out the same when
-    /// recomputed from the round's base trunk and shard. A false one is logged as an error and counted in the
-    /// status (`score_mismatches`); the node does not stop for it (unlike a shard hash that does not reproduce,
+    /// recomputed from the round's base model. A false one is logged as an error and counted in the status
+    /// (`score_mismatches`); the node does not stop for it (unlike a shard hash that does not reproduce,
     /// which is proof), as another CPU may sum a loss in another order, within [`mana_engine::round::SCORE_TOLERANCE`].
     async fn check_scores(
         &mut self,
@@ -914,9 +914,8 @@ impl Trainer {
         });
     }
 
-    /// Recomputes published scores from the round's base states of the shards this node holds: a score
-    /// needs only the trunk and the scored shard ([`mana_engine::round::ShardScorer`]), and every delta at
-    /// hand is one of this node's shards, so nothing is fetched.
+    /// Recomputes published scores from the round's whole base model (the shards this node holds, the
+    /// others from the store or from peers: a node's shard sync keeps every committed checkpoint).
     async fn rescore(
         &mut self,
         commit: &RoundCommit,
@@ -925,19 +924,21 @@ impl Trainer {
     ) -> Result<Vec<(DeltaScore, mana_engine::round::Score)>, NodeError> {
         let ann = &assigned.announcement;
         let round = ann.round;
-        let items: Vec<(DeltaScore, Arc<Vec<f32>>)> = items
-            .into_iter()
-            .filter(|(p, _)| assigned.base.contains_key(&p.shard))
+        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
+        let missing: Vec<ShardEntry> = manifest
+            .shards
+            .iter()
+            .filter(|e| !assigned.base.contains_key(&e.shard))
+            .copied()
             .collect();
-        let held: Vec<ShardRecord> = assigned
-            .base
-            .values()
-            .filter(|h| {
-                h.state.shard == ShardId::Trunk
-                    || items.iter().any(|(p, _)| p.shard == h.state.shard)
-            })
-            .map(|h| (*h.state).clone())
-            .collect();
+        let mut model: Vec<ShardRecord> =
+            assigned.base.values().map(|h| (*h.state).clone()).collect();
+        model.extend(
+            self.fetch_shards(&missing, round)
+                .await?
+                .into_iter()
+                .map(|(_, s)| s),
+        );
         let (spec, hyper, data) = (
             self.cfg.spec.clone(),
             ann.hyper.clone(),
@@ -947,7 +948,7 @@ impl Trainer {
         blocking(move || {
             let deltas: Vec<(DeltaScore, &[f32])> =
                 items.iter().map(|(p, d)| (*p, d.as_slice())).collect();
-            Ok(rescore(&spec, &hyper, &data, round, seed, &held, &deltas)?)
+            Ok(rescore(&spec, &hyper, &data, round, seed, &model, &deltas)?)
         })
         .await
     }
