@@ -345,8 +345,9 @@ async fn a_coordinator_that_publishes_false_scores_is_caught() {
     let caught = net
         .wait_trainers(
             Duration::from_secs(60),
-            "every trainer found its delta's published score false",
-            |s| training(s).score_mismatches >= 1,
+            "every trainer found its delta's published score false and applied the commit",
+            // The score check comes before the commit is stored: both are waited for.
+            |s| training(s).score_mismatches >= 1 && training(s).applied_round == Some(LIE),
         )
         .await;
     for s in &caught {

@@ -276,6 +276,11 @@ async fn run_attacker(
         let mut honest_trunk = None;
         let mut poisoned = None;
         for (shard, delta) in &local.deltas {
+            let loads: &[u32] = if *shard == ShardId::Trunk {
+                &local.expert_tokens
+            } else {
+                &[]
+            };
             if *shard == target
                 && let Some(bad) = attack.poison(delta, ann.round, scale)
             {
@@ -289,7 +294,7 @@ async fn run_attacker(
                 let mut encoder = DeltaEncoder::new(ann.hyper.codec).expect("codec");
                 poisoned = Some(
                     binding
-                        .wrap(&encoder.encode(&bad).expect("encode"))
+                        .wrap(loads, &encoder.encode(&bad).expect("encode"))
                         .expect("bind"),
                 );
             }
@@ -303,7 +308,7 @@ async fn run_attacker(
                 sender: me,
             };
             let payload = binding
-                .wrap(&encoder.encode(delta).expect("encode"))
+                .wrap(loads, &encoder.encode(delta).expect("encode"))
                 .expect("bind");
             let size = payload.len() as u64;
             if *shard == ShardId::Trunk {

@@ -18,7 +18,7 @@ use mana_node::roles::conductor::{
 };
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::RecordKind;
-use mana_protocol::{CheckpointManifest, UpdateRule};
+use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;
 
@@ -167,6 +167,17 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
             .expect("a committed shard");
         shards.push(ShardRecord::from_bytes(&bytes, &spec, entry.shard).expect("a shard state"));
     }
+    // The trunk's holders moved the router biases from the members' expert loads (and, below, all of them
+    // hold the same trunk): the balance is the network's, not one node's.
+    let trunk = shards
+        .iter()
+        .find(|s| s.shard == ShardId::Trunk)
+        .expect("the trunk");
+    assert!(
+        trunk.router_bias.iter().any(|b| *b != 0.0),
+        "the router biases never moved: {:?}",
+        trunk.router_bias
+    );
     let recomputed = mana_engine::round::validation_loss(&spec, &hyper, &data, &shards, 4)
         .expect("the loss recomputed");
     assert_eq!(lines.last().and_then(|m| m.val_loss), Some(recomputed));

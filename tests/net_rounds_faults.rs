@@ -286,7 +286,10 @@ async fn run_malicious(
                 shard: target,
                 sender: me,
             };
-            let payload = binding.wrap(&payload).expect("bind");
+            // With the expert loads an honest contribution to the target carries, so that only the attack
+            // itself is wrong.
+            let loads = vec![1; mana_engine::round::loads_len(&spec, target)];
+            let payload = binding.wrap(&loads, &payload).expect("bind");
             let Ok(hash) = node.host_blob(payload.clone()).await else {
                 continue;
             };

@@ -75,6 +75,7 @@ fn hyper() -> HyperParams {
         batch_tokens: 4096,
         seq_len: 256,
         codec: CodecOptions::default(),
+        router_bias_gamma: 0.001,
     }
 }
 

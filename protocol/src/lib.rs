@@ -33,7 +33,8 @@ pub mod wire;
 pub use bytes::Bytes;
 pub use codec::{CodecError, CodecOptions, DeltaEncoder, ScaleFormat, decode_delta, encode_delta};
 pub use contribution::{
-    Binding, ContributionError, contribution_len, decode_contribution, split_contribution,
+    Binding, Contribution, ContributionError, MAX_EXPERT_LOADS, SplitContribution,
+    contribution_len, decode_contribution, split_contribution,
 };
 pub use envelope::{SIGNING_DOMAIN, SignedEnvelope, decode_envelope};
 pub use error::ProtocolError;

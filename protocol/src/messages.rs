@@ -46,6 +46,10 @@ pub struct HyperParams {
     pub seq_len: u32,
     /// How nodes must encode their deltas.
     pub codec: CodecOptions,
+    /// How far a router bias moves per optimizer step the round stands for, towards balanced expert loads
+    /// (DeepSeek-V3's auxiliary-loss-free rule: 0.001); the trunk's holders move the biases once a round
+    /// from the loads the participants report. 0 keeps the biases frozen.
+    pub router_bias_gamma: f32,
 }
 
 /// One node's part in a round: which shards it trains and which data it reads.

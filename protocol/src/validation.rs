@@ -301,6 +301,15 @@ pub enum Rejection {
         /// The delta's length.
         got: usize,
     },
+    /// The payload carries another number of expert loads than its shard's contributions do (the model's
+    /// routed experts for the trunk, none for an expert).
+    #[error("bad-payload: {got} expert loads, a contribution to this shard carries {expected}")]
+    WrongLoads {
+        /// The number the shard's contributions carry.
+        expected: usize,
+        /// The number in the payload.
+        got: usize,
+    },
     /// The payload is not a contribution (no binding, or a malformed one).
     #[error("bad-payload: {0}")]
     BadContribution(ContributionError),
@@ -337,6 +346,7 @@ impl Rejection {
             Rejection::SizeMismatch { .. } => RejectCode::SizeMismatch,
             Rejection::BadPayload(_)
             | Rejection::WrongLength { .. }
+            | Rejection::WrongLoads { .. }
             | Rejection::BadContribution(_) => RejectCode::BadPayload,
             Rejection::NotBound { .. } => RejectCode::NotBound,
         }
@@ -547,9 +557,16 @@ fn check_announcement(m: &RoundAnnouncement) -> Result<(), Rejection> {
         ("weight_decay", h.weight_decay),
         ("outer_lr", h.outer_lr),
         ("outer_momentum", h.outer_momentum),
+        ("router_bias_gamma", h.router_bias_gamma),
         ("max_norm_ratio", m.max_norm_ratio),
     ] {
         finite(field, v)?;
+    }
+    if !(0.0..=1.0).contains(&h.router_bias_gamma) {
+        return Err(Rejection::Inconsistent(format!(
+            "router_bias_gamma {} is not in [0, 1]",
+            h.router_bias_gamma
+        )));
     }
     if let Some(d) = h.codec.top_k_density {
         finite("top_k_density", d)?;
@@ -660,18 +677,29 @@ fn check_heartbeat(m: &Heartbeat) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// A contribution payload that passed [`validate_delta_payload`]: its decoded delta and expert loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPayload {
+    /// The delta's values (finite, the shard's length).
+    pub delta: Vec<f32>,
+    /// The routed slots per expert the sender's training saw (the trunk's contributions; empty otherwise).
+    pub loads: Vec<u32>,
+}
+
 /// Checks a fetched contribution payload against its (already validated) announcement, signed by `sender`:
 /// size, hash, the [`Binding`] (this sender, run, round and shard, so nobody can re-announce another's
-/// payload or an old one), decoding, length `shard_len`, finiteness, and, when the round's `median_norm`
-/// for the shard is known and positive, norm at most `max_norm_ratio` times it. Returns the decoded delta.
+/// payload or an old one), `loads_len` expert loads, decoding, length `shard_len`, finiteness, and, when the
+/// round's `median_norm` for the shard is known and positive, norm at most `max_norm_ratio` times it.
+/// Returns the decoded delta and the loads.
 pub fn validate_delta_payload(
     announcement: &DeltaAnnouncement,
     sender: &PublicKey,
     payload: &[u8],
     shard_len: usize,
+    loads_len: usize,
     median_norm: Option<f32>,
     max_norm_ratio: f32,
-) -> Result<Vec<f32>, Rejection> {
+) -> Result<ValidPayload, Rejection> {
     let size = payload.len() as u64;
     if size != announcement.payload_size {
         return Err(Rejection::SizeMismatch {
@@ -686,14 +714,21 @@ pub fn validate_delta_payload(
             got,
         });
     }
-    let (bound, encoded) = split_contribution(payload).map_err(Rejection::BadContribution)?;
+    let split = split_contribution(payload).map_err(Rejection::BadContribution)?;
     let claimed = Binding::of(announcement, *sender);
-    if bound != claimed {
+    if split.binding != claimed {
         return Err(Rejection::NotBound {
             claimed: Box::new(claimed),
-            bound: Box::new(bound),
+            bound: Box::new(split.binding),
         });
     }
+    if split.loads.len() != loads_len {
+        return Err(Rejection::WrongLoads {
+            expected: loads_len,
+            got: split.loads.len(),
+        });
+    }
+    let encoded = split.delta;
     let header = DeltaHeader::parse(encoded).map_err(Rejection::BadPayload)?;
     if header.len != shard_len {
         return Err(Rejection::WrongLength {
@@ -720,7 +755,10 @@ pub fn validate_delta_payload(
             ratio: max_norm_ratio,
         });
     }
-    Ok(delta)
+    Ok(ValidPayload {
+        delta,
+        loads: split.loads,
+    })
 }
 
 /// The L2 norm of `values`, accumulated in f64.

@@ -330,7 +330,7 @@ fn tampered_envelopes_are_refused_as_bad_envelopes() {
 fn bound_announcement() -> (DeltaAnnouncement, Vec<u8>) {
     let mut ann = delta_announcement();
     let payload = Binding::of(&ann, node().public())
-        .wrap(&sample_payload())
+        .wrap(&[], &sample_payload())
         .unwrap();
     ann.payload_hash = ContentHash::of(&payload);
     ann.payload_size = payload.len() as u64;
@@ -342,30 +342,36 @@ fn delta_payloads_are_checked_against_their_announcement() {
     let (ann, payload) = bound_announcement();
     let me = node().public();
     let n = sample_delta().len();
-    let delta = validate_delta_payload(&ann, &me, &payload, n, None, 3.0).unwrap();
-    let norm = l2_norm(&delta);
-    assert!(validate_delta_payload(&ann, &me, &payload, n, Some(norm), 3.0).is_ok());
+    let valid = validate_delta_payload(&ann, &me, &payload, n, 0, None, 3.0).unwrap();
+    assert!(valid.loads.is_empty());
+    let norm = l2_norm(&valid.delta);
+    // An expert's contribution carries no loads, a trunk's the model's routed experts: any other count is
+    // refused.
+    let r = validate_delta_payload(&ann, &me, &payload, n, 4, None, 3.0).unwrap_err();
+    assert_eq!(r.code(), RejectCode::BadPayload);
+    assert!(r.to_string().contains("expert loads"), "{r}");
+    assert!(validate_delta_payload(&ann, &me, &payload, n, 0, Some(norm), 3.0).is_ok());
 
-    let r = validate_delta_payload(&ann, &me, &payload, n, Some(norm / 4.0), 3.0).unwrap_err();
+    let r = validate_delta_payload(&ann, &me, &payload, n, 0, Some(norm / 4.0), 3.0).unwrap_err();
     assert_eq!(r.code(), RejectCode::NormTooLarge);
     assert!(r.to_string().starts_with("norm-too-large"), "{r}");
 
     let mut tampered = payload.clone();
     tampered[20] ^= 1;
     assert_eq!(
-        validate_delta_payload(&ann, &me, &tampered, n, None, 3.0)
+        validate_delta_payload(&ann, &me, &tampered, n, 0, None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::HashMismatch
     );
     assert_eq!(
-        validate_delta_payload(&ann, &me, &payload[..payload.len() - 1], n, None, 3.0)
+        validate_delta_payload(&ann, &me, &payload[..payload.len() - 1], n, 0, None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::SizeMismatch
     );
     assert_eq!(
-        validate_delta_payload(&ann, &me, &payload, n + 1, None, 3.0)
+        validate_delta_payload(&ann, &me, &payload, n + 1, 0, None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::BadPayload
@@ -377,7 +383,7 @@ fn delta_payloads_are_checked_against_their_announcement() {
         junk_ann.payload_hash = ContentHash::of(&junk);
         junk_ann.payload_size = junk.len() as u64;
         assert_eq!(
-            validate_delta_payload(&junk_ann, &me, &junk, n, None, 3.0)
+            validate_delta_payload(&junk_ann, &me, &junk, n, 0, None, 3.0)
                 .unwrap_err()
                 .code(),
             RejectCode::BadPayload
@@ -390,14 +396,15 @@ fn a_payload_is_refused_under_any_other_sender_round_or_shard() {
     let (ann, payload) = bound_announcement();
     let n = sample_delta().len();
     // Another key re-announcing the same hash.
-    let r = validate_delta_payload(&ann, &outsider().public(), &payload, n, None, 3.0).unwrap_err();
+    let r =
+        validate_delta_payload(&ann, &outsider().public(), &payload, n, 0, None, 3.0).unwrap_err();
     assert_eq!(r.code(), RejectCode::NotBound);
     assert!(r.to_string().starts_with("not-bound"), "{r}");
     // The same sender, in a later round or for another shard.
     let mut later = ann.clone();
     later.round += 1;
     assert_eq!(
-        validate_delta_payload(&later, &node().public(), &payload, n, None, 3.0)
+        validate_delta_payload(&later, &node().public(), &payload, n, 0, None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::NotBound
@@ -405,7 +412,7 @@ fn a_payload_is_refused_under_any_other_sender_round_or_shard() {
     let mut other = ann.clone();
     other.shard = ShardId::expert(1, 1).unwrap();
     assert_eq!(
-        validate_delta_payload(&other, &node().public(), &payload, n, None, 3.0)
+        validate_delta_payload(&other, &node().public(), &payload, n, 0, None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::NotBound

@@ -47,6 +47,19 @@ fn generated() -> Vec<(String, Vec<u8>)> {
         "delta_sparse_pow2".into(),
         encode_delta(&sample_delta()[..8], &sparse).unwrap(),
     ));
+    let trunk = Binding {
+        shard: ShardId::Trunk,
+        ..Binding::of(&delta_announcement(), node().public())
+    };
+    out.push((
+        "contribution_trunk".into(),
+        trunk
+            .wrap(
+                &[12, 0, 7, 3],
+                &encode_delta(&sample_delta()[..8], &CodecOptions::default()).unwrap(),
+            )
+            .unwrap(),
+    ));
     out
 }
 
@@ -193,4 +206,8 @@ fn vectors_decode_to_the_fixtures() {
     );
     let dense = decode_delta(&get("delta_dense"), 8).unwrap();
     assert_eq!(dense.len(), 8);
+    let trunk = decode_contribution(&get("contribution_trunk"), 8).unwrap();
+    assert_eq!(trunk.binding.shard, ShardId::Trunk);
+    assert_eq!(trunk.loads, vec![12, 0, 7, 3]);
+    assert_eq!(trunk.delta, dense);
 }

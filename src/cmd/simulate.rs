@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use mana_engine::round::{RoundReport, RunSpec, SimConfig, SimReport, simulate_with};
+use mana_engine::round::{
+    RoundReport, RunSpec, SimConfig, SimReport, build_trainer, simulate_with,
+};
 use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
 use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
 use mana_kernels::model::ModelConfig;
@@ -101,6 +103,13 @@ pub struct SimulateArgs {
     /// Skip the two single-node baselines.
     #[arg(long)]
     no_baselines: bool,
+    /// How far a router bias moves per optimizer step towards balanced expert loads (the network moves
+    /// them once a round from the nodes' loads; default: the model's, 0.001); 0 keeps them frozen.
+    #[arg(long)]
+    router_bias_gamma: Option<f32>,
+    /// Save the network's final model here (a `mana train` checkpoint directory, for `mana generate`).
+    #[arg(long)]
+    save: Option<PathBuf>,
     /// Print JSON: one object per round, then the report.
     #[arg(long)]
     json: bool,
@@ -131,6 +140,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     }
     if let Some(x) = args.outer_lr {
         h.outer_lr = x;
+    }
+    if let Some(x) = args.router_bias_gamma {
+        h.router_bias_gamma = x;
     }
     if let Some(x) = args.outer_momentum {
         h.outer_momentum = x;
@@ -179,8 +191,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             cfg.nodes, cfg.replication, rule, cfg.inner_steps, cfg.rounds, cfg.hyper.batch_tokens
         );
         println!(
-            "{:>6} {:>10} {:>10} {:>12} {:>14}",
-            "round", "train", "val", "tokens", "wire bytes"
+            "{:>6} {:>10} {:>10} {:>10} {:>12} {:>14}",
+            "round", "train", "val", "imbalance", "tokens", "wire bytes"
         );
     }
     let json = args.json;
@@ -193,14 +205,23 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         } else if !r.val_loss.is_nan() {
             bar.suspend(|| {
                 println!(
-                    "{:>6} {:>10.4} {:>10.4} {:>12} {:>14}",
-                    r.round, r.train_loss, r.val_loss, r.tokens, r.wire_bytes
+                    "{:>6} {:>10.4} {:>10.4} {:>10.2} {:>12} {:>14}",
+                    r.round, r.train_loss, r.val_loss, r.imbalance, r.tokens, r.wire_bytes
                 )
             });
         }
     };
     let report = simulate_with(&spec, &data, &cfg, &mut on_round)?;
     bar.finish_and_clear();
+    if let Some(dir) = &args.save {
+        build_trainer(&spec, &cfg.hyper, &report.state)
+            .context("building the final model")?
+            .save(dir)
+            .with_context(|| format!("saving the final model to {}", dir.display()))?;
+        if !args.json {
+            println!("final model saved to {}", dir.display());
+        }
+    }
     if json {
         println!("{}", serde_json::to_string(&summary_json(&report))?);
     } else {
@@ -240,37 +261,40 @@ fn summary_json(r: &SimReport) -> serde_json::Value {
 fn print_summary(r: &SimReport) {
     println!();
     println!(
-        "{:<44} {:>10} {:>8} {:>12}",
-        "", "val loss", "steps", "tokens"
+        "{:<44} {:>10} {:>8} {:>12} {:>10}",
+        "", "val loss", "steps", "tokens", "imbalance"
     );
     println!(
-        "{:<44} {:>10.4} {:>8} {:>12}",
+        "{:<44} {:>10.4} {:>8} {:>12} {:>10.2}",
         format!(
             "network ({}, {} nodes, H = {})",
             r.rule, r.nodes, r.inner_steps
         ),
         r.val_loss,
         r.rounds.len(),
-        r.tokens
+        r.tokens,
+        r.imbalance
     );
     if let Some(f) = &r.full {
         let gap = 100.0 * (r.val_loss - f.val_loss) / f.val_loss;
         println!(
-            "{:<44} {:>10.4} {:>8} {:>12}   network {:+.2}%",
+            "{:<44} {:>10.4} {:>8} {:>12} {:>10.2}   network {:+.2}%",
             format!("full model, one node, batch {} seqs", f.batch_sequences),
             f.val_loss,
             f.steps,
             f.tokens,
+            f.imbalance,
             gap
         );
     }
     if let Some(a) = &r.alone {
         println!(
-            "{:<44} {:>10.4} {:>8} {:>12}",
+            "{:<44} {:>10.4} {:>8} {:>12} {:>10.2}",
             format!("one node alone, batch {} seqs", a.batch_sequences),
             a.val_loss,
             a.steps,
-            a.tokens
+            a.tokens,
+            a.imbalance
         );
     }
     println!();

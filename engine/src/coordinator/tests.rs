@@ -49,6 +49,7 @@ fn hyper() -> HyperParams {
         batch_tokens: 1024,
         seq_len: 128,
         codec: CodecOptions::default(),
+        router_bias_gamma: 0.001,
     }
 }
 

@@ -26,8 +26,9 @@
 
 use mana_kernels::model::{ExpertSet, ParamLayout};
 use mana_kernels::optim::AdamW;
-use mana_protocol::{ContentHash, HyperParams, UpdateRule};
+use mana_protocol::{ContentHash, HyperParams, RoundAnnouncement, UpdateRule};
 
+use super::balance::{ExpertLoads, balance_router};
 use super::error::RoundError;
 use super::spec::RunSpec;
 use super::state::{RunShard, ShardRecord};
@@ -53,6 +54,25 @@ pub fn apply_round(
     deltas: &[(ContentHash, Vec<f32>)],
 ) -> Result<ShardRecord, RoundError> {
     apply_weighted_round(spec, hyper, round, base, deltas, &vec![1; deltas.len()])
+}
+
+/// A holder's whole update of one shard for round `ann`: [`apply_weighted_round`] with the commit's deltas
+/// and weights, then, for the trunk, the router biases moved by the accepted trunk contributions' expert
+/// `loads` ([`super::balance::balance_router`]; ignored for an expert). Every applier of a commit (the
+/// coordinator, each holder, the simulator) calls this one function, so that all compute the same bytes.
+pub fn apply_shard_round(
+    spec: &RunSpec,
+    ann: &RoundAnnouncement,
+    base: &ShardRecord,
+    deltas: &[(ContentHash, Vec<f32>)],
+    weights: &[u32],
+    loads: &[ExpertLoads],
+) -> Result<ShardRecord, RoundError> {
+    let mut next = apply_weighted_round(spec, &ann.hyper, ann.round, base, deltas, weights)?;
+    if next.shard == mana_kernels::model::ShardId::Trunk && !deltas.is_empty() {
+        balance_router(spec, ann, &mut next, loads)?;
+    }
+    Ok(next)
 }
 
 /// [`apply_round`] with each delta at its weight in the mean (`weights[i]` for `deltas[i]`, each at least

@@ -16,14 +16,11 @@
 //!   rounds and it may be a different node next time, so no state is assumed to survive; the inner AdamW
 //!   starts from zero moments with bias correction, at the learning rate of the schedule at the round's first
 //!   global inner step (`round · H`), held constant through the round.
-//! - **Router biases are frozen in network training** (they stay at their value in the trunk's state, zero
-//!   for a fresh run). The auxiliary-loss-free rule moves a bias by the expert's load, but no holder of the
-//!   trunk sees the global loads (each node counts only its own tokens, routed among its own subset of
-//!   experts), the protocol carries no load statistics, and a bias that drifted per node would make the
-//!   holders' trunks differ. Balance comes from the sequence-wise balance loss, which is part of every
-//!   gradient, and from the restricted routing itself (each node spreads its tokens over its own experts).
-//!   A deterministic global update (loads reported with the deltas, summed by the trunk's holders) is the
-//!   natural next step.
+//! - **Router biases do not move during a participant's training** (they stay at their value in the round's
+//!   base trunk): a bias that drifted per node would make the trunk's holders disagree. Instead the
+//!   participant counts the routed slots each of its experts received ([`LocalResult::expert_tokens`]), its
+//!   trunk contribution carries the counts, and the trunk's holders move the biases once a round from every
+//!   accepted participant's counts together ([`super::balance`]).
 
 use mana_kernels::data::TextDataset;
 use mana_kernels::model::ShardId;
@@ -41,6 +38,10 @@ pub struct LocalResult {
     pub deltas: Vec<(ShardId, Vec<f32>)>,
     /// Tokens trained on, first and last micro-batch losses, and the L2 norm of all deltas together.
     pub stats: TrainingStats,
+    /// The routed slots each expert received in this round's training forwards, in the layout of the trunk's
+    /// router biases (MoE layers in order, `n_routed_experts` each; zero for experts not held): sent with
+    /// the trunk delta, for [`super::balance`].
+    pub expert_tokens: Vec<u32>,
 }
 
 /// Which micro-batch `h` of `round` a participant with `data_seeds` trains on: (seed, data shard, step).
@@ -99,7 +100,16 @@ pub fn train_local(
         let (seed, shard, step) = micro_batch_key(&me.data_seeds, ann.round, h)?;
         Ok::<_, RoundError>(data.batch(seed, shard, step, b, t)?)
     };
-    let deltas: Vec<(ShardId, Vec<f32>)> = match ann.hyper.update_rule {
+    let counts = |model: &mana_kernels::model::Model| -> Vec<u32> {
+        model
+            .expert_counts()
+            .iter()
+            .flatten()
+            .map(|&c| u32::try_from(c).unwrap_or(u32::MAX))
+            .collect()
+    };
+    let (deltas, expert_tokens): (Vec<(ShardId, Vec<f32>)>, Vec<u32>) = match ann.hyper.update_rule
+    {
         UpdateRule::Sync => {
             let mut trainer = build_trainer(spec, &ann.hyper, &held)?;
             trainer.model_mut().zero_grads();
@@ -111,14 +121,15 @@ pub fn train_local(
                 last_loss = stats.loss;
             }
             let scale = h_steps as f32;
-            assigned
+            let deltas = assigned
                 .iter()
                 .map(|&shard| {
                     let mut g = trainer.model().export_shard_grad(shard)?;
                     g.iter_mut().for_each(|x| *x /= scale);
                     Ok((shard, g))
                 })
-                .collect::<Result<_, RoundError>>()?
+                .collect::<Result<_, RoundError>>()?;
+            (deltas, counts(trainer.model()))
         }
         UpdateRule::Diloco => {
             // Constant through the round, at the schedule's value for the round's first global inner step.
@@ -138,14 +149,15 @@ pub fn train_local(
                 }
                 last_loss = stats.loss;
             }
-            assigned
+            let deltas = assigned
                 .iter()
                 .map(|&shard| {
                     let now = local.model().export_shard(shard)?;
                     let base = &find(shard)?.params;
                     Ok((shard, base.iter().zip(&now).map(|(b, n)| b - n).collect()))
                 })
-                .collect::<Result<_, RoundError>>()?
+                .collect::<Result<_, RoundError>>()?;
+            (deltas, counts(local.model()))
         }
     };
     let mut sq = 0f64;
@@ -164,5 +176,9 @@ pub fn train_local(
         loss_after: last_loss,
         delta_norm: sq.sqrt() as f32,
     };
-    Ok(LocalResult { deltas, stats })
+    Ok(LocalResult {
+        deltas,
+        stats,
+        expert_tokens,
+    })
 }

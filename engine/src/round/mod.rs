@@ -8,6 +8,7 @@
 //! - [`local`]: a participant's work in a round (sync: mean gradient of H micro-batches; diloco: H AdamW
 //!   steps, pseudo-gradient);
 //! - [`apply`]: a holder's update from the committed deltas (robust mean, then AdamW or Nesterov);
+//! - [`balance`]: the router biases moved once a round from every participant's expert loads;
 //! - [`norms`]: the lower and upper bounds on a delta's norm, from other senders' norms only;
 //! - [`score`]: a contribution's reproducible score (its gain over a zero delta on a batch fixed after the deltas are in);
 //! - [`evaluate`]: the validation loss of a whole checkpoint (what an evaluator publishes);
@@ -15,6 +16,7 @@
 //! - [`error`]: the engine's one error type, [`RoundError`].
 
 pub mod apply;
+pub mod balance;
 pub mod error;
 pub mod evaluate;
 pub mod local;
@@ -24,7 +26,8 @@ pub mod simulate;
 pub mod spec;
 pub mod state;
 
-pub use apply::{apply_round, apply_weighted_round};
+pub use apply::{apply_round, apply_shard_round, apply_weighted_round};
+pub use balance::{ExpertLoads, balance_router, imbalance, load_ratios, loads_len};
 pub use error::RoundError;
 pub use evaluate::validation_loss;
 pub use local::{LocalResult, train_local};
@@ -33,6 +36,8 @@ pub use score::{
     SCORE_TOLERANCE, Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, rescore,
     score_agrees, score_batch, score_seed,
 };
-pub use simulate::{BaselineReport, RoundReport, SimConfig, SimReport, simulate, simulate_with};
+pub use simulate::{
+    BaselineReport, RoundReport, SimConfig, SimReport, full_model_baseline, simulate, simulate_with,
+};
 pub use spec::RunSpec;
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};

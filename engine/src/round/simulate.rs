@@ -1,5 +1,5 @@
 //! N simulated nodes in one process, on the same engine the network runs ([`train_local`],
-//! [`apply_round`]) but with no network: each round every node trains its part, encodes each delta with the
+//! [`apply_shard_round`]) but with no network: each round every node trains its part, encodes each delta with the
 //! protocol's codec (one [`DeltaEncoder`] per node and shard, error feedback kept across rounds, exactly as
 //! the trainer role does), the payloads are decoded and hashed, and each shard is updated from the decoded
 //! deltas of its holders. Used by the engine's tests (convergence, equivalence, determinism) and by
@@ -36,7 +36,8 @@ use mana_protocol::{
 };
 use serde::Serialize;
 
-use super::apply::apply_round;
+use super::apply::apply_shard_round;
+use super::balance::ExpertLoads;
 use super::error::RoundError;
 use super::local::{micro_batch_key, train_local};
 use super::spec::RunSpec;
@@ -98,6 +99,9 @@ pub struct RoundReport {
     pub train_loss: f32,
     /// Validation loss of the model after the round (NaN when not evaluated this round).
     pub val_loss: f32,
+    /// The routing imbalance of the whole model on the validation batches after the round: the most routed
+    /// slots of an expert over the fewest, in the worst layer (NaN when not evaluated this round).
+    pub imbalance: f64,
     /// Tokens trained on by all nodes so far.
     pub tokens: u64,
     /// Encoded payload bytes of this round, each counted once.
@@ -117,6 +121,8 @@ pub struct BaselineReport {
     pub tokens: u64,
     /// Final validation loss.
     pub val_loss: f32,
+    /// The routing imbalance at the end (as [`RoundReport::imbalance`]).
+    pub imbalance: f64,
 }
 
 /// What a simulation measured.
@@ -136,6 +142,8 @@ pub struct SimReport {
     pub rounds: Vec<RoundReport>,
     /// Final validation loss of the network's model.
     pub val_loss: f32,
+    /// The final routing imbalance of the network's model ([`RoundReport::imbalance`]).
+    pub imbalance: f64,
     /// Tokens trained on by all nodes.
     pub tokens: u64,
     /// Payload bytes, each payload once.
@@ -189,19 +197,32 @@ pub fn node_data_seed(data_seed: u64, n: usize, round: u64) -> u64 {
     )
 }
 
-/// Mean validation loss of the model held by `trainer` over `cfg.eval_batches` fixed validation batches.
+/// Mean validation loss of the model held by `trainer` over `cfg.eval_batches` fixed validation batches,
+/// and the imbalance of its routing over them ([`super::balance::imbalance`]).
 fn evaluate(
     trainer: &mut Trainer,
     data: &TextDataset,
     cfg: &SimConfig,
     t: usize,
-) -> Result<f32, RoundError> {
+) -> Result<(f32, f64), RoundError> {
     let mut sum = 0f64;
+    let mut counts: Vec<Vec<u64>> = Vec::new();
     for i in 0..cfg.eval_batches {
         let batch = data.validation_batch(i, cfg.eval_batch_size, t)?;
-        sum += f64::from(trainer.evaluate(&batch)?.loss);
+        let (stats, routed) = trainer.model_mut().evaluate_routing(&batch)?;
+        sum += f64::from(stats.loss);
+        if counts.is_empty() {
+            counts = routed;
+        } else {
+            for (acc, layer) in counts.iter_mut().zip(&routed) {
+                acc.iter_mut().zip(layer).for_each(|(a, c)| *a += c);
+            }
+        }
     }
-    Ok((sum / cfg.eval_batches.max(1) as f64) as f32)
+    Ok((
+        (sum / cfg.eval_batches.max(1) as f64) as f32,
+        super::balance::imbalance(&counts),
+    ))
 }
 
 /// Runs the simulation (see the module doc).
@@ -303,12 +324,17 @@ pub fn simulate_with(
             seed_commitment: ContentHash([0; 32]),
         };
         let mut received: BTreeMap<ShardId, Vec<(ContentHash, Vec<f32>)>> = BTreeMap::new();
+        let mut loads = Vec::new();
         let (mut round_payload, mut round_wire) = (0u64, 0u64);
         let mut loss_sum = 0f64;
         for (n, me) in participants.iter().enumerate() {
             let local = train_local(spec, &ann, me, &state, data)?;
             loss_sum += f64::from(local.stats.loss_before);
             tokens += local.stats.tokens;
+            loads.push(ExpertLoads {
+                sender: me.node,
+                counts: local.expert_tokens,
+            });
             for (shard, delta) in local.deltas {
                 let (payload, decoded) = if cfg.compress {
                     let enc = match encoders.entry((n, shard)) {
@@ -341,21 +367,24 @@ pub fn simulate_with(
         let mut next = Vec::with_capacity(state.len());
         for s in &state {
             let deltas = received.get(&s.shard).map(|v| v.as_slice()).unwrap_or(&[]);
-            next.push(apply_round(spec, &cfg.hyper, round, s, deltas)?);
+            let weights = vec![1; deltas.len()];
+            next.push(apply_shard_round(spec, &ann, s, deltas, &weights, &loads)?);
         }
         state = next;
         payload_bytes += round_payload;
         wire_bytes += round_wire;
         let last = round + 1 == cfg.rounds;
-        let val_loss = if last || (cfg.eval_every > 0 && (round + 1) % cfg.eval_every == 0) {
-            evaluate(&mut build_trainer(spec, &cfg.hyper, &state)?, data, cfg, t)?
-        } else {
-            f32::NAN
-        };
+        let (val_loss, imbalance) =
+            if last || (cfg.eval_every > 0 && (round + 1) % cfg.eval_every == 0) {
+                evaluate(&mut build_trainer(spec, &cfg.hyper, &state)?, data, cfg, t)?
+            } else {
+                (f32::NAN, f64::NAN)
+            };
         let report = RoundReport {
             round,
             train_loss: (loss_sum / cfg.nodes as f64) as f32,
             val_loss,
+            imbalance,
             tokens,
             payload_bytes: round_payload,
             wire_bytes: round_wire,
@@ -372,8 +401,8 @@ pub fn simulate_with(
     let allreduce_bytes = full_steps * 8 * (n - 1) * params;
     let (full, alone) = if cfg.baselines {
         (
-            Some(baseline(spec, data, cfg, (b, t), false)?),
-            Some(baseline(spec, data, cfg, (b, t), true)?),
+            Some(baseline(spec, data, cfg, (b, t), false)?.0),
+            Some(baseline(spec, data, cfg, (b, t), true)?.0),
         )
     } else {
         (None, None)
@@ -385,6 +414,7 @@ pub fn simulate_with(
         inner_steps: cfg.inner_steps,
         params,
         val_loss: rounds.last().map(|r| r.val_loss).unwrap_or(f32::NAN),
+        imbalance: rounds.last().map(|r| r.imbalance).unwrap_or(f64::NAN),
         rounds,
         tokens,
         payload_bytes,
@@ -400,6 +430,19 @@ pub fn simulate_with(
     })
 }
 
+/// The full model trained on one node on the same tokens as `cfg`'s network: the same global batch per
+/// optimizer step (every node's micro-batches of a round in sync, of one inner step in diloco) and the same
+/// number of steps (see the module doc). Returns its report and the trained model, e.g. for `mana demo` to
+/// compare what the network learned with what one machine learns from the same text.
+pub fn full_model_baseline(
+    spec: &RunSpec,
+    data: &TextDataset,
+    cfg: &SimConfig,
+) -> Result<(BaselineReport, Trainer), RoundError> {
+    let shape = spec.batch_shape(&cfg.hyper)?;
+    baseline(spec, data, cfg, shape, false)
+}
+
 /// Trains one single-node baseline on the full model (see the module doc): `alone` uses node 0's data only.
 fn baseline(
     spec: &RunSpec,
@@ -407,7 +450,11 @@ fn baseline(
     cfg: &SimConfig,
     (b, t): (usize, usize),
     alone: bool,
-) -> Result<BaselineReport, RoundError> {
+) -> Result<(BaselineReport, Trainer), RoundError> {
+    // The router biases move by the run's gamma after every step, as one node training alone moves them.
+    let mut spec = spec.clone();
+    spec.model.bias_gamma = cfg.hyper.router_bias_gamma;
+    let spec = &spec;
     let init = initial_shards(spec)?;
     let mut trainer = build_trainer_with(spec, spec.optim_config(&cfg.hyper), true, &init)?;
     let nodes = if alone { 1 } else { cfg.nodes };
@@ -447,11 +494,13 @@ fn baseline(
         trainer.apply_update()?;
         trainer.model_mut().update_router_bias();
     }
-    let val_loss = evaluate(&mut trainer, data, cfg, t)?;
-    Ok(BaselineReport {
+    let (val_loss, imbalance) = evaluate(&mut trainer, data, cfg, t)?;
+    let report = BaselineReport {
         steps: steps.len() as u64,
         batch_sequences,
+        imbalance,
         tokens,
         val_loss,
-    })
+    };
+    Ok((report, trainer))
 }

@@ -83,6 +83,7 @@ impl RunSpec {
             batch_tokens: 256,
             seq_len: 32,
             codec: CodecOptions::default(),
+            router_bias_gamma: self.model.bias_gamma,
         }
     }
 

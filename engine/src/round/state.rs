@@ -11,7 +11,8 @@
 //! state is local to each participant and reset every round, see [`super::local`]). Both always have the
 //! parameters' length, so the blob layout does not depend on the rule.
 //!
-//! Router biases ride with the trunk and are frozen in network training (see [`super::local`] for why).
+//! Router biases ride with the trunk; they move once a round, by the trunk's holders, from the participants'
+//! expert loads ([`super::balance`]).
 
 use std::path::Path;
 

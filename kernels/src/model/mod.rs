@@ -394,6 +394,19 @@ impl Model {
         }
     }
 
+    /// Per layer (empty for dense layers), the routed slots each expert received in training forwards since
+    /// the last [`Model::update_router_bias`] or [`Model::reset_expert_counts`]: what a network participant
+    /// reports with its trunk delta, so that the trunk's holders can move the router biases from the loads
+    /// of every participant together.
+    pub fn expert_counts(&self) -> &[Vec<u64>] {
+        &self.expert_counts
+    }
+
+    /// Sets every expert count to zero (a participant's round starts from none).
+    pub fn reset_expert_counts(&mut self) {
+        self.expert_counts.iter_mut().for_each(|c| c.fill(0));
+    }
+
     /// Per MoE block, the fraction of routed slots each expert received since the last bias update.
     pub fn expert_load(&self) -> Vec<Vec<f32>> {
         self.expert_counts
@@ -821,6 +834,21 @@ impl Model {
         let stats = self.forward(b, t, true)?;
         self.backward(b, t)?;
         Ok(stats)
+    }
+
+    /// Losses on one batch, and the routed slots each expert received on it (per layer, empty for dense
+    /// layers): how balanced the model's routing is, measured without training. The counts kept for
+    /// [`Model::update_router_bias`] are left as they were.
+    pub fn evaluate_routing(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<(LossStats, Vec<Vec<u64>>), ModelError> {
+        let kept = self.expert_counts.clone();
+        self.reset_expert_counts();
+        let (b, t) = self.load_batch(batch)?;
+        let result = self.forward(b, t, true);
+        let counts = std::mem::replace(&mut self.expert_counts, kept);
+        Ok((result?, counts))
     }
 
     /// Losses on one batch, without gradients or load counting.

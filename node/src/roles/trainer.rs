@@ -12,7 +12,8 @@
 //!    anyway, and publishing it would cost this node gossip score).
 //!
 //! For every [`RoundCommit`] of a round the node was assigned in (trained or not), for each of its shards:
-//! the accepted payloads are fetched and [`apply_weighted_round`] (at the commit's weights) computes the new shard; its hash must equal the
+//! the accepted payloads are fetched and [`apply_shard_round`] (at the commit's weights, the trunk's router
+//! biases moved by the accepted trunk payloads' expert loads) computes the new shard; its hash must equal the
 //! commit's entry, and a shard with no accepted delta must keep its base hash ([`commit_check`]). If a
 //! payload could not be fetched the committed shard is fetched instead (nothing is proven). If the node had
 //! every payload and the hash differs, the commit is wrong: the node does not adopt it, publishes a signed
@@ -34,9 +35,10 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, DeltaAnnouncement,
-    DeltaEncoder, DeltaScore, DeviceKind, Message, Participant, PublicKey, RejectCode,
-    RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution, validation::l2_norm,
+    Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
+    DeltaAnnouncement, DeltaEncoder, DeltaScore, DeviceKind, Message, Participant, PublicKey,
+    RejectCode, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution,
+    validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
 
@@ -48,8 +50,8 @@ use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::round::{
-    RunShard, RunSpec, ShardRecord, apply_weighted_round, commit_score_seed, rescore, score_agrees,
-    train_local,
+    ExpertLoads, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed, rescore,
+    score_agrees, train_local,
 };
 
 /// How a trainer runs.
@@ -522,7 +524,14 @@ impl Trainer {
                 shard,
                 sender: self.node.public_key(),
             };
-            let payload = binding.wrap(&encoder.encode(&delta).map_err(NodeError::from)?)?;
+            // The trunk's contribution carries the expert loads of this node's training (for the router
+            // biases, see `mana_engine::round::balance`); an expert's carries none.
+            let loads: &[u32] = if shard == ShardId::Trunk {
+                &result.expert_tokens
+            } else {
+                &[]
+            };
+            let payload = binding.wrap(loads, &encoder.encode(&delta).map_err(NodeError::from)?)?;
             let mut stats = result.stats;
             stats.delta_norm = l2_norm(&delta);
             let size = payload.len() as u64;
@@ -722,9 +731,9 @@ impl Trainer {
                     self.pins.add(round, *hash);
                 }
                 match deltas {
-                    Ok(deltas) => {
-                        let (spec, hyper, state) =
-                            (self.cfg.spec.clone(), ann.hyper.clone(), base.state.clone());
+                    Ok((deltas, loads)) => {
+                        let (spec, ann, state) =
+                            (self.cfg.spec.clone(), ann.clone(), base.state.clone());
                         // Each payload keeps the weight the commit lists beside it, whatever order the
                         // fetch returns them in.
                         let weight_of: BTreeMap<ContentHash, u32> = accepted
@@ -738,9 +747,8 @@ impl Trainer {
                             .collect();
                         // The payloads come back from the update, kept for the score check (no copy).
                         let (new_state, deltas) = blocking(move || {
-                            let next = apply_weighted_round(
-                                &spec, &hyper, round, &state, &deltas, &weights,
-                            )?;
+                            let next =
+                                apply_shard_round(&spec, &ann, &state, &deltas, &weights, &loads)?;
                             Ok((next, deltas))
                         })
                         .await?;
@@ -852,7 +860,7 @@ impl Trainer {
                 && let Some(len) = self.cfg.spec.shard_len(*shard).ok()
             {
                 match self.fetch_deltas(&[*hash], len).await {
-                    Ok(mut d) if d.len() == 1 => {
+                    Ok((mut d, _)) if d.len() == 1 => {
                         let (h, v) = d.remove(0);
                         at_hand.insert(h, Arc::new(v));
                     }
@@ -1015,16 +1023,17 @@ impl Trainer {
         Ok(())
     }
 
-    /// The accepted payloads of one shard, decoded, sorted by payload hash (the aggregation order).
+    /// The accepted payloads of one shard, decoded, sorted by payload hash (the aggregation order), and the
+    /// expert loads they carry (the trunk's).
     async fn fetch_deltas(
         &self,
         hashes: &[ContentHash],
         len: usize,
-    ) -> Result<Vec<(ContentHash, Vec<f32>)>, NodeError> {
+    ) -> Result<(Vec<(ContentHash, Vec<f32>)>, Vec<ExpertLoads>), NodeError> {
         let node = self.node.clone();
         let timeout = self.cfg.fetch_timeout;
         let coordinator = self.coordinator_peer();
-        let results: Vec<Result<(ContentHash, Vec<f32>), NodeError>> =
+        let results: Vec<Result<(ContentHash, Contribution), NodeError>> =
             futures::stream::iter(hashes.iter().copied())
                 .map(|hash| {
                     let node = node.clone();
@@ -1033,17 +1042,27 @@ impl Trainer {
                     hints.extend(coordinator.iter().copied());
                     async move {
                         let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
-                        let delta =
-                            blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?;
-                        Ok((hash, delta))
+                        let c = blocking(move || Ok(decode_contribution(&bytes, len)?)).await?;
+                        Ok((hash, c))
                     }
                 })
                 .buffer_unordered(self.cfg.fetch_concurrency.max(1))
                 .collect()
                 .await;
-        let mut deltas = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        deltas.sort_by_key(|d| d.0);
-        Ok(deltas)
+        let mut fetched = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        fetched.sort_by_key(|d| d.0);
+        let mut loads = Vec::new();
+        let mut deltas = Vec::with_capacity(fetched.len());
+        for (hash, c) in fetched {
+            if !c.loads.is_empty() {
+                loads.push(ExpertLoads {
+                    sender: c.binding.sender,
+                    counts: c.loads,
+                });
+            }
+            deltas.push((hash, c.delta));
+        }
+        Ok((deltas, loads))
     }
 
     /// Stores the held shards as round `round` with this node's own manifest of them, hosted as a blob.

@@ -85,6 +85,7 @@ pub fn round_announcement() -> RoundAnnouncement {
                 scale: ScaleFormat::F32,
                 top_k_density: Some(0.02),
             },
+            router_bias_gamma: 0.001,
         },
         max_norm_ratio: 3.0,
         deadlines: Deadlines {

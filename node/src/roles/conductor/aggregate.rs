@@ -1,11 +1,12 @@
 //! Aggregation by the conductor: it holds the full model, so it computes every shard's new state from the
-//! round's accepted deltas ([`apply_weighted_round`], payload-hash order, each at the commit's weight), hosts the new blobs and reports them to the
-//! state machine.
+//! round's accepted deltas ([`apply_shard_round`]: payload-hash order, each at the commit's weight, and the
+//! trunk's router biases moved by the accepted trunk payloads' expert loads), hosts the new blobs and
+//! reports them to the state machine.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use mana_engine::round::apply_weighted_round;
+use mana_engine::round::{ExpertLoads, apply_shard_round};
 use mana_protocol::{
     AcceptedDeltas, ContentHash, RoundAnnouncement, ShardEntry, decode_contribution,
 };
@@ -34,6 +35,7 @@ impl Role {
                 continue;
             };
             let mut deltas = Vec::new();
+            let mut loads = Vec::new();
             for hash in &list.deltas {
                 let values = match self.decoded.get(hash) {
                     Some(v) => v.clone(),
@@ -47,15 +49,16 @@ impl Role {
                     },
                 };
                 deltas.push((*hash, (*values).clone()));
+                loads.extend(self.loads.get(hash).cloned());
             }
-            jobs.push((list.shard, base, deltas, list.weights.clone()));
+            jobs.push((list.shard, base, deltas, list.weights.clone(), loads));
         }
-        let (spec, hyper) = (self.cfg.spec.clone(), ann.hyper.clone());
+        let (spec, ann) = (self.cfg.spec.clone(), ann.clone());
         let jobs_len = jobs.len() as u64;
         let results = blocking(move || {
             let mut out = Vec::new();
-            for (shard, base, deltas, weights) in jobs {
-                match apply_weighted_round(&spec, &hyper, round, &base, &deltas, &weights) {
+            for (shard, base, deltas, weights, loads) in jobs {
+                match apply_shard_round(&spec, &ann, &base, &deltas, &weights, &loads) {
                     Ok(state) => out.push((shard, state)),
                     Err(e) => tracing::error!(round, %shard, error = %e, "shard not aggregated"),
                 }
@@ -111,8 +114,18 @@ impl Role {
         len: usize,
     ) -> Result<Arc<Vec<f32>>, NodeError> {
         let bytes = fetch_bytes(&self.node, hash, Vec::new(), self.cfg.fetch_timeout).await?;
-        let v = Arc::new(blocking(move || Ok(decode_contribution(&bytes, len)?.1)).await?);
+        let c = blocking(move || Ok(decode_contribution(&bytes, len)?)).await?;
+        let v = Arc::new(c.delta);
         self.decoded.insert(hash, v.clone());
+        if !c.loads.is_empty() {
+            self.loads.insert(
+                hash,
+                ExpertLoads {
+                    sender: c.binding.sender,
+                    counts: c.loads,
+                },
+            );
+        }
         Ok(v)
     }
 }

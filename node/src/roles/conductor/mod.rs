@@ -9,7 +9,7 @@
 //!   every [`ConductorConfig::tick`] with fresh OS randomness as the seed;
 //! - carries out its [`Action`]s: publishes announcements; verifies a round's deltas in a background task
 //!   ([`verify`]: bounds, norms and a reproducible score for every delta); aggregates itself — it holds the full model, so it computes every shard's new state with
-//!   [`apply_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
+//!   [`mana_engine::round::apply_shard_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
 //!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
 //!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
 //!   `mana status` shows it) and writes one metrics line ([`metrics`]);
@@ -55,8 +55,8 @@ use mana_engine::coordinator::{
     Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, Verdict, address_block,
 };
 use mana_engine::round::{
-    NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord, build_trainer,
-    initial_shards,
+    ExpertLoads, NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord,
+    build_trainer, initial_shards,
 };
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
@@ -193,6 +193,8 @@ struct Role {
     pending: BTreeMap<ShardId, (ContentHash, Arc<ShardRecord>)>,
     /// Decoded accepted payloads of the round in progress.
     decoded: HashMap<ContentHash, Arc<Vec<f32>>>,
+    /// The expert loads of the round's accepted trunk payloads, by payload.
+    loads: HashMap<ContentHash, ExpertLoads>,
     /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
     reasons: HashMap<(ShardId, PublicKey), (String, String)>,
     /// Recently accepted norms with their senders, for the norm bounds.
@@ -420,6 +422,7 @@ impl Role {
             model,
             pending: BTreeMap::new(),
             decoded: HashMap::new(),
+            loads: HashMap::new(),
             reasons: HashMap::new(),
             history,
             clock: RoundClock::default(),
@@ -531,6 +534,7 @@ impl Role {
                     ..RoundClock::default()
                 };
                 self.decoded.clear();
+                self.loads.clear();
                 self.reasons.clear();
                 self.pending.clear();
                 self.round_deltas.clear();
@@ -627,8 +631,17 @@ impl Role {
                 }
             }
             let verdict = match checked.outcome {
-                verify::Outcome::Accepted { delta, norm } => {
+                verify::Outcome::Accepted { delta, loads, norm } => {
                     self.decoded.insert(hash, delta);
+                    if !loads.is_empty() {
+                        self.loads.insert(
+                            hash,
+                            ExpertLoads {
+                                sender: checked.node,
+                                counts: loads,
+                            },
+                        );
+                    }
                     self.history.push(NormSample {
                         shard: checked.delta.shard,
                         sender: checked.node,
@@ -796,6 +809,7 @@ impl Role {
         self.pins
             .release_before(&self.node, round.saturating_sub(1), &keep);
         self.decoded.clear();
+        self.loads.clear();
         if self.cfg.rounds.is_some_and(|n| round >= n) {
             self.done = true;
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use mana_kernels::data::TextDataset;
-use mana_protocol::validation::{l2_norm, validate_delta_payload};
+use mana_protocol::validation::{ValidPayload, l2_norm, validate_delta_payload};
 use mana_protocol::{
     Binding, DeltaAnnouncement, DeltaScore, PublicKey, RejectCode, RoundAnnouncement, ShardId,
     contribution_len,
@@ -37,7 +37,7 @@ use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::net::fetch::FetchError;
 use mana_engine::round::{
     NormSample, NormVerdict, RunSpec, Score, ScorePolicy, ShardRecord, ShardScorer, is_scored,
-    judge_norm, score_batch,
+    judge_norm, loads_len, score_batch,
 };
 
 /// The reason logged for a payload that could not be fetched within its budget (its wire code is
@@ -76,6 +76,8 @@ pub(crate) struct VerifyInput {
 pub(crate) enum Outcome {
     Accepted {
         delta: Arc<Vec<f32>>,
+        /// Its expert loads (a trunk delta's; empty otherwise).
+        loads: Vec<u32>,
         norm: f32,
     },
     Rejected {
@@ -115,12 +117,12 @@ fn rejected(code: RejectCode, detail: impl ToString) -> Outcome {
 }
 
 /// Step 1 for one delta: `Err` with the refusal if the sender may not send it or its size is not the one
-/// the codec makes; `Ok` with the shard's length otherwise.
+/// the codec makes; `Ok` with the shard's length and its contributions' number of expert loads otherwise.
 fn authorize(
     input: &VerifyInput,
     sender: &PublicKey,
     delta: &DeltaAnnouncement,
-) -> Result<usize, Outcome> {
+) -> Result<(usize, usize), Outcome> {
     let ann = &input.announcement;
     if !ann
         .participant(sender)
@@ -138,7 +140,8 @@ fn authorize(
         .spec
         .shard_len(delta.shard)
         .map_err(|e| rejected(RejectCode::ShardNotAssigned, e))?;
-    let expected = contribution_len(&Binding::of(delta, *sender), len, &ann.hyper.codec)
+    let loads = loads_len(&input.spec, delta.shard);
+    let expected = contribution_len(&Binding::of(delta, *sender), loads, len, &ann.hyper.codec)
         .map_err(|e| rejected(RejectCode::BadPayload, e))?;
     if delta.payload_size != expected {
         let detail = format!(
@@ -147,7 +150,7 @@ fn authorize(
         );
         return Err(rejected(RejectCode::SizeMismatch, detail));
     }
-    Ok(len)
+    Ok((len, loads))
 }
 
 /// Steps 2 and 3 for one delta: fetch within its budget, validate, decode.
@@ -155,10 +158,10 @@ async fn fetch_and_validate(
     node: &NodeHandle,
     sender: PublicKey,
     delta: &DeltaAnnouncement,
-    len: usize,
+    (len, loads): (usize, usize),
     budget: Duration,
     ratio: f32,
-) -> Result<Vec<f32>, Outcome> {
+) -> Result<ValidPayload, Outcome> {
     let hints: Vec<_> = sender.peer_id().ok().into_iter().collect();
     // The budget in a few attempts: a request that hangs (a connection its peer already closed, say) is given
     // up and asked again on a fresh one, instead of taking the whole budget with it (a fetch that fails
@@ -201,7 +204,7 @@ async fn fetch_and_validate(
     let delta = delta.clone();
     let checked = blocking(move || {
         Ok(validate_delta_payload(
-            &delta, &sender, &bytes, len, None, ratio,
+            &delta, &sender, &bytes, len, loads, None, ratio,
         ))
     })
     .await;
@@ -222,7 +225,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     let mut checked = Vec::new();
     for (sender, delta) in &input.deltas {
         match authorize(&input, sender, delta) {
-            Ok(len) => pending.push((*sender, delta.clone(), len)),
+            Ok(sizes) => pending.push((*sender, delta.clone(), sizes)),
             Err(outcome) => checked.push(Checked {
                 node: *sender,
                 delta: delta.clone(),
@@ -232,13 +235,13 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         }
     }
     let (budget, ratio) = (input.fetch_budget, ann.max_norm_ratio);
-    let decoded: Vec<(PublicKey, DeltaAnnouncement, Result<Vec<f32>, Outcome>)> =
+    let decoded: Vec<(PublicKey, DeltaAnnouncement, Result<ValidPayload, Outcome>)> =
         futures::stream::iter(pending)
-            .map(|(sender, delta, len)| {
+            .map(|(sender, delta, sizes)| {
                 let node = node.clone();
                 async move {
                     let outcome =
-                        fetch_and_validate(&node, sender, &delta, len, budget, ratio).await;
+                        fetch_and_validate(&node, sender, &delta, sizes, budget, ratio).await;
                     (sender, delta, outcome)
                 }
             })
@@ -252,9 +255,9 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     let mut survivors = Vec::new();
     for (sender, delta, outcome) in decoded {
         match outcome {
-            Ok(values) => {
-                let norm = l2_norm(&values);
-                survivors.push((sender, delta, Arc::new(values), norm));
+            Ok(valid) => {
+                let norm = l2_norm(&valid.delta);
+                survivors.push((sender, delta, Arc::new(valid.delta), valid.loads, norm));
             }
             Err(outcome) => checked.push(Checked {
                 node: sender,
@@ -266,15 +269,15 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     }
     let samples: Vec<NormSample> = survivors
         .iter()
-        .map(|(sender, delta, _, norm)| NormSample {
+        .map(|(sender, delta, _, _, norm)| NormSample {
             shard: delta.shard,
             sender: *sender,
             norm: *norm,
         })
         .collect();
-    let mut by_shard: BTreeMap<ShardId, Vec<(PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, f32)>> =
-        BTreeMap::new();
-    for (sender, delta, values, norm) in survivors {
+    type Survivor = (PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, Vec<u32>, f32);
+    let mut by_shard: BTreeMap<ShardId, Vec<Survivor>> = BTreeMap::new();
+    for (sender, delta, values, loads, norm) in survivors {
         let verdict = judge_norm(
             &samples,
             &input.history,
@@ -311,7 +314,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             None => by_shard
                 .entry(delta.shard)
                 .or_default()
-                .push((sender, delta, values, norm)),
+                .push((sender, delta, values, loads, norm)),
         }
     }
 
@@ -321,13 +324,13 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     for (shard, deltas) in by_shard {
         let picked: Vec<bool> = deltas
             .iter()
-            .map(|(sender, _, _, _)| is_scored(seed, shard, sender, input.score_share))
+            .map(|(sender, ..)| is_scored(seed, shard, sender, input.score_share))
             .collect();
         let to_score: Vec<Arc<Vec<f32>>> = deltas
             .iter()
             .zip(&picked)
             .filter(|(_, p)| **p)
-            .map(|((_, _, values, _), _)| values.clone())
+            .map(|((_, _, values, ..), _)| values.clone())
             .collect();
         let in_mean = deltas.len();
         let scores = if to_score.is_empty() {
@@ -362,7 +365,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 // judged, and none is accepted unjudged; refused as not verified in time (`late`), which is the
                 // coordinator's failing and costs the senders nothing.
                 tracing::error!(round, %shard, error = %e, "scoring failed");
-                for (sender, delta, _, _) in deltas {
+                for (sender, delta, ..) in deltas {
                     checked.push(Checked {
                         node: sender,
                         delta,
@@ -377,7 +380,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             .iter()
             .map(|p| if *p { scores.next() } else { None })
             .collect();
-        for (i, ((sender, delta, values, norm), score)) in
+        for (i, ((sender, delta, values, loads, norm), score)) in
             deltas.into_iter().zip(scores.iter().copied()).enumerate()
         {
             // The other senders' gains on this shard, for the relative threshold.
@@ -405,6 +408,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                 ),
                 _ => Outcome::Accepted {
                     delta: values,
+                    loads,
                     norm,
                 },
             };
