@@ -166,6 +166,18 @@ fn demo_trains_and_writes_its_outputs() {
         stdout.contains("manifests AGREE") && stdout.contains("rounds    3 committed"),
         "{stdout}"
     );
+    // The exact answers per kind of line, the network's model beside one node's trained on as many tokens.
+    let answers = stdout
+        .lines()
+        .find(|l| l.starts_with("answers   exact"))
+        .unwrap_or_else(|| panic!("no answers line in {stdout}"));
+    for kind in ["arithmetic", "recall", "sorting", "reversal", "counting"] {
+        assert!(answers.contains(&format!("{kind} ")), "{answers}");
+    }
+    assert!(
+        stdout.contains("one node, full model, 150 steps on the same"),
+        "{stdout}"
+    );
     for name in ["bootstrap", "coordinator", "node-1", "node-2"] {
         assert!(
             out.join("logs").join(format!("{name}.log")).exists(),

@@ -20,6 +20,7 @@
 
 pub mod chaos;
 mod error;
+pub mod exact;
 pub mod manifests;
 pub mod metrics;
 mod network;
@@ -29,6 +30,7 @@ pub mod progress;
 mod rounds;
 pub mod sample;
 mod signals;
+pub mod single;
 pub mod status;
 mod summary;
 pub mod supervise;
@@ -81,6 +83,9 @@ pub struct DemoConfig {
     pub log_format: String,
     /// Kill and restart children while training (`--chaos`); `None`: no chaos.
     pub chaos: Option<chaos::ChaosConfig>,
+    /// After the run, train the full model on one node on as many tokens and score it beside the network's
+    /// (built-in corpus only).
+    pub single_node: bool,
 }
 
 /// Runs the demo to the end, then stops every child; prints the summary and writes `summary.txt`.
@@ -163,7 +168,37 @@ fn drive(
         cfg.sample_tokens
     );
     out.write("sample.txt", &sample::render(&samples, &header))?;
-    let summary = summary::summary(cfg, out, &rounds, &comparison, &samples, started.elapsed());
+    // Exact answers to the built-in corpus's questions, the network's model and (if asked) one node's.
+    let answers = if cfg.corpus.is_none() {
+        progress.phase("asking the final model the built-in corpus's questions");
+        let questions = exact::questions(exact::QUESTION_SEED);
+        let network = exact::score_checkpoint(&out.final_model(), &questions)?;
+        let single = if cfg.single_node {
+            progress.phase("training the full model on one node on as many tokens, for comparison");
+            Some(single::train_and_score(
+                &cfg.rule,
+                cfg.inner_steps,
+                cfg.seed,
+                cfg.nodes,
+                last.round,
+                &questions,
+            )?)
+        } else {
+            None
+        };
+        Some(summary::Answers { network, single })
+    } else {
+        None
+    };
+    let summary = summary::summary(
+        cfg,
+        out,
+        &rounds,
+        &comparison,
+        &samples,
+        answers.as_ref(),
+        started.elapsed(),
+    );
     if !comparison.agree {
         println!("{summary}");
         return Err(DemoError::Disagree(out.file("manifests.txt")));

@@ -5,12 +5,22 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use crate::DemoConfig;
+use crate::exact::{QUESTIONS_PER_KIND, Scores};
 use crate::manifests::Comparison;
 use crate::metrics::RoundMetrics;
 use crate::output::OutDir;
 use crate::progress::{self, human_bytes};
 use crate::rounds::Rounds;
 use crate::sample::{self, Sample};
+use crate::single::SingleNode;
+
+/// The exact-match scores of the network's final model and, when trained, of the single-node comparison.
+pub struct Answers {
+    /// The network's exported model.
+    pub network: Scores,
+    /// The full model trained on one node on as many tokens.
+    pub single: Option<SingleNode>,
+}
 
 /// The one-screen summary.
 pub fn summary(
@@ -19,6 +29,7 @@ pub fn summary(
     rounds: &Rounds,
     comparison: &Comparison,
     samples: &[Sample],
+    answers: Option<&Answers>,
     elapsed: Duration,
 ) -> String {
     let m = &rounds.metrics;
@@ -118,6 +129,24 @@ pub fn summary(
         .find(|l| l.starts_with("verdict:"))
         .unwrap_or("verdict: -");
     let _ = writeln!(s, "manifests {}", verdict.trim_start_matches("verdict: "));
+    if let Some(a) = answers {
+        let _ = writeln!(
+            s,
+            "answers   exact, of {} questions per kind: network {}",
+            QUESTIONS_PER_KIND,
+            a.network.line()
+        );
+        if let Some(one) = &a.single {
+            let _ = writeln!(
+                s,
+                "          one node, full model, {} steps on the same {} tokens (validation {}): {}",
+                one.steps,
+                one.tokens,
+                progress::loss(Some(one.val_loss)),
+                one.scores.line()
+            );
+        }
+    }
     if let Some(sample) = samples.first() {
         let _ = writeln!(s, "sample    {:?}", sample::first_line(sample));
     }

@@ -112,3 +112,59 @@ fn the_builtin_corpus_feeds_a_dataset() {
     assert!(b.tokens.iter().all(|&t| t < 128), "ASCII tokens");
     assert!(ds.validation_batch(0, 4, 128).is_ok());
 }
+
+#[test]
+fn every_kind_but_english_splits_into_a_prompt_and_its_answer() {
+    let cases = [
+        ("add 17+25=42\n", LineKind::Arithmetic, "add 17+25=", "42"),
+        (
+            "kv k3=v9 k7=v2 k7?v2",
+            LineKind::Recall,
+            "kv k3=v9 k7=v2 k7?",
+            "v2",
+        ),
+        (
+            "sort 5 3 9 1>1 3 5 9\n",
+            LineKind::Sort,
+            "sort 5 3 9 1>",
+            "1 3 5 9",
+        ),
+        ("rev lamp>pmal\n", LineKind::Reverse, "rev lamp>", "pmal"),
+        (
+            "count 7 8 9 10 11\n",
+            LineKind::Count,
+            "count 7 8 9 ",
+            "10 11",
+        ),
+    ];
+    for (line, kind, prompt, answer) in cases {
+        let t = builtin::task_of(line).expect("a task");
+        assert_eq!(
+            (t.kind, t.prompt, t.answer),
+            (kind, prompt, answer),
+            "{line}"
+        );
+    }
+    for line in [
+        "the small fox sees the red box.\n",
+        "count 1 2 3",
+        "add 1+2=",
+        "hello",
+        "",
+    ] {
+        assert_eq!(builtin::task_of(line), None, "{line}");
+    }
+    // Every generated line of a scorable kind splits, and prompt + answer is the line.
+    let text = String::from_utf8(builtin::generate(5, 20_000)).expect("ascii");
+    let mut seen = 0;
+    for line in text.lines().take(500) {
+        match builtin::task_of(line) {
+            Some(t) => {
+                assert_eq!(format!("{}{}", t.prompt, t.answer), line);
+                seen += 1;
+            }
+            None => assert_eq!(builtin::kind_of(line), Some(LineKind::English), "{line}"),
+        }
+    }
+    assert!(seen > 300, "{seen}");
+}

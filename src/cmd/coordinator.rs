@@ -260,8 +260,9 @@ fn machine(
     if let Some(seed) = s.get(|a| &a.seed) {
         spec.init_seed = seed;
     }
-    let default_h = if rule == UpdateRule::Sync { 1 } else { 20 };
-    let inner_steps = s.get(|a| &a.inner_steps).unwrap_or(default_h);
+    let inner_steps = s
+        .get(|a| &a.inner_steps)
+        .unwrap_or_else(|| mana_engine::coordinator::default_inner_steps(rule));
     let mut machine = machine_config(node.net.run_id.clone(), &spec, rule, inner_steps)?;
     machine.replication = s.get(|a| &a.replication).unwrap_or(machine.replication);
     machine.min_members = s

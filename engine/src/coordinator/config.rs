@@ -21,6 +21,16 @@ pub struct ConfigError {
 /// leave every trainer computing long past any sensible deadline.
 pub const MAX_INNER_STEPS: u32 = 10_000;
 
+/// H when a run does not say: one micro-batch a round for `sync` (one step of the full model), 20 local
+/// steps for `diloco`. `mana coordinator` uses it, and `mana demo` to train its single-node comparison on
+/// as many tokens as the network.
+pub fn default_inner_steps(rule: mana_protocol::UpdateRule) -> u32 {
+    match rule {
+        mana_protocol::UpdateRule::Sync => 1,
+        mana_protocol::UpdateRule::Diloco => 20,
+    }
+}
+
 /// How the coordinator runs rounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CoordinatorConfig {

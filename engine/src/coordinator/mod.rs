@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
-pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS};
+pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS, default_inner_steps};
 pub use judges::{Judges, JudgingRule, Tally, draw_judges, tally};
 pub use standing::{Standing, StandingPolicy, Standings};
 

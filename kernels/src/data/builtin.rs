@@ -183,6 +183,43 @@ pub fn kind_of(line: &str) -> Option<LineKind> {
     }
 }
 
+/// A built-in line split into a question and its one right answer, for exact-match scoring of a model: the
+/// model gets `prompt` and must continue with exactly `answer` and then a newline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Task<'a> {
+    /// The kind of line.
+    pub kind: LineKind,
+    /// The line up to the answer: `add 17+25=`, `kv k3=v9 k7=v2 k7?`, `sort 5 3 9 1>`, `rev lamp>`, or a
+    /// count's first three numbers and a space (`count 7 8 9 `).
+    pub prompt: &'a str,
+    /// The rest of the line without its newline: `42`, `v2`, `1 3 5 9`, `pmal`, `10 11`.
+    pub answer: &'a str,
+}
+
+/// The exact-match task of a built-in line (with or without its newline), or `None` for English (which has
+/// no single right continuation) and for text not made by [`write_line`].
+pub fn task_of(line: &str) -> Option<Task<'_>> {
+    let line = line.strip_suffix('\n').unwrap_or(line);
+    let kind = kind_of(line)?;
+    let cut = match kind {
+        LineKind::Arithmetic => line.find('=')? + 1,
+        LineKind::Recall => line.rfind('?')? + 1,
+        LineKind::Sort | LineKind::Reverse => line.find('>')? + 1,
+        LineKind::Count => {
+            // After the word and three numbers, and the space that follows them.
+            let mut spaces = line.match_indices(' ').map(|(i, _)| i);
+            spaces.nth(3)? + 1
+        }
+        LineKind::English => return None,
+    };
+    let (prompt, answer) = line.split_at(cut);
+    (!answer.is_empty()).then_some(Task {
+        kind,
+        prompt,
+        answer,
+    })
+}
+
 /// A uniform index below `n`.
 fn pick(rng: &mut impl Rng, n: usize) -> usize {
     uniform_below(rng, n as u64) as usize
