@@ -103,6 +103,10 @@ pub struct SimulateArgs {
     /// Skip the two single-node baselines.
     #[arg(long)]
     no_baselines: bool,
+    /// Each node trains the next round while the last one commits (Streaming DiLoCo's overlap; diloco only):
+    /// it starts from the last base it knows moved by its own progress.
+    #[arg(long)]
+    overlap: bool,
     /// How far a router bias moves per optimizer step towards balanced expert loads (the network moves
     /// them once a round from the nodes' loads; default: the model's, 0.001); 0 keeps them frozen.
     #[arg(long)]
@@ -134,6 +138,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     cfg.eval_batches = args.eval_batches;
     cfg.eval_every = args.eval_every;
     cfg.baselines = !args.no_baselines;
+    cfg.overlap = args.overlap;
     let h = &mut cfg.hyper;
     if let Some(x) = args.lr {
         h.inner_lr = x;

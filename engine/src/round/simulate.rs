@@ -24,6 +24,15 @@
 //!   bytes per step: `8 (N-1) P` bytes per step in all.
 //!
 //! Per token means divided by the tokens the nodes trained on (nodes · H · B · T per round).
+//!
+//! ## Overlap (`SimConfig::overlap`, diloco)
+//! Streaming DiLoCo's answer to the idle wait: a node starts round r + 1 as soon as its round-r deltas are
+//! out, before round r commits. It cannot start from round r's result, so it starts from what it knows: the
+//! base of round r (the last commit it has) moved by its own round-r progress, `base_r − d_r`. Its delta for
+//! round r + 1 is its progress in that round (start minus end), and the holders apply it to the latest
+//! commit, exactly as without overlap; the only change is that a node's inner steps start one commit late
+//! (the eager, one-step-delayed outer update). Nothing in the protocol changes: a delta is still a
+//! difference the holders add to the round's base.
 
 use std::collections::BTreeMap;
 
@@ -69,6 +78,8 @@ pub struct SimConfig {
     pub eval_every: u64,
     /// Train the two single-node baselines too.
     pub baselines: bool,
+    /// Each node trains round r + 1 while round r commits (see the module doc; diloco only).
+    pub overlap: bool,
 }
 
 impl SimConfig {
@@ -86,6 +97,7 @@ impl SimConfig {
             eval_batch_size: 16,
             eval_every: 1,
             baselines: true,
+            overlap: false,
         }
     }
 }
@@ -293,7 +305,16 @@ pub fn simulate_with(
         }
     }
 
+    if cfg.overlap && cfg.hyper.update_rule != UpdateRule::Diloco {
+        return Err(RoundError::settings(
+            "overlap",
+            "overlapping rounds needs the diloco rule (a sync gradient is taken at the round's base)",
+        ));
+    }
     let mut state: Vec<ShardRecord> = initial_shards(spec)?;
+    // With overlap: where each node starts its next round (the last base it knows moved by its own
+    // progress); `None` before its first round.
+    let mut starts: Vec<Option<Vec<ShardRecord>>> = vec![None; cfg.nodes];
     let params: u64 = state.iter().map(|s| s.params.len() as u64).sum();
     let mut encoders: BTreeMap<(usize, ShardId), DeltaEncoder> = BTreeMap::new();
     let mut rounds = Vec::new();
@@ -327,8 +348,23 @@ pub fn simulate_with(
         let mut loads = Vec::new();
         let (mut round_payload, mut round_wire) = (0u64, 0u64);
         let mut loss_sum = 0f64;
+        let mut next_starts: Vec<Option<Vec<ShardRecord>>> = vec![None; cfg.nodes];
         for (n, me) in participants.iter().enumerate() {
-            let local = train_local(spec, &ann, me, &state, data)?;
+            let start = starts[n].as_deref().unwrap_or(&state);
+            let local = train_local(spec, &ann, me, start, data)?;
+            if cfg.overlap {
+                // Its next start: this round's base (the commit it will have by then) plus its own progress.
+                let moved = state
+                    .iter()
+                    .filter_map(|s| {
+                        let (_, d) = local.deltas.iter().find(|(shard, _)| *shard == s.shard)?;
+                        let mut s = s.clone();
+                        s.params.iter_mut().zip(d).for_each(|(p, d)| *p -= d);
+                        Some(s)
+                    })
+                    .collect();
+                next_starts[n] = Some(moved);
+            }
             loss_sum += f64::from(local.stats.loss_before);
             tokens += local.stats.tokens;
             loads.push(ExpertLoads {
@@ -371,6 +407,7 @@ pub fn simulate_with(
             next.push(apply_shard_round(spec, &ann, s, deltas, &weights, &loads)?);
         }
         state = next;
+        starts = next_starts;
         payload_bytes += round_payload;
         wire_bytes += round_wire;
         let last = round + 1 == cfg.rounds;
