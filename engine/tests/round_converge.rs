@@ -109,3 +109,31 @@ fn diloco_beats_a_lone_node() {
     );
     assert!(report.traffic_ratio() > 1.0);
 }
+
+/// Overlapped rounds (each node starts the next round from the last base it knows moved by its own
+/// progress) still train, deterministically, differ from unoverlapped rounds, and are refused for sync,
+/// whose gradient must be taken at the round's base.
+#[test]
+fn overlapped_diloco_rounds_train_and_sync_refuses_them() {
+    let spec = RunSpec::tiny();
+    let data = dataset();
+    let mut cfg = SimConfig::new(&spec, UpdateRule::Diloco, 4, 6);
+    cfg.baselines = false;
+    cfg.eval_batches = 2;
+    cfg.overlap = true;
+    let a = simulate(&spec, &data, &cfg).expect("overlapped run");
+    let first = a.rounds[0].val_loss;
+    assert!(
+        a.val_loss < first,
+        "the loss did not fall: {first} -> {}",
+        a.val_loss
+    );
+    let b = simulate(&spec, &data, &cfg).expect("again");
+    assert_eq!(a.shard_hashes, b.shard_hashes);
+    cfg.overlap = false;
+    let plain = simulate(&spec, &data, &cfg).expect("plain run");
+    assert_ne!(a.shard_hashes, plain.shard_hashes);
+    let mut sync = SimConfig::new(&spec, UpdateRule::Sync, 1, 2);
+    sync.overlap = true;
+    assert!(simulate(&spec, &data, &sync).is_err());
+}
