@@ -468,7 +468,30 @@ impl DeltaEncoder {
         &self.options
     }
 
-    /// The residual carried into the next round (empty before the first).
+    /// An encoder that goes on from a residual kept earlier (e.g. one stored with the shard across a restart):
+    /// the next [`DeltaEncoder::encode`] adds it to its delta, whose length must then be `residual.len()`. An
+    /// empty residual is the same as [`DeltaEncoder::new`].
+    pub fn from_residual(
+        options: CodecOptions,
+        residual: Vec<f32>,
+    ) -> Result<DeltaEncoder, CodecError> {
+        let mut encoder = DeltaEncoder::new(options)?;
+        if residual.len() > MAX_DELTA_VALUES {
+            return Err(CodecError::TooLong {
+                len: residual.len(),
+                max: MAX_DELTA_VALUES,
+            });
+        }
+        if let Some(index) = residual.iter().position(|v| !v.is_finite()) {
+            return Err(CodecError::NonFiniteInput { index });
+        }
+        encoder.residual = residual;
+        Ok(encoder)
+    }
+
+    /// The residual carried into the next round (empty before the first): what the receivers have not got
+    /// yet, top-k's dropped values plus quantization error. Persist it with the shard to keep it across a
+    /// restart, and give it back through [`DeltaEncoder::from_residual`].
     pub fn residual(&self) -> &[f32] {
         &self.residual
     }

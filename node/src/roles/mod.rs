@@ -16,6 +16,7 @@ pub mod commit_check;
 pub mod common;
 pub mod conductor;
 pub mod evaluator;
+mod residuals;
 pub mod silence;
 pub mod trainer;
 

@@ -44,6 +44,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
 use super::common::{PinLedger, corpus_hash, fetch_bytes, peer_of, publish_patiently};
+use super::residuals;
 use super::silence::{CoordinatorWatch, Silence};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
@@ -457,7 +458,16 @@ impl Trainer {
         let base = self.base_shards(&manifest, &me.shards, round).await?;
         // What this node no longer hosts is dropped, with its error-feedback residual.
         self.held.retain(|s, _| me.shards.contains(s));
-        self.encoders.retain(|s, _| me.shards.contains(s));
+        let dropped: Vec<ShardId> = self
+            .encoders
+            .keys()
+            .filter(|s| !me.shards.contains(s))
+            .copied()
+            .collect();
+        for shard in dropped {
+            self.encoders.remove(&shard);
+            residuals::forget(&self.node, &ann.run, shard).await;
+        }
         self.assigned = Some(Assigned {
             announcement: ann.clone(),
             me: me.clone(),
@@ -509,11 +519,15 @@ impl Trainer {
         let mut bytes = 0u64;
         for (kshard, delta) in result.deltas {
             let shard = kshard;
-            let encoder = match self.encoders.entry(shard) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(DeltaEncoder::new(ann.hyper.codec).map_err(NodeError::from)?)
-                }
+            // The residual goes on from the store after a restart (see `residuals`).
+            if !self.encoders.contains_key(&shard) {
+                let restored =
+                    residuals::load(&self.node, &ann.run, shard, ann.hyper.codec, delta.len())
+                        .await?;
+                self.encoders.insert(shard, restored);
+            }
+            let Some(encoder) = self.encoders.get_mut(&shard) else {
+                continue;
             };
             if encoder.options() != &ann.hyper.codec {
                 *encoder = DeltaEncoder::new(ann.hyper.codec).map_err(NodeError::from)?;
@@ -532,6 +546,9 @@ impl Trainer {
                 &[]
             };
             let payload = binding.wrap(loads, &encoder.encode(&delta).map_err(NodeError::from)?)?;
+            if let Err(e) = residuals::save(&self.node, &ann.run, shard, round, encoder).await {
+                tracing::warn!(round, %shard, error = %e, "error-feedback residual not stored; a restart would lose it");
+            }
             let mut stats = result.stats;
             stats.delta_norm = l2_norm(&delta);
             let size = payload.len() as u64;
