@@ -256,20 +256,26 @@ fn read_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
+/// Refuses values an encoder cannot take: more than [`MAX_DELTA_VALUES`], or any not finite.
+fn check_values(values: &[f32]) -> Result<(), CodecError> {
+    if values.len() > MAX_DELTA_VALUES {
+        return Err(CodecError::TooLong {
+            len: values.len(),
+            max: MAX_DELTA_VALUES,
+        });
+    }
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(CodecError::NonFiniteInput { index });
+    }
+    Ok(())
+}
+
 /// Encodes `delta` once, without error feedback (top-k drops what it does not keep; see [`DeltaEncoder`]).
 pub fn encode_delta(delta: &[f32], options: &CodecOptions) -> Result<Vec<u8>, CodecError> {
     options
         .check()
         .map_err(|e| CodecError::BadOptions(e.to_string()))?;
-    if delta.len() > MAX_DELTA_VALUES {
-        return Err(CodecError::TooLong {
-            len: delta.len(),
-            max: MAX_DELTA_VALUES,
-        });
-    }
-    if let Some(index) = delta.iter().position(|v| !v.is_finite()) {
-        return Err(CodecError::NonFiniteInput { index });
-    }
+    check_values(delta)?;
     let indices = options.top_k_density.map(|d| top_k_indices(delta, d));
     let header = DeltaHeader {
         sparse: indices.is_some(),
@@ -476,15 +482,7 @@ impl DeltaEncoder {
         residual: Vec<f32>,
     ) -> Result<DeltaEncoder, CodecError> {
         let mut encoder = DeltaEncoder::new(options)?;
-        if residual.len() > MAX_DELTA_VALUES {
-            return Err(CodecError::TooLong {
-                len: residual.len(),
-                max: MAX_DELTA_VALUES,
-            });
-        }
-        if let Some(index) = residual.iter().position(|v| !v.is_finite()) {
-            return Err(CodecError::NonFiniteInput { index });
-        }
+        check_values(&residual)?;
         encoder.residual = residual;
         Ok(encoder)
     }

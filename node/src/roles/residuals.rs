@@ -129,6 +129,15 @@ mod tests {
     use super::*;
     use crate::daemon::{self, NodeConfig};
 
+    /// Whether loading the trunk's residual under `options` and `len` gives a fresh encoder.
+    async fn fresh(node: &NodeHandle, run: &RunId, options: CodecOptions, len: usize) -> bool {
+        load(node, run, ShardId::Trunk, options, len)
+            .await
+            .unwrap()
+            .residual()
+            .is_empty()
+    }
+
     fn sparse() -> CodecOptions {
         CodecOptions {
             top_k_density: Some(0.1),
@@ -153,13 +162,7 @@ mod tests {
             .await
             .unwrap();
         // Nothing stored yet: a fresh encoder.
-        assert!(
-            load(&node, &run, shard, sparse(), 300)
-                .await
-                .unwrap()
-                .residual()
-                .is_empty()
-        );
+        assert!(fresh(&node, &run, sparse(), 300).await);
         save(&node, &run, shard, 4, &encoder).await.unwrap();
         node.shutdown().await.unwrap();
 
@@ -175,34 +178,13 @@ mod tests {
             encoder.encode(&next).unwrap()
         );
         // Other options or another length: afresh.
-        let dense = load(&node, &run, shard, CodecOptions::default(), 300)
-            .await
-            .unwrap();
-        assert!(dense.residual().is_empty());
-        assert!(
-            load(&node, &run, shard, sparse(), 301)
-                .await
-                .unwrap()
-                .residual()
-                .is_empty()
-        );
+        assert!(fresh(&node, &run, CodecOptions::default(), 300).await);
+        assert!(fresh(&node, &run, sparse(), 301).await);
         // Another run's, or another shard's: none.
         let other = RunId::new("other").unwrap();
-        assert!(
-            load(&node, &other, shard, sparse(), 300)
-                .await
-                .unwrap()
-                .residual()
-                .is_empty()
-        );
+        assert!(fresh(&node, &other, sparse(), 300).await);
         forget(&node, &run, shard).await;
-        assert!(
-            load(&node, &run, shard, sparse(), 300)
-                .await
-                .unwrap()
-                .residual()
-                .is_empty()
-        );
+        assert!(fresh(&node, &run, sparse(), 300).await);
         node.shutdown().await.unwrap();
     }
 }
