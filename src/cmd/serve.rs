@@ -72,6 +72,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Events a stream may have in flight before generation waits for the client to read them.
 const STREAM_BUFFER: usize = 64;
 
+/// The longest `--queue`.
+const MAX_QUEUE: usize = 4096;
+
 /// How long Ctrl-C waits for running generations (which stop at their next token) before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -106,6 +109,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
              inference client of issue #10 §2, which does not exist yet"
         );
     };
+    if args.queue > MAX_QUEUE {
+        bail!("--queue is limited to {MAX_QUEUE}");
+    }
     let model_id = match args.model_name {
         Some(name) if name.trim().is_empty() => bail!("--model-name must not be empty"),
         Some(name) => name,
@@ -446,6 +452,7 @@ impl Server {
                 }
             },
         };
+        // Checked as the f32 the sampler gets: a tiny positive f64 may round to 0.
         let temperature = number(body, "temperature", 1.0, |t| (0.0..=2.0).contains(&t))
             .map_err(|e| e.with_message("temperature must be a number from 0 to 2"))?;
         let top_p = number(body, "top_p", 1.0, |p| p > 0.0 && p <= 1.0)
@@ -454,8 +461,8 @@ impl Server {
             Sampling::Greedy
         } else {
             Sampling::Sample {
-                temperature: temperature as f32,
-                top_p: top_p as f32,
+                temperature: temperature.max(f64::from(f32::MIN_POSITIVE)) as f32,
+                top_p: top_p.max(f64::from(f32::MIN_POSITIVE)) as f32,
             }
         };
         let seed = match field("seed") {
@@ -789,8 +796,9 @@ pub struct TextAssembler {
 }
 
 impl TextAssembler {
-    /// An assembler that ends the text before any of `stops`.
-    pub fn new(stops: Vec<Vec<u8>>) -> Self {
+    /// An assembler that ends the text before any of `stops` (empty ones are ignored).
+    pub fn new(mut stops: Vec<Vec<u8>>) -> Self {
+        stops.retain(|s| !s.is_empty());
         Self {
             bytes: Vec::new(),
             emitted: 0,
@@ -1090,6 +1098,8 @@ mod tests {
         assert_eq!(out.concat(), "hel");
         let (out, _) = pieces("caf\u{e9}!".as_bytes(), &["\u{e9}"]);
         assert_eq!(out.concat(), "caf");
+        let (out, reason) = pieces(b"abc", &[""]);
+        assert_eq!((out.concat().as_str(), reason), ("abc", "length"));
     }
 
     #[test]
@@ -1118,6 +1128,14 @@ mod tests {
             }
         );
         assert_eq!(ok.stop, [b"a".to_vec(), b"b".to_vec()]);
+        // A tiny temperature or top_p stays positive as the sampler's f32.
+        let tiny = server
+            .parse(&json!({"prompt": "a", "temperature": 1e-50, "top_p": 1e-60}))
+            .expect("valid");
+        let Sampling::Sample { temperature, top_p } = tiny.params.sampling else {
+            panic!("sampled: {tiny:?}");
+        };
+        assert!(temperature > 0.0 && top_p > 0.0);
         let refused = |body: Value| server.parse(&body).expect_err("refused");
         for (body, status, param) in [
             (json!([1]), 400, None),
