@@ -729,7 +729,8 @@ fn number(
 /// OpenAI options this server cannot honour are refused rather than silently ignored (their neutral
 /// values are fine: many clients send them).
 fn refuse_unsupported(body: &Map<String, Value>) -> Result<(), ApiError> {
-    let neutral: [(&'static str, fn(&Value) -> bool); 7] = [
+    type IsNeutral = fn(&Value) -> bool;
+    let neutral: [(&'static str, IsNeutral); 7] = [
         ("n", |v| v.as_u64() == Some(1)),
         ("best_of", |v| v.as_u64() == Some(1)),
         ("echo", |v| v.as_bool() == Some(false)),
