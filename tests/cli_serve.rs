@@ -318,6 +318,19 @@ fn completions_match_mana_generate_streamed_or_not_and_stop_strings_end_them() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(completion_text(&answer, "length"), expected);
 
+    // A prompt with multi-byte characters: tokens are bytes.
+    let accented = "caf\u{e9} \u{2713}";
+    let (status, answer) = post(
+        &server,
+        &json!({"prompt": accented, "max_tokens": 12, "temperature": 0}).to_string(),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        completion_text(&answer, "length"),
+        generated(&ckpt, accented, 12, &["--temperature", "0"])
+    );
+    assert_eq!(answer["usage"]["prompt_tokens"], 9);
+
     // Streamed: one event per token here (ASCII), adding up to the same text, then [DONE].
     let mut streamed = request.clone();
     streamed["stream"] = json!(true);

@@ -21,6 +21,7 @@
 //! exactly as `mana generate` prints them, so a stream's pieces add up to the plain answer.
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -169,8 +170,10 @@ async fn serve(server: Arc<Server>, listen: SocketAddr) -> anyhow::Result<()> {
     if !bound.ip().is_loopback() {
         tracing::warn!(%bound, "mana serve listens beyond loopback and has no authentication");
     }
-    // Tests and scripts read this line to learn the port.
-    println!(
+    // Tests and scripts read this line to learn the port. Written, not println!: a closed stdout must not
+    // end the server.
+    let _ = writeln!(
+        std::io::stdout(),
         "mana serve: model {} listening on http://{bound}",
         server.model_id
     );
@@ -454,9 +457,9 @@ impl Server {
         };
         // Checked as the f32 the sampler gets: a tiny positive f64 may round to 0.
         let temperature = number(body, "temperature", 1.0, |t| (0.0..=2.0).contains(&t))
-            .map_err(|e| e.with_message("temperature must be a number from 0 to 2"))?;
+            .ok_or_else(|| bad_number("temperature", "a number from 0 to 2"))?;
         let top_p = number(body, "top_p", 1.0, |p| p > 0.0 && p <= 1.0)
-            .map_err(|e| e.with_message("top_p must be a number in (0, 1]"))?;
+            .ok_or_else(|| bad_number("top_p", "a number in (0, 1]"))?;
         let sampling = if temperature == 0.0 {
             Sampling::Greedy
         } else {
@@ -510,8 +513,10 @@ impl Server {
             let _permit = permit;
             let mut text = TextAssembler::new(request.stop);
             let mut out = String::new();
+            let mut interrupted = false;
             let result = completer.complete(&request.prompt, &request.params, &mut |token| {
                 if cancelled.load(Ordering::Relaxed) || stopping.load(Ordering::Relaxed) {
+                    interrupted = true;
                     return ControlFlow::Break(());
                 }
                 let piece = text.push(token);
@@ -525,11 +530,13 @@ impl Server {
                 client_left = cancelled.load(Ordering::Relaxed),
                 "completion"
             );
-            result.map(|()| (out, text))
+            result.map(|()| (out, text, interrupted))
         })
         .await;
         let (out, text) = match outcome {
-            Ok(Ok(done)) => done,
+            // Only shutdown can be told: a client that left is not there to read it.
+            Ok(Ok((_, _, true))) => return Err(ApiError::shutting_down()),
+            Ok(Ok((out, text, false))) => (out, text),
             Ok(Err(e)) => return Err(ApiError::server(format!("generation failed: {e:#}"))),
             Err(e) => return Err(ApiError::server(format!("generation failed: {e}"))),
         };
@@ -565,12 +572,14 @@ impl Server {
                 let mut completer = completer;
                 let mut text = TextAssembler::new(request.stop);
                 let mut client_left = false;
+                let mut interrupted = false;
                 let mut send = |event: Bytes| {
                     client_left = client_left || events.blocking_send(event).is_err();
                     !client_left
                 };
                 let result = completer.complete(&request.prompt, &request.params, &mut |token| {
                     if stopping.load(Ordering::Relaxed) {
+                        interrupted = true;
                         return ControlFlow::Break(());
                     }
                     let piece = text.push(token);
@@ -580,6 +589,10 @@ impl Server {
                     text.control()
                 });
                 match result {
+                    // The text is cut short: say why instead of a finish reason that would be untrue.
+                    Ok(()) if interrupted => {
+                        send(event(&ApiError::shutting_down().body()));
+                    }
                     Ok(()) => {
                         let last = head.chunk(&text.finish(), Some(text.finish_reason()));
                         if send(event(&last)) {
@@ -710,20 +723,21 @@ fn parse_stop(value: Option<&Value>) -> Result<Vec<Vec<u8>>, ApiError> {
     Ok(stops.into_iter().map(|s| s.as_bytes().to_vec()).collect())
 }
 
-/// An optional number field within `ok`, `default` when absent or null.
+/// An optional number field: `default` when absent or null, None when it is not a number or not `ok`.
 fn number(
     body: &Map<String, Value>,
-    name: &'static str,
+    name: &str,
     default: f64,
     ok: impl Fn(f64) -> bool,
-) -> Result<f64, ApiError> {
+) -> Option<f64> {
     match body.get(name).filter(|v| !v.is_null()) {
-        None => Ok(default),
-        Some(v) => v
-            .as_f64()
-            .filter(|&x| ok(x))
-            .ok_or_else(|| ApiError::bad_request(name).param(name)),
+        None => Some(default),
+        Some(v) => v.as_f64().filter(|&x| ok(x)),
     }
+}
+
+fn bad_number(name: &'static str, what: &str) -> ApiError {
+    ApiError::bad_request(format!("{name} must be {what}")).param(name)
 }
 
 /// OpenAI options this server cannot honour are refused rather than silently ignored (their neutral
@@ -970,6 +984,15 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message).kind("server_error")
     }
 
+    fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down: the completion was cut short",
+        )
+        .kind("server_error")
+        .code("server_shutting_down")
+    }
+
     fn kind(mut self, kind: &'static str) -> Self {
         self.kind = kind;
         self
@@ -987,11 +1010,6 @@ impl ApiError {
 
     fn allow(mut self, method: Method) -> Self {
         self.allow = Some(method);
-        self
-    }
-
-    fn with_message(mut self, message: &str) -> Self {
-        message.clone_into(&mut self.message);
         self
     }
 
