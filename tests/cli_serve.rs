@@ -5,7 +5,7 @@
 //! a client leaving mid-stream stopping its generation, Ctrl-C, and the refusal to start without a
 //! checkpoint. Every wait is on a condition (a line printed, a log line, a process ending).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -488,6 +488,18 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
     big.push(b' ');
     let e = post(&big, 413);
     assert_eq!(e["error"]["code"], "request_too_large");
+
+    // Bytes that are not HTTP get hyper's 400 (and the connection closed), nothing worse.
+    let mut raw =
+        std::net::TcpStream::connect(server.base.trim_start_matches("http://")).expect("connect");
+    raw.write_all(b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
+        .expect("write");
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
 
     // Still serving, and the model is named as asked.
     let mut response = client()

@@ -1067,6 +1067,21 @@ fn random_u64() -> u64 {
 mod tests {
     use super::*;
 
+    /// A server of the model "m" (limit 100 tokens) that generates nothing.
+    fn test_server() -> Server {
+        Server {
+            model_id: "m".into(),
+            created: 0,
+            max_tokens_limit: 100,
+            vocab_size: 256,
+            completer: Arc::new(Mutex::new(Box::new(Nothing))),
+            admitted: Arc::new(Semaphore::new(1)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            next_id: AtomicU64::new(0),
+            id_salt: 0,
+        }
+    }
+
     /// Pushes `bytes` one at a time and returns the pieces, the finished tail last.
     fn pieces(bytes: &[u8], stops: &[&str]) -> (Vec<String>, &'static str) {
         let mut text = TextAssembler::new(stops.iter().map(|s| s.as_bytes().to_vec()).collect());
@@ -1123,17 +1138,7 @@ mod tests {
 
     #[test]
     fn requests_are_validated_with_the_field_named() {
-        let server = Server {
-            model_id: "m".into(),
-            created: 0,
-            max_tokens_limit: 100,
-            vocab_size: 256,
-            completer: Arc::new(Mutex::new(Box::new(Nothing))),
-            admitted: Arc::new(Semaphore::new(1)),
-            stopping: Arc::new(AtomicBool::new(false)),
-            next_id: AtomicU64::new(0),
-            id_salt: 0,
-        };
+        let server = test_server();
         let ok = server
             .parse(&json!({"model": "m", "prompt": ["hi"], "max_tokens": 5, "temperature": 0, "stop": ["a", "b"], "seed": 3, "whatever": 1}))
             .expect("valid");
@@ -1192,6 +1197,54 @@ mod tests {
             let e = refused(body.clone());
             assert_eq!(e.status.as_u16(), status, "{body}");
             assert_eq!(e.param, param, "{body}");
+        }
+    }
+
+    #[test]
+    fn no_value_in_any_field_panics() {
+        let server = test_server();
+        let values = [
+            json!(null),
+            json!(true),
+            json!(-1),
+            json!(0),
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(1e308),
+            json!(-1e-308),
+            json!(""),
+            json!("x"),
+            json!([]),
+            json!([null]),
+            json!([1, 2]),
+            json!({"a": 1}),
+        ];
+        let fields = [
+            "model",
+            "prompt",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stream",
+            "stop",
+            "n",
+            "best_of",
+            "echo",
+            "logprobs",
+            "suffix",
+            "presence_penalty",
+            "frequency_penalty",
+        ];
+        for field in fields {
+            for value in &values {
+                let mut body = json!({"prompt": "a"});
+                body[field] = value.clone();
+                if let Err(e) = server.parse(&body) {
+                    assert!(e.status.is_client_error(), "{body}: {e:?}");
+                    assert!(!e.message.is_empty());
+                }
+            }
         }
     }
 
