@@ -2,8 +2,8 @@
 //! free loopback port, called through a real HTTP client (ureq). Covers completions identical to `mana
 //! generate` (greedy and seeded sampling), streamed events that add up to the same text and end with
 //! `[DONE]`, stop strings, `/v1/models`, every refusal (400, 404, 405, 413, 503) in OpenAI's error shape,
-//! a client leaving mid-stream stopping its generation, Ctrl-C, and the refusal to start without a
-//! checkpoint. Every wait is on a condition (a line printed, a log line, a process ending).
+//! a client leaving (mid-stream or before a plain answer) stopping its generation, Ctrl-C, and the refusal
+//! to start without a checkpoint. Every wait is on a condition (a line printed, a log line, a process ending).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -513,7 +513,7 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
 }
 
 #[test]
-fn a_full_queue_answers_busy_and_a_client_leaving_mid_stream_stops_its_generation() {
+fn a_full_queue_answers_busy_and_a_client_leaving_stops_its_generation() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ckpt = checkpoint(dir.path(), "ckpt");
     let server = Server::start(&[

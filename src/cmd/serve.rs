@@ -297,6 +297,19 @@ struct CompletionRequest {
     stream: bool,
 }
 
+impl CompletionRequest {
+    /// Logs that the generation of completion `id` begins.
+    fn log_start(&self, id: &str) {
+        tracing::info!(
+            id,
+            prompt_tokens = self.prompt.len(),
+            max_tokens = self.params.max_tokens,
+            stream = self.stream,
+            "generating"
+        );
+    }
+}
+
 /// The server's state, shared by every connection.
 struct Server {
     /// The model's id in the API.
@@ -509,8 +522,9 @@ impl Server {
         let mut completer = self.completer.clone().lock_owned().await;
         let started = Instant::now();
         let prompt_tokens = request.prompt.len();
+        let id = head.id.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            request.log_start(&id);
             let mut text = TextAssembler::new(request.stop);
             let mut out = String::new();
             let mut interrupted = false;
@@ -524,6 +538,9 @@ impl Server {
                 text.control()
             });
             out.push_str(&text.finish());
+            // Free the slot before saying the generation ended, so that a client that reads the log
+            // never finds the slot still taken.
+            drop(permit);
             tracing::info!(
                 tokens = text.tokens,
                 seconds = started.elapsed().as_secs_f64(),
@@ -568,8 +585,8 @@ impl Server {
             };
             let started = Instant::now();
             let generation = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
                 let mut completer = completer;
+                request.log_start(&head.id);
                 let mut text = TextAssembler::new(request.stop);
                 let mut client_left = false;
                 let mut interrupted = false;
@@ -604,6 +621,7 @@ impl Server {
                         send(event(&error.body()));
                     }
                 }
+                drop(permit);
                 tracing::info!(
                     tokens = text.tokens,
                     seconds = started.elapsed().as_secs_f64(),
