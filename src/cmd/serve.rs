@@ -70,6 +70,12 @@ const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send a request's headers before its connection is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The first pause after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// The longest pause after failed accepts in a row.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Events a stream may have in flight before generation waits for the client to read them.
 const STREAM_BUFFER: usize = 64;
 
@@ -181,6 +187,7 @@ async fn serve(server: Arc<Server>, listen: SocketAddr) -> anyhow::Result<()> {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let shutdown = super::net::shutdown_signal("serve");
     tokio::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,
@@ -194,10 +201,16 @@ async fn serve(server: Arc<Server>, listen: SocketAddr) -> anyhow::Result<()> {
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
             Err(e) => {
-                // Out of file descriptors, a connection reset before accept: keep serving the others.
+                // Out of file descriptors, a connection reset before accept: keep serving the others,
+                // backing off (doubling up to a limit) so that a lasting failure does not spin.
                 tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
