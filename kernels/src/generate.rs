@@ -25,6 +25,8 @@
 //! positions then see exactly the windows plain decoding gives them, and speculation stays exact past the
 //! context too.
 
+use std::ops::ControlFlow;
+
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
@@ -268,6 +270,19 @@ pub fn generate(
     prompt: &[u32],
     config: &GenerateConfig,
 ) -> Result<Generation, GenerateError> {
+    generate_each(model, prompt, config, &mut |_| ControlFlow::Continue(()))
+}
+
+/// Generates like [`generate`] (the same tokens, the same passes), handing each token to `on_token` as soon
+/// as it is committed, so that a caller can stream the text and stop early: when `on_token` breaks,
+/// generation ends there and the [`Generation`] holds the tokens up to and including that one. It exists
+/// for `mana serve`, which sends tokens as they come and stops at a stop string or when its client leaves.
+pub fn generate_each(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    config: &GenerateConfig,
+    on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
@@ -317,6 +332,9 @@ pub fn generate(
             let c = choose(&main[row(0)], config.sampling, &mut rng, &mut scratch);
             seq.push(c);
             out.tokens.push(c);
+            if on_token(c).is_break() {
+                return Ok(out);
+            }
             if c != d {
                 draft = None;
                 continue;
@@ -327,6 +345,9 @@ pub fn generate(
         let next = choose(logits, config.sampling, &mut rng, &mut scratch);
         seq.push(next);
         out.tokens.push(next);
+        if on_token(next).is_break() {
+            return Ok(out);
+        }
         // The MTP row assumed the main head's argmax as its input token: its draft is only worth verifying
         // when that is the token we committed.
         draft = (config.speculative && next == argmax(logits)).then(|| argmax(&mtp[row(last)]));

@@ -2,7 +2,9 @@
 //! model, inside and past its context, and on a scripted model whose drafts are right or wrong on purpose)
 //! and with and without the KV cache (every pass's logits bit for bit, on random and briefly trained
 //! models, past the context); the window rule; the counters add up, and the samplers honour temperature
-//! and top-p.
+//! and top-p. Streaming each token through a callback gives the same tokens, and breaking stops there.
+
+use std::ops::ControlFlow;
 
 use mana_kernels::CpuBackend;
 use mana_kernels::data::Batch;
@@ -494,4 +496,51 @@ fn the_cache_is_used_and_reused() {
     assert!(cached.logits(&[1], 0, &mut [], None).is_err());
     let too_long = vec![1u32; 25];
     assert!(cached.logits(&too_long, 1, &mut out[..256], None).is_err());
+}
+
+#[test]
+fn each_token_is_handed_over_as_committed_and_a_break_stops_there() {
+    let mut model = small_model(true);
+    let mut model = CachedModel::new(&mut model);
+    let prompt: Vec<u32> = b"kv k1=".iter().map(|&b| u32::from(b)).collect();
+    let sampled = Sampling::Sample {
+        temperature: 0.9,
+        top_p: 0.9,
+    };
+    for (sampling, speculative) in [
+        (Sampling::Greedy, false),
+        (Sampling::Greedy, true),
+        (sampled, false),
+        (sampled, true),
+    ] {
+        let cfg = GenerateConfig {
+            max_tokens: 40,
+            sampling,
+            seed: 42,
+            speculative,
+        };
+        let whole = generate::generate(&mut model, &prompt, &cfg).expect("generation succeeds");
+        let mut seen = Vec::new();
+        let streamed = generate::generate_each(&mut model, &prompt, &cfg, &mut |t| {
+            seen.push(t);
+            ControlFlow::Continue(())
+        })
+        .expect("generation succeeds");
+        assert_eq!(streamed, whole, "{sampling:?}, speculative {speculative}");
+        assert_eq!(seen, whole.tokens);
+        for stop_after in [1, 2, 7, 40] {
+            let mut seen = Vec::new();
+            let stopped = generate::generate_each(&mut model, &prompt, &cfg, &mut |t| {
+                seen.push(t);
+                if seen.len() == stop_after {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .expect("generation succeeds");
+            assert_eq!(stopped.tokens, whole.tokens[..stop_after]);
+            assert_eq!(seen, stopped.tokens);
+        }
+    }
 }

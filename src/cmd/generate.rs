@@ -18,8 +18,8 @@ use mana_kernels::generate::{
 use mana_kernels::model::Model;
 use mana_kernels::train::Trainer;
 
-/// The most tokens one command may generate.
-const MAX_TOKENS_LIMIT: usize = 1 << 20;
+/// The most tokens one command (or one `mana serve` request) may generate.
+pub(crate) const MAX_TOKENS_LIMIT: usize = 1 << 20;
 
 /// Arguments of `mana generate`.
 #[derive(Debug, Args)]

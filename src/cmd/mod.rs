@@ -14,6 +14,7 @@ mod net;
 mod node;
 mod preflight;
 mod rule;
+mod serve;
 mod simulate;
 mod status;
 mod train;
@@ -39,6 +40,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Sample text from a checkpoint (greedy, or temperature and top-p; optionally speculative with MTP).
     Generate(generate::GenerateArgs),
+    /// Serve completions over an OpenAI-style HTTP API (`POST /v1/completions`, streaming, `GET /v1/models`)
+    /// from a checkpoint.
+    Serve(serve::ServeArgs),
     /// Simulate N training nodes in one process: loss against single-node training, bytes per token.
     Simulate(simulate::SimulateArgs),
     /// Start a whole training network on this machine (bootstrap, coordinator, N nodes), train for a few
@@ -74,6 +78,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Demo(args) => demo::run(args),
     }
