@@ -34,5 +34,5 @@ pub use score::{
     score_agrees, score_batch, score_seed,
 };
 pub use simulate::{BaselineReport, RoundReport, SimConfig, SimReport, simulate, simulate_with};
-pub use spec::RunSpec;
+pub use spec::{RunSpec, SPARSE_OUTER_LR, SPARSE_OUTER_MOMENTUM};
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};
