@@ -21,11 +21,10 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::codec::{CodecError, CodecOptions, DELTA_HEADER_LEN};
+use crate::codec::{CodecError, CodecOptions};
 use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{RunId, ShardId};
-use crate::limits::MAX_DELTA_VALUES;
 use crate::messages::DeltaAnnouncement;
 
 /// First bytes of every contribution payload.
@@ -246,38 +245,14 @@ pub fn contribution_len(
     shard_len: usize,
     options: &CodecOptions,
 ) -> Result<u64, ContributionError> {
-    if shard_len > MAX_DELTA_VALUES {
-        return Err(CodecError::TooLong {
-            len: shard_len,
-            max: MAX_DELTA_VALUES,
-        }
-        .into());
-    }
-    options
-        .check()
-        .map_err(|e| CodecError::BadOptions(e.to_string()))?;
-    let nnz = match options.top_k_density {
-        None => shard_len,
-        Some(_) if shard_len == 0 => 0,
-        Some(d) => ((f64::from(d) * shard_len as f64).ceil() as usize).clamp(1, shard_len),
-    };
-    let index_bytes = if options.top_k_density.is_some() {
-        4 * nnz
-    } else {
-        0
-    };
-    let scale_bytes = nnz.div_ceil(usize::from(options.block_size))
-        * match options.scale {
-            crate::codec::ScaleFormat::F32 => 4,
-            crate::codec::ScaleFormat::PowerOfTwo => 1,
-        };
-    Ok((binding.wrapped_len(loads)? + DELTA_HEADER_LEN + index_bytes + scale_bytes + nnz) as u64)
+    let payload = crate::codec::encoded_len(shard_len, options)?;
+    Ok((binding.wrapped_len(loads)? + payload) as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{ScaleFormat, encode_delta};
+    use crate::codec::{ScaleFormat, ValueFormat, encode_delta};
 
     fn binding() -> Binding {
         Binding {
@@ -313,21 +288,33 @@ mod tests {
             let delta: Vec<f32> = (0..len).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
             for scale in [ScaleFormat::F32, ScaleFormat::PowerOfTwo] {
                 for block_size in [128u16, 256] {
-                    for top_k_density in [None, Some(0.01), Some(0.3), Some(1.0)] {
-                        let options = CodecOptions {
-                            block_size,
-                            scale,
-                            top_k_density,
-                        };
-                        for loads in [&[][..], &[1, 2, 3, 4][..]] {
-                            let c = b
-                                .wrap(loads, &encode_delta(&delta, &options).unwrap())
-                                .unwrap();
-                            assert_eq!(
-                                contribution_len(&b, loads.len(), len, &options).unwrap(),
-                                c.len() as u64,
-                                "{len} {options:?}"
-                            );
+                    for top_k_density in [None, Some(0.01), Some(0.03), Some(0.3), Some(1.0)] {
+                        for (values, top_k_per_block) in [
+                            (ValueFormat::Fp8, false),
+                            (ValueFormat::Fp8, true),
+                            (ValueFormat::Int4, true),
+                            (ValueFormat::Int2, true),
+                        ] {
+                            if values == ValueFormat::Int2 && top_k_density.is_none() {
+                                continue; // refused: int2 has no zero level
+                            }
+                            let options = CodecOptions {
+                                block_size,
+                                scale,
+                                top_k_density,
+                                values,
+                                top_k_per_block: top_k_per_block && top_k_density.is_some(),
+                            };
+                            for loads in [&[][..], &[1, 2, 3, 4][..]] {
+                                let c = b
+                                    .wrap(loads, &encode_delta(&delta, &options).unwrap())
+                                    .unwrap();
+                                assert_eq!(
+                                    contribution_len(&b, loads.len(), len, &options).unwrap(),
+                                    c.len() as u64,
+                                    "{len} {options:?}"
+                                );
+                            }
                         }
                     }
                 }

@@ -31,7 +31,9 @@ pub mod validation;
 pub mod wire;
 
 pub use bytes::Bytes;
-pub use codec::{CodecError, CodecOptions, DeltaEncoder, ScaleFormat, decode_delta, encode_delta};
+pub use codec::{
+    CodecError, CodecOptions, DeltaEncoder, ScaleFormat, ValueFormat, decode_delta, encode_delta,
+};
 pub use contribution::{
     Binding, Contribution, ContributionError, MAX_EXPERT_LOADS, SplitContribution,
     contribution_len, decode_contribution, split_contribution,

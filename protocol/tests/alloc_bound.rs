@@ -111,6 +111,28 @@ proptest! {
         let peak = peak_of(|| { let _ = decode_delta(&payload, max_len); });
         prop_assert!(peak <= delta_alloc_bound(max_len, payload.len()), "peak {}", peak);
     }
+
+    #[test]
+    fn per_block_delta_decoding_stays_within_its_limit(bytes in proptest::collection::vec(any::<u8>(), 0..1024), len in prop_oneof![0u32..8192, any::<u32>()], k in 1u16..=128, bits in prop::sample::select(vec![2u8, 4, 8]), pow2 in any::<bool>()) {
+        let mut payload = b"MDLT\x02".to_vec();
+        payload.push(if pow2 { 2 } else { 0 });
+        payload.extend_from_slice(&128u16.to_le_bytes());
+        payload.extend_from_slice(&len.to_le_bytes());
+        payload.extend_from_slice(&k.to_le_bytes());
+        payload.push(bits);
+        payload.push(0);
+        payload.extend_from_slice(&bytes);
+        // Mostly give the payload the length its header implies, so the whole decoder runs on random bits.
+        if let Err(mana_protocol::CodecError::Truncated { needed, .. }) = mana_protocol::codec::DeltaHeader::parse(&payload)
+            && needed <= 1 << 16
+        {
+            let mut filler = bytes.iter().cycle().copied();
+            payload.resize_with(needed, || filler.next().unwrap_or(0));
+        }
+        let max_len = 4096;
+        let peak = peak_of(|| { let _ = decode_delta(&payload, max_len); });
+        prop_assert!(peak <= delta_alloc_bound(max_len, payload.len()), "peak {}", peak);
+    }
 }
 
 #[test]

@@ -46,6 +46,20 @@ fn valid_samples() -> Vec<Vec<u8>> {
         ..CodecOptions::default()
     };
     out.push(encode_delta(&sample_delta(), &sparse).unwrap());
+    for (values, scale) in [
+        (ValueFormat::Int2, ScaleFormat::F32),
+        (ValueFormat::Int4, ScaleFormat::PowerOfTwo),
+        (ValueFormat::Fp8, ScaleFormat::F32),
+    ] {
+        let blocks = CodecOptions {
+            top_k_density: Some(0.03),
+            top_k_per_block: true,
+            values,
+            scale,
+            ..CodecOptions::default()
+        };
+        out.push(encode_delta(&sample_delta(), &blocks).unwrap());
+    }
     out
 }
 
@@ -59,7 +73,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_behind_a_valid_prefix_never_panic(
-        which in 0usize..12, cut in any::<prop::sample::Index>(), tail in proptest::collection::vec(any::<u8>(), 0..512)
+        which in 0usize..16, cut in any::<prop::sample::Index>(), tail in proptest::collection::vec(any::<u8>(), 0..512)
     ) {
         let samples = valid_samples();
         let sample = &samples[which % samples.len()];
@@ -70,7 +84,7 @@ proptest! {
 
     #[test]
     fn mutated_valid_encodings_never_panic(
-        which in 0usize..12,
+        which in 0usize..16,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
         let samples = valid_samples();

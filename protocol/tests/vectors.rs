@@ -42,6 +42,7 @@ fn generated() -> Vec<(String, Vec<u8>)> {
         block_size: 128,
         scale: ScaleFormat::PowerOfTwo,
         top_k_density: Some(0.25),
+        ..CodecOptions::default()
     };
     out.push((
         "delta_sparse_pow2".into(),
@@ -59,6 +60,27 @@ fn generated() -> Vec<(String, Vec<u8>)> {
                 &encode_delta(&sample_delta()[..8], &CodecOptions::default()).unwrap(),
             )
             .unwrap(),
+    ));
+    // Version 2: the 300 sample values, 3 blocks of 128 positions (the last one 44), 4 kept per block.
+    let int2 = CodecOptions {
+        block_size: 128,
+        scale: ScaleFormat::F32,
+        top_k_density: Some(0.03),
+        values: ValueFormat::Int2,
+        top_k_per_block: true,
+    };
+    out.push((
+        "delta_blocks_int2".into(),
+        encode_delta(&sample_delta(), &int2).unwrap(),
+    ));
+    let int4 = CodecOptions {
+        scale: ScaleFormat::PowerOfTwo,
+        values: ValueFormat::Int4,
+        ..int2
+    };
+    out.push((
+        "delta_blocks_int4_pow2".into(),
+        encode_delta(&sample_delta(), &int4).unwrap(),
     ));
     out
 }

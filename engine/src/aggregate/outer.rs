@@ -10,6 +10,13 @@
 //! - `diloco` ([`DilocoRule`]): Nesterov momentum on the robust-mean pseudo-gradient, as PyTorch's SGD with
 //!   `nesterov=True` (DiLoCo: lr 0.7, momentum 0.9): `b <- mu*b + g; theta <- theta - lr*(g + mu*b)`.
 //!   With lr 1 and momentum 0 this is `theta_base - mean(theta_base - theta_local)`: plain averaging.
+//!
+//! Sparse low-bit deltas (SparseLoCo: per-block top-k, int2/int4 values) reach this rule decoded to dense
+//! shards, so the robust mean and the step are the same code; what changes is the default: the sender's
+//! error feedback already carries everything earlier rounds did not send, and momentum on top of it
+//! measured worse, so such runs default to lr 1 and momentum 0 (`RunSpec::hyper_with_codec`). Note that
+//! with three or more sparse contributions the robust mean's starting median is mostly 0 (each coordinate
+//! is sent by few nodes), so the clipping radius alone bounds what one contribution can do.
 
 use mana_kernels::model::Span;
 use mana_kernels::optim::{AdamW, OptimConfig};

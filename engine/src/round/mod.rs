@@ -39,5 +39,5 @@ pub use score::{
 pub use simulate::{
     BaselineReport, RoundReport, SimConfig, SimReport, full_model_baseline, simulate, simulate_with,
 };
-pub use spec::RunSpec;
+pub use spec::{RunSpec, SPARSE_OUTER_LR, SPARSE_OUTER_MOMENTUM};
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};

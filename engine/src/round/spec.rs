@@ -32,6 +32,14 @@ use mana_protocol::{CodecOptions, HyperParams, UpdateRule};
 
 use super::error::RoundError;
 
+/// Outer learning rate with sparse low-bit deltas (see [`RunSpec::hyper_with_codec`]): the mean of what the
+/// nodes sent is applied as it is.
+pub const SPARSE_OUTER_LR: f32 = 1.0;
+/// Outer Nesterov momentum with sparse low-bit deltas: none, error feedback takes its place (SparseLoCo).
+/// Measured on the tiny model, 4 nodes, r = 2, H = 50 and 15: momentum 0.9 (lr 0.7) ends worse than 0 (lr
+/// 1) with int2 at 1% and 3% and int4 at 3% density (docs/training.md).
+pub const SPARSE_OUTER_MOMENTUM: f32 = 0.0;
+
 /// What every member of a run agrees on, outside the protocol messages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSpec {
@@ -85,6 +93,21 @@ impl RunSpec {
             codec: CodecOptions::default(),
             router_bias_gamma: self.model.bias_gamma,
         }
+    }
+
+    /// The default hyper-parameters for `rule` with deltas encoded as `codec`: [`RunSpec::hyper`] with that
+    /// codec, and with a sparse low-bit codec ([`CodecOptions::is_sparse_low_bit`]: int2/int4 values and
+    /// per-block top-k, SparseLoCo) the outer optimizer [`SPARSE_OUTER_LR`] / [`SPARSE_OUTER_MOMENTUM`]
+    /// whatever the dense default is: error feedback already carries what earlier rounds did not send, and
+    /// Nesterov momentum on top of it measured worse (docs/training.md, "Sparse low-bit deltas").
+    pub fn hyper_with_codec(&self, rule: UpdateRule, codec: CodecOptions) -> HyperParams {
+        let mut hyper = self.hyper(rule);
+        hyper.codec = codec;
+        if codec.is_sparse_low_bit() {
+            hyper.outer_lr = SPARSE_OUTER_LR;
+            hyper.outer_momentum = SPARSE_OUTER_MOMENTUM;
+        }
+        hyper
     }
 
     /// The inner AdamW settings of a round (see the module doc: warm-up then constant, no clipping).
@@ -159,5 +182,40 @@ impl RunSpec {
             ));
         }
         Ok((tokens / t, t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mana_protocol::{ScaleFormat, ValueFormat};
+
+    #[test]
+    fn a_sparse_low_bit_codec_gets_no_outer_momentum() {
+        let spec = RunSpec::tiny();
+        let sparse = CodecOptions {
+            block_size: 128,
+            scale: ScaleFormat::PowerOfTwo,
+            top_k_density: Some(0.03),
+            values: ValueFormat::Int2,
+            top_k_per_block: true,
+        };
+        let h = spec.hyper_with_codec(UpdateRule::Diloco, sparse);
+        assert_eq!(h.codec, sparse);
+        assert_eq!(
+            (h.outer_lr, h.outer_momentum),
+            (SPARSE_OUTER_LR, SPARSE_OUTER_MOMENTUM)
+        );
+        // Any other codec keeps the dense default.
+        let fp8 = CodecOptions {
+            top_k_density: Some(0.04),
+            ..CodecOptions::default()
+        };
+        let dense = spec.hyper(UpdateRule::Diloco);
+        let h = spec.hyper_with_codec(UpdateRule::Diloco, fp8);
+        assert_eq!(
+            (h.outer_lr, h.outer_momentum, h.codec),
+            (dense.outer_lr, dense.outer_momentum, fp8)
+        );
     }
 }

@@ -84,6 +84,8 @@ pub fn round_announcement() -> RoundAnnouncement {
                 block_size: 128,
                 scale: ScaleFormat::F32,
                 top_k_density: Some(0.02),
+                values: ValueFormat::Fp8,
+                top_k_per_block: false,
             },
             router_bias_gamma: 0.001,
         },
