@@ -9,12 +9,14 @@
 //!   old hash). Every trainer recomputes the trunk, refuses the commit (status, no adoption: its store stays
 //!   at the honest round), publishes a signed dispute (checked here: signature, and that it quotes the commit
 //!   faithfully, the three trainers agreeing on the computed hash), and declines the next round built on it.
-//! - A coordinator that publishes false scores: after two honest rounds (in which every trainer recomputed the
-//!   published scores of its own deltas and of its shards' accepted deltas, and found them all true), the
-//!   test runs one round as the coordinator and refuses every trunk delta as `low-score`, publishing made-up
-//!   scores. The commit is otherwise right (nothing accepted, every shard unchanged), so only the score check
-//!   can catch it: every trainer recomputes its own delta's score, finds the published one false, and says so
-//!   (error log, `score_mismatches` in its status).
+//!   In its honest rounds every trainer recomputed the published scores of its own deltas and of its shards'
+//!   accepted deltas, and found them all true.
+//! - A coordinator that publishes false scores: the trainers draw no round for recomputing scores
+//!   (`rescore_share` 0). After two honest rounds, the test runs one round as the coordinator and refuses
+//!   every trunk delta as `low-score`, publishing made-up scores. The commit is otherwise right (nothing
+//!   accepted, every shard unchanged), so only the score check can catch it: every trainer recomputes its own
+//!   refused delta's score (always, whatever its share), finds the published one false, and says so (error
+//!   log, `score_mismatches` in its status).
 //! - A coordinator that equivocates: while the conductor runs, the test publishes a second, different commit
 //!   for a round already committed. Every node (the three trainers and the coordinator's own node) keeps both
 //!   signed envelopes in its store (checked here with the coordinator's key alone) and shows it in its status,
@@ -64,6 +66,13 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
 
     // Honest rounds, by the real conductor, until every trainer applied the last one.
     let before = net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    // The honest coordinator's scores are true: every trainer (recomputing them every round here) checked
+    // some and found none false.
+    for s in &before {
+        let t = training(s);
+        assert!(t.scores_checked > 0, "{} checked no score", s.peer_id);
+        assert_eq!(t.score_mismatches, 0, "{:?}", t.last_score_mismatch);
+    }
     let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
     let honest_s = started.elapsed().as_secs_f64();
 
@@ -279,14 +288,14 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_publishes_false_scores_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let net = RoundNet::start(HONEST).await;
+    // Trainers that never draw a round for recomputing others' scores: a verdict on their own delta is
+    // checked all the same.
+    let net = RoundNet::start_rescoring(HONEST, 0.0).await;
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
     let honest = net.honest_rounds(HONEST_ROUNDS, HONEST).await;
-    // The honest coordinator's scores are true: every trainer checked some and found none false.
     for s in &honest {
         let t = training(s);
-        assert!(t.scores_checked > 0, "{} checked no score", s.peer_id);
         assert_eq!(t.score_mismatches, 0, "{:?}", t.last_score_mismatch);
     }
     let checked_before: BTreeMap<String, u64> = honest

@@ -50,6 +50,12 @@ pub struct NodeArgs {
     /// (default 64).
     #[arg(long, env = "MANA_MAX_SHARDS")]
     pub max_shards: Option<u32>,
+    /// Share of rounds (0 to 1, default 0.1) in which this node recomputes the coordinator's published scores
+    /// of the deltas it holds, drawn at random so that a coordinator cannot foresee them. Each check fetches
+    /// the round's shards this node does not hold (more traffic than its deltas); a round in which one of
+    /// its own deltas was refused as low-score is always checked.
+    #[arg(long, env = "MANA_RESCORE_SHARE")]
+    pub rescore_share: Option<f64>,
     /// The run's text, as the coordinator's: a UTF-8 file, a .gz, or a directory; default the built-in corpus.
     #[arg(long, env = "MANA_CORPUS")]
     pub corpus: Option<PathBuf>,
@@ -102,6 +108,7 @@ enum Work {
 #[derive(Debug)]
 struct Training {
     max_shards: u32,
+    rescore_share: f64,
     corpus: Option<PathBuf>,
 }
 
@@ -127,6 +134,13 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
     anyhow::ensure!(
         max_shards >= 1,
         "--max-shards must be at least 1 (the trunk)"
+    );
+    let rescore_share = s
+        .get(|a| &a.rescore_share)
+        .unwrap_or(mana_node::roles::DEFAULT_RESCORE_SHARE);
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&rescore_share),
+        "--rescore-share must be between 0 and 1, got {rescore_share}"
     );
     let trains = config.coordinator.is_some() && !s.flags.no_train && s.file.train.unwrap_or(true);
     let evaluates = s.flags.evaluate_flag || s.file.evaluate.unwrap_or(false);
@@ -155,6 +169,7 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
         config,
         Work::Train(Training {
             max_shards,
+            rescore_share,
             corpus: s.get(|a| &a.corpus),
         }),
     ))
@@ -218,6 +233,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     check_corpus(&data, &spec, &source)?;
     let mut trainer = TrainerConfig::new(spec, data);
     trainer.max_shards = training.max_shards;
+    trainer.rescore_share = training.rescore_share;
     runtime.block_on(async move {
         let handle = Arc::new(daemon::start(config).await?);
         print_listen_addrs(&handle).await?;

@@ -208,6 +208,8 @@ pub struct RoundNet {
     pub data: std::sync::Arc<mana_kernels::data::TextDataset>,
     pub stop_tx: tokio::sync::watch::Sender<bool>,
     pub stop_rx: tokio::sync::watch::Receiver<bool>,
+    /// The trainers' `rescore_share` (1 unless a test says otherwise: tests check every round's scores).
+    pub rescore_share: f64,
 }
 
 impl RoundNet {
@@ -216,9 +218,18 @@ impl RoundNet {
         Self::start_with(honest, |_, _| {}).await
     }
 
+    /// [`RoundNet::start`] with trainers that recompute the published scores in `share` of the rounds.
+    pub async fn start_rescoring(honest: usize, share: f64) -> RoundNet {
+        Self::build(honest, share, |_, _| {}).await
+    }
+
     /// [`RoundNet::start`], with `tweak(name, config)` applied to each node's config before it starts (names:
     /// `coordinator`, then `node-0`, `node-1`...).
     pub async fn start_with(honest: usize, tweak: impl Fn(&str, &mut NodeConfig)) -> RoundNet {
+        Self::build(honest, 1.0, tweak).await
+    }
+
+    async fn build(honest: usize, share: f64, tweak: impl Fn(&str, &mut NodeConfig)) -> RoundNet {
         use mana_node::roles::common::{DataSource, load_dataset};
         use std::sync::Arc;
         init_tracing();
@@ -249,6 +260,7 @@ impl RoundNet {
             data,
             stop_tx,
             stop_rx,
+            rescore_share: share,
         };
         for i in 0..honest {
             let name = format!("node-{i}");
@@ -263,7 +275,8 @@ impl RoundNet {
     pub async fn add_trainer(&mut self, config: NodeConfig) -> std::sync::Arc<NodeHandle> {
         use mana_node::roles::trainer::{TrainerConfig, run_trainer};
         let node = std::sync::Arc::new(start_node(config).await);
-        let cfg = TrainerConfig::new(self.spec.clone(), self.data.clone());
+        let mut cfg = TrainerConfig::new(self.spec.clone(), self.data.clone());
+        cfg.rescore_share = self.rescore_share;
         let task = tokio::spawn(run_trainer(
             node.clone(),
             cfg,

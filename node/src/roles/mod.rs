@@ -23,6 +23,6 @@ pub mod trainer;
 pub use common::{DataSource, load_dataset};
 pub use conductor::{ConductorConfig, run_conductor};
 pub use evaluator::{EvaluatorConfig, run_evaluator};
-pub use trainer::{TrainerConfig, run_trainer};
+pub use trainer::{DEFAULT_RESCORE_SHARE, TrainerConfig, run_trainer};
 
 pub use mana_engine::round::RunSpec;

@@ -73,10 +73,21 @@ pub struct TrainerConfig {
     /// How long without a word from the coordinator (past a round's deadline) before the node says so: a
     /// wrong `--run` or `--coordinator`, a run that ended, a coordinator that is down.
     pub coordinator_silence: Duration,
+    /// Share of rounds, drawn by this node from the OS's randomness (so a coordinator cannot foresee them), in
+    /// which it recomputes the published scores of the deltas at hand. Recomputing needs the round's whole
+    /// base model, i.e. fetching every shard this node does not hold: done every round, that costs far more
+    /// traffic than the deltas themselves. A round in which one of this node's own deltas was refused as
+    /// `low-score` is always checked, whatever the share: that verdict costs this node its work.
+    pub rescore_share: f64,
 }
 
+/// The default [`TrainerConfig::rescore_share`]: one round in ten. A coordinator that publishes a false score
+/// of an accepted delta in k rounds escapes each of the delta's h holders with probability 0.9^(k·h).
+pub const DEFAULT_RESCORE_SHARE: f64 = 0.1;
+
 impl TrainerConfig {
-    /// Defaults for `spec` and `data`: 64 shard slots, 60 s per fetch, 8 fetches at once.
+    /// Defaults for `spec` and `data`: 64 shard slots, 60 s per fetch, 8 fetches at once, published scores
+    /// recomputed in [`DEFAULT_RESCORE_SHARE`] of the rounds.
     pub fn new(spec: RunSpec, data: Arc<TextDataset>) -> TrainerConfig {
         TrainerConfig {
             spec,
@@ -86,6 +97,7 @@ impl TrainerConfig {
             fetch_timeout: Duration::from_secs(60),
             fetch_concurrency: 8,
             coordinator_silence: Duration::from_secs(60),
+            rescore_share: DEFAULT_RESCORE_SHARE,
         }
     }
 }
@@ -844,7 +856,8 @@ impl Trainer {
     /// re-checked" of docs/security.md): the commit must reveal the seed secret the announcement committed to,
     /// each of this node's own deltas refused as `low-score` must have a published score, and every published
     /// score of a delta at hand (its own, and the accepted deltas of its shards) must come out the same when
-    /// recomputed from the round's base model. A false one is logged as an error and counted in the status
+    /// recomputed from the round's base model (in the rounds drawn by [`TrainerConfig::rescore_share`], and
+    /// always when one of its own deltas was refused as `low-score`). A false one is logged as an error and counted in the status
     /// (`score_mismatches`); the node does not stop for it (unlike a shard hash that does not reproduce,
     /// which is proof), as another CPU may sum a loss in another order, within [`mana_engine::round::SCORE_TOLERANCE`].
     async fn check_scores(
@@ -888,7 +901,19 @@ impl Trainer {
                 }
             }
         }
-        let items: Vec<(DeltaScore, Arc<Vec<f32>>)> = if false_ones.is_empty() {
+        let own_refused = sent.iter().any(|(_, hash)| {
+            commit.rejected.iter().any(|r| {
+                r.payload_hash == *hash && r.node == self.me && r.reason == RejectCode::LowScore
+            })
+        });
+        let drawn = own_refused || self.draw_rescore();
+        if !drawn {
+            tracing::debug!(
+                round,
+                "published scores not recomputed this round (not drawn)"
+            );
+        }
+        let items: Vec<(DeltaScore, Arc<Vec<f32>>)> = if false_ones.is_empty() && drawn {
             commit
                 .scores
                 .iter()
@@ -937,6 +962,21 @@ impl Trainer {
                 s.last_score_mismatch = last;
             }
         });
+    }
+
+    /// Whether this round's published scores are recomputed: true in [`TrainerConfig::rescore_share`] of the
+    /// rounds, drawn from the OS's randomness (true if it cannot be read: checking is the safe side).
+    fn draw_rescore(&self) -> bool {
+        let share = self.cfg.rescore_share;
+        if share >= 1.0 {
+            return true;
+        }
+        if share <= 0.0 || share.is_nan() {
+            return false;
+        }
+        // 53 random bits as a uniform draw in [0, 1).
+        super::common::os_seed()
+            .map_or(true, |r| ((r >> 11) as f64) / ((1u64 << 53) as f64) < share)
     }
 
     /// Recomputes published scores from the round's whole base model (the shards this node holds, the
