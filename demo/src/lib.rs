@@ -34,6 +34,7 @@ pub mod single;
 pub mod status;
 mod summary;
 pub mod supervise;
+pub mod traffic;
 
 pub use error::DemoError;
 
@@ -73,6 +74,8 @@ pub struct DemoConfig {
     pub rule: String,
     /// H: micro-batches per round (sync) or inner steps (diloco); `None`: the coordinator's default.
     pub inner_steps: Option<u32>,
+    /// The delta codec, as the coordinator's flags (`--top-k 0.03 --top-k-per-block ...`; empty: dense FP8).
+    pub codec_flags: Vec<String>,
     /// Seed of the run (weights, data, built-in corpus); `None`: the coordinator's default.
     pub seed: Option<u64>,
     /// Prompts for `sample.txt`.
@@ -149,7 +152,7 @@ fn drive(
         out.logs().display()
     ));
     progress.phase("waiting for the first round (nodes join, fetch the model, train)");
-    let rounds = rounds::follow(cfg, out, sup, progress, signals, &net, started)?;
+    let mut rounds = rounds::follow(cfg, out, sup, progress, signals, &net, started)?;
     // `follow` returns only once a round has been committed.
     let Some(last) = rounds.metrics.last() else {
         return Err(DemoError::NoRound(sup.log(net.coordinator).to_path_buf()));
@@ -157,6 +160,13 @@ fn drive(
     progress.phase("waiting for the nodes to apply the last commit");
     let comparison = net.compare_holdings(out, sup, &rounds, last, signals)?;
     out.write("manifests.txt", &comparison.text)?;
+    // Read before the nodes stop; a node killed by chaos counted from zero again after its restart.
+    if cfg.chaos.is_none() && rounds.nodes_lost.is_empty() {
+        if let Some((sent, received)) = rounds::nodes_traffic(&net) {
+            rounds.nodes_sent = Some(sent);
+            rounds.nodes_received = Some(received);
+        }
+    }
     // Everything is read; the children can go (generation below needs the CPU to itself).
     sup.stop_all(STOP_GRACE);
     progress.phase("sampling text from the final model");

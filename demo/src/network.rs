@@ -155,6 +155,7 @@ pub fn start(
     if let Some(h) = cfg.inner_steps {
         cmd.args(["--inner-steps", &h.to_string()]);
     }
+    cmd.args(&cfg.codec_flags);
     if let Some(seed) = cfg.seed {
         cmd.args(["--seed", &seed.to_string()]);
     }

@@ -68,7 +68,7 @@ impl Progress {
         let of = self.rounds.map_or_else(String::new, |r| format!("/{r}"));
         let took = round_secs.map_or_else(String::new, |s| format!("  {s:.1} s"));
         let line = format!(
-            "round {}{of}  loss {}  val {}  deltas {} accepted, {} rejected  wire {} (total {}){took}{nodes}",
+            "round {}{of}  loss {}  val {}  deltas {} accepted, {} rejected  wire {} (total {}, {}){took}{nodes}",
             m.round,
             loss(m.train_loss),
             loss(m.val_loss),
@@ -76,6 +76,7 @@ impl Progress {
             m.rejected,
             human_bytes(m.payload_bytes),
             human_bytes(wire_total),
+            per_token(m.payload_bytes, m.tokens),
         );
         match &self.bar {
             Some(bar) => {
@@ -95,6 +96,14 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// Bytes per trained token, for the live line and the summary (`-` before any token).
+pub fn per_token(bytes: u64, tokens: u64) -> String {
+    if tokens == 0 {
+        return "- B/token".into();
+    }
+    format!("{:.2} B/token", bytes as f64 / tokens as f64)
 }
 
 /// A loss with three decimals, or `-` when there is none (or it is not finite).

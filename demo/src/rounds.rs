@@ -39,6 +39,12 @@ pub struct Rounds {
     pub nodes_lost: Vec<String>,
     /// What chaos did (`--chaos`), for the summary.
     pub chaos: Option<String>,
+    /// Everything the training nodes sent on the wire (deltas, shards fetched from them, gossip), read from
+    /// their status files once the last commit is applied; `None` when a node's could not be read or a
+    /// node restarted (its counters start again from zero).
+    pub nodes_sent: Option<u64>,
+    /// Everything they received, read alike (their first download of the model included).
+    pub nodes_received: Option<u64>,
 }
 
 /// Follows the coordinator's metrics until the run ends; writes `metrics.jsonl` and `loss.svg` as rounds
@@ -180,6 +186,19 @@ pub fn follow(
         }
     }
     Ok(rounds)
+}
+
+/// The sums of the training nodes' bytes sent and received, from their status files (see
+/// [`Rounds::nodes_sent`]); `None` if one could not be read.
+pub fn nodes_traffic(net: &Network) -> Option<(u64, u64)> {
+    net.nodes
+        .iter()
+        .map(|(_, _, dir)| {
+            status::read(dir).map(|v| (status::sent(&v.traffic), status::received(&v.traffic)))
+        })
+        .try_fold((0u64, 0u64), |(s, r), t| {
+            t.map(|(ts, tr)| (s.saturating_add(ts), r.saturating_add(tr)))
+        })
 }
 
 /// What `metrics.jsonl` records about one node at a commit.

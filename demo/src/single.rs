@@ -6,7 +6,6 @@
 use mana_engine::coordinator::default_inner_steps;
 use mana_engine::round::{RunSpec, SimConfig, full_model_baseline};
 use mana_node::roles::common::{DataSource, load_dataset};
-use mana_protocol::UpdateRule;
 
 use crate::DemoError;
 use crate::exact::{Question, Scores, score_trainer};
@@ -34,10 +33,7 @@ pub fn train_and_score(
     rounds: u64,
     questions: &[Question],
 ) -> Result<SingleNode, DemoError> {
-    let rule = match rule {
-        "diloco" => UpdateRule::Diloco,
-        _ => UpdateRule::Sync,
-    };
+    let rule = crate::traffic::rule_of(rule);
     let mut spec = RunSpec::tiny();
     if let Some(seed) = seed {
         spec.init_seed = seed;

@@ -22,6 +22,20 @@ pub struct Answers {
     pub single: Option<SingleNode>,
 }
 
+/// `bytes` over `tokens`, and how many times less that is than the all-reduce reference (`crate::traffic`):
+/// "0.71 B/token, 8326x less than the all-reduce" (the ratio left out when it cannot be said: no byte, or one
+/// node, which would send nothing either way).
+fn per_token_against_allreduce(cfg: &DemoConfig, bytes: u64, tokens: u64) -> String {
+    let ours = progress::per_token(bytes, tokens);
+    match crate::traffic::allreduce_per_token(&cfg.rule, cfg.inner_steps, cfg.nodes) {
+        Some(reference) if tokens > 0 && bytes > 0 && reference > 0.0 => format!(
+            "{ours}, {:.0}x less than the all-reduce",
+            reference * tokens as f64 / bytes as f64
+        ),
+        _ => ours,
+    }
+}
+
 /// The one-screen summary.
 pub fn summary(
     cfg: &DemoConfig,
@@ -64,11 +78,16 @@ pub fn summary(
     let h = cfg
         .inner_steps
         .map_or_else(String::new, |h| format!(", H = {h}"));
+    let codec = if cfg.codec_flags.is_empty() {
+        String::new()
+    } else {
+        format!(", codec {}", cfg.codec_flags.join(" "))
+    };
     // Writing to a String cannot fail; `let _ =` keeps the code free of unwraps.
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "mana demo: {} nodes, a coordinator, an evaluator and a bootstrap on loopback, rule {}{h}, finished in {}",
+        "mana demo: {} nodes, a coordinator, an evaluator and a bootstrap on loopback, rule {}{h}{codec}, finished in {}",
         cfg.nodes,
         cfg.rule,
         clock(elapsed)
@@ -93,19 +112,32 @@ pub fn summary(
         first.round,
         last.round
     );
-    let per_token = if tokens > 0 {
-        format!(
-            ", {:.1} bytes per token trained",
-            wire as f64 / tokens as f64
-        )
-    } else {
-        String::new()
-    };
     let _ = writeln!(
         s,
-        "deltas    {accepted} accepted, {rejected} rejected; {} of payloads on the wire{per_token}",
-        human_bytes(wire)
+        "deltas    {accepted} accepted, {rejected} rejected; {} of payloads ({})",
+        human_bytes(wire),
+        per_token_against_allreduce(cfg, wire, tokens),
     );
+    if let (Some(sent), Some(received)) = (rounds.nodes_sent, rounds.nodes_received) {
+        let _ = writeln!(
+            s,
+            "traffic   the training nodes sent {} ({}) and received {} ({}; their first download of the model included)",
+            human_bytes(sent),
+            per_token_against_allreduce(cfg, sent, tokens),
+            human_bytes(received),
+            per_token_against_allreduce(cfg, received, tokens),
+        );
+    }
+    if let Some(reference) =
+        crate::traffic::allreduce_per_token(&cfg.rule, cfg.inner_steps, cfg.nodes)
+            .filter(|r| *r > 0.0)
+    {
+        let _ = writeln!(
+            s,
+            "          (the all-reduce: an f32 ring all-reduce of the full model's gradient among the {} nodes at every optimizer step, {reference:.0} B/token)",
+            cfg.nodes
+        );
+    }
     if !rounds.nodes_lost.is_empty() {
         let _ = writeln!(
             s,

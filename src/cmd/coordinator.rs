@@ -23,6 +23,7 @@ use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor
 use mana_protocol::UpdateRule;
 use serde::Deserialize;
 
+use super::codec::CodecArgs;
 use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs};
 use crate::config::{ConfigError, FileTable, FromFile, Layered};
 
@@ -43,6 +44,10 @@ pub struct CoordinatorArgs {
     /// Update rule: sync (default) or diloco.
     #[arg(long, env = "MANA_RULE")]
     pub rule: Option<Rule>,
+    /// How nodes encode their deltas (announced with every round; default dense FP8).
+    #[command(flatten)]
+    #[serde(skip)]
+    pub codec: CodecArgs,
     /// Micro-batches (sync) or inner steps (diloco) per round; default 1 (sync) or 20 (diloco).
     #[arg(long, env = "MANA_INNER_STEPS")]
     pub inner_steps: Option<u32>,
@@ -124,6 +129,7 @@ impl FromFile for CoordinatorArgs {
         Ok(CoordinatorArgs {
             net: file.take()?,
             join: file.take()?,
+            codec: file.take()?,
             ..file.take()?
         })
     }
@@ -264,6 +270,9 @@ fn machine(
         .get(|a| &a.inner_steps)
         .unwrap_or_else(|| mana_engine::coordinator::default_inner_steps(rule));
     let mut machine = machine_config(node.net.run_id.clone(), &spec, rule, inner_steps)?;
+    // The codec, and the outer optimizer that goes with it (none for sparse low-bit deltas).
+    let codec = CodecArgs::resolve(&s.section(|a| &a.codec))?;
+    machine.hyper = spec.hyper_with_codec(rule, codec);
     machine.replication = s.get(|a| &a.replication).unwrap_or(machine.replication);
     machine.min_members = s
         .get(|a| &a.min_members)
@@ -327,6 +336,25 @@ mod tests {
             .expect_err("typo refused")
             .to_string();
         assert!(err.contains("unknown key `rounds_ms`"), "{err}");
+    }
+
+    #[test]
+    fn the_codec_is_announced_with_its_outer_optimizer() {
+        let (_, dense) = settings(&[], "run = \"demo\"\nrule = \"diloco\"\n").expect("valid");
+        assert_eq!(dense.hyper.codec, mana_protocol::CodecOptions::default());
+        let file = "run = \"demo\"\nrule = \"diloco\"\ntop_k = 0.03\ntop_k_per_block = true\nvalues = \"int2\"\n";
+        let (_, sparse) = settings(&["--pow2-scales"], file).expect("valid");
+        assert!(sparse.hyper.codec.is_sparse_low_bit());
+        assert_eq!(sparse.hyper.codec.top_k_density, Some(0.03));
+        assert_eq!(
+            sparse.hyper.codec.scale,
+            mana_protocol::ScaleFormat::PowerOfTwo
+        );
+        assert_eq!(sparse.hyper.outer_momentum, 0.0);
+        let err = settings(&["--values", "int2"], "run = \"demo\"\n")
+            .expect_err("int2 without top-k is refused")
+            .to_string();
+        assert!(err.contains("codec"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use mana_demo::{DemoConfig, Stop};
 
+use super::codec::CodecArgs;
 use crate::logging::LogFormat;
 
 /// Rounds run when neither --rounds nor --minutes is given: with the default rule and H, about 2 million
@@ -45,6 +46,10 @@ pub struct DemoArgs {
     /// H: micro-batches per node per round (sync; default 1) or local steps per round (diloco; default 50).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=mana_engine::coordinator::MAX_INNER_STEPS as i64))]
     inner_steps: Option<u32>,
+    /// How the nodes encode their deltas (default dense FP8; e.g. `--top-k 0.03 --top-k-per-block --values
+    /// int2 --pow2-scales` for SparseLoCo's sparse 2-bit deltas).
+    #[command(flatten)]
+    codec: CodecArgs,
     /// Output directory (created; a previous demo's output there is replaced).
     #[arg(long, default_value = "demo-out")]
     out: PathBuf,
@@ -116,6 +121,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         seed: args.chaos_seed.or(args.seed).unwrap_or(1),
     });
+    // Checked here, so that a codec the coordinator would refuse is refused before anything starts.
+    args.codec.options()?;
+    let codec_flags = args.codec.to_flags();
     let inner_steps = args
         .inner_steps
         .or((args.rule == "diloco").then_some(DEFAULT_DILOCO_STEPS));
@@ -133,6 +141,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         stop,
         corpus: args.corpus,
         rule: args.rule,
+        codec_flags,
         inner_steps,
         seed: args.seed,
         prompts,

@@ -5,6 +5,7 @@
 //! command logs as text.
 
 mod bootstrap;
+mod codec;
 mod coordinator;
 mod demo;
 pub(crate) mod generate;

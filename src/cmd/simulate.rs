@@ -20,8 +20,9 @@ use mana_engine::round::{
 use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
 use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
 use mana_kernels::model::ModelConfig;
-use mana_protocol::{ScaleFormat, UpdateRule, ValueFormat};
+use mana_protocol::UpdateRule;
 
+use super::codec::CodecArgs;
 use super::rule::Rule;
 
 /// Which model to simulate.
@@ -31,28 +32,6 @@ pub enum ModelPreset {
     Tiny,
     /// The default model of `mana train` (d_model 128, 4 blocks, 8 experts per MoE block).
     Default,
-}
-
-/// `--values`: how each sent value of a delta is quantized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Values {
-    /// FP8 E4M3 (8 bits), the block's amax mapped to 448.
-    Fp8,
-    /// 4 bits: sign and 8 magnitude levels relative to the block's amax (needs --top-k-per-block or no
-    /// top-k).
-    Int4,
-    /// 2 bits: sign and 2 magnitude levels relative to the kept values' mean (needs --top-k-per-block).
-    Int2,
-}
-
-impl From<Values> for ValueFormat {
-    fn from(v: Values) -> ValueFormat {
-        match v {
-            Values::Fp8 => ValueFormat::Fp8,
-            Values::Int4 => ValueFormat::Int4,
-            Values::Int2 => ValueFormat::Int2,
-        }
-    }
 }
 
 /// Arguments of `mana simulate`.
@@ -104,24 +83,9 @@ pub struct SimulateArgs {
     /// Positions per sequence.
     #[arg(long)]
     seq_len: Option<u32>,
-    /// Send only this fraction of each delta's values (top-k by magnitude, with error feedback): over the
-    /// whole delta, or in each block with --top-k-per-block.
-    #[arg(long)]
-    top_k: Option<f32>,
-    /// Take the top-k in each block of --block-size positions (7- or 8-bit positions instead of 32-bit
-    /// indices; SparseLoCo's chunked top-k). Needs --top-k.
-    #[arg(long, requires = "top_k")]
-    top_k_per_block: bool,
-    /// How each sent value is quantized: fp8, or int4 / int2 (SparseLoCo) with --top-k-per-block. With
-    /// int2 or int4 and per-block top-k, the outer momentum defaults to 0 (error feedback takes its place).
-    #[arg(long, value_enum, default_value_t = Values::Fp8)]
-    values: Values,
-    /// Store block scales as powers of two (1 byte) instead of f32.
-    #[arg(long)]
-    pow2_scales: bool,
-    /// Values per FP8 scale block: 128 or 256.
-    #[arg(long)]
-    block_size: Option<u16>,
+    /// The delta codec.
+    #[command(flatten)]
+    codec: CodecArgs,
     /// Send raw f32 deltas instead of the codec's FP8 payloads.
     #[arg(long)]
     no_compress: bool,
@@ -171,16 +135,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     cfg.baselines = !args.no_baselines;
     cfg.overlap = args.overlap;
     let h = &mut cfg.hyper;
-    h.codec.top_k_density = args.top_k;
-    h.codec.top_k_per_block = args.top_k_per_block;
-    h.codec.values = args.values.into();
-    if args.pow2_scales {
-        h.codec.scale = ScaleFormat::PowerOfTwo;
-    }
-    if let Some(x) = args.block_size {
-        h.codec.block_size = x;
-    }
-    h.codec.check().context("codec options")?;
+    h.codec = args.codec.options()?;
     // The outer optimizer that goes with the codec (none for sparse low-bit deltas), unless given below.
     *h = spec.hyper_with_codec(rule, h.codec);
     if let Some(x) = args.lr {

@@ -37,7 +37,8 @@ pub use score::{
     score_agrees, score_batch, score_seed,
 };
 pub use simulate::{
-    BaselineReport, RoundReport, SimConfig, SimReport, full_model_baseline, simulate, simulate_with,
+    BaselineReport, RoundReport, SimConfig, SimReport, allreduce_bytes, full_model_baseline,
+    simulate, simulate_with,
 };
 pub use spec::{RunSpec, SPARSE_OUTER_LR, SPARSE_OUTER_MOMENTUM};
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};

@@ -237,6 +237,16 @@ fn evaluate(
     ))
 }
 
+/// The reference of every traffic figure: the bytes a ring all-reduce of the full model's f32 gradient
+/// (`params` values) among `nodes` nodes sends in all over `steps` optimizer steps, `2 (N-1)/N · 4P` per node
+/// per step. The simulator and `mana demo` both compare against it.
+pub fn allreduce_bytes(params: u64, nodes: u64, steps: u64) -> u64 {
+    steps
+        .saturating_mul(8)
+        .saturating_mul(nodes.saturating_sub(1))
+        .saturating_mul(params)
+}
+
 /// Runs the simulation (see the module doc).
 pub fn simulate(
     spec: &RunSpec,
@@ -435,7 +445,7 @@ pub fn simulate_with(
         UpdateRule::Diloco => cfg.rounds * h,
     };
     let n = cfg.nodes as u64;
-    let allreduce_bytes = full_steps * 8 * (n - 1) * params;
+    let allreduce_bytes = allreduce_bytes(params, n, full_steps);
     let (full, alone) = if cfg.baselines {
         (
             Some(baseline(spec, data, cfg, (b, t), false)?.0),

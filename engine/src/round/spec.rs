@@ -151,6 +151,16 @@ impl RunSpec {
             .ok_or_else(unknown)
     }
 
+    /// The number of parameters of the full model: the trunk and every routed expert (what an all-reduce of
+    /// the full model's gradient moves, the reference of the traffic figures).
+    pub fn params(&self) -> Result<u64, RoundError> {
+        let mut total = self.shard_len(ShardId::Trunk)? as u64;
+        for shard in self.experts() {
+            total += self.shard_len(shard)? as u64;
+        }
+        Ok(total)
+    }
+
     /// The number of router biases the trunk carries (E per MoE layer); 0 for an expert.
     pub fn router_bias_len(&self, shard: ShardId) -> usize {
         match shard {
