@@ -429,6 +429,13 @@ fn position_bits(block: usize) -> u32 {
 /// The exact payload length [`encode_delta`] produces for a delta of `len` values under `options`: fixed by
 /// the length and the options alone, so a receiver can check an announced size before fetching a byte.
 pub fn encoded_len(len: usize, options: &CodecOptions) -> Result<usize, CodecError> {
+    Ok(header_for(len, options)?.encoded_len())
+}
+
+/// The header [`encode_delta`] writes for a delta of `len` values under `options`: a receiver compares a
+/// payload's header with it to hold every sender to the round's codec (same layout, value format, scales,
+/// block and density), not merely to its size.
+pub fn header_for(len: usize, options: &CodecOptions) -> Result<DeltaHeader, CodecError> {
     options
         .check()
         .map_err(|e| CodecError::BadOptions(e.to_string()))?;
@@ -464,7 +471,7 @@ pub fn encoded_len(len: usize, options: &CodecOptions) -> Result<usize, CodecErr
             block_k: None,
         }
     };
-    Ok(header.encoded_len())
+    Ok(header)
 }
 
 /// Values kept by global top-k: `ceil(density · len)` in `1..=len` (0 for an empty delta).

@@ -57,5 +57,6 @@ pub use topics::{
     BLOB_LANE_PROTOCOL, BLOB_STREAM_PROTOCOL, EXPERT_PROTOCOL, FETCH_PROTOCOL, TopicKind, topic,
 };
 pub use validation::{
-    RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope, validate_message,
+    PayloadShape, RejectCode, Rejection, ValidationContext, ValidationLimits, validate_envelope,
+    validate_message,
 };

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::codec::{CodecError, DeltaHeader, decode_delta};
+use crate::codec::{CodecError, CodecOptions, DeltaHeader, decode_delta, header_for};
 use crate::contribution::{Binding, ContributionError, split_contribution};
 use crate::envelope::SignedEnvelope;
 use crate::error::ProtocolError;
@@ -310,6 +310,15 @@ pub enum Rejection {
         /// The number in the payload.
         got: usize,
     },
+    /// The delta was not encoded with the round's codec (another layout, value format, scale format, block
+    /// or density), though it may have its size.
+    #[error("bad-payload: the delta's header {got:?} is not the round codec's {expected:?}")]
+    WrongCodec {
+        /// The header the round's codec writes.
+        expected: Box<DeltaHeader>,
+        /// The payload's header.
+        got: Box<DeltaHeader>,
+    },
     /// The payload is not a contribution (no binding, or a malformed one).
     #[error("bad-payload: {0}")]
     BadContribution(ContributionError),
@@ -347,6 +356,7 @@ impl Rejection {
             Rejection::BadPayload(_)
             | Rejection::WrongLength { .. }
             | Rejection::WrongLoads { .. }
+            | Rejection::WrongCodec { .. }
             | Rejection::BadContribution(_) => RejectCode::BadPayload,
             Rejection::NotBound { .. } => RejectCode::NotBound,
         }
@@ -686,20 +696,36 @@ pub struct ValidPayload {
     pub loads: Vec<u32>,
 }
 
+/// What a contribution to one shard in one round must be, known before its payload is fetched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PayloadShape {
+    /// The shard's length (the delta's values).
+    pub shard_len: usize,
+    /// The expert loads a contribution to this shard carries (the model's routed experts for the trunk,
+    /// none for an expert).
+    pub loads_len: usize,
+    /// The round's codec (its announced hyper-parameters): the delta's header must be the one it writes.
+    pub codec: CodecOptions,
+}
+
 /// Checks a fetched contribution payload against its (already validated) announcement, signed by `sender`:
 /// size, hash, the [`Binding`] (this sender, run, round and shard, so nobody can re-announce another's
-/// payload or an old one), `loads_len` expert loads, decoding, length `shard_len`, finiteness, and, when the
-/// round's `median_norm` for the shard is known and positive, norm at most `max_norm_ratio` times it.
-/// Returns the decoded delta and the loads.
+/// payload or an old one), the [`PayloadShape`] (its expert loads, the delta's length, and a header written
+/// by the round's codec), decoding, finiteness, and, when the round's `median_norm` for the shard is known
+/// and positive, norm at most `max_norm_ratio` times it. Returns the decoded delta and the loads.
 pub fn validate_delta_payload(
     announcement: &DeltaAnnouncement,
     sender: &PublicKey,
     payload: &[u8],
-    shard_len: usize,
-    loads_len: usize,
+    shape: &PayloadShape,
     median_norm: Option<f32>,
     max_norm_ratio: f32,
 ) -> Result<ValidPayload, Rejection> {
+    let PayloadShape {
+        shard_len,
+        loads_len,
+        codec,
+    } = *shape;
     let size = payload.len() as u64;
     if size != announcement.payload_size {
         return Err(Rejection::SizeMismatch {
@@ -734,6 +760,13 @@ pub fn validate_delta_payload(
         return Err(Rejection::WrongLength {
             expected: shard_len,
             got: header.len,
+        });
+    }
+    let expected = header_for(shard_len, &codec).map_err(Rejection::BadPayload)?;
+    if header != expected {
+        return Err(Rejection::WrongCodec {
+            expected: Box::new(expected),
+            got: Box::new(header),
         });
     }
     let delta = decode_delta(encoded, shard_len).map_err(Rejection::BadPayload)?;

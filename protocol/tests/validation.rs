@@ -326,6 +326,15 @@ fn tampered_envelopes_are_refused_as_bad_envelopes() {
     assert!(r.to_string().starts_with("bad-envelope"), "{r}");
 }
 
+/// A contribution of `shard_len` values and `loads_len` loads under the default codec (the fixture's).
+fn shape(shard_len: usize, loads_len: usize) -> PayloadShape {
+    PayloadShape {
+        shard_len,
+        loads_len,
+        codec: CodecOptions::default(),
+    }
+}
+
 /// The fixture's announcement, for a payload bound to its signer (the fixture node) as a trainer hosts it.
 fn bound_announcement() -> (DeltaAnnouncement, Vec<u8>) {
     let mut ann = delta_announcement();
@@ -342,40 +351,69 @@ fn delta_payloads_are_checked_against_their_announcement() {
     let (ann, payload) = bound_announcement();
     let me = node().public();
     let n = sample_delta().len();
-    let valid = validate_delta_payload(&ann, &me, &payload, n, 0, None, 3.0).unwrap();
+    let valid = validate_delta_payload(&ann, &me, &payload, &shape(n, 0), None, 3.0).unwrap();
     assert!(valid.loads.is_empty());
     let norm = l2_norm(&valid.delta);
     // An expert's contribution carries no loads, a trunk's the model's routed experts: any other count is
     // refused.
-    let r = validate_delta_payload(&ann, &me, &payload, n, 4, None, 3.0).unwrap_err();
+    let r = validate_delta_payload(&ann, &me, &payload, &shape(n, 4), None, 3.0).unwrap_err();
     assert_eq!(r.code(), RejectCode::BadPayload);
     assert!(r.to_string().contains("expert loads"), "{r}");
-    assert!(validate_delta_payload(&ann, &me, &payload, n, 0, Some(norm), 3.0).is_ok());
+    assert!(validate_delta_payload(&ann, &me, &payload, &shape(n, 0), Some(norm), 3.0).is_ok());
 
-    let r = validate_delta_payload(&ann, &me, &payload, n, 0, Some(norm / 4.0), 3.0).unwrap_err();
+    let r = validate_delta_payload(&ann, &me, &payload, &shape(n, 0), Some(norm / 4.0), 3.0)
+        .unwrap_err();
     assert_eq!(r.code(), RejectCode::NormTooLarge);
     assert!(r.to_string().starts_with("norm-too-large"), "{r}");
 
     let mut tampered = payload.clone();
     tampered[20] ^= 1;
     assert_eq!(
-        validate_delta_payload(&ann, &me, &tampered, n, 0, None, 3.0)
+        validate_delta_payload(&ann, &me, &tampered, &shape(n, 0), None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::HashMismatch
     );
     assert_eq!(
-        validate_delta_payload(&ann, &me, &payload[..payload.len() - 1], n, 0, None, 3.0)
-            .unwrap_err()
-            .code(),
+        validate_delta_payload(
+            &ann,
+            &me,
+            &payload[..payload.len() - 1],
+            &shape(n, 0),
+            None,
+            3.0
+        )
+        .unwrap_err()
+        .code(),
         RejectCode::SizeMismatch
     );
     assert_eq!(
-        validate_delta_payload(&ann, &me, &payload, n + 1, 0, None, 3.0)
+        validate_delta_payload(&ann, &me, &payload, &shape(n + 1, 0), None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::BadPayload
     );
+
+    // A delta encoded with another codec than the round's is refused even when it decodes: here the round
+    // asks for power-of-two scales and the payload has f32 ones (and the other way round).
+    let pow2 = CodecOptions {
+        scale: ScaleFormat::PowerOfTwo,
+        ..CodecOptions::default()
+    };
+    let r = validate_delta_payload(
+        &ann,
+        &me,
+        &payload,
+        &PayloadShape {
+            codec: pow2,
+            ..shape(n, 0)
+        },
+        None,
+        3.0,
+    )
+    .unwrap_err();
+    assert_eq!(r.code(), RejectCode::BadPayload);
+    assert!(r.to_string().contains("round codec"), "{r}");
 
     // A payload whose hash matches but which does not decode, and a bare delta with no binding.
     for junk in [vec![0u8; 40], sample_payload()] {
@@ -383,7 +421,7 @@ fn delta_payloads_are_checked_against_their_announcement() {
         junk_ann.payload_hash = ContentHash::of(&junk);
         junk_ann.payload_size = junk.len() as u64;
         assert_eq!(
-            validate_delta_payload(&junk_ann, &me, &junk, n, 0, None, 3.0)
+            validate_delta_payload(&junk_ann, &me, &junk, &shape(n, 0), None, 3.0)
                 .unwrap_err()
                 .code(),
             RejectCode::BadPayload
@@ -396,15 +434,22 @@ fn a_payload_is_refused_under_any_other_sender_round_or_shard() {
     let (ann, payload) = bound_announcement();
     let n = sample_delta().len();
     // Another key re-announcing the same hash.
-    let r =
-        validate_delta_payload(&ann, &outsider().public(), &payload, n, 0, None, 3.0).unwrap_err();
+    let r = validate_delta_payload(
+        &ann,
+        &outsider().public(),
+        &payload,
+        &shape(n, 0),
+        None,
+        3.0,
+    )
+    .unwrap_err();
     assert_eq!(r.code(), RejectCode::NotBound);
     assert!(r.to_string().starts_with("not-bound"), "{r}");
     // The same sender, in a later round or for another shard.
     let mut later = ann.clone();
     later.round += 1;
     assert_eq!(
-        validate_delta_payload(&later, &node().public(), &payload, n, 0, None, 3.0)
+        validate_delta_payload(&later, &node().public(), &payload, &shape(n, 0), None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::NotBound
@@ -412,7 +457,7 @@ fn a_payload_is_refused_under_any_other_sender_round_or_shard() {
     let mut other = ann.clone();
     other.shard = ShardId::expert(1, 1).unwrap();
     assert_eq!(
-        validate_delta_payload(&other, &node().public(), &payload, n, 0, None, 3.0)
+        validate_delta_payload(&other, &node().public(), &payload, &shape(n, 0), None, 3.0)
             .unwrap_err()
             .code(),
         RejectCode::NotBound

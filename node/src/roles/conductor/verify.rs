@@ -28,8 +28,8 @@ use futures::StreamExt;
 use mana_kernels::data::TextDataset;
 use mana_protocol::validation::{ValidPayload, l2_norm, validate_delta_payload};
 use mana_protocol::{
-    Binding, DeltaAnnouncement, DeltaScore, PublicKey, RejectCode, RoundAnnouncement, ShardId,
-    contribution_len,
+    Binding, CodecOptions, DeltaAnnouncement, DeltaScore, PayloadShape, PublicKey, RejectCode,
+    RoundAnnouncement, ShardId, contribution_len,
 };
 
 use super::super::common::{fetch_bytes_within, peer_name};
@@ -159,6 +159,7 @@ async fn fetch_and_validate(
     sender: PublicKey,
     delta: &DeltaAnnouncement,
     (len, loads): (usize, usize),
+    codec: CodecOptions,
     budget: Duration,
     ratio: f32,
 ) -> Result<ValidPayload, Outcome> {
@@ -203,8 +204,13 @@ async fn fetch_and_validate(
     };
     let delta = delta.clone();
     let checked = blocking(move || {
+        let shape = PayloadShape {
+            shard_len: len,
+            loads_len: loads,
+            codec,
+        };
         Ok(validate_delta_payload(
-            &delta, &sender, &bytes, len, loads, None, ratio,
+            &delta, &sender, &bytes, &shape, None, ratio,
         ))
     })
     .await;
@@ -234,14 +240,15 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             }),
         }
     }
-    let (budget, ratio) = (input.fetch_budget, ann.max_norm_ratio);
+    let (budget, ratio, codec) = (input.fetch_budget, ann.max_norm_ratio, ann.hyper.codec);
     let decoded: Vec<(PublicKey, DeltaAnnouncement, Result<ValidPayload, Outcome>)> =
         futures::stream::iter(pending)
             .map(|(sender, delta, sizes)| {
                 let node = node.clone();
                 async move {
                     let outcome =
-                        fetch_and_validate(&node, sender, &delta, sizes, budget, ratio).await;
+                        fetch_and_validate(&node, sender, &delta, sizes, codec, budget, ratio)
+                            .await;
                     (sender, delta, outcome)
                 }
             })
