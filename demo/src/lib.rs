@@ -161,11 +161,12 @@ fn drive(
     let comparison = net.compare_holdings(out, sup, &rounds, last, signals)?;
     out.write("manifests.txt", &comparison.text)?;
     // Read before the nodes stop; a node killed by chaos counted from zero again after its restart.
-    if cfg.chaos.is_none() && rounds.nodes_lost.is_empty() {
-        if let Some((sent, received)) = rounds::nodes_traffic(&net) {
-            rounds.nodes_sent = Some(sent);
-            rounds.nodes_received = Some(received);
-        }
+    if cfg.chaos.is_none()
+        && rounds.nodes_lost.is_empty()
+        && let Some((sent, received)) = rounds::nodes_traffic(&net)
+    {
+        rounds.nodes_sent = Some(sent);
+        rounds.nodes_received = Some(received);
     }
     // Everything is read; the children can go (generation below needs the CPU to itself).
     sup.stop_all(STOP_GRACE);

@@ -38,13 +38,13 @@ mod tests {
 
     #[test]
     fn the_reference_is_an_all_reduce_per_optimizer_step() {
-        let params = RunSpec::tiny().params().unwrap() as f64;
+        let params = RunSpec::tiny().params().expect("the tiny model's size") as f64;
         let b = f64::from(RunSpec::tiny().hyper(UpdateRule::Sync).batch_tokens);
         // 4 nodes, diloco H = 50: 50 all-reduces of 8 · 3 · P bytes over 4 · 50 · B tokens.
-        let diloco = allreduce_per_token("diloco", Some(50), 4).unwrap();
+        let diloco = allreduce_per_token("diloco", Some(50), 4).expect("a reference");
         assert!((diloco - 8.0 * 3.0 * params / (4.0 * b)).abs() < 1e-6 * diloco);
         // Sync with 5 micro-batches a round: one all-reduce over 4 · 5 · B tokens.
-        let sync = allreduce_per_token("sync", Some(5), 4).unwrap();
+        let sync = allreduce_per_token("sync", Some(5), 4).expect("a reference");
         assert!((sync - diloco / 5.0).abs() < 1e-6 * sync);
         // One node alone sends nothing.
         assert_eq!(allreduce_per_token("diloco", None, 1), Some(0.0));

@@ -64,9 +64,11 @@ pub struct CodecArgs {
 impl CodecArgs {
     /// The codec options these settings describe (flags over file), checked as a round would check them.
     pub fn resolve(layers: &Layered<&CodecArgs>) -> anyhow::Result<CodecOptions> {
-        let mut codec = CodecOptions::default();
-        codec.top_k_density = layers.get(|a| &a.top_k);
-        codec.top_k_per_block = layers.get(|a| &a.top_k_per_block).unwrap_or(false);
+        let mut codec = CodecOptions {
+            top_k_density: layers.get(|a| &a.top_k),
+            top_k_per_block: layers.get(|a| &a.top_k_per_block).unwrap_or(false),
+            ..CodecOptions::default()
+        };
         if let Some(v) = layers.get(|a| &a.values) {
             codec.values = v.into();
         }
@@ -129,7 +131,7 @@ mod tests {
 
     #[test]
     fn flags_make_the_codec_options_and_refuse_what_the_codec_refuses() {
-        assert_eq!(parse(&[]).unwrap(), CodecOptions::default());
+        assert_eq!(parse(&[]).expect("no flags"), CodecOptions::default());
         let sparse = parse(&[
             "--top-k",
             "0.03",
@@ -138,7 +140,7 @@ mod tests {
             "int2",
             "--pow2-scales",
         ])
-        .unwrap();
+        .expect("SparseLoCo's settings");
         assert_eq!(sparse.top_k_density, Some(0.03));
         assert!(sparse.top_k_per_block && sparse.is_sparse_low_bit());
         assert_eq!(sparse.values, ValueFormat::Int2);
@@ -162,24 +164,29 @@ mod tests {
             "--block-size",
             "256",
         ])
-        .unwrap();
+        .expect("valid flags");
         let flags = cli.codec.to_flags();
-        let again = Cli::try_parse_from(std::iter::once("mana".to_owned()).chain(flags)).unwrap();
-        assert_eq!(again.codec.options().unwrap(), cli.codec.options().unwrap());
+        let again = Cli::try_parse_from(std::iter::once("mana".to_owned()).chain(flags))
+            .expect("to_flags parses");
+        assert_eq!(
+            again.codec.options().expect("again valid"),
+            cli.codec.options().expect("valid")
+        );
     }
 
     #[test]
     fn the_file_fills_what_the_flags_leave() {
         let file: CodecArgs =
-            toml::from_str("top_k = 0.03\ntop_k_per_block = true\nvalues = \"int2\"\n").unwrap();
+            toml::from_str("top_k = 0.03\ntop_k_per_block = true\nvalues = \"int2\"\n")
+                .expect("the file");
         let flags = Cli::try_parse_from(["mana", "--values", "int4"])
-            .unwrap()
+            .expect("the flags")
             .codec;
         let codec = CodecArgs::resolve(&Layered {
             flags: &flags,
             file: &file,
         })
-        .unwrap();
+        .expect("flags over file");
         assert_eq!(codec.values, ValueFormat::Int4);
         assert_eq!(codec.top_k_density, Some(0.03));
         assert!(codec.top_k_per_block);
