@@ -126,6 +126,12 @@ struct Trainer {
     cfg: TrainerConfig,
     me: PublicKey,
     held: BTreeMap<ShardId, Held>,
+    /// The shards this node does not hold, at the base of the round in progress (for recomputing published
+    /// scores, which needs the whole model): fetched whole once, then moved on every commit by the round's
+    /// accepted payloads and checked against the commit's hashes, so a later check costs the payloads (a few
+    /// KB with a sparse codec) instead of the shards. A shard whose payloads cannot be had, or whose result does
+    /// not reproduce, is dropped and fetched again when next needed.
+    mirror: BTreeMap<ShardId, Held>,
     encoders: BTreeMap<ShardId, DeltaEncoder>,
     /// The last commit's checkpoint and its hash: the base of the next round, without a fetch.
     last_checkpoint: Option<(ContentHash, CheckpointManifest)>,
@@ -194,6 +200,7 @@ async fn trainer_loop(
         cfg,
         me,
         held: BTreeMap::new(),
+        mirror: BTreeMap::new(),
         encoders: BTreeMap::new(),
         last_checkpoint: None,
         assigned: None,
@@ -638,7 +645,8 @@ impl Trainer {
         Ok(manifest)
     }
 
-    /// The base state of each of `shards` in `manifest`: held ones whose hash matches, the others fetched.
+    /// The base state of each of `shards` in `manifest`: held or mirrored ones whose hash matches, the others
+    /// fetched.
     async fn base_shards(
         &mut self,
         manifest: &CheckpointManifest,
@@ -652,11 +660,18 @@ impl Trainer {
                 round,
                 shard: *shard,
             })?;
-            match self.held.get(shard) {
-                Some(h) if h.hash == entry.hash => {
-                    out.insert(*shard, h.clone());
+            // Held, or mirrored (a shard newly assigned to this node), at the base's hash; else fetched.
+            let have = [self.held.get(shard), self.mirror.get(shard)]
+                .into_iter()
+                .flatten()
+                .find(|h| h.hash == entry.hash)
+                .cloned();
+            match have {
+                Some(h) => {
+                    self.held.insert(*shard, h.clone());
+                    out.insert(*shard, h);
                 }
-                _ => missing.push(*entry),
+                None => missing.push(*entry),
             }
         }
         let fetched = self.fetch_shards(&missing, round).await?;
@@ -828,7 +843,27 @@ impl Trainer {
         if !refuted.is_empty() {
             return self.refuse(&commit, refuted).await;
         }
-        self.check_scores(&commit, &assigned, &sent, at_hand).await;
+        // Published scores are recomputed in drawn rounds and whenever this node's own delta was refused for
+        // its score. That needs the round's whole base model: the mirror is completed first (fetching what it
+        // lacks), then moved on to the commit; the check itself reads the base, and the payloads that moved
+        // the mirror are checked too.
+        let own_refused = sent.iter().any(|(_, hash)| {
+            commit.rejected.iter().any(|r| {
+                r.payload_hash == *hash && r.node == self.me && r.reason == RejectCode::LowScore
+            })
+        });
+        let drawn = own_refused || self.draw_rescore();
+        if drawn && let Err(e) = self.fill_mirror(&assigned).await {
+            tracing::warn!(round, error = %e, "the shards this node does not hold could not be fetched");
+        }
+        let (mirror, payloads) = self.advance_mirror(&commit, &assigned).await;
+        let moved = mirror.len() as u64;
+        self.node
+            .update_training_status(|s| s.mirror_moves += moved);
+        at_hand.extend(payloads);
+        self.check_scores(&commit, &assigned, &sent, at_hand, drawn)
+            .await;
+        self.mirror = mirror;
         self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
         for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
             new_held.insert(
@@ -866,6 +901,7 @@ impl Trainer {
         assigned: &Assigned,
         sent: &[(ShardId, ContentHash)],
         mut at_hand: BTreeMap<ContentHash, Arc<Vec<f32>>>,
+        drawn: bool,
     ) {
         let ann = &assigned.announcement;
         let round = commit.round;
@@ -901,12 +937,6 @@ impl Trainer {
                 }
             }
         }
-        let own_refused = sent.iter().any(|(_, hash)| {
-            commit.rejected.iter().any(|r| {
-                r.payload_hash == *hash && r.node == self.me && r.reason == RejectCode::LowScore
-            })
-        });
-        let drawn = own_refused || self.draw_rescore();
         if !drawn {
             tracing::debug!(
                 round,
@@ -964,6 +994,133 @@ impl Trainer {
         });
     }
 
+    /// Fetches into the mirror every shard of the round's base that this node neither holds nor mirrors at
+    /// the base's hash, within [`RESCORE_BUDGET`].
+    async fn fill_mirror(&mut self, assigned: &Assigned) -> Result<(), NodeError> {
+        let ann = &assigned.announcement;
+        let round = ann.round;
+        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
+        let missing: Vec<ShardEntry> = manifest
+            .shards
+            .iter()
+            .filter(|e| !assigned.base.contains_key(&e.shard))
+            .filter(|e| self.mirror.get(&e.shard).is_none_or(|h| h.hash != e.hash))
+            .copied()
+            .collect();
+        let fetched = tokio::time::timeout(RESCORE_BUDGET, self.fetch_shards(&missing, round))
+            .await
+            .map_err(|_| NodeError::Timeout {
+                what: "fetching the shards to mirror".into(),
+                after: RESCORE_BUDGET,
+            })??;
+        for (entry, state) in fetched {
+            self.mirror.insert(
+                entry.shard,
+                Held {
+                    hash: entry.hash,
+                    state: Arc::new(state),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The mirror at the commit's checkpoint (see [`Trainer::mirror`]) and the decoded payloads that moved it
+    /// (their published scores can then be checked too). Each mirrored shard at the round's base, and not
+    /// assigned to this node, is moved by the commit's accepted payloads for it and kept if its hash is the
+    /// commit's; every other one is dropped.
+    async fn advance_mirror(
+        &mut self,
+        commit: &RoundCommit,
+        assigned: &Assigned,
+    ) -> (BTreeMap<ShardId, Held>, Vec<(ContentHash, Arc<Vec<f32>>)>) {
+        let mut next = BTreeMap::new();
+        let mut payloads = Vec::new();
+        if self.mirror.is_empty() {
+            return (next, payloads);
+        }
+        let (ann, round) = (&assigned.announcement, commit.round);
+        let base = match self.base_manifest(ann.base_checkpoint, round).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(round, error = %e, "mirror dropped: the round's base is unknown");
+                return (next, payloads);
+            }
+        };
+        let mirror: Vec<(ShardId, Held)> = self
+            .mirror
+            .iter()
+            .map(|(shard, held)| (*shard, held.clone()))
+            .collect();
+        for (shard, held) in mirror {
+            let at_base = base.shard(&shard).is_some_and(|e| e.hash == held.hash);
+            let Some(entry) = commit.checkpoint.shard(&shard).copied() else {
+                continue;
+            };
+            if !at_base || assigned.me.shards.contains(&shard) {
+                continue;
+            }
+            let (accepted, weights) = commit
+                .accepted
+                .iter()
+                .find(|a| a.shard == shard)
+                .map(|a| (a.deltas.clone(), a.weights.clone()))
+                .unwrap_or_default();
+            if accepted.is_empty() {
+                if entry.hash == held.hash {
+                    next.insert(shard, held);
+                }
+                continue;
+            }
+            let (deltas, loads) = match self.fetch_deltas(&accepted, held.state.params.len()).await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(round, %shard, error = %e, "mirror: payloads unavailable; the shard will be fetched when needed");
+                    continue;
+                }
+            };
+            for hash in &accepted {
+                self.pins.add(round, *hash);
+            }
+            let weight_of: BTreeMap<ContentHash, u32> = accepted
+                .iter()
+                .copied()
+                .zip(weights.iter().copied())
+                .collect();
+            let weights: Vec<u32> = deltas
+                .iter()
+                .map(|(h, _)| weight_of.get(h).copied().unwrap_or(0))
+                .collect();
+            let (spec, ann, state) = (self.cfg.spec.clone(), ann.clone(), held.state.clone());
+            let applied = blocking(move || {
+                let next = apply_shard_round(&spec, &ann, &state, &deltas, &weights, &loads)?;
+                let hash = ContentHash::of(&next.to_bytes());
+                Ok((next, hash, deltas))
+            })
+            .await;
+            match applied {
+                Ok((state, hash, deltas)) if hash == entry.hash => {
+                    payloads.extend(deltas.into_iter().map(|(h, d)| (h, Arc::new(d))));
+                    next.insert(
+                        shard,
+                        Held {
+                            hash,
+                            state: Arc::new(state),
+                        },
+                    );
+                }
+                Ok((_, hash, _)) => {
+                    // Its holders recompute it too and dispute it; this node does not hold it and only
+                    // stops mirroring it.
+                    tracing::warn!(round, %shard, ours = %hash, committed = %entry.hash, "mirror: the committed shard does not reproduce from its accepted payloads");
+                }
+                Err(e) => tracing::debug!(round, %shard, error = %e, "mirror: shard not moved on"),
+            }
+        }
+        (next, payloads)
+    }
+
     /// Whether this round's published scores are recomputed: true in [`TrainerConfig::rescore_share`] of the
     /// rounds, drawn from the OS's randomness (true if it cannot be read: checking is the safe side).
     fn draw_rescore(&self) -> bool {
@@ -990,20 +1147,28 @@ impl Trainer {
         let ann = &assigned.announcement;
         let round = ann.round;
         let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
-        let missing: Vec<ShardEntry> = manifest
-            .shards
-            .iter()
-            .filter(|e| !assigned.base.contains_key(&e.shard))
-            .copied()
-            .collect();
         let mut model: Vec<ShardRecord> =
             assigned.base.values().map(|h| (*h.state).clone()).collect();
-        model.extend(
-            self.fetch_shards(&missing, round)
-                .await?
-                .into_iter()
-                .map(|(_, s)| s),
-        );
+        let mut missing = Vec::new();
+        for entry in &manifest.shards {
+            if assigned.base.contains_key(&entry.shard) {
+                continue;
+            }
+            match self.mirror.get(&entry.shard) {
+                Some(h) if h.hash == entry.hash => model.push((*h.state).clone()),
+                _ => missing.push(*entry),
+            }
+        }
+        for (entry, state) in self.fetch_shards(&missing, round).await? {
+            model.push(state.clone());
+            self.mirror.insert(
+                entry.shard,
+                Held {
+                    hash: entry.hash,
+                    state: Arc::new(state),
+                },
+            );
+        }
         let (spec, hyper, data) = (
             self.cfg.spec.clone(),
             ann.hyper.clone(),
