@@ -4,6 +4,7 @@ method, measured with `mana simulate` (the network's engine, codec and routing i
 
     python3 docs/figures/traffic.py run  --mana target/release/mana --corpus kjv.txt.gz --out kjv.jsonl
     python3 docs/figures/traffic.py plot kjv.jsonl --svg docs/figures/traffic-kjv.svg
+    python3 docs/figures/traffic.py table kjv.jsonl
 
 `run` appends one JSON line per setting (its method, H, density and `mana simulate --json`'s report) and
 skips settings already in the file, so an interrupted sweep goes on where it stopped. The first setting runs
@@ -152,6 +153,28 @@ def plot(args):
             print(f"{method:40s} {label:>6s} {x:8.0f}x {y:+6.1f}%")
 
 
+def table(args):
+    """The sweep as a markdown table: one row per setting, means over the seeds measured."""
+    rows = {}
+    for path in args.files:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                rep = r["report"]
+                k = (r["method"], r["h"], " ".join(r["flags"]))
+                rows.setdefault(k, []).append((rep["val_loss"], r["full_val_loss"], rep["wire_bytes_per_token"],
+                                               rep["traffic_ratio"], rep.get("imbalance")))
+    print("| method | H | flags | seeds | val loss | full model | gap | wire B/token | all-reduce / wire |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (method, h, flags), v in sorted(rows.items(), key=lambda kv: kv[1][0][3]):
+        n = len(v)
+        mean = lambda i: sum(x[i] for x in v) / n
+        gap = 100.0 * sum((x[0] - x[1]) / x[1] for x in v) / n
+        extra = " ".join(f for f in flags.split() if f not in ("--rule", "sync", "diloco"))
+        print(f"| {method} | {h} | `{extra}` | {n} | {mean(0):.4f} | {mean(1):.4f} | {gap:+.1f}% | "
+              f"{mean(2):.2f} | {mean(3):.0f}x |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -164,8 +187,10 @@ def main():
     q = sub.add_parser("plot", help="draw the SVG from sweep files")
     q.add_argument("files", nargs="+")
     q.add_argument("--svg", required=True)
+    t = sub.add_parser("table", help="print the sweep as a markdown table")
+    t.add_argument("files", nargs="+")
     args = p.parse_args()
-    {"run": run, "plot": plot}[args.cmd](args)
+    {"run": run, "plot": plot, "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":
