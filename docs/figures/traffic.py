@@ -171,7 +171,8 @@ def table(args):
         mean = lambda i: sum(x[i] for x in v) / n
         gap = 100.0 * sum((x[0] - x[1]) / x[1] for x in v) / n
         extra = " ".join(f for f in flags.split() if f not in ("--rule", "sync", "diloco"))
-        print(f"| {method} | {h} | `{extra}` | {n} | {mean(0):.4f} | {mean(1):.4f} | {gap:+.1f}% | "
+        extra = f"`{extra}`" if extra else "(dense)"
+        print(f"| {method} | {h} | {extra} | {n} | {mean(0):.4f} | {mean(1):.4f} | {gap:+.1f}% | "
               f"{mean(2):.2f} | {mean(3):.0f}x |")
 
 
