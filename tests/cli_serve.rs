@@ -5,9 +5,13 @@
 //! a client leaving (mid-stream or before a plain answer) stopping its generation, Ctrl-C, and the refusal
 //! to start without a checkpoint. Every wait is on a condition (a line printed, a log line, a process ending).
 
+mod cli_support;
+
+use cli_support::{mana, ok};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -44,29 +48,6 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// A failsafe for waits on the server's log, so that a broken server fails the test instead of hanging it.
 const LOG_FAILSAFE: Duration = Duration::from_secs(300);
-
-fn mana() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana"));
-    // The tests set the MANA_* variables they mean to; none may leak in from the environment.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("MANA_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "mana failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Trains the tiny model for 200 steps into `dir/name`.
 fn checkpoint(dir: &Path, name: &str) -> PathBuf {

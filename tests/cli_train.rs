@@ -3,8 +3,11 @@
 //! speculative decoding giving identical output, settings precedence (flag > env > file) and refusals of
 //! bad input.
 
+mod cli_support;
+
+use cli_support::{mana, ok};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
@@ -61,29 +64,6 @@ eval_every = 0
 eval_batches = 1
 builtin_bytes = 100000
 "#;
-
-fn mana() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mana"));
-    // The tests set the MANA_* variables they mean to; none may leak in from the environment.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("MANA_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "mana failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn log_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("the JSON log exists");

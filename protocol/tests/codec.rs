@@ -214,30 +214,53 @@ fn top_k_keeps_the_largest_values() {
 /// loses the same large share of every round for good, so its error grows with R.
 #[test]
 fn top_k_with_error_feedback_keeps_the_error_bounded_across_rounds() {
-    let n = 2048;
-    let rounds = 360;
-    let window = rounds / 3;
-    // A persistent direction plus fresh noise each round, like successive pseudo-gradients.
-    let drift = gaussian(n, 100, 1e-3);
     for density in [0.01f32, 0.02, 0.05] {
         let opts = CodecOptions {
             top_k_density: Some(density),
             ..CodecOptions::default()
         };
-        let mut with_feedback = DeltaEncoder::new(opts).unwrap();
-        let mut true_sum = vec![0.0f64; n];
-        let mut sum_ef = vec![0.0f64; n];
-        let mut sum_plain = vec![0.0f64; n];
+        let run = FeedbackRun::measure(&opts, 360, 100, 1000);
+        let label = format!("density {density}");
+        run.print(&label);
+        run.assert_bounded_and_better_than_plain(&label);
+    }
+}
+
+/// Sums over the rounds of an error-feedback experiment: a persistent direction plus fresh noise each round
+/// (like successive pseudo-gradients), sent through one encoder with feedback and through plain encoding.
+struct FeedbackRun {
+    /// Distance between the true sum and the feedback sum, after each round.
+    errors_ef: Vec<f64>,
+    /// The same without feedback.
+    errors_plain: Vec<f64>,
+    /// Norm of the true sum at the end.
+    norm: f64,
+}
+
+impl FeedbackRun {
+    /// Runs `rounds` rounds of 2048 values under `opts`, checking every round that the feedback sum's error
+    /// is exactly the residual the sender still holds.
+    fn measure(
+        opts: &CodecOptions,
+        rounds: usize,
+        drift_seed: u64,
+        noise_seed: u64,
+    ) -> FeedbackRun {
+        let n = 2048;
+        let drift = gaussian(n, drift_seed, 1e-3);
+        let mut encoder = DeltaEncoder::new(*opts).unwrap();
+        let (mut true_sum, mut sum_ef, mut sum_plain) =
+            (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
         let (mut errors_ef, mut errors_plain) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let noise = gaussian(n, 1000 + round as u64, 1e-3);
+            let noise = gaussian(n, noise_seed + round as u64, 1e-3);
             let delta: Vec<f32> = drift.iter().zip(&noise).map(|(d, z)| d + z).collect();
-            let got_ef = decode_delta(&with_feedback.encode(&delta).unwrap(), n).unwrap();
-            let got_plain = decode_delta(&encode_delta(&delta, &opts).unwrap(), n).unwrap();
+            let got = decode_delta(&encoder.encode(&delta).unwrap(), n).unwrap();
+            let plain = decode_delta(&encode_delta(&delta, opts).unwrap(), n).unwrap();
             for i in 0..n {
                 true_sum[i] += f64::from(delta[i]);
-                sum_ef[i] += f64::from(got_ef[i]);
-                sum_plain[i] += f64::from(got_plain[i]);
+                sum_ef[i] += f64::from(got[i]);
+                sum_plain[i] += f64::from(plain[i]);
             }
             let distance = |s: &[f64]| {
                 true_sum
@@ -249,7 +272,7 @@ fn top_k_with_error_feedback_keeps_the_error_bounded_across_rounds() {
             };
             let err = distance(&sum_ef);
             // The accumulated error with feedback is exactly the residual still held by the sender.
-            let held: f64 = with_feedback
+            let held = encoder
                 .residual()
                 .iter()
                 .map(|r| f64::from(*r).powi(2))
@@ -257,44 +280,62 @@ fn top_k_with_error_feedback_keeps_the_error_bounded_across_rounds() {
                 .sqrt();
             assert!(
                 (held - err).abs() <= 1e-3 * err + 1e-6,
-                "round {round}: residual {held} vs error {err}"
+                "{opts:?} round {round}: residual {held} vs error {err}"
             );
             errors_ef.push(err);
             errors_plain.push(distance(&sum_plain));
         }
-        let max_in = |e: &[f64], w: usize| {
-            e[w * window..(w + 1) * window]
-                .iter()
-                .cloned()
-                .fold(0.0, f64::max)
-        };
-        let norm: f64 = true_sum.iter().map(|t| t * t).sum::<f64>().sqrt();
+        let norm = true_sum.iter().map(|t| t * t).sum::<f64>().sqrt();
+        FeedbackRun {
+            errors_ef,
+            errors_plain,
+            norm,
+        }
+    }
+
+    /// The worst error of `errors` in third `w` (0, 1, 2) of the rounds.
+    fn max_in(errors: &[f64], w: usize) -> f64 {
+        let window = errors.len() / 3;
+        errors[w * window..(w + 1) * window]
+            .iter()
+            .cloned()
+            .fold(0.0, f64::max)
+    }
+
+    fn last(errors: &[f64]) -> f64 {
+        errors.last().copied().unwrap_or(0.0)
+    }
+
+    fn print(&self, label: &str) {
+        let (ef, plain) = (&self.errors_ef, &self.errors_plain);
         println!(
-            "density {density}: max error with feedback per third of {rounds} rounds: {:.4} {:.4} {:.4}; without: {:.4} {:.4} {:.4}; \
+            "{label}: max error with feedback per third of {} rounds: {:.4} {:.4} {:.4}; without: {:.4} {:.4} {:.4}; \
              final relative error of the sum: {:.4} with feedback, {:.4} without",
-            max_in(&errors_ef, 0),
-            max_in(&errors_ef, 1),
-            max_in(&errors_ef, 2),
-            max_in(&errors_plain, 0),
-            max_in(&errors_plain, 1),
-            max_in(&errors_plain, 2),
-            errors_ef[rounds - 1] / norm,
-            errors_plain[rounds - 1] / norm,
+            ef.len(),
+            Self::max_in(ef, 0),
+            Self::max_in(ef, 1),
+            Self::max_in(ef, 2),
+            Self::max_in(plain, 0),
+            Self::max_in(plain, 1),
+            Self::max_in(plain, 2),
+            Self::last(ef) / self.norm,
+            Self::last(plain) / self.norm,
         );
-        // Bounded: the last third's worst error is no worse than the middle third's (up to noise)...
+    }
+
+    /// With feedback the error stops growing (the last third's worst no worse than the middle third's, up to
+    /// noise); without, it keeps growing; and at the end feedback is far closer to the true sum.
+    fn assert_bounded_and_better_than_plain(&self, label: &str) {
+        let (ef, plain) = (&self.errors_ef, &self.errors_plain);
         assert!(
-            max_in(&errors_ef, 2) <= 1.1 * max_in(&errors_ef, 1),
-            "density {density}: error keeps growing"
-        );
-        // ...while without feedback it keeps growing with the number of rounds.
-        assert!(
-            max_in(&errors_plain, 2) >= 1.3 * max_in(&errors_plain, 1),
-            "density {density}: plain top-k did not grow"
+            Self::max_in(ef, 2) <= 1.1 * Self::max_in(ef, 1),
+            "{label}: error keeps growing"
         );
         assert!(
-            errors_ef[rounds - 1] < 0.25 * errors_plain[rounds - 1],
-            "density {density}"
+            Self::max_in(plain, 2) >= 1.3 * Self::max_in(plain, 1),
+            "{label}: plain encoding did not drift"
         );
+        assert!(Self::last(ef) < 0.25 * Self::last(plain), "{label}");
     }
 }
 
@@ -691,77 +732,20 @@ fn options_check_the_new_combinations() {
 /// the same codec without feedback drifts away.
 #[test]
 fn sparse_low_bit_error_feedback_keeps_the_sum_of_sent_deltas_close_to_the_true_sum() {
-    let n = 2048;
-    let rounds = 300;
-    let window = rounds / 3;
-    let drift = gaussian(n, 200, 1e-3);
     for (values, density) in [
         (ValueFormat::Int2, 0.01f32),
         (ValueFormat::Int2, 0.03),
         (ValueFormat::Int4, 0.03),
     ] {
         let opts = block_options(values, Some(density), 128, ScaleFormat::PowerOfTwo);
-        let mut encoder = DeltaEncoder::new(opts).unwrap();
-        let (mut true_sum, mut sum_ef, mut sum_plain) =
-            (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
-        let (mut errors_ef, mut errors_plain) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            let noise = gaussian(n, 5000 + round as u64, 1e-3);
-            let delta: Vec<f32> = drift.iter().zip(&noise).map(|(d, z)| d + z).collect();
-            let got = decode_delta(&encoder.encode(&delta).unwrap(), n).unwrap();
-            let plain = decode_delta(&encode_delta(&delta, &opts).unwrap(), n).unwrap();
-            for i in 0..n {
-                true_sum[i] += f64::from(delta[i]);
-                sum_ef[i] += f64::from(got[i]);
-                sum_plain[i] += f64::from(plain[i]);
-            }
-            let distance = |s: &[f64]| {
-                true_sum
-                    .iter()
-                    .zip(s)
-                    .map(|(t, s)| (t - s).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            };
-            let err = distance(&sum_ef);
-            let held = encoder
-                .residual()
-                .iter()
-                .map(|r| f64::from(*r).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            assert!(
-                (held - err).abs() <= 1e-3 * err + 1e-6,
-                "{values:?} round {round}: residual {held} vs error {err}"
-            );
-            errors_ef.push(err);
-            errors_plain.push(distance(&sum_plain));
-        }
-        let max_in = |e: &[f64], w: usize| {
-            e[w * window..(w + 1) * window]
-                .iter()
-                .cloned()
-                .fold(0.0, f64::max)
-        };
-        let norm = true_sum.iter().map(|t| t * t).sum::<f64>().sqrt();
-        println!(
-            "{values:?} density {density}: final relative error of the sum {:.4} with feedback, {:.4} without",
-            errors_ef[rounds - 1] / norm,
-            errors_plain[rounds - 1] / norm
-        );
+        let run = FeedbackRun::measure(&opts, 300, 200, 5000);
+        let label = format!("{values:?} density {density}");
+        run.print(&label);
+        run.assert_bounded_and_better_than_plain(&label);
         assert!(
-            max_in(&errors_ef, 2) <= 1.1 * max_in(&errors_ef, 1),
-            "{values:?} {density}: keeps growing"
+            FeedbackRun::last(&run.errors_ef) < 0.1 * run.norm,
+            "{label}"
         );
-        assert!(
-            max_in(&errors_plain, 2) >= 1.3 * max_in(&errors_plain, 1),
-            "{values:?} {density}"
-        );
-        assert!(
-            errors_ef[rounds - 1] < 0.25 * errors_plain[rounds - 1],
-            "{values:?} {density}"
-        );
-        assert!(errors_ef[rounds - 1] < 0.1 * norm, "{values:?} {density}");
     }
 }
 

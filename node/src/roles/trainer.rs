@@ -102,6 +102,24 @@ impl TrainerConfig {
     }
 }
 
+/// The commit's weight of each fetched payload, in the order of `deltas`: each payload keeps the weight the
+/// commit lists beside its hash (`accepted[i]` has `weights[i]`), whatever order the fetch returned them in.
+fn weights_in_order(
+    accepted: &[ContentHash],
+    weights: &[u32],
+    deltas: &[(ContentHash, Vec<f32>)],
+) -> Vec<u32> {
+    let weight_of: BTreeMap<ContentHash, u32> = accepted
+        .iter()
+        .copied()
+        .zip(weights.iter().copied())
+        .collect();
+    deltas
+        .iter()
+        .map(|(h, _)| weight_of.get(h).copied().unwrap_or(0))
+        .collect()
+}
+
 /// A shard this node holds: its state and the hash of its blob.
 #[derive(Clone)]
 struct Held {
@@ -778,17 +796,7 @@ impl Trainer {
                     Ok((deltas, loads)) => {
                         let (spec, ann, state) =
                             (self.cfg.spec.clone(), ann.clone(), base.state.clone());
-                        // Each payload keeps the weight the commit lists beside it, whatever order the
-                        // fetch returns them in.
-                        let weight_of: BTreeMap<ContentHash, u32> = accepted
-                            .iter()
-                            .copied()
-                            .zip(weights.iter().copied())
-                            .collect();
-                        let weights: Vec<u32> = deltas
-                            .iter()
-                            .map(|(h, _)| weight_of.get(h).copied().unwrap_or(0))
-                            .collect();
+                        let weights = weights_in_order(&accepted, &weights, &deltas);
                         // The payloads come back from the update, kept for the score check (no copy).
                         let (new_state, deltas) = blocking(move || {
                             let next =
@@ -1083,15 +1091,7 @@ impl Trainer {
             for hash in &accepted {
                 self.pins.add(round, *hash);
             }
-            let weight_of: BTreeMap<ContentHash, u32> = accepted
-                .iter()
-                .copied()
-                .zip(weights.iter().copied())
-                .collect();
-            let weights: Vec<u32> = deltas
-                .iter()
-                .map(|(h, _)| weight_of.get(h).copied().unwrap_or(0))
-                .collect();
+            let weights = weights_in_order(&accepted, &weights, &deltas);
             let (spec, ann, state) = (self.cfg.spec.clone(), ann.clone(), held.state.clone());
             let applied = blocking(move || {
                 let next = apply_shard_round(&spec, &ann, &state, &deltas, &weights, &loads)?;
