@@ -62,7 +62,7 @@ def run(args):
     for seed in args.seeds:
         full = next((r["report"]["full"]["val_loss"] for r in done.values()
                      if r["seed"] == seed and r["report"].get("full")), None)
-        for method, h, flags in GRID:
+        for method, h, flags in GRID[:args.only]:
             k = key(method, h, flags, seed)
             if k in done:
                 continue
@@ -185,6 +185,7 @@ def main():
     r.add_argument("--tokens", type=int, default=4194304)
     r.add_argument("--seeds", type=int, nargs="+", default=[1])
     r.add_argument("--out", required=True)
+    r.add_argument("--only", type=int, default=len(GRID), help="run only the first N settings of the grid")
     q = sub.add_parser("plot", help="draw the SVG from sweep files")
     q.add_argument("files", nargs="+")
     q.add_argument("--svg", required=True)
