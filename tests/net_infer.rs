@@ -3,7 +3,8 @@
 //! its store; a client that joined before the round hears the signed commit, fetches the trunk, and generates
 //! with every routed expert computed by its hosts. Under greedy decoding its output equals generation with
 //! the whole committed checkpoint in one process. Hosts refuse calls for a checkpoint they do not hold and
-//! requests over their row limit with `Unavailable`.
+//! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
+//! runner asks the next replica.
 
 mod net_support;
 
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use mana_engine::round::{RunShard, ShardRecord, build_trainer};
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
-use mana_node::infer::{self, HostLimits, InferClient, InferConfig, wire};
+use mana_kernels::model::{ExpertCall, ExpertRunner};
+use mana_node::infer::{self, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, wire};
 use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, ShardId, Tensor, UpdateRule};
 use net_support::*;
 
@@ -126,6 +128,68 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
             "{why}: {answer:?}"
         );
     }
+
+    // A host at its call cap answers "busy" at once, and the client's runner goes on to the next replica.
+    let mut busy_cfg = node_config(&net.dir.path().join("busy"), &net.boot);
+    busy_cfg.coordinator = Some(net.coordinator.public_key());
+    busy_cfg.sync_shards = false;
+    let busy = start_node(busy_cfg).await;
+    let no_calls = HostLimits {
+        max_calls: 0,
+        ..HostLimits::default()
+    };
+    infer::serve_experts(&busy, net.spec.clone(), no_calls).expect("serves expert calls");
+    for addr in busy.listen_addrs().await.expect("listening") {
+        let _ = client_node.net().dial(addr).await;
+    }
+    let answer = wire::call(
+        client_node.net(),
+        busy.peer_id(),
+        &ask(checkpoint, 1),
+        timeout,
+    )
+    .await
+    .expect("an answer");
+    match &answer {
+        ExpertResponse::Unavailable { reason } => assert_eq!(reason.to_string(), "busy"),
+        other => panic!("a host at its cap answered {other:?}"),
+    }
+    let mut hosts = Hosts::new();
+    let replicas =
+        std::iter::once(busy.peer_id()).chain(net.trainers.iter().map(|(n, _)| n.peer_id()));
+    hosts.insert(expert, replicas.collect());
+    let runner = NetworkExperts::new(
+        client_node.net().clone(),
+        tokio::runtime::Handle::current(),
+        net.coordinator.config().net.run_id.clone(),
+        checkpoint,
+        hosts,
+        timeout,
+    );
+    let (layer, index) = expert.expert_position().expect("an expert");
+    let stats = {
+        let mut runner = runner.clone();
+        tokio::task::spawn_blocking(move || {
+            let x = vec![0.25f32; 2 * c];
+            let mut out = vec![0.0f32; 2 * c];
+            let mut calls = [ExpertCall {
+                expert: index,
+                rows: 2,
+                x: &x,
+                out: &mut out,
+            }];
+            runner
+                .run_layer(layer, &mut calls)
+                .expect("a replica answers");
+            assert!(out.iter().any(|v| *v != 0.0), "the answer was written");
+            runner.stats()
+        })
+        .await
+        .expect("runner task")
+    };
+    assert_eq!(stats.answered, 1);
+    assert!(stats.failed_attempts >= 1, "the busy host was asked first");
+    busy.shutdown().await.expect("busy host shutdown");
 
     drop(session);
     drop(client);
