@@ -18,12 +18,8 @@ use mana_node::infer::{self, HostLimits, Hosts, InferClient, InferConfig, Networ
 use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, ShardId, Tensor, UpdateRule};
 use net_support::*;
 
-/// One network test at a time in this binary: each runs a whole network on the machine's cores.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_generates() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let net = RoundNet::start(3).await;
     let limits = HostLimits {
         max_rows: 64,

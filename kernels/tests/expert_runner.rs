@@ -72,10 +72,13 @@ fn kernels(full: &Model, held: &[ShardId]) -> KernelExperts {
     runner
 }
 
-/// Records every call a runner gets: (layer, experts asked for).
+/// Every call a runner got: (layer, experts asked for).
+type CallLog = Arc<Mutex<Vec<(usize, Vec<usize>)>>>;
+
+/// Records every call a runner gets.
 struct Counting {
     inner: KernelExperts,
-    calls: Arc<Mutex<Vec<(usize, Vec<usize>)>>>,
+    calls: CallLog,
 }
 
 impl ExpertRunner for Counting {
@@ -126,23 +129,19 @@ fn trunk_with_a_kernel_runner_generates_exactly_what_the_whole_model_does() {
             temperature: 0.9,
             top_p: 0.95,
         };
-        let mut reference = Vec::new();
-        for (spec, sampling) in [
+        let ways = [
             (false, Sampling::Greedy),
             (true, Sampling::Greedy),
             (false, sampled),
-        ] {
-            reference.push(run(&mut CachedModel::new(&mut full), spec, sampling).tokens);
-        }
+        ];
+        let reference: Vec<Vec<u32>> = ways
+            .iter()
+            .map(|&(spec, sampling)| run(&mut CachedModel::new(&mut full), spec, sampling).tokens)
+            .collect();
         // The trunk alone, and the trunk with half of the experts: the rest come from the runner.
         for held in [vec![], vec![expert(0), expert(2)]] {
             let mut trunk = part(&full, &held);
-            let mut i = 0;
-            for (spec, sampling) in [
-                (false, Sampling::Greedy),
-                (true, Sampling::Greedy),
-                (false, sampled),
-            ] {
+            for (&(spec, sampling), want) in ways.iter().zip(&reference) {
                 let runner = Box::new(kernels(&full, &held));
                 let got = run(
                     &mut CachedModel::with_experts(&mut trunk, runner),
@@ -150,10 +149,9 @@ fn trunk_with_a_kernel_runner_generates_exactly_what_the_whole_model_does() {
                     sampling,
                 );
                 assert_eq!(
-                    got.tokens, reference[i],
+                    &got.tokens, want,
                     "{precision:?}, held {held:?}, speculative {spec}, {sampling:?}"
                 );
-                i += 1;
             }
         }
     }
