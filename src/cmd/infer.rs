@@ -88,12 +88,13 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
             temp.0.clone()
         }
     };
-    let mut config = NodeConfig::new(&data_dir);
-    config.net.bootstrap = parse_addrs(&args.bootstrap)?;
-    config.net.listen = parse_addrs(std::slice::from_ref(&args.listen))?;
-    config.net.run_id = parse_run(&args.run)?;
-    config.coordinator = Some(parse_public_key(&args.coordinator)?);
-    config.sync_shards = false;
+    let config = client_config(
+        &data_dir,
+        &args.bootstrap,
+        &args.listen,
+        &args.run,
+        &args.coordinator,
+    )?;
     let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
     let generate = GenerateConfig {
         max_tokens: args.max_tokens,
@@ -154,11 +155,30 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The node config of an inference client (`mana infer`, `mana serve` from the network): it joins through
+/// `bootstrap`, follows `run`, trusts commits signed by `coordinator`, and syncs no shards of its own.
+pub(crate) fn client_config(
+    data_dir: &std::path::Path,
+    bootstrap: &[String],
+    listen: &str,
+    run: &str,
+    coordinator: &str,
+) -> anyhow::Result<NodeConfig> {
+    let mut config = NodeConfig::new(data_dir);
+    config.net.bootstrap = parse_addrs(bootstrap)?;
+    config.net.listen = parse_addrs(&[listen.to_string()])?;
+    config.net.run_id = parse_run(run)?;
+    config.coordinator = Some(parse_public_key(coordinator)?);
+    config.sync_shards = false;
+    Ok(config)
+}
+
 /// A directory removed when dropped (the client's default data directory).
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
+    /// A fresh, empty directory under the system's temporary directory.
+    pub(crate) fn new() -> anyhow::Result<TempDir> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())

@@ -8,7 +8,7 @@ mod bootstrap;
 mod coordinator;
 mod demo;
 pub(crate) mod generate;
-mod infer;
+pub(crate) mod infer;
 mod info;
 mod keygen;
 mod net;
