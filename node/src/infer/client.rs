@@ -74,6 +74,9 @@ pub enum InferError {
     Generate(#[from] GenerateError),
 }
 
+/// Most peers whose heartbeats a client keeps (each is signed, but keys cost nothing to make).
+pub const MAX_HEARD_HOSTS: usize = 4096;
+
 /// What the client has heard: the latest signed commit, and who hosts what.
 #[derive(Debug, Default)]
 struct Directory {
@@ -102,7 +105,10 @@ impl Directory {
                 }
             }
             Message::Heartbeat(h) => {
-                self.heartbeats.insert(signer, h.hosted.clone());
+                if self.heartbeats.len() < MAX_HEARD_HOSTS || self.heartbeats.contains_key(&signer)
+                {
+                    self.heartbeats.insert(signer, h.hosted.clone());
+                }
             }
             _ => {}
         }

@@ -22,7 +22,7 @@ use libp2p::PeerId;
 use mana_engine::round::{RunShard, RunSpec, ShardRecord};
 use mana_kernels::CpuBackend;
 use mana_kernels::model::ExpertKernel;
-use mana_protocol::limits::MAX_TEXT_LEN;
+use mana_protocol::limits::{MAX_REQUEST_BYTES, MAX_TEXT_LEN};
 use mana_protocol::{
     CheckpointManifest, ContentHash, ExpertRequest, ExpertResponse, Message, ShardId, Tensor, Text,
 };
@@ -162,10 +162,12 @@ fn unavailable(reason: &str) -> ExpertResponse {
     }
 }
 
-/// Answers "busy" without reading the request into memory (its bytes are discarded as they come).
+/// Answers "busy" without reading the request into memory (its bytes, at most a request frame's worth, are
+/// discarded as they come).
 async fn answer_busy(mut stream: libp2p::Stream, timeout: Duration) {
     let mut sink = futures::io::sink();
-    let drain = futures::io::copy(&mut stream, &mut sink);
+    let mut capped = futures::AsyncReadExt::take(&mut stream, MAX_REQUEST_BYTES as u64 + 1);
+    let drain = futures::io::copy(&mut capped, &mut sink);
     if tokio::time::timeout(timeout, drain).await.is_err() {
         return;
     }
