@@ -104,11 +104,11 @@ impl Directory {
                     }
                 }
             }
-            Message::Heartbeat(h) => {
-                if self.heartbeats.len() < MAX_HEARD_HOSTS || self.heartbeats.contains_key(&signer)
-                {
-                    self.heartbeats.insert(signer, h.hosted.clone());
-                }
+            Message::Heartbeat(h)
+                if self.heartbeats.len() < MAX_HEARD_HOSTS
+                    || self.heartbeats.contains_key(&signer) =>
+            {
+                self.heartbeats.insert(signer, h.hosted.clone());
             }
             _ => {}
         }
