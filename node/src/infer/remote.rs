@@ -1,6 +1,7 @@
 //! The client's [`ExpertRunner`]: each routed expert a MoE layer needs is asked of a host of it over the
 //! network, all of a layer's experts at once, every call under a timeout, falling back to the next replica
-//! when a host fails, refuses or answers something that is not an answer to the call.
+//! when a host fails, refuses or answers something that is not an answer to the call, and asking them all
+//! again (with a doubling pause) while the call's time lasts.
 //!
 //! An answer is used only when it names the checkpoint asked for and has the input's shape and finite
 //! values; it is then bit-identical to the expert run locally (the host runs the model's own arithmetic,
@@ -81,6 +82,9 @@ impl NetworkExperts {
     }
 }
 
+/// The first pause before every replica of an expert is asked again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Why one host's answer was not used.
 fn check_answer(
     response: ExpertResponse,
@@ -109,8 +113,8 @@ fn check_answer(
     }
 }
 
-/// Asks the hosts of one expert in turn until one answers; returns the output and the failed attempts, or
-/// every host's failure.
+/// Asks the hosts of one expert in turn until one answers, passing over them again while `timeout` lasts;
+/// returns the output and the failed attempts, or every host's failure in the last pass.
 async fn ask(
     net: &Client,
     hosts: &[PeerId],
@@ -119,19 +123,31 @@ async fn ask(
 ) -> (Result<Vec<f32>, String>, u64) {
     let mut failed = 0;
     let mut reasons = Vec::new();
-    for &peer in hosts {
-        let answer = match wire::call(net, peer, request, timeout).await {
-            Ok(response) => check_answer(response, request.checkpoint, &request.input.shape),
-            Err(e) => Err(e.to_string()),
-        };
-        match answer {
-            Ok(values) => return (Ok(values), failed),
-            Err(reason) => {
-                tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
-                failed += 1;
-                reasons.push(format!("{peer}: {reason}"));
+    // Hosts store a checkpoint's shards a moment after its commit is heard: a pass over every replica that
+    // all refuse is tried again, after a pause that doubles, until the call's time is spent.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = RETRY_PAUSE;
+    loop {
+        reasons.clear();
+        for &peer in hosts {
+            let answer = match wire::call(net, peer, request, timeout).await {
+                Ok(response) => check_answer(response, request.checkpoint, &request.input.shape),
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(values) => return (Ok(values), failed),
+                Err(reason) => {
+                    tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
+                    failed += 1;
+                    reasons.push(format!("{peer}: {reason}"));
+                }
             }
         }
+        if hosts.is_empty() || tokio::time::Instant::now() + pause >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
     }
     if reasons.is_empty() {
         reasons.push("no known host".into());
