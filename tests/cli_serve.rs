@@ -3,7 +3,8 @@
 //! generate` (greedy and seeded sampling), streamed events that add up to the same text and end with
 //! `[DONE]`, stop strings, `/v1/models`, every refusal (400, 404, 405, 413, 503) in OpenAI's error shape,
 //! a client leaving (mid-stream or before a plain answer) stopping its generation, Ctrl-C, and the refusal
-//! to start without a checkpoint. Every wait is on a condition (a line printed, a log line, a process ending).
+//! to start with neither a checkpoint nor a network to join. Every wait is on a condition (a line printed,
+//! a log line, a process ending).
 
 mod cli_support;
 
@@ -541,12 +542,14 @@ fn a_full_queue_answers_busy_and_a_client_leaving_stops_its_generation() {
 }
 
 #[test]
-fn without_a_checkpoint_it_says_the_network_backend_is_not_there_yet() {
+fn without_a_checkpoint_or_a_network_to_join_it_says_what_it_needs() {
     let out = mana().args(["serve"]).output().expect("run mana serve");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--checkpoint") && stderr.contains("network") && stderr.contains("§2"),
+        stderr.contains("--checkpoint")
+            && stderr.contains("--bootstrap")
+            && stderr.contains("--coordinator"),
         "{stderr}"
     );
 }

@@ -73,4 +73,15 @@ pub enum KernelError {
         /// Why it cannot run (e.g. "not compiled with CUDA").
         reason: String,
     },
+    /// A routed expert run outside the model ([`crate::model::ExpertRunner`]) gave no answer: no host of it
+    /// answered in time, or every one refused.
+    #[error("expert {expert} of layer {layer} unavailable: {reason}")]
+    ExpertUnavailable {
+        /// The MoE layer.
+        layer: usize,
+        /// The expert's index in its layer.
+        expert: usize,
+        /// Why (the last failure seen).
+        reason: String,
+    },
 }

@@ -30,7 +30,7 @@ use std::ops::ControlFlow;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
-use crate::model::{CacheError, KvCache, Model, ModelError};
+use crate::model::{CacheError, ExpertRunner, KvCache, Model, ModelError};
 
 /// What generation needs from a model: logits of the main head and (optionally) of the MTP head for the
 /// last positions of a window. [`CachedModel`] and [`UncachedModel`] run the local [`Model`]; a model served
@@ -61,13 +61,30 @@ pub trait LanguageModel {
 pub struct CachedModel<'m> {
     model: &'m mut Model,
     cache: KvCache,
+    /// Runs the routed experts `model` does not hold (see [`Model::decode_with`]).
+    experts: Option<Box<dyn ExpertRunner>>,
 }
 
 impl<'m> CachedModel<'m> {
     /// Wraps `model` with an empty cache shaped for it.
     pub fn new(model: &'m mut Model) -> Self {
         let cache = model.new_cache();
-        Self { model, cache }
+        Self {
+            model,
+            cache,
+            experts: None,
+        }
+    }
+
+    /// Wraps `model` (typically the trunk alone) with an empty cache, running the routed experts it does not
+    /// hold through `experts`: how a client generates with experts hosted elsewhere.
+    pub fn with_experts(model: &'m mut Model, experts: Box<dyn ExpertRunner>) -> Self {
+        let cache = model.new_cache();
+        Self {
+            model,
+            cache,
+            experts: Some(experts),
+        }
     }
 
     /// The cache (its length, its size in bytes).
@@ -110,8 +127,12 @@ impl LanguageModel for CachedModel<'_> {
             .count();
         self.cache.truncate(shared.min(t - rows));
         let fresh = &window[self.cache.len()..];
+        let experts = self
+            .experts
+            .as_deref_mut()
+            .map(|e| e as &mut dyn ExpertRunner);
         self.model
-            .decode(&mut self.cache, fresh, rows, main_out, mtp_out)
+            .decode_with(&mut self.cache, fresh, rows, main_out, mtp_out, experts)
     }
 }
 

@@ -380,8 +380,13 @@ pub struct ExpertRequest {
 /// The answer to an [`ExpertRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExpertResponse {
-    /// Variant 0: the expert's outputs, same shape as the input.
+    /// Variant 0: the expert's outputs, same shape as the input, computed from the weights of checkpoint
+    /// `checkpoint` (the one asked for), which round `round` committed.
     Output {
+        /// The round whose commit made the checkpoint.
+        round: u64,
+        /// Hash of the checkpoint manifest whose weights were used.
+        checkpoint: ContentHash,
         /// The outputs.
         output: Tensor,
     },
@@ -410,7 +415,7 @@ impl ExpertRequest {
 impl ExpertResponse {
     /// The frame's wire bytes.
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
-        if let ExpertResponse::Output { output } = self {
+        if let ExpertResponse::Output { output, .. } = self {
             output.check()?;
         }
         wire::encode_frame::<_, MAX_RESPONSE_BYTES>(self, "expert response")
@@ -419,7 +424,7 @@ impl ExpertResponse {
     pub fn decode(bytes: &[u8]) -> Result<ExpertResponse, ProtocolError> {
         let response: ExpertResponse =
             wire::decode_frame::<_, MAX_RESPONSE_BYTES>(bytes, "expert response")?;
-        if let ExpertResponse::Output { output } = &response {
+        if let ExpertResponse::Output { output, .. } = &response {
             output.check()?;
         }
         Ok(response)

@@ -9,6 +9,7 @@ mod codec;
 mod coordinator;
 mod demo;
 pub(crate) mod generate;
+pub(crate) mod infer;
 mod info;
 mod keygen;
 mod net;
@@ -41,6 +42,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Sample text from a checkpoint (greedy, or temperature and top-p; optionally speculative with MTP).
     Generate(generate::GenerateArgs),
+    /// Generate text from a run's latest committed checkpoint across the network: the trunk runs here, each
+    /// routed expert on a node that hosts it.
+    Infer(infer::InferArgs),
     /// Serve completions over an OpenAI-style HTTP API (`POST /v1/completions`, streaming, `GET /v1/models`)
     /// from a checkpoint.
     Serve(serve::ServeArgs),
@@ -79,6 +83,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Infer(args) => infer::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Demo(args) => demo::run(args),

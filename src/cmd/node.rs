@@ -1,7 +1,7 @@
 //! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
-//! train the shards the coordinator assigns), or with `--verify-store` check its store and exit. Every
-//! setting comes from a flag, else a `MANA_*` environment variable, else the TOML file given by `--config`,
-//! else a default (see `crate::config`).
+//! train the shards the coordinator assigns and answer clients' expert calls from the committed ones), or
+//! with `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*`
+//! environment variable, else the TOML file given by `--config`, else a default (see `crate::config`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use clap::Args;
 use mana_engine::round::RunSpec;
 use mana_node::daemon::config::{parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
+use mana_node::infer::{HostLimits, serve_experts};
 use mana_node::roles::common::{DataSource, check_corpus, load_dataset};
 use mana_node::roles::evaluator::{EvaluatorConfig, run_evaluator};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
@@ -216,6 +217,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             return runtime.block_on(async move {
                 let handle = Arc::new(daemon::start(config).await?);
                 print_listen_addrs(&handle).await?;
+                serve_experts(&handle, RunSpec::tiny(), HostLimits::default())?;
                 let result =
                     run_evaluator(handle.clone(), evaluator, shutdown_signal("node")).await;
                 handle.stop().await?;
@@ -237,6 +239,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let handle = Arc::new(daemon::start(config).await?);
         print_listen_addrs(&handle).await?;
+        // Clients generate with the experts this node holds in its committed rounds.
+        serve_experts(&handle, RunSpec::tiny(), HostLimits::default())?;
         let result = run_trainer(handle.clone(), trainer, shutdown_signal("node")).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.

@@ -2,10 +2,10 @@
 //! curl) can use a mana model. Routes: `POST /v1/completions` (one completion, or a stream of server-sent
 //! events with `"stream": true`), `GET /v1/models` and `GET /v1/models/{id}`.
 //!
-//! Completions come from a [`Completer`]: today the only one is [`LocalModel`], a checkpoint written by
-//! `mana train` (`--checkpoint DIR`) run on this machine's CPUs through the KV cache. Serving from the
-//! network needs the inference client of issue #10 §2, which does not exist yet; `mana serve` without
-//! `--checkpoint` says so and exits. A network completer will implement the same trait.
+//! Completions come from a [`Completer`]: [`LocalModel`], a checkpoint written by `mana train`
+//! (`--checkpoint DIR`) run on this machine's CPUs through the KV cache, or [`NetworkModel`], a run's latest
+//! committed checkpoint across the network (`--bootstrap ADDR --run NAME --coordinator KEY`): the trunk
+//! runs here and each routed expert on a node that hosts it (`mana_node::infer`).
 //!
 //! One completion runs at a time, on a blocking thread, so the server keeps answering (models, errors,
 //! `server_busy`) while it runs. Up to `--queue` more requests wait their turn; beyond that a request is
@@ -41,9 +41,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use mana_engine::round::RunSpec;
 use mana_kernels::CpuBackend;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, LanguageModel, Sampling};
 use mana_kernels::train::Trainer;
+use mana_node::daemon;
+use mana_node::infer::{InferClient, InferConfig, Session};
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -92,10 +95,23 @@ pub struct ServeArgs {
     /// has no authentication: keep it on loopback or behind a proxy that has.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
-    /// Checkpoint directory written by `mana train --save`, served from this machine. Required for now:
-    /// serving from the network needs the inference client of issue #10 §2, which does not exist yet.
-    #[arg(long, env = "MANA_CHECKPOINT")]
+    /// Checkpoint directory written by `mana train --save`, served from this machine. Without it, the
+    /// completions come from the network (--bootstrap, --run, --coordinator).
+    #[arg(long, env = "MANA_CHECKPOINT", conflicts_with = "bootstrap")]
     checkpoint: Option<PathBuf>,
+    /// Serve from the network: a bootstrap node to join through, with /p2p/<peer id> (repeatable).
+    #[arg(long, env = "MANA_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<String>,
+    /// Serve from the network: the run whose latest committed checkpoint to use.
+    #[arg(long, env = "MANA_RUN")]
+    run: Option<String>,
+    /// Serve from the network: the run coordinator's public key (64 hex digits), whose signed commits are
+    /// trusted.
+    #[arg(long, env = "MANA_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Serve from the network: seconds to wait for a signed commit and a host of every expert.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
     /// The model's id in the API (`model` in requests and in `/v1/models`); default: the checkpoint
     /// directory's name.
     #[arg(long)]
@@ -108,17 +124,14 @@ pub struct ServeArgs {
     queue: usize,
 }
 
-/// Loads the checkpoint, then serves until Ctrl-C or SIGTERM.
+/// Loads the checkpoint (or joins the network), then serves until Ctrl-C or SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let Some(checkpoint) = args.checkpoint else {
-        bail!(
-            "mana serve needs --checkpoint DIR for now: serving completions from the network needs the \
-             inference client of issue #10 §2, which does not exist yet"
-        );
-    };
     if args.queue > MAX_QUEUE {
         bail!("--queue is limited to {MAX_QUEUE}");
     }
+    let Some(checkpoint) = args.checkpoint.clone() else {
+        return run_network(args);
+    };
     let model_id = match args.model_name {
         Some(name) if name.trim().is_empty() => bail!("--model-name must not be empty"),
         Some(name) => name,
@@ -134,19 +147,74 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .and_then(|m| m.modified())
         .map_or_else(|_| unix_now(), unix_seconds);
     let completer = LocalModel { trainer };
-    let server = Server {
+    let server = server(model_id, created, Box::new(completer), args.queue);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let result = runtime.block_on(serve(Arc::new(server), args.listen));
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
+}
+
+/// The server's state around `completer`.
+fn server(model_id: String, created: u64, completer: Box<dyn Completer>, queue: usize) -> Server {
+    Server {
         model_id,
         created,
         max_tokens_limit: completer.max_tokens_limit(),
         vocab_size: completer.vocab_size(),
-        completer: Arc::new(Mutex::new(Box::new(completer))),
-        admitted: Arc::new(Semaphore::new(args.queue.saturating_add(1))),
+        completer: Arc::new(Mutex::new(completer)),
+        admitted: Arc::new(Semaphore::new(queue.saturating_add(1))),
         stopping: Arc::new(AtomicBool::new(false)),
         next_id: AtomicU64::new(0),
         id_salt: random_u64(),
+    }
+}
+
+/// Joins the network as an inference client, loads the run's latest committed checkpoint, then serves
+/// until Ctrl-C or SIGTERM.
+fn run_network(args: ServeArgs) -> anyhow::Result<()> {
+    let (Some(run), Some(coordinator)) = (&args.run, &args.coordinator) else {
+        bail!(
+            "mana serve needs --checkpoint DIR, or --bootstrap ADDR --run NAME --coordinator KEY to serve a \
+             run's latest committed checkpoint from the network"
+        );
+    };
+    if args.bootstrap.is_empty() {
+        bail!("serving from the network needs --bootstrap ADDR");
+    }
+    let model_id = match &args.model_name {
+        Some(name) if name.trim().is_empty() => bail!("--model-name must not be empty"),
+        Some(name) => name.clone(),
+        None => run.clone(),
+    };
+    let data_dir = super::infer::TempDir::new()?;
+    let config = super::infer::client_config(
+        &data_dir.0,
+        &args.bootstrap,
+        "/ip4/0.0.0.0/tcp/0",
+        run,
+        coordinator,
+    )?;
+    let infer = InferConfig {
+        spec: RunSpec::tiny(),
+        call_timeout: Duration::from_secs(10),
+        wait: Duration::from_secs(args.wait_secs),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let result = runtime.block_on(serve(Arc::new(server), args.listen));
+    let result = runtime.block_on(async {
+        let node = Arc::new(daemon::start(config).await?);
+        let loaded = InferClient::new(node.clone(), infer).load().await;
+        let served = match loaded {
+            Ok(session) => {
+                tracing::info!(round = session.round, checkpoint = %session.checkpoint, "serving from the network");
+                let completer = NetworkModel { session };
+                let server = server(model_id, unix_now(), Box::new(completer), args.queue);
+                serve(Arc::new(server), args.listen).await
+            }
+            Err(e) => Err(e.into()),
+        };
+        node.stop().await?;
+        served
+    });
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     result
 }
@@ -238,8 +306,8 @@ async fn serve(server: Arc<Server>, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the server needs from whatever produces the tokens: a checkpoint on this machine today
-/// ([`LocalModel`]), the network later (issue #10 §2). [`Completer::complete`] blocks, so the server calls
+/// What the server needs from whatever produces the tokens: a checkpoint on this machine ([`LocalModel`]) or
+/// the network ([`NetworkModel`]). [`Completer::complete`] blocks, so the server calls
 /// it on a blocking thread, one request at a time.
 pub trait Completer: Send {
     /// The most tokens one request may ask for.
@@ -286,6 +354,39 @@ impl Completer for LocalModel {
             speculative: model.has_mtp(),
         };
         generate::generate_each(&mut model, prompt, &config, on_token)?;
+        Ok(())
+    }
+}
+
+/// A run's latest committed checkpoint across the network: the trunk here, each routed expert on a node that
+/// hosts it (with MTP speculation when the model has an MTP head: the same tokens, fewer rounds of calls).
+pub struct NetworkModel {
+    /// The loaded checkpoint and its expert hosts.
+    session: Session,
+}
+
+impl Completer for NetworkModel {
+    fn max_tokens_limit(&self) -> usize {
+        MAX_TOKENS_LIMIT
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.session.model_config().vocab_size
+    }
+
+    fn complete(
+        &mut self,
+        prompt: &[u32],
+        params: &Params,
+        on_token: &mut dyn FnMut(u32) -> ControlFlow<()>,
+    ) -> anyhow::Result<()> {
+        let config = GenerateConfig {
+            max_tokens: params.max_tokens,
+            sampling: params.sampling,
+            seed: params.seed,
+            speculative: self.session.model_config().mtp,
+        };
+        self.session.generate_each(prompt, &config, on_token)?;
         Ok(())
     }
 }

@@ -200,6 +200,20 @@ pub fn ffn_forward(
     ln2_rstd: &mut [f32],
     ffn: &mut FfnActs,
 ) -> Result<f64, KernelError> {
+    ffn_forward_with(ctx, None, res_mid, out, ln2, ln2_rstd, ffn)
+}
+
+/// [`ffn_forward`], with a MoE layer's absent experts run by `remote` (see [`moe::RemoteExperts`]); a
+/// dense block ignores it.
+pub fn ffn_forward_with(
+    ctx: &mut BlockContext<'_>,
+    remote: Option<moe::RemoteExperts<'_>>,
+    res_mid: &[f32],
+    out: &mut [f32],
+    ln2: &mut [f32],
+    ln2_rstd: &mut [f32],
+    ffn: &mut FfnActs,
+) -> Result<f64, KernelError> {
     let (d, b, t, precision, params, p) =
         (ctx.dims, ctx.b, ctx.t, ctx.precision, ctx.params, ctx.p);
     let n = b * t;
@@ -236,7 +250,7 @@ pub fn ffn_forward(
                 t,
                 alpha: d.alpha,
             };
-            moe::forward(mctx, ctx.bias, ln2, out, ma)?
+            moe::forward_with(mctx, remote, ctx.bias, ln2, out, ma)?
         }
         _ => unreachable!("block activations are built from the same params as the block"),
     };

@@ -15,8 +15,10 @@
 //! `gemm` crate's batched products.
 
 use super::block::{self, BlockActs, BlockContext};
+use super::experts::ExpertRunner;
 use super::head::{self, HeadSpec};
 use super::kv_cache::{CacheError, KvCache};
+use super::moe::RemoteExperts;
 use super::params::{BlockParams, FfnParams, ParamLayout, Span, SwigluParams};
 use super::{Model, ModelError, check_len, embedding, mtp};
 use crate::backend::{Backend, RowInvariant};
@@ -104,6 +106,24 @@ impl Model {
         main_out: &mut [f32],
         mtp_out: Option<&mut [f32]>,
     ) -> Result<(), ModelError> {
+        self.decode_with(cache, tokens, rows, main_out, mtp_out, None)
+    }
+
+    /// [`Model::decode`], with the routed experts this instance does not hold run by `experts` when it is
+    /// given: every MoE layer then routes over all the config's experts, runs the held ones itself and hands
+    /// the rest, grouped per expert, to the runner in one call per layer (see [`super::experts`]). A
+    /// trunk-only instance with a runner that computes the experts exactly gives the logits of the whole
+    /// model, bit for bit. A runner error ends the step with
+    /// [`crate::KernelError::ExpertUnavailable`] (or whatever it returned) and leaves the cache as it was.
+    pub fn decode_with(
+        &mut self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: usize,
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+        experts: Option<&mut dyn ExpertRunner>,
+    ) -> Result<(), ModelError> {
         let k = tokens.len();
         let v = self.config.vocab_size;
         cache.check_shape(&self.config)?;
@@ -132,7 +152,7 @@ impl Model {
         // to the pool and sleep until it is done (two thread switches per op, which measured as much as
         // the arithmetic); run from inside a worker, small ones run inline. Where it runs does not change
         // any result.
-        rayon::scope(|_| self.decode_checked(cache, tokens, rows, main_out, mtp_out))
+        rayon::scope(|_| self.decode_checked(cache, tokens, rows, main_out, mtp_out, experts))
     }
 
     /// [`Model::decode`] after its checks, on a rayon worker.
@@ -143,6 +163,7 @@ impl Model {
         rows: usize,
         main_out: &mut [f32],
         mtp_out: Option<&mut [f32]>,
+        mut experts: Option<&mut dyn ExpertRunner>,
     ) -> Result<(), ModelError> {
         let k = tokens.len();
         let (c, v) = (self.config.d_model, self.config.vocab_size);
@@ -160,7 +181,10 @@ impl Model {
         let mut run = || -> Result<(), ModelError> {
             for l in 0..self.config.n_layers {
                 self.attention_step(l, cache, x_new)?;
-                self.ffn_step(l, x_new)?;
+                let remote = experts
+                    .as_deref_mut()
+                    .map(|runner| RemoteExperts { layer: l, runner });
+                self.ffn_step(l, x_new, remote)?;
             }
             cache.hidden[pos0 * c..end * c].copy_from_slice(x_new);
             cache.push_tokens(tokens);
@@ -207,7 +231,7 @@ impl Model {
         self.check_attention_size(k)?;
         self.round_decode_weights()?;
         self.ensure_workspace(1, k);
-        self.ffn_step(layer, x)
+        self.ffn_step(layer, x, None)
     }
 
     /// At FP8, makes the copy of the parameters whose weights are rounded to FP8 once, as every FP8
@@ -260,8 +284,13 @@ impl Model {
         })
     }
 
-    /// [`Model::decode_ffn`] after its checks.
-    fn ffn_step(&mut self, layer: usize, x: &mut [f32]) -> Result<(), ModelError> {
+    /// [`Model::decode_ffn`] after its checks, with the absent experts run by `remote` if given.
+    fn ffn_step(
+        &mut self,
+        layer: usize,
+        x: &mut [f32],
+        remote: Option<RemoteExperts<'_>>,
+    ) -> Result<(), ModelError> {
         let k = x.len() / self.config.d_model;
         self.block_step(layer, k, |ctx, acts| {
             let BlockActs {
@@ -273,7 +302,7 @@ impl Model {
             } = acts;
             let n = x.len();
             res_mid[..n].copy_from_slice(x);
-            block::ffn_forward(ctx, &res_mid[..n], x, ln2, ln2_rstd, ffn)?;
+            block::ffn_forward_with(ctx, remote, &res_mid[..n], x, ln2, ln2_rstd, ffn)?;
             Ok(())
         })
     }

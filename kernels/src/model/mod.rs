@@ -17,6 +17,7 @@ pub mod block;
 pub mod config;
 mod decode;
 pub mod embedding;
+pub mod experts;
 pub mod head;
 pub mod kv_cache;
 pub mod linear;
@@ -39,6 +40,7 @@ use crate::gemm::Precision;
 
 use block::{BlockActs, BlockContext, BlockDims, BlockScratch};
 pub use config::{ConfigError, ModelConfig};
+pub use experts::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts};
 use head::{HeadActs, HeadSpec};
 pub use kv_cache::{CacheError, KvCache};
 use loss::IGNORE;

@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::error::KernelError;
 use crate::gemm::Precision;
 
+use super::experts::{ExpertCall, ExpertRunner};
 use super::linear;
 use super::params::{MoeParams, SwigluParams};
 use super::swiglu;
@@ -277,10 +278,33 @@ pub struct MoeContext<'a> {
     pub alpha: f32,
 }
 
+/// The routed experts of one MoE layer that run outside the model (inference only): with it, routing
+/// chooses among all E experts of the config, and the rows of every expert the instance does not hold go to
+/// the runner.
+pub struct RemoteExperts<'a> {
+    /// The block index, as the runner knows it.
+    pub layer: usize,
+    /// Computes the absent experts.
+    pub runner: &'a mut dyn ExpertRunner,
+}
+
 /// out = shared(x) + Σ_k gate_k · expert_k(x). Overwrites `out`. `bias` [E] only affects selection.
 /// Returns the (already α-weighted, batch-averaged) sequence-wise balance loss.
 pub fn forward(
     ctx: MoeContext<'_>,
+    bias: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    acts: &mut MoeActs,
+) -> Result<f64, KernelError> {
+    forward_with(ctx, None, bias, x, out, acts)
+}
+
+/// [`forward`], with the experts the instance does not hold run by `remote` when it is given (see
+/// [`RemoteExperts`]); the held experts run here exactly as in [`forward`].
+pub fn forward_with(
+    ctx: MoeContext<'_>,
+    remote: Option<RemoteExperts<'_>>,
     bias: &[f32],
     x: &[f32],
     out: &mut [f32],
@@ -299,6 +323,14 @@ pub fn forward(
     } = ctx;
     let n = b * t;
     let (c, e) = (d.c, d.e);
+    // With a runner every expert of the config can be chosen; without one, only the held ones.
+    let everyone;
+    let present = if remote.is_some() {
+        everyone = vec![true; e];
+        &everyone[..]
+    } else {
+        present
+    };
     // Router in f32, then sigmoid affinities.
     let s = &mut acts.s[..n * e];
     linear::forward(backend, Precision::F32, s, x, p.router.of(params), n, c, e)?;
@@ -313,7 +345,7 @@ pub fn forward(
         let tok = acts.slot_token[row] as usize;
         acts.xg[row * c..(row + 1) * c].copy_from_slice(&x[tok * c..(tok + 1) * c]);
     }
-    // Each present expert on its own rows.
+    // Each held expert on its own rows.
     for (i, expert) in p.experts.iter().enumerate() {
         let Some(ep) = expert else { continue };
         let (lo, hi) = (acts.offsets[i], acts.offsets[i + 1]);
@@ -333,6 +365,31 @@ pub fn forward(
             hi - lo,
             c,
         )?;
+    }
+    // The others, routed to the runner in one call: each expert's rows are one slice of `xg` and `yg`.
+    if let Some(RemoteExperts { layer, runner }) = remote {
+        let mut calls = Vec::new();
+        let mut rest = &mut acts.yg[..r * c];
+        let mut at = 0;
+        for (i, expert) in p.experts.iter().enumerate() {
+            let (lo, hi) = (acts.offsets[i], acts.offsets[i + 1]);
+            if expert.is_some() || hi == lo {
+                continue;
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((lo - at) * c);
+            let (mine, tail) = tail.split_at_mut((hi - lo) * c);
+            rest = tail;
+            at = hi;
+            calls.push(ExpertCall {
+                expert: i,
+                rows: hi - lo,
+                x: &acts.xg[lo * c..hi * c],
+                out: mine,
+            });
+        }
+        if !calls.is_empty() {
+            runner.run_layer(layer, &mut calls)?;
+        }
     }
     // Shared expert writes `out`, then the gated routed outputs are added.
     let sh = p.shared.hidden;

@@ -93,6 +93,28 @@ impl Client {
         self.open_stream(peer, BLOB_STREAM).await
     }
 
+    /// Opens a stream of `protocol` to `peer`, dialling it if needed: for protocols carried on raw streams
+    /// above this layer (expert calls). [`NetError::StreamUnsupported`] means the peer does not serve it.
+    pub async fn open_protocol_stream(
+        &self,
+        peer: PeerId,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p::Stream, NetError> {
+        self.open_stream(peer, protocol).await
+    }
+
+    /// Starts accepting inbound streams of `protocol` (once per protocol and swarm: a second call gets
+    /// [`NetError::AlreadyAccepting`]).
+    pub fn accept_protocol_streams(
+        &self,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.streams
+            .clone()
+            .accept(protocol)
+            .map_err(|_| NetError::AlreadyAccepting)
+    }
+
     async fn open_stream(
         &self,
         peer: PeerId,

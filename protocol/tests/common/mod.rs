@@ -316,6 +316,8 @@ pub fn expert_request() -> ExpertRequest {
 
 pub fn expert_response() -> ExpertResponse {
     ExpertResponse::Output {
+        round: 7,
+        checkpoint: manifest(7).hash().unwrap(),
         output: Tensor::from_f32(vec![2, 4], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).unwrap(),
     }
 }

@@ -1,0 +1,191 @@
+//! Routed experts run outside the model: the seam between a client that holds the trunk and the hosts that
+//! hold a MoE layer's experts.
+//!
+//! Shapes: C width, F expert hidden, M rows routed to one expert in one layer.
+//!
+//! During KV-cached inference ([`super::Model::decode_with`]), a MoE layer routes its rows over every
+//! routed expert of the config, runs the ones this instance holds itself (exactly as [`super::Model::decode`]
+//! does), and hands each other expert's rows, gathered and grouped, to an [`ExpertRunner`] in one call per
+//! layer. The runner fills the outputs; the layer then combines them with its own gates and shared expert.
+//!
+//! [`ExpertKernel`] is one expert computed standalone from its shard's parameters, with the same arithmetic
+//! as the model's decode step (the row-invariant backend view, weights rounded once at FP8): a host answers
+//! with it, and since every row depends only on itself, its output is bit-identical to the expert run inside
+//! a whole model, whatever the batch. [`KernelExperts`] is a runner made of such kernels.
+
+use std::collections::BTreeMap;
+
+use crate::backend::{Backend, RowInvariant};
+use crate::error::KernelError;
+use crate::gemm::Precision;
+
+use super::config::ModelConfig;
+use super::moe::swiglu_ffn_forward;
+use super::params::{Span, SwigluParams};
+use super::{ModelError, ShardId};
+
+/// One expert's share of a layer's routed rows: its inputs and the place for its outputs.
+#[derive(Debug)]
+pub struct ExpertCall<'a> {
+    /// Index of the routed expert in its layer.
+    pub expert: usize,
+    /// M: rows routed to it.
+    pub rows: usize,
+    /// [M, C] the normalized hidden states routed to it.
+    pub x: &'a [f32],
+    /// [M, C] where its outputs go (ungated; the layer applies the gates).
+    pub out: &'a mut [f32],
+}
+
+/// Runs the routed experts a model instance does not hold. One call per MoE layer per step, with every
+/// expert that layer needs, so an implementation can run them concurrently (a network client sends one
+/// request per expert at once). `Send`, because a decode step runs on a rayon worker.
+pub trait ExpertRunner: Send {
+    /// Fills every call's `out` with expert `call.expert` of block `layer` applied to `call.x`. An error
+    /// stops the step (the model's cache is left as it was before the step).
+    fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError>;
+}
+
+/// One routed expert computed on its own, from the parameters of its shard.
+pub struct ExpertKernel {
+    /// w13 then w2 (the shard's layout); rounded to FP8 once at FP8 precision.
+    params: Vec<f32>,
+    /// Spans of `params`.
+    p: SwigluParams,
+    /// C.
+    c: usize,
+    precision: Precision,
+    backend: Box<dyn Backend>,
+    /// [M, 2F] and [M, F] scratch, grown to the largest call.
+    h13: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl ExpertKernel {
+    /// The expert whose shard parameters are `params` (w13 [2F, C], then w2 [C, F]) under `config`. At FP8
+    /// precision the weights are rounded once, as [`super::Model::decode`] rounds them.
+    pub fn new(
+        config: &ModelConfig,
+        params: &[f32],
+        mut backend: Box<dyn Backend>,
+    ) -> Result<Self, ModelError> {
+        let (c, f) = (config.d_model, config.expert_hidden);
+        let expected = 3 * f * c;
+        if params.len() != expected {
+            return Err(ModelError::Length {
+                what: "expert shard parameters".into(),
+                expected,
+                actual: params.len(),
+            });
+        }
+        let p = SwigluParams {
+            w13: Span {
+                offset: 0,
+                len: 2 * f * c,
+            },
+            w2: Span {
+                offset: 2 * f * c,
+                len: f * c,
+            },
+            hidden: f,
+        };
+        let precision = config.precision;
+        let params = if precision == Precision::Fp8 {
+            let mut rounded = vec![0.0; params.len()];
+            backend.round_weight_fp8(p.w13.of(params), 2 * f, c, p.w13.of_mut(&mut rounded))?;
+            backend.round_weight_fp8(p.w2.of(params), c, f, p.w2.of_mut(&mut rounded))?;
+            rounded
+        } else {
+            params.to_vec()
+        };
+        Ok(Self {
+            params,
+            p,
+            c,
+            precision,
+            backend,
+            h13: Vec::new(),
+            act: Vec::new(),
+        })
+    }
+
+    /// C, the width of a row in and out.
+    pub fn width(&self) -> usize {
+        self.c
+    }
+
+    /// `out` [M, C] = the expert applied to `x` [M, C], each row on its own.
+    pub fn forward(&mut self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        let (c, f) = (self.c, self.p.hidden);
+        for (what, len) in [("x", x.len()), ("out", out.len())] {
+            if len != rows * c {
+                return Err(KernelError::ShapeMismatch {
+                    op: "expert kernel",
+                    what,
+                    expected: rows * c,
+                    actual: len,
+                });
+            }
+        }
+        if self.h13.len() < rows * 2 * f {
+            self.h13.resize(rows * 2 * f, 0.0);
+            self.act.resize(rows * f, 0.0);
+        }
+        let mut view = if self.precision == Precision::Fp8 {
+            RowInvariant::with_rounded_weights(self.backend.as_mut())
+        } else {
+            RowInvariant::new(self.backend.as_mut())
+        };
+        swiglu_ffn_forward(
+            &mut view,
+            self.precision,
+            &self.params,
+            &self.p,
+            x,
+            &mut self.h13[..rows * 2 * f],
+            &mut self.act[..rows * f],
+            out,
+            rows,
+            c,
+        )
+    }
+}
+
+/// An [`ExpertRunner`] holding its experts as [`ExpertKernel`]s in this process: the in-process stand-in for
+/// remote hosts (tests), and what a host that serves several experts keeps.
+#[derive(Default)]
+pub struct KernelExperts {
+    kernels: BTreeMap<(usize, usize), ExpertKernel>,
+}
+
+impl KernelExperts {
+    /// No experts yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) expert `shard`.
+    pub fn insert(&mut self, shard: ShardId, kernel: ExpertKernel) -> Result<(), ModelError> {
+        let pos = shard
+            .expert_position()
+            .ok_or(ModelError::UnknownShard(shard))?;
+        self.kernels.insert(pos, kernel);
+        Ok(())
+    }
+}
+
+impl ExpertRunner for KernelExperts {
+    fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError> {
+        for call in calls.iter_mut() {
+            let kernel = self.kernels.get_mut(&(layer, call.expert)).ok_or_else(|| {
+                KernelError::ExpertUnavailable {
+                    layer,
+                    expert: call.expert,
+                    reason: "not held by this runner".into(),
+                }
+            })?;
+            kernel.forward(call.x, call.rows, call.out)?;
+        }
+        Ok(())
+    }
+}

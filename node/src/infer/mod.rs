@@ -1,0 +1,16 @@
+//! Inference across the network: clients generate text with the trunk run locally and each routed expert
+//! computed by a node that hosts it.
+//!
+//! - [`wire`]: the expert call on a raw stream (`/mana/expert/1.0.0`), one frame each way.
+//! - [`host`]: a node answers expert calls from the committed checkpoints its store holds.
+//! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure.
+//! - [`client`]: learns the latest signed commit and the experts' hosts, fetches the trunk, generates.
+
+pub mod client;
+pub mod host;
+pub mod remote;
+pub mod wire;
+
+pub use client::{InferClient, InferConfig, InferError, Session};
+pub use host::{HostLimits, serve_experts};
+pub use remote::{CallStats, Hosts, NetworkExperts};

@@ -1,0 +1,196 @@
+//! `mana infer`: generate text from a run's latest committed checkpoint across the network. The command
+//! starts a client node that joins through `--bootstrap`, waits for the coordinator's next signed commit of
+//! `--run` and for a host of every expert, fetches the trunk, runs it here and has each routed expert
+//! computed by the nodes that host it (`mana_node::infer`). The sampling flags are `mana generate`'s.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use mana_engine::round::RunSpec;
+use mana_kernels::generate::{GenerateConfig, Sampling, bytes_to_text};
+use mana_node::daemon::config::{parse_addrs, parse_public_key, parse_run};
+use mana_node::daemon::{self, NodeConfig};
+use mana_node::infer::{InferClient, InferConfig};
+
+use super::generate::MAX_TOKENS_LIMIT;
+
+/// Arguments of `mana infer`.
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Bootstrap node to join through, with /p2p/<peer id> (repeatable).
+    #[arg(long, env = "MANA_BOOTSTRAP", value_delimiter = ',', required = true)]
+    bootstrap: Vec<String>,
+    /// The training run whose checkpoint to use.
+    #[arg(long, env = "MANA_RUN")]
+    run: String,
+    /// The run coordinator's public key (64 hex digits): only its signed commits are trusted.
+    #[arg(long, env = "MANA_COORDINATOR")]
+    coordinator: String,
+    /// Text to continue (byte tokens; must not be empty).
+    #[arg(long)]
+    prompt: String,
+    /// Bytes to generate after the prompt.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampling draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Draft the token after next with the MTP head and verify it with the main head in the next pass.
+    #[arg(long)]
+    speculative: bool,
+    /// Seconds to wait for a signed commit and a host of every expert.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
+    /// Seconds one expert call may take before the next replica is asked.
+    #[arg(long, default_value_t = 10)]
+    call_timeout_secs: u64,
+    /// The client node's data directory (its key and the fetched trunk); default a fresh temporary one.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+    listen: String,
+    /// Print one JSON object (text, round, checkpoint and counters) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Joins, loads, generates and prints.
+pub fn run(args: InferArgs) -> anyhow::Result<()> {
+    if args.prompt.is_empty() {
+        bail!("--prompt must not be empty");
+    }
+    if args.max_tokens > MAX_TOKENS_LIMIT {
+        bail!("--max-tokens is limited to {MAX_TOKENS_LIMIT}");
+    }
+    let sampling = if args.temperature == 0.0 {
+        Sampling::Greedy
+    } else {
+        Sampling::Sample {
+            temperature: args.temperature,
+            top_p: args.top_p,
+        }
+    };
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = TempDir::new()?;
+            temp.0.clone()
+        }
+    };
+    let config = client_config(
+        &data_dir,
+        &args.bootstrap,
+        &args.listen,
+        &args.run,
+        &args.coordinator,
+    )?;
+    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let generate = GenerateConfig {
+        max_tokens: args.max_tokens,
+        sampling,
+        seed: args.seed,
+        speculative: args.speculative,
+    };
+    let infer = InferConfig {
+        spec: RunSpec::tiny(),
+        call_timeout: Duration::from_secs(args.call_timeout_secs.max(1)),
+        wait: Duration::from_secs(args.wait_secs),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let node = Arc::new(daemon::start(config).await?);
+        let client = InferClient::new(node.clone(), infer);
+        let outcome = async {
+            let mut session = client.load().await?;
+            let started = Instant::now();
+            let (generation, session) = tokio::task::spawn_blocking(move || {
+                let g = session.generate(&prompt, &generate);
+                (g.map(|g| (g, prompt)), session)
+            })
+            .await?;
+            let (generation, prompt) = generation?;
+            let seconds = started.elapsed().as_secs_f64();
+            let text = bytes_to_text(&prompt, &generation.tokens);
+            let stats = session.call_stats();
+            if args.json {
+                let out = serde_json::json!({
+                    "text": text,
+                    "round": session.round,
+                    "checkpoint": session.checkpoint.to_string(),
+                    "tokens": generation.tokens.len(),
+                    "forward_passes": generation.forward_passes,
+                    "expert_calls": stats.answered,
+                    "failed_attempts": stats.failed_attempts,
+                    "request_bytes": stats.request_bytes,
+                    "seconds": seconds,
+                });
+                println!("{out}");
+            } else {
+                println!("{text}");
+                eprintln!(
+                    "round {}: {} tokens in {seconds:.2} s, {} expert calls ({} retried on another replica)",
+                    session.round,
+                    generation.tokens.len(),
+                    stats.answered,
+                    stats.failed_attempts,
+                );
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        drop(client);
+        node.stop().await?;
+        outcome
+    })
+}
+
+/// The node config of an inference client (`mana infer`, `mana serve` from the network): it joins through
+/// `bootstrap`, follows `run`, trusts commits signed by `coordinator`, and syncs no shards of its own.
+pub(crate) fn client_config(
+    data_dir: &std::path::Path,
+    bootstrap: &[String],
+    listen: &str,
+    run: &str,
+    coordinator: &str,
+) -> anyhow::Result<NodeConfig> {
+    let mut config = NodeConfig::new(data_dir);
+    config.net.bootstrap = parse_addrs(bootstrap)?;
+    config.net.listen = parse_addrs(&[listen.to_string()])?;
+    config.net.run_id = parse_run(run)?;
+    config.coordinator = Some(parse_public_key(coordinator)?);
+    config.sync_shards = false;
+    Ok(config)
+}
+
+/// A directory removed when dropped (the client's default data directory).
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory under the system's temporary directory.
+    pub(crate) fn new() -> anyhow::Result<TempDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("mana-infer-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,198 @@
+//! Inference across a real loopback network: a bootstrap, a coordinator and 3 trainers (replication 2, so
+//! each expert lives on 2 of the 3) train one round of the tiny model; every trainer serves expert calls from
+//! its store; a client that joined before the round hears the signed commit, fetches the trunk, and generates
+//! with every routed expert computed by its hosts. Under greedy decoding its output equals generation with
+//! the whole committed checkpoint in one process. Hosts refuse calls for a checkpoint they do not hold and
+//! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
+//! runner asks the next replica.
+
+mod net_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mana_engine::round::{RunShard, ShardRecord, build_trainer};
+use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
+use mana_kernels::model::{ExpertCall, ExpertRunner};
+use mana_node::infer::{self, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, wire};
+use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, ShardId, Tensor, UpdateRule};
+use net_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_generates() {
+    let net = RoundNet::start(3).await;
+    let limits = HostLimits {
+        max_rows: 64,
+        ..HostLimits::default()
+    };
+    for (node, _) in &net.trainers {
+        infer::serve_experts(node, net.spec.clone(), limits).expect("serves expert calls");
+    }
+    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
+    cfg.coordinator = Some(net.coordinator.public_key());
+    cfg.sync_shards = false;
+    let client_node = Arc::new(start_node(cfg).await);
+    let client = InferClient::new(
+        client_node.clone(),
+        InferConfig {
+            spec: net.spec.clone(),
+            call_timeout: Duration::from_secs(10),
+            wait: Duration::from_secs(60),
+        },
+    );
+    net.honest_rounds(1, 3).await;
+    let mut session = client
+        .load()
+        .await
+        .expect("a session on the committed round");
+    assert_eq!(session.round, 1);
+    let checkpoint = session.checkpoint;
+
+    let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
+    let config = GenerateConfig {
+        max_tokens: 24,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative: false,
+    };
+    let (remote, stats, session) = {
+        let prompt = prompt.clone();
+        tokio::task::spawn_blocking(move || {
+            let g = session
+                .generate(&prompt, &config)
+                .expect("network generation");
+            let stats = session.call_stats();
+            (g, stats, session)
+        })
+        .await
+        .expect("generation task")
+    };
+    assert_eq!(remote.tokens.len(), 24);
+    assert!(stats.answered > 0, "no expert was called");
+
+    // The reference: every shard of the same checkpoint, fetched by hash, in one local model.
+    let manifest = session.manifest.clone();
+    assert_eq!(manifest.hash().expect("hashable"), checkpoint);
+    let mut records = Vec::new();
+    for entry in &manifest.shards {
+        client_node
+            .fetch_blob(entry.hash)
+            .await
+            .expect("shard fetched");
+        let bytes = client_node.read_blob(entry.hash).await.expect("shard read");
+        records.push(ShardRecord::from_bytes(&bytes, &net.spec, entry.shard).expect("shard"));
+    }
+    let spec = net.spec.clone();
+    let local = tokio::task::spawn_blocking(move || {
+        let mut trainer =
+            build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
+        let mut lm = CachedModel::new(trainer.model_mut());
+        generate::generate(&mut lm, &prompt, &config).expect("local generation")
+    })
+    .await
+    .expect("local task");
+    assert_eq!(
+        remote.tokens, local.tokens,
+        "network and local greedy outputs differ"
+    );
+
+    // Hosts refuse what they cannot or will not serve.
+    let host = net.trainers[0].0.peer_id();
+    let c = net.spec.model.d_model;
+    let expert = manifest
+        .shards
+        .iter()
+        .map(|e| e.shard)
+        .find(|s| *s != ShardId::Trunk)
+        .expect("an expert");
+    let ask = |checkpoint: ContentHash, rows: usize| ExpertRequest {
+        run: net.coordinator.config().net.run_id.clone(),
+        shard: expert,
+        checkpoint,
+        input: Tensor::from_f32(vec![rows as u32, c as u32], &vec![0.5; rows * c]).expect("tensor"),
+    };
+    let timeout = Duration::from_secs(10);
+    for (request, why) in [
+        (ask(ContentHash([7; 32]), 1), "unknown checkpoint"),
+        (ask(checkpoint, 65), "over the row limit"),
+    ] {
+        let answer = wire::call(client_node.net(), host, &request, timeout)
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(answer, ExpertResponse::Unavailable { .. }),
+            "{why}: {answer:?}"
+        );
+    }
+
+    // A host at its call cap answers "busy" at once, and the client's runner goes on to the next replica.
+    let mut busy_cfg = node_config(&net.dir.path().join("busy"), &net.boot);
+    busy_cfg.coordinator = Some(net.coordinator.public_key());
+    busy_cfg.sync_shards = false;
+    let busy = start_node(busy_cfg).await;
+    let no_calls = HostLimits {
+        max_calls: 0,
+        ..HostLimits::default()
+    };
+    infer::serve_experts(&busy, net.spec.clone(), no_calls).expect("serves expert calls");
+    for addr in busy.listen_addrs().await.expect("listening") {
+        let _ = client_node.net().dial(addr).await;
+    }
+    let answer = wire::call(
+        client_node.net(),
+        busy.peer_id(),
+        &ask(checkpoint, 1),
+        timeout,
+    )
+    .await
+    .expect("an answer");
+    match &answer {
+        ExpertResponse::Unavailable { reason } => assert_eq!(reason.to_string(), "busy"),
+        other => panic!("a host at its cap answered {other:?}"),
+    }
+    let mut hosts = Hosts::new();
+    let replicas =
+        std::iter::once(busy.peer_id()).chain(net.trainers.iter().map(|(n, _)| n.peer_id()));
+    hosts.insert(expert, replicas.collect());
+    let runner = NetworkExperts::new(
+        client_node.net().clone(),
+        tokio::runtime::Handle::current(),
+        net.coordinator.config().net.run_id.clone(),
+        checkpoint,
+        hosts,
+        timeout,
+    );
+    let (layer, index) = expert.expert_position().expect("an expert");
+    let stats = {
+        let mut runner = runner.clone();
+        tokio::task::spawn_blocking(move || {
+            let x = vec![0.25f32; 2 * c];
+            let mut out = vec![0.0f32; 2 * c];
+            let mut calls = [ExpertCall {
+                expert: index,
+                rows: 2,
+                x: &x,
+                out: &mut out,
+            }];
+            runner
+                .run_layer(layer, &mut calls)
+                .expect("a replica answers");
+            assert!(out.iter().any(|v| *v != 0.0), "the answer was written");
+            runner.stats()
+        })
+        .await
+        .expect("runner task")
+    };
+    assert_eq!(stats.answered, 1);
+    assert!(stats.failed_attempts >= 1, "the busy host was asked first");
+    busy.shutdown().await.expect("busy host shutdown");
+
+    drop(session);
+    drop(client);
+    Arc::into_inner(client_node)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("client shutdown");
+    net.stop().await;
+}
