@@ -607,7 +607,7 @@ impl Model {
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             layout,
@@ -672,7 +672,7 @@ impl Model {
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             layout,
@@ -735,7 +735,7 @@ impl Model {
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let lambda = self.config.mtp_lambda;
         let Model {
             params,
