@@ -291,7 +291,7 @@ impl MoeCase {
     ) -> f64 {
         let ctx = MoeContext {
             backend: be,
-            precision: Precision::F32,
+            precision: Precision::F32.into(),
             params,
             p: &self.p,
             present: &self.present,
@@ -325,7 +325,7 @@ fn check_moe(present: Vec<bool>, label: &str) {
     let mut dx = vec![0.0; n * c];
     let ctx = MoeContext {
         backend: &mut be,
-        precision: Precision::F32,
+        precision: Precision::F32.into(),
         params: &case.params,
         p: &case.p,
         present: &case.present,

@@ -19,6 +19,7 @@ use mana_kernels::data::{BYTE_VOCAB, SourceLimits, Split, TextDataset, read_corp
 use mana_kernels::gemm::Precision;
 use mana_kernels::model::ModelConfig;
 use mana_kernels::optim::OptimConfig;
+use mana_kernels::quant::ScaleMode;
 use mana_kernels::train::Trainer;
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,19 @@ pub struct TrainArgs {
     /// Precision of the model's GEMMs: fp8 (E4M3 with fine-grained scales) or f32.
     #[arg(long, env = "MANA_PRECISION")]
     precision: Option<Precision>,
+    /// At fp8, whether the forward GEMMs (y = x·Wᵀ) run in FP8 (default true; false runs them in f32).
+    /// With --fp8-dgrad, --fp8-wgrad and --fp8-scale it overrides the [model.fp8] table.
+    #[arg(long, env = "MANA_FP8_FORWARD")]
+    fp8_forward: Option<bool>,
+    /// At fp8, whether the data-gradient GEMMs (dx = dy·W) run in FP8 (default true).
+    #[arg(long, env = "MANA_FP8_DGRAD")]
+    fp8_dgrad: Option<bool>,
+    /// At fp8, whether the weight-gradient GEMMs (dW += dyᵀ·x) run in FP8 (default true).
+    #[arg(long, env = "MANA_FP8_WGRAD")]
+    fp8_wgrad: Option<bool>,
+    /// FP8 tile scales: amax (s = amax/448, the default) or power_of_two (rounded up to a power of two).
+    #[arg(long, env = "MANA_FP8_SCALE", value_parser = parse_scale_mode)]
+    fp8_scale: Option<ScaleMode>,
     /// Seed of the weights, the batches and the built-in corpus.
     #[arg(long, env = "MANA_SEED")]
     seed: Option<u64>,
@@ -175,6 +189,19 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     if let Some(v) = args.precision {
         file.model.precision = v;
     }
+    let fp8 = &mut file.model.fp8;
+    for (field, flag) in [
+        (&mut fp8.forward, args.fp8_forward),
+        (&mut fp8.dgrad, args.fp8_dgrad),
+        (&mut fp8.wgrad, args.fp8_wgrad),
+    ] {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
+    if let Some(v) = args.fp8_scale {
+        fp8.scale = v;
+    }
     if let Some(v) = args.lr {
         file.optim.lr = v;
     }
@@ -215,6 +242,17 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         optim: file.optim,
         train: file.train,
     })
+}
+
+/// Parses `--fp8-scale` (the TOML spelling: `amax` or `power_of_two`).
+fn parse_scale_mode(s: &str) -> Result<ScaleMode, String> {
+    match s {
+        "amax" => Ok(ScaleMode::Amax),
+        "power_of_two" | "pow2" => Ok(ScaleMode::PowerOfTwo),
+        _ => Err(format!(
+            "unknown scale mode {s:?}: expected amax or power_of_two"
+        )),
+    }
 }
 
 /// Builds the dataset from the corpus, or from the built-in corpus when none is given.
@@ -277,17 +315,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     } = plan(&args)?;
     let data = load_dataset(&train)?;
     let precision = model.precision;
+    let fp8 = model.fp8;
     let backend = if train.threads == 0 {
         CpuBackend::new()
     } else {
         CpuBackend::with_threads(train.threads)
-    };
+    }
+    .with_scale_mode(fp8.scale);
     let mut trainer = Trainer::new(model, optim, train.seed, Box::new(backend))?;
     tracing::info!(
         steps = train.steps,
         batch_size = train.batch_size,
         seq_len = train.seq_len,
         %precision,
+        ?fp8,
         train_bytes = data.train_bytes().len(),
         validation_bytes = data.validation_bytes().len(),
         corpus = %train.corpus.as_ref().map_or("built-in".to_string(), |p| p.display().to_string()),

@@ -27,7 +27,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::KernelError;
-use crate::quant::{Granularity, QuantizedTensor};
+use crate::quant::{Granularity, QuantizedTensor, ScaleMode};
 
 pub use cpu::matmul_f32;
 pub use rows::matmul_rows_f32;
@@ -73,6 +73,87 @@ impl FromStr for Precision {
                 given: s.to_owned(),
             })
         }
+    }
+}
+
+/// Which of a Linear layer's GEMMs run in FP8 when the model's precision is [`Precision::Fp8`], and how
+/// their tile scales are chosen: the switches of the FP8 ablation (docs/training.md). The default is
+/// DeepSeek-V3's recipe: all three GEMM kinds in FP8, `s = amax / 448`. A switch that is off runs that GEMM
+/// kind in f32 (inputs not quantized); at [`Precision::F32`] every switch is moot.
+///
+/// In TOML it is the `[model.fp8]` table; every field is optional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fp8Recipe {
+    /// The forward GEMM y = x·Wᵀ ([`Form::ABt`]): x in 1×128 tiles, W in 128×128 blocks.
+    pub forward: bool,
+    /// The data-gradient GEMM dx = dy·W ([`Form::AB`]): dy in 1×128 tiles, W in 128×128 blocks.
+    pub dgrad: bool,
+    /// The weight-gradient GEMM dW += dyᵀ·x ([`Form::AtB`]): dy and x in 128×1 tiles along the tokens.
+    pub wgrad: bool,
+    /// How tile scales are derived from the tile amax. The scale is the backend's business, so whoever
+    /// builds the backend applies it ([`crate::CpuBackend::with_scale_mode`]), as `mana train` does;
+    /// inference (`mana generate`, `mana serve`) uses amax scales.
+    pub scale: ScaleMode,
+}
+
+impl Default for Fp8Recipe {
+    fn default() -> Self {
+        Self {
+            forward: true,
+            dgrad: true,
+            wgrad: true,
+            scale: ScaleMode::Amax,
+        }
+    }
+}
+
+impl Fp8Recipe {
+    /// The precision of each Linear GEMM kind for a model of `precision`.
+    pub fn linear_precision(self, precision: Precision) -> LinearPrecision {
+        let pick = |on: bool| {
+            if on && precision == Precision::Fp8 {
+                Precision::Fp8
+            } else {
+                Precision::F32
+            }
+        };
+        LinearPrecision {
+            forward: pick(self.forward),
+            dgrad: pick(self.dgrad),
+            wgrad: pick(self.wgrad),
+        }
+    }
+}
+
+/// The precision of each of the three GEMMs of a Linear layer (see [`crate::model::linear`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LinearPrecision {
+    /// y = x·Wᵀ ([`Form::ABt`]).
+    pub forward: Precision,
+    /// dx = dy·W ([`Form::AB`]).
+    pub dgrad: Precision,
+    /// dW += dyᵀ·x ([`Form::AtB`]).
+    pub wgrad: Precision,
+}
+
+impl LinearPrecision {
+    /// Every GEMM in f32 (the router, or a model at [`Precision::F32`]).
+    pub const F32: Self = Self::uniform(Precision::F32);
+
+    /// The same precision for all three GEMMs.
+    pub const fn uniform(p: Precision) -> Self {
+        Self {
+            forward: p,
+            dgrad: p,
+            wgrad: p,
+        }
+    }
+}
+
+impl From<Precision> for LinearPrecision {
+    fn from(p: Precision) -> Self {
+        Self::uniform(p)
     }
 }
 

@@ -11,7 +11,7 @@
 
 use crate::backend::Backend;
 use crate::error::KernelError;
-use crate::gemm::Precision;
+use crate::gemm::LinearPrecision;
 
 use super::moe::{self, MoeActs, MoeContext, MoeDims, MoeScratch};
 use super::params::{BlockParams, FfnParams};
@@ -135,8 +135,8 @@ impl BlockScratch {
 pub struct BlockContext<'a> {
     /// The GEMM provider.
     pub backend: &'a mut dyn Backend,
-    /// Precision of the Linear GEMMs.
-    pub precision: Precision,
+    /// Precision of each Linear GEMM kind (forward, data gradient, weight gradient).
+    pub precision: LinearPrecision,
     /// The flat parameter buffer.
     pub params: &'a [f32],
     /// This block's parameters.

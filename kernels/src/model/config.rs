@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gemm::Precision;
+use crate::gemm::{Fp8Recipe, LinearPrecision, Precision};
 
 /// Largest parameter count (elements) a config may ask for: 2^31 f32 = 8 GiB, far beyond any CPU model and
 /// a guard against configs that would make us allocate absurd buffers.
@@ -59,6 +59,9 @@ pub struct ModelConfig {
     pub norm_eps: f32,
     /// Standard deviation of the initial weights of matrices.
     pub init_std: f32,
+    /// Which Linear GEMM kinds run in FP8 when `precision` is fp8, and how their scales are chosen
+    /// (the `[model.fp8]` table; default: all of them, amax scales, as DeepSeek-V3).
+    pub fp8: Fp8Recipe,
 }
 
 impl Default for ModelConfig {
@@ -83,6 +86,7 @@ impl Default for ModelConfig {
             precision: Precision::Fp8,
             norm_eps: 1e-5,
             init_std: 0.02,
+            fp8: Fp8Recipe::default(),
         }
     }
 }
@@ -117,6 +121,11 @@ impl ModelConfig {
     /// C / NH: the width of one attention head.
     pub fn head_size(&self) -> usize {
         self.d_model / self.n_heads.max(1)
+    }
+
+    /// The precision of each Linear GEMM kind: `precision` with the switches of `fp8` applied.
+    pub fn linear_precision(&self) -> LinearPrecision {
+        self.fp8.linear_precision(self.precision)
     }
 
     /// Whether block `layer` has a MoE feed-forward (the first `n_dense_layers` are dense).

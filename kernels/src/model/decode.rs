@@ -60,7 +60,7 @@ fn precision_weights(layout: &ParamLayout, c: usize) -> Vec<(Span, usize, usize)
 /// weights are rounded once ([`Model::round_decode_weights`]); otherwise the parameters themselves.
 macro_rules! decode_view {
     ($params:expr, $decode_params:expr, $backend:expr, $precision:expr) => {
-        match ($decode_params.as_deref(), $precision) {
+        match ($decode_params.as_deref(), $precision.forward) {
             (Some(rounded), Precision::Fp8) => (
                 rounded,
                 RowInvariant::with_rounded_weights($backend.as_mut()),
@@ -239,7 +239,8 @@ impl Model {
     /// decode step then quantizes only its activations, which is the same arithmetic for a fraction of
     /// the work (one new row against a whole weight). Costs one more copy of the parameters.
     fn round_decode_weights(&mut self) -> Result<(), ModelError> {
-        if self.config.precision != Precision::Fp8 || self.decode_params.is_some() {
+        if self.config.linear_precision().forward != Precision::Fp8 || self.decode_params.is_some()
+        {
             return Ok(());
         }
         let mut rounded = self.params.clone();
@@ -316,7 +317,7 @@ impl Model {
         step: impl FnOnce(&mut BlockContext<'_>, &mut BlockActs) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
         let dims = self.block_dims();
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             decode_params,
@@ -349,7 +350,7 @@ impl Model {
     fn head_step(&mut self, h: &[f32], rows: usize, out: &mut [f32]) -> Result<(), ModelError> {
         let v = self.config.vocab_size;
         let spec = self.head_spec();
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             decode_params,
@@ -378,7 +379,7 @@ impl Model {
         let (c, v) = (self.config.d_model, self.config.vocab_size);
         let dims = self.block_dims();
         let hspec = self.head_spec();
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             decode_params,

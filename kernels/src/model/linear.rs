@@ -6,13 +6,13 @@
 
 use crate::backend::Backend;
 use crate::error::KernelError;
-use crate::gemm::{Dims, Form, Precision};
+use crate::gemm::{Dims, Form, LinearPrecision};
 
-/// out = x·Wᵀ. Overwrites `out`.
+/// out = x·Wᵀ, in `precision.forward` (a plain [`crate::gemm::Precision`] means all kinds alike). Overwrites `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     backend: &mut dyn Backend,
-    precision: Precision,
+    precision: impl Into<LinearPrecision>,
     out: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -23,8 +23,9 @@ pub fn forward(
     if n == 0 {
         return Ok(());
     }
+    let precision = precision.into();
     backend.matmul(
-        precision,
+        precision.forward,
         Form::ABt,
         x,
         w,
@@ -34,11 +35,12 @@ pub fn forward(
     )
 }
 
-/// dW += doutᵀ·x (ACCUMULATES, llm.c style) and dx = dout·W, overwriting `dx` unless `accumulate_dx`.
+/// dW += doutᵀ·x (ACCUMULATES, llm.c style) in `precision.wgrad` and dx = dout·W in `precision.dgrad`,
+/// overwriting `dx` unless `accumulate_dx`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     backend: &mut dyn Backend,
-    precision: Precision,
+    precision: impl Into<LinearPrecision>,
     dx: &mut [f32],
     accumulate_dx: bool,
     dw: &mut [f32],
@@ -52,8 +54,9 @@ pub fn backward(
     if n == 0 {
         return Ok(());
     }
+    let precision = precision.into();
     backend.matmul(
-        precision,
+        precision.wgrad,
         Form::AtB,
         dout,
         x,
@@ -62,7 +65,7 @@ pub fn backward(
         true,
     )?;
     backend.matmul(
-        precision,
+        precision.dgrad,
         Form::AB,
         dout,
         w,

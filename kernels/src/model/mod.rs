@@ -609,7 +609,7 @@ impl Model {
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             layout,
@@ -674,7 +674,7 @@ impl Model {
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let Model {
             params,
             layout,
@@ -737,7 +737,7 @@ impl Model {
         let d = self.block_dims();
         let hspec = self.head_spec();
         let c = self.config.d_model;
-        let precision = self.config.precision;
+        let precision = self.config.linear_precision();
         let lambda = self.config.mtp_lambda;
         let Model {
             params,

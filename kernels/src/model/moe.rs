@@ -15,7 +15,7 @@
 
 use crate::backend::Backend;
 use crate::error::KernelError;
-use crate::gemm::Precision;
+use crate::gemm::LinearPrecision;
 
 use super::experts::{ExpertCall, ExpertRunner};
 use super::linear;
@@ -191,7 +191,7 @@ pub fn route(acts: &mut MoeActs, present: &[bool], bias: &[f32], n: usize, d: Mo
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn swiglu_ffn_forward(
     backend: &mut dyn Backend,
-    precision: Precision,
+    precision: LinearPrecision,
     params: &[f32],
     p: &SwigluParams,
     x: &[f32],
@@ -211,7 +211,7 @@ pub(crate) fn swiglu_ffn_forward(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn swiglu_ffn_backward(
     backend: &mut dyn Backend,
-    precision: Precision,
+    precision: LinearPrecision,
     params: &[f32],
     grads: &mut [f32],
     p: &SwigluParams,
@@ -261,7 +261,7 @@ pub struct MoeContext<'a> {
     /// The GEMM provider.
     pub backend: &'a mut dyn Backend,
     /// Precision of the expert GEMMs (the router always runs in f32).
-    pub precision: Precision,
+    pub precision: LinearPrecision,
     /// The flat parameter buffer.
     pub params: &'a [f32],
     /// Where this layer's parameters live.
@@ -333,7 +333,16 @@ pub fn forward_with(
     };
     // Router in f32, then sigmoid affinities.
     let s = &mut acts.s[..n * e];
-    linear::forward(backend, Precision::F32, s, x, p.router.of(params), n, c, e)?;
+    linear::forward(
+        backend,
+        LinearPrecision::F32,
+        s,
+        x,
+        p.router.of(params),
+        n,
+        c,
+        e,
+    )?;
     for v in s.iter_mut() {
         *v = sigmoid(*v);
     }
@@ -579,7 +588,7 @@ pub fn backward(
     }
     linear::backward(
         backend,
-        Precision::F32,
+        LinearPrecision::F32,
         dx,
         true,
         p.router.of_mut(grads),

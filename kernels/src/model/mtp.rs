@@ -7,7 +7,7 @@
 
 use crate::backend::Backend;
 use crate::error::KernelError;
-use crate::gemm::Precision;
+use crate::gemm::LinearPrecision;
 
 use super::block::{self, BlockActs, BlockContext, BlockDims, BlockScratch};
 use super::head::{self, HeadActs, HeadSpec};
@@ -86,7 +86,7 @@ pub struct MtpContext<'a> {
     /// The GEMM provider.
     pub backend: &'a mut dyn Backend,
     /// Precision of the projection and the block's GEMMs.
-    pub precision: Precision,
+    pub precision: LinearPrecision,
     /// The flat parameter buffer.
     pub params: &'a [f32],
     /// The module's parameters.
@@ -163,7 +163,7 @@ pub fn forward(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn input_forward(
     backend: &mut dyn Backend,
-    precision: Precision,
+    precision: LinearPrecision,
     params: &[f32],
     p: &MtpParams,
     wte: Span,

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use mana_kernels::data::Batch;
-use mana_kernels::gemm::Precision;
+use mana_kernels::gemm::{Fp8Recipe, Precision};
 use mana_kernels::model::ModelConfig;
 
 /// A model small enough for finite differences on a 2-core machine, with every feature on: one dense and
@@ -28,6 +28,7 @@ pub fn tiny_config() -> ModelConfig {
         precision: Precision::F32,
         norm_eps: 1e-5,
         init_std: 0.2,
+        fp8: Fp8Recipe::default(),
     }
 }
 
