@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use crate::backend::{Backend, RowInvariant};
 use crate::error::KernelError;
-use crate::gemm::Precision;
+use crate::gemm::{LinearPrecision, Precision};
 
 use super::config::ModelConfig;
 use super::moe::swiglu_ffn_forward;
@@ -54,7 +54,7 @@ pub struct ExpertKernel {
     p: SwigluParams,
     /// C.
     c: usize,
-    precision: Precision,
+    precision: LinearPrecision,
     backend: Box<dyn Backend>,
     /// [M, 2F] and [M, F] scratch, grown to the largest call.
     h13: Vec<f32>,
@@ -63,7 +63,7 @@ pub struct ExpertKernel {
 
 impl ExpertKernel {
     /// The expert whose shard parameters are `params` (w13 [2F, C], then w2 [C, F]) under `config`. At FP8
-    /// precision the weights are rounded once, as [`super::Model::decode`] rounds them.
+    /// precision (of the forward GEMM, under the model's FP8 recipe) the weights are rounded once, as [`super::Model::decode`] rounds them.
     pub fn new(
         config: &ModelConfig,
         params: &[f32],
@@ -89,8 +89,8 @@ impl ExpertKernel {
             },
             hidden: f,
         };
-        let precision = config.precision;
-        let params = if precision == Precision::Fp8 {
+        let precision = config.linear_precision();
+        let params = if precision.forward == Precision::Fp8 {
             let mut rounded = vec![0.0; params.len()];
             backend.round_weight_fp8(p.w13.of(params), 2 * f, c, p.w13.of_mut(&mut rounded))?;
             backend.round_weight_fp8(p.w2.of(params), c, f, p.w2.of_mut(&mut rounded))?;
@@ -131,7 +131,7 @@ impl ExpertKernel {
             self.h13.resize(rows * 2 * f, 0.0);
             self.act.resize(rows * f, 0.0);
         }
-        let mut view = if self.precision == Precision::Fp8 {
+        let mut view = if self.precision.forward == Precision::Fp8 {
             RowInvariant::with_rounded_weights(self.backend.as_mut())
         } else {
             RowInvariant::new(self.backend.as_mut())
