@@ -4,17 +4,21 @@
 //! with every routed expert computed by its hosts. Under greedy decoding its output equals generation with
 //! the whole committed checkpoint in one process. Hosts refuse calls for a checkpoint they do not hold and
 //! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
-//! runner asks the next replica.
+//! runner asks the next replica. A host that answers wrong is caught by the check against a second
+//! replica, the client computes the expert from its committed shard, and the liar is banned.
 
 mod net_support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use mana_engine::round::{RunShard, ShardRecord, build_trainer};
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
 use mana_kernels::model::{ExpertCall, ExpertRunner};
-use mana_node::infer::{self, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, wire};
+use mana_node::infer::{
+    self, AnswerCheck, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, wire,
+};
 use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, ShardId, Tensor, UpdateRule};
 use net_support::*;
 
@@ -38,6 +42,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
             spec: net.spec.clone(),
             call_timeout: Duration::from_secs(10),
             wait: Duration::from_secs(60),
+            check_share: 1.0,
         },
     );
     net.honest_rounds(1, 3).await;
@@ -69,6 +74,10 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     };
     assert_eq!(remote.tokens.len(), 24);
     assert!(stats.answered > 0, "no expert was called");
+    // Every answer was also asked of a second replica: honest hosts agree bit for bit.
+    assert!(stats.checked > 0, "no answer was checked");
+    assert_eq!(stats.disagreements, 0, "honest replicas disagreed");
+    assert!(session.banned_hosts().is_empty());
 
     // The reference: every shard of the same checkpoint, fetched by hash, in one local model.
     let manifest = session.manifest.clone();
@@ -186,6 +195,105 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     assert_eq!(stats.answered, 1);
     assert!(stats.failed_attempts >= 1, "the busy host was asked first");
     busy.shutdown().await.expect("busy host shutdown");
+
+    // A host that answers wrong (finite values of the right shape, naming the right checkpoint) is caught
+    // when its answer is checked against a second replica: the client computes the expert itself from the
+    // committed shard, keeps that answer and bans the liar, whose next calls go elsewhere.
+    let mut liar_cfg = node_config(&net.dir.path().join("liar"), &net.boot);
+    liar_cfg.coordinator = Some(net.coordinator.public_key());
+    liar_cfg.sync_shards = false;
+    let liar = start_node(liar_cfg).await;
+    let mut incoming = liar
+        .net()
+        .accept_protocol_streams(wire::EXPERT_STREAM)
+        .expect("accepts expert calls");
+    liar.spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let Ok(request) = wire::read_request(&mut stream, Duration::from_secs(5)).await else {
+                continue;
+            };
+            let x = request.input.to_f32().expect("a decodable input");
+            let wrong: Vec<f32> = x.iter().map(|v| v * 0.5 + 0.01).collect();
+            let answer = ExpertResponse::Output {
+                round: 1,
+                checkpoint: request.checkpoint,
+                output: Tensor::from_f32(request.input.shape.clone(), &wrong).expect("tensor"),
+            };
+            let frame = answer.encode().expect("encodable");
+            let _ = wire::write_body(&mut stream, &frame).await;
+        }
+    });
+    for addr in liar.listen_addrs().await.expect("listening") {
+        let _ = client_node.net().dial(addr).await;
+    }
+    let honest: Vec<_> = net.trainers.iter().map(|(n, _)| n.peer_id()).collect();
+    let mut hosts = Hosts::new();
+    hosts.insert(
+        expert,
+        std::iter::once(liar.peer_id()).chain(honest).collect(),
+    );
+    let check = Arc::new(AnswerCheck::new(
+        client_node.clone(),
+        net.spec.clone(),
+        &manifest,
+        1.0,
+    ));
+    let runner = NetworkExperts::new(
+        client_node.net().clone(),
+        tokio::runtime::Handle::current(),
+        net.coordinator.config().net.run_id.clone(),
+        checkpoint,
+        hosts,
+        timeout,
+    )
+    .with_check(check.clone());
+    let x: Vec<f32> = (0..2 * c).map(|i| (i as f32 * 0.37).sin()).collect();
+    let truth = check
+        .reference(expert, x.clone(), 2, Vec::new())
+        .await
+        .expect("the expert computed from its committed shard");
+    let (first, second, stats) = {
+        let mut runner = runner.clone();
+        let x = x.clone();
+        tokio::task::spawn_blocking(move || {
+            let call = |runner: &mut NetworkExperts| {
+                let mut out = vec![0.0f32; 2 * c];
+                let mut calls = [ExpertCall {
+                    expert: index,
+                    rows: 2,
+                    x: &x,
+                    out: &mut out,
+                }];
+                runner.run_layer(layer, &mut calls).expect("an answer");
+                out
+            };
+            let first = call(&mut runner);
+            let after_first = runner.stats();
+            let second = call(&mut runner);
+            (first, second, (after_first, runner.stats()))
+        })
+        .await
+        .expect("runner task")
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first), bits(&truth), "the liar's answer was used");
+    assert_eq!(
+        bits(&second),
+        bits(&truth),
+        "an honest replica answers the same"
+    );
+    assert_eq!(stats.0.checked, 1);
+    assert_eq!(stats.0.disagreements, 1, "the liar was not caught");
+    assert_eq!(
+        runner.banned(),
+        vec![liar.peer_id()],
+        "the liar alone is banned"
+    );
+    assert_eq!(stats.1.checked, 2);
+    assert_eq!(stats.1.disagreements, 1, "honest replicas disagreed");
+    drop(runner);
+    drop(check);
+    liar.shutdown().await.expect("liar shutdown");
 
     drop(session);
     drop(client);

@@ -50,6 +50,10 @@ pub struct InferArgs {
     /// Seconds to wait for a signed commit and a host of every expert.
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
+    /// Share of expert calls also asked of a second replica (0 to 1); replicas that disagree are settled by
+    /// computing the expert here from its committed shard, and a host that answered wrong is banned.
+    #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
+    check_share: f64,
     /// Seconds one expert call may take before the next replica is asked.
     #[arg(long, default_value_t = 10)]
     call_timeout_secs: u64,
@@ -68,6 +72,12 @@ pub struct InferArgs {
 pub fn run(args: InferArgs) -> anyhow::Result<()> {
     if args.prompt.is_empty() {
         bail!("--prompt must not be empty");
+    }
+    if !(0.0..=1.0).contains(&args.check_share) {
+        bail!(
+            "--check-share must be between 0 and 1, got {}",
+            args.check_share
+        );
     }
     if args.max_tokens > MAX_TOKENS_LIMIT {
         bail!("--max-tokens is limited to {MAX_TOKENS_LIMIT}");
@@ -106,6 +116,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         spec: RunSpec::tiny(),
         call_timeout: Duration::from_secs(args.call_timeout_secs.max(1)),
         wait: Duration::from_secs(args.wait_secs),
+        check_share: args.check_share,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -133,17 +144,24 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     "expert_calls": stats.answered,
                     "failed_attempts": stats.failed_attempts,
                     "request_bytes": stats.request_bytes,
+                    "checked": stats.checked,
+                    "disagreements": stats.disagreements,
+                    "banned_hosts": session.banned_hosts().len(),
                     "seconds": seconds,
                 });
                 println!("{out}");
             } else {
                 println!("{text}");
                 eprintln!(
-                    "round {}: {} tokens in {seconds:.2} s, {} expert calls ({} retried on another replica)",
+                    "round {}: {} tokens in {seconds:.2} s, {} expert calls ({} retried on another replica, {} \
+                     checked against a second one, {} disagreements, {} hosts banned)",
                     session.round,
                     generation.tokens.len(),
                     stats.answered,
                     stats.failed_attempts,
+                    stats.checked,
+                    stats.disagreements,
+                    session.banned_hosts().len(),
                 );
             }
             anyhow::Ok(())

@@ -112,6 +112,10 @@ pub struct ServeArgs {
     /// Serve from the network: seconds to wait for a signed commit and a host of every expert.
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
+    /// Share of expert calls also asked of a second replica (0 to 1); replicas that disagree are settled by
+    /// computing the expert here from its committed shard, and a host that answered wrong is banned.
+    #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
+    check_share: f64,
     /// The model's id in the API (`model` in requests and in `/v1/models`); default: the checkpoint
     /// directory's name.
     #[arg(long)]
@@ -181,6 +185,12 @@ fn run_network(args: ServeArgs) -> anyhow::Result<()> {
     if args.bootstrap.is_empty() {
         bail!("serving from the network needs --bootstrap ADDR");
     }
+    if !(0.0..=1.0).contains(&args.check_share) {
+        bail!(
+            "--check-share must be between 0 and 1, got {}",
+            args.check_share
+        );
+    }
     let model_id = match &args.model_name {
         Some(name) if name.trim().is_empty() => bail!("--model-name must not be empty"),
         Some(name) => name.clone(),
@@ -198,6 +208,7 @@ fn run_network(args: ServeArgs) -> anyhow::Result<()> {
         spec: RunSpec::tiny(),
         call_timeout: Duration::from_secs(10),
         wait: Duration::from_secs(args.wait_secs),
+        check_share: args.check_share,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = runtime.block_on(async {

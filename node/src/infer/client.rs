@@ -26,6 +26,7 @@ use mana_kernels::model::{ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::check::AnswerCheck;
 use super::remote::{CallStats, Hosts, NetworkExperts};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 
@@ -38,6 +39,9 @@ pub struct InferConfig {
     pub call_timeout: Duration,
     /// How long [`InferClient::load`] waits for a signed commit and for a host of every expert.
     pub wait: Duration,
+    /// The share of expert calls also asked of a second replica, to catch hosts that answer wrong
+    /// ([`super::check`]; 0 checks none, 1 every call).
+    pub check_share: f64,
 }
 
 /// Why the client could not generate.
@@ -240,7 +244,13 @@ impl InferClient {
             checkpoint,
             hosts,
             self.cfg.call_timeout,
-        );
+        )
+        .with_check(Arc::new(AnswerCheck::new(
+            self.node.clone(),
+            self.cfg.spec.clone(),
+            &manifest,
+            self.cfg.check_share,
+        )));
         tracing::info!(round = manifest.round, %checkpoint, "inference session loaded");
         Ok(Session {
             round: manifest.round,
@@ -327,5 +337,10 @@ impl Session {
     /// Expert calls made so far.
     pub fn call_stats(&self) -> CallStats {
         self.experts.stats()
+    }
+
+    /// The hosts caught answering wrong (asked nothing more in this session).
+    pub fn banned_hosts(&self) -> Vec<PeerId> {
+        self.experts.banned()
     }
 }

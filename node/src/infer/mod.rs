@@ -4,13 +4,17 @@
 //! - [`wire`]: the expert call on a raw stream (`/mana/expert/1.0.0`), one frame each way.
 //! - [`host`]: a node answers expert calls from the committed checkpoints its store holds.
 //! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure.
+//! - [`check`]: a drawn share of answers compared with a second replica; a disagreement settled by computing
+//!   the expert from its committed shard, and the hosts that answered wrong banned.
 //! - [`client`]: learns the latest signed commit and the experts' hosts, fetches the trunk, generates.
 
+pub mod check;
 pub mod client;
 pub mod host;
 pub mod remote;
 pub mod wire;
 
+pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE, ReferenceError};
 pub use client::{InferClient, InferConfig, InferError, Session};
 pub use host::{HostLimits, serve_experts};
 pub use remote::{CallStats, Hosts, NetworkExperts};

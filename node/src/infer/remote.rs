@@ -4,8 +4,10 @@
 //! again (with a doubling pause) while the call's time lasts.
 //!
 //! An answer is used only when it names the checkpoint asked for and has the input's shape and finite
-//! values; it is then bit-identical to the expert run locally (the host runs the model's own arithmetic,
-//! see [`mana_kernels::model::experts`]). Checking answers against a second replica is not done yet.
+//! values; an honest one is then bit-identical to the expert run locally (the host runs the model's own
+//! arithmetic, see [`mana_kernels::model::experts`]). A drawn share of answers is compared with a second
+//! replica's, and a disagreement is settled by computing the expert here ([`super::check`]): the hosts
+//! that answered wrong are banned and asked nothing more.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use mana_kernels::KernelError;
 use mana_kernels::model::{ExpertCall, ExpertRunner};
 use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, RunId, ShardId, Tensor};
 
+use super::check::{AnswerCheck, same_bits};
 use super::wire;
 use crate::net::Client;
 
@@ -32,6 +35,8 @@ pub struct NetworkExperts {
     checkpoint: ContentHash,
     hosts: Hosts,
     timeout: Duration,
+    /// Checks a share of answers against a second replica; `None`: answers are taken as they come.
+    check: Option<Arc<AnswerCheck>>,
     /// Calls answered, and calls that failed on some host (then retried on another).
     stats: Arc<Mutex<CallStats>>,
 }
@@ -45,6 +50,10 @@ pub struct CallStats {
     pub failed_attempts: u64,
     /// Bytes of requests sent.
     pub request_bytes: u64,
+    /// Answers compared with a second replica's.
+    pub checked: u64,
+    /// Checked answers on which the two replicas disagreed (each settled by computing the expert here).
+    pub disagreements: u64,
 }
 
 impl NetworkExperts {
@@ -65,8 +74,21 @@ impl NetworkExperts {
             checkpoint,
             hosts,
             timeout,
+            check: None,
             stats: Arc::default(),
         }
+    }
+
+    /// The same runner, checking answers with `check` (a drawn share against a second replica; wrong hosts
+    /// banned).
+    pub fn with_check(mut self, check: Arc<AnswerCheck>) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    /// The hosts banned for answering wrong.
+    pub fn banned(&self) -> Vec<PeerId> {
+        self.check.as_ref().map_or_else(Vec::new, |c| c.banned())
     }
 
     /// The counts so far.
@@ -113,14 +135,18 @@ fn check_answer(
     }
 }
 
-/// Asks the hosts of one expert in turn until one answers, passing over them again while `timeout` lasts;
-/// returns the output and the failed attempts, or every host's failure in the last pass.
+/// One expert's answer: the output and the host that gave it, or every host's failure in the last pass.
+type Answer = Result<(Vec<f32>, PeerId), String>;
+
+/// Asks the hosts of one expert in turn until one answers, passing over them again while `timeout` lasts
+/// when `again`; returns the answer and the failed attempts.
 async fn ask(
     net: &Client,
     hosts: &[PeerId],
     request: &ExpertRequest,
     timeout: Duration,
-) -> (Result<Vec<f32>, String>, u64) {
+    again: bool,
+) -> (Answer, u64) {
     let mut failed = 0;
     let mut reasons = Vec::new();
     // Hosts store a checkpoint's shards a moment after its commit is heard: a pass over every replica that
@@ -135,7 +161,7 @@ async fn ask(
                 Err(e) => Err(e.to_string()),
             };
             match answer {
-                Ok(values) => return (Ok(values), failed),
+                Ok(values) => return (Ok((values, peer)), failed),
                 Err(reason) => {
                     tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
                     failed += 1;
@@ -143,7 +169,7 @@ async fn ask(
                 }
             }
         }
-        if hosts.is_empty() || tokio::time::Instant::now() + pause >= deadline {
+        if !again || hosts.is_empty() || tokio::time::Instant::now() + pause >= deadline {
             break;
         }
         tokio::time::sleep(pause).await;
@@ -153,6 +179,75 @@ async fn ask(
         reasons.push("no known host".into());
     }
     (Err(reasons.join("; ")), failed)
+}
+
+/// What checking one answer found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    /// Not checked (not drawn, or no second replica answered).
+    No,
+    /// A second replica gave the same answer.
+    Agreed,
+    /// The replicas disagreed; the answer was computed here and the wrong hosts banned.
+    Disagreed,
+}
+
+/// Asks one expert's hosts (skipping banned ones) and, when the call is drawn for a check, a second replica
+/// too; on a disagreement computes the answer here and bans the hosts that gave another.
+async fn ask_checked(
+    net: &Client,
+    hosts: &[PeerId],
+    request: &ExpertRequest,
+    timeout: Duration,
+    check: Option<&AnswerCheck>,
+) -> (Result<Vec<f32>, String>, u64, Checked) {
+    let live: Vec<PeerId> = hosts
+        .iter()
+        .copied()
+        .filter(|p| check.is_none_or(|c| !c.is_banned(p)))
+        .collect();
+    let (answer, failed) = ask(net, &live, request, timeout, true).await;
+    let (values, first) = match answer {
+        Ok(found) => found,
+        Err(reason) => return (Err(reason), failed, Checked::No),
+    };
+    let Some(check) = check.filter(|c| c.draw()) else {
+        return (Ok(values), failed, Checked::No);
+    };
+    let others: Vec<PeerId> = live.iter().copied().filter(|p| *p != first).collect();
+    let (second, _) = ask(net, &others, request, timeout, false).await;
+    let Ok((other_values, second)) = second else {
+        return (Ok(values), failed, Checked::No);
+    };
+    if same_bits(&values, &other_values) {
+        return (Ok(values), failed, Checked::Agreed);
+    }
+    tracing::info!(shard = %request.shard, %first, %second, "expert replicas disagree; computing it here");
+    let rows = request.input.shape.first().copied().unwrap_or(0) as usize;
+    let judged = match request.input.to_f32() {
+        Ok(x) => check
+            .reference(request.shard, x, rows, live.clone())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match judged {
+        Ok(truth) => {
+            for (peer, given) in [(first, &values), (second, &other_values)] {
+                if !same_bits(given, &truth) {
+                    check.ban(peer);
+                }
+            }
+            (Ok(truth), failed, Checked::Disagreed)
+        }
+        Err(e) => (
+            Err(format!(
+                "hosts {first} and {second} disagree and the expert could not be computed here: {e}"
+            )),
+            failed,
+            Checked::Disagreed,
+        ),
+    }
 }
 
 impl ExpertRunner for NetworkExperts {
@@ -180,14 +275,20 @@ impl ExpertRunner for NetworkExperts {
         }
         let none = Vec::new();
         let (net, hosts, timeout) = (&self.net, &self.hosts, self.timeout);
+        let check = self.check.as_deref();
         let answers = self
             .runtime
             .block_on(join_all(requests.iter().map(|request| {
                 let peers = hosts.get(&request.shard).unwrap_or(&none);
-                ask(net, peers, request, timeout)
+                ask_checked(net, peers, request, timeout, check)
             })));
-        for (call, (answer, failed)) in calls.iter_mut().zip(answers) {
-            self.lock_stats().failed_attempts += failed;
+        for (call, (answer, failed, checked)) in calls.iter_mut().zip(answers) {
+            {
+                let mut stats = self.lock_stats();
+                stats.failed_attempts += failed;
+                stats.checked += u64::from(checked != Checked::No);
+                stats.disagreements += u64::from(checked == Checked::Disagreed);
+            }
             let values = answer.map_err(|reason| unavailable(call.expert, reason))?;
             call.out.copy_from_slice(&values);
             self.lock_stats().answered += 1;

@@ -1,0 +1,158 @@
+//! Checking the hosts' expert answers, so that a host that answers wrong is caught and banned.
+//!
+//! A host computes an expert with the model's row-invariant arithmetic ([`ExpertKernel`]), so every honest
+//! host of a checkpoint's expert gives the same answer bit for bit, whatever else it computes. For a drawn
+//! share of calls ([`AnswerCheck::draw`], from the OS's randomness so a host cannot foresee which) the
+//! client asks a second replica as well and compares the two answers bit for bit. When they differ, one host
+//! lied, and the client settles it the way any holder of the shard could: it fetches the expert's shard by
+//! the hash the signed commit names, computes the answer itself ([`AnswerCheck::reference`]), uses that
+//! answer, and bans every host whose answer differs from it. A banned host is asked nothing more in the
+//! session. The verdict is reproducible: the commit, the shard and the request determine the right answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use libp2p::PeerId;
+use mana_engine::round::{RunShard, RunSpec, ShardRecord};
+use mana_kernels::CpuBackend;
+use mana_kernels::model::ExpertKernel;
+use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
+
+use mana_kernels::KernelError;
+use mana_kernels::model::ModelError;
+
+use crate::daemon::{NodeError, NodeHandle};
+use crate::roles::common::os_seed;
+
+/// The default share of expert calls a client checks against a second replica: one in ten.
+pub const DEFAULT_CHECK_SHARE: f64 = 0.1;
+
+/// Why the client could not compute an expert's answer itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    /// The signed commit names no such shard.
+    #[error("the checkpoint has no shard {0}")]
+    NotInCheckpoint(ShardId),
+    /// Fetching or reading the shard failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The shard does not decode for the run's model.
+    #[error("shard {shard}: {source}")]
+    Shard {
+        /// The shard.
+        shard: ShardId,
+        /// Why it does not decode.
+        source: mana_engine::round::RoundError,
+    },
+    /// The expert could not be built from the shard.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The expert's arithmetic failed (a shape the request should not have had).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The blocking computation was lost.
+    #[error("the reference computation did not finish: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What the client needs to check answers and to judge a disagreement: the node (to fetch shards), the
+/// run's model, the checkpoint's shard hashes (from the signed commit), and the hosts banned so far.
+pub struct AnswerCheck {
+    node: Arc<NodeHandle>,
+    spec: RunSpec,
+    shards: BTreeMap<ShardId, ContentHash>,
+    share: f64,
+    banned: Mutex<BTreeSet<PeerId>>,
+}
+
+impl AnswerCheck {
+    /// Checks a `share` (0 to 1) of the calls for the experts of `manifest`, judging disagreements from its
+    /// shards fetched through `node`.
+    pub fn new(
+        node: Arc<NodeHandle>,
+        spec: RunSpec,
+        manifest: &CheckpointManifest,
+        share: f64,
+    ) -> Self {
+        Self {
+            node,
+            spec,
+            shards: manifest.shards.iter().map(|e| (e.shard, e.hash)).collect(),
+            share,
+            banned: Mutex::default(),
+        }
+    }
+
+    /// Whether this call is checked: true in the configured share of calls (true when the OS's randomness
+    /// cannot be read: checking is the safe side).
+    pub fn draw(&self) -> bool {
+        if self.share >= 1.0 {
+            return true;
+        }
+        if self.share <= 0.0 || self.share.is_nan() {
+            return false;
+        }
+        // 53 random bits as a uniform draw in [0, 1).
+        os_seed().map_or(true, |r| {
+            ((r >> 11) as f64) / ((1u64 << 53) as f64) < self.share
+        })
+    }
+
+    /// Whether `peer` was caught answering wrong.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.lock().contains(peer)
+    }
+
+    /// Bans `peer` for the rest of the session.
+    pub fn ban(&self, peer: PeerId) {
+        if self.lock().insert(peer) {
+            tracing::warn!(%peer, "expert host answered wrong; banned");
+        }
+    }
+
+    /// The hosts banned so far.
+    pub fn banned(&self) -> Vec<PeerId> {
+        self.lock().iter().copied().collect()
+    }
+
+    /// The right answer to `rows` rows `x` [rows, C] for expert `shard`, computed here from the shard blob
+    /// the checkpoint names (fetched from `holders` first, else through the DHT; the fetch checks the bytes
+    /// against the hash).
+    pub async fn reference(
+        &self,
+        shard: ShardId,
+        x: Vec<f32>,
+        rows: usize,
+        holders: Vec<PeerId>,
+    ) -> Result<Vec<f32>, ReferenceError> {
+        let hash = *self
+            .shards
+            .get(&shard)
+            .ok_or(ReferenceError::NotInCheckpoint(shard))?;
+        self.node.fetch_blob_from(hash, holders).await?;
+        let bytes = self.node.read_blob(hash).await?;
+        let spec = self.spec.clone();
+        tokio::task::spawn_blocking(move || {
+            let record = ShardRecord::from_bytes(&bytes, &spec, shard)
+                .map_err(|source| ReferenceError::Shard { shard, source })?;
+            let mut kernel =
+                ExpertKernel::new(&spec.model, &record.params, Box::new(CpuBackend::new()))?;
+            let mut out = vec![0.0f32; x.len()];
+            kernel.forward(&x, rows, &mut out)?;
+            Ok(out)
+        })
+        .await?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<PeerId>> {
+        // A plain set; a panic elsewhere leaves it usable.
+        self.banned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Whether two answers are the same bit for bit (what honest hosts give).
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
