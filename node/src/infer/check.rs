@@ -35,14 +35,14 @@ pub enum ReferenceError {
     NotInCheckpoint(ShardId),
     /// Fetching or reading the shard failed.
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<NodeError>),
     /// The shard does not decode for the run's model.
     #[error("shard {shard}: {source}")]
     Shard {
         /// The shard.
         shard: ShardId,
         /// Why it does not decode.
-        source: mana_engine::round::RoundError,
+        source: Box<mana_engine::round::RoundError>,
     },
     /// The expert could not be built from the shard.
     #[error(transparent)]
@@ -53,6 +53,12 @@ pub enum ReferenceError {
     /// The blocking computation was lost.
     #[error("the reference computation did not finish: {0}")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl From<NodeError> for ReferenceError {
+    fn from(e: NodeError) -> Self {
+        Self::Node(Box::new(e))
+    }
 }
 
 /// What the client needs to check answers and to judge a disagreement: the node (to fetch shards), the
@@ -133,8 +139,12 @@ impl AnswerCheck {
         let bytes = self.node.read_blob(hash).await?;
         let spec = self.spec.clone();
         tokio::task::spawn_blocking(move || {
-            let record = ShardRecord::from_bytes(&bytes, &spec, shard)
-                .map_err(|source| ReferenceError::Shard { shard, source })?;
+            let record = ShardRecord::from_bytes(&bytes, &spec, shard).map_err(|e| {
+                ReferenceError::Shard {
+                    shard,
+                    source: Box::new(e),
+                }
+            })?;
             let mut kernel =
                 ExpertKernel::new(&spec.model, &record.params, Box::new(CpuBackend::new()))?;
             let mut out = vec![0.0f32; x.len()];
