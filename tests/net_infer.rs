@@ -163,14 +163,18 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     let replicas =
         std::iter::once(busy.peer_id()).chain(net.trainers.iter().map(|(n, _)| n.peer_id()));
     hosts.insert(expert, replicas.collect());
-    let runner = NetworkExperts::new(
-        client_node.net().clone(),
-        tokio::runtime::Handle::current(),
-        net.coordinator.config().net.run_id.clone(),
-        checkpoint,
-        hosts,
-        timeout,
-    );
+    // A runner of the checkpoint's experts on the given hosts, as the client's session builds it.
+    let runner_on = |hosts: Hosts| {
+        NetworkExperts::new(
+            client_node.net().clone(),
+            tokio::runtime::Handle::current(),
+            net.coordinator.config().net.run_id.clone(),
+            checkpoint,
+            hosts,
+            timeout,
+        )
+    };
+    let runner = runner_on(hosts);
     let (layer, index) = expert.expert_position().expect("an expert");
     let stats = {
         let mut runner = runner.clone();
@@ -238,15 +242,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
         &manifest,
         1.0,
     ));
-    let runner = NetworkExperts::new(
-        client_node.net().clone(),
-        tokio::runtime::Handle::current(),
-        net.coordinator.config().net.run_id.clone(),
-        checkpoint,
-        hosts,
-        timeout,
-    )
-    .with_check(check.clone());
+    let runner = runner_on(hosts).with_check(check.clone());
     let x: Vec<f32> = (0..2 * c).map(|i| (i as f32 * 0.37).sin()).collect();
     let truth = check
         .reference(expert, x.clone(), 2, Vec::new())

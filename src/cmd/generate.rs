@@ -21,30 +21,65 @@ use mana_kernels::train::Trainer;
 /// The most tokens one command (or one `mana serve` request) may generate.
 pub(crate) const MAX_TOKENS_LIMIT: usize = 1 << 20;
 
+/// The prompt and sampling flags `mana generate` and `mana infer` share.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Text to continue (byte tokens; must not be empty).
+    #[arg(long)]
+    pub prompt: String,
+    /// Bytes to generate after the prompt.
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampling draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Draft the token after next with the MTP head and verify it with the main head in the next pass.
+    #[arg(long)]
+    pub speculative: bool,
+}
+
+impl SamplingArgs {
+    /// The prompt as byte tokens and the generation settings, or why the flags are refused.
+    pub fn resolve(&self) -> anyhow::Result<(Vec<u32>, GenerateConfig)> {
+        if self.prompt.is_empty() {
+            bail!("--prompt must not be empty");
+        }
+        if self.max_tokens > MAX_TOKENS_LIMIT {
+            bail!("--max-tokens is limited to {MAX_TOKENS_LIMIT}");
+        }
+        let sampling = if self.temperature == 0.0 {
+            Sampling::Greedy
+        } else {
+            Sampling::Sample {
+                temperature: self.temperature,
+                top_p: self.top_p,
+            }
+        };
+        let prompt = self.prompt.bytes().map(u32::from).collect();
+        let config = GenerateConfig {
+            max_tokens: self.max_tokens,
+            sampling,
+            seed: self.seed,
+            speculative: self.speculative,
+        };
+        Ok((prompt, config))
+    }
+}
+
 /// Arguments of `mana generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// Checkpoint directory written by `mana train --save`.
     #[arg(long, env = "MANA_CHECKPOINT")]
     checkpoint: PathBuf,
-    /// Text to continue (byte tokens; must not be empty).
-    #[arg(long)]
-    prompt: String,
-    /// Bytes to generate after the prompt.
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 (the default) decodes greedily.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass (with --temperature).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampling draws.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Draft the token after next with the MTP head and verify it with the main head in the next pass.
-    #[arg(long)]
-    speculative: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Generate both without and with speculation, check that the outputs are identical, and report the
     /// speed-up.
     #[arg(long, conflicts_with = "speculative")]
@@ -101,20 +136,7 @@ fn timed(
 
 /// Generates and prints the text (and, with speculation, its counters).
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.prompt.is_empty() {
-        bail!("--prompt must not be empty");
-    }
-    if args.max_tokens > MAX_TOKENS_LIMIT {
-        bail!("--max-tokens is limited to {MAX_TOKENS_LIMIT}");
-    }
-    let sampling = if args.temperature == 0.0 {
-        Sampling::Greedy
-    } else {
-        Sampling::Sample {
-            temperature: args.temperature,
-            top_p: args.top_p,
-        }
-    };
+    let (prompt, config) = args.sampling.resolve()?;
     let backend = match args.threads {
         Some(n) if n > 0 => CpuBackend::with_threads(n),
         _ => CpuBackend::new(),
@@ -125,13 +147,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(p) = args.precision {
         model.set_precision(p);
     }
-    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-    let config = GenerateConfig {
-        max_tokens: args.max_tokens,
-        sampling,
-        seed: args.seed,
-        speculative: args.speculative,
-    };
     warm_up(model)?;
     let mut cached;
     let mut uncached;
@@ -196,7 +211,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         } else {
             "KV cache"
         };
-        let draft = if args.speculative {
+        let draft = if args.sampling.speculative {
             format!(
                 " ({:.2} tokens/pass, draft acceptance {:.1}%)",
                 g.tokens_per_pass(),

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use mana_engine::round::RunSpec;
-use mana_kernels::generate::{GenerateConfig, Sampling, bytes_to_text};
+use mana_kernels::generate::bytes_to_text;
 use mana_node::daemon::config::{parse_addrs, parse_public_key, parse_run};
 use mana_node::daemon::{self, NodeConfig};
 use mana_node::infer::{InferClient, InferConfig};
 
-use super::generate::MAX_TOKENS_LIMIT;
+use super::generate::SamplingArgs;
 
 /// Arguments of `mana infer`.
 #[derive(Debug, Args)]
@@ -29,24 +29,8 @@ pub struct InferArgs {
     /// The run coordinator's public key (64 hex digits): only its signed commits are trusted.
     #[arg(long, env = "MANA_COORDINATOR")]
     coordinator: String,
-    /// Text to continue (byte tokens; must not be empty).
-    #[arg(long)]
-    prompt: String,
-    /// Bytes to generate after the prompt.
-    #[arg(long, default_value_t = 200)]
-    max_tokens: usize,
-    /// Sampling temperature; 0 (the default) decodes greedily.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass (with --temperature).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampling draws.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Draft the token after next with the MTP head and verify it with the main head in the next pass.
-    #[arg(long)]
-    speculative: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seconds to wait for a signed commit and a host of every expert.
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
@@ -70,26 +54,13 @@ pub struct InferArgs {
 
 /// Joins, loads, generates and prints.
 pub fn run(args: InferArgs) -> anyhow::Result<()> {
-    if args.prompt.is_empty() {
-        bail!("--prompt must not be empty");
-    }
+    let (prompt, generate) = args.sampling.resolve()?;
     if !(0.0..=1.0).contains(&args.check_share) {
         bail!(
             "--check-share must be between 0 and 1, got {}",
             args.check_share
         );
     }
-    if args.max_tokens > MAX_TOKENS_LIMIT {
-        bail!("--max-tokens is limited to {MAX_TOKENS_LIMIT}");
-    }
-    let sampling = if args.temperature == 0.0 {
-        Sampling::Greedy
-    } else {
-        Sampling::Sample {
-            temperature: args.temperature,
-            top_p: args.top_p,
-        }
-    };
     let temp;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -105,13 +76,6 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         &args.run,
         &args.coordinator,
     )?;
-    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-    let generate = GenerateConfig {
-        max_tokens: args.max_tokens,
-        sampling,
-        seed: args.seed,
-        speculative: args.speculative,
-    };
     let infer = InferConfig {
         spec: RunSpec::tiny(),
         call_timeout: Duration::from_secs(args.call_timeout_secs.max(1)),

@@ -448,6 +448,27 @@ impl NodeHandle {
         self.shared.accepted_tx.subscribe()
     }
 
+    /// Calls `hear` with every message that passes validation from now on, on a task of the node's (until
+    /// it stops). A listener that falls behind skips what it missed and says so in the log as `who`.
+    pub fn follow_accepted(
+        &self,
+        who: &'static str,
+        mut hear: impl FnMut(&Accepted) + Send + 'static,
+    ) {
+        let mut accepted = self.accepted();
+        self.spawn(async move {
+            loop {
+                match accepted.recv().await {
+                    Ok(a) => hear(&a),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "{who} lagged behind gossip");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+
     /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
     pub async fn publish(&self, message: &Message) -> Result<(), NodeError> {
         // Gossip does not echo our own messages: what we announce is the current round for us too (the

@@ -24,7 +24,6 @@ use mana_kernels::CpuBackend;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, GenerateError, Generation};
 use mana_kernels::model::{ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
-use tokio::sync::broadcast::error::RecvError;
 
 use super::check::AnswerCheck;
 use super::remote::{CallStats, Hosts, NetworkExperts};
@@ -159,22 +158,10 @@ impl InferClient {
     /// so signed and validated).
     pub fn new(node: Arc<NodeHandle>, cfg: InferConfig) -> Self {
         let directory = Arc::new(Mutex::new(Directory::default()));
-        let mut accepted = node.accepted();
         let heard = directory.clone();
-        node.spawn(async move {
-            loop {
-                match accepted.recv().await {
-                    Ok(a) => {
-                        let Ok(signer) = a.signer.peer_id() else {
-                            continue;
-                        };
-                        lock(&heard).hear(signer, &a.message);
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::debug!(missed = n, "inference client lagged behind gossip");
-                    }
-                    Err(RecvError::Closed) => break,
-                }
+        node.follow_accepted("inference client", move |a| {
+            if let Ok(signer) = a.signer.peer_id() {
+                lock(&heard).hear(signer, &a.message);
             }
         });
         Self {

@@ -27,7 +27,6 @@ use mana_protocol::{
     CheckpointManifest, ContentHash, ExpertRequest, ExpertResponse, Message, ShardId, Tensor, Text,
 };
 use tokio::sync::Semaphore;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::wire::{self, EXPERT_STREAM};
 use crate::daemon::{NodeError, NodeHandle};
@@ -108,21 +107,10 @@ pub fn serve_experts(
         busy: Arc::new(Semaphore::new(limits.max_busy_answers)),
     });
     // Commits the node accepted, i.e. signed by the run's coordinator.
-    let mut accepted = node.accepted();
     let heard = host.clone();
-    node.spawn(async move {
-        loop {
-            match accepted.recv().await {
-                Ok(a) => {
-                    if let Message::RoundCommit(commit) = &a.message {
-                        heard.hear_commit(&commit.checkpoint);
-                    }
-                }
-                Err(RecvError::Lagged(n)) => {
-                    tracing::debug!(missed = n, "expert host lagged behind gossip");
-                }
-                Err(RecvError::Closed) => break,
-            }
+    node.follow_accepted("expert host", move |a| {
+        if let Message::RoundCommit(commit) = &a.message {
+            heard.hear_commit(&commit.checkpoint);
         }
     });
     node.spawn(async move {
