@@ -8,7 +8,7 @@
 
 mod cli_support;
 
-use cli_support::{mana, ok};
+use cli_support::{TINY_CONFIG, mana, ok};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,29 +17,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-
-/// A model small enough to train in about a second, trained long enough that greedy text varies.
-const TINY: &str = r#"
-[model]
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_dense_layers = 1
-dense_hidden = 64
-n_routed_experts = 4
-top_k = 2
-expert_hidden = 32
-shared_hidden = 32
-context = 32
-precision = "fp8"
-
-[train]
-batch_size = 2
-seq_len = 16
-eval_every = 0
-eval_batches = 1
-builtin_bytes = 100000
-"#;
 
 /// The server's limit on `max_tokens` (`mana generate`'s).
 const MAX_TOKENS_LIMIT: u64 = 1 << 20;
@@ -53,7 +30,7 @@ const LOG_FAILSAFE: Duration = Duration::from_secs(300);
 /// Trains the tiny model for 200 steps into `dir/name`.
 fn checkpoint(dir: &Path, name: &str) -> PathBuf {
     let config = dir.join("tiny.toml");
-    std::fs::write(&config, TINY).expect("write config");
+    std::fs::write(&config, TINY_CONFIG).expect("write config");
     let ckpt = dir.join(name);
     ok(mana()
         .args(["train", "--steps", "200", "--seed", "3", "--config"])

@@ -5,7 +5,7 @@
 
 mod cli_support;
 
-use cli_support::{mana, ok};
+use cli_support::{TINY_CONFIG, mana, ok};
 
 use std::path::Path;
 
@@ -41,29 +41,10 @@ eval_batches = 4
 builtin_bytes = 1000000
 "#;
 
-/// The same shape, shrunk further for tests that only check plumbing.
-const TINY: &str = r#"
-[model]
-d_model = 32
-n_layers = 2
-n_heads = 2
-n_dense_layers = 1
-dense_hidden = 64
-n_routed_experts = 4
-top_k = 2
-expert_hidden = 32
-shared_hidden = 32
-context = 32
-precision = "fp8"
-
-[train]
-steps = 3
-batch_size = 2
-seq_len = 16
-eval_every = 0
-eval_batches = 1
-builtin_bytes = 100000
-"#;
+/// The tests' tiny model, trained for 3 steps only: these tests check plumbing.
+fn tiny() -> String {
+    format!("{TINY_CONFIG}steps = 3\n")
+}
 
 fn log_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("the JSON log exists");
@@ -204,7 +185,7 @@ fn training_on_the_builtin_corpus_learns_and_its_checkpoint_generates() {
 fn flags_override_env_which_overrides_the_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("tiny.toml");
-    std::fs::write(&config, TINY).expect("write config");
+    std::fs::write(&config, tiny()).expect("write config");
     let log = dir.path().join("log.jsonl");
     let train = |env: &[(&str, &str)], flags: &[&str]| {
         let mut cmd = mana();
@@ -257,7 +238,7 @@ fn trains_on_a_user_corpus_directory_with_gz_files() {
     use std::io::Write;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("tiny.toml");
-    std::fs::write(&config, TINY).expect("write config");
+    std::fs::write(&config, tiny()).expect("write config");
     let corpus = dir.path().join("corpus");
     std::fs::create_dir_all(corpus.join("sub")).expect("mkdir");
     std::fs::write(
@@ -284,7 +265,7 @@ fn trains_on_a_user_corpus_directory_with_gz_files() {
 fn bad_input_is_refused_with_a_message() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("tiny.toml");
-    std::fs::write(&config, TINY).expect("write config");
+    std::fs::write(&config, tiny()).expect("write config");
     let fails = |args: &[&str], want: &str| {
         let out = mana()
             .arg("train")

@@ -27,3 +27,27 @@ pub fn ok(out: Output) -> Output {
     );
     out
 }
+
+/// A model small enough to train in about a second (its `[train]` table last, so a test may append keys to
+/// it), trained long enough that greedy text varies.
+pub const TINY_CONFIG: &str = r#"
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+n_dense_layers = 1
+dense_hidden = 64
+n_routed_experts = 4
+top_k = 2
+expert_hidden = 32
+shared_hidden = 32
+context = 32
+precision = "fp8"
+
+[train]
+batch_size = 2
+seq_len = 16
+eval_every = 0
+eval_batches = 1
+builtin_bytes = 100000
+"#;
