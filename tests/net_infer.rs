@@ -5,7 +5,8 @@
 //! the whole committed checkpoint in one process. Hosts refuse calls for a checkpoint they do not hold and
 //! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
 //! runner asks the next replica. A host that answers wrong is caught by the check against a second
-//! replica, the client computes the expert from its committed shard, and the liar is banned.
+//! replica, the client computes the expert from its committed shard, and the liar is banned. A replica
+//! killed mid-generation leaves the output unchanged: the client goes on with the other one.
 
 mod net_support;
 
@@ -24,7 +25,7 @@ use net_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_generates() {
-    let net = RoundNet::start(3).await;
+    let mut net = RoundNet::start(3).await;
     let limits = HostLimits {
         max_rows: 64,
         ..HostLimits::default()
@@ -290,6 +291,49 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     drop(runner);
     drop(check);
     liar.shutdown().await.expect("liar shutdown");
+
+    // A replica killed mid-generation: the client goes on with the other replica of each of its experts
+    // (every expert lives on 2 of the 3 trainers), and the greedy output is still the whole checkpoint's.
+    let (victim, task) = net.trainers.remove(2);
+    let victim_id = victim.peer_id();
+    let handle = tokio::runtime::Handle::current();
+    let before = session.call_stats();
+    let (killed, session) = tokio::task::spawn_blocking(move || {
+        let mut session = session;
+        let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
+        let mut seen = 0;
+        let mut on_token = |_| {
+            seen += 1;
+            if seen == 8 {
+                handle.block_on(victim.stop()).expect("the replica stops");
+            }
+            std::ops::ControlFlow::Continue(())
+        };
+        let g = session
+            .generate_each(&prompt, &config, &mut on_token)
+            .expect("generation goes on without the killed replica");
+        (g, session)
+    })
+    .await
+    .expect("generation task");
+    assert_eq!(
+        killed.tokens, local.tokens,
+        "the output changed when a replica died"
+    );
+    let failures_of =
+        |stats: &infer::CallStats| stats.failures.get(&victim_id).copied().unwrap_or(0);
+    assert_eq!(
+        failures_of(&before),
+        0,
+        "the replica failed before it was killed"
+    );
+    assert!(
+        failures_of(&session.call_stats()) > 0,
+        "the killed replica was never asked after it died"
+    );
+    // Its role runs until the network's stop signal; the node under it is gone.
+    task.abort();
+    let _ = task.await;
 
     drop(session);
     drop(client);

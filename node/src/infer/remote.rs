@@ -42,7 +42,7 @@ pub struct NetworkExperts {
 }
 
 /// Counts of expert calls, for a client to report.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallStats {
     /// Expert calls answered.
     pub answered: u64,
@@ -54,6 +54,8 @@ pub struct CallStats {
     pub checked: u64,
     /// Checked answers on which the two replicas disagreed (each settled by computing the expert here).
     pub disagreements: u64,
+    /// Failed attempts per host (what a client would rank hosts by).
+    pub failures: BTreeMap<PeerId, u64>,
 }
 
 impl NetworkExperts {
@@ -93,7 +95,7 @@ impl NetworkExperts {
 
     /// The counts so far.
     pub fn stats(&self) -> CallStats {
-        *self.lock_stats()
+        self.lock_stats().clone()
     }
 
     fn lock_stats(&self) -> std::sync::MutexGuard<'_, CallStats> {
@@ -139,15 +141,15 @@ fn check_answer(
 type Answer = Result<(Vec<f32>, PeerId), String>;
 
 /// Asks the hosts of one expert in turn until one answers, passing over them again while `timeout` lasts
-/// when `again`; returns the answer and the failed attempts.
+/// when `again`; returns the answer and the host of each failed attempt.
 async fn ask(
     net: &Client,
     hosts: &[PeerId],
     request: &ExpertRequest,
     timeout: Duration,
     again: bool,
-) -> (Answer, u64) {
-    let mut failed = 0;
+) -> (Answer, Vec<PeerId>) {
+    let mut failed = Vec::new();
     let mut reasons = Vec::new();
     // Hosts store a checkpoint's shards a moment after its commit is heard: a pass over every replica that
     // all refuse is tried again, after a pause that doubles, until the call's time is spent.
@@ -164,7 +166,7 @@ async fn ask(
                 Ok(values) => return (Ok((values, peer)), failed),
                 Err(reason) => {
                     tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
-                    failed += 1;
+                    failed.push(peer);
                     reasons.push(format!("{peer}: {reason}"));
                 }
             }
@@ -200,7 +202,7 @@ async fn ask_checked(
     request: &ExpertRequest,
     timeout: Duration,
     check: Option<&AnswerCheck>,
-) -> (Result<Vec<f32>, String>, u64, Checked) {
+) -> (Result<Vec<f32>, String>, Vec<PeerId>, Checked) {
     let live: Vec<PeerId> = hosts
         .iter()
         .copied()
@@ -215,7 +217,8 @@ async fn ask_checked(
         return (Ok(values), failed, Checked::No);
     };
     let others: Vec<PeerId> = live.iter().copied().filter(|p| *p != first).collect();
-    let (second, _) = ask(net, &others, request, timeout, false).await;
+    let (second, second_failed) = ask(net, &others, request, timeout, false).await;
+    let failed = [failed, second_failed].concat();
     let Ok((other_values, second)) = second else {
         return (Ok(values), failed, Checked::No);
     };
@@ -285,7 +288,10 @@ impl ExpertRunner for NetworkExperts {
         for (call, (answer, failed, checked)) in calls.iter_mut().zip(answers) {
             {
                 let mut stats = self.lock_stats();
-                stats.failed_attempts += failed;
+                stats.failed_attempts += failed.len() as u64;
+                for peer in failed {
+                    *stats.failures.entry(peer).or_default() += 1;
+                }
                 stats.checked += u64::from(checked != Checked::No);
                 stats.disagreements += u64::from(checked == Checked::Disagreed);
             }
