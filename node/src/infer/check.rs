@@ -8,6 +8,11 @@
 //! the hash the signed commit names, computes the answer itself ([`AnswerCheck::reference`]), uses that
 //! answer, and bans every host whose answer differs from it. A banned host is asked nothing more in the
 //! session. The verdict is reproducible: the commit, the shard and the request determine the right answer.
+//!
+//! Exact comparison holds for CPU hosts: the row product has a fixed order without fused multiply-add, so
+//! it gives the same bits at every SIMD level. The one platform-dependent step is the activation's `exp`
+//! (the C library's); hosts on different C libraries could differ in a last bit, and GPU hosts or FP8
+//! dispatch will need a tolerance instead of equality.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
