@@ -322,13 +322,9 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     );
     let failures_of =
         |stats: &infer::CallStats| stats.failures.get(&victim_id).copied().unwrap_or(0);
-    assert_eq!(
-        failures_of(&before),
-        0,
-        "the replica failed before it was killed"
-    );
+    // (It may have refused a call or two before, while it stored the commit's shards.)
     assert!(
-        failures_of(&session.call_stats()) > 0,
+        failures_of(&session.call_stats()) > failures_of(&before),
         "the killed replica was never asked after it died"
     );
     // Its role runs until the network's stop signal; the node under it is gone.

@@ -6,10 +6,13 @@
 //! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure.
 //! - [`check`]: a drawn share of answers compared with a second replica; a disagreement settled by computing
 //!   the expert from its committed shard, and the hosts that answered wrong banned.
+//! - [`health`]: which hosts to ask first: failed ones after the others for a doubling back-off, peers that
+//!   do not serve expert calls never again.
 //! - [`client`]: learns the latest signed commit and the experts' hosts, fetches the trunk, generates.
 
 pub mod check;
 pub mod client;
+pub mod health;
 pub mod host;
 pub mod remote;
 pub mod wire;

@@ -1,7 +1,8 @@
 //! The client's [`ExpertRunner`]: each routed expert a MoE layer needs is asked of a host of it over the
 //! network, all of a layer's experts at once, every call under a timeout, falling back to the next replica
 //! when a host fails, refuses or answers something that is not an answer to the call, and asking them all
-//! again (with a doubling pause) while the call's time lasts.
+//! again (with a doubling pause) while the call's time lasts. A host that failed is asked after the others
+//! for a doubling back-off, and a peer that does not serve expert calls is dropped ([`super::health`]).
 //!
 //! An answer is used only when it names the checkpoint asked for and has the input's shape and finite
 //! values; an honest one is then bit-identical to the expert run locally (the host runs the model's own
@@ -20,8 +21,9 @@ use mana_kernels::model::{ExpertCall, ExpertRunner};
 use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, RunId, ShardId, Tensor};
 
 use super::check::{AnswerCheck, same_bits};
+use super::health::HostHealth;
 use super::wire;
-use crate::net::Client;
+use crate::net::{Client, NetError};
 
 /// Who hosts each expert shard, best first.
 pub type Hosts = BTreeMap<ShardId, Vec<PeerId>>;
@@ -37,6 +39,8 @@ pub struct NetworkExperts {
     timeout: Duration,
     /// Checks a share of answers against a second replica; `None`: answers are taken as they come.
     check: Option<Arc<AnswerCheck>>,
+    /// Which hosts to ask first (failed ones later, for a doubling back-off).
+    health: Arc<Mutex<HostHealth>>,
     /// Calls answered, and calls that failed on some host (then retried on another).
     stats: Arc<Mutex<CallStats>>,
 }
@@ -77,6 +81,7 @@ impl NetworkExperts {
             hosts,
             timeout,
             check: None,
+            health: Arc::default(),
             stats: Arc::default(),
         }
     }
@@ -99,11 +104,13 @@ impl NetworkExperts {
     }
 
     fn lock_stats(&self) -> std::sync::MutexGuard<'_, CallStats> {
-        // Plain counters: a panic elsewhere leaves them usable.
-        self.stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.stats)
     }
+}
+
+/// Locks a plain structure; a panic elsewhere leaves it usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The first pause before every replica of an expert is asked again.
@@ -145,6 +152,7 @@ type Answer = Result<(Vec<f32>, PeerId), String>;
 async fn ask(
     net: &Client,
     hosts: &[PeerId],
+    health: &Mutex<HostHealth>,
     request: &ExpertRequest,
     timeout: Duration,
     again: bool,
@@ -157,21 +165,31 @@ async fn ask(
     let mut pause = RETRY_PAUSE;
     loop {
         reasons.clear();
-        for &peer in hosts {
+        let ordered = lock(health).order(hosts, std::time::Instant::now());
+        for &peer in &ordered {
+            let mut unsupported = false;
             let answer = match wire::call(net, peer, request, timeout).await {
                 Ok(response) => check_answer(response, request.checkpoint, &request.input.shape),
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    unsupported =
+                        matches!(e, wire::CallError::Net(NetError::StreamUnsupported { .. }));
+                    Err(e.to_string())
+                }
             };
             match answer {
-                Ok(values) => return (Ok((values, peer)), failed),
+                Ok(values) => {
+                    lock(health).succeeded(peer);
+                    return (Ok((values, peer)), failed);
+                }
                 Err(reason) => {
                     tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
+                    lock(health).failed(peer, unsupported, std::time::Instant::now());
                     failed.push(peer);
                     reasons.push(format!("{peer}: {reason}"));
                 }
             }
         }
-        if !again || hosts.is_empty() || tokio::time::Instant::now() + pause >= deadline {
+        if !again || ordered.is_empty() || tokio::time::Instant::now() + pause >= deadline {
             break;
         }
         tokio::time::sleep(pause).await;
@@ -199,6 +217,7 @@ enum Checked {
 async fn ask_checked(
     net: &Client,
     hosts: &[PeerId],
+    health: &Mutex<HostHealth>,
     request: &ExpertRequest,
     timeout: Duration,
     check: Option<&AnswerCheck>,
@@ -208,7 +227,7 @@ async fn ask_checked(
         .copied()
         .filter(|p| check.is_none_or(|c| !c.is_banned(p)))
         .collect();
-    let (answer, failed) = ask(net, &live, request, timeout, true).await;
+    let (answer, failed) = ask(net, &live, health, request, timeout, true).await;
     let (values, first) = match answer {
         Ok(found) => found,
         Err(reason) => return (Err(reason), failed, Checked::No),
@@ -217,7 +236,7 @@ async fn ask_checked(
         return (Ok(values), failed, Checked::No);
     };
     let others: Vec<PeerId> = live.iter().copied().filter(|p| *p != first).collect();
-    let (second, second_failed) = ask(net, &others, request, timeout, false).await;
+    let (second, second_failed) = ask(net, &others, health, request, timeout, false).await;
     let failed = [failed, second_failed].concat();
     let Ok((other_values, second)) = second else {
         return (Ok(values), failed, Checked::No);
@@ -279,11 +298,12 @@ impl ExpertRunner for NetworkExperts {
         let none = Vec::new();
         let (net, hosts, timeout) = (&self.net, &self.hosts, self.timeout);
         let check = self.check.as_deref();
+        let health = &*self.health;
         let answers = self
             .runtime
             .block_on(join_all(requests.iter().map(|request| {
                 let peers = hosts.get(&request.shard).unwrap_or(&none);
-                ask_checked(net, peers, request, timeout, check)
+                ask_checked(net, peers, health, request, timeout, check)
             })));
         for (call, (answer, failed, checked)) in calls.iter_mut().zip(answers) {
             {
