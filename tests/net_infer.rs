@@ -180,17 +180,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     let stats = {
         let mut runner = runner.clone();
         tokio::task::spawn_blocking(move || {
-            let x = vec![0.25f32; 2 * c];
-            let mut out = vec![0.0f32; 2 * c];
-            let mut calls = [ExpertCall {
-                expert: index,
-                rows: 2,
-                x: &x,
-                out: &mut out,
-            }];
-            runner
-                .run_layer(layer, &mut calls)
-                .expect("a replica answers");
+            let out = call_expert(&mut runner, layer, index, &vec![0.25f32; 2 * c], 2);
             assert!(out.iter().any(|v| *v != 0.0), "the answer was written");
             runner.stats()
         })
@@ -198,7 +188,10 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
         .expect("runner task")
     };
     assert_eq!(stats.answered, 1);
-    assert!(stats.failed_attempts >= 1, "the busy host was asked first");
+    assert!(
+        stats.failed_attempts() >= 1,
+        "the busy host was asked first"
+    );
     busy.shutdown().await.expect("busy host shutdown");
 
     // A host that answers wrong (finite values of the right shape, naming the right checkpoint) is caught
@@ -253,20 +246,9 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
         let mut runner = runner.clone();
         let x = x.clone();
         tokio::task::spawn_blocking(move || {
-            let call = |runner: &mut NetworkExperts| {
-                let mut out = vec![0.0f32; 2 * c];
-                let mut calls = [ExpertCall {
-                    expert: index,
-                    rows: 2,
-                    x: &x,
-                    out: &mut out,
-                }];
-                runner.run_layer(layer, &mut calls).expect("an answer");
-                out
-            };
-            let first = call(&mut runner);
+            let first = call_expert(&mut runner, layer, index, &x, 2);
             let after_first = runner.stats();
-            let second = call(&mut runner);
+            let second = call_expert(&mut runner, layer, index, &x, 2);
             (first, second, (after_first, runner.stats()))
         })
         .await
@@ -339,4 +321,25 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
         .await
         .expect("client shutdown");
     net.stop().await;
+}
+
+/// Expert `index` of block `layer` applied to the `rows` rows of `x` through `runner`, in one call.
+fn call_expert(
+    runner: &mut NetworkExperts,
+    layer: usize,
+    index: usize,
+    x: &[f32],
+    rows: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    let mut calls = [ExpertCall {
+        expert: index,
+        rows,
+        x,
+        out: &mut out,
+    }];
+    runner
+        .run_layer(layer, &mut calls)
+        .expect("a replica answers");
+    out
 }

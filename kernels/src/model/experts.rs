@@ -62,8 +62,9 @@ pub struct ExpertKernel {
 }
 
 impl ExpertKernel {
-    /// The expert whose shard parameters are `params` (w13 [2F, C], then w2 [C, F]) under `config`. At FP8
-    /// precision (of the forward GEMM, under the model's FP8 recipe) the weights are rounded once, as [`super::Model::decode`] rounds them.
+    /// The expert whose shard parameters are `params` (w13 [2F, C], then w2 [C, F]) under `config`. When
+    /// the forward GEMM runs in FP8 (the model's precision and FP8 recipe) the weights are rounded once, as
+    /// [`super::Model::decode`] rounds them.
     pub fn new(
         config: &ModelConfig,
         params: &[f32],

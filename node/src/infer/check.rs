@@ -6,28 +6,25 @@
 //! client asks a second replica as well and compares the two answers bit for bit. When they differ, one host
 //! lied, and the client settles it the way any holder of the shard could: it fetches the expert's shard by
 //! the hash the signed commit names, computes the answer itself ([`AnswerCheck::reference`]), uses that
-//! answer, and bans every host whose answer differs from it. A banned host is asked nothing more in the
-//! session. The verdict is reproducible: the commit, the shard and the request determine the right answer.
+//! answer, and bans every host whose answer differs from it ([`super::health`] keeps the bans: a banned
+//! host is asked nothing more in the session). The verdict is reproducible: the commit, the shard and the request determine the right answer.
 //!
 //! Exact comparison holds for CPU hosts: the row product has a fixed order without fused multiply-add, so
 //! it gives the same bits at every SIMD level. The one platform-dependent step is the activation's `exp`
 //! (the C library's); hosts on different C libraries could differ in a last bit, and GPU hosts or FP8
 //! dispatch will need a tolerance instead of equality.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use libp2p::PeerId;
 use mana_engine::round::{RunShard, RunSpec, ShardRecord};
-use mana_kernels::CpuBackend;
-use mana_kernels::model::ExpertKernel;
+use mana_kernels::model::{ExpertKernel, ModelError};
+use mana_kernels::{CpuBackend, KernelError};
 use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
 
-use mana_kernels::KernelError;
-use mana_kernels::model::ModelError;
-
 use crate::daemon::{NodeError, NodeHandle};
-use crate::roles::common::os_seed;
+use crate::roles::common::draw_share;
 
 /// The default share of expert calls a client checks against a second replica: one in ten.
 pub const DEFAULT_CHECK_SHARE: f64 = 0.1;
@@ -67,13 +64,12 @@ impl From<NodeError> for ReferenceError {
 }
 
 /// What the client needs to check answers and to judge a disagreement: the node (to fetch shards), the
-/// run's model, the checkpoint's shard hashes (from the signed commit), and the hosts banned so far.
+/// run's model, the checkpoint's shard hashes (from the signed commit) and the share of calls to check.
 pub struct AnswerCheck {
     node: Arc<NodeHandle>,
     spec: RunSpec,
     shards: BTreeMap<ShardId, ContentHash>,
     share: f64,
-    banned: Mutex<BTreeSet<PeerId>>,
 }
 
 impl AnswerCheck {
@@ -90,40 +86,12 @@ impl AnswerCheck {
             spec,
             shards: manifest.shards.iter().map(|e| (e.shard, e.hash)).collect(),
             share,
-            banned: Mutex::default(),
         }
     }
 
-    /// Whether this call is checked: true in the configured share of calls (true when the OS's randomness
-    /// cannot be read: checking is the safe side).
+    /// Whether this call is checked: true in the configured share of calls ([`draw_share`]).
     pub fn draw(&self) -> bool {
-        if self.share >= 1.0 {
-            return true;
-        }
-        if self.share <= 0.0 || self.share.is_nan() {
-            return false;
-        }
-        // 53 random bits as a uniform draw in [0, 1).
-        os_seed().map_or(true, |r| {
-            ((r >> 11) as f64) / ((1u64 << 53) as f64) < self.share
-        })
-    }
-
-    /// Whether `peer` was caught answering wrong.
-    pub fn is_banned(&self, peer: &PeerId) -> bool {
-        self.lock().contains(peer)
-    }
-
-    /// Bans `peer` for the rest of the session.
-    pub fn ban(&self, peer: PeerId) {
-        if self.lock().insert(peer) {
-            tracing::warn!(%peer, "expert host answered wrong; banned");
-        }
-    }
-
-    /// The hosts banned so far.
-    pub fn banned(&self) -> Vec<PeerId> {
-        self.lock().iter().copied().collect()
+        draw_share(self.share)
     }
 
     /// The right answer to `rows` rows `x` [rows, C] for expert `shard`, computed here from the shard blob
@@ -157,13 +125,6 @@ impl AnswerCheck {
             Ok(out)
         })
         .await?
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<PeerId>> {
-        // A plain set; a panic elsewhere leaves it usable.
-        self.banned
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

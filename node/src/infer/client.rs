@@ -26,6 +26,7 @@ use mana_kernels::model::{ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
 
 use super::check::AnswerCheck;
+use super::lock;
 use super::remote::{CallStats, Hosts, NetworkExperts};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 
@@ -247,13 +248,6 @@ impl InferClient {
             experts,
         })
     }
-}
-
-fn lock(directory: &Mutex<Directory>) -> std::sync::MutexGuard<'_, Directory> {
-    // Only what was heard; a panic elsewhere leaves it usable.
-    directory
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The trunk of `spec`'s model with `record`'s parameters and router biases, holding no expert.

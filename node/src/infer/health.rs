@@ -1,8 +1,8 @@
 //! Which hosts a client asks first: a host that failed is asked after the others for a back-off that doubles
 //! with each failure in a row (1 s up to 60 s) and resets when it answers; a peer that does not speak the
-//! expert protocol at all (a coordinator or an evaluator whose heartbeat names the shards it holds) is not
-//! asked again in the session. A host in back-off is still asked when every other host has failed, so the
-//! order never costs an answer that some host could give.
+//! expert protocol at all (named as holding a shard, but not serving calls) is not asked again in the
+//! session, nor is a host caught answering wrong ([`super::check`]). A host in back-off is still asked when
+//! every other host has failed, so the order never costs an answer that some host could give.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -19,6 +19,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub struct HostHealth {
     /// Peers that do not serve expert calls.
     unsupported: BTreeSet<PeerId>,
+    /// Hosts caught answering wrong.
+    banned: BTreeSet<PeerId>,
     /// Hosts that failed: asked after the others until `until`; `next` is the back-off after another
     /// failure.
     backoff: BTreeMap<PeerId, Backoff>,
@@ -32,7 +34,8 @@ struct Backoff {
 
 impl HostHealth {
     /// `hosts` in the order to ask them at `now`: those not in back-off first, then those in back-off (the
-    /// soonest to expire first), each group in its given order; peers that do not serve expert calls left out.
+    /// soonest to expire first), each group in its given order; peers that do not serve expert calls and
+    /// banned hosts left out.
     pub fn order(&self, hosts: &[PeerId], now: Instant) -> Vec<PeerId> {
         let until = |p: &PeerId| {
             self.backoff
@@ -43,7 +46,7 @@ impl HostHealth {
         let mut ordered: Vec<PeerId> = hosts
             .iter()
             .copied()
-            .filter(|p| !self.unsupported.contains(p))
+            .filter(|p| !self.unsupported.contains(p) && !self.banned.contains(p))
             .collect();
         // Stable: hosts not in back-off (None) keep their order ahead of the others.
         ordered.sort_by_key(until);
@@ -71,6 +74,18 @@ impl HostHealth {
                 next: (next * 2).min(MAX_BACKOFF),
             },
         );
+    }
+
+    /// Bans `peer`, caught answering wrong, for the rest of the session.
+    pub fn ban(&mut self, peer: PeerId) {
+        if self.banned.insert(peer) {
+            tracing::warn!(%peer, "expert host answered wrong; banned");
+        }
+    }
+
+    /// The hosts banned so far.
+    pub fn banned(&self) -> Vec<PeerId> {
+        self.banned.iter().copied().collect()
     }
 
     /// Whether `peer` was found not to serve expert calls.
@@ -138,5 +153,15 @@ mod tests {
         health.failed(hosts[1], true, t0);
         assert!(health.is_unsupported(&hosts[1]));
         assert_eq!(health.order(&hosts, t0 + MAX_BACKOFF * 2), vec![hosts[0]]);
+    }
+
+    #[test]
+    fn a_banned_host_is_never_asked_again() {
+        let hosts = peers(2);
+        let mut health = HostHealth::default();
+        let t0 = Instant::now();
+        health.ban(hosts[0]);
+        assert_eq!(health.banned(), vec![hosts[0]]);
+        assert_eq!(health.order(&hosts, t0 + MAX_BACKOFF * 2), vec![hosts[1]]);
     }
 }

@@ -28,6 +28,7 @@ use mana_protocol::{
 };
 use tokio::sync::Semaphore;
 
+use super::lock;
 use super::wire::{self, EXPERT_STREAM};
 use crate::daemon::{NodeError, NodeHandle};
 use crate::store::Store;
@@ -168,10 +169,7 @@ impl Host {
     /// Remembers a committed checkpoint (the last [`KEPT_COMMITS`]).
     fn hear_commit(&self, manifest: &CheckpointManifest) {
         let Ok(hash) = manifest.hash() else { return };
-        let mut commits = self
-            .commits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut commits = lock(&self.commits);
         if commits.iter().any(|(h, _)| *h == hash) {
             return;
         }
@@ -234,10 +232,7 @@ impl Host {
         let x = request.input.to_f32().map_err(|e| e.to_string())?;
         let c = self.spec.model.d_model;
         let mut out = vec![0.0f32; rows * c];
-        loaded
-            .kernel
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&loaded.kernel)
             .forward(&x, rows, &mut out)
             .map_err(|e| e.to_string())?;
         let output =
@@ -294,10 +289,7 @@ impl Host {
         checkpoint: ContentHash,
         shard: ShardId,
     ) -> Result<Option<(u64, ContentHash)>, crate::store::StoreError> {
-        let heard = self
-            .commits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        let heard = lock(&self.commits)
             .iter()
             .find(|(h, _)| *h == checkpoint)
             .map(|(_, m)| (m.round, m.shard(&shard).map(|e| e.hash)));
@@ -326,9 +318,6 @@ impl Host {
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
-        // The cache holds only loaded experts; a panic elsewhere leaves it usable.
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.cache)
     }
 }

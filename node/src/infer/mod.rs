@@ -17,6 +17,12 @@ pub mod host;
 pub mod remote;
 pub mod wire;
 
+/// Locks a mutex whose data stays valid whatever a panicking holder did (counters, sets, caches): a panic
+/// elsewhere leaves it usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE, ReferenceError};
 pub use client::{InferClient, InferConfig, InferError, Session};
 pub use host::{HostLimits, serve_experts};

@@ -22,7 +22,7 @@ use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, RunId, ShardId, 
 
 use super::check::{AnswerCheck, same_bits};
 use super::health::HostHealth;
-use super::wire;
+use super::{lock, wire};
 use crate::net::{Client, NetError};
 
 /// Who hosts each expert shard, best first.
@@ -50,16 +50,22 @@ pub struct NetworkExperts {
 pub struct CallStats {
     /// Expert calls answered.
     pub answered: u64,
-    /// Attempts that failed (timeout, refusal, bad answer) before another host answered or all failed.
-    pub failed_attempts: u64,
     /// Bytes of requests sent.
     pub request_bytes: u64,
     /// Answers compared with a second replica's.
     pub checked: u64,
     /// Checked answers on which the two replicas disagreed (each settled by computing the expert here).
     pub disagreements: u64,
-    /// Failed attempts per host (what a client would rank hosts by).
+    /// Attempts that failed (timeout, refusal, bad answer), per host, before another host answered or all
+    /// failed.
     pub failures: BTreeMap<PeerId, u64>,
+}
+
+impl CallStats {
+    /// Attempts that failed on any host.
+    pub fn failed_attempts(&self) -> u64 {
+        self.failures.values().sum()
+    }
 }
 
 impl NetworkExperts {
@@ -95,7 +101,7 @@ impl NetworkExperts {
 
     /// The hosts banned for answering wrong.
     pub fn banned(&self) -> Vec<PeerId> {
-        self.check.as_ref().map_or_else(Vec::new, |c| c.banned())
+        lock(&self.health).banned()
     }
 
     /// The counts so far.
@@ -106,11 +112,6 @@ impl NetworkExperts {
     fn lock_stats(&self) -> std::sync::MutexGuard<'_, CallStats> {
         lock(&self.stats)
     }
-}
-
-/// Locks a plain structure; a panic elsewhere leaves it usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The first pause before every replica of an expert is asked again.
@@ -167,15 +168,14 @@ async fn ask(
         reasons.clear();
         let ordered = lock(health).order(hosts, std::time::Instant::now());
         for &peer in &ordered {
-            let mut unsupported = false;
-            let answer = match wire::call(net, peer, request, timeout).await {
-                Ok(response) => check_answer(response, request.checkpoint, &request.input.shape),
-                Err(e) => {
-                    unsupported =
-                        matches!(e, wire::CallError::Net(NetError::StreamUnsupported { .. }));
-                    Err(e.to_string())
-                }
-            };
+            let result = wire::call(net, peer, request, timeout).await;
+            let unsupported = matches!(
+                result,
+                Err(wire::CallError::Net(NetError::StreamUnsupported { .. }))
+            );
+            let answer = result.map_err(|e| e.to_string()).and_then(|response| {
+                check_answer(response, request.checkpoint, &request.input.shape)
+            });
             match answer {
                 Ok(values) => {
                     lock(health).succeeded(peer);
@@ -212,8 +212,9 @@ enum Checked {
     Disagreed,
 }
 
-/// Asks one expert's hosts (skipping banned ones) and, when the call is drawn for a check, a second replica
-/// too; on a disagreement computes the answer here and bans the hosts that gave another.
+/// Asks one expert's hosts (banned ones are left out by [`HostHealth::order`]) and, when the call is drawn
+/// for a check, a second replica too; on a disagreement computes the answer here and bans the hosts that
+/// gave another.
 async fn ask_checked(
     net: &Client,
     hosts: &[PeerId],
@@ -222,12 +223,7 @@ async fn ask_checked(
     timeout: Duration,
     check: Option<&AnswerCheck>,
 ) -> (Result<Vec<f32>, String>, Vec<PeerId>, Checked) {
-    let live: Vec<PeerId> = hosts
-        .iter()
-        .copied()
-        .filter(|p| check.is_none_or(|c| !c.is_banned(p)))
-        .collect();
-    let (answer, failed) = ask(net, &live, health, request, timeout, true).await;
+    let (answer, failed) = ask(net, hosts, health, request, timeout, true).await;
     let (values, first) = match answer {
         Ok(found) => found,
         Err(reason) => return (Err(reason), failed, Checked::No),
@@ -235,7 +231,7 @@ async fn ask_checked(
     let Some(check) = check.filter(|c| c.draw()) else {
         return (Ok(values), failed, Checked::No);
     };
-    let others: Vec<PeerId> = live.iter().copied().filter(|p| *p != first).collect();
+    let others: Vec<PeerId> = hosts.iter().copied().filter(|p| *p != first).collect();
     let (second, second_failed) = ask(net, &others, health, request, timeout, false).await;
     let failed = [failed, second_failed].concat();
     let Ok((other_values, second)) = second else {
@@ -248,7 +244,7 @@ async fn ask_checked(
     let rows = request.input.shape.first().copied().unwrap_or(0) as usize;
     let judged = match request.input.to_f32() {
         Ok(x) => check
-            .reference(request.shard, x, rows, live.clone())
+            .reference(request.shard, x, rows, hosts.to_vec())
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -257,7 +253,7 @@ async fn ask_checked(
         Ok(truth) => {
             for (peer, given) in [(first, &values), (second, &other_values)] {
                 if !same_bits(given, &truth) {
-                    check.ban(peer);
+                    lock(health).ban(peer);
                 }
             }
             (Ok(truth), failed, Checked::Disagreed)
@@ -308,7 +304,6 @@ impl ExpertRunner for NetworkExperts {
         for (call, (answer, failed, checked)) in calls.iter_mut().zip(answers) {
             {
                 let mut stats = self.lock_stats();
-                stats.failed_attempts += failed.len() as u64;
                 for peer in failed {
                     *stats.failures.entry(peer).or_default() += 1;
                 }

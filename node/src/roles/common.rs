@@ -168,6 +168,20 @@ pub fn os_seed() -> Result<u64, NodeError> {
     getrandom::u64().map_err(NodeError::Randomness)
 }
 
+/// Whether this occasion is one of the drawn `share` (0 to 1) of them, from the OS's randomness so that
+/// nobody can foresee which: always at 1 or more, never at 0, less or NaN, and true when the randomness
+/// cannot be read (drawn checks are the safe side).
+pub fn draw_share(share: f64) -> bool {
+    if share >= 1.0 {
+        return true;
+    }
+    if share <= 0.0 || share.is_nan() {
+        return false;
+    }
+    // 53 random bits as a uniform draw in [0, 1).
+    os_seed().map_or(true, |r| ((r >> 11) as f64) / ((1u64 << 53) as f64) < share)
+}
+
 /// Blobs a role pinned, by the round that needed them. Blobs of rounds older than the last few are released
 /// ([`NodeHandle::unpin`]), so the store's collector can reclaim payloads and superseded shards once no
 /// retained round refers to them.

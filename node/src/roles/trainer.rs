@@ -1124,16 +1124,7 @@ impl Trainer {
     /// Whether this round's published scores are recomputed: true in [`TrainerConfig::rescore_share`] of the
     /// rounds, drawn from the OS's randomness (true if it cannot be read: checking is the safe side).
     fn draw_rescore(&self) -> bool {
-        let share = self.cfg.rescore_share;
-        if share >= 1.0 {
-            return true;
-        }
-        if share <= 0.0 || share.is_nan() {
-            return false;
-        }
-        // 53 random bits as a uniform draw in [0, 1).
-        super::common::os_seed()
-            .map_or(true, |r| ((r >> 11) as f64) / ((1u64 << 53) as f64) < share)
+        super::common::draw_share(self.cfg.rescore_share)
     }
 
     /// Recomputes published scores from the round's whole base model (the shards this node holds, the
