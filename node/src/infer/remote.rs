@@ -242,9 +242,11 @@ async fn ask_checked(
     }
     tracing::info!(shard = %request.shard, %first, %second, "expert replicas disagree; computing it here");
     let rows = request.input.shape.first().copied().unwrap_or(0) as usize;
+    // The shard is fetched from the hosts still asked (not banned ones) first; the fetch checks its hash.
+    let holders = lock(health).order(hosts, std::time::Instant::now());
     let judged = match request.input.to_f32() {
         Ok(x) => check
-            .reference(request.shard, x, rows, hosts.to_vec())
+            .reference(request.shard, x, rows, holders)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
