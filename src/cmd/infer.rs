@@ -98,6 +98,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
             let seconds = started.elapsed().as_secs_f64();
             let text = bytes_to_text(&prompt, &generation.tokens);
             let stats = session.call_stats();
+            let ms = |q: f64| stats.latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
             if args.json {
                 let out = serde_json::json!({
                     "text": text,
@@ -111,6 +112,8 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     "checked": stats.checked,
                     "disagreements": stats.disagreements,
                     "banned_hosts": session.banned_hosts().len(),
+                    "call_ms_p50": ms(0.5),
+                    "call_ms_p99": ms(0.99),
                     "seconds": seconds,
                 });
                 println!("{out}");
@@ -118,7 +121,8 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                 println!("{text}");
                 eprintln!(
                     "round {}: {} tokens in {seconds:.2} s, {} expert calls ({} retried on another replica, {} \
-                     checked against a second one, {} disagreements, {} hosts banned)",
+                     checked against a second one, {} disagreements, {} hosts banned; call time p50 {} ms, p99 {} \
+                     ms)",
                     session.round,
                     generation.tokens.len(),
                     stats.answered,
@@ -126,6 +130,8 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     stats.checked,
                     stats.disagreements,
                     session.banned_hosts().len(),
+                    ms(0.5).map_or("-".into(), |v| format!("{v:.1}")),
+                    ms(0.99).map_or("-".into(), |v| format!("{v:.1}")),
                 );
             }
             anyhow::Ok(())

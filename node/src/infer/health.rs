@@ -3,6 +3,10 @@
 //! expert protocol at all (named as holding a shard, but not serving calls) is not asked again in the
 //! session, nor is a host caught answering wrong ([`super::check`]). A host in back-off is still asked when
 //! every other host has failed, so the order never costs an answer that some host could give.
+//!
+//! Among the hosts not in back-off, the fastest is asked first: each answer's time feeds the host's latency
+//! estimate (a moving average, [`LATENCY_WEIGHT`] to the newest call). A host not yet measured is asked
+//! before measured ones, so that every replica is timed once and a fast host that joined late is found.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -14,6 +18,10 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest back-off.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+/// The weight of the newest call in a host's latency estimate (an exponential moving average: one slow
+/// call moves the estimate a quarter of the way, so a single hiccup does not reorder the hosts).
+pub const LATENCY_WEIGHT: f64 = 0.25;
+
 /// What a client has learned about its hosts in this session.
 #[derive(Debug, Default)]
 pub struct HostHealth {
@@ -24,6 +32,8 @@ pub struct HostHealth {
     /// Hosts that failed: asked after the others until `until`; `next` is the back-off after another
     /// failure.
     backoff: BTreeMap<PeerId, Backoff>,
+    /// Each host's estimated call time, from its answers.
+    latency: BTreeMap<PeerId, Duration>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -34,8 +44,8 @@ struct Backoff {
 
 impl HostHealth {
     /// `hosts` in the order to ask them at `now`: those not in back-off first, then those in back-off (the
-    /// soonest to expire first), each group in its given order; peers that do not serve expert calls and
-    /// banned hosts left out.
+    /// soonest to expire first); within each, unmeasured hosts first, then the fastest first, ties in their
+    /// given order; peers that do not serve expert calls and banned hosts left out.
     pub fn order(&self, hosts: &[PeerId], now: Instant) -> Vec<PeerId> {
         let until = |p: &PeerId| {
             self.backoff
@@ -48,14 +58,24 @@ impl HostHealth {
             .copied()
             .filter(|p| !self.unsupported.contains(p) && !self.banned.contains(p))
             .collect();
-        // Stable: hosts not in back-off (None) keep their order ahead of the others.
-        ordered.sort_by_key(until);
+        // Stable: hosts not in back-off (None) ahead of the others; unmeasured (None) ahead of measured.
+        ordered.sort_by_key(|p| (until(p), self.latency.get(p).copied()));
         ordered
     }
 
-    /// `peer` answered: its back-off is over.
-    pub fn succeeded(&mut self, peer: PeerId) {
+    /// `peer` answered, after `took`: its back-off is over and its latency estimate moves toward `took`.
+    pub fn succeeded(&mut self, peer: PeerId, took: Duration) {
         self.backoff.remove(&peer);
+        let estimate = match self.latency.get(&peer) {
+            Some(old) => old.mul_f64(1.0 - LATENCY_WEIGHT) + took.mul_f64(LATENCY_WEIGHT),
+            None => took,
+        };
+        self.latency.insert(peer, estimate);
+    }
+
+    /// `peer`'s estimated call time, once it answered.
+    pub fn latency(&self, peer: &PeerId) -> Option<Duration> {
+        self.latency.get(peer).copied()
     }
 
     /// `peer` failed at `now`: it does not serve expert calls at all (`unsupported`), or it failed this time
@@ -128,7 +148,9 @@ mod tests {
             expected = (expected * 2).min(MAX_BACKOFF);
         }
         assert_eq!(expected, MAX_BACKOFF);
-        health.succeeded(hosts[0]);
+        // Both timed alike, so the latency order is the given one.
+        health.succeeded(hosts[1], Duration::ZERO);
+        health.succeeded(hosts[0], Duration::ZERO);
         assert_eq!(health.order(&hosts, t0), hosts);
         health.failed(hosts[0], false, t0);
         assert_eq!(health.order(&hosts, t0 + FIRST_BACKOFF), hosts);
@@ -163,5 +185,31 @@ mod tests {
         health.ban(hosts[0]);
         assert_eq!(health.banned(), vec![hosts[0]]);
         assert_eq!(health.order(&hosts, t0 + MAX_BACKOFF * 2), vec![hosts[1]]);
+    }
+
+    #[test]
+    fn the_fastest_host_is_asked_first_after_every_host_was_timed_once() {
+        let hosts = peers(3);
+        let mut health = HostHealth::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        health.succeeded(hosts[0], ms(40));
+        // Hosts never timed come before the measured one, in their given order.
+        assert_eq!(health.order(&hosts, t0), vec![hosts[1], hosts[2], hosts[0]]);
+        health.succeeded(hosts[1], ms(10));
+        health.succeeded(hosts[2], ms(20));
+        assert_eq!(health.order(&hosts, t0), vec![hosts[1], hosts[2], hosts[0]]);
+        // One slow answer moves the estimate a quarter of the way: 10 -> 17.5 ms, still ahead of 20 ms.
+        health.succeeded(hosts[1], ms(40));
+        let estimate = health.latency(&hosts[1]).expect("measured");
+        assert!(estimate.abs_diff(Duration::from_micros(17_500)) < Duration::from_micros(1));
+        assert_eq!(health.order(&hosts, t0)[0], hosts[1]);
+        // A second one passes it: 17.5 -> 23.125 ms.
+        health.succeeded(hosts[1], ms(40));
+        assert_eq!(health.order(&hosts, t0), vec![hosts[2], hosts[1], hosts[0]]);
+        // A failure still sends the fastest host behind the others until its back-off ends.
+        health.failed(hosts[2], false, t0);
+        assert_eq!(health.order(&hosts, t0), vec![hosts[1], hosts[0], hosts[2]]);
+        assert_eq!(health.order(&hosts, t0 + FIRST_BACKOFF)[0], hosts[2]);
     }
 }

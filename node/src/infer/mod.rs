@@ -26,4 +26,4 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE, ReferenceError};
 pub use client::{InferClient, InferConfig, InferError, Session};
 pub use host::{HostLimits, serve_experts};
-pub use remote::{CallStats, Hosts, NetworkExperts};
+pub use remote::{CallStats, Hosts, LatencyHistogram, NetworkExperts};

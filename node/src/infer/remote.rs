@@ -59,6 +59,66 @@ pub struct CallStats {
     /// Attempts that failed (timeout, refusal, bad answer), per host, before another host answered or all
     /// failed.
     pub failures: BTreeMap<PeerId, u64>,
+    /// How long answered calls took (second-replica checks included), from opening the stream to the
+    /// decoded answer.
+    pub latency: LatencyHistogram,
+}
+
+/// Call times in buckets of an eighth of an octave (each bucket 9% wider than the last), from 1 µs up; longer
+/// than the last bucket counts in it. Fixed size, so a long-lived client (`mana serve`) keeps counting
+/// without growing; a quantile is read to within one bucket (9%).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    counts: Vec<u64>,
+}
+
+/// Buckets per octave of [`LatencyHistogram`].
+const PER_OCTAVE: f64 = 8.0;
+/// Buckets of [`LatencyHistogram`]: 27 octaves from 1 µs, past two minutes.
+const LATENCY_BUCKETS: usize = 27 * 8;
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Counts one call that took `took`.
+    pub fn record(&mut self, took: Duration) {
+        let micros = took.as_secs_f64() * 1e6;
+        let bucket = if micros <= 1.0 {
+            0
+        } else {
+            ((micros.log2() * PER_OCTAVE).ceil() as usize).min(LATENCY_BUCKETS - 1)
+        };
+        self.counts[bucket] += 1;
+    }
+
+    /// Calls counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The time under which a share `q` (0 to 1) of the calls ended: the upper edge of the bucket holding
+    /// that call; `None` before any call.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        let bucket = self.counts.iter().position(|&c| {
+            seen += c;
+            seen >= rank
+        })?;
+        Some(Duration::from_secs_f64(
+            2f64.powf(bucket as f64 / PER_OCTAVE) / 1e6,
+        ))
+    }
 }
 
 impl CallStats {
@@ -154,6 +214,7 @@ async fn ask(
     net: &Client,
     hosts: &[PeerId],
     health: &Mutex<HostHealth>,
+    stats: &Mutex<CallStats>,
     request: &ExpertRequest,
     timeout: Duration,
     again: bool,
@@ -168,7 +229,9 @@ async fn ask(
         reasons.clear();
         let ordered = lock(health).order(hosts, std::time::Instant::now());
         for &peer in &ordered {
+            let started = std::time::Instant::now();
             let result = wire::call(net, peer, request, timeout).await;
+            let took = started.elapsed();
             let unsupported = matches!(
                 result,
                 Err(wire::CallError::Net(NetError::StreamUnsupported { .. }))
@@ -178,7 +241,8 @@ async fn ask(
             });
             match answer {
                 Ok(values) => {
-                    lock(health).succeeded(peer);
+                    lock(health).succeeded(peer, took);
+                    lock(stats).latency.record(took);
                     return (Ok((values, peer)), failed);
                 }
                 Err(reason) => {
@@ -219,11 +283,12 @@ async fn ask_checked(
     net: &Client,
     hosts: &[PeerId],
     health: &Mutex<HostHealth>,
+    stats: &Mutex<CallStats>,
     request: &ExpertRequest,
     timeout: Duration,
     check: Option<&AnswerCheck>,
 ) -> (Result<Vec<f32>, String>, Vec<PeerId>, Checked) {
-    let (answer, failed) = ask(net, hosts, health, request, timeout, true).await;
+    let (answer, failed) = ask(net, hosts, health, stats, request, timeout, true).await;
     let (values, first) = match answer {
         Ok(found) => found,
         Err(reason) => return (Err(reason), failed, Checked::No),
@@ -232,7 +297,7 @@ async fn ask_checked(
         return (Ok(values), failed, Checked::No);
     };
     let others: Vec<PeerId> = hosts.iter().copied().filter(|p| *p != first).collect();
-    let (second, second_failed) = ask(net, &others, health, request, timeout, false).await;
+    let (second, second_failed) = ask(net, &others, health, stats, request, timeout, false).await;
     let failed = [failed, second_failed].concat();
     let Ok((other_values, second)) = second else {
         return (Ok(values), failed, Checked::No);
@@ -297,11 +362,12 @@ impl ExpertRunner for NetworkExperts {
         let (net, hosts, timeout) = (&self.net, &self.hosts, self.timeout);
         let check = self.check.as_deref();
         let health = &*self.health;
+        let stats = &*self.stats;
         let answers = self
             .runtime
             .block_on(join_all(requests.iter().map(|request| {
                 let peers = hosts.get(&request.shard).unwrap_or(&none);
-                ask_checked(net, peers, health, request, timeout, check)
+                ask_checked(net, peers, health, stats, request, timeout, check)
             })));
         for (call, (answer, failed, checked)) in calls.iter_mut().zip(answers) {
             {
@@ -317,5 +383,38 @@ impl ExpertRunner for NetworkExperts {
             self.lock_stats().answered += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_are_read_to_within_a_bucket() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        // 98 calls of 1 ms, 2 of 100 ms.
+        for _ in 0..98 {
+            h.record(Duration::from_millis(1));
+        }
+        for _ in 0..2 {
+            h.record(Duration::from_millis(100));
+        }
+        assert_eq!(h.count(), 100);
+        let within = |got: Option<Duration>, want: Duration| {
+            let got = got.expect("calls counted").as_secs_f64();
+            let want = want.as_secs_f64();
+            assert!(got >= want && got <= want * 1.091, "{got} against {want}");
+        };
+        within(h.quantile(0.5), Duration::from_millis(1));
+        within(h.quantile(0.98), Duration::from_millis(1));
+        within(h.quantile(0.99), Duration::from_millis(100));
+        within(h.quantile(1.0), Duration::from_millis(100));
+        // Extremes land in the first and last buckets instead of failing.
+        h.record(Duration::ZERO);
+        h.record(Duration::from_secs(3600));
+        assert_eq!(h.quantile(0.0), Some(Duration::from_micros(1)));
+        assert!(h.quantile(1.0).expect("counted") >= Duration::from_secs(120));
     }
 }
