@@ -22,7 +22,7 @@ use libp2p::PeerId;
 use mana_engine::round::{RunShard, RunSpec, ShardRecord};
 use mana_kernels::CpuBackend;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, GenerateError, Generation};
-use mana_kernels::model::{ExpertSet, Model, ModelError};
+use mana_kernels::model::{ExpertRunner, ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
 
 use super::check::AnswerCheck;
@@ -308,6 +308,24 @@ impl Session {
         let runner = Box::new(self.experts.clone());
         let mut lm = CachedModel::with_experts(&mut self.model, runner);
         generate::generate_each(&mut lm, prompt, config, on_token)
+    }
+
+    /// Generates after `prompt` with `runner` computing the experts in place of the session's own network
+    /// runner: for a program that wraps [`Session::experts`] (to time, trace or delay its calls) or puts
+    /// experts of its own in front of it. Blocking, like [`Session::generate`].
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerateConfig,
+        runner: Box<dyn ExpertRunner>,
+    ) -> Result<Generation, GenerateError> {
+        let mut lm = CachedModel::with_experts(&mut self.model, runner);
+        generate::generate(&mut lm, prompt, config)
+    }
+
+    /// The session's network runner; clones share its host order, bans and counts.
+    pub fn experts(&self) -> NetworkExperts {
+        self.experts.clone()
     }
 
     /// The model's configuration (vocabulary, context).

@@ -97,6 +97,14 @@ impl LatencyHistogram {
         self.counts[bucket] += 1;
     }
 
+    /// Takes away the calls of `earlier`, a copy of this histogram taken before: what remains are the calls
+    /// counted since (for figures over a part of a session).
+    pub fn subtract(&mut self, earlier: &LatencyHistogram) {
+        for (count, before) in self.counts.iter_mut().zip(&earlier.counts) {
+            *count = count.saturating_sub(*before);
+        }
+    }
+
     /// Calls counted.
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
@@ -416,5 +424,11 @@ mod tests {
         h.record(Duration::from_secs(3600));
         assert_eq!(h.quantile(0.0), Some(Duration::from_micros(1)));
         assert!(h.quantile(1.0).expect("counted") >= Duration::from_secs(120));
+        // What was counted after a copy, alone.
+        let earlier = h.clone();
+        h.record(Duration::from_millis(5));
+        h.subtract(&earlier);
+        assert_eq!(h.count(), 1);
+        within(h.quantile(0.5), Duration::from_millis(5));
     }
 }

@@ -1,0 +1,266 @@
+//! Figures for inference across the network (issue #10 §7), printed, never asserted on (ignored by default;
+//! run with `cargo test --release --test infer_bench -- --ignored --nocapture`).
+//!
+//! A bootstrap, a coordinator and 3 trainers on loopback train the tiny model for `MANA_BENCH_ROUNDS`
+//! diloco rounds (default 10, H = 50, so that the MTP head has learned enough for its acceptance rate to
+//! mean something); every trainer serves expert calls. A client then generates the same prompts, greedy,
+//! with the whole committed checkpoint in this process (local) and through the network, each plain and with
+//! `--speculative`, and again through the network with [`ADDED_LATENCY`] more per expert call, and prints per
+//! setting: tokens/s and its ratio to local in the same run, expert calls per token, request bytes per token,
+//! p50/p99 call time and the MTP acceptance rate. No answer is checked against a second replica (check share
+//! 0), so the figures are those of plain calls.
+//!
+//! The added latency is a sleep before each MoE layer's expert calls, which all go out at once: each call of
+//! the layer waits that much longer, as over a link with that much more latency per call. (This machine has
+//! no `sch_netem` for a delay in the kernel's loopback; the call times printed are measured inside the sleep,
+//! so they exclude it.)
+
+mod net_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mana_engine::round::{RunShard, ShardRecord, build_trainer};
+use mana_kernels::KernelError;
+use mana_kernels::generate::{self, CachedModel, GenerateConfig, Generation, Sampling};
+use mana_kernels::model::{ExpertCall, ExpertRunner};
+use mana_node::infer::{self, CallStats, HostLimits, InferClient, InferConfig, NetworkExperts};
+use mana_protocol::UpdateRule;
+use net_support::*;
+
+/// Prompts generated after, each to [`TOKENS`] tokens (within the tiny model's 64-token context).
+const PROMPTS: [&str; 4] = [
+    "In the beginning",
+    "And God said, ",
+    "The LORD is my ",
+    "And it came to ",
+];
+/// Tokens generated per prompt.
+const TOKENS: usize = 44;
+
+/// The latency added to every expert call in the slow-link settings.
+const ADDED_LATENCY: Duration = Duration::from_millis(20);
+
+/// The session's runner with `delay` more before each layer's calls (see the module doc).
+struct Delayed {
+    inner: NetworkExperts,
+    delay: Duration,
+}
+
+impl ExpertRunner for Delayed {
+    fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError> {
+        if !calls.is_empty() && !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        self.inner.run_layer(layer, calls)
+    }
+}
+
+/// The calls counted in `after` and not yet in `before` (the counts of the timed generations alone).
+fn since(before: &CallStats, after: &CallStats) -> CallStats {
+    let mut latency = after.latency.clone();
+    latency.subtract(&before.latency);
+    CallStats {
+        answered: after.answered - before.answered,
+        request_bytes: after.request_bytes - before.request_bytes,
+        checked: after.checked - before.checked,
+        disagreements: after.disagreements - before.disagreements,
+        failures: after
+            .failures
+            .iter()
+            .map(|(peer, n)| (*peer, n - before.failures.get(peer).copied().unwrap_or(0)))
+            .collect(),
+        latency,
+    }
+}
+
+/// One setting's totals over every prompt.
+#[derive(Default)]
+struct Totals {
+    tokens: usize,
+    seconds: f64,
+    drafts: usize,
+    accepted: usize,
+}
+
+impl Totals {
+    fn add(&mut self, g: &Generation, seconds: f64) {
+        self.tokens += g.tokens.len();
+        self.seconds += seconds;
+        self.drafts += g.drafts;
+        self.accepted += g.accepted;
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+
+    fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.drafts.max(1) as f64
+    }
+}
+
+fn config(speculative: bool) -> GenerateConfig {
+    GenerateConfig {
+        max_tokens: TOKENS,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative,
+    }
+}
+
+fn bytes(prompt: &str) -> Vec<u32> {
+    prompt.bytes().map(u32::from).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_network_inference_against_local_generation() {
+    let rounds: u64 = std::env::var("MANA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let net = RoundNet::start(3).await;
+    for (node, _) in &net.trainers {
+        infer::serve_experts(node, net.spec.clone(), HostLimits::default())
+            .expect("serves expert calls");
+    }
+    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
+    cfg.coordinator = Some(net.coordinator.public_key());
+    cfg.sync_shards = false;
+    let client_node = Arc::new(start_node(cfg).await);
+    let client = InferClient::new(
+        client_node.clone(),
+        InferConfig {
+            spec: net.spec.clone(),
+            call_timeout: Duration::from_secs(10),
+            wait: Duration::from_secs(60),
+            check_share: 0.0,
+        },
+    );
+
+    let started = Instant::now();
+    let hyper = net.spec.hyper(UpdateRule::Diloco);
+    let conductor = net.conduct_with(rounds, 3, |machine| {
+        machine.hyper = hyper;
+        machine.inner_steps = 50;
+    });
+    tokio::time::timeout(Duration::from_secs(1800), conductor)
+        .await
+        .expect("the rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    net.wait_trainers(
+        Duration::from_secs(60),
+        "every trainer applied the last round",
+        |s| training(s).applied_round == Some(rounds),
+    )
+    .await;
+    eprintln!(
+        "trained {rounds} diloco rounds (H = 50, 3 trainers) in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The local reference: every shard of the committed checkpoint, fetched by hash, in one model.
+    let manifest = client.load().await.expect("a session").manifest;
+    let mut records = Vec::new();
+    for entry in &manifest.shards {
+        client_node
+            .fetch_blob(entry.hash)
+            .await
+            .expect("shard fetched");
+        let bytes = client_node.read_blob(entry.hash).await.expect("shard read");
+        records.push(ShardRecord::from_bytes(&bytes, &net.spec, entry.shard).expect("shard"));
+    }
+    let spec = net.spec.clone();
+    let local: Vec<(Totals, Vec<Vec<u32>>)> = tokio::task::spawn_blocking(move || {
+        let mut trainer =
+            build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
+        [false, true]
+            .iter()
+            .map(|&speculative| {
+                // A first generation, not timed, so that the timed ones do not pay for first-use costs
+                // (thread pool, allocations).
+                let mut lm = CachedModel::new(trainer.model_mut());
+                generate::generate(&mut lm, &bytes(PROMPTS[0]), &config(speculative))
+                    .expect("local warm-up");
+                let mut totals = Totals::default();
+                let mut outputs = Vec::new();
+                for prompt in PROMPTS {
+                    let mut lm = CachedModel::new(trainer.model_mut());
+                    let t = Instant::now();
+                    let g = generate::generate(&mut lm, &bytes(prompt), &config(speculative))
+                        .expect("local generation");
+                    totals.add(&g, t.elapsed().as_secs_f64());
+                    outputs.push(g.tokens);
+                }
+                (totals, outputs)
+            })
+            .collect()
+    })
+    .await
+    .expect("local task");
+
+    let settings = [Duration::ZERO, ADDED_LATENCY]
+        .into_iter()
+        .flat_map(|delay| [(delay, false), (delay, true)]);
+    for (delay, speculative) in settings {
+        let (local, local_outputs) = &local[usize::from(speculative)];
+        let mut session = client.load().await.expect("a session");
+        let (totals, outputs, stats, session) = tokio::task::spawn_blocking(move || {
+            let warm_up = Box::new(Delayed {
+                inner: session.experts(),
+                delay,
+            });
+            session
+                .generate_with(&bytes(PROMPTS[0]), &config(speculative), warm_up)
+                .expect("network warm-up");
+            let before = session.call_stats();
+            let mut totals = Totals::default();
+            let mut outputs = Vec::new();
+            for prompt in PROMPTS {
+                let t = Instant::now();
+                let runner = Box::new(Delayed {
+                    inner: session.experts(),
+                    delay,
+                });
+                let g = session
+                    .generate_with(&bytes(prompt), &config(speculative), runner)
+                    .expect("network generation");
+                totals.add(&g, t.elapsed().as_secs_f64());
+                outputs.push(g.tokens);
+            }
+            let stats = since(&before, &session.call_stats());
+            (totals, outputs, stats, session)
+        })
+        .await
+        .expect("network task");
+        drop(session);
+        let ms = |q: f64| {
+            stats
+                .latency
+                .quantile(q)
+                .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+        };
+        let name = if speculative { "speculative" } else { "plain" };
+        eprintln!(
+            "{name}, {} ms added per call: local {:.1} tokens/s; network {:.1} tokens/s ({:.3}x local); {:.2} expert calls and {:.0} \
+             request bytes per token; call time p50 {:.2} ms, p99 {:.2} ms; {} failed attempts; MTP \
+             acceptance {:.1}% (local {:.1}%); same tokens as local: {}",
+            delay.as_millis(),
+            local.tokens_per_s(),
+            totals.tokens_per_s(),
+            totals.tokens_per_s() / local.tokens_per_s(),
+            stats.answered as f64 / totals.tokens as f64,
+            stats.request_bytes as f64 / totals.tokens as f64,
+            ms(0.5),
+            ms(0.99),
+            stats.failed_attempts(),
+            100.0 * totals.acceptance(),
+            100.0 * local.acceptance(),
+            outputs == *local_outputs,
+        );
+    }
+    client_node.stop().await.expect("client stop");
+    net.stop().await;
+}
