@@ -20,7 +20,7 @@ mod net_support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mana_engine::round::{RunShard, ShardRecord, build_trainer};
+use mana_engine::round::build_trainer;
 use mana_kernels::KernelError;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Generation, Sampling};
 use mana_kernels::model::{ExpertCall, ExpertRunner};
@@ -125,10 +125,7 @@ async fn bench_network_inference_against_local_generation() {
         infer::serve_experts(node, net.spec.clone(), HostLimits::default())
             .expect("serves expert calls");
     }
-    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
-    cfg.coordinator = Some(net.coordinator.public_key());
-    cfg.sync_shards = false;
-    let client_node = Arc::new(start_node(cfg).await);
+    let client_node = Arc::new(start_node(net.follower_config("client")).await);
     let client = InferClient::new(
         client_node.clone(),
         InferConfig {
@@ -163,15 +160,7 @@ async fn bench_network_inference_against_local_generation() {
 
     // The local reference: every shard of the committed checkpoint, fetched by hash, in one model.
     let manifest = client.load().await.expect("a session").manifest;
-    let mut records = Vec::new();
-    for entry in &manifest.shards {
-        client_node
-            .fetch_blob(entry.hash)
-            .await
-            .expect("shard fetched");
-        let bytes = client_node.read_blob(entry.hash).await.expect("shard read");
-        records.push(ShardRecord::from_bytes(&bytes, &net.spec, entry.shard).expect("shard"));
-    }
+    let records = checkpoint_records(&client_node, &manifest, &net.spec).await;
     let spec = net.spec.clone();
     let local: Vec<(Totals, Vec<Vec<u32>>)> = tokio::task::spawn_blocking(move || {
         let mut trainer =

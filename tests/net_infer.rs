@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mana_engine::round::{RunShard, ShardRecord, build_trainer};
+use mana_engine::round::build_trainer;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
 use mana_kernels::model::{ExpertCall, ExpertRunner};
 use mana_node::infer::{
@@ -33,10 +33,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     for (node, _) in &net.trainers {
         infer::serve_experts(node, net.spec.clone(), limits).expect("serves expert calls");
     }
-    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
-    cfg.coordinator = Some(net.coordinator.public_key());
-    cfg.sync_shards = false;
-    let client_node = Arc::new(start_node(cfg).await);
+    let client_node = Arc::new(start_node(net.follower_config("client")).await);
     let client = InferClient::new(
         client_node.clone(),
         InferConfig {
@@ -83,15 +80,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     // The reference: every shard of the same checkpoint, fetched by hash, in one local model.
     let manifest = session.manifest.clone();
     assert_eq!(manifest.hash().expect("hashable"), checkpoint);
-    let mut records = Vec::new();
-    for entry in &manifest.shards {
-        client_node
-            .fetch_blob(entry.hash)
-            .await
-            .expect("shard fetched");
-        let bytes = client_node.read_blob(entry.hash).await.expect("shard read");
-        records.push(ShardRecord::from_bytes(&bytes, &net.spec, entry.shard).expect("shard"));
-    }
+    let records = checkpoint_records(&client_node, &manifest, &net.spec).await;
     let spec = net.spec.clone();
     let local = tokio::task::spawn_blocking(move || {
         let mut trainer =
@@ -136,10 +125,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     }
 
     // A host at its call cap answers "busy" at once, and the client's runner goes on to the next replica.
-    let mut busy_cfg = node_config(&net.dir.path().join("busy"), &net.boot);
-    busy_cfg.coordinator = Some(net.coordinator.public_key());
-    busy_cfg.sync_shards = false;
-    let busy = start_node(busy_cfg).await;
+    let busy = start_node(net.follower_config("busy")).await;
     let no_calls = HostLimits {
         max_calls: 0,
         ..HostLimits::default()
@@ -197,10 +183,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     // A host that answers wrong (finite values of the right shape, naming the right checkpoint) is caught
     // when its answer is checked against a second replica: the client computes the expert itself from the
     // committed shard, keeps that answer and bans the liar, whose next calls go elsewhere.
-    let mut liar_cfg = node_config(&net.dir.path().join("liar"), &net.boot);
-    liar_cfg.coordinator = Some(net.coordinator.public_key());
-    liar_cfg.sync_shards = false;
-    let liar = start_node(liar_cfg).await;
+    let liar = start_node(net.follower_config("liar")).await;
     let mut incoming = liar
         .net()
         .accept_protocol_streams(wire::EXPERT_STREAM)

@@ -288,6 +288,34 @@ impl RoundNet {
 }
 
 impl RoundNet {
+    /// The config of a node named `name` that follows the run without syncing shards of its own (an
+    /// inference client, or a host a test plays): it trusts the coordinator's signed commits.
+    pub fn follower_config(&self, name: &str) -> NodeConfig {
+        let mut cfg = node_config(&self.dir.path().join(name), &self.boot);
+        cfg.coordinator = Some(self.coordinator.public_key());
+        cfg.sync_shards = false;
+        cfg
+    }
+}
+
+/// Every shard of `manifest`, fetched by hash through `node` and read as `spec`'s records: the whole
+/// checkpoint, for a local reference to compare a network run with.
+pub async fn checkpoint_records(
+    node: &NodeHandle,
+    manifest: &mana_protocol::CheckpointManifest,
+    spec: &mana_engine::round::RunSpec,
+) -> Vec<mana_engine::round::ShardRecord> {
+    use mana_engine::round::{RunShard, ShardRecord};
+    let mut records = Vec::new();
+    for entry in &manifest.shards {
+        node.fetch_blob(entry.hash).await.expect("shard fetched");
+        let bytes = node.read_blob(entry.hash).await.expect("shard read");
+        records.push(ShardRecord::from_bytes(&bytes, spec, entry.shard).expect("shard"));
+    }
+    records
+}
+
+impl RoundNet {
     /// The real conductor on the coordinator's node, for `rounds` rounds (or until the test stops it), starting
     /// a round once `min_members` members heartbeat; sync rule, replication 2.
     pub fn conduct(&self, rounds: u64, min_members: usize) -> RoleTask {

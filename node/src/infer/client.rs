@@ -292,9 +292,8 @@ impl Session {
         prompt: &[u32],
         config: &GenerateConfig,
     ) -> Result<Generation, GenerateError> {
-        let runner = Box::new(self.experts.clone());
-        let mut lm = CachedModel::with_experts(&mut self.model, runner);
-        generate::generate(&mut lm, prompt, config)
+        let runner = Box::new(self.experts());
+        self.generate_with(prompt, config, runner)
     }
 
     /// Like [`Session::generate`], handing each token over as it is committed (see
