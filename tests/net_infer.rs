@@ -337,6 +337,7 @@ fn call_expert(
         rows,
         x,
         out: &mut out,
+        missing: false,
     }];
     runner
         .run_layer(layer, &mut calls)
