@@ -1,8 +1,15 @@
 //! The client's [`ExpertRunner`]: each routed expert a MoE layer needs is asked of a host of it over the
 //! network, all of a layer's experts at once, every call under a timeout, falling back to the next replica
 //! when a host fails, refuses or answers something that is not an answer to the call, and asking them all
-//! again (with a doubling pause) while the call's time lasts. A host that failed is asked after the others
-//! for a doubling back-off, and a peer that does not serve expert calls is dropped ([`super::health`]).
+//! again (with a doubling pause) while the call's time lasts, unless every one of them is in back-off
+//! already (then one pass). Healthy hosts are asked fastest first; a host that failed is asked after the
+//! others for a doubling back-off, and a peer that does not serve expert calls is dropped
+//! ([`super::health`]).
+//!
+//! An expert no replica answered in time is not an error: its call is marked missing
+//! ([`ExpertCall::missing`], counted in [`CallStats::dropped`]), and the model drops it for its tokens
+//! under the `k_min` rule ([`mana_kernels::model::experts`]); a step that cannot go on is waited for and
+//! run again by [`super::patient`].
 //!
 //! An answer is used only when it names the checkpoint asked for and has the input's shape and finite
 //! values; an honest one is then bit-identical to the expert run locally (the host runs the model's own
@@ -59,6 +66,12 @@ pub struct CallStats {
     /// Attempts that failed (timeout, refusal, bad answer), per host, before another host answered or all
     /// failed.
     pub failures: BTreeMap<PeerId, u64>,
+    /// Expert calls that no replica answered in time: each expert was dropped for that step's tokens that
+    /// chose it (under the `k_min` rule), or its step stalled.
+    pub dropped: u64,
+    /// Steps in which some token kept fewer than `k_min` of its experts: each waited, then ran again
+    /// ([`super::patient`]).
+    pub stalled: u64,
 }
 
 impl CallStats {
@@ -99,6 +112,11 @@ impl NetworkExperts {
         self
     }
 
+    /// Who is asked for each expert (before [`HostHealth`] orders them).
+    pub fn hosts(&self) -> &Hosts {
+        &self.hosts
+    }
+
     /// The hosts banned for answering wrong.
     pub fn banned(&self) -> Vec<PeerId> {
         lock(&self.health).banned()
@@ -111,6 +129,11 @@ impl NetworkExperts {
 
     fn lock_stats(&self) -> std::sync::MutexGuard<'_, CallStats> {
         lock(&self.stats)
+    }
+
+    /// Counts a step that stalled for want of answers.
+    pub(crate) fn note_stall(&self) {
+        self.lock_stats().stalled += 1;
     }
 }
 
@@ -164,11 +187,16 @@ async fn ask(
     // all refuse is tried again, after a pause that doubles, until the call's time is spent.
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = RETRY_PAUSE;
+    // Hosts that all failed lately are asked once, not waited for: the model drops an expert that got no
+    // answer when `k_min` allows, and otherwise waits for the whole step (`super::patient`).
+    let again = again && !lock(health).all_failing(hosts, std::time::Instant::now());
     loop {
         reasons.clear();
         let ordered = lock(health).order(hosts, std::time::Instant::now());
         for &peer in &ordered {
+            let started = std::time::Instant::now();
             let result = wire::call(net, peer, request, timeout).await;
+            let took = started.elapsed();
             let unsupported = matches!(
                 result,
                 Err(wire::CallError::Net(NetError::StreamUnsupported { .. }))
@@ -178,7 +206,7 @@ async fn ask(
             });
             match answer {
                 Ok(values) => {
-                    lock(health).succeeded(peer);
+                    lock(health).succeeded(peer, took);
                     return (Ok((values, peer)), failed);
                 }
                 Err(reason) => {
@@ -212,6 +240,15 @@ enum Checked {
     Disagreed,
 }
 
+/// Why an expert got no usable answer.
+#[derive(Debug)]
+enum NoAnswer {
+    /// No replica answered in time (every one failed, refused or is gone): the expert is missing.
+    Unanswered(String),
+    /// Two replicas disagreed and the expert could not be computed here: a step error.
+    Unsettled(String),
+}
+
 /// Asks one expert's hosts (banned ones are left out by [`HostHealth::order`]) and, when the call is drawn
 /// for a check, a second replica too; on a disagreement computes the answer here and bans the hosts that
 /// gave another.
@@ -222,11 +259,11 @@ async fn ask_checked(
     request: &ExpertRequest,
     timeout: Duration,
     check: Option<&AnswerCheck>,
-) -> (Result<Vec<f32>, String>, Vec<PeerId>, Checked) {
+) -> (Result<Vec<f32>, NoAnswer>, Vec<PeerId>, Checked) {
     let (answer, failed) = ask(net, hosts, health, request, timeout, true).await;
     let (values, first) = match answer {
         Ok(found) => found,
-        Err(reason) => return (Err(reason), failed, Checked::No),
+        Err(reason) => return (Err(NoAnswer::Unanswered(reason)), failed, Checked::No),
     };
     let Some(check) = check.filter(|c| c.draw()) else {
         return (Ok(values), failed, Checked::No);
@@ -261,9 +298,9 @@ async fn ask_checked(
             (Ok(truth), failed, Checked::Disagreed)
         }
         Err(e) => (
-            Err(format!(
+            Err(NoAnswer::Unsettled(format!(
                 "hosts {first} and {second} disagree and the expert could not be computed here: {e}"
-            )),
+            ))),
             failed,
             Checked::Disagreed,
         ),
@@ -312,9 +349,24 @@ impl ExpertRunner for NetworkExperts {
                 stats.checked += u64::from(checked != Checked::No);
                 stats.disagreements += u64::from(checked == Checked::Disagreed);
             }
-            let values = answer.map_err(|reason| unavailable(call.expert, reason))?;
-            call.out.copy_from_slice(&values);
-            self.lock_stats().answered += 1;
+            match answer {
+                Ok(values) => {
+                    call.out.copy_from_slice(&values);
+                    self.lock_stats().answered += 1;
+                }
+                Err(NoAnswer::Unanswered(reason)) => {
+                    tracing::warn!(
+                        layer,
+                        expert = call.expert,
+                        %reason,
+                        "no replica of the expert answered; dropped for this step's tokens \
+                         (if each keeps k_min experts)"
+                    );
+                    call.missing = true;
+                    self.lock_stats().dropped += 1;
+                }
+                Err(NoAnswer::Unsettled(reason)) => return Err(unavailable(call.expert, reason)),
+            }
         }
         Ok(())
     }
