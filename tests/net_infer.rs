@@ -399,7 +399,7 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         client_node.clone(),
         InferConfig {
             spec: net.spec.clone(),
-            call_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(3),
             wait: Duration::from_secs(60),
             check_share: 0.0,
             k_min: 1,
@@ -511,7 +511,7 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         net.coordinator.config().net.run_id.clone(),
         checkpoint,
         hosts,
-        Duration::from_secs(2),
+        Duration::from_secs(3),
     );
     let generate_with = |k_min: usize, wait: Duration| {
         let (runner, trunk, spec, prompt) = (

@@ -183,12 +183,12 @@ async fn ask(
 ) -> (Answer, Vec<PeerId>) {
     let mut failed = Vec::new();
     let mut reasons = Vec::new();
-    // Hosts store a checkpoint's shards a moment after its commit is heard: a pass over every replica that
-    // all refuse is tried again, after a pause that doubles, until the call's time is spent.
+    // Hosts store a checkpoint's shards a moment after its commit is heard, and a connection may drop: a
+    // pass over every replica that all fail is tried again, after a pause that doubles, until the call's
+    // time is spent. Hosts that all failed lately are asked once, not waited for: the model drops an expert
+    // that got no answer when `k_min` allows, and otherwise the whole step waits (`super::patient`).
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = RETRY_PAUSE;
-    // Hosts that all failed lately are asked once, not waited for: the model drops an expert that got no
-    // answer when `k_min` allows, and otherwise waits for the whole step (`super::patient`).
     let again = again && !lock(health).all_failing(hosts, std::time::Instant::now());
     loop {
         reasons.clear();
