@@ -331,9 +331,10 @@ fn drop_missing(
             .filter(|&&i| !missing[i as usize])
             .map(|&i| s[i as usize])
             .sum();
-        for j in 0..k {
-            let i = sel[j] as usize;
-            acts.gates[tok * k + j] = if missing[i] { 0.0 } else { s[i] / zs };
+        let gates = &mut acts.gates[tok * k..(tok + 1) * k];
+        for (g, &i) in gates.iter_mut().zip(sel) {
+            let i = i as usize;
+            *g = if missing[i] { 0.0 } else { s[i] / zs };
         }
     }
     Ok(())

@@ -11,6 +11,10 @@
 //!   announcements, and each node's own signed heartbeat naming the shards it hosts. A host that does not in
 //!   fact serve the expert of that checkpoint answers `Unavailable` (or not at all) and the next one is asked.
 //!
+//! An expert that no replica answers is dropped for the tokens that chose it, each keeping at least
+//! [`InferConfig::k_min`] of its top-k ([`super::remote`]); a step that cannot is tried again for up to
+//! [`InferConfig::wait`] ([`super::patient`]).
+//!
 //! A client hears commits from the moment it joins: one started after the run's last commit waits for the
 //! next (there is no catch-up request yet).
 
@@ -80,7 +84,8 @@ pub enum InferError {
     /// The trunk's model could not be built.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// Generation failed (an expert no replica answered, a bad prompt).
+    /// Generation failed (a step still lacking `k_min` answers for some token after the wait, two replicas
+    /// that disagreed on an expert that could not be computed here, a bad prompt).
     #[error(transparent)]
     Generate(#[from] GenerateError),
 }
