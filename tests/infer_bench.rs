@@ -71,6 +71,8 @@ fn since(before: &CallStats, after: &CallStats) -> CallStats {
             .map(|(peer, n)| (*peer, n - before.failures.get(peer).copied().unwrap_or(0)))
             .collect(),
         latency,
+        dropped: after.dropped - before.dropped,
+        stalled: after.stalled - before.stalled,
     }
 }
 
@@ -133,6 +135,7 @@ async fn bench_network_inference_against_local_generation() {
             call_timeout: Duration::from_secs(10),
             wait: Duration::from_secs(60),
             check_share: 0.0,
+            k_min: net.spec.model.top_k,
         },
     );
 

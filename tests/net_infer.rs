@@ -7,18 +7,25 @@
 //! runner asks the next replica. A host that answers wrong is caught by the check against a second
 //! replica, the client computes the expert from its committed shard, and the liar is banned. A replica
 //! killed mid-generation leaves the output unchanged: the client goes on with the other one.
+//!
+//! All replicas gone: when the only host the client asks for an expert stops, generation with k_min below
+//! the top-k goes on without that expert (each token that chose it renormalized over its other choice),
+//! exactly as a local run that drops the same expert, and counts each call it dropped; with k_min = top-k
+//! the steps that need it stall, are tried again, and generation fails after the wait.
 
 mod net_support;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use mana_engine::round::build_trainer;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
-use mana_kernels::model::{ExpertCall, ExpertRunner};
+use mana_kernels::model::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts, ModelError};
+use mana_kernels::{CpuBackend, KernelError};
 use mana_node::infer::{
-    self, AnswerCheck, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, wire,
+    self, AnswerCheck, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, Patient, wire,
 };
 use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, ShardId, Tensor, UpdateRule};
 use net_support::*;
@@ -41,6 +48,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
             call_timeout: Duration::from_secs(10),
             wait: Duration::from_secs(60),
             check_share: 1.0,
+            k_min: net.spec.model.top_k,
         },
     );
     net.honest_rounds(1, 3).await;
@@ -320,9 +328,233 @@ fn call_expert(
         rows,
         x,
         out: &mut out,
+        missing: false,
     }];
     runner
         .run_layer(layer, &mut calls)
         .expect("a replica answers");
     out
+}
+
+/// Every (layer, expert) call a runner got, counted.
+type Calls = Arc<Mutex<BTreeMap<(usize, usize), u64>>>;
+
+/// Every expert of a checkpoint computed here from its shard, except `gone`, which it marks missing; counts
+/// the calls per expert.
+struct Local {
+    kernels: KernelExperts,
+    gone: Option<(usize, usize)>,
+    calls: Calls,
+}
+
+impl ExpertRunner for Local {
+    fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError> {
+        for call in calls.iter_mut() {
+            *self
+                .calls
+                .lock()
+                .expect("no panic while held")
+                .entry((layer, call.expert))
+                .or_default() += 1;
+            if self.gone == Some((layer, call.expert)) {
+                call.missing = true;
+            } else {
+                self.kernels.run_layer(layer, std::slice::from_mut(call))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_min_rule() {
+    let mut net = RoundNet::start(3).await;
+    for (node, _) in &net.trainers {
+        infer::serve_experts(node, net.spec.clone(), HostLimits::default())
+            .expect("serves expert calls");
+    }
+    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
+    cfg.coordinator = Some(net.coordinator.public_key());
+    cfg.sync_shards = false;
+    let client_node = Arc::new(start_node(cfg).await);
+    let top_k = net.spec.model.top_k;
+    let client = InferClient::new(
+        client_node.clone(),
+        InferConfig {
+            spec: net.spec.clone(),
+            call_timeout: Duration::from_secs(3),
+            wait: Duration::from_secs(60),
+            check_share: 0.0,
+            k_min: 1,
+        },
+    );
+    net.honest_rounds(1, 3).await;
+    let session = client
+        .load()
+        .await
+        .expect("a session on the committed round");
+    let (checkpoint, manifest, known) = (
+        session.checkpoint,
+        session.manifest.clone(),
+        session.hosts().clone(),
+    );
+    drop(session);
+
+    // Every shard of the checkpoint, fetched by hash: the trunk for the client, the experts for local runs.
+    let mut trunk = None;
+    let mut kernels = Vec::new();
+    for record in checkpoint_records(&client_node, &manifest, &net.spec).await {
+        if record.shard == ShardId::Trunk {
+            trunk = Some(record);
+        } else {
+            kernels.push((record.shard, record.params));
+        }
+    }
+    let trunk = trunk.expect("the checkpoint has a trunk");
+    let spec = net.spec.clone();
+    let local_experts = move || {
+        let mut runner = KernelExperts::new();
+        for (shard, params) in &kernels {
+            let kernel = ExpertKernel::new(&spec.model, params, Box::new(CpuBackend::new()))
+                .expect("an expert shard");
+            runner.insert(*shard, kernel).expect("an expert");
+        }
+        runner
+    };
+    let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
+    let config = GenerateConfig {
+        max_tokens: 12,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative: false,
+    };
+    // Locally: which expert is called most, then generation without it under k_min = 1 and its calls.
+    let spec = net.spec.clone();
+    let (gone, local, expected_drops) = {
+        let (trunk, prompt) = (trunk.clone(), prompt.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut model = infer::client::trunk_model(&spec, &trunk).expect("trunk model");
+            let mut run = |gone| {
+                let calls = Calls::default();
+                let runner = Local {
+                    kernels: local_experts(),
+                    gone,
+                    calls: calls.clone(),
+                };
+                let mut lm = CachedModel::with_experts(&mut model, Box::new(runner)).with_k_min(1);
+                let g = generate::generate(&mut lm, &prompt, &config).expect("local generation");
+                let calls = calls.lock().expect("no panic while held").clone();
+                (g, calls)
+            };
+            let (_, calls) = run(None);
+            let (&gone, _) = calls
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .expect("experts were called");
+            let (without, calls) = run(Some(gone));
+            (gone, without, calls[&gone])
+        })
+        .await
+        .expect("local task")
+    };
+    assert!(expected_drops > 0);
+    let gone_shard = ShardId::expert(gone.0, gone.1).expect("an expert");
+
+    // The client asks one host for that expert, and the others for the rest; then that host stops.
+    let victim_id = known[&gone_shard][0];
+    let mut hosts = Hosts::new();
+    for (shard, peers) in &known {
+        let peers: Vec<_> = if *shard == gone_shard {
+            vec![victim_id]
+        } else {
+            peers.iter().copied().filter(|p| *p != victim_id).collect()
+        };
+        assert!(!peers.is_empty(), "{shard} keeps a replica");
+        hosts.insert(*shard, peers);
+    }
+    let at = net
+        .trainers
+        .iter()
+        .position(|(n, _)| n.peer_id() == victim_id)
+        .expect("the victim is a trainer");
+    let (victim, task) = net.trainers.remove(at);
+    victim.stop().await.expect("the replica stops");
+    task.abort();
+    let _ = task.await;
+
+    let runner = NetworkExperts::new(
+        client_node.net().clone(),
+        tokio::runtime::Handle::current(),
+        net.coordinator.config().net.run_id.clone(),
+        checkpoint,
+        hosts,
+        Duration::from_secs(3),
+    );
+    let generate_with = |k_min: usize, wait: Duration| {
+        let (runner, trunk, spec, prompt) = (
+            runner.clone(),
+            trunk.clone(),
+            net.spec.clone(),
+            prompt.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let before = runner.stats();
+            let mut model = infer::client::trunk_model(&spec, &trunk).expect("trunk model");
+            let lm =
+                CachedModel::with_experts(&mut model, Box::new(runner.clone())).with_k_min(k_min);
+            let mut lm = Patient::new(lm, runner.clone(), wait);
+            let g = generate::generate(&mut lm, &prompt, &config);
+            let after = runner.stats();
+            (
+                g,
+                after.dropped - before.dropped,
+                after.stalled - before.stalled,
+            )
+        })
+    };
+
+    // k_min = 1: the expert is dropped for the tokens that chose it, exactly as the local run drops it.
+    let (remote, dropped, stalled) = generate_with(1, Duration::from_secs(60))
+        .await
+        .expect("generation task");
+    let remote = remote.expect("generation goes on without the gone expert");
+    assert_eq!(
+        remote.tokens, local.tokens,
+        "network and local outputs without the expert differ"
+    );
+    assert_eq!(
+        dropped, expected_drops,
+        "every call of the gone expert dropped"
+    );
+    assert_eq!(stalled, 0, "every token kept one expert");
+
+    // k_min = top-k: the first step that needs the expert stalls, is tried again, and fails after the wait.
+    let (failed, dropped, stalled) = generate_with(top_k, Duration::from_secs(1))
+        .await
+        .expect("generation task");
+    let err = failed.expect_err("no step can go on without the expert");
+    assert!(
+        matches!(
+            &err,
+            generate::GenerateError::Model(ModelError::Kernel(KernelError::TooFewExperts { k_min, missing, .. }))
+                if *k_min == top_k && missing == &vec![gone.1]
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("k_min"), "{err}");
+    assert!(stalled >= 1, "the step was not tried again");
+    assert_eq!(
+        dropped,
+        stalled + 1,
+        "one unanswered call per try of the step"
+    );
+
+    drop(runner);
+    drop(client);
+    Arc::into_inner(client_node)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("client shutdown");
+    net.stop().await;
 }

@@ -84,4 +84,24 @@ pub enum KernelError {
         /// Why (the last failure seen).
         reason: String,
     },
+    /// Some token of a step kept fewer than `k_min` of its top-k routed experts: the others got no answer
+    /// ([`crate::model::ExpertCall::missing`]). The step did not happen; it may be run again.
+    #[error(
+        "token {token} of the step kept {kept} of its {top_k} routed experts in layer {layer}, fewer than \
+         k_min = {k_min} (no answer from expert(s) {missing:?} of that layer)"
+    )]
+    TooFewExperts {
+        /// The MoE layer.
+        layer: usize,
+        /// The first such token, counted from the step's first new position.
+        token: usize,
+        /// Its selected experts that were held or answered.
+        kept: usize,
+        /// How many it selected.
+        top_k: usize,
+        /// The fewest it may keep.
+        k_min: usize,
+        /// The layer's experts that got no answer in this step.
+        missing: Vec<usize>,
+    },
 }

@@ -30,7 +30,7 @@ use std::ops::ControlFlow;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
-use crate::model::{CacheError, ExpertRunner, KvCache, Model, ModelError};
+use crate::model::{CacheError, ExpertRunner, KvCache, Model, ModelError, OutsideExperts};
 
 /// What generation needs from a model: logits of the main head and (optionally) of the MTP head for the
 /// last positions of a window. [`CachedModel`] and [`UncachedModel`] run the local [`Model`]; a model served
@@ -63,6 +63,8 @@ pub struct CachedModel<'m> {
     cache: KvCache,
     /// Runs the routed experts `model` does not hold (see [`Model::decode_with`]).
     experts: Option<Box<dyn ExpertRunner>>,
+    /// The fewest of a token's top-k experts that must answer ([`OutsideExperts::k_min`]).
+    k_min: usize,
 }
 
 impl<'m> CachedModel<'m> {
@@ -73,6 +75,7 @@ impl<'m> CachedModel<'m> {
             model,
             cache,
             experts: None,
+            k_min: usize::MAX,
         }
     }
 
@@ -84,7 +87,17 @@ impl<'m> CachedModel<'m> {
             model,
             cache,
             experts: Some(experts),
+            k_min: usize::MAX,
         }
+    }
+
+    /// The same model, with an expert the runner gets no answer for dropped for a token as long as the
+    /// token keeps `k_min` of its top-k (see [`Model::decode_remote`]); by default every one must answer.
+    /// A pass in which some token keeps fewer fails with [`crate::KernelError::TooFewExperts`], the cache
+    /// as it was, and may be asked again.
+    pub fn with_k_min(mut self, k_min: usize) -> Self {
+        self.k_min = k_min;
+        self
     }
 
     /// The cache (its length, its size in bytes).
@@ -127,12 +140,19 @@ impl LanguageModel for CachedModel<'_> {
             .count();
         self.cache.truncate(shared.min(t - rows));
         let fresh = &window[self.cache.len()..];
-        let experts = self
-            .experts
-            .as_deref_mut()
-            .map(|e| e as &mut dyn ExpertRunner);
-        self.model
-            .decode_with(&mut self.cache, fresh, rows, main_out, mtp_out, experts)
+        match self.experts.as_deref_mut() {
+            Some(runner) => {
+                let outside = OutsideExperts {
+                    runner,
+                    k_min: self.k_min,
+                };
+                self.model
+                    .decode_remote(&mut self.cache, fresh, rows, main_out, mtp_out, outside)
+            }
+            None => self
+                .model
+                .decode_with(&mut self.cache, fresh, rows, main_out, mtp_out, None),
+        }
     }
 }
 

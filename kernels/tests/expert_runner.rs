@@ -2,14 +2,18 @@
 //! experts run through an [`ExpertRunner`] made of standalone [`ExpertKernel`]s generates exactly what the
 //! whole model generates (greedy and speculative, past the context, at FP8 and f32), with one runner call
 //! per MoE layer per pass; a runner that fails ends the pass with a typed error and leaves the cache usable.
+//! An expert the runner gets no answer for is dropped under the `k_min` rule: with every expert answering
+//! the logits do not depend on `k_min`; with one missing, the pass goes on when each token keeps `k_min` of
+//! its top-k, and fails with a typed error (the cache as it was) when one does not.
 
 use mana_kernels::gemm::Precision;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Generation, Sampling};
 use mana_kernels::model::{
     ExpertCall, ExpertKernel, ExpertRunner, ExpertSet, KernelExperts, Model, ModelConfig,
-    ModelError, ShardId,
+    ModelError, OutsideExperts, ShardId,
 };
 use mana_kernels::{CpuBackend, KernelError};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Two blocks (one dense, one MoE of 4 experts, top 2), context 24, MTP on.
@@ -102,6 +106,27 @@ impl ExpertRunner for Failing {
             expert: calls[0].expert,
             reason: "no host answered".into(),
         })
+    }
+}
+
+/// Answers every call but those for `gone` (of any layer), which it marks missing; counts them.
+struct Dropping {
+    inner: KernelExperts,
+    gone: usize,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl ExpertRunner for Dropping {
+    fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError> {
+        for call in calls.iter_mut() {
+            if call.expert == self.gone {
+                call.missing = true;
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.inner.run_layer(layer, std::slice::from_mut(call))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -237,4 +262,89 @@ fn an_expert_kernel_refuses_wrong_lengths() {
     let mut out = vec![0.0; 2 * c];
     assert!(kernel.forward(&vec![0.0; 3 * c], 2, &mut out).is_err());
     assert!(kernel.forward(&vec![0.0; 2 * c], 2, &mut out).is_ok());
+}
+
+#[test]
+fn with_every_expert_answering_the_logits_do_not_depend_on_k_min() {
+    let full = whole(Precision::Fp8);
+    let mut trunk = part(&full, &[expert(1)]);
+    let v = trunk.config().vocab_size;
+    let tokens = [5, 9, 2, 7];
+    let step = |trunk: &mut Model, k_min: Option<usize>| {
+        let mut runner = kernels(&full, &[expert(1)]);
+        let mut cache = trunk.new_cache();
+        let mut logits = vec![0.0f32; 4 * v];
+        match k_min {
+            None => trunk.decode_with(&mut cache, &tokens, 4, &mut logits, None, Some(&mut runner)),
+            Some(k_min) => {
+                let outside = OutsideExperts {
+                    runner: &mut runner,
+                    k_min,
+                };
+                trunk.decode_remote(&mut cache, &tokens, 4, &mut logits, None, outside)
+            }
+        }
+        .expect("every expert answers");
+        logits.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    let want = step(&mut trunk, None);
+    for k_min in [0, 1, 2] {
+        assert_eq!(step(&mut trunk, Some(k_min)), want, "k_min {k_min}");
+    }
+}
+
+#[test]
+fn a_missing_expert_is_dropped_while_every_token_keeps_k_min_and_fails_the_pass_otherwise() {
+    let mut full = whole(Precision::Fp8);
+    let want = run(&mut CachedModel::new(&mut full), false, Sampling::Greedy);
+    let mut trunk = part(&full, &[]);
+    let dropping = |dropped: &Arc<AtomicUsize>| Dropping {
+        inner: kernels(&full, &[]),
+        gone: 2,
+        dropped: dropped.clone(),
+    };
+    // k_min = 1 of top 2: each token that chose expert 2 goes on with its other choice alone.
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let got = run(
+        &mut CachedModel::with_experts(&mut trunk, Box::new(dropping(&dropped))).with_k_min(1),
+        false,
+        Sampling::Greedy,
+    );
+    assert_eq!(got.tokens.len(), want.tokens.len());
+    assert!(
+        dropped.load(Ordering::Relaxed) > 0,
+        "expert 2 was never chosen"
+    );
+
+    // k_min = 2: the prompt's tokens that chose expert 2 cannot go on; the pass fails, the cache unchanged.
+    let v = trunk.config().vocab_size;
+    let mut cache = trunk.new_cache();
+    let mut logits = vec![0.0f32; v];
+    let prompt: Vec<u32> = b"add 1+2=".iter().map(|&b| u32::from(b)).collect();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let mut runner = dropping(&dropped);
+    let outside = OutsideExperts {
+        runner: &mut runner,
+        k_min: 2,
+    };
+    let err = trunk
+        .decode_remote(&mut cache, &prompt, 1, &mut logits, None, outside)
+        .expect_err("a token keeps one expert of two");
+    match &err {
+        ModelError::Kernel(KernelError::TooFewExperts {
+            layer: 1,
+            kept: 1,
+            top_k: 2,
+            k_min: 2,
+            missing,
+            ..
+        }) => assert_eq!(missing, &vec![2]),
+        other => panic!("{other}"),
+    }
+    assert_eq!(dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(cache.len(), 0, "a failed step leaves the cache as it was");
+    let mut runner = kernels(&full, &[]);
+    trunk
+        .decode_with(&mut cache, &prompt, 1, &mut logits, None, Some(&mut runner))
+        .expect("the same step with every expert answering");
 }

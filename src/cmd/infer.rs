@@ -2,6 +2,11 @@
 //! starts a client node that joins through `--bootstrap`, waits for the coordinator's next signed commit of
 //! `--run` and for a host of every expert, fetches the trunk, runs it here and has each routed expert
 //! computed by the nodes that host it (`mana_node::infer`). The sampling flags are `mana generate`'s.
+//!
+//! `--k-min` (default: the model's top-k) is how many of a token's top-k experts must answer: an expert no
+//! replica answers in time is dropped for a token that keeps that many, its gates renormalized over them;
+//! a step in which some token keeps fewer is tried again for up to `--wait-secs`, then the command fails.
+//! The summary counts the experts dropped and the steps that stalled.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,9 +36,15 @@ pub struct InferArgs {
     coordinator: String,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Seconds to wait for a signed commit and a host of every expert.
+    /// Seconds to wait for a signed commit and a host of every expert, and for a generation step that lacks
+    /// --k-min answers for some token (it is tried again meanwhile).
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
+    /// How many of a token's top-k routed experts must answer (1 to the model's top-k; default all of them):
+    /// an expert that no replica answers in time is dropped for a token that keeps this many, and its gates
+    /// are renormalized over them.
+    #[arg(long)]
+    k_min: Option<usize>,
     /// Share of expert calls also asked of a second replica (0 to 1); replicas that disagree are settled by
     /// computing the expert here from its committed shard, and a host that answered wrong is banned.
     #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
@@ -61,6 +72,12 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
             args.check_share
         );
     }
+    let spec = RunSpec::tiny();
+    let top_k = spec.model.top_k;
+    let k_min = args.k_min.unwrap_or(top_k);
+    if !(1..=top_k).contains(&k_min) {
+        bail!("--k-min must be between 1 and the model's top-k ({top_k}), got {k_min}");
+    }
     let temp;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -77,10 +94,11 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         &args.coordinator,
     )?;
     let infer = InferConfig {
-        spec: RunSpec::tiny(),
+        spec,
         call_timeout: Duration::from_secs(args.call_timeout_secs.max(1)),
         wait: Duration::from_secs(args.wait_secs),
         check_share: args.check_share,
+        k_min,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -111,6 +129,9 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     "request_bytes": stats.request_bytes,
                     "checked": stats.checked,
                     "disagreements": stats.disagreements,
+                    "dropped_experts": stats.dropped,
+                    "stalled_steps": stats.stalled,
+                    "k_min": k_min,
                     "banned_hosts": session.banned_hosts().len(),
                     "call_ms_p50": ms(0.5),
                     "call_ms_p99": ms(0.99),
@@ -122,7 +143,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                 eprintln!(
                     "round {}: {} tokens in {seconds:.2} s, {} expert calls ({} retried on another replica, {} \
                      checked against a second one, {} disagreements, {} hosts banned; call time p50 {} ms, p99 {} \
-                     ms)",
+                     ms); {} expert calls unanswered and dropped (k_min {k_min}), {} steps stalled and retried",
                     session.round,
                     generation.tokens.len(),
                     stats.answered,
@@ -132,6 +153,8 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     session.banned_hosts().len(),
                     ms(0.5).map_or("-".into(), |v| format!("{v:.1}")),
                     ms(0.99).map_or("-".into(), |v| format!("{v:.1}")),
+                    stats.dropped,
+                    stats.stalled,
                 );
             }
             anyhow::Ok(())

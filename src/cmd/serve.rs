@@ -204,11 +204,14 @@ fn run_network(args: ServeArgs) -> anyhow::Result<()> {
         run,
         coordinator,
     )?;
+    let spec = RunSpec::tiny();
     let infer = InferConfig {
-        spec: RunSpec::tiny(),
         call_timeout: Duration::from_secs(10),
         wait: Duration::from_secs(args.wait_secs),
         check_share: args.check_share,
+        // Every selected expert must answer (a step that lacks one waits, up to the wait).
+        k_min: spec.model.top_k,
+        spec,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let result = runtime.block_on(async {

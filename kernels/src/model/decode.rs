@@ -15,7 +15,7 @@
 //! `gemm` crate's batched products.
 
 use super::block::{self, BlockActs, BlockContext};
-use super::experts::ExpertRunner;
+use super::experts::{ExpertRunner, OutsideExperts};
 use super::head::{self, HeadSpec};
 use super::kv_cache::{CacheError, KvCache};
 use super::moe::RemoteExperts;
@@ -113,8 +113,9 @@ impl Model {
     /// given: every MoE layer then routes over all the config's experts, runs the held ones itself and hands
     /// the rest, grouped per expert, to the runner in one call per layer (see [`super::experts`]). A
     /// trunk-only instance with a runner that computes the experts exactly gives the logits of the whole
-    /// model, bit for bit. A runner error ends the step with
-    /// [`crate::KernelError::ExpertUnavailable`] (or whatever it returned) and leaves the cache as it was.
+    /// model, bit for bit. Every selected expert must answer: a runner error, or an expert it marks missing,
+    /// ends the step with [`crate::KernelError::ExpertUnavailable`] (or whatever it returned) or
+    /// [`crate::KernelError::TooFewExperts`], and leaves the cache as it was.
     pub fn decode_with(
         &mut self,
         cache: &mut KvCache,
@@ -123,6 +124,37 @@ impl Model {
         main_out: &mut [f32],
         mtp_out: Option<&mut [f32]>,
         experts: Option<&mut dyn ExpertRunner>,
+    ) -> Result<(), ModelError> {
+        let outside = experts.map(OutsideExperts::all);
+        self.decode_step(cache, tokens, rows, main_out, mtp_out, outside)
+    }
+
+    /// [`Model::decode_with`] under the `k_min` rule of `experts` ([`OutsideExperts::k_min`]): an expert the
+    /// runner marks missing is dropped for the tokens routed to it, whose gates are renormalized over the
+    /// experts they keep, as long as every token keeps `k_min` of its top-k; otherwise the step fails with
+    /// [`crate::KernelError::TooFewExperts`] and the cache is left as it was. When every expert answers, the
+    /// logits are those of [`Model::decode_with`], bit for bit.
+    pub fn decode_remote(
+        &mut self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: usize,
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+        experts: OutsideExperts<'_>,
+    ) -> Result<(), ModelError> {
+        self.decode_step(cache, tokens, rows, main_out, mtp_out, Some(experts))
+    }
+
+    /// [`Model::decode_with`] and [`Model::decode_remote`]: the checks, then the step on a rayon worker.
+    fn decode_step(
+        &mut self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: usize,
+        main_out: &mut [f32],
+        mtp_out: Option<&mut [f32]>,
+        experts: Option<OutsideExperts<'_>>,
     ) -> Result<(), ModelError> {
         let k = tokens.len();
         let v = self.config.vocab_size;
@@ -163,7 +195,7 @@ impl Model {
         rows: usize,
         main_out: &mut [f32],
         mtp_out: Option<&mut [f32]>,
-        mut experts: Option<&mut dyn ExpertRunner>,
+        mut experts: Option<OutsideExperts<'_>>,
     ) -> Result<(), ModelError> {
         let k = tokens.len();
         let (c, v) = (self.config.d_model, self.config.vocab_size);
@@ -181,9 +213,11 @@ impl Model {
         let mut run = || -> Result<(), ModelError> {
             for l in 0..self.config.n_layers {
                 self.attention_step(l, cache, x_new)?;
-                let remote = experts
-                    .as_deref_mut()
-                    .map(|runner| RemoteExperts { layer: l, runner });
+                let remote = experts.as_mut().map(|outside| RemoteExperts {
+                    layer: l,
+                    runner: &mut *outside.runner,
+                    k_min: outside.k_min,
+                });
                 self.ffn_step(l, x_new, remote)?;
             }
             cache.hidden[pos0 * c..end * c].copy_from_slice(x_new);

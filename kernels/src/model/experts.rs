@@ -8,6 +8,16 @@
 //! does), and hands each other expert's rows, gathered and grouped, to an [`ExpertRunner`] in one call per
 //! layer. The runner fills the outputs; the layer then combines them with its own gates and shared expert.
 //!
+//! **Missing experts and `k_min`** (Hivemind's rule). A runner that got no answer for an expert (no host of
+//! it answered in time) marks that call [`ExpertCall::missing`] instead of failing the step. The layer then
+//! drops that expert for every token routed to it and renormalizes each such token's gates over the routed
+//! experts it still has (held ones included): g_j = s_j / Σ s over the remaining selected experts, the same
+//! normalization as the full top-k (DeepSeek-V3's sigmoid affinities, no scaling factor), provided the token
+//! keeps at least `k_min` of its top-k ([`OutsideExperts::k_min`]). If any token of the step keeps fewer, the
+//! step fails with [`KernelError::TooFewExperts`] and the cache is left as it was before the step, so the
+//! caller may wait and run it again. With `k_min` = top-k (the default) every expert must answer, and a
+//! step in which all answered is bit-identical whatever `k_min` is.
+//!
 //! [`ExpertKernel`] is one expert computed standalone from its shard's parameters, with the same arithmetic
 //! as the model's decode step (the row-invariant backend view, weights rounded once at FP8): a host answers
 //! with it, and since every row depends only on itself, its output is bit-identical to the expert run inside
@@ -35,14 +45,40 @@ pub struct ExpertCall<'a> {
     pub x: &'a [f32],
     /// [M, C] where its outputs go (ungated; the layer applies the gates).
     pub out: &'a mut [f32],
+    /// Set by the runner when it got no answer for this expert: the layer then leaves `out` unread and drops
+    /// the expert for its tokens under the `k_min` rule (see the module doc). `false` when the layer makes the
+    /// call.
+    pub missing: bool,
+}
+
+/// The routed experts a decode step runs outside the model: who runs them, and how many of each token's
+/// top-k must have answered for the step to go on without the missing ones (see the module doc).
+pub struct OutsideExperts<'a> {
+    /// Runs the experts the instance does not hold.
+    pub runner: &'a mut dyn ExpertRunner,
+    /// The fewest of a token's top-k routed experts (held or answered) it may keep; clamped to the top-k,
+    /// so `usize::MAX` (what [`OutsideExperts::all`] sets) means every one must answer. 0 lets a token
+    /// lose all of them (its routed part is then zero).
+    pub k_min: usize,
+}
+
+impl<'a> OutsideExperts<'a> {
+    /// `runner`, with every selected expert required to answer (today's rule, and the default).
+    pub fn all(runner: &'a mut dyn ExpertRunner) -> Self {
+        Self {
+            runner,
+            k_min: usize::MAX,
+        }
+    }
 }
 
 /// Runs the routed experts a model instance does not hold. One call per MoE layer per step, with every
 /// expert that layer needs, so an implementation can run them concurrently (a network client sends one
 /// request per expert at once). `Send`, because a decode step runs on a rayon worker.
 pub trait ExpertRunner: Send {
-    /// Fills every call's `out` with expert `call.expert` of block `layer` applied to `call.x`. An error
-    /// stops the step (the model's cache is left as it was before the step).
+    /// Fills every call's `out` with expert `call.expert` of block `layer` applied to `call.x`, or marks
+    /// the call [`ExpertCall::missing`] when no answer for it came (the layer then applies the `k_min` rule,
+    /// see the module doc). An error stops the step (the model's cache is left as it was before the step).
     fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError>;
 }
 

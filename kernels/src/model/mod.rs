@@ -40,7 +40,7 @@ use crate::gemm::Precision;
 
 use block::{BlockActs, BlockContext, BlockDims, BlockScratch};
 pub use config::{ConfigError, ModelConfig};
-pub use experts::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts};
+pub use experts::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts, OutsideExperts};
 use head::{HeadActs, HeadSpec};
 pub use kv_cache::{CacheError, KvCache};
 use loss::IGNORE;

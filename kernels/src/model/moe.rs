@@ -11,7 +11,8 @@
 //!   `act` [R, F]; shared expert: `sh13` [N, 2S], `sact` [N, S]
 //!
 //! Experts run only on the tokens routed to them: gather → GEMM → scatter. Absent experts (not held by this
-//! instance) are never selected.
+//! instance) are never selected, except at inference with [`RemoteExperts`], where they are run outside
+//! (and may be dropped for a token under the `k_min` rule, see [`super::experts`]).
 
 use crate::backend::Backend;
 use crate::error::KernelError;
@@ -280,12 +281,63 @@ pub struct MoeContext<'a> {
 
 /// The routed experts of one MoE layer that run outside the model (inference only): with it, routing
 /// chooses among all E experts of the config, and the rows of every expert the instance does not hold go to
-/// the runner.
+/// the runner. An expert the runner marks missing is dropped for its tokens, whose gates are renormalized
+/// over the experts they keep, if each keeps at least `k_min` (see [`super::experts`]).
 pub struct RemoteExperts<'a> {
     /// The block index, as the runner knows it.
     pub layer: usize,
     /// Computes the absent experts.
     pub runner: &'a mut dyn ExpertRunner,
+    /// The fewest selected experts a token may keep (clamped to K').
+    pub k_min: usize,
+}
+
+/// Drops the experts marked in `missing` [E] from the tokens that selected them: each such token's gates
+/// become s_j / Σ s over the selected experts it keeps (0 for the dropped ones), the normalization
+/// [`route`] applies to the full selection. Fails, changing nothing, if a token would keep fewer than
+/// `k_min` (clamped to K').
+fn drop_missing(
+    acts: &mut MoeActs,
+    missing: &[bool],
+    n: usize,
+    e: usize,
+    layer: usize,
+    k_min: usize,
+) -> Result<(), KernelError> {
+    let k = acts.k_eff;
+    let need = k_min.min(k);
+    for tok in 0..n {
+        let sel = &acts.sel[tok * k..(tok + 1) * k];
+        let kept = sel.iter().filter(|&&i| !missing[i as usize]).count();
+        if kept < need {
+            return Err(KernelError::TooFewExperts {
+                layer,
+                token: tok,
+                kept,
+                top_k: k,
+                k_min: need,
+                missing: (0..e).filter(|&i| missing[i]).collect(),
+            });
+        }
+    }
+    for tok in 0..n {
+        let sel = &acts.sel[tok * k..(tok + 1) * k];
+        if sel.iter().all(|&i| !missing[i as usize]) {
+            continue;
+        }
+        let s = &acts.s[tok * e..(tok + 1) * e];
+        let zs: f32 = sel
+            .iter()
+            .filter(|&&i| !missing[i as usize])
+            .map(|&i| s[i as usize])
+            .sum();
+        let gates = &mut acts.gates[tok * k..(tok + 1) * k];
+        for (g, &i) in gates.iter_mut().zip(sel) {
+            let i = i as usize;
+            *g = if missing[i] { 0.0 } else { s[i] / zs };
+        }
+    }
+    Ok(())
 }
 
 /// out = shared(x) + Σ_k gate_k · expert_k(x). Overwrites `out`. `bias` [E] only affects selection.
@@ -376,7 +428,13 @@ pub fn forward_with(
         )?;
     }
     // The others, routed to the runner in one call: each expert's rows are one slice of `xg` and `yg`.
-    if let Some(RemoteExperts { layer, runner }) = remote {
+    let mut missing: Option<Vec<bool>> = None;
+    if let Some(RemoteExperts {
+        layer,
+        runner,
+        k_min,
+    }) = remote
+    {
         let mut calls = Vec::new();
         let mut rest = &mut acts.yg[..r * c];
         let mut at = 0;
@@ -394,10 +452,20 @@ pub fn forward_with(
                 rows: hi - lo,
                 x: &acts.xg[lo * c..hi * c],
                 out: mine,
+                missing: false,
             });
         }
         if !calls.is_empty() {
             runner.run_layer(layer, &mut calls)?;
+        }
+        if calls.iter().any(|call| call.missing) {
+            let mut gone = vec![false; e];
+            for call in &calls {
+                gone[call.expert] |= call.missing;
+            }
+            drop(calls);
+            drop_missing(acts, &gone, n, e, layer, k_min)?;
+            missing = Some(gone);
         }
     }
     // Shared expert writes `out`, then the gated routed outputs are added.
@@ -417,6 +485,13 @@ pub fn forward_with(
     for tok in 0..n {
         let o = &mut out[tok * c..(tok + 1) * c];
         for j in 0..k {
+            // A dropped expert's rows hold whatever the runner left there.
+            if missing
+                .as_ref()
+                .is_some_and(|m| m[acts.sel[tok * k + j] as usize])
+            {
+                continue;
+            }
             let g = acts.gates[tok * k + j];
             let row = acts.slot[tok * k + j] as usize;
             for (ov, &yv) in o.iter_mut().zip(&acts.yg[row * c..(row + 1) * c]) {
@@ -625,5 +700,231 @@ pub fn update_bias(bias: &mut [f32], counts: &[u64], present: &[bool], gamma: f3
         } else if load > mean {
             *b -= gamma;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::model::ModelConfig;
+    use crate::model::params::{ExpertSet, FfnParams, ParamLayout};
+
+    /// One MoE block (after a dense one) of 6 experts, top 3, every expert outside the instance.
+    fn config() -> ModelConfig {
+        ModelConfig {
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 2,
+            n_dense_layers: 1,
+            dense_hidden: 16,
+            n_routed_experts: 6,
+            top_k: 3,
+            expert_hidden: 8,
+            shared_hidden: 8,
+            context: 8,
+            mtp: false,
+            ..ModelConfig::default()
+        }
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// A stand-in for remote experts: expert i maps a row x to (i + 1)·x/4 + i/100, or to zeros when
+    /// `zeros`; the experts in `gone` get no answer (their outputs are left NaN, which must not be read).
+    struct Stand {
+        zeros: bool,
+        gone: Vec<usize>,
+    }
+
+    fn stand(expert: usize, x: f32) -> f32 {
+        (expert + 1) as f32 * x / 4.0 + expert as f32 / 100.0
+    }
+
+    impl ExpertRunner for Stand {
+        fn run_layer(
+            &mut self,
+            _layer: usize,
+            calls: &mut [ExpertCall<'_>],
+        ) -> Result<(), KernelError> {
+            for call in calls.iter_mut() {
+                if self.gone.contains(&call.expert) {
+                    call.out.fill(f32::NAN);
+                    call.missing = true;
+                    continue;
+                }
+                for (o, &x) in call.out.iter_mut().zip(call.x) {
+                    *o = if self.zeros {
+                        0.0
+                    } else {
+                        stand(call.expert, x)
+                    };
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Tokens of one sequence through the MoE layer with `runner` and `k_min`: (out, affinities, selection).
+    fn layer(
+        runner: &mut Stand,
+        k_min: usize,
+    ) -> (Result<Vec<f32>, KernelError>, Vec<f32>, Vec<u32>) {
+        let cfg = config();
+        let n = 5;
+        let layout = ParamLayout::new(&cfg, &ExpertSet::none(&cfg));
+        let FfnParams::Moe(p) = &layout.blocks[1].ffn else {
+            panic!("block 1 is MoE")
+        };
+        let params = values(layout.total, 3);
+        let d = MoeDims {
+            c: cfg.d_model,
+            e: cfg.n_routed_experts,
+            k: cfg.top_k,
+            f: cfg.expert_hidden,
+            s: cfg.shared_hidden,
+        };
+        let mut backend = CpuBackend::new();
+        let ctx = MoeContext {
+            backend: &mut backend,
+            precision: cfg.linear_precision(),
+            params: &params,
+            p,
+            present: &[false; 6],
+            dims: d,
+            b: 1,
+            t: n,
+            alpha: 0.0,
+        };
+        let x = values(n * d.c, 11);
+        let mut out = vec![0.0; n * d.c];
+        let mut acts = MoeActs::new(d, n, 1);
+        let remote = RemoteExperts {
+            layer: 1,
+            runner,
+            k_min,
+        };
+        let result = forward_with(ctx, Some(remote), &[0.0; 6], &x, &mut out, &mut acts);
+        let sel = acts.sel[..n * acts.k_eff].to_vec();
+        (result.map(|_| out), acts.s[..n * d.e].to_vec(), sel)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn with_every_expert_answering_k_min_changes_nothing() {
+        let all = |k_min| {
+            let mut runner = Stand {
+                zeros: false,
+                gone: Vec::new(),
+            };
+            layer(&mut runner, k_min).0.expect("all answered")
+        };
+        let want = all(usize::MAX);
+        for k_min in [0, 1, 2, 3] {
+            assert_eq!(bits(&all(k_min)), bits(&want), "k_min {k_min}");
+        }
+    }
+
+    #[test]
+    fn a_missing_expert_is_dropped_and_its_tokens_gates_renormalized() {
+        let cfg = config();
+        let (c, e, k) = (cfg.d_model, cfg.n_routed_experts, cfg.top_k);
+        let mut full = Stand {
+            zeros: false,
+            gone: Vec::new(),
+        };
+        let (_, _, sel) = layer(&mut full, usize::MAX);
+        let gone = sel[0] as usize;
+        let mut dropping = Stand {
+            zeros: false,
+            gone: vec![gone],
+        };
+        let (got, s, sel) = layer(&mut dropping, k - 1);
+        let got = got.expect("every token keeps k - 1 experts");
+        // The shared expert alone: every routed expert answering zeros.
+        let mut zeros = Stand {
+            zeros: true,
+            gone: Vec::new(),
+        };
+        let shared = layer(&mut zeros, usize::MAX).0.expect("all answered");
+        let x = values(5 * c, 11);
+        let mut dropped_somewhere = false;
+        for tok in 0..5 {
+            let chosen = &sel[tok * k..(tok + 1) * k];
+            let kept: Vec<usize> = chosen
+                .iter()
+                .map(|&i| i as usize)
+                .filter(|&i| i != gone)
+                .collect();
+            dropped_somewhere |= kept.len() < k;
+            let z: f32 = kept.iter().map(|&i| s[tok * e + i]).sum();
+            for ch in 0..c {
+                let routed: f32 = kept
+                    .iter()
+                    .map(|&i| s[tok * e + i] / z * stand(i, x[tok * c + ch]))
+                    .sum();
+                let want = shared[tok * c + ch] + routed;
+                let have = got[tok * c + ch];
+                assert!(
+                    (have - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "token {tok}, channel {ch}: {have} against {want}"
+                );
+            }
+        }
+        assert!(
+            dropped_somewhere,
+            "the missing expert was chosen by token 0"
+        );
+    }
+
+    #[test]
+    fn a_token_keeping_fewer_than_k_min_fails_the_layer_with_a_typed_error() {
+        let k = config().top_k;
+        let (_, _, sel) = layer(
+            &mut Stand {
+                zeros: false,
+                gone: Vec::new(),
+            },
+            usize::MAX,
+        );
+        let gone = vec![sel[0] as usize, sel[1] as usize];
+        let mut runner = Stand {
+            zeros: false,
+            gone: gone.clone(),
+        };
+        let err = layer(&mut runner, k - 1).0.expect_err("token 0 keeps one");
+        match err {
+            KernelError::TooFewExperts {
+                layer,
+                token,
+                kept,
+                top_k,
+                k_min,
+                missing,
+            } => {
+                assert_eq!((layer, token, kept, top_k, k_min), (1, 0, 1, k, k - 1));
+                let mut want = gone;
+                want.sort_unstable();
+                assert_eq!(missing, want);
+            }
+            other => panic!("{other}"),
+        }
+        // One kept is enough at k_min = 1, and k_min past the top-k means all of them.
+        assert!(layer(&mut runner, 1).0.is_ok());
+        assert!(layer(&mut runner, usize::MAX).0.is_err());
     }
 }

@@ -11,6 +11,10 @@
 //!   announcements, and each node's own signed heartbeat naming the shards it hosts. A host that does not in
 //!   fact serve the expert of that checkpoint answers `Unavailable` (or not at all) and the next one is asked.
 //!
+//! An expert that no replica answers is dropped for the tokens that chose it, each keeping at least
+//! [`InferConfig::k_min`] of its top-k ([`super::remote`]); a step that cannot is tried again for up to
+//! [`InferConfig::wait`] ([`super::patient`]).
+//!
 //! A client hears commits from the moment it joins: one started after the run's last commit waits for the
 //! next (there is no catch-up request yet).
 
@@ -27,6 +31,7 @@ use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, Shard
 
 use super::check::AnswerCheck;
 use super::lock;
+use super::patient::Patient;
 use super::remote::{CallStats, Hosts, NetworkExperts};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 
@@ -37,11 +42,17 @@ pub struct InferConfig {
     pub spec: RunSpec,
     /// Time for one expert call before the next replica is asked.
     pub call_timeout: Duration,
-    /// How long [`InferClient::load`] waits for a signed commit and for a host of every expert.
+    /// How long [`InferClient::load`] waits for a signed commit and for a host of every expert, and how
+    /// long a generation step that lacks `k_min` answers for some token is tried again before generation
+    /// fails ([`super::patient`]).
     pub wait: Duration,
     /// The share of expert calls also asked of a second replica, to catch hosts that answer wrong
     /// ([`super::check`]; 0 checks none, 1 every call).
     pub check_share: f64,
+    /// The fewest of a token's top-k routed experts that must answer: an expert no replica answered in
+    /// time is dropped for a token that keeps at least this many, its gates renormalized over them
+    /// (Hivemind's rule, [`mana_kernels::model::experts`]); the model's top-k (or more) means every one.
+    pub k_min: usize,
 }
 
 /// Why the client could not generate.
@@ -73,7 +84,8 @@ pub enum InferError {
     /// The trunk's model could not be built.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// Generation failed (an expert no replica answered, a bad prompt).
+    /// Generation failed (a step still lacking `k_min` answers for some token after the wait, two replicas
+    /// that disagreed on an expert that could not be computed here, a bad prompt).
     #[error(transparent)]
     Generate(#[from] GenerateError),
 }
@@ -246,6 +258,8 @@ impl InferClient {
             manifest,
             model,
             experts,
+            k_min: self.cfg.k_min,
+            wait: self.cfg.wait,
         })
     }
 }
@@ -283,10 +297,17 @@ pub struct Session {
     pub manifest: CheckpointManifest,
     model: Model,
     experts: NetworkExperts,
+    /// [`InferConfig::k_min`].
+    k_min: usize,
+    /// How long a stalled step is tried again ([`InferConfig::wait`]).
+    wait: Duration,
 }
 
 impl Session {
-    /// Generates after `prompt` (blocking: it waits on expert calls; run it off the async threads).
+    /// Generates after `prompt` (blocking: it waits on expert calls; run it off the async threads). An
+    /// expert no replica answers is dropped under the `k_min` rule; a step that cannot go on is tried again
+    /// for up to the session's wait, then generation fails with
+    /// [`mana_kernels::KernelError::TooFewExperts`].
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -294,6 +315,15 @@ impl Session {
     ) -> Result<Generation, GenerateError> {
         let runner = Box::new(self.experts());
         self.generate_with(prompt, config, runner)
+    }
+
+    /// The trunk with `runner` computing the absent experts, under the `k_min` rule, patient with stalls.
+    fn model_for_generation(
+        &mut self,
+        runner: Box<dyn ExpertRunner>,
+    ) -> Patient<CachedModel<'_>> {
+        let lm = CachedModel::with_experts(&mut self.model, runner).with_k_min(self.k_min);
+        Patient::new(lm, self.experts.clone(), self.wait)
     }
 
     /// Like [`Session::generate`], handing each token over as it is committed (see
@@ -304,21 +334,22 @@ impl Session {
         config: &GenerateConfig,
         on_token: &mut dyn FnMut(u32) -> std::ops::ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        let runner = Box::new(self.experts.clone());
-        let mut lm = CachedModel::with_experts(&mut self.model, runner);
+        let runner = Box::new(self.experts());
+        let mut lm = self.model_for_generation(runner);
         generate::generate_each(&mut lm, prompt, config, on_token)
     }
 
     /// Generates after `prompt` with `runner` computing the experts in place of the session's own network
     /// runner: for a program that wraps [`Session::experts`] (to time, trace or delay its calls) or puts
-    /// experts of its own in front of it. Blocking, like [`Session::generate`].
+    /// experts of its own in front of it. Blocking, and under the same `k_min` rule and wait, like
+    /// [`Session::generate`].
     pub fn generate_with(
         &mut self,
         prompt: &[u32],
         config: &GenerateConfig,
         runner: Box<dyn ExpertRunner>,
     ) -> Result<Generation, GenerateError> {
-        let mut lm = CachedModel::with_experts(&mut self.model, runner);
+        let mut lm = self.model_for_generation(runner);
         generate::generate(&mut lm, prompt, config)
     }
 
@@ -335,6 +366,11 @@ impl Session {
     /// Expert calls made so far.
     pub fn call_stats(&self) -> CallStats {
         self.experts.stats()
+    }
+
+    /// Who the session asks for each expert, as learned from signed messages when it loaded.
+    pub fn hosts(&self) -> &Hosts {
+        self.experts.hosts()
     }
 
     /// The hosts caught answering wrong (asked nothing more in this session).

@@ -11,7 +11,9 @@
 //!   the sender its calls, not the host its memory. Each request is read under the protocol's frame cap,
 //!   within [`HostLimits::read_timeout`], and may hold at most [`HostLimits::max_rows`] rows.
 //! - The arithmetic runs on a blocking thread ([`ExpertKernel`], the model's own decode arithmetic), so the
-//!   answer is bit-identical to the expert run inside the whole model.
+//!   answer is bit-identical to the expert run inside the whole model, and in the host's own rayon pool: a
+//!   client's decode step blocks a worker of the global pool while it waits for answers, so a client in the
+//!   same process (tests, a node that also generates) could otherwise starve the host that would give them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -87,6 +89,8 @@ struct Host {
     commits: Mutex<VecDeque<(ContentHash, CheckpointManifest)>>,
     calls: Arc<Semaphore>,
     busy: Arc<Semaphore>,
+    /// Where the arithmetic runs (`None` if the OS refused the threads: then on rayon's global pool).
+    pool: Option<rayon::ThreadPool>,
 }
 
 /// Starts answering expert calls on `node` for `spec`'s model, until the node shuts down. Call once per
@@ -106,6 +110,10 @@ pub fn serve_experts(
         commits: Mutex::new(VecDeque::new()),
         calls: Arc::new(Semaphore::new(limits.max_calls)),
         busy: Arc::new(Semaphore::new(limits.max_busy_answers)),
+        pool: rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("expert-host-{i}"))
+            .build()
+            .ok(),
     });
     // Commits the node accepted, i.e. signed by the run's coordinator.
     let heard = host.clone();
@@ -232,9 +240,12 @@ impl Host {
         let x = request.input.to_f32().map_err(|e| e.to_string())?;
         let c = self.spec.model.d_model;
         let mut out = vec![0.0f32; rows * c];
-        lock(&loaded.kernel)
-            .forward(&x, rows, &mut out)
-            .map_err(|e| e.to_string())?;
+        let mut run = || lock(&loaded.kernel).forward(&x, rows, &mut out);
+        match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }
+        .map_err(|e| e.to_string())?;
         let output =
             Tensor::from_f32(request.input.shape.clone(), &out).map_err(|e| e.to_string())?;
         Ok(ExpertResponse::Output {

@@ -3,17 +3,20 @@
 //!
 //! - [`wire`]: the expert call on a raw stream (`/mana/expert/1.0.0`), one frame each way.
 //! - [`host`]: a node answers expert calls from the committed checkpoints its store holds.
-//! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure.
+//! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure; an
+//!   expert no replica answered is marked missing, and the model drops it under the `k_min` rule.
+//! - [`patient`]: a step in which some token kept fewer than `k_min` experts is waited for and run again.
 //! - [`check`]: a drawn share of answers compared with a second replica; a disagreement settled by computing
 //!   the expert from its committed shard, and the hosts that answered wrong banned.
-//! - [`health`]: which hosts to ask first: failed ones after the others for a doubling back-off, peers that
-//!   do not serve expert calls never again.
+//! - [`health`]: which hosts to ask first: healthy ones fastest first (by measured latency), failed ones
+//!   after the others for a doubling back-off, peers that do not serve expert calls never again.
 //! - [`client`]: learns the latest signed commit and the experts' hosts, fetches the trunk, generates.
 
 pub mod check;
 pub mod client;
 pub mod health;
 pub mod host;
+pub mod patient;
 pub mod remote;
 pub mod wire;
 
@@ -26,4 +29,5 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE, ReferenceError};
 pub use client::{InferClient, InferConfig, InferError, Session};
 pub use host::{HostLimits, serve_experts};
+pub use patient::Patient;
 pub use remote::{CallStats, Hosts, LatencyHistogram, NetworkExperts};

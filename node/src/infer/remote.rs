@@ -1,8 +1,15 @@
 //! The client's [`ExpertRunner`]: each routed expert a MoE layer needs is asked of a host of it over the
 //! network, all of a layer's experts at once, every call under a timeout, falling back to the next replica
 //! when a host fails, refuses or answers something that is not an answer to the call, and asking them all
-//! again (with a doubling pause) while the call's time lasts. A host that failed is asked after the others
-//! for a doubling back-off, and a peer that does not serve expert calls is dropped ([`super::health`]).
+//! again (with a doubling pause) while the call's time lasts, unless every one of them is in back-off
+//! already (then one pass). Healthy hosts are asked fastest first; a host that failed is asked after the
+//! others for a doubling back-off, and a peer that does not serve expert calls is dropped
+//! ([`super::health`]).
+//!
+//! An expert no replica answered in time is not an error: its call is marked missing
+//! ([`ExpertCall::missing`], counted in [`CallStats::dropped`]), and the model drops it for its tokens
+//! under the `k_min` rule ([`mana_kernels::model::experts`]); a step that cannot go on is waited for and
+//! run again by [`super::patient`].
 //!
 //! An answer is used only when it names the checkpoint asked for and has the input's shape and finite
 //! values; an honest one is then bit-identical to the expert run locally (the host runs the model's own
@@ -62,6 +69,12 @@ pub struct CallStats {
     /// How long answered calls took (second-replica checks included), from opening the stream to the
     /// decoded answer.
     pub latency: LatencyHistogram,
+    /// Expert calls that no replica answered in time: each expert was dropped for that step's tokens that
+    /// chose it (under the `k_min` rule), or its step stalled.
+    pub dropped: u64,
+    /// Steps in which some token kept fewer than `k_min` of its experts: each waited, then ran again
+    /// ([`super::patient`]).
+    pub stalled: u64,
 }
 
 /// Call times in buckets of an eighth of an octave (each bucket 9% wider than the last), from 1 µs up; longer
@@ -167,6 +180,11 @@ impl NetworkExperts {
         self
     }
 
+    /// Who is asked for each expert (before [`HostHealth`] orders them).
+    pub fn hosts(&self) -> &Hosts {
+        &self.hosts
+    }
+
     /// The hosts banned for answering wrong.
     pub fn banned(&self) -> Vec<PeerId> {
         lock(&self.health).banned()
@@ -179,6 +197,11 @@ impl NetworkExperts {
 
     fn lock_stats(&self) -> std::sync::MutexGuard<'_, CallStats> {
         lock(&self.stats)
+    }
+
+    /// Counts a step that stalled for want of answers.
+    pub(crate) fn note_stall(&self) {
+        self.lock_stats().stalled += 1;
     }
 }
 
@@ -229,10 +252,13 @@ async fn ask(
 ) -> (Answer, Vec<PeerId>) {
     let mut failed = Vec::new();
     let mut reasons = Vec::new();
-    // Hosts store a checkpoint's shards a moment after its commit is heard: a pass over every replica that
-    // all refuse is tried again, after a pause that doubles, until the call's time is spent.
+    // Hosts store a checkpoint's shards a moment after its commit is heard, and a connection may drop: a
+    // pass over every replica that all fail is tried again, after a pause that doubles, until the call's
+    // time is spent. Hosts that all failed lately are asked once, not waited for: the model drops an expert
+    // that got no answer when `k_min` allows, and otherwise the whole step waits (`super::patient`).
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = RETRY_PAUSE;
+    let again = again && !lock(health).all_failing(hosts, std::time::Instant::now());
     loop {
         reasons.clear();
         let ordered = lock(health).order(hosts, std::time::Instant::now());
@@ -284,6 +310,15 @@ enum Checked {
     Disagreed,
 }
 
+/// Why an expert got no usable answer.
+#[derive(Debug)]
+enum NoAnswer {
+    /// No replica answered in time (every one failed, refused or is gone): the expert is missing.
+    Unanswered(String),
+    /// Two replicas disagreed and the expert could not be computed here: a step error.
+    Unsettled(String),
+}
+
 /// Asks one expert's hosts (banned ones are left out by [`HostHealth::order`]) and, when the call is drawn
 /// for a check, a second replica too; on a disagreement computes the answer here and bans the hosts that
 /// gave another.
@@ -295,11 +330,11 @@ async fn ask_checked(
     request: &ExpertRequest,
     timeout: Duration,
     check: Option<&AnswerCheck>,
-) -> (Result<Vec<f32>, String>, Vec<PeerId>, Checked) {
+) -> (Result<Vec<f32>, NoAnswer>, Vec<PeerId>, Checked) {
     let (answer, failed) = ask(net, hosts, health, stats, request, timeout, true).await;
     let (values, first) = match answer {
         Ok(found) => found,
-        Err(reason) => return (Err(reason), failed, Checked::No),
+        Err(reason) => return (Err(NoAnswer::Unanswered(reason)), failed, Checked::No),
     };
     let Some(check) = check.filter(|c| c.draw()) else {
         return (Ok(values), failed, Checked::No);
@@ -334,9 +369,9 @@ async fn ask_checked(
             (Ok(truth), failed, Checked::Disagreed)
         }
         Err(e) => (
-            Err(format!(
+            Err(NoAnswer::Unsettled(format!(
                 "hosts {first} and {second} disagree and the expert could not be computed here: {e}"
-            )),
+            ))),
             failed,
             Checked::Disagreed,
         ),
@@ -386,9 +421,24 @@ impl ExpertRunner for NetworkExperts {
                 stats.checked += u64::from(checked != Checked::No);
                 stats.disagreements += u64::from(checked == Checked::Disagreed);
             }
-            let values = answer.map_err(|reason| unavailable(call.expert, reason))?;
-            call.out.copy_from_slice(&values);
-            self.lock_stats().answered += 1;
+            match answer {
+                Ok(values) => {
+                    call.out.copy_from_slice(&values);
+                    self.lock_stats().answered += 1;
+                }
+                Err(NoAnswer::Unanswered(reason)) => {
+                    tracing::warn!(
+                        layer,
+                        expert = call.expert,
+                        %reason,
+                        "no replica of the expert answered; dropped for this step's tokens \
+                         (if each keeps k_min experts)"
+                    );
+                    call.missing = true;
+                    self.lock_stats().dropped += 1;
+                }
+                Err(NoAnswer::Unsettled(reason)) => return Err(unavailable(call.expert, reason)),
+            }
         }
         Ok(())
     }
