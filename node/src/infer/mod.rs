@@ -25,5 +25,5 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE, ReferenceError};
 pub use client::{InferClient, InferConfig, InferError, Session};
-pub use host::{HostLimits, serve_experts};
+pub use host::{ExpertHost, HostLimits, HostStats, serve_experts};
 pub use remote::{CallStats, Hosts, NetworkExperts};
