@@ -361,7 +361,7 @@ async fn local_generation(
         let bytes = node.read_blob(entry.hash).await.expect("shard read");
         records.push(ShardRecord::from_bytes(&bytes, &net.spec, entry.shard).expect("shard"));
     }
-    let (spec, config) = (net.spec.clone(), config.clone());
+    let (spec, config) = (net.spec.clone(), *config);
     tokio::task::spawn_blocking(move || {
         let mut trainer =
             build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
@@ -378,7 +378,7 @@ async fn generate_remote(
     mut session: Session,
     config: &GenerateConfig,
 ) -> (Generation, infer::CallStats, Session) {
-    let config = config.clone();
+    let config = *config;
     tokio::task::spawn_blocking(move || {
         let g = session
             .generate(&prompt(), &config)

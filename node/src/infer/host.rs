@@ -585,6 +585,7 @@ impl Host {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
