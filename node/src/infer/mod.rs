@@ -2,7 +2,8 @@
 //! computed by a node that hosts it.
 //!
 //! - [`wire`]: the expert call on a raw stream (`/mana/expert/1.0.0`), one frame each way.
-//! - [`host`]: a node answers expert calls from the committed checkpoints its store holds.
+//! - [`host`]: a node answers expert calls from the committed checkpoints its store holds, within caps on
+//!   calls (in all and per peer: "busy" past them) and rows, batching concurrent calls of one expert.
 //! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure.
 //! - [`check`]: a drawn share of answers compared with a second replica; a disagreement settled by computing
 //!   the expert from its committed shard, and the hosts that answered wrong banned.
