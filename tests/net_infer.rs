@@ -12,6 +12,11 @@
 //! the top-k goes on without that expert (each token that chose it renormalized over its other choice),
 //! exactly as a local run that drops the same expert, and counts each call it dropped; with k_min = top-k
 //! the steps that need it stall, are tried again, and generation fails after the wait.
+//!
+//! Two more networks: a host overloaded by a flood of calls answers "busy", the client goes to the other
+//! replica and its output is unchanged; and a serve-only node (a mirror of every committed checkpoint
+//! that serves expert calls and trains nothing, `mana node --serve-only`) answers every expert call of a
+//! client while the trainers serve none.
 
 mod net_support;
 
@@ -19,15 +24,20 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{AsyncWriteExt, StreamExt};
 use mana_engine::round::build_trainer;
-use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
+use mana_kernels::generate::{self, CachedModel, GenerateConfig, Generation, Sampling};
 use mana_kernels::model::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts, ModelError};
 use mana_kernels::{CpuBackend, KernelError};
+use mana_node::daemon::NodeHandle;
 use mana_node::infer::{
-    self, AnswerCheck, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, Patient, wire,
+    self, AnswerCheck, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, Patient,
+    Session, wire,
 };
-use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, ShardId, Tensor, UpdateRule};
+use mana_protocol::{
+    CheckpointManifest, ContentHash, ExpertRequest, ExpertResponse, Message, ShardId, Tensor,
+    UpdateRule,
+};
 use net_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,17 +50,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     for (node, _) in &net.trainers {
         infer::serve_experts(node, net.spec.clone(), limits).expect("serves expert calls");
     }
-    let client_node = Arc::new(start_node(net.follower_config("client")).await);
-    let client = InferClient::new(
-        client_node.clone(),
-        InferConfig {
-            spec: net.spec.clone(),
-            call_timeout: Duration::from_secs(10),
-            wait: Duration::from_secs(60),
-            check_share: 1.0,
-            k_min: net.spec.model.top_k,
-        },
-    );
+    let (client_node, client) = start_client(&net, 1.0).await;
     net.honest_rounds(1, 3).await;
     let mut session = client
         .load()
@@ -59,13 +59,8 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     assert_eq!(session.round, 1);
     let checkpoint = session.checkpoint;
 
-    let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
-    let config = GenerateConfig {
-        max_tokens: 24,
-        sampling: Sampling::Greedy,
-        seed: 0,
-        speculative: false,
-    };
+    let prompt = prompt();
+    let config = greedy(24);
     let (remote, stats, session) = {
         let prompt = prompt.clone();
         tokio::task::spawn_blocking(move || {
@@ -85,19 +80,9 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     assert_eq!(stats.disagreements, 0, "honest replicas disagreed");
     assert!(session.banned_hosts().is_empty());
 
-    // The reference: every shard of the same checkpoint, fetched by hash, in one local model.
     let manifest = session.manifest.clone();
     assert_eq!(manifest.hash().expect("hashable"), checkpoint);
-    let records = checkpoint_records(&client_node, &manifest, &net.spec).await;
-    let spec = net.spec.clone();
-    let local = tokio::task::spawn_blocking(move || {
-        let mut trainer =
-            build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
-        let mut lm = CachedModel::new(trainer.model_mut());
-        generate::generate(&mut lm, &prompt, &config).expect("local generation")
-    })
-    .await
-    .expect("local task");
+    let local = local_generation(&client_node, &net, &manifest, &config).await;
     assert_eq!(
         remote.tokens, local.tokens,
         "network and local greedy outputs differ"
@@ -273,7 +258,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     let before = session.call_stats();
     let (killed, session) = tokio::task::spawn_blocking(move || {
         let mut session = session;
-        let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
+        let prompt = self::prompt();
         let mut seen = 0;
         let mut on_token = |_| {
             seen += 1;
@@ -305,12 +290,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     let _ = task.await;
 
     drop(session);
-    drop(client);
-    Arc::into_inner(client_node)
-        .expect("sole owner")
-        .shutdown()
-        .await
-        .expect("client shutdown");
+    stop_client(client_node, client).await;
     net.stop().await;
 }
 
@@ -334,6 +314,300 @@ fn call_expert(
         .run_layer(layer, &mut calls)
         .expect("a replica answers");
     out
+}
+
+/// A client of the run on a node of its own, joined before the rounds (it hears commits from the moment it
+/// joins), checking `check_share` of the answers against a second replica.
+async fn start_client(net: &RoundNet, check_share: f64) -> (Arc<NodeHandle>, InferClient) {
+    let client_node = Arc::new(start_node(net.follower_config("client")).await);
+    let client = InferClient::new(
+        client_node.clone(),
+        InferConfig {
+            spec: net.spec.clone(),
+            call_timeout: Duration::from_secs(10),
+            wait: Duration::from_secs(60),
+            check_share,
+            k_min: net.spec.model.top_k,
+        },
+    );
+    (client_node, client)
+}
+
+/// The prompt every test generates after.
+fn prompt() -> Vec<u32> {
+    b"In the beginning".iter().map(|&b| u32::from(b)).collect()
+}
+
+/// Greedy decoding of `max_tokens` tokens.
+fn greedy(max_tokens: usize) -> GenerateConfig {
+    GenerateConfig {
+        max_tokens,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative: false,
+    }
+}
+
+/// The reference: [`prompt`] generated under `config` with every shard of `manifest`, fetched by hash
+/// through `node`, in one local model.
+async fn local_generation(
+    node: &NodeHandle,
+    net: &RoundNet,
+    manifest: &CheckpointManifest,
+    config: &GenerateConfig,
+) -> Generation {
+    let records = checkpoint_records(node, manifest, &net.spec).await;
+    let (spec, config) = (net.spec.clone(), *config);
+    tokio::task::spawn_blocking(move || {
+        let mut trainer =
+            build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
+        let mut lm = CachedModel::new(trainer.model_mut());
+        generate::generate(&mut lm, &prompt(), &config).expect("local generation")
+    })
+    .await
+    .expect("local task")
+}
+
+/// Generates [`prompt`] under `config` in `session` on a blocking thread; returns the generation, the
+/// session's call counts and the session.
+async fn generate_remote(
+    mut session: Session,
+    config: &GenerateConfig,
+) -> (Generation, infer::CallStats, Session) {
+    let config = *config;
+    tokio::task::spawn_blocking(move || {
+        let g = session
+            .generate(&prompt(), &config)
+            .expect("network generation");
+        (g, session.call_stats(), session)
+    })
+    .await
+    .expect("generation task")
+}
+
+/// Stops the client's node.
+async fn stop_client(client_node: Arc<NodeHandle>, client: InferClient) {
+    drop(client);
+    Arc::into_inner(client_node)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("client shutdown");
+}
+
+/// Section 6, "Busy": a host flooded with calls it cannot finish (requests that never end, holding its two
+/// call slots until its read timeout) answers the client's calls "busy"; the client goes to the other
+/// replica of each expert, and its greedy output is still the whole checkpoint's. Once the flood ends the
+/// host answers again: its queue is bounded, not stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_host_answers_busy_and_the_output_is_unchanged() {
+    let net = RoundNet::start(3).await;
+    // The flooded host is the first replica the client asks for each of its experts: hosts are asked in the
+    // order of their peer ids (the announcement's set), and it has the smallest.
+    let flooded = net
+        .trainers
+        .iter()
+        .map(|(n, _)| n.clone())
+        .min_by_key(|n| n.peer_id())
+        .expect("trainers");
+    let small = HostLimits {
+        max_calls: 2,
+        max_calls_per_peer: 2,
+        read_timeout: Duration::from_secs(600),
+        ..HostLimits::default()
+    };
+    let mut flooded_host = None;
+    for (node, _) in &net.trainers {
+        let limits = if node.peer_id() == flooded.peer_id() {
+            small
+        } else {
+            HostLimits::default()
+        };
+        let host = infer::serve_experts(node, net.spec.clone(), limits).expect("serves");
+        if node.peer_id() == flooded.peer_id() {
+            flooded_host = Some(host);
+        }
+    }
+    let flooded_host = flooded_host.expect("the flooded host serves");
+    let (client_node, client) = start_client(&net, 0.0).await;
+    net.honest_rounds(1, 3).await;
+    let session = client.load().await.expect("a session");
+    let checkpoint = session.checkpoint;
+    // An expert the flooded host holds.
+    let expert: ShardId = flooded
+        .status()
+        .await
+        .expect("status")
+        .hosted_experts
+        .first()
+        .expect("the flooded host holds experts")
+        .parse()
+        .expect("a shard id");
+    let request = ExpertRequest {
+        run: net.coordinator.config().net.run_id.clone(),
+        shard: expert,
+        checkpoint,
+        input: Tensor::from_f32(
+            vec![1, net.spec.model.d_model as u32],
+            &vec![0.5; net.spec.model.d_model],
+        )
+        .expect("tensor"),
+    };
+
+    // The flood: calls whose request never ends, from a peer of its own, take both of the host's slots.
+    let flooder = start_node(node_config(&net.dir.path().join("flooder"), &net.boot)).await;
+    for addr in flooded.listen_addrs().await.expect("listening") {
+        let _ = flooder.net().dial(addr).await;
+    }
+    let frame = request.encode().expect("encodable");
+    let mut held = Vec::new();
+    for _ in 0..small.max_calls {
+        let mut stream = flooder
+            .net()
+            .open_protocol_stream(flooded.peer_id(), wire::EXPERT_STREAM)
+            .await
+            .expect("a stream to the host");
+        stream.write_all(&frame[..8]).await.expect("written");
+        stream.flush().await.expect("flushed");
+        held.push(stream);
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "the flood holds every slot",
+        || async { (flooded_host.stats().in_progress == small.max_calls).then_some(()) },
+    )
+    .await;
+
+    let config = greedy(16);
+    let (remote, stats, session) = generate_remote(session, &config).await;
+    let local = local_generation(&client_node, &net, &session.manifest, &config).await;
+    assert_eq!(
+        remote.tokens, local.tokens,
+        "the output changed when a host was busy"
+    );
+    let host_stats = flooded_host.stats();
+    assert!(
+        host_stats.busy >= 1,
+        "the host never answered busy: {host_stats:?}"
+    );
+    assert_eq!(
+        host_stats.answered, 0,
+        "a full host answered: {host_stats:?}"
+    );
+    assert!(
+        stats.failures.get(&flooded.peer_id()).copied().unwrap_or(0) >= 1,
+        "the client never asked the busy host: {stats:?}"
+    );
+    assert!(stats.answered > 0);
+
+    // The flood ends: the host answers again.
+    drop(held);
+    wait_for(
+        Duration::from_secs(30),
+        "the flood's slots given back",
+        || async { (flooded_host.stats().in_progress == 0).then_some(()) },
+    )
+    .await;
+    let answer = wire::call(
+        client_node.net(),
+        flooded.peer_id(),
+        &request,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("an answer");
+    assert!(
+        matches!(answer, ExpertResponse::Output { round: 1, .. }),
+        "the host after the flood: {answer:?}"
+    );
+
+    drop(session);
+    drop(flooded);
+    flooder.shutdown().await.expect("flooder shutdown");
+    stop_client(client_node, client).await;
+    net.stop().await;
+}
+
+/// `mana node --serve-only`: a node that mirrors every committed checkpoint of the run and serves expert
+/// calls from it, training nothing (its heartbeats ask for no shards). The trainers here serve no expert
+/// calls, so every answer the client uses is the serve-only node's, and the greedy output is the whole
+/// checkpoint's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_only_node_answers_a_clients_expert_calls() {
+    let net = RoundNet::start(3).await;
+    // What `mana node --coordinator KEY --serve-only` starts: a mirror (the default shard sync, no
+    // capacity declared) with the expert host.
+    let mut cfg = node_config(&net.dir.path().join("server"), &net.boot);
+    cfg.coordinator = Some(net.coordinator.public_key());
+    assert!(cfg.sync_shards && cfg.capacity.max_shards == 0);
+    let server = start_node(cfg).await;
+    let served =
+        infer::serve_experts(&server, net.spec.clone(), HostLimits::default()).expect("serves");
+    let (client_node, client) = start_client(&net, 0.0).await;
+    let heard = Heard::listen(&client_node);
+    net.honest_rounds(1, 3).await;
+    wait_for(
+        Duration::from_secs(60),
+        "the server mirrors round 1",
+        || async { (server.status().await.ok()?.stored_round == Some(1)).then_some(()) },
+    )
+    .await;
+    // The client learns the server's experts from its signed heartbeats: two of them naming round 1's
+    // experts, so the first is in the client's directory too.
+    let server_key = server.public_key();
+    let experts: Vec<ShardId> = server
+        .status()
+        .await
+        .expect("status")
+        .hosted_experts
+        .iter()
+        .map(|e| e.parse().expect("a shard id"))
+        .collect();
+    assert_eq!(
+        experts.len(),
+        net.spec.model.n_routed_experts,
+        "it hosts every expert of the checkpoint (one MoE block)"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the server's heartbeats",
+        || async {
+            let beats = heard.find(|m| match &m.message {
+                Message::Heartbeat(h)
+                    if m.signer == server_key && experts.iter().all(|e| h.hosted.contains(e)) =>
+                {
+                    Some(())
+                }
+                _ => None,
+            });
+            (beats.len() >= 2).then_some(())
+        },
+    )
+    .await;
+
+    let session = client.load().await.expect("a session");
+    assert_eq!(session.round, 1);
+    let config = greedy(16);
+    let (remote, stats, session) = generate_remote(session, &config).await;
+    let local = local_generation(&client_node, &net, &session.manifest, &config).await;
+    assert_eq!(
+        remote.tokens, local.tokens,
+        "the serve-only node's experts give another output"
+    );
+    let host_stats = served.stats();
+    assert!(stats.answered > 0, "no expert was called");
+    assert_eq!(
+        host_stats.answered, stats.answered,
+        "every answer is the serve-only node's: {host_stats:?} {stats:?}"
+    );
+    // It trains nothing: no trainer's role runs on it, and the coordinator assigned it nothing.
+    let status = server.status().await.expect("status");
+    assert!(status.training.is_none(), "the server trains");
+
+    drop(session);
+    server.shutdown().await.expect("server shutdown");
+    stop_client(client_node, client).await;
+    net.stop().await;
 }
 
 /// Every (layer, expert) call a runner got, counted.
@@ -373,10 +647,7 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         infer::serve_experts(node, net.spec.clone(), HostLimits::default())
             .expect("serves expert calls");
     }
-    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
-    cfg.coordinator = Some(net.coordinator.public_key());
-    cfg.sync_shards = false;
-    let client_node = Arc::new(start_node(cfg).await);
+    let client_node = Arc::new(start_node(net.follower_config("client")).await);
     let top_k = net.spec.model.top_k;
     let client = InferClient::new(
         client_node.clone(),
@@ -421,13 +692,8 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         }
         runner
     };
-    let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
-    let config = GenerateConfig {
-        max_tokens: 12,
-        sampling: Sampling::Greedy,
-        seed: 0,
-        speculative: false,
-    };
+    let prompt = prompt();
+    let config = greedy(12);
     // Locally: which expert is called most, then generation without it under k_min = 1 and its calls.
     let spec = net.spec.clone();
     let (gone, local, expected_drops) = {
@@ -550,11 +816,6 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
     );
 
     drop(runner);
-    drop(client);
-    Arc::into_inner(client_node)
-        .expect("sole owner")
-        .shutdown()
-        .await
-        .expect("client shutdown");
+    stop_client(client_node, client).await;
     net.stop().await;
 }

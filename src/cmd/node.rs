@@ -1,6 +1,7 @@
 //! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
-//! train the shards the coordinator assigns and answer clients' expert calls from the committed ones), or
-//! with `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*`
+//! train the shards the coordinator assigns and answer clients' expert calls from the committed ones; with
+//! `--serve-only`, mirror every committed checkpoint and answer expert calls without training), or with
+//! `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*`
 //! environment variable, else the TOML file given by `--config`, else a default (see `crate::config`).
 
 use std::io::Write;
@@ -23,7 +24,7 @@ use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs, shutdown_signal};
 use crate::config::{self, ConfigError, FileTable, FromFile, Layered};
 
 /// Arguments of `mana node`; its TOML file (`--config`) takes the same names (with `train = false` for
-/// `--no-train`).
+/// `--no-train`, `serve_only = true` for `--serve-only`).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeArgs {
@@ -76,6 +77,15 @@ pub struct NodeArgs {
     /// Whether the node evaluates: only in the file (`evaluate = true`), the flag is --evaluate.
     #[arg(skip)]
     pub evaluate: Option<bool>,
+    /// A pure expert server: do not train; mirror every committed checkpoint of the run (so host every
+    /// expert of it) and answer clients' expert calls from it (MANA_SERVE_ONLY: 1, true, yes, on or 0,
+    /// false, no, off; in the file, serve_only = true). Needs --coordinator.
+    #[arg(long = "serve-only", env = "MANA_SERVE_ONLY", value_parser = config::parse_bool)]
+    #[serde(skip)]
+    pub serve_only_flag: bool,
+    /// Whether the node only serves: only in the file (`serve_only = true`), the flag is --serve-only.
+    #[arg(skip)]
+    pub serve_only: Option<bool>,
 }
 
 impl FromFile for NodeArgs {
@@ -99,6 +109,8 @@ pub const DEFAULT_DATA_DIR: &str = "mana-data";
 enum Work {
     /// Nothing: it validates, serves and mirrors checkpoints.
     Mirror,
+    /// A mirror that also answers expert calls from the checkpoints it mirrors (`--serve-only`).
+    Serve,
     /// The trainer role.
     Train(Training),
     /// The evaluator role (on a mirror), on the run's text from this corpus (default the built-in one).
@@ -143,8 +155,23 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
         (0.0..=1.0).contains(&rescore_share),
         "--rescore-share must be between 0 and 1, got {rescore_share}"
     );
-    let trains = config.coordinator.is_some() && !s.flags.no_train && s.file.train.unwrap_or(true);
+    let serves_only = s.flags.serve_only_flag || s.file.serve_only.unwrap_or(false);
+    let trains = config.coordinator.is_some()
+        && !serves_only
+        && !s.flags.no_train
+        && s.file.train.unwrap_or(true);
     let evaluates = s.flags.evaluate_flag || s.file.evaluate.unwrap_or(false);
+    if serves_only {
+        anyhow::ensure!(
+            config.coordinator.is_some(),
+            "--serve-only serves a run's committed experts: give the run's --coordinator key"
+        );
+        anyhow::ensure!(
+            !evaluates,
+            "--serve-only runs no role; an evaluator (--no-train --evaluate) already answers expert calls"
+        );
+        return Ok((config, Work::Serve));
+    }
     if evaluates {
         anyhow::ensure!(
             config.coordinator.is_some(),
@@ -201,6 +228,19 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             }
             runtime.block_on(async move { daemon::run(config, shutdown_signal("node")).await })?;
             return Ok(());
+        }
+        Work::Serve => {
+            tracing::info!(
+                "--serve-only: this node mirrors every committed checkpoint and answers expert calls from it, but will not train"
+            );
+            return runtime.block_on(async move {
+                let handle = daemon::start(config).await?;
+                print_listen_addrs(&handle).await?;
+                serve_experts(&handle, RunSpec::tiny(), HostLimits::default())?;
+                shutdown_signal("node").await;
+                handle.shutdown().await?;
+                anyhow::Ok(())
+            });
         }
         Work::Evaluate { corpus } => {
             let source = DataSource {
@@ -374,6 +414,43 @@ mod tests {
             .expect_err("no run to follow")
             .to_string();
         assert!(err.contains("--coordinator"), "{err}");
+    }
+
+    #[test]
+    fn a_serve_only_node_is_a_mirror_of_a_run_that_answers_expert_calls() {
+        for (flags, file) in [
+            (vec!["--coordinator", KEY, "--serve-only"], ""),
+            (vec!["--coordinator", KEY, "--serve-only", "--no-train"], ""),
+            (
+                vec![],
+                &*format!("coordinator = \"{KEY}\"\nserve_only = true\n"),
+            ),
+        ] {
+            let (config, work) = settings_work(&flags, file).expect("valid");
+            assert!(matches!(work, Work::Serve), "{flags:?} {file:?}: {work:?}");
+            assert!(config.sync_shards, "it mirrors every checkpoint");
+            assert_eq!(
+                config.capacity.max_shards, 0,
+                "it asks to be assigned nothing"
+            );
+        }
+        let err = settings_work(&["--serve-only"], "")
+            .expect_err("no run to serve")
+            .to_string();
+        assert!(err.contains("--coordinator"), "{err}");
+        let err = settings_work(
+            &[
+                "--coordinator",
+                KEY,
+                "--serve-only",
+                "--no-train",
+                "--evaluate",
+            ],
+            "",
+        )
+        .expect_err("an evaluator already serves")
+        .to_string();
+        assert!(err.contains("--serve-only"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! computed by a node that hosts it.
 //!
 //! - [`wire`]: the expert call on a raw stream (`/mana/expert/1.0.0`), one frame each way.
-//! - [`host`]: a node answers expert calls from the committed checkpoints its store holds.
+//! - [`host`]: a node answers expert calls from the committed checkpoints its store holds, within caps on
+//!   calls (in all and per peer: "busy" past them) and rows, batching concurrent calls of one expert.
 //! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure; an
 //!   expert no replica answered is marked missing, and the model drops it under the `k_min` rule.
 //! - [`patient`]: a step in which some token kept fewer than `k_min` experts is waited for and run again.
@@ -28,6 +29,6 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE, ReferenceError};
 pub use client::{InferClient, InferConfig, InferError, Session};
-pub use host::{HostLimits, serve_experts};
+pub use host::{ExpertHost, HostLimits, HostStats, serve_experts};
 pub use patient::Patient;
 pub use remote::{CallStats, Hosts, LatencyHistogram, NetworkExperts};
