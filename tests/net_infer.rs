@@ -6,17 +6,21 @@
 //! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
 //! runner asks the next replica. A host that answers wrong is caught by the check against a second
 //! replica, the client computes the expert from its committed shard, and the liar is banned. A replica
-//! killed mid-generation leaves the output unchanged: the client goes on with the other one.
+//! killed mid-generation leaves the output unchanged: the client goes on with the other one. A client with
+//! hot experts (`cache_experts`) computes the most-routed experts itself, asks the network less the second
+//! time, and still generates exactly what the whole checkpoint generates.
 
 mod net_support;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use mana_engine::round::{RunShard, ShardRecord, build_trainer};
+use mana_kernels::CpuBackend;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Sampling};
-use mana_kernels::model::{ExpertCall, ExpertRunner};
+use mana_kernels::model::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts};
 use mana_node::infer::{
     self, AnswerCheck, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts, wire,
 };
@@ -44,6 +48,7 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
             call_timeout: Duration::from_secs(10),
             wait: Duration::from_secs(60),
             check_share: 1.0,
+            cache_experts: 0,
         },
     );
     net.honest_rounds(1, 3).await;
@@ -342,4 +347,181 @@ fn call_expert(
         .run_layer(layer, &mut calls)
         .expect("a replica answers");
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_hot_experts_computes_the_most_routed_ones_itself_and_generates_the_same() {
+    const CACHED: usize = 3;
+    let net = RoundNet::start(3).await;
+    for (node, _) in &net.trainers {
+        infer::serve_experts(node, net.spec.clone(), HostLimits::default())
+            .expect("serves expert calls");
+    }
+    let mut cfg = node_config(&net.dir.path().join("client"), &net.boot);
+    cfg.coordinator = Some(net.coordinator.public_key());
+    cfg.sync_shards = false;
+    let client_node = Arc::new(start_node(cfg).await);
+    let client = InferClient::new(
+        client_node.clone(),
+        InferConfig {
+            spec: net.spec.clone(),
+            call_timeout: Duration::from_secs(10),
+            wait: Duration::from_secs(60),
+            check_share: 0.0,
+            cache_experts: CACHED,
+        },
+    );
+    net.honest_rounds(1, 3).await;
+    let session = client
+        .load()
+        .await
+        .expect("a session on the committed round");
+    assert!(session.cache_stats().held.is_empty(), "nothing routed yet");
+
+    let prompt: Vec<u32> = b"In the beginning".iter().map(|&b| u32::from(b)).collect();
+    let config = GenerateConfig {
+        max_tokens: 24,
+        sampling: Sampling::Greedy,
+        seed: 0,
+        speculative: false,
+    };
+    let generate_on = |mut session: infer::Session| {
+        let prompt = prompt.clone();
+        tokio::task::spawn_blocking(move || {
+            let g = session
+                .generate(&prompt, &config)
+                .expect("network generation");
+            (g, session)
+        })
+    };
+    let (first, session) = generate_on(session).await.expect("generation task");
+    let (calls_1, cache_1) = (session.call_stats(), session.cache_stats());
+    session.settle_cache().await;
+    let routing_1 = session.routing();
+    let top = routing_1.top(CACHED, &BTreeSet::new());
+    assert_eq!(
+        top.len(),
+        CACHED,
+        "fewer experts routed than the cache holds"
+    );
+    let held: BTreeSet<_> = session.cache_stats().held.into_iter().collect();
+    assert_eq!(
+        held,
+        top.iter().copied().collect(),
+        "the cache does not hold the most-routed experts"
+    );
+
+    let (second, session) = generate_on(session).await.expect("generation task");
+    let (calls_2, cache_2) = (session.call_stats(), session.cache_stats());
+    let network_1 = calls_1.answered;
+    let network_2 = calls_2.answered - calls_1.answered;
+    let local_2 = cache_2.local_calls - cache_1.local_calls;
+    // The same tokens route the same way: the second generation makes as many calls in all, more of them
+    // here, and fewer on the network (the first one's prompt pass ran before anything was cached).
+    assert_eq!(
+        network_2 + local_2,
+        network_1 + cache_1.local_calls,
+        "the two generations routed differently"
+    );
+    assert!(local_2 > 0, "no call was computed here");
+    assert!(
+        network_2 < network_1,
+        "the second generation asked the network {network_2} times, the first {network_1}"
+    );
+    assert!(cache_2.held.len() <= CACHED);
+    assert_eq!(cache_2.fetch_failures, 0);
+    assert_eq!(first.tokens, second.tokens, "the cache changed the output");
+
+    // The references: the whole checkpoint in one model, and the trunk with every expert run here by a
+    // runner that counts the rows routed to each, independently of the client.
+    let manifest = session.manifest.clone();
+    let mut records = Vec::new();
+    for entry in &manifest.shards {
+        client_node
+            .fetch_blob(entry.hash)
+            .await
+            .expect("shard fetched");
+        let bytes = client_node.read_blob(entry.hash).await.expect("shard read");
+        records.push(ShardRecord::from_bytes(&bytes, &net.spec, entry.shard).expect("shard"));
+    }
+    let spec = net.spec.clone();
+    let (local, counted) = tokio::task::spawn_blocking(move || {
+        let mut trainer =
+            build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
+        let mut lm = CachedModel::new(trainer.model_mut());
+        let local = generate::generate(&mut lm, &prompt, &config).expect("local generation");
+        let mut kernels = KernelExperts::new();
+        let mut trunk = None;
+        for record in &records {
+            match record.shard {
+                ShardId::Trunk => {
+                    trunk = Some(infer::client::trunk_model(&spec, record).expect("trunk"))
+                }
+                shard => kernels
+                    .insert(
+                        shard,
+                        ExpertKernel::new(&spec.model, &record.params, Box::new(CpuBackend::new()))
+                            .expect("expert"),
+                    )
+                    .expect("an expert shard"),
+            }
+        }
+        let mut trunk = trunk.expect("the checkpoint has a trunk");
+        let counts = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let runner = Box::new(Counting {
+            inner: kernels,
+            rows: counts.clone(),
+        });
+        let mut lm = CachedModel::with_experts(&mut trunk, runner);
+        let counted = generate::generate(&mut lm, &prompt, &config).expect("counted generation");
+        assert_eq!(counted.tokens, local.tokens);
+        let rows = counts.lock().expect("counts").clone();
+        (local, rows)
+    })
+    .await
+    .expect("local task");
+    assert_eq!(
+        first.tokens, local.tokens,
+        "cached and local greedy outputs differ"
+    );
+    // The client counted what was routed: twice the one generation's rows, expert by expert.
+    let routing_2 = session.routing();
+    for (&(layer, index), &rows) in &counted {
+        let shard = ShardId::expert(layer, index).expect("an expert");
+        assert_eq!(routing_2.rows(shard), 2 * rows, "rows routed to {shard}");
+        assert_eq!(routing_1.rows(shard), rows, "rows routed to {shard}");
+    }
+    assert_eq!(routing_2.ranked().len(), counted.len());
+
+    drop(session);
+    drop(client);
+    Arc::into_inner(client_node)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("client shutdown");
+    net.stop().await;
+}
+
+/// A runner that counts the rows routed to each (layer, expert) and computes them with its kernels: the
+/// test's own count of the routing.
+struct Counting {
+    inner: KernelExperts,
+    rows: Arc<std::sync::Mutex<BTreeMap<(usize, usize), u64>>>,
+}
+
+impl ExpertRunner for Counting {
+    fn run_layer(
+        &mut self,
+        layer: usize,
+        calls: &mut [ExpertCall<'_>],
+    ) -> Result<(), mana_kernels::KernelError> {
+        {
+            let mut rows = self.rows.lock().expect("counts");
+            for call in calls.iter() {
+                *rows.entry((layer, call.expert)).or_default() += call.rows as u64;
+            }
+        }
+        self.inner.run_layer(layer, calls)
+    }
 }

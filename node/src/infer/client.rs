@@ -25,7 +25,9 @@ use mana_kernels::generate::{self, CachedModel, GenerateConfig, GenerateError, G
 use mana_kernels::model::{ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
 
+use super::cache::{CacheStats, CachedExperts, RoutingCounts};
 use super::check::AnswerCheck;
+use super::fetch::ExpertSource;
 use super::lock;
 use super::remote::{CallStats, Hosts, NetworkExperts};
 use crate::daemon::{NodeError, NodeHandle, blocking};
@@ -42,6 +44,9 @@ pub struct InferConfig {
     /// The share of expert calls also asked of a second replica, to catch hosts that answer wrong
     /// ([`super::check`]; 0 checks none, 1 every call).
     pub check_share: f64,
+    /// Most experts the client computes itself: the ones its prompts route to most, fetched by hash from
+    /// the committed checkpoint ([`super::cache`]; 0: every expert on the network).
+    pub cache_experts: usize,
 }
 
 /// Why the client could not generate.
@@ -225,9 +230,10 @@ impl InferClient {
                 .map_err(|e| NodeError::Round(mana_engine::round::RoundError::from(e)))
         })
         .await?;
-        let experts = NetworkExperts::new(
+        let runtime = tokio::runtime::Handle::current();
+        let network = NetworkExperts::new(
             self.node.net().clone(),
-            tokio::runtime::Handle::current(),
+            runtime.clone(),
             self.node.config().net.run_id.clone(),
             checkpoint,
             hosts,
@@ -239,6 +245,8 @@ impl InferClient {
             &manifest,
             self.cfg.check_share,
         )));
+        let source = ExpertSource::new(self.node.clone(), self.cfg.spec.clone(), &manifest);
+        let experts = CachedExperts::new(network, source, runtime, self.cfg.cache_experts);
         tracing::info!(round = manifest.round, %checkpoint, "inference session loaded");
         Ok(Session {
             round: manifest.round,
@@ -273,7 +281,8 @@ pub fn trunk_model(spec: &RunSpec, record: &ShardRecord) -> Result<Model, ModelE
     Ok(model)
 }
 
-/// A loaded checkpoint: the trunk here, the experts on their hosts.
+/// A loaded checkpoint: the trunk here, the experts on their hosts (and the most routed ones here too, with a
+/// cache).
 pub struct Session {
     /// The round whose commit made the checkpoint.
     pub round: u64,
@@ -282,7 +291,7 @@ pub struct Session {
     /// The checkpoint's manifest, from the signed commit.
     pub manifest: CheckpointManifest,
     model: Model,
-    experts: NetworkExperts,
+    experts: CachedExperts,
 }
 
 impl Session {
@@ -292,13 +301,12 @@ impl Session {
         prompt: &[u32],
         config: &GenerateConfig,
     ) -> Result<Generation, GenerateError> {
-        let runner = Box::new(self.experts.clone());
-        let mut lm = CachedModel::with_experts(&mut self.model, runner);
-        generate::generate(&mut lm, prompt, config)
+        self.generate_each(prompt, config, &mut |_| std::ops::ControlFlow::Continue(()))
     }
 
     /// Like [`Session::generate`], handing each token over as it is committed (see
-    /// [`generate::generate_each`]).
+    /// [`generate::generate_each`]). With a cache, the ranking of the experts is looked at after every
+    /// token and at the end ([`CachedExperts::refresh`]; fetches run in the background).
     pub fn generate_each(
         &mut self,
         prompt: &[u32],
@@ -307,7 +315,14 @@ impl Session {
     ) -> Result<Generation, GenerateError> {
         let runner = Box::new(self.experts.clone());
         let mut lm = CachedModel::with_experts(&mut self.model, runner);
-        generate::generate_each(&mut lm, prompt, config, on_token)
+        let experts = &self.experts;
+        let mut each = |token| {
+            experts.refresh();
+            on_token(token)
+        };
+        let generation = generate::generate_each(&mut lm, prompt, config, &mut each);
+        self.experts.refresh();
+        generation
     }
 
     /// The model's configuration (vocabulary, context).
@@ -315,13 +330,29 @@ impl Session {
         self.model.config()
     }
 
-    /// Expert calls made so far.
+    /// Expert calls made on the network so far.
     pub fn call_stats(&self) -> CallStats {
+        self.experts.network().stats()
+    }
+
+    /// The experts held here and the calls they answered.
+    pub fn cache_stats(&self) -> CacheStats {
         self.experts.stats()
+    }
+
+    /// The rows routed to each expert so far (what the cache ranks by).
+    pub fn routing(&self) -> RoutingCounts {
+        self.experts.routing()
+    }
+
+    /// Waits until the cache holds the most-routed experts so far (see [`CachedExperts::settle`]); call it
+    /// between generations, from async code.
+    pub async fn settle_cache(&self) {
+        self.experts.settle().await
     }
 
     /// The hosts caught answering wrong (asked nothing more in this session).
     pub fn banned_hosts(&self) -> Vec<PeerId> {
-        self.experts.banned()
+        self.experts.network().banned()
     }
 }
