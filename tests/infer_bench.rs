@@ -7,7 +7,9 @@
 //! with the whole committed checkpoint in this process (local) and through the network, each plain and with
 //! `--speculative`, and again through the network with [`ADDED_LATENCY`] more per expert call, and prints per
 //! setting: tokens/s and its ratio to local in the same run, expert calls per token, request bytes per token,
-//! p50/p99 call time and the MTP acceptance rate. No answer is checked against a second replica (check share
+//! p50/p99 call time and the MTP acceptance rate. Each network setting runs twice: every expert on the
+//! network, and with [`CACHED`] hot experts computed by the client (`--cache-experts`; the cache filled
+//! after the warm-up generation, before the timed ones). No answer is checked against a second replica (check share
 //! 0), so the figures are those of plain calls.
 //!
 //! The added latency is a sleep before each MoE layer's expert calls, which all go out at once: each call of
@@ -24,8 +26,8 @@ use mana_engine::round::build_trainer;
 use mana_kernels::KernelError;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Generation, Sampling};
 use mana_kernels::model::{ExpertCall, ExpertRunner};
-use mana_node::infer::{self, CallStats, HostLimits, InferClient, InferConfig, NetworkExperts};
-use mana_protocol::UpdateRule;
+use mana_node::infer::{self, CachedExperts, CallStats, HostLimits, InferClient, InferConfig};
+use mana_protocol::{ShardId, UpdateRule};
 use net_support::*;
 
 /// Prompts generated after, each to [`TOKENS`] tokens (within the tiny model's 64-token context).
@@ -38,18 +40,26 @@ const PROMPTS: [&str; 4] = [
 /// Tokens generated per prompt.
 const TOKENS: usize = 44;
 
+/// Experts the client computes itself in the hot-expert settings (of the tiny model's 8 routed experts).
+const CACHED: usize = 3;
+
 /// The latency added to every expert call in the slow-link settings.
 const ADDED_LATENCY: Duration = Duration::from_millis(20);
 
 /// The session's runner with `delay` more before each layer's calls (see the module doc).
 struct Delayed {
-    inner: NetworkExperts,
+    inner: CachedExperts,
     delay: Duration,
 }
 
 impl ExpertRunner for Delayed {
     fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError> {
-        if !calls.is_empty() && !self.delay.is_zero() {
+        // Only a layer with some call for the network waits: the experts the cache holds are computed here.
+        let held = self.inner.stats().held;
+        let remote = calls.iter().any(|call| {
+            ShardId::expert(layer, call.expert).map_or(true, |shard| !held.contains(&shard))
+        });
+        if remote && !self.delay.is_zero() {
             std::thread::sleep(self.delay);
         }
         self.inner.run_layer(layer, calls)
@@ -128,14 +138,20 @@ async fn bench_network_inference_against_local_generation() {
             .expect("serves expert calls");
     }
     let client_node = Arc::new(start_node(net.follower_config("client")).await);
-    let client = InferClient::new(
+    let infer_config = InferConfig {
+        spec: net.spec.clone(),
+        call_timeout: Duration::from_secs(10),
+        wait: Duration::from_secs(60),
+        check_share: 0.0,
+        k_min: net.spec.model.top_k,
+        cache_experts: 0,
+    };
+    let client = InferClient::new(client_node.clone(), infer_config.clone());
+    let cached_client = InferClient::new(
         client_node.clone(),
         InferConfig {
-            spec: net.spec.clone(),
-            call_timeout: Duration::from_secs(10),
-            wait: Duration::from_secs(60),
-            check_share: 0.0,
-            k_min: net.spec.model.top_k,
+            cache_experts: CACHED,
+            ..infer_config
         },
     );
 
@@ -193,13 +209,18 @@ async fn bench_network_inference_against_local_generation() {
     .await
     .expect("local task");
 
-    let settings = [Duration::ZERO, ADDED_LATENCY]
-        .into_iter()
-        .flat_map(|delay| [(delay, false), (delay, true)]);
-    for (delay, speculative) in settings {
+    let settings = [Duration::ZERO, ADDED_LATENCY].into_iter().flat_map(|delay| {
+        [(false, 0), (true, 0), (false, CACHED), (true, CACHED)]
+            .map(|(speculative, cached)| (delay, speculative, cached))
+    });
+    for (delay, speculative, cached) in settings {
         let (local, local_outputs) = &local[usize::from(speculative)];
-        let mut session = client.load().await.expect("a session");
-        let (totals, outputs, stats, session) = tokio::task::spawn_blocking(move || {
+        let client = if cached == 0 { &client } else { &cached_client };
+        let session = client.load().await.expect("a session");
+        // A first generation, not timed (first-use costs; the cache's first routing counts), then the cache
+        // filled with the most-routed experts before the timed ones.
+        let session = tokio::task::spawn_blocking(move || {
+            let mut session = session;
             let warm_up = Box::new(Delayed {
                 inner: session.experts(),
                 delay,
@@ -207,7 +228,14 @@ async fn bench_network_inference_against_local_generation() {
             session
                 .generate_with(&bytes(PROMPTS[0]), &config(speculative), warm_up)
                 .expect("network warm-up");
-            let before = session.call_stats();
+            session
+        })
+        .await
+        .expect("warm-up task");
+        session.settle_cache().await;
+        let (totals, outputs, stats, cache, session) = tokio::task::spawn_blocking(move || {
+            let mut session = session;
+            let before = (session.call_stats(), session.cache_stats().local_calls);
             let mut totals = Totals::default();
             let mut outputs = Vec::new();
             for prompt in PROMPTS {
@@ -222,8 +250,10 @@ async fn bench_network_inference_against_local_generation() {
                 totals.add(&g, t.elapsed().as_secs_f64());
                 outputs.push(g.tokens);
             }
-            let stats = since(&before, &session.call_stats());
-            (totals, outputs, stats, session)
+            let stats = since(&before.0, &session.call_stats());
+            let cache = session.cache_stats();
+            let local_calls = cache.local_calls - before.1;
+            (totals, outputs, stats, (local_calls, cache), session)
         })
         .await
         .expect("network task");
@@ -235,15 +265,20 @@ async fn bench_network_inference_against_local_generation() {
                 .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
         };
         let name = if speculative { "speculative" } else { "plain" };
+        let (local_calls, cache) = cache;
         eprintln!(
-            "{name}, {} ms added per call: local {:.1} tokens/s; network {:.1} tokens/s ({:.3}x local); {:.2} expert calls and {:.0} \
-             request bytes per token; call time p50 {:.2} ms, p99 {:.2} ms; {} failed attempts; MTP \
-             acceptance {:.1}% (local {:.1}%); same tokens as local: {}",
+            "{name}, {} ms added per call, {cached} experts cached (held {}, {} fetched): local {:.1} tokens/s; \
+             network {:.1} tokens/s ({:.3}x local); {:.2} expert calls on the network and {:.2} here per \
+             token, {:.0} request bytes per token; call time p50 {:.2} ms, p99 {:.2} ms; {} failed attempts; \
+             MTP acceptance {:.1}% (local {:.1}%); same tokens as local: {}",
             delay.as_millis(),
+            cache.held.len(),
+            cache.fetched,
             local.tokens_per_s(),
             totals.tokens_per_s(),
             totals.tokens_per_s() / local.tokens_per_s(),
             stats.answered as f64 / totals.tokens as f64,
+            local_calls as f64 / totals.tokens as f64,
             stats.request_bytes as f64 / totals.tokens as f64,
             ms(0.5),
             ms(0.99),
@@ -253,6 +288,7 @@ async fn bench_network_inference_against_local_generation() {
             outputs == *local_outputs,
         );
     }
+    drop(cached_client);
     client_node.stop().await.expect("client stop");
     net.stop().await;
 }

@@ -17,10 +17,13 @@
 //! replica and its output is unchanged; and a serve-only node (a mirror of every committed checkpoint
 //! that serves expert calls and trains nothing, `mana node --serve-only`) answers every expert call of a
 //! client while the trainers serve none.
+//!
+//! Hot experts: a client with `cache_experts` computes the most-routed experts itself, asks the network less
+//! the second time, and still generates exactly what the whole checkpoint generates.
 
 mod net_support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -316,20 +319,29 @@ fn call_expert(
     out
 }
 
+/// The client settings of these tests: `check_share` of the answers checked against a second replica, every
+/// selected expert needed, no expert cached.
+fn infer_config(net: &RoundNet, check_share: f64) -> InferConfig {
+    InferConfig {
+        spec: net.spec.clone(),
+        call_timeout: Duration::from_secs(10),
+        wait: Duration::from_secs(60),
+        check_share,
+        k_min: net.spec.model.top_k,
+        cache_experts: 0,
+    }
+}
+
 /// A client of the run on a node of its own, joined before the rounds (it hears commits from the moment it
 /// joins), checking `check_share` of the answers against a second replica.
 async fn start_client(net: &RoundNet, check_share: f64) -> (Arc<NodeHandle>, InferClient) {
+    start_client_with(net, infer_config(net, check_share)).await
+}
+
+/// [`start_client`] with settings of its own.
+async fn start_client_with(net: &RoundNet, config: InferConfig) -> (Arc<NodeHandle>, InferClient) {
     let client_node = Arc::new(start_node(net.follower_config("client")).await);
-    let client = InferClient::new(
-        client_node.clone(),
-        InferConfig {
-            spec: net.spec.clone(),
-            call_timeout: Duration::from_secs(10),
-            wait: Duration::from_secs(60),
-            check_share,
-            k_min: net.spec.model.top_k,
-        },
-    );
+    let client = InferClient::new(client_node.clone(), config);
     (client_node, client)
 }
 
@@ -647,18 +659,16 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         infer::serve_experts(node, net.spec.clone(), HostLimits::default())
             .expect("serves expert calls");
     }
-    let client_node = Arc::new(start_node(net.follower_config("client")).await);
     let top_k = net.spec.model.top_k;
-    let client = InferClient::new(
-        client_node.clone(),
+    let (client_node, client) = start_client_with(
+        &net,
         InferConfig {
-            spec: net.spec.clone(),
             call_timeout: Duration::from_secs(3),
-            wait: Duration::from_secs(60),
-            check_share: 0.0,
             k_min: 1,
+            ..infer_config(&net, 0.0)
         },
-    );
+    )
+    .await;
     net.honest_rounds(1, 3).await;
     let session = client
         .load()
@@ -818,4 +828,157 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
     drop(runner);
     stop_client(client_node, client).await;
     net.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_hot_experts_computes_the_most_routed_ones_itself_and_generates_the_same() {
+    const CACHED: usize = 3;
+    let net = RoundNet::start(3).await;
+    for (node, _) in &net.trainers {
+        infer::serve_experts(node, net.spec.clone(), HostLimits::default())
+            .expect("serves expert calls");
+    }
+    let (client_node, client) = start_client_with(
+        &net,
+        InferConfig {
+            cache_experts: CACHED,
+            ..infer_config(&net, 0.0)
+        },
+    )
+    .await;
+    net.honest_rounds(1, 3).await;
+    let session = client
+        .load()
+        .await
+        .expect("a session on the committed round");
+    assert!(session.cache_stats().held.is_empty(), "nothing routed yet");
+
+    let prompt = prompt();
+    let config = greedy(24);
+    let generate_on = |mut session: infer::Session| {
+        let prompt = prompt.clone();
+        tokio::task::spawn_blocking(move || {
+            let g = session
+                .generate(&prompt, &config)
+                .expect("network generation");
+            (g, session)
+        })
+    };
+    let (first, session) = generate_on(session).await.expect("generation task");
+    let (calls_1, cache_1) = (session.call_stats(), session.cache_stats());
+    session.settle_cache().await;
+    let routing_1 = session.routing();
+    let top = routing_1.top(CACHED, &BTreeSet::new());
+    assert_eq!(
+        top.len(),
+        CACHED,
+        "fewer experts routed than the cache holds"
+    );
+    let held: BTreeSet<_> = session.cache_stats().held.into_iter().collect();
+    assert_eq!(
+        held,
+        top.iter().copied().collect(),
+        "the cache does not hold the most-routed experts"
+    );
+
+    let (second, session) = generate_on(session).await.expect("generation task");
+    let (calls_2, cache_2) = (session.call_stats(), session.cache_stats());
+    let network_1 = calls_1.answered;
+    let network_2 = calls_2.answered - calls_1.answered;
+    let local_2 = cache_2.local_calls - cache_1.local_calls;
+    // The same tokens route the same way: the second generation makes as many calls in all, more of them
+    // here, and fewer on the network (the first one's prompt pass ran before anything was cached).
+    assert_eq!(
+        network_2 + local_2,
+        network_1 + cache_1.local_calls,
+        "the two generations routed differently"
+    );
+    assert!(local_2 > 0, "no call was computed here");
+    assert!(
+        network_2 < network_1,
+        "the second generation asked the network {network_2} times, the first {network_1}"
+    );
+    assert!(cache_2.held.len() <= CACHED);
+    assert_eq!(cache_2.fetch_failures, 0);
+    assert_eq!(first.tokens, second.tokens, "the cache changed the output");
+
+    // The references: the whole checkpoint in one model, and the trunk with every expert run here by a
+    // runner that counts the rows routed to each, independently of the client.
+    let manifest = session.manifest.clone();
+    let records = checkpoint_records(&client_node, &manifest, &net.spec).await;
+    let spec = net.spec.clone();
+    let (local, counted) = tokio::task::spawn_blocking(move || {
+        let mut trainer =
+            build_trainer(&spec, &spec.hyper(UpdateRule::Sync), &records).expect("whole model");
+        let mut lm = CachedModel::new(trainer.model_mut());
+        let local = generate::generate(&mut lm, &prompt, &config).expect("local generation");
+        let mut kernels = KernelExperts::new();
+        let mut trunk = None;
+        for record in &records {
+            match record.shard {
+                ShardId::Trunk => {
+                    trunk = Some(infer::client::trunk_model(&spec, record).expect("trunk"))
+                }
+                shard => kernels
+                    .insert(
+                        shard,
+                        ExpertKernel::new(&spec.model, &record.params, Box::new(CpuBackend::new()))
+                            .expect("expert"),
+                    )
+                    .expect("an expert shard"),
+            }
+        }
+        let mut trunk = trunk.expect("the checkpoint has a trunk");
+        let counts = Arc::new(Mutex::new(BTreeMap::new()));
+        let runner = Box::new(Counting {
+            inner: kernels,
+            rows: counts.clone(),
+        });
+        let mut lm = CachedModel::with_experts(&mut trunk, runner);
+        let counted = generate::generate(&mut lm, &prompt, &config).expect("counted generation");
+        assert_eq!(counted.tokens, local.tokens);
+        let rows = counts.lock().expect("counts").clone();
+        (local, rows)
+    })
+    .await
+    .expect("local task");
+    assert_eq!(
+        first.tokens, local.tokens,
+        "cached and local greedy outputs differ"
+    );
+    // The client counted what was routed: twice the one generation's rows, expert by expert.
+    let routing_2 = session.routing();
+    for (&(layer, index), &rows) in &counted {
+        let shard = ShardId::expert(layer, index).expect("an expert");
+        assert_eq!(routing_2.rows(shard), 2 * rows, "rows routed to {shard}");
+        assert_eq!(routing_1.rows(shard), rows, "rows routed to {shard}");
+    }
+    assert_eq!(routing_2.ranked().len(), counted.len());
+
+    drop(session);
+    stop_client(client_node, client).await;
+    net.stop().await;
+}
+
+/// A runner that counts the rows routed to each (layer, expert) and computes them with its kernels: the
+/// test's own count of the routing.
+struct Counting {
+    inner: KernelExperts,
+    rows: Arc<Mutex<BTreeMap<(usize, usize), u64>>>,
+}
+
+impl ExpertRunner for Counting {
+    fn run_layer(
+        &mut self,
+        layer: usize,
+        calls: &mut [ExpertCall<'_>],
+    ) -> Result<(), KernelError> {
+        {
+            let mut rows = self.rows.lock().expect("counts");
+            for call in calls.iter() {
+                *rows.entry((layer, call.expert)).or_default() += call.rows as u64;
+            }
+        }
+        self.inner.run_layer(layer, calls)
+    }
 }

@@ -1,7 +1,10 @@
 //! `mana infer`: generate text from a run's latest committed checkpoint across the network. The command
 //! starts a client node that joins through `--bootstrap`, waits for the coordinator's next signed commit of
 //! `--run` and for a host of every expert, fetches the trunk, runs it here and has each routed expert
-//! computed by the nodes that host it (`mana_node::infer`). The sampling flags are `mana generate`'s.
+//! computed by the nodes that host it (`mana_node::infer`). With `--cache-experts N` it computes the N experts
+//! its prompt routes to most itself, fetched by hash from the committed checkpoint while it generates, and
+//! asks the network for the rest (`mana_node::infer::cache`). The sampling flags are `mana generate`'s. Each
+//! setting comes from its flag, else its `MANA_*` variable where it has one (the command reads no file).
 //!
 //! `--k-min` (default: the model's top-k) is how many of a token's top-k experts must answer: an expert no
 //! replica answers in time is dropped for a token that keeps that many, its gates renormalized over them;
@@ -49,6 +52,10 @@ pub struct InferArgs {
     /// computing the expert here from its committed shard, and a host that answered wrong is banned.
     #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
     check_share: f64,
+    /// Most experts to compute here: the ones the prompt routes to most, fetched by hash from the committed
+    /// checkpoint in the background while generating; the rest are asked of their hosts (0: all of them).
+    #[arg(long, env = "MANA_CACHE_EXPERTS", default_value_t = 0)]
+    cache_experts: usize,
     /// Seconds one expert call may take before the next replica is asked.
     #[arg(long, default_value_t = 10)]
     call_timeout_secs: u64,
@@ -99,6 +106,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         wait: Duration::from_secs(args.wait_secs),
         check_share: args.check_share,
         k_min,
+        cache_experts: args.cache_experts,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -117,6 +125,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
             let text = bytes_to_text(&prompt, &generation.tokens);
             let stats = session.call_stats();
             let ms = |q: f64| stats.latency.quantile(q).map(|d| d.as_secs_f64() * 1e3);
+            let cache = session.cache_stats();
             if args.json {
                 let out = serde_json::json!({
                     "text": text,
@@ -132,6 +141,11 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     "dropped_experts": stats.dropped,
                     "stalled_steps": stats.stalled,
                     "k_min": k_min,
+                    "cache_capacity": cache.capacity,
+                    "cached_experts": cache.held.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                    "local_calls": cache.local_calls,
+                    "experts_fetched": cache.fetched,
+                    "cache_fetch_failures": cache.fetch_failures,
                     "banned_hosts": session.banned_hosts().len(),
                     "call_ms_p50": ms(0.5),
                     "call_ms_p99": ms(0.99),
@@ -141,11 +155,17 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
             } else {
                 println!("{text}");
                 eprintln!(
-                    "round {}: {} tokens in {seconds:.2} s, {} expert calls ({} retried on another replica, {} \
+                    "round {}: {} tokens in {seconds:.2} s ({:.1} tokens/s), {} expert calls here ({} experts \
+                     cached of {}, {} fetched) and {} on the network ({} retried on another replica, {} \
                      checked against a second one, {} disagreements, {} hosts banned; call time p50 {} ms, p99 {} \
                      ms); {} expert calls unanswered and dropped (k_min {k_min}), {} steps stalled and retried",
                     session.round,
                     generation.tokens.len(),
+                    generation.tokens.len() as f64 / seconds.max(1e-9),
+                    cache.local_calls,
+                    cache.held.len(),
+                    cache.capacity,
+                    cache.fetched,
                     stats.answered,
                     stats.failed_attempts(),
                     stats.checked,

@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// computing the expert here from its committed shard, and a host that answered wrong is banned.
     #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
     check_share: f64,
+    /// Serve from the network: most experts to compute here, the ones the requests route to most, fetched
+    /// by hash from the committed checkpoint; the rest are asked of their hosts (0: all of them).
+    #[arg(long, env = "MANA_CACHE_EXPERTS", default_value_t = 0)]
+    cache_experts: usize,
     /// The model's id in the API (`model` in requests and in `/v1/models`); default: the checkpoint
     /// directory's name.
     #[arg(long)]
@@ -211,6 +215,7 @@ fn run_network(args: ServeArgs) -> anyhow::Result<()> {
         check_share: args.check_share,
         // Every selected expert must answer (a step that lacks one waits, up to the wait).
         k_min: spec.model.top_k,
+        cache_experts: args.cache_experts,
         spec,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

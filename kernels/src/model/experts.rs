@@ -209,6 +209,34 @@ impl KernelExperts {
         self.kernels.insert(pos, kernel);
         Ok(())
     }
+
+    /// Takes expert `shard` out, if held.
+    pub fn remove(&mut self, shard: ShardId) -> Option<ExpertKernel> {
+        self.kernels.remove(&shard.expert_position()?)
+    }
+
+    /// Whether expert `expert` of block `layer` is held.
+    pub fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.kernels.contains_key(&(layer, expert))
+    }
+
+    /// The experts held, in shard order.
+    pub fn held(&self) -> Vec<ShardId> {
+        self.kernels
+            .keys()
+            .filter_map(|&(layer, index)| ShardId::expert(layer, index).ok())
+            .collect()
+    }
+
+    /// How many experts are held.
+    pub fn len(&self) -> usize {
+        self.kernels.len()
+    }
+
+    /// Whether no expert is held.
+    pub fn is_empty(&self) -> bool {
+        self.kernels.is_empty()
+    }
 }
 
 impl ExpertRunner for KernelExperts {

@@ -1,6 +1,6 @@
 //! Checking the hosts' expert answers, so that a host that answers wrong is caught and banned.
 //!
-//! A host computes an expert with the model's row-invariant arithmetic ([`ExpertKernel`]), so every honest
+//! A host computes an expert with the model's row-invariant arithmetic ([`mana_kernels::model::ExpertKernel`]), so every honest
 //! host of a checkpoint's expert gives the same answer bit for bit, whatever else it computes. For a drawn
 //! share of calls ([`AnswerCheck::draw`], from the OS's randomness so a host cannot foresee which) the
 //! client asks a second replica as well and compares the two answers bit for bit. When they differ, one host
@@ -14,61 +14,23 @@
 //! (the C library's); hosts on different C libraries could differ in a last bit, and GPU hosts or FP8
 //! dispatch will need a tolerance instead of equality.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use mana_engine::round::{RunShard, RunSpec, ShardRecord};
-use mana_kernels::model::{ExpertKernel, ModelError};
-use mana_kernels::{CpuBackend, KernelError};
-use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
+use mana_engine::round::RunSpec;
+use mana_protocol::{CheckpointManifest, ShardId};
 
-use crate::daemon::{NodeError, NodeHandle};
+use super::fetch::{ExpertFetchError, ExpertSource};
+use crate::daemon::NodeHandle;
 use crate::roles::common::draw_share;
 
 /// The default share of expert calls a client checks against a second replica: one in ten.
 pub const DEFAULT_CHECK_SHARE: f64 = 0.1;
 
-/// Why the client could not compute an expert's answer itself.
-#[derive(Debug, thiserror::Error)]
-pub enum ReferenceError {
-    /// The signed commit names no such shard.
-    #[error("the checkpoint has no shard {0}")]
-    NotInCheckpoint(ShardId),
-    /// Fetching or reading the shard failed.
-    #[error(transparent)]
-    Node(Box<NodeError>),
-    /// The shard does not decode for the run's model.
-    #[error("shard {shard}: {source}")]
-    Shard {
-        /// The shard.
-        shard: ShardId,
-        /// Why it does not decode.
-        source: Box<mana_engine::round::RoundError>,
-    },
-    /// The expert could not be built from the shard.
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    /// The expert's arithmetic failed (a shape the request should not have had).
-    #[error(transparent)]
-    Kernel(#[from] KernelError),
-    /// The blocking computation was lost.
-    #[error("the reference computation did not finish: {0}")]
-    Join(#[from] tokio::task::JoinError),
-}
-
-impl From<NodeError> for ReferenceError {
-    fn from(e: NodeError) -> Self {
-        Self::Node(Box::new(e))
-    }
-}
-
-/// What the client needs to check answers and to judge a disagreement: the node (to fetch shards), the
-/// run's model, the checkpoint's shard hashes (from the signed commit) and the share of calls to check.
+/// What the client needs to check answers and to judge a disagreement: where to fetch the checkpoint's
+/// experts from (by the hashes of the signed commit) and the share of calls to check.
 pub struct AnswerCheck {
-    node: Arc<NodeHandle>,
-    spec: RunSpec,
-    shards: BTreeMap<ShardId, ContentHash>,
+    source: ExpertSource,
     share: f64,
 }
 
@@ -82,9 +44,7 @@ impl AnswerCheck {
         share: f64,
     ) -> Self {
         Self {
-            node,
-            spec,
-            shards: manifest.shards.iter().map(|e| (e.shard, e.hash)).collect(),
+            source: ExpertSource::new(node, spec, manifest),
             share,
         }
     }
@@ -96,30 +56,16 @@ impl AnswerCheck {
 
     /// The right answer to `rows` rows `x` [rows, C] for expert `shard`, computed here from the shard blob
     /// the checkpoint names (fetched from `holders` first, else through the DHT; the fetch checks the bytes
-    /// against the hash).
+    /// against the hash; see [`ExpertSource::kernel`]).
     pub async fn reference(
         &self,
         shard: ShardId,
         x: Vec<f32>,
         rows: usize,
         holders: Vec<PeerId>,
-    ) -> Result<Vec<f32>, ReferenceError> {
-        let hash = *self
-            .shards
-            .get(&shard)
-            .ok_or(ReferenceError::NotInCheckpoint(shard))?;
-        self.node.fetch_blob_from(hash, holders).await?;
-        let bytes = self.node.read_blob(hash).await?;
-        let spec = self.spec.clone();
+    ) -> Result<Vec<f32>, ExpertFetchError> {
+        let mut kernel = self.source.kernel(shard, holders).await?;
         tokio::task::spawn_blocking(move || {
-            let record = ShardRecord::from_bytes(&bytes, &spec, shard).map_err(|e| {
-                ReferenceError::Shard {
-                    shard,
-                    source: Box::new(e),
-                }
-            })?;
-            let mut kernel =
-                ExpertKernel::new(&spec.model, &record.params, Box::new(CpuBackend::new()))?;
             let mut out = vec![0.0f32; x.len()];
             kernel.forward(&x, rows, &mut out)?;
             Ok(out)

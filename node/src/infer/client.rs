@@ -29,7 +29,9 @@ use mana_kernels::generate::{self, CachedModel, GenerateConfig, GenerateError, G
 use mana_kernels::model::{ExpertRunner, ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
 
+use super::cache::{CacheStats, CachedExperts, RoutingCounts};
 use super::check::AnswerCheck;
+use super::fetch::ExpertSource;
 use super::lock;
 use super::patient::Patient;
 use super::remote::{CallStats, Hosts, NetworkExperts};
@@ -53,6 +55,9 @@ pub struct InferConfig {
     /// time is dropped for a token that keeps at least this many, its gates renormalized over them
     /// (Hivemind's rule, [`mana_kernels::model::experts`]); the model's top-k (or more) means every one.
     pub k_min: usize,
+    /// Most experts the client computes itself: the ones its prompts route to most, fetched by hash from
+    /// the committed checkpoint ([`super::cache`]; 0: every expert on the network).
+    pub cache_experts: usize,
 }
 
 /// Why the client could not generate.
@@ -237,9 +242,10 @@ impl InferClient {
                 .map_err(|e| NodeError::Round(mana_engine::round::RoundError::from(e)))
         })
         .await?;
-        let experts = NetworkExperts::new(
+        let runtime = tokio::runtime::Handle::current();
+        let network = NetworkExperts::new(
             self.node.net().clone(),
-            tokio::runtime::Handle::current(),
+            runtime.clone(),
             self.node.config().net.run_id.clone(),
             checkpoint,
             hosts,
@@ -251,6 +257,8 @@ impl InferClient {
             &manifest,
             self.cfg.check_share,
         )));
+        let source = ExpertSource::new(self.node.clone(), self.cfg.spec.clone(), &manifest);
+        let experts = CachedExperts::new(network, source, runtime, self.cfg.cache_experts);
         tracing::info!(round = manifest.round, %checkpoint, "inference session loaded");
         Ok(Session {
             round: manifest.round,
@@ -287,7 +295,8 @@ pub fn trunk_model(spec: &RunSpec, record: &ShardRecord) -> Result<Model, ModelE
     Ok(model)
 }
 
-/// A loaded checkpoint: the trunk here, the experts on their hosts.
+/// A loaded checkpoint: the trunk here, the experts on their hosts (and the most routed ones here too, with a
+/// cache).
 pub struct Session {
     /// The round whose commit made the checkpoint.
     pub round: u64,
@@ -296,7 +305,7 @@ pub struct Session {
     /// The checkpoint's manifest, from the signed commit.
     pub manifest: CheckpointManifest,
     model: Model,
-    experts: NetworkExperts,
+    experts: CachedExperts,
     /// [`InferConfig::k_min`].
     k_min: usize,
     /// How long a stalled step is tried again ([`InferConfig::wait`]).
@@ -313,21 +322,12 @@ impl Session {
         prompt: &[u32],
         config: &GenerateConfig,
     ) -> Result<Generation, GenerateError> {
-        let runner = Box::new(self.experts());
-        self.generate_with(prompt, config, runner)
-    }
-
-    /// The trunk with `runner` computing the absent experts, under the `k_min` rule, patient with stalls.
-    fn model_for_generation(
-        &mut self,
-        runner: Box<dyn ExpertRunner>,
-    ) -> Patient<CachedModel<'_>> {
-        let lm = CachedModel::with_experts(&mut self.model, runner).with_k_min(self.k_min);
-        Patient::new(lm, self.experts.clone(), self.wait)
+        self.generate_each(prompt, config, &mut |_| std::ops::ControlFlow::Continue(()))
     }
 
     /// Like [`Session::generate`], handing each token over as it is committed (see
-    /// [`generate::generate_each`]).
+    /// [`generate::generate_each`]). With a cache, the ranking of the experts is looked at after every
+    /// token and at the end ([`CachedExperts::refresh`]; fetches run in the background).
     pub fn generate_each(
         &mut self,
         prompt: &[u32],
@@ -335,8 +335,7 @@ impl Session {
         on_token: &mut dyn FnMut(u32) -> std::ops::ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
         let runner = Box::new(self.experts());
-        let mut lm = self.model_for_generation(runner);
-        generate::generate_each(&mut lm, prompt, config, on_token)
+        self.run(prompt, config, runner, on_token)
     }
 
     /// Generates after `prompt` with `runner` computing the experts in place of the session's own network
@@ -349,12 +348,33 @@ impl Session {
         config: &GenerateConfig,
         runner: Box<dyn ExpertRunner>,
     ) -> Result<Generation, GenerateError> {
-        let mut lm = self.model_for_generation(runner);
-        generate::generate(&mut lm, prompt, config)
+        self.run(prompt, config, runner, &mut |_| std::ops::ControlFlow::Continue(()))
     }
 
-    /// The session's network runner; clones share its host order, bans and counts.
-    pub fn experts(&self) -> NetworkExperts {
+    /// Generation through `runner`, with the trunk here, under the `k_min` rule, patient with stalls; the
+    /// cache's ranking looked at after every token and at the end.
+    fn run(
+        &mut self,
+        prompt: &[u32],
+        config: &GenerateConfig,
+        runner: Box<dyn ExpertRunner>,
+        on_token: &mut dyn FnMut(u32) -> std::ops::ControlFlow<()>,
+    ) -> Result<Generation, GenerateError> {
+        let lm = CachedModel::with_experts(&mut self.model, runner).with_k_min(self.k_min);
+        let mut lm = Patient::new(lm, self.experts.network().clone(), self.wait);
+        let experts = &self.experts;
+        let mut each = |token| {
+            experts.refresh();
+            on_token(token)
+        };
+        let generation = generate::generate_each(&mut lm, prompt, config, &mut each);
+        experts.refresh();
+        generation
+    }
+
+    /// The session's expert runner (the cache in front of the network); clones share its held experts,
+    /// routing counts, host order, bans and counts.
+    pub fn experts(&self) -> CachedExperts {
         self.experts.clone()
     }
 
@@ -363,18 +383,34 @@ impl Session {
         self.model.config()
     }
 
-    /// Expert calls made so far.
+    /// Expert calls made on the network so far.
     pub fn call_stats(&self) -> CallStats {
+        self.experts.network().stats()
+    }
+
+    /// The experts held here and the calls they answered.
+    pub fn cache_stats(&self) -> CacheStats {
         self.experts.stats()
     }
 
     /// Who the session asks for each expert, as learned from signed messages when it loaded.
     pub fn hosts(&self) -> &Hosts {
-        self.experts.hosts()
+        self.experts.network().hosts()
+    }
+
+    /// The rows routed to each expert so far (what the cache ranks by).
+    pub fn routing(&self) -> RoutingCounts {
+        self.experts.routing()
+    }
+
+    /// Waits until the cache holds the most-routed experts so far (see [`CachedExperts::settle`]); call it
+    /// between generations, from async code.
+    pub async fn settle_cache(&self) {
+        self.experts.settle().await
     }
 
     /// The hosts caught answering wrong (asked nothing more in this session).
     pub fn banned_hosts(&self) -> Vec<PeerId> {
-        self.experts.banned()
+        self.experts.network().banned()
     }
 }

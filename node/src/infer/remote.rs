@@ -190,6 +190,13 @@ impl NetworkExperts {
         lock(&self.health).banned()
     }
 
+    /// The hosts of expert `shard` in the order they would be asked (banned ones left out): where its
+    /// shard blob is fetched from first.
+    pub fn holders(&self, shard: ShardId) -> Vec<PeerId> {
+        let hosts = self.hosts.get(&shard).map(Vec::as_slice).unwrap_or(&[]);
+        lock(&self.health).order(hosts, std::time::Instant::now())
+    }
+
     /// The counts so far.
     pub fn stats(&self) -> CallStats {
         self.lock_stats().clone()
