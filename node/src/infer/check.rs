@@ -5,14 +5,15 @@
 //! share of calls ([`AnswerCheck::draw`], from the OS's randomness so a host cannot foresee which) the
 //! client asks a second replica as well and compares the two answers bit for bit. When they differ, one host
 //! lied, and the client settles it the way any holder of the shard could: it fetches the expert's shard by
-//! the hash the signed commit names, computes the answer itself ([`AnswerCheck::reference`]), uses that
-//! answer, and bans every host whose answer differs from it ([`super::health`] keeps the bans: a banned
+//! the hash the signed commit names, computes the answer itself ([`AnswerCheck::reference`]: on the
+//! request's input as a host decodes it, encoded as the request asks, as a host does), uses that answer, and bans every host whose answer differs from it ([`super::health`] keeps the bans: a banned
 //! host is asked nothing more in the session). The verdict is reproducible: the commit, the shard and the request determine the right answer.
 //!
 //! Exact comparison holds for CPU hosts: the row product has a fixed order without fused multiply-add, so
 //! it gives the same bits at every SIMD level. The one platform-dependent step is the activation's `exp`
-//! (the C library's); hosts on different C libraries could differ in a last bit, and GPU hosts or FP8
-//! dispatch will need a tolerance instead of equality.
+//! (the C library's); hosts on different C libraries could differ in a last bit, and GPU hosts will need a
+//! tolerance instead of equality. FP8 dispatch keeps equality: the encodings are deterministic
+//! (`mana_protocol::tensor`), so hosts computing on the same decoded input give the same bytes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,8 +22,9 @@ use libp2p::PeerId;
 use mana_engine::round::{RunShard, RunSpec, ShardRecord};
 use mana_kernels::model::{ExpertKernel, ModelError};
 use mana_kernels::{CpuBackend, KernelError};
-use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
+use mana_protocol::{CheckpointManifest, ContentHash, ExpertRequest, ProtocolError, ShardId};
 
+use super::dispatch::encode_answer;
 use crate::daemon::{NodeError, NodeHandle};
 use crate::roles::common::draw_share;
 
@@ -52,6 +54,9 @@ pub enum ReferenceError {
     /// The expert's arithmetic failed (a shape the request should not have had).
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// The request's input does not decode, or the output does not encode as asked.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     /// The blocking computation was lost.
     #[error("the reference computation did not finish: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -94,16 +99,20 @@ impl AnswerCheck {
         draw_share(self.share)
     }
 
-    /// The right answer to `rows` rows `x` [rows, C] for expert `shard`, computed here from the shard blob
-    /// the checkpoint names (fetched from `holders` first, else through the DHT; the fetch checks the bytes
-    /// against the hash).
+    /// The right answer to `request` (of this checkpoint), decoded: its expert computed here from the shard
+    /// blob the checkpoint names (fetched from `holders` first, else through the DHT; the fetch checks the
+    /// bytes against the hash) on the request's input as a host decodes it, then encoded as the request
+    /// asks and decoded again, exactly as an honest host's answer reaches the client.
     pub async fn reference(
         &self,
-        shard: ShardId,
-        x: Vec<f32>,
-        rows: usize,
+        request: &ExpertRequest,
         holders: Vec<PeerId>,
     ) -> Result<Vec<f32>, ReferenceError> {
+        let shard = request.shard;
+        let x = request.input.to_f32()?;
+        let shape = request.input.shape.clone();
+        let rows = shape.first().copied().unwrap_or(0) as usize;
+        let answer = request.answer;
         let hash = *self
             .shards
             .get(&shard)
@@ -122,7 +131,7 @@ impl AnswerCheck {
                 ExpertKernel::new(&spec.model, &record.params, Box::new(CpuBackend::new()))?;
             let mut out = vec![0.0f32; x.len()];
             kernel.forward(&x, rows, &mut out)?;
-            Ok(out)
+            Ok(encode_answer(answer, shape, &out)?.to_f32()?)
         })
         .await?
     }

@@ -26,6 +26,7 @@ use mana_kernels::model::{ExpertSet, Model, ModelError};
 use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, ShardId};
 
 use super::check::AnswerCheck;
+use super::dispatch::Dispatch;
 use super::lock;
 use super::remote::{CallStats, Hosts, NetworkExperts};
 use crate::daemon::{NodeError, NodeHandle, blocking};
@@ -42,6 +43,8 @@ pub struct InferConfig {
     /// The share of expert calls also asked of a second replica, to catch hosts that answer wrong
     /// ([`super::check`]; 0 checks none, 1 every call).
     pub check_share: f64,
+    /// The encodings of expert calls ([`Dispatch::F32`] for output bit-identical to the whole model).
+    pub dispatch: Dispatch,
 }
 
 /// Why the client could not generate.
@@ -233,6 +236,7 @@ impl InferClient {
             hosts,
             self.cfg.call_timeout,
         )
+        .with_dispatch(self.cfg.dispatch)
         .with_check(Arc::new(AnswerCheck::new(
             self.node.clone(),
             self.cfg.spec.clone(),
@@ -292,9 +296,14 @@ impl Session {
         prompt: &[u32],
         config: &GenerateConfig,
     ) -> Result<Generation, GenerateError> {
-        let runner = Box::new(self.experts.clone());
-        let mut lm = CachedModel::with_experts(&mut self.model, runner);
-        generate::generate(&mut lm, prompt, config)
+        generate::generate(&mut self.language_model(), prompt, config)
+    }
+
+    /// The trunk here with every routed expert asked of its hosts, as a [`generate::LanguageModel`]: the
+    /// logits of any window (to score a text, or compare them with another model's). Blocking, like
+    /// [`Session::generate`].
+    pub fn language_model(&mut self) -> CachedModel<'_> {
+        CachedModel::with_experts(&mut self.model, Box::new(self.experts.clone()))
     }
 
     /// Like [`Session::generate`], handing each token over as it is committed (see
@@ -305,9 +314,7 @@ impl Session {
         config: &GenerateConfig,
         on_token: &mut dyn FnMut(u32) -> std::ops::ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        let runner = Box::new(self.experts.clone());
-        let mut lm = CachedModel::with_experts(&mut self.model, runner);
-        generate::generate_each(&mut lm, prompt, config, on_token)
+        generate::generate_each(&mut self.language_model(), prompt, config, on_token)
     }
 
     /// The model's configuration (vocabulary, context).

@@ -10,8 +10,9 @@
 //!   once, and past a further cap ([`HostLimits::max_busy_answers`]) it drops the stream, so a flood costs
 //!   the sender its calls, not the host its memory. Each request is read under the protocol's frame cap,
 //!   within [`HostLimits::read_timeout`], and may hold at most [`HostLimits::max_rows`] rows.
-//! - The arithmetic runs on a blocking thread ([`ExpertKernel`], the model's own decode arithmetic), so the
-//!   answer is bit-identical to the expert run inside the whole model.
+//! - The arithmetic runs on a blocking thread ([`ExpertKernel`], the model's own decode arithmetic) on the
+//!   request's input as decoded, so the output is bit-identical to the expert run inside the whole model on
+//!   those values; it is sent in the encoding the request asks for ([`super::dispatch`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -24,10 +25,11 @@ use mana_kernels::CpuBackend;
 use mana_kernels::model::ExpertKernel;
 use mana_protocol::limits::{MAX_REQUEST_BYTES, MAX_TEXT_LEN};
 use mana_protocol::{
-    CheckpointManifest, ContentHash, ExpertRequest, ExpertResponse, Message, ShardId, Tensor, Text,
+    CheckpointManifest, ContentHash, ExpertRequest, ExpertResponse, Message, ShardId, Text,
 };
 use tokio::sync::Semaphore;
 
+use super::dispatch::encode_answer;
 use super::lock;
 use super::wire::{self, EXPERT_STREAM};
 use crate::daemon::{NodeError, NodeHandle};
@@ -235,8 +237,8 @@ impl Host {
         lock(&loaded.kernel)
             .forward(&x, rows, &mut out)
             .map_err(|e| e.to_string())?;
-        let output =
-            Tensor::from_f32(request.input.shape.clone(), &out).map_err(|e| e.to_string())?;
+        let output = encode_answer(request.answer, request.input.shape.clone(), &out)
+            .map_err(|e| e.to_string())?;
         Ok(ExpertResponse::Output {
             round: loaded.round,
             checkpoint: request.checkpoint,

@@ -1,0 +1,247 @@
+//! How an expert call carries its numbers: the encoding of the hidden states a client sends and of the
+//! output a host answers with ([`Dispatch`]), and [`Loopback`], which puts a runner's calls through exactly
+//! those encodings in this process, to measure what they change without a network.
+//!
+//! The model's FP8 GEMMs quantize their input in 1×128 tiles with amax scales, and E4M3 dispatch
+//! ([`TensorDtype::E4m3Tile128`]) is that very quantization: the host's first GEMM re-quantizes the decoded
+//! input to the same codes and scales (`mana_protocol::tensor`), so for a model at FP8 precision, FP8 input
+//! changes no bit of the expert's output. Only the answer's encoding can then change what the client
+//! computes; an f32 answer keeps generation bit-identical to the whole model in one process.
+
+use std::fmt;
+use std::str::FromStr;
+
+use mana_kernels::KernelError;
+use mana_kernels::model::{ExpertCall, ExpertRunner};
+use mana_protocol::{ProtocolError, Tensor, TensorDtype};
+
+/// The encodings of an expert call, chosen by the client: `input` for the hidden states it sends, `answer`
+/// for the outputs it asks back (carried in the request, so a host answers each call as asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The hidden states' encoding.
+    pub input: TensorDtype,
+    /// The outputs' encoding.
+    pub answer: TensorDtype,
+}
+
+impl Dispatch {
+    /// f32 both ways: bit-identical to running the whole model in one process, at any precision.
+    pub const F32: Dispatch = Dispatch {
+        input: TensorDtype::F32,
+        answer: TensorDtype::F32,
+    };
+
+    /// E4M3 hidden states (1×128 tiles), bf16 answers: 3.6 times fewer bytes than [`Dispatch::F32`] for the
+    /// tiny model, and at FP8 precision the input costs no accuracy at all (see the module doc).
+    pub const FP8: Dispatch = Dispatch {
+        input: TensorDtype::E4m3Tile128,
+        answer: TensorDtype::Bf16,
+    };
+
+    /// The hidden states of one call, `rows` rows of `x`, encoded for the wire.
+    pub fn encode_input(self, x: &[f32], rows: usize) -> Result<Tensor, ProtocolError> {
+        Tensor::encode(self.input, shape(x.len(), rows)?, x)
+    }
+}
+
+/// The shape `[rows, width]` of `len` values in `rows` rows.
+fn shape(len: usize, rows: usize) -> Result<Vec<u32>, ProtocolError> {
+    let width = len / rows.max(1);
+    let bad = || ProtocolError::InvalidField {
+        what: "expert call",
+        detail: format!("{len} values in {rows} rows"),
+    };
+    if width * rows != len {
+        return Err(bad());
+    }
+    Ok(vec![
+        u32::try_from(rows).map_err(|_| bad())?,
+        u32::try_from(width).map_err(|_| bad())?,
+    ])
+}
+
+/// The output `out` of a call whose input had `shape`, in `answer`'s encoding: what a host sends, and what
+/// a client's reference computation is turned into before it is compared with hosts' answers.
+pub fn encode_answer(
+    answer: TensorDtype,
+    shape: Vec<u32>,
+    out: &[f32],
+) -> Result<Tensor, ProtocolError> {
+    Tensor::encode(answer, shape, out)
+}
+
+impl Default for Dispatch {
+    /// [`Dispatch::FP8`].
+    fn default() -> Self {
+        Dispatch::FP8
+    }
+}
+
+impl fmt::Display for Dispatch {
+    /// `f32`, `fp8`, or `<input>/<answer>` for another pair.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Dispatch::F32 => f.write_str("f32"),
+            Dispatch::FP8 => f.write_str("fp8"),
+            Dispatch { input, answer } => write!(f, "{input}/{answer}"),
+        }
+    }
+}
+
+impl FromStr for Dispatch {
+    type Err = ProtocolError;
+
+    /// `f32` ([`Dispatch::F32`]), `fp8` ([`Dispatch::FP8`]), or `<input>/<answer>` with each of `f32`,
+    /// `bf16`, `fp8` (e.g. `fp8/f32`: FP8 hidden states, exact answers).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some((input, answer)) = s.split_once('/') {
+            return Ok(Dispatch {
+                input: input.parse()?,
+                answer: answer.parse()?,
+            });
+        }
+        match s.parse()? {
+            TensorDtype::F32 => Ok(Dispatch::F32),
+            TensorDtype::E4m3Tile128 => Ok(Dispatch::FP8),
+            TensorDtype::Bf16 => Err(ProtocolError::InvalidField {
+                what: "dispatch",
+                detail: "bf16 needs an answer encoding too, e.g. bf16/bf16".into(),
+            }),
+        }
+    }
+}
+
+/// Bytes of expert-call tensors, each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchBytes {
+    /// Calls.
+    pub calls: u64,
+    /// Bytes of input tensors (codes and scales) sent.
+    pub request: u64,
+    /// Bytes of output tensors received.
+    pub response: u64,
+}
+
+/// An [`ExpertRunner`] that hands `inner` every call's input as a host would decode it from the wire under
+/// `dispatch`, and gives the layer the output as a client would decode the answer: the numbers of network
+/// dispatch, computed here. It counts the tensor bytes each way.
+pub struct Loopback<R> {
+    inner: R,
+    dispatch: Dispatch,
+    bytes: DispatchBytes,
+}
+
+impl<R: ExpertRunner> Loopback<R> {
+    /// `inner` behind the encodings of `dispatch`.
+    pub fn new(inner: R, dispatch: Dispatch) -> Self {
+        Self {
+            inner,
+            dispatch,
+            bytes: DispatchBytes::default(),
+        }
+    }
+
+    /// The bytes counted so far.
+    pub fn bytes(&self) -> DispatchBytes {
+        self.bytes
+    }
+}
+
+impl<R: ExpertRunner> ExpertRunner for Loopback<R> {
+    fn run_layer(&mut self, layer: usize, calls: &mut [ExpertCall<'_>]) -> Result<(), KernelError> {
+        let failed = |expert: usize, e: ProtocolError| KernelError::ExpertUnavailable {
+            layer,
+            expert,
+            reason: e.to_string(),
+        };
+        let mut inputs = Vec::with_capacity(calls.len());
+        for call in calls.iter() {
+            let tensor = self
+                .dispatch
+                .encode_input(call.x, call.rows)
+                .map_err(|e| failed(call.expert, e))?;
+            self.bytes.request += tensor.data.0.len() as u64;
+            inputs.push((
+                tensor.to_f32().map_err(|e| failed(call.expert, e))?,
+                tensor.shape,
+            ));
+        }
+        let mut outs: Vec<Vec<f32>> = calls.iter().map(|c| vec![0.0; c.out.len()]).collect();
+        {
+            let mut decoded: Vec<ExpertCall<'_>> = calls
+                .iter()
+                .zip(&inputs)
+                .zip(outs.iter_mut())
+                .map(|((call, (x, _)), out)| ExpertCall {
+                    expert: call.expert,
+                    rows: call.rows,
+                    x,
+                    out,
+                })
+                .collect();
+            self.inner.run_layer(layer, &mut decoded)?;
+        }
+        for ((call, (_, shape)), out) in calls.iter_mut().zip(inputs).zip(outs) {
+            let answer = encode_answer(self.dispatch.answer, shape, &out)
+                .map_err(|e| failed(call.expert, e))?;
+            self.bytes.response += answer.data.0.len() as u64;
+            let values = answer.to_f32().map_err(|e| failed(call.expert, e))?;
+            call.out.copy_from_slice(&values);
+            self.bytes.calls += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_names_parse_and_print() {
+        for (text, d) in [
+            ("f32", Dispatch::F32),
+            ("fp8", Dispatch::FP8),
+            ("FP8", Dispatch::FP8),
+            (
+                "fp8/f32",
+                Dispatch {
+                    input: TensorDtype::E4m3Tile128,
+                    answer: TensorDtype::F32,
+                },
+            ),
+            (
+                "bf16/fp8",
+                Dispatch {
+                    input: TensorDtype::Bf16,
+                    answer: TensorDtype::E4m3Tile128,
+                },
+            ),
+        ] {
+            assert_eq!(text.parse::<Dispatch>().expect(text), d);
+            assert_eq!(
+                d.to_string()
+                    .parse::<Dispatch>()
+                    .expect("printed form parses"),
+                d
+            );
+        }
+        assert_eq!("fp8/bf16".parse::<Dispatch>().ok(), Some(Dispatch::FP8));
+        for bad in ["", "bf16", "fp8/", "e5m2", "f32/f32/f32"] {
+            assert!(bad.parse::<Dispatch>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_call_shape_must_be_whole_rows() {
+        assert!(Dispatch::F32.encode_input(&[1.0; 6], 4).is_err());
+        assert_eq!(
+            Dispatch::FP8
+                .encode_input(&[1.0; 6], 2)
+                .expect("whole rows")
+                .shape,
+            vec![2, 3]
+        );
+    }
+}
