@@ -1,12 +1,15 @@
 //! Inference across a real loopback network: a bootstrap, a coordinator and 3 trainers (replication 2, so
 //! each expert lives on 2 of the 3) train one round of the tiny model; every trainer serves expert calls from
 //! its store; a client that joined before the round hears the signed commit, fetches the trunk, and generates
-//! with every routed expert computed by its hosts. Under greedy decoding its output equals generation with
-//! the whole committed checkpoint in one process. Hosts refuse calls for a checkpoint they do not hold and
-//! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
-//! runner asks the next replica. A host that answers wrong is caught by the check against a second
-//! replica, the client computes the expert from its committed shard, and the liar is banned. A replica
-//! killed mid-generation leaves the output unchanged: the client goes on with the other one.
+//! with every routed expert computed by its hosts. Under greedy decoding, with f32 dispatch and with FP8
+//! hidden states and f32 answers, its output equals generation with the whole committed checkpoint in one
+//! process, bit for bit; with the default dispatch (bf16 answers) the positions whose greedy choice changes
+//! are counted and bounded, and the output follows the whole checkpoint's up to the first of them. Hosts
+//! refuse calls for a checkpoint they do not hold and requests over their row limit with `Unavailable`; a
+//! host at its call cap answers "busy" and the client's runner asks the next replica. A host that answers
+//! wrong is caught by the check against a second replica, the client computes the expert from its committed
+//! shard, and the liar is banned. A replica killed mid-generation leaves the output unchanged: the client
+//! goes on with the other one.
 
 mod net_support;
 
@@ -186,9 +189,10 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
         .count();
     let generated = |s: &infer::CallStats| s.request_bytes + s.response_bytes;
     println!(
-        "fp8 dispatch: greedy tokens equal {agreement}/{}, first difference at {first_diff:?}; teacher-forced \
-         argmax changed at {changed:?} of {} positions, |logit difference| max {max_logit_diff:.2e}, mean {mean_logit_diff:.2e}; bytes per \
-         generated token: f32 {}, fp8/f32 {}, fp8 {}",
+        "fp8 dispatch: greedy tokens equal {agreement}/{}, first difference at {first_diff:?}; \
+         teacher-forced argmax changed at {changed:?} of {} positions, |logit difference| max \
+         {max_logit_diff:.2e}, mean {mean_logit_diff:.2e}; bytes per generated token: f32 {}, fp8/f32 {}, \
+         fp8 {}",
         local.tokens.len(),
         window.len() - 1,
         generated(&stats) / 24,

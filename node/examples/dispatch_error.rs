@@ -2,8 +2,8 @@
 //! the default of `mana infer --dispatch` (docs/architecture.md, "FP8 dispatch").
 //!
 //! Usage: `cargo run -p mana-node --example dispatch_error -- CHECKPOINT_DIR [TOKENS [TEXT_FILE]]`, on a
-//! checkpoint of `mana train`. The model is split as a network client splits it (the trunk here, every routed expert a
-//! standalone [`ExpertKernel`]) and, for each pair of encodings (hidden states / answers):
+//! checkpoint of `mana train`. The model is split as a network client splits it (the trunk here, every routed
+//! expert a standalone [`ExpertKernel`]) and, for each pair of encodings (hidden states / answers):
 //!
 //! 1. along the greedy path of the whole model on 8 fixed prompts, every expert call is also made through
 //!    the encodings ([`Loopback`]) and its output compared with the exact one: the largest absolute error,
@@ -302,7 +302,8 @@ fn teacher_forced(model: &mut Model, split: &mut Model, text: &[u8]) -> Result<(
     let (exact, want) = score(&mut CachedModel::new(model), &windows)?;
     let positions = want.len() / v;
     println!(
-        "\nteacher-forced on {count} windows of {ctx} bytes ({positions} positions): whole model loss {exact:.5}"
+        "\nteacher-forced on {count} windows of {ctx} bytes ({positions} positions): whole model loss \
+         {exact:.5}"
     );
     println!(
         "{:>10} {:>12} {:>12} {:>16} {:>14} {:>14}",

@@ -2,12 +2,13 @@
 //!
 //! A host computes an expert with the model's row-invariant arithmetic ([`ExpertKernel`]), so every honest
 //! host of a checkpoint's expert gives the same answer bit for bit, whatever else it computes. For a drawn
-//! share of calls ([`AnswerCheck::draw`], from the OS's randomness so a host cannot foresee which) the
-//! client asks a second replica as well and compares the two answers bit for bit. When they differ, one host
-//! lied, and the client settles it the way any holder of the shard could: it fetches the expert's shard by
-//! the hash the signed commit names, computes the answer itself ([`AnswerCheck::reference`]: on the
-//! request's input as a host decodes it, encoded as the request asks, as a host does), uses that answer, and bans every host whose answer differs from it ([`super::health`] keeps the bans: a banned
-//! host is asked nothing more in the session). The verdict is reproducible: the commit, the shard and the request determine the right answer.
+//! share of calls ([`AnswerCheck::draw`], from the OS's randomness so a host cannot foresee which) the client
+//! asks a second replica as well and compares the two answers bit for bit. When they differ, one host lied,
+//! and the client settles it the way any holder of the shard could: it fetches the expert's shard by the hash
+//! the signed commit names, computes the answer itself ([`AnswerCheck::reference`]: on the request's input as
+//! a host decodes it, encoded as the request asks, as a host does), uses that answer, and bans every host
+//! whose answer differs from it ([`super::health`] keeps the bans: a banned host is asked nothing more in the
+//! session). The verdict is reproducible: the commit, the shard and the request determine the right answer.
 //!
 //! Exact comparison holds for CPU hosts: the row product has a fixed order without fused multiply-add, so
 //! it gives the same bits at every SIMD level. The one platform-dependent step is the activation's `exp`

@@ -5,11 +5,11 @@
 //! for a doubling back-off, and a peer that does not serve expert calls is dropped ([`super::health`]).
 //!
 //! The hidden states go out and the outputs come back in the encodings of the runner's [`Dispatch`] (FP8
-//! hidden states and bf16 answers by default, [`super::dispatch`]). An answer is used only when it names
-//! the checkpoint asked for and has the input's shape, the asked encoding and finite values; an honest one
-//! is then bit-identical to the expert run locally on the decoded input, encoded the same way (the host
-//! runs the model's own arithmetic, see [`mana_kernels::model::experts`]). A drawn share of answers is compared with a second
-//! replica's, and a disagreement is settled by computing the expert here ([`super::check`]): the hosts
+//! hidden states and bf16 answers by default, [`super::dispatch`]). An answer is used only when it names the
+//! checkpoint asked for and has the input's shape, the asked encoding and finite values; an honest one is
+//! then bit-identical to the expert run locally on the decoded input, encoded the same way (the host runs the
+//! model's own arithmetic, see [`mana_kernels::model::experts`]). A drawn share of answers is compared with a
+//! second replica's, and a disagreement is settled by computing the expert here ([`super::check`]): the hosts
 //! that answered wrong are banned and asked nothing more.
 
 use std::collections::BTreeMap;
