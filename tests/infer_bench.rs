@@ -7,7 +7,8 @@
 //! with the whole committed checkpoint in this process (local) and through the network, each plain and with
 //! `--speculative`, and again through the network with [`ADDED_LATENCY`] more per expert call, and prints per
 //! setting: tokens/s and its ratio to local in the same run, expert calls per token, request bytes per token,
-//! p50/p99 call time and the MTP acceptance rate. Each network setting runs twice: every expert on the
+//! p50/p99 call time and the MTP acceptance rate. `MANA_BENCH_DISPATCH` sets the calls' encodings (default
+//! `fp8/f32`, as `mana infer --dispatch`). Each network setting runs twice: every expert on the
 //! network, and with [`CACHED`] hot experts computed by the client (`--cache-experts`; the cache filled
 //! after the warm-up generation, before the timed ones). No answer is checked against a second replica (check share
 //! 0), so the figures are those of plain calls.
@@ -26,7 +27,9 @@ use mana_engine::round::build_trainer;
 use mana_kernels::KernelError;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, Generation, Sampling};
 use mana_kernels::model::{ExpertCall, ExpertRunner};
-use mana_node::infer::{self, CachedExperts, CallStats, HostLimits, InferClient, InferConfig};
+use mana_node::infer::{
+    self, CachedExperts, CallStats, Dispatch, HostLimits, InferClient, InferConfig,
+};
 use mana_protocol::{ShardId, UpdateRule};
 use net_support::*;
 
@@ -73,6 +76,7 @@ fn since(before: &CallStats, after: &CallStats) -> CallStats {
     CallStats {
         answered: after.answered - before.answered,
         request_bytes: after.request_bytes - before.request_bytes,
+        response_bytes: after.response_bytes - before.response_bytes,
         checked: after.checked - before.checked,
         disagreements: after.disagreements - before.disagreements,
         failures: after
@@ -132,6 +136,13 @@ async fn bench_network_inference_against_local_generation() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    let dispatch: Dispatch = std::env::var("MANA_BENCH_DISPATCH")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .expect("MANA_BENCH_DISPATCH: f32, fp8, or <input>/<answer>")
+        })
+        .unwrap_or_default();
     let net = RoundNet::start(3).await;
     for (node, _) in &net.trainers {
         infer::serve_experts(node, net.spec.clone(), HostLimits::default())
@@ -145,6 +156,7 @@ async fn bench_network_inference_against_local_generation() {
         check_share: 0.0,
         k_min: net.spec.model.top_k,
         cache_experts: 0,
+        dispatch,
     };
     let client = InferClient::new(client_node.clone(), infer_config.clone());
     let cached_client = InferClient::new(
@@ -173,7 +185,7 @@ async fn bench_network_inference_against_local_generation() {
     )
     .await;
     eprintln!(
-        "trained {rounds} diloco rounds (H = 50, 3 trainers) in {:.0} s",
+        "trained {rounds} diloco rounds (H = 50, 3 trainers) in {:.0} s; dispatch {dispatch}",
         started.elapsed().as_secs_f64()
     );
 
@@ -209,10 +221,12 @@ async fn bench_network_inference_against_local_generation() {
     .await
     .expect("local task");
 
-    let settings = [Duration::ZERO, ADDED_LATENCY].into_iter().flat_map(|delay| {
-        [(false, 0), (true, 0), (false, CACHED), (true, CACHED)]
-            .map(|(speculative, cached)| (delay, speculative, cached))
-    });
+    let settings = [Duration::ZERO, ADDED_LATENCY]
+        .into_iter()
+        .flat_map(|delay| {
+            [(false, 0), (true, 0), (false, CACHED), (true, CACHED)]
+                .map(|(speculative, cached)| (delay, speculative, cached))
+        });
     for (delay, speculative, cached) in settings {
         let (local, local_outputs) = &local[usize::from(speculative)];
         let client = if cached == 0 { &client } else { &cached_client };
@@ -269,7 +283,7 @@ async fn bench_network_inference_against_local_generation() {
         eprintln!(
             "{name}, {} ms added per call, {cached} experts cached (held {}, {} fetched): local {:.1} tokens/s; \
              network {:.1} tokens/s ({:.3}x local); {:.2} expert calls on the network and {:.2} here per \
-             token, {:.0} request bytes per token; call time p50 {:.2} ms, p99 {:.2} ms; {} failed attempts; \
+             token, {:.0} request and {:.0} answer bytes per token; call time p50 {:.2} ms, p99 {:.2} ms; {} failed attempts; \
              MTP acceptance {:.1}% (local {:.1}%); same tokens as local: {}",
             delay.as_millis(),
             cache.held.len(),
@@ -280,6 +294,7 @@ async fn bench_network_inference_against_local_generation() {
             stats.answered as f64 / totals.tokens as f64,
             local_calls as f64 / totals.tokens as f64,
             stats.request_bytes as f64 / totals.tokens as f64,
+            stats.response_bytes as f64 / totals.tokens as f64,
             ms(0.5),
             ms(0.99),
             stats.failed_attempts(),

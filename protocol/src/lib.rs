@@ -26,6 +26,7 @@ pub mod ids;
 pub mod limits;
 pub mod messages;
 pub mod reqresp;
+pub mod tensor;
 pub mod topics;
 pub mod validation;
 pub mod wire;

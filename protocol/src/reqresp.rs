@@ -14,8 +14,9 @@ use crate::error::ProtocolError;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
     MAX_FETCH_CHUNK_BYTES, MAX_RANGE_BYTES, MAX_RANGE_FRAME_BYTES, MAX_REQUEST_BYTES,
-    MAX_RESPONSE_BYTES, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK,
+    MAX_RESPONSE_BYTES,
 };
+pub use crate::tensor::{Tensor, TensorDtype};
 use crate::wire;
 
 /// Ask for bytes `offset..offset + max_len` of the blob with blake3 `hash` (a delta payload, a checkpoint
@@ -260,111 +261,8 @@ impl LaneResponse {
     }
 }
 
-/// Element type of a [`Tensor`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TensorDtype {
-    /// Variant 0: IEEE f32, little-endian.
-    F32,
-    /// Variant 1: bfloat16 (the top 16 bits of an f32), little-endian.
-    Bf16,
-}
-
-impl TensorDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            TensorDtype::F32 => 4,
-            TensorDtype::Bf16 => 2,
-        }
-    }
-}
-
-/// A dense row-major tensor: hidden states going to an expert, or its outputs coming back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tensor {
-    /// Element type.
-    pub dtype: TensorDtype,
-    /// Dimensions, outermost first (at most [`MAX_TENSOR_RANK`]; at most [`MAX_TENSOR_ELEMENTS`] elements).
-    pub shape: Vec<u32>,
-    /// The elements, little-endian; exactly `product(shape) * dtype.size()` bytes.
-    pub data: Bytes,
-}
-
-impl Tensor {
-    /// An f32 tensor of `shape` holding `values`.
-    pub fn from_f32(shape: Vec<u32>, values: &[f32]) -> Result<Tensor, ProtocolError> {
-        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let tensor = Tensor {
-            dtype: TensorDtype::F32,
-            shape,
-            data: Bytes(data),
-        };
-        tensor.check()?;
-        Ok(tensor)
-    }
-
-    /// The elements as f32 (bf16 is widened exactly).
-    pub fn to_f32(&self) -> Result<Vec<f32>, ProtocolError> {
-        self.check()?;
-        Ok(match self.dtype {
-            TensorDtype::F32 => self
-                .data
-                .0
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            TensorDtype::Bf16 => self
-                .data
-                .0
-                .chunks_exact(2)
-                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-                .collect(),
-        })
-    }
-
-    /// Number of elements, if the shape is within bounds.
-    pub fn elements(&self) -> Result<u64, ProtocolError> {
-        let bad = |detail: String| ProtocolError::InvalidField {
-            what: "tensor",
-            detail,
-        };
-        if self.shape.len() > MAX_TENSOR_RANK {
-            return Err(bad(format!(
-                "rank {} over the limit of {MAX_TENSOR_RANK}",
-                self.shape.len()
-            )));
-        }
-        let n = self.shape.iter().try_fold(1u64, |acc, &d| {
-            acc.checked_mul(u64::from(d))
-                .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
-        });
-        n.ok_or_else(|| {
-            bad(format!(
-                "shape {:?} has over {MAX_TENSOR_ELEMENTS} elements",
-                self.shape
-            ))
-        })
-    }
-
-    /// Checks the shape bounds and that the data length matches the shape.
-    pub fn check(&self) -> Result<(), ProtocolError> {
-        let n = self.elements()?;
-        let want = n * self.dtype.size() as u64;
-        if self.data.0.len() as u64 != want {
-            return Err(ProtocolError::InvalidField {
-                what: "tensor",
-                detail: format!(
-                    "shape {:?} needs {want} bytes, got {}",
-                    self.shape,
-                    self.data.0.len()
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Run expert `shard` of checkpoint `checkpoint` on `input` (hidden states, `[tokens, d_model]`).
+/// Run expert `shard` of checkpoint `checkpoint` on `input` (hidden states, `[tokens, d_model]`) and answer
+/// in `answer`'s encoding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpertRequest {
     /// The run.
@@ -373,15 +271,18 @@ pub struct ExpertRequest {
     pub shard: ShardId,
     /// Hash of the checkpoint manifest whose weights to use.
     pub checkpoint: ContentHash,
-    /// The hidden states.
+    /// The hidden states (the host computes on their decoded values).
     pub input: Tensor,
+    /// The encoding the output must come back in (an answer in another is not an answer to this call).
+    pub answer: TensorDtype,
 }
 
 /// The answer to an [`ExpertRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExpertResponse {
-    /// Variant 0: the expert's outputs, same shape as the input, computed from the weights of checkpoint
-    /// `checkpoint` (the one asked for), which round `round` committed.
+    /// Variant 0: the expert's outputs, same shape as the input and in the request's `answer` encoding,
+    /// computed from the weights of checkpoint `checkpoint` (the one asked for), which round `round`
+    /// committed.
     Output {
         /// The round whose commit made the checkpoint.
         round: u64,

@@ -18,7 +18,9 @@ fn decode_everything(bytes: &[u8]) {
     let _ = FetchRequest::decode(bytes);
     let _ = FetchResponse::decode(bytes);
     let _ = ExpertRequest::decode(bytes).map(|r| r.input.to_f32());
-    let _ = ExpertResponse::decode(bytes);
+    if let Ok(ExpertResponse::Output { output, .. }) = ExpertResponse::decode(bytes) {
+        let _ = output.to_f32();
+    }
     let _ = RangeRequest::decode(bytes);
     let _ = RangeResponse::decode(bytes);
     let _ = LaneRequest::decode(bytes);
@@ -38,6 +40,8 @@ fn valid_samples() -> Vec<Vec<u8>> {
     out.push(lane_response().encode().unwrap());
     out.push(expert_request().encode().unwrap());
     out.push(expert_response().encode().unwrap());
+    out.push(expert_request_fp8().encode().unwrap());
+    out.push(expert_response_bf16().encode().unwrap());
     out.push(manifest(2).to_bytes().unwrap());
     out.push(sample_payload());
     let sparse = CodecOptions {
@@ -73,7 +77,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_behind_a_valid_prefix_never_panic(
-        which in 0usize..16, cut in any::<prop::sample::Index>(), tail in proptest::collection::vec(any::<u8>(), 0..512)
+        which in 0usize..64, cut in any::<prop::sample::Index>(), tail in proptest::collection::vec(any::<u8>(), 0..512)
     ) {
         let samples = valid_samples();
         let sample = &samples[which % samples.len()];
@@ -84,7 +88,7 @@ proptest! {
 
     #[test]
     fn mutated_valid_encodings_never_panic(
-        which in 0usize..16,
+        which in 0usize..64,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
         let samples = valid_samples();

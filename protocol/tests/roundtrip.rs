@@ -85,6 +85,15 @@ fn request_response_frames_round_trip() {
         ExpertResponse::decode(&unavailable.encode().unwrap()).unwrap(),
         unavailable
     );
+    let (request, response) = (expert_request_fp8(), expert_response_bf16());
+    assert_eq!(
+        ExpertRequest::decode(&request.encode().unwrap()).unwrap(),
+        request
+    );
+    assert_eq!(
+        ExpertResponse::decode(&response.encode().unwrap()).unwrap(),
+        response
+    );
     let t = expert_request().input;
     assert_eq!(
         t.to_f32().unwrap(),

@@ -31,6 +31,14 @@ fn generated() -> Vec<(String, Vec<u8>)> {
         expert_response().encode().unwrap(),
     ));
     out.push((
+        "expert_request_fp8".into(),
+        expert_request_fp8().encode().unwrap(),
+    ));
+    out.push((
+        "expert_response_bf16".into(),
+        expert_response_bf16().encode().unwrap(),
+    ));
+    out.push((
         "checkpoint_manifest_blob".into(),
         manifest(7).to_bytes().unwrap(),
     ));
@@ -225,6 +233,16 @@ fn vectors_decode_to_the_fixtures() {
     assert_eq!(
         ExpertResponse::decode(&get("expert_response")).unwrap(),
         expert_response()
+    );
+    let fp8 = ExpertRequest::decode(&get("expert_request_fp8")).unwrap();
+    assert_eq!(fp8, expert_request_fp8());
+    assert_eq!(
+        fp8.input.to_f32().unwrap(),
+        vec![0.5, -1.0, 3.5, 0.0, 1.5, -0.25, 3.0, 7.0]
+    );
+    assert_eq!(
+        ExpertResponse::decode(&get("expert_response_bf16")).unwrap(),
+        expert_response_bf16()
     );
     let dense = decode_delta(&get("delta_dense"), 8).unwrap();
     assert_eq!(dense.len(), 8);

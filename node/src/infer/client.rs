@@ -31,6 +31,7 @@ use mana_protocol::{CheckpointManifest, ContentHash, Message, RoundCommit, Shard
 
 use super::cache::{CacheStats, CachedExperts, RoutingCounts};
 use super::check::AnswerCheck;
+use super::dispatch::Dispatch;
 use super::fetch::ExpertSource;
 use super::lock;
 use super::patient::Patient;
@@ -58,6 +59,9 @@ pub struct InferConfig {
     /// Most experts the client computes itself: the ones its prompts route to most, fetched by hash from
     /// the committed checkpoint ([`super::cache`]; 0: every expert on the network).
     pub cache_experts: usize,
+    /// The encodings of expert calls (the default, FP8 hidden states and f32 answers, and [`Dispatch::F32`] give output bit-identical
+    /// to the whole FP8 model's).
+    pub dispatch: Dispatch,
 }
 
 /// Why the client could not generate.
@@ -251,6 +255,7 @@ impl InferClient {
             hosts,
             self.cfg.call_timeout,
         )
+        .with_dispatch(self.cfg.dispatch)
         .with_check(Arc::new(AnswerCheck::new(
             self.node.clone(),
             self.cfg.spec.clone(),
@@ -270,6 +275,19 @@ impl InferClient {
             wait: self.cfg.wait,
         })
     }
+}
+
+/// `model` (the trunk) with `runner` computing the experts it lacks, under the `k_min` rule, a stalled step
+/// run again for up to `wait` (counted in `experts`' network stats).
+fn patient_model<'a>(
+    model: &'a mut Model,
+    runner: Box<dyn ExpertRunner>,
+    k_min: usize,
+    experts: &CachedExperts,
+    wait: Duration,
+) -> Patient<CachedModel<'a>> {
+    let lm = CachedModel::with_experts(model, runner).with_k_min(k_min);
+    Patient::new(lm, experts.network().clone(), wait)
 }
 
 /// The trunk of `spec`'s model with `record`'s parameters and router biases, holding no expert.
@@ -325,6 +343,20 @@ impl Session {
         self.generate_each(prompt, config, &mut |_| std::ops::ControlFlow::Continue(()))
     }
 
+    /// The trunk here with every routed expert asked of its hosts (or computed by the cache), under the
+    /// `k_min` rule and patient with stalls, as a [`generate::LanguageModel`]: the logits of any window (to
+    /// score a text, or compare them with another model's). Blocking, like [`Session::generate`].
+    pub fn language_model(&mut self) -> Patient<CachedModel<'_>> {
+        let runner = Box::new(self.experts.clone());
+        patient_model(
+            &mut self.model,
+            runner,
+            self.k_min,
+            &self.experts,
+            self.wait,
+        )
+    }
+
     /// Like [`Session::generate`], handing each token over as it is committed (see
     /// [`generate::generate_each`]). With a cache, the ranking of the experts is looked at after every
     /// token and at the end ([`CachedExperts::refresh`]; fetches run in the background).
@@ -348,7 +380,9 @@ impl Session {
         config: &GenerateConfig,
         runner: Box<dyn ExpertRunner>,
     ) -> Result<Generation, GenerateError> {
-        self.run(prompt, config, runner, &mut |_| std::ops::ControlFlow::Continue(()))
+        self.run(prompt, config, runner, &mut |_| {
+            std::ops::ControlFlow::Continue(())
+        })
     }
 
     /// Generation through `runner`, with the trunk here, under the `k_min` rule, patient with stalls; the
@@ -360,9 +394,8 @@ impl Session {
         runner: Box<dyn ExpertRunner>,
         on_token: &mut dyn FnMut(u32) -> std::ops::ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        let lm = CachedModel::with_experts(&mut self.model, runner).with_k_min(self.k_min);
-        let mut lm = Patient::new(lm, self.experts.network().clone(), self.wait);
         let experts = &self.experts;
+        let mut lm = patient_model(&mut self.model, runner, self.k_min, experts, self.wait);
         let mut each = |token| {
             experts.refresh();
             on_token(token)

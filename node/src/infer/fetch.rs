@@ -37,6 +37,9 @@ pub enum ExpertFetchError {
     /// The expert's arithmetic failed (a shape the request should not have had).
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// The request's input does not decode, or the output does not encode as asked.
+    #[error(transparent)]
+    Protocol(#[from] mana_protocol::ProtocolError),
     /// The blocking computation was lost.
     #[error("the expert's blocking work did not finish: {0}")]
     Join(#[from] tokio::task::JoinError),

@@ -2,6 +2,9 @@
 //! computed by a node that hosts it.
 //!
 //! - [`wire`]: the expert call on a raw stream (`/mana/expert/1.0.0`), one frame each way.
+//! - [`dispatch`]: the encodings of an expert call (FP8 hidden states and f32 answers by default, exact for
+//!   an FP8 model; bf16 answers, or f32 both ways) and an in-process loopback through them, to measure what
+//!   they change.
 //! - [`host`]: a node answers expert calls from the committed checkpoints its store holds, within caps on
 //!   calls (in all and per peer: "busy" past them) and rows, batching concurrent calls of one expert.
 //! - [`remote`]: the client's expert runner: every call under a timeout, the next replica on failure; an
@@ -19,6 +22,7 @@
 pub mod cache;
 pub mod check;
 pub mod client;
+pub mod dispatch;
 pub mod fetch;
 pub mod health;
 pub mod host;
@@ -35,6 +39,7 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use cache::{CacheStats, CachedExperts, RoutingCounts};
 pub use check::{AnswerCheck, DEFAULT_CHECK_SHARE};
 pub use client::{InferClient, InferConfig, InferError, Session};
+pub use dispatch::{Dispatch, DispatchBytes, Loopback};
 pub use fetch::{ExpertFetchError, ExpertSource};
 pub use host::{ExpertHost, HostLimits, HostStats, serve_experts};
 pub use patient::Patient;

@@ -11,10 +11,12 @@
 //! under the `k_min` rule ([`mana_kernels::model::experts`]); a step that cannot go on is waited for and
 //! run again by [`super::patient`].
 //!
-//! An answer is used only when it names the checkpoint asked for and has the input's shape and finite
-//! values; an honest one is then bit-identical to the expert run locally (the host runs the model's own
-//! arithmetic, see [`mana_kernels::model::experts`]). A drawn share of answers is compared with a second
-//! replica's, and a disagreement is settled by computing the expert here ([`super::check`]): the hosts
+//! The hidden states go out and the outputs come back in the encodings of the runner's [`Dispatch`] (FP8
+//! hidden states and f32 answers by default, [`super::dispatch`]). An answer is used only when it names the
+//! checkpoint asked for and has the input's shape, the asked encoding and finite values; an honest one is
+//! then bit-identical to the expert run locally on the decoded input, encoded the same way (the host runs the
+//! model's own arithmetic, see [`mana_kernels::model::experts`]). A drawn share of answers is compared with a
+//! second replica's, and a disagreement is settled by computing the expert here ([`super::check`]): the hosts
 //! that answered wrong are banned and asked nothing more.
 
 use std::collections::BTreeMap;
@@ -25,9 +27,10 @@ use futures::future::join_all;
 use libp2p::PeerId;
 use mana_kernels::KernelError;
 use mana_kernels::model::{ExpertCall, ExpertRunner};
-use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, RunId, ShardId, Tensor};
+use mana_protocol::{ContentHash, ExpertRequest, ExpertResponse, RunId, ShardId, TensorDtype};
 
 use super::check::{AnswerCheck, same_bits};
+use super::dispatch::Dispatch;
 use super::health::HostHealth;
 use super::{lock, wire};
 use crate::net::{Client, NetError};
@@ -44,6 +47,8 @@ pub struct NetworkExperts {
     checkpoint: ContentHash,
     hosts: Hosts,
     timeout: Duration,
+    /// The encodings of the hidden states sent and the answers asked for.
+    dispatch: Dispatch,
     /// Checks a share of answers against a second replica; `None`: answers are taken as they come.
     check: Option<Arc<AnswerCheck>>,
     /// Which hosts to ask first (failed ones later, for a doubling back-off).
@@ -57,8 +62,11 @@ pub struct NetworkExperts {
 pub struct CallStats {
     /// Expert calls answered.
     pub answered: u64,
-    /// Bytes of requests sent.
+    /// Bytes of the hidden-state tensors sent (codes and scales; once per call, however many hosts were
+    /// asked).
     pub request_bytes: u64,
+    /// Bytes of the output tensors of the answers used (once per call).
+    pub response_bytes: u64,
     /// Answers compared with a second replica's.
     pub checked: u64,
     /// Checked answers on which the two replicas disagreed (each settled by computing the expert here).
@@ -167,10 +175,17 @@ impl NetworkExperts {
             checkpoint,
             hosts,
             timeout,
+            dispatch: Dispatch::default(),
             check: None,
             health: Arc::default(),
             stats: Arc::default(),
         }
+    }
+
+    /// The same runner, sending hidden states and asking for answers in `dispatch`'s encodings.
+    pub fn with_dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = dispatch;
+        self
     }
 
     /// The same runner, checking answers with `check` (a drawn share against a second replica; wrong hosts
@@ -215,12 +230,23 @@ impl NetworkExperts {
 /// The first pause before every replica of an expert is asked again.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Why one host's answer was not used.
+/// An answer that passed [`check_answer`].
+struct Answered {
+    /// The output, decoded.
+    values: Vec<f32>,
+    /// Bytes of the output tensor.
+    bytes: u64,
+    /// The host that gave it.
+    host: PeerId,
+}
+
+/// The decoded output of one host's answer and its tensor's bytes, or why it was not used.
 fn check_answer(
     response: ExpertResponse,
     checkpoint: ContentHash,
     shape: &[u32],
-) -> Result<Vec<f32>, String> {
+    answer: TensorDtype,
+) -> Result<(Vec<f32>, u64), String> {
     match response {
         ExpertResponse::Unavailable { reason } => Err(format!("unavailable: {reason}")),
         ExpertResponse::Output {
@@ -234,17 +260,20 @@ fn check_answer(
             if output.shape != shape {
                 return Err(format!("output shape {:?}, not {shape:?}", output.shape));
             }
+            if output.dtype != answer {
+                return Err(format!("answered in {}, not {answer}", output.dtype));
+            }
             let values = output.to_f32().map_err(|e| e.to_string())?;
             if values.iter().any(|v| !v.is_finite()) {
                 return Err("non-finite output".into());
             }
-            Ok(values)
+            Ok((values, output.data.0.len() as u64))
         }
     }
 }
 
-/// One expert's answer: the output and the host that gave it, or every host's failure in the last pass.
-type Answer = Result<(Vec<f32>, PeerId), String>;
+/// One expert's answer, or every host's failure in the last pass.
+type Answer = Result<Answered, String>;
 
 /// Asks the hosts of one expert in turn until one answers, passing over them again while `timeout` lasts
 /// when `again`; returns the answer and the host of each failed attempt.
@@ -278,13 +307,23 @@ async fn ask(
                 Err(wire::CallError::Net(NetError::StreamUnsupported { .. }))
             );
             let answer = result.map_err(|e| e.to_string()).and_then(|response| {
-                check_answer(response, request.checkpoint, &request.input.shape)
+                check_answer(
+                    response,
+                    request.checkpoint,
+                    &request.input.shape,
+                    request.answer,
+                )
             });
             match answer {
-                Ok(values) => {
+                Ok((values, bytes)) => {
                     lock(health).succeeded(peer, took);
                     lock(stats).latency.record(took);
-                    return (Ok((values, peer)), failed);
+                    let answered = Answered {
+                        values,
+                        bytes,
+                        host: peer,
+                    };
+                    return (Ok(answered), failed);
                 }
                 Err(reason) => {
                     tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
@@ -328,7 +367,7 @@ enum NoAnswer {
 
 /// Asks one expert's hosts (banned ones are left out by [`HostHealth::order`]) and, when the call is drawn
 /// for a check, a second replica too; on a disagreement computes the answer here and bans the hosts that
-/// gave another.
+/// gave another. Returns the output and its tensor's bytes.
 async fn ask_checked(
     net: &Client,
     hosts: &[PeerId],
@@ -337,35 +376,40 @@ async fn ask_checked(
     request: &ExpertRequest,
     timeout: Duration,
     check: Option<&AnswerCheck>,
-) -> (Result<Vec<f32>, NoAnswer>, Vec<PeerId>, Checked) {
+) -> (Result<(Vec<f32>, u64), NoAnswer>, Vec<PeerId>, Checked) {
     let (answer, failed) = ask(net, hosts, health, stats, request, timeout, true).await;
-    let (values, first) = match answer {
+    let Answered {
+        values,
+        bytes,
+        host: first,
+    } = match answer {
         Ok(found) => found,
         Err(reason) => return (Err(NoAnswer::Unanswered(reason)), failed, Checked::No),
     };
     let Some(check) = check.filter(|c| c.draw()) else {
-        return (Ok(values), failed, Checked::No);
+        return (Ok((values, bytes)), failed, Checked::No);
     };
     let others: Vec<PeerId> = hosts.iter().copied().filter(|p| *p != first).collect();
     let (second, second_failed) = ask(net, &others, health, stats, request, timeout, false).await;
     let failed = [failed, second_failed].concat();
-    let Ok((other_values, second)) = second else {
-        return (Ok(values), failed, Checked::No);
+    let Ok(Answered {
+        values: other_values,
+        host: second,
+        ..
+    }) = second
+    else {
+        return (Ok((values, bytes)), failed, Checked::No);
     };
     if same_bits(&values, &other_values) {
-        return (Ok(values), failed, Checked::Agreed);
+        return (Ok((values, bytes)), failed, Checked::Agreed);
     }
     tracing::info!(shard = %request.shard, %first, %second, "expert replicas disagree; computing it here");
-    let rows = request.input.shape.first().copied().unwrap_or(0) as usize;
     // The shard is fetched from the hosts still asked (not banned ones) first; the fetch checks its hash.
     let holders = lock(health).order(hosts, std::time::Instant::now());
-    let judged = match request.input.to_f32() {
-        Ok(x) => check
-            .reference(request.shard, x, rows, holders)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
+    let judged = check
+        .reference(request, holders)
+        .await
+        .map_err(|e| e.to_string());
     match judged {
         Ok(truth) => {
             for (peer, given) in [(first, &values), (second, &other_values)] {
@@ -373,7 +417,7 @@ async fn ask_checked(
                     lock(health).ban(peer);
                 }
             }
-            (Ok(truth), failed, Checked::Disagreed)
+            (Ok((truth, bytes)), failed, Checked::Disagreed)
         }
         Err(e) => (
             Err(NoAnswer::Unsettled(format!(
@@ -396,9 +440,9 @@ impl ExpertRunner for NetworkExperts {
         for call in calls.iter() {
             let shard = ShardId::expert(layer, call.expert)
                 .map_err(|e| unavailable(call.expert, e.to_string()))?;
-            let c = call.x.len() / call.rows.max(1);
-            let shape = vec![call.rows as u32, c as u32];
-            let input = Tensor::from_f32(shape, call.x)
+            let input = self
+                .dispatch
+                .encode_input(call.x, call.rows)
                 .map_err(|e| unavailable(call.expert, e.to_string()))?;
             self.lock_stats().request_bytes += input.data.0.len() as u64;
             requests.push(ExpertRequest {
@@ -406,6 +450,7 @@ impl ExpertRunner for NetworkExperts {
                 shard,
                 checkpoint: self.checkpoint,
                 input,
+                answer: self.dispatch.answer,
             });
         }
         let none = Vec::new();
@@ -429,9 +474,11 @@ impl ExpertRunner for NetworkExperts {
                 stats.disagreements += u64::from(checked == Checked::Disagreed);
             }
             match answer {
-                Ok(values) => {
+                Ok((values, bytes)) => {
                     call.out.copy_from_slice(&values);
-                    self.lock_stats().answered += 1;
+                    let mut stats = self.lock_stats();
+                    stats.answered += 1;
+                    stats.response_bytes += bytes;
                 }
                 Err(NoAnswer::Unanswered(reason)) => {
                     tracing::warn!(

@@ -311,6 +311,28 @@ pub fn expert_request() -> ExpertRequest {
         shard: ShardId::expert(1, 0).unwrap(),
         checkpoint: manifest(7).hash().unwrap(),
         input: Tensor::from_f32(vec![2, 4], &[0.5, -1.0, 2.0, 0.0, 1.5, -0.25, 3.0, 4.0]).unwrap(),
+        answer: TensorDtype::F32,
+    }
+}
+
+/// An expert request with its input in E4M3 (1×128 tiles: one scale per row here, 3.5/448 = 2^-7 and
+/// 7/448 = 2^-6, so every value is exact) asking for a bf16 answer, as FP8 dispatch sends it.
+pub fn expert_request_fp8() -> ExpertRequest {
+    let x = [0.5, -1.0, 3.5, 0.0, 1.5, -0.25, 3.0, 7.0];
+    ExpertRequest {
+        input: Tensor::encode(TensorDtype::E4m3Tile128, vec![2, 4], &x).unwrap(),
+        answer: TensorDtype::Bf16,
+        ..expert_request()
+    }
+}
+
+/// The answer to [`expert_request_fp8`], in bf16.
+pub fn expert_response_bf16() -> ExpertResponse {
+    let y = [1.0, -2.5, 3.140625, 4.0, 0.0078125, 6.0, -7.0, 8.0];
+    ExpertResponse::Output {
+        round: 7,
+        checkpoint: manifest(7).hash().unwrap(),
+        output: Tensor::encode(TensorDtype::Bf16, vec![2, 4], &y).unwrap(),
     }
 }
 
