@@ -169,21 +169,12 @@ async fn bench_network_inference_against_local_generation() {
 
     let started = Instant::now();
     let hyper = net.spec.hyper(UpdateRule::Diloco);
-    let conductor = net.conduct_with(rounds, 3, |machine| {
+    let diloco = |machine: &mut mana_engine::coordinator::CoordinatorConfig| {
         machine.hyper = hyper;
         machine.inner_steps = 50;
-    });
-    tokio::time::timeout(Duration::from_secs(1800), conductor)
-        .await
-        .expect("the rounds in time")
-        .expect("coordinator task")
-        .expect("coordinator ran");
-    net.wait_trainers(
-        Duration::from_secs(60),
-        "every trainer applied the last round",
-        |s| training(s).applied_round == Some(rounds),
-    )
-    .await;
+    };
+    net.rounds_with(rounds, 3, diloco, Duration::from_secs(1800))
+        .await;
     eprintln!(
         "trained {rounds} diloco rounds (H = 50, 3 trainers) in {:.0} s; dispatch {dispatch}",
         started.elapsed().as_secs_f64()

@@ -39,8 +39,8 @@ use mana_kernels::model::{ExpertCall, ExpertKernel, ExpertRunner, KernelExperts,
 use mana_kernels::{CpuBackend, KernelError};
 use mana_node::daemon::NodeHandle;
 use mana_node::infer::{
-    self, AnswerCheck, Dispatch, HostLimits, Hosts, InferClient, InferConfig, NetworkExperts,
-    Patient, Session, wire,
+    self, AnswerCheck, CachedExperts, Dispatch, ExpertSource, HostLimits, Hosts, InferClient,
+    InferConfig, NetworkExperts, Patient, Session, wire,
 };
 use mana_protocol::{
     CheckpointManifest, ContentHash, ExpertRequest, ExpertResponse, Message, ShardId, Tensor,
@@ -714,86 +714,123 @@ async fn an_overloaded_host_answers_busy_and_the_output_is_unchanged() {
     net.stop().await;
 }
 
-/// `mana node --serve-only`: a node that mirrors every committed checkpoint of the run and serves expert
-/// calls from it, training nothing (its heartbeats ask for no shards). The trainers here serve no expert
-/// calls, so every answer the client uses is the serve-only node's, and the greedy output is the whole
-/// checkpoint's.
+/// `mana node --serve-only --experts ...`: two nodes that each fetch and host only their half of every
+/// committed checkpoint's experts, training nothing (their heartbeats ask for no shards), serve between
+/// them a model that neither holds whole. The trainers here serve no expert calls, so every answer the
+/// client uses is one of the two servers', and the greedy output is the whole checkpoint's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_serve_only_node_answers_a_clients_expert_calls() {
+async fn serve_only_nodes_each_hosting_half_the_experts_answer_a_clients_calls() {
     let net = RoundNet::start(3).await;
-    // What `mana node --coordinator KEY --serve-only` starts: a mirror (the default shard sync, no
-    // capacity declared) with the expert host.
-    let mut cfg = node_config(&net.dir.path().join("server"), &net.boot);
-    cfg.coordinator = Some(net.coordinator.public_key());
-    assert!(cfg.sync_shards && cfg.capacity.max_shards == 0);
-    let server = start_node(cfg).await;
-    let served =
-        infer::serve_experts(&server, net.spec.clone(), HostLimits::default()).expect("serves");
+    let experts = net.spec.experts();
+    let halves = [
+        experts[..experts.len() / 2].to_vec(),
+        experts[experts.len() / 2..].to_vec(),
+    ];
+    let mut servers = Vec::new();
+    for (i, half) in halves.iter().enumerate() {
+        // What `mana node --coordinator KEY --serve-only --experts ...` starts: a mirror of those shards
+        // (no capacity declared) with the expert host.
+        let mut cfg = node_config(&net.dir.path().join(format!("server{i}")), &net.boot);
+        cfg.coordinator = Some(net.coordinator.public_key());
+        cfg.sync_only = Some(half.iter().copied().collect());
+        assert!(cfg.sync_shards && cfg.capacity.max_shards == 0);
+        let server = start_node(cfg).await;
+        let served =
+            infer::serve_experts(&server, net.spec.clone(), HostLimits::default()).expect("serves");
+        servers.push((server, served));
+    }
     let (client_node, client) = start_client(&net, 0.0).await;
     let heard = Heard::listen(&client_node);
     net.honest_rounds(1, 3).await;
-    wait_for(
-        Duration::from_secs(60),
-        "the server mirrors round 1",
-        || async { (server.status().await.ok()?.stored_round == Some(1)).then_some(()) },
-    )
-    .await;
-    // The client learns the server's experts from its signed heartbeats: two of them naming round 1's
-    // experts, so the first is in the client's directory too.
-    let server_key = server.public_key();
-    let experts: Vec<ShardId> = server
-        .status()
-        .await
-        .expect("status")
-        .hosted_experts
-        .iter()
-        .map(|e| e.parse().expect("a shard id"))
-        .collect();
-    assert_eq!(
-        experts.len(),
-        net.spec.model.n_routed_experts,
-        "it hosts every expert of the checkpoint (one MoE block)"
-    );
-    wait_for(
-        Duration::from_secs(30),
-        "the server's heartbeats",
-        || async {
-            let beats = heard.find(|m| match &m.message {
-                Message::Heartbeat(h)
-                    if m.signer == server_key && experts.iter().all(|e| h.hosted.contains(e)) =>
-                {
-                    Some(())
-                }
-                _ => None,
-            });
-            (beats.len() >= 2).then_some(())
-        },
-    )
-    .await;
+    for ((server, _), half) in servers.iter().zip(&halves) {
+        wait_for(
+            Duration::from_secs(60),
+            "a server keeps its share of round 1",
+            || async { (server.status().await.ok()?.stored_round == Some(1)).then_some(()) },
+        )
+        .await;
+        // It holds its experts and nothing else: no trunk, not the other half.
+        let status = server.status().await.expect("status");
+        let mut stored: Vec<ShardId> = status
+            .stored_shards
+            .iter()
+            .map(|e| e.shard.parse().expect("a shard id"))
+            .collect();
+        stored.sort();
+        assert_eq!(&stored, half, "the shards it keeps");
+        assert!(status.training.is_none(), "a server trains");
+        // The client learns the server's experts from its signed heartbeats: two of them naming round
+        // 1's experts, so the first is in the client's directory too.
+        let server_key = server.public_key();
+        wait_for(
+            Duration::from_secs(30),
+            "the server's heartbeats",
+            || async {
+                let beats = heard.find(|m| match &m.message {
+                    Message::Heartbeat(h)
+                        if m.signer == server_key && sorted(&h.hosted) == *half =>
+                    {
+                        Some(())
+                    }
+                    _ => None,
+                });
+                (beats.len() >= 2).then_some(())
+            },
+        )
+        .await;
+    }
 
     let session = client.load().await.expect("a session");
     assert_eq!(session.round, 1);
+    for (shard, hosts) in session.hosts() {
+        let owner = usize::from(!halves[0].contains(shard));
+        let owner_peer = servers[owner].0.peer_id();
+        assert!(
+            hosts.contains(&owner_peer),
+            "{shard}: its server is not among its hosts {hosts:?}"
+        );
+        let other_peer = servers[1 - owner].0.peer_id();
+        assert!(
+            !hosts.contains(&other_peer),
+            "{shard} is offered by the server that does not hold it"
+        );
+    }
     let config = greedy(16);
     let (remote, stats, session) = generate_remote(session, &config).await;
     let local = local_generation(&client_node, &net, &session.manifest, &config).await;
     assert_eq!(
         remote.tokens, local.tokens,
-        "the serve-only node's experts give another output"
+        "the serve-only nodes' experts give another output"
     );
-    let host_stats = served.stats();
+    let answered: Vec<u64> = servers.iter().map(|(_, h)| h.stats().answered).collect();
     assert!(stats.answered > 0, "no expert was called");
     assert_eq!(
-        host_stats.answered, stats.answered,
-        "every answer is the serve-only node's: {host_stats:?} {stats:?}"
+        answered.iter().sum::<u64>(),
+        stats.answered,
+        "every answer is a serve-only node's: {answered:?} {stats:?}"
     );
-    // It trains nothing: no trainer's role runs on it, and the coordinator assigned it nothing.
-    let status = server.status().await.expect("status");
-    assert!(status.training.is_none(), "the server trains");
+    // The trainers and the coordinator are named as hosts too (by assignment and heartbeats) but serve no
+    // calls here, so calls to them fail; no call to a server does (none is asked for the other's half).
+    for (server, _) in &servers {
+        assert!(
+            !stats.failures.contains_key(&server.peer_id()),
+            "a call to a server failed: {stats:?}"
+        );
+    }
 
     drop(session);
-    server.shutdown().await.expect("server shutdown");
+    for (server, _) in servers {
+        server.shutdown().await.expect("server shutdown");
+    }
     stop_client(client_node, client).await;
     net.stop().await;
+}
+
+/// `shards` in order.
+fn sorted(shards: &[ShardId]) -> Vec<ShardId> {
+    let mut shards = shards.to_vec();
+    shards.sort();
+    shards
 }
 
 /// Every (layer, expert) call a runner got, counted.
@@ -999,6 +1036,58 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         "one unanswered call per try of the step"
     );
 
+    // The same with hot experts: the cache holds the most-routed experts it can fetch (the gone one's
+    // shard is kept from it, as if every copy were gone), so a layer's calls split between local kernels
+    // and the network, and the network part's unanswered call still reaches the k_min rule.
+    let mut without_gone = manifest.clone();
+    without_gone.shards.retain(|e| e.shard != gone_shard);
+    let source = ExpertSource::new(client_node.clone(), net.spec.clone(), &without_gone);
+    let cached = CachedExperts::new(runner.clone(), source, tokio::runtime::Handle::current(), 2);
+    let generate_cached = || {
+        let (cached, trunk, spec, prompt) = (
+            cached.clone(),
+            trunk.clone(),
+            net.spec.clone(),
+            prompt.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let before = cached.network().stats().dropped;
+            let mut model = infer::client::trunk_model(&spec, &trunk).expect("trunk model");
+            let lm = CachedModel::with_experts(&mut model, Box::new(cached.clone())).with_k_min(1);
+            let mut lm = Patient::new(lm, cached.network().clone(), Duration::from_secs(60));
+            let g = generate::generate(&mut lm, &prompt, &config).expect("generation goes on");
+            (g, cached.network().stats().dropped - before)
+        })
+    };
+    // A first pass ranks the experts; the cache then fetches the top it can.
+    let (first, _) = generate_cached().await.expect("generation task");
+    assert_eq!(first.tokens, local.tokens, "the ranking pass's output");
+    cached.settle().await;
+    let held = cached.stats().held;
+    assert_eq!(
+        held.len(),
+        2,
+        "the cache holds its two experts: {:?}",
+        cached.stats()
+    );
+    assert!(!held.contains(&gone_shard), "the gone expert was fetched");
+    let local_before = cached.stats().local_calls;
+    let (with_cache, dropped) = generate_cached().await.expect("generation task");
+    assert!(
+        cached.stats().local_calls > local_before,
+        "no call computed by the cache: {:?}",
+        cached.stats()
+    );
+    assert_eq!(
+        with_cache.tokens, local.tokens,
+        "with hot experts, the output without the gone expert differs"
+    );
+    assert_eq!(
+        dropped, expected_drops,
+        "every call of the gone expert dropped, with the cache in front"
+    );
+
+    drop(cached);
     drop(runner);
     stop_client(client_node, client).await;
     net.stop().await;

@@ -1,9 +1,11 @@
 //! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
 //! train the shards the coordinator assigns and answer clients' expert calls from the committed ones; with
-//! `--serve-only`, mirror every committed checkpoint and answer expert calls without training), or with
+//! `--serve-only`, mirror every committed checkpoint, or its `--experts`, and answer expert calls without
+//! training), or with
 //! `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*`
 //! environment variable, else the TOML file given by `--config`, else a default (see `crate::config`).
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use mana_node::roles::common::{DataSource, check_corpus, load_dataset};
 use mana_node::roles::evaluator::{EvaluatorConfig, run_evaluator};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::{Store, StoreConfig};
+use mana_protocol::ShardId;
 use serde::Deserialize;
 
 use super::net::{JoinArgs, Net, NetArgs, bootstrap_addrs, shutdown_signal};
@@ -77,8 +80,8 @@ pub struct NodeArgs {
     /// Whether the node evaluates: only in the file (`evaluate = true`), the flag is --evaluate.
     #[arg(skip)]
     pub evaluate: Option<bool>,
-    /// A pure expert server: do not train; mirror every committed checkpoint of the run (so host every
-    /// expert of it) and answer clients' expert calls from it (MANA_SERVE_ONLY: 1, true, yes, on or 0,
+    /// A pure expert server: do not train; mirror every committed checkpoint of the run (every expert of
+    /// it, or those of --experts) and answer clients' expert calls from it (MANA_SERVE_ONLY: 1, true, yes, on or 0,
     /// false, no, off; in the file, serve_only = true). Needs --coordinator.
     #[arg(long = "serve-only", env = "MANA_SERVE_ONLY", value_parser = config::parse_bool)]
     #[serde(skip)]
@@ -86,6 +89,24 @@ pub struct NodeArgs {
     /// Whether the node only serves: only in the file (`serve_only = true`), the flag is --serve-only.
     #[arg(skip)]
     pub serve_only: Option<bool>,
+    /// With --serve-only: host only these experts of each checkpoint, fetching and answering for them alone
+    /// (comma-separated shard ids such as expert/0/3, repeatable; in the file, experts = ["expert/0/3"]);
+    /// default every expert. Several such nodes serve a model none of them holds whole.
+    #[arg(long, env = "MANA_EXPERTS", value_delimiter = ',')]
+    pub experts: Option<Vec<String>>,
+    /// Expert calls answered at once; past it a call is answered "busy" and its client asks another
+    /// replica (default 16).
+    #[arg(long, env = "MANA_MAX_EXPERT_CALLS")]
+    pub max_expert_calls: Option<usize>,
+    /// Expert calls of one peer answered at once, so that one client cannot take every place (default 4).
+    #[arg(long, env = "MANA_MAX_EXPERT_CALLS_PER_PEER")]
+    pub max_expert_calls_per_peer: Option<usize>,
+    /// Most tokens one expert call may carry, and most computed in one batch (default 4096).
+    #[arg(long, env = "MANA_MAX_EXPERT_ROWS")]
+    pub max_expert_rows: Option<usize>,
+    /// Experts kept loaded in memory to answer calls (default 64).
+    #[arg(long, env = "MANA_LOADED_EXPERTS")]
+    pub loaded_experts: Option<usize>,
 }
 
 impl FromFile for NodeArgs {
@@ -170,8 +191,15 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
             !evaluates,
             "--serve-only runs no role; an evaluator (--no-train --evaluate) already answers expert calls"
         );
+        if let Some(experts) = s.get(|a| &a.experts) {
+            config.sync_only = Some(expert_list(&experts)?);
+        }
         return Ok((config, Work::Serve));
     }
+    anyhow::ensure!(
+        s.get(|a| &a.experts).is_none(),
+        "--experts chooses what a --serve-only node hosts; a trainer hosts what the coordinator assigns it"
+    );
     if evaluates {
         anyhow::ensure!(
             config.coordinator.is_some(),
@@ -203,6 +231,54 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
     ))
 }
 
+/// The experts of `--experts`: shard ids of experts, at least one.
+fn expert_list(experts: &[String]) -> anyhow::Result<BTreeSet<ShardId>> {
+    let mut list = BTreeSet::new();
+    for text in experts.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let shard: ShardId = text.parse().with_context(|| {
+            format!("--experts: {text:?} is not a shard id (expert/LAYER/INDEX)")
+        })?;
+        anyhow::ensure!(
+            shard.expert_position().is_some(),
+            "--experts names experts; {shard} is not one (clients run the trunk themselves)"
+        );
+        list.insert(shard);
+    }
+    anyhow::ensure!(!list.is_empty(), "--experts names no expert");
+    Ok(list)
+}
+
+/// The expert host's limits: flags over the file over [`HostLimits::default`].
+fn host_limits(s: &Layered<NodeArgs>) -> anyhow::Result<HostLimits> {
+    let default = HostLimits::default();
+    let limits = HostLimits {
+        max_calls: s.get(|a| &a.max_expert_calls).unwrap_or(default.max_calls),
+        max_calls_per_peer: s
+            .get(|a| &a.max_expert_calls_per_peer)
+            .unwrap_or(default.max_calls_per_peer),
+        max_rows: s.get(|a| &a.max_expert_rows).unwrap_or(default.max_rows),
+        cached_experts: s
+            .get(|a| &a.loaded_experts)
+            .unwrap_or(default.cached_experts),
+        ..default
+    };
+    for (value, flag) in [
+        (limits.max_calls, "--max-expert-calls"),
+        (limits.max_calls_per_peer, "--max-expert-calls-per-peer"),
+        (limits.max_rows, "--max-expert-rows"),
+        (limits.cached_experts, "--loaded-experts"),
+    ] {
+        anyhow::ensure!(value >= 1, "{flag} must be at least 1");
+    }
+    anyhow::ensure!(
+        limits.max_calls_per_peer <= limits.max_calls,
+        "--max-expert-calls-per-peer ({}) must not exceed --max-expert-calls ({})",
+        limits.max_calls_per_peer,
+        limits.max_calls
+    );
+    Ok(limits)
+}
+
 /// Runs `mana node`.
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let path = args.net.config.clone();
@@ -210,6 +286,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let net = Net::resolve(&settings.section(|a| &a.net), DEFAULT_DATA_DIR)?;
     crate::logging::init(net.log_format);
     let (config, work) = node_config(&settings, &net)?;
+    let limits = host_limits(&settings)?;
     if settings.flags.verify_store {
         return verify_store(&config);
     }
@@ -230,13 +307,19 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         Work::Serve => {
-            tracing::info!(
-                "--serve-only: this node mirrors every committed checkpoint and answers expert calls from it, but will not train"
-            );
+            match &config.sync_only {
+                Some(experts) => tracing::info!(
+                    experts = experts.len(),
+                    "--serve-only: this node hosts its --experts of every committed checkpoint and answers expert calls for them, but will not train"
+                ),
+                None => tracing::info!(
+                    "--serve-only: this node mirrors every committed checkpoint and answers expert calls from it, but will not train"
+                ),
+            }
             return runtime.block_on(async move {
                 let handle = daemon::start(config).await?;
                 print_listen_addrs(&handle).await?;
-                serve_experts(&handle, RunSpec::tiny(), HostLimits::default())?;
+                serve_experts(&handle, RunSpec::tiny(), limits)?;
                 shutdown_signal("node").await;
                 handle.shutdown().await?;
                 anyhow::Ok(())
@@ -257,7 +340,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             return runtime.block_on(async move {
                 let handle = Arc::new(daemon::start(config).await?);
                 print_listen_addrs(&handle).await?;
-                serve_experts(&handle, RunSpec::tiny(), HostLimits::default())?;
+                serve_experts(&handle, RunSpec::tiny(), limits)?;
                 let result =
                     run_evaluator(handle.clone(), evaluator, shutdown_signal("node")).await;
                 handle.stop().await?;
@@ -280,7 +363,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         let handle = Arc::new(daemon::start(config).await?);
         print_listen_addrs(&handle).await?;
         // Clients generate with the experts this node holds in its committed rounds.
-        serve_experts(&handle, RunSpec::tiny(), HostLimits::default())?;
+        serve_experts(&handle, RunSpec::tiny(), limits)?;
         let result = run_trainer(handle.clone(), trainer, shutdown_signal("node")).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
@@ -451,6 +534,102 @@ mod tests {
         .expect_err("an evaluator already serves")
         .to_string();
         assert!(err.contains("--serve-only"), "{err}");
+    }
+
+    #[test]
+    fn a_serve_only_node_hosts_the_experts_it_is_given() {
+        let serve = ["--coordinator", KEY, "--serve-only"];
+        let (config, _) = settings_work(&serve, "").expect("valid");
+        assert_eq!(config.sync_only, None, "every expert by default");
+        let flags = [
+            &serve[..],
+            &[
+                "--experts",
+                "expert/0/3,expert/1/0",
+                "--experts",
+                "expert/0/3",
+            ],
+        ]
+        .concat();
+        let (config, _) = settings_work(&flags, "").expect("valid");
+        let want: BTreeSet<ShardId> = [ShardId::expert(0, 3), ShardId::expert(1, 0)]
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("expert ids");
+        assert_eq!(config.sync_only, Some(want.clone()));
+        let (config, _) = settings_work(&serve, "experts = [\"expert/1/0\", \"expert/0/3\"]\n")
+            .expect("valid file");
+        assert_eq!(config.sync_only, Some(want));
+        for (bad, says) in [
+            ("trunk", "not one"),
+            ("expert/0", "not a shard id"),
+            (",", "no expert"),
+        ] {
+            let flags = [&serve[..], &["--experts", bad]].concat();
+            let err = settings_work(&flags, "").expect_err(bad).to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let err = settings_work(&["--coordinator", KEY, "--experts", "expert/0/0"], "")
+            .expect_err("a trainer is assigned its experts")
+            .to_string();
+        assert!(err.contains("--serve-only"), "{err}");
+    }
+
+    #[test]
+    fn the_expert_hosts_limits_come_from_flags_then_the_file() {
+        let limits = |flags: &[&str], file: &str| {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("node.toml");
+            std::fs::write(&path, file)?;
+            let args =
+                Cli::try_parse_from(std::iter::once("node").chain(flags.iter().copied()))?.args;
+            host_limits(&Layered::load(args, Some(&path))?)
+        };
+        let default = HostLimits::default();
+        let got = limits(&[], "").expect("defaults");
+        assert_eq!(
+            (
+                got.max_calls,
+                got.max_calls_per_peer,
+                got.max_rows,
+                got.cached_experts
+            ),
+            (
+                default.max_calls,
+                default.max_calls_per_peer,
+                default.max_rows,
+                default.cached_experts
+            )
+        );
+        let file = "max_expert_calls = 8\nmax_expert_calls_per_peer = 2\nmax_expert_rows = 512\nloaded_experts = 5\n";
+        let got = limits(&["--max-expert-calls", "32"], file).expect("valid");
+        assert_eq!(
+            (
+                got.max_calls,
+                got.max_calls_per_peer,
+                got.max_rows,
+                got.cached_experts
+            ),
+            (32, 2, 512, 5)
+        );
+        for (flags, says) in [
+            (&["--max-expert-calls", "0"][..], "--max-expert-calls must"),
+            (&["--max-expert-rows", "0"][..], "--max-expert-rows"),
+            (&["--loaded-experts", "0"][..], "--loaded-experts"),
+            (
+                &[
+                    "--max-expert-calls",
+                    "2",
+                    "--max-expert-calls-per-peer",
+                    "3",
+                ][..],
+                "must not exceed",
+            ),
+        ] {
+            let err = limits(flags, "").expect_err(says).to_string();
+            assert!(err.contains(says), "{flags:?}: {err}");
+        }
+        assert!(limits(&["--max-expert-calls", "-1"], "").is_err());
     }
 
     #[test]

@@ -356,14 +356,27 @@ impl RoundNet {
         rounds: u64,
         min_members: usize,
     ) -> Vec<mana_node::daemon::NodeStatus> {
-        tokio::time::timeout(Duration::from_secs(180), self.conduct(rounds, min_members))
+        self.rounds_with(rounds, min_members, |_| {}, Duration::from_secs(180))
             .await
-            .expect("the honest rounds in time")
+    }
+
+    /// [`RoundNet::honest_rounds`] with `tweak` applied to the state machine's settings (another update
+    /// rule, more inner steps), the conductor given up to `timeout`.
+    pub async fn rounds_with(
+        &self,
+        rounds: u64,
+        min_members: usize,
+        tweak: impl FnOnce(&mut mana_engine::coordinator::CoordinatorConfig),
+        timeout: Duration,
+    ) -> Vec<mana_node::daemon::NodeStatus> {
+        tokio::time::timeout(timeout, self.conduct_with(rounds, min_members, tweak))
+            .await
+            .expect("the rounds in time")
             .expect("coordinator task")
             .expect("coordinator ran");
         self.wait_trainers(
-            Duration::from_secs(30),
-            "every trainer applied the last honest round",
+            Duration::from_secs(60),
+            "every trainer applied the last round",
             |s| training(s).applied_round == Some(rounds),
         )
         .await

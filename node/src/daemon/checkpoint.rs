@@ -2,7 +2,9 @@
 //! round 0), the trainer (its own held shards) and a mirror (every synced checkpoint), so the store holds the
 //! same form whoever commits.
 
-use mana_protocol::{CheckpointManifest, ContentHash};
+use std::collections::BTreeSet;
+
+use mana_protocol::{CheckpointManifest, ContentHash, ShardEntry, ShardId};
 
 use super::{NodeError, blocking};
 use crate::store::{ManifestEntry, RoundManifest, Store};
@@ -30,10 +32,44 @@ pub async fn commit_checkpoint(
     manifest_blob: Option<ContentHash>,
     if_present: IfPresent,
 ) -> Result<bool, NodeError> {
+    commit_entries(
+        store,
+        checkpoint,
+        &checkpoint.shards,
+        manifest_blob,
+        if_present,
+    )
+    .await
+}
+
+/// Commits the shards `only` of `checkpoint` as store round `checkpoint.round` (a node that hosts a share of
+/// each checkpoint: [`super::NodeConfig::sync_only`]). The round's metadata is still the whole checkpoint's
+/// encoding, so the round is found by the checkpoint's hash as a whole mirror's is (an expert host answers
+/// from it after a restart); its manifest lists, and keeps, only the shards held.
+pub async fn commit_checkpoint_part(
+    store: &Store,
+    checkpoint: &CheckpointManifest,
+    only: &BTreeSet<ShardId>,
+) -> Result<bool, NodeError> {
+    let part: Vec<ShardEntry> = checkpoint
+        .shards
+        .iter()
+        .filter(|e| only.contains(&e.shard))
+        .copied()
+        .collect();
+    commit_entries(store, checkpoint, &part, None, IfPresent::Commit).await
+}
+
+async fn commit_entries(
+    store: &Store,
+    checkpoint: &CheckpointManifest,
+    shards: &[ShardEntry],
+    manifest_blob: Option<ContentHash>,
+    if_present: IfPresent,
+) -> Result<bool, NodeError> {
     let round = checkpoint.round;
     let meta = checkpoint.to_bytes()?;
-    let entries: Vec<ManifestEntry> = checkpoint
-        .shards
+    let entries: Vec<ManifestEntry> = shards
         .iter()
         .map(|e| ManifestEntry {
             shard: e.shard,

@@ -2,11 +2,12 @@
 //! CLI layers flags, `MANA_*` environment variables and its TOML file (its `config` module) into a
 //! [`NodeConfig`] with these parsers.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
-use mana_protocol::{PublicKey, RunId};
+use mana_protocol::{PublicKey, RunId, ShardId};
 
 use super::NodeError;
 use crate::net::NetConfig;
@@ -43,6 +44,10 @@ pub struct NodeConfig {
     /// when a role ([`crate::roles`]) owns the store's rounds: a trainer fetches only the shards it is assigned
     /// and commits its own rounds, a coordinator commits the run's checkpoints.
     pub sync_shards: bool,
+    /// With `sync_shards`, the shards of each checkpoint to fetch and keep, the others left to other nodes
+    /// (a serve-only node hosting a share of the experts: a model larger than its disk is still served
+    /// whole by several such nodes); `None`: every shard (a mirror).
+    pub sync_only: Option<BTreeSet<ShardId>>,
     /// What the node declares in its heartbeats (the coordinator assigns experts by it). `max_shards` 0 (the
     /// default) means "assign me nothing": a mirror or a coordinator.
     pub capacity: mana_protocol::Capacity,
@@ -65,6 +70,7 @@ impl NodeConfig {
             store_quota: None,
             fetch: FetchOptions::default(),
             sync_shards: true,
+            sync_only: None,
             capacity: mana_protocol::Capacity {
                 device: mana_protocol::DeviceKind::Cpu,
                 memory_bytes: 0,
@@ -105,6 +111,11 @@ impl NodeConfig {
             .limits
             .validate()
             .map_err(|e| NodeError::Config(e.to_string()))?;
+        if self.sync_only.as_ref().is_some_and(|only| only.is_empty()) {
+            return Err(NodeError::Config(
+                "a node that syncs only some shards must name at least one".into(),
+            ));
+        }
         if self.heartbeat_interval.is_zero() || self.status_interval.is_zero() {
             return Err(NodeError::Config("intervals must be positive".into()));
         }

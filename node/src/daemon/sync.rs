@@ -198,13 +198,20 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
             return;
         }
     }
-    set_state(format!(
-        "syncing round {round}: {} shards",
-        manifest.shards.len()
-    ));
+    // A node that hosts a share of each checkpoint fetches only that share (the others' holders serve them).
+    let wanted: Vec<mana_protocol::ShardEntry> = match &shared.config.sync_only {
+        Some(only) => manifest
+            .shards
+            .iter()
+            .filter(|e| only.contains(&e.shard))
+            .copied()
+            .collect(),
+        None => manifest.shards.clone(),
+    };
+    set_state(format!("syncing round {round}: {} shards", wanted.len()));
     // Shards whose fetch failed are asked again (a connection closed under a fetch is common while peers
     // come and go), up to SYNC_ATTEMPTS times in all, before the round is left incomplete.
-    let mut todo: Vec<mana_protocol::ShardEntry> = manifest.shards.clone();
+    let mut todo = wanted.clone();
     let mut failures = Vec::new();
     for attempt in 1..=SYNC_ATTEMPTS {
         if attempt > 1 {
@@ -249,27 +256,34 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
         set_state(format!("round {round} incomplete: {}", failures.join("; ")));
         return;
     }
-    match super::checkpoint::commit_checkpoint(
-        &shared.store,
-        &manifest,
-        None,
-        super::checkpoint::IfPresent::Commit,
-    )
-    .await
-    {
+    let committed = match &shared.config.sync_only {
+        Some(only) => {
+            super::checkpoint::commit_checkpoint_part(&shared.store, &manifest, only).await
+        }
+        None => {
+            super::checkpoint::commit_checkpoint(
+                &shared.store,
+                &manifest,
+                None,
+                super::checkpoint::IfPresent::Commit,
+            )
+            .await
+        }
+    };
+    match committed {
         Ok(_) => {
             // The round refers to its shards now: their fetch pins go, so the store's collector reclaims
             // them once keep_rounds has pruned the round (a mirror's disk stays flat however long it runs).
             {
                 let mut pins = shared.pins.lock().unwrap_or_else(|p| p.into_inner());
-                for entry in &manifest.shards {
+                for entry in &wanted {
                     pins.remove(&entry.hash.0);
                 }
             }
             set_state(format!("round {round} complete"));
             tracing::info!(
                 round,
-                shards = manifest.shards.len(),
+                shards = wanted.len(),
                 "checkpoint synced and committed"
             );
         }

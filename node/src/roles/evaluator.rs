@@ -79,9 +79,9 @@ async fn evaluator_loop(
             "an evaluator follows a run: give it the run's coordinator key".into(),
         ));
     }
-    if !node.config().sync_shards {
+    if !node.config().sync_shards || node.config().sync_only.is_some() {
         return Err(NodeError::Config(
-            "an evaluator needs every shard of each checkpoint: start the node with sync_shards = true (a --no-train node)".into(),
+            "an evaluator needs every shard of each checkpoint: start the node with sync_shards = true and no sync_only (a --no-train node)".into(),
         ));
     }
     node.update_evaluator_status(|_| {});
