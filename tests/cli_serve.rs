@@ -3,8 +3,9 @@
 //! generate` (greedy and seeded sampling), streamed events that add up to the same text and end with
 //! `[DONE]`, stop strings, `/v1/models`, every refusal (400, 404, 405, 413, 503) in OpenAI's error shape,
 //! a client leaving (mid-stream or before a plain answer) stopping its generation, Ctrl-C, and the refusal
-//! to start with neither a checkpoint nor a network to join. Every wait is on a condition (a line printed,
-//! a log line, a process ending).
+//! to start with neither a checkpoint nor a network to join. Then from the network: `mana infer` and `mana
+//! serve` joining a live `mana demo` and generating with its nodes' experts. Every wait is on a condition (a
+//! line printed, a log line, a process ending, a file written).
 
 mod cli_support;
 
@@ -529,4 +530,138 @@ fn without_a_checkpoint_or_a_network_to_join_it_says_what_it_needs() {
             && stderr.contains("--coordinator"),
         "{stderr}"
     );
+}
+
+/// A `mana demo` running in the background (its bootstrap, coordinator, evaluator and 3 training nodes, all
+/// real processes), killed when dropped (its children get SIGTERM when it dies).
+struct DemoNetwork {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Drop for DemoNetwork {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl DemoNetwork {
+    /// Starts a long demo in `dir` and waits until its coordinator has committed a round; returns it with a
+    /// node's address to join through and the coordinator's key.
+    fn start(dir: &Path) -> (DemoNetwork, String, String) {
+        let out = dir.join("out");
+        let child = mana()
+            .args(["demo", "--nodes", "3", "--rounds", "1000", "--out"])
+            .arg(&out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mana demo starts");
+        let status = |name: &str| -> Option<Value> {
+            let text = std::fs::read_to_string(out.join(name).join("status.json")).ok()?;
+            serde_json::from_str(&text).ok()
+        };
+        let mut demo = DemoNetwork {
+            child,
+            out: out.clone(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let committed = std::fs::read_to_string(demo.out.join("coordinator/metrics.jsonl"))
+                .is_ok_and(|m| m.lines().next().is_some());
+            let key =
+                status("coordinator").and_then(|s| s["public_key"].as_str().map(str::to_owned));
+            let addr = status("node-1")
+                .and_then(|s| s["listen_addrs"].get(0)?.as_str().map(str::to_owned));
+            if let (true, Some(key), Some(addr)) = (committed, key, addr) {
+                return (demo, addr, key);
+            }
+            assert!(
+                demo.child.try_wait().expect("try_wait").is_none(),
+                "the demo ended early"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the demo committed no round in time"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// From the network, as a user runs them against a live run (here a demo's real processes): `mana infer`
+/// generates with the experts the nodes host, every call checked against a second replica without a
+/// disagreement, and `mana serve` without a checkpoint streams a completion from the same network and
+/// refuses a bad request with a JSON error. (That network output equals the whole checkpoint's, bit for bit,
+/// is `tests/net_infer.rs`'s.)
+#[test]
+fn from_a_live_network_mana_infer_generates_and_mana_serve_streams() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_demo, addr, key) = DemoNetwork::start(dir.path());
+    let network = [
+        "--bootstrap",
+        addr.as_str(),
+        "--run",
+        "demo",
+        "--coordinator",
+        key.as_str(),
+    ];
+
+    let prompt = "In the beginning";
+    let out = ok(mana()
+        .args(["infer", "--json", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(network)
+        .args([
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--check-share",
+            "1",
+        ])
+        .args(["--speculative", "--cache-experts", "2"])
+        .output()
+        .expect("run mana infer"));
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(report["round"].as_u64().is_some_and(|r| r >= 1), "{report}");
+    assert_eq!(report["tokens"], 12, "{report}");
+    assert!(
+        report["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(prompt)),
+        "{report}"
+    );
+    assert!(
+        report["expert_calls"].as_u64().is_some_and(|n| n > 0),
+        "no expert was asked of a node: {report}"
+    );
+    assert!(
+        report["checked"].as_u64().is_some_and(|n| n > 0),
+        "no answer was checked against a second replica: {report}"
+    );
+    assert_eq!(report["disagreements"], 0, "{report}");
+    assert_eq!(report["banned_hosts"], 0, "{report}");
+
+    let server = Server::start(&network);
+    let models: Value = serde_json::from_str(
+        &client()
+            .get(server.url("/v1/models"))
+            .call()
+            .expect("models")
+            .body_mut()
+            .read_to_string()
+            .expect("read the body"),
+    )
+    .expect("JSON");
+    assert_eq!(models["object"], "list", "{models}");
+    let request = json!({"prompt": prompt, "max_tokens": 8, "stream": true});
+    let (pieces, finish) = read_stream(open_stream(&server, &request));
+    assert_eq!(finish, "length");
+    assert!(!pieces.concat().is_empty(), "no text streamed");
+    let (status, answer) = post(&server, r#"{"prompt": "x", "max_tokens": -1}"#);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"]["message"].is_string(), "{answer}");
 }
