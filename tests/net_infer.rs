@@ -7,19 +7,21 @@
 //! choice changes are counted and bounded, and the output follows the whole checkpoint's up to the first of
 //! them. Hosts refuse calls for a checkpoint they do not hold and
 //! requests over their row limit with `Unavailable`; a host at its call cap answers "busy" and the client's
-//! runner asks the next replica. A host that answers wrong is caught by the check against a second
-//! replica, the client computes the expert from its committed shard, and the liar is banned. A replica
+//! runner asks the next replica. A host that answers garbage (another shape than the input's) is banned at
+//! its first answer. A host that answers with another expert's output is caught by the check against a
+//! second replica, the client computes the expert from its committed shard, and the liar is banned. A replica
 //! killed mid-generation leaves the output unchanged: the client goes on with the other one.
 //!
 //! All replicas gone: when the only host the client asks for an expert stops, generation with k_min below
 //! the top-k goes on without that expert (each token that chose it renormalized over its other choice),
-//! exactly as a local run that drops the same expert, and counts each call it dropped; with k_min = top-k
-//! the steps that need it stall, are tried again, and generation fails after the wait.
+//! exactly as a local run that drops the same expert, and counts each call it dropped, also with hot
+//! experts computed by the client in front; with k_min = top-k the steps that need it stall, are tried
+//! again, and generation fails after the wait.
 //!
 //! Two more networks: a host overloaded by a flood of calls answers "busy", the client goes to the other
-//! replica and its output is unchanged; and a serve-only node (a mirror of every committed checkpoint
-//! that serves expert calls and trains nothing, `mana node --serve-only`) answers every expert call of a
-//! client while the trainers serve none.
+//! replica and its output is unchanged; and two serve-only nodes (`mana node --serve-only --experts ...`,
+//! each a mirror of half the experts of every committed checkpoint that serves expert calls and trains
+//! nothing) answer every expert call of a client while the trainers serve none.
 //!
 //! Hot experts: a client with `cache_experts` computes the most-routed experts itself, asks the network less
 //! the second time, and still generates exactly what the whole checkpoint generates.
@@ -296,29 +298,70 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
     );
     busy.shutdown().await.expect("busy host shutdown");
 
-    // A host that answers wrong (finite values of the right shape, naming the right checkpoint) is caught
-    // when its answer is checked against a second replica: the client computes the expert itself from the
-    // committed shard, keeps that answer and bans the liar, whose next calls go elsewhere.
+    // A host that answers garbage (an output of another shape than the input's, which no honest host
+    // gives) is banned at its first answer, and the call goes to the next replica.
+    let garbage = start_node(net.follower_config("garbage")).await;
+    answer_with(&garbage, |request| {
+        let rows = request.input.shape[0] as usize;
+        let output = Tensor::from_f32(vec![rows as u32, 3], &vec![1.0; rows * 3]).expect("tensor");
+        async move { Some(output) }
+    });
+    for addr in garbage.listen_addrs().await.expect("listening") {
+        let _ = client_node.net().dial(addr).await;
+    }
+    let mut hosts = Hosts::new();
+    let replicas =
+        std::iter::once(garbage.peer_id()).chain(net.trainers.iter().map(|(n, _)| n.peer_id()));
+    hosts.insert(expert, replicas.collect());
+    let runner = runner_on(hosts);
+    let stats = {
+        let mut runner = runner.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = call_expert(&mut runner, layer, index, &vec![0.25f32; 2 * c], 2);
+            assert!(out.iter().any(|v| *v != 0.0), "the answer was written");
+            call_expert(&mut runner, layer, index, &vec![0.5f32; 2 * c], 2);
+            runner.stats()
+        })
+        .await
+        .expect("runner task")
+    };
+    assert_eq!(stats.answered, 2);
+    assert_eq!(
+        runner.banned(),
+        vec![garbage.peer_id()],
+        "the garbage host is banned"
+    );
+    assert_eq!(
+        stats.failures.get(&garbage.peer_id()),
+        Some(&1),
+        "the banned host was asked again"
+    );
+    drop(runner);
+    garbage.shutdown().await.expect("garbage host shutdown");
+
+    // A host that answers with another expert's output (finite values of the right shape and encoding,
+    // naming the right checkpoint: what a host that computes the wrong expert, to save loading the right
+    // one, would send) is caught when its answer is checked against a second replica: the client computes
+    // the expert itself from the committed shard, keeps that answer and bans the liar, whose next calls go
+    // elsewhere.
+    let other =
+        ShardId::expert(layer, (index + 1) % net.spec.model.n_routed_experts).expect("an expert");
+    let others = Arc::new(AnswerCheck::new(
+        client_node.clone(),
+        net.spec.clone(),
+        &manifest,
+        1.0,
+    ));
     let liar = start_node(net.follower_config("liar")).await;
-    let mut incoming = liar
-        .net()
-        .accept_protocol_streams(wire::EXPERT_STREAM)
-        .expect("accepts expert calls");
-    liar.spawn(async move {
-        while let Some((_, mut stream)) = incoming.next().await {
-            let Ok(request) = wire::read_request(&mut stream, Duration::from_secs(5)).await else {
-                continue;
+    answer_with(&liar, move |request| {
+        let others = others.clone();
+        async move {
+            let request = ExpertRequest {
+                shard: other,
+                ..request
             };
-            let x = request.input.to_f32().expect("a decodable input");
-            let wrong: Vec<f32> = x.iter().map(|v| v * 0.5 + 0.01).collect();
-            let shape = request.input.shape.clone();
-            let answer = ExpertResponse::Output {
-                round: 1,
-                checkpoint: request.checkpoint,
-                output: Tensor::encode(request.answer, shape, &wrong).expect("tensor"),
-            };
-            let frame = answer.encode().expect("encodable");
-            let _ = wire::write_body(&mut stream, &frame).await;
+            let values = others.reference(&request, Vec::new()).await.ok()?;
+            Tensor::encode(request.answer, request.input.shape.clone(), &values).ok()
         }
     });
     for addr in liar.listen_addrs().await.expect("listening") {
@@ -384,6 +427,17 @@ async fn a_client_generates_over_the_network_exactly_what_the_whole_checkpoint_g
         .expect("runner task")
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let lie = check
+        .reference(
+            &ExpertRequest {
+                shard: other,
+                ..call.clone()
+            },
+            Vec::new(),
+        )
+        .await
+        .expect("the other expert computed");
+    assert_ne!(bits(&lie), bits(&truth), "the two experts answer alike");
     assert_eq!(bits(&first), bits(&truth), "the liar's answer was used");
     assert_eq!(
         bits(&second),
@@ -824,6 +878,37 @@ async fn serve_only_nodes_each_hosting_half_the_experts_answer_a_clients_calls()
     }
     stop_client(client_node, client).await;
     net.stop().await;
+}
+
+/// Makes `node` answer every expert call with the output `answer` makes of its request (nothing: the
+/// stream is dropped), naming the request's checkpoint and round 1: a hostile host.
+fn answer_with<F, Fut>(node: &NodeHandle, answer: F)
+where
+    F: Fn(ExpertRequest) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<Tensor>> + Send,
+{
+    let mut incoming = node
+        .net()
+        .accept_protocol_streams(wire::EXPERT_STREAM)
+        .expect("accepts expert calls");
+    node.spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let Ok(request) = wire::read_request(&mut stream, Duration::from_secs(5)).await else {
+                continue;
+            };
+            let checkpoint = request.checkpoint;
+            let Some(output) = answer(request).await else {
+                continue;
+            };
+            let answer = ExpertResponse::Output {
+                round: 1,
+                checkpoint,
+                output,
+            };
+            let frame = answer.encode().expect("encodable");
+            let _ = wire::write_body(&mut stream, &frame).await;
+        }
+    });
 }
 
 /// `shards` in order.

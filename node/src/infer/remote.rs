@@ -13,7 +13,8 @@
 //!
 //! The hidden states go out and the outputs come back in the encodings of the runner's [`Dispatch`] (FP8
 //! hidden states and f32 answers by default, [`super::dispatch`]). An answer is used only when it names the
-//! checkpoint asked for and has the input's shape, the asked encoding and finite values; an honest one is
+//! checkpoint asked for and has the input's shape, the asked encoding and finite values (a host whose answer
+//! names another checkpoint, shape or encoding is banned: no honest host gives one); an honest one is
 //! then bit-identical to the expert run locally on the decoded input, encoded the same way (the host runs the
 //! model's own arithmetic, see [`mana_kernels::model::experts`]). A drawn share of answers is compared with a
 //! second replica's, and a disagreement is settled by computing the expert here ([`super::check`]): the hosts
@@ -240,32 +241,72 @@ struct Answered {
     host: PeerId,
 }
 
+/// Why a host's answer was not used.
+#[derive(Debug)]
+struct Unusable {
+    reason: String,
+    /// An answer no honest host gives, whatever its load or version: another checkpoint than the one
+    /// asked for (a host answers from it or refuses), another shape than the input's, another encoding
+    /// than the one asked for, or a tensor whose bytes do not decode as it says. Its host is banned, as
+    /// one caught answering wrong values is. (Non-finite values are not such proof: a committed model
+    /// whose expert overflows on this input gives them on every host.)
+    malformed: bool,
+}
+
+impl Unusable {
+    fn failed(reason: String) -> Self {
+        Unusable {
+            reason,
+            malformed: false,
+        }
+    }
+
+    fn malformed(reason: String) -> Self {
+        Unusable {
+            reason,
+            malformed: true,
+        }
+    }
+}
+
 /// The decoded output of one host's answer and its tensor's bytes, or why it was not used.
 fn check_answer(
     response: ExpertResponse,
     checkpoint: ContentHash,
     shape: &[u32],
     answer: TensorDtype,
-) -> Result<(Vec<f32>, u64), String> {
+) -> Result<(Vec<f32>, u64), Unusable> {
     match response {
-        ExpertResponse::Unavailable { reason } => Err(format!("unavailable: {reason}")),
+        ExpertResponse::Unavailable { reason } => {
+            Err(Unusable::failed(format!("unavailable: {reason}")))
+        }
         ExpertResponse::Output {
             checkpoint: used,
             output,
             ..
         } => {
             if used != checkpoint {
-                return Err(format!("answered from checkpoint {used}, not {checkpoint}"));
+                return Err(Unusable::malformed(format!(
+                    "answered from checkpoint {used}, not {checkpoint}"
+                )));
             }
             if output.shape != shape {
-                return Err(format!("output shape {:?}, not {shape:?}", output.shape));
+                return Err(Unusable::malformed(format!(
+                    "output shape {:?}, not {shape:?}",
+                    output.shape
+                )));
             }
             if output.dtype != answer {
-                return Err(format!("answered in {}, not {answer}", output.dtype));
+                return Err(Unusable::malformed(format!(
+                    "answered in {}, not {answer}",
+                    output.dtype
+                )));
             }
-            let values = output.to_f32().map_err(|e| e.to_string())?;
+            let values = output
+                .to_f32()
+                .map_err(|e| Unusable::malformed(e.to_string()))?;
             if values.iter().any(|v| !v.is_finite()) {
-                return Err("non-finite output".into());
+                return Err(Unusable::failed("non-finite output".into()));
             }
             Ok((values, output.data.0.len() as u64))
         }
@@ -306,14 +347,16 @@ async fn ask(
                 result,
                 Err(wire::CallError::Net(NetError::StreamUnsupported { .. }))
             );
-            let answer = result.map_err(|e| e.to_string()).and_then(|response| {
-                check_answer(
-                    response,
-                    request.checkpoint,
-                    &request.input.shape,
-                    request.answer,
-                )
-            });
+            let answer = result
+                .map_err(|e| Unusable::failed(e.to_string()))
+                .and_then(|response| {
+                    check_answer(
+                        response,
+                        request.checkpoint,
+                        &request.input.shape,
+                        request.answer,
+                    )
+                });
             match answer {
                 Ok((values, bytes)) => {
                     lock(health).succeeded(peer, took);
@@ -325,8 +368,11 @@ async fn ask(
                     };
                     return (Ok(answered), failed);
                 }
-                Err(reason) => {
+                Err(Unusable { reason, malformed }) => {
                     tracing::debug!(%peer, shard = %request.shard, %reason, "expert call failed; next replica");
+                    if malformed {
+                        lock(health).ban(peer);
+                    }
                     lock(health).failed(peer, unsupported, std::time::Instant::now());
                     failed.push(peer);
                     reasons.push(format!("{peer}: {reason}"));
@@ -501,6 +547,54 @@ impl ExpertRunner for NetworkExperts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mana_protocol::{Tensor, Text};
+
+    #[test]
+    fn answers_no_honest_host_gives_are_told_from_failures() {
+        let checkpoint = ContentHash::of(b"checkpoint");
+        let output = |dtype, shape: Vec<u32>, values: &[f32]| ExpertResponse::Output {
+            round: 1,
+            checkpoint,
+            output: Tensor::encode(dtype, shape, values).expect("tensor"),
+        };
+        let check = |response| check_answer(response, checkpoint, &[1, 2], TensorDtype::F32);
+        let (values, bytes) =
+            check(output(TensorDtype::F32, vec![1, 2], &[1.0, -2.0])).expect("used");
+        assert_eq!((values, bytes), (vec![1.0, -2.0], 8));
+        let failed = |r: Result<_, Unusable>| !r.expect_err("not used").malformed;
+        let malformed = |r: Result<_, Unusable>| r.expect_err("not used").malformed;
+        // A refusal or a non-finite output may come from an honest host (busy; an expert that overflows).
+        let busy = ExpertResponse::Unavailable {
+            reason: Text::new("busy").expect("text"),
+        };
+        assert!(failed(check(busy)));
+        assert!(failed(check(output(
+            TensorDtype::F32,
+            vec![1, 2],
+            &[1.0, f32::NAN]
+        ))));
+        // Another checkpoint, shape or encoding, or bytes that do not decode: never an honest answer.
+        let mut elsewhere = output(TensorDtype::F32, vec![1, 2], &[1.0, 2.0]);
+        if let ExpertResponse::Output { checkpoint, .. } = &mut elsewhere {
+            *checkpoint = ContentHash::of(b"another");
+        }
+        assert!(malformed(check(elsewhere)));
+        assert!(malformed(check(output(
+            TensorDtype::F32,
+            vec![2, 1],
+            &[1.0, 2.0]
+        ))));
+        assert!(malformed(check(output(
+            TensorDtype::Bf16,
+            vec![1, 2],
+            &[1.0, 2.0]
+        ))));
+        let mut short = output(TensorDtype::F32, vec![1, 2], &[1.0, 2.0]);
+        if let ExpertResponse::Output { output, .. } = &mut short {
+            output.data.0.truncate(4);
+        }
+        assert!(malformed(check(short)));
+    }
 
     #[test]
     fn latency_quantiles_are_read_to_within_a_bucket() {
