@@ -1062,7 +1062,9 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         hosts,
         Duration::from_secs(3),
     );
-    let generate_with = |k_min: usize, wait: Duration| {
+    // Generation through `experts` (the network runner, or a cache in front of it) under `k_min`, each step
+    // waited for up to `wait`: the output, and the calls the network runner dropped and the steps stalled.
+    let generate_with = |experts: Box<dyn ExpertRunner + Send>, k_min: usize, wait: Duration| {
         let (runner, trunk, spec, prompt) = (
             runner.clone(),
             trunk.clone(),
@@ -1072,8 +1074,7 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
         tokio::task::spawn_blocking(move || {
             let before = runner.stats();
             let mut model = infer::client::trunk_model(&spec, &trunk).expect("trunk model");
-            let lm =
-                CachedModel::with_experts(&mut model, Box::new(runner.clone())).with_k_min(k_min);
+            let lm = CachedModel::with_experts(&mut model, experts).with_k_min(k_min);
             let mut lm = Patient::new(lm, runner.clone(), wait);
             let g = generate::generate(&mut lm, &prompt, &config);
             let after = runner.stats();
@@ -1086,9 +1087,10 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
     };
 
     // k_min = 1: the expert is dropped for the tokens that chose it, exactly as the local run drops it.
-    let (remote, dropped, stalled) = generate_with(1, Duration::from_secs(60))
-        .await
-        .expect("generation task");
+    let (remote, dropped, stalled) =
+        generate_with(Box::new(runner.clone()), 1, Duration::from_secs(60))
+            .await
+            .expect("generation task");
     let remote = remote.expect("generation goes on without the gone expert");
     assert_eq!(
         remote.tokens, local.tokens,
@@ -1101,9 +1103,10 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
     assert_eq!(stalled, 0, "every token kept one expert");
 
     // k_min = top-k: the first step that needs the expert stalls, is tried again, and fails after the wait.
-    let (failed, dropped, stalled) = generate_with(top_k, Duration::from_secs(1))
-        .await
-        .expect("generation task");
+    let (failed, dropped, stalled) =
+        generate_with(Box::new(runner.clone()), top_k, Duration::from_secs(1))
+            .await
+            .expect("generation task");
     let err = failed.expect_err("no step can go on without the expert");
     assert!(
         matches!(
@@ -1128,24 +1131,14 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
     without_gone.shards.retain(|e| e.shard != gone_shard);
     let source = ExpertSource::new(client_node.clone(), net.spec.clone(), &without_gone);
     let cached = CachedExperts::new(runner.clone(), source, tokio::runtime::Handle::current(), 2);
-    let generate_cached = || {
-        let (cached, trunk, spec, prompt) = (
-            cached.clone(),
-            trunk.clone(),
-            net.spec.clone(),
-            prompt.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let before = cached.network().stats().dropped;
-            let mut model = infer::client::trunk_model(&spec, &trunk).expect("trunk model");
-            let lm = CachedModel::with_experts(&mut model, Box::new(cached.clone())).with_k_min(1);
-            let mut lm = Patient::new(lm, cached.network().clone(), Duration::from_secs(60));
-            let g = generate::generate(&mut lm, &prompt, &config).expect("generation goes on");
-            (g, cached.network().stats().dropped - before)
-        })
+    let generate_cached = || async {
+        let (g, dropped, _) = generate_with(Box::new(cached.clone()), 1, Duration::from_secs(60))
+            .await
+            .expect("generation task");
+        (g.expect("generation goes on"), dropped)
     };
     // A first pass ranks the experts; the cache then fetches the top it can.
-    let (first, _) = generate_cached().await.expect("generation task");
+    let (first, _) = generate_cached().await;
     assert_eq!(first.tokens, local.tokens, "the ranking pass's output");
     cached.settle().await;
     let held = cached.stats().held;
@@ -1157,7 +1150,7 @@ async fn when_every_replica_of_an_expert_is_gone_generation_goes_on_under_the_k_
     );
     assert!(!held.contains(&gone_shard), "the gone expert was fetched");
     let local_before = cached.stats().local_calls;
-    let (with_cache, dropped) = generate_cached().await.expect("generation task");
+    let (with_cache, dropped) = generate_cached().await;
     assert!(
         cached.stats().local_calls > local_before,
         "no call computed by the cache: {:?}",
