@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bulk::BLOB_STREAM;
 use super::event_loop::{Command, Verdict};
+use super::inbound::{Acceptor, Incoming};
 use super::lane::{BLOB_LANE, LaneFailures, RemoteIps};
 use super::traffic::{Traffic, TrafficCounters};
 use super::{NetError, NetSnapshot};
@@ -24,8 +25,10 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     traffic: Arc<TrafficCounters>,
-    /// Opens and accepts bulk streams directly (no round trip through the event loop per stream).
+    /// Opens raw streams directly (no round trip through the event loop per stream).
     streams: libp2p_stream::Control,
+    /// Accepts them, into a queue per protocol.
+    inbound: Acceptor,
     /// Each connected peer's IP (kept by the event loop), where its blob lane is.
     remote_ips: Arc<RemoteIps>,
     /// Providers whose lane failed lately.
@@ -46,6 +49,7 @@ impl Client {
         local_peer_id: PeerId,
         traffic: Arc<TrafficCounters>,
         streams: libp2p_stream::Control,
+        inbound: Acceptor,
         remote_ips: Arc<RemoteIps>,
     ) -> Self {
         Self {
@@ -53,6 +57,7 @@ impl Client {
             local_peer_id,
             traffic,
             streams,
+            inbound,
             remote_ips,
             lane_failures: Arc::default(),
         }
@@ -75,11 +80,8 @@ impl Client {
     }
 
     /// Starts accepting blob lane setup streams (once per swarm).
-    pub(super) fn accept_lane_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
-        self.streams
-            .clone()
-            .accept(BLOB_LANE)
-            .map_err(|_| NetError::AlreadyAccepting)
+    pub(super) fn accept_lane_streams(&self) -> Result<Incoming, NetError> {
+        self.accept(BLOB_LANE)
     }
 
     /// The shared traffic counters (the bulk stream code counts its frames and bytes there).
@@ -108,11 +110,19 @@ impl Client {
     pub fn accept_protocol_streams(
         &self,
         protocol: libp2p::StreamProtocol,
-    ) -> Result<libp2p_stream::IncomingStreams, NetError> {
-        self.streams
-            .clone()
+    ) -> Result<Incoming, NetError> {
+        self.accept(protocol)
+    }
+
+    fn accept(&self, protocol: libp2p::StreamProtocol) -> Result<Incoming, NetError> {
+        self.inbound
             .accept(protocol)
             .map_err(|_| NetError::AlreadyAccepting)
+    }
+
+    /// Inbound raw streams dropped because their protocol's queue was full (a flood).
+    pub fn dropped_inbound_streams(&self) -> u64 {
+        self.inbound.dropped()
     }
 
     async fn open_stream(
@@ -139,11 +149,8 @@ impl Client {
     /// Starts accepting inbound bulk streams (once per swarm: a second call gets
     /// [`NetError::AlreadyAccepting`]). Until this is called, peers opening one are told the protocol is
     /// unsupported and fall back to request-response.
-    pub fn accept_blob_streams(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
-        self.streams
-            .clone()
-            .accept(BLOB_STREAM)
-            .map_err(|_| NetError::AlreadyAccepting)
+    pub fn accept_blob_streams(&self) -> Result<Incoming, NetError> {
+        self.accept(BLOB_STREAM)
     }
 
     /// Application bytes sent and received since the swarm started (read directly, no round trip to the

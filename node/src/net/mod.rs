@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod event_loop;
 pub mod fetch;
+pub mod inbound;
 pub mod ip_limit;
 pub mod lane;
 pub mod limits;
@@ -150,6 +151,7 @@ pub fn new(
         listeners.insert(id);
     }
     let streams = swarm.behaviour().streams.new_control();
+    let inbound = swarm.behaviour().inbound.acceptor();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(config.limits.event_queue);
     let remote_ips = std::sync::Arc::new(lane::RemoteIps::default());
@@ -163,7 +165,14 @@ pub fn new(
         remote_ips.clone(),
     );
     Ok((
-        Client::new(command_tx, local_peer_id, traffic, streams, remote_ips),
+        Client::new(
+            command_tx,
+            local_peer_id,
+            traffic,
+            streams,
+            inbound,
+            remote_ips,
+        ),
         event_rx,
         event_loop,
     ))
