@@ -1,9 +1,9 @@
 //! `mana node`: run a node (join the network, validate gossip, serve and sync shards; with `--coordinator`,
 //! train the shards the coordinator assigns and answer clients' expert calls from the committed ones; with
 //! `--serve-only`, mirror every committed checkpoint, or its `--experts`, and answer expert calls without
-//! training), or with
-//! `--verify-store` check its store and exit. Every setting comes from a flag, else a `MANA_*`
-//! environment variable, else the TOML file given by `--config`, else a default (see `crate::config`).
+//! training), or with `--verify-store` check its store and exit. Every setting comes from a flag, else a
+//! `MANA_*` environment variable, else the TOML file given by `--config`, else a default (see
+//! `crate::config`).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -81,8 +81,8 @@ pub struct NodeArgs {
     #[arg(skip)]
     pub evaluate: Option<bool>,
     /// A pure expert server: do not train; mirror every committed checkpoint of the run (every expert of
-    /// it, or those of --experts) and answer clients' expert calls from it (MANA_SERVE_ONLY: 1, true, yes, on or 0,
-    /// false, no, off; in the file, serve_only = true). Needs --coordinator.
+    /// it, or those of --experts) and answer clients' expert calls from it (MANA_SERVE_ONLY: 1, true,
+    /// yes, on or 0, false, no, off; in the file, serve_only = true). Needs --coordinator.
     #[arg(long = "serve-only", env = "MANA_SERVE_ONLY", value_parser = config::parse_bool)]
     #[serde(skip)]
     pub serve_only_flag: bool,

@@ -2,9 +2,7 @@
 //! round 0), the trainer (its own held shards) and a mirror (every synced checkpoint), so the store holds the
 //! same form whoever commits.
 
-use std::collections::BTreeSet;
-
-use mana_protocol::{CheckpointManifest, ContentHash, ShardEntry, ShardId};
+use mana_protocol::{CheckpointManifest, ContentHash, ShardEntry};
 
 use super::{NodeError, blocking};
 use crate::store::{ManifestEntry, RoundManifest, Store};
@@ -42,22 +40,17 @@ pub async fn commit_checkpoint(
     .await
 }
 
-/// Commits the shards `only` of `checkpoint` as store round `checkpoint.round` (a node that hosts a share of
-/// each checkpoint: [`super::NodeConfig::sync_only`]). The round's metadata is still the whole checkpoint's
-/// encoding, so the round is found by the checkpoint's hash as a whole mirror's is (an expert host answers
-/// from it after a restart); its manifest lists, and keeps, only the shards held.
+/// Commits `shards`, entries of `checkpoint`, as store round `checkpoint.round`: all of them for a mirror,
+/// its share for a node that hosts a share of each checkpoint ([`super::NodeConfig::sync_only`]). The
+/// round's metadata is the whole checkpoint's encoding either way, so the round is found by the
+/// checkpoint's hash (an expert host answers from it after a restart); its manifest lists, and keeps, only
+/// `shards`.
 pub async fn commit_checkpoint_part(
     store: &Store,
     checkpoint: &CheckpointManifest,
-    only: &BTreeSet<ShardId>,
+    shards: &[ShardEntry],
 ) -> Result<bool, NodeError> {
-    let part: Vec<ShardEntry> = checkpoint
-        .shards
-        .iter()
-        .filter(|e| only.contains(&e.shard))
-        .copied()
-        .collect();
-    commit_entries(store, checkpoint, &part, None, IfPresent::Commit).await
+    commit_entries(store, checkpoint, shards, None, IfPresent::Commit).await
 }
 
 async fn commit_entries(

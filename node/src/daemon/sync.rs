@@ -256,21 +256,8 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
         set_state(format!("round {round} incomplete: {}", failures.join("; ")));
         return;
     }
-    let committed = match &shared.config.sync_only {
-        Some(only) => {
-            super::checkpoint::commit_checkpoint_part(&shared.store, &manifest, only).await
-        }
-        None => {
-            super::checkpoint::commit_checkpoint(
-                &shared.store,
-                &manifest,
-                None,
-                super::checkpoint::IfPresent::Commit,
-            )
-            .await
-        }
-    };
-    match committed {
+    // Every shard (a mirror) or this node's share, under the whole checkpoint's manifest.
+    match super::checkpoint::commit_checkpoint_part(&shared.store, &manifest, &wanted).await {
         Ok(_) => {
             // The round refers to its shards now: their fetch pins go, so the store's collector reclaims
             // them once keep_rounds has pruned the round (a mirror's disk stays flat however long it runs).
