@@ -48,20 +48,8 @@ pub struct InferArgs {
     /// are renormalized over them.
     #[arg(long)]
     k_min: Option<usize>,
-    /// Share of expert calls also asked of a second replica (0 to 1); replicas that disagree are settled by
-    /// computing the expert here from its committed shard, and a host that answered wrong is banned.
-    #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
-    check_share: f64,
-    /// Most experts to compute here: the ones the prompt routes to most, fetched by hash from the committed
-    /// checkpoint in the background while generating; the rest are asked of their hosts (0: all of them).
-    #[arg(long, env = "MANA_CACHE_EXPERTS", default_value_t = 0)]
-    cache_experts: usize,
-    /// Encodings of expert calls: `fp8/f32` (the default: hidden states in E4M3 with 1x128 scales, answers
-    /// in f32; exact for an FP8 model, 1.6x fewer bytes than f32), `fp8` (answers in bf16 too: 2.6x fewer
-    /// bytes; the loss is unchanged but about 0.7% of greedy choices of an FP8 model differ from the whole
-    /// checkpoint's), `f32` (exact for any model), or any `<input>/<answer>` of f32, bf16, fp8.
-    #[arg(long, env = "MANA_DISPATCH", default_value = "fp8/f32")]
-    dispatch: Dispatch,
+    #[command(flatten)]
+    calls: ExpertCallArgs,
     /// Seconds one expert call may take before the next replica is asked.
     #[arg(long, default_value_t = 10)]
     call_timeout_secs: u64,
@@ -79,12 +67,7 @@ pub struct InferArgs {
 /// Joins, loads, generates and prints.
 pub fn run(args: InferArgs) -> anyhow::Result<()> {
     let (prompt, generate) = args.sampling.resolve()?;
-    if !(0.0..=1.0).contains(&args.check_share) {
-        bail!(
-            "--check-share must be between 0 and 1, got {}",
-            args.check_share
-        );
-    }
+    args.calls.check()?;
     let spec = RunSpec::tiny();
     let top_k = spec.model.top_k;
     let k_min = args.k_min.unwrap_or(top_k);
@@ -110,10 +93,10 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         spec,
         call_timeout: Duration::from_secs(args.call_timeout_secs.max(1)),
         wait: Duration::from_secs(args.wait_secs),
-        check_share: args.check_share,
+        check_share: args.calls.check_share,
         k_min,
-        cache_experts: args.cache_experts,
-        dispatch: args.dispatch,
+        cache_experts: args.calls.cache_experts,
+        dispatch: args.calls.dispatch,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -142,7 +125,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     "forward_passes": generation.forward_passes,
                     "expert_calls": stats.answered,
                     "failed_attempts": stats.failed_attempts(),
-                    "dispatch": args.dispatch.to_string(),
+                    "dispatch": args.calls.dispatch.to_string(),
                     "request_bytes": stats.request_bytes,
                     "response_bytes": stats.response_bytes,
                     "checked": stats.checked,
@@ -177,7 +160,7 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
                     cache.capacity,
                     cache.fetched,
                     stats.answered,
-                    args.dispatch,
+                    args.calls.dispatch,
                     stats.request_bytes,
                     stats.response_bytes,
                     stats.failed_attempts(),
@@ -197,6 +180,38 @@ pub fn run(args: InferArgs) -> anyhow::Result<()> {
         node.stop().await?;
         outcome
     })
+}
+
+/// How a network client calls experts: the flags `mana infer` and `mana serve` (from the network) share.
+#[derive(Debug, Args)]
+pub(crate) struct ExpertCallArgs {
+    /// Share of expert calls also asked of a second replica (0 to 1); replicas that disagree are settled by
+    /// computing the expert here from its committed shard, and a host that answered wrong is banned.
+    #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
+    pub(crate) check_share: f64,
+    /// Most experts to compute here: the ones the prompts route to most, fetched by hash from the committed
+    /// checkpoint in the background while generating; the rest are asked of their hosts (0: all of them).
+    #[arg(long, env = "MANA_CACHE_EXPERTS", default_value_t = 0)]
+    pub(crate) cache_experts: usize,
+    /// Encodings of expert calls: `fp8/f32` (the default: hidden states in E4M3 with 1x128 scales, answers
+    /// in f32; exact for an FP8 model, 1.6x fewer bytes than f32), `fp8` (answers in bf16 too: 2.6x fewer
+    /// bytes; the loss is unchanged but about 0.7% of greedy choices of an FP8 model differ from the whole
+    /// checkpoint's), `f32` (exact for any model), or any `<input>/<answer>` of f32, bf16, fp8.
+    #[arg(long, env = "MANA_DISPATCH", default_value = "fp8/f32")]
+    pub(crate) dispatch: Dispatch,
+}
+
+impl ExpertCallArgs {
+    /// Refuses a `--check-share` outside 0 to 1.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.check_share) {
+            bail!(
+                "--check-share must be between 0 and 1, got {}",
+                self.check_share
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The node config of an inference client (`mana infer`, `mana serve` from the network): it joins through

@@ -46,7 +46,7 @@ use mana_kernels::CpuBackend;
 use mana_kernels::generate::{self, CachedModel, GenerateConfig, LanguageModel, Sampling};
 use mana_kernels::train::Trainer;
 use mana_node::daemon;
-use mana_node::infer::{Dispatch, InferClient, InferConfig, Session};
+use mana_node::infer::{InferClient, InferConfig, Session};
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -112,20 +112,9 @@ pub struct ServeArgs {
     /// Serve from the network: seconds to wait for a signed commit and a host of every expert.
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
-    /// Share of expert calls also asked of a second replica (0 to 1); replicas that disagree are settled by
-    /// computing the expert here from its committed shard, and a host that answered wrong is banned.
-    #[arg(long, default_value_t = mana_node::infer::DEFAULT_CHECK_SHARE)]
-    check_share: f64,
-    /// Serve from the network: most experts to compute here, the ones the requests route to most, fetched
-    /// by hash from the committed checkpoint; the rest are asked of their hosts (0: all of them).
-    #[arg(long, env = "MANA_CACHE_EXPERTS", default_value_t = 0)]
-    cache_experts: usize,
-    /// Encodings of expert calls: `fp8/f32` (the default: hidden states in E4M3 with 1x128 scales, answers
-    /// in f32; exact for an FP8 model, 1.6x fewer bytes than f32), `fp8` (answers in bf16 too: 2.6x fewer
-    /// bytes; the loss is unchanged but about 0.7% of greedy choices of an FP8 model differ from the whole
-    /// checkpoint's), `f32` (exact for any model), or any `<input>/<answer>` of f32, bf16, fp8.
-    #[arg(long, env = "MANA_DISPATCH", default_value = "fp8/f32")]
-    dispatch: Dispatch,
+    /// Serve from the network: how expert calls are made.
+    #[command(flatten)]
+    calls: super::infer::ExpertCallArgs,
     /// The model's id in the API (`model` in requests and in `/v1/models`); default: the checkpoint
     /// directory's name.
     #[arg(long)]
@@ -195,12 +184,7 @@ fn run_network(args: ServeArgs) -> anyhow::Result<()> {
     if args.bootstrap.is_empty() {
         bail!("serving from the network needs --bootstrap ADDR");
     }
-    if !(0.0..=1.0).contains(&args.check_share) {
-        bail!(
-            "--check-share must be between 0 and 1, got {}",
-            args.check_share
-        );
-    }
+    args.calls.check()?;
     let model_id = match &args.model_name {
         Some(name) if name.trim().is_empty() => bail!("--model-name must not be empty"),
         Some(name) => name.clone(),
@@ -218,11 +202,11 @@ fn run_network(args: ServeArgs) -> anyhow::Result<()> {
     let infer = InferConfig {
         call_timeout: Duration::from_secs(10),
         wait: Duration::from_secs(args.wait_secs),
-        check_share: args.check_share,
+        check_share: args.calls.check_share,
         // Every selected expert must answer (a step that lacks one waits, up to the wait).
         k_min: spec.model.top_k,
-        cache_experts: args.cache_experts,
-        dispatch: args.dispatch,
+        cache_experts: args.calls.cache_experts,
+        dispatch: args.calls.dispatch,
         spec,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
