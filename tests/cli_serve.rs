@@ -536,7 +536,6 @@ fn without_a_checkpoint_or_a_network_to_join_it_says_what_it_needs() {
 /// real processes), killed when dropped (its children get SIGTERM when it dies).
 struct DemoNetwork {
     child: Child,
-    out: PathBuf,
 }
 
 impl Drop for DemoNetwork {
@@ -563,13 +562,10 @@ impl DemoNetwork {
             let text = std::fs::read_to_string(out.join(name).join("status.json")).ok()?;
             serde_json::from_str(&text).ok()
         };
-        let mut demo = DemoNetwork {
-            child,
-            out: out.clone(),
-        };
+        let mut demo = DemoNetwork { child };
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
-            let committed = std::fs::read_to_string(demo.out.join("coordinator/metrics.jsonl"))
+            let committed = std::fs::read_to_string(out.join("coordinator/metrics.jsonl"))
                 .is_ok_and(|m| m.lines().next().is_some());
             let key =
                 status("coordinator").and_then(|s| s["public_key"].as_str().map(str::to_owned));

@@ -262,16 +262,12 @@ mod tests {
         let x: Vec<f32> = (0..3 * 200)
             .map(|i| (i as f32 * 0.37).sin() * (1.0 + (i % 13) as f32))
             .collect();
-        let exact_fp8 = Dispatch {
-            input: TensorDtype::E4m3Tile128,
-            answer: TensorDtype::F32,
-        };
         for precision in [Precision::Fp8, Precision::F32] {
             let mut direct = vec![0.0; x.len()];
             kernel(precision)
                 .forward(&x, 3, &mut direct)
                 .expect("the expert runs");
-            let mut runner = loopback(precision, exact_fp8);
+            let mut runner = loopback(precision, Dispatch::FP8_EXACT);
             let through = run(&mut runner, &x);
             let same = through
                 .iter()
