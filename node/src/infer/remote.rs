@@ -436,7 +436,10 @@ async fn ask_checked(
         return (Ok((values, bytes)), failed, Checked::No);
     };
     let others: Vec<PeerId> = hosts.iter().copied().filter(|p| *p != first).collect();
-    let (second, second_failed) = ask(net, &others, health, stats, request, timeout, false).await;
+    // The second replica gets the first one's patience: right after a commit it may not have stored the
+    // round yet, and a check asked once then would go unchecked (a replica that keeps failing is asked once,
+    // by `ask`'s own rule).
+    let (second, second_failed) = ask(net, &others, health, stats, request, timeout, true).await;
     let failed = [failed, second_failed].concat();
     let Ok(Answered {
         values: other_values,
