@@ -67,13 +67,11 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
     // Honest rounds, by the real conductor, until every trainer applied the last one.
     let before = net.honest_rounds(HONEST_ROUNDS, HONEST).await;
     // The honest coordinator's scores are true: every trainer (recomputing them every round here) checked
-    // some and found none false. After its first check each moved the shards it does not hold on from the
-    // commit's payloads instead of fetching them again.
+    // some and found none false, from the shards it holds.
     for s in &before {
         let t = training(s);
         assert!(t.scores_checked > 0, "{} checked no score", s.peer_id);
         assert_eq!(t.score_mismatches, 0, "{:?}", t.last_score_mismatch);
-        assert!(t.mirror_moves > 0, "{} mirrored nothing", s.peer_id);
     }
     let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
     let honest_s = started.elapsed().as_secs_f64();

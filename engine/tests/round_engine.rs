@@ -340,6 +340,17 @@ fn one_node_holding_every_expert_is_the_single_node_trainer() {
     assert_eq!(reference.step_count(), 4);
 }
 
+/// Round seeds the score test draws batches from: 3, or `MANA_SCORE_SEEDS` (the figures in
+/// docs/security.md are from 12: `MANA_SCORE_SEEDS=12 cargo test --release -p mana-engine --test round_engine
+/// score_ranks -- --nocapture`).
+fn score_seeds() -> u64 {
+    std::env::var("MANA_SCORE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(3)
+}
+
 /// The score ([`ShardScorer`]) and its verdict ([`ScorePolicy`]), on batches from 3 round seeds, for 4
 /// participants each holding the trunk and half the experts (as in a network round), early and late in
 /// training. Early (1 and 6 rounds), on the trunk every honest delta counts and a random vector at the
@@ -386,7 +397,7 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
         let (mut expert_honest, mut expert_flipped) = (Vec::new(), Vec::new());
         // Honest trunk deltas the policy refused.
         let mut refused_honest = Vec::new();
-        for seed in 0..3u64 {
+        for seed in 0..score_seeds() {
             for shard in spec.shards() {
                 let batch = score_batch(&spec, &hyper, &data, seed, shard).unwrap();
                 let holders = locals
@@ -493,9 +504,9 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
     }
 }
 
-/// A published score is reproducible: a holder that recomputes it with `rescore` (from the base model, the
-/// seed and the payload) gets the verifier's losses bit for bit on the same machine, and a score the verifier
-/// shaded by more than the tolerance does not agree.
+/// A published score is reproducible: a holder that recomputes it with `rescore` (from the base states of
+/// the shards it holds, the seed and the payload) gets the verifier's losses bit for bit on the same machine,
+/// and a score the verifier shaded by more than the tolerance does not agree.
 #[test]
 fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
     let spec = RunSpec::tiny();
@@ -556,10 +567,16 @@ fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
             }
         })
         .collect();
-    // A holder with only some of the payloads recomputes those (here the last two, given in reverse).
+    // A holder with only some of the payloads recomputes those (here the last two, given in reverse), from
+    // the shards it holds (the trunk and one expert), not the whole model the verifier held.
+    let held: Vec<ShardRecord> = base
+        .iter()
+        .filter(|s| s.shard == ShardId::Trunk || s.shard == experts[2])
+        .cloned()
+        .collect();
     let at_hand: Vec<(DeltaScore, &[f32])> =
         vec![(published[2], &trunk[2][..]), (published[1], &trunk[1][..])];
-    let again = rescore(&spec, &hyper, &data, round, seed, &base, &at_hand).unwrap();
+    let again = rescore(&spec, &hyper, &data, round, seed, &held, &at_hand).unwrap();
     assert_eq!(again.len(), 2);
     for (p, s) in &again {
         assert!(score_agrees(p, s), "{p:?} against {s:?}");
@@ -591,6 +608,52 @@ fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
     // Another seed gives another batch: a commit that reveals a different secret than the one it used is caught.
     let other = rescore(&spec, &hyper, &data, round, seed + 1, &base, &at_hand).unwrap();
     assert!(other.iter().any(|(p, s)| !score_agrees(p, s)));
+}
+
+/// A score needs only the round's base trunk and the scored shard: an expert delta scores bit for bit the
+/// same from the whole model, from the trunk and the expert, and from those with another expert beside them;
+/// without the trunk (or the shard) there is no score, only a typed error.
+#[test]
+fn an_expert_score_needs_only_the_trunk_and_the_expert() {
+    let spec = RunSpec::tiny();
+    let data = dataset();
+    let mut cfg = SimConfig::new(&spec, UpdateRule::Sync, 1, 2);
+    cfg.baselines = false;
+    cfg.eval_every = 0;
+    let base = simulate(&spec, &data, &cfg).unwrap().state;
+    let hyper = cfg.hyper.clone();
+    let round = 3;
+    let experts = spec.experts();
+    let (shard, other) = (experts[1], experts[4]);
+    let part = participant(1, &[ShardId::Trunk, shard], 77);
+    let ann = announcement(&spec, &hyper, round, 1, vec![part.clone()]);
+    let local = train_local(&spec, &ann, &part, &base, &data).unwrap();
+    let delta = local
+        .deltas
+        .into_iter()
+        .find(|(s, _)| *s == shard)
+        .unwrap()
+        .1;
+    let batch = score_batch(&spec, &hyper, &data, 9, shard).unwrap();
+    let with = |shards: &[ShardId]| -> Result<(f32, f32), RoundError> {
+        let held: Vec<ShardRecord> = base
+            .iter()
+            .filter(|s| shards.contains(&s.shard))
+            .cloned()
+            .collect();
+        let mut scorer = ShardScorer::new(&spec, &hyper, round, &held, shard, batch.clone(), 2)?;
+        let s = scorer.score(&delta)?;
+        Ok((s.null_loss, s.loss))
+    };
+    let whole = with(&spec.shards()).unwrap();
+    assert!(whole.0 != whole.1, "the delta changes the loss");
+    assert_eq!(with(&[ShardId::Trunk, shard]).unwrap(), whole);
+    assert_eq!(with(&[ShardId::Trunk, other, shard]).unwrap(), whole);
+    assert!(matches!(with(&[shard]), Err(RoundError::MissingTrunk)));
+    assert!(matches!(
+        with(&[ShardId::Trunk, other]),
+        Err(RoundError::MissingShard { .. })
+    ));
 }
 
 /// The commit's weights enter the holders' update: weights that are all equal give `apply_round`'s result bit

@@ -154,13 +154,9 @@ pub struct TrainingStatus {
     pub hash_mismatches: u64,
     /// Shards whose recomputed hash matched the commit, since start.
     pub hash_matches: u64,
-    /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards and
-    /// of the shards it mirrors) and found to agree, since start.
+    /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)
+    /// and found to agree, since start.
     pub scores_checked: u64,
-    /// Shards this node does not hold that it moved on from a commit's accepted payloads and found equal to
-    /// the commit's hash, since start (its mirror of the rest of the model, kept for the score check).
-    #[serde(default)]
-    pub mirror_moves: u64,
     /// Published scores (or seed reveals) this node found false, since start: the verifier's verdicts do
     /// not follow from public data. Never expected; see `last_score_mismatch`.
     pub score_mismatches: u64,

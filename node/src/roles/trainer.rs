@@ -144,12 +144,6 @@ struct Trainer {
     cfg: TrainerConfig,
     me: PublicKey,
     held: BTreeMap<ShardId, Held>,
-    /// The shards this node does not hold, at the base of the round in progress (for recomputing published
-    /// scores, which needs the whole model): fetched whole once, then moved on every commit by the round's
-    /// accepted payloads and checked against the commit's hashes, so a later check costs the payloads (a few
-    /// KB with a sparse codec) instead of the shards. A shard whose payloads cannot be had, or whose result does
-    /// not reproduce, is dropped and fetched again when next needed.
-    mirror: BTreeMap<ShardId, Held>,
     encoders: BTreeMap<ShardId, DeltaEncoder>,
     /// The last commit's checkpoint and its hash: the base of the next round, without a fetch.
     last_checkpoint: Option<(ContentHash, CheckpointManifest)>,
@@ -218,7 +212,6 @@ async fn trainer_loop(
         cfg,
         me,
         held: BTreeMap::new(),
-        mirror: BTreeMap::new(),
         encoders: BTreeMap::new(),
         last_checkpoint: None,
         assigned: None,
@@ -663,8 +656,7 @@ impl Trainer {
         Ok(manifest)
     }
 
-    /// The base state of each of `shards` in `manifest`: held or mirrored ones whose hash matches, the others
-    /// fetched.
+    /// The base state of each of `shards` in `manifest`: held ones whose hash matches, the others fetched.
     async fn base_shards(
         &mut self,
         manifest: &CheckpointManifest,
@@ -678,16 +670,10 @@ impl Trainer {
                 round,
                 shard: *shard,
             })?;
-            // Held, or mirrored (a shard newly assigned to this node), at the base's hash; else fetched.
-            let have = [self.held.get(shard), self.mirror.get(shard)]
-                .into_iter()
-                .flatten()
-                .find(|h| h.hash == entry.hash)
-                .cloned();
-            match have {
+            // Held at the base's hash; else fetched.
+            match self.held.get(shard).filter(|h| h.hash == entry.hash) {
                 Some(h) => {
-                    self.held.insert(*shard, h.clone());
-                    out.insert(*shard, h);
+                    out.insert(*shard, h.clone());
                 }
                 None => missing.push(*entry),
             }
@@ -852,26 +838,16 @@ impl Trainer {
             return self.refuse(&commit, refuted).await;
         }
         // Published scores are recomputed in drawn rounds and whenever this node's own delta was refused for
-        // its score. That needs the round's whole base model: the mirror is completed first (fetching what it
-        // lacks), then moved on to the commit; the check itself reads the base, and the payloads that moved
-        // the mirror are checked too.
+        // its score. A score needs only the round's base trunk and the scored shard, and every delta at hand
+        // is to one of this node's shards: nothing is fetched for it.
         let own_refused = sent.iter().any(|(_, hash)| {
             commit.rejected.iter().any(|r| {
                 r.payload_hash == *hash && r.node == self.me && r.reason == RejectCode::LowScore
             })
         });
         let drawn = own_refused || self.draw_rescore();
-        if drawn && let Err(e) = self.fill_mirror(&assigned).await {
-            tracing::warn!(round, error = %e, "the shards this node does not hold could not be fetched");
-        }
-        let (mirror, payloads) = self.advance_mirror(&commit, &assigned).await;
-        let moved = mirror.len() as u64;
-        self.node
-            .update_training_status(|s| s.mirror_moves += moved);
-        at_hand.extend(payloads);
         self.check_scores(&commit, &assigned, &sent, at_hand, drawn)
             .await;
-        self.mirror = mirror;
         self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
         for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
             new_held.insert(
@@ -899,9 +875,9 @@ impl Trainer {
     /// re-checked" of docs/security.md): the commit must reveal the seed secret the announcement committed to,
     /// each of this node's own deltas refused as `low-score` must have a published score, and every published
     /// score of a delta at hand (its own, and the accepted deltas of its shards) must come out the same when
-    /// recomputed from the round's base model (in the rounds drawn by [`TrainerConfig::rescore_share`], and
-    /// always when one of its own deltas was refused as `low-score`). A false one is logged as an error and counted in the status
-    /// (`score_mismatches`); the node does not stop for it (unlike a shard hash that does not reproduce,
+    /// recomputed from the round's base trunk and shard (in the rounds drawn by [`TrainerConfig::rescore_share`],
+    /// and always when one of its own deltas was refused as `low-score`). A false one is logged as an error and
+    /// counted in the status (`score_mismatches`); the node does not stop for it (unlike a shard hash that does not reproduce,
     /// which is proof), as another CPU may sum a loss in another order, within [`mana_engine::round::SCORE_TOLERANCE`].
     async fn check_scores(
         &mut self,
@@ -1002,133 +978,15 @@ impl Trainer {
         });
     }
 
-    /// Fetches into the mirror every shard of the round's base that this node neither holds nor mirrors at
-    /// the base's hash, within [`RESCORE_BUDGET`].
-    async fn fill_mirror(&mut self, assigned: &Assigned) -> Result<(), NodeError> {
-        let ann = &assigned.announcement;
-        let round = ann.round;
-        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
-        let missing: Vec<ShardEntry> = manifest
-            .shards
-            .iter()
-            .filter(|e| !assigned.base.contains_key(&e.shard))
-            .filter(|e| self.mirror.get(&e.shard).is_none_or(|h| h.hash != e.hash))
-            .copied()
-            .collect();
-        let fetched = tokio::time::timeout(RESCORE_BUDGET, self.fetch_shards(&missing, round))
-            .await
-            .map_err(|_| NodeError::Timeout {
-                what: "fetching the shards to mirror".into(),
-                after: RESCORE_BUDGET,
-            })??;
-        for (entry, state) in fetched {
-            self.mirror.insert(
-                entry.shard,
-                Held {
-                    hash: entry.hash,
-                    state: Arc::new(state),
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// The mirror at the commit's checkpoint (see [`Trainer::mirror`]) and the decoded payloads that moved it
-    /// (their published scores can then be checked too). Each mirrored shard at the round's base, and not
-    /// assigned to this node, is moved by the commit's accepted payloads for it and kept if its hash is the
-    /// commit's; every other one is dropped.
-    async fn advance_mirror(
-        &mut self,
-        commit: &RoundCommit,
-        assigned: &Assigned,
-    ) -> (BTreeMap<ShardId, Held>, Vec<(ContentHash, Arc<Vec<f32>>)>) {
-        let mut next = BTreeMap::new();
-        let mut payloads = Vec::new();
-        if self.mirror.is_empty() {
-            return (next, payloads);
-        }
-        let (ann, round) = (&assigned.announcement, commit.round);
-        let base = match self.base_manifest(ann.base_checkpoint, round).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(round, error = %e, "mirror dropped: the round's base is unknown");
-                return (next, payloads);
-            }
-        };
-        let mirror: Vec<(ShardId, Held)> = self
-            .mirror
-            .iter()
-            .map(|(shard, held)| (*shard, held.clone()))
-            .collect();
-        for (shard, held) in mirror {
-            let at_base = base.shard(&shard).is_some_and(|e| e.hash == held.hash);
-            let Some(entry) = commit.checkpoint.shard(&shard).copied() else {
-                continue;
-            };
-            if !at_base || assigned.me.shards.contains(&shard) {
-                continue;
-            }
-            let (accepted, weights) = commit
-                .accepted
-                .iter()
-                .find(|a| a.shard == shard)
-                .map(|a| (a.deltas.clone(), a.weights.clone()))
-                .unwrap_or_default();
-            if accepted.is_empty() {
-                if entry.hash == held.hash {
-                    next.insert(shard, held);
-                }
-                continue;
-            }
-            let (deltas, loads) = match self.fetch_deltas(&accepted, held.state.params.len()).await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(round, %shard, error = %e, "mirror: payloads unavailable; the shard will be fetched when needed");
-                    continue;
-                }
-            };
-            for hash in &accepted {
-                self.pins.add(round, *hash);
-            }
-            let weights = weights_in_order(&accepted, &weights, &deltas);
-            let (spec, ann, state) = (self.cfg.spec.clone(), ann.clone(), held.state.clone());
-            let applied = blocking(move || {
-                let next = apply_shard_round(&spec, &ann, &state, &deltas, &weights, &loads)?;
-                let hash = ContentHash::of(&next.to_bytes());
-                Ok((next, hash, deltas))
-            })
-            .await;
-            match applied {
-                Ok((state, hash, deltas)) if hash == entry.hash => {
-                    payloads.extend(deltas.into_iter().map(|(h, d)| (h, Arc::new(d))));
-                    next.insert(
-                        shard,
-                        Held {
-                            hash,
-                            state: Arc::new(state),
-                        },
-                    );
-                }
-                Ok((_, hash, _)) => {
-                    // Its holders recompute it too and dispute it; this node does not hold it and only
-                    // stops mirroring it.
-                    tracing::warn!(round, %shard, ours = %hash, committed = %entry.hash, "mirror: the committed shard does not reproduce from its accepted payloads");
-                }
-                Err(e) => tracing::debug!(round, %shard, error = %e, "mirror: shard not moved on"),
-            }
-        }
-        (next, payloads)
-    }
-
     /// Whether this round's published scores are recomputed: true in [`TrainerConfig::rescore_share`] of the
     /// rounds, drawn from the OS's randomness (true if it cannot be read: checking is the safe side).
     fn draw_rescore(&self) -> bool {
         super::common::draw_share(self.cfg.rescore_share)
     }
 
-    /// Recomputes published scores from the round's whole base model (the shards this node holds, the
-    /// others from the store or from peers: a node's shard sync keeps every committed checkpoint).
+    /// Recomputes published scores from the round's base states of the shards this node holds: a score
+    /// needs only the trunk and the scored shard ([`mana_engine::round::ShardScorer`]), and every delta at
+    /// hand is to one of this node's shards (a score of another shard is left out), so nothing is fetched.
     async fn rescore(
         &mut self,
         commit: &RoundCommit,
@@ -1137,29 +995,19 @@ impl Trainer {
     ) -> Result<Vec<(DeltaScore, mana_engine::round::Score)>, NodeError> {
         let ann = &assigned.announcement;
         let round = ann.round;
-        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
-        let mut model: Vec<ShardRecord> =
-            assigned.base.values().map(|h| (*h.state).clone()).collect();
-        let mut missing = Vec::new();
-        for entry in &manifest.shards {
-            if assigned.base.contains_key(&entry.shard) {
-                continue;
-            }
-            match self.mirror.get(&entry.shard) {
-                Some(h) if h.hash == entry.hash => model.push((*h.state).clone()),
-                _ => missing.push(*entry),
-            }
-        }
-        for (entry, state) in self.fetch_shards(&missing, round).await? {
-            model.push(state.clone());
-            self.mirror.insert(
-                entry.shard,
-                Held {
-                    hash: entry.hash,
-                    state: Arc::new(state),
-                },
-            );
-        }
+        let items: Vec<(DeltaScore, Arc<Vec<f32>>)> = items
+            .into_iter()
+            .filter(|(p, _)| assigned.base.contains_key(&p.shard))
+            .collect();
+        let model: Vec<ShardRecord> = assigned
+            .base
+            .values()
+            .filter(|h| {
+                h.state.shard == ShardId::Trunk
+                    || items.iter().any(|(p, _)| p.shard == h.state.shard)
+            })
+            .map(|h| (*h.state).clone())
+            .collect();
         let (spec, hyper, data) = (
             self.cfg.spec.clone(),
             ann.hyper.clone(),

@@ -14,11 +14,12 @@
 //!    reference taken from the *other* senders' norms (this round's and the recently accepted ones), so that
 //!    no sender moves its own bounds; a zero delta is always refused (`norm-too-small`);
 //! 5. the **score** ([`ShardScorer`]): the delta applied alone through the round's own update, against the
-//!    same update with a zero delta, on a validation batch fixed by the round's [`mana_engine::round::score_seed`] (a hash of every
-//!    payload under verification, so known only once the deltas are in); a delta the [`ScorePolicy`] does not
-//!    accept is refused (`low-score`). Every delta is scored unless `score_share` < 1, and then the draw
-//!    also comes from the seed. Everything here is reproducible by anyone who holds the base shards, the
-//!    run's text and the commit, which lists every verified delta.
+//!    same update with a zero delta, on the round's base trunk and the shard alone (what any holder of the
+//!    shard has), on a validation batch fixed by the round's [`mana_engine::round::score_seed`] (a hash of
+//!    every payload under verification, so known only once the deltas are in); a delta the [`ScorePolicy`]
+//!    does not accept is refused (`low-score`). Every delta is scored unless `score_share` < 1, and then the
+//!    draw also comes from the seed. Everything here is reproducible by anyone who holds the shard's and the
+//!    trunk's base states, the run's text and the commit, which lists every verified delta.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
