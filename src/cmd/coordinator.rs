@@ -92,7 +92,7 @@ pub struct CoordinatorArgs {
     /// (default 0.15).
     #[arg(long, env = "MANA_TRUNK_SHARE")]
     pub trunk_share: Option<f32>,
-    /// A scored expert contribution may raise the score batch's loss by at most this many nats (default 0.015).
+    /// A scored expert contribution may raise the score batch's loss by at most this many nats (default 0.05).
     #[arg(long, env = "MANA_EXPERT_TOLERANCE")]
     pub expert_tolerance: Option<f32>,
     /// A contribution's norm must be at least this share of its class's reference norm (default 0.01).

@@ -153,9 +153,11 @@ pub fn score_batch(
 ///   expert. Honest expert deltas scored from −0.0081 to +0.040 nats, sign-flipped ones from −0.020 to
 ///   +0.0029: a wider spread than on the whole model (where few tokens reach one expert: honest −0.0010 to
 ///   +0.013, flipped −0.0058 to +0.0009), and still no bar at zero that parts them. An expert delta is
-///   refused only when it clearly harms: a loss of more than `expert_tolerance` (0.015 nats; the worst
-///   honest one lost 0.0081, and flipped ones in diloco's first rounds lost up to 0.020). What slips under
-///   it is bounded by the norm bounds and the robust mean (docs/security.md).
+///   refused only when it clearly harms: a loss of more than `expert_tolerance` (0.05 nats). The worst
+///   honest one here lost 0.0081, but in a network run (`tests/net_rounds.rs`, diloco H = 5, 4 nodes) an
+///   honest expert delta lost 0.0169 in its third round, and a bar of 0.015 refused it; flipped ones here
+///   lost up to 0.020, so the bar catches gross harm only (a delta scaled up, or one that wrecks the expert).
+///   What slips under it is bounded by the norm bounds and the robust mean (docs/security.md).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScorePolicy {
     /// A trunk delta must gain more than this (nats).
@@ -171,7 +173,7 @@ impl Default for ScorePolicy {
         ScorePolicy {
             trunk_min_gain: 0.0,
             trunk_share: 0.15,
-            expert_tolerance: 0.015,
+            expert_tolerance: 0.05,
         }
     }
 }
