@@ -8,7 +8,10 @@
 //! The attacks: a re-announced payload hash (same size, another size, under another shard), the attacker's
 //! own payload from an earlier round, a withheld payload (announced, never hosted), a trickled one (served by
 //! a DHT provider one byte at a time), an oversized one (the coordinator's disk must not grow by it), and poisoned deltas that are bound, encoded and sized like honest
-//! ones: a random vector at the honest norm, the sign-flipped gradient, an all-zero delta.
+//! ones: a random vector at the honest norm, the sign-flipped gradient, an all-zero delta. Two more attack the
+//! round itself: a flood of new keys claiming huge capacity, and a judge that signs wrong results for the
+//! shards it judges (outvoted by the honest judges, and charged for its dissent). Every honest holder agrees
+//! with every commit.
 //!
 //! The tests share the machine's cores, so they run one at a time.
 
@@ -77,6 +80,9 @@ enum Attack {
     /// Trains honestly, and from round 2 on heartbeats for 20 fresh keys that each claim a billion tokens
     /// per second.
     Flood,
+    /// Trains honestly, and as a judge of shards (their holder, or a drawn verifier) signs a wrong result for
+    /// each: the right shard, size and round, another hash.
+    WrongResult,
 }
 
 impl Attack {
@@ -104,7 +110,7 @@ impl Attack {
             Attack::Zero => &[RejectCode::NormTooSmall],
             // An expert that got no tokens in the attacker's batches has an all-zero delta, whatever its scale.
             Attack::Ratchet => &[RejectCode::NormTooLarge, RejectCode::NormTooSmall],
-            Attack::Flood => &[],
+            Attack::Flood | Attack::WrongResult => &[],
         }
     }
 
@@ -154,6 +160,8 @@ struct AttackLog {
     scales: BTreeMap<u64, (f32, f32, f32)>,
     /// Flood: the keys heartbeating on the attacker's behalf.
     flood: BTreeSet<PublicKey>,
+    /// WrongResult: the wrong results signed, by round.
+    wrong_results: BTreeMap<u64, usize>,
 }
 
 /// Heartbeats for `keys`, every second until `stop`, each claiming a billion tokens per second.
@@ -191,6 +199,51 @@ async fn flood_heartbeats(
     }
 }
 
+/// Signs, as `node`, a wrong result for every shard of `call` that it judges in `ann`'s round (the right
+/// shard, size and round, another hash); returns how many.
+async fn sign_wrong_results(
+    node: &NodeHandle,
+    ann: &RoundAnnouncement,
+    call: &mana_protocol::AggregationCall,
+) -> usize {
+    let me = node.public_key();
+    let Some(index) = ann.participants.iter().position(|p| p.node == me) else {
+        return 0;
+    };
+    let index = index as u32;
+    let Ok(base) = node.read_blob(call.base_checkpoint).await else {
+        return 0;
+    };
+    let Ok(base) = mana_protocol::CheckpointManifest::from_bytes(&base) else {
+        return 0;
+    };
+    let results: Vec<mana_protocol::ShardEntry> = call
+        .shards
+        .iter()
+        .filter(|c| c.holders.contains(&index) || c.verifiers.contains(&index))
+        .filter_map(|c| base.shard(&c.accepted.shard).copied())
+        .map(|e| mana_protocol::ShardEntry {
+            hash: ContentHash::of(format!("a wrong {} of round {}", e.shard, call.round).as_bytes()),
+            round: call.round,
+            ..e
+        })
+        .collect();
+    let n = results.len();
+    if n == 0 {
+        return 0;
+    }
+    let attestation = mana_protocol::ShardAttestation {
+        run: call.run.clone(),
+        round: call.round,
+        call: call.hash().expect("call id"),
+        results,
+    };
+    match node.publish(&Message::ShardAttestation(attestation)).await {
+        Ok(()) => n,
+        Err(_) => 0,
+    }
+}
+
 /// The attacker's loop: every round it takes part in, trains honestly from the round's base, publishes an
 /// honest, bound delta for every assigned shard but the attacked one, and the attack for that one; what it
 /// did goes into `log`.
@@ -213,6 +266,8 @@ async fn run_attacker(
     let mut last_trunk: Option<(ContentHash, u64)> = None;
     // Honest nodes' trunk announcements, by round (the attacker hears the deltas topic like everyone).
     let mut heard: BTreeMap<u64, DeltaAnnouncement> = BTreeMap::new();
+    // The last round announced (a call for results names its judges by their place in it).
+    let mut last_ann: Option<RoundAnnouncement> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -250,11 +305,25 @@ async fn run_attacker(
                     }
                     continue;
                 }
+                Message::AggregationCall(call) if attack == Attack::WrongResult => {
+                    let Some(ann) = last_ann.as_ref().filter(|a| a.round == call.round) else {
+                        continue;
+                    };
+                    let signed = sign_wrong_results(&node, ann, &call).await;
+                    if signed > 0 {
+                        log.lock()
+                            .expect("lock")
+                            .wrong_results
+                            .insert(call.round, signed);
+                    }
+                    continue;
+                }
                 _ => continue,
             },
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
+        last_ann = Some(ann.clone());
         let Some(part) = ann.participant(&me).cloned() else {
             continue;
         };
@@ -380,8 +449,8 @@ async fn run_attacker(
                 }
                 Some(announce(target, hash, size))
             }
-            // The attacker's own deltas are honest; its attack is the flood of keys.
-            Attack::Flood => None,
+            // The attacker's own deltas are honest; its attack is the flood of keys, or its signed results.
+            Attack::Flood | Attack::WrongResult => None,
         };
         match claim {
             Some(c) => {
@@ -740,6 +809,31 @@ async fn run_attack(attack: Attack) {
                 status.coordinator.as_ref().map_or(0, |c| c.not_admitted)
             );
         }
+        Attack::WrongResult => {
+            // The attacker signed wrong results; the honest judges' quorum carried every shard (every honest
+            // delta was accepted, above, and every holder's recomputation agrees with every commit, below),
+            // and its dissent is on its record.
+            let signed: usize = log.wrong_results.values().sum();
+            assert!(signed > 0, "the attacker judged nothing");
+            let record = status
+                .coordinator
+                .as_ref()
+                .and_then(|c| {
+                    c.standings
+                        .iter()
+                        .find(|m| m.node == hex::encode(evil_key.0))
+                        .cloned()
+                })
+                .expect("the attacker's record");
+            assert!(
+                record.faults >= 1,
+                "the attacker's wrong results cost it nothing: {record:?}"
+            );
+            eprintln!(
+                "WrongResult: {signed} wrong results signed over {} rounds; the attacker's record {record:?}",
+                log.wrong_results.len()
+            );
+        }
         _ => {
             // Every attack made is refused, except in the one round where a participant (possibly the
             // attacker itself) may have been dropped unverified.
@@ -770,6 +864,14 @@ async fn run_attack(attack: Attack) {
         );
     }
 
+    // Every honest holder recomputed every committed shard it holds and found the commit's hash: nothing the
+    // coordinator committed differs from what the holders compute (with wrong results signed, too).
+    for (node, _) in &honest {
+        let st = node.status().await.expect("status");
+        let t = training(&st);
+        assert_eq!(t.hash_mismatches, 0, "{attack:?}: {:?}", t.refused_commit);
+        assert!(t.refused_commit.is_none(), "{attack:?}: {:?}", t.refused_commit);
+    }
     let _ = stop_tx.send(true);
     evil_task.await.expect("attacker task");
     for (node, task) in honest {
@@ -851,4 +953,9 @@ async fn norm_ratchet_over_many_rounds_gains_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_and_is_capped() {
     run_attack(Attack::Flood).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_judge_that_signs_wrong_results_is_outvoted_and_loses_standing() {
+    run_attack(Attack::WrongResult).await;
 }

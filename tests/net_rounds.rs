@@ -235,6 +235,8 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
             "a node computed a different shard"
         );
         assert!(status.rounds_trained >= ROUNDS - 1);
+        // It judged shards and signed their results (the coordinator computes none).
+        assert!(status.shards_attested > 0, "{status:?}");
         // The node saw the fate of its deltas in the commits: all accepted, as the metrics say of it.
         let c = &status.contributions;
         assert_eq!((c.refused, c.unaccounted), (0, 0), "{c:?}");
@@ -269,6 +271,9 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         .coordinator
         .expect("coordinator status");
     assert!(c.holder_reports >= NODES as u64, "{c:?}");
+    // Every round's shards came from the judges' signed results: a quorum is at least two judges, each
+    // signing its shards of the round in one attestation.
+    assert!(c.attestations >= ROUNDS * 2, "{c:?}");
     assert_eq!(c.min_members, NODES, "{c:?}");
     assert_eq!(
         c.settings.get("rule").map(String::as_str),

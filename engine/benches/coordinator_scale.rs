@@ -11,10 +11,11 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, Origin, Verdict};
+use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, Origin, Verdict, judges_of};
 use mana_protocol::{
     Capacity, CheckpointManifest, CodecOptions, ContentHash, DeltaAnnouncement, DeviceKind,
-    Heartbeat, HyperParams, Message, PublicKey, RunId, ShardEntry, ShardId, Text, TrainingStats,
+    Heartbeat, HyperParams, Message, PublicKey, RunId, ShardAttestation, ShardEntry, ShardId, Text,
+    TrainingStats,
     UpdateRule,
 };
 
@@ -174,22 +175,37 @@ fn one_round(members: u32) {
     });
     let verified_kib = state_kib(&c);
     let (actions, to_aggregate_ms) = timed(|| c.tick(now, 9).expect("tick"));
-    let Some(Action::Aggregate { accepted, .. }) = actions.into_iter().next() else {
-        panic!("aggregation expected");
+    let Some(Action::CallAggregation(call)) = actions.into_iter().next() else {
+        panic!("a call for results expected");
     };
-    let (_, results_ms) = timed(|| {
-        for a in &accepted {
-            c.shard_aggregated(
-                ann.round,
-                ShardEntry {
-                    shard: a.shard,
-                    hash: ContentHash::of(&[1]),
-                    size: 6_291_456,
+    let call_bytes = encoded_len(Message::AggregationCall(call.clone()));
+    let call_id = call.hash().expect("call id");
+    // Every judge of every shard signs its result (one attestation per judge and shard: the most messages
+    // the coordinator takes), and each result is taken once it has its quorum.
+    let (attestations, results_ms) = timed(|| {
+        let mut n = 0u64;
+        for part in &call.shards {
+            let judges = judges_of(&ann, part);
+            let result = ShardEntry {
+                shard: part.accepted.shard,
+                hash: ContentHash::of(&[1]),
+                size: 6_291_456,
+                round: ann.round,
+            };
+            for judge in judges.holders.iter().chain(&judges.verifiers) {
+                let att = ShardAttestation {
+                    run: call.run.clone(),
                     round: ann.round,
-                },
-            )
-            .expect("a result");
+                    call: call_id,
+                    results: vec![result],
+                };
+                n += 1;
+                for ready in c.shard_attested(ann.round, *judge, &att).expect("an attestation") {
+                    c.shard_aggregated(ann.round, ready).expect("a result");
+                }
+            }
         }
+        n
     });
     let (actions, commit_ms) = timed(|| c.tick(now, 10).expect("tick"));
     let Some(Action::CommitRound(commit)) = actions.into_iter().next() else {
@@ -201,12 +217,13 @@ fn one_round(members: u32) {
     println!(
         "{members:>6} members, {:>5} participants, {:>6} deltas | ms: join {join_ms:>8.1}, announce {announce_ms:>8.1}, \
          deltas {deltas_ms:>8.1}, seal {seal_ms:>8.1}, verdicts {verdicts_ms:>8.1}, to aggregate {to_aggregate_ms:>8.1}, \
-         results {results_ms:>6.1}, commit {commit_ms:>8.1} | state KiB: joined {joined_kib:>8.1}, announced \
+         {attestations} attestations {results_ms:>6.1}, commit {commit_ms:>8.1} | state KiB: joined {joined_kib:>8.1}, announced \
          {announced_kib:>8.1}, trained {trained_kib:>8.1}, verified {verified_kib:>8.1}, committed {committed_kib:>8.1} | \
-         announcement {:.0} KiB, commit {:.0} KiB (gossip limit {:.0} KiB)",
+         announcement {:.0} KiB, call {:.0} KiB, commit {:.0} KiB (gossip limit {:.0} KiB)",
         ann.participants.len(),
         deltas.len(),
         ann_bytes as f64 / 1024.0,
+        call_bytes as f64 / 1024.0,
         commit_bytes as f64 / 1024.0,
         limit as f64 / 1024.0,
     );

@@ -504,6 +504,16 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
     }
 }
 
+/// The whole model after two simulated sync rounds (one micro-batch each), and the run's hyper-parameters:
+/// the base of the score tests' third round.
+fn after_two_sync_rounds(spec: &RunSpec, data: &TextDataset) -> (Vec<ShardRecord>, HyperParams) {
+    let mut cfg = SimConfig::new(spec, UpdateRule::Sync, 1, 2);
+    cfg.baselines = false;
+    cfg.eval_every = 0;
+    let base = simulate(spec, data, &cfg).unwrap().state;
+    (base, cfg.hyper)
+}
+
 /// A published score is reproducible: a holder that recomputes it with `rescore` (from the base states of
 /// the shards it holds, the seed and the payload) gets the verifier's losses bit for bit on the same machine,
 /// and a score the verifier shaded by more than the tolerance does not agree.
@@ -511,11 +521,7 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
 fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
     let spec = RunSpec::tiny();
     let data = dataset();
-    let mut cfg = SimConfig::new(&spec, UpdateRule::Sync, 1, 2);
-    cfg.baselines = false;
-    cfg.eval_every = 0;
-    let base = simulate(&spec, &data, &cfg).unwrap().state;
-    let hyper = cfg.hyper.clone();
+    let (base, hyper) = after_two_sync_rounds(&spec, &data);
     let round = 3;
     let experts = spec.experts();
     let parts: Vec<Participant> = (0..3u8)
@@ -617,11 +623,7 @@ fn published_scores_are_recomputed_by_any_holder_and_a_false_one_is_caught() {
 fn an_expert_score_needs_only_the_trunk_and_the_expert() {
     let spec = RunSpec::tiny();
     let data = dataset();
-    let mut cfg = SimConfig::new(&spec, UpdateRule::Sync, 1, 2);
-    cfg.baselines = false;
-    cfg.eval_every = 0;
-    let base = simulate(&spec, &data, &cfg).unwrap().state;
-    let hyper = cfg.hyper.clone();
+    let (base, hyper) = after_two_sync_rounds(&spec, &data);
     let round = 3;
     let experts = spec.experts();
     let (shard, other) = (experts[1], experts[4]);

@@ -45,10 +45,10 @@ pub use identity::{Keypair, PeerId, PublicKey, Signature};
 pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
-    AcceptedDeltas, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
+    AcceptedDeltas, AggregationCall, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
     DeltaScore, DeviceKind, DisputeMismatch, Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT,
-    Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardEntry,
-    TrainingStats, UpdateRule, seed_commitment,
+    Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardAttestation, ShardCall,
+    ShardEntry,    TrainingStats, UpdateRule, seed_commitment,
 };
 pub use reqresp::{
     ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, LaneRequest, LaneResponse,

@@ -4,7 +4,7 @@
 
 /// The wire version this build speaks; the first field of every envelope and request/response frame.
 /// A receiver rejects any other value, so a new incompatible layout must bump it.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest encoded signed envelope (gossip message) accepted. Gossipsub's `max_transmit_size` must be at
 /// least this.
@@ -59,6 +59,9 @@ pub const MAX_COMMIT_DELTAS: usize = 8192;
 
 /// Most accepted payload hashes one commit dispute may list: one shard's deltas, at most one per participant.
 pub const MAX_DISPUTE_DELTAS: usize = MAX_PARTICIPANTS;
+
+/// Most judges (holders and verifiers) of one shard in one [`crate::AggregationCall`].
+pub const MAX_SHARD_JUDGES: usize = 64;
 /// Most validation batches one [`crate::Evaluation`] may average over.
 pub const MAX_EVALUATION_BATCHES: u32 = 1024;
 /// How many rounds back a commit dispute is still passed on: the one just committed, and the round after it

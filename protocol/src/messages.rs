@@ -12,7 +12,7 @@ use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
     MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_EVALUATION_BATCHES,
-    MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARDS_PER_NODE,
+    MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARD_JUDGES, MAX_SHARDS_PER_NODE,
 };
 use crate::validation::RejectCode;
 
@@ -236,6 +236,71 @@ impl RoundCommit {
     }
 }
 
+/// From the coordinator, once a round's verdicts are in: the deltas each shard applies (with their weights)
+/// and who judges each shard's result. Every judge computes the shard's next state from the round's base and
+/// these deltas, the same deterministic function for all, and signs what it got ([`ShardAttestation`]); the
+/// commit takes, per shard, the result a quorum of its judges signed, so the coordinator never computes or
+/// holds a shard's new state to commit it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregationCall {
+    /// The run.
+    pub run: RunId,
+    /// The round.
+    pub round: u64,
+    /// Manifest hash of the round's base checkpoint (the announcement's): the states the deltas apply to.
+    pub base_checkpoint: ContentHash,
+    /// One entry per shard with accepted deltas, sorted by shard.
+    pub shards: Vec<ShardCall>,
+}
+
+/// One shard's part of an [`AggregationCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCall {
+    /// The shard's accepted deltas, in the order they are applied, with their weights.
+    pub accepted: AcceptedDeltas,
+    /// The holders that judge it: indices into the round announcement's participants (so that the call of a
+    /// round with thousands of shards fits in one message).
+    pub holders: Vec<u32>,
+    /// The verifiers drawn to judge it (participants that do not hold it), as indices like `holders`.
+    pub verifiers: Vec<u32>,
+}
+
+impl AggregationCall {
+    /// The call's id: blake3 of its canonical encoding. An attestation names the call it answers by this id,
+    /// so a signature covers the very deltas and weights it was computed from.
+    pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
+        Ok(ContentHash::of(&crate::wire::encode::<
+            _,
+            { crate::limits::MAX_MESSAGE_BYTES },
+        >(self, "aggregation call")?))
+    }
+
+    /// The part of the call about `shard`, if it has accepted deltas (a binary search: `shards` is sorted by
+    /// shard, as validation checks).
+    pub fn shard(&self, shard: &ShardId) -> Option<&ShardCall> {
+        self.shards
+            .binary_search_by(|c| c.accepted.shard.cmp(shard))
+            .ok()
+            .map(|i| &self.shards[i])
+    }
+}
+
+/// From a judge of shards of a round (a holder, or a drawn verifier): the next state of each shard it judges,
+/// computed from the round's base and the accepted deltas of the [`AggregationCall`] it names. Signed by the
+/// judge, so a wrong result is on record under its key, and anyone holding the base blob and the payloads
+/// can redo it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardAttestation {
+    /// The run.
+    pub run: RunId,
+    /// The round.
+    pub round: u64,
+    /// [`AggregationCall::hash`] of the call it answers.
+    pub call: ContentHash,
+    /// The new entry of each shard judged (at most [`MAX_SHARDS_PER_NODE`]), sorted by shard.
+    pub results: Vec<ShardEntry>,
+}
+
 /// From a holder of a shard: the coordinator's commit `commit` of round `round` is wrong for `shard`. Applying
 /// the commit's accepted deltas (`accepted`, in the commit's order) to the shard's base state (`base`, its
 /// blob hash in the round's base checkpoint) gives `computed`, not the commit's `committed`. Every holder of
@@ -330,7 +395,7 @@ impl CommitDispute {
 }
 
 /// One shard of a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ShardEntry {
     /// The shard.
     pub shard: ShardId,
@@ -448,6 +513,10 @@ pub enum Message {
     RunEnd(RunEnd),
     /// Variant 7: a node that holds a whole committed checkpoint reports its validation loss.
     Evaluation(Evaluation),
+    /// Variant 8: the coordinator asks a round's judges for each shard's next state.
+    AggregationCall(AggregationCall),
+    /// Variant 9: a judge signs the next state of the shards it judged.
+    ShardAttestation(ShardAttestation),
 }
 
 /// From any node that holds the whole committed checkpoint `checkpoint` of round `round` (a mirror): the mean
@@ -495,6 +564,8 @@ impl Message {
             Message::CommitDispute(m) => &m.run,
             Message::RunEnd(m) => &m.run,
             Message::Evaluation(m) => &m.run,
+            Message::AggregationCall(m) => &m.run,
+            Message::ShardAttestation(m) => &m.run,
         }
     }
 
@@ -507,7 +578,9 @@ impl Message {
             | Message::CheckpointManifest(_)
             | Message::CommitDispute(_)
             | Message::RunEnd(_)
-            | Message::Evaluation(_) => TopicKind::Rounds,
+            | Message::Evaluation(_)
+            | Message::AggregationCall(_)
+            | Message::ShardAttestation(_) => TopicKind::Rounds,
             Message::DeltaAnnouncement(_) => TopicKind::Deltas,
             Message::Heartbeat(_) => TopicKind::Heartbeats,
         }
@@ -524,6 +597,8 @@ impl Message {
             Message::CommitDispute(_) => "commit-dispute",
             Message::RunEnd(_) => "run-end",
             Message::Evaluation(_) => "evaluation",
+            Message::AggregationCall(_) => "aggregation-call",
+            Message::ShardAttestation(_) => "shard-attestation",
         }
     }
 
@@ -552,21 +627,7 @@ impl Message {
                 )?;
                 count("commit scores", m.scores.len(), MAX_COMMIT_DELTAS)?;
                 for a in &m.accepted {
-                    if a.weights.len() != a.deltas.len()
-                        || a.weights
-                            .iter()
-                            .any(|w| !(1..=MAX_DELTA_WEIGHT).contains(w))
-                    {
-                        return Err(ProtocolError::InvalidField {
-                            what: "accepted weights",
-                            detail: format!(
-                                "{} weights for {} deltas of {}, each must be 1 to {MAX_DELTA_WEIGHT}",
-                                a.weights.len(),
-                                a.deltas.len(),
-                                a.shard
-                            ),
-                        });
-                    }
+                    check_weights(a)?;
                 }
                 m.checkpoint.check_limits()
             }
@@ -591,8 +652,62 @@ impl Message {
                 }
                 Ok(())
             }
+            Message::AggregationCall(m) => {
+                count("call shards", m.shards.len(), MAX_MANIFEST_SHARDS)?;
+                let deltas: usize = m.shards.iter().map(|c| c.accepted.deltas.len()).sum();
+                count("call deltas", deltas, MAX_COMMIT_DELTAS)?;
+                if m
+                    .shards
+                    .windows(2)
+                    .any(|w| w[0].accepted.shard >= w[1].accepted.shard)
+                {
+                    return Err(ProtocolError::InvalidField {
+                        what: "call shards",
+                        detail: "not sorted by shard, or a shard twice".into(),
+                    });
+                }
+                for c in &m.shards {
+                    check_weights(&c.accepted)?;
+                    count(
+                        "shard judges",
+                        c.holders.len().saturating_add(c.verifiers.len()),
+                        MAX_SHARD_JUDGES,
+                    )?;
+                    if let Some(i) = c
+                        .holders
+                        .iter()
+                        .chain(&c.verifiers)
+                        .find(|i| **i as usize >= MAX_PARTICIPANTS)
+                    {
+                        return Err(ProtocolError::InvalidField {
+                            what: "judge index",
+                            detail: format!("{i}, over the most participants ({MAX_PARTICIPANTS})"),
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Message::ShardAttestation(m) => {
+                count("attested shards", m.results.len(), MAX_SHARDS_PER_NODE)
+            }
         }
     }
+}
+
+/// The weights of one shard's accepted deltas: one per delta, each from 1 to [`MAX_DELTA_WEIGHT`].
+fn check_weights(a: &AcceptedDeltas) -> Result<(), ProtocolError> {
+    if a.weights.len() != a.deltas.len() || a.weights.iter().any(|w| !(1..=MAX_DELTA_WEIGHT).contains(w)) {
+        return Err(ProtocolError::InvalidField {
+            what: "accepted weights",
+            detail: format!(
+                "{} weights for {} deltas of {}, each must be 1 to {MAX_DELTA_WEIGHT}",
+                a.weights.len(),
+                a.deltas.len(),
+                a.shard
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn count(what: &'static str, n: usize, max: usize) -> Result<(), ProtocolError> {

@@ -443,6 +443,12 @@ pub fn validate_message(
         Message::Heartbeat(m) => check_heartbeat(m),
         Message::CommitDispute(m) => check_dispute(ctx, m),
         Message::Evaluation(m) => check_evaluation(ctx, m),
+        Message::AggregationCall(m) => {
+            from_coordinator()?;
+            current_or_later(ctx, kind, m.round)
+        }
+        // From any judge of the round in progress (or of one just committed, still on its way).
+        Message::ShardAttestation(m) => recent_round(ctx, "shard-attestation", m.round),
         // The end of the run comes after its last round was announced, and never ahead of it.
         Message::RunEnd(m) => {
             from_coordinator()?;

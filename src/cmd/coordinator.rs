@@ -1,6 +1,7 @@
 //! `mana coordinator`: coordinate a training run. It joins the network as a peer with its own key, creates (or
 //! resumes from its data directory) the run's checkpoint, announces rounds to the nodes whose heartbeats
-//! arrive, verifies and aggregates their deltas, and commits each round. On stdout it prints one
+//! arrive, verifies their deltas, calls each shard's judges (its holders and drawn verifiers) for its next
+//! state, and commits the result a quorum signed. On stdout it prints one
 //! `addr <multiaddr>` line per listen address and one `coordinator-key <hex>` line (what nodes pass as
 //! `--coordinator`). With `--rounds N` it exports the model to `--export` after round N and exits 0; on
 //! ctrl-c or SIGTERM it exports the last committed model (when `--export` is given) and exits 0.

@@ -4,6 +4,7 @@
 use mana_protocol::{ContentHash, HyperParams, RunId, ShardId};
 use serde::{Deserialize, Serialize};
 
+use super::judges::JudgingRule;
 use super::standing::StandingPolicy;
 use thiserror::Error;
 
@@ -65,6 +66,9 @@ pub struct CoordinatorConfig {
     pub standing: StandingPolicy,
     /// The run's corpus hash, announced with every round (all zeros: not stated).
     pub corpus: ContentHash,
+    /// Who judges each shard's next state (up to how many holders, how many drawn verifiers), and so the
+    /// quorum that commits it.
+    pub judging: JudgingRule,
 }
 
 impl CoordinatorConfig {
@@ -86,6 +90,7 @@ impl CoordinatorConfig {
             hyper,
             standing: StandingPolicy::default(),
             corpus: ContentHash([0; 32]),
+            judging: JudgingRule::default(),
         }
     }
 
@@ -157,6 +162,24 @@ impl CoordinatorConfig {
         }
         if !(0.0..1.0).contains(&h.outer_momentum) {
             return bad("hyper.outer_momentum", "must be in [0, 1)");
+        }
+        let j = &self.judging;
+        if j.max_holder_judges == 0 {
+            return bad(
+                "judging.max_holder_judges",
+                "must be at least 1: a shard's holders judge it",
+            );
+        }
+        if (j.max_holder_judges as usize).saturating_add(j.verifiers_per_shard as usize)
+            > mana_protocol::limits::MAX_SHARD_JUDGES
+        {
+            return bad(
+                "judging",
+                &format!(
+                    "at most {} judges per shard",
+                    mana_protocol::limits::MAX_SHARD_JUDGES
+                ),
+            );
         }
         Ok(())
     }

@@ -8,24 +8,32 @@
 //! and it had no seed secret): the coordinator resumes waiting for members and opens the next round from its
 //! last committed checkpoint; members, standings, bans and the checkpoint are kept.
 //!
+//! Format 2 (header version 2) is the layout before the shard judges' results (protocol 7): its config has no
+//! judging rule (it gets the default) and its round in progress has no call or attestations. That round,
+//! announced under protocol 6, is abandoned like a first-format one ([`decode_v2`]).
+//!
 //! The next change to a saved struct bumps the header's version byte and moves the current layout here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use mana_protocol::{
-    Capacity, CheckpointManifest, ContentHash, HyperParams, PublicKey, RunId, ShardId,
+    Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaScore, HyperParams,
+    PublicKey, RejectedDelta, RoundAnnouncement, RunId, ShardEntry, ShardId,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Coordinator, CoordinatorConfig, CoordinatorError, ExpertHosts, Member, Origin, RunState,
-    StandingPolicy, Standings,
+    Coordinator, CoordinatorConfig, CoordinatorError, ExpertHosts, JudgingRule, Member, Origin,
+    RunState, StandingPolicy, Standings, Verdict,
 };
 
 /// The first bytes of a saved state: a byte no bincode varint starts with (so no header-less state can
 /// begin with it), `MC` (mana coordinator), and the format version.
-pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 2];
+pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 3];
+
+/// The header of a state saved in format 2 (see the module doc).
+pub(super) const STATE_HEADER_V2: [u8; 4] = [0xFF, b'M', b'C', 2];
 
 /// Most bytes a saved state may take.
 const MAX_STATE_BYTES: usize = 64 * 1024 * 1024;
@@ -93,9 +101,10 @@ struct MemberV1 {
     last_seq: u64,
 }
 
-/// [`CoordinatorConfig`] with a [`StandingPolicyV1`].
+/// [`CoordinatorConfig`] before `judging` (format 2), with the standing policy of its format: the first
+/// format's was a [`StandingPolicyV1`].
 #[derive(Serialize, Deserialize)]
-struct ConfigV1 {
+struct ConfigOf<S> {
     run: RunId,
     experts: Vec<ShardId>,
     replication: usize,
@@ -109,8 +118,109 @@ struct ConfigV1 {
     data_seeds_per_node: u32,
     max_norm_ratio: f32,
     hyper: HyperParams,
-    standing: StandingPolicyV1,
+    standing: S,
     corpus: ContentHash,
+}
+
+/// The first format's config.
+type ConfigV1 = ConfigOf<StandingPolicyV1>;
+/// Format 2's config.
+type ConfigV2 = ConfigOf<StandingPolicy>;
+
+impl<S> ConfigOf<S> {
+    /// The same config with its standing policy turned into another format's.
+    fn map_standing<T>(self, f: impl FnOnce(S) -> T) -> ConfigOf<T> {
+        ConfigOf {
+            run: self.run,
+            experts: self.experts,
+            replication: self.replication,
+            min_members: self.min_members,
+            trunk_everywhere: self.trunk_everywhere,
+            train_ms: self.train_ms,
+            verify_ms: self.verify_ms,
+            cooldown_ms: self.cooldown_ms,
+            member_timeout_ms: self.member_timeout_ms,
+            inner_steps: self.inner_steps,
+            data_seeds_per_node: self.data_seeds_per_node,
+            max_norm_ratio: self.max_norm_ratio,
+            hyper: self.hyper,
+            standing: f(self.standing),
+            corpus: self.corpus,
+        }
+    }
+}
+
+impl ConfigV2 {
+    /// The current config, with the default judging rule (which format 2 did not have).
+    fn into_current(self) -> CoordinatorConfig {
+        CoordinatorConfig {
+            run: self.run,
+            experts: self.experts,
+            replication: self.replication,
+            min_members: self.min_members,
+            trunk_everywhere: self.trunk_everywhere,
+            train_ms: self.train_ms,
+            verify_ms: self.verify_ms,
+            cooldown_ms: self.cooldown_ms,
+            member_timeout_ms: self.member_timeout_ms,
+            inner_steps: self.inner_steps,
+            data_seeds_per_node: self.data_seeds_per_node,
+            max_norm_ratio: self.max_norm_ratio,
+            hyper: self.hyper,
+            standing: self.standing,
+            corpus: self.corpus,
+            judging: JudgingRule::default(),
+        }
+    }
+
+    /// `c` in format 2 (for the tests' old states).
+    #[cfg(test)]
+    fn of(c: &CoordinatorConfig) -> ConfigV2 {
+        let c = c.clone();
+        ConfigOf {
+            run: c.run,
+            experts: c.experts,
+            replication: c.replication,
+            min_members: c.min_members,
+            trunk_everywhere: c.trunk_everywhere,
+            train_ms: c.train_ms,
+            verify_ms: c.verify_ms,
+            cooldown_ms: c.cooldown_ms,
+            member_timeout_ms: c.member_timeout_ms,
+            inner_steps: c.inner_steps,
+            data_seeds_per_node: c.data_seeds_per_node,
+            max_norm_ratio: c.max_norm_ratio,
+            hyper: c.hyper,
+            standing: c.standing,
+            corpus: c.corpus,
+        }
+    }
+}
+
+impl StandingPolicyV1 {
+    /// The current policy, with the default per-IP cap (which the first format did not have).
+    fn upgrade(self) -> StandingPolicy {
+        StandingPolicy {
+            fault_cost: self.fault_cost,
+            ban_at: self.ban_at,
+            max_weight: self.max_weight,
+            max_members: self.max_members,
+            max_banned: self.max_banned,
+            ..StandingPolicy::default()
+        }
+    }
+
+    /// `s` in the first format (for the tests' old states).
+    #[cfg(test)]
+    fn of(s: StandingPolicy) -> StandingPolicyV1 {
+        StandingPolicyV1 {
+            fault_cost: s.fault_cost,
+            ban_at: s.ban_at,
+            max_weight: s.max_weight,
+            max_members: s.max_members,
+            max_banned: s.max_banned,
+        }
+    }
 }
 
 /// [`Coordinator`] in the first format (its skipped fields were never saved), but for its last field, the
@@ -127,32 +237,7 @@ struct CoordinatorV1 {
 
 impl From<CoordinatorV1> for Coordinator {
     fn from(old: CoordinatorV1) -> Coordinator {
-        let c = old.config;
-        let s = c.standing;
-        let config = CoordinatorConfig {
-            run: c.run,
-            experts: c.experts,
-            replication: c.replication,
-            min_members: c.min_members,
-            trunk_everywhere: c.trunk_everywhere,
-            train_ms: c.train_ms,
-            verify_ms: c.verify_ms,
-            cooldown_ms: c.cooldown_ms,
-            member_timeout_ms: c.member_timeout_ms,
-            inner_steps: c.inner_steps,
-            data_seeds_per_node: c.data_seeds_per_node,
-            max_norm_ratio: c.max_norm_ratio,
-            hyper: c.hyper,
-            standing: StandingPolicy {
-                fault_cost: s.fault_cost,
-                ban_at: s.ban_at,
-                max_weight: s.max_weight,
-                max_members: s.max_members,
-                max_banned: s.max_banned,
-                ..StandingPolicy::default()
-            },
-            corpus: c.corpus,
-        };
+        let config = old.config.map_standing(StandingPolicyV1::upgrade).into_current();
         let members = old
             .members
             .into_iter()
@@ -185,32 +270,8 @@ impl From<CoordinatorV1> for Coordinator {
 /// A state in the first format, as a coordinator from before the header saved it (for the tests).
 #[cfg(test)]
 pub(super) fn encode_v1(c: &Coordinator) -> Vec<u8> {
-    let cfg = c.config.clone();
-    let s = cfg.standing;
     let old = CoordinatorV1 {
-        config: ConfigV1 {
-            run: cfg.run,
-            experts: cfg.experts,
-            replication: cfg.replication,
-            min_members: cfg.min_members,
-            trunk_everywhere: cfg.trunk_everywhere,
-            train_ms: cfg.train_ms,
-            verify_ms: cfg.verify_ms,
-            cooldown_ms: cfg.cooldown_ms,
-            member_timeout_ms: cfg.member_timeout_ms,
-            inner_steps: cfg.inner_steps,
-            data_seeds_per_node: cfg.data_seeds_per_node,
-            max_norm_ratio: cfg.max_norm_ratio,
-            hyper: cfg.hyper,
-            standing: StandingPolicyV1 {
-                fault_cost: s.fault_cost,
-                ban_at: s.ban_at,
-                max_weight: s.max_weight,
-                max_members: s.max_members,
-                max_banned: s.max_banned,
-            },
-            corpus: cfg.corpus,
-        },
+        config: ConfigV2::of(&c.config).map_standing(StandingPolicyV1::of),
         members: c
             .members
             .iter()
@@ -239,5 +300,107 @@ pub(super) fn encode_v1(c: &Coordinator) -> Vec<u8> {
         s => bincode::serde::encode_to_vec(s, cfg).expect("test states encode"),
     };
     bytes.extend(state);
+    bytes
+}
+
+/// Decodes a state saved in format 2 (after its header).
+pub(super) fn decode_v2(body: &[u8]) -> Result<Coordinator, CoordinatorError> {
+    let old: CoordinatorV2 = decode_whole(body)?;
+    let state = match old.state {
+        RunStateV2::WaitingForMembers => RunState::WaitingForMembers,
+        RunStateV2::Cooldown { until_ms } => RunState::Cooldown { until_ms },
+        RunStateV2::RoundTrain(r) | RunStateV2::RoundVerify(r) | RunStateV2::RoundAggregate(r) => {
+            tracing::warn!(
+                round = r.announcement.round,
+                "the saved state is from before protocol 7: the round it was running is abandoned"
+            );
+            RunState::WaitingForMembers
+        }
+    };
+    Ok(Coordinator {
+        config: old.config.into_current(),
+        members: old.members,
+        checkpoint: old.checkpoint,
+        next_round: old.next_round,
+        hosts: old.hosts,
+        standings: old.standings,
+        allowlist: None,
+        trust_colocated: false,
+        payloads: Default::default(),
+        blocks: Default::default(),
+        state,
+    })
+}
+
+/// [`super::ActiveRound`] in format 2: before the call and the attestations (read only to be abandoned).
+#[derive(Serialize, Deserialize)]
+struct ActiveRoundV2 {
+    announcement: RoundAnnouncement,
+    deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
+    verdicts: BTreeMap<(ShardId, PublicKey), Verdict>,
+    dropped: BTreeSet<PublicKey>,
+    refused: Vec<RejectedDelta>,
+    results: BTreeMap<ShardId, ShardEntry>,
+    seed_secret: [u8; 32],
+    scores: BTreeMap<(ShardId, PublicKey), DeltaScore>,
+    weights: BTreeMap<(ShardId, PublicKey), u32>,
+}
+
+/// [`RunState`] in format 2.
+#[derive(Serialize, Deserialize)]
+enum RunStateV2 {
+    WaitingForMembers,
+    RoundTrain(ActiveRoundV2),
+    RoundVerify(ActiveRoundV2),
+    RoundAggregate(ActiveRoundV2),
+    Cooldown { until_ms: u64 },
+}
+
+/// [`Coordinator`] in format 2 (its skipped fields were never saved).
+#[derive(Serialize, Deserialize)]
+struct CoordinatorV2 {
+    config: ConfigV2,
+    members: BTreeMap<PublicKey, Member>,
+    checkpoint: CheckpointManifest,
+    next_round: u64,
+    hosts: ExpertHosts,
+    standings: Standings,
+    state: RunStateV2,
+}
+
+/// A state in format 2, as a coordinator from before the judges' results saved it (for the tests): a round
+/// in progress is written with its format-2 fields.
+#[cfg(test)]
+pub(super) fn encode_v2(c: &Coordinator) -> Vec<u8> {
+    let round = |r: &super::ActiveRound| ActiveRoundV2 {
+        announcement: r.announcement.clone(),
+        deltas: r.deltas.clone(),
+        verdicts: r.verdicts.clone(),
+        dropped: r.dropped.clone(),
+        refused: r.refused.clone(),
+        results: r.results.clone(),
+        seed_secret: r.seed_secret,
+        scores: r.scores.clone(),
+        weights: r.weights.clone(),
+    };
+    let old = CoordinatorV2 {
+        config: ConfigV2::of(&c.config),
+        members: c.members.clone(),
+        checkpoint: c.checkpoint.clone(),
+        next_round: c.next_round,
+        hosts: c.hosts.clone(),
+        standings: c.standings.clone(),
+        state: match &c.state {
+            RunState::WaitingForMembers => RunStateV2::WaitingForMembers,
+            RunState::RoundTrain(r) => RunStateV2::RoundTrain(round(r)),
+            RunState::RoundVerify(r) => RunStateV2::RoundVerify(round(r)),
+            RunState::RoundAggregate(r) => RunStateV2::RoundAggregate(round(r)),
+            RunState::Cooldown { until_ms } => RunStateV2::Cooldown {
+                until_ms: *until_ms,
+            },
+        },
+    };
+    let mut bytes = STATE_HEADER_V2.to_vec();
+    bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).expect("test states encode"));
     bytes
 }

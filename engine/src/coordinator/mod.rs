@@ -12,6 +12,13 @@
 //!   Cooldown --(cooldown over)--> RoundTrain (or WaitingForMembers if too few remain)
 //! ```
 //!
+//! **Aggregation by the shards' judges.** When the verdicts are in, the coordinator calls for results
+//! ([`Action::CallAggregation`]): for each shard with accepted deltas, its judges ([`judges`]: its holders and
+//! verifiers drawn from the other participants by the round's score seed) compute the shard's next state and
+//! sign it ([`Coordinator::shard_attested`]). A result signed by a quorum is taken once the daemon holds its
+//! blob ([`Coordinator::shard_aggregated`]); a shard without one keeps its state for the round, and a judge
+//! that signed another result than the quorum's loses standing. The coordinator computes no shard itself.
+//!
 //! A participant that has sent nothing for some assigned shard by the delta deadline is dropped from the round;
 //! the round completes with the others. A member whose heartbeats stop for `member_timeout_ms` leaves; experts
 //! it hosted are reassigned at the next round.
@@ -27,9 +34,10 @@ use std::net::IpAddr;
 
 use mana_protocol::limits::MAX_PARTICIPANTS;
 use mana_protocol::{
-    AcceptedDeltas, Capacity, CheckpointManifest, ContentHash, Deadlines, DeltaAnnouncement,
-    DeltaScore, Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement,
-    RoundCommit, ShardEntry, ShardId, seed_commitment,
+    AcceptedDeltas, AggregationCall, Capacity, CheckpointManifest, ContentHash, Deadlines,
+    DeltaAnnouncement, DeltaScore, Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta,
+    RoundAnnouncement, RoundCommit, ShardAttestation, ShardCall, ShardEntry, ShardId,
+    seed_commitment,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -121,8 +129,13 @@ pub struct ActiveRound {
     pub dropped: BTreeSet<PublicKey>,
     /// Refusals decided by the coordinator itself (late or unverified deltas).
     pub refused: Vec<RejectedDelta>,
-    /// New shard entries reported by the aggregators, by shard.
+    /// New shard entries taken (a quorum of the shard's judges signed each, and the daemon holds its blob),
+    /// by shard.
     pub results: BTreeMap<ShardId, ShardEntry>,
+    /// The call for results ([`Action::CallAggregation`]), once the verdicts are in.
+    pub call: Option<Called>,
+    /// Each judge's signed result, by shard and judge (the first result a judge signs for a shard counts).
+    pub attested: BTreeMap<ShardId, BTreeMap<PublicKey, ShardEntry>>,
     /// The round's seed secret: its blake3 is in the announcement, the commit reveals it, and it enters the
     /// score seed ([`ActiveRound::score_seed`]). Drawn from the tick's seed when the round opens; kept with
     /// the state, so a restarted coordinator reveals the secret it committed to.
@@ -132,6 +145,15 @@ pub struct ActiveRound {
     /// Each accepted delta's weight in its shard's mean, by (shard, node): its sender's standing when the
     /// delta was accepted ([`Standing::delta_weight`]).
     pub weights: BTreeMap<(ShardId, PublicKey), u32>,
+}
+
+/// A round's call for results and its id ([`AggregationCall::hash`]), which every attestation names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Called {
+    /// The call as published.
+    pub call: AggregationCall,
+    /// Its id.
+    pub id: ContentHash,
 }
 
 /// The phase of the run (Psyche's `RunState`).
@@ -196,14 +218,10 @@ pub enum Action {
         /// The deltas to check, with their senders.
         deltas: Vec<(PublicKey, DeltaAnnouncement)>,
     },
-    /// Ask the shards' holders to aggregate the accepted deltas and report the new shard entries with
-    /// [`Coordinator::shard_aggregated`].
-    Aggregate {
-        /// The round.
-        round: u64,
-        /// Accepted deltas per shard, each list sorted by payload hash (the aggregation order).
-        accepted: Vec<AcceptedDeltas>,
-    },
+    /// Publish this call on the rounds topic: each shard's judges compute its next state from the accepted
+    /// deltas and sign it; report each signed result with [`Coordinator::shard_attested`], then each result a
+    /// quorum signed, once its blob is held, with [`Coordinator::shard_aggregated`].
+    CallAggregation(AggregationCall),
     /// Publish this commit on the rounds topic (and store its manifest): the round is closed.
     CommitRound(RoundCommit),
 }
@@ -445,10 +463,14 @@ impl Coordinator {
     /// Restores a state saved by [`Coordinator::to_bytes`] (a local file the coordinator wrote; still bounded and
     /// checked, as a truncated or corrupted file must give an error).
     pub fn from_bytes(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
-        let c = match bytes.strip_prefix(legacy::STATE_HEADER.as_slice()) {
-            Some(body) => legacy::decode_whole::<Coordinator>(body)?,
+        let c = if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER.as_slice()) {
+            legacy::decode_whole::<Coordinator>(body)?
+        } else if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER_V2.as_slice()) {
+            // Saved before the shard judges' results (protocol 7).
+            legacy::decode_v2(body)?
+        } else {
             // Saved before the format header (and the per-IP member cap) existed.
-            None => legacy::decode_v1(bytes)?,
+            legacy::decode_v1(bytes)?
         };
         c.config.validate()?;
         Ok(c)
@@ -646,7 +668,62 @@ impl Coordinator {
         Ok(())
     }
 
-    /// A shard holder reports the shard that results from aggregating round `round`'s accepted deltas.
+    /// A judge's signed results for round `round` (`judge` is the envelope's signer). Each result counts for
+    /// a shard the call names with `judge` among its judges; the first result a judge signs for a shard is
+    /// kept. Returns the results that now have a quorum and are not yet taken: the daemon fetches their
+    /// blobs, then reports each with [`Coordinator::shard_aggregated`]. Refused when no aggregation is under
+    /// way for the round (`stale-round`), for another call than the round's (`inconsistent`), or when the
+    /// signer judges none of the shards it names (`shard-not-assigned`).
+    pub fn shard_attested(
+        &mut self,
+        round: u64,
+        judge: PublicKey,
+        attestation: &ShardAttestation,
+    ) -> Result<Vec<ShardEntry>, EventError> {
+        let RunState::RoundAggregate(r) = &mut self.state else {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        };
+        let Some(Called { call, id }) = &r.call else {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        };
+        if r.announcement.round != round || attestation.round != round || call.round != round {
+            return Err(EventError::Refused(RejectCode::StaleRound));
+        }
+        if attestation.call != *id {
+            return Err(EventError::Refused(RejectCode::Inconsistent));
+        }
+        let mut counted = Vec::new();
+        for entry in &attestation.results {
+            let Some(part) = call.shard(&entry.shard) else {
+                continue;
+            };
+            if entry.round != round || !judges_of(&r.announcement, part).contains(&judge) {
+                continue;
+            }
+            r.attested
+                .entry(entry.shard)
+                .or_default()
+                .entry(judge)
+                .or_insert(*entry);
+            counted.push(entry.shard);
+        }
+        if counted.is_empty() {
+            return Err(EventError::Refused(RejectCode::ShardNotAssigned));
+        }
+        let mut ready = Vec::new();
+        for shard in counted {
+            if r.results.contains_key(&shard) {
+                continue;
+            }
+            if let Some(Tally::Quorum { result, .. }) = tally_shard(r, &shard) {
+                ready.push(result);
+            }
+        }
+        Ok(ready)
+    }
+
+    /// The daemon holds the blob of `entry`, a result a quorum of its shard's judges signed in round `round`:
+    /// the shard takes it. Refused for any other entry (`inconsistent`), or out of the aggregation phase.
     pub fn shard_aggregated(&mut self, round: u64, entry: ShardEntry) -> Result<(), EventError> {
         let RunState::RoundAggregate(r) = &mut self.state else {
             return Err(EventError::Refused(RejectCode::StaleRound));
@@ -654,18 +731,14 @@ impl Coordinator {
         if r.announcement.round != round || entry.round != round {
             return Err(EventError::Refused(RejectCode::StaleRound));
         }
-        // A lookup over the shard's verdicts alone (keys sort by shard first), not a pass over the round.
-        let first = (entry.shard, PublicKey([0; 32]));
-        let last = (entry.shard, PublicKey([u8::MAX; 32]));
-        if !r
-            .verdicts
-            .range(first..=last)
-            .any(|(_, v)| *v == Verdict::Accept)
-        {
-            return Err(EventError::Refused(RejectCode::ShardNotAssigned));
+        match tally_shard(r, &entry.shard) {
+            Some(Tally::Quorum { result, .. }) if result == entry => {
+                r.results.entry(entry.shard).or_insert(entry);
+                Ok(())
+            }
+            Some(_) => Err(EventError::Refused(RejectCode::Inconsistent)),
+            None => Err(EventError::Refused(RejectCode::ShardNotAssigned)),
         }
-        r.results.entry(entry.shard).or_insert(entry);
-        Ok(())
     }
 
     /// Advances the state machine to time `now_ms`; `seed` drives this tick's random choices (the next
@@ -739,11 +812,17 @@ impl Coordinator {
                 let all_in = round.deltas.keys().all(|k| round.verdicts.contains_key(k));
                 if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
                     refuse_unverified(&mut round);
-                    let r = round.announcement.round;
-                    let accepted = accepted_lists(&round);
+                    let call = aggregation_call(&round, &self.checkpoint, &self.config.judging)?;
+                    let id = call
+                        .hash()
+                        .map_err(|e| CoordinatorError::Encode(e.to_string()))?;
+                    round.call = Some(Called {
+                        call: call.clone(),
+                        id,
+                    });
                     (
                         RunState::RoundAggregate(round),
-                        Some(Action::Aggregate { round: r, accepted }),
+                        Some(Action::CallAggregation(call)),
                     )
                 } else {
                     (RunState::RoundVerify(round), None)
@@ -871,6 +950,8 @@ impl Coordinator {
             dropped: BTreeSet::new(),
             refused: Vec::new(),
             results: BTreeMap::new(),
+            call: None,
+            attested: BTreeMap::new(),
             seed_secret,
             scores: BTreeMap::new(),
             weights: BTreeMap::new(),
@@ -902,6 +983,7 @@ impl Coordinator {
     /// of a shard whose result never came are listed as refused (`late`), so the commit says what was applied.
     fn commit(&mut self, mut round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
         let r = round.announcement.round;
+        self.charge_dissenters(&round);
         self.update_standings(&round);
         let mut accepted = Vec::new();
         for a in accepted_lists(&round) {
@@ -969,6 +1051,27 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// A judge that signed another result than the one its shard's quorum signed is on record: it loses
+    /// standing as for one refused contribution (`inconsistent`) in the round, however many of its results
+    /// were outvoted (a judge whose machine computes differently is wrong on every shard it judges, and one
+    /// round should not ban it; a liar pays again every round it lies).
+    fn charge_dissenters(&mut self, round: &ActiveRound) {
+        let policy = self.config.standing;
+        let mut dissenters = BTreeSet::new();
+        for shard in round.attested.keys() {
+            if let Some(Tally::Quorum { dissenters: d, .. }) = tally_shard(round, shard) {
+                for node in d {
+                    tracing::warn!(round = round.announcement.round, %shard, node = %node, "a judge signed another result than its shard's quorum");
+                    dissenters.insert(node);
+                }
+            }
+        }
+        for node in dissenters {
+            self.standings
+                .refused(node, RejectCode::Inconsistent, &policy);
+        }
+    }
+
     /// The round's verdicts into the members' standings (before the commit turns the accepted deltas of an
     /// unaggregated shard into `late`, which is not their senders' doing); then bans whoever fell to the
     /// threshold (they leave at once) and bounds the records of departed members.
@@ -1074,6 +1177,21 @@ impl ActiveRound {
     pub fn accepted(&self) -> Vec<AcceptedDeltas> {
         accepted_in(self)
     }
+
+    /// The results a quorum of their shard's judges signed that are not taken yet, each with its signers:
+    /// what the daemon must fetch (again, after a restart) before it reports them.
+    pub fn ready_results(&self) -> Vec<(ShardEntry, Vec<PublicKey>)> {
+        self.attested
+            .keys()
+            .filter(|shard| !self.results.contains_key(shard))
+            .filter_map(|shard| match tally_shard(self, shard)? {
+                Tally::Quorum {
+                    result, signers, ..
+                } => Some((result, signers)),
+                Tally::NoQuorum { .. } => None,
+            })
+            .collect()
+    }
 }
 
 fn accepted_in(round: &ActiveRound) -> Vec<AcceptedDeltas> {
@@ -1112,6 +1230,74 @@ fn round_secret(seed: u64, round: u64) -> [u8; 32] {
     h.update(&seed.to_le_bytes());
     h.update(&round.to_le_bytes());
     *h.finalize().as_bytes()
+}
+
+/// The call for round `round`'s results: for each shard with accepted deltas, the deltas and weights, and its
+/// judges drawn by `rule` from the round's score seed (holders: the participants assigned it; verifiers: the
+/// others), as indices into the announcement's participants. Only participants still in the round judge: one
+/// dropped for missing the delta deadline is likely gone, and a judge that never answers only stalls its
+/// shard (a key that joins and never trains cannot be drawn).
+fn aggregation_call(
+    round: &ActiveRound,
+    base: &CheckpointManifest,
+    rule: &JudgingRule,
+) -> Result<AggregationCall, CoordinatorError> {
+    let ann = &round.announcement;
+    let index: BTreeMap<PublicKey, u32> = ann
+        .participants
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.node, i as u32))
+        .collect();
+    let active: Vec<&Participant> = ann
+        .participants
+        .iter()
+        .filter(|p| !round.dropped.contains(&p.node))
+        .collect();
+    let keys: Vec<PublicKey> = active.iter().map(|p| p.node).collect();
+    let seed = round.score_seed();
+    let shards = accepted_lists(round)
+        .into_iter()
+        .map(|accepted| {
+            let holders: Vec<PublicKey> = active
+                .iter()
+                .filter(|p| p.shards.contains(&accepted.shard))
+                .map(|p| p.node)
+                .collect();
+            let judges = draw_judges(seed, accepted.shard, &holders, &keys, rule);
+            let at = |k: &PublicKey| index.get(k).copied();
+            ShardCall {
+                holders: judges.holders.iter().filter_map(at).collect(),
+                verifiers: judges.verifiers.iter().filter_map(at).collect(),
+                accepted,
+            }
+        })
+        .collect();
+    Ok(AggregationCall {
+        run: ann.run.clone(),
+        round: ann.round,
+        base_checkpoint: base
+            .hash()
+            .map_err(|e| CoordinatorError::Encode(e.to_string()))?,
+        shards,
+    })
+}
+
+/// The judges of one shard of a call, by key (indices outside the announcement are no one).
+pub fn judges_of(announcement: &RoundAnnouncement, call: &ShardCall) -> Judges {
+    let key = |i: &u32| announcement.participants.get(*i as usize).map(|p| p.node);
+    Judges {
+        holders: call.holders.iter().filter_map(key).collect(),
+        verifiers: call.verifiers.iter().filter_map(key).collect(),
+    }
+}
+
+/// How the judges' signed results for `shard` stand, if the round's call names it.
+fn tally_shard(round: &ActiveRound, shard: &ShardId) -> Option<Tally<ShardEntry>> {
+    let part = round.call.as_ref()?.call.shard(shard)?;
+    let judges = judges_of(&round.announcement, part);
+    let empty = BTreeMap::new();
+    Some(tally(&judges, round.attested.get(shard).unwrap_or(&empty)))
 }
 
 fn accepted_shards(round: &ActiveRound) -> BTreeSet<ShardId> {

@@ -239,26 +239,24 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     }
     let seed = c.state().round().unwrap().score_seed();
     let agg = c.tick(30, 13).unwrap();
-    let [Action::Aggregate { round: 1, accepted }] = agg.as_slice() else {
+    let [Action::CallAggregation(call)] = agg.as_slice() else {
         panic!("{agg:?}")
     };
-    for a in accepted {
+    assert_eq!(call.round, 1);
+    Message::AggregationCall(call.clone()).check_limits().unwrap();
+    for part in &call.shards {
+        let a = &part.accepted;
         assert!(
             a.deltas.windows(2).all(|w| w[0] < w[1]),
             "aggregation order is by payload hash"
         );
-        let hash = ContentHash::of(format!("new {}", a.shard).as_bytes());
-        c.shard_aggregated(
-            1,
-            ShardEntry {
-                shard: a.shard,
-                hash,
-                size: 9,
-                round: 1,
-            },
-        )
-        .unwrap();
     }
+    attest_all(&mut c, call, |shard| ShardEntry {
+        shard,
+        hash: ContentHash::of(format!("new {shard}").as_bytes()),
+        size: 9,
+        round: 1,
+    });
     let done = c.tick(40, 14).unwrap();
     let [Action::CommitRound(commit)] = done.as_slice() else {
         panic!("{done:?}")
@@ -362,13 +360,13 @@ fn nodes_missing_the_deadline_are_dropped_and_the_round_completes() {
     // With nothing accepted there is nothing to aggregate, so the commit follows in the same tick.
     let done = c.tick(2_002, 1).unwrap();
     let [
-        Action::Aggregate { accepted, .. },
+        Action::CallAggregation(call),
         Action::CommitRound(commit),
     ] = done.as_slice()
     else {
         panic!("{done:?}")
     };
-    assert!(accepted.is_empty() && commit.accepted.is_empty());
+    assert!(call.shards.is_empty() && commit.accepted.is_empty());
     assert!(
         commit
             .rejected
@@ -461,7 +459,7 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
     }
     assert!(matches!(
         c.tick(700, 3).unwrap().as_slice(),
-        [Action::Aggregate { .. }]
+        [Action::CallAggregation(_)]
     ));
     // Nobody reports aggregation results: at the commit deadline the accepted deltas are listed as late.
     let done = c.tick(2_001, 3).unwrap();
@@ -603,10 +601,10 @@ fn a_copied_payload_hash_never_changes_the_verdict_on_the_original() {
         .is_err()
     );
     let agg = c.tick(30, 2).unwrap();
-    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else {
+    let [Action::CallAggregation(call)] = agg.as_slice() else {
         panic!("{agg:?}")
     };
-    let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
+    let trunk = &call.shard(&ShardId::Trunk).unwrap().accepted;
     assert_eq!(
         trunk
             .deltas
@@ -658,15 +656,37 @@ fn one_payload_accepted_twice_counts_once() {
         .count();
     assert_eq!(refused, 1);
     let agg = c.tick(30, 2).unwrap();
-    let [Action::Aggregate { accepted, .. }] = agg.as_slice() else {
+    let [Action::CallAggregation(call)] = agg.as_slice() else {
         panic!("{agg:?}")
     };
-    let trunk = accepted.iter().find(|a| a.shard == ShardId::Trunk).unwrap();
+    let trunk = &call.shard(&ShardId::Trunk).unwrap().accepted;
     assert!(
         trunk.deltas.windows(2).all(|w| w[0] < w[1]),
         "no payload twice: {:?}",
         trunk.deltas
     );
+}
+
+/// Every judge of every shard in `call` signs `result(shard)`; each result that reaches a quorum is taken
+/// (as the daemon does once it holds the blob).
+fn attest_all(c: &mut Coordinator, call: &AggregationCall, result: impl Fn(ShardId) -> ShardEntry) {
+    let ann = c.state().round().unwrap().announcement.clone();
+    let id = call.hash().unwrap();
+    for part in &call.shards {
+        let shard = part.accepted.shard;
+        let judges = judges_of(&ann, part);
+        for judge in judges.holders.iter().chain(&judges.verifiers) {
+            let att = ShardAttestation {
+                run: call.run.clone(),
+                round: call.round,
+                call: id,
+                results: vec![result(shard)],
+            };
+            for ready in c.shard_attested(call.round, *judge, &att).unwrap() {
+                c.shard_aggregated(call.round, ready).unwrap();
+            }
+        }
+    }
 }
 
 /// Plays one whole round at `t`: every participant in `senders` sends all its deltas; `judge` gives each
@@ -692,20 +712,14 @@ fn play_round(
             .unwrap();
     }
     let mut actions = c.tick(t + 30, t).unwrap();
-    if let [Action::Aggregate { accepted, .. }] = actions.as_slice() {
-        for a in accepted.clone() {
-            let hash = ContentHash::of(format!("{} {}", a.shard, ann.round).as_bytes());
-            c.shard_aggregated(
-                ann.round,
-                ShardEntry {
-                    shard: a.shard,
-                    hash,
-                    size: 9,
-                    round: ann.round,
-                },
-            )
-            .unwrap();
-        }
+    if let [Action::CallAggregation(call)] = actions.as_slice() {
+        let call = call.clone();
+        attest_all(c, &call, |shard| ShardEntry {
+            shard,
+            hash: ContentHash::of(format!("{} {}", shard, ann.round).as_bytes()),
+            size: 9,
+            round: ann.round,
+        });
         actions = c.tick(t + 40, t).unwrap();
     }
     let Some(Action::CommitRound(commit)) = actions.last() else {
@@ -1166,4 +1180,252 @@ fn members_that_take_no_shard_do_not_start_a_round() {
     let ann = announced(&c.tick(5, 1).unwrap());
     assert_eq!(ann.participants.len(), 3);
     assert!(ann.participant(&key(9)).is_none());
+}
+
+/// A round of 3 members up to its call for results, every delta accepted.
+fn called_round(c: &mut Coordinator) -> (RoundAnnouncement, AggregationCall) {
+    let ann = start(c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(c, &ann, &nodes, 10);
+    let verify = c.tick(20, 12).unwrap();
+    let [Action::Verify { deltas, .. }] = verify.as_slice() else {
+        panic!("{verify:?}")
+    };
+    for (n, d) in deltas.clone() {
+        c.verification_verdict(1, d.shard, n, d.payload_hash, Verdict::Accept)
+            .unwrap();
+    }
+    let agg = c.tick(30, 13).unwrap();
+    let [Action::CallAggregation(call)] = agg.as_slice() else {
+        panic!("{agg:?}")
+    };
+    (ann, call.clone())
+}
+
+/// The call's part about an expert (held by two of the three members, so judged by them and the third).
+fn an_expert(call: &AggregationCall) -> &ShardCall {
+    call.shards
+        .iter()
+        .find(|p| p.accepted.shard != ShardId::Trunk)
+        .unwrap()
+}
+
+fn entry(shard: ShardId, what: &str) -> ShardEntry {
+    ShardEntry {
+        shard,
+        hash: ContentHash::of(what.as_bytes()),
+        size: 9,
+        round: 1,
+    }
+}
+
+fn signed(call: &AggregationCall, results: Vec<ShardEntry>) -> ShardAttestation {
+    ShardAttestation {
+        run: call.run.clone(),
+        round: call.round,
+        call: call.hash().unwrap(),
+        results,
+    }
+}
+
+#[test]
+fn every_shard_is_judged_by_its_holders_and_a_verifier_drawn_from_the_others() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    assert!(!call.shards.is_empty());
+    assert_eq!(call.base_checkpoint, ann.base_checkpoint);
+    for part in &call.shards {
+        let shard = part.accepted.shard;
+        let judges = judges_of(&ann, part);
+        let holders: BTreeSet<PublicKey> = ann
+            .participants
+            .iter()
+            .filter(|p| p.shards.contains(&shard))
+            .map(|p| p.node)
+            .collect();
+        // Holders judge (at most three of them); the verifiers hold nothing of the shard.
+        assert!(judges.holders.iter().all(|h| holders.contains(h)));
+        assert_eq!(judges.holders.len(), holders.len().min(3));
+        assert!(judges.verifiers.iter().all(|v| !holders.contains(v)));
+        let others = ann.participants.len() - holders.len();
+        assert_eq!(judges.verifiers.len(), others.min(2), "{shard}");
+    }
+}
+
+#[test]
+fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    // An expert held by two of the three members, so judged by them and the third, drawn as verifier.
+    let part = an_expert(&call);
+    let shard = part.accepted.shard;
+    let judges = judges_of(&ann, part);
+    assert_eq!((judges.holders.len(), judges.verifiers.len()), (2, 1));
+    let (liar, honest, verifier) = (judges.holders[0], judges.holders[1], judges.verifiers[0]);
+    let good = entry(shard, "the honest result");
+    // Nobody outside the shard's judges counts, nor a result for another call.
+    let outsider = key(99);
+    assert_eq!(
+        c.shard_attested(1, outsider, &signed(&call, vec![good])),
+        Err(EventError::Refused(RejectCode::ShardNotAssigned))
+    );
+    let other_call = ShardAttestation {
+        call: ContentHash::of(b"another call"),
+        ..signed(&call, vec![good])
+    };
+    assert_eq!(
+        c.shard_attested(1, honest, &other_call),
+        Err(EventError::Refused(RejectCode::Inconsistent))
+    );
+    // A holder signs a wrong hash: no quorum yet, and the wrong result cannot be taken.
+    let wrong = entry(shard, "a wrong result");
+    assert_eq!(
+        c.shard_attested(1, liar, &signed(&call, vec![wrong])),
+        Ok(vec![])
+    );
+    assert_eq!(
+        c.shard_aggregated(1, wrong),
+        Err(EventError::Refused(RejectCode::Inconsistent))
+    );
+    // The other holder and the verifier sign the honest result: it has its quorum.
+    assert_eq!(
+        c.shard_attested(1, honest, &signed(&call, vec![good])),
+        Ok(vec![])
+    );
+    assert_eq!(
+        c.shard_attested(1, verifier, &signed(&call, vec![good])),
+        Ok(vec![good])
+    );
+    // A judge's second, different result for the shard does not replace its first.
+    assert_eq!(
+        c.shard_attested(1, liar, &signed(&call, vec![good])),
+        Ok(vec![good])
+    );
+    c.shard_aggregated(1, good).unwrap();
+    // The other shards' judges all sign; the round commits the quorum's result.
+    attest_all(&mut c, &call, |s| entry(s, &format!("new {s}")));
+    let faults_before = c.standings().get(&liar).faults;
+    let done = c.tick(40, 14).unwrap();
+    let [Action::CommitRound(commit)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
+    assert_eq!(commit.checkpoint.shard(&shard), Some(&good));
+    assert!(commit.accepted.iter().any(|a| a.shard == shard));
+    assert_eq!(c.standings().get(&liar).faults, faults_before + 1);
+    assert_eq!(c.standings().get(&honest).faults, 0);
+}
+
+#[test]
+fn colluding_holders_without_a_verifier_get_no_quorum_and_the_shard_holds() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    let part = an_expert(&call);
+    let shard = part.accepted.shard;
+    let judges = judges_of(&ann, part);
+    let wrong = entry(shard, "what the colluders agree on");
+    // Both holders sign the same wrong result: two of three judges, but no verifier among them.
+    for h in &judges.holders {
+        assert_eq!(c.shard_attested(1, *h, &signed(&call, vec![wrong])), Ok(vec![]));
+    }
+    // The verifier signs the honest one: one signature, no quorum either.
+    assert_eq!(
+        c.shard_attested(
+            1,
+            judges.verifiers[0],
+            &signed(&call, vec![entry(shard, "honest")])
+        ),
+        Ok(vec![])
+    );
+    // Every other shard is settled; this one keeps its state at the deadline and its deltas are late.
+    for other in call.shards.iter().filter(|p| p.accepted.shard != shard) {
+        let s = other.accepted.shard;
+        let j = judges_of(&ann, other);
+        for k in j.holders.iter().chain(&j.verifiers) {
+            for ready in c.shard_attested(1, *k, &signed(&call, vec![entry(s, "fine")])).unwrap() {
+                c.shard_aggregated(1, ready).unwrap();
+            }
+        }
+    }
+    assert!(
+        matches!(c.tick(40, 14).unwrap().as_slice(), []),
+        "the round waits for the shard until the commit deadline"
+    );
+    let done = c.tick(ann.deadlines.commit_by_ms + 1, 14).unwrap();
+    let [Action::CommitRound(commit)] = done.as_slice() else {
+        panic!("{done:?}")
+    };
+    let base = base_manifest();
+    assert_eq!(commit.checkpoint.shard(&shard).map(|e| e.hash), base.shard(&shard).map(|e| e.hash));
+    assert!(commit.accepted.iter().all(|a| a.shard != shard));
+    assert!(
+        commit
+            .rejected
+            .iter()
+            .filter(|r| r.shard == shard)
+            .all(|r| r.reason == RejectCode::Late)
+    );
+}
+
+#[test]
+fn a_judge_that_never_answers_leaves_the_quorum_to_the_others() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    let part = an_expert(&call);
+    let shard = part.accepted.shard;
+    let judges = judges_of(&ann, part);
+    // One holder died after training: the other holder and the verifier carry the shard.
+    let good = entry(shard, "honest");
+    assert_eq!(c.shard_attested(1, judges.holders[1], &signed(&call, vec![good])), Ok(vec![]));
+    assert_eq!(
+        c.shard_attested(1, judges.verifiers[0], &signed(&call, vec![good])),
+        Ok(vec![good])
+    );
+}
+
+#[test]
+fn a_state_saved_before_the_judges_still_resumes() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &nodes[..2], 10);
+    let restored = Coordinator::from_bytes(&legacy::encode_v2(&c)).unwrap();
+    // The round in progress (protocol 6's) is abandoned; members, standings and the checkpoint are kept,
+    // and the judging rule is the default.
+    assert_eq!(restored.state(), &RunState::WaitingForMembers);
+    assert_eq!(restored.checkpoint(), c.checkpoint());
+    assert_eq!(restored.config(), c.config());
+    assert_eq!(restored.members(), c.members());
+    let cooling = Coordinator {
+        state: RunState::Cooldown { until_ms: 77 },
+        ..restored.clone()
+    };
+    let cooled = Coordinator::from_bytes(&legacy::encode_v2(&cooling)).unwrap();
+    assert_eq!(cooled.state(), &RunState::Cooldown { until_ms: 77 });
+    let bytes = legacy::encode_v2(&cooling);
+    assert!(Coordinator::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+}
+
+#[test]
+fn a_participant_dropped_from_the_round_judges_nothing() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 3);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    // The third participant sends nothing: dropped at the delta deadline.
+    send_all(&mut c, &ann, &nodes[..2], 10);
+    let verify = c.tick(ann.deadlines.deltas_by_ms + 1, 12).unwrap();
+    let [Action::Verify { deltas, .. }] = verify.as_slice() else {
+        panic!("{verify:?}")
+    };
+    for (n, d) in deltas.clone() {
+        c.verification_verdict(1, d.shard, n, d.payload_hash, Verdict::Accept)
+            .unwrap();
+    }
+    let agg = c.tick(ann.deadlines.deltas_by_ms + 2, 13).unwrap();
+    let [Action::CallAggregation(call)] = agg.as_slice() else {
+        panic!("{agg:?}")
+    };
+    assert!(!call.shards.is_empty());
+    for part in &call.shards {
+        assert!(!judges_of(&ann, part).contains(&nodes[2]), "{part:?}");
+    }
 }

@@ -154,6 +154,10 @@ pub struct TrainingStatus {
     pub hash_mismatches: u64,
     /// Shards whose recomputed hash matched the commit, since start.
     pub hash_matches: u64,
+    /// Shard results this node computed and signed as a judge (a holder, or a drawn verifier), since
+    /// start.
+    #[serde(default)]
+    pub shards_attested: u64,
     /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)
     /// and found to agree, since start.
     pub scores_checked: u64,
@@ -355,6 +359,9 @@ pub struct CoordinatorStatus {
     pub accepted_deltas: u64,
     /// Rejected since start.
     pub rejected_deltas: u64,
+    /// Judges' signed results (shard attestations) taken, since start.
+    #[serde(default)]
+    pub attestations: u64,
     /// Holders' manifests (their shard hashes after a round) compared with the committed checkpoint.
     #[serde(default)]
     pub holder_reports: u64,

@@ -35,9 +35,10 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
+    AggregationCall, Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
     DeltaAnnouncement, DeltaEncoder, DeltaScore, DeviceKind, Message, Participant, PublicKey,
-    RejectCode, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, decode_contribution,
+    RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation, ShardEntry, ShardId,
+    decode_contribution,
     validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
@@ -272,6 +273,7 @@ async fn trainer_loop(
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
             Message::RoundCommit(commit) => trainer.on_commit(commit).await,
+            Message::AggregationCall(call) => trainer.on_call(call).await,
             Message::RunEnd(end) => {
                 trainer.on_run_end(&end);
                 Ok(())
@@ -723,6 +725,122 @@ impl Trainer {
             out.push((entry, state));
         }
         Ok(out)
+    }
+
+    /// The coordinator's call for the round's results (it is the only one who may sign one: validation
+    /// checks the signer). For each shard this node judges (as a holder, or as a drawn verifier), computes the
+    /// shard's next state from the round's base and the call's accepted deltas, with the very update it runs
+    /// on a commit ([`apply_shard_round`]), hosts the blob and signs the results in one
+    /// [`ShardAttestation`]. A verifier fetches the shard's base state by its hash in the base checkpoint. A
+    /// shard whose base or payloads cannot be had is left out: a judge signs only what it computed.
+    async fn on_call(&mut self, call: AggregationCall) -> Result<(), NodeError> {
+        let Some(assigned) = self.assigned.as_ref() else {
+            return Ok(());
+        };
+        let ann = assigned.announcement.clone();
+        if ann.run != call.run
+            || ann.round != call.round
+            || ann.base_checkpoint != call.base_checkpoint
+        {
+            return Ok(());
+        }
+        let Some(me) = ann.participants.iter().position(|p| p.node == self.me) else {
+            return Ok(());
+        };
+        let me = me as u32;
+        let held: BTreeMap<ShardId, Arc<ShardRecord>> = assigned
+            .base
+            .iter()
+            .map(|(s, h)| (*s, h.state.clone()))
+            .collect();
+        let round = call.round;
+        let mut results = Vec::new();
+        for part in &call.shards {
+            if !part.holders.contains(&me) && !part.verifiers.contains(&me) {
+                continue;
+            }
+            let shard = part.accepted.shard;
+            let base = match held.get(&shard) {
+                Some(state) => state.clone(),
+                None => match self.judged_base(&ann, shard).await {
+                    Ok(state) => state,
+                    Err(e) => {
+                        tracing::warn!(round, %shard, error = %e, "the base of a shard to verify could not be had; not judged");
+                        continue;
+                    }
+                },
+            };
+            let accepted = &part.accepted;
+            let (deltas, loads) = match self.fetch_deltas(&accepted.deltas, base.params.len()).await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(round, %shard, error = %e, "accepted deltas unavailable; the shard is not judged");
+                    continue;
+                }
+            };
+            for hash in &accepted.deltas {
+                self.pins.add(round, *hash);
+            }
+            let weights = weights_in_order(&accepted.deltas, &accepted.weights, &deltas);
+            let (spec, a) = (self.cfg.spec.clone(), ann.clone());
+            let next =
+                blocking(move || Ok(apply_shard_round(&spec, &a, &base, &deltas, &weights, &loads)?))
+                    .await?;
+            let bytes = next.to_bytes();
+            let size = bytes.len() as u64;
+            let hash = self.node.host_blob_now(bytes).await?;
+            self.pins.add(round, hash);
+            results.push(ShardEntry {
+                shard,
+                hash,
+                size,
+                round,
+            });
+        }
+        if results.is_empty() {
+            return Ok(());
+        }
+        let n = results.len() as u64;
+        let attestation = ShardAttestation {
+            run: call.run.clone(),
+            round,
+            call: call.hash()?,
+            results,
+        };
+        publish_patiently(
+            &self.node,
+            &Message::ShardAttestation(attestation),
+            Duration::from_secs(5),
+        )
+        .await?;
+        self.node.update_training_status(|s| {
+            s.shards_attested += n;
+            s.activity = format!("round {round}: results signed");
+        });
+        Ok(())
+    }
+
+    /// The round's base state of `shard`, which this node does not hold: fetched by its hash in the round's
+    /// base checkpoint (a drawn verifier's case).
+    async fn judged_base(
+        &mut self,
+        ann: &RoundAnnouncement,
+        shard: ShardId,
+    ) -> Result<Arc<ShardRecord>, NodeError> {
+        let manifest = self.base_manifest(ann.base_checkpoint, ann.round).await?;
+        let entry = *manifest.shard(&shard).ok_or(NodeError::MissingShard {
+            round: ann.round,
+            shard,
+        })?;
+        let mut fetched = self.fetch_shards(&[entry], ann.round).await?;
+        match fetched.pop() {
+            Some((_, state)) => Ok(Arc::new(state)),
+            None => Err(NodeError::MissingShard {
+                round: ann.round,
+                shard,
+            }),
+        }
     }
 
     async fn on_commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {

@@ -192,6 +192,36 @@ pub fn commit_dispute() -> CommitDispute {
     }
 }
 
+/// The coordinator's call for round 7's results: one expert, its accepted payload, two holders and a
+/// verifier (participant indices).
+pub fn aggregation_call() -> AggregationCall {
+    AggregationCall {
+        run: run(),
+        round: 7,
+        base_checkpoint: manifest(6).hash().unwrap(),
+        shards: vec![ShardCall {
+            accepted: AcceptedDeltas {
+                shard: ShardId::expert(1, 0).unwrap(),
+                deltas: vec![ContentHash::of(&sample_payload())],
+                weights: vec![3],
+            },
+            holders: vec![0, 2],
+            verifiers: vec![1],
+        }],
+    }
+}
+
+/// A judge's answer to [`aggregation_call`]: the expert's new entry in round 7's manifest.
+pub fn shard_attestation() -> ShardAttestation {
+    let shard = ShardId::expert(1, 0).unwrap();
+    ShardAttestation {
+        run: run(),
+        round: 7,
+        call: aggregation_call().hash().unwrap(),
+        results: vec![*manifest(7).shard(&shard).unwrap()],
+    }
+}
+
 pub fn heartbeat() -> Heartbeat {
     Heartbeat {
         run: run(),
@@ -227,6 +257,14 @@ pub fn all_messages() -> Vec<(&'static str, Message)> {
         ("commit_dispute", Message::CommitDispute(commit_dispute())),
         ("run_end", Message::RunEnd(run_end())),
         ("evaluation", Message::Evaluation(evaluation())),
+        (
+            "aggregation_call",
+            Message::AggregationCall(aggregation_call()),
+        ),
+        (
+            "shard_attestation",
+            Message::ShardAttestation(shard_attestation()),
+        ),
     ]
 }
 
@@ -236,7 +274,8 @@ pub fn signer_of(message: &Message) -> Keypair {
         Message::DeltaAnnouncement(_)
         | Message::Heartbeat(_)
         | Message::CommitDispute(_)
-        | Message::Evaluation(_) => node(),
+        | Message::Evaluation(_)
+        | Message::ShardAttestation(_) => node(),
         _ => coordinator(),
     }
 }

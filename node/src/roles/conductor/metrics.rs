@@ -11,7 +11,8 @@
 //!
 //! Wall times, measured by the coordinator: `train` from the announcement to the last delta announcement
 //! (the participants' training, encoding and publishing), `transfer` fetching the payloads, `verify` decoding,
-//! norm checks and scoring, `apply` computing and hosting the new shards.
+//! norm checks and scoring, `apply` from the call for results to the last result taken (the judges computing
+//! and signing the new shards, and the coordinator fetching them).
 
 use std::collections::BTreeMap;
 

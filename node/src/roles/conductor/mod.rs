@@ -8,35 +8,34 @@
 //! - feeds the machine the members' heartbeats (never its own) and the delta announcements, and ticks it
 //!   every [`ConductorConfig::tick`] with fresh OS randomness as the seed;
 //! - carries out its [`Action`]s: publishes announcements; verifies a round's deltas in a background task
-//!   ([`verify`]: bounds, norms and a reproducible score for every delta); aggregates itself — it holds the full model, so it computes every shard's new state with
-//!   [`mana_engine::round::apply_shard_round`] from the accepted decoded payloads in payload-hash order, hosts the new blobs and reports
-//!   them with `shard_aggregated`; commits: stores the new checkpoint as a store round, hosts its manifest
-//!   blob, publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so
-//!   `mana status` shows it) and writes one metrics line ([`metrics`]);
+//!   ([`verify`]: bounds, norms and a reproducible score for every delta); publishes the call for results
+//!   and takes the judges' signed results ([`results`]: each shard's next state is computed by its holders
+//!   and drawn verifiers, never here; a result a quorum signed is fetched, checked and reported with
+//!   `shard_aggregated`); commits: stores the new checkpoint as a store round, hosts its manifest blob,
+//!   publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so `mana status`
+//!   shows it) and writes one metrics line ([`metrics`]);
 //! - compares every holder's published manifest (its shard hashes after a round) with the commit, counting
 //!   reports and mismatches in the status;
 //! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
-//!   a round being verified is verified again, a round being aggregated is aggregated again.
-//!
-//! Ticks pause while the coordinator aggregates (it is the only aggregator), so a slow aggregation never
-//! turns into a commit without results.
+//!   a round being verified is verified again; in a round being aggregated the call is published again and
+//!   the results that have their quorum are fetched again.
 
 pub mod admission;
-mod aggregate;
 pub mod identity;
 pub mod metrics;
 mod reports;
+mod results;
 mod stats;
 mod verify;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    AcceptedDeltas, CheckpointManifest, ContentHash, DeltaAnnouncement, Heartbeat, Message,
+    CheckpointManifest, ContentHash, DeltaAnnouncement, Heartbeat, Message,
     PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule,
 };
 use tokio::sync::broadcast::error::RecvError;
@@ -55,7 +54,7 @@ use mana_engine::coordinator::{
     Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, Verdict, address_block,
 };
 use mana_engine::round::{
-    ExpertLoads, NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord,
+    NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord,
     build_trainer, initial_shards,
 };
 
@@ -177,7 +176,11 @@ struct RoundClock {
     last_delta: Option<Instant>,
     transfer_ms: u64,
     verify_ms: u64,
+    /// From the call for results to the last result taken (the judges' work and the fetch of their
+    /// blobs), in ms.
     apply_ms: u64,
+    /// When the round's results were called for.
+    called: Option<Instant>,
     /// Deltas scored, and the seed of the score batches (the last verification's).
     scored: u64,
     score_seed: Option<u64>,
@@ -189,12 +192,11 @@ struct Role {
     me: PublicKey,
     machine: Coordinator,
     model: Model,
-    /// New shard states computed by the aggregation, not yet committed.
-    pending: BTreeMap<ShardId, (ContentHash, Arc<ShardRecord>)>,
-    /// Decoded accepted payloads of the round in progress.
-    decoded: HashMap<ContentHash, Arc<Vec<f32>>>,
-    /// The expert loads of the round's accepted trunk payloads, by payload.
-    loads: HashMap<ContentHash, ExpertLoads>,
+    /// Results a quorum signed whose blobs are being fetched.
+    fetching: HashSet<ContentHash>,
+    results_tx: mpsc::Sender<results::Fetched>,
+    /// Attestations the state machine took, since start.
+    attestations: u64,
     /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
     reasons: HashMap<(ShardId, PublicKey), (String, String)>,
     /// Recently accepted norms with their senders, for the norm bounds.
@@ -266,7 +268,8 @@ async fn conductor_loop(
         )));
     }
     let (verify_tx, mut verify_rx) = mpsc::channel(4);
-    let mut role = Role::start(node, cfg, verify_tx).await?;
+    let (results_tx, mut results_rx) = mpsc::channel(64);
+    let mut role = Role::start(node, cfg, verify_tx, results_tx).await?;
     if role
         .cfg
         .rounds
@@ -294,6 +297,7 @@ async fn conductor_loop(
                 Err(RecvError::Closed) => break,
             },
             Some(report) = verify_rx.recv() => role.on_verified(report).await,
+            Some(fetched) = results_rx.recv() => role.on_fetched(fetched).await,
         }
         role.save().await;
         role.update_status();
@@ -322,6 +326,7 @@ impl Role {
         node: Arc<NodeHandle>,
         cfg: ConductorConfig,
         verify_tx: mpsc::Sender<verify::VerifyReport>,
+        results_tx: mpsc::Sender<results::Fetched>,
     ) -> Result<Role, NodeError> {
         let store = node.store().clone();
         let (saved, saved_identity) = blocking(move || {
@@ -420,9 +425,9 @@ impl Role {
             me,
             machine,
             model,
-            pending: BTreeMap::new(),
-            decoded: HashMap::new(),
-            loads: HashMap::new(),
+            fetching: HashSet::new(),
+            results_tx,
+            attestations: 0,
             reasons: HashMap::new(),
             history,
             clock: RoundClock::default(),
@@ -466,19 +471,19 @@ impl Role {
         Ok(role)
     }
 
-    /// After a restart mid-round: verification or aggregation that was in flight is started again.
+    /// After a restart mid-round: verification that was in flight is started again; during aggregation the
+    /// call for results is published again (a judge may have missed it) and the results that have their
+    /// quorum are fetched again.
     async fn resume_work(&mut self) {
         match self.machine.state().clone() {
             RunState::RoundVerify(round) => {
                 self.start_verify(round.announcement.clone(), round.unverified())
             }
             RunState::RoundAggregate(round) => {
-                let accepted: Vec<AcceptedDeltas> = round
-                    .accepted()
-                    .into_iter()
-                    .filter(|a| !round.results.contains_key(&a.shard))
-                    .collect();
-                self.failures += self.aggregate(&round.announcement, accepted).await;
+                if let Some(called) = round.call {
+                    self.call_results(called.call).await;
+                }
+                self.fetch_ready();
             }
             _ => {}
         }
@@ -533,10 +538,7 @@ impl Role {
                     announced: Some(Instant::now()),
                     ..RoundClock::default()
                 };
-                self.decoded.clear();
-                self.loads.clear();
                 self.reasons.clear();
-                self.pending.clear();
                 self.round_deltas.clear();
                 self.last_announcement = Some(ann.clone());
                 let patience =
@@ -561,16 +563,7 @@ impl Role {
                 let ann = active.announcement.clone();
                 self.start_verify(ann, deltas);
             }
-            Action::Aggregate { round, accepted } => {
-                let Some(active) = self.machine.state().round() else {
-                    return Ok(());
-                };
-                if active.announcement.round != round {
-                    return Ok(());
-                }
-                let ann = active.announcement.clone();
-                self.failures += self.aggregate(&ann, accepted).await;
-            }
+            Action::CallAggregation(call) => self.call_results(call).await,
             Action::CommitRound(commit) => self.commit(commit).await?,
         }
         Ok(())
@@ -631,17 +624,7 @@ impl Role {
                 }
             }
             let verdict = match checked.outcome {
-                verify::Outcome::Accepted { delta, loads, norm } => {
-                    self.decoded.insert(hash, delta);
-                    if !loads.is_empty() {
-                        self.loads.insert(
-                            hash,
-                            ExpertLoads {
-                                sender: checked.node,
-                                counts: loads,
-                            },
-                        );
-                    }
+                verify::Outcome::Accepted { norm } => {
                     self.history.push(NormSample {
                         shard: checked.delta.shard,
                         sender: checked.node,
@@ -676,21 +659,17 @@ impl Role {
         let round = commit.round;
         let checkpoint = commit.checkpoint.clone();
         let checkpoint_hash = checkpoint.hash()?;
-        // The new model: aggregated shards where the commit took them, the old states elsewhere.
+        // The new model: the judges' results where the commit took them (fetched into the store before they
+        // were reported), the old states elsewhere.
         let mut states = Vec::new();
         let mut hashes = BTreeMap::new();
         for entry in &checkpoint.shards {
-            let state = match self.pending.get(&entry.shard) {
-                Some((hash, state)) if *hash == entry.hash => (**state).clone(),
-                _ => match (
-                    self.model.hashes.get(&entry.shard),
-                    self.model.state(&entry.shard),
-                ) {
-                    (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
-                    // After a restart between the aggregation and the commit: the new state is in the store,
-                    // where the aggregation put it before reporting it.
-                    _ => self.stored_state(round, entry).await?,
-                },
+            let state = match (
+                self.model.hashes.get(&entry.shard),
+                self.model.state(&entry.shard),
+            ) {
+                (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
+                _ => self.stored_state(round, entry).await?,
             };
             states.push(state);
             hashes.insert(entry.shard, entry.hash);
@@ -719,7 +698,6 @@ impl Role {
             states: Arc::new(states),
             hashes,
         };
-        self.pending.clear();
         // The state is saved last (below), after the commit is stored, published and in the metrics: a crash
         // anywhere before makes the restarted coordinator do the whole commit again, each step of which is
         // idempotent (the same checkpoint in the store, the same commit published, no second metrics line).
@@ -808,8 +786,6 @@ impl Role {
         let keep = self.in_use(manifest_hash);
         self.pins
             .release_before(&self.node, round.saturating_sub(1), &keep);
-        self.decoded.clear();
-        self.loads.clear();
         if self.cfg.rounds.is_some_and(|n| round >= n) {
             self.done = true;
         }
@@ -846,6 +822,7 @@ impl Role {
             Message::Heartbeat(hb) => self.on_heartbeat(signer, &hb).await,
             Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
             Message::Evaluation(e) => self.on_evaluation(signer, &e),
+            Message::ShardAttestation(a) => self.on_attestation(signer, &a),
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
                 let keep = d.clone();
@@ -953,6 +930,7 @@ impl Role {
         let (evaluations_agreed, evaluations_disagreed) =
             (self.evaluations_agreed, self.evaluations_disagreed);
         let (reports, mismatches) = (self.holder_reports, self.holder_mismatches);
+        let attestations = self.attestations;
         let standings = self.machine.standings();
         let banned = standings.banned_count();
         let (not_admitted, failures) = (self.not_admitted, self.failures);
@@ -1011,6 +989,7 @@ impl Role {
             s.val_loss = val_loss;
             s.evaluations_agreed = evaluations_agreed;
             s.evaluations_disagreed = evaluations_disagreed;
+            s.attestations = attestations;
             s.holder_reports = reports;
             s.holder_mismatches = mismatches;
             s.banned = banned;

@@ -76,9 +76,7 @@ pub(crate) struct VerifyInput {
 /// The verdict on one delta.
 pub(crate) enum Outcome {
     Accepted {
-        delta: Arc<Vec<f32>>,
-        /// Its expert loads (a trunk delta's; empty otherwise).
-        loads: Vec<u32>,
+        /// Its L2 norm (for the norm history).
         norm: f32,
     },
     Rejected {
@@ -388,7 +386,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             .iter()
             .map(|p| if *p { scores.next() } else { None })
             .collect();
-        for (i, ((sender, delta, values, loads, norm), score)) in
+        for (i, ((sender, delta, _, _, norm), score)) in
             deltas.into_iter().zip(scores.iter().copied()).enumerate()
         {
             // The other senders' gains on this shard, for the relative threshold.
@@ -414,11 +412,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
                         input.score_policy.threshold(shard, &others)
                     ),
                 ),
-                _ => Outcome::Accepted {
-                    delta: values,
-                    loads,
-                    norm,
-                },
+                _ => Outcome::Accepted { norm },
             };
             let score = score.map(|s| DeltaScore {
                 shard,
