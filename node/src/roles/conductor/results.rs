@@ -63,6 +63,14 @@ impl Role {
         };
         let r = round.announcement.round;
         for (entry, signers) in round.ready_results() {
+            // A shard's blob has the same size every round (its layout is the run's): a signed size that
+            // differs is refused before a byte is fetched, so a quorum of liars cannot make the coordinator
+            // download more than a shard.
+            let base = self.machine.checkpoint().shard(&entry.shard).map(|e| e.size);
+            if base != Some(entry.size) {
+                tracing::warn!(round = r, shard = %entry.shard, size = entry.size, ?base, "a signed result has another size than its shard; not fetched");
+                continue;
+            }
             if !self.fetching.insert(entry.hash) {
                 continue;
             }
