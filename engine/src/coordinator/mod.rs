@@ -152,7 +152,7 @@ pub struct ActiveRound {
 pub struct Called {
     /// The call as published.
     pub call: AggregationCall,
-    /// Its id.
+    /// Its id, kept so that checking an attestation's does not encode and hash the whole call again.
     pub id: ContentHash,
 }
 
@@ -710,16 +710,11 @@ impl Coordinator {
         if counted.is_empty() {
             return Err(EventError::Refused(RejectCode::ShardNotAssigned));
         }
-        let mut ready = Vec::new();
-        for shard in counted {
-            if r.results.contains_key(&shard) {
-                continue;
-            }
-            if let Some(Tally::Quorum { result, .. }) = tally_shard(r, &shard) {
-                ready.push(result);
-            }
-        }
-        Ok(ready)
+        Ok(counted
+            .iter()
+            .filter_map(|shard| r.ready_result(shard))
+            .map(|(result, _)| result)
+            .collect())
     }
 
     /// The daemon holds the blob of `entry`, a result a quorum of its shard's judges signed in round `round`:
@@ -1183,14 +1178,21 @@ impl ActiveRound {
     pub fn ready_results(&self) -> Vec<(ShardEntry, Vec<PublicKey>)> {
         self.attested
             .keys()
-            .filter(|shard| !self.results.contains_key(shard))
-            .filter_map(|shard| match tally_shard(self, shard)? {
-                Tally::Quorum {
-                    result, signers, ..
-                } => Some((result, signers)),
-                Tally::NoQuorum { .. } => None,
-            })
+            .filter_map(|shard| self.ready_result(shard))
             .collect()
+    }
+
+    /// The result of `shard` that a quorum of its judges signed, with its signers, if it is not taken yet.
+    pub fn ready_result(&self, shard: &ShardId) -> Option<(ShardEntry, Vec<PublicKey>)> {
+        if self.results.contains_key(shard) {
+            return None;
+        }
+        match tally_shard(self, shard)? {
+            Tally::Quorum {
+                result, signers, ..
+            } => Some((result, signers)),
+            Tally::NoQuorum { .. } => None,
+        }
     }
 }
 

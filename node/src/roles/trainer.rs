@@ -771,22 +771,16 @@ impl Trainer {
                 },
             };
             let accepted = &part.accepted;
-            let (deltas, loads) = match self.fetch_deltas(&accepted.deltas, base.params.len()).await
+            let next = match self
+                .next_state(&ann, base, &accepted.deltas, &accepted.weights)
+                .await?
             {
-                Ok(d) => d,
+                Ok((next, _)) => next,
                 Err(e) => {
                     tracing::warn!(round, %shard, error = %e, "accepted deltas unavailable; the shard is not judged");
                     continue;
                 }
             };
-            for hash in &accepted.deltas {
-                self.pins.add(round, *hash);
-            }
-            let weights = weights_in_order(&accepted.deltas, &accepted.weights, &deltas);
-            let (spec, a) = (self.cfg.spec.clone(), ann.clone());
-            let next =
-                blocking(move || Ok(apply_shard_round(&spec, &a, &base, &deltas, &weights, &loads)?))
-                    .await?;
             let bytes = next.to_bytes();
             let size = bytes.len() as u64;
             let hash = self.node.host_blob_now(bytes).await?;
@@ -819,6 +813,37 @@ impl Trainer {
             s.activity = format!("round {round}: results signed");
         });
         Ok(())
+    }
+
+    /// The holders' update of one shard in `ann`'s round, the one computation behind both a judge's result
+    /// and a holder's check of a commit: the `accepted` payloads, fetched, decoded and pinned for the round,
+    /// applied to `base` at `weights` ([`apply_shard_round`]). Returns the new state with the decoded
+    /// payloads (kept for the score check), or, inside, the error of a payload that could not be had (which
+    /// proves nothing about the shard); the outer error is the update's own failure.
+    async fn next_state(
+        &mut self,
+        ann: &RoundAnnouncement,
+        base: Arc<ShardRecord>,
+        accepted: &[ContentHash],
+        weights: &[u32],
+    ) -> Result<Result<(ShardRecord, Vec<(ContentHash, Vec<f32>)>), NodeError>, NodeError> {
+        let fetched = self.fetch_deltas(accepted, base.params.len()).await;
+        for hash in accepted {
+            self.pins.add(ann.round, *hash);
+        }
+        let (deltas, loads) = match fetched {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        let weights = weights_in_order(accepted, weights, &deltas);
+        let (spec, ann) = (self.cfg.spec.clone(), ann.clone());
+        // The payloads come back from the update (no copy).
+        let applied = blocking(move || {
+            let next = apply_shard_round(&spec, &ann, &base, &deltas, &weights, &loads)?;
+            Ok((next, deltas))
+        })
+        .await?;
+        Ok(Ok(applied))
     }
 
     /// The round's base state of `shard`, which this node does not hold: fetched by its hash in the round's
@@ -892,22 +917,11 @@ impl Trainer {
             let recomputed = if accepted.is_empty() {
                 Recomputed::NoDeltas
             } else {
-                let deltas = self.fetch_deltas(&accepted, base.state.params.len()).await;
-                for hash in &accepted {
-                    self.pins.add(round, *hash);
-                }
-                match deltas {
-                    Ok((deltas, loads)) => {
-                        let (spec, ann, state) =
-                            (self.cfg.spec.clone(), ann.clone(), base.state.clone());
-                        let weights = weights_in_order(&accepted, &weights, &deltas);
-                        // The payloads come back from the update, kept for the score check (no copy).
-                        let (new_state, deltas) = blocking(move || {
-                            let next =
-                                apply_shard_round(&spec, &ann, &state, &deltas, &weights, &loads)?;
-                            Ok((next, deltas))
-                        })
-                        .await?;
+                match self
+                    .next_state(ann, base.state.clone(), &accepted, &weights)
+                    .await?
+                {
+                    Ok((new_state, deltas)) => {
                         at_hand.extend(deltas.into_iter().map(|(h, d)| (h, Arc::new(d))));
                         let bytes = new_state.to_bytes();
                         let hash = ContentHash::of(&bytes);

@@ -194,6 +194,9 @@ struct Role {
     model: Model,
     /// Results a quorum signed whose blobs are being fetched.
     fetching: HashSet<ContentHash>,
+    /// Results taken in the round in progress, read when their blobs arrived, by shard: the commit's new
+    /// states (after a restart it reads them from the store instead).
+    taken: BTreeMap<ShardId, (ContentHash, Arc<ShardRecord>)>,
     results_tx: mpsc::Sender<results::Fetched>,
     /// Attestations the state machine took, since start.
     attestations: u64,
@@ -426,6 +429,7 @@ impl Role {
             machine,
             model,
             fetching: HashSet::new(),
+            taken: BTreeMap::new(),
             results_tx,
             attestations: 0,
             reasons: HashMap::new(),
@@ -539,6 +543,7 @@ impl Role {
                     ..RoundClock::default()
                 };
                 self.reasons.clear();
+                self.taken.clear();
                 self.round_deltas.clear();
                 self.last_announcement = Some(ann.clone());
                 let patience =
@@ -659,17 +664,20 @@ impl Role {
         let round = commit.round;
         let checkpoint = commit.checkpoint.clone();
         let checkpoint_hash = checkpoint.hash()?;
-        // The new model: the judges' results where the commit took them (fetched into the store before they
-        // were reported), the old states elsewhere.
+        // The new model: the judges' results where the commit took them (read when they were fetched, or from
+        // the store after a restart), the old states elsewhere.
         let mut states = Vec::new();
         let mut hashes = BTreeMap::new();
         for entry in &checkpoint.shards {
-            let state = match (
-                self.model.hashes.get(&entry.shard),
-                self.model.state(&entry.shard),
-            ) {
-                (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
-                _ => self.stored_state(round, entry).await?,
+            let state = match self.taken.get(&entry.shard) {
+                Some((hash, state)) if *hash == entry.hash => (**state).clone(),
+                _ => match (
+                    self.model.hashes.get(&entry.shard),
+                    self.model.state(&entry.shard),
+                ) {
+                    (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
+                    _ => self.stored_state(round, entry).await?,
+                },
             };
             states.push(state);
             hashes.insert(entry.shard, entry.hash);
@@ -698,6 +706,7 @@ impl Role {
             states: Arc::new(states),
             hashes,
         };
+        self.taken.clear();
         // The state is saved last (below), after the commit is stored, published and in the metrics: a crash
         // anywhere before makes the restarted coordinator do the whole commit again, each step of which is
         // idempotent (the same checkpoint in the store, the same commit published, no second metrics line).

@@ -17,11 +17,11 @@ use super::Role;
 use crate::daemon::{NodeError, blocking};
 use crate::roles::common::{fetch_bytes_within, peer_name, peer_of, publish_patiently};
 
-/// A result's blob fetched (or not) by a task of [`Role::fetch_result`].
+/// A result's blob fetched and read (or not) by a task of [`Role::fetch_result`].
 pub(super) struct Fetched {
     round: u64,
     entry: ShardEntry,
-    result: Result<(), NodeError>,
+    result: Result<ShardRecord, NodeError>,
 }
 
 impl Role {
@@ -40,15 +40,25 @@ impl Role {
         }
     }
 
-    /// A judge's signed results: counted by the state machine; each result that has its quorum is fetched.
+    /// A judge's signed results: counted by the state machine; each result that now has its quorum is
+    /// fetched.
     pub(super) fn on_attestation(&mut self, signer: PublicKey, attestation: &ShardAttestation) {
         match self
             .machine
             .shard_attested(attestation.round, signer, attestation)
         {
-            Ok(_) => {
+            Ok(ready) => {
                 self.attestations += 1;
-                self.fetch_ready();
+                for entry in ready {
+                    let signers = self
+                        .machine
+                        .state()
+                        .round()
+                        .and_then(|r| r.ready_result(&entry.shard))
+                        .map(|(_, signers)| signers)
+                        .unwrap_or_default();
+                    self.fetch_result(attestation.round, entry, &signers);
+                }
             }
             Err(EventError::Refused(code)) => {
                 tracing::debug!(round = attestation.round, judge = %peer_name(&signer), %code, "attestation not taken")
@@ -56,58 +66,56 @@ impl Role {
         }
     }
 
-    /// Starts fetching every result that has its quorum and is neither taken nor being fetched.
+    /// Starts fetching every result that has its quorum and is not taken yet (after a restart).
     pub(super) fn fetch_ready(&mut self) {
         let Some(round) = self.machine.state().round() else {
             return;
         };
         let r = round.announcement.round;
         for (entry, signers) in round.ready_results() {
-            // A shard's blob has the same size every round (its layout is the run's): a signed size that
-            // differs is refused before a byte is fetched, so a quorum of liars cannot make the coordinator
-            // download more than a shard.
-            let base = self.machine.checkpoint().shard(&entry.shard).map(|e| e.size);
-            if base != Some(entry.size) {
-                tracing::warn!(round = r, shard = %entry.shard, size = entry.size, ?base, "a signed result has another size than its shard; not fetched");
-                continue;
-            }
-            if !self.fetching.insert(entry.hash) {
-                continue;
-            }
-            let hints = signers.iter().filter_map(peer_of).collect();
-            let (node, spec, tx) = (
-                self.node.clone(),
-                self.cfg.spec.clone(),
-                self.results_tx.clone(),
-            );
-            let timeout = self.cfg.fetch_timeout;
-            tokio::spawn(async move {
-                let result = async {
-                    let bytes = fetch_bytes_within(&node, entry.hash, entry.size, hints, timeout).await?;
-                    let shard = entry.shard;
-                    let len = bytes.len() as u64;
-                    if len != entry.size {
-                        return Err(NodeError::Config(format!(
-                            "the blob of {shard} is {len} bytes, its signed entry says {}",
-                            entry.size
-                        )));
-                    }
-                    blocking(move || {
-                        ShardRecord::from_bytes(&bytes, &spec, shard)?;
-                        Ok(())
-                    })
-                    .await
-                }
-                .await;
-                let _ = tx
-                    .send(Fetched {
-                        round: r,
-                        entry,
-                        result,
-                    })
-                    .await;
-            });
+            self.fetch_result(r, entry, &signers);
         }
+    }
+
+    /// Starts fetching `entry`, a result a quorum signed, from its `signers`, unless it is being fetched; the
+    /// blob is read as a state of its shard, and the outcome comes back as a [`Fetched`].
+    fn fetch_result(&mut self, round: u64, entry: ShardEntry, signers: &[PublicKey]) {
+        // A shard's blob has the same size every round (its layout is the run's): a signed size that differs
+        // is refused before a byte is fetched, so a quorum of liars cannot make the coordinator download more
+        // than a shard.
+        let base = self.machine.checkpoint().shard(&entry.shard).map(|e| e.size);
+        if base != Some(entry.size) {
+            tracing::warn!(round, shard = %entry.shard, size = entry.size, ?base, "a signed result has another size than its shard; not fetched");
+            return;
+        }
+        if !self.fetching.insert(entry.hash) {
+            return;
+        }
+        let hints = signers.iter().filter_map(peer_of).collect();
+        let (node, spec, tx) = (
+            self.node.clone(),
+            self.cfg.spec.clone(),
+            self.results_tx.clone(),
+        );
+        let timeout = self.cfg.fetch_timeout;
+        tokio::spawn(async move {
+            let result = async {
+                // At most the shard's size, and hash-checked; a blob that is not a state of the shard does
+                // not decode.
+                let bytes =
+                    fetch_bytes_within(&node, entry.hash, entry.size, hints, timeout).await?;
+                let shard = entry.shard;
+                blocking(move || Ok(ShardRecord::from_bytes(&bytes, &spec, shard)?)).await
+            }
+            .await;
+            let _ = tx
+                .send(Fetched {
+                    round,
+                    entry,
+                    result,
+                })
+                .await;
+        });
     }
 
     /// A result's blob arrived (or not): kept for the commit and reported to the state machine.
@@ -118,11 +126,14 @@ impl Role {
             result,
         } = fetched;
         self.fetching.remove(&entry.hash);
-        if let Err(e) = result {
-            tracing::warn!(round, shard = %entry.shard, hash = %entry.hash, error = %e, "a signed result could not be had; its shard holds unless it comes");
-            self.failures += 1;
-            return;
-        }
+        let state = match result {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(round, shard = %entry.shard, hash = %entry.hash, error = %e, "a signed result could not be had; its shard holds unless it comes");
+                self.failures += 1;
+                return;
+            }
+        };
         // A durable reference for the round keeps the blob through a restart before the commit (pins live in
         // memory only, and the store collects unreferenced blobs when it opens).
         let store = self.node.store().clone();
@@ -136,8 +147,13 @@ impl Role {
         if let Some(called) = self.clock.called {
             self.clock.apply_ms = called.elapsed().as_millis() as u64;
         }
-        if let Err(e) = self.machine.shard_aggregated(round, entry) {
-            tracing::debug!(round, shard = %entry.shard, error = %e, "result not taken");
+        match self.machine.shard_aggregated(round, entry) {
+            // Read once: the commit takes the state from here.
+            Ok(()) => {
+                self.taken
+                    .insert(entry.shard, (entry.hash, std::sync::Arc::new(state)));
+            }
+            Err(e) => tracing::debug!(round, shard = %entry.shard, error = %e, "result not taken"),
         }
     }
 }

@@ -263,7 +263,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
         match outcome {
             Ok(valid) => {
                 let norm = l2_norm(&valid.delta);
-                survivors.push((sender, delta, Arc::new(valid.delta), valid.loads, norm));
+                survivors.push((sender, delta, Arc::new(valid.delta), norm));
             }
             Err(outcome) => checked.push(Checked {
                 node: sender,
@@ -275,15 +275,15 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
     }
     let samples: Vec<NormSample> = survivors
         .iter()
-        .map(|(sender, delta, _, _, norm)| NormSample {
+        .map(|(sender, delta, _, norm)| NormSample {
             shard: delta.shard,
             sender: *sender,
             norm: *norm,
         })
         .collect();
-    type Survivor = (PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, Vec<u32>, f32);
+    type Survivor = (PublicKey, DeltaAnnouncement, Arc<Vec<f32>>, f32);
     let mut by_shard: BTreeMap<ShardId, Vec<Survivor>> = BTreeMap::new();
-    for (sender, delta, values, loads, norm) in survivors {
+    for (sender, delta, values, norm) in survivors {
         let verdict = judge_norm(
             &samples,
             &input.history,
@@ -320,7 +320,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             None => by_shard
                 .entry(delta.shard)
                 .or_default()
-                .push((sender, delta, values, loads, norm)),
+                .push((sender, delta, values, norm)),
         }
     }
 
@@ -386,7 +386,7 @@ pub(crate) async fn verify_round(node: Arc<NodeHandle>, input: VerifyInput) -> V
             .iter()
             .map(|p| if *p { scores.next() } else { None })
             .collect();
-        for (i, ((sender, delta, _, _, norm), score)) in
+        for (i, ((sender, delta, _, norm), score)) in
             deltas.into_iter().zip(scores.iter().copied()).enumerate()
         {
             // The other senders' gains on this shard, for the relative threshold.
