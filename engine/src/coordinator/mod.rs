@@ -807,7 +807,7 @@ impl Coordinator {
                 let all_in = round.deltas.keys().all(|k| round.verdicts.contains_key(k));
                 if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
                     refuse_unverified(&mut round);
-                    let call = aggregation_call(&round, &self.checkpoint, &self.config.judging)?;
+                    let call = aggregation_call(&round, &self.config.judging);
                     let id = call
                         .hash()
                         .map_err(|e| CoordinatorError::Encode(e.to_string()))?;
@@ -1239,11 +1239,7 @@ fn round_secret(seed: u64, round: u64) -> [u8; 32] {
 /// others), as indices into the announcement's participants. Only participants still in the round judge: one
 /// dropped for missing the delta deadline is likely gone, and a judge that never answers only stalls its
 /// shard (a key that joins and never trains cannot be drawn).
-fn aggregation_call(
-    round: &ActiveRound,
-    base: &CheckpointManifest,
-    rule: &JudgingRule,
-) -> Result<AggregationCall, CoordinatorError> {
+fn aggregation_call(round: &ActiveRound, rule: &JudgingRule) -> AggregationCall {
     let ann = &round.announcement;
     let index: BTreeMap<PublicKey, u32> = ann
         .participants
@@ -1275,14 +1271,13 @@ fn aggregation_call(
             }
         })
         .collect();
-    Ok(AggregationCall {
+    AggregationCall {
         run: ann.run.clone(),
         round: ann.round,
-        base_checkpoint: base
-            .hash()
-            .map_err(|e| CoordinatorError::Encode(e.to_string()))?,
+        // The announcement's: the checkpoint the round was opened on (not hashed again).
+        base_checkpoint: ann.base_checkpoint,
         shards,
-    })
+    }
 }
 
 /// The judges of one shard of a call, by key (indices outside the announcement are no one).
