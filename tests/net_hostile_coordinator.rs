@@ -95,6 +95,7 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
             shard: ShardId::Trunk,
             deltas: payloads.clone(),
             weights: vec![1; payloads.len()],
+            norms: vec![1.0; payloads.len()],
         }],
         rejected: Vec::new(),
         checkpoint,

@@ -199,8 +199,8 @@ async fn flood_heartbeats(
     }
 }
 
-/// Signs, as `node`, a wrong result for every shard of `call` that it judges in `ann`'s round (the right
-/// shard, size and round, another hash); returns how many.
+/// Signs, as `node`, a wrong judgment for every shard of `call` that it judges in `ann`'s round (every delta
+/// accepted, and a result of the right shard, size and round with another hash); returns how many.
 async fn sign_wrong_results(
     node: &NodeHandle,
     ann: &RoundAnnouncement,
@@ -217,15 +217,22 @@ async fn sign_wrong_results(
     let Ok(base) = mana_protocol::CheckpointManifest::from_bytes(&base) else {
         return 0;
     };
-    let results: Vec<mana_protocol::ShardEntry> = call
+    // Every delta "accepted" at a made-up norm, and a made-up new state.
+    let results: Vec<mana_protocol::ShardJudgment> = call
         .shards
         .iter()
         .filter(|c| c.holders.contains(&index) || c.verifiers.contains(&index))
-        .filter_map(|c| base.shard(&c.accepted.shard).copied())
-        .map(|e| mana_protocol::ShardEntry {
-            hash: ContentHash::of(format!("a wrong {} of round {}", e.shard, call.round).as_bytes()),
-            round: call.round,
-            ..e
+        .filter_map(|c| base.shard(&c.shard).copied().map(|e| (c, e)))
+        .map(|(c, e)| mana_protocol::ShardJudgment {
+            entry: mana_protocol::ShardEntry {
+                hash: ContentHash::of(
+                    format!("a wrong {} of round {}", e.shard, call.round).as_bytes(),
+                ),
+                round: call.round,
+                ..e
+            },
+            verdicts: vec![mana_protocol::DeltaVerdict::Accept { norm: 1.0 }; c.deltas.len()],
+            scores: Vec::new(),
         })
         .collect();
     let n = results.len();
@@ -857,11 +864,19 @@ async fn run_attack(attack: Attack) {
         "validation loss did not fall under attack: {val:?}"
     );
     if attack == Attack::Oversize {
-        // Not one of the 16 MiB blobs was stored (the whole data dir stays under one of them).
+        // Not one of the 16 MiB blobs was stored, by the coordinator (which fetches no payload) or by any
+        // judge (each data dir stays under one of them).
         assert!(
             coord_disk < OVERSIZE_BYTES as u64,
             "coordinator data dir grew to {coord_disk} bytes"
         );
+        for (node, _) in &honest {
+            let disk = dir_bytes(&node.config().data_dir);
+            assert!(
+                disk < OVERSIZE_BYTES as u64,
+                "a judge's data dir grew to {disk} bytes"
+            );
+        }
     }
 
     // Every honest holder recomputed every committed shard it holds and found the commit's hash: nothing the

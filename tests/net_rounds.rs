@@ -494,7 +494,9 @@ async fn state_before_commit(coordinator: Arc<NodeHandle>, round: u64) -> Vec<u8
             if let RunState::RoundAggregate(r) = machine.state()
                 && r.announcement.round == round
                 && !r.results.is_empty()
-                && r.results.len() == r.accepted().len()
+                && r.call
+                    .as_ref()
+                    .is_some_and(|c| r.results.len() == c.call.shards.len())
             {
                 kept = Some(bytes);
             }

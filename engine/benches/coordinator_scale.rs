@@ -1,5 +1,6 @@
 //! How the coordinator's state machine scales with members: one whole round (members join, a round is
-//! announced, every participant announces a delta per shard, verdicts, shard results, the commit), driven
+//! announced, every participant announces a delta per shard, the call for judgments, the judges' attestations
+//! with a verdict and a score per delta, the commit), driven
 //! with simulated members over the shard list of a 1B-parameter preset (24 layers, 64 experts in each of the
 //! 22 MoE layers: 1,408 experts and the trunk), at several member counts. Prints, per count: the time of each
 //! step (events fed, ticks), the saved state's size at each phase, and the announcement's and commit's
@@ -11,12 +12,11 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, Origin, Verdict, judges_of};
+use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, Origin, judges_of};
 use mana_protocol::{
-    Capacity, CheckpointManifest, CodecOptions, ContentHash, DeltaAnnouncement, DeviceKind,
-    Heartbeat, HyperParams, Message, PublicKey, RunId, ShardAttestation, ShardEntry, ShardId, Text,
-    TrainingStats,
-    UpdateRule,
+    Capacity, CheckpointManifest, CodecOptions, ContentHash, DeltaAnnouncement, DeltaScore,
+    DeltaVerdict, DeviceKind, Heartbeat, HyperParams, Message, PublicKey, RunId, ShardAttestation,
+    ShardEntry, ShardId, ShardJudgment, Text, TrainingStats, UpdateRule,
 };
 
 /// The 1B preset's MoE layout: 24 blocks, the first two dense, 64 routed experts in each of the others
@@ -165,60 +165,85 @@ fn one_round(members: u32) {
         }
     });
     let trained_kib = state_kib(&c);
-    let (actions, seal_ms) = timed(|| c.tick(now, 8).expect("tick"));
-    assert!(matches!(actions.first(), Some(Action::Verify { .. })));
-    let (_, verdicts_ms) = timed(|| {
-        for (node, d) in &deltas {
-            c.verification_verdict(ann.round, d.shard, *node, d.payload_hash, Verdict::Accept)
-                .expect("a verdict");
-        }
-    });
-    let verified_kib = state_kib(&c);
-    let (actions, to_aggregate_ms) = timed(|| c.tick(now, 9).expect("tick"));
+    // Every delta is in: the same tick seals the round and calls for judgments.
+    let (actions, call_ms) = timed(|| c.tick(now, 8).expect("tick"));
     let Some(Action::CallAggregation(call)) = actions.into_iter().next() else {
-        panic!("a call for results expected");
+        panic!("a call for judgments expected");
     };
+    let called_kib = state_kib(&c);
     let call_bytes = encoded_len(Message::AggregationCall(call.clone()));
     let call_id = call.hash().expect("call id");
-    // Every judge of every shard signs its result (one attestation per judge and shard: the most messages
-    // the coordinator takes), and each result is taken once it has its quorum.
-    let (attestations, results_ms) = timed(|| {
-        let mut n = 0u64;
-        for part in &call.shards {
-            let judges = judges_of(&ann, part);
-            let result = ShardEntry {
-                shard: part.accepted.shard,
+    // What every judge of a shard signs: a verdict and a score per delta (the default rule scores every
+    // delta) and the new state. Built before the clock starts: the judges' work, not the coordinator's.
+    let judgments: Vec<ShardJudgment> = call
+        .shards
+        .iter()
+        .map(|part| ShardJudgment {
+            entry: ShardEntry {
+                shard: part.shard,
                 hash: ContentHash::of(&[1]),
                 size: 6_291_456,
                 round: ann.round,
-            };
+            },
+            verdicts: part
+                .deltas
+                .iter()
+                .map(|_| DeltaVerdict::Accept { norm: 1.0 })
+                .collect(),
+            scores: part
+                .deltas
+                .iter()
+                .map(|d| DeltaScore {
+                    shard: part.shard,
+                    payload_hash: d.payload_hash,
+                    in_mean: part.deltas.len() as u32,
+                    null_loss: 3.0,
+                    loss: 2.9,
+                })
+                .collect(),
+        })
+        .collect();
+    // Every judge of every shard signs its judgment (one attestation per judge and shard: the most messages
+    // the coordinator takes), and each result is taken once it has its quorum.
+    let (attestations, results_ms) = timed(|| {
+        let mut n = 0u64;
+        for (part, judgment) in call.shards.iter().zip(&judgments) {
+            let judges = judges_of(&ann, part);
             for judge in judges.holders.iter().chain(&judges.verifiers) {
                 let att = ShardAttestation {
                     run: call.run.clone(),
                     round: ann.round,
                     call: call_id,
-                    results: vec![result],
+                    results: vec![judgment.clone()],
                 };
                 n += 1;
-                for ready in c.shard_attested(ann.round, *judge, &att).expect("an attestation") {
+                for ready in c
+                    .shard_attested(ann.round, *judge, &att)
+                    .expect("an attestation")
+                {
                     c.shard_aggregated(ann.round, ready).expect("a result");
                 }
             }
         }
         n
     });
+    let attested_kib = state_kib(&c);
     let (actions, commit_ms) = timed(|| c.tick(now, 10).expect("tick"));
     let Some(Action::CommitRound(commit)) = actions.into_iter().next() else {
         panic!("a commit expected");
     };
+    assert!(
+        commit.rejected.is_empty() && commit.accepted.len() == call.shards.len(),
+        "every shard reaches its quorum and takes every delta"
+    );
     let commit_bytes = encoded_len(Message::RoundCommit(commit));
     let committed_kib = state_kib(&c);
     let limit = mana_protocol::limits::MAX_MESSAGE_BYTES;
     println!(
         "{members:>6} members, {:>5} participants, {:>6} deltas | ms: join {join_ms:>8.1}, announce {announce_ms:>8.1}, \
-         deltas {deltas_ms:>8.1}, seal {seal_ms:>8.1}, verdicts {verdicts_ms:>8.1}, to aggregate {to_aggregate_ms:>8.1}, \
-         {attestations} attestations {results_ms:>6.1}, commit {commit_ms:>8.1} | state KiB: joined {joined_kib:>8.1}, announced \
-         {announced_kib:>8.1}, trained {trained_kib:>8.1}, verified {verified_kib:>8.1}, committed {committed_kib:>8.1} | \
+         deltas {deltas_ms:>8.1}, call {call_ms:>8.1}, {attestations} attestations {results_ms:>6.1}, commit \
+         {commit_ms:>8.1} | state KiB: joined {joined_kib:>8.1}, announced {announced_kib:>8.1}, trained \
+         {trained_kib:>8.1}, called {called_kib:>8.1}, attested {attested_kib:>8.1}, committed {committed_kib:>8.1} | \
          announcement {:.0} KiB, call {:.0} KiB, commit {:.0} KiB (gossip limit {:.0} KiB)",
         ann.participants.len(),
         deltas.len(),

@@ -6,16 +6,17 @@
 #![allow(clippy::unwrap_used)]
 
 use mana_engine::round::{
-    RoundError, RunShard, RunSpec, ScorePolicy, ShardRecord, ShardScorer, SimConfig, apply_round,
-    apply_weighted_round, build_trainer, initial_shards, rescore, score_agrees, score_batch,
-    simulate, train_local,
+    Fetched, RoundError, RunShard, RunSpec, ScorePolicy, ShardRecord, ShardScorer, SimConfig,
+    apply_round, apply_weighted_round, build_trainer, call_score_seed, default_verdict_rule,
+    initial_shards, judge_deltas, rescore, score_agrees, score_batch, simulate, train_local,
 };
 use mana_kernels::data::builtin;
 use mana_kernels::data::{Split, TextDataset};
 use mana_kernels::model::ShardId;
 use mana_protocol::{
-    ContentHash, Deadlines, DeltaEncoder, DeltaScore, HyperParams, Participant, PublicKey,
-    RoundAnnouncement, RunId, UpdateRule, decode_delta,
+    AggregationCall, CalledDelta, ContentHash, Deadlines, DeltaEncoder, DeltaScore, DeltaVerdict,
+    HyperParams, Participant, PublicKey, RejectCode, RoundAnnouncement, RunId, ShardCall,
+    UpdateRule, decode_delta,
 };
 
 fn dataset() -> TextDataset {
@@ -684,4 +685,120 @@ fn weighted_rounds_are_deterministic_and_equal_weights_change_nothing() {
     assert_eq!(weighted.to_bytes(), again.to_bytes());
     assert!(apply_weighted_round(&spec, &hyper, 0, trunk, &deltas, &[1, 0, 1]).is_err());
     assert!(apply_weighted_round(&spec, &hyper, 0, trunk, &deltas, &[1, 1]).is_err());
+}
+
+/// A judge's verdicts on one shard ([`judge_deltas`]): honest trunk deltas are accepted with their norms, a
+/// payload the daemon refused keeps its code, an all-zero delta is too small, one far over the others' norms
+/// too large, a sign-flipped one scores low; the verdicts, norms and scores are the same bit for bit when
+/// judged again (what lets a quorum of judges agree), and the scores are what `rescore` recomputes from the
+/// commit's seed.
+#[test]
+fn a_judge_reaches_the_same_verdicts_every_time_and_refuses_each_bad_delta_for_its_reason() {
+    let spec = RunSpec::tiny();
+    let data = dataset();
+    let (base, hyper) = after_two_sync_rounds(&spec, &data);
+    let round = 3;
+    let parts: Vec<Participant> = (1..=4u8)
+        .map(|n| participant(n, &[ShardId::Trunk], 100 + u64::from(n)))
+        .collect();
+    let mut ann = announcement(&spec, &hyper, round, 1, parts.clone());
+    let secret = [9u8; 32];
+    ann.seed_commitment = mana_protocol::seed_commitment(&secret);
+    let honest: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|p| {
+            let local = train_local(&spec, &ann, p, &base, &data).unwrap();
+            local.deltas.into_iter().find(|(s, _)| *s == ShardId::Trunk).unwrap().1
+        })
+        .collect();
+    let zero = vec![0.0; honest[0].len()];
+    let huge: Vec<f32> = honest[1].iter().map(|x| x * 1000.0).collect();
+    let flipped: Vec<f32> = honest[2].iter().map(|x| -x).collect();
+    // Senders 0..3 honest, 4 refused by its daemon, 5 zero, 6 huge, 7 flipped: eight participants.
+    let mut all = parts.clone();
+    all.extend((5..=8u8).map(|n| participant(n, &[ShardId::Trunk], u64::from(n))));
+    ann.participants = all.clone();
+    let payloads: Vec<Result<Vec<f32>, RejectCode>> = vec![
+        Ok(honest[0].clone()),
+        Ok(honest[1].clone()),
+        Ok(honest[2].clone()),
+        Ok(honest[3].clone()),
+        Err(RejectCode::NotBound),
+        Ok(zero),
+        Ok(huge),
+        Ok(flipped),
+    ];
+    let hashes: Vec<ContentHash> = (0..payloads.len())
+        .map(|i| ContentHash::of(format!("payload {i}").as_bytes()))
+        .collect();
+    let call = AggregationCall {
+        run: ann.run.clone(),
+        round,
+        base_checkpoint: ann.base_checkpoint,
+        seed_secret: secret,
+        rule: default_verdict_rule(),
+        norms: Vec::new(),
+        shards: vec![ShardCall {
+            shard: ShardId::Trunk,
+            deltas: hashes
+                .iter()
+                .enumerate()
+                .map(|(i, h)| CalledDelta {
+                    sender: i as u32,
+                    payload_hash: *h,
+                    payload_size: 1,
+                    weight: 1,
+                })
+                .collect(),
+            holders: vec![0, 1, 2],
+            verifiers: Vec::new(),
+        }],
+    };
+    let trunk: Vec<ShardRecord> = base
+        .iter()
+        .filter(|s| s.shard == ShardId::Trunk)
+        .cloned()
+        .collect();
+    let judge = || {
+        let fetched: Vec<Fetched<'_>> = payloads
+            .iter()
+            .zip(&hashes)
+            .zip(&all)
+            .map(|((p, h), part)| Fetched {
+                sender: part.node,
+                payload_hash: *h,
+                payload: p.as_ref().map(|v| v.as_slice()).map_err(|c| *c),
+            })
+            .collect();
+        judge_deltas(&spec, &ann, &call, ShardId::Trunk, &trunk, &data, &fetched).unwrap()
+    };
+    let first = judge();
+    assert_eq!(first, judge(), "judged again, bit for bit");
+    let v = &first.verdicts;
+    for (i, verdict) in v.iter().enumerate().take(4) {
+        let DeltaVerdict::Accept { norm } = verdict else {
+            panic!("honest delta {i} refused: {verdict:?}")
+        };
+        assert_eq!(*norm, mana_protocol::validation::l2_norm(&honest[i]));
+    }
+    assert_eq!(v[4], DeltaVerdict::Refuse(RejectCode::NotBound));
+    assert_eq!(v[5], DeltaVerdict::Refuse(RejectCode::NormTooSmall));
+    assert_eq!(v[6], DeltaVerdict::Refuse(RejectCode::NormTooLarge));
+    assert_eq!(v[7], DeltaVerdict::Refuse(RejectCode::LowScore));
+    // Scored: every delta within its bounds (the four honest ones and the flipped one), in the call's order.
+    let scored: Vec<ContentHash> = first.scores.iter().map(|s| s.payload_hash).collect();
+    assert_eq!(scored, vec![hashes[0], hashes[1], hashes[2], hashes[3], hashes[7]]);
+    // Any holder recomputes the published scores from the commit's seed, which is the call's.
+    let seed = call_score_seed(&call);
+    let at_hand: Vec<(DeltaScore, &[f32])> = first
+        .scores
+        .iter()
+        .map(|s| {
+            let i = hashes.iter().position(|h| *h == s.payload_hash).unwrap();
+            (*s, payloads[i].as_ref().unwrap().as_slice())
+        })
+        .collect();
+    for (published, computed) in rescore(&spec, &hyper, &data, round, seed, &trunk, &at_hand).unwrap() {
+        assert!(score_agrees(&published, &computed), "{published:?} against {computed:?}");
+    }
 }

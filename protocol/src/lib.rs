@@ -45,10 +45,11 @@ pub use identity::{Keypair, PeerId, PublicKey, Signature};
 pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
-    AcceptedDeltas, AggregationCall, Capacity, CheckpointManifest, CommitDispute, Deadlines, DeltaAnnouncement,
-    DeltaScore, DeviceKind, DisputeMismatch, Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT,
-    Message, Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardAttestation, ShardCall,
-    ShardEntry,    TrainingStats, UpdateRule, seed_commitment,
+    AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, CommitDispute, Deadlines,
+    DeltaAnnouncement, DeltaScore, DeltaVerdict, DeviceKind, DisputeMismatch, Evaluation, Heartbeat,
+    HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Participant, RejectedDelta, RoundAnnouncement,
+    RoundCommit, RunEnd, ShardAttestation, ShardCall, ShardEntry, ShardJudgment, TrainingStats, UpdateRule,
+    VerdictRule, seed_commitment,
 };
 pub use reqresp::{
     ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, LaneRequest, LaneResponse,

@@ -4,7 +4,7 @@
 
 /// The wire version this build speaks; the first field of every envelope and request/response frame.
 /// A receiver rejects any other value, so a new incompatible layout must bump it.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Largest encoded signed envelope (gossip message) accepted. Gossipsub's `max_transmit_size` must be at
 /// least this.
@@ -62,6 +62,8 @@ pub const MAX_DISPUTE_DELTAS: usize = MAX_PARTICIPANTS;
 
 /// Most judges (holders and verifiers) of one shard in one [`crate::AggregationCall`].
 pub const MAX_SHARD_JUDGES: usize = 64;
+/// Most norm records in one [`crate::AggregationCall`] (its norm bounds' history: a few per shard).
+pub const MAX_CALL_NORMS: usize = 16_384;
 /// Most validation batches one [`crate::Evaluation`] may average over.
 pub const MAX_EVALUATION_BATCHES: u32 = 1024;
 /// How many rounds back a commit dispute is still passed on: the one just committed, and the round after it

@@ -12,7 +12,7 @@ use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
     MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_EVALUATION_BATCHES,
-    MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARD_JUDGES, MAX_SHARDS_PER_NODE,
+    MAX_CALL_NORMS, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARD_JUDGES, MAX_SHARDS_PER_NODE,
 };
 use crate::validation::RejectCode;
 
@@ -143,7 +143,7 @@ pub struct DeltaAnnouncement {
 }
 
 /// The deltas accepted for one shard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AcceptedDeltas {
     /// The shard.
     pub shard: ShardId,
@@ -154,6 +154,9 @@ pub struct AcceptedDeltas {
     /// useful work moves the model less than one with a long record. Every holder applies these weights,
     /// so all compute the same shard.
     pub weights: Vec<u32>,
+    /// Each delta's L2 norm (the same order as `deltas`), as its judges measured it: the norm bounds of later
+    /// rounds take their history from these ([`AggregationCall::norms`]).
+    pub norms: Vec<f32>,
 }
 
 /// The largest weight a delta can have in its shard's mean.
@@ -236,12 +239,13 @@ impl RoundCommit {
     }
 }
 
-/// From the coordinator, once a round's verdicts are in: the deltas each shard applies (with their weights)
-/// and who judges each shard's result. Every judge computes the shard's next state from the round's base and
-/// these deltas, the same deterministic function for all, and signs what it got ([`ShardAttestation`]); the
-/// commit takes, per shard, the result a quorum of its judges signed, so the coordinator never computes or
-/// holds a shard's new state to commit it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// From the coordinator, once a round's deltas are in (at the delta deadline): every delta announced for each
+/// shard, and who judges each shard. Every judge of a shard fetches its deltas, checks and scores each one by
+/// the call's [`VerdictRule`] on the round's base trunk and the shard alone, computes the shard's next state
+/// from the deltas it accepts, and signs its verdicts and result ([`ShardAttestation`]); the commit takes, per
+/// shard, what a quorum of its judges signed. So the coordinator never fetches a payload, scores a delta, or
+/// computes or holds a shard's new state: it sequences and counts signatures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AggregationCall {
     /// The run.
     pub run: RunId,
@@ -249,15 +253,72 @@ pub struct AggregationCall {
     pub round: u64,
     /// Manifest hash of the round's base checkpoint (the announcement's): the states the deltas apply to.
     pub base_checkpoint: ContentHash,
-    /// One entry per shard with accepted deltas, sorted by shard.
+    /// The round's seed secret, revealed now that the deltas are in: its blake3 is the announcement's
+    /// [`RoundAnnouncement::seed_commitment`], and with the payload hashes of every delta of the call it
+    /// fixes the score batches (so no sender could know them when it sent its delta).
+    pub seed_secret: [u8; 32],
+    /// The rule every verdict follows.
+    pub rule: VerdictRule,
+    /// The recently committed norms of accepted deltas (at most a few per shard), with their senders: the
+    /// norm bounds' history, the same for every judge. Anyone can rebuild it from the last commits, which
+    /// publish each accepted delta's norm.
+    pub norms: Vec<NormRecord>,
+    /// One entry per shard with deltas, sorted by shard.
     pub shards: Vec<ShardCall>,
+}
+
+/// How a delta is judged: the norm bounds' lower ratio (the upper is the announcement's `max_norm_ratio`),
+/// the share of deltas scored and what score a delta needs. Fixed by the run's coordinator settings and
+/// published with each call, so that every judge reaches the same verdicts and anyone can check them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VerdictRule {
+    /// A delta's norm must be at least this share of its reference (trunk deltas; an all-zero delta is always
+    /// refused).
+    pub min_norm_ratio: f32,
+    /// Share of the deltas scored, 0 to 1 (drawn from the round's score seed).
+    pub score_share: f32,
+    /// The least gain over a zero delta, in nats, a trunk delta needs.
+    pub trunk_min_gain: f32,
+    /// A trunk delta must also gain at least this share of the median gain of the other trunk deltas.
+    pub trunk_share: f32,
+    /// How much an expert delta may raise the loss, in nats, and still be accepted.
+    pub expert_tolerance: f32,
+}
+
+/// One committed norm of an accepted delta: its shard, its sender and its L2 norm.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NormRecord {
+    /// The shard the delta updated.
+    pub shard: ShardId,
+    /// Who sent it.
+    pub sender: PublicKey,
+    /// Its L2 norm.
+    pub norm: f32,
+}
+
+/// One delta of an [`AggregationCall`]'s shard: who sent it and its payload, as announced, and its weight in
+/// the shard's mean if its judges accept it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalledDelta {
+    /// Its sender: an index into the round announcement's participants.
+    pub sender: u32,
+    /// Its payload's blake3, as announced.
+    pub payload_hash: ContentHash,
+    /// Its payload's size, as announced.
+    pub payload_size: u64,
+    /// Its weight in the shard's mean if accepted (1 to [`MAX_DELTA_WEIGHT`]): its sender's standing at the
+    /// delta deadline.
+    pub weight: u32,
 }
 
 /// One shard's part of an [`AggregationCall`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardCall {
-    /// The shard's accepted deltas, in the order they are applied, with their weights.
-    pub accepted: AcceptedDeltas,
+    /// The shard.
+    pub shard: ShardId,
+    /// Every delta announced for it by a participant still in the round, sorted by payload hash, then sender:
+    /// the order in which the accepted ones are applied.
+    pub deltas: Vec<CalledDelta>,
     /// The holders that judge it: indices into the round announcement's participants (so that the call of a
     /// round with thousands of shards fits in one message).
     pub holders: Vec<u32>,
@@ -267,7 +328,7 @@ pub struct ShardCall {
 
 impl AggregationCall {
     /// The call's id: blake3 of its canonical encoding. An attestation names the call it answers by this id,
-    /// so a signature covers the very deltas and weights it was computed from.
+    /// so a signature covers the very deltas, weights and rule it was computed from.
     pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
         Ok(ContentHash::of(&crate::wire::encode::<
             _,
@@ -275,21 +336,83 @@ impl AggregationCall {
         >(self, "aggregation call")?))
     }
 
-    /// The part of the call about `shard`, if it has accepted deltas (a binary search: `shards` is sorted by
-    /// shard, as validation checks).
+    /// The part of the call about `shard`, if it has deltas (a binary search: `shards` is sorted by shard, as
+    /// validation checks).
     pub fn shard(&self, shard: &ShardId) -> Option<&ShardCall> {
         self.shards
-            .binary_search_by(|c| c.accepted.shard.cmp(shard))
+            .binary_search_by(|c| c.shard.cmp(shard))
             .ok()
             .map(|i| &self.shards[i])
     }
+
+    /// Whether the call reveals the secret that `announcement` (of the same round) committed to.
+    pub fn reveals_seed_of(&self, announcement: &RoundAnnouncement) -> bool {
+        announcement.run == self.run
+            && announcement.round == self.round
+            && seed_commitment(&self.seed_secret) == announcement.seed_commitment
+    }
 }
 
-/// From a judge of shards of a round (a holder, or a drawn verifier): the next state of each shard it judges,
-/// computed from the round's base and the accepted deltas of the [`AggregationCall`] it names. Signed by the
-/// judge, so a wrong result is on record under its key, and anyone holding the base blob and the payloads
-/// can redo it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A judge's verdict on one delta of a call.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub enum DeltaVerdict {
+    /// Accepted; its L2 norm (for the norm bounds of the rounds to come).
+    Accept {
+        /// The decoded delta's L2 norm.
+        norm: f32,
+    },
+    /// Refused, for this reason.
+    Refuse(RejectCode),
+}
+
+impl DeltaVerdict {
+    /// A total order key: judges agree on a verdict only when it is the same bit for bit.
+    fn key(&self) -> (u8, u32) {
+        match self {
+            DeltaVerdict::Accept { norm } => (0, norm.to_bits()),
+            DeltaVerdict::Refuse(code) => (1, *code as u32),
+        }
+    }
+}
+
+impl PartialEq for DeltaVerdict {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for DeltaVerdict {}
+
+impl PartialOrd for DeltaVerdict {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for DeltaVerdict {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// What a judge found for one shard of a call: its verdict on each delta and the shard's next state from the
+/// accepted ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardJudgment {
+    /// The shard's new entry (its base entry when no delta is accepted).
+    pub entry: ShardEntry,
+    /// One verdict per delta of the call's shard, in the call's order.
+    pub verdicts: Vec<DeltaVerdict>,
+    /// The score of each delta it scored, in the call's order: published in the commit, so that anyone
+    /// holding the shard can recompute them.
+    pub scores: Vec<DeltaScore>,
+}
+
+/// From a judge of shards of a round (a holder, or a drawn verifier): its verdicts on each judged shard's
+/// deltas and the shard's next state from the accepted ones, answering the [`AggregationCall`] it names.
+/// Signed by the judge, so a wrong verdict or result is on record under its key, and anyone holding the base
+/// blobs and the payloads can redo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardAttestation {
     /// The run.
     pub run: RunId,
@@ -297,8 +420,8 @@ pub struct ShardAttestation {
     pub round: u64,
     /// [`AggregationCall::hash`] of the call it answers.
     pub call: ContentHash,
-    /// The new entry of each shard judged (at most [`MAX_SHARDS_PER_NODE`]), sorted by shard.
-    pub results: Vec<ShardEntry>,
+    /// What it found for each shard it judged (at most [`MAX_SHARDS_PER_NODE`]), sorted by shard.
+    pub results: Vec<ShardJudgment>,
 }
 
 /// From a holder of a shard: the coordinator's commit `commit` of round `round` is wrong for `shard`. Applying
@@ -654,20 +777,39 @@ impl Message {
             }
             Message::AggregationCall(m) => {
                 count("call shards", m.shards.len(), MAX_MANIFEST_SHARDS)?;
-                let deltas: usize = m.shards.iter().map(|c| c.accepted.deltas.len()).sum();
+                let deltas: usize = m.shards.iter().map(|c| c.deltas.len()).sum();
                 count("call deltas", deltas, MAX_COMMIT_DELTAS)?;
-                if m
-                    .shards
-                    .windows(2)
-                    .any(|w| w[0].accepted.shard >= w[1].accepted.shard)
-                {
+                count("call norms", m.norms.len(), MAX_CALL_NORMS)?;
+                check_rule(&m.rule)?;
+                if let Some(n) = m.norms.iter().find(|n| !n.norm.is_finite() || n.norm < 0.0) {
+                    return Err(ProtocolError::InvalidField {
+                        what: "call norm",
+                        detail: format!("{} for {} is not a norm", n.norm, n.shard),
+                    });
+                }
+                if m.shards.windows(2).any(|w| w[0].shard >= w[1].shard) {
                     return Err(ProtocolError::InvalidField {
                         what: "call shards",
                         detail: "not sorted by shard, or a shard twice".into(),
                     });
                 }
                 for c in &m.shards {
-                    check_weights(&c.accepted)?;
+                    if c
+                        .deltas
+                        .windows(2)
+                        .any(|w| (w[0].payload_hash, w[0].sender) >= (w[1].payload_hash, w[1].sender))
+                    {
+                        return Err(ProtocolError::InvalidField {
+                            what: "call deltas",
+                            detail: format!("{}: not sorted by payload and sender, or one twice", c.shard),
+                        });
+                    }
+                    if let Some(d) = c.deltas.iter().find(|d| !(1..=MAX_DELTA_WEIGHT).contains(&d.weight)) {
+                        return Err(ProtocolError::InvalidField {
+                            what: "called weight",
+                            detail: format!("{} for {}, must be 1 to {MAX_DELTA_WEIGHT}", d.weight, c.shard),
+                        });
+                    }
                     count(
                         "shard judges",
                         c.holders.len().saturating_add(c.verifiers.len()),
@@ -677,10 +819,11 @@ impl Message {
                         .holders
                         .iter()
                         .chain(&c.verifiers)
+                        .chain(c.deltas.iter().map(|d| &d.sender))
                         .find(|i| **i as usize >= MAX_PARTICIPANTS)
                     {
                         return Err(ProtocolError::InvalidField {
-                            what: "judge index",
+                            what: "participant index",
                             detail: format!("{i}, over the most participants ({MAX_PARTICIPANTS})"),
                         });
                     }
@@ -688,14 +831,58 @@ impl Message {
                 Ok(())
             }
             Message::ShardAttestation(m) => {
-                count("attested shards", m.results.len(), MAX_SHARDS_PER_NODE)
+                count("attested shards", m.results.len(), MAX_SHARDS_PER_NODE)?;
+                if m.results.windows(2).any(|w| w[0].entry.shard >= w[1].entry.shard) {
+                    return Err(ProtocolError::InvalidField {
+                        what: "attested shards",
+                        detail: "not sorted by shard, or a shard twice".into(),
+                    });
+                }
+                let verdicts: usize = m.results.iter().map(|r| r.verdicts.len()).sum();
+                count("attested verdicts", verdicts, MAX_COMMIT_DELTAS)?;
+                for r in &m.results {
+                    count("attested scores", r.scores.len(), r.verdicts.len())?;
+                    let bad_norm = r.verdicts.iter().any(|v| {
+                        matches!(v, DeltaVerdict::Accept { norm } if !norm.is_finite() || *norm < 0.0)
+                    });
+                    if bad_norm {
+                        return Err(ProtocolError::InvalidField {
+                            what: "accepted norm",
+                            detail: format!("{}: not a norm", r.entry.shard),
+                        });
+                    }
+                }
+                Ok(())
             }
         }
     }
 }
 
+/// A verdict rule's figures: finite, the shares between 0 and 1, the tolerances not negative.
+fn check_rule(r: &VerdictRule) -> Result<(), ProtocolError> {
+    let fine = [r.min_norm_ratio, r.score_share, r.trunk_min_gain, r.trunk_share, r.expert_tolerance]
+        .iter()
+        .all(|v| v.is_finite())
+        && (0.0..=1.0).contains(&r.score_share)
+        && r.min_norm_ratio >= 0.0
+        && r.expert_tolerance >= 0.0;
+    if !fine {
+        return Err(ProtocolError::InvalidField {
+            what: "verdict rule",
+            detail: format!("{r:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// The weights of one shard's accepted deltas: one per delta, each from 1 to [`MAX_DELTA_WEIGHT`].
 fn check_weights(a: &AcceptedDeltas) -> Result<(), ProtocolError> {
+    if a.norms.len() != a.deltas.len() || a.norms.iter().any(|n| !n.is_finite() || *n < 0.0) {
+        return Err(ProtocolError::InvalidField {
+            what: "accepted norms",
+            detail: format!("{} norms for {} deltas of {}, each a finite norm", a.norms.len(), a.deltas.len(), a.shard),
+        });
+    }
     if a.weights.len() != a.deltas.len() || a.weights.iter().any(|w| !(1..=MAX_DELTA_WEIGHT).contains(w)) {
         return Err(ProtocolError::InvalidField {
             what: "accepted weights",

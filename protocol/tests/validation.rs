@@ -669,3 +669,83 @@ fn evaluations_are_judged_by_round_and_their_figures() {
         assert!(bad.check_limits().is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn calls_and_attestations_are_bounded_sorted_and_finite() {
+    assert!(Message::AggregationCall(aggregation_call()).check_limits().is_ok());
+    assert!(Message::ShardAttestation(shard_attestation()).check_limits().is_ok());
+    let call = |f: &dyn Fn(&mut AggregationCall)| {
+        let mut c = aggregation_call();
+        f(&mut c);
+        Message::AggregationCall(c)
+    };
+    let attestation = |f: &dyn Fn(&mut ShardAttestation)| {
+        let mut a = shard_attestation();
+        f(&mut a);
+        Message::ShardAttestation(a)
+    };
+    for bad in [
+        // Deltas out of order (the order the accepted ones are applied in), or one twice.
+        call(&|c| c.shards[0].deltas.reverse()),
+        call(&|c| {
+            let d = c.shards[0].deltas[0];
+            c.shards[0].deltas.push(d);
+        }),
+        // A weight outside 1 to MAX_DELTA_WEIGHT.
+        call(&|c| c.shards[0].deltas[0].weight = 0),
+        call(&|c| c.shards[0].deltas[1].weight = MAX_DELTA_WEIGHT + 1),
+        // A sender or judge index no announcement can hold.
+        call(&|c| c.shards[0].deltas[0].sender = limits::MAX_PARTICIPANTS as u32),
+        call(&|c| c.shards[0].verifiers.push(limits::MAX_PARTICIPANTS as u32)),
+        // A rule or a norm that is not a figure.
+        call(&|c| c.rule.score_share = 1.5),
+        call(&|c| c.rule.expert_tolerance = f32::NAN),
+        call(&|c| c.rule.min_norm_ratio = -0.1),
+        call(&|c| c.norms[0].norm = f32::INFINITY),
+        call(&|c| c.norms[0].norm = -1.0),
+        // Shards out of order.
+        call(&|c| {
+            let s = c.shards[0].clone();
+            c.shards.push(s);
+        }),
+        // More scores than verdicts, a norm that is none, shards out of order.
+        attestation(&|a| {
+            let s = a.results[0].scores[0];
+            a.results[0].scores.extend([s, s]);
+        }),
+        attestation(&|a| a.results[0].verdicts[0] = DeltaVerdict::Accept { norm: f32::NAN }),
+        attestation(&|a| {
+            let r = a.results[0].clone();
+            a.results.push(r);
+        }),
+    ] {
+        assert!(bad.check_limits().is_err(), "{bad:?}");
+    }
+    // A commit's accepted norms: one per delta, each a norm.
+    let mut commit = round_commit();
+    commit.accepted[0].norms.push(1.0);
+    assert!(Message::RoundCommit(commit).check_limits().is_err());
+    let mut commit = round_commit();
+    commit.accepted[0].norms[0] = f32::NAN;
+    assert!(Message::RoundCommit(commit).check_limits().is_err());
+}
+
+#[test]
+fn verdicts_agree_only_bit_for_bit() {
+    let accept = |norm: f32| DeltaVerdict::Accept { norm };
+    assert_eq!(accept(0.5), accept(0.5));
+    assert_ne!(accept(0.5), accept(0.5 + f32::EPSILON));
+    assert_ne!(accept(0.5), DeltaVerdict::Refuse(RejectCode::LowScore));
+    assert_ne!(
+        DeltaVerdict::Refuse(RejectCode::LowScore),
+        DeltaVerdict::Refuse(RejectCode::NormTooLarge)
+    );
+    // A total order, so a tally can group them.
+    let mut v = vec![
+        DeltaVerdict::Refuse(RejectCode::LowScore),
+        accept(2.0),
+        accept(1.0),
+    ];
+    v.sort();
+    assert_eq!(v[0], accept(1.0));
+}

@@ -82,7 +82,8 @@ pub struct CoordinatorArgs {
     /// Seed of the model's initial weights.
     #[arg(long, env = "MANA_SEED")]
     pub seed: Option<u64>,
-    /// Share of contributions scored, default 1 (every one); the draw is reproducible from the round's deltas.
+    /// Share of contributions scored by their judges, default 1 (every one); the draw is reproducible from the
+    /// round's deltas.
     #[arg(long, env = "MANA_SCORE_SHARE")]
     pub score_share: Option<f64>,
     /// A scored trunk contribution must lower the score batch's loss by more than this many nats, against a
@@ -184,35 +185,35 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
             (0.0..=1.0).contains(&share),
             "--score-share must be in [0, 1]"
         );
-        role.score_share = share;
+        role.machine.verdict.score_share = share as f32;
     }
     if let Some(gain) = s.get(|a| &a.trunk_min_gain) {
         anyhow::ensure!(
             gain.is_finite(),
             "--trunk-min-gain must be a finite number of nats"
         );
-        role.score_policy.trunk_min_gain = gain;
+        role.machine.verdict.trunk_min_gain = gain;
     }
     if let Some(share) = s.get(|a| &a.trunk_share) {
         anyhow::ensure!(
             share.is_finite() && (0.0..=1.0).contains(&share),
             "--trunk-share must be in [0, 1]"
         );
-        role.score_policy.trunk_share = share;
+        role.machine.verdict.trunk_share = share;
     }
     if let Some(tolerance) = s.get(|a| &a.expert_tolerance) {
         anyhow::ensure!(
             tolerance.is_finite() && tolerance >= 0.0,
             "--expert-tolerance must be a finite number of nats, at least 0"
         );
-        role.score_policy.expert_tolerance = tolerance;
+        role.machine.verdict.expert_tolerance = tolerance;
     }
     if let Some(ratio) = s.get(|a| &a.min_norm_ratio) {
         anyhow::ensure!(
             ratio.is_finite() && (0.0..1.0).contains(&ratio),
             "--min-norm-ratio must be in [0, 1)"
         );
-        role.min_norm_ratio = ratio;
+        role.machine.verdict.min_norm_ratio = ratio;
     }
 
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

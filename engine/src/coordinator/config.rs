@@ -1,7 +1,7 @@
 //! The coordinator's settings: the run, the experts to host, replication, phase durations and the training
 //! hyper-parameters it announces. Readable from TOML (the operator's coordinator section).
 
-use mana_protocol::{ContentHash, HyperParams, RunId, ShardId};
+use mana_protocol::{ContentHash, HyperParams, RunId, ShardId, VerdictRule};
 use serde::{Deserialize, Serialize};
 
 use super::judges::JudgingRule;
@@ -21,6 +21,12 @@ pub struct ConfigError {
 /// Most micro-batches (sync) or inner steps (DiLoCo) in one round: DiLoCo runs use hundreds; far more would
 /// leave every trainer computing long past any sensible deadline.
 pub const MAX_INNER_STEPS: u32 = 10_000;
+
+/// Accepted norms kept per shard for the norm bounds by default.
+pub const DEFAULT_NORM_HISTORY: u32 = 8;
+
+/// Most accepted norms kept per shard (each is published with every call).
+pub const MAX_NORM_HISTORY: u32 = 64;
 
 /// H when a run does not say: one micro-batch a round for `sync` (one step of the full model), 20 local
 /// steps for `diloco`. `mana coordinator` uses it, and `mana demo` to train its single-node comparison on
@@ -69,6 +75,11 @@ pub struct CoordinatorConfig {
     /// Who judges each shard's next state (up to how many holders, how many drawn verifiers), and so the
     /// quorum that commits it.
     pub judging: JudgingRule,
+    /// How the judges decide on each delta (norm bounds, the share scored, the score a delta needs):
+    /// published with every call.
+    pub verdict: VerdictRule,
+    /// Accepted norms kept per shard for the norm bounds' history (published with every call).
+    pub norm_history: u32,
 }
 
 impl CoordinatorConfig {
@@ -91,6 +102,8 @@ impl CoordinatorConfig {
             standing: StandingPolicy::default(),
             corpus: ContentHash([0; 32]),
             judging: JudgingRule::default(),
+            verdict: crate::round::default_verdict_rule(),
+            norm_history: DEFAULT_NORM_HISTORY,
         }
     }
 
@@ -162,6 +175,30 @@ impl CoordinatorConfig {
         }
         if !(0.0..1.0).contains(&h.outer_momentum) {
             return bad("hyper.outer_momentum", "must be in [0, 1)");
+        }
+        let v = &self.verdict;
+        let figures = [
+            v.min_norm_ratio,
+            v.score_share,
+            v.trunk_min_gain,
+            v.trunk_share,
+            v.expert_tolerance,
+        ];
+        if figures.iter().any(|x| !x.is_finite())
+            || !(0.0..=1.0).contains(&v.score_share)
+            || v.min_norm_ratio < 0.0
+            || v.expert_tolerance < 0.0
+        {
+            return bad(
+                "verdict",
+                "needs finite figures, score_share in [0, 1], min_norm_ratio >= 0 and expert_tolerance >= 0",
+            );
+        }
+        if !(1..=MAX_NORM_HISTORY).contains(&self.norm_history) {
+            return bad(
+                "norm_history",
+                &format!("must be between 1 and {MAX_NORM_HISTORY}"),
+            );
         }
         let j = &self.judging;
         if j.max_holder_judges == 0 {

@@ -12,25 +12,35 @@
 //! judging rule (it gets the default) and its round in progress has no call or attestations. That round,
 //! announced under protocol 6, is abandoned like a first-format one ([`decode_v2`]).
 //!
+//! Format 3 (header version 3) is the layout before the judges' verdicts (protocol 8): its config has no
+//! verdict rule or norm history length (they get the defaults), the coordinator kept no norm history (the
+//! judges' bounds start from this round's deltas alone), and its round in progress carried the coordinator's
+//! own verdicts and a protocol-7 call. That round is abandoned like the older ones ([`decode_v3`]).
+//!
 //! The next change to a saved struct bumps the header's version byte and moves the current layout here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use mana_protocol::{
     Capacity, CheckpointManifest, ContentHash, DeltaAnnouncement, DeltaScore, HyperParams,
-    PublicKey, RejectedDelta, RoundAnnouncement, RunId, ShardEntry, ShardId,
+    PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RunId, ShardEntry, ShardId,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::config::DEFAULT_NORM_HISTORY;
 use super::{
     Coordinator, CoordinatorConfig, CoordinatorError, ExpertHosts, JudgingRule, Member, Origin,
-    RunState, StandingPolicy, Standings, Verdict,
+    RunState, StandingPolicy, Standings,
 };
+use crate::round::{NormHistory, default_verdict_rule};
 
 /// The first bytes of a saved state: a byte no bincode varint starts with (so no header-less state can
 /// begin with it), `MC` (mana coordinator), and the format version.
-pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 3];
+pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 4];
+
+/// The header of a state saved in format 3 (see the module doc).
+pub(super) const STATE_HEADER_V3: [u8; 4] = [0xFF, b'M', b'C', 3];
 
 /// The header of a state saved in format 2 (see the module doc).
 pub(super) const STATE_HEADER_V2: [u8; 4] = [0xFF, b'M', b'C', 2];
@@ -170,6 +180,8 @@ impl ConfigV2 {
             standing: self.standing,
             corpus: self.corpus,
             judging: JudgingRule::default(),
+            verdict: default_verdict_rule(),
+            norm_history: DEFAULT_NORM_HISTORY,
         }
     }
 
@@ -260,7 +272,7 @@ impl From<CoordinatorV1> for Coordinator {
             standings: old.standings,
             allowlist: None,
             trust_colocated: false,
-            payloads: Default::default(),
+            norms: NormHistory::new(DEFAULT_NORM_HISTORY as usize),
             blocks: Default::default(),
             state: RunState::WaitingForMembers,
         }
@@ -294,10 +306,14 @@ pub(super) fn encode_v1(c: &Coordinator) -> Vec<u8> {
     // The run state: the current layout of the phases whose layout did not change; a round in progress as
     // its phase number and some bytes (its old layout, which is not read).
     let state = match &c.state {
+        RunState::WaitingForMembers => vec![0u8],
         RunState::RoundTrain(_) => [vec![1u8], vec![7; 40]].concat(),
-        RunState::RoundVerify(_) => [vec![2u8], vec![7; 40]].concat(),
         RunState::RoundAggregate(_) => [vec![3u8], vec![7; 40]].concat(),
-        s => bincode::serde::encode_to_vec(s, cfg).expect("test states encode"),
+        RunState::Cooldown { until_ms } => [
+            vec![4u8],
+            bincode::serde::encode_to_vec(until_ms, cfg).expect("test states encode"),
+        ]
+        .concat(),
     };
     bytes.extend(state);
     bytes
@@ -326,10 +342,17 @@ pub(super) fn decode_v2(body: &[u8]) -> Result<Coordinator, CoordinatorError> {
         standings: old.standings,
         allowlist: None,
         trust_colocated: false,
-        payloads: Default::default(),
+        norms: NormHistory::new(DEFAULT_NORM_HISTORY as usize),
         blocks: Default::default(),
         state,
     })
+}
+
+/// The coordinator's own verdict on a delta, as formats 2 and 3 kept it (read only to be abandoned).
+#[derive(Serialize, Deserialize)]
+enum Verdict {
+    Accept,
+    Reject(RejectCode),
 }
 
 /// [`super::ActiveRound`] in format 2: before the call and the attestations (read only to be abandoned).
@@ -375,13 +398,13 @@ pub(super) fn encode_v2(c: &Coordinator) -> Vec<u8> {
     let round = |r: &super::ActiveRound| ActiveRoundV2 {
         announcement: r.announcement.clone(),
         deltas: r.deltas.clone(),
-        verdicts: r.verdicts.clone(),
+        verdicts: BTreeMap::new(),
         dropped: r.dropped.clone(),
-        refused: r.refused.clone(),
+        refused: Vec::new(),
         results: r.results.clone(),
         seed_secret: r.seed_secret,
-        scores: r.scores.clone(),
-        weights: r.weights.clone(),
+        scores: BTreeMap::new(),
+        weights: BTreeMap::new(),
     };
     let old = CoordinatorV2 {
         config: ConfigV2::of(&c.config),
@@ -393,7 +416,6 @@ pub(super) fn encode_v2(c: &Coordinator) -> Vec<u8> {
         state: match &c.state {
             RunState::WaitingForMembers => RunStateV2::WaitingForMembers,
             RunState::RoundTrain(r) => RunStateV2::RoundTrain(round(r)),
-            RunState::RoundVerify(r) => RunStateV2::RoundVerify(round(r)),
             RunState::RoundAggregate(r) => RunStateV2::RoundAggregate(round(r)),
             RunState::Cooldown { until_ms } => RunStateV2::Cooldown {
                 until_ms: *until_ms,
@@ -402,5 +424,186 @@ pub(super) fn encode_v2(c: &Coordinator) -> Vec<u8> {
     };
     let mut bytes = STATE_HEADER_V2.to_vec();
     bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).expect("test states encode"));
+    bytes
+}
+
+/// Decodes a state saved in format 3 (after its header).
+pub(super) fn decode_v3(body: &[u8]) -> Result<Coordinator, CoordinatorError> {
+    let old: CoordinatorV3 = decode_whole(body)?;
+    let state = match old.state {
+        RunStateV3::WaitingForMembers => RunState::WaitingForMembers,
+        RunStateV3::Cooldown { until_ms } => RunState::Cooldown { until_ms },
+        RunStateV3::RoundTrain(r) | RunStateV3::RoundVerify(r) | RunStateV3::RoundAggregate(r) => {
+            tracing::warn!(
+                round = r.announcement.round,
+                "the saved state is from before protocol 8: the round it was running is abandoned"
+            );
+            RunState::WaitingForMembers
+        }
+    };
+    let config = old.config.into_current();
+    Ok(Coordinator {
+        norms: NormHistory::new(config.norm_history as usize),
+        config,
+        members: old.members,
+        checkpoint: old.checkpoint,
+        next_round: old.next_round,
+        hosts: old.hosts,
+        standings: old.standings,
+        allowlist: None,
+        trust_colocated: false,
+        blocks: Default::default(),
+        state,
+    })
+}
+
+/// [`CoordinatorConfig`] in format 3: before the verdict rule and the norm history length.
+#[derive(Serialize, Deserialize)]
+struct ConfigV3 {
+    head: ConfigV2,
+    judging: JudgingRule,
+}
+
+impl ConfigV3 {
+    fn into_current(self) -> CoordinatorConfig {
+        CoordinatorConfig {
+            judging: self.judging,
+            ..self.head.into_current()
+        }
+    }
+
+    #[cfg(test)]
+    fn of(c: &CoordinatorConfig) -> ConfigV3 {
+        ConfigV3 {
+            head: ConfigV2::of(c),
+            judging: c.judging,
+        }
+    }
+}
+
+/// The accepted deltas of a shard in protocol 7 (no norms).
+#[derive(Serialize, Deserialize)]
+struct AcceptedDeltasV7 {
+    shard: ShardId,
+    deltas: Vec<ContentHash>,
+    weights: Vec<u32>,
+}
+
+/// One shard of a protocol-7 call for results.
+#[derive(Serialize, Deserialize)]
+struct ShardCallV7 {
+    accepted: AcceptedDeltasV7,
+    holders: Vec<u32>,
+    verifiers: Vec<u32>,
+}
+
+/// A protocol-7 call for results.
+#[derive(Serialize, Deserialize)]
+struct AggregationCallV7 {
+    run: RunId,
+    round: u64,
+    base_checkpoint: ContentHash,
+    shards: Vec<ShardCallV7>,
+}
+
+/// A format-3 round's call and its id.
+#[derive(Serialize, Deserialize)]
+struct CalledV3 {
+    call: AggregationCallV7,
+    id: ContentHash,
+}
+
+/// [`super::ActiveRound`] in format 3 (read only to be abandoned).
+#[derive(Serialize, Deserialize)]
+struct ActiveRoundV3 {
+    announcement: RoundAnnouncement,
+    deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
+    verdicts: BTreeMap<(ShardId, PublicKey), Verdict>,
+    dropped: BTreeSet<PublicKey>,
+    refused: Vec<RejectedDelta>,
+    results: BTreeMap<ShardId, ShardEntry>,
+    call: Option<CalledV3>,
+    attested: BTreeMap<ShardId, BTreeMap<PublicKey, ShardEntry>>,
+    seed_secret: [u8; 32],
+    scores: BTreeMap<(ShardId, PublicKey), DeltaScore>,
+    weights: BTreeMap<(ShardId, PublicKey), u32>,
+}
+
+/// [`RunState`] in format 3.
+#[derive(Serialize, Deserialize)]
+enum RunStateV3 {
+    WaitingForMembers,
+    RoundTrain(ActiveRoundV3),
+    RoundVerify(ActiveRoundV3),
+    RoundAggregate(ActiveRoundV3),
+    Cooldown { until_ms: u64 },
+}
+
+/// [`Coordinator`] in format 3.
+#[derive(Serialize, Deserialize)]
+struct CoordinatorV3 {
+    config: ConfigV3,
+    members: BTreeMap<PublicKey, Member>,
+    checkpoint: CheckpointManifest,
+    next_round: u64,
+    hosts: ExpertHosts,
+    standings: Standings,
+    state: RunStateV3,
+}
+
+/// A state in format 3, as a coordinator from before the judges' verdicts saved it (for the tests): a round
+/// in progress is written as a protocol-7 round waiting for its results.
+#[cfg(test)]
+pub(super) fn encode_v3(c: &Coordinator) -> Vec<u8> {
+    let round = |r: &super::ActiveRound| ActiveRoundV3 {
+        announcement: r.announcement.clone(),
+        deltas: r.deltas.clone(),
+        verdicts: BTreeMap::new(),
+        dropped: r.dropped.clone(),
+        refused: Vec::new(),
+        results: r.results.clone(),
+        call: Some(CalledV3 {
+            call: AggregationCallV7 {
+                run: r.announcement.run.clone(),
+                round: r.announcement.round,
+                base_checkpoint: r.announcement.base_checkpoint,
+                shards: vec![ShardCallV7 {
+                    accepted: AcceptedDeltasV7 {
+                        shard: ShardId::Trunk,
+                        deltas: vec![ContentHash([3; 32])],
+                        weights: vec![1],
+                    },
+                    holders: vec![0],
+                    verifiers: vec![1],
+                }],
+            },
+            id: ContentHash([4; 32]),
+        }),
+        attested: BTreeMap::new(),
+        seed_secret: r.seed_secret,
+        scores: BTreeMap::new(),
+        weights: BTreeMap::new(),
+    };
+    let old = CoordinatorV3 {
+        config: ConfigV3::of(&c.config),
+        members: c.members.clone(),
+        checkpoint: c.checkpoint.clone(),
+        next_round: c.next_round,
+        hosts: c.hosts.clone(),
+        standings: c.standings.clone(),
+        state: match &c.state {
+            RunState::WaitingForMembers => RunStateV3::WaitingForMembers,
+            RunState::RoundTrain(r) => RunStateV3::RoundTrain(round(r)),
+            RunState::RoundAggregate(r) => RunStateV3::RoundAggregate(round(r)),
+            RunState::Cooldown { until_ms } => RunStateV3::Cooldown {
+                until_ms: *until_ms,
+            },
+        },
+    };
+    let mut bytes = STATE_HEADER_V3.to_vec();
+    bytes.extend(
+        bincode::serde::encode_to_vec(&old, bincode::config::standard())
+            .expect("test states encode"),
+    );
     bytes
 }

@@ -1,23 +1,26 @@
 //! The coordinator of a training run as a pure state machine (after Psyche's coordinator): no clock, no
-//! randomness, no I/O. The daemon feeds it events (heartbeats, departures, delta announcements, verification
-//! verdicts, aggregation results) and calls [`Coordinator::tick`] with the time and a seed; it answers with
-//! [`Action`]s (protocol messages to publish, work to start) for the daemon to carry out. The whole state is
+//! randomness, no I/O. The daemon feeds it events (heartbeats, departures, delta announcements, the judges'
+//! attestations) and calls [`Coordinator::tick`] with the time and a seed; it answers with [`Action`]s
+//! (protocol messages to publish, work to start) for the daemon to carry out. The whole state is
 //! serde-serializable, so a restarted coordinator resumes where it stopped ([`Coordinator::to_bytes`]).
 //!
 //! Phases ([`RunState`]):
 //!
 //! ```text
-//! WaitingForMembers --(>= min_members)--> RoundTrain --(all deltas in, or deltas_by_ms)--> RoundVerify
-//!   --(all verdicts in, or commit_by_ms)--> RoundAggregate --(all shard results in, or commit_by_ms)-->
-//!   Cooldown --(cooldown over)--> RoundTrain (or WaitingForMembers if too few remain)
+//! WaitingForMembers --(>= min_members)--> RoundTrain --(all deltas in, or deltas_by_ms)--> RoundAggregate
+//!   --(every called shard's result in, or commit_by_ms)--> Cooldown --(cooldown over)--> RoundTrain
+//!   (or WaitingForMembers if too few remain)
 //! ```
 //!
-//! **Aggregation by the shards' judges.** When the verdicts are in, the coordinator calls for results
-//! ([`Action::CallAggregation`]): for each shard with accepted deltas, its judges ([`judges`]: its holders and
-//! verifiers drawn from the other participants by the round's score seed) compute the shard's next state and
-//! sign it ([`Coordinator::shard_attested`]). A result signed by a quorum is taken once the daemon holds its
-//! blob ([`Coordinator::shard_aggregated`]); a shard without one keeps its state for the round, and a judge
-//! that signed another result than the quorum's loses standing. The coordinator computes no shard itself.
+//! **Verdicts and aggregation by the shards' judges.** When the deltas are in, the coordinator calls for
+//! judgments ([`Action::CallAggregation`]): for each shard with deltas, the deltas (sender, payload, weight),
+//! the verdict rule, the norm history and the round's seed secret; its judges ([`judges`]: its holders and
+//! verifiers drawn from the other participants by the round's score seed) check and score each delta, compute
+//! the shard's next state from the ones they accept and sign both ([`Coordinator::shard_attested`]). The
+//! verdicts and result a quorum signed are taken once the daemon holds the result's blob
+//! ([`Coordinator::shard_aggregated`]); a shard without one keeps its state for the round (its deltas are
+//! listed as `late`, at no cost to their senders), and a judge that signed anything else than the quorum
+//! loses standing. The coordinator never fetches a payload, scores a delta or computes a shard.
 //!
 //! A participant that has sent nothing for some assigned shard by the delta deadline is dropped from the round;
 //! the round completes with the others. A member whose heartbeats stop for `member_timeout_ms` leaves; experts
@@ -34,11 +37,13 @@ use std::net::IpAddr;
 
 use mana_protocol::limits::MAX_PARTICIPANTS;
 use mana_protocol::{
-    AcceptedDeltas, AggregationCall, Capacity, CheckpointManifest, ContentHash, Deadlines,
-    DeltaAnnouncement, DeltaScore, Heartbeat, Participant, PublicKey, RejectCode, RejectedDelta,
-    RoundAnnouncement, RoundCommit, ShardAttestation, ShardCall, ShardEntry, ShardId,
-    seed_commitment,
+    AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, ContentHash,
+    Deadlines, DeltaAnnouncement, DeltaScore, DeltaVerdict, Heartbeat, NormRecord, Participant,
+    PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardAttestation,
+    ShardCall, ShardEntry, ShardId, ShardJudgment, seed_commitment,
 };
+
+use crate::round::{NormHistory, NormSample};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -106,15 +111,6 @@ pub fn address_block(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The verification outcome of one delta, from whoever fetched and checked its payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Verdict {
-    /// The payload is valid and goes into the aggregate.
-    Accept,
-    /// The payload was refused, for this reason.
-    Reject(RejectCode),
-}
-
 /// The round in progress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActiveRound {
@@ -122,32 +118,43 @@ pub struct ActiveRound {
     pub announcement: RoundAnnouncement,
     /// Deltas received, by (shard, node).
     pub deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
-    /// Verdicts received, by (shard, node): the same key as the deltas, so nothing another peer announces (a
-    /// copy of an honest delta's hash, say) can reach the verdict on an honest delta.
-    pub verdicts: BTreeMap<(ShardId, PublicKey), Verdict>,
     /// Participants dropped from the round (left, or missed the delta deadline).
     pub dropped: BTreeSet<PublicKey>,
-    /// Refusals decided by the coordinator itself (late or unverified deltas).
-    pub refused: Vec<RejectedDelta>,
     /// New shard entries taken (a quorum of the shard's judges signed each, and the daemon holds its blob),
     /// by shard.
     pub results: BTreeMap<ShardId, ShardEntry>,
-    /// The call for results ([`Action::CallAggregation`]), once the verdicts are in.
+    /// The call for judgments ([`Action::CallAggregation`]), once the deltas are in.
     pub call: Option<Called>,
-    /// Each judge's signed result, by shard and judge (the first result a judge signs for a shard counts).
-    pub attested: BTreeMap<ShardId, BTreeMap<PublicKey, ShardEntry>>,
-    /// The round's seed secret: its blake3 is in the announcement, the commit reveals it, and it enters the
+    /// Each judge's signed judgment, by shard and judge (the first a judge signs for a shard counts).
+    pub attested: BTreeMap<ShardId, BTreeMap<PublicKey, ShardJudgment>>,
+    /// The round's seed secret: its blake3 is in the announcement, the call reveals it, and it enters the
     /// score seed ([`ActiveRound::score_seed`]). Drawn from the tick's seed when the round opens; kept with
     /// the state, so a restarted coordinator reveals the secret it committed to.
     pub seed_secret: [u8; 32],
-    /// The verifier's score of each scored delta, by (shard, node): published in the commit.
-    pub scores: BTreeMap<(ShardId, PublicKey), DeltaScore>,
-    /// Each accepted delta's weight in its shard's mean, by (shard, node): its sender's standing when the
-    /// delta was accepted ([`Standing::delta_weight`]).
-    pub weights: BTreeMap<(ShardId, PublicKey), u32>,
 }
 
-/// A round's call for results and its id ([`AggregationCall::hash`]), which every attestation names.
+/// What the judges of a shard must agree on, bit for bit, for a quorum: the shard's new entry and every
+/// verdict (the norms of the accepted deltas included). Scores are not part of it: they are published for
+/// anyone to recompute, and another CPU may round a loss differently.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Agreement {
+    /// The shard's new entry.
+    pub entry: ShardEntry,
+    /// One verdict per delta of the call's shard, in the call's order.
+    pub verdicts: Vec<DeltaVerdict>,
+}
+
+impl Agreement {
+    /// What `judgment` signs for the quorum.
+    pub fn of(judgment: &ShardJudgment) -> Agreement {
+        Agreement {
+            entry: judgment.entry,
+            verdicts: judgment.verdicts.clone(),
+        }
+    }
+}
+
+/// A round's call for judgments and its id ([`AggregationCall::hash`]), which every attestation names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Called {
     /// The call as published.
@@ -163,9 +170,8 @@ pub enum RunState {
     WaitingForMembers,
     /// Participants train; deltas are collected until the delta deadline.
     RoundTrain(ActiveRound),
-    /// Delta payloads are being fetched and checked; verdicts collected until the commit deadline.
-    RoundVerify(ActiveRound),
-    /// Shard holders aggregate the accepted deltas and report the new shard hashes.
+    /// Each shard's judges check and score its deltas, compute its next state and sign both; their
+    /// attestations are collected until the commit deadline.
     RoundAggregate(ActiveRound),
     /// The round is committed; the next starts at `until_ms`.
     Cooldown {
@@ -180,7 +186,6 @@ impl RunState {
         match self {
             RunState::WaitingForMembers => "waiting-for-members",
             RunState::RoundTrain(_) => "round-train",
-            RunState::RoundVerify(_) => "round-verify",
             RunState::RoundAggregate(_) => "round-aggregate",
             RunState::Cooldown { .. } => "cooldown",
         }
@@ -188,9 +193,7 @@ impl RunState {
 
     fn round_mut(&mut self) -> Option<&mut ActiveRound> {
         match self {
-            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => {
-                Some(r)
-            }
+            RunState::RoundTrain(r) | RunState::RoundAggregate(r) => Some(r),
             _ => None,
         }
     }
@@ -198,9 +201,7 @@ impl RunState {
     /// The round in progress, if any.
     pub fn round(&self) -> Option<&ActiveRound> {
         match self {
-            RunState::RoundTrain(r) | RunState::RoundVerify(r) | RunState::RoundAggregate(r) => {
-                Some(r)
-            }
+            RunState::RoundTrain(r) | RunState::RoundAggregate(r) => Some(r),
             _ => None,
         }
     }
@@ -211,16 +212,10 @@ impl RunState {
 pub enum Action {
     /// Publish this announcement on the rounds topic: a round starts.
     AnnounceRound(RoundAnnouncement),
-    /// Fetch and check these deltas' payloads, then report each with [`Coordinator::verification_verdict`].
-    Verify {
-        /// The round.
-        round: u64,
-        /// The deltas to check, with their senders.
-        deltas: Vec<(PublicKey, DeltaAnnouncement)>,
-    },
-    /// Publish this call on the rounds topic: each shard's judges compute its next state from the accepted
-    /// deltas and sign it; report each signed result with [`Coordinator::shard_attested`], then each result a
-    /// quorum signed, once its blob is held, with [`Coordinator::shard_aggregated`].
+    /// Publish this call on the rounds topic: each shard's judges check and score its deltas, compute its
+    /// next state from the ones they accept and sign both; report each attestation with
+    /// [`Coordinator::shard_attested`], then each result a quorum signed, once its blob is held, with
+    /// [`Coordinator::shard_aggregated`].
     CallAggregation(AggregationCall),
     /// Publish this commit on the rounds topic (and store its manifest): the round is closed.
     CommitRound(RoundCommit),
@@ -256,9 +251,9 @@ pub struct Coordinator {
     #[serde(skip)]
     trust_colocated: bool,
     state: RunState,
-    /// The round's deltas by payload (derived from the state; not saved).
-    #[serde(skip)]
-    payloads: PayloadIndex,
+    /// The norms of recently accepted deltas, with their senders (at most `norm_history` a shard), from the
+    /// quorums' verdicts: published with every call for the judges' norm bounds.
+    norms: NormHistory,
     /// Members per address block (derived from the members; not saved).
     #[serde(skip)]
     blocks: BlockCounts,
@@ -316,46 +311,6 @@ impl BlockCounts {
     }
 }
 
-/// Which deltas of the round in progress carry each payload hash, so that a verdict's copy check costs a
-/// lookup instead of a pass over every verdict (with thousands of deltas a round, the pass made the
-/// verdicts quadratic: `engine/benches/coordinator_scale.rs`). Derived from the round's deltas and rebuilt
-/// when they change; not saved (a restored coordinator rebuilds it on first use) and not part of the
-/// state's equality.
-#[derive(Debug, Clone, Default)]
-struct PayloadIndex {
-    /// The round and the number of deltas it was built from.
-    built_for: Option<(u64, usize)>,
-    by_payload: BTreeMap<ContentHash, Vec<(ShardId, PublicKey)>>,
-}
-
-impl PartialEq for PayloadIndex {
-    fn eq(&self, _: &PayloadIndex) -> bool {
-        true
-    }
-}
-
-impl PayloadIndex {
-    /// The index for `round`, rebuilt if it was built for another round or another set of deltas (deltas
-    /// are only ever added or dropped, never replaced, within a round).
-    fn refresh(
-        &mut self,
-        round: &ActiveRound,
-    ) -> &BTreeMap<ContentHash, Vec<(ShardId, PublicKey)>> {
-        let wanted = (round.announcement.round, round.deltas.len());
-        if self.built_for != Some(wanted) {
-            self.by_payload.clear();
-            for (key, d) in &round.deltas {
-                self.by_payload
-                    .entry(d.payload_hash)
-                    .or_default()
-                    .push(*key);
-            }
-            self.built_for = Some(wanted);
-        }
-        &self.by_payload
-    }
-}
-
 impl Coordinator {
     /// A new coordinator for `config.run`, whose first round starts from `checkpoint`.
     pub fn new(
@@ -364,6 +319,7 @@ impl Coordinator {
     ) -> Result<Coordinator, CoordinatorError> {
         config.validate()?;
         let next_round = checkpoint.round + 1;
+        let norms = NormHistory::new(config.norm_history as usize);
         Ok(Coordinator {
             config,
             members: BTreeMap::new(),
@@ -374,7 +330,7 @@ impl Coordinator {
             allowlist: None,
             trust_colocated: false,
             state: RunState::WaitingForMembers,
-            payloads: PayloadIndex::default(),
+            norms,
             blocks: BlockCounts::default(),
         })
     }
@@ -447,6 +403,7 @@ impl Coordinator {
                 reason: "a resumed run keeps its run id and experts".into(),
             }));
         }
+        self.norms.keep_per_shard(config.norm_history as usize);
         self.config = config;
         Ok(())
     }
@@ -465,6 +422,9 @@ impl Coordinator {
     pub fn from_bytes(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
         let c = if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER.as_slice()) {
             legacy::decode_whole::<Coordinator>(body)?
+        } else if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER_V3.as_slice()) {
+            // Saved before the judges' verdicts (protocol 8).
+            legacy::decode_v3(body)?
         } else if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER_V2.as_slice()) {
             // Saved before the shard judges' results (protocol 7).
             legacy::decode_v2(body)?
@@ -606,74 +566,13 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The verification outcome of `node`'s delta for `shard` in round `round`, whose payload is
-    /// `payload_hash`. The first verdict on a delta stands. A payload accepted already for another (shard,
-    /// node) is refused here (`not-bound`): one payload is one contribution, and the aggregate must never
-    /// count it twice (a verifier that checks bindings never asks for this).
-    pub fn verification_verdict(
-        &mut self,
-        round: u64,
-        shard: ShardId,
-        node: PublicKey,
-        payload_hash: ContentHash,
-        verdict: Verdict,
-    ) -> Result<(), EventError> {
-        let weight = self.standings.get(&node).delta_weight();
-        let RunState::RoundVerify(r) = &mut self.state else {
-            return Err(EventError::Refused(RejectCode::StaleRound));
-        };
-        if r.announcement.round != round {
-            return Err(EventError::Refused(RejectCode::StaleRound));
-        }
-        if r.deltas.get(&(shard, node)).map(|d| d.payload_hash) != Some(payload_hash) {
-            return Err(EventError::Refused(RejectCode::Inconsistent));
-        }
-        let same_payload = self.payloads.refresh(r).get(&payload_hash);
-        let copy = verdict == Verdict::Accept
-            && same_payload
-                .into_iter()
-                .flatten()
-                .any(|k| *k != (shard, node) && r.verdicts.get(k) == Some(&Verdict::Accept));
-        let verdict = if copy {
-            Verdict::Reject(RejectCode::NotBound)
-        } else {
-            verdict
-        };
-        let verdict = *r.verdicts.entry((shard, node)).or_insert(verdict);
-        if verdict == Verdict::Accept {
-            r.weights.entry((shard, node)).or_insert(weight);
-        }
-        Ok(())
-    }
-
-    /// The verifier's score of `node`'s delta for `score.shard` in round `round` (reported before its
-    /// verdict, for the deltas it scored). The first score of a delta stands; a score for a payload the
-    /// node did not announce is refused.
-    pub fn delta_scored(
-        &mut self,
-        round: u64,
-        node: PublicKey,
-        score: DeltaScore,
-    ) -> Result<(), EventError> {
-        let RunState::RoundVerify(r) = &mut self.state else {
-            return Err(EventError::Refused(RejectCode::StaleRound));
-        };
-        if r.announcement.round != round {
-            return Err(EventError::Refused(RejectCode::StaleRound));
-        }
-        if r.deltas.get(&(score.shard, node)).map(|d| d.payload_hash) != Some(score.payload_hash) {
-            return Err(EventError::Refused(RejectCode::Inconsistent));
-        }
-        r.scores.entry((score.shard, node)).or_insert(score);
-        Ok(())
-    }
-
-    /// A judge's signed results for round `round` (`judge` is the envelope's signer). Each result counts for
-    /// a shard the call names with `judge` among its judges; the first result a judge signs for a shard is
-    /// kept. Returns the results that now have a quorum and are not yet taken: the daemon fetches their
-    /// blobs, then reports each with [`Coordinator::shard_aggregated`]. Refused when no aggregation is under
-    /// way for the round (`stale-round`), for another call than the round's (`inconsistent`), or when the
-    /// signer judges none of the shards it names (`shard-not-assigned`).
+    /// A judge's signed judgments for round `round` (`judge` is the envelope's signer). Each judgment counts for
+    /// a shard the call names with `judge` among its judges, when it has one verdict per delta of the shard;
+    /// the first judgment a judge signs for a shard is kept. Returns the results that now have a quorum and
+    /// are not yet taken: the daemon fetches their blobs, then reports each with
+    /// [`Coordinator::shard_aggregated`]. Refused when no call is under way for the round (`stale-round`),
+    /// for another call than the round's (`inconsistent`), or when the signer judges none of the shards it
+    /// names (`shard-not-assigned`).
     pub fn shard_attested(
         &mut self,
         round: u64,
@@ -693,19 +592,25 @@ impl Coordinator {
             return Err(EventError::Refused(RejectCode::Inconsistent));
         }
         let mut counted = Vec::new();
-        for entry in &attestation.results {
-            let Some(part) = call.shard(&entry.shard) else {
+        for judgment in &attestation.results {
+            let shard = judgment.entry.shard;
+            let Some(part) = call.shard(&shard) else {
                 continue;
             };
-            if entry.round != round || !judges_of(&r.announcement, part).contains(&judge) {
+            // A new state of this round, or the base state itself (no delta accepted).
+            let unchanged = self.checkpoint.shard(&shard) == Some(&judgment.entry);
+            if (judgment.entry.round != round && !unchanged)
+                || judgment.verdicts.len() != part.deltas.len()
+                || !judges_of(&r.announcement, part).contains(&judge)
+            {
                 continue;
             }
             r.attested
-                .entry(entry.shard)
+                .entry(shard)
                 .or_default()
                 .entry(judge)
-                .or_insert(*entry);
-            counted.push(entry.shard);
+                .or_insert_with(|| judgment.clone());
+            counted.push(shard);
         }
         if counted.is_empty() {
             return Err(EventError::Refused(RejectCode::ShardNotAssigned));
@@ -718,16 +623,18 @@ impl Coordinator {
     }
 
     /// The daemon holds the blob of `entry`, a result a quorum of its shard's judges signed in round `round`:
-    /// the shard takes it. Refused for any other entry (`inconsistent`), or out of the aggregation phase.
+    /// the shard takes it, with the quorum's verdicts. Refused for any other entry (`inconsistent`), or out
+    /// of the judging phase.
     pub fn shard_aggregated(&mut self, round: u64, entry: ShardEntry) -> Result<(), EventError> {
         let RunState::RoundAggregate(r) = &mut self.state else {
             return Err(EventError::Refused(RejectCode::StaleRound));
         };
-        if r.announcement.round != round || entry.round != round {
+        let unchanged = self.checkpoint.shard(&entry.shard) == Some(&entry);
+        if r.announcement.round != round || (entry.round != round && !unchanged) {
             return Err(EventError::Refused(RejectCode::StaleRound));
         }
         match tally_shard(r, &entry.shard) {
-            Some(Tally::Quorum { result, .. }) if result == entry => {
+            Some(Tally::Quorum { result, .. }) if result.entry == entry => {
                 r.results.entry(entry.shard).or_insert(entry);
                 Ok(())
             }
@@ -789,25 +696,7 @@ impl Coordinator {
                 let deadline = now_ms > round.announcement.deadlines.deltas_by_ms;
                 if deadline || all_deltas_in(&round) {
                     drop_missing(&mut round);
-                    let deltas: Vec<(PublicKey, DeltaAnnouncement)> = round
-                        .deltas
-                        .iter()
-                        .map(|((_, n), d)| (*n, d.clone()))
-                        .collect();
-                    let r = round.announcement.round;
-                    (
-                        RunState::RoundVerify(round),
-                        Some(Action::Verify { round: r, deltas }),
-                    )
-                } else {
-                    (RunState::RoundTrain(round), None)
-                }
-            }
-            RunState::RoundVerify(mut round) => {
-                let all_in = round.deltas.keys().all(|k| round.verdicts.contains_key(k));
-                if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
-                    refuse_unverified(&mut round);
-                    let call = aggregation_call(&round, &self.config.judging);
+                    let call = self.judgment_call(&round);
                     let id = call
                         .hash()
                         .map_err(|e| CoordinatorError::Encode(e.to_string()))?;
@@ -820,12 +709,16 @@ impl Coordinator {
                         Some(Action::CallAggregation(call)),
                     )
                 } else {
-                    (RunState::RoundVerify(round), None)
+                    (RunState::RoundTrain(round), None)
                 }
             }
             RunState::RoundAggregate(round) => {
-                let shards = accepted_shards(&round);
-                let all_in = shards.iter().all(|s| round.results.contains_key(s));
+                let all_in = round.call.as_ref().is_none_or(|c| {
+                    c.call
+                        .shards
+                        .iter()
+                        .all(|s| round.results.contains_key(&s.shard))
+                });
                 if all_in || now_ms > round.announcement.deadlines.commit_by_ms {
                     let commit = self.commit(round)?;
                     (
@@ -941,15 +834,11 @@ impl Coordinator {
         Ok(Some(ActiveRound {
             announcement,
             deltas: BTreeMap::new(),
-            verdicts: BTreeMap::new(),
             dropped: BTreeSet::new(),
-            refused: Vec::new(),
             results: BTreeMap::new(),
             call: None,
             attested: BTreeMap::new(),
             seed_secret,
-            scores: BTreeMap::new(),
-            weights: BTreeMap::new(),
         }))
     }
 
@@ -974,31 +863,87 @@ impl Coordinator {
         candidates
     }
 
-    /// Closes `round`: shards with a reported result take it; every other shard keeps its entry. Accepted deltas
-    /// of a shard whose result never came are listed as refused (`late`), so the commit says what was applied.
-    fn commit(&mut self, mut round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
+    /// Closes `round`: each shard whose result was taken takes it, with its quorum's verdicts (the accepted
+    /// deltas, each with its weight and norm, and the refused ones with their reasons) and the scores one of
+    /// the quorum's signers published (the first by key); every other shard keeps its entry, and its deltas
+    /// are listed as refused `late` (nobody's fault but the round's: it costs their senders nothing). The
+    /// verdicts go into the senders' standings and the accepted norms into the norm history.
+    fn commit(&mut self, round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
         let r = round.announcement.round;
         self.charge_dissenters(&round);
-        self.update_standings(&round);
         let mut accepted = Vec::new();
-        for a in accepted_lists(&round) {
-            if round.results.contains_key(&a.shard) {
-                accepted.push(a);
-            } else {
-                for ((shard, node), d) in &round.deltas {
-                    if *shard == a.shard
-                        && round.verdicts.get(&(*shard, *node)) == Some(&Verdict::Accept)
-                    {
-                        round.refused.push(RejectedDelta {
-                            shard: *shard,
-                            node: *node,
+        let mut rejected = Vec::new();
+        let mut scores: Vec<DeltaScore> = Vec::new();
+        let mut verdicts: Vec<(PublicKey, DeltaVerdict)> = Vec::new();
+        let parts = round.call.as_ref().map(|c| c.call.shards.as_slice()).unwrap_or(&[]);
+        for part in parts {
+            let sender = |d: &CalledDelta| {
+                round
+                    .announcement
+                    .participants
+                    .get(d.sender as usize)
+                    .map(|p| p.node)
+            };
+            let quorum = match (round.results.get(&part.shard), tally_shard(&round, &part.shard)) {
+                (Some(_), Some(Tally::Quorum { result, signers, .. })) => Some((result, signers)),
+                _ => None,
+            };
+            let Some((agreement, signers)) = quorum else {
+                for d in &part.deltas {
+                    if let Some(node) = sender(d) {
+                        rejected.push(RejectedDelta {
+                            shard: part.shard,
+                            node,
                             payload_hash: d.payload_hash,
                             reason: RejectCode::Late,
                         });
                     }
                 }
+                continue;
+            };
+            if let Some(first) = signers
+                .first()
+                .and_then(|k| round.attested.get(&part.shard)?.get(k))
+            {
+                // Only scores of deltas the call names for this shard.
+                scores.extend(first.scores.iter().filter(|s| {
+                    s.shard == part.shard
+                        && part.deltas.iter().any(|d| d.payload_hash == s.payload_hash)
+                }));
+            }
+            let mut list = AcceptedDeltas {
+                shard: part.shard,
+                deltas: Vec::new(),
+                weights: Vec::new(),
+                norms: Vec::new(),
+            };
+            for (d, v) in part.deltas.iter().zip(&agreement.verdicts) {
+                let Some(node) = sender(d) else { continue };
+                verdicts.push((node, *v));
+                match v {
+                    DeltaVerdict::Accept { norm } => {
+                        list.deltas.push(d.payload_hash);
+                        list.weights.push(d.weight);
+                        list.norms.push(*norm);
+                        self.norms.push(NormSample {
+                            shard: part.shard,
+                            sender: node,
+                            norm: *norm,
+                        });
+                    }
+                    DeltaVerdict::Refuse(reason) => rejected.push(RejectedDelta {
+                        shard: part.shard,
+                        node,
+                        payload_hash: d.payload_hash,
+                        reason: *reason,
+                    }),
+                }
+            }
+            if !list.deltas.is_empty() {
+                accepted.push(list);
             }
         }
+        self.update_standings(&round, &verdicts);
         let mut shards: BTreeMap<ShardId, ShardEntry> = self
             .checkpoint
             .shards
@@ -1013,25 +958,9 @@ impl Coordinator {
             round: r,
             shards: shards.into_values().collect(),
         };
-        let mut rejected = round.refused;
-        for ((shard, node), d) in &round.deltas {
-            if let Some(Verdict::Reject(reason)) = round.verdicts.get(&(*shard, *node)) {
-                rejected.push(RejectedDelta {
-                    shard: *shard,
-                    node: *node,
-                    payload_hash: d.payload_hash,
-                    reason: *reason,
-                });
-            }
-        }
         rejected.sort_by_key(|d| (d.shard, d.node, d.payload_hash));
-        let mut scores: Vec<DeltaScore> = round
-            .scores
-            .iter()
-            .filter(|(k, _)| round.verdicts.contains_key(k))
-            .map(|(_, s)| *s)
-            .collect();
         scores.sort_by_key(|s| (s.shard, s.payload_hash));
+        scores.dedup_by_key(|s| (s.shard, s.payload_hash));
         self.checkpoint = checkpoint.clone();
         Ok(RoundCommit {
             run: self.config.run.clone(),
@@ -1042,6 +971,80 @@ impl Coordinator {
             scores,
             seed_secret: round.seed_secret,
         })
+    }
+
+    /// The call for round `round`'s judgments: for each shard with deltas, every delta (its sender as an
+    /// index into the announcement's participants, its payload, and its weight: its sender's standing now)
+    /// and its judges drawn by the run's judging rule from the round's score seed (holders: the participants
+    /// assigned it; verifiers: the others), with the verdict rule, the norm history and the seed secret. Only
+    /// participants still in the round judge: one dropped for missing the delta deadline is likely gone, and
+    /// a judge that never answers only stalls its shard (a key that joins and never trains cannot be drawn).
+    fn judgment_call(&self, round: &ActiveRound) -> AggregationCall {
+        let ann = &round.announcement;
+        let index: BTreeMap<PublicKey, u32> = ann
+            .participants
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.node, i as u32))
+            .collect();
+        let active: Vec<&Participant> = ann
+            .participants
+            .iter()
+            .filter(|p| !round.dropped.contains(&p.node))
+            .collect();
+        let keys: Vec<PublicKey> = active.iter().map(|p| p.node).collect();
+        let seed = round.score_seed();
+        let mut by_shard: BTreeMap<ShardId, Vec<CalledDelta>> = BTreeMap::new();
+        for ((shard, node), d) in &round.deltas {
+            let Some(sender) = index.get(node).copied() else {
+                continue;
+            };
+            by_shard.entry(*shard).or_default().push(CalledDelta {
+                sender,
+                payload_hash: d.payload_hash,
+                payload_size: d.payload_size,
+                weight: self.standings.get(node).delta_weight(),
+            });
+        }
+        let rule = &self.config.judging;
+        let shards = by_shard
+            .into_iter()
+            .map(|(shard, mut deltas)| {
+                deltas.sort_by_key(|d| (d.payload_hash, d.sender));
+                let holders: Vec<PublicKey> = active
+                    .iter()
+                    .filter(|p| p.shards.contains(&shard))
+                    .map(|p| p.node)
+                    .collect();
+                let judges = draw_judges(seed, shard, &holders, &keys, rule);
+                let at = |k: &PublicKey| index.get(k).copied();
+                ShardCall {
+                    shard,
+                    deltas,
+                    holders: judges.holders.iter().filter_map(at).collect(),
+                    verifiers: judges.verifiers.iter().filter_map(at).collect(),
+                }
+            })
+            .collect();
+        AggregationCall {
+            run: ann.run.clone(),
+            round: ann.round,
+            // The announcement's: the checkpoint the round was opened on (not hashed again).
+            base_checkpoint: ann.base_checkpoint,
+            seed_secret: round.seed_secret,
+            rule: self.config.verdict,
+            norms: self
+                .norms
+                .samples()
+                .into_iter()
+                .map(|s| NormRecord {
+                    shard: s.shard,
+                    sender: s.sender,
+                    norm: s.norm,
+                })
+                .collect(),
+            shards,
+        }
     }
 }
 
@@ -1054,6 +1057,11 @@ impl Coordinator {
         let policy = self.config.standing;
         let mut dissenters = BTreeSet::new();
         for shard in round.attested.keys() {
+            // A quorum whose result was never taken (its blob could not be had) decided nothing: the shard
+            // holds, and nobody answers for having signed otherwise.
+            if !round.results.contains_key(shard) {
+                continue;
+            }
             if let Some(Tally::Quorum { dissenters: d, .. }) = tally_shard(round, shard) {
                 for node in d {
                     tracing::warn!(round = round.announcement.round, %shard, node = %node, "a judge signed another result than its shard's quorum");
@@ -1067,15 +1075,15 @@ impl Coordinator {
         }
     }
 
-    /// The round's verdicts into the members' standings (before the commit turns the accepted deltas of an
-    /// unaggregated shard into `late`, which is not their senders' doing); then bans whoever fell to the
-    /// threshold (they leave at once) and bounds the records of departed members.
-    fn update_standings(&mut self, round: &ActiveRound) {
+    /// The quorums' verdicts into the members' standings (the deltas of a shard without a quorum are not
+    /// their senders' doing and count for nothing); then bans whoever fell to the threshold (they leave at
+    /// once) and bounds the records of departed members.
+    fn update_standings(&mut self, round: &ActiveRound, verdicts: &[(PublicKey, DeltaVerdict)]) {
         let policy = self.config.standing;
-        for ((_, node), verdict) in &round.verdicts {
+        for (node, verdict) in verdicts {
             match verdict {
-                Verdict::Accept => self.standings.accepted(*node),
-                Verdict::Reject(code) => self.standings.refused(*node, *code, &policy),
+                DeltaVerdict::Accept { .. } => self.standings.accepted(*node),
+                DeltaVerdict::Refuse(code) => self.standings.refused(*node, *code, &policy),
             }
         }
         for node in &round.dropped {
@@ -1127,37 +1135,11 @@ fn drop_missing(round: &mut ActiveRound) {
     round.deltas.retain(|(_, node), _| !dropped.contains(node));
 }
 
-/// At the commit deadline: deltas nobody verified are refused.
-fn refuse_unverified(round: &mut ActiveRound) {
-    for ((shard, node), d) in &round.deltas {
-        if !round.verdicts.contains_key(&(*shard, *node)) {
-            round.refused.push(RejectedDelta {
-                shard: *shard,
-                node: *node,
-                payload_hash: d.payload_hash,
-                reason: RejectCode::Late,
-            });
-        }
-    }
-}
-
-fn accepted_lists(round: &ActiveRound) -> Vec<AcceptedDeltas> {
-    round.accepted()
-}
-
 impl ActiveRound {
-    /// The deltas still waiting for a verdict, with their senders.
-    pub fn unverified(&self) -> Vec<(PublicKey, DeltaAnnouncement)> {
-        self.deltas
-            .iter()
-            .filter(|(k, _)| !self.verdicts.contains_key(k))
-            .map(|((_, n), d)| (*n, d.clone()))
-            .collect()
-    }
-
-    /// The seed of this round's score batches ([`crate::round::score_seed`]) over every delta under
-    /// verification: the same set the commit lists as accepted or refused, so a holder recomputes it from
-    /// the commit ([`crate::round::commit_score_seed`]), and a verifier restarted mid-round gets it again.
+    /// The seed of this round's score batches ([`crate::round::score_seed`]) over every delta of the round
+    /// (after the delta deadline, every delta of the call): the same set the commit lists as accepted or
+    /// refused, so a holder recomputes it from the commit ([`crate::round::commit_score_seed`]) and a judge
+    /// from the call ([`crate::round::call_score_seed`]).
     pub fn score_seed(&self) -> u64 {
         crate::round::score_seed(
             &self.announcement.run,
@@ -1165,12 +1147,6 @@ impl ActiveRound {
             &self.seed_secret,
             self.deltas.values().map(|d| d.payload_hash),
         )
-    }
-
-    /// Accepted deltas per shard, each list sorted by payload hash: the order in which every aggregator must
-    /// combine them.
-    pub fn accepted(&self) -> Vec<AcceptedDeltas> {
-        accepted_in(self)
     }
 
     /// The results a quorum of their shard's judges signed that are not taken yet, each with its signers:
@@ -1190,35 +1166,10 @@ impl ActiveRound {
         match tally_shard(self, shard)? {
             Tally::Quorum {
                 result, signers, ..
-            } => Some((result, signers)),
+            } => Some((result.entry, signers)),
             Tally::NoQuorum { .. } => None,
         }
     }
-}
-
-fn accepted_in(round: &ActiveRound) -> Vec<AcceptedDeltas> {
-    let mut by_shard: BTreeMap<ShardId, Vec<(ContentHash, u32)>> = BTreeMap::new();
-    for (key @ (shard, _), d) in &round.deltas {
-        if round.verdicts.get(key) == Some(&Verdict::Accept) {
-            let weight = round.weights.get(key).copied().unwrap_or(1);
-            by_shard
-                .entry(*shard)
-                .or_default()
-                .push((d.payload_hash, weight));
-        }
-    }
-    by_shard
-        .into_iter()
-        .map(|(shard, mut deltas)| {
-            deltas.sort();
-            let (deltas, weights) = deltas.into_iter().unzip();
-            AcceptedDeltas {
-                shard,
-                deltas,
-                weights,
-            }
-        })
-        .collect()
 }
 
 /// Domain tag of [`round_secret`].
@@ -1234,52 +1185,6 @@ fn round_secret(seed: u64, round: u64) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// The call for round `round`'s results: for each shard with accepted deltas, the deltas and weights, and its
-/// judges drawn by `rule` from the round's score seed (holders: the participants assigned it; verifiers: the
-/// others), as indices into the announcement's participants. Only participants still in the round judge: one
-/// dropped for missing the delta deadline is likely gone, and a judge that never answers only stalls its
-/// shard (a key that joins and never trains cannot be drawn).
-fn aggregation_call(round: &ActiveRound, rule: &JudgingRule) -> AggregationCall {
-    let ann = &round.announcement;
-    let index: BTreeMap<PublicKey, u32> = ann
-        .participants
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.node, i as u32))
-        .collect();
-    let active: Vec<&Participant> = ann
-        .participants
-        .iter()
-        .filter(|p| !round.dropped.contains(&p.node))
-        .collect();
-    let keys: Vec<PublicKey> = active.iter().map(|p| p.node).collect();
-    let seed = round.score_seed();
-    let shards = accepted_lists(round)
-        .into_iter()
-        .map(|accepted| {
-            let holders: Vec<PublicKey> = active
-                .iter()
-                .filter(|p| p.shards.contains(&accepted.shard))
-                .map(|p| p.node)
-                .collect();
-            let judges = draw_judges(seed, accepted.shard, &holders, &keys, rule);
-            let at = |k: &PublicKey| index.get(k).copied();
-            ShardCall {
-                holders: judges.holders.iter().filter_map(at).collect(),
-                verifiers: judges.verifiers.iter().filter_map(at).collect(),
-                accepted,
-            }
-        })
-        .collect();
-    AggregationCall {
-        run: ann.run.clone(),
-        round: ann.round,
-        // The announcement's: the checkpoint the round was opened on (not hashed again).
-        base_checkpoint: ann.base_checkpoint,
-        shards,
-    }
-}
-
 /// The judges of one shard of a call, by key (indices outside the announcement are no one).
 pub fn judges_of(announcement: &RoundAnnouncement, call: &ShardCall) -> Judges {
     let key = |i: &u32| announcement.participants.get(*i as usize).map(|p| p.node);
@@ -1289,16 +1194,18 @@ pub fn judges_of(announcement: &RoundAnnouncement, call: &ShardCall) -> Judges {
     }
 }
 
-/// How the judges' signed results for `shard` stand, if the round's call names it.
-fn tally_shard(round: &ActiveRound, shard: &ShardId) -> Option<Tally<ShardEntry>> {
+/// How the judges' signed judgments for `shard` stand, if the round's call names it.
+fn tally_shard(round: &ActiveRound, shard: &ShardId) -> Option<Tally<Agreement>> {
     let part = round.call.as_ref()?.call.shard(shard)?;
     let judges = judges_of(&round.announcement, part);
-    let empty = BTreeMap::new();
-    Some(tally(&judges, round.attested.get(shard).unwrap_or(&empty)))
-}
-
-fn accepted_shards(round: &ActiveRound) -> BTreeSet<ShardId> {
-    accepted_lists(round).into_iter().map(|a| a.shard).collect()
+    let signed: BTreeMap<PublicKey, Agreement> = round
+        .attested
+        .get(shard)
+        .into_iter()
+        .flatten()
+        .map(|(k, j)| (*k, Agreement::of(j)))
+        .collect();
+    Some(tally(&judges, &signed))
 }
 
 #[cfg(test)]

@@ -203,67 +203,223 @@ fn waits_for_members_then_announces_a_covering_round() {
     Message::RoundAnnouncement(ann).check_limits().unwrap();
 }
 
+/// The call in `actions`, which must be exactly one call for judgments.
+fn called(actions: &[Action]) -> AggregationCall {
+    match actions {
+        [Action::CallAggregation(call)] => call.clone(),
+        other => panic!("expected one call for judgments, got {other:?}"),
+    }
+}
+
+/// The commit in `actions`, which must end with one.
+fn committed(actions: &[Action]) -> RoundCommit {
+    match actions.last() {
+        Some(Action::CommitRound(commit)) => commit.clone(),
+        _ => panic!("expected a commit, got {actions:?}"),
+    }
+}
+
+/// The key of the sender of `d` (the call names senders by their index in the announcement).
+fn sender_of(ann: &RoundAnnouncement, d: &CalledDelta) -> PublicKey {
+    ann.participants[d.sender as usize].node
+}
+
+/// The norm the judges of these tests measure on `d`: made from its payload hash, so that a norm found in a
+/// commit or in a later call's history points back to the one delta it was measured on (a norm moved to
+/// another delta, shard or sender shows).
+fn norm_of(d: &CalledDelta) -> f32 {
+    1.0 + f32::from(d.payload_hash.0[0]) / 64.0 + f32::from(d.payload_hash.0[1]) / 16_384.0
+}
+
+/// The verdict of a judge that accepts `d`: its norm, as every honest judge measures it.
+fn accept(d: &CalledDelta) -> DeltaVerdict {
+    DeltaVerdict::Accept { norm: norm_of(d) }
+}
+
+/// The new entry a judge signs for `shard` in round `round`, named by `what`: judges that computed the same
+/// state sign the same `what`.
+fn entry_in(round: u64, shard: ShardId, what: &str) -> ShardEntry {
+    ShardEntry {
+        shard,
+        hash: ContentHash::of(what.as_bytes()),
+        size: 9,
+        round,
+    }
+}
+
+/// A score for each delta of `part`, in the call's order (each a little better than a zero delta), as a judge
+/// publishes them for the commit.
+fn scores_of(part: &ShardCall) -> Vec<DeltaScore> {
+    part.deltas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeltaScore {
+            shard: part.shard,
+            payload_hash: d.payload_hash,
+            in_mean: part.deltas.len() as u32,
+            null_loss: 5.0,
+            loss: 5.0 - i as f32 / 100.0,
+        })
+        .collect()
+}
+
+/// What a judge of `part` signs in round `round`: the entry named `what`, `verdict(d)` for each delta in the
+/// call's order (one per delta, as the coordinator requires) and a score for each.
+fn judged(
+    part: &ShardCall,
+    round: u64,
+    what: &str,
+    verdict: impl Fn(&CalledDelta) -> DeltaVerdict,
+) -> ShardJudgment {
+    ShardJudgment {
+        entry: entry_in(round, part.shard, what),
+        verdicts: part.deltas.iter().map(verdict).collect(),
+        scores: scores_of(part),
+    }
+}
+
+/// What an honest judge of `part` signs in round 1 when every delta passes: the entry named `what`.
+fn judgment(part: &ShardCall, what: &str) -> ShardJudgment {
+    judged(part, 1, what, accept)
+}
+
+/// Each judge of each shard of `call` for which `judge` has a judgment signs it (one attestation per judge
+/// and shard); each result that reaches a quorum is taken at once, as the daemon does once it holds the blob.
+fn attest_each(
+    c: &mut Coordinator,
+    call: &AggregationCall,
+    judge: impl Fn(&ShardCall) -> Option<ShardJudgment>,
+) {
+    let ann = c.state().round().unwrap().announcement.clone();
+    for part in &call.shards {
+        let Some(judgment) = judge(part) else {
+            continue;
+        };
+        let judges = judges_of(&ann, part);
+        for k in judges.holders.iter().chain(&judges.verifiers) {
+            for ready in c
+                .shard_attested(call.round, *k, &signed(call, vec![judgment.clone()]))
+                .unwrap()
+            {
+                c.shard_aggregated(call.round, ready).unwrap();
+            }
+        }
+    }
+}
+
+/// Every judge of every shard of `call` signs `judge(part)`: every shard reaches its quorum and is taken.
+fn attest_all(
+    c: &mut Coordinator,
+    call: &AggregationCall,
+    judge: impl Fn(&ShardCall) -> ShardJudgment,
+) {
+    attest_each(c, call, |part| Some(judge(part)));
+}
+
+/// `call`'s attestation carrying `results`, as a judge signs it.
+fn signed(call: &AggregationCall, results: Vec<ShardJudgment>) -> ShardAttestation {
+    ShardAttestation {
+        run: call.run.clone(),
+        round: call.round,
+        call: call.hash().unwrap(),
+        results,
+    }
+}
+
+/// The standing each participant of `call` should have after its first round, when the judges' verdicts
+/// on its deltas were `verdict` and the shards `late` took no result: computed from the rules of
+/// [`standing`] by hand, to compare with what the coordinator kept.
+fn expected_standings(
+    ann: &RoundAnnouncement,
+    call: &AggregationCall,
+    late: &[ShardId],
+    verdict: impl Fn(&CalledDelta) -> DeltaVerdict,
+) -> BTreeMap<PublicKey, Standing> {
+    let policy = StandingPolicy::default();
+    let mut want: BTreeMap<PublicKey, Standing> = BTreeMap::new();
+    for part in call.shards.iter().filter(|p| !late.contains(&p.shard)) {
+        for d in &part.deltas {
+            let s = want.entry(sender_of(ann, d)).or_default();
+            match verdict(d) {
+                DeltaVerdict::Accept { .. } => {
+                    s.accepted += 1;
+                    s.reputation += 1;
+                }
+                DeltaVerdict::Refuse(code) => {
+                    let cost = standing::refusal_cost(code, &policy);
+                    if cost >= policy.fault_cost {
+                        s.faults += 1;
+                    } else if cost > 0 {
+                        s.missed += 1;
+                    }
+                    s.reputation -= cost;
+                }
+            }
+        }
+    }
+    want
+}
+
 #[test]
 fn full_round_commits_and_round_trips_through_the_protocol() {
     let mut c = coordinator();
     let ann = start(&mut c, 3);
     let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
     send_all(&mut c, &ann, &nodes, 10);
-    let verify = c.tick(20, 12).unwrap();
-    let [Action::Verify { round: 1, deltas }] = verify.as_slice() else {
-        panic!("{verify:?}")
-    };
-    let first_bad = deltas[0].1.payload_hash;
-    for (i, (n, d)) in deltas.iter().enumerate() {
-        let v = if d.payload_hash == first_bad {
-            Verdict::Reject(RejectCode::NormTooLarge)
-        } else {
-            Verdict::Accept
-        };
-        let score = DeltaScore {
-            shard: d.shard,
-            payload_hash: d.payload_hash,
-            in_mean: 2,
-            null_loss: 5.0,
-            loss: 5.0 - i as f32 / 100.0,
-        };
-        c.delta_scored(1, *n, score).unwrap();
-        // A score for a payload the node did not announce is refused.
-        let other = DeltaScore {
-            payload_hash: ContentHash::of(b"not announced"),
-            ..score
-        };
-        assert!(c.delta_scored(1, *n, other).is_err());
-        c.verification_verdict(1, d.shard, *n, d.payload_hash, v)
-            .unwrap();
-    }
     let seed = c.state().round().unwrap().score_seed();
-    let agg = c.tick(30, 13).unwrap();
-    let [Action::CallAggregation(call)] = agg.as_slice() else {
-        panic!("{agg:?}")
-    };
+    // Every delta is in: the call for judgments comes at once, with every delta (none is judged yet).
+    let call = called(&c.tick(20, 12).unwrap());
+    assert_eq!(c.state().name(), "round-aggregate");
     assert_eq!(call.round, 1);
-    Message::AggregationCall(call.clone()).check_limits().unwrap();
+    Message::AggregationCall(call.clone())
+        .check_limits()
+        .unwrap();
+    assert!(
+        call.reveals_seed_of(&ann),
+        "the call reveals the secret the announcement committed to"
+    );
+    assert_eq!(
+        crate::round::call_score_seed(&call),
+        seed,
+        "a judge recomputes the score seed from the call"
+    );
+    assert_eq!(call.rule, c.config().verdict);
+    assert!(call.norms.is_empty(), "no norm accepted yet");
+    let sent: usize = ann.participants.iter().map(|p| p.shards.len()).sum();
+    let in_call: usize = call.shards.iter().map(|p| p.deltas.len()).sum();
+    assert_eq!(in_call, sent, "every delta is called");
     for part in &call.shards {
-        let a = &part.accepted;
         assert!(
-            a.deltas.windows(2).all(|w| w[0] < w[1]),
-            "aggregation order is by payload hash"
+            part.deltas
+                .windows(2)
+                .all(|w| (w[0].payload_hash, w[0].sender) < (w[1].payload_hash, w[1].sender)),
+            "application order is by payload hash, then sender"
         );
+        for d in &part.deltas {
+            let announced = delta(&ann, part.shard, sender_of(&ann, d));
+            assert_eq!(
+                (d.payload_hash, d.payload_size, d.weight),
+                (announced.payload_hash, announced.payload_size, 1),
+                "as its sender announced it, at a newcomer's weight"
+            );
+        }
     }
-    attest_all(&mut c, call, |shard| ShardEntry {
-        shard,
-        hash: ContentHash::of(format!("new {shard}").as_bytes()),
-        size: 9,
-        round: 1,
-    });
-    let done = c.tick(40, 14).unwrap();
-    let [Action::CommitRound(commit)] = done.as_slice() else {
-        panic!("{done:?}")
+    // The judges refuse one delta (too large a norm) and accept the others.
+    let bad = call.shards[0].deltas[0];
+    let verdict = |d: &CalledDelta| {
+        if *d == bad {
+            DeltaVerdict::Refuse(RejectCode::NormTooLarge)
+        } else {
+            accept(d)
+        }
     };
+    attest_all(&mut c, &call, |part| {
+        judged(part, 1, &format!("new {}", part.shard), verdict)
+    });
+    let commit = committed(&c.tick(40, 14).unwrap());
     assert_eq!(commit.round, 1);
     assert_eq!(
-        crate::round::commit_score_seed(commit),
+        crate::round::commit_score_seed(&commit),
         seed,
         "the score seed is recomputed from the commit"
     );
@@ -271,11 +427,7 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
         commit.reveals_seed_of(&ann),
         "the commit reveals the secret the announcement committed to"
     );
-    assert_eq!(
-        commit.scores.len(),
-        deltas.len(),
-        "every score is published"
-    );
+    assert_eq!(commit.scores.len(), sent, "every score is published");
     assert!(
         commit
             .scores
@@ -285,9 +437,24 @@ fn full_round_commits_and_round_trips_through_the_protocol() {
     );
     for a in &commit.accepted {
         assert_eq!(a.weights, vec![1; a.deltas.len()], "new members weigh 1");
+        let part = call.shard(&a.shard).unwrap();
+        let norms: Vec<f32> = part
+            .deltas
+            .iter()
+            .filter(|d| **d != bad)
+            .map(norm_of)
+            .collect();
+        assert_eq!(a.norms, norms, "the judges' norms, in the call's order");
     }
-    assert_eq!(commit.rejected.len(), 1);
-    assert_eq!(commit.rejected[0].reason, RejectCode::NormTooLarge);
+    assert_eq!(
+        commit.rejected,
+        vec![RejectedDelta {
+            shard: call.shards[0].shard,
+            node: sender_of(&ann, &bad),
+            payload_hash: bad.payload_hash,
+            reason: RejectCode::NormTooLarge,
+        }]
+    );
     assert_eq!(commit.checkpoint.round, 1);
     assert_eq!(commit.checkpoint.shards.len(), base_manifest().shards.len());
     assert!(
@@ -340,13 +507,23 @@ fn nodes_missing_the_deadline_are_dropped_and_the_round_completes() {
         c.tick(500, 1).unwrap().is_empty(),
         "waits for the missing deltas until the deadline"
     );
-    let after = c.tick(1_001, 1).unwrap();
-    let [Action::Verify { deltas, .. }] = after.as_slice() else {
-        panic!("{after:?}")
-    };
+    let call = called(&c.tick(1_001, 1).unwrap());
+    let late_index = ann
+        .participants
+        .iter()
+        .position(|p| p.node == late)
+        .unwrap() as u32;
     assert!(
-        deltas.iter().all(|(n, _)| *n != late),
-        "the late node's partial work is not verified"
+        call.shards
+            .iter()
+            .all(|p| p.deltas.iter().all(|d| d.sender != late_index)),
+        "the late node's partial work is not called"
+    );
+    assert!(
+        call.shards
+            .iter()
+            .all(|p| !judges_of(&ann, p).contains(&late)),
+        "nor does the late node judge"
     );
     let r = c.state().round().unwrap();
     assert!(r.dropped.contains(&late));
@@ -356,17 +533,15 @@ fn nodes_missing_the_deadline_are_dropped_and_the_round_completes() {
         c.delta_announced(1_002, late, delta(&ann, rest, late)),
         Err(EventError::Refused(RejectCode::StaleRound))
     );
-    // Nobody verifies: at the commit deadline everything is refused as late and the round still commits.
-    // With nothing accepted there is nothing to aggregate, so the commit follows in the same tick.
-    let done = c.tick(2_002, 1).unwrap();
-    let [
-        Action::CallAggregation(call),
-        Action::CommitRound(commit),
-    ] = done.as_slice()
-    else {
-        panic!("{done:?}")
-    };
-    assert!(call.shards.is_empty() && commit.accepted.is_empty());
+    // No judge answers: at the commit deadline every delta is listed as late and the round still commits.
+    assert!(
+        c.tick(2_000, 1).unwrap().is_empty(),
+        "waits until the deadline"
+    );
+    let commit = committed(&c.tick(2_006, 1).unwrap());
+    assert!(commit.accepted.is_empty());
+    let called_deltas: usize = call.shards.iter().map(|p| p.deltas.len()).sum();
+    assert_eq!(commit.rejected.len(), called_deltas);
     assert!(
         commit
             .rejected
@@ -379,8 +554,12 @@ fn nodes_missing_the_deadline_are_dropped_and_the_round_completes() {
         base_manifest().shards,
         "nothing applied, every shard unchanged"
     );
+    // Late is the round's fault, not the senders': only the dropped node's record moves.
+    for n in &on_time {
+        assert_eq!(c.standings().get(n), Standing::default(), "{n}");
+    }
+    assert_eq!(c.standings().get(&late).missed, 1);
 }
-
 #[test]
 fn refuses_deltas_that_do_not_fit_the_round() {
     let mut c = coordinator();
@@ -441,31 +620,20 @@ fn experts_of_departed_nodes_are_reassigned_next_round() {
         let _ = c.node_heartbeat(600, *n, own_ip(n), &heartbeat(2, 100.0));
     }
     // At 600 the second host has been silent > 500 ms: it leaves, and since everyone still in the round has
-    // delivered, verification starts before the delta deadline.
-    let actions = c.tick(600, 2).unwrap();
-    assert!(
-        matches!(actions.as_slice(), [Action::Verify { .. }]),
-        "{actions:?}"
-    );
+    // delivered, the call for judgments goes out before the delta deadline.
+    let call = called(&c.tick(600, 2).unwrap());
     assert_eq!(c.members().len(), 2);
     assert!(c.state().round().unwrap().dropped.contains(&hosts[1]));
-    let RunState::RoundVerify(r) = c.state().clone() else {
+    let RunState::RoundAggregate(r) = c.state().clone() else {
         panic!("{:?}", c.state())
     };
     assert!(r.deltas.keys().all(|(_, n)| stay.contains(n)));
-    for ((shard, n), d) in &r.deltas {
-        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept)
-            .unwrap();
-    }
-    assert!(matches!(
-        c.tick(700, 3).unwrap().as_slice(),
-        [Action::CallAggregation(_)]
-    ));
-    // Nobody reports aggregation results: at the commit deadline the accepted deltas are listed as late.
-    let done = c.tick(2_001, 3).unwrap();
-    let [Action::CommitRound(commit)] = done.as_slice() else {
-        panic!("{done:?}")
-    };
+    assert!(
+        call.shard(&e).is_none(),
+        "nobody delivered for the orphaned expert"
+    );
+    // No judge answers: at the commit deadline every delta is listed as late.
+    let commit = committed(&c.tick(2_001, 3).unwrap());
     assert!(commit.accepted.is_empty() && !commit.rejected.is_empty());
     assert!(commit.rejected.iter().all(|d| d.reason == RejectCode::Late));
     // Two newcomers join; round 2 gives the orphaned expert two live hosts.
@@ -497,6 +665,22 @@ fn resumes_from_serialized_state_and_behaves_identically() {
     send_all(&mut restored, &ann, &nodes[2..], 20);
     assert_eq!(c.tick(30, 5).unwrap(), restored.tick(30, 5).unwrap());
     assert_eq!(c, restored);
+    // Mid-judging, with some judgments signed (their verdicts and norms included), a restored coordinator
+    // is the same and takes the rest of the judgments the same way.
+    let call = called_call(&c);
+    let part = an_expert(&call).clone();
+    let j = judges_of(&ann, &part);
+    let first = signed(&call, vec![judgment(&part, "honest")]);
+    for d in [&mut c, &mut restored] {
+        assert_eq!(d.shard_attested(1, j.holders[0], &first), Ok(vec![]));
+    }
+    let mut restored = Coordinator::from_bytes(&c.to_bytes().unwrap()).unwrap();
+    assert_eq!(restored, c);
+    for d in [&mut c, &mut restored] {
+        attest_all(d, &call, |p| judgment(p, &format!("new {}", p.shard)));
+    }
+    assert_eq!(c.tick(40, 6).unwrap(), restored.tick(40, 6).unwrap());
+    assert_eq!(c, restored);
     // Corrupted or truncated state is an error, not a panic.
     assert!(Coordinator::from_bytes(&saved[..saved.len() / 2]).is_err());
     assert!(Coordinator::from_bytes(&[0xff; 16]).is_err());
@@ -505,6 +689,17 @@ fn resumes_from_serialized_state_and_behaves_identically() {
     assert!(Coordinator::from_bytes(&extra).is_err());
 }
 
+/// The call of the round `c` is judging (as kept in its state: a restored coordinator still has it).
+fn called_call(c: &Coordinator) -> AggregationCall {
+    c.state()
+        .round()
+        .unwrap()
+        .call
+        .as_ref()
+        .unwrap()
+        .call
+        .clone()
+}
 #[test]
 fn same_events_same_seed_same_announcement() {
     let (mut a, mut b) = (coordinator(), coordinator());
@@ -550,13 +745,31 @@ fn bad_configs_are_refused() {
     assert!(Coordinator::new(cfg, base_manifest()).is_err());
 }
 
-#[test]
-fn a_copied_payload_hash_never_changes_the_verdict_on_the_original() {
-    let mut c = coordinator();
-    let ann = start(&mut c, 3);
+/// A round where one participant sent another's payload as its own.
+struct Copied {
+    ann: RoundAnnouncement,
+    /// Whose trunk payload it is.
+    victim: PublicKey,
+    /// Who announced it as its own trunk delta too.
+    thief: PublicKey,
+    /// The victim's trunk delta.
+    stolen: DeltaAnnouncement,
+    /// The round's call for judgments.
+    call: AggregationCall,
+}
+
+/// Round 1 of 3 members where the thief announces the victim's trunk payload as its own trunk delta (before
+/// the victim does) and everyone else sends their own work, up to the call. With `thief_first`, the thief is
+/// the first participant and the victim the second (the thief's copy comes first in the call, which orders
+/// one payload's deltas by sender), otherwise the other way round.
+fn round_with_a_copy(c: &mut Coordinator, thief_first: bool) -> Copied {
+    let ann = start(c, 3);
     let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
-    let (victim, thief) = (nodes[0], nodes[1]);
-    // The thief announces the victim's trunk payload as its own trunk delta, before the victim does.
+    let (victim, thief) = if thief_first {
+        (nodes[1], nodes[0])
+    } else {
+        (nodes[0], nodes[1])
+    };
     let stolen = delta(&ann, ShardId::Trunk, victim);
     c.delta_announced(10, thief, stolen.clone()).unwrap();
     for p in &ann.participants {
@@ -567,181 +780,216 @@ fn a_copied_payload_hash_never_changes_the_verdict_on_the_original() {
             }
         }
     }
-    assert!(matches!(
-        c.tick(20, 1).unwrap().as_slice(),
-        [Action::Verify { .. }]
-    ));
-    // The thief's verdict comes first; it is its own, not the victim's.
-    c.verification_verdict(
-        1,
-        ShardId::Trunk,
+    let call = called(&c.tick(20, 1).unwrap());
+    Copied {
+        ann,
+        victim,
         thief,
-        stolen.payload_hash,
-        Verdict::Reject(RejectCode::NotBound),
-    )
-    .unwrap();
-    let RunState::RoundVerify(r) = c.state().clone() else {
-        panic!("{:?}", c.state())
-    };
-    for ((shard, n), d) in &r.deltas {
-        if (*shard, *n) != (ShardId::Trunk, thief) {
-            c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept)
-                .unwrap();
-        }
+        stolen,
+        call,
     }
-    // A verdict for a (shard, node) whose payload is another never lands.
-    assert!(
-        c.verification_verdict(
-            1,
-            ShardId::Trunk,
-            nodes[2],
-            stolen.payload_hash,
-            Verdict::Accept
-        )
-        .is_err()
-    );
-    let agg = c.tick(30, 2).unwrap();
-    let [Action::CallAggregation(call)] = agg.as_slice() else {
-        panic!("{agg:?}")
-    };
-    let trunk = &call.shard(&ShardId::Trunk).unwrap().accepted;
-    assert_eq!(
-        trunk
-            .deltas
-            .iter()
-            .filter(|h| **h == stolen.payload_hash)
-            .count(),
-        1,
-        "the victim's delta counts once"
-    );
-    assert_eq!(
-        trunk.deltas.len(),
-        2,
-        "the victim's and the third node's trunk deltas"
-    );
 }
 
 #[test]
-fn one_payload_accepted_twice_counts_once() {
-    let mut c = coordinator();
-    let ann = start(&mut c, 3);
-    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
-    let copy = delta(&ann, ShardId::Trunk, nodes[0]);
-    for p in &ann.participants {
-        for s in &p.shards {
-            let d = if *s == ShardId::Trunk && p.node == nodes[1] {
-                copy.clone()
+fn a_copied_payload_hash_never_changes_the_verdict_on_the_original() {
+    // The thief's copy comes before the original in the call, then after it (the call orders a payload's
+    // deltas by sender): a verdict is the delta's own wherever it stands.
+    for thief_first in [true, false] {
+        let mut c = coordinator();
+        let Copied {
+            ann,
+            victim,
+            thief,
+            stolen,
+            call,
+        } = round_with_a_copy(&mut c, thief_first);
+        let trunk = call.shard(&ShardId::Trunk).unwrap();
+        let copies: Vec<PublicKey> = trunk
+            .deltas
+            .iter()
+            .filter(|d| d.payload_hash == stolen.payload_hash)
+            .map(|d| sender_of(&ann, d))
+            .collect();
+        let mut both = vec![victim, thief];
+        both.sort_by_key(|k| ann.participants.iter().position(|p| p.node == *k));
+        assert_eq!(
+            copies, both,
+            "the original and the copy are both called, by sender"
+        );
+        // The judges find the payload bound to the victim: the copy is refused, the original accepted.
+        let verdict = |d: &CalledDelta| {
+            if d.payload_hash == stolen.payload_hash && sender_of(&ann, d) == thief {
+                DeltaVerdict::Refuse(RejectCode::NotBound)
             } else {
-                delta(&ann, *s, p.node)
-            };
-            c.delta_announced(10, p.node, d).unwrap();
-        }
-    }
-    c.tick(20, 1).unwrap();
-    let RunState::RoundVerify(r) = c.state().clone() else {
-        panic!("{:?}", c.state())
-    };
-    // A careless verifier accepts both copies: the second is refused by the state machine.
-    for ((shard, n), d) in &r.deltas {
-        c.verification_verdict(1, *shard, *n, d.payload_hash, Verdict::Accept)
-            .unwrap();
-    }
-    let RunState::RoundVerify(r) = c.state().clone() else {
-        panic!("{:?}", c.state())
-    };
-    let refused = r
-        .verdicts
-        .values()
-        .filter(|v| **v == Verdict::Reject(RejectCode::NotBound))
-        .count();
-    assert_eq!(refused, 1);
-    let agg = c.tick(30, 2).unwrap();
-    let [Action::CallAggregation(call)] = agg.as_slice() else {
-        panic!("{agg:?}")
-    };
-    let trunk = &call.shard(&ShardId::Trunk).unwrap().accepted;
-    assert!(
-        trunk.deltas.windows(2).all(|w| w[0] < w[1]),
-        "no payload twice: {:?}",
-        trunk.deltas
-    );
-}
-
-/// Every judge of every shard in `call` signs `result(shard)`; each result that reaches a quorum is taken
-/// (as the daemon does once it holds the blob).
-fn attest_all(c: &mut Coordinator, call: &AggregationCall, result: impl Fn(ShardId) -> ShardEntry) {
-    let ann = c.state().round().unwrap().announcement.clone();
-    let id = call.hash().unwrap();
-    for part in &call.shards {
-        let shard = part.accepted.shard;
-        let judges = judges_of(&ann, part);
-        for judge in judges.holders.iter().chain(&judges.verifiers) {
-            let att = ShardAttestation {
-                run: call.run.clone(),
-                round: call.round,
-                call: id,
-                results: vec![result(shard)],
-            };
-            for ready in c.shard_attested(call.round, *judge, &att).unwrap() {
-                c.shard_aggregated(call.round, ready).unwrap();
+                accept(d)
             }
+        };
+        attest_all(&mut c, &call, |part| judged(part, 1, "new", verdict));
+        let commit = committed(&c.tick(30, 2).unwrap());
+        let accepted = commit
+            .accepted
+            .iter()
+            .find(|a| a.shard == ShardId::Trunk)
+            .unwrap();
+        assert_eq!(
+            accepted
+                .deltas
+                .iter()
+                .filter(|h| **h == stolen.payload_hash)
+                .count(),
+            1,
+            "the victim's delta counts once"
+        );
+        assert_eq!(
+            accepted.deltas.len(),
+            2,
+            "the victim's and the third node's trunk deltas"
+        );
+        assert_eq!(
+            commit.rejected,
+            vec![RejectedDelta {
+                shard: ShardId::Trunk,
+                node: thief,
+                payload_hash: stolen.payload_hash,
+                reason: RejectCode::NotBound,
+            }],
+            "the copy is refused under the thief's key, nobody else's"
+        );
+        for (node, want) in expected_standings(&ann, &call, &[], verdict) {
+            assert_eq!(c.standings().get(&node), want, "{node}");
         }
+        assert_eq!(c.standings().get(&thief).faults, 1);
+        assert_eq!(c.standings().get(&victim).faults, 0);
     }
 }
 
-/// Plays one whole round at `t`: every participant in `senders` sends all its deltas; `judge` gives each
-/// delta's verdict; every accepted shard is aggregated. Returns the commit.
-fn play_round(
+#[test]
+fn a_payload_announced_twice_is_called_twice_and_the_round_stays_consistent() {
+    let mut c = coordinator();
+    let Copied {
+        ann,
+        victim,
+        thief,
+        stolen,
+        call,
+    } = round_with_a_copy(&mut c, false);
+    let seed = c.state().round().unwrap().score_seed();
+    // The call is a valid message although one payload appears in it twice (for two senders).
+    Message::AggregationCall(call.clone())
+        .check_limits()
+        .unwrap();
+    let trunk = call.shard(&ShardId::Trunk).unwrap();
+    assert_eq!(
+        trunk.deltas.len(),
+        3,
+        "one trunk delta per participant, the copy included"
+    );
+    assert_eq!(crate::round::call_score_seed(&call), seed);
+    // A judgment that leaves the copy out (one verdict per distinct payload) is not counted.
+    let mut distinct = trunk.deltas.clone();
+    distinct.dedup_by_key(|d| d.payload_hash);
+    assert_eq!(distinct.len(), 2);
+    let deduplicated = ShardJudgment {
+        verdicts: distinct.iter().map(accept).collect(),
+        ..judgment(trunk, "deduplicated")
+    };
+    let judge = judges_of(&ann, trunk).holders[0];
+    assert_eq!(
+        c.shard_attested(1, judge, &signed(&call, vec![deduplicated])),
+        Err(EventError::Refused(RejectCode::ShardNotAssigned))
+    );
+    let verdict = |d: &CalledDelta| {
+        if sender_of(&ann, d) == thief && d.payload_hash == stolen.payload_hash {
+            DeltaVerdict::Refuse(RejectCode::NotBound)
+        } else {
+            accept(d)
+        }
+    };
+    attest_all(&mut c, &call, |part| judged(part, 1, "new", verdict));
+    let commit = committed(&c.tick(30, 2).unwrap());
+    Message::RoundCommit(commit.clone()).check_limits().unwrap();
+    // Every delta of the call is in the commit, once accepted and once refused for the copied payload; the
+    // score seed is the call's.
+    let listed: usize = commit
+        .accepted
+        .iter()
+        .map(|a| a.deltas.len())
+        .sum::<usize>()
+        + commit.rejected.len();
+    let in_call: usize = call.shards.iter().map(|p| p.deltas.len()).sum();
+    assert_eq!(listed, in_call);
+    assert_eq!(crate::round::commit_score_seed(&commit), seed);
+    assert_eq!(c.standings().get(&victim).faults, 0);
+    assert_eq!(c.standings().get(&thief).faults, 1);
+}
+
+/// Opens a round at `t` (every member heartbeats first), lets every participant in `senders` send all its
+/// deltas and ticks once more. Returns the announcement and what that tick did: the call for judgments
+/// when every delta was in (with it the commit, when the call has nothing to judge).
+fn round_to_call(
     c: &mut Coordinator,
     t: u64,
     senders: &[PublicKey],
-    judge: impl Fn(&PublicKey) -> Verdict,
-) -> RoundCommit {
+) -> (RoundAnnouncement, Vec<Action>) {
     for n in c.members().keys().copied().collect::<Vec<_>>() {
         let seq = c.members()[&n].last_seq + 1;
         let _ = c.node_heartbeat(t, n, own_ip(&n), &heartbeat(seq, 100.0));
     }
     let ann = announced(&c.tick(t, t).unwrap());
     send_all(c, &ann, senders, t + 10);
-    let verify = c.tick(t + 20, t).unwrap();
-    let [Action::Verify { deltas, .. }] = verify.as_slice() else {
-        panic!("{verify:?}")
-    };
-    for (n, d) in deltas {
-        c.verification_verdict(ann.round, d.shard, *n, d.payload_hash, judge(n))
-            .unwrap();
-    }
-    let mut actions = c.tick(t + 30, t).unwrap();
+    let actions = c.tick(t + 20, t).unwrap();
+    (ann, actions)
+}
+
+/// Plays one whole round at `t`: every participant in `senders` sends all its deltas; the judges refuse a
+/// sender's deltas for `refuse(sender)` when it says so and accept the others (each with [`norm_of`]); every
+/// judge signs the same, so every shard reaches its quorum and is taken. Returns the announcement and the
+/// commit.
+fn play_round_in(
+    c: &mut Coordinator,
+    t: u64,
+    senders: &[PublicKey],
+    refuse: impl Fn(&PublicKey) -> Option<RejectCode>,
+) -> (RoundAnnouncement, RoundCommit) {
+    let (ann, mut actions) = round_to_call(c, t, senders);
     if let [Action::CallAggregation(call)] = actions.as_slice() {
         let call = call.clone();
-        attest_all(c, &call, |shard| ShardEntry {
-            shard,
-            hash: ContentHash::of(format!("{} {}", shard, ann.round).as_bytes()),
-            size: 9,
-            round: ann.round,
+        let verdict = |d: &CalledDelta| match refuse(&sender_of(&ann, d)) {
+            Some(code) => DeltaVerdict::Refuse(code),
+            None => accept(d),
+        };
+        attest_all(c, &call, |part| {
+            judged(
+                part,
+                ann.round,
+                &format!("{} {}", part.shard, ann.round),
+                verdict,
+            )
         });
         actions = c.tick(t + 40, t).unwrap();
     }
-    let Some(Action::CommitRound(commit)) = actions.last() else {
-        panic!("{actions:?}")
-    };
-    commit.clone()
+    let commit = committed(&actions);
+    (ann, commit)
+}
+
+/// [`play_round_in`], for the commit alone.
+fn play_round(
+    c: &mut Coordinator,
+    t: u64,
+    senders: &[PublicKey],
+    refuse: impl Fn(&PublicKey) -> Option<RejectCode>,
+) -> RoundCommit {
+    play_round_in(c, t, senders, refuse).1
 }
 
 #[test]
 fn a_member_refused_again_and_again_is_banned_and_stays_out() {
     let mut c = coordinator();
     let all = join(&mut c, 4);
-    let judge = |n: &PublicKey| {
-        if *n == key(4) {
-            Verdict::Reject(RejectCode::LowScore)
-        } else {
-            Verdict::Accept
-        }
-    };
+    let refuse = |n: &PublicKey| (*n == key(4)).then_some(RejectCode::LowScore);
     let mut t = 0;
     while c.members().contains_key(&key(4)) {
-        play_round(&mut c, t, &all, judge);
+        play_round(&mut c, t, &all, refuse);
         t += 1_000;
         assert!(t < 20_000, "never banned: {:?}", c.standings().get(&key(4)));
     }
@@ -763,8 +1011,7 @@ fn a_member_refused_again_and_again_is_banned_and_stays_out() {
 fn an_accepted_delta_weighs_its_senders_standing_up_to_the_cap() {
     let mut c = coordinator();
     let all = join(&mut c, 3);
-    let accept = |_: &PublicKey| Verdict::Accept;
-    let first = play_round(&mut c, 0, &all, accept);
+    let first = play_round(&mut c, 0, &all, |_| None);
     for a in &first.accepted {
         assert_eq!(
             a.weights,
@@ -774,7 +1021,7 @@ fn an_accepted_delta_weighs_its_senders_standing_up_to_the_cap() {
     }
     let mut t = 1_000;
     for _ in 0..12 {
-        play_round(&mut c, t, &all, accept);
+        play_round(&mut c, t, &all, |_| None);
         t += 1_000;
     }
     // A newcomer joins a run whose members have a record.
@@ -783,7 +1030,7 @@ fn an_accepted_delta_weighs_its_senders_standing_up_to_the_cap() {
         .unwrap();
     let mut with_new = all.clone();
     with_new.push(newcomer);
-    let commit = play_round(&mut c, t, &with_new, accept);
+    let commit = play_round(&mut c, t, &with_new, |_| None);
     let ann_participants: Vec<PublicKey> = with_new.clone();
     let trunk = commit
         .accepted
@@ -806,7 +1053,6 @@ fn an_accepted_delta_weighs_its_senders_standing_up_to_the_cap() {
     }
     Message::RoundCommit(commit).check_limits().unwrap();
 }
-
 #[test]
 fn the_allowlist_and_the_member_cap_decide_who_joins() {
     let mut c = coordinator();
@@ -847,7 +1093,7 @@ fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_from_members_with_a
     let veterans = join(&mut c, 3);
     let mut t = 0;
     for _ in 0..3 {
-        play_round(&mut c, t, &veterans, |_| Verdict::Accept);
+        play_round(&mut c, t, &veterans, |_| None);
         t += 1_000;
     }
     // 20 new keys, each claiming a million tokens per second.
@@ -1182,50 +1428,21 @@ fn members_that_take_no_shard_do_not_start_a_round() {
     assert!(ann.participant(&key(9)).is_none());
 }
 
-/// A round of 3 members up to its call for results, every delta accepted.
+/// A round of 3 members up to its call for judgments, every participant having sent all its deltas.
 fn called_round(c: &mut Coordinator) -> (RoundAnnouncement, AggregationCall) {
     let ann = start(c, 3);
     let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
     send_all(c, &ann, &nodes, 10);
-    let verify = c.tick(20, 12).unwrap();
-    let [Action::Verify { deltas, .. }] = verify.as_slice() else {
-        panic!("{verify:?}")
-    };
-    for (n, d) in deltas.clone() {
-        c.verification_verdict(1, d.shard, n, d.payload_hash, Verdict::Accept)
-            .unwrap();
-    }
-    let agg = c.tick(30, 13).unwrap();
-    let [Action::CallAggregation(call)] = agg.as_slice() else {
-        panic!("{agg:?}")
-    };
-    (ann, call.clone())
+    let call = called(&c.tick(20, 12).unwrap());
+    (ann, call)
 }
 
 /// The call's part about an expert (held by two of the three members, so judged by them and the third).
 fn an_expert(call: &AggregationCall) -> &ShardCall {
     call.shards
         .iter()
-        .find(|p| p.accepted.shard != ShardId::Trunk)
+        .find(|p| p.shard != ShardId::Trunk)
         .unwrap()
-}
-
-fn entry(shard: ShardId, what: &str) -> ShardEntry {
-    ShardEntry {
-        shard,
-        hash: ContentHash::of(what.as_bytes()),
-        size: 9,
-        round: 1,
-    }
-}
-
-fn signed(call: &AggregationCall, results: Vec<ShardEntry>) -> ShardAttestation {
-    ShardAttestation {
-        run: call.run.clone(),
-        round: call.round,
-        call: call.hash().unwrap(),
-        results,
-    }
 }
 
 #[test]
@@ -1235,7 +1452,7 @@ fn every_shard_is_judged_by_its_holders_and_a_verifier_drawn_from_the_others() {
     assert!(!call.shards.is_empty());
     assert_eq!(call.base_checkpoint, ann.base_checkpoint);
     for part in &call.shards {
-        let shard = part.accepted.shard;
+        let shard = part.shard;
         let judges = judges_of(&ann, part);
         let holders: BTreeSet<PublicKey> = ann
             .participants
@@ -1258,58 +1475,55 @@ fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
     let (ann, call) = called_round(&mut c);
     // An expert held by two of the three members, so judged by them and the third, drawn as verifier.
     let part = an_expert(&call);
-    let shard = part.accepted.shard;
+    let shard = part.shard;
     let judges = judges_of(&ann, part);
     assert_eq!((judges.holders.len(), judges.verifiers.len()), (2, 1));
     let (liar, honest, verifier) = (judges.holders[0], judges.holders[1], judges.verifiers[0]);
-    let good = entry(shard, "the honest result");
-    // Nobody outside the shard's judges counts, nor a result for another call.
+    let good = judgment(part, "the honest result");
+    // Nobody outside the shard's judges counts, nor a judgment for another call.
     let outsider = key(99);
     assert_eq!(
-        c.shard_attested(1, outsider, &signed(&call, vec![good])),
+        c.shard_attested(1, outsider, &signed(&call, vec![good.clone()])),
         Err(EventError::Refused(RejectCode::ShardNotAssigned))
     );
     let other_call = ShardAttestation {
         call: ContentHash::of(b"another call"),
-        ..signed(&call, vec![good])
+        ..signed(&call, vec![good.clone()])
     };
     assert_eq!(
         c.shard_attested(1, honest, &other_call),
         Err(EventError::Refused(RejectCode::Inconsistent))
     );
-    // A holder signs a wrong hash: no quorum yet, and the wrong result cannot be taken.
-    let wrong = entry(shard, "a wrong result");
+    // A holder signs a wrong state: no quorum yet, and the wrong result cannot be taken.
+    let wrong = judgment(part, "a wrong result");
     assert_eq!(
-        c.shard_attested(1, liar, &signed(&call, vec![wrong])),
+        c.shard_attested(1, liar, &signed(&call, vec![wrong.clone()])),
         Ok(vec![])
     );
     assert_eq!(
-        c.shard_aggregated(1, wrong),
+        c.shard_aggregated(1, wrong.entry),
         Err(EventError::Refused(RejectCode::Inconsistent))
     );
-    // The other holder and the verifier sign the honest result: it has its quorum.
+    // The other holder and the verifier sign the honest judgment: it has its quorum.
     assert_eq!(
-        c.shard_attested(1, honest, &signed(&call, vec![good])),
+        c.shard_attested(1, honest, &signed(&call, vec![good.clone()])),
         Ok(vec![])
     );
     assert_eq!(
-        c.shard_attested(1, verifier, &signed(&call, vec![good])),
-        Ok(vec![good])
+        c.shard_attested(1, verifier, &signed(&call, vec![good.clone()])),
+        Ok(vec![good.entry])
     );
-    // A judge's second, different result for the shard does not replace its first.
+    // A judge's second, different judgment for the shard does not replace its first.
     assert_eq!(
-        c.shard_attested(1, liar, &signed(&call, vec![good])),
-        Ok(vec![good])
+        c.shard_attested(1, liar, &signed(&call, vec![good.clone()])),
+        Ok(vec![good.entry])
     );
-    c.shard_aggregated(1, good).unwrap();
+    c.shard_aggregated(1, good.entry).unwrap();
     // The other shards' judges all sign; the round commits the quorum's result.
-    attest_all(&mut c, &call, |s| entry(s, &format!("new {s}")));
+    attest_all(&mut c, &call, |p| judgment(p, &format!("new {}", p.shard)));
     let faults_before = c.standings().get(&liar).faults;
-    let done = c.tick(40, 14).unwrap();
-    let [Action::CommitRound(commit)] = done.as_slice() else {
-        panic!("{done:?}")
-    };
-    assert_eq!(commit.checkpoint.shard(&shard), Some(&good));
+    let commit = committed(&c.tick(40, 14).unwrap());
+    assert_eq!(commit.checkpoint.shard(&shard), Some(&good.entry));
     assert!(commit.accepted.iter().any(|a| a.shard == shard));
     assert_eq!(c.standings().get(&liar).faults, faults_before + 1);
     assert_eq!(c.standings().get(&honest).faults, 0);
@@ -1320,42 +1534,42 @@ fn colluding_holders_without_a_verifier_get_no_quorum_and_the_shard_holds() {
     let mut c = coordinator();
     let (ann, call) = called_round(&mut c);
     let part = an_expert(&call);
-    let shard = part.accepted.shard;
+    let shard = part.shard;
     let judges = judges_of(&ann, part);
-    let wrong = entry(shard, "what the colluders agree on");
-    // Both holders sign the same wrong result: two of three judges, but no verifier among them.
+    // Both holders sign the same wrong judgment (every delta refused, so the shard keeps its state): two of
+    // three judges, but no verifier among them.
+    let wrong = judged(part, 1, "what the colluders agree on", |_| {
+        DeltaVerdict::Refuse(RejectCode::LowScore)
+    });
     for h in &judges.holders {
-        assert_eq!(c.shard_attested(1, *h, &signed(&call, vec![wrong])), Ok(vec![]));
+        assert_eq!(
+            c.shard_attested(1, *h, &signed(&call, vec![wrong.clone()])),
+            Ok(vec![])
+        );
     }
     // The verifier signs the honest one: one signature, no quorum either.
     assert_eq!(
         c.shard_attested(
             1,
             judges.verifiers[0],
-            &signed(&call, vec![entry(shard, "honest")])
+            &signed(&call, vec![judgment(part, "honest")])
         ),
         Ok(vec![])
     );
     // Every other shard is settled; this one keeps its state at the deadline and its deltas are late.
-    for other in call.shards.iter().filter(|p| p.accepted.shard != shard) {
-        let s = other.accepted.shard;
-        let j = judges_of(&ann, other);
-        for k in j.holders.iter().chain(&j.verifiers) {
-            for ready in c.shard_attested(1, *k, &signed(&call, vec![entry(s, "fine")])).unwrap() {
-                c.shard_aggregated(1, ready).unwrap();
-            }
-        }
-    }
+    attest_each(&mut c, &call, |p| {
+        (p.shard != shard).then(|| judgment(p, "fine"))
+    });
     assert!(
         matches!(c.tick(40, 14).unwrap().as_slice(), []),
         "the round waits for the shard until the commit deadline"
     );
-    let done = c.tick(ann.deadlines.commit_by_ms + 1, 14).unwrap();
-    let [Action::CommitRound(commit)] = done.as_slice() else {
-        panic!("{done:?}")
-    };
+    let commit = committed(&c.tick(ann.deadlines.commit_by_ms + 1, 14).unwrap());
     let base = base_manifest();
-    assert_eq!(commit.checkpoint.shard(&shard).map(|e| e.hash), base.shard(&shard).map(|e| e.hash));
+    assert_eq!(
+        commit.checkpoint.shard(&shard).map(|e| e.hash),
+        base.shard(&shard).map(|e| e.hash)
+    );
     assert!(commit.accepted.iter().all(|a| a.shard != shard));
     assert!(
         commit
@@ -1364,6 +1578,12 @@ fn colluding_holders_without_a_verifier_get_no_quorum_and_the_shard_holds() {
             .filter(|r| r.shard == shard)
             .all(|r| r.reason == RejectCode::Late)
     );
+    // The colluders' refusals were never taken: their victims lose nothing.
+    assert!(
+        c.standings().records().values().all(|s| s.faults == 0),
+        "{:?}",
+        c.standings().records()
+    );
 }
 
 #[test]
@@ -1371,17 +1591,18 @@ fn a_judge_that_never_answers_leaves_the_quorum_to_the_others() {
     let mut c = coordinator();
     let (ann, call) = called_round(&mut c);
     let part = an_expert(&call);
-    let shard = part.accepted.shard;
     let judges = judges_of(&ann, part);
     // One holder died after training: the other holder and the verifier carry the shard.
-    let good = entry(shard, "honest");
-    assert_eq!(c.shard_attested(1, judges.holders[1], &signed(&call, vec![good])), Ok(vec![]));
+    let good = judgment(part, "honest");
     assert_eq!(
-        c.shard_attested(1, judges.verifiers[0], &signed(&call, vec![good])),
-        Ok(vec![good])
+        c.shard_attested(1, judges.holders[1], &signed(&call, vec![good.clone()])),
+        Ok(vec![])
+    );
+    assert_eq!(
+        c.shard_attested(1, judges.verifiers[0], &signed(&call, vec![good.clone()])),
+        Ok(vec![good.entry])
     );
 }
-
 #[test]
 fn a_state_saved_before_the_judges_still_resumes() {
     let mut c = coordinator();
@@ -1406,26 +1627,520 @@ fn a_state_saved_before_the_judges_still_resumes() {
 }
 
 #[test]
+fn a_state_saved_before_the_judges_verdicts_still_resumes() {
+    let mut c = coordinator();
+    // A judging rule of the operator's own, which format 3 kept; one round played, so the coordinator has
+    // a norm history, which format 3 did not keep.
+    let mut cfg = c.config().clone();
+    cfg.judging = JudgingRule {
+        verifiers_per_shard: 1,
+        max_holder_judges: 2,
+    };
+    c.reconfigure(cfg).unwrap();
+    let all = join(&mut c, 3);
+    play_round(&mut c, 0, &all, |_| None);
+    assert!(!c.norms.samples().is_empty());
+    // Round 2 in progress: judging, with some judgments in.
+    let (ann, actions) = round_to_call(&mut c, 1_000, &all);
+    let call = called(&actions);
+    let part = an_expert(&call).clone();
+    let j = judges_of(&ann, &part);
+    c.shard_attested(
+        ann.round,
+        j.holders[0],
+        &signed(&call, vec![judged(&part, ann.round, "new", accept)]),
+    )
+    .unwrap();
+    let restored = Coordinator::from_bytes(&legacy::encode_v3(&c)).unwrap();
+    // The round in progress (protocol 7's) is abandoned, and the norm history starts empty; members,
+    // standings, the checkpoint, the round count and the judging rule are kept, and the verdict rule and the
+    // history length are the defaults.
+    assert_eq!(
+        restored,
+        Coordinator {
+            state: RunState::WaitingForMembers,
+            norms: NormHistory::new(config::DEFAULT_NORM_HISTORY as usize),
+            ..c.clone()
+        }
+    );
+    assert_eq!(restored.config().judging, c.config().judging);
+    assert_eq!(
+        restored.config().verdict,
+        crate::round::default_verdict_rule()
+    );
+    // It opens the next round from its checkpoint, with the next number, and calls it with no norm history.
+    let mut resumed = restored.clone();
+    let (next, actions) = round_to_call(&mut resumed, 5_000, &all);
+    assert_eq!(next.round, ann.round + 1);
+    assert_eq!(next.base_checkpoint, c.checkpoint().hash().unwrap());
+    assert!(called(&actions).norms.is_empty());
+    // Saved again, it is in the current format.
+    assert_eq!(
+        Coordinator::from_bytes(&restored.to_bytes().unwrap()).unwrap(),
+        restored
+    );
+    // Between rounds nothing is lost; a truncated state is an error.
+    for state in [
+        RunState::Cooldown { until_ms: 77 },
+        RunState::WaitingForMembers,
+    ] {
+        let idle = Coordinator {
+            state: state.clone(),
+            ..c.clone()
+        };
+        let back = Coordinator::from_bytes(&legacy::encode_v3(&idle)).unwrap();
+        assert_eq!(back.state(), &state);
+    }
+    let bytes = legacy::encode_v3(&c);
+    assert!(Coordinator::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    // A round still training is abandoned as well.
+    let mut training = coordinator();
+    start(&mut training, 3);
+    assert!(matches!(training.state(), RunState::RoundTrain(_)));
+    let back = Coordinator::from_bytes(&legacy::encode_v3(&training)).unwrap();
+    assert_eq!(back.state(), &RunState::WaitingForMembers);
+    assert_eq!(back.members(), training.members());
+}
+
+#[test]
 fn a_participant_dropped_from_the_round_judges_nothing() {
     let mut c = coordinator();
     let ann = start(&mut c, 3);
     let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
     // The third participant sends nothing: dropped at the delta deadline.
     send_all(&mut c, &ann, &nodes[..2], 10);
-    let verify = c.tick(ann.deadlines.deltas_by_ms + 1, 12).unwrap();
-    let [Action::Verify { deltas, .. }] = verify.as_slice() else {
-        panic!("{verify:?}")
-    };
-    for (n, d) in deltas.clone() {
-        c.verification_verdict(1, d.shard, n, d.payload_hash, Verdict::Accept)
-            .unwrap();
-    }
-    let agg = c.tick(ann.deadlines.deltas_by_ms + 2, 13).unwrap();
-    let [Action::CallAggregation(call)] = agg.as_slice() else {
-        panic!("{agg:?}")
-    };
+    let call = called(&c.tick(ann.deadlines.deltas_by_ms + 1, 12).unwrap());
     assert!(!call.shards.is_empty());
     for part in &call.shards {
         assert!(!judges_of(&ann, part).contains(&nodes[2]), "{part:?}");
     }
+}
+
+#[test]
+fn the_commit_carries_the_quorums_verdicts_and_the_standings_follow_them() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    // The judges refuse the cheat's trunk delta as not bound to it (its sender's fault), and another
+    // sender's expert delta as too small (an honest expert that got no tokens: a small cost); they accept
+    // every other delta, each with its norm.
+    let cheat = ann.participants[0].node;
+    let trunk = call.shard(&ShardId::Trunk).unwrap();
+    let forged = *trunk
+        .deltas
+        .iter()
+        .find(|d| sender_of(&ann, d) == cheat)
+        .unwrap();
+    let small = *an_expert(&call)
+        .deltas
+        .iter()
+        .find(|d| sender_of(&ann, d) != cheat)
+        .unwrap();
+    let verdict = |d: &CalledDelta| {
+        if *d == forged {
+            DeltaVerdict::Refuse(RejectCode::NotBound)
+        } else if *d == small {
+            DeltaVerdict::Refuse(RejectCode::NormTooSmall)
+        } else {
+            accept(d)
+        }
+    };
+    attest_all(&mut c, &call, |part| judged(part, 1, "new", verdict));
+    let commit = committed(&c.tick(40, 14).unwrap());
+    // Each shard's accepted deltas in the call's order, with the call's weights and the verdicts' norms.
+    for part in &call.shards {
+        let kept: Vec<&CalledDelta> = part
+            .deltas
+            .iter()
+            .filter(|d| **d != forged && **d != small)
+            .collect();
+        let want = AcceptedDeltas {
+            shard: part.shard,
+            deltas: kept.iter().map(|d| d.payload_hash).collect(),
+            weights: kept.iter().map(|d| d.weight).collect(),
+            norms: kept.iter().map(|d| norm_of(d)).collect(),
+        };
+        let got = commit.accepted.iter().find(|a| a.shard == part.shard);
+        assert_eq!(got, Some(&want), "{}", part.shard);
+    }
+    // The refused ones with their codes, under their senders' keys.
+    let mut want = vec![
+        RejectedDelta {
+            shard: ShardId::Trunk,
+            node: cheat,
+            payload_hash: forged.payload_hash,
+            reason: RejectCode::NotBound,
+        },
+        RejectedDelta {
+            shard: an_expert(&call).shard,
+            node: sender_of(&ann, &small),
+            payload_hash: small.payload_hash,
+            reason: RejectCode::NormTooSmall,
+        },
+    ];
+    want.sort_by_key(|d| (d.shard, d.node, d.payload_hash));
+    assert_eq!(commit.rejected, want);
+    // The standings follow the verdicts: +1 per accepted delta, the fault cost for the forged one, 1 for the
+    // small one.
+    let expected = expected_standings(&ann, &call, &[], verdict);
+    assert_eq!(expected.len(), 3);
+    for (node, want) in &expected {
+        assert_eq!(&c.standings().get(node), want, "{node}");
+    }
+    let honest = ann.participants[1].node;
+    let cheat_s = c.standings().get(&cheat);
+    assert_eq!(cheat_s.faults, 1);
+    assert_eq!(
+        cheat_s.reputation,
+        cheat_s.accepted as i64 - StandingPolicy::default().fault_cost
+    );
+    assert!(c.standings().get(&honest).reputation > 0);
+    // Round 2's weights are the standings the verdicts left.
+    let (ann2, actions) = round_to_call(
+        &mut c,
+        1_000,
+        &ann.participants.iter().map(|p| p.node).collect::<Vec<_>>(),
+    );
+    let call2 = called(&actions);
+    for part in &call2.shards {
+        for d in &part.deltas {
+            assert_eq!(
+                d.weight,
+                c.standings().get(&sender_of(&ann2, d)).delta_weight()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_shard_without_a_taken_result_lists_its_deltas_late_at_no_cost_to_their_senders() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    let mut experts = call.shards.iter().filter(|p| p.shard != ShardId::Trunk);
+    // Two experts: the judges of one each sign another state (no quorum); those of the other agree, but the
+    // daemon never gets the result's blob (never taken).
+    let (split, unfetched) = (
+        experts.next().unwrap().clone(),
+        experts.next().unwrap().clone(),
+    );
+    let refuse_all = |_: &CalledDelta| DeltaVerdict::Refuse(RejectCode::BadPayload);
+    let j = judges_of(&ann, &split);
+    for (i, k) in j.holders.iter().chain(&j.verifiers).enumerate() {
+        let own = judged(&split, 1, &format!("state {i}"), refuse_all);
+        assert_eq!(
+            c.shard_attested(1, *k, &signed(&call, vec![own])),
+            Ok(vec![])
+        );
+    }
+    let j = judges_of(&ann, &unfetched);
+    let agreed = judged(&unfetched, 1, "agreed", refuse_all);
+    let mut ready = Vec::new();
+    for k in j.holders.iter().chain(&j.verifiers) {
+        ready.extend(
+            c.shard_attested(1, *k, &signed(&call, vec![agreed.clone()]))
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        ready,
+        vec![agreed.entry],
+        "a quorum, whose result the daemon would fetch"
+    );
+    // Every other shard is judged and taken.
+    let late = [split.shard, unfetched.shard];
+    attest_each(&mut c, &call, |p| {
+        (!late.contains(&p.shard)).then(|| judgment(p, "new"))
+    });
+    let commit = committed(&c.tick(ann.deadlines.commit_by_ms + 1, 14).unwrap());
+    for part in [&split, &unfetched] {
+        let mut want: Vec<RejectedDelta> = part
+            .deltas
+            .iter()
+            .map(|d| RejectedDelta {
+                shard: part.shard,
+                node: sender_of(&ann, d),
+                payload_hash: d.payload_hash,
+                reason: RejectCode::Late,
+            })
+            .collect();
+        want.sort_by_key(|d| (d.node, d.payload_hash));
+        let got: Vec<RejectedDelta> = commit
+            .rejected
+            .iter()
+            .filter(|r| r.shard == part.shard)
+            .cloned()
+            .collect();
+        assert_eq!(
+            got, want,
+            "{}: every delta late, whatever the judges said",
+            part.shard
+        );
+        assert!(commit.accepted.iter().all(|a| a.shard != part.shard));
+        assert_eq!(
+            commit.checkpoint.shard(&part.shard),
+            base_manifest().shard(&part.shard),
+            "{} keeps its entry",
+            part.shard
+        );
+    }
+    assert_eq!(
+        commit.rejected.len(),
+        split.deltas.len() + unfetched.deltas.len()
+    );
+    // Their senders are charged nothing for them (nor for the refusals that were never taken): each record
+    // holds the other shards' accepted deltas alone.
+    let expected = expected_standings(&ann, &call, &late, accept);
+    for p in &ann.participants {
+        assert_eq!(
+            c.standings().get(&p.node),
+            expected.get(&p.node).copied().unwrap_or_default(),
+            "{}",
+            p.node
+        );
+    }
+}
+
+#[test]
+fn accepted_norms_reach_the_next_call_and_refused_ones_do_not() {
+    let mut c = coordinator();
+    // Two norms kept per shard, so that the trunk's three accepted deltas overflow the history.
+    let mut cfg = c.config().clone();
+    cfg.norm_history = 2;
+    c.reconfigure(cfg).unwrap();
+    let all = join(&mut c, 4);
+    let refused = key(2);
+    let (ann, commit) = play_round_in(&mut c, 0, &all, |n| {
+        (*n == refused).then_some(RejectCode::NormTooSmall)
+    });
+    // The records the history should hold: each accepted delta's norm with its sender, shard by shard in
+    // the commit's (the call's) order, the last two of each shard.
+    let sender_of_payload = |shard: ShardId, h: &ContentHash| {
+        ann.participants
+            .iter()
+            .map(|p| p.node)
+            .find(|n| delta(&ann, shard, *n).payload_hash == *h)
+            .unwrap()
+    };
+    let mut want = Vec::new();
+    for a in &commit.accepted {
+        let records: Vec<NormRecord> = a
+            .deltas
+            .iter()
+            .zip(&a.norms)
+            .map(|(h, norm)| NormRecord {
+                shard: a.shard,
+                sender: sender_of_payload(a.shard, h),
+                norm: *norm,
+            })
+            .collect();
+        want.extend(records[records.len().saturating_sub(2)..].iter().copied());
+    }
+    let trunk = commit
+        .accepted
+        .iter()
+        .find(|a| a.shard == ShardId::Trunk)
+        .unwrap();
+    assert_eq!(trunk.deltas.len(), 3, "four trunk deltas, one refused");
+    let (_, actions) = round_to_call(&mut c, 1_000, &all);
+    let call = called(&actions);
+    Message::AggregationCall(call.clone())
+        .check_limits()
+        .unwrap();
+    assert_eq!(call.norms, want);
+    assert!(
+        call.norms.iter().all(|r| r.sender != refused),
+        "no refused delta's norm"
+    );
+    assert_eq!(
+        call.norms
+            .iter()
+            .filter(|r| r.shard == ShardId::Trunk)
+            .count(),
+        2,
+        "at most the history's length a shard"
+    );
+}
+
+#[test]
+fn judges_agreeing_on_the_entry_but_not_on_every_verdict_are_no_quorum() {
+    // `other` turns the first delta's verdict into another one; the entry stays the same.
+    let others: [fn(&CalledDelta) -> DeltaVerdict; 2] = [
+        // Refused instead of accepted.
+        |_| DeltaVerdict::Refuse(RejectCode::LowScore),
+        // Accepted with a norm one ulp off: verdicts agree bit for bit or not at all.
+        |d| DeltaVerdict::Accept {
+            norm: f32::from_bits(norm_of(d).to_bits() + 1),
+        },
+    ];
+    for other in others {
+        let mut c = coordinator();
+        let (ann, call) = called_round(&mut c);
+        let part = an_expert(&call);
+        let judges = judges_of(&ann, part);
+        let (a, b, v) = (judges.holders[0], judges.holders[1], judges.verifiers[0]);
+        let first = part.deltas[0];
+        let all_in = judgment(part, "one state");
+        let one_off = judged(part, 1, "one state", |d| {
+            if *d == first { other(d) } else { accept(d) }
+        });
+        assert_eq!(all_in.entry, one_off.entry);
+        assert_ne!(all_in.verdicts, one_off.verdicts);
+        // Holder `a` and the verifier disagree on one verdict: two of three signatures on the entry, no quorum.
+        assert_eq!(
+            c.shard_attested(1, a, &signed(&call, vec![all_in.clone()])),
+            Ok(vec![])
+        );
+        assert_eq!(
+            c.shard_attested(1, v, &signed(&call, vec![one_off.clone()])),
+            Ok(vec![])
+        );
+        assert_eq!(c.state().round().unwrap().ready_result(&part.shard), None);
+        // Holder `b` sides with the verifier: that is the quorum, and `a` dissents.
+        assert_eq!(
+            c.shard_attested(1, b, &signed(&call, vec![one_off.clone()])),
+            Ok(vec![one_off.entry])
+        );
+        c.shard_aggregated(1, one_off.entry).unwrap();
+        attest_all(&mut c, &call, |p| judgment(p, "new"));
+        let commit = committed(&c.tick(40, 14).unwrap());
+        let rejected: Vec<&RejectedDelta> = commit
+            .rejected
+            .iter()
+            .filter(|r| r.shard == part.shard)
+            .collect();
+        let accepted = commit
+            .accepted
+            .iter()
+            .find(|a| a.shard == part.shard)
+            .unwrap();
+        match other(&first) {
+            DeltaVerdict::Refuse(code) => {
+                assert_eq!(rejected.len(), 1);
+                assert_eq!(
+                    (rejected[0].payload_hash, rejected[0].reason),
+                    (first.payload_hash, code)
+                );
+                assert!(!accepted.deltas.contains(&first.payload_hash));
+            }
+            DeltaVerdict::Accept { norm } => {
+                assert!(rejected.is_empty());
+                let at = accepted
+                    .deltas
+                    .iter()
+                    .position(|h| *h == first.payload_hash)
+                    .unwrap();
+                assert_eq!(
+                    accepted.norms[at].to_bits(),
+                    norm.to_bits(),
+                    "the quorum's norm"
+                );
+            }
+        }
+        // The dissenter pays once; the refused delta's sender pays for it (it may be any of the three).
+        let refused = |k: &PublicKey| {
+            u64::from(
+                matches!(other(&first), DeltaVerdict::Refuse(_)) && sender_of(&ann, &first) == *k,
+            )
+        };
+        assert_eq!(c.standings().get(&a).faults, 1 + refused(&a));
+        assert_eq!(c.standings().get(&b).faults, refused(&b));
+        assert_eq!(c.standings().get(&v).faults, refused(&v));
+    }
+}
+
+#[test]
+fn scores_are_no_part_of_the_agreement_and_the_first_signers_are_published() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    let part = an_expert(&call);
+    let judges = judges_of(&ann, part);
+    let (a, v) = (judges.holders[0], judges.verifiers[0]);
+    // Two judges agree on the state and the verdicts; their scores differ in the last bits (another CPU
+    // rounds a loss differently).
+    let mine = judgment(part, "one state");
+    let mut theirs = mine.clone();
+    for s in &mut theirs.scores {
+        s.loss = f32::from_bits(s.loss.to_bits() + 1);
+    }
+    assert_eq!(
+        c.shard_attested(1, a, &signed(&call, vec![mine.clone()])),
+        Ok(vec![])
+    );
+    assert_eq!(
+        c.shard_attested(1, v, &signed(&call, vec![theirs.clone()])),
+        Ok(vec![mine.entry]),
+        "a quorum all the same"
+    );
+    c.shard_aggregated(1, mine.entry).unwrap();
+    // The other holder has not signed (it would dissent if it signed anything else); the other shards settle.
+    attest_each(&mut c, &call, |p| {
+        (p.shard != part.shard).then(|| judgment(p, "new"))
+    });
+    let commit = committed(&c.tick(40, 14).unwrap());
+    let first = if a < v { &mine } else { &theirs };
+    let published: Vec<DeltaScore> = commit
+        .scores
+        .iter()
+        .filter(|s| s.shard == part.shard)
+        .copied()
+        .collect();
+    let mut want = first.scores.clone();
+    want.sort_by_key(|s| s.payload_hash);
+    assert_eq!(
+        published, want,
+        "the scores of the quorum's first signer by key"
+    );
+    assert!(c.standings().records().values().all(|s| s.faults == 0));
+}
+
+#[test]
+fn a_judgment_without_one_verdict_per_called_delta_is_not_counted() {
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    let part = an_expert(&call);
+    let judges = judges_of(&ann, part);
+    let good = judgment(part, "honest");
+    let mut short = good.clone();
+    short.verdicts.pop();
+    let mut long = good.clone();
+    long.verdicts.push(accept(&part.deltas[0]));
+    for bad in [&short, &long] {
+        for k in judges.holders.iter().chain(&judges.verifiers) {
+            assert_eq!(
+                c.shard_attested(1, *k, &signed(&call, vec![bad.clone()])),
+                Err(EventError::Refused(RejectCode::ShardNotAssigned)),
+                "{} verdicts for {} deltas",
+                bad.verdicts.len(),
+                part.deltas.len()
+            );
+        }
+    }
+    assert!(
+        !c.state()
+            .round()
+            .unwrap()
+            .attested
+            .contains_key(&part.shard)
+    );
+    // Beside a well-formed judgment of another shard, the malformed one is skipped and the other counts.
+    let holder = judges.holders[0];
+    let trunk = call.shard(&ShardId::Trunk).unwrap();
+    assert!(judges_of(&ann, trunk).contains(&holder));
+    let mut both = vec![judgment(trunk, "trunk"), short.clone()];
+    both.sort_by_key(|j| j.entry.shard);
+    assert_eq!(
+        c.shard_attested(1, holder, &signed(&call, both)),
+        Ok(vec![])
+    );
+    let r = c.state().round().unwrap();
+    assert!(r.attested[&ShardId::Trunk].contains_key(&holder));
+    assert!(!r.attested.contains_key(&part.shard));
+    // The malformed judgment was not kept as the judges' first: their well-formed ones still count.
+    assert_eq!(
+        c.shard_attested(1, holder, &signed(&call, vec![good.clone()])),
+        Ok(vec![])
+    );
+    assert_eq!(
+        c.shard_attested(1, judges.verifiers[0], &signed(&call, vec![good.clone()])),
+        Ok(vec![good.entry])
+    );
 }

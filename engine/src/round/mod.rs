@@ -11,6 +11,7 @@
 //! - [`balance`]: the router biases moved once a round from every participant's expert loads;
 //! - [`norms`]: the lower and upper bounds on a delta's norm, from other senders' norms only;
 //! - [`score`]: a contribution's reproducible score (its gain over a zero delta on a batch fixed after the deltas are in);
+//! - [`verdict`]: a judge's verdicts on one shard's deltas (payload checks, norm bounds, score, policy);
 //! - [`evaluate`]: the validation loss of a whole checkpoint (what an evaluator publishes);
 //! - [`simulate`]: N nodes in one process plus the single-node baselines;
 //! - [`error`]: the engine's one error type, [`RoundError`].
@@ -25,6 +26,7 @@ pub mod score;
 pub mod simulate;
 pub mod spec;
 pub mod state;
+pub mod verdict;
 
 pub use apply::{apply_round, apply_shard_round, apply_weighted_round};
 pub use balance::{ExpertLoads, balance_router, imbalance, load_ratios, loads_len};
@@ -42,3 +44,4 @@ pub use simulate::{
 };
 pub use spec::{RunSpec, SPARSE_OUTER_LR, SPARSE_OUTER_MOMENTUM};
 pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};
+pub use verdict::{Fetched, Judged, call_score_seed, default_verdict_rule, judge_deltas};

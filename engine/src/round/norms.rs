@@ -25,6 +25,8 @@ use std::collections::BTreeMap;
 use mana_kernels::model::ShardId;
 use mana_protocol::PublicKey;
 use mana_protocol::validation::median_norm;
+use mana_protocol::NormRecord;
+use serde::{Deserialize, Serialize};
 
 /// Norms below this are not references: a delta of an expert that no token reached is rounding noise (a
 /// 2-node run had expert deltas of 3.7e-14 beside honest ones of 2e-3), and a median over such samples would
@@ -33,7 +35,7 @@ use mana_protocol::validation::median_norm;
 pub const NEGLIGIBLE_NORM: f32 = 1e-9;
 
 /// One delta's norm, with its shard and sender.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NormSample {
     /// The shard the delta updates.
     pub shard: ShardId,
@@ -58,6 +60,16 @@ pub enum NormVerdict {
         /// The lower reference norm.
         reference: f32,
     },
+}
+
+impl From<&NormRecord> for NormSample {
+    fn from(r: &NormRecord) -> NormSample {
+        NormSample {
+            shard: r.shard,
+            sender: r.sender,
+            norm: r.norm,
+        }
+    }
 }
 
 /// The group of shards whose delta norms are compared with each other: `None` for the trunk, the layer for
@@ -131,7 +143,7 @@ pub fn judge_norm(
 
 /// The recently accepted norms of every shard, with their senders, at most `per_shard` a shard (the oldest go
 /// first).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NormHistory {
     per_shard: usize,
     by_shard: BTreeMap<ShardId, Vec<NormSample>>,
@@ -152,6 +164,15 @@ impl NormHistory {
         list.push(sample);
         let excess = list.len().saturating_sub(self.per_shard);
         list.drain(..excess);
+    }
+
+    /// Keeps at most `per_shard` samples a shard from now on (the oldest go first).
+    pub fn keep_per_shard(&mut self, per_shard: usize) {
+        self.per_shard = per_shard;
+        for list in self.by_shard.values_mut() {
+            let excess = list.len().saturating_sub(per_shard);
+            list.drain(..excess);
+        }
     }
 
     /// Every sample, shard by shard.

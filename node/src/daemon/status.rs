@@ -158,6 +158,10 @@ pub struct TrainingStatus {
     /// start.
     #[serde(default)]
     pub shards_attested: u64,
+    /// Deltas this node judged (checked, and scored unless refused before) as a judge of their shard, since
+    /// start.
+    #[serde(default)]
+    pub deltas_judged: u64,
     /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)
     /// and found to agree, since start.
     pub scores_checked: u64,
@@ -582,11 +586,13 @@ mod tests {
                     shard: ShardId::Trunk,
                     deltas: vec![ContentHash([1; 32]), ContentHash([2; 32])],
                     weights: vec![1, 1],
+                    norms: vec![1.0, 1.0],
                 },
                 AcceptedDeltas {
                     shard: e(0),
                     deltas: vec![ContentHash([3; 32])],
                     weights: vec![1],
+                    norms: vec![1.0],
                 },
             ],
             rejected: vec![

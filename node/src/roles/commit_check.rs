@@ -155,6 +155,7 @@ mod tests {
                 shard: ShardId::Trunk,
                 deltas: payloads.clone(),
                 weights: vec![1; payloads.len()],
+                norms: vec![1.0; payloads.len()],
             }],
             rejected: Vec::new(),
             checkpoint: CheckpointManifest {

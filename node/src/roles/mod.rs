@@ -1,9 +1,12 @@
 //! The training roles, wired onto a running node ([`crate::daemon::NodeHandle`]):
-//! - [`conductor`]: what `mana coordinator` runs: drives the run's state machine ([`mana_engine::coordinator::Coordinator`]), verifies every
-//!   contribution, computes and hosts each round's new checkpoint, publishes announcements and commits, writes
-//!   per-round metrics, and resumes from its store after a restart;
+//! - [`conductor`]: what `mana coordinator` runs: drives the run's state machine
+//!   ([`mana_engine::coordinator::Coordinator`]), publishes announcements, calls for judgments and commits what
+//!   a quorum of each shard's judges signed, writes per-round metrics, and resumes from its store after a
+//!   restart;
 //! - [`trainer`]: a volunteer: trains its assigned shards on each round it is named in, publishes compressed
-//!   deltas, applies each commit to the shards it holds and checks its result against the commit's hashes;
+//!   deltas, judges the shards it holds or is drawn to verify (`judge`: fetch, check and score each delta,
+//!   compute the next state, sign), applies each commit to the shards it holds and checks its result against
+//!   the commit's hashes;
 //! - [`evaluator`]: on a node that mirrors every checkpoint, measures each committed checkpoint's validation
 //!   loss and publishes it, signed (the figure the coordinator's metrics and the demo show).
 //!
@@ -16,6 +19,7 @@ pub mod commit_check;
 pub mod common;
 pub mod conductor;
 pub mod evaluator;
+mod judge;
 mod residuals;
 pub mod silence;
 pub mod trainer;

@@ -36,14 +36,16 @@ use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
     AggregationCall, Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
-    DeltaAnnouncement, DeltaEncoder, DeltaScore, DeviceKind, Message, Participant, PublicKey,
-    RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation, ShardEntry, ShardId,
+    DeltaAnnouncement, DeltaEncoder, DeltaScore, DeltaVerdict, DeviceKind, Message, Participant,
+    PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation, ShardEntry, ShardId,
+    ShardJudgment,
     decode_contribution,
     validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
+use super::judge;
 use super::common::{PinLedger, corpus_hash, fetch_bytes, peer_of, publish_patiently};
 use super::residuals;
 use super::silence::{CoordinatorWatch, Silence};
@@ -165,6 +167,20 @@ struct Trainer {
     said_corpus: bool,
     /// The last round, once the coordinator ended the run.
     ended: Option<u64>,
+    /// The next states this node computed as a judge in the round in progress, by shard: a commit that takes
+    /// the same deltas at the same weights is checked against them instead of computed again.
+    judged: BTreeMap<ShardId, JudgedShard>,
+}
+
+/// A shard's next state as this node computed it when it judged the shard, with what it was computed from.
+struct JudgedShard {
+    /// The accepted payloads, in the call's order, and their weights.
+    accepted: Vec<ContentHash>,
+    weights: Vec<u32>,
+    /// The new state and its blob's hash (hosted and pinned for the round).
+    next: Held,
+    /// The accepted deltas, decoded (for the check of the commit's published scores).
+    payloads: Vec<(ContentHash, Arc<Vec<f32>>)>,
 }
 
 /// Runs the trainer on `node` until `shutdown` completes. The node must follow a coordinator
@@ -224,6 +240,7 @@ async fn trainer_loop(
         corpus: corpus_hash(&cfg_data),
         said_corpus: false,
         ended: None,
+        judged: BTreeMap::new(),
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -452,6 +469,7 @@ impl Trainer {
 
     async fn on_announcement(&mut self, ann: RoundAnnouncement) -> Result<(), NodeError> {
         self.senders.clear();
+        self.judged.clear();
         // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
         let missed = self
             .sent
@@ -727,12 +745,14 @@ impl Trainer {
         Ok(out)
     }
 
-    /// The coordinator's call for the round's results (it is the only one who may sign one: validation
-    /// checks the signer). For each shard this node judges (as a holder, or as a drawn verifier), computes the
-    /// shard's next state from the round's base and the call's accepted deltas, with the very update it runs
-    /// on a commit ([`apply_shard_round`]), hosts the blob and signs the results in one
-    /// [`ShardAttestation`]. A verifier fetches the shard's base state by its hash in the base checkpoint. A
-    /// shard whose base or payloads cannot be had is left out: a judge signs only what it computed.
+    /// The coordinator's call for the round's judgments (it is the only one who may sign one: validation
+    /// checks the signer). For each shard this node judges (as a holder, or as a drawn verifier), checks and
+    /// scores every delta and computes the shard's next state from the ones it accepts ([`judge::judge_shard`]),
+    /// hosts the new blob and signs its verdicts and results in one [`ShardAttestation`]. A verifier fetches
+    /// the shard's base state by its hash in the base checkpoint, and the trunk's if it does not hold it. A
+    /// shard whose base cannot be had is left out: a judge signs only what it computed. A call that does not
+    /// reveal the seed secret the announcement committed to is not answered (the score batches would be the
+    /// coordinator's choice).
     async fn on_call(&mut self, call: AggregationCall) -> Result<(), NodeError> {
         let Some(assigned) = self.assigned.as_ref() else {
             return Ok(());
@@ -742,6 +762,10 @@ impl Trainer {
             || ann.round != call.round
             || ann.base_checkpoint != call.base_checkpoint
         {
+            return Ok(());
+        }
+        if !call.reveals_seed_of(&ann) {
+            tracing::error!(round = call.round, "the call's seed secret is not the one the announcement committed to; not judged");
             return Ok(());
         }
         let Some(me) = ann.participants.iter().position(|p| p.node == self.me) else {
@@ -754,42 +778,113 @@ impl Trainer {
             .map(|(s, h)| (*s, h.state.clone()))
             .collect();
         let round = call.round;
+        let call = Arc::new(call);
+        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
         let mut results = Vec::new();
+        let mut judged = 0u64;
         for part in &call.shards {
             if !part.holders.contains(&me) && !part.verifiers.contains(&me) {
                 continue;
             }
-            let shard = part.accepted.shard;
-            let base = match held.get(&shard) {
-                Some(state) => state.clone(),
-                None => match self.judged_base(&ann, shard).await {
-                    Ok(state) => state,
-                    Err(e) => {
-                        tracing::warn!(round, %shard, error = %e, "the base of a shard to verify could not be had; not judged");
-                        continue;
-                    }
-                },
+            let shard = part.shard;
+            let Some(base_entry) = manifest.shard(&shard).copied() else {
+                tracing::warn!(round, %shard, "a called shard is not in the round's base checkpoint; not judged");
+                continue;
             };
-            let accepted = &part.accepted;
-            let next = match self
-                .next_state(&ann, base, &accepted.deltas, &accepted.weights)
-                .await?
-            {
-                Ok((next, _)) => next,
+            let mut base = Vec::new();
+            let needed = if shard == ShardId::Trunk {
+                vec![ShardId::Trunk]
+            } else {
+                vec![ShardId::Trunk, shard]
+            };
+            for needed in needed {
+                let state = match held.get(&needed) {
+                    Some(state) => state.clone(),
+                    None => match self.judged_base(&ann, needed).await {
+                        Ok(state) => state,
+                        Err(e) => {
+                            tracing::warn!(round, shard = %needed, error = %e, "the base of a shard to judge could not be had; not judged");
+                            base.clear();
+                            break;
+                        }
+                    },
+                };
+                base.push((*state).clone());
+            }
+            if base.is_empty() {
+                continue;
+            }
+            // Each payload's fetch gets at most half of what is left of the window, so that the scores and
+            // the new state of what did arrive are still signed before the commit deadline.
+            let left = ann.deadlines.commit_by_ms.saturating_sub(now_ms()).max(2000);
+            let input = judge::ShardInput {
+                announcement: ann.clone(),
+                call: call.clone(),
+                shard,
+                base,
+                spec: self.cfg.spec.clone(),
+                data: self.cfg.data.clone(),
+                fetch_budget: self
+                    .cfg
+                    .fetch_timeout
+                    .min(Duration::from_millis(left / 2)),
+                concurrency: self.cfg.fetch_concurrency,
+            };
+            let outcome = match judge::judge_shard(self.node.clone(), input).await {
+                Ok(o) => o,
                 Err(e) => {
-                    tracing::warn!(round, %shard, error = %e, "accepted deltas unavailable; the shard is not judged");
+                    tracing::warn!(round, %shard, error = %e, "shard not judged");
                     continue;
                 }
             };
-            let bytes = next.to_bytes();
-            let size = bytes.len() as u64;
-            let hash = self.node.host_blob_now(bytes).await?;
-            self.pins.add(round, hash);
-            results.push(ShardEntry {
-                shard,
-                hash,
-                size,
-                round,
+            for hash in &outcome.fetched {
+                self.pins.add(round, *hash);
+            }
+            judged += part.deltas.len() as u64;
+            let refused = outcome
+                .verdicts
+                .iter()
+                .filter(|v| matches!(v, DeltaVerdict::Refuse(_)))
+                .count();
+            tracing::info!(round, %shard, deltas = part.deltas.len(), refused, transfer_ms = outcome.transfer_ms, judge_ms = outcome.judge_ms, "shard judged");
+            let entry = match outcome.next {
+                Some(next) => {
+                    let bytes = next.to_bytes();
+                    let size = bytes.len() as u64;
+                    let hash = self.node.host_blob_now(bytes).await?;
+                    self.pins.add(round, hash);
+                    let hashes: Vec<ContentHash> =
+                        outcome.accepted.iter().map(|(h, _)| *h).collect();
+                    self.judged.insert(
+                        shard,
+                        JudgedShard {
+                            accepted: hashes,
+                            weights: outcome.weights,
+                            next: Held {
+                                hash,
+                                state: Arc::new(next),
+                            },
+                            payloads: outcome
+                                .accepted
+                                .into_iter()
+                                .map(|(h, d)| (h, Arc::new(d)))
+                                .collect(),
+                        },
+                    );
+                    ShardEntry {
+                        shard,
+                        hash,
+                        size,
+                        round,
+                    }
+                }
+                // No delta accepted: the shard stays as it was.
+                None => base_entry,
+            };
+            results.push(ShardJudgment {
+                entry,
+                verdicts: outcome.verdicts,
+                scores: outcome.scores,
             });
         }
         if results.is_empty() {
@@ -810,13 +905,14 @@ impl Trainer {
         .await?;
         self.node.update_training_status(|s| {
             s.shards_attested += n;
-            s.activity = format!("round {round}: results signed");
+            s.deltas_judged += judged;
+            s.activity = format!("round {round}: judgments signed");
         });
         Ok(())
     }
 
-    /// The holders' update of one shard in `ann`'s round, the one computation behind both a judge's result
-    /// and a holder's check of a commit: the `accepted` payloads, fetched, decoded and pinned for the round,
+    /// The holders' update of one shard in `ann`'s round for a commit's check (a judge that computed the same
+    /// update keeps it: [`JudgedShard`]): the `accepted` payloads, fetched, decoded and pinned for the round,
     /// applied to `base` at `weights` ([`apply_shard_round`]). Returns the new state with the decoded
     /// payloads (kept for the score check), or, inside, the error of a payload that could not be had (which
     /// proves nothing about the shard); the outer error is the update's own failure.
@@ -912,10 +1008,21 @@ impl Trainer {
                 .find(|a| a.shard == *shard)
                 .map(|a| (a.deltas.clone(), a.weights.clone()))
                 .unwrap_or_default();
-            // What this node computes for the shard: unchanged without deltas, else the round's update.
+            // What this node computes for the shard: unchanged without deltas, else the round's update (the one
+            // it computed as a judge of the shard, when it judged the same deltas at the same weights).
             let mut computed = None;
+            let mut kept = None;
+            let judged = self
+                .judged
+                .remove(shard)
+                .filter(|j| j.accepted == accepted && j.weights == weights);
             let recomputed = if accepted.is_empty() {
                 Recomputed::NoDeltas
+            } else if let Some(j) = judged {
+                at_hand.extend(j.payloads);
+                let hash = j.next.hash;
+                kept = Some(j.next);
+                Recomputed::Computed(hash)
             } else {
                 match self
                     .next_state(ann, base.state.clone(), &accepted, &weights)
@@ -937,7 +1044,12 @@ impl Trainer {
             match commit_check::judge_shard(base.hash, entry.hash, recomputed) {
                 ShardVerdict::Reproduced => {
                     matches += 1;
-                    match computed {
+                    match (kept, computed) {
+                        (Some(held), _) => {
+                            // Hosted and pinned when it was judged.
+                            new_held.insert(*shard, held);
+                        }
+                        (None, computed) => match computed {
                         Some((bytes, state)) => {
                             let hosted = self.node.host_blob_now(bytes).await?;
                             self.pins.add(round, hosted);
@@ -952,6 +1064,7 @@ impl Trainer {
                         None => {
                             new_held.insert(*shard, base.clone());
                         }
+                        },
                     }
                 }
                 ShardVerdict::Refuted { computed } => {

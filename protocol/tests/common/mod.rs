@@ -137,6 +137,7 @@ pub fn round_commit() -> RoundCommit {
             shard: ShardId::expert(1, 0).unwrap(),
             deltas: vec![ContentHash::of(&sample_payload())],
             weights: vec![3],
+            norms: vec![0.0725],
         }],
         rejected: vec![RejectedDelta {
             shard: ShardId::Trunk,
@@ -192,33 +193,80 @@ pub fn commit_dispute() -> CommitDispute {
     }
 }
 
-/// The coordinator's call for round 7's results: one expert, its accepted payload, two holders and a
-/// verifier (participant indices).
+/// The coordinator's call for round 7's judgments: one expert with two deltas (participants 0 and 3), two
+/// holders and a verifier (participant indices), and a norm of the history.
 pub fn aggregation_call() -> AggregationCall {
+    let shard = ShardId::expert(1, 0).unwrap();
+    let mut deltas = vec![
+        CalledDelta {
+            sender: 0,
+            payload_hash: ContentHash::of(&sample_payload()),
+            payload_size: sample_payload().len() as u64,
+            weight: 3,
+        },
+        CalledDelta {
+            sender: 3,
+            payload_hash: ContentHash::of(b"another payload"),
+            payload_size: 15,
+            weight: 1,
+        },
+    ];
+    deltas.sort_by_key(|d| (d.payload_hash, d.sender));
     AggregationCall {
         run: run(),
         round: 7,
         base_checkpoint: manifest(6).hash().unwrap(),
+        seed_secret: [7; 32],
+        rule: VerdictRule {
+            min_norm_ratio: 0.01,
+            score_share: 1.0,
+            trunk_min_gain: 0.0,
+            trunk_share: 0.15,
+            expert_tolerance: 0.05,
+        },
+        norms: vec![NormRecord {
+            shard,
+            sender: node().public(),
+            norm: 0.07,
+        }],
         shards: vec![ShardCall {
-            accepted: AcceptedDeltas {
-                shard: ShardId::expert(1, 0).unwrap(),
-                deltas: vec![ContentHash::of(&sample_payload())],
-                weights: vec![3],
-            },
+            shard,
+            deltas,
             holders: vec![0, 2],
             verifiers: vec![1],
         }],
     }
 }
 
-/// A judge's answer to [`aggregation_call`]: the expert's new entry in round 7's manifest.
+/// A judge's answer to [`aggregation_call`]: the first delta accepted, the second refused as low-score (both
+/// scored), and the expert's new entry in round 7's manifest.
 pub fn shard_attestation() -> ShardAttestation {
     let shard = ShardId::expert(1, 0).unwrap();
+    let call = aggregation_call();
+    let scores = call.shards[0]
+        .deltas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeltaScore {
+            shard,
+            payload_hash: d.payload_hash,
+            in_mean: 2,
+            null_loss: 3.5,
+            loss: 3.4 + i as f32 * 0.2,
+        })
+        .collect();
     ShardAttestation {
         run: run(),
         round: 7,
-        call: aggregation_call().hash().unwrap(),
-        results: vec![*manifest(7).shard(&shard).unwrap()],
+        call: call.hash().unwrap(),
+        results: vec![ShardJudgment {
+            entry: *manifest(7).shard(&shard).unwrap(),
+            verdicts: vec![
+                DeltaVerdict::Accept { norm: 0.0725 },
+                DeltaVerdict::Refuse(RejectCode::LowScore),
+            ],
+            scores,
+        }],
     }
 }
 

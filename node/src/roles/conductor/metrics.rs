@@ -10,9 +10,10 @@
 //! ```
 //!
 //! Wall times, measured by the coordinator: `train` from the announcement to the last delta announcement
-//! (the participants' training, encoding and publishing), `transfer` fetching the payloads, `verify` decoding,
-//! norm checks and scoring, `apply` from the call for results to the last result taken (the judges computing
-//! and signing the new shards, and the coordinator fetching them).
+//! (the participants' training, encoding and publishing), `apply` from the call for judgments to the last
+//! result taken (the judges fetching, checking, scoring and applying the deltas and signing, and the
+//! coordinator fetching the new shards). `transfer` and `verify` are 0 since protocol 8: the coordinator
+//! fetches and scores no payload; each judge reports its own times in its status.
 
 use std::collections::BTreeMap;
 
@@ -24,9 +25,9 @@ use serde::{Deserialize, Serialize};
 pub struct PhaseMs {
     /// Announcement to the last delta announcement.
     pub train: u64,
-    /// Fetching delta payloads.
+    /// Fetching delta payloads (0 since protocol 8: the judges fetch them).
     pub transfer: u64,
-    /// Decoding, norm checks and scoring.
+    /// Decoding, norm checks and scoring (0 since protocol 8: the judges do it).
     pub verify: u64,
     /// Computing and hosting the new shards.
     pub apply: u64,
@@ -68,7 +69,7 @@ pub struct RoundMetrics {
     /// Wall time per part of the round.
     #[serde(default)]
     pub ms: PhaseMs,
-    /// Deltas scored (`ms.verify / scored` is the verification cost per delta, scoring included).
+    /// Deltas scored (the scores the commit publishes).
     #[serde(default)]
     pub scored: u64,
     /// The seed of the round's score batches (hex), which anyone can recompute from the commit.

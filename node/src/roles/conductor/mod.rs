@@ -7,18 +7,17 @@
 //!   (or, restarted, reloads the last committed checkpoint from its store and resumes the saved state);
 //! - feeds the machine the members' heartbeats (never its own) and the delta announcements, and ticks it
 //!   every [`ConductorConfig::tick`] with fresh OS randomness as the seed;
-//! - carries out its [`Action`]s: publishes announcements; verifies a round's deltas in a background task
-//!   ([`verify`]: bounds, norms and a reproducible score for every delta); publishes the call for results
-//!   and takes the judges' signed results ([`results`]: each shard's next state is computed by its holders
-//!   and drawn verifiers, never here; a result a quorum signed is fetched, checked and reported with
-//!   `shard_aggregated`); commits: stores the new checkpoint as a store round, hosts its manifest blob,
+//! - carries out its [`Action`]s: publishes announcements; publishes the call for judgments and takes the
+//!   judges' signed verdicts and results ([`results`]: each shard's deltas are fetched, checked, scored and
+//!   applied by its holders and drawn verifiers, never here; a result a quorum signed is fetched, checked and
+//!   reported with `shard_aggregated`); commits: stores the new checkpoint as a store round, hosts its manifest blob,
 //!   publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so `mana status`
 //!   shows it) and writes one metrics line ([`metrics`]);
 //! - compares every holder's published manifest (its shard hashes after a round) with the commit, counting
 //!   reports and mismatches in the status;
 //! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
-//!   a round being verified is verified again; in a round being aggregated the call is published again and
-//!   the results that have their quorum are fetched again.
+//!   in a round being judged the call is published again and the results that have their quorum are fetched
+//!   again.
 
 pub mod admission;
 pub mod identity;
@@ -26,9 +25,8 @@ pub mod metrics;
 mod reports;
 mod results;
 mod stats;
-mod verify;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +40,6 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 pub use metrics::{PhaseMs, RoundMetrics};
-pub use verify::PAYLOAD_UNAVAILABLE;
 
 use super::common::{PinLedger, append_line, os_seed, peer_name, publish_patiently};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
@@ -51,12 +48,9 @@ use crate::daemon::status::{CommitSummary, MemberStanding};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::store::RecordKind;
 use mana_engine::coordinator::{
-    Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, Verdict, address_block,
+    Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, address_block,
 };
-use mana_engine::round::{
-    NormHistory, NormSample, RunShard, RunSpec, ScorePolicy, ShardRecord,
-    build_trainer, initial_shards,
-};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, initial_shards};
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
 pub const STATE_KEY: &[u8] = b"coordinator/state";
@@ -69,20 +63,10 @@ pub struct ConductorConfig {
     pub machine: CoordinatorConfig,
     /// The run's model and initialisation; every node must use the same.
     pub spec: RunSpec,
-    /// The run's text (the score batches and the metrics' validation batches); every node must use the same.
+    /// The run's text (the metrics' validation batches); every node must use the same.
     pub data: Arc<TextDataset>,
     /// How often the state machine is ticked.
     pub tick: Duration,
-    /// Share of contributions scored (1: every one, the default); the draw comes from the round's score
-    /// seed, so it is reproducible and unknown to senders before the deltas are in.
-    pub score_share: f64,
-    /// What score a contribution needs ([`ScorePolicy`]: a trunk delta must gain, an expert delta must not
-    /// clearly harm).
-    pub score_policy: ScorePolicy,
-    /// A delta's norm must be at least this share of the reference norm of its class.
-    pub min_norm_ratio: f32,
-    /// Accepted norms kept per shard for the norm bounds' reference.
-    pub norm_history: usize,
     /// Fixed validation batches (indices 0..n) the metrics' `val_loss` is measured on.
     pub val_batches: u64,
     /// Whose [`mana_protocol::Evaluation`]s are checked against the coordinator's own validation loss
@@ -95,11 +79,8 @@ pub struct ConductorConfig {
     pub metrics: Option<PathBuf>,
     /// Where to save the final model (a `mana train`-style checkpoint directory), at `rounds` and on shutdown.
     pub export: Option<PathBuf>,
-    /// Longest wait for one payload (during verification, also at most half of what is left of the verify
-    /// window).
+    /// Longest wait for one result blob a quorum signed.
     pub fetch_timeout: Duration,
-    /// Payloads fetched at once.
-    pub fetch_concurrency: usize,
     /// Only the keys in this file may join ([`admission`]); the file is read again when it changes. `None`:
     /// an open run.
     pub allowlist: Option<PathBuf>,
@@ -109,9 +90,7 @@ pub struct ConductorConfig {
 }
 
 impl ConductorConfig {
-    /// Defaults around `machine`: tick 100 ms, every delta scored with the default [`ScorePolicy`], a norm of
-    /// at least 1% of the reference, 8 norms of history per shard, 4 validation batches, no round limit, no
-    /// metrics or export.
+    /// Defaults around `machine`: tick 100 ms, 4 validation batches, no round limit, no metrics or export.
     pub fn new(
         machine: CoordinatorConfig,
         spec: RunSpec,
@@ -125,17 +104,12 @@ impl ConductorConfig {
             spec,
             data,
             tick: Duration::from_millis(100),
-            score_share: 1.0,
-            score_policy: ScorePolicy::default(),
-            min_norm_ratio: 0.01,
-            norm_history: 8,
             val_batches: 4,
             evaluators: None,
             rounds: None,
             metrics: None,
             export: None,
             fetch_timeout: Duration::from_secs(30),
-            fetch_concurrency: 8,
             allowlist: None,
             accept_changed_settings: false,
         }
@@ -174,16 +148,11 @@ impl Model {
 struct RoundClock {
     announced: Option<Instant>,
     last_delta: Option<Instant>,
-    transfer_ms: u64,
-    verify_ms: u64,
-    /// From the call for results to the last result taken (the judges' work and the fetch of their
-    /// blobs), in ms.
+    /// From the call for judgments to the last result taken (the judges' fetching, checking, scoring and
+    /// applying, and the fetch of their blobs), in ms.
     apply_ms: u64,
-    /// When the round's results were called for.
+    /// When the round's judgments were called for.
     called: Option<Instant>,
-    /// Deltas scored, and the seed of the score batches (the last verification's).
-    scored: u64,
-    score_seed: Option<u64>,
 }
 
 struct Role {
@@ -200,10 +169,6 @@ struct Role {
     results_tx: mpsc::Sender<results::Fetched>,
     /// Attestations the state machine took, since start.
     attestations: u64,
-    /// Why each refused payload was refused: (reason, detail), for the rejection log and the metrics.
-    reasons: HashMap<(ShardId, PublicKey), (String, String)>,
-    /// Recently accepted norms with their senders, for the norm bounds.
-    history: NormHistory,
     clock: RoundClock,
     /// The last announced round (for the commit's metrics).
     last_announcement: Option<RoundAnnouncement>,
@@ -211,7 +176,6 @@ struct Role {
     round_deltas: Vec<(PublicKey, DeltaAnnouncement)>,
     saved: Vec<u8>,
     pins: PinLedger,
-    verify_tx: mpsc::Sender<verify::VerifyReport>,
     accepted_total: u64,
     rejected_total: u64,
     holder_reports: u64,
@@ -270,9 +234,8 @@ async fn conductor_loop(
             node.config().net.run_id
         )));
     }
-    let (verify_tx, mut verify_rx) = mpsc::channel(4);
     let (results_tx, mut results_rx) = mpsc::channel(64);
-    let mut role = Role::start(node, cfg, verify_tx, results_tx).await?;
+    let mut role = Role::start(node, cfg, results_tx).await?;
     if role
         .cfg
         .rounds
@@ -299,7 +262,6 @@ async fn conductor_loop(
                 Err(RecvError::Lagged(n)) => tracing::warn!(skipped = n, "coordinator fell behind the message stream"),
                 Err(RecvError::Closed) => break,
             },
-            Some(report) = verify_rx.recv() => role.on_verified(report).await,
             Some(fetched) = results_rx.recv() => role.on_fetched(fetched).await,
         }
         role.save().await;
@@ -328,7 +290,6 @@ impl Role {
     async fn start(
         node: Arc<NodeHandle>,
         cfg: ConductorConfig,
-        verify_tx: mpsc::Sender<verify::VerifyReport>,
         results_tx: mpsc::Sender<results::Fetched>,
     ) -> Result<Role, NodeError> {
         let store = node.store().clone();
@@ -382,6 +343,16 @@ impl Role {
                         machine.reconfigure(config).map_err(NodeError::from)?;
                     }
                 }
+                // The verdict rule is the operator's to tune between restarts: every call publishes the one
+                // in force, so the judges follow it and anyone can see when it changed.
+                let (verdict, history) = (cfg.machine.verdict, cfg.machine.norm_history);
+                if machine.config().verdict != verdict || machine.config().norm_history != history {
+                    tracing::info!(?verdict, norm_history = history, "resuming with the verdict rule given now");
+                    let mut config = machine.config().clone();
+                    config.verdict = verdict;
+                    config.norm_history = history;
+                    machine.reconfigure(config).map_err(NodeError::from)?;
+                }
                 let model = load_model(&node, &cfg.spec, machine.checkpoint()).await?;
                 tracing::info!(
                     round = machine.checkpoint().round,
@@ -408,7 +379,6 @@ impl Role {
         let manifest = machine.checkpoint().to_bytes()?;
         let manifest_hash = node.host_blob(manifest).await?;
         let me = node.public_key();
-        let history = NormHistory::new(cfg.norm_history);
         let mut machine = machine;
         // A loopback-only node hears only processes on its own host (the demo, the tests): like the network's
         // per-IP limits, the member cap per address does not count them.
@@ -432,14 +402,11 @@ impl Role {
             taken: BTreeMap::new(),
             results_tx,
             attestations: 0,
-            reasons: HashMap::new(),
-            history,
             clock: RoundClock::default(),
             last_announcement: None,
             round_deltas: Vec::new(),
             saved: Vec::new(),
             pins: PinLedger::default(),
-            verify_tx,
             accepted_total: 0,
             rejected_total: 0,
             holder_reports: 0,
@@ -475,21 +442,14 @@ impl Role {
         Ok(role)
     }
 
-    /// After a restart mid-round: verification that was in flight is started again; during aggregation the
-    /// call for results is published again (a judge may have missed it) and the results that have their
-    /// quorum are fetched again.
+    /// After a restart mid-round: while the judges work, the call is published again (a judge may have
+    /// missed it) and the results that have their quorum are fetched again.
     async fn resume_work(&mut self) {
-        match self.machine.state().clone() {
-            RunState::RoundVerify(round) => {
-                self.start_verify(round.announcement.clone(), round.unverified())
+        if let RunState::RoundAggregate(round) = self.machine.state().clone() {
+            if let Some(called) = round.call {
+                self.call_results(called.call).await;
             }
-            RunState::RoundAggregate(round) => {
-                if let Some(called) = round.call {
-                    self.call_results(called.call).await;
-                }
-                self.fetch_ready();
-            }
-            _ => {}
+            self.fetch_ready();
         }
     }
 
@@ -532,7 +492,7 @@ impl Role {
             .any(|a| matches!(a, Action::CommitRound(_)))
     }
 
-    /// Does one action. Only a commit returns an error (it is retried); announcing, verifying and aggregating
+    /// Does one action. Only a commit returns an error (it is retried); announcing and calling for judgments
     /// deal with their own failures.
     async fn execute(&mut self, action: Action) -> Result<(), NodeError> {
         match action {
@@ -542,7 +502,6 @@ impl Role {
                     announced: Some(Instant::now()),
                     ..RoundClock::default()
                 };
-                self.reasons.clear();
                 self.taken.clear();
                 self.round_deltas.clear();
                 self.last_announcement = Some(ann.clone());
@@ -558,106 +517,10 @@ impl Role {
                     Err(e) => tracing::warn!(round, error = %e, "round announcement not published"),
                 }
             }
-            Action::Verify { round, deltas } => {
-                let Some(active) = self.machine.state().round() else {
-                    return Ok(());
-                };
-                if active.announcement.round != round {
-                    return Ok(());
-                }
-                let ann = active.announcement.clone();
-                self.start_verify(ann, deltas);
-            }
             Action::CallAggregation(call) => self.call_results(call).await,
             Action::CommitRound(commit) => self.commit(commit).await?,
         }
         Ok(())
-    }
-
-    fn start_verify(
-        &mut self,
-        announcement: RoundAnnouncement,
-        deltas: Vec<(PublicKey, DeltaAnnouncement)>,
-    ) {
-        // Each payload fetch gets at most half of what is left of the window, so that the norm checks and the scores
-        // of the deltas that did arrive still end before the commit deadline.
-        let remaining = announcement
-            .deadlines
-            .commit_by_ms
-            .saturating_sub(now_ms())
-            .max(1000);
-        let Some(score_seed) = self.machine.state().round().map(|r| r.score_seed()) else {
-            return;
-        };
-        let input = verify::VerifyInput {
-            announcement,
-            deltas,
-            score_seed,
-            model: self.model.states.clone(),
-            history: self.history.samples(),
-            spec: self.cfg.spec.clone(),
-            data: self.cfg.data.clone(),
-            score_share: self.cfg.score_share,
-            score_policy: self.cfg.score_policy,
-            min_norm_ratio: self.cfg.min_norm_ratio,
-            fetch_budget: self
-                .cfg
-                .fetch_timeout
-                .min(Duration::from_millis(remaining / 2)),
-            concurrency: self.cfg.fetch_concurrency,
-        };
-        let (node, tx) = (self.node.clone(), self.verify_tx.clone());
-        self.node.clone().spawn(async move {
-            let report = verify::verify_round(node, input).await;
-            let _ = tx.send(report).await;
-        });
-    }
-
-    async fn on_verified(&mut self, report: verify::VerifyReport) {
-        self.clock.transfer_ms += report.transfer_ms;
-        self.clock.verify_ms += report.verify_ms;
-        self.clock.scored += report.scored;
-        self.clock.score_seed = Some(report.score_seed);
-        for checked in report.checked {
-            let hash = checked.delta.payload_hash;
-            // Fetched payloads stay pinned until the rounds after this one are committed.
-            self.pins.add(report.round, hash);
-            if let Some(score) = checked.score {
-                tracing::debug!(round = report.round, shard = %checked.delta.shard, gain = score.null_loss - score.loss, seed = report.score_seed, "delta scored");
-                if let Err(e) = self.machine.delta_scored(report.round, checked.node, score) {
-                    tracing::debug!(round = report.round, error = %e, "score not taken");
-                }
-            }
-            let verdict = match checked.outcome {
-                verify::Outcome::Accepted { norm } => {
-                    self.history.push(NormSample {
-                        shard: checked.delta.shard,
-                        sender: checked.node,
-                        norm,
-                    });
-                    Verdict::Accept
-                }
-                verify::Outcome::Rejected {
-                    code,
-                    reason,
-                    detail,
-                } => {
-                    tracing::info!(round = report.round, node = %peer_name(&checked.node), shard = %checked.delta.shard, %reason, %detail, "delta rejected");
-                    self.reasons
-                        .insert((checked.delta.shard, checked.node), (reason, detail));
-                    Verdict::Reject(code)
-                }
-            };
-            if let Err(e) = self.machine.verification_verdict(
-                report.round,
-                checked.delta.shard,
-                checked.node,
-                hash,
-                verdict,
-            ) {
-                tracing::debug!(round = report.round, error = %e, "verdict not taken");
-            }
-        }
     }
 
     async fn commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
@@ -725,16 +588,18 @@ impl Role {
         // and this loses them from the log; the signed commit, which lists them, is the record).
         let mut rejected_reasons: BTreeMap<String, u64> = BTreeMap::new();
         for r in &commit.rejected {
-            let (reason, detail) = self
-                .reasons
-                .get(&(r.shard, r.node))
-                .cloned()
-                .unwrap_or_else(|| {
-                    (
-                        r.reason.as_str().to_owned(),
-                        format!("round {round}, shard {}", r.shard),
-                    )
-                });
+            let reason = r.reason.as_str().to_owned();
+            let detail = if r.reason == mana_protocol::RejectCode::Late {
+                format!(
+                    "round {round}, shard {}: its judges reached no quorum in time",
+                    r.shard
+                )
+            } else {
+                format!(
+                    "round {round}, shard {}: payload {} refused by a quorum of its judges",
+                    r.shard, r.payload_hash
+                )
+            };
             *rejected_reasons.entry(reason.clone()).or_default() += 1;
             if !first_time {
                 continue;

@@ -1,6 +1,6 @@
-//! The judges' results: each shard's next state is computed and signed by its judges (its holders and the
-//! verifiers drawn for it, `ShardAttestation`), never by the conductor. The conductor publishes the state
-//! machine's call for results, counts the signatures there, fetches each result a quorum signed by its hash
+//! The judges' verdicts and results: each shard's deltas are checked and scored, and its next state computed,
+//! by its judges (its holders and the verifiers drawn for it), who sign both (`ShardAttestation`); never by
+//! the conductor. The conductor publishes the state machine's call for judgments, counts the signatures there, fetches each result a quorum signed by its hash
 //! from those who signed it, checks that the blob is a state of that shard, keeps it for the commit, and
 //! reports it. A result that cannot be fetched or read is not taken: its shard keeps its state for the round
 //! unless a later attestation brings the fetch again.
@@ -25,7 +25,7 @@ pub(super) struct Fetched {
 }
 
 impl Role {
-    /// Publishes the call for the round's results (the judges answer it), within the commit window.
+    /// Publishes the call for the round's judgments (the judges answer it), within the commit window.
     pub(super) async fn call_results(&mut self, call: AggregationCall) {
         let round = call.round;
         let shards = call.shards.len();
@@ -35,8 +35,8 @@ impl Role {
         self.clock.called = Some(Instant::now());
         let patience = std::time::Duration::from_secs(10);
         match publish_patiently(&self.node, &Message::AggregationCall(call), patience).await {
-            Ok(()) => tracing::info!(round, shards, "results called for"),
-            Err(e) => tracing::warn!(round, error = %e, "call for results not published"),
+            Ok(()) => tracing::info!(round, shards, "judgments called for"),
+            Err(e) => tracing::warn!(round, error = %e, "call for judgments not published"),
         }
     }
 
@@ -86,6 +86,13 @@ impl Role {
         let base = self.machine.checkpoint().shard(&entry.shard).map(|e| e.size);
         if base != Some(entry.size) {
             tracing::warn!(round, shard = %entry.shard, size = entry.size, ?base, "a signed result has another size than its shard; not fetched");
+            return;
+        }
+        if self.machine.checkpoint().shard(&entry.shard) == Some(&entry) {
+            // The judges accepted no delta: the shard keeps its base state, which is here already.
+            if let Err(e) = self.machine.shard_aggregated(round, entry) {
+                tracing::debug!(round, shard = %entry.shard, error = %e, "unchanged result not taken");
+            }
             return;
         }
         if !self.fetching.insert(entry.hash) {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use mana_engine::round::build_trainer;
+use mana_engine::round::{build_trainer, commit_score_seed};
 use mana_protocol::{
     ContentHash, HyperParams, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule,
 };
@@ -71,12 +71,11 @@ impl Role {
             checkpoint: checkpoint.to_string(),
             ms: PhaseMs {
                 train,
-                transfer: self.clock.transfer_ms,
-                verify: self.clock.verify_ms,
                 apply: self.clock.apply_ms,
+                ..PhaseMs::default()
             },
-            scored: self.clock.scored,
-            score_seed: self.clock.score_seed.map(|s| format!("{s:016x}")),
+            scored: commit.scores.len() as u64,
+            score_seed: Some(format!("{:016x}", commit_score_seed(commit))),
             unix_ms: now_ms(),
         }
     }
