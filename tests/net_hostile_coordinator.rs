@@ -17,6 +17,11 @@
 //!   accepted, every shard unchanged), so only the score check can catch it: every trainer recomputes its own
 //!   refused delta's score (always, whatever its share), finds the published one false, and says so (error
 //!   log, `score_mismatches` in its status).
+//! - A coordinator that does not commit what a quorum of a shard's judges signed: the test calls the trunk's
+//!   judgments itself, then drops the quorum (the trunk held, its deltas `late`) in one round and forges the
+//!   accepted norms in the next. Every trainer, a judge of the trunk, audits each commit against the
+//!   attestations it saw: the first is counted as a dropped quorum, the second as a contradiction, kept with
+//!   its signed evidence.
 //! - A coordinator that equivocates: while the conductor runs, the test publishes a second, different commit
 //!   for a round already committed. Every node (the three trainers and the coordinator's own node) keeps both
 //!   signed envelopes in its store (checked here with the coordinator's key alone) and shows it in its status,
@@ -41,8 +46,9 @@ use mana_node::roles::commit_check::refusal_key;
 use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
-    AcceptedDeltas, ContentHash, DeltaScore, Message, PublicKey, RejectCode, RejectedDelta,
-    RoundAnnouncement, RoundCommit, ShardId, seed_commitment,
+    AcceptedDeltas, AggregationCall, CalledDelta, ContentHash, DeltaScore, DeltaVerdict, Message,
+    PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardCall, ShardId,
+    ShardJudgment, seed_commitment,
 };
 use net_support::*;
 use tokio::sync::watch;
@@ -590,4 +596,245 @@ async fn a_trainer_that_refused_a_commit_still_refuses_after_a_restart() {
         .shutdown()
         .await
         .expect("shutdown");
+}
+
+/// The test, as the coordinator, calls round `ann`'s judgments of the trunk alone (its trunk `deltas`, every
+/// participant judging as a holder) and waits for every trainer's attestation; returns the call and the
+/// judgment a quorum signed.
+async fn call_trunk_judgments(
+    net: &RoundNet,
+    heard: &Heard,
+    ann: &RoundAnnouncement,
+    deltas: &[(PublicKey, ContentHash)],
+    secret: [u8; 32],
+) -> (AggregationCall, ShardJudgment) {
+    let index = |k: &PublicKey| {
+        ann.participants
+            .iter()
+            .position(|p| p.node == *k)
+            .expect("a participant") as u32
+    };
+    let sizes: BTreeMap<ContentHash, u64> = heard
+        .find(|m| match &m.message {
+            Message::DeltaAnnouncement(d) if d.round == ann.round => {
+                Some((d.payload_hash, d.payload_size))
+            }
+            _ => None,
+        })
+        .into_iter()
+        .collect();
+    let mut called: Vec<CalledDelta> = deltas
+        .iter()
+        .map(|(k, h)| CalledDelta {
+            sender: index(k),
+            payload_hash: *h,
+            payload_size: sizes[h],
+            weight: 1,
+        })
+        .collect();
+    called.sort_by_key(|d| (d.payload_hash, d.sender));
+    let call = AggregationCall {
+        run: ann.run.clone(),
+        round: ann.round,
+        base_checkpoint: ann.base_checkpoint,
+        seed_secret: secret,
+        rule: mana_engine::round::default_verdict_rule(),
+        norms: Vec::new(),
+        shards: vec![ShardCall {
+            shard: ShardId::Trunk,
+            deltas: called,
+            holders: (0..ann.participants.len() as u32).collect(),
+            verifiers: Vec::new(),
+        }],
+    };
+    let id = call.hash().expect("call id");
+    publish_patiently(
+        &net.coordinator,
+        &Message::AggregationCall(call.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the call published");
+    let judgments = wait_for(
+        Duration::from_secs(60),
+        "every trainer's judgment of the trunk",
+        || async {
+            let j: Vec<ShardJudgment> = heard.find(|m| match &m.message {
+                Message::ShardAttestation(a) if a.call == id => a.results.first().cloned(),
+                _ => None,
+            });
+            (j.len() >= HONEST).then_some(j)
+        },
+    )
+    .await;
+    // The honest trainers agree: one judgment, every honest delta accepted.
+    let first = judgments[0].clone();
+    for j in &judgments {
+        assert_eq!((j.entry, &j.verdicts), (first.entry, &first.verdicts));
+    }
+    assert!(
+        first
+            .verdicts
+            .iter()
+            .all(|v| matches!(v, DeltaVerdict::Accept { .. })),
+        "{:?}",
+        first.verdicts
+    );
+    (call, first)
+}
+
+/// A coordinator that does not commit what a quorum of a shard's judges signed is seen by the judges
+/// themselves (`audit_commit` in the trainer, `mana_engine::coordinator::audit`), on a real network. The test
+/// plays the coordinator for two rounds after two honest ones. In the first it drops the judges' quorum: the
+/// commit holds the trunk and lists every trunk delta `late`; every trainer counts a dropped quorum
+/// (`quorums_dropped`). In the second it commits the quorum's result and accepted deltas but forges their
+/// norms (tenfold: the history later norm bounds draw on, which recomputing the shard cannot see): every
+/// trainer finds the commit contradicting the quorum (`quorums_contradicted`) and keeps the signed call, the
+/// quorum's attestations and the commit as evidence, which verify with their signers' keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = RoundNet::start(HONEST).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let secret = honest_commit.seed_secret;
+
+    // Round LIE: the quorum's judgment dropped.
+    let base = honest_commit.checkpoint.clone();
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+    let (_, judgment) =
+        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret).await;
+    assert_ne!(judgment.entry, *base.shard(&ShardId::Trunk).expect("trunk"));
+    let mut checkpoint = base.clone();
+    checkpoint.round = LIE;
+    let dropped = RoundCommit {
+        run: ann.run.clone(),
+        round: LIE,
+        accepted: Vec::new(),
+        rejected: deltas
+            .iter()
+            .map(|(node, payload_hash)| RejectedDelta {
+                shard: ShardId::Trunk,
+                node: *node,
+                payload_hash: *payload_hash,
+                reason: RejectCode::Late,
+            })
+            .collect(),
+        checkpoint: checkpoint.clone(),
+        scores: Vec::new(),
+        seed_secret: secret,
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(dropped.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the commit published");
+    let after_drop = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer saw the dropped quorum",
+            |s| training(s).quorums_dropped >= 1 && training(s).applied_round == Some(LIE),
+        )
+        .await;
+    for s in &after_drop {
+        let t = training(s);
+        assert_eq!(t.quorums_contradicted, 0, "{:?}", t.last_audit_finding);
+        assert!(t.halted.is_none(), "a dropped quorum is no proof: {:?}", t.halted);
+    }
+
+    // Round LIE + 1: the quorum's result, with forged norms.
+    let ann = next_announcement(&ann, LIE + 1, &dropped.checkpoint);
+    net.coordinator
+        .host_blob_now(dropped.checkpoint.to_bytes().expect("manifest"))
+        .await
+        .expect("hosted");
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE + 1, HONEST).await;
+    let (call, judgment) =
+        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret).await;
+    let part = &call.shards[0];
+    let mut checkpoint = dropped.checkpoint.clone();
+    checkpoint.round = LIE + 1;
+    for e in checkpoint.shards.iter_mut() {
+        if e.shard == ShardId::Trunk {
+            *e = judgment.entry;
+        }
+    }
+    let forged = RoundCommit {
+        run: ann.run.clone(),
+        round: LIE + 1,
+        accepted: vec![AcceptedDeltas {
+            shard: ShardId::Trunk,
+            deltas: part.deltas.iter().map(|d| d.payload_hash).collect(),
+            weights: vec![1; part.deltas.len()],
+            norms: judgment
+                .verdicts
+                .iter()
+                .map(|v| match v {
+                    DeltaVerdict::Accept { norm } => norm * 10.0,
+                    DeltaVerdict::Refuse(_) => 0.0,
+                })
+                .collect(),
+        }],
+        rejected: Vec::new(),
+        checkpoint,
+        scores: Vec::new(),
+        seed_secret: secret,
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(forged.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the commit published");
+    let after_forgery = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer saw the forged norms",
+            |s| training(s).quorums_contradicted >= 1,
+        )
+        .await;
+    for s in &after_forgery {
+        let t = training(s);
+        // The shard itself reproduces: only the audit sees the forgery.
+        assert_eq!(t.hash_mismatches, 0, "{:?}", t.refused_commit);
+        let finding = t.last_audit_finding.clone().unwrap_or_default();
+        assert!(finding.contains("trunk"), "{finding}");
+    }
+    // The evidence: the signed commit, the signed call and the quorum's signed attestations.
+    for (node, _) in &net.trainers {
+        let mut key = (LIE + 1).to_be_bytes().to_vec();
+        key.extend_from_slice(b"/quorum-contradicted/trunk");
+        let blobs = node
+            .store()
+            .evidence_piece(&key)
+            .expect("evidence read")
+            .expect("the evidence kept");
+        assert_eq!(blobs.len(), 3);
+        let read = |i: usize| {
+            let node = node.clone();
+            let hash = blobs[i];
+            async move { node.read_blob(hash).await.expect("blob") }
+        };
+        let commit = mana_protocol::decode_envelope(&read(0).await).expect("the commit");
+        assert_eq!(commit.signer, net.coordinator.public_key());
+        assert!(matches!(commit.verify(), Ok(Message::RoundCommit(c)) if c == forged));
+        let called = mana_protocol::decode_envelope(&read(1).await).expect("the call");
+        assert!(matches!(called.verify(), Ok(Message::AggregationCall(c)) if c == call));
+        let attestations: Vec<Vec<u8>> =
+            serde_json::from_slice(&read(2).await).expect("the attestations");
+        assert!(attestations.len() >= 2, "a quorum of the three holders");
+        for bytes in &attestations {
+            let a = mana_protocol::decode_envelope(bytes).expect("an attestation");
+            assert!(matches!(a.verify(), Ok(Message::ShardAttestation(_))));
+        }
+    }
+    net.stop().await;
 }

@@ -94,12 +94,10 @@ pub fn summary(
     );
     let _ = writeln!(
         s,
-        "rounds    {} committed (first round {:.1} s{per_round}); phases on average: train {:.1} s, transfer {:.1} s, verify {:.1} s, apply {:.1} s",
+        "rounds    {} committed (first round {:.1} s{per_round}); phases on average: train {:.1} s, judge and apply {:.1} s (the shards' judges fetch, check, score and apply the deltas)",
         m.len(),
         rounds.secs.first().copied().unwrap_or(0.0),
         mean(|r| r.ms.train),
-        mean(|r| r.ms.transfer),
-        mean(|r| r.ms.verify),
         mean(|r| r.ms.apply),
     );
     let _ = writeln!(

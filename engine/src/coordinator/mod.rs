@@ -27,6 +27,7 @@
 //! it hosted are reassigned at the next round.
 
 pub mod assign;
+pub mod audit;
 pub mod config;
 pub mod judges;
 mod legacy;

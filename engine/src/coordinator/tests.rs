@@ -2144,3 +2144,93 @@ fn a_judgment_without_one_verdict_per_called_delta_is_not_counted() {
         Ok(vec![good.entry])
     );
 }
+
+/// An observer's audit of a commit ([`audit::audit_shard`]): the honest commit agrees with the quorum it saw;
+/// a commit that accepts a delta the quorum refused, or takes another result, contradicts it; a commit that
+/// holds a shard whose quorum signed is `Dropped`; without a quorum seen nothing follows.
+#[test]
+fn an_observer_catches_a_commit_that_is_not_what_the_quorum_signed() {
+    use super::audit::{Finding, audit_shard};
+    let mut c = coordinator();
+    let (ann, call) = called_round(&mut c);
+    let part = an_expert(&call).clone();
+    let base = *base_manifest().shard(&part.shard).unwrap();
+    // The judges refuse the first delta of the expert and accept the others.
+    let first = part.deltas[0].payload_hash;
+    let verdict = |d: &CalledDelta| {
+        if d.payload_hash == first {
+            DeltaVerdict::Refuse(RejectCode::LowScore)
+        } else {
+            accept(d)
+        }
+    };
+    let honest = judged(&part, 1, "honest", verdict);
+    let judges = judges_of(&ann, &part);
+    let seen: BTreeMap<PublicKey, ShardJudgment> = judges
+        .holders
+        .iter()
+        .chain(&judges.verifiers)
+        .map(|k| (*k, honest.clone()))
+        .collect();
+    attest_all(&mut c, &call, |p| {
+        if p.shard == part.shard {
+            honest.clone()
+        } else {
+            judgment(p, "other")
+        }
+    });
+    let commit = committed(&c.tick(40, 14).unwrap());
+    assert_eq!(audit_shard(&ann, &part, &seen, base, &commit), Finding::Agrees);
+    // Nothing seen, nothing follows.
+    assert_eq!(
+        audit_shard(&ann, &part, &BTreeMap::new(), base, &commit),
+        Finding::NoQuorumSeen
+    );
+    // The coordinator accepts the refused delta after all.
+    let mut forged = commit.clone();
+    forged.rejected.retain(|r| r.payload_hash != first);
+    let list = forged
+        .accepted
+        .iter_mut()
+        .find(|a| a.shard == part.shard)
+        .unwrap();
+    list.deltas.insert(0, first);
+    list.weights.insert(0, 1);
+    list.norms.insert(0, 1.0);
+    assert!(matches!(
+        audit_shard(&ann, &part, &seen, base, &forged),
+        Finding::Contradicts { .. }
+    ));
+    // Another result than the quorum's.
+    let mut forged = commit.clone();
+    forged.checkpoint.shards.iter_mut().for_each(|e| {
+        if e.shard == part.shard {
+            e.hash = ContentHash::of(b"nobody signed this");
+        }
+    });
+    assert!(matches!(
+        audit_shard(&ann, &part, &seen, base, &forged),
+        Finding::Contradicts { .. }
+    ));
+    // The shard held, its deltas late, though a quorum signed.
+    let mut held = commit.clone();
+    held.accepted.retain(|a| a.shard != part.shard);
+    held.rejected.retain(|r| r.shard != part.shard);
+    for d in &part.deltas {
+        held.rejected.push(RejectedDelta {
+            shard: part.shard,
+            node: sender_of(&ann, d),
+            payload_hash: d.payload_hash,
+            reason: RejectCode::Late,
+        });
+    }
+    held.checkpoint.shards.iter_mut().for_each(|e| {
+        if e.shard == part.shard {
+            *e = base;
+        }
+    });
+    let Finding::Dropped { signers } = audit_shard(&ann, &part, &seen, base, &held) else {
+        panic!("a dropped quorum is not seen")
+    };
+    assert_eq!(signers.len(), judges.len());
+}

@@ -469,6 +469,12 @@ impl NodeHandle {
         });
     }
 
+    /// Signs `message` with the node's key, as [`NodeHandle::publish`] does, without publishing it: this node's
+    /// own signed record of what it says (gossip never brings a node its own messages), kept beside others'.
+    pub fn sign(&self, message: &Message) -> Result<SignedEnvelope, NodeError> {
+        Ok(SignedEnvelope::sign(&self.shared.keypair, message, now_ms())?)
+    }
+
     /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
     pub async fn publish(&self, message: &Message) -> Result<(), NodeError> {
         // Gossip does not echo our own messages: what we announce is the current round for us too (the

@@ -162,6 +162,20 @@ pub struct TrainingStatus {
     /// start.
     #[serde(default)]
     pub deltas_judged: u64,
+    /// Commits that recorded, for a shard this node judged, other verdicts or another result than the
+    /// quorum of judgments this node saw signed (the signed call, attestations and commit are kept in the
+    /// store as evidence), since start. Never expected: a coordinator that does not take what the quorum
+    /// signed, or a judge that signed two judgments.
+    #[serde(default)]
+    pub quorums_contradicted: u64,
+    /// Commits that held a shard this node judged (its deltas `late`) although this node saw a quorum of its
+    /// judges sign, since start: the coordinator dropped or never got the attestations, or could not fetch
+    /// the result's blob.
+    #[serde(default)]
+    pub quorums_dropped: u64,
+    /// The last such finding: round, shard and what differed.
+    #[serde(default)]
+    pub last_audit_finding: Option<String>,
     /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)
     /// and found to agree, since start.
     pub scores_checked: u64,

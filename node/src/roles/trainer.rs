@@ -38,13 +38,15 @@ use mana_protocol::{
     AggregationCall, Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
     DeltaAnnouncement, DeltaEncoder, DeltaScore, DeltaVerdict, DeviceKind, Message, Participant,
     PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation, ShardEntry, ShardId,
-    ShardJudgment,
+    ShardJudgment, SignedEnvelope,
     decode_contribution,
     validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
+use mana_engine::coordinator::audit::{Finding, audit_shard};
+use mana_engine::coordinator::judges_of;
 use super::judge;
 use super::common::{PinLedger, corpus_hash, fetch_bytes, peer_of, publish_patiently};
 use super::residuals;
@@ -170,6 +172,24 @@ struct Trainer {
     /// The next states this node computed as a judge in the round in progress, by shard: a commit that takes
     /// the same deltas at the same weights is checked against them instead of computed again.
     judged: BTreeMap<ShardId, JudgedShard>,
+    /// The call this node judged shards of in the round in progress, with the judgments seen for them: the
+    /// commit is audited against their quorums ([`mana_engine::coordinator::audit`]).
+    observed: Option<ObservedCall>,
+}
+
+/// Most attestations kept for the audit of one round (each judged shard has at most 64 judges).
+const MAX_OBSERVED_ATTESTATIONS: usize = 4096;
+
+/// A call this node judged, and the judgments its judges signed for the shards this node judged, as seen on
+/// gossip (the first each judge signed for a shard), with their envelopes (the evidence of a finding).
+struct ObservedCall {
+    call: Arc<AggregationCall>,
+    id: ContentHash,
+    envelope: Arc<SignedEnvelope>,
+    /// The shards this node judged.
+    judged: Vec<ShardId>,
+    seen: BTreeMap<ShardId, BTreeMap<PublicKey, (ShardJudgment, Arc<SignedEnvelope>)>>,
+    kept: usize,
 }
 
 /// A shard's next state as this node computed it when it judged the shard, with what it was computed from.
@@ -241,6 +261,7 @@ async fn trainer_loop(
         said_corpus: false,
         ended: None,
         judged: BTreeMap::new(),
+        observed: None,
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -258,8 +279,8 @@ async fn trainer_loop(
                 continue;
             }
         };
-        let (signer, message) = match accepted {
-            Ok(a) => (a.signer, a.message),
+        let (signer, message, envelope) = match accepted {
+            Ok(a) => (a.signer, a.message, a.envelope),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(skipped = n, "trainer fell behind the message stream");
                 continue;
@@ -289,8 +310,12 @@ async fn trainer_loop(
         }
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
-            Message::RoundCommit(commit) => trainer.on_commit(commit).await,
-            Message::AggregationCall(call) => trainer.on_call(call).await,
+            Message::RoundCommit(commit) => trainer.on_commit(commit, envelope).await,
+            Message::AggregationCall(call) => trainer.on_call(call, envelope).await,
+            Message::ShardAttestation(a) => {
+                trainer.on_attestation(signer, a, envelope);
+                Ok(())
+            }
             Message::RunEnd(end) => {
                 trainer.on_run_end(&end);
                 Ok(())
@@ -470,6 +495,7 @@ impl Trainer {
     async fn on_announcement(&mut self, ann: RoundAnnouncement) -> Result<(), NodeError> {
         self.senders.clear();
         self.judged.clear();
+        self.observed = None;
         // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
         let missed = self
             .sent
@@ -753,7 +779,11 @@ impl Trainer {
     /// shard whose base cannot be had is left out: a judge signs only what it computed. A call that does not
     /// reveal the seed secret the announcement committed to is not answered (the score batches would be the
     /// coordinator's choice).
-    async fn on_call(&mut self, call: AggregationCall) -> Result<(), NodeError> {
+    async fn on_call(
+        &mut self,
+        call: AggregationCall,
+        envelope: Arc<SignedEnvelope>,
+    ) -> Result<(), NodeError> {
         let Some(assigned) = self.assigned.as_ref() else {
             return Ok(());
         };
@@ -779,6 +809,22 @@ impl Trainer {
             .collect();
         let round = call.round;
         let call = Arc::new(call);
+        let id = call.hash()?;
+        let judged_shards: Vec<ShardId> = call
+            .shards
+            .iter()
+            .filter(|p| p.holders.contains(&me) || p.verifiers.contains(&me))
+            .map(|p| p.shard)
+            .collect();
+        // Kept before judging: other judges' attestations may come while this node still works.
+        self.observed = Some(ObservedCall {
+            call: call.clone(),
+            id,
+            envelope,
+            judged: judged_shards,
+            seen: BTreeMap::new(),
+            kept: 0,
+        });
         let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
         let mut results = Vec::new();
         let mut judged = 0u64;
@@ -894,15 +940,16 @@ impl Trainer {
         let attestation = ShardAttestation {
             run: call.run.clone(),
             round,
-            call: call.hash()?,
+            call: id,
             results,
         };
-        publish_patiently(
-            &self.node,
-            &Message::ShardAttestation(attestation),
-            Duration::from_secs(5),
-        )
-        .await?;
+        let message = Message::ShardAttestation(attestation.clone());
+        // Its own judgment counts in the audit of the commit like the others' (gossip does not echo it).
+        match self.node.sign(&message) {
+            Ok(own) => self.on_attestation(self.me, attestation, Arc::new(own)),
+            Err(e) => tracing::warn!(round, error = %e, "own attestation not kept for the audit"),
+        }
+        publish_patiently(&self.node, &message, Duration::from_secs(5)).await?;
         self.node.update_training_status(|s| {
             s.shards_attested += n;
             s.deltas_judged += judged;
@@ -964,7 +1011,128 @@ impl Trainer {
         }
     }
 
-    async fn on_commit(&mut self, commit: RoundCommit) -> Result<(), NodeError> {
+    /// A judge's attestation seen on gossip (this node's own included): kept for the audit of the commit when
+    /// it answers the call this node judged, for a shard this node judged, from one of that shard's judges.
+    fn on_attestation(
+        &mut self,
+        signer: PublicKey,
+        attestation: ShardAttestation,
+        envelope: Arc<SignedEnvelope>,
+    ) {
+        let Some(observed) = self.observed.as_mut() else {
+            return;
+        };
+        let Some(ann) = self.assigned.as_ref().map(|a| &a.announcement) else {
+            return;
+        };
+        if attestation.call != observed.id || observed.kept >= MAX_OBSERVED_ATTESTATIONS {
+            return;
+        }
+        for judgment in attestation.results {
+            let shard = judgment.entry.shard;
+            let Some(part) = observed.call.shard(&shard) else {
+                continue;
+            };
+            if !observed.judged.contains(&shard) || !judges_of(ann, part).contains(&signer) {
+                continue;
+            }
+            let seen = observed.seen.entry(shard).or_default();
+            if !seen.contains_key(&signer) {
+                seen.insert(signer, (judgment, envelope.clone()));
+                observed.kept += 1;
+            }
+        }
+    }
+
+    /// Audits `commit` against the quorums this node saw for the shards it judged: a commit that records
+    /// other verdicts or another result than a quorum signed is logged as an error, counted and kept with
+    /// its evidence (the signed call, the quorum's attestations, the signed commit); one that holds a shard a
+    /// quorum signed is logged and counted. Neither stops the node: a judge that signed two judgments could
+    /// make the coordinator and this node see different quorums, and the holders' recomputation of the
+    /// commit stands beside it.
+    async fn audit_commit(
+        &mut self,
+        commit: &RoundCommit,
+        commit_envelope: &SignedEnvelope,
+        base: &CheckpointManifest,
+    ) {
+        let Some(observed) = self.observed.take() else {
+            return;
+        };
+        let Some(ann) = self.assigned.as_ref().map(|a| a.announcement.clone()) else {
+            return;
+        };
+        if observed.call.round != commit.round {
+            return;
+        }
+        let round = commit.round;
+        let (mut contradicted, mut dropped, mut last) = (0u64, 0u64, None);
+        for shard in &observed.judged {
+            let (Some(part), Some(entry)) = (observed.call.shard(shard), base.shard(shard)) else {
+                continue;
+            };
+            let seen = observed.seen.get(shard);
+            let signed: BTreeMap<PublicKey, ShardJudgment> = seen
+                .into_iter()
+                .flatten()
+                .map(|(k, (j, _))| (*k, j.clone()))
+                .collect();
+            match audit_shard(&ann, part, &signed, *entry, commit) {
+                Finding::Agrees | Finding::NoQuorumSeen => {}
+                Finding::Dropped { signers } => {
+                    let text = format!(
+                        "round {round}, {shard}: the commit holds the shard although {} of its judges signed one judgment",
+                        signers.len()
+                    );
+                    tracing::warn!("{text}");
+                    dropped += 1;
+                    last = Some(text);
+                }
+                Finding::Contradicts { signers, what } => {
+                    let text = format!(
+                        "round {round}, {shard}: the commit is not what a quorum of its judges signed: {what}"
+                    );
+                    tracing::error!("{text}");
+                    contradicted += 1;
+                    last = Some(text);
+                    let envelopes: Vec<Vec<u8>> = signers
+                        .iter()
+                        .filter_map(|k| seen.and_then(|s| s.get(k)))
+                        .filter_map(|(_, e)| e.encode().ok())
+                        .collect();
+                    let items = (
+                        commit_envelope.encode(),
+                        observed.envelope.encode(),
+                        serde_json::to_vec(&envelopes),
+                    );
+                    if let (Ok(c), Ok(k), Ok(a)) = items {
+                        let mut key = round.to_be_bytes().to_vec();
+                        key.extend_from_slice(b"/quorum-contradicted/");
+                        key.extend_from_slice(shard.to_string().as_bytes());
+                        let store = self.node.store().clone();
+                        if let Err(e) =
+                            blocking(move || Ok(store.keep_evidence(&key, &[&c, &k, &a])?)).await
+                        {
+                            tracing::warn!(round, %shard, error = %e, "audit evidence not kept");
+                        }
+                    }
+                }
+            }
+        }
+        if contradicted + dropped > 0 {
+            self.node.update_training_status(|s| {
+                s.quorums_contradicted += contradicted;
+                s.quorums_dropped += dropped;
+                s.last_audit_finding = last;
+            });
+        }
+    }
+
+    async fn on_commit(
+        &mut self,
+        commit: RoundCommit,
+        envelope: Arc<SignedEnvelope>,
+    ) -> Result<(), NodeError> {
         let sent: Vec<(ShardId, ContentHash)> = self
             .sent
             .iter()
@@ -976,6 +1144,15 @@ impl Trainer {
         self.node
             .update_training_status(|s| s.contributions.record_commit(&commit, &me, &sent));
         let checkpoint_hash = commit.checkpoint.hash()?;
+        // Audited first, against the round's base manifest (the last commit's, or the one fetched for it).
+        if let Some((hash, base)) = self.last_checkpoint.clone()
+            && self.assigned.as_ref().is_some_and(|a| {
+                a.announcement.round == commit.round && a.announcement.base_checkpoint == hash
+            })
+        {
+            self.audit_commit(&commit, &envelope, &base).await;
+        }
+        self.observed = None;
         let Some(assigned) = self.assigned.take() else {
             self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
             return Ok(());
