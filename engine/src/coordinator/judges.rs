@@ -2,11 +2,14 @@
 //! in which the holders of a shard and a few verifiers drawn from the other members score its deltas, compute
 //! its next state, and sign what they found; the coordinator only counts signatures.
 //!
-//! - **Judges** of a shard in a round ([`draw_judges`]): its holders (the participants assigned it; for a shard
-//!   held by many, such as the trunk, at most [`JudgingRule::max_holder_judges`] of them, drawn), and
-//!   [`JudgingRule::verifiers_per_shard`] verifiers drawn from the round's other participants. The draw ranks
-//!   keys by blake3 of the round's public seed, the shard and the key, so it is the same for everyone who
-//!   knows the seed and known to no one before it. The seed is the round's score seed, fixed only once the
+//! - **Judges** of a shard in a round ([`draw_judges`], [`Draw`]): its holders (the participants assigned
+//!   it; for a shard held by many, such as the trunk, at most [`JudgingRule::max_holder_judges`] of them,
+//!   the first by blake3 of the round's public seed, the shard and the key), and
+//!   [`JudgingRule::verifiers_per_shard`] verifiers drawn from the round's other participants: positions in
+//!   the participants sorted by key, each from blake3 of the seed, the shard and a counter, a holder or a key
+//!   drawn already skipped (all of them when there are no more than wanted). Either way the draw is the same
+//!   for everyone who knows the seed and known to no one before it, and a shard costs a few hashes, not one
+//!   per participant (a round of 1,409 shards and 1,000 participants took about a second the other way). The seed is the round's score seed, fixed only once the
 //!   deltas are in (`crate::round::score_seed`), so the coordinator does not choose the verifiers and a
 //!   member cannot know before sending its delta whether it will judge a given shard.
 //! - **Quorum** ([`tally`]): a shard's result stands when a strict majority of its judges signed the same
@@ -23,7 +26,7 @@ use mana_protocol::{PublicKey, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// Domain tag of the judges' draw (a new draw rule gets a new tag).
-const DRAW_TAG: &[u8] = b"mana/judge-draw/v1";
+const DRAW_TAG: &[u8] = b"mana/judge-draw/v2";
 
 /// How many judge each shard: a run setting, announced with every round so that anyone can redo the draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +108,8 @@ fn drawn(
 
 /// The judges of `shard` in the round whose public seed is `seed`: up to `rule.max_holder_judges` of its
 /// `holders`, and `rule.verifiers_per_shard` of the round's other `participants` (fewer when there are not
-/// enough). The order of `holders` and `participants` does not matter, nor do duplicates.
+/// enough). The order of `holders` and `participants` does not matter, nor do duplicates. A round's many
+/// shards share one [`Draw`] instead.
 pub fn draw_judges(
     seed: u64,
     shard: ShardId,
@@ -113,19 +117,83 @@ pub fn draw_judges(
     participants: &[PublicKey],
     rule: &JudgingRule,
 ) -> Judges {
-    let holding: BTreeSet<PublicKey> = holders.iter().copied().collect();
-    let others = participants
-        .iter()
-        .copied()
-        .filter(|k| !holding.contains(k));
-    Judges {
-        holders: drawn(
-            seed,
-            shard,
-            holding.iter().copied(),
-            rule.max_holder_judges as usize,
-        ),
-        verifiers: drawn(seed, shard, others, rule.verifiers_per_shard as usize),
+    Draw::new(seed, participants).judges(shard, holders, rule)
+}
+
+/// One round's draw of judges: its participants sorted by key once, for every shard's draw.
+pub struct Draw {
+    seed: u64,
+    /// The participants, sorted, distinct.
+    pool: Vec<PublicKey>,
+}
+
+impl Draw {
+    /// The draw of the round whose public seed is `seed` among `participants` (any order, duplicates
+    /// ignored).
+    pub fn new(seed: u64, participants: &[PublicKey]) -> Draw {
+        let mut pool = participants.to_vec();
+        pool.sort();
+        pool.dedup();
+        Draw { seed, pool }
+    }
+
+    /// The judges of `shard` (see [`draw_judges`]).
+    pub fn judges(&self, shard: ShardId, holders: &[PublicKey], rule: &JudgingRule) -> Judges {
+        let holding: BTreeSet<PublicKey> = holders.iter().copied().collect();
+        Judges {
+            holders: drawn(
+                self.seed,
+                shard,
+                holding.iter().copied(),
+                rule.max_holder_judges as usize,
+            ),
+            verifiers: self.verifiers(shard, &holding, rule.verifiers_per_shard as usize),
+        }
+    }
+
+    /// `count` participants that are not in `holding`, drawn by position (see the module doc).
+    fn verifiers(
+        &self,
+        shard: ShardId,
+        holding: &BTreeSet<PublicKey>,
+        count: usize,
+    ) -> Vec<PublicKey> {
+        let n = self.pool.len();
+        let held = self.pool.iter().filter(|k| holding.contains(k)).count();
+        let available = n - held;
+        if available <= count {
+            // All of them, in the rank order of the holders' draw.
+            let others = self.pool.iter().copied().filter(|k| !holding.contains(k));
+            return drawn(self.seed, shard, others, count);
+        }
+        let mut out: Vec<PublicKey> = Vec::with_capacity(count);
+        let prefix = {
+            let mut h = blake3::Hasher::new();
+            h.update(DRAW_TAG);
+            h.update(b"/verifier");
+            h.update(&self.seed.to_le_bytes());
+            h.update(shard.to_string().as_bytes());
+            h
+        };
+        // More than `count` keys are free, so each try finds a new one with odds of at least
+        // 1 / n: the bound is never reached but by odds far below any hash collision.
+        let most_tries = 64 * (n as u64) + 64;
+        for i in 0..most_tries {
+            let mut h = prefix.clone();
+            h.update(&i.to_le_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+            let k = self.pool[(u64::from_le_bytes(first) % n as u64) as usize];
+            if !holding.contains(&k) && !out.contains(&k) {
+                out.push(k);
+                if out.len() == count {
+                    return out;
+                }
+            }
+        }
+        // Unreachable in practice; still a draw everyone agrees on.
+        let others = self.pool.iter().copied().filter(|k| !holding.contains(k));
+        drawn(self.seed, shard, others, count)
     }
 }
 

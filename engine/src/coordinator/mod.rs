@@ -50,7 +50,7 @@ use thiserror::Error;
 
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
 pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS, default_inner_steps};
-pub use judges::{Judges, JudgingRule, Tally, draw_judges, tally};
+pub use judges::{Draw, Judges, JudgingRule, Tally, draw_judges, tally};
 pub use standing::{Standing, StandingPolicy, Standings};
 
 /// Why the coordinator could not be built, saved or restored.
@@ -1008,16 +1008,19 @@ impl Coordinator {
             });
         }
         let rule = &self.config.judging;
+        let draw = Draw::new(seed, &keys);
+        let mut holders_of: BTreeMap<ShardId, Vec<PublicKey>> = BTreeMap::new();
+        for p in &active {
+            for shard in &p.shards {
+                holders_of.entry(*shard).or_default().push(p.node);
+            }
+        }
         let shards = by_shard
             .into_iter()
             .map(|(shard, mut deltas)| {
                 deltas.sort_by_key(|d| (d.payload_hash, d.sender));
-                let holders: Vec<PublicKey> = active
-                    .iter()
-                    .filter(|p| p.shards.contains(&shard))
-                    .map(|p| p.node)
-                    .collect();
-                let judges = draw_judges(seed, shard, &holders, &keys, rule);
+                let holders = holders_of.get(&shard).map(Vec::as_slice).unwrap_or(&[]);
+                let judges = draw.judges(shard, holders, rule);
                 let at = |k: &PublicKey| index.get(k).copied();
                 ShardCall {
                     shard,
