@@ -108,6 +108,7 @@ async fn a_coordinator_that_commits_a_wrong_shard_is_caught() {
         scores: Vec::new(),
         // The announcement is the honest round's but for its number and deadlines: its commitment too.
         seed_secret: honest_commit.seed_secret,
+        dissent: Vec::new(),
     };
     assert_eq!(lie.round, LIE);
     let lie_id = lie.hash().expect("commit id");
@@ -350,6 +351,7 @@ async fn a_coordinator_that_publishes_false_scores_is_caught() {
         checkpoint,
         scores,
         seed_secret: secret,
+        dissent: Vec::new(),
     };
     publish_patiently(
         &net.coordinator,
@@ -727,6 +729,7 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
         checkpoint: checkpoint.clone(),
         scores: Vec::new(),
         seed_secret: secret,
+        dissent: Vec::new(),
     };
     publish_patiently(
         &net.coordinator,
@@ -786,6 +789,7 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
         checkpoint,
         scores: Vec::new(),
         seed_secret: secret,
+        dissent: Vec::new(),
     };
     publish_patiently(
         &net.coordinator,

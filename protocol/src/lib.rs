@@ -48,7 +48,7 @@ pub use messages::{
     AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, CommitDispute, Deadlines,
     DeltaAnnouncement, DeltaScore, DeltaVerdict, DeviceKind, DisputeMismatch, Evaluation, Heartbeat,
     HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Participant, RejectedDelta, RoundAnnouncement,
-    RoundCommit, RunEnd, ShardAttestation, ShardCall, ShardEntry, ShardJudgment, TrainingStats, UpdateRule,
+    RoundCommit, RunEnd, ShardAttestation, ShardCall, ShardDissent, ShardEntry, ShardJudgment, TrainingStats, UpdateRule,
     VerdictRule, seed_commitment,
 };
 pub use reqresp::{

@@ -213,6 +213,21 @@ pub struct RoundCommit {
     /// The round's seed secret, whose blake3 the announcement committed to
     /// ([`RoundAnnouncement::seed_commitment`]).
     pub seed_secret: [u8; 32],
+    /// The judges of each shard whose quorum was taken that signed something else (dissenters) or nothing
+    /// (absent), sorted by shard; shards where every judge signed the quorum's judgment are left out. The
+    /// record of who disagreed, beside the standing they lost for it.
+    pub dissent: Vec<ShardDissent>,
+}
+
+/// The judges of one shard that did not sign its quorum's judgment ([`RoundCommit::dissent`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardDissent {
+    /// The shard.
+    pub shard: ShardId,
+    /// Judges that signed another judgment, sorted.
+    pub dissenters: Vec<PublicKey>,
+    /// Judges that signed nothing, sorted.
+    pub absent: Vec<PublicKey>,
 }
 
 /// The commitment to a round's seed secret that its announcement carries: blake3 of the secret.
@@ -751,6 +766,20 @@ impl Message {
                 count("commit scores", m.scores.len(), MAX_COMMIT_DELTAS)?;
                 for a in &m.accepted {
                     check_weights(a)?;
+                }
+                count("commit dissent", m.dissent.len(), MAX_MANIFEST_SHARDS)?;
+                if m.dissent.windows(2).any(|w| w[0].shard >= w[1].shard) {
+                    return Err(ProtocolError::InvalidField {
+                        what: "commit dissent",
+                        detail: "not sorted by shard, or a shard twice".into(),
+                    });
+                }
+                for d in &m.dissent {
+                    count(
+                        "dissenting judges",
+                        d.dissenters.len().saturating_add(d.absent.len()),
+                        MAX_SHARD_JUDGES,
+                    )?;
                 }
                 m.checkpoint.check_limits()
             }

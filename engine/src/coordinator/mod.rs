@@ -41,7 +41,7 @@ use mana_protocol::{
     AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, ContentHash,
     Deadlines, DeltaAnnouncement, DeltaScore, DeltaVerdict, Heartbeat, NormRecord, Participant,
     PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardAttestation,
-    ShardCall, ShardEntry, ShardId, ShardJudgment, seed_commitment,
+    ShardCall, ShardDissent, ShardEntry, ShardId, ShardJudgment, seed_commitment,
 };
 
 use crate::round::{NormHistory, NormSample};
@@ -865,8 +865,8 @@ impl Coordinator {
     }
 
     /// Closes `round`: each shard whose result was taken takes it, with its quorum's verdicts (the accepted
-    /// deltas, each with its weight and norm, and the refused ones with their reasons) and the scores one of
-    /// the quorum's signers published (the first by key); every other shard keeps its entry, and its deltas
+    /// deltas, each with its weight and norm, and the refused ones with their reasons), the scores one of
+    /// the quorum's signers published (the first by key) and the judges that signed otherwise or nothing; every other shard keeps its entry, and its deltas
     /// are listed as refused `late` (nobody's fault but the round's: it costs their senders nothing). The
     /// verdicts go into the senders' standings and the accepted norms into the norm history.
     fn commit(&mut self, round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
@@ -876,6 +876,7 @@ impl Coordinator {
         let mut rejected = Vec::new();
         let mut scores: Vec<DeltaScore> = Vec::new();
         let mut verdicts: Vec<(PublicKey, DeltaVerdict)> = Vec::new();
+        let mut dissent: Vec<ShardDissent> = Vec::new();
         let parts = round.call.as_ref().map(|c| c.call.shards.as_slice()).unwrap_or(&[]);
         for part in parts {
             let sender = |d: &CalledDelta| {
@@ -886,7 +887,24 @@ impl Coordinator {
                     .map(|p| p.node)
             };
             let quorum = match (round.results.get(&part.shard), tally_shard(&round, &part.shard)) {
-                (Some(_), Some(Tally::Quorum { result, signers, .. })) => Some((result, signers)),
+                (
+                    Some(_),
+                    Some(Tally::Quorum {
+                        result,
+                        signers,
+                        dissenters,
+                        absent,
+                    }),
+                ) => {
+                    if !(dissenters.is_empty() && absent.is_empty()) {
+                        dissent.push(ShardDissent {
+                            shard: part.shard,
+                            dissenters,
+                            absent,
+                        });
+                    }
+                    Some((result, signers))
+                }
                 _ => None,
             };
             let Some((agreement, signers)) = quorum else {
@@ -971,6 +989,8 @@ impl Coordinator {
             checkpoint,
             scores,
             seed_secret: round.seed_secret,
+            // Parts are sorted by shard, so is the dissent.
+            dissent,
         })
     }
 

@@ -1527,6 +1527,16 @@ fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
     assert!(commit.accepted.iter().any(|a| a.shard == shard));
     assert_eq!(c.standings().get(&liar).faults, faults_before + 1);
     assert_eq!(c.standings().get(&honest).faults, 0);
+    // The commit records the dissent by key; shards where every judge signed the quorum's are left out.
+    assert_eq!(
+        commit.dissent,
+        vec![ShardDissent {
+            shard,
+            dissenters: vec![liar],
+            absent: Vec::new(),
+        }]
+    );
+    Message::RoundCommit(commit).check_limits().unwrap();
 }
 
 #[test]
@@ -1602,7 +1612,22 @@ fn a_judge_that_never_answers_leaves_the_quorum_to_the_others() {
         c.shard_attested(1, judges.verifiers[0], &signed(&call, vec![good.clone()])),
         Ok(vec![good.entry])
     );
+    c.shard_aggregated(1, good.entry).unwrap();
+    // The other shards' judges all sign; the silent holder is on the commit's record.
+    let judged = part.shard;
+    attest_each(&mut c, &call, |p| {
+        (p.shard != judged).then(|| judgment(p, &format!("new {}", p.shard)))
+    });
+    let commit = committed(&c.tick(40, 14).unwrap());
+    let record = commit
+        .dissent
+        .iter()
+        .find(|d| d.shard == part.shard)
+        .expect("the shard's absent judges recorded");
+    assert!(record.dissenters.is_empty());
+    assert!(record.absent.contains(&judges.holders[0]));
 }
+
 #[test]
 fn a_state_saved_before_the_judges_still_resumes() {
     let mut c = coordinator();

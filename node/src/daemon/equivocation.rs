@@ -335,6 +335,7 @@ mod tests {
             },
             scores: Vec::new(),
             seed_secret: [0; 32],
+            dissent: Vec::new(),
         })
     }
 

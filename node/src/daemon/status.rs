@@ -631,6 +631,7 @@ mod tests {
             },
             scores: Vec::new(),
             seed_secret: [0; 32],
+            dissent: Vec::new(),
         };
         let mut c = Contributions::default();
         // Ours: trunk [1] accepted, expert 1 [4] refused, expert 2 [5] neither (the refusal names another node).

@@ -170,6 +170,7 @@ mod tests {
             },
             scores: Vec::new(),
             seed_secret: [0; 32],
+            dissent: Vec::new(),
         };
         let d = dispute(&commit, ShardId::Trunk, h("base"), h("lie"), h("new")).expect("dispute");
         assert_eq!(d.accepted, payloads);

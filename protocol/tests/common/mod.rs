@@ -154,6 +154,11 @@ pub fn round_commit() -> RoundCommit {
             loss: 5.125,
         }],
         seed_secret: SEED_SECRET,
+        dissent: vec![ShardDissent {
+            shard: ShardId::expert(1, 0).unwrap(),
+            dissenters: vec![outsider().public()],
+            absent: Vec::new(),
+        }],
     }
 }
 
