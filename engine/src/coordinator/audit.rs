@@ -20,8 +20,8 @@ use mana_protocol::{
     ShardJudgment,
 };
 
-use super::judges::{Tally, tally};
-use super::{Agreement, judges_of};
+use super::judges::Tally;
+use super::tally_judgments;
 
 /// What an observer finds when it compares a commit's record of one shard with the judgments it saw.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,13 +54,7 @@ pub fn audit_shard(
     base: ShardEntry,
     commit: &RoundCommit,
 ) -> Finding {
-    let judges = judges_of(announcement, part);
-    let agreements: BTreeMap<PublicKey, Agreement> = signed
-        .iter()
-        .filter(|(_, j)| j.entry.shard == part.shard && j.verdicts.len() == part.deltas.len())
-        .map(|(k, j)| (*k, Agreement::of(j)))
-        .collect();
-    let (quorum, signers) = match tally(&judges, &agreements) {
+    let (quorum, signers) = match tally_judgments(announcement, part, signed) {
         Tally::Quorum {
             result, signers, ..
         } => (result, signers),

@@ -866,12 +866,12 @@ impl Coordinator {
 
     /// Closes `round`: each shard whose result was taken takes it, with its quorum's verdicts (the accepted
     /// deltas, each with its weight and norm, and the refused ones with their reasons), the scores one of
-    /// the quorum's signers published (the first by key) and the judges that signed otherwise or nothing; every other shard keeps its entry, and its deltas
-    /// are listed as refused `late` (nobody's fault but the round's: it costs their senders nothing). The
-    /// verdicts go into the senders' standings and the accepted norms into the norm history.
+    /// the quorum's signers published (the first by key) and the judges that signed otherwise or nothing;
+    /// every other shard keeps its entry, and its deltas are listed as refused `late` (nobody's fault but the
+    /// round's: it costs their senders nothing). The verdicts go into the senders' standings, the dissenters
+    /// are charged, and the accepted norms go into the norm history.
     fn commit(&mut self, round: ActiveRound) -> Result<RoundCommit, CoordinatorError> {
         let r = round.announcement.round;
-        self.charge_dissenters(&round);
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
         let mut scores: Vec<DeltaScore> = Vec::new();
@@ -962,6 +962,9 @@ impl Coordinator {
                 accepted.push(list);
             }
         }
+        // Only quorums whose result was taken count: one whose blob could not be had decided nothing, and
+        // nobody answers for having signed otherwise.
+        self.charge_dissenters(r, &dissent);
         self.update_standings(&round, &verdicts);
         let mut shards: BTreeMap<ShardId, ShardEntry> = self
             .checkpoint
@@ -1077,20 +1080,13 @@ impl Coordinator {
     /// standing as for one refused contribution (`inconsistent`) in the round, however many of its results
     /// were outvoted (a judge whose machine computes differently is wrong on every shard it judges, and one
     /// round should not ban it; a liar pays again every round it lies).
-    fn charge_dissenters(&mut self, round: &ActiveRound) {
+    fn charge_dissenters(&mut self, round: u64, dissent: &[ShardDissent]) {
         let policy = self.config.standing;
         let mut dissenters = BTreeSet::new();
-        for shard in round.attested.keys() {
-            // A quorum whose result was never taken (its blob could not be had) decided nothing: the shard
-            // holds, and nobody answers for having signed otherwise.
-            if !round.results.contains_key(shard) {
-                continue;
-            }
-            if let Some(Tally::Quorum { dissenters: d, .. }) = tally_shard(round, shard) {
-                for node in d {
-                    tracing::warn!(round = round.announcement.round, %shard, node = %node, "a judge signed another result than its shard's quorum");
-                    dissenters.insert(node);
-                }
+        for d in dissent {
+            for node in &d.dissenters {
+                tracing::warn!(round, shard = %d.shard, node = %node, "a judge signed another result than its shard's quorum");
+                dissenters.insert(*node);
             }
         }
         for node in dissenters {
@@ -1221,15 +1217,27 @@ pub fn judges_of(announcement: &RoundAnnouncement, call: &ShardCall) -> Judges {
 /// How the judges' signed judgments for `shard` stand, if the round's call names it.
 fn tally_shard(round: &ActiveRound, shard: &ShardId) -> Option<Tally<Agreement>> {
     let part = round.call.as_ref()?.call.shard(shard)?;
-    let judges = judges_of(&round.announcement, part);
-    let signed: BTreeMap<PublicKey, Agreement> = round
-        .attested
-        .get(shard)
+    Some(tally_judgments(
+        &round.announcement,
+        part,
+        round.attested.get(shard).into_iter().flatten(),
+    ))
+}
+
+/// How the judgments `signed` (by signer) of `part`'s shard stand among its judges in `announcement`'s round:
+/// the one count behind the coordinator's commit and any observer's audit ([`audit::audit_shard`]). A
+/// judgment of another shard, or without one verdict per called delta, does not count.
+pub(crate) fn tally_judgments<'a>(
+    announcement: &RoundAnnouncement,
+    part: &ShardCall,
+    signed: impl IntoIterator<Item = (&'a PublicKey, &'a ShardJudgment)>,
+) -> Tally<Agreement> {
+    let agreements: BTreeMap<PublicKey, Agreement> = signed
         .into_iter()
-        .flatten()
+        .filter(|(_, j)| j.entry.shard == part.shard && j.verdicts.len() == part.deltas.len())
         .map(|(k, j)| (*k, Agreement::of(j)))
         .collect();
-    Some(tally(&judges, &signed))
+    tally(&judges_of(announcement, part), &agreements)
 }
 
 #[cfg(test)]

@@ -104,15 +104,13 @@ pub fn judge_deltas(
 ) -> Result<Judged, RoundError> {
     let rule = &call.rule;
     let history: Vec<NormSample> = call.norms.iter().map(NormSample::from).collect();
-    let norms: Vec<Option<f32>> = deltas
-        .iter()
-        .map(|d| d.payload.ok().map(l2_norm))
-        .collect();
+    // Each valid payload's norm, or the refusal its payload already had.
+    let norms: Vec<Result<f32, RejectCode>> = deltas.iter().map(|d| d.payload.map(l2_norm)).collect();
     let round: Vec<NormSample> = deltas
         .iter()
         .zip(&norms)
         .filter_map(|(d, n)| {
-            n.map(|norm| NormSample {
+            n.ok().map(|norm| NormSample {
                 shard,
                 sender: d.sender,
                 norm,
@@ -121,22 +119,21 @@ pub fn judge_deltas(
         .collect();
     let mut verdicts: Vec<DeltaVerdict> = Vec::with_capacity(deltas.len());
     for (d, norm) in deltas.iter().zip(&norms) {
-        let verdict = match (d.payload, norm) {
-            (Err(code), _) => DeltaVerdict::Refuse(code),
-            (Ok(_), Some(norm)) => match judge_norm(
+        let verdict = match *norm {
+            Err(code) => DeltaVerdict::Refuse(code),
+            Ok(norm) => match judge_norm(
                 &round,
                 &history,
                 shard,
                 d.sender,
-                *norm,
+                norm,
                 rule.min_norm_ratio,
                 announcement.max_norm_ratio,
             ) {
-                NormVerdict::Within => DeltaVerdict::Accept { norm: *norm },
+                NormVerdict::Within => DeltaVerdict::Accept { norm },
                 NormVerdict::TooLarge { .. } => DeltaVerdict::Refuse(RejectCode::NormTooLarge),
                 NormVerdict::TooSmall { .. } => DeltaVerdict::Refuse(RejectCode::NormTooSmall),
             },
-            (Ok(_), None) => DeltaVerdict::Refuse(RejectCode::BadPayload),
         };
         verdicts.push(verdict);
     }

@@ -38,7 +38,7 @@ use mana_protocol::{
     AggregationCall, Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
     DeltaAnnouncement, DeltaEncoder, DeltaScore, DeltaVerdict, DeviceKind, Message, Participant,
     PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation, ShardEntry, ShardId,
-    ShardJudgment, SignedEnvelope,
+    ShardCall, ShardJudgment, SignedEnvelope,
     decode_contribution,
     validation::l2_norm,
 };
@@ -810,12 +810,12 @@ impl Trainer {
         let round = call.round;
         let call = Arc::new(call);
         let id = call.hash()?;
-        let judged_shards: Vec<ShardId> = call
+        let mine: Vec<&ShardCall> = call
             .shards
             .iter()
             .filter(|p| p.holders.contains(&me) || p.verifiers.contains(&me))
-            .map(|p| p.shard)
             .collect();
+        let judged_shards: Vec<ShardId> = mine.iter().map(|p| p.shard).collect();
         // Kept before judging: other judges' attestations may come while this node still works.
         self.observed = Some(ObservedCall {
             call: call.clone(),
@@ -828,10 +828,7 @@ impl Trainer {
         let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
         let mut results = Vec::new();
         let mut judged = 0u64;
-        for part in &call.shards {
-            if !part.holders.contains(&me) && !part.verifiers.contains(&me) {
-                continue;
-            }
+        for part in mine {
             let shard = part.shard;
             let Some(base_entry) = manifest.shard(&shard).copied() else {
                 tracing::warn!(round, %shard, "a called shard is not in the round's base checkpoint; not judged");
