@@ -144,7 +144,7 @@ fn demo_trains_and_writes_its_outputs() {
     assert!(manifests.contains("verdict: AGREE"), "{manifests}");
     assert!(!manifests.contains("MISMATCH"), "{manifests}");
     assert!(
-        manifests.contains("coordinator")
+        manifests.contains("evaluator")
             && manifests.contains("node-2")
             && manifests.contains("trunk")
     );

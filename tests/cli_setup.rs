@@ -341,11 +341,34 @@ fn unwritable_metrics_and_export_paths_are_refused_at_start() {
         line.starts_with("error: --metrics file/metrics.jsonl"),
         "{line}"
     );
+    // The model is exported by an evaluator (the coordinator holds none).
+    let key = "ab".repeat(32);
+    let evaluator = [
+        "node",
+        "--run",
+        "setup",
+        "--listen",
+        TCP,
+        "--data-dir",
+        "c",
+        "--coordinator",
+        &key,
+        "--no-train",
+        "--evaluate",
+    ];
     let line = refused(
-        &[&base[..], &["--export", "file/model"]].concat(),
+        &[&evaluator[..], &["--export", "file/model"]].concat(),
         dir.path(),
     );
     assert!(line.starts_with("error: --export file/model"), "{line}");
+    let line = refused(
+        &[&evaluator[..evaluator.len() - 1], &["--export", "model"]].concat(),
+        dir.path(),
+    );
+    assert!(
+        line.starts_with("error: --export needs --evaluate"),
+        "{line}"
+    );
     assert!(
         !dir.path().join("c/store").exists(),
         "refused before the node started"

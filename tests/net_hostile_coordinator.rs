@@ -748,7 +748,11 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
     for s in &after_drop {
         let t = training(s);
         assert_eq!(t.quorums_contradicted, 0, "{:?}", t.last_audit_finding);
-        assert!(t.halted.is_none(), "a dropped quorum is no proof: {:?}", t.halted);
+        assert!(
+            t.halted.is_none(),
+            "a dropped quorum is no proof: {:?}",
+            t.halted
+        );
     }
 
     // Round LIE + 1: the quorum's result, with forged norms.

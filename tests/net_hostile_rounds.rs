@@ -885,7 +885,11 @@ async fn run_attack(attack: Attack) {
         let st = node.status().await.expect("status");
         let t = training(&st);
         assert_eq!(t.hash_mismatches, 0, "{attack:?}: {:?}", t.refused_commit);
-        assert!(t.refused_commit.is_none(), "{attack:?}: {:?}", t.refused_commit);
+        assert!(
+            t.refused_commit.is_none(),
+            "{attack:?}: {:?}",
+            t.refused_commit
+        );
     }
     let _ = stop_tx.send(true);
     evil_task.await.expect("attacker task");

@@ -1,8 +1,9 @@
 //! Training rounds across a real loopback network: a bootstrap, a coordinator and 4 training nodes, each a
 //! libp2p peer in this process, running the real roles (`run_conductor`, `run_trainer`) on the tiny model
 //! with 8 experts, replication 2, under each update rule (sync, diloco). Checks that the validation loss
-//! falls round after round, that every commit applied deltas, and that every holder of each shard ends
-//! bit-identical to the commit's manifest (and to the coordinator's stored checkpoint).
+//! falls round after round (measured by an evaluator), that every commit applied deltas, that every holder of
+//! each shard ends bit-identical to the commit's manifest, that the coordinator never held a shard, and that
+//! the model a mirror assembled from the holders, by hash, is the committed one.
 
 mod net_support;
 
@@ -16,6 +17,7 @@ use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{
     ConductorConfig, RoundMetrics, STATE_KEY, machine_config, run_conductor,
 };
+use mana_node::roles::evaluator::{EXPORTED_FILE, EvaluatorConfig, ExportedCheckpoint};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::RecordKind;
 use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
@@ -70,8 +72,11 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
         nodes.push(Arc::new(start_node(cfg).await));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let export = dir.path().join("final-model");
+    let mut evaluating = EvaluatorConfig::new(spec.clone(), data.clone());
+    evaluating.export = Some(export.clone());
     let (evaluator, _evaluating) =
-        start_evaluator(dir.path(), &boot, key, &spec, &data, stop_rx.clone()).await;
+        start_evaluator_with(dir.path(), &boot, key, evaluating, stop_rx.clone()).await;
     let mut trainers = Vec::new();
     for node in &nodes {
         let cfg = TrainerConfig::new(spec.clone(), data.clone());
@@ -89,12 +94,10 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     machine.verify_ms = 8_000;
     machine.cooldown_ms = 200;
     let metrics_path = dir.path().join("metrics.jsonl");
-    let export = dir.path().join("final-model");
     let hyper = machine.hyper.clone();
     let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
     role.rounds = Some(ROUNDS);
     role.metrics = Some(metrics_path.clone());
-    role.export = Some(export.clone());
     let coordinating = tokio::spawn(run_conductor(
         coordinator.clone(),
         role,
@@ -135,6 +138,7 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
             m.round, m.val_loss, m.train_loss, m.accepted, m.payload_bytes, m.ms
         );
     }
+    // Every line's validation loss is the evaluator's (the coordinator holds no model to measure).
     let val: Vec<f32> = lines
         .iter()
         .map(|m| m.val_loss.expect("val loss measured"))
@@ -142,14 +146,8 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     for w in val.windows(2) {
         assert!(w[1] < w[0], "validation loss did not fall: {val:?}");
     }
-    assert!(
-        export.join("trainer.toml").exists()
-            || std::fs::read_dir(&export)
-                .map(|d| d.count() > 0)
-                .unwrap_or(false)
-    );
 
-    // Determinism: every node applied the last commit and every held shard matches the checkpoint.
+    // The coordinator's record of the last commit: the checkpoint, without a shard of it.
     let (_, stored) = coordinator
         .store()
         .latest()
@@ -158,14 +156,61 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let checkpoint =
         CheckpointManifest::from_bytes(&stored.meta).expect("the coordinator's checkpoint");
     assert_eq!(checkpoint.round, ROUNDS);
-    // The evaluator's figure is reproducible: the committed shards give the same loss bit for bit.
+    assert!(stored.entries.is_empty(), "the coordinator keeps no shard");
+    for entry in &checkpoint.shards {
+        assert_eq!(
+            coordinator.store().blob_len(&entry.hash).expect("store"),
+            None,
+            "the coordinator holds {}",
+            entry.shard
+        );
+    }
+    // The mirror (the evaluator) assembled the committed checkpoint from its holders, by hash: its shards
+    // give the evaluator's figure bit for bit, and its export is that model.
+    let mirrored = wait_for(
+        Duration::from_secs(60),
+        "the evaluator exports the last round",
+        || async {
+            let e = evaluator.status().await.ok()?.evaluator?;
+            (e.exported_round == Some(ROUNDS)).then_some(())
+        },
+    )
+    .await;
+    let _ = mirrored;
     let mut shards = Vec::new();
     for entry in &checkpoint.shards {
-        let bytes = coordinator
+        let bytes = evaluator
             .read_blob(entry.hash)
             .await
-            .expect("a committed shard");
+            .expect("a committed shard, mirrored");
         shards.push(ShardRecord::from_bytes(&bytes, &spec, entry.shard).expect("a shard state"));
+    }
+    let named: ExportedCheckpoint =
+        serde_json::from_slice(&std::fs::read(export.join(EXPORTED_FILE)).expect("exported.json"))
+            .expect("exported.json parses");
+    assert_eq!(
+        named,
+        ExportedCheckpoint {
+            round: ROUNDS,
+            checkpoint: checkpoint.hash().expect("hash").to_string(),
+        }
+    );
+    let exported =
+        mana_kernels::train::Trainer::load(&export, Box::new(mana_kernels::CpuBackend::new()))
+            .expect("the exported model loads");
+    for shard in &shards {
+        let params = exported
+            .model()
+            .export_shard(shard.shard)
+            .expect("a shard of the model");
+        assert!(
+            params
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(shard.params.iter().map(|v| v.to_bits())),
+            "the export's {} is not the committed one",
+            shard.shard
+        );
     }
     // The trunk's holders moved the router biases from the members' expert loads (and, below, all of them
     // hold the same trunk): the balance is the network's, not one node's.
@@ -181,8 +226,7 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     let recomputed = mana_engine::round::validation_loss(&spec, &hyper, &data, &shards, 4)
         .expect("the loss recomputed");
     assert_eq!(lines.last().and_then(|m| m.val_loss), Some(recomputed));
-    // The evaluator, which mirrors the checkpoints, published the same figure, and the coordinator found
-    // every evaluation it could check in agreement with its own.
+    // The evaluator, which mirrors the checkpoints, published that figure, and the coordinator took it.
     let published = wait_for(
         Duration::from_secs(60),
         "the evaluator evaluates the last round",

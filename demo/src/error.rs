@@ -117,7 +117,17 @@ pub enum DemoError {
         /// The bound, bytes.
         max: usize,
     },
-    /// The final model the coordinator exported could not be loaded.
+    /// The evaluator did not export the final round's model in time.
+    #[error("the evaluator did not export round {round}'s model (it last exported {exported:?}; see {})", log.display())]
+    NotExported {
+        /// The final round.
+        round: u64,
+        /// The last round it exported, if any.
+        exported: Option<u64>,
+        /// The evaluator's log.
+        log: PathBuf,
+    },
+    /// The final model the evaluator exported could not be loaded.
     #[error("loading the final model from {}", dir.display())]
     LoadModel {
         /// The exported checkpoint directory.

@@ -1,5 +1,6 @@
 //! `mana demo`: a whole training network on this machine, on loopback: a bootstrap node, a coordinator, an
-//! evaluator (a node that mirrors every checkpoint and publishes its validation loss) and N training nodes,
+//! evaluator (a node that mirrors every checkpoint, publishes its validation loss and exports the model: the
+//! coordinator holds none) and N training nodes,
 //! each a separate `mana` process (the executable given in [`DemoConfig::exe`]) with its
 //! own data directory and log under the output directory. The demo follows the coordinator's per-round
 //! metrics and shows them live, and at the end writes `metrics.jsonl`, `loss.svg`, `manifests.txt` (does
@@ -49,9 +50,10 @@ use supervise::{STOP_GRACE, Supervisor};
 /// When the run ends.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Stop {
-    /// After this many committed rounds (the coordinator stops itself and exports the model).
+    /// After this many committed rounds (the coordinator ends the run; the evaluator exports the model).
     Rounds(u64),
-    /// After this long (the demo then asks the coordinator to stop; it exports the last committed model).
+    /// After this long (the demo then asks the coordinator to stop; the evaluator exports the last committed
+    /// model).
     Time(Duration),
 }
 
@@ -159,6 +161,8 @@ fn drive(
     };
     progress.phase("waiting for the nodes to apply the last commit");
     let comparison = net.compare_holdings(out, sup, &rounds, last, signals)?;
+    progress.phase("waiting for the evaluator to export the final model");
+    net.wait_for_export(out, sup, last.round, signals)?;
     out.write("manifests.txt", &comparison.text)?;
     // Read before the nodes stop; a node killed by chaos counted from zero again after its restart.
     if cfg.chaos.is_none()

@@ -1,5 +1,5 @@
-//! `manifests.txt`: after the last round, every process (the coordinator and each node) reports the round it
-//! holds, the hash of its checkpoint manifest and the hash of every shard it holds. Nodes hold different
+//! `manifests.txt`: after the last round, the evaluator (a mirror of every checkpoint) and each node report the
+//! round they hold, the hash of its checkpoint manifest and the hash of every shard it holds. Nodes hold different
 //! shards (the trunk and their assigned experts), so their manifests differ by design; what must agree is
 //! each shard: every holder of a shard must hold the same bytes, at the same final round. This module
 //! compares them and writes the table.
@@ -10,7 +10,7 @@ use std::fmt::Write;
 /// What one process holds at the end.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Holder {
-    /// `coordinator`, `node-1`...
+    /// `evaluator`, `node-1`...
     pub name: String,
     /// The round it holds (`None`: it reported none).
     pub round: Option<u64>,

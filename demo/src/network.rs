@@ -146,9 +146,7 @@ pub fn start(
     .arg("--data-dir")
     .arg(out.data_dir("coordinator"))
     .arg("--metrics")
-    .arg(out.coordinator_metrics())
-    .arg("--export")
-    .arg(out.final_model());
+    .arg(out.coordinator_metrics());
     if let Stop::Rounds(r) = cfg.stop {
         cmd.args(["--rounds", &r.to_string()]);
     }
@@ -164,7 +162,7 @@ pub fn start(
     }
     let coordinator_started_ms = mana_node::daemon::now_ms();
     let coordinator = sup.spawn_restartable("coordinator", cmd.into_maker())?;
-    // It ends by itself after its last round (or on SIGTERM), exporting the model: that is not a failure.
+    // It ends by itself after its last round (or on SIGTERM): that is not a failure.
     sup.allow_exit(coordinator);
     let mut addr = None;
     let mut key = None;
@@ -192,9 +190,15 @@ pub fn start(
         "--evaluate",
     ])
     .arg("--data-dir")
-    .arg(out.data_dir("evaluator"));
+    .arg(out.data_dir("evaluator"))
+    // The coordinator holds no model: the evaluator, which mirrors every checkpoint, assembles it.
+    .arg("--export")
+    .arg(out.final_model());
     if let Some(corpus) = &cfg.corpus {
         cmd.arg("--corpus").arg(corpus);
+    }
+    if let Some(seed) = cfg.seed {
+        cmd.args(["--seed", &seed.to_string()]);
     }
     let evaluator = sup.spawn_restartable("evaluator", cmd.into_maker())?;
     sup.wait_line(evaluator, STARTUP_TIMEOUT, |l| {
@@ -221,6 +225,9 @@ pub fn start(
         .arg(&data_dir);
         if let Some(corpus) = &cfg.corpus {
             cmd.arg("--corpus").arg(corpus);
+        }
+        if let Some(seed) = cfg.seed {
+            cmd.args(["--seed", &seed.to_string()]);
         }
         let id = sup.spawn_restartable(&name, cmd.into_maker())?;
         nodes.push((id, name, data_dir));
@@ -269,11 +276,43 @@ impl Network {
         }
     }
 
-    /// What the coordinator and each node report holding now.
+    /// Waits for the evaluator to have exported the model of `round` (or a later one) to the final model's
+    /// directory.
+    pub fn wait_for_export(
+        &self,
+        out: &OutDir,
+        sup: &mut Supervisor,
+        round: u64,
+        signals: &AtomicBool,
+    ) -> Result<(), DemoError> {
+        let deadline = Instant::now() + APPLY_TIMEOUT;
+        loop {
+            let exported = status::read(&out.data_dir("evaluator"))
+                .and_then(|s| s.evaluator)
+                .and_then(|e| e.exported_round);
+            if exported.is_some_and(|r| r >= round) {
+                return Ok(());
+            }
+            if signals.load(Ordering::SeqCst) {
+                return Err(DemoError::Interrupted);
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::NotExported {
+                    round,
+                    exported,
+                    log: sup.log(self.evaluator).to_path_buf(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// What the evaluator (a mirror of every checkpoint) and each node report holding now. The coordinator
+    /// holds no shard.
     fn holders(&self, out: &OutDir, sup: &mut Supervisor) -> Vec<Holder> {
         let mut all = vec![holder(
-            "coordinator",
-            status::read(&out.data_dir("coordinator")),
+            "evaluator",
+            status::read(&out.data_dir("evaluator")),
         )];
         for (id, name, dir) in &self.nodes {
             // A node that died is reported as it last was, and shows as behind if it missed rounds.

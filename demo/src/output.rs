@@ -85,7 +85,7 @@ impl OutDir {
         self.data_dir("coordinator").join("metrics.jsonl")
     }
 
-    /// Where the coordinator exports the final model.
+    /// Where the evaluator exports the final model (the last committed round's).
     pub fn final_model(&self) -> PathBuf {
         self.root.join("final-model")
     }

@@ -23,7 +23,7 @@ const FIRST_ROUND_TIMEOUT: Duration = Duration::from_secs(300);
 const STALL_FACTOR: u32 = 10;
 /// The shortest stall timeout after the first round.
 const MIN_STALL: Duration = Duration::from_secs(120);
-/// How long the coordinator gets to finish and export after its last round (or after SIGTERM).
+/// How long the coordinator gets to finish after its last round (or after SIGTERM).
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the demo looks at the metrics file and the children.
 const TICK: Duration = Duration::from_millis(200);
@@ -146,7 +146,7 @@ pub fn follow(
             progress.elapsed(started.elapsed());
             if !stop_asked && started.elapsed() >= d {
                 progress.phase(
-                    "time is up: stopping the coordinator (it exports the last committed model)",
+                    "time is up: stopping the coordinator (the evaluator exports the last committed model)",
                 );
                 sup.terminate(net.coordinator);
                 stop_asked = true;

@@ -1,5 +1,5 @@
-//! `sample.txt`: greedy continuations of a few prompts by the final model, which the coordinator exported
-//! as a checkpoint directory. It loads the checkpoint and generates in-process through the kernels'
+//! `sample.txt`: greedy continuations of a few prompts by the final model, which the evaluator exported as a
+//! checkpoint directory. It loads the checkpoint and generates in-process through the kernels'
 //! generate API, exactly as `mana generate` does.
 
 use std::path::Path;

@@ -708,7 +708,12 @@ fn a_judge_reaches_the_same_verdicts_every_time_and_refuses_each_bad_delta_for_i
         .iter()
         .map(|p| {
             let local = train_local(&spec, &ann, p, &base, &data).unwrap();
-            local.deltas.into_iter().find(|(s, _)| *s == ShardId::Trunk).unwrap().1
+            local
+                .deltas
+                .into_iter()
+                .find(|(s, _)| *s == ShardId::Trunk)
+                .unwrap()
+                .1
         })
         .collect();
     let zero = vec![0.0; honest[0].len()];
@@ -787,7 +792,10 @@ fn a_judge_reaches_the_same_verdicts_every_time_and_refuses_each_bad_delta_for_i
     assert_eq!(v[7], DeltaVerdict::Refuse(RejectCode::LowScore));
     // Scored: every delta within its bounds (the four honest ones and the flipped one), in the call's order.
     let scored: Vec<ContentHash> = first.scores.iter().map(|s| s.payload_hash).collect();
-    assert_eq!(scored, vec![hashes[0], hashes[1], hashes[2], hashes[3], hashes[7]]);
+    assert_eq!(
+        scored,
+        vec![hashes[0], hashes[1], hashes[2], hashes[3], hashes[7]]
+    );
     // Any holder recomputes the published scores from the commit's seed, which is the call's.
     let seed = call_score_seed(&call);
     let at_hand: Vec<(DeltaScore, &[f32])> = first
@@ -798,7 +806,12 @@ fn a_judge_reaches_the_same_verdicts_every_time_and_refuses_each_bad_delta_for_i
             (*s, payloads[i].as_ref().unwrap().as_slice())
         })
         .collect();
-    for (published, computed) in rescore(&spec, &hyper, &data, round, seed, &trunk, &at_hand).unwrap() {
-        assert!(score_agrees(&published, &computed), "{published:?} against {computed:?}");
+    for (published, computed) in
+        rescore(&spec, &hyper, &data, round, seed, &trunk, &at_hand).unwrap()
+    {
+        assert!(
+            score_agrees(&published, &computed),
+            "{published:?} against {computed:?}"
+        );
     }
 }

@@ -217,3 +217,26 @@ fn config_round_trips_through_toml_and_rejects_bad_values() {
         );
     }
 }
+
+#[test]
+fn a_shards_initial_parameters_are_made_alone_exactly_as_the_whole_model_holds_them() {
+    let cfg = tiny_config();
+    let model = Model::new(cfg.clone(), 11, Box::new(CpuBackend::new())).unwrap();
+    for shard in model.shards() {
+        let alone = mana_kernels::model::initial_shard_params(&cfg, 11, shard).unwrap();
+        let whole = model.export_shard(shard).unwrap();
+        assert_eq!(
+            alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{shard}"
+        );
+    }
+    // Another seed gives other values; a shard the model does not have is refused.
+    let other = mana_kernels::model::initial_shard_params(&cfg, 12, ShardId::Trunk).unwrap();
+    assert_ne!(other, model.export_shard(ShardId::Trunk).unwrap());
+    let beyond = ShardId::Expert {
+        layer: cfg.n_layers as u16,
+        index: 0,
+    };
+    assert!(mana_kernels::model::initial_shard_params(&cfg, 11, beyond).is_err());
+}

@@ -45,11 +45,12 @@ pub use identity::{Keypair, PeerId, PublicKey, Signature};
 pub use ids::{ContentHash, RunId, ShardId, Text};
 pub use limits::PROTOCOL_VERSION;
 pub use messages::{
-    AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, CommitDispute, Deadlines,
-    DeltaAnnouncement, DeltaScore, DeltaVerdict, DeviceKind, DisputeMismatch, Evaluation, Heartbeat,
-    HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Participant, RejectedDelta, RoundAnnouncement,
-    RoundCommit, RunEnd, ShardAttestation, ShardCall, ShardDissent, ShardEntry, ShardJudgment, TrainingStats, UpdateRule,
-    VerdictRule, seed_commitment,
+    AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, CommitDispute,
+    Deadlines, DeltaAnnouncement, DeltaScore, DeltaVerdict, DeviceKind, DisputeMismatch,
+    Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Participant,
+    RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardAttestation, ShardCall,
+    ShardDissent, ShardEntry, ShardJudgment, TrainingStats, UpdateRule, VerdictRule,
+    seed_commitment,
 };
 pub use reqresp::{
     ExpertRequest, ExpertResponse, FetchRequest, FetchResponse, LaneRequest, LaneResponse,

@@ -11,8 +11,9 @@ use crate::error::ProtocolError;
 use crate::identity::PublicKey;
 use crate::ids::{ContentHash, RunId, ShardId, Text};
 use crate::limits::{
-    MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS, MAX_EVALUATION_BATCHES,
-    MAX_CALL_NORMS, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARD_JUDGES, MAX_SHARDS_PER_NODE,
+    MAX_CALL_NORMS, MAX_COMMIT_DELTAS, MAX_DATA_SEEDS_PER_NODE, MAX_DISPUTE_DELTAS,
+    MAX_EVALUATION_BATCHES, MAX_MANIFEST_SHARDS, MAX_PARTICIPANTS, MAX_SHARD_JUDGES,
+    MAX_SHARDS_PER_NODE,
 };
 use crate::validation::RejectCode;
 
@@ -823,20 +824,28 @@ impl Message {
                     });
                 }
                 for c in &m.shards {
-                    if c
-                        .deltas
-                        .windows(2)
-                        .any(|w| (w[0].payload_hash, w[0].sender) >= (w[1].payload_hash, w[1].sender))
-                    {
+                    if c.deltas.windows(2).any(|w| {
+                        (w[0].payload_hash, w[0].sender) >= (w[1].payload_hash, w[1].sender)
+                    }) {
                         return Err(ProtocolError::InvalidField {
                             what: "call deltas",
-                            detail: format!("{}: not sorted by payload and sender, or one twice", c.shard),
+                            detail: format!(
+                                "{}: not sorted by payload and sender, or one twice",
+                                c.shard
+                            ),
                         });
                     }
-                    if let Some(d) = c.deltas.iter().find(|d| !(1..=MAX_DELTA_WEIGHT).contains(&d.weight)) {
+                    if let Some(d) = c
+                        .deltas
+                        .iter()
+                        .find(|d| !(1..=MAX_DELTA_WEIGHT).contains(&d.weight))
+                    {
                         return Err(ProtocolError::InvalidField {
                             what: "called weight",
-                            detail: format!("{} for {}, must be 1 to {MAX_DELTA_WEIGHT}", d.weight, c.shard),
+                            detail: format!(
+                                "{} for {}, must be 1 to {MAX_DELTA_WEIGHT}",
+                                d.weight, c.shard
+                            ),
                         });
                     }
                     count(
@@ -861,7 +870,10 @@ impl Message {
             }
             Message::ShardAttestation(m) => {
                 count("attested shards", m.results.len(), MAX_SHARDS_PER_NODE)?;
-                if m.results.windows(2).any(|w| w[0].entry.shard >= w[1].entry.shard) {
+                if m.results
+                    .windows(2)
+                    .any(|w| w[0].entry.shard >= w[1].entry.shard)
+                {
                     return Err(ProtocolError::InvalidField {
                         what: "attested shards",
                         detail: "not sorted by shard, or a shard twice".into(),
@@ -889,9 +901,15 @@ impl Message {
 
 /// A verdict rule's figures: finite, the shares between 0 and 1, the tolerances not negative.
 fn check_rule(r: &VerdictRule) -> Result<(), ProtocolError> {
-    let fine = [r.min_norm_ratio, r.score_share, r.trunk_min_gain, r.trunk_share, r.expert_tolerance]
-        .iter()
-        .all(|v| v.is_finite())
+    let fine = [
+        r.min_norm_ratio,
+        r.score_share,
+        r.trunk_min_gain,
+        r.trunk_share,
+        r.expert_tolerance,
+    ]
+    .iter()
+    .all(|v| v.is_finite())
         && (0.0..=1.0).contains(&r.score_share)
         && r.min_norm_ratio >= 0.0
         && r.expert_tolerance >= 0.0;
@@ -909,10 +927,19 @@ fn check_weights(a: &AcceptedDeltas) -> Result<(), ProtocolError> {
     if a.norms.len() != a.deltas.len() || a.norms.iter().any(|n| !n.is_finite() || *n < 0.0) {
         return Err(ProtocolError::InvalidField {
             what: "accepted norms",
-            detail: format!("{} norms for {} deltas of {}, each a finite norm", a.norms.len(), a.deltas.len(), a.shard),
+            detail: format!(
+                "{} norms for {} deltas of {}, each a finite norm",
+                a.norms.len(),
+                a.deltas.len(),
+                a.shard
+            ),
         });
     }
-    if a.weights.len() != a.deltas.len() || a.weights.iter().any(|w| !(1..=MAX_DELTA_WEIGHT).contains(w)) {
+    if a.weights.len() != a.deltas.len()
+        || a.weights
+            .iter()
+            .any(|w| !(1..=MAX_DELTA_WEIGHT).contains(w))
+    {
         return Err(ProtocolError::InvalidField {
             what: "accepted weights",
             detail: format!(

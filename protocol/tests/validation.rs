@@ -672,8 +672,16 @@ fn evaluations_are_judged_by_round_and_their_figures() {
 
 #[test]
 fn calls_and_attestations_are_bounded_sorted_and_finite() {
-    assert!(Message::AggregationCall(aggregation_call()).check_limits().is_ok());
-    assert!(Message::ShardAttestation(shard_attestation()).check_limits().is_ok());
+    assert!(
+        Message::AggregationCall(aggregation_call())
+            .check_limits()
+            .is_ok()
+    );
+    assert!(
+        Message::ShardAttestation(shard_attestation())
+            .check_limits()
+            .is_ok()
+    );
     let call = |f: &dyn Fn(&mut AggregationCall)| {
         let mut c = aggregation_call();
         f(&mut c);

@@ -1,10 +1,11 @@
-//! `mana coordinator`: coordinate a training run. It joins the network as a peer with its own key, creates (or
-//! resumes from its data directory) the run's checkpoint, announces rounds to the nodes whose heartbeats
-//! arrive, verifies their deltas, calls each shard's judges (its holders and drawn verifiers) for its next
-//! state, and commits the result a quorum signed. On stdout it prints one
-//! `addr <multiaddr>` line per listen address and one `coordinator-key <hex>` line (what nodes pass as
-//! `--coordinator`). With `--rounds N` it exports the model to `--export` after round N and exits 0; on
-//! ctrl-c or SIGTERM it exports the last committed model (when `--export` is given) and exits 0.
+//! `mana coordinator`: coordinate a training run. It joins the network as a peer with its own key, makes (or
+//! resumes from its data directory) the run's round-0 manifest, announces rounds to the nodes whose
+//! heartbeats arrive, calls each shard's judges (its holders and drawn verifiers) to verdict its deltas and
+//! compute its next state, and commits the result a quorum signed. It never holds the model: a mirror
+//! (`mana node --no-train --export DIR`) assembles it. On stdout it prints one `addr <multiaddr>` line per
+//! listen address and one `coordinator-key <hex>` line (what nodes pass as `--coordinator`). With
+//! `--rounds N` it ends the run after round N and exits 0; on ctrl-c or SIGTERM it exits 0 (a restart
+//! resumes the run).
 //!
 //! Every setting comes from a flag, else a `MANA_*` environment variable, else the TOML file given by
 //! `--config`, else a default.
@@ -58,7 +59,7 @@ pub struct CoordinatorArgs {
     /// Hosts per routed expert (default 2).
     #[arg(long, env = "MANA_REPLICATION")]
     pub replication: Option<usize>,
-    /// Stop after this round is committed (export the model, exit 0).
+    /// End the run after this round is committed (announce the end, exit 0).
     #[arg(long, env = "MANA_ROUNDS")]
     pub rounds: Option<u64>,
     /// Training time per round before the delta deadline, in ms (default 10000).
@@ -73,9 +74,10 @@ pub struct CoordinatorArgs {
     /// File to append one JSON line per committed round to.
     #[arg(long, env = "MANA_METRICS")]
     pub metrics: Option<PathBuf>,
-    /// Directory to save the final model to (at --rounds, and on ctrl-c/SIGTERM).
-    #[arg(long, env = "MANA_EXPORT")]
-    pub export: Option<PathBuf>,
+    /// Seconds the last commit's metrics line waits for an evaluator's validation loss when the run ends
+    /// (default 30; at most 10 on ctrl-c/SIGTERM), if evaluators are named or were heard.
+    #[arg(long, env = "MANA_EVALUATION_WAIT")]
+    pub evaluation_wait: Option<u64>,
     /// The run's text (same for every node): a UTF-8 file, a .gz, or a directory; default the built-in corpus.
     #[arg(long, env = "MANA_CORPUS")]
     pub corpus: Option<PathBuf>,
@@ -105,8 +107,8 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "MANA_ALLOWLIST")]
     pub allowlist: Option<PathBuf>,
     /// Public keys (64 hex digits each, comma-separated) of the evaluators whose published validation losses
-    /// are checked against the coordinator's own (default: any node's); a figure that differs is logged and
-    /// counted in the status.
+    /// go into the metrics (default: any node's, the first for a round); a later figure that differs from
+    /// the one taken is logged and counted in the status.
     #[arg(long, env = "MANA_EVALUATORS")]
     pub evaluators: Option<String>,
     /// Most members at once (default 1024); new keys beyond it are not admitted.
@@ -164,9 +166,9 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(path) = &role.metrics {
         super::preflight::appendable_file("--metrics", path)?;
     }
-    role.export = s.get(|a| &a.export);
-    if let Some(dir) = &role.export {
-        super::preflight::writable_dir("--export", dir)?;
+    if let Some(secs) = s.get(|a| &a.evaluation_wait) {
+        anyhow::ensure!(secs <= 3600, "--evaluation-wait is at most 3600 seconds");
+        role.evaluation_wait = std::time::Duration::from_secs(secs);
     }
     role.allowlist = s.get(|a| &a.allowlist);
     if let Some(keys) = s.get(|a| &a.evaluators) {

@@ -64,6 +64,15 @@ pub struct NodeArgs {
     /// The run's text, as the coordinator's: a UTF-8 file, a .gz, or a directory; default the built-in corpus.
     #[arg(long, env = "MANA_CORPUS")]
     pub corpus: Option<PathBuf>,
+    /// Seed of the model's initial weights, as the coordinator's `--seed` (default the same default): the
+    /// round-0 shards this node needs are made here from it and checked against the run's manifest.
+    #[arg(long, env = "MANA_SEED")]
+    pub seed: Option<u64>,
+    /// With --evaluate: keep this directory holding the last committed model the node evaluated (a `mana
+    /// train`-style checkpoint, with exported.json naming its round and checkpoint), replaced whole after
+    /// each round.
+    #[arg(long, env = "MANA_EXPORT")]
+    pub export: Option<PathBuf>,
     /// Do not train even with a coordinator: only validate, serve and mirror every committed checkpoint
     /// (MANA_NO_TRAIN: 1, true, yes, on or 0, false, no, off; in the file, train = false).
     #[arg(long, env = "MANA_NO_TRAIN", value_parser = config::parse_bool)]
@@ -134,8 +143,12 @@ enum Work {
     Serve,
     /// The trainer role.
     Train(Training),
-    /// The evaluator role (on a mirror), on the run's text from this corpus (default the built-in one).
-    Evaluate { corpus: Option<PathBuf> },
+    /// The evaluator role (on a mirror), on the run's text from this corpus (default the built-in one),
+    /// exporting each checkpoint it evaluates to `export` if given.
+    Evaluate {
+        corpus: Option<PathBuf>,
+        export: Option<PathBuf>,
+    },
 }
 
 /// The trainer's settings.
@@ -164,6 +177,11 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
     }
     config.net.kad_server = s.flags.dht_server || net.loopback;
     config.fetch.progress = true;
+    let mut spec = RunSpec::tiny();
+    if let Some(seed) = s.get(|a| &a.seed) {
+        spec.init_seed = seed;
+    }
+    config.genesis = Some(spec);
     let max_shards = s.get(|a| &a.max_shards).unwrap_or(DEFAULT_MAX_SHARDS);
     anyhow::ensure!(
         max_shards >= 1,
@@ -182,6 +200,14 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
         && !s.flags.no_train
         && s.file.train.unwrap_or(true);
     let evaluates = s.flags.evaluate_flag || s.file.evaluate.unwrap_or(false);
+    let export = s.get(|a| &a.export);
+    anyhow::ensure!(
+        export.is_none() || evaluates,
+        "--export needs --evaluate (and --no-train): the evaluator assembles each committed model it measures"
+    );
+    if let Some(dir) = &export {
+        super::preflight::writable_dir("--export", dir)?;
+    }
     if serves_only {
         anyhow::ensure!(
             config.coordinator.is_some(),
@@ -213,6 +239,7 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
             config,
             Work::Evaluate {
                 corpus: s.get(|a| &a.corpus),
+                export,
             },
         ));
     }
@@ -291,6 +318,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         return verify_store(&config);
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let spec = config.genesis.clone().unwrap_or_else(RunSpec::tiny);
     let training = match work {
         Work::Train(training) => training,
         Work::Mirror => {
@@ -319,28 +347,28 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             return runtime.block_on(async move {
                 let handle = daemon::start(config).await?;
                 print_listen_addrs(&handle).await?;
-                serve_experts(&handle, RunSpec::tiny(), limits)?;
+                serve_experts(&handle, spec.clone(), limits)?;
                 shutdown_signal("node").await;
                 handle.shutdown().await?;
                 anyhow::Ok(())
             });
         }
-        Work::Evaluate { corpus } => {
+        Work::Evaluate { corpus, export } => {
             let source = DataSource {
                 corpus,
                 ..DataSource::default()
             };
             let data = Arc::new(load_dataset(&source)?);
-            let spec = RunSpec::tiny();
             check_corpus(&data, &spec, &source)?;
-            let evaluator = EvaluatorConfig::new(spec, data);
+            let mut evaluator = EvaluatorConfig::new(spec.clone(), data);
+            evaluator.export = export;
             tracing::info!(
                 "--evaluate: this node mirrors every committed checkpoint and publishes its validation loss"
             );
             return runtime.block_on(async move {
                 let handle = Arc::new(daemon::start(config).await?);
                 print_listen_addrs(&handle).await?;
-                serve_experts(&handle, RunSpec::tiny(), limits)?;
+                serve_experts(&handle, spec.clone(), limits)?;
                 let result =
                     run_evaluator(handle.clone(), evaluator, shutdown_signal("node")).await;
                 handle.stop().await?;
@@ -354,16 +382,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         ..DataSource::default()
     };
     let data = Arc::new(load_dataset(&source)?);
-    let spec = RunSpec::tiny();
     check_corpus(&data, &spec, &source)?;
-    let mut trainer = TrainerConfig::new(spec, data);
+    let mut trainer = TrainerConfig::new(spec.clone(), data);
     trainer.max_shards = training.max_shards;
     trainer.rescore_share = training.rescore_share;
     runtime.block_on(async move {
         let handle = Arc::new(daemon::start(config).await?);
         print_listen_addrs(&handle).await?;
         // Clients generate with the experts this node holds in its committed rounds.
-        serve_experts(&handle, RunSpec::tiny(), limits)?;
+        serve_experts(&handle, spec.clone(), limits)?;
         let result = run_trainer(handle.clone(), trainer, shutdown_signal("node")).await;
         // Every task of the node and its role is cancelled and awaited, even while the role still holds
         // clones of the handle.
@@ -484,7 +511,13 @@ mod tests {
     fn an_evaluator_is_a_mirror_of_a_run() {
         let with_coordinator = ["--coordinator", KEY, "--no-train", "--evaluate"];
         let (config, work) = settings_work(&with_coordinator, "").expect("valid");
-        assert!(matches!(work, Work::Evaluate { corpus: None }));
+        assert!(matches!(
+            work,
+            Work::Evaluate {
+                corpus: None,
+                export: None
+            }
+        ));
         assert!(config.sync_shards, "an evaluator syncs every shard");
         let (_, work) = settings_work(&["--coordinator", KEY], "train = false\nevaluate = true\n")
             .expect("valid");

@@ -193,6 +193,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             _ => String::new(),
         };
         println!("evaluator: {} checkpoints evaluated{last}", e.evaluated);
+        if let Some(r) = e.exported_round {
+            println!("  model of round {r} exported");
+        }
         if let Some(err) = &e.last_error {
             println!("  last not evaluated: {err}");
         }

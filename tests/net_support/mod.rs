@@ -180,14 +180,28 @@ pub async fn start_evaluator(
     data: &std::sync::Arc<mana_kernels::data::TextDataset>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (std::sync::Arc<NodeHandle>, RoleTask) {
-    use mana_node::roles::evaluator::{EvaluatorConfig, run_evaluator};
+    let cfg = mana_node::roles::evaluator::EvaluatorConfig::new(spec.clone(), data.clone());
+    start_evaluator_with(dir, boot, coordinator, cfg, stop).await
+}
+
+/// [`start_evaluator`] with the evaluator's settings given (an export directory, say).
+#[allow(dead_code)]
+pub async fn start_evaluator_with(
+    dir: &Path,
+    boot: &[Multiaddr],
+    coordinator: mana_protocol::PublicKey,
+    evaluator: mana_node::roles::evaluator::EvaluatorConfig,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (std::sync::Arc<NodeHandle>, RoleTask) {
     let mut cfg = node_config(&dir.join("evaluator"), boot);
     cfg.coordinator = Some(coordinator);
     cfg.sync_shards = true;
+    // It makes the round-0 shards of the run's model.
+    cfg.genesis = Some(evaluator.spec.clone());
     let node = std::sync::Arc::new(start_node(cfg).await);
-    let task = tokio::spawn(run_evaluator(
+    let task = tokio::spawn(mana_node::roles::evaluator::run_evaluator(
         node.clone(),
-        EvaluatorConfig::new(spec.clone(), data.clone()),
+        evaluator,
         stopped(stop),
     ));
     (node, task)

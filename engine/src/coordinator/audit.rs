@@ -62,12 +62,7 @@ pub fn audit_shard(
     };
     let shard = part.shard;
     let committed = commit.checkpoint.shard(&shard).copied();
-    let sender = |i: u32| {
-        announcement
-            .participants
-            .get(i as usize)
-            .map(|p| p.node)
-    };
+    let sender = |i: u32| announcement.participants.get(i as usize).map(|p| p.node);
     // What the commit says of each called delta: accepted (with weight and norm), refused (with a code), or
     // nothing.
     let accepted = commit.accepted.iter().find(|a| a.shard == shard);

@@ -249,7 +249,10 @@ struct CoordinatorV1 {
 
 impl From<CoordinatorV1> for Coordinator {
     fn from(old: CoordinatorV1) -> Coordinator {
-        let config = old.config.map_standing(StandingPolicyV1::upgrade).into_current();
+        let config = old
+            .config
+            .map_standing(StandingPolicyV1::upgrade)
+            .into_current();
         let members = old
             .members
             .into_iter()
@@ -423,7 +426,10 @@ pub(super) fn encode_v2(c: &Coordinator) -> Vec<u8> {
         },
     };
     let mut bytes = STATE_HEADER_V2.to_vec();
-    bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).expect("test states encode"));
+    bytes.extend(
+        bincode::serde::encode_to_vec(&old, bincode::config::standard())
+            .expect("test states encode"),
+    );
     bytes
 }
 

@@ -17,10 +17,11 @@
 //! the verdict rule, the norm history and the round's seed secret; its judges ([`judges`]: its holders and
 //! verifiers drawn from the other participants by the round's score seed) check and score each delta, compute
 //! the shard's next state from the ones they accept and sign both ([`Coordinator::shard_attested`]). The
-//! verdicts and result a quorum signed are taken once the daemon holds the result's blob
-//! ([`Coordinator::shard_aggregated`]); a shard without one keeps its state for the round (its deltas are
-//! listed as `late`, at no cost to their senders), and a judge that signed anything else than the quorum
-//! loses standing. The coordinator never fetches a payload, scores a delta or computes a shard.
+//! verdicts and result a quorum signed are taken as soon as the quorum is there: the coordinator commits the
+//! result's hash, never its bytes (the judges host the blob). A shard without a quorum keeps its state for
+//! the round (its deltas are listed as `late`, at no cost to their senders), and a judge that signed anything
+//! else than the quorum loses standing. The coordinator never fetches a payload or a shard, scores a delta or
+//! computes a shard.
 //!
 //! A participant that has sent nothing for some assigned shard by the delta deadline is dropped from the round;
 //! the round completes with the others. A member whose heartbeats stop for `member_timeout_ms` leaves; experts
@@ -121,8 +122,7 @@ pub struct ActiveRound {
     pub deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
     /// Participants dropped from the round (left, or missed the delta deadline).
     pub dropped: BTreeSet<PublicKey>,
-    /// New shard entries taken (a quorum of the shard's judges signed each, and the daemon holds its blob),
-    /// by shard.
+    /// New shard entries taken (a quorum of the shard's judges signed each), by shard.
     pub results: BTreeMap<ShardId, ShardEntry>,
     /// The call for judgments ([`Action::CallAggregation`]), once the deltas are in.
     pub call: Option<Called>,
@@ -215,8 +215,7 @@ pub enum Action {
     AnnounceRound(RoundAnnouncement),
     /// Publish this call on the rounds topic: each shard's judges check and score its deltas, compute its
     /// next state from the ones they accept and sign both; report each attestation with
-    /// [`Coordinator::shard_attested`], then each result a quorum signed, once its blob is held, with
-    /// [`Coordinator::shard_aggregated`].
+    /// [`Coordinator::shard_attested`].
     CallAggregation(AggregationCall),
     /// Publish this commit on the rounds topic (and store its manifest): the round is closed.
     CommitRound(RoundCommit),
@@ -569,9 +568,10 @@ impl Coordinator {
 
     /// A judge's signed judgments for round `round` (`judge` is the envelope's signer). Each judgment counts for
     /// a shard the call names with `judge` among its judges, when it has one verdict per delta of the shard;
-    /// the first judgment a judge signs for a shard is kept. Returns the results that now have a quorum and
-    /// are not yet taken: the daemon fetches their blobs, then reports each with
-    /// [`Coordinator::shard_aggregated`]. Refused when no call is under way for the round (`stale-round`),
+    /// the first judgment a judge signs for a shard is kept; one whose new entry has another size than the
+    /// shard's (a shard's layout is the run's) does not count. A result is taken as soon as a quorum of its
+    /// judges signed it; returns the results this attestation completed (the coordinator holds their hashes,
+    /// never their bytes). Refused when no call is under way for the round (`stale-round`),
     /// for another call than the round's (`inconsistent`), or when the signer judges none of the shards it
     /// names (`shard-not-assigned`).
     pub fn shard_attested(
@@ -598,9 +598,12 @@ impl Coordinator {
             let Some(part) = call.shard(&shard) else {
                 continue;
             };
-            // A new state of this round, or the base state itself (no delta accepted).
-            let unchanged = self.checkpoint.shard(&shard) == Some(&judgment.entry);
+            // A new state of this round, or the base state itself (no delta accepted), of the shard's size: a
+            // quorum of liars cannot make holders and mirrors fetch more than a shard.
+            let base = self.checkpoint.shard(&shard);
+            let unchanged = base == Some(&judgment.entry);
             if (judgment.entry.round != round && !unchanged)
+                || base.map(|b| b.size) != Some(judgment.entry.size)
                 || judgment.verdicts.len() != part.deltas.len()
                 || !judges_of(&r.announcement, part).contains(&judge)
             {
@@ -616,32 +619,7 @@ impl Coordinator {
         if counted.is_empty() {
             return Err(EventError::Refused(RejectCode::ShardNotAssigned));
         }
-        Ok(counted
-            .iter()
-            .filter_map(|shard| r.ready_result(shard))
-            .map(|(result, _)| result)
-            .collect())
-    }
-
-    /// The daemon holds the blob of `entry`, a result a quorum of its shard's judges signed in round `round`:
-    /// the shard takes it, with the quorum's verdicts. Refused for any other entry (`inconsistent`), or out
-    /// of the judging phase.
-    pub fn shard_aggregated(&mut self, round: u64, entry: ShardEntry) -> Result<(), EventError> {
-        let RunState::RoundAggregate(r) = &mut self.state else {
-            return Err(EventError::Refused(RejectCode::StaleRound));
-        };
-        let unchanged = self.checkpoint.shard(&entry.shard) == Some(&entry);
-        if r.announcement.round != round || (entry.round != round && !unchanged) {
-            return Err(EventError::Refused(RejectCode::StaleRound));
-        }
-        match tally_shard(r, &entry.shard) {
-            Some(Tally::Quorum { result, .. }) if result.entry == entry => {
-                r.results.entry(entry.shard).or_insert(entry);
-                Ok(())
-            }
-            Some(_) => Err(EventError::Refused(RejectCode::Inconsistent)),
-            None => Err(EventError::Refused(RejectCode::ShardNotAssigned)),
-        }
+        Ok(take_quorums(r, &counted))
     }
 
     /// Advances the state machine to time `now_ms`; `seed` drives this tick's random choices (the next
@@ -713,7 +691,11 @@ impl Coordinator {
                     (RunState::RoundTrain(round), None)
                 }
             }
-            RunState::RoundAggregate(round) => {
+            RunState::RoundAggregate(mut round) => {
+                // A state saved by a version that took a result only once its blob was fetched may hold
+                // quorums not taken yet.
+                let shards: Vec<ShardId> = round.attested.keys().copied().collect();
+                take_quorums(&mut round, &shards);
                 let all_in = round.call.as_ref().is_none_or(|c| {
                     c.call
                         .shards
@@ -877,7 +859,11 @@ impl Coordinator {
         let mut scores: Vec<DeltaScore> = Vec::new();
         let mut verdicts: Vec<(PublicKey, DeltaVerdict)> = Vec::new();
         let mut dissent: Vec<ShardDissent> = Vec::new();
-        let parts = round.call.as_ref().map(|c| c.call.shards.as_slice()).unwrap_or(&[]);
+        let parts = round
+            .call
+            .as_ref()
+            .map(|c| c.call.shards.as_slice())
+            .unwrap_or(&[]);
         for part in parts {
             let sender = |d: &CalledDelta| {
                 round
@@ -886,7 +872,10 @@ impl Coordinator {
                     .get(d.sender as usize)
                     .map(|p| p.node)
             };
-            let quorum = match (round.results.get(&part.shard), tally_shard(&round, &part.shard)) {
+            let quorum = match (
+                round.results.get(&part.shard),
+                tally_shard(&round, &part.shard),
+            ) {
                 (
                     Some(_),
                     Some(Tally::Quorum {
@@ -962,8 +951,6 @@ impl Coordinator {
                 accepted.push(list);
             }
         }
-        // Only quorums whose result was taken count: one whose blob could not be had decided nothing, and
-        // nobody answers for having signed otherwise.
         self.charge_dissenters(r, &dissent);
         self.update_standings(&round, &verdicts);
         let mut shards: BTreeMap<ShardId, ShardEntry> = self
@@ -1168,28 +1155,23 @@ impl ActiveRound {
             self.deltas.values().map(|d| d.payload_hash),
         )
     }
+}
 
-    /// The results a quorum of their shard's judges signed that are not taken yet, each with its signers:
-    /// what the daemon must fetch (again, after a restart) before it reports them.
-    pub fn ready_results(&self) -> Vec<(ShardEntry, Vec<PublicKey>)> {
-        self.attested
-            .keys()
-            .filter_map(|shard| self.ready_result(shard))
-            .collect()
-    }
-
-    /// The result of `shard` that a quorum of its judges signed, with its signers, if it is not taken yet.
-    pub fn ready_result(&self, shard: &ShardId) -> Option<(ShardEntry, Vec<PublicKey>)> {
-        if self.results.contains_key(shard) {
-            return None;
+/// Takes, among `shards`, each result a quorum of its judges signed and that is not taken yet; returns those.
+/// A strict majority of the judges cannot sign two different agreements, so a result taken stays the
+/// quorum's whatever attestations come later.
+fn take_quorums(round: &mut ActiveRound, shards: &[ShardId]) -> Vec<ShardEntry> {
+    let mut taken = Vec::new();
+    for shard in shards {
+        if round.results.contains_key(shard) {
+            continue;
         }
-        match tally_shard(self, shard)? {
-            Tally::Quorum {
-                result, signers, ..
-            } => Some((result.entry, signers)),
-            Tally::NoQuorum { .. } => None,
+        if let Some(Tally::Quorum { result, .. }) = tally_shard(round, shard) {
+            round.results.insert(*shard, result.entry);
+            taken.push(result.entry);
         }
     }
+    taken
 }
 
 /// Domain tag of [`round_secret`].

@@ -242,7 +242,8 @@ fn entry_in(round: u64, shard: ShardId, what: &str) -> ShardEntry {
     ShardEntry {
         shard,
         hash: ContentHash::of(what.as_bytes()),
-        size: 9,
+        // The base's sizes (a shard's size is fixed by the run's layout).
+        size: if shard == ShardId::Trunk { 5 } else { 9 },
         round,
     }
 }
@@ -297,12 +298,8 @@ fn attest_each(
         };
         let judges = judges_of(&ann, part);
         for k in judges.holders.iter().chain(&judges.verifiers) {
-            for ready in c
-                .shard_attested(call.round, *k, &signed(call, vec![judgment.clone()]))
-                .unwrap()
-            {
-                c.shard_aggregated(call.round, ready).unwrap();
-            }
+            c.shard_attested(call.round, *k, &signed(call, vec![judgment.clone()]))
+                .unwrap();
         }
     }
 }
@@ -1494,16 +1491,21 @@ fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
         c.shard_attested(1, honest, &other_call),
         Err(EventError::Refused(RejectCode::Inconsistent))
     );
+    // A result of another size than the shard's is not a state of it: not counted, whoever signs it (a
+    // quorum of liars cannot make holders and mirrors fetch more than a shard).
+    let mut huge = good.clone();
+    huge.entry.size = 1 << 40;
+    assert_eq!(
+        c.shard_attested(1, liar, &signed(&call, vec![huge])),
+        Err(EventError::Refused(RejectCode::ShardNotAssigned))
+    );
     // A holder signs a wrong state: no quorum yet, and the wrong result cannot be taken.
     let wrong = judgment(part, "a wrong result");
     assert_eq!(
         c.shard_attested(1, liar, &signed(&call, vec![wrong.clone()])),
         Ok(vec![])
     );
-    assert_eq!(
-        c.shard_aggregated(1, wrong.entry),
-        Err(EventError::Refused(RejectCode::Inconsistent))
-    );
+    assert_eq!(c.state().round().unwrap().results.get(&part.shard), None);
     // The other holder and the verifier sign the honest judgment: it has its quorum.
     assert_eq!(
         c.shard_attested(1, honest, &signed(&call, vec![good.clone()])),
@@ -1513,12 +1515,17 @@ fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
         c.shard_attested(1, verifier, &signed(&call, vec![good.clone()])),
         Ok(vec![good.entry])
     );
-    // A judge's second, different judgment for the shard does not replace its first.
+    assert_eq!(
+        c.state().round().unwrap().results.get(&part.shard),
+        Some(&good.entry),
+        "taken at its quorum"
+    );
+    // A judge's second, different judgment for the shard does not replace its first (and the result, taken
+    // already, is not taken twice).
     assert_eq!(
         c.shard_attested(1, liar, &signed(&call, vec![good.clone()])),
-        Ok(vec![good.entry])
+        Ok(vec![])
     );
-    c.shard_aggregated(1, good.entry).unwrap();
     // The other shards' judges all sign; the round commits the quorum's result.
     attest_all(&mut c, &call, |p| judgment(p, &format!("new {}", p.shard)));
     let faults_before = c.standings().get(&liar).faults;
@@ -1612,7 +1619,6 @@ fn a_judge_that_never_answers_leaves_the_quorum_to_the_others() {
         c.shard_attested(1, judges.verifiers[0], &signed(&call, vec![good.clone()])),
         Ok(vec![good.entry])
     );
-    c.shard_aggregated(1, good.entry).unwrap();
     // The other shards' judges all sign; the silent holder is on the commit's record.
     let judged = part.shard;
     attest_each(&mut c, &call, |p| {
@@ -1837,12 +1843,12 @@ fn the_commit_carries_the_quorums_verdicts_and_the_standings_follow_them() {
 }
 
 #[test]
-fn a_shard_without_a_taken_result_lists_its_deltas_late_at_no_cost_to_their_senders() {
+fn a_shard_without_a_quorum_lists_its_deltas_late_at_no_cost_to_their_senders() {
     let mut c = coordinator();
     let (ann, call) = called_round(&mut c);
     let mut experts = call.shards.iter().filter(|p| p.shard != ShardId::Trunk);
-    // Two experts: the judges of one each sign another state (no quorum); those of the other agree, but the
-    // daemon never gets the result's blob (never taken).
+    // Two experts: the judges of one each sign another state (no quorum); of the other's, one alone answers
+    // before the deadline (no quorum either).
     let (split, unfetched) = (
         experts.next().unwrap().clone(),
         experts.next().unwrap().clone(),
@@ -1858,17 +1864,10 @@ fn a_shard_without_a_taken_result_lists_its_deltas_late_at_no_cost_to_their_send
     }
     let j = judges_of(&ann, &unfetched);
     let agreed = judged(&unfetched, 1, "agreed", refuse_all);
-    let mut ready = Vec::new();
-    for k in j.holders.iter().chain(&j.verifiers) {
-        ready.extend(
-            c.shard_attested(1, *k, &signed(&call, vec![agreed.clone()]))
-                .unwrap(),
-        );
-    }
     assert_eq!(
-        ready,
-        vec![agreed.entry],
-        "a quorum, whose result the daemon would fetch"
+        c.shard_attested(1, j.holders[0], &signed(&call, vec![agreed.clone()])),
+        Ok(vec![]),
+        "one judge is no quorum"
     );
     // Every other shard is judged and taken.
     let late = [split.shard, unfetched.shard];
@@ -2018,13 +2017,12 @@ fn judges_agreeing_on_the_entry_but_not_on_every_verdict_are_no_quorum() {
             c.shard_attested(1, v, &signed(&call, vec![one_off.clone()])),
             Ok(vec![])
         );
-        assert_eq!(c.state().round().unwrap().ready_result(&part.shard), None);
+        assert_eq!(c.state().round().unwrap().results.get(&part.shard), None);
         // Holder `b` sides with the verifier: that is the quorum, and `a` dissents.
         assert_eq!(
             c.shard_attested(1, b, &signed(&call, vec![one_off.clone()])),
             Ok(vec![one_off.entry])
         );
-        c.shard_aggregated(1, one_off.entry).unwrap();
         attest_all(&mut c, &call, |p| judgment(p, "new"));
         let commit = committed(&c.tick(40, 14).unwrap());
         let rejected: Vec<&RejectedDelta> = commit
@@ -2095,7 +2093,6 @@ fn scores_are_no_part_of_the_agreement_and_the_first_signers_are_published() {
         Ok(vec![mine.entry]),
         "a quorum all the same"
     );
-    c.shard_aggregated(1, mine.entry).unwrap();
     // The other holder has not signed (it would dissent if it signed anything else); the other shards settle.
     attest_each(&mut c, &call, |p| {
         (p.shard != part.shard).then(|| judgment(p, "new"))
@@ -2205,7 +2202,10 @@ fn an_observer_catches_a_commit_that_is_not_what_the_quorum_signed() {
         }
     });
     let commit = committed(&c.tick(40, 14).unwrap());
-    assert_eq!(audit_shard(&ann, &part, &seen, base, &commit), Finding::Agrees);
+    assert_eq!(
+        audit_shard(&ann, &part, &seen, base, &commit),
+        Finding::Agrees
+    );
     // Nothing seen, nothing follows.
     assert_eq!(
         audit_shard(&ann, &part, &BTreeMap::new(), base, &commit),

@@ -43,5 +43,5 @@ pub use simulate::{
     simulate, simulate_with,
 };
 pub use spec::{RunSpec, SPARSE_OUTER_LR, SPARSE_OUTER_MOMENTUM};
-pub use state::{RunShard, ShardRecord, build_trainer, initial_shards};
+pub use state::{RunShard, ShardRecord, build_trainer, initial_shard, initial_shards};
 pub use verdict::{Fetched, Judged, call_score_seed, default_verdict_rule, judge_deltas};

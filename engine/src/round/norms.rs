@@ -23,9 +23,9 @@
 use std::collections::BTreeMap;
 
 use mana_kernels::model::ShardId;
+use mana_protocol::NormRecord;
 use mana_protocol::PublicKey;
 use mana_protocol::validation::median_norm;
-use mana_protocol::NormRecord;
 use serde::{Deserialize, Serialize};
 
 /// Norms below this are not references: a delta of an expert that no token reached is rounding noise (a

@@ -19,7 +19,7 @@ use std::path::Path;
 use mana_kernels::CpuBackend;
 pub use mana_kernels::checkpoint::ShardRecord;
 use mana_kernels::checkpoint::decode_shard;
-use mana_kernels::model::{ExpertSet, Model, ShardId};
+use mana_kernels::model::{ExpertSet, Model, ShardId, initial_shard_params};
 use mana_kernels::train::Trainer;
 use mana_protocol::{ContentHash, HyperParams, UpdateRule};
 
@@ -85,27 +85,26 @@ impl RunShard for ShardRecord {
 /// Every shard of the fresh model (round 0's checkpoint): parameters from `spec.init_seed`, zero optimizer
 /// state, step 0, zero router biases. The trunk comes first, then the experts in (layer, index) order.
 pub fn initial_shards(spec: &RunSpec) -> Result<Vec<ShardRecord>, RoundError> {
-    let model = Model::new(
-        spec.model.clone(),
-        spec.init_seed,
-        Box::new(CpuBackend::new()),
-    )?;
-    model
-        .shards()
+    spec.shards()
         .into_iter()
-        .map(|shard| {
-            let params = model.export_shard(shard)?;
-            let n = params.len();
-            Ok(ShardRecord {
-                shard,
-                step: 0,
-                params,
-                opt_m: vec![0.0; n],
-                opt_v: vec![0.0; n],
-                router_bias: vec![0.0; spec.router_bias_len(shard)],
-            })
-        })
+        .map(|shard| initial_shard(spec, shard))
         .collect()
+}
+
+/// One shard of the fresh model, made alone (it never builds the rest): a coordinator computes round 0's
+/// checkpoint one shard at a time with it, and a node makes the round-0 shards it needs instead of fetching
+/// them (the bytes are a pure function of the spec, and their hash is the manifest's).
+pub fn initial_shard(spec: &RunSpec, shard: ShardId) -> Result<ShardRecord, RoundError> {
+    let params = initial_shard_params(&spec.model, spec.init_seed, shard)?;
+    let n = params.len();
+    Ok(ShardRecord {
+        shard,
+        step: 0,
+        params,
+        opt_m: vec![0.0; n],
+        opt_v: vec![0.0; n],
+        router_bias: vec![0.0; spec.router_bias_len(shard)],
+    })
 }
 
 /// Checks that `shards` hold the trunk exactly once and each expert at most once; returns the experts.

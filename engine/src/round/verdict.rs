@@ -21,8 +21,8 @@ use mana_kernels::data::TextDataset;
 use mana_kernels::model::ShardId;
 use mana_protocol::validation::l2_norm;
 use mana_protocol::{
-    AggregationCall, ContentHash, DeltaScore, DeltaVerdict, PublicKey, RejectCode, RoundAnnouncement,
-    VerdictRule,
+    AggregationCall, ContentHash, DeltaScore, DeltaVerdict, PublicKey, RejectCode,
+    RoundAnnouncement, VerdictRule,
 };
 
 use super::error::RoundError;
@@ -105,7 +105,8 @@ pub fn judge_deltas(
     let rule = &call.rule;
     let history: Vec<NormSample> = call.norms.iter().map(NormSample::from).collect();
     // Each valid payload's norm, or the refusal its payload already had.
-    let norms: Vec<Result<f32, RejectCode>> = deltas.iter().map(|d| d.payload.map(l2_norm)).collect();
+    let norms: Vec<Result<f32, RejectCode>> =
+        deltas.iter().map(|d| d.payload.map(l2_norm)).collect();
     let round: Vec<NormSample> = deltas
         .iter()
         .zip(&norms)

@@ -192,6 +192,48 @@ fn init_normal(out: &mut [f32], seed: u64, name: &str, std: f32) {
     }
 }
 
+/// Writes the initial value of tensor `t` into `dst` (its span): ones for a norm's gain, N(0, std²) from
+/// (seed, name) for a matrix, the output projections scaled down by the depth.
+fn init_tensor(config: &ModelConfig, seed: u64, t: &TensorInfo, dst: &mut [f32]) {
+    if t.shape.len() == 1 {
+        dst.fill(1.0);
+        return;
+    }
+    let proj_out = t.name.ends_with(".wo") || t.name.ends_with(".w2");
+    let std = if proj_out {
+        config.init_std * (1.0 / ((2 * config.n_layers) as f32).sqrt())
+    } else {
+        config.init_std
+    };
+    init_normal(dst, seed, &t.name, std);
+}
+
+/// The initial parameters of one shard (the trunk or one routed expert) of a model of `config` seeded with
+/// `seed`: the values [`Model::new`] would hold in that shard's span, computed without building the model.
+/// It is what lets round 0's checkpoint be made, and checked, one shard at a time by a machine that has no
+/// room for the whole model (a coordinator, or a node fetching one shard).
+pub fn initial_shard_params(
+    config: &ModelConfig,
+    seed: u64,
+    shard: ShardId,
+) -> Result<Vec<f32>, ModelError> {
+    config.validate()?;
+    let mut experts = ExpertSet::none(config);
+    if matches!(shard, ShardId::Expert { .. }) && !experts.insert(shard) {
+        return Err(ModelError::UnknownShard(shard));
+    }
+    let layout = ParamLayout::new(config, &experts);
+    let span = layout
+        .shard_span(shard)
+        .ok_or(ModelError::UnknownShard(shard))?;
+    let mut params = vec![0.0f32; span.len];
+    for t in layout.tensors.iter().filter(|t| t.shard == shard) {
+        let start = t.span.offset - span.offset;
+        init_tensor(config, seed, t, &mut params[start..start + t.span.len]);
+    }
+    Ok(params)
+}
+
 impl Model {
     /// A model holding every routed expert, initialized from `seed`.
     pub fn new(
@@ -221,20 +263,8 @@ impl Model {
         }
         let layout = ParamLayout::new(&config, &experts);
         let mut params = vec![0.0f32; layout.total];
-        let resid_scale = 1.0 / ((2 * config.n_layers) as f32).sqrt();
         for t in &layout.tensors {
-            let dst = t.span.of_mut(&mut params);
-            if t.shape.len() == 1 {
-                dst.fill(1.0);
-            } else {
-                let proj_out = t.name.ends_with(".wo") || t.name.ends_with(".w2");
-                let std = if proj_out {
-                    config.init_std * resid_scale
-                } else {
-                    config.init_std
-                };
-                init_normal(dst, seed, &t.name, std);
-            }
+            init_tensor(&config, seed, t, t.span.of_mut(&mut params));
         }
         let grads = vec![0.0f32; layout.total];
         let e = config.n_routed_experts;

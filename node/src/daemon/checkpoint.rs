@@ -1,6 +1,6 @@
-//! A checkpoint manifest becomes a store round: one function for the conductor (every committed round and
-//! round 0), the trainer (its own held shards) and a mirror (every synced checkpoint), so the store holds the
-//! same form whoever commits.
+//! A checkpoint manifest becomes a store round: one form for the conductor (every committed round and round
+//! 0, as a record without shards), the trainer (its own held shards) and a mirror (every synced checkpoint),
+//! so the store holds the same form whoever commits.
 
 use mana_protocol::{CheckpointManifest, ContentHash, ShardEntry};
 
@@ -38,6 +38,18 @@ pub async fn commit_checkpoint(
         if_present,
     )
     .await
+}
+
+/// Commits `checkpoint` as store round `checkpoint.round` without its shards: the round's metadata is the
+/// checkpoint's encoding and it refers to `manifest_blob` (that encoding, hosted by the caller), but it lists
+/// and keeps no shard. The coordinator's record of what it committed: it never holds the shards themselves.
+pub async fn commit_checkpoint_record(
+    store: &Store,
+    checkpoint: &CheckpointManifest,
+    manifest_blob: ContentHash,
+    if_present: IfPresent,
+) -> Result<bool, NodeError> {
+    commit_entries(store, checkpoint, &[], Some(manifest_blob), if_present).await
 }
 
 /// Commits `shards`, entries of `checkpoint`, as store round `checkpoint.round`: all of them for a mirror,

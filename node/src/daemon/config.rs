@@ -53,6 +53,12 @@ pub struct NodeConfig {
     pub capacity: mana_protocol::Capacity,
     /// Where to serve the operator's dashboard (`--dashboard`; port 0: any free port), if at all.
     pub dashboard: Option<std::net::SocketAddr>,
+    /// The run's model and initial seed, when this node knows them: a round-0 shard its mirror sync needs is
+    /// then made here from them rather than fetched (a trainer makes its own the same way, from its role's spec) (round 0's checkpoint is a pure
+    /// function of the spec, and the bytes made must hash to the manifest's entry), and hosted for others.
+    /// Nobody has to hold the fresh model whole, the coordinator included. `None`, or a spec that makes other
+    /// bytes than the manifest names (another seed): the shard is fetched from whoever holds it.
+    pub genesis: Option<mana_engine::round::RunSpec>,
 }
 
 impl NodeConfig {
@@ -78,6 +84,7 @@ impl NodeConfig {
                 max_shards: 0,
             },
             dashboard: None,
+            genesis: None,
         }
     }
 
@@ -87,6 +94,8 @@ impl NodeConfig {
             net: NetConfig::for_tests(),
             heartbeat_interval: Duration::from_millis(500),
             status_interval: Duration::from_millis(500),
+            // The tests' runs use the test preset.
+            genesis: Some(mana_engine::round::RunSpec::tiny()),
             ..Self::new(data_dir)
         }
     }

@@ -472,7 +472,11 @@ impl NodeHandle {
     /// Signs `message` with the node's key, as [`NodeHandle::publish`] does, without publishing it: this node's
     /// own signed record of what it says (gossip never brings a node its own messages), kept beside others'.
     pub fn sign(&self, message: &Message) -> Result<SignedEnvelope, NodeError> {
-        Ok(SignedEnvelope::sign(&self.shared.keypair, message, now_ms())?)
+        Ok(SignedEnvelope::sign(
+            &self.shared.keypair,
+            message,
+            now_ms(),
+        )?)
     }
 
     /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
@@ -542,6 +546,17 @@ impl NodeHandle {
         providers: Vec<PeerId>,
     ) -> Result<u64, NodeError> {
         sync::fetch_and_store_hinted(&self.shared, hash, max_len, providers).await
+    }
+
+    /// Brings the blob of shard `entry` into the store (made here from `genesis`, the run's spec, if it is a
+    /// round-0 shard; else fetched, `providers` first, at most the entry's size). Returns its length.
+    pub async fn fetch_shard(
+        &self,
+        entry: mana_protocol::ShardEntry,
+        providers: Vec<PeerId>,
+        genesis: Option<&mana_engine::round::RunSpec>,
+    ) -> Result<u64, NodeError> {
+        sync::fetch_shard(&self.shared, entry, providers, genesis).await
     }
 
     /// [`NodeHandle::host_blob`] without waiting for the DHT announcement (it runs in the background): for

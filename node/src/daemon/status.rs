@@ -131,6 +131,9 @@ pub struct EvaluatorStatus {
     pub last_val_loss: Option<f32>,
     /// The last checkpoint that could not be evaluated, and why (cleared by the next success).
     pub last_error: Option<String>,
+    /// The round of the model in the export directory, when the evaluator exports
+    /// ([`crate::roles::evaluator::EvaluatorConfig::export`]).
+    pub exported_round: Option<u64>,
 }
 
 /// What the trainer role reports ([`crate::roles::trainer`]).
@@ -367,11 +370,13 @@ pub struct CoordinatorStatus {
     pub committed_round: Option<u64>,
     /// Hash (hex) of the last committed checkpoint manifest.
     pub checkpoint: Option<String>,
-    /// Validation loss of the last committed checkpoint.
+    /// The last validation loss an evaluator published for a commit (the coordinator measures none).
     pub val_loss: Option<f32>,
-    /// Evaluators' figures that matched the coordinator's own validation loss, since start.
+    /// Evaluators' figures taken since start: the first for a round's checkpoint, and the later ones that
+    /// matched it.
     pub evaluations_agreed: u64,
-    /// Evaluators' figures that did not (each logged as a warning), since start.
+    /// Evaluators' figures that differed from the one taken for their round (each logged as a warning),
+    /// since start.
     pub evaluations_disagreed: u64,
     /// Deltas accepted and rejected since start.
     pub accepted_deltas: u64,
@@ -427,7 +432,7 @@ pub struct CommitSummary {
     pub accepted: u64,
     /// Deltas refused.
     pub refused: u64,
-    /// Validation loss of the committed checkpoint.
+    /// Validation loss of the committed checkpoint, once an evaluator published it.
     pub val_loss: Option<f32>,
     /// The checkpoint manifest's hash (hex).
     pub checkpoint: String,

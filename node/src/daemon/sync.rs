@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mana_protocol::{CheckpointManifest, ContentHash, ShardId};
+use mana_protocol::{CheckpointManifest, ContentHash, ShardEntry, ShardId};
 
 use super::{NodeError, Shared, blocking};
 use crate::net::fetch::{BlobSink, fetch_blob};
@@ -154,6 +154,61 @@ pub(crate) async fn fetch_and_store_hinted(
     fetch_from(shared, hash, max_len, providers).await
 }
 
+/// Brings shard `entry`'s blob into the store and returns its length: from the store if there; made here
+/// from `genesis`, the run's spec, if it is a round-0 shard and the spec is known; else fetched
+/// ([`fetch_and_store_hinted`], `hints` first), at most the entry's size.
+pub(crate) async fn fetch_shard(
+    shared: &Arc<Shared>,
+    entry: ShardEntry,
+    hints: Vec<libp2p::PeerId>,
+    genesis: Option<&mana_engine::round::RunSpec>,
+) -> Result<u64, NodeError> {
+    if entry.round == 0
+        && let Some(spec) = genesis.cloned()
+    {
+        let store = shared.store.clone();
+        if let Some(len) = blocking(move || Ok(store.blob_len(&entry.hash)?)).await? {
+            return Ok(len);
+        }
+        match make_initial(shared, spec, entry).await {
+            Ok(len) => return Ok(len),
+            Err(e) => {
+                tracing::warn!(shard = %entry.shard, error = %e, "round 0's shard made here is not the manifest's (is this node's --seed the coordinator's?); fetching it")
+            }
+        }
+    }
+    fetch_and_store_hinted(shared, entry.hash, entry.size, hints).await
+}
+
+/// Makes round 0's state of `entry`'s shard from `spec`, and stores and announces it if its bytes are the
+/// entry's (same size, same blake3).
+async fn make_initial(
+    shared: &Arc<Shared>,
+    spec: mana_engine::round::RunSpec,
+    entry: ShardEntry,
+) -> Result<u64, NodeError> {
+    let store = shared.store.clone();
+    let pin = blocking(move || {
+        let bytes = mana_engine::round::initial_shard(&spec, entry.shard)?.to_bytes();
+        let hash = ContentHash::of(&bytes);
+        if bytes.len() as u64 != entry.size || hash != entry.hash {
+            return Err(NodeError::Config(format!(
+                "{}: made {hash} ({} bytes), the manifest names {} ({} bytes)",
+                entry.shard,
+                bytes.len(),
+                entry.hash,
+                entry.size
+            )));
+        }
+        Ok(store.put_blob(&bytes)?)
+    })
+    .await?;
+    keep_pin(shared, pin);
+    announce(shared, entry.hash, "round-0 shard made here");
+    tracing::debug!(shard = %entry.shard, hash = %entry.hash, "round 0's shard made from the run's spec");
+    Ok(entry.size)
+}
+
 /// Fetches blob `hash` from `providers`, installs it (hash checked) and announces it.
 async fn fetch_from(
     shared: &Arc<Shared>,
@@ -226,7 +281,8 @@ pub(crate) async fn sync_manifest(shared: &Arc<Shared>, manifest: CheckpointMani
                 async move {
                     (
                         entry,
-                        fetch_and_store(&shared, entry.hash, entry.size).await,
+                        fetch_shard(&shared, entry, Vec::new(), shared.config.genesis.as_ref())
+                            .await,
                     )
                 }
             });

@@ -8,7 +8,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use mana_kernels::data::builtin::{self, DEFAULT_BUILTIN_BYTES};
 use mana_kernels::data::{SourceLimits, Split, TextDataset, read_corpus};
-use mana_protocol::{ContentHash, Message, PublicKey};
+use mana_protocol::{ContentHash, Message, PublicKey, ShardEntry};
 
 use crate::daemon::{NodeError, NodeHandle, blocking};
 
@@ -114,32 +114,63 @@ pub async fn fetch_bytes_within(
     hints: Vec<PeerId>,
     timeout: Duration,
 ) -> Result<Vec<u8>, NodeError> {
+    fetch_patiently(node, hash, max_len, timeout, || {
+        node.fetch_blob_within(hash, max_len, hints.clone())
+    })
+    .await
+}
+
+/// The bytes of shard `entry`'s blob, within `timeout`: made here from `spec` if it is a round-0 shard (the
+/// bytes must hash to the entry's), else fetched like [`fetch_bytes_within`] (at most the entry's size;
+/// `hints` first).
+pub async fn fetch_shard_bytes(
+    node: &NodeHandle,
+    entry: ShardEntry,
+    spec: &mana_engine::round::RunSpec,
+    hints: Vec<PeerId>,
+    timeout: Duration,
+) -> Result<Vec<u8>, NodeError> {
+    fetch_patiently(node, entry.hash, entry.size, timeout, || {
+        node.fetch_shard(entry, hints.clone(), Some(spec))
+    })
+    .await
+}
+
+/// Runs `fetch` (which brings blob `hash` into the store and returns its length) until it succeeds or
+/// `timeout` passes, then reads the blob; one of more than `max_len` bytes is refused and not tried again.
+async fn fetch_patiently<F>(
+    node: &NodeHandle,
+    hash: ContentHash,
+    max_len: u64,
+    timeout: Duration,
+    fetch: impl Fn() -> F,
+) -> Result<Vec<u8>, NodeError>
+where
+    F: std::future::Future<Output = Result<u64, NodeError>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let error =
-            match tokio::time::timeout(left, node.fetch_blob_within(hash, max_len, hints.clone()))
-                .await
-            {
-                Ok(Ok(len)) if len > max_len => {
-                    return Err(NodeError::TooLarge {
-                        what: format!("blob {hash}"),
-                        len,
-                        max: max_len,
-                    });
-                }
-                Ok(Ok(_)) => return node.read_blob(hash).await,
-                Ok(Err(e @ NodeError::Fetch(crate::net::fetch::FetchError::TooLarge(_)))) => {
-                    return Err(e);
-                }
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    return Err(NodeError::Timeout {
-                        what: format!("fetching {hash}"),
-                        after: timeout,
-                    });
-                }
-            };
+        let error = match tokio::time::timeout(left, fetch()).await {
+            Ok(Ok(len)) if len > max_len => {
+                return Err(NodeError::TooLarge {
+                    what: format!("blob {hash}"),
+                    len,
+                    max: max_len,
+                });
+            }
+            Ok(Ok(_)) => return node.read_blob(hash).await,
+            Ok(Err(e @ NodeError::Fetch(crate::net::fetch::FetchError::TooLarge(_)))) => {
+                return Err(e);
+            }
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(NodeError::Timeout {
+                    what: format!("fetching {hash}"),
+                    after: timeout,
+                });
+            }
+        };
         if deadline.saturating_duration_since(tokio::time::Instant::now()) < FETCH_RETRY_PAUSE * 2 {
             return Err(error);
         }

@@ -4,6 +4,13 @@
 //! not hold the model; the figure is reproducible by anyone with the checkpoint and the run's text
 //! ([`mana_engine::round::validation_loss`]), and the signature says who measured it.
 //!
+//! With [`EvaluatorConfig::export`], it also keeps a directory holding the last checkpoint it evaluated as a
+//! `mana train`-style model (what `mana generate` and `mana serve` load): the model assembled from the
+//! shards its sync fetched from their holders, each checked against the commit's hash as it was stored.
+//! The directory is replaced whole after each round (written beside it, then renamed), so a reader never
+//! sees half a model; `exported.json` in it names the round and the checkpoint's manifest hash. That is how a
+//! run's model leaves the network: the coordinator never holds it.
+//!
 //! For each commit it hears (from the run's coordinator, checked by the daemon), in round order, it waits
 //! until the daemon's shard sync has stored that round, reads the shards from its store, evaluates them on a
 //! blocking thread and publishes the figure. When commits come faster than it evaluates, at most
@@ -13,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, validation_loss};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, validation_loss};
 use mana_kernels::data::TextDataset;
 use mana_protocol::{Evaluation, HyperParams, Message, RoundCommit};
 use tokio::sync::broadcast::error::RecvError;
@@ -33,16 +40,19 @@ pub struct EvaluatorConfig {
     /// Longest wait for the shard sync to store a committed round before that round is skipped (it is
     /// skipped at once when a later round is stored first).
     pub sync_wait: Duration,
+    /// Keep this directory holding the last evaluated checkpoint as a model (see the module doc).
+    pub export: Option<std::path::PathBuf>,
 }
 
 impl EvaluatorConfig {
-    /// Defaults around the run's `spec` and `data`: 4 batches, a minute for a round's sync.
+    /// Defaults around the run's `spec` and `data`: 4 batches, a minute for a round's sync, no export.
     pub fn new(spec: RunSpec, data: Arc<TextDataset>) -> EvaluatorConfig {
         EvaluatorConfig {
             spec,
             data,
             batches: 4,
             sync_wait: Duration::from_secs(60),
+            export: None,
         }
     }
 }
@@ -221,8 +231,18 @@ async fn evaluate(
     }
     let hyper = hyper.ok_or(NodeError::NoAnnouncement { round })?;
     let (spec, data, batches) = (cfg.spec.clone(), cfg.data.clone(), cfg.batches);
-    let val_loss =
-        blocking(move || Ok(validation_loss(&spec, &hyper, &data, &shards, batches)?)).await?;
+    let export = cfg.export.clone();
+    let val_loss = blocking(move || {
+        if let Some(dir) = export {
+            export_model(&spec, &hyper, &shards, &dir, round, checkpoint)?;
+        }
+        Ok(validation_loss(&spec, &hyper, &data, &shards, batches)?)
+    })
+    .await?;
+    if cfg.export.is_some() {
+        tracing::info!(round, checkpoint = %checkpoint, "model exported");
+        node.update_evaluator_status(|s| s.exported_round = Some(round));
+    }
     let evaluation = Evaluation {
         run: commit.run,
         round,
@@ -237,4 +257,59 @@ async fn evaluate(
     )
     .await?;
     Ok(Some(evaluation))
+}
+
+/// What `exported.json` in an export directory says: which committed checkpoint the model is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportedCheckpoint {
+    /// The committed round.
+    pub round: u64,
+    /// Its checkpoint's manifest hash (hex), as the coordinator's commit names it.
+    pub checkpoint: String,
+}
+
+/// The file in an export directory naming the checkpoint it holds.
+pub const EXPORTED_FILE: &str = "exported.json";
+
+/// Writes the model of `shards` (every shard of a checkpoint) to `dir` as a `mana train` checkpoint with an
+/// [`EXPORTED_FILE`], replacing what `dir` held only once the new model is complete: it is written to a
+/// sibling directory first, then swapped in by renames.
+fn export_model(
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    shards: &[ShardRecord],
+    dir: &std::path::Path,
+    round: u64,
+    checkpoint: mana_protocol::ContentHash,
+) -> Result<(), NodeError> {
+    let io = |path: &std::path::Path, e: std::io::Error| {
+        NodeError::Config(format!("exporting the model to {}: {e}", path.display()))
+    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let sibling = |tag: &str| dir.with_file_name(format!(".{name}.{tag}"));
+    let (fresh, old) = (sibling("partial"), sibling("old"));
+    for stale in [&fresh, &old] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(|e| io(stale, e))?;
+        }
+    }
+    let trainer = build_trainer(spec, hyper, shards)?;
+    trainer.save(&fresh)?;
+    let named = ExportedCheckpoint {
+        round,
+        checkpoint: checkpoint.to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&named).map_err(|e| NodeError::Config(e.to_string()))?;
+    std::fs::write(fresh.join(EXPORTED_FILE), json).map_err(|e| io(&fresh, e))?;
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+    }
+    std::fs::rename(&fresh, dir).map_err(|e| io(dir, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
+    }
+    Ok(())
 }

@@ -35,26 +35,27 @@ use futures::StreamExt;
 use libp2p::PeerId;
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    AggregationCall, Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash, Contribution,
-    DeltaAnnouncement, DeltaEncoder, DeltaScore, DeltaVerdict, DeviceKind, Message, Participant,
-    PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation, ShardEntry, ShardId,
-    ShardCall, ShardJudgment, SignedEnvelope,
-    decode_contribution,
+    AggregationCall, Binding, Capacity, CheckpointManifest, CommitDispute, ContentHash,
+    Contribution, DeltaAnnouncement, DeltaEncoder, DeltaScore, DeltaVerdict, DeviceKind, Message,
+    Participant, PublicKey, RejectCode, RoundAnnouncement, RoundCommit, ShardAttestation,
+    ShardCall, ShardEntry, ShardId, ShardJudgment, SignedEnvelope, decode_contribution,
     validation::l2_norm,
 };
 use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
-use mana_engine::coordinator::audit::{Finding, audit_shard};
-use mana_engine::coordinator::judges_of;
+use super::common::{
+    PinLedger, corpus_hash, fetch_bytes, fetch_shard_bytes, peer_of, publish_patiently,
+};
 use super::judge;
-use super::common::{PinLedger, corpus_hash, fetch_bytes, peer_of, publish_patiently};
 use super::residuals;
 use super::silence::{CoordinatorWatch, Silence};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
+use mana_engine::coordinator::audit::{Finding, audit_shard};
+use mana_engine::coordinator::judges_of;
 use mana_engine::round::{
     ExpertLoads, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed, rescore,
     score_agrees, train_local,
@@ -175,6 +176,9 @@ struct Trainer {
     /// The call this node judged shards of in the round in progress, with the judgments seen for them: the
     /// commit is audited against their quorums ([`mana_engine::coordinator::audit`]).
     observed: Option<ObservedCall>,
+    /// Each shard's judges in the last call this node saw that named it: they host the result they computed,
+    /// so a node that needs the shard's committed state asks them first (the coordinator holds no shard).
+    result_hosts: BTreeMap<ShardId, Vec<PeerId>>,
 }
 
 /// Most attestations kept for the audit of one round (each judged shard has at most 64 judges).
@@ -262,6 +266,7 @@ async fn trainer_loop(
         ended: None,
         judged: BTreeMap::new(),
         observed: None,
+        result_hosts: BTreeMap::new(),
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -744,13 +749,19 @@ impl Trainer {
     ) -> Result<Vec<(ShardEntry, ShardRecord)>, NodeError> {
         let node = self.node.clone();
         let (timeout, spec) = (self.cfg.fetch_timeout, self.cfg.spec.clone());
-        let hints = self.coordinator_peer();
         let results: Vec<Result<(ShardEntry, ShardRecord), NodeError>> =
             futures::stream::iter(entries.iter().copied())
                 .map(|entry| {
-                    let (node, spec, hints) = (node.clone(), spec.clone(), hints.clone());
+                    let (node, spec) = (node.clone(), spec.clone());
+                    // The judges that computed the shard's latest result, then the DHT's providers (a
+                    // round-0 shard is made here).
+                    let hints = self
+                        .result_hosts
+                        .get(&entry.shard)
+                        .cloned()
+                        .unwrap_or_default();
                     async move {
-                        let bytes = fetch_bytes(&node, entry.hash, hints, timeout).await?;
+                        let bytes = fetch_shard_bytes(&node, entry, &spec, hints, timeout).await?;
                         let state = blocking(move || {
                             ShardRecord::from_bytes(&bytes, &spec, entry.shard)
                                 .map_err(NodeError::from)
@@ -795,7 +806,10 @@ impl Trainer {
             return Ok(());
         }
         if !call.reveals_seed_of(&ann) {
-            tracing::error!(round = call.round, "the call's seed secret is not the one the announcement committed to; not judged");
+            tracing::error!(
+                round = call.round,
+                "the call's seed secret is not the one the announcement committed to; not judged"
+            );
             return Ok(());
         }
         let Some(me) = ann.participants.iter().position(|p| p.node == self.me) else {
@@ -816,6 +830,12 @@ impl Trainer {
             .filter(|p| p.holders.contains(&me) || p.verifiers.contains(&me))
             .collect();
         let judged_shards: Vec<ShardId> = mine.iter().map(|p| p.shard).collect();
+        for part in &call.shards {
+            let judges = judges_of(&ann, part);
+            let peers = judges.holders.iter().chain(&judges.verifiers);
+            self.result_hosts
+                .insert(part.shard, peers.filter_map(peer_of).collect());
+        }
         // Kept before judging: other judges' attestations may come while this node still works.
         self.observed = Some(ObservedCall {
             call: call.clone(),
@@ -859,7 +879,11 @@ impl Trainer {
             }
             // Each payload's fetch gets at most half of what is left of the window, so that the scores and
             // the new state of what did arrive are still signed before the commit deadline.
-            let left = ann.deadlines.commit_by_ms.saturating_sub(now_ms()).max(2000);
+            let left = ann
+                .deadlines
+                .commit_by_ms
+                .saturating_sub(now_ms())
+                .max(2000);
             let input = judge::ShardInput {
                 announcement: ann.clone(),
                 call: call.clone(),
@@ -867,10 +891,7 @@ impl Trainer {
                 base,
                 spec: self.cfg.spec.clone(),
                 data: self.cfg.data.clone(),
-                fetch_budget: self
-                    .cfg
-                    .fetch_timeout
-                    .min(Duration::from_millis(left / 2)),
+                fetch_budget: self.cfg.fetch_timeout.min(Duration::from_millis(left / 2)),
                 concurrency: self.cfg.fetch_concurrency,
             };
             let outcome = match judge::judge_shard(self.node.clone(), input).await {
@@ -1224,20 +1245,20 @@ impl Trainer {
                             new_held.insert(*shard, held);
                         }
                         (None, computed) => match computed {
-                        Some((bytes, state)) => {
-                            let hosted = self.node.host_blob_now(bytes).await?;
-                            self.pins.add(round, hosted);
-                            new_held.insert(
-                                *shard,
-                                Held {
-                                    hash: entry.hash,
-                                    state: Arc::new(state),
-                                },
-                            );
-                        }
-                        None => {
-                            new_held.insert(*shard, base.clone());
-                        }
+                            Some((bytes, state)) => {
+                                let hosted = self.node.host_blob_now(bytes).await?;
+                                self.pins.add(round, hosted);
+                                new_held.insert(
+                                    *shard,
+                                    Held {
+                                        hash: entry.hash,
+                                        state: Arc::new(state),
+                                    },
+                                );
+                            }
+                            None => {
+                                new_held.insert(*shard, base.clone());
+                            }
                         },
                     }
                 }

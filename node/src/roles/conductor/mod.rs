@@ -2,47 +2,50 @@
 //! node. It is what `mana coordinator` runs; it has a name of its own so that "coordinator" names one thing in
 //! the code, the state machine, and the conductor is its network driver.
 //!
-//! The coordinator is itself a peer with its own key (the key nodes trust with `--coordinator`). It:
-//! - creates round 0's checkpoint from [`initial_shards`] and hosts every shard blob and the manifest blob
-//!   (or, restarted, reloads the last committed checkpoint from its store and resumes the saved state);
+//! The coordinator is itself a peer with its own key (the key nodes trust with `--coordinator`). It never
+//! holds the model: not in memory, not on disk. It:
+//! - computes round 0's checkpoint (each shard's hash and size) one shard at a time from [`initial_shard`]
+//!   and keeps only the manifest; nodes make the round-0 shards they need from the same spec and check them
+//!   against it (or, restarted, resumes the saved state);
 //! - feeds the machine the members' heartbeats (never its own) and the delta announcements, and ticks it
 //!   every [`ConductorConfig::tick`] with fresh OS randomness as the seed;
-//! - carries out its [`Action`]s: publishes announcements; publishes the call for judgments and takes the
-//!   judges' signed verdicts and results ([`results`]: each shard's deltas are fetched, checked, scored and
-//!   applied by its holders and drawn verifiers, never here; a result a quorum signed is fetched, checked and
-//!   reported with `shard_aggregated`); commits: stores the new checkpoint as a store round, hosts its manifest blob,
-//!   publishes the [`RoundCommit`], logs every refused delta with its reason in the store (so `mana status`
-//!   shows it) and writes one metrics line ([`metrics`]);
+//! - carries out its [`Action`]s: publishes announcements; publishes the call for judgments and hands the
+//!   judges' signed verdicts and results to the machine ([`judgments`]: each shard's deltas are fetched,
+//!   checked, scored and applied by its holders and drawn verifiers, who host the result; the machine takes
+//!   a result as soon as a quorum signed it); commits: stores the new manifest (the shards' hashes, not their
+//!   bytes) as a store round, hosts its manifest blob, publishes the [`RoundCommit`] and logs every refused
+//!   delta with its reason in the store (so `mana status` shows it);
+//! - writes one metrics line per committed round ([`metrics`]), whose validation loss comes from the run's
+//!   evaluators ([`evaluations`]: mirrors that measure each committed checkpoint and sign the figure);
 //! - compares every holder's published manifest (its shard hashes after a round) with the commit, counting
 //!   reports and mismatches in the status;
 //! - saves the machine in the store after every change, so a restarted coordinator resumes where it stopped:
-//!   in a round being judged the call is published again and the results that have their quorum are fetched
-//!   again.
+//!   in a round being judged the call is published again.
 
 pub mod admission;
+mod evaluations;
 pub mod identity;
+mod judgments;
 pub mod metrics;
 mod reports;
-mod results;
 mod stats;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mana_kernels::data::TextDataset;
 use mana_protocol::{
-    CheckpointManifest, ContentHash, DeltaAnnouncement, Heartbeat, Message,
-    PublicKey, RoundAnnouncement, RoundCommit, ShardEntry, ShardId, UpdateRule,
+    CheckpointManifest, ContentHash, DeltaAnnouncement, Heartbeat, Message, PublicKey,
+    RoundAnnouncement, RoundCommit, ShardEntry, UpdateRule,
 };
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc;
 
 pub use metrics::{PhaseMs, RoundMetrics};
 
-use super::common::{PinLedger, append_line, os_seed, peer_name, publish_patiently};
-use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
+use super::common::{PinLedger, os_seed, peer_name, publish_patiently};
+use crate::daemon::checkpoint::{IfPresent, commit_checkpoint_record};
 use crate::daemon::now_ms;
 use crate::daemon::status::{CommitSummary, MemberStanding};
 use crate::daemon::{NodeError, NodeHandle, blocking};
@@ -50,7 +53,7 @@ use crate::store::RecordKind;
 use mana_engine::coordinator::{
     Action, Coordinator, CoordinatorConfig, EventError, Origin, RunState, address_block,
 };
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, initial_shards};
+use mana_engine::round::{RunSpec, initial_shard};
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the saved state machine.
 pub const STATE_KEY: &[u8] = b"coordinator/state";
@@ -63,24 +66,22 @@ pub struct ConductorConfig {
     pub machine: CoordinatorConfig,
     /// The run's model and initialisation; every node must use the same.
     pub spec: RunSpec,
-    /// The run's text (the metrics' validation batches); every node must use the same.
-    pub data: Arc<TextDataset>,
     /// How often the state machine is ticked.
     pub tick: Duration,
-    /// Fixed validation batches (indices 0..n) the metrics' `val_loss` is measured on.
+    /// The validation batches (indices 0..n) an evaluator's figure must be the mean of to be the metrics'
+    /// `val_loss` (the evaluators' default, 4).
     pub val_batches: u64,
-    /// Whose [`mana_protocol::Evaluation`]s are checked against the coordinator's own validation loss
-    /// (`None`: any node's). An evaluator that publishes another figure for a round than the coordinator
-    /// measured is logged and counted (`evaluations_disagreed` in the status).
+    /// Whose [`mana_protocol::Evaluation`]s give the metrics' validation loss (`None`: any node's; the first
+    /// figure published for a round is taken, and the later ones are compared with it: see
+    /// [`evaluations`]).
     pub evaluators: Option<std::collections::BTreeSet<PublicKey>>,
-    /// Stop after committing this round: export the model (if `export`) and return.
+    /// How long a round's metrics line waits for its evaluation after the last commit (or at a shutdown),
+    /// when evaluators are expected (named, or heard during the run); otherwise the line is written at once.
+    pub evaluation_wait: Duration,
+    /// Stop after committing this round, and announce the end of the run.
     pub rounds: Option<u64>,
     /// Where to append one JSON line per committed round.
     pub metrics: Option<PathBuf>,
-    /// Where to save the final model (a `mana train`-style checkpoint directory), at `rounds` and on shutdown.
-    pub export: Option<PathBuf>,
-    /// Longest wait for one result blob a quorum signed.
-    pub fetch_timeout: Duration,
     /// Only the keys in this file may join ([`admission`]); the file is read again when it changes. `None`:
     /// an open run.
     pub allowlist: Option<PathBuf>,
@@ -90,7 +91,9 @@ pub struct ConductorConfig {
 }
 
 impl ConductorConfig {
-    /// Defaults around `machine`: tick 100 ms, 4 validation batches, no round limit, no metrics or export.
+    /// Defaults around `machine`: tick 100 ms, 4 validation batches, 30 s for a last evaluation, no round
+    /// limit, no metrics. `data` is the run's text: every round names its hash, and a node with other text
+    /// refuses to train on it.
     pub fn new(
         machine: CoordinatorConfig,
         spec: RunSpec,
@@ -102,14 +105,12 @@ impl ConductorConfig {
         ConductorConfig {
             machine,
             spec,
-            data,
             tick: Duration::from_millis(100),
             val_batches: 4,
             evaluators: None,
+            evaluation_wait: Duration::from_secs(30),
             rounds: None,
             metrics: None,
-            export: None,
-            fetch_timeout: Duration::from_secs(30),
             allowlist: None,
             accept_changed_settings: false,
         }
@@ -130,26 +131,13 @@ pub fn machine_config(
     Ok(cfg)
 }
 
-/// The full model of one checkpoint: every shard's state and blob hash.
-#[derive(Clone)]
-struct Model {
-    states: Arc<Vec<ShardRecord>>,
-    hashes: BTreeMap<ShardId, ContentHash>,
-}
-
-impl Model {
-    fn state(&self, shard: &ShardId) -> Option<&ShardRecord> {
-        self.states.iter().find(|s| s.shard == *shard)
-    }
-}
-
 /// Per-round bookkeeping outside the state machine (lost on restart; only metrics depend on it).
 #[derive(Default)]
 struct RoundClock {
     announced: Option<Instant>,
     last_delta: Option<Instant>,
-    /// From the call for judgments to the last result taken (the judges' fetching, checking, scoring and
-    /// applying, and the fetch of their blobs), in ms.
+    /// From the call for judgments to the last attestation taken (the judges' fetching, checking, scoring
+    /// and applying), in ms.
     apply_ms: u64,
     /// When the round's judgments were called for.
     called: Option<Instant>,
@@ -160,13 +148,6 @@ struct Role {
     cfg: ConductorConfig,
     me: PublicKey,
     machine: Coordinator,
-    model: Model,
-    /// Results a quorum signed whose blobs are being fetched.
-    fetching: HashSet<ContentHash>,
-    /// Results taken in the round in progress, read when their blobs arrived, by shard: the commit's new
-    /// states (after a restart it reads them from the store instead).
-    taken: BTreeMap<ShardId, (ContentHash, Arc<ShardRecord>)>,
-    results_tx: mpsc::Sender<results::Fetched>,
     /// Attestations the state machine took, since start.
     attestations: u64,
     clock: RoundClock,
@@ -185,8 +166,15 @@ struct Role {
     /// Heartbeat signers dialled lately to learn their address (bounded).
     dials: admission::DialBudget,
     allowlist: Option<admission::AllowlistFile>,
+    /// The last validation loss an evaluator published for a commit.
     val_loss: Option<f32>,
-    /// Evaluations that matched this coordinator's figure, and those that did not.
+    /// The last commits' metrics lines while they wait for their evaluation, in round order (saved in the
+    /// store).
+    pending: std::collections::VecDeque<metrics::RoundMetrics>,
+    /// Evaluations taken since start.
+    evaluations_seen: u64,
+    /// Evaluations that gave or matched the figure taken for their round (the first gives it), and those
+    /// that did not match it.
     evaluations_agreed: u64,
     evaluations_disagreed: u64,
     /// The last commits, for the status.
@@ -195,14 +183,14 @@ struct Role {
     /// stays here with every action after it and is retried at each tick; the machine is not ticked and its
     /// state not saved until it is done, so a restart meanwhile resumes from before the commit.
     backlog: std::collections::VecDeque<Action>,
-    /// Steps that failed and were retried or skipped since start (a commit, a shard's aggregation).
+    /// Steps that failed and were retried or skipped since start (a commit, a metrics line).
     failures: u64,
     done: bool,
 }
 
 /// Runs the coordinator on `node` until `shutdown` completes or, with `cfg.rounds`, until that round is
-/// committed and the model exported. The node must not sync checkpoints itself (`sync_shards = false`) and
-/// should declare no capacity (the default), so it is never assigned work.
+/// committed (and its evaluation in, or given up). The node must not sync checkpoints itself
+/// (`sync_shards = false`) and should declare no capacity (the default), so it is never assigned work.
 pub async fn run_conductor(
     node: Arc<NodeHandle>,
     cfg: ConductorConfig,
@@ -234,15 +222,14 @@ async fn conductor_loop(
             node.config().net.run_id
         )));
     }
-    let (results_tx, mut results_rx) = mpsc::channel(64);
-    let mut role = Role::start(node, cfg, results_tx).await?;
+    let mut role = Role::start(node, cfg).await?;
     if role
         .cfg
         .rounds
         .is_some_and(|n| role.machine.checkpoint().round >= n)
     {
         // Resumed a run that already reached its last round: nothing to train.
-        role.export().await?;
+        role.flush_pending().await;
         return Ok(());
     }
     let mut messages = role.node.accepted();
@@ -253,7 +240,8 @@ async fn conductor_loop(
         tokio::select! {
             _ = &mut shutdown => {
                 role.save().await;
-                role.export().await?;
+                let wait = role.cfg.evaluation_wait.min(SHUTDOWN_EVALUATION_WAIT);
+                role.await_evaluation(&mut messages, wait).await;
                 break;
             }
             _ = ticker.tick() => role.tick().await,
@@ -262,41 +250,33 @@ async fn conductor_loop(
                 Err(RecvError::Lagged(n)) => tracing::warn!(skipped = n, "coordinator fell behind the message stream"),
                 Err(RecvError::Closed) => break,
             },
-            Some(fetched) = results_rx.recv() => role.on_fetched(fetched).await,
         }
         role.save().await;
         role.update_status();
         if role.done {
-            role.export().await?;
             role.announce_end().await;
+            let wait = role.cfg.evaluation_wait;
+            role.await_evaluation(&mut messages, wait).await;
             break;
         }
     }
+    role.update_status();
     Ok(())
 }
 
-impl Role {
-    /// The blobs the current model needs pinned: its shards and the manifest `manifest_hash` naming them.
-    fn in_use(&self, manifest_hash: ContentHash) -> Vec<ContentHash> {
-        self.model
-            .hashes
-            .values()
-            .copied()
-            .chain([manifest_hash])
-            .collect()
-    }
+/// The longest a stopping coordinator (ctrl-c, SIGTERM) waits for its last commit's evaluation: a stop must
+/// stay prompt.
+const SHUTDOWN_EVALUATION_WAIT: Duration = Duration::from_secs(10);
 
+impl Role {
     /// Resumes the saved state, or starts the run from round 0's checkpoint.
-    async fn start(
-        node: Arc<NodeHandle>,
-        cfg: ConductorConfig,
-        results_tx: mpsc::Sender<results::Fetched>,
-    ) -> Result<Role, NodeError> {
+    async fn start(node: Arc<NodeHandle>, cfg: ConductorConfig) -> Result<Role, NodeError> {
         let store = node.store().clone();
-        let (saved, saved_identity) = blocking(move || {
+        let (saved, saved_identity, pending) = blocking(move || {
             Ok((
                 store.get_split_record(RecordKind::RoundState, STATE_KEY)?,
                 store.get_record(RecordKind::RoundState, identity::IDENTITY_KEY)?,
+                store.get_record(RecordKind::RoundState, evaluations::PENDING_KEY)?,
             ))
         })
         .await?;
@@ -306,7 +286,7 @@ impl Role {
             cfg.machine.corpus,
             &node.public_key(),
         );
-        let (machine, model) = match saved {
+        let machine = match saved {
             Some(bytes) => {
                 let mut machine = Coordinator::from_bytes(&bytes).map_err(NodeError::from)?;
                 if machine.config().run != cfg.machine.run {
@@ -347,25 +327,26 @@ impl Role {
                 // in force, so the judges follow it and anyone can see when it changed.
                 let (verdict, history) = (cfg.machine.verdict, cfg.machine.norm_history);
                 if machine.config().verdict != verdict || machine.config().norm_history != history {
-                    tracing::info!(?verdict, norm_history = history, "resuming with the verdict rule given now");
+                    tracing::info!(
+                        ?verdict,
+                        norm_history = history,
+                        "resuming with the verdict rule given now"
+                    );
                     let mut config = machine.config().clone();
                     config.verdict = verdict;
                     config.norm_history = history;
                     machine.reconfigure(config).map_err(NodeError::from)?;
                 }
-                let model = load_model(&node, &cfg.spec, machine.checkpoint()).await?;
                 tracing::info!(
                     round = machine.checkpoint().round,
                     phase = machine.state().name(),
                     "coordinator resumed"
                 );
-                (machine, model)
+                machine
             }
             None => {
-                let (checkpoint, model) = create_initial(&node, &cfg).await?;
-                let machine =
-                    Coordinator::new(cfg.machine.clone(), checkpoint).map_err(NodeError::from)?;
-                (machine, model)
+                let checkpoint = create_initial(&node, &cfg).await?;
+                Coordinator::new(cfg.machine.clone(), checkpoint).map_err(NodeError::from)?
             }
         };
         let value = serde_json::to_vec(&identity).map_err(|e| NodeError::Config(e.to_string()))?;
@@ -397,10 +378,6 @@ impl Role {
             cfg,
             me,
             machine,
-            model,
-            fetching: HashSet::new(),
-            taken: BTreeMap::new(),
-            results_tx,
             attestations: 0,
             clock: RoundClock::default(),
             last_announcement: None,
@@ -415,6 +392,11 @@ impl Role {
             dials: admission::DialBudget::default(),
             allowlist,
             val_loss: None,
+            pending: pending
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or_default(),
+            evaluations_seen: 0,
             evaluations_agreed: 0,
             evaluations_disagreed: 0,
             recent_commits: std::collections::VecDeque::new(),
@@ -422,12 +404,10 @@ impl Role {
             failures: 0,
             done: false,
         };
-        // What the start pinned (the initial shards, or the manifest served again) is released like a round's
-        // blobs once later rounds replace it; left out of the ledger it stayed pinned, and on disk, for good.
+        // The manifest served again is released like a round's blobs once later rounds replace it; left out
+        // of the ledger it stayed pinned, and on disk, for good.
         let start_round = role.machine.checkpoint().round;
-        for hash in role.in_use(manifest_hash) {
-            role.pins.add(start_round, hash);
-        }
+        role.pins.add(start_round, manifest_hash);
         if let Some(active) = role.machine.state().round() {
             role.last_announcement = Some(active.announcement.clone());
             role.round_deltas = active
@@ -443,13 +423,12 @@ impl Role {
     }
 
     /// After a restart mid-round: while the judges work, the call is published again (a judge may have
-    /// missed it) and the results that have their quorum are fetched again.
+    /// missed it).
     async fn resume_work(&mut self) {
-        if let RunState::RoundAggregate(round) = self.machine.state().clone() {
-            if let Some(called) = round.call {
-                self.call_results(called.call).await;
-            }
-            self.fetch_ready();
+        if let RunState::RoundAggregate(round) = self.machine.state().clone()
+            && let Some(called) = round.call
+        {
+            self.call_results(called.call).await;
         }
     }
 
@@ -502,7 +481,6 @@ impl Role {
                     announced: Some(Instant::now()),
                     ..RoundClock::default()
                 };
-                self.taken.clear();
                 self.round_deltas.clear();
                 self.last_announcement = Some(ann.clone());
                 let patience =
@@ -527,24 +505,6 @@ impl Role {
         let round = commit.round;
         let checkpoint = commit.checkpoint.clone();
         let checkpoint_hash = checkpoint.hash()?;
-        // The new model: the judges' results where the commit took them (read when they were fetched, or from
-        // the store after a restart), the old states elsewhere.
-        let mut states = Vec::new();
-        let mut hashes = BTreeMap::new();
-        for entry in &checkpoint.shards {
-            let state = match self.taken.get(&entry.shard) {
-                Some((hash, state)) if *hash == entry.hash => (**state).clone(),
-                _ => match (
-                    self.model.hashes.get(&entry.shard),
-                    self.model.state(&entry.shard),
-                ) {
-                    (Some(hash), Some(state)) if *hash == entry.hash => state.clone(),
-                    _ => self.stored_state(round, entry).await?,
-                },
-            };
-            states.push(state);
-            hashes.insert(entry.shard, entry.hash);
-        }
         // Durable first (store round + manifest blob), then announced.
         let manifest_hash = self.node.host_blob_now(checkpoint.to_bytes()?).await?;
         // Pinned until later commits replace it (its store reference keeps it while the round is retained); a
@@ -552,10 +512,10 @@ impl Role {
         self.pins.add(round, manifest_hash);
         // A crash may have come after the store commit and before the state was saved: the same checkpoint
         // already stored is this commit done.
-        let first_time = commit_checkpoint(
+        let first_time = commit_checkpoint_record(
             self.node.store(),
             &checkpoint,
-            Some(manifest_hash),
+            manifest_hash,
             IfPresent::SameOnly,
         )
         .await?;
@@ -565,11 +525,6 @@ impl Role {
                 "the store already held this commit (a restart after it): finishing it"
             );
         }
-        self.model = Model {
-            states: Arc::new(states),
-            hashes,
-        };
-        self.taken.clear();
         // The state is saved last (below), after the commit is stored, published and in the metrics: a crash
         // anywhere before makes the restarted coordinator do the whole commit again, each step of which is
         // idempotent (the same checkpoint in the store, the same commit published, no second metrics line).
@@ -615,51 +570,27 @@ impl Role {
         self.accepted_total += accepted as u64;
         self.rejected_total += commit.rejected.len() as u64;
         let ann = self.last_announcement.clone().filter(|a| a.round == round);
-        let val_loss = self.validation_loss(ann.as_ref().map(|a| &a.hyper)).await;
-        self.val_loss = val_loss;
         self.recent_commits.push_back(CommitSummary {
             round,
             accepted: accepted as u64,
             refused: commit.rejected.len() as u64,
-            val_loss,
+            val_loss: None,
             checkpoint: checkpoint_hash.to_string(),
         });
         while self.recent_commits.len() > crate::daemon::status::RECENT_ROUNDS {
             self.recent_commits.pop_front();
         }
-        tracing::info!(round, accepted, rejected = commit.rejected.len(), ?val_loss, checkpoint = %checkpoint_hash, "round committed");
-        let line = self.metrics_line(
-            &commit,
-            ann.as_ref(),
-            rejected_reasons,
-            val_loss,
-            checkpoint_hash,
-        );
-        let point = crate::daemon::status::LossPoint {
-            round,
-            train: line.train_loss,
-            val: val_loss,
-        };
-        self.node.update_coordinator_status(|s| {
-            crate::daemon::status::push_loss(&mut s.loss_curve, point)
-        });
+        tracing::info!(round, accepted, rejected = commit.rejected.len(), checkpoint = %checkpoint_hash, "round committed");
+        // This round's line waits for its evaluation (the oldest waiting goes out if too many wait).
+        let line = self.metrics_line(&commit, ann.as_ref(), rejected_reasons, checkpoint_hash);
         let written = |path: &std::path::Path| {
             !first_time && metrics::last_round(path).is_some_and(|r| r >= round)
         };
-        if let Some(path) = self.cfg.metrics.clone().filter(|p| !written(p)) {
-            match serde_json::to_string(&line) {
-                Ok(json) => {
-                    if let Err(e) = append_line(&path, json).await {
-                        self.failures += 1;
-                        tracing::warn!(round, path = %path.display(), error = %e, "metrics line not written");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "metrics line not encoded"),
-            }
+        if !self.cfg.metrics.as_deref().is_some_and(written) {
+            self.hold_pending(line).await;
         }
-        let keep = self.in_use(manifest_hash);
         self.pins
-            .release_before(&self.node, round.saturating_sub(1), &keep);
+            .release_before(&self.node, round.saturating_sub(1), &[manifest_hash]);
         if self.cfg.rounds.is_some_and(|n| round >= n) {
             self.done = true;
         }
@@ -695,7 +626,7 @@ impl Role {
         match message {
             Message::Heartbeat(hb) => self.on_heartbeat(signer, &hb).await,
             Message::CheckpointManifest(report) => self.on_holder_report(signer, &report),
-            Message::Evaluation(e) => self.on_evaluation(signer, &e),
+            Message::Evaluation(e) => self.on_evaluation(signer, &e).await,
             Message::ShardAttestation(a) => self.on_attestation(signer, &a),
             Message::DeltaAnnouncement(d) => {
                 let (round, hash, size) = (d.round, d.payload_hash, d.payload_size);
@@ -722,38 +653,6 @@ impl Role {
                 }
             }
             _ => {}
-        }
-    }
-
-    /// An evaluator's figure for a recent commit, checked against the loss this coordinator measured on the
-    /// same batches (the two must agree within [`mana_engine::round::SCORE_TOLERANCE`]: another CPU may sum
-    /// in another order). While the coordinator still holds the model, this is how an evaluator earns trust
-    /// before the metrics come from evaluators alone.
-    fn on_evaluation(&mut self, signer: PublicKey, e: &mana_protocol::Evaluation) {
-        if self
-            .cfg
-            .evaluators
-            .as_ref()
-            .is_some_and(|keys| !keys.contains(&signer))
-        {
-            return;
-        }
-        // The coordinator's own figure for the round, while it is among the recent commits.
-        let Some(own) = self
-            .recent_commits
-            .iter()
-            .find(|c| c.round == e.round)
-            .and_then(|c| c.val_loss)
-        else {
-            return;
-        };
-        if e.batches as u64 == self.cfg.val_batches
-            && (own - e.val_loss).abs() <= mana_engine::round::SCORE_TOLERANCE
-        {
-            self.evaluations_agreed += 1;
-        } else {
-            self.evaluations_disagreed += 1;
-            tracing::warn!(round = e.round, evaluator = %peer_name(&signer), published = e.val_loss, measured = own, batches = e.batches, "an evaluator's validation loss differs from the coordinator's");
         }
     }
 
@@ -876,7 +775,6 @@ impl Role {
         });
     }
 
-    /// Saves the current model to `cfg.export`, if set.
     /// Tells the nodes that the run is over (its last round and final checkpoint), so that they say so instead
     /// of waiting for a next round. Best effort: a node that misses it sees the coordinator fall silent.
     async fn announce_end(&self) {
@@ -896,108 +794,38 @@ impl Role {
             Err(e) => tracing::warn!(error = %e, "the end of the run was not announced"),
         }
     }
-
-    async fn export(&self) -> Result<(), NodeError> {
-        let Some(dir) = self.cfg.export.clone() else {
-            return Ok(());
-        };
-        let (spec, states) = (self.cfg.spec.clone(), self.model.states.clone());
-        let hyper = self.machine.config().hyper.clone();
-        let round = self.machine.checkpoint().round;
-        blocking(move || {
-            let trainer = build_trainer(&spec, &hyper, &states).map_err(NodeError::from)?;
-            trainer.save(&dir)?;
-            tracing::info!(round, dir = %dir.display(), "model exported");
-            Ok(())
-        })
-        .await
-    }
 }
 
-/// Round 0: every shard of the fresh model, hosted, committed to the store, and its manifest.
+/// Round 0's checkpoint: each shard of the fresh model made from the spec, hashed and dropped one at a time
+/// (never the whole model at once, never stored: nodes make the round-0 shards they need from the same spec
+/// and check them against this manifest); the manifest is hosted and committed to the store.
 async fn create_initial(
     node: &NodeHandle,
     cfg: &ConductorConfig,
-) -> Result<(CheckpointManifest, Model), NodeError> {
+) -> Result<CheckpointManifest, NodeError> {
     let spec = cfg.spec.clone();
-    let states = blocking(move || initial_shards(&spec).map_err(NodeError::from)).await?;
-    let mut shards = Vec::new();
-    let mut hashes = BTreeMap::new();
-    for state in &states {
-        let shard = state.shard;
-        let bytes = state.to_bytes();
-        let size = bytes.len() as u64;
-        let hash = node.host_blob_now(bytes).await?;
-        shards.push(ShardEntry {
-            shard,
-            hash,
-            size,
-            round: 0,
-        });
-        hashes.insert(shard, hash);
-    }
-    shards.sort_by_key(|e| e.shard);
-    let checkpoint = CheckpointManifest {
+    let shards = blocking(move || {
+        let mut shards = Vec::new();
+        for shard in spec.shards() {
+            let bytes = initial_shard(&spec, shard)?.to_bytes();
+            shards.push(ShardEntry {
+                shard,
+                hash: ContentHash::of(&bytes),
+                size: bytes.len() as u64,
+                round: 0,
+            });
+        }
+        Ok(shards)
+    })
+    .await?;
+    let mut checkpoint = CheckpointManifest {
         run: cfg.machine.run.clone(),
         round: 0,
         shards,
     };
+    checkpoint.shards.sort_by_key(|e| e.shard);
     let manifest_hash = node.host_blob_now(checkpoint.to_bytes()?).await?;
-    commit_checkpoint(
-        node.store(),
-        &checkpoint,
-        Some(manifest_hash),
-        IfPresent::Keep,
-    )
-    .await?;
-    tracing::info!(shards = checkpoint.shards.len(), manifest = %manifest_hash, "round 0 checkpoint created");
-    Ok((
-        checkpoint,
-        Model {
-            states: Arc::new(states),
-            hashes,
-        },
-    ))
-}
-
-/// The model of `checkpoint`, read from the store (a restarted coordinator).
-impl Role {
-    /// The state of `entry` read back from the store (an aggregation result hosted before a restart), or
-    /// [`NodeError::MissingShard`].
-    async fn stored_state(&self, round: u64, entry: &ShardEntry) -> Result<ShardRecord, NodeError> {
-        let missing = NodeError::MissingShard {
-            round,
-            shard: entry.shard,
-        };
-        let Ok(bytes) = self.node.read_blob(entry.hash).await else {
-            return Err(missing);
-        };
-        let (spec, shard) = (self.cfg.spec.clone(), entry.shard);
-        blocking(move || ShardRecord::from_bytes(&bytes, &spec, shard).map_err(NodeError::from))
-            .await
-    }
-}
-
-async fn load_model(
-    node: &NodeHandle,
-    spec: &RunSpec,
-    checkpoint: &CheckpointManifest,
-) -> Result<Model, NodeError> {
-    let mut states = Vec::new();
-    let mut hashes = BTreeMap::new();
-    for entry in &checkpoint.shards {
-        let bytes = node.read_blob(entry.hash).await?;
-        let spec = spec.clone();
-        let shard = entry.shard;
-        let state = blocking(move || {
-            ShardRecord::from_bytes(&bytes, &spec, shard).map_err(NodeError::from)
-        })
-        .await?;
-        states.push(state);
-        hashes.insert(entry.shard, entry.hash);
-    }
-    Ok(Model {
-        states: Arc::new(states),
-        hashes,
-    })
+    commit_checkpoint_record(node.store(), &checkpoint, manifest_hash, IfPresent::Keep).await?;
+    tracing::info!(shards = checkpoint.shards.len(), manifest = %manifest_hash, "round 0 checkpoint made (its shards' hashes; nodes make the shards)");
+    Ok(checkpoint)
 }

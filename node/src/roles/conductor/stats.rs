@@ -1,24 +1,22 @@
-//! Round statistics of the conductor: the metrics line of a committed round and the validation loss of the
-//! model it holds.
+//! Round statistics of the conductor: the metrics line of a committed round (its validation loss comes
+//! later, from an evaluator: [`super::evaluations`]).
 
 use std::collections::BTreeMap;
 
-use mana_engine::round::{build_trainer, commit_score_seed};
-use mana_protocol::{
-    ContentHash, HyperParams, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule,
-};
+use mana_engine::round::commit_score_seed;
+use mana_protocol::{ContentHash, PublicKey, RoundAnnouncement, RoundCommit, UpdateRule};
 
 use super::Role;
 use super::metrics::{MemberRound, PhaseMs, RoundMetrics};
-use crate::daemon::{blocking, now_ms};
+use crate::daemon::now_ms;
 
 impl Role {
+    /// The metrics line of `commit` (its validation loss not yet known).
     pub(super) fn metrics_line(
         &self,
         commit: &RoundCommit,
         ann: Option<&RoundAnnouncement>,
         rejected_reasons: BTreeMap<String, u64>,
-        val_loss: Option<f32>,
         checkpoint: ContentHash,
     ) -> RoundMetrics {
         let deltas = &self.round_deltas;
@@ -65,7 +63,7 @@ impl Role {
             rejected: commit.rejected.len(),
             rejected_reasons,
             train_loss,
-            val_loss,
+            val_loss: None,
             tokens: per_node.values().map(|s| s.tokens).sum(),
             payload_bytes: deltas.iter().map(|(_, d)| d.payload_size).sum(),
             checkpoint: checkpoint.to_string(),
@@ -77,38 +75,6 @@ impl Role {
             scored: commit.scores.len() as u64,
             score_seed: Some(format!("{:016x}", commit_score_seed(commit))),
             unix_ms: now_ms(),
-        }
-    }
-
-    /// Mean validation loss of the current model on the run's fixed validation batches.
-    pub(super) async fn validation_loss(&self, hyper: Option<&HyperParams>) -> Option<f32> {
-        let hyper = hyper
-            .cloned()
-            .unwrap_or_else(|| self.machine.config().hyper.clone());
-        let (spec, data, states, n) = (
-            self.cfg.spec.clone(),
-            self.cfg.data.clone(),
-            self.model.states.clone(),
-            self.cfg.val_batches,
-        );
-        let result = blocking(move || {
-            let (b, t) = spec.batch_shape(&hyper)?;
-            let mut trainer = build_trainer(&spec, &hyper, &states)?;
-            let windows = data.validation_windows(t).max(1) as u64;
-            let mut sum = 0.0f64;
-            for i in 0..n.max(1) {
-                let batch = data.validation_batch(i % windows, b, t)?;
-                sum += f64::from(trainer.evaluate(&batch)?.loss);
-            }
-            Ok((sum / n.max(1) as f64) as f32)
-        })
-        .await;
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!(error = %e, "validation loss not measured");
-                None
-            }
         }
     }
 }
