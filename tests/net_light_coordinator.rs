@@ -8,7 +8,7 @@
 //!
 //! In CI: 8 members, 4 rounds. The figure of the issue, 32 members (on a 2-core machine, a few minutes):
 //! `MANA_LIGHT_MEMBERS=32 cargo test --release --test net_light_coordinator -- --nocapture`; and
-//! `MANA_LIGHT_EXPERT_HIDDEN=128` for the same network on a model a quarter the size (the coordinator's bytes
+//! `MANA_LIGHT_EXPERT_HIDDEN=1024` for the same network on a model twice the size (the coordinator's bytes
 //! must not change with it).
 
 mod net_support;
@@ -30,9 +30,6 @@ use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;
 
-/// The most shards (the trunk and 4 experts) a member hosts: under a third of the model.
-const MAX_SHARDS: u32 = 5;
-
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -41,7 +38,7 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 /// The test preset with 16 routed experts of `expert_hidden` (512 by default: the experts are 91% of the
-/// model's parameters, the trunk 9%).
+/// model's parameters, the trunk 9%; 1024: 95% of a model twice the size).
 fn wide_spec(expert_hidden: usize) -> RunSpec {
     let mut spec = RunSpec::tiny();
     spec.model.n_routed_experts = 16;
@@ -57,6 +54,18 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     let spec = wide_spec(env_or("MANA_LIGHT_EXPERT_HIDDEN", 512));
     let model_params = spec.params().expect("params");
     let shard_params = |shard: ShardId| spec.shard_len(shard).expect("a shard") as u64;
+    // The most shards a member hosts: the trunk and as many experts as keep it under a third of the model.
+    let (trunk, expert) = (
+        shard_params(ShardId::Trunk),
+        shard_params(spec.experts()[0]),
+    );
+    let max_experts = (model_params / 3 - trunk - 1) / expert;
+    assert!(max_experts >= 1, "the trunk alone is a third of the model");
+    let max_shards = 1 + max_experts as u32;
+    assert!(
+        members as u64 * max_experts >= 2 * spec.experts().len() as u64,
+        "{members} members cannot host every expert twice with {max_experts} each"
+    );
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
@@ -87,10 +96,10 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         cfg.coordinator = Some(key);
         cfg.sync_shards = false;
         cfg.genesis = Some(spec.clone());
-        cfg.capacity.max_shards = MAX_SHARDS;
+        cfg.capacity.max_shards = max_shards;
         let node = Arc::new(start_node(cfg).await);
         let mut trainer = TrainerConfig::new(spec.clone(), data.clone());
-        trainer.max_shards = MAX_SHARDS;
+        trainer.max_shards = max_shards;
         trainers.push(tokio::spawn(run_trainer(
             node.clone(),
             trainer,
@@ -128,8 +137,15 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     assert_eq!(lines.len() as u64, rounds, "{text}");
     for m in &lines {
         eprintln!(
-            "round {}: participants {} accepted {} rejected {} val {:?} train {:?}",
-            m.round, m.participants, m.accepted, m.rejected, m.val_loss, m.train_loss
+            "round {}: participants {} accepted {} rejected {} {:?} val {:?} train {:?} ms {:?}",
+            m.round,
+            m.participants,
+            m.accepted,
+            m.rejected,
+            m.rejected_reasons,
+            m.val_loss,
+            m.train_loss,
+            m.ms
         );
         assert_eq!(m.participants, members, "{text}");
     }

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 mod dashboard;
 pub mod equivocation;
+pub mod hosts;
 pub mod peers;
 pub mod serve;
 pub mod status;
@@ -203,6 +204,8 @@ pub(crate) struct Shared {
     pub serve_permits: Arc<serve::ServePermits>,
     /// Blobs this node announced in the DHT; withdrawn when the store drops them (`sync::withdraw_dropped`).
     pub provided: Mutex<std::collections::HashSet<ContentHash>>,
+    /// Who was heard to host which shard blob (judges of a result, holders in their reports).
+    pub shard_hosts: Mutex<hosts::ShardHosts>,
     /// Pins of blobs hosted or fetched but not yet in a committed round.
     pub pins: Mutex<std::collections::HashMap<[u8; 32], crate::store::BlobPin>>,
     /// Envelopes heard or signed here within the replay window: what this node published counts as seen, so
@@ -372,6 +375,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         serve_permits,
         provided: Mutex::new(std::collections::HashSet::new()),
+        shard_hosts: Mutex::new(hosts::ShardHosts::default()),
         pins: Mutex::new(std::collections::HashMap::new()),
         replay: Mutex::new(validate::ReplayGuard::new(validate::replay_window())),
         dashboard: std::sync::OnceLock::new(),

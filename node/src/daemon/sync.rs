@@ -156,13 +156,24 @@ pub(crate) async fn fetch_and_store_hinted(
 
 /// Brings shard `entry`'s blob into the store and returns its length: from the store if there; made here
 /// from `genesis`, the run's spec, if it is a round-0 shard and the spec is known; else fetched
-/// ([`fetch_and_store_hinted`], `hints` first), at most the entry's size.
+/// ([`fetch_and_store_hinted`]: `hints` first, then the peers heard to host it, [`super::hosts`], then the
+/// DHT), at most the entry's size.
 pub(crate) async fn fetch_shard(
     shared: &Arc<Shared>,
     entry: ShardEntry,
-    hints: Vec<libp2p::PeerId>,
+    mut hints: Vec<libp2p::PeerId>,
     genesis: Option<&mana_engine::round::RunSpec>,
 ) -> Result<u64, NodeError> {
+    let heard = shared
+        .shard_hosts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .of(&entry.hash);
+    for peer in heard {
+        if !hints.contains(&peer) {
+            hints.push(peer);
+        }
+    }
     if entry.round == 0
         && let Some(spec) = genesis.cloned()
     {

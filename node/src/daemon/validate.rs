@@ -257,6 +257,20 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
                     _ => {}
                 }
             }
+            // Who hosts which shard blob: a result's judges, a holder reporting what it holds.
+            let hosted: Vec<mana_protocol::ContentHash> = match &accepted.message {
+                Message::ShardAttestation(a) => a.results.iter().map(|r| r.entry.hash).collect(),
+                Message::CheckpointManifest(m) if !from_coordinator => {
+                    m.shards.iter().map(|e| e.hash).collect()
+                }
+                _ => Vec::new(),
+            };
+            if let (false, Ok(peer)) = (hosted.is_empty(), accepted.signer.peer_id()) {
+                let mut hosts = shared.shard_hosts.lock().unwrap_or_else(|p| p.into_inner());
+                for hash in hosted {
+                    hosts.note(hash, peer);
+                }
+            }
             let manifest = match &accepted.message {
                 Message::CheckpointManifest(m) if from_coordinator => Some(m.clone()),
                 Message::RoundCommit(c) => Some(c.checkpoint.clone()),

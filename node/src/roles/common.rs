@@ -122,16 +122,15 @@ pub async fn fetch_bytes_within(
 
 /// The bytes of shard `entry`'s blob, within `timeout`: made here from `spec` if it is a round-0 shard (the
 /// bytes must hash to the entry's), else fetched like [`fetch_bytes_within`] (at most the entry's size;
-/// `hints` first).
+/// first from the peers the daemon heard host it: [`crate::daemon::hosts`]).
 pub async fn fetch_shard_bytes(
     node: &NodeHandle,
     entry: ShardEntry,
     spec: &mana_engine::round::RunSpec,
-    hints: Vec<PeerId>,
     timeout: Duration,
 ) -> Result<Vec<u8>, NodeError> {
     fetch_patiently(node, entry.hash, entry.size, timeout, || {
-        node.fetch_shard(entry, hints.clone(), Some(spec))
+        node.fetch_shard(entry, Vec::new(), Some(spec))
     })
     .await
 }

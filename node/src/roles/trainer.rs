@@ -176,9 +176,6 @@ struct Trainer {
     /// The call this node judged shards of in the round in progress, with the judgments seen for them: the
     /// commit is audited against their quorums ([`mana_engine::coordinator::audit`]).
     observed: Option<ObservedCall>,
-    /// Each shard's judges in the last call this node saw that named it: they host the result they computed,
-    /// so a node that needs the shard's committed state asks them first (the coordinator holds no shard).
-    result_hosts: BTreeMap<ShardId, Vec<PeerId>>,
 }
 
 /// Most attestations kept for the audit of one round (each judged shard has at most 64 judges).
@@ -266,7 +263,6 @@ async fn trainer_loop(
         ended: None,
         judged: BTreeMap::new(),
         observed: None,
-        result_hosts: BTreeMap::new(),
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -486,7 +482,7 @@ impl Trainer {
         });
     }
 
-    /// The coordinator's peer: it hosts every checkpoint shard, manifest and accepted payload.
+    /// The coordinator's peer: it hosts the checkpoint manifests (never a shard or a payload).
     fn coordinator_peer(&self) -> Vec<PeerId> {
         self.node
             .config()
@@ -753,15 +749,10 @@ impl Trainer {
             futures::stream::iter(entries.iter().copied())
                 .map(|entry| {
                     let (node, spec) = (node.clone(), spec.clone());
-                    // The judges that computed the shard's latest result, then the DHT's providers (a
-                    // round-0 shard is made here).
-                    let hints = self
-                        .result_hosts
-                        .get(&entry.shard)
-                        .cloned()
-                        .unwrap_or_default();
+                    // A round-0 shard is made here; a later one is asked of the judges that signed it and
+                    // the holders that reported it (the daemon heard them), then of the DHT's providers.
                     async move {
-                        let bytes = fetch_shard_bytes(&node, entry, &spec, hints, timeout).await?;
+                        let bytes = fetch_shard_bytes(&node, entry, &spec, timeout).await?;
                         let state = blocking(move || {
                             ShardRecord::from_bytes(&bytes, &spec, entry.shard)
                                 .map_err(NodeError::from)
@@ -830,12 +821,6 @@ impl Trainer {
             .filter(|p| p.holders.contains(&me) || p.verifiers.contains(&me))
             .collect();
         let judged_shards: Vec<ShardId> = mine.iter().map(|p| p.shard).collect();
-        for part in &call.shards {
-            let judges = judges_of(&ann, part);
-            let peers = judges.holders.iter().chain(&judges.verifiers);
-            self.result_hosts
-                .insert(part.shard, peers.filter_map(peer_of).collect());
-        }
         // Kept before judging: other judges' attestations may come while this node still works.
         self.observed = Some(ObservedCall {
             call: call.clone(),
@@ -1533,14 +1518,12 @@ impl Trainer {
     ) -> Result<(Vec<(ContentHash, Vec<f32>)>, Vec<ExpertLoads>), NodeError> {
         let node = self.node.clone();
         let timeout = self.cfg.fetch_timeout;
-        let coordinator = self.coordinator_peer();
         let results: Vec<Result<(ContentHash, Contribution), NodeError>> =
             futures::stream::iter(hashes.iter().copied())
                 .map(|hash| {
                     let node = node.clone();
-                    let mut hints: Vec<PeerId> =
-                        self.senders.get(&hash).copied().into_iter().collect();
-                    hints.extend(coordinator.iter().copied());
+                    // Its sender hosts it (the coordinator never holds a payload).
+                    let hints: Vec<PeerId> = self.senders.get(&hash).copied().into_iter().collect();
                     async move {
                         let bytes = fetch_bytes(&node, hash, hints, timeout).await?;
                         let c = blocking(move || Ok(decode_contribution(&bytes, len)?)).await?;
