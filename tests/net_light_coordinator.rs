@@ -6,10 +6,11 @@
 //! (its blobs, the commits' manifests, are smaller than one); prints the coordinator's bytes in and out per
 //! round, and its saved state's size.
 //!
-//! In CI: 8 members, 4 rounds. The figure of the issue, 32 members (on a 2-core machine, a few minutes):
-//! `MANA_LIGHT_MEMBERS=32 cargo test --release --test net_light_coordinator -- --nocapture`; and
-//! `MANA_LIGHT_EXPERT_HIDDEN=1024` for the same network on a model twice the size (the coordinator's bytes
-//! must not change with it).
+//! In CI: 8 members, 4 rounds. More members: `MANA_LIGHT_MEMBERS=16 cargo test --release --test
+//! net_light_coordinator -- --nocapture` (about 3 minutes on 2 cores); `MANA_LIGHT_EXPERT_HIDDEN=1024` runs
+//! the same network on a model twice the size (the coordinator's bytes must not change with it). With 32
+//! members in one process the coordinator has not yet seen every member join on a 2-core machine (no round
+//! starts; issue #16's closing note of 2026-12-06).
 
 mod net_support;
 
@@ -17,13 +18,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mana_engine::round::{RunShard, RunSpec, ShardRecord};
+use mana_engine::round::RunSpec;
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{
     ConductorConfig, RoundMetrics, STATE_KEY, machine_config, run_conductor,
 };
-use mana_node::roles::evaluator::{EXPORTED_FILE, EvaluatorConfig, ExportedCheckpoint};
+use mana_node::roles::evaluator::EvaluatorConfig;
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::RecordKind;
 use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
@@ -247,38 +248,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     );
 
     // The mirror assembled the committed checkpoint from the holders, by hash; its export is that model.
-    wait_for(
-        Duration::from_secs(60),
-        "the evaluator exports the last round",
-        || async {
-            let e = evaluator.status().await.ok()?.evaluator?;
-            (e.exported_round == Some(rounds)).then_some(())
-        },
-    )
-    .await;
-    let named: ExportedCheckpoint =
-        serde_json::from_slice(&std::fs::read(export.join(EXPORTED_FILE)).expect("exported.json"))
-            .expect("exported.json");
-    assert_eq!(
-        named.checkpoint,
-        checkpoint.hash().expect("hash").to_string()
-    );
-    let exported =
-        mana_kernels::train::Trainer::load(&export, Box::new(mana_kernels::CpuBackend::new()))
-            .expect("the exported model loads");
-    for entry in &checkpoint.shards {
-        let bytes = evaluator.read_blob(entry.hash).await.expect("mirrored");
-        let record = ShardRecord::from_bytes(&bytes, &spec, entry.shard).expect("a shard");
-        let params = exported.model().export_shard(entry.shard).expect("a shard");
-        assert!(
-            params
-                .iter()
-                .map(|v| v.to_bits())
-                .eq(record.params.iter().map(|v| v.to_bits())),
-            "the export's {} is not the committed one",
-            entry.shard
-        );
-    }
+    assert_exported(&evaluator, &export, &checkpoint, &spec).await;
 
     let _ = stop_tx.send(true);
     for t in trainers {

@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mana_engine::round::{RunShard, RunSpec, ShardRecord};
+use mana_engine::round::RunSpec;
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{
     ConductorConfig, RoundMetrics, STATE_KEY, machine_config, run_conductor,
 };
-use mana_node::roles::evaluator::{EXPORTED_FILE, EvaluatorConfig, ExportedCheckpoint};
+use mana_node::roles::evaluator::EvaluatorConfig;
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_node::store::RecordKind;
 use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
@@ -167,51 +167,7 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
     }
     // The mirror (the evaluator) assembled the committed checkpoint from its holders, by hash: its shards
     // give the evaluator's figure bit for bit, and its export is that model.
-    let mirrored = wait_for(
-        Duration::from_secs(60),
-        "the evaluator exports the last round",
-        || async {
-            let e = evaluator.status().await.ok()?.evaluator?;
-            (e.exported_round == Some(ROUNDS)).then_some(())
-        },
-    )
-    .await;
-    let _ = mirrored;
-    let mut shards = Vec::new();
-    for entry in &checkpoint.shards {
-        let bytes = evaluator
-            .read_blob(entry.hash)
-            .await
-            .expect("a committed shard, mirrored");
-        shards.push(ShardRecord::from_bytes(&bytes, &spec, entry.shard).expect("a shard state"));
-    }
-    let named: ExportedCheckpoint =
-        serde_json::from_slice(&std::fs::read(export.join(EXPORTED_FILE)).expect("exported.json"))
-            .expect("exported.json parses");
-    assert_eq!(
-        named,
-        ExportedCheckpoint {
-            round: ROUNDS,
-            checkpoint: checkpoint.hash().expect("hash").to_string(),
-        }
-    );
-    let exported =
-        mana_kernels::train::Trainer::load(&export, Box::new(mana_kernels::CpuBackend::new()))
-            .expect("the exported model loads");
-    for shard in &shards {
-        let params = exported
-            .model()
-            .export_shard(shard.shard)
-            .expect("a shard of the model");
-        assert!(
-            params
-                .iter()
-                .map(|v| v.to_bits())
-                .eq(shard.params.iter().map(|v| v.to_bits())),
-            "the export's {} is not the committed one",
-            shard.shard
-        );
-    }
+    let shards = assert_exported(&evaluator, &export, &checkpoint, &spec).await;
     // The trunk's holders moved the router biases from the members' expert loads (and, below, all of them
     // hold the same trunk): the balance is the network's, not one node's.
     let trunk = shards

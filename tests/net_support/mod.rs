@@ -570,3 +570,62 @@ pub fn assert_no_peer_scored_below_zero(
         }
     }
 }
+
+/// Waits for `evaluator` to export `checkpoint` to `export`, then checks the export: `exported.json` names
+/// the checkpoint, and the model holds, bit for bit, every shard of it as the evaluator mirrored it (from its
+/// holders, by hash). Returns those shards.
+#[allow(dead_code)]
+pub async fn assert_exported(
+    evaluator: &NodeHandle,
+    export: &Path,
+    checkpoint: &mana_protocol::CheckpointManifest,
+    spec: &mana_engine::round::RunSpec,
+) -> Vec<mana_engine::round::ShardRecord> {
+    use mana_engine::round::{RunShard, ShardRecord};
+    use mana_node::roles::evaluator::{EXPORTED_FILE, ExportedCheckpoint};
+    let round = checkpoint.round;
+    wait_for(
+        Duration::from_secs(60),
+        "the evaluator exports the last round",
+        || async {
+            let e = evaluator.status().await.ok()?.evaluator?;
+            (e.exported_round == Some(round)).then_some(())
+        },
+    )
+    .await;
+    let named: ExportedCheckpoint =
+        serde_json::from_slice(&std::fs::read(export.join(EXPORTED_FILE)).expect("exported.json"))
+            .expect("exported.json parses");
+    assert_eq!(
+        named,
+        ExportedCheckpoint {
+            round,
+            checkpoint: checkpoint.hash().expect("hash").to_string(),
+        }
+    );
+    let exported =
+        mana_kernels::train::Trainer::load(export, Box::new(mana_kernels::CpuBackend::new()))
+            .expect("the exported model loads");
+    let mut shards = Vec::new();
+    for entry in &checkpoint.shards {
+        let bytes = evaluator
+            .read_blob(entry.hash)
+            .await
+            .expect("a committed shard, mirrored");
+        let shard = ShardRecord::from_bytes(&bytes, spec, entry.shard).expect("a shard state");
+        let params = exported
+            .model()
+            .export_shard(entry.shard)
+            .expect("a shard of the model");
+        assert!(
+            params
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(shard.params.iter().map(|v| v.to_bits())),
+            "the export's {} is not the committed one",
+            entry.shard
+        );
+        shards.push(shard);
+    }
+    shards
+}
