@@ -4,6 +4,7 @@
 //! give the same loss on any machine that sums in the same order, so anyone can check a published figure.
 
 use mana_kernels::data::TextDataset;
+use mana_kernels::train::Trainer;
 use mana_protocol::HyperParams;
 
 use super::error::RoundError;
@@ -20,8 +21,20 @@ pub fn validation_loss(
     shards: &[ShardRecord],
     batches: u32,
 ) -> Result<f32, RoundError> {
-    let (b, t) = spec.batch_shape(hyper)?;
     let mut trainer = build_trainer(spec, hyper, shards)?;
+    validation_loss_of(&mut trainer, spec, hyper, data, batches)
+}
+
+/// [`validation_loss`] of a model already built from a checkpoint's shards (an evaluator that also exports
+/// the model builds it once).
+pub fn validation_loss_of(
+    trainer: &mut Trainer,
+    spec: &RunSpec,
+    hyper: &HyperParams,
+    data: &TextDataset,
+    batches: u32,
+) -> Result<f32, RoundError> {
+    let (b, t) = spec.batch_shape(hyper)?;
     let windows = data.validation_windows(t).max(1) as u64;
     let n = batches.max(1);
     let mut sum = 0.0f64;

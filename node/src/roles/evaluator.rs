@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, validation_loss};
+use mana_engine::round::{RunShard, RunSpec, ShardRecord, build_trainer, validation_loss_of};
 use mana_kernels::data::TextDataset;
 use mana_protocol::{Evaluation, HyperParams, Message, RoundCommit};
 use tokio::sync::broadcast::error::RecvError;
@@ -233,10 +233,18 @@ async fn evaluate(
     let (spec, data, batches) = (cfg.spec.clone(), cfg.data.clone(), cfg.batches);
     let export = cfg.export.clone();
     let val_loss = blocking(move || {
+        // One model for both: saved before it is evaluated.
+        let mut trainer = build_trainer(&spec, &hyper, &shards)?;
         if let Some(dir) = export {
-            export_model(&spec, &hyper, &shards, &dir, round, checkpoint)?;
+            export_model(&trainer, &dir, round, checkpoint)?;
         }
-        Ok(validation_loss(&spec, &hyper, &data, &shards, batches)?)
+        Ok(validation_loss_of(
+            &mut trainer,
+            &spec,
+            &hyper,
+            &data,
+            batches,
+        )?)
     })
     .await?;
     if cfg.export.is_some() {
@@ -271,13 +279,11 @@ pub struct ExportedCheckpoint {
 /// The file in an export directory naming the checkpoint it holds.
 pub const EXPORTED_FILE: &str = "exported.json";
 
-/// Writes the model of `shards` (every shard of a checkpoint) to `dir` as a `mana train` checkpoint with an
+/// Writes `trainer`'s model (every shard of a checkpoint) to `dir` as a `mana train` checkpoint with an
 /// [`EXPORTED_FILE`], replacing what `dir` held only once the new model is complete: it is written to a
 /// sibling directory first, then swapped in by renames.
 fn export_model(
-    spec: &RunSpec,
-    hyper: &HyperParams,
-    shards: &[ShardRecord],
+    trainer: &mana_kernels::train::Trainer,
     dir: &std::path::Path,
     round: u64,
     checkpoint: mana_protocol::ContentHash,
@@ -296,7 +302,6 @@ fn export_model(
             std::fs::remove_dir_all(stale).map_err(|e| io(stale, e))?;
         }
     }
-    let trainer = build_trainer(spec, hyper, shards)?;
     trainer.save(&fresh)?;
     let named = ExportedCheckpoint {
         round,
