@@ -37,7 +37,8 @@ pub struct NetConfig {
     /// for the clock check (ignored); below it, such a copy reaches the replay check and is rejected as
     /// `replayed`, costing that honest peer score.
     pub duplicate_cache_time: Duration,
-    /// How often the DHT is refreshed (random walk to find new peers).
+    /// How often the DHT is refreshed (random walk to find new peers) while the routing table changes; a
+    /// settled table backs off to [`discovery::MAX_BACKOFF`](super::discovery::MAX_BACKOFF) times this.
     pub discovery_interval: Duration,
     /// First back-off before the bootstrap nodes are dialled again after losing every peer; it doubles up to
     /// `max_reconnect_backoff`.

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, PROVIDER_RECORD_TTL};
 use super::config::NetConfig;
+use super::discovery::DiscoveryPace;
 use super::lane::RemoteIps;
 use super::limits::RateLimiter;
 use super::traffic::TrafficCounters;
@@ -171,6 +172,8 @@ pub struct EventLoop {
     next_bootstrap_dial: Option<Instant>,
     /// Current reconnect back-off (doubles on each empty attempt, reset on a connection).
     backoff: Duration,
+    /// When the next DHT refresh is due (slower while the routing table is settled).
+    discovery: DiscoveryPace,
     gossip_rate_limited: u64,
     events_dropped: u64,
     inbound_denied: u64,
@@ -194,6 +197,7 @@ impl EventLoop {
     ) -> Self {
         let limits = config.limits.clone();
         let backoff = config.reconnect_backoff;
+        let discovery = DiscoveryPace::new(config.discovery_interval);
         let next_bootstrap_dial =
             (!config.bootstrap.is_empty() || !config.known_peers.is_empty()).then(Instant::now);
         Self {
@@ -214,6 +218,7 @@ impl EventLoop {
             gossip_limiter: RateLimiter::new(limits.gossip_per_second, limits.gossip_burst),
             next_bootstrap_dial,
             backoff,
+            discovery,
             gossip_rate_limited: 0,
             events_dropped: 0,
             inbound_denied: 0,
@@ -227,8 +232,8 @@ impl EventLoop {
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut discovery = tokio::time::interval(self.config.discovery_interval);
-        discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let discovery = tokio::time::sleep(self.config.discovery_interval);
+        tokio::pin!(discovery);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.handle_event(event),
@@ -240,7 +245,10 @@ impl EventLoop {
                     }
                 },
                 _ = tick.tick() => self.maybe_redial_bootstrap(),
-                _ = discovery.tick() => self.refresh_dht(),
+                _ = &mut discovery => {
+                    let wait = self.refresh_dht();
+                    discovery.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
             }
         }
     }
@@ -311,12 +319,21 @@ impl EventLoop {
         }
     }
 
-    fn refresh_dht(&mut self) {
+    /// Drops expired provider records and walks the DHT; returns the wait until the next refresh.
+    fn refresh_dht(&mut self) -> Duration {
         self.prune_expired_providers();
         if self.swarm.connected_peers().next().is_some() {
             // NoKnownPeers is normal while the routing table is still empty.
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
+        let known: usize = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|bucket| bucket.num_entries())
+            .sum();
+        self.discovery.next(known)
     }
 
     /// Dials `addr`; when it names a peer, the address also goes into the DHT's routing table.
@@ -798,6 +815,9 @@ impl EventLoop {
                 is_new_peer,
                 ..
             } => {
+                if is_new_peer {
+                    self.discovery.reset();
+                }
                 let connected = self.swarm.connected_peers().count();
                 if is_new_peer
                     && !self.swarm.is_connected(&peer)

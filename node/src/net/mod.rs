@@ -11,6 +11,7 @@ pub mod bulk;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod event_loop;
 pub mod fetch;
