@@ -88,6 +88,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     let coord_rt = meter::runtime();
     let coordinator = Arc::new(
         coord_rt
+            .handle()
             .spawn(start_node(coord_cfg))
             .await
             .expect("the coordinator starts"),
@@ -135,7 +136,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     let (heap_start, _) = meter::heap();
     tokio::time::timeout(
         Duration::from_secs(120 + 60 * members as u64),
-        coord_rt.spawn(run_conductor(
+        coord_rt.handle().spawn(run_conductor(
             coordinator.clone(),
             role,
             stopped(stop_rx.clone()),
@@ -294,8 +295,6 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     for t in trainers {
         t.await.expect("trainer task").expect("trainer ran");
     }
-    drop(coordinator);
-    coord_rt.shutdown_background();
 }
 
 /// What the coordinator alone costs in a process shared with its members: it runs on a runtime of its own
@@ -390,17 +389,36 @@ mod meter {
         }
     }
 
+    /// The coordinator's runtime, shut down without waiting when dropped (a runtime may not block in the test's
+    /// async context, also when the test fails and unwinds).
+    pub struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+    impl OwnRuntime {
+        pub fn handle(&self) -> &tokio::runtime::Handle {
+            self.0.as_ref().expect("a runtime until dropped").handle()
+        }
+    }
+
+    impl Drop for OwnRuntime {
+        fn drop(&mut self) {
+            if let Some(runtime) = self.0.take() {
+                runtime.shutdown_background();
+            }
+        }
+    }
+
     /// A runtime for the coordinator: one worker, its threads named [`THREAD`] and charged, and blocking
     /// threads kept alive so that their CPU time is still readable at the end.
-    pub fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
+    pub fn runtime() -> OwnRuntime {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(THREAD)
             .thread_keep_alive(Duration::from_secs(3600))
             .on_thread_start(|| CHARGED.with(|c| c.set(true)))
             .enable_all()
             .build()
-            .expect("the coordinator's runtime")
+            .expect("the coordinator's runtime");
+        OwnRuntime(Some(runtime))
     }
 
     /// Heap that the coordinator's threads allocated and is live now, and the most that was live, in bytes.

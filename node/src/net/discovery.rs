@@ -4,7 +4,8 @@
 //! cores busy decoding each other's answers, and their heartbeats came too late to count (issue #16's 32
 //! members). A node therefore walks at the configured interval while its routing table is still changing, and
 //! backs off, doubling up to [`MAX_BACKOFF`] times that interval, while walks find nothing new; a change (a peer
-//! found, or lost) brings it back to the configured pace.
+//! found, or lost) brings it back to the configured pace from the next walk on (a wait already begun is not cut
+//! short).
 
 use std::time::Duration;
 
@@ -44,7 +45,8 @@ impl DiscoveryPace {
         self.every
     }
 
-    /// The routing table changed between refreshes (a peer joined or left it): walk again at the base pace.
+    /// The routing table changed between refreshes (a peer joined it): the wait after the next refresh is the
+    /// base interval again (the wait already begun runs out first).
     pub fn reset(&mut self) {
         self.every = self.base;
         self.last_known = None;
