@@ -11,8 +11,11 @@
 //! net_light_coordinator -- --nocapture` (16 members: about 45 s on 2 cores; 32: about 6 minutes, the members'
 //! training and judging taking turns on the two cores); `MANA_LIGHT_EXPERT_HIDDEN=1024` runs the same network
 //! on a model twice the size (the coordinator's bytes must not change with it); `MANA_LIGHT_ROUNDS` sets the
-//! rounds. 64 members do not train yet: their daemons, 64 on the test's two runtime threads, drop most gossip
-//! (thousands of events each) and miss the round announcements (issue #16's note of 2026-12-06).
+//! rounds. Past 32 members the windows grow faster and heartbeats come every 2 s. At 64 members every member
+//! is in every round and deltas are committed, but the run fails its checks here: the nodes' own networking
+//! (mostly Kademlia) keeps both cores busy, the judges' payload fetches take longer than their 24 s tries,
+//! and most shards have no quorum in time (their deltas `late`); the coordinator's figures are printed before
+//! the checks, so such a run still measures the coordinator (issue #16's note of 2026-12-06, session 21).
 
 mod net_support;
 
@@ -98,12 +101,19 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     let export = dir.path().join("final-model");
     let mut evaluating = EvaluatorConfig::new(spec.clone(), data.clone());
     evaluating.export = Some(export.clone());
+    // The mirror syncs every shard of each commit from members that share its two cores.
+    evaluating.sync_wait = Duration::from_secs(60 + 2 * members as u64);
     let (evaluator, _evaluating) =
         start_evaluator_with(dir.path(), &boot, key, evaluating, stop_rx.clone()).await;
     let mut nodes: Vec<Arc<NodeHandle>> = Vec::new();
     let mut trainers = Vec::new();
     for i in 0..members {
         let mut cfg = node_config(&dir.path().join(format!("node-{i}")), &boot);
+        if members > 32 {
+            // Every member verifies every other's heartbeats (two signatures each): at 64 members and the test
+            // setting of one each half second, that alone is most of one core.
+            cfg.heartbeat_interval = Duration::from_secs(2);
+        }
         cfg.coordinator = Some(key);
         cfg.sync_shards = false;
         cfg.genesis = Some(spec.clone());
@@ -111,6 +121,8 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         let node = Arc::new(start_node(cfg).await);
         let mut trainer = TrainerConfig::new(spec.clone(), data.clone());
         trainer.max_shards = max_shards;
+        // Fetches wait for a CPU that every member's training shares.
+        trainer.fetch_timeout = Duration::from_secs(60 + members as u64);
         trainers.push(tokio::spawn(run_trainer(
             node.clone(),
             trainer,
@@ -124,8 +136,13 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     machine.min_members = members;
     // Every member trains on the same two cores: the deadlines grow with them (a round ends sooner when every
     // delta, or every result, is in).
-    machine.train_ms = 20_000 + 1_000 * members as u64;
-    machine.verify_ms = 20_000 + 1_000 * members as u64;
+    // Past 32 members the judges, all judging at once, need more than that (at 64 with 84 s windows, most
+    // shards had no quorum in time).
+    let window = 20_000 + 1_000 * members as u64 + 2_000 * members.saturating_sub(32) as u64;
+    machine.train_ms = window;
+    machine.verify_ms = window;
+    // While every member trains at once, their heartbeats wait for the CPU too (seconds apart at 64).
+    machine.member_timeout_ms = 10_000 + 500 * members as u64;
     machine.cooldown_ms = 200;
     let metrics_path = dir.path().join("metrics.jsonl");
     let mut role = ConductorConfig::new(machine, spec.clone(), data.clone());
@@ -171,48 +188,16 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
             m.train_loss,
             m.ms
         );
-        assert_eq!(m.participants, members, "{text}");
     }
-    let val: Vec<f32> = lines
-        .iter()
-        .map(|m| m.val_loss.expect("an evaluator's figure"))
-        .collect();
-    assert!(
-        val[val.len() - 1] < val[0],
-        "validation loss did not fall: {val:?}"
-    );
-
-    // The coordinator: a record of each commit, no shard, and no blob ever received.
+    // The coordinator's figures first: they are what a run at a scale that does not converge here still shows.
     let (_, stored) = coordinator
         .store()
         .latest()
         .expect("store")
         .expect("a committed round");
     let checkpoint = CheckpointManifest::from_bytes(&stored.meta).expect("the checkpoint");
-    assert_eq!(checkpoint.round, rounds);
-    assert!(stored.entries.is_empty());
-    for entry in &checkpoint.shards {
-        assert_eq!(
-            coordinator.store().blob_len(&entry.hash).expect("store"),
-            None
-        );
-    }
     let status = coordinator.status().await.expect("status");
     let traffic = &status.traffic;
-    // Its blobs are the commits' manifests, together smaller than one shard.
-    let smallest = checkpoint
-        .shards
-        .iter()
-        .map(|e| e.size)
-        .min()
-        .expect("shards");
-    assert!(
-        status.store_bytes < smallest,
-        "the coordinator stores {} bytes of blobs",
-        status.store_bytes
-    );
-    // What it reads of transfers is peers' requests for a manifest: never a shard's worth.
-    assert!(traffic.fetch_in / rounds < smallest, "{traffic:?}");
     let state = coordinator
         .store()
         .get_split_record(RecordKind::RoundState, STATE_KEY)
@@ -241,13 +226,50 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         );
     }
     eprintln!(
-        "LIGHT coordinator: gossip accepted {} rejected {} ignored {} rate-limited {}; events dropped (behind) {}",
+        "LIGHT coordinator: gossip accepted {} rejected {} ignored {} rate-limited {}; events dropped (behind) {}, heartbeats dropped {}",
         status.accepted_messages,
         status.rejected_messages,
         status.ignored_messages,
         status.rate_limited_messages,
-        status.dropped_events
+        status.dropped_events,
+        status.dropped_heartbeats
     );
+
+    for m in &lines {
+        assert_eq!(m.participants, members, "{text}");
+    }
+    let val: Vec<f32> = lines
+        .iter()
+        .map(|m| m.val_loss.expect("an evaluator's figure"))
+        .collect();
+    assert!(
+        val[val.len() - 1] < val[0],
+        "validation loss did not fall: {val:?}"
+    );
+
+    // The coordinator: a record of each commit, no shard, and no blob ever received.
+    assert_eq!(checkpoint.round, rounds);
+    assert!(stored.entries.is_empty());
+    for entry in &checkpoint.shards {
+        assert_eq!(
+            coordinator.store().blob_len(&entry.hash).expect("store"),
+            None
+        );
+    }
+    // Its blobs are the commits' manifests, together smaller than one shard.
+    let smallest = checkpoint
+        .shards
+        .iter()
+        .map(|e| e.size)
+        .min()
+        .expect("shards");
+    assert!(
+        status.store_bytes < smallest,
+        "the coordinator stores {} bytes of blobs",
+        status.store_bytes
+    );
+    // What it reads of transfers is peers' requests for a manifest: never a shard's worth.
+    assert!(traffic.fetch_in / rounds < smallest, "{traffic:?}");
 
     // Every member held under a third of the model, and every held shard is the committed one.
     let committed: BTreeMap<String, String> = checkpoint

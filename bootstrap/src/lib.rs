@@ -13,7 +13,6 @@ use libp2p::Multiaddr;
 use mana_node::keyfile;
 use mana_node::net::{self, Client, NetConfig, NetEvent};
 use mana_protocol::FetchResponse;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Settings of a bootstrap node.
@@ -156,7 +155,7 @@ impl BootstrapHandle {
 }
 
 /// A bootstrap holds nothing and follows no topic: it answers every fetch with `NotFound` and logs peers.
-async fn drain_events(client: Client, mut events: mpsc::Receiver<NetEvent>) {
+async fn drain_events(client: Client, mut events: net::Events) {
     let mut peers = 0usize;
     while let Some(event) = events.recv().await {
         match event {

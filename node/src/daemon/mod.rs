@@ -35,7 +35,7 @@ use mana_protocol::{
     Capacity, CheckpointManifest, ContentHash, Heartbeat, Keypair, Message, SignedEnvelope, Text,
     topic,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -167,6 +167,8 @@ pub(crate) struct State {
     pub current: Option<mana_protocol::RoundAnnouncement>,
     /// The last accepted checkpoint manifest (the target of shard sync).
     pub manifest: Option<CheckpointManifest>,
+    /// When the configured coordinator's last heartbeat was accepted.
+    pub coordinator_alive: Option<std::time::Instant>,
     /// Messages judged, by verdict, since start.
     pub accepted: u64,
     /// Messages rejected since start.
@@ -199,6 +201,8 @@ pub(crate) struct Shared {
     pub client: Client,
     pub state: Mutex<State>,
     pub accepted_tx: broadcast::Sender<Accepted>,
+    /// The same messages but heartbeats ([`NodeHandle::round_messages`]).
+    pub rounds_tx: broadcast::Sender<Accepted>,
     pub serve_cache: serve::BlobCache,
     /// Chunk requests being answered (bounded in total and per peer).
     pub serve_permits: Arc<serve::ServePermits>,
@@ -354,6 +358,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         tracing::info!(%addr, "node listening");
     }
     let (accepted_tx, _) = broadcast::channel(1024);
+    let (rounds_tx, _) = broadcast::channel(1024);
     // Proof of the coordinator's equivocation kept by an earlier run of this node still stands.
     let coordinator = config.coordinator.unwrap_or_else(|| keypair.public());
     let kept_store = store.clone();
@@ -372,6 +377,7 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
             ..State::default()
         }),
         accepted_tx,
+        rounds_tx,
         serve_cache: serve::BlobCache::new(serve::OPEN_BLOBS),
         serve_permits,
         provided: Mutex::new(std::collections::HashSet::new()),
@@ -391,11 +397,17 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     }
     // Announce what we already hold (a restarted node serves its shards again).
     sync::provide_stored(&shared).await;
-    // The event task ends by itself on cancellation (after its final status write), so it is tracked but not
-    // wrapped by `Shared::spawn`.
+    // The event, heartbeat and status tasks end by themselves on cancellation (the status task after its
+    // final write), so they are tracked but not wrapped by `Shared::spawn`.
     shared
         .tasks
         .spawn(run_events(shared.clone(), events, shared.cancel.clone()));
+    shared
+        .tasks
+        .spawn(run_heartbeats(shared.clone(), shared.cancel.clone()));
+    shared
+        .tasks
+        .spawn(run_status(shared.clone(), shared.cancel.clone()));
     Ok(NodeHandle { shared })
 }
 
@@ -450,6 +462,20 @@ impl NodeHandle {
     /// Receives every message that passes validation from now on.
     pub fn accepted(&self) -> broadcast::Receiver<Accepted> {
         self.shared.accepted_tx.subscribe()
+    }
+
+    /// Receives every message that passes validation from now on, but heartbeats: what a role that acts on
+    /// rounds reads. Heartbeats are most of the gossip (every node's, every few seconds); a trainer busy for
+    /// a minute on [`NodeHandle::accepted`] fell 500 messages behind among 64 members and skipped calls and
+    /// commits with them, while this stream holds only the rounds' and deltas' messages.
+    pub fn round_messages(&self) -> broadcast::Receiver<Accepted> {
+        self.shared.rounds_tx.subscribe()
+    }
+
+    /// When the configured coordinator's last heartbeat was accepted (`None` before the first): it is up, on
+    /// this run, under this key, whether or not it announces rounds.
+    pub fn coordinator_alive_at(&self) -> Option<std::time::Instant> {
+        self.shared.state().coordinator_alive
     }
 
     /// Calls `hear` with every message that passes validation from now on, on a task of the node's (until
@@ -645,7 +671,7 @@ impl NodeHandle {
         self.stop().await
     }
 
-    /// Stops the node: every task cancelled and awaited (the event task writes the final status), the store
+    /// Stops the node: every task cancelled and awaited (the status task writes the final status), the store
     /// flushed, then the swarm's event loop stopped and awaited. Nothing is aborted. Callable through a shared
     /// handle (`Arc<NodeHandle>`, as the roles hold it); a second call finds everything stopped and returns at
     /// once. The store stays open until the last handle is dropped.
@@ -672,16 +698,11 @@ impl Drop for NodeHandle {
     }
 }
 
-/// The event task: network events, heartbeat and status timers, until `stop`.
-async fn run_events(
-    shared: Arc<Shared>,
-    mut events: mpsc::Receiver<NetEvent>,
-    stop: CancellationToken,
-) {
-    let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
-    let mut status_tick = tokio::time::interval(shared.config.status_interval);
-    let mut book = peers::BookSchedule::default();
-    let mut seq = 0u64;
+/// The event task: network events, until `stop`. It does nothing else: a heartbeat or a status write that
+/// waits on a busy swarm or disk (seconds, with 64 nodes on two cores) would hold up every event behind it,
+/// and the queue would overflow while the node sat idle between ticks. The timers have tasks of their own
+/// ([`run_heartbeats`], [`run_status`]).
+async fn run_events(shared: Arc<Shared>, mut events: net::Events, stop: CancellationToken) {
     // Bulk streams are served for as long as the node handles events (the task holds the shared state, so
     // it is stopped here rather than left to end with the swarm).
     let source = Arc::new(serve::StoreBlobs(shared.clone()));
@@ -689,21 +710,18 @@ async fn run_events(
         tasks: shared.tasks.clone(),
         cancel: shared.cancel.clone(),
     };
-    let serving = match net::bulk::serve(
+    match net::bulk::serve(
         &shared.client,
         source,
         serve::stream_limits(&shared.config.net),
         run,
     ) {
-        Ok(serving) => {
-            shared.spawn(serving);
-            Some(())
-        }
+        // The stream server is a tracked task: it ends on the same cancellation.
+        Ok(serving) => shared.spawn(serving),
         Err(e) => {
-            tracing::warn!(error = %e, "bulk streams not served; peers fall back to chunk requests");
-            None
+            tracing::warn!(error = %e, "bulk streams not served; peers fall back to chunk requests")
         }
-    };
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -711,12 +729,38 @@ async fn run_events(
                 Some(event) => handle_event(&shared, event).await,
                 None => break,
             },
+        }
+    }
+}
+
+/// The heartbeat task: one signed heartbeat every `heartbeat_interval`, until `stop`. A publish that takes
+/// longer than the interval delays the next one rather than bunching them.
+async fn run_heartbeats(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut heartbeat = tokio::time::interval(shared.config.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
             _ = heartbeat.tick() => {
                 seq = next_heartbeat_seq(seq, now_ms());
                 if let Err(e) = publish_heartbeat(&shared, seq).await {
                     tracing::debug!(error = %e, "heartbeat not published");
                 }
             }
+        }
+    }
+}
+
+/// The status task: the status file every `status_interval`, the peer book, and withdrawing the DHT records
+/// of dropped blobs, until `stop`; then the status file once more.
+async fn run_status(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut status_tick = tokio::time::interval(shared.config.status_interval);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut book = peers::BookSchedule::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
             _ = status_tick.tick() => {
                 // The peer book is kept from the peers the status just listed (one network snapshot a tick).
                 match status::write(&shared).await {
@@ -733,8 +777,6 @@ async fn run_events(
             }
         }
     }
-    // The stream server is a tracked task: it ends on the same cancellation.
-    let _ = serving;
     if let Err(e) = status::write(&shared).await {
         tracing::warn!(error = %e, "final status file not written");
     }

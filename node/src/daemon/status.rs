@@ -93,9 +93,13 @@ pub struct NodeStatus {
     /// Gossip ignored because its forwarder exceeded the rate limit.
     pub rate_limited_messages: u64,
     /// Network events dropped because the node was a full queue behind (`event_queue`): gossip ignored (the
-    /// node catches up from a later message), requests answered busy.
+    /// node catches up from a later message), requests answered busy. Heartbeats are counted apart.
     #[serde(default)]
     pub dropped_events: u64,
+    /// Heartbeats ignored because the node was that many heartbeats behind. They wait behind every other
+    /// event and are the first thing a busy node lets go.
+    #[serde(default)]
+    pub dropped_heartbeats: u64,
     /// Inbound connections refused by a connection limit since start (a flood from one address shows here).
     #[serde(default)]
     pub denied_connections: u64,
@@ -526,6 +530,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         ignored_messages: state.ignored,
         rate_limited_messages: snap.gossip_rate_limited,
         dropped_events: snap.events_dropped,
+        dropped_heartbeats: snap.heartbeats_dropped,
         denied_connections: snap.inbound_denied,
         rejections,
         training: state.training.clone(),

@@ -247,6 +247,9 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
                         state.manifest = Some(m.clone())
                     }
                     Message::RoundCommit(c) => state.manifest = Some(c.checkpoint.clone()),
+                    Message::Heartbeat(_) if from_coordinator => {
+                        state.coordinator_alive = Some(Instant::now())
+                    }
                     Message::CommitDispute(d) => {
                         state.disputes_heard += 1;
                         tracing::warn!(
@@ -279,6 +282,9 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
             if let (Some(manifest), true) = (manifest, shared.config.sync_shards) {
                 let task_shared = shared.clone();
                 shared.spawn(async move { sync::sync_manifest(&task_shared, manifest).await });
+            }
+            if !matches!(accepted.message, Message::Heartbeat(_)) {
+                let _ = shared.rounds_tx.send(accepted.clone());
             }
             let _ = shared.accepted_tx.send(accepted);
         }

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, PROVIDER_RECORD_TTL};
 use super::config::NetConfig;
 use super::discovery::DiscoveryPace;
+use super::events::{EventSenders, NotQueued};
 use super::lane::RemoteIps;
 use super::limits::RateLimiter;
 use super::traffic::TrafficCounters;
@@ -153,7 +154,7 @@ pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     config: NetConfig,
     commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<NetEvent>,
+    events: EventSenders,
     pending_providing: HashMap<kad::QueryId, oneshot::Sender<Result<(), NetError>>>,
     pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>)>,
     pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<FetchResponse, NetError>>>,
@@ -176,6 +177,7 @@ pub struct EventLoop {
     discovery: DiscoveryPace,
     gossip_rate_limited: u64,
     events_dropped: u64,
+    heartbeats_dropped: u64,
     inbound_denied: u64,
     /// Whether relay reservations were requested (once autonat says we are private).
     relayed: bool,
@@ -190,7 +192,7 @@ impl EventLoop {
         swarm: Swarm<Behaviour>,
         config: NetConfig,
         commands: mpsc::Receiver<Command>,
-        events: mpsc::Sender<NetEvent>,
+        events: EventSenders,
         traffic: Arc<TrafficCounters>,
         pending_listeners: HashSet<ListenerId>,
         remote_ips: Arc<RemoteIps>,
@@ -221,6 +223,7 @@ impl EventLoop {
             discovery,
             gossip_rate_limited: 0,
             events_dropped: 0,
+            heartbeats_dropped: 0,
             inbound_denied: 0,
             relayed: false,
             traffic,
@@ -493,6 +496,7 @@ impl EventLoop {
             routing_table,
             gossip_rate_limited: self.gossip_rate_limited,
             events_dropped: self.events_dropped,
+            heartbeats_dropped: self.heartbeats_dropped,
             inbound_denied: self.inbound_denied,
         }
     }
@@ -500,11 +504,15 @@ impl EventLoop {
     /// Hands an event to the node without waiting; a full queue gives it back (and is counted).
     fn emit(&mut self, event: NetEvent) -> Result<(), NetEvent> {
         self.events.try_send(event).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(ev) => {
-                self.events_dropped += 1;
-                ev
+            NotQueued::Full { event, heartbeat } => {
+                if heartbeat {
+                    self.heartbeats_dropped += 1;
+                } else {
+                    self.events_dropped += 1;
+                }
+                event
             }
-            mpsc::error::TrySendError::Closed(ev) => ev,
+            NotQueued::Closed(event) => event,
         })
     }
 

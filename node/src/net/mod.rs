@@ -1,6 +1,6 @@
 //! The network layer of a mana node: libp2p 0.57 on tokio.
 //!
-//! Usage: [`new`] builds the swarm and returns a cloneable [`Client`], a receiver of [`NetEvent`]s and the
+//! Usage: [`new`] builds the swarm and returns a cloneable [`Client`], the [`Events`] to read and the
 //! [`EventLoop`] that owns the swarm; spawn the loop, subscribe to topics through the client, and handle the
 //! events (gossip to validate, transfer requests to serve); a node holding blobs also serves bulk streams
 //! ([`bulk::serve`]) and fetches through [`fetch::fetch_blob`]. See `docs/operator-guide.md` for the protocols,
@@ -14,6 +14,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod event_loop;
+pub mod events;
 pub mod fetch;
 pub mod inbound;
 pub mod ip_limit;
@@ -36,6 +37,7 @@ pub use codec::TRANSFER_PROTOCOL;
 pub use config::NetConfig;
 pub use error::{FailureKind, FrameTooLarge, NetError, error_chain};
 pub use event_loop::{EventLoop, Verdict};
+pub use events::Events;
 /// libp2p itself, so callers (tests, the CLI) use the same version without depending on it.
 pub use libp2p;
 pub use limits::Limits;
@@ -119,8 +121,12 @@ pub struct NetSnapshot {
     /// Gossip messages ignored because their forwarder exceeded its rate.
     pub gossip_rate_limited: u64,
     /// Events dropped because the node was [`Limits::event_queue`] events behind: gossip ignored, requests
-    /// answered busy.
+    /// answered busy. Heartbeats are not counted here.
     pub events_dropped: u64,
+    /// Heartbeats ignored because the node was [`Limits::event_queue`] heartbeats behind (they wait behind
+    /// every other event, see [`events`]).
+    #[serde(default)]
+    pub heartbeats_dropped: u64,
     /// Inbound connections refused by a limit (per IP, inbound total, per peer, pending handshakes).
     pub inbound_denied: u64,
     /// Keys this node announces as a provider in the DHT (its blobs; see [`behaviour::MAX_PROVIDER_KEYS`]).
@@ -134,7 +140,7 @@ pub struct NetSnapshot {
 pub fn new(
     keypair: Keypair,
     config: NetConfig,
-) -> Result<(Client, mpsc::Receiver<NetEvent>, EventLoop), NetError> {
+) -> Result<(Client, Events, EventLoop), NetError> {
     let local_peer_id = keypair.public().to_peer_id();
     let traffic = std::sync::Arc::new(TrafficCounters::default());
     let mut swarm = behaviour::build_swarm(keypair, &config, traffic.clone())?;
@@ -154,7 +160,8 @@ pub fn new(
     let streams = swarm.behaviour().streams.new_control();
     let inbound = swarm.behaviour().inbound.acceptor();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
-    let (event_tx, event_rx) = mpsc::channel(config.limits.event_queue);
+    let heartbeat_topic = mana_protocol::topic(&config.run_id, mana_protocol::TopicKind::Heartbeats);
+    let (event_tx, event_rx) = events::channel(config.limits.event_queue, heartbeat_topic);
     let remote_ips = std::sync::Arc::new(lane::RemoteIps::default());
     let event_loop = EventLoop::new(
         swarm,

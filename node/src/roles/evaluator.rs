@@ -95,7 +95,7 @@ async fn evaluator_loop(
         ));
     }
     node.update_evaluator_status(|_| {});
-    let mut messages = node.accepted();
+    let mut messages = node.round_messages();
     let mut hypers: BTreeMap<u64, HyperParams> = BTreeMap::new();
     let mut waiting: std::collections::VecDeque<RoundCommit> = std::collections::VecDeque::new();
     tokio::pin!(shutdown);

@@ -242,7 +242,7 @@ async fn trainer_loop(
         max_shards: cfg.max_shards,
     });
     node.update_training_status(|s| s.activity = "waiting for a round".into());
-    let mut messages = node.accepted();
+    let mut messages = node.round_messages();
     let me = node.public_key();
     let cfg_data = cfg.data.clone();
     let mut trainer = Trainer {
@@ -274,6 +274,9 @@ async fn trainer_loop(
             _ = &mut shutdown => break,
             m = messages.recv() => m,
             _ = watch_tick.tick() => {
+                if let Some(at) = trainer.node.coordinator_alive_at() {
+                    watch.alive(at);
+                }
                 if trainer.halted.is_none() {
                     trainer.say_silence(&mut watch).await;
                 }
@@ -303,9 +306,6 @@ async fn trainer_loop(
             }
             Message::RoundCommit(commit) => {
                 watch.heard(Instant::now(), commit.round, Duration::ZERO)
-            }
-            Message::Heartbeat(_) if Some(signer) == trainer.node.config().coordinator => {
-                watch.alive(Instant::now())
             }
             _ => {}
         }
