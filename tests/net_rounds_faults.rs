@@ -840,7 +840,15 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     assert_eq!(rounds.last().copied(), Some(before + 2));
     let val: Vec<f32> = lines
         .iter()
-        .map(|m| m.val_loss.expect("val loss"))
+        .map(|m| {
+            m.val_loss.unwrap_or_else(|| {
+                panic!(
+                    "round {} has no validation loss (no evaluation within the wait): {:?}",
+                    m.round,
+                    lines.iter().map(|l| (l.round, l.val_loss)).collect::<Vec<_>>()
+                )
+            })
+        })
         .collect();
     assert!(
         val[val.len() - 1] < val[0],
