@@ -14,10 +14,10 @@
 //! that message is never delivered again. Whether the announcement found room is chance, so the flood spans
 //! up to three announcements until one is missed. (Since the daemon's event task does nothing but events, it
 //! empties the one-event queue so fast that the announcement found room in all of 4 runs, against about half
-//! before; `net_catch_up.rs` checks the missed announcement itself, deterministically.) Once the flood ends, the victim trains again within two
-//! rounds, no node rejects a message, and no node scores an honest peer below zero. (It found one: a node
-//! that missed an announcement rejected the other holders' reports of that round as `not-coordinator`,
-//! lowering their scores; they are now ignored as `future-round`.)
+//! before; `net_catch_up.rs` checks the missed announcement itself, deterministically.) Once the flood ends,
+//! the victim trains again within two rounds, no node rejects a message, and no node scores an honest peer
+//! below zero. (It found one: a node that missed an announcement rejected the other holders' reports of
+//! that round as `not-coordinator`, lowering their scores; they are now ignored as `future-round`.)
 
 mod net_support;
 

@@ -1,9 +1,11 @@
 //! The network's events on their way to the node, in two bounded queues: heartbeat gossip, and everything
 //! else. Heartbeats are most of the gossip (every node, every few seconds, to everyone) and each one is
 //! superseded by the same node's next; round announcements, deltas, commits, attestations and fetch
-//! requests are few, and each one matters. The node takes from the first queue before the second, and a full
-//! heartbeat queue drops only heartbeats. With one queue, 64 nodes in one process on two cores dropped every
-//! round announcement among thousands of heartbeats, and no member trained.
+//! requests are few, and each one matters. The node takes from the queue of everything else before the
+//! heartbeats, and a full heartbeat queue drops only heartbeats: a node that falls behind lets heartbeats go
+//! and still hears its rounds. (At 64 nodes in one process on two cores, thousands of dropped events each
+//! took the round announcements with them; the main cause was the daemon's stalled event task, see
+//! `daemon::run_events`, and this split keeps the heartbeats from doing the same to a node that is merely busy.)
 
 use tokio::sync::mpsc;
 
