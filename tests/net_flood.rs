@@ -82,10 +82,7 @@ async fn a_node_flooded_at_an_announcement_rejoins_within_two_rounds_and_nobody_
         let (flooder, _events, event_loop) =
             net::new(Libp2pKeypair::generate_ed25519(), config).expect("swarm");
         tokio::spawn(event_loop.run());
-        flooder
-            .subscribe(rounds.clone())
-            .await
-            .expect("subscribe");
+        flooder.subscribe(rounds.clone()).await.expect("subscribe");
         flooders.push(flooder);
     }
     let flooder_ids: Vec<String> = flooders
@@ -121,12 +118,8 @@ async fn a_node_flooded_at_an_announcement_rejoins_within_two_rounds_and_nobody_
     let floods: Vec<_> = flooders
         .into_iter()
         .map(|flooder| {
-            let (stop, published, topic_name, run) = (
-                stop.clone(),
-                published.clone(),
-                rounds.clone(),
-                run.clone(),
-            );
+            let (stop, published, topic_name, run) =
+                (stop.clone(), published.clone(), rounds.clone(), run.clone());
             tokio::spawn(async move {
                 let key = Keypair::generate().expect("key");
                 let mut seq = 0u64;

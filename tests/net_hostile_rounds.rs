@@ -83,6 +83,9 @@ enum Attack {
     /// Trains honestly, and as a judge of shards (their holder, or a drawn verifier) signs a wrong result for
     /// each: the right shard, size and round, another hash.
     WrongResult,
+    /// As `WrongResult`, twice per call, with two different hashes (two attestations): it equivocates, so
+    /// that the coordinator and the other judges might each count another of its judgments.
+    Equivocate,
 }
 
 impl Attack {
@@ -110,7 +113,7 @@ impl Attack {
             Attack::Zero => &[RejectCode::NormTooSmall],
             // An expert that got no tokens in the attacker's batches has an all-zero delta, whatever its scale.
             Attack::Ratchet => &[RejectCode::NormTooLarge, RejectCode::NormTooSmall],
-            Attack::Flood | Attack::WrongResult => &[],
+            Attack::Flood | Attack::WrongResult | Attack::Equivocate => &[],
         }
     }
 
@@ -200,11 +203,13 @@ async fn flood_heartbeats(
 }
 
 /// Signs, as `node`, a wrong judgment for every shard of `call` that it judges in `ann`'s round (every delta
-/// accepted, and a result of the right shard, size and round with another hash); returns how many.
+/// accepted, and a result of the right shard, size and round with another hash, named by `which`); returns
+/// how many.
 async fn sign_wrong_results(
     node: &NodeHandle,
     ann: &RoundAnnouncement,
     call: &mana_protocol::AggregationCall,
+    which: &str,
 ) -> usize {
     let me = node.public_key();
     let Some(index) = ann.participants.iter().position(|p| p.node == me) else {
@@ -226,7 +231,7 @@ async fn sign_wrong_results(
         .map(|(c, e)| mana_protocol::ShardJudgment {
             entry: mana_protocol::ShardEntry {
                 hash: ContentHash::of(
-                    format!("a wrong {} of round {}", e.shard, call.round).as_bytes(),
+                    format!("{which} wrong {} of round {}", e.shard, call.round).as_bytes(),
                 ),
                 round: call.round,
                 ..e
@@ -312,11 +317,16 @@ async fn run_attacker(
                     }
                     continue;
                 }
-                Message::AggregationCall(call) if attack == Attack::WrongResult => {
+                Message::AggregationCall(call)
+                    if matches!(attack, Attack::WrongResult | Attack::Equivocate) =>
+                {
                     let Some(ann) = last_ann.as_ref().filter(|a| a.round == call.round) else {
                         continue;
                     };
-                    let signed = sign_wrong_results(&node, ann, &call).await;
+                    let mut signed = sign_wrong_results(&node, ann, &call, "a").await;
+                    if attack == Attack::Equivocate && signed > 0 {
+                        signed = sign_wrong_results(&node, ann, &call, "another").await;
+                    }
                     if signed > 0 {
                         log.lock()
                             .expect("lock")
@@ -457,7 +467,7 @@ async fn run_attacker(
                 Some(announce(target, hash, size))
             }
             // The attacker's own deltas are honest; its attack is the flood of keys, or its signed results.
-            Attack::Flood | Attack::WrongResult => None,
+            Attack::Flood | Attack::WrongResult | Attack::Equivocate => None,
         };
         match claim {
             Some(c) => {
@@ -841,6 +851,67 @@ async fn run_attack(attack: Attack) {
                 log.wrong_results.len()
             );
         }
+        Attack::Equivocate => {
+            // The attacker signed two judgments of each shard it judged: each is void, at the coordinator as
+            // at the honest judges that saw both, so it counts as absent; the honest quorums carried every
+            // shard (every honest delta was accepted, above). Each commit of a round it judged in names it a
+            // dissenter (as it would a judge that signed one wrong result: the proof of the equivocation is
+            // the honest judges' evidence, below; the engine's tests check the coordinator's void).
+            let rounds_signed = log.wrong_results.len();
+            assert!(rounds_signed > 0, "the attacker judged nothing");
+            let unnamed: Vec<u64> = commits
+                .iter()
+                .filter(|c| log.wrong_results.contains_key(&c.round))
+                .filter(|c| {
+                    !c.dissent
+                        .iter()
+                        .any(|d| d.dissenters.contains(&evil_key) && !d.absent.contains(&evil_key))
+                })
+                .map(|c| c.round)
+                .collect();
+            assert!(
+                unnamed.is_empty(),
+                "commits of rounds {unnamed:?} do not name the equivocating judge a dissenter"
+            );
+            let mut seen = 0;
+            for (node, _) in &honest {
+                let t = node
+                    .status()
+                    .await
+                    .expect("status")
+                    .training
+                    .expect("training");
+                let proofs = node
+                    .store()
+                    .evidence()
+                    .expect("evidence")
+                    .into_iter()
+                    .filter(|(k, blobs)| {
+                        k.windows(19).any(|w| w == b"/judge-equivocated/") && blobs.len() == 2
+                    })
+                    .count() as u64;
+                assert_eq!(
+                    proofs, t.judges_equivocated,
+                    "each equivocation seen keeps both attestations"
+                );
+                seen += t.judges_equivocated;
+            }
+            assert!(seen > 0, "no honest judge saw the equivocation");
+            let record = status
+                .coordinator
+                .as_ref()
+                .and_then(|c| {
+                    c.standings
+                        .iter()
+                        .find(|m| m.node == hex::encode(evil_key.0))
+                        .cloned()
+                })
+                .expect("the attacker's record");
+            assert!(record.faults >= 1, "equivocation cost nothing: {record:?}");
+            eprintln!(
+                "Equivocate: two judgments per shard over {rounds_signed} rounds; {seen} equivocations seen by honest judges; the attacker's record {record:?}"
+            );
+        }
         _ => {
             // Every attack made is refused, except in the one round where a participant (possibly the
             // attacker itself) may have been dropped unverified.
@@ -977,4 +1048,9 @@ async fn a_flood_of_new_keys_claiming_huge_capacity_wins_no_expert_and_is_capped
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_judge_that_signs_wrong_results_is_outvoted_and_loses_standing() {
     run_attack(Attack::WrongResult).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_judge_that_signs_two_judgments_counts_for_neither_and_is_on_record() {
+    run_attack(Attack::Equivocate).await;
 }

@@ -215,8 +215,9 @@ pub struct RoundCommit {
     /// ([`RoundAnnouncement::seed_commitment`]).
     pub seed_secret: [u8; 32],
     /// The judges of each shard whose quorum was taken that signed something else (dissenters) or nothing
-    /// (absent), sorted by shard; shards where every judge signed the quorum's judgment are left out. The
-    /// record of who disagreed, beside the standing they lost for it.
+    /// (absent), sorted by shard; shards where every judge signed the quorum's judgment are left out. A judge
+    /// that signed two different judgments of a shard is a dissenter, for a shard without a quorum too (then
+    /// the only judges listed). The record of who disagreed, beside the standing they lost for it.
     pub dissent: Vec<ShardDissent>,
 }
 

@@ -149,6 +149,17 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         if let Some(last) = &t.last_score_mismatch {
             println!("  FALSE SCORE: {last}");
         }
+        println!(
+            "  judged: {} shards attested, {} deltas; commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments",
+            t.shards_attested,
+            t.deltas_judged,
+            t.quorums_contradicted,
+            t.quorums_dropped,
+            t.judges_equivocated
+        );
+        if let Some(last) = &t.last_audit_finding {
+            println!("  last audit finding: {last}");
+        }
         if let Some(why) = &t.halted {
             println!("  STOPPED: {why}");
         }

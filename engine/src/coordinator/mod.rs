@@ -30,6 +30,7 @@
 pub mod assign;
 pub mod audit;
 pub mod config;
+pub mod equivocation;
 pub mod judges;
 mod legacy;
 pub mod standing;
@@ -126,7 +127,8 @@ pub struct ActiveRound {
     pub results: BTreeMap<ShardId, ShardEntry>,
     /// The call for judgments ([`Action::CallAggregation`]), once the deltas are in.
     pub call: Option<Called>,
-    /// Each judge's signed judgment, by shard and judge (the first a judge signs for a shard counts).
+    /// Each judge's signed judgment, by shard and judge (the first a judge signs for a shard counts, until it
+    /// signs another: then a void stands in its place, [`equivocation`]).
     pub attested: BTreeMap<ShardId, BTreeMap<PublicKey, ShardJudgment>>,
     /// The round's seed secret: its blake3 is in the announcement, the call reveals it, and it enters the
     /// score seed ([`ActiveRound::score_seed`]). Drawn from the tick's seed when the round opens; kept with
@@ -568,7 +570,9 @@ impl Coordinator {
 
     /// A judge's signed judgments for round `round` (`judge` is the envelope's signer). Each judgment counts for
     /// a shard the call names with `judge` among its judges, when it has one verdict per delta of the shard;
-    /// the first judgment a judge signs for a shard is kept; one whose new entry has another size than the
+    /// the first judgment a judge signs for a shard is kept, and voided if the judge signs another
+    /// ([`equivocation`]: it then counts as absent, and the commit records it as a dissenter); one whose new
+    /// entry has another size than the
     /// shard's (a shard's layout is the run's) does not count. A result is taken as soon as a quorum of its
     /// judges signed it; returns the results this attestation completed (the coordinator holds their hashes,
     /// never their bytes). Refused when no call is under way for the round (`stale-round`),
@@ -592,7 +596,7 @@ impl Coordinator {
         if attestation.call != *id {
             return Err(EventError::Refused(RejectCode::Inconsistent));
         }
-        let mut counted = Vec::new();
+        let (mut counted, mut voided) = (Vec::new(), Vec::new());
         for judgment in &attestation.results {
             let shard = judgment.entry.shard;
             let Some(part) = call.shard(&shard) else {
@@ -609,15 +613,32 @@ impl Coordinator {
             {
                 continue;
             }
-            r.attested
-                .entry(shard)
-                .or_default()
-                .entry(judge)
-                .or_insert_with(|| judgment.clone());
+            let judged = r.attested.entry(shard).or_default();
+            match judged.get_mut(&judge) {
+                None => {
+                    judged.insert(judge, judgment.clone());
+                }
+                Some(kept) => {
+                    if equivocation::judged_again(kept, judgment)
+                        == equivocation::Again::Equivocates
+                    {
+                        tracing::warn!(round, %shard, judge = %judge, "a judge signed two judgments of one shard: both void");
+                        *kept = equivocation::void_of(kept);
+                        voided.push(shard);
+                    }
+                }
+            }
             counted.push(shard);
         }
         if counted.is_empty() {
             return Err(EventError::Refused(RejectCode::ShardNotAssigned));
+        }
+        // A result taken with the equivocator's signature may have lost its quorum: the round waits for the
+        // shard's other judges again (until its deadline).
+        for shard in voided {
+            if !matches!(tally_shard(r, &shard), Some(Tally::Quorum { .. })) {
+                r.results.remove(&shard);
+            }
         }
         Ok(take_quorums(r, &counted))
     }
@@ -859,6 +880,9 @@ impl Coordinator {
         let mut scores: Vec<DeltaScore> = Vec::new();
         let mut verdicts: Vec<(PublicKey, DeltaVerdict)> = Vec::new();
         let mut dissent: Vec<ShardDissent> = Vec::new();
+        // The results that still have their quorum now: one taken earlier may have lost it since, when one of
+        // its signers equivocated.
+        let mut taken: BTreeMap<ShardId, ShardEntry> = BTreeMap::new();
         let parts = round
             .call
             .as_ref()
@@ -872,6 +896,7 @@ impl Coordinator {
                     .get(d.sender as usize)
                     .map(|p| p.node)
             };
+            let voided = equivocators(&round, &part.shard);
             let quorum = match (
                 round.results.get(&part.shard),
                 tally_shard(&round, &part.shard),
@@ -885,6 +910,7 @@ impl Coordinator {
                         absent,
                     }),
                 ) => {
+                    let (dissenters, absent) = with_equivocators(dissenters, absent, &voided);
                     if !(dissenters.is_empty() && absent.is_empty()) {
                         dissent.push(ShardDissent {
                             shard: part.shard,
@@ -894,7 +920,17 @@ impl Coordinator {
                     }
                     Some((result, signers))
                 }
-                _ => None,
+                _ => {
+                    // A held shard's record names only its equivocators (there is no quorum to dissent from).
+                    if !voided.is_empty() {
+                        dissent.push(ShardDissent {
+                            shard: part.shard,
+                            dissenters: voided,
+                            absent: Vec::new(),
+                        });
+                    }
+                    None
+                }
             };
             let Some((agreement, signers)) = quorum else {
                 for d in &part.deltas {
@@ -909,6 +945,7 @@ impl Coordinator {
                 }
                 continue;
             };
+            taken.insert(part.shard, agreement.entry);
             if let Some(first) = signers
                 .first()
                 .and_then(|k| round.attested.get(&part.shard)?.get(k))
@@ -959,9 +996,7 @@ impl Coordinator {
             .iter()
             .map(|e| (e.shard, *e))
             .collect();
-        for (shard, entry) in &round.results {
-            shards.insert(*shard, *entry);
-        }
+        shards.extend(taken);
         let checkpoint = CheckpointManifest {
             run: self.config.run.clone(),
             round: r,
@@ -1194,6 +1229,32 @@ pub fn judges_of(announcement: &RoundAnnouncement, call: &ShardCall) -> Judges {
         holders: call.holders.iter().filter_map(key).collect(),
         verifiers: call.verifiers.iter().filter_map(key).collect(),
     }
+}
+
+/// The judges whose judgment of `shard` was voided for equivocation in `round`, sorted.
+fn equivocators(round: &ActiveRound, shard: &ShardId) -> Vec<PublicKey> {
+    round
+        .attested
+        .get(shard)
+        .into_iter()
+        .flatten()
+        .filter(|(_, j)| equivocation::is_void(j))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// A quorum's `dissenters` and `absent` (sorted), with the `voided` judges (sorted), whom the tally counted
+/// as absent, moved to the dissenters: they signed two judgments.
+fn with_equivocators(
+    mut dissenters: Vec<PublicKey>,
+    mut absent: Vec<PublicKey>,
+    voided: &[PublicKey],
+) -> (Vec<PublicKey>, Vec<PublicKey>) {
+    absent.retain(|k| !voided.contains(k));
+    dissenters.extend_from_slice(voided);
+    dissenters.sort();
+    dissenters.dedup();
+    (dissenters, absent)
 }
 
 /// How the judges' signed judgments for `shard` stand, if the round's call names it.

@@ -1520,14 +1520,18 @@ fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
         Some(&good.entry),
         "taken at its quorum"
     );
-    // A judge's second, different judgment for the shard does not replace its first (and the result, taken
-    // already, is not taken twice).
+    // A judge's second, different judgment for the shard does not replace its first: it voids it (the judge
+    // equivocated), and the result, taken already, is not taken twice.
     assert_eq!(
         c.shard_attested(1, liar, &signed(&call, vec![good.clone()])),
         Ok(vec![])
     );
+    let kept = &c.state().round().unwrap().attested[&shard][&liar];
+    assert!(equivocation::is_void(kept), "{kept:?}");
     // The other shards' judges all sign; the round commits the quorum's result.
-    attest_all(&mut c, &call, |p| judgment(p, &format!("new {}", p.shard)));
+    attest_each(&mut c, &call, |p| {
+        (p.shard != shard).then(|| judgment(p, &format!("new {}", p.shard)))
+    });
     let faults_before = c.standings().get(&liar).faults;
     let commit = committed(&c.tick(40, 14).unwrap());
     assert_eq!(commit.checkpoint.shard(&shard), Some(&good.entry));
@@ -1544,6 +1548,99 @@ fn the_result_a_quorum_signs_is_committed_and_a_dissenting_judge_pays() {
         }]
     );
     Message::RoundCommit(commit).check_limits().unwrap();
+}
+
+/// A judge of a quorum that signs a second, different judgment after its quorum was taken counts as having
+/// signed nothing: the result stands if the other judges still make a quorum, and the shard holds otherwise.
+/// Either way the commit names it among the shard's dissenters and it is charged.
+#[test]
+fn a_judge_that_signs_two_judgments_counts_for_neither_and_is_recorded() {
+    for honest_signs in [true, false] {
+        let mut c = coordinator();
+        let (ann, call) = called_round(&mut c);
+        let part = an_expert(&call);
+        let shard = part.shard;
+        let judges = judges_of(&ann, part);
+        let (cheat, honest, verifier) = (judges.holders[0], judges.holders[1], judges.verifiers[0]);
+        let good = judgment(part, "the honest result");
+        c.shard_attested(1, cheat, &signed(&call, vec![good.clone()]))
+            .unwrap();
+        assert_eq!(
+            c.shard_attested(1, verifier, &signed(&call, vec![good.clone()])),
+            Ok(vec![good.entry]),
+            "the cheat and the verifier make the quorum"
+        );
+        // Then the cheat signs another result: its judgment is void whatever order the two arrive in, and
+        // the result, short of its quorum now, is no longer taken: the round waits for the other judges.
+        let other = judgment(part, "another result");
+        c.shard_attested(1, cheat, &signed(&call, vec![other]))
+            .unwrap();
+        assert_eq!(c.state().round().unwrap().results.get(&shard), None);
+        // A third copy of either changes nothing.
+        c.shard_attested(1, cheat, &signed(&call, vec![good.clone()]))
+            .unwrap();
+        if honest_signs {
+            assert_eq!(
+                c.shard_attested(1, honest, &signed(&call, vec![good.clone()])),
+                Ok(vec![good.entry]),
+                "taken again with the honest holder"
+            );
+        }
+        attest_each(&mut c, &call, |p| {
+            (p.shard != shard).then(|| judgment(p, &format!("new {}", p.shard)))
+        });
+        let base = *c.checkpoint().shard(&shard).unwrap();
+        // Without the honest holder the round waits for it until the commit deadline.
+        let deadline = c
+            .state()
+            .round()
+            .unwrap()
+            .announcement
+            .deadlines
+            .commit_by_ms;
+        let commit = if honest_signs {
+            committed(&c.tick(40, 14).unwrap())
+        } else {
+            let early = c.tick(40, 14).unwrap();
+            assert!(
+                !early.iter().any(|a| matches!(a, Action::CommitRound(_))),
+                "committed before the deadline without the shard's quorum: {early:?}"
+            );
+            committed(&c.tick(deadline + 1, 14).unwrap())
+        };
+        let record = commit.dissent.iter().find(|d| d.shard == shard).cloned();
+        assert_eq!(c.standings().get(&cheat).faults, 1, "the cheat is charged");
+        assert_eq!(c.standings().get(&honest).faults, 0);
+        if honest_signs {
+            assert_eq!(commit.checkpoint.shard(&shard), Some(&good.entry));
+            assert_eq!(
+                record,
+                Some(ShardDissent {
+                    shard,
+                    dissenters: vec![cheat],
+                    absent: Vec::new(),
+                })
+            );
+        } else {
+            // The verifier alone is no quorum: the shard holds, its deltas `late`.
+            assert_eq!(commit.checkpoint.shard(&shard), Some(&base));
+            assert!(
+                commit
+                    .rejected
+                    .iter()
+                    .any(|r| r.shard == shard && r.reason == RejectCode::Late)
+            );
+            assert_eq!(
+                record,
+                Some(ShardDissent {
+                    shard,
+                    dissenters: vec![cheat],
+                    absent: Vec::new(),
+                })
+            );
+        }
+        Message::RoundCommit(commit).check_limits().unwrap();
+    }
 }
 
 #[test]
@@ -2023,7 +2120,9 @@ fn judges_agreeing_on_the_entry_but_not_on_every_verdict_are_no_quorum() {
             c.shard_attested(1, b, &signed(&call, vec![one_off.clone()])),
             Ok(vec![one_off.entry])
         );
-        attest_all(&mut c, &call, |p| judgment(p, "new"));
+        attest_each(&mut c, &call, |p| {
+            (p.shard != part.shard).then(|| judgment(p, "new"))
+        });
         let commit = committed(&c.tick(40, 14).unwrap());
         let rejected: Vec<&RejectedDelta> = commit
             .rejected

@@ -180,7 +180,13 @@ pub struct TrainingStatus {
     /// the result's blob.
     #[serde(default)]
     pub quorums_dropped: u64,
-    /// The last such finding: round, shard and what differed.
+    /// Judges of shards this node judged that signed two different judgments of one shard for one call,
+    /// since start: each voided (it counts as absent, here as at the coordinator), its two signed
+    /// attestations kept in the store as evidence. Never expected from an honest judge.
+    #[serde(default)]
+    pub judges_equivocated: u64,
+    /// The last such finding (contradicted or dropped quorum, equivocating judge): round, shard and what
+    /// differed.
     #[serde(default)]
     pub last_audit_finding: Option<String>,
     /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)

@@ -137,10 +137,7 @@ pub struct NetSnapshot {
 
 /// Builds a swarm, starts listening on `config.listen`, and returns the client handle, the event receiver
 /// and the event loop (which the caller spawns).
-pub fn new(
-    keypair: Keypair,
-    config: NetConfig,
-) -> Result<(Client, Events, EventLoop), NetError> {
+pub fn new(keypair: Keypair, config: NetConfig) -> Result<(Client, Events, EventLoop), NetError> {
     let local_peer_id = keypair.public().to_peer_id();
     let traffic = std::sync::Arc::new(TrafficCounters::default());
     let mut swarm = behaviour::build_swarm(keypair, &config, traffic.clone())?;
@@ -160,7 +157,8 @@ pub fn new(
     let streams = swarm.behaviour().streams.new_control();
     let inbound = swarm.behaviour().inbound.acceptor();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
-    let heartbeat_topic = mana_protocol::topic(&config.run_id, mana_protocol::TopicKind::Heartbeats);
+    let heartbeat_topic =
+        mana_protocol::topic(&config.run_id, mana_protocol::TopicKind::Heartbeats);
     let (event_tx, event_rx) = events::channel(config.limits.event_queue, heartbeat_topic);
     let remote_ips = std::sync::Arc::new(lane::RemoteIps::default());
     let event_loop = EventLoop::new(

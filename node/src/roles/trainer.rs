@@ -45,7 +45,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::commit_check::{self, Recomputed, ShardVerdict};
 use super::common::{
-    PinLedger, corpus_hash, fetch_bytes, fetch_shard_bytes, peer_of, publish_patiently,
+    PinLedger, corpus_hash, fetch_bytes, fetch_shard_bytes, peer_name, peer_of, publish_patiently,
 };
 use super::judge;
 use super::residuals;
@@ -55,6 +55,7 @@ use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::coordinator::audit::{Finding, audit_shard};
+use mana_engine::coordinator::equivocation::{self, Again};
 use mana_engine::coordinator::judges_of;
 use mana_engine::round::{
     ExpertLoads, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed, rescore,
@@ -314,7 +315,7 @@ async fn trainer_loop(
             Message::RoundCommit(commit) => trainer.on_commit(commit, envelope).await,
             Message::AggregationCall(call) => trainer.on_call(call, envelope).await,
             Message::ShardAttestation(a) => {
-                trainer.on_attestation(signer, a, envelope);
+                trainer.on_attestation(signer, a, envelope).await;
                 Ok(())
             }
             Message::RunEnd(end) => {
@@ -949,7 +950,10 @@ impl Trainer {
         let message = Message::ShardAttestation(attestation.clone());
         // Its own judgment counts in the audit of the commit like the others' (gossip does not echo it).
         match self.node.sign(&message) {
-            Ok(own) => self.on_attestation(self.me, attestation, Arc::new(own)),
+            Ok(own) => {
+                self.on_attestation(self.me, attestation, Arc::new(own))
+                    .await
+            }
             Err(e) => tracing::warn!(round, error = %e, "own attestation not kept for the audit"),
         }
         publish_patiently(&self.node, &message, Duration::from_secs(5)).await?;
@@ -1016,12 +1020,17 @@ impl Trainer {
 
     /// A judge's attestation seen on gossip (this node's own included): kept for the audit of the commit when
     /// it answers the call this node judged, for a shard this node judged, from one of that shard's judges.
-    fn on_attestation(
+    /// A judge that signs another judgment of a shard than the one kept from it equivocated: its judgment is
+    /// voided, as the coordinator voids it ([`equivocation`]), and its two signed attestations are kept in
+    /// the store as the proof.
+    async fn on_attestation(
         &mut self,
         signer: PublicKey,
         attestation: ShardAttestation,
         envelope: Arc<SignedEnvelope>,
     ) {
+        let round = attestation.round;
+        let mut equivocated = Vec::new();
         let Some(observed) = self.observed.as_mut() else {
             return;
         };
@@ -1040,9 +1049,39 @@ impl Trainer {
                 continue;
             }
             let seen = observed.seen.entry(shard).or_default();
-            if !seen.contains_key(&signer) {
-                seen.insert(signer, (judgment, envelope.clone()));
-                observed.kept += 1;
+            match seen.get_mut(&signer) {
+                None => {
+                    seen.insert(signer, (judgment, envelope.clone()));
+                    observed.kept += 1;
+                }
+                Some((kept, first)) => {
+                    if equivocation::judged_again(kept, &judgment) == Again::Equivocates {
+                        *kept = equivocation::void_of(kept);
+                        equivocated.push((shard, first.clone()));
+                    }
+                }
+            }
+        }
+        for (shard, first) in equivocated {
+            let text = format!(
+                "round {round}, {shard}: judge {} signed two judgments (both void; the two attestations are kept)",
+                peer_name(&signer)
+            );
+            tracing::warn!("{text}");
+            self.node.update_training_status(|s| {
+                s.judges_equivocated += 1;
+                s.last_audit_finding = Some(text);
+            });
+            let items = (first.encode(), envelope.encode());
+            let (Ok(a), Ok(b)) = items else { continue };
+            let mut key = round.to_be_bytes().to_vec();
+            key.extend_from_slice(b"/judge-equivocated/");
+            key.extend_from_slice(shard.to_string().as_bytes());
+            key.push(b'/');
+            key.extend_from_slice(&signer.0);
+            let store = self.node.store().clone();
+            if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&a, &b])?)).await {
+                tracing::warn!(round, %shard, error = %e, "equivocation evidence not kept");
             }
         }
     }

@@ -173,6 +173,9 @@ struct Role {
     pending: std::collections::VecDeque<metrics::RoundMetrics>,
     /// Evaluations taken since start.
     evaluations_seen: u64,
+    /// An evaluation was taken in this run, since start or before a restart
+    /// ([`evaluations::EVALUATORS_HEARD_KEY`]).
+    evaluators_heard: bool,
     /// Evaluations that gave or matched the figure taken for their round (the first gives it), and those
     /// that did not match it.
     evaluations_agreed: u64,
@@ -272,11 +275,14 @@ impl Role {
     /// Resumes the saved state, or starts the run from round 0's checkpoint.
     async fn start(node: Arc<NodeHandle>, cfg: ConductorConfig) -> Result<Role, NodeError> {
         let store = node.store().clone();
-        let (saved, saved_identity, pending) = blocking(move || {
+        let (saved, saved_identity, pending, evaluators_heard) = blocking(move || {
             Ok((
                 store.get_split_record(RecordKind::RoundState, STATE_KEY)?,
                 store.get_record(RecordKind::RoundState, identity::IDENTITY_KEY)?,
                 store.get_record(RecordKind::RoundState, evaluations::PENDING_KEY)?,
+                store
+                    .get_record(RecordKind::RoundState, evaluations::EVALUATORS_HEARD_KEY)?
+                    .is_some(),
             ))
         })
         .await?;
@@ -397,6 +403,7 @@ impl Role {
                 .and_then(|b| serde_json::from_slice(b).ok())
                 .unwrap_or_default(),
             evaluations_seen: 0,
+            evaluators_heard,
             evaluations_agreed: 0,
             evaluations_disagreed: 0,
             recent_commits: std::collections::VecDeque::new(),
@@ -436,6 +443,7 @@ impl Role {
     /// shard was already dealt with where it happened (the delta unavailable, the shard not aggregated); only a
     /// commit can fail here, and it is retried at the next tick (see `backlog`). Nothing here ends the role.
     async fn tick(&mut self) {
+        self.release_pending(now_ms()).await;
         if let Some(keys) = self
             .allowlist
             .as_mut()
