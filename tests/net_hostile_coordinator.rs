@@ -27,6 +27,9 @@
 //!   signed envelopes in its store (checked here with the coordinator's key alone) and shows it in its status,
 //!   and every trainer stops building on the run.
 //!
+//! - A coordinator that forges the norm history of a call: every trainer, which rebuilt the history from the
+//!   commits, refuses to judge the call and keeps it as evidence.
+//!
 //! The tests share the machine's cores, so they run one at a time.
 // The serialising guard is held across awaits on purpose: it spans a whole test and is never contended
 // within one.
@@ -47,8 +50,8 @@ use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
     AcceptedDeltas, AggregationCall, CalledDelta, ContentHash, DeltaScore, DeltaVerdict, Message,
-    PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardCall, ShardId,
-    ShardJudgment, seed_commitment,
+    NormRecord, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardCall,
+    ShardId, ShardJudgment, seed_commitment,
 };
 use net_support::*;
 use tokio::sync::watch;
@@ -610,45 +613,7 @@ async fn call_trunk_judgments(
     deltas: &[(PublicKey, ContentHash)],
     secret: [u8; 32],
 ) -> (AggregationCall, ShardJudgment) {
-    let index = |k: &PublicKey| {
-        ann.participants
-            .iter()
-            .position(|p| p.node == *k)
-            .expect("a participant") as u32
-    };
-    let sizes: BTreeMap<ContentHash, u64> = heard
-        .find(|m| match &m.message {
-            Message::DeltaAnnouncement(d) if d.round == ann.round => {
-                Some((d.payload_hash, d.payload_size))
-            }
-            _ => None,
-        })
-        .into_iter()
-        .collect();
-    let mut called: Vec<CalledDelta> = deltas
-        .iter()
-        .map(|(k, h)| CalledDelta {
-            sender: index(k),
-            payload_hash: *h,
-            payload_size: sizes[h],
-            weight: 1,
-        })
-        .collect();
-    called.sort_by_key(|d| (d.payload_hash, d.sender));
-    let call = AggregationCall {
-        run: ann.run.clone(),
-        round: ann.round,
-        base_checkpoint: ann.base_checkpoint,
-        seed_secret: secret,
-        rule: mana_engine::round::default_verdict_rule(),
-        norms: Vec::new(),
-        shards: vec![ShardCall {
-            shard: ShardId::Trunk,
-            deltas: called,
-            holders: (0..ann.participants.len() as u32).collect(),
-            verifiers: Vec::new(),
-        }],
-    };
+    let call = trunk_call(heard, ann, deltas, secret, Vec::new());
     let id = call.hash().expect("call id");
     publish_patiently(
         &net.coordinator,
@@ -683,6 +648,132 @@ async fn call_trunk_judgments(
         first.verdicts
     );
     (call, first)
+}
+
+/// Round `ann`'s call for judgments of the trunk alone (its trunk `deltas`, every participant a holder), with
+/// `norms` as its norm history.
+fn trunk_call(
+    heard: &Heard,
+    ann: &RoundAnnouncement,
+    deltas: &[(PublicKey, ContentHash)],
+    secret: [u8; 32],
+    norms: Vec<NormRecord>,
+) -> AggregationCall {
+    let index = |k: &PublicKey| {
+        ann.participants
+            .iter()
+            .position(|p| p.node == *k)
+            .expect("a participant") as u32
+    };
+    let sizes: BTreeMap<ContentHash, u64> = heard
+        .find(|m| match &m.message {
+            Message::DeltaAnnouncement(d) if d.round == ann.round => {
+                Some((d.payload_hash, d.payload_size))
+            }
+            _ => None,
+        })
+        .into_iter()
+        .collect();
+    let mut called: Vec<CalledDelta> = deltas
+        .iter()
+        .map(|(k, h)| CalledDelta {
+            sender: index(k),
+            payload_hash: *h,
+            payload_size: sizes[h],
+            weight: 1,
+        })
+        .collect();
+    called.sort_by_key(|d| (d.payload_hash, d.sender));
+    AggregationCall {
+        run: ann.run.clone(),
+        round: ann.round,
+        base_checkpoint: ann.base_checkpoint,
+        seed_secret: secret,
+        rule: mana_engine::round::default_verdict_rule(),
+        norms,
+        shards: vec![ShardCall {
+            shard: ShardId::Trunk,
+            deltas: called,
+            holders: (0..ann.participants.len() as u32).collect(),
+            verifiers: Vec::new(),
+        }],
+    }
+}
+
+/// A coordinator that forges the norm history of its call (the norms of recently accepted deltas, which
+/// every judge's norm bounds draw on) is refused by its judges. After two honest rounds, which every trainer
+/// saw, the test calls the trunk's judgments of a third with one made-up record (a norm a thousand times an
+/// honest one, as from a trainer that never sent it). Every trainer rebuilds the history from the commits
+/// (`mana_engine::coordinator::norm_ledger`), finds the call's is not it, does not judge (no attestation
+/// is published for the call) and keeps the signed call as evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_a_forged_norm_history_is_not_judged() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = RoundNet::start(HONEST).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let norm = honest_commit
+        .accepted
+        .iter()
+        .find(|a| a.shard == ShardId::Trunk)
+        .and_then(|a| a.norms.first().copied())
+        .expect("an honest trunk delta accepted");
+    let ann = next_announcement(&honest_ann, LIE, &honest_commit.checkpoint);
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+    let forged = vec![NormRecord {
+        shard: ShardId::Trunk,
+        sender: net.trainers[0].0.public_key(),
+        norm: norm * 1000.0,
+    }];
+    let call = trunk_call(
+        &seen_by_coordinator,
+        &ann,
+        &deltas,
+        honest_commit.seed_secret,
+        forged,
+    );
+    let id = call.hash().expect("call id");
+    publish_patiently(
+        &net.coordinator,
+        &Message::AggregationCall(call.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the call published");
+    let refused = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer refused the call",
+            |s| training(s).calls_refused >= 1,
+        )
+        .await;
+    for s in &refused {
+        let finding = training(s).last_audit_finding.clone().unwrap_or_default();
+        assert!(finding.contains("norm history"), "{finding}");
+    }
+    // Refused before judging: no judgment of the call exists.
+    let judged = seen_by_coordinator.find(|m| match &m.message {
+        Message::ShardAttestation(a) if a.call == id => Some(m.signer),
+        _ => None,
+    });
+    assert!(judged.is_empty(), "judged by {judged:?}");
+    for (node, _) in &net.trainers {
+        let mut key = LIE.to_be_bytes().to_vec();
+        key.extend_from_slice(b"/norm-history-forged");
+        let blobs = node
+            .store()
+            .evidence_piece(&key)
+            .expect("evidence read")
+            .expect("the evidence kept");
+        let bytes = node.read_blob(blobs[0]).await.expect("blob");
+        let kept = mana_protocol::decode_envelope(&bytes).expect("the call");
+        assert_eq!(kept.signer, net.coordinator.public_key());
+        assert!(matches!(kept.verify(), Ok(Message::AggregationCall(c)) if c == call));
+    }
+    net.stop().await;
 }
 
 /// A coordinator that does not commit what a quorum of a shard's judges signed is seen by the judges

@@ -294,6 +294,12 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         )
         .await;
         assert_eq!(training.hash_mismatches, 0, "{training:?}");
+        assert_eq!(
+            (training.calls_refused, training.judges_equivocated),
+            (0, 0),
+            "{:?}",
+            training.last_audit_finding
+        );
         let mut params = 0;
         for (shard, hash) in &training.held_shards {
             assert_eq!(committed.get(shard), Some(hash), "{shard}");

@@ -234,6 +234,13 @@ async fn four_nodes_train_and_agree(rule: UpdateRule, inner_steps: u32) {
             status.hash_mismatches, 0,
             "a node computed a different shard"
         );
+        // Every call's norm history was the one the commits published, and no judge signed twice.
+        assert_eq!(
+            (status.calls_refused, status.judges_equivocated),
+            (0, 0),
+            "{:?}",
+            status.last_audit_finding
+        );
         assert!(status.rounds_trained >= ROUNDS - 1);
         // It judged shards and signed their results (the coordinator computes none).
         assert!(status.shards_attested > 0, "{status:?}");

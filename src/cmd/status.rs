@@ -150,12 +150,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("  FALSE SCORE: {last}");
         }
         println!(
-            "  judged: {} shards attested, {} deltas; commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments",
+            "  judged: {} shards attested, {} deltas; commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments; {} call(s) refused for a forged norm history",
             t.shards_attested,
             t.deltas_judged,
             t.quorums_contradicted,
             t.quorums_dropped,
-            t.judges_equivocated
+            t.judges_equivocated,
+            t.calls_refused
         );
         if let Some(last) = &t.last_audit_finding {
             println!("  last audit finding: {last}");

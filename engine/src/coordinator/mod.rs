@@ -33,6 +33,7 @@ pub mod config;
 pub mod equivocation;
 pub mod judges;
 mod legacy;
+pub mod norm_ledger;
 pub mod standing;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -185,8 +185,13 @@ pub struct TrainingStatus {
     /// attestations kept in the store as evidence. Never expected from an honest judge.
     #[serde(default)]
     pub judges_equivocated: u64,
-    /// The last such finding (contradicted or dropped quorum, equivocating judge): round, shard and what
-    /// differed.
+    /// Calls for judgments this node did not judge because their norm history is not what the commits it saw
+    /// published (a made-up, moved or left-out norm: [`mana_engine::coordinator::norm_ledger`]), since start;
+    /// the signed call is kept in the store. Never expected from an honest coordinator.
+    #[serde(default)]
+    pub calls_refused: u64,
+    /// The last such finding (contradicted or dropped quorum, equivocating judge, refused call): round, shard
+    /// and what differed.
     #[serde(default)]
     pub last_audit_finding: Option<String>,
     /// Published delta scores this node recomputed (its own deltas and the accepted deltas of its shards)

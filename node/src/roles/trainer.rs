@@ -57,6 +57,7 @@ use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::coordinator::audit::{Finding, audit_shard};
 use mana_engine::coordinator::equivocation::{self, Again};
 use mana_engine::coordinator::judges_of;
+use mana_engine::coordinator::norm_ledger::{NormCheck, NormLedger};
 use mana_engine::round::{
     ExpertLoads, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed, rescore,
     score_agrees, train_local,
@@ -177,6 +178,9 @@ struct Trainer {
     /// The call this node judged shards of in the round in progress, with the judgments seen for them: the
     /// commit is audited against their quorums ([`mana_engine::coordinator::audit`]).
     observed: Option<ObservedCall>,
+    /// The accepted norms of the commits seen, which each call's norm history must be
+    /// ([`mana_engine::coordinator::norm_ledger`]).
+    norms: NormLedger,
 }
 
 /// Most attestations kept for the audit of one round (each judged shard has at most 64 judges).
@@ -264,6 +268,7 @@ async fn trainer_loop(
         ended: None,
         judged: BTreeMap::new(),
         observed: None,
+        norms: NormLedger::new(),
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -309,6 +314,15 @@ async fn trainer_loop(
                 watch.heard(Instant::now(), commit.round, Duration::ZERO)
             }
             _ => {}
+        }
+        // The coordinator's rounds rebuild the norm history its calls must carry.
+        if trainer.node.config().coordinator == Some(signer) {
+            match &message {
+                Message::RoundAnnouncement(ann) => trainer.norms.announced(ann),
+                Message::AggregationCall(call) => trainer.norms.called(call),
+                Message::RoundCommit(commit) => trainer.norms.committed(commit),
+                _ => {}
+            }
         }
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
@@ -807,6 +821,28 @@ impl Trainer {
         let Some(me) = ann.participants.iter().position(|p| p.node == self.me) else {
             return Ok(());
         };
+        if let NormCheck::Forged(what) = self.norms.check(&call) {
+            // The norm bounds would follow a history the commits never published: judging by it would sign
+            // the coordinator's verdicts. The signed call is the evidence (the commits are public).
+            let round = call.round;
+            let text = format!(
+                "round {round}: the call's norm history is not what the commits published, not judged: {what}"
+            );
+            tracing::error!("{text}");
+            self.node.update_training_status(|s| {
+                s.calls_refused += 1;
+                s.last_audit_finding = Some(text);
+            });
+            if let Ok(bytes) = envelope.encode() {
+                let mut key = round.to_be_bytes().to_vec();
+                key.extend_from_slice(b"/norm-history-forged");
+                let store = self.node.store().clone();
+                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&bytes])?)).await {
+                    tracing::warn!(round, error = %e, "evidence of the forged call not kept");
+                }
+            }
+            return Ok(());
+        }
         let me = me as u32;
         let held: BTreeMap<ShardId, Arc<ShardRecord>> = assigned
             .base

@@ -4,12 +4,12 @@
 //! text can reproduce it.
 //!
 //! A committed round's metrics line waits here ("pending", saved in the store so a restart keeps it) until
-//! its evaluation comes, and is written then, in round order. While evaluators are expected (named with
-//! `evaluators`, or heard in the run, before a restart too: [`EVALUATORS_HEARD_KEY`]), a line waits at most
-//! [`super::ConductorConfig::evaluation_wait`] after its commit, however many rounds commit meanwhile (rounds
-//! may be faster than an evaluation), and the coordinator that ends the run or stops waits for the last
-//! ones. Otherwise a line waits only until the next round commits. Either way at most [`MAX_PENDING`] wait,
-//! and a line that runs out of time is written without a validation loss.
+//! its evaluation comes, and is written then, in round order; at the latest it is written, without a
+//! validation loss, once the next round has committed ([`MAX_PENDING`]: lines go out in order, so a longer
+//! wait for one lost evaluation would hold back every line after it), or when the coordinator ends the run
+//! or stops, after waiting at most [`super::ConductorConfig::evaluation_wait`] for it (only while evaluators
+//! are expected: named with `evaluators`, or heard in the run, before a restart too:
+//! [`EVALUATORS_HEARD_KEY`]).
 //!
 //! Whose figure counts: with `evaluators`, only theirs; otherwise anyone's. The first figure for a round's
 //! checkpoint on the coordinator's batch count is taken; every later one for that round is compared with it
@@ -32,70 +32,31 @@ use crate::store::RecordKind;
 /// evaluation.
 pub const PENDING_KEY: &[u8] = b"coordinator/pending-metrics";
 
-/// Metrics lines that wait for their evaluation at most (a bound on the saved record whatever the rounds'
-/// pace); past it the oldest is written as it is.
-pub const MAX_PENDING: usize = 16;
+/// Metrics lines that wait for their evaluation at most: a line waits until its round's evaluation comes or
+/// the next round commits (an evaluator measures a checkpoint in well under a round; one that missed the
+/// commit, or a run without one, costs a line its figure, never the line).
+pub const MAX_PENDING: usize = 1;
 
 /// The store record (kind [`RecordKind::RoundState`]) saying that an evaluation was taken in this run: a
-/// restarted coordinator still expects evaluators, and waits for the evaluations of its last commits (the
-/// first after a restart may come late, or after the run's last commit).
+/// restarted coordinator still expects evaluators, and waits for the evaluation of its last commit (the
+/// first evaluation after a restart may come after the run's last commit).
 pub const EVALUATORS_HEARD_KEY: &[u8] = b"coordinator/evaluators-heard";
 
-/// How many of the waiting `lines` (oldest first) are to be written at `now_ms`: each in turn that has its
-/// evaluation, or has waited `wait_ms` since its commit while evaluators are `expected`, or has a later line
-/// behind it while none are; and the oldest beyond [`MAX_PENDING`]. Lines go out in round order, so the
-/// first that must wait keeps the rest.
-fn lines_due(
-    lines: &std::collections::VecDeque<RoundMetrics>,
-    expected: bool,
-    now_ms: u64,
-    wait_ms: u64,
-) -> usize {
-    let mut due = 0;
-    for (i, line) in lines.iter().enumerate() {
-        let left = lines.len() - i;
-        let done_waiting = if expected {
-            now_ms.saturating_sub(line.unix_ms) >= wait_ms
-        } else {
-            left > 1
-        };
-        if line.val_loss.is_none() && !done_waiting && left <= MAX_PENDING {
-            break;
-        }
-        due += 1;
-    }
-    due
-}
-
 impl Role {
-    /// Keeps `line`, the metrics of the round just committed, until its evaluation comes or its wait is over
-    /// (see the module doc). Saved: a restart finds them.
+    /// Keeps `line`, the metrics of the round just committed, until its evaluation comes; the oldest line
+    /// waiting goes out, evaluated or not, when more than [`MAX_PENDING`] wait. Saved: a restart finds them.
     pub(super) async fn hold_pending(&mut self, line: RoundMetrics) {
         if self.pending.iter().any(|l| l.round >= line.round) {
             // The same commit done again after a restart: its line already waits.
             return;
         }
         self.pending.push_back(line);
-        self.release_pending(crate::daemon::now_ms()).await;
-        self.save_pending().await;
-    }
-
-    /// Whether evaluations are expected: evaluators named, or one heard in this run (before a restart too).
-    fn evaluators_expected(&self) -> bool {
-        self.cfg.evaluators.is_some() || self.evaluators_heard
-    }
-
-    /// Writes the waiting lines, oldest first, that are evaluated or done waiting at `now_ms` (the module
-    /// doc's rule); called at each commit and tick. Saves the waiting lines when any went out.
-    pub(super) async fn release_pending(&mut self, now_ms: u64) {
-        let wait_ms = u64::try_from(self.cfg.evaluation_wait.as_millis()).unwrap_or(u64::MAX);
-        let due = lines_due(&self.pending, self.evaluators_expected(), now_ms, wait_ms);
-        for _ in 0..due {
+        while self.pending.len() > MAX_PENDING
+            || self.pending.front().is_some_and(|l| l.val_loss.is_some())
+        {
             self.write_first().await;
         }
-        if due > 0 {
-            self.save_pending().await;
-        }
+        self.save_pending().await;
     }
 
     /// Writes every waiting line, evaluated or not.
@@ -155,7 +116,7 @@ impl Role {
         messages: &mut Receiver<Accepted>,
         wait: Duration,
     ) {
-        let expected = self.evaluators_expected();
+        let expected = self.cfg.evaluators.is_some() || self.evaluators_heard;
         let unevaluated = |role: &Role| role.pending.iter().any(|l| l.val_loss.is_none());
         if expected && unevaluated(self) {
             let deadline = tokio::time::Instant::now() + wait;
@@ -275,59 +236,5 @@ impl Role {
             self.failures += 1;
             tracing::warn!(error = %e, "the waiting metrics line not saved");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-
-    use super::*;
-
-    fn line(round: u64, unix_ms: u64, val: Option<f32>) -> RoundMetrics {
-        let mut l: RoundMetrics = serde_json::from_str(&format!(
-            "{{\"round\":{round},\"train_loss\":null,\"val_loss\":null}}"
-        ))
-        .expect("a line");
-        l.unix_ms = unix_ms;
-        l.val_loss = val;
-        l
-    }
-
-    #[test]
-    fn lines_wait_for_their_evaluation_for_the_wait_when_evaluators_are_expected() {
-        // Rounds a second apart, faster than their evaluations: none is written before its wait is over.
-        let lines: VecDeque<_> = (1..=5).map(|r| line(r, r * 1_000, None)).collect();
-        assert_eq!(lines_due(&lines, true, 5_000, 30_000), 0);
-        assert_eq!(
-            lines_due(&lines, true, 32_500, 30_000),
-            2,
-            "rounds 1 and 2 waited 30 s"
-        );
-        // An evaluated line goes out at once, but not past an older one that still waits.
-        let mut lines = lines;
-        lines[1].val_loss = Some(2.0);
-        assert_eq!(lines_due(&lines, true, 5_000, 30_000), 0);
-        lines[0].val_loss = Some(2.1);
-        assert_eq!(lines_due(&lines, true, 5_000, 30_000), 2);
-    }
-
-    #[test]
-    fn without_evaluators_a_line_waits_only_for_the_next_commit() {
-        let lines: VecDeque<_> = (1..=3).map(|r| line(r, r * 1_000, None)).collect();
-        assert_eq!(
-            lines_due(&lines, false, 3_000, 30_000),
-            2,
-            "the last one waits"
-        );
-        let one: VecDeque<_> = lines.iter().take(1).cloned().collect();
-        assert_eq!(lines_due(&one, false, 1_000_000, 30_000), 0);
-    }
-
-    #[test]
-    fn no_more_than_max_pending_lines_wait() {
-        let n = MAX_PENDING as u64 + 3;
-        let lines: VecDeque<_> = (1..=n).map(|r| line(r, 1_000, None)).collect();
-        assert_eq!(lines_due(&lines, true, 1_000, u64::MAX), 3);
     }
 }

@@ -443,7 +443,6 @@ impl Role {
     /// shard was already dealt with where it happened (the delta unavailable, the shard not aggregated); only a
     /// commit can fail here, and it is retried at the next tick (see `backlog`). Nothing here ends the role.
     async fn tick(&mut self) {
-        self.release_pending(now_ms()).await;
         if let Some(keys) = self
             .allowlist
             .as_mut()
