@@ -614,14 +614,7 @@ async fn call_trunk_judgments(
     secret: [u8; 32],
 ) -> (AggregationCall, ShardJudgment) {
     let call = trunk_call(heard, ann, deltas, secret, Vec::new());
-    let id = call.hash().expect("call id");
-    publish_patiently(
-        &net.coordinator,
-        &Message::AggregationCall(call.clone()),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the call published");
+    let id = publish_call(net, &call).await;
     let judgments = wait_for(
         Duration::from_secs(60),
         "every trainer's judgment of the trunk",
@@ -648,6 +641,18 @@ async fn call_trunk_judgments(
         first.verdicts
     );
     (call, first)
+}
+
+/// Publishes `call` as the coordinator; returns its id.
+async fn publish_call(net: &RoundNet, call: &AggregationCall) -> ContentHash {
+    publish_patiently(
+        &net.coordinator,
+        &Message::AggregationCall(call.clone()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the call published");
+    call.hash().expect("call id")
 }
 
 /// Round `ann`'s call for judgments of the trunk alone (its trunk `deltas`, every participant a holder), with
@@ -735,14 +740,7 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
         honest_commit.seed_secret,
         forged,
     );
-    let id = call.hash().expect("call id");
-    publish_patiently(
-        &net.coordinator,
-        &Message::AggregationCall(call.clone()),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("the call published");
+    let id = publish_call(&net, &call).await;
     let refused = net
         .wait_trainers(
             Duration::from_secs(60),

@@ -153,6 +153,23 @@ impl Attack {
 
 const OVERSIZE_BYTES: usize = 16 * 1024 * 1024;
 
+/// `key`'s record among the members of the coordinator's `status`.
+fn standing_of(
+    status: &mana_node::daemon::NodeStatus,
+    key: &PublicKey,
+) -> mana_node::daemon::status::MemberStanding {
+    status
+        .coordinator
+        .as_ref()
+        .and_then(|c| {
+            c.standings
+                .iter()
+                .find(|m| m.node == hex::encode(key.0))
+                .cloned()
+        })
+        .expect("the member's record")
+}
+
 /// What the attacker did, for the test to check against the commits.
 #[derive(Debug, Default, Clone)]
 struct AttackLog {
@@ -832,16 +849,7 @@ async fn run_attack(attack: Attack) {
             // and its dissent is on its record.
             let signed: usize = log.wrong_results.values().sum();
             assert!(signed > 0, "the attacker judged nothing");
-            let record = status
-                .coordinator
-                .as_ref()
-                .and_then(|c| {
-                    c.standings
-                        .iter()
-                        .find(|m| m.node == hex::encode(evil_key.0))
-                        .cloned()
-                })
-                .expect("the attacker's record");
+            let record = standing_of(&status, &evil_key);
             assert!(
                 record.faults >= 1,
                 "the attacker's wrong results cost it nothing: {record:?}"
@@ -897,16 +905,7 @@ async fn run_attack(attack: Attack) {
                 seen += t.judges_equivocated;
             }
             assert!(seen > 0, "no honest judge saw the equivocation");
-            let record = status
-                .coordinator
-                .as_ref()
-                .and_then(|c| {
-                    c.standings
-                        .iter()
-                        .find(|m| m.node == hex::encode(evil_key.0))
-                        .cloned()
-                })
-                .expect("the attacker's record");
+            let record = standing_of(&status, &evil_key);
             assert!(record.faults >= 1, "equivocation cost nothing: {record:?}");
             eprintln!(
                 "Equivocate: two judgments per shard over {rounds_signed} rounds; {seen} equivocations seen by honest judges; the attacker's record {record:?}"

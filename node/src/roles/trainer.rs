@@ -829,10 +829,7 @@ impl Trainer {
                 "round {round}: the call's norm history is not what the commits published, not judged: {what}"
             );
             tracing::error!("{text}");
-            self.node.update_training_status(|s| {
-                s.calls_refused += 1;
-                s.last_audit_finding = Some(text);
-            });
+            // The evidence first: whoever reads the count finds it kept.
             if let Ok(bytes) = envelope.encode() {
                 let mut key = round.to_be_bytes().to_vec();
                 key.extend_from_slice(b"/norm-history-forged");
@@ -841,6 +838,10 @@ impl Trainer {
                     tracing::warn!(round, error = %e, "evidence of the forged call not kept");
                 }
             }
+            self.node.update_training_status(|s| {
+                s.calls_refused += 1;
+                s.last_audit_finding = Some(text);
+            });
             return Ok(());
         }
         let me = me as u32;
@@ -1104,21 +1105,22 @@ impl Trainer {
                 peer_name(&signer)
             );
             tracing::warn!("{text}");
+            // The evidence first: whoever reads the count finds it kept.
+            if let (Ok(a), Ok(b)) = (first.encode(), envelope.encode()) {
+                let mut key = round.to_be_bytes().to_vec();
+                key.extend_from_slice(b"/judge-equivocated/");
+                key.extend_from_slice(shard.to_string().as_bytes());
+                key.push(b'/');
+                key.extend_from_slice(&signer.0);
+                let store = self.node.store().clone();
+                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&a, &b])?)).await {
+                    tracing::warn!(round, %shard, error = %e, "equivocation evidence not kept");
+                }
+            }
             self.node.update_training_status(|s| {
                 s.judges_equivocated += 1;
                 s.last_audit_finding = Some(text);
             });
-            let items = (first.encode(), envelope.encode());
-            let (Ok(a), Ok(b)) = items else { continue };
-            let mut key = round.to_be_bytes().to_vec();
-            key.extend_from_slice(b"/judge-equivocated/");
-            key.extend_from_slice(shard.to_string().as_bytes());
-            key.push(b'/');
-            key.extend_from_slice(&signer.0);
-            let store = self.node.store().clone();
-            if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&a, &b])?)).await {
-                tracing::warn!(round, %shard, error = %e, "equivocation evidence not kept");
-            }
         }
     }
 
