@@ -29,6 +29,8 @@
 //!
 //! - A coordinator that forges the norm history of a call: every trainer, which rebuilt the history from the
 //!   commits, refuses to judge the call and keeps it as evidence.
+//! - A call published again (a coordinator restarted while its judges work): every trainer answers with the
+//!   judgment it signed for it, not a new one.
 //!
 //! The tests share the machine's cores, so they run one at a time.
 // The serialising guard is held across awaits on purpose: it spans a whole test and is never contended
@@ -703,6 +705,77 @@ fn trunk_call(
             verifiers: Vec::new(),
         }],
     }
+}
+
+/// A call published again (as a coordinator restarted while its judges work does) is answered with the
+/// judgment signed for it, not judged again: a second judgment that differed (a payload fetched the second
+/// time that was unavailable the first) would count as an equivocation and cost an honest judge its standing.
+/// Every trainer sends its attestation again, with the same judgment, and none is found equivocating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_published_again_gets_the_same_judgment_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = RoundNet::start(HONEST).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let ann = next_announcement(&honest_ann, LIE, &honest_commit.checkpoint);
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+    let (call, _) = call_trunk_judgments(
+        &net,
+        &seen_by_coordinator,
+        &ann,
+        &deltas,
+        honest_commit.seed_secret,
+    )
+    .await;
+    let before: Vec<u64> = net
+        .wait_trainers(Duration::from_secs(60), "every trainer judged", |s| {
+            training(s).activity == format!("round {LIE}: judgments signed")
+        })
+        .await
+        .iter()
+        .map(|s| training(s).deltas_judged)
+        .collect();
+    let id = publish_call(&net, &call).await;
+    let answers = wait_for(
+        Duration::from_secs(60),
+        "every trainer's second attestation",
+        || async {
+            let a: Vec<(PublicKey, ShardJudgment)> =
+                seen_by_coordinator.find(|m| match &m.message {
+                    Message::ShardAttestation(a) if a.call == id => {
+                        a.results.first().cloned().map(|j| (m.signer, j))
+                    }
+                    _ => None,
+                });
+            (a.len() >= 2 * HONEST).then_some(a)
+        },
+    )
+    .await;
+    for (node, _) in &net.trainers {
+        let key = node.public_key();
+        let mine: Vec<&ShardJudgment> = answers
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, j)| j)
+            .collect();
+        assert!(mine.len() >= 2, "{key}: {} attestations", mine.len());
+        assert!(mine.iter().all(|j| *j == mine[0]), "{key}: {mine:?}");
+    }
+    // Not judged again: no delta was judged since the first answer.
+    let after: Vec<u64> = net
+        .statuses()
+        .await
+        .iter()
+        .map(|s| {
+            assert_eq!(training(s).judges_equivocated, 0);
+            training(s).deltas_judged
+        })
+        .collect();
+    assert_eq!(after, before, "the call was judged again");
+    net.stop().await;
 }
 
 /// A coordinator that forges the norm history of its call (the norms of recently accepted deltas, which

@@ -181,6 +181,11 @@ struct Trainer {
     /// The accepted norms of the commits seen, which each call's norm history must be
     /// ([`mana_engine::coordinator::norm_ledger`]).
     norms: NormLedger,
+    /// The attestation this node signed in the round in progress. A call published again (by a coordinator
+    /// restarted while its judges work) is answered with it again, not judged again: a payload fetched the
+    /// second time that was unavailable the first would give another judgment, which would count as an
+    /// equivocation ([`mana_engine::coordinator::equivocation`]).
+    signed: Option<ShardAttestation>,
 }
 
 /// Most attestations kept for the audit of one round (each judged shard has at most 64 judges).
@@ -269,6 +274,7 @@ async fn trainer_loop(
         judged: BTreeMap::new(),
         observed: None,
         norms: NormLedger::new(),
+        signed: None,
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -512,6 +518,7 @@ impl Trainer {
         self.senders.clear();
         self.judged.clear();
         self.observed = None;
+        self.signed = None;
         // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
         let missed = self
             .sent
@@ -853,6 +860,16 @@ impl Trainer {
         let round = call.round;
         let call = Arc::new(call);
         let id = call.hash()?;
+        if let Some(signed) = self.signed.clone().filter(|a| a.call == id) {
+            // The same call again: the same judgment again (see `signed`).
+            tracing::info!(
+                round,
+                "the call published again: the judgment signed for it sent again"
+            );
+            let message = Message::ShardAttestation(signed);
+            publish_patiently(&self.node, &message, Duration::from_secs(5)).await?;
+            return Ok(());
+        }
         let mine: Vec<&ShardCall> = call
             .shards
             .iter()
@@ -988,11 +1005,12 @@ impl Trainer {
         // Its own judgment counts in the audit of the commit like the others' (gossip does not echo it).
         match self.node.sign(&message) {
             Ok(own) => {
-                self.on_attestation(self.me, attestation, Arc::new(own))
+                self.on_attestation(self.me, attestation.clone(), Arc::new(own))
                     .await
             }
             Err(e) => tracing::warn!(round, error = %e, "own attestation not kept for the audit"),
         }
+        self.signed = Some(attestation);
         publish_patiently(&self.node, &message, Duration::from_secs(5)).await?;
         self.node.update_training_status(|s| {
             s.shards_attested += n;
