@@ -645,6 +645,18 @@ async fn call_trunk_judgments(
     (call, first)
 }
 
+/// The network after its honest rounds, for a test that then plays the coordinator: what the coordinator's
+/// node heard since before the first round, and the last honest round's announcement and commit as the first
+/// trainer got them.
+async fn after_honest_rounds() -> (RoundNet, Heard, RoundAnnouncement, RoundCommit) {
+    let net = RoundNet::start(HONEST).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (ann, commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    (net, seen_by_coordinator, ann, commit)
+}
+
 /// Publishes `call` as the coordinator; returns its id.
 async fn publish_call(net: &RoundNet, call: &AggregationCall) -> ContentHash {
     publish_patiently(
@@ -714,11 +726,7 @@ fn trunk_call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_published_again_gets_the_same_judgment_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let net = RoundNet::start(HONEST).await;
-    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
-    let seen_by_coordinator = Heard::listen(&net.coordinator);
-    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
-    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let (net, seen_by_coordinator, honest_ann, honest_commit) = after_honest_rounds().await;
     let ann = next_announcement(&honest_ann, LIE, &honest_commit.checkpoint);
     net.announce(&ann).await;
     let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
@@ -787,11 +795,7 @@ async fn a_call_published_again_gets_the_same_judgment_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_with_a_forged_norm_history_is_not_judged() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let net = RoundNet::start(HONEST).await;
-    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
-    let seen_by_coordinator = Heard::listen(&net.coordinator);
-    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
-    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let (net, seen_by_coordinator, honest_ann, honest_commit) = after_honest_rounds().await;
     let norm = honest_commit
         .accepted
         .iter()
@@ -858,11 +862,7 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let net = RoundNet::start(HONEST).await;
-    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
-    let seen_by_coordinator = Heard::listen(&net.coordinator);
-    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
-    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let (net, seen_by_coordinator, honest_ann, honest_commit) = after_honest_rounds().await;
     let secret = honest_commit.seed_secret;
 
     // Round LIE: the quorum's judgment dropped.
