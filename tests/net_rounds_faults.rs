@@ -32,8 +32,8 @@ use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config,
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::codec::encode_delta;
 use mana_protocol::{
-    ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
-    SignedEnvelope, UpdateRule, decode_envelope, topic,
+    AggregationCall, ContentHash, DeltaAnnouncement, Message, PublicKey, RoundAnnouncement,
+    RoundCommit, ShardId, SignedEnvelope, UpdateRule, decode_envelope, topic,
 };
 use net_support::*;
 use tokio::sync::{broadcast, watch};
@@ -164,23 +164,26 @@ fn read_metrics(path: &Path) -> Vec<RoundMetrics> {
         .collect()
 }
 
-/// Collects every round announcement and commit an honest node accepts.
-fn collect_rounds(
-    node: &NodeHandle,
-) -> (
-    Arc<Mutex<Vec<RoundAnnouncement>>>,
-    Arc<Mutex<Vec<RoundCommit>>>,
-) {
-    let announcements = Arc::new(Mutex::new(Vec::new()));
-    let commits = Arc::new(Mutex::new(Vec::new()));
+/// What an honest node heard of the rounds: every announcement, call for judgments and commit it accepted.
+#[derive(Clone, Default)]
+struct Heard {
+    announcements: Arc<Mutex<Vec<RoundAnnouncement>>>,
+    calls: Arc<Mutex<Vec<AggregationCall>>>,
+    commits: Arc<Mutex<Vec<RoundCommit>>>,
+}
+
+/// Collects, for the rest of the test, what `node` hears of the rounds.
+fn collect_rounds(node: &NodeHandle) -> Heard {
+    let heard = Heard::default();
     let mut rx = node.accepted();
-    let (a, c) = (announcements.clone(), commits.clone());
+    let h = heard.clone();
     tokio::spawn(async move {
         loop {
             match rx.recv().await {
                 Ok(m) => match m.message {
-                    Message::RoundAnnouncement(x) => a.lock().expect("lock").push(x),
-                    Message::RoundCommit(x) => c.lock().expect("lock").push(x),
+                    Message::RoundAnnouncement(x) => h.announcements.lock().expect("lock").push(x),
+                    Message::AggregationCall(x) => h.calls.lock().expect("lock").push(x),
+                    Message::RoundCommit(x) => h.commits.lock().expect("lock").push(x),
                     _ => {}
                 },
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
@@ -188,7 +191,7 @@ fn collect_rounds(
             }
         }
     });
-    (announcements, commits)
+    heard
 }
 
 /// What the malicious member sent: payload hashes it announced, and the attacks it carried out.
@@ -436,7 +439,11 @@ async fn a_malicious_member_is_refused_every_time_and_training_converges() {
     for i in 0..HONEST {
         nodes.push(net.start_trainer(&format!("node-{i}")).await);
     }
-    let (announced, commits) = collect_rounds(&nodes[0].0);
+    let Heard {
+        announcements: announced,
+        commits,
+        ..
+    } = collect_rounds(&nodes[0].0);
     let evil_cfg = net.member_config("evil");
     let evil_key = mana_node::keyfile::load_or_generate(&evil_cfg.key_path()).expect("evil key");
     let evil = Arc::new(start_node(evil_cfg).await);
@@ -634,7 +641,11 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
     for i in 0..4 {
         nodes.push(net.start_trainer(&format!("node-{i}")).await);
     }
-    let (announcements, commits) = collect_rounds(&nodes[0].0);
+    let Heard {
+        announcements,
+        calls,
+        commits,
+    } = collect_rounds(&nodes[0].0);
     let metrics = net.dir.path().join("metrics.jsonl");
 
     // Phase 1: two rounds with four nodes, then the coordinator stops (its state is saved in its store).
@@ -810,7 +821,26 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
         "{orphan} changed in round {joined_round}"
     );
 
-    // Coordinator restart: stop it, start a new process-equivalent on the same data dir and key.
+    // Coordinator restart in the middle of a round: stop it the moment it has called for the judgments of the
+    // next round (every delta is in, the judges are at work), then start a process-equivalent on the same
+    // data dir and key. It publishes the call again, and the judges' attestations must count: the round
+    // commits what they signed, not the previous checkpoint.
+    let stopped_round = joined_round + 1;
+    wait_for(
+        Duration::from_secs(60),
+        "the call for the judgments of the round after the late joiner's",
+        || {
+            let c = calls.clone();
+            async move {
+                c.lock()
+                    .expect("lock")
+                    .iter()
+                    .any(|x| x.round == stopped_round)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let _ = coord_stop_tx.send(true);
     coordinating
         .await
@@ -820,6 +850,10 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
         .last()
         .map(|m| m.round)
         .expect("rounds committed");
+    assert_eq!(
+        before, joined_round,
+        "the coordinator stopped in the middle of round {stopped_round}, before committing it"
+    );
     Arc::into_inner(net.coordinator)
         .expect("sole owner")
         .shutdown()
@@ -854,6 +888,30 @@ async fn rounds_survive_kills_lost_experts_a_late_joiner_and_a_coordinator_resta
         "rounds resume in sequence after the restart: {rounds:?}"
     );
     assert_eq!(rounds.last().copied(), Some(before + 2));
+    // The round the coordinator stopped in: every shard the call named took its judges' result.
+    let call = calls
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|x| x.round == stopped_round)
+        .cloned()
+        .expect("the call heard");
+    let resumed = commits
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|x| x.round == stopped_round)
+        .cloned()
+        .expect("the commit of the round the coordinator stopped in");
+    for part in call.shards.iter().filter(|p| !p.deltas.is_empty()) {
+        assert_eq!(
+            resumed.checkpoint.shard(&part.shard).map(|e| e.round),
+            Some(stopped_round),
+            "{} took no judges' result in round {stopped_round}, resumed after the restart: accepted {:?}",
+            part.shard,
+            resumed.accepted
+        );
+    }
     let val: Vec<f32> = lines
         .iter()
         .map(|m| {

@@ -13,26 +13,12 @@ use mana_protocol::ShardJudgment;
 
 use super::Agreement;
 
-/// What a judge's judgment of a shard is, next to the one kept from it for the same call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Again {
-    /// The same verdicts and result (a copy, or the same judgment in another attestation): nothing to do.
-    Same,
-    /// Other verdicts or another result: the kept judgment is to be voided.
-    Equivocates,
-    /// The kept judgment was already voided.
-    AlreadyVoid,
-}
-
-/// Compares `new` with `kept`, the judgment kept from the same judge for the same shard and call.
-pub fn judged_again(kept: &ShardJudgment, new: &ShardJudgment) -> Again {
-    if is_void(kept) {
-        Again::AlreadyVoid
-    } else if Agreement::of(kept) == Agreement::of(new) {
-        Again::Same
-    } else {
-        Again::Equivocates
-    }
+/// Whether `new`, a judge's judgment of a shard, equivocates against `kept`, the judgment kept from the same
+/// judge for the same shard and call: other verdicts or another result, while `kept` still stands. A copy (the
+/// same judgment in another attestation) does not, and neither does anything after a void (voided once, the
+/// judge stays void).
+pub fn equivocates(kept: &ShardJudgment, new: &ShardJudgment) -> bool {
+    !is_void(kept) && Agreement::of(kept) != Agreement::of(new)
 }
 
 /// The void kept in place of an equivocating judge's judgment: the shard's entry, no verdict, no score. A
@@ -72,15 +58,15 @@ mod tests {
     #[test]
     fn another_verdict_or_result_is_an_equivocation_and_a_void_stays_void() {
         let accept = judgment(DeltaVerdict::Accept { norm: 1.5 }, 1);
-        assert_eq!(judged_again(&accept, &accept.clone()), Again::Same);
+        assert!(!equivocates(&accept, &accept.clone()), "a copy");
         let refuse = judgment(DeltaVerdict::Refuse(RejectCode::LowScore), 1);
-        assert_eq!(judged_again(&accept, &refuse), Again::Equivocates);
+        assert!(equivocates(&accept, &refuse), "another verdict");
         let other_result = judgment(DeltaVerdict::Accept { norm: 1.5 }, 2);
-        assert_eq!(judged_again(&accept, &other_result), Again::Equivocates);
+        assert!(equivocates(&accept, &other_result), "another result");
         let other_norm = judgment(DeltaVerdict::Accept { norm: 1.25 }, 1);
-        assert_eq!(judged_again(&accept, &other_norm), Again::Equivocates);
+        assert!(equivocates(&accept, &other_norm), "another norm");
         let void = void_of(&accept);
         assert!(is_void(&void) && !is_void(&accept));
-        assert_eq!(judged_again(&void, &accept), Again::AlreadyVoid);
+        assert!(!equivocates(&void, &refuse), "a void stays void");
     }
 }

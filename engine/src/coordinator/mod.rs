@@ -620,9 +620,7 @@ impl Coordinator {
                     judged.insert(judge, judgment.clone());
                 }
                 Some(kept) => {
-                    if equivocation::judged_again(kept, judgment)
-                        == equivocation::Again::Equivocates
-                    {
+                    if equivocation::equivocates(kept, judgment) {
                         tracing::warn!(round, %shard, judge = %judge, "a judge signed two judgments of one shard: both void");
                         *kept = equivocation::void_of(kept);
                         voided.push(shard);

@@ -19,7 +19,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use mana_protocol::{AggregationCall, NormRecord, RoundAnnouncement, RoundCommit, ShardId};
+use mana_protocol::{
+    AggregationCall, CalledDelta, NormRecord, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
+};
 
 use super::config::MAX_NORM_HISTORY;
 
@@ -41,10 +43,11 @@ pub struct NormLedger {
     first: Option<u64>,
     last: Option<u64>,
     by_shard: BTreeMap<ShardId, VecDeque<NormRecord>>,
-    /// The last announcements and calls shown, by round ([`KEPT_ROUNDS`]): they name the senders of the
-    /// commits' deltas (gossip may bring the next round's announcement before this round's commit).
-    announcements: BTreeMap<u64, RoundAnnouncement>,
-    calls: BTreeMap<u64, AggregationCall>,
+    /// Of the last announcements and calls shown, by round ([`KEPT_ROUNDS`]), only what names the senders of
+    /// the commits' deltas (gossip may bring the next round's announcement before this round's commit): the
+    /// participants' keys, in the announcement's order, and each called shard's deltas.
+    participants: BTreeMap<u64, Vec<PublicKey>>,
+    calls: BTreeMap<u64, BTreeMap<ShardId, Vec<CalledDelta>>>,
 }
 
 /// Rounds whose announcement and call are kept.
@@ -66,16 +69,18 @@ impl NormLedger {
 
     /// Takes a round's announcement (its commit's senders are its participants).
     pub fn announced(&mut self, announcement: &RoundAnnouncement) {
-        keep(
-            &mut self.announcements,
-            announcement.round,
-            announcement.clone(),
-        );
+        let keys = announcement.participants.iter().map(|p| p.node).collect();
+        keep(&mut self.participants, announcement.round, keys);
     }
 
     /// Takes a round's call (its commit's accepted deltas are among its deltas).
     pub fn called(&mut self, call: &AggregationCall) {
-        keep(&mut self.calls, call.round, call.clone());
+        let deltas = call
+            .shards
+            .iter()
+            .map(|part| (part.shard, part.deltas.clone()))
+            .collect();
+        keep(&mut self.calls, call.round, deltas);
     }
 
     /// Records the accepted norms of `commit`; starts again after it when it does not follow the last
@@ -127,31 +132,31 @@ impl NormLedger {
             return Some(Vec::new());
         }
         let call = self.calls.get(&commit.round)?;
-        let ann = self.announcements.get(&commit.round)?;
+        let participants = self.participants.get(&commit.round)?;
         let mut records = Vec::new();
         for list in &commit.accepted {
-            let part = call.shard(&list.shard)?;
-            let sender_of = |i: usize| ann.participants.get(part.deltas[i].sender as usize);
+            let called = call.get(&list.shard)?;
+            let sender_of = |i: usize| participants.get(called[i].sender as usize);
             // One payload may be called for two senders (a copy re-announced): the accepted one is the one
             // the commit does not refuse, each called delta taken once.
             let refused = |i: usize| {
-                sender_of(i).is_some_and(|p| {
+                sender_of(i).is_some_and(|node| {
                     commit.rejected.iter().any(|r| {
                         r.shard == list.shard
-                            && r.node == p.node
-                            && r.payload_hash == part.deltas[i].payload_hash
+                            && r.node == *node
+                            && r.payload_hash == called[i].payload_hash
                     })
                 })
             };
             let mut used = std::collections::BTreeSet::new();
             for (hash, norm) in list.deltas.iter().zip(&list.norms) {
-                let at = (0..part.deltas.len()).find(|i| {
-                    part.deltas[*i].payload_hash == *hash && !used.contains(i) && !refused(*i)
+                let at = (0..called.len()).find(|i| {
+                    called[*i].payload_hash == *hash && !used.contains(i) && !refused(*i)
                 })?;
                 used.insert(at);
                 records.push(NormRecord {
                     shard: list.shard,
-                    sender: sender_of(at)?.node,
+                    sender: *sender_of(at)?,
                     norm: *norm,
                 });
             }

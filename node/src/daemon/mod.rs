@@ -509,15 +509,28 @@ impl NodeHandle {
         )?)
     }
 
+    /// Makes `announcement` the round this node judges gossip against (unless it already follows a later one):
+    /// what the round's deltas, calls and attestations are checked with. Gossip sets it when an announcement
+    /// comes and [`NodeHandle::publish`] when this node announces; a coordinator restarted in the middle of a
+    /// round sets it from its saved state, or the daemon would ignore the rest of that round's messages as
+    /// belonging to no round it knows.
+    pub fn follow_round(&self, announcement: &mana_protocol::RoundAnnouncement) {
+        let mut state = self.shared.state();
+        if state
+            .current
+            .as_ref()
+            .is_none_or(|c| c.round < announcement.round)
+        {
+            state.current = Some(announcement.clone());
+        }
+    }
+
     /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
     pub async fn publish(&self, message: &Message) -> Result<(), NodeError> {
         // Gossip does not echo our own messages: what we announce is the current round for us too (the
         // coordinator judges the deltas of the round it announced against it).
         if let Message::RoundAnnouncement(a) = message {
-            let mut state = self.shared.state();
-            if state.current.as_ref().is_none_or(|c| c.round < a.round) {
-                state.current = Some(a.clone());
-            }
+            self.follow_round(a);
         }
         let envelope = SignedEnvelope::sign(&self.shared.keypair, message, now_ms())?;
         let bytes = envelope.encode()?;

@@ -55,7 +55,7 @@ use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
 use mana_engine::coordinator::audit::{Finding, audit_shard};
-use mana_engine::coordinator::equivocation::{self, Again};
+use mana_engine::coordinator::equivocation;
 use mana_engine::coordinator::judges_of;
 use mana_engine::coordinator::norm_ledger::{NormCheck, NormLedger};
 use mana_engine::round::{
@@ -836,14 +836,9 @@ impl Trainer {
                 "round {round}: the call's norm history is not what the commits published, not judged: {what}"
             );
             tracing::error!("{text}");
-            // The evidence first: whoever reads the count finds it kept.
             if let Ok(bytes) = envelope.encode() {
-                let mut key = round.to_be_bytes().to_vec();
-                key.extend_from_slice(b"/norm-history-forged");
-                let store = self.node.store().clone();
-                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&bytes])?)).await {
-                    tracing::warn!(round, error = %e, "evidence of the forged call not kept");
-                }
+                self.keep_evidence(evidence_key(round, &[b"/norm-history-forged"]), vec![bytes])
+                    .await;
             }
             self.node.update_training_status(|s| {
                 s.calls_refused += 1;
@@ -1110,7 +1105,7 @@ impl Trainer {
                     observed.kept += 1;
                 }
                 Some((kept, first)) => {
-                    if equivocation::judged_again(kept, &judgment) == Again::Equivocates {
+                    if equivocation::equivocates(kept, &judgment) {
                         *kept = equivocation::void_of(kept);
                         equivocated.push((shard, first.clone()));
                     }
@@ -1123,17 +1118,18 @@ impl Trainer {
                 peer_name(&signer)
             );
             tracing::warn!("{text}");
-            // The evidence first: whoever reads the count finds it kept.
             if let (Ok(a), Ok(b)) = (first.encode(), envelope.encode()) {
-                let mut key = round.to_be_bytes().to_vec();
-                key.extend_from_slice(b"/judge-equivocated/");
-                key.extend_from_slice(shard.to_string().as_bytes());
-                key.push(b'/');
-                key.extend_from_slice(&signer.0);
-                let store = self.node.store().clone();
-                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&a, &b])?)).await {
-                    tracing::warn!(round, %shard, error = %e, "equivocation evidence not kept");
-                }
+                let shard_name = shard.to_string();
+                let key = evidence_key(
+                    round,
+                    &[
+                        b"/judge-equivocated/",
+                        shard_name.as_bytes(),
+                        b"/",
+                        &signer.0,
+                    ],
+                );
+                self.keep_evidence(key, vec![a, b]).await;
             }
             self.node.update_training_status(|s| {
                 s.judges_equivocated += 1;
@@ -1204,15 +1200,10 @@ impl Trainer {
                         serde_json::to_vec(&envelopes),
                     );
                     if let (Ok(c), Ok(k), Ok(a)) = items {
-                        let mut key = round.to_be_bytes().to_vec();
-                        key.extend_from_slice(b"/quorum-contradicted/");
-                        key.extend_from_slice(shard.to_string().as_bytes());
-                        let store = self.node.store().clone();
-                        if let Err(e) =
-                            blocking(move || Ok(store.keep_evidence(&key, &[&c, &k, &a])?)).await
-                        {
-                            tracing::warn!(round, %shard, error = %e, "audit evidence not kept");
-                        }
+                        let shard_name = shard.to_string();
+                        let key =
+                            evidence_key(round, &[b"/quorum-contradicted/", shard_name.as_bytes()]);
+                        self.keep_evidence(key, vec![c, k, a]).await;
                     }
                 }
             }
@@ -1587,12 +1578,7 @@ impl Trainer {
         // Kept, so that a restarted node still refuses to build on the run.
         let key = commit_check::refusal_key(round, &commit.run);
         match serde_json::to_vec(&refused) {
-            Ok(record) => {
-                let store = self.node.store().clone();
-                if let Err(e) = blocking(move || Ok(store.keep_evidence(&key, &[&record])?)).await {
-                    tracing::warn!(round, error = %e, "refusal not kept in the store");
-                }
-            }
+            Ok(record) => self.keep_evidence(key, vec![record]).await,
             Err(e) => tracing::warn!(round, error = %e, "refusal not encoded"),
         }
         let n = disputes.len() as u64;
@@ -1700,4 +1686,29 @@ impl Trainer {
         });
         Ok(())
     }
+
+    /// Keeps `items` in the store as the evidence of a finding (`key`, see [`evidence_key`]), before the
+    /// finding is counted: whoever reads the count finds its proof kept. A store that refuses loses the proof,
+    /// never the finding: logged, not fatal.
+    async fn keep_evidence(&self, key: Vec<u8>, items: Vec<Vec<u8>>) {
+        let store = self.node.store().clone();
+        let kept = blocking(move || {
+            let items: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+            Ok(store.keep_evidence(&key, &items)?)
+        })
+        .await;
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, "evidence not kept in the store");
+        }
+    }
+}
+
+/// The store key of a finding about round `round`: the round, big-endian (the store drops the oldest first),
+/// then `parts`, the finding's kind and what it concerns.
+fn evidence_key(round: u64, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = round.to_be_bytes().to_vec();
+    for part in parts {
+        key.extend_from_slice(part);
+    }
+    key
 }

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use mana_protocol::{Evaluation, Message};
+use mana_protocol::Evaluation;
 use tokio::sync::broadcast::Receiver;
 
 use super::Role;
@@ -110,7 +110,7 @@ impl Role {
     }
 
     /// At the end of the run (or a stop): waits at most `wait` for the waiting lines' evaluations while
-    /// evaluators are expected, taking the messages that come meanwhile, then writes every line.
+    /// evaluators are expected, taking every message that comes meanwhile, then writes every line.
     pub(super) async fn await_evaluation(
         &mut self,
         messages: &mut Receiver<Accepted>,
@@ -126,11 +126,9 @@ impl Role {
             );
             while unevaluated(self) {
                 match tokio::time::timeout_at(deadline, messages.recv()).await {
-                    Ok(Ok(accepted)) => {
-                        if let Message::Evaluation(e) = accepted.message {
-                            self.on_evaluation(accepted.signer, &e).await;
-                        }
-                    }
+                    // Every message is taken, not only evaluations: what a stopping coordinator hears of
+                    // the round under way (deltas, attestations) is in the state it saves.
+                    Ok(Ok(accepted)) => self.on_message(accepted.signer, accepted.message).await,
                     Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
                     Ok(Err(_)) | Err(_) => break,
                 }

@@ -245,6 +245,8 @@ async fn conductor_loop(
                 role.save().await;
                 let wait = role.cfg.evaluation_wait.min(SHUTDOWN_EVALUATION_WAIT);
                 role.await_evaluation(&mut messages, wait).await;
+                // With what came while it waited.
+                role.save().await;
                 break;
             }
             _ = ticker.tick() => role.tick().await,
@@ -416,6 +418,9 @@ impl Role {
         let start_round = role.machine.checkpoint().round;
         role.pins.add(start_round, manifest_hash);
         if let Some(active) = role.machine.state().round() {
+            // The round under way is this node's current round again: its deltas and attestations are judged
+            // against it.
+            role.node.follow_round(&active.announcement);
             role.last_announcement = Some(active.announcement.clone());
             role.round_deltas = active
                 .deltas
