@@ -163,8 +163,10 @@ pub struct Accepted {
 /// `.await`.
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    /// Current round, from the last accepted round announcement.
-    pub current: Option<mana_protocol::RoundAnnouncement>,
+    /// Current round, from the last accepted round announcement. Shared, not copied: every gossip message is
+    /// judged against it, and an announcement lists every participant (copied per message, it was a tenth of
+    /// a crowded machine's CPU).
+    pub current: Option<Arc<mana_protocol::RoundAnnouncement>>,
     /// The last accepted checkpoint manifest (the target of shard sync).
     pub manifest: Option<CheckpointManifest>,
     /// When the configured coordinator's last heartbeat was accepted.
@@ -521,7 +523,7 @@ impl NodeHandle {
             .as_ref()
             .is_none_or(|c| c.round < announcement.round)
         {
-            state.current = Some(announcement.clone());
+            state.current = Some(Arc::new(announcement.clone()));
         }
     }
 

@@ -146,7 +146,7 @@ pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u
     let ctx = ValidationContext {
         run,
         coordinator,
-        current: current.as_ref(),
+        current: current.as_deref(),
         now_ms: now_ms(),
         limits: ValidationLimits::default(),
     };
@@ -159,7 +159,7 @@ pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u
             envelope: Arc::new(envelope),
         }),
         Err(rejection) if rejection.code() == RejectCode::NotCoordinator => {
-            match holder_report(&envelope, current.as_ref()) {
+            match holder_report(&envelope, current.as_deref()) {
                 HolderReport::Report(message) if message.topic() == kind => {
                     Judgement::Accept(Accepted {
                         source,
@@ -242,7 +242,7 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
                 let mut state = shared.state();
                 state.accepted += 1;
                 match &accepted.message {
-                    Message::RoundAnnouncement(a) => state.current = Some(a.clone()),
+                    Message::RoundAnnouncement(a) => state.current = Some(Arc::new(a.clone())),
                     Message::CheckpointManifest(m) if from_coordinator => {
                         state.manifest = Some(m.clone())
                     }
