@@ -95,11 +95,9 @@ mod composed {
         pub gossipsub: gossipsub::Behaviour,
         /// Chunked transfers of content-addressed bytes (the fallback for peers without bulk streams).
         pub transfer: request_response::Behaviour<TransferCodec>,
-        /// Raw streams (bulk blob transfers, blob lane setups, expert calls), opened through its `Control`.
-        pub streams: libp2p_stream::Behaviour,
-        /// The same protocols' inbound streams, accepted into a queue per protocol
-        /// ([`crate::net::inbound`]).
-        pub inbound: crate::net::inbound::Behaviour,
+        /// Raw streams (bulk blob transfers, blob lane setups, expert calls): opened to peers, and accepted
+        /// into a queue per protocol ([`crate::net::streams`]).
+        pub streams: crate::net::streams::Behaviour,
         /// Lets this node be reached through a relay when it is behind NAT.
         pub relay_client: relay::client::Behaviour,
         /// Serves as a relay for others (bootstrap nodes only).
@@ -284,8 +282,7 @@ pub fn build_swarm(
                 kad: kad_behaviour(keypair, config),
                 gossipsub,
                 transfer,
-                streams: libp2p_stream::Behaviour::new(),
-                inbound: super::inbound::Behaviour::new(),
+                streams: super::streams::Behaviour::new(),
                 relay_client,
                 relay_server: Toggle::from(relay_server),
                 dcutr: dcutr::Behaviour::new(peer_id),

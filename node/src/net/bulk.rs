@@ -358,7 +358,7 @@ fn take_fresh_slot(
 /// and serves the lane's ranges like a stream's. Ends when `run` is cancelled.
 async fn serve_lanes<S: BlobSource>(
     listener: tokio::net::TcpListener,
-    mut setups: super::inbound::Incoming,
+    mut setups: super::streams::Incoming,
     source: Arc<S>,
     limits: ServeLimits,
     traffic: Arc<TrafficCounters>,
@@ -441,7 +441,7 @@ async fn serve_lanes<S: BlobSource>(
 }
 
 async fn serve_incoming<S: BlobSource>(
-    mut incoming: super::inbound::Incoming,
+    mut incoming: super::streams::Incoming,
     source: Arc<S>,
     limits: ServeLimits,
     traffic: Arc<TrafficCounters>,

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bulk::BLOB_STREAM;
 use super::event_loop::{Command, Verdict};
-use super::inbound::{Acceptor, Incoming};
 use super::lane::{BLOB_LANE, LaneFailures, RemoteIps};
+use super::streams::{Acceptor, Incoming, OpenError, Opener};
 use super::traffic::{Traffic, TrafficCounters};
 use super::{NetError, NetSnapshot};
 use mana_protocol::{FetchRequest, FetchResponse};
@@ -25,8 +25,8 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
     traffic: Arc<TrafficCounters>,
-    /// Opens raw streams directly (no round trip through the event loop per stream).
-    streams: libp2p_stream::Control,
+    /// Opens raw streams (through the swarm's task, not the event loop's commands).
+    streams: Opener,
     /// Accepts them, into a queue per protocol.
     inbound: Acceptor,
     /// Each connected peer's IP (kept by the event loop), where its blob lane is.
@@ -48,7 +48,7 @@ impl Client {
         commands: mpsc::Sender<Command>,
         local_peer_id: PeerId,
         traffic: Arc<TrafficCounters>,
-        streams: libp2p_stream::Control,
+        streams: Opener,
         inbound: Acceptor,
         remote_ips: Arc<RemoteIps>,
     ) -> Self {
@@ -130,19 +130,12 @@ impl Client {
         peer: PeerId,
         protocol: libp2p::StreamProtocol,
     ) -> Result<libp2p::Stream, NetError> {
-        let mut control = self.streams.clone();
-        control
-            .open_stream(peer, protocol)
+        self.streams
+            .open(peer, protocol)
             .await
             .map_err(|e| match e {
-                libp2p_stream::OpenStreamError::UnsupportedProtocol(protocol) => {
-                    NetError::StreamUnsupported { peer, protocol }
-                }
-                libp2p_stream::OpenStreamError::Io(source) => NetError::Stream { peer, source },
-                other => NetError::Stream {
-                    peer,
-                    source: std::io::Error::other(other.to_string()),
-                },
+                OpenError::Unsupported(protocol) => NetError::StreamUnsupported { peer, protocol },
+                OpenError::Io(source) => NetError::Stream { peer, source },
             })
     }
 

@@ -703,7 +703,7 @@ impl EventLoop {
             BehaviourEvent::RelayServer(event) => tracing::debug!(?event, "relay server"),
             BehaviourEvent::Dcutr(event) => tracing::debug!(?event, "dcutr"),
             BehaviourEvent::Limits(never) => match never {},
-            BehaviourEvent::Streams(()) => {}
+            BehaviourEvent::Streams(never) => match never {},
         }
     }
 

@@ -16,11 +16,11 @@ pub mod error;
 pub mod event_loop;
 pub mod events;
 pub mod fetch;
-pub mod inbound;
 pub mod ip_limit;
 pub mod lane;
 pub mod limits;
 pub mod listen;
+pub mod streams;
 pub mod traffic;
 
 use libp2p::PeerId;
@@ -154,8 +154,8 @@ pub fn new(keypair: Keypair, config: NetConfig) -> Result<(Client, Events, Event
             })?;
         listeners.insert(id);
     }
-    let streams = swarm.behaviour().streams.new_control();
-    let inbound = swarm.behaviour().inbound.acceptor();
+    let streams = swarm.behaviour().streams.opener();
+    let inbound = swarm.behaviour().streams.acceptor();
     let (command_tx, command_rx) = mpsc::channel(COMMAND_CAPACITY);
     let heartbeat_topic =
         mana_protocol::topic(&config.run_id, mana_protocol::TopicKind::Heartbeats);
