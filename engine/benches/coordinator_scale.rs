@@ -6,13 +6,16 @@
 //! step (events fed, ticks), the saved state's size at each phase, and the announcement's and commit's
 //! encoded sizes against the gossip envelope limit.
 //!
-//! `cargo bench -p mana-engine --bench coordinator_scale` (add `-- 1000 5000` for other counts). Figures are
+//! `cargo bench -p mana-engine --bench coordinator_scale` (add `-- 1000 5000` for other counts, `rounds=N`
+//! for N rounds each: the call carries the norm history, which fills over the first rounds). Figures are
 //! printed, not asserted; the growth from one count to the next is what to read (time and bytes per member).
 
 use std::net::IpAddr;
 use std::time::Instant;
 
-use mana_engine::coordinator::{Action, Coordinator, CoordinatorConfig, Origin, judges_of};
+use mana_engine::coordinator::{
+    Action, Coordinator, CoordinatorConfig, Origin, judges_of, round_message_bound,
+};
 use mana_protocol::{
     Capacity, CheckpointManifest, CodecOptions, ContentHash, DeltaAnnouncement, DeltaScore,
     DeltaVerdict, DeviceKind, Heartbeat, HyperParams, Message, PublicKey, RunId, ShardAttestation,
@@ -97,11 +100,20 @@ fn state_kib(c: &Coordinator) -> f64 {
     c.to_bytes().map(|b| b.len()).unwrap_or(0) as f64 / 1024.0
 }
 
-fn one_round(members: u32) {
+fn rounds(members: u32, rounds: u32) {
     let experts = experts();
     let mut cfg = CoordinatorConfig::new(run(), experts.clone(), hyper());
     cfg.standing.max_members = members as usize + 1;
     cfg.min_members = 2;
+    let bound = round_message_bound(&cfg);
+    println!(
+        "{members:>6} members: the largest announcement {} KiB, call {} KiB, commit {} KiB a round of these \
+         settings can produce (a coordinator refuses to run them over {} KiB)",
+        bound.announcement / 1024,
+        bound.call / 1024,
+        bound.commit / 1024,
+        mana_protocol::limits::MAX_MESSAGE_BYTES / 1024,
+    );
     let mut c = Coordinator::new(cfg, manifest(&experts)).expect("a valid coordinator");
     let capacity = Capacity {
         device: DeviceKind::Cpu,
@@ -110,11 +122,11 @@ fn one_round(members: u32) {
         max_shards: 4,
     };
     let mut now = 1_000_000u64;
-    let (_, join_ms) = timed(|| {
+    let heartbeats = |c: &mut Coordinator, now: u64, seq: u64| {
         for i in 0..members {
             let hb = Heartbeat {
                 run: run(),
-                seq: 1,
+                seq,
                 hosted: vec![],
                 capacity,
                 software_version: Text::new("bench").expect("a short text"),
@@ -122,132 +134,159 @@ fn one_round(members: u32) {
             c.node_heartbeat(now, key(i), origin(i), &hb)
                 .expect("admitted");
         }
-    });
+    };
+    let (_, join_ms) = timed(|| heartbeats(&mut c, now, 1));
     let joined_kib = state_kib(&c);
-    now += 1;
-    let (actions, announce_ms) = timed(|| c.tick(now, 7).expect("tick"));
-    let Some(Action::AnnounceRound(ann)) = actions.into_iter().next() else {
-        println!("{members:>6} members: no round started");
-        return;
-    };
-    let ann_bytes = encoded_len(Message::RoundAnnouncement(ann.clone()));
-    let announced_kib = state_kib(&c);
-    let stats = TrainingStats {
-        tokens: 4096,
-        loss_before: 3.0,
-        loss_after: 2.9,
-        delta_norm: 1.0,
-    };
-    let mut deltas = Vec::new();
-    for p in &ann.participants {
-        for shard in &p.shards {
-            let mut h = p.node.0.to_vec();
-            h.extend_from_slice(shard.to_string().as_bytes());
-            deltas.push((
-                p.node,
-                DeltaAnnouncement {
-                    run: run(),
-                    round: ann.round,
-                    shard: *shard,
-                    base_checkpoint: ann.base_checkpoint,
-                    payload_hash: ContentHash::of(&h),
-                    payload_size: 1 << 20,
-                    stats,
-                },
-            ));
+    for round in 1..=rounds {
+        if round > 1 {
+            // The next round: every member heard from again, the clock past the cooldown.
+            now += 60_000;
+            heartbeats(&mut c, now, u64::from(round));
         }
-    }
-    now += 1;
-    let (_, deltas_ms) = timed(|| {
-        for (node, d) in &deltas {
-            c.delta_announced(now, *node, d.clone())
-                .expect("a valid delta");
-        }
-    });
-    let trained_kib = state_kib(&c);
-    // Every delta is in: the same tick seals the round and calls for judgments.
-    let (actions, call_ms) = timed(|| c.tick(now, 8).expect("tick"));
-    let Some(Action::CallAggregation(call)) = actions.into_iter().next() else {
-        panic!("a call for judgments expected");
-    };
-    let called_kib = state_kib(&c);
-    let call_bytes = encoded_len(Message::AggregationCall(call.clone()));
-    let call_id = call.hash().expect("call id");
-    // What every judge of a shard signs: a verdict and a score per delta (the default rule scores every
-    // delta) and the new state. Built before the clock starts: the judges' work, not the coordinator's.
-    let judgments: Vec<ShardJudgment> = call
-        .shards
-        .iter()
-        .map(|part| ShardJudgment {
-            entry: ShardEntry {
-                shard: part.shard,
-                hash: ContentHash::of(&[1]),
-                size: 6_291_456,
-                round: ann.round,
-            },
-            verdicts: part
-                .deltas
-                .iter()
-                .map(|_| DeltaVerdict::Accept { norm: 1.0 })
-                .collect(),
-            scores: part
-                .deltas
-                .iter()
-                .map(|d| DeltaScore {
-                    shard: part.shard,
-                    payload_hash: d.payload_hash,
-                    in_mean: part.deltas.len() as u32,
-                    null_loss: 3.0,
-                    loss: 2.9,
-                })
-                .collect(),
-        })
-        .collect();
-    // Every judge of every shard signs its judgment (one attestation per judge and shard: the most messages
-    // the coordinator takes), and each result is taken once it has its quorum.
-    let (attestations, results_ms) = timed(|| {
-        let mut n = 0u64;
-        for (part, judgment) in call.shards.iter().zip(&judgments) {
-            let judges = judges_of(&ann, part);
-            for judge in judges.holders.iter().chain(&judges.verifiers) {
-                let att = ShardAttestation {
-                    run: call.run.clone(),
-                    round: ann.round,
-                    call: call_id,
-                    results: vec![judgment.clone()],
-                };
-                n += 1;
-                c.shard_attested(ann.round, *judge, &att)
-                    .expect("an attestation");
+        now += 1;
+        let (actions, announce_ms) = timed(|| c.tick(now, 7).expect("tick"));
+        let Some(Action::AnnounceRound(ann)) = actions
+            .into_iter()
+            .find(|a| matches!(a, Action::AnnounceRound(_)))
+        else {
+            println!("{members:>6} members, round {round}: no round started");
+            return;
+        };
+        let ann_bytes = encoded_len(Message::RoundAnnouncement(ann.clone()));
+        let announced_kib = state_kib(&c);
+        let stats = TrainingStats {
+            tokens: 4096,
+            loss_before: 3.0,
+            loss_after: 2.9,
+            delta_norm: 1.0,
+        };
+        let mut deltas = Vec::new();
+        for p in &ann.participants {
+            for shard in &p.shards {
+                let mut h = p.node.0.to_vec();
+                h.extend_from_slice(shard.to_string().as_bytes());
+                deltas.push((
+                    p.node,
+                    DeltaAnnouncement {
+                        run: run(),
+                        round: ann.round,
+                        shard: *shard,
+                        base_checkpoint: ann.base_checkpoint,
+                        payload_hash: ContentHash::of(&h),
+                        payload_size: 1 << 20,
+                        stats,
+                    },
+                ));
             }
         }
-        n
-    });
-    let attested_kib = state_kib(&c);
-    let (actions, commit_ms) = timed(|| c.tick(now, 10).expect("tick"));
-    let Some(Action::CommitRound(commit)) = actions.into_iter().next() else {
-        panic!("a commit expected");
-    };
-    assert!(
-        commit.rejected.is_empty() && commit.accepted.len() == call.shards.len(),
-        "every shard reaches its quorum and takes every delta"
-    );
-    let commit_bytes = encoded_len(Message::RoundCommit(commit));
-    let committed_kib = state_kib(&c);
-    let limit = mana_protocol::limits::MAX_MESSAGE_BYTES;
-    println!(
-        "{members:>6} members, {:>5} participants, {:>6} deltas | ms: join {join_ms:>8.1}, announce {announce_ms:>8.1}, \
+        now += 1;
+        let (_, deltas_ms) = timed(|| {
+            for (node, d) in &deltas {
+                c.delta_announced(now, *node, d.clone())
+                    .expect("a valid delta");
+            }
+        });
+        let trained_kib = state_kib(&c);
+        // Every delta is in: the same tick seals the round and calls for judgments.
+        let (actions, call_ms) = timed(|| c.tick(now, 8));
+        let actions = match actions {
+            Ok(actions) => actions,
+            Err(e) => {
+                println!("{members:>6} members, round {round}: no call ({e}), as the bound said");
+                return;
+            }
+        };
+        let Some(Action::CallAggregation(call)) = actions.into_iter().next() else {
+            panic!("a call for judgments expected");
+        };
+        let called_kib = state_kib(&c);
+        let call_bytes = encoded_len(Message::AggregationCall(call.clone()));
+        let call_norms = call.norms.len();
+        let call_id = call.hash().expect("call id");
+        // What every judge of a shard signs: a verdict and a score per delta (the default rule scores every
+        // delta) and the new state. Built before the clock starts: the judges' work, not the coordinator's.
+        let judgments: Vec<ShardJudgment> = call
+            .shards
+            .iter()
+            .map(|part| ShardJudgment {
+                entry: ShardEntry {
+                    shard: part.shard,
+                    hash: ContentHash::of(&[1]),
+                    size: 6_291_456,
+                    round: ann.round,
+                },
+                verdicts: part
+                    .deltas
+                    .iter()
+                    .map(|_| DeltaVerdict::Accept { norm: 1.0 })
+                    .collect(),
+                scores: part
+                    .deltas
+                    .iter()
+                    .map(|d| DeltaScore {
+                        shard: part.shard,
+                        payload_hash: d.payload_hash,
+                        in_mean: part.deltas.len() as u32,
+                        null_loss: 3.0,
+                        loss: 2.9,
+                    })
+                    .collect(),
+            })
+            .collect();
+        // Every judge of every shard signs its judgment (one attestation per judge and shard: the most messages
+        // the coordinator takes), and each result is taken once it has its quorum.
+        let (attestations, results_ms) = timed(|| {
+            let mut n = 0u64;
+            for (part, judgment) in call.shards.iter().zip(&judgments) {
+                let judges = judges_of(&ann, part);
+                for judge in judges.holders.iter().chain(&judges.verifiers) {
+                    let att = ShardAttestation {
+                        run: call.run.clone(),
+                        round: ann.round,
+                        call: call_id,
+                        results: vec![judgment.clone()],
+                    };
+                    n += 1;
+                    c.shard_attested(ann.round, *judge, &att)
+                        .expect("an attestation");
+                }
+            }
+            n
+        });
+        let attested_kib = state_kib(&c);
+        let (actions, commit_ms) = timed(|| c.tick(now, 10));
+        let actions = match actions {
+            Ok(actions) => actions,
+            Err(e) => {
+                println!("{members:>6} members, round {round}: no commit ({e}), as the bound said");
+                return;
+            }
+        };
+        let Some(Action::CommitRound(commit)) = actions.into_iter().next() else {
+            panic!("a commit expected");
+        };
+        assert!(
+            commit.rejected.is_empty() && commit.accepted.len() == call.shards.len(),
+            "every shard reaches its quorum and takes every delta"
+        );
+        let commit_bytes = encoded_len(Message::RoundCommit(commit));
+        let committed_kib = state_kib(&c);
+        let limit = mana_protocol::limits::MAX_MESSAGE_BYTES;
+        println!(
+            "{members:>6} members, round {round}, {:>5} participants, {:>6} deltas | ms: join {join_ms:>8.1}, announce {announce_ms:>8.1}, \
          deltas {deltas_ms:>8.1}, call {call_ms:>8.1}, {attestations} attestations {results_ms:>6.1}, commit \
          {commit_ms:>8.1} | state KiB: joined {joined_kib:>8.1}, announced {announced_kib:>8.1}, trained \
          {trained_kib:>8.1}, called {called_kib:>8.1}, attested {attested_kib:>8.1}, committed {committed_kib:>8.1} | \
-         announcement {:.0} KiB, call {:.0} KiB, commit {:.0} KiB (gossip limit {:.0} KiB)",
-        ann.participants.len(),
-        deltas.len(),
-        ann_bytes as f64 / 1024.0,
-        call_bytes as f64 / 1024.0,
-        commit_bytes as f64 / 1024.0,
-        limit as f64 / 1024.0,
-    );
+         announcement {:.0} KiB, call {:.0} KiB ({call_norms} norms of the history), commit {:.0} KiB \
+         (gossip limit {:.0} KiB)",
+            ann.participants.len(),
+            deltas.len(),
+            ann_bytes as f64 / 1024.0,
+            call_bytes as f64 / 1024.0,
+            commit_bytes as f64 / 1024.0,
+            limit as f64 / 1024.0,
+        );
+    }
 }
 
 fn main() {
@@ -256,6 +295,10 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    // `rounds=N` runs N rounds per count (the call's norm history grows over the first rounds).
+    let rounds_asked: u32 = std::env::args()
+        .find_map(|a| a.strip_prefix("rounds=").and_then(|n| n.parse().ok()))
+        .unwrap_or(1);
     let counts = if counts.is_empty() {
         vec![1_000, 2_500, 5_000, 10_000]
     } else {
@@ -266,6 +309,6 @@ fn main() {
         experts().len()
     );
     for n in counts {
-        one_round(n);
+        rounds(n, rounds_asked);
     }
 }

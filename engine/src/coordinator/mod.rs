@@ -33,6 +33,7 @@ pub mod config;
 pub mod equivocation;
 pub mod judges;
 mod legacy;
+pub mod message_bound;
 pub mod norm_ledger;
 pub mod standing;
 
@@ -54,6 +55,7 @@ use thiserror::Error;
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
 pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS, default_inner_steps};
 pub use judges::{Draw, Judges, JudgingRule, Tally, draw_judges, tally};
+pub use message_bound::{RoundMessageBound, check_round_messages, round_message_bound};
 pub use standing::{Standing, StandingPolicy, Standings};
 
 /// Why the coordinator could not be built, saved or restored.

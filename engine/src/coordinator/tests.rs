@@ -2351,3 +2351,77 @@ fn an_observer_catches_a_commit_that_is_not_what_the_quorum_signed() {
     };
     assert_eq!(signers.len(), judges.len());
 }
+
+/// The bound of a run's round messages holds for its real rounds: a round whose deltas are all accepted
+/// (the next call carries their norms) and one whose deltas are all refused, each with its score, with the
+/// member cap at the members that train, so that the bound is not loosened by participants that never come.
+#[test]
+fn every_round_message_fits_the_bound_its_settings_give() {
+    let mut cfg = CoordinatorConfig::new(run(), experts(), hyper());
+    cfg.min_members = 3;
+    cfg.train_ms = 1_000;
+    cfg.verify_ms = 1_000;
+    cfg.cooldown_ms = 100;
+    cfg.standing.max_members = 3;
+    let bound = check_round_messages(&cfg).unwrap();
+    let mut c = Coordinator::new(cfg, base_manifest()).unwrap();
+    let size = |m: Message| {
+        mana_protocol::wire::encode::<_, { usize::MAX }>(&m, "round message")
+            .unwrap()
+            .len()
+    };
+    let (ann, call) = called_round(&mut c);
+    let nodes: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    attest_all(&mut c, &call, |part| judgment(part, "one"));
+    let first = committed(&c.tick(40, 14).unwrap());
+    assert!(first.rejected.is_empty());
+    let mut sizes = vec![(
+        size(Message::RoundAnnouncement(ann)),
+        size(Message::AggregationCall(call)),
+        size(Message::RoundCommit(first)),
+    )];
+    let ann = announced(&c.tick(1_000, 15).unwrap());
+    send_all(&mut c, &ann, &nodes, 1_010);
+    let call = called(&c.tick(1_020, 16).unwrap());
+    assert!(
+        !call.norms.is_empty(),
+        "the second call carries the first round's norms"
+    );
+    attest_all(&mut c, &call, |part| {
+        judged(part, 2, "two", |_| {
+            DeltaVerdict::Refuse(RejectCode::NormTooLarge)
+        })
+    });
+    let second = committed(&c.tick(1_040, 17).unwrap());
+    assert!(second.accepted.is_empty() && !second.scores.is_empty());
+    sizes.push((
+        size(Message::RoundAnnouncement(ann)),
+        size(Message::AggregationCall(call)),
+        size(Message::RoundCommit(second)),
+    ));
+    for (announcement, call, commit) in sizes {
+        assert!(
+            announcement <= bound.announcement && call <= bound.call && commit <= bound.commit,
+            "{announcement}, {call}, {commit} bytes against {bound:?}"
+        );
+    }
+}
+
+/// A 1B-parameter layout (22 MoE layers of 64 experts, replication 2) cannot be sequenced: its commit and
+/// its call outgrow a gossip message. Its coordinator refuses to start with the sizes and what to change,
+/// instead of failing every tick at its first commit; the test model's layout fits.
+#[test]
+fn a_layout_whose_round_messages_outgrow_a_gossip_message_is_refused() {
+    let layout: Vec<ShardId> = (2..24u16)
+        .flat_map(|layer| (0..64u16).map(move |index| ShardId::Expert { layer, index }))
+        .collect();
+    let cfg = CoordinatorConfig::new(run(), layout, hyper());
+    let bound = round_message_bound(&cfg);
+    let limit = mana_protocol::limits::MAX_MESSAGE_BYTES;
+    assert!(bound.commit > limit && bound.call > limit, "{bound:?}");
+    let refused = check_round_messages(&cfg).unwrap_err();
+    assert_eq!(refused.field, "experts");
+    assert!(refused.reason.contains("1409 shards"), "{}", refused.reason);
+    let fits = check_round_messages(&CoordinatorConfig::new(run(), experts(), hyper())).unwrap();
+    assert!(fits.commit <= limit && fits.call <= limit, "{fits:?}");
+}

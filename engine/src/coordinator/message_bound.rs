@@ -1,0 +1,238 @@
+//! The largest round messages a run can produce, against the gossip envelope.
+//!
+//! A round's announcement, call and commit each travel as one gossip message, at most
+//! [`MAX_MESSAGE_BYTES`]. Their sizes grow with the run's shards (the commit's checkpoint lists every shard;
+//! the call's norm history keeps `norm_history` norms of each), with the holders per shard (a delta each) and
+//! with the participants (a trunk delta each when every participant trains the trunk). A run whose messages
+//! outgrow the envelope cannot be sequenced: the coordinator's tick fails on encoding the call or the commit,
+//! every tick, and the run stalls. A 1B-parameter layout (1,408 experts and the trunk, replication 2, 1,000
+//! participants) does: its first commit is 367 KiB and its second round's call 280 KiB, against 256 KiB.
+//!
+//! [`round_message_bound`] builds the largest announcement, call and commit the run's settings allow and
+//! encodes them: every participant slot filled, every delta refused with a score, every judge of every shard
+//! on the record of dissent, every shard's norm history full, every number at its widest encoding. A
+//! coordinator checks it before it starts ([`check_round_messages`]) and refuses the run with the sizes and
+//! what to change, rather than stalling at its first large round.
+
+use mana_protocol::limits::{
+    MAX_DELTA_PAYLOAD_BYTES, MAX_MESSAGE_BYTES, MAX_PARTICIPANTS, MAX_SHARD_BYTES,
+};
+use mana_protocol::{
+    AggregationCall, CalledDelta, CheckpointManifest, ContentHash, Deadlines, DeltaScore, Message,
+    NormRecord, Participant, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit,
+    ShardCall, ShardDissent, ShardEntry, ShardId,
+};
+
+use super::config::{ConfigError, CoordinatorConfig};
+
+/// The largest encoded size of each of a run's round messages, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundMessageBound {
+    /// The round announcement (participants, their shards and data seeds).
+    pub announcement: usize,
+    /// The call for judgments (every delta, the judges, the norm history).
+    pub call: usize,
+    /// The commit (every verdict and score, the dissent, the checkpoint).
+    pub commit: usize,
+}
+
+/// The largest announcement, call and commit a round of `config` can produce.
+pub fn round_message_bound(config: &CoordinatorConfig) -> RoundMessageBound {
+    let participants = MAX_PARTICIPANTS.min(config.standing.max_members.max(1)) as u32;
+    let widest = participants - 1;
+    let far = PublicKey([0xff; 32]);
+    let hash = ContentHash([0xff; 32]);
+    let mut shards: Vec<ShardId> = std::iter::once(ShardId::Trunk)
+        .chain(config.experts.iter().copied())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    // Holders of each shard: every participant for a trunk every participant trains, else `replication`.
+    let holders = |shard: &ShardId| -> u32 {
+        if *shard == ShardId::Trunk && config.trunk_everywhere {
+            participants
+        } else {
+            (config.replication as u32).min(participants)
+        }
+    };
+    let judges = |shard: &ShardId| -> (u32, u32) {
+        let h = holders(shard);
+        let holder_judges = h.min(config.judging.max_holder_judges);
+        let verifiers = config
+            .judging
+            .verifiers_per_shard
+            .min(participants.saturating_sub(h));
+        (holder_judges, verifiers)
+    };
+
+    // The announcement: every holder slot given out over the participants.
+    let mut slots: Vec<Vec<ShardId>> = vec![Vec::new(); participants as usize];
+    let mut next = 0usize;
+    for shard in &shards {
+        for _ in 0..holders(shard) {
+            let slot = next % slots.len();
+            slots[slot].push(*shard);
+            next += 1;
+        }
+    }
+    let announcement = RoundAnnouncement {
+        run: config.run.clone(),
+        round: u64::MAX,
+        base_checkpoint: hash,
+        participants: slots
+            .into_iter()
+            .map(|shards| Participant {
+                node: far,
+                shards,
+                data_seeds: vec![u64::MAX; config.data_seeds_per_node as usize],
+            })
+            .collect(),
+        inner_steps: config.inner_steps,
+        hyper: config.hyper.clone(),
+        max_norm_ratio: config.max_norm_ratio,
+        deadlines: Deadlines {
+            deltas_by_ms: u64::MAX,
+            commit_by_ms: u64::MAX,
+        },
+        corpus: config.corpus,
+        seed_commitment: hash,
+    };
+
+    // The call: a delta from every holder of every shard, the most judges, a full norm history.
+    let call = AggregationCall {
+        run: config.run.clone(),
+        round: u64::MAX,
+        base_checkpoint: hash,
+        seed_secret: [0xff; 32],
+        rule: config.verdict,
+        norms: shards
+            .iter()
+            .flat_map(|shard| {
+                (0..config.norm_history).map(move |_| NormRecord {
+                    shard: *shard,
+                    sender: far,
+                    norm: f32::MAX,
+                })
+            })
+            .collect(),
+        shards: shards
+            .iter()
+            .map(|shard| {
+                let (holder_judges, verifiers) = judges(shard);
+                ShardCall {
+                    shard: *shard,
+                    deltas: (0..holders(shard))
+                        .map(|_| CalledDelta {
+                            sender: widest,
+                            payload_hash: hash,
+                            payload_size: MAX_DELTA_PAYLOAD_BYTES,
+                            weight: mana_protocol::MAX_DELTA_WEIGHT,
+                        })
+                        .collect(),
+                    holders: vec![widest; holder_judges as usize],
+                    verifiers: vec![widest; verifiers as usize],
+                }
+            })
+            .collect(),
+    };
+
+    // The commit: every delta refused (a refusal names its sender; an acceptance does not) and scored, every
+    // judge a dissenter, every shard in the checkpoint.
+    let commit = RoundCommit {
+        run: config.run.clone(),
+        round: u64::MAX,
+        accepted: Vec::new(),
+        rejected: shards
+            .iter()
+            .flat_map(|shard| {
+                (0..holders(shard)).map(move |_| RejectedDelta {
+                    shard: *shard,
+                    node: far,
+                    payload_hash: hash,
+                    reason: RejectCode::NormTooLarge,
+                })
+            })
+            .collect(),
+        checkpoint: CheckpointManifest {
+            run: config.run.clone(),
+            round: u64::MAX,
+            shards: shards
+                .iter()
+                .map(|shard| ShardEntry {
+                    shard: *shard,
+                    hash,
+                    size: MAX_SHARD_BYTES,
+                    round: u64::MAX,
+                })
+                .collect(),
+        },
+        scores: shards
+            .iter()
+            .flat_map(|shard| {
+                let in_mean = holders(shard);
+                (0..in_mean).map(move |_| DeltaScore {
+                    shard: *shard,
+                    payload_hash: hash,
+                    in_mean,
+                    null_loss: f32::MAX,
+                    loss: f32::MAX,
+                })
+            })
+            .collect(),
+        seed_secret: [0xff; 32],
+        dissent: shards
+            .iter()
+            .map(|shard| {
+                let (holder_judges, verifiers) = judges(shard);
+                ShardDissent {
+                    shard: *shard,
+                    dissenters: vec![far; (holder_judges + verifiers) as usize],
+                    absent: Vec::new(),
+                }
+            })
+            .collect(),
+    };
+    RoundMessageBound {
+        announcement: encoded_len(&Message::RoundAnnouncement(announcement)),
+        call: encoded_len(&Message::AggregationCall(call)),
+        commit: encoded_len(&Message::RoundCommit(commit)),
+    }
+}
+
+fn encoded_len(message: &Message) -> usize {
+    // Uncapped: the bound is what is being measured. An encoding failure (none is possible for these
+    // structures) counts as too large.
+    mana_protocol::wire::encode::<_, { usize::MAX }>(message, "round message bound")
+        .map_or(usize::MAX, |bytes| bytes.len())
+}
+
+/// Refuses settings whose round messages could outgrow the gossip envelope ([`MAX_MESSAGE_BYTES`]), naming
+/// the largest message, its size and the settings that size it.
+pub fn check_round_messages(config: &CoordinatorConfig) -> Result<RoundMessageBound, ConfigError> {
+    let bound = round_message_bound(config);
+    let over = [
+        ("announcement", bound.announcement),
+        ("call for judgments", bound.call),
+        ("commit", bound.commit),
+    ]
+    .into_iter()
+    .filter(|(_, bytes)| *bytes > MAX_MESSAGE_BYTES)
+    .max_by_key(|(_, bytes)| *bytes);
+    match over {
+        None => Ok(bound),
+        Some((what, bytes)) => Err(ConfigError {
+            field: "experts",
+            reason: format!(
+                "a round's {what} can reach {} KiB, over the {} KiB a gossip message may hold ({} shards, \
+                 replication {}, up to {} participants, a norm history of {} a shard): run fewer experts, \
+                 a lower replication or norm history, or fewer members (`max_members`)",
+                bytes.div_ceil(1024),
+                MAX_MESSAGE_BYTES / 1024,
+                config.experts.len() + 1,
+                config.replication,
+                MAX_PARTICIPANTS.min(config.standing.max_members),
+                config.norm_history,
+            ),
+        }),
+    }
+}
