@@ -807,7 +807,11 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
     let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
     let forged = vec![NormRecord {
         shard: ShardId::Trunk,
-        sender: net.trainers[0].0.public_key(),
+        sender: ann
+            .participants
+            .iter()
+            .position(|p| p.node == net.trainers[0].0.public_key())
+            .map(|i| i as u32),
         norm: norm * 1000.0,
     }];
     let call = trunk_call(

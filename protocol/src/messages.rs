@@ -276,9 +276,9 @@ pub struct AggregationCall {
     pub seed_secret: [u8; 32],
     /// The rule every verdict follows.
     pub rule: VerdictRule,
-    /// The recently committed norms of accepted deltas (at most a few per shard), with their senders: the
-    /// norm bounds' history, the same for every judge. Anyone can rebuild it from the last commits, which
-    /// publish each accepted delta's norm.
+    /// The recently committed norms of accepted deltas (at most a few per shard), with their senders among
+    /// the round's participants: the norm bounds' history, the same for every judge. Anyone can rebuild it
+    /// from the last commits, which publish each accepted delta's norm.
     pub norms: Vec<NormRecord>,
     /// One entry per shard with deltas, sorted by shard.
     pub shards: Vec<ShardCall>,
@@ -302,13 +302,20 @@ pub struct VerdictRule {
     pub expert_tolerance: f32,
 }
 
-/// One committed norm of an accepted delta: its shard, its sender and its L2 norm.
+/// One committed norm of an accepted delta, as a call carries it: its shard, its sender if that sender takes
+/// part in the call's round, and its L2 norm.
+///
+/// A sender matters to the norm bounds only as the one whose own norms are left out of its delta's bounds,
+/// and only a participant of the round sends a delta in it: a participant is named by its index (a varint of
+/// one to three bytes instead of a 32-byte key, so a full history of every shard of a large model fits in
+/// the call), anyone else is `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NormRecord {
     /// The shard the delta updated.
     pub shard: ShardId,
-    /// Who sent it.
-    pub sender: PublicKey,
+    /// Who sent it: an index into the call's round announcement's participants, or `None` when the sender
+    /// takes no part in that round.
+    pub sender: Option<u32>,
     /// Its L2 norm.
     pub norm: f32,
 }

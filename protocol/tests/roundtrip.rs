@@ -174,12 +174,14 @@ fn other_versions_are_refused_before_anything_else() {
             supported: PROTOCOL_VERSION
         })
     );
+    // A later version (a one-byte varint, like every version so far).
+    let later = PROTOCOL_VERSION + 1;
     let mut frame = fetch_request().encode().unwrap();
-    frame[0] = 9;
+    frame[0] = later as u8;
     assert_eq!(
         FetchRequest::decode(&frame),
         Err(ProtocolError::UnsupportedVersion {
-            got: 9,
+            got: later,
             supported: PROTOCOL_VERSION
         })
     );

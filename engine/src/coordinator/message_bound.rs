@@ -6,7 +6,8 @@
 //! with the participants (a trunk delta each when every participant trains the trunk). A run whose messages
 //! outgrow the envelope cannot be sequenced: the coordinator's tick fails on encoding the call or the commit,
 //! every tick, and the run stalls. A 1B-parameter layout (1,408 experts and the trunk, replication 2, 1,000
-//! participants) does: its first commit is 367 KiB and its second round's call 280 KiB, against 256 KiB.
+//! participants) does: its first commit is 367 KiB, against 255 KiB, and its fourth round's call 260 KiB
+//! (the norm history filling up; 280 KiB in round 2 while each norm's sender was a 32-byte key).
 //!
 //! [`round_message_bound`] builds the largest announcement, call and commit the run's settings allow and
 //! encodes them: every participant slot filled, every delta refused with a score, every judge of every shard
@@ -110,7 +111,7 @@ pub fn round_message_bound(config: &CoordinatorConfig) -> RoundMessageBound {
             .flat_map(|shard| {
                 (0..config.norm_history).map(move |_| NormRecord {
                     shard: *shard,
-                    sender: far,
+                    sender: Some(widest),
                     norm: f32::MAX,
                 })
             })

@@ -1089,7 +1089,7 @@ impl Coordinator {
                 .into_iter()
                 .map(|s| NormRecord {
                     shard: s.shard,
-                    sender: s.sender,
+                    sender: index.get(&s.sender).copied(),
                     norm: s.norm,
                 })
                 .collect(),

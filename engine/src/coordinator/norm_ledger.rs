@@ -19,11 +19,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use std::collections::BTreeSet;
+
 use mana_protocol::{
-    AggregationCall, CalledDelta, NormRecord, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
+    AggregationCall, CalledDelta, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
 };
 
 use super::config::MAX_NORM_HISTORY;
+use crate::round::NormSample;
 
 /// What [`NormLedger::check`] found.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +45,7 @@ pub struct NormLedger {
     /// The first round of the unbroken run, and the last recorded (`first > last`: none recorded yet).
     first: Option<u64>,
     last: Option<u64>,
-    by_shard: BTreeMap<ShardId, VecDeque<NormRecord>>,
+    by_shard: BTreeMap<ShardId, VecDeque<NormSample>>,
     /// Of the last announcements and calls shown, by round ([`KEPT_ROUNDS`]), only what names the senders of
     /// the commits' deltas (gossip may bring the next round's announcement before this round's commit): the
     /// participants' keys, in the announcement's order, and each called shard's deltas.
@@ -52,6 +55,20 @@ pub struct NormLedger {
 
 /// Rounds whose announcement and call are kept.
 const KEPT_ROUNDS: usize = 3;
+
+/// A committed norm as a call names it: its shard, its sender's key if the sender takes part in the call's
+/// round, and the norm.
+#[derive(Debug, Clone, Copy)]
+struct Named {
+    shard: ShardId,
+    sender: Option<PublicKey>,
+    norm: f32,
+}
+
+/// How a check's finding names a record's sender.
+fn sender_name(sender: Option<PublicKey>) -> String {
+    sender.map_or_else(|| "no participant".to_string(), |k| k.to_string())
+}
 
 /// Keeps `value` for `round` in `map`, and the last [`KEPT_ROUNDS`] rounds only.
 fn keep<T>(map: &mut BTreeMap<u64, T>, round: u64, value: T) {
@@ -127,7 +144,7 @@ impl NormLedger {
     }
 
     /// The norm records `commit` adds, in the coordinator's order; `None` when a delta's sender is unknown.
-    fn records_of(&self, commit: &RoundCommit) -> Option<Vec<NormRecord>> {
+    fn records_of(&self, commit: &RoundCommit) -> Option<Vec<NormSample>> {
         if commit.accepted.is_empty() {
             return Some(Vec::new());
         }
@@ -154,7 +171,7 @@ impl NormLedger {
                     called[*i].payload_hash == *hash && !used.contains(i) && !refused(*i)
                 })?;
                 used.insert(at);
-                records.push(NormRecord {
+                records.push(NormSample {
                     shard: list.shard,
                     sender: *sender_of(at)?,
                     norm: *norm,
@@ -172,8 +189,13 @@ impl NormLedger {
         if last.checked_add(1) != Some(call.round) {
             return NormCheck::Unknown;
         }
+        // A record names its sender among the call's round's participants.
+        let Some(participants) = self.participants.get(&call.round) else {
+            return NormCheck::Unknown;
+        };
+        let taking_part: BTreeSet<&PublicKey> = participants.iter().collect();
         // The call's records, shard by shard in shard order, as the coordinator lists them.
-        let mut called: BTreeMap<ShardId, Vec<NormRecord>> = BTreeMap::new();
+        let mut called: BTreeMap<ShardId, Vec<Named>> = BTreeMap::new();
         let mut previous: Option<ShardId> = None;
         for r in &call.norms {
             if previous.is_some_and(|p| p > r.shard) {
@@ -184,9 +206,32 @@ impl NormLedger {
                 ));
             }
             previous = Some(r.shard);
-            called.entry(r.shard).or_default().push(*r);
+            let sender = match r.sender {
+                None => None,
+                Some(i) => match participants.get(i as usize) {
+                    Some(key) => Some(*key),
+                    None => {
+                        return NormCheck::Forged(format!(
+                            "{}: a record names participant {i} of {}",
+                            r.shard,
+                            participants.len()
+                        ));
+                    }
+                },
+            };
+            called.entry(r.shard).or_default().push(Named {
+                shard: r.shard,
+                sender,
+                norm: r.norm,
+            });
         }
-        let same = |a: &NormRecord, b: &NormRecord| {
+        // A committed norm as the call must name it: its sender only if that sender takes part.
+        let as_called = |s: &NormSample| Named {
+            shard: s.shard,
+            sender: taking_part.contains(&s.sender).then_some(s.sender),
+            norm: s.norm,
+        };
+        let same = |a: &Named, b: &Named| {
             a.shard == b.shard && a.sender == b.sender && a.norm.to_bits() == b.norm.to_bits()
         };
         let empty = VecDeque::new();
@@ -197,14 +242,14 @@ impl NormLedger {
             let l = self.by_shard.get(&shard).unwrap_or(&empty);
             // Every record of the shard since the run began, or as many as a call may carry.
             let complete = first <= 1 || l.len() >= MAX_NORM_HISTORY as usize;
-            let ends_with = |long: &[NormRecord], short: &[NormRecord]| {
+            let ends_with = |long: &[Named], short: &[Named]| {
                 long.len() >= short.len()
                     && long[long.len() - short.len()..]
                         .iter()
                         .zip(short)
                         .all(|(x, y)| same(x, y))
             };
-            let l: Vec<NormRecord> = l.iter().copied().collect();
+            let l: Vec<Named> = l.iter().map(as_called).collect();
             let agrees = ends_with(&l, c) || (!complete && ends_with(c, &l));
             if !agrees {
                 return NormCheck::Forged(format!(
@@ -214,7 +259,10 @@ impl NormLedger {
                     match (c.last(), l.last()) {
                         (Some(x), Some(y)) if !same(x, y) => format!(
                             " (its last: norm {} from {}; committed last: norm {} from {})",
-                            x.norm, x.sender, y.norm, y.sender
+                            x.norm,
+                            sender_name(x.sender),
+                            y.norm,
+                            sender_name(y.sender)
                         ),
                         _ => String::new(),
                     }
@@ -229,7 +277,7 @@ impl NormLedger {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use mana_protocol::{
-        AcceptedDeltas, CalledDelta, CodecOptions, ContentHash, Deadlines, HyperParams,
+        AcceptedDeltas, CalledDelta, CodecOptions, ContentHash, Deadlines, HyperParams, NormRecord,
         Participant, PublicKey, RunId, ShardCall, UpdateRule, VerdictRule,
     };
 
@@ -362,7 +410,7 @@ mod tests {
                     let list = by_shard.entry(part.shard).or_default();
                     list.push(NormRecord {
                         shard: part.shard,
-                        sender: key(d.sender as u8 + 1),
+                        sender: Some(d.sender),
                         norm: r as f32 + d.sender as f32 / 10.0,
                     });
                     let excess = list.len().saturating_sub(per_shard);
@@ -373,7 +421,8 @@ mod tests {
         by_shard.into_values().flatten().collect()
     }
 
-    /// A ledger shown rounds `from..to` (announcement, call, commit).
+    /// A ledger shown rounds `from..to` (announcement, call, commit), and round `to`'s announcement (its
+    /// call's records name their senders among its participants).
     fn shown(from: u64, to: u64) -> NormLedger {
         let mut ledger = NormLedger::new();
         for r in from..to {
@@ -382,6 +431,7 @@ mod tests {
             ledger.called(&c);
             ledger.committed(&commit(&c));
         }
+        ledger.announced(&announcement(to));
         ledger
     }
 
@@ -399,18 +449,26 @@ mod tests {
         let mut moved = honest.clone();
         moved[3].norm *= 10.0;
         let mut sender = honest.clone();
-        sender[3].sender = key(9);
+        sender[3].sender = sender[3].sender.map(|i| (i + 1) % 3);
+        // A participant's norm said to be a non-participant's (it would then bound its own delta), and a
+        // sender past the participants.
+        let mut anonymous = honest.clone();
+        anonymous[3].sender = None;
+        let mut outside = honest.clone();
+        outside[3].sender = Some(3);
         let mut made_up = honest.clone();
         made_up.push(NormRecord {
             shard: E0,
-            sender: key(2),
+            sender: Some(1),
             norm: 99.0,
         });
         let mut left_out = honest.clone();
         left_out.pop();
         let mut reordered = honest.clone();
         reordered.swap(0, 9);
-        for forged in [moved, sender, made_up, left_out, reordered] {
+        for forged in [
+            moved, sender, anonymous, outside, made_up, left_out, reordered,
+        ] {
             assert!(
                 matches!(ledger.check(&call(6, forged.clone())), NormCheck::Forged(_)),
                 "{forged:?}"
@@ -433,7 +491,7 @@ mod tests {
             0,
             NormRecord {
                 shard: ShardId::Trunk,
-                sender: key(1),
+                sender: Some(0),
                 norm: 0.5,
             },
         );
@@ -449,7 +507,7 @@ mod tests {
             at,
             NormRecord {
                 shard: E0,
-                sender: key(1),
+                sender: Some(0),
                 norm: 0.5,
             },
         );
@@ -501,6 +559,7 @@ mod tests {
         // Round 4's call was missed: its commit's senders are unknown, and the ledger restarts at round 5.
         ledger.announced(&announcement(4));
         ledger.committed(&commit(&call(4, Vec::new())));
+        ledger.announced(&announcement(5));
         assert_eq!(
             ledger.check(&call(5, honest_history(5, 8))),
             NormCheck::Agrees
@@ -524,6 +583,7 @@ mod tests {
             ledger.called(&c);
             ledger.committed(&commit(&c));
         }
+        ledger.announced(&announcement(8));
         let honest = honest_history(8, 8);
         assert_eq!(ledger.check(&call(8, honest.clone())), NormCheck::Agrees);
         let mut forged = honest;

@@ -2034,6 +2034,24 @@ fn accepted_norms_reach_the_next_call_and_refused_ones_do_not() {
             .find(|n| delta(&ann, shard, *n).payload_hash == *h)
             .unwrap()
     };
+    let trunk = commit
+        .accepted
+        .iter()
+        .find(|a| a.shard == ShardId::Trunk)
+        .unwrap();
+    assert_eq!(trunk.deltas.len(), 3, "four trunk deltas, one refused");
+    let (next, actions) = round_to_call(&mut c, 1_000, &all);
+    let call = called(&actions);
+    Message::AggregationCall(call.clone())
+        .check_limits()
+        .unwrap();
+    // Each sender named by its index among the next round's participants (every member takes part again).
+    let index_in_next = |node: PublicKey| {
+        next.participants
+            .iter()
+            .position(|p| p.node == node)
+            .map(|i| i as u32)
+    };
     let mut want = Vec::new();
     for a in &commit.accepted {
         let records: Vec<NormRecord> = a
@@ -2042,26 +2060,18 @@ fn accepted_norms_reach_the_next_call_and_refused_ones_do_not() {
             .zip(&a.norms)
             .map(|(h, norm)| NormRecord {
                 shard: a.shard,
-                sender: sender_of_payload(a.shard, h),
+                sender: index_in_next(sender_of_payload(a.shard, h)),
                 norm: *norm,
             })
             .collect();
         want.extend(records[records.len().saturating_sub(2)..].iter().copied());
     }
-    let trunk = commit
-        .accepted
-        .iter()
-        .find(|a| a.shard == ShardId::Trunk)
-        .unwrap();
-    assert_eq!(trunk.deltas.len(), 3, "four trunk deltas, one refused");
-    let (_, actions) = round_to_call(&mut c, 1_000, &all);
-    let call = called(&actions);
-    Message::AggregationCall(call.clone())
-        .check_limits()
-        .unwrap();
+    assert!(want.iter().all(|r| r.sender.is_some()), "{want:?}");
     assert_eq!(call.norms, want);
     assert!(
-        call.norms.iter().all(|r| r.sender != refused),
+        call.norms
+            .iter()
+            .all(|r| r.sender != index_in_next(refused)),
         "no refused delta's norm"
     );
     assert_eq!(

@@ -23,9 +23,8 @@
 use std::collections::BTreeMap;
 
 use mana_kernels::model::ShardId;
-use mana_protocol::NormRecord;
-use mana_protocol::PublicKey;
 use mana_protocol::validation::median_norm;
+use mana_protocol::{AggregationCall, NormRecord, PublicKey, RoundAnnouncement};
 use serde::{Deserialize, Serialize};
 
 /// Norms below this are not references: a delta of an expert that no token reached is rounding noise (a
@@ -62,14 +61,26 @@ pub enum NormVerdict {
     },
 }
 
-impl From<&NormRecord> for NormSample {
-    fn from(r: &NormRecord) -> NormSample {
-        NormSample {
+/// The sender a call's norm record of a non-participant stands for: a key nobody holds (a hash, not a point
+/// anyone knows the secret of), so such a record is never anyone's own.
+fn no_participant() -> PublicKey {
+    PublicKey(*blake3::hash(b"mana/norm-history/no-participant").as_bytes())
+}
+
+/// A call's norm history as samples: each record's sender named by its key among `announcement`'s
+/// participants (a record naming no participant, or an index past them, stands for nobody in the round).
+pub fn history_of(call: &AggregationCall, announcement: &RoundAnnouncement) -> Vec<NormSample> {
+    call.norms
+        .iter()
+        .map(|r: &NormRecord| NormSample {
             shard: r.shard,
-            sender: r.sender,
+            sender: r
+                .sender
+                .and_then(|i| announcement.participants.get(i as usize))
+                .map_or_else(no_participant, |p| p.node),
             norm: r.norm,
-        }
-    }
+        })
+        .collect()
 }
 
 /// The group of shards whose delta norms are compared with each other: `None` for the trunk, the layer for

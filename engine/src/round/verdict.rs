@@ -26,7 +26,7 @@ use mana_protocol::{
 };
 
 use super::error::RoundError;
-use super::norms::{NormSample, NormVerdict, judge_norm};
+use super::norms::{NormSample, NormVerdict, history_of, judge_norm};
 use super::score::{Score, ScorePolicy, ShardScorer, is_scored, score_batch, score_seed};
 use super::spec::RunSpec;
 use super::state::ShardRecord;
@@ -103,7 +103,7 @@ pub fn judge_deltas(
     deltas: &[Fetched<'_>],
 ) -> Result<Judged, RoundError> {
     let rule = &call.rule;
-    let history: Vec<NormSample> = call.norms.iter().map(NormSample::from).collect();
+    let history: Vec<NormSample> = history_of(call, announcement);
     // Each valid payload's norm, or the refusal its payload already had.
     let norms: Vec<Result<f32, RejectCode>> =
         deltas.iter().map(|d| d.payload.map(l2_norm)).collect();

@@ -277,11 +277,11 @@ impl Behaviour {
         let waiting = self.waiting.entry(peer).or_default();
         waiting.retain(|r| !r.abandoned());
         waiting.push(request);
-        if !self.dialing.contains_key(&peer) {
+        if let std::collections::hash_map::Entry::Vacant(dial) = self.dialing.entry(peer) {
             let opts = DialOpts::peer_id(peer)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
-            self.dialing.insert(peer, opts.connection_id());
+            dial.insert(opts.connection_id());
             self.out.push_back(ToSwarm::Dial { opts });
         }
     }
@@ -735,6 +735,14 @@ mod tests {
 
     const PROTOCOL: StreamProtocol = StreamProtocol::new("/mana/test-streams/1.0.0");
 
+    /// The first address `host` listens on.
+    async fn first_address(host: &Client) -> libp2p::Multiaddr {
+        host.listen_addrs(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .remove(0)
+    }
+
     /// A swarm on loopback, its event loop running.
     fn swarm() -> Client {
         let keypair = libp2p::identity::Keypair::generate_ed25519();
@@ -764,12 +772,7 @@ mod tests {
                 }
             }
         });
-        let addr = host
-            .listen_addrs(Duration::from_secs(10))
-            .await
-            .unwrap()
-            .remove(0);
-        opener.dial(addr).await.unwrap();
+        opener.dial(first_address(&host).await).await.unwrap();
         let peer = host.local_peer_id();
         const BURST: u8 = 48;
         let answers = futures::future::join_all((0..BURST).map(|i| {
@@ -806,13 +809,8 @@ mod tests {
                     let _ = stream.close().await;
                 }
             });
-            let addr = host
-                .listen_addrs(Duration::from_secs(10))
-                .await
-                .unwrap()
-                .remove(0);
             let peer = host.local_peer_id();
-            opener.dial(addr).await.unwrap();
+            opener.dial(first_address(&host).await).await.unwrap();
             // Asked for at once and a little later, across the handshake.
             let opened = futures::future::join_all((0..4u64).map(|i| {
                 let opener = opener.clone();

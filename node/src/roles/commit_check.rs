@@ -13,10 +13,7 @@ pub const REFUSAL_KIND: &[u8] = b"/refused-commit/";
 /// The evidence key of a refusal of round `round` of run `run`: the round (8 bytes big-endian, so the oldest
 /// go first when the evidence store is full), [`REFUSAL_KIND`], the run id.
 pub fn refusal_key(round: u64, run: &RunId) -> Vec<u8> {
-    let mut key = round.to_be_bytes().to_vec();
-    key.extend_from_slice(REFUSAL_KIND);
-    key.extend_from_slice(run.as_str().as_bytes());
-    key
+    crate::store::evidence::evidence_key(round, &[REFUSAL_KIND, run.as_str().as_bytes()])
 }
 
 /// Whether evidence key `key` holds a refusal in run `run` (a node that moves to another run is not stopped by

@@ -54,6 +54,7 @@ use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
 use crate::daemon::{NodeError, NodeHandle, blocking};
+use crate::store::evidence::evidence_key;
 use mana_engine::coordinator::audit::{Finding, audit_shard};
 use mana_engine::coordinator::equivocation;
 use mana_engine::coordinator::judges_of;
@@ -1687,7 +1688,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// Keeps `items` in the store as the evidence of a finding (`key`, see [`evidence_key`]), before the
+    /// Keeps `items` in the store as the evidence of a finding (`key`, see [`evidence_key`](crate::store::evidence::evidence_key)), before the
     /// finding is counted: whoever reads the count finds its proof kept. A store that refuses loses the proof,
     /// never the finding: logged, not fatal.
     async fn keep_evidence(&self, key: Vec<u8>, items: Vec<Vec<u8>>) {
@@ -1701,14 +1702,4 @@ impl Trainer {
             tracing::warn!(error = %e, "evidence not kept in the store");
         }
     }
-}
-
-/// The store key of a finding about round `round`: the round, big-endian (the store drops the oldest first),
-/// then `parts`, the finding's kind and what it concerns.
-fn evidence_key(round: u64, parts: &[&[u8]]) -> Vec<u8> {
-    let mut key = round.to_be_bytes().to_vec();
-    for part in parts {
-        key.extend_from_slice(part);
-    }
-    key
 }

@@ -16,6 +16,16 @@ pub const MAX_EVIDENCE: usize = 32;
 /// Most blobs in one piece of evidence.
 pub const MAX_EVIDENCE_BLOBS: usize = 4;
 
+/// The key of a piece of evidence about round `round`: the round, big-endian (so the oldest go first when the
+/// store is full), then `parts`, the finding's kind and what it concerns.
+pub fn evidence_key(round: u64, parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = round.to_be_bytes().to_vec();
+    for part in parts {
+        key.extend_from_slice(part);
+    }
+    key
+}
+
 impl Store {
     /// Keeps `items` (each stored as a blob) as the piece of evidence `key`, durably. A key already kept keeps
     /// its first evidence (the first proof stands; later ones add nothing). Returns the blobs of the kept piece.

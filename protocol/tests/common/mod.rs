@@ -231,7 +231,7 @@ pub fn aggregation_call() -> AggregationCall {
         },
         norms: vec![NormRecord {
             shard,
-            sender: node().public(),
+            sender: Some(1),
             norm: 0.07,
         }],
         shards: vec![ShardCall {
