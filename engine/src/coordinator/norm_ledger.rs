@@ -17,9 +17,7 @@
 //! Not caught: a call that keeps fewer records of a shard than the run's setting (the setting is not
 //! published); those it keeps are still the most recent, all genuine.
 
-use std::collections::{BTreeMap, VecDeque};
-
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use mana_protocol::{
     AggregationCall, CalledDelta, PublicKey, RoundAnnouncement, RoundCommit, ShardId,

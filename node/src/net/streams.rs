@@ -295,6 +295,12 @@ impl Behaviour {
         if self.dialing.get(&peer) == Some(&connection) {
             self.dialing.remove(&peer);
         }
+        self.release_waiting(peer, connection);
+    }
+
+    /// Sends the requests waiting for a connection to `peer` on `connection` (those whose caller is still
+    /// there).
+    fn release_waiting(&mut self, peer: PeerId, connection: ConnectionId) {
         for request in self.waiting.remove(&peer).unwrap_or_default() {
             if !request.abandoned() {
                 self.send(connection, request);
@@ -322,9 +328,7 @@ impl Behaviour {
         }
         if matches!(error, DialError::DialPeerConditionFalse(_)) {
             if let Some(connected) = self.connection(&peer) {
-                for request in self.waiting.remove(&peer).unwrap_or_default() {
-                    self.send(connected, request);
-                }
+                self.release_waiting(peer, connected);
             }
             return;
         }

@@ -1688,7 +1688,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// Keeps `items` in the store as the evidence of a finding (`key`, see [`evidence_key`](crate::store::evidence::evidence_key)), before the
+    /// Keeps `items` in the store as the evidence of a finding (`key`, see [`evidence_key`]), before the
     /// finding is counted: whoever reads the count finds its proof kept. A store that refuses loses the proof,
     /// never the finding: logged, not fatal.
     async fn keep_evidence(&self, key: Vec<u8>, items: Vec<Vec<u8>>) {
