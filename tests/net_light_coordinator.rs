@@ -88,6 +88,9 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     coord_cfg.sync_shards = false;
     // The coordinator does not even know how to make the model's shards.
     coord_cfg.genesis = None;
+    // Every round message it sends travels as a parcel (a gossiped header, the envelope fetched by hash),
+    // as a large layout's calls and commits must; `MANA_LIGHT_PARCEL_OVER` (bytes) gossips smaller ones whole.
+    coord_cfg.parcel_over_bytes = env_or("MANA_LIGHT_PARCEL_OVER", 0);
     // On a runtime of its own, so that what it alone costs can be read (see `meter`).
     let coord_rt = meter::runtime();
     let coordinator = Arc::new(

@@ -108,11 +108,13 @@ fn rounds(members: u32, rounds: u32) {
     let bound = round_message_bound(&cfg);
     println!(
         "{members:>6} members: the largest announcement {} KiB, call {} KiB, commit {} KiB a round of these \
-         settings can produce (a coordinator refuses to run them over {} KiB)",
+         settings can produce (gossiped whole up to {} KiB, as parcels over it; a coordinator refuses to run \
+         them over {} KiB)",
         bound.announcement / 1024,
         bound.call / 1024,
         bound.commit / 1024,
         mana_protocol::limits::MAX_MESSAGE_BYTES / 1024,
+        mana_protocol::limits::MAX_PARCEL_MESSAGE_BYTES / 1024,
     );
     let mut c = Coordinator::new(cfg, manifest(&experts)).expect("a valid coordinator");
     let capacity = Capacity {
@@ -278,7 +280,7 @@ fn rounds(members: u32, rounds: u32) {
          {commit_ms:>8.1} | state KiB: joined {joined_kib:>8.1}, announced {announced_kib:>8.1}, trained \
          {trained_kib:>8.1}, called {called_kib:>8.1}, attested {attested_kib:>8.1}, committed {committed_kib:>8.1} | \
          announcement {:.0} KiB, call {:.0} KiB ({call_norms} norms of the history), commit {:.0} KiB \
-         (gossip limit {:.0} KiB)",
+         (a parcel over {:.0} KiB)",
             ann.participants.len(),
             deltas.len(),
             ann_bytes as f64 / 1024.0,

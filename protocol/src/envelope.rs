@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::bytes::Bytes;
 use crate::error::ProtocolError;
 use crate::identity::{Keypair, PublicKey, SIGNATURE_LEN, Signature};
-use crate::limits::{MAX_ENVELOPE_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use crate::limits::{
+    MAX_ENVELOPE_BYTES, MAX_MESSAGE_BYTES, MAX_PARCEL_BYTES, MAX_PARCEL_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+};
 use crate::messages::Message;
 use crate::wire;
 
@@ -50,7 +53,9 @@ impl SignedEnvelope {
         timestamp_ms: u64,
     ) -> Result<SignedEnvelope, ProtocolError> {
         message.check_limits()?;
-        let payload = Bytes(wire::encode::<_, MAX_MESSAGE_BYTES>(message, "message")?);
+        let payload = Bytes(wire::encode::<_, MAX_PARCEL_MESSAGE_BYTES>(
+            message, "message",
+        )?);
         let mut envelope = SignedEnvelope {
             version: PROTOCOL_VERSION,
             signer: keypair.public(),
@@ -63,9 +68,10 @@ impl SignedEnvelope {
         Ok(envelope)
     }
 
-    /// The envelope's wire bytes.
+    /// The envelope's wire bytes (at most [`MAX_PARCEL_BYTES`]; gossip takes them whole only up to
+    /// [`MAX_ENVELOPE_BYTES`], larger ones travel as a [`crate::Parcel`]).
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
-        wire::encode::<_, MAX_ENVELOPE_BYTES>(self, "envelope")
+        wire::encode::<_, MAX_PARCEL_BYTES>(self, "envelope")
     }
 
     /// Checks the version and the signature, then decodes the message and its count bounds. The signer and
@@ -80,7 +86,13 @@ impl SignedEnvelope {
         }
         let signed = self.signed_bytes()?;
         self.signer.verify(&signed, &self.signature)?;
-        let message: Message = wire::decode::<_, MAX_MESSAGE_BYTES>(&self.payload.0, "message")?;
+        // The tighter bound wherever it holds: what a gossiped payload's length prefixes may make the
+        // decoder allocate stays within the gossip message's size.
+        let message: Message = if self.payload.0.len() <= MAX_MESSAGE_BYTES {
+            wire::decode::<_, MAX_MESSAGE_BYTES>(&self.payload.0, "message")?
+        } else {
+            wire::decode::<_, MAX_PARCEL_MESSAGE_BYTES>(&self.payload.0, "message")?
+        };
         message.check_limits()?;
         Ok(message)
     }
@@ -92,7 +104,7 @@ impl SignedEnvelope {
 
     /// [`SIGNING_DOMAIN`] followed by the encoding of every field but the signature.
     fn signed_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
-        let body = wire::encode::<_, MAX_ENVELOPE_BYTES>(
+        let body = wire::encode::<_, MAX_PARCEL_BYTES>(
             &(self.version, &self.signer, self.timestamp_ms, &self.payload),
             "envelope",
         )?;
@@ -108,4 +120,11 @@ impl SignedEnvelope {
 pub fn decode_envelope(bytes: &[u8]) -> Result<SignedEnvelope, ProtocolError> {
     wire::check_version::<MAX_ENVELOPE_BYTES>(bytes, "envelope")?;
     wire::decode::<_, MAX_ENVELOPE_BYTES>(bytes, "envelope")
+}
+
+/// Decodes the envelope a [`crate::Parcel`] names, fetched by its hash: as [`decode_envelope`], up to
+/// [`MAX_PARCEL_BYTES`]. Also reads envelopes kept in a store (evidence), which may have come either way.
+pub fn decode_parcel(bytes: &[u8]) -> Result<SignedEnvelope, ProtocolError> {
+    wire::check_version::<MAX_PARCEL_BYTES>(bytes, "envelope")?;
+    wire::decode::<_, MAX_PARCEL_BYTES>(bytes, "envelope")
 }

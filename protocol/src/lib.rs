@@ -39,7 +39,7 @@ pub use contribution::{
     Binding, Contribution, ContributionError, MAX_EXPERT_LOADS, SplitContribution,
     contribution_len, decode_contribution, split_contribution,
 };
-pub use envelope::{SIGNING_DOMAIN, SignedEnvelope, decode_envelope};
+pub use envelope::{SIGNING_DOMAIN, SignedEnvelope, decode_envelope, decode_parcel};
 pub use error::ProtocolError;
 pub use identity::{Keypair, PeerId, PublicKey, Signature};
 pub use ids::{ContentHash, RunId, ShardId, Text};
@@ -47,7 +47,7 @@ pub use limits::PROTOCOL_VERSION;
 pub use messages::{
     AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, CommitDispute,
     Deadlines, DeltaAnnouncement, DeltaScore, DeltaVerdict, DeviceKind, DisputeMismatch,
-    Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Participant,
+    Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Parcel, Participant,
     RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardAttestation, ShardCall,
     ShardDissent, ShardEntry, ShardJudgment, TrainingStats, UpdateRule, VerdictRule,
     seed_commitment,

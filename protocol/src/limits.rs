@@ -4,14 +4,22 @@
 
 /// The wire version this build speaks; the first field of every envelope and request/response frame.
 /// A receiver rejects any other value, so a new incompatible layout must bump it.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Largest encoded signed envelope (gossip message) accepted. Gossipsub's `max_transmit_size` must be at
 /// least this.
 pub const MAX_ENVELOPE_BYTES: usize = 256 * 1024;
 
-/// Largest encoded message inside an envelope: the envelope less its fixed fields.
+/// Largest encoded message inside a gossiped envelope: the envelope less its fixed fields.
 pub const MAX_MESSAGE_BYTES: usize = MAX_ENVELOPE_BYTES - 128;
+
+/// Largest signed envelope carried as a [`crate::Parcel`] (fetched by hash rather than gossiped): the
+/// ceiling of every round message, since a coordinator sends those over [`MAX_ENVELOPE_BYTES`] (or over its
+/// own lower threshold) as parcels. A 1B-parameter layout's largest commit is about 0.7 MiB.
+pub const MAX_PARCEL_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest encoded message inside a parcel's envelope: the envelope less its fixed fields.
+pub const MAX_PARCEL_MESSAGE_BYTES: usize = MAX_PARCEL_BYTES - 128;
 
 /// Largest encoded request frame on a request/response protocol.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;

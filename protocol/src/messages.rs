@@ -251,7 +251,7 @@ impl RoundCommit {
     pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
         Ok(ContentHash::of(&crate::wire::encode::<
             _,
-            { crate::limits::MAX_MESSAGE_BYTES },
+            { crate::limits::MAX_PARCEL_MESSAGE_BYTES },
         >(self, "round commit")?))
     }
 }
@@ -356,7 +356,7 @@ impl AggregationCall {
     pub fn hash(&self) -> Result<ContentHash, ProtocolError> {
         Ok(ContentHash::of(&crate::wire::encode::<
             _,
-            { crate::limits::MAX_MESSAGE_BYTES },
+            { crate::limits::MAX_PARCEL_MESSAGE_BYTES },
         >(self, "aggregation call")?))
     }
 
@@ -569,14 +569,17 @@ pub struct CheckpointManifest {
 impl CheckpointManifest {
     /// The canonical encoding (bincode standard, no version tag), which is also the manifest blob's content.
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
-        crate::wire::encode::<_, { crate::limits::MAX_MESSAGE_BYTES }>(self, "checkpoint manifest")
+        crate::wire::encode::<_, { crate::limits::MAX_PARCEL_MESSAGE_BYTES }>(
+            self,
+            "checkpoint manifest",
+        )
     }
 
     /// Decodes a manifest blob fetched by hash.
     pub fn from_bytes(bytes: &[u8]) -> Result<CheckpointManifest, ProtocolError> {
         let manifest: CheckpointManifest = crate::wire::decode::<
             _,
-            { crate::limits::MAX_MESSAGE_BYTES },
+            { crate::limits::MAX_PARCEL_MESSAGE_BYTES },
         >(bytes, "checkpoint manifest")?;
         manifest.check_limits()?;
         Ok(manifest)
@@ -664,6 +667,27 @@ pub enum Message {
     AggregationCall(AggregationCall),
     /// Variant 9: a judge signs the next state of the shards it judged.
     ShardAttestation(ShardAttestation),
+    /// Variant 10: a coordinator's round message travels as a blob fetched by hash.
+    Parcel(Parcel),
+}
+
+/// From the coordinator: the header of one of its round messages that travels as a blob rather than in
+/// gossip, because it is too large for a gossip message (a large layout's call or commit) or large enough
+/// that gossip's copies of it (every mesh peer sends one) cost more than one fetch. The header is gossiped;
+/// each node fetches the signed envelope it names from the peer that passed the header on, which holds it (a
+/// node passes a header on only once it has fetched and judged the envelope), or from the coordinator. The
+/// envelope is then judged as a gossiped one would be, up to [`crate::limits::MAX_PARCEL_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parcel {
+    /// The run.
+    pub run: RunId,
+    /// The round of the message inside (the opened message must name the same).
+    pub round: u64,
+    /// blake3 of the signed envelope's bytes (the blob's hash).
+    pub envelope: ContentHash,
+    /// The envelope's length in bytes, 1 to [`crate::limits::MAX_PARCEL_BYTES`]: a provider offering more is
+    /// refused before the transfer starts.
+    pub size: u32,
 }
 
 /// From any node that holds the whole committed checkpoint `checkpoint` of round `round` (a mirror): the mean
@@ -713,6 +737,24 @@ impl Message {
             Message::Evaluation(m) => &m.run,
             Message::AggregationCall(m) => &m.run,
             Message::ShardAttestation(m) => &m.run,
+            Message::Parcel(m) => &m.run,
+        }
+    }
+
+    /// The round the message is about; `None` for a heartbeat (about no round).
+    pub fn round(&self) -> Option<u64> {
+        match self {
+            Message::RoundAnnouncement(m) => Some(m.round),
+            Message::DeltaAnnouncement(m) => Some(m.round),
+            Message::RoundCommit(m) => Some(m.round),
+            Message::CheckpointManifest(m) => Some(m.round),
+            Message::Heartbeat(_) => None,
+            Message::CommitDispute(m) => Some(m.round),
+            Message::RunEnd(m) => Some(m.round),
+            Message::Evaluation(m) => Some(m.round),
+            Message::AggregationCall(m) => Some(m.round),
+            Message::ShardAttestation(m) => Some(m.round),
+            Message::Parcel(m) => Some(m.round),
         }
     }
 
@@ -727,7 +769,8 @@ impl Message {
             | Message::RunEnd(_)
             | Message::Evaluation(_)
             | Message::AggregationCall(_)
-            | Message::ShardAttestation(_) => TopicKind::Rounds,
+            | Message::ShardAttestation(_)
+            | Message::Parcel(_) => TopicKind::Rounds,
             Message::DeltaAnnouncement(_) => TopicKind::Deltas,
             Message::Heartbeat(_) => TopicKind::Heartbeats,
         }
@@ -746,6 +789,7 @@ impl Message {
             Message::Evaluation(_) => "evaluation",
             Message::AggregationCall(_) => "aggregation-call",
             Message::ShardAttestation(_) => "shard-attestation",
+            Message::Parcel(_) => "parcel",
         }
     }
 
@@ -900,6 +944,19 @@ impl Message {
                             detail: format!("{}: not a norm", r.entry.shard),
                         });
                     }
+                }
+                Ok(())
+            }
+            Message::Parcel(m) => {
+                if !(1..=crate::limits::MAX_PARCEL_BYTES).contains(&(m.size as usize)) {
+                    return Err(ProtocolError::InvalidField {
+                        what: "parcel size",
+                        detail: format!(
+                            "{} bytes, must be 1 to {}",
+                            m.size,
+                            crate::limits::MAX_PARCEL_BYTES
+                        ),
+                    });
                 }
                 Ok(())
             }

@@ -449,6 +449,9 @@ pub fn validate_message(
         }
         // From any judge of the round in progress (or of one just committed, still on its way).
         Message::ShardAttestation(m) => recent_round(ctx, "shard-attestation", m.round),
+        // Only the coordinator makes nodes fetch a blob for a header; what is inside is judged once opened
+        // (its round included: an announcement inside is ahead of the current round).
+        Message::Parcel(_) => from_coordinator(),
         // The end of the run comes after its last round was announced, and never ahead of it.
         Message::RunEnd(m) => {
             from_coordinator()?;

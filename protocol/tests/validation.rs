@@ -757,3 +757,62 @@ fn verdicts_agree_only_bit_for_bit() {
     v.sort();
     assert_eq!(v[0], accept(1.0));
 }
+
+#[test]
+fn parcels_come_only_from_the_coordinator_with_a_size_a_parcel_may_have() {
+    let header = parcel();
+    assert!(check(None, &coordinator(), NOW, &Message::Parcel(header.clone())).is_ok());
+    assert_eq!(
+        code(check(None, &node(), NOW, &Message::Parcel(header.clone()))),
+        RejectCode::NotCoordinator
+    );
+    for size in [0, limits::MAX_PARCEL_BYTES as u32 + 1] {
+        let bad = Message::Parcel(Parcel {
+            size,
+            ..header.clone()
+        });
+        assert!(
+            SignedEnvelope::sign(&coordinator(), &bad, NOW).is_err(),
+            "a parcel of {size} bytes is not signed"
+        );
+    }
+}
+
+#[test]
+fn an_envelope_over_the_gossip_limit_opens_only_as_a_parcel() {
+    // A commit whose checkpoint lists 8,000 shards: about 0.4 MiB, over a gossip message.
+    let mut commit = round_commit();
+    commit.checkpoint.shards = (0..8000u32)
+        .map(|i| ShardEntry {
+            shard: ShardId::Expert {
+                layer: (i / 256) as u16,
+                index: (i % 256) as u16,
+            },
+            hash: ContentHash::of(&i.to_le_bytes()),
+            size: 1 << 20,
+            round: 7,
+        })
+        .collect();
+    let message = Message::RoundCommit(commit);
+    let bytes = SignedEnvelope::sign(&coordinator(), &message, NOW)
+        .unwrap()
+        .encode()
+        .unwrap();
+    assert!(
+        bytes.len() > limits::MAX_ENVELOPE_BYTES,
+        "{} bytes",
+        bytes.len()
+    );
+    assert!(matches!(
+        decode_envelope(&bytes),
+        Err(ProtocolError::TooLarge { .. })
+    ));
+    let opened = decode_parcel(&bytes).unwrap();
+    assert_eq!(opened.verify().unwrap(), message);
+    let mut too_big = bytes.clone();
+    too_big.resize(limits::MAX_PARCEL_BYTES + 1, 0);
+    assert!(matches!(
+        decode_parcel(&too_big),
+        Err(ProtocolError::TooLarge { .. })
+    ));
+}

@@ -1,13 +1,14 @@
-//! The largest round messages a run can produce, against the gossip envelope.
+//! The largest round messages a run can produce, against what the network carries.
 //!
-//! A round's announcement, call and commit each travel as one gossip message, at most
-//! [`MAX_MESSAGE_BYTES`]. Their sizes grow with the run's shards (the commit's checkpoint lists every shard;
-//! the call's norm history keeps `norm_history` norms of each), with the holders per shard (a delta each) and
-//! with the participants (a trunk delta each when every participant trains the trunk). A run whose messages
-//! outgrow the envelope cannot be sequenced: the coordinator's tick fails on encoding the call or the commit,
-//! every tick, and the run stalls. A 1B-parameter layout (1,408 experts and the trunk, replication 2, 1,000
-//! participants) does: its first commit is 367 KiB, against 255 KiB, and its fourth round's call 260 KiB
-//! (the norm history filling up; 280 KiB in round 2 while each norm's sender was a 32-byte key).
+//! A round's announcement, call and commit each travel as one signed envelope: gossiped whole up to
+//! [`MAX_MESSAGE_BYTES`], and as a parcel (a gossiped header naming a blob that each node fetches once, see
+//! [`mana_protocol::Parcel`]) up to [`MAX_PARCEL_MESSAGE_BYTES`]. Their sizes grow with the run's shards (the
+//! commit's checkpoint lists every shard; the call's norm history keeps `norm_history` norms of each), with
+//! the holders per shard (a delta each) and with the participants (a trunk delta each when every participant
+//! trains the trunk). A 1B-parameter layout (1,408 experts and the trunk, replication 2, 1,000 participants)
+//! outgrows gossip: its first commit is 367 KiB and its fourth round's call 260 KiB, against 255 KiB, so
+//! its calls and commits travel as parcels. A run whose messages could outgrow even a parcel cannot be
+//! sequenced: the coordinator's tick would fail on encoding the call or the commit, every tick.
 //!
 //! [`round_message_bound`] builds the largest announcement, call and commit the run's settings allow and
 //! encodes them: every participant slot filled, every delta refused with a score, every judge of every shard
@@ -15,8 +16,12 @@
 //! coordinator checks it before it starts ([`check_round_messages`]) and refuses the run with the sizes and
 //! what to change, rather than stalling at its first large round.
 
+#[cfg(doc)]
+use mana_protocol::limits::MAX_MESSAGE_BYTES;
 use mana_protocol::limits::{
-    MAX_DELTA_PAYLOAD_BYTES, MAX_MESSAGE_BYTES, MAX_PARTICIPANTS, MAX_SHARD_BYTES,
+    MAX_CALL_NORMS, MAX_COMMIT_DELTAS, MAX_DELTA_PAYLOAD_BYTES, MAX_MANIFEST_SHARDS,
+    MAX_PARCEL_MESSAGE_BYTES, MAX_PARTICIPANTS, MAX_SHARD_BYTES, MAX_SHARD_JUDGES,
+    MAX_SHARDS_PER_NODE,
 };
 use mana_protocol::{
     AggregationCall, CalledDelta, CheckpointManifest, ContentHash, Deadlines, DeltaScore, Message,
@@ -39,6 +44,16 @@ pub struct RoundMessageBound {
 
 /// The largest announcement, call and commit a round of `config` can produce.
 pub fn round_message_bound(config: &CoordinatorConfig) -> RoundMessageBound {
+    let [announcement, call, commit] = largest_messages(config);
+    RoundMessageBound {
+        announcement: encoded_len(&announcement),
+        call: encoded_len(&call),
+        commit: encoded_len(&commit),
+    }
+}
+
+/// The announcement, call and commit that [`round_message_bound`] measures.
+fn largest_messages(config: &CoordinatorConfig) -> [Message; 3] {
     let participants = MAX_PARTICIPANTS.min(config.standing.max_members.max(1)) as u32;
     let widest = participants - 1;
     let far = PublicKey([0xff; 32]);
@@ -193,11 +208,45 @@ pub fn round_message_bound(config: &CoordinatorConfig) -> RoundMessageBound {
             })
             .collect(),
     };
-    RoundMessageBound {
-        announcement: encoded_len(&Message::RoundAnnouncement(announcement)),
-        call: encoded_len(&Message::AggregationCall(call)),
-        commit: encoded_len(&Message::RoundCommit(commit)),
-    }
+    [
+        Message::RoundAnnouncement(announcement),
+        Message::AggregationCall(call),
+        Message::RoundCommit(commit),
+    ]
+}
+
+/// The first of the protocol's counts that `messages` (the largest ones) break, said in words: a real
+/// message past one fails its own check at encoding, every tick.
+fn over_counts(messages: &[Message]) -> Option<String> {
+    let over = |what: &str, n: usize, max: usize| {
+        (n > max).then(|| format!("{what} can be {n} (at most {max})"))
+    };
+    messages.iter().find_map(|message| match message {
+        Message::RoundAnnouncement(a) => a.participants.iter().find_map(|p| {
+            over(
+                "shards of one participant",
+                p.shards.len(),
+                MAX_SHARDS_PER_NODE,
+            )
+        }),
+        Message::AggregationCall(c) => over("call shards", c.shards.len(), MAX_MANIFEST_SHARDS)
+            .or_else(|| {
+                let deltas = c.shards.iter().map(|s| s.deltas.len()).sum();
+                over("call deltas", deltas, MAX_COMMIT_DELTAS)
+            })
+            .or_else(|| over("call norms", c.norms.len(), MAX_CALL_NORMS))
+            .or_else(|| {
+                c.shards.iter().find_map(|s| {
+                    over(
+                        "judges of one shard",
+                        s.holders.len() + s.verifiers.len(),
+                        MAX_SHARD_JUDGES,
+                    )
+                })
+            }),
+        Message::RoundCommit(c) => over("commit deltas", c.rejected.len(), MAX_COMMIT_DELTAS),
+        _ => None,
+    })
 }
 
 fn encoded_len(message: &Message) -> usize {
@@ -207,9 +256,29 @@ fn encoded_len(message: &Message) -> usize {
         .map_or(usize::MAX, |bytes| bytes.len())
 }
 
-/// Refuses settings whose round messages could outgrow the gossip envelope ([`MAX_MESSAGE_BYTES`]), naming
-/// the largest message, its size and the settings that size it.
+/// Refuses settings whose round messages could outgrow a parcel ([`MAX_PARCEL_MESSAGE_BYTES`]) or the
+/// protocol's counts (deltas in a commit, norms in a call), naming the message, its size or count, and the
+/// settings that make it.
 pub fn check_round_messages(config: &CoordinatorConfig) -> Result<RoundMessageBound, ConfigError> {
+    let settings = || {
+        format!(
+            "{} shards, replication {}, up to {} participants, a norm history of {} a shard",
+            config.experts.len() + 1,
+            config.replication,
+            MAX_PARTICIPANTS.min(config.standing.max_members),
+            config.norm_history,
+        )
+    };
+    if let Some(over) = over_counts(&largest_messages(config)) {
+        return Err(ConfigError {
+            field: "experts",
+            reason: format!(
+                "a round's {over}, over the protocol's limit ({}): run fewer experts, a lower replication \
+                 or norm history, or fewer members (`max_members`)",
+                settings()
+            ),
+        });
+    }
     let bound = round_message_bound(config);
     let over = [
         ("announcement", bound.announcement),
@@ -217,22 +286,18 @@ pub fn check_round_messages(config: &CoordinatorConfig) -> Result<RoundMessageBo
         ("commit", bound.commit),
     ]
     .into_iter()
-    .filter(|(_, bytes)| *bytes > MAX_MESSAGE_BYTES)
+    .filter(|(_, bytes)| *bytes > MAX_PARCEL_MESSAGE_BYTES)
     .max_by_key(|(_, bytes)| *bytes);
     match over {
         None => Ok(bound),
         Some((what, bytes)) => Err(ConfigError {
             field: "experts",
             reason: format!(
-                "a round's {what} can reach {} KiB, over the {} KiB a gossip message may hold ({} shards, \
-                 replication {}, up to {} participants, a norm history of {} a shard): run fewer experts, \
-                 a lower replication or norm history, or fewer members (`max_members`)",
+                "a round's {what} can reach {} KiB, over the {} KiB a round message may hold ({}): run \
+                 fewer experts, a lower replication or norm history, or fewer members (`max_members`)",
                 bytes.div_ceil(1024),
-                MAX_MESSAGE_BYTES / 1024,
-                config.experts.len() + 1,
-                config.replication,
-                MAX_PARTICIPANTS.min(config.standing.max_members),
-                config.norm_history,
+                MAX_PARCEL_MESSAGE_BYTES / 1024,
+                settings(),
             ),
         }),
     }

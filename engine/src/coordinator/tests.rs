@@ -2417,21 +2417,56 @@ fn every_round_message_fits_the_bound_its_settings_give() {
     }
 }
 
-/// A 1B-parameter layout (22 MoE layers of 64 experts, replication 2) cannot be sequenced: its commit and
-/// its call outgrow a gossip message. Its coordinator refuses to start with the sizes and what to change,
-/// instead of failing every tick at its first commit; the test model's layout fits.
+/// A 1B-parameter layout (22 MoE layers of 64 experts, replication 2) outgrows a gossip message, but not a
+/// parcel: its coordinator starts, and its calls and commits travel as parcels. A layout four times wider
+/// with replication 8 cannot be sequenced at all: its commit would list more deltas than the protocol
+/// allows, and its messages outgrow a parcel. Its coordinator refuses to start, saying why, instead of
+/// failing every tick at its first commit.
 #[test]
-fn a_layout_whose_round_messages_outgrow_a_gossip_message_is_refused() {
-    let layout: Vec<ShardId> = (2..24u16)
-        .flat_map(|layer| (0..64u16).map(move |index| ShardId::Expert { layer, index }))
-        .collect();
-    let cfg = CoordinatorConfig::new(run(), layout, hyper());
-    let bound = round_message_bound(&cfg);
-    let limit = mana_protocol::limits::MAX_MESSAGE_BYTES;
-    assert!(bound.commit > limit && bound.call > limit, "{bound:?}");
-    let refused = check_round_messages(&cfg).unwrap_err();
+fn a_layout_whose_round_messages_outgrow_a_parcel_is_refused() {
+    let layers = |experts: u16| -> Vec<ShardId> {
+        (2..24u16)
+            .flat_map(|layer| (0..experts).map(move |index| ShardId::Expert { layer, index }))
+            .collect()
+    };
+    let b1 = CoordinatorConfig::new(run(), layers(64), hyper());
+    let bound = check_round_messages(&b1).unwrap();
+    assert!(
+        bound.commit > mana_protocol::limits::MAX_MESSAGE_BYTES
+            && bound.call > mana_protocol::limits::MAX_MESSAGE_BYTES,
+        "the 1B layout's call and commit are parcels: {bound:?}"
+    );
+    let mut wide = CoordinatorConfig::new(run(), layers(256), hyper());
+    wide.replication = 8;
+    let refused = check_round_messages(&wide).unwrap_err();
     assert_eq!(refused.field, "experts");
-    assert!(refused.reason.contains("1409 shards"), "{}", refused.reason);
+    assert!(refused.reason.contains("5633 shards"), "{}", refused.reason);
+    assert!(
+        refused.reason.contains("deltas can be"),
+        "{}",
+        refused.reason
+    );
+    // Within the protocol's counts but over a parcel: 3,960 experts, 30 verifiers a shard (a norm history of 4,
+    // so that the call's norms stay within theirs), every judge on
+    // the record of dissent. The bound's sizes refuse it.
+    let mut heavy = CoordinatorConfig::new(run(), layers(180), hyper());
+    heavy.judging.verifiers_per_shard = 30;
+    heavy.norm_history = 4;
+    heavy.standing.max_members = 64;
+    let heavy_bound = round_message_bound(&heavy);
+    assert!(
+        heavy_bound.commit > mana_protocol::limits::MAX_PARCEL_MESSAGE_BYTES,
+        "{heavy_bound:?}"
+    );
+    let refused = check_round_messages(&heavy).unwrap_err();
+    assert!(
+        refused.reason.contains("commit can reach"),
+        "{}",
+        refused.reason
+    );
     let fits = check_round_messages(&CoordinatorConfig::new(run(), experts(), hyper())).unwrap();
-    assert!(fits.commit <= limit && fits.call <= limit, "{fits:?}");
+    assert!(
+        fits.commit <= mana_protocol::limits::MAX_MESSAGE_BYTES,
+        "{fits:?}"
+    );
 }

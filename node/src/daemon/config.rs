@@ -13,6 +13,9 @@ use super::NodeError;
 use crate::net::NetConfig;
 use crate::net::fetch::FetchOptions;
 
+/// The default of [`NodeConfig::parcel_over_bytes`].
+pub const DEFAULT_PARCEL_OVER_BYTES: usize = 64 * 1024;
+
 /// Everything a running node needs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -53,6 +56,11 @@ pub struct NodeConfig {
     pub capacity: mana_protocol::Capacity,
     /// Where to serve the operator's dashboard (`--dashboard`; port 0: any free port), if at all.
     pub dashboard: Option<std::net::SocketAddr>,
+    /// For a coordinator's node: the envelope size over which its round messages travel as parcels (a blob
+    /// behind a gossiped header, [`mana_protocol::Parcel`]) rather than whole in gossip; capped at what a
+    /// gossip message holds. 64 KiB by default: each mesh peer sends a node its own copy of a gossiped
+    /// message, while a parcel is fetched once.
+    pub parcel_over_bytes: usize,
     /// The run's model and initial seed, when this node knows them: a round-0 shard its mirror sync needs is
     /// then made here from them rather than fetched (a trainer makes its own the same way, from its role's spec) (round 0's checkpoint is a pure
     /// function of the spec, and the bytes made must hash to the manifest's entry), and hosted for others.
@@ -84,6 +92,7 @@ impl NodeConfig {
                 max_shards: 0,
             },
             dashboard: None,
+            parcel_over_bytes: DEFAULT_PARCEL_OVER_BYTES,
             genesis: None,
         }
     }

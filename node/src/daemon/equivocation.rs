@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use mana_protocol::{
     ContentHash, Message, ProtocolError, PublicKey, RoundCommit, RunId, SignedEnvelope,
-    decode_envelope,
+    decode_parcel,
 };
 use serde::{Deserialize, Serialize};
 
@@ -135,7 +135,7 @@ pub fn verify_equivocation(
     second: &[u8],
 ) -> Result<(RoundCommit, RoundCommit), EquivocationError> {
     let commit = |bytes: &[u8]| -> Result<RoundCommit, EquivocationError> {
-        let envelope = decode_envelope(bytes)?;
+        let envelope = decode_parcel(bytes)?;
         let message = envelope.verify()?;
         if envelope.signer != *coordinator {
             return Err(EquivocationError::NotCoordinator(envelope.signer));

@@ -21,6 +21,7 @@ pub mod config;
 mod dashboard;
 pub mod equivocation;
 pub mod hosts;
+mod parcel;
 pub mod peers;
 pub mod serve;
 pub mod status;
@@ -214,6 +215,10 @@ pub(crate) struct Shared {
     pub shard_hosts: Mutex<hosts::ShardHosts>,
     /// Pins of blobs hosted or fetched but not yet in a committed round.
     pub pins: Mutex<std::collections::HashMap<[u8; 32], crate::store::BlobPin>>,
+    /// The parcels whose envelopes this node keeps pinned to serve them ([`parcel::PARCELS_KEPT`]).
+    pub parcels: Mutex<parcel::KeptParcels>,
+    /// The coordinator's round messages waiting behind an open parcel, to be taken in order.
+    pub line: Mutex<parcel::Line>,
     /// Envelopes heard or signed here within the replay window: what this node published counts as seen, so
     /// a replay of its own message is refused here rather than passed on (and blamed on this node).
     pub replay: Mutex<validate::ReplayGuard>,
@@ -249,11 +254,26 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The line of round messages behind open parcels (poisoning ignored, as for [`Shared::state`]).
+    pub fn line(&self) -> MutexGuard<'_, parcel::Line> {
+        self.line
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// The replay window (poisoning ignored, as for [`Shared::state`]: the guard is only a cache of hashes).
     pub fn replay(&self) -> MutexGuard<'_, validate::ReplayGuard> {
         self.replay
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Releases the in-memory pins taken on these blobs (see [`NodeHandle::unpin`]).
+    pub fn unpin_blobs(&self, hashes: &[ContentHash]) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        for hash in hashes {
+            pins.remove(&hash.0);
+        }
     }
 
     /// Publishes an envelope this node signed on its topic, first noting it as seen (see [`Shared::replay`]).
@@ -385,6 +405,8 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         provided: Mutex::new(std::collections::HashSet::new()),
         shard_hosts: Mutex::new(hosts::ShardHosts::default()),
         pins: Mutex::new(std::collections::HashMap::new()),
+        parcels: Mutex::new(parcel::KeptParcels::default()),
+        line: Mutex::new(parcel::Line::default()),
         replay: Mutex::new(validate::ReplayGuard::new(validate::replay_window())),
         dashboard: std::sync::OnceLock::new(),
         cancel: CancellationToken::new(),
@@ -527,7 +549,9 @@ impl NodeHandle {
         }
     }
 
-    /// Signs `message` with the node's key and publishes it on its topic. Fails while no peer subscribes.
+    /// Signs `message` with the node's key and publishes it on its topic: gossiped whole, or, for a
+    /// coordinator's round message over [`NodeConfig::parcel_over_bytes`], stored as a blob behind a gossiped
+    /// [`mana_protocol::Parcel`] header. Fails while no peer subscribes.
     pub async fn publish(&self, message: &Message) -> Result<(), NodeError> {
         // Gossip does not echo our own messages: what we announce is the current round for us too (the
         // coordinator judges the deltas of the round it announced against it).
@@ -541,6 +565,9 @@ impl NodeHandle {
             && let Some(found) = equivocation::observe(&self.shared, &bytes, &envelope)
         {
             equivocation::keep(&self.shared, found).await;
+        }
+        if parcel::sends_as_parcel(&self.shared, message, bytes.len()) {
+            return parcel::publish(&self.shared, message, bytes).await;
         }
         self.shared.publish_signed(message.topic(), bytes).await
     }
@@ -635,10 +662,7 @@ impl NodeHandle {
     /// blobs: once no committed round or blob reference names them either, the store's collector removes
     /// them (delta payloads of finished rounds, superseded shards).
     pub fn unpin(&self, hashes: &[ContentHash]) {
-        let mut pins = self.shared.pins.lock().unwrap_or_else(|p| p.into_inner());
-        for hash in hashes {
-            pins.remove(&hash.0);
-        }
+        self.shared.unpin_blobs(hashes);
     }
 
     /// Changes the capacity declared in the next heartbeats (a trainer declares its shard slots and its
@@ -829,7 +853,18 @@ async fn handle_event(shared: &Arc<Shared>, event: NetEvent) {
             data,
             ..
         } => {
+            if parcel::must_wait(shared, &topic, &data) {
+                parcel::wait_in_line(shared, id, source, topic, data);
+                return;
+            }
             let verdict = validate::judge(shared, source, &topic, &data);
+            if let validate::Judgement::Accept(accepted) = &verdict
+                && let Message::Parcel(header) = &accepted.message
+            {
+                // Its verdict waits for the envelope it names.
+                parcel::open(shared, id, source, header.clone());
+                return;
+            }
             if let Err(e) = shared.client.report(id, source, verdict.verdict()).await {
                 tracing::debug!(error = %e, "verdict not reported");
             }

@@ -9,7 +9,8 @@ use libp2p::PeerId;
 use mana_protocol::limits::MAX_ENVELOPE_BYTES;
 use mana_protocol::validation::{ValidationContext, ValidationLimits};
 use mana_protocol::{
-    Message, PublicKey, RejectCode, Rejection, TopicKind, decode_envelope, topic, validate_envelope,
+    Message, PublicKey, RejectCode, Rejection, TopicKind, decode_envelope, decode_parcel, topic,
+    validate_envelope,
 };
 
 use super::{Accepted, Shared, blocking, equivocation, now_ms, sync};
@@ -125,6 +126,57 @@ pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u
         Ok(envelope) => envelope,
         Err(e) => return reject(RejectCode::BadEnvelope.as_str(), e),
     };
+    judge_envelope(shared, source, kind, data, envelope)
+}
+
+/// Judges the envelope `data` that the parcel `header` named, fetched by its hash after `source` passed the
+/// header on: an envelope of the coordinator (up to a parcel's size), holding a message of the rounds topic,
+/// of the header's round, and not itself a parcel; then judged as any gossiped envelope.
+pub(crate) fn judge_parcel(
+    shared: &Shared,
+    source: PeerId,
+    header: &mana_protocol::Parcel,
+    data: &[u8],
+) -> Judgement {
+    let envelope = match decode_parcel(data) {
+        Ok(envelope) => envelope,
+        Err(e) => return reject(RejectCode::BadEnvelope.as_str(), e),
+    };
+    if shared.config.coordinator != Some(envelope.signer) {
+        return reject(
+            RejectCode::NotCoordinator.as_str(),
+            format!("a parcel's envelope signed by {}", envelope.signer),
+        );
+    }
+    let judgement = judge_envelope(shared, source, TopicKind::Rounds, data, envelope);
+    match &judgement {
+        Judgement::Accept(a) if matches!(a.message, Message::Parcel(_)) => reject(
+            RejectCode::Inconsistent.as_str(),
+            "a parcel inside a parcel",
+        ),
+        Judgement::Accept(a) if a.message.round() != Some(header.round) => reject(
+            RejectCode::Inconsistent.as_str(),
+            format!(
+                "a parcel of round {} holds a {} of round {:?}",
+                header.round,
+                a.message.kind(),
+                a.message.round()
+            ),
+        ),
+        _ => judgement,
+    }
+}
+
+/// Judges a decoded envelope (its bytes `data`) heard on topic `kind`: replay, equivocation, then the
+/// protocol's rules.
+fn judge_envelope(
+    shared: &Shared,
+    source: PeerId,
+    kind: TopicKind,
+    data: &[u8],
+    envelope: mana_protocol::SignedEnvelope,
+) -> Judgement {
+    let run = &shared.config.net.run_id;
     let hash = *blake3::hash(data).as_bytes();
     if shared.replay().check_and_insert(hash, Instant::now()) {
         return reject(

@@ -149,6 +149,14 @@ fn topic_score_params() -> gossipsub::TopicScoreParams {
     }
 }
 
+/// Gossipsub's message-cache length in heartbeats: at least its default (5), and enough heartbeats to span
+/// [`NetConfig::validation_window`].
+fn history_length(config: &NetConfig) -> usize {
+    let heartbeat = config.gossip_heartbeat.as_millis().max(1);
+    let span = config.validation_window.as_millis().div_ceil(heartbeat);
+    usize::try_from(span).unwrap_or(usize::MAX).clamp(5, 10_000)
+}
+
 fn gossipsub_behaviour(
     keypair: &Keypair,
     config: &NetConfig,
@@ -160,6 +168,8 @@ fn gossipsub_behaviour(
         .message_id_fn(content_message_id)
         .max_transmit_size(config.limits.max_gossip_bytes)
         .duplicate_cache_time(config.duplicate_cache_time)
+        // The message cache holds a message awaiting its verdict for `history_length` heartbeats.
+        .history_length(history_length(config))
         // outbound_min <= mesh_n_low <= mesh_n <= mesh_n_high (small nets have few peers).
         .mesh_outbound_min(1)
         .mesh_n_low(2)

@@ -37,6 +37,10 @@ pub struct NetConfig {
     /// for the clock check (ignored); below it, such a copy reaches the replay check and is rejected as
     /// `replayed`, costing that honest peer score.
     pub duplicate_cache_time: Duration,
+    /// How long gossipsub keeps a received message while its verdict is pending: a verdict reported later
+    /// no longer forwards it. The node judges most messages at once, but a parcel's header only once its
+    /// envelope is fetched (the daemon's `parcel` module gives up after 8 s), so keep this above that.
+    pub validation_window: Duration,
     /// How often the DHT is refreshed (random walk to find new peers) while the routing table changes; a
     /// settled table backs off to [`discovery::MAX_BACKOFF`](super::discovery::MAX_BACKOFF) times this.
     pub discovery_interval: Duration,
@@ -69,6 +73,7 @@ impl Default for NetConfig {
             idle_connection_timeout: Duration::from_secs(300),
             gossip_heartbeat: Duration::from_secs(1),
             duplicate_cache_time: Duration::from_secs(120),
+            validation_window: Duration::from_secs(12),
             discovery_interval: Duration::from_secs(30),
             reconnect_backoff: Duration::from_secs(1),
             max_reconnect_backoff: Duration::from_secs(60),

@@ -318,7 +318,23 @@ pub fn all_messages() -> Vec<(&'static str, Message)> {
             "shard_attestation",
             Message::ShardAttestation(shard_attestation()),
         ),
+        ("parcel", Message::Parcel(parcel())),
     ]
+}
+
+/// The header of [`round_commit`] sent as a parcel: its envelope, signed by the coordinator at T0 + 1000.
+pub fn parcel() -> Parcel {
+    let commit = Message::RoundCommit(round_commit());
+    let bytes = SignedEnvelope::sign(&coordinator(), &commit, T0 + 1000)
+        .unwrap()
+        .encode()
+        .unwrap();
+    Parcel {
+        run: run(),
+        round: 7,
+        envelope: ContentHash::of(&bytes),
+        size: bytes.len() as u32,
+    }
 }
 
 /// The signer of each sample message: the coordinator, except for node messages.

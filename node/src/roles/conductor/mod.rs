@@ -276,8 +276,9 @@ const SHUTDOWN_EVALUATION_WAIT: Duration = Duration::from_secs(10);
 impl Role {
     /// Resumes the saved state, or starts the run from round 0's checkpoint.
     async fn start(node: Arc<NodeHandle>, cfg: ConductorConfig) -> Result<Role, NodeError> {
-        // A run whose round messages could outgrow a gossip message would stall at its first large round
-        // (the tick fails on encoding the call or the commit, every tick): refused here, with what to change.
+        // A run whose round messages could outgrow a parcel (or break the protocol's counts) would stall at its
+        // first large round (the tick fails on encoding the call or the commit, every tick): refused here, with
+        // what to change.
         let bound = mana_engine::coordinator::check_round_messages(&cfg.machine)
             .map_err(|e| NodeError::from(mana_engine::coordinator::CoordinatorError::from(e)))?;
         tracing::debug!(?bound, "largest round messages of this run, in bytes");

@@ -1,0 +1,249 @@
+//! Parcels on a loopback network: a coordinator's round message over the gossip limit reaches every node as
+//! a parcel (a gossiped header, the envelope fetched by hash), and a parcel whose envelope is missing or not
+//! the coordinator's is dropped without reaching anyone's roles.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on failure
+
+mod net_support;
+
+use std::time::Duration;
+
+use mana_node::daemon::{NodeHandle, now_ms};
+use mana_protocol::limits::MAX_ENVELOPE_BYTES;
+use mana_protocol::{
+    CodecOptions, ContentHash, Deadlines, HyperParams, Keypair, Message, Parcel, Participant,
+    RoundAnnouncement, RunEnd, ShardId, SignedEnvelope, UpdateRule,
+};
+use net_support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An announcement of `round` with `participants` participants of 32 data seeds each (9 bytes a seed):
+/// about 330 bytes a participant, so 1,000 of them weigh about 330 KiB, over a gossip message.
+fn announcement(run: &mana_protocol::RunId, round: u64, participants: u32) -> RoundAnnouncement {
+    let now = now_ms();
+    RoundAnnouncement {
+        run: run.clone(),
+        round,
+        base_checkpoint: ContentHash::of(b"base"),
+        participants: (0..participants)
+            .map(|i| Participant {
+                node: {
+                    let mut seed = [1u8; 32];
+                    seed[..4].copy_from_slice(&i.to_le_bytes());
+                    Keypair::from_seed(&seed).public()
+                },
+                shards: vec![ShardId::Trunk],
+                data_seeds: (0..32).map(|s| u64::MAX - u64::from(i) * 32 - s).collect(),
+            })
+            .collect(),
+        inner_steps: 1,
+        hyper: HyperParams {
+            update_rule: UpdateRule::Diloco,
+            inner_lr: 1e-3,
+            weight_decay: 0.0,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            batch_tokens: 256,
+            seq_len: 32,
+            codec: CodecOptions::default(),
+            router_bias_gamma: 0.0,
+        },
+        max_norm_ratio: 4.0,
+        deadlines: Deadlines {
+            deltas_by_ms: now + 60_000,
+            commit_by_ms: now + 90_000,
+        },
+        corpus: ContentHash::of(b"corpus"),
+        seed_commitment: ContentHash::of(b"seed"),
+    }
+}
+
+/// The announcements of rounds this node's roles were given (its round messages), as they come.
+async fn next_round_heard(
+    rx: &mut tokio::sync::broadcast::Receiver<mana_node::daemon::Accepted>,
+) -> (u64, usize) {
+    loop {
+        let accepted = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a round message in time")
+            .expect("the node runs");
+        if let Message::RoundAnnouncement(a) = &accepted.message {
+            return (a.round, a.participants.len());
+        }
+    }
+}
+
+async fn counters(node: &NodeHandle) -> (u64, u64, u64) {
+    let s = node.status().await.expect("status");
+    (s.accepted_messages, s.rejected_messages, s.ignored_messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_round_message_over_the_gossip_limit_reaches_every_node_as_a_parcel() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+    let boot = bootstrap.addrs().to_vec();
+    // The coordinator's node is told it is the coordinator, as the conductor's is: its key is made by a
+    // first start.
+    let first = start_node(node_config(&dir.path().join("coordinator"), &boot)).await;
+    let key = first.public_key();
+    first.shutdown().await.expect("first start stops");
+    let mut cfg = node_config(&dir.path().join("coordinator"), &boot);
+    cfg.coordinator = Some(key);
+    let coordinator = start_node(cfg).await;
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        let mut cfg = node_config(&dir.path().join(format!("node-{i}")), &boot);
+        cfg.coordinator = Some(key);
+        cfg.sync_shards = false;
+        nodes.push(start_node(cfg).await);
+    }
+    let mut heard: Vec<_> = nodes.iter().map(|n| n.round_messages()).collect();
+    let run = coordinator.config().net.run_id.clone();
+
+    // Small announcements travel whole: one a third of a second until every node has heard one (the mesh
+    // is up).
+    let mut heard_one = vec![false; nodes.len()];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut round = 1;
+    while !heard_one.iter().all(|h| *h) {
+        assert!(
+            tokio::time::Instant::now() < deadline && round < 100,
+            "every node hears a small announcement"
+        );
+        let _ = coordinator
+            .publish(&Message::RoundAnnouncement(announcement(&run, round, 4)))
+            .await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (rx, heard) in heard.iter_mut().zip(&mut heard_one) {
+            while let Ok(accepted) = rx.try_recv() {
+                *heard |= matches!(accepted.message, Message::RoundAnnouncement(_));
+            }
+        }
+    }
+
+    // The large one: over what gossip carries, so it can only arrive as a parcel.
+    let large = announcement(&run, 100, 1000);
+    let bytes = SignedEnvelope::sign(
+        &Keypair::from_seed(&[9; 32]),
+        &Message::RoundAnnouncement(large.clone()),
+        now_ms(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    assert!(bytes.len() > MAX_ENVELOPE_BYTES, "{} bytes", bytes.len());
+    let (_, _, ignored_before) = counters(&nodes[0]).await;
+    coordinator
+        .publish(&Message::RoundAnnouncement(large))
+        .await
+        .expect("the parcel's header is published");
+    for rx in &mut heard {
+        loop {
+            let (r, participants) = next_round_heard(rx).await;
+            if r == 100 {
+                assert_eq!(participants, 1000);
+                break;
+            }
+        }
+    }
+    let (_, rejected, ignored) = counters(&nodes[0]).await;
+    assert_eq!(rejected, 0, "nothing was refused");
+    assert_eq!(ignored, ignored_before, "nothing was dropped");
+
+    // Order: a large announcement (a parcel) and right after it, gossiped whole, the end of the run at that
+    // round. The end judged first would be ahead of every node's round and dropped; it waits behind the
+    // parcel, and every node takes both, in order.
+    coordinator
+        .publish(&Message::RoundAnnouncement(announcement(&run, 200, 1000)))
+        .await
+        .expect("the parcel's header is published");
+    coordinator
+        .publish(&Message::RunEnd(RunEnd {
+            run: run.clone(),
+            round: 200,
+            checkpoint: ContentHash::of(b"base"),
+        }))
+        .await
+        .expect("the end is published");
+    for rx in &mut heard {
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            let accepted = tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .expect("a round message in time")
+                .expect("the node runs");
+            if accepted.message.round() == Some(200) {
+                kinds.push(accepted.message.kind());
+            }
+        }
+        assert_eq!(kinds, ["round-announcement", "run-end"]);
+    }
+    let (_, rejected, ignored) = counters(&nodes[0]).await;
+    assert_eq!(
+        (rejected, ignored),
+        (0, ignored_before),
+        "nothing was dropped"
+    );
+
+    // A header naming an envelope nobody holds: dropped by every node, no one penalised, nothing delivered.
+    coordinator
+        .publish(&Message::Parcel(Parcel {
+            run: run.clone(),
+            round: 101,
+            envelope: ContentHash::of(b"nobody holds this"),
+            size: 1000,
+        }))
+        .await
+        .expect("a header is published");
+    let first_node = &nodes[0];
+    wait_for(WAIT, "the missing parcel is ignored", || async move {
+        (counters(first_node).await.2 > ignored).then_some(())
+    })
+    .await;
+
+    // A header naming an envelope signed by someone else (here a node's announcement the coordinator hosts):
+    // refused once opened.
+    let forged = SignedEnvelope::sign(
+        &Keypair::from_seed(&[7; 32]),
+        &Message::RoundAnnouncement(announcement(&run, 102, 4)),
+        now_ms(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    let size = forged.len() as u32;
+    let hash = coordinator.host_blob_now(forged).await.expect("hosted");
+    coordinator
+        .publish(&Message::Parcel(Parcel {
+            run: run.clone(),
+            round: 102,
+            envelope: hash,
+            size,
+        }))
+        .await
+        .expect("a header is published");
+    for node in &nodes {
+        wait_for(WAIT, "the forged parcel is refused", || async move {
+            (counters(node).await.1 > 0).then_some(())
+        })
+        .await;
+    }
+    // Neither reached a node's roles.
+    for rx in &mut heard {
+        while let Ok(accepted) = rx.try_recv() {
+            let round = accepted.message.round();
+            assert!(
+                round != Some(101) && round != Some(102),
+                "{:?}",
+                accepted.message.kind()
+            );
+        }
+    }
+    for node in nodes {
+        node.shutdown().await.expect("node stops");
+    }
+    coordinator.shutdown().await.expect("coordinator stops");
+}
