@@ -614,8 +614,9 @@ async fn call_trunk_judgments(
     ann: &RoundAnnouncement,
     deltas: &[(PublicKey, ContentHash)],
     secret: [u8; 32],
+    norms: Vec<NormRecord>,
 ) -> (AggregationCall, ShardJudgment) {
-    let call = trunk_call(heard, ann, deltas, secret, Vec::new());
+    let call = trunk_call(heard, ann, deltas, secret, norms);
     let id = publish_call(net, &call).await;
     let judgments = wait_for(
         Duration::from_secs(60),
@@ -648,13 +649,37 @@ async fn call_trunk_judgments(
 /// The network after its honest rounds, for a test that then plays the coordinator: what the coordinator's
 /// node heard since before the first round, and the last honest round's announcement and commit as the first
 /// trainer got them.
-async fn after_honest_rounds() -> (RoundNet, Heard, RoundAnnouncement, RoundCommit) {
+/// The network after the honest rounds: what the coordinator's node heard, the last honest announcement and
+/// commit, and what a trainer heard (the coordinator's own messages among them, which the coordinator's node
+/// never hears).
+async fn after_honest_rounds() -> (RoundNet, Heard, RoundAnnouncement, RoundCommit, Heard) {
     let net = RoundNet::start(HONEST).await;
     let seen_by_trainer = Heard::listen(&net.trainers[0].0);
     let seen_by_coordinator = Heard::listen(&net.coordinator);
     net.honest_rounds(HONEST_ROUNDS, HONEST).await;
     let (ann, commit) = seen_by_trainer.round(HONEST_ROUNDS);
-    (net, seen_by_coordinator, ann, commit)
+    (net, seen_by_coordinator, ann, commit, seen_by_trainer)
+}
+
+/// The norm history an honest coordinator hands in round `round`'s call, rebuilt from the announcements,
+/// calls and commits a trainer heard (`mana_engine::coordinator::norm_ledger`): a call that carries another
+/// is not judged.
+fn honest_norms(seen_by_trainer: &Heard, round: u64) -> Vec<NormRecord> {
+    let mut ledger = mana_engine::coordinator::norm_ledger::NormLedger::new();
+    for message in seen_by_trainer.find(|m| Some(m.message.clone())) {
+        match &message {
+            Message::RoundAnnouncement(a) => ledger.announced(a),
+            Message::AggregationCall(c) => ledger.called(c),
+            Message::RoundCommit(c) => ledger.committed(c),
+            _ => {}
+        }
+    }
+    ledger
+        .honest_history(
+            round,
+            mana_engine::coordinator::config::DEFAULT_NORM_HISTORY,
+        )
+        .expect("the history of the rounds heard")
 }
 
 /// Publishes `call` as the coordinator; returns its id.
@@ -709,6 +734,7 @@ fn trunk_call(
         base_checkpoint: ann.base_checkpoint,
         seed_secret: secret,
         rule: mana_engine::round::default_verdict_rule(),
+        norm_history: mana_engine::coordinator::config::DEFAULT_NORM_HISTORY,
         norms,
         shards: vec![ShardCall {
             shard: ShardId::Trunk,
@@ -726,7 +752,8 @@ fn trunk_call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_published_again_gets_the_same_judgment_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit) = after_honest_rounds().await;
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
     let ann = next_announcement(&honest_ann, LIE, &honest_commit.checkpoint);
     net.announce(&ann).await;
     let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
@@ -736,6 +763,7 @@ async fn a_call_published_again_gets_the_same_judgment_again() {
         &ann,
         &deltas,
         honest_commit.seed_secret,
+        honest_norms(&seen_by_trainer, LIE),
     )
     .await;
     let before: Vec<u64> = net
@@ -795,7 +823,7 @@ async fn a_call_published_again_gets_the_same_judgment_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_with_a_forged_norm_history_is_not_judged() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit) = after_honest_rounds().await;
+    let (net, seen_by_coordinator, honest_ann, honest_commit, _) = after_honest_rounds().await;
     let norm = honest_commit
         .accepted
         .iter()
@@ -866,7 +894,8 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit) = after_honest_rounds().await;
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
     let secret = honest_commit.seed_secret;
 
     // Round LIE: the quorum's judgment dropped.
@@ -874,8 +903,9 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
     let ann = next_announcement(&honest_ann, LIE, &base);
     net.announce(&ann).await;
     let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+    let norms = honest_norms(&seen_by_trainer, LIE);
     let (_, judgment) =
-        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret).await;
+        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret, norms).await;
     assert_ne!(judgment.entry, *base.shard(&ShardId::Trunk).expect("trunk"));
     let mut checkpoint = base.clone();
     checkpoint.round = LIE;
@@ -929,8 +959,9 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
         .expect("hosted");
     net.announce(&ann).await;
     let deltas = seen_by_coordinator.trunk_deltas(LIE + 1, HONEST).await;
+    let norms = honest_norms(&seen_by_trainer, LIE + 1);
     let (call, judgment) =
-        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret).await;
+        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret, norms).await;
     let part = &call.shards[0];
     let mut checkpoint = dropped.checkpoint.clone();
     checkpoint.round = LIE + 1;

@@ -70,6 +70,9 @@ pub const MAX_DISPUTE_DELTAS: usize = MAX_PARTICIPANTS;
 
 /// Most judges (holders and verifiers) of one shard in one [`crate::AggregationCall`].
 pub const MAX_SHARD_JUDGES: usize = 64;
+/// Most accepted norms of one shard a coordinator may keep for the norm bounds ([`crate::AggregationCall`]'s
+/// `norm_history`).
+pub const MAX_NORM_HISTORY: u32 = 64;
 /// Most norm records in one [`crate::AggregationCall`] (its norm bounds' history: a few per shard).
 pub const MAX_CALL_NORMS: usize = 16_384;
 /// Most validation batches one [`crate::Evaluation`] may average over.

@@ -276,6 +276,11 @@ pub struct AggregationCall {
     pub seed_secret: [u8; 32],
     /// The rule every verdict follows.
     pub rule: VerdictRule,
+    /// How many of each shard's most recently accepted norms the coordinator keeps for the bounds (its
+    /// setting, 1 to [`crate::limits::MAX_NORM_HISTORY`]): `norms` carries, of each shard, that many or all
+    /// there are. Published so that a node that saw the commits can tell a history cut short from the
+    /// setting.
+    pub norm_history: u32,
     /// The recently committed norms of accepted deltas (at most a few per shard), with their senders among
     /// the round's participants: the norm bounds' history, the same for every judge. Anyone can rebuild it
     /// from the last commits, which publish each accepted delta's norm.
@@ -862,6 +867,33 @@ impl Message {
                 let deltas: usize = m.shards.iter().map(|c| c.deltas.len()).sum();
                 count("call deltas", deltas, MAX_COMMIT_DELTAS)?;
                 count("call norms", m.norms.len(), MAX_CALL_NORMS)?;
+                if !(1..=crate::limits::MAX_NORM_HISTORY).contains(&m.norm_history) {
+                    return Err(ProtocolError::InvalidField {
+                        what: "call norm history",
+                        detail: format!(
+                            "{}, must be 1 to {}",
+                            m.norm_history,
+                            crate::limits::MAX_NORM_HISTORY
+                        ),
+                    });
+                }
+                // Records of one shard are together (shard order, checked below): count each run.
+                let mut run_of = (None, 0u32);
+                for n in &m.norms {
+                    run_of = match run_of {
+                        (Some(s), k) if s == n.shard => (Some(s), k + 1),
+                        _ => (Some(n.shard), 1),
+                    };
+                    if run_of.1 > m.norm_history {
+                        return Err(ProtocolError::InvalidField {
+                            what: "call norms",
+                            detail: format!(
+                                "more than the call's norm history ({}) for {}",
+                                m.norm_history, n.shard
+                            ),
+                        });
+                    }
+                }
                 check_rule(&m.rule)?;
                 if let Some(n) = m.norms.iter().find(|n| !n.norm.is_finite() || n.norm < 0.0) {
                     return Err(ProtocolError::InvalidField {

@@ -711,6 +711,14 @@ fn calls_and_attestations_are_bounded_sorted_and_finite() {
         call(&|c| c.rule.min_norm_ratio = -0.1),
         call(&|c| c.norms[0].norm = f32::INFINITY),
         call(&|c| c.norms[0].norm = -1.0),
+        // A norm history outside 1 to MAX_NORM_HISTORY, or more records of a shard than it keeps.
+        call(&|c| c.norm_history = 0),
+        call(&|c| c.norm_history = limits::MAX_NORM_HISTORY + 1),
+        call(&|c| {
+            c.norm_history = 1;
+            let n = c.norms[0];
+            c.norms.push(n);
+        }),
         // Shards out of order.
         call(&|c| {
             let s = c.shards[0].clone();

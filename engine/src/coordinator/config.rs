@@ -25,8 +25,8 @@ pub const MAX_INNER_STEPS: u32 = 10_000;
 /// Accepted norms kept per shard for the norm bounds by default.
 pub const DEFAULT_NORM_HISTORY: u32 = 8;
 
-/// Most accepted norms kept per shard (each is published with every call).
-pub const MAX_NORM_HISTORY: u32 = 64;
+/// Most accepted norms kept per shard (each is published with every call): the protocol's bound.
+pub use mana_protocol::limits::MAX_NORM_HISTORY;
 
 /// H when a run does not say: one micro-batch a round for `sync` (one step of the full model), 20 local
 /// steps for `diloco`. `mana coordinator` uses it, and `mana demo` to train its single-node comparison on

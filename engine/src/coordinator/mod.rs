@@ -1083,6 +1083,7 @@ impl Coordinator {
             base_checkpoint: ann.base_checkpoint,
             seed_secret: round.seed_secret,
             rule: self.config.verdict,
+            norm_history: self.config.norm_history,
             norms: self
                 .norms
                 .samples()

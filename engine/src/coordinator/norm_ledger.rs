@@ -14,13 +14,17 @@
 //! the ledger starts again from the next round, and a call that does not follow the last commit recorded is
 //! not checked.
 //!
-//! Not caught: a call that keeps fewer records of a shard than the run's setting (the setting is not
-//! published); those it keeps are still the most recent, all genuine.
+//! How many records of a shard a call carries follows from the call before it: the coordinator keeps the
+//! `norm_history` most recent of each shard (published in every call), so after a call that carried `k` of
+//! a shard and a commit that accepted `a` more, the next call carries `min(k + a, norm_history)`. A call that
+//! cuts a shard's history short of that (or pads it) is caught even when its records are genuine. A
+//! coordinator restarted with another setting publishes it: a lowered one cuts at once; a raised one fills
+//! as commits come.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use mana_protocol::{
-    AggregationCall, CalledDelta, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
+    AggregationCall, CalledDelta, NormRecord, PublicKey, RoundAnnouncement, RoundCommit, ShardId,
 };
 
 use super::config::MAX_NORM_HISTORY;
@@ -49,6 +53,10 @@ pub struct NormLedger {
     /// participants' keys, in the announcement's order, and each called shard's deltas.
     participants: BTreeMap<u64, Vec<PublicKey>>,
     calls: BTreeMap<u64, BTreeMap<ShardId, Vec<CalledDelta>>>,
+    /// Of the last calls shown, by round: its `norm_history`, and how many records of each shard it carried.
+    held: BTreeMap<u64, (u32, BTreeMap<ShardId, usize>)>,
+    /// Of the last commits recorded, by round: how many norms of each shard it accepted.
+    added: BTreeMap<u64, BTreeMap<ShardId, usize>>,
 }
 
 /// Rounds whose announcement and call are kept.
@@ -96,6 +104,11 @@ impl NormLedger {
             .map(|part| (part.shard, part.deltas.clone()))
             .collect();
         keep(&mut self.calls, call.round, deltas);
+        let mut counts: BTreeMap<ShardId, usize> = BTreeMap::new();
+        for r in &call.norms {
+            *counts.entry(r.shard).or_default() += 1;
+        }
+        keep(&mut self.held, call.round, (call.norm_history, counts));
     }
 
     /// Records the accepted norms of `commit`; starts again after it when it does not follow the last
@@ -108,7 +121,15 @@ impl NormLedger {
         let follows = self
             .last
             .is_some_and(|l| l.checked_add(1) == Some(commit.round));
-        match (follows, self.records_of(commit)) {
+        let records = self.records_of(commit);
+        if let Some(records) = &records {
+            let mut counts: BTreeMap<ShardId, usize> = BTreeMap::new();
+            for r in records {
+                *counts.entry(r.shard).or_default() += 1;
+            }
+            keep(&mut self.added, commit.round, counts);
+        }
+        match (follows, records) {
             (true, Some(records)) => {
                 for r in records {
                     let list = self.by_shard.entry(r.shard).or_default();
@@ -175,6 +196,39 @@ impl NormLedger {
                     norm: *norm,
                 });
             }
+        }
+        Some(records)
+    }
+
+    /// The norm records an honest coordinator keeping `norm_history` records a shard hands in round
+    /// `round`'s call: of each shard, the most recent the commits published, as many as the call before and
+    /// the commit since make (see the module doc), each sender named by its index among round `round`'s
+    /// participants. `None` when this ledger cannot tell (that call, that commit or the round's announcement
+    /// not seen, or fewer records seen than the call must carry).
+    pub fn honest_history(&self, round: u64, norm_history: u32) -> Option<Vec<NormRecord>> {
+        let before = round.checked_sub(1)?;
+        if self.last != Some(before) {
+            return None;
+        }
+        let participants = self.participants.get(&round)?;
+        let (_, held) = self.held.get(&before)?;
+        let added = self.added.get(&before)?;
+        let mut records = Vec::new();
+        for (shard, list) in &self.by_shard {
+            let total =
+                held.get(shard).copied().unwrap_or(0) + added.get(shard).copied().unwrap_or(0);
+            let count = total.min(norm_history as usize);
+            let start = list.len().checked_sub(count)?;
+            records.extend(list.iter().skip(start).map(|s| {
+                NormRecord {
+                    shard: s.shard,
+                    sender: participants
+                        .iter()
+                        .position(|p| *p == s.sender)
+                        .map(|i| i as u32),
+                    norm: s.norm,
+                }
+            }));
         }
         Some(records)
     }
@@ -267,6 +321,50 @@ impl NormLedger {
                 ));
             }
         }
+        self.check_counts(call, &called)
+    }
+
+    /// Whether each shard's records in `call` (`called`) number what the call before it and the commit
+    /// between them make them (see the module doc); [`NormCheck::Agrees`] when either was not seen.
+    fn check_counts(
+        &self,
+        call: &AggregationCall,
+        called: &BTreeMap<ShardId, Vec<Named>>,
+    ) -> NormCheck {
+        let before = call.round.saturating_sub(1);
+        let (Some((kept_before, held)), Some(added)) =
+            (self.held.get(&before), self.added.get(&before))
+        else {
+            return NormCheck::Agrees;
+        };
+        let n = call.norm_history as usize;
+        let shards: BTreeSet<&ShardId> = held
+            .keys()
+            .chain(added.keys())
+            .chain(called.keys())
+            .collect();
+        for shard in shards {
+            let total =
+                held.get(shard).copied().unwrap_or(0) + added.get(shard).copied().unwrap_or(0);
+            // The setting may have changed between the two calls (a restart): the commit's norms were kept
+            // under the old one or the new one, whichever the coordinator ran when it took them.
+            let fewest = total.min(n).min(*kept_before as usize);
+            let most = total.min(n);
+            let carried = called.get(shard).map_or(0, Vec::len);
+            if !(fewest..=most).contains(&carried) {
+                return NormCheck::Forged(format!(
+                    "{shard}: the call carries {carried} records where its history of {n} a shard holds {}: \
+                     the call of round {before} carried {} and its commit accepted {} more",
+                    if fewest == most {
+                        most.to_string()
+                    } else {
+                        format!("{fewest} to {most}")
+                    },
+                    held.get(shard).copied().unwrap_or(0),
+                    added.get(shard).copied().unwrap_or(0),
+                ));
+            }
+        }
         NormCheck::Agrees
     }
 }
@@ -329,8 +427,14 @@ mod tests {
         ContentHash::of(format!("{round} {shard} {sender}").as_bytes())
     }
 
-    /// Round `round`'s call: every participant sent a delta of the trunk and of E0; `norms` is its history.
+    /// Round `round`'s call: every participant sent a delta of the trunk and of E0; `norms` is its history,
+    /// kept at 8 records a shard.
     fn call(round: u64, norms: Vec<NormRecord>) -> AggregationCall {
+        call_keeping(round, 8, norms)
+    }
+
+    /// [`call`], saying that the coordinator keeps `norm_history` records a shard.
+    fn call_keeping(round: u64, norm_history: u32, norms: Vec<NormRecord>) -> AggregationCall {
         let part = |shard| {
             let mut deltas: Vec<CalledDelta> = (0..3)
                 .map(|s| CalledDelta {
@@ -360,6 +464,7 @@ mod tests {
                 trunk_share: 0.0,
                 expert_tolerance: 0.0,
             },
+            norm_history,
             norms,
             shards: vec![part(ShardId::Trunk), part(E0)],
         }
@@ -419,13 +524,18 @@ mod tests {
         by_shard.into_values().flatten().collect()
     }
 
-    /// A ledger shown rounds `from..to` (announcement, call, commit), and round `to`'s announcement (its
-    /// call's records name their senders among its participants).
+    /// A ledger shown rounds `from..to` (announcement, call, commit) of a coordinator keeping 8 records a
+    /// shard, and round `to`'s announcement (its call's records name their senders among its participants).
     fn shown(from: u64, to: u64) -> NormLedger {
+        shown_keeping(from, to, 8)
+    }
+
+    /// [`shown`], of a coordinator keeping `per_shard` records a shard.
+    fn shown_keeping(from: u64, to: u64, per_shard: u32) -> NormLedger {
         let mut ledger = NormLedger::new();
         for r in from..to {
             ledger.announced(&announcement(r));
-            let c = call(r, Vec::new());
+            let c = call_keeping(r, per_shard, honest_history(r, per_shard as usize));
             ledger.called(&c);
             ledger.committed(&commit(&c));
         }
@@ -438,9 +548,17 @@ mod tests {
         let ledger = shown(1, 6);
         let honest = honest_history(6, 8);
         assert_eq!(ledger.check(&call(6, honest.clone())), NormCheck::Agrees);
-        // Fewer records a shard, the most recent kept: not caught (see the module doc).
-        assert_eq!(
+        // What the ledger says an honest call carries is that history.
+        let rebuilt = ledger.honest_history(6, 8).unwrap();
+        assert_eq!(format!("{rebuilt:?}"), format!("{honest:?}"));
+        // Fewer records a shard than the setting, the most recent kept: cut short.
+        assert!(matches!(
             ledger.check(&call(6, honest_history(6, 2))),
+            NormCheck::Forged(_)
+        ));
+        // The setting lowered in the open (a restarted coordinator): the same records agree.
+        assert_eq!(
+            ledger.check(&call_keeping(6, 2, honest_history(6, 2))),
             NormCheck::Agrees
         );
         // A norm moved, a sender changed, a made-up record, a recent one left out, another order.
@@ -479,9 +597,12 @@ mod tests {
     #[test]
     fn records_from_before_the_ledger_are_allowed_in_front_only() {
         // Joined at round 3: rounds 1 and 2 are unknown, so the call may carry them first.
-        let ledger = shown(3, 6);
+        let ledger = shown_keeping(3, 6, 16);
         let honest = honest_history(6, 16);
-        assert_eq!(ledger.check(&call(6, honest.clone())), NormCheck::Agrees);
+        assert_eq!(
+            ledger.check(&call_keeping(6, 16, honest.clone())),
+            NormCheck::Agrees
+        );
         // From round 1, the ledger knows every record: none may come before them.
         let full = shown(1, 6);
         let mut extra = honest.clone();
@@ -494,11 +615,19 @@ mod tests {
             },
         );
         assert!(matches!(
-            full.check(&call(6, extra.clone())),
+            full.check(&call_keeping(6, 16, extra.clone())),
             NormCheck::Forged(_)
         ));
-        // Joined late, an older record in front is unknown, not forged; one in the middle is forged.
-        assert_eq!(ledger.check(&call(6, extra)), NormCheck::Agrees);
+        // Joined late, an older record in front is unknown, not forged, by its content; but the call before
+        // carried 12 records of the trunk and its commit accepted 3, so a 16th is one too many.
+        assert!(matches!(
+            ledger.check(&call_keeping(6, 16, extra.clone())),
+            NormCheck::Forged(_)
+        ));
+        // Without the call before (its commit accepted nothing new), the content alone is checked.
+        let mut blind = ledger.clone();
+        blind.held.clear();
+        assert_eq!(blind.check(&call_keeping(6, 16, extra)), NormCheck::Agrees);
         let mut middle = honest;
         let at = middle.len() - 2;
         middle.insert(
@@ -510,7 +639,35 @@ mod tests {
             },
         );
         assert!(matches!(
-            ledger.check(&call(6, middle)),
+            blind.check(&call_keeping(6, 16, middle)),
+            NormCheck::Forged(_)
+        ));
+    }
+
+    /// A coordinator keeping 2 records a shard, restarted keeping 8: its history fills as commits come, and
+    /// the calls say so; one that then claims to keep 8 but cuts to 2 again is caught.
+    #[test]
+    fn a_raised_setting_fills_as_commits_come() {
+        let ledger = shown_keeping(1, 6, 2);
+        // Restarted after round 5's commit (kept under 2) or before it (under 8): 2 or 5 records a shard.
+        for kept in [2, 5] {
+            assert_eq!(
+                ledger.check(&call_keeping(6, 8, honest_history(6, kept))),
+                NormCheck::Agrees,
+                "{kept}"
+            );
+        }
+        let mut next = ledger.clone();
+        let c = call_keeping(6, 8, honest_history(6, 5));
+        next.called(&c);
+        next.committed(&commit(&c));
+        next.announced(&announcement(7));
+        assert_eq!(
+            next.check(&call_keeping(7, 8, honest_history(7, 8))),
+            NormCheck::Agrees
+        );
+        assert!(matches!(
+            next.check(&call_keeping(7, 8, honest_history(7, 2))),
             NormCheck::Forged(_)
         ));
     }
@@ -576,7 +733,7 @@ mod tests {
         assert_eq!(ledger.check(&call(6, Vec::new())), NormCheck::Unknown);
         // A commit skipped (round 5): the ledger restarts after round 6, and checks round 8 against round 7.
         for r in [6, 7] {
-            let c = call(r, Vec::new());
+            let c = call(r, honest_history(r, 8));
             ledger.announced(&announcement(r));
             ledger.called(&c);
             ledger.committed(&commit(&c));

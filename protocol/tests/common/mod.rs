@@ -229,6 +229,7 @@ pub fn aggregation_call() -> AggregationCall {
             trunk_share: 0.15,
             expert_tolerance: 0.05,
         },
+        norm_history: 8,
         norms: vec![NormRecord {
             shard,
             sender: Some(1),
