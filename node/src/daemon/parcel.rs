@@ -28,10 +28,21 @@ use super::validate::{self, Judgement};
 use super::{NodeError, Shared, blocking, now_ms, sync};
 use crate::net::Verdict;
 
-/// How long a node tries to fetch a parcel's envelope before it drops the header (no one penalised). Gossip
-/// keeps a message awaiting its verdict for [`crate::net::NetConfig::validation_window`], which must be
-/// longer.
+/// How long a node tries to fetch a parcel's envelope before it tells gossip to drop the header (no one
+/// penalised). Gossip keeps a message awaiting its verdict for [`crate::net::NetConfig::validation_window`],
+/// which must be longer.
 pub const OPEN_WITHIN: Duration = Duration::from_secs(8);
+
+/// How much longer a node that missed [`OPEN_WITHIN`] goes on fetching the envelope for itself (gossip gives
+/// it no second copy of the header: it dropped it as seen): a busy coordinator or forwarder must not cost it
+/// the round.
+pub const DELIVER_WITHIN: Duration = Duration::from_secs(60);
+
+/// The first pause between two tries at a parcel's envelope; it doubles up to [`MAX_RETRY_PAUSE`].
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The longest pause between two tries.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// How many parcels' envelopes a node keeps pinned (to serve them to the peers it passed their headers to);
 /// older ones are left to the store's collector.
@@ -171,18 +182,16 @@ pub(crate) fn wait_in_line(
     shared.spawn(async move {
         let shared = task_shared;
         place.turn().await;
-        let judgement = validate::judge(&shared, source, &topic, &data);
-        let judgement = match judgement {
+        match validate::judge(&shared, source, &topic, &data) {
             Judgement::Accept(accepted) => match &accepted.message {
                 Message::Parcel(header) => {
-                    let fetched = fetch_within(&shared, source, header).await;
-                    opened(&shared, header, source, fetched)
+                    let fetched = fetch_for(&shared, source, header, OPEN_WITHIN).await;
+                    deliver(&shared, id, source, header, fetched).await;
                 }
-                _ => Judgement::Accept(accepted),
+                _ => conclude(&shared, id, source, Judgement::Accept(accepted)).await,
             },
-            other => other,
-        };
-        conclude(&shared, id, source, judgement).await;
+            other => conclude(&shared, id, source, other).await,
+        }
         drop(place);
     });
 }
@@ -195,27 +204,76 @@ pub(crate) fn open(shared: &Arc<Shared>, id: MessageId, source: PeerId, header: 
     let task_shared = shared.clone();
     shared.spawn(async move {
         let shared = task_shared;
-        let fetched = fetch_within(&shared, source, &header).await;
+        let fetched = fetch_for(&shared, source, &header, OPEN_WITHIN).await;
         place.turn().await;
-        let judgement = opened(&shared, &header, source, fetched);
-        conclude(&shared, id, source, judgement).await;
+        deliver(&shared, id, source, &header, fetched).await;
         drop(place);
     });
 }
 
-/// The envelope `header` names, fetched within [`OPEN_WITHIN`].
-async fn fetch_within(
+/// Judges the envelope of `header` (`fetched` within [`OPEN_WITHIN`], or not), reports the header's verdict
+/// and records the judgement. One not fetched in time is reported ignored at once (gossip passes it on from
+/// those that have it) and fetched on for this node alone, for [`DELIVER_WITHIN`].
+async fn deliver(
+    shared: &Arc<Shared>,
+    id: MessageId,
+    source: PeerId,
+    header: &Parcel,
+    fetched: Result<Vec<u8>, String>,
+) {
+    let late = match fetched {
+        Ok(bytes) => {
+            let judgement = opened(shared, header, source, Ok(bytes));
+            return conclude(shared, id, source, judgement).await;
+        }
+        Err(reason) => reason,
+    };
+    tracing::info!(envelope = %header.envelope, %late, "parcel not opened in time; still fetching it for this node");
+    // Counted as ignored now, when gossip is told: the rest concerns this node alone.
+    shared.state().ignored += 1;
+    if let Err(e) = shared.client.report(id, source, Verdict::Ignore).await {
+        tracing::debug!(error = %e, "verdict not reported");
+    }
+    match fetch_for(shared, source, header, DELIVER_WITHIN).await {
+        Ok(bytes) => {
+            let judgement = opened(shared, header, source, Ok(bytes));
+            validate::record(shared, source, judgement).await;
+        }
+        Err(reason) => {
+            shared.unpin_blobs(&[header.envelope]);
+            tracing::warn!(round = header.round, %reason, "a round message of the coordinator never reached this node");
+        }
+    }
+}
+
+/// The envelope `header` names, tried again and again (with growing pauses) for at most `within`.
+async fn fetch_for(
     shared: &Arc<Shared>,
     source: PeerId,
     header: &Parcel,
+    within: Duration,
 ) -> Result<Vec<u8>, String> {
-    match tokio::time::timeout(OPEN_WITHIN, fetch(shared, source, header)).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => Err(format!("parcel {} not fetched: {e}", header.envelope)),
-        Err(_) => Err(format!(
-            "parcel {} not fetched within {OPEN_WITHIN:?}",
-            header.envelope
-        )),
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = RETRY_PAUSE;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let error =
+            match tokio::time::timeout_at(deadline, fetch(shared, source, header, tries > 1)).await
+            {
+                Ok(Ok(bytes)) => return Ok(bytes),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "out of time".to_string(),
+            };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(format!(
+                "parcel {} not fetched within {within:?} ({tries} tries; last: {error})",
+                header.envelope
+            ));
+        }
+        tracing::debug!(envelope = %header.envelope, %error, "parcel not fetched; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
@@ -247,22 +305,42 @@ async fn conclude(shared: &Arc<Shared>, id: MessageId, source: PeerId, judgement
     validate::record(shared, source, judgement).await;
 }
 
-/// The envelope `header` names: from the store, or fetched (the forwarder first, then the coordinator, then
-/// the DHT), at most its size, hash checked.
+/// How long one try asks the DHT for other holders of an envelope.
+const PROVIDER_QUERY: Duration = Duration::from_secs(2);
+
+/// One try at the envelope `header` names: from the store, or fetched from the forwarder and the
+/// coordinator (and, when `ask_dht`, the holders the DHT names: nodes that fetched it announce it), at most
+/// its size, hash checked.
 async fn fetch(
     shared: &Arc<Shared>,
     source: PeerId,
     header: &Parcel,
+    ask_dht: bool,
 ) -> Result<Vec<u8>, NodeError> {
-    let mut hints = vec![source];
-    if let Some(Ok(coordinator)) = shared.config.coordinator.map(|k| k.peer_id())
-        && coordinator != source
-    {
-        hints.push(coordinator);
-    }
-    sync::fetch_and_store_hinted(shared, header.envelope, u64::from(header.size), hints).await?;
-    let store = shared.store.clone();
     let hash = header.envelope;
+    let store = shared.store.clone();
+    if blocking(move || Ok(store.blob_len(&hash)?))
+        .await?
+        .is_none()
+    {
+        let me = shared.client.local_peer_id();
+        let mut providers = vec![source];
+        if let Some(Ok(coordinator)) = shared.config.coordinator.map(|k| k.peer_id()) {
+            providers.push(coordinator);
+        }
+        if ask_dht
+            && let Ok(Ok(found)) =
+                tokio::time::timeout(PROVIDER_QUERY, shared.client.get_providers(hash.0.to_vec()))
+                    .await
+        {
+            providers.extend(found);
+        }
+        providers.retain(|p| *p != me);
+        providers.sort();
+        providers.dedup();
+        sync::fetch_from(shared, hash, u64::from(header.size), providers).await?;
+    }
+    let store = shared.store.clone();
     blocking(move || Ok(store.get_blob(&hash)?)).await
 }
 

@@ -221,7 +221,7 @@ async fn make_initial(
 }
 
 /// Fetches blob `hash` from `providers`, installs it (hash checked) and announces it.
-async fn fetch_from(
+pub(crate) async fn fetch_from(
     shared: &Arc<Shared>,
     hash: ContentHash,
     max_len: u64,
