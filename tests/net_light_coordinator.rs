@@ -3,9 +3,9 @@
 //! holds no part of it; an evaluator (a mirror) that measures each checkpoint and exports the model. Checks
 //! that training converges by the evaluator's figures, that every holder of each shard holds the committed
 //! bytes, that the export is the committed checkpoint bit for bit, and that the coordinator stores no shard
-//! (its blobs, the commits' manifests, are smaller than one); prints the coordinator's bytes in and out per
-//! round, its saved state's size, and the CPU time and heap of the coordinator alone (it runs on a runtime of
-//! its own: see `meter`).
+//! (its blobs, the commits' manifests and its last parcels, are smaller than one); prints the coordinator's
+//! bytes in and out per round, its saved state's size, and the CPU time and heap of the coordinator alone (it
+//! runs on a runtime of its own: see `meter`).
 //!
 //! In CI: 8 members, 4 rounds. More members: `MANA_LIGHT_MEMBERS=32 cargo test --release --test
 //! net_light_coordinator -- --nocapture` (16 members: about 45 s on 2 cores; 32: about 6 minutes, the members'
@@ -264,7 +264,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
             None
         );
     }
-    // Its blobs are the commits' manifests, together smaller than one shard.
+    // Its blobs are the commits' manifests and its last parcels, together smaller than one shard.
     let smallest = checkpoint
         .shards
         .iter()
