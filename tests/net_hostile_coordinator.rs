@@ -734,6 +734,7 @@ fn trunk_call(
         base_checkpoint: ann.base_checkpoint,
         seed_secret: secret,
         rule: mana_engine::round::default_verdict_rule(),
+        judging: mana_protocol::JudgingRule::default(),
         norm_history: mana_engine::coordinator::config::DEFAULT_NORM_HISTORY,
         norms,
         shards: vec![ShardCall {
@@ -849,7 +850,28 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
         honest_commit.seed_secret,
         forged,
     );
-    let id = publish_call(&net, &call).await;
+    refused_by_every_trainer(
+        &net,
+        &seen_by_coordinator,
+        &call,
+        "norm history",
+        b"/norm-history-forged",
+    )
+    .await;
+    net.stop().await;
+}
+
+/// Publishes `call` as the coordinator and checks that every trainer refuses it before judging: each counts a
+/// refused call whose finding names `finding`, no attestation of it exists (in what the coordinator's node
+/// `heard`), and each keeps the signed call under the round's evidence key ending in `evidence`.
+async fn refused_by_every_trainer(
+    net: &RoundNet,
+    heard: &Heard,
+    call: &AggregationCall,
+    finding: &str,
+    evidence: &[u8],
+) {
+    let id = publish_call(net, call).await;
     let refused = net
         .wait_trainers(
             Duration::from_secs(60),
@@ -858,18 +880,18 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
         )
         .await;
     for s in &refused {
-        let finding = training(s).last_audit_finding.clone().unwrap_or_default();
-        assert!(finding.contains("norm history"), "{finding}");
+        let found = training(s).last_audit_finding.clone().unwrap_or_default();
+        assert!(found.contains(finding), "{found}");
     }
     // Refused before judging: no judgment of the call exists.
-    let judged = seen_by_coordinator.find(|m| match &m.message {
+    let judged = heard.find(|m| match &m.message {
         Message::ShardAttestation(a) if a.call == id => Some(m.signer),
         _ => None,
     });
     assert!(judged.is_empty(), "judged by {judged:?}");
     for (node, _) in &net.trainers {
-        let mut key = LIE.to_be_bytes().to_vec();
-        key.extend_from_slice(b"/norm-history-forged");
+        let mut key = call.round.to_be_bytes().to_vec();
+        key.extend_from_slice(evidence);
         let blobs = node
             .store()
             .evidence_piece(&key)
@@ -878,8 +900,43 @@ async fn a_call_with_a_forged_norm_history_is_not_judged() {
         let bytes = node.read_blob(blobs[0]).await.expect("blob");
         let kept = mana_protocol::decode_envelope(&bytes).expect("the call");
         assert_eq!(kept.signer, net.coordinator.public_key());
-        assert!(matches!(kept.verify(), Ok(Message::AggregationCall(c)) if c == call));
+        assert!(matches!(kept.verify(), Ok(Message::AggregationCall(c)) if &c == call));
     }
+}
+
+/// A coordinator that names a shard's judges itself, instead of the public draw, is refused by its judges.
+/// After two honest rounds the test calls the trunk's judgments of a third with two of the three trainers as
+/// its judges, where the draw (the call's own rule, three judging holders, from the seed the call reveals)
+/// gives all three: a coordinator's pick that could leave out the one honest holder among colluders. Every
+/// trainer redraws the judges (`mana_engine::coordinator::check_call_judges`), finds the call's are not
+/// them, does not judge, and keeps the signed call as evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_judges_are_not_the_draw_is_not_judged() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
+    let ann = next_announcement(&honest_ann, LIE, &honest_commit.checkpoint);
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+    let mut call = trunk_call(
+        &seen_by_coordinator,
+        &ann,
+        &deltas,
+        honest_commit.seed_secret,
+        honest_norms(&seen_by_trainer, LIE),
+    );
+    // The draw: every participant sent a trunk delta and holds the trunk, and three may judge it.
+    mana_engine::coordinator::check_call_judges(&ann, &call).expect("the honest call is the draw");
+    let left_out = call.shards[0].holders.pop().expect("a holder");
+    eprintln!("the call leaves participant {left_out} out of the trunk's judges");
+    refused_by_every_trainer(
+        &net,
+        &seen_by_coordinator,
+        &call,
+        "public draw",
+        b"/judges-not-drawn",
+    )
+    .await;
     net.stop().await;
 }
 

@@ -742,6 +742,7 @@ fn a_judge_reaches_the_same_verdicts_every_time_and_refuses_each_bad_delta_for_i
         base_checkpoint: ann.base_checkpoint,
         seed_secret: secret,
         rule: default_verdict_rule(),
+        judging: mana_protocol::JudgingRule::default(),
         norm_history: 8,
         norms: Vec::new(),
         shards: vec![ShardCall {

@@ -47,9 +47,9 @@ pub use limits::PROTOCOL_VERSION;
 pub use messages::{
     AcceptedDeltas, AggregationCall, CalledDelta, Capacity, CheckpointManifest, CommitDispute,
     Deadlines, DeltaAnnouncement, DeltaScore, DeltaVerdict, DeviceKind, DisputeMismatch,
-    Evaluation, Heartbeat, HyperParams, MAX_DELTA_WEIGHT, Message, NormRecord, Parcel, Participant,
-    RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardAttestation, ShardCall,
-    ShardDissent, ShardEntry, ShardJudgment, TrainingStats, UpdateRule, VerdictRule,
+    Evaluation, Heartbeat, HyperParams, JudgingRule, MAX_DELTA_WEIGHT, Message, NormRecord, Parcel,
+    Participant, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd, ShardAttestation,
+    ShardCall, ShardDissent, ShardEntry, ShardJudgment, TrainingStats, UpdateRule, VerdictRule,
     seed_commitment,
 };
 pub use reqresp::{

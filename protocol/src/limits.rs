@@ -4,7 +4,7 @@
 
 /// The wire version this build speaks; the first field of every envelope and request/response frame.
 /// A receiver rejects any other value, so a new incompatible layout must bump it.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// Largest encoded signed envelope (gossip message) accepted. Gossipsub's `max_transmit_size` must be at
 /// least this.

@@ -276,6 +276,9 @@ pub struct AggregationCall {
     pub seed_secret: [u8; 32],
     /// The rule every verdict follows.
     pub rule: VerdictRule,
+    /// How many judge each shard: every judge redraws each shard's judges from the round's score seed with
+    /// this rule and refuses a call whose judges are not the draw, so the coordinator cannot pick them.
+    pub judging: JudgingRule,
     /// How many of each shard's most recently accepted norms the coordinator keeps for the bounds (its
     /// setting, 1 to [`crate::limits::MAX_NORM_HISTORY`]): `norms` carries, of each shard, that many or all
     /// there are. Published so that a node that saw the commits can tell a history cut short from the
@@ -305,6 +308,29 @@ pub struct VerdictRule {
     pub trunk_share: f32,
     /// How much an expert delta may raise the loss, in nats, and still be accepted.
     pub expert_tolerance: f32,
+}
+
+/// How many judge each shard of a round: the run's setting, published with every call so that anyone can
+/// redo the draw of each shard's judges from the round's score seed (a call whose judges are not that draw is
+/// not judged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JudgingRule {
+    /// Verifiers drawn per shard from the participants that do not hold it.
+    pub verifiers_per_shard: u32,
+    /// Most holders of one shard that judge it (a shard every participant holds, like the trunk, would
+    /// otherwise cost every participant every delta of it); drawn when there are more.
+    pub max_holder_judges: u32,
+}
+
+impl Default for JudgingRule {
+    /// Two verifiers per shard and up to three judging holders: with two holders per expert, four judges and
+    /// a quorum of three, so no two colluders decide a shard (docs/security.md has the figures).
+    fn default() -> Self {
+        JudgingRule {
+            verifiers_per_shard: 2,
+            max_holder_judges: 3,
+        }
+    }
 }
 
 /// One committed norm of an accepted delta, as a call carries it: its shard, its sender if that sender takes
@@ -895,6 +921,7 @@ impl Message {
                     }
                 }
                 check_rule(&m.rule)?;
+                check_judging(&m.judging)?;
                 if let Some(n) = m.norms.iter().find(|n| !n.norm.is_finite() || n.norm < 0.0) {
                     return Err(ProtocolError::InvalidField {
                         what: "call norm",
@@ -997,6 +1024,21 @@ impl Message {
 }
 
 /// A verdict rule's figures: finite, the shares between 0 and 1, the tolerances not negative.
+/// A judging rule draws at least one holder and at most [`MAX_SHARD_JUDGES`] judges of a shard.
+fn check_judging(j: &JudgingRule) -> Result<(), ProtocolError> {
+    let judges = u64::from(j.max_holder_judges) + u64::from(j.verifiers_per_shard);
+    if j.max_holder_judges == 0 || judges > MAX_SHARD_JUDGES as u64 {
+        return Err(ProtocolError::InvalidField {
+            what: "call judging rule",
+            detail: format!(
+                "{} holders and {} verifiers per shard: at least one holder, at most {MAX_SHARD_JUDGES} judges",
+                j.max_holder_judges, j.verifiers_per_shard
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn check_rule(r: &VerdictRule) -> Result<(), ProtocolError> {
     let fine = [
         r.min_norm_ratio,

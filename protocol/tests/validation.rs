@@ -719,6 +719,13 @@ fn calls_and_attestations_are_bounded_sorted_and_finite() {
             let n = c.norms[0];
             c.norms.push(n);
         }),
+        // A judging rule with no holder judging, or more judges than a shard may have.
+        call(&|c| c.judging.max_holder_judges = 0),
+        call(&|c| {
+            c.judging.max_holder_judges = 32;
+            c.judging.verifiers_per_shard = limits::MAX_SHARD_JUDGES as u32 - 31;
+        }),
+        call(&|c| c.judging.verifiers_per_shard = u32::MAX),
         // Shards out of order.
         call(&|c| {
             let s = c.shards[0].clone();

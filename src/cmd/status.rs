@@ -150,7 +150,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("  FALSE SCORE: {last}");
         }
         println!(
-            "  judged: {} shards attested, {} deltas; commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments; {} call(s) refused for a forged norm history",
+            "  judged: {} shards attested, {} deltas; commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments; {} call(s) refused (a forged norm history, or judges not drawn)",
             t.shards_attested,
             t.deltas_judged,
             t.quorums_contradicted,

@@ -28,26 +28,8 @@ use serde::{Deserialize, Serialize};
 /// Domain tag of the judges' draw (a new draw rule gets a new tag).
 const DRAW_TAG: &[u8] = b"mana/judge-draw/v2";
 
-/// How many judge each shard: a run setting, announced with every round so that anyone can redo the draw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JudgingRule {
-    /// Verifiers drawn per shard from the participants that do not hold it.
-    pub verifiers_per_shard: u32,
-    /// Most holders of one shard that judge it (a shard every participant holds, like the trunk, would
-    /// otherwise cost every participant every delta of it); drawn when there are more.
-    pub max_holder_judges: u32,
-}
-
-impl Default for JudgingRule {
-    /// Two verifiers per shard and up to three judging holders: with two holders per expert, four judges and
-    /// a quorum of three, so no two colluders decide a shard (see docs/security.md for the figures).
-    fn default() -> Self {
-        JudgingRule {
-            verifiers_per_shard: 2,
-            max_holder_judges: 3,
-        }
-    }
-}
+/// How many judge each shard: a run setting, published with every call (see [`check_call_judges`]).
+pub use mana_protocol::JudgingRule;
 
 /// The judges of one shard in one round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +177,82 @@ impl Draw {
         let others = self.pool.iter().copied().filter(|k| !holding.contains(k));
         drawn(self.seed, shard, others, count)
     }
+}
+
+/// Why a call's judges are not the public draw ([`check_call_judges`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrawMismatch {
+    /// A delta's sender is no participant of the round.
+    #[error("a delta's sender {0} is no participant of the round")]
+    NoParticipant(u32),
+    /// A shard's judges are not the ones drawn (participant indices, sorted).
+    #[error(
+        "{shard}: the call names holders {holders:?} and verifiers {verifiers:?}, the draw gives holders {drawn_holders:?} and verifiers {drawn_verifiers:?}"
+    )]
+    NotDrawn {
+        /// The shard.
+        shard: ShardId,
+        /// The judging holders the call names.
+        holders: Vec<u32>,
+        /// The verifiers the call names.
+        verifiers: Vec<u32>,
+        /// The judging holders the draw gives.
+        drawn_holders: Vec<u32>,
+        /// The verifiers the draw gives.
+        drawn_verifiers: Vec<u32>,
+    },
+}
+
+/// Checks that every shard's judges in `call` (round `ann`'s) are the draw of its judging rule from the
+/// round's score seed, among the participants with deltas in the call (the round's participants still in it:
+/// the coordinator drops the others' deltas before it calls), holders among those assigned the shard. Every
+/// judge runs it before judging: a coordinator that named its own verifiers, or left out a holder, could
+/// otherwise hand a shard to judges of its choice. The order in which the call lists them does not matter.
+pub fn check_call_judges(
+    ann: &mana_protocol::RoundAnnouncement,
+    call: &mana_protocol::AggregationCall,
+) -> Result<(), DrawMismatch> {
+    let mut pool: BTreeMap<PublicKey, u32> = BTreeMap::new();
+    for d in call.shards.iter().flat_map(|c| &c.deltas) {
+        let p = ann
+            .participants
+            .get(d.sender as usize)
+            .ok_or(DrawMismatch::NoParticipant(d.sender))?;
+        pool.insert(p.node, d.sender);
+    }
+    let keys: Vec<PublicKey> = pool.keys().copied().collect();
+    let draw = Draw::new(crate::round::call_score_seed(call), &keys);
+    let at = |keys: &[PublicKey]| {
+        let mut v: Vec<u32> = keys.iter().filter_map(|k| pool.get(k).copied()).collect();
+        v.sort_unstable();
+        v
+    };
+    let sorted = |v: &[u32]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v
+    };
+    for part in &call.shards {
+        let holders: Vec<PublicKey> = ann
+            .participants
+            .iter()
+            .filter(|p| pool.contains_key(&p.node) && p.shards.contains(&part.shard))
+            .map(|p| p.node)
+            .collect();
+        let judges = draw.judges(part.shard, &holders, &call.judging);
+        let (drawn_holders, drawn_verifiers) = (at(&judges.holders), at(&judges.verifiers));
+        let (named_holders, named_verifiers) = (sorted(&part.holders), sorted(&part.verifiers));
+        if named_holders != drawn_holders || named_verifiers != drawn_verifiers {
+            return Err(DrawMismatch::NotDrawn {
+                shard: part.shard,
+                holders: named_holders,
+                verifiers: named_verifiers,
+                drawn_holders,
+                drawn_verifiers,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// How a shard's attestations came out.

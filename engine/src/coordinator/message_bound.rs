@@ -121,6 +121,7 @@ fn largest_messages(config: &CoordinatorConfig) -> [Message; 3] {
         base_checkpoint: hash,
         seed_secret: [0xff; 32],
         rule: config.verdict,
+        judging: config.judging,
         norm_history: config.norm_history,
         norms: shards
             .iter()

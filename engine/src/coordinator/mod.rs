@@ -54,7 +54,9 @@ use thiserror::Error;
 
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
 pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS, default_inner_steps};
-pub use judges::{Draw, Judges, JudgingRule, Tally, draw_judges, tally};
+pub use judges::{
+    Draw, DrawMismatch, Judges, JudgingRule, Tally, check_call_judges, draw_judges, tally,
+};
 pub use message_bound::{RoundMessageBound, check_round_messages, round_message_bound};
 pub use standing::{Standing, StandingPolicy, Standings};
 
@@ -523,6 +525,11 @@ impl Coordinator {
             && round.announcement.participant(node).is_some()
         {
             round.dropped.insert(*node);
+            // Before the call its deltas go too: the call's senders are the pool its judges are drawn from
+            // (`judges::check_call_judges`), and one gone should not be drawn.
+            if round.call.is_none() {
+                round.deltas.retain(|(_, n), _| n != node);
+            }
         }
     }
 
@@ -1034,10 +1041,14 @@ impl Coordinator {
             .enumerate()
             .map(|(i, p)| (p.node, i as u32))
             .collect();
+        // The judges' pool: the participants with deltas in the call, which every judge can tell from the call
+        // alone (`judges::check_call_judges`). Once the deltas are in, they are those still in the round: a
+        // dropped participant's deltas are gone (`drop_missing`, `node_left`).
+        let senders: BTreeSet<PublicKey> = round.deltas.keys().map(|(_, n)| *n).collect();
         let active: Vec<&Participant> = ann
             .participants
             .iter()
-            .filter(|p| !round.dropped.contains(&p.node))
+            .filter(|p| senders.contains(&p.node))
             .collect();
         let keys: Vec<PublicKey> = active.iter().map(|p| p.node).collect();
         let seed = round.score_seed();
@@ -1083,6 +1094,7 @@ impl Coordinator {
             base_checkpoint: ann.base_checkpoint,
             seed_secret: round.seed_secret,
             rule: self.config.verdict,
+            judging: self.config.judging,
             norm_history: self.config.norm_history,
             norms: self
                 .norms

@@ -464,6 +464,7 @@ mod tests {
                 trunk_share: 0.0,
                 expert_tolerance: 0.0,
             },
+            judging: mana_protocol::JudgingRule::default(),
             norm_history,
             norms,
             shards: vec![part(ShardId::Trunk), part(E0)],

@@ -2470,3 +2470,101 @@ fn a_layout_whose_round_messages_outgrow_a_parcel_is_refused() {
         "{fits:?}"
     );
 }
+
+/// Every call the coordinator makes names each shard's judges as the public draw (`check_call_judges`), so
+/// its judges take it: with every participant in, with one dropped at the delta deadline, and with one that
+/// left after sending all its deltas but before the call (its deltas leave the call with it).
+#[test]
+fn the_coordinators_calls_name_the_drawn_judges() {
+    let everyone = |ann: &RoundAnnouncement| -> Vec<PublicKey> {
+        ann.participants.iter().map(|p| p.node).collect()
+    };
+    let mut c = coordinator();
+    let ann = start(&mut c, 6);
+    send_all(&mut c, &ann, &everyone(&ann), 10);
+    let call = called(&c.tick(20, 1).unwrap());
+    // Two verifiers of each expert; every participant holds the trunk, so it has none.
+    assert!(
+        call.shards
+            .iter()
+            .all(|p| p.verifiers.len() == if p.shard == ShardId::Trunk { 0 } else { 2 })
+    );
+    check_call_judges(&ann, &call).unwrap();
+
+    let mut c = coordinator();
+    let ann = start(&mut c, 6);
+    send_all(&mut c, &ann, &everyone(&ann)[1..], 10);
+    let call = called(&c.tick(1_001, 1).unwrap());
+    check_call_judges(&ann, &call).unwrap();
+
+    let mut c = coordinator();
+    let ann = start(&mut c, 6);
+    let all = everyone(&ann);
+    send_all(&mut c, &ann, &all, 10);
+    c.node_left(&all[0]);
+    let call = called(&c.tick(20, 1).unwrap());
+    let gone = 0u32;
+    assert!(
+        call.shards
+            .iter()
+            .flat_map(|p| &p.deltas)
+            .all(|d| d.sender != gone),
+        "the deltas of a participant that left are not called"
+    );
+    assert!(
+        call.shards
+            .iter()
+            .all(|p| !judges_of(&ann, p).contains(&all[0]))
+    );
+    check_call_judges(&ann, &call).unwrap();
+}
+
+/// A call whose judges are not the draw is found out, whichever way they were changed: a verifier of the
+/// coordinator's choice, a holder left out, a rule other than the one the judges were drawn by, a sender that
+/// is no participant. The order the call lists them in does not matter.
+#[test]
+fn a_call_whose_judges_are_not_the_draw_is_found_out() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 6);
+    let all: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &all, 10);
+    let call = called(&c.tick(20, 1).unwrap());
+    let not_drawn = |call: &AggregationCall| {
+        matches!(
+            check_call_judges(&ann, call),
+            Err(DrawMismatch::NotDrawn { .. })
+        )
+    };
+
+    let mut reordered = call.clone();
+    for part in &mut reordered.shards {
+        part.holders.reverse();
+        part.verifiers.reverse();
+    }
+    check_call_judges(&ann, &reordered).unwrap();
+
+    // A verifier swapped for a participant that was neither drawn nor holds the shard.
+    let mut chosen = call.clone();
+    let part = &mut chosen.shards[1];
+    let outsider = (0..all.len() as u32)
+        .find(|i| !part.holders.contains(i) && !part.verifiers.contains(i))
+        .filter(|i| !ann.participants[*i as usize].shards.contains(&part.shard))
+        .expect("a participant that neither holds nor verifies the shard");
+    part.verifiers[0] = outsider;
+    assert!(not_drawn(&chosen));
+
+    let mut left_out = call.clone();
+    left_out.shards[1].holders.pop();
+    assert!(not_drawn(&left_out));
+
+    let mut no_verifiers = call.clone();
+    no_verifiers.judging.verifiers_per_shard = 0;
+    assert!(not_drawn(&no_verifiers));
+
+    let mut stranger = call.clone();
+    stranger.shards[0].deltas[0].sender = all.len() as u32;
+    assert_eq!(
+        check_call_judges(&ann, &stranger),
+        Err(DrawMismatch::NoParticipant(all.len() as u32))
+    );
+}

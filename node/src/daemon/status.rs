@@ -186,7 +186,8 @@ pub struct TrainingStatus {
     #[serde(default)]
     pub judges_equivocated: u64,
     /// Calls for judgments this node did not judge because their norm history is not what the commits it saw
-    /// published (a made-up, moved or left-out norm: [`mana_engine::coordinator::norm_ledger`]), since start;
+    /// published (a made-up, moved or left-out norm: [`mana_engine::coordinator::norm_ledger`]), or because
+    /// their judges are not the public draw ([`mana_engine::coordinator::check_call_judges`]), since start;
     /// the signed call is kept in the store. Never expected from an honest coordinator.
     #[serde(default)]
     pub calls_refused: u64,

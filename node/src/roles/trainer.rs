@@ -57,8 +57,8 @@ use crate::daemon::{NodeError, NodeHandle, blocking};
 use crate::store::evidence::evidence_key;
 use mana_engine::coordinator::audit::{Finding, audit_shard};
 use mana_engine::coordinator::equivocation;
-use mana_engine::coordinator::judges_of;
 use mana_engine::coordinator::norm_ledger::{NormCheck, NormLedger};
+use mana_engine::coordinator::{check_call_judges, judges_of};
 use mana_engine::round::{
     ExpertLoads, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed, rescore,
     score_agrees, train_local,
@@ -803,7 +803,8 @@ impl Trainer {
     /// the shard's base state by its hash in the base checkpoint, and the trunk's if it does not hold it. A
     /// shard whose base cannot be had is left out: a judge signs only what it computed. A call that does not
     /// reveal the seed secret the announcement committed to is not answered (the score batches would be the
-    /// coordinator's choice).
+    /// coordinator's choice), nor one whose norm history is not what the commits published, nor one whose
+    /// judges are not the public draw (`check_call_judges`): each of those is counted and kept as evidence.
     async fn on_call(
         &mut self,
         call: AggregationCall,
@@ -839,6 +840,24 @@ impl Trainer {
             tracing::error!("{text}");
             if let Ok(bytes) = envelope.encode() {
                 self.keep_evidence(evidence_key(round, &[b"/norm-history-forged"]), vec![bytes])
+                    .await;
+            }
+            self.node.update_training_status(|s| {
+                s.calls_refused += 1;
+                s.last_audit_finding = Some(text);
+            });
+            return Ok(());
+        }
+        if let Err(mismatch) = check_call_judges(&ann, &call) {
+            // The coordinator named judges of its own choosing: a quorum of them could carry any result. The
+            // signed call is the evidence (the draw is public: the seed secret is in it).
+            let round = call.round;
+            let text = format!(
+                "round {round}: the call's judges are not the public draw, not judged: {mismatch}"
+            );
+            tracing::error!("{text}");
+            if let Ok(bytes) = envelope.encode() {
+                self.keep_evidence(evidence_key(round, &[b"/judges-not-drawn"]), vec![bytes])
                     .await;
             }
             self.node.update_training_status(|s| {

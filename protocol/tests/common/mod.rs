@@ -229,6 +229,7 @@ pub fn aggregation_call() -> AggregationCall {
             trunk_share: 0.15,
             expert_tolerance: 0.05,
         },
+        judging: mana_protocol::JudgingRule::default(),
         norm_history: 8,
         norms: vec![NormRecord {
             shard,
