@@ -926,7 +926,8 @@ async fn a_call_whose_judges_are_not_the_draw_is_not_judged() {
         honest_norms(&seen_by_trainer, LIE),
     );
     // The draw: every participant sent a trunk delta and holds the trunk, and three may judge it.
-    mana_engine::coordinator::check_call_judges(&ann, &call).expect("the honest call is the draw");
+    mana_engine::coordinator::check_call_judges(&ann, &call, &honest_commit.checkpoint)
+        .expect("the honest call is the draw");
     let left_out = call.shards[0].holders.pop().expect("a holder");
     eprintln!("the call leaves participant {left_out} out of the trunk's judges");
     refused_by_every_trainer(

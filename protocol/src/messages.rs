@@ -322,6 +322,24 @@ pub struct JudgingRule {
     pub max_holder_judges: u32,
 }
 
+impl JudgingRule {
+    /// Verifiers drawn for a shard: `verifiers_per_shard`, or twice that (at least 2) for an `escalated`
+    /// shard, one whose state did not move in the round before (held for want of a quorum, every delta
+    /// refused, or none sent), so that judges who split a shard between them face more judges next time.
+    pub fn verifiers(&self, escalated: bool) -> u32 {
+        if escalated {
+            self.verifiers_per_shard.max(1).saturating_mul(2)
+        } else {
+            self.verifiers_per_shard
+        }
+    }
+
+    /// The most judges a shard can have under this rule (an escalated one's).
+    pub fn most_judges(&self) -> u64 {
+        u64::from(self.max_holder_judges) + u64::from(self.verifiers(true))
+    }
+}
+
 impl Default for JudgingRule {
     /// Two verifiers per shard and up to three judging holders: with two holders per expert, four judges and
     /// a quorum of three, so no two colluders decide a shard (docs/security.md has the figures).
@@ -1024,14 +1042,14 @@ impl Message {
 }
 
 /// A verdict rule's figures: finite, the shares between 0 and 1, the tolerances not negative.
-/// A judging rule draws at least one holder and at most [`MAX_SHARD_JUDGES`] judges of a shard.
+/// A judging rule draws at least one holder and at most [`MAX_SHARD_JUDGES`] judges of a shard, escalated
+/// or not.
 fn check_judging(j: &JudgingRule) -> Result<(), ProtocolError> {
-    let judges = u64::from(j.max_holder_judges) + u64::from(j.verifiers_per_shard);
-    if j.max_holder_judges == 0 || judges > MAX_SHARD_JUDGES as u64 {
+    if j.max_holder_judges == 0 || j.most_judges() > MAX_SHARD_JUDGES as u64 {
         return Err(ProtocolError::InvalidField {
             what: "call judging rule",
             detail: format!(
-                "{} holders and {} verifiers per shard: at least one holder, at most {MAX_SHARD_JUDGES} judges",
+                "{} holders and {} verifiers per shard (twice that escalated): at least one holder, at most {MAX_SHARD_JUDGES} judges",
                 j.max_holder_judges, j.verifiers_per_shard
             ),
         });

@@ -207,13 +207,11 @@ impl CoordinatorConfig {
                 "must be at least 1: a shard's holders judge it",
             );
         }
-        if (j.max_holder_judges as usize).saturating_add(j.verifiers_per_shard as usize)
-            > mana_protocol::limits::MAX_SHARD_JUDGES
-        {
+        if j.most_judges() > mana_protocol::limits::MAX_SHARD_JUDGES as u64 {
             return bad(
                 "judging",
                 &format!(
-                    "at most {} judges per shard",
+                    "at most {} judges per shard, escalated (twice the verifiers) or not",
                     mana_protocol::limits::MAX_SHARD_JUDGES
                 ),
             );

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mana_protocol::{PublicKey, ShardId};
+use mana_protocol::{CheckpointManifest, PublicKey, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// Domain tag of the judges' draw (a new draw rule gets a new tag).
@@ -89,17 +89,30 @@ fn drawn(
 }
 
 /// The judges of `shard` in the round whose public seed is `seed`: up to `rule.max_holder_judges` of its
-/// `holders`, and `rule.verifiers_per_shard` of the round's other `participants` (fewer when there are not
-/// enough). The order of `holders` and `participants` does not matter, nor do duplicates. A round's many
-/// shards share one [`Draw`] instead.
+/// `holders`, and `rule.verifiers(escalated)` of the round's other `participants` (fewer when there are not
+/// enough; twice the verifiers for an [`escalated`] shard). The order of `holders` and `participants` does not
+/// matter, nor do duplicates. A round's many shards share one [`Draw`] instead.
 pub fn draw_judges(
     seed: u64,
     shard: ShardId,
     holders: &[PublicKey],
     participants: &[PublicKey],
     rule: &JudgingRule,
+    escalated: bool,
 ) -> Judges {
-    Draw::new(seed, participants).judges(shard, holders, rule)
+    Draw::new(seed, participants).judges(shard, holders, rule, escalated)
+}
+
+/// Whether `shard` is escalated in round `round` whose base checkpoint is `base`: its state did not move in
+/// the round before (its entry is older than that round: held for want of a quorum, every delta refused, or
+/// no delta at all). Then it gets twice the verifiers ([`JudgingRule::verifiers`]): two colluders who split
+/// a shard's judges between them and the honest ones (no quorum: the shard holds) face a majority of honest
+/// judges in the next round, are outvoted and charged, instead of holding the shard round after round at no
+/// cost. Every judge holds the base checkpoint, so everyone tells the same. Round 1 (on the genesis
+/// checkpoint) escalates nothing; nor does a shard the base does not list.
+pub fn escalated(base: &CheckpointManifest, round: u64, shard: &ShardId) -> bool {
+    base.shard(shard)
+        .is_some_and(|e| e.round.saturating_add(1) < round)
 }
 
 /// One round's draw of judges: its participants sorted by key once, for every shard's draw.
@@ -120,7 +133,13 @@ impl Draw {
     }
 
     /// The judges of `shard` (see [`draw_judges`]).
-    pub fn judges(&self, shard: ShardId, holders: &[PublicKey], rule: &JudgingRule) -> Judges {
+    pub fn judges(
+        &self,
+        shard: ShardId,
+        holders: &[PublicKey],
+        rule: &JudgingRule,
+        escalated: bool,
+    ) -> Judges {
         let holding: BTreeSet<PublicKey> = holders.iter().copied().collect();
         Judges {
             holders: drawn(
@@ -129,7 +148,7 @@ impl Draw {
                 holding.iter().copied(),
                 rule.max_holder_judges as usize,
             ),
-            verifiers: self.verifiers(shard, &holding, rule.verifiers_per_shard as usize),
+            verifiers: self.verifiers(shard, &holding, rule.verifiers(escalated) as usize),
         }
     }
 
@@ -203,14 +222,16 @@ pub enum DrawMismatch {
     },
 }
 
-/// Checks that every shard's judges in `call` (round `ann`'s) are the draw of its judging rule from the
-/// round's score seed, among the participants with deltas in the call (the round's participants still in it:
-/// the coordinator drops the others' deltas before it calls), holders among those assigned the shard. Every
-/// judge runs it before judging: a coordinator that named its own verifiers, or left out a holder, could
-/// otherwise hand a shard to judges of its choice. The order in which the call lists them does not matter.
+/// Checks that every shard's judges in `call` (round `ann`'s, on the base checkpoint `base`) are the draw of
+/// its judging rule from the round's score seed, among the participants with deltas in the call (the round's
+/// participants still in it: the coordinator drops the others' deltas before it calls), holders among those
+/// assigned the shard, verifiers twice as many for an [`escalated`] shard. Every judge runs it before
+/// judging: a coordinator that named its own verifiers, or left out a holder, could otherwise hand a shard to
+/// judges of its choice. The order in which the call lists them does not matter.
 pub fn check_call_judges(
     ann: &mana_protocol::RoundAnnouncement,
     call: &mana_protocol::AggregationCall,
+    base: &CheckpointManifest,
 ) -> Result<(), DrawMismatch> {
     let mut pool: BTreeMap<PublicKey, u32> = BTreeMap::new();
     for d in call.shards.iter().flat_map(|c| &c.deltas) {
@@ -239,7 +260,12 @@ pub fn check_call_judges(
             .filter(|p| pool.contains_key(&p.node) && p.shards.contains(&part.shard))
             .map(|p| p.node)
             .collect();
-        let judges = draw.judges(part.shard, &holders, &call.judging);
+        let judges = draw.judges(
+            part.shard,
+            &holders,
+            &call.judging,
+            escalated(base, ann.round, &part.shard),
+        );
         let (drawn_holders, drawn_verifiers) = (at(&judges.holders), at(&judges.verifiers));
         let (named_holders, named_verifiers) = (sorted(&part.holders), sorted(&part.verifiers));
         if named_holders != drawn_holders || named_verifiers != drawn_verifiers {
@@ -400,26 +426,26 @@ mod tests {
         let shard = ShardId::Expert { layer: 1, index: 2 };
         let holders = keys(0..4);
         let participants = keys(0..20);
-        let a = draw_judges(7, shard, &holders, &participants, &rule);
+        let a = draw_judges(7, shard, &holders, &participants, &rule, false);
         let mut reversed = participants.clone();
         reversed.reverse();
         reversed.extend(keys(0..3)); // duplicates change nothing
-        let b = draw_judges(7, shard, &holders, &reversed, &rule);
+        let b = draw_judges(7, shard, &holders, &reversed, &rule, false);
         assert_eq!(a, b);
         assert_eq!((a.holders.len(), a.verifiers.len()), (2, 3));
         assert!(a.holders.iter().all(|k| holders.contains(k)));
         assert!(a.verifiers.iter().all(|k| !holders.contains(k)));
         // Another seed or another shard draws others (with 16 candidates, the same three by chance is rare).
         assert_ne!(
-            draw_judges(8, shard, &holders, &participants, &rule).verifiers,
+            draw_judges(8, shard, &holders, &participants, &rule, false).verifiers,
             a.verifiers
         );
         assert_ne!(
-            draw_judges(7, ShardId::Trunk, &holders, &participants, &rule).verifiers,
+            draw_judges(7, ShardId::Trunk, &holders, &participants, &rule, false).verifiers,
             a.verifiers
         );
         // Too few others: all of them.
-        let few = draw_judges(7, shard, &holders, &keys(0..5), &rule);
+        let few = draw_judges(7, shard, &holders, &keys(0..5), &rule, false);
         assert_eq!(few.verifiers, vec![key(4)]);
     }
 
@@ -432,7 +458,7 @@ mod tests {
         let participants = keys(0..10);
         let mut counts = BTreeMap::<PublicKey, u32>::new();
         for seed in 0..2000u64 {
-            for v in draw_judges(seed, ShardId::Trunk, &[], &participants, &rule).verifiers {
+            for v in draw_judges(seed, ShardId::Trunk, &[], &participants, &rule, false).verifiers {
                 *counts.entry(v).or_default() += 1;
             }
         }

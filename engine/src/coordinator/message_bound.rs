@@ -74,9 +74,10 @@ fn largest_messages(config: &CoordinatorConfig) -> [Message; 3] {
     let judges = |shard: &ShardId| -> (u32, u32) {
         let h = holders(shard);
         let holder_judges = h.min(config.judging.max_holder_judges);
+        // An escalated shard's (twice the verifiers): the most a call can name.
         let verifiers = config
             .judging
-            .verifiers_per_shard
+            .verifiers(true)
             .min(participants.saturating_sub(h));
         (holder_judges, verifiers)
     };

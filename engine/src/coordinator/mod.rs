@@ -55,7 +55,8 @@ use thiserror::Error;
 pub use assign::{AssignError, Candidate, ExpertHosts, assign_experts, experts_by_node};
 pub use config::{ConfigError, CoordinatorConfig, MAX_INNER_STEPS, default_inner_steps};
 pub use judges::{
-    Draw, DrawMismatch, Judges, JudgingRule, Tally, check_call_judges, draw_judges, tally,
+    Draw, DrawMismatch, Judges, JudgingRule, Tally, check_call_judges, draw_judges, escalated,
+    tally,
 };
 pub use message_bound::{RoundMessageBound, check_round_messages, round_message_bound};
 pub use standing::{Standing, StandingPolicy, Standings};
@@ -997,6 +998,7 @@ impl Coordinator {
             }
         }
         self.charge_dissenters(r, &dissent);
+        self.unhost_dissenters(&dissent);
         self.update_standings(&round, &verdicts);
         let mut shards: BTreeMap<ShardId, ShardEntry> = self
             .checkpoint
@@ -1077,7 +1079,12 @@ impl Coordinator {
             .map(|(shard, mut deltas)| {
                 deltas.sort_by_key(|d| (d.payload_hash, d.sender));
                 let holders = holders_of.get(&shard).map(Vec::as_slice).unwrap_or(&[]);
-                let judges = draw.judges(shard, holders, rule);
+                let judges = draw.judges(
+                    shard,
+                    holders,
+                    rule,
+                    judges::escalated(&self.checkpoint, ann.round, &shard),
+                );
                 let at = |k: &PublicKey| index.get(k).copied();
                 ShardCall {
                     shard,
@@ -1112,6 +1119,19 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// A holder that signed another judgment of its own shard than the quorum's (or two) loses the shard: its
+    /// state of it is not the committed one (or it lies about it), and a pair of colluding holders would
+    /// otherwise keep the shard and split every round's judges on it. The next assignment gives the slot to
+    /// another member, by capacity and standing (which the dissent just cost it). A holder that signed
+    /// nothing keeps its shard: it may have crashed, and a member that leaves loses its shards anyway.
+    fn unhost_dissenters(&mut self, dissent: &[ShardDissent]) {
+        for d in dissent {
+            if let Some(hosts) = self.hosts.get_mut(&d.shard) {
+                hosts.retain(|k| !d.dissenters.contains(k));
+            }
+        }
+    }
+
     /// A judge that signed another result than the one its shard's quorum signed is on record: it loses
     /// standing as for one refused contribution (`inconsistent`) in the round, however many of its results
     /// were outvoted (a judge whose machine computes differently is wrong on every shard it judges, and one

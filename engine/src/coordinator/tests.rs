@@ -2489,13 +2489,13 @@ fn the_coordinators_calls_name_the_drawn_judges() {
             .iter()
             .all(|p| p.verifiers.len() == if p.shard == ShardId::Trunk { 0 } else { 2 })
     );
-    check_call_judges(&ann, &call).unwrap();
+    check_call_judges(&ann, &call, &base_manifest()).unwrap();
 
     let mut c = coordinator();
     let ann = start(&mut c, 6);
     send_all(&mut c, &ann, &everyone(&ann)[1..], 10);
     let call = called(&c.tick(1_001, 1).unwrap());
-    check_call_judges(&ann, &call).unwrap();
+    check_call_judges(&ann, &call, &base_manifest()).unwrap();
 
     let mut c = coordinator();
     let ann = start(&mut c, 6);
@@ -2516,7 +2516,7 @@ fn the_coordinators_calls_name_the_drawn_judges() {
             .iter()
             .all(|p| !judges_of(&ann, p).contains(&all[0]))
     );
-    check_call_judges(&ann, &call).unwrap();
+    check_call_judges(&ann, &call, &base_manifest()).unwrap();
 }
 
 /// A call whose judges are not the draw is found out, whichever way they were changed: a verifier of the
@@ -2531,7 +2531,7 @@ fn a_call_whose_judges_are_not_the_draw_is_found_out() {
     let call = called(&c.tick(20, 1).unwrap());
     let not_drawn = |call: &AggregationCall| {
         matches!(
-            check_call_judges(&ann, call),
+            check_call_judges(&ann, call, &base_manifest()),
             Err(DrawMismatch::NotDrawn { .. })
         )
     };
@@ -2541,7 +2541,7 @@ fn a_call_whose_judges_are_not_the_draw_is_found_out() {
         part.holders.reverse();
         part.verifiers.reverse();
     }
-    check_call_judges(&ann, &reordered).unwrap();
+    check_call_judges(&ann, &reordered, &base_manifest()).unwrap();
 
     // A verifier swapped for a participant that was neither drawn nor holds the shard.
     let mut chosen = call.clone();
@@ -2564,7 +2564,115 @@ fn a_call_whose_judges_are_not_the_draw_is_found_out() {
     let mut stranger = call.clone();
     stranger.shards[0].deltas[0].sender = all.len() as u32;
     assert_eq!(
-        check_call_judges(&ann, &stranger),
+        check_call_judges(&ann, &stranger, &base_manifest()),
         Err(DrawMismatch::NoParticipant(all.len() as u32))
     );
+}
+
+/// A shard that held in a round for want of a quorum is escalated in the next: its call names twice the
+/// verifiers, the shards that moved keep the rule's two, and the judges' check agrees on the base checkpoint
+/// (which shows the held shard did not move); on a base where it moved, the same call is not the draw.
+#[test]
+fn a_shard_held_for_want_of_a_quorum_gets_twice_the_verifiers_next_round() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 7);
+    let all: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &all, 10);
+    let call = called(&c.tick(20, 1).unwrap());
+    let held = call
+        .shards
+        .iter()
+        .find(|p| p.shard != ShardId::Trunk)
+        .unwrap()
+        .shard;
+    // Every shard's judges agree but the held one's, who sign nothing.
+    attest_each(&mut c, &call, |part| {
+        (part.shard != held).then(|| judgment(part, &part.shard.to_string()))
+    });
+    let commit = committed(&c.tick(2_006, 1).unwrap());
+    assert!(
+        commit
+            .rejected
+            .iter()
+            .any(|r| r.shard == held && r.reason == RejectCode::Late)
+    );
+    let base = c.checkpoint().clone();
+    assert_eq!(base.shard(&held), base_manifest().shard(&held));
+
+    let (ann, actions) = round_to_call(&mut c, 3_000, &all);
+    let call = called(&actions);
+    assert_eq!(ann.base_checkpoint, base.hash().unwrap());
+    for part in &call.shards {
+        let expected = match part.shard {
+            ShardId::Trunk => 0,
+            s if s == held => 4,
+            _ => 2,
+        };
+        assert_eq!(part.verifiers.len(), expected, "{}", part.shard);
+        assert_eq!(escalated(&base, ann.round, &part.shard), part.shard == held);
+    }
+    check_call_judges(&ann, &call, &base).unwrap();
+    let mut moved = base.clone();
+    for e in &mut moved.shards {
+        e.round = 1;
+    }
+    assert!(matches!(
+        check_call_judges(&ann, &call, &moved),
+        Err(DrawMismatch::NotDrawn { shard, .. }) if shard == held
+    ));
+}
+
+/// A holder outvoted on its own expert loses it: the next round assigns the expert to another member, and
+/// the outvoted holder keeps its other shards.
+#[test]
+fn a_holder_outvoted_on_its_own_shard_loses_it() {
+    let mut c = coordinator();
+    let ann = start(&mut c, 6);
+    let all: Vec<PublicKey> = ann.participants.iter().map(|p| p.node).collect();
+    send_all(&mut c, &ann, &all, 10);
+    let call = called(&c.tick(20, 1).unwrap());
+    let part = call
+        .shards
+        .iter()
+        .find(|p| p.shard != ShardId::Trunk)
+        .unwrap()
+        .clone();
+    let liar = judges_of(&ann, &part).holders[0];
+    for p in &call.shards {
+        let judges = judges_of(&ann, p);
+        for k in judges.holders.iter().chain(&judges.verifiers) {
+            let what = if p.shard == part.shard && *k == liar {
+                "the liar's".to_string()
+            } else {
+                p.shard.to_string()
+            };
+            c.shard_attested(1, *k, &signed(&call, vec![judgment(p, &what)]))
+                .unwrap();
+        }
+    }
+    let commit = committed(&c.tick(2_006, 1).unwrap());
+    assert!(
+        commit
+            .dissent
+            .iter()
+            .any(|d| d.shard == part.shard && d.dissenters == vec![liar])
+    );
+    let kept: Vec<ShardId> = ann
+        .participant(&liar)
+        .unwrap()
+        .shards
+        .iter()
+        .copied()
+        .filter(|s| *s != part.shard)
+        .collect();
+    let (next, _) = round_to_call(&mut c, 3_000, &all);
+    let now = &next.participant(&liar).unwrap().shards;
+    assert!(!now.contains(&part.shard), "{now:?}");
+    assert!(kept.iter().all(|s| now.contains(s)), "{kept:?} {now:?}");
+    let hosts = next
+        .participants
+        .iter()
+        .filter(|p| p.shards.contains(&part.shard))
+        .count();
+    assert_eq!(hosts, 2, "the expert has its two holders again");
 }

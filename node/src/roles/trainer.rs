@@ -848,7 +848,9 @@ impl Trainer {
             });
             return Ok(());
         }
-        if let Err(mismatch) = check_call_judges(&ann, &call) {
+        // The base checkpoint tells which shards are escalated (twice the verifiers) in the draw.
+        let manifest = self.base_manifest(ann.base_checkpoint, call.round).await?;
+        if let Err(mismatch) = check_call_judges(&ann, &call, &manifest) {
             // The coordinator named judges of its own choosing: a quorum of them could carry any result. The
             // signed call is the evidence (the draw is public: the seed secret is in it).
             let round = call.round;
@@ -867,6 +869,9 @@ impl Trainer {
             return Ok(());
         }
         let me = me as u32;
+        let Some(assigned) = self.assigned.as_ref() else {
+            return Ok(());
+        };
         let held: BTreeMap<ShardId, Arc<ShardRecord>> = assigned
             .base
             .iter()
@@ -900,7 +905,6 @@ impl Trainer {
             seen: BTreeMap::new(),
             kept: 0,
         });
-        let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
         let mut results = Vec::new();
         let mut judged = 0u64;
         for part in mine {
