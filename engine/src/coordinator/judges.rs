@@ -26,7 +26,7 @@ use mana_protocol::{CheckpointManifest, PublicKey, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// Domain tag of the judges' draw (a new draw rule gets a new tag).
-const DRAW_TAG: &[u8] = b"mana/judge-draw/v2";
+const DRAW_TAG: &[u8] = b"mana/judge-draw/v3";
 
 /// How many judge each shard: a run setting, published with every call (see [`check_call_judges`]).
 pub use mana_protocol::JudgingRule;
@@ -141,6 +141,22 @@ impl Draw {
         escalated: bool,
     ) -> Judges {
         let holding: BTreeSet<PublicKey> = holders.iter().copied().collect();
+        let verifiers = rule.verifiers(escalated) as usize;
+        if !self.pool.is_empty() && self.pool.iter().all(|k| holding.contains(k)) {
+            // Held by every participant (the trunk): nobody is left outside to verify it, and its holders are
+            // not the coordinator's choice. All its judges are drawn among them, as many as holders and
+            // verifiers together would be, so that the shard every token passes through is not decided by
+            // three (two colluders of three would be a quorum).
+            return Judges {
+                holders: drawn(
+                    self.seed,
+                    shard,
+                    holding.iter().copied(),
+                    rule.max_holder_judges as usize + verifiers,
+                ),
+                verifiers: Vec::new(),
+            };
+        }
         Judges {
             holders: drawn(
                 self.seed,
@@ -148,7 +164,7 @@ impl Draw {
                 holding.iter().copied(),
                 rule.max_holder_judges as usize,
             ),
-            verifiers: self.verifiers(shard, &holding, rule.verifiers(escalated) as usize),
+            verifiers: self.verifiers(shard, &holding, verifiers),
         }
     }
 
@@ -447,6 +463,32 @@ mod tests {
         // Too few others: all of them.
         let few = draw_judges(7, shard, &holders, &keys(0..5), &rule, false);
         assert_eq!(few.verifiers, vec![key(4)]);
+        // Held by every participant: holders and verifiers together, all drawn among the holders; twice
+        // the verifiers when escalated; all of them when there are fewer.
+        let everyone = draw_judges(
+            7,
+            ShardId::Trunk,
+            &participants,
+            &participants,
+            &rule,
+            false,
+        );
+        assert_eq!((everyone.holders.len(), everyone.verifiers.len()), (5, 0));
+        let escalated = draw_judges(7, ShardId::Trunk, &participants, &participants, &rule, true);
+        assert_eq!((escalated.holders.len(), escalated.verifiers.len()), (8, 0));
+        assert!(
+            everyone
+                .holders
+                .iter()
+                .all(|k| escalated.holders.contains(k))
+        );
+        let four = keys(0..4);
+        assert_eq!(
+            draw_judges(7, ShardId::Trunk, &four, &four, &rule, false)
+                .holders
+                .len(),
+            4
+        );
     }
 
     #[test]
@@ -537,7 +579,18 @@ mod tests {
     #[ignore = "prints the odds table of docs/security.md"]
     fn print_the_odds() {
         let shares = [0.05, 0.10, 0.20, 1.0 / 3.0];
-        for (r, v) in [(2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (3, 2), (3, 3)] {
+        for (r, v) in [
+            (2, 0),
+            (2, 1),
+            (2, 2),
+            (2, 3),
+            (2, 4),
+            (3, 2),
+            (3, 3),
+            (3, 0),
+            (5, 0),
+            (7, 0),
+        ] {
             let q = (r + v) / 2 + 1;
             let cells: Vec<String> = shares
                 .iter()

@@ -73,6 +73,11 @@ fn largest_messages(config: &CoordinatorConfig) -> [Message; 3] {
     };
     let judges = |shard: &ShardId| -> (u32, u32) {
         let h = holders(shard);
+        if h >= participants {
+            // Held by everyone: holders and verifiers together, all drawn among the holders.
+            let all = config.judging.max_holder_judges + config.judging.verifiers(true);
+            return (h.min(all), 0);
+        }
         let holder_judges = h.min(config.judging.max_holder_judges);
         // An escalated shard's (twice the verifiers): the most a call can name.
         let verifiers = config
