@@ -64,7 +64,7 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// What an honest participant `part` computes in round `ann`: the round's base (its manifest and the assigned
-/// shards, fetched from the network, returned with the result) trained with the trainer's own local step. A shard fetch is retried (in
+/// shards, fetched from the network, returned with the result) trained with the trainer's own local step. A fetch is retried (in
 /// the first round a fetch can fail on a closed connection); `None` if the base manifest cannot be fetched.
 /// The adversaries of the round tests start from it and send poisoned variants.
 pub async fn honest_local_round(
@@ -79,14 +79,22 @@ pub async fn honest_local_round(
 )> {
     use mana_engine::round::{RunShard, ShardRecord, train_local};
     use mana_node::roles::common::fetch_bytes;
-    let manifest_bytes = fetch_bytes(
-        node,
-        ann.base_checkpoint,
-        Vec::new(),
-        Duration::from_secs(20),
-    )
-    .await
-    .ok()?;
+    // Tried again like the shards below: the first fetch of a run can fail on a connection still opening.
+    let mut manifest_bytes = None;
+    for _ in 0..5 {
+        if let Ok(b) = fetch_bytes(
+            node,
+            ann.base_checkpoint,
+            Vec::new(),
+            Duration::from_secs(20),
+        )
+        .await
+        {
+            manifest_bytes = Some(b);
+            break;
+        }
+    }
+    let manifest_bytes = manifest_bytes?;
     let manifest = mana_protocol::CheckpointManifest::from_bytes(&manifest_bytes)
         .expect("coordinator manifest");
     let mut base = Vec::new();
@@ -94,6 +102,14 @@ pub async fn honest_local_round(
         let entry = manifest
             .shard(shard)
             .expect("assigned shard in the manifest");
+        // A round-0 shard is made here, as every node does, rather than fetched.
+        if entry.round == 0
+            && let Ok(state) = mana_engine::round::initial_shard(spec, *shard)
+            && mana_protocol::ContentHash::of(&state.to_bytes()) == entry.hash
+        {
+            base.push(state);
+            continue;
+        }
         let mut bytes = Err(None);
         for _ in 0..5 {
             match fetch_bytes(node, entry.hash, Vec::new(), Duration::from_secs(20)).await {
@@ -285,11 +301,15 @@ impl RoundNet {
         net
     }
 
-    /// Starts one more honest trainer (a member of the run) with `config`, at any time: a late joiner.
+    /// Starts one more honest trainer (a member of the run) with `config`, at any time: a late joiner. It
+    /// declares `config.capacity.max_shards` shards of room (when not 0).
     pub async fn add_trainer(&mut self, config: NodeConfig) -> std::sync::Arc<NodeHandle> {
         use mana_node::roles::trainer::{TrainerConfig, run_trainer};
-        let node = std::sync::Arc::new(start_node(config).await);
         let mut cfg = TrainerConfig::new(self.spec.clone(), self.data.clone());
+        if config.capacity.max_shards > 0 {
+            cfg.max_shards = config.capacity.max_shards;
+        }
+        let node = std::sync::Arc::new(start_node(config).await);
         cfg.rescore_share = self.rescore_share;
         let task = tokio::spawn(run_trainer(
             node.clone(),

@@ -6,7 +6,8 @@
 //! 2. hosts of the previous round that are still members keep their experts (a node keeps the shards it has
 //!    already downloaded), so only experts whose hosts left move;
 //! 3. new hosts are picked to balance load against declared capacity: the node with the lowest
-//!    `(load + 1) / throughput` that still has a free slot (`Capacity::max_shards`) wins;
+//!    `(load + 1) / throughput` that still has a free slot (`Capacity::max_shards`) wins, but not a node
+//!    `barred` from that expert (a holder just outvoted on it) while another node has room;
 //! 4. ties, and the order in which experts are filled, come from a hash of the round seed, so the result is a
 //!    pure function of (members, experts, previous assignment, seed).
 
@@ -80,13 +81,14 @@ fn shard_bytes(shard: &ShardId) -> Vec<u8> {
 }
 
 /// Assigns `replication` hosts to each of `experts` among `candidates`, keeping `previous` hosts that are still
-/// candidates. Deterministic: the order of `candidates` and `experts` does not matter, only their content and
-/// `seed`.
+/// candidates, and giving an expert to a node `barred` from it only when no other node has room.
+/// Deterministic: the order of `candidates` and `experts` does not matter, only their content and `seed`.
 pub fn assign_experts(
     candidates: &[Candidate],
     experts: &[ShardId],
     replication: usize,
     previous: &ExpertHosts,
+    barred: &ExpertHosts,
     seed: u64,
 ) -> Result<ExpertHosts, AssignError> {
     let experts: BTreeSet<ShardId> = experts.iter().copied().collect();
@@ -152,18 +154,26 @@ pub fn assign_experts(
             if list.len() >= replication {
                 continue;
             }
-            let free = |i: usize| loads[i] < slots[i] && !list.contains(&nodes[i].node);
+            let room = |i: usize| loads[i] < slots[i] && !list.contains(&nodes[i].node);
+            let bar = barred.get(expert).map(Vec::as_slice).unwrap_or(&[]);
+            let unbarred = |i: usize| room(i) && !bar.contains(&nodes[i].node);
+            // A barred node only when nobody else has room.
+            let free: Vec<bool> = if bar.is_empty() || (0..nodes.len()).any(unbarred) {
+                (0..nodes.len()).map(unbarred).collect()
+            } else {
+                (0..nodes.len()).map(room).collect()
+            };
             let cost = |i: usize| f64::from(loads[i] + 1) / weights[i];
             // The lowest cost wins; among equal costs, the lowest seeded hash of the expert and the node, then
             // the lowest key (each hash computed once, and only for the tied).
             let lowest = (0..nodes.len())
-                .filter(|i| free(*i))
+                .filter(|i| free[*i])
                 .map(cost)
                 .min_by(f64::total_cmp);
             let tag = shard_bytes(expert);
             let best = lowest.and_then(|lowest| {
                 (0..nodes.len())
-                    .filter(|i| free(*i) && cost(*i).total_cmp(&lowest).is_eq())
+                    .filter(|i| free[*i] && cost(*i).total_cmp(&lowest).is_eq())
                     .min_by_key(|i| (mix(seed, &tag, &nodes[*i].node.0), nodes[*i].node))
             });
             // Enough members and slots were checked above, but slots may sit on nodes that already host this
@@ -234,7 +244,8 @@ mod tests {
             cand(4, 400.0, 1000),
         ];
         let ex = experts(2, 32);
-        let hosts = assign_experts(&cands, &ex, 2, &ExpertHosts::new(), 7).unwrap();
+        let hosts =
+            assign_experts(&cands, &ex, 2, &ExpertHosts::new(), &ExpertHosts::new(), 7).unwrap();
         assert_eq!(hosts.len(), ex.len());
         for (e, h) in &hosts {
             assert_eq!(h.len(), 2, "{e}");
@@ -256,7 +267,15 @@ mod tests {
     #[test]
     fn max_shards_is_respected() {
         let cands = [cand(1, 1000.0, 3), cand(2, 1.0, 100), cand(3, 1.0, 100)];
-        let hosts = assign_experts(&cands, &experts(1, 10), 2, &ExpertHosts::new(), 1).unwrap();
+        let hosts = assign_experts(
+            &cands,
+            &experts(1, 10),
+            2,
+            &ExpertHosts::new(),
+            &ExpertHosts::new(),
+            1,
+        )
+        .unwrap();
         assert_eq!(experts_by_node(&hosts)[&key(1)].len(), 3);
     }
 
@@ -269,11 +288,20 @@ mod tests {
             cand(9, 5.0, 50),
         ];
         let ex = experts(3, 8);
-        let a = assign_experts(&cands, &ex, 2, &ExpertHosts::new(), 42).unwrap();
+        let a =
+            assign_experts(&cands, &ex, 2, &ExpertHosts::new(), &ExpertHosts::new(), 42).unwrap();
         cands.reverse();
         let mut ex_rev = ex.clone();
         ex_rev.reverse();
-        let b = assign_experts(&cands, &ex_rev, 2, &ExpertHosts::new(), 42).unwrap();
+        let b = assign_experts(
+            &cands,
+            &ex_rev,
+            2,
+            &ExpertHosts::new(),
+            &ExpertHosts::new(),
+            42,
+        )
+        .unwrap();
         assert_eq!(a, b);
     }
 
@@ -286,10 +314,11 @@ mod tests {
             cand(4, 10.0, 100),
         ];
         let ex = experts(1, 16);
-        let before = assign_experts(&cands, &ex, 2, &ExpertHosts::new(), 3).unwrap();
+        let before =
+            assign_experts(&cands, &ex, 2, &ExpertHosts::new(), &ExpertHosts::new(), 3).unwrap();
         // Nodes 1 and 2 leave: experts hosted only by them must move; every other host stays put.
         let left = [key(1), key(2)];
-        let after = assign_experts(&cands[2..], &ex, 2, &before, 4).unwrap();
+        let after = assign_experts(&cands[2..], &ex, 2, &before, &ExpertHosts::new(), 4).unwrap();
         let mut orphaned = 0;
         for (e, old) in &before {
             let new = &after[e];
@@ -313,7 +342,14 @@ mod tests {
     fn too_few_members_or_slots_is_an_error() {
         let ex = experts(1, 4);
         assert_eq!(
-            assign_experts(&[cand(1, 1.0, 10)], &ex, 2, &ExpertHosts::new(), 0),
+            assign_experts(
+                &[cand(1, 1.0, 10)],
+                &ex,
+                2,
+                &ExpertHosts::new(),
+                &ExpertHosts::new(),
+                0
+            ),
             Err(AssignError::TooFewMembers {
                 members: 1,
                 replication: 2
@@ -324,6 +360,7 @@ mod tests {
                 &[cand(1, 1.0, 2), cand(2, 1.0, 2)],
                 &ex,
                 2,
+                &ExpertHosts::new(),
                 &ExpertHosts::new(),
                 0
             ),
@@ -387,7 +424,15 @@ mod tests {
         let ex = experts(4, 24);
         for (name, cands) in [("equal", &equal), ("mixed", &mixed), ("tight", &tight)] {
             for seed in 0..6 {
-                let fast = assign_experts(cands, &ex, 2, &ExpertHosts::new(), seed).unwrap();
+                let fast = assign_experts(
+                    cands,
+                    &ex,
+                    2,
+                    &ExpertHosts::new(),
+                    &ExpertHosts::new(),
+                    seed,
+                )
+                .unwrap();
                 assert_eq!(
                     fast,
                     fill_as_first_written(cands, &ex, 2, seed),

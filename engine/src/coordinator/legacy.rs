@@ -17,6 +17,10 @@
 //! judges' bounds start from this round's deltas alone), and its round in progress carried the coordinator's
 //! own verdicts and a protocol-7 call. That round is abandoned like the older ones ([`decode_v3`]).
 //!
+//! Format 4 (header version 4) is the layout of protocols 8 to 10: its call has no judging rule, and the
+//! coordinator kept no bar on outvoted holders. A round in progress is abandoned (its messages were protocol
+//! 10's, which no node of this version reads); everything else is kept ([`decode_v4`]).
+//!
 //! The next change to a saved struct bumps the header's version byte and moves the current layout here.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,7 +41,10 @@ use crate::round::{NormHistory, default_verdict_rule};
 
 /// The first bytes of a saved state: a byte no bincode varint starts with (so no header-less state can
 /// begin with it), `MC` (mana coordinator), and the format version.
-pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 4];
+pub(super) const STATE_HEADER: [u8; 4] = [0xFF, b'M', b'C', 5];
+
+/// The header of a state saved in format 4 (see the module doc).
+pub(super) const STATE_HEADER_V4: [u8; 4] = [0xFF, b'M', b'C', 4];
 
 /// The header of a state saved in format 3 (see the module doc).
 pub(super) const STATE_HEADER_V3: [u8; 4] = [0xFF, b'M', b'C', 3];
@@ -278,6 +285,7 @@ impl From<CoordinatorV1> for Coordinator {
             norms: NormHistory::new(DEFAULT_NORM_HISTORY as usize),
             blocks: Default::default(),
             state: RunState::WaitingForMembers,
+            barred: ExpertHosts::new(),
         }
     }
 }
@@ -348,6 +356,7 @@ pub(super) fn decode_v2(body: &[u8]) -> Result<Coordinator, CoordinatorError> {
         norms: NormHistory::new(DEFAULT_NORM_HISTORY as usize),
         blocks: Default::default(),
         state,
+        barred: ExpertHosts::new(),
     })
 }
 
@@ -460,6 +469,7 @@ pub(super) fn decode_v3(body: &[u8]) -> Result<Coordinator, CoordinatorError> {
         trust_colocated: false,
         blocks: Default::default(),
         state,
+        barred: ExpertHosts::new(),
     })
 }
 
@@ -607,6 +617,140 @@ pub(super) fn encode_v3(c: &Coordinator) -> Vec<u8> {
         },
     };
     let mut bytes = STATE_HEADER_V3.to_vec();
+    bytes.extend(
+        bincode::serde::encode_to_vec(&old, bincode::config::standard())
+            .expect("test states encode"),
+    );
+    bytes
+}
+
+/// A protocol-10 call for judgments: the current one without its judging rule.
+#[derive(Serialize, Deserialize)]
+struct AggregationCallV10 {
+    run: RunId,
+    round: u64,
+    base_checkpoint: ContentHash,
+    seed_secret: [u8; 32],
+    rule: mana_protocol::VerdictRule,
+    norm_history: u32,
+    norms: Vec<mana_protocol::NormRecord>,
+    shards: Vec<mana_protocol::ShardCall>,
+}
+
+/// A format-4 round's call and its id.
+#[derive(Serialize, Deserialize)]
+struct CalledV4 {
+    call: AggregationCallV10,
+    id: ContentHash,
+}
+
+/// [`super::ActiveRound`] in format 4 (read only to be abandoned).
+#[derive(Serialize, Deserialize)]
+struct ActiveRoundV4 {
+    announcement: RoundAnnouncement,
+    deltas: BTreeMap<(ShardId, PublicKey), DeltaAnnouncement>,
+    dropped: BTreeSet<PublicKey>,
+    results: BTreeMap<ShardId, ShardEntry>,
+    call: Option<CalledV4>,
+    attested: BTreeMap<ShardId, BTreeMap<PublicKey, mana_protocol::ShardJudgment>>,
+    seed_secret: [u8; 32],
+}
+
+/// [`RunState`] in format 4.
+#[derive(Serialize, Deserialize)]
+enum RunStateV4 {
+    WaitingForMembers,
+    RoundTrain(ActiveRoundV4),
+    RoundAggregate(ActiveRoundV4),
+    Cooldown { until_ms: u64 },
+}
+
+/// [`Coordinator`] in format 4 (its skipped fields were never saved).
+#[derive(Serialize, Deserialize)]
+struct CoordinatorV4 {
+    config: CoordinatorConfig,
+    members: BTreeMap<PublicKey, Member>,
+    checkpoint: CheckpointManifest,
+    next_round: u64,
+    hosts: ExpertHosts,
+    standings: Standings,
+    state: RunStateV4,
+    norms: NormHistory,
+}
+
+/// Decodes a state saved in format 4 (after its header).
+pub(super) fn decode_v4(body: &[u8]) -> Result<Coordinator, CoordinatorError> {
+    let old: CoordinatorV4 = decode_whole(body)?;
+    let state = match old.state {
+        RunStateV4::WaitingForMembers => RunState::WaitingForMembers,
+        RunStateV4::Cooldown { until_ms } => RunState::Cooldown { until_ms },
+        RunStateV4::RoundTrain(r) | RunStateV4::RoundAggregate(r) => {
+            tracing::warn!(
+                round = r.announcement.round,
+                "the saved state is from before protocol 11: the round it was running is abandoned"
+            );
+            RunState::WaitingForMembers
+        }
+    };
+    Ok(Coordinator {
+        config: old.config,
+        members: old.members,
+        checkpoint: old.checkpoint,
+        next_round: old.next_round,
+        hosts: old.hosts,
+        standings: old.standings,
+        allowlist: None,
+        trust_colocated: false,
+        state,
+        norms: old.norms,
+        blocks: Default::default(),
+        barred: ExpertHosts::new(),
+    })
+}
+
+/// A state in format 4, as a coordinator of protocol 10 saved it (for the tests): a round in progress is
+/// written with its call less the judging rule.
+#[cfg(test)]
+pub(super) fn encode_v4(c: &Coordinator) -> Vec<u8> {
+    let round = |r: &super::ActiveRound| ActiveRoundV4 {
+        announcement: r.announcement.clone(),
+        deltas: r.deltas.clone(),
+        dropped: r.dropped.clone(),
+        results: r.results.clone(),
+        call: r.call.as_ref().map(|c| CalledV4 {
+            call: AggregationCallV10 {
+                run: c.call.run.clone(),
+                round: c.call.round,
+                base_checkpoint: c.call.base_checkpoint,
+                seed_secret: c.call.seed_secret,
+                rule: c.call.rule,
+                norm_history: c.call.norm_history,
+                norms: c.call.norms.clone(),
+                shards: c.call.shards.clone(),
+            },
+            id: c.id,
+        }),
+        attested: r.attested.clone(),
+        seed_secret: r.seed_secret,
+    };
+    let old = CoordinatorV4 {
+        config: c.config.clone(),
+        members: c.members.clone(),
+        checkpoint: c.checkpoint.clone(),
+        next_round: c.next_round,
+        hosts: c.hosts.clone(),
+        standings: c.standings.clone(),
+        state: match &c.state {
+            RunState::WaitingForMembers => RunStateV4::WaitingForMembers,
+            RunState::RoundTrain(r) => RunStateV4::RoundTrain(round(r)),
+            RunState::RoundAggregate(r) => RunStateV4::RoundAggregate(round(r)),
+            RunState::Cooldown { until_ms } => RunStateV4::Cooldown {
+                until_ms: *until_ms,
+            },
+        },
+        norms: c.norms.clone(),
+    };
+    let mut bytes = STATE_HEADER_V4.to_vec();
     bytes.extend(
         bincode::serde::encode_to_vec(&old, bincode::config::standard())
             .expect("test states encode"),

@@ -265,6 +265,9 @@ pub struct Coordinator {
     /// Members per address block (derived from the members; not saved).
     #[serde(skip)]
     blocks: BlockCounts,
+    /// The holders outvoted on their own expert in the last commit, by expert: the next assignment gives it
+    /// to them again only if no other member has room.
+    barred: ExpertHosts,
 }
 
 /// How many members were last seen from each address block ([`address_block`]), kept up to date as members
@@ -340,6 +343,7 @@ impl Coordinator {
             state: RunState::WaitingForMembers,
             norms,
             blocks: BlockCounts::default(),
+            barred: ExpertHosts::new(),
         })
     }
 
@@ -430,6 +434,9 @@ impl Coordinator {
     pub fn from_bytes(bytes: &[u8]) -> Result<Coordinator, CoordinatorError> {
         let c = if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER.as_slice()) {
             legacy::decode_whole::<Coordinator>(body)?
+        } else if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER_V4.as_slice()) {
+            // Saved before the call carried its judging rule (protocol 11).
+            legacy::decode_v4(body)?
         } else if let Some(body) = bytes.strip_prefix(legacy::STATE_HEADER_V3.as_slice()) {
             // Saved before the judges' verdicts (protocol 8).
             legacy::decode_v3(body)?
@@ -785,6 +792,7 @@ impl Coordinator {
             &self.config.experts,
             self.config.replication,
             &self.hosts,
+            &self.barred,
             seed,
         ) {
             Ok(h) => h,
@@ -843,6 +851,8 @@ impl Coordinator {
             seed_commitment: seed_commitment(&seed_secret),
         };
         self.hosts = hosts;
+        // The bar holds for one assignment.
+        self.barred.clear();
         self.next_round = round + 1;
         Ok(Some(ActiveRound {
             announcement,
@@ -1122,12 +1132,22 @@ impl Coordinator {
     /// A holder that signed another judgment of its own shard than the quorum's (or two) loses the shard: its
     /// state of it is not the committed one (or it lies about it), and a pair of colluding holders would
     /// otherwise keep the shard and split every round's judges on it. The next assignment gives the slot to
-    /// another member, by capacity and standing (which the dissent just cost it). A holder that signed
-    /// nothing keeps its shard: it may have crashed, and a member that leaves loses its shards anyway.
+    /// another member with room (it is barred from that expert for that assignment, unless nobody else has
+    /// room). A holder that signed nothing keeps its shard: it may have crashed, and a member that leaves
+    /// loses its shards anyway.
     fn unhost_dissenters(&mut self, dissent: &[ShardDissent]) {
+        self.barred.clear();
         for d in dissent {
             if let Some(hosts) = self.hosts.get_mut(&d.shard) {
-                hosts.retain(|k| !d.dissenters.contains(k));
+                let outvoted: Vec<PublicKey> = hosts
+                    .iter()
+                    .filter(|k| d.dissenters.contains(k))
+                    .copied()
+                    .collect();
+                hosts.retain(|k| !outvoted.contains(k));
+                if !outvoted.is_empty() {
+                    self.barred.insert(d.shard, outvoted);
+                }
             }
         }
     }

@@ -2676,3 +2676,83 @@ fn a_holder_outvoted_on_its_own_shard_loses_it() {
         .count();
     assert_eq!(hosts, 2, "the expert has its two holders again");
 }
+
+/// A state saved by a coordinator of protocol 10 (format 4: its call carried no judging rule) resumes: a
+/// round in progress is abandoned, everything else is kept, the norm history included. The current format
+/// keeps the bar on outvoted holders across a save.
+#[test]
+fn a_state_saved_before_the_call_carried_its_judging_rule_still_resumes() {
+    let mut c = coordinator();
+    let all = join(&mut c, 3);
+    play_round(&mut c, 0, &all, |_| None);
+    assert!(!c.norms.samples().is_empty());
+    let (ann, actions) = round_to_call(&mut c, 1_000, &all);
+    let call = called(&actions);
+    let part = an_expert(&call).clone();
+    let j = judges_of(&ann, &part);
+    c.shard_attested(
+        ann.round,
+        j.holders[0],
+        &signed(&call, vec![judged(&part, ann.round, "new", accept)]),
+    )
+    .unwrap();
+    let restored = Coordinator::from_bytes(&legacy::encode_v4(&c)).unwrap();
+    assert_eq!(
+        restored,
+        Coordinator {
+            state: RunState::WaitingForMembers,
+            ..c.clone()
+        }
+    );
+    let mut resumed = restored.clone();
+    let (next, actions) = round_to_call(&mut resumed, 5_000, &all);
+    assert_eq!(next.round, ann.round + 1);
+    assert!(!called(&actions).norms.is_empty(), "the history is kept");
+    for state in [
+        RunState::Cooldown { until_ms: 77 },
+        RunState::WaitingForMembers,
+    ] {
+        let idle = Coordinator {
+            state: state.clone(),
+            ..c.clone()
+        };
+        let back = Coordinator::from_bytes(&legacy::encode_v4(&idle)).unwrap();
+        assert_eq!(back.state(), &state);
+    }
+    let bytes = legacy::encode_v4(&c);
+    assert!(Coordinator::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    // The bar survives a save in the current format.
+    let mut barred = c.clone();
+    barred.barred.insert(part.shard, vec![j.holders[0]]);
+    assert_eq!(
+        Coordinator::from_bytes(&barred.to_bytes().unwrap()).unwrap(),
+        barred
+    );
+}
+
+/// The assignment gives an expert back to a holder barred from it only when nobody else has room.
+#[test]
+fn a_barred_holder_gets_its_expert_back_only_when_nobody_else_has_room() {
+    let cand = |n: u8, max_shards: u32| Candidate {
+        node: key(n),
+        capacity: Capacity {
+            device: DeviceKind::Cpu,
+            memory_bytes: 1 << 30,
+            tokens_per_second: 1.0,
+            max_shards,
+        },
+        reserved_slots: 0,
+    };
+    let expert = ShardId::Expert { layer: 1, index: 0 };
+    let bar: ExpertHosts = [(expert, vec![key(1)])].into_iter().collect();
+    for seed in 0..20 {
+        // key(1) would win on load; barred, another takes it.
+        let cands = [cand(1, 4), cand(2, 4), cand(3, 4)];
+        let hosts = assign_experts(&cands, &[expert], 1, &ExpertHosts::new(), &bar, seed).unwrap();
+        assert_ne!(hosts[&expert], vec![key(1)], "seed {seed}");
+        // Nobody else has room: the barred holder keeps the expert hosted.
+        let cands = [cand(1, 4), cand(2, 0), cand(3, 0)];
+        let hosts = assign_experts(&cands, &[expert], 1, &ExpertHosts::new(), &bar, seed).unwrap();
+        assert_eq!(hosts[&expert], vec![key(1)]);
+    }
+}

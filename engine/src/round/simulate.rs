@@ -297,6 +297,7 @@ pub fn simulate_with(
         &experts,
         cfg.replication,
         &ExpertHosts::new(),
+        &ExpertHosts::new(),
         cfg.data_seed,
     )
     .map_err(|e| RoundError::settings("replication", e.to_string()))?;
