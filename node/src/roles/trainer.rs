@@ -833,19 +833,9 @@ impl Trainer {
         if let NormCheck::Forged(what) = self.norms.check(&call) {
             // The norm bounds would follow a history the commits never published: judging by it would sign
             // the coordinator's verdicts. The signed call is the evidence (the commits are public).
-            let round = call.round;
-            let text = format!(
-                "round {round}: the call's norm history is not what the commits published, not judged: {what}"
-            );
-            tracing::error!("{text}");
-            if let Ok(bytes) = envelope.encode() {
-                self.keep_evidence(evidence_key(round, &[b"/norm-history-forged"]), vec![bytes])
-                    .await;
-            }
-            self.node.update_training_status(|s| {
-                s.calls_refused += 1;
-                s.last_audit_finding = Some(text);
-            });
+            let why = format!("its norm history is not what the commits published: {what}");
+            self.refuse_call(call.round, &envelope, b"/norm-history-forged", why)
+                .await;
             return Ok(());
         }
         // The base checkpoint tells which shards are escalated (twice the verifiers) in the draw.
@@ -853,19 +843,9 @@ impl Trainer {
         if let Err(mismatch) = check_call_judges(&ann, &call, &manifest) {
             // The coordinator named judges of its own choosing: a quorum of them could carry any result. The
             // signed call is the evidence (the draw is public: the seed secret is in it).
-            let round = call.round;
-            let text = format!(
-                "round {round}: the call's judges are not the public draw, not judged: {mismatch}"
-            );
-            tracing::error!("{text}");
-            if let Ok(bytes) = envelope.encode() {
-                self.keep_evidence(evidence_key(round, &[b"/judges-not-drawn"]), vec![bytes])
-                    .await;
-            }
-            self.node.update_training_status(|s| {
-                s.calls_refused += 1;
-                s.last_audit_finding = Some(text);
-            });
+            let why = format!("its judges are not the public draw: {mismatch}");
+            self.refuse_call(call.round, &envelope, b"/judges-not-drawn", why)
+                .await;
             return Ok(());
         }
         let me = me as u32;
@@ -1714,6 +1694,21 @@ impl Trainer {
     /// Keeps `items` in the store as the evidence of a finding (`key`, see [`evidence_key`]), before the
     /// finding is counted: whoever reads the count finds its proof kept. A store that refuses loses the proof,
     /// never the finding: logged, not fatal.
+    /// A call of round `round` not judged, for `why`: logged as an error, counted (`calls_refused`, the last
+    /// finding), and its signed `envelope` kept as evidence under the round's key ending in `tag`.
+    async fn refuse_call(&self, round: u64, envelope: &SignedEnvelope, tag: &[u8], why: String) {
+        let text = format!("round {round}: the call is not judged, {why}");
+        tracing::error!("{text}");
+        if let Ok(bytes) = envelope.encode() {
+            self.keep_evidence(evidence_key(round, &[tag]), vec![bytes])
+                .await;
+        }
+        self.node.update_training_status(|s| {
+            s.calls_refused += 1;
+            s.last_audit_finding = Some(text);
+        });
+    }
+
     async fn keep_evidence(&self, key: Vec<u8>, items: Vec<Vec<u8>>) {
         let store = self.node.store().clone();
         let kept = blocking(move || {
