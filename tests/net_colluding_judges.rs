@@ -32,9 +32,8 @@ use mana_kernels::data::TextDataset;
 use mana_node::daemon::NodeHandle;
 use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
 use mana_protocol::{
-    AggregationCall, Binding, ContentHash, DeltaAnnouncement, DeltaEncoder, DeltaVerdict, Message,
-    PublicKey, RejectCode, RoundAnnouncement, ShardAttestation, ShardEntry, ShardId, ShardJudgment,
-    UpdateRule,
+    AggregationCall, ContentHash, DeltaEncoder, DeltaVerdict, Message, PublicKey, RejectCode,
+    RoundAnnouncement, ShardAttestation, ShardEntry, ShardId, ShardJudgment, UpdateRule,
 };
 use net_support::*;
 use tokio::sync::{broadcast, watch};
@@ -107,63 +106,22 @@ async fn run_colluder(
             continue;
         };
         let expert = part.shards.iter().copied().find(|s| *s != ShardId::Trunk);
-        for (shard, delta) in &local.deltas {
-            let loads: &[u32] = if *shard == ShardId::Trunk {
-                &local.expert_tokens
-            } else {
-                &[]
-            };
-            let binding = Binding {
-                run: ann.run.clone(),
-                round: ann.round,
-                shard: *shard,
-                sender: me,
-            };
-            let scale = if !poisoner {
-                None
-            } else if *shard == ShardId::Trunk {
-                Some(-1.0)
-            } else if Some(*shard) == expert {
-                Some(EXPERT_POISON_SCALE)
-            } else {
-                None
-            };
-            let poisoned = scale.is_some();
-            let payload = if let Some(scale) = scale {
-                // A fresh encoder: no error feedback to hide behind.
-                let bad: Vec<f32> = delta.iter().map(|x| x * scale).collect();
-                let mut encoder = DeltaEncoder::new(ann.hyper.codec).expect("codec");
-                binding.wrap(loads, &encoder.encode(&bad).expect("encode"))
-            } else {
-                let encoder = encoders
-                    .entry(*shard)
-                    .or_insert_with(|| DeltaEncoder::new(ann.hyper.codec).expect("codec"));
-                binding.wrap(loads, &encoder.encode(delta).expect("encode"))
-            }
-            .expect("bind");
-            let size = payload.len() as u64;
-            let hash = node.host_blob_now(payload).await.expect("host");
-            let announcement = DeltaAnnouncement {
-                run: ann.run.clone(),
-                round: ann.round,
-                shard: *shard,
-                base_checkpoint: ann.base_checkpoint,
-                payload_hash: hash,
-                payload_size: size,
-                stats: local.stats,
-            };
-            if node
-                .publish(&Message::DeltaAnnouncement(announcement))
-                .await
-                .is_ok()
-                && poisoned
-            {
+        let scale = |shard: ShardId| match shard {
+            _ if !poisoner => None,
+            ShardId::Trunk => Some(-1.0),
+            s if Some(s) == expert => Some(EXPERT_POISON_SCALE),
+            _ => None,
+        };
+        for (shard, hash, poisoned) in
+            publish_deltas(&node, &ann, &local, &mut encoders, scale).await
+        {
+            if poisoned {
                 log.lock()
                     .expect("lock")
                     .poisoned
                     .entry(me)
                     .or_default()
-                    .insert((ann.round, *shard, hash));
+                    .insert((ann.round, shard, hash));
             }
         }
     }

@@ -131,6 +131,68 @@ pub async fn honest_local_round(
     Some((manifest, local))
 }
 
+/// Publishes, as `node`, its deltas of round `ann` from `local` (what [`honest_local_round`] computed), each
+/// hosted and announced: honest, through the shard's encoder in `encoders` (its error feedback carried from
+/// round to round), or, for a shard where `scale` gives a factor, that many times the honest delta through a
+/// fresh encoder (a poisoned delta, bound and encoded like an honest one). Returns each shard's payload hash
+/// and whether it was scaled.
+#[allow(dead_code)]
+pub async fn publish_deltas(
+    node: &NodeHandle,
+    ann: &mana_protocol::RoundAnnouncement,
+    local: &mana_engine::round::LocalResult,
+    encoders: &mut std::collections::BTreeMap<mana_protocol::ShardId, mana_protocol::DeltaEncoder>,
+    scale: impl Fn(mana_protocol::ShardId) -> Option<f32>,
+) -> Vec<(mana_protocol::ShardId, mana_protocol::ContentHash, bool)> {
+    use mana_protocol::{Binding, DeltaAnnouncement, DeltaEncoder, Message, ShardId};
+    let me = node.public_key();
+    let mut out = Vec::new();
+    for (shard, delta) in &local.deltas {
+        let loads: &[u32] = if *shard == ShardId::Trunk {
+            &local.expert_tokens
+        } else {
+            &[]
+        };
+        let binding = Binding {
+            run: ann.run.clone(),
+            round: ann.round,
+            shard: *shard,
+            sender: me,
+        };
+        let factor = scale(*shard);
+        let payload = if let Some(factor) = factor {
+            let bad: Vec<f32> = delta.iter().map(|x| x * factor).collect();
+            let mut encoder = DeltaEncoder::new(ann.hyper.codec).expect("codec");
+            binding.wrap(loads, &encoder.encode(&bad).expect("encode"))
+        } else {
+            let encoder = encoders
+                .entry(*shard)
+                .or_insert_with(|| DeltaEncoder::new(ann.hyper.codec).expect("codec"));
+            binding.wrap(loads, &encoder.encode(delta).expect("encode"))
+        }
+        .expect("bind");
+        let size = payload.len() as u64;
+        let hash = node.host_blob_now(payload).await.expect("host");
+        let announcement = DeltaAnnouncement {
+            run: ann.run.clone(),
+            round: ann.round,
+            shard: *shard,
+            base_checkpoint: ann.base_checkpoint,
+            payload_hash: hash,
+            payload_size: size,
+            stats: local.stats,
+        };
+        if node
+            .publish(&Message::DeltaAnnouncement(announcement))
+            .await
+            .is_ok()
+        {
+            out.push((*shard, hash, factor.is_some()));
+        }
+    }
+    out
+}
+
 /// Logs of the roles to the test's output, filtered by `RUST_LOG` (e.g. `RUST_LOG=mana_node=info` shows every
 /// refusal with its detail); once per test binary.
 /// A heartbeat of a node that hosts nothing and offers nothing (`software_version` names the test's role in
