@@ -19,7 +19,7 @@ use mana_engine::coordinator::judges_of;
 use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
 use mana_node::daemon::NodeHandle;
-use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
+use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_protocol::{
     AggregationCall, DeltaEncoder, Message, PublicKey, RejectCode, RoundAnnouncement, RoundCommit,
     ShardId, UpdateRule,
@@ -206,36 +206,19 @@ async fn a_judge_that_dies_before_attesting_and_one_that_never_answers_leave_the
         .expect("shutdown");
     eprintln!("killed {dead} at round {KILL_ROUND}'s call");
 
-    tokio::time::timeout(Duration::from_secs(120 + 60 * ROUNDS), coordinating)
-        .await
-        .expect("the coordinator finishes its rounds in time")
-        .expect("coordinator task")
-        .expect("coordinator ran");
-    let lines: Vec<RoundMetrics> = std::fs::read_to_string(&metrics)
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("metrics line"))
-        .collect();
-    assert_eq!(lines.len() as u64, ROUNDS);
-    let commits = wait_for(Duration::from_secs(10), "every commit heard", || {
-        let heard = heard.clone();
-        async move {
-            let c = heard.find(|m| match &m.message {
-                Message::RoundCommit(c) => Some(c.clone()),
-                _ => None,
-            });
-            (c.len() as u64 >= ROUNDS).then_some(c)
-        }
-    })
+    let RoundsHeard {
+        lines,
+        commits,
+        announcements,
+        calls,
+    } = rounds_heard(
+        coordinating,
+        Duration::from_secs(120 + 60 * ROUNDS),
+        &metrics,
+        &heard,
+        ROUNDS,
+    )
     .await;
-    let announcements = heard.find(|m| match &m.message {
-        Message::RoundAnnouncement(a) => Some(a.clone()),
-        _ => None,
-    });
-    let calls = heard.find(|m| match &m.message {
-        Message::AggregationCall(c) => Some(c.clone()),
-        _ => None,
-    });
     let ann_of = |round: u64| {
         announcements
             .iter()

@@ -30,7 +30,7 @@ use mana_engine::coordinator::{escalated, judges_of};
 use mana_engine::round::RunSpec;
 use mana_kernels::data::TextDataset;
 use mana_node::daemon::NodeHandle;
-use mana_node::roles::conductor::{ConductorConfig, RoundMetrics, machine_config, run_conductor};
+use mana_node::roles::conductor::{ConductorConfig, machine_config, run_conductor};
 use mana_protocol::{
     AggregationCall, ContentHash, DeltaEncoder, DeltaVerdict, Message, PublicKey, RejectCode,
     RoundAnnouncement, ShardAttestation, ShardEntry, ShardId, ShardJudgment, UpdateRule,
@@ -257,36 +257,19 @@ async fn colluding_judges_never_carry_a_shard_and_are_outvoted_once_it_is_escala
         role,
         stopped(net.stop_rx.clone()),
     ));
-    tokio::time::timeout(Duration::from_secs(120 + 45 * ROUNDS), coordinating)
-        .await
-        .expect("the coordinator finishes its rounds in time")
-        .expect("coordinator task")
-        .expect("coordinator ran");
-    let lines: Vec<RoundMetrics> = std::fs::read_to_string(&metrics)
-        .expect("metrics")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("metrics line"))
-        .collect();
-    assert_eq!(lines.len() as u64, ROUNDS);
-    let commits = wait_for(Duration::from_secs(10), "every commit heard", || {
-        let heard = heard.clone();
-        async move {
-            let c = heard.find(|m| match &m.message {
-                Message::RoundCommit(c) => Some(c.clone()),
-                _ => None,
-            });
-            (c.len() as u64 >= ROUNDS).then_some(c)
-        }
-    })
+    let RoundsHeard {
+        lines,
+        commits,
+        announcements,
+        calls,
+    } = rounds_heard(
+        coordinating,
+        Duration::from_secs(120 + 45 * ROUNDS),
+        &metrics,
+        &heard,
+        ROUNDS,
+    )
     .await;
-    let announcements = heard.find(|m| match &m.message {
-        Message::RoundAnnouncement(a) => Some(a.clone()),
-        _ => None,
-    });
-    let calls = heard.find(|m| match &m.message {
-        Message::AggregationCall(c) => Some(c.clone()),
-        _ => None,
-    });
     let log = std::mem::take(&mut *log.lock().expect("lock"));
     let poisoned: BTreeMap<ContentHash, (PublicKey, u64, ShardId)> = log
         .poisoned

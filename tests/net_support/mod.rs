@@ -615,6 +615,65 @@ impl Heard {
     }
 }
 
+/// A finished run as a test sees it: the coordinator's metrics lines, and the commits, announcements and
+/// calls one node heard.
+#[allow(dead_code)]
+pub struct RoundsHeard {
+    pub lines: Vec<mana_node::roles::conductor::RoundMetrics>,
+    pub commits: Vec<mana_protocol::RoundCommit>,
+    pub announcements: Vec<mana_protocol::RoundAnnouncement>,
+    pub calls: Vec<mana_protocol::AggregationCall>,
+}
+
+/// Waits up to `within` for the conductor task `coordinating` to finish its `rounds` rounds, checks that
+/// it wrote a metrics line for each to `metrics`, and waits (10 s at most) until `heard` has every commit.
+#[allow(dead_code)]
+pub async fn rounds_heard(
+    coordinating: RoleTask,
+    within: Duration,
+    metrics: &Path,
+    heard: &Heard,
+    rounds: u64,
+) -> RoundsHeard {
+    use mana_protocol::Message;
+    tokio::time::timeout(within, coordinating)
+        .await
+        .expect("the coordinator finishes its rounds in time")
+        .expect("coordinator task")
+        .expect("coordinator ran");
+    let lines: Vec<mana_node::roles::conductor::RoundMetrics> = std::fs::read_to_string(metrics)
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line"))
+        .collect();
+    assert_eq!(lines.len() as u64, rounds);
+    let commits = wait_for(Duration::from_secs(10), "every commit heard", || {
+        let heard = heard.clone();
+        async move {
+            let c = heard.find(|m| match &m.message {
+                Message::RoundCommit(c) => Some(c.clone()),
+                _ => None,
+            });
+            (c.len() as u64 >= rounds).then_some(c)
+        }
+    })
+    .await;
+    let announcements = heard.find(|m| match &m.message {
+        Message::RoundAnnouncement(a) => Some(a.clone()),
+        _ => None,
+    });
+    let calls = heard.find(|m| match &m.message {
+        Message::AggregationCall(c) => Some(c.clone()),
+        _ => None,
+    });
+    RoundsHeard {
+        lines,
+        commits,
+        announcements,
+        calls,
+    }
+}
+
 /// Round `round` as a test playing the coordinator announces it after `prev`: the same participants and
 /// settings, starting from checkpoint `base`, with deadlines a minute and a half away.
 pub fn next_announcement(
