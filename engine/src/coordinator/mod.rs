@@ -1136,7 +1136,7 @@ impl Coordinator {
     /// room). A holder that signed nothing keeps its shard: it may have crashed, and a member that leaves
     /// loses its shards anyway.
     fn unhost_dissenters(&mut self, dissent: &[ShardDissent]) {
-        self.barred.clear();
+        // `barred` is empty here: the announcement of the round being committed cleared it.
         for d in dissent {
             if let Some(hosts) = self.hosts.get_mut(&d.shard) {
                 let outvoted: Vec<PublicKey> = hosts
