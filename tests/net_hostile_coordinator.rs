@@ -31,6 +31,9 @@
 //!   commits, refuses to judge the call and keeps it as evidence.
 //! - A call published again (a coordinator restarted while its judges work): every trainer answers with the
 //!   judgment it signed for it, not a new one.
+//! - Not a lie, played the same way: a commit whose new trunk nobody serves at first. Every trainer keeps
+//!   trying and applies the commit once the trunk is hosted, with no later round to prompt it.
+//! - Nor this: the run's end heard before its last commit. Every trainer still applies the commit.
 //!
 //! The tests share the machine's cores, so they run one at a time.
 // The serialising guard is held across awaits on purpose: it spans a whole test and is never contended
@@ -52,8 +55,8 @@ use mana_node::roles::common::{DataSource, load_dataset, publish_patiently};
 use mana_node::roles::trainer::{TrainerConfig, run_trainer};
 use mana_protocol::{
     AcceptedDeltas, AggregationCall, CalledDelta, ContentHash, DeltaScore, DeltaVerdict, Message,
-    NormRecord, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, ShardCall,
-    ShardId, ShardJudgment, seed_commitment,
+    NormRecord, PublicKey, RejectCode, RejectedDelta, RoundAnnouncement, RoundCommit, RunEnd,
+    ShardCall, ShardId, ShardJudgment, seed_commitment,
 };
 use net_support::*;
 use tokio::sync::watch;
@@ -1098,6 +1101,212 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
             let a = mana_protocol::decode_envelope(bytes).expect("an attestation");
             assert!(matches!(a.verify(), Ok(Message::ShardAttestation(_))));
         }
+    }
+    net.stop().await;
+}
+
+/// Not a lie, played the same way: a commit whose new trunk a holder cannot have at once (an accepted delta's
+/// sender gone before anyone but the judges fetched it, and the judges slow to serve the result). After two
+/// honest rounds the test runs a third as the coordinator and commits a trunk computed from a delta nobody
+/// serves, hosting the new trunk nowhere yet. Every trainer, unable to recompute it or to fetch it, does not
+/// call the round applied and says why in its status; once the trunk is hosted (by the coordinator's node
+/// here) every trainer fetches it on its own, with no later round to make it, and applies the commit. Before,
+/// a failed fetch at a run's last commit left its holder on the old state for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_shard_that_cannot_be_fetched_at_once_is_fetched_later() {
+    use mana_engine::round::state::RunShard;
+    use mana_kernels::checkpoint::ShardRecord;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Fetches of what nobody has give up after FETCH (a minute by default).
+    const FETCH: Duration = Duration::from_secs(8);
+    let net = RoundNet::start_fetching_within(HONEST, FETCH).await;
+    let seen_by_trainer = Heard::listen(&net.trainers[0].0);
+    let seen_by_coordinator = Heard::listen(&net.coordinator);
+    net.honest_rounds(HONEST_ROUNDS, HONEST).await;
+    let (honest_ann, honest_commit) = seen_by_trainer.round(HONEST_ROUNDS);
+    let base = honest_commit.checkpoint.clone();
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+
+    // The new trunk: a real trunk state (the base's, one weight moved), which nobody holds yet.
+    let old = base.shard(&ShardId::Trunk).expect("trunk").hash;
+    let bytes = net.trainers[0]
+        .0
+        .read_blob(old)
+        .await
+        .expect("the base trunk");
+    let mut trunk = ShardRecord::from_bytes(&bytes, &net.spec, ShardId::Trunk).expect("decodes");
+    trunk.params[0] += 0.01;
+    let next = trunk.to_bytes();
+    let next_hash = ContentHash::of(&next);
+    // The accepted deltas: the trainers' own, and one whose payload no node has.
+    let mut payloads: Vec<ContentHash> = deltas.iter().map(|(_, h)| *h).collect();
+    payloads.push(ContentHash::of(
+        b"a delta whose sender left before anyone fetched it",
+    ));
+    let mut checkpoint = base.clone();
+    checkpoint.round = LIE;
+    for entry in &mut checkpoint.shards {
+        if entry.shard == ShardId::Trunk {
+            (entry.hash, entry.size, entry.round) = (next_hash, next.len() as u64, LIE);
+        }
+    }
+    let commit = RoundCommit {
+        run: ann.run.clone(),
+        round: LIE,
+        accepted: vec![AcceptedDeltas {
+            shard: ShardId::Trunk,
+            deltas: payloads.clone(),
+            weights: vec![1; payloads.len()],
+            norms: vec![1.0; payloads.len()],
+        }],
+        rejected: Vec::new(),
+        checkpoint,
+        scores: Vec::new(),
+        seed_secret: honest_commit.seed_secret,
+        dissent: Vec::new(),
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(commit),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the commit published");
+
+    // Nobody can have the trunk: every trainer says so, and has not applied the round.
+    let waiting = net
+        .wait_trainers(
+            4 * FETCH + Duration::from_secs(30),
+            "every trainer failed to fetch the new trunk once",
+            |s| training(s).activity.contains("not fetched yet"),
+        )
+        .await;
+    for s in &waiting {
+        assert_eq!(training(s).applied_round, Some(HONEST_ROUNDS));
+        assert_eq!(training(s).hash_mismatches, 0);
+    }
+    // Hosted: every trainer fetches it and applies the commit, with no other message to prompt it.
+    assert_eq!(
+        net.coordinator.host_blob_now(next).await.expect("hosted"),
+        next_hash
+    );
+    let applied = net
+        .wait_trainers(
+            2 * FETCH + Duration::from_secs(30),
+            "every trainer applied the commit",
+            |s| training(s).applied_round == Some(LIE),
+        )
+        .await;
+    for s in &applied {
+        let t = training(s);
+        let held: BTreeMap<&str, &str> = t
+            .held_shards
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(held.get("trunk"), Some(&next_hash.to_string().as_str()));
+        assert_eq!(s.stored_round, Some(LIE));
+        assert_eq!(t.hash_mismatches, 0);
+        assert!(t.halted.is_none(), "{:?}", t.halted);
+    }
+    net.stop().await;
+}
+
+/// Not a lie either: the run's end overtaking its last commit (two messages, which gossip may deliver by
+/// different paths and so in either order). After two honest rounds the test runs a third as the
+/// coordinator, calls the trunk's judgments, then publishes the run's end before the honest commit. Every
+/// trainer still applies the last commit: the end no longer drops the assignment it is applied with (the
+/// light coordinator's 16-member run, with the coordinator publishing along the gossip mesh, failed so five
+/// times in five before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runs_end_before_its_last_commit_still_lets_the_commit_apply() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
+    let secret = honest_commit.seed_secret;
+    let base = honest_commit.checkpoint.clone();
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    net.announce(&ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
+    let norms = honest_norms(&seen_by_trainer, LIE);
+    let (call, judgment) =
+        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret, norms).await;
+    let part = &call.shards[0];
+    let mut checkpoint = base.clone();
+    checkpoint.round = LIE;
+    for e in checkpoint.shards.iter_mut() {
+        if e.shard == ShardId::Trunk {
+            *e = judgment.entry;
+        }
+    }
+    let commit = RoundCommit {
+        run: ann.run.clone(),
+        round: LIE,
+        accepted: vec![AcceptedDeltas {
+            shard: ShardId::Trunk,
+            deltas: part.deltas.iter().map(|d| d.payload_hash).collect(),
+            weights: vec![1; part.deltas.len()],
+            norms: judgment
+                .verdicts
+                .iter()
+                .map(|v| match v {
+                    DeltaVerdict::Accept { norm } => *norm,
+                    DeltaVerdict::Refuse(_) => 0.0,
+                })
+                .collect(),
+        }],
+        rejected: Vec::new(),
+        checkpoint: checkpoint.clone(),
+        scores: Vec::new(),
+        seed_secret: secret,
+        dissent: Vec::new(),
+    };
+
+    // The end first: every trainer hears it before the commit.
+    let end = RunEnd {
+        run: ann.run.clone(),
+        round: LIE,
+        checkpoint: checkpoint.hash().expect("manifest hash"),
+    };
+    publish_patiently(
+        &net.coordinator,
+        &Message::RunEnd(end),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the end published");
+    net.wait_trainers(
+        Duration::from_secs(30),
+        "every trainer heard the end",
+        |s| training(s).run_ended == Some(LIE),
+    )
+    .await;
+    publish_patiently(
+        &net.coordinator,
+        &Message::RoundCommit(commit),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the commit published");
+    let applied = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer applied the last commit",
+            |s| training(s).applied_round == Some(LIE),
+        )
+        .await;
+    for s in &applied {
+        let t = training(s);
+        let trunk = t.held_shards.iter().find(|(k, _)| k == "trunk");
+        assert_eq!(
+            trunk.map(|(_, h)| h.clone()),
+            Some(judgment.entry.hash.to_string())
+        );
+        assert_eq!(s.stored_round, Some(LIE));
+        assert_eq!(t.hash_mismatches, 0);
+        assert_eq!(t.quorums_dropped + t.quorums_contradicted, 0);
     }
     net.stop().await;
 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use mana_engine::round::RunSpec;
 use mana_node::daemon::NodeHandle;
+use mana_node::daemon::status::TrainingStatus;
 use mana_node::roles::common::{DataSource, load_dataset};
 use mana_node::roles::conductor::{
     ConductorConfig, RoundMetrics, STATE_KEY, machine_config, run_conductor,
@@ -36,6 +37,29 @@ use mana_node::store::RecordKind;
 use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;
+
+/// `node`'s training status once it has applied `round`'s commit, or its last status after `timeout` (what
+/// it was doing, and its last error, say why it had not).
+async fn applied(
+    node: &NodeHandle,
+    round: u64,
+    timeout: Duration,
+) -> Result<TrainingStatus, Option<TrainingStatus>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let training = node.status().await.ok().and_then(|s| s.training);
+        if training
+            .as_ref()
+            .is_some_and(|t| t.applied_round == Some(round))
+        {
+            return Ok(training.expect("checked"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(training);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -286,20 +310,12 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         .map(|e| (e.shard.to_string(), e.hash.to_string()))
         .collect();
     let mut held_by: BTreeMap<String, usize> = BTreeMap::new();
-    for node in &nodes {
-        let node = node.clone();
-        let training = wait_for(
-            Duration::from_secs(60),
-            "every member applies the last commit",
-            move || {
-                let node = node.clone();
-                async move {
-                    let t = node.status().await.ok()?.training?;
-                    (t.applied_round == Some(rounds)).then_some(t)
-                }
-            },
-        )
-        .await;
+    for (i, node) in nodes.iter().enumerate() {
+        let training = applied(node, rounds, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|t| {
+                panic!("node-{i} has not applied round {rounds}'s commit in 60 s: {t:?}")
+            });
         assert_eq!(training.hash_mismatches, 0, "{training:?}");
         assert_eq!(
             (training.calls_refused, training.judges_equivocated),

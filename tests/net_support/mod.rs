@@ -302,6 +302,8 @@ pub struct RoundNet {
     pub stop_rx: tokio::sync::watch::Receiver<bool>,
     /// The trainers' `rescore_share` (1 unless a test says otherwise: tests check every round's scores).
     pub rescore_share: f64,
+    /// The trainers' `fetch_timeout`, when a test shortens it.
+    pub fetch_timeout: Option<Duration>,
 }
 
 impl RoundNet {
@@ -313,6 +315,14 @@ impl RoundNet {
     /// [`RoundNet::start`] with trainers that recompute the published scores in `share` of the rounds.
     pub async fn start_rescoring(honest: usize, share: f64) -> RoundNet {
         Self::build(honest, share, |_, _| {}).await
+    }
+
+    /// [`RoundNet::start`] with trainers that give up a fetch after `timeout`.
+    pub async fn start_fetching_within(honest: usize, timeout: Duration) -> RoundNet {
+        let mut net = Self::build(0, 1.0, |_, _| {}).await;
+        net.fetch_timeout = Some(timeout);
+        net.add_trainers(honest, |_, _| {}).await;
+        net
     }
 
     /// [`RoundNet::start`], with `tweak(name, config)` applied to each node's config before it starts (names:
@@ -340,7 +350,6 @@ impl RoundNet {
         coord_cfg.sync_shards = false;
         tweak("coordinator", &mut coord_cfg);
         let coordinator = Arc::new(start_node(coord_cfg).await);
-        let key = coordinator.public_key();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut net = RoundNet {
             dir,
@@ -353,14 +362,21 @@ impl RoundNet {
             stop_tx,
             stop_rx,
             rescore_share: share,
+            fetch_timeout: None,
         };
+        net.add_trainers(honest, tweak).await;
+        net
+    }
+
+    /// Starts `honest` trainers named `node-0`, `node-1`..., with `tweak(name, config)` applied to each.
+    async fn add_trainers(&mut self, honest: usize, tweak: impl Fn(&str, &mut NodeConfig)) {
+        let key = self.coordinator.public_key();
         for i in 0..honest {
             let name = format!("node-{i}");
-            let mut config = member_config(net.dir.path(), &net.boot, &name, key);
+            let mut config = member_config(self.dir.path(), &self.boot, &name, key);
             tweak(&name, &mut config);
-            net.add_trainer(config).await;
+            self.add_trainer(config).await;
         }
-        net
     }
 
     /// Starts one more honest trainer (a member of the run) with `config`, at any time: a late joiner. It
@@ -373,6 +389,9 @@ impl RoundNet {
         }
         let node = std::sync::Arc::new(start_node(config).await);
         cfg.rescore_share = self.rescore_share;
+        if let Some(timeout) = self.fetch_timeout {
+            cfg.fetch_timeout = timeout;
+        }
         let task = tokio::spawn(run_trainer(
             node.clone(),
             cfg,

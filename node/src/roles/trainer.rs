@@ -187,7 +187,26 @@ struct Trainer {
     /// second time that was unavailable the first would give another judgment, which would count as an
     /// equivocation ([`mana_engine::coordinator::equivocation`]).
     signed: Option<ShardAttestation>,
+    /// The last commit's shards this node holds but could not fetch when it applied the commit: fetched again
+    /// until they come or a round is announced (whose base sync fetches what it needs). Without it a holder
+    /// whose fetch failed at a run's last commit would hold an old state for good.
+    unfetched: Option<Unfetched>,
 }
+
+/// A commit applied but for some of this node's shards, whose committed states could not be fetched.
+struct Unfetched {
+    round: u64,
+    checkpoint: CheckpointManifest,
+    entries: Vec<ShardEntry>,
+    /// When to try again (backing off: [`REFETCH_FIRST`] doubling up to [`REFETCH_MOST`]).
+    next_try: Instant,
+    wait: Duration,
+}
+
+/// The first wait before fetching a commit's shards again.
+const REFETCH_FIRST: Duration = Duration::from_secs(2);
+/// The longest wait between two tries.
+const REFETCH_MOST: Duration = Duration::from_secs(60);
 
 /// Most attestations kept for the audit of one round (each judged shard has at most 64 judges).
 const MAX_OBSERVED_ATTESTATIONS: usize = 4096;
@@ -276,6 +295,7 @@ async fn trainer_loop(
         observed: None,
         norms: NormLedger::new(),
         signed: None,
+        unfetched: None,
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -292,6 +312,7 @@ async fn trainer_loop(
                 }
                 if trainer.halted.is_none() {
                     trainer.say_silence(&mut watch).await;
+                    trainer.refetch().await;
                 }
                 continue;
             }
@@ -362,9 +383,18 @@ async fn trainer_loop(
 }
 
 impl Trainer {
-    /// The coordinator ended the run: say so (for good; a new run is another run id).
+    /// The coordinator ended the run: say so (for good; a new run is another run id). The last round's
+    /// assignment stays until its commit is applied: the end may overtake the commit on its way (they travel
+    /// as two messages, by whatever paths gossip takes), and a holder that dropped it would never apply the
+    /// last commit.
     fn on_run_end(&mut self, end: &mana_protocol::RunEnd) {
-        self.assigned = None;
+        if self
+            .assigned
+            .as_ref()
+            .is_some_and(|a| a.announcement.round != end.round)
+        {
+            self.assigned = None;
+        }
         self.ended = Some(end.round);
         let text = format!(
             "the run ended after round {} (final checkpoint {})",
@@ -520,6 +550,8 @@ impl Trainer {
         self.judged.clear();
         self.observed = None;
         self.signed = None;
+        // The round's base sync fetches what the last commit's apply could not.
+        self.unfetched = None;
         // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
         let missed = self
             .sent
@@ -766,34 +798,50 @@ impl Trainer {
         entries: &[ShardEntry],
         round: u64,
     ) -> Result<Vec<(ShardEntry, ShardRecord)>, NodeError> {
+        let mut out = Vec::new();
+        for (entry, result) in self.fetch_each(entries, round).await {
+            out.push((entry, result?));
+        }
+        Ok(out)
+    }
+
+    /// Fetches and decodes shard blobs, a few at a time: each one's outcome (the fetched ones pinned for
+    /// `round`).
+    async fn fetch_each(
+        &mut self,
+        entries: &[ShardEntry],
+        round: u64,
+    ) -> Vec<(ShardEntry, Result<ShardRecord, NodeError>)> {
         let node = self.node.clone();
         let (timeout, spec) = (self.cfg.fetch_timeout, self.cfg.spec.clone());
-        let results: Vec<Result<(ShardEntry, ShardRecord), NodeError>> =
+        let results: Vec<(ShardEntry, Result<ShardRecord, NodeError>)> =
             futures::stream::iter(entries.iter().copied())
                 .map(|entry| {
                     let (node, spec) = (node.clone(), spec.clone());
                     // A round-0 shard is made here; a later one is asked of the judges that signed it and
                     // the holders that reported it (the daemon heard them), then of the DHT's providers.
                     async move {
-                        let bytes = fetch_shard_bytes(&node, entry, &spec, timeout).await?;
-                        let state = blocking(move || {
-                            ShardRecord::from_bytes(&bytes, &spec, entry.shard)
-                                .map_err(NodeError::from)
-                        })
-                        .await?;
-                        Ok((entry, state))
+                        let state = async {
+                            let bytes = fetch_shard_bytes(&node, entry, &spec, timeout).await?;
+                            blocking(move || {
+                                ShardRecord::from_bytes(&bytes, &spec, entry.shard)
+                                    .map_err(NodeError::from)
+                            })
+                            .await
+                        }
+                        .await;
+                        (entry, state)
                     }
                 })
                 .buffer_unordered(self.cfg.fetch_concurrency.max(1))
                 .collect()
                 .await;
-        let mut out = Vec::new();
-        for r in results {
-            let (entry, state) = r?;
-            self.pins.add(round, entry.hash);
-            out.push((entry, state));
+        for (entry, state) in &results {
+            if state.is_ok() {
+                self.pins.add(round, entry.hash);
+            }
         }
-        Ok(out)
+        results
     }
 
     /// The coordinator's call for the round's judgments (it is the only one who may sign one: validation
@@ -1233,6 +1281,13 @@ impl Trainer {
             .map(|(_, shard, hash)| (*shard, *hash))
             .collect();
         self.sent.retain(|(round, ..)| *round > commit.round);
+        if self
+            .unfetched
+            .as_ref()
+            .is_some_and(|u| u.round < commit.round)
+        {
+            self.unfetched = None;
+        }
         let me = self.me;
         self.node
             .update_training_status(|s| s.contributions.record_commit(&commit, &me, &sent));
@@ -1364,26 +1419,80 @@ impl Trainer {
         self.check_scores(&commit, &assigned, &sent, at_hand, drawn)
             .await;
         self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
-        for (entry, state) in self.fetch_shards(&to_refetch, round).await? {
-            new_held.insert(
-                entry.shard,
-                Held {
-                    hash: entry.hash,
-                    state: Arc::new(state),
-                },
-            );
-        }
+        self.node
+            .update_training_status(|s| s.hash_matches += matches);
         self.held = new_held;
-        self.commit_store(round, &commit.checkpoint).await?;
+        self.unfetched = Some(Unfetched {
+            round,
+            checkpoint: commit.checkpoint.clone(),
+            entries: to_refetch,
+            next_try: Instant::now(),
+            wait: REFETCH_FIRST,
+        });
+        self.refetch().await;
+        Ok(())
+    }
+
+    /// Fetches the last commit's shards that this node holds and does not have yet ([`Unfetched`]), if it is
+    /// time to; once it has them all, the commit is applied: its own manifest stored and published, and the
+    /// status says so.
+    async fn refetch(&mut self) {
+        let Some(mut pending) = self.unfetched.take() else {
+            return;
+        };
+        if Instant::now() < pending.next_try {
+            self.unfetched = Some(pending);
+            return;
+        }
+        let round = pending.round;
+        let mut failed = Vec::new();
+        for (entry, result) in self.fetch_each(&pending.entries, round).await {
+            match result {
+                Ok(state) => {
+                    self.held.insert(
+                        entry.shard,
+                        Held {
+                            hash: entry.hash,
+                            state: Arc::new(state),
+                        },
+                    );
+                }
+                Err(e) => failed.push((entry, e)),
+            }
+        }
+        if !failed.is_empty() {
+            let shards: Vec<String> = failed.iter().map(|(e, _)| e.shard.to_string()).collect();
+            tracing::warn!(
+                round, shards = ?shards, error = %failed[0].1, retry_in_s = pending.wait.as_secs(),
+                "committed shards not fetched; trying again"
+            );
+            let text = format!(
+                "round {round}: {} committed shard(s) not fetched yet ({}), trying again",
+                failed.len(),
+                failed[0].1
+            );
+            self.node.update_training_status(|s| s.activity = text);
+            pending.entries = failed.into_iter().map(|(e, _)| e).collect();
+            pending.next_try = Instant::now() + pending.wait;
+            pending.wait = (pending.wait * 2).min(REFETCH_MOST);
+            self.unfetched = Some(pending);
+            return;
+        }
+        if let Err(e) = self.commit_store(round, &pending.checkpoint).await {
+            tracing::warn!(round, error = %e, "the applied commit was not stored");
+        }
+        let ended = self.ended == Some(round);
         self.node.update_training_status(|s| {
-            s.hash_matches += matches;
             s.applied_round = Some(round);
-            s.activity = format!("round {round}: applied");
+            s.activity = if ended {
+                format!("round {round}: applied; the run ended with it")
+            } else {
+                format!("round {round}: applied")
+            };
         });
         let keep: Vec<ContentHash> = self.held.values().map(|h| h.hash).collect();
         self.pins
             .release_before(&self.node, round.saturating_sub(1), &keep);
-        Ok(())
     }
 
     /// Checks the verifier's published verdicts that this node can reproduce (section "Every verdict can be
