@@ -649,6 +649,21 @@ async fn call_trunk_judgments(
     (call, first)
 }
 
+/// Announces `ann` as the coordinator, waits for every trainer's trunk delta and calls the trunk's judgments
+/// with the norm history the trainers rebuilt (`seen_by_trainer`): the call and the quorum's judgment.
+async fn announce_and_call_trunk(
+    net: &RoundNet,
+    seen_by_coordinator: &Heard,
+    seen_by_trainer: &Heard,
+    ann: &RoundAnnouncement,
+    secret: [u8; 32],
+) -> (AggregationCall, ShardJudgment) {
+    net.announce(ann).await;
+    let deltas = seen_by_coordinator.trunk_deltas(ann.round, HONEST).await;
+    let norms = honest_norms(seen_by_trainer, ann.round);
+    call_trunk_judgments(net, seen_by_coordinator, ann, &deltas, secret, norms).await
+}
+
 /// The network after its honest rounds, for a test that then plays the coordinator: what the coordinator's
 /// node heard since before the first round, and the last honest round's announcement and commit as the first
 /// trainer got them.
@@ -695,6 +710,49 @@ async fn publish_call(net: &RoundNet, call: &AggregationCall) -> ContentHash {
     .await
     .expect("the call published");
     call.hash().expect("call id")
+}
+
+/// Round `ann`'s commit from `base` of the trunk as its judges' quorum signed `judgment` of `call`: every
+/// delta of the call accepted, with the norms the judges measured times `norm_scale` (1 for the honest
+/// commit).
+fn trunk_commit(
+    ann: &RoundAnnouncement,
+    base: &mana_protocol::CheckpointManifest,
+    call: &AggregationCall,
+    judgment: &ShardJudgment,
+    secret: [u8; 32],
+    norm_scale: f32,
+) -> RoundCommit {
+    let part = &call.shards[0];
+    let mut checkpoint = base.clone();
+    checkpoint.round = ann.round;
+    for e in checkpoint.shards.iter_mut() {
+        if e.shard == ShardId::Trunk {
+            *e = judgment.entry;
+        }
+    }
+    RoundCommit {
+        run: ann.run.clone(),
+        round: ann.round,
+        accepted: vec![AcceptedDeltas {
+            shard: ShardId::Trunk,
+            deltas: part.deltas.iter().map(|d| d.payload_hash).collect(),
+            weights: vec![1; part.deltas.len()],
+            norms: judgment
+                .verdicts
+                .iter()
+                .map(|v| match v {
+                    DeltaVerdict::Accept { norm } => norm * norm_scale,
+                    DeltaVerdict::Refuse(_) => 0.0,
+                })
+                .collect(),
+        }],
+        rejected: Vec::new(),
+        checkpoint,
+        scores: Vec::new(),
+        seed_secret: secret,
+        dissent: Vec::new(),
+    }
 }
 
 /// Round `ann`'s call for judgments of the trunk alone (its trunk `deltas`, every participant a holder), with
@@ -759,15 +817,12 @@ async fn a_call_published_again_gets_the_same_judgment_again() {
     let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
         after_honest_rounds().await;
     let ann = next_announcement(&honest_ann, LIE, &honest_commit.checkpoint);
-    net.announce(&ann).await;
-    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
-    let (call, _) = call_trunk_judgments(
+    let (call, _) = announce_and_call_trunk(
         &net,
         &seen_by_coordinator,
+        &seen_by_trainer,
         &ann,
-        &deltas,
         honest_commit.seed_secret,
-        honest_norms(&seen_by_trainer, LIE),
     )
     .await;
     let before: Vec<u64> = net
@@ -962,11 +1017,9 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
     // Round LIE: the quorum's judgment dropped.
     let base = honest_commit.checkpoint.clone();
     let ann = next_announcement(&honest_ann, LIE, &base);
-    net.announce(&ann).await;
-    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
-    let norms = honest_norms(&seen_by_trainer, LIE);
     let (_, judgment) =
-        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret, norms).await;
+        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
     assert_ne!(judgment.entry, *base.shard(&ShardId::Trunk).expect("trunk"));
     let mut checkpoint = base.clone();
     checkpoint.round = LIE;
@@ -1018,41 +1071,10 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
         .host_blob_now(dropped.checkpoint.to_bytes().expect("manifest"))
         .await
         .expect("hosted");
-    net.announce(&ann).await;
-    let deltas = seen_by_coordinator.trunk_deltas(LIE + 1, HONEST).await;
-    let norms = honest_norms(&seen_by_trainer, LIE + 1);
     let (call, judgment) =
-        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret, norms).await;
-    let part = &call.shards[0];
-    let mut checkpoint = dropped.checkpoint.clone();
-    checkpoint.round = LIE + 1;
-    for e in checkpoint.shards.iter_mut() {
-        if e.shard == ShardId::Trunk {
-            *e = judgment.entry;
-        }
-    }
-    let forged = RoundCommit {
-        run: ann.run.clone(),
-        round: LIE + 1,
-        accepted: vec![AcceptedDeltas {
-            shard: ShardId::Trunk,
-            deltas: part.deltas.iter().map(|d| d.payload_hash).collect(),
-            weights: vec![1; part.deltas.len()],
-            norms: judgment
-                .verdicts
-                .iter()
-                .map(|v| match v {
-                    DeltaVerdict::Accept { norm } => norm * 10.0,
-                    DeltaVerdict::Refuse(_) => 0.0,
-                })
-                .collect(),
-        }],
-        rejected: Vec::new(),
-        checkpoint,
-        scores: Vec::new(),
-        seed_secret: secret,
-        dissent: Vec::new(),
-    };
+        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    // The norms forged tenfold.
+    let forged = trunk_commit(&ann, &dropped.checkpoint, &call, &judgment, secret, 10.0);
     publish_patiently(
         &net.coordinator,
         &Message::RoundCommit(forged.clone()),
@@ -1228,41 +1250,10 @@ async fn the_runs_end_before_its_last_commit_still_lets_the_commit_apply() {
     let secret = honest_commit.seed_secret;
     let base = honest_commit.checkpoint.clone();
     let ann = next_announcement(&honest_ann, LIE, &base);
-    net.announce(&ann).await;
-    let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
-    let norms = honest_norms(&seen_by_trainer, LIE);
     let (call, judgment) =
-        call_trunk_judgments(&net, &seen_by_coordinator, &ann, &deltas, secret, norms).await;
-    let part = &call.shards[0];
-    let mut checkpoint = base.clone();
-    checkpoint.round = LIE;
-    for e in checkpoint.shards.iter_mut() {
-        if e.shard == ShardId::Trunk {
-            *e = judgment.entry;
-        }
-    }
-    let commit = RoundCommit {
-        run: ann.run.clone(),
-        round: LIE,
-        accepted: vec![AcceptedDeltas {
-            shard: ShardId::Trunk,
-            deltas: part.deltas.iter().map(|d| d.payload_hash).collect(),
-            weights: vec![1; part.deltas.len()],
-            norms: judgment
-                .verdicts
-                .iter()
-                .map(|v| match v {
-                    DeltaVerdict::Accept { norm } => *norm,
-                    DeltaVerdict::Refuse(_) => 0.0,
-                })
-                .collect(),
-        }],
-        rejected: Vec::new(),
-        checkpoint: checkpoint.clone(),
-        scores: Vec::new(),
-        seed_secret: secret,
-        dissent: Vec::new(),
-    };
+        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    let commit = trunk_commit(&ann, &base, &call, &judgment, secret, 1.0);
+    let checkpoint = commit.checkpoint.clone();
 
     // The end first: every trainer hears it before the commit.
     let end = RunEnd {

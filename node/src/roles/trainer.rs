@@ -1480,6 +1480,9 @@ impl Trainer {
         }
         if let Err(e) = self.commit_store(round, &pending.checkpoint).await {
             tracing::warn!(round, error = %e, "the applied commit was not stored");
+            self.node
+                .update_training_status(|s| s.activity = format!("error: {e}"));
+            return;
         }
         let ended = self.ended == Some(round);
         self.node.update_training_status(|s| {
