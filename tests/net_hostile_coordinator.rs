@@ -34,6 +34,9 @@
 //! - Not a lie, played the same way: a commit whose new trunk nobody serves at first. Every trainer keeps
 //!   trying and applies the commit once the trunk is hosted, with no later round to prompt it.
 //! - Nor this: the run's end heard before its last commit. Every trainer still applies the commit.
+//! - Nor this: the run's end heard and the last commit never. Every trainer takes its trunk from the end's
+//!   final checkpoint, the state it computed itself as a judge; and one whose trunk no judge signed (a lie)
+//!   is refused by all.
 //!
 //! The tests share the machine's cores, so they run one at a time.
 // The serialising guard is held across awaits on purpose: it spans a whole test and is never contended
@@ -1300,4 +1303,125 @@ async fn the_runs_end_before_its_last_commit_still_lets_the_commit_apply() {
         assert_eq!(t.quorums_dropped + t.quorums_contradicted, 0);
     }
     net.stop().await;
+}
+
+/// Not a lie: a member that never hears the last commit (lost on the way), only the run's end. After two
+/// honest rounds the test runs a third as the coordinator and calls the trunk's judgments, then publishes
+/// only the end, naming the checkpoint the honest commit would have (its manifest hosted, as a coordinator's
+/// commits are). Every trainer takes its trunk from it, the state it computed itself as a judge, and applies
+/// the round. Before, each waited for the commit for good and held round 2's trunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_never_hears_the_last_commit_takes_the_final_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
+    let secret = honest_commit.seed_secret;
+    let base = honest_commit.checkpoint.clone();
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    let (call, judgment) =
+        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    let checkpoint = trunk_commit(&ann, &base, &call, &judgment, secret, 1.0).checkpoint;
+    end_with(&net, &ann, &checkpoint).await;
+    let applied = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer applied the last round from the final checkpoint",
+            |s| training(s).applied_round == Some(LIE),
+        )
+        .await;
+    for s in &applied {
+        let t = training(s);
+        let trunk = t.held_shards.iter().find(|(k, _)| k == "trunk");
+        assert_eq!(
+            trunk.map(|(_, h)| h.clone()),
+            Some(judgment.entry.hash.to_string())
+        );
+        assert_eq!(s.stored_round, Some(LIE));
+        assert_eq!(t.run_ended, Some(LIE));
+        assert_eq!(t.hash_mismatches, 0);
+    }
+    net.stop().await;
+}
+
+/// The lie behind the same path: a run's end naming a final checkpoint whose trunk no judge signed (a real
+/// trunk state, the base's with one weight moved, hosted with its manifest). Every trainer refuses to take
+/// it, says so, and keeps round 2's trunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_checkpoint_that_no_judge_signed_is_not_taken() {
+    use mana_engine::round::state::RunShard;
+    use mana_kernels::checkpoint::ShardRecord;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
+    let secret = honest_commit.seed_secret;
+    let base = honest_commit.checkpoint.clone();
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    let (call, judgment) =
+        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    let mut checkpoint = trunk_commit(&ann, &base, &call, &judgment, secret, 1.0).checkpoint;
+    let old = base.shard(&ShardId::Trunk).expect("trunk").hash;
+    let bytes = net.trainers[0]
+        .0
+        .read_blob(old)
+        .await
+        .expect("the base trunk");
+    let mut trunk = ShardRecord::from_bytes(&bytes, &net.spec, ShardId::Trunk).expect("decodes");
+    trunk.params[0] += 0.01;
+    let forged = trunk.to_bytes();
+    let forged_hash = net
+        .coordinator
+        .host_blob_now(forged.clone())
+        .await
+        .expect("hosted");
+    for entry in &mut checkpoint.shards {
+        if entry.shard == ShardId::Trunk {
+            (entry.hash, entry.size) = (forged_hash, forged.len() as u64);
+        }
+    }
+    end_with(&net, &ann, &checkpoint).await;
+    let refused = net
+        .wait_trainers(
+            Duration::from_secs(60),
+            "every trainer refused the final checkpoint",
+            |s| {
+                training(s)
+                    .activity
+                    .contains("no judge this node heard signed")
+            },
+        )
+        .await;
+    for s in &refused {
+        let t = training(s);
+        assert_eq!(t.applied_round, Some(HONEST_ROUNDS));
+        let trunk = t.held_shards.iter().find(|(k, _)| k == "trunk");
+        assert_eq!(trunk.map(|(_, h)| h.clone()), Some(old.to_string()));
+        assert_eq!(s.stored_round, Some(HONEST_ROUNDS));
+    }
+    net.stop().await;
+}
+
+/// Hosts `checkpoint`'s manifest on the coordinator's node (as a coordinator hosts its commits') and
+/// publishes the run's end at `ann`'s round, naming it, with no commit before it.
+async fn end_with(
+    net: &RoundNet,
+    ann: &RoundAnnouncement,
+    checkpoint: &mana_protocol::CheckpointManifest,
+) {
+    let hash = net
+        .coordinator
+        .host_blob_now(checkpoint.to_bytes().expect("encodes"))
+        .await
+        .expect("hosted");
+    assert_eq!(hash, checkpoint.hash().expect("manifest hash"));
+    publish_patiently(
+        &net.coordinator,
+        &Message::RunEnd(RunEnd {
+            run: ann.run.clone(),
+            round: ann.round,
+            checkpoint: hash,
+        }),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the end published");
 }

@@ -247,6 +247,16 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         state.len(),
         took.as_secs_f64()
     );
+    let parcels = &status.parcels;
+    eprintln!(
+        "LIGHT coordinator parcels: {} published, {} B a parcel on average; {} copies served ({:.1} a parcel), {} refused (sent to other holders), of {} fetchers",
+        parcels.published,
+        parcels.bytes / parcels.published.max(1),
+        parcels.copies_served,
+        parcels.copies_served as f64 / parcels.published.max(1) as f64,
+        parcels.copies_refused,
+        members + 1
+    );
     if let Some((mine, all)) = cpu {
         eprintln!(
             "LIGHT coordinator CPU {mine:.1} s of the process's {all:.1} s ({:.1}%), {:.2} s per round; heap: {} KiB once started, peak {} KiB, at the end {} KiB",

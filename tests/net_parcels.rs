@@ -78,33 +78,42 @@ async fn counters(node: &NodeHandle) -> (u64, u64, u64) {
     (s.accepted_messages, s.rejected_messages, s.ignored_messages)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_round_message_over_the_gossip_limit_reaches_every_node_as_a_parcel() {
-    init_tracing();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let bootstrap = start_bootstrap(&dir.path().join("bootstrap")).await;
+/// A bootstrap node, a coordinator's node serving `copies` copies of a parcel a second
+/// (`NodeConfig::parcel_copies`), and `members` nodes that follow it.
+async fn start_network(
+    dir: &std::path::Path,
+    members: usize,
+    copies: u32,
+) -> (mana_bootstrap::BootstrapHandle, NodeHandle, Vec<NodeHandle>) {
+    let bootstrap = start_bootstrap(&dir.join("bootstrap")).await;
     let boot = bootstrap.addrs().to_vec();
     // The coordinator's node is told it is the coordinator, as the conductor's is: its key is made by a
     // first start.
-    let first = start_node(node_config(&dir.path().join("coordinator"), &boot)).await;
+    let first = start_node(node_config(&dir.join("coordinator"), &boot)).await;
     let key = first.public_key();
     first.shutdown().await.expect("first start stops");
-    let mut cfg = node_config(&dir.path().join("coordinator"), &boot);
+    let mut cfg = node_config(&dir.join("coordinator"), &boot);
     cfg.coordinator = Some(key);
+    cfg.parcel_copies = copies;
     let coordinator = start_node(cfg).await;
     let mut nodes = Vec::new();
-    for i in 0..4 {
-        let mut cfg = node_config(&dir.path().join(format!("node-{i}")), &boot);
+    for i in 0..members {
+        let mut cfg = node_config(&dir.join(format!("node-{i}")), &boot);
         cfg.coordinator = Some(key);
         cfg.sync_shards = false;
         nodes.push(start_node(cfg).await);
     }
-    let mut heard: Vec<_> = nodes.iter().map(|n| n.round_messages()).collect();
-    let run = coordinator.config().net.run_id.clone();
+    (bootstrap, coordinator, nodes)
+}
 
-    // Small announcements travel whole: one a third of a second until every node has heard one (the mesh
-    // is up).
-    let mut heard_one = vec![false; nodes.len()];
+/// Small announcements, which travel whole, one a third of a second until every node has heard one (the
+/// mesh is up). Returns the next round number free.
+async fn until_every_node_hears_one(
+    coordinator: &NodeHandle,
+    heard: &mut [tokio::sync::broadcast::Receiver<mana_node::daemon::Accepted>],
+) -> u64 {
+    let run = coordinator.config().net.run_id.clone();
+    let mut heard_one = vec![false; heard.len()];
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut round = 1;
     while !heard_one.iter().all(|h| *h) {
@@ -123,6 +132,17 @@ async fn a_round_message_over_the_gossip_limit_reaches_every_node_as_a_parcel() 
             }
         }
     }
+    round
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_round_message_over_the_gossip_limit_reaches_every_node_as_a_parcel() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_bootstrap, coordinator, nodes) = start_network(dir.path(), 4, 0).await;
+    let mut heard: Vec<_> = nodes.iter().map(|n| n.round_messages()).collect();
+    let run = coordinator.config().net.run_id.clone();
+    until_every_node_hears_one(&coordinator, &mut heard).await;
 
     // The large one: over what gossip carries, so it can only arrive as a parcel.
     let large = announcement(&run, 100, 1000);
@@ -242,6 +262,74 @@ async fn a_round_message_over_the_gossip_limit_reaches_every_node_as_a_parcel() 
                 accepted.message.kind()
             );
         }
+    }
+    for node in nodes {
+        node.shutdown().await.expect("node stops");
+    }
+    coordinator.shutdown().await.expect("coordinator stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_coordinator_serves_a_few_copies_of_a_parcel_and_its_members_pass_it_on() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // One copy to whoever asks first; the others are refused, and served only if they ask again two seconds
+    // later (no peer of theirs had it).
+    let members = 8;
+    let (_bootstrap, coordinator, nodes) = start_network(dir.path(), members, 1).await;
+    let mut heard: Vec<_> = nodes.iter().map(|n| n.round_messages()).collect();
+    let run = coordinator.config().net.run_id.clone();
+    let round = until_every_node_hears_one(&coordinator, &mut heard).await;
+
+    let large = announcement(&run, round, 1000);
+    let size = SignedEnvelope::sign(
+        &Keypair::from_seed(&[9; 32]),
+        &Message::RoundAnnouncement(large.clone()),
+        now_ms(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap()
+    .len() as u64;
+    let served_before = coordinator
+        .status()
+        .await
+        .expect("status")
+        .traffic
+        .fetch_out;
+    coordinator
+        .publish(&Message::RoundAnnouncement(large))
+        .await
+        .expect("the parcel's header is published");
+    for rx in &mut heard {
+        loop {
+            let (r, participants) = next_round_heard(rx).await;
+            if r == round {
+                assert_eq!(participants, 1000);
+                break;
+            }
+        }
+    }
+    let served = coordinator
+        .status()
+        .await
+        .expect("status")
+        .traffic
+        .fetch_out
+        - served_before;
+    let copies = served as f64 / size as f64;
+    tracing::info!(
+        copies,
+        members,
+        "copies of the parcel the coordinator served"
+    );
+    assert!(
+        copies < 4.0,
+        "the coordinator served {served} bytes, {copies:.2} copies of a {size}-byte envelope to {members} members"
+    );
+    for node in &nodes {
+        let (_, rejected, _) = counters(node).await;
+        assert_eq!(rejected, 0, "nothing was refused");
     }
     for node in nodes {
         node.shutdown().await.expect("node stops");

@@ -16,6 +16,9 @@ use crate::net::fetch::FetchOptions;
 /// The default of [`NodeConfig::parcel_over_bytes`].
 pub const DEFAULT_PARCEL_OVER_BYTES: usize = 64 * 1024;
 
+/// The default of [`NodeConfig::parcel_copies`].
+pub const DEFAULT_PARCEL_COPIES: u32 = 8;
+
 /// Everything a running node needs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -61,6 +64,13 @@ pub struct NodeConfig {
     /// gossip message holds. 64 KiB by default: each mesh peer sends a node its own copy of a gossiped
     /// message, while a parcel is fetched once.
     pub parcel_over_bytes: usize,
+    /// For a coordinator's node: how many copies of each of its parcels' envelopes it serves to whoever asks
+    /// first; other fetchers are refused ([`crate::net::fetch::SPREAD`]) and take the envelope from the
+    /// members that have it, or are served if they ask again after [`super::SPREAD_PATIENCE`]. Every
+    /// member hears a header straight from the coordinator (flood publishing) and would otherwise fetch it
+    /// there too: the coordinator's upload would grow with members times a message's size, itself growing
+    /// with members. 0: serve every copy asked for.
+    pub parcel_copies: u32,
     /// The run's model and initial seed, when this node knows them: a round-0 shard its mirror sync needs is
     /// then made here from them rather than fetched (a trainer makes its own the same way, from its role's spec) (round 0's checkpoint is a pure
     /// function of the spec, and the bytes made must hash to the manifest's entry), and hosted for others.
@@ -93,6 +103,7 @@ impl NodeConfig {
             },
             dashboard: None,
             parcel_over_bytes: DEFAULT_PARCEL_OVER_BYTES,
+            parcel_copies: DEFAULT_PARCEL_COPIES,
             genesis: None,
         }
     }

@@ -22,6 +22,7 @@ mod dashboard;
 pub mod equivocation;
 pub mod hosts;
 mod parcel;
+pub use parcel::{ParcelCounts, SPREAD_PATIENCE};
 pub mod peers;
 pub mod serve;
 pub mod status;
@@ -888,7 +889,7 @@ async fn handle_event(shared: &Arc<Shared>, event: NetEvent) {
             shared.spawn(async move {
                 let _permit = permit;
                 let shared = task_shared;
-                let response = serve::answer(&shared, &request).await;
+                let response = serve::answer(&shared, peer, &request).await;
                 if let Err(e) = shared.client.respond(channel, response).await {
                     tracing::debug!(%peer, error = %e, "fetch response not sent");
                 }

@@ -8,15 +8,22 @@
 //! nodes that hold its envelope and serve it: the fetches spread down the gossip tree, and each node takes the
 //! envelope once instead of a copy from every mesh peer.
 //!
+//! Spread: the coordinator floods its headers (every member hears each straight from it, in the order sent),
+//! so every member would fetch every envelope from it, and its upload would grow with members times the
+//! envelope, itself growing with members. It serves [`super::NodeConfig::parcel_copies`] copies of each to
+//! whoever asks first and refuses the rest ([`crate::net::fetch::SPREAD`]); a member refused takes the
+//! envelope from its gossip mesh on the rounds topic, whose members fetched theirs, and is served by the
+//! coordinator if it asks again after [`SPREAD_PATIENCE`].
+//!
 //! Order: the coordinator's round messages are judged against the round they follow, so they must be taken
 //! in the order they came (a commit judged after the next round's announcement is stale; the run's end
 //! before the last commit stops a trainer short of it). While a parcel is open, the coordinator's later
 //! messages on the rounds topic wait behind it ([`Line`]): fetches run side by side, verdicts and deliveries
 //! one after the other.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageId;
@@ -48,9 +55,118 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 /// older ones are left to the store's collector.
 pub const PARCELS_KEPT: usize = 32;
 
-/// The parcels whose envelopes this node holds, oldest first.
+/// The parcels whose envelopes this node holds, oldest first, and the copies served of its own.
 #[derive(Default)]
-pub(crate) struct KeptParcels(VecDeque<ContentHash>);
+pub(crate) struct KeptParcels {
+    kept: VecDeque<ContentHash>,
+    own: Spread,
+}
+
+/// The copies of this node's own parcels' envelopes served so far, to cap them
+/// ([`super::NodeConfig::parcel_copies`]): the members that fetched one serve the rest.
+#[derive(Debug, Default)]
+struct Spread(HashMap<ContentHash, Served>, ParcelCounts);
+
+/// What a node's own parcels cost it since it started: the figure that shows the coordinator's upload per
+/// message does not grow with the members (`mana status`, the light coordinator's test).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParcelCounts {
+    /// Parcels this node published.
+    pub published: u64,
+    /// Bytes of their envelopes.
+    pub bytes: u64,
+    /// Copies of their envelopes served (first ranges).
+    pub copies_served: u64,
+    /// Copies refused, the fetcher sent to another holder.
+    pub copies_refused: u64,
+}
+
+/// One own parcel's copies.
+#[derive(Debug)]
+struct Served {
+    /// Copies served (first ranges of its envelope).
+    copies: u64,
+    /// The peers refused so far, and when each was refused first.
+    refused: HashMap<PeerId, Instant>,
+}
+
+/// How long a peer refused a copy of a parcel looks elsewhere before the coordinator serves it anyway: a
+/// member whose peers do not have the envelope yet still gets it, a few seconds late.
+pub const SPREAD_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Most peers remembered as refused for one parcel; past it every peer is served (the memory stays bounded
+/// whatever the number of peers that ask).
+const MAX_REFUSED: usize = 4096;
+
+impl Spread {
+    /// Whether a range of `envelope` (`len` bytes from `offset`) may be served to `peer` at `now`, counting it
+    /// as a copy if it is one. Only a range from the start with bytes in it is a copy: a length probe, or
+    /// the rest of a copy begun, is always served, as is a blob that is not one of this node's parcels. The
+    /// first `copies` copies of a parcel are served to whoever asks; after that a peer is refused, and
+    /// served if it asks again once [`SPREAD_PATIENCE`] has passed since its first refusal (it found no other
+    /// holder). So a parcel costs about `copies` copies plus those that did not find it among their peers,
+    /// whatever the number of members; a peer that takes a copy and serves no one delays others by the
+    /// patience, no more. `copies` 0: no cap.
+    fn admit(
+        &mut self,
+        peer: &PeerId,
+        envelope: &ContentHash,
+        offset: u64,
+        len: u64,
+        copies: u32,
+        now: Instant,
+    ) -> bool {
+        let Some(served) = self.0.get_mut(envelope) else {
+            return true;
+        };
+        if copies == 0 || offset != 0 || len == 0 {
+            return true;
+        }
+        let patient = served
+            .refused
+            .get(peer)
+            .is_some_and(|first| now.saturating_duration_since(*first) >= SPREAD_PATIENCE);
+        if served.copies < u64::from(copies) || patient || served.refused.len() >= MAX_REFUSED {
+            served.copies += 1;
+            served.refused.remove(peer);
+            self.1.copies_served += 1;
+            true
+        } else {
+            served.refused.entry(*peer).or_insert(now);
+            self.1.copies_refused += 1;
+            false
+        }
+    }
+}
+
+/// What this node's own parcels cost it so far.
+pub(crate) fn counts(shared: &Shared) -> ParcelCounts {
+    shared
+        .parcels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .own
+        .1
+}
+
+/// Whether this node serves a range of blob `hash` (`len` bytes from `offset`) now: see [`Spread::admit`].
+pub(crate) fn admit(
+    shared: &Shared,
+    peer: &PeerId,
+    hash: &ContentHash,
+    offset: u64,
+    len: u64,
+) -> bool {
+    let mut parcels = shared.parcels.lock().unwrap_or_else(|p| p.into_inner());
+    parcels.own.admit(
+        peer,
+        hash,
+        offset,
+        len,
+        shared.config.parcel_copies,
+        Instant::now(),
+    )
+}
 
 /// The envelope size over which this node's round messages travel as parcels: its setting, and never over
 /// what a gossip message holds.
@@ -95,6 +211,21 @@ pub(crate) async fn publish(
     let pin = blocking(move || Ok(store.put_blob(&bytes)?)).await?;
     let envelope = ContentHash(pin.hash().0);
     sync::keep_pin(shared, pin);
+    {
+        let mut parcels = shared.parcels.lock().unwrap_or_else(|p| p.into_inner());
+        let own = &mut parcels.own;
+        if !own.0.contains_key(&envelope) {
+            own.0.insert(
+                envelope,
+                Served {
+                    copies: 0,
+                    refused: HashMap::new(),
+                },
+            );
+            own.1.published += 1;
+            own.1.bytes += u64::from(size);
+        }
+    }
     keep(shared, envelope);
     let header = Message::Parcel(Parcel {
         run: message.run().clone(),
@@ -259,8 +390,7 @@ async fn fetch_for(
     loop {
         tries += 1;
         let error =
-            match tokio::time::timeout_at(deadline, fetch(shared, source, header, tries > 1)).await
-            {
+            match tokio::time::timeout_at(deadline, fetch(shared, source, header, tries)).await {
                 Ok(Ok(bytes)) => return Ok(bytes),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "out of time".to_string(),
@@ -305,18 +435,24 @@ async fn conclude(shared: &Arc<Shared>, id: MessageId, source: PeerId, judgement
     validate::record(shared, source, judgement).await;
 }
 
+/// Tries at an envelope before the DHT is asked for other holders as well (a query costs every node on its
+/// way some work; by then the forwarder, the coordinator and the gossip mesh have been asked several times).
+const DHT_AFTER_TRIES: u32 = 3;
+
 /// How long one try asks the DHT for other holders of an envelope.
 const PROVIDER_QUERY: Duration = Duration::from_secs(2);
 
-/// One try at the envelope `header` names: from the store, or fetched from the forwarder and the
-/// coordinator (and, when `ask_dht`, the holders the DHT names: nodes that fetched it announce it), at most
-/// its size, hash checked.
+/// Try number `tries` at the envelope `header` names: from the store, or fetched from the forwarder and the
+/// coordinator, from the second try also this node's gossip mesh on the rounds topic, and past
+/// [`DHT_AFTER_TRIES`] the holders the DHT names (nodes that fetched it announce it); at most its size, hash
+/// checked.
 async fn fetch(
     shared: &Arc<Shared>,
     source: PeerId,
     header: &Parcel,
-    ask_dht: bool,
+    tries: u32,
 ) -> Result<Vec<u8>, NodeError> {
+    let (ask_peers, ask_dht) = (tries > 1, tries > DHT_AFTER_TRIES);
     let hash = header.envelope;
     let store = shared.store.clone();
     if blocking(move || Ok(store.blob_len(&hash)?))
@@ -327,6 +463,15 @@ async fn fetch(
         let mut providers = vec![source];
         if let Some(Ok(coordinator)) = shared.config.coordinator.map(|k| k.peer_id()) {
             providers.push(coordinator);
+        }
+        // The coordinator serves a few copies and refuses the rest: the peers this node hears round messages
+        // from took theirs, or will. (Not on the first try: asking peers that have nothing yet costs a round
+        // trip each.)
+        if ask_peers {
+            let rounds = mana_protocol::topic(&shared.config.net.run_id, TopicKind::Rounds);
+            if let Ok(mesh) = shared.client.mesh_peers(rounds).await {
+                providers.extend(mesh);
+            }
         }
         if ask_dht
             && let Ok(Ok(found)) =
@@ -348,13 +493,63 @@ async fn fetch(
 /// [`PARCELS_KEPT`].
 fn keep(shared: &Shared, envelope: ContentHash) {
     let released = {
-        let mut kept = shared.parcels.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.0.contains(&envelope) {
+        let mut parcels = shared.parcels.lock().unwrap_or_else(|p| p.into_inner());
+        if parcels.kept.contains(&envelope) {
             return;
         }
-        kept.0.push_back(envelope);
-        let over = kept.0.len().saturating_sub(PARCELS_KEPT);
-        kept.0.drain(..over).collect::<Vec<_>>()
+        parcels.kept.push_back(envelope);
+        let over = parcels.kept.len().saturating_sub(PARCELS_KEPT);
+        let released = parcels.kept.drain(..over).collect::<Vec<_>>();
+        for gone in &released {
+            parcels.own.0.remove(gone);
+        }
+        released
     };
     shared.unpin_blobs(&released);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_own_parcel_is_served_a_few_copies_then_only_to_those_that_found_no_other_holder() {
+        let start = Instant::now();
+        let envelope = ContentHash::of(b"a parcel");
+        let other = ContentHash::of(b"another blob");
+        let peers: Vec<PeerId> = (0..6).map(|_| PeerId::random()).collect();
+        let mut spread = Spread::default();
+        spread.0.insert(
+            envelope,
+            Served {
+                copies: 0,
+                refused: HashMap::new(),
+            },
+        );
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Three copies to the first three that ask, at once.
+        for peer in &peers[..3] {
+            assert!(spread.admit(peer, &envelope, 0, 500, 3, at(0)));
+        }
+        // The next are refused, however often they ask within the patience.
+        assert!(!spread.admit(&peers[3], &envelope, 0, 500, 3, at(10)));
+        assert!(!spread.admit(&peers[4], &envelope, 0, 500, 3, at(500)));
+        assert!(!spread.admit(&peers[3], &envelope, 0, 500, 3, at(1_000)));
+        // Probes, the rest of a copy begun and blobs that are not own parcels are always served.
+        assert!(spread.admit(&peers[5], &envelope, 0, 0, 3, at(0)));
+        assert!(spread.admit(&peers[5], &envelope, 100, 400, 3, at(0)));
+        assert!(spread.admit(&peers[5], &other, 0, 500, 3, at(0)));
+        // Once the patience has passed since its first refusal, a peer that asks again is served; one
+        // refused later still waits, and a peer never refused is refused first.
+        assert!(spread.admit(&peers[3], &envelope, 0, 500, 3, at(2_010)));
+        assert!(!spread.admit(&peers[4], &envelope, 0, 500, 3, at(2_010)));
+        assert!(spread.admit(&peers[4], &envelope, 0, 500, 3, at(2_500)));
+        assert!(!spread.admit(&peers[5], &envelope, 0, 500, 3, at(5_000)));
+        assert_eq!(spread.1.copies_served, 5);
+        assert_eq!(spread.1.copies_refused, 5);
+        // 0: no cap.
+        for peer in &peers {
+            assert!(spread.admit(peer, &envelope, 0, 500, 0, at(0)));
+        }
+    }
 }

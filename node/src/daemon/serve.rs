@@ -141,8 +141,12 @@ fn read_range(blob: &OpenBlob, offset: u64, len: usize) -> std::io::Result<Vec<u
     Ok(buf)
 }
 
-/// Answers one fetch request from the store.
-pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> FetchResponse {
+/// Answers one fetch request of `peer` from the store.
+pub(crate) async fn answer(
+    shared: &Arc<Shared>,
+    peer: libp2p::PeerId,
+    request: &FetchRequest,
+) -> FetchResponse {
     let hash = request.hash;
     let max = request
         .max_len
@@ -159,6 +163,15 @@ pub(crate) async fn answer(shared: &Arc<Shared>, request: &FetchRequest) -> Fetc
     };
     if request.offset > total_size {
         return refused("offset past the end");
+    }
+    if !super::parcel::admit(
+        shared,
+        &peer,
+        &hash,
+        request.offset,
+        u64::from(request.max_len),
+    ) {
+        return refused(crate::net::fetch::SPREAD);
     }
     let blob = match shared.serve_cache.open(&shared.store, hash.0).await {
         Ok(Some(blob)) => blob,
@@ -220,6 +233,10 @@ impl RangeRead for OpenRange {
 }
 
 impl BlobSource for StoreBlobs {
+    fn admit(&self, peer: &libp2p::PeerId, hash: &ContentHash, offset: u64, len: u64) -> bool {
+        super::parcel::admit(&self.0, peer, hash, offset, len)
+    }
+
     async fn open(&self, hash: ContentHash) -> std::io::Result<Option<Arc<dyn RangeRead>>> {
         let shared = &self.0;
         let store = shared.store.clone();

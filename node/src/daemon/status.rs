@@ -72,6 +72,9 @@ pub struct NodeStatus {
     /// The store's quota (`--store-quota`), if any.
     #[serde(default)]
     pub store_quota: Option<u64>,
+    /// For a coordinator's node: its parcels, and the copies of them it served and refused.
+    #[serde(default)]
+    pub parcels: super::ParcelCounts,
     /// Blobs kept alive by this process (written or fetched for a round not yet committed and released): a
     /// few rounds' worth; a number that only grows is a leak of disk.
     #[serde(default)]
@@ -534,6 +537,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         store_bytes: shared.store.blob_bytes(),
         pinned_blobs: shared.store.pinned_blobs(),
         store_quota: shared.config.store_quota,
+        parcels: super::parcel::counts(shared),
         stored_shards,
         manifest_hash,
         sync: state.sync_state.clone(),

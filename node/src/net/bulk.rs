@@ -234,6 +234,15 @@ pub trait BlobSource: Send + Sync + 'static {
         &self,
         hash: ContentHash,
     ) -> impl Future<Output = io::Result<Option<Arc<dyn RangeRead>>>> + Send;
+
+    /// Whether a range of blob `hash` (`len` bytes from `offset`) may be served to `peer` now. A refused one
+    /// is answered [`super::fetch::SPREAD`] and the fetcher takes it from another holder: a node that
+    /// everyone asks for the same blob at once (the coordinator, for its parcels) serves a few copies and
+    /// lets them spread. Every range is served by default.
+    fn admit(&self, peer: &PeerId, hash: &ContentHash, offset: u64, len: u64) -> bool {
+        let _ = (peer, hash, offset, len);
+        true
+    }
 }
 
 /// How much a provider lets peers take.
@@ -413,7 +422,7 @@ async fn serve_lanes<S: BlobSource>(
         let (source, limits, traffic) = (source.clone(), limits.clone(), traffic.clone());
         async move {
             let _slot = slot;
-            if let Err(e) = serve_ranges(conn, source.as_ref(), &limits, &traffic).await {
+            if let Err(e) = serve_ranges(peer, conn, source.as_ref(), &limits, &traffic).await {
                 tracing::debug!(%peer, error = %e, "blob lane ended with an error");
             }
         }
@@ -463,7 +472,7 @@ async fn serve_incoming<S: BlobSource>(
             let _slot = slot;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                served = serve_ranges(stream, source.as_ref(), &limits, &traffic) => {
+                served = serve_ranges(peer, stream, source.as_ref(), &limits, &traffic) => {
                     if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "bulk stream ended with an error");
                     }
@@ -525,6 +534,7 @@ impl ServeIo for SealedConn {
 
 /// Answers the requests of one connection in turn, until the fetcher closes it or stalls.
 async fn serve_ranges<S: BlobSource, I: ServeIo>(
+    peer: PeerId,
     mut io: I,
     source: &S,
     limits: &ServeLimits,
@@ -547,6 +557,10 @@ async fn serve_ranges<S: BlobSource, I: ServeIo>(
                 return Err(invalid(e));
             }
         };
+        if !source.admit(&peer, &request.hash, request.offset, request.len) {
+            respond(&mut io, &refused(super::fetch::SPREAD), traffic).await?;
+            continue;
+        }
         let blob = match source.open(request.hash).await {
             Ok(Some(blob)) => blob,
             Ok(None) => {

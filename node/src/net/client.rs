@@ -262,6 +262,12 @@ impl Client {
         self.call(|reply| Command::Snapshot { reply }).await
     }
 
+    /// The peers in this node's gossip mesh for `topic` (its full name): the few it exchanges that topic's
+    /// messages with, so likely holders of what a message there names (a parcel's envelope).
+    pub async fn mesh_peers(&self, topic: String) -> Result<Vec<PeerId>, NetError> {
+        self.call(|reply| Command::MeshPeers { topic, reply }).await
+    }
+
     /// Waits until every configured listener reports its address (at least one, by `timeout`), and returns
     /// them (with `/p2p/<id>`).
     pub async fn listen_addrs(&self, timeout: Duration) -> Result<Vec<Multiaddr>, NetError> {

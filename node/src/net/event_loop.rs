@@ -147,6 +147,13 @@ pub enum Command {
         /// The snapshot.
         reply: oneshot::Sender<NetSnapshot>,
     },
+    /// The peers in this node's gossip mesh for a topic.
+    MeshPeers {
+        /// The topic's full name.
+        topic: String,
+        /// The mesh peers.
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
 }
 
 /// The loop itself. Build it with [`super::new`] and `tokio::spawn(event_loop.run())`.
@@ -447,6 +454,17 @@ impl EventLoop {
             }
             Command::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Command::MeshPeers { topic, reply } => {
+                let hash = IdentTopic::new(topic).hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .mesh_peers(&hash)
+                    .copied()
+                    .collect();
+                let _ = reply.send(peers);
             }
         }
     }

@@ -424,9 +424,7 @@ impl SegmentJob {
                 ));
             }
             RangeResponse::NotFound { .. } => return Err(Fault::Drop("not found".into())),
-            RangeResponse::Refused { reason } => {
-                return Err(Fault::Strike(format!("refused: {reason}")));
-            }
+            RangeResponse::Refused { reason } => return Err(refusal(reason.as_str())),
         };
         while *delivered < sent {
             let n = (sent - *delivered).min(PIECE_BYTES as u64) as usize;
@@ -507,9 +505,7 @@ impl SegmentJob {
                         BUSY_PAUSE * busy_in_a_row,
                     ));
                 }
-                FetchResponse::Refused { reason } => {
-                    return Err(Fault::Strike(format!("refused: {reason}")));
-                }
+                FetchResponse::Refused { reason } => return Err(refusal(reason.as_str())),
             }
         }
     }
@@ -539,6 +535,21 @@ impl SegmentJob {
 
 /// The reason a provider gives when it is over its cap of requests answered at once.
 const BUSY: &str = "busy";
+
+/// The reason a provider gives when it has served enough copies of a blob for now and others hold it (the
+/// coordinator's parcels, [`super::bulk::BlobSource::admit`]): the fetcher takes it from another provider
+/// in this attempt, and may ask this one again in a later attempt.
+pub const SPREAD: &str = "spread: fetch it from another holder";
+
+/// What a refusal costs its provider in this attempt: a strike, or for [`SPREAD`] its place in the attempt
+/// (asking again at once would be refused again).
+fn refusal(reason: &str) -> Fault {
+    if reason == SPREAD {
+        Fault::Drop(reason.to_string())
+    } else {
+        Fault::Strike(format!("refused: {reason}"))
+    }
+}
 
 /// Busy answers one chunk path takes in a row (a pause growing by [`BUSY_PAUSE`] each) before its provider
 /// is struck: about 4 s of waiting in all, well inside a segment's deadline.
@@ -852,7 +863,7 @@ async fn probe_stream(
                 "range header does not match the request".into(),
             )),
             RangeResponse::NotFound { .. } => Err(Fault::Drop("not found".into())),
-            RangeResponse::Refused { reason } => Err(Fault::Strike(format!("refused: {reason}"))),
+            RangeResponse::Refused { reason } => Err(refusal(reason.as_str())),
         }
     };
     tokio::time::timeout(timeout, work)
@@ -880,7 +891,7 @@ async fn probe_chunk(client: &Client, hash: ContentHash, peer: PeerId) -> Result
         } if h == hash && data.0.is_empty() => Ok(total_size),
         FetchResponse::Chunk { .. } => Err(Fault::Drop("inconsistent chunk".into())),
         FetchResponse::NotFound { .. } => Err(Fault::Drop("not found".into())),
-        FetchResponse::Refused { reason } => Err(Fault::Strike(format!("refused: {reason}"))),
+        FetchResponse::Refused { reason } => Err(refusal(reason.as_str())),
     }
 }
 

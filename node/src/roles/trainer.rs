@@ -191,7 +191,24 @@ struct Trainer {
     /// until they come or a round is announced (whose base sync fetches what it needs). Without it a holder
     /// whose fetch failed at a run's last commit would hold an old state for good.
     unfetched: Option<Unfetched>,
+    /// The run's end, heard before this node's last round was applied: if that round's commit has not come
+    /// by then, the node takes its shards' final states from the end's checkpoint ([`Trainer::catch_up_end`]).
+    /// Without it a member that missed the last commit would hold the round before for good.
+    end_pending: Option<EndPending>,
 }
+
+/// The run ended with this node's round `round` not applied.
+struct EndPending {
+    round: u64,
+    /// The run's final checkpoint (its manifest's hash), as the end named it.
+    checkpoint: ContentHash,
+    /// When to stop waiting for the commit (or to try the checkpoint again).
+    due: Instant,
+}
+
+/// How long a trainer that heard the run's end waits for its last round's commit before taking the final
+/// checkpoint instead: the coordinator sends the commit first, so a commit still missing by then was lost.
+const END_GRACE: Duration = Duration::from_secs(10);
 
 /// A commit applied but for some of this node's shards, whose committed states could not be fetched.
 struct Unfetched {
@@ -296,6 +313,7 @@ async fn trainer_loop(
         norms: NormLedger::new(),
         signed: None,
         unfetched: None,
+        end_pending: None,
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -313,6 +331,7 @@ async fn trainer_loop(
                 if trainer.halted.is_none() {
                     trainer.say_silence(&mut watch).await;
                     trainer.refetch().await;
+                    trainer.catch_up_end().await;
                 }
                 continue;
             }
@@ -388,12 +407,20 @@ impl Trainer {
     /// as two messages, by whatever paths gossip takes), and a holder that dropped it would never apply the
     /// last commit.
     fn on_run_end(&mut self, end: &mana_protocol::RunEnd) {
-        if self
-            .assigned
-            .as_ref()
-            .is_some_and(|a| a.announcement.round != end.round)
-        {
-            self.assigned = None;
+        if self.ended == Some(end.round) {
+            // Said again (a coordinator repeats it while it waits for the last evaluation).
+            return;
+        }
+        match self.assigned.as_ref().map(|a| a.announcement.round) {
+            Some(round) if round == end.round => {
+                self.end_pending = Some(EndPending {
+                    round,
+                    checkpoint: end.checkpoint,
+                    due: Instant::now() + END_GRACE,
+                });
+            }
+            Some(_) => self.assigned = None,
+            None => {}
         }
         self.ended = Some(end.round);
         let text = format!(
@@ -552,6 +579,7 @@ impl Trainer {
         self.signed = None;
         // The round's base sync fetches what the last commit's apply could not.
         self.unfetched = None;
+        self.end_pending = None;
         // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
         let missed = self
             .sent
@@ -1288,6 +1316,13 @@ impl Trainer {
         {
             self.unfetched = None;
         }
+        if self
+            .end_pending
+            .as_ref()
+            .is_some_and(|e| e.round <= commit.round)
+        {
+            self.end_pending = None;
+        }
         let me = self.me;
         self.node
             .update_training_status(|s| s.contributions.record_commit(&commit, &me, &sent));
@@ -1431,6 +1466,109 @@ impl Trainer {
         });
         self.refetch().await;
         Ok(())
+    }
+
+    /// The run ended with this node's last round not applied, and the round's commit has not come within
+    /// [`END_GRACE`]: takes each of its shards' states from the run's final checkpoint, where this node can
+    /// vouch for one (the state it computed itself as a judge of the shard, or a state that another judge of
+    /// the shard signed in the round and this node saw), and applies the round with them as a commit would
+    /// ([`Unfetched`]). A state nobody it heard signed is not taken: the coordinator is trusted with order,
+    /// not with the model, and its end's checkpoint carries no judge's signature.
+    async fn catch_up_end(&mut self) {
+        let Some(end) = self.end_pending.take() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < end.due {
+            self.end_pending = Some(end);
+            return;
+        }
+        let round = end.round;
+        let Some(assigned) = self.assigned.take_if(|a| a.announcement.round == round) else {
+            return;
+        };
+        self.node.update_training_status(|s| {
+            s.activity =
+                format!("round {round}: its commit never came; taking the run's final checkpoint")
+        });
+        let manifest = match self.base_manifest(end.checkpoint, round).await {
+            Ok(manifest) if manifest.round == round => manifest,
+            Ok(manifest) => {
+                let text = format!(
+                    "round {round}: the run's final checkpoint is of round {}, not this node's last round; the round is not applied",
+                    manifest.round
+                );
+                tracing::error!("{text}");
+                self.node.update_training_status(|s| s.activity = text);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(round, error = %e, "the run's final checkpoint not fetched; trying again");
+                self.node.update_training_status(|s| {
+                    s.activity = format!(
+                        "round {round}: its commit never came, and the run's final checkpoint was not fetched ({e}); trying again"
+                    )
+                });
+                self.assigned = Some(assigned);
+                self.end_pending = Some(EndPending {
+                    due: now + END_GRACE,
+                    ..end
+                });
+                return;
+            }
+        };
+        // The fate of its deltas stays unknown (the commit said it).
+        let missed = self.sent.iter().filter(|(r, ..)| *r == round).count() as u64;
+        self.sent.retain(|(r, ..)| *r > round);
+        self.node
+            .update_training_status(|s| s.contributions.unaccounted += missed);
+        let mut to_fetch = Vec::new();
+        let mut unvouched = Vec::new();
+        for shard in &assigned.me.shards {
+            let Some(entry) = manifest.shard(shard).copied() else {
+                continue;
+            };
+            if self.held.get(shard).is_some_and(|h| h.hash == entry.hash) {
+                continue;
+            }
+            if let Some(judged) = self.judged.get(shard).filter(|j| j.next.hash == entry.hash) {
+                self.held.insert(*shard, judged.next.clone());
+                continue;
+            }
+            let signed = self
+                .observed
+                .as_ref()
+                .and_then(|o| o.seen.get(shard))
+                .is_some_and(|seen| seen.values().any(|(j, _)| j.entry == entry));
+            if signed {
+                to_fetch.push(entry);
+            } else {
+                unvouched.push(shard.to_string());
+            }
+        }
+        self.observed = None;
+        if !unvouched.is_empty() {
+            let text = format!(
+                "round {round}: its commit never came, and the run's final checkpoint names states of {} that no judge this node heard signed: not taken; the round is not applied",
+                unvouched.join(", ")
+            );
+            tracing::error!("{text}");
+            self.node.update_training_status(|s| s.activity = text);
+            return;
+        }
+        tracing::info!(
+            round,
+            fetch = to_fetch.len(),
+            "the last commit never came: the run's final checkpoint taken instead"
+        );
+        self.unfetched = Some(Unfetched {
+            round,
+            checkpoint: manifest,
+            entries: to_fetch,
+            next_try: now,
+            wait: REFETCH_FIRST,
+        });
+        self.refetch().await;
     }
 
     /// Fetches the last commit's shards that this node holds and does not have yet ([`Unfetched`]), if it is

@@ -23,6 +23,9 @@ use mana_protocol::Evaluation;
 use tokio::sync::broadcast::Receiver;
 
 use super::Role;
+
+/// How often a coordinator whose run ended says so again while it waits for the last evaluation.
+const END_REPEAT: Duration = Duration::from_secs(10);
 use super::metrics::{self, RoundMetrics};
 use crate::daemon::{Accepted, blocking};
 use crate::roles::common::{append_line, peer_name};
@@ -124,13 +127,20 @@ impl Role {
                 wait_s = wait.as_secs_f32(),
                 "waiting for the last commits' evaluations"
             );
+            // A run that ended says so again now and then meanwhile: a member that missed the end (and
+            // perhaps the last commit) still hears it, and takes the final checkpoint.
+            let mut again =
+                tokio::time::interval_at(tokio::time::Instant::now() + END_REPEAT, END_REPEAT);
             while unevaluated(self) {
-                match tokio::time::timeout_at(deadline, messages.recv()).await {
-                    // Every message is taken, not only evaluations: what a stopping coordinator hears of
-                    // the round under way (deltas, attestations) is in the state it saves.
-                    Ok(Ok(accepted)) => self.on_message(accepted.signer, accepted.message).await,
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                    Ok(Err(_)) | Err(_) => break,
+                tokio::select! {
+                    m = tokio::time::timeout_at(deadline, messages.recv()) => match m {
+                        // Every message is taken, not only evaluations: what a stopping coordinator hears
+                        // of the round under way (deltas, attestations) is in the state it saves.
+                        Ok(Ok(accepted)) => self.on_message(accepted.signer, accepted.message).await,
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                        Ok(Err(_)) | Err(_) => break,
+                    },
+                    _ = again.tick(), if self.done => self.announce_end().await,
                 }
             }
         }

@@ -794,7 +794,9 @@ impl Role {
     }
 
     /// Tells the nodes that the run is over (its last round and final checkpoint), so that they say so instead
-    /// of waiting for a next round. Best effort: a node that misses it sees the coordinator fall silent.
+    /// of waiting for a next round, and so that a member that missed the last commit takes its shards from the
+    /// final checkpoint. Said again every few seconds while the coordinator waits for the last evaluation; a
+    /// node that misses every time sees the coordinator fall silent.
     async fn announce_end(&self) {
         let checkpoint = self.machine.checkpoint();
         let Ok(hash) = checkpoint.hash() else {
