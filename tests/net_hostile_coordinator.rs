@@ -682,6 +682,68 @@ async fn after_honest_rounds() -> (RoundNet, Heard, RoundAnnouncement, RoundComm
     (net, seen_by_coordinator, ann, commit, seen_by_trainer)
 }
 
+/// Round [`LIE`] played by the test as the coordinator after two honest rounds, up to the trunk's judgments.
+struct CalledLie {
+    net: RoundNet,
+    seen_by_coordinator: Heard,
+    seen_by_trainer: Heard,
+    ann: RoundAnnouncement,
+    /// Its base: the last honest commit's checkpoint.
+    base: mana_protocol::CheckpointManifest,
+    call: AggregationCall,
+    /// The trunk quorum's judgment.
+    judgment: ShardJudgment,
+    secret: [u8; 32],
+}
+
+impl CalledLie {
+    /// The checkpoint an honest commit of the round would name: the trunk the quorum signed.
+    fn honest_checkpoint(&self) -> mana_protocol::CheckpointManifest {
+        let (ann, base, call, judgment) = (&self.ann, &self.base, &self.call, &self.judgment);
+        trunk_commit(ann, base, call, judgment, self.secret, 1.0).checkpoint
+    }
+}
+
+/// Two honest rounds, then round [`LIE`] announced and the trunk's judgments called ([`CalledLie`]).
+async fn called_lie_round() -> CalledLie {
+    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
+        after_honest_rounds().await;
+    let secret = honest_commit.seed_secret;
+    let base = honest_commit.checkpoint.clone();
+    let ann = next_announcement(&honest_ann, LIE, &base);
+    let (call, judgment) =
+        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    CalledLie {
+        net,
+        seen_by_coordinator,
+        seen_by_trainer,
+        ann,
+        base,
+        call,
+        judgment,
+        secret,
+    }
+}
+
+/// A real trunk state that no judge computed: `base`'s trunk (read from a trainer) with one weight moved, as
+/// bytes.
+async fn a_trunk_nobody_judged(
+    net: &RoundNet,
+    base: &mana_protocol::CheckpointManifest,
+) -> Vec<u8> {
+    use mana_engine::round::state::RunShard;
+    use mana_kernels::checkpoint::ShardRecord;
+    let old = base.shard(&ShardId::Trunk).expect("trunk").hash;
+    let bytes = net.trainers[0]
+        .0
+        .read_blob(old)
+        .await
+        .expect("the base trunk");
+    let mut trunk = ShardRecord::from_bytes(&bytes, &net.spec, ShardId::Trunk).expect("decodes");
+    trunk.params[0] += 0.01;
+    trunk.to_bytes()
+}
+
 /// The norm history an honest coordinator hands in round `round`'s call, rebuilt from the announcements,
 /// calls and commits a trainer heard (`mana_engine::coordinator::norm_ledger`): a call that carries another
 /// is not judged.
@@ -1013,15 +1075,17 @@ async fn a_call_whose_judges_are_not_the_draw_is_not_judged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
-        after_honest_rounds().await;
-    let secret = honest_commit.seed_secret;
-
     // Round LIE: the quorum's judgment dropped.
-    let base = honest_commit.checkpoint.clone();
-    let ann = next_announcement(&honest_ann, LIE, &base);
-    let (_, judgment) =
-        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    let CalledLie {
+        net,
+        seen_by_coordinator,
+        seen_by_trainer,
+        ann,
+        base,
+        judgment,
+        secret,
+        ..
+    } = called_lie_round().await;
     let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
     assert_ne!(judgment.entry, *base.shard(&ShardId::Trunk).expect("trunk"));
     let mut checkpoint = base.clone();
@@ -1139,8 +1203,6 @@ async fn a_coordinator_that_drops_or_rewrites_a_quorums_judgment_is_caught() {
 /// a failed fetch at a run's last commit left its holder on the old state for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_shard_that_cannot_be_fetched_at_once_is_fetched_later() {
-    use mana_engine::round::state::RunShard;
-    use mana_kernels::checkpoint::ShardRecord;
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // Fetches of what nobody has give up after FETCH (a minute by default).
     const FETCH: Duration = Duration::from_secs(8);
@@ -1155,15 +1217,7 @@ async fn a_committed_shard_that_cannot_be_fetched_at_once_is_fetched_later() {
     let deltas = seen_by_coordinator.trunk_deltas(LIE, HONEST).await;
 
     // The new trunk: a real trunk state (the base's, one weight moved), which nobody holds yet.
-    let old = base.shard(&ShardId::Trunk).expect("trunk").hash;
-    let bytes = net.trainers[0]
-        .0
-        .read_blob(old)
-        .await
-        .expect("the base trunk");
-    let mut trunk = ShardRecord::from_bytes(&bytes, &net.spec, ShardId::Trunk).expect("decodes");
-    trunk.params[0] += 0.01;
-    let next = trunk.to_bytes();
+    let next = a_trunk_nobody_judged(&net, &base).await;
     let next_hash = ContentHash::of(&next);
     // The accepted deltas: the trainers' own, and one whose payload no node has.
     let mut payloads: Vec<ContentHash> = deltas.iter().map(|(_, h)| *h).collect();
@@ -1248,13 +1302,15 @@ async fn a_committed_shard_that_cannot_be_fetched_at_once_is_fetched_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runs_end_before_its_last_commit_still_lets_the_commit_apply() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
-        after_honest_rounds().await;
-    let secret = honest_commit.seed_secret;
-    let base = honest_commit.checkpoint.clone();
-    let ann = next_announcement(&honest_ann, LIE, &base);
-    let (call, judgment) =
-        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
+    let CalledLie {
+        net,
+        ann,
+        base,
+        call,
+        judgment,
+        secret,
+        ..
+    } = called_lie_round().await;
     let commit = trunk_commit(&ann, &base, &call, &judgment, secret, 1.0);
     let checkpoint = commit.checkpoint.clone();
 
@@ -1284,22 +1340,8 @@ async fn the_runs_end_before_its_last_commit_still_lets_the_commit_apply() {
     )
     .await
     .expect("the commit published");
-    let applied = net
-        .wait_trainers(
-            Duration::from_secs(60),
-            "every trainer applied the last commit",
-            |s| training(s).applied_round == Some(LIE),
-        )
-        .await;
-    for s in &applied {
+    for s in &applied_with(&net, "every trainer applied the last commit", &judgment).await {
         let t = training(s);
-        let trunk = t.held_shards.iter().find(|(k, _)| k == "trunk");
-        assert_eq!(
-            trunk.map(|(_, h)| h.clone()),
-            Some(judgment.entry.hash.to_string())
-        );
-        assert_eq!(s.stored_round, Some(LIE));
-        assert_eq!(t.hash_mismatches, 0);
         assert_eq!(t.quorums_dropped + t.quorums_contradicted, 0);
     }
     net.stop().await;
@@ -1313,34 +1355,13 @@ async fn the_runs_end_before_its_last_commit_still_lets_the_commit_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_never_hears_the_last_commit_takes_the_final_checkpoint() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
-        after_honest_rounds().await;
-    let secret = honest_commit.seed_secret;
-    let base = honest_commit.checkpoint.clone();
-    let ann = next_announcement(&honest_ann, LIE, &base);
-    let (call, judgment) =
-        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
-    let checkpoint = trunk_commit(&ann, &base, &call, &judgment, secret, 1.0).checkpoint;
-    end_with(&net, &ann, &checkpoint).await;
-    let applied = net
-        .wait_trainers(
-            Duration::from_secs(60),
-            "every trainer applied the last round from the final checkpoint",
-            |s| training(s).applied_round == Some(LIE),
-        )
-        .await;
-    for s in &applied {
-        let t = training(s);
-        let trunk = t.held_shards.iter().find(|(k, _)| k == "trunk");
-        assert_eq!(
-            trunk.map(|(_, h)| h.clone()),
-            Some(judgment.entry.hash.to_string())
-        );
-        assert_eq!(s.stored_round, Some(LIE));
-        assert_eq!(t.run_ended, Some(LIE));
-        assert_eq!(t.hash_mismatches, 0);
+    let lie = called_lie_round().await;
+    end_with(&lie.net, &lie.ann, &lie.honest_checkpoint()).await;
+    let what = "every trainer applied the last round from the final checkpoint";
+    for s in &applied_with(&lie.net, what, &lie.judgment).await {
+        assert_eq!(training(s).run_ended, Some(LIE));
     }
-    net.stop().await;
+    lie.net.stop().await;
 }
 
 /// The lie behind the same path: a run's end naming a final checkpoint whose trunk no judge signed (a real
@@ -1348,26 +1369,12 @@ async fn a_member_that_never_hears_the_last_commit_takes_the_final_checkpoint() 
 /// it, says so, and keeps round 2's trunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_final_checkpoint_that_no_judge_signed_is_not_taken() {
-    use mana_engine::round::state::RunShard;
-    use mana_kernels::checkpoint::ShardRecord;
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (net, seen_by_coordinator, honest_ann, honest_commit, seen_by_trainer) =
-        after_honest_rounds().await;
-    let secret = honest_commit.seed_secret;
-    let base = honest_commit.checkpoint.clone();
-    let ann = next_announcement(&honest_ann, LIE, &base);
-    let (call, judgment) =
-        announce_and_call_trunk(&net, &seen_by_coordinator, &seen_by_trainer, &ann, secret).await;
-    let mut checkpoint = trunk_commit(&ann, &base, &call, &judgment, secret, 1.0).checkpoint;
+    let lie = called_lie_round().await;
+    let (net, ann, base) = (&lie.net, &lie.ann, &lie.base);
+    let mut checkpoint = lie.honest_checkpoint();
     let old = base.shard(&ShardId::Trunk).expect("trunk").hash;
-    let bytes = net.trainers[0]
-        .0
-        .read_blob(old)
-        .await
-        .expect("the base trunk");
-    let mut trunk = ShardRecord::from_bytes(&bytes, &net.spec, ShardId::Trunk).expect("decodes");
-    trunk.params[0] += 0.01;
-    let forged = trunk.to_bytes();
+    let forged = a_trunk_nobody_judged(net, base).await;
     let forged_hash = net
         .coordinator
         .host_blob_now(forged.clone())
@@ -1378,7 +1385,7 @@ async fn a_final_checkpoint_that_no_judge_signed_is_not_taken() {
             (entry.hash, entry.size) = (forged_hash, forged.len() as u64);
         }
     }
-    end_with(&net, &ann, &checkpoint).await;
+    end_with(net, ann, &checkpoint).await;
     let refused = net
         .wait_trainers(
             Duration::from_secs(60),
@@ -1397,7 +1404,32 @@ async fn a_final_checkpoint_that_no_judge_signed_is_not_taken() {
         assert_eq!(trunk.map(|(_, h)| h.clone()), Some(old.to_string()));
         assert_eq!(s.stored_round, Some(HONEST_ROUNDS));
     }
-    net.stop().await;
+    lie.net.stop().await;
+}
+
+/// Waits (`what`) until every trainer has applied round [`LIE`] and holds the trunk `judgment` names, stored,
+/// with no hash mismatch; returns their statuses.
+async fn applied_with(
+    net: &RoundNet,
+    what: &str,
+    judgment: &ShardJudgment,
+) -> Vec<mana_node::daemon::status::NodeStatus> {
+    let applied = net
+        .wait_trainers(Duration::from_secs(60), what, |s| {
+            training(s).applied_round == Some(LIE)
+        })
+        .await;
+    for s in &applied {
+        let t = training(s);
+        let trunk = t.held_shards.iter().find(|(k, _)| k == "trunk");
+        assert_eq!(
+            trunk.map(|(_, h)| h.clone()),
+            Some(judgment.entry.hash.to_string())
+        );
+        assert_eq!(s.stored_round, Some(LIE));
+        assert_eq!(t.hash_mismatches, 0);
+    }
+    applied
 }
 
 /// Hosts `checkpoint`'s manifest on the coordinator's node (as a coordinator hosts its commits') and

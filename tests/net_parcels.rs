@@ -58,6 +58,41 @@ fn announcement(run: &mana_protocol::RunId, round: u64, participants: u32) -> Ro
     }
 }
 
+/// Publishes `large` (an announcement of 1,000 participants) as the coordinator and waits until every node's
+/// roles were given it.
+async fn publish_and_hear(
+    coordinator: &NodeHandle,
+    heard: &mut [tokio::sync::broadcast::Receiver<mana_node::daemon::Accepted>],
+    large: RoundAnnouncement,
+) {
+    let round = large.round;
+    coordinator
+        .publish(&Message::RoundAnnouncement(large))
+        .await
+        .expect("the parcel's header is published");
+    for rx in heard {
+        loop {
+            let (r, participants) = next_round_heard(rx).await;
+            if r == round {
+                assert_eq!(participants, 1000);
+                break;
+            }
+        }
+    }
+}
+
+/// The signed envelope of `ann` (signed by some key: its size is what matters).
+fn envelope_of(ann: &RoundAnnouncement) -> Vec<u8> {
+    SignedEnvelope::sign(
+        &Keypair::from_seed(&[9; 32]),
+        &Message::RoundAnnouncement(ann.clone()),
+        now_ms(),
+    )
+    .unwrap()
+    .encode()
+    .unwrap()
+}
+
 /// The announcements of rounds this node's roles were given (its round messages), as they come.
 async fn next_round_heard(
     rx: &mut tokio::sync::broadcast::Receiver<mana_node::daemon::Accepted>,
@@ -146,29 +181,10 @@ async fn a_round_message_over_the_gossip_limit_reaches_every_node_as_a_parcel() 
 
     // The large one: over what gossip carries, so it can only arrive as a parcel.
     let large = announcement(&run, 100, 1000);
-    let bytes = SignedEnvelope::sign(
-        &Keypair::from_seed(&[9; 32]),
-        &Message::RoundAnnouncement(large.clone()),
-        now_ms(),
-    )
-    .unwrap()
-    .encode()
-    .unwrap();
+    let bytes = envelope_of(&large);
     assert!(bytes.len() > MAX_ENVELOPE_BYTES, "{} bytes", bytes.len());
     let (_, _, ignored_before) = counters(&nodes[0]).await;
-    coordinator
-        .publish(&Message::RoundAnnouncement(large))
-        .await
-        .expect("the parcel's header is published");
-    for rx in &mut heard {
-        loop {
-            let (r, participants) = next_round_heard(rx).await;
-            if r == 100 {
-                assert_eq!(participants, 1000);
-                break;
-            }
-        }
-    }
+    publish_and_hear(&coordinator, &mut heard, large).await;
     let (_, rejected, ignored) = counters(&nodes[0]).await;
     assert_eq!(rejected, 0, "nothing was refused");
     assert_eq!(ignored, ignored_before, "nothing was dropped");
@@ -282,34 +298,14 @@ async fn the_coordinator_serves_a_few_copies_of_a_parcel_and_its_members_pass_it
     let round = until_every_node_hears_one(&coordinator, &mut heard).await;
 
     let large = announcement(&run, round, 1000);
-    let size = SignedEnvelope::sign(
-        &Keypair::from_seed(&[9; 32]),
-        &Message::RoundAnnouncement(large.clone()),
-        now_ms(),
-    )
-    .unwrap()
-    .encode()
-    .unwrap()
-    .len() as u64;
+    let size = envelope_of(&large).len() as u64;
     let served_before = coordinator
         .status()
         .await
         .expect("status")
         .traffic
         .fetch_out;
-    coordinator
-        .publish(&Message::RoundAnnouncement(large))
-        .await
-        .expect("the parcel's header is published");
-    for rx in &mut heard {
-        loop {
-            let (r, participants) = next_round_heard(rx).await;
-            if r == round {
-                assert_eq!(participants, 1000);
-                break;
-            }
-        }
-    }
+    publish_and_hear(&coordinator, &mut heard, large).await;
     let served = coordinator
         .status()
         .await
