@@ -10,7 +10,8 @@
 //! In CI: 8 members, 4 rounds. More members: `MANA_LIGHT_MEMBERS=32 cargo test --release --test
 //! net_light_coordinator -- --nocapture` (16 members: about 45 s on 2 cores; 32: about 6 minutes, the members'
 //! training and judging taking turns on the two cores); `MANA_LIGHT_EXPERT_HIDDEN=1024` runs the same network
-//! on a model twice the size (the coordinator's bytes must not change with it); `MANA_LIGHT_ROUNDS` sets the
+//! on a model twice the size (the coordinator's bytes must not change with it); `MANA_LIGHT_PARCEL_COPIES=8`
+//! caps the copies of each parcel the coordinator serves (`NodeConfig::parcel_copies`); `MANA_LIGHT_ROUNDS` sets the
 //! rounds. Past 32 members the windows grow faster and heartbeats come every 2 s. At 64 members (2 rounds,
 //! about 10 minutes) the payload transfers bound a round on two cores: the trunk's 64 payloads must reach
 //! three of its five judges within the window. Round 2 committed every delta (96 of 96) and round 1 27 of 93
@@ -115,6 +116,10 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     // Every round message it sends travels as a parcel (a gossiped header, the envelope fetched by hash),
     // as a large layout's calls and commits must; `MANA_LIGHT_PARCEL_OVER` (bytes) gossips smaller ones whole.
     coord_cfg.parcel_over_bytes = env_or("MANA_LIGHT_PARCEL_OVER", 0);
+    // `MANA_LIGHT_PARCEL_COPIES` sets the copies of a parcel the coordinator serves before it sends fetchers
+    // to other holders (0: every copy asked for).
+    let copies = env_or("MANA_LIGHT_PARCEL_COPIES", coord_cfg.parcel_copies as usize);
+    coord_cfg.parcel_copies = u32::try_from(copies).unwrap_or(u32::MAX);
     // On a runtime of its own, so that what it alone costs can be read (see `meter`).
     let coord_rt = meter::runtime();
     let coordinator = Arc::new(

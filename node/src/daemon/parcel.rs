@@ -10,8 +10,8 @@
 //!
 //! Spread: the coordinator floods its headers (every member hears each straight from it, in the order sent),
 //! so every member would fetch every envelope from it, and its upload would grow with members times the
-//! envelope, itself growing with members. It serves [`super::NodeConfig::parcel_copies`] copies of each to
-//! whoever asks first and refuses the rest ([`crate::net::fetch::SPREAD`]); a member refused takes the
+//! envelope, itself growing with members. With [`super::NodeConfig::parcel_copies`] set (it is off by
+//! default), it serves that many copies of each to whoever asks first and refuses the rest ([`crate::net::fetch::SPREAD`]); a member refused takes the
 //! envelope from its gossip mesh on the rounds topic, whose members fetched theirs, and is served by the
 //! coordinator if it asks again after [`SPREAD_PATIENCE`].
 //!
@@ -119,14 +119,18 @@ impl Spread {
         let Some(served) = self.0.get_mut(envelope) else {
             return true;
         };
-        if copies == 0 || offset != 0 || len == 0 {
+        if offset != 0 || len == 0 {
             return true;
         }
         let patient = served
             .refused
             .get(peer)
             .is_some_and(|first| now.saturating_duration_since(*first) >= SPREAD_PATIENCE);
-        if served.copies < u64::from(copies) || patient || served.refused.len() >= MAX_REFUSED {
+        if copies == 0
+            || served.copies < u64::from(copies)
+            || patient
+            || served.refused.len() >= MAX_REFUSED
+        {
             served.copies += 1;
             served.refused.remove(peer);
             self.1.copies_served += 1;
