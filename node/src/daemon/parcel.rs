@@ -11,9 +11,10 @@
 //! Spread: the coordinator floods its headers (every member hears each straight from it, in the order sent),
 //! so every member would fetch every envelope from it, and its upload would grow with members times the
 //! envelope, itself growing with members. With [`super::NodeConfig::parcel_copies`] set (it is off by
-//! default), it serves that many copies of each to whoever asks first and refuses the rest ([`crate::net::fetch::SPREAD`]); a member refused takes the
-//! envelope from its gossip mesh on the rounds topic, whose members fetched theirs, and is served by the
-//! coordinator if it asks again after [`SPREAD_PATIENCE`].
+//! default), it serves that many copies of each to whoever asks first and refuses the rest
+//! ([`crate::net::fetch::SPREAD`]); a member refused takes the envelope from its gossip mesh on the rounds
+//! topic, whose members fetched theirs, and is served by the coordinator if it asks again after
+//! [`SPREAD_PATIENCE`].
 //!
 //! Order: the coordinator's round messages are judged against the round they follow, so they must be taken
 //! in the order they came (a commit judged after the next round's announcement is stale; the run's end
@@ -65,7 +66,12 @@ pub(crate) struct KeptParcels {
 /// The copies of this node's own parcels' envelopes served so far, to cap them
 /// ([`super::NodeConfig::parcel_copies`]): the members that fetched one serve the rest.
 #[derive(Debug, Default)]
-struct Spread(HashMap<ContentHash, Served>, ParcelCounts);
+struct Spread {
+    /// The parcels still kept ([`PARCELS_KEPT`]), by envelope.
+    parcels: HashMap<ContentHash, Served>,
+    /// Since the node started.
+    counts: ParcelCounts,
+}
 
 /// What a node's own parcels cost it since it started: the figure that shows the coordinator's upload per
 /// message does not grow with the members (`mana status`, the light coordinator's test).
@@ -99,6 +105,18 @@ pub const SPREAD_PATIENCE: Duration = Duration::from_secs(2);
 const MAX_REFUSED: usize = 4096;
 
 impl Spread {
+    /// Starts counting the copies of `envelope` (`size` bytes), a parcel this node publishes.
+    fn track(&mut self, envelope: ContentHash, size: u32) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.parcels.entry(envelope) {
+            slot.insert(Served {
+                copies: 0,
+                refused: HashMap::new(),
+            });
+            self.counts.published += 1;
+            self.counts.bytes += u64::from(size);
+        }
+    }
+
     /// Whether a range of `envelope` (`len` bytes from `offset`) may be served to `peer` at `now`, counting it
     /// as a copy if it is one. Only a range from the start with bytes in it is a copy: a length probe, or
     /// the rest of a copy begun, is always served, as is a blob that is not one of this node's parcels. The
@@ -116,7 +134,7 @@ impl Spread {
         copies: u32,
         now: Instant,
     ) -> bool {
-        let Some(served) = self.0.get_mut(envelope) else {
+        let Some(served) = self.parcels.get_mut(envelope) else {
             return true;
         };
         if offset != 0 || len == 0 {
@@ -133,11 +151,11 @@ impl Spread {
         {
             served.copies += 1;
             served.refused.remove(peer);
-            self.1.copies_served += 1;
+            self.counts.copies_served += 1;
             true
         } else {
             served.refused.entry(*peer).or_insert(now);
-            self.1.copies_refused += 1;
+            self.counts.copies_refused += 1;
             false
         }
     }
@@ -150,7 +168,7 @@ pub(crate) fn counts(shared: &Shared) -> ParcelCounts {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .own
-        .1
+        .counts
 }
 
 /// Whether this node serves a range of blob `hash` (`len` bytes from `offset`) now: see [`Spread::admit`].
@@ -215,21 +233,12 @@ pub(crate) async fn publish(
     let pin = blocking(move || Ok(store.put_blob(&bytes)?)).await?;
     let envelope = ContentHash(pin.hash().0);
     sync::keep_pin(shared, pin);
-    {
-        let mut parcels = shared.parcels.lock().unwrap_or_else(|p| p.into_inner());
-        let own = &mut parcels.own;
-        if !own.0.contains_key(&envelope) {
-            own.0.insert(
-                envelope,
-                Served {
-                    copies: 0,
-                    refused: HashMap::new(),
-                },
-            );
-            own.1.published += 1;
-            own.1.bytes += u64::from(size);
-        }
-    }
+    shared
+        .parcels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .own
+        .track(envelope, size);
     keep(shared, envelope);
     let header = Message::Parcel(Parcel {
         run: message.run().clone(),
@@ -505,7 +514,7 @@ fn keep(shared: &Shared, envelope: ContentHash) {
         let over = parcels.kept.len().saturating_sub(PARCELS_KEPT);
         let released = parcels.kept.drain(..over).collect::<Vec<_>>();
         for gone in &released {
-            parcels.own.0.remove(gone);
+            parcels.own.parcels.remove(gone);
         }
         released
     };
@@ -523,13 +532,7 @@ mod tests {
         let other = ContentHash::of(b"another blob");
         let peers: Vec<PeerId> = (0..6).map(|_| PeerId::random()).collect();
         let mut spread = Spread::default();
-        spread.0.insert(
-            envelope,
-            Served {
-                copies: 0,
-                refused: HashMap::new(),
-            },
-        );
+        spread.track(envelope, 500);
         let at = |ms: u64| start + Duration::from_millis(ms);
         // Three copies to the first three that ask, at once.
         for peer in &peers[..3] {
@@ -549,8 +552,8 @@ mod tests {
         assert!(!spread.admit(&peers[4], &envelope, 0, 500, 3, at(2_010)));
         assert!(spread.admit(&peers[4], &envelope, 0, 500, 3, at(2_500)));
         assert!(!spread.admit(&peers[5], &envelope, 0, 500, 3, at(5_000)));
-        assert_eq!(spread.1.copies_served, 5);
-        assert_eq!(spread.1.copies_refused, 5);
+        assert_eq!(spread.counts.copies_served, 5);
+        assert_eq!(spread.counts.copies_refused, 5);
         // 0: no cap.
         for peer in &peers {
             assert!(spread.admit(peer, &envelope, 0, 500, 0, at(0)));

@@ -580,17 +580,7 @@ impl Trainer {
         // The round's base sync fetches what the last commit's apply could not.
         self.unfetched = None;
         self.end_pending = None;
-        // Deltas of an earlier round whose commit never reached this node: their fate is unknown.
-        let missed = self
-            .sent
-            .iter()
-            .filter(|(round, ..)| *round < ann.round)
-            .count() as u64;
-        if missed > 0 {
-            self.sent.retain(|(round, ..)| *round >= ann.round);
-            self.node
-                .update_training_status(|s| s.contributions.unaccounted += missed);
-        }
+        self.forget_sent_before(ann.round);
         let Some(me) = ann.participant(&self.me).cloned() else {
             self.assigned = None;
             return Ok(());
@@ -1468,6 +1458,17 @@ impl Trainer {
         Ok(())
     }
 
+    /// Counts as unaccounted the deltas this node sent in rounds before `round` (their commit never reached it,
+    /// so their fate is unknown), and forgets them.
+    fn forget_sent_before(&mut self, round: u64) {
+        let missed = self.sent.iter().filter(|(r, ..)| *r < round).count() as u64;
+        if missed > 0 {
+            self.sent.retain(|(r, ..)| *r >= round);
+            self.node
+                .update_training_status(|s| s.contributions.unaccounted += missed);
+        }
+    }
+
     /// The run ended with this node's last round not applied, and the round's commit has not come within
     /// [`END_GRACE`]: takes each of its shards' states from the run's final checkpoint, where this node can
     /// vouch for one (the state it computed itself as a judge of the shard, or a state that another judge of
@@ -1518,10 +1519,8 @@ impl Trainer {
             }
         };
         // The fate of its deltas stays unknown (the commit said it).
-        let missed = self.sent.iter().filter(|(r, ..)| *r == round).count() as u64;
-        self.sent.retain(|(r, ..)| *r > round);
-        self.node
-            .update_training_status(|s| s.contributions.unaccounted += missed);
+        self.forget_sent_before(round + 1);
+        let mut computed = Vec::new();
         let mut to_fetch = Vec::new();
         let mut unvouched = Vec::new();
         for shard in &assigned.me.shards {
@@ -1532,7 +1531,7 @@ impl Trainer {
                 continue;
             }
             if let Some(judged) = self.judged.get(shard).filter(|j| j.next.hash == entry.hash) {
-                self.held.insert(*shard, judged.next.clone());
+                computed.push((*shard, judged.next.clone()));
                 continue;
             }
             let signed = self
@@ -1556,6 +1555,8 @@ impl Trainer {
             self.node.update_training_status(|s| s.activity = text);
             return;
         }
+        // Held only now that every shard is vouched for: a refused checkpoint leaves the held states alone.
+        self.held.extend(computed);
         tracing::info!(
             round,
             fetch = to_fetch.len(),

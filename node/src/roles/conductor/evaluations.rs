@@ -23,13 +23,13 @@ use mana_protocol::Evaluation;
 use tokio::sync::broadcast::Receiver;
 
 use super::Role;
-
-/// How often a coordinator whose run ended says so again while it waits for the last evaluation.
-const END_REPEAT: Duration = Duration::from_secs(10);
 use super::metrics::{self, RoundMetrics};
 use crate::daemon::{Accepted, blocking};
 use crate::roles::common::{append_line, peer_name};
 use crate::store::RecordKind;
+
+/// How often a coordinator whose run ended says so again while it waits for the last evaluation.
+const END_REPEAT: Duration = Duration::from_secs(10);
 
 /// The store record (kind [`RecordKind::RoundState`]) holding the metrics lines that wait for their
 /// evaluation.
