@@ -38,6 +38,7 @@ use mana_node::store::RecordKind;
 use mana_protocol::{CheckpointManifest, ShardId, UpdateRule};
 use net_support::*;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// `node`'s training status once it has applied `round`'s commit, or its last status after `timeout` (what
 /// it was doing, and its last error, say why it had not).
@@ -60,6 +61,29 @@ async fn applied(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What `node` heard of gossip, for a failure message: counts of what it took, refused, ignored and dropped,
+/// the rounds it followed and stored, and its peers.
+async fn what_it_heard(node: &NodeHandle) -> String {
+    let Ok(s) = node.status().await else {
+        return "no status".into();
+    };
+    format!(
+        "gossip accepted {} rejected {} ignored {} rate-limited {}; events dropped {}, heartbeats dropped {}, \
+         to slow peers {}; current round {:?}, stored round {:?}; {} peers; refusals {:?}",
+        s.accepted_messages,
+        s.rejected_messages,
+        s.ignored_messages,
+        s.rate_limited_messages,
+        s.dropped_events,
+        s.dropped_heartbeats,
+        s.gossip_to_slow_peers,
+        s.current_round,
+        s.stored_round,
+        s.peers.len(),
+        s.rejections.by_reason
+    )
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -125,7 +149,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     let coordinator = Arc::new(
         coord_rt
             .handle()
-            .spawn(start_node(coord_cfg))
+            .spawn(start_node(coord_cfg).instrument(tracing::error_span!("coordinator")))
             .await
             .expect("the coordinator starts"),
     );
@@ -152,16 +176,16 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         cfg.sync_shards = false;
         cfg.genesis = Some(spec.clone());
         cfg.capacity.max_shards = max_shards;
-        let node = Arc::new(start_node(cfg).await);
+        // Its log lines name it (a span at error level: shown whatever the log level).
+        let span = tracing::error_span!("node", i);
+        let node = Arc::new(start_node(cfg).instrument(span.clone()).await);
         let mut trainer = TrainerConfig::new(spec.clone(), data.clone());
         trainer.max_shards = max_shards;
         // Fetches wait for a CPU that every member's training shares.
         trainer.fetch_timeout = Duration::from_secs(60 + members as u64);
-        trainers.push(tokio::spawn(run_trainer(
-            node.clone(),
-            trainer,
-            stopped(stop_rx.clone()),
-        )));
+        trainers.push(tokio::spawn(
+            run_trainer(node.clone(), trainer, stopped(stop_rx.clone())).instrument(span),
+        ));
         nodes.push(node);
     }
 
@@ -190,11 +214,10 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
     let (heap_start, _) = meter::heap();
     tokio::time::timeout(
         Duration::from_secs(120 + 60 * members as u64),
-        coord_rt.handle().spawn(run_conductor(
-            coordinator.clone(),
-            role,
-            stopped(stop_rx.clone()),
-        )),
+        coord_rt.handle().spawn(
+            run_conductor(coordinator.clone(), role, stopped(stop_rx.clone()))
+                .instrument(tracing::error_span!("coordinator")),
+        ),
     )
     .await
     .expect("the coordinator finishes its rounds in time")
@@ -273,13 +296,14 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         );
     }
     eprintln!(
-        "LIGHT coordinator: gossip accepted {} rejected {} ignored {} rate-limited {}; events dropped (behind) {}, heartbeats dropped {}",
+        "LIGHT coordinator: gossip accepted {} rejected {} ignored {} rate-limited {}; events dropped (behind) {}, heartbeats dropped {}; gossip to slow peers let go {}",
         status.accepted_messages,
         status.rejected_messages,
         status.ignored_messages,
         status.rate_limited_messages,
         status.dropped_events,
-        status.dropped_heartbeats
+        status.dropped_heartbeats,
+        status.gossip_to_slow_peers
     );
 
     for m in &lines {
@@ -326,11 +350,14 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         .collect();
     let mut held_by: BTreeMap<String, usize> = BTreeMap::new();
     for (i, node) in nodes.iter().enumerate() {
-        let training = applied(node, rounds, Duration::from_secs(60))
-            .await
-            .unwrap_or_else(|t| {
-                panic!("node-{i} has not applied round {rounds}'s commit in 60 s: {t:?}")
-            });
+        let training = match applied(node, rounds, Duration::from_secs(60)).await {
+            Ok(training) => training,
+            // What it heard says why: its gossip counts and refusals, its peers.
+            Err(t) => panic!(
+                "node-{i} has not applied round {rounds}'s commit in 60 s: {t:?}; {}",
+                what_it_heard(node).await
+            ),
+        };
         assert_eq!(training.hash_mismatches, 0, "{training:?}");
         assert_eq!(
             (training.calls_refused, training.judges_equivocated),

@@ -793,6 +793,29 @@ fn parcels_come_only_from_the_coordinator_with_a_size_a_parcel_may_have() {
     }
 }
 
+/// A node that missed the last round's announcement still takes the end of the run (and with it the final
+/// checkpoint it names): only who signed it and when are checked.
+#[test]
+fn the_end_of_the_run_is_taken_in_any_round_but_only_from_the_coordinator() {
+    let end = Message::RunEnd(run_end());
+    let mut earlier = round_announcement();
+    earlier.round = run_end().round - 2;
+    for current in [None, Some(&earlier), Some(&round_announcement())] {
+        assert!(
+            check(current, &coordinator(), NOW, &end).is_ok(),
+            "{current:?}"
+        );
+    }
+    assert_eq!(
+        code(check(Some(&earlier), &node(), NOW, &end)),
+        RejectCode::NotCoordinator
+    );
+    assert_eq!(
+        code(check(Some(&earlier), &coordinator(), NOW - 60_000, &end)),
+        RejectCode::ClockSkew
+    );
+}
+
 #[test]
 fn an_envelope_over_the_gossip_limit_opens_only_as_a_parcel() {
     // A commit whose checkpoint lists 8,000 shards: about 0.4 MiB, over a gossip message.

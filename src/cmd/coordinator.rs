@@ -118,6 +118,14 @@ pub struct CoordinatorArgs {
     /// admitted. Loopback is not counted on a loopback-only coordinator.
     #[arg(long, env = "MANA_MAX_MEMBERS_PER_IP")]
     pub max_members_per_ip: Option<usize>,
+    /// Round messages whose signed envelope is over this many bytes travel as parcels (a gossiped header, the
+    /// envelope fetched by hash); default 65536, at most 262144 (what gossip carries).
+    #[arg(long, env = "MANA_PARCEL_OVER")]
+    pub parcel_over: Option<usize>,
+    /// Copies of each parcel's envelope this coordinator serves before it sends fetchers to other holders (0:
+    /// every copy asked for; the default).
+    #[arg(long, env = "MANA_PARCEL_COPIES")]
+    pub parcel_copies: Option<u32>,
     /// Inner learning rate announced with every round (default: the run preset's).
     #[arg(long, env = "MANA_LR")]
     pub lr: Option<f32>,
@@ -257,6 +265,15 @@ fn node_config(s: &Layered<CoordinatorArgs>, net: &Net) -> anyhow::Result<NodeCo
     node.net.run_id = parse_run(&run_name)?;
     node.net.kad_server = net.loopback;
     node.sync_shards = false;
+    if let Some(bytes) = s.get(|a| &a.parcel_over) {
+        let most = mana_protocol::limits::MAX_ENVELOPE_BYTES;
+        anyhow::ensure!(
+            bytes <= most,
+            "--parcel-over is at most {most} bytes (what a gossip message carries)"
+        );
+        node.parcel_over_bytes = bytes;
+    }
+    node.parcel_copies = s.get(|a| &a.parcel_copies).unwrap_or(node.parcel_copies);
     Ok(node)
 }
 

@@ -69,9 +69,9 @@ pub struct NodeConfig {
     /// members that have it, or are served if they ask again after [`super::SPREAD_PATIENCE`]. Every
     /// member hears a header straight from the coordinator (flood publishing) and would otherwise fetch it
     /// there too: the coordinator's upload would grow with members times a message's size, itself growing
-    /// with members. 0 (the default): serve every copy asked for. Off by default because, on one 2-core
-    /// machine running 32 members, runs with 8 failed more often (a member never heard the last messages,
-    /// see `docs/architecture.md`); 8 is the setting measured.
+    /// with members. 0 (the default): serve every copy asked for. Off by default: on one 2-core machine
+    /// running 32 members, runs with 8 have failed more often (see `docs/architecture.md`); 8 is the setting
+    /// measured (`mana coordinator --parcel-copies`).
     pub parcel_copies: u32,
     /// The run's model and initial seed, when this node knows them: a round-0 shard its mirror sync needs is
     /// then made here from them rather than fetched (a trainer makes its own the same way, from its role's spec) (round 0's checkpoint is a pure

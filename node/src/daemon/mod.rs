@@ -40,6 +40,7 @@ use mana_protocol::{
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::keyfile;
 use crate::net::{self, Client, NetEvent};
@@ -237,15 +238,19 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Spawns `task` on the node's tracker: it ends at shutdown (cancelled at its next await point) and
-    /// shutdown waits for it, so no task outlives the node and none is aborted.
+    /// shutdown waits for it, so no task outlives the node and none is aborted. The task logs in the span it
+    /// was spawned from: nodes sharing a process (`mana simulate`, the tests) each start in a span naming it.
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let cancel = self.cancel.clone();
-        self.tasks.spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = task => {}
+        self.tasks.spawn(
+            async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = task => {}
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -366,12 +371,15 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     let (net_cancel, net_tasks) = (CancellationToken::new(), TaskTracker::new());
     {
         let stop = net_cancel.clone();
-        net_tasks.spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = event_loop.run() => {}
+        net_tasks.spawn(
+            async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = event_loop.run() => {}
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
     for kind in mana_protocol::TopicKind::ALL {
         client.subscribe(topic(&config.net.run_id, kind)).await?;
@@ -423,16 +431,12 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
     // Announce what we already hold (a restarted node serves its shards again).
     sync::provide_stored(&shared).await;
     // The event, heartbeat and status tasks end by themselves on cancellation (the status task after its
-    // final write), so they are tracked but not wrapped by `Shared::spawn`.
-    shared
-        .tasks
-        .spawn(run_events(shared.clone(), events, shared.cancel.clone()));
-    shared
-        .tasks
-        .spawn(run_heartbeats(shared.clone(), shared.cancel.clone()));
-    shared
-        .tasks
-        .spawn(run_status(shared.clone(), shared.cancel.clone()));
+    // final write), so they are tracked but not wrapped by `Shared::spawn` (they log in its span too).
+    let cancel = shared.cancel.clone();
+    let tasks = &shared.tasks;
+    tasks.spawn(run_events(shared.clone(), events, cancel.clone()).in_current_span());
+    tasks.spawn(run_heartbeats(shared.clone(), cancel.clone()).in_current_span());
+    tasks.spawn(run_status(shared.clone(), cancel).in_current_span());
     Ok(NodeHandle { shared })
 }
 
@@ -858,12 +862,13 @@ async fn handle_event(shared: &Arc<Shared>, event: NetEvent) {
                 parcel::wait_in_line(shared, id, source, topic, data);
                 return;
             }
-            let verdict = validate::judge(shared, source, &topic, &data);
+            let heard_ms = now_ms();
+            let verdict = validate::judge(shared, source, &topic, &data, heard_ms);
             if let validate::Judgement::Accept(accepted) = &verdict
                 && let Message::Parcel(header) = &accepted.message
             {
                 // Its verdict waits for the envelope it names.
-                parcel::open(shared, id, source, header.clone());
+                parcel::open(shared, id, source, header.clone(), heard_ms);
                 return;
             }
             if let Err(e) = shared.client.report(id, source, verdict.verdict()).await {

@@ -313,7 +313,8 @@ impl Drop for Place {
 }
 
 /// Judges gossip message `id` (`data` on `topic`, from `source`) once the messages ahead of it in the line
-/// are delivered, then reports and records it as [`open`] would (opening it, if it is a parcel's header).
+/// are delivered, then reports and records it as [`open`] would (opening it, if it is a parcel's header). It
+/// is judged as of now, when it was heard: the wait is this node's, not the sender's.
 pub(crate) fn wait_in_line(
     shared: &Arc<Shared>,
     id: MessageId,
@@ -321,16 +322,17 @@ pub(crate) fn wait_in_line(
     topic: String,
     data: Vec<u8>,
 ) {
+    let heard_ms = now_ms();
     let mut place = Place::take(shared);
     let task_shared = shared.clone();
     shared.spawn(async move {
         let shared = task_shared;
         place.turn().await;
-        match validate::judge(&shared, source, &topic, &data) {
+        match validate::judge(&shared, source, &topic, &data, heard_ms) {
             Judgement::Accept(accepted) => match &accepted.message {
                 Message::Parcel(header) => {
                     let fetched = fetch_for(&shared, source, header, OPEN_WITHIN).await;
-                    deliver(&shared, id, source, header, fetched).await;
+                    deliver(&shared, id, source, header, heard_ms, fetched).await;
                 }
                 _ => conclude(&shared, id, source, Judgement::Accept(accepted)).await,
             },
@@ -340,34 +342,41 @@ pub(crate) fn wait_in_line(
     });
 }
 
-/// Opens the parcel `header`, heard from `source` as gossip message `id`, in the background: fetches its
-/// envelope at once, and once the messages ahead of it in the line are delivered, judges it, reports the
-/// header's verdict to gossip and acts on the message inside.
-pub(crate) fn open(shared: &Arc<Shared>, id: MessageId, source: PeerId, header: Parcel) {
+/// Opens the parcel `header`, heard from `source` as gossip message `id` at `heard_ms`, in the background:
+/// fetches its envelope at once, and once the messages ahead of it in the line are delivered, judges it (as
+/// of `heard_ms`), reports the header's verdict to gossip and acts on the message inside.
+pub(crate) fn open(
+    shared: &Arc<Shared>,
+    id: MessageId,
+    source: PeerId,
+    header: Parcel,
+    heard_ms: u64,
+) {
     let mut place = Place::take(shared);
     let task_shared = shared.clone();
     shared.spawn(async move {
         let shared = task_shared;
         let fetched = fetch_for(&shared, source, &header, OPEN_WITHIN).await;
         place.turn().await;
-        deliver(&shared, id, source, &header, fetched).await;
+        deliver(&shared, id, source, &header, heard_ms, fetched).await;
         drop(place);
     });
 }
 
-/// Judges the envelope of `header` (`fetched` within [`OPEN_WITHIN`], or not), reports the header's verdict
-/// and records the judgement. One not fetched in time is reported ignored at once (gossip passes it on from
-/// those that have it) and fetched on for this node alone, for [`DELIVER_WITHIN`].
+/// Judges the envelope of `header` (heard at `heard_ms`; `fetched` within [`OPEN_WITHIN`], or not), reports
+/// the header's verdict and records the judgement. One not fetched in time is reported ignored at once
+/// (gossip passes it on from those that have it) and fetched on for this node alone, for [`DELIVER_WITHIN`].
 async fn deliver(
     shared: &Arc<Shared>,
     id: MessageId,
     source: PeerId,
     header: &Parcel,
+    heard_ms: u64,
     fetched: Result<Vec<u8>, String>,
 ) {
     let late = match fetched {
         Ok(bytes) => {
-            let judgement = opened(shared, header, source, Ok(bytes));
+            let judgement = opened(shared, header, source, heard_ms, Ok(bytes));
             return conclude(shared, id, source, judgement).await;
         }
         Err(reason) => reason,
@@ -380,7 +389,7 @@ async fn deliver(
     }
     match fetch_for(shared, source, header, DELIVER_WITHIN).await {
         Ok(bytes) => {
-            let judgement = opened(shared, header, source, Ok(bytes));
+            let judgement = opened(shared, header, source, heard_ms, Ok(bytes));
             validate::record(shared, source, judgement).await;
         }
         Err(reason) => {
@@ -420,16 +429,17 @@ async fn fetch_for(
     }
 }
 
-/// The judgement of a parcel whose envelope was `fetched` (or not): the envelope's, or dropped unheard. A
-/// parcel not taken releases the envelope's pin.
+/// The judgement of a parcel heard at `heard_ms` whose envelope was `fetched` (or not): the envelope's, or
+/// dropped unheard. A parcel not taken releases the envelope's pin.
 fn opened(
     shared: &Shared,
     header: &Parcel,
     source: PeerId,
+    heard_ms: u64,
     fetched: Result<Vec<u8>, String>,
 ) -> Judgement {
     let judgement = match fetched {
-        Ok(bytes) => validate::judge_parcel(shared, source, header, &bytes),
+        Ok(bytes) => validate::judge_parcel(shared, source, header, &bytes, heard_ms),
         Err(reason) => Judgement::Ignore { reason },
     };
     if matches!(judgement.verdict(), Verdict::Accept) {

@@ -103,6 +103,9 @@ pub struct NodeStatus {
     /// event and are the first thing a busy node lets go.
     #[serde(default)]
     pub dropped_heartbeats: u64,
+    /// Gossip messages this node sent that a slow peer never took (waited in its queue past gossipsub's limit).
+    #[serde(default)]
+    pub gossip_to_slow_peers: u64,
     /// Inbound connections refused by a connection limit since start (a flood from one address shows here).
     #[serde(default)]
     pub denied_connections: u64,
@@ -547,6 +550,7 @@ pub(crate) async fn collect(shared: &Shared) -> Result<NodeStatus, NodeError> {
         rate_limited_messages: snap.gossip_rate_limited,
         dropped_events: snap.events_dropped,
         dropped_heartbeats: snap.heartbeats_dropped,
+        gossip_to_slow_peers: snap.gossip_to_slow_peers,
         denied_connections: snap.inbound_denied,
         rejections,
         training: state.training.clone(),

@@ -13,7 +13,7 @@ use mana_protocol::{
     validate_envelope,
 };
 
-use super::{Accepted, Shared, blocking, equivocation, now_ms, sync};
+use super::{Accepted, Shared, blocking, equivocation, sync};
 use crate::net::Verdict;
 
 /// The reason code of a replayed message (not a protocol code: replays are caught here, by hash).
@@ -105,8 +105,16 @@ fn reject(code: &str, detail: impl ToString) -> Judgement {
     }
 }
 
-/// Judges one gossip message forwarded by `source` on `topic_name`.
-pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u8]) -> Judgement {
+/// Judges one gossip message forwarded by `source` on `topic_name`, heard at `heard_ms` (unix ms): its
+/// timestamp is checked against that time, not the time of judging, so a message that waited in this node
+/// (behind an open parcel, see [`super::parcel`]) is not refused for the wait.
+pub(crate) fn judge(
+    shared: &Shared,
+    source: PeerId,
+    topic_name: &str,
+    data: &[u8],
+    heard_ms: u64,
+) -> Judgement {
     let run = &shared.config.net.run_id;
     let Some(kind) = TopicKind::ALL
         .into_iter()
@@ -126,17 +134,21 @@ pub(crate) fn judge(shared: &Shared, source: PeerId, topic_name: &str, data: &[u
         Ok(envelope) => envelope,
         Err(e) => return reject(RejectCode::BadEnvelope.as_str(), e),
     };
-    judge_envelope(shared, source, kind, data, envelope)
+    judge_envelope(shared, source, kind, data, envelope, heard_ms)
 }
 
 /// Judges the envelope `data` that the parcel `header` named, fetched by its hash after `source` passed the
 /// header on: an envelope of the coordinator (up to a parcel's size), holding a message of the rounds topic,
-/// of the header's round, and not itself a parcel; then judged as any gossiped envelope.
+/// of the header's round, and not itself a parcel; then judged as any gossiped envelope heard when the header
+/// was (`heard_ms`): the header, signed by the coordinator, names the envelope by hash, and the fetch may
+/// take longer than the clock check allows (at 32 members on 2 cores, a round's announcement fetched in 34 s
+/// was refused as `clock-skew`, and its member sat out the rest of the run).
 pub(crate) fn judge_parcel(
     shared: &Shared,
     source: PeerId,
     header: &mana_protocol::Parcel,
     data: &[u8],
+    heard_ms: u64,
 ) -> Judgement {
     let envelope = match decode_parcel(data) {
         Ok(envelope) => envelope,
@@ -148,7 +160,7 @@ pub(crate) fn judge_parcel(
             format!("a parcel's envelope signed by {}", envelope.signer),
         );
     }
-    let judgement = judge_envelope(shared, source, TopicKind::Rounds, data, envelope);
+    let judgement = judge_envelope(shared, source, TopicKind::Rounds, data, envelope, heard_ms);
     match &judgement {
         Judgement::Accept(a) if matches!(a.message, Message::Parcel(_)) => reject(
             RejectCode::Inconsistent.as_str(),
@@ -167,14 +179,15 @@ pub(crate) fn judge_parcel(
     }
 }
 
-/// Judges a decoded envelope (its bytes `data`) heard on topic `kind`: replay, equivocation, then the
-/// protocol's rules.
+/// Judges a decoded envelope (its bytes `data`) heard on topic `kind` at `heard_ms`: replay, equivocation,
+/// then the protocol's rules.
 fn judge_envelope(
     shared: &Shared,
     source: PeerId,
     kind: TopicKind,
     data: &[u8],
     envelope: mana_protocol::SignedEnvelope,
+    heard_ms: u64,
 ) -> Judgement {
     let run = &shared.config.net.run_id;
     let hash = *blake3::hash(data).as_bytes();
@@ -199,7 +212,7 @@ fn judge_envelope(
         run,
         coordinator,
         current: current.as_deref(),
-        now_ms: now_ms(),
+        now_ms: heard_ms,
         limits: ValidationLimits::default(),
     };
     match validate_envelope(&ctx, &envelope) {
@@ -290,6 +303,10 @@ pub(crate) async fn record(shared: &Arc<Shared>, source: PeerId, judgement: Judg
         Judgement::Accept(accepted) => {
             // Holders' manifests (see `holder_report`) are passed on, never followed.
             let from_coordinator = shared.config.coordinator == Some(accepted.signer);
+            if from_coordinator && !matches!(accepted.message, Message::Heartbeat(_)) {
+                let (kind, round) = (accepted.message.kind(), accepted.message.round());
+                tracing::debug!(kind, ?round, "the coordinator's message taken");
+            }
             {
                 let mut state = shared.state();
                 state.accepted += 1;

@@ -185,6 +185,8 @@ pub struct EventLoop {
     gossip_rate_limited: u64,
     events_dropped: u64,
     heartbeats_dropped: u64,
+    /// Gossip this node meant to send that waited in a slow peer's queue past gossipsub's limit and was let go.
+    gossip_to_slow_peers: u64,
     inbound_denied: u64,
     /// Whether relay reservations were requested (once autonat says we are private).
     relayed: bool,
@@ -231,6 +233,7 @@ impl EventLoop {
             gossip_rate_limited: 0,
             events_dropped: 0,
             heartbeats_dropped: 0,
+            gossip_to_slow_peers: 0,
             inbound_denied: 0,
             relayed: false,
             traffic,
@@ -515,6 +518,7 @@ impl EventLoop {
             gossip_rate_limited: self.gossip_rate_limited,
             events_dropped: self.events_dropped,
             heartbeats_dropped: self.heartbeats_dropped,
+            gossip_to_slow_peers: self.gossip_to_slow_peers,
             inbound_denied: self.inbound_denied,
         }
     }
@@ -772,6 +776,16 @@ impl EventLoop {
                     peer: peer_id,
                     topic: topic.into_string(),
                 });
+            }
+            // A peer too slow to take what this node sends (its queue full, or a message waiting past
+            // gossipsub's publish or forward limit): those messages never reach it from here.
+            gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            } => {
+                let dropped = failed_messages.priority + failed_messages.non_priority;
+                self.gossip_to_slow_peers += dropped as u64;
+                tracing::debug!(peer = %peer_id, dropped, "gossip to a slow peer let go");
             }
             other => tracing::debug!(?other, "gossipsub"),
         }

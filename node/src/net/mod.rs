@@ -127,6 +127,10 @@ pub struct NetSnapshot {
     /// every other event, see [`events`]).
     #[serde(default)]
     pub heartbeats_dropped: u64,
+    /// Gossip messages to peers too slow to take them, let go (gossipsub's `SlowPeer`): a high figure means
+    /// this node's peers, or its own uplink, cannot keep up.
+    #[serde(default)]
+    pub gossip_to_slow_peers: u64,
     /// Inbound connections refused by a limit (per IP, inbound total, per peer, pending handshakes).
     pub inbound_denied: u64,
     /// Keys this node announces as a provider in the DHT (its blobs; see [`behaviour::MAX_PROVIDER_KEYS`]).
