@@ -604,8 +604,13 @@ impl Trainer {
         }
         self.node
             .update_training_status(|s| s.activity = format!("round {round}: fetching the base"));
+        // How long this node had left when it took the round up, and what its base cost: a node that trains
+        // past the deadline says which of the two (its loop behind, or its fetches slow) took the time.
+        let left_s = ann.deadlines.deltas_by_ms.saturating_sub(now_ms()) as f64 / 1000.0;
+        let fetching = Instant::now();
         let manifest = self.base_manifest(ann.base_checkpoint, round).await?;
         let base = self.base_shards(&manifest, &me.shards, round).await?;
+        let base_s = fetching.elapsed().as_secs_f64();
         // What this node no longer hosts is dropped, with its error-feedback residual.
         self.held.retain(|s, _| me.shards.contains(s));
         let dropped: Vec<ShardId> = self
@@ -644,6 +649,8 @@ impl Trainer {
         if now_ms() > ann.deadlines.deltas_by_ms {
             tracing::warn!(
                 round,
+                left_s,
+                base_s,
                 train_s,
                 "trained past the delta deadline; deltas not sent"
             );
