@@ -183,6 +183,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         trainer.max_shards = max_shards;
         // Fetches wait for a CPU that every member's training shares.
         trainer.fetch_timeout = Duration::from_secs(60 + members as u64);
+        trainer.prefetch = env_or("MANA_LIGHT_PREFETCH", 1) != 0;
         trainers.push(tokio::spawn(
             run_trainer(node.clone(), trainer, stopped(stop_rx.clone())).instrument(span),
         ));
@@ -340,6 +341,7 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
         .map(|e| (e.shard.to_string(), e.hash.to_string()))
         .collect();
     let mut held_by: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut trained, mut missed, mut attested, mut given_up, mut prefetched) = (0, 0, 0, 0, 0);
     for (i, node) in nodes.iter().enumerate() {
         let training = match applied(node, rounds, Duration::from_secs(60)).await {
             Ok(training) => training,
@@ -351,6 +353,11 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
                     .map_or_else(|e| format!("no status: {e}"), |s| what_it_heard(&s))
             ),
         };
+        trained += training.rounds_trained;
+        missed += training.rounds_missed;
+        attested += training.shards_attested;
+        given_up += training.judgings_given_up;
+        prefetched += training.deltas_prefetched;
         assert_eq!(training.hash_mismatches, 0, "{training:?}");
         assert_eq!(
             (training.calls_refused, training.judges_equivocated),
@@ -368,6 +375,14 @@ async fn a_network_where_nobody_holds_the_model_trains_and_exports_it() {
             params * 3 < model_params,
             "a member holds {params} of {model_params} parameters"
         );
+    }
+    // How the members kept up: rounds trained or taken up too late, shards judged or given up.
+    eprintln!(
+        "LIGHT members: {trained} rounds trained, {missed} missed (taken up past the delta deadline); {attested} shard judgments signed, {given_up} judgings given up (the round committed first); {prefetched} deltas fetched while their round trained"
+    );
+    // Holders fetch their shards' deltas as they are announced (`roles::prefetch`), not all at the call.
+    if env_or("MANA_LIGHT_PREFETCH", 1) != 0 {
+        assert!(prefetched > 0, "no member fetched a delta ahead");
     }
     assert_eq!(
         held_by.len(),

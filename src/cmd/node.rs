@@ -61,6 +61,12 @@ pub struct NodeArgs {
     /// its own deltas was refused as low-score is always checked.
     #[arg(long, env = "MANA_RESCORE_SHARE")]
     pub rescore_share: Option<f64>,
+    /// Fetch the deltas of this node's shards while their round trains, as their senders announce them, so
+    /// that judging and applying the commit find them at hand (default true; MANA_PREFETCH: 1, true, yes,
+    /// on or 0, false, no, off). Off, they are fetched when needed: fewer bytes when many deltas are
+    /// refused, a slower commit.
+    #[arg(long, env = "MANA_PREFETCH", value_parser = config::parse_bool)]
+    pub prefetch: Option<bool>,
     /// The run's text, as the coordinator's: a UTF-8 file, a .gz, or a directory; default the built-in corpus.
     #[arg(long, env = "MANA_CORPUS")]
     pub corpus: Option<PathBuf>,
@@ -156,6 +162,7 @@ enum Work {
 struct Training {
     max_shards: u32,
     rescore_share: f64,
+    prefetch: bool,
     corpus: Option<PathBuf>,
 }
 
@@ -253,6 +260,7 @@ fn node_config(s: &Layered<NodeArgs>, net: &Net) -> anyhow::Result<(NodeConfig, 
         Work::Train(Training {
             max_shards,
             rescore_share,
+            prefetch: s.get(|a| &a.prefetch).unwrap_or(true),
             corpus: s.get(|a| &a.corpus),
         }),
     ))
@@ -386,6 +394,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let mut trainer = TrainerConfig::new(spec.clone(), data);
     trainer.max_shards = training.max_shards;
     trainer.rescore_share = training.rescore_share;
+    trainer.prefetch = training.prefetch;
     runtime.block_on(async move {
         let handle = Arc::new(daemon::start(config).await?);
         print_listen_addrs(&handle).await?;

@@ -135,8 +135,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map(|r| r.to_string())
             .unwrap_or_else(|| "none".into());
         println!(
-            "training: {} rounds trained, {} deltas sent ({} bytes), applied round {round}, shard hashes {} matched / {} mismatched",
-            t.rounds_trained, t.deltas_sent, t.delta_bytes_sent, t.hash_matches, t.hash_mismatches
+            "training: {} rounds trained ({} missed: taken up past their deadline), {} deltas sent ({} bytes), applied round {round}, shard hashes {} matched / {} mismatched",
+            t.rounds_trained,
+            t.rounds_missed,
+            t.deltas_sent,
+            t.delta_bytes_sent,
+            t.hash_matches,
+            t.hash_mismatches
         );
         if let Some(loss) = t.last_train_loss {
             println!("  last training loss: {loss:.4}");
@@ -150,9 +155,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             println!("  FALSE SCORE: {last}");
         }
         println!(
-            "  judged: {} shards attested, {} deltas; commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments; {} call(s) refused (a forged norm history, or judges not drawn)",
+            "  judged: {} shards attested, {} deltas ({} fetched ahead, while their round trained), {} judging(s) given up (the round committed first); commits audited: {} contradicted / {} dropped a quorum; {} judge(s) signed two judgments; {} call(s) refused (a forged norm history, or judges not drawn)",
             t.shards_attested,
             t.deltas_judged,
+            t.deltas_prefetched,
+            t.judgings_given_up,
             t.quorums_contradicted,
             t.quorums_dropped,
             t.judges_equivocated,

@@ -175,6 +175,19 @@ pub struct TrainingStatus {
     /// start.
     #[serde(default)]
     pub deltas_judged: u64,
+    /// Calls this node stopped judging because their round was committed, or a later round begun, before it
+    /// was done (its judgment would no longer count), since start. Many mean its judging is too slow for the
+    /// run's verify window.
+    #[serde(default)]
+    pub judgings_given_up: u64,
+    /// Deltas of this node's shards fetched while their round trained, as their senders announced them
+    /// (so that judging and applying the commit find them in the store), since start.
+    #[serde(default)]
+    pub deltas_prefetched: u64,
+    /// Rounds this node took up only after their delta deadline had passed (its loop busy with the round
+    /// before, or the announcement slow to reach it), and so sat out without training, since start.
+    #[serde(default)]
+    pub rounds_missed: u64,
     /// Commits that recorded, for a shard this node judged, other verdicts or another result than the
     /// quorum of judgments this node saw signed (the signed call, attestations and commit are kept in the
     /// store as evidence), since start. Never expected: a coordinator that does not take what the quorum

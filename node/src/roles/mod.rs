@@ -20,6 +20,7 @@ pub mod common;
 pub mod conductor;
 pub mod evaluator;
 mod judge;
+mod prefetch;
 mod residuals;
 pub mod silence;
 pub mod trainer;

@@ -27,7 +27,7 @@
 //! A node that was not assigned in a round keeps nothing of it; when it is named again it fetches the shards
 //! it needs from the round's base (this is also how a late joiner starts).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,12 +48,13 @@ use super::common::{
     PinLedger, corpus_hash, fetch_bytes, fetch_shard_bytes, peer_name, peer_of, publish_patiently,
 };
 use super::judge;
+use super::prefetch::Prefetcher;
 use super::residuals;
 use super::silence::{CoordinatorWatch, Silence};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
 use crate::daemon::now_ms;
 use crate::daemon::status::{RefusedCommit, RefutedShard};
-use crate::daemon::{NodeError, NodeHandle, blocking};
+use crate::daemon::{Accepted, NodeError, NodeHandle, blocking};
 use crate::store::evidence::evidence_key;
 use mana_engine::coordinator::audit::{Finding, audit_shard};
 use mana_engine::coordinator::equivocation;
@@ -88,6 +89,9 @@ pub struct TrainerConfig {
     /// traffic than the deltas themselves. A round in which one of this node's own deltas was refused as
     /// `low-score` is always checked, whatever the share: that verdict costs this node its work.
     pub rescore_share: f64,
+    /// Whether the node fetches its shards' deltas while their round trains, as they are announced
+    /// ([`super::prefetch`]); off, it fetches them when it judges or applies the commit.
+    pub prefetch: bool,
 }
 
 /// The default [`TrainerConfig::rescore_share`]: one round in ten. A coordinator that publishes a false score
@@ -107,6 +111,7 @@ impl TrainerConfig {
             fetch_concurrency: 8,
             coordinator_silence: Duration::from_secs(60),
             rescore_share: DEFAULT_RESCORE_SHARE,
+            prefetch: true,
         }
     }
 }
@@ -195,6 +200,8 @@ struct Trainer {
     /// by then, the node takes its shards' final states from the end's checkpoint ([`Trainer::catch_up_end`]).
     /// Without it a member that missed the last commit would hold the round before for good.
     end_pending: Option<EndPending>,
+    /// Fetches the round's deltas of this node's shards as they are announced ([`super::prefetch`]).
+    prefetch: Prefetcher,
 }
 
 /// The run ended with this node's round `round` not applied.
@@ -292,6 +299,7 @@ async fn trainer_loop(
     let mut messages = node.round_messages();
     let me = node.public_key();
     let cfg_data = cfg.data.clone();
+    let cfg_fetch_concurrency = cfg.fetch_concurrency;
     let mut trainer = Trainer {
         node,
         cfg,
@@ -314,14 +322,20 @@ async fn trainer_loop(
         signed: None,
         unfetched: None,
         end_pending: None,
+        prefetch: Prefetcher::new(cfg_fetch_concurrency),
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
     let mut watch_tick = tokio::time::interval(Duration::from_secs(1));
     watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // Messages that came while a call was judged, taken before any newer one.
+    let mut backlog: VecDeque<Accepted> = VecDeque::new();
     loop {
-        let accepted = tokio::select! {
+        let accepted = if let Some(kept) = backlog.pop_front() {
+            Ok(kept)
+        } else {
+            tokio::select! {
             _ = &mut shutdown => break,
             m = messages.recv() => m,
             _ = watch_tick.tick() => {
@@ -334,6 +348,7 @@ async fn trainer_loop(
                     trainer.catch_up_end().await;
                 }
                 continue;
+            }
             }
         };
         let (signer, message, envelope) = match accepted {
@@ -374,7 +389,22 @@ async fn trainer_loop(
         let result = match message {
             Message::RoundAnnouncement(ann) => trainer.on_announcement(ann).await,
             Message::RoundCommit(commit) => trainer.on_commit(commit, envelope).await,
-            Message::AggregationCall(call) => trainer.on_call(call, envelope).await,
+            Message::AggregationCall(call) => {
+                // Judged while the messages that follow are kept for after; once the round is committed (or a
+                // later one begun) the judgment would no longer count, and the next round must not wait for it.
+                let round = call.round;
+                tokio::select! {
+                    judged = trainer.on_call(call, envelope) => judged,
+                    () = superseded(&mut messages, &mut backlog, round) => {
+                        tracing::info!(round, "judging given up: the round was committed, or a later one begun, first");
+                        trainer.node.update_training_status(|s| {
+                            s.judgings_given_up += 1;
+                            s.activity = format!("round {round}: judging given up (the round committed first)");
+                        });
+                        Ok(())
+                    }
+                }
+            }
             Message::ShardAttestation(a) => {
                 trainer.on_attestation(signer, a, envelope).await;
                 Ok(())
@@ -387,6 +417,7 @@ async fn trainer_loop(
                 if let Some(peer) = peer_of(&signer) {
                     trainer.senders.insert(d.payload_hash, peer);
                 }
+                trainer.prefetch_delta(&signer, &d);
                 Ok(())
             }
             _ => Ok(()),
@@ -401,7 +432,58 @@ async fn trainer_loop(
     Ok(())
 }
 
+/// Completes once a message comes that makes round `round`'s judging pointless: its commit, a later round's
+/// announcement, or the run's end. Every message received meanwhile, that one included, is kept in `backlog`,
+/// in order, for the loop to take after (a lagging or closed stream ends nothing: the judging then finishes).
+async fn superseded(
+    messages: &mut tokio::sync::broadcast::Receiver<Accepted>,
+    backlog: &mut VecDeque<Accepted>,
+    round: u64,
+) {
+    loop {
+        match messages.recv().await {
+            Ok(accepted) => {
+                let over = match &accepted.message {
+                    Message::RoundCommit(c) => c.round >= round,
+                    Message::RoundAnnouncement(a) => a.round > round,
+                    Message::RunEnd(_) => true,
+                    _ => false,
+                };
+                backlog.push_back(accepted);
+                if over {
+                    return;
+                }
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "trainer fell behind the message stream");
+            }
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
 impl Trainer {
+    /// Hands a delta announcement to the prefetcher (see [`super::prefetch`]), pinning what it fetches for
+    /// the round.
+    fn prefetch_delta(&mut self, signer: &PublicKey, delta: &DeltaAnnouncement) {
+        let Some(assigned) = self.assigned.as_ref().filter(|_| self.cfg.prefetch) else {
+            return;
+        };
+        let started = self.prefetch.offer(
+            &self.node,
+            &self.cfg.spec,
+            &assigned.announcement,
+            &assigned.me.shards,
+            &self.me,
+            signer,
+            delta,
+            self.cfg.fetch_timeout,
+        );
+        if let Some(hash) = started {
+            self.pins.add(delta.round, hash);
+        }
+    }
+
     /// The coordinator ended the run: say so (for good; a new run is another run id). The last round's
     /// assignment stays until its commit is applied: the end may overtake the commit on its way (they travel
     /// as two messages, by whatever paths gossip takes), and a holder that dropped it would never apply the
@@ -583,6 +665,7 @@ impl Trainer {
         self.forget_sent_before(ann.round);
         let Some(me) = ann.participant(&self.me).cloned() else {
             self.assigned = None;
+            self.prefetch.stop();
             return Ok(());
         };
         let round = ann.round;
@@ -590,6 +673,7 @@ impl Trainer {
             // Training on other text would send deltas that pull the model elsewhere (a node given another
             // corpus contributed at loss 3.09 beside 1.5): say so, and sit the round out.
             self.assigned = None;
+            self.prefetch.stop();
             let text = format!(
                 "round {round}: not training: this node's corpus (hash {}) is not the run's ({}); start it with the run's --corpus",
                 &self.corpus.to_string()[..16],
@@ -628,6 +712,22 @@ impl Trainer {
             me: me.clone(),
             base: base.clone(),
         });
+        self.prefetch.begin(round);
+        if now_ms() > ann.deadlines.deltas_by_ms {
+            // Deltas made now would be refused as late: the CPU goes to the others (the node still judges and
+            // applies the round as a holder).
+            tracing::warn!(
+                round,
+                left_s,
+                base_s,
+                "took the round up past its delta deadline; not training in it"
+            );
+            self.node.update_training_status(|s| {
+                s.rounds_missed += 1;
+                s.activity = format!("round {round}: taken up too late to train");
+            });
+            return Ok(());
+        }
 
         self.node
             .update_training_status(|s| s.activity = format!("round {round}: training"));
@@ -1344,6 +1444,8 @@ impl Trainer {
         let round = commit.round;
         self.node
             .update_training_status(|s| s.activity = format!("round {round}: applying the commit"));
+        let applying = Instant::now();
+        let mut recomputed_shards = 0u64;
         let ann = &assigned.announcement;
         let mut new_held = BTreeMap::new();
         let mut matches = 0u64;
@@ -1381,6 +1483,7 @@ impl Trainer {
                 kept = Some(j.next);
                 Recomputed::Computed(hash)
             } else {
+                recomputed_shards += 1;
                 match self
                     .next_state(ann, base.state.clone(), &accepted, &weights)
                     .await?
@@ -1448,8 +1551,19 @@ impl Trainer {
             })
         });
         let drawn = own_refused || self.draw_rescore();
+        let apply_s = applying.elapsed().as_secs_f64();
+        let checking = Instant::now();
         self.check_scores(&commit, &assigned, &sent, at_hand, drawn)
             .await;
+        // What applying a commit costs this node (the next round waits for it): its shards computed again
+        // (those it did not judge), and the score check of drawn rounds.
+        tracing::info!(
+            round,
+            recomputed_shards,
+            apply_s,
+            scores_s = checking.elapsed().as_secs_f64(),
+            "commit applied"
+        );
         self.last_checkpoint = Some((checkpoint_hash, commit.checkpoint.clone()));
         self.node
             .update_training_status(|s| s.hash_matches += matches);
@@ -1977,5 +2091,80 @@ impl Trainer {
         if let Err(e) = kept {
             tracing::warn!(error = %e, "evidence not kept in the store");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mana_protocol::{Keypair, RunEnd, RunId, TrainingStats};
+    use tokio::sync::broadcast;
+
+    fn accepted(key: &Keypair, message: Message) -> Accepted {
+        let envelope = SignedEnvelope::sign(key, &message, 1).expect("signed");
+        Accepted {
+            source: key.peer_id(),
+            signer: key.public(),
+            message,
+            envelope: Arc::new(envelope),
+        }
+    }
+
+    fn delta(round: u64) -> Message {
+        Message::DeltaAnnouncement(DeltaAnnouncement {
+            run: RunId::new("judging").expect("run id"),
+            round,
+            shard: ShardId::Trunk,
+            base_checkpoint: ContentHash::of(b"base"),
+            payload_hash: ContentHash::of(&round.to_le_bytes()),
+            payload_size: 8,
+            stats: TrainingStats {
+                tokens: 1,
+                loss_before: 1.0,
+                loss_after: 1.0,
+                delta_norm: 1.0,
+            },
+        })
+    }
+
+    #[tokio::test]
+    async fn judging_goes_on_until_its_round_is_over_and_every_message_meanwhile_is_kept_in_order()
+    {
+        let key = Keypair::from_seed(&[7; 32]);
+        let (tx, mut rx) = broadcast::channel(16);
+        let mut backlog = VecDeque::new();
+        let end = Message::RunEnd(RunEnd {
+            run: RunId::new("judging").expect("run id"),
+            round: 3,
+            checkpoint: ContentHash::of(b"final"),
+        });
+        for m in [delta(3), delta(4), end, delta(5)] {
+            tx.send(accepted(&key, m)).expect("sent");
+        }
+        // Deltas do not end a round's judging; the run's end does, and what came after it stays queued.
+        tokio::time::timeout(Duration::from_secs(5), superseded(&mut rx, &mut backlog, 3))
+            .await
+            .expect("the run's end ends the judging");
+        let kinds: Vec<(&str, Option<u64>)> = backlog
+            .iter()
+            .map(|a| (a.message.kind(), a.message.round()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("delta-announcement", Some(3)),
+                ("delta-announcement", Some(4)),
+                ("run-end", Some(3)),
+            ]
+        );
+        // Only deltas left: the judging is not cut short.
+        let mut rest = VecDeque::new();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            superseded(&mut rx, &mut rest, 3),
+        )
+        .await;
+        assert!(waited.is_err(), "a delta ended the judging");
+        assert_eq!(rest.len(), 1);
     }
 }

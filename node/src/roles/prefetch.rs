@@ -1,0 +1,300 @@
+//! A holder fetches its shards' deltas while the round trains, as their senders announce them.
+//!
+//! Every holder of a shard needs each of its accepted deltas: a judge to score them, any other holder to apply
+//! the commit and check its hash. Fetched only when the call or the commit comes, they all travel at once, in
+//! the windows that decide whether the round commits in time and whether the next one trains in time; the
+//! train window before is mostly idle (a node trains, sends, then waits for the others). At 32 members on two
+//! cores a member that did not judge the trunk spent most of the next round's train window fetching the 32
+//! trunk deltas of the last, and missed that round.
+//!
+//! So the trainer hands each delta announcement it hears to a [`Prefetcher`], which brings the payload into
+//! the node's store in the background when the delta is one of this node's shards, from a participant the
+//! round assigned that shard, at the exact size its shard and codec give, and the first such announcement of
+//! that sender and shard. The later fetch (the judge's, the commit's) then finds it in the store. Nothing is
+//! decided on a prefetched payload: it is checked where it is used, as before.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mana_protocol::{
+    Binding, ContentHash, DeltaAnnouncement, PublicKey, RoundAnnouncement, ShardId,
+    contribution_len,
+};
+use tokio::sync::Semaphore;
+
+use crate::daemon::NodeHandle;
+use mana_engine::round::{RunSpec, loads_len};
+
+/// Fetches one trainer's shards' announced deltas ahead of need, a few at a time.
+pub(crate) struct Prefetcher {
+    /// The round whose announcements are taken.
+    round: Option<u64>,
+    /// The (sender, shard) pairs already taken this round: one payload each, whatever a sender announces.
+    taken: HashSet<(PublicKey, ShardId)>,
+    /// Fetches in flight at once.
+    slots: Arc<Semaphore>,
+}
+
+impl Prefetcher {
+    /// A prefetcher running at most `concurrency` fetches at once.
+    pub(crate) fn new(concurrency: usize) -> Prefetcher {
+        Prefetcher {
+            round: None,
+            taken: HashSet::new(),
+            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
+    }
+
+    /// Takes announcements of `round` from now on (the ones of an earlier round are dropped).
+    pub(crate) fn begin(&mut self, round: u64) {
+        self.round = Some(round);
+        self.taken.clear();
+    }
+
+    /// Stops taking announcements until the next [`Prefetcher::begin`] (this node is not in the round).
+    pub(crate) fn stop(&mut self) {
+        self.round = None;
+        self.taken.clear();
+    }
+
+    /// Whether the payload of `delta`, signed by `sender`, is worth fetching ahead (see the module doc): `ann`
+    /// is the round this node is assigned `shards` in, `me` this node. Only the first announcement of a sender
+    /// and shard in the round is.
+    #[allow(clippy::too_many_arguments)]
+    fn wanted(
+        &self,
+        spec: &RunSpec,
+        ann: &RoundAnnouncement,
+        shards: &[ShardId],
+        me: &PublicKey,
+        sender: &PublicKey,
+        delta: &DeltaAnnouncement,
+    ) -> bool {
+        if self.round != Some(ann.round)
+            || delta.round != ann.round
+            || delta.run != ann.run
+            || delta.base_checkpoint != ann.base_checkpoint
+            || sender == me
+            || !shards.contains(&delta.shard)
+            || self.taken.contains(&(*sender, delta.shard))
+        {
+            return false;
+        }
+        let assigned = ann
+            .participant(sender)
+            .is_some_and(|p| p.shards.contains(&delta.shard));
+        let binding = Binding {
+            run: ann.run.clone(),
+            round: ann.round,
+            shard: delta.shard,
+            sender: *sender,
+        };
+        let expected = spec.shard_len(delta.shard).ok().and_then(|len| {
+            contribution_len(
+                &binding,
+                loads_len(spec, delta.shard),
+                len,
+                &ann.hyper.codec,
+            )
+            .ok()
+        });
+        assigned && expected == Some(delta.payload_size)
+    }
+
+    /// Starts fetching the payload of `delta`, signed by `sender`, if it is [`Prefetcher::wanted`]. Returns the
+    /// payload's hash when a fetch was started (the caller pins it for the round); the fetch gives up after
+    /// `timeout`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn offer(
+        &mut self,
+        node: &Arc<NodeHandle>,
+        spec: &RunSpec,
+        ann: &RoundAnnouncement,
+        shards: &[ShardId],
+        me: &PublicKey,
+        sender: &PublicKey,
+        delta: &DeltaAnnouncement,
+        timeout: Duration,
+    ) -> Option<ContentHash> {
+        if !self.wanted(spec, ann, shards, me, sender, delta) {
+            return None;
+        }
+        self.taken.insert((*sender, delta.shard));
+        let (hash, size) = (delta.payload_hash, delta.payload_size);
+        let hints = sender.peer_id().ok().into_iter().collect::<Vec<_>>();
+        let (fetching, slots) = (node.clone(), self.slots.clone());
+        node.spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            let fetched =
+                tokio::time::timeout(timeout, fetching.fetch_blob_within(hash, size, hints)).await;
+            match fetched {
+                Ok(Ok(_)) => fetching.update_training_status(|s| s.deltas_prefetched += 1),
+                Ok(Err(e)) => {
+                    tracing::debug!(payload = %hash, error = %e, "delta not prefetched; fetched when needed")
+                }
+                Err(_) => {
+                    tracing::debug!(payload = %hash, "delta not prefetched in time; fetched when needed")
+                }
+            }
+        });
+        Some(hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mana_protocol::{Deadlines, Participant, RunId, TrainingStats, UpdateRule};
+
+    fn key(i: u8) -> PublicKey {
+        PublicKey([i; 32])
+    }
+
+    fn announcement(spec: &RunSpec) -> RoundAnnouncement {
+        let e0 = spec.experts()[0];
+        RoundAnnouncement {
+            run: RunId::new("prefetch").expect("run id"),
+            round: 2,
+            base_checkpoint: ContentHash::of(b"base"),
+            participants: vec![
+                Participant {
+                    node: key(1),
+                    shards: vec![ShardId::Trunk, e0],
+                    data_seeds: vec![1],
+                },
+                Participant {
+                    node: key(2),
+                    shards: vec![ShardId::Trunk],
+                    data_seeds: vec![2],
+                },
+                Participant {
+                    node: key(3),
+                    shards: vec![ShardId::Trunk],
+                    data_seeds: vec![3],
+                },
+            ],
+            inner_steps: 1,
+            hyper: spec.hyper(UpdateRule::Diloco),
+            max_norm_ratio: 10.0,
+            deadlines: Deadlines {
+                deltas_by_ms: 1,
+                commit_by_ms: 2,
+            },
+            corpus: ContentHash::of(b"corpus"),
+            seed_commitment: ContentHash::of(b"seed"),
+        }
+    }
+
+    /// The announcement `sender` would make of its delta to `shard`, at the size the codec gives it.
+    fn delta(
+        spec: &RunSpec,
+        ann: &RoundAnnouncement,
+        sender: u8,
+        shard: ShardId,
+    ) -> DeltaAnnouncement {
+        let binding = Binding {
+            run: ann.run.clone(),
+            round: ann.round,
+            shard,
+            sender: key(sender),
+        };
+        let len = spec.shard_len(shard).expect("a shard");
+        let size = contribution_len(&binding, loads_len(spec, shard), len, &ann.hyper.codec)
+            .expect("a size");
+        DeltaAnnouncement {
+            run: ann.run.clone(),
+            round: ann.round,
+            shard,
+            base_checkpoint: ann.base_checkpoint,
+            payload_hash: ContentHash::of(&[sender]),
+            payload_size: size,
+            stats: TrainingStats {
+                tokens: 1,
+                loss_before: 1.0,
+                loss_after: 1.0,
+                delta_norm: 1.0,
+            },
+        }
+    }
+
+    #[test]
+    fn only_a_delta_of_its_shards_from_a_participant_assigned_it_at_its_exact_size_is_fetched_ahead_once()
+     {
+        let spec = RunSpec::tiny();
+        let ann = announcement(&spec);
+        let me = key(2);
+        let mine = [ShardId::Trunk];
+        let e0 = spec.experts()[0];
+        let mut p = Prefetcher::new(2);
+        let trunk = delta(&spec, &ann, 1, ShardId::Trunk);
+        // Before its round begins, nothing.
+        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &trunk));
+        p.begin(2);
+        assert!(p.wanted(&spec, &ann, &mine, &me, &key(1), &trunk));
+        // Its own, another's shard, a sender not assigned the shard, one not in the round: not fetched.
+        assert!(!p.wanted(
+            &spec,
+            &ann,
+            &mine,
+            &me,
+            &me,
+            &delta(&spec, &ann, 2, ShardId::Trunk)
+        ));
+        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &delta(&spec, &ann, 1, e0)));
+        assert!(!p.wanted(
+            &spec,
+            &ann,
+            &[ShardId::Trunk, e0],
+            &me,
+            &key(3),
+            &delta(&spec, &ann, 3, e0)
+        ));
+        assert!(!p.wanted(
+            &spec,
+            &ann,
+            &mine,
+            &me,
+            &key(4),
+            &delta(&spec, &ann, 4, ShardId::Trunk)
+        ));
+        assert!(p.wanted(
+            &spec,
+            &ann,
+            &mine,
+            &me,
+            &key(3),
+            &delta(&spec, &ann, 3, ShardId::Trunk)
+        ));
+        // Another size than the codec gives, another round or base: not fetched.
+        for bad in [
+            DeltaAnnouncement {
+                payload_size: trunk.payload_size + 1,
+                ..trunk.clone()
+            },
+            DeltaAnnouncement {
+                round: 3,
+                ..trunk.clone()
+            },
+            DeltaAnnouncement {
+                base_checkpoint: ContentHash::of(b"other"),
+                ..trunk.clone()
+            },
+        ] {
+            assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &bad));
+        }
+        // Once per sender and shard in a round, whatever else it announces; a new round starts afresh.
+        p.taken.insert((key(1), ShardId::Trunk));
+        let again = DeltaAnnouncement {
+            payload_hash: ContentHash::of(b"again"),
+            ..trunk.clone()
+        };
+        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &again));
+        p.begin(2);
+        assert!(p.wanted(&spec, &ann, &mine, &me, &key(1), &again));
+        p.stop();
+        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &trunk));
+    }
+}
