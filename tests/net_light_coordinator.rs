@@ -11,8 +11,10 @@
 //! net_light_coordinator -- --nocapture` (16 members: about 45 s on 2 cores; 32: about 6 minutes, the members'
 //! training and judging taking turns on the two cores); `MANA_LIGHT_EXPERT_HIDDEN=1024` runs the same network
 //! on a model twice the size (the coordinator's bytes must not change with it); `MANA_LIGHT_PARCEL_COPIES=8`
-//! caps the copies of each parcel the coordinator serves (`NodeConfig::parcel_copies`); `MANA_LIGHT_ROUNDS` sets the
-//! rounds. Past 32 members the windows grow faster and heartbeats come every 2 s. At 64 members (2 rounds,
+//! caps the copies of each parcel the coordinator serves (`NodeConfig::parcel_copies`); `MANA_LIGHT_PREFETCH=0`
+//! turns off the members' fetching of deltas while their round trains (`TrainerConfig::prefetch`);
+//! `MANA_LIGHT_ROUNDS` sets the rounds. The members' line says how they kept up: rounds trained and missed,
+//! judgings given up, deltas fetched ahead. Past 32 members the windows grow faster and heartbeats come every 2 s. At 64 members (2 rounds,
 //! about 10 minutes) the payload transfers bound a round on two cores: the trunk's 64 payloads must reach
 //! three of its five judges within the window. Round 2 committed every delta (96 of 96) and round 1 27 of 93
 //! in the last run measured (session 23's note), where the run failed only for want of the last commit's

@@ -22,6 +22,8 @@ use mana_protocol::{
     contribution_len,
 };
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::daemon::NodeHandle;
 use mana_engine::round::{RunSpec, loads_len};
@@ -34,6 +36,9 @@ pub(crate) struct Prefetcher {
     taken: HashSet<(PublicKey, ShardId)>,
     /// Fetches in flight at once.
     slots: Arc<Semaphore>,
+    /// The fetches started and not reaped yet: tied to the trainer (see [`Prefetcher::close`]), not to the
+    /// node, whose handle each holds.
+    tasks: JoinSet<()>,
 }
 
 impl Prefetcher {
@@ -43,17 +48,22 @@ impl Prefetcher {
             round: None,
             taken: HashSet::new(),
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            tasks: JoinSet::new(),
         }
     }
 
-    /// Takes announcements of `round` from now on (the ones of an earlier round are dropped).
+    /// Takes announcements of `round` from now on; the ones of an earlier round are dropped, and the fetches
+    /// still in flight for it cancelled (its commit, applied before, no longer needs them).
     pub(crate) fn begin(&mut self, round: u64) {
+        self.tasks.abort_all();
         self.round = Some(round);
         self.taken.clear();
     }
 
-    /// Stops taking announcements until the next [`Prefetcher::begin`] (this node is not in the round).
+    /// Stops taking announcements until the next [`Prefetcher::begin`] (this node is not in the round), and
+    /// cancels the fetches in flight.
     pub(crate) fn stop(&mut self) {
+        self.tasks.abort_all();
         self.round = None;
         self.taken.clear();
     }
@@ -123,8 +133,10 @@ impl Prefetcher {
         self.taken.insert((*sender, delta.shard));
         let (hash, size) = (delta.payload_hash, delta.payload_size);
         let hints = sender.peer_id().ok().into_iter().collect::<Vec<_>>();
+        // Finished fetches are reaped here, so that the set holds only those in flight.
+        while self.tasks.try_join_next().is_some() {}
         let (fetching, slots) = (node.clone(), self.slots.clone());
-        node.spawn(async move {
+        let task = async move {
             let Ok(_slot) = slots.acquire_owned().await else {
                 return;
             };
@@ -139,8 +151,17 @@ impl Prefetcher {
                     tracing::debug!(payload = %hash, "delta not prefetched in time; fetched when needed")
                 }
             }
-        });
+        };
+        self.tasks.spawn(task.in_current_span());
         Some(hash)
+    }
+
+    /// Cancels every fetch in flight and waits until each has let go of the node: the trainer calls it as it
+    /// ends, so that its node can be shut down (a fetch of a payload that never comes would otherwise hold
+    /// the node's handle for its whole timeout).
+    pub(crate) async fn close(&mut self) {
+        self.stop();
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 

@@ -429,6 +429,8 @@ async fn trainer_loop(
                 .update_training_status(|s| s.activity = format!("error: {e}"));
         }
     }
+    // Its fetches hold the node's handle: let go of it before the node is shut down.
+    trainer.prefetch.close().await;
     Ok(())
 }
 
