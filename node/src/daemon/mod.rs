@@ -676,6 +676,41 @@ impl NodeHandle {
         self.shared.state().capacity = Some(capacity);
     }
 
+    /// Brings blob `hash` (at most `max_len` bytes, `providers` first) into the store in the background, once
+    /// a place in `slots` is free, giving up after `timeout`; counted in the trainer's status
+    /// (`deltas_prefetched`) when it comes. What a trainer fetches ahead of need (`roles/prefetch.rs`).
+    /// The task holds the node's shared state, not this handle, so that whoever owns the handle can still
+    /// shut the node down while it runs; it is cancelled and awaited at shutdown like the node's own tasks.
+    pub fn prefetch_blob(
+        &self,
+        hash: ContentHash,
+        max_len: u64,
+        providers: Vec<PeerId>,
+        timeout: std::time::Duration,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) {
+        let shared = self.shared.clone();
+        self.shared.spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            let fetch = sync::fetch_and_store_hinted(&shared, hash, max_len, providers);
+            match tokio::time::timeout(timeout, fetch).await {
+                Ok(Ok(_)) => {
+                    let mut state = shared.state();
+                    let training = state.training.get_or_insert_with(Default::default);
+                    training.deltas_prefetched += 1;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(payload = %hash, error = %e, "not prefetched; fetched when needed")
+                }
+                Err(_) => {
+                    tracing::debug!(payload = %hash, "not prefetched in time; fetched when needed")
+                }
+            }
+        });
+    }
+
     /// Updates the trainer role's part of the status (created on first use).
     pub fn update_training_status(&self, f: impl FnOnce(&mut status::TrainingStatus)) {
         f(self

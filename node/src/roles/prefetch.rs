@@ -22,11 +22,22 @@ use mana_protocol::{
     contribution_len,
 };
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::daemon::NodeHandle;
 use mana_engine::round::{RunSpec, loads_len};
+
+/// What a node holds in the round in progress: what a delta announcement is checked against.
+#[derive(Clone, Copy)]
+pub(crate) struct Holding<'a> {
+    /// The run's model, which gives each shard's size.
+    pub spec: &'a RunSpec,
+    /// The round's announcement.
+    pub ann: &'a RoundAnnouncement,
+    /// The shards it assigned this node.
+    pub shards: &'a [ShardId],
+    /// This node.
+    pub me: &'a PublicKey,
+}
 
 /// Fetches one trainer's shards' announced deltas ahead of need, a few at a time.
 pub(crate) struct Prefetcher {
@@ -36,9 +47,6 @@ pub(crate) struct Prefetcher {
     taken: HashSet<(PublicKey, ShardId)>,
     /// Fetches in flight at once.
     slots: Arc<Semaphore>,
-    /// The fetches started and not reaped yet: tied to the trainer (see [`Prefetcher::close`]), not to the
-    /// node, whose handle each holds.
-    tasks: JoinSet<()>,
 }
 
 impl Prefetcher {
@@ -48,39 +56,31 @@ impl Prefetcher {
             round: None,
             taken: HashSet::new(),
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
-            tasks: JoinSet::new(),
         }
     }
 
-    /// Takes announcements of `round` from now on; the ones of an earlier round are dropped, and the fetches
-    /// still in flight for it cancelled (its commit, applied before, no longer needs them).
+    /// Takes announcements of `round` from now on (the ones of an earlier round are dropped).
     pub(crate) fn begin(&mut self, round: u64) {
-        self.tasks.abort_all();
         self.round = Some(round);
         self.taken.clear();
     }
 
-    /// Stops taking announcements until the next [`Prefetcher::begin`] (this node is not in the round), and
-    /// cancels the fetches in flight.
+    /// Stops taking announcements until the next [`Prefetcher::begin`] (this node is not in the round).
     pub(crate) fn stop(&mut self) {
-        self.tasks.abort_all();
         self.round = None;
         self.taken.clear();
     }
 
-    /// Whether the payload of `delta`, signed by `sender`, is worth fetching ahead (see the module doc): `ann`
-    /// is the round this node is assigned `shards` in, `me` this node. Only the first announcement of a sender
-    /// and shard in the round is.
-    #[allow(clippy::too_many_arguments)]
-    fn wanted(
-        &self,
-        spec: &RunSpec,
-        ann: &RoundAnnouncement,
-        shards: &[ShardId],
-        me: &PublicKey,
-        sender: &PublicKey,
-        delta: &DeltaAnnouncement,
-    ) -> bool {
+    /// Whether the payload of `delta`, signed by `sender`, is worth fetching ahead (see the module doc) for a
+    /// node that `holds` its shards in the round. Only the first announcement of a sender and shard in the
+    /// round is.
+    fn wanted(&self, holds: &Holding<'_>, sender: &PublicKey, delta: &DeltaAnnouncement) -> bool {
+        let Holding {
+            spec,
+            ann,
+            shards,
+            me,
+        } = *holds;
         if self.round != Some(ann.round)
             || delta.round != ann.round
             || delta.run != ann.run
@@ -115,53 +115,27 @@ impl Prefetcher {
     /// Starts fetching the payload of `delta`, signed by `sender`, if it is [`Prefetcher::wanted`]. Returns the
     /// payload's hash when a fetch was started (the caller pins it for the round); the fetch gives up after
     /// `timeout`.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn offer(
         &mut self,
         node: &Arc<NodeHandle>,
-        spec: &RunSpec,
-        ann: &RoundAnnouncement,
-        shards: &[ShardId],
-        me: &PublicKey,
+        holds: &Holding<'_>,
         sender: &PublicKey,
         delta: &DeltaAnnouncement,
         timeout: Duration,
     ) -> Option<ContentHash> {
-        if !self.wanted(spec, ann, shards, me, sender, delta) {
+        if !self.wanted(holds, sender, delta) {
             return None;
         }
         self.taken.insert((*sender, delta.shard));
-        let (hash, size) = (delta.payload_hash, delta.payload_size);
         let hints = sender.peer_id().ok().into_iter().collect::<Vec<_>>();
-        // Finished fetches are reaped here, so that the set holds only those in flight.
-        while self.tasks.try_join_next().is_some() {}
-        let (fetching, slots) = (node.clone(), self.slots.clone());
-        let task = async move {
-            let Ok(_slot) = slots.acquire_owned().await else {
-                return;
-            };
-            let fetched =
-                tokio::time::timeout(timeout, fetching.fetch_blob_within(hash, size, hints)).await;
-            match fetched {
-                Ok(Ok(_)) => fetching.update_training_status(|s| s.deltas_prefetched += 1),
-                Ok(Err(e)) => {
-                    tracing::debug!(payload = %hash, error = %e, "delta not prefetched; fetched when needed")
-                }
-                Err(_) => {
-                    tracing::debug!(payload = %hash, "delta not prefetched in time; fetched when needed")
-                }
-            }
-        };
-        self.tasks.spawn(task.in_current_span());
-        Some(hash)
-    }
-
-    /// Cancels every fetch in flight and waits until each has let go of the node: the trainer calls it as it
-    /// ends, so that its node can be shut down (a fetch of a payload that never comes would otherwise hold
-    /// the node's handle for its whole timeout).
-    pub(crate) async fn close(&mut self) {
-        self.stop();
-        while self.tasks.join_next().await.is_some() {}
+        node.prefetch_blob(
+            delta.payload_hash,
+            delta.payload_size,
+            hints,
+            timeout,
+            self.slots.clone(),
+        );
+        Some(delta.payload_hash)
     }
 }
 
@@ -247,48 +221,30 @@ mod tests {
         let spec = RunSpec::tiny();
         let ann = announcement(&spec);
         let me = key(2);
-        let mine = [ShardId::Trunk];
         let e0 = spec.experts()[0];
+        let mine = Holding {
+            spec: &spec,
+            ann: &ann,
+            shards: &[ShardId::Trunk],
+            me: &me,
+        };
         let mut p = Prefetcher::new(2);
         let trunk = delta(&spec, &ann, 1, ShardId::Trunk);
         // Before its round begins, nothing.
-        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &trunk));
+        assert!(!p.wanted(&mine, &key(1), &trunk));
         p.begin(2);
-        assert!(p.wanted(&spec, &ann, &mine, &me, &key(1), &trunk));
+        assert!(p.wanted(&mine, &key(1), &trunk));
         // Its own, another's shard, a sender not assigned the shard, one not in the round: not fetched.
-        assert!(!p.wanted(
-            &spec,
-            &ann,
-            &mine,
-            &me,
-            &me,
-            &delta(&spec, &ann, 2, ShardId::Trunk)
-        ));
-        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &delta(&spec, &ann, 1, e0)));
-        assert!(!p.wanted(
-            &spec,
-            &ann,
-            &[ShardId::Trunk, e0],
-            &me,
-            &key(3),
-            &delta(&spec, &ann, 3, e0)
-        ));
-        assert!(!p.wanted(
-            &spec,
-            &ann,
-            &mine,
-            &me,
-            &key(4),
-            &delta(&spec, &ann, 4, ShardId::Trunk)
-        ));
-        assert!(p.wanted(
-            &spec,
-            &ann,
-            &mine,
-            &me,
-            &key(3),
-            &delta(&spec, &ann, 3, ShardId::Trunk)
-        ));
+        assert!(!p.wanted(&mine, &me, &delta(&spec, &ann, 2, ShardId::Trunk)));
+        assert!(!p.wanted(&mine, &key(1), &delta(&spec, &ann, 1, e0)));
+        let both = [ShardId::Trunk, e0];
+        let with_e0 = Holding {
+            shards: &both,
+            ..mine
+        };
+        assert!(!p.wanted(&with_e0, &key(3), &delta(&spec, &ann, 3, e0)));
+        assert!(!p.wanted(&mine, &key(4), &delta(&spec, &ann, 4, ShardId::Trunk)));
+        assert!(p.wanted(&mine, &key(3), &delta(&spec, &ann, 3, ShardId::Trunk)));
         // Another size than the codec gives, another round or base: not fetched.
         for bad in [
             DeltaAnnouncement {
@@ -304,7 +260,7 @@ mod tests {
                 ..trunk.clone()
             },
         ] {
-            assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &bad));
+            assert!(!p.wanted(&mine, &key(1), &bad));
         }
         // Once per sender and shard in a round, whatever else it announces; a new round starts afresh.
         p.taken.insert((key(1), ShardId::Trunk));
@@ -312,10 +268,10 @@ mod tests {
             payload_hash: ContentHash::of(b"again"),
             ..trunk.clone()
         };
-        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &again));
+        assert!(!p.wanted(&mine, &key(1), &again));
         p.begin(2);
-        assert!(p.wanted(&spec, &ann, &mine, &me, &key(1), &again));
+        assert!(p.wanted(&mine, &key(1), &again));
         p.stop();
-        assert!(!p.wanted(&spec, &ann, &mine, &me, &key(1), &trunk));
+        assert!(!p.wanted(&mine, &key(1), &trunk));
     }
 }

@@ -48,7 +48,7 @@ use super::common::{
     PinLedger, corpus_hash, fetch_bytes, fetch_shard_bytes, peer_name, peer_of, publish_patiently,
 };
 use super::judge;
-use super::prefetch::Prefetcher;
+use super::prefetch::{Holding, Prefetcher};
 use super::residuals;
 use super::silence::{CoordinatorWatch, Silence};
 use crate::daemon::checkpoint::{IfPresent, commit_checkpoint};
@@ -429,8 +429,6 @@ async fn trainer_loop(
                 .update_training_status(|s| s.activity = format!("error: {e}"));
         }
     }
-    // Its fetches hold the node's handle: let go of it before the node is shut down.
-    trainer.prefetch.close().await;
     Ok(())
 }
 
@@ -471,16 +469,15 @@ impl Trainer {
         let Some(assigned) = self.assigned.as_ref().filter(|_| self.cfg.prefetch) else {
             return;
         };
-        let started = self.prefetch.offer(
-            &self.node,
-            &self.cfg.spec,
-            &assigned.announcement,
-            &assigned.me.shards,
-            &self.me,
-            signer,
-            delta,
-            self.cfg.fetch_timeout,
-        );
+        let holds = Holding {
+            spec: &self.cfg.spec,
+            ann: &assigned.announcement,
+            shards: &assigned.me.shards,
+            me: &self.me,
+        };
+        let started =
+            self.prefetch
+                .offer(&self.node, &holds, signer, delta, self.cfg.fetch_timeout);
         if let Some(hash) = started {
             self.pins.add(delta.round, hash);
         }
