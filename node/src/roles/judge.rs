@@ -24,9 +24,9 @@ use futures::StreamExt;
 use mana_kernels::data::TextDataset;
 use mana_protocol::validation::{ValidPayload, validate_delta_payload};
 use mana_protocol::{
-    AggregationCall, Binding, CalledDelta, ContentHash, DeltaAnnouncement, DeltaScore,
-    DeltaVerdict, PayloadShape, PublicKey, RejectCode, RoundAnnouncement, ShardId, TrainingStats,
-    contribution_len,
+    AggregationCall, Binding, CalledDelta, CodecOptions, ContentHash, DeltaAnnouncement,
+    DeltaScore, DeltaVerdict, PayloadShape, PublicKey, RejectCode, RoundAnnouncement, ShardId,
+    TrainingStats, contribution_len,
 };
 
 use super::common::fetch_bytes_within;
@@ -106,23 +106,33 @@ fn authorize(
     if !p.shards.contains(&input.shard) {
         return (Some(p.node), Err(RejectCode::ShardNotAssigned));
     }
-    let Ok(len) = input.spec.shard_len(input.shard) else {
-        return (Some(p.node), Err(RejectCode::ShardNotAssigned));
-    };
-    let loads = loads_len(&input.spec, input.shard);
     let binding = Binding::of(&announced(&input.call, input.shard, d), p.node);
-    match contribution_len(&binding, loads, len, &ann.hyper.codec) {
-        Ok(expected) if expected == d.payload_size => (
-            Some(p.node),
-            Ok(PayloadShape {
-                shard_len: len,
-                loads_len: loads,
-                codec: ann.hyper.codec,
-            }),
-        ),
+    match expected_payload(&input.spec, &ann.hyper.codec, &binding) {
+        Ok((shape, size)) if size == d.payload_size => (Some(p.node), Ok(shape)),
         Ok(_) => (Some(p.node), Err(RejectCode::SizeMismatch)),
-        Err(_) => (Some(p.node), Err(RejectCode::BadPayload)),
+        Err(code) => (Some(p.node), Err(code)),
     }
+}
+
+/// The shape of the payload `binding` names under `codec`, and its exact size in bytes: what a judge checks
+/// an announced payload against, and what a holder fetches ahead ([`super::prefetch`]). Fails as
+/// `shard-not-assigned` for a shard the spec does not have, `bad-payload` for a size the codec cannot give.
+pub(crate) fn expected_payload(
+    spec: &RunSpec,
+    codec: &CodecOptions,
+    binding: &Binding,
+) -> Result<(PayloadShape, u64), RejectCode> {
+    let shard_len = spec
+        .shard_len(binding.shard)
+        .map_err(|_| RejectCode::ShardNotAssigned)?;
+    let shape = PayloadShape {
+        shard_len,
+        loads_len: loads_len(spec, binding.shard),
+        codec: *codec,
+    };
+    let size = contribution_len(binding, shape.loads_len, shard_len, codec)
+        .map_err(|_| RejectCode::BadPayload)?;
+    Ok((shape, size))
 }
 
 /// Steps 2 and 3 for one delta: fetch within its budget, validate, decode.

@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use mana_protocol::{
     Binding, ContentHash, DeltaAnnouncement, PublicKey, RoundAnnouncement, ShardId,
-    contribution_len,
 };
 use tokio::sync::Semaphore;
 
+use super::judge::expected_payload;
 use crate::daemon::NodeHandle;
-use mana_engine::round::{RunSpec, loads_len};
+use mana_engine::round::RunSpec;
 
 /// What a node holds in the round in progress: what a delta announcement is checked against.
 #[derive(Clone, Copy)]
@@ -100,16 +100,9 @@ impl Prefetcher {
             shard: delta.shard,
             sender: *sender,
         };
-        let expected = spec.shard_len(delta.shard).ok().and_then(|len| {
-            contribution_len(
-                &binding,
-                loads_len(spec, delta.shard),
-                len,
-                &ann.hyper.codec,
-            )
-            .ok()
-        });
-        assigned && expected == Some(delta.payload_size)
+        assigned
+            && expected_payload(spec, &ann.hyper.codec, &binding)
+                .is_ok_and(|(_, size)| size == delta.payload_size)
     }
 
     /// Starts fetching the payload of `delta`, signed by `sender`, if it is [`Prefetcher::wanted`]. Returns the
@@ -142,7 +135,10 @@ impl Prefetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mana_protocol::{Deadlines, Participant, RunId, TrainingStats, UpdateRule};
+    use mana_engine::round::loads_len;
+    use mana_protocol::{
+        Deadlines, Participant, RunId, TrainingStats, UpdateRule, contribution_len,
+    };
 
     fn key(i: u8) -> PublicKey {
         PublicKey([i; 32])
