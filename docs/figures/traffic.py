@@ -38,6 +38,7 @@ GRID = [
     (DENSE, 15, ["--rule", "diloco"]),
     int2(15, "0.03"),
     int2(15, "0.01"),
+    int2(25, "0.03"),
     ("sync dense FP8", 1, ["--rule", "sync"]),
     ("diloco int4 per-block top-k, H=50", 50,
      ["--rule", "diloco", "--top-k", "0.03", "--values", "int4"] + SPARSE),

@@ -90,9 +90,13 @@ fn same_seed_same_shards() {
 
 #[test]
 fn diloco_beats_a_lone_node() {
+    // 20 rounds of H = 5. Over the first 50 or so steps (the warm-up and the steepest descent) a lone node's
+    // own Adam steps outrun the network's average of four nodes' steps, which partly cancel; from there on
+    // the network pulls ahead (`mana simulate --rule diloco --inner-steps 5 --seed 7`, network against
+    // alone: 2.94 against 2.85 after 6 rounds, 2.10 against 2.14 after 12, 1.65 against 1.76 after 20).
     let spec = RunSpec::tiny();
     let data = dataset();
-    let mut cfg = SimConfig::new(&spec, UpdateRule::Diloco, 5, 6);
+    let mut cfg = SimConfig::new(&spec, UpdateRule::Diloco, 5, 20);
     cfg.eval_every = 0;
     let report = simulate(&spec, &data, &cfg).unwrap();
     let full = report.full.clone().unwrap();
@@ -101,7 +105,7 @@ fn diloco_beats_a_lone_node() {
         "diloco H=5: network {:.4}, full {:.4}, alone {:.4}",
         report.val_loss, full.val_loss, alone.val_loss
     );
-    assert_eq!(alone.steps, 30, "a lone node takes H steps per round");
+    assert_eq!(alone.steps, 100, "a lone node takes H steps per round");
     assert!(
         report.val_loss < alone.val_loss,
         "collaboration pays: {} vs alone {}",

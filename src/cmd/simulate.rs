@@ -102,6 +102,10 @@ pub struct SimulateArgs {
     /// it starts from the last base it knows moved by its own progress.
     #[arg(long)]
     overlap: bool,
+    /// Start every diloco round from zero inner AdamW moments instead of carrying each node's own from its
+    /// last round (what the engine did before; for comparison).
+    #[arg(long)]
+    reset_inner_optim: bool,
     /// How far a router bias moves per optimizer step towards balanced expert loads (the network moves
     /// them once a round from the nodes' loads; default: the model's, 0.001); 0 keeps them frozen.
     #[arg(long)]
@@ -134,6 +138,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     cfg.eval_every = args.eval_every;
     cfg.baselines = !args.no_baselines;
     cfg.overlap = args.overlap;
+    cfg.reset_inner_optim = args.reset_inner_optim;
     let h = &mut cfg.hyper;
     h.codec = args.codec.options()?;
     // The outer optimizer that goes with the codec (none for sparse low-bit deltas), unless given below.

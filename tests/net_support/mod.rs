@@ -77,7 +77,7 @@ pub async fn honest_local_round(
     mana_protocol::CheckpointManifest,
     mana_engine::round::LocalResult,
 )> {
-    use mana_engine::round::{RunShard, ShardRecord, train_local};
+    use mana_engine::round::{InnerOptim, RunShard, ShardRecord, train_local};
     use mana_node::roles::common::fetch_bytes;
     // Tried again like the shards below: the first fetch of a run can fail on a connection still opening.
     let mut manifest_bytes = None;
@@ -124,10 +124,12 @@ pub async fn honest_local_round(
         base.push(ShardRecord::from_bytes(&bytes, spec, *shard).expect("base shard decodes"));
     }
     let (spec, ann, part, data) = (spec.clone(), ann.clone(), part.clone(), data.clone());
-    let local = tokio::task::spawn_blocking(move || train_local(&spec, &ann, &part, &base, &data))
-        .await
-        .expect("training task")
-        .expect("honest local training");
+    let local = tokio::task::spawn_blocking(move || {
+        train_local(&spec, &ann, &part, &base, &data, &mut InnerOptim::new())
+    })
+    .await
+    .expect("training task")
+    .expect("honest local training");
     Some((manifest, local))
 }
 

@@ -32,7 +32,7 @@ pub use apply::{apply_round, apply_shard_round, apply_weighted_round};
 pub use balance::{ExpertLoads, balance_router, imbalance, load_ratios, loads_len};
 pub use error::RoundError;
 pub use evaluate::{validation_loss, validation_loss_of};
-pub use local::{LocalResult, train_local};
+pub use local::{InnerOptim, LocalResult, train_local};
 pub use norms::{NormHistory, NormSample, NormVerdict, judge_norm, norm_class};
 pub use score::{
     SCORE_TOLERANCE, Score, ScorePolicy, ShardScorer, commit_score_seed, is_scored, rescore,

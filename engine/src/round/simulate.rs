@@ -48,7 +48,7 @@ use serde::Serialize;
 use super::apply::apply_shard_round;
 use super::balance::ExpertLoads;
 use super::error::RoundError;
-use super::local::{micro_batch_key, train_local};
+use super::local::{InnerOptim, micro_batch_key, train_local};
 use super::spec::RunSpec;
 use super::state::{RunShard, ShardRecord, build_trainer, build_trainer_with, initial_shards};
 use crate::coordinator::{Candidate, ExpertHosts, assign_experts, experts_by_node};
@@ -80,6 +80,9 @@ pub struct SimConfig {
     pub baselines: bool,
     /// Each node trains round r + 1 while round r commits (see the module doc; diloco only).
     pub overlap: bool,
+    /// Each node starts every diloco round from zero inner AdamW moments instead of carrying its own (the
+    /// engine's behaviour before [`InnerOptim`]; kept to measure the difference).
+    pub reset_inner_optim: bool,
 }
 
 impl SimConfig {
@@ -98,6 +101,7 @@ impl SimConfig {
             eval_every: 1,
             baselines: true,
             overlap: false,
+            reset_inner_optim: false,
         }
     }
 }
@@ -328,6 +332,7 @@ pub fn simulate_with(
     let mut starts: Vec<Option<Vec<ShardRecord>>> = vec![None; cfg.nodes];
     let params: u64 = state.iter().map(|s| s.params.len() as u64).sum();
     let mut encoders: BTreeMap<(usize, ShardId), DeltaEncoder> = BTreeMap::new();
+    let mut inner: Vec<InnerOptim> = vec![InnerOptim::new(); cfg.nodes];
     let mut rounds = Vec::new();
     let (mut tokens, mut payload_bytes, mut wire_bytes) = (0u64, 0u64, 0u64);
     let run = RunId::new("sim").map_err(|e| RoundError::settings("run", e.to_string()))?;
@@ -362,7 +367,10 @@ pub fn simulate_with(
         let mut next_starts: Vec<Option<Vec<ShardRecord>>> = vec![None; cfg.nodes];
         for (n, me) in participants.iter().enumerate() {
             let start = starts[n].as_deref().unwrap_or(&state);
-            let local = train_local(spec, &ann, me, start, data)?;
+            if cfg.reset_inner_optim {
+                inner[n] = InnerOptim::new();
+            }
+            let local = train_local(spec, &ann, me, start, data, &mut inner[n])?;
             if cfg.overlap {
                 // Its next start: this round's base (the commit it will have by then) plus its own progress.
                 let moved = state

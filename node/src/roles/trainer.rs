@@ -61,8 +61,8 @@ use mana_engine::coordinator::equivocation;
 use mana_engine::coordinator::norm_ledger::{NormCheck, NormLedger};
 use mana_engine::coordinator::{check_call_judges, judges_of};
 use mana_engine::round::{
-    ExpertLoads, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed, rescore,
-    score_agrees, train_local,
+    ExpertLoads, InnerOptim, RunShard, RunSpec, ShardRecord, apply_shard_round, commit_score_seed,
+    rescore, score_agrees, train_local,
 };
 
 /// How a trainer runs.
@@ -202,6 +202,9 @@ struct Trainer {
     end_pending: Option<EndPending>,
     /// Fetches the round's deltas of this node's shards as they are announced ([`super::prefetch`]).
     prefetch: Prefetcher,
+    /// The inner optimizer's moments from this node's last diloco round, carried into its next
+    /// ([`mana_engine::round::local`]); empty after a restart, and while a round trains (it is moved into it).
+    inner: InnerOptim,
 }
 
 /// The run ended with this node's round `round` not applied.
@@ -323,6 +326,7 @@ async fn trainer_loop(
         unfetched: None,
         end_pending: None,
         prefetch: Prefetcher::new(cfg_fetch_concurrency),
+        inner: InnerOptim::new(),
     };
     trainer.resume_refusal().await;
     let mut watch = CoordinatorWatch::new(Instant::now(), trainer.cfg.coordinator_silence);
@@ -740,10 +744,13 @@ impl Trainer {
             .map(|h| (*h.state).clone())
             .collect();
         let (ann2, me2) = (ann.clone(), me.clone());
-        let result = blocking(move || {
-            train_local(&spec, &ann2, &me2, &states, &data).map_err(NodeError::from)
+        let mut inner = std::mem::take(&mut self.inner);
+        let (result, inner) = blocking(move || {
+            let result = train_local(&spec, &ann2, &me2, &states, &data, &mut inner);
+            result.map(|r| (r, inner)).map_err(NodeError::from)
         })
         .await?;
+        self.inner = inner;
         let train_s = started.elapsed().as_secs_f64();
         if now_ms() > ann.deadlines.deltas_by_ms {
             tracing::warn!(
