@@ -482,9 +482,18 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
             })
             .collect();
         let ann = announcement(&spec, &hyper, round, inner, parts.clone());
+        // A diloco participant of a running network carries its inner AdamW from its last round (one round
+        // of moments here, trained from the same base).
         let locals: Vec<_> = parts
             .iter()
-            .map(|p| train_local(&spec, &ann, p, &base, &data, &mut InnerOptim::new()).unwrap())
+            .map(|p| {
+                let mut moments = InnerOptim::new();
+                if rule == UpdateRule::Diloco {
+                    let before = announcement(&spec, &hyper, warm, inner, parts.clone());
+                    train_local(&spec, &before, p, &base, &data, &mut moments).unwrap();
+                }
+                train_local(&spec, &ann, p, &base, &data, &mut moments).unwrap()
+            })
             .collect();
         let (mut trunk_honest, mut trunk_random, mut trunk_flipped) =
             (Vec::new(), Vec::new(), Vec::new());
@@ -532,9 +541,14 @@ fn score_ranks_honest_deltas_above_zero_random_and_flipped_ones() {
                         .filter(|(j, _)| *j != i)
                         .map(|(_, g)| *g)
                         .collect();
-                    // Early in training every honest delta counts and no attack does; late in training one
-                    // batch is a weak judge (below), so only the sums are checked there.
-                    let strict = warm < 30;
+                    // Early in training every honest delta counts and no attack does; later one batch is a
+                    // weak judge (below), so only the sums are checked there. In diloco with carried inner
+                    // moments that starts sooner: after 6 rounds one honest trunk delta of 48 (12 score seeds)
+                    // lost 0.0012 nats on its batch while the others of its round gained 0.018 to 0.050.
+                    let strict = match rule {
+                        UpdateRule::Sync => warm < 30,
+                        UpdateRule::Diloco => warm < 6,
+                    };
                     if !policy.accepts(shard, h, &others) {
                         assert!(
                             !strict,
