@@ -380,17 +380,16 @@ fn a_diloco_node_carrying_its_inner_moments_is_the_single_node_trainer() {
     let h = 3u32;
     const ROUNDS: u64 = 4;
     let me = participant(1, &spec.shards(), 42);
-    let run = |inner: Option<&mut InnerOptim>| {
-        let mut fresh = InnerOptim::new();
-        let carry = inner.is_some();
-        let inner = inner.unwrap_or(&mut fresh);
+    // The run's final shards and the inner state the participant ends with.
+    let run = |carry: bool| {
+        let mut inner = InnerOptim::new();
         let mut state = initial_shards(&spec).unwrap();
         for round in 0..ROUNDS {
             if !carry {
-                *inner = InnerOptim::new();
+                inner = InnerOptim::new();
             }
             let ann = announcement(&spec, &hyper, round, h, vec![me.clone()]);
-            let local = train_local(&spec, &ann, &me, &state, &data, inner).unwrap();
+            let local = train_local(&spec, &ann, &me, &state, &data, &mut inner).unwrap();
             state = state
                 .iter()
                 .zip(&local.deltas)
@@ -400,15 +399,15 @@ fn a_diloco_node_carrying_its_inner_moments_is_the_single_node_trainer() {
                 })
                 .collect();
         }
-        state
+        (state, inner)
     };
-    let mut inner = InnerOptim::new();
-    let carried = run(Some(&mut inner));
+    let (carried, inner) = run(true);
     assert_eq!(inner.steps(), ROUNDS * u64::from(h));
     assert_eq!(inner.shards().collect::<Vec<_>>(), spec.shards());
-    let reset = run(None);
+    let (reset, _) = run(false);
 
-    let mut reference = build_trainer(&spec, &hyper, &initial_shards(&spec).unwrap()).unwrap();
+    let init = initial_shards(&spec).unwrap();
+    let mut reference = build_trainer(&spec, &hyper, &init).unwrap();
     for round in 0..ROUNDS {
         for i in 0..u64::from(h) {
             reference.model_mut().zero_grads();
@@ -418,7 +417,6 @@ fn a_diloco_node_carrying_its_inner_moments_is_the_single_node_trainer() {
             reference.apply_update().unwrap();
         }
     }
-    let init = initial_shards(&spec).unwrap();
     let (carried_gap, reset_gap) = (
         params_gap(&carried, &reference, &init),
         params_gap(&reset, &reference, &init),
